@@ -1,0 +1,1 @@
+//! The egui desktop application.

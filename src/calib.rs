@@ -1,0 +1,1 @@
+//! Calibration data: text, JSON lines, Parquet, pre-tokenized safetensors; window sampling.

@@ -1,0 +1,1 @@
+//! Perplexity evaluation (GPTQ-paper protocol).

@@ -1,0 +1,1 @@
+//! GPTQ checkpoint format: packing, writing, reading (algorithm.md §3).

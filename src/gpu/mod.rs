@@ -1,0 +1,1 @@
+//! wgpu context, buffers, pipeline cache, kernels.

@@ -1,0 +1,3 @@
+fn main() -> std::process::ExitCode {
+    gptaq_studio::cli::main()
+}

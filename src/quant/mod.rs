@@ -1,0 +1,132 @@
+//! Quantization core: the GPTQ quantizer (algorithm.md §1.3), the f64 CPU reference of GPTQ and
+//! GPTAQ (§1.2, §2.2) and the GPU solve.
+//!
+//! Conventions shared by every implementation here:
+//! - `W` is row-major `[rows, cols]` (`rows` = out_features, `cols` = in_features).
+//! - `H` and `D` are row-major `[cols, cols]`; `H = 2/N·X_qᵀX_q`, `D = 2/N·(X_fp−X_q)ᵀX_q` with rows of
+//!   `D` indexing the ΔX feature (algorithm.md §2.1).
+//! - Scales are rounded to the nearest f16 *before* they are used (a deliberate deviation from the
+//!   reference, algorithm.md §3.3 "optional improvement"): the sweep's error feedback then uses exactly
+//!   the deployed scale, and an exported checkpoint dequantizes bit-for-bit to the solver's `Q`.
+
+pub mod quantizer;
+pub mod reference;
+
+use serde::{Deserialize, Serialize};
+
+/// Which algorithm to run.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Method {
+    /// Round-to-nearest with the same quantizer (no Hessian).
+    Rtn,
+    /// GPTQ (Frantar et al. 2022), IST-DASLab reference loop.
+    Gptq,
+    /// GPTAQ / GPTQv2 (arXiv 2504.02692) with the shrinkage `alpha` of the official code (0.25).
+    Gptaq { alpha: f64 },
+}
+
+impl Method {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Method::Rtn => "rtn",
+            Method::Gptq => "gptq",
+            Method::Gptaq { .. } => "gptaq",
+        }
+    }
+    pub fn alpha(&self) -> f64 {
+        match self {
+            Method::Gptaq { alpha } => *alpha,
+            _ => 0.0,
+        }
+    }
+}
+
+/// Settings of one module's quantization.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct QuantConfig {
+    pub method: Method,
+    /// 2, 3, 4 or 8.
+    pub bits: u32,
+    /// `None` = one group per row (group_size −1).
+    pub group_size: Option<usize>,
+    pub sym: bool,
+    /// desc_act: process columns by descending `diag(H)`.
+    pub act_order: bool,
+    /// Group parameters computed up front on the original column groups.
+    pub static_groups: bool,
+    /// Relative damping `percdamp` (added: `percdamp · mean(diag H)`).
+    pub damp_percent: f64,
+    /// Added to `damp_percent` on each Cholesky retry (GPTQModel `damp_auto_increment`).
+    pub damp_auto_increment: f64,
+    pub block_size: usize,
+    /// MSE clipping grid search (norm 2.4, grid 100, maxshrink 0.8).
+    pub mse: bool,
+}
+
+impl Default for QuantConfig {
+    fn default() -> Self {
+        Self {
+            method: Method::Gptaq { alpha: 0.25 },
+            bits: 4,
+            group_size: Some(128),
+            sym: true,
+            act_order: false,
+            static_groups: false,
+            damp_percent: 0.01,
+            damp_auto_increment: 0.01,
+            block_size: 128,
+            mse: false,
+        }
+    }
+}
+
+impl QuantConfig {
+    pub fn maxq(&self) -> u32 {
+        (1u32 << self.bits) - 1
+    }
+    /// Effective group size for `cols` input features.
+    pub fn group_len(&self, cols: usize) -> usize {
+        self.group_size.unwrap_or(cols).max(1)
+    }
+    pub fn num_groups(&self, cols: usize) -> usize {
+        cols.div_ceil(self.group_len(cols))
+    }
+}
+
+/// Why a module did not get a normal solve.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Fallback {
+    /// Cholesky needed more damping than `damp_percent` (the value used is in [`QuantResult::damp`]).
+    IncreasedDamping,
+    /// Diagonal floor applied after damping retries failed (GPTQModel `hessian_inverse`).
+    DiagonalFloor,
+    /// No usable inverse Hessian: the module was round-to-nearest quantized.
+    Rtn { reason: String },
+}
+
+/// Output of one module's quantization, everything in ORIGINAL column order.
+#[derive(Clone, Debug)]
+pub struct QuantResult {
+    pub rows: usize,
+    pub cols: usize,
+    /// Fake-quantized weights `scale·(code − zero)`, row-major `[rows, cols]`.
+    pub q: Vec<f32>,
+    /// Integer codes in `[0, maxq]`, row-major `[rows, cols]`.
+    pub codes: Vec<u8>,
+    /// `[num_groups, rows]`, each exactly representable in f16. Group `g` is the `g`-th group in the
+    /// order groups were formed (processing order under act-order with dynamic groups, §3.4).
+    pub scales: Vec<f32>,
+    /// True zero points (not v1's `zero − 1`), `[num_groups, rows]`, in `[0, maxq]`.
+    pub zeros: Vec<u32>,
+    /// Group index of every input column (original order), length `cols`.
+    pub g_idx: Vec<u32>,
+    /// Processing order (act-order permutation) if any.
+    pub perm: Option<Vec<usize>>,
+    /// GPTQ proxy loss `Σ (w−q)²/(2·U_jj²)` (not yet divided by N).
+    pub proxy_loss_sum: f64,
+    /// Absolute damping actually added to the diagonal.
+    pub damp: f64,
+    /// Relative damping actually used (`damp / mean(diag H)`).
+    pub damp_percent: f64,
+    pub fallback: Option<Fallback>,
+}

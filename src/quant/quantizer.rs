@@ -1,0 +1,1 @@
+//! The GPTQ weight quantizer (algorithm.md §1.3).
