@@ -1,0 +1,166 @@
+//! The memory plan, decided before a run starts from the model shape, the calibration size and
+//! the device: how many sequences go through the GPU at once, and whether the activation streams
+//! stay on the GPU or spill to host RAM. A run that cannot fit is refused up front, with numbers.
+
+use crate::model::ModelConfig;
+
+use super::events::MemoryPlan;
+use super::stream::StreamDType;
+
+/// What the planner needs to know about the run.
+#[derive(Clone, Debug)]
+pub struct PlanInput<'a> {
+    pub config: &'a ModelConfig,
+    pub nsamples: usize,
+    pub seqlen: usize,
+    /// A second (full-precision) stream runs in lock-step (GPTAQ, or metrics requested).
+    pub fp_stream: bool,
+    /// GPU memory the run may use.
+    pub gpu_budget_bytes: u64,
+    /// Largest single buffer the adapter allows.
+    pub max_buffer_bytes: u64,
+    /// Host element type when streams spill.
+    pub host_dtype: StreamDType,
+    /// Force streams to the host even when they would fit (for testing the spill path).
+    pub force_host: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the run does not fit in the GPU memory budget: it needs at least {need_mib} MiB ({detail}) but the budget is \
+     {budget_mib} MiB; raise --gpu-memory or use fewer / shorter calibration sequences"
+)]
+pub struct PlanError {
+    pub need_mib: u64,
+    pub budget_mib: u64,
+    pub detail: String,
+}
+
+const F32: u64 = 4;
+
+/// Bytes of scratch activations per token (both streams included when `fp_stream`).
+fn scratch_per_token(c: &ModelConfig, fp_stream: bool) -> u64 {
+    let (h, i, qd, kvd) = (
+        c.hidden_size as u64,
+        c.intermediate_size as u64,
+        c.q_dim() as u64,
+        c.kv_dim() as u64,
+    );
+    // working hidden, normed input, q, k, v, attention output, gate, up, act, module-output temp
+    let per_stream = (3 * h + 2 * qd + 2 * kvd + 3 * i + h.max(i)) * F32;
+    // metrics: Y_q, Y_fp, Y_w for the widest module output
+    let metrics = 3 * h.max(i).max(qd) * F32;
+    per_stream * if fp_stream { 2 } else { 1 } + metrics
+}
+
+/// One layer's linear weights in f32.
+fn layer_weight_bytes(c: &ModelConfig) -> u64 {
+    let (h, i, qd, kvd) = (
+        c.hidden_size as u64,
+        c.intermediate_size as u64,
+        c.q_dim() as u64,
+        c.kv_dim() as u64,
+    );
+    (h * qd + 2 * h * kvd + qd * h + 3 * h * i) * F32
+}
+
+/// H, D and the solver's temporaries (damped copy, U, P) for the widest input.
+fn stats_bytes(c: &ModelConfig, fp_stream: bool) -> u64 {
+    let n = c.hidden_size.max(c.intermediate_size).max(c.q_dim()) as u64;
+    let mats = if fp_stream { 5 } else { 3 };
+    mats * n * n * F32
+}
+
+pub fn plan(input: &PlanInput<'_>) -> Result<MemoryPlan, PlanError> {
+    let c = input.config;
+    let streams = if input.fp_stream { 2 } else { 1 };
+    let weights =
+        layer_weight_bytes(c) * if input.fp_stream { 2 } else { 1 } + layer_weight_bytes(c) / 7 * 2;
+    let stats = stats_bytes(c, input.fp_stream);
+    let fixed = weights + stats;
+    let budget = input.gpu_budget_bytes;
+    let per_token = scratch_per_token(c, input.fp_stream);
+    let seq_scratch = per_token * input.seqlen as u64;
+    if fixed + seq_scratch > budget {
+        return Err(PlanError {
+            need_mib: (fixed + seq_scratch) >> 20,
+            budget_mib: budget >> 20,
+            detail: format!(
+                "layer weights {} MiB, Hessian statistics {} MiB, activations for one sequence {} MiB",
+                weights >> 20,
+                stats >> 20,
+                seq_scratch >> 20
+            ),
+        });
+    }
+    // Stream payload per sequence: hidden state plus the stored attention output, per stream.
+    let stream_per_seq = (c.hidden_size + c.q_dim()) as u64 * input.seqlen as u64 * F32 * streams;
+    let all_streams = stream_per_seq * input.nsamples as u64;
+    // Widest single buffer per sequence (the intermediate activations) bounds the batch size too.
+    let widest_per_seq =
+        c.hidden_size.max(c.intermediate_size).max(c.q_dim()) as u64 * input.seqlen as u64 * F32;
+    let max_by_buffer = (input.max_buffer_bytes / widest_per_seq.max(1)).max(1) as usize;
+
+    let streams_on_gpu = !input.force_host && fixed + all_streams + seq_scratch <= budget;
+    let room = budget - fixed - if streams_on_gpu { all_streams } else { 0 };
+    let by_memory = (room / seq_scratch.max(1)).max(1) as usize;
+    // Batches beyond 16 sequences bring no speed (GEMMs are already large) but cost memory.
+    let batch = by_memory
+        .min(max_by_buffer)
+        .min(input.nsamples.max(1))
+        .min(16);
+    let gpu_total =
+        fixed + seq_scratch * batch as u64 + if streams_on_gpu { all_streams } else { 0 };
+    let host_dtype = input.host_dtype;
+    let host = if streams_on_gpu {
+        0
+    } else {
+        all_streams / F32 * host_dtype.bytes() as u64
+    };
+    let mib = |b: u64| format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64);
+    Ok(MemoryPlan {
+        batch_sequences: batch,
+        streams_on_gpu,
+        stream_dtype: if streams_on_gpu {
+            "f32".into()
+        } else {
+            host_dtype.name().into()
+        },
+        gpu_bytes_estimate: gpu_total,
+        host_bytes_estimate: host,
+        gpu_budget_bytes: budget,
+        breakdown: vec![
+            format!(
+                "layer weights (f32{}): {}",
+                if input.fp_stream {
+                    ", FP + quantized copies"
+                } else {
+                    ""
+                },
+                mib(weights)
+            ),
+            format!("Hessian statistics and solver temporaries: {}", mib(stats)),
+            format!(
+                "activations for {batch} sequence(s) of {} tokens: {}",
+                input.seqlen,
+                mib(seq_scratch * batch as u64)
+            ),
+            format!(
+                "{} stream(s) of {} × {} tokens: {} on the {}",
+                streams,
+                input.nsamples,
+                input.seqlen,
+                if streams_on_gpu {
+                    mib(all_streams)
+                } else {
+                    mib(host)
+                },
+                if streams_on_gpu {
+                    "GPU".to_string()
+                } else {
+                    format!("host ({})", host_dtype.name())
+                }
+            ),
+        ],
+    })
+}
