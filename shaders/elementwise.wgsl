@@ -6,8 +6,8 @@
 
 struct Params {
     n: u32,
-    // Matrix width for `mirror_upper` / row-wise ops.
-    cols: u32,
+    // Output offset of `sq_diff_partial` (unused elsewhere).
+    out_off: u32,
     alpha: f32,
     beta: f32,
 }
@@ -66,6 +66,6 @@ fn sq_diff_partial(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups
         workgroupBarrier();
     }
     if (lid.x == 0u) {
-        out[w] = red[0];
+        out[p.out_off + w] = red[0];
     }
 }

@@ -194,6 +194,7 @@ pub fn mirror_upper(rec: &mut Recorder<'_>, c: &GpuBuffer<f32>, n: usize) -> Res
 #[derive(Clone, Copy, Pod, Zeroable)]
 struct EwParams {
     n: u32,
+    /// Output offset for `sq_diff_partial`; unused by the other entries.
     cols: u32,
     alpha: f32,
     beta: f32,
@@ -258,8 +259,9 @@ pub fn sq_partials_len(n: usize) -> usize {
     n.div_ceil(SQ_PER_GROUP).max(1)
 }
 
-/// Records partial sums of `(x − beta·y)²` into `out[..sq_partials_len(n)]`. With `beta = 0` this
-/// is `‖x‖²`. The partials are few (n / 4096) and are added on the host in f64.
+/// Records partial sums of `(x − beta·y)²` into `out[out_offset .. out_offset + sq_partials_len(n)]`.
+/// With `beta = 0` this is `‖x‖²`. The partials are few (n / 4096) and are added on the host in
+/// f64, typically once per stage for many batches (so no readback happens per batch).
 pub fn sq_diff_partials(
     rec: &mut Recorder<'_>,
     n: usize,
@@ -267,10 +269,11 @@ pub fn sq_diff_partials(
     beta: f32,
     y: &GpuBuffer<f32>,
     out: &GpuBuffer<f32>,
+    out_offset: usize,
 ) -> Result<(), GpuError> {
     let params = EwParams {
         n: u32_of("reduce n", n)?,
-        cols: 0,
+        cols: u32_of("reduce offset", out_offset)?,
         alpha: 1.0,
         beta,
     };
@@ -294,7 +297,7 @@ pub fn sq_diff_sum(
 ) -> Result<f64, GpuError> {
     let parts = ctx.zeros::<f32>("reduce partials", sq_partials_len(n))?;
     let mut rec = ctx.recorder();
-    sq_diff_partials(&mut rec, n, x, beta, y, &parts)?;
+    sq_diff_partials(&mut rec, n, x, beta, y, &parts, 0)?;
     rec.submit();
     Ok(ctx.read(&parts)?.iter().map(|&v| f64::from(v)).sum())
 }

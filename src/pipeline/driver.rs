@@ -1,0 +1,573 @@
+//! The sequential driver (algorithm.md §1.4, §2.3 and the streamed reorganisation of §6.0).
+//!
+//! Two activation streams run in lock-step, layer by layer: the quantized-model stream `h_q` and
+//! (for GPTAQ, or whenever metrics are requested) the full-precision stream `h_fp`. Within a layer
+//! the true-sequential groups [q,k,v] → [o] → [gate,up] → [down] are processed in five stages, each
+//! one pass over the calibration batches:
+//!
+//! | stage | computes per batch (both streams) | accumulates | then |
+//! |---|---|---|---|
+//! | A | `x1 = norm₁(h)` | H, D of q/k/v | solve q, k, v |
+//! | B | `a = attention(x1)` with the quantized q/k/v, stored | H, D of o; q/k/v metrics | solve o |
+//! | C | `h ← h + o(a)`, `x2 = norm₂(h)` | H, D of gate/up; o metrics | solve gate, up |
+//! | D | `act = silu(gate(x2))·up(x2)` | H, D of down; gate/up metrics | solve down |
+//! | E | `h ← h + down(act)` (act recomputed) | down metrics, ‖h_q − h_fp‖ | next layer |
+//!
+//! Each module's product is therefore computed once per stream with its final weights, instead of
+//! the reference's four group forwards plus a final forward. `D = 2/N·(X_fp − X_q)ᵀX_q` is
+//! accumulated on the fly from the two current inputs instead of caching every FP module input
+//! (the official GPTAQ code caches them on the GPU: ~13 GiB for an 8B model). Stage E recomputes
+//! `act` rather than storing `[tokens, intermediate]` per stream, trading two GEMMs for memory.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use crate::forward::{self, GpuLayer, LayerScratch, Rope};
+use crate::gpu::ops::{self, MatView};
+use crate::gpu::{GpuBuffer, GpuContext, Recorder};
+use crate::model::{LayerWeights, ModelConfig, ModuleKind, WeightSource};
+use crate::quant::{Fallback, Method, QuantConfig, QuantResult};
+
+use super::events::{Event, LayerReport, ModuleReport, RunReport};
+use super::metrics::{MetricAccumulator, MetricScratch};
+use super::plan::{self, PlanInput};
+use super::stream::{Placement, Stream};
+use super::{PipelineConfig, PipelineError, QuantizedModel, Solver};
+
+/// Inputs resolved from a [`super::Job`].
+pub struct Prepared<'a> {
+    pub source: &'a dyn WeightSource,
+    pub model_name: String,
+    pub windows: &'a [Vec<u32>],
+    pub calibration: String,
+    pub device: String,
+}
+
+/// Per-layer GPU state for both streams.
+struct Layers {
+    /// Weights of the quantized stream (modules are overwritten by their `Q` as they are solved).
+    q: GpuLayer,
+    /// Original weights (the FP stream and the metrics' `W`); absent without an FP stream.
+    fp: Option<GpuLayer>,
+}
+
+struct Work {
+    h_q: GpuBuffer<f32>,
+    h_fp: GpuBuffer<f32>,
+    /// Attention outputs loaded from the stored streams in stage C.
+    a_q: GpuBuffer<f32>,
+    a_fp: GpuBuffer<f32>,
+    s_q: LayerScratch,
+    s_fp: LayerScratch,
+    diff: GpuBuffer<f32>,
+    metric: MetricScratch,
+    hidden_parts: GpuBuffer<f32>,
+}
+
+/// Statistics of one true-sequential group.
+struct Stats {
+    n: usize,
+    h: GpuBuffer<f32>,
+    d: Option<GpuBuffer<f32>>,
+}
+
+fn check_cancel(cancel: &AtomicBool) -> Result<(), PipelineError> {
+    if cancel.load(Ordering::Relaxed) {
+        Err(PipelineError::Cancelled)
+    } else {
+        Ok(())
+    }
+}
+
+/// Runs the whole model. `emit` receives every event except the terminal one, which the caller
+/// sends (it knows whether export or evaluation follows).
+pub fn quantize(
+    ctx: &GpuContext,
+    prep: &Prepared<'_>,
+    cfg: &PipelineConfig,
+    emit: &mut dyn FnMut(Event),
+    cancel: &AtomicBool,
+) -> Result<QuantizedModel, PipelineError> {
+    let t0 = Instant::now();
+    let mc = prep.source.config().clone();
+    let qc = &cfg.quant;
+    let gptaq = matches!(qc.method, Method::Gptaq { .. });
+    let fp_stream = gptaq || cfg.metrics;
+    let nseq = prep.windows.len();
+    let seqlen = cfg.seqlen;
+    if nseq == 0 {
+        return Err(PipelineError::Input("empty calibration set: no windows".into()));
+    }
+    if let Some((i, w)) = prep.windows.iter().enumerate().find(|(_, w)| w.len() != seqlen) {
+        return Err(PipelineError::Input(format!(
+            "calibration window {i} has {} tokens, expected {seqlen}",
+            w.len()
+        )));
+    }
+    validate_config(&mc, qc)?;
+
+    let plan = plan::plan(&PlanInput {
+        config: &mc,
+        nsamples: nseq,
+        seqlen,
+        fp_stream,
+        gpu_budget_bytes: cfg.gpu_budget_bytes,
+        max_buffer_bytes: ctx.max_binding_bytes(),
+        host_dtype: cfg.stream_dtype,
+        force_host: cfg.force_host_streams,
+    })?;
+    emit(Event::Started {
+        model: prep.model_name.clone(),
+        method: qc.method.name().into(),
+        layers: mc.num_layers,
+        modules_per_layer: ModuleKind::ALL.len(),
+        plan: plan.clone(),
+    });
+    ctx.reset_peak();
+
+    let bs = plan.batch_sequences.max(1);
+    let batches: Vec<std::ops::Range<usize>> = (0..nseq).step_by(bs).map(|s| s..(s + bs).min(nseq)).collect();
+    let nb = batches.len();
+    let h = mc.hidden_size;
+    let tok = |b: usize| batches[b].len() * seqlen;
+    let max_tokens = bs * seqlen;
+    let placement = if plan.streams_on_gpu {
+        Placement::Gpu
+    } else {
+        Placement::Host(cfg.stream_dtype)
+    };
+    let hidden_lens: Vec<usize> = (0..nb).map(|b| tok(b) * h).collect();
+    let attn_lens: Vec<usize> = (0..nb).map(|b| tok(b) * mc.q_dim()).collect();
+
+    emit(Event::Status("embedding calibration windows".into()));
+    let mut hq = Stream::new(ctx, "h_q", &hidden_lens, placement)?;
+    let mut hfp = if fp_stream {
+        Some(Stream::new(ctx, "h_fp", &hidden_lens, placement)?)
+    } else {
+        None
+    };
+    for (b, range) in batches.iter().enumerate() {
+        let ids: Vec<u32> = prep.windows[range.clone()].iter().flatten().copied().collect();
+        let emb = prep.source.embed(&ids).map_err(|e| PipelineError::Input(e.to_string()))?;
+        hq.set_host(ctx, b, &emb);
+        if let Some(s) = hfp.as_mut() {
+            s.set_host(ctx, b, &emb);
+        }
+    }
+
+    let rope = Rope::new(ctx, &mc, seqlen)?;
+    let widest = h.max(mc.intermediate_size).max(mc.q_dim());
+    let mut work = Work {
+        h_q: ctx.zeros("work h_q", max_tokens * h)?,
+        h_fp: ctx.zeros("work h_fp", if fp_stream { max_tokens * h } else { 1 })?,
+        a_q: ctx.zeros("work a_q", max_tokens * mc.q_dim())?,
+        a_fp: ctx.zeros("work a_fp", if fp_stream { max_tokens * mc.q_dim() } else { 1 })?,
+        s_q: LayerScratch::new(ctx, &mc, max_tokens)?,
+        s_fp: LayerScratch::new(ctx, &mc, if fp_stream { max_tokens } else { 1 })?,
+        diff: ctx.zeros("work diff", if gptaq { max_tokens * widest } else { 1 })?,
+        metric: MetricScratch::new(ctx, if fp_stream { max_tokens } else { 1 }, if fp_stream { widest } else { 1 })?,
+        hidden_parts: ctx.zeros("hidden partials", 2 * nb * ops::sq_partials_len(max_tokens * h))?,
+    };
+
+    let mut results: BTreeMap<(usize, ModuleKind), QuantResult> = BTreeMap::new();
+    let mut module_reports = Vec::new();
+    let mut layer_reports = Vec::new();
+    let mut warnings = Vec::new();
+    let n_samples_f = nseq as f32;
+
+    for layer in 0..mc.num_layers {
+        check_cancel(cancel)?;
+        let t_layer = Instant::now();
+        emit(Event::LayerStarted { layer });
+        let lw: LayerWeights = prep.source.layer(layer).map_err(|e| PipelineError::Input(e.to_string()))?;
+        let mut layers = Layers {
+            q: GpuLayer::upload(ctx, &mc, &lw)?,
+            fp: if fp_stream { Some(GpuLayer::upload(ctx, &mc, &lw)?) } else { None },
+        };
+        let mut secs: BTreeMap<ModuleKind, f64> = BTreeMap::new();
+        let mut pending: Vec<(ModuleKind, ModuleReport)> = Vec::new();
+
+        // ---- stage A: statistics of q/k/v
+        let mut stats = Stats::new(ctx, h, gptaq)?;
+        for b in 0..nb {
+            check_cancel(cancel)?;
+            let t = tok(b);
+            let mut rec = ctx.recorder();
+            rec = hq.load(rec, b, &work.h_q);
+            if let Some(s) = &hfp {
+                rec = s.load(rec, b, &work.h_fp);
+            }
+            forward::input_norm(&mut rec, &layers.q, &work.h_q, &work.s_q, t)?;
+            if let Some(fp) = &layers.fp {
+                forward::input_norm(&mut rec, fp, &work.h_fp, &work.s_fp, t)?;
+            }
+            if qc.method != Method::Rtn {
+                stats.accumulate(&mut rec, &work, work.s_q.x1(), work.s_fp.x1(), t, n_samples_f)?;
+            }
+            rec.submit();
+        }
+        for m in [ModuleKind::Q, ModuleKind::K, ModuleKind::V] {
+            let r = solve(ctx, cfg, &lw, &mut layers, m, &stats, layer, &mut secs)?;
+            pending.push((m, report_stub(layer, m, &r, nseq, secs[&m])));
+            results.insert((layer, m), r);
+        }
+        drop(stats);
+
+        // ---- stage B: attention with quantized q/k/v → statistics of o, metrics of q/k/v
+        let mut aq = Stream::new(ctx, "a_q", &attn_lens, placement)?;
+        let mut afp = if fp_stream {
+            Some(Stream::new(ctx, "a_fp", &attn_lens, placement)?)
+        } else {
+            None
+        };
+        let mut stats = Stats::new(ctx, mc.q_dim(), gptaq)?;
+        let qkv_metrics = metric_accs(ctx, &mc, fp_stream, nb, max_tokens, &[ModuleKind::Q, ModuleKind::K, ModuleKind::V])?;
+        for b in 0..nb {
+            check_cancel(cancel)?;
+            let t = tok(b);
+            let mut rec = ctx.recorder();
+            rec = hq.load(rec, b, &work.h_q);
+            if let Some(s) = &hfp {
+                rec = s.load(rec, b, &work.h_fp);
+            }
+            forward::input_norm(&mut rec, &layers.q, &work.h_q, &work.s_q, t)?;
+            forward::attention(&mut rec, &layers.q, &rope, &work.s_q, batches[b].len(), seqlen)?;
+            if let Some(fp) = &layers.fp {
+                forward::input_norm(&mut rec, fp, &work.h_fp, &work.s_fp, t)?;
+                forward::attention(&mut rec, fp, &rope, &work.s_fp, batches[b].len(), seqlen)?;
+                for (m, acc) in &qkv_metrics {
+                    acc.record(&mut rec, &work.metric, b, t, work.s_q.x1(), work.s_fp.x1(), layers.q.linear(*m), fp.linear(*m))?;
+                }
+            }
+            if qc.method != Method::Rtn {
+                stats.accumulate(&mut rec, &work, work.s_q.attn(), work.s_fp.attn(), t, n_samples_f)?;
+            }
+            rec = aq.store(rec, b, work.s_q.attn())?;
+            if let Some(s) = afp.as_mut() {
+                rec = s.store(rec, b, work.s_fp.attn())?;
+            }
+            rec.submit();
+        }
+        finish_metrics(ctx, &qkv_metrics, &mut pending, &mut module_reports, emit)?;
+        let r = solve(ctx, cfg, &lw, &mut layers, ModuleKind::O, &stats, layer, &mut secs)?;
+        pending.push((ModuleKind::O, report_stub(layer, ModuleKind::O, &r, nseq, secs[&ModuleKind::O])));
+        results.insert((layer, ModuleKind::O), r);
+        drop(stats);
+
+        // ---- stage C: h ← h + o(a) → statistics of gate/up, metrics of o
+        let mut stats = Stats::new(ctx, h, gptaq)?;
+        let o_metrics = metric_accs(ctx, &mc, fp_stream, nb, max_tokens, &[ModuleKind::O])?;
+        for b in 0..nb {
+            check_cancel(cancel)?;
+            let t = tok(b);
+            let mut rec = ctx.recorder();
+            rec = hq.load(rec, b, &work.h_q);
+            rec = aq.load(rec, b, &work.a_q);
+            forward::o_residual(&mut rec, &layers.q, &work.a_q, &work.h_q, &work.s_q, t)?;
+            forward::post_norm(&mut rec, &layers.q, &work.h_q, &work.s_q, t)?;
+            if let (Some(fp), Some(s), Some(a)) = (&layers.fp, &hfp, &afp) {
+                rec = s.load(rec, b, &work.h_fp);
+                rec = a.load(rec, b, &work.a_fp);
+                forward::o_residual(&mut rec, fp, &work.a_fp, &work.h_fp, &work.s_fp, t)?;
+                forward::post_norm(&mut rec, fp, &work.h_fp, &work.s_fp, t)?;
+                for (m, acc) in &o_metrics {
+                    acc.record(&mut rec, &work.metric, b, t, &work.a_q, &work.a_fp, layers.q.linear(*m), fp.linear(*m))?;
+                }
+            }
+            if qc.method != Method::Rtn {
+                stats.accumulate(&mut rec, &work, work.s_q.x2(), work.s_fp.x2(), t, n_samples_f)?;
+            }
+            rec = hq.store(rec, b, &work.h_q)?;
+            if let Some(s) = hfp.as_mut() {
+                rec = s.store(rec, b, &work.h_fp)?;
+            }
+            rec.submit();
+        }
+        drop((aq, afp));
+        finish_metrics(ctx, &o_metrics, &mut pending, &mut module_reports, emit)?;
+        for m in [ModuleKind::Gate, ModuleKind::Up] {
+            let r = solve(ctx, cfg, &lw, &mut layers, m, &stats, layer, &mut secs)?;
+            pending.push((m, report_stub(layer, m, &r, nseq, secs[&m])));
+            results.insert((layer, m), r);
+        }
+        drop(stats);
+
+        // ---- stage D: act = silu(gate)·up → statistics of down, metrics of gate/up
+        let mut stats = Stats::new(ctx, mc.intermediate_size, gptaq)?;
+        let gu_metrics = metric_accs(ctx, &mc, fp_stream, nb, max_tokens, &[ModuleKind::Gate, ModuleKind::Up])?;
+        for b in 0..nb {
+            check_cancel(cancel)?;
+            let t = tok(b);
+            let mut rec = ctx.recorder();
+            rec = hq.load(rec, b, &work.h_q);
+            forward::post_norm(&mut rec, &layers.q, &work.h_q, &work.s_q, t)?;
+            forward::mlp_act(&mut rec, &layers.q, &work.s_q, t)?;
+            if let (Some(fp), Some(s)) = (&layers.fp, &hfp) {
+                rec = s.load(rec, b, &work.h_fp);
+                forward::post_norm(&mut rec, fp, &work.h_fp, &work.s_fp, t)?;
+                forward::mlp_act(&mut rec, fp, &work.s_fp, t)?;
+                for (m, acc) in &gu_metrics {
+                    acc.record(&mut rec, &work.metric, b, t, work.s_q.x2(), work.s_fp.x2(), layers.q.linear(*m), fp.linear(*m))?;
+                }
+            }
+            if qc.method != Method::Rtn {
+                stats.accumulate(&mut rec, &work, work.s_q.act(), work.s_fp.act(), t, n_samples_f)?;
+            }
+            rec.submit();
+        }
+        finish_metrics(ctx, &gu_metrics, &mut pending, &mut module_reports, emit)?;
+        let r = solve(ctx, cfg, &lw, &mut layers, ModuleKind::Down, &stats, layer, &mut secs)?;
+        pending.push((ModuleKind::Down, report_stub(layer, ModuleKind::Down, &r, nseq, secs[&ModuleKind::Down])));
+        results.insert((layer, ModuleKind::Down), r);
+        drop(stats);
+
+        // ---- stage E: h ← h + down(act) for both streams; metrics of down; hidden deviation
+        let down_metrics = metric_accs(ctx, &mc, fp_stream, nb, max_tokens, &[ModuleKind::Down])?;
+        let hp = ops::sq_partials_len(max_tokens * h);
+        for b in 0..nb {
+            check_cancel(cancel)?;
+            let t = tok(b);
+            let mut rec = ctx.recorder();
+            rec = hq.load(rec, b, &work.h_q);
+            forward::post_norm(&mut rec, &layers.q, &work.h_q, &work.s_q, t)?;
+            forward::mlp_act(&mut rec, &layers.q, &work.s_q, t)?;
+            forward::down_residual(&mut rec, &layers.q, &work.h_q, &work.s_q, t)?;
+            if let (Some(fp), Some(s)) = (&layers.fp, &hfp) {
+                rec = s.load(rec, b, &work.h_fp);
+                forward::post_norm(&mut rec, fp, &work.h_fp, &work.s_fp, t)?;
+                forward::mlp_act(&mut rec, fp, &work.s_fp, t)?;
+                forward::down_residual(&mut rec, fp, &work.h_fp, &work.s_fp, t)?;
+                for (m, acc) in &down_metrics {
+                    acc.record(&mut rec, &work.metric, b, t, work.s_q.act(), work.s_fp.act(), layers.q.linear(*m), fp.linear(*m))?;
+                }
+                ops::sq_diff_partials(&mut rec, t * h, &work.h_q, 1.0, &work.h_fp, &work.hidden_parts, b * hp)?;
+                ops::sq_diff_partials(&mut rec, t * h, &work.h_fp, 0.0, &work.h_fp, &work.hidden_parts, (nb + b) * hp)?;
+            }
+            rec = hq.store(rec, b, &work.h_q)?;
+            if let Some(s) = hfp.as_mut() {
+                rec = s.store(rec, b, &work.h_fp)?;
+            }
+            rec.submit();
+        }
+        finish_metrics(ctx, &down_metrics, &mut pending, &mut module_reports, emit)?;
+        let hidden_rel_error = if fp_stream {
+            let parts = ctx.read(&work.hidden_parts)?;
+            let span = nb * hp;
+            let num: f64 = parts[..span].iter().map(|&v| f64::from(v)).sum();
+            let den: f64 = parts[span..2 * span].iter().map(|&v| f64::from(v)).sum();
+            Some(if den > 0.0 { (num / den).sqrt() } else { 0.0 })
+        } else {
+            None
+        };
+        // Without an FP stream no metrics were computed: emit those modules now.
+        for (_, rep) in pending.drain(..) {
+            emit(Event::ModuleDone(rep.clone()));
+            module_reports.push(rep);
+        }
+        for rep in module_reports.iter().filter(|r| r.layer == layer) {
+            if let Some(f) = &rep.fallback {
+                let w = format!("layer {layer} {}: {f}", rep.module);
+                emit(Event::Warning(w.clone()));
+                warnings.push(w);
+            }
+        }
+        ctx.sync()?;
+        let lr = LayerReport {
+            layer,
+            hidden_rel_error,
+            secs: t_layer.elapsed().as_secs_f64(),
+        };
+        emit(Event::LayerDone(lr.clone()));
+        layer_reports.push(lr);
+    }
+    let (_, peak) = ctx.memory();
+    let report = RunReport {
+        model: prep.model_name.clone(),
+        method: qc.method.name().into(),
+        config: qc.clone(),
+        device: prep.device.clone(),
+        calibration: prep.calibration.clone(),
+        nsamples: nseq,
+        seqlen,
+        seed: cfg.seed,
+        plan,
+        modules: module_reports,
+        layers: layer_reports,
+        peak_gpu_bytes: peak,
+        secs: t0.elapsed().as_secs_f64(),
+        warnings,
+    };
+    Ok(QuantizedModel {
+        modules: results,
+        report,
+    })
+}
+
+/// Refuses settings that cannot work for this model, with the reason.
+fn validate_config(mc: &ModelConfig, qc: &QuantConfig) -> Result<(), PipelineError> {
+    if ![2, 3, 4, 8].contains(&qc.bits) {
+        return Err(PipelineError::Input(format!("bits must be 2, 3, 4 or 8 (got {})", qc.bits)));
+    }
+    if qc.block_size == 0 {
+        return Err(PipelineError::Input("block size must be at least 1".into()));
+    }
+    if let Some(gs) = qc.group_size {
+        if gs == 0 {
+            return Err(PipelineError::Input("group size must be positive (or -1 for none)".into()));
+        }
+        for m in ModuleKind::ALL {
+            let (_, cols) = mc.linear_shape(m);
+            if cols % gs != 0 {
+                return Err(PipelineError::Input(format!(
+                    "group size {gs} does not divide the {cols} input features of {}: GPTQ checkpoints need equal groups; \
+                     pick a divisor of {cols} or -1",
+                    m.short_name()
+                )));
+            }
+        }
+    } else if qc.static_groups {
+        return Err(PipelineError::Input("static groups need a group size".into()));
+    }
+    if let Method::Gptaq { alpha } = qc.method
+        && !(0.0..=1.0).contains(&alpha)
+    {
+        return Err(PipelineError::Input(format!("alpha must be in [0, 1] (got {alpha})")));
+    }
+    Ok(())
+}
+
+impl Stats {
+    fn new(ctx: &GpuContext, n: usize, gptaq: bool) -> Result<Self, PipelineError> {
+        Ok(Self {
+            n,
+            h: ctx.zeros("H", n * n)?,
+            d: if gptaq { Some(ctx.zeros("D", n * n)?) } else { None },
+        })
+    }
+
+    /// `H += 2/N·X_qᵀX_q`, `D += 2/N·(X_fp − X_q)ᵀX_q` (algorithm.md §2.1; N counts sequences, as
+    /// the references do; the 2/N is applied per batch, which sums to the same closed form).
+    fn accumulate(
+        &mut self,
+        rec: &mut Recorder<'_>,
+        work: &Work,
+        x_q: &GpuBuffer<f32>,
+        x_fp: &GpuBuffer<f32>,
+        tokens: usize,
+        nsamples: f32,
+    ) -> Result<(), PipelineError> {
+        let n = self.n;
+        let alpha = 2.0 / nsamples;
+        ops::syrk_xtx(rec, tokens, n, alpha, MatView::new(x_q, n), 1.0, &self.h)?;
+        if let Some(d) = &self.d {
+            ops::axpby(rec, tokens * n, 1.0, x_fp, -1.0, x_q, &work.diff)?;
+            ops::gemm_atb(rec, tokens, n, alpha, MatView::new(&work.diff, n), MatView::new(x_q, n), 1.0, d)?;
+        }
+        Ok(())
+    }
+}
+
+fn metric_accs(
+    ctx: &GpuContext,
+    mc: &ModelConfig,
+    fp_stream: bool,
+    nb: usize,
+    max_tokens: usize,
+    mods: &[ModuleKind],
+) -> Result<Vec<(ModuleKind, MetricAccumulator)>, PipelineError> {
+    if !fp_stream {
+        return Ok(Vec::new());
+    }
+    mods.iter()
+        .map(|&m| {
+            let (rows, cols) = mc.linear_shape(m);
+            Ok((m, MetricAccumulator::new(ctx, nb, max_tokens, rows, cols)?))
+        })
+        .collect()
+}
+
+/// Reads the metrics of a stage, completes those modules' reports and emits them.
+fn finish_metrics(
+    ctx: &GpuContext,
+    accs: &[(ModuleKind, MetricAccumulator)],
+    pending: &mut Vec<(ModuleKind, ModuleReport)>,
+    done: &mut Vec<ModuleReport>,
+    emit: &mut dyn FnMut(Event),
+) -> Result<(), PipelineError> {
+    for (m, acc) in accs {
+        let (qe, ae, oe) = acc.finish(ctx)?;
+        if let Some(pos) = pending.iter().position(|(k, _)| k == m) {
+            let (_, mut rep) = pending.remove(pos);
+            rep.quant_error = Some(qe);
+            rep.asym_error = Some(ae);
+            rep.output_error = Some(oe);
+            emit(Event::ModuleDone(rep.clone()));
+            done.push(rep);
+        }
+    }
+    Ok(())
+}
+
+fn report_stub(layer: usize, m: ModuleKind, r: &QuantResult, nsamples: usize, secs: f64) -> ModuleReport {
+    let fallback = r.fallback.as_ref().map(|f| match f {
+        Fallback::IncreasedDamping => format!("damping raised to {:.3}", r.damp_percent),
+        Fallback::DiagonalFloor => "diagonal floor".to_string(),
+        Fallback::Rtn { reason } => format!("rtn: {reason}"),
+    });
+    ModuleReport {
+        layer,
+        module: m.short_name().into(),
+        rows: r.rows,
+        cols: r.cols,
+        nsamples,
+        damp: r.damp_percent,
+        proxy_loss: r.proxy_loss_sum / nsamples.max(1) as f64,
+        quant_error: None,
+        asym_error: None,
+        output_error: None,
+        fallback,
+        secs,
+    }
+}
+
+/// Solves one module from the group statistics and installs `Q` in the quantized-stream layer.
+#[allow(clippy::too_many_arguments)]
+fn solve(
+    ctx: &GpuContext,
+    cfg: &PipelineConfig,
+    lw: &LayerWeights,
+    layers: &mut Layers,
+    m: ModuleKind,
+    stats: &Stats,
+    layer: usize,
+    secs: &mut BTreeMap<ModuleKind, f64>,
+) -> Result<QuantResult, PipelineError> {
+    let t = Instant::now();
+    let lin = lw.linear(m);
+    let (rows, cols) = (lin.out_features, lin.in_features);
+    let module_err = |message: String| PipelineError::Module {
+        layer,
+        module: m.short_name().into(),
+        message,
+    };
+    let qc = &cfg.quant;
+    let result = if qc.method == Method::Rtn {
+        crate::quant::quantizer::rtn_quantize(&lin.weight, rows, cols, qc).map_err(|e| module_err(e.to_string()))?
+    } else {
+        match cfg.solver {
+            Solver::CpuReference | Solver::Gpu => {
+                let h = ctx.read(&stats.h)?;
+                let d = match &stats.d {
+                    Some(d) => Some(ctx.read(d)?),
+                    None => None,
+                };
+                crate::quant::reference::quantize_reference(&lin.weight, rows, cols, &h, d.as_deref(), qc)
+                    .map_err(|e| module_err(e.to_string()))?
+            }
+        }
+    };
+    layers.q.set_linear(ctx, m, &result.q)?;
+    secs.insert(m, t.elapsed().as_secs_f64());
+    Ok(result)
+}
