@@ -232,7 +232,8 @@ fn rtn_with_h(
 ) -> Result<QuantResult, QuantError> {
     let mut res = rtn_quantize_f64(w, rows, cols, cfg)?;
     let loss = half_quadratic_form(w, &res.q, rows, cols, h);
-    res.proxy_loss_sum = if loss.is_finite() { loss } else { 0.0 };
+    // An indefinite H (the fallback case) can make the quadratic form negative: clamp at 0.
+    res.proxy_loss_sum = if loss.is_finite() { loss.max(0.0) } else { 0.0 };
     res.fallback = fallback;
     Ok(res)
 }
@@ -270,7 +271,8 @@ fn rtn_with_h(
 /// objective); `damp`, `damp_percent`, `fallback` from step 5.
 ///
 /// `Method::Rtn`: [`rtn_quantize_f64`] of W (H and D only used for `proxy_loss_sum =
-/// ½·tr(ΔW H ΔWᵀ)` with the undamped H). The RTN fallback reports the same quantity, `damp = 0`.
+/// ½·tr(ΔW H ΔWᵀ)` with the undamped H, clamped at 0). The RTN fallback reports the same quantity
+/// (H may be indefinite there, hence the clamp), `damp = damp_percent = 0`.
 ///
 /// Errors: shape mismatch, non-finite W/H/D, invalid config (bits ∉ 1..=8, block_size 0,
 /// group_size 0, negative or non-finite damping, non-finite alpha). Never returns non-finite values.
