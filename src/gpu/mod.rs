@@ -1,1 +1,29 @@
-//! wgpu context, buffers, pipeline cache, kernels.
+//! GPU compute through wgpu: adapter selection ([`context`]), typed buffers ([`buffer`]), the
+//! shader registry and pipeline cache ([`kernels`]) and the general-purpose kernels ([`ops`]).
+//! Nothing in here knows about models or quantization.
+
+pub mod buffer;
+pub mod context;
+pub mod kernels;
+pub mod ops;
+
+pub use buffer::GpuBuffer;
+pub use context::{AdapterSummary, BackendChoice, GpuContext, GpuError, GpuOptions, list_adapters};
+pub use kernels::Recorder;
+
+/// For tests and benches: a context from the environment (`GPTAQ_BACKEND`, `GPTAQ_ADAPTER`), or
+/// `None` with a note when no adapter exists. Under `CI=true` a missing adapter is an error
+/// (GPU tests must fail there, never skip silently).
+pub fn test_context() -> Option<GpuContext> {
+    match GpuContext::new(&GpuOptions::from_env()) {
+        Ok(ctx) => Some(ctx),
+        Err(e) => {
+            let ci = std::env::var("CI")
+                .map(|v| v == "true" || v == "1")
+                .unwrap_or(false);
+            assert!(!ci, "CI=true but no GPU adapter: {e}");
+            eprintln!("note: skipping GPU test, no adapter: {e}");
+            None
+        }
+    }
+}

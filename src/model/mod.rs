@@ -11,7 +11,9 @@ pub use config::{Architecture, ModelConfig, RopeScaling};
 
 /// The seven linear modules of a Llama-family decoder layer, in the order the pipeline quantizes
 /// them (true-sequential groups: [q,k,v] → [o] → [gate,up] → [down]; algorithm.md §1.4).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub enum ModuleKind {
     Q,
     K,
@@ -60,7 +62,9 @@ impl ModuleKind {
     }
 
     pub fn from_short_name(s: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|m| m.short_name() == s || m.hf_name() == s)
+        Self::ALL
+            .into_iter()
+            .find(|m| m.short_name() == s || m.hf_name() == s)
     }
 }
 

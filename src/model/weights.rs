@@ -6,7 +6,11 @@ pub enum WeightError {
     #[error("{path}: {message}")]
     File { path: String, message: String },
     #[error("{path}: tensor `{tensor}`: {message}")]
-    Tensor { path: String, tensor: String, message: String },
+    Tensor {
+        path: String,
+        tensor: String,
+        message: String,
+    },
 }
 
 /// A borrowed view of one stored tensor (raw little-endian bytes as safetensors stores them).

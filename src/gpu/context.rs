@@ -1,0 +1,350 @@
+//! Adapter selection and device creation.
+//!
+//! The context asks for the adapter's *real* limits instead of wgpu's WebGPU defaults (128 MiB per
+//! binding, 256 MiB per buffer): an 8B model's 14336² f32 Hessian alone is 784 MiB. Optional
+//! features (f16, subgroups, timestamps, cooperative matrices) are requested only when present and
+//! recorded, so kernels can choose a fast path and fall back to plain f32 everywhere else.
+//!
+//! wgpu reports most errors asynchronously through the device's uncaptured-error handler; that
+//! handler would panic by default. We record them instead and turn them into [`GpuError`]s at the
+//! next synchronisation point ([`GpuContext::check`]), so a bad kernel launch or a lost device
+//! becomes a message, not a crash.
+
+use std::sync::{Arc, Mutex};
+
+use super::kernels::KernelCache;
+
+/// Which graphics API to use.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum BackendChoice {
+    /// Vulkan, Metal or DX12, whichever the platform has.
+    #[default]
+    Auto,
+    Vulkan,
+    Metal,
+    Dx12,
+}
+
+impl BackendChoice {
+    pub fn backends(self) -> wgpu::Backends {
+        match self {
+            BackendChoice::Auto => {
+                wgpu::Backends::VULKAN | wgpu::Backends::METAL | wgpu::Backends::DX12
+            }
+            BackendChoice::Vulkan => wgpu::Backends::VULKAN,
+            BackendChoice::Metal => wgpu::Backends::METAL,
+            BackendChoice::Dx12 => wgpu::Backends::DX12,
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" | "" => Some(Self::Auto),
+            "vulkan" | "vk" => Some(Self::Vulkan),
+            "metal" | "mtl" => Some(Self::Metal),
+            "dx12" | "d3d12" => Some(Self::Dx12),
+            _ => None,
+        }
+    }
+}
+
+/// How to pick the adapter. `adapter` is a case-insensitive substring of the adapter name.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct GpuOptions {
+    pub backend: BackendChoice,
+    pub adapter: Option<String>,
+}
+
+impl GpuOptions {
+    /// Options from `GPTAQ_BACKEND` / `GPTAQ_ADAPTER` (used by tests and benches; the CLI's flags
+    /// read the same variables through clap).
+    pub fn from_env() -> Self {
+        let backend = std::env::var("GPTAQ_BACKEND")
+            .ok()
+            .and_then(|s| BackendChoice::parse(&s))
+            .unwrap_or_default();
+        let adapter = std::env::var("GPTAQ_ADAPTER")
+            .ok()
+            .filter(|s| !s.is_empty());
+        Self { backend, adapter }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GpuError {
+    #[error(
+        "no GPU adapter found for backend {backend:?}{filter}. Install a GPU driver with Vulkan, Metal or \
+         DX12 support; on a machine without a GPU install Mesa's software Vulkan driver (Debian/Ubuntu: \
+         `apt-get install mesa-vulkan-drivers libvulkan1`, which provides lavapipe)"
+    )]
+    NoAdapter {
+        backend: BackendChoice,
+        filter: String,
+    },
+    #[error("adapter `{name}` refused the device request: {message}")]
+    RequestDevice { name: String, message: String },
+    #[error(
+        "GPU out of memory allocating {what} ({bytes} bytes); reduce --nsamples / --seqlen or use host streams"
+    )]
+    OutOfMemory { what: String, bytes: u64 },
+    #[error(
+        "{what} needs {bytes} bytes in one buffer but the adapter allows at most {limit} per binding"
+    )]
+    TooLarge {
+        what: String,
+        bytes: u64,
+        limit: u64,
+    },
+    #[error("GPU validation error: {0}")]
+    Validation(String),
+    #[error("GPU device lost: {0}")]
+    DeviceLost(String),
+    #[error("GPU readback failed: {0}")]
+    Readback(String),
+}
+
+/// What the adapter granted, for `devices`, reports and the GUI.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct AdapterSummary {
+    pub name: String,
+    pub backend: String,
+    pub device_type: String,
+    pub driver: String,
+    pub features: Vec<String>,
+    pub max_buffer_size: u64,
+    pub max_storage_buffer_binding_size: u64,
+    pub max_compute_workgroup_storage_size: u32,
+    pub max_compute_invocations_per_workgroup: u32,
+}
+
+impl std::fmt::Display for AdapterSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "{} ({}, {}, driver: {})",
+            self.name, self.backend, self.device_type, self.driver
+        )?;
+        writeln!(
+            f,
+            "  features: {}",
+            if self.features.is_empty() {
+                "-".into()
+            } else {
+                self.features.join(", ")
+            }
+        )?;
+        writeln!(
+            f,
+            "  max buffer {} MiB, max storage binding {} MiB, workgroup memory {} KiB, {} invocations/workgroup",
+            self.max_buffer_size >> 20,
+            self.max_storage_buffer_binding_size >> 20,
+            self.max_compute_workgroup_storage_size >> 10,
+            self.max_compute_invocations_per_workgroup
+        )
+    }
+}
+
+/// The optional features we use when present.
+fn wanted_features() -> [(wgpu::Features, &'static str); 5] {
+    [
+        (wgpu::Features::SHADER_F16, "SHADER_F16"),
+        (wgpu::Features::SUBGROUP, "SUBGROUP"),
+        (wgpu::Features::TIMESTAMP_QUERY, "TIMESTAMP_QUERY"),
+        (
+            wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX,
+            "EXPERIMENTAL_COOPERATIVE_MATRIX",
+        ),
+        (wgpu::Features::SHADER_F64, "SHADER_F64"),
+    ]
+}
+
+fn summarize(
+    adapter_info: &wgpu::AdapterInfo,
+    features: wgpu::Features,
+    limits: &wgpu::Limits,
+) -> AdapterSummary {
+    AdapterSummary {
+        name: adapter_info.name.clone(),
+        backend: format!("{:?}", adapter_info.backend),
+        device_type: format!("{:?}", adapter_info.device_type),
+        driver: format!("{} {}", adapter_info.driver, adapter_info.driver_info)
+            .trim()
+            .to_string(),
+        features: wanted_features()
+            .iter()
+            .filter(|(f, _)| features.contains(*f))
+            .map(|(_, n)| (*n).to_string())
+            .collect(),
+        max_buffer_size: limits.max_buffer_size,
+        max_storage_buffer_binding_size: u64::from(limits.max_storage_buffer_binding_size),
+        max_compute_workgroup_storage_size: limits.max_compute_workgroup_storage_size,
+        max_compute_invocations_per_workgroup: limits.max_compute_invocations_per_workgroup,
+    }
+}
+
+fn instance(backend: BackendChoice) -> wgpu::Instance {
+    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle();
+    desc.backends = backend.backends();
+    wgpu::Instance::new(desc)
+}
+
+/// Every adapter visible for `opts.backend` (ignores the name filter), with what it offers.
+pub fn list_adapters(opts: &GpuOptions) -> Vec<AdapterSummary> {
+    let inst = instance(opts.backend);
+    let adapters = pollster::block_on(inst.enumerate_adapters(opts.backend.backends()));
+    adapters
+        .iter()
+        .map(|a| summarize(&a.get_info(), a.features(), &a.limits()))
+        .collect()
+}
+
+/// Errors recorded by wgpu's asynchronous error callbacks.
+#[derive(Default)]
+struct ErrorSink {
+    errors: Vec<String>,
+    lost: Option<String>,
+}
+
+/// A device, its queue and the kernel cache. Cheap to share behind an `Arc`; all methods take `&self`.
+pub struct GpuContext {
+    pub device: wgpu::Device,
+    pub queue: wgpu::Queue,
+    pub summary: AdapterSummary,
+    pub features: wgpu::Features,
+    pub limits: wgpu::Limits,
+    pub(crate) kernels: KernelCache,
+    sink: Arc<Mutex<ErrorSink>>,
+    /// Bytes currently allocated through [`GpuContext`] buffer helpers, and the high-water mark.
+    pub(crate) mem: super::buffer::MemCounter,
+}
+
+impl GpuContext {
+    pub fn new(opts: &GpuOptions) -> Result<Self, GpuError> {
+        let inst = instance(opts.backend);
+        let mut adapters = pollster::block_on(inst.enumerate_adapters(opts.backend.backends()));
+        if let Some(filter) = &opts.adapter {
+            let needle = filter.to_ascii_lowercase();
+            adapters.retain(|a| a.get_info().name.to_ascii_lowercase().contains(&needle));
+        }
+        // Prefer real GPUs over software rasterisers; keep enumeration order otherwise.
+        adapters.sort_by_key(|a| match a.get_info().device_type {
+            wgpu::DeviceType::DiscreteGpu => 0,
+            wgpu::DeviceType::IntegratedGpu => 1,
+            wgpu::DeviceType::VirtualGpu => 2,
+            wgpu::DeviceType::Other => 3,
+            wgpu::DeviceType::Cpu => 4,
+        });
+        let Some(adapter) = adapters.into_iter().next() else {
+            return Err(GpuError::NoAdapter {
+                backend: opts.backend,
+                filter: opts
+                    .adapter
+                    .as_ref()
+                    .map(|f| format!(" matching `{f}`"))
+                    .unwrap_or_default(),
+            });
+        };
+        let info = adapter.get_info();
+        let offered = adapter.features();
+        let mut required = wgpu::Features::empty();
+        for (f, _) in wanted_features() {
+            if offered.contains(f) {
+                required |= f;
+            }
+        }
+        // The adapter's own limits: these are the largest it can do, and what we need.
+        let limits = adapter.limits();
+        let experimental = if required.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX) {
+            // SAFETY: cooperative matrices are used only by kernels that check the granted feature and
+            // are tested against the f32 path; wgpu marks the feature experimental, not unsound.
+            unsafe { wgpu::ExperimentalFeatures::enabled() }
+        } else {
+            wgpu::ExperimentalFeatures::disabled()
+        };
+        let desc = wgpu::DeviceDescriptor {
+            label: Some("gptaq-studio"),
+            required_features: required,
+            required_limits: limits.clone(),
+            experimental_features: experimental,
+            memory_hints: wgpu::MemoryHints::Performance,
+            trace: wgpu::Trace::Off,
+        };
+        let (device, queue) = pollster::block_on(adapter.request_device(&desc)).map_err(|e| {
+            GpuError::RequestDevice {
+                name: info.name.clone(),
+                message: e.to_string(),
+            }
+        })?;
+        let sink = Arc::new(Mutex::new(ErrorSink::default()));
+        {
+            let sink = sink.clone();
+            device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+                log::error!("wgpu: {e}");
+                if let Ok(mut s) = sink.lock() {
+                    s.errors.push(e.to_string());
+                }
+            }));
+        }
+        {
+            let sink = sink.clone();
+            device.set_device_lost_callback(move |reason, msg| {
+                if let Ok(mut s) = sink.lock() {
+                    s.lost = Some(format!("{reason:?}: {msg}"));
+                }
+            });
+        }
+        let features = device.features();
+        let limits = device.limits();
+        Ok(Self {
+            summary: summarize(&info, features, &limits),
+            device,
+            queue,
+            features,
+            limits,
+            kernels: KernelCache::default(),
+            sink,
+            mem: Default::default(),
+        })
+    }
+
+    /// Turns errors recorded since the last call into a [`GpuError`].
+    pub fn check(&self) -> Result<(), GpuError> {
+        let Ok(mut s) = self.sink.lock() else {
+            return Err(GpuError::Validation("error sink poisoned".into()));
+        };
+        if let Some(l) = s.lost.take() {
+            return Err(GpuError::DeviceLost(l));
+        }
+        if !s.errors.is_empty() {
+            let all = std::mem::take(&mut s.errors);
+            return Err(GpuError::Validation(all.join("; ")));
+        }
+        Ok(())
+    }
+
+    /// Blocks until all submitted work has finished, then reports any recorded error.
+    pub fn sync(&self) -> Result<(), GpuError> {
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| GpuError::DeviceLost(e.to_string()))?;
+        self.check()
+    }
+
+    pub fn has_f16(&self) -> bool {
+        self.features.contains(wgpu::Features::SHADER_F16)
+    }
+
+    pub fn max_binding_bytes(&self) -> u64 {
+        u64::from(self.limits.max_storage_buffer_binding_size).min(self.limits.max_buffer_size)
+    }
+
+    /// Bytes currently allocated by this context's buffers and the peak since creation (or since
+    /// [`GpuContext::reset_peak`]).
+    pub fn memory(&self) -> (u64, u64) {
+        self.mem.get()
+    }
+
+    pub fn reset_peak(&self) {
+        self.mem.reset_peak();
+    }
+}

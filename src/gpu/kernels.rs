@@ -1,0 +1,274 @@
+//! Shader registry, pipeline cache and command recording.
+//!
+//! Every WGSL file lives in `shaders/` and is embedded with `include_str!` next to the Rust code
+//! that launches it (a [`Shader`] constant). Pipelines are created on first use and cached by
+//! (shader, entry point, override constants): specialisation uses WGSL `override` constants, never
+//! string templating, so each variant is an ordinary validated pipeline.
+//!
+//! Binding convention for every kernel: `@group(0) @binding(0)` is a uniform parameter struct,
+//! `@binding(1..)` are the storage buffers in the order the launcher passes them.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use bytemuck::Pod;
+use wgpu::util::DeviceExt;
+
+use super::context::{GpuContext, GpuError};
+
+/// One embedded WGSL source file.
+#[derive(Debug)]
+pub struct Shader {
+    pub name: &'static str,
+    pub source: &'static str,
+}
+
+/// Declares a [`Shader`] constant for `shaders/<file>.wgsl`.
+#[macro_export]
+macro_rules! wgsl_shader {
+    ($ident:ident, $file:literal) => {
+        pub const $ident: $crate::gpu::kernels::Shader = $crate::gpu::kernels::Shader {
+            name: $file,
+            source: include_str!(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/shaders/",
+                $file,
+                ".wgsl"
+            )),
+        };
+    };
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct PipelineKey {
+    shader: &'static str,
+    entry: &'static str,
+    /// Override constants as (name, f64 bit pattern) so the key is hashable.
+    constants: Vec<(&'static str, u64)>,
+}
+
+#[derive(Default)]
+pub(crate) struct KernelCache {
+    modules: RwLock<HashMap<&'static str, Arc<wgpu::ShaderModule>>>,
+    pipelines: RwLock<HashMap<PipelineKey, Arc<wgpu::ComputePipeline>>>,
+}
+
+impl KernelCache {
+    pub(crate) fn len(&self) -> usize {
+        self.pipelines.read().map(|p| p.len()).unwrap_or(0)
+    }
+}
+
+impl GpuContext {
+    fn module(&self, shader: &Shader) -> Result<Arc<wgpu::ShaderModule>, GpuError> {
+        if let Ok(m) = self.kernels.modules.read()
+            && let Some(found) = m.get(shader.name)
+        {
+            return Ok(found.clone());
+        }
+        let mut map = self
+            .kernels
+            .modules
+            .write()
+            .map_err(|_| GpuError::Validation("shader cache poisoned".into()))?;
+        if let Some(found) = map.get(shader.name) {
+            return Ok(found.clone());
+        }
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let module = self
+            .device
+            .create_shader_module(wgpu::ShaderModuleDescriptor {
+                label: Some(shader.name),
+                source: wgpu::ShaderSource::Wgsl(shader.source.into()),
+            });
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(GpuError::Validation(format!("shader {}: {e}", shader.name)));
+        }
+        let module = Arc::new(module);
+        map.insert(shader.name, module.clone());
+        Ok(module)
+    }
+
+    /// The compute pipeline for `entry` of `shader` specialised with `constants` (cached).
+    pub fn pipeline(
+        &self,
+        shader: &Shader,
+        entry: &'static str,
+        constants: &[(&'static str, f64)],
+    ) -> Result<Arc<wgpu::ComputePipeline>, GpuError> {
+        let key = PipelineKey {
+            shader: shader.name,
+            entry,
+            constants: constants.iter().map(|(n, v)| (*n, v.to_bits())).collect(),
+        };
+        if let Ok(p) = self.kernels.pipelines.read()
+            && let Some(found) = p.get(&key)
+        {
+            return Ok(found.clone());
+        }
+        let module = self.module(shader)?;
+        let mut map = self
+            .kernels
+            .pipelines
+            .write()
+            .map_err(|_| GpuError::Validation("pipeline cache poisoned".into()))?;
+        if let Some(found) = map.get(&key) {
+            return Ok(found.clone());
+        }
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let pipeline = self
+            .device
+            .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(entry),
+                layout: None,
+                module: &module,
+                entry_point: Some(entry),
+                compilation_options: wgpu::PipelineCompilationOptions {
+                    constants,
+                    zero_initialize_workgroup_memory: false,
+                },
+                cache: None,
+            });
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(GpuError::Validation(format!(
+                "pipeline {}::{entry} {constants:?}: {e}",
+                shader.name
+            )));
+        }
+        let pipeline = Arc::new(pipeline);
+        map.insert(key, pipeline.clone());
+        Ok(pipeline)
+    }
+
+    /// Number of distinct pipelines compiled so far.
+    pub fn cached_pipelines(&self) -> usize {
+        self.kernels.len()
+    }
+
+    /// Starts recording a batch of dispatches.
+    pub fn recorder(&self) -> Recorder<'_> {
+        Recorder {
+            ctx: self,
+            encoder: self
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None }),
+            dispatches: 0,
+        }
+    }
+}
+
+/// Workgroup counts for `n` workgroups along one logical axis, folded into x and y because each
+/// dimension is limited to 65535. Kernels recover the index as `wg.x + wg.y * nwg.x`.
+pub fn groups_1d(n: u32) -> [u32; 3] {
+    const MAX: u32 = 65535;
+    if n <= MAX {
+        [n.max(1), 1, 1]
+    } else {
+        [MAX, n.div_ceil(MAX), 1]
+    }
+}
+
+/// Records dispatches into one command encoder; [`Recorder::submit`] sends them to the queue.
+/// Nothing is read back here, so many dispatches can be queued without host round trips.
+pub struct Recorder<'c> {
+    ctx: &'c GpuContext,
+    encoder: wgpu::CommandEncoder,
+    dispatches: usize,
+}
+
+impl<'c> Recorder<'c> {
+    pub fn ctx(&self) -> &'c GpuContext {
+        self.ctx
+    }
+
+    /// Records one dispatch: `params` at binding 0 (uniform), `buffers` at bindings 1.. .
+    pub fn dispatch<P: Pod>(
+        &mut self,
+        shader: &Shader,
+        entry: &'static str,
+        constants: &[(&'static str, f64)],
+        params: &P,
+        buffers: &[wgpu::BindingResource<'_>],
+        workgroups: [u32; 3],
+    ) -> Result<(), GpuError> {
+        if workgroups.contains(&0) {
+            return Ok(());
+        }
+        let pipeline = self.ctx.pipeline(shader, entry, constants)?;
+        let raw = bytemuck::bytes_of(params);
+        // Uniform structs are laid out in 16-byte units.
+        let mut padded = raw.to_vec();
+        padded.resize(raw.len().div_ceil(16).max(1) * 16, 0);
+        let ubuf = self
+            .ctx
+            .device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some("params"),
+                contents: &padded,
+                usage: wgpu::BufferUsages::UNIFORM,
+            });
+        let mut entries = Vec::with_capacity(buffers.len() + 1);
+        entries.push(wgpu::BindGroupEntry {
+            binding: 0,
+            resource: ubuf.as_entire_binding(),
+        });
+        for (i, b) in buffers.iter().enumerate() {
+            entries.push(wgpu::BindGroupEntry {
+                binding: i as u32 + 1,
+                resource: b.clone(),
+            });
+        }
+        let layout = pipeline.get_bind_group_layout(0);
+        let bind_group = self
+            .ctx
+            .device
+            .create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some(entry),
+                layout: &layout,
+                entries: &entries,
+            });
+        let mut pass = self
+            .encoder
+            .begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some(entry),
+                timestamp_writes: None,
+            });
+        pass.set_pipeline(&pipeline);
+        pass.set_bind_group(0, &bind_group, &[]);
+        pass.dispatch_workgroups(workgroups[0], workgroups[1], workgroups[2]);
+        drop(pass);
+        self.dispatches += 1;
+        Ok(())
+    }
+
+    /// Copies between buffers inside the same batch (ordered with the dispatches).
+    pub fn copy<T: Pod>(
+        &mut self,
+        src: &super::GpuBuffer<T>,
+        src_off: usize,
+        dst: &super::GpuBuffer<T>,
+        dst_off: usize,
+        len: usize,
+    ) {
+        let e = std::mem::size_of::<T>() as u64;
+        if len == 0 {
+            return;
+        }
+        self.encoder.copy_buffer_to_buffer(
+            src.raw(),
+            src_off as u64 * e,
+            dst.raw(),
+            dst_off as u64 * e,
+            len as u64 * e,
+        );
+    }
+
+    pub fn dispatches(&self) -> usize {
+        self.dispatches
+    }
+
+    /// Submits everything recorded so far (does not wait).
+    pub fn submit(self) {
+        self.ctx.queue.submit([self.encoder.finish()]);
+    }
+}

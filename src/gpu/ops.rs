@@ -1,0 +1,300 @@
+//! Launchers for the general-purpose kernels: GEMM, symmetric rank-k update, elementwise ops and
+//! squared-norm reductions. Forward-pass and quantization kernels live next to their users.
+
+use bytemuck::{Pod, Zeroable};
+
+use super::kernels::{Recorder, groups_1d};
+use super::{GpuBuffer, GpuContext, GpuError};
+
+crate::wgsl_shader!(GEMM, "gemm");
+crate::wgsl_shader!(ELEMENTWISE, "elementwise");
+crate::wgsl_shader!(MIRROR, "mirror");
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct GemmParams {
+    m: u32,
+    n: u32,
+    k: u32,
+    lda: u32,
+    ldb: u32,
+    ldc: u32,
+    off_a: u32,
+    off_b: u32,
+    off_c: u32,
+    alpha: f32,
+    beta: f32,
+    _pad: u32,
+}
+
+/// A row-major matrix view inside a buffer: element (r, c) at `offset + r·ld + c`.
+#[derive(Clone, Copy)]
+pub struct MatView<'a> {
+    pub buf: &'a GpuBuffer<f32>,
+    pub offset: usize,
+    pub ld: usize,
+    /// Use the transpose of the stored matrix.
+    pub trans: bool,
+}
+
+impl<'a> MatView<'a> {
+    pub fn new(buf: &'a GpuBuffer<f32>, ld: usize) -> Self {
+        Self {
+            buf,
+            offset: 0,
+            ld,
+            trans: false,
+        }
+    }
+    pub fn t(mut self) -> Self {
+        self.trans = !self.trans;
+        self
+    }
+    pub fn at(mut self, offset: usize) -> Self {
+        self.offset = offset;
+        self
+    }
+}
+
+fn u32_of(what: &str, v: usize) -> Result<u32, GpuError> {
+    u32::try_from(v).map_err(|_| GpuError::TooLarge {
+        what: what.to_string(),
+        bytes: v as u64 * 4,
+        limit: u64::from(u32::MAX),
+    })
+}
+
+/// Records `C = alpha·op(A)·op(B) + beta·C` with op(A) M×K, op(B) K×N, C M×N (row-major, leading
+/// dimension `c.ld`). `c.trans` must be false.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm(
+    rec: &mut Recorder<'_>,
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    a: MatView<'_>,
+    b: MatView<'_>,
+    beta: f32,
+    c: MatView<'_>,
+) -> Result<(), GpuError> {
+    gemm_impl(rec, m, n, k, alpha, a, b, beta, c, false)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn gemm_impl(
+    rec: &mut Recorder<'_>,
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    a: MatView<'_>,
+    b: MatView<'_>,
+    beta: f32,
+    c: MatView<'_>,
+    upper_only: bool,
+) -> Result<(), GpuError> {
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    debug_assert!(!c.trans, "C cannot be transposed");
+    let params = GemmParams {
+        m: u32_of("gemm M", m)?,
+        n: u32_of("gemm N", n)?,
+        k: u32_of("gemm K", k)?,
+        lda: u32_of("gemm lda", a.ld)?,
+        ldb: u32_of("gemm ldb", b.ld)?,
+        ldc: u32_of("gemm ldc", c.ld)?,
+        off_a: u32_of("gemm A offset", a.offset)?,
+        off_b: u32_of("gemm B offset", b.offset)?,
+        off_c: u32_of("gemm C offset", c.offset)?,
+        alpha,
+        beta,
+        _pad: 0,
+    };
+    let constants = [
+        ("TRANS_A", f64::from(u8::from(a.trans))),
+        ("TRANS_B", f64::from(u8::from(b.trans))),
+        ("UPPER_ONLY", f64::from(u8::from(upper_only))),
+    ];
+    let groups = [n.div_ceil(64) as u32, m.div_ceil(64) as u32, 1];
+    if groups[0] > 65535 || groups[1] > 65535 {
+        return Err(GpuError::TooLarge {
+            what: format!("gemm {m}x{n} grid"),
+            bytes: (m * n * 4) as u64,
+            limit: 65535 * 64,
+        });
+    }
+    rec.dispatch(
+        &GEMM,
+        "gemm",
+        &constants,
+        &params,
+        &[a.buf.binding(), b.buf.binding(), c.buf.binding()],
+        groups,
+    )
+}
+
+/// Symmetric rank-k update `C = alpha·XᵀX + beta·C` for `X` of shape T×n (row-major, leading
+/// dimension `x.ld`, `x.trans` false) and `C` n×n. Only tiles on or above the diagonal are computed
+/// (about half the flops of a full GEMM); the lower triangle is filled by mirroring.
+pub fn syrk_xtx(
+    rec: &mut Recorder<'_>,
+    t: usize,
+    n: usize,
+    alpha: f32,
+    x: MatView<'_>,
+    beta: f32,
+    c: &GpuBuffer<f32>,
+) -> Result<(), GpuError> {
+    let xt = MatView { trans: true, ..x };
+    gemm_impl(rec, n, n, t, alpha, xt, x, beta, MatView::new(c, n), true)?;
+    mirror_upper(rec, c, n)
+}
+
+/// `C = alpha·AᵀB + beta·C` for A (T×n) and B (T×n): the cross term of GPTAQ's `D` statistic.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_atb(
+    rec: &mut Recorder<'_>,
+    t: usize,
+    n: usize,
+    alpha: f32,
+    a: MatView<'_>,
+    b: MatView<'_>,
+    beta: f32,
+    c: &GpuBuffer<f32>,
+) -> Result<(), GpuError> {
+    gemm(rec, n, n, t, alpha, a.t(), b, beta, MatView::new(c, n))
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct MirrorParams {
+    n: u32,
+    _pad: [u32; 3],
+}
+
+/// Copies the upper triangle of an n×n matrix onto its lower triangle.
+pub fn mirror_upper(rec: &mut Recorder<'_>, c: &GpuBuffer<f32>, n: usize) -> Result<(), GpuError> {
+    let g = n.div_ceil(16) as u32;
+    rec.dispatch(
+        &MIRROR,
+        "mirror_upper",
+        &[],
+        &MirrorParams {
+            n: u32_of("mirror n", n)?,
+            _pad: [0; 3],
+        },
+        &[c.binding()],
+        [g, g, 1],
+    )
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct EwParams {
+    n: u32,
+    cols: u32,
+    alpha: f32,
+    beta: f32,
+}
+
+/// `out[..n] = alpha·x + beta·y`.
+pub fn axpby(
+    rec: &mut Recorder<'_>,
+    n: usize,
+    alpha: f32,
+    x: &GpuBuffer<f32>,
+    beta: f32,
+    y: &GpuBuffer<f32>,
+    out: &GpuBuffer<f32>,
+) -> Result<(), GpuError> {
+    let params = EwParams {
+        n: u32_of("axpby n", n)?,
+        cols: 0,
+        alpha,
+        beta,
+    };
+    rec.dispatch(
+        &ELEMENTWISE,
+        "axpby",
+        &[],
+        &params,
+        &[x.binding(), y.binding(), out.binding()],
+        groups_1d(n.div_ceil(256) as u32),
+    )
+}
+
+/// `out[..n] = alpha·x·y` elementwise.
+pub fn mul(
+    rec: &mut Recorder<'_>,
+    n: usize,
+    alpha: f32,
+    x: &GpuBuffer<f32>,
+    y: &GpuBuffer<f32>,
+    out: &GpuBuffer<f32>,
+) -> Result<(), GpuError> {
+    let params = EwParams {
+        n: u32_of("mul n", n)?,
+        cols: 0,
+        alpha,
+        beta: 0.0,
+    };
+    rec.dispatch(
+        &ELEMENTWISE,
+        "mul",
+        &[],
+        &params,
+        &[x.binding(), y.binding(), out.binding()],
+        groups_1d(n.div_ceil(256) as u32),
+    )
+}
+
+/// Elements reduced by one workgroup of `sq_diff_partial` (256 invocations × CHUNK 16).
+const SQ_PER_GROUP: usize = 256 * 16;
+
+/// Number of partial sums [`sq_diff_partials`] writes for `n` elements.
+pub fn sq_partials_len(n: usize) -> usize {
+    n.div_ceil(SQ_PER_GROUP).max(1)
+}
+
+/// Records partial sums of `(x − beta·y)²` into `out[..sq_partials_len(n)]`. With `beta = 0` this
+/// is `‖x‖²`. The partials are few (n / 4096) and are added on the host in f64.
+pub fn sq_diff_partials(
+    rec: &mut Recorder<'_>,
+    n: usize,
+    x: &GpuBuffer<f32>,
+    beta: f32,
+    y: &GpuBuffer<f32>,
+    out: &GpuBuffer<f32>,
+) -> Result<(), GpuError> {
+    let params = EwParams {
+        n: u32_of("reduce n", n)?,
+        cols: 0,
+        alpha: 1.0,
+        beta,
+    };
+    rec.dispatch(
+        &ELEMENTWISE,
+        "sq_diff_partial",
+        &[],
+        &params,
+        &[x.binding(), y.binding(), out.binding()],
+        groups_1d(sq_partials_len(n) as u32),
+    )
+}
+
+/// Convenience: `Σ (x − beta·y)²` over the first `n` elements, read back as f64 (blocks).
+pub fn sq_diff_sum(
+    ctx: &GpuContext,
+    n: usize,
+    x: &GpuBuffer<f32>,
+    beta: f32,
+    y: &GpuBuffer<f32>,
+) -> Result<f64, GpuError> {
+    let parts = ctx.zeros::<f32>("reduce partials", sq_partials_len(n))?;
+    let mut rec = ctx.recorder();
+    sq_diff_partials(&mut rec, n, x, beta, y, &parts)?;
+    rec.submit();
+    Ok(ctx.read(&parts)?.iter().map(|&v| f64::from(v)).sum())
+}

@@ -1,0 +1,113 @@
+//! Typed progress events of a quantization run and the JSON run report built from them.
+//!
+//! The CLI and the GUI consume the same [`Event`] stream; the report's field names are a
+//! public contract (`--report FILE`, scripts parse it): keep them stable.
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::ModuleKind;
+use crate::quant::QuantConfig;
+
+/// The memory plan decided before a run starts.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct MemoryPlan {
+    /// Sequences per GPU batch.
+    pub batch_sequences: usize,
+    /// Hidden-state streams kept on the GPU (true) or spilled to host RAM (false).
+    pub streams_on_gpu: bool,
+    /// Host stream element type when spilled ("f32" or "f16").
+    pub stream_dtype: String,
+    /// Estimated peak GPU bytes: layer weights (FP + quantized copies), statistics, activations.
+    pub gpu_bytes_estimate: u64,
+    /// Estimated host bytes for the streams.
+    pub host_bytes_estimate: u64,
+    /// The device limit the plan was made against.
+    pub gpu_budget_bytes: u64,
+    /// Human-readable breakdown, one line per item.
+    pub breakdown: Vec<String>,
+}
+
+/// One quantized module's result. The three relative errors are defined on the calibration tokens
+/// (Frobenius norms squared, X rows are tokens):
+/// - `quant_error`  = ‖(W−Q)X_qᵀ‖² / ‖WX_fpᵀ‖²: what quantizing this module alone costs;
+/// - `asym_error`   = ‖W(X_fp−X_q)ᵀ‖² / ‖WX_fpᵀ‖²: the deviation inherited from earlier quantized
+///   modules (zero for the first layer's q/k/v);
+/// - `output_error` = ‖QX_qᵀ−WX_fpᵀ‖² / ‖WX_fpᵀ‖²: what the module actually outputs versus the FP model.
+///
+/// GPTQ minimises the first (its objective uses X_q on both sides); GPTAQ minimises the third.
+/// They are `None` when the FP stream was not run (`--no-metrics` with GPTQ/RTN).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ModuleReport {
+    pub layer: usize,
+    pub module: String,
+    pub rows: usize,
+    pub cols: usize,
+    pub nsamples: usize,
+    /// Relative damping used (`percdamp`, after any automatic increase).
+    pub damp: f64,
+    /// GPTQ proxy loss Σ(w−q)²/(2U_jj²) divided by the number of sequences (AutoGPTQ's log).
+    pub proxy_loss: f64,
+    pub quant_error: Option<f64>,
+    pub asym_error: Option<f64>,
+    pub output_error: Option<f64>,
+    /// `None`, or why the normal solve was not used ("damping 0.03", "diagonal floor", "rtn: …").
+    pub fallback: Option<String>,
+    pub secs: f64,
+}
+
+impl ModuleReport {
+    pub fn kind(&self) -> Option<ModuleKind> {
+        ModuleKind::from_short_name(&self.module)
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct LayerReport {
+    pub layer: usize,
+    /// ‖h_q − h_fp‖ / ‖h_fp‖ of the layer's output hidden state on the calibration tokens.
+    pub hidden_rel_error: Option<f64>,
+    pub secs: f64,
+}
+
+/// The run report written by `--report` and saved / loaded by the GUI.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RunReport {
+    pub model: String,
+    pub method: String,
+    pub config: QuantConfig,
+    pub device: String,
+    pub calibration: String,
+    pub nsamples: usize,
+    pub seqlen: usize,
+    pub seed: u64,
+    pub plan: MemoryPlan,
+    pub modules: Vec<ModuleReport>,
+    pub layers: Vec<LayerReport>,
+    pub peak_gpu_bytes: u64,
+    pub secs: f64,
+    pub warnings: Vec<String>,
+}
+
+/// Progress of a run, in order: `Started`, then per layer `LayerStarted`, `ModuleDone`×7,
+/// `LayerDone`, and finally exactly one of `Finished`, `Failed`, `Cancelled`.
+#[derive(Clone, Debug)]
+pub enum Event {
+    Started {
+        model: String,
+        method: String,
+        layers: usize,
+        modules_per_layer: usize,
+        plan: MemoryPlan,
+    },
+    /// Free-form status line ("capturing layer-0 inputs", "solving layer 3 [q,k,v]").
+    Status(String),
+    LayerStarted {
+        layer: usize,
+    },
+    ModuleDone(ModuleReport),
+    LayerDone(LayerReport),
+    Warning(String),
+    Finished(Box<RunReport>),
+    Failed(String),
+    Cancelled,
+}

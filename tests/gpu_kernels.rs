@@ -1,0 +1,290 @@
+//! The general-purpose kernels against f64 CPU references, over random shapes that include 1,
+//! primes and non-multiples of the 64×64 tile.
+
+mod common;
+
+use common::{assert_close, rand_vec, rng};
+use gptaq_studio::gpu::ops::{self, MatView};
+use gptaq_studio::gpu::{GpuContext, test_context};
+
+/// f64 reference of C = alpha·op(A)·op(B) + beta·C with the same storage conventions as the shader.
+#[allow(clippy::too_many_arguments)]
+fn gemm_ref(
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f64,
+    a: &[f32],
+    lda: usize,
+    ta: bool,
+    b: &[f32],
+    ldb: usize,
+    tb: bool,
+    beta: f64,
+    c: &[f32],
+) -> Vec<f64> {
+    let mut out = vec![0.0; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            let mut s = 0.0f64;
+            for l in 0..k {
+                let av = if ta { a[l * lda + i] } else { a[i * lda + l] };
+                let bv = if tb { b[j * ldb + l] } else { b[l * ldb + j] };
+                s += f64::from(av) * f64::from(bv);
+            }
+            out[i * n + j] = alpha * s + beta * f64::from(c[i * n + j]);
+        }
+    }
+    out
+}
+
+fn run_gemm(ctx: &GpuContext, m: usize, n: usize, k: usize, ta: bool, tb: bool, seed: u64) {
+    let mut r = rng(seed);
+    let (alpha, beta) = (0.75f32, if seed % 2 == 0 { 0.0 } else { -0.5 });
+    let a = rand_vec(&mut r, m * k);
+    let b = rand_vec(&mut r, k * n);
+    let c0 = rand_vec(&mut r, m * n);
+    let lda = if ta { m } else { k };
+    let ldb = if tb { k } else { n };
+    let expected = gemm_ref(
+        m,
+        n,
+        k,
+        alpha.into(),
+        &a,
+        lda,
+        ta,
+        &b,
+        ldb,
+        tb,
+        beta.into(),
+        &c0,
+    );
+    let ga = ctx.upload("a", &a).unwrap();
+    let gb = ctx.upload("b", &b).unwrap();
+    let gc = ctx.upload("c", &c0).unwrap();
+    let mut rec = ctx.recorder();
+    let mut av = MatView::new(&ga, lda);
+    av.trans = ta;
+    let mut bv = MatView::new(&gb, ldb);
+    bv.trans = tb;
+    ops::gemm(&mut rec, m, n, k, alpha, av, bv, beta, MatView::new(&gc, n)).unwrap();
+    rec.submit();
+    let got = ctx.read(&gc).unwrap();
+    // f32 accumulation of k products of values in [-1, 1): error grows like sqrt(k)·eps.
+    let atol = 1e-5 * (k as f64).sqrt().max(1.0);
+    assert_close(
+        &format!("gemm m={m} n={n} k={k} transA={ta} transB={tb} beta={beta}"),
+        &got,
+        &expected,
+        atol,
+        1e-5,
+    );
+}
+
+#[test]
+fn gemm_matches_f64_reference_on_awkward_shapes() {
+    let Some(ctx) = test_context() else { return };
+    let shapes = [
+        (1, 1, 1),
+        (1, 7, 3),
+        (7, 1, 13),
+        (64, 64, 16),
+        (65, 63, 17),
+        (97, 131, 61),
+        (128, 3, 200),
+        (2, 130, 1),
+    ];
+    let mut seed = 0;
+    for &(m, n, k) in &shapes {
+        for ta in [false, true] {
+            for tb in [false, true] {
+                seed += 1;
+                run_gemm(&ctx, m, n, k, ta, tb, seed);
+            }
+        }
+    }
+}
+
+#[test]
+fn gemm_on_sub_matrix_views_with_offsets() {
+    let Some(ctx) = test_context() else { return };
+    // C[2.., 3..] (5×4 block of a 9×11 matrix) -= A[1.., ..] (5×6 of 7×8) · B (6×4 of 10×9 at row 2, col 5)
+    let mut r = rng(99);
+    let (am, an, bm, bn, cm, cn) = (7, 8, 10, 9, 9, 11);
+    let a = rand_vec(&mut r, am * an);
+    let b = rand_vec(&mut r, bm * bn);
+    let c = rand_vec(&mut r, cm * cn);
+    let (m, n, k) = (5, 4, 6);
+    let mut expected: Vec<f64> = c.iter().map(|&v| f64::from(v)).collect();
+    for i in 0..m {
+        for j in 0..n {
+            let mut s = 0.0;
+            for l in 0..k {
+                s += f64::from(a[(1 + i) * an + l]) * f64::from(b[(2 + l) * bn + 5 + j]);
+            }
+            expected[(2 + i) * cn + 3 + j] -= s;
+        }
+    }
+    let (ga, gb, gc) = (
+        ctx.upload("a", &a).unwrap(),
+        ctx.upload("b", &b).unwrap(),
+        ctx.upload("c", &c).unwrap(),
+    );
+    let mut rec = ctx.recorder();
+    ops::gemm(
+        &mut rec,
+        m,
+        n,
+        k,
+        -1.0,
+        MatView::new(&ga, an).at(an),
+        MatView::new(&gb, bn).at(2 * bn + 5),
+        1.0,
+        MatView::new(&gc, cn).at(2 * cn + 3),
+    )
+    .unwrap();
+    rec.submit();
+    let got = ctx.read(&gc).unwrap();
+    assert_close(
+        "gemm on views (elements outside the block must be untouched)",
+        &got,
+        &expected,
+        1e-5,
+        1e-5,
+    );
+}
+
+#[test]
+fn syrk_accumulates_xtx_symmetric() {
+    let Some(ctx) = test_context() else { return };
+    for (seed, &(t, n)) in [(1usize, 1usize), (5, 3), (70, 65), (33, 130), (200, 97)]
+        .iter()
+        .enumerate()
+    {
+        let mut r = rng(1000 + seed as u64);
+        let x = rand_vec(&mut r, t * n);
+        let c0 = rand_vec(&mut r, n * n);
+        // Start from a symmetric C so beta·C stays symmetric.
+        let mut c_sym = c0.clone();
+        for i in 0..n {
+            for j in 0..i {
+                c_sym[i * n + j] = c_sym[j * n + i];
+            }
+        }
+        let mut expected = vec![0.0f64; n * n];
+        for i in 0..n {
+            for j in 0..n {
+                let s: f64 = (0..t)
+                    .map(|l| f64::from(x[l * n + i]) * f64::from(x[l * n + j]))
+                    .sum();
+                expected[i * n + j] = 2.0 * s + f64::from(c_sym[i * n + j]);
+            }
+        }
+        let gx = ctx.upload("x", &x).unwrap();
+        let gc = ctx.upload("c", &c_sym).unwrap();
+        let mut rec = ctx.recorder();
+        ops::syrk_xtx(&mut rec, t, n, 2.0, MatView::new(&gx, n), 1.0, &gc).unwrap();
+        rec.submit();
+        let got = ctx.read(&gc).unwrap();
+        assert_close(
+            &format!("syrk T={t} n={n}"),
+            &got,
+            &expected,
+            1e-4 * (t as f64).sqrt(),
+            1e-5,
+        );
+        for i in 0..n {
+            for j in 0..i {
+                assert_eq!(
+                    got[i * n + j],
+                    got[j * n + i],
+                    "syrk T={t} n={n}: not symmetric at ({i},{j})"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn elementwise_and_reductions() {
+    let Some(ctx) = test_context() else { return };
+    for &n in &[1usize, 255, 256, 4097, 70_001] {
+        let mut r = rng(n as u64);
+        let x = rand_vec(&mut r, n);
+        let y = rand_vec(&mut r, n);
+        let (gx, gy) = (ctx.upload("x", &x).unwrap(), ctx.upload("y", &y).unwrap());
+        let out = ctx.zeros::<f32>("out", n).unwrap();
+        let mut rec = ctx.recorder();
+        ops::axpby(&mut rec, n, 2.0, &gx, -3.0, &gy, &out).unwrap();
+        rec.submit();
+        let expected: Vec<f64> = x
+            .iter()
+            .zip(&y)
+            .map(|(&a, &b)| 2.0 * f64::from(a) - 3.0 * f64::from(b))
+            .collect();
+        assert_close(
+            &format!("axpby n={n}"),
+            &ctx.read(&out).unwrap(),
+            &expected,
+            1e-6,
+            1e-6,
+        );
+
+        let mut rec = ctx.recorder();
+        ops::mul(&mut rec, n, 0.5, &gx, &gy, &out).unwrap();
+        rec.submit();
+        let expected: Vec<f64> = x
+            .iter()
+            .zip(&y)
+            .map(|(&a, &b)| 0.5 * f64::from(a) * f64::from(b))
+            .collect();
+        assert_close(
+            &format!("mul n={n}"),
+            &ctx.read(&out).unwrap(),
+            &expected,
+            1e-7,
+            1e-6,
+        );
+
+        let got = ops::sq_diff_sum(&ctx, n, &gx, 1.0, &gy).unwrap();
+        let want: f64 = x
+            .iter()
+            .zip(&y)
+            .map(|(&a, &b)| (f64::from(a) - f64::from(b)).powi(2))
+            .sum();
+        assert!(
+            (got - want).abs() <= 1e-5 * want.max(1.0),
+            "sq_diff_sum n={n}: got {got}, expected {want}"
+        );
+        let got = ops::sq_diff_sum(&ctx, n, &gx, 0.0, &gy).unwrap();
+        let want: f64 = x.iter().map(|&a| f64::from(a).powi(2)).sum();
+        assert!(
+            (got - want).abs() <= 1e-5 * want.max(1.0),
+            "sq norm n={n}: got {got}, expected {want}"
+        );
+    }
+}
+
+#[test]
+fn pipeline_cache_reuses_pipelines() {
+    let Some(ctx) = test_context() else { return };
+    let x = ctx.upload("x", &[1.0f32, 2.0]).unwrap();
+    let out = ctx.zeros::<f32>("out", 2).unwrap();
+    for _ in 0..3 {
+        let mut rec = ctx.recorder();
+        ops::axpby(&mut rec, 2, 1.0, &x, 1.0, &x, &out).unwrap();
+        rec.submit();
+    }
+    let n = ctx.cached_pipelines();
+    let mut rec = ctx.recorder();
+    ops::mul(&mut rec, 2, 1.0, &x, &x, &out).unwrap();
+    rec.submit();
+    ctx.sync().unwrap();
+    assert_eq!(
+        ctx.cached_pipelines(),
+        n + 1,
+        "a new entry point adds exactly one pipeline"
+    );
+    assert_eq!(ctx.read(&out).unwrap(), vec![1.0, 4.0]);
+}
