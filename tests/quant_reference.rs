@@ -38,12 +38,23 @@ struct Problem {
 }
 
 /// Random W, correlated X with per-column scales (so act-order matters), dead columns have X = 0.
-fn problem(rows: usize, cols: usize, tokens: usize, seed: u64, dead: &[usize], pert: f64) -> Problem {
+fn problem(
+    rows: usize,
+    cols: usize,
+    tokens: usize,
+    seed: u64,
+    dead: &[usize],
+    pert: f64,
+) -> Problem {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let w: Vec<f64> = (0..rows * cols)
         .map(|_| {
             let g = gauss(&mut rng);
-            if rng.random::<f64>() < 0.02 { 4.0 * g } else { g * 0.5 }
+            if rng.random::<f64>() < 0.02 {
+                4.0 * g
+            } else {
+                g * 0.5
+            }
         })
         .collect();
     let col_scale: Vec<f64> = (0..cols).map(|_| 0.2 + 2.0 * rng.random::<f64>()).collect();
@@ -61,7 +72,9 @@ fn problem(rows: usize, cols: usize, tokens: usize, seed: u64, dead: &[usize], p
     }
     // X_fp − X_q: mostly a linear function of X_q (like propagated quantization error, so D has
     // structure) plus a little independent noise.
-    let mix: Vec<f64> = (0..cols * cols).map(|_| gauss(&mut rng) / (cols as f64).sqrt()).collect();
+    let mix: Vec<f64> = (0..cols * cols)
+        .map(|_| gauss(&mut rng) / (cols as f64).sqrt())
+        .collect();
     let mut x_fp = x_q.clone();
     for t in 0..tokens {
         for i in 0..cols {
@@ -238,16 +251,26 @@ fn naive(p: &Problem, c: &QuantConfig, use_d: bool) -> Naive {
             .collect()
     };
     let static_groups: Vec<Vec<RowParams>> = match c.group_size {
-        Some(gs) if c.static_groups => (0..n.div_ceil(gs)).map(|g| gp(&w, n, g * gs, g * gs + gs)).collect(),
+        Some(gs) if c.static_groups => (0..n.div_ceil(gs))
+            .map(|g| gp(&w, n, g * gs, g * gs + gs))
+            .collect(),
         _ => vec![],
     };
     let mut perm: Vec<usize> = (0..n).collect();
     if c.act_order {
         perm.sort_by(|&a, &b| h[b * n + b].partial_cmp(&h[a * n + a]).unwrap());
     }
-    let wp: Vec<f64> = (0..rows * n).map(|i| w[(i / n) * n + perm[i % n]]).collect();
-    let hp: Vec<f64> = (0..n * n).map(|i| h[perm[i / n] * n + perm[i % n]]).collect();
-    let dp: Option<Vec<f64>> = d.map(|d| (0..n * n).map(|i| d[perm[i / n] * n + perm[i % n]]).collect());
+    let wp: Vec<f64> = (0..rows * n)
+        .map(|i| w[(i / n) * n + perm[i % n]])
+        .collect();
+    let hp: Vec<f64> = (0..n * n)
+        .map(|i| h[perm[i / n] * n + perm[i % n]])
+        .collect();
+    let dp: Option<Vec<f64>> = d.map(|d| {
+        (0..n * n)
+            .map(|i| d[perm[i / n] * n + perm[i % n]])
+            .collect()
+    });
     let mean = (0..n).map(|j| hp[j * n + j]).sum::<f64>() / n as f64;
     let damp = c.damp_percent * mean;
     let mut hd = hp.clone();
@@ -259,7 +282,11 @@ fn naive(p: &Problem, c: &QuantConfig, use_d: bool) -> Naive {
         let mut t = matmul(&dp, &transpose(&u, n), n);
         for a in 0..n {
             for b in 0..n {
-                t[a * n + b] = if b > a { c.method.alpha() * t[a * n + b] } else { 0.0 };
+                t[a * n + b] = if b > a {
+                    c.method.alpha() * t[a * n + b]
+                } else {
+                    0.0
+                };
             }
         }
         matmul(&t, &u, n)
@@ -345,10 +372,20 @@ fn check_invariants(res: &QuantResult, c: &QuantConfig, ctx: &str) {
     assert_eq!(res.scales.len(), ng * rows, "{ctx}: scales len");
     assert_eq!(res.zeros.len(), ng * rows, "{ctx}: zeros len");
     assert_eq!(res.g_idx.len(), cols, "{ctx}: g_idx len");
-    assert!(res.proxy_loss_sum.is_finite() && res.proxy_loss_sum >= 0.0, "{ctx}: loss {}", res.proxy_loss_sum);
-    assert!(res.damp.is_finite() && res.damp_percent.is_finite(), "{ctx}: damp");
+    assert!(
+        res.proxy_loss_sum.is_finite() && res.proxy_loss_sum >= 0.0,
+        "{ctx}: loss {}",
+        res.proxy_loss_sum
+    );
+    assert!(
+        res.damp.is_finite() && res.damp_percent.is_finite(),
+        "{ctx}: damp"
+    );
     for (i, s) in res.scales.iter().enumerate() {
-        assert!(*s > 0.0 && is_f16_exact(f64::from(*s)), "{ctx}: scale[{i}] = {s} not a positive f16");
+        assert!(
+            *s > 0.0 && is_f16_exact(f64::from(*s)),
+            "{ctx}: scale[{i}] = {s} not a positive f16"
+        );
     }
     for (i, z) in res.zeros.iter().enumerate() {
         assert!(*z <= maxq, "{ctx}: zero[{i}] = {z} > maxq {maxq}");
@@ -357,7 +394,8 @@ fn check_invariants(res: &QuantResult, c: &QuantConfig, ctx: &str) {
         }
     }
     // g_idx per §3.4.
-    let act_dyn = c.act_order && c.group_size.is_some() && !c.static_groups && res.fallback_is_not_rtn();
+    let act_dyn =
+        c.act_order && c.group_size.is_some() && !c.static_groups && res.fallback_is_not_rtn();
     let mut counts = vec![0usize; ng];
     for j in 0..cols {
         let g = res.g_idx[j] as usize;
@@ -373,7 +411,10 @@ fn check_invariants(res: &QuantResult, c: &QuantConfig, ctx: &str) {
     }
     for (g, &cnt) in counts.iter().enumerate() {
         let expect = gs.min(cols - g * gs);
-        assert_eq!(cnt, expect, "{ctx}: group {g} has {cnt} columns, expected {expect}");
+        assert_eq!(
+            cnt, expect,
+            "{ctx}: group {g} has {cnt} columns, expected {expect}"
+        );
     }
     for r in 0..rows {
         for j in 0..cols {
@@ -385,9 +426,17 @@ fn check_invariants(res: &QuantResult, c: &QuantConfig, ctx: &str) {
             let z = res.zeros[g * rows + r];
             let expect = s * (code as f32 - z as f32);
             assert!(res.q[i].is_finite(), "{ctx}: q[{r},{j}] not finite");
-            assert_eq!(res.q[i], expect, "{ctx}: q[{r},{j}] = {} but scale·(code−zero) = {expect} (s {s}, code {code}, z {z})", res.q[i]);
+            assert_eq!(
+                res.q[i], expect,
+                "{ctx}: q[{r},{j}] = {} but scale·(code−zero) = {expect} (s {s}, code {code}, z {z})",
+                res.q[i]
+            );
             // exact in f64 too
-            assert_eq!(f64::from(res.q[i]), f64::from(s) * (code as f64 - z as f64), "{ctx}: q exact f64");
+            assert_eq!(
+                f64::from(res.q[i]),
+                f64::from(s) * (code as f64 - z as f64),
+                "{ctx}: q exact f64"
+            );
         }
     }
 }
@@ -403,16 +452,38 @@ impl FallbackExt for QuantResult {
 
 fn compare_with_naive(p: &Problem, c: &QuantConfig, res: &QuantResult, nv: &Naive) {
     let ctx = describe(p, c);
-    assert!(res.fallback.is_none(), "{ctx}: unexpected fallback {:?}", res.fallback);
-    assert!((res.damp - nv.damp).abs() <= 1e-12 * nv.damp.abs(), "{ctx}: damp {} vs {}", res.damp, nv.damp);
+    assert!(
+        res.fallback.is_none(),
+        "{ctx}: unexpected fallback {:?}",
+        res.fallback
+    );
+    assert!(
+        (res.damp - nv.damp).abs() <= 1e-12 * nv.damp.abs(),
+        "{ctx}: damp {} vs {}",
+        res.damp,
+        nv.damp
+    );
     let mut mism = 0;
     for i in 0..p.rows * p.cols {
         if u32::from(res.codes[i]) != nv.codes[i] {
             mism += 1;
-            eprintln!("{ctx}: code mismatch at ({}, {}): got {} expected {}", i / p.cols, i % p.cols, res.codes[i], nv.codes[i]);
+            eprintln!(
+                "{ctx}: code mismatch at ({}, {}): got {} expected {}",
+                i / p.cols,
+                i % p.cols,
+                res.codes[i],
+                nv.codes[i]
+            );
         } else {
             let diff = (f64::from(res.q[i]) - nv.q[i]).abs();
-            assert!(diff <= 1e-9, "{ctx}: q[{}, {}] got {} expected {}", i / p.cols, i % p.cols, res.q[i], nv.q[i]);
+            assert!(
+                diff <= 1e-9,
+                "{ctx}: q[{}, {}] got {} expected {}",
+                i / p.cols,
+                i % p.cols,
+                res.q[i],
+                nv.q[i]
+            );
         }
     }
     assert_eq!(mism, 0, "{ctx}: {mism} code mismatches");
@@ -420,12 +491,21 @@ fn compare_with_naive(p: &Problem, c: &QuantConfig, res: &QuantResult, nv: &Naiv
     assert_eq!(res.scales.len(), ng * p.rows, "{ctx}: group count");
     for (g, grp) in nv.groups.iter().enumerate() {
         for (r, rp) in grp.iter().enumerate() {
-            assert_eq!(f64::from(res.scales[g * p.rows + r]), rp.scale, "{ctx}: scale g{g} r{r}");
+            assert_eq!(
+                f64::from(res.scales[g * p.rows + r]),
+                rp.scale,
+                "{ctx}: scale g{g} r{r}"
+            );
             assert_eq!(res.zeros[g * p.rows + r], rp.zero, "{ctx}: zero g{g} r{r}");
         }
     }
     let rel = (res.proxy_loss_sum - nv.loss).abs() / nv.loss.abs().max(1e-300);
-    assert!(rel <= 1e-9, "{ctx}: loss {} expected {} (rel {rel})", res.proxy_loss_sum, nv.loss);
+    assert!(
+        rel <= 1e-9,
+        "{ctx}: loss {} expected {} (rel {rel})",
+        res.proxy_loss_sum,
+        nv.loss
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -478,7 +558,11 @@ fn known_answer_gptq_two_columns() {
     let e0 = 0.3 - 7.0 * s;
     let w1 = -0.1 + e0 / 2.0;
     let loss = e0 * e0 / (2.0 * 2.0 / 3.0) + (w1 + 2.0 * s).powi(2) / (2.0 * 0.5);
-    assert!((res.proxy_loss_sum - loss).abs() < 1e-14, "loss {} expected {loss}", res.proxy_loss_sum);
+    assert!(
+        (res.proxy_loss_sum - loss).abs() < 1e-14,
+        "loss {} expected {loss}",
+        res.proxy_loss_sum
+    );
     assert_eq!(res.fallback, None);
     assert_eq!(res.damp, 0.0);
 }
@@ -497,7 +581,14 @@ fn u_factor_matches_reference_route() {
         let scale = u_ref.iter().fold(0.0_f64, |m, v| m.max(v.abs()));
         for i in 0..n * n {
             let diff = (u[i] - u_ref[i]).abs();
-            assert!(diff <= 1e-8 * scale, "n={n} T={t}: U[{},{}] got {} expected {} (diff {diff})", i / n, i % n, u[i], u_ref[i]);
+            assert!(
+                diff <= 1e-8 * scale,
+                "n={n} T={t}: U[{},{}] got {} expected {} (diff {diff})",
+                i / n,
+                i % n,
+                u[i],
+                u_ref[i]
+            );
             if i % n < i / n {
                 assert_eq!(u[i], 0.0, "n={n}: U not upper at {i}");
             }
@@ -508,7 +599,11 @@ fn u_factor_matches_reference_route() {
         for i in 0..n {
             for j in 0..n {
                 let e = if i == j { 1.0 } else { 0.0 };
-                assert!((id[i * n + j] - e).abs() < 1e-7, "n={n}: (UᵀU H)[{i},{j}] = {}", id[i * n + j]);
+                assert!(
+                    (id[i * n + j] - e).abs() < 1e-7,
+                    "n={n}: (UᵀU H)[{i},{j}] = {}",
+                    id[i * n + j]
+                );
             }
         }
     }
@@ -522,15 +617,24 @@ fn obs_loss_matches_brute_force() {
     let u = upper_inverse_factor(&p.h, n).unwrap();
     for j in 0..n {
         let m = n - j;
-        let hff: Vec<f64> = (0..m * m).map(|i| p.h[(j + i / m) * n + j + i % m]).collect();
+        let hff: Vec<f64> = (0..m * m)
+            .map(|i| p.h[(j + i / m) * n + j + i % m])
+            .collect();
         let inv = mat_inverse(&hff, m);
         let got = u[j * n + j].powi(2);
-        assert!((got - inv[0]).abs() <= 1e-10 * inv[0], "j={j}: U_jj² = {got}, [(H_FF)⁻¹]_jj = {}", inv[0]);
+        assert!(
+            (got - inv[0]).abs() <= 1e-10 * inv[0],
+            "j={j}: U_jj² = {got}, [(H_FF)⁻¹]_jj = {}",
+            inv[0]
+        );
         // and the OBS update direction: U[j, F] / U_jj = (H_FF)⁻¹[j, F] / (H_FF)⁻¹[j, j]
         for k in 0..m {
             let a = u[j * n + j + k] / u[j * n + j];
             let b = inv[k] / inv[0];
-            assert!((a - b).abs() <= 1e-9 * (1.0 + b.abs()), "j={j} k={k}: {a} vs {b}");
+            assert!(
+                (a - b).abs() <= 1e-9 * (1.0 + b.abs()),
+                "j={j} k={k}: {a} vs {b}"
+            );
         }
     }
     // The summed per-weight losses equal the final quadratic increase ½tr(ΔW H_damped ΔWᵀ), for any
@@ -552,7 +656,12 @@ fn obs_loss_matches_brute_force() {
         let q: Vec<f64> = res.q.iter().map(|&v| f64::from(v)).collect();
         let half = 0.5 * proxy_objective(&p.w, &q, rows, cols, &hd);
         let rel = (res.proxy_loss_sum - half).abs() / half;
-        assert!(rel < 1e-9, "{}: Σ losses {} vs ½tr(ΔW H ΔWᵀ) {half}", describe(&p, &c), res.proxy_loss_sum);
+        assert!(
+            rel < 1e-9,
+            "{}: Σ losses {} vs ½tr(ΔW H ΔWᵀ) {half}",
+            describe(&p, &c),
+            res.proxy_loss_sum
+        );
     }
 }
 
@@ -562,7 +671,7 @@ fn matches_naive_gptq_and_gptaq() {
     let shapes: &[(usize, usize, usize, &[usize])] = &[
         (1, 1, 3, &[]),
         (3, 7, 20, &[2]),
-        (4, 33, 12, &[0, 5]),   // rank deficient, dead columns
+        (4, 33, 12, &[0, 5]), // rank deficient, dead columns
         (6, 97, 150, &[96]),
         (5, 130, 80, &[3, 64]), // rank deficient
     ];
@@ -583,14 +692,19 @@ fn matches_naive_gptq_and_gptaq() {
         .into_iter()
         .enumerate()
         {
-            for method in [Method::Gptq, Method::Gptaq { alpha: 0.25 }, Method::Gptaq { alpha: 1.0 }] {
+            for method in [
+                Method::Gptq,
+                Method::Gptaq { alpha: 0.25 },
+                Method::Gptaq { alpha: 1.0 },
+            ] {
                 let mut c = cfg(method, bits, gs, bs);
                 c.sym = sym;
                 c.act_order = act;
                 c.static_groups = stat;
                 c.mse = mse;
                 let use_d = matches!(method, Method::Gptaq { .. });
-                let res = quantize_f64(&p.w, rows, cols, &p.h, use_d.then_some(&p.d[..]), &c).unwrap();
+                let res =
+                    quantize_f64(&p.w, rows, cols, &p.h, use_d.then_some(&p.d[..]), &c).unwrap();
                 check_invariants(&res, &c, &format!("{} (config #{ci})", describe(&p, &c)));
                 let nv = naive(&p, &c, use_d);
                 compare_with_naive(&p, &c, &res, &nv);
@@ -609,7 +723,14 @@ fn blocked_equals_unblocked_when_groups_align() {
     // round-off. (gs not a multiple of B: see stale_w_quirk_makes_results_depend_on_block_size.)
     let p = problem(7, 300, 120, 7, &[10, 200], 0.1);
     let mut count = 0;
-    for (gs, stat) in [(None, false), (Some(32), false), (Some(64), false), (Some(128), false), (Some(8), true), (Some(13), true)] {
+    for (gs, stat) in [
+        (None, false),
+        (Some(32), false),
+        (Some(64), false),
+        (Some(128), false),
+        (Some(8), true),
+        (Some(13), true),
+    ] {
         for act in [false, true] {
             let mut c1 = cfg(Method::Gptq, 4, gs, 1);
             c1.act_order = act;
@@ -626,10 +747,25 @@ fn blocked_equals_unblocked_when_groups_align() {
                 let res = quantize_f64(&p.w, p.rows, p.cols, &p.h, None, &c).unwrap();
                 for i in 0..p.rows * p.cols {
                     let diff = (res.q[i] - unblocked.q[i]).abs();
-                    assert!(diff <= 1e-9, "{} vs block 1: q[{},{}] {} vs {}", describe(&p, &c), i / p.cols, i % p.cols, res.q[i], unblocked.q[i]);
+                    assert!(
+                        diff <= 1e-9,
+                        "{} vs block 1: q[{},{}] {} vs {}",
+                        describe(&p, &c),
+                        i / p.cols,
+                        i % p.cols,
+                        res.q[i],
+                        unblocked.q[i]
+                    );
                 }
-                let rel = (res.proxy_loss_sum - unblocked.proxy_loss_sum).abs() / unblocked.proxy_loss_sum;
-                assert!(rel < 1e-9, "{}: loss {} vs {}", describe(&p, &c), res.proxy_loss_sum, unblocked.proxy_loss_sum);
+                let rel = (res.proxy_loss_sum - unblocked.proxy_loss_sum).abs()
+                    / unblocked.proxy_loss_sum;
+                assert!(
+                    rel < 1e-9,
+                    "{}: loss {} vs {}",
+                    describe(&p, &c),
+                    res.proxy_loss_sum,
+                    unblocked.proxy_loss_sum
+                );
                 count += 1;
             }
         }
@@ -653,7 +789,10 @@ fn gptaq_depends_on_block_size() {
     let to64 = |q: &[f32]| q.iter().map(|&v| f64::from(v)).collect::<Vec<f64>>();
     let ea = module_errors(&p.w, &to64(&a.q), 7, 120, &p.x_q, &p.x_fp, p.tokens).unwrap();
     let eb = module_errors(&p.w, &to64(&b.q), 7, 120, &p.x_q, &p.x_fp, p.tokens).unwrap();
-    eprintln!("GPTAQ output error B=n {:.6e}, B=1 {:.6e}", ea.output_error, eb.output_error);
+    eprintln!(
+        "GPTAQ output error B=n {:.6e}, B=1 {:.6e}",
+        ea.output_error, eb.output_error
+    );
     assert!((ea.output_error / eb.output_error - 1.0).abs() < 0.2);
 }
 
@@ -675,10 +814,16 @@ fn stale_w_quirk_makes_results_depend_on_block_size() {
         // Group 0 starts at column 0 where W == W1: identical params. (Later groups may differ
         // anywhere because earlier quantization decisions differ.)
         for r in 0..8 {
-            assert_eq!(a.scales[r], b.scales[r], "seed {seed}: first group scale row {r}");
+            assert_eq!(
+                a.scales[r], b.scales[r],
+                "seed {seed}: first group scale row {r}"
+            );
         }
     }
-    assert!(differ > 0, "stale-W quirk never changed group params in 4 seeds");
+    assert!(
+        differ > 0,
+        "stale-W quirk never changed group params in 4 seeds"
+    );
 }
 
 #[test]
@@ -738,7 +883,10 @@ fn gptaq_alpha1_reduces_output_error() {
         let to64 = |q: &[f32]| q.iter().map(|&v| f64::from(v)).collect::<Vec<f64>>();
         let eg = module_errors(&p.w, &to64(&g.q), rows, cols, &p.x_q, &p.x_fp, t).unwrap();
         let ea = module_errors(&p.w, &to64(&a.q), rows, cols, &p.x_q, &p.x_fp, t).unwrap();
-        eprintln!("seed {seed}: output error GPTQ {:.6e} GPTAQ(1) {:.6e} (asym {:.3e})", eg.output_error, ea.output_error, eg.asym_error);
+        eprintln!(
+            "seed {seed}: output error GPTQ {:.6e} GPTAQ(1) {:.6e} (asym {:.3e})",
+            eg.output_error, ea.output_error, eg.asym_error
+        );
         assert_eq!(eg.asym_error, ea.asym_error);
         sum_g += eg.output_error;
         sum_a += ea.output_error;
@@ -746,7 +894,10 @@ fn gptaq_alpha1_reduces_output_error() {
             worse += 1;
         }
     }
-    assert!(sum_a < sum_g, "mean GPTAQ output error {sum_a} ≥ GPTQ {sum_g}");
+    assert!(
+        sum_a < sum_g,
+        "mean GPTAQ output error {sum_a} ≥ GPTQ {sum_g}"
+    );
     assert!(worse <= 1, "GPTAQ worse than GPTQ in {worse}/8 seeds");
 }
 
@@ -760,7 +911,8 @@ fn rtn_worse_than_gptq_on_proxy_objective() {
         for gs in [None, Some(16)] {
             let c = cfg(Method::Gptq, 3, gs, 32);
             let g = quantize_f64(&p.w, rows, cols, &p.h, None, &c).unwrap();
-            let r = quantize_f64(&p.w, rows, cols, &p.h, None, &cfg(Method::Rtn, 3, gs, 32)).unwrap();
+            let r =
+                quantize_f64(&p.w, rows, cols, &p.h, None, &cfg(Method::Rtn, 3, gs, 32)).unwrap();
             check_invariants(&r, &c, "rtn");
             let to64 = |q: &[f32]| q.iter().map(|&v| f64::from(v)).collect::<Vec<f64>>();
             let og = proxy_objective(&p.w, &to64(&g.q), rows, cols, &p.h);
@@ -783,7 +935,15 @@ fn diagonal_h_gives_rtn() {
     // With a diagonal H there is nothing to compensate: GPTQ == RTN (per-row and group params).
     let (rows, cols) = (5, 37);
     let p = problem(rows, cols, 10, 9, &[], 0.0);
-    let h: Vec<f64> = (0..cols * cols).map(|i| if i / cols == i % cols { 1.0 + (i % 7) as f64 } else { 0.0 }).collect();
+    let h: Vec<f64> = (0..cols * cols)
+        .map(|i| {
+            if i / cols == i % cols {
+                1.0 + (i % 7) as f64
+            } else {
+                0.0
+            }
+        })
+        .collect();
     for gs in [None, Some(8)] {
         let c = cfg(Method::Gptq, 4, gs, 16);
         let g = quantize_f64(&p.w, rows, cols, &h, None, &c).unwrap();
@@ -808,7 +968,10 @@ fn non_positive_definite_and_non_finite_inputs() {
     h[2 * cols + 2] = -0.5 * h[2 * cols + 2];
     let res = quantize_f64(&p.w, rows, cols, &h, None, &c).unwrap();
     check_invariants(&res, &c, "negative diagonal");
-    assert!(res.fallback.is_some(), "negative diagonal: expected a fallback, got None");
+    assert!(
+        res.fallback.is_some(),
+        "negative diagonal: expected a fallback, got None"
+    );
 
     // Indefinite beyond repair: [[1, 3], [3, 1]] (floors reach diag 1.1, damping < 1 adds < 1.1)
     // → RTN fallback with a reason.
@@ -817,7 +980,9 @@ fn non_positive_definite_and_non_finite_inputs() {
     let res = quantize_f64(&w2, 2, 2, &h2, None, &c).unwrap();
     check_invariants(&res, &c, "indefinite");
     match &res.fallback {
-        Some(Fallback::Rtn { reason }) => assert!(reason.contains("not positive definite"), "{reason}"),
+        Some(Fallback::Rtn { reason }) => {
+            assert!(reason.contains("not positive definite"), "{reason}")
+        }
         other => panic!("indefinite H: expected RTN fallback, got {other:?}"),
     }
     let rtn = rtn_quantize(&[0.3, -0.7, 1.1, 0.05], 2, 2, &c).unwrap();
@@ -830,14 +995,25 @@ fn non_positive_definite_and_non_finite_inputs() {
     c0.damp_percent = 0.0;
     let res = quantize_f64(&q.w, 2, 10, &q.h, None, &c0).unwrap();
     assert_eq!(res.fallback, Some(Fallback::IncreasedDamping));
-    assert!((res.damp_percent - 0.01).abs() < 1e-15, "damp_percent {}", res.damp_percent);
+    assert!(
+        (res.damp_percent - 0.01).abs() < 1e-15,
+        "damp_percent {}",
+        res.damp_percent
+    );
     let mean = (0..10).map(|j| q.h[j * 10 + j]).sum::<f64>() / 10.0;
     assert!((res.damp - 0.01 * mean).abs() < 1e-12 * mean);
     check_invariants(&res, &c0, "rank deficient damp 0");
     // No auto increment → floors, then RTN if those fail too; never NaN.
     c0.damp_auto_increment = 0.0;
     let res = quantize_f64(&q.w, 2, 10, &q.h, None, &c0).unwrap();
-    assert!(matches!(res.fallback, Some(Fallback::DiagonalFloor) | Some(Fallback::Rtn { .. })), "{:?}", res.fallback);
+    assert!(
+        matches!(
+            res.fallback,
+            Some(Fallback::DiagonalFloor) | Some(Fallback::Rtn { .. })
+        ),
+        "{:?}",
+        res.fallback
+    );
     check_invariants(&res, &c0, "rank deficient no increment");
 
     // All columns dead.
@@ -850,13 +1026,21 @@ fn non_positive_definite_and_non_finite_inputs() {
     let mut wn = p.w.clone();
     wn[4] = f64::NAN;
     match quantize_f64(&wn, rows, cols, &p.h, None, &c) {
-        Err(QuantError::NonFinite { what: "W", index: 4, .. }) => {}
+        Err(QuantError::NonFinite {
+            what: "W",
+            index: 4,
+            ..
+        }) => {}
         other => panic!("NaN in W: {other:?}"),
     }
     let mut hn = p.h.clone();
     hn[7] = f64::INFINITY;
     match quantize_f64(&p.w, rows, cols, &hn, None, &c) {
-        Err(QuantError::NonFinite { what: "H", index: 7, .. }) => {}
+        Err(QuantError::NonFinite {
+            what: "H",
+            index: 7,
+            ..
+        }) => {}
         other => panic!("inf in H: {other:?}"),
     }
     let mut dn = p.d.clone();
@@ -872,10 +1056,16 @@ fn non_positive_definite_and_non_finite_inputs() {
     }
     let mut bad = c.clone();
     bad.bits = 9;
-    assert!(matches!(quantize_f64(&p.w, rows, cols, &p.h, None, &bad), Err(QuantError::InvalidConfig(_))));
+    assert!(matches!(
+        quantize_f64(&p.w, rows, cols, &p.h, None, &bad),
+        Err(QuantError::InvalidConfig(_))
+    ));
     bad = c.clone();
     bad.block_size = 0;
-    assert!(matches!(quantize_f64(&p.w, rows, cols, &p.h, None, &bad), Err(QuantError::InvalidConfig(_))));
+    assert!(matches!(
+        quantize_f64(&p.w, rows, cols, &p.h, None, &bad),
+        Err(QuantError::InvalidConfig(_))
+    ));
 }
 
 #[test]
@@ -899,8 +1089,14 @@ fn caller_data_untouched_and_f32_entry_point() {
     let perm = a.perm.unwrap();
     for k in 1..20 {
         let (x, y) = (perm[k - 1], perm[k]);
-        let (hx, hy) = (if x == 3 { 1.0 } else { p.h[x * 20 + x] }, if y == 3 { 1.0 } else { p.h[y * 20 + y] });
-        assert!(hx > hy || (hx == hy && x < y), "perm not stable-descending at {k}: {x} ({hx}) before {y} ({hy})");
+        let (hx, hy) = (
+            if x == 3 { 1.0 } else { p.h[x * 20 + x] },
+            if y == 3 { 1.0 } else { p.h[y * 20 + y] },
+        );
+        assert!(
+            hx > hy || (hx == hy && x < y),
+            "perm not stable-descending at {k}: {x} ({hx}) before {y} ({hy})"
+        );
     }
 }
 
@@ -918,7 +1114,10 @@ fn f32_codes_differ_from_f64_only_at_ties() {
             diffs += 1;
             let v = f64::from(x32) / s;
             let frac = (v - v.floor() - 0.5).abs();
-            assert!(frac < 1e-6, "x {x32} scale {s}: f64 code {a}, f32 code {b}, x/s = {v} not at a tie");
+            assert!(
+                frac < 1e-6,
+                "x {x32} scale {s}: f64 code {a}, f32 code {b}, x/s = {v} not at a tie"
+            );
             assert_eq!(a.abs_diff(b), 1);
         }
     }

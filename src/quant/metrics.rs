@@ -219,7 +219,10 @@ mod tests {
             (a.asym_error, b.asym_error, "asym"),
             (a.output_error, b.output_error, "output"),
         ] {
-            assert!((x - y).abs() <= 1e-12 * x.abs().max(1e-300), "{name}: {x} vs {y}");
+            assert!(
+                (x - y).abs() <= 1e-12 * x.abs().max(1e-300),
+                "{name}: {x} vs {y}"
+            );
         }
     }
 }

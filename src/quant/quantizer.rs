@@ -251,7 +251,11 @@ pub(crate) fn check_matrix<T: Copy + Into<f64>>(
             got: m.len(),
         });
     }
-    if let Some((index, v)) = m.iter().enumerate().find(|(_, v)| !(**v).into().is_finite()) {
+    if let Some((index, v)) = m
+        .iter()
+        .enumerate()
+        .find(|(_, v)| !(**v).into().is_finite())
+    {
         return Err(QuantError::NonFinite {
             what,
             index,
@@ -375,7 +379,11 @@ mod tests {
             let s = spec(3, sym, false);
             let p = find_row_params(&[0.0, 0.0], &s);
             assert_eq!(p.scale, round_scale_to_f16(2.0 / 7.0));
-            let z = if sym { 4 } else { (1.0 / p.scale).round_ties_even() as u32 };
+            let z = if sym {
+                4
+            } else {
+                (1.0 / p.scale).round_ties_even() as u32
+            };
             assert_eq!(p.zero, z);
         }
     }
@@ -429,7 +437,9 @@ mod tests {
     fn mse_never_worse_than_minmax() {
         let s0 = spec(3, false, false);
         let s1 = spec(3, false, true);
-        let x: Vec<f64> = (0..50).map(|i| ((i * 37 % 17) as f64 - 8.0).powi(3) * 0.01).collect();
+        let x: Vec<f64> = (0..50)
+            .map(|i| ((i * 37 % 17) as f64 - 8.0).powi(3) * 0.01)
+            .collect();
         let err = |p: RowParams| -> f64 {
             x.iter()
                 .map(|&v| (fake_quantize(v, p, 7) - v).abs().powf(MSE_NORM))

@@ -213,11 +213,7 @@ fn check_config(cfg: &QuantConfig) -> Result<QuantizerSpec, QuantError> {
 
 /// `½·tr(ΔW H ΔWᵀ)` with `ΔW = W − Q`: what GPTQ's `Σ Losses` equals (for the damped `H`).
 fn half_quadratic_form(w: &[f64], q: &[f32], rows: usize, cols: usize, h: &[f64]) -> f64 {
-    let delta: Vec<f64> = w
-        .iter()
-        .zip(q)
-        .map(|(&a, &b)| a - f64::from(b))
-        .collect();
+    let delta: Vec<f64> = w.iter().zip(q).map(|(&a, &b)| a - f64::from(b)).collect();
     0.5 * super::metrics::quadratic_form_trace(&delta, rows, cols, h)
 }
 
@@ -286,9 +282,9 @@ pub fn quantize_f64(
 ) -> Result<QuantResult, QuantError> {
     let spec = check_config(cfg)?;
     let n = cols;
-    let n_el = rows.checked_mul(cols).ok_or_else(|| {
-        QuantError::InvalidConfig(format!("rows·cols overflows: {rows}×{cols}"))
-    })?;
+    let n_el = rows
+        .checked_mul(cols)
+        .ok_or_else(|| QuantError::InvalidConfig(format!("rows·cols overflows: {rows}×{cols}")))?;
     check_matrix("W", w, n_el)?;
     check_matrix("H", h, n * n)?;
     if let Some(d) = d {
