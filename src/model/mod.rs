@@ -4,6 +4,8 @@
 //! the quantization pipeline and `eval` work the same on an FP checkpoint and on a GPTQ checkpoint.
 
 pub mod config;
+pub mod inspect;
+pub mod synthetic;
 pub mod tokenizer;
 pub mod weights;
 

@@ -9,6 +9,7 @@
 //!   reference, algorithm.md §3.3 "optional improvement"): the sweep's error feedback then uses exactly
 //!   the deployed scale, and an exported checkpoint dequantizes bit-for-bit to the solver's `Q`.
 
+pub mod metrics;
 pub mod quantizer;
 pub mod reference;
 
@@ -129,4 +130,33 @@ pub struct QuantResult {
     /// Relative damping actually used (`damp / mean(diag H)`).
     pub damp_percent: f64,
     pub fallback: Option<Fallback>,
+}
+
+/// Why the CPU reference (or the quantizer) refused its input. Cholesky failure is *not* an error
+/// of `quantize_f64` (it falls back to RTN, see [`Fallback::Rtn`]); it is one of
+/// [`reference::inverse_hessian_factor_f64`].
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum QuantError {
+    #[error("{what}: expected {expected} elements, got {got}")]
+    ShapeMismatch {
+        what: &'static str,
+        expected: usize,
+        got: usize,
+    },
+    #[error("{what}: non-finite value {value} at flat index {index}")]
+    NonFinite {
+        what: &'static str,
+        index: usize,
+        value: f64,
+    },
+    #[error("invalid quantization config: {0}")]
+    InvalidConfig(String),
+    #[error(
+        "Hessian ({n}×{n}) is not positive definite after damping up to {last_damp_percent} and {floor_attempts} diagonal floors"
+    )]
+    NotPositiveDefinite {
+        n: usize,
+        last_damp_percent: f64,
+        floor_attempts: usize,
+    },
 }

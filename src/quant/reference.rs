@@ -1,1 +1,641 @@
-//! f64 CPU reference of GPTQ and GPTAQ (algorithm.md §1.2, §2.2).
+//! f64 CPU reference of GPTQ and GPTAQ (algorithm.md §1.2, §1.5, §2.2, §3.4, §6.4).
+//!
+//! [`quantize_f64`] follows IST-DASLab `fasterquant` step by step (and the GPTAQ sweep of the
+//! official GPTQv2 code), in f64, on copies of the caller's data. The GPU solve is tested against
+//! it. Deviations from the references, all deliberate:
+//! - Scales are f16-rounded when computed (see `quantizer.rs` and `quant/mod.rs`).
+//! - Act-order uses a *stable* descending sort of `diag(H)`: equal diagonals keep ascending
+//!   original column order (`torch.argsort` is unstable, its tie order unspecified).
+//! - Only the lower triangle of `H` is read (like `torch.linalg.cholesky`); `D` is read in full.
+//! - `U` is computed as `(J·chol(J H J)·J)⁻¹` (§6.4) instead of chol → cholesky_inverse → chol; the
+//!   two agree to round-off (tested).
+//! - Damping retries follow GPTQModel `hessian_inverse` (§1.5), except that the first attempt is
+//!   always made with `cfg.damp_percent` even when it is 0 or ≥ 1 (GPTQModel's `while 0 < damp < 1`
+//!   would not try at all). Retries add `damp_auto_increment` while the new value is in (0, 1).
+//! - Failure to factor the Hessian, or non-finite values appearing during the sweep, fall back to
+//!   round-to-nearest of the *original* W ([`Fallback::Rtn`]) instead of raising.
+//! - Non-finite W, H or D are rejected up front ([`QuantError::NonFinite`]).
+
+use super::quantizer::{
+    QuantizerSpec, RowParams, check_matrix, dequantize, find_group_params, quantize_code,
+    rtn_quantize_f64,
+};
+use super::{Fallback, Method, QuantConfig, QuantError, QuantResult};
+
+/// Number of diagonal-floor attempts after the damping retries failed (GPTQModel).
+pub const MAX_FLOOR_ATTEMPTS: usize = 6;
+/// First diagonal floor, relative to `max|diag(H)|`; attempt `k` (1-based) uses `·10^(k−1)`.
+pub const FLOOR_BASE_RELATIVE: f64 = 1e-6;
+
+/// The upper Cholesky factor `U` of the damped inverse Hessian (`H⁻¹ = UᵀU`), row-major `n × n`
+/// (strict lower part is 0), and how it was obtained.
+#[derive(Clone, Debug, PartialEq)]
+pub struct InverseHessianFactor {
+    pub u: Vec<f64>,
+    /// Absolute damping added to the diagonal: `damp_percent · mean(diag(H'))`, where `H'` is the
+    /// input, or the diagonal-floored input when `fallback == Some(DiagonalFloor)`.
+    pub damp: f64,
+    /// Relative damping actually used.
+    pub damp_percent: f64,
+    /// `None` if `cfg.damp_percent` worked at once, `IncreasedDamping` if a retry was needed,
+    /// `DiagonalFloor` if a diagonal floor was needed.
+    pub fallback: Option<Fallback>,
+}
+
+/// Lower Cholesky factor `L` (`A = L Lᵀ`) of the symmetric `n × n` row-major `a`, reading only its
+/// lower triangle. `None` if a pivot is not strictly positive or not finite (like LAPACK `potrf`).
+pub fn cholesky_lower(a: &[f64], n: usize) -> Option<Vec<f64>> {
+    if a.len() != n * n {
+        return None;
+    }
+    let mut l = vec![0.0_f64; n * n];
+    for j in 0..n {
+        let (lj, _) = l.split_at(j * n + j);
+        let row_j = &lj[j * n..j * n + j];
+        let s = a[j * n + j] - row_j.iter().map(|v| v * v).sum::<f64>();
+        if !(s > 0.0 && s.is_finite()) {
+            return None;
+        }
+        let djj = s.sqrt();
+        l[j * n + j] = djj;
+        for i in j + 1..n {
+            let dot: f64 = (0..j).map(|k| l[i * n + k] * l[j * n + k]).sum();
+            l[i * n + j] = (a[i * n + j] - dot) / djj;
+        }
+    }
+    Some(l)
+}
+
+/// Inverse of an upper-triangular `n × n` row-major matrix with non-zero diagonal (result upper).
+pub fn invert_upper_triangular(r: &[f64], n: usize) -> Vec<f64> {
+    let mut x = vec![0.0_f64; n * n];
+    for j in 0..n {
+        x[j * n + j] = 1.0 / r[j * n + j];
+        for i in (0..j).rev() {
+            let s: f64 = (i + 1..=j).map(|k| r[i * n + k] * x[k * n + j]).sum();
+            x[i * n + j] = -s / r[i * n + i];
+        }
+    }
+    x
+}
+
+/// `U` with `H⁻¹ = UᵀU` for an (already damped) SPD `H`, by §6.4: with `J` the index reversal,
+/// `J H J = L Lᵀ` ⇒ `H = R Rᵀ` with `R = J L J` upper ⇒ `H⁻¹ = R⁻ᵀR⁻¹` ⇒ `U = R⁻¹` (upper, positive
+/// diagonal, hence *the* upper Cholesky factor of `H⁻¹`). One Cholesky and one triangular inverse,
+/// no explicit `H⁻¹`. Reads only the lower triangle of `h`. `None` if `H` is not numerically SPD.
+pub fn upper_inverse_factor(h: &[f64], n: usize) -> Option<Vec<f64>> {
+    if h.len() != n * n {
+        return None;
+    }
+    // (JHJ)[i][j] = H[n−1−i][n−1−j]; for i ≥ j take it from H's lower triangle (transposed index).
+    let mut f = vec![0.0_f64; n * n];
+    for i in 0..n {
+        for j in 0..=i {
+            f[i * n + j] = h[(n - 1 - j) * n + (n - 1 - i)];
+        }
+    }
+    let l = cholesky_lower(&f, n)?;
+    let mut r = vec![0.0_f64; n * n];
+    for i in 0..n {
+        for j in i..n {
+            r[i * n + j] = l[(n - 1 - i) * n + (n - 1 - j)];
+        }
+    }
+    let u = invert_upper_triangular(&r, n);
+    u.iter().all(|v| v.is_finite()).then_some(u)
+}
+
+/// GPTQModel-style damped factorisation (§1.5): `H + damp_percent·mean(diag H)·I`, retrying with
+/// `damp_percent += damp_auto_increment` while it stays in (0, 1); then up to
+/// [`MAX_FLOOR_ATTEMPTS`] diagonal floors `diag ← max(diag + f, f)`, `f = 1e-6·max|diag|·10^(k−1)`,
+/// each followed by the same damping loop (restarting at `damp_percent`, mean recomputed from the
+/// floored diagonal). `h` (`n × n`, row-major, lower triangle read) is not modified. Dead-column
+/// handling and permutation are the caller's business.
+///
+/// Errors: wrong length, non-finite `h` or damping settings, or no attempt succeeded
+/// ([`QuantError::NotPositiveDefinite`]).
+pub fn inverse_hessian_factor_f64(
+    h: &[f64],
+    n: usize,
+    damp_percent: f64,
+    damp_auto_increment: f64,
+) -> Result<InverseHessianFactor, QuantError> {
+    check_matrix("H", h, n * n)?;
+    check_damping(damp_percent, damp_auto_increment)?;
+    let diag: Vec<f64> = (0..n).map(|j| h[j * n + j]).collect();
+    let mut last_pct = damp_percent;
+
+    let mut damping_loop = |hb: &mut Vec<f64>, dg: &[f64]| -> Option<(Vec<f64>, f64, f64, bool)> {
+        let mean = if n == 0 {
+            0.0
+        } else {
+            dg.iter().sum::<f64>() / n as f64
+        };
+        let mut pct = damp_percent;
+        let mut retried = false;
+        loop {
+            last_pct = pct;
+            let damp = pct * mean;
+            for j in 0..n {
+                hb[j * n + j] = dg[j] + damp;
+            }
+            if let Some(u) = upper_inverse_factor(hb, n) {
+                return Some((u, damp, pct, retried));
+            }
+            if damp_auto_increment <= 0.0 {
+                return None;
+            }
+            pct += damp_auto_increment;
+            retried = true;
+            if !(pct > 0.0 && pct < 1.0) {
+                return None;
+            }
+        }
+    };
+
+    let mut hb = h.to_vec();
+    if let Some((u, damp, pct, retried)) = damping_loop(&mut hb, &diag) {
+        return Ok(InverseHessianFactor {
+            u,
+            damp,
+            damp_percent: pct,
+            fallback: retried.then_some(Fallback::IncreasedDamping),
+        });
+    }
+    let max_abs = diag.iter().fold(0.0_f64, |m, v| m.max(v.abs()));
+    for k in 0..MAX_FLOOR_ATTEMPTS {
+        let f = FLOOR_BASE_RELATIVE * max_abs * 10f64.powi(k as i32);
+        let floored: Vec<f64> = diag.iter().map(|&d| (d + f).max(f)).collect();
+        if let Some((u, damp, pct, _)) = damping_loop(&mut hb, &floored) {
+            return Ok(InverseHessianFactor {
+                u,
+                damp,
+                damp_percent: pct,
+                fallback: Some(Fallback::DiagonalFloor),
+            });
+        }
+    }
+    Err(QuantError::NotPositiveDefinite {
+        n,
+        last_damp_percent: last_pct,
+        floor_attempts: MAX_FLOOR_ATTEMPTS,
+    })
+}
+
+fn check_damping(damp_percent: f64, inc: f64) -> Result<(), QuantError> {
+    if !(damp_percent.is_finite() && damp_percent >= 0.0 && inc.is_finite() && inc >= 0.0) {
+        return Err(QuantError::InvalidConfig(format!(
+            "damp_percent ({damp_percent}) and damp_auto_increment ({inc}) must be finite and ≥ 0"
+        )));
+    }
+    Ok(())
+}
+
+fn check_config(cfg: &QuantConfig) -> Result<QuantizerSpec, QuantError> {
+    let spec = QuantizerSpec::from_config(cfg)?;
+    if cfg.block_size == 0 {
+        return Err(QuantError::InvalidConfig("block_size must be ≥ 1".into()));
+    }
+    if cfg.group_size == Some(0) {
+        return Err(QuantError::InvalidConfig(
+            "group_size must be ≥ 1 (None = per row)".into(),
+        ));
+    }
+    check_damping(cfg.damp_percent, cfg.damp_auto_increment)?;
+    if !cfg.method.alpha().is_finite() {
+        return Err(QuantError::InvalidConfig(format!(
+            "GPTAQ alpha must be finite, got {}",
+            cfg.method.alpha()
+        )));
+    }
+    Ok(spec)
+}
+
+/// `½·tr(ΔW H ΔWᵀ)` with `ΔW = W − Q`: what GPTQ's `Σ Losses` equals (for the damped `H`).
+fn half_quadratic_form(w: &[f64], q: &[f32], rows: usize, cols: usize, h: &[f64]) -> f64 {
+    let delta: Vec<f64> = w.iter().zip(q).map(|(&a, &b)| a - f64::from(b)).collect();
+    0.5 * super::metrics::quadratic_form_trace(&delta, rows, cols, h)
+}
+
+/// RTN of the original W, with the proxy loss `½·tr(ΔW H ΔWᵀ)` on the caller's (undamped) H.
+fn rtn_with_h(
+    w: &[f64],
+    rows: usize,
+    cols: usize,
+    h: &[f64],
+    cfg: &QuantConfig,
+    fallback: Option<Fallback>,
+) -> Result<QuantResult, QuantError> {
+    let mut res = rtn_quantize_f64(w, rows, cols, cfg)?;
+    let loss = half_quadratic_form(w, &res.q, rows, cols, h);
+    // An indefinite H (the fallback case) can make the quadratic form negative: clamp at 0.
+    res.proxy_loss_sum = if loss.is_finite() { loss.max(0.0) } else { 0.0 };
+    res.fallback = fallback;
+    Ok(res)
+}
+
+/// GPTQ / GPTAQ reference solve of one module (algorithm.md §1.2 steps 1–8, §2.2).
+///
+/// Inputs: `w` row-major `[rows, cols]`; `h` row-major `[cols, cols]` (`2/N·X_qᵀX_q`, lower
+/// triangle read); `d` row-major `[cols, cols]` (`2/N·(X_fp−X_q)ᵀX_q`, rows index the ΔX feature),
+/// used only when `cfg.method` is `Gptaq` (GPTAQ without `d` is GPTQ). Nothing the caller owns is
+/// modified.
+///
+/// Steps (processing order = act-order permutation if enabled):
+/// 1. `gs == None`: per-row params from the whole rows of the *original* W (IST step 2, which runs
+///    before dead-column zeroing — so zeroed dead columns still count for these params).
+/// 2. Dead columns (`H_jj == 0`): `H_jj = 1`, `W[:, j] = 0`, `D[:, j] = 0`.
+/// 3. Static groups: params of original group `g` from W after step 2, before permutation.
+/// 4. Act-order: `perm` = stable descending argsort of `diag(H)` (after step 2); W columns, H and
+///    D permuted (`H[perm][:, perm]`).
+/// 5. `U` by [`inverse_hessian_factor_f64`] on the permuted H (damping, retries, floors). Failure
+///    → RTN of the original W with `Fallback::Rtn`.
+/// 6. GPTAQ: `P = (alpha·triu₁(D·Uᵀ))·U`.
+/// 7. Blocked sweep with `cfg.block_size`, exactly the IST loop: dynamic group params at processing
+///    position `k` with `k % gs == 0` come from `W[:, k..k+gs]` — the matrix that only has the
+///    cross-block updates, **not** the in-block updates held in `W1` (the reference quirk inherited
+///    by AutoGPTQ/GPTQModel; results depend on the block size when a group starts mid-block). Static
+///    groups use `groups[perm[k] / gs]`. In-block: `W1[:, i:] −= e⊗U1[i, i:]` (GPTAQ: `−= e⊗U1[i, i:]
+///    − w⊗P1[i, i:]`, `w` the pre-quantization column). Cross-block: `W[:, i2:] −= Err1·U[i1:i2, i2:]`
+///    (GPTAQ: `− W1·P[i1:i2, i2:]`, W1 = the block after its loop ≈ its quantized values).
+///
+/// Outputs in original column order: `q`, `codes`; `scales`/`zeros` `[num_groups, rows]` with group
+/// `g` the `g`-th group formed (processing order for act-order with dynamic groups, original order
+/// for static groups); `g_idx[j] = invperm[j] / gs` for act-order + dynamic groups, else `j / gs`;
+/// `perm = Some(perm)` iff act-order; `proxy_loss_sum = Σ (w−q)²/(2·U_kk²)` (for GPTQ this equals
+/// `½·tr(ΔW H_damped ΔWᵀ)`; for GPTAQ it is the same per-column expression, *not* the GPTAQ
+/// objective); `damp`, `damp_percent`, `fallback` from step 5.
+///
+/// `Method::Rtn`: [`rtn_quantize_f64`] of W (H and D only used for `proxy_loss_sum =
+/// ½·tr(ΔW H ΔWᵀ)` with the undamped H, clamped at 0). The RTN fallback reports the same quantity
+/// (H may be indefinite there, hence the clamp), `damp = damp_percent = 0`.
+///
+/// Errors: shape mismatch, non-finite W/H/D, invalid config (bits ∉ 1..=8, block_size 0,
+/// group_size 0, negative or non-finite damping, non-finite alpha). Never returns non-finite values.
+pub fn quantize_f64(
+    w: &[f64],
+    rows: usize,
+    cols: usize,
+    h: &[f64],
+    d: Option<&[f64]>,
+    cfg: &QuantConfig,
+) -> Result<QuantResult, QuantError> {
+    let spec = check_config(cfg)?;
+    let n = cols;
+    let n_el = rows
+        .checked_mul(cols)
+        .ok_or_else(|| QuantError::InvalidConfig(format!("rows·cols overflows: {rows}×{cols}")))?;
+    check_matrix("W", w, n_el)?;
+    check_matrix("H", h, n * n)?;
+    if let Some(d) = d {
+        check_matrix("D", d, n * n)?;
+    }
+    if cfg.method == Method::Rtn || n == 0 {
+        return rtn_with_h(w, rows, cols, h, cfg, None);
+    }
+    let alpha = cfg.method.alpha();
+    let d = match cfg.method {
+        Method::Gptaq { .. } => d,
+        _ => None,
+    };
+
+    let mut wm = w.to_vec();
+    let mut hm = h.to_vec();
+
+    // Step 2 of IST: per-row params on the whole (original) rows; used only when gs == None.
+    let row_params = match cfg.group_size {
+        None => Some(find_group_params(&wm, rows, n, 0, n, &spec)),
+        Some(_) => None,
+    };
+
+    // Step 3: dead columns.
+    let dead: Vec<bool> = (0..n).map(|j| hm[j * n + j] == 0.0).collect();
+    for j in (0..n).filter(|&j| dead[j]) {
+        hm[j * n + j] = 1.0;
+        for r in 0..rows {
+            wm[r * n + j] = 0.0;
+        }
+    }
+    let mut dm: Option<Vec<f64>> = d.map(|d| {
+        let mut dm = d.to_vec();
+        for a in 0..n {
+            for j in (0..n).filter(|&j| dead[j]) {
+                dm[a * n + j] = 0.0;
+            }
+        }
+        dm
+    });
+
+    // Step 4: static groups (original column groups, after dead zeroing, before permutation).
+    let static_groups = match cfg.group_size {
+        Some(gs) if cfg.static_groups => Some(
+            (0..n.div_ceil(gs))
+                .map(|g| find_group_params(&wm, rows, n, g * gs, (g + 1) * gs, &spec))
+                .collect::<Vec<_>>(),
+        ),
+        _ => None,
+    };
+
+    // Step 5: act-order. Stable sort: ties keep ascending original index.
+    let perm: Option<Vec<usize>> = cfg.act_order.then(|| {
+        let mut p: Vec<usize> = (0..n).collect();
+        p.sort_by(|&a, &b| hm[b * n + b].total_cmp(&hm[a * n + a]));
+        p
+    });
+    if let Some(p) = &perm {
+        wm = permute_cols(&wm, rows, n, p);
+        hm = permute_sym(&hm, n, p);
+        dm = dm.map(|dm| permute_sym(&dm, n, p));
+    }
+
+    // Steps 6–7: damping and U.
+    let factor = match inverse_hessian_factor_f64(&hm, n, cfg.damp_percent, cfg.damp_auto_increment)
+    {
+        Ok(f) => f,
+        Err(e) => {
+            return rtn_with_h(
+                w,
+                rows,
+                cols,
+                h,
+                cfg,
+                Some(Fallback::Rtn {
+                    reason: e.to_string(),
+                }),
+            );
+        }
+    };
+    let u = &factor.u;
+    let p_mat = dm.map(|dm| gptaq_p(&dm, u, n, alpha));
+
+    // Step 8: the blocked sweep.
+    let sweep = Sweep {
+        rows,
+        n,
+        spec: &spec,
+        cfg,
+        u,
+        p: p_mat.as_deref(),
+        perm: perm.as_deref(),
+        row_params: row_params.as_ref(),
+        static_groups: static_groups.as_deref(),
+    };
+    let Some(out) = sweep.run(wm) else {
+        return rtn_with_h(
+            w,
+            rows,
+            cols,
+            h,
+            cfg,
+            Some(Fallback::Rtn {
+                reason: "non-finite values during the GPTQ sweep".into(),
+            }),
+        );
+    };
+
+    // Back to original column order: processing position k holds original column perm[k].
+    let mut q = vec![0.0_f32; n_el];
+    let mut codes = vec![0_u8; n_el];
+    for r in 0..rows {
+        for k in 0..n {
+            let j = perm.as_ref().map_or(k, |p| p[k]);
+            q[r * n + j] = out.q[r * n + k] as f32;
+            codes[r * n + j] = out.codes[r * n + k];
+        }
+    }
+    let groups = out.groups;
+    let (scales, zeros): (Vec<f32>, Vec<u32>) = groups
+        .iter()
+        .flat_map(|g| g.scale.iter().zip(&g.zero))
+        .map(|(&s, &z)| (s as f32, z))
+        .unzip();
+    let gs = cfg.group_len(n);
+    let g_idx: Vec<u32> = match (&perm, cfg.group_size, cfg.static_groups) {
+        (Some(p), Some(_), false) => {
+            let mut inv = vec![0_usize; n];
+            for (k, &j) in p.iter().enumerate() {
+                inv[j] = k;
+            }
+            inv.iter().map(|&k| (k / gs) as u32).collect()
+        }
+        _ => (0..n).map(|j| (j / gs) as u32).collect(),
+    };
+    Ok(QuantResult {
+        rows,
+        cols,
+        q,
+        codes,
+        scales,
+        zeros,
+        g_idx,
+        perm,
+        proxy_loss_sum: out.loss,
+        damp: factor.damp,
+        damp_percent: factor.damp_percent,
+        fallback: factor.fallback,
+    })
+}
+
+/// [`quantize_f64`] on f32 inputs (widened exactly to f64).
+pub fn quantize_reference(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    h: &[f32],
+    d: Option<&[f32]>,
+    cfg: &QuantConfig,
+) -> Result<QuantResult, QuantError> {
+    let widen = |v: &[f32]| v.iter().map(|&x| f64::from(x)).collect::<Vec<f64>>();
+    let d64 = d.map(widen);
+    quantize_f64(&widen(w), rows, cols, &widen(h), d64.as_deref(), cfg)
+}
+
+/// `P = (alpha·triu₁(D·Uᵀ))·U` (strictly upper). `U` is upper, so `(D·Uᵀ)[a][b] = Σ_{c≥b}
+/// D[a][c]·U[b][c]` and `P[a][e] = Σ_{a<b≤e} T[a][b]·U[b][e]`.
+pub fn gptaq_p(d: &[f64], u: &[f64], n: usize, alpha: f64) -> Vec<f64> {
+    let mut t = vec![0.0_f64; n * n];
+    for a in 0..n {
+        for b in a + 1..n {
+            let s: f64 = (b..n).map(|c| d[a * n + c] * u[b * n + c]).sum();
+            t[a * n + b] = alpha * s;
+        }
+    }
+    let mut p = vec![0.0_f64; n * n];
+    for a in 0..n {
+        let (prow, trow) = (&mut p[a * n..(a + 1) * n], &t[a * n..(a + 1) * n]);
+        for b in a + 1..n {
+            let tb = trow[b];
+            for e in b..n {
+                prow[e] += tb * u[b * n + e];
+            }
+        }
+    }
+    p
+}
+
+fn permute_cols(w: &[f64], rows: usize, n: usize, perm: &[usize]) -> Vec<f64> {
+    let mut out = vec![0.0_f64; rows * n];
+    for r in 0..rows {
+        for (k, &j) in perm.iter().enumerate() {
+            out[r * n + k] = w[r * n + j];
+        }
+    }
+    out
+}
+
+fn permute_sym(m: &[f64], n: usize, perm: &[usize]) -> Vec<f64> {
+    let mut out = vec![0.0_f64; n * n];
+    for (a, &pa) in perm.iter().enumerate() {
+        for (b, &pb) in perm.iter().enumerate() {
+            out[a * n + b] = m[pa * n + pb];
+        }
+    }
+    out
+}
+
+struct Sweep<'a> {
+    rows: usize,
+    n: usize,
+    spec: &'a QuantizerSpec,
+    cfg: &'a QuantConfig,
+    u: &'a [f64],
+    p: Option<&'a [f64]>,
+    perm: Option<&'a [usize]>,
+    row_params: Option<&'a super::quantizer::GroupParams>,
+    static_groups: Option<&'a [super::quantizer::GroupParams]>,
+}
+
+struct SweepOut {
+    /// Processing order, `[rows, n]`.
+    q: Vec<f64>,
+    codes: Vec<u8>,
+    /// In output order (see `quantize_f64`).
+    groups: Vec<super::quantizer::GroupParams>,
+    loss: f64,
+}
+
+impl Sweep<'_> {
+    /// The IST blocked loop on `w` (processing order). `None` if a non-finite value shows up.
+    fn run(&self, mut w: Vec<f64>) -> Option<SweepOut> {
+        let (rows, n, u) = (self.rows, self.n, self.u);
+        let bs = self.cfg.block_size;
+        let maxq = self.spec.maxq;
+        let mut q = vec![0.0_f64; rows * n];
+        let mut codes = vec![0_u8; rows * n];
+        let mut loss = 0.0_f64;
+        let mut dyn_groups: Vec<super::quantizer::GroupParams> = Vec::new();
+        let mut cur: Vec<RowParams> = match self.row_params {
+            Some(g) => (0..rows).filter_map(|r| g.row(r)).collect(),
+            None => Vec::new(),
+        };
+        let mut w1 = vec![0.0_f64; rows * bs];
+        let mut err1 = vec![0.0_f64; rows * bs];
+        let mut acc_u = vec![0.0_f64; n];
+        let mut acc_p = vec![0.0_f64; n];
+
+        for i1 in (0..n).step_by(bs) {
+            let i2 = (i1 + bs).min(n);
+            let cnt = i2 - i1;
+            for r in 0..rows {
+                w1[r * bs..r * bs + cnt].copy_from_slice(&w[r * n + i1..r * n + i2]);
+            }
+            for i in 0..cnt {
+                let k = i1 + i;
+                if let Some(gs) = self.cfg.group_size {
+                    let params = match self.static_groups {
+                        None if k % gs == 0 => {
+                            // Reads W (cross-block updates only), not W1: the reference quirk.
+                            let g = find_group_params(&w, rows, n, k, k + gs, self.spec);
+                            dyn_groups.push(g);
+                            dyn_groups.last()
+                        }
+                        None => None,
+                        Some(groups) => {
+                            let kk = self.perm.map_or(k, |p| p[k]);
+                            groups.get(kk / gs)
+                        }
+                    };
+                    if let Some(g) = params {
+                        cur = (0..rows).filter_map(|r| g.row(r)).collect();
+                    }
+                }
+                let dkk = u[k * n + k];
+                let urow = &u[k * n + i1..k * n + i2];
+                let prow = self.p.map(|p| &p[k * n + i1..k * n + i2]);
+                for r in 0..rows {
+                    let params = *cur.get(r)?;
+                    let wv = w1[r * bs + i];
+                    if !wv.is_finite() {
+                        return None;
+                    }
+                    let code = quantize_code(wv, params, maxq);
+                    let qv = dequantize(code, params);
+                    q[r * n + k] = qv;
+                    codes[r * n + k] = code as u8;
+                    loss += (wv - qv) * (wv - qv) / (dkk * dkk) / 2.0;
+                    let e = (wv - qv) / dkk;
+                    let w1row = &mut w1[r * bs..r * bs + cnt];
+                    match prow {
+                        None => {
+                            for j in i..cnt {
+                                w1row[j] -= e * urow[j];
+                            }
+                        }
+                        Some(prow) => {
+                            for j in i..cnt {
+                                w1row[j] -= e * urow[j] - wv * prow[j];
+                            }
+                        }
+                    }
+                    err1[r * bs + i] = e;
+                }
+            }
+            // Lazy batch update of all later columns.
+            if i2 < n {
+                for r in 0..rows {
+                    acc_u[i2..].fill(0.0);
+                    acc_p[i2..].fill(0.0);
+                    for t in 0..cnt {
+                        let e = err1[r * bs + t];
+                        let urow = &u[(i1 + t) * n..(i1 + t + 1) * n];
+                        for c in i2..n {
+                            acc_u[c] += e * urow[c];
+                        }
+                        if let Some(p) = self.p {
+                            let wq = w1[r * bs + t];
+                            let prow = &p[(i1 + t) * n..(i1 + t + 1) * n];
+                            for c in i2..n {
+                                acc_p[c] += wq * prow[c];
+                            }
+                        }
+                    }
+                    let wrow = &mut w[r * n..(r + 1) * n];
+                    if self.p.is_some() {
+                        for c in i2..n {
+                            wrow[c] -= acc_u[c] - acc_p[c];
+                        }
+                    } else {
+                        for c in i2..n {
+                            wrow[c] -= acc_u[c];
+                        }
+                    }
+                }
+            }
+        }
+        if !loss.is_finite() {
+            return None;
+        }
+        let groups = match (self.cfg.group_size, self.static_groups, self.row_params) {
+            (Some(_), Some(s), _) => s.to_vec(),
+            (Some(_), None, _) => dyn_groups,
+            (None, _, Some(rp)) => vec![rp.clone()],
+            (None, _, None) => Vec::new(),
+        };
+        Some(SweepOut {
+            q,
+            codes,
+            groups,
+            loss,
+        })
+    }
+}
