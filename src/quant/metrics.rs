@@ -176,6 +176,7 @@ pub fn module_errors_from_gram(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
