@@ -659,7 +659,7 @@ fn obs_loss_matches_brute_force() {
             hd[j * cols + j] += res.damp;
         }
         let q: Vec<f64> = res.q.iter().map(|&v| f64::from(v)).collect();
-        let half = 0.5 * proxy_objective(&p.w, &q, rows, cols, &hd);
+        let half = 0.5 * proxy_objective(&p.w, &q, rows, cols, &hd).unwrap();
         let rel = (res.proxy_loss_sum - half).abs() / half;
         assert!(
             rel < 1e-9,
@@ -920,8 +920,8 @@ fn rtn_worse_than_gptq_on_proxy_objective() {
                 quantize_f64(&p.w, rows, cols, &p.h, None, &cfg(Method::Rtn, 3, gs, 32)).unwrap();
             check_invariants(&r, &c, "rtn");
             let to64 = |q: &[f32]| q.iter().map(|&v| f64::from(v)).collect::<Vec<f64>>();
-            let og = proxy_objective(&p.w, &to64(&g.q), rows, cols, &p.h);
-            let or = proxy_objective(&p.w, &to64(&r.q), rows, cols, &p.h);
+            let og = proxy_objective(&p.w, &to64(&g.q), rows, cols, &p.h).unwrap();
+            let or = proxy_objective(&p.w, &to64(&r.q), rows, cols, &p.h).unwrap();
             // RTN's reported proxy loss is ½tr(ΔW H ΔWᵀ) on the undamped H.
             assert!((r.proxy_loss_sum - 0.5 * or).abs() <= 1e-9 * or);
             sum_r += or;
