@@ -111,7 +111,16 @@ pub fn module_errors(
 }
 
 /// `tr(A G Bᵀ) = Σ_r a_r G b_rᵀ` for `A`, `B` `[rows, n]` and `G` `[n, n]`, all row-major.
-pub fn bilinear_trace(a: &[f64], b: &[f64], rows: usize, n: usize, g: &[f64]) -> f64 {
+pub fn bilinear_trace(
+    a: &[f64],
+    b: &[f64],
+    rows: usize,
+    n: usize,
+    g: &[f64],
+) -> Result<f64, QuantError> {
+    check_len("A", a, rows * n)?;
+    check_len("B", b, rows * n)?;
+    check_len("G", g, n * n)?;
     let mut s = 0.0;
     let mut gb = vec![0.0_f64; n];
     for r in 0..rows {
@@ -129,16 +138,29 @@ pub fn bilinear_trace(a: &[f64], b: &[f64], rows: usize, n: usize, g: &[f64]) ->
             .map(|(x, y)| x * y)
             .sum::<f64>();
     }
-    s
+    Ok(s)
 }
 
 /// `tr(A G Aᵀ)`, e.g. the GPTQ proxy objective `tr((W−Q) H (W−Q)ᵀ)` with `A = W − Q`.
-pub fn quadratic_form_trace(a: &[f64], rows: usize, n: usize, g: &[f64]) -> f64 {
+pub fn quadratic_form_trace(
+    a: &[f64],
+    rows: usize,
+    n: usize,
+    g: &[f64],
+) -> Result<f64, QuantError> {
     bilinear_trace(a, a, rows, n, g)
 }
 
 /// The GPTQ proxy objective `tr((W−Q) H (W−Q)ᵀ)` (twice GPTQ's `Σ Losses` for the damped H).
-pub fn proxy_objective(w: &[f64], q: &[f64], rows: usize, cols: usize, h: &[f64]) -> f64 {
+pub fn proxy_objective(
+    w: &[f64],
+    q: &[f64],
+    rows: usize,
+    cols: usize,
+    h: &[f64],
+) -> Result<f64, QuantError> {
+    check_len("W", w, rows * cols)?;
+    check_len("Q", q, rows * cols)?;
     let delta: Vec<f64> = w.iter().zip(q).map(|(a, b)| a - b).collect();
     quadratic_form_trace(&delta, rows, cols, h)
 }
@@ -160,11 +182,11 @@ pub fn module_errors_from_gram(
     check_len("G_dq", g_dq, cols * cols)?;
     check_len("G_dd", g_dd, cols * cols)?;
     let delta: Vec<f64> = w.iter().zip(q).map(|(a, b)| a - b).collect();
-    let quant = quadratic_form_trace(&delta, rows, cols, g_qq);
-    let asym = quadratic_form_trace(w, rows, cols, g_dd);
-    let cross = bilinear_trace(w, &delta, rows, cols, g_dq);
-    let w_qq = quadratic_form_trace(w, rows, cols, g_qq);
-    let w_dq = bilinear_trace(w, w, rows, cols, g_dq);
+    let quant = quadratic_form_trace(&delta, rows, cols, g_qq)?;
+    let asym = quadratic_form_trace(w, rows, cols, g_dd)?;
+    let cross = bilinear_trace(w, &delta, rows, cols, g_dq)?;
+    let w_qq = quadratic_form_trace(w, rows, cols, g_qq)?;
+    let w_dq = bilinear_trace(w, w, rows, cols, g_dq)?;
     let den = w_qq + 2.0 * w_dq + asym;
     // Clamp round-off: these are norms.
     let out = (quant + asym + 2.0 * cross).max(0.0);
@@ -176,6 +198,7 @@ pub fn module_errors_from_gram(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

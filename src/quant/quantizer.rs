@@ -76,7 +76,7 @@ impl QuantizerSpec {
 
     /// The symmetric zero point `(maxq + 1)/2 = 2^(bits−1)`.
     pub fn sym_zero(&self) -> u32 {
-        (self.maxq + 1) / 2
+        self.maxq.div_ceil(2)
     }
 }
 
@@ -339,6 +339,7 @@ pub fn rtn_quantize_f64(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -67,7 +67,11 @@ pub fn cholesky_lower(a: &[f64], n: usize) -> Option<Vec<f64>> {
 }
 
 /// Inverse of an upper-triangular `n × n` row-major matrix with non-zero diagonal (result upper).
-pub fn invert_upper_triangular(r: &[f64], n: usize) -> Vec<f64> {
+/// `None` on a length mismatch.
+pub fn invert_upper_triangular(r: &[f64], n: usize) -> Option<Vec<f64>> {
+    if r.len() != n * n {
+        return None;
+    }
     let mut x = vec![0.0_f64; n * n];
     for j in 0..n {
         x[j * n + j] = 1.0 / r[j * n + j];
@@ -76,7 +80,7 @@ pub fn invert_upper_triangular(r: &[f64], n: usize) -> Vec<f64> {
             x[i * n + j] = -s / r[i * n + i];
         }
     }
-    x
+    Some(x)
 }
 
 /// `U` with `H⁻¹ = UᵀU` for an (already damped) SPD `H`, by §6.4: with `J` the index reversal,
@@ -101,7 +105,7 @@ pub fn upper_inverse_factor(h: &[f64], n: usize) -> Option<Vec<f64>> {
             r[i * n + j] = l[(n - 1 - i) * n + (n - 1 - j)];
         }
     }
-    let u = invert_upper_triangular(&r, n);
+    let u = invert_upper_triangular(&r, n)?;
     u.iter().all(|v| v.is_finite()).then_some(u)
 }
 
@@ -214,7 +218,7 @@ fn check_config(cfg: &QuantConfig) -> Result<QuantizerSpec, QuantError> {
 /// `½·tr(ΔW H ΔWᵀ)` with `ΔW = W − Q`: what GPTQ's `Σ Losses` equals (for the damped `H`).
 fn half_quadratic_form(w: &[f64], q: &[f32], rows: usize, cols: usize, h: &[f64]) -> f64 {
     let delta: Vec<f64> = w.iter().zip(q).map(|(&a, &b)| a - f64::from(b)).collect();
-    0.5 * super::metrics::quadratic_form_trace(&delta, rows, cols, h)
+    super::metrics::quadratic_form_trace(&delta, rows, cols, h).map_or(f64::NAN, |v| 0.5 * v)
 }
 
 /// RTN of the original W, with the proxy loss `½·tr(ΔW H ΔWᵀ)` on the caller's (undamped) H.
@@ -366,7 +370,7 @@ pub fn quantize_f64(
         }
     };
     let u = &factor.u;
-    let p_mat = dm.map(|dm| gptaq_p(&dm, u, n, alpha));
+    let p_mat = dm.and_then(|dm| gptaq_p(&dm, u, n, alpha));
 
     // Step 8: the blocked sweep.
     let sweep = Sweep {
@@ -451,8 +455,11 @@ pub fn quantize_reference(
 }
 
 /// `P = (alpha·triu₁(D·Uᵀ))·U` (strictly upper). `U` is upper, so `(D·Uᵀ)[a][b] = Σ_{c≥b}
-/// D[a][c]·U[b][c]` and `P[a][e] = Σ_{a<b≤e} T[a][b]·U[b][e]`.
-pub fn gptaq_p(d: &[f64], u: &[f64], n: usize, alpha: f64) -> Vec<f64> {
+/// D[a][c]·U[b][c]` and `P[a][e] = Σ_{a<b≤e} T[a][b]·U[b][e]`. `None` on a length mismatch.
+pub fn gptaq_p(d: &[f64], u: &[f64], n: usize, alpha: f64) -> Option<Vec<f64>> {
+    if d.len() != n * n || u.len() != n * n {
+        return None;
+    }
     let mut t = vec![0.0_f64; n * n];
     for a in 0..n {
         for b in a + 1..n {
@@ -470,7 +477,7 @@ pub fn gptaq_p(d: &[f64], u: &[f64], n: usize, alpha: f64) -> Vec<f64> {
             }
         }
     }
-    p
+    Some(p)
 }
 
 fn permute_cols(w: &[f64], rows: usize, n: usize, perm: &[usize]) -> Vec<f64> {
