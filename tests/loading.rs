@@ -1,12 +1,15 @@
 //! Loading tests: real checkpoints from `$GPTAQ_TEST_DATA`, malformed inputs built in temp dirs,
 //! and proptest fuzzing of every parser that reads user files.
 
+// Test helpers outside #[test] fns unwrap freely: a failure there is a test failure.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use gptaq_studio::calib::{
-    CalibError, CalibOptions, CalibSource, calibration_windows, calibration_windows_with, eval_windows, parse_jsonl,
-    parse_text,
+    CalibError, CalibOptions, CalibSource, calibration_windows, calibration_windows_with,
+    eval_windows, parse_jsonl, parse_text,
 };
 use gptaq_studio::model::config::{Architecture, ConfigDType, ModelConfig, RopeScaling};
 use gptaq_studio::model::inspect::{ModelSummary, StreamDType};
@@ -22,7 +25,11 @@ fn test_data_dir() -> Option<PathBuf> {
     match std::env::var_os("GPTAQ_TEST_DATA") {
         Some(d) => {
             let d = PathBuf::from(d);
-            assert!(d.is_dir(), "GPTAQ_TEST_DATA={} is not a directory", d.display());
+            assert!(
+                d.is_dir(),
+                "GPTAQ_TEST_DATA={} is not a directory",
+                d.display()
+            );
             Some(d)
         }
         None => {
@@ -45,7 +52,11 @@ fn check_layer_shapes(m: &SafetensorsModel) {
         for k in ModuleKind::ALL {
             let lin = lw.linear(k);
             let (o, i) = c.linear_shape(k);
-            assert_eq!((lin.out_features, lin.in_features, lin.weight.len()), (o, i, o * i), "layer {l} {k:?}");
+            assert_eq!(
+                (lin.out_features, lin.in_features, lin.weight.len()),
+                (o, i, o * i),
+                "layer {l} {k:?}"
+            );
             assert!(lin.bias.is_none());
             assert!(lin.weight.iter().all(|x| x.is_finite()));
         }
@@ -55,7 +66,10 @@ fn check_layer_shapes(m: &SafetensorsModel) {
     }
     assert_eq!(m.final_norm().unwrap().len(), c.hidden_size);
     let e = m.layer(c.num_layers).unwrap_err().to_string();
-    assert!(e.contains("config.json") && e.contains(&c.num_layers.to_string()), "{e}");
+    assert!(
+        e.contains("config.json") && e.contains(&c.num_layers.to_string()),
+        "{e}"
+    );
 }
 
 #[test]
@@ -65,7 +79,15 @@ fn tiny_llama_15m_sharded_bf16() {
     let c = m.config();
     assert_eq!(c.architecture, Architecture::Llama);
     assert_eq!(
-        (c.hidden_size, c.intermediate_size, c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim, c.vocab_size),
+        (
+            c.hidden_size,
+            c.intermediate_size,
+            c.num_layers,
+            c.num_heads,
+            c.num_kv_heads,
+            c.head_dim,
+            c.vocab_size
+        ),
         (384, 1024, 8, 6, 2, 64, 4096)
     );
     assert_eq!(c.rope_theta, 10000.0); // from transformers-5 rope_parameters
@@ -76,16 +98,34 @@ fn tiny_llama_15m_sharded_bf16() {
     assert!(!c.tie_word_embeddings);
     assert!(m.is_sharded());
     assert_eq!(m.shard_paths().len(), 3);
-    assert!(m.index_path().unwrap().ends_with("model.safetensors.index.json"));
+    assert!(
+        m.index_path()
+            .unwrap()
+            .ends_with("model.safetensors.index.json")
+    );
     assert!(!m.embeddings_shared());
-    assert_eq!(m.tensor("model.layers.0.self_attn.q_proj.weight").unwrap().dtype, safetensors::Dtype::BF16);
+    assert_eq!(
+        m.tensor("model.layers.0.self_attn.q_proj.weight")
+            .unwrap()
+            .dtype,
+        safetensors::Dtype::BF16
+    );
     check_layer_shapes(&m);
     let e = m.embed(&[0, 5, 4095]).unwrap();
     assert_eq!(e.len(), 3 * 384);
     assert_eq!(m.lm_head_rows(10..20).unwrap().len(), 10 * 384);
-    assert_ne!(m.embed(&[7]).unwrap(), m.lm_head_rows(7..8).unwrap(), "untied: different matrices");
+    assert_ne!(
+        m.embed(&[7]).unwrap(),
+        m.lm_head_rows(7..8).unwrap(),
+        "untied: different matrices"
+    );
     let err = m.embed(&[4096]).unwrap_err().to_string();
-    assert!(err.contains("model-00001-of-00003.safetensors") && err.contains("embed_tokens") && err.contains("4096"), "{err}");
+    assert!(
+        err.contains("model-00001-of-00003.safetensors")
+            && err.contains("embed_tokens")
+            && err.contains("4096"),
+        "{err}"
+    );
     assert!(m.lm_head_rows(4000..4097).is_err());
 
     // The index metadata says 15,735,168 parameters; inspect counts them from the stored shapes.
@@ -96,11 +136,20 @@ fn tiny_llama_15m_sharded_bf16() {
     assert!(!s.tied_embeddings);
     assert_eq!(s.largest_in_features, 1024);
     let text = s.to_text();
-    assert!(text.contains("LlamaForCausalLM") && text.contains("down_proj") && text.contains("15.74 M"), "{text}");
+    assert!(
+        text.contains("LlamaForCausalLM") && text.contains("down_proj") && text.contains("15.74 M"),
+        "{text}"
+    );
     let mem = s.quant_memory(128, 512, StreamDType::F32);
     assert_eq!(mem.hessian_bytes, 2 * 4 * 1024 * 1024);
     assert_eq!(mem.streams_bytes, 4 * 128 * 512 * 384 * 4);
-    assert!(serde_json::to_value(&s).unwrap()["modules"].as_array().unwrap().len() == 7);
+    assert!(
+        serde_json::to_value(&s).unwrap()["modules"]
+            .as_array()
+            .unwrap()
+            .len()
+            == 7
+    );
 }
 
 #[test]
@@ -108,8 +157,21 @@ fn tinystories656k_lm_head_only_tied_f32() {
     let Some(d) = test_data_dir() else { return };
     let m = SafetensorsModel::open(d.join("tinystories656k")).unwrap();
     let c = m.config();
-    assert_eq!((c.hidden_size, c.intermediate_size, c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim), (128, 384, 2, 8, 4, 16));
-    assert_eq!((c.vocab_size, c.dtype, c.tie_word_embeddings), (2048, ConfigDType::F32, true));
+    assert_eq!(
+        (
+            c.hidden_size,
+            c.intermediate_size,
+            c.num_layers,
+            c.num_heads,
+            c.num_kv_heads,
+            c.head_dim
+        ),
+        (128, 384, 2, 8, 4, 16)
+    );
+    assert_eq!(
+        (c.vocab_size, c.dtype, c.tie_word_embeddings),
+        (2048, ConfigDType::F32, true)
+    );
     assert_eq!(c.rms_norm_eps, 1e-6);
     assert!(!m.contains("model.embed_tokens.weight"));
     assert_eq!(m.embed_tensor_name(), "lm_head.weight");
@@ -123,7 +185,11 @@ fn tinystories656k_lm_head_only_tied_f32() {
     }
     let s = ModelSummary::from_safetensors(&m).unwrap();
     assert!(s.tied_embeddings && s.embedding_storage.contains("lm_head only"));
-    assert!((600_000..700_000).contains(&s.param_count), "{}", s.param_count);
+    assert!(
+        (600_000..700_000).contains(&s.param_count),
+        "{}",
+        s.param_count
+    );
 }
 
 #[test]
@@ -153,7 +219,18 @@ fn stories260k_awkward_shapes() {
     let Some(d) = test_data_dir() else { return };
     let m = SafetensorsModel::open(d.join("stories260K")).unwrap();
     let c = m.config();
-    assert_eq!((c.hidden_size, c.intermediate_size, c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim, c.vocab_size), (64, 172, 5, 8, 4, 8, 512));
+    assert_eq!(
+        (
+            c.hidden_size,
+            c.intermediate_size,
+            c.num_layers,
+            c.num_heads,
+            c.num_kv_heads,
+            c.head_dim,
+            c.vocab_size
+        ),
+        (64, 172, 5, 8, 4, 8, 512)
+    );
     assert!(c.tie_word_embeddings);
     check_layer_shapes(&m);
     let l = m.layer(4).unwrap();
@@ -193,9 +270,16 @@ fn tokenizer_stories260k_and_656k() {
     // "▁Once"=403 "▁upon"=407 "▁a"=261 "▁time"=378, and the golden greedy run starts the same way.
     let ids = t.encode("Once upon a time", true).unwrap();
     assert_eq!(ids, vec![1, 403, 407, 261, 378]);
-    let golden: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(d.join("stories260K/golden_greedy_256.json")).unwrap()).unwrap();
-    let g: Vec<u32> = golden["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    let golden: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(d.join("stories260K/golden_greedy_256.json")).unwrap(),
+    )
+    .unwrap();
+    let g: Vec<u32> = golden["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect();
     assert_eq!(&g[..5], ids.as_slice());
     assert_eq!(t.decode(&ids[1..]).unwrap(), "Once upon a time");
 
@@ -209,14 +293,24 @@ fn tokenizer_stories260k_and_656k() {
 fn golden_wikitext_ids_and_eval_window_counts() {
     let Some(d) = test_data_dir() else { return };
     let t = Tokenizer::from_dir(d.join("tiny-llama-15m")).unwrap();
-    let reference: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(d.join("tiny-llama-15m/reference.json")).unwrap()).unwrap();
-    let golden: Vec<u32> =
-        reference["golden"]["input_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    let reference: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(d.join("tiny-llama-15m/reference.json")).unwrap(),
+    )
+    .unwrap();
+    let golden: Vec<u32> = reference["golden"]["input_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect();
     assert_eq!(golden.len(), 64);
     let raw = CalibSource::open(d.join("corpora/wikitext-2-raw-v1/wiki.test.raw")).unwrap();
     let tokens = raw.token_stream(Some(&t)).unwrap();
-    assert_eq!(&tokens[..64], golden.as_slice(), "prefix of the whole-file tokenization");
+    assert_eq!(
+        &tokens[..64],
+        golden.as_slice(),
+        "prefix of the whole-file tokenization"
+    );
     // The perplexity protocol of reference.json: 1514 windows at 256, 757 at 512.
     assert_eq!(eval_windows(&tokens, 256, None).total_windows, 1514);
     let w = eval_windows(&tokens, 512, Some(10));
@@ -227,9 +321,17 @@ fn golden_wikitext_ids_and_eval_window_counts() {
     let pre = CalibSource::open(d.join("tiny-llama-15m/golden_logits.safetensors")).unwrap();
     let set = calibration_windows(&pre, Some(&t), 1, 64, 0).unwrap();
     assert_eq!(set.windows, vec![golden.clone()]);
-    assert_eq!(calibration_windows(&pre, None, 1, 32, 0).unwrap().windows[0], golden[..32]);
-    let e = calibration_windows(&pre, None, 2, 64, 0).unwrap_err().to_string();
-    assert!(e.contains("golden_logits.safetensors") && e.contains("nsamples 2"), "{e}");
+    assert_eq!(
+        calibration_windows(&pre, None, 1, 32, 0).unwrap().windows[0],
+        golden[..32]
+    );
+    let e = calibration_windows(&pre, None, 2, 64, 0)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("golden_logits.safetensors") && e.contains("nsamples 2"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -248,24 +350,52 @@ fn calibration_sampling_real_corpora() {
     assert_eq!(a.available_tokens, all.len());
     assert_eq!(a.available_windows, all.len() / 128);
     for w in &a.windows {
-        assert!(all.windows(128).any(|x| x == w.as_slice()), "window is a contiguous slice of the text");
+        assert!(
+            all.windows(128).any(|x| x == w.as_slice()),
+            "window is a contiguous slice of the text"
+        );
     }
     assert!(a.description.contains("input.txt") && a.description.contains("seed 0"));
 
-    let bos = calibration_windows_with(&src, Some(&t), &CalibOptions { nsamples: 2, seqlen: 64, seed: 3, add_bos: true }).unwrap();
+    let bos = calibration_windows_with(
+        &src,
+        Some(&t),
+        &CalibOptions {
+            nsamples: 2,
+            seqlen: 64,
+            seed: 3,
+            add_bos: true,
+        },
+    )
+    .unwrap();
     assert!(bos.windows.iter().all(|w| w.len() == 64 && w[0] == 0));
 
     let c4 = CalibSource::open(d.join("corpora/c4/c4_validation_2k.jsonl")).unwrap();
     assert_eq!(c4.num_documents(), 2000);
     let x = calibration_windows(&c4, Some(&t), 4, 256, 0).unwrap();
     assert_eq!(x, calibration_windows(&c4, Some(&t), 4, 256, 0).unwrap());
-    assert_ne!(x.windows, calibration_windows(&c4, Some(&t), 4, 256, 9).unwrap().windows);
+    assert_ne!(
+        x.windows,
+        calibration_windows(&c4, Some(&t), 4, 256, 9)
+            .unwrap()
+            .windows
+    );
     assert!(x.windows.iter().all(|w| w.len() == 256));
-    assert!(x.available_windows > 4 && x.available_tokens > 500_000, "{x:?}");
+    assert!(
+        x.available_windows > 4 && x.available_tokens > 500_000,
+        "{x:?}"
+    );
 
-    let e = calibration_windows(&c4, Some(&t), 4, 1_000_000, 0).unwrap_err().to_string();
-    assert!(e.contains("c4_validation_2k.jsonl") && e.contains("longest"), "{e}");
-    let e = calibration_windows(&c4, None, 4, 16, 0).unwrap_err().to_string();
+    let e = calibration_windows(&c4, Some(&t), 4, 1_000_000, 0)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("c4_validation_2k.jsonl") && e.contains("longest"),
+        "{e}"
+    );
+    let e = calibration_windows(&c4, None, 4, 16, 0)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("needs a tokenizer"), "{e}");
 }
 
@@ -285,8 +415,15 @@ struct T {
 
 fn f32_tensor(name: &str, shape: &[usize], seed: f32) -> T {
     let n: usize = shape.iter().product();
-    let data = (0..n).flat_map(|i| ((i as f32) * 0.01 + seed).to_le_bytes()).collect();
-    T { name: name.into(), dtype: "F32", shape: shape.to_vec(), data }
+    let data = (0..n)
+        .flat_map(|i| ((i as f32) * 0.01 + seed).to_le_bytes())
+        .collect();
+    T {
+        name: name.into(),
+        dtype: "F32",
+        shape: shape.to_vec(),
+        data,
+    }
 }
 
 fn safetensors_bytes(ts: &[T]) -> Vec<u8> {
@@ -300,7 +437,7 @@ fn safetensors_bytes(ts: &[T]) -> Vec<u8> {
         off += t.data.len();
     }
     let mut h = serde_json::Value::Object(header).to_string().into_bytes();
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
     let mut out = (h.len() as u64).to_le_bytes().to_vec();
@@ -313,12 +450,27 @@ fn safetensors_bytes(ts: &[T]) -> Vec<u8> {
 
 fn tiny_tensors() -> Vec<T> {
     let cfg = ModelConfig::from_json_str(TINY_CONFIG).unwrap();
-    let mut ts = vec![f32_tensor("model.embed_tokens.weight", &[16, 8], 0.0), f32_tensor("model.norm.weight", &[8], 1.0)];
-    ts.push(f32_tensor("model.layers.0.input_layernorm.weight", &[8], 1.0));
-    ts.push(f32_tensor("model.layers.0.post_attention_layernorm.weight", &[8], 1.0));
+    let mut ts = vec![
+        f32_tensor("model.embed_tokens.weight", &[16, 8], 0.0),
+        f32_tensor("model.norm.weight", &[8], 1.0),
+    ];
+    ts.push(f32_tensor(
+        "model.layers.0.input_layernorm.weight",
+        &[8],
+        1.0,
+    ));
+    ts.push(f32_tensor(
+        "model.layers.0.post_attention_layernorm.weight",
+        &[8],
+        1.0,
+    ));
     for m in ModuleKind::ALL {
         let (o, i) = cfg.linear_shape(m);
-        ts.push(f32_tensor(&format!("model.layers.0.{}.weight", m.hf_name()), &[o, i], 0.5));
+        ts.push(f32_tensor(
+            &format!("model.layers.0.{}.weight", m.hf_name()),
+            &[o, i],
+            0.5,
+        ));
     }
     ts
 }
@@ -341,7 +493,10 @@ fn synthetic_checkpoint_loads() {
     write_checkpoint(d.path(), &tiny_tensors());
     let m = SafetensorsModel::open(d.path()).unwrap();
     let l = m.layer(0).unwrap();
-    assert_eq!((l.q.out_features, l.k.out_features, l.down.in_features), (8, 4, 16));
+    assert_eq!(
+        (l.q.out_features, l.k.out_features, l.down.in_features),
+        (8, 4, 16)
+    );
     assert_eq!(l.q.weight[1], 0.51);
     assert_eq!(m.embed(&[1]).unwrap(), m.lm_head_rows(1..2).unwrap());
 }
@@ -349,23 +504,48 @@ fn synthetic_checkpoint_loads() {
 #[test]
 fn config_errors_name_file_and_field() {
     let d = tempfile::tempdir().unwrap();
-    std::fs::write(d.path().join("model.safetensors"), safetensors_bytes(&tiny_tensors())).unwrap();
+    std::fs::write(
+        d.path().join("model.safetensors"),
+        safetensors_bytes(&tiny_tensors()),
+    )
+    .unwrap();
     let e = open_err(d.path());
     assert!(e.contains("config.json") && e.contains("missing"), "{e}");
 
     std::fs::write(d.path().join("config.json"), "{\"architectures\": [").unwrap();
     let e = open_err(d.path());
-    assert!(e.contains("config.json") && e.contains("malformed JSON"), "{e}");
+    assert!(
+        e.contains("config.json") && e.contains("malformed JSON"),
+        "{e}"
+    );
 
-    std::fs::write(d.path().join("config.json"), TINY_CONFIG.replace("LlamaForCausalLM", "GPTNeoXForCausalLM")).unwrap();
+    std::fs::write(
+        d.path().join("config.json"),
+        TINY_CONFIG.replace("LlamaForCausalLM", "GPTNeoXForCausalLM"),
+    )
+    .unwrap();
     let e = open_err(d.path());
-    assert!(e.contains("config.json") && e.contains("GPTNeoXForCausalLM") && e.contains("Qwen2ForCausalLM"), "{e}");
+    assert!(
+        e.contains("config.json")
+            && e.contains("GPTNeoXForCausalLM")
+            && e.contains("Qwen2ForCausalLM"),
+        "{e}"
+    );
 
-    std::fs::write(d.path().join("config.json"), TINY_CONFIG.replace("\"num_key_value_heads\":1", "\"num_key_value_heads\":3")).unwrap();
+    std::fs::write(
+        d.path().join("config.json"),
+        TINY_CONFIG.replace("\"num_key_value_heads\":1", "\"num_key_value_heads\":3"),
+    )
+    .unwrap();
     let e = open_err(d.path());
-    assert!(e.contains("config.json") && e.contains("num_key_value_heads"), "{e}");
+    assert!(
+        e.contains("config.json") && e.contains("num_key_value_heads"),
+        "{e}"
+    );
 
-    let e = ModelConfig::from_file(d.path().join("nope.json")).unwrap_err().to_string();
+    let e = ModelConfig::from_file(d.path().join("nope.json"))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("nope.json"), "{e}");
 }
 
@@ -379,32 +559,51 @@ fn safetensors_corruption_errors() {
     // Shorter than the length prefix.
     std::fs::write(&st, &good[..5]).unwrap();
     let e = open_err(d.path());
-    assert!(e.contains("model.safetensors") && e.contains("truncated"), "{e}");
+    assert!(
+        e.contains("model.safetensors") && e.contains("truncated"),
+        "{e}"
+    );
 
     // Header length past the end of the file.
     std::fs::write(&st, &good[..40]).unwrap();
     let e = open_err(d.path());
-    assert!(e.contains("model.safetensors") && e.contains("header length"), "{e}");
+    assert!(
+        e.contains("model.safetensors") && e.contains("header length"),
+        "{e}"
+    );
 
     // Truncated data section: the last tensor's offsets now point past the end.
     std::fs::write(&st, &good[..good.len() - 10]).unwrap();
     let e = open_err(d.path());
-    assert!(e.contains("model.safetensors") && e.contains("past the end") && e.contains("down_proj"), "{e}");
+    assert!(
+        e.contains("model.safetensors") && e.contains("past the end") && e.contains("down_proj"),
+        "{e}"
+    );
 
     // Header JSON broken.
     let mut bad = good.clone();
     bad[8] = b'!';
     std::fs::write(&st, &bad).unwrap();
     let e = open_err(d.path());
-    assert!(e.contains("model.safetensors") && e.contains("not valid JSON"), "{e}");
+    assert!(
+        e.contains("model.safetensors") && e.contains("not valid JSON"),
+        "{e}"
+    );
 
     // Explicit header pointing past the file end.
     let header = br#"{"model.norm.weight":{"dtype":"F32","shape":[8],"data_offsets":[0,32]}}"#;
     let mut f = (header.len() as u64).to_le_bytes().to_vec();
     f.extend_from_slice(header);
     f.extend_from_slice(&[0u8; 16]);
-    let e = parse_safetensors_header(&f, Path::new("x.safetensors")).unwrap_err().to_string();
-    assert!(e.contains("x.safetensors") && e.contains("model.norm.weight") && e.contains("past the end"), "{e}");
+    let e = parse_safetensors_header(&f, Path::new("x.safetensors"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("x.safetensors")
+            && e.contains("model.norm.weight")
+            && e.contains("past the end"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -417,7 +616,10 @@ fn wrong_shape_and_dtype_errors() {
     let m = SafetensorsModel::open(d.path()).unwrap();
     let e = m.layer(0).unwrap_err().to_string();
     assert!(
-        e.contains("model.safetensors") && e.contains("self_attn.q_proj.weight") && e.contains("[4, 16]") && e.contains("[8, 8]"),
+        e.contains("model.safetensors")
+            && e.contains("self_attn.q_proj.weight")
+            && e.contains("[4, 16]")
+            && e.contains("[8, 8]"),
         "{e}"
     );
 
@@ -425,21 +627,41 @@ fn wrong_shape_and_dtype_errors() {
     let up = ts.iter_mut().find(|t| t.name.contains("up_proj")).unwrap();
     up.dtype = "I32";
     write_checkpoint(d.path(), &ts);
-    let e = SafetensorsModel::open(d.path()).unwrap().layer(0).unwrap_err().to_string();
-    assert!(e.contains("model.safetensors") && e.contains("mlp.up_proj.weight") && e.contains("I32"), "{e}");
+    let e = SafetensorsModel::open(d.path())
+        .unwrap()
+        .layer(0)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("model.safetensors") && e.contains("mlp.up_proj.weight") && e.contains("I32"),
+        "{e}"
+    );
 
     let mut ts = tiny_tensors();
     ts[0].shape = vec![15, 8];
     ts[0].data.truncate(15 * 8 * 4);
     write_checkpoint(d.path(), &ts);
     let e = open_err(d.path());
-    assert!(e.contains("embed_tokens") && e.contains("[15, 8]") && e.contains("[16, 8]"), "{e}");
+    assert!(
+        e.contains("embed_tokens") && e.contains("[15, 8]") && e.contains("[16, 8]"),
+        "{e}"
+    );
 
     // Untied config without lm_head.
     write_checkpoint(d.path(), &tiny_tensors());
-    std::fs::write(d.path().join("config.json"), TINY_CONFIG.replace("\"tie_word_embeddings\":true", "\"tie_word_embeddings\":false")).unwrap();
+    std::fs::write(
+        d.path().join("config.json"),
+        TINY_CONFIG.replace(
+            "\"tie_word_embeddings\":true",
+            "\"tie_word_embeddings\":false",
+        ),
+    )
+    .unwrap();
     let e = open_err(d.path());
-    assert!(e.contains("lm_head.weight") && e.contains("tie_word_embeddings"), "{e}");
+    assert!(
+        e.contains("lm_head.weight") && e.contains("tie_word_embeddings"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -456,18 +678,34 @@ fn sharding_errors_and_success() {
         .chain(b.iter().map(|t| (t.name.clone(), "s2.safetensors".into())))
         .collect();
     let index = serde_json::json!({"metadata": {}, "weight_map": map});
-    std::fs::write(d.path().join("model.safetensors.index.json"), index.to_string()).unwrap();
+    std::fs::write(
+        d.path().join("model.safetensors.index.json"),
+        index.to_string(),
+    )
+    .unwrap();
     let m = SafetensorsModel::open(d.path()).unwrap();
     assert_eq!(m.shard_paths().len(), 2);
     assert_eq!(m.layer(0).unwrap().gate.out_features, 16);
 
     std::fs::remove_file(d.path().join("s2.safetensors")).unwrap();
     let e = open_err(d.path());
-    assert!(e.contains("s2.safetensors") && e.contains("model.safetensors.index.json") && e.contains("missing"), "{e}");
+    assert!(
+        e.contains("s2.safetensors")
+            && e.contains("model.safetensors.index.json")
+            && e.contains("missing"),
+        "{e}"
+    );
 
-    let e = parse_safetensors_index(r#"{"weight_map":{"a":"../etc/passwd"}}"#, Path::new("i.json")).unwrap_err().to_string();
+    let e = parse_safetensors_index(
+        r#"{"weight_map":{"a":"../etc/passwd"}}"#,
+        Path::new("i.json"),
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("i.json") && e.contains("weight_map.a"), "{e}");
-    let e = parse_safetensors_index(r#"{"metadata":{}}"#, Path::new("i.json")).unwrap_err().to_string();
+    let e = parse_safetensors_index(r#"{"metadata":{}}"#, Path::new("i.json"))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("weight_map"), "{e}");
 }
 
@@ -477,7 +715,12 @@ fn pickle_only_and_empty_dirs() {
     std::fs::write(d.path().join("config.json"), TINY_CONFIG).unwrap();
     std::fs::write(d.path().join("pytorch_model.bin"), b"PK\x03\x04").unwrap();
     let e = open_err(d.path());
-    assert!(e.contains("pytorch_model.bin") && e.contains("pickle") && e.contains("safe_serialization=True"), "{e}");
+    assert!(
+        e.contains("pytorch_model.bin")
+            && e.contains("pickle")
+            && e.contains("safe_serialization=True"),
+        "{e}"
+    );
     std::fs::remove_file(d.path().join("pytorch_model.bin")).unwrap();
     let e = open_err(d.path());
     assert!(e.contains("no model.safetensors"), "{e}");
@@ -492,7 +735,10 @@ fn tokenizer_missing_and_malformed() {
     assert!(e.contains("tokenizer.json") && e.contains("missing"), "{e}");
     std::fs::write(d.path().join("tokenizer.model"), b"x").unwrap();
     let e = Tokenizer::from_dir(d.path()).unwrap_err().to_string();
-    assert!(e.contains("tokenizer.model") && e.contains("save_pretrained"), "{e}");
+    assert!(
+        e.contains("tokenizer.model") && e.contains("save_pretrained"),
+        "{e}"
+    );
     std::fs::write(d.path().join("tokenizer.json"), b"{not json").unwrap();
     let e = Tokenizer::from_dir(d.path()).unwrap_err().to_string();
     assert!(e.contains("tokenizer.json"), "{e}");
@@ -505,17 +751,28 @@ fn write_parquet(path: &Path, columns: &[(&str, Vec<&str>)]) {
     use parquet::data_type::{ByteArray, ByteArrayType};
     use parquet::file::properties::WriterProperties;
     use parquet::file::writer::SerializedFileWriter;
-    let fields: String = columns.iter().map(|(n, _)| format!("REQUIRED BYTE_ARRAY {n} (UTF8); ")).collect();
-    let schema = Arc::new(parquet::schema::parser::parse_message_type(&format!("message schema {{ {fields} }}")).unwrap());
-    let props =
-        Arc::new(WriterProperties::builder().set_compression(parquet::basic::Compression::SNAPPY).build());
+    let fields: String = columns
+        .iter()
+        .map(|(n, _)| format!("REQUIRED BYTE_ARRAY {n} (UTF8); "))
+        .collect();
+    let schema = Arc::new(
+        parquet::schema::parser::parse_message_type(&format!("message schema {{ {fields} }}"))
+            .unwrap(),
+    );
+    let props = Arc::new(
+        WriterProperties::builder()
+            .set_compression(parquet::basic::Compression::SNAPPY)
+            .build(),
+    );
     let file = std::fs::File::create(path).unwrap();
     let mut w = SerializedFileWriter::new(file, schema, props).unwrap();
     let mut rg = w.next_row_group().unwrap();
     let mut i = 0;
     while let Some(mut col) = rg.next_column().unwrap() {
         let vals: Vec<ByteArray> = columns[i].1.iter().map(|s| ByteArray::from(*s)).collect();
-        col.typed::<ByteArrayType>().write_batch(&vals, None, None).unwrap();
+        col.typed::<ByteArrayType>()
+            .write_batch(&vals, None, None)
+            .unwrap();
         col.close().unwrap();
         i += 1;
     }
@@ -534,15 +791,27 @@ fn calibration_file_errors() {
     let p = d.path().join("notext.jsonl");
     std::fs::write(&p, "{\"url\": \"a\"}\n{\"id\": 3}\n").unwrap();
     let e = CalibSource::open(&p).unwrap_err().to_string();
-    assert!(e.contains("notext.jsonl:1") && e.contains("`text`") && e.contains("url"), "{e}");
+    assert!(
+        e.contains("notext.jsonl:1") && e.contains("`text`") && e.contains("url"),
+        "{e}"
+    );
 
     let p = d.path().join("nocol.parquet");
     write_parquet(&p, &[("content", vec!["a", "b"]), ("url", vec!["u", "v"])]);
     let e = CalibSource::open(&p).unwrap_err().to_string();
-    assert!(e.contains("nocol.parquet") && e.contains("`text`") && e.contains("content, url"), "{e}");
+    assert!(
+        e.contains("nocol.parquet") && e.contains("`text`") && e.contains("content, url"),
+        "{e}"
+    );
 
     let p = d.path().join("ok.parquet");
-    write_parquet(&p, &[("url", vec!["u", "v", "w"]), ("text", vec!["one doc", "two", "three"])]);
+    write_parquet(
+        &p,
+        &[
+            ("url", vec!["u", "v", "w"]),
+            ("text", vec!["one doc", "two", "three"]),
+        ],
+    );
     let src = CalibSource::open(&p).unwrap();
     assert_eq!(src.num_documents(), 3);
 
@@ -554,20 +823,46 @@ fn calibration_file_errors() {
     let p = d.path().join("bad.safetensors");
     std::fs::write(&p, safetensors_bytes(&[f32_tensor("x", &[2], 0.0)])).unwrap();
     let e = CalibSource::open(&p).unwrap_err().to_string();
-    assert!(e.contains("bad.safetensors") && e.contains("input_ids"), "{e}");
+    assert!(
+        e.contains("bad.safetensors") && e.contains("input_ids"),
+        "{e}"
+    );
 
     // Pre-tokenized: I64 [3, 5] and a negative id.
     let ids: Vec<u8> = (0..15i64).flat_map(|v| v.to_le_bytes()).collect();
     let p = d.path().join("ids.safetensors");
-    std::fs::write(&p, safetensors_bytes(&[T { name: "input_ids".into(), dtype: "I64", shape: vec![3, 5], data: ids }])).unwrap();
+    std::fs::write(
+        &p,
+        safetensors_bytes(&[T {
+            name: "input_ids".into(),
+            dtype: "I64",
+            shape: vec![3, 5],
+            data: ids,
+        }]),
+    )
+    .unwrap();
     let src = CalibSource::open(&p).unwrap();
     let set = calibration_windows(&src, None, 2, 4, 0).unwrap();
     assert_eq!(set.windows, vec![vec![0, 1, 2, 3], vec![5, 6, 7, 8]]);
     assert_eq!((set.available_tokens, set.available_windows), (15, 3));
-    let e = calibration_windows(&src, None, 2, 6, 0).unwrap_err().to_string();
-    assert!(e.contains("ids.safetensors") && e.contains("seqlen 6"), "{e}");
+    let e = calibration_windows(&src, None, 2, 6, 0)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("ids.safetensors") && e.contains("seqlen 6"),
+        "{e}"
+    );
     let neg: Vec<u8> = [-1i32, 2].iter().flat_map(|v| v.to_le_bytes()).collect();
-    std::fs::write(&p, safetensors_bytes(&[T { name: "input_ids".into(), dtype: "I32", shape: vec![2], data: neg }])).unwrap();
+    std::fs::write(
+        &p,
+        safetensors_bytes(&[T {
+            name: "input_ids".into(),
+            dtype: "I32",
+            shape: vec![2],
+            data: neg,
+        }]),
+    )
+    .unwrap();
     let e = CalibSource::open(&p).unwrap_err().to_string();
     assert!(e.contains("ids.safetensors") && e.contains("-1"), "{e}");
 }
@@ -580,17 +875,30 @@ fn calibration_too_short_with_real_tokenizer() {
     let p = d.path().join("short.txt");
     std::fs::write(&p, "The cat sat on the mat.").unwrap();
     let src = CalibSource::open(&p).unwrap();
-    let e = calibration_windows(&src, Some(&t), 4, 128, 0).unwrap_err().to_string();
-    assert!(e.contains("short.txt") && e.contains("128") && e.contains("tokens"), "{e}");
+    let e = calibration_windows(&src, Some(&t), 4, 128, 0)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("short.txt") && e.contains("128") && e.contains("tokens"),
+        "{e}"
+    );
     let ok = calibration_windows(&src, Some(&t), 3, 4, 0).unwrap();
     assert_eq!(ok.windows.len(), 3);
 
     let p = d.path().join("docs.parquet");
-    write_parquet(&p, &[("text", vec!["The cat sat on the mat. The cat sat on the mat.", "tiny"])]);
+    write_parquet(
+        &p,
+        &[(
+            "text",
+            vec!["The cat sat on the mat. The cat sat on the mat.", "tiny"],
+        )],
+    );
     let src = CalibSource::open(&p).unwrap();
     let s = calibration_windows(&src, Some(&t), 5, 8, 1).unwrap();
     assert!(s.windows.iter().all(|w| w.len() == 8));
-    let e = calibration_windows(&src, Some(&t), 5, 64, 1).unwrap_err().to_string();
+    let e = calibration_windows(&src, Some(&t), 5, 64, 1)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("docs.parquet") && e.contains("longest"), "{e}");
 }
 
@@ -607,10 +915,18 @@ mod fuzz {
             any::<bool>().prop_map(serde_json::Value::from),
             any::<i64>().prop_map(serde_json::Value::from),
             (0u64..5000).prop_map(serde_json::Value::from),
-            any::<f64>().prop_map(|f| serde_json::Number::from_f64(f).map_or(serde_json::Value::Null, serde_json::Value::Number)),
+            any::<f64>().prop_map(|f| serde_json::Number::from_f64(f)
+                .map_or(serde_json::Value::Null, serde_json::Value::Number)),
             "[a-zA-Z0-9_./]{0,12}".prop_map(serde_json::Value::from),
-            prop::sample::select(vec!["LlamaForCausalLM", "Qwen3ForCausalLM", "llama3", "linear", "yarn", "bfloat16"])
-                .prop_map(serde_json::Value::from),
+            prop::sample::select(vec![
+                "LlamaForCausalLM",
+                "Qwen3ForCausalLM",
+                "llama3",
+                "linear",
+                "yarn",
+                "bfloat16"
+            ])
+            .prop_map(serde_json::Value::from),
         ];
         leaf.prop_recursive(3, 24, 4, |inner| {
             prop_oneof![
@@ -622,9 +938,22 @@ mod fuzz {
     }
 
     const CONFIG_KEYS: [&str; 16] = [
-        "architectures", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-        "num_key_value_heads", "head_dim", "vocab_size", "rms_norm_eps", "rope_theta", "rope_scaling",
-        "rope_parameters", "tie_word_embeddings", "torch_dtype", "eos_token_id", "attention_bias",
+        "architectures",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "vocab_size",
+        "rms_norm_eps",
+        "rope_theta",
+        "rope_scaling",
+        "rope_parameters",
+        "tie_word_embeddings",
+        "torch_dtype",
+        "eos_token_id",
+        "attention_bias",
     ];
 
     proptest! {
