@@ -41,7 +41,11 @@ pub enum CalibError {
     #[error("{path}: {message}")]
     File { path: String, message: String },
     #[error("{path}:{line}: {message}")]
-    Line { path: String, line: usize, message: String },
+    Line {
+        path: String,
+        line: usize,
+        message: String,
+    },
     #[error(transparent)]
     Tokenizer(#[from] TokenizerError),
     #[error("invalid calibration request: {0}")]
@@ -49,7 +53,10 @@ pub enum CalibError {
 }
 
 fn file_err(path: &Path, message: impl Into<String>) -> CalibError {
-    CalibError::File { path: path.display().to_string(), message: message.into() }
+    CalibError::File {
+        path: path.display().to_string(),
+        message: message.into(),
+    }
 }
 
 /// What kind of file a [`CalibSource`] was read from.
@@ -83,19 +90,34 @@ impl CalibSource {
     /// Reads `path`, choosing the format by extension (see the module docs).
     pub fn open(path: impl AsRef<Path>) -> Result<Self, CalibError> {
         let path = path.as_ref();
-        let ext = path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).unwrap_or_default();
+        let ext = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .map(str::to_ascii_lowercase)
+            .unwrap_or_default();
         let (kind, data) = match ext.as_str() {
             e if TEXT_EXTS.contains(&e) => {
-                let bytes = std::fs::read(path).map_err(|e| file_err(path, format!("cannot read: {e}")))?;
+                let bytes =
+                    std::fs::read(path).map_err(|e| file_err(path, format!("cannot read: {e}")))?;
                 (CalibKind::Text, CalibData::Text(parse_text(&bytes, path)?))
             }
             "jsonl" | "ndjson" => {
-                let bytes = std::fs::read(path).map_err(|e| file_err(path, format!("cannot read: {e}")))?;
+                let bytes =
+                    std::fs::read(path).map_err(|e| file_err(path, format!("cannot read: {e}")))?;
                 let text = parse_text(&bytes, path)?;
-                (CalibKind::Jsonl, CalibData::Documents(parse_jsonl(&text, path)?))
+                (
+                    CalibKind::Jsonl,
+                    CalibData::Documents(parse_jsonl(&text, path)?),
+                )
             }
-            "parquet" => (CalibKind::Parquet, CalibData::Documents(read_parquet_text(path)?)),
-            "safetensors" => (CalibKind::PreTokenized, CalibData::Tokens(read_input_ids(path)?)),
+            "parquet" => (
+                CalibKind::Parquet,
+                CalibData::Documents(read_parquet_text(path)?),
+            ),
+            "safetensors" => (
+                CalibKind::PreTokenized,
+                CalibData::Tokens(read_input_ids(path)?),
+            ),
             _ => {
                 return Err(file_err(
                     path,
@@ -106,12 +128,20 @@ impl CalibSource {
                 ));
             }
         };
-        Ok(CalibSource { path: path.to_path_buf(), kind, data })
+        Ok(CalibSource {
+            path: path.to_path_buf(),
+            kind,
+            data,
+        })
     }
 
     /// A source from in-memory text (tests, the GUI's paste box); `name` is used in messages.
     pub fn from_text(name: impl Into<PathBuf>, text: String) -> Self {
-        CalibSource { path: name.into(), kind: CalibKind::Text, data: CalibData::Text(text) }
+        CalibSource {
+            path: name.into(),
+            kind: CalibKind::Text,
+            data: CalibData::Text(text),
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -135,13 +165,20 @@ impl CalibSource {
     pub fn token_stream(&self, tokenizer: Option<&Tokenizer>) -> Result<Vec<u32>, CalibError> {
         match &self.data {
             CalibData::Text(t) => Ok(self.need_tok(tokenizer)?.encode(t, false)?),
-            CalibData::Documents(d) => Ok(self.need_tok(tokenizer)?.encode(&d.join("\n\n"), false)?),
+            CalibData::Documents(d) => {
+                Ok(self.need_tok(tokenizer)?.encode(&d.join("\n\n"), false)?)
+            }
             CalibData::Tokens(rows) => Ok(rows.concat()),
         }
     }
 
     fn need_tok<'t>(&self, tokenizer: Option<&'t Tokenizer>) -> Result<&'t Tokenizer, CalibError> {
-        tokenizer.ok_or_else(|| file_err(&self.path, "this calibration source is text and needs a tokenizer"))
+        tokenizer.ok_or_else(|| {
+            file_err(
+                &self.path,
+                "this calibration source is text and needs a tokenizer",
+            )
+        })
     }
 }
 
@@ -150,10 +187,23 @@ pub fn parse_text(bytes: &[u8], path: &Path) -> Result<String, CalibError> {
     if bytes.is_empty() {
         return Err(file_err(path, "empty file (0 bytes): no calibration text"));
     }
-    let text = std::str::from_utf8(bytes)
-        .map_err(|e| file_err(path, format!("not valid UTF-8 (first bad byte at offset {})", e.valid_up_to())))?;
+    let text = std::str::from_utf8(bytes).map_err(|e| {
+        file_err(
+            path,
+            format!(
+                "not valid UTF-8 (first bad byte at offset {})",
+                e.valid_up_to()
+            ),
+        )
+    })?;
     if text.trim().is_empty() {
-        return Err(file_err(path, format!("contains only whitespace ({} bytes): no calibration text", bytes.len())));
+        return Err(file_err(
+            path,
+            format!(
+                "contains only whitespace ({} bytes): no calibration text",
+                bytes.len()
+            ),
+        ));
     }
     Ok(text.to_string())
 }
@@ -181,7 +231,10 @@ pub fn parse_jsonl(text: &str, path: &Path) -> Result<Vec<String>, CalibError> {
             Some(t) => docs.push(t.to_string()),
             None => {
                 if first_without.is_none() {
-                    let keys = v.as_object().map(|o| o.keys().cloned().collect()).unwrap_or_default();
+                    let keys = v
+                        .as_object()
+                        .map(|o| o.keys().cloned().collect())
+                        .unwrap_or_default();
                     first_without = Some((line_no, keys));
                 }
             }
@@ -213,17 +266,25 @@ pub fn read_parquet_text(path: &Path) -> Result<Vec<String>, CalibError> {
     use parquet::file::reader::{FileReader, SerializedFileReader};
     use parquet::record::Field;
 
-    let file = std::fs::File::open(path).map_err(|e| file_err(path, format!("cannot open: {e}")))?;
-    let reader = SerializedFileReader::new(file).map_err(|e| file_err(path, format!("not a readable Parquet file: {e}")))?;
+    let file =
+        std::fs::File::open(path).map_err(|e| file_err(path, format!("cannot open: {e}")))?;
+    let reader = SerializedFileReader::new(file)
+        .map_err(|e| file_err(path, format!("not a readable Parquet file: {e}")))?;
     let meta = reader.metadata();
     let schema = meta.file_metadata().schema();
     let fields = schema.get_fields();
     let Some(text_field) = fields.iter().find(|f| f.name() == "text") else {
         let names: Vec<&str> = fields.iter().map(|f| f.name()).collect();
-        return Err(file_err(path, format!("no `text` column (columns: [{}])", names.join(", "))));
+        return Err(file_err(
+            path,
+            format!("no `text` column (columns: [{}])", names.join(", ")),
+        ));
     };
     if !text_field.is_primitive() {
-        return Err(file_err(path, "column `text` is nested, expected a string column"));
+        return Err(file_err(
+            path,
+            "column `text` is nested, expected a string column",
+        ));
     }
     for rg in meta.row_groups() {
         for col in rg.columns() {
@@ -265,11 +326,19 @@ pub fn read_parquet_text(path: &Path) -> Result<Vec<String>, CalibError> {
                 Field::Str(s) => docs.push(s.clone()),
                 Field::Bytes(b) => match std::str::from_utf8(b.data()) {
                     Ok(s) => docs.push(s.to_string()),
-                    Err(_) => return Err(file_err(path, format!("row {i}: column `text` is not valid UTF-8"))),
+                    Err(_) => {
+                        return Err(file_err(
+                            path,
+                            format!("row {i}: column `text` is not valid UTF-8"),
+                        ));
+                    }
                 },
                 Field::Null => {}
                 other => {
-                    return Err(file_err(path, format!("row {i}: column `text` holds {other:?}, expected a string")));
+                    return Err(file_err(
+                        path,
+                        format!("row {i}: column `text` holds {other:?}, expected a string"),
+                    ));
                 }
             }
         }
@@ -284,34 +353,76 @@ pub fn read_parquet_text(path: &Path) -> Result<Vec<String>, CalibError> {
 pub fn read_input_ids(path: &Path) -> Result<Vec<Vec<u32>>, CalibError> {
     use safetensors::Dtype;
     let bytes = std::fs::read(path).map_err(|e| file_err(path, format!("cannot read: {e}")))?;
-    let header = parse_safetensors_header(&bytes, path).map_err(|e| file_err(path, e.to_string()))?;
+    let header =
+        parse_safetensors_header(&bytes, path).map_err(|e| file_err(path, e.to_string()))?;
     let Some(meta) = header.tensors.get("input_ids") else {
         let names: Vec<&str> = header.tensors.keys().map(String::as_str).collect();
-        return Err(file_err(path, format!("no `input_ids` tensor (tensors: [{}])", names.join(", "))));
+        return Err(file_err(
+            path,
+            format!("no `input_ids` tensor (tensors: [{}])", names.join(", ")),
+        ));
     };
     let (n, l) = match meta.shape.as_slice() {
         [l] => (1, *l),
         [n, l] => (*n, *l),
-        s => return Err(file_err(path, format!("tensor `input_ids`: shape {s:?}, expected [N, L] or [L]"))),
+        s => {
+            return Err(file_err(
+                path,
+                format!("tensor `input_ids`: shape {s:?}, expected [N, L] or [L]"),
+            ));
+        }
     };
     let start = header.data_start + meta.data_offsets.0;
     let data = &bytes[start..header.data_start + meta.data_offsets.1];
-    let bad = |v: i128| file_err(path, format!("tensor `input_ids`: value {v} is not a valid token id"));
+    let bad = |v: i128| {
+        file_err(
+            path,
+            format!("tensor `input_ids`: value {v} is not a valid token id"),
+        )
+    };
     let conv = |v: i128| u32::try_from(v).map_err(|_| bad(v));
     let flat: Vec<u32> = match meta.dtype {
-        Dtype::I64 => data.chunks_exact(8).map(|c| conv(i64::from_le_bytes(arr(c)) as i128)).collect::<Result<_, _>>()?,
-        Dtype::U64 => data.chunks_exact(8).map(|c| conv(u64::from_le_bytes(arr(c)) as i128)).collect::<Result<_, _>>()?,
-        Dtype::I32 => data.chunks_exact(4).map(|c| conv(i32::from_le_bytes(arr(c)) as i128)).collect::<Result<_, _>>()?,
-        Dtype::U32 => data.chunks_exact(4).map(|c| u32::from_le_bytes(arr(c))).collect(),
-        Dtype::I16 => data.chunks_exact(2).map(|c| conv(i16::from_le_bytes(arr(c)) as i128)).collect::<Result<_, _>>()?,
-        Dtype::U16 => data.chunks_exact(2).map(|c| u16::from_le_bytes(arr(c)) as u32).collect(),
+        Dtype::I64 => data
+            .chunks_exact(8)
+            .map(|c| conv(i64::from_le_bytes(arr(c)) as i128))
+            .collect::<Result<_, _>>()?,
+        Dtype::U64 => data
+            .chunks_exact(8)
+            .map(|c| conv(u64::from_le_bytes(arr(c)) as i128))
+            .collect::<Result<_, _>>()?,
+        Dtype::I32 => data
+            .chunks_exact(4)
+            .map(|c| conv(i32::from_le_bytes(arr(c)) as i128))
+            .collect::<Result<_, _>>()?,
+        Dtype::U32 => data
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes(arr(c)))
+            .collect(),
+        Dtype::I16 => data
+            .chunks_exact(2)
+            .map(|c| conv(i16::from_le_bytes(arr(c)) as i128))
+            .collect::<Result<_, _>>()?,
+        Dtype::U16 => data
+            .chunks_exact(2)
+            .map(|c| u16::from_le_bytes(arr(c)) as u32)
+            .collect(),
         Dtype::U8 => data.iter().map(|&b| b as u32).collect(),
+        Dtype::I8 => data
+            .iter()
+            .map(|&b| conv(i128::from(b as i8)))
+            .collect::<Result<_, _>>()?,
         other => {
-            return Err(file_err(path, format!("tensor `input_ids`: dtype {other:?}, expected an integer dtype")));
+            return Err(file_err(
+                path,
+                format!("tensor `input_ids`: dtype {other:?}, expected an integer dtype"),
+            ));
         }
     };
     if n == 0 || l == 0 {
-        return Err(file_err(path, format!("tensor `input_ids` is empty (shape [{n}, {l}])")));
+        return Err(file_err(
+            path,
+            format!("tensor `input_ids` is empty (shape [{n}, {l}])"),
+        ));
     }
     Ok(flat.chunks_exact(l).map(<[u32]>::to_vec).collect())
 }
@@ -400,7 +511,16 @@ pub fn calibration_windows(
     seqlen: usize,
     seed: u64,
 ) -> Result<CalibSet, CalibError> {
-    calibration_windows_with(source, tokenizer, &CalibOptions { nsamples, seqlen, seed, add_bos: false })
+    calibration_windows_with(
+        source,
+        tokenizer,
+        &CalibOptions {
+            nsamples,
+            seqlen,
+            seed,
+            add_bos: false,
+        },
+    )
 }
 
 /// Samples `nsamples` windows of `seqlen` tokens by the procedure in the module docs.
@@ -409,9 +529,16 @@ pub fn calibration_windows_with(
     tokenizer: Option<&Tokenizer>,
     opts: &CalibOptions,
 ) -> Result<CalibSet, CalibError> {
-    let CalibOptions { nsamples, seqlen, seed, add_bos } = *opts;
+    let CalibOptions {
+        nsamples,
+        seqlen,
+        seed,
+        add_bos,
+    } = *opts;
     if nsamples == 0 || seqlen == 0 {
-        return Err(CalibError::Invalid(format!("nsamples ({nsamples}) and seqlen ({seqlen}) must be positive")));
+        return Err(CalibError::Invalid(format!(
+            "nsamples ({nsamples}) and seqlen ({seqlen}) must be positive"
+        )));
     }
     let path = source.path.as_path();
     let shown = path.display();
@@ -420,19 +547,34 @@ pub fn calibration_windows_with(
     if let CalibData::Tokens(rows) = &source.data {
         let row_len = rows.first().map_or(0, Vec::len);
         if row_len < seqlen {
-            return Err(file_err(path, format!("pre-tokenized rows have {row_len} tokens, fewer than seqlen {seqlen}")));
+            return Err(file_err(
+                path,
+                format!("pre-tokenized rows have {row_len} tokens, fewer than seqlen {seqlen}"),
+            ));
         }
         if rows.len() < nsamples {
-            return Err(file_err(path, format!("{} pre-tokenized rows, fewer than nsamples {nsamples}", rows.len())));
+            return Err(file_err(
+                path,
+                format!(
+                    "{} pre-tokenized rows, fewer than nsamples {nsamples}",
+                    rows.len()
+                ),
+            ));
         }
         if let Some(tok) = tokenizer {
             let v = tok.vocab_size();
             if let Some(&bad) = rows.iter().flatten().find(|&&id| id as usize >= v) {
-                return Err(file_err(path, format!("token id {bad} is outside the tokenizer's vocabulary ({v})")));
+                return Err(file_err(
+                    path,
+                    format!("token id {bad} is outside the tokenizer's vocabulary ({v})"),
+                ));
             }
         }
         return Ok(CalibSet {
-            windows: rows[..nsamples].iter().map(|r| r[..seqlen].to_vec()).collect(),
+            windows: rows[..nsamples]
+                .iter()
+                .map(|r| r[..seqlen].to_vec())
+                .collect(),
             available_tokens: rows.len() * row_len,
             available_windows: rows.len(),
             description: format!(
@@ -444,12 +586,18 @@ pub fn calibration_windows_with(
 
     let tok = source.need_tok(tokenizer)?;
     let bos = if add_bos {
-        Some(tok.bos_id().ok_or_else(|| file_err(tok.path(), "BOS requested for calibration but the tokenizer has none"))?)
+        Some(tok.bos_id().ok_or_else(|| {
+            file_err(
+                tok.path(),
+                "BOS requested for calibration but the tokenizer has none",
+            )
+        })?)
     } else {
         None
     };
     let take = seqlen - usize::from(bos.is_some());
-    let finish = |body: &[u32]| -> Vec<u32> { bos.into_iter().chain(body.iter().copied()).collect() };
+    let finish =
+        |body: &[u32]| -> Vec<u32> { bos.into_iter().chain(body.iter().copied()).collect() };
     let bos_note = if add_bos { ", BOS + " } else { ", " };
 
     match &source.data {
@@ -459,7 +607,9 @@ pub fn calibration_windows_with(
             if len < take.max(1) {
                 return Err(file_err(
                     path,
-                    format!("only {len} tokens after tokenization, fewer than the {take} a window needs (seqlen {seqlen})"),
+                    format!(
+                        "only {len} tokens after tokenization, fewer than the {take} a window needs (seqlen {seqlen})"
+                    ),
                 ));
             }
             let windows = (0..nsamples)
@@ -479,7 +629,10 @@ pub fn calibration_windows_with(
             })
         }
         CalibData::Documents(docs) => {
-            let encoded: Vec<Vec<u32>> = docs.iter().map(|d| tok.encode(d, false)).collect::<Result<_, _>>()?;
+            let encoded: Vec<Vec<u32>> = docs
+                .iter()
+                .map(|d| tok.encode(d, false))
+                .collect::<Result<_, _>>()?;
             let available_tokens: usize = encoded.iter().map(Vec::len).sum();
             let longest = encoded.iter().map(Vec::len).max().unwrap_or(0);
             let eligible = encoded.iter().filter(|d| d.len() >= take.max(1)).count();
@@ -514,7 +667,9 @@ pub fn calibration_windows_with(
                 ),
             })
         }
-        CalibData::Tokens(_) => Err(CalibError::Invalid("unreachable: token rows handled above".into())),
+        CalibData::Tokens(_) => Err(CalibError::Invalid(
+            "unreachable: token rows handled above".into(),
+        )),
     }
 }
 
@@ -533,12 +688,20 @@ pub struct EvalWindows {
 /// See [`EvalWindows`]; `max_windows` keeps only the first windows (quick evaluations).
 pub fn eval_windows(tokens: &[u32], seqlen: usize, max_windows: Option<usize>) -> EvalWindows {
     if seqlen == 0 {
-        return EvalWindows { windows: Vec::new(), total_windows: 0, dropped_tokens: tokens.len() };
+        return EvalWindows {
+            windows: Vec::new(),
+            total_windows: 0,
+            dropped_tokens: tokens.len(),
+        };
     }
     let total_windows = tokens.len() / seqlen;
     let keep = max_windows.map_or(total_windows, |m| m.min(total_windows));
     EvalWindows {
-        windows: tokens.chunks_exact(seqlen).take(keep).map(<[u32]>::to_vec).collect(),
+        windows: tokens
+            .chunks_exact(seqlen)
+            .take(keep)
+            .map(<[u32]>::to_vec)
+            .collect(),
         total_windows,
         dropped_tokens: tokens.len() % seqlen,
     }
@@ -552,7 +715,10 @@ mod tests {
     fn eval_windows_counts() {
         let t: Vec<u32> = (0..1000).collect();
         let w = eval_windows(&t, 256, None);
-        assert_eq!((w.windows.len(), w.total_windows, w.dropped_tokens), (3, 3, 232));
+        assert_eq!(
+            (w.windows.len(), w.total_windows, w.dropped_tokens),
+            (3, 3, 232)
+        );
         assert_eq!(w.windows[1][0], 256);
         assert_eq!(eval_windows(&t, 256, Some(1)).windows.len(), 1);
     }
@@ -569,10 +735,17 @@ mod tests {
     #[test]
     fn jsonl_rules() {
         let p = Path::new("x.jsonl");
-        assert_eq!(parse_jsonl("{\"text\":\"a\"}\n\n{\"url\":1}\n{\"text\":\"b\"}", p).unwrap(), vec!["a", "b"]);
-        let e = parse_jsonl("{\"url\":1}\n{\"id\":2}", p).unwrap_err().to_string();
+        assert_eq!(
+            parse_jsonl("{\"text\":\"a\"}\n\n{\"url\":1}\n{\"text\":\"b\"}", p).unwrap(),
+            vec!["a", "b"]
+        );
+        let e = parse_jsonl("{\"url\":1}\n{\"id\":2}", p)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("x.jsonl:1") && e.contains("url"), "{e}");
-        let e = parse_jsonl("{\"text\":\"a\"}\nnot json", p).unwrap_err().to_string();
+        let e = parse_jsonl("{\"text\":\"a\"}\nnot json", p)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("x.jsonl:2"), "{e}");
     }
 }

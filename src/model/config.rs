@@ -98,7 +98,11 @@ pub enum ConfigError {
     #[error("{path}: malformed JSON: {message}")]
     Json { path: String, message: String },
     #[error("{path}: field `{field}`: {message}")]
-    Field { path: String, field: String, message: String },
+    Field {
+        path: String,
+        field: String,
+        message: String,
+    },
     #[error(
         "{path}: field `architectures`: unsupported architecture `{name}` (supported: {})",
         SUPPORTED_ARCHITECTURES.join(", ")
@@ -107,8 +111,12 @@ pub enum ConfigError {
 }
 
 /// `architectures[0]` values this loader understands (all share the Llama decoder layout).
-pub const SUPPORTED_ARCHITECTURES: [&str; 4] =
-    ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"];
+pub const SUPPORTED_ARCHITECTURES: [&str; 4] = [
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+];
 
 impl Architecture {
     /// Maps an `architectures[0]` string to the enum.
@@ -148,9 +156,15 @@ impl Architecture {
     /// config.json may omit. `tie_word_embeddings` defaults to `False` in all four classes.
     fn defaults(self) -> ArchDefaults {
         match self {
-            Self::Llama => ArchDefaults { max_position_embeddings: 2048 },
-            Self::Mistral => ArchDefaults { max_position_embeddings: 4096 * 32 },
-            Self::Qwen2 | Self::Qwen3 => ArchDefaults { max_position_embeddings: 32768 },
+            Self::Llama => ArchDefaults {
+                max_position_embeddings: 2048,
+            },
+            Self::Mistral => ArchDefaults {
+                max_position_embeddings: 4096 * 32,
+            },
+            Self::Qwen2 | Self::Qwen3 => ArchDefaults {
+                max_position_embeddings: 32768,
+            },
         }
     }
 }
@@ -213,17 +227,25 @@ impl<'a> Fields<'a> {
                 .as_u64()
                 .and_then(|n| usize::try_from(n).ok())
                 .map(Some)
-                .ok_or_else(|| self.err(field, format!("expected a non-negative integer, got {v}"))),
+                .ok_or_else(|| {
+                    self.err(field, format!("expected a non-negative integer, got {v}"))
+                }),
         }
     }
 
     fn req_positive(&self, field: &str) -> Result<usize, ConfigError> {
-        let n = self.opt_usize(field)?.ok_or_else(|| self.err(field, "missing (required)"))?;
+        let n = self
+            .opt_usize(field)?
+            .ok_or_else(|| self.err(field, "missing (required)"))?;
         self.positive(field, n)
     }
 
     fn positive(&self, field: &str, n: usize) -> Result<usize, ConfigError> {
-        if n == 0 { Err(self.err(field, "must be greater than 0")) } else { Ok(n) }
+        if n == 0 {
+            Err(self.err(field, "must be greater than 0"))
+        } else {
+            Ok(n)
+        }
     }
 
     fn opt_f64(&self, field: &str) -> Result<Option<f64>, ConfigError> {
@@ -271,7 +293,12 @@ impl<'a> Fields<'a> {
         v.as_u64()
             .and_then(|n| u32::try_from(n).ok())
             .map(Some)
-            .ok_or_else(|| self.err(field, format!("expected a token id (integer ≥ 0) or a list of them, got {v}")))
+            .ok_or_else(|| {
+                self.err(
+                    field,
+                    format!("expected a token id (integer ≥ 0) or a list of them, got {v}"),
+                )
+            })
     }
 }
 
@@ -280,7 +307,10 @@ impl ModelConfig {
     pub fn from_file(path: impl AsRef<std::path::Path>) -> Result<ModelConfig, ConfigError> {
         let path = path.as_ref();
         let shown = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io { path: shown.clone(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: shown.clone(),
+            source,
+        })?;
         Self::parse(&text, &shown)
     }
 
@@ -300,34 +330,52 @@ impl ModelConfig {
     /// `vocab_size`) are required: the class defaults (a 7B Llama) are never what a checkpoint
     /// without them means.
     pub fn parse(json: &str, origin: &str) -> Result<ModelConfig, ConfigError> {
-        let value: serde_json::Value = serde_json::from_str(json)
-            .map_err(|e| ConfigError::Json { path: origin.to_string(), message: e.to_string() })?;
+        let value: serde_json::Value =
+            serde_json::from_str(json).map_err(|e| ConfigError::Json {
+                path: origin.to_string(),
+                message: e.to_string(),
+            })?;
         let obj = value.as_object().ok_or_else(|| ConfigError::Json {
             path: origin.to_string(),
             message: "top level is not a JSON object".to_string(),
         })?;
-        let f = Fields { path: origin, obj, prefix: "" };
+        let f = Fields {
+            path: origin,
+            obj,
+            prefix: "",
+        };
 
         let (architecture, architecture_name) = match f.get("architectures") {
             Some(serde_json::Value::Array(items)) => {
-                let name = items
-                    .first()
-                    .and_then(|v| v.as_str())
-                    .ok_or_else(|| f.err("architectures", "expected a non-empty list of strings"))?;
-                let arch = Architecture::from_hf_name(name).ok_or_else(|| ConfigError::UnsupportedArchitecture {
-                    path: origin.to_string(),
-                    name: name.to_string(),
+                let name = items.first().and_then(|v| v.as_str()).ok_or_else(|| {
+                    f.err("architectures", "expected a non-empty list of strings")
+                })?;
+                let arch = Architecture::from_hf_name(name).ok_or_else(|| {
+                    ConfigError::UnsupportedArchitecture {
+                        path: origin.to_string(),
+                        name: name.to_string(),
+                    }
                 })?;
                 (arch, name.to_string())
             }
-            Some(other) => return Err(f.err("architectures", format!("expected a list of strings, got {other}"))),
+            Some(other) => {
+                return Err(f.err(
+                    "architectures",
+                    format!("expected a list of strings, got {other}"),
+                ));
+            }
             None => {
-                let mt = f
-                    .opt_str("model_type")?
-                    .ok_or_else(|| f.err("architectures", "missing, and no `model_type` to infer it from"))?;
-                let arch = Architecture::from_model_type(mt).ok_or_else(|| ConfigError::UnsupportedArchitecture {
-                    path: origin.to_string(),
-                    name: format!("model_type={mt}"),
+                let mt = f.opt_str("model_type")?.ok_or_else(|| {
+                    f.err(
+                        "architectures",
+                        "missing, and no `model_type` to infer it from",
+                    )
+                })?;
+                let arch = Architecture::from_model_type(mt).ok_or_else(|| {
+                    ConfigError::UnsupportedArchitecture {
+                        path: origin.to_string(),
+                        name: format!("model_type={mt}"),
+                    }
                 })?;
                 (arch, arch.hf_name().to_string())
             }
@@ -343,7 +391,7 @@ impl ModelConfig {
             Some(n) => f.positive("num_key_value_heads", n)?,
             None => num_heads,
         };
-        if num_heads % num_kv_heads != 0 {
+        if !num_heads.is_multiple_of(num_kv_heads) {
             return Err(f.err(
                 "num_key_value_heads",
                 format!("{num_kv_heads} does not divide num_attention_heads = {num_heads} (grouped-query attention needs an integer group size)"),
@@ -354,7 +402,7 @@ impl ModelConfig {
         let head_dim = match f.opt_usize("head_dim")? {
             Some(d) => f.positive("head_dim", d)?,
             None => {
-                if hidden_size % num_heads != 0 {
+                if !hidden_size.is_multiple_of(num_heads) {
                     return Err(f.err(
                         "num_attention_heads",
                         format!("{num_heads} does not divide hidden_size = {hidden_size} and no `head_dim` is given"),
@@ -363,8 +411,11 @@ impl ModelConfig {
                 hidden_size / num_heads
             }
         };
-        if head_dim % 2 != 0 {
-            return Err(f.err("head_dim", format!("{head_dim} is odd; rotary embeddings rotate pairs of dimensions")));
+        if !head_dim.is_multiple_of(2) {
+            return Err(f.err(
+                "head_dim",
+                format!("{head_dim} is odd; rotary embeddings rotate pairs of dimensions"),
+            ));
         }
 
         let rms_norm_eps = f.opt_f64("rms_norm_eps")?.unwrap_or(DEFAULT_RMS_NORM_EPS);
@@ -378,7 +429,9 @@ impl ModelConfig {
         let attention_bias = match architecture {
             Architecture::Qwen2 => true,
             Architecture::Mistral => false,
-            Architecture::Llama | Architecture::Qwen3 => f.opt_bool("attention_bias")?.unwrap_or(false),
+            Architecture::Llama | Architecture::Qwen3 => {
+                f.opt_bool("attention_bias")?.unwrap_or(false)
+            }
         };
         let mlp_bias = match architecture {
             Architecture::Llama => f.opt_bool("mlp_bias")?.unwrap_or(false),
@@ -388,10 +441,17 @@ impl ModelConfig {
 
         // transformers 5 writes `dtype`, 4.x `torch_dtype`; absent means the class default float32.
         let dtype = match (f.opt_str("dtype")?, f.opt_str("torch_dtype")?) {
-            (Some(s), _) => ConfigDType::from_hf_name(s)
-                .ok_or_else(|| f.err("dtype", format!("unsupported dtype `{s}` (expected float32, float16 or bfloat16)")))?,
+            (Some(s), _) => ConfigDType::from_hf_name(s).ok_or_else(|| {
+                f.err(
+                    "dtype",
+                    format!("unsupported dtype `{s}` (expected float32, float16 or bfloat16)"),
+                )
+            })?,
             (None, Some(s)) => ConfigDType::from_hf_name(s).ok_or_else(|| {
-                f.err("torch_dtype", format!("unsupported dtype `{s}` (expected float32, float16 or bfloat16)"))
+                f.err(
+                    "torch_dtype",
+                    format!("unsupported dtype `{s}` (expected float32, float16 or bfloat16)"),
+                )
             })?,
             (None, None) => ConfigDType::F32,
         };
@@ -427,7 +487,11 @@ fn parse_rope(f: &Fields<'_>) -> Result<(f64, RopeScaling), ConfigError> {
         let obj = v
             .as_object()
             .ok_or_else(|| f.err("rope_parameters", format!("expected an object, got {v}")))?;
-        let inner = Fields { path: f.path, obj, prefix: "rope_parameters." };
+        let inner = Fields {
+            path: f.path,
+            obj,
+            prefix: "rope_parameters.",
+        };
         let theta = match inner.opt_f64("rope_theta")? {
             Some(t) => t,
             None => f.opt_f64("rope_theta")?.unwrap_or(DEFAULT_ROPE_THETA),
@@ -438,10 +502,17 @@ fn parse_rope(f: &Fields<'_>) -> Result<(f64, RopeScaling), ConfigError> {
     let scaling = match f.get("rope_scaling") {
         None => RopeScaling::Default,
         Some(v) => {
-            let obj = v
-                .as_object()
-                .ok_or_else(|| f.err("rope_scaling", format!("expected an object or null, got {v}")))?;
-            parse_rope_scaling(&Fields { path: f.path, obj, prefix: "rope_scaling." })?
+            let obj = v.as_object().ok_or_else(|| {
+                f.err(
+                    "rope_scaling",
+                    format!("expected an object or null, got {v}"),
+                )
+            })?;
+            parse_rope_scaling(&Fields {
+                path: f.path,
+                obj,
+                prefix: "rope_scaling.",
+            })?
         }
     };
     Ok((theta, scaling))
@@ -457,11 +528,14 @@ fn parse_rope_scaling(f: &Fields<'_>) -> Result<RopeScaling, ConfigError> {
         (None, None) => return Ok(RopeScaling::Default),
     };
     let req = |field: &str| -> Result<f64, ConfigError> {
-        f.opt_f64(field)?.ok_or_else(|| f.err(field, format!("missing (required by rope type `{kind}`)")))
+        f.opt_f64(field)?
+            .ok_or_else(|| f.err(field, format!("missing (required by rope type `{kind}`)")))
     };
     match kind {
         "default" => Ok(RopeScaling::Default),
-        "linear" => Ok(RopeScaling::Linear { factor: req("factor")? }),
+        "linear" => Ok(RopeScaling::Linear {
+            factor: req("factor")?,
+        }),
         "llama3" => {
             let low = req("low_freq_factor")?;
             let high = req("high_freq_factor")?;
@@ -526,7 +600,10 @@ mod tests {
 
         let mut v = base();
         v["rope_scaling"] = serde_json::json!({"type": "linear", "factor": 2.0});
-        assert_eq!(parse(&v).unwrap().rope_scaling, RopeScaling::Linear { factor: 2.0 });
+        assert_eq!(
+            parse(&v).unwrap().rope_scaling,
+            RopeScaling::Linear { factor: 2.0 }
+        );
 
         let mut v = base();
         v["rope_parameters"] = serde_json::json!({"rope_theta": 1e6, "rope_type": "default"});
@@ -536,7 +613,10 @@ mod tests {
         let mut v = base();
         v["rope_scaling"] = serde_json::json!({"rope_type": "yarn", "factor": 4.0});
         let e = parse(&v).unwrap_err().to_string();
-        assert!(e.contains("cfg.json") && e.contains("rope_scaling.rope_type") && e.contains("yarn"), "{e}");
+        assert!(
+            e.contains("cfg.json") && e.contains("rope_scaling.rope_type") && e.contains("yarn"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -562,8 +642,16 @@ mod tests {
     fn nonsense_rejected_with_field() {
         for (field, val, needle) in [
             ("hidden_size", serde_json::json!(0), "hidden_size"),
-            ("num_key_value_heads", serde_json::json!(3), "num_key_value_heads"),
-            ("num_attention_heads", serde_json::json!(7), "num_attention_heads"),
+            (
+                "num_key_value_heads",
+                serde_json::json!(3),
+                "num_key_value_heads",
+            ),
+            (
+                "num_attention_heads",
+                serde_json::json!(7),
+                "num_attention_heads",
+            ),
             ("rms_norm_eps", serde_json::json!(-1.0), "rms_norm_eps"),
             ("vocab_size", serde_json::json!("big"), "vocab_size"),
             ("dtype", serde_json::json!("int8"), "dtype"),
@@ -576,6 +664,9 @@ mod tests {
         let mut v = base();
         v["architectures"] = serde_json::json!(["GPT2LMHeadModel"]);
         let e = parse(&v).unwrap_err().to_string();
-        assert!(e.contains("GPT2LMHeadModel") && e.contains("Qwen3ForCausalLM"), "{e}");
+        assert!(
+            e.contains("GPT2LMHeadModel") && e.contains("Qwen3ForCausalLM"),
+            "{e}"
+        );
     }
 }

@@ -91,18 +91,30 @@ impl ModelSummary {
             .iter()
             .map(|&m| {
                 let (o, i) = c.linear_shape(m);
-                ModuleShape { name: m.short_name().to_string(), out_features: o, in_features: i, params: (o * i) as u64 }
+                ModuleShape {
+                    name: m.short_name().to_string(),
+                    out_features: o,
+                    in_features: i,
+                    params: (o * i) as u64,
+                }
             })
             .collect();
         let per_layer_linear: u64 = modules.iter().map(|m| m.params).sum();
         let quantizable_params = per_layer_linear * c.num_layers as u64;
         let per_layer_norms = 2 * h + if c.qk_norm { 2 * c.head_dim as u64 } else { 0 };
-        let embeddings = if c.tie_word_embeddings { v * h } else { 2 * v * h };
-        let param_count = quantizable_params + per_layer_norms * c.num_layers as u64 + h + embeddings;
+        let embeddings = if c.tie_word_embeddings {
+            v * h
+        } else {
+            2 * v * h
+        };
+        let param_count =
+            quantizable_params + per_layer_norms * c.num_layers as u64 + h + embeddings;
         let rope = match &c.rope_scaling {
             RopeScaling::Default => format!("theta {}", c.rope_theta),
             RopeScaling::Linear { factor } => format!("theta {}, linear ×{factor}", c.rope_theta),
-            RopeScaling::Llama3 { factor, .. } => format!("theta {}, llama3 ×{factor}", c.rope_theta),
+            RopeScaling::Llama3 { factor, .. } => {
+                format!("theta {}, llama3 ×{factor}", c.rope_theta)
+            }
         };
         ModelSummary {
             description: src.describe(),
@@ -122,16 +134,28 @@ impl ModelSummary {
             max_position_embeddings: c.max_position_embeddings,
             rope,
             tied_embeddings: c.tie_word_embeddings,
-            embedding_storage: if c.tie_word_embeddings { "tied" } else { "embed_tokens + lm_head" }.into(),
+            embedding_storage: if c.tie_word_embeddings {
+                "tied"
+            } else {
+                "embed_tokens + lm_head"
+            }
+            .into(),
             shards: Vec::new(),
             modules,
             quantizable_params,
-            largest_in_features: ModuleKind::ALL.iter().map(|&m| c.linear_shape(m).1).max().unwrap_or(0),
+            largest_in_features: ModuleKind::ALL
+                .iter()
+                .map(|&m| c.linear_shape(m).1)
+                .max()
+                .unwrap_or(0),
         }
     }
 
     /// From a source plus its tensors: parameter count, bytes and dtypes from what is stored.
-    pub fn from_store(src: &dyn WeightSource, store: &dyn TensorStore) -> Result<Self, WeightError> {
+    pub fn from_store(
+        src: &dyn WeightSource,
+        store: &dyn TensorStore,
+    ) -> Result<Self, WeightError> {
         let mut s = Self::from_source(src);
         let (mut params, mut bytes) = (0u64, 0u64);
         for name in store.tensor_names() {
@@ -159,7 +183,12 @@ impl ModelSummary {
         s.shards = m
             .shard_paths()
             .iter()
-            .map(|p| p.file_name().map_or_else(|| p.display().to_string(), |f| f.to_string_lossy().into_owned()))
+            .map(|p| {
+                p.file_name().map_or_else(
+                    || p.display().to_string(),
+                    |f| f.to_string_lossy().into_owned(),
+                )
+            })
             .collect();
         Ok(s)
     }
@@ -178,14 +207,24 @@ impl ModelSummary {
     ///   and the quantized model's layer inputs and outputs (GPTQ needs only 2 of the 4).
     /// * `activation = 4 · seqlen · (q_dim + 2·kv_dim + 2·intermediate + num_heads·seqlen)` —
     ///   one sample's q/k/v, gate/up and unfused attention scores during the layer forward.
-    pub fn quant_memory(&self, nsamples: usize, seqlen: usize, stream: StreamDType) -> MemoryEstimate {
+    pub fn quant_memory(
+        &self,
+        nsamples: usize,
+        seqlen: usize,
+        stream: StreamDType,
+    ) -> MemoryEstimate {
         let layer_weights_bytes = 4 * self.modules.iter().map(|m| m.params).sum::<u64>();
         let n = self.largest_in_features as u64;
         let hessian_bytes = 2 * 4 * n * n;
-        let streams_bytes = 4 * nsamples as u64 * seqlen as u64 * self.hidden_size as u64 * stream.bytes();
-        let (q, kv) = ((self.num_heads * self.head_dim) as u64, (self.num_kv_heads * self.head_dim) as u64);
+        let streams_bytes =
+            4 * nsamples as u64 * seqlen as u64 * self.hidden_size as u64 * stream.bytes();
+        let (q, kv) = (
+            (self.num_heads * self.head_dim) as u64,
+            (self.num_kv_heads * self.head_dim) as u64,
+        );
         let s = seqlen as u64;
-        let activation_bytes = 4 * s * (q + 2 * kv + 2 * self.intermediate_size as u64 + self.num_heads as u64 * s);
+        let activation_bytes =
+            4 * s * (q + 2 * kv + 2 * self.intermediate_size as u64 + self.num_heads as u64 * s);
         MemoryEstimate {
             nsamples,
             seqlen,
@@ -213,7 +252,11 @@ pub fn format_bytes(b: u64) -> String {
         x /= 1024.0;
         u += 1;
     }
-    if u == 0 { format!("{b} B") } else { format!("{x:.1} {}", UNITS[u]) }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{x:.1} {}", UNITS[u])
+    }
 }
 
 /// `15735168` → `15.74 M`.
@@ -233,7 +276,11 @@ impl fmt::Display for ModelSummary {
         let stored = if self.stored_dtypes.is_empty() {
             String::new()
         } else {
-            let d: Vec<String> = self.stored_dtypes.iter().map(|(k, v)| format!("{k}×{v}")).collect();
+            let d: Vec<String> = self
+                .stored_dtypes
+                .iter()
+                .map(|(k, v)| format!("{k}×{v}"))
+                .collect();
             format!(" (stored: {})", d.join(", "))
         };
         writeln!(f, "dtype          {}{stored}", self.config_dtype)?;
@@ -250,20 +297,51 @@ impl fmt::Display for ModelSummary {
         writeln!(
             f,
             "layers         {} × hidden {}, intermediate {}, heads {} / kv {} × head_dim {}",
-            self.num_layers, self.hidden_size, self.intermediate_size, self.num_heads, self.num_kv_heads, self.head_dim
+            self.num_layers,
+            self.hidden_size,
+            self.intermediate_size,
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim
         )?;
         writeln!(f, "vocab          {}", self.vocab_size)?;
-        writeln!(f, "rope           {}, max positions {}", self.rope, self.max_position_embeddings)?;
-        writeln!(f, "embeddings     {}{}", self.embedding_storage, if self.tied_embeddings { " [tied]" } else { "" })?;
+        writeln!(
+            f,
+            "rope           {}, max positions {}",
+            self.rope, self.max_position_embeddings
+        )?;
+        writeln!(
+            f,
+            "embeddings     {}{}",
+            self.embedding_storage,
+            if self.tied_embeddings { " [tied]" } else { "" }
+        )?;
         if !self.shards.is_empty() {
-            writeln!(f, "files          {} ({})", self.shards.len(), self.shards.join(", "))?;
+            writeln!(
+                f,
+                "files          {} ({})",
+                self.shards.len(),
+                self.shards.join(", ")
+            )?;
         }
         writeln!(f, "decoder linears (per layer):")?;
-        writeln!(f, "  {:<10} {:>8} {:>8} {:>12}", "module", "out", "in", "params")?;
+        writeln!(
+            f,
+            "  {:<10} {:>8} {:>8} {:>12}",
+            "module", "out", "in", "params"
+        )?;
         for m in &self.modules {
-            writeln!(f, "  {:<10} {:>8} {:>8} {:>12}", m.name, m.out_features, m.in_features, m.params)?;
+            writeln!(
+                f,
+                "  {:<10} {:>8} {:>8} {:>12}",
+                m.name, m.out_features, m.in_features, m.params
+            )?;
         }
-        writeln!(f, "quantizable    {} params in decoder linears", format_count(self.quantizable_params))?;
+        writeln!(
+            f,
+            "quantizable    {} params in decoder linears",
+            format_count(self.quantizable_params)
+        )?;
         let e = self.quant_memory(128, 2048, StreamDType::F32);
         write!(
             f,
@@ -293,7 +371,14 @@ mod tests {
         assert_eq!(e.hessian_bytes, 2 * 4 * 352 * 352);
         assert_eq!(e.streams_bytes, 4 * 8 * 64 * 128 * 2);
         let text = b.to_text();
-        assert!(text.contains("SYNTHETIC") && text.contains("down_proj"), "{text}");
-        assert!(serde_json::to_string(&b).unwrap().contains("\"param_count\""));
+        assert!(
+            text.contains("SYNTHETIC") && text.contains("down_proj"),
+            "{text}"
+        );
+        assert!(
+            serde_json::to_string(&b)
+                .unwrap()
+                .contains("\"param_count\"")
+        );
     }
 }

@@ -9,7 +9,9 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::config::{Architecture, ConfigDType, ModelConfig, RopeScaling};
-use super::weights::{EMBED_NAME, FINAL_NORM_NAME, LM_HEAD_NAME, TensorStore, TensorView, WeightError};
+use super::weights::{
+    EMBED_NAME, FINAL_NORM_NAME, LM_HEAD_NAME, TensorStore, TensorView, WeightError,
+};
 use super::{LayerWeights, Linear, ModuleKind, WeightSource};
 
 /// A synthetic model: every tensor generated at construction from the seed and held as f32.
@@ -82,12 +84,13 @@ impl SyntheticModel {
         let mut tensors = BTreeMap::new();
         let c = &config;
         let (h, v) = (c.hidden_size, c.vocab_size);
-        let mut add = |name: String, shape: Vec<usize>, generate: &dyn Fn(&mut ChaCha8Rng, usize) -> f32| {
-            let mut rng = ChaCha8Rng::seed_from_u64(seed ^ fnv1a(&name));
-            let n: usize = shape.iter().product();
-            let data: Vec<f32> = (0..n).map(|i| generate(&mut rng, i)).collect();
-            tensors.insert(name, (shape, data));
-        };
+        let mut add =
+            |name: String, shape: Vec<usize>, generate: &dyn Fn(&mut ChaCha8Rng, usize) -> f32| {
+                let mut rng = ChaCha8Rng::seed_from_u64(seed ^ fnv1a(&name));
+                let n: usize = shape.iter().product();
+                let data: Vec<f32> = (0..n).map(|i| generate(&mut rng, i)).collect();
+                tensors.insert(name, (shape, data));
+            };
         add(EMBED_NAME.into(), vec![v, h], &|r, _| normal(r));
         for l in 0..c.num_layers {
             let p = format!("model.layers.{l}.");
@@ -96,56 +99,97 @@ impl SyntheticModel {
                 let outl = outl.to_vec();
                 move |r: &mut ChaCha8Rng, i: usize| {
                     let g = 1.0 + 0.1 * normal(r);
-                    outl.iter().find(|(ch, _)| *ch == i).map_or(g, |(_, s)| g.abs() * s)
+                    outl.iter()
+                        .find(|(ch, _)| *ch == i)
+                        .map_or(g, |(_, s)| g.abs() * s)
                 }
             };
-            add(format!("{p}input_layernorm.weight"), vec![h], &gain(&outl_h));
+            add(
+                format!("{p}input_layernorm.weight"),
+                vec![h],
+                &gain(&outl_h),
+            );
             let outl_h2 = Self::outliers(seed, &format!("{p}hidden2"), h);
-            add(format!("{p}post_attention_layernorm.weight"), vec![h], &gain(&outl_h2));
+            add(
+                format!("{p}post_attention_layernorm.weight"),
+                vec![h],
+                &gain(&outl_h2),
+            );
             for m in ModuleKind::ALL {
                 let (o, i) = c.linear_shape(m);
                 let std = (1.0 / i as f64).sqrt() as f32;
                 // Rows of v_proj / up_proj scaled so o_proj / down_proj get outlier input channels.
                 let row_outl = match m {
-                    ModuleKind::V | ModuleKind::Up => Self::outliers(seed, &format!("{p}{}", m.short_name()), o),
+                    ModuleKind::V | ModuleKind::Up => {
+                        Self::outliers(seed, &format!("{p}{}", m.short_name()), o)
+                    }
                     _ => Vec::new(),
                 };
-                add(format!("{p}{}.weight", m.hf_name()), vec![o, i], &move |r, idx| {
-                    let row = idx / i;
-                    let s = row_outl.iter().find(|(ch, _)| *ch == row).map_or(1.0, |(_, s)| *s);
-                    normal(r) * std * s
-                });
+                add(
+                    format!("{p}{}.weight", m.hf_name()),
+                    vec![o, i],
+                    &move |r, idx| {
+                        let row = idx / i;
+                        let s = row_outl
+                            .iter()
+                            .find(|(ch, _)| *ch == row)
+                            .map_or(1.0, |(_, s)| *s);
+                        normal(r) * std * s
+                    },
+                );
                 let has_bias = match m {
                     ModuleKind::Q | ModuleKind::K | ModuleKind::V => c.attention_bias,
                     ModuleKind::Gate | ModuleKind::Up | ModuleKind::Down => c.mlp_bias,
                     ModuleKind::O => false,
                 };
                 if has_bias {
-                    add(format!("{p}{}.bias", m.hf_name()), vec![o], &|r, _| 0.02 * normal(r));
+                    add(format!("{p}{}.bias", m.hf_name()), vec![o], &|r, _| {
+                        0.02 * normal(r)
+                    });
                 }
             }
             if c.qk_norm {
-                add(format!("{p}self_attn.q_norm.weight"), vec![c.head_dim], &|r, _| 1.0 + 0.1 * normal(r));
-                add(format!("{p}self_attn.k_norm.weight"), vec![c.head_dim], &|r, _| 1.0 + 0.1 * normal(r));
+                add(
+                    format!("{p}self_attn.q_norm.weight"),
+                    vec![c.head_dim],
+                    &|r, _| 1.0 + 0.1 * normal(r),
+                );
+                add(
+                    format!("{p}self_attn.k_norm.weight"),
+                    vec![c.head_dim],
+                    &|r, _| 1.0 + 0.1 * normal(r),
+                );
             }
         }
-        add(FINAL_NORM_NAME.into(), vec![h], &|r, _| 1.0 + 0.1 * normal(r));
+        add(FINAL_NORM_NAME.into(), vec![h], &|r, _| {
+            1.0 + 0.1 * normal(r)
+        });
         if !c.tie_word_embeddings {
             let std = (1.0 / h as f64).sqrt() as f32;
-            add(LM_HEAD_NAME.into(), vec![v, h], &move |r, _| normal(r) * std);
+            add(LM_HEAD_NAME.into(), vec![v, h], &move |r, _| {
+                normal(r) * std
+            });
         }
         let bytes = tensors
             .iter()
             .map(|(k, (_, d))| (k.clone(), d.iter().flat_map(|x| x.to_le_bytes()).collect()))
             .collect();
-        SyntheticModel { config, seed, tensors, bytes, dir: PathBuf::from(format!("<synthetic seed {seed}>")) }
+        SyntheticModel {
+            config,
+            seed,
+            tensors,
+            bytes,
+            dir: PathBuf::from(format!("<synthetic seed {seed}>")),
+        }
     }
 
     /// Up to 4 (at least 1) outlier channels out of `n`, each with a scale in [5, 10).
     fn outliers(seed: u64, tag: &str, n: usize) -> Vec<(usize, f32)> {
         let mut rng = ChaCha8Rng::seed_from_u64(seed ^ fnv1a(tag) ^ 0x5eed);
         let k = (n / 32).clamp(1, 4);
-        (0..k).map(|_| (rng.random_range(0..n), rng.random_range(5.0f32..10.0))).collect()
+        (0..k)
+            .map(|_| (rng.random_range(0..n), rng.random_range(5.0f32..10.0)))
+            .collect()
     }
 
     pub fn seed(&self) -> u64 {
@@ -153,11 +197,14 @@ impl SyntheticModel {
     }
 
     fn get(&self, name: &str) -> Result<&[f32], WeightError> {
-        self.tensors.get(name).map(|(_, d)| d.as_slice()).ok_or_else(|| WeightError::Tensor {
-            path: self.dir.display().to_string(),
-            tensor: name.to_string(),
-            message: "not present in the synthetic model".into(),
-        })
+        self.tensors
+            .get(name)
+            .map(|(_, d)| d.as_slice())
+            .ok_or_else(|| WeightError::Tensor {
+                path: self.dir.display().to_string(),
+                tensor: name.to_string(),
+                message: "not present in the synthetic model".into(),
+            })
     }
 
     fn opt(&self, name: &str) -> Option<Vec<f32>> {
@@ -203,7 +250,10 @@ impl WeightSource for SyntheticModel {
         if index >= self.config.num_layers {
             return Err(WeightError::File {
                 path: self.dir.display().to_string(),
-                message: format!("layer {index} requested but the model has {}", self.config.num_layers),
+                message: format!(
+                    "layer {index} requested but the model has {}",
+                    self.config.num_layers
+                ),
             });
         }
         let p = format!("model.layers.{index}.");
@@ -215,7 +265,9 @@ impl WeightSource for SyntheticModel {
             o: self.linear(&p, ModuleKind::O)?,
             q_norm: self.opt(&format!("{p}self_attn.q_norm.weight")),
             k_norm: self.opt(&format!("{p}self_attn.k_norm.weight")),
-            post_norm: self.get(&format!("{p}post_attention_layernorm.weight"))?.to_vec(),
+            post_norm: self
+                .get(&format!("{p}post_attention_layernorm.weight"))?
+                .to_vec(),
             gate: self.linear(&p, ModuleKind::Gate)?,
             up: self.linear(&p, ModuleKind::Up)?,
             down: self.linear(&p, ModuleKind::Down)?,
@@ -225,7 +277,11 @@ impl WeightSource for SyntheticModel {
         Ok(self.get(FINAL_NORM_NAME)?.to_vec())
     }
     fn lm_head_rows(&self, rows: std::ops::Range<usize>) -> Result<Vec<f32>, WeightError> {
-        let name = if self.config.tie_word_embeddings { EMBED_NAME } else { LM_HEAD_NAME };
+        let name = if self.config.tie_word_embeddings {
+            EMBED_NAME
+        } else {
+            LM_HEAD_NAME
+        };
         self.rows(name, rows)
     }
     fn describe(&self) -> String {
@@ -245,7 +301,11 @@ impl TensorStore for SyntheticModel {
     }
     fn tensor(&self, name: &str) -> Result<TensorView<'_>, WeightError> {
         match (self.tensors.get(name), self.bytes.get(name)) {
-            (Some((shape, _)), Some(data)) => Ok(TensorView { dtype: safetensors::Dtype::F32, shape: shape.clone(), data }),
+            (Some((shape, _)), Some(data)) => Ok(TensorView {
+                dtype: safetensors::Dtype::F32,
+                shape: shape.clone(),
+                data,
+            }),
             _ => Err(WeightError::Tensor {
                 path: self.dir.display().to_string(),
                 tensor: name.to_string(),
@@ -268,12 +328,21 @@ mod tests {
         let b = SyntheticModel::new(3);
         let la = a.layer(1).unwrap();
         assert_eq!(la.q.weight, b.layer(1).unwrap().q.weight);
-        assert_ne!(la.q.weight, SyntheticModel::new(4).layer(1).unwrap().q.weight);
+        assert_ne!(
+            la.q.weight,
+            SyntheticModel::new(4).layer(1).unwrap().q.weight
+        );
         assert_eq!(la.q.weight.len(), 128 * 128);
         assert_eq!(la.k.weight.len(), 64 * 128);
         assert_eq!(la.down.weight.len(), 128 * 352);
         // N(0, 1/fan_in): variance of gate weights ≈ 1/128.
-        let var: f64 = la.gate.weight.iter().map(|&x| (x as f64).powi(2)).sum::<f64>() / la.gate.weight.len() as f64;
+        let var: f64 = la
+            .gate
+            .weight
+            .iter()
+            .map(|&x| (x as f64).powi(2))
+            .sum::<f64>()
+            / la.gate.weight.len() as f64;
         assert!((var * 128.0 - 1.0).abs() < 0.1, "{var}");
         // Outlier gains exist.
         let max = la.input_norm.iter().cloned().fold(0.0f32, f32::max);

@@ -16,7 +16,11 @@ pub enum TokenizerError {
     #[error("{path}: cannot load tokenizer: {message}")]
     Load { path: String, message: String },
     #[error("{path}: field `{field}`: {message}")]
-    Field { path: String, field: String, message: String },
+    Field {
+        path: String,
+        field: String,
+        message: String,
+    },
     #[error("{path}: {message}")]
     Encode { path: String, message: String },
 }
@@ -47,7 +51,10 @@ impl std::fmt::Debug for Tokenizer {
 fn special_token_content(v: Option<&serde_json::Value>) -> Option<String> {
     match v? {
         serde_json::Value::String(s) => Some(s.clone()),
-        serde_json::Value::Object(o) => o.get("content").and_then(|c| c.as_str()).map(str::to_string),
+        serde_json::Value::Object(o) => o
+            .get("content")
+            .and_then(|c| c.as_str())
+            .map(str::to_string),
         _ => None,
     }
 }
@@ -56,11 +63,16 @@ fn read_json(path: &Path) -> Result<Option<serde_json::Value>, TokenizerError> {
     if !path.is_file() {
         return Ok(None);
     }
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| TokenizerError::Load { path: path.display().to_string(), message: e.to_string() })?;
+    let text = std::fs::read_to_string(path).map_err(|e| TokenizerError::Load {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    })?;
     serde_json::from_str(&text)
         .map(Some)
-        .map_err(|e| TokenizerError::Load { path: path.display().to_string(), message: format!("malformed JSON: {e}") })
+        .map_err(|e| TokenizerError::Load {
+            path: path.display().to_string(),
+            message: format!("malformed JSON: {e}"),
+        })
 }
 
 impl Tokenizer {
@@ -84,19 +96,29 @@ impl Tokenizer {
             } else {
                 " (a checkpoint needs a Hugging Face fast-tokenizer tokenizer.json)".to_string()
             };
-            return Err(TokenizerError::Missing { path: tok_path.display().to_string(), hint });
+            return Err(TokenizerError::Missing {
+                path: tok_path.display().to_string(),
+                hint,
+            });
         }
         let tc_path = dir.join("tokenizer_config.json");
         let tok_config = read_json(&tc_path)?;
         let model_config = read_json(&dir.join("config.json"))?;
-        Self::load(&tok_path, tok_config.as_ref().map(|v| (v, tc_path.as_path())), model_config.as_ref())
+        Self::load(
+            &tok_path,
+            tok_config.as_ref().map(|v| (v, tc_path.as_path())),
+            model_config.as_ref(),
+        )
     }
 
     /// Loads a bare tokenizer.json (BOS/EOS policy from the post-processor only).
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self, TokenizerError> {
         let path = path.as_ref();
         if !path.is_file() {
-            return Err(TokenizerError::Missing { path: path.display().to_string(), hint: String::new() });
+            return Err(TokenizerError::Missing {
+                path: path.display().to_string(),
+                hint: String::new(),
+            });
         }
         Self::load(path, None, None)
     }
@@ -106,8 +128,11 @@ impl Tokenizer {
         tok_config: Option<(&serde_json::Value, &Path)>,
         model_config: Option<&serde_json::Value>,
     ) -> Result<Self, TokenizerError> {
-        let inner = tokenizers::Tokenizer::from_file(tok_path)
-            .map_err(|e| TokenizerError::Load { path: tok_path.display().to_string(), message: e.to_string() })?;
+        let inner =
+            tokenizers::Tokenizer::from_file(tok_path).map_err(|e| TokenizerError::Load {
+                path: tok_path.display().to_string(),
+                message: e.to_string(),
+            })?;
         let lookup = |key: &str, id_key: &str| -> Option<u32> {
             tok_config
                 .and_then(|(c, _)| special_token_content(c.get(key)))
@@ -137,13 +162,20 @@ impl Tokenizer {
             Some(b) => b,
             None => Self::post_processor_adds_bos(&inner, bos_id),
         };
-        Ok(Tokenizer { inner, path: tok_path.to_path_buf(), bos_id, eos_id, default_add_bos })
+        Ok(Tokenizer {
+            inner,
+            path: tok_path.to_path_buf(),
+            bos_id,
+            eos_id,
+            default_add_bos,
+        })
     }
 
     /// Whether the tokenizer.json post-processor prepends the BOS token.
     fn post_processor_adds_bos(inner: &tokenizers::Tokenizer, bos_id: Option<u32>) -> bool {
         let Some(bos) = bos_id else { return false };
-        let (Ok(with), Ok(without)) = (inner.encode_fast("a", true), inner.encode_fast("a", false)) else {
+        let (Ok(with), Ok(without)) = (inner.encode_fast("a", true), inner.encode_fast("a", false))
+        else {
             return false;
         };
         with.get_ids().len() == without.get_ids().len() + 1 && with.get_ids().first() == Some(&bos)
@@ -155,7 +187,10 @@ impl Tokenizer {
         let enc = self
             .inner
             .encode_fast(text, false)
-            .map_err(|e| TokenizerError::Encode { path: self.path.display().to_string(), message: e.to_string() })?;
+            .map_err(|e| TokenizerError::Encode {
+                path: self.path.display().to_string(),
+                message: e.to_string(),
+            })?;
         let ids = enc.get_ids();
         let mut out = Vec::with_capacity(ids.len() + 1);
         if add_bos {
@@ -173,7 +208,10 @@ impl Tokenizer {
     pub fn decode(&self, ids: &[u32]) -> Result<String, TokenizerError> {
         self.inner
             .decode(ids, false)
-            .map_err(|e| TokenizerError::Encode { path: self.path.display().to_string(), message: e.to_string() })
+            .map_err(|e| TokenizerError::Encode {
+                path: self.path.display().to_string(),
+                message: e.to_string(),
+            })
     }
 
     /// Vocabulary size including added tokens.

@@ -43,10 +43,17 @@ use super::{LayerWeights, Linear, ModuleKind, WeightSource};
 
 impl WeightError {
     fn file(path: &Path, message: impl Into<String>) -> Self {
-        WeightError::File { path: path.display().to_string(), message: message.into() }
+        WeightError::File {
+            path: path.display().to_string(),
+            message: message.into(),
+        }
     }
     fn tensor(path: &Path, tensor: &str, message: impl Into<String>) -> Self {
-        WeightError::Tensor { path: path.display().to_string(), tensor: tensor.to_string(), message: message.into() }
+        WeightError::Tensor {
+            path: path.display().to_string(),
+            tensor: tensor.to_string(),
+            message: message.into(),
+        }
     }
 }
 
@@ -60,7 +67,10 @@ impl From<ConfigError> for WeightError {
             | ConfigError::UnsupportedArchitecture { path, .. } => path.clone(),
         };
         let full = e.to_string();
-        let message = full.strip_prefix(&format!("{path}: ")).unwrap_or(&full).to_string();
+        let message = full
+            .strip_prefix(&format!("{path}: "))
+            .unwrap_or(&full)
+            .to_string();
         WeightError::File { path, message }
     }
 }
@@ -90,7 +100,11 @@ const MAX_HEADER_LEN: u64 = 100_000_000;
 /// Bytes per element of the dtypes a tensor can have here (sub-byte formats are rejected).
 fn dtype_size(dtype: Dtype) -> Option<usize> {
     let bits = dtype.bitsize();
-    if bits % 8 == 0 { Some(bits / 8) } else { None }
+    if bits.is_multiple_of(8) {
+        Some(bits / 8)
+    } else {
+        None
+    }
 }
 
 /// Parses and validates a safetensors header against the whole file `bytes` (normally the mmap).
@@ -100,11 +114,17 @@ fn dtype_size(dtype: Dtype) -> Option<usize> {
 /// `{dtype, shape, data_offsets}` entries; every tensor's byte range matches `shape × dtype` and
 /// lies inside the file. These are the checks `safetensors::SafeTensors::deserialize` performs,
 /// done here so the messages can say which file and which tensor are at fault.
-pub fn parse_safetensors_header(bytes: &[u8], path: &Path) -> Result<SafetensorsHeader, WeightError> {
+pub fn parse_safetensors_header(
+    bytes: &[u8],
+    path: &Path,
+) -> Result<SafetensorsHeader, WeightError> {
     let Some(prefix) = bytes.get(..8) else {
         return Err(WeightError::file(
             path,
-            format!("truncated safetensors file: {} bytes, shorter than the 8-byte header length", bytes.len()),
+            format!(
+                "truncated safetensors file: {} bytes, shorter than the 8-byte header length",
+                bytes.len()
+            ),
         ));
     };
     let mut len_bytes = [0u8; 8];
@@ -121,12 +141,16 @@ pub fn parse_safetensors_header(bytes: &[u8], path: &Path) -> Result<Safetensors
         ));
     }
     if header_len > MAX_HEADER_LEN {
-        return Err(WeightError::file(path, format!("safetensors header length {header_len} exceeds {MAX_HEADER_LEN} bytes")));
+        return Err(WeightError::file(
+            path,
+            format!("safetensors header length {header_len} exceeds {MAX_HEADER_LEN} bytes"),
+        ));
     }
     let data_start = 8 + header_len as usize;
     let header_bytes = &bytes[8..data_start];
-    let value: serde_json::Value = serde_json::from_slice(header_bytes)
-        .map_err(|e| WeightError::file(path, format!("safetensors header is not valid JSON: {e}")))?;
+    let value: serde_json::Value = serde_json::from_slice(header_bytes).map_err(|e| {
+        WeightError::file(path, format!("safetensors header is not valid JSON: {e}"))
+    })?;
     let obj = value
         .as_object()
         .ok_or_else(|| WeightError::file(path, "safetensors header is not a JSON object"))?;
@@ -145,22 +169,38 @@ pub fn parse_safetensors_header(bytes: &[u8], path: &Path) -> Result<Safetensors
             continue;
         }
         let meta = parse_tensor_entry(entry).map_err(|m| WeightError::tensor(path, name, m))?;
-        let esize = dtype_size(meta.dtype)
-            .ok_or_else(|| WeightError::tensor(path, name, format!("sub-byte dtype {:?} is not supported", meta.dtype)))?;
+        let esize = dtype_size(meta.dtype).ok_or_else(|| {
+            WeightError::tensor(
+                path,
+                name,
+                format!("sub-byte dtype {:?} is not supported", meta.dtype),
+            )
+        })?;
         let nbytes = meta
             .shape
             .iter()
             .try_fold(esize, |acc, &d| acc.checked_mul(d))
-            .ok_or_else(|| WeightError::tensor(path, name, format!("shape {:?} overflows", meta.shape)))?;
+            .ok_or_else(|| {
+                WeightError::tensor(path, name, format!("shape {:?} overflows", meta.shape))
+            })?;
         let (b, e) = meta.data_offsets;
         if b > e {
-            return Err(WeightError::tensor(path, name, format!("data_offsets [{b}, {e}] are reversed")));
+            return Err(WeightError::tensor(
+                path,
+                name,
+                format!("data_offsets [{b}, {e}] are reversed"),
+            ));
         }
         if e - b != nbytes {
             return Err(WeightError::tensor(
                 path,
                 name,
-                format!("data_offsets [{b}, {e}] span {} bytes but {:?} × {:?} needs {nbytes}", e - b, meta.shape, meta.dtype),
+                format!(
+                    "data_offsets [{b}, {e}] span {} bytes but {:?} × {:?} needs {nbytes}",
+                    e - b,
+                    meta.shape,
+                    meta.dtype
+                ),
             ));
         }
         if e > data_len {
@@ -174,14 +214,24 @@ pub fn parse_safetensors_header(bytes: &[u8], path: &Path) -> Result<Safetensors
         }
         tensors.insert(name.clone(), meta);
     }
-    Ok(SafetensorsHeader { data_start, tensors, metadata })
+    Ok(SafetensorsHeader {
+        data_start,
+        tensors,
+        metadata,
+    })
 }
 
 fn parse_tensor_entry(entry: &serde_json::Value) -> Result<TensorMeta, String> {
-    let obj = entry.as_object().ok_or_else(|| format!("header entry is not an object: {entry}"))?;
+    let obj = entry
+        .as_object()
+        .ok_or_else(|| format!("header entry is not an object: {entry}"))?;
     let dtype_v = obj.get("dtype").ok_or("header entry has no `dtype`")?;
-    let dtype: Dtype = serde_json::from_value(dtype_v.clone()).map_err(|_| format!("unknown dtype {dtype_v}"))?;
-    let shape_v = obj.get("shape").and_then(|s| s.as_array()).ok_or("header entry has no `shape` list")?;
+    let dtype: Dtype =
+        serde_json::from_value(dtype_v.clone()).map_err(|_| format!("unknown dtype {dtype_v}"))?;
+    let shape_v = obj
+        .get("shape")
+        .and_then(|s| s.as_array())
+        .ok_or("header entry has no `shape` list")?;
     let shape = shape_v
         .iter()
         .map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok()))
@@ -197,29 +247,46 @@ fn parse_tensor_entry(entry: &serde_json::Value) -> Result<TensorMeta, String> {
         .collect::<Option<Vec<usize>>>()
         .filter(|v| v.len() == 2)
         .ok_or_else(|| format!("data_offsets {offs:?} is not a pair of non-negative integers"))?;
-    Ok(TensorMeta { dtype, shape, data_offsets: (offs[0], offs[1]) })
+    Ok(TensorMeta {
+        dtype,
+        shape,
+        data_offsets: (offs[0], offs[1]),
+    })
 }
 
 /// Parses `model.safetensors.index.json` into `tensor name → shard file name`.
 ///
 /// Shard names must be plain file names (no `/`, no `..`): the index is untrusted input and must
 /// not make us open files outside the checkpoint directory.
-pub fn parse_safetensors_index(json: &str, path: &Path) -> Result<BTreeMap<String, String>, WeightError> {
-    let value: serde_json::Value =
-        serde_json::from_str(json).map_err(|e| WeightError::file(path, format!("malformed JSON: {e}")))?;
+pub fn parse_safetensors_index(
+    json: &str,
+    path: &Path,
+) -> Result<BTreeMap<String, String>, WeightError> {
+    let value: serde_json::Value = serde_json::from_str(json)
+        .map_err(|e| WeightError::file(path, format!("malformed JSON: {e}")))?;
     let map = value
         .get("weight_map")
         .and_then(|m| m.as_object())
         .ok_or_else(|| WeightError::file(path, "field `weight_map`: missing or not an object"))?;
     let mut out = BTreeMap::new();
     for (name, file) in map {
-        let file = file
-            .as_str()
-            .ok_or_else(|| WeightError::file(path, format!("field `weight_map.{name}`: expected a file name, got {file}")))?;
-        if file.is_empty() || file.contains('/') || file.contains('\\') || file == "." || file == ".." {
+        let file = file.as_str().ok_or_else(|| {
+            WeightError::file(
+                path,
+                format!("field `weight_map.{name}`: expected a file name, got {file}"),
+            )
+        })?;
+        if file.is_empty()
+            || file.contains('/')
+            || file.contains('\\')
+            || file == "."
+            || file == ".."
+        {
             return Err(WeightError::file(
                 path,
-                format!("field `weight_map.{name}`: shard `{file}` is not a plain file name in the checkpoint directory"),
+                format!(
+                    "field `weight_map.{name}`: shard `{file}` is not a plain file name in the checkpoint directory"
+                ),
             ));
         }
         out.insert(name.clone(), file.to_string());
@@ -239,25 +306,40 @@ struct Shard {
 
 impl Shard {
     fn open(path: &Path) -> Result<Self, WeightError> {
-        let file = std::fs::File::open(path).map_err(|e| WeightError::file(path, format!("cannot open: {e}")))?;
+        let file = std::fs::File::open(path)
+            .map_err(|e| WeightError::file(path, format!("cannot open: {e}")))?;
         // SAFETY: the mapping is read-only; a checkpoint being rewritten while we run is outside
         // what any loader can guard against (the same contract as safetensors' own mmap loading).
-        let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| WeightError::file(path, format!("cannot mmap: {e}")))?;
+        let mmap = unsafe { memmap2::Mmap::map(&file) }
+            .map_err(|e| WeightError::file(path, format!("cannot mmap: {e}")))?;
         let header = parse_safetensors_header(&mmap, path)?;
-        Ok(Shard { path: path.to_path_buf(), mmap, header })
+        Ok(Shard {
+            path: path.to_path_buf(),
+            mmap,
+            header,
+        })
     }
 
     fn view(&self, name: &str) -> Option<TensorView<'_>> {
         let meta = self.header.tensors.get(name)?;
         let (b, e) = meta.data_offsets;
-        let data = self.mmap.get(self.header.data_start + b..self.header.data_start + e)?;
-        Some(TensorView { dtype: meta.dtype, shape: meta.shape.clone(), data })
+        let data = self
+            .mmap
+            .get(self.header.data_start + b..self.header.data_start + e)?;
+        Some(TensorView {
+            dtype: meta.dtype,
+            shape: meta.shape.clone(),
+            data,
+        })
     }
 }
 
 /// File names whose presence means "this is a PyTorch pickle checkpoint".
 fn is_pickle_name(name: &str) -> bool {
-    name.ends_with(".bin") || name.ends_with(".pt") || name.ends_with(".pth") || name.ends_with(".ckpt")
+    name.ends_with(".bin")
+        || name.ends_with(".pt")
+        || name.ends_with(".pth")
+        || name.ends_with(".ckpt")
 }
 
 /// A Hugging Face checkpoint directory: config.json plus memory-mapped safetensors (one file, or
@@ -286,11 +368,17 @@ impl SafetensorsModel {
     pub fn open(dir: impl AsRef<Path>) -> Result<Self, WeightError> {
         let dir = dir.as_ref().to_path_buf();
         if !dir.is_dir() {
-            return Err(WeightError::file(&dir, "not a directory (expected a Hugging Face checkpoint directory)"));
+            return Err(WeightError::file(
+                &dir,
+                "not a directory (expected a Hugging Face checkpoint directory)",
+            ));
         }
         let config_path = dir.join("config.json");
         if !config_path.is_file() {
-            return Err(WeightError::file(&config_path, "missing: a checkpoint directory needs config.json"));
+            return Err(WeightError::file(
+                &config_path,
+                "missing: a checkpoint directory needs config.json",
+            ));
         }
         let config = ModelConfig::from_file(&config_path)?;
 
@@ -312,7 +400,10 @@ impl SafetensorsModel {
                 if !p.is_file() {
                     return Err(WeightError::file(
                         &p,
-                        format!("shard `{file}` listed in {} is missing", index_path.display()),
+                        format!(
+                            "shard `{file}` listed in {} is missing",
+                            index_path.display()
+                        ),
                     ));
                 }
                 shard_ids.insert(file, shards.len());
@@ -324,7 +415,10 @@ impl SafetensorsModel {
                     return Err(WeightError::tensor(
                         &shards[id].path,
                         name,
-                        format!("listed in {} but not stored in this shard", index_path.display()),
+                        format!(
+                            "listed in {} but not stored in this shard",
+                            index_path.display()
+                        ),
                     ));
                 }
                 locations.insert(name.clone(), id);
@@ -341,7 +435,10 @@ impl SafetensorsModel {
         }
 
         let has = |n: &str| locations.contains_key(n);
-        let first = shards.first().map(|s| s.path.clone()).unwrap_or_else(|| dir.clone());
+        let first = shards
+            .first()
+            .map(|s| s.path.clone())
+            .unwrap_or_else(|| dir.clone());
         // Tied embeddings: transformers ties lm_head to embed_tokens (same Parameter) before
         // loading, so a checkpoint may store either name (tinystories656k stores only lm_head).
         let (embed_name, lm_head_name) = match (has(EMBED_NAME), has(LM_HEAD_NAME)) {
@@ -352,18 +449,28 @@ impl SafetensorsModel {
                 return Err(WeightError::tensor(
                     &first,
                     LM_HEAD_NAME,
-                    format!("missing and tie_word_embeddings is false in {}", config_path.display()),
+                    format!(
+                        "missing and tie_word_embeddings is false in {}",
+                        config_path.display()
+                    ),
                 ));
             }
             (false, true) => {
                 return Err(WeightError::tensor(
                     &first,
                     EMBED_NAME,
-                    format!("missing and tie_word_embeddings is false in {}", config_path.display()),
+                    format!(
+                        "missing and tie_word_embeddings is false in {}",
+                        config_path.display()
+                    ),
                 ));
             }
             (false, false) => {
-                return Err(WeightError::tensor(&first, EMBED_NAME, "missing (and no lm_head.weight to tie it to)"));
+                return Err(WeightError::tensor(
+                    &first,
+                    EMBED_NAME,
+                    "missing (and no lm_head.weight to tie it to)",
+                ));
             }
         };
         let model = SafetensorsModel {
@@ -411,9 +518,15 @@ impl SafetensorsModel {
         let extra = if others.is_empty() {
             String::new()
         } else {
-            format!(" (found {}, but without an index they are not a checkpoint)", others.join(", "))
+            format!(
+                " (found {}, but without an index they are not a checkpoint)",
+                others.join(", ")
+            )
         };
-        WeightError::file(dir, format!("no model.safetensors or model.safetensors.index.json{extra}"))
+        WeightError::file(
+            dir,
+            format!("no model.safetensors or model.safetensors.index.json{extra}"),
+        )
     }
 
     pub fn dir(&self) -> &Path {
@@ -447,7 +560,9 @@ impl SafetensorsModel {
     }
     /// Path of the file that stores `name` (for messages).
     pub fn tensor_path(&self, name: &str) -> Option<&Path> {
-        self.locations.get(name).map(|&i| self.shards[i].path.as_path())
+        self.locations
+            .get(name)
+            .map(|&i| self.shards[i].path.as_path())
     }
 
     fn path_for(&self, name: &str) -> &Path {
@@ -461,7 +576,10 @@ impl SafetensorsModel {
             return Err(WeightError::tensor(
                 self.path_for(name),
                 name,
-                format!("shape {:?} does not match config (expected {:?})", t.shape, shape),
+                format!(
+                    "shape {:?} does not match config (expected {:?})",
+                    t.shape, shape
+                ),
             ));
         }
         Ok(t)
@@ -472,7 +590,12 @@ impl SafetensorsModel {
         to_f32(&t).map_err(|m| WeightError::tensor(self.path_for(name), name, m))
     }
 
-    fn linear(&self, prefix: &str, m: ModuleKind, bias_required: bool) -> Result<Linear, WeightError> {
+    fn linear(
+        &self,
+        prefix: &str,
+        m: ModuleKind,
+        bias_required: bool,
+    ) -> Result<Linear, WeightError> {
         let (out_f, in_f) = self.config.linear_shape(m);
         let wname = format!("{prefix}{}.weight", m.hf_name());
         let bname = format!("{prefix}{}.bias", m.hf_name());
@@ -483,12 +606,20 @@ impl SafetensorsModel {
             return Err(WeightError::tensor(
                 self.path_for(&wname),
                 &bname,
-                format!("missing, but {} requires a bias here", self.config.architecture_name),
+                format!(
+                    "missing, but {} requires a bias here",
+                    self.config.architecture_name
+                ),
             ));
         } else {
             None
         };
-        Ok(Linear { weight, out_features: out_f, in_features: in_f, bias })
+        Ok(Linear {
+            weight,
+            out_features: out_f,
+            in_features: in_f,
+            bias,
+        })
     }
 }
 
@@ -497,10 +628,21 @@ impl SafetensorsModel {
 pub fn to_f32(t: &TensorView<'_>) -> Result<Vec<f32>, String> {
     let d = t.data;
     match t.dtype {
-        Dtype::F32 => Ok(d.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()),
-        Dtype::F16 => Ok(d.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect()),
-        Dtype::BF16 => Ok(d.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect()),
-        other => Err(format!("unsupported dtype {other:?} for a weight (expected F32, F16 or BF16)")),
+        Dtype::F32 => Ok(d
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()),
+        Dtype::F16 => Ok(d
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect()),
+        Dtype::BF16 => Ok(d
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect()),
+        other => Err(format!(
+            "unsupported dtype {other:?} for a weight (expected F32, F16 or BF16)"
+        )),
     }
 }
 
@@ -523,13 +665,24 @@ impl TensorStore for SafetensorsModel {
         self.locations.contains_key(name)
     }
     fn tensor(&self, name: &str) -> Result<TensorView<'_>, WeightError> {
-        let shard = self.locations.get(name).map(|&i| &self.shards[i]).ok_or_else(|| {
-            let p = self.index_path.clone().or_else(|| self.shards.first().map(|s| s.path.clone()));
-            WeightError::tensor(p.as_deref().unwrap_or(&self.dir), name, "not found in the checkpoint")
-        })?;
-        shard
-            .view(name)
-            .ok_or_else(|| WeightError::tensor(&shard.path, name, "byte range outside the mapped file"))
+        let shard = self
+            .locations
+            .get(name)
+            .map(|&i| &self.shards[i])
+            .ok_or_else(|| {
+                let p = self
+                    .index_path
+                    .clone()
+                    .or_else(|| self.shards.first().map(|s| s.path.clone()));
+                WeightError::tensor(
+                    p.as_deref().unwrap_or(&self.dir),
+                    name,
+                    "not found in the checkpoint",
+                )
+            })?;
+        shard.view(name).ok_or_else(|| {
+            WeightError::tensor(&shard.path, name, "byte range outside the mapped file")
+        })
     }
     fn source_dir(&self) -> &Path {
         &self.dir
@@ -543,14 +696,30 @@ impl SafetensorsModel {
         let (v, h) = (self.config.vocab_size, self.config.hidden_size);
         let t = self.checked(name, &[v, h])?;
         let path = self.path_for(name);
-        let es = float_elem_size(t.dtype)
-            .ok_or_else(|| WeightError::tensor(path, name, format!("unsupported dtype {:?} (expected F32, F16 or BF16)", t.dtype)))?;
+        let es = float_elem_size(t.dtype).ok_or_else(|| {
+            WeightError::tensor(
+                path,
+                name,
+                format!(
+                    "unsupported dtype {:?} (expected F32, F16 or BF16)",
+                    t.dtype
+                ),
+            )
+        })?;
         let mut out = Vec::with_capacity(rows.len() * h);
         for &r in rows {
             if r >= v {
-                return Err(WeightError::tensor(path, name, format!("row {r} out of range (vocab_size {v})")));
+                return Err(WeightError::tensor(
+                    path,
+                    name,
+                    format!("row {r} out of range (vocab_size {v})"),
+                ));
             }
-            let view = TensorView { dtype: t.dtype, shape: vec![h], data: &t.data[r * h * es..(r + 1) * h * es] };
+            let view = TensorView {
+                dtype: t.dtype,
+                shape: vec![h],
+                data: &t.data[r * h * es..(r + 1) * h * es],
+            };
             out.extend(to_f32(&view).map_err(|m| WeightError::tensor(path, name, m))?);
         }
         Ok(out)
@@ -572,7 +741,10 @@ impl WeightSource for SafetensorsModel {
         if index >= c.num_layers {
             return Err(WeightError::file(
                 &self.config_path,
-                format!("layer {index} requested but num_hidden_layers is {}", c.num_layers),
+                format!(
+                    "layer {index} requested but num_hidden_layers is {}",
+                    c.num_layers
+                ),
             ));
         }
         let p = format!("model.layers.{index}.");
@@ -622,11 +794,24 @@ impl WeightSource for SafetensorsModel {
         let dtypes: std::collections::BTreeSet<String> = self
             .shards
             .iter()
-            .flat_map(|s| s.header.tensors.values().map(|t| format!("{:?}", t.dtype).to_lowercase()))
+            .flat_map(|s| {
+                s.header
+                    .tensors
+                    .values()
+                    .map(|t| format!("{:?}", t.dtype).to_lowercase())
+            })
             .collect();
         let dt = dtypes.into_iter().collect::<Vec<_>>().join("+");
-        let layout = if self.shards.len() > 1 { format!("{} shards", self.shards.len()) } else { "1 file".to_string() };
-        let tied = if self.embeddings_shared() { ", tied embeddings" } else { "" };
+        let layout = if self.shards.len() > 1 {
+            format!("{} shards", self.shards.len())
+        } else {
+            "1 file".to_string()
+        };
+        let tied = if self.embeddings_shared() {
+            ", tied embeddings"
+        } else {
+            ""
+        };
         format!("safetensors {dt}, {layout}{tied} ({})", self.dir.display())
     }
 }
