@@ -3,10 +3,17 @@
 
 use std::process::ExitCode;
 
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::gpu::{BackendChoice, GpuContext, GpuOptions};
+use crate::model::inspect::ModelSummary;
+use crate::pipeline::{self, CalibInput, Event, Job, ModelInput, PipelineConfig, Solver, StreamDType};
+use crate::quant::{Method, QuantConfig};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -54,6 +61,164 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Describe a model directory: architecture, dtype, shapes, parameters, memory to quantize it.
+    Inspect {
+        model: PathBuf,
+        /// Calibration size used for the memory estimate.
+        #[arg(long, default_value_t = 128)]
+        nsamples: usize,
+        #[arg(long, default_value_t = 2048)]
+        seqlen: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Quantize a model layer by layer with GPTQ, GPTAQ or RTN.
+    Quantize(Box<QuantizeArgs>),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum MethodArg {
+    Gptaq,
+    Gptq,
+    Rtn,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SolverArg {
+    Gpu,
+    Cpu,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum StreamArg {
+    F32,
+    F16,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct QuantizeArgs {
+    /// Hugging Face model directory (config.json, safetensors, tokenizer.json).
+    #[arg(required_unless_present = "demo")]
+    pub model: Option<PathBuf>,
+    /// Quantize the built-in synthetic demo model on synthetic calibration tokens (no download).
+    #[arg(long, conflicts_with = "model")]
+    pub demo: bool,
+    /// Calibration data: .txt, .jsonl (`text` field), .parquet (`text` column) or pre-tokenized
+    /// .safetensors (`input_ids` [N, L]).
+    #[arg(long, required_unless_present = "demo")]
+    pub calib: Option<PathBuf>,
+    /// Output directory for the GPTQ checkpoint.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Overwrite a non-empty --out.
+    #[arg(long)]
+    pub force: bool,
+    #[arg(long, value_enum, default_value = "gptaq")]
+    pub method: MethodArg,
+    #[arg(long, default_value_t = 4)]
+    pub bits: u32,
+    /// Columns per group; -1 = one group per row.
+    #[arg(long, default_value_t = 128, allow_hyphen_values = true)]
+    pub group_size: i64,
+    /// Process columns by decreasing Hessian diagonal (desc_act).
+    #[arg(long)]
+    pub act_order: bool,
+    /// Group parameters from the original column groups (act-order without a g_idx permutation).
+    #[arg(long)]
+    pub static_groups: bool,
+    /// Asymmetric quantization (per-group zero points).
+    #[arg(long)]
+    pub asym: bool,
+    /// Relative damping added to the Hessian diagonal.
+    #[arg(long, default_value_t = 0.01)]
+    pub damp: f64,
+    /// GPTAQ's shrinkage of the asymmetry correction (0 = GPTQ).
+    #[arg(long, default_value_t = 0.25)]
+    pub alpha: f64,
+    #[arg(long, default_value_t = 128)]
+    pub block_size: usize,
+    /// Calibration sequences (default 128; 32 with --demo).
+    #[arg(long)]
+    pub nsamples: Option<usize>,
+    /// Tokens per calibration sequence (default 2048; 128 with --demo).
+    #[arg(long)]
+    pub seqlen: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// MSE clipping grid search for the quantizer range.
+    #[arg(long)]
+    pub mse: bool,
+    /// Skip the FP stream for GPTQ/RTN (no quant/asym/output errors; GPTAQ always needs it).
+    #[arg(long)]
+    pub no_metrics: bool,
+    /// Write the run report (JSON) here.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+    /// Which solver implementation to use.
+    #[arg(long, value_enum, default_value = "gpu")]
+    pub solver: SolverArg,
+    /// GPU memory budget in GiB for the memory plan.
+    #[arg(long, default_value_t = 8.0)]
+    pub gpu_memory: f64,
+    /// Element type of activation streams spilled to host RAM.
+    #[arg(long, value_enum, default_value = "f32")]
+    pub stream_dtype: StreamArg,
+    /// Keep the activation streams in host RAM even if they fit on the GPU.
+    #[arg(long)]
+    pub host_streams: bool,
+}
+
+impl QuantizeArgs {
+    pub fn job(&self) -> anyhow::Result<Job> {
+        let quant = QuantConfig {
+            method: match self.method {
+                MethodArg::Gptaq => Method::Gptaq { alpha: self.alpha },
+                MethodArg::Gptq => Method::Gptq,
+                MethodArg::Rtn => Method::Rtn,
+            },
+            bits: self.bits,
+            group_size: match self.group_size {
+                -1 => None,
+                g if g > 0 => Some(g as usize),
+                g => anyhow::bail!("--group-size must be positive or -1 (got {g})"),
+            },
+            sym: !self.asym,
+            act_order: self.act_order,
+            static_groups: self.static_groups,
+            damp_percent: self.damp,
+            block_size: self.block_size,
+            mse: self.mse,
+            ..QuantConfig::default()
+        };
+        let (model, calib) = if self.demo {
+            (ModelInput::Demo { seed: self.seed }, CalibInput::Synthetic)
+        } else {
+            let model = self.model.clone().context("a MODEL_DIR (or --demo) is required")?;
+            let calib = self.calib.clone().context("--calib is required for a model directory")?;
+            (ModelInput::Dir(model), CalibInput::File(calib))
+        };
+        Ok(Job {
+            model,
+            calib,
+            config: PipelineConfig {
+                quant,
+                nsamples: self.nsamples.unwrap_or(if self.demo { 32 } else { 128 }),
+                seqlen: self.seqlen.unwrap_or(if self.demo { 128 } else { 2048 }),
+                seed: self.seed,
+                metrics: !self.no_metrics,
+                stream_dtype: match self.stream_dtype {
+                    StreamArg::F32 => StreamDType::F32,
+                    StreamArg::F16 => StreamDType::F16,
+                },
+                gpu_budget_bytes: (self.gpu_memory * (1u64 << 30) as f64) as u64,
+                force_host_streams: self.host_streams,
+                solver: match self.solver {
+                    SolverArg::Gpu => Solver::Gpu,
+                    SolverArg::Cpu => Solver::CpuReference,
+                },
+            },
+        })
+    }
 }
 
 pub fn main() -> ExitCode {
@@ -75,7 +240,136 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             anyhow::bail!("the desktop application is not built yet; see `gptaq-studio --help`")
         }
         Some(Command::Devices { json }) => devices(&cli.gpu, json),
+        Some(Command::Inspect {
+            model,
+            nsamples,
+            seqlen,
+            json,
+        }) => inspect(&model, nsamples, seqlen, json),
+        Some(Command::Quantize(args)) => quantize(&cli.gpu, &args),
     }
+}
+
+fn inspect(dir: &Path, nsamples: usize, seqlen: usize, json: bool) -> anyhow::Result<()> {
+    let summary = ModelSummary::from_dir(dir).with_context(|| format!("inspecting {}", dir.display()))?;
+    let config = crate::model::ModelConfig::from_file(dir.join("config.json"))?;
+    // The estimate is the quantization pipeline's own memory plan (GPTAQ: FP + quantized streams),
+    // for an 8 GiB card with f16 host streams.
+    let plan = pipeline::plan::plan(&pipeline::plan::PlanInput {
+        config: &config,
+        nsamples,
+        seqlen,
+        fp_stream: true,
+        gpu_budget_bytes: 8 << 30,
+        max_buffer_bytes: 2 << 30,
+        host_dtype: StreamDType::F16,
+        force_host: false,
+    });
+    if json {
+        let plan_json = match &plan {
+            Ok(p) => serde_json::to_value(p)?,
+            Err(e) => serde_json::json!({ "error": e.to_string() }),
+        };
+        let v = serde_json::json!({ "model": summary, "quantization_plan": plan_json });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!("{summary}");
+        println!("\nGPTAQ memory plan for {nsamples} × {seqlen} calibration tokens on an 8 GiB GPU:");
+        match plan {
+            Ok(p) => {
+                for line in &p.breakdown {
+                    println!("  {line}");
+                }
+                println!(
+                    "  total ≈ {:.1} MiB GPU, {:.1} MiB host",
+                    p.gpu_bytes_estimate as f64 / (1u64 << 20) as f64,
+                    p.host_bytes_estimate as f64 / (1u64 << 20) as f64
+                );
+            }
+            Err(e) => println!("  {e}"),
+        }
+    }
+    Ok(())
+}
+
+fn fmt_opt(v: Option<f64>) -> String {
+    v.map_or_else(|| "-".into(), |x| format!("{x:.3e}"))
+}
+
+fn quantize(gpu: &GpuArgs, args: &QuantizeArgs) -> anyhow::Result<()> {
+    let job = args.job()?;
+    if let Some(out) = &args.out
+        && out.exists()
+        && !args.force
+        && std::fs::read_dir(out).map(|mut d| d.next().is_some()).unwrap_or(false)
+    {
+        anyhow::bail!("{} exists and is not empty; pass --force to replace it", out.display());
+    }
+    let ctx = GpuContext::new(&gpu.options()).context("opening the GPU")?;
+    eprintln!("device: {} ({})", ctx.summary.name, ctx.summary.backend);
+    let inputs = pipeline::prepare(&job).context("preparing the run")?;
+    eprintln!("model: {}", inputs.model_name);
+    eprintln!("calibration: {}", inputs.calib.description);
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} modules (ETA {eta}) {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let header = format!(
+        "{:>5} {:<10} {:>11} {:>10} {:>10} {:>10} {:>10} {:>7} {:>7}  fallback",
+        "layer", "module", "shape", "proxy", "quant", "asym", "output", "damp", "secs"
+    );
+    let mut emit = |e: Event| match e {
+        Event::Started { layers, modules_per_layer, plan, .. } => {
+            bar.set_length((layers * modules_per_layer) as u64);
+            for line in &plan.breakdown {
+                bar.println(format!("plan: {line}"));
+            }
+            bar.println(header.clone());
+        }
+        Event::Status(s) => bar.set_message(s),
+        Event::LayerStarted { layer } => bar.set_message(format!("layer {layer}")),
+        Event::ModuleDone(m) => {
+            bar.inc(1);
+            bar.println(format!(
+                "{:>5} {:<10} {:>11} {:>10.3e} {:>10} {:>10} {:>10} {:>7.4} {:>7.2}  {}",
+                m.layer,
+                m.module,
+                format!("{}x{}", m.rows, m.cols),
+                m.proxy_loss,
+                fmt_opt(m.quant_error),
+                fmt_opt(m.asym_error),
+                fmt_opt(m.output_error),
+                m.damp,
+                m.secs,
+                m.fallback.as_deref().unwrap_or("")
+            ));
+        }
+        Event::LayerDone(l) => {
+            if let Some(e) = l.hidden_rel_error {
+                bar.println(format!("layer {} done in {:.2}s: ‖h_q−h_fp‖/‖h_fp‖ = {e:.4}", l.layer, l.secs));
+            }
+        }
+        Event::Warning(w) => bar.println(format!("warning: {w}")),
+        Event::Finished(_) | Event::Failed(_) | Event::Cancelled => {}
+    };
+    let cancel = AtomicBool::new(false);
+    let result = pipeline::run_prepared(&ctx, &inputs, &job.config, &mut emit, &cancel);
+    bar.finish_and_clear();
+    let q = result.context("quantization failed")?;
+    let r = &q.report;
+    eprintln!(
+        "finished: {} modules in {:.1}s, peak GPU memory {:.1} MiB",
+        r.modules.len(),
+        r.secs,
+        r.peak_gpu_bytes as f64 / (1u64 << 20) as f64
+    );
+    if let Some(path) = &args.report {
+        let json = serde_json::to_string_pretty(r)?;
+        std::fs::write(path, json).with_context(|| format!("writing the report to {}", path.display()))?;
+        eprintln!("report: {}", path.display());
+    }
+    Ok(())
 }
 
 fn devices(gpu: &GpuArgs, json: bool) -> anyhow::Result<()> {

@@ -17,6 +17,7 @@ pub mod calib;
 pub mod cli;
 pub mod eval;
 pub mod export;
+pub mod forward;
 pub mod gpu;
 pub mod model;
 pub mod pipeline;

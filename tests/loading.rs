@@ -12,7 +12,7 @@ use gptaq_studio::calib::{
     eval_windows, parse_jsonl, parse_text,
 };
 use gptaq_studio::model::config::{Architecture, ConfigDType, ModelConfig, RopeScaling};
-use gptaq_studio::model::inspect::{ModelSummary, StreamDType};
+use gptaq_studio::model::inspect::ModelSummary;
 use gptaq_studio::model::tokenizer::Tokenizer;
 use gptaq_studio::model::weights::{
     SafetensorsModel, TensorStore, parse_safetensors_header, parse_safetensors_index,
@@ -140,9 +140,6 @@ fn tiny_llama_15m_sharded_bf16() {
         text.contains("LlamaForCausalLM") && text.contains("down_proj") && text.contains("15.74 M"),
         "{text}"
     );
-    let mem = s.quant_memory(128, 512, StreamDType::F32);
-    assert_eq!(mem.hessian_bytes, 2 * 4 * 1024 * 1024);
-    assert_eq!(mem.streams_bytes, 4 * 128 * 512 * 384 * 4);
     assert!(
         serde_json::to_value(&s).unwrap()["modules"]
             .as_array()

@@ -53,35 +53,6 @@ pub struct ModelSummary {
     pub largest_in_features: usize,
 }
 
-/// Element type of the hidden-state streams kept between layers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
-pub enum StreamDType {
-    F32,
-    F16,
-}
-
-impl StreamDType {
-    pub fn bytes(self) -> u64 {
-        match self {
-            StreamDType::F32 => 4,
-            StreamDType::F16 => 2,
-        }
-    }
-}
-
-/// Peak-memory estimate for layer-by-layer quantization; see [`ModelSummary::quant_memory`].
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct MemoryEstimate {
-    pub nsamples: usize,
-    pub seqlen: usize,
-    pub stream_dtype: StreamDType,
-    pub layer_weights_bytes: u64,
-    pub hessian_bytes: u64,
-    pub streams_bytes: u64,
-    pub activation_bytes: u64,
-    pub total_bytes: u64,
-}
-
 impl ModelSummary {
     /// From a [`WeightSource`] alone: shapes and parameter count derived from the config.
     pub fn from_source(src: &dyn WeightSource) -> Self {
@@ -197,46 +168,6 @@ impl ModelSummary {
         Self::from_safetensors(&SafetensorsModel::open(dir)?)
     }
 
-    /// Estimated peak memory of layer-by-layer GPTQ/GPTAQ quantization, in bytes:
-    ///
-    /// * `layer_weights = 4 · Σ_m out_m·in_m` — one decoder layer's seven linears in f32 (norms
-    ///   are negligible); only one layer is resident at a time.
-    /// * `hessian = 2 · 4 · n²` with `n` = [`Self::largest_in_features`] — H plus one n×n working
-    ///   matrix (GPTQ's Cholesky factor of H⁻¹, or GPTAQ's ΔX·Xᵀ accumulator), in f32.
-    /// * `streams = 4 · nsamples · seqlen · hidden · bytes(stream)` — GPTAQ keeps the FP model's
-    ///   and the quantized model's layer inputs and outputs (GPTQ needs only 2 of the 4).
-    /// * `activation = 4 · seqlen · (q_dim + 2·kv_dim + 2·intermediate + num_heads·seqlen)` —
-    ///   one sample's q/k/v, gate/up and unfused attention scores during the layer forward.
-    pub fn quant_memory(
-        &self,
-        nsamples: usize,
-        seqlen: usize,
-        stream: StreamDType,
-    ) -> MemoryEstimate {
-        let layer_weights_bytes = 4 * self.modules.iter().map(|m| m.params).sum::<u64>();
-        let n = self.largest_in_features as u64;
-        let hessian_bytes = 2 * 4 * n * n;
-        let streams_bytes =
-            4 * nsamples as u64 * seqlen as u64 * self.hidden_size as u64 * stream.bytes();
-        let (q, kv) = (
-            (self.num_heads * self.head_dim) as u64,
-            (self.num_kv_heads * self.head_dim) as u64,
-        );
-        let s = seqlen as u64;
-        let activation_bytes =
-            4 * s * (q + 2 * kv + 2 * self.intermediate_size as u64 + self.num_heads as u64 * s);
-        MemoryEstimate {
-            nsamples,
-            seqlen,
-            stream_dtype: stream,
-            layer_weights_bytes,
-            hessian_bytes,
-            streams_bytes,
-            activation_bytes,
-            total_bytes: layer_weights_bytes + hessian_bytes + streams_bytes + activation_bytes,
-        }
-    }
-
     /// Multi-line report for the CLI (`Display` prints the same).
     pub fn to_text(&self) -> String {
         self.to_string()
@@ -342,16 +273,7 @@ impl fmt::Display for ModelSummary {
             "quantizable    {} params in decoder linears",
             format_count(self.quantizable_params)
         )?;
-        let e = self.quant_memory(128, 2048, StreamDType::F32);
-        write!(
-            f,
-            "quant memory   ≈ {} for 128 × 2048 f32 streams (layer {}, H {}, streams {}, activations {})",
-            format_bytes(e.total_bytes),
-            format_bytes(e.layer_weights_bytes),
-            format_bytes(e.hessian_bytes),
-            format_bytes(e.streams_bytes),
-            format_bytes(e.activation_bytes)
-        )
+        Ok(())
     }
 }
 
@@ -367,9 +289,6 @@ mod tests {
         let b = ModelSummary::from_store(&m, &m).unwrap();
         assert_eq!(a.param_count, b.param_count);
         assert_eq!(b.largest_in_features, 352);
-        let e = b.quant_memory(8, 64, StreamDType::F16);
-        assert_eq!(e.hessian_bytes, 2 * 4 * 352 * 352);
-        assert_eq!(e.streams_bytes, 4 * 8 * 64 * 128 * 2);
         let text = b.to_text();
         assert!(
             text.contains("SYNTHETIC") && text.contains("down_proj"),

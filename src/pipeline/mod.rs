@@ -5,7 +5,9 @@
 //! writes nothing to disk: exporting is a separate step, so a cancelled or failed run leaves no
 //! partial output behind.
 
+pub mod driver;
 pub mod events;
+pub mod metrics;
 pub mod plan;
 pub mod stream;
 
@@ -16,8 +18,12 @@ use std::sync::atomic::AtomicBool;
 pub use events::{Event, LayerReport, MemoryPlan, ModuleReport, RunReport};
 pub use stream::StreamDType;
 
+use crate::calib::{CalibSet, CalibSource, calibration_windows};
 use crate::gpu::GpuContext;
-use crate::model::ModuleKind;
+use crate::model::synthetic::SyntheticModel;
+use crate::model::tokenizer::Tokenizer;
+use crate::model::weights::SafetensorsModel;
+use crate::model::{ModuleKind, WeightSource};
 use crate::quant::{QuantConfig, QuantResult};
 
 /// Where the model comes from.
@@ -114,6 +120,63 @@ pub enum PipelineError {
     Cancelled,
 }
 
+/// A model and calibration set resolved from a [`Job`], kept so that a side-by-side comparison can
+/// run twice on exactly the same windows.
+pub struct Inputs {
+    pub source: Box<dyn WeightSource>,
+    pub model_name: String,
+    pub calib: CalibSet,
+}
+
+/// Opens the model and samples the calibration windows of `job`.
+pub fn prepare(job: &Job) -> Result<Inputs, PipelineError> {
+    let c = &job.config;
+    match &job.model {
+        ModelInput::Demo { seed } => {
+            let model = SyntheticModel::new(*seed);
+            let vocab = model.config().vocab_size;
+            let calib = match &job.calib {
+                CalibInput::Synthetic => CalibSet::synthetic(vocab, c.nsamples, c.seqlen, c.seed),
+                CalibInput::File(p) => {
+                    return Err(PipelineError::Input(format!(
+                        "the synthetic demo model has no tokenizer; it calibrates on synthetic tokens, not {}",
+                        p.display()
+                    )));
+                }
+            };
+            Ok(Inputs {
+                model_name: model.describe(),
+                source: Box::new(model),
+                calib,
+            })
+        }
+        ModelInput::Dir(dir) => {
+            let model = SafetensorsModel::open(dir).map_err(|e| PipelineError::Input(e.to_string()))?;
+            let calib = match &job.calib {
+                CalibInput::Synthetic => CalibSet::synthetic(model.config().vocab_size, c.nsamples, c.seqlen, c.seed),
+                CalibInput::File(p) => {
+                    let src = CalibSource::open(p).map_err(|e| PipelineError::Input(e.to_string()))?;
+                    // Pre-tokenized input needs no tokenizer; text does.
+                    let tok = match Tokenizer::from_dir(dir) {
+                        Ok(t) => Some(t),
+                        Err(e) if src.kind() != crate::calib::CalibKind::PreTokenized => {
+                            return Err(PipelineError::Input(e.to_string()));
+                        }
+                        Err(_) => None,
+                    };
+                    calibration_windows(&src, tok.as_ref(), c.nsamples, c.seqlen, c.seed)
+                        .map_err(|e| PipelineError::Input(e.to_string()))?
+                }
+            };
+            Ok(Inputs {
+                model_name: dir.display().to_string(),
+                source: Box::new(model),
+                calib,
+            })
+        }
+    }
+}
+
 /// Runs `job` on `ctx`, calling `emit` with every progress event (the last one is `Finished`,
 /// `Failed` or `Cancelled`). `cancel` is polled between batches and modules.
 pub fn run(
@@ -122,8 +185,29 @@ pub fn run(
     emit: &mut dyn FnMut(Event),
     cancel: &AtomicBool,
 ) -> Result<QuantizedModel, PipelineError> {
-    let _ = (ctx, job, cancel);
-    let e = PipelineError::Input("the layer-by-layer driver is being merged".into());
-    emit(Event::Failed(e.to_string()));
-    Err(e)
+    let result = prepare(job).and_then(|inputs| run_prepared(ctx, &inputs, &job.config, emit, cancel));
+    match &result {
+        Ok(q) => emit(Event::Finished(Box::new(q.report.clone()))),
+        Err(PipelineError::Cancelled) => emit(Event::Cancelled),
+        Err(e) => emit(Event::Failed(e.to_string())),
+    }
+    result
+}
+
+/// Runs the driver on already prepared inputs (no terminal event is emitted).
+pub fn run_prepared(
+    ctx: &GpuContext,
+    inputs: &Inputs,
+    config: &PipelineConfig,
+    emit: &mut dyn FnMut(Event),
+    cancel: &AtomicBool,
+) -> Result<QuantizedModel, PipelineError> {
+    let prep = driver::Prepared {
+        source: inputs.source.as_ref(),
+        model_name: inputs.model_name.clone(),
+        windows: &inputs.calib.windows,
+        calibration: inputs.calib.description.clone(),
+        device: format!("{} ({})", ctx.summary.name, ctx.summary.backend),
+    };
+    driver::quantize(ctx, &prep, config, emit, cancel)
 }
