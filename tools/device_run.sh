@@ -5,14 +5,14 @@
 # timeout and logs to $OUT/<step>.log; rc and seconds go to $OUT/steps.tsv; $OUT/summary.json
 # collects the numbers at the end):
 #   devices           gptaq-studio devices --json
-#   fp_ppl_py_*       FP perplexity, hf_perplexity.py (seqlen 512 and 256; expect 118.82 / 102.78)
+#   fp_ppl_py_512     FP perplexity, hf_perplexity.py (expect 118.82; fp_ppl_py_256 at the end: 102.78)
 #   fp_ppl_rust       gptaq-studio eval --model MODEL --text wiki.test.raw --seqlen 512
+#   torch_bench       torch_reference.py --bench (solve 4096x4096, 4096x14336; accumulation)
+#   kernels_bench     .device-carry/kernels-bench --bench (if carried)
 #   calib_ids         make_calib_ids.py: NSAMPLES x SEQLEN C4 windows -> $OUT/calib_ids.safetensors
 #   rust_<m>_w<b>     gptaq-studio quantize (GPTQ/GPTAQ/RTN, W4/W3, g128) on those windows, --report
 #   rust_<m>_w<b>_eval / _hfgptq   eval of the export with gptaq-studio eval and hf_perplexity.py --gptq
 #   ref_<m>_w<b>      torch_reference.py quality run (same windows), + hf_perplexity.py --gptq of its export
-#   torch_bench       torch_reference.py --bench (solve 4096x4096, 4096x14336; accumulation)
-#   kernels_bench     .device-carry/kernels-bench --bench (if carried)
 #
 # Environment (all optional): OUT (default ./device-out), GPTAQ_BIN, GPTAQ_KBENCH, GPTAQ_TEST_DATA
 # (set by .device-carry/setup.sh), MODEL, NSAMPLES (128), SEQLEN (512), METHODS ("gptq gptaq rtn"),
@@ -96,17 +96,21 @@ if have_bin; then step devices 60 "$BIN" devices --json; fi
 
 # --- FP perplexity -----------------------------------------------------------------------------
 step fp_ppl_py_512 90 $PY tools/hf_perplexity.py --model "$MODEL" --text "$WIKI" --seqlen 512 --out "$OUT/fp_ppl_py_512.json"
-step fp_ppl_py_256 90 $PY tools/hf_perplexity.py --model "$MODEL" --text "$WIKI" --seqlen 256 --out "$OUT/fp_ppl_py_256.json"
 if have_bin; then step fp_ppl_rust 120 "$BIN" eval --model "$MODEL" --text "$WIKI" --seqlen 512; fi
+
+# --- timing baselines ------------------------------------------------------------------------------
+step torch_bench 180 $PY tools/torch_reference.py --bench "$BENCH_SHAPES" --out "$OUT/torch_bench.json"
+if [ -x "$KBENCH" ]; then step kernels_bench 180 "$KBENCH" --bench; else echo "[skip] no kernels bench at $KBENCH"; fi
 
 # --- calibration windows shared by both tools ----------------------------------------------------
 CALIB_IDS=$OUT/calib_ids.safetensors
 step calib_ids 60 $PY tools/make_calib_ids.py --tokenizer "$MODEL" --calib "$C4" --nsamples "$NSAMPLES" --seqlen "$SEQLEN" --seed 0 --out "$CALIB_IDS"
 if [ "$CALIB_MODE" = ids ]; then RUST_CALIB=$CALIB_IDS; else RUST_CALIB=$C4; fi
 
-# --- Rust quantize + eval of the exports ---------------------------------------------------------
-if have_bin; then
-  for m in $METHODS; do for b in $BITS_LIST; do
+# --- per setting: Rust quantize + evals of its export, then the PyTorch reference (same windows) ---
+have_bin || echo "[skip] no binary at $BIN: Rust steps skipped"
+for b in $BITS_LIST; do for m in $METHODS; do
+  if have_bin; then
     d=$WORK/rust_${m}_w${b}
     step "rust_${m}_w${b}" 150 "$BIN" quantize --model "$MODEL" --calib "$RUST_CALIB" --nsamples "$NSAMPLES" --seqlen "$SEQLEN" \
       --method "$m" --bits "$b" --group-size "$GS" --out "$d" --force --report "$OUT/rust_${m}_w${b}.json"
@@ -114,13 +118,7 @@ if have_bin; then
       step "rust_${m}_w${b}_eval" 90 "$BIN" eval --model "$d" --text "$WIKI" --seqlen "$SEQLEN"
       step "rust_${m}_w${b}_hfgptq" 90 $PY tools/hf_perplexity.py --gptq "$d" --text "$WIKI" --seqlen "$SEQLEN" --native --out "$OUT/rust_${m}_w${b}_hfgptq.json"
     fi
-  done; done
-else
-  echo "[skip] no binary at $BIN: Rust steps skipped"
-fi
-
-# --- PyTorch reference quality runs (same windows) ------------------------------------------------
-for m in $METHODS; do for b in $BITS_LIST; do
+  fi
   d=$WORK/ref_${m}_w${b}
   step "ref_${m}_w${b}" 150 $PY tools/torch_reference.py --model "$MODEL" --calib-ids "$CALIB_IDS" --nsamples "$NSAMPLES" --seqlen "$SEQLEN" \
     --method "$m" --bits "$b" --group-size "$GS" --eval-text "$WIKI" --eval-seqlen "$SEQLEN" --export "$d" --out "$OUT/ref_${m}_w${b}.json"
@@ -129,9 +127,8 @@ for m in $METHODS; do for b in $BITS_LIST; do
   fi
 done; done
 
-# --- timing baselines ------------------------------------------------------------------------------
-step torch_bench 180 $PY tools/torch_reference.py --bench "$BENCH_SHAPES" --out "$OUT/torch_bench.json"
-if [ -x "$KBENCH" ]; then step kernels_bench 180 "$KBENCH" --bench; else echo "[skip] no kernels bench at $KBENCH"; fi
+# --- lower priority -------------------------------------------------------------------------
+step fp_ppl_py_256 90 $PY tools/hf_perplexity.py --model "$MODEL" --text "$WIKI" --seqlen 256 --out "$OUT/fp_ppl_py_256.json"
 
 # --- summary -----------------------------------------------------------------------------------
 if [ "$DRY_RUN" != 1 ]; then
