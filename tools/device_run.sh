@@ -17,7 +17,8 @@
 # Environment (all optional): OUT (default ./device-out), GPTAQ_BIN, GPTAQ_KBENCH, GPTAQ_TEST_DATA
 # (set by .device-carry/setup.sh), MODEL, NSAMPLES (128), SEQLEN (512), METHODS ("gptq gptaq rtn"),
 # BITS_LIST ("4 3"), GS (128), CALIB_MODE (ids|jsonl), BENCH_SHAPES, BUDGET_S (total seconds, 480),
-# PYTHON, DRY_RUN=1 (print the commands only), SKIP ("space separated step-name prefixes to skip").
+# PYTHON, DRY_RUN=1 (print the commands only), SKIP ("space separated step-name prefixes to skip"),
+# EVAL_MAX_WINDOWS / BENCH_TOKENS (smoke tests on a CPU machine only; not for real numbers).
 set -u
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -44,6 +45,10 @@ BENCH_SHAPES=${BENCH_SHAPES:-4096x4096,4096x14336}
 BUDGET_S=${BUDGET_S:-480}
 SKIP=${SKIP:-}
 PY=${PYTHON:-python3}
+# smoke-test knobs (local CPU runs): cut the Python evaluations / the accumulation bench
+MW=()
+[ -n "${EVAL_MAX_WINDOWS:-}" ] && MW=(--max-windows "$EVAL_MAX_WINDOWS")
+BENCH_TOKENS=${BENCH_TOKENS:-262144}
 WORK=${TMPDIR:-/tmp}/gptaq-device-$$
 mkdir -p "$WORK"
 START=$(date +%s)
@@ -95,11 +100,11 @@ step env 30 bash -c "nvidia-smi; $PY -c 'import torch, transformers, safetensors
 if have_bin; then step devices 60 "$BIN" devices --json; fi
 
 # --- FP perplexity -----------------------------------------------------------------------------
-step fp_ppl_py_512 90 $PY tools/hf_perplexity.py --model "$MODEL" --text "$WIKI" --seqlen 512 --out "$OUT/fp_ppl_py_512.json"
+step fp_ppl_py_512 90 $PY tools/hf_perplexity.py --model "$MODEL" --text "$WIKI" --seqlen 512 "${MW[@]}" --out "$OUT/fp_ppl_py_512.json"
 if have_bin; then step fp_ppl_rust 120 "$BIN" eval --model "$MODEL" --text "$WIKI" --seqlen 512; fi
 
 # --- timing baselines ------------------------------------------------------------------------------
-step torch_bench 180 $PY tools/torch_reference.py --bench "$BENCH_SHAPES" --out "$OUT/torch_bench.json"
+step torch_bench 180 $PY tools/torch_reference.py --bench "$BENCH_SHAPES" --tokens "$BENCH_TOKENS" --out "$OUT/torch_bench.json"
 if [ -x "$KBENCH" ]; then step kernels_bench 180 "$KBENCH" --bench; else echo "[skip] no kernels bench at $KBENCH"; fi
 
 # --- calibration windows shared by both tools ----------------------------------------------------
@@ -116,19 +121,19 @@ for b in $BITS_LIST; do for m in $METHODS; do
       --method "$m" --bits "$b" --group-size "$GS" --out "$d" --force --report "$OUT/rust_${m}_w${b}.json"
     if [ -d "$d" ] || [ "$DRY_RUN" = 1 ]; then
       step "rust_${m}_w${b}_eval" 90 "$BIN" eval --model "$d" --text "$WIKI" --seqlen "$SEQLEN"
-      step "rust_${m}_w${b}_hfgptq" 90 $PY tools/hf_perplexity.py --gptq "$d" --text "$WIKI" --seqlen "$SEQLEN" --native --out "$OUT/rust_${m}_w${b}_hfgptq.json"
+      step "rust_${m}_w${b}_hfgptq" 90 $PY tools/hf_perplexity.py --gptq "$d" --text "$WIKI" --seqlen "$SEQLEN" "${MW[@]}" --native --out "$OUT/rust_${m}_w${b}_hfgptq.json"
     fi
   fi
   d=$WORK/ref_${m}_w${b}
   step "ref_${m}_w${b}" 150 $PY tools/torch_reference.py --model "$MODEL" --calib-ids "$CALIB_IDS" --nsamples "$NSAMPLES" --seqlen "$SEQLEN" \
-    --method "$m" --bits "$b" --group-size "$GS" --eval-text "$WIKI" --eval-seqlen "$SEQLEN" --export "$d" --out "$OUT/ref_${m}_w${b}.json"
+    --method "$m" --bits "$b" --group-size "$GS" --eval-text "$WIKI" --eval-seqlen "$SEQLEN" "${MW[@]}" --export "$d" --out "$OUT/ref_${m}_w${b}.json"
   if [ -d "$d" ] || [ "$DRY_RUN" = 1 ]; then
-    step "ref_${m}_w${b}_hfgptq" 60 $PY tools/hf_perplexity.py --gptq "$d" --text "$WIKI" --seqlen "$SEQLEN" --out "$OUT/ref_${m}_w${b}_hfgptq.json"
+    step "ref_${m}_w${b}_hfgptq" 60 $PY tools/hf_perplexity.py --gptq "$d" --text "$WIKI" --seqlen "$SEQLEN" "${MW[@]}" --out "$OUT/ref_${m}_w${b}_hfgptq.json"
   fi
 done; done
 
 # --- lower priority -------------------------------------------------------------------------
-step fp_ppl_py_256 90 $PY tools/hf_perplexity.py --model "$MODEL" --text "$WIKI" --seqlen 256 --out "$OUT/fp_ppl_py_256.json"
+step fp_ppl_py_256 90 $PY tools/hf_perplexity.py --model "$MODEL" --text "$WIKI" --seqlen 256 "${MW[@]}" --out "$OUT/fp_ppl_py_256.json"
 
 # --- summary -----------------------------------------------------------------------------------
 if [ "$DRY_RUN" != 1 ]; then

@@ -143,10 +143,12 @@ def pack_gptq(codes_rn: np.ndarray, zeros_gr: np.ndarray, scales_gr: np.ndarray,
 # ----------------------------------------------------------------------------------------------
 
 
-def setup_torch(seed: int = 0):
+def setup_torch(seed: int = 0, threads: int = 0):
     import torch
 
     torch.manual_seed(seed)
+    if threads > 0:
+        torch.set_num_threads(threads)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     try:
@@ -321,10 +323,12 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:0 ...")
     ap.add_argument("--native", action="store_true", help="also try transformers' native GPTQ load (needs gptqmodel)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0,
+                    help="CPU threads for torch (0 = torch default; 1 is much faster on a busy CPU)")
     ap.add_argument("--out", default=None, help="write the JSON result here")
     args = ap.parse_args(argv)
 
-    torch = setup_torch(args.seed)
+    torch = setup_torch(args.seed, args.threads)
     device = pick_device(args.device)
     src_dir = args.model or args.gptq
     tok_path = args.tokenizer or src_dir

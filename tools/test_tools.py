@@ -30,6 +30,8 @@ sys.path.insert(0, HERE)
 import hf_perplexity as hp  # noqa: E402
 import torch_reference as tr  # noqa: E402
 
+torch.set_num_threads(1)  # tiny problems: threading only adds contention
+
 
 def u32(x: int) -> int:
     return np.uint32(x).view(np.int32).item()

@@ -684,12 +684,14 @@ def main(argv=None) -> int:
     ap.add_argument("--export", default=None, help="write a GPTQ checkpoint of the result here")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0,
+                    help="CPU threads for torch (0 = torch default; 1 is much faster on a busy CPU)")
     ap.add_argument("--out", default=None, help="JSON result path")
     args = ap.parse_args(argv)
 
     from hf_perplexity import pick_device, setup_torch
 
-    setup_torch(args.seed)
+    setup_torch(args.seed, args.threads)
     dev = pick_device(args.device)
     res = {"tool": "torch_reference", "torch": torch.__version__, "device": str(dev),
            "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
