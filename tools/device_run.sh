@@ -9,6 +9,8 @@
 #   fp_ppl_rust       gptaq-studio eval --model MODEL --text wiki.test.raw --seqlen 512
 #   torch_bench       torch_reference.py --bench (solve 4096x4096, 4096x14336; accumulation)
 #   kernels_bench     .device-carry/kernels-bench --bench (if carried)
+#   (end) torch_layer_bench  torch_reference.py --bench-layer: GPTQ/GPTAQ reference driver on one
+#                     random fp16 Llama-3-8B-shaped layer, 128 x 2048 tokens: time split + peak memory
 #   calib_ids         make_calib_ids.py: NSAMPLES x SEQLEN C4 windows -> $OUT/calib_ids.safetensors
 #   rust_<m>_w<b>     gptaq-studio quantize (GPTQ/GPTAQ/RTN, W4/W3, g128) on those windows, --report
 #   rust_<m>_w<b>_eval / _hfgptq   eval of the export with gptaq-studio eval and hf_perplexity.py --gptq
@@ -49,6 +51,7 @@ PY=${PYTHON:-python3}
 MW=()
 [ -n "${EVAL_MAX_WINDOWS:-}" ] && MW=(--max-windows "$EVAL_MAX_WINDOWS")
 BENCH_TOKENS=${BENCH_TOKENS:-262144}
+LAYER_BENCH=${LAYER_BENCH-4096,14336,32,8}   # issue 10's Llama-3-8B-shaped layer, 128 x 2048 tokens; empty = skip
 WORK=${TMPDIR:-/tmp}/gptaq-device-$$
 mkdir -p "$WORK"
 START=$(date +%s)
@@ -133,6 +136,9 @@ for b in $BITS_LIST; do for m in $METHODS; do
 done; done
 
 # --- lower priority -------------------------------------------------------------------------
+if [ -n "$LAYER_BENCH" ]; then
+  step torch_layer_bench 200 $PY tools/torch_reference.py --bench-layer "$LAYER_BENCH" --nsamples 128 --seqlen 2048 --out "$OUT/torch_layer_bench.json"
+fi
 step fp_ppl_py_256 90 $PY tools/hf_perplexity.py --model "$MODEL" --text "$WIKI" --seqlen 256 "${MW[@]}" --out "$OUT/fp_ppl_py_256.json"
 
 # --- summary -----------------------------------------------------------------------------------
@@ -181,6 +187,9 @@ if b and "bench" in b:
                    "ratio": r["gptaq_over_gptq"], "p_build_s": r["p_build"]["median_s"]} for r in b["bench"]["shapes"]]
     s["accumulation"] = [{"n": r["n"], "tokens": r["tokens"], "h_s": r["h_only"]["median_s"], "hd_s": r["h_and_d"]["median_s"],
                           "h_tflops": r["h_tflops"]} for r in b["bench"]["accumulation"]]
+lb = load(os.path.join(out, "torch_layer_bench.json"))
+if lb and "bench_layer" in lb:
+    s["layer_bench"] = lb["bench_layer"]
 json.dump(s, open(os.path.join(out, "summary.json"), "w"), indent=1)
 print(json.dumps({k: v for k, v in s.items() if k != "steps"}, indent=1))
 PYEOF

@@ -616,6 +616,51 @@ def export_gptq(model, src_dir, out_dir, args):
             shutil.copy(os.path.join(src_dir, f), out_dir)
 
 
+def bench_layer(args, dev) -> dict:
+    """Per-layer time and peak memory of the reference drivers on a random Llama-shaped layer.
+
+    One decoder layer (``--bench-layer hidden,intermediate,heads,kv_heads``, default Llama-3-8B
+    4096,14336,32,8), random init (transformers' initializer, seed ``--seed``), fp16 weights and
+    hidden states (forwards on tensor cores, statistics and solves in fp32 as in the reference),
+    ``--nsamples`` random token windows of ``--seqlen``. Runs the GPTQ driver and the GPTAQ driver
+    (FP stream + cached FP group inputs on the GPU) from the same initial weights; reports
+    forward / statistics / solve seconds and ``torch.cuda.max_memory_allocated``.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    h, inter, heads, kv = (int(v) for v in args.bench_layer.split(","))
+    cfg = LlamaConfig(hidden_size=h, intermediate_size=inter, num_attention_heads=heads, num_key_value_heads=kv,
+                      num_hidden_layers=1, vocab_size=32000, max_position_embeddings=max(4096, args.seqlen))
+    torch.manual_seed(args.seed)
+    with torch.device(dev):
+        model = LlamaForCausalLM(cfg)
+    model = model.to(torch.float16).eval()
+    init = {k: v.detach().clone() for k, v in model.model.layers[0].state_dict().items()}
+    g = torch.Generator().manual_seed(args.seed)
+    windows = torch.randint(0, cfg.vocab_size, (args.nsamples, args.seqlen), generator=g)
+    out = {"hidden": h, "intermediate": inter, "heads": heads, "kv_heads": kv, "nsamples": args.nsamples,
+           "seqlen": args.seqlen, "dtype": "float16", "bits": args.bits, "group_size": args.group_size, "runs": []}
+    log = lambda s: print(f"[bench-layer] {s}", file=sys.stderr, flush=True)  # noqa: E731
+    for method in ("gptq", "gptaq"):
+        model.model.layers[0].load_state_dict(init)
+        a = argparse.Namespace(**vars(args))
+        a.method, a.export = method, None
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(dev)
+        t0 = _now(dev)
+        _, timing = quantize_model(model, windows, a, dev, log)
+        total = _now(dev) - t0
+        peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
+        row = {"method": method, "total_secs": total, **timing, "peak_gib": peak / 2**30 if peak else None}
+        out["runs"].append(row)
+        log(f"{method}: {total:.2f}s (forward {timing['forward_secs']:.2f}, stats {timing['stats_secs']:.2f}, "
+            f"solve {timing['solve_secs']:.2f}), peak {row['peak_gib'] or 0:.2f} GiB")
+    if len(out["runs"]) == 2:
+        out["gptaq_over_gptq"] = out["runs"][1]["total_secs"] / out["runs"][0]["total_secs"]
+    return out
+
+
 def quality(args, dev) -> dict:
     from hf_perplexity import load_fp_model, perplexity, tokenize_text
 
@@ -660,6 +705,9 @@ def main(argv=None) -> int:
     ap.add_argument("--chunk-tokens", type=int, default=16384, help="bench: tokens per add_batch call")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--bench-layer", default=None, metavar="H,I,HEADS,KV",
+                    help="per-layer driver timing on a random fp16 Llama layer, e.g. 4096,14336,32,8 "
+                         "(uses --nsamples/--seqlen; issue 10's baseline: 128 x 2048)")
     ap.add_argument("--model", default=None, help="HF Llama model dir (quality mode)")
     ap.add_argument("--calib", default=None, help="calibration text/jsonl (sampled like make_calib_ids.py)")
     ap.add_argument("--calib-ids", default=None, help="pre-tokenized safetensors with input_ids [N, L] (preferred)")
@@ -698,14 +746,16 @@ def main(argv=None) -> int:
            "tf32": torch.backends.cuda.matmul.allow_tf32}
     if args.bench:
         res["bench"] = bench(args, dev)
+    if args.bench_layer:
+        res["bench_layer"] = bench_layer(args, dev)
     if args.model:
         if args.method != "fp" and not (args.calib or args.calib_ids):
             raise SystemExit("--calib or --calib-ids is required for a quantization method")
         if args.eval_seqlen is None:
             args.eval_seqlen = [args.seqlen]
         res["quality"] = quality(args, dev)
-    if not args.bench and not args.model:
-        ap.error("nothing to do: give --bench and/or --model")
+    if not args.bench and not args.model and not args.bench_layer:
+        ap.error("nothing to do: give --bench, --bench-layer and/or --model")
     js = json.dumps(res, indent=1)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
