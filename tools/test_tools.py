@@ -252,6 +252,41 @@ class SweepTests(unittest.TestCase):
         self.assertTrue(torch.all(res["zeros"] == 8))
 
 
+DATA = os.environ.get("GPTAQ_TEST_DATA", os.path.join(HERE, "..", "..", "shared", "data"))
+
+
+@unittest.skipUnless(os.path.isdir(os.path.join(DATA, "stories260K")), "GPTAQ_TEST_DATA/stories260K not found")
+class EndToEndTests(unittest.TestCase):
+    """stories260K (hidden 64, intermediate 172: only 8-bit packs it): quantize with the reference
+    driver, export, reload through the dequantizer, same perplexity (up to fp16 scale rounding)."""
+
+    def test_export_reload_same_ppl(self):
+        import json
+
+        import make_calib_ids as mc
+
+        model = os.path.join(DATA, "stories260K")
+        text = os.path.join(DATA, "corpora", "tinystories", "cs336_tinystories_sample.txt")
+        with tempfile.TemporaryDirectory() as d:
+            ids, _ = mc.sample_windows(mc.load_tokenizer(model), text, 4, 64, 0)
+            from safetensors.numpy import save_file
+
+            save_file({"input_ids": ids}, os.path.join(d, "c.safetensors"))
+            for method, extra in [("gptq", ["--act-order"]), ("gptaq", []), ("rtn", [])]:
+                exp = os.path.join(d, f"exp_{method}")
+                out = os.path.join(d, f"{method}.json")
+                tr.main(["--model", model, "--calib-ids", os.path.join(d, "c.safetensors"), "--nsamples", "4",
+                         "--seqlen", "64", "--method", method, "--bits", "8", "--group-size", "-1",
+                         "--eval-text", text, "--eval-seqlen", "64", "--max-windows", "4", "--device", "cpu",
+                         "--export", exp, "--out", out] + extra)
+                ref = json.load(open(out))["quality"]["perplexity"]
+                hout = os.path.join(d, f"{method}_hf.json")
+                hp.main(["--gptq", exp, "--text", text, "--seqlen", "64", "--max-windows", "4", "--device", "cpu",
+                         "--out", hout])
+                got = json.load(open(hout))["perplexity"]
+                self.assertAlmostEqual(got, ref, delta=1e-3 * ref, msg=method)
+
+
 class CalibTests(unittest.TestCase):
     def test_deterministic(self):
         import make_calib_ids as mc

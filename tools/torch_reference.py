@@ -591,10 +591,14 @@ def export_gptq(model, src_dir, out_dir, args):
             for k, v in packed.items():
                 tensors[f"{name}.{k}"] = torch.from_numpy(np.ascontiguousarray(v))
     sd = model.state_dict()
+    seen = set()  # tied weights (lm_head = embed_tokens) are stored once, like save_pretrained
     for k, v in sd.items():
         prefix = k.rsplit(".", 1)[0]
         if f"{prefix}.qweight" in tensors and k.endswith(".weight"):
             continue
+        if v.data_ptr() in seen:
+            continue
+        seen.add(v.data_ptr())
         tensors[k] = v.detach().cpu().contiguous()
     save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
     act = bool(args.act_order and not args.static_groups)
