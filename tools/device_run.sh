@@ -18,7 +18,7 @@
 #
 # Environment (all optional): OUT (default ./device-out), GPTAQ_BIN, GPTAQ_KBENCH, GPTAQ_TEST_DATA
 # (set by .device-carry/setup.sh), MODEL, NSAMPLES (128), SEQLEN (512), METHODS ("gptq gptaq rtn"),
-# BITS_LIST ("4 3"), GS (128), CALIB_MODE (ids|jsonl), BENCH_SHAPES, BUDGET_S (total seconds, 480),
+# BITS_LIST ("4 3"), GS (128), CALIB_MODE (ids|jsonl), BENCH_SHAPES, BUDGET_S (total seconds, 540),
 # PYTHON, DRY_RUN=1 (print the commands only), SKIP ("space separated step-name prefixes to skip"),
 # EVAL_MAX_WINDOWS / BENCH_TOKENS (smoke tests on a CPU machine only; not for real numbers).
 set -u
@@ -44,7 +44,7 @@ BITS_LIST=${BITS_LIST:-4 3}
 GS=${GS:-128}
 CALIB_MODE=${CALIB_MODE:-ids}
 BENCH_SHAPES=${BENCH_SHAPES:-4096x4096,4096x14336}
-BUDGET_S=${BUDGET_S:-480}
+BUDGET_S=${BUDGET_S:-540}
 SKIP=${SKIP:-}
 PY=${PYTHON:-python3}
 # smoke-test knobs (local CPU runs): cut the Python evaluations / the accumulation bench
@@ -59,6 +59,10 @@ printf 'step\trc\tsecs\n' > "$OUT/steps.tsv"
 {
   echo "root=$ROOT out=$OUT bin=$BIN data=$DATA model=$MODEL nsamples=$NSAMPLES seqlen=$SEQLEN"
   echo "methods=$METHODS bits=$BITS_LIST gs=$GS calib_mode=$CALIB_MODE budget=${BUDGET_S}s dry_run=$DRY_RUN"
+  nconf=$(( $(echo $METHODS | wc -w) * $(echo $BITS_LIST | wc -w) ))
+  # rough H100 estimate for the Python steps (tiny-llama-15m, 128 x 512): env 10, FP evals 2 x 20,
+  # bench 70, calib 5, per setting reference ~20 + dequant eval ~10, layer bench ~60
+  echo "estimate: ~$((10 + 40 + 70 + 5 + nconf * 30 + 60))s for the Python steps + the Rust steps (per setting: quantize + 2 evals)"
   date -u
 } | tee "$OUT/run_info.txt"
 
