@@ -358,7 +358,7 @@ def main(argv=None) -> int:
             try:
                 from transformers import AutoModelForCausalLM
 
-                nm = AutoModelForCausalLM.from_pretrained(args.gptq, device_map=str(device))
+                nm = AutoModelForCausalLM.from_pretrained(args.gptq).to(device).eval()
                 r = perplexity(nm, ids, args.seqlen, device, args.max_windows, args.batch)
                 result["native"] = r
                 result["native_minus_dequantized_ppl"] = r["perplexity"] - result["perplexity"]
