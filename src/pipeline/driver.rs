@@ -68,8 +68,17 @@ struct Work {
 /// Statistics of one true-sequential group.
 struct Stats {
     n: usize,
+    nsamples: usize,
     h: GpuBuffer<f32>,
     d: Option<GpuBuffer<f32>>,
+    /// `E = 2/N·(X_fp − X_q)ᵀ(X_fp − X_q)`, only for a layer-lab capture: with H and D it gives
+    /// every error metric of the module exactly from n×n matrices (see `pipeline::CapturedModule`).
+    e: Option<GpuBuffer<f32>>,
+}
+
+/// Whether the configured capture targets one of `mods` in `layer`.
+fn capturing(cfg: &PipelineConfig, layer: usize, mods: &[ModuleKind]) -> bool {
+    cfg.capture.is_some_and(|(l, m)| l == layer && mods.contains(&m))
 }
 
 fn check_cancel(cancel: &AtomicBool) -> Result<(), PipelineError> {
@@ -93,7 +102,8 @@ pub fn quantize(
     let mc = prep.source.config().clone();
     let qc = &cfg.quant;
     let gptaq = matches!(qc.method, Method::Gptaq { .. });
-    let fp_stream = gptaq || cfg.metrics;
+    // A capture (layer lab) needs D and E, hence the FP stream, whatever the method.
+    let fp_stream = gptaq || cfg.metrics || cfg.capture.is_some();
     let nseq = prep.windows.len();
     let seqlen = cfg.seqlen;
     if nseq == 0 {
@@ -158,7 +168,7 @@ pub fn quantize(
 
     let rope = Rope::new(ctx, &mc, seqlen)?;
     let widest = h.max(mc.intermediate_size).max(mc.q_dim());
-    let mut work = Work {
+    let work = Work {
         h_q: ctx.zeros("work h_q", max_tokens * h)?,
         h_fp: ctx.zeros("work h_fp", if fp_stream { max_tokens * h } else { 1 })?,
         a_q: ctx.zeros("work a_q", max_tokens * mc.q_dim())?,
@@ -189,7 +199,7 @@ pub fn quantize(
         let mut pending: Vec<(ModuleKind, ModuleReport)> = Vec::new();
 
         // ---- stage A: statistics of q/k/v
-        let mut stats = Stats::new(ctx, h, gptaq)?;
+        let mut stats = Stats::new(ctx, nseq, h, gptaq, capturing(cfg, layer, &[ModuleKind::Q, ModuleKind::K, ModuleKind::V]))?;
         for b in 0..nb {
             check_cancel(cancel)?;
             let t = tok(b);
@@ -202,7 +212,7 @@ pub fn quantize(
             if let Some(fp) = &layers.fp {
                 forward::input_norm(&mut rec, fp, &work.h_fp, &work.s_fp, t)?;
             }
-            if qc.method != Method::Rtn {
+            if qc.method != Method::Rtn || stats.e.is_some() {
                 stats.accumulate(&mut rec, &work, work.s_q.x1(), work.s_fp.x1(), t, n_samples_f)?;
             }
             rec.submit();
@@ -221,7 +231,7 @@ pub fn quantize(
         } else {
             None
         };
-        let mut stats = Stats::new(ctx, mc.q_dim(), gptaq)?;
+        let mut stats = Stats::new(ctx, nseq, mc.q_dim(), gptaq, capturing(cfg, layer, &[ModuleKind::O]))?;
         let qkv_metrics = metric_accs(ctx, &mc, fp_stream, nb, max_tokens, &[ModuleKind::Q, ModuleKind::K, ModuleKind::V])?;
         for b in 0..nb {
             check_cancel(cancel)?;
@@ -240,7 +250,7 @@ pub fn quantize(
                     acc.record(&mut rec, &work.metric, b, t, work.s_q.x1(), work.s_fp.x1(), layers.q.linear(*m), fp.linear(*m))?;
                 }
             }
-            if qc.method != Method::Rtn {
+            if qc.method != Method::Rtn || stats.e.is_some() {
                 stats.accumulate(&mut rec, &work, work.s_q.attn(), work.s_fp.attn(), t, n_samples_f)?;
             }
             rec = aq.store(rec, b, work.s_q.attn())?;
@@ -256,7 +266,7 @@ pub fn quantize(
         drop(stats);
 
         // ---- stage C: h ← h + o(a) → statistics of gate/up, metrics of o
-        let mut stats = Stats::new(ctx, h, gptaq)?;
+        let mut stats = Stats::new(ctx, nseq, h, gptaq, capturing(cfg, layer, &[ModuleKind::Gate, ModuleKind::Up]))?;
         let o_metrics = metric_accs(ctx, &mc, fp_stream, nb, max_tokens, &[ModuleKind::O])?;
         for b in 0..nb {
             check_cancel(cancel)?;
@@ -275,7 +285,7 @@ pub fn quantize(
                     acc.record(&mut rec, &work.metric, b, t, &work.a_q, &work.a_fp, layers.q.linear(*m), fp.linear(*m))?;
                 }
             }
-            if qc.method != Method::Rtn {
+            if qc.method != Method::Rtn || stats.e.is_some() {
                 stats.accumulate(&mut rec, &work, work.s_q.x2(), work.s_fp.x2(), t, n_samples_f)?;
             }
             rec = hq.store(rec, b, &work.h_q)?;
@@ -294,7 +304,7 @@ pub fn quantize(
         drop(stats);
 
         // ---- stage D: act = silu(gate)·up → statistics of down, metrics of gate/up
-        let mut stats = Stats::new(ctx, mc.intermediate_size, gptaq)?;
+        let mut stats = Stats::new(ctx, nseq, mc.intermediate_size, gptaq, capturing(cfg, layer, &[ModuleKind::Down]))?;
         let gu_metrics = metric_accs(ctx, &mc, fp_stream, nb, max_tokens, &[ModuleKind::Gate, ModuleKind::Up])?;
         for b in 0..nb {
             check_cancel(cancel)?;
@@ -311,7 +321,7 @@ pub fn quantize(
                     acc.record(&mut rec, &work.metric, b, t, work.s_q.x2(), work.s_fp.x2(), layers.q.linear(*m), fp.linear(*m))?;
                 }
             }
-            if qc.method != Method::Rtn {
+            if qc.method != Method::Rtn || stats.e.is_some() {
                 stats.accumulate(&mut rec, &work, work.s_q.act(), work.s_fp.act(), t, n_samples_f)?;
             }
             rec.submit();
@@ -438,11 +448,13 @@ fn validate_config(mc: &ModelConfig, qc: &QuantConfig) -> Result<(), PipelineErr
 }
 
 impl Stats {
-    fn new(ctx: &GpuContext, n: usize, gptaq: bool) -> Result<Self, PipelineError> {
+    fn new(ctx: &GpuContext, nsamples: usize, n: usize, gptaq: bool, capture: bool) -> Result<Self, PipelineError> {
         Ok(Self {
             n,
+            nsamples,
             h: ctx.zeros("H", n * n)?,
-            d: if gptaq { Some(ctx.zeros("D", n * n)?) } else { None },
+            d: if gptaq || capture { Some(ctx.zeros("D", n * n)?) } else { None },
+            e: if capture { Some(ctx.zeros("E", n * n)?) } else { None },
         })
     }
 
@@ -463,6 +475,9 @@ impl Stats {
         if let Some(d) = &self.d {
             ops::axpby(rec, tokens * n, 1.0, x_fp, -1.0, x_q, &work.diff)?;
             ops::gemm_atb(rec, tokens, n, alpha, MatView::new(&work.diff, n), MatView::new(x_q, n), 1.0, d)?;
+            if let Some(e) = &self.e {
+                ops::syrk_xtx(rec, tokens, n, alpha, MatView::new(&work.diff, n), 1.0, e)?;
+            }
         }
         Ok(())
     }
@@ -546,6 +561,25 @@ fn solve(
     let t = Instant::now();
     let lin = lw.linear(m);
     let (rows, cols) = (lin.out_features, lin.in_features);
+    if cfg.capture == Some((layer, m)) {
+        let read = |b: &Option<GpuBuffer<f32>>| -> Result<Vec<f32>, PipelineError> {
+            match b {
+                Some(b) => Ok(ctx.read(b)?),
+                None => Ok(vec![0.0; cols * cols]),
+            }
+        };
+        return Err(PipelineError::Captured(Box::new(super::CapturedModule {
+            layer,
+            module: m,
+            rows,
+            cols,
+            nsamples: stats.nsamples,
+            w: lin.weight.clone(),
+            h: ctx.read(&stats.h)?,
+            d: read(&stats.d)?,
+            e: read(&stats.e)?,
+        })));
+    }
     let module_err = |message: String| PipelineError::Module {
         layer,
         module: m.short_name().into(),
