@@ -175,7 +175,7 @@ pub fn quantize(
         a_fp: ctx.zeros("work a_fp", if fp_stream { max_tokens * mc.q_dim() } else { 1 })?,
         s_q: LayerScratch::new(ctx, &mc, max_tokens)?,
         s_fp: LayerScratch::new(ctx, &mc, if fp_stream { max_tokens } else { 1 })?,
-        diff: ctx.zeros("work diff", if gptaq { max_tokens * widest } else { 1 })?,
+        diff: ctx.zeros("work diff", if gptaq || cfg.capture.is_some() { max_tokens * widest } else { 1 })?,
         metric: MetricScratch::new(ctx, if fp_stream { max_tokens } else { 1 }, if fp_stream { widest } else { 1 })?,
         hidden_parts: ctx.zeros("hidden partials", 2 * nb * ops::sq_partials_len(max_tokens * h))?,
     };
