@@ -43,18 +43,28 @@ fn stream_and_qweight_round_trip_all_bits_awkward_shapes() {
                     .collect();
                 let qw = pack_qweight(&codes, rows, cols, bits).unwrap();
                 assert_eq!(qw.len(), cols * bits as usize / 32 * rows);
-                assert_eq!(unpack_qweight(&qw, rows, cols, bits).unwrap(), codes, "{bits}-bit {rows}x{cols}");
+                assert_eq!(
+                    unpack_qweight(&qw, rows, cols, bits).unwrap(),
+                    codes,
+                    "{bits}-bit {rows}x{cols}"
+                );
             }
         }
         // qzeros: packed along out_features; zeros of 0 (asym) must survive the v1 wrap.
         for groups in [1usize, 3] {
             let rows = 3 * unit;
-            let mut zeros: Vec<u32> = (0..groups * rows).map(|_| rng.random_range(0..=maxq)).collect();
+            let mut zeros: Vec<u32> = (0..groups * rows)
+                .map(|_| rng.random_range(0..=maxq))
+                .collect();
             zeros[0] = 0;
             zeros[rows - 1] = maxq;
             let qz = pack_qzeros(&zeros, groups, rows, bits).unwrap();
             assert_eq!(qz.len(), groups * rows * bits as usize / 32);
-            assert_eq!(unpack_qzeros(&qz, groups, rows, bits).unwrap(), zeros, "{bits}-bit zeros");
+            assert_eq!(
+                unpack_qzeros(&qz, groups, rows, bits).unwrap(),
+                zeros,
+                "{bits}-bit zeros"
+            );
             // v1 stores zero − 1, wrapped field-wise (0 → maxq), neighbours untouched.
             let raw = unpack_qzeros_raw(&qz, groups, rows, bits).unwrap();
             for (r, z) in raw.iter().zip(&zeros) {
@@ -71,11 +81,17 @@ fn packing_refuses_bad_lengths_bits_and_values() {
         let bad = unit + 1;
         let e = pack_qweight(&vec![0u8; 2 * bad], 2, bad, bits).unwrap_err();
         assert!(matches!(e, PackError::PartialWord { .. }), "{e}");
-        assert!(e.to_string().contains(&format!("multiple of {unit}")), "{e}");
+        assert!(
+            e.to_string().contains(&format!("multiple of {unit}")),
+            "{e}"
+        );
         let e = pack_qzeros(&vec![1u32; bad], 1, bad, bits).unwrap_err();
         assert!(matches!(e, PackError::PartialWord { .. }), "{e}");
         let e = pack_stream(&vec![1u32 << bits; unit], bits, "v").unwrap_err();
-        assert!(matches!(e, PackError::ValueOutOfRange { index: 0, .. }), "{e}");
+        assert!(
+            matches!(e, PackError::ValueOutOfRange { index: 0, .. }),
+            "{e}"
+        );
     }
     // 3-bit needs 32 values: 8 (enough for 4-bit) is not.
     assert!(matches!(
@@ -92,10 +108,26 @@ fn packing_refuses_bad_lengths_bits_and_values() {
     let mut codes = vec![0u8; 2 * 8];
     codes[8 + 3] = 16;
     let e = pack_qweight(&codes, 2, 8, 4).unwrap_err();
-    assert!(matches!(e, PackError::ValueOutOfRange { index: 11, value: 16, .. }), "{e}");
+    assert!(
+        matches!(
+            e,
+            PackError::ValueOutOfRange {
+                index: 11,
+                value: 16,
+                ..
+            }
+        ),
+        "{e}"
+    );
     // Length mismatches.
-    assert!(matches!(pack_qweight(&[0; 7], 1, 8, 4), Err(PackError::Length { .. })));
-    assert!(matches!(unpack_qweight(&[0; 3], 2, 8, 4), Err(PackError::Length { .. })));
+    assert!(matches!(
+        pack_qweight(&[0; 7], 1, 8, 4),
+        Err(PackError::Length { .. })
+    ));
+    assert!(matches!(
+        unpack_qweight(&[0; 3], 2, 8, 4),
+        Err(PackError::Length { .. })
+    ));
 }
 
 /// Known answers, derived by hand from §3.2 ("value k occupies stream bits b·k..b·k+b−1, LSB first")
@@ -113,7 +145,9 @@ fn packing_refuses_bad_lengths_bits_and_values() {
 ///   word2 bit 1.
 #[test]
 fn known_answer_words() {
-    let sym = |bits: u32, rows: usize| pack_qzeros(&vec![1u32 << (bits - 1); rows], 1, rows, bits).unwrap();
+    let sym = |bits: u32, rows: usize| {
+        pack_qzeros(&vec![1u32 << (bits - 1); rows], 1, rows, bits).unwrap()
+    };
     assert_eq!(sym(4, 8), vec![0x77777777u32 as i32]);
     assert_eq!(sym(8, 4), vec![0x7F7F7F7F]);
     assert_eq!(sym(2, 16), vec![0x55555555]);
@@ -123,7 +157,10 @@ fn known_answer_words() {
     );
     let col = |bits: u32, codes: &[u8]| pack_qweight(codes, 1, codes.len(), bits).unwrap();
     assert_eq!(col(4, &[0, 1, 2, 3, 4, 5, 6, 7]), vec![0x76543210]);
-    assert_eq!(col(2, &[0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3]), vec![0xE4E4E4E4u32 as i32]);
+    assert_eq!(
+        col(2, &[0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3]),
+        vec![0xE4E4E4E4u32 as i32]
+    );
     assert_eq!(col(8, &[1, 2, 3, 4]), vec![0x04030201]);
     let mut v = [0u8; 32];
     v[10] = 7;
@@ -171,7 +208,10 @@ fn hessian(cols: usize, seed: u64) -> Vec<f32> {
     let mut h = vec![0f32; cols * cols];
     for a in 0..cols {
         for b in 0..cols {
-            h[a * cols + b] = (0..n).map(|r| x[r * cols + a] * x[r * cols + b]).sum::<f32>() / n as f32;
+            h[a * cols + b] = (0..n)
+                .map(|r| x[r * cols + a] * x[r * cols + b])
+                .sum::<f32>()
+                / n as f32;
         }
     }
     h
@@ -207,7 +247,10 @@ fn quantize_all(src: &SyntheticModel, qcfg: &QuantConfig, positive_row0: bool) -
         for m in ModuleKind::ALL {
             let lin = lw.linear(m);
             let (rows, cols) = (lin.out_features, lin.in_features);
-            let h = hs.entry(cols).or_insert_with(|| hessian(cols, cols as u64)).clone();
+            let h = hs
+                .entry(cols)
+                .or_insert_with(|| hessian(cols, cols as u64))
+                .clone();
             let mut w = lin.weight.clone();
             if positive_row0 {
                 w[..cols].iter_mut().for_each(|x| *x = x.abs());
@@ -250,7 +293,11 @@ fn f16_round(v: &[f32]) -> Vec<f32> {
 
 /// Export, reopen, compare every module with the solver's Q bit for bit and every other tensor with
 /// the source rounded to f16.
-fn round_trip(src: &SyntheticModel, q: &QuantizedModel, opts: &ExportOptions) -> (tempfile::TempDir, gptaq_studio::export::ExportSummary) {
+fn round_trip(
+    src: &SyntheticModel,
+    q: &QuantizedModel,
+    opts: &ExportOptions,
+) -> (tempfile::TempDir, gptaq_studio::export::ExportSummary) {
     let dir = tmp();
     let out = dir.path().join("out");
     let summary = write_checkpoint(&out, src, None, q, opts).unwrap();
@@ -264,7 +311,11 @@ fn round_trip(src: &SyntheticModel, q: &QuantizedModel, opts: &ExportOptions) ->
         let want = src.layer(layer).unwrap();
         for m in ModuleKind::ALL {
             let r = &q.modules[&(layer, m)];
-            assert_bits_eq(&format!("layer {layer} {}", m.short_name()), &got.linear(m).weight, &r.q);
+            assert_bits_eq(
+                &format!("layer {layer} {}", m.short_name()),
+                &got.linear(m).weight,
+                &r.q,
+            );
             match (&got.linear(m).bias, &want.linear(m).bias) {
                 (Some(a), Some(b)) => assert_bits_eq("bias", a, &f16_round(b)),
                 (None, None) => {}
@@ -274,11 +325,23 @@ fn round_trip(src: &SyntheticModel, q: &QuantizedModel, opts: &ExportOptions) ->
         assert_bits_eq("input_norm", &got.input_norm, &f16_round(&want.input_norm));
         assert_bits_eq("post_norm", &got.post_norm, &f16_round(&want.post_norm));
     }
-    assert_bits_eq("final_norm", &g.final_norm().unwrap(), &f16_round(&src.final_norm().unwrap()));
+    assert_bits_eq(
+        "final_norm",
+        &g.final_norm().unwrap(),
+        &f16_round(&src.final_norm().unwrap()),
+    );
     let v = c.vocab_size;
-    assert_bits_eq("lm_head", &g.lm_head_rows(0..v).unwrap(), &f16_round(&src.lm_head_rows(0..v).unwrap()));
+    assert_bits_eq(
+        "lm_head",
+        &g.lm_head_rows(0..v).unwrap(),
+        &f16_round(&src.lm_head_rows(0..v).unwrap()),
+    );
     let ids: Vec<u32> = (0..v as u32).collect();
-    assert_bits_eq("embed", &g.embed(&ids).unwrap(), &f16_round(&src.embed(&ids).unwrap()));
+    assert_bits_eq(
+        "embed",
+        &g.embed(&ids).unwrap(),
+        &f16_round(&src.embed(&ids).unwrap()),
+    );
     (dir, summary)
 }
 
@@ -286,7 +349,12 @@ fn round_trip(src: &SyntheticModel, q: &QuantizedModel, opts: &ExportOptions) ->
 fn export_round_trip_bit_exact_act_order_and_groups() {
     let src = SyntheticModel::with_config(small_config(false, false), 5);
     for bits in [4u32, 3] {
-        for (gs, act) in [(None, false), (Some(32), false), (None, true), (Some(32), true)] {
+        for (gs, act) in [
+            (None, false),
+            (Some(32), false),
+            (None, true),
+            (Some(32), true),
+        ] {
             let cfg = qcfg(bits, gs, act, true);
             let q = quantize_all(&src, &cfg, false);
             let (dir, s) = round_trip(&src, &q, &ExportOptions::default());
@@ -295,16 +363,24 @@ fn export_round_trip_bit_exact_act_order_and_groups() {
             assert_eq!(s.desc_act, act && gs.is_some(), "{ctx}");
             assert_eq!(s.shards, vec!["model.safetensors".to_string()], "{ctx}");
             let out = dir.path().join("out");
-            let qc: serde_json::Value =
-                serde_json::from_str(&std::fs::read_to_string(out.join("quantize_config.json")).unwrap()).unwrap();
+            let qc: serde_json::Value = serde_json::from_str(
+                &std::fs::read_to_string(out.join("quantize_config.json")).unwrap(),
+            )
+            .unwrap();
             assert_eq!(qc["bits"], bits, "{ctx}");
             assert_eq!(qc["group_size"], gs.map_or(-1, |g| g as i64), "{ctx}");
             assert_eq!(qc["checkpoint_format"], "gptq");
             assert_eq!(qc["quant_method"], "gptq");
             assert_eq!(qc["desc_act"], s.desc_act);
-            assert!(qc["meta"]["quantizer"][0].as_str().unwrap().starts_with("gptaq-studio:"));
+            assert!(
+                qc["meta"]["quantizer"][0]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("gptaq-studio:")
+            );
             let cj: serde_json::Value =
-                serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+                serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap())
+                    .unwrap();
             assert_eq!(cj["quantization_config"], qc);
             assert_eq!(cj["torch_dtype"], "float16");
             assert!(out.join("gptaq_report.json").is_file());
@@ -314,10 +390,23 @@ fn export_round_trip_bit_exact_act_order_and_groups() {
                 let st = std::fs::read(out.join("model.safetensors")).unwrap();
                 let t = safetensors::SafeTensors::deserialize(&st).unwrap();
                 let z = t.tensor("model.layers.0.self_attn.q_proj.qzeros").unwrap();
-                assert!(z.data().chunks(4).all(|c| c == [0x77, 0x77, 0x77, 0x77]), "{ctx}");
+                assert!(
+                    z.data().chunks(4).all(|c| c == [0x77, 0x77, 0x77, 0x77]),
+                    "{ctx}"
+                );
                 assert_eq!(z.dtype(), safetensors::Dtype::I32);
-                assert_eq!(t.tensor("model.layers.0.mlp.down_proj.qweight").unwrap().shape(), &[96 * 4 / 32, 64]);
-                assert_eq!(t.tensor("model.layers.0.mlp.down_proj.scales").unwrap().dtype(), safetensors::Dtype::F16);
+                assert_eq!(
+                    t.tensor("model.layers.0.mlp.down_proj.qweight")
+                        .unwrap()
+                        .shape(),
+                    &[96 * 4 / 32, 64]
+                );
+                assert_eq!(
+                    t.tensor("model.layers.0.mlp.down_proj.scales")
+                        .unwrap()
+                        .dtype(),
+                    safetensors::Dtype::F16
+                );
             }
         }
     }
@@ -330,10 +419,19 @@ fn export_round_trip_2_and_8_bit_gptaq_asym_zero_wrap() {
         let mut cfg = qcfg(bits, Some(32), true, false);
         cfg.method = Method::Gptaq { alpha: 0.25 };
         let q = quantize_all(&src, &cfg, true);
-        let zeros0 = q.modules.values().flat_map(|r| &r.zeros).filter(|&&z| z == 0).count();
+        let zeros0 = q
+            .modules
+            .values()
+            .flat_map(|r| &r.zeros)
+            .filter(|&&z| z == 0)
+            .count();
         assert!(zeros0 > 0, "test setup: expected some zero points of 0");
         let (_dir, s) = round_trip(&src, &q, &ExportOptions::default());
-        assert!(s.warnings.iter().any(|w| w.contains("zero points are 0")), "{:?}", s.warnings);
+        assert!(
+            s.warnings.iter().any(|w| w.contains("zero points are 0")),
+            "{:?}",
+            s.warnings
+        );
         assert_eq!(s.quantization_config["meta"]["method"], "gptaq");
         assert_eq!(s.quantization_config["meta"]["alpha"], 0.25);
         assert_eq!(s.quantization_config["sym"], false);
@@ -350,7 +448,11 @@ fn export_tied_embeddings_bias_sharding_and_side_files() {
     cj["custom_field"] = serde_json::json!("kept");
     std::fs::write(srcdir.path().join("config.json"), cj.to_string()).unwrap();
     std::fs::write(srcdir.path().join("tokenizer.json"), "{}").unwrap();
-    std::fs::write(srcdir.path().join("generation_config.json"), "{\"do_sample\":false}").unwrap();
+    std::fs::write(
+        srcdir.path().join("generation_config.json"),
+        "{\"do_sample\":false}",
+    )
+    .unwrap();
     let dir = tmp();
     let out = dir.path().join("q");
     let opts = ExportOptions {
@@ -359,26 +461,46 @@ fn export_tied_embeddings_bias_sharding_and_side_files() {
     };
     let s = write_checkpoint(&out, &src, Some(srcdir.path()), &q, &opts).unwrap();
     assert!(s.shards.len() > 2, "{:?}", s.shards);
-    assert_eq!(s.shards[0], format!("model-00001-of-{:05}.safetensors", s.shards.len()));
-    assert_eq!(s.copied_files, vec!["tokenizer.json", "generation_config.json"]);
+    assert_eq!(
+        s.shards[0],
+        format!("model-00001-of-{:05}.safetensors", s.shards.len())
+    );
+    assert_eq!(
+        s.copied_files,
+        vec!["tokenizer.json", "generation_config.json"]
+    );
     assert!(out.join("tokenizer.json").is_file());
-    let index: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("model.safetensors.index.json")).unwrap()).unwrap();
+    let index: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("model.safetensors.index.json")).unwrap(),
+    )
+    .unwrap();
     let map = index["weight_map"].as_object().unwrap();
     assert!(map.contains_key("model.embed_tokens.weight"));
-    assert!(!map.contains_key("lm_head.weight"), "tied: lm_head must not be stored");
+    assert!(
+        !map.contains_key("lm_head.weight"),
+        "tied: lm_head must not be stored"
+    );
     assert!(map.contains_key("model.layers.1.self_attn.k_proj.bias"));
     assert!(!map.contains_key("model.layers.1.self_attn.k_proj.weight"));
     assert_eq!(index["metadata"]["total_size"], s.tensor_bytes);
-    let cj: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    let cj: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
     assert_eq!(cj["custom_field"], "kept");
     assert_eq!(cj["quantization_config"]["bits"], 4);
     // Reads back bit-exactly (tied lm_head = f16 embedding, biases f16).
     let g = GptqModel::open(&out).unwrap();
     let lw = g.layer(1).unwrap();
     assert_bits_eq("k", &lw.k.weight, &q.modules[&(1, ModuleKind::K)].q);
-    assert_bits_eq("k bias", lw.k.bias.as_ref().unwrap(), &f16_round(src.layer(1).unwrap().k.bias.as_ref().unwrap()));
-    assert_bits_eq("lm_head", &g.lm_head_rows(0..96).unwrap(), &f16_round(&src.embed(&(0..96).collect::<Vec<_>>()).unwrap()));
+    assert_bits_eq(
+        "k bias",
+        lw.k.bias.as_ref().unwrap(),
+        &f16_round(src.layer(1).unwrap().k.bias.as_ref().unwrap()),
+    );
+    assert_bits_eq(
+        "lm_head",
+        &g.lm_head_rows(0..96).unwrap(),
+        &f16_round(&src.embed(&(0..96).collect::<Vec<_>>()).unwrap()),
+    );
     assert!(g.describe().contains("GPTQ 4-bit g32"));
 }
 
@@ -394,13 +516,23 @@ fn demo_model_exports_with_generated_config() {
     let dir = tmp();
     let out = dir.path().join("demo");
     let s = write_checkpoint(&out, &src, None, &q, &ExportOptions::default()).unwrap();
-    assert!(s.warnings.iter().any(|w| w.contains("does not divide in_features 352")), "{:?}", s.warnings);
+    assert!(
+        s.warnings
+            .iter()
+            .any(|w| w.contains("does not divide in_features 352")),
+        "{:?}",
+        s.warnings
+    );
     let parsed = ModelConfig::from_file(out.join("config.json")).unwrap();
     let mut want = src.config().clone();
     want.dtype = gptaq_studio::model::config::ConfigDType::F16;
     assert_eq!(parsed, want);
     let g = GptqModel::open(&out).unwrap();
-    assert_bits_eq("down", &g.layer(3).unwrap().down.weight, &q.modules[&(3, ModuleKind::Down)].q);
+    assert_bits_eq(
+        "down",
+        &g.layer(3).unwrap().down.weight,
+        &q.modules[&(3, ModuleKind::Down)].q,
+    );
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -427,7 +559,10 @@ fn export_refuses_missing_module_bad_shapes_and_unpackable_dims() {
     };
     missing.modules.remove(&(1, ModuleKind::Up));
     let e = write_checkpoint(&out, &src, None, &missing, &ExportOptions::default()).unwrap_err();
-    assert!(matches!(&e, ExportError::Module { layer: 1, module, .. } if module == "up_proj"), "{e}");
+    assert!(
+        matches!(&e, ExportError::Module { layer: 1, module, .. } if module == "up_proj"),
+        "{e}"
+    );
     assert!(e.to_string().contains("layer 1 up_proj"), "{e}");
 
     let mut wrong = QuantizedModel {
@@ -437,15 +572,25 @@ fn export_refuses_missing_module_bad_shapes_and_unpackable_dims() {
     let r: &mut QuantResult = wrong.modules.get_mut(&(0, ModuleKind::Q)).unwrap();
     r.rows = 32;
     let e = write_checkpoint(&out, &src, None, &wrong, &ExportOptions::default()).unwrap_err();
-    assert!(e.to_string().contains("layer 0 q_proj") && e.to_string().contains("[32, 64]"), "{e}");
+    assert!(
+        e.to_string().contains("layer 0 q_proj") && e.to_string().contains("[32, 64]"),
+        "{e}"
+    );
 
     let mut bad_scale = QuantizedModel {
         modules: q.modules.clone(),
         report: q.report.clone(),
     };
-    bad_scale.modules.get_mut(&(0, ModuleKind::V)).unwrap().scales[3] = 0.1;
+    bad_scale
+        .modules
+        .get_mut(&(0, ModuleKind::V))
+        .unwrap()
+        .scales[3] = 0.1;
     let e = write_checkpoint(&out, &src, None, &bad_scale, &ExportOptions::default()).unwrap_err();
-    assert!(e.to_string().contains("layer 0 v_proj") && e.to_string().contains("f16"), "{e}");
+    assert!(
+        e.to_string().contains("layer 0 v_proj") && e.to_string().contains("f16"),
+        "{e}"
+    );
 
     // 3-bit needs every dimension % 32: intermediate 80 is not.
     let mut c = small_config(false, false);
@@ -453,10 +598,17 @@ fn export_refuses_missing_module_bad_shapes_and_unpackable_dims() {
     let src3 = SyntheticModel::with_config(c, 8);
     let q3 = quantize_all(&src3, &qcfg(3, None, false, true), false);
     let e = write_checkpoint(&out, &src3, None, &q3, &ExportOptions::default()).unwrap_err();
-    assert!(e.to_string().contains("gate_proj") && e.to_string().contains("multiple of 32"), "{e}");
+    assert!(
+        e.to_string().contains("gate_proj") && e.to_string().contains("multiple of 32"),
+        "{e}"
+    );
 
     assert!(!out.exists());
-    assert!(hidden_entries(dir.path()).is_empty(), "{:?}", hidden_entries(dir.path()));
+    assert!(
+        hidden_entries(dir.path()).is_empty(),
+        "{:?}",
+        hidden_entries(dir.path())
+    );
 }
 
 #[test]
@@ -471,7 +623,10 @@ fn existing_output_is_refused_survives_failures_and_force_replaces() {
     let e = write_checkpoint(&out, &src, None, &q, &ExportOptions::default()).unwrap_err();
     assert!(matches!(e, ExportError::OutputExists { .. }), "{e}");
     assert!(e.to_string().contains("--force"), "{e}");
-    assert_eq!(std::fs::read_to_string(out.join("marker.txt")).unwrap(), "old");
+    assert_eq!(
+        std::fs::read_to_string(out.join("marker.txt")).unwrap(),
+        "old"
+    );
 
     // A failing export with force leaves the old directory untouched and no temporary behind.
     let mut broken = QuantizedModel {
@@ -484,8 +639,15 @@ fn existing_output_is_refused_survives_failures_and_force_replaces() {
         ..ExportOptions::default()
     };
     assert!(write_checkpoint(&out, &src, None, &broken, &force).is_err());
-    assert_eq!(std::fs::read_to_string(out.join("marker.txt")).unwrap(), "old");
-    assert!(hidden_entries(dir.path()).is_empty(), "{:?}", hidden_entries(dir.path()));
+    assert_eq!(
+        std::fs::read_to_string(out.join("marker.txt")).unwrap(),
+        "old"
+    );
+    assert!(
+        hidden_entries(dir.path()).is_empty(),
+        "{:?}",
+        hidden_entries(dir.path())
+    );
 
     // Failing late (while writing tensors: a source whose weights overflow f16).
     struct Huge(SyntheticModel);
@@ -493,16 +655,26 @@ fn existing_output_is_refused_survives_failures_and_force_replaces() {
         fn config(&self) -> &ModelConfig {
             self.0.config()
         }
-        fn embed(&self, ids: &[u32]) -> Result<Vec<f32>, gptaq_studio::model::weights::WeightError> {
+        fn embed(
+            &self,
+            ids: &[u32],
+        ) -> Result<Vec<f32>, gptaq_studio::model::weights::WeightError> {
             Ok(vec![1e6; ids.len() * self.0.config().hidden_size])
         }
-        fn layer(&self, i: usize) -> Result<gptaq_studio::model::LayerWeights, gptaq_studio::model::weights::WeightError> {
+        fn layer(
+            &self,
+            i: usize,
+        ) -> Result<gptaq_studio::model::LayerWeights, gptaq_studio::model::weights::WeightError>
+        {
             self.0.layer(i)
         }
         fn final_norm(&self) -> Result<Vec<f32>, gptaq_studio::model::weights::WeightError> {
             self.0.final_norm()
         }
-        fn lm_head_rows(&self, r: std::ops::Range<usize>) -> Result<Vec<f32>, gptaq_studio::model::weights::WeightError> {
+        fn lm_head_rows(
+            &self,
+            r: std::ops::Range<usize>,
+        ) -> Result<Vec<f32>, gptaq_studio::model::weights::WeightError> {
             self.0.lm_head_rows(r)
         }
         fn describe(&self) -> String {
@@ -511,9 +683,19 @@ fn existing_output_is_refused_survives_failures_and_force_replaces() {
     }
     let huge = Huge(SyntheticModel::with_config(small_config(false, false), 9));
     let e = write_checkpoint(&out, &huge, None, &q, &force).unwrap_err();
-    assert!(e.to_string().contains("model.embed_tokens.weight") && e.to_string().contains("float16"), "{e}");
-    assert_eq!(std::fs::read_to_string(out.join("marker.txt")).unwrap(), "old");
-    assert!(hidden_entries(dir.path()).is_empty(), "{:?}", hidden_entries(dir.path()));
+    assert!(
+        e.to_string().contains("model.embed_tokens.weight") && e.to_string().contains("float16"),
+        "{e}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.join("marker.txt")).unwrap(),
+        "old"
+    );
+    assert!(
+        hidden_entries(dir.path()).is_empty(),
+        "{:?}",
+        hidden_entries(dir.path())
+    );
 
     // Force replaces.
     write_checkpoint(&out, &src, None, &q, &force).unwrap();
@@ -530,7 +712,11 @@ fn existing_output_is_refused_survives_failures_and_force_replaces() {
     // Never over the source model directory, even with force.
     let srcdir = dir.path().join("model");
     std::fs::create_dir(&srcdir).unwrap();
-    std::fs::write(srcdir.join("config.json"), src.config().to_hf_json().to_string()).unwrap();
+    std::fs::write(
+        srcdir.join("config.json"),
+        src.config().to_hf_json().to_string(),
+    )
+    .unwrap();
     let e = write_checkpoint(&srcdir, &src, Some(&srcdir), &q, &force).unwrap_err();
     assert!(e.to_string().contains("source model directory"), "{e}");
     assert!(srcdir.join("config.json").is_file());
@@ -547,7 +733,8 @@ fn exported(bits: u32) -> (tempfile::TempDir, PathBuf) {
 }
 
 fn edit_json(path: &Path, f: impl FnOnce(&mut serde_json::Value)) {
-    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     f(&mut v);
     std::fs::write(path, v.to_string()).unwrap();
 }
@@ -560,7 +747,10 @@ fn open_err(dir: &Path) -> String {
 }
 
 /// Rewrites model.safetensors with `f` applied to the (name → (dtype, shape, bytes)) map.
-fn edit_tensors(path: &Path, f: impl FnOnce(&mut BTreeMap<String, (safetensors::Dtype, Vec<usize>, Vec<u8>)>)) {
+fn edit_tensors(
+    path: &Path,
+    f: impl FnOnce(&mut BTreeMap<String, (safetensors::Dtype, Vec<usize>, Vec<u8>)>),
+) {
     let bytes = std::fs::read(path).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let mut map: BTreeMap<String, (safetensors::Dtype, Vec<usize>, Vec<u8>)> = st
@@ -571,7 +761,12 @@ fn edit_tensors(path: &Path, f: impl FnOnce(&mut BTreeMap<String, (safetensors::
     f(&mut map);
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = map
         .iter()
-        .map(|(n, (d, s, b))| (n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap()))
+        .map(|(n, (d, s, b))| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+            )
+        })
         .collect();
     let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
     safetensors::serialize_to_file(views, Some(meta), path).unwrap();
@@ -584,12 +779,16 @@ fn reader_refuses_bad_formats_and_bits() {
     let cfg = out.join("config.json");
     let original = std::fs::read_to_string(&cfg).unwrap();
 
-    edit_json(&cfg, |v| v["quantization_config"]["checkpoint_format"] = "gptq_v2".into());
+    edit_json(&cfg, |v| {
+        v["quantization_config"]["checkpoint_format"] = "gptq_v2".into()
+    });
     let e = open_err(&out);
     assert!(e.contains("gptq_v2") && e.contains("config.json"), "{e}");
 
     std::fs::write(&cfg, &original).unwrap();
-    edit_json(&cfg, |v| v["quantization_config"]["format"] = "marlin".into());
+    edit_json(&cfg, |v| {
+        v["quantization_config"]["format"] = "marlin".into()
+    });
     assert!(open_err(&out).contains("unknown checkpoint format"));
 
     for bits in [5, 1, 16] {
@@ -603,7 +802,10 @@ fn reader_refuses_bad_formats_and_bits() {
     std::fs::write(&cfg, &original).unwrap();
     edit_json(&cfg, |v| v["quantization_config"]["bits"] = 8.into());
     let e = open_err(&out);
-    assert!(e.contains("model.safetensors") && e.contains("qweight") && e.contains("8-bit"), "{e}");
+    assert!(
+        e.contains("model.safetensors") && e.contains("qweight") && e.contains("8-bit"),
+        "{e}"
+    );
 
     // Group size the shapes disagree with.
     std::fs::write(&cfg, &original).unwrap();
@@ -630,7 +832,10 @@ fn reader_refuses_corrupt_tensors() {
         m.remove("model.layers.1.mlp.up_proj.g_idx");
     });
     let e = open_err(&out);
-    assert!(e.contains("model.layers.1.mlp.up_proj.g_idx") && e.contains("missing"), "{e}");
+    assert!(
+        e.contains("model.layers.1.mlp.up_proj.g_idx") && e.contains("missing"),
+        "{e}"
+    );
 
     std::fs::write(&st, &original).unwrap();
     edit_tensors(&st, |m| {
@@ -642,7 +847,9 @@ fn reader_refuses_corrupt_tensors() {
 
     std::fs::write(&st, &original).unwrap();
     edit_tensors(&st, |m| {
-        let t = m.get_mut("model.layers.0.self_attn.v_proj.qweight").unwrap();
+        let t = m
+            .get_mut("model.layers.0.self_attn.v_proj.qweight")
+            .unwrap();
         t.0 = safetensors::Dtype::F32;
     });
     let e = open_err(&out);
@@ -674,5 +881,55 @@ fn reader_refuses_corrupt_tensors() {
                 let _ = g.layer(l);
             }
         }
+    }
+}
+
+/// With `GPTAQ_EXPORT_DUMP=DIR`, writes exports (3-bit act-order asym, 4-bit sym) and the solver's
+/// Q as `DIR/<name>.q.safetensors` for `tools/gptq_dequant_check.py --expect` (an independent
+/// decoder of the format). Does nothing otherwise.
+#[test]
+fn dump_for_python_check() {
+    let Some(root) = std::env::var_os("GPTAQ_EXPORT_DUMP") else {
+        return;
+    };
+    let root = PathBuf::from(root);
+    let src = SyntheticModel::with_config(small_config(false, true), 12);
+    for (name, cfg, pos) in [
+        ("w3_act_asym", qcfg(3, Some(32), true, false), true),
+        ("w4_sym", qcfg(4, Some(32), false, true), false),
+        ("w2_act_g-1", qcfg(2, None, true, false), true),
+        ("w8_act", qcfg(8, Some(32), true, true), false),
+    ] {
+        let q = quantize_all(&src, &cfg, pos);
+        let out = root.join(name);
+        let force = ExportOptions {
+            force: true,
+            ..ExportOptions::default()
+        };
+        let s = write_checkpoint(&out, &src, None, &q, &force).unwrap();
+        eprintln!("{name}: {:?}", s.warnings);
+        let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = q
+            .modules
+            .iter()
+            .map(|((l, m), r)| {
+                (
+                    format!("model.layers.{l}.{}.weight", m.hf_name()),
+                    r.q.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                    vec![r.rows, r.cols],
+                )
+            })
+            .collect();
+        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = bytes
+            .iter()
+            .map(|(n, b, s)| {
+                (
+                    n.clone(),
+                    safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                        .unwrap(),
+                )
+            })
+            .collect();
+        safetensors::serialize_to_file(views, None, &root.join(format!("{name}.q.safetensors")))
+            .unwrap();
     }
 }

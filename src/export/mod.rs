@@ -13,7 +13,7 @@ pub mod writer;
 
 pub use pack::PackError;
 pub use reader::{GptqModel, GptqSettings};
-pub use writer::{write_checkpoint, ExportOptions, ExportSummary};
+pub use writer::{ExportOptions, ExportSummary, write_checkpoint};
 
 use crate::model::weights::WeightError;
 

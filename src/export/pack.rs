@@ -25,16 +25,11 @@ pub enum PackError {
     #[error("{bits}-bit packing is not supported by the GPTQ format (supported: 2, 3, 4, 8)")]
     UnsupportedBits { bits: u32 },
     #[error(
-        "{what}: {len} values of {bits} bits do not fill whole 32-bit words ({len}·{bits} = {} is not a multiple of 32; the packed dimension must be a multiple of {})",
-        len * (*bits as usize),
-        multiple_for(*bits)
+        "{what}: {len} values of {bits} bits do not fill whole 32-bit words ({len}·{bits} is not a multiple of 32; the packed dimension must be a multiple of {})",
+        multiple_for(*.bits)
     )]
-    PartialWord {
-        what: String,
-        len: usize,
-        bits: u32,
-    },
-    #[error("{what}: value {value} at index {index} does not fit in {bits} bits (max {})", (1u64 << bits) - 1)]
+    PartialWord { what: String, len: usize, bits: u32 },
+    #[error("{what}: value {value} at index {index} does not fit in {bits} bits (max {})", max_value(*.bits))]
     ValueOutOfRange {
         what: String,
         index: usize,
@@ -59,6 +54,10 @@ pub fn multiple_for(bits: u32) -> usize {
         // Not a supported width; callers check `bits` first. 32 is the granule that always works.
         _ => 32,
     }
+}
+
+fn max_value(bits: u32) -> u64 {
+    (1u64 << bits.min(63)) - 1
 }
 
 fn check_bits(bits: u32) -> Result<(), PackError> {
@@ -120,7 +119,12 @@ fn pack_stream_into(
 }
 
 /// Inverse of [`pack_stream`]: `len` values from the bit stream `words`.
-pub fn unpack_stream(words: &[u32], bits: u32, len: usize, what: &str) -> Result<Vec<u32>, PackError> {
+pub fn unpack_stream(
+    words: &[u32],
+    bits: u32,
+    len: usize,
+    what: &str,
+) -> Result<Vec<u32>, PackError> {
     let nwords = packed_words(len, bits, what)?;
     if words.len() != nwords {
         return Err(PackError::Length {
@@ -149,7 +153,12 @@ fn stream_value(words: &[u32], bits: u32, k: usize) -> u32 {
 ///
 /// §3.1/§3.2: packed along the **input** dimension, so output row `o` of the codes (all its input
 /// columns, in original column order) becomes column `o` of `qweight`.
-pub fn pack_qweight(codes: &[u8], rows: usize, cols: usize, bits: u32) -> Result<Vec<i32>, PackError> {
+pub fn pack_qweight(
+    codes: &[u8],
+    rows: usize,
+    cols: usize,
+    bits: u32,
+) -> Result<Vec<i32>, PackError> {
     let what = "qweight (in_features)";
     let nw = packed_words(cols, bits, what)?;
     expect_len("codes", rows.checked_mul(cols), codes.len())?;
@@ -158,8 +167,13 @@ pub fn pack_qweight(codes: &[u8], rows: usize, cols: usize, bits: u32) -> Result
     for o in 0..rows {
         col_words.iter_mut().for_each(|w| *w = 0);
         let row = &codes[o * cols..(o + 1) * cols];
-        pack_stream_into(row.iter().map(|&c| u32::from(c)), bits, "codes", &mut col_words)
-            .map_err(|e| reindex(e, o * cols))?;
+        pack_stream_into(
+            row.iter().map(|&c| u32::from(c)),
+            bits,
+            "codes",
+            &mut col_words,
+        )
+        .map_err(|e| reindex(e, o * cols))?;
         for (w, &word) in col_words.iter().enumerate() {
             out[w * rows + o] = word as i32;
         }
@@ -168,7 +182,12 @@ pub fn pack_qweight(codes: &[u8], rows: usize, cols: usize, bits: u32) -> Result
 }
 
 /// Inverse of [`pack_qweight`]: codes row-major `[rows, cols]`.
-pub fn unpack_qweight(qweight: &[i32], rows: usize, cols: usize, bits: u32) -> Result<Vec<u8>, PackError> {
+pub fn unpack_qweight(
+    qweight: &[i32],
+    rows: usize,
+    cols: usize,
+    bits: u32,
+) -> Result<Vec<u8>, PackError> {
     let nw = packed_words(cols, bits, "qweight (in_features)")?;
     expect_len("qweight", nw.checked_mul(rows), qweight.len())?;
     let mut codes = vec![0u8; rows * cols];
@@ -194,7 +213,12 @@ pub fn unpack_qweight(qweight: &[i32], rows: usize, cols: usize, bits: u32) -> R
 /// all-ones. [`unpack_qzeros`] (and so [`super::GptqModel`]) undoes the wrap exactly; consumers that
 /// decode `field + 1` without wrapping (ExLlama, vLLM `gptq_gemm`, Triton) read such a zero as
 /// `maxq + 1`, so the exporter reports how many zeros are affected (see `writer.rs`).
-pub fn pack_qzeros(zeros: &[u32], groups: usize, rows: usize, bits: u32) -> Result<Vec<i32>, PackError> {
+pub fn pack_qzeros(
+    zeros: &[u32],
+    groups: usize,
+    rows: usize,
+    bits: u32,
+) -> Result<Vec<i32>, PackError> {
     check_bits(bits)?;
     let maxq = (1u32 << bits) - 1;
     expect_len("zeros", groups.checked_mul(rows), zeros.len())?;
@@ -223,12 +247,20 @@ pub fn pack_qzeros(zeros: &[u32], groups: usize, rows: usize, bits: u32) -> Resu
 }
 
 /// The stored fields of a v1 `qzeros` `[groups, rows·bits/32]` (i.e. `zero − 1`, wrapped), `[groups, rows]`.
-pub fn unpack_qzeros_raw(qzeros: &[i32], groups: usize, rows: usize, bits: u32) -> Result<Vec<u32>, PackError> {
+pub fn unpack_qzeros_raw(
+    qzeros: &[i32],
+    groups: usize,
+    rows: usize,
+    bits: u32,
+) -> Result<Vec<u32>, PackError> {
     let nw = packed_words(rows, bits, "qzeros (out_features)")?;
     expect_len("qzeros", groups.checked_mul(nw), qzeros.len())?;
     let mut out = Vec::with_capacity(groups * rows);
     for g in 0..groups {
-        let words: Vec<u32> = qzeros[g * nw..(g + 1) * nw].iter().map(|&w| w as u32).collect();
+        let words: Vec<u32> = qzeros[g * nw..(g + 1) * nw]
+            .iter()
+            .map(|&w| w as u32)
+            .collect();
         out.extend((0..rows).map(|k| stream_value(&words, bits, k)));
     }
     Ok(out)
@@ -238,12 +270,16 @@ pub fn unpack_qzeros_raw(qzeros: &[i32], groups: usize, rows: usize, bits: u32) 
 ///
 /// The `mod 2^b` only matters for a stored `maxq`, which a valid quantizer can only have produced by
 /// wrapping a zero of 0 (zeros lie in `[0, maxq]`, so `maxq + 1` is never a real zero point).
-pub fn unpack_qzeros(qzeros: &[i32], groups: usize, rows: usize, bits: u32) -> Result<Vec<u32>, PackError> {
+pub fn unpack_qzeros(
+    qzeros: &[i32],
+    groups: usize,
+    rows: usize,
+    bits: u32,
+) -> Result<Vec<u32>, PackError> {
+    let raw = unpack_qzeros_raw(qzeros, groups, rows, bits)?;
+    // `bits` is valid here (checked by the call above).
     let maxq = (1u32 << bits) - 1;
-    Ok(unpack_qzeros_raw(qzeros, groups, rows, bits)?
-        .into_iter()
-        .map(|f| (f + 1) & maxq)
-        .collect())
+    Ok(raw.into_iter().map(|f| (f + 1) & maxq).collect())
 }
 
 fn expect_len(what: &str, expected: Option<usize>, got: usize) -> Result<(), PackError> {

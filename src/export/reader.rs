@@ -75,7 +75,12 @@ impl GptqModel {
     }
 
     /// The tensor, checked to have `dtype` (one of `dtypes`) and exactly `shape`.
-    fn checked(&self, name: &str, dtypes: &[Dtype], shape: &[usize]) -> Result<TensorView<'_>, ExportError> {
+    fn checked(
+        &self,
+        name: &str,
+        dtypes: &[Dtype],
+        shape: &[usize],
+    ) -> Result<TensorView<'_>, ExportError> {
         let t = self.inner.tensor(name)?;
         if !dtypes.contains(&t.dtype) {
             return Err(self.terr(name, format!("dtype {:?}, expected {:?}", t.dtype, dtypes)));
@@ -109,8 +114,10 @@ impl GptqModel {
         let bits = self.settings.bits;
         let qname = format!("{prefix}.qweight");
         let zname = format!("{prefix}.qzeros");
-        let in_w = pack::packed_words(cols, bits, "in_features").map_err(|e| self.terr(&qname, e.to_string()))?;
-        let out_w = pack::packed_words(rows, bits, "out_features").map_err(|e| self.terr(&zname, e.to_string()))?;
+        let in_w = pack::packed_words(cols, bits, "in_features")
+            .map_err(|e| self.terr(&qname, e.to_string()))?;
+        let out_w = pack::packed_words(rows, bits, "out_features")
+            .map_err(|e| self.terr(&zname, e.to_string()))?;
         let groups = self.groups(cols);
         Ok(QShapes {
             qweight: vec![in_w, rows],
@@ -131,10 +138,17 @@ impl GptqModel {
                 if !self.inner.contains(&format!("{prefix}.qweight")) {
                     let wname = format!("{prefix}.weight");
                     if self.inner.contains(&wname) {
-                        self.checked(&wname, &[Dtype::F32, Dtype::F16, Dtype::BF16], &[rows, cols])?;
+                        self.checked(
+                            &wname,
+                            &[Dtype::F32, Dtype::F16, Dtype::BF16],
+                            &[rows, cols],
+                        )?;
                         continue;
                     }
-                    return Err(self.terr(&format!("{prefix}.qweight"), "missing (and no float .weight either)"));
+                    return Err(self.terr(
+                        &format!("{prefix}.qweight"),
+                        "missing (and no float .weight either)",
+                    ));
                 }
                 self.read_quant(&prefix, rows, cols, false)?;
             }
@@ -143,12 +157,21 @@ impl GptqModel {
     }
 
     /// Reads (and, with `dequant`, dequantizes) one quantized linear; validates shapes and g_idx.
-    fn read_quant(&self, prefix: &str, rows: usize, cols: usize, dequant: bool) -> Result<Option<Vec<f32>>, ExportError> {
+    fn read_quant(
+        &self,
+        prefix: &str,
+        rows: usize,
+        cols: usize,
+        dequant: bool,
+    ) -> Result<Option<Vec<f32>>, ExportError> {
         let s = self.shapes(prefix, rows, cols)?;
         let names = ["qweight", "qzeros", "scales", "g_idx"].map(|n| format!("{prefix}.{n}"));
         for n in &names {
             if !self.inner.contains(n) {
-                return Err(self.terr(n, "missing (a GPTQ linear needs qweight, qzeros, scales and g_idx)"));
+                return Err(self.terr(
+                    n,
+                    "missing (a GPTQ linear needs qweight, qzeros, scales and g_idx)",
+                ));
             }
         }
         let qw = self.checked(&names[0], &[Dtype::I32], &s.qweight)?;
@@ -156,22 +179,33 @@ impl GptqModel {
         let sc = self.checked(&names[2], &[Dtype::F16, Dtype::BF16, Dtype::F32], &s.scales)?;
         let gi = self.checked(&names[3], &[Dtype::I32], &s.g_idx)?;
         let g_idx: Vec<i32> = i32s(gi.data);
-        if let Some((j, &g)) = g_idx.iter().enumerate().find(|&(_, &g)| g < 0 || g as usize >= s.groups) {
-            return Err(self.terr(&names[3], format!("g_idx[{j}] = {g} outside 0..{} (groups)", s.groups)));
+        if let Some((j, &g)) = g_idx
+            .iter()
+            .enumerate()
+            .find(|&(_, &g)| g < 0 || g as usize >= s.groups)
+        {
+            return Err(self.terr(
+                &names[3],
+                format!("g_idx[{j}] = {g} outside 0..{} (groups)", s.groups),
+            ));
         }
         if !dequant {
             return Ok(None);
         }
         let bits = self.settings.bits;
         let pe = |n: &str, e: pack::PackError| self.terr(n, e.to_string());
-        let codes = pack::unpack_qweight(&i32s(qw.data), rows, cols, bits).map_err(|e| pe(&names[0], e))?;
-        let zeros = pack::unpack_qzeros(&i32s(qz.data), s.groups, rows, bits).map_err(|e| pe(&names[1], e))?;
+        let codes =
+            pack::unpack_qweight(&i32s(qw.data), rows, cols, bits).map_err(|e| pe(&names[0], e))?;
+        let zeros = pack::unpack_qzeros(&i32s(qz.data), s.groups, rows, bits)
+            .map_err(|e| pe(&names[1], e))?;
         let scales = to_f32(&sc).map_err(|e| self.terr(&names[2], e))?;
         if let Some((i, s)) = scales.iter().enumerate().find(|(_, s)| !s.is_finite()) {
             return Err(self.terr(&names[2], format!("non-finite scale {s} at flat index {i}")));
         }
         let g_idx: Vec<u32> = g_idx.iter().map(|&g| g as u32).collect();
-        Ok(Some(dequantize(&codes, &zeros, &scales, &g_idx, rows, cols)))
+        Ok(Some(dequantize(
+            &codes, &zeros, &scales, &g_idx, rows, cols,
+        )))
     }
 
     fn linear(&self, layer: usize, m: ModuleKind) -> Result<Linear, ExportError> {
@@ -183,7 +217,11 @@ impl GptqModel {
                 .ok_or_else(|| self.terr(&format!("{prefix}.qweight"), "not dequantized"))?
         } else {
             let wname = format!("{prefix}.weight");
-            let t = self.checked(&wname, &[Dtype::F32, Dtype::F16, Dtype::BF16], &[rows, cols])?;
+            let t = self.checked(
+                &wname,
+                &[Dtype::F32, Dtype::F16, Dtype::BF16],
+                &[rows, cols],
+            )?;
             to_f32(&t).map_err(|e| self.terr(&wname, e))?
         };
         let bname = format!("{prefix}.bias");
@@ -211,7 +249,10 @@ impl GptqModel {
         if index >= c.num_layers {
             return Err(ExportError::format(
                 self.inner.config_path(),
-                format!("layer {index} requested but num_hidden_layers is {}", c.num_layers),
+                format!(
+                    "layer {index} requested but num_hidden_layers is {}",
+                    c.num_layers
+                ),
             ));
         }
         let p = format!("model.layers.{index}.");
@@ -231,7 +272,10 @@ impl GptqModel {
             o: self.linear(index, ModuleKind::O)?,
             q_norm,
             k_norm,
-            post_norm: self.vector(&format!("{p}post_attention_layernorm.weight"), c.hidden_size)?,
+            post_norm: self.vector(
+                &format!("{p}post_attention_layernorm.weight"),
+                c.hidden_size,
+            )?,
             gate: self.linear(index, ModuleKind::Gate)?,
             up: self.linear(index, ModuleKind::Up)?,
             down: self.linear(index, ModuleKind::Down)?,
@@ -257,7 +301,14 @@ fn i32s(data: &[u8]) -> Vec<i32> {
 /// `W[o, i] = scales[g, o] · (codes[o, i] − zeros[g, o])` with `g = g_idx[i]`, row-major
 /// `[rows, cols]`. Callers guarantee the lengths (`codes` `[rows, cols]`, `zeros`/`scales`
 /// `[G, rows]`, every `g_idx < G`).
-pub fn dequantize(codes: &[u8], zeros: &[u32], scales: &[f32], g_idx: &[u32], rows: usize, cols: usize) -> Vec<f32> {
+pub fn dequantize(
+    codes: &[u8],
+    zeros: &[u32],
+    scales: &[f32],
+    g_idx: &[u32],
+    rows: usize,
+    cols: usize,
+) -> Vec<f32> {
     let mut w = vec![0f32; rows * cols];
     for o in 0..rows {
         for i in 0..cols {
@@ -295,8 +346,10 @@ fn read_settings(dir: &Path) -> Result<GptqSettings, ExportError> {
 }
 
 fn read_json(path: &Path) -> Result<Value, ExportError> {
-    let text = std::fs::read_to_string(path).map_err(|e| ExportError::io(path, "cannot read", e))?;
-    serde_json::from_str(&text).map_err(|e| ExportError::format(path, format!("malformed JSON: {e}")))
+    let text =
+        std::fs::read_to_string(path).map_err(|e| ExportError::io(path, "cannot read", e))?;
+    serde_json::from_str(&text)
+        .map_err(|e| ExportError::format(path, format!("malformed JSON: {e}")))
 }
 
 /// Parses and checks a quantization config block (see the module docs for what is refused).
@@ -324,17 +377,28 @@ pub fn parse_settings(raw: &Value, path: &Path) -> Result<GptqSettings, ExportEr
                         "\"gptq_v2\" (GPTQModel's internal zero-point convention) is not supported; only checkpoint_format \"gptq\" (v1) is read. Save with GPTQModel's format=\"gptq\" to convert".into(),
                     ));
                 }
-                _ => return Err(err(key, format!("unknown checkpoint format {f} (only \"gptq\" is read)"))),
+                _ => {
+                    return Err(err(
+                        key,
+                        format!("unknown checkpoint format {f} (only \"gptq\" is read)"),
+                    ));
+                }
             }
         }
     }
     if let Some(p) = get("pack_dtype") {
         if p.as_str() != Some("int32") {
-            return Err(err("pack_dtype", format!("{p}: only int32 packing is read")));
+            return Err(err(
+                "pack_dtype",
+                format!("{p}: only int32 packing is read"),
+            ));
         }
     }
     if get("lm_head").and_then(Value::as_bool) == Some(true) {
-        return Err(err("lm_head", "a quantized lm_head is not supported".into()));
+        return Err(err(
+            "lm_head",
+            "a quantized lm_head is not supported".into(),
+        ));
     }
     let bits = get("bits")
         .and_then(Value::as_u64)
@@ -348,13 +412,20 @@ pub fn parse_settings(raw: &Value, path: &Path) -> Result<GptqSettings, ExportEr
         Some(v) => match v.as_i64() {
             Some(-1) => None,
             Some(g) if g > 0 => Some(g as usize),
-            _ => return Err(err("group_size", format!("{v}: expected -1 or a positive integer"))),
+            _ => {
+                return Err(err(
+                    "group_size",
+                    format!("{v}: expected -1 or a positive integer"),
+                ));
+            }
         },
     };
     let bool_field = |k: &str, default: bool| -> Result<bool, ExportError> {
         match get(k) {
             None => Ok(default),
-            Some(v) => v.as_bool().ok_or_else(|| err(k, format!("{v}: expected true or false"))),
+            Some(v) => v
+                .as_bool()
+                .ok_or_else(|| err(k, format!("{v}: expected true or false"))),
         }
     };
     Ok(GptqSettings {
@@ -370,7 +441,15 @@ pub fn parse_settings(raw: &Value, path: &Path) -> Result<GptqSettings, ExportEr
 fn werr(e: ExportError) -> WeightError {
     match e {
         ExportError::Weights(w) => w,
-        ExportError::Tensor { path, tensor, message } => WeightError::Tensor { path, tensor, message },
+        ExportError::Tensor {
+            path,
+            tensor,
+            message,
+        } => WeightError::Tensor {
+            path,
+            tensor,
+            message,
+        },
         ExportError::Format { path, message } | ExportError::Io { path, message } => {
             WeightError::File { path, message }
         }
@@ -402,7 +481,8 @@ impl WeightSource for GptqModel {
         format!(
             "GPTQ {}-bit {}{}{} ({})",
             s.bits,
-            s.group_size.map_or("per-channel".to_string(), |g| format!("g{g}")),
+            s.group_size
+                .map_or("per-channel".to_string(), |g| format!("g{g}")),
             if s.desc_act { ", act-order" } else { "" },
             if s.sym { "" } else { ", asym" },
             self.inner.dir().display()

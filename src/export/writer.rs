@@ -225,7 +225,11 @@ pub fn write_checkpoint(
 /// The absolute target path, after refusing: a path without a final component, an existing
 /// non-directory, an existing non-empty directory without `force`, and a target that is (or
 /// contains) the source model directory (with `force` that would delete the model being exported).
-fn check_target(out: &Path, source_dir: Option<&Path>, force: bool) -> Result<PathBuf, ExportError> {
+fn check_target(
+    out: &Path,
+    source_dir: Option<&Path>,
+    force: bool,
+) -> Result<PathBuf, ExportError> {
     let shown = || out.display().to_string();
     let Some(name) = out.file_name() else {
         return Err(ExportError::Io {
@@ -237,9 +241,9 @@ fn check_target(out: &Path, source_dir: Option<&Path>, force: bool) -> Result<Pa
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let parent = parent.canonicalize().map_err(|e| {
-        ExportError::io(&parent, "parent directory of the output is not usable", e)
-    })?;
+    let parent = parent
+        .canonicalize()
+        .map_err(|e| ExportError::io(&parent, "parent directory of the output is not usable", e))?;
     let target = parent.join(name);
     match std::fs::symlink_metadata(&target) {
         Ok(meta) if !meta.is_dir() => {
@@ -318,13 +322,22 @@ impl TempDir {
             if let Some(aside) = &old {
                 let _ = std::fs::rename(aside, target);
             }
-            return Err(ExportError::io(target, "cannot rename the new output into place", e));
+            return Err(ExportError::io(
+                target,
+                "cannot rename the new output into place",
+                e,
+            ));
         }
         self.committed = true;
         sync_dir(&parent)?;
         if let Some(aside) = old {
-            std::fs::remove_dir_all(&aside)
-                .map_err(|e| ExportError::io(&aside, "new output is in place but the old one could not be deleted", e))?;
+            std::fs::remove_dir_all(&aside).map_err(|e| {
+                ExportError::io(
+                    &aside,
+                    "new output is in place but the old one could not be deleted",
+                    e,
+                )
+            })?;
         }
         Ok(())
     }
@@ -373,7 +386,8 @@ fn write_json(path: &Path, value: &Value) -> Result<(), ExportError> {
     let mut text = serde_json::to_string_pretty(value)
         .map_err(|e| ExportError::io(path, "cannot serialize", e))?;
     text.push('\n');
-    let mut f = std::fs::File::create(path).map_err(|e| ExportError::io(path, "cannot create", e))?;
+    let mut f =
+        std::fs::File::create(path).map_err(|e| ExportError::io(path, "cannot create", e))?;
     f.write_all(text.as_bytes())
         .and_then(|_| f.sync_all())
         .map_err(|e| ExportError::io(path, "cannot write", e))
@@ -447,7 +461,11 @@ fn validate_modules(
     for layer in 0..cfg.num_layers {
         for m in ModuleKind::ALL {
             let r = model.modules.get(&(layer, m)).ok_or_else(|| {
-                module_err(layer, m, "missing from the quantized model (no QuantResult)")
+                module_err(
+                    layer,
+                    m,
+                    "missing from the quantized model (no QuantResult)",
+                )
             })?;
             let (rows, cols) = cfg.linear_shape(m);
             if (r.rows, r.cols) != (rows, cols) {
@@ -481,21 +499,39 @@ fn validate_modules(
                 pack::packed_words(len, bits, what)
                     .map_err(|e| module_err(layer, m, e.to_string()))?;
             }
-            if let Some((i, &c)) = r.codes.iter().enumerate().find(|&(_, &c)| u32::from(c) > maxq) {
+            if let Some((i, &c)) = r
+                .codes
+                .iter()
+                .enumerate()
+                .find(|&(_, &c)| u32::from(c) > maxq)
+            {
                 return Err(module_err(
                     layer,
                     m,
-                    format!("code {c} at [{}, {}] exceeds maxq {maxq}", i / cols, i % cols),
+                    format!(
+                        "code {c} at [{}, {}] exceeds maxq {maxq}",
+                        i / cols,
+                        i % cols
+                    ),
                 ));
             }
             if let Some((i, &z)) = r.zeros.iter().enumerate().find(|&(_, &z)| z > maxq) {
                 return Err(module_err(
                     layer,
                     m,
-                    format!("zero point {z} of group {} row {} exceeds maxq {maxq}", i / rows, i % rows),
+                    format!(
+                        "zero point {z} of group {} row {} exceeds maxq {maxq}",
+                        i / rows,
+                        i % rows
+                    ),
                 ));
             }
-            if let Some((j, &g)) = r.g_idx.iter().enumerate().find(|&(_, &g)| g as usize >= groups) {
+            if let Some((j, &g)) = r
+                .g_idx
+                .iter()
+                .enumerate()
+                .find(|&(_, &g)| g as usize >= groups)
+            {
                 return Err(module_err(
                     layer,
                     m,
@@ -519,7 +555,11 @@ fn validate_modules(
                 ));
             }
             let gs = qcfg.group_len(cols);
-            if r.g_idx.iter().enumerate().any(|(j, &g)| g as usize != j / gs) {
+            if r.g_idx
+                .iter()
+                .enumerate()
+                .any(|(j, &g)| g as usize != j / gs)
+            {
                 desc_act = true;
             }
             total_zeros += r.zeros.len();
@@ -562,14 +602,26 @@ fn dequant_packed(r: &QuantResult, bits: u32) -> Result<Vec<f32>, pack::PackErro
     let qz = pack::pack_qzeros(&r.zeros, groups, rows, bits)?;
     let codes = pack::unpack_qweight(&qw, rows, cols, bits)?;
     let zeros = pack::unpack_qzeros(&qz, groups, rows, bits)?;
-    let scales: Vec<f32> = r.scales.iter().map(|&s| f16::from_f32(s).to_f32()).collect();
-    Ok(super::reader::dequantize(&codes, &zeros, &scales, &r.g_idx, rows, cols))
+    let scales: Vec<f32> = r
+        .scales
+        .iter()
+        .map(|&s| f16::from_f32(s).to_f32())
+        .collect();
+    Ok(super::reader::dequantize(
+        &codes, &zeros, &scales, &r.g_idx, rows, cols,
+    ))
 }
 
 /// §3.6: which consumers will not run this checkpoint.
 fn kernel_warnings(cfg: &ModelConfig, qcfg: &QuantConfig, warnings: &mut Vec<String>) {
-    let mut in_dims: Vec<usize> = ModuleKind::ALL.iter().map(|&m| cfg.linear_shape(m).1).collect();
-    let mut out_dims: Vec<usize> = ModuleKind::ALL.iter().map(|&m| cfg.linear_shape(m).0).collect();
+    let mut in_dims: Vec<usize> = ModuleKind::ALL
+        .iter()
+        .map(|&m| cfg.linear_shape(m).1)
+        .collect();
+    let mut out_dims: Vec<usize> = ModuleKind::ALL
+        .iter()
+        .map(|&m| cfg.linear_shape(m).0)
+        .collect();
     in_dims.sort_unstable();
     in_dims.dedup();
     out_dims.sort_unstable();
@@ -615,7 +667,10 @@ fn kernel_warnings(cfg: &ModelConfig, qcfg: &QuantConfig, warnings: &mut Vec<Str
             "ExLlama v1/v2 kernels (transformers/AutoGPTQ default) support only 4-bit; {bits}-bit loads with the slower torch/Triton kernels"
         ));
     } else if in_dims.iter().any(|n| !n.is_multiple_of(32)) {
-        warnings.push("ExLlama needs in_features % 32 == 0; some layers will use the torch kernel".to_string());
+        warnings.push(
+            "ExLlama needs in_features % 32 == 0; some layers will use the torch kernel"
+                .to_string(),
+        );
     }
 }
 
@@ -664,7 +719,11 @@ fn collect_small_tensors(
                     return Err(module_err(
                         layer,
                         m,
-                        format!("bias has {} elements, expected {}", b.len(), lin.out_features),
+                        format!(
+                            "bias has {} elements, expected {}",
+                            b.len(),
+                            lin.out_features
+                        ),
                     ));
                 }
                 put(format!("{p}{}.bias", m.hf_name()), b)?;
@@ -746,7 +805,12 @@ fn plan_tensors(
     let bits = qcfg.bits as usize;
     for layer in 0..cfg.num_layers {
         let p = format!("model.layers.{layer}.");
-        for n in ["input_layernorm.weight", "self_attn.q_norm.weight", "self_attn.k_norm.weight", "post_attention_layernorm.weight"] {
+        for n in [
+            "input_layernorm.weight",
+            "self_attn.q_norm.weight",
+            "self_attn.k_norm.weight",
+            "post_attention_layernorm.weight",
+        ] {
             plan.extend(small_t(format!("{p}{n}")));
         }
         for m in ModuleKind::ALL {
@@ -764,8 +828,16 @@ fn plan_tensors(
                 shape,
                 src: Source::Quant(layer, m, part),
             };
-            plan.push(i32_t("qweight", vec![cols * bits / 32, rows], Part::QWeight));
-            plan.push(i32_t("qzeros", vec![groups, rows * bits / 32], Part::QZeros));
+            plan.push(i32_t(
+                "qweight",
+                vec![cols * bits / 32, rows],
+                Part::QWeight,
+            ));
+            plan.push(i32_t(
+                "qzeros",
+                vec![groups, rows * bits / 32],
+                Part::QZeros,
+            ));
             plan.push(Planned {
                 nbytes: 2 * (groups * rows) as u64,
                 name: format!("{prefix}.scales"),
@@ -815,10 +887,9 @@ impl Producer<'_> {
         let io = |e: std::io::Error| ExportError::io(path, "cannot write", e);
         match &t.src {
             Source::Small => {
-                let b = self
-                    .small
-                    .get(&t.name)
-                    .ok_or_else(|| ExportError::Invalid(format!("internal: tensor `{}` not collected", t.name)))?;
+                let b = self.small.get(&t.name).ok_or_else(|| {
+                    ExportError::Invalid(format!("internal: tensor `{}` not collected", t.name))
+                })?;
                 w.write_all(b).map_err(io)
             }
             Source::Embed | Source::LmHead => {
@@ -837,7 +908,10 @@ impl Producer<'_> {
                         return Err(ExportError::tensor(
                             path,
                             &t.name,
-                            format!("source returned {} values for rows {start}..{end}", rows.len()),
+                            format!(
+                                "source returned {} values for rows {start}..{end}",
+                                rows.len()
+                            ),
                         ));
                     }
                     w.write_all(&f16_bytes(&rows, &t.name)?).map_err(io)?;
@@ -846,19 +920,26 @@ impl Producer<'_> {
                 Ok(())
             }
             Source::Quant(layer, m, part) => {
-                let r = self
-                    .model
-                    .modules
-                    .get(&(*layer, *m))
-                    .ok_or_else(|| module_err(*layer, *m, "missing from the quantized model"))?;
+                let r =
+                    self.model.modules.get(&(*layer, *m)).ok_or_else(|| {
+                        module_err(*layer, *m, "missing from the quantized model")
+                    })?;
                 let bits = self.qcfg.bits;
                 let groups = self.qcfg.num_groups(r.cols);
                 let perr = |e: pack::PackError| module_err(*layer, *m, e.to_string());
                 let bytes: Vec<u8> = match part {
-                    Part::QWeight => i32_bytes(&pack::pack_qweight(&r.codes, r.rows, r.cols, bits).map_err(perr)?),
-                    Part::QZeros => i32_bytes(&pack::pack_qzeros(&r.zeros, groups, r.rows, bits).map_err(perr)?),
+                    Part::QWeight => i32_bytes(
+                        &pack::pack_qweight(&r.codes, r.rows, r.cols, bits).map_err(perr)?,
+                    ),
+                    Part::QZeros => {
+                        i32_bytes(&pack::pack_qzeros(&r.zeros, groups, r.rows, bits).map_err(perr)?)
+                    }
                     Part::Scales => f16_bytes(&r.scales, &t.name)?,
-                    Part::GIdx => r.g_idx.iter().flat_map(|&g| (g as i32).to_le_bytes()).collect(),
+                    Part::GIdx => r
+                        .g_idx
+                        .iter()
+                        .flat_map(|&g| (g as i32).to_le_bytes())
+                        .collect(),
                 };
                 w.write_all(&bytes).map_err(io)
             }
@@ -890,7 +971,11 @@ impl<W: Write> Write for Counting<W> {
 /// Writes one safetensors file: u64 LE header length, the JSON header (with
 /// `__metadata__.format = "pt"`, which transformers requires, padded with spaces to 8 bytes as the
 /// safetensors crate does), then the tensors back to back in plan order.
-fn write_safetensors(path: &Path, tensors: &[&Planned], producer: &Producer<'_>) -> Result<(), ExportError> {
+fn write_safetensors(
+    path: &Path,
+    tensors: &[&Planned],
+    producer: &Producer<'_>,
+) -> Result<(), ExportError> {
     let mut header = serde_json::Map::new();
     header.insert("__metadata__".into(), json!({"format": "pt"}));
     let mut off = 0u64;
@@ -906,13 +991,15 @@ fn write_safetensors(path: &Path, tensors: &[&Planned], producer: &Producer<'_>)
     while !(hbytes.len() + 8).is_multiple_of(8) {
         hbytes.push(b' ');
     }
-    let file = std::fs::File::create(path).map_err(|e| ExportError::io(path, "cannot create", e))?;
+    let file =
+        std::fs::File::create(path).map_err(|e| ExportError::io(path, "cannot create", e))?;
     let mut w = Counting {
         inner: std::io::BufWriter::with_capacity(1 << 20, file),
         n: 0,
     };
     let io = |e: std::io::Error| ExportError::io(path, "cannot write", e);
-    w.write_all(&(hbytes.len() as u64).to_le_bytes()).map_err(io)?;
+    w.write_all(&(hbytes.len() as u64).to_le_bytes())
+        .map_err(io)?;
     w.write_all(&hbytes).map_err(io)?;
     let data_start = w.n;
     for t in tensors {
@@ -931,7 +1018,8 @@ fn write_safetensors(path: &Path, tensors: &[&Planned], producer: &Producer<'_>)
         .inner
         .into_inner()
         .map_err(|e| ExportError::io(path, "cannot flush", e.error()))?;
-    file.sync_all().map_err(|e| ExportError::io(path, "cannot fsync", e))
+    file.sync_all()
+        .map_err(|e| ExportError::io(path, "cannot fsync", e))
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -982,11 +1070,15 @@ fn build_config_json(
     source_dir: Option<&Path>,
     qconf: &Value,
 ) -> Result<Value, ExportError> {
-    let from_dir = source_dir.map(|d| d.join("config.json")).filter(|p| p.is_file());
+    let from_dir = source_dir
+        .map(|d| d.join("config.json"))
+        .filter(|p| p.is_file());
     let mut value = match from_dir {
         Some(p) => {
-            let text = std::fs::read_to_string(&p).map_err(|e| ExportError::io(&p, "cannot read", e))?;
-            let v: Value = serde_json::from_str(&text).map_err(|e| ExportError::format(&p, format!("malformed JSON: {e}")))?;
+            let text =
+                std::fs::read_to_string(&p).map_err(|e| ExportError::io(&p, "cannot read", e))?;
+            let v: Value = serde_json::from_str(&text)
+                .map_err(|e| ExportError::format(&p, format!("malformed JSON: {e}")))?;
             if !v.is_object() {
                 return Err(ExportError::format(&p, "top level is not a JSON object"));
             }
