@@ -97,15 +97,17 @@ fn bench_kernels(c: &mut Criterion) {
             .collect();
         ctx.write(&h, 0, &eye);
         let mut rec = ctx.recorder();
-        ops::syrk_xtx(&mut rec, t, n, 2.0 / t as f32, MatView::new(&x, n), 1.0, &h)
-            .expect("syrk");
+        ops::syrk_xtx(&mut rec, t, n, 2.0 / t as f32, MatView::new(&x, n), 1.0, &h).expect("syrk");
         rec.submit();
         let d = ctx.zeros::<f32>("d", n * n).expect("alloc d");
         let mut rec = ctx.recorder();
         ops::axpby(&mut rec, n * n, 0.05, &h, 0.0, &h, &d).expect("axpby");
         rec.submit();
         let w: Vec<f32> = data(n * n).iter().map(|v| v * 0.37 + 0.01).collect();
-        for (name, method) in [("gptq", Method::Gptq), ("gptaq", Method::Gptaq { alpha: 0.25 })] {
+        for (name, method) in [
+            ("gptq", Method::Gptq),
+            ("gptaq", Method::Gptaq { alpha: 0.25 }),
+        ] {
             let cfg = QuantConfig {
                 method,
                 ..QuantConfig::default()

@@ -2,7 +2,7 @@
 // permutation applied symmetrically, in one gather:
 //   out[a, b] = 0                       if column perm[b] is dead (diag(H) == 0)
 //             = d[perm[a], perm[b]]     otherwise
-// `meta` holds perm[0..n] followed by the dead flags[0..n] (1 = dead). Without act-order perm is the
+// `colmap` holds perm[0..n] followed by the dead flags[0..n] (1 = dead). Without act-order perm is the
 // identity. The input D is never modified (q/k/v share one D, algorithm.md §6.2).
 
 struct Params {
@@ -14,7 +14,7 @@ struct Params {
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> d: array<f32>;
-@group(0) @binding(2) var<storage, read> meta: array<u32>;
+@group(0) @binding(2) var<storage, read> colmap: array<u32>;
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
 
 @compute @workgroup_size(16, 16, 1)
@@ -24,10 +24,10 @@ fn gather_sym(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (a >= p.n || b >= p.n) {
         return;
     }
-    let pa = meta[a];
-    let pb = meta[b];
+    let pa = colmap[a];
+    let pb = colmap[b];
     var v = 0.0;
-    if (meta[p.n + pb] == 0u) {
+    if (colmap[p.n + pb] == 0u) {
         v = d[pa * p.n + pb];
     }
     out[a * p.n + b] = v;

@@ -8,7 +8,7 @@
 //      reference's stale-W quirk, reproduced on purpose (algorithm.md §1.2 "Quirks"). Params are
 //      written to the table `ptab` ([G][rows][2] = scale, zero) and kept in registers.
 //      Static groups / per-row params (gs = −1) come precomputed in `ptab`, looked up through the
-//      processing-column → group map in `meta[n + k]`.
+//      processing-column → group map in `colmap[n + k]`.
 //   2. invocation t < rchunk quantizes row t: code = clamp(round(w/s) + z, 0, maxq) (WGSL round is
 //      half-to-even like torch.round), q = s·(code − z), e = (w − q)/U_kk, loss += (w − q)²/U_kk²/2.
 //   3. all invocations update W1[:, j] for j ≥ i (strided over columns):
@@ -43,7 +43,7 @@ struct Params {
 @group(0) @binding(1) var<storage, read> w: array<f32>;
 @group(0) @binding(2) var<storage, read> u: array<f32>;
 @group(0) @binding(3) var<storage, read> pm: array<f32>;
-@group(0) @binding(4) var<storage, read> meta: array<u32>;
+@group(0) @binding(4) var<storage, read> colmap: array<u32>;
 @group(0) @binding(5) var<storage, read_write> ptab: array<f32>;
 @group(0) @binding(6) var<storage, read_write> codes: array<u32>;
 @group(0) @binding(7) var<storage, read_write> ebuf: array<f32>;
@@ -159,11 +159,11 @@ fn sweep_block(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nw
     }
 
     let my_row = row0 + t;
-    let active = t < rc && my_row < p.rows;
+    let row_live = t < rc && my_row < p.rows;
     var prm = vec2<f32>(1.0, 0.0);
     var lacc = 0.0;
     // A dynamic group that started in an earlier block: its params are already in the table.
-    if (active && p.dynamic_groups != 0u && (i1 % p.gs) != 0u) {
+    if (row_live && p.dynamic_groups != 0u && (i1 % p.gs) != 0u) {
         let g = i1 / p.gs;
         prm = vec2<f32>(ptab[(g * p.rows + my_row) * 2u], ptab[(g * p.rows + my_row) * 2u + 1u]);
     }
@@ -191,7 +191,7 @@ fn sweep_block(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nw
             smin[t] = mn;
             smax[t] = mx;
             workgroupBarrier();
-            if (active) {
+            if (row_live) {
                 var a = 0.0;
                 var b = 0.0;
                 for (var s = 0u; s < tpr; s++) {
@@ -205,9 +205,9 @@ fn sweep_block(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nw
             }
             workgroupBarrier();
         }
-        if (active) {
+        if (row_live) {
             if (p.dynamic_groups == 0u) {
-                let g = meta[n + k];
+                let g = colmap[n + k];
                 prm = vec2<f32>(ptab[(g * p.rows + my_row) * 2u], ptab[(g * p.rows + my_row) * 2u + 1u]);
             }
             let wv = w1[t * cnt + i];
@@ -239,7 +239,7 @@ fn sweep_block(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nw
         workgroupBarrier();
     }
 
-    if (active) {
+    if (row_live) {
         loss[my_row] += lacc;
     }
     if (p.gptaq != 0u) {

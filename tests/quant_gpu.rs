@@ -51,7 +51,11 @@ fn problem(rows: usize, cols: usize, tokens: usize, seed: u64, dead: &[usize]) -
     let w: Vec<f32> = (0..rows * cols)
         .map(|_| {
             let g = gauss(&mut rng);
-            (if rng.random::<f64>() < 0.02 { 4.0 * g } else { 0.5 * g }) as f32
+            (if rng.random::<f64>() < 0.02 {
+                4.0 * g
+            } else {
+                0.5 * g
+            }) as f32
         })
         .collect();
     let col_scale: Vec<f64> = (0..cols).map(|_| 0.2 + 2.0 * rng.random::<f64>()).collect();
@@ -172,8 +176,8 @@ fn compare(name: &str, got: &QuantResult, exp: &QuantResult, maxq: u32) -> usize
         .zip(&exp.scales)
         .filter(|(a, b)| a != b)
         .count();
-    let rel_loss = (got.proxy_loss_sum - exp.proxy_loss_sum).abs()
-        / exp.proxy_loss_sum.abs().max(1e-30);
+    let rel_loss =
+        (got.proxy_loss_sum - exp.proxy_loss_sum).abs() / exp.proxy_loss_sum.abs().max(1e-30);
     eprintln!(
         "{name}: {mismatches}/{n_el} codes differ ({:.3}%), {scale_diff}/{} scales differ, \
          loss gpu {:.6e} ref {:.6e} (rel {rel_loss:.2e}){}",
@@ -225,23 +229,68 @@ const fn gptaq(alpha: f64) -> Method {
 fn tiny_shapes() {
     let Some(ctx) = test_context() else { return };
     let p = problem(1, 1, 4, 1, &[]);
-    check(&ctx, "1x1 gptq 4b sym", &p, &cfg(GPTQ, 4, None, true, false, false, 128, false));
-    check(&ctx, "1x1 gptaq 2b asym", &p, &cfg(gptaq(1.0), 2, Some(1), false, true, false, 128, false));
+    check(
+        &ctx,
+        "1x1 gptq 4b sym",
+        &p,
+        &cfg(GPTQ, 4, None, true, false, false, 128, false),
+    );
+    check(
+        &ctx,
+        "1x1 gptaq 2b asym",
+        &p,
+        &cfg(gptaq(1.0), 2, Some(1), false, true, false, 128, false),
+    );
     let p = problem(1, 7, 16, 2, &[3]);
-    check(&ctx, "1x7 gptaq 3b asym", &p, &cfg(gptaq(0.25), 3, None, false, false, false, 128, false));
-    check(&ctx, "1x7 gptq 8b act bs2", &p, &cfg(GPTQ, 8, Some(7), true, true, false, 2, false));
+    check(
+        &ctx,
+        "1x7 gptaq 3b asym",
+        &p,
+        &cfg(gptaq(0.25), 3, None, false, false, false, 128, false),
+    );
+    check(
+        &ctx,
+        "1x7 gptq 8b act bs2",
+        &p,
+        &cfg(GPTQ, 8, Some(7), true, true, false, 2, false),
+    );
 }
 
 #[test]
 fn odd_shapes_groups_and_act_order() {
     let Some(ctx) = test_context() else { return };
     let p = problem(13, 37, 64, 3, &[0, 20]);
-    check(&ctx, "13x37 gptq 2b asym gs32 bs16 act", &p, &cfg(GPTQ, 2, Some(32), false, true, false, 16, false));
-    check(&ctx, "13x37 gptaq1 4b sym gs32 bs128", &p, &cfg(gptaq(1.0), 4, Some(32), true, false, false, 128, false));
+    check(
+        &ctx,
+        "13x37 gptq 2b asym gs32 bs16 act",
+        &p,
+        &cfg(GPTQ, 2, Some(32), false, true, false, 16, false),
+    );
+    check(
+        &ctx,
+        "13x37 gptaq1 4b sym gs32 bs128",
+        &p,
+        &cfg(gptaq(1.0), 4, Some(32), true, false, false, 128, false),
+    );
     let p = problem(64, 128, 256, 4, &[]);
-    check(&ctx, "64x128 gptaq.25 4b sym gs32 bs128", &p, &cfg(gptaq(0.25), 4, Some(32), true, false, false, 128, false));
-    check(&ctx, "64x128 gptq 3b asym gs-1 bs32 act", &p, &cfg(GPTQ, 3, None, false, true, false, 32, false));
-    check(&ctx, "64x128 gptaq1 8b sym gs16 bs128 act+static", &p, &cfg(gptaq(1.0), 8, Some(16), true, true, true, 128, false));
+    check(
+        &ctx,
+        "64x128 gptaq.25 4b sym gs32 bs128",
+        &p,
+        &cfg(gptaq(0.25), 4, Some(32), true, false, false, 128, false),
+    );
+    check(
+        &ctx,
+        "64x128 gptq 3b asym gs-1 bs32 act",
+        &p,
+        &cfg(GPTQ, 3, None, false, true, false, 32, false),
+    );
+    check(
+        &ctx,
+        "64x128 gptaq1 8b sym gs16 bs128 act+static",
+        &p,
+        &cfg(gptaq(1.0), 8, Some(16), true, true, true, 128, false),
+    );
 }
 
 #[test]
@@ -249,31 +298,65 @@ fn rank_deficient_and_dead_columns() {
     let Some(ctx) = test_context() else { return };
     // 257 columns (not a multiple of block or group), 100 tokens < 257: rank-deficient H.
     let p = problem(96, 257, 100, 5, &[1, 2, 100, 256]);
-    check(&ctx, "96x257 gptaq.25 3b sym gs64 bs32 act+static", &p, &cfg(gptaq(0.25), 3, Some(64), true, true, true, 32, false));
-    check(&ctx, "96x257 gptq 4b asym gs32 bs128 act", &p, &cfg(GPTQ, 4, Some(32), false, true, false, 128, false));
+    check(
+        &ctx,
+        "96x257 gptaq.25 3b sym gs64 bs32 act+static",
+        &p,
+        &cfg(gptaq(0.25), 3, Some(64), true, true, true, 32, false),
+    );
+    check(
+        &ctx,
+        "96x257 gptq 4b asym gs32 bs128 act",
+        &p,
+        &cfg(GPTQ, 4, Some(32), false, true, false, 128, false),
+    );
 }
 
 #[test]
 fn largest_shape() {
     let Some(ctx) = test_context() else { return };
     let p = problem(200, 384, 512, 6, &[7]);
-    check(&ctx, "200x384 gptaq.25 4b sym gs128 bs128", &p, &cfg(gptaq(0.25), 4, Some(128), true, false, false, 128, false));
-    check(&ctx, "200x384 gptq 2b asym gs96 bs64 act", &p, &cfg(GPTQ, 2, Some(96), false, true, false, 64, false));
+    check(
+        &ctx,
+        "200x384 gptaq.25 4b sym gs128 bs128",
+        &p,
+        &cfg(gptaq(0.25), 4, Some(128), true, false, false, 128, false),
+    );
+    check(
+        &ctx,
+        "200x384 gptq 2b asym gs96 bs64 act",
+        &p,
+        &cfg(GPTQ, 2, Some(96), false, true, false, 64, false),
+    );
 }
 
 #[test]
 fn mse_grid_and_group_larger_than_block() {
     let Some(ctx) = test_context() else { return };
     let p = problem(24, 96, 128, 7, &[]);
-    check(&ctx, "24x96 gptq 4b asym gs48 bs16 mse", &p, &cfg(GPTQ, 4, Some(48), false, false, false, 16, true));
-    check(&ctx, "24x96 gptaq.25 3b sym gs-1 bs32 mse", &p, &cfg(gptaq(0.25), 3, None, true, false, false, 32, true));
+    check(
+        &ctx,
+        "24x96 gptq 4b asym gs48 bs16 mse",
+        &p,
+        &cfg(GPTQ, 4, Some(48), false, false, false, 16, true),
+    );
+    check(
+        &ctx,
+        "24x96 gptaq.25 3b sym gs-1 bs32 mse",
+        &p,
+        &cfg(gptaq(0.25), 3, None, true, false, false, 32, true),
+    );
 }
 
 #[test]
 fn gptaq_alpha_zero_equals_gptq_on_gpu() {
     let Some(ctx) = test_context() else { return };
     let p = problem(48, 100, 160, 8, &[5]);
-    for (gs, act, bs) in [(Some(32), false, 128), (Some(25), true, 16), (None, true, 32)] {
+    for (gs, act, bs) in [
+        (Some(32), false, 128),
+        (Some(25), true, 16),
+        (None, true, 32),
+    ] {
         let c0 = cfg(GPTQ, 4, gs, true, act, false, bs, false);
         let c1 = QuantConfig {
             method: gptaq(0.0),
@@ -284,7 +367,10 @@ fn gptaq_alpha_zero_equals_gptq_on_gpu() {
         assert_eq!(a.codes, b.codes, "gs {gs:?} act {act} bs {bs}: codes");
         assert_eq!(a.q, b.q, "gs {gs:?} act {act} bs {bs}: q");
         assert_eq!(a.scales, b.scales, "gs {gs:?} act {act} bs {bs}: scales");
-        assert_eq!(a.proxy_loss_sum, b.proxy_loss_sum, "gs {gs:?} act {act} bs {bs}: loss");
+        assert_eq!(
+            a.proxy_loss_sum, b.proxy_loss_sum,
+            "gs {gs:?} act {act} bs {bs}: loss"
+        );
     }
 }
 
@@ -300,7 +386,10 @@ fn indefinite_hessian_falls_back_to_rtn_like_reference() {
     let exp = quantize_reference(&p.w, p.rows, p.cols, &p.h, None, &c).unwrap();
     let got = run_gpu(&ctx, &p, &c);
     assert!(
-        matches!(got.fallback, Some(gptaq_studio::quant::Fallback::Rtn { .. })),
+        matches!(
+            got.fallback,
+            Some(gptaq_studio::quant::Fallback::Rtn { .. })
+        ),
         "expected RTN fallback, got {:?}",
         got.fallback
     );
@@ -320,6 +409,14 @@ fn rtn_method_is_rejected_with_a_clear_error() {
         .expect("Rtn must be refused");
     assert!(err.to_string().contains("Rtn"), "{err}");
     // Wrong W length is an error, not a panic.
-    let err = quantize_gpu(&ctx, &p.w[..3], 2, 4, &gh, None, &cfg(GPTQ, 4, None, true, false, false, 128, false));
+    let err = quantize_gpu(
+        &ctx,
+        &p.w[..3],
+        2,
+        4,
+        &gh,
+        None,
+        &cfg(GPTQ, 4, None, true, false, false, 128, false),
+    );
     assert!(err.is_err());
 }

@@ -128,7 +128,9 @@ fn check_config(cfg: &QuantConfig, cols: usize) -> Result<QuantizerSpec, QuantGp
         return Err(QuantError::InvalidConfig("block_size must be ≥ 1".into()).into());
     }
     if cfg.group_size == Some(0) {
-        return Err(QuantError::InvalidConfig("group_size must be ≥ 1 (None = per row)".into()).into());
+        return Err(
+            QuantError::InvalidConfig("group_size must be ≥ 1 (None = per row)".into()).into(),
+        );
     }
     let ok = |v: f64| v.is_finite() && v >= 0.0;
     if !(ok(cfg.damp_percent) && ok(cfg.damp_auto_increment)) {
@@ -168,9 +170,13 @@ fn rtn_fallback(
     reason: String,
 ) -> Result<GpuSolve, QuantGpuError> {
     let mut res = rtn_quantize_f64(w, rows, cols, cfg)?;
-    let delta: Vec<f64> = w.iter().zip(&res.q).map(|(&a, &b)| a - f64::from(b)).collect();
-    let loss = super::metrics::quadratic_form_trace(&delta, rows, cols, h)
-        .map_or(f64::NAN, |v| 0.5 * v);
+    let delta: Vec<f64> = w
+        .iter()
+        .zip(&res.q)
+        .map(|(&a, &b)| a - f64::from(b))
+        .collect();
+    let loss =
+        super::metrics::quadratic_form_trace(&delta, rows, cols, h).map_or(f64::NAN, |v| 0.5 * v);
     res.proxy_loss_sum = if loss.is_finite() { loss.max(0.0) } else { 0.0 };
     res.fallback = Some(Fallback::Rtn { reason });
     let q = ctx.upload("quant q", &res.q)?;
@@ -305,7 +311,11 @@ pub fn quantize_gpu(
                 false,
                 order.iter().map(|&j| (j / gs) as u32).collect(),
             ),
-            (Some(_), None) => (n.div_ceil(gs), true, (0..n).map(|k| (k / gs) as u32).collect()),
+            (Some(_), None) => (
+                n.div_ceil(gs),
+                true,
+                (0..n).map(|k| (k / gs) as u32).collect(),
+            ),
         };
     let mut ptab = vec![0.0_f32; num_groups * rows * 2];
     let table: Option<Vec<&super::quantizer::GroupParams>> = match (&row_params, &static_groups) {
@@ -379,7 +389,14 @@ pub fn quantize_gpu(
                 0.0,
                 MatView::new(&t, n),
             )?;
-            rec.dispatch(&QUANT_MASK, "triu1_scale", &[], &np, &[t.binding()], [g2, g2, 1])?;
+            rec.dispatch(
+                &QUANT_MASK,
+                "triu1_scale",
+                &[],
+                &np,
+                &[t.binding()],
+                [g2, g2, 1],
+            )?;
             // P = T·U, into the no longer needed Dp buffer.
             ops::gemm(
                 &mut rec,
@@ -414,7 +431,10 @@ pub fn quantize_gpu(
     };
 
     // Step 3: the blocked sweep.
-    let rchunk = (SWEEP_W1_LEN / bs).clamp(1, SWEEP_MAX_ROWS).min(rows).min(SWEEP_WG);
+    let rchunk = (SWEEP_W1_LEN / bs)
+        .clamp(1, SWEEP_MAX_ROWS)
+        .min(rows)
+        .min(SWEEP_WG);
     let wgs = groups_1d(u32_of("sweep workgroups", rows.div_ceil(rchunk))?);
     for i1 in (0..n).step_by(bs) {
         let i2 = (i1 + bs).min(n);
@@ -499,7 +519,12 @@ pub fn quantize_gpu(
             n: n32,
             _p: [0; 2],
         },
-        &[gcodes.binding(), gmeta.binding(), gptab.binding(), gq.binding()],
+        &[
+            gcodes.binding(),
+            gmeta.binding(),
+            gptab.binding(),
+            gq.binding(),
+        ],
         groups_1d(u32_of("finish workgroups", n_el.div_ceil(256))?),
     )?;
     rec.submit();
