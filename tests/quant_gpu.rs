@@ -176,6 +176,18 @@ fn compare(name: &str, got: &QuantResult, exp: &QuantResult, maxq: u32) -> usize
         .zip(&exp.scales)
         .filter(|(a, b)| a != b)
         .count();
+    if let Some((i, (a, b))) = got
+        .scales
+        .iter()
+        .zip(&exp.scales)
+        .enumerate()
+        .find(|(_, (a, b))| a != b)
+    {
+        eprintln!(
+            "{name}: first scale diff at {i}: got {a:e} expected {b:e}, zeros {} vs {}",
+            got.zeros[i], exp.zeros[i]
+        );
+    }
     let rel_loss =
         (got.proxy_loss_sum - exp.proxy_loss_sum).abs() / exp.proxy_loss_sum.abs().max(1e-30);
     eprintln!(
