@@ -590,7 +590,17 @@ fn solve(
         crate::quant::quantizer::rtn_quantize(&lin.weight, rows, cols, qc).map_err(|e| module_err(e.to_string()))?
     } else {
         match cfg.solver {
-            Solver::CpuReference | Solver::Gpu => {
+            Solver::Gpu => {
+                let s = crate::quant::gpu::quantize_gpu(ctx, &lin.weight, rows, cols, &stats.h, stats.d.as_ref(), qc)
+                    .map_err(|e| module_err(e.to_string()))?;
+                // Q goes straight from the solve's buffer into the quantized-stream layer.
+                let mut rec = ctx.recorder();
+                layers.q.set_linear_gpu(&mut rec, m, &s.q)?;
+                rec.submit();
+                secs.insert(m, t.elapsed().as_secs_f64());
+                return Ok(s.result);
+            }
+            Solver::CpuReference => {
                 let h = ctx.read(&stats.h)?;
                 let d = match &stats.d {
                     Some(d) => Some(ctx.read(d)?),
