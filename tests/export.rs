@@ -747,13 +747,12 @@ fn open_err(dir: &Path) -> String {
 }
 
 /// Rewrites model.safetensors with `f` applied to the (name → (dtype, shape, bytes)) map.
-fn edit_tensors(
-    path: &Path,
-    f: impl FnOnce(&mut BTreeMap<String, (safetensors::Dtype, Vec<usize>, Vec<u8>)>),
-) {
+type TensorMap = BTreeMap<String, (safetensors::Dtype, Vec<usize>, Vec<u8>)>;
+
+fn edit_tensors(path: &Path, f: impl FnOnce(&mut TensorMap)) {
     let bytes = std::fs::read(path).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut map: BTreeMap<String, (safetensors::Dtype, Vec<usize>, Vec<u8>)> = st
+    let mut map: TensorMap = st
         .tensors()
         .into_iter()
         .map(|(n, t)| (n, (t.dtype(), t.shape().to_vec(), t.data().to_vec())))
