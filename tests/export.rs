@@ -2,6 +2,8 @@
 //! export → `GptqModel::open` bit-exact round trips, atomic output handling, and refusal of bad
 //! checkpoints. GPU-free.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::collections::BTreeMap;
@@ -203,7 +205,14 @@ fn hessian(cols: usize, seed: u64) -> Vec<f32> {
     let mut rng = common::rng(seed);
     let n = 4 * cols;
     let x: Vec<f32> = (0..n * cols)
-        .map(|i| rng.random_range(-1.0f32..1.0) * if i % cols % 7 == 0 { 4.0 } else { 1.0 })
+        .map(|i| {
+            rng.random_range(-1.0f32..1.0)
+                * if (i % cols).is_multiple_of(7) {
+                    4.0
+                } else {
+                    1.0
+                }
+        })
         .collect();
     let mut h = vec![0f32; cols * cols];
     for a in 0..cols {
@@ -747,13 +756,12 @@ fn open_err(dir: &Path) -> String {
 }
 
 /// Rewrites model.safetensors with `f` applied to the (name → (dtype, shape, bytes)) map.
-fn edit_tensors(
-    path: &Path,
-    f: impl FnOnce(&mut BTreeMap<String, (safetensors::Dtype, Vec<usize>, Vec<u8>)>),
-) {
+type TensorMap = BTreeMap<String, (safetensors::Dtype, Vec<usize>, Vec<u8>)>;
+
+fn edit_tensors(path: &Path, f: impl FnOnce(&mut TensorMap)) {
     let bytes = std::fs::read(path).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut map: BTreeMap<String, (safetensors::Dtype, Vec<usize>, Vec<u8>)> = st
+    let mut map: TensorMap = st
         .tensors()
         .into_iter()
         .map(|(n, t)| (n, (t.dtype(), t.shape().to_vec(), t.data().to_vec())))

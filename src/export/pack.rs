@@ -165,7 +165,7 @@ pub fn pack_qweight(
     let mut out = vec![0i32; nw * rows];
     let mut col_words = vec![0u32; nw];
     for o in 0..rows {
-        col_words.iter_mut().for_each(|w| *w = 0);
+        col_words.fill(0);
         let row = &codes[o * cols..(o + 1) * cols];
         pack_stream_into(
             row.iter().map(|&c| u32::from(c)),
@@ -196,9 +196,9 @@ pub fn unpack_qweight(
         for (w, cw) in col_words.iter_mut().enumerate() {
             *cw = qweight[w * rows + o] as u32;
         }
-        for i in 0..cols {
+        for (i, c) in codes[o * cols..(o + 1) * cols].iter_mut().enumerate() {
             // ≤ 8 bits by construction.
-            codes[o * cols + i] = stream_value(&col_words, bits, i) as u8;
+            *c = stream_value(&col_words, bits, i) as u8;
         }
     }
     Ok(codes)
@@ -234,7 +234,7 @@ pub fn pack_qzeros(
     let mut out = vec![0i32; groups * nw];
     let mut words = vec![0u32; nw];
     for g in 0..groups {
-        words.iter_mut().for_each(|w| *w = 0);
+        words.fill(0);
         let stored = zeros[g * rows..(g + 1) * rows]
             .iter()
             .map(|&z| z.wrapping_sub(1) & maxq);

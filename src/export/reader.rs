@@ -311,8 +311,8 @@ pub fn dequantize(
 ) -> Vec<f32> {
     let mut w = vec![0f32; rows * cols];
     for o in 0..rows {
-        for i in 0..cols {
-            let g = g_idx[i] as usize;
+        for (i, &g) in g_idx.iter().enumerate().take(cols) {
+            let g = g as usize;
             let k = g * rows + o;
             let d = f32::from(codes[o * cols + i]) - zeros[k] as f32;
             w[o * cols + i] = scales[k] * d;
@@ -359,10 +359,10 @@ pub fn parse_settings(raw: &Value, path: &Path) -> Result<GptqSettings, ExportEr
         .as_object()
         .ok_or_else(|| ExportError::format(path, "quantization config is not a JSON object"))?;
     let get = |k: &str| obj.get(k).filter(|v| !v.is_null());
-    if let Some(m) = get("quant_method") {
-        if m.as_str() != Some("gptq") {
-            return Err(err("quant_method", format!("{m} is not \"gptq\"")));
-        }
+    if let Some(m) = get("quant_method")
+        && m.as_str() != Some("gptq")
+    {
+        return Err(err("quant_method", format!("{m} is not \"gptq\"")));
     }
     if get("is_marlin_format").and_then(Value::as_bool) == Some(true) {
         return Err(err("is_marlin_format", "Marlin-repacked checkpoints are not GPTQ format; re-export with checkpoint_format \"gptq\"".into()));
@@ -386,13 +386,13 @@ pub fn parse_settings(raw: &Value, path: &Path) -> Result<GptqSettings, ExportEr
             }
         }
     }
-    if let Some(p) = get("pack_dtype") {
-        if p.as_str() != Some("int32") {
-            return Err(err(
-                "pack_dtype",
-                format!("{p}: only int32 packing is read"),
-            ));
-        }
+    if let Some(p) = get("pack_dtype")
+        && p.as_str() != Some("int32")
+    {
+        return Err(err(
+            "pack_dtype",
+            format!("{p}: only int32 packing is read"),
+        ));
     }
     if get("lm_head").and_then(Value::as_bool) == Some(true) {
         return Err(err(
