@@ -74,6 +74,8 @@ pub enum Command {
     },
     /// Quantize a model layer by layer with GPTQ, GPTAQ or RTN.
     Quantize(Box<QuantizeArgs>),
+    /// Open the desktop application (the default when no command is given).
+    Gui,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -236,9 +238,8 @@ pub fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        None => {
-            anyhow::bail!("the desktop application is not built yet; see `gptaq-studio --help`")
-        }
+        None | Some(Command::Gui) => crate::app::run_app(cli.gpu.options())
+            .map_err(|e| anyhow::anyhow!("the desktop application failed: {e}")),
         Some(Command::Devices { json }) => devices(&cli.gpu, json),
         Some(Command::Inspect {
             model,
