@@ -12,7 +12,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::gpu::{BackendChoice, GpuContext, GpuOptions};
 use crate::model::inspect::ModelSummary;
-use crate::pipeline::{self, CalibInput, Event, Job, ModelInput, PipelineConfig, Solver, StreamDType};
+use crate::pipeline::{
+    self, CalibInput, Event, Job, ModelInput, PipelineConfig, Solver, StreamDType,
+};
 use crate::quant::{Method, QuantConfig};
 
 #[derive(Parser, Debug)]
@@ -195,8 +197,14 @@ impl QuantizeArgs {
         let (model, calib) = if self.demo {
             (ModelInput::Demo { seed: self.seed }, CalibInput::Synthetic)
         } else {
-            let model = self.model.clone().context("a MODEL_DIR (or --demo) is required")?;
-            let calib = self.calib.clone().context("--calib is required for a model directory")?;
+            let model = self
+                .model
+                .clone()
+                .context("a MODEL_DIR (or --demo) is required")?;
+            let calib = self
+                .calib
+                .clone()
+                .context("--calib is required for a model directory")?;
             (ModelInput::Dir(model), CalibInput::File(calib))
         };
         Ok(Job {
@@ -252,7 +260,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn inspect(dir: &Path, nsamples: usize, seqlen: usize, json: bool) -> anyhow::Result<()> {
-    let summary = ModelSummary::from_dir(dir).with_context(|| format!("inspecting {}", dir.display()))?;
+    let summary =
+        ModelSummary::from_dir(dir).with_context(|| format!("inspecting {}", dir.display()))?;
     let config = crate::model::ModelConfig::from_file(dir.join("config.json"))?;
     // The estimate is the quantization pipeline's own memory plan (GPTAQ: FP + quantized streams),
     // for an 8 GiB card with f16 host streams.
@@ -275,7 +284,9 @@ fn inspect(dir: &Path, nsamples: usize, seqlen: usize, json: bool) -> anyhow::Re
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!("{summary}");
-        println!("\nGPTAQ memory plan for {nsamples} × {seqlen} calibration tokens on an 8 GiB GPU:");
+        println!(
+            "\nGPTAQ memory plan for {nsamples} × {seqlen} calibration tokens on an 8 GiB GPU:"
+        );
         match plan {
             Ok(p) => {
                 for line in &p.breakdown {
@@ -302,9 +313,14 @@ fn quantize(gpu: &GpuArgs, args: &QuantizeArgs) -> anyhow::Result<()> {
     if let Some(out) = &args.out
         && out.exists()
         && !args.force
-        && std::fs::read_dir(out).map(|mut d| d.next().is_some()).unwrap_or(false)
+        && std::fs::read_dir(out)
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(false)
     {
-        anyhow::bail!("{} exists and is not empty; pass --force to replace it", out.display());
+        anyhow::bail!(
+            "{} exists and is not empty; pass --force to replace it",
+            out.display()
+        );
     }
     let ctx = GpuContext::new(&gpu.options()).context("opening the GPU")?;
     eprintln!("device: {} ({})", ctx.summary.name, ctx.summary.backend);
@@ -313,15 +329,22 @@ fn quantize(gpu: &GpuArgs, args: &QuantizeArgs) -> anyhow::Result<()> {
     eprintln!("calibration: {}", inputs.calib.description);
     let bar = ProgressBar::new(0);
     bar.set_style(
-        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} modules (ETA {eta}) {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} modules (ETA {eta}) {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let header = format!(
         "{:>5} {:<10} {:>11} {:>10} {:>10} {:>10} {:>10} {:>7} {:>7}  fallback",
         "layer", "module", "shape", "proxy", "quant", "asym", "output", "damp", "secs"
     );
     let mut emit = |e: Event| match e {
-        Event::Started { layers, modules_per_layer, plan, .. } => {
+        Event::Started {
+            layers,
+            modules_per_layer,
+            plan,
+            ..
+        } => {
             bar.set_length((layers * modules_per_layer) as u64);
             for line in &plan.breakdown {
                 bar.println(format!("plan: {line}"));
@@ -348,7 +371,10 @@ fn quantize(gpu: &GpuArgs, args: &QuantizeArgs) -> anyhow::Result<()> {
         }
         Event::LayerDone(l) => {
             if let Some(e) = l.hidden_rel_error {
-                bar.println(format!("layer {} done in {:.2}s: ‖h_q−h_fp‖/‖h_fp‖ = {e:.4}", l.layer, l.secs));
+                bar.println(format!(
+                    "layer {} done in {:.2}s: ‖h_q−h_fp‖/‖h_fp‖ = {e:.4}",
+                    l.layer, l.secs
+                ));
             }
         }
         Event::Warning(w) => bar.println(format!("warning: {w}")),
@@ -367,7 +393,8 @@ fn quantize(gpu: &GpuArgs, args: &QuantizeArgs) -> anyhow::Result<()> {
     );
     if let Some(path) = &args.report {
         let json = serde_json::to_string_pretty(r)?;
-        std::fs::write(path, json).with_context(|| format!("writing the report to {}", path.display()))?;
+        std::fs::write(path, json)
+            .with_context(|| format!("writing the report to {}", path.display()))?;
         eprintln!("report: {}", path.display());
     }
     Ok(())

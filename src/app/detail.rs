@@ -1,5 +1,5 @@
 //! The module detail pictures, computed on the worker from the original weights and the solver's
-//! result it keeps: downsampled |W| and |W−Q| heatmaps, the weights' histogram on the quantization
+//! result it keeps: downsampled |W| and |W-Q| heatmaps, the weights' histogram on the quantization
 //! grid, and the per-column error along the processing order.
 
 use crate::quant::QuantResult;
@@ -15,7 +15,11 @@ const HIST_MAX_BINS: usize = 256;
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum DetailError {
     #[error("weights have {got} elements but the quantized module is {rows}×{cols}")]
-    Shape { rows: usize, cols: usize, got: usize },
+    Shape {
+        rows: usize,
+        cols: usize,
+        got: usize,
+    },
 }
 
 /// Mean of `f(i)` over blocks of a `rows × cols` matrix reduced to at most `HEAT_MAX` per side.
@@ -38,7 +42,13 @@ fn block_means(rows: usize, cols: usize, f: impl Fn(usize) -> f32) -> (usize, us
     let out = sum
         .iter()
         .zip(&cnt)
-        .map(|(s, n)| if *n == 0 { 0.0 } else { (*s / f64::from(*n)) as f32 })
+        .map(|(s, n)| {
+            if *n == 0 {
+                0.0
+            } else {
+                (*s / f64::from(*n)) as f32
+            }
+        })
         .collect();
     (hr, hc, out)
 }
@@ -127,9 +137,14 @@ mod tests {
     use super::*;
 
     fn result(rows: usize, cols: usize) -> (Vec<f32>, QuantResult) {
-        let w: Vec<f32> = (0..rows * cols).map(|i| ((i % 7) as f32 - 3.0) * 0.1 + 0.01).collect();
+        let w: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i % 7) as f32 - 3.0) * 0.1 + 0.01)
+            .collect();
         // 4-bit symmetric, scale 0.1, zero 8, one group
-        let codes: Vec<u8> = w.iter().map(|x| ((x / 0.1).round() + 8.0).clamp(0.0, 15.0) as u8).collect();
+        let codes: Vec<u8> = w
+            .iter()
+            .map(|x| ((x / 0.1).round() + 8.0).clamp(0.0, 15.0) as u8)
+            .collect();
         let q = codes.iter().map(|c| (f32::from(*c) - 8.0) * 0.1).collect();
         (
             w,

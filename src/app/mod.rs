@@ -72,6 +72,8 @@ pub struct AppState {
     pub model_view: ModelView,
     pub adapters: Vec<AdapterSummary>,
     pub device: Option<Result<AdapterSummary, String>>,
+    /// A worker is opening the GPU (spinner until `device` is known).
+    pub gpu_pending: bool,
     pub session: Option<Session>,
     pub selected: Option<Selection>,
     pub detail: Option<Result<Box<ModuleDetail>, String>>,
@@ -100,6 +102,7 @@ impl Default for AppState {
             model_view: ModelView::None,
             adapters: Vec::new(),
             device: None,
+            gpu_pending: false,
             session: None,
             selected: None,
             detail: None,
@@ -255,6 +258,7 @@ impl AppState {
         match ev {
             WorkerEvent::Adapters(a) => self.adapters = a,
             WorkerEvent::Device(d) => {
+                self.gpu_pending = false;
                 if let Err(e) = &d {
                     self.error(format!("GPU: {e}"));
                 }
@@ -353,7 +357,10 @@ impl StudioApp {
     /// An app that starts its worker thread on the first frame.
     pub fn new(gpu: GpuOptions) -> Self {
         Self {
-            state: AppState::default(),
+            state: AppState {
+                gpu_pending: true,
+                ..AppState::default()
+            },
             worker: None,
             spawn_with: Some(gpu),
             outbox: Vec::new(),
@@ -393,7 +400,9 @@ impl StudioApp {
             let repaint_ctx = ctx.clone();
             match WorkerHandle::spawn(opts, move || repaint_ctx.request_repaint()) {
                 Ok(w) => self.worker = Some(w),
-                Err(e) => self.state.error(format!("could not start the worker thread: {e}")),
+                Err(e) => self
+                    .state
+                    .error(format!("could not start the worker thread: {e}")),
             }
         }
         if let Some(w) = &self.worker {
@@ -411,7 +420,8 @@ impl StudioApp {
             i.raw
                 .dropped_files
                 .iter()
-                .filter_map(|f| f.path.clone())
+                .map(|f| f.path().to_path_buf())
+                .filter(|p| !p.as_os_str().is_empty())
                 .collect()
         });
         for p in dropped {
@@ -524,7 +534,10 @@ mod tests {
             layer: 0,
             module: "q_proj".into(),
         };
-        assert!(matches!(st.select(sel.clone()), Some(Command::ModuleDetail { layer: 0, .. })));
+        assert!(matches!(
+            st.select(sel.clone()),
+            Some(Command::ModuleDetail { layer: 0, .. })
+        ));
         assert!(st.select(sel).is_none(), "same row twice asks once");
     }
 

@@ -67,10 +67,18 @@ impl MethodChoice {
 
     pub fn tooltip(self) -> &'static str {
         match self {
-            MethodChoice::Gptq => "GPTQ: column-by-column rounding with Hessian error feedback on the quantized model's inputs",
-            MethodChoice::Gptaq => "GPTAQ: GPTQ plus a correction for the deviation inherited from earlier quantized layers",
-            MethodChoice::Rtn => "Round-to-nearest with the same quantizer: no calibration statistics, the baseline",
-            MethodChoice::SideBySide => "Runs GPTQ and then GPTAQ on exactly the same calibration windows and overlays their curves",
+            MethodChoice::Gptq => {
+                "GPTQ: column-by-column rounding with Hessian error feedback on the quantized model's inputs"
+            }
+            MethodChoice::Gptaq => {
+                "GPTAQ: GPTQ plus a correction for the deviation inherited from earlier quantized layers"
+            }
+            MethodChoice::Rtn => {
+                "Round-to-nearest with the same quantizer: no calibration statistics, the baseline"
+            }
+            MethodChoice::SideBySide => {
+                "Runs GPTQ and then GPTAQ on exactly the same calibration windows and overlays their curves"
+            }
         }
     }
 }
@@ -80,7 +88,7 @@ impl MethodChoice {
 pub struct Settings {
     pub method: MethodChoice,
     pub bits: u32,
-    /// Columns per group; −1 = one group per row.
+    /// Columns per group; -1 = one group per row.
     pub group_size: i64,
     pub act_order: bool,
     pub static_groups: bool,
@@ -258,7 +266,7 @@ impl Settings {
                 if self.static_groups {
                     out.push(issue(
                         Field::StaticGroups,
-                        "static groups need a group size (not −1)",
+                        "static groups need a group size (not -1)",
                     ));
                 }
             }
@@ -276,7 +284,7 @@ impl Settings {
                                 Field::GroupSize,
                                 format!(
                                     "group size {g} does not divide the {cols} input features of {}: a GPTQ \
-                                     checkpoint needs equal-width groups. Pick a divisor of {cols} or −1 (one \
+                                     checkpoint needs equal-width groups. Pick a divisor of {cols} or -1 (one \
                                      group per row){hint}",
                                     m.short_name()
                                 ),
@@ -288,7 +296,7 @@ impl Settings {
             }
             g => out.push(issue(
                 Field::GroupSize,
-                format!("group size must be positive or −1 (got {g})"),
+                format!("group size must be positive or -1 (got {g})"),
             )),
         }
         if self.damp.is_nan() || self.damp <= 0.0 || self.damp >= 1.0 {
@@ -309,7 +317,10 @@ impl Settings {
             out.push(issue(Field::BlockSize, "block size must be at least 1"));
         }
         if self.nsamples == 0 {
-            out.push(issue(Field::NSamples, "at least one calibration sequence is needed"));
+            out.push(issue(
+                Field::NSamples,
+                "at least one calibration sequence is needed",
+            ));
         }
         if self.seqlen == 0 {
             out.push(issue(Field::SeqLen, "sequence length must be at least 1"));
@@ -325,7 +336,10 @@ impl Settings {
             ));
         }
         if self.gpu_memory_gib.is_nan() || self.gpu_memory_gib <= 0.0 {
-            out.push(issue(Field::GpuMemory, "the GPU memory budget must be positive"));
+            out.push(issue(
+                Field::GpuMemory,
+                "the GPU memory budget must be positive",
+            ));
         }
         out
     }
@@ -436,9 +450,9 @@ impl Metric {
     pub fn title(self) -> &'static str {
         match self {
             Metric::Proxy => "proxy loss",
-            Metric::Quant => "quantization error ‖(W−Q)X_q‖²/‖WX_fp‖²",
-            Metric::Asym => "asymmetry error ‖W(X_fp−X_q)‖²/‖WX_fp‖²",
-            Metric::Output => "output error ‖QX_q−WX_fp‖²/‖WX_fp‖²",
+            Metric::Quant => "quantization error ||(W-Q)X_q||²/||WX_fp||²",
+            Metric::Asym => "asymmetry error ||W(X_fp-X_q)||²/||WX_fp||²",
+            Metric::Output => "output error ||QX_q-WX_fp||²/||WX_fp||²",
         }
     }
 }
@@ -468,13 +482,10 @@ impl RunData {
             slot,
             model: r.model.clone(),
             method: r.method.clone(),
-            layers: r.layers.len().max(
-                r.modules
-                    .iter()
-                    .map(|m| m.layer + 1)
-                    .max()
-                    .unwrap_or(0),
-            ),
+            layers: r
+                .layers
+                .len()
+                .max(r.modules.iter().map(|m| m.layer + 1).max().unwrap_or(0)),
             modules_per_layer: ModuleKind::ALL.len(),
             plan: Some(r.plan.clone()),
             modules: r.modules.clone(),
@@ -540,9 +551,7 @@ impl RunData {
         }
         let layer = self.current_layer?;
         let done = self.modules.iter().filter(|m| m.layer == layer).count();
-        ModuleKind::ALL
-            .get(done)
-            .map(|k| (layer, k.short_name()))
+        ModuleKind::ALL.get(done).map(|k| (layer, k.short_name()))
     }
 
     /// `(layer, value)` points of `metric` for one module kind, in layer order.
@@ -557,7 +566,7 @@ impl RunData {
         pts
     }
 
-    /// `(layer, ‖h_q−h_fp‖/‖h_fp‖)` points.
+    /// `(layer, ||h_q-h_fp||/||h_fp||)` points.
     pub fn hidden_series(&self) -> Vec<[f64; 2]> {
         let mut pts: Vec<[f64; 2]> = self
             .layer_reports
@@ -688,10 +697,10 @@ impl Session {
     /// The worker finished the whole session (every run ended one way or another).
     pub fn end(&mut self) {
         if self.is_active() {
-            let all_finished = self.slots.iter().all(|s| {
-                self.run(*s)
-                    .is_some_and(|r| r.outcome == Outcome::Finished)
-            });
+            let all_finished = self
+                .slots
+                .iter()
+                .all(|s| self.run(*s).is_some_and(|r| r.outcome == Outcome::Finished));
             self.phase = if all_finished {
                 Phase::Finished
             } else {
@@ -810,10 +819,14 @@ impl Column {
             Column::Layer => "Decoder layer index",
             Column::Module => "Linear module inside the layer",
             Column::Shape => "out_features × in_features",
-            Column::Proxy => "GPTQ proxy loss Σ(w−q)²/(2U_jj²) per sequence (what the solver minimises)",
-            Column::Quant => "‖(W−Q)X_q‖²/‖WX_fp‖²: what quantizing this module alone costs",
-            Column::Asym => "‖W(X_fp−X_q)‖²/‖WX_fp‖²: deviation inherited from earlier quantized modules",
-            Column::Output => "‖QX_q−WX_fp‖²/‖WX_fp‖²: the module's output versus the FP model",
+            Column::Proxy => {
+                "GPTQ proxy loss Σ(w-q)²/(2U_jj²) per sequence (what the solver minimises)"
+            }
+            Column::Quant => "||(W-Q)X_q||²/||WX_fp||²: what quantizing this module alone costs",
+            Column::Asym => {
+                "||W(X_fp-X_q)||²/||WX_fp||²: deviation inherited from earlier quantized modules"
+            }
+            Column::Output => "||QX_q-WX_fp||²/||WX_fp||²: the module's output versus the FP model",
             Column::Damp => "Relative Hessian damping actually used",
             Column::Fallback => "Why the normal solve was not used, if it was not",
             Column::Secs => "Seconds spent on this module",
@@ -944,14 +957,14 @@ pub struct ModuleDetail {
     pub heat_cols: usize,
     /// Mean |W| per block, row-major.
     pub weight_heat: Vec<f32>,
-    /// Mean |W−Q| per block, row-major.
+    /// Mean |W-Q| per block, row-major.
     pub error_heat: Vec<f32>,
     /// Histogram of w/scale + zero (the weight in units of its group's quantization step).
     pub hist: Vec<u32>,
     pub hist_lo: f64,
     pub hist_hi: f64,
     pub maxq: u32,
-    /// ‖w_j−q_j‖²/‖w_j‖² per column, in processing order (act-order permutation if any).
+    /// ||w_j-q_j||²/||w_j||² per column, in processing order (act-order permutation if any).
     pub column_error: Vec<f32>,
     pub act_order: bool,
 }
@@ -1012,7 +1025,11 @@ pub(crate) mod tests {
         for l in 0..layers {
             v.push(Event::LayerStarted { layer: l });
             for (i, k) in ModuleKind::ALL.into_iter().enumerate() {
-                v.push(Event::ModuleDone(module(l, k, 1e-3 * (l + 1) as f64 + i as f64 * 1e-4)));
+                v.push(Event::ModuleDone(module(
+                    l,
+                    k,
+                    1e-3 * (l + 1) as f64 + i as f64 * 1e-4,
+                )));
             }
             v.push(Event::LayerDone(LayerReport {
                 layer: l,
@@ -1126,7 +1143,10 @@ pub(crate) mod tests {
         s.group_size = 128; // 352 = intermediate is not a multiple of 128
         let issues = s.validate(Some(&input), None, Some(&c));
         assert_eq!(issues.len(), 1, "{issues:?}");
-        assert!(issues[0].message.contains("does not divide the 352"), "{issues:?}");
+        assert!(
+            issues[0].message.contains("does not divide the 352"),
+            "{issues:?}"
+        );
         assert_eq!(s.group_suggestion(&c), Some(32));
         s.group_size = 0;
         s.bits = 5;
@@ -1136,7 +1156,11 @@ pub(crate) mod tests {
             .iter()
             .map(|i| i.field)
             .collect();
-        assert!(fields.contains(&Field::GroupSize) && fields.contains(&Field::Bits) && fields.contains(&Field::Alpha));
+        assert!(
+            fields.contains(&Field::GroupSize)
+                && fields.contains(&Field::Bits)
+                && fields.contains(&Field::Alpha)
+        );
         assert!(s.job(Some(&input), None, Some(&c)).is_err());
         let ok = Settings::demo().job(Some(&input), None, Some(&c)).unwrap();
         assert_eq!(ok.calib, CalibInput::Synthetic);

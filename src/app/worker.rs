@@ -34,7 +34,10 @@ pub enum Command {
     Inspect(ModelInput),
     /// Quantize. With `compare` the job runs twice on the same windows: GPTQ, then GPTAQ with
     /// `alpha` (the job's own method is ignored).
-    Start { job: Box<Job>, compare: Option<f64> },
+    Start {
+        job: Box<Job>,
+        compare: Option<f64>,
+    },
     /// Stop the current run at the next batch / module boundary.
     Cancel,
     /// Compute the detail pictures of one module of the last session.
@@ -44,11 +47,20 @@ pub enum Command {
         module: ModuleKind,
     },
     LoadReport(PathBuf),
-    SaveReport { path: PathBuf, report: Box<SavedReport> },
+    SaveReport {
+        path: PathBuf,
+        report: Box<SavedReport>,
+    },
     /// Perplexity of the FP and quantized models on a text file.
-    Eval { text: PathBuf, slot: RunSlot },
+    Eval {
+        text: PathBuf,
+        slot: RunSlot,
+    },
     /// Write a GPTQ checkpoint of one run of the last session.
-    Export { out: PathBuf, slot: RunSlot },
+    Export {
+        out: PathBuf,
+        slot: RunSlot,
+    },
     Shutdown,
 }
 
@@ -60,15 +72,24 @@ pub enum WorkerEvent {
     Device(Result<AdapterSummary, String>),
     Model(Result<ModelInfo, (ModelInput, String)>),
     /// The model is open and the calibration windows are sampled.
-    Prepared { model: String, calibration: String },
+    Prepared {
+        model: String,
+        calibration: String,
+    },
     /// A pipeline event of one run of the session.
-    Pipeline { slot: RunSlot, event: Event },
+    Pipeline {
+        slot: RunSlot,
+        event: Event,
+    },
     /// Every run of the session has ended (see the runs' outcomes).
     SessionEnded,
     /// The session could not start (no device, bad input…).
     SessionFailed(String),
     Detail(Result<Box<ModuleDetail>, String>),
-    ReportLoaded { path: PathBuf, report: Box<SavedReport> },
+    ReportLoaded {
+        path: PathBuf,
+        report: Box<SavedReport>,
+    },
     ReportSaved(PathBuf),
     EvalDone(Vec<EvalRow>),
     Exported(PathBuf),
@@ -87,10 +108,7 @@ pub struct WorkerHandle {
 
 impl WorkerHandle {
     /// Starts the worker thread. `repaint` is called after every event it sends.
-    pub fn spawn(
-        opts: GpuOptions,
-        repaint: impl Fn() + Send + 'static,
-    ) -> std::io::Result<Self> {
+    pub fn spawn(opts: GpuOptions, repaint: impl Fn() + Send + 'static) -> std::io::Result<Self> {
         let (tx, cmd_rx) = channel();
         let (ev_tx, rx) = channel();
         let cancel = Arc::new(AtomicBool::new(false));
@@ -232,8 +250,7 @@ impl Worker {
         }
         match GpuContext::new(&self.opts) {
             Ok(ctx) => {
-                self.sink
-                    .send(WorkerEvent::Device(Ok(ctx.summary.clone())));
+                self.sink.send(WorkerEvent::Device(Ok(ctx.summary.clone())));
                 self.ctx = Some(ctx);
             }
             Err(e) => self.sink.send(WorkerEvent::Device(Err(e.to_string()))),
@@ -287,8 +304,9 @@ impl Worker {
         let inputs = match pipeline::prepare(&job) {
             Ok(i) => i,
             Err(e) => {
-                self.sink
-                    .send(WorkerEvent::SessionFailed(format!("preparing the run: {e}")));
+                self.sink.send(WorkerEvent::SessionFailed(format!(
+                    "preparing the run: {e}"
+                )));
                 return;
             }
         };
@@ -320,10 +338,7 @@ impl Worker {
                     break;
                 }
                 Err(e) => {
-                    lost = matches!(
-                        e,
-                        PipelineError::Gpu(crate::gpu::GpuError::DeviceLost(_))
-                    );
+                    lost = matches!(e, PipelineError::Gpu(crate::gpu::GpuError::DeviceLost(_)));
                     emit(Event::Failed(e.to_string()));
                     break;
                 }
@@ -341,7 +356,12 @@ impl Worker {
         self.sink.send(WorkerEvent::SessionEnded);
     }
 
-    fn detail(&self, slot: RunSlot, layer: usize, kind: ModuleKind) -> Result<ModuleDetail, String> {
+    fn detail(
+        &self,
+        slot: RunSlot,
+        layer: usize,
+        kind: ModuleKind,
+    ) -> Result<ModuleDetail, String> {
         let held = self
             .held
             .as_ref()
@@ -355,11 +375,7 @@ impl Worker {
             .modules
             .get(&(layer, kind))
             .ok_or_else(|| format!("layer {layer} {} was not quantized", kind.short_name()))?;
-        let lw = held
-            .inputs
-            .source
-            .layer(layer)
-            .map_err(|e| e.to_string())?;
+        let lw = held.inputs.source.layer(layer).map_err(|e| e.to_string())?;
         module_detail(
             slot,
             layer,
@@ -381,9 +397,16 @@ impl Worker {
     /// and answer `WorkerEvent::Exported(out)`. Errors go in `WorkerEvent::Error`.
     fn eval_or_export(&mut self, cmd: Command) -> WorkerEvent {
         let Some(held) = self.held.as_ref() else {
-            return WorkerEvent::Error("run a quantization first (a loaded report has no weights)".into());
+            return WorkerEvent::Error(
+                "run a quantization first (a loaded report has no weights)".into(),
+            );
         };
-        let model_of = |slot: RunSlot| held.results.iter().find(|(s, _, _)| *s == slot).map(|(_, _, q)| q);
+        let model_of = |slot: RunSlot| {
+            held.results
+                .iter()
+                .find(|(s, _, _)| *s == slot)
+                .map(|(_, _, q)| q)
+        };
         match cmd {
             Command::Eval { text, slot } => {
                 if model_of(slot).is_none() {

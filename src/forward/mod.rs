@@ -26,10 +26,19 @@ pub struct GpuLayer {
 }
 
 impl GpuLayer {
-    pub fn upload(_ctx: &GpuContext, _cfg: &ModelConfig, _lw: &LayerWeights) -> Result<Self, GpuError> {
+    pub fn upload(
+        _ctx: &GpuContext,
+        _cfg: &ModelConfig,
+        _lw: &LayerWeights,
+    ) -> Result<Self, GpuError> {
         Err(pending())
     }
-    pub fn set_linear(&mut self, _ctx: &GpuContext, _m: ModuleKind, _w: &[f32]) -> Result<(), GpuError> {
+    pub fn set_linear(
+        &mut self,
+        _ctx: &GpuContext,
+        _m: ModuleKind,
+        _w: &[f32],
+    ) -> Result<(), GpuError> {
         Err(pending())
     }
     pub fn linear(&self, m: ModuleKind) -> &GpuBuffer<f32> {
@@ -46,7 +55,11 @@ pub struct LayerScratch {
 }
 
 impl LayerScratch {
-    pub fn new(_ctx: &GpuContext, _cfg: &ModelConfig, _max_tokens: usize) -> Result<Self, GpuError> {
+    pub fn new(
+        _ctx: &GpuContext,
+        _cfg: &ModelConfig,
+        _max_tokens: usize,
+    ) -> Result<Self, GpuError> {
         Err(pending())
     }
     pub fn x1(&self) -> &GpuBuffer<f32> {
@@ -63,21 +76,58 @@ impl LayerScratch {
     }
 }
 
-pub fn input_norm(_rec: &mut Recorder<'_>, _l: &GpuLayer, _h: &GpuBuffer<f32>, _s: &LayerScratch, _t: usize) -> Result<(), GpuError> {
+pub fn input_norm(
+    _rec: &mut Recorder<'_>,
+    _l: &GpuLayer,
+    _h: &GpuBuffer<f32>,
+    _s: &LayerScratch,
+    _t: usize,
+) -> Result<(), GpuError> {
     Err(pending())
 }
-pub fn attention(_rec: &mut Recorder<'_>, _l: &GpuLayer, _rope: &Rope, _s: &LayerScratch, _nseq: usize, _seqlen: usize) -> Result<(), GpuError> {
+pub fn attention(
+    _rec: &mut Recorder<'_>,
+    _l: &GpuLayer,
+    _rope: &Rope,
+    _s: &LayerScratch,
+    _nseq: usize,
+    _seqlen: usize,
+) -> Result<(), GpuError> {
     Err(pending())
 }
-pub fn o_residual(_rec: &mut Recorder<'_>, _l: &GpuLayer, _a: &GpuBuffer<f32>, _h: &GpuBuffer<f32>, _s: &LayerScratch, _t: usize) -> Result<(), GpuError> {
+pub fn o_residual(
+    _rec: &mut Recorder<'_>,
+    _l: &GpuLayer,
+    _a: &GpuBuffer<f32>,
+    _h: &GpuBuffer<f32>,
+    _s: &LayerScratch,
+    _t: usize,
+) -> Result<(), GpuError> {
     Err(pending())
 }
-pub fn post_norm(_rec: &mut Recorder<'_>, _l: &GpuLayer, _h: &GpuBuffer<f32>, _s: &LayerScratch, _t: usize) -> Result<(), GpuError> {
+pub fn post_norm(
+    _rec: &mut Recorder<'_>,
+    _l: &GpuLayer,
+    _h: &GpuBuffer<f32>,
+    _s: &LayerScratch,
+    _t: usize,
+) -> Result<(), GpuError> {
     Err(pending())
 }
-pub fn mlp_act(_rec: &mut Recorder<'_>, _l: &GpuLayer, _s: &LayerScratch, _t: usize) -> Result<(), GpuError> {
+pub fn mlp_act(
+    _rec: &mut Recorder<'_>,
+    _l: &GpuLayer,
+    _s: &LayerScratch,
+    _t: usize,
+) -> Result<(), GpuError> {
     Err(pending())
 }
-pub fn down_residual(_rec: &mut Recorder<'_>, _l: &GpuLayer, _h: &GpuBuffer<f32>, _s: &LayerScratch, _t: usize) -> Result<(), GpuError> {
+pub fn down_residual(
+    _rec: &mut Recorder<'_>,
+    _l: &GpuLayer,
+    _h: &GpuBuffer<f32>,
+    _s: &LayerScratch,
+    _t: usize,
+) -> Result<(), GpuError> {
     Err(pending())
 }

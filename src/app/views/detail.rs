@@ -1,12 +1,12 @@
 //! The module detail panel: the row's numbers (both runs in a comparison), and the worker's
-//! pictures: |W| and |W−Q| heatmaps, the weights on the quantization grid, the per-column error
+//! pictures: |W| and |W-Q| heatmaps, the weights on the quantization grid, the per-column error
 //! along the processing order.
 
 use egui::{RichText, Sense, Vec2};
 use egui_plot::{Bar, BarChart, Line, Plot, PlotPoints, VLine};
 
-use super::super::state::{ModuleDetail, Origin, RunSlot};
 use super::super::AppState;
+use super::super::state::{ModuleDetail, Origin, RunSlot};
 use super::{fmt_sci, palette, ramp};
 
 pub fn detail_ui(ui: &mut egui::Ui, st: &mut AppState) {
@@ -15,7 +15,11 @@ pub fn detail_ui(ui: &mut egui::Ui, st: &mut AppState) {
     };
     ui.horizontal(|ui| {
         ui.heading("Module detail");
-        if ui.button("Close").on_hover_text("Close the module detail").clicked() {
+        if ui
+            .button("Close")
+            .on_hover_text("Close the module detail")
+            .clicked()
+        {
             st.selected = None;
             st.detail = None;
         }
@@ -52,7 +56,9 @@ pub fn detail_ui(ui: &mut egui::Ui, st: &mut AppState) {
             row("asym error", &|m| fmt_sci(m.asym_error));
             row("output error", &|m| fmt_sci(m.output_error));
             row("damp", &|m| format!("{:.4}", m.damp));
-            row("fallback", &|m| m.fallback.clone().unwrap_or_else(|| "none".into()));
+            row("fallback", &|m| {
+                m.fallback.clone().unwrap_or_else(|| "none".into())
+            });
             row("secs", &|m| format!("{:.3}", m.secs));
         });
     ui.separator();
@@ -64,7 +70,9 @@ pub fn detail_ui(ui: &mut egui::Ui, st: &mut AppState) {
             ui.colored_label(palette::POOR, e);
         }
         None if from_report => {
-            ui.label("Weight pictures need the run's weights; a loaded report holds only the numbers.");
+            ui.label(
+                "Weight pictures need the run's weights; a loaded report holds only the numbers.",
+            );
         }
         None if active => {
             ui.label("Weight pictures appear when the run has finished.");
@@ -104,7 +112,7 @@ fn heatmap_ui(ui: &mut egui::Ui, title: &str, rows: usize, cols: usize, v: &[f32
             }
         }
         resp.on_hover_text(format!(
-            "{title}: rows = output features, columns = input features, {rows}×{cols} blocks (mean per block, colour ∝ √value)"
+            "{title}: rows = output features, columns = input features, {rows}×{cols} blocks (mean per block, colour ~ sqrt value)"
         ));
     });
 }
@@ -112,7 +120,7 @@ fn heatmap_ui(ui: &mut egui::Ui, title: &str, rows: usize, cols: usize, v: &[f32
 fn pictures_ui(ui: &mut egui::Ui, d: &ModuleDetail) {
     ui.horizontal(|ui| {
         heatmap_ui(ui, "|W|", d.heat_rows, d.heat_cols, &d.weight_heat);
-        heatmap_ui(ui, "|W−Q|", d.heat_rows, d.heat_cols, &d.error_heat);
+        heatmap_ui(ui, "|W-Q|", d.heat_rows, d.heat_cols, &d.error_heat);
     });
     ui.label("weights on the quantization grid (w/scale + zero; lines = grid points)");
     let n = d.hist.len().max(1);
@@ -131,14 +139,18 @@ fn pictures_ui(ui: &mut egui::Ui, d: &ModuleDetail) {
             p.bar_chart(BarChart::new("weights", bars).color(palette::INFO));
             if maxq <= 16 {
                 for g in 0..=maxq {
-                    p.vline(VLine::new("grid", f64::from(g)).color(palette::POOR).width(0.5));
+                    p.vline(
+                        VLine::new("grid", f64::from(g))
+                            .color(palette::POOR)
+                            .width(0.5),
+                    );
                 }
             }
         });
     ui.label(if d.act_order {
-        "relative column error ‖w_j−q_j‖²/‖w_j‖² in act-order processing order"
+        "relative column error ||w_j-q_j||²/||w_j||² in act-order processing order"
     } else {
-        "relative column error ‖w_j−q_j‖²/‖w_j‖² by column"
+        "relative column error ||w_j-q_j||²/||w_j||² by column"
     });
     let pts: Vec<[f64; 2]> = d
         .column_error

@@ -64,7 +64,11 @@ pub fn grade_color(g: Grade) -> Color32 {
 
 /// `t` in [0, 1] on the heatmap ramp.
 pub fn ramp(t: f32) -> Color32 {
-    let t = if t.is_finite() { t.clamp(0.0, 1.0) } else { 0.0 };
+    let t = if t.is_finite() {
+        t.clamp(0.0, 1.0)
+    } else {
+        0.0
+    };
     let n = palette::RAMP.len() - 1;
     let x = t * n as f32;
     let i = (x.floor() as usize).min(n - 1);
@@ -80,7 +84,11 @@ pub fn fmt_sci(v: Option<f64>) -> String {
 
 pub fn fmt_secs(s: f64) -> String {
     if s >= 3600.0 {
-        format!("{}h {:02}m", (s / 3600.0) as u64, ((s % 3600.0) / 60.0) as u64)
+        format!(
+            "{}h {:02}m",
+            (s / 3600.0) as u64,
+            ((s % 3600.0) / 60.0) as u64
+        )
     } else if s >= 60.0 {
         format!("{}m {:02}s", (s / 60.0) as u64, (s % 60.0) as u64)
     } else {
@@ -159,7 +167,8 @@ fn top_bar_ui(ui: &mut egui::Ui, st: &mut AppState, out: &mut Vec<UiAction>) {
             match &st.device {
                 Some(Ok(d)) => ui.label(format!("GPU: {} ({})", d.name, d.backend)),
                 Some(Err(_)) => ui.colored_label(palette::ERROR, "GPU: none"),
-                None => ui.label("GPU: opening…"),
+                None if st.gpu_pending => ui.label("GPU: opening…"),
+                None => ui.label("GPU: none"),
             };
         });
     });
@@ -174,7 +183,7 @@ fn messages_ui(ui: &mut egui::Ui, st: &mut AppState) {
                 Level::Error => (palette::ERROR, "error"),
                 Level::Info => (palette::INFO, "note"),
             };
-            if ui.small_button("✖").on_hover_text("Dismiss").clicked() {
+            if ui.small_button("x").on_hover_text("Dismiss").clicked() {
                 dismiss = Some(i);
             }
             ui.colored_label(color, format!("{tag}: {}", m.text));

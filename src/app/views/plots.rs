@@ -6,8 +6,8 @@ use egui_plot::{Legend, Line, LineStyle, Plot, PlotPoints};
 
 use crate::model::ModuleKind;
 
-use super::super::state::{Metric, RunData, RunSlot};
 use super::super::AppState;
+use super::super::state::{Metric, RunData, RunSlot};
 use super::palette;
 
 fn transform(pts: Vec<[f64; 2]>, log: bool) -> Vec<[f64; 2]> {
@@ -110,8 +110,8 @@ pub fn plots_ui(ui: &mut egui::Ui, st: &mut AppState) {
                     }
                 });
             }
-            ui.label("hidden-state deviation ‖h_q−h_fp‖/‖h_fp‖ after each layer");
-            plot("plot_hidden", "‖h_q−h_fp‖/‖h_fp‖", log).show(ui, |p| {
+            ui.label("hidden-state deviation ||h_q-h_fp||/||h_fp|| after each layer");
+            plot("plot_hidden", "||h_q-h_fp||/||h_fp||", log).show(ui, |p| {
                 for r in &runs {
                     let pts = transform(r.hidden_series(), log);
                     if pts.is_empty() {

@@ -2,9 +2,9 @@
 
 use egui::RichText;
 
+use super::super::AppState;
 use super::super::state::RunSlot;
 use super::super::worker::Command;
-use super::super::AppState;
 use super::{UiAction, fmt_secs, palette};
 
 pub fn results_ui(ui: &mut egui::Ui, st: &mut AppState, out: &mut Vec<UiAction>) {
@@ -15,31 +15,48 @@ pub fn results_ui(ui: &mut egui::Ui, st: &mut AppState, out: &mut Vec<UiAction>)
     let live = session.origin == super::super::state::Origin::Live;
     let slots = session.slots.clone();
     ui.heading("Summary");
-    egui::Grid::new("summary_grid").num_columns(5).striped(true).show(ui, |ui| {
-        for h in ["run", "modules", "mean output err", "last hidden dev", "secs"] {
-            ui.label(RichText::new(h).strong());
-        }
-        ui.end_row();
-        for r in &session.runs {
-            ui.label(format!("{} ({})", r.slot.label(), r.method));
-            ui.label(format!("{}/{}", r.modules.len(), r.total_modules()));
-            let outs: Vec<f64> = r.modules.iter().filter_map(|m| m.output_error).collect();
-            ui.label(if outs.is_empty() {
-                "–".into()
-            } else {
-                format!("{:.3e}", outs.iter().sum::<f64>() / outs.len() as f64)
-            });
-            ui.label(
-                r.hidden_series()
-                    .last()
-                    .map_or_else(|| "–".into(), |p| format!("{:.4}", p[1])),
-            );
-            ui.label(r.report.as_ref().map_or_else(|| "–".into(), |x| fmt_secs(x.secs)));
+    egui::Grid::new("summary_grid")
+        .num_columns(5)
+        .striped(true)
+        .show(ui, |ui| {
+            for h in [
+                "run",
+                "modules",
+                "mean output err",
+                "last hidden dev",
+                "secs",
+            ] {
+                ui.label(RichText::new(h).strong());
+            }
             ui.end_row();
-        }
-    });
+            for r in &session.runs {
+                ui.label(format!("{} ({})", r.slot.label(), r.method));
+                ui.label(format!("{}/{}", r.modules.len(), r.total_modules()));
+                let outs: Vec<f64> = r.modules.iter().filter_map(|m| m.output_error).collect();
+                ui.label(if outs.is_empty() {
+                    "–".into()
+                } else {
+                    format!("{:.3e}", outs.iter().sum::<f64>() / outs.len() as f64)
+                });
+                ui.label(
+                    r.hidden_series()
+                        .last()
+                        .map_or_else(|| "–".into(), |p| format!("{:.4}", p[1])),
+                );
+                ui.label(
+                    r.report
+                        .as_ref()
+                        .map_or_else(|| "–".into(), |x| fmt_secs(x.secs)),
+                );
+                ui.end_row();
+            }
+        });
     ui.add_space(8.0);
-    let mut slot = if slots.len() > 1 { st.table_slot } else { RunSlot::Single };
+    let mut slot = if slots.len() > 1 {
+        st.table_slot
+    } else {
+        RunSlot::Single
+    };
     if slots.len() > 1 {
         ui.horizontal(|ui| {
             ui.label("Evaluate / export:");
@@ -80,16 +97,19 @@ pub fn results_ui(ui: &mut egui::Ui, st: &mut AppState, out: &mut Vec<UiAction>)
         out.push(UiAction::Send(Command::Eval { text, slot }));
     }
     if !st.eval_rows.is_empty() {
-        egui::Grid::new("eval_rows").num_columns(2).striped(true).show(ui, |ui| {
-            ui.label(RichText::new("model").strong());
-            ui.label(RichText::new("perplexity").strong());
-            ui.end_row();
-            for r in &st.eval_rows {
-                ui.label(&r.label);
-                ui.label(format!("{:.3}", r.perplexity));
+        egui::Grid::new("eval_rows")
+            .num_columns(2)
+            .striped(true)
+            .show(ui, |ui| {
+                ui.label(RichText::new("model").strong());
+                ui.label(RichText::new("perplexity").strong());
                 ui.end_row();
-            }
-        });
+                for r in &st.eval_rows {
+                    ui.label(&r.label);
+                    ui.label(format!("{:.3}", r.perplexity));
+                    ui.end_row();
+                }
+            });
     }
     ui.add_space(8.0);
     ui.heading("Export");
@@ -109,7 +129,10 @@ pub fn results_ui(ui: &mut egui::Ui, st: &mut AppState, out: &mut Vec<UiAction>)
         );
     });
     if ui
-        .add_enabled(enabled && st.export_dir.is_some(), egui::Button::new("Export checkpoint"))
+        .add_enabled(
+            enabled && st.export_dir.is_some(),
+            egui::Button::new("Export checkpoint"),
+        )
         .on_hover_text("Write a GPTQ checkpoint loadable by transformers / vLLM")
         .clicked()
         && let Some(out_dir) = st.export_dir.clone()
@@ -117,6 +140,9 @@ pub fn results_ui(ui: &mut egui::Ui, st: &mut AppState, out: &mut Vec<UiAction>)
         out.push(UiAction::Send(Command::Export { out: out_dir, slot }));
     }
     if !finished {
-        ui.colored_label(palette::INFO, "Evaluation and export unlock when the run has finished.");
+        ui.colored_label(
+            palette::INFO,
+            "Evaluation and export unlock when the run has finished.",
+        );
     }
 }

@@ -147,12 +147,21 @@ fn table_ui(ui: &mut egui::Ui, st: &mut AppState, out: &mut Vec<UiAction>) {
                 .show(ui, |ui| {
                     for c in Column::ALL {
                         let arrow = if st.sort.column == c {
-                            if st.sort.descending { " ⏷" } else { " ⏶" }
+                            if st.sort.descending {
+                                " (desc)"
+                            } else {
+                                " (asc)"
+                            }
                         } else {
                             ""
                         };
                         if ui
-                            .add(egui::Button::new(RichText::new(format!("{}{arrow}", c.title())).strong()).frame(false))
+                            .add(
+                                egui::Button::new(
+                                    RichText::new(format!("{}{arrow}", c.title())).strong(),
+                                )
+                                .frame(false),
+                            )
                             .on_hover_text(c.tooltip())
                             .clicked()
                         {

@@ -3,9 +3,9 @@
 
 use egui::RichText;
 
+use super::super::AppState;
 use super::super::state::{Field, Issue, MethodChoice};
 use super::super::worker::Command;
-use super::super::AppState;
 use super::{UiAction, palette};
 
 /// A labelled number field (the label names the field for screen readers and tests).
@@ -76,7 +76,7 @@ pub fn settings_ui(ui: &mut egui::Ui, st: &mut AppState, out: &mut Vec<UiAction>
                 number(
                     ui,
                     "Group size",
-                    "Input columns that share one scale/zero; −1 = one group per row. Must divide every layer's width",
+                    "Input columns that share one scale/zero; -1 = one group per row. Must divide every layer's width",
                     &mut s.group_size,
                     -1..=65536,
                     1.0,
@@ -205,7 +205,7 @@ pub fn settings_ui(ui: &mut egui::Ui, st: &mut AppState, out: &mut Vec<UiAction>
             let start = ui
                 .add_enabled(
                     issues.is_empty(),
-                    egui::Button::new(RichText::new("▶ Start").strong()),
+                    egui::Button::new(RichText::new("Start").strong()),
                 )
                 .on_hover_text("Quantize with these settings")
                 .on_disabled_hover_text("Fix the settings above first");

@@ -42,27 +42,31 @@ pub fn source_ui(ui: &mut egui::Ui, st: &mut AppState, out: &mut Vec<UiAction>) 
             st.choose_calib(f);
         }
     });
-    egui::Grid::new("source_grid").num_columns(2).show(ui, |ui| {
-        ui.label("Model:");
-        match &st.model {
-            None => ui.label("none (drop a model folder here)"),
-            Some(ModelInput::Demo { seed }) => ui.label(format!("demo (synthetic, seed {seed})")),
-            Some(ModelInput::Dir(d)) => ui.label(d.display().to_string()),
-        };
-        ui.end_row();
-        ui.label("Calibration:");
-        match &st.calib {
-            None => ui.label("none"),
-            Some(CalibInput::Synthetic) => ui.label("synthetic tokens"),
-            Some(CalibInput::File(f)) => ui.label(f.display().to_string()),
-        };
-        ui.end_row();
-    });
+    egui::Grid::new("source_grid")
+        .num_columns(2)
+        .show(ui, |ui| {
+            ui.label("Model:");
+            match &st.model {
+                None => ui.label("none (drop a model folder here)"),
+                Some(ModelInput::Demo { seed }) => {
+                    ui.label(format!("demo (synthetic, seed {seed})"))
+                }
+                Some(ModelInput::Dir(d)) => ui.label(d.display().to_string()),
+            };
+            ui.end_row();
+            ui.label("Calibration:");
+            match &st.calib {
+                None => ui.label("none"),
+                Some(CalibInput::Synthetic) => ui.label("synthetic tokens"),
+                Some(CalibInput::File(f)) => ui.label(f.display().to_string()),
+            };
+            ui.end_row();
+        });
     if !st.recent_models.is_empty() || !st.recent_calib.is_empty() {
         ui.collapsing("Recent", |ui| {
             for p in st.recent_models.clone() {
                 if ui
-                    .link(format!("📁 {}", p.display()))
+                    .link(format!("model: {}", p.display()))
                     .on_hover_text("Open this model folder again")
                     .clicked()
                 {
@@ -71,7 +75,7 @@ pub fn source_ui(ui: &mut egui::Ui, st: &mut AppState, out: &mut Vec<UiAction>) 
             }
             for p in st.recent_calib.clone() {
                 if ui
-                    .link(format!("📄 {}", p.display()))
+                    .link(format!("calibration: {}", p.display()))
                     .on_hover_text("Use this calibration file again")
                     .clicked()
                 {
@@ -111,7 +115,10 @@ pub fn model_overview_ui(ui: &mut egui::Ui, st: &mut AppState, out: &mut Vec<UiA
             });
         }
         ModelView::Failed(_, msg) => {
-            ui.colored_label(palette::ERROR, format!("The model could not be opened: {msg}"));
+            ui.colored_label(
+                palette::ERROR,
+                format!("The model could not be opened: {msg}"),
+            );
         }
         ModelView::Ready(info) => {
             let s = &info.summary;
@@ -130,7 +137,11 @@ pub fn model_overview_ui(ui: &mut egui::Ui, st: &mut AppState, out: &mut Vec<UiA
                     row("dtype", s.config_dtype.clone());
                     row(
                         "parameters",
-                        format!("{} (from {})", format_count(s.param_count), s.param_count_source),
+                        format!(
+                            "{} (from {})",
+                            format_count(s.param_count),
+                            s.param_count_source
+                        ),
                     );
                     if s.stored_bytes > 0 {
                         row("stored size", format_bytes(s.stored_bytes));
@@ -148,11 +159,17 @@ pub fn model_overview_ui(ui: &mut egui::Ui, st: &mut AppState, out: &mut Vec<UiA
                         ),
                     );
                     row("vocabulary", s.vocab_size.to_string());
-                    row("rope", format!("{}, {} positions", s.rope, s.max_position_embeddings));
+                    row(
+                        "rope",
+                        format!("{}, {} positions", s.rope, s.max_position_embeddings),
+                    );
                     row("embeddings", s.embedding_storage.clone());
                     row(
                         "quantizable",
-                        format!("{} params in decoder linears", format_count(s.quantizable_params)),
+                        format!(
+                            "{} params in decoder linears",
+                            format_count(s.quantizable_params)
+                        ),
                     );
                 });
             ui.add_space(4.0);
@@ -181,10 +198,10 @@ pub fn model_overview_ui(ui: &mut egui::Ui, st: &mut AppState, out: &mut Vec<UiA
             match st.settings.plan(&info.config, st.max_buffer_bytes()) {
                 Ok(p) => {
                     for line in &p.breakdown {
-                        ui.label(format!("• {line}"));
+                        ui.label(format!("- {line}"));
                     }
                     ui.label(format!(
-                        "≈ {} on the GPU (budget {}), {} in host RAM; {} sequence(s) per batch",
+                        "~ {} on the GPU (budget {}), {} in host RAM; {} sequence(s) per batch",
                         format_bytes(p.gpu_bytes_estimate),
                         format_bytes(p.gpu_budget_bytes),
                         format_bytes(p.host_bytes_estimate),
@@ -202,11 +219,14 @@ pub fn model_overview_ui(ui: &mut egui::Ui, st: &mut AppState, out: &mut Vec<UiA
 fn adapter_ui(ui: &mut egui::Ui, st: &mut AppState, out: &mut Vec<UiAction>) {
     ui.heading("GPU");
     match &st.device {
-        None => {
+        None if st.gpu_pending => {
             ui.horizontal(|ui| {
                 ui.spinner();
                 ui.label("opening the GPU…");
             });
+        }
+        None => {
+            ui.label("no GPU opened");
         }
         Some(Err(e)) => {
             ui.colored_label(palette::ERROR, e);
@@ -248,6 +268,7 @@ fn adapter_ui(ui: &mut egui::Ui, st: &mut AppState, out: &mut Vec<UiAction>) {
             && name != current
         {
             st.device = None;
+            st.gpu_pending = true;
             out.push(UiAction::Send(Command::SelectAdapter(GpuOptions {
                 backend: BackendChoice::Auto,
                 adapter: Some(name),
