@@ -12,9 +12,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::gpu::{BackendChoice, GpuContext, GpuOptions};
 use crate::model::inspect::ModelSummary;
-use crate::pipeline::{
-    self, CalibInput, Event, Job, ModelInput, PipelineConfig, Solver, StreamDType,
-};
+use crate::pipeline::{self, CalibInput, Event, Job, ModelInput, PipelineConfig, Solver, StreamDType};
 use crate::quant::{Method, QuantConfig};
 
 #[derive(Parser, Debug)]
@@ -76,8 +74,84 @@ pub enum Command {
     },
     /// Quantize a model layer by layer with GPTQ, GPTAQ or RTN.
     Quantize(Box<QuantizeArgs>),
+    /// Perplexity of a model directory (FP safetensors or a GPTQ checkpoint) on a text, GPTQ-paper
+    /// protocol: the text tokenized once without BOS, non-overlapping windows, exp(mean NLL).
+    Eval(EvalArgs),
+    /// Layer lab: capture one module's statistics from a real run (or load a saved capture) and
+    /// compare GPTQ with GPTAQ on it, including an α sweep.
+    Lab(Box<LabArgs>),
     /// Open the desktop application (the default when no command is given).
     Gui,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct LabArgs {
+    /// Model directory to capture from.
+    pub model: Option<PathBuf>,
+    /// Capture from the built-in synthetic demo model.
+    #[arg(long, conflicts_with = "model")]
+    pub demo: bool,
+    /// Calibration data (as for `quantize`).
+    #[arg(long)]
+    pub calib: Option<PathBuf>,
+    /// Load a capture saved with --save instead of running the model.
+    #[arg(long, conflicts_with_all = ["model", "demo"])]
+    pub load: Option<PathBuf>,
+    /// Save the capture (W, H, D, E as safetensors) for later or for sharing.
+    #[arg(long)]
+    pub save: Option<PathBuf>,
+    #[arg(long, default_value_t = 0)]
+    pub layer: usize,
+    /// q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj or down_proj.
+    #[arg(long, default_value = "down_proj")]
+    pub module: String,
+    /// How the layers before the captured module are quantized.
+    #[arg(long, value_enum, default_value = "gptaq")]
+    pub method: MethodArg,
+    #[arg(long, default_value_t = 4)]
+    pub bits: u32,
+    #[arg(long, default_value_t = 128, allow_hyphen_values = true)]
+    pub group_size: i64,
+    #[arg(long)]
+    pub act_order: bool,
+    #[arg(long)]
+    pub asym: bool,
+    #[arg(long, default_value_t = 0.01)]
+    pub damp: f64,
+    #[arg(long, default_value_t = 0.25)]
+    pub alpha: f64,
+    #[arg(long, default_value_t = 128)]
+    pub block_size: usize,
+    #[arg(long)]
+    pub nsamples: Option<usize>,
+    #[arg(long)]
+    pub seqlen: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// α values of the sweep (comma-separated).
+    #[arg(long, value_delimiter = ',', default_values_t = vec![0.0, 0.1, 0.25, 0.5, 0.75, 1.0])]
+    pub alphas: Vec<f64>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct EvalArgs {
+    /// Model directory (FP checkpoint, or a GPTQ checkpoint with quantize_config.json).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Text to evaluate on: .txt, .jsonl, .parquet (documents joined with "\n\n") or
+    /// pre-tokenized .safetensors.
+    #[arg(long)]
+    pub text: PathBuf,
+    #[arg(long, default_value_t = 2048)]
+    pub seqlen: usize,
+    /// Evaluate only the first N windows (quick checks).
+    #[arg(long)]
+    pub max_windows: Option<usize>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -170,6 +244,16 @@ pub struct QuantizeArgs {
     /// Keep the activation streams in host RAM even if they fit on the GPU.
     #[arg(long)]
     pub host_streams: bool,
+    /// After quantizing, measure perplexity of the FP and the quantized model on this text
+    /// (GPTQ protocol; see `eval`). Not available with --demo.
+    #[arg(long)]
+    pub eval: Option<PathBuf>,
+    /// Window length for --eval.
+    #[arg(long, default_value_t = 2048)]
+    pub eval_seqlen: usize,
+    /// Evaluate only the first N windows.
+    #[arg(long)]
+    pub eval_windows: Option<usize>,
 }
 
 impl QuantizeArgs {
@@ -197,14 +281,8 @@ impl QuantizeArgs {
         let (model, calib) = if self.demo {
             (ModelInput::Demo { seed: self.seed }, CalibInput::Synthetic)
         } else {
-            let model = self
-                .model
-                .clone()
-                .context("a MODEL_DIR (or --demo) is required")?;
-            let calib = self
-                .calib
-                .clone()
-                .context("--calib is required for a model directory")?;
+            let model = self.model.clone().context("a MODEL_DIR (or --demo) is required")?;
+            let calib = self.calib.clone().context("--calib is required for a model directory")?;
             (ModelInput::Dir(model), CalibInput::File(calib))
         };
         Ok(Job {
@@ -226,6 +304,7 @@ impl QuantizeArgs {
                     SolverArg::Gpu => Solver::Gpu,
                     SolverArg::Cpu => Solver::CpuReference,
                 },
+                capture: None,
             },
         })
     }
@@ -256,12 +335,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             json,
         }) => inspect(&model, nsamples, seqlen, json),
         Some(Command::Quantize(args)) => quantize(&cli.gpu, &args),
+        Some(Command::Eval(args)) => eval_cmd(&cli.gpu, &args),
+        Some(Command::Lab(args)) => lab_cmd(&cli.gpu, &args),
     }
 }
 
 fn inspect(dir: &Path, nsamples: usize, seqlen: usize, json: bool) -> anyhow::Result<()> {
-    let summary =
-        ModelSummary::from_dir(dir).with_context(|| format!("inspecting {}", dir.display()))?;
+    let summary = ModelSummary::from_dir(dir).with_context(|| format!("inspecting {}", dir.display()))?;
     let config = crate::model::ModelConfig::from_file(dir.join("config.json"))?;
     // The estimate is the quantization pipeline's own memory plan (GPTAQ: FP + quantized streams),
     // for an 8 GiB card with f16 host streams.
@@ -284,9 +364,7 @@ fn inspect(dir: &Path, nsamples: usize, seqlen: usize, json: bool) -> anyhow::Re
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!("{summary}");
-        println!(
-            "\nGPTAQ memory plan for {nsamples} × {seqlen} calibration tokens on an 8 GiB GPU:"
-        );
+        println!("\nGPTAQ memory plan for {nsamples} × {seqlen} calibration tokens on an 8 GiB GPU:");
         match plan {
             Ok(p) => {
                 for line in &p.breakdown {
@@ -313,14 +391,9 @@ fn quantize(gpu: &GpuArgs, args: &QuantizeArgs) -> anyhow::Result<()> {
     if let Some(out) = &args.out
         && out.exists()
         && !args.force
-        && std::fs::read_dir(out)
-            .map(|mut d| d.next().is_some())
-            .unwrap_or(false)
+        && std::fs::read_dir(out).map(|mut d| d.next().is_some()).unwrap_or(false)
     {
-        anyhow::bail!(
-            "{} exists and is not empty; pass --force to replace it",
-            out.display()
-        );
+        anyhow::bail!("{} exists and is not empty; pass --force to replace it", out.display());
     }
     let ctx = GpuContext::new(&gpu.options()).context("opening the GPU")?;
     eprintln!("device: {} ({})", ctx.summary.name, ctx.summary.backend);
@@ -329,22 +402,15 @@ fn quantize(gpu: &GpuArgs, args: &QuantizeArgs) -> anyhow::Result<()> {
     eprintln!("calibration: {}", inputs.calib.description);
     let bar = ProgressBar::new(0);
     bar.set_style(
-        ProgressStyle::with_template(
-            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} modules (ETA {eta}) {msg}",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} modules (ETA {eta}) {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let header = format!(
         "{:>5} {:<10} {:>11} {:>10} {:>10} {:>10} {:>10} {:>7} {:>7}  fallback",
         "layer", "module", "shape", "proxy", "quant", "asym", "output", "damp", "secs"
     );
     let mut emit = |e: Event| match e {
-        Event::Started {
-            layers,
-            modules_per_layer,
-            plan,
-            ..
-        } => {
+        Event::Started { layers, modules_per_layer, plan, .. } => {
             bar.set_length((layers * modules_per_layer) as u64);
             for line in &plan.breakdown {
                 bar.println(format!("plan: {line}"));
@@ -371,10 +437,7 @@ fn quantize(gpu: &GpuArgs, args: &QuantizeArgs) -> anyhow::Result<()> {
         }
         Event::LayerDone(l) => {
             if let Some(e) = l.hidden_rel_error {
-                bar.println(format!(
-                    "layer {} done in {:.2}s: ‖h_q−h_fp‖/‖h_fp‖ = {e:.4}",
-                    l.layer, l.secs
-                ));
+                bar.println(format!("layer {} done in {:.2}s: ‖h_q−h_fp‖/‖h_fp‖ = {e:.4}", l.layer, l.secs));
             }
         }
         Event::Warning(w) => bar.println(format!("warning: {w}")),
@@ -393,11 +456,97 @@ fn quantize(gpu: &GpuArgs, args: &QuantizeArgs) -> anyhow::Result<()> {
     );
     if let Some(path) = &args.report {
         let json = serde_json::to_string_pretty(r)?;
-        std::fs::write(path, json)
-            .with_context(|| format!("writing the report to {}", path.display()))?;
+        std::fs::write(path, json).with_context(|| format!("writing the report to {}", path.display()))?;
         eprintln!("report: {}", path.display());
     }
+    if let Some(text) = &args.eval {
+        let dir = args.model.as_deref().context("--eval needs a model directory (not --demo)")?;
+        let windows = eval_windows_for(dir, text, args.eval_seqlen, args.eval_windows)?;
+        let fp = run_eval(&ctx, inputs.source.as_ref(), &windows, "FP")?;
+        let overlay = crate::eval::Overlay {
+            base: inputs.source.as_ref(),
+            modules: &q.modules,
+        };
+        let qp = run_eval(&ctx, &overlay, &windows, r.method.as_str())?;
+        println!(
+            "perplexity ({} windows × {}): FP {:.3}  {} {:.3}",
+            fp.windows, fp.seqlen, fp.ppl, r.method, qp.ppl
+        );
+    }
     Ok(())
+}
+
+/// Tokenizes `text` with the tokenizer of `model_dir` (none needed for pre-tokenized input) and
+/// cuts the GPTQ-protocol evaluation windows.
+fn eval_windows_for(model_dir: &Path, text: &Path, seqlen: usize, max: Option<usize>) -> anyhow::Result<Vec<Vec<u32>>> {
+    let src = crate::calib::CalibSource::open(text).with_context(|| format!("reading {}", text.display()))?;
+    let tok = if src.kind() == crate::calib::CalibKind::PreTokenized {
+        None
+    } else {
+        Some(crate::model::tokenizer::Tokenizer::from_dir(model_dir).with_context(|| format!("tokenizer of {}", model_dir.display()))?)
+    };
+    let tokens = src.token_stream(tok.as_ref())?;
+    let w = crate::calib::eval_windows(&tokens, seqlen, max);
+    if w.windows.is_empty() {
+        anyhow::bail!("{} has {} tokens: fewer than one window of {seqlen}", text.display(), tokens.len());
+    }
+    eprintln!(
+        "eval: {} tokens → {} windows of {seqlen} (using {}), {} tail tokens dropped",
+        tokens.len(),
+        w.total_windows,
+        w.windows.len(),
+        w.dropped_tokens
+    );
+    Ok(w.windows)
+}
+
+fn run_eval(
+    ctx: &GpuContext,
+    source: &dyn crate::model::WeightSource,
+    windows: &[Vec<u32>],
+    label: &str,
+) -> anyhow::Result<crate::eval::PerplexityStats> {
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.set_message(format!("perplexity {label}"));
+    let mut progress = |done: usize, total: usize| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    };
+    let cancel = AtomicBool::new(false);
+    let r = crate::eval::perplexity(ctx, source, windows, &crate::eval::EvalOptions::default(), &mut progress, &cancel);
+    bar.finish_and_clear();
+    let r = r.with_context(|| format!("perplexity of {label}"))?;
+    eprintln!("{label}: ppl {:.4} (mean NLL {:.5}, {} predictions, {:.1}s)", r.ppl, r.mean_nll, r.predictions, r.secs);
+    Ok(r)
+}
+
+fn eval_cmd(gpu: &GpuArgs, args: &EvalArgs) -> anyhow::Result<()> {
+    let source = open_any_model(&args.model)?;
+    let windows = eval_windows_for(&args.model, &args.text, args.seqlen, args.max_windows)?;
+    let ctx = GpuContext::new(&gpu.options()).context("opening the GPU")?;
+    eprintln!("device: {} ({})", ctx.summary.name, ctx.summary.backend);
+    eprintln!("model: {} [{}]", args.model.display(), source.describe());
+    let r = run_eval(&ctx, source.as_ref(), &windows, "model")?;
+    if args.json {
+        let v = serde_json::json!({
+            "model": args.model, "text": args.text, "weights": source.describe(), "device": ctx.summary.name, "result": r,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!("perplexity {:.4} ({} windows × {})", r.ppl, r.windows, r.seqlen);
+    }
+    Ok(())
+}
+
+/// An FP safetensors directory or a GPTQ checkpoint (recognised by quantize_config.json).
+fn open_any_model(dir: &Path) -> anyhow::Result<Box<dyn crate::model::WeightSource>> {
+    Ok(Box::new(
+        crate::model::weights::SafetensorsModel::open(dir).with_context(|| format!("opening {}", dir.display()))?,
+    ))
 }
 
 fn devices(gpu: &GpuArgs, json: bool) -> anyhow::Result<()> {
@@ -414,5 +563,99 @@ fn devices(gpu: &GpuArgs, json: bool) -> anyhow::Result<()> {
         println!("[{i}] {a}");
     }
     println!("\nselected (device granted):\n{}", ctx.summary);
+    Ok(())
+}
+
+fn lab_cmd(gpu: &GpuArgs, a: &LabArgs) -> anyhow::Result<()> {
+    let module = crate::model::ModuleKind::from_short_name(&a.module)
+        .with_context(|| format!("unknown module `{}` (q_proj … down_proj)", a.module))?;
+    let base = QuantConfig {
+        method: Method::Gptq,
+        bits: a.bits,
+        group_size: match a.group_size {
+            -1 => None,
+            g if g > 0 => Some(g as usize),
+            g => anyhow::bail!("--group-size must be positive or -1 (got {g})"),
+        },
+        sym: !a.asym,
+        act_order: a.act_order,
+        damp_percent: a.damp,
+        block_size: a.block_size,
+        ..QuantConfig::default()
+    };
+    let captured = if let Some(path) = &a.load {
+        crate::lab::load(path)?
+    } else {
+        let (model, calib) = if a.demo {
+            (ModelInput::Demo { seed: a.seed }, CalibInput::Synthetic)
+        } else {
+            let m = a.model.clone().context("a MODEL_DIR, --demo or --load is required")?;
+            (ModelInput::Dir(m), CalibInput::File(a.calib.clone().context("--calib is required for a model directory")?))
+        };
+        let job = Job {
+            model,
+            calib,
+            config: PipelineConfig {
+                quant: QuantConfig {
+                    method: match a.method {
+                        MethodArg::Gptaq => Method::Gptaq { alpha: a.alpha },
+                        MethodArg::Gptq => Method::Gptq,
+                        MethodArg::Rtn => Method::Rtn,
+                    },
+                    ..base.clone()
+                },
+                nsamples: a.nsamples.unwrap_or(if a.demo { 32 } else { 128 }),
+                seqlen: a.seqlen.unwrap_or(if a.demo { 128 } else { 512 }),
+                seed: a.seed,
+                metrics: true,
+                ..PipelineConfig::default()
+            },
+        };
+        let ctx = GpuContext::new(&gpu.options()).context("opening the GPU")?;
+        let inputs = pipeline::prepare(&job).context("preparing the capture")?;
+        eprintln!("capturing layer {} {} ({})", a.layer, module.short_name(), inputs.calib.description);
+        let cancel = AtomicBool::new(false);
+        let mut emit = |e: Event| {
+            if let Event::LayerDone(l) = e {
+                eprintln!("  layer {} quantized ({:.2}s)", l.layer, l.secs);
+            }
+        };
+        pipeline::capture(&ctx, &inputs, &job.config, a.layer, module, &mut emit, &cancel).context("capturing")?
+    };
+    if let Some(path) = &a.save {
+        crate::lab::save(&captured, path)?;
+        eprintln!("capture saved to {}", path.display());
+    }
+    let gptq = crate::lab::solve(&captured, &base)?;
+    let gptaq = crate::lab::solve(&captured, &QuantConfig { method: Method::Gptaq { alpha: a.alpha }, ..base.clone() })?;
+    let sweep = crate::lab::alpha_sweep(&captured, &base, &a.alphas)?;
+    if a.json {
+        let v = serde_json::json!({
+            "layer": captured.layer, "module": captured.module.short_name(), "rows": captured.rows, "cols": captured.cols,
+            "nsamples": captured.nsamples, "gptq": gptq.metrics, "gptaq": gptaq.metrics, "alpha": a.alpha,
+            "alpha_sweep": sweep.iter().map(|(al, m)| serde_json::json!({"alpha": al, "metrics": m})).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!(
+        "layer {} {} [{}×{}], {} calibration sequences, W{} g{}",
+        captured.layer,
+        captured.module.short_name(),
+        captured.rows,
+        captured.cols,
+        captured.nsamples,
+        a.bits,
+        a.group_size
+    );
+    println!("{:<16} {:>12} {:>12} {:>12} {:>12} {:>8}", "method", "quant err", "asym err", "output err", "proxy loss", "secs");
+    for (name, s) in [("GPTQ".to_string(), &gptq), (format!("GPTAQ α={}", a.alpha), &gptaq)] {
+        let m = s.metrics;
+        println!("{name:<16} {:>12.4e} {:>12.4e} {:>12.4e} {:>12.4e} {:>8.2}", m.quant_error, m.asym_error, m.output_error, m.proxy_loss, s.secs);
+    }
+    println!("\noutput error vs α (α = 0 is GPTQ):");
+    for (al, m) in &sweep {
+        println!("  α = {al:<5} output {:.4e}  quant {:.4e}", m.output_error, m.quant_error);
+    }
     Ok(())
 }

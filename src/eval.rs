@@ -1,1 +1,295 @@
-//! Perplexity evaluation (GPTQ-paper protocol).
+//! Perplexity on the GPU, GPTQ-paper protocol (algorithm.md §5; `calib::eval_windows`): the text is
+//! tokenized once without BOS, cut into non-overlapping windows of `seqlen`, each window predicts
+//! its tokens 1.. from the previous ones, and `ppl = exp(mean NLL)` over all predictions (all
+//! windows have the same length, so this equals the reference's mean of per-window means).
+//!
+//! The model runs layer by layer like the quantization pipeline: one decoder layer's weights on the
+//! GPU at a time, hidden states of all windows kept on the GPU when they fit and spilled to host
+//! memory otherwise. The head is `final norm → lm_head chunk → streaming log-sum-exp` (`nll.wgsl`),
+//! so only one `(max, sum, target)` triple per token ever comes back to the host — never logits.
+//!
+//! [`Overlay`] evaluates an in-memory quantization result (fake-quantized `Q` in place of `W`)
+//! without exporting it first.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use bytemuck::{Pod, Zeroable};
+
+use crate::forward::{self, GpuLayer, LayerScratch, Rope};
+use crate::gpu::kernels::groups_1d;
+use crate::gpu::ops::{self, MatView};
+use crate::gpu::{GpuBuffer, GpuContext, GpuError};
+use crate::model::weights::WeightError;
+use crate::model::{LayerWeights, ModelConfig, ModuleKind, WeightSource};
+use crate::pipeline::StreamDType;
+use crate::pipeline::stream::{Placement, Stream};
+use crate::quant::QuantResult;
+
+crate::wgsl_shader!(NLL, "nll");
+
+#[derive(Debug, thiserror::Error)]
+pub enum EvalError {
+    #[error(transparent)]
+    Gpu(#[from] GpuError),
+    #[error(transparent)]
+    Weights(#[from] WeightError),
+    #[error("{0}")]
+    Input(String),
+    #[error("cancelled")]
+    Cancelled,
+}
+
+/// How to run an evaluation.
+#[derive(Clone, Debug)]
+pub struct EvalOptions {
+    /// GPU bytes the hidden-state stream may use before it spills to host memory.
+    pub stream_budget_bytes: u64,
+    /// Host spill element type.
+    pub stream_dtype: StreamDType,
+    /// Tokens per GPU batch (activations scale with it); 0 = automatic.
+    pub batch_tokens: usize,
+}
+
+impl Default for EvalOptions {
+    fn default() -> Self {
+        Self {
+            stream_budget_bytes: 2 << 30,
+            stream_dtype: StreamDType::F32,
+            batch_tokens: 0,
+        }
+    }
+}
+
+/// Result of a perplexity run.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PerplexityStats {
+    pub ppl: f64,
+    pub mean_nll: f64,
+    pub windows: usize,
+    pub seqlen: usize,
+    /// Number of predicted tokens (`windows · (seqlen − 1)`).
+    pub predictions: usize,
+    pub secs: f64,
+}
+
+/// Progress callback payload: `(layers done, layers total)`; the head counts as one more step.
+pub type Progress<'a> = &'a mut dyn FnMut(usize, usize);
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct NllParams {
+    tokens: u32,
+    width: u32,
+    v0: u32,
+    first: u32,
+}
+
+/// Tokens per batch: bounded by activation memory (~256 MiB of scratch) and whole windows.
+fn batch_sequences(cfg: &ModelConfig, seqlen: usize, opts: &EvalOptions, max_binding: u64) -> usize {
+    let per_token =
+        4 * (3 * cfg.hidden_size + 2 * cfg.q_dim() + 2 * cfg.kv_dim() + 2 * cfg.intermediate_size) as u64;
+    let target = if opts.batch_tokens > 0 {
+        opts.batch_tokens as u64
+    } else {
+        ((256u64 << 20) / per_token.max(1)).max(1)
+    };
+    let by_binding = max_binding / (4 * cfg.intermediate_size.max(cfg.q_dim()).max(1) as u64);
+    (target.min(by_binding) as usize / seqlen.max(1)).max(1)
+}
+
+/// Perplexity of `source` on `windows` (all of one length ≥ 2).
+pub fn perplexity(
+    ctx: &GpuContext,
+    source: &dyn WeightSource,
+    windows: &[Vec<u32>],
+    opts: &EvalOptions,
+    progress: Progress<'_>,
+    cancel: &AtomicBool,
+) -> Result<PerplexityStats, EvalError> {
+    let t0 = Instant::now();
+    let cfg = source.config().clone();
+    let seqlen = windows.first().map_or(0, Vec::len);
+    if windows.is_empty() || seqlen < 2 {
+        return Err(EvalError::Input(
+            "perplexity needs at least one window of 2 or more tokens (is the text shorter than --seqlen?)".into(),
+        ));
+    }
+    if let Some((i, w)) = windows.iter().enumerate().find(|(_, w)| w.len() != seqlen) {
+        return Err(EvalError::Input(format!("window {i} has {} tokens, expected {seqlen}", w.len())));
+    }
+    if let Some(&bad) = windows.iter().flatten().find(|&&id| id as usize >= cfg.vocab_size) {
+        return Err(EvalError::Input(format!(
+            "token id {bad} is outside the model's vocabulary of {} (tokenizer and model do not match?)",
+            cfg.vocab_size
+        )));
+    }
+    let h = cfg.hidden_size;
+    let bs = batch_sequences(&cfg, seqlen, opts, ctx.max_binding_bytes());
+    let batches: Vec<Range<usize>> = (0..windows.len()).step_by(bs).map(|s| s..(s + bs).min(windows.len())).collect();
+    let lens: Vec<usize> = batches.iter().map(|r| r.len() * seqlen * h).collect();
+    let total_bytes: u64 = lens.iter().map(|&l| l as u64 * 4).sum();
+    let placement = if total_bytes <= opts.stream_budget_bytes {
+        Placement::Gpu
+    } else {
+        Placement::Host(opts.stream_dtype)
+    };
+    let mut stream = Stream::new(ctx, "eval hidden", &lens, placement)?;
+    for (b, r) in batches.iter().enumerate() {
+        let ids: Vec<u32> = windows[r.clone()].iter().flatten().copied().collect();
+        stream.set_host(ctx, b, &source.embed(&ids)?);
+    }
+    let max_tokens = bs * seqlen;
+    let rope = Rope::new(ctx, &cfg, seqlen)?;
+    let scratch = LayerScratch::new(ctx, &cfg, max_tokens)?;
+    let work = ctx.zeros::<f32>("eval work h", max_tokens * h)?;
+    let nl = cfg.num_layers;
+    for layer in 0..nl {
+        if cancel.load(Ordering::Relaxed) {
+            return Err(EvalError::Cancelled);
+        }
+        let lw = source.layer(layer)?;
+        let gl = GpuLayer::upload(ctx, &cfg, &lw)?;
+        drop(lw);
+        for (b, r) in batches.iter().enumerate() {
+            let mut rec = stream.load(ctx.recorder(), b, &work);
+            forward::forward_layer(&mut rec, &gl, &rope, &work, &scratch, r.len(), seqlen)?;
+            rec = stream.store(rec, b, &work)?;
+            rec.submit();
+        }
+        ctx.sync()?;
+        progress(layer + 1, nl + 1);
+    }
+
+    // Head: final norm, lm_head in row chunks, streaming log-sum-exp.
+    let vocab = cfg.vocab_size;
+    let fnorm = ctx.upload("final norm", &source.final_norm()?)?;
+    let xn = ctx.zeros::<f32>("final normed", max_tokens * h)?;
+    let logit_budget = (256u64 << 20).min(ctx.max_binding_bytes()) / 4;
+    let width = ((logit_budget / max_tokens as u64) as usize).clamp(1, vocab);
+    let head_chunk_rows = ((ctx.max_binding_bytes().min(512 << 20) / 4) as usize / h).clamp(1, vocab);
+    let width = width.min(head_chunk_rows);
+    let chunks: Vec<Range<usize>> = (0..vocab).step_by(width).map(|s| s..(s + width).min(vocab)).collect();
+    let mut head: Vec<GpuBuffer<f32>> = Vec::with_capacity(chunks.len());
+    for c in &chunks {
+        head.push(ctx.upload("lm_head chunk", &source.lm_head_rows(c.clone())?)?);
+    }
+    let logits = ctx.zeros::<f32>("logits chunk", max_tokens * width)?;
+    let state = ctx.zeros::<[f32; 4]>("nll state", max_tokens)?;
+    let targets_buf = ctx.zeros::<u32>("targets", max_tokens)?;
+    let (mut sum, mut count) = (0.0f64, 0usize);
+    for (b, r) in batches.iter().enumerate() {
+        if cancel.load(Ordering::Relaxed) {
+            return Err(EvalError::Cancelled);
+        }
+        let t = r.len() * seqlen;
+        // Position p predicts token p+1 of its window; the last position has no target.
+        let targets: Vec<u32> = windows[r.clone()]
+            .iter()
+            .flat_map(|w| w[1..].iter().copied().chain(std::iter::once(u32::MAX)))
+            .collect();
+        ctx.write(&targets_buf, 0, &targets);
+        let mut rec = stream.load(ctx.recorder(), b, &work);
+        forward::rmsnorm(&mut rec, t, cfg.rms_norm_eps as f32, &work, &fnorm, &xn)?;
+        for (ci, c) in chunks.iter().enumerate() {
+            let w = c.len();
+            ops::gemm(&mut rec, t, w, h, 1.0, MatView::new(&xn, h), MatView::new(&head[ci], h).t(), 0.0, MatView::new(&logits, w))?;
+            let params = NllParams {
+                tokens: t as u32,
+                width: w as u32,
+                v0: c.start as u32,
+                first: u32::from(ci == 0),
+            };
+            rec.dispatch(&NLL, "lse_chunk", &[], &params, &[logits.binding(), targets_buf.binding(), state.binding()], groups_1d(t as u32))?;
+        }
+        rec.submit();
+        let st = ctx.read_range(&state, 0, t)?;
+        for (s, &tg) in st.iter().zip(&targets) {
+            if tg == u32::MAX {
+                continue;
+            }
+            let nll = f64::from(s[0]) + f64::from(s[1]).ln() - f64::from(s[2]);
+            if !nll.is_finite() {
+                return Err(EvalError::Input(format!(
+                    "non-finite NLL in batch {b}: the model produced NaN/inf activations (corrupt weights?)"
+                )));
+            }
+            sum += nll;
+            count += 1;
+        }
+    }
+    progress(nl + 1, nl + 1);
+    let mean_nll = sum / count.max(1) as f64;
+    Ok(PerplexityStats {
+        ppl: mean_nll.exp(),
+        mean_nll,
+        windows: windows.len(),
+        seqlen,
+        predictions: count,
+        secs: t0.elapsed().as_secs_f64(),
+    })
+}
+
+/// Full logits `[ids.len(), vocab]` of one sequence (tests, greedy decoding checks; small inputs).
+pub fn logits(ctx: &GpuContext, source: &dyn WeightSource, ids: &[u32]) -> Result<Vec<f32>, EvalError> {
+    let cfg = source.config().clone();
+    let t = ids.len();
+    if t == 0 {
+        return Err(EvalError::Input("no tokens".into()));
+    }
+    let h = cfg.hidden_size;
+    let work = ctx.upload("logits h", &source.embed(ids)?)?;
+    let rope = Rope::new(ctx, &cfg, t)?;
+    let scratch = LayerScratch::new(ctx, &cfg, t)?;
+    for layer in 0..cfg.num_layers {
+        let gl = GpuLayer::upload(ctx, &cfg, &source.layer(layer)?)?;
+        let mut rec = ctx.recorder();
+        forward::forward_layer(&mut rec, &gl, &rope, &work, &scratch, 1, t)?;
+        rec.submit();
+    }
+    let fnorm = ctx.upload("final norm", &source.final_norm()?)?;
+    let xn = ctx.zeros::<f32>("final normed", t * h)?;
+    let head = ctx.upload("lm_head", &source.lm_head_rows(0..cfg.vocab_size)?)?;
+    let out = ctx.zeros::<f32>("logits", t * cfg.vocab_size)?;
+    let mut rec = ctx.recorder();
+    forward::rmsnorm(&mut rec, t, cfg.rms_norm_eps as f32, &work, &fnorm, &xn)?;
+    ops::gemm(&mut rec, t, cfg.vocab_size, h, 1.0, MatView::new(&xn, h), MatView::new(&head, h).t(), 0.0, MatView::new(&out, cfg.vocab_size))?;
+    rec.submit();
+    Ok(ctx.read(&out)?)
+}
+
+/// A model whose quantized modules are replaced by their fake-quantized weights `Q`, for evaluating
+/// a run before (or without) exporting it.
+pub struct Overlay<'a> {
+    pub base: &'a dyn WeightSource,
+    pub modules: &'a BTreeMap<(usize, ModuleKind), QuantResult>,
+}
+
+impl WeightSource for Overlay<'_> {
+    fn config(&self) -> &ModelConfig {
+        self.base.config()
+    }
+    fn embed(&self, ids: &[u32]) -> Result<Vec<f32>, WeightError> {
+        self.base.embed(ids)
+    }
+    fn layer(&self, index: usize) -> Result<LayerWeights, WeightError> {
+        let mut lw = self.base.layer(index)?;
+        for m in ModuleKind::ALL {
+            if let Some(r) = self.modules.get(&(index, m)) {
+                lw.linear_mut(m).weight.clone_from(&r.q);
+            }
+        }
+        Ok(lw)
+    }
+    fn final_norm(&self) -> Result<Vec<f32>, WeightError> {
+        self.base.final_norm()
+    }
+    fn lm_head_rows(&self, rows: Range<usize>) -> Result<Vec<f32>, WeightError> {
+        self.base.lm_head_rows(rows)
+    }
+    fn describe(&self) -> String {
+        format!("{} with {} fake-quantized modules", self.base.describe(), self.modules.len())
+    }
+}

@@ -18,6 +18,7 @@ pub mod cli;
 pub mod eval;
 pub mod export;
 pub mod forward;
+pub mod lab;
 pub mod gpu;
 pub mod model;
 pub mod pipeline;

@@ -1,133 +1,569 @@
-//! GPU forward pass of a Llama-family decoder layer, as stage building blocks the pipeline and
-//! `eval` share. (API contract; kernels being written in this session.)
+//! GPU forward pass of a Llama-family decoder layer (Llama, Mistral, Qwen2 with q/k/v bias, Qwen3
+//! with q/k RMSNorm), split into the stage building blocks the quantization pipeline interleaves
+//! with its statistics (see `pipeline::driver`) and that [`crate::eval`] chains for perplexity.
+//!
+//! Data layout: activations are row-major `[tokens, features]` f32 with the sequences of a batch
+//! packed back to back (`tokens = nseq · seqlen`); linear weights are HF's `[out, in]` row-major,
+//! so `y = x·Wᵀ` is a GEMM with a transposed view of W. Each stage records into a [`Recorder`]; no
+//! stage reads anything back to the host.
+//!
+//! Every kernel has an f64 CPU counterpart in [`cpu`] that the tests compare against.
 
+pub mod cpu;
+
+use bytemuck::{Pod, Zeroable};
+
+use crate::gpu::kernels::groups_1d;
+use crate::gpu::ops::{self, MatView};
 use crate::gpu::{GpuBuffer, GpuContext, GpuError, Recorder};
-use crate::model::{LayerWeights, ModelConfig, ModuleKind};
+use crate::model::{LayerWeights, ModelConfig, ModuleKind, RopeScaling};
 
-fn pending() -> GpuError {
-    GpuError::Validation("forward pass kernels are not built yet".into())
+crate::wgsl_shader!(RMSNORM, "rmsnorm");
+crate::wgsl_shader!(ROPE, "rope");
+crate::wgsl_shader!(ATTENTION, "attention");
+crate::wgsl_shader!(FORWARD_EW, "forward_ew");
+
+/// The attention kernel keeps up to 4 output dims per thread of a 64-wide workgroup.
+pub const MAX_HEAD_DIM: usize = 256;
+
+fn u32_of(what: &str, v: usize) -> Result<u32, GpuError> {
+    u32::try_from(v).map_err(|_| GpuError::TooLarge {
+        what: what.to_string(),
+        bytes: v as u64 * 4,
+        limit: u64::from(u32::MAX),
+    })
 }
 
-/// Precomputed RoPE cos/sin tables `[max_pos, head_dim/2]`.
+/// Shapes of one decoder layer.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LayerDims {
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub eps: f32,
+}
+
+impl LayerDims {
+    pub fn of(cfg: &ModelConfig) -> Self {
+        Self {
+            hidden: cfg.hidden_size,
+            intermediate: cfg.intermediate_size,
+            heads: cfg.num_heads,
+            kv_heads: cfg.num_kv_heads,
+            head_dim: cfg.head_dim,
+            eps: cfg.rms_norm_eps as f32,
+        }
+    }
+    pub fn q_dim(&self) -> usize {
+        self.heads * self.head_dim
+    }
+    pub fn kv_dim(&self) -> usize {
+        self.kv_heads * self.head_dim
+    }
+    /// `(out_features, in_features)` of a module.
+    pub fn linear_shape(&self, m: ModuleKind) -> (usize, usize) {
+        let (h, i, q, kv) = (self.hidden, self.intermediate, self.q_dim(), self.kv_dim());
+        match m {
+            ModuleKind::Q => (q, h),
+            ModuleKind::K | ModuleKind::V => (kv, h),
+            ModuleKind::O => (h, q),
+            ModuleKind::Gate | ModuleKind::Up => (i, h),
+            ModuleKind::Down => (h, i),
+        }
+    }
+    fn check(&self) -> Result<(), GpuError> {
+        if self.head_dim == 0 || self.head_dim % 2 != 0 || self.head_dim > MAX_HEAD_DIM {
+            return Err(GpuError::Validation(format!(
+                "head_dim {} is not supported by the attention kernel (even, 2..={MAX_HEAD_DIM})",
+                self.head_dim
+            )));
+        }
+        if self.kv_heads == 0 || self.heads % self.kv_heads != 0 {
+            return Err(GpuError::Validation(format!(
+                "{} attention heads are not a multiple of {} kv heads",
+                self.heads, self.kv_heads
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// HF's `inv_freq` for the model's RoPE variant, computed in f32 as transformers does
+/// (`1 / base^(arange(0, d, 2) / d)`), then rescaled for `llama3` / `linear` scaling.
+pub fn inv_freq(cfg: &ModelConfig) -> Vec<f32> {
+    let d = cfg.head_dim;
+    let base = cfg.rope_theta as f32;
+    let mut f: Vec<f32> = (0..d / 2)
+        .map(|i| 1.0 / base.powf((2 * i) as f32 / d as f32))
+        .collect();
+    match cfg.rope_scaling {
+        RopeScaling::Default => {}
+        RopeScaling::Linear { factor } => f.iter_mut().for_each(|x| *x /= factor as f32),
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings: old,
+        } => {
+            // transformers `_compute_llama3_parameters`.
+            let low_wl = old / low_freq_factor;
+            let high_wl = old / high_freq_factor;
+            for x in f.iter_mut() {
+                let inv = f64::from(*x);
+                let wl = 2.0 * std::f64::consts::PI / inv;
+                let scaled = if wl > low_wl { inv / factor } else { inv };
+                let medium = !(wl < high_wl) && !(wl > low_wl);
+                *x = if medium {
+                    let smooth = (old / wl - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                    ((1.0 - smooth) * scaled / factor + smooth * scaled) as f32
+                } else {
+                    scaled as f32
+                };
+            }
+        }
+    }
+    f
+}
+
+/// Precomputed RoPE tables `[max_pos, head_dim/2]`: the angle is `f32(pos)·inv_freq` in f32 (as
+/// HF computes it), its cos/sin taken in f64 and rounded.
 pub struct Rope {
-    pub cos: GpuBuffer<f32>,
-    pub sin: GpuBuffer<f32>,
+    cos: GpuBuffer<f32>,
+    sin: GpuBuffer<f32>,
+    max_pos: usize,
 }
 
 impl Rope {
-    pub fn new(_ctx: &GpuContext, _cfg: &ModelConfig, _max_pos: usize) -> Result<Self, GpuError> {
-        Err(pending())
+    pub fn new(ctx: &GpuContext, cfg: &ModelConfig, max_pos: usize) -> Result<Self, GpuError> {
+        let (cos, sin) = rope_tables(cfg, max_pos);
+        Ok(Self {
+            cos: ctx.upload("rope cos", &cos)?,
+            sin: ctx.upload("rope sin", &sin)?,
+            max_pos,
+        })
     }
+}
+
+/// Host RoPE tables (shared with the CPU reference).
+pub fn rope_tables(cfg: &ModelConfig, max_pos: usize) -> (Vec<f32>, Vec<f32>) {
+    let f = inv_freq(cfg);
+    let half = f.len();
+    let mut cos = Vec::with_capacity(max_pos * half);
+    let mut sin = Vec::with_capacity(max_pos * half);
+    for pos in 0..max_pos {
+        for &x in &f {
+            let angle = f64::from(pos as f32 * x);
+            cos.push(angle.cos() as f32);
+            sin.push(angle.sin() as f32);
+        }
+    }
+    (cos, sin)
 }
 
 /// One decoder layer's weights on the GPU.
 pub struct GpuLayer {
+    dims: LayerDims,
+    input_norm: GpuBuffer<f32>,
+    post_norm: GpuBuffer<f32>,
+    q_norm: Option<GpuBuffer<f32>>,
+    k_norm: Option<GpuBuffer<f32>>,
+    /// Indexed by `ModuleKind as usize`.
     linears: Vec<GpuBuffer<f32>>,
+    biases: Vec<Option<GpuBuffer<f32>>>,
+    /// Bound where a kernel's optional input is absent.
+    dummy: GpuBuffer<f32>,
 }
 
 impl GpuLayer {
-    pub fn upload(
-        _ctx: &GpuContext,
-        _cfg: &ModelConfig,
-        _lw: &LayerWeights,
-    ) -> Result<Self, GpuError> {
-        Err(pending())
+    pub fn upload(ctx: &GpuContext, cfg: &ModelConfig, lw: &LayerWeights) -> Result<Self, GpuError> {
+        let dims = LayerDims::of(cfg);
+        dims.check()?;
+        let mut linears = Vec::with_capacity(7);
+        let mut biases = Vec::with_capacity(7);
+        for m in ModuleKind::ALL {
+            let lin = lw.linear(m);
+            let (rows, cols) = dims.linear_shape(m);
+            if lin.weight.len() != rows * cols {
+                return Err(GpuError::Validation(format!(
+                    "{}: weight has {} elements, expected {rows}×{cols}",
+                    m.hf_name(),
+                    lin.weight.len()
+                )));
+            }
+            linears.push(ctx.upload(m.hf_name(), &lin.weight)?);
+            biases.push(match &lin.bias {
+                Some(b) if b.len() == rows => Some(ctx.upload("bias", b)?),
+                Some(b) => {
+                    return Err(GpuError::Validation(format!(
+                        "{}: bias has {} elements, expected {rows}",
+                        m.hf_name(),
+                        b.len()
+                    )));
+                }
+                None => None,
+            });
+        }
+        let norm = |what: &str, v: &[f32], n: usize| -> Result<GpuBuffer<f32>, GpuError> {
+            if v.len() != n {
+                return Err(GpuError::Validation(format!("{what}: {} elements, expected {n}", v.len())));
+            }
+            ctx.upload(what, v)
+        };
+        Ok(Self {
+            dims,
+            input_norm: norm("input_layernorm", &lw.input_norm, dims.hidden)?,
+            post_norm: norm("post_attention_layernorm", &lw.post_norm, dims.hidden)?,
+            q_norm: lw.q_norm.as_deref().map(|v| norm("q_norm", v, dims.head_dim)).transpose()?,
+            k_norm: lw.k_norm.as_deref().map(|v| norm("k_norm", v, dims.head_dim)).transpose()?,
+            linears,
+            biases,
+            dummy: ctx.zeros("dummy", 1)?,
+        })
     }
-    pub fn set_linear(
-        &mut self,
-        _ctx: &GpuContext,
-        _m: ModuleKind,
-        _w: &[f32],
-    ) -> Result<(), GpuError> {
-        Err(pending())
+
+    /// Replaces a module's weights (the pipeline installs each quantized `Q` here).
+    pub fn set_linear(&mut self, ctx: &GpuContext, m: ModuleKind, w: &[f32]) -> Result<(), GpuError> {
+        let (rows, cols) = self.dims.linear_shape(m);
+        if w.len() != rows * cols {
+            return Err(GpuError::Validation(format!(
+                "{}: new weight has {} elements, expected {rows}×{cols}",
+                m.hf_name(),
+                w.len()
+            )));
+        }
+        ctx.write(&self.linears[m as usize], 0, w);
+        Ok(())
     }
+
+    /// Copies a module's weights from a GPU buffer inside `rec` (the GPU solve's `Q`).
+    pub fn set_linear_gpu(&self, rec: &mut Recorder<'_>, m: ModuleKind, w: &GpuBuffer<f32>) -> Result<(), GpuError> {
+        let dst = &self.linears[m as usize];
+        if w.len() < dst.len() {
+            return Err(GpuError::Validation(format!(
+                "{}: new weight has {} elements, expected {}",
+                m.hf_name(),
+                w.len(),
+                dst.len()
+            )));
+        }
+        rec.copy(w, 0, dst, 0, dst.len());
+        Ok(())
+    }
+
     pub fn linear(&self, m: ModuleKind) -> &GpuBuffer<f32> {
         &self.linears[m as usize]
     }
+
+    pub fn bias(&self, m: ModuleKind) -> Option<&GpuBuffer<f32>> {
+        self.biases[m as usize].as_ref()
+    }
+
+    pub fn dims(&self) -> &LayerDims {
+        &self.dims
+    }
 }
 
-/// Per-batch intermediate buffers of one stream.
+/// Per-batch intermediate buffers of one stream, sized for `max_tokens`.
 pub struct LayerScratch {
+    max_tokens: usize,
     x1: GpuBuffer<f32>,
+    q: GpuBuffer<f32>,
+    k: GpuBuffer<f32>,
+    v: GpuBuffer<f32>,
     attn: GpuBuffer<f32>,
     x2: GpuBuffer<f32>,
+    up: GpuBuffer<f32>,
     act: GpuBuffer<f32>,
 }
 
 impl LayerScratch {
-    pub fn new(
-        _ctx: &GpuContext,
-        _cfg: &ModelConfig,
-        _max_tokens: usize,
-    ) -> Result<Self, GpuError> {
-        Err(pending())
+    pub fn new(ctx: &GpuContext, cfg: &ModelConfig, max_tokens: usize) -> Result<Self, GpuError> {
+        let d = LayerDims::of(cfg);
+        let t = max_tokens.max(1);
+        Ok(Self {
+            max_tokens: t,
+            x1: ctx.zeros("x1", t * d.hidden)?,
+            q: ctx.zeros("q", t * d.q_dim())?,
+            k: ctx.zeros("k", t * d.kv_dim())?,
+            v: ctx.zeros("v", t * d.kv_dim())?,
+            attn: ctx.zeros("attn", t * d.q_dim())?,
+            x2: ctx.zeros("x2", t * d.hidden)?,
+            up: ctx.zeros("up", t * d.intermediate)?,
+            act: ctx.zeros("act", t * d.intermediate)?,
+        })
     }
+    /// `input_layernorm(h)`: the input of q/k/v.
     pub fn x1(&self) -> &GpuBuffer<f32> {
         &self.x1
     }
+    /// Attention output before `o_proj`: the input of o.
     pub fn attn(&self) -> &GpuBuffer<f32> {
         &self.attn
     }
+    /// `post_attention_layernorm(h)`: the input of gate/up.
     pub fn x2(&self) -> &GpuBuffer<f32> {
         &self.x2
     }
+    /// `silu(gate)·up`: the input of down.
     pub fn act(&self) -> &GpuBuffer<f32> {
         &self.act
     }
+    pub fn max_tokens(&self) -> usize {
+        self.max_tokens
+    }
+    fn check(&self, t: usize) -> Result<(), GpuError> {
+        if t > self.max_tokens {
+            return Err(GpuError::Validation(format!(
+                "batch of {t} tokens exceeds the scratch size {}",
+                self.max_tokens
+            )));
+        }
+        Ok(())
+    }
 }
 
-pub fn input_norm(
-    _rec: &mut Recorder<'_>,
-    _l: &GpuLayer,
-    _h: &GpuBuffer<f32>,
-    _s: &LayerScratch,
-    _t: usize,
-) -> Result<(), GpuError> {
-    Err(pending())
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct NormParams {
+    rows: u32,
+    n: u32,
+    eps: f32,
+    _pad: u32,
 }
-pub fn attention(
-    _rec: &mut Recorder<'_>,
-    _l: &GpuLayer,
-    _rope: &Rope,
-    _s: &LayerScratch,
-    _nseq: usize,
-    _seqlen: usize,
+
+/// `out = RMSNorm(x)·w` over `rows` rows of length `w.len()`.
+pub fn rmsnorm(
+    rec: &mut Recorder<'_>,
+    rows: usize,
+    eps: f32,
+    x: &GpuBuffer<f32>,
+    w: &GpuBuffer<f32>,
+    out: &GpuBuffer<f32>,
 ) -> Result<(), GpuError> {
-    Err(pending())
+    let params = NormParams {
+        rows: u32_of("rmsnorm rows", rows)?,
+        n: u32_of("rmsnorm width", w.len())?,
+        eps,
+        _pad: 0,
+    };
+    rec.dispatch(
+        &RMSNORM,
+        "rmsnorm",
+        &[],
+        &params,
+        &[x.binding(), w.binding(), out.binding()],
+        groups_1d(params.rows),
+    )
 }
-pub fn o_residual(
-    _rec: &mut Recorder<'_>,
-    _l: &GpuLayer,
-    _a: &GpuBuffer<f32>,
-    _h: &GpuBuffer<f32>,
-    _s: &LayerScratch,
-    _t: usize,
-) -> Result<(), GpuError> {
-    Err(pending())
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct EwParams {
+    n: u32,
+    cols: u32,
+    _pad: [u32; 2],
 }
-pub fn post_norm(
-    _rec: &mut Recorder<'_>,
-    _l: &GpuLayer,
-    _h: &GpuBuffer<f32>,
-    _s: &LayerScratch,
-    _t: usize,
+
+/// `y = x·Wᵀ (+ b)`, or `y += x·Wᵀ (+ b)` with `accumulate` (the residual adds).
+#[allow(clippy::too_many_arguments)]
+fn linear(
+    rec: &mut Recorder<'_>,
+    layer: &GpuLayer,
+    m: ModuleKind,
+    t: usize,
+    x: &GpuBuffer<f32>,
+    y: &GpuBuffer<f32>,
+    accumulate: bool,
 ) -> Result<(), GpuError> {
-    Err(pending())
+    let (rows, cols) = layer.dims.linear_shape(m);
+    let w = layer.linear(m);
+    ops::gemm(
+        rec,
+        t,
+        rows,
+        cols,
+        1.0,
+        MatView::new(x, cols),
+        MatView::new(w, cols).t(),
+        if accumulate { 1.0 } else { 0.0 },
+        MatView::new(y, rows),
+    )?;
+    if let Some(b) = layer.bias(m) {
+        bias_add(rec, t, rows, b, y)?;
+    }
+    Ok(())
 }
-pub fn mlp_act(
-    _rec: &mut Recorder<'_>,
-    _l: &GpuLayer,
-    _s: &LayerScratch,
-    _t: usize,
-) -> Result<(), GpuError> {
-    Err(pending())
+
+/// `y[r, c] += b[c]` for `t` rows.
+pub fn bias_add(rec: &mut Recorder<'_>, t: usize, cols: usize, b: &GpuBuffer<f32>, y: &GpuBuffer<f32>) -> Result<(), GpuError> {
+    let n = u32_of("bias add", t * cols)?;
+    let params = EwParams {
+        n,
+        cols: u32_of("bias width", cols)?,
+        _pad: [0; 2],
+    };
+    rec.dispatch(&FORWARD_EW, "bias_add", &[], &params, &[b.binding(), y.binding()], groups_1d(n.div_ceil(256)))
 }
-pub fn down_residual(
-    _rec: &mut Recorder<'_>,
-    _l: &GpuLayer,
-    _h: &GpuBuffer<f32>,
-    _s: &LayerScratch,
-    _t: usize,
+
+/// `input_layernorm`: `s.x1 = norm₁(h)` for `t` tokens.
+pub fn input_norm(rec: &mut Recorder<'_>, l: &GpuLayer, h: &GpuBuffer<f32>, s: &LayerScratch, t: usize) -> Result<(), GpuError> {
+    s.check(t)?;
+    rmsnorm(rec, t, l.dims.eps, h, &l.input_norm, &s.x1)
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct RopeParams {
+    rows: u32,
+    heads: u32,
+    hd: u32,
+    seqlen: u32,
+    has_norm: u32,
+    eps: f32,
+    _pad: [u32; 2],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct AttnParams {
+    rows: u32,
+    heads: u32,
+    kv_heads: u32,
+    hd: u32,
+    seqlen: u32,
+    scale: f32,
+    _pad: [u32; 2],
+}
+
+/// q/k/v projections of `s.x1`, (q/k norm and) RoPE, causal attention → `s.attn`
+/// for `nseq` packed sequences of `seqlen` tokens.
+pub fn attention(rec: &mut Recorder<'_>, l: &GpuLayer, rope: &Rope, s: &LayerScratch, nseq: usize, seqlen: usize) -> Result<(), GpuError> {
+    let t = nseq * seqlen;
+    s.check(t)?;
+    if seqlen > rope.max_pos {
+        return Err(GpuError::Validation(format!(
+            "sequence length {seqlen} exceeds the RoPE table ({} positions)",
+            rope.max_pos
+        )));
+    }
+    let d = l.dims;
+    linear(rec, l, ModuleKind::Q, t, &s.x1, &s.q, false)?;
+    linear(rec, l, ModuleKind::K, t, &s.x1, &s.k, false)?;
+    linear(rec, l, ModuleKind::V, t, &s.x1, &s.v, false)?;
+    for (buf, heads, norm) in [(&s.q, d.heads, &l.q_norm), (&s.k, d.kv_heads, &l.k_norm)] {
+        let params = RopeParams {
+            rows: u32_of("rope rows", t * heads)?,
+            heads: heads as u32,
+            hd: d.head_dim as u32,
+            seqlen: seqlen as u32,
+            has_norm: u32::from(norm.is_some()),
+            eps: d.eps,
+            _pad: [0; 2],
+        };
+        let nw = norm.as_ref().unwrap_or(&l.dummy);
+        rec.dispatch(
+            &ROPE,
+            "rope",
+            &[],
+            &params,
+            &[rope.cos.binding(), rope.sin.binding(), nw.binding(), buf.binding()],
+            groups_1d(params.rows),
+        )?;
+    }
+    let params = AttnParams {
+        rows: u32_of("attention rows", t * d.heads)?,
+        heads: d.heads as u32,
+        kv_heads: d.kv_heads as u32,
+        hd: d.head_dim as u32,
+        seqlen: seqlen as u32,
+        scale: 1.0 / (d.head_dim as f32).sqrt(),
+        _pad: [0; 2],
+    };
+    rec.dispatch(
+        &ATTENTION,
+        "attention",
+        &[],
+        &params,
+        &[s.q.binding(), s.k.binding(), s.v.binding(), s.attn.binding()],
+        groups_1d(params.rows),
+    )
+}
+
+/// `h += o_proj(a)`.
+pub fn o_residual(rec: &mut Recorder<'_>, l: &GpuLayer, a: &GpuBuffer<f32>, h: &GpuBuffer<f32>, s: &LayerScratch, t: usize) -> Result<(), GpuError> {
+    s.check(t)?;
+    linear(rec, l, ModuleKind::O, t, a, h, true)
+}
+
+/// `post_attention_layernorm`: `s.x2 = norm₂(h)`.
+pub fn post_norm(rec: &mut Recorder<'_>, l: &GpuLayer, h: &GpuBuffer<f32>, s: &LayerScratch, t: usize) -> Result<(), GpuError> {
+    s.check(t)?;
+    rmsnorm(rec, t, l.dims.eps, h, &l.post_norm, &s.x2)
+}
+
+/// `s.act = silu(gate(x2))·up(x2)`.
+pub fn mlp_act(rec: &mut Recorder<'_>, l: &GpuLayer, s: &LayerScratch, t: usize) -> Result<(), GpuError> {
+    s.check(t)?;
+    linear(rec, l, ModuleKind::Gate, t, &s.x2, &s.act, false)?;
+    linear(rec, l, ModuleKind::Up, t, &s.x2, &s.up, false)?;
+    let n = u32_of("swiglu", t * l.dims.intermediate)?;
+    let params = EwParams { n, cols: 1, _pad: [0; 2] };
+    rec.dispatch(&FORWARD_EW, "silu_mul", &[], &params, &[s.up.binding(), s.act.binding()], groups_1d(n.div_ceil(256)))
+}
+
+/// `h += down_proj(s.act)`.
+pub fn down_residual(rec: &mut Recorder<'_>, l: &GpuLayer, h: &GpuBuffer<f32>, s: &LayerScratch, t: usize) -> Result<(), GpuError> {
+    s.check(t)?;
+    linear(rec, l, ModuleKind::Down, t, &s.act, h, true)
+}
+
+/// A whole decoder layer in place on `h` (`nseq` sequences of `seqlen` tokens).
+pub fn forward_layer(
+    rec: &mut Recorder<'_>,
+    l: &GpuLayer,
+    rope: &Rope,
+    h: &GpuBuffer<f32>,
+    s: &LayerScratch,
+    nseq: usize,
+    seqlen: usize,
 ) -> Result<(), GpuError> {
-    Err(pending())
+    let t = nseq * seqlen;
+    input_norm(rec, l, h, s, t)?;
+    attention(rec, l, rope, s, nseq, seqlen)?;
+    o_residual(rec, l, &s.attn, h, s, t)?;
+    post_norm(rec, l, h, s, t)?;
+    mlp_act(rec, l, s, t)?;
+    down_residual(rec, l, h, s, t)
+}
+
+/// "Run layer i up to the input of module m": the stages needed so that `m`'s input sits in `s`
+/// (`x1` for q/k/v, `attn` for o, `x2` for gate/up, `act` for down). `h` is advanced by the
+/// attention residual for the MLP modules, as the layer would.
+pub fn run_to_module_input(
+    rec: &mut Recorder<'_>,
+    l: &GpuLayer,
+    rope: &Rope,
+    h: &GpuBuffer<f32>,
+    s: &LayerScratch,
+    nseq: usize,
+    seqlen: usize,
+    m: ModuleKind,
+) -> Result<(), GpuError> {
+    let t = nseq * seqlen;
+    input_norm(rec, l, h, s, t)?;
+    if matches!(m, ModuleKind::Q | ModuleKind::K | ModuleKind::V) {
+        return Ok(());
+    }
+    attention(rec, l, rope, s, nseq, seqlen)?;
+    if m == ModuleKind::O {
+        return Ok(());
+    }
+    o_residual(rec, l, &s.attn, h, s, t)?;
+    post_norm(rec, l, h, s, t)?;
+    if matches!(m, ModuleKind::Gate | ModuleKind::Up) {
+        return Ok(());
+    }
+    mlp_act(rec, l, s, t)
 }

@@ -47,14 +47,14 @@ fn normal(rng: &mut ChaCha8Rng) -> f32 {
 }
 
 impl SyntheticModel {
-    /// The demo shape: hidden 128, intermediate 352, 4 layers, 4 heads / 2 kv heads, head_dim 32,
+    /// The demo shape: hidden 128, intermediate 384, 4 layers, 4 heads / 2 kv heads, head_dim 32,
     /// vocab 512, untied lm_head.
     pub fn demo_config() -> ModelConfig {
         ModelConfig {
             architecture: Architecture::Llama,
             architecture_name: "LlamaForCausalLM".into(),
             hidden_size: 128,
-            intermediate_size: 352,
+            intermediate_size: 384,
             num_layers: 4,
             num_heads: 4,
             num_kv_heads: 2,

@@ -70,6 +70,9 @@ pub struct PipelineConfig {
     /// Keep streams on the host even when they fit on the GPU.
     pub force_host_streams: bool,
     pub solver: Solver,
+    /// Stop at this (layer, module) and return its statistics instead of solving it (layer lab).
+    #[serde(skip)]
+    pub capture: Option<(usize, ModuleKind)>,
 }
 
 impl Default for PipelineConfig {
@@ -84,6 +87,7 @@ impl Default for PipelineConfig {
             gpu_budget_bytes: 8 << 30,
             force_host_streams: false,
             solver: Solver::Gpu,
+            capture: None,
         }
     }
 }
@@ -118,6 +122,55 @@ pub enum PipelineError {
     },
     #[error("cancelled")]
     Cancelled,
+    /// Internal: the configured capture point was reached ([`capture`] turns this into `Ok`).
+    #[error("stopped at the capture point (layer {}, {})", .0.layer, .0.module.short_name())]
+    Captured(Box<CapturedModule>),
+}
+
+/// One module's solve inputs, captured from a real run for the layer lab: re-solving it with any
+/// settings reproduces what the pipeline would have done at that point, and every error metric is
+/// exact from these n×n matrices (X rows are calibration tokens, N sequences, ΔX = X_fp − X_q):
+/// `H = 2/N·X_qᵀX_q`, `D = 2/N·ΔXᵀX_q`, `E = 2/N·ΔXᵀΔX`, so with ΔW = W − Q
+/// - ‖ΔW X_qᵀ‖² = N/2·tr(ΔW H ΔWᵀ),
+/// - ‖W ΔXᵀ‖² = N/2·tr(W E Wᵀ),
+/// - ‖Q X_qᵀ − W X_fpᵀ‖² = ‖ΔW X_qᵀ + W ΔXᵀ‖² = N/2·tr(ΔW H ΔWᵀ + W E Wᵀ + 2·ΔW Dᵀ Wᵀ),
+/// - ‖W X_fpᵀ‖² = N/2·tr(W (H + D + Dᵀ + E) Wᵀ).
+#[derive(Clone, Debug)]
+pub struct CapturedModule {
+    pub layer: usize,
+    pub module: ModuleKind,
+    pub rows: usize,
+    pub cols: usize,
+    pub nsamples: usize,
+    /// Original weights `[rows, cols]`.
+    pub w: Vec<f32>,
+    pub h: Vec<f32>,
+    pub d: Vec<f32>,
+    pub e: Vec<f32>,
+}
+
+/// Runs the pipeline on `inputs` up to `(layer, module)` (earlier modules quantized with
+/// `config`'s method) and returns that module's statistics.
+pub fn capture(
+    ctx: &GpuContext,
+    inputs: &Inputs,
+    config: &PipelineConfig,
+    layer: usize,
+    module: ModuleKind,
+    emit: &mut dyn FnMut(Event),
+    cancel: &AtomicBool,
+) -> Result<CapturedModule, PipelineError> {
+    let layers = inputs.source.config().num_layers;
+    if layer >= layers {
+        return Err(PipelineError::Input(format!("layer {layer} does not exist (the model has {layers})")));
+    }
+    let mut cfg = config.clone();
+    cfg.capture = Some((layer, module));
+    match run_prepared(ctx, inputs, &cfg, emit, cancel) {
+        Err(PipelineError::Captured(c)) => Ok(*c),
+        Err(e) => Err(e),
+        Ok(_) => Err(PipelineError::Input(format!("capture point layer {layer} {} was not reached", module.short_name()))),
+    }
 }
 
 /// A model and calibration set resolved from a [`Job`], kept so that a side-by-side comparison can

@@ -1,0 +1,170 @@
+//! Forward pass: every decoder-layer kernel against the f64 CPU reference on awkward shapes, the full
+//! model against transformers' logits (golden file), greedy decoding against llama2.c's output, and
+//! GPU perplexity against the CPU reference.
+
+mod common;
+
+use std::sync::atomic::AtomicBool;
+
+use gptaq_studio::eval::{self, EvalOptions};
+use gptaq_studio::forward::{self, GpuLayer, LayerScratch, Rope, cpu};
+use gptaq_studio::gpu::test_context;
+use gptaq_studio::model::synthetic::SyntheticModel;
+use gptaq_studio::model::weights::SafetensorsModel;
+use gptaq_studio::model::{ModelConfig, RopeScaling, WeightSource};
+
+fn config(hidden: usize, inter: usize, heads: usize, kv: usize, hd: usize) -> ModelConfig {
+    let mut c = SyntheticModel::demo_config();
+    c.hidden_size = hidden;
+    c.intermediate_size = inter;
+    c.num_heads = heads;
+    c.num_kv_heads = kv;
+    c.head_dim = hd;
+    c.num_layers = 1;
+    c.vocab_size = 97;
+    c
+}
+
+/// One layer on the GPU vs f64, relative to the output's RMS.
+fn check_layer(name: &str, cfg: ModelConfig, nseq: usize, seqlen: usize, seed: u64) {
+    let Some(ctx) = test_context() else { return };
+    let model = SyntheticModel::with_config(cfg.clone(), seed);
+    let lw = model.layer(0).unwrap();
+    let t = nseq * seqlen;
+    let ids: Vec<u32> = (0..t).map(|i| ((i * 31 + 7) % cfg.vocab_size) as u32).collect();
+    let h0 = model.embed(&ids).unwrap();
+    let mut expected: Vec<f64> = h0.iter().map(|&v| f64::from(v)).collect();
+    cpu::layer_forward(&cfg, &lw, &mut expected, nseq, seqlen);
+
+    let gl = GpuLayer::upload(&ctx, &cfg, &lw).unwrap();
+    let rope = Rope::new(&ctx, &cfg, seqlen).unwrap();
+    let s = LayerScratch::new(&ctx, &cfg, t).unwrap();
+    let h = ctx.upload("h", &h0).unwrap();
+    let mut rec = ctx.recorder();
+    forward::forward_layer(&mut rec, &gl, &rope, &h, &s, nseq, seqlen).unwrap();
+    rec.submit();
+    let got = ctx.read(&h).unwrap();
+    let rms = (expected.iter().map(|v| v * v).sum::<f64>() / expected.len() as f64).sqrt();
+    common::assert_close(
+        &format!("{name}: layer output, hidden {} heads {}/{} hd {} nseq {nseq} seqlen {seqlen}", cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim),
+        &got,
+        &expected,
+        2e-5 * rms.max(1.0),
+        1e-4,
+    );
+}
+
+#[test]
+fn layer_matches_reference_on_awkward_shapes() {
+    // (name, config, nseq, seqlen): GQA 8/4 with hd 8 and intermediate 172 (stories260K-like);
+    // seqlen 1, primes, more than one 64-key chunk; MHA; hd 128 and 256 (several dims per thread).
+    check_layer("gqa-hd8", config(64, 172, 8, 4, 8), 2, 67, 1);
+    check_layer("seqlen1", config(64, 172, 8, 4, 8), 3, 1, 2);
+    check_layer("mha-prime", config(36, 50, 3, 3, 12), 1, 131, 3);
+    check_layer("hd128", config(256, 96, 2, 1, 128), 2, 13, 4);
+    check_layer("hd256", config(256, 64, 2, 2, 256), 1, 70, 5);
+}
+
+#[test]
+fn layer_variants_bias_qknorm_rope_scaling() {
+    let mut qwen2 = config(48, 80, 4, 2, 12);
+    qwen2.attention_bias = true;
+    check_layer("qwen2-bias", qwen2, 2, 19, 6);
+    let mut qwen3 = config(64, 96, 4, 2, 16);
+    qwen3.qk_norm = true;
+    check_layer("qwen3-qknorm", qwen3, 1, 33, 7);
+    let mut mlpb = config(32, 64, 2, 1, 16);
+    mlpb.mlp_bias = true;
+    check_layer("mlp-bias", mlpb, 2, 5, 8);
+    let mut l3 = config(64, 128, 4, 2, 16);
+    l3.rope_theta = 500000.0;
+    l3.rope_scaling = RopeScaling::Llama3 {
+        factor: 8.0,
+        low_freq_factor: 1.0,
+        high_freq_factor: 4.0,
+        original_max_position_embeddings: 64.0,
+    };
+    check_layer("llama3-rope", l3, 1, 100, 9);
+}
+
+#[test]
+fn unsupported_head_dim_is_an_error() {
+    let Some(ctx) = test_context() else { return };
+    let cfg = config(32, 32, 1, 1, 512);
+    let model = SyntheticModel::with_config(config(32, 32, 1, 1, 32), 1);
+    let lw = model.layer(0).unwrap();
+    let e = GpuLayer::upload(&ctx, &cfg, &lw).err().expect("head_dim 512 must be refused");
+    assert!(e.to_string().contains("head_dim 512"), "{e}");
+}
+
+#[test]
+fn tiny_llama_logits_match_transformers() {
+    let Some(dir) = common::test_data_dir() else { return };
+    let Some(ctx) = test_context() else { return };
+    let model = SafetensorsModel::open(dir.join("tiny-llama-15m")).unwrap();
+    let golden = std::fs::read(dir.join("tiny-llama-15m/golden_logits.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&golden).unwrap();
+    let ids_t = st.tensor("input_ids").unwrap();
+    let ids: Vec<u32> = match ids_t.dtype() {
+        safetensors::Dtype::I64 => ids_t.data().chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap()) as u32).collect(),
+        safetensors::Dtype::I32 => ids_t.data().chunks_exact(4).map(|b| i32::from_le_bytes(b.try_into().unwrap()) as u32).collect(),
+        d => panic!("unexpected input_ids dtype {d:?}"),
+    };
+    let lt = st.tensor("logits").unwrap();
+    assert_eq!(lt.dtype(), safetensors::Dtype::F32);
+    let expected: Vec<f64> = lt.data().chunks_exact(4).map(|b| f64::from(f32::from_le_bytes(b.try_into().unwrap()))).collect();
+    let got = eval::logits(&ctx, &model, &ids).unwrap();
+    // bf16 weights widened exactly; differences are f32 summation order only.
+    common::assert_close("tiny-llama-15m logits vs transformers fp32 [64, 4096]", &got, &expected, 1e-3, 1e-4);
+}
+
+#[test]
+fn stories260k_greedy_matches_golden() {
+    let Some(dir) = common::test_data_dir() else { return };
+    let Some(ctx) = test_context() else { return };
+    let model = SafetensorsModel::open(dir.join("stories260K")).unwrap();
+    let golden: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("stories260K/golden_greedy_256.json")).unwrap()).unwrap();
+    let want: Vec<u32> = golden["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    let tok = gptaq_studio::model::tokenizer::Tokenizer::from_dir(dir.join("stories260K")).unwrap();
+    let prompt = tok.encode(golden["prompt"].as_str().unwrap(), true).unwrap();
+    assert_eq!(prompt[..], want[..prompt.len()], "tokenized prompt differs from the golden ids");
+    let v = model.config().vocab_size;
+    // Greedy decoding is "each next token is the argmax given the prefix"; with the golden prefix
+    // fed in full (teacher forcing) one causal forward checks every step at once.
+    let lg = eval::logits(&ctx, &model, &want[..want.len() - 1]).unwrap();
+    for pos in prompt.len()..want.len() {
+        let row = &lg[(pos - 1) * v..pos * v];
+        let next = row.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &x)| if x > b.1 { (i, x) } else { b }).0 as u32;
+        assert_eq!(next, want[pos], "greedy token {pos} differs: got {next}, expected {}", want[pos]);
+    }
+}
+
+#[test]
+fn perplexity_matches_cpu_reference() {
+    let Some(ctx) = test_context() else { return };
+    let mut cfg = SyntheticModel::demo_config();
+    cfg.num_layers = 2;
+    let model = SyntheticModel::with_config(cfg, 11);
+    let windows: Vec<Vec<u32>> = (0..3).map(|w| (0..37).map(|i| ((i * 13 + w * 101 + 5) % 512) as u32).collect()).collect();
+    let expected = cpu::mean_nll(&model, &windows).unwrap();
+    // Small batches force several batches and vocabulary chunks.
+    let opts = EvalOptions { batch_tokens: 40, ..Default::default() };
+    let got = eval::perplexity(&ctx, &model, &windows, &opts, &mut |_, _| {}, &AtomicBool::new(false)).unwrap();
+    assert_eq!(got.predictions, 3 * 36);
+    assert!((got.mean_nll - expected).abs() < 1e-4 * expected.max(1.0), "mean NLL got {} expected {expected}", got.mean_nll);
+    // Host-spilled stream gives the same answer.
+    let opts = EvalOptions { stream_budget_bytes: 0, batch_tokens: 40, ..Default::default() };
+    let spilled = eval::perplexity(&ctx, &model, &windows, &opts, &mut |_, _| {}, &AtomicBool::new(false)).unwrap();
+    assert!((spilled.mean_nll - got.mean_nll).abs() < 1e-6, "spilled {} vs {}", spilled.mean_nll, got.mean_nll);
+}
+
+#[test]
+fn perplexity_rejects_bad_input() {
+    let Some(ctx) = test_context() else { return };
+    let model = SyntheticModel::new(1);
+    let c = AtomicBool::new(false);
+    let e = eval::perplexity(&ctx, &model, &[], &EvalOptions::default(), &mut |_, _| {}, &c).unwrap_err();
+    assert!(e.to_string().contains("at least one window"), "{e}");
+    let e = eval::perplexity(&ctx, &model, &[vec![1, 99999]], &EvalOptions::default(), &mut |_, _| {}, &c).unwrap_err();
+    assert!(e.to_string().contains("99999"), "{e}");
+}
