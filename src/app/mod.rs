@@ -266,7 +266,7 @@ impl AppState {
             }
             WorkerEvent::Model(Ok(info)) => {
                 if self.model.as_ref() == Some(&info.input) {
-                    self.model_view = ModelView::Ready(Box::new(info));
+                    self.model_view = ModelView::Ready(info);
                 }
             }
             WorkerEvent::Model(Err((input, msg))) => {
@@ -518,7 +518,7 @@ mod tests {
         let cmd = st.choose_demo();
         assert!(matches!(cmd, Command::Inspect(ModelInput::Demo { .. })));
         let info = worker::inspect_model(st.model.as_ref().unwrap()).unwrap();
-        st.apply(WorkerEvent::Model(Ok(info)));
+        st.apply(WorkerEvent::Model(Ok(Box::new(info))));
         assert!(st.model_info().is_some());
         let Some(Command::Start { compare, .. }) = st.start_command() else {
             panic!("demo settings must validate: {:?}", st.messages)

@@ -168,7 +168,7 @@ impl Settings {
         Self {
             nsamples: 32,
             seqlen: 128,
-            group_size: 32,
+            group_size: 128,
             ..Self::default()
         }
     }
@@ -218,6 +218,7 @@ impl Settings {
             } else {
                 Solver::Gpu
             },
+            ..PipelineConfig::default()
         }
     }
 
@@ -632,10 +633,10 @@ impl Session {
 
     pub fn from_report(path: PathBuf, report: SavedReport) -> Self {
         let runs = match report {
-            SavedReport::Single(r) => vec![RunData::from_report(RunSlot::Single, r)],
+            SavedReport::Single(r) => vec![RunData::from_report(RunSlot::Single, *r)],
             SavedReport::Comparison { gptq, gptaq } => vec![
-                RunData::from_report(RunSlot::Gptq, gptq),
-                RunData::from_report(RunSlot::Gptaq, gptaq),
+                RunData::from_report(RunSlot::Gptq, *gptq),
+                RunData::from_report(RunSlot::Gptaq, *gptaq),
             ],
         };
         let calibration = runs
@@ -753,11 +754,11 @@ impl Session {
         let rep = |s: RunSlot| self.run(s).and_then(|r| r.report.clone());
         if self.is_comparison() {
             Some(SavedReport::Comparison {
-                gptq: rep(RunSlot::Gptq)?,
-                gptaq: rep(RunSlot::Gptaq)?,
+                gptq: Box::new(rep(RunSlot::Gptq)?),
+                gptaq: Box::new(rep(RunSlot::Gptaq)?),
             })
         } else {
-            rep(RunSlot::Single).map(SavedReport::Single)
+            rep(RunSlot::Single).map(|r| SavedReport::Single(Box::new(r)))
         }
     }
 }
@@ -766,8 +767,11 @@ impl Session {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum SavedReport {
-    Comparison { gptq: RunReport, gptaq: RunReport },
-    Single(RunReport),
+    Comparison {
+        gptq: Box<RunReport>,
+        gptaq: Box<RunReport>,
+    },
+    Single(Box<RunReport>),
 }
 
 /// Table columns (also the sort keys).
@@ -1140,14 +1144,14 @@ pub(crate) mod tests {
         let input = ModelInput::Demo { seed: 0 };
         let mut s = Settings::demo();
         assert!(s.validate(Some(&input), None, Some(&c)).is_empty());
-        s.group_size = 128; // 352 = intermediate is not a multiple of 128
+        s.group_size = 100;
         let issues = s.validate(Some(&input), None, Some(&c));
         assert_eq!(issues.len(), 1, "{issues:?}");
         assert!(
-            issues[0].message.contains("does not divide the 352"),
+            issues[0].message.contains("does not divide the 128"),
             "{issues:?}"
         );
-        assert_eq!(s.group_suggestion(&c), Some(32));
+        assert_eq!(s.group_suggestion(&c), Some(64));
         s.group_size = 0;
         s.bits = 5;
         s.alpha = 2.0;

@@ -70,7 +70,7 @@ pub enum WorkerEvent {
     Adapters(Vec<AdapterSummary>),
     /// The device in use, or why none could be opened.
     Device(Result<AdapterSummary, String>),
-    Model(Result<ModelInfo, (ModelInput, String)>),
+    Model(Result<Box<ModelInfo>, (ModelInput, String)>),
     /// The model is open and the calibration windows are sampled.
     Prepared {
         model: String,
@@ -268,7 +268,7 @@ impl Worker {
                 self.open_device();
             }
             Command::Inspect(input) => {
-                let r = inspect_model(&input).map_err(|e| (input, e));
+                let r = inspect_model(&input).map(Box::new).map_err(|e| (input, e));
                 self.sink.send(WorkerEvent::Model(r));
             }
             Command::Start { job, compare } => self.start(*job, compare),
@@ -390,8 +390,12 @@ impl Worker {
 
     /// THE integration point for evaluation and export (one place on purpose).
     ///
-    /// To wire it: for `Eval`, run `crate::eval` on `text` with `held.inputs.source` (FP) and the
-    /// quantized model of `slot`, and answer `WorkerEvent::EvalDone(rows)`; for `Export`, call
+    /// To wire it: for `Eval`, tokenize `text` into windows as `cli eval` does, then call
+    /// `crate::eval::perplexity(ctx, source, &windows, &EvalOptions::default(), &mut |_, _| {},
+    /// &self.cancel)` once with `held.inputs.source` (FP) and once with
+    /// `crate::eval::Overlay { base: held.inputs.source.as_ref(), modules: &model.modules }`, and
+    /// answer `WorkerEvent::EvalDone(vec![EvalRow { label: "FP", .. }, EvalRow { label: "GPTAQ", .. }])`;
+    /// for `Export`, call
     /// `crate::export::write_checkpoint(&out, held.inputs.source.as_ref(), source_dir, model,
     /// &ExportOptions::default())` where `source_dir` is the `ModelInput::Dir` of `held.job.model`,
     /// and answer `WorkerEvent::Exported(out)`. Errors go in `WorkerEvent::Error`.
