@@ -254,3 +254,64 @@ fn demo_run_to_completion_on_gpu() {
     h.step();
     h.get_by_label_contains("|W-Q|");
 }
+
+/// GPTQ and GPTAQ on the same prepared windows: both runs finish and both tables fill.
+#[test]
+fn side_by_side_demo_run_on_gpu() {
+    let Some(probe) = gptaq_studio::gpu::test_context() else {
+        return;
+    };
+    drop(probe);
+    let mut h = Harness::builder()
+        .with_size([1500.0, 1000.0])
+        .build_ui_state(
+            |ui, app: &mut StudioApp| {
+                let ctx = ui.ctx().clone();
+                app.logic(&ctx);
+                app.ui(ui);
+            },
+            StudioApp::new(gptaq_studio::gpu::GpuOptions::from_env()),
+        );
+    h.step();
+    h.get_by_label("Demo").click();
+    let t0 = std::time::Instant::now();
+    while h.state().state.model_info().is_none() {
+        assert!(t0.elapsed().as_secs() < 120, "no model summary");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        h.step();
+    }
+    {
+        let s = &mut h.state_mut().state.settings;
+        s.nsamples = 2;
+        s.seqlen = 16;
+        s.method = gptaq_studio::app::state::MethodChoice::SideBySide;
+    }
+    h.step();
+    h.get_by_label("Start").click();
+    h.step();
+    while h
+        .state()
+        .state
+        .session
+        .as_ref()
+        .is_none_or(|s| s.is_active())
+    {
+        assert!(t0.elapsed().as_secs() < 300, "comparison did not finish");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        h.step();
+    }
+    let session = h.state().state.session.clone().expect("session");
+    assert_eq!(
+        session.phase,
+        gptaq_studio::app::state::Phase::Finished,
+        "messages: {:?}",
+        h.state().state.messages
+    );
+    let gptq = session.run(RunSlot::Gptq).expect("gptq run");
+    let gptaq = session.run(RunSlot::Gptaq).expect("gptaq run");
+    assert_eq!(gptq.modules.len(), gptq.layers * 7);
+    assert_eq!(gptaq.modules.len(), gptaq.layers * 7);
+    assert_eq!(gptq.method, "gptq");
+    assert_eq!(gptaq.method, "gptaq");
+    assert!(session.saved_report().is_some());
+}
