@@ -4,11 +4,17 @@
 //! Sizes come from `GPTAQ_BENCH_SIZES` (comma-separated, default "256,512" so that lavapipe
 //! finishes; on a real GPU use e.g. `GPTAQ_BENCH_SIZES=1024,4096`). The rank-k update uses T = 4·n
 //! tokens. The adapter is chosen by `GPTAQ_BACKEND` / `GPTAQ_ADAPTER`.
+//!
+//! `quant_solve` times the whole GPU GPTQ / GPTAQ solve (`quant::gpu::quantize_gpu`: H readback,
+//! f64 host factorisation, P, the blocked sweep, readback) for square r = n problems at the same
+//! sizes, 4-bit sym, gs = 128, B = 128 (the configuration of algorithm.md §2.6).
 #![allow(clippy::expect_used)]
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use gptaq_studio::gpu::ops::{self, MatView};
 use gptaq_studio::gpu::{GpuContext, GpuOptions};
+use gptaq_studio::quant::gpu::quantize_gpu;
+use gptaq_studio::quant::{Method, QuantConfig};
 
 fn sizes() -> Vec<usize> {
     std::env::var("GPTAQ_BENCH_SIZES")
@@ -77,6 +83,39 @@ fn bench_kernels(c: &mut Criterion) {
                 ctx.sync().expect("sync");
             })
         });
+    }
+    g.finish();
+    let mut g = c.benchmark_group("quant_solve");
+    g.sample_size(10);
+    for n in sizes() {
+        // H = 2/T·XᵀX + I with T = 2n (well conditioned), D a small multiple of H.
+        let t = 2 * n;
+        let x = ctx.upload("x", &data(t * n)).expect("upload x");
+        let h = ctx.zeros::<f32>("h", n * n).expect("alloc h");
+        let eye: Vec<f32> = (0..n * n)
+            .map(|i| if i / n == i % n { 1.0 } else { 0.0 })
+            .collect();
+        ctx.write(&h, 0, &eye);
+        let mut rec = ctx.recorder();
+        ops::syrk_xtx(&mut rec, t, n, 2.0 / t as f32, MatView::new(&x, n), 1.0, &h).expect("syrk");
+        rec.submit();
+        let d = ctx.zeros::<f32>("d", n * n).expect("alloc d");
+        let mut rec = ctx.recorder();
+        ops::axpby(&mut rec, n * n, 0.05, &h, 0.0, &h, &d).expect("axpby");
+        rec.submit();
+        let w: Vec<f32> = data(n * n).iter().map(|v| v * 0.37 + 0.01).collect();
+        for (name, method) in [
+            ("gptq", Method::Gptq),
+            ("gptaq", Method::Gptaq { alpha: 0.25 }),
+        ] {
+            let cfg = QuantConfig {
+                method,
+                ..QuantConfig::default()
+            };
+            g.bench_function(format!("{name} {n}x{n}"), |bch| {
+                bch.iter(|| quantize_gpu(&ctx, &w, n, n, &h, Some(&d), &cfg).expect("solve"))
+            });
+        }
     }
     g.finish();
 }

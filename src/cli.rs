@@ -459,6 +459,25 @@ fn quantize(gpu: &GpuArgs, args: &QuantizeArgs) -> anyhow::Result<()> {
         std::fs::write(path, json).with_context(|| format!("writing the report to {}", path.display()))?;
         eprintln!("report: {}", path.display());
     }
+    if let Some(out) = &args.out {
+        let opts = crate::export::ExportOptions {
+            force: args.force,
+            ..Default::default()
+        };
+        let summary = crate::export::write_checkpoint(out, inputs.source.as_ref(), args.model.as_deref(), &q, &opts)
+            .with_context(|| format!("exporting to {}", out.display()))?;
+        eprintln!(
+            "exported GPTQ checkpoint: {} ({} quantized modules, {} tensors in {} shard(s), desc_act {})",
+            summary.dir.display(),
+            summary.quantized_modules,
+            summary.tensors,
+            summary.shards.len(),
+            summary.desc_act
+        );
+        for w in &summary.warnings {
+            eprintln!("  note: {w}");
+        }
+    }
     if let Some(text) = &args.eval {
         let dir = args.model.as_deref().context("--eval needs a model directory (not --demo)")?;
         let windows = eval_windows_for(dir, text, args.eval_seqlen, args.eval_windows)?;
@@ -544,9 +563,21 @@ fn eval_cmd(gpu: &GpuArgs, args: &EvalArgs) -> anyhow::Result<()> {
 
 /// An FP safetensors directory or a GPTQ checkpoint (recognised by quantize_config.json).
 fn open_any_model(dir: &Path) -> anyhow::Result<Box<dyn crate::model::WeightSource>> {
+    if dir.join("quantize_config.json").is_file() || config_has_quantization(dir) {
+        return Ok(Box::new(
+            crate::export::GptqModel::open(dir).with_context(|| format!("opening GPTQ checkpoint {}", dir.display()))?,
+        ));
+    }
     Ok(Box::new(
         crate::model::weights::SafetensorsModel::open(dir).with_context(|| format!("opening {}", dir.display()))?,
     ))
+}
+
+fn config_has_quantization(dir: &Path) -> bool {
+    std::fs::read_to_string(dir.join("config.json"))
+        .ok()
+        .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+        .is_some_and(|v| v.get("quantization_config").is_some())
 }
 
 fn devices(gpu: &GpuArgs, json: bool) -> anyhow::Result<()> {

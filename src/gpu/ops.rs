@@ -56,6 +56,19 @@ impl<'a> MatView<'a> {
     }
 }
 
+/// Out-of-bounds storage accesses are silently clamped or dropped by WGSL's robust buffer access,
+/// so launchers check every extent up front: a too-small buffer is a bug to report, never a
+/// silently wrong result.
+fn check_len(what: &str, buf: &GpuBuffer<f32>, needed: usize) -> Result<(), GpuError> {
+    if buf.len() < needed {
+        return Err(GpuError::Validation(format!(
+            "{what}: buffer holds {} elements, the kernel needs {needed}",
+            buf.len()
+        )));
+    }
+    Ok(())
+}
+
 fn u32_of(what: &str, v: usize) -> Result<u32, GpuError> {
     u32::try_from(v).map_err(|_| GpuError::TooLarge {
         what: what.to_string(),
@@ -98,6 +111,16 @@ fn gemm_impl(
         return Ok(());
     }
     debug_assert!(!c.trans, "C cannot be transposed");
+    if k > 0 {
+        // Stored shapes: op(A) is M×K, so A is stored K×M when transposed (likewise B).
+        let extent = |v: &MatView<'_>, r: usize, c: usize| {
+            let (sr, sc) = if v.trans { (c, r) } else { (r, c) };
+            v.offset + (sr - 1) * v.ld + sc
+        };
+        check_len("gemm A", a.buf, extent(&a, m, k))?;
+        check_len("gemm B", b.buf, extent(&b, k, n))?;
+    }
+    check_len("gemm C", c.buf, c.offset + (m - 1) * c.ld + n)?;
     let params = GemmParams {
         m: u32_of("gemm M", m)?,
         n: u32_of("gemm N", n)?,
@@ -210,6 +233,9 @@ pub fn axpby(
     y: &GpuBuffer<f32>,
     out: &GpuBuffer<f32>,
 ) -> Result<(), GpuError> {
+    check_len("axpby x", x, n)?;
+    check_len("axpby y", y, n)?;
+    check_len("axpby out", out, n)?;
     let params = EwParams {
         n: u32_of("axpby n", n)?,
         cols: 0,
@@ -235,6 +261,9 @@ pub fn mul(
     y: &GpuBuffer<f32>,
     out: &GpuBuffer<f32>,
 ) -> Result<(), GpuError> {
+    check_len("mul x", x, n)?;
+    check_len("mul y", y, n)?;
+    check_len("mul out", out, n)?;
     let params = EwParams {
         n: u32_of("mul n", n)?,
         cols: 0,

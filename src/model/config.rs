@@ -71,6 +71,58 @@ impl ModelConfig {
     pub fn kv_dim(&self) -> usize {
         self.num_kv_heads * self.head_dim
     }
+    /// A Hugging Face config.json for this config (used when exporting a model that has no
+    /// config.json of its own, i.e. the synthetic demo model). [`ModelConfig::parse`] of the result
+    /// gives back `self`; `hidden_act` is always SiLU (the only activation the forward pass runs).
+    pub fn to_hf_json(&self) -> serde_json::Value {
+        let model_type = match self.architecture {
+            Architecture::Llama => "llama",
+            Architecture::Mistral => "mistral",
+            Architecture::Qwen2 => "qwen2",
+            Architecture::Qwen3 => "qwen3",
+        };
+        let rope_scaling = match &self.rope_scaling {
+            RopeScaling::Default => serde_json::Value::Null,
+            RopeScaling::Linear { factor } => {
+                serde_json::json!({"rope_type": "linear", "factor": factor})
+            }
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => serde_json::json!({
+                "rope_type": "llama3",
+                "factor": factor,
+                "low_freq_factor": low_freq_factor,
+                "high_freq_factor": high_freq_factor,
+                "original_max_position_embeddings": original_max_position_embeddings,
+            }),
+        };
+        serde_json::json!({
+            "architectures": [self.architecture_name],
+            "model_type": model_type,
+            "hidden_act": "silu",
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "vocab_size": self.vocab_size,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": rope_scaling,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "attention_bias": self.attention_bias,
+            "mlp_bias": self.mlp_bias,
+            "torch_dtype": self.dtype.name(),
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+        })
+    }
+
     /// `(out_features, in_features)` of a decoder linear.
     pub fn linear_shape(&self, m: super::ModuleKind) -> (usize, usize) {
         use super::ModuleKind::*;

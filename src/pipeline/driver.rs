@@ -175,7 +175,7 @@ pub fn quantize(
         a_fp: ctx.zeros("work a_fp", if fp_stream { max_tokens * mc.q_dim() } else { 1 })?,
         s_q: LayerScratch::new(ctx, &mc, max_tokens)?,
         s_fp: LayerScratch::new(ctx, &mc, if fp_stream { max_tokens } else { 1 })?,
-        diff: ctx.zeros("work diff", if gptaq { max_tokens * widest } else { 1 })?,
+        diff: ctx.zeros("work diff", if gptaq || cfg.capture.is_some() { max_tokens * widest } else { 1 })?,
         metric: MetricScratch::new(ctx, if fp_stream { max_tokens } else { 1 }, if fp_stream { widest } else { 1 })?,
         hidden_parts: ctx.zeros("hidden partials", 2 * nb * ops::sq_partials_len(max_tokens * h))?,
     };
@@ -590,7 +590,17 @@ fn solve(
         crate::quant::quantizer::rtn_quantize(&lin.weight, rows, cols, qc).map_err(|e| module_err(e.to_string()))?
     } else {
         match cfg.solver {
-            Solver::CpuReference | Solver::Gpu => {
+            Solver::Gpu => {
+                let s = crate::quant::gpu::quantize_gpu(ctx, &lin.weight, rows, cols, &stats.h, stats.d.as_ref(), qc)
+                    .map_err(|e| module_err(e.to_string()))?;
+                // Q goes straight from the solve's buffer into the quantized-stream layer.
+                let mut rec = ctx.recorder();
+                layers.q.set_linear_gpu(&mut rec, m, &s.q)?;
+                rec.submit();
+                secs.insert(m, t.elapsed().as_secs_f64());
+                return Ok(s.result);
+            }
+            Solver::CpuReference => {
                 let h = ctx.read(&stats.h)?;
                 let d = match &stats.d {
                     Some(d) => Some(ctx.read(d)?),

@@ -1,0 +1,255 @@
+// One block of the GPTQ / GPTAQ sweep (algorithm.md §1.2 step 8, §2.2, §6.3).
+//
+// Launched once per block of columns [i1, i1 + cnt) (processing order). Rows are independent, so a
+// workgroup owns a chunk of `rchunk` rows and keeps their block W1 (rchunk × cnt) in workgroup
+// memory. Columns are processed one after another:
+//   1. group start (dynamic groups, k % gs == 0): per-row min/max over W[:, k .. k+gs] read from the
+//      GLOBAL W, which holds only the cross-block updates, never this block's in-block updates: the
+//      reference's stale-W quirk, reproduced on purpose (algorithm.md §1.2 "Quirks"). Params are
+//      written to the table `ptab` ([G][rows][2] = scale, zero) and kept in registers.
+//      Static groups / per-row params (gs = −1) come precomputed in `ptab`, looked up through the
+//      processing-column → group map in `colmap[n + k]`.
+//   2. invocation t < rchunk quantizes row t: code = clamp(round(w/s) + z, 0, maxq) (WGSL round is
+//      half-to-even like torch.round), q = s·(code − z), e = (w − q)/U_kk, loss += (w − q)²/U_kk²/2.
+//   3. all invocations update W1[:, j] for j ≥ i (strided over columns):
+//        GPTQ:  W1[:, j] −= e·U[k, i1+j]
+//        GPTAQ: W1[:, j] −= e·U[k, i1+j] − w·P[k, i1+j]   (w = pre-quantization value, §2.2)
+// At the end the errors e (ebuf[:, 0..cnt]) and, for GPTAQ, the final W1 (ebuf[:, woff..woff+cnt],
+// ≈ the quantized values, §2.2 "Subtlety") are left for the host's cross-block GEMMs.
+//
+// Scales are rounded to f16 when computed (quant/mod.rs deviation), with an exact
+// round-to-nearest-even f32 → f16 emulation (no f16 shader feature needed).
+
+struct Params {
+    rows: u32,
+    n: u32,
+    i1: u32,
+    cnt: u32,
+    rchunk: u32,
+    gs: u32,
+    dynamic_groups: u32,
+    maxq: u32,
+    sym: u32,
+    mse: u32,
+    gptaq: u32,
+    lde: u32,
+    woff: u32,
+    _p0: u32,
+    _p1: u32,
+    _p2: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> w: array<f32>;
+@group(0) @binding(2) var<storage, read> u: array<f32>;
+@group(0) @binding(3) var<storage, read> pm: array<f32>;
+@group(0) @binding(4) var<storage, read> colmap: array<u32>;
+@group(0) @binding(5) var<storage, read_write> ptab: array<f32>;
+@group(0) @binding(6) var<storage, read_write> codes: array<u32>;
+@group(0) @binding(7) var<storage, read_write> ebuf: array<f32>;
+@group(0) @binding(8) var<storage, read_write> loss: array<f32>;
+
+const WG: u32 = 128u;
+// Workgroup memory: 3584 + 2·64 + 2·128 floats = 15.5 KiB (portable 16 KiB limit).
+const W1LEN: u32 = 3584u;
+const MAXR: u32 = 64u;
+
+var<workgroup> w1: array<f32, 3584>;
+var<workgroup> es: array<f32, 64>;
+var<workgroup> ws: array<f32, 64>;
+var<workgroup> smin: array<f32, 128>;
+var<workgroup> smax: array<f32, 128>;
+
+const F16_MIN_SUB: f32 = 5.9604644775390625e-08; // 2^-24
+const F16_MIN_NORMAL: f32 = 6.103515625e-05; // 2^-14
+const F16_MAX: f32 = 65504.0;
+
+// f32 → nearest f16 value (ties to even), clamped into [2^-24, 65504] like
+// quantizer::round_scale_to_f16 (never 0, never infinite).
+fn round_f16(x: f32) -> f32 {
+    if (!(x > 0.0)) {
+        return F16_MIN_SUB;
+    }
+    if (x >= F16_MAX) {
+        return F16_MAX;
+    }
+    if (x < F16_MIN_NORMAL) {
+        // Subnormal f16: multiples of 2^-24; the scaling by 2^24 is exact.
+        return max(round(x * 16777216.0) * F16_MIN_SUB, F16_MIN_SUB);
+    }
+    // Normal: keep 10 of the 23 mantissa bits, round to nearest even on the 13 dropped bits.
+    let b = bitcast<u32>(x);
+    let lsb = (b >> 13u) & 1u;
+    return bitcast<f32>((b + 0xfffu + lsb) & 0xffffe000u);
+}
+
+// quantizer.rs `params_from_range`: (scale, zero) from a range containing 0.
+fn params_from_range(xmin: f32, xmax: f32) -> vec2<f32> {
+    let maxq = f32(p.maxq);
+    let s = round_f16((xmax - xmin) / maxq);
+    var z = f32((p.maxq + 1u) / 2u);
+    if (p.sym == 0u) {
+        z = clamp(round(-xmin / s), 0.0, maxq);
+    }
+    return vec2<f32>(s, z);
+}
+
+fn fake_quant(v: f32, prm: vec2<f32>) -> f32 {
+    let c = clamp(round(v / prm.x) + prm.y, 0.0, f32(p.maxq));
+    return prm.x * (c - prm.y);
+}
+
+// quantizer.rs `find_row_params` for row r, columns [c0, c1) of the global W, given the row's
+// min(rowmin, 0) and max(rowmax, 0).
+fn find_params(mn: f32, mx: f32, r: u32, c0: u32, c1: u32) -> vec2<f32> {
+    var xmin = mn;
+    var xmax = mx;
+    if (p.sym != 0u) {
+        xmax = max(abs(xmin), xmax);
+        if (xmin < 0.0) {
+            xmin = -xmax;
+        }
+    }
+    if (xmin == 0.0 && xmax == 0.0) {
+        xmin = -1.0;
+        xmax = 1.0;
+    }
+    var best = params_from_range(xmin, xmax);
+    if (p.mse != 0u) {
+        // Clipping grid (norm 2.4, grid 100, maxshrink 0.8): 80 candidates, first minimum wins.
+        var best_err = 0.0;
+        for (var i = 0u; i < 80u; i++) {
+            let pp = 1.0 - f32(i) / 100.0;
+            let cand = params_from_range(pp * xmin, pp * xmax);
+            var err = 0.0;
+            for (var c = c0; c < c1; c++) {
+                let v = w[r * p.n + c];
+                let dq = abs(fake_quant(v, cand) - v);
+                if (dq > 0.0) {
+                    err += pow(dq, 2.4);
+                }
+            }
+            if (i == 0u || err < best_err) {
+                best_err = err;
+                best = cand;
+            }
+        }
+    }
+    return best;
+}
+
+@compute @workgroup_size(128)
+fn sweep_block(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    let t = lid.x;
+    let rc = p.rchunk;
+    let n = p.n;
+    let i1 = p.i1;
+    let cnt = p.cnt;
+    let row0 = (wg.x + wg.y * nwg.x) * rc;
+
+    for (var idx = t; idx < rc * cnt; idx += WG) {
+        let rr = idx / cnt;
+        let j = idx % cnt;
+        let r = row0 + rr;
+        var v = 0.0;
+        if (r < p.rows) {
+            v = w[r * n + i1 + j];
+        }
+        w1[rr * cnt + j] = v;
+    }
+
+    let my_row = row0 + t;
+    let row_live = t < rc && my_row < p.rows;
+    var prm = vec2<f32>(1.0, 0.0);
+    var lacc = 0.0;
+    // A dynamic group that started in an earlier block: its params are already in the table.
+    if (row_live && p.dynamic_groups != 0u && (i1 % p.gs) != 0u) {
+        let g = i1 / p.gs;
+        prm = vec2<f32>(ptab[(g * p.rows + my_row) * 2u], ptab[(g * p.rows + my_row) * 2u + 1u]);
+    }
+    workgroupBarrier();
+
+    for (var i = 0u; i < cnt; i++) {
+        let k = i1 + i;
+        if (p.dynamic_groups != 0u && (k % p.gs) == 0u) {
+            // Per-row min/max over the group's columns: WG / rc invocations per row, then the
+            // row's own invocation t (< rc) combines the partials.
+            let tpr = WG / rc;
+            let rr = t % rc;
+            let sub = t / rc;
+            let r = row0 + rr;
+            let c1 = min(k + p.gs, n);
+            var mn = 0.0;
+            var mx = 0.0;
+            if (sub < tpr && r < p.rows) {
+                for (var c = k + sub; c < c1; c += tpr) {
+                    let v = w[r * n + c];
+                    mn = min(mn, v);
+                    mx = max(mx, v);
+                }
+            }
+            smin[t] = mn;
+            smax[t] = mx;
+            workgroupBarrier();
+            if (row_live) {
+                var a = 0.0;
+                var b = 0.0;
+                for (var s = 0u; s < tpr; s++) {
+                    a = min(a, smin[s * rc + t]);
+                    b = max(b, smax[s * rc + t]);
+                }
+                prm = find_params(a, b, my_row, k, c1);
+                let g = k / p.gs;
+                ptab[(g * p.rows + my_row) * 2u] = prm.x;
+                ptab[(g * p.rows + my_row) * 2u + 1u] = prm.y;
+            }
+            workgroupBarrier();
+        }
+        if (row_live) {
+            if (p.dynamic_groups == 0u) {
+                let g = colmap[n + k];
+                prm = vec2<f32>(ptab[(g * p.rows + my_row) * 2u], ptab[(g * p.rows + my_row) * 2u + 1u]);
+            }
+            let wv = w1[t * cnt + i];
+            let code = clamp(round(wv / prm.x) + prm.y, 0.0, f32(p.maxq));
+            let q = prm.x * (code - prm.y);
+            let d = u[k * n + k];
+            let diff = wv - q;
+            lacc += diff * diff / (d * d) / 2.0;
+            let e = diff / d;
+            codes[my_row * n + k] = u32(code);
+            ebuf[my_row * p.lde + i] = e;
+            es[t] = e;
+            ws[t] = wv;
+        }
+        workgroupBarrier();
+        for (var j = i + t; j < cnt; j += WG) {
+            let uij = u[k * n + i1 + j];
+            if (p.gptaq != 0u) {
+                let pij = pm[k * n + i1 + j];
+                for (var rr = 0u; rr < rc; rr++) {
+                    w1[rr * cnt + j] -= es[rr] * uij - ws[rr] * pij;
+                }
+            } else {
+                for (var rr = 0u; rr < rc; rr++) {
+                    w1[rr * cnt + j] -= es[rr] * uij;
+                }
+            }
+        }
+        workgroupBarrier();
+    }
+
+    if (row_live) {
+        loss[my_row] += lacc;
+    }
+    if (p.gptaq != 0u) {
+        for (var idx = t; idx < rc * cnt; idx += WG) {
+            let rr = idx / cnt;
+            let j = idx % cnt;
+            let r = row0 + rr;
+            if (r < p.rows) {
+                ebuf[r * p.lde + p.woff + j] = w1[rr * cnt + j];
+            }
+        }
+    }
+}

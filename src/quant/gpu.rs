@@ -1,0 +1,586 @@
+//! The GPTQ / GPTAQ solve on the GPU (algorithm.md §1.2, §2.2, §6.3, §6.4), matching
+//! [`super::reference::quantize_f64`] up to f32 round-off.
+//!
+//! Pipeline of [`quantize_gpu`]:
+//! 1. **Preparation on the host, in f64** (§1.2 steps 2–7): `H` is read back once; per-row params
+//!    (gs = −1), dead columns, static groups, the act-order permutation (stable descending sort, as
+//!    the reference), damping with GPTQModel's retries and diagonal floors (§1.5) and the inverse
+//!    factor `U` all go through the reference's own functions
+//!    ([`super::reference::inverse_hessian_factor_f64`], [`super::quantizer::find_group_params`]).
+//!    This guarantees identical damping / fallback decisions and costs one n×n readback plus an
+//!    O(n³) f64 factorisation (§6.4 allows the CPU route; a GPU f32 Cholesky is future work).
+//!    `U` is uploaded as f32. The caller's `H` and `D` buffers are never modified (§6.2).
+//! 2. **GPTAQ `P` on the GPU** (§2.2): `D` is permuted and its dead columns zeroed by a gather
+//!    kernel (`quant_gather.wgsl`), then `T = D·Uᵀ` (GEMM), `T ← α·triu₁(T)` (`quant_mask.wgsl`),
+//!    `P = T·U` (GEMM).
+//! 3. **Blocked sweep on the GPU** (§1.2 step 8, §6.3): per block one `quant_sweep.wgsl` dispatch
+//!    (workgroup per row chunk) does the per-column quantization, group parameters at group starts
+//!    (stale-W quirk included), the in-block OBS update and GPTAQ's in-block term; then the lazy
+//!    cross-block update `W[:, i2:] −= Err1·U[i1:i2, i2:]` and, for GPTAQ,
+//!    `W[:, i2:] += W1·P[i1:i2, i2:]` run as two GEMMs.
+//! 4. `quant_finish.wgsl` writes `Q` in the original column order on the GPU; codes, parameters and
+//!    the per-row proxy losses are read back to build the [`QuantResult`].
+//!
+//! Deviations from the f64 reference (all f32 round-off, documented for the tests):
+//! - Updates and `x/scale` are computed in f32, so a code can differ from the reference's where
+//!   `x/scale` lies within round-off of a `.5` tie; through the error feedback such a flip can
+//!   change a few later codes of the same row. Dynamic group parameters are computed from f32
+//!   values and can differ by one f16 ulp in the same near-tie situations.
+//! - Non-finite `D` is not checked up front (it stays on the GPU); non-finite values reaching the
+//!   sweep show up as a non-finite proxy loss and trigger the reference's RTN fallback.
+//! - The proxy loss is accumulated per row in f32 and summed on the host in f64.
+
+use bytemuck::{Pod, Zeroable};
+
+use super::quantizer::{QuantizerSpec, find_group_params, rtn_quantize_f64};
+use super::reference::{self, inverse_hessian_factor_f64};
+use super::{Fallback, Method, QuantConfig, QuantError, QuantResult};
+use crate::gpu::kernels::groups_1d;
+use crate::gpu::ops::{self, MatView};
+use crate::gpu::{GpuBuffer, GpuContext, GpuError};
+
+crate::wgsl_shader!(QUANT_GATHER, "quant_gather");
+crate::wgsl_shader!(QUANT_MASK, "quant_mask");
+crate::wgsl_shader!(QUANT_SWEEP, "quant_sweep");
+crate::wgsl_shader!(QUANT_FINISH, "quant_finish");
+
+/// Invocations per sweep workgroup (`WG` in `quant_sweep.wgsl`).
+const SWEEP_WG: usize = 128;
+/// Floats of the workgroup-resident block `W1` (`W1LEN` in `quant_sweep.wgsl`): bounds
+/// `rows_per_workgroup · min(block_size, cols)`.
+const SWEEP_W1_LEN: usize = 3584;
+/// Most rows per sweep workgroup (`MAXR`): one quantizing invocation per row, ≤ `SWEEP_WG`.
+const SWEEP_MAX_ROWS: usize = 64;
+
+/// Result of [`quantize_gpu`].
+pub struct GpuSolve {
+    /// Same semantics as the reference, ORIGINAL column order.
+    pub result: QuantResult,
+    /// Fake-quantized `Q` `[rows, cols]` on the GPU, original column order (equal to `result.q`).
+    pub q: GpuBuffer<f32>,
+}
+
+/// Why the GPU solve refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum QuantGpuError {
+    #[error("GPU error in the quantization solve: {0}")]
+    Gpu(#[from] GpuError),
+    #[error("quantization input rejected: {0}")]
+    Quant(#[from] QuantError),
+    #[error("not supported by the GPU solve: {0}")]
+    Unsupported(String),
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct NParams {
+    n: u32,
+    alpha: f32,
+    _p: [u32; 2],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct FinishParams {
+    rows: u32,
+    n: u32,
+    _p: [u32; 2],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct SweepParams {
+    rows: u32,
+    n: u32,
+    i1: u32,
+    cnt: u32,
+    rchunk: u32,
+    gs: u32,
+    dynamic_groups: u32,
+    maxq: u32,
+    sym: u32,
+    mse: u32,
+    gptaq: u32,
+    lde: u32,
+    woff: u32,
+    _p: [u32; 3],
+}
+
+fn u32_of(what: &str, v: usize) -> Result<u32, QuantGpuError> {
+    u32::try_from(v).map_err(|_| {
+        QuantGpuError::Gpu(GpuError::TooLarge {
+            what: what.to_string(),
+            bytes: v as u64 * 4,
+            limit: u64::from(u32::MAX),
+        })
+    })
+}
+
+/// Checks what the reference's `check_config` checks (it is private there), plus GPU limits.
+fn check_config(cfg: &QuantConfig, cols: usize) -> Result<QuantizerSpec, QuantGpuError> {
+    let spec = QuantizerSpec::from_config(cfg)?;
+    if cfg.method == Method::Rtn {
+        return Err(QuantGpuError::Unsupported(
+            "Method::Rtn has no solve; use quantizer::rtn_quantize".into(),
+        ));
+    }
+    if cfg.block_size == 0 {
+        return Err(QuantError::InvalidConfig("block_size must be ≥ 1".into()).into());
+    }
+    if cfg.group_size == Some(0) {
+        return Err(
+            QuantError::InvalidConfig("group_size must be ≥ 1 (None = per row)".into()).into(),
+        );
+    }
+    let ok = |v: f64| v.is_finite() && v >= 0.0;
+    if !(ok(cfg.damp_percent) && ok(cfg.damp_auto_increment)) {
+        return Err(QuantError::InvalidConfig(format!(
+            "damp_percent ({}) and damp_auto_increment ({}) must be finite and ≥ 0",
+            cfg.damp_percent, cfg.damp_auto_increment
+        ))
+        .into());
+    }
+    if !cfg.method.alpha().is_finite() {
+        return Err(QuantError::InvalidConfig(format!(
+            "GPTAQ alpha must be finite, got {}",
+            cfg.method.alpha()
+        ))
+        .into());
+    }
+    // The block W1 must fit the sweep's workgroup memory for at least one row.
+    let bs = cfg.block_size.min(cols.max(1));
+    if bs > SWEEP_W1_LEN {
+        return Err(QuantGpuError::Unsupported(format!(
+            "block_size {} > {SWEEP_W1_LEN} (workgroup memory of the sweep kernel)",
+            cfg.block_size
+        )));
+    }
+    Ok(spec)
+}
+
+/// RTN of the original W with the reference's proxy loss `½·tr(ΔW H ΔWᵀ)` on the undamped H,
+/// clamped at 0 (reference `rtn_with_h`).
+fn rtn_fallback(
+    ctx: &GpuContext,
+    w: &[f64],
+    rows: usize,
+    cols: usize,
+    h: &[f64],
+    cfg: &QuantConfig,
+    reason: String,
+) -> Result<GpuSolve, QuantGpuError> {
+    let mut res = rtn_quantize_f64(w, rows, cols, cfg)?;
+    let delta: Vec<f64> = w
+        .iter()
+        .zip(&res.q)
+        .map(|(&a, &b)| a - f64::from(b))
+        .collect();
+    let loss =
+        super::metrics::quadratic_form_trace(&delta, rows, cols, h).map_or(f64::NAN, |v| 0.5 * v);
+    res.proxy_loss_sum = if loss.is_finite() { loss.max(0.0) } else { 0.0 };
+    res.fallback = Some(Fallback::Rtn { reason });
+    let q = ctx.upload("quant q", &res.q)?;
+    Ok(GpuSolve { result: res, q })
+}
+
+/// GPTQ / GPTAQ solve of one module on the GPU. Same inputs and semantics as
+/// [`reference::quantize_reference`] (see there and the module docs for the f32 deviations), except
+/// that `h` (`[cols, cols]`) and `d` (`[cols, cols]`, GPTAQ only) are GPU buffers. Neither is
+/// modified. `d = None` with `Method::Gptaq` is GPTQ (like the reference).
+///
+/// Errors: `Method::Rtn` (not a solve), shape mismatch, non-finite `w`/`h`, invalid config,
+/// block size beyond the kernel's workgroup memory, GPU failures. A Hessian that cannot be factored
+/// is not an error: the result is RTN with [`Fallback::Rtn`], like the reference.
+pub fn quantize_gpu(
+    ctx: &GpuContext,
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    h: &GpuBuffer<f32>,
+    d: Option<&GpuBuffer<f32>>,
+    cfg: &QuantConfig,
+) -> Result<GpuSolve, QuantGpuError> {
+    let spec = check_config(cfg, cols)?;
+    let n = cols;
+    let n_el = rows
+        .checked_mul(cols)
+        .ok_or_else(|| QuantError::InvalidConfig(format!("rows·cols overflows: {rows}×{cols}")))?;
+    super::quantizer::check_matrix("W", w, n_el)?;
+    let nn = n * n;
+    if h.len() != nn {
+        return Err(QuantError::ShapeMismatch {
+            what: "H",
+            expected: nn,
+            got: h.len(),
+        }
+        .into());
+    }
+    let d = match cfg.method {
+        Method::Gptaq { .. } => d,
+        _ => None,
+    };
+    if let Some(d) = d
+        && d.len() != nn
+    {
+        return Err(QuantError::ShapeMismatch {
+            what: "D",
+            expected: nn,
+            got: d.len(),
+        }
+        .into());
+    }
+    u32_of("rows·cols", n_el)?;
+
+    // Step 1: host preparation in f64 (module docs).
+    let h32 = ctx.read(h)?;
+    super::quantizer::check_matrix("H", &h32, nn)?;
+    let w64: Vec<f64> = w.iter().map(|&v| f64::from(v)).collect();
+    let h64: Vec<f64> = h32.iter().map(|&v| f64::from(v)).collect();
+    if n == 0 || rows == 0 {
+        // Nothing to solve: the reference's result (RTN of an empty matrix) on the CPU.
+        let res = reference::quantize_f64(&w64, rows, cols, &h64, None, cfg)?;
+        let q = ctx.upload("quant q", &res.q)?;
+        return Ok(GpuSolve { result: res, q });
+    }
+
+    // IST step 2: per-row params from the whole ORIGINAL rows (before dead zeroing).
+    let row_params = cfg
+        .group_size
+        .is_none()
+        .then(|| find_group_params(&w64, rows, n, 0, n, &spec));
+    // Dead columns.
+    let mut wm = w64.clone();
+    let mut hm = h64.clone();
+    let dead: Vec<bool> = (0..n).map(|j| hm[j * n + j] == 0.0).collect();
+    for j in (0..n).filter(|&j| dead[j]) {
+        hm[j * n + j] = 1.0;
+        for r in 0..rows {
+            wm[r * n + j] = 0.0;
+        }
+    }
+    // Static groups: original column groups, after dead zeroing, before permutation.
+    let static_groups = match cfg.group_size {
+        Some(gs) if cfg.static_groups => Some(
+            (0..n.div_ceil(gs))
+                .map(|g| find_group_params(&wm, rows, n, g * gs, (g + 1) * gs, &spec))
+                .collect::<Vec<_>>(),
+        ),
+        _ => None,
+    };
+    // Act-order: stable descending sort of diag(H) (ties keep ascending index, like the reference).
+    let perm: Option<Vec<usize>> = cfg.act_order.then(|| {
+        let mut p: Vec<usize> = (0..n).collect();
+        p.sort_by(|&a, &b| hm[b * n + b].total_cmp(&hm[a * n + a]));
+        p
+    });
+    let order: Vec<usize> = perm.clone().unwrap_or_else(|| (0..n).collect());
+    let mut wp = vec![0.0_f32; n_el];
+    for r in 0..rows {
+        for (k, &j) in order.iter().enumerate() {
+            wp[r * n + k] = wm[r * n + j] as f32;
+        }
+    }
+    let hp: Vec<f64> = match &perm {
+        Some(p) => {
+            let mut out = vec![0.0_f64; nn];
+            for (a, &pa) in p.iter().enumerate() {
+                for (b, &pb) in p.iter().enumerate() {
+                    out[a * n + b] = hm[pa * n + pb];
+                }
+            }
+            out
+        }
+        None => hm,
+    };
+    let factor = match inverse_hessian_factor_f64(&hp, n, cfg.damp_percent, cfg.damp_auto_increment)
+    {
+        Ok(f) => f,
+        Err(e) => return rtn_fallback(ctx, &w64, rows, cols, &h64, cfg, e.to_string()),
+    };
+    drop(hp);
+    let u32v: Vec<f32> = factor.u.iter().map(|&v| v as f32).collect();
+
+    // Group bookkeeping: table of (scale, zero) per [group][row] and the group of every processing
+    // column. gs = −1: one group; static: perm[k]/gs; dynamic: k/gs, filled by the sweep.
+    let gs = cfg.group_len(n);
+    let (num_groups, dynamic, col_group): (usize, bool, Vec<u32>) =
+        match (cfg.group_size, &static_groups) {
+            (None, _) => (1, false, vec![0; n]),
+            (Some(_), Some(sg)) => (
+                sg.len(),
+                false,
+                order.iter().map(|&j| (j / gs) as u32).collect(),
+            ),
+            (Some(_), None) => (
+                n.div_ceil(gs),
+                true,
+                (0..n).map(|k| (k / gs) as u32).collect(),
+            ),
+        };
+    let mut ptab = vec![0.0_f32; num_groups * rows * 2];
+    let table: Option<Vec<&super::quantizer::GroupParams>> = match (&row_params, &static_groups) {
+        (Some(rp), _) => Some(vec![rp]),
+        (None, Some(sg)) => Some(sg.iter().collect()),
+        (None, None) => None,
+    };
+    if let Some(t) = &table {
+        for (g, gp) in t.iter().enumerate() {
+            for r in 0..rows {
+                ptab[(g * rows + r) * 2] = gp.scale[r] as f32;
+                ptab[(g * rows + r) * 2 + 1] = gp.zero[r] as f32;
+            }
+        }
+    }
+    let mut invperm = vec![0_u32; n];
+    for (k, &j) in order.iter().enumerate() {
+        invperm[j] = k as u32;
+    }
+    let mut meta_finish = invperm.clone();
+    meta_finish.extend_from_slice(&col_group);
+
+    // Uploads.
+    let gw = ctx.upload("quant W", &wp)?;
+    drop(wp);
+    let gu = ctx.upload("quant U", &u32v)?;
+    drop(u32v);
+    let gmeta = ctx.upload("quant meta", &meta_finish)?;
+    let gptab = ctx.upload("quant params", &ptab)?;
+    let gcodes = ctx.zeros::<u32>("quant codes", n_el)?;
+    let gloss = ctx.zeros::<f32>("quant loss", rows)?;
+    let bs = cfg.block_size.min(n);
+    let lde = 2 * bs;
+    let gerr = ctx.zeros::<f32>("quant err", rows * lde)?;
+
+    let n32 = u32_of("cols", n)?;
+    let mut rec = ctx.recorder();
+
+    // Step 2: GPTAQ P (§2.2).
+    let alpha = cfg.method.alpha();
+    let gp: Option<GpuBuffer<f32>> = match d {
+        Some(d) => {
+            let mut meta = order.iter().map(|&j| j as u32).collect::<Vec<u32>>();
+            meta.extend(dead.iter().map(|&x| u32::from(x)));
+            let gmeta_d = ctx.upload("quant perm/dead", &meta)?;
+            let dp = ctx.zeros::<f32>("quant D perm", nn)?;
+            let t = ctx.zeros::<f32>("quant T", nn)?;
+            let g2 = n.div_ceil(16) as u32;
+            let np = NParams {
+                n: n32,
+                alpha: alpha as f32,
+                _p: [0; 2],
+            };
+            rec.dispatch(
+                &QUANT_GATHER,
+                "gather_sym",
+                &[],
+                &np,
+                &[d.binding(), gmeta_d.binding(), dp.binding()],
+                [g2, g2, 1],
+            )?;
+            // T = Dp·Uᵀ.
+            ops::gemm(
+                &mut rec,
+                n,
+                n,
+                n,
+                1.0,
+                MatView::new(&dp, n),
+                MatView::new(&gu, n).t(),
+                0.0,
+                MatView::new(&t, n),
+            )?;
+            rec.dispatch(
+                &QUANT_MASK,
+                "triu1_scale",
+                &[],
+                &np,
+                &[t.binding()],
+                [g2, g2, 1],
+            )?;
+            // P = T·U, into the no longer needed Dp buffer.
+            ops::gemm(
+                &mut rec,
+                n,
+                n,
+                n,
+                1.0,
+                MatView::new(&t, n),
+                MatView::new(&gu, n),
+                0.0,
+                MatView::new(&dp, n),
+            )?;
+            // Keep the recorded work alive until submission (buffers are reference counted by
+            // wgpu, but submit now so T and the metadata can be freed early).
+            rec.submit();
+            rec = ctx.recorder();
+            drop(t);
+            drop(gmeta_d);
+            Some(dp)
+        }
+        None => None,
+    };
+    let gptaq = gp.is_some();
+    // Bound but unused by GPTQ (bindings are fixed per pipeline).
+    let dummy;
+    let gp_ref: &GpuBuffer<f32> = match &gp {
+        Some(b) => b,
+        None => {
+            dummy = ctx.zeros::<f32>("quant P (unused)", 4)?;
+            &dummy
+        }
+    };
+
+    // Step 3: the blocked sweep.
+    let rchunk = (SWEEP_W1_LEN / bs)
+        .clamp(1, SWEEP_MAX_ROWS)
+        .min(rows)
+        .min(SWEEP_WG);
+    let wgs = groups_1d(u32_of("sweep workgroups", rows.div_ceil(rchunk))?);
+    for i1 in (0..n).step_by(bs) {
+        let i2 = (i1 + bs).min(n);
+        let cnt = i2 - i1;
+        let sp = SweepParams {
+            rows: u32_of("rows", rows)?,
+            n: n32,
+            i1: i1 as u32,
+            cnt: cnt as u32,
+            rchunk: rchunk as u32,
+            gs: if dynamic { gs as u32 } else { 0 },
+            dynamic_groups: u32::from(dynamic),
+            maxq: spec.maxq,
+            sym: u32::from(spec.sym),
+            mse: u32::from(spec.mse),
+            gptaq: u32::from(gptaq),
+            lde: lde as u32,
+            woff: bs as u32,
+            _p: [0; 3],
+        };
+        rec.dispatch(
+            &QUANT_SWEEP,
+            "sweep_block",
+            &[],
+            &sp,
+            &[
+                gw.binding(),
+                gu.binding(),
+                gp_ref.binding(),
+                gmeta.binding(),
+                gptab.binding(),
+                gcodes.binding(),
+                gerr.binding(),
+                gloss.binding(),
+            ],
+            wgs,
+        )?;
+        if i2 < n {
+            // W[:, i2:] −= Err1·U[i1:i2, i2:]
+            ops::gemm(
+                &mut rec,
+                rows,
+                n - i2,
+                cnt,
+                -1.0,
+                MatView::new(&gerr, lde),
+                MatView::new(&gu, n).at(i1 * n + i2),
+                1.0,
+                MatView::new(&gw, n).at(i2),
+            )?;
+            if gptaq {
+                // GPTAQ cross-block term: W[:, i2:] += W1·P[i1:i2, i2:] (W1 = the block's final
+                // values, §2.2).
+                ops::gemm(
+                    &mut rec,
+                    rows,
+                    n - i2,
+                    cnt,
+                    1.0,
+                    MatView::new(&gerr, lde).at(bs),
+                    MatView::new(gp_ref, n).at(i1 * n + i2),
+                    1.0,
+                    MatView::new(&gw, n).at(i2),
+                )?;
+            }
+        }
+        // Bound the number of recorded-but-unsubmitted dispatches on huge problems.
+        if rec.dispatches() >= 256 {
+            rec.submit();
+            rec = ctx.recorder();
+        }
+    }
+
+    // Step 4: Q in original order.
+    let gq = ctx.zeros::<f32>("quant q", n_el)?;
+    rec.dispatch(
+        &QUANT_FINISH,
+        "finish_q",
+        &[],
+        &FinishParams {
+            rows: rows as u32,
+            n: n32,
+            _p: [0; 2],
+        },
+        &[
+            gcodes.binding(),
+            gmeta.binding(),
+            gptab.binding(),
+            gq.binding(),
+        ],
+        groups_1d(u32_of("finish workgroups", n_el.div_ceil(256))?),
+    )?;
+    rec.submit();
+
+    let loss_rows = ctx.read(&gloss)?;
+    let proxy_loss_sum: f64 = loss_rows.iter().map(|&v| f64::from(v)).sum();
+    if !proxy_loss_sum.is_finite() {
+        return rtn_fallback(
+            ctx,
+            &w64,
+            rows,
+            cols,
+            &h64,
+            cfg,
+            "non-finite values during the GPTQ sweep".into(),
+        );
+    }
+    let codes_p = ctx.read(&gcodes)?;
+    let ptab = ctx.read(&gptab)?;
+    let q = ctx.read(&gq)?;
+
+    let mut codes = vec![0_u8; n_el];
+    for r in 0..rows {
+        for (k, &j) in order.iter().enumerate() {
+            // Codes are clamped to [0, maxq] ≤ 255 by the kernel.
+            codes[r * n + j] = codes_p[r * n + k].min(255) as u8;
+        }
+    }
+    let mut scales = Vec::with_capacity(num_groups * rows);
+    let mut zeros = Vec::with_capacity(num_groups * rows);
+    for g in 0..num_groups {
+        for r in 0..rows {
+            scales.push(ptab[(g * rows + r) * 2]);
+            zeros.push(ptab[(g * rows + r) * 2 + 1] as u32);
+        }
+    }
+    let g_idx: Vec<u32> = if dynamic {
+        invperm.iter().map(|&k| k / gs as u32).collect()
+    } else {
+        (0..n).map(|j| (j / gs) as u32).collect()
+    };
+    Ok(GpuSolve {
+        result: QuantResult {
+            rows,
+            cols,
+            q,
+            codes,
+            scales,
+            zeros,
+            g_idx,
+            perm,
+            proxy_loss_sum,
+            damp: factor.damp,
+            damp_percent: factor.damp_percent,
+            fallback: factor.fallback,
+        },
+        q: gq,
+    })
+}

@@ -1,0 +1,434 @@
+//! The GPU GPTQ / GPTAQ solve (src/quant/gpu.rs) against the f64 CPU reference
+//! (`quant::reference::quantize_reference`) on random problems: awkward shapes (1×1 up to 200×384,
+//! columns not multiples of the block or group size), rank-deficient H, dead columns, bits 2/3/4/8,
+//! sym/asym, group −1 / 32 / other sizes, act-order ± static groups, GPTAQ α ∈ {0, 0.25, 1}, block
+//! sizes 128 and small ones (the same block size for both sides: results depend on it, §1.2 quirk).
+//!
+//! Acceptance criteria (the GPU works in f32, the reference in f64; see src/quant/gpu.rs docs):
+//! - perm, g_idx, damping and fallback identical;
+//! - codes identical except near round-off ties: a tie flip changes the error fed forward, which may
+//!   flip a few more codes of the same row, so we bound the fraction of differing codes
+//!   (`MAX_CODE_MISMATCH`, printed per case) and require every difference to be ±1 … small;
+//! - where codes agree, `q` agrees to one f16 ulp of the scale (parameters computed from f32 values
+//!   may land on the other side of an f16 rounding tie);
+//! - proxy loss within `LOSS_RTOL` relative;
+//! - the GPU `q` buffer equals `result.q`; GPTAQ with α = 0 equals GPTQ on the GPU bit for bit.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Instant;
+
+use gptaq_studio::gpu::{GpuContext, test_context};
+use gptaq_studio::quant::gpu::quantize_gpu;
+use gptaq_studio::quant::reference::quantize_reference;
+use gptaq_studio::quant::{Method, QuantConfig, QuantResult};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// Largest tolerated fraction of codes that differ from the f64 reference.
+const MAX_CODE_MISMATCH: f64 = 0.02;
+/// Relative tolerance of the proxy loss.
+const LOSS_RTOL: f64 = 2e-3;
+
+fn gauss(rng: &mut ChaCha8Rng) -> f64 {
+    let u1: f64 = 1.0 - rng.random::<f64>();
+    let u2: f64 = rng.random::<f64>();
+    (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+}
+
+struct Problem {
+    rows: usize,
+    cols: usize,
+    w: Vec<f32>,
+    h: Vec<f32>,
+    d: Vec<f32>,
+}
+
+/// Random W (with a few outliers), correlated inputs with per-column scales (act-order matters),
+/// `tokens < cols` gives a rank-deficient H, dead columns have X_q = 0. `X_fp = X_q + noise`.
+fn problem(rows: usize, cols: usize, tokens: usize, seed: u64, dead: &[usize]) -> Problem {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let w: Vec<f32> = (0..rows * cols)
+        .map(|_| {
+            let g = gauss(&mut rng);
+            (if rng.random::<f64>() < 0.02 {
+                4.0 * g
+            } else {
+                0.5 * g
+            }) as f32
+        })
+        .collect();
+    let col_scale: Vec<f64> = (0..cols).map(|_| 0.2 + 2.0 * rng.random::<f64>()).collect();
+    let mut xq = vec![0.0f64; tokens * cols];
+    let mut dx = vec![0.0f64; tokens * cols];
+    for t in 0..tokens {
+        let shared = gauss(&mut rng);
+        for j in 0..cols {
+            xq[t * cols + j] = col_scale[j] * (gauss(&mut rng) + 0.5 * shared);
+            dx[t * cols + j] = 0.1 * col_scale[j] * gauss(&mut rng) + 0.05 * xq[t * cols + j];
+        }
+        for &j in dead {
+            xq[t * cols + j] = 0.0;
+        }
+    }
+    let gram = |a: &[f64], b: &[f64]| -> Vec<f32> {
+        let mut g = vec![0.0f64; cols * cols];
+        for t in 0..tokens {
+            for i in 0..cols {
+                let ai = a[t * cols + i];
+                for j in 0..cols {
+                    g[i * cols + j] += ai * b[t * cols + j];
+                }
+            }
+        }
+        g.iter().map(|v| (v * 2.0 / tokens as f64) as f32).collect()
+    };
+    let h = gram(&xq, &xq);
+    let d = gram(&dx, &xq);
+    Problem {
+        rows,
+        cols,
+        w,
+        h,
+        d,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn cfg(
+    method: Method,
+    bits: u32,
+    gs: Option<usize>,
+    sym: bool,
+    act_order: bool,
+    static_groups: bool,
+    bs: usize,
+    mse: bool,
+) -> QuantConfig {
+    QuantConfig {
+        method,
+        bits,
+        group_size: gs,
+        sym,
+        act_order,
+        static_groups,
+        damp_percent: 0.01,
+        damp_auto_increment: 0.01,
+        block_size: bs,
+        mse,
+    }
+}
+
+fn run_gpu(ctx: &GpuContext, p: &Problem, c: &QuantConfig) -> QuantResult {
+    let gh = ctx.upload("h", &p.h).unwrap();
+    let gd = ctx.upload("d", &p.d).unwrap();
+    let solve = quantize_gpu(ctx, &p.w, p.rows, p.cols, &gh, Some(&gd), c)
+        .unwrap_or_else(|e| panic!("GPU solve {}×{} {c:?}: {e}", p.rows, p.cols));
+    // H and D must not be modified.
+    assert_eq!(ctx.read(&gh).unwrap(), p.h, "H was modified");
+    assert_eq!(ctx.read(&gd).unwrap(), p.d, "D was modified");
+    let q = ctx.read(&solve.q).unwrap();
+    assert_eq!(q, solve.result.q, "GPU q buffer differs from result.q");
+    solve.result
+}
+
+/// Compares a GPU result with the reference; returns the number of differing codes.
+fn compare(name: &str, got: &QuantResult, exp: &QuantResult, maxq: u32) -> usize {
+    let n_el = exp.codes.len();
+    assert_eq!(got.codes.len(), n_el, "{name}: codes length");
+    assert_eq!(got.perm, exp.perm, "{name}: perm");
+    assert_eq!(got.g_idx, exp.g_idx, "{name}: g_idx");
+    assert_eq!(got.fallback, exp.fallback, "{name}: fallback");
+    assert_eq!(got.damp_percent, exp.damp_percent, "{name}: damp_percent");
+    assert!(
+        (got.damp - exp.damp).abs() <= 1e-12 * exp.damp.abs().max(1.0),
+        "{name}: damp got {} expected {}",
+        got.damp,
+        exp.damp
+    );
+    assert_eq!(got.scales.len(), exp.scales.len(), "{name}: scales length");
+    assert_eq!(got.zeros.len(), exp.zeros.len(), "{name}: zeros length");
+    let cols = exp.cols;
+    let mut mismatches = 0usize;
+    let mut first = None;
+    for i in 0..n_el {
+        let (g, e) = (got.codes[i], exp.codes[i]);
+        assert!(u32::from(g) <= maxq, "{name}: code {g} > maxq at {i}");
+        if g != e {
+            mismatches += 1;
+            first.get_or_insert((i / cols, i % cols, g, e));
+        } else {
+            // Same code: q differs at most by the scale difference (≤ one f16 ulp, ~2⁻¹⁰ rel).
+            let (gq, eq) = (f64::from(got.q[i]), f64::from(exp.q[i]));
+            let tol = 2e-3 * eq.abs() + 1e-12;
+            assert!(
+                (gq - eq).abs() <= tol,
+                "{name}: q at row {} col {} (code {g}): got {gq} expected {eq}",
+                i / cols,
+                i % cols
+            );
+        }
+    }
+    let frac = mismatches as f64 / n_el.max(1) as f64;
+    let scale_diff = got
+        .scales
+        .iter()
+        .zip(&exp.scales)
+        .filter(|(a, b)| a != b)
+        .count();
+    if let Some((i, (a, b))) = got
+        .scales
+        .iter()
+        .zip(&exp.scales)
+        .enumerate()
+        .find(|(_, (a, b))| a != b)
+    {
+        eprintln!(
+            "{name}: first scale diff at {i}: got {a:e} expected {b:e}, zeros {} vs {}",
+            got.zeros[i], exp.zeros[i]
+        );
+    }
+    let rel_loss =
+        (got.proxy_loss_sum - exp.proxy_loss_sum).abs() / exp.proxy_loss_sum.abs().max(1e-30);
+    eprintln!(
+        "{name}: {mismatches}/{n_el} codes differ ({:.3}%), {scale_diff}/{} scales differ, \
+         loss gpu {:.6e} ref {:.6e} (rel {rel_loss:.2e}){}",
+        100.0 * frac,
+        exp.scales.len(),
+        got.proxy_loss_sum,
+        exp.proxy_loss_sum,
+        first
+            .map(|(r, c, g, e)| format!("; first diff row {r} col {c}: got {g} expected {e}"))
+            .unwrap_or_default()
+    );
+    assert!(
+        frac <= MAX_CODE_MISMATCH,
+        "{name}: {mismatches} of {n_el} codes differ ({:.3}% > {:.1}%); first (row, col, got, expected) {first:?}",
+        100.0 * frac,
+        100.0 * MAX_CODE_MISMATCH
+    );
+    assert!(
+        rel_loss <= LOSS_RTOL || (got.proxy_loss_sum - exp.proxy_loss_sum).abs() < 1e-9,
+        "{name}: proxy loss got {} expected {} (rel {rel_loss:.3e} > {LOSS_RTOL:e})",
+        got.proxy_loss_sum,
+        exp.proxy_loss_sum
+    );
+    mismatches
+}
+
+fn check(ctx: &GpuContext, name: &str, p: &Problem, c: &QuantConfig) -> QuantResult {
+    let t0 = Instant::now();
+    let exp = quantize_reference(&p.w, p.rows, p.cols, &p.h, Some(&p.d), c).unwrap();
+    let t1 = Instant::now();
+    let got = run_gpu(ctx, p, c);
+    let t2 = Instant::now();
+    let name = format!("{name} [{}×{}]", p.rows, p.cols);
+    compare(&name, &got, &exp, c.maxq());
+    eprintln!(
+        "  {name}: reference {:.0} ms, gpu {:.0} ms",
+        (t1 - t0).as_secs_f64() * 1e3,
+        (t2 - t1).as_secs_f64() * 1e3
+    );
+    got
+}
+
+const GPTQ: Method = Method::Gptq;
+const fn gptaq(alpha: f64) -> Method {
+    Method::Gptaq { alpha }
+}
+
+#[test]
+fn tiny_shapes() {
+    let Some(ctx) = test_context() else { return };
+    let p = problem(1, 1, 4, 1, &[]);
+    check(
+        &ctx,
+        "1x1 gptq 4b sym",
+        &p,
+        &cfg(GPTQ, 4, None, true, false, false, 128, false),
+    );
+    check(
+        &ctx,
+        "1x1 gptaq 2b asym",
+        &p,
+        &cfg(gptaq(1.0), 2, Some(1), false, true, false, 128, false),
+    );
+    let p = problem(1, 7, 16, 2, &[3]);
+    check(
+        &ctx,
+        "1x7 gptaq 3b asym",
+        &p,
+        &cfg(gptaq(0.25), 3, None, false, false, false, 128, false),
+    );
+    check(
+        &ctx,
+        "1x7 gptq 8b act bs2",
+        &p,
+        &cfg(GPTQ, 8, Some(7), true, true, false, 2, false),
+    );
+}
+
+#[test]
+fn odd_shapes_groups_and_act_order() {
+    let Some(ctx) = test_context() else { return };
+    let p = problem(13, 37, 64, 3, &[0, 20]);
+    check(
+        &ctx,
+        "13x37 gptq 2b asym gs32 bs16 act",
+        &p,
+        &cfg(GPTQ, 2, Some(32), false, true, false, 16, false),
+    );
+    check(
+        &ctx,
+        "13x37 gptaq1 4b sym gs32 bs128",
+        &p,
+        &cfg(gptaq(1.0), 4, Some(32), true, false, false, 128, false),
+    );
+    let p = problem(64, 128, 256, 4, &[]);
+    check(
+        &ctx,
+        "64x128 gptaq.25 4b sym gs32 bs128",
+        &p,
+        &cfg(gptaq(0.25), 4, Some(32), true, false, false, 128, false),
+    );
+    check(
+        &ctx,
+        "64x128 gptq 3b asym gs-1 bs32 act",
+        &p,
+        &cfg(GPTQ, 3, None, false, true, false, 32, false),
+    );
+    check(
+        &ctx,
+        "64x128 gptaq1 8b sym gs16 bs128 act+static",
+        &p,
+        &cfg(gptaq(1.0), 8, Some(16), true, true, true, 128, false),
+    );
+}
+
+#[test]
+fn rank_deficient_and_dead_columns() {
+    let Some(ctx) = test_context() else { return };
+    // 257 columns (not a multiple of block or group), 100 tokens < 257: rank-deficient H.
+    let p = problem(96, 257, 100, 5, &[1, 2, 100, 256]);
+    check(
+        &ctx,
+        "96x257 gptaq.25 3b sym gs64 bs32 act+static",
+        &p,
+        &cfg(gptaq(0.25), 3, Some(64), true, true, true, 32, false),
+    );
+    check(
+        &ctx,
+        "96x257 gptq 4b asym gs32 bs128 act",
+        &p,
+        &cfg(GPTQ, 4, Some(32), false, true, false, 128, false),
+    );
+}
+
+#[test]
+fn largest_shape() {
+    let Some(ctx) = test_context() else { return };
+    let p = problem(200, 384, 512, 6, &[7]);
+    check(
+        &ctx,
+        "200x384 gptaq.25 4b sym gs128 bs128",
+        &p,
+        &cfg(gptaq(0.25), 4, Some(128), true, false, false, 128, false),
+    );
+    check(
+        &ctx,
+        "200x384 gptq 2b asym gs96 bs64 act",
+        &p,
+        &cfg(GPTQ, 2, Some(96), false, true, false, 64, false),
+    );
+}
+
+#[test]
+fn mse_grid_and_group_larger_than_block() {
+    let Some(ctx) = test_context() else { return };
+    let p = problem(24, 96, 128, 7, &[]);
+    check(
+        &ctx,
+        "24x96 gptq 4b asym gs48 bs16 mse",
+        &p,
+        &cfg(GPTQ, 4, Some(48), false, false, false, 16, true),
+    );
+    check(
+        &ctx,
+        "24x96 gptaq.25 3b sym gs-1 bs32 mse",
+        &p,
+        &cfg(gptaq(0.25), 3, None, true, false, false, 32, true),
+    );
+}
+
+#[test]
+fn gptaq_alpha_zero_equals_gptq_on_gpu() {
+    let Some(ctx) = test_context() else { return };
+    let p = problem(48, 100, 160, 8, &[5]);
+    for (gs, act, bs) in [
+        (Some(32), false, 128),
+        (Some(25), true, 16),
+        (None, true, 32),
+    ] {
+        let c0 = cfg(GPTQ, 4, gs, true, act, false, bs, false);
+        let c1 = QuantConfig {
+            method: gptaq(0.0),
+            ..c0.clone()
+        };
+        let a = run_gpu(&ctx, &p, &c0);
+        let b = run_gpu(&ctx, &p, &c1);
+        assert_eq!(a.codes, b.codes, "gs {gs:?} act {act} bs {bs}: codes");
+        assert_eq!(a.q, b.q, "gs {gs:?} act {act} bs {bs}: q");
+        assert_eq!(a.scales, b.scales, "gs {gs:?} act {act} bs {bs}: scales");
+        assert_eq!(
+            a.proxy_loss_sum, b.proxy_loss_sum,
+            "gs {gs:?} act {act} bs {bs}: loss"
+        );
+    }
+}
+
+#[test]
+fn indefinite_hessian_falls_back_to_rtn_like_reference() {
+    let Some(ctx) = test_context() else { return };
+    let mut p = problem(8, 16, 32, 9, &[]);
+    // A negative-definite H: no damping makes it SPD → RTN fallback on both sides.
+    for v in p.h.iter_mut() {
+        *v = -*v;
+    }
+    let c = cfg(GPTQ, 4, Some(8), true, false, false, 128, false);
+    let exp = quantize_reference(&p.w, p.rows, p.cols, &p.h, None, &c).unwrap();
+    let got = run_gpu(&ctx, &p, &c);
+    assert!(
+        matches!(
+            got.fallback,
+            Some(gptaq_studio::quant::Fallback::Rtn { .. })
+        ),
+        "expected RTN fallback, got {:?}",
+        got.fallback
+    );
+    assert_eq!(got.codes, exp.codes);
+    assert_eq!(got.q, exp.q);
+    assert_eq!(got.proxy_loss_sum, exp.proxy_loss_sum);
+}
+
+#[test]
+fn rtn_method_is_rejected_with_a_clear_error() {
+    let Some(ctx) = test_context() else { return };
+    let p = problem(2, 4, 8, 10, &[]);
+    let gh = ctx.upload("h", &p.h).unwrap();
+    let c = cfg(Method::Rtn, 4, None, true, false, false, 128, false);
+    let err = quantize_gpu(&ctx, &p.w, 2, 4, &gh, None, &c)
+        .err()
+        .expect("Rtn must be refused");
+    assert!(err.to_string().contains("Rtn"), "{err}");
+    // Wrong W length is an error, not a panic.
+    let err = quantize_gpu(
+        &ctx,
+        &p.w[..3],
+        2,
+        4,
+        &gh,
+        None,
+        &cfg(GPTQ, 4, None, true, false, false, 128, false),
+    );
+    assert!(err.is_err());
+}
