@@ -204,15 +204,11 @@ pub fn prepare(job: &Job) -> Result<Inputs, PipelineError> {
             })
         }
         ModelInput::Dir(dir) => {
-            let model =
-                SafetensorsModel::open(dir).map_err(|e| PipelineError::Input(e.to_string()))?;
+            let model = SafetensorsModel::open(dir).map_err(|e| PipelineError::Input(e.to_string()))?;
             let calib = match &job.calib {
-                CalibInput::Synthetic => {
-                    CalibSet::synthetic(model.config().vocab_size, c.nsamples, c.seqlen, c.seed)
-                }
+                CalibInput::Synthetic => CalibSet::synthetic(model.config().vocab_size, c.nsamples, c.seqlen, c.seed),
                 CalibInput::File(p) => {
-                    let src =
-                        CalibSource::open(p).map_err(|e| PipelineError::Input(e.to_string()))?;
+                    let src = CalibSource::open(p).map_err(|e| PipelineError::Input(e.to_string()))?;
                     // Pre-tokenized input needs no tokenizer; text does.
                     let tok = match Tokenizer::from_dir(dir) {
                         Ok(t) => Some(t),
@@ -242,8 +238,7 @@ pub fn run(
     emit: &mut dyn FnMut(Event),
     cancel: &AtomicBool,
 ) -> Result<QuantizedModel, PipelineError> {
-    let result =
-        prepare(job).and_then(|inputs| run_prepared(ctx, &inputs, &job.config, emit, cancel));
+    let result = prepare(job).and_then(|inputs| run_prepared(ctx, &inputs, &job.config, emit, cancel));
     match &result {
         Ok(q) => emit(Event::Finished(Box::new(q.report.clone()))),
         Err(PipelineError::Cancelled) => emit(Event::Cancelled),
