@@ -390,15 +390,18 @@ impl Worker {
 
     /// THE integration point for evaluation and export (one place on purpose).
     ///
-    /// To wire it: for `Eval`, tokenize `text` into windows as `cli eval` does, then call
-    /// `crate::eval::perplexity(ctx, source, &windows, &EvalOptions::default(), &mut |_, _| {},
-    /// &self.cancel)` once with `held.inputs.source` (FP) and once with
-    /// `crate::eval::Overlay { base: held.inputs.source.as_ref(), modules: &model.modules }`, and
-    /// answer `WorkerEvent::EvalDone(vec![EvalRow { label: "FP", .. }, EvalRow { label: "GPTAQ", .. }])`;
-    /// for `Export`, call
-    /// `crate::export::write_checkpoint(&out, held.inputs.source.as_ref(), source_dir, model,
-    /// &ExportOptions::default())` where `source_dir` is the `ModelInput::Dir` of `held.job.model`,
-    /// and answer `WorkerEvent::Exported(out)`. Errors go in `WorkerEvent::Error`.
+    /// To wire it (everything needed is in `self` / `held`; the device is `self.ctx`):
+    /// - `Eval { text, slot }`: tokenize `text` as `cli eval` does (`calib::eval_windows`), then
+    ///   `crate::eval::perplexity(ctx, src, &windows, &EvalOptions::default(), &mut |_, _| {},
+    ///   &self.cancel)` with `src = held.inputs.source.as_ref()` (FP) and with
+    ///   `&crate::eval::Overlay { base: held.inputs.source.as_ref(), modules: &model.modules }`;
+    ///   answer `WorkerEvent::EvalDone(vec![EvalRow { label, perplexity }, ..])`.
+    /// - `Export { out, slot }`: `crate::export::write_checkpoint(&out, held.inputs.source.as_ref(),
+    ///   source_dir, model, &ExportOptions::default())` with `source_dir` = the path of
+    ///   `ModelInput::Dir` in `held.job.model` (`None` for the demo); answer
+    ///   `WorkerEvent::Exported(out)`.
+    ///
+    /// Errors go in `WorkerEvent::Error`. The UI side (buttons, file pickers, result table) is done.
     fn eval_or_export(&mut self, cmd: Command) -> WorkerEvent {
         let Some(held) = self.held.as_ref() else {
             return WorkerEvent::Error(
