@@ -80,6 +80,8 @@ pub enum Command {
     /// Layer lab: capture one module's statistics from a real run (or load a saved capture) and
     /// compare GPTQ with GPTAQ on it, including an α sweep.
     Lab(Box<LabArgs>),
+    /// Open the desktop application (the default when no command is given).
+    Gui,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -323,9 +325,8 @@ pub fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        None => {
-            anyhow::bail!("the desktop application is not built yet; see `gptaq-studio --help`")
-        }
+        None | Some(Command::Gui) => crate::app::run_app(cli.gpu.options())
+            .map_err(|e| anyhow::anyhow!("the desktop application failed: {e}")),
         Some(Command::Devices { json }) => devices(&cli.gpu, json),
         Some(Command::Inspect {
             model,
