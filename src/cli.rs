@@ -12,7 +12,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::gpu::{BackendChoice, GpuContext, GpuOptions};
 use crate::model::inspect::ModelSummary;
-use crate::pipeline::{self, CalibInput, Event, Job, ModelInput, PipelineConfig, Solver, StreamDType};
+use crate::pipeline::{
+    self, CalibInput, Event, Job, ModelInput, PipelineConfig, Solver, StreamDType,
+};
 use crate::quant::{Method, QuantConfig};
 
 #[derive(Parser, Debug)]
@@ -281,8 +283,14 @@ impl QuantizeArgs {
         let (model, calib) = if self.demo {
             (ModelInput::Demo { seed: self.seed }, CalibInput::Synthetic)
         } else {
-            let model = self.model.clone().context("a MODEL_DIR (or --demo) is required")?;
-            let calib = self.calib.clone().context("--calib is required for a model directory")?;
+            let model = self
+                .model
+                .clone()
+                .context("a MODEL_DIR (or --demo) is required")?;
+            let calib = self
+                .calib
+                .clone()
+                .context("--calib is required for a model directory")?;
             (ModelInput::Dir(model), CalibInput::File(calib))
         };
         Ok(Job {
@@ -341,7 +349,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn inspect(dir: &Path, nsamples: usize, seqlen: usize, json: bool) -> anyhow::Result<()> {
-    let summary = ModelSummary::from_dir(dir).with_context(|| format!("inspecting {}", dir.display()))?;
+    let summary =
+        ModelSummary::from_dir(dir).with_context(|| format!("inspecting {}", dir.display()))?;
     let config = crate::model::ModelConfig::from_file(dir.join("config.json"))?;
     // The estimate is the quantization pipeline's own memory plan (GPTAQ: FP + quantized streams),
     // for an 8 GiB card with f16 host streams.
@@ -364,7 +373,9 @@ fn inspect(dir: &Path, nsamples: usize, seqlen: usize, json: bool) -> anyhow::Re
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!("{summary}");
-        println!("\nGPTAQ memory plan for {nsamples} × {seqlen} calibration tokens on an 8 GiB GPU:");
+        println!(
+            "\nGPTAQ memory plan for {nsamples} × {seqlen} calibration tokens on an 8 GiB GPU:"
+        );
         match plan {
             Ok(p) => {
                 for line in &p.breakdown {
@@ -391,9 +402,14 @@ fn quantize(gpu: &GpuArgs, args: &QuantizeArgs) -> anyhow::Result<()> {
     if let Some(out) = &args.out
         && out.exists()
         && !args.force
-        && std::fs::read_dir(out).map(|mut d| d.next().is_some()).unwrap_or(false)
+        && std::fs::read_dir(out)
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(false)
     {
-        anyhow::bail!("{} exists and is not empty; pass --force to replace it", out.display());
+        anyhow::bail!(
+            "{} exists and is not empty; pass --force to replace it",
+            out.display()
+        );
     }
     let ctx = GpuContext::new(&gpu.options()).context("opening the GPU")?;
     eprintln!("device: {} ({})", ctx.summary.name, ctx.summary.backend);
@@ -402,15 +418,22 @@ fn quantize(gpu: &GpuArgs, args: &QuantizeArgs) -> anyhow::Result<()> {
     eprintln!("calibration: {}", inputs.calib.description);
     let bar = ProgressBar::new(0);
     bar.set_style(
-        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} modules (ETA {eta}) {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} modules (ETA {eta}) {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let header = format!(
         "{:>5} {:<10} {:>11} {:>10} {:>10} {:>10} {:>10} {:>7} {:>7}  fallback",
         "layer", "module", "shape", "proxy", "quant", "asym", "output", "damp", "secs"
     );
     let mut emit = |e: Event| match e {
-        Event::Started { layers, modules_per_layer, plan, .. } => {
+        Event::Started {
+            layers,
+            modules_per_layer,
+            plan,
+            ..
+        } => {
             bar.set_length((layers * modules_per_layer) as u64);
             for line in &plan.breakdown {
                 bar.println(format!("plan: {line}"));
@@ -437,7 +460,10 @@ fn quantize(gpu: &GpuArgs, args: &QuantizeArgs) -> anyhow::Result<()> {
         }
         Event::LayerDone(l) => {
             if let Some(e) = l.hidden_rel_error {
-                bar.println(format!("layer {} done in {:.2}s: ‖h_q−h_fp‖/‖h_fp‖ = {e:.4}", l.layer, l.secs));
+                bar.println(format!(
+                    "layer {} done in {:.2}s: ‖h_q−h_fp‖/‖h_fp‖ = {e:.4}",
+                    l.layer, l.secs
+                ));
             }
         }
         Event::Warning(w) => bar.println(format!("warning: {w}")),
@@ -456,7 +482,8 @@ fn quantize(gpu: &GpuArgs, args: &QuantizeArgs) -> anyhow::Result<()> {
     );
     if let Some(path) = &args.report {
         let json = serde_json::to_string_pretty(r)?;
-        std::fs::write(path, json).with_context(|| format!("writing the report to {}", path.display()))?;
+        std::fs::write(path, json)
+            .with_context(|| format!("writing the report to {}", path.display()))?;
         eprintln!("report: {}", path.display());
     }
     if let Some(out) = &args.out {
@@ -464,8 +491,14 @@ fn quantize(gpu: &GpuArgs, args: &QuantizeArgs) -> anyhow::Result<()> {
             force: args.force,
             ..Default::default()
         };
-        let summary = crate::export::write_checkpoint(out, inputs.source.as_ref(), args.model.as_deref(), &q, &opts)
-            .with_context(|| format!("exporting to {}", out.display()))?;
+        let summary = crate::export::write_checkpoint(
+            out,
+            inputs.source.as_ref(),
+            args.model.as_deref(),
+            &q,
+            &opts,
+        )
+        .with_context(|| format!("exporting to {}", out.display()))?;
         eprintln!(
             "exported GPTQ checkpoint: {} ({} quantized modules, {} tensors in {} shard(s), desc_act {})",
             summary.dir.display(),
@@ -479,7 +512,10 @@ fn quantize(gpu: &GpuArgs, args: &QuantizeArgs) -> anyhow::Result<()> {
         }
     }
     if let Some(text) = &args.eval {
-        let dir = args.model.as_deref().context("--eval needs a model directory (not --demo)")?;
+        let dir = args
+            .model
+            .as_deref()
+            .context("--eval needs a model directory (not --demo)")?;
         let windows = eval_windows_for(dir, text, args.eval_seqlen, args.eval_windows)?;
         let fp = run_eval(&ctx, inputs.source.as_ref(), &windows, "FP")?;
         let overlay = crate::eval::Overlay {
@@ -497,21 +533,15 @@ fn quantize(gpu: &GpuArgs, args: &QuantizeArgs) -> anyhow::Result<()> {
 
 /// Tokenizes `text` with the tokenizer of `model_dir` (none needed for pre-tokenized input) and
 /// cuts the GPTQ-protocol evaluation windows.
-fn eval_windows_for(model_dir: &Path, text: &Path, seqlen: usize, max: Option<usize>) -> anyhow::Result<Vec<Vec<u32>>> {
-    let src = crate::calib::CalibSource::open(text).with_context(|| format!("reading {}", text.display()))?;
-    let tok = if src.kind() == crate::calib::CalibKind::PreTokenized {
-        None
-    } else {
-        Some(crate::model::tokenizer::Tokenizer::from_dir(model_dir).with_context(|| format!("tokenizer of {}", model_dir.display()))?)
-    };
-    let tokens = src.token_stream(tok.as_ref())?;
-    let w = crate::calib::eval_windows(&tokens, seqlen, max);
-    if w.windows.is_empty() {
-        anyhow::bail!("{} has {} tokens: fewer than one window of {seqlen}", text.display(), tokens.len());
-    }
+fn eval_windows_for(
+    model_dir: &Path,
+    text: &Path,
+    seqlen: usize,
+    max: Option<usize>,
+) -> anyhow::Result<Vec<Vec<u32>>> {
+    let w = crate::eval::windows_from_file(Some(model_dir), text, seqlen, max)?;
     eprintln!(
-        "eval: {} tokens → {} windows of {seqlen} (using {}), {} tail tokens dropped",
-        tokens.len(),
+        "eval: {} windows of {seqlen} (using {}), {} tail tokens dropped",
         w.total_windows,
         w.windows.len(),
         w.dropped_tokens
@@ -536,10 +566,20 @@ fn run_eval(
         bar.set_position(done as u64);
     };
     let cancel = AtomicBool::new(false);
-    let r = crate::eval::perplexity(ctx, source, windows, &crate::eval::EvalOptions::default(), &mut progress, &cancel);
+    let r = crate::eval::perplexity(
+        ctx,
+        source,
+        windows,
+        &crate::eval::EvalOptions::default(),
+        &mut progress,
+        &cancel,
+    );
     bar.finish_and_clear();
     let r = r.with_context(|| format!("perplexity of {label}"))?;
-    eprintln!("{label}: ppl {:.4} (mean NLL {:.5}, {} predictions, {:.1}s)", r.ppl, r.mean_nll, r.predictions, r.secs);
+    eprintln!(
+        "{label}: ppl {:.4} (mean NLL {:.5}, {} predictions, {:.1}s)",
+        r.ppl, r.mean_nll, r.predictions, r.secs
+    );
     Ok(r)
 }
 
@@ -556,7 +596,10 @@ fn eval_cmd(gpu: &GpuArgs, args: &EvalArgs) -> anyhow::Result<()> {
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
-        println!("perplexity {:.4} ({} windows × {})", r.ppl, r.windows, r.seqlen);
+        println!(
+            "perplexity {:.4} ({} windows × {})",
+            r.ppl, r.windows, r.seqlen
+        );
     }
     Ok(())
 }
@@ -564,12 +607,13 @@ fn eval_cmd(gpu: &GpuArgs, args: &EvalArgs) -> anyhow::Result<()> {
 /// An FP safetensors directory or a GPTQ checkpoint (recognised by quantize_config.json).
 fn open_any_model(dir: &Path) -> anyhow::Result<Box<dyn crate::model::WeightSource>> {
     if dir.join("quantize_config.json").is_file() || config_has_quantization(dir) {
-        return Ok(Box::new(
-            crate::export::GptqModel::open(dir).with_context(|| format!("opening GPTQ checkpoint {}", dir.display()))?,
-        ));
+        return Ok(Box::new(crate::export::GptqModel::open(dir).with_context(
+            || format!("opening GPTQ checkpoint {}", dir.display()),
+        )?));
     }
     Ok(Box::new(
-        crate::model::weights::SafetensorsModel::open(dir).with_context(|| format!("opening {}", dir.display()))?,
+        crate::model::weights::SafetensorsModel::open(dir)
+            .with_context(|| format!("opening {}", dir.display()))?,
     ))
 }
 
@@ -620,8 +664,18 @@ fn lab_cmd(gpu: &GpuArgs, a: &LabArgs) -> anyhow::Result<()> {
         let (model, calib) = if a.demo {
             (ModelInput::Demo { seed: a.seed }, CalibInput::Synthetic)
         } else {
-            let m = a.model.clone().context("a MODEL_DIR, --demo or --load is required")?;
-            (ModelInput::Dir(m), CalibInput::File(a.calib.clone().context("--calib is required for a model directory")?))
+            let m = a
+                .model
+                .clone()
+                .context("a MODEL_DIR, --demo or --load is required")?;
+            (
+                ModelInput::Dir(m),
+                CalibInput::File(
+                    a.calib
+                        .clone()
+                        .context("--calib is required for a model directory")?,
+                ),
+            )
         };
         let job = Job {
             model,
@@ -644,21 +698,41 @@ fn lab_cmd(gpu: &GpuArgs, a: &LabArgs) -> anyhow::Result<()> {
         };
         let ctx = GpuContext::new(&gpu.options()).context("opening the GPU")?;
         let inputs = pipeline::prepare(&job).context("preparing the capture")?;
-        eprintln!("capturing layer {} {} ({})", a.layer, module.short_name(), inputs.calib.description);
+        eprintln!(
+            "capturing layer {} {} ({})",
+            a.layer,
+            module.short_name(),
+            inputs.calib.description
+        );
         let cancel = AtomicBool::new(false);
         let mut emit = |e: Event| {
             if let Event::LayerDone(l) = e {
                 eprintln!("  layer {} quantized ({:.2}s)", l.layer, l.secs);
             }
         };
-        pipeline::capture(&ctx, &inputs, &job.config, a.layer, module, &mut emit, &cancel).context("capturing")?
+        pipeline::capture(
+            &ctx,
+            &inputs,
+            &job.config,
+            a.layer,
+            module,
+            &mut emit,
+            &cancel,
+        )
+        .context("capturing")?
     };
     if let Some(path) = &a.save {
         crate::lab::save(&captured, path)?;
         eprintln!("capture saved to {}", path.display());
     }
     let gptq = crate::lab::solve(&captured, &base)?;
-    let gptaq = crate::lab::solve(&captured, &QuantConfig { method: Method::Gptaq { alpha: a.alpha }, ..base.clone() })?;
+    let gptaq = crate::lab::solve(
+        &captured,
+        &QuantConfig {
+            method: Method::Gptaq { alpha: a.alpha },
+            ..base.clone()
+        },
+    )?;
     let sweep = crate::lab::alpha_sweep(&captured, &base, &a.alphas)?;
     if a.json {
         let v = serde_json::json!({
@@ -679,14 +753,26 @@ fn lab_cmd(gpu: &GpuArgs, a: &LabArgs) -> anyhow::Result<()> {
         a.bits,
         a.group_size
     );
-    println!("{:<16} {:>12} {:>12} {:>12} {:>12} {:>8}", "method", "quant err", "asym err", "output err", "proxy loss", "secs");
-    for (name, s) in [("GPTQ".to_string(), &gptq), (format!("GPTAQ α={}", a.alpha), &gptaq)] {
+    println!(
+        "{:<16} {:>12} {:>12} {:>12} {:>12} {:>8}",
+        "method", "quant err", "asym err", "output err", "proxy loss", "secs"
+    );
+    for (name, s) in [
+        ("GPTQ".to_string(), &gptq),
+        (format!("GPTAQ α={}", a.alpha), &gptaq),
+    ] {
         let m = s.metrics;
-        println!("{name:<16} {:>12.4e} {:>12.4e} {:>12.4e} {:>12.4e} {:>8.2}", m.quant_error, m.asym_error, m.output_error, m.proxy_loss, s.secs);
+        println!(
+            "{name:<16} {:>12.4e} {:>12.4e} {:>12.4e} {:>12.4e} {:>8.2}",
+            m.quant_error, m.asym_error, m.output_error, m.proxy_loss, s.secs
+        );
     }
     println!("\noutput error vs α (α = 0 is GPTQ):");
     for (al, m) in &sweep {
-        println!("  α = {al:<5} output {:.4e}  quant {:.4e}", m.output_error, m.quant_error);
+        println!(
+            "  α = {al:<5} output {:.4e}  quant {:.4e}",
+            m.output_error, m.quant_error
+        );
     }
     Ok(())
 }

@@ -88,9 +88,15 @@ struct NllParams {
 }
 
 /// Tokens per batch: bounded by activation memory (~256 MiB of scratch) and whole windows.
-fn batch_sequences(cfg: &ModelConfig, seqlen: usize, opts: &EvalOptions, max_binding: u64) -> usize {
-    let per_token =
-        4 * (3 * cfg.hidden_size + 2 * cfg.q_dim() + 2 * cfg.kv_dim() + 2 * cfg.intermediate_size) as u64;
+fn batch_sequences(
+    cfg: &ModelConfig,
+    seqlen: usize,
+    opts: &EvalOptions,
+    max_binding: u64,
+) -> usize {
+    let per_token = 4
+        * (3 * cfg.hidden_size + 2 * cfg.q_dim() + 2 * cfg.kv_dim() + 2 * cfg.intermediate_size)
+            as u64;
     let target = if opts.batch_tokens > 0 {
         opts.batch_tokens as u64
     } else {
@@ -118,9 +124,16 @@ pub fn perplexity(
         ));
     }
     if let Some((i, w)) = windows.iter().enumerate().find(|(_, w)| w.len() != seqlen) {
-        return Err(EvalError::Input(format!("window {i} has {} tokens, expected {seqlen}", w.len())));
+        return Err(EvalError::Input(format!(
+            "window {i} has {} tokens, expected {seqlen}",
+            w.len()
+        )));
     }
-    if let Some(&bad) = windows.iter().flatten().find(|&&id| id as usize >= cfg.vocab_size) {
+    if let Some(&bad) = windows
+        .iter()
+        .flatten()
+        .find(|&&id| id as usize >= cfg.vocab_size)
+    {
         return Err(EvalError::Input(format!(
             "token id {bad} is outside the model's vocabulary of {} (tokenizer and model do not match?)",
             cfg.vocab_size
@@ -128,7 +141,10 @@ pub fn perplexity(
     }
     let h = cfg.hidden_size;
     let bs = batch_sequences(&cfg, seqlen, opts, ctx.max_binding_bytes());
-    let batches: Vec<Range<usize>> = (0..windows.len()).step_by(bs).map(|s| s..(s + bs).min(windows.len())).collect();
+    let batches: Vec<Range<usize>> = (0..windows.len())
+        .step_by(bs)
+        .map(|s| s..(s + bs).min(windows.len()))
+        .collect();
     let lens: Vec<usize> = batches.iter().map(|r| r.len() * seqlen * h).collect();
     let total_bytes: u64 = lens.iter().map(|&l| l as u64 * 4).sum();
     let placement = if total_bytes <= opts.stream_budget_bytes {
@@ -169,9 +185,13 @@ pub fn perplexity(
     let xn = ctx.zeros::<f32>("final normed", max_tokens * h)?;
     let logit_budget = (256u64 << 20).min(ctx.max_binding_bytes()) / 4;
     let width = ((logit_budget / max_tokens as u64) as usize).clamp(1, vocab);
-    let head_chunk_rows = ((ctx.max_binding_bytes().min(512 << 20) / 4) as usize / h).clamp(1, vocab);
+    let head_chunk_rows =
+        ((ctx.max_binding_bytes().min(512 << 20) / 4) as usize / h).clamp(1, vocab);
     let width = width.min(head_chunk_rows);
-    let chunks: Vec<Range<usize>> = (0..vocab).step_by(width).map(|s| s..(s + width).min(vocab)).collect();
+    let chunks: Vec<Range<usize>> = (0..vocab)
+        .step_by(width)
+        .map(|s| s..(s + width).min(vocab))
+        .collect();
     let mut head: Vec<GpuBuffer<f32>> = Vec::with_capacity(chunks.len());
     for c in &chunks {
         head.push(ctx.upload("lm_head chunk", &source.lm_head_rows(c.clone())?)?);
@@ -195,14 +215,31 @@ pub fn perplexity(
         forward::rmsnorm(&mut rec, t, cfg.rms_norm_eps as f32, &work, &fnorm, &xn)?;
         for (ci, c) in chunks.iter().enumerate() {
             let w = c.len();
-            ops::gemm(&mut rec, t, w, h, 1.0, MatView::new(&xn, h), MatView::new(&head[ci], h).t(), 0.0, MatView::new(&logits, w))?;
+            ops::gemm(
+                &mut rec,
+                t,
+                w,
+                h,
+                1.0,
+                MatView::new(&xn, h),
+                MatView::new(&head[ci], h).t(),
+                0.0,
+                MatView::new(&logits, w),
+            )?;
             let params = NllParams {
                 tokens: t as u32,
                 width: w as u32,
                 v0: c.start as u32,
                 first: u32::from(ci == 0),
             };
-            rec.dispatch(&NLL, "lse_chunk", &[], &params, &[logits.binding(), targets_buf.binding(), state.binding()], groups_1d(t as u32))?;
+            rec.dispatch(
+                &NLL,
+                "lse_chunk",
+                &[],
+                &params,
+                &[logits.binding(), targets_buf.binding(), state.binding()],
+                groups_1d(t as u32),
+            )?;
         }
         rec.submit();
         let st = ctx.read_range(&state, 0, t)?;
@@ -233,7 +270,11 @@ pub fn perplexity(
 }
 
 /// Full logits `[ids.len(), vocab]` of one sequence (tests, greedy decoding checks; small inputs).
-pub fn logits(ctx: &GpuContext, source: &dyn WeightSource, ids: &[u32]) -> Result<Vec<f32>, EvalError> {
+pub fn logits(
+    ctx: &GpuContext,
+    source: &dyn WeightSource,
+    ids: &[u32],
+) -> Result<Vec<f32>, EvalError> {
     let cfg = source.config().clone();
     let t = ids.len();
     if t == 0 {
@@ -255,9 +296,56 @@ pub fn logits(ctx: &GpuContext, source: &dyn WeightSource, ids: &[u32]) -> Resul
     let out = ctx.zeros::<f32>("logits", t * cfg.vocab_size)?;
     let mut rec = ctx.recorder();
     forward::rmsnorm(&mut rec, t, cfg.rms_norm_eps as f32, &work, &fnorm, &xn)?;
-    ops::gemm(&mut rec, t, cfg.vocab_size, h, 1.0, MatView::new(&xn, h), MatView::new(&head, h).t(), 0.0, MatView::new(&out, cfg.vocab_size))?;
+    ops::gemm(
+        &mut rec,
+        t,
+        cfg.vocab_size,
+        h,
+        1.0,
+        MatView::new(&xn, h),
+        MatView::new(&head, h).t(),
+        0.0,
+        MatView::new(&out, cfg.vocab_size),
+    )?;
     rec.submit();
     Ok(ctx.read(&out)?)
+}
+
+/// Tokenizes an evaluation text with the tokenizer of `model_dir` (none is needed for
+/// pre-tokenized `.safetensors` input) and cuts the GPTQ-protocol windows (`calib::eval_windows`).
+pub fn windows_from_file(
+    model_dir: Option<&std::path::Path>,
+    text: &std::path::Path,
+    seqlen: usize,
+    max_windows: Option<usize>,
+) -> Result<crate::calib::EvalWindows, EvalError> {
+    let src = crate::calib::CalibSource::open(text).map_err(|e| EvalError::Input(e.to_string()))?;
+    let tok = if src.kind() == crate::calib::CalibKind::PreTokenized {
+        None
+    } else {
+        let dir = model_dir.ok_or_else(|| {
+            EvalError::Input(format!(
+                "{} is text but the model has no tokenizer (the synthetic demo model): use a pre-tokenized .safetensors",
+                text.display()
+            ))
+        })?;
+        Some(
+            crate::model::tokenizer::Tokenizer::from_dir(dir)
+                .map_err(|e| EvalError::Input(e.to_string()))?,
+        )
+    };
+    let tokens = src
+        .token_stream(tok.as_ref())
+        .map_err(|e| EvalError::Input(e.to_string()))?;
+    let w = crate::calib::eval_windows(&tokens, seqlen, max_windows);
+    if w.windows.is_empty() {
+        return Err(EvalError::Input(format!(
+            "{} has {} tokens: fewer than one window of {seqlen}",
+            text.display(),
+            tokens.len()
+        )));
+    }
+    Ok(w)
 }
 
 /// A model whose quantized modules are replaced by their fake-quantized weights `Q`, for evaluating
@@ -290,6 +378,10 @@ impl WeightSource for Overlay<'_> {
         self.base.lm_head_rows(rows)
     }
     fn describe(&self) -> String {
-        format!("{} with {} fake-quantized modules", self.base.describe(), self.modules.len())
+        format!(
+            "{} with {} fake-quantized modules",
+            self.base.describe(),
+            self.modules.len()
+        )
     }
 }

@@ -70,7 +70,11 @@ fn trace_amb(a: &[f64], m: &[f32], b: &[f64], rows: usize, n: usize) -> f64 {
                 *x += ai * f64::from(mij);
             }
         }
-        total += am.iter().zip(&b[r * n..(r + 1) * n]).map(|(x, y)| x * y).sum::<f64>();
+        total += am
+            .iter()
+            .zip(&b[r * n..(r + 1) * n])
+            .map(|(x, y)| x * y)
+            .sum::<f64>();
     }
     total
 }
@@ -79,7 +83,11 @@ fn trace_amb(a: &[f64], m: &[f32], b: &[f64], rows: usize, n: usize) -> f64 {
 pub fn metrics(c: &CapturedModule, q: &[f32], proxy_loss_sum: f64) -> LabMetrics {
     let n = c.cols;
     let w: Vec<f64> = c.w.iter().map(|&x| f64::from(x)).collect();
-    let dw: Vec<f64> = c.w.iter().zip(q).map(|(&a, &b)| f64::from(a) - f64::from(b)).collect();
+    let dw: Vec<f64> =
+        c.w.iter()
+            .zip(q)
+            .map(|(&a, &b)| f64::from(a) - f64::from(b))
+            .collect();
     let quant = trace_amb(&dw, &c.h, &dw, c.rows, n);
     let asym = trace_amb(&w, &c.e, &w, c.rows, n);
     // tr(ΔW Dᵀ Wᵀ) = tr(W D ΔWᵀ).
@@ -112,7 +120,11 @@ pub fn solve(c: &CapturedModule, cfg: &QuantConfig) -> Result<LabSolve, LabError
 }
 
 /// GPTAQ at each α (α = 0 is GPTQ), other settings from `base`.
-pub fn alpha_sweep(c: &CapturedModule, base: &QuantConfig, alphas: &[f64]) -> Result<Vec<(f64, LabMetrics)>, LabError> {
+pub fn alpha_sweep(
+    c: &CapturedModule,
+    base: &QuantConfig,
+    alphas: &[f64],
+) -> Result<Vec<(f64, LabMetrics)>, LabError> {
     alphas
         .iter()
         .map(|&alpha| {
@@ -145,13 +157,17 @@ pub fn save(c: &CapturedModule, path: &Path) -> Result<(), LabError> {
         views.push((*name, v));
     }
     let meta: HashMap<String, String> = [
-        ("format".to_string(), "gptaq-studio-lab-capture-v1".to_string()),
+        (
+            "format".to_string(),
+            "gptaq-studio-lab-capture-v1".to_string(),
+        ),
         ("layer".to_string(), c.layer.to_string()),
         ("module".to_string(), c.module.short_name().to_string()),
         ("nsamples".to_string(), c.nsamples.to_string()),
     ]
     .into();
-    let bytes = safetensors::serialize(views, Some(meta)).map_err(|e| file_err(path, e.to_string()))?;
+    let bytes =
+        safetensors::serialize(views, Some(meta)).map_err(|e| file_err(path, e.to_string()))?;
     let tmp = path.with_extension("tmp-write");
     std::fs::write(&tmp, bytes).map_err(|e| file_err(&tmp, e.to_string()))?;
     std::fs::rename(&tmp, path).map_err(|e| file_err(path, e.to_string()))
@@ -160,37 +176,62 @@ pub fn save(c: &CapturedModule, path: &Path) -> Result<(), LabError> {
 /// Reads a capture written by [`save`], validating every shape.
 pub fn load(path: &Path) -> Result<CapturedModule, LabError> {
     let bytes = std::fs::read(path).map_err(|e| file_err(path, e.to_string()))?;
-    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| file_err(path, format!("not a safetensors file: {e}")))?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| file_err(path, format!("not a safetensors file: {e}")))?;
     let meta = header.metadata().clone().unwrap_or_default();
     if meta.get("format").map(String::as_str) != Some("gptaq-studio-lab-capture-v1") {
-        return Err(file_err(path, "not a gptaq-studio layer-lab capture (metadata `format` missing)"));
+        return Err(file_err(
+            path,
+            "not a gptaq-studio layer-lab capture (metadata `format` missing)",
+        ));
     }
-    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| file_err(path, e.to_string()))?;
+    let st =
+        safetensors::SafeTensors::deserialize(&bytes).map_err(|e| file_err(path, e.to_string()))?;
     let get = |name: &str| -> Result<(Vec<usize>, Vec<f32>), LabError> {
-        let t = st.tensor(name).map_err(|e| file_err(path, format!("tensor `{name}`: {e}")))?;
+        let t = st
+            .tensor(name)
+            .map_err(|e| file_err(path, format!("tensor `{name}`: {e}")))?;
         if t.dtype() != safetensors::Dtype::F32 {
-            return Err(file_err(path, format!("tensor `{name}` is {:?}, expected F32", t.dtype())));
+            return Err(file_err(
+                path,
+                format!("tensor `{name}` is {:?}, expected F32", t.dtype()),
+            ));
         }
-        let v = t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        let v = t
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
         Ok((t.shape().to_vec(), v))
     };
     let (ws, w) = get("w")?;
     let [rows, cols] = ws[..] else {
-        return Err(file_err(path, format!("tensor `w` has shape {ws:?}, expected 2-D")));
+        return Err(file_err(
+            path,
+            format!("tensor `w` has shape {ws:?}, expected 2-D"),
+        ));
     };
     let mut sq = Vec::new();
     for name in ["h", "d", "e"] {
         let (s, v) = get(name)?;
         if s != [cols, cols] {
-            return Err(file_err(path, format!("tensor `{name}` has shape {s:?}, expected [{cols}, {cols}]")));
+            return Err(file_err(
+                path,
+                format!("tensor `{name}` has shape {s:?}, expected [{cols}, {cols}]"),
+            ));
         }
         if let Some(i) = v.iter().position(|x| !x.is_finite()) {
-            return Err(file_err(path, format!("tensor `{name}` has a non-finite value at {i}")));
+            return Err(file_err(
+                path,
+                format!("tensor `{name}` has a non-finite value at {i}"),
+            ));
         }
         sq.push(v);
     }
     let parse = |k: &str| -> Result<usize, LabError> {
-        meta.get(k).and_then(|v| v.parse().ok()).ok_or_else(|| file_err(path, format!("metadata `{k}` missing or not a number")))
+        meta.get(k)
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| file_err(path, format!("metadata `{k}` missing or not a number")))
     };
     let module = meta
         .get("module")

@@ -31,7 +31,9 @@ fn check_layer(name: &str, cfg: ModelConfig, nseq: usize, seqlen: usize, seed: u
     let model = SyntheticModel::with_config(cfg.clone(), seed);
     let lw = model.layer(0).unwrap();
     let t = nseq * seqlen;
-    let ids: Vec<u32> = (0..t).map(|i| ((i * 31 + 7) % cfg.vocab_size) as u32).collect();
+    let ids: Vec<u32> = (0..t)
+        .map(|i| ((i * 31 + 7) % cfg.vocab_size) as u32)
+        .collect();
     let h0 = model.embed(&ids).unwrap();
     let mut expected: Vec<f64> = h0.iter().map(|&v| f64::from(v)).collect();
     cpu::layer_forward(&cfg, &lw, &mut expected, nseq, seqlen);
@@ -46,7 +48,10 @@ fn check_layer(name: &str, cfg: ModelConfig, nseq: usize, seqlen: usize, seed: u
     let got = ctx.read(&h).unwrap();
     let rms = (expected.iter().map(|v| v * v).sum::<f64>() / expected.len() as f64).sqrt();
     common::assert_close(
-        &format!("{name}: layer output, hidden {} heads {}/{} hd {} nseq {nseq} seqlen {seqlen}", cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim),
+        &format!(
+            "{name}: layer output, hidden {} heads {}/{} hd {} nseq {nseq} seqlen {seqlen}",
+            cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        ),
         &got,
         &expected,
         2e-5 * rms.max(1.0),
@@ -93,49 +98,98 @@ fn unsupported_head_dim_is_an_error() {
     let cfg = config(32, 32, 1, 1, 512);
     let model = SyntheticModel::with_config(config(32, 32, 1, 1, 32), 1);
     let lw = model.layer(0).unwrap();
-    let e = GpuLayer::upload(&ctx, &cfg, &lw).err().expect("head_dim 512 must be refused");
+    let e = GpuLayer::upload(&ctx, &cfg, &lw)
+        .err()
+        .expect("head_dim 512 must be refused");
     assert!(e.to_string().contains("head_dim 512"), "{e}");
 }
 
 #[test]
 fn tiny_llama_logits_match_transformers() {
-    let Some(dir) = common::test_data_dir() else { return };
+    let Some(dir) = common::test_data_dir() else {
+        return;
+    };
     let Some(ctx) = test_context() else { return };
     let model = SafetensorsModel::open(dir.join("tiny-llama-15m")).unwrap();
     let golden = std::fs::read(dir.join("tiny-llama-15m/golden_logits.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&golden).unwrap();
     let ids_t = st.tensor("input_ids").unwrap();
     let ids: Vec<u32> = match ids_t.dtype() {
-        safetensors::Dtype::I64 => ids_t.data().chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap()) as u32).collect(),
-        safetensors::Dtype::I32 => ids_t.data().chunks_exact(4).map(|b| i32::from_le_bytes(b.try_into().unwrap()) as u32).collect(),
+        safetensors::Dtype::I64 => ids_t
+            .data()
+            .chunks_exact(8)
+            .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as u32)
+            .collect(),
+        safetensors::Dtype::I32 => ids_t
+            .data()
+            .chunks_exact(4)
+            .map(|b| i32::from_le_bytes(b.try_into().unwrap()) as u32)
+            .collect(),
         d => panic!("unexpected input_ids dtype {d:?}"),
     };
     let lt = st.tensor("logits").unwrap();
     assert_eq!(lt.dtype(), safetensors::Dtype::F32);
-    let expected: Vec<f64> = lt.data().chunks_exact(4).map(|b| f64::from(f32::from_le_bytes(b.try_into().unwrap()))).collect();
+    let expected: Vec<f64> = lt
+        .data()
+        .chunks_exact(4)
+        .map(|b| f64::from(f32::from_le_bytes(b.try_into().unwrap())))
+        .collect();
     let got = eval::logits(&ctx, &model, &ids).unwrap();
     // bf16 weights widened exactly; differences are f32 summation order only.
-    common::assert_close("tiny-llama-15m logits vs transformers fp32 [64, 4096]", &got, &expected, 1e-3, 1e-4);
+    common::assert_close(
+        "tiny-llama-15m logits vs transformers fp32 [64, 4096]",
+        &got,
+        &expected,
+        1e-3,
+        1e-4,
+    );
 }
 
 #[test]
 fn stories260k_greedy_matches_golden() {
-    let Some(dir) = common::test_data_dir() else { return };
+    let Some(dir) = common::test_data_dir() else {
+        return;
+    };
     let Some(ctx) = test_context() else { return };
     let model = SafetensorsModel::open(dir.join("stories260K")).unwrap();
-    let golden: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("stories260K/golden_greedy_256.json")).unwrap()).unwrap();
-    let want: Vec<u32> = golden["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    let golden: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("stories260K/golden_greedy_256.json")).unwrap(),
+    )
+    .unwrap();
+    let want: Vec<u32> = golden["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect();
     let tok = gptaq_studio::model::tokenizer::Tokenizer::from_dir(dir.join("stories260K")).unwrap();
-    let prompt = tok.encode(golden["prompt"].as_str().unwrap(), true).unwrap();
-    assert_eq!(prompt[..], want[..prompt.len()], "tokenized prompt differs from the golden ids");
+    let prompt = tok
+        .encode(golden["prompt"].as_str().unwrap(), true)
+        .unwrap();
+    assert_eq!(
+        prompt[..],
+        want[..prompt.len()],
+        "tokenized prompt differs from the golden ids"
+    );
     let v = model.config().vocab_size;
     // Greedy decoding is "each next token is the argmax given the prefix"; with the golden prefix
     // fed in full (teacher forcing) one causal forward checks every step at once.
     let lg = eval::logits(&ctx, &model, &want[..want.len() - 1]).unwrap();
     for pos in prompt.len()..want.len() {
         let row = &lg[(pos - 1) * v..pos * v];
-        let next = row.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &x)| if x > b.1 { (i, x) } else { b }).0 as u32;
-        assert_eq!(next, want[pos], "greedy token {pos} differs: got {next}, expected {}", want[pos]);
+        let next = row
+            .iter()
+            .enumerate()
+            .fold(
+                (0, f32::NEG_INFINITY),
+                |b, (i, &x)| if x > b.1 { (i, x) } else { b },
+            )
+            .0 as u32;
+        assert_eq!(
+            next, want[pos],
+            "greedy token {pos} differs: got {next}, expected {}",
+            want[pos]
+        );
     }
 }
 
@@ -145,17 +199,55 @@ fn perplexity_matches_cpu_reference() {
     let mut cfg = SyntheticModel::demo_config();
     cfg.num_layers = 2;
     let model = SyntheticModel::with_config(cfg, 11);
-    let windows: Vec<Vec<u32>> = (0..3).map(|w| (0..37).map(|i| ((i * 13 + w * 101 + 5) % 512) as u32).collect()).collect();
+    let windows: Vec<Vec<u32>> = (0..3)
+        .map(|w| {
+            (0..37)
+                .map(|i| ((i * 13 + w * 101 + 5) % 512) as u32)
+                .collect()
+        })
+        .collect();
     let expected = cpu::mean_nll(&model, &windows).unwrap();
     // Small batches force several batches and vocabulary chunks.
-    let opts = EvalOptions { batch_tokens: 40, ..Default::default() };
-    let got = eval::perplexity(&ctx, &model, &windows, &opts, &mut |_, _| {}, &AtomicBool::new(false)).unwrap();
+    let opts = EvalOptions {
+        batch_tokens: 40,
+        ..Default::default()
+    };
+    let got = eval::perplexity(
+        &ctx,
+        &model,
+        &windows,
+        &opts,
+        &mut |_, _| {},
+        &AtomicBool::new(false),
+    )
+    .unwrap();
     assert_eq!(got.predictions, 3 * 36);
-    assert!((got.mean_nll - expected).abs() < 1e-4 * expected.max(1.0), "mean NLL got {} expected {expected}", got.mean_nll);
+    assert!(
+        (got.mean_nll - expected).abs() < 1e-4 * expected.max(1.0),
+        "mean NLL got {} expected {expected}",
+        got.mean_nll
+    );
     // Host-spilled stream gives the same answer.
-    let opts = EvalOptions { stream_budget_bytes: 0, batch_tokens: 40, ..Default::default() };
-    let spilled = eval::perplexity(&ctx, &model, &windows, &opts, &mut |_, _| {}, &AtomicBool::new(false)).unwrap();
-    assert!((spilled.mean_nll - got.mean_nll).abs() < 1e-6, "spilled {} vs {}", spilled.mean_nll, got.mean_nll);
+    let opts = EvalOptions {
+        stream_budget_bytes: 0,
+        batch_tokens: 40,
+        ..Default::default()
+    };
+    let spilled = eval::perplexity(
+        &ctx,
+        &model,
+        &windows,
+        &opts,
+        &mut |_, _| {},
+        &AtomicBool::new(false),
+    )
+    .unwrap();
+    assert!(
+        (spilled.mean_nll - got.mean_nll).abs() < 1e-6,
+        "spilled {} vs {}",
+        spilled.mean_nll,
+        got.mean_nll
+    );
 }
 
 #[test]
@@ -163,8 +255,24 @@ fn perplexity_rejects_bad_input() {
     let Some(ctx) = test_context() else { return };
     let model = SyntheticModel::new(1);
     let c = AtomicBool::new(false);
-    let e = eval::perplexity(&ctx, &model, &[], &EvalOptions::default(), &mut |_, _| {}, &c).unwrap_err();
+    let e = eval::perplexity(
+        &ctx,
+        &model,
+        &[],
+        &EvalOptions::default(),
+        &mut |_, _| {},
+        &c,
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("at least one window"), "{e}");
-    let e = eval::perplexity(&ctx, &model, &[vec![1, 99999]], &EvalOptions::default(), &mut |_, _| {}, &c).unwrap_err();
+    let e = eval::perplexity(
+        &ctx,
+        &model,
+        &[vec![1, 99999]],
+        &EvalOptions::default(),
+        &mut |_, _| {},
+        &c,
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("99999"), "{e}");
 }

@@ -9,10 +9,18 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use gptaq_studio::eval::{self, EvalOptions, Overlay};
 use gptaq_studio::gpu::test_context;
 use gptaq_studio::model::ModuleKind;
-use gptaq_studio::pipeline::{self, CalibInput, Event, Job, ModelInput, PipelineConfig, PipelineError, Solver};
+use gptaq_studio::pipeline::{
+    self, CalibInput, Event, Job, ModelInput, PipelineConfig, PipelineError, Solver,
+};
 use gptaq_studio::quant::{Method, QuantConfig};
 
-fn job(model: ModelInput, calib: CalibInput, quant: QuantConfig, nsamples: usize, seqlen: usize) -> Job {
+fn job(
+    model: ModelInput,
+    calib: CalibInput,
+    quant: QuantConfig,
+    nsamples: usize,
+    seqlen: usize,
+) -> Job {
     Job {
         model,
         calib,
@@ -28,7 +36,9 @@ fn job(model: ModelInput, calib: CalibInput, quant: QuantConfig, nsamples: usize
 
 #[test]
 fn stories260k_gptq_and_gptaq_with_act_order_and_groups() {
-    let Some(dir) = common::test_data_dir() else { return };
+    let Some(dir) = common::test_data_dir() else {
+        return;
+    };
     let Some(ctx) = test_context() else { return };
     let model_dir = dir.join("stories260K");
     let calib = dir.join("corpora/tinystories/train_head_197k.txt");
@@ -42,37 +52,98 @@ fn stories260k_gptq_and_gptaq_with_act_order_and_groups() {
             act_order: true,
             ..QuantConfig::default()
         };
-        let j = job(ModelInput::Dir(model_dir.clone()), CalibInput::File(calib.clone()), quant, 4, 64);
+        let j = job(
+            ModelInput::Dir(model_dir.clone()),
+            CalibInput::File(calib.clone()),
+            quant,
+            4,
+            64,
+        );
         let inputs = pipeline::prepare(&j).unwrap();
         let mut events = Vec::new();
-        let q = pipeline::run_prepared(&ctx, &inputs, &j.config, &mut |e| events.push(e), &AtomicBool::new(false)).unwrap();
+        let q = pipeline::run_prepared(
+            &ctx,
+            &inputs,
+            &j.config,
+            &mut |e| events.push(e),
+            &AtomicBool::new(false),
+        )
+        .unwrap();
         let r = &q.report;
-        assert_eq!(q.modules.len(), 5 * 7, "{}: every module quantized", r.method);
+        assert_eq!(
+            q.modules.len(),
+            5 * 7,
+            "{}: every module quantized",
+            r.method
+        );
         assert_eq!(r.modules.len(), 35);
         for m in &r.modules {
-            for (name, v) in [("quant", m.quant_error), ("asym", m.asym_error), ("output", m.output_error)] {
-                let v = v.unwrap_or_else(|| panic!("{} layer {} {}: {name} error missing", r.method, m.layer, m.module));
-                assert!(v.is_finite() && v >= 0.0, "{} layer {} {}: {name} error {v}", r.method, m.layer, m.module);
+            for (name, v) in [
+                ("quant", m.quant_error),
+                ("asym", m.asym_error),
+                ("output", m.output_error),
+            ] {
+                let v = v.unwrap_or_else(|| {
+                    panic!(
+                        "{} layer {} {}: {name} error missing",
+                        r.method, m.layer, m.module
+                    )
+                });
+                assert!(
+                    v.is_finite() && v >= 0.0,
+                    "{} layer {} {}: {name} error {v}",
+                    r.method,
+                    m.layer,
+                    m.module
+                );
             }
-            assert!(m.proxy_loss.is_finite(), "{} layer {} {}: proxy loss {}", r.method, m.layer, m.module, m.proxy_loss);
+            assert!(
+                m.proxy_loss.is_finite(),
+                "{} layer {} {}: proxy loss {}",
+                r.method,
+                m.layer,
+                m.module,
+                m.proxy_loss
+            );
             if m.layer == 0 && ["q_proj", "k_proj", "v_proj"].contains(&m.module.as_str()) {
                 assert_eq!(m.asym_error, Some(0.0), "layer 0 q/k/v see the FP input");
             }
         }
-        assert!(r.layers.iter().all(|l| l.hidden_rel_error.is_some_and(f64::is_finite)));
-        let ups = events.iter().filter(|e| matches!(e, Event::ModuleDone(_))).count();
+        assert!(
+            r.layers
+                .iter()
+                .all(|l| l.hidden_rel_error.is_some_and(f64::is_finite))
+        );
+        let ups = events
+            .iter()
+            .filter(|e| matches!(e, Event::ModuleDone(_)))
+            .count();
         assert_eq!(ups, 35, "one ModuleDone per module");
         // Codes and g_idx are consistent with act-order groups of 4.
         let down = &q.modules[&(2, ModuleKind::Down)];
         assert_eq!(down.g_idx.len(), 172);
         assert!(down.g_idx.iter().all(|&g| g < 43));
         let windows: Vec<Vec<u32>> = inputs.calib.windows.clone();
-        let ov = Overlay { base: inputs.source.as_ref(), modules: &q.modules };
-        let p = eval::perplexity(&ctx, &ov, &windows, &EvalOptions::default(), &mut |_, _| {}, &AtomicBool::new(false)).unwrap();
+        let ov = Overlay {
+            base: inputs.source.as_ref(),
+            modules: &q.modules,
+        };
+        let p = eval::perplexity(
+            &ctx,
+            &ov,
+            &windows,
+            &EvalOptions::default(),
+            &mut |_, _| {},
+            &AtomicBool::new(false),
+        )
+        .unwrap();
         assert!(p.ppl.is_finite());
         ppl.push(p.ppl);
     }
-    eprintln!("stories260K W3 g4 act-order calibration-set ppl: GPTQ {:.3} GPTAQ {:.3}", ppl[0], ppl[1]);
+    eprintln!(
+        "stories260K W3 g4 act-order calibration-set ppl: GPTQ {:.3} GPTAQ {:.3}",
+        ppl[0], ppl[1]
+    );
 }
 
 #[test]
@@ -83,33 +154,69 @@ fn lab_capture_metrics_equal_pipeline_metrics() {
         (2, ModuleKind::O, Method::Gptq),
         (1, ModuleKind::K, Method::Gptaq { alpha: 1.0 }),
     ] {
-        let quant = QuantConfig { method, bits: 3, ..QuantConfig::default() };
-        let j = job(ModelInput::Demo { seed: 3 }, CalibInput::Synthetic, quant.clone(), 4, 32);
+        let quant = QuantConfig {
+            method,
+            bits: 3,
+            ..QuantConfig::default()
+        };
+        let j = job(
+            ModelInput::Demo { seed: 3 },
+            CalibInput::Synthetic,
+            quant.clone(),
+            4,
+            32,
+        );
         let inputs = pipeline::prepare(&j).unwrap();
         let c = AtomicBool::new(false);
         let full = pipeline::run_prepared(&ctx, &inputs, &j.config, &mut |_| {}, &c).unwrap();
         let cap = pipeline::capture(&ctx, &inputs, &j.config, layer, m, &mut |_| {}, &c).unwrap();
         assert_eq!((cap.layer, cap.module, cap.nsamples), (layer, m, 4));
-        let rep = full.report.modules.iter().find(|r| r.layer == layer && r.module == m.short_name()).unwrap();
+        let rep = full
+            .report
+            .modules
+            .iter()
+            .find(|r| r.layer == layer && r.module == m.short_name())
+            .unwrap();
         // Re-solving the capture with the run's settings gives the run's Q, and the trace formulas
         // give the errors the pipeline measured from the activations.
         let lab = gptaq_studio::lab::solve(&cap, &quant).unwrap();
         let q_run = &full.modules[&(layer, m)].q;
-        let maxdiff = lab.result.q.iter().zip(q_run).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
-        assert!(maxdiff < 1e-5, "layer {layer} {}: lab Q differs from the run's by {maxdiff}", m.short_name());
+        let maxdiff = lab
+            .result
+            .q
+            .iter()
+            .zip(q_run)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(
+            maxdiff < 1e-5,
+            "layer {layer} {}: lab Q differs from the run's by {maxdiff}",
+            m.short_name()
+        );
         for (name, got, want) in [
             ("quant", lab.metrics.quant_error, rep.quant_error.unwrap()),
             ("asym", lab.metrics.asym_error, rep.asym_error.unwrap()),
-            ("output", lab.metrics.output_error, rep.output_error.unwrap()),
+            (
+                "output",
+                lab.metrics.output_error,
+                rep.output_error.unwrap(),
+            ),
         ] {
-            assert!((got - want).abs() <= 2e-3 * want.abs() + 1e-7, "layer {layer} {} {name} error: lab {got} vs pipeline {want}", m.short_name());
+            assert!(
+                (got - want).abs() <= 2e-3 * want.abs() + 1e-7,
+                "layer {layer} {} {name} error: lab {got} vs pipeline {want}",
+                m.short_name()
+            );
         }
         // Save / load round trip.
         let tmp = tempfile::tempdir().unwrap();
         let path = tmp.path().join("cap.safetensors");
         gptaq_studio::lab::save(&cap, &path).unwrap();
         let back = gptaq_studio::lab::load(&path).unwrap();
-        assert_eq!((back.rows, back.cols, back.layer, back.module), (cap.rows, cap.cols, cap.layer, cap.module));
+        assert_eq!(
+            (back.rows, back.cols, back.layer, back.module),
+            (cap.rows, cap.cols, cap.layer, cap.module)
+        );
         assert_eq!(back.h, cap.h);
         assert_eq!(back.e, cap.e);
     }
@@ -118,32 +225,89 @@ fn lab_capture_metrics_equal_pipeline_metrics() {
 #[test]
 fn alpha_zero_is_gptq_and_alpha_lowers_output_error() {
     let Some(ctx) = test_context() else { return };
-    let quant = QuantConfig { method: Method::Gptq, bits: 3, ..QuantConfig::default() };
-    let j = job(ModelInput::Demo { seed: 5 }, CalibInput::Synthetic, quant.clone(), 8, 32);
+    let quant = QuantConfig {
+        method: Method::Gptq,
+        bits: 3,
+        ..QuantConfig::default()
+    };
+    let j = job(
+        ModelInput::Demo { seed: 5 },
+        CalibInput::Synthetic,
+        quant.clone(),
+        8,
+        32,
+    );
     let inputs = pipeline::prepare(&j).unwrap();
-    let cap = pipeline::capture(&ctx, &inputs, &j.config, 2, ModuleKind::O, &mut |_| {}, &AtomicBool::new(false)).unwrap();
+    let cap = pipeline::capture(
+        &ctx,
+        &inputs,
+        &j.config,
+        2,
+        ModuleKind::O,
+        &mut |_| {},
+        &AtomicBool::new(false),
+    )
+    .unwrap();
     let sweep = gptaq_studio::lab::alpha_sweep(&cap, &quant, &[0.0, 1.0]).unwrap();
     let gptq = gptaq_studio::lab::solve(&cap, &quant).unwrap();
-    assert!((sweep[0].1.output_error - gptq.metrics.output_error).abs() < 1e-12, "α = 0 must equal GPTQ");
-    assert!(sweep[1].1.output_error < gptq.metrics.output_error, "GPTAQ α=1 output error {} not below GPTQ {}", sweep[1].1.output_error, gptq.metrics.output_error);
+    assert!(
+        (sweep[0].1.output_error - gptq.metrics.output_error).abs() < 1e-12,
+        "α = 0 must equal GPTQ"
+    );
+    assert!(
+        sweep[1].1.output_error < gptq.metrics.output_error,
+        "GPTAQ α=1 output error {} not below GPTQ {}",
+        sweep[1].1.output_error,
+        gptq.metrics.output_error
+    );
 }
 
 #[test]
 fn cancel_and_bad_settings() {
     let Some(ctx) = test_context() else { return };
-    let j = job(ModelInput::Demo { seed: 1 }, CalibInput::Synthetic, QuantConfig::default(), 2, 16);
+    let j = job(
+        ModelInput::Demo { seed: 1 },
+        CalibInput::Synthetic,
+        QuantConfig::default(),
+        2,
+        16,
+    );
     let cancel = AtomicBool::new(false);
     let mut seen = Vec::new();
-    let r = pipeline::run(&ctx, &j, &mut |e| {
-        if matches!(e, Event::LayerDone(_)) {
-            cancel.store(true, Ordering::Relaxed);
-        }
-        seen.push(format!("{e:?}").chars().take(20).collect::<String>());
-    }, &cancel);
-    assert!(matches!(r, Err(PipelineError::Cancelled)), "expected Cancelled");
-    assert!(seen.last().is_some_and(|s| s.starts_with("Cancelled")), "last event {:?}", seen.last());
+    let r = pipeline::run(
+        &ctx,
+        &j,
+        &mut |e| {
+            if matches!(e, Event::LayerDone(_)) {
+                cancel.store(true, Ordering::Relaxed);
+            }
+            seen.push(format!("{e:?}").chars().take(20).collect::<String>());
+        },
+        &cancel,
+    );
+    assert!(
+        matches!(r, Err(PipelineError::Cancelled)),
+        "expected Cancelled"
+    );
+    assert!(
+        seen.last().is_some_and(|s| s.starts_with("Cancelled")),
+        "last event {:?}",
+        seen.last()
+    );
 
-    let bad = job(ModelInput::Demo { seed: 1 }, CalibInput::Synthetic, QuantConfig { group_size: Some(100), ..QuantConfig::default() }, 2, 16);
-    let e = pipeline::run(&ctx, &bad, &mut |_| {}, &AtomicBool::new(false)).err().unwrap().to_string();
+    let bad = job(
+        ModelInput::Demo { seed: 1 },
+        CalibInput::Synthetic,
+        QuantConfig {
+            group_size: Some(100),
+            ..QuantConfig::default()
+        },
+        2,
+        16,
+    );
+    let e = pipeline::run(&ctx, &bad, &mut |_| {}, &AtomicBool::new(false))
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("group size 100") && e.contains("128"), "{e}");
 }

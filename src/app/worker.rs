@@ -416,22 +416,74 @@ impl Worker {
         };
         match cmd {
             Command::Eval { text, slot } => {
-                if model_of(slot).is_none() {
+                let Some(model) = model_of(slot) else {
                     return WorkerEvent::Error(format!("the {} run did not finish", slot.label()));
+                };
+                let Some(ctx) = self.ctx.as_ref() else {
+                    return WorkerEvent::Error("no GPU device is open".into());
+                };
+                let dir = match &held.job.model {
+                    ModelInput::Dir(d) => Some(d.as_path()),
+                    ModelInput::Demo { .. } => None,
+                };
+                let windows = match crate::eval::windows_from_file(
+                    dir,
+                    &text,
+                    held.job.config.seqlen,
+                    None,
+                ) {
+                    Ok(w) => w.windows,
+                    Err(e) => return WorkerEvent::Error(format!("evaluation text: {e}")),
+                };
+                let base = held.inputs.source.as_ref();
+                let overlay = crate::eval::Overlay {
+                    base,
+                    modules: &model.modules,
+                };
+                let opts = crate::eval::EvalOptions::default();
+                let mut rows = Vec::new();
+                let sources: [(&str, &dyn crate::model::WeightSource); 2] =
+                    [("FP", base), (slot.label(), &overlay)];
+                for (label, src) in sources {
+                    match crate::eval::perplexity(
+                        ctx,
+                        src,
+                        &windows,
+                        &opts,
+                        &mut |_, _| {},
+                        &self.cancel,
+                    ) {
+                        Ok(r) => rows.push(EvalRow {
+                            label: format!("{label} ({} × {})", r.windows, r.seqlen),
+                            perplexity: r.ppl,
+                        }),
+                        Err(e) => return WorkerEvent::Error(format!("perplexity of {label}: {e}")),
+                    }
                 }
-                WorkerEvent::NotWired(format!(
-                    "perplexity evaluation on {} is not wired yet (crate::eval pending)",
-                    text.display()
-                ))
+                WorkerEvent::EvalDone(rows)
             }
             Command::Export { out, slot } => {
-                if model_of(slot).is_none() {
+                let Some(model) = model_of(slot) else {
                     return WorkerEvent::Error(format!("the {} run did not finish", slot.label()));
+                };
+                let dir = match &held.job.model {
+                    ModelInput::Dir(d) => Some(d.as_path()),
+                    ModelInput::Demo { .. } => None,
+                };
+                let opts = crate::export::ExportOptions {
+                    force: true,
+                    ..Default::default()
+                };
+                match crate::export::write_checkpoint(
+                    &out,
+                    held.inputs.source.as_ref(),
+                    dir,
+                    model,
+                    &opts,
+                ) {
+                    Ok(summary) => WorkerEvent::Exported(summary.dir),
+                    Err(e) => WorkerEvent::Error(format!("export to {}: {e}", out.display())),
                 }
-                WorkerEvent::NotWired(format!(
-                    "export to {} is not wired yet (crate::export::write_checkpoint pending)",
-                    out.display()
-                ))
             }
             _ => WorkerEvent::Error("internal: not an eval/export command".into()),
         }

@@ -35,7 +35,16 @@ fn linear(x: &[f64], lin: &Linear, t: usize) -> Vec<f64> {
 }
 
 /// RoPE (with optional per-head norm first) in place on `[t, heads·hd]`.
-fn rope(x: &mut [f64], heads: usize, hd: usize, seqlen: usize, cos: &[f32], sin: &[f32], norm: Option<&[f32]>, eps: f64) {
+fn rope(
+    x: &mut [f64],
+    heads: usize,
+    hd: usize,
+    seqlen: usize,
+    cos: &[f32],
+    sin: &[f32],
+    norm: Option<&[f32]>,
+    eps: f64,
+) {
     let half = hd / 2;
     for (row, head) in x.chunks_exact_mut(hd).enumerate() {
         let pos = (row / heads) % seqlen;
@@ -45,7 +54,10 @@ fn rope(x: &mut [f64], heads: usize, hd: usize, seqlen: usize, cos: &[f32], sin:
         }
         for i in 0..half {
             let (a, b) = (head[i], head[i + half]);
-            let (c, s) = (f64::from(cos[pos * half + i]), f64::from(sin[pos * half + i]));
+            let (c, s) = (
+                f64::from(cos[pos * half + i]),
+                f64::from(sin[pos * half + i]),
+            );
             head[i] = a * c - b * s;
             head[i + half] = b * c + a * s;
         }
@@ -53,7 +65,13 @@ fn rope(x: &mut [f64], heads: usize, hd: usize, seqlen: usize, cos: &[f32], sin:
 }
 
 /// One decoder layer in place on `h` (`nseq` packed sequences of `seqlen` tokens).
-pub fn layer_forward(cfg: &ModelConfig, lw: &LayerWeights, h: &mut [f64], nseq: usize, seqlen: usize) {
+pub fn layer_forward(
+    cfg: &ModelConfig,
+    lw: &LayerWeights,
+    h: &mut [f64],
+    nseq: usize,
+    seqlen: usize,
+) {
     let d = LayerDims::of(cfg);
     let t = nseq * seqlen;
     let eps = cfg.rms_norm_eps;
@@ -63,8 +81,26 @@ pub fn layer_forward(cfg: &ModelConfig, lw: &LayerWeights, h: &mut [f64], nseq: 
     let mut q = linear(&x1, &lw.q, t);
     let mut k = linear(&x1, &lw.k, t);
     let v = linear(&x1, &lw.v, t);
-    rope(&mut q, d.heads, d.head_dim, seqlen, &cos, &sin, lw.q_norm.as_deref(), eps);
-    rope(&mut k, d.kv_heads, d.head_dim, seqlen, &cos, &sin, lw.k_norm.as_deref(), eps);
+    rope(
+        &mut q,
+        d.heads,
+        d.head_dim,
+        seqlen,
+        &cos,
+        &sin,
+        lw.q_norm.as_deref(),
+        eps,
+    );
+    rope(
+        &mut k,
+        d.kv_heads,
+        d.head_dim,
+        seqlen,
+        &cos,
+        &sin,
+        lw.k_norm.as_deref(),
+        eps,
+    );
     let (qd, kvd, hd) = (d.q_dim(), d.kv_dim(), d.head_dim);
     let group = d.heads / d.kv_heads;
     let scale = 1.0 / (hd as f64).sqrt();
@@ -75,7 +111,13 @@ pub fn layer_forward(cfg: &ModelConfig, lw: &LayerWeights, h: &mut [f64], nseq: 
             let kvh = head / group;
             let qr = &q[tok * qd + head * hd..][..hd];
             let scores: Vec<f64> = (start..=tok)
-                .map(|j| qr.iter().zip(&k[j * kvd + kvh * hd..][..hd]).map(|(a, b)| a * b).sum::<f64>() * scale)
+                .map(|j| {
+                    qr.iter()
+                        .zip(&k[j * kvd + kvh * hd..][..hd])
+                        .map(|(a, b)| a * b)
+                        .sum::<f64>()
+                        * scale
+                })
                 .collect();
             let mx = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
             let e: Vec<f64> = scores.iter().map(|s| (s - mx).exp()).collect();
@@ -95,7 +137,11 @@ pub fn layer_forward(cfg: &ModelConfig, lw: &LayerWeights, h: &mut [f64], nseq: 
     rmsnorm(h, &lw.post_norm, eps, &mut x2);
     let g = linear(&x2, &lw.gate, t);
     let u = linear(&x2, &lw.up, t);
-    let act: Vec<f64> = g.iter().zip(&u).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect();
+    let act: Vec<f64> = g
+        .iter()
+        .zip(&u)
+        .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+        .collect();
     let dn = linear(&act, &lw.down, t);
     h.iter_mut().zip(&dn).for_each(|(a, b)| *a += b);
 }

@@ -116,7 +116,8 @@ pub fn inv_freq(cfg: &ModelConfig) -> Vec<f32> {
                 let scaled = if wl > low_wl { inv / factor } else { inv };
                 let medium = !(wl < high_wl) && !(wl > low_wl);
                 *x = if medium {
-                    let smooth = (old / wl - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                    let smooth =
+                        (old / wl - low_freq_factor) / (high_freq_factor - low_freq_factor);
                     ((1.0 - smooth) * scaled / factor + smooth * scaled) as f32
                 } else {
                     scaled as f32
@@ -177,7 +178,11 @@ pub struct GpuLayer {
 }
 
 impl GpuLayer {
-    pub fn upload(ctx: &GpuContext, cfg: &ModelConfig, lw: &LayerWeights) -> Result<Self, GpuError> {
+    pub fn upload(
+        ctx: &GpuContext,
+        cfg: &ModelConfig,
+        lw: &LayerWeights,
+    ) -> Result<Self, GpuError> {
         let dims = LayerDims::of(cfg);
         dims.check()?;
         let mut linears = Vec::with_capacity(7);
@@ -207,7 +212,10 @@ impl GpuLayer {
         }
         let norm = |what: &str, v: &[f32], n: usize| -> Result<GpuBuffer<f32>, GpuError> {
             if v.len() != n {
-                return Err(GpuError::Validation(format!("{what}: {} elements, expected {n}", v.len())));
+                return Err(GpuError::Validation(format!(
+                    "{what}: {} elements, expected {n}",
+                    v.len()
+                )));
             }
             ctx.upload(what, v)
         };
@@ -215,8 +223,16 @@ impl GpuLayer {
             dims,
             input_norm: norm("input_layernorm", &lw.input_norm, dims.hidden)?,
             post_norm: norm("post_attention_layernorm", &lw.post_norm, dims.hidden)?,
-            q_norm: lw.q_norm.as_deref().map(|v| norm("q_norm", v, dims.head_dim)).transpose()?,
-            k_norm: lw.k_norm.as_deref().map(|v| norm("k_norm", v, dims.head_dim)).transpose()?,
+            q_norm: lw
+                .q_norm
+                .as_deref()
+                .map(|v| norm("q_norm", v, dims.head_dim))
+                .transpose()?,
+            k_norm: lw
+                .k_norm
+                .as_deref()
+                .map(|v| norm("k_norm", v, dims.head_dim))
+                .transpose()?,
             linears,
             biases,
             dummy: ctx.zeros("dummy", 1)?,
@@ -224,7 +240,12 @@ impl GpuLayer {
     }
 
     /// Replaces a module's weights (the pipeline installs each quantized `Q` here).
-    pub fn set_linear(&mut self, ctx: &GpuContext, m: ModuleKind, w: &[f32]) -> Result<(), GpuError> {
+    pub fn set_linear(
+        &mut self,
+        ctx: &GpuContext,
+        m: ModuleKind,
+        w: &[f32],
+    ) -> Result<(), GpuError> {
         let (rows, cols) = self.dims.linear_shape(m);
         if w.len() != rows * cols {
             return Err(GpuError::Validation(format!(
@@ -238,7 +259,12 @@ impl GpuLayer {
     }
 
     /// Copies a module's weights from a GPU buffer inside `rec` (the GPU solve's `Q`).
-    pub fn set_linear_gpu(&self, rec: &mut Recorder<'_>, m: ModuleKind, w: &GpuBuffer<f32>) -> Result<(), GpuError> {
+    pub fn set_linear_gpu(
+        &self,
+        rec: &mut Recorder<'_>,
+        m: ModuleKind,
+        w: &GpuBuffer<f32>,
+    ) -> Result<(), GpuError> {
         let dst = &self.linears[m as usize];
         if w.len() < dst.len() {
             return Err(GpuError::Validation(format!(
@@ -397,18 +423,37 @@ fn linear(
 }
 
 /// `y[r, c] += b[c]` for `t` rows.
-pub fn bias_add(rec: &mut Recorder<'_>, t: usize, cols: usize, b: &GpuBuffer<f32>, y: &GpuBuffer<f32>) -> Result<(), GpuError> {
+pub fn bias_add(
+    rec: &mut Recorder<'_>,
+    t: usize,
+    cols: usize,
+    b: &GpuBuffer<f32>,
+    y: &GpuBuffer<f32>,
+) -> Result<(), GpuError> {
     let n = u32_of("bias add", t * cols)?;
     let params = EwParams {
         n,
         cols: u32_of("bias width", cols)?,
         _pad: [0; 2],
     };
-    rec.dispatch(&FORWARD_EW, "bias_add", &[], &params, &[b.binding(), y.binding()], groups_1d(n.div_ceil(256)))
+    rec.dispatch(
+        &FORWARD_EW,
+        "bias_add",
+        &[],
+        &params,
+        &[b.binding(), y.binding()],
+        groups_1d(n.div_ceil(256)),
+    )
 }
 
 /// `input_layernorm`: `s.x1 = norm₁(h)` for `t` tokens.
-pub fn input_norm(rec: &mut Recorder<'_>, l: &GpuLayer, h: &GpuBuffer<f32>, s: &LayerScratch, t: usize) -> Result<(), GpuError> {
+pub fn input_norm(
+    rec: &mut Recorder<'_>,
+    l: &GpuLayer,
+    h: &GpuBuffer<f32>,
+    s: &LayerScratch,
+    t: usize,
+) -> Result<(), GpuError> {
     s.check(t)?;
     rmsnorm(rec, t, l.dims.eps, h, &l.input_norm, &s.x1)
 }
@@ -439,7 +484,14 @@ struct AttnParams {
 
 /// q/k/v projections of `s.x1`, (q/k norm and) RoPE, causal attention → `s.attn`
 /// for `nseq` packed sequences of `seqlen` tokens.
-pub fn attention(rec: &mut Recorder<'_>, l: &GpuLayer, rope: &Rope, s: &LayerScratch, nseq: usize, seqlen: usize) -> Result<(), GpuError> {
+pub fn attention(
+    rec: &mut Recorder<'_>,
+    l: &GpuLayer,
+    rope: &Rope,
+    s: &LayerScratch,
+    nseq: usize,
+    seqlen: usize,
+) -> Result<(), GpuError> {
     let t = nseq * seqlen;
     s.check(t)?;
     if seqlen > rope.max_pos {
@@ -468,7 +520,12 @@ pub fn attention(rec: &mut Recorder<'_>, l: &GpuLayer, rope: &Rope, s: &LayerScr
             "rope",
             &[],
             &params,
-            &[rope.cos.binding(), rope.sin.binding(), nw.binding(), buf.binding()],
+            &[
+                rope.cos.binding(),
+                rope.sin.binding(),
+                nw.binding(),
+                buf.binding(),
+            ],
             groups_1d(params.rows),
         )?;
     }
@@ -486,35 +543,75 @@ pub fn attention(rec: &mut Recorder<'_>, l: &GpuLayer, rope: &Rope, s: &LayerScr
         "attention",
         &[],
         &params,
-        &[s.q.binding(), s.k.binding(), s.v.binding(), s.attn.binding()],
+        &[
+            s.q.binding(),
+            s.k.binding(),
+            s.v.binding(),
+            s.attn.binding(),
+        ],
         groups_1d(params.rows),
     )
 }
 
 /// `h += o_proj(a)`.
-pub fn o_residual(rec: &mut Recorder<'_>, l: &GpuLayer, a: &GpuBuffer<f32>, h: &GpuBuffer<f32>, s: &LayerScratch, t: usize) -> Result<(), GpuError> {
+pub fn o_residual(
+    rec: &mut Recorder<'_>,
+    l: &GpuLayer,
+    a: &GpuBuffer<f32>,
+    h: &GpuBuffer<f32>,
+    s: &LayerScratch,
+    t: usize,
+) -> Result<(), GpuError> {
     s.check(t)?;
     linear(rec, l, ModuleKind::O, t, a, h, true)
 }
 
 /// `post_attention_layernorm`: `s.x2 = norm₂(h)`.
-pub fn post_norm(rec: &mut Recorder<'_>, l: &GpuLayer, h: &GpuBuffer<f32>, s: &LayerScratch, t: usize) -> Result<(), GpuError> {
+pub fn post_norm(
+    rec: &mut Recorder<'_>,
+    l: &GpuLayer,
+    h: &GpuBuffer<f32>,
+    s: &LayerScratch,
+    t: usize,
+) -> Result<(), GpuError> {
     s.check(t)?;
     rmsnorm(rec, t, l.dims.eps, h, &l.post_norm, &s.x2)
 }
 
 /// `s.act = silu(gate(x2))·up(x2)`.
-pub fn mlp_act(rec: &mut Recorder<'_>, l: &GpuLayer, s: &LayerScratch, t: usize) -> Result<(), GpuError> {
+pub fn mlp_act(
+    rec: &mut Recorder<'_>,
+    l: &GpuLayer,
+    s: &LayerScratch,
+    t: usize,
+) -> Result<(), GpuError> {
     s.check(t)?;
     linear(rec, l, ModuleKind::Gate, t, &s.x2, &s.act, false)?;
     linear(rec, l, ModuleKind::Up, t, &s.x2, &s.up, false)?;
     let n = u32_of("swiglu", t * l.dims.intermediate)?;
-    let params = EwParams { n, cols: 1, _pad: [0; 2] };
-    rec.dispatch(&FORWARD_EW, "silu_mul", &[], &params, &[s.up.binding(), s.act.binding()], groups_1d(n.div_ceil(256)))
+    let params = EwParams {
+        n,
+        cols: 1,
+        _pad: [0; 2],
+    };
+    rec.dispatch(
+        &FORWARD_EW,
+        "silu_mul",
+        &[],
+        &params,
+        &[s.up.binding(), s.act.binding()],
+        groups_1d(n.div_ceil(256)),
+    )
 }
 
 /// `h += down_proj(s.act)`.
-pub fn down_residual(rec: &mut Recorder<'_>, l: &GpuLayer, h: &GpuBuffer<f32>, s: &LayerScratch, t: usize) -> Result<(), GpuError> {
+pub fn down_residual(
+    rec: &mut Recorder<'_>,
+    l: &GpuLayer,
+    h: &GpuBuffer<f32>,
+    s: &LayerScratch,
+    t: usize,
+) -> Result<(), GpuError> {
     s.check(t)?;
     linear(rec, l, ModuleKind::Down, t, &s.act, h, true)
 }

@@ -288,7 +288,7 @@ mod tests {
         let a = ModelSummary::from_source(&m);
         let b = ModelSummary::from_store(&m, &m).unwrap();
         assert_eq!(a.param_count, b.param_count);
-        assert_eq!(b.largest_in_features, 352);
+        assert_eq!(b.largest_in_features, 384);
         let text = b.to_text();
         assert!(
             text.contains("SYNTHETIC") && text.contains("down_proj"),

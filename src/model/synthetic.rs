@@ -334,7 +334,7 @@ mod tests {
         );
         assert_eq!(la.q.weight.len(), 128 * 128);
         assert_eq!(la.k.weight.len(), 64 * 128);
-        assert_eq!(la.down.weight.len(), 128 * 352);
+        assert_eq!(la.down.weight.len(), 128 * 384);
         // N(0, 1/fan_in): variance of gate weights ≈ 1/128.
         let var: f64 = la
             .gate

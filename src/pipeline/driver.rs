@@ -78,7 +78,8 @@ struct Stats {
 
 /// Whether the configured capture targets one of `mods` in `layer`.
 fn capturing(cfg: &PipelineConfig, layer: usize, mods: &[ModuleKind]) -> bool {
-    cfg.capture.is_some_and(|(l, m)| l == layer && mods.contains(&m))
+    cfg.capture
+        .is_some_and(|(l, m)| l == layer && mods.contains(&m))
 }
 
 fn check_cancel(cancel: &AtomicBool) -> Result<(), PipelineError> {
@@ -107,9 +108,16 @@ pub fn quantize(
     let nseq = prep.windows.len();
     let seqlen = cfg.seqlen;
     if nseq == 0 {
-        return Err(PipelineError::Input("empty calibration set: no windows".into()));
+        return Err(PipelineError::Input(
+            "empty calibration set: no windows".into(),
+        ));
     }
-    if let Some((i, w)) = prep.windows.iter().enumerate().find(|(_, w)| w.len() != seqlen) {
+    if let Some((i, w)) = prep
+        .windows
+        .iter()
+        .enumerate()
+        .find(|(_, w)| w.len() != seqlen)
+    {
         return Err(PipelineError::Input(format!(
             "calibration window {i} has {} tokens, expected {seqlen}",
             w.len()
@@ -137,7 +145,10 @@ pub fn quantize(
     ctx.reset_peak();
 
     let bs = plan.batch_sequences.max(1);
-    let batches: Vec<std::ops::Range<usize>> = (0..nseq).step_by(bs).map(|s| s..(s + bs).min(nseq)).collect();
+    let batches: Vec<std::ops::Range<usize>> = (0..nseq)
+        .step_by(bs)
+        .map(|s| s..(s + bs).min(nseq))
+        .collect();
     let nb = batches.len();
     let h = mc.hidden_size;
     let tok = |b: usize| batches[b].len() * seqlen;
@@ -158,8 +169,15 @@ pub fn quantize(
         None
     };
     for (b, range) in batches.iter().enumerate() {
-        let ids: Vec<u32> = prep.windows[range.clone()].iter().flatten().copied().collect();
-        let emb = prep.source.embed(&ids).map_err(|e| PipelineError::Input(e.to_string()))?;
+        let ids: Vec<u32> = prep.windows[range.clone()]
+            .iter()
+            .flatten()
+            .copied()
+            .collect();
+        let emb = prep
+            .source
+            .embed(&ids)
+            .map_err(|e| PipelineError::Input(e.to_string()))?;
         hq.set_host(ctx, b, &emb);
         if let Some(s) = hfp.as_mut() {
             s.set_host(ctx, b, &emb);
@@ -172,12 +190,33 @@ pub fn quantize(
         h_q: ctx.zeros("work h_q", max_tokens * h)?,
         h_fp: ctx.zeros("work h_fp", if fp_stream { max_tokens * h } else { 1 })?,
         a_q: ctx.zeros("work a_q", max_tokens * mc.q_dim())?,
-        a_fp: ctx.zeros("work a_fp", if fp_stream { max_tokens * mc.q_dim() } else { 1 })?,
+        a_fp: ctx.zeros(
+            "work a_fp",
+            if fp_stream {
+                max_tokens * mc.q_dim()
+            } else {
+                1
+            },
+        )?,
         s_q: LayerScratch::new(ctx, &mc, max_tokens)?,
         s_fp: LayerScratch::new(ctx, &mc, if fp_stream { max_tokens } else { 1 })?,
-        diff: ctx.zeros("work diff", if gptaq || cfg.capture.is_some() { max_tokens * widest } else { 1 })?,
-        metric: MetricScratch::new(ctx, if fp_stream { max_tokens } else { 1 }, if fp_stream { widest } else { 1 })?,
-        hidden_parts: ctx.zeros("hidden partials", 2 * nb * ops::sq_partials_len(max_tokens * h))?,
+        diff: ctx.zeros(
+            "work diff",
+            if gptaq || cfg.capture.is_some() {
+                max_tokens * widest
+            } else {
+                1
+            },
+        )?,
+        metric: MetricScratch::new(
+            ctx,
+            if fp_stream { max_tokens } else { 1 },
+            if fp_stream { widest } else { 1 },
+        )?,
+        hidden_parts: ctx.zeros(
+            "hidden partials",
+            2 * nb * ops::sq_partials_len(max_tokens * h),
+        )?,
     };
 
     let mut results: BTreeMap<(usize, ModuleKind), QuantResult> = BTreeMap::new();
@@ -190,16 +229,29 @@ pub fn quantize(
         check_cancel(cancel)?;
         let t_layer = Instant::now();
         emit(Event::LayerStarted { layer });
-        let lw: LayerWeights = prep.source.layer(layer).map_err(|e| PipelineError::Input(e.to_string()))?;
+        let lw: LayerWeights = prep
+            .source
+            .layer(layer)
+            .map_err(|e| PipelineError::Input(e.to_string()))?;
         let mut layers = Layers {
             q: GpuLayer::upload(ctx, &mc, &lw)?,
-            fp: if fp_stream { Some(GpuLayer::upload(ctx, &mc, &lw)?) } else { None },
+            fp: if fp_stream {
+                Some(GpuLayer::upload(ctx, &mc, &lw)?)
+            } else {
+                None
+            },
         };
         let mut secs: BTreeMap<ModuleKind, f64> = BTreeMap::new();
         let mut pending: Vec<(ModuleKind, ModuleReport)> = Vec::new();
 
         // ---- stage A: statistics of q/k/v
-        let mut stats = Stats::new(ctx, nseq, h, gptaq, capturing(cfg, layer, &[ModuleKind::Q, ModuleKind::K, ModuleKind::V]))?;
+        let mut stats = Stats::new(
+            ctx,
+            nseq,
+            h,
+            gptaq,
+            capturing(cfg, layer, &[ModuleKind::Q, ModuleKind::K, ModuleKind::V]),
+        )?;
         for b in 0..nb {
             check_cancel(cancel)?;
             let t = tok(b);
@@ -213,7 +265,14 @@ pub fn quantize(
                 forward::input_norm(&mut rec, fp, &work.h_fp, &work.s_fp, t)?;
             }
             if qc.method != Method::Rtn || stats.e.is_some() {
-                stats.accumulate(&mut rec, &work, work.s_q.x1(), work.s_fp.x1(), t, n_samples_f)?;
+                stats.accumulate(
+                    &mut rec,
+                    &work,
+                    work.s_q.x1(),
+                    work.s_fp.x1(),
+                    t,
+                    n_samples_f,
+                )?;
             }
             rec.submit();
         }
@@ -231,8 +290,21 @@ pub fn quantize(
         } else {
             None
         };
-        let mut stats = Stats::new(ctx, nseq, mc.q_dim(), gptaq, capturing(cfg, layer, &[ModuleKind::O]))?;
-        let qkv_metrics = metric_accs(ctx, &mc, fp_stream, nb, max_tokens, &[ModuleKind::Q, ModuleKind::K, ModuleKind::V])?;
+        let mut stats = Stats::new(
+            ctx,
+            nseq,
+            mc.q_dim(),
+            gptaq,
+            capturing(cfg, layer, &[ModuleKind::O]),
+        )?;
+        let qkv_metrics = metric_accs(
+            ctx,
+            &mc,
+            fp_stream,
+            nb,
+            max_tokens,
+            &[ModuleKind::Q, ModuleKind::K, ModuleKind::V],
+        )?;
         for b in 0..nb {
             check_cancel(cancel)?;
             let t = tok(b);
@@ -242,16 +314,39 @@ pub fn quantize(
                 rec = s.load(rec, b, &work.h_fp);
             }
             forward::input_norm(&mut rec, &layers.q, &work.h_q, &work.s_q, t)?;
-            forward::attention(&mut rec, &layers.q, &rope, &work.s_q, batches[b].len(), seqlen)?;
+            forward::attention(
+                &mut rec,
+                &layers.q,
+                &rope,
+                &work.s_q,
+                batches[b].len(),
+                seqlen,
+            )?;
             if let Some(fp) = &layers.fp {
                 forward::input_norm(&mut rec, fp, &work.h_fp, &work.s_fp, t)?;
                 forward::attention(&mut rec, fp, &rope, &work.s_fp, batches[b].len(), seqlen)?;
                 for (m, acc) in &qkv_metrics {
-                    acc.record(&mut rec, &work.metric, b, t, work.s_q.x1(), work.s_fp.x1(), layers.q.linear(*m), fp.linear(*m))?;
+                    acc.record(
+                        &mut rec,
+                        &work.metric,
+                        b,
+                        t,
+                        work.s_q.x1(),
+                        work.s_fp.x1(),
+                        layers.q.linear(*m),
+                        fp.linear(*m),
+                    )?;
                 }
             }
             if qc.method != Method::Rtn || stats.e.is_some() {
-                stats.accumulate(&mut rec, &work, work.s_q.attn(), work.s_fp.attn(), t, n_samples_f)?;
+                stats.accumulate(
+                    &mut rec,
+                    &work,
+                    work.s_q.attn(),
+                    work.s_fp.attn(),
+                    t,
+                    n_samples_f,
+                )?;
             }
             rec = aq.store(rec, b, work.s_q.attn())?;
             if let Some(s) = afp.as_mut() {
@@ -260,13 +355,31 @@ pub fn quantize(
             rec.submit();
         }
         finish_metrics(ctx, &qkv_metrics, &mut pending, &mut module_reports, emit)?;
-        let r = solve(ctx, cfg, &lw, &mut layers, ModuleKind::O, &stats, layer, &mut secs)?;
-        pending.push((ModuleKind::O, report_stub(layer, ModuleKind::O, &r, nseq, secs[&ModuleKind::O])));
+        let r = solve(
+            ctx,
+            cfg,
+            &lw,
+            &mut layers,
+            ModuleKind::O,
+            &stats,
+            layer,
+            &mut secs,
+        )?;
+        pending.push((
+            ModuleKind::O,
+            report_stub(layer, ModuleKind::O, &r, nseq, secs[&ModuleKind::O]),
+        ));
         results.insert((layer, ModuleKind::O), r);
         drop(stats);
 
         // ---- stage C: h ← h + o(a) → statistics of gate/up, metrics of o
-        let mut stats = Stats::new(ctx, nseq, h, gptaq, capturing(cfg, layer, &[ModuleKind::Gate, ModuleKind::Up]))?;
+        let mut stats = Stats::new(
+            ctx,
+            nseq,
+            h,
+            gptaq,
+            capturing(cfg, layer, &[ModuleKind::Gate, ModuleKind::Up]),
+        )?;
         let o_metrics = metric_accs(ctx, &mc, fp_stream, nb, max_tokens, &[ModuleKind::O])?;
         for b in 0..nb {
             check_cancel(cancel)?;
@@ -282,11 +395,27 @@ pub fn quantize(
                 forward::o_residual(&mut rec, fp, &work.a_fp, &work.h_fp, &work.s_fp, t)?;
                 forward::post_norm(&mut rec, fp, &work.h_fp, &work.s_fp, t)?;
                 for (m, acc) in &o_metrics {
-                    acc.record(&mut rec, &work.metric, b, t, &work.a_q, &work.a_fp, layers.q.linear(*m), fp.linear(*m))?;
+                    acc.record(
+                        &mut rec,
+                        &work.metric,
+                        b,
+                        t,
+                        &work.a_q,
+                        &work.a_fp,
+                        layers.q.linear(*m),
+                        fp.linear(*m),
+                    )?;
                 }
             }
             if qc.method != Method::Rtn || stats.e.is_some() {
-                stats.accumulate(&mut rec, &work, work.s_q.x2(), work.s_fp.x2(), t, n_samples_f)?;
+                stats.accumulate(
+                    &mut rec,
+                    &work,
+                    work.s_q.x2(),
+                    work.s_fp.x2(),
+                    t,
+                    n_samples_f,
+                )?;
             }
             rec = hq.store(rec, b, &work.h_q)?;
             if let Some(s) = hfp.as_mut() {
@@ -304,8 +433,21 @@ pub fn quantize(
         drop(stats);
 
         // ---- stage D: act = silu(gate)·up → statistics of down, metrics of gate/up
-        let mut stats = Stats::new(ctx, nseq, mc.intermediate_size, gptaq, capturing(cfg, layer, &[ModuleKind::Down]))?;
-        let gu_metrics = metric_accs(ctx, &mc, fp_stream, nb, max_tokens, &[ModuleKind::Gate, ModuleKind::Up])?;
+        let mut stats = Stats::new(
+            ctx,
+            nseq,
+            mc.intermediate_size,
+            gptaq,
+            capturing(cfg, layer, &[ModuleKind::Down]),
+        )?;
+        let gu_metrics = metric_accs(
+            ctx,
+            &mc,
+            fp_stream,
+            nb,
+            max_tokens,
+            &[ModuleKind::Gate, ModuleKind::Up],
+        )?;
         for b in 0..nb {
             check_cancel(cancel)?;
             let t = tok(b);
@@ -318,17 +460,45 @@ pub fn quantize(
                 forward::post_norm(&mut rec, fp, &work.h_fp, &work.s_fp, t)?;
                 forward::mlp_act(&mut rec, fp, &work.s_fp, t)?;
                 for (m, acc) in &gu_metrics {
-                    acc.record(&mut rec, &work.metric, b, t, work.s_q.x2(), work.s_fp.x2(), layers.q.linear(*m), fp.linear(*m))?;
+                    acc.record(
+                        &mut rec,
+                        &work.metric,
+                        b,
+                        t,
+                        work.s_q.x2(),
+                        work.s_fp.x2(),
+                        layers.q.linear(*m),
+                        fp.linear(*m),
+                    )?;
                 }
             }
             if qc.method != Method::Rtn || stats.e.is_some() {
-                stats.accumulate(&mut rec, &work, work.s_q.act(), work.s_fp.act(), t, n_samples_f)?;
+                stats.accumulate(
+                    &mut rec,
+                    &work,
+                    work.s_q.act(),
+                    work.s_fp.act(),
+                    t,
+                    n_samples_f,
+                )?;
             }
             rec.submit();
         }
         finish_metrics(ctx, &gu_metrics, &mut pending, &mut module_reports, emit)?;
-        let r = solve(ctx, cfg, &lw, &mut layers, ModuleKind::Down, &stats, layer, &mut secs)?;
-        pending.push((ModuleKind::Down, report_stub(layer, ModuleKind::Down, &r, nseq, secs[&ModuleKind::Down])));
+        let r = solve(
+            ctx,
+            cfg,
+            &lw,
+            &mut layers,
+            ModuleKind::Down,
+            &stats,
+            layer,
+            &mut secs,
+        )?;
+        pending.push((
+            ModuleKind::Down,
+            report_stub(layer, ModuleKind::Down, &r, nseq, secs[&ModuleKind::Down]),
+        ));
         results.insert((layer, ModuleKind::Down), r);
         drop(stats);
 
@@ -349,10 +519,35 @@ pub fn quantize(
                 forward::mlp_act(&mut rec, fp, &work.s_fp, t)?;
                 forward::down_residual(&mut rec, fp, &work.h_fp, &work.s_fp, t)?;
                 for (m, acc) in &down_metrics {
-                    acc.record(&mut rec, &work.metric, b, t, work.s_q.act(), work.s_fp.act(), layers.q.linear(*m), fp.linear(*m))?;
+                    acc.record(
+                        &mut rec,
+                        &work.metric,
+                        b,
+                        t,
+                        work.s_q.act(),
+                        work.s_fp.act(),
+                        layers.q.linear(*m),
+                        fp.linear(*m),
+                    )?;
                 }
-                ops::sq_diff_partials(&mut rec, t * h, &work.h_q, 1.0, &work.h_fp, &work.hidden_parts, b * hp)?;
-                ops::sq_diff_partials(&mut rec, t * h, &work.h_fp, 0.0, &work.h_fp, &work.hidden_parts, (nb + b) * hp)?;
+                ops::sq_diff_partials(
+                    &mut rec,
+                    t * h,
+                    &work.h_q,
+                    1.0,
+                    &work.h_fp,
+                    &work.hidden_parts,
+                    b * hp,
+                )?;
+                ops::sq_diff_partials(
+                    &mut rec,
+                    t * h,
+                    &work.h_fp,
+                    0.0,
+                    &work.h_fp,
+                    &work.hidden_parts,
+                    (nb + b) * hp,
+                )?;
             }
             rec = hq.store(rec, b, &work.h_q)?;
             if let Some(s) = hfp.as_mut() {
@@ -417,14 +612,19 @@ pub fn quantize(
 /// Refuses settings that cannot work for this model, with the reason.
 fn validate_config(mc: &ModelConfig, qc: &QuantConfig) -> Result<(), PipelineError> {
     if ![2, 3, 4, 8].contains(&qc.bits) {
-        return Err(PipelineError::Input(format!("bits must be 2, 3, 4 or 8 (got {})", qc.bits)));
+        return Err(PipelineError::Input(format!(
+            "bits must be 2, 3, 4 or 8 (got {})",
+            qc.bits
+        )));
     }
     if qc.block_size == 0 {
         return Err(PipelineError::Input("block size must be at least 1".into()));
     }
     if let Some(gs) = qc.group_size {
         if gs == 0 {
-            return Err(PipelineError::Input("group size must be positive (or -1 for none)".into()));
+            return Err(PipelineError::Input(
+                "group size must be positive (or -1 for none)".into(),
+            ));
         }
         for m in ModuleKind::ALL {
             let (_, cols) = mc.linear_shape(m);
@@ -437,24 +637,42 @@ fn validate_config(mc: &ModelConfig, qc: &QuantConfig) -> Result<(), PipelineErr
             }
         }
     } else if qc.static_groups {
-        return Err(PipelineError::Input("static groups need a group size".into()));
+        return Err(PipelineError::Input(
+            "static groups need a group size".into(),
+        ));
     }
     if let Method::Gptaq { alpha } = qc.method
         && !(0.0..=1.0).contains(&alpha)
     {
-        return Err(PipelineError::Input(format!("alpha must be in [0, 1] (got {alpha})")));
+        return Err(PipelineError::Input(format!(
+            "alpha must be in [0, 1] (got {alpha})"
+        )));
     }
     Ok(())
 }
 
 impl Stats {
-    fn new(ctx: &GpuContext, nsamples: usize, n: usize, gptaq: bool, capture: bool) -> Result<Self, PipelineError> {
+    fn new(
+        ctx: &GpuContext,
+        nsamples: usize,
+        n: usize,
+        gptaq: bool,
+        capture: bool,
+    ) -> Result<Self, PipelineError> {
         Ok(Self {
             n,
             nsamples,
             h: ctx.zeros("H", n * n)?,
-            d: if gptaq || capture { Some(ctx.zeros("D", n * n)?) } else { None },
-            e: if capture { Some(ctx.zeros("E", n * n)?) } else { None },
+            d: if gptaq || capture {
+                Some(ctx.zeros("D", n * n)?)
+            } else {
+                None
+            },
+            e: if capture {
+                Some(ctx.zeros("E", n * n)?)
+            } else {
+                None
+            },
         })
     }
 
@@ -474,7 +692,16 @@ impl Stats {
         ops::syrk_xtx(rec, tokens, n, alpha, MatView::new(x_q, n), 1.0, &self.h)?;
         if let Some(d) = &self.d {
             ops::axpby(rec, tokens * n, 1.0, x_fp, -1.0, x_q, &work.diff)?;
-            ops::gemm_atb(rec, tokens, n, alpha, MatView::new(&work.diff, n), MatView::new(x_q, n), 1.0, d)?;
+            ops::gemm_atb(
+                rec,
+                tokens,
+                n,
+                alpha,
+                MatView::new(&work.diff, n),
+                MatView::new(x_q, n),
+                1.0,
+                d,
+            )?;
             if let Some(e) = &self.e {
                 ops::syrk_xtx(rec, tokens, n, alpha, MatView::new(&work.diff, n), 1.0, e)?;
             }
@@ -524,7 +751,13 @@ fn finish_metrics(
     Ok(())
 }
 
-fn report_stub(layer: usize, m: ModuleKind, r: &QuantResult, nsamples: usize, secs: f64) -> ModuleReport {
+fn report_stub(
+    layer: usize,
+    m: ModuleKind,
+    r: &QuantResult,
+    nsamples: usize,
+    secs: f64,
+) -> ModuleReport {
     let fallback = r.fallback.as_ref().map(|f| match f {
         Fallback::IncreasedDamping => format!("damping raised to {:.3}", r.damp_percent),
         Fallback::DiagonalFloor => "diagonal floor".to_string(),
@@ -587,12 +820,21 @@ fn solve(
     };
     let qc = &cfg.quant;
     let result = if qc.method == Method::Rtn {
-        crate::quant::quantizer::rtn_quantize(&lin.weight, rows, cols, qc).map_err(|e| module_err(e.to_string()))?
+        crate::quant::quantizer::rtn_quantize(&lin.weight, rows, cols, qc)
+            .map_err(|e| module_err(e.to_string()))?
     } else {
         match cfg.solver {
             Solver::Gpu => {
-                let s = crate::quant::gpu::quantize_gpu(ctx, &lin.weight, rows, cols, &stats.h, stats.d.as_ref(), qc)
-                    .map_err(|e| module_err(e.to_string()))?;
+                let s = crate::quant::gpu::quantize_gpu(
+                    ctx,
+                    &lin.weight,
+                    rows,
+                    cols,
+                    &stats.h,
+                    stats.d.as_ref(),
+                    qc,
+                )
+                .map_err(|e| module_err(e.to_string()))?;
                 // Q goes straight from the solve's buffer into the quantized-stream layer.
                 let mut rec = ctx.recorder();
                 layers.q.set_linear_gpu(&mut rec, m, &s.q)?;
@@ -606,8 +848,15 @@ fn solve(
                     Some(d) => Some(ctx.read(d)?),
                     None => None,
                 };
-                crate::quant::reference::quantize_reference(&lin.weight, rows, cols, &h, d.as_deref(), qc)
-                    .map_err(|e| module_err(e.to_string()))?
+                crate::quant::reference::quantize_reference(
+                    &lin.weight,
+                    rows,
+                    cols,
+                    &h,
+                    d.as_deref(),
+                    qc,
+                )
+                .map_err(|e| module_err(e.to_string()))?
             }
         }
     };

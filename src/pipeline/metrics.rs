@@ -38,7 +38,13 @@ pub struct MetricAccumulator {
 }
 
 impl MetricAccumulator {
-    pub fn new(ctx: &GpuContext, batches: usize, max_tokens: usize, rows: usize, cols: usize) -> Result<Self, GpuError> {
+    pub fn new(
+        ctx: &GpuContext,
+        batches: usize,
+        max_tokens: usize,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Self, GpuError> {
         let per_sum = ops::sq_partials_len(max_tokens * rows);
         Ok(Self {
             parts: ctx.zeros("metric partials", 4 * batches * per_sum)?,
@@ -65,15 +71,53 @@ impl MetricAccumulator {
     ) -> Result<(), GpuError> {
         let (r, c) = (self.rows, self.cols);
         let y = |buf| MatView::new(buf, r);
-        ops::gemm(rec, tokens, r, c, 1.0, MatView::new(x_q, c), MatView::new(q, c).t(), 0.0, y(&scratch.yq))?;
-        ops::gemm(rec, tokens, r, c, 1.0, MatView::new(x_fp, c), MatView::new(w, c).t(), 0.0, y(&scratch.yfp))?;
-        ops::gemm(rec, tokens, r, c, 1.0, MatView::new(x_q, c), MatView::new(w, c).t(), 0.0, y(&scratch.yw))?;
+        ops::gemm(
+            rec,
+            tokens,
+            r,
+            c,
+            1.0,
+            MatView::new(x_q, c),
+            MatView::new(q, c).t(),
+            0.0,
+            y(&scratch.yq),
+        )?;
+        ops::gemm(
+            rec,
+            tokens,
+            r,
+            c,
+            1.0,
+            MatView::new(x_fp, c),
+            MatView::new(w, c).t(),
+            0.0,
+            y(&scratch.yfp),
+        )?;
+        ops::gemm(
+            rec,
+            tokens,
+            r,
+            c,
+            1.0,
+            MatView::new(x_q, c),
+            MatView::new(w, c).t(),
+            0.0,
+            y(&scratch.yw),
+        )?;
         let n = tokens * r;
         let slot = |k: usize| (k * self.batches + b) * self.per_sum;
         ops::sq_diff_partials(rec, n, &scratch.yw, 1.0, &scratch.yq, &self.parts, slot(0))?;
         ops::sq_diff_partials(rec, n, &scratch.yfp, 1.0, &scratch.yw, &self.parts, slot(1))?;
         ops::sq_diff_partials(rec, n, &scratch.yq, 1.0, &scratch.yfp, &self.parts, slot(2))?;
-        ops::sq_diff_partials(rec, n, &scratch.yfp, 0.0, &scratch.yfp, &self.parts, slot(3))?;
+        ops::sq_diff_partials(
+            rec,
+            n,
+            &scratch.yfp,
+            0.0,
+            &scratch.yfp,
+            &self.parts,
+            slot(3),
+        )?;
         Ok(())
     }
 
@@ -81,7 +125,12 @@ impl MetricAccumulator {
     pub fn finish(&self, ctx: &GpuContext) -> Result<(f64, f64, f64), GpuError> {
         let parts = ctx.read(&self.parts)?;
         let span = self.batches * self.per_sum;
-        let sum = |k: usize| -> f64 { parts[k * span..(k + 1) * span].iter().map(|&v| f64::from(v)).sum() };
+        let sum = |k: usize| -> f64 {
+            parts[k * span..(k + 1) * span]
+                .iter()
+                .map(|&v| f64::from(v))
+                .sum()
+        };
         let norm = sum(3);
         // An all-zero output (e.g. a dead module) has no meaningful relative error.
         if norm <= 0.0 {

@@ -162,14 +162,19 @@ pub fn capture(
 ) -> Result<CapturedModule, PipelineError> {
     let layers = inputs.source.config().num_layers;
     if layer >= layers {
-        return Err(PipelineError::Input(format!("layer {layer} does not exist (the model has {layers})")));
+        return Err(PipelineError::Input(format!(
+            "layer {layer} does not exist (the model has {layers})"
+        )));
     }
     let mut cfg = config.clone();
     cfg.capture = Some((layer, module));
     match run_prepared(ctx, inputs, &cfg, emit, cancel) {
         Err(PipelineError::Captured(c)) => Ok(*c),
         Err(e) => Err(e),
-        Ok(_) => Err(PipelineError::Input(format!("capture point layer {layer} {} was not reached", module.short_name()))),
+        Ok(_) => Err(PipelineError::Input(format!(
+            "capture point layer {layer} {} was not reached",
+            module.short_name()
+        ))),
     }
 }
 
@@ -204,11 +209,15 @@ pub fn prepare(job: &Job) -> Result<Inputs, PipelineError> {
             })
         }
         ModelInput::Dir(dir) => {
-            let model = SafetensorsModel::open(dir).map_err(|e| PipelineError::Input(e.to_string()))?;
+            let model =
+                SafetensorsModel::open(dir).map_err(|e| PipelineError::Input(e.to_string()))?;
             let calib = match &job.calib {
-                CalibInput::Synthetic => CalibSet::synthetic(model.config().vocab_size, c.nsamples, c.seqlen, c.seed),
+                CalibInput::Synthetic => {
+                    CalibSet::synthetic(model.config().vocab_size, c.nsamples, c.seqlen, c.seed)
+                }
                 CalibInput::File(p) => {
-                    let src = CalibSource::open(p).map_err(|e| PipelineError::Input(e.to_string()))?;
+                    let src =
+                        CalibSource::open(p).map_err(|e| PipelineError::Input(e.to_string()))?;
                     // Pre-tokenized input needs no tokenizer; text does.
                     let tok = match Tokenizer::from_dir(dir) {
                         Ok(t) => Some(t),
@@ -238,7 +247,8 @@ pub fn run(
     emit: &mut dyn FnMut(Event),
     cancel: &AtomicBool,
 ) -> Result<QuantizedModel, PipelineError> {
-    let result = prepare(job).and_then(|inputs| run_prepared(ctx, &inputs, &job.config, emit, cancel));
+    let result =
+        prepare(job).and_then(|inputs| run_prepared(ctx, &inputs, &job.config, emit, cancel));
     match &result {
         Ok(q) => emit(Event::Finished(Box::new(q.report.clone()))),
         Err(PipelineError::Cancelled) => emit(Event::Cancelled),
