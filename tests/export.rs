@@ -515,10 +515,12 @@ fn export_tied_embeddings_bias_sharding_and_side_files() {
 
 #[test]
 fn demo_model_exports_with_generated_config() {
-    // The full demo model, default config (gs 128 does not divide intermediate 352 → warning).
+    // The full demo model with group size 96: it divides the intermediate width 384 but not the
+    // hidden width 128, so the exporter must warn about the 128-wide modules.
     let src = SyntheticModel::new(1);
     let cfg = QuantConfig {
         method: Method::Rtn,
+        group_size: Some(96),
         ..QuantConfig::default()
     };
     let q = quantize_all(&src, &cfg, false);
@@ -528,7 +530,7 @@ fn demo_model_exports_with_generated_config() {
     assert!(
         s.warnings
             .iter()
-            .any(|w| w.contains("does not divide in_features 352")),
+            .any(|w| w.contains("does not divide in_features 128")),
         "{:?}",
         s.warnings
     );
