@@ -8,7 +8,7 @@
 //! - [`pipeline`]: the layer-by-layer driver that turns a model + calibration set into a quantized model
 //!   and a stream of typed events.
 //! - [`export`]: GPTQ checkpoint packing, writing and reading.
-//! - [`eval`]: perplexity.
+//! - [`eval`]: perplexity on the GPU (GPTQ-paper protocol).
 //! - [`app`]: the egui desktop application (a view over the pipeline's events).
 //! - [`cli`]: the command-line front end.
 

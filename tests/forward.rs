@@ -2,6 +2,8 @@
 //! model against transformers' logits (golden file), greedy decoding against llama2.c's output, and
 //! GPU perplexity against the CPU reference.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers outside #[test] fns
+
 mod common;
 
 use std::sync::atomic::AtomicBool;

@@ -1,6 +1,8 @@
 //! The general-purpose kernels against f64 CPU references, over random shapes that include 1,
 //! primes and non-multiples of the 64×64 tile.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers outside #[test] fns
+
 mod common;
 
 use common::{assert_close, rand_vec, rng};
@@ -40,7 +42,7 @@ fn gemm_ref(
 
 fn run_gemm(ctx: &GpuContext, m: usize, n: usize, k: usize, ta: bool, tb: bool, seed: u64) {
     let mut r = rng(seed);
-    let (alpha, beta) = (0.75f32, if seed % 2 == 0 { 0.0 } else { -0.5 });
+    let (alpha, beta) = (0.75f32, if seed.is_multiple_of(2) { 0.0 } else { -0.5 });
     let a = rand_vec(&mut r, m * k);
     let b = rand_vec(&mut r, k * n);
     let c0 = rand_vec(&mut r, m * n);

@@ -2,6 +2,8 @@
 //! with act-order and groups on stories260K (172-wide MLP), the layer-lab capture's exact metrics
 //! against the pipeline's own, cancellation and input validation.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers outside #[test] fns
+
 mod common;
 
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -35,6 +35,7 @@ fn linear(x: &[f64], lin: &Linear, t: usize) -> Vec<f64> {
 }
 
 /// RoPE (with optional per-head norm first) in place on `[t, heads·hd]`.
+#[allow(clippy::too_many_arguments)]
 fn rope(
     x: &mut [f64],
     heads: usize,

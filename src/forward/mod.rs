@@ -74,13 +74,13 @@ impl LayerDims {
         }
     }
     fn check(&self) -> Result<(), GpuError> {
-        if self.head_dim == 0 || self.head_dim % 2 != 0 || self.head_dim > MAX_HEAD_DIM {
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) || self.head_dim > MAX_HEAD_DIM {
             return Err(GpuError::Validation(format!(
                 "head_dim {} is not supported by the attention kernel (even, 2..={MAX_HEAD_DIM})",
                 self.head_dim
             )));
         }
-        if self.kv_heads == 0 || self.heads % self.kv_heads != 0 {
+        if self.kv_heads == 0 || !self.heads.is_multiple_of(self.kv_heads) {
             return Err(GpuError::Validation(format!(
                 "{} attention heads are not a multiple of {} kv heads",
                 self.heads, self.kv_heads
@@ -114,7 +114,8 @@ pub fn inv_freq(cfg: &ModelConfig) -> Vec<f32> {
                 let inv = f64::from(*x);
                 let wl = 2.0 * std::f64::consts::PI / inv;
                 let scaled = if wl > low_wl { inv / factor } else { inv };
-                let medium = !(wl < high_wl) && !(wl > low_wl);
+                // transformers: `~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)`.
+                let medium = wl >= high_wl && wl <= low_wl;
                 *x = if medium {
                     let smooth =
                         (old / wl - low_freq_factor) / (high_freq_factor - low_freq_factor);
@@ -635,6 +636,7 @@ pub fn forward_layer(
     down_residual(rec, l, h, s, t)
 }
 
+#[allow(clippy::too_many_arguments)]
 /// "Run layer i up to the input of module m": the stages needed so that `m`'s input sits in `s`
 /// (`x1` for q/k/v, `attn` for o, `x2` for gate/up, `act` for down). `h` is advanced by the
 /// attention residual for the MLP modules, as the layer would.

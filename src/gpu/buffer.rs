@@ -171,7 +171,7 @@ impl GpuContext {
             return;
         }
         let off = (offset_elems * std::mem::size_of::<T>()) as u64;
-        if raw.len() % 4 == 0 {
+        if raw.len().is_multiple_of(4) {
             self.queue.write_buffer(&dst.buffer, off, raw);
         } else {
             let mut padded = raw.to_vec();

@@ -90,6 +90,7 @@ fn check_cancel(cancel: &AtomicBool) -> Result<(), PipelineError> {
     }
 }
 
+#[allow(clippy::needless_range_loop)] // `b` indexes several per-batch streams at once
 /// Runs the whole model. `emit` receives every event except the terminal one, which the caller
 /// sends (it knows whether export or evaluation follows).
 pub fn quantize(

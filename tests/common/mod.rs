@@ -30,6 +30,7 @@ pub fn assert_close(ctx: &str, got: &[f32], expected: &[f64], atol: f64, rtol: f
     for (i, (&g, &e)) in got.iter().zip(expected).enumerate() {
         let diff = (f64::from(g) - e).abs();
         let tol = atol + rtol * e.abs();
+        #[allow(clippy::neg_cmp_op_on_partial_ord)] // NaN must count as out of tolerance
         if !(diff <= tol) {
             bad += 1;
             if first.is_none() {
