@@ -9,6 +9,7 @@
 //!   and a stream of typed events.
 //! - [`export`]: GPTQ checkpoint packing, writing and reading.
 //! - [`eval`]: perplexity on the GPU (GPTQ-paper protocol).
+//! - [`lab`]: the layer lab: re-solving one captured module with exact error metrics.
 //! - [`app`]: the egui desktop application (a view over the pipeline's events).
 //! - [`cli`]: the command-line front end.
 
