@@ -253,6 +253,37 @@ fn demo_run_to_completion_on_gpu() {
     );
     h.step();
     h.get_by_label_contains("|W-Q|");
+
+    // Layer lab on the finished session: capture layer 1 o_proj, GPTQ beside GPTAQ, α sweep.
+    h.get_by_label("Layer lab").click();
+    h.step();
+    {
+        let lab = &mut h.state_mut().state.lab;
+        lab.layer = 1;
+        lab.module = ModuleKind::O;
+    }
+    h.step();
+    h.get_by_label("Capture & solve").click();
+    h.step();
+    step_until(&mut h, "the lab outcome", &|a| !a.state.lab.busy);
+    let o = h
+        .state()
+        .state
+        .lab
+        .outcome
+        .clone()
+        .unwrap_or_else(|| panic!("lab failed: {:?}", h.state().state.messages));
+    assert_eq!((o.layer, o.module, o.sweep.len()), (1, ModuleKind::O, 11));
+    assert!(
+        (o.sweep[0].1.output_error - o.gptq.output_error).abs() < 1e-12,
+        "α = 0 must be GPTQ"
+    );
+    assert!(
+        o.gptq.asym_error > 0.0,
+        "layer 1 inherits error from layer 0"
+    );
+    h.step();
+    h.get_by_label_contains("GPTAQ changes the output error");
 }
 
 /// GPTQ and GPTAQ on the same prepared windows: both runs finish and both tables fill.

@@ -17,6 +17,7 @@ pub mod worker;
 use std::path::{Path, PathBuf};
 
 use crate::gpu::{AdapterSummary, GpuOptions};
+use crate::model::ModuleKind;
 use crate::pipeline::{CalibInput, ModelInput};
 
 use state::{EvalRow, ModelInfo, ModuleDetail, RunSlot, Selection, Session, Settings, TableSort};
@@ -32,6 +33,29 @@ pub enum Tab {
     Plots,
     Model,
     Results,
+    Lab,
+}
+
+/// Layer-lab controls and the last outcome.
+#[derive(Clone, Debug)]
+pub struct LabState {
+    pub layer: usize,
+    pub module: ModuleKind,
+    pub alpha: f64,
+    pub busy: bool,
+    pub outcome: Option<Box<worker::LabOutcome>>,
+}
+
+impl Default for LabState {
+    fn default() -> Self {
+        Self {
+            layer: 0,
+            module: ModuleKind::Down,
+            alpha: 0.25,
+            busy: false,
+            outcome: None,
+        }
+    }
 }
 
 /// How loud a message is.
@@ -91,6 +115,7 @@ pub struct AppState {
     pub eval_text: Option<PathBuf>,
     pub export_dir: Option<PathBuf>,
     pub eval_rows: Vec<EvalRow>,
+    pub lab: LabState,
 }
 
 impl Default for AppState {
@@ -118,6 +143,7 @@ impl Default for AppState {
             eval_text: None,
             export_dir: None,
             eval_rows: Vec::new(),
+            lab: LabState::default(),
         }
     }
 }
@@ -320,6 +346,13 @@ impl AppState {
                 self.tab = Tab::Results;
             }
             WorkerEvent::Exported(p) => self.info(format!("checkpoint written to {}", p.display())),
+            WorkerEvent::LabDone(r) => {
+                self.lab.busy = false;
+                match r {
+                    Ok(o) => self.lab.outcome = Some(o),
+                    Err(e) => self.error(format!("layer lab: {e}")),
+                }
+            }
             WorkerEvent::NotWired(m) => self.info(m),
             WorkerEvent::Error(m) => self.error(m),
         }

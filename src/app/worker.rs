@@ -61,6 +61,15 @@ pub enum Command {
         out: PathBuf,
         slot: RunSlot,
     },
+    /// Layer lab: capture `(layer, module)` from the session's model and calibration windows (the
+    /// earlier modules quantized with the session job's method) and compare GPTQ with GPTAQ on it.
+    Lab {
+        layer: usize,
+        module: ModuleKind,
+        /// Bits, groups, damping… of the re-solve (the method field is ignored).
+        quant: Box<crate::quant::QuantConfig>,
+        alpha: f64,
+    },
     Shutdown,
 }
 
@@ -93,6 +102,7 @@ pub enum WorkerEvent {
     ReportSaved(PathBuf),
     EvalDone(Vec<EvalRow>),
     Exported(PathBuf),
+    LabDone(Result<Box<LabOutcome>, String>),
     /// An operation that is not connected yet (eval / export), with what it would do.
     NotWired(String),
     Error(String),
@@ -116,6 +126,7 @@ impl WorkerHandle {
             opts,
             ctx: None,
             held: None,
+            lab_capture: None,
             sink: Sink {
                 tx: ev_tx,
                 repaint: Box::new(repaint),
@@ -184,7 +195,24 @@ struct Held {
     results: Vec<(RunSlot, Method, QuantizedModel)>,
 }
 
+/// What the layer lab shows for one captured module.
+#[derive(Clone, Debug)]
+pub struct LabOutcome {
+    pub layer: usize,
+    pub module: ModuleKind,
+    pub rows: usize,
+    pub cols: usize,
+    pub nsamples: usize,
+    pub alpha: f64,
+    pub gptq: crate::lab::LabMetrics,
+    pub gptaq: crate::lab::LabMetrics,
+    /// (α, metrics) for α from 0 (GPTQ) to 1.
+    pub sweep: Vec<(f64, crate::lab::LabMetrics)>,
+    pub secs: f64,
+}
+
 struct Worker {
+    lab_capture: Option<crate::pipeline::CapturedModule>,
     opts: GpuOptions,
     ctx: Option<GpuContext>,
     held: Option<Held>,
@@ -287,6 +315,15 @@ impl Worker {
                 let e = self.eval_or_export(cmd);
                 self.sink.send(e);
             }
+            Command::Lab {
+                layer,
+                module,
+                quant,
+                alpha,
+            } => {
+                let r = self.lab(layer, module, &quant, alpha).map(Box::new);
+                self.sink.send(WorkerEvent::LabDone(r));
+            }
             Command::Shutdown => {}
         }
     }
@@ -348,6 +385,7 @@ impl Worker {
             // Reopened on the next run.
             self.ctx = None;
         }
+        self.lab_capture = None;
         self.held = Some(Held {
             job,
             inputs,
@@ -402,6 +440,68 @@ impl Worker {
     ///   `WorkerEvent::Exported(out)`.
     ///
     /// Errors go in `WorkerEvent::Error`. The UI side (buttons, file pickers, result table) is done.
+    /// Captures (or reuses the cached capture of) one module and re-solves it both ways.
+    fn lab(
+        &mut self,
+        layer: usize,
+        module: ModuleKind,
+        quant: &crate::quant::QuantConfig,
+        alpha: f64,
+    ) -> Result<LabOutcome, String> {
+        let t = std::time::Instant::now();
+        let cached = self
+            .lab_capture
+            .as_ref()
+            .is_some_and(|c| c.layer == layer && c.module == module);
+        if !cached {
+            let held = self.held.as_ref().ok_or(
+                "run a quantization first: the lab captures from its model and calibration windows",
+            )?;
+            let ctx = self.ctx.as_ref().ok_or("no GPU device is open")?;
+            let mut cfg = held.job.config.clone();
+            cfg.metrics = true;
+            let cap = pipeline::capture(
+                ctx,
+                &held.inputs,
+                &cfg,
+                layer,
+                module,
+                &mut |_| {},
+                &self.cancel,
+            )
+            .map_err(|e| e.to_string())?;
+            self.lab_capture = Some(cap);
+        }
+        let cap = self.lab_capture.as_ref().ok_or("capture missing")?;
+        let base = crate::quant::QuantConfig {
+            method: Method::Gptq,
+            ..quant.clone()
+        };
+        let gptq = crate::lab::solve(cap, &base).map_err(|e| e.to_string())?;
+        let gptaq = crate::lab::solve(
+            cap,
+            &crate::quant::QuantConfig {
+                method: Method::Gptaq { alpha },
+                ..base.clone()
+            },
+        )
+        .map_err(|e| e.to_string())?;
+        let alphas: Vec<f64> = (0..=10).map(|i| f64::from(i) / 10.0).collect();
+        let sweep = crate::lab::alpha_sweep(cap, &base, &alphas).map_err(|e| e.to_string())?;
+        Ok(LabOutcome {
+            layer,
+            module,
+            rows: cap.rows,
+            cols: cap.cols,
+            nsamples: cap.nsamples,
+            alpha,
+            gptq: gptq.metrics,
+            gptaq: gptaq.metrics,
+            sweep,
+            secs: t.elapsed().as_secs_f64(),
+        })
+    }
+
     fn eval_or_export(&mut self, cmd: Command) -> WorkerEvent {
         let Some(held) = self.held.as_ref() else {
             return WorkerEvent::Error(

@@ -2,6 +2,7 @@
 //! as [`UiAction`]s (never blocking, never talking to the GPU).
 
 mod detail;
+mod lab;
 mod plots;
 mod results;
 mod run;

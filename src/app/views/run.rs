@@ -17,6 +17,7 @@ pub fn session_ui(ui: &mut egui::Ui, st: &mut AppState, out: &mut Vec<UiAction>)
         ui.selectable_value(&mut st.tab, Tab::Plots, "Plots");
         ui.selectable_value(&mut st.tab, Tab::Model, "Model");
         ui.selectable_value(&mut st.tab, Tab::Results, "Results");
+        ui.selectable_value(&mut st.tab, Tab::Lab, "Layer lab");
         let comparison = st.session.as_ref().is_some_and(|s| s.is_comparison());
         if comparison && st.tab == Tab::Table {
             ui.separator();
@@ -35,6 +36,7 @@ pub fn session_ui(ui: &mut egui::Ui, st: &mut AppState, out: &mut Vec<UiAction>)
                 .show(ui, |ui| start::model_overview_ui(ui, st, out));
         }
         Tab::Results => results::results_ui(ui, st, out),
+        Tab::Lab => super::lab::lab_ui(ui, st, out),
     }
 }
 
