@@ -346,3 +346,70 @@ fn side_by_side_demo_run_on_gpu() {
     assert_eq!(gptaq.method, "gptaq");
     assert!(session.saved_report().is_some());
 }
+
+/// Renders the app after a real side-by-side GPTQ vs GPTAQ W3 g128 run on tiny-llama-15m and saves
+/// it as `assets/screenshot.png` (README). Slow on lavapipe, so run on demand:
+/// `GPTAQ_TEST_DATA=../shared/data cargo test --release --test app -- --ignored screenshot`.
+#[test]
+#[ignore]
+fn screenshot_tiny_llama_side_by_side() {
+    let Some(dir) = std::env::var_os("GPTAQ_TEST_DATA").map(std::path::PathBuf::from) else {
+        panic!("set GPTAQ_TEST_DATA");
+    };
+    let mut h = Harness::builder()
+        .with_size([1600.0, 1000.0])
+        .with_max_steps(1_000_000)
+        .build_ui_state(
+            |ui, app: &mut StudioApp| {
+                let ctx = ui.ctx().clone();
+                app.logic(&ctx);
+                app.ui(ui);
+            },
+            StudioApp::new(gptaq_studio::gpu::GpuOptions::from_env()),
+        );
+    h.step();
+    let cmd = h
+        .state_mut()
+        .state
+        .choose_model_dir(dir.join("tiny-llama-15m"));
+    h.state_mut().send(cmd);
+    h.state_mut()
+        .state
+        .choose_calib(dir.join("corpora/c4/c4_validation_2k.jsonl"));
+    let t0 = std::time::Instant::now();
+    while h.state().state.model_info().is_none() {
+        assert!(t0.elapsed().as_secs() < 120, "no model summary");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        h.step();
+    }
+    {
+        let s = &mut h.state_mut().state.settings;
+        s.nsamples = 8;
+        s.seqlen = 128;
+        s.bits = 3;
+        s.group_size = 128;
+        s.method = gptaq_studio::app::state::MethodChoice::SideBySide;
+    }
+    h.step();
+    h.get_by_label("Start").click();
+    h.step();
+    while h
+        .state()
+        .state
+        .session
+        .as_ref()
+        .is_none_or(|s| s.is_active())
+    {
+        assert!(t0.elapsed().as_secs() < 3000, "comparison did not finish");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        h.step();
+    }
+    h.get_by_label("Plots").click();
+    h.run_steps(5);
+    let img = h.render().expect("render");
+    img.save(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/assets/screenshot.png"
+    ))
+    .expect("save png");
+}
