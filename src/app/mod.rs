@@ -353,7 +353,6 @@ impl AppState {
                     Err(e) => self.error(format!("layer lab: {e}")),
                 }
             }
-            WorkerEvent::NotWired(m) => self.info(m),
             WorkerEvent::Error(m) => self.error(m),
         }
     }

@@ -2,8 +2,8 @@
 //! from the UI and answers with typed [`WorkerEvent`]s, calling `request_repaint` after each one.
 //! The UI thread never waits on it.
 //!
-//! Eval and export are routed through ONE function, [`Worker::eval_or_export`], which answers
-//! "not wired yet" until `crate::eval` / `crate::export` land.
+//! Eval (FP vs fake-quantized perplexity) and export (GPTQ checkpoint) of a finished run go
+//! through [`Worker::eval_or_export`]; the layer lab through `Worker::lab`.
 
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
@@ -103,8 +103,6 @@ pub enum WorkerEvent {
     EvalDone(Vec<EvalRow>),
     Exported(PathBuf),
     LabDone(Result<Box<LabOutcome>, String>),
-    /// An operation that is not connected yet (eval / export), with what it would do.
-    NotWired(String),
     Error(String),
 }
 
@@ -426,20 +424,6 @@ impl Worker {
         .map_err(|e| e.to_string())
     }
 
-    /// THE integration point for evaluation and export (one place on purpose).
-    ///
-    /// To wire it (everything needed is in `self` / `held`; the device is `self.ctx`):
-    /// - `Eval { text, slot }`: tokenize `text` as `cli eval` does (`calib::eval_windows`), then
-    ///   `crate::eval::perplexity(ctx, src, &windows, &EvalOptions::default(), &mut |_, _| {},
-    ///   &self.cancel)` with `src = held.inputs.source.as_ref()` (FP) and with
-    ///   `&crate::eval::Overlay { base: held.inputs.source.as_ref(), modules: &model.modules }`;
-    ///   answer `WorkerEvent::EvalDone(vec![EvalRow { label, perplexity }, ..])`.
-    /// - `Export { out, slot }`: `crate::export::write_checkpoint(&out, held.inputs.source.as_ref(),
-    ///   source_dir, model, &ExportOptions::default())` with `source_dir` = the path of
-    ///   `ModelInput::Dir` in `held.job.model` (`None` for the demo); answer
-    ///   `WorkerEvent::Exported(out)`.
-    ///
-    /// Errors go in `WorkerEvent::Error`. The UI side (buttons, file pickers, result table) is done.
     /// Captures (or reuses the cached capture of) one module and re-solves it both ways.
     fn lab(
         &mut self,
@@ -502,6 +486,10 @@ impl Worker {
         })
     }
 
+    /// Evaluation and export of a finished run. `Eval`: perplexity of the FP model and of the run's
+    /// fake-quantized overlay on the chosen text (GPTQ protocol, the session's sequence length).
+    /// `Export`: the GPTQ checkpoint, written atomically (replacing an existing directory the
+    /// user picked in the save dialog). Errors come back as `WorkerEvent::Error`.
     fn eval_or_export(&mut self, cmd: Command) -> WorkerEvent {
         let Some(held) = self.held.as_ref() else {
             return WorkerEvent::Error(
