@@ -789,11 +789,20 @@ fn reader_refuses_bad_formats_and_bits() {
     let cfg = out.join("config.json");
     let original = std::fs::read_to_string(&cfg).unwrap();
 
+    // gptq_v2 stores the true zero: the same files read as v2 dequantize one scale step higher
+    // (scale·(q − z) instead of scale·(q − (z + 1))), exactly.
+    let v1 = GptqModel::open(&out).unwrap().layer(0).unwrap();
     edit_json(&cfg, |v| {
         v["quantization_config"]["checkpoint_format"] = "gptq_v2".into()
     });
-    let e = open_err(&out);
-    assert!(e.contains("gptq_v2") && e.contains("config.json"), "{e}");
+    let m2 = GptqModel::open(&out).unwrap();
+    assert!(m2.settings().v2);
+    let v2 = m2.layer(0).unwrap();
+    let step_up = v1.q.weight.iter().zip(&v2.q.weight).all(|(a, b)| b > a);
+    assert!(
+        step_up,
+        "v2 reading must shift every weight up by its group's scale"
+    );
 
     std::fs::write(&cfg, &original).unwrap();
     edit_json(&cfg, |v| {

@@ -1,4 +1,4 @@
-//! Reading GPTQ checkpoints (checkpoint_format "gptq", v1) as a [`WeightSource`] (algorithm.md §3).
+//! Reading GPTQ checkpoints (checkpoint_format "gptq" v1 and "gptq_v2") as a [`WeightSource`] (algorithm.md §3).
 //!
 //! [`GptqModel::open`] validates the whole checkpoint up front — the quantization config, and for
 //! every decoder linear the presence, dtype and shape of `qweight`/`qzeros`/`scales`/`g_idx` and the
@@ -8,8 +8,8 @@
 //! wrapped to `b` bits (§3.3, and [`super::pack::unpack_qzeros`] for why the wrap). With f16 scales
 //! and `|q − z| < 256` the product is exact in f32, so the result equals the solver's `Q` bit for bit.
 //!
-//! Refused: `checkpoint_format`/`format` "gptq_v2" (GPTQModel's internal zero convention; its
-//! zeros are off by one from v1 and guessing would silently corrupt every weight), "marlin" and any
+//! `checkpoint_format` "gptq_v2" (GPTQModel) is read with its own zero convention (the stored
+//! field is the zero itself, no +1). Refused: "marlin" and any
 //! other format, `is_marlin_format`, `lm_head: true`, `pack_dtype` other than int32, bits outside
 //! {2, 3, 4, 8}. A linear stored unquantized (`.weight` instead of `.qweight`, as GPTQModel's
 //! dynamic per-module config can produce) is read as a float weight.
@@ -32,6 +32,9 @@ pub struct GptqSettings {
     pub group_size: Option<usize>,
     pub desc_act: bool,
     pub sym: bool,
+    /// `checkpoint_format "gptq_v2"` (GPTQModel): qzeros store the true zero point, not zero − 1
+    /// (algorithm.md §3.3).
+    pub v2: bool,
     /// Where the settings were read from (config.json or quantize_config.json).
     pub source: PathBuf,
     /// The block as written.
@@ -196,8 +199,13 @@ impl GptqModel {
         let pe = |n: &str, e: pack::PackError| self.terr(n, e.to_string());
         let codes =
             pack::unpack_qweight(&i32s(qw.data), rows, cols, bits).map_err(|e| pe(&names[0], e))?;
-        let zeros = pack::unpack_qzeros(&i32s(qz.data), s.groups, rows, bits)
-            .map_err(|e| pe(&names[1], e))?;
+        // v1 stores zero − 1 (read back with +1 and the wrap), v2 the zero itself (§3.3).
+        let zeros = if self.settings.v2 {
+            pack::unpack_qzeros_raw(&i32s(qz.data), s.groups, rows, bits)
+        } else {
+            pack::unpack_qzeros(&i32s(qz.data), s.groups, rows, bits)
+        }
+        .map_err(|e| pe(&names[1], e))?;
         let scales = to_f32(&sc).map_err(|e| self.terr(&names[2], e))?;
         if let Some((i, s)) = scales.iter().enumerate().find(|(_, s)| !s.is_finite()) {
             return Err(self.terr(&names[2], format!("non-finite scale {s} at flat index {i}")));
@@ -367,20 +375,18 @@ pub fn parse_settings(raw: &Value, path: &Path) -> Result<GptqSettings, ExportEr
     if get("is_marlin_format").and_then(Value::as_bool) == Some(true) {
         return Err(err("is_marlin_format", "Marlin-repacked checkpoints are not GPTQ format; re-export with checkpoint_format \"gptq\"".into()));
     }
+    let mut v2 = false;
     for key in ["checkpoint_format", "format"] {
         if let Some(f) = get(key) {
             match f.as_str() {
                 Some("gptq") => {}
-                Some("gptq_v2") => {
-                    return Err(err(
-                        key,
-                        "\"gptq_v2\" (GPTQModel's internal zero-point convention) is not supported; only checkpoint_format \"gptq\" (v1) is read. Save with GPTQModel's format=\"gptq\" to convert".into(),
-                    ));
-                }
+                Some("gptq_v2") => v2 = true,
                 _ => {
                     return Err(err(
                         key,
-                        format!("unknown checkpoint format {f} (only \"gptq\" is read)"),
+                        format!(
+                            "unknown checkpoint format {f} (only \"gptq\" and \"gptq_v2\" are read)"
+                        ),
                     ));
                 }
             }
@@ -433,6 +439,7 @@ pub fn parse_settings(raw: &Value, path: &Path) -> Result<GptqSettings, ExportEr
         group_size,
         desc_act: bool_field("desc_act", false)?,
         sym: bool_field("sym", true)?,
+        v2,
         source: path.to_path_buf(),
         raw: raw.clone(),
     })
