@@ -110,20 +110,8 @@ pub struct LabArgs {
     /// How the layers before the captured module are quantized.
     #[arg(long, value_enum, default_value = "gptaq")]
     pub method: MethodArg,
-    #[arg(long, default_value_t = 4)]
-    pub bits: u32,
-    #[arg(long, default_value_t = 128, allow_hyphen_values = true)]
-    pub group_size: i64,
-    #[arg(long)]
-    pub act_order: bool,
-    #[arg(long)]
-    pub asym: bool,
-    #[arg(long, default_value_t = 0.01)]
-    pub damp: f64,
-    #[arg(long, default_value_t = 0.25)]
-    pub alpha: f64,
-    #[arg(long, default_value_t = 128)]
-    pub block_size: usize,
+    #[command(flatten)]
+    pub quant: QuantArgs,
     #[arg(long)]
     pub nsamples: Option<usize>,
     #[arg(long)]
@@ -175,26 +163,9 @@ pub enum StreamArg {
     F16,
 }
 
+/// Quantizer settings shared by `quantize` and `lab`.
 #[derive(Args, Debug, Clone)]
-pub struct QuantizeArgs {
-    /// Hugging Face model directory (config.json, safetensors, tokenizer.json).
-    #[arg(required_unless_present = "demo")]
-    pub model: Option<PathBuf>,
-    /// Quantize the built-in synthetic demo model on synthetic calibration tokens (no download).
-    #[arg(long, conflicts_with = "model")]
-    pub demo: bool,
-    /// Calibration data: .txt, .jsonl (`text` field), .parquet (`text` column) or pre-tokenized
-    /// .safetensors (`input_ids` [N, L]).
-    #[arg(long, required_unless_present = "demo")]
-    pub calib: Option<PathBuf>,
-    /// Output directory for the GPTQ checkpoint.
-    #[arg(long)]
-    pub out: Option<PathBuf>,
-    /// Overwrite a non-empty --out.
-    #[arg(long)]
-    pub force: bool,
-    #[arg(long, value_enum, default_value = "gptaq")]
-    pub method: MethodArg,
+pub struct QuantArgs {
     #[arg(long, default_value_t = 4)]
     pub bits: u32,
     /// Columns per group; -1 = one group per row.
@@ -217,6 +188,58 @@ pub struct QuantizeArgs {
     pub alpha: f64,
     #[arg(long, default_value_t = 128)]
     pub block_size: usize,
+    /// MSE clipping grid search for the quantizer range.
+    #[arg(long)]
+    pub mse: bool,
+}
+
+impl QuantArgs {
+    pub fn config(&self, method: MethodArg) -> anyhow::Result<QuantConfig> {
+        Ok(QuantConfig {
+            method: match method {
+                MethodArg::Gptaq => Method::Gptaq { alpha: self.alpha },
+                MethodArg::Gptq => Method::Gptq,
+                MethodArg::Rtn => Method::Rtn,
+            },
+            bits: self.bits,
+            group_size: match self.group_size {
+                -1 => None,
+                g if g > 0 => Some(g as usize),
+                g => anyhow::bail!("--group-size must be positive or -1 (got {g})"),
+            },
+            sym: !self.asym,
+            act_order: self.act_order,
+            static_groups: self.static_groups,
+            damp_percent: self.damp,
+            block_size: self.block_size,
+            mse: self.mse,
+            ..QuantConfig::default()
+        })
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct QuantizeArgs {
+    /// Hugging Face model directory (config.json, safetensors, tokenizer.json).
+    #[arg(required_unless_present = "demo")]
+    pub model: Option<PathBuf>,
+    /// Quantize the built-in synthetic demo model on synthetic calibration tokens (no download).
+    #[arg(long, conflicts_with = "model")]
+    pub demo: bool,
+    /// Calibration data: .txt, .jsonl (`text` field), .parquet (`text` column) or pre-tokenized
+    /// .safetensors (`input_ids` [N, L]).
+    #[arg(long, required_unless_present = "demo")]
+    pub calib: Option<PathBuf>,
+    /// Output directory for the GPTQ checkpoint.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Overwrite a non-empty --out.
+    #[arg(long)]
+    pub force: bool,
+    #[arg(long, value_enum, default_value = "gptaq")]
+    pub method: MethodArg,
+    #[command(flatten)]
+    pub quant: QuantArgs,
     /// Calibration sequences (default 128; 32 with --demo).
     #[arg(long)]
     pub nsamples: Option<usize>,
@@ -225,9 +248,6 @@ pub struct QuantizeArgs {
     pub seqlen: Option<usize>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// MSE clipping grid search for the quantizer range.
-    #[arg(long)]
-    pub mse: bool,
     /// Skip the FP stream for GPTQ/RTN (no quant/asym/output errors; GPTAQ always needs it).
     #[arg(long)]
     pub no_metrics: bool,
@@ -260,26 +280,7 @@ pub struct QuantizeArgs {
 
 impl QuantizeArgs {
     pub fn job(&self) -> anyhow::Result<Job> {
-        let quant = QuantConfig {
-            method: match self.method {
-                MethodArg::Gptaq => Method::Gptaq { alpha: self.alpha },
-                MethodArg::Gptq => Method::Gptq,
-                MethodArg::Rtn => Method::Rtn,
-            },
-            bits: self.bits,
-            group_size: match self.group_size {
-                -1 => None,
-                g if g > 0 => Some(g as usize),
-                g => anyhow::bail!("--group-size must be positive or -1 (got {g})"),
-            },
-            sym: !self.asym,
-            act_order: self.act_order,
-            static_groups: self.static_groups,
-            damp_percent: self.damp,
-            block_size: self.block_size,
-            mse: self.mse,
-            ..QuantConfig::default()
-        };
+        let quant = self.quant.config(self.method)?;
         let (model, calib) = if self.demo {
             (ModelInput::Demo { seed: self.seed }, CalibInput::Synthetic)
         } else {
@@ -644,20 +645,7 @@ fn devices(gpu: &GpuArgs, json: bool) -> anyhow::Result<()> {
 fn lab_cmd(gpu: &GpuArgs, a: &LabArgs) -> anyhow::Result<()> {
     let module = crate::model::ModuleKind::from_short_name(&a.module)
         .with_context(|| format!("unknown module `{}` (q_proj … down_proj)", a.module))?;
-    let base = QuantConfig {
-        method: Method::Gptq,
-        bits: a.bits,
-        group_size: match a.group_size {
-            -1 => None,
-            g if g > 0 => Some(g as usize),
-            g => anyhow::bail!("--group-size must be positive or -1 (got {g})"),
-        },
-        sym: !a.asym,
-        act_order: a.act_order,
-        damp_percent: a.damp,
-        block_size: a.block_size,
-        ..QuantConfig::default()
-    };
+    let base = a.quant.config(MethodArg::Gptq)?;
     let captured = if let Some(path) = &a.load {
         crate::lab::load(path)?
     } else {
@@ -681,14 +669,7 @@ fn lab_cmd(gpu: &GpuArgs, a: &LabArgs) -> anyhow::Result<()> {
             model,
             calib,
             config: PipelineConfig {
-                quant: QuantConfig {
-                    method: match a.method {
-                        MethodArg::Gptaq => Method::Gptaq { alpha: a.alpha },
-                        MethodArg::Gptq => Method::Gptq,
-                        MethodArg::Rtn => Method::Rtn,
-                    },
-                    ..base.clone()
-                },
+                quant: a.quant.config(a.method)?,
                 nsamples: a.nsamples.unwrap_or(if a.demo { 32 } else { 128 }),
                 seqlen: a.seqlen.unwrap_or(if a.demo { 128 } else { 512 }),
                 seed: a.seed,
@@ -729,7 +710,9 @@ fn lab_cmd(gpu: &GpuArgs, a: &LabArgs) -> anyhow::Result<()> {
     let gptaq = crate::lab::solve(
         &captured,
         &QuantConfig {
-            method: Method::Gptaq { alpha: a.alpha },
+            method: Method::Gptaq {
+                alpha: a.quant.alpha,
+            },
             ..base.clone()
         },
     )?;
@@ -737,7 +720,7 @@ fn lab_cmd(gpu: &GpuArgs, a: &LabArgs) -> anyhow::Result<()> {
     if a.json {
         let v = serde_json::json!({
             "layer": captured.layer, "module": captured.module.short_name(), "rows": captured.rows, "cols": captured.cols,
-            "nsamples": captured.nsamples, "gptq": gptq.metrics, "gptaq": gptaq.metrics, "alpha": a.alpha,
+            "nsamples": captured.nsamples, "gptq": gptq.metrics, "gptaq": gptaq.metrics, "alpha": a.quant.alpha,
             "alpha_sweep": sweep.iter().map(|(al, m)| serde_json::json!({"alpha": al, "metrics": m})).collect::<Vec<_>>(),
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
@@ -750,8 +733,8 @@ fn lab_cmd(gpu: &GpuArgs, a: &LabArgs) -> anyhow::Result<()> {
         captured.rows,
         captured.cols,
         captured.nsamples,
-        a.bits,
-        a.group_size
+        a.quant.bits,
+        a.quant.group_size
     );
     println!(
         "{:<16} {:>12} {:>12} {:>12} {:>12} {:>8}",
@@ -759,7 +742,7 @@ fn lab_cmd(gpu: &GpuArgs, a: &LabArgs) -> anyhow::Result<()> {
     );
     for (name, s) in [
         ("GPTQ".to_string(), &gptq),
-        (format!("GPTAQ α={}", a.alpha), &gptaq),
+        (format!("GPTAQ α={}", a.quant.alpha), &gptaq),
     ] {
         let m = s.metrics;
         println!(

@@ -94,9 +94,8 @@ fn batch_sequences(
     opts: &EvalOptions,
     max_binding: u64,
 ) -> usize {
-    let per_token = 4
-        * (3 * cfg.hidden_size + 2 * cfg.q_dim() + 2 * cfg.kv_dim() + 2 * cfg.intermediate_size)
-            as u64;
+    // The pipeline planner's activation estimate for one stream (a slight over-estimate here).
+    let per_token = crate::pipeline::plan::scratch_per_token(cfg, false);
     let target = if opts.batch_tokens > 0 {
         opts.batch_tokens as u64
     } else {

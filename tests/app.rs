@@ -25,6 +25,22 @@ fn harness(app: StudioApp) -> Harness<'static, StudioApp> {
         )
 }
 
+/// The app with a real worker (its own GPU device), stepping without a step limit: real runs
+/// repaint for as long as the worker works.
+fn live_harness(width: f32) -> Harness<'static, StudioApp> {
+    Harness::builder()
+        .with_size([width, 1000.0])
+        .with_max_steps(u64::MAX)
+        .build_ui_state(
+            |ui, app: &mut StudioApp| {
+                let ctx = ui.ctx().clone();
+                app.logic(&ctx);
+                app.ui(ui);
+            },
+            StudioApp::new(gptaq_studio::gpu::GpuOptions::from_env()),
+        )
+}
+
 /// Presses Demo and answers the Inspect command with the real (CPU-only) model summary.
 fn open_demo(h: &mut Harness<'static, StudioApp>) {
     h.get_by_label("Demo").click();
@@ -189,17 +205,7 @@ fn demo_run_to_completion_on_gpu() {
         return;
     };
     drop(_probe);
-    let mut h = Harness::builder()
-        .with_size([1500.0, 1000.0])
-        .with_max_steps(100_000)
-        .build_ui_state(
-            |ui, app: &mut StudioApp| {
-                let ctx = ui.ctx().clone();
-                app.logic(&ctx);
-                app.ui(ui);
-            },
-            StudioApp::new(gptaq_studio::gpu::GpuOptions::from_env()),
-        );
+    let mut h = live_harness(1500.0);
     let step_until =
         |h: &mut Harness<'static, StudioApp>, what: &str, f: &dyn Fn(&StudioApp) -> bool| {
             let t0 = std::time::Instant::now();
@@ -293,16 +299,7 @@ fn side_by_side_demo_run_on_gpu() {
         return;
     };
     drop(probe);
-    let mut h = Harness::builder()
-        .with_size([1500.0, 1000.0])
-        .build_ui_state(
-            |ui, app: &mut StudioApp| {
-                let ctx = ui.ctx().clone();
-                app.logic(&ctx);
-                app.ui(ui);
-            },
-            StudioApp::new(gptaq_studio::gpu::GpuOptions::from_env()),
-        );
+    let mut h = live_harness(1500.0);
     h.step();
     h.get_by_label("Demo").click();
     let t0 = std::time::Instant::now();
@@ -351,22 +348,12 @@ fn side_by_side_demo_run_on_gpu() {
 /// it as `assets/screenshot.png` (README). Slow on lavapipe, so run on demand:
 /// `GPTAQ_TEST_DATA=../shared/data cargo test --release --test app -- --ignored screenshot`.
 #[test]
-#[ignore]
+#[ignore = "regenerates the committed assets/screenshot.png (about 3 min on lavapipe); the same UI paths run in the other tests"]
 fn screenshot_tiny_llama_side_by_side() {
     let Some(dir) = std::env::var_os("GPTAQ_TEST_DATA").map(std::path::PathBuf::from) else {
         panic!("set GPTAQ_TEST_DATA");
     };
-    let mut h = Harness::builder()
-        .with_size([1600.0, 1000.0])
-        .with_max_steps(1_000_000)
-        .build_ui_state(
-            |ui, app: &mut StudioApp| {
-                let ctx = ui.ctx().clone();
-                app.logic(&ctx);
-                app.ui(ui);
-            },
-            StudioApp::new(gptaq_studio::gpu::GpuOptions::from_env()),
-        );
+    let mut h = live_harness(1600.0);
     h.step();
     let cmd = h
         .state_mut()

@@ -166,9 +166,9 @@ mod tests {
     }
 
     #[test]
-    fn detail_shapes_and_histogram() {
+    fn detail_shapes_and_histogram() -> Result<(), Box<dyn std::error::Error>> {
         let (w, q) = result(200, 100);
-        let d = module_detail(RunSlot::Single, 3, "q_proj", &w, &q, 15, false).unwrap();
+        let d = module_detail(RunSlot::Single, 3, "q_proj", &w, &q, 15, false)?;
         assert_eq!((d.heat_rows, d.heat_cols), (64, 64));
         assert_eq!(d.weight_heat.len(), 64 * 64);
         assert_eq!(d.hist.iter().map(|x| *x as usize).sum::<usize>(), 200 * 100);
@@ -177,5 +177,6 @@ mod tests {
         assert!(d.error_heat.iter().all(|e| *e < 0.02));
         let small = module_detail(RunSlot::Single, 0, "k", &w[..10], &q, 15, false);
         assert!(small.is_err());
+        Ok(())
     }
 }

@@ -545,11 +545,14 @@ mod tests {
     use crate::pipeline::Event;
 
     #[test]
-    fn demo_then_events_then_detail_request() {
+    fn demo_then_events_then_detail_request() -> Result<(), Box<dyn std::error::Error>> {
         let mut st = AppState::default();
         let cmd = st.choose_demo();
         assert!(matches!(cmd, Command::Inspect(ModelInput::Demo { .. })));
-        let info = worker::inspect_model(st.model.as_ref().unwrap()).unwrap();
+        let Some(model) = st.model.as_ref() else {
+            panic!("Demo must select a model")
+        };
+        let info = worker::inspect_model(model)?;
         st.apply(WorkerEvent::Model(Ok(Box::new(info))));
         assert!(st.model_info().is_some());
         let Some(Command::Start { compare, .. }) = st.start_command() else {
@@ -571,6 +574,7 @@ mod tests {
             Some(Command::ModuleDetail { layer: 0, .. })
         ));
         assert!(st.select(sel).is_none(), "same row twice asks once");
+        Ok(())
     }
 
     #[test]

@@ -1051,7 +1051,9 @@ pub(crate) mod tests {
             s.apply(RunSlot::Single, e);
         }
         assert_eq!(s.phase, Phase::Running);
-        let run = s.run(RunSlot::Single).unwrap();
+        let Some(run) = s.run(RunSlot::Single) else {
+            panic!("no single run after its events")
+        };
         assert_eq!(run.modules.len(), 21);
         assert_eq!(s.progress(), (21, 21));
         let q = run.series(Metric::Quant, ModuleKind::Down);
@@ -1065,7 +1067,8 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn comparison_runs_are_kept_apart_and_saved_together() {
+    fn comparison_runs_are_kept_apart_and_saved_together() -> Result<(), Box<dyn std::error::Error>>
+    {
         let mut s = Session::live(true);
         for slot in [RunSlot::Gptq, RunSlot::Gptaq] {
             for e in events(2) {
@@ -1093,16 +1096,22 @@ pub(crate) mod tests {
         s.apply(RunSlot::Gptaq, Event::Finished(Box::new(report("gptaq"))));
         s.end();
         assert_eq!(s.phase, Phase::Finished);
-        let saved = s.saved_report().unwrap();
-        let json = serde_json::to_string(&saved).unwrap();
-        let back: SavedReport = serde_json::from_str(&json).unwrap();
+        let Some(saved) = s.saved_report() else {
+            panic!("a finished comparison must be savable")
+        };
+        let json = serde_json::to_string(&saved)?;
+        let back: SavedReport = serde_json::from_str(&json)?;
         let re = Session::from_report("x.json".into(), back);
         assert!(re.is_comparison());
-        assert_eq!(re.run(RunSlot::Gptaq).unwrap().method, "gptaq");
+        assert_eq!(
+            re.run(RunSlot::Gptaq).map(|r| r.method.as_str()),
+            Some("gptaq")
+        );
         // A single CLI report parses as `Single`.
-        let single = serde_json::to_string(&report("gptq")).unwrap();
-        let back: SavedReport = serde_json::from_str(&single).unwrap();
+        let single = serde_json::to_string(&report("gptq"))?;
+        let back: SavedReport = serde_json::from_str(&single)?;
         assert!(matches!(back, SavedReport::Single(_)));
+        Ok(())
     }
 
     #[test]
@@ -1166,7 +1175,10 @@ pub(crate) mod tests {
                 && fields.contains(&Field::Alpha)
         );
         assert!(s.job(Some(&input), None, Some(&c)).is_err());
-        let ok = Settings::demo().job(Some(&input), None, Some(&c)).unwrap();
+        let ok = match Settings::demo().job(Some(&input), None, Some(&c)) {
+            Ok(j) => j,
+            Err(issues) => panic!("demo settings must validate: {issues:?}"),
+        };
         assert_eq!(ok.calib, CalibInput::Synthetic);
         assert!(Settings::demo().plan(&c, 1 << 30).is_ok());
         let dir = ModelInput::Dir("m".into());

@@ -316,10 +316,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn three_bit_stream_matches_shift_tables() {
+    fn three_bit_stream_matches_shift_tables() -> Result<(), Box<dyn std::error::Error>> {
         // v_k = k mod 8; decode with the AutoGPTQ per-word shift tables of §3.2.
         let vals: Vec<u32> = (0..32).map(|k| k % 8).collect();
-        let w = pack_stream(&vals, 3, "t").unwrap();
+        let w = pack_stream(&vals, 3, "t")?;
         for k in 0..10 {
             assert_eq!((w[0] >> (3 * k)) & 7, vals[k as usize]);
             assert_eq!((w[1] >> (1 + 3 * k)) & 7, vals[11 + k as usize]);
@@ -327,5 +327,6 @@ mod tests {
         }
         assert_eq!((w[0] >> 30) | ((w[1] & 1) << 2), vals[10]);
         assert_eq!((w[1] >> 31) | ((w[2] & 3) << 1), vals[21]);
+        Ok(())
     }
 }

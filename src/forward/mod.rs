@@ -26,13 +26,7 @@ crate::wgsl_shader!(FORWARD_EW, "forward_ew");
 /// The attention kernel keeps up to 4 output dims per thread of a 64-wide workgroup.
 pub const MAX_HEAD_DIM: usize = 256;
 
-fn u32_of(what: &str, v: usize) -> Result<u32, GpuError> {
-    u32::try_from(v).map_err(|_| GpuError::TooLarge {
-        what: what.to_string(),
-        bytes: v as u64 * 4,
-        limit: u64::from(u32::MAX),
-    })
-}
+use crate::gpu::ops::u32_of;
 
 /// Shapes of one decoder layer.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -43,6 +37,9 @@ pub struct LayerDims {
     pub kv_heads: usize,
     pub head_dim: usize,
     pub eps: f32,
+    /// `(out, in)` per module, from [`ModelConfig::linear_shape`] (the one place the shapes are
+    /// defined), indexed by `ModuleKind as usize`.
+    shapes: [(usize, usize); 7],
 }
 
 impl LayerDims {
@@ -54,6 +51,7 @@ impl LayerDims {
             kv_heads: cfg.num_kv_heads,
             head_dim: cfg.head_dim,
             eps: cfg.rms_norm_eps as f32,
+            shapes: ModuleKind::ALL.map(|m| cfg.linear_shape(m)),
         }
     }
     pub fn q_dim(&self) -> usize {
@@ -64,14 +62,7 @@ impl LayerDims {
     }
     /// `(out_features, in_features)` of a module.
     pub fn linear_shape(&self, m: ModuleKind) -> (usize, usize) {
-        let (h, i, q, kv) = (self.hidden, self.intermediate, self.q_dim(), self.kv_dim());
-        match m {
-            ModuleKind::Q => (q, h),
-            ModuleKind::K | ModuleKind::V => (kv, h),
-            ModuleKind::O => (h, q),
-            ModuleKind::Gate | ModuleKind::Up => (i, h),
-            ModuleKind::Down => (h, i),
-        }
+        self.shapes[m as usize]
     }
     fn check(&self) -> Result<(), GpuError> {
         if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) || self.head_dim > MAX_HEAD_DIM {

@@ -69,7 +69,8 @@ fn check_len(what: &str, buf: &GpuBuffer<f32>, needed: usize) -> Result<(), GpuE
     Ok(())
 }
 
-fn u32_of(what: &str, v: usize) -> Result<u32, GpuError> {
+/// A size as the `u32` WGSL parameters use, or a clear error naming what overflowed.
+pub fn u32_of(what: &str, v: usize) -> Result<u32, GpuError> {
     u32::try_from(v).map_err(|_| GpuError::TooLarge {
         what: what.to_string(),
         bytes: v as u64 * 4,

@@ -69,7 +69,8 @@ struct Work {
 struct Stats {
     n: usize,
     nsamples: usize,
-    h: GpuBuffer<f32>,
+    /// `None` for RTN (no statistics needed).
+    h: Option<GpuBuffer<f32>>,
     d: Option<GpuBuffer<f32>>,
     /// `E = 2/N·(X_fp − X_q)ᵀ(X_fp − X_q)`, only for a layer-lab capture: with H and D it gives
     /// every error metric of the module exactly from n×n matrices (see `pipeline::CapturedModule`).
@@ -224,7 +225,6 @@ pub fn quantize(
     let mut module_reports = Vec::new();
     let mut layer_reports = Vec::new();
     let mut warnings = Vec::new();
-    let n_samples_f = nseq as f32;
 
     for layer in 0..mc.num_layers {
         check_cancel(cancel)?;
@@ -250,7 +250,7 @@ pub fn quantize(
             ctx,
             nseq,
             h,
-            gptaq,
+            qc.method,
             capturing(cfg, layer, &[ModuleKind::Q, ModuleKind::K, ModuleKind::V]),
         )?;
         for b in 0..nb {
@@ -265,16 +265,7 @@ pub fn quantize(
             if let Some(fp) = &layers.fp {
                 forward::input_norm(&mut rec, fp, &work.h_fp, &work.s_fp, t)?;
             }
-            if qc.method != Method::Rtn || stats.e.is_some() {
-                stats.accumulate(
-                    &mut rec,
-                    &work,
-                    work.s_q.x1(),
-                    work.s_fp.x1(),
-                    t,
-                    n_samples_f,
-                )?;
-            }
+            stats.accumulate(&mut rec, &work, work.s_q.x1(), work.s_fp.x1(), t)?;
             rec.submit();
         }
         for m in [ModuleKind::Q, ModuleKind::K, ModuleKind::V] {
@@ -295,7 +286,7 @@ pub fn quantize(
             ctx,
             nseq,
             mc.q_dim(),
-            gptaq,
+            qc.method,
             capturing(cfg, layer, &[ModuleKind::O]),
         )?;
         let qkv_metrics = metric_accs(
@@ -326,29 +317,19 @@ pub fn quantize(
             if let Some(fp) = &layers.fp {
                 forward::input_norm(&mut rec, fp, &work.h_fp, &work.s_fp, t)?;
                 forward::attention(&mut rec, fp, &rope, &work.s_fp, batches[b].len(), seqlen)?;
-                for (m, acc) in &qkv_metrics {
-                    acc.record(
-                        &mut rec,
-                        &work.metric,
-                        b,
-                        t,
-                        work.s_q.x1(),
-                        work.s_fp.x1(),
-                        layers.q.linear(*m),
-                        fp.linear(*m),
-                    )?;
-                }
-            }
-            if qc.method != Method::Rtn || stats.e.is_some() {
-                stats.accumulate(
+                record_metrics(
                     &mut rec,
+                    &qkv_metrics,
                     &work,
-                    work.s_q.attn(),
-                    work.s_fp.attn(),
+                    b,
                     t,
-                    n_samples_f,
+                    work.s_q.x1(),
+                    work.s_fp.x1(),
+                    &layers.q,
+                    fp,
                 )?;
             }
+            stats.accumulate(&mut rec, &work, work.s_q.attn(), work.s_fp.attn(), t)?;
             rec = aq.store(rec, b, work.s_q.attn())?;
             if let Some(s) = afp.as_mut() {
                 rec = s.store(rec, b, work.s_fp.attn())?;
@@ -378,7 +359,7 @@ pub fn quantize(
             ctx,
             nseq,
             h,
-            gptaq,
+            qc.method,
             capturing(cfg, layer, &[ModuleKind::Gate, ModuleKind::Up]),
         )?;
         let o_metrics = metric_accs(ctx, &mc, fp_stream, nb, max_tokens, &[ModuleKind::O])?;
@@ -395,29 +376,11 @@ pub fn quantize(
                 rec = a.load(rec, b, &work.a_fp);
                 forward::o_residual(&mut rec, fp, &work.a_fp, &work.h_fp, &work.s_fp, t)?;
                 forward::post_norm(&mut rec, fp, &work.h_fp, &work.s_fp, t)?;
-                for (m, acc) in &o_metrics {
-                    acc.record(
-                        &mut rec,
-                        &work.metric,
-                        b,
-                        t,
-                        &work.a_q,
-                        &work.a_fp,
-                        layers.q.linear(*m),
-                        fp.linear(*m),
-                    )?;
-                }
-            }
-            if qc.method != Method::Rtn || stats.e.is_some() {
-                stats.accumulate(
-                    &mut rec,
-                    &work,
-                    work.s_q.x2(),
-                    work.s_fp.x2(),
-                    t,
-                    n_samples_f,
+                record_metrics(
+                    &mut rec, &o_metrics, &work, b, t, &work.a_q, &work.a_fp, &layers.q, fp,
                 )?;
             }
+            stats.accumulate(&mut rec, &work, work.s_q.x2(), work.s_fp.x2(), t)?;
             rec = hq.store(rec, b, &work.h_q)?;
             if let Some(s) = hfp.as_mut() {
                 rec = s.store(rec, b, &work.h_fp)?;
@@ -438,7 +401,7 @@ pub fn quantize(
             ctx,
             nseq,
             mc.intermediate_size,
-            gptaq,
+            qc.method,
             capturing(cfg, layer, &[ModuleKind::Down]),
         )?;
         let gu_metrics = metric_accs(
@@ -460,29 +423,19 @@ pub fn quantize(
                 rec = s.load(rec, b, &work.h_fp);
                 forward::post_norm(&mut rec, fp, &work.h_fp, &work.s_fp, t)?;
                 forward::mlp_act(&mut rec, fp, &work.s_fp, t)?;
-                for (m, acc) in &gu_metrics {
-                    acc.record(
-                        &mut rec,
-                        &work.metric,
-                        b,
-                        t,
-                        work.s_q.x2(),
-                        work.s_fp.x2(),
-                        layers.q.linear(*m),
-                        fp.linear(*m),
-                    )?;
-                }
-            }
-            if qc.method != Method::Rtn || stats.e.is_some() {
-                stats.accumulate(
+                record_metrics(
                     &mut rec,
+                    &gu_metrics,
                     &work,
-                    work.s_q.act(),
-                    work.s_fp.act(),
+                    b,
                     t,
-                    n_samples_f,
+                    work.s_q.x2(),
+                    work.s_fp.x2(),
+                    &layers.q,
+                    fp,
                 )?;
             }
+            stats.accumulate(&mut rec, &work, work.s_q.act(), work.s_fp.act(), t)?;
             rec.submit();
         }
         finish_metrics(ctx, &gu_metrics, &mut pending, &mut module_reports, emit)?;
@@ -519,18 +472,17 @@ pub fn quantize(
                 forward::post_norm(&mut rec, fp, &work.h_fp, &work.s_fp, t)?;
                 forward::mlp_act(&mut rec, fp, &work.s_fp, t)?;
                 forward::down_residual(&mut rec, fp, &work.h_fp, &work.s_fp, t)?;
-                for (m, acc) in &down_metrics {
-                    acc.record(
-                        &mut rec,
-                        &work.metric,
-                        b,
-                        t,
-                        work.s_q.act(),
-                        work.s_fp.act(),
-                        layers.q.linear(*m),
-                        fp.linear(*m),
-                    )?;
-                }
+                record_metrics(
+                    &mut rec,
+                    &down_metrics,
+                    &work,
+                    b,
+                    t,
+                    work.s_q.act(),
+                    work.s_fp.act(),
+                    &layers.q,
+                    fp,
+                )?;
                 ops::sq_diff_partials(
                     &mut rec,
                     t * h,
@@ -653,17 +605,24 @@ fn validate_config(mc: &ModelConfig, qc: &QuantConfig) -> Result<(), PipelineErr
 }
 
 impl Stats {
+    /// Buffers for what `method` (and a capture) needs: nothing for RTN, H for GPTQ, H and D for
+    /// GPTAQ, H, D and E for a capture.
     fn new(
         ctx: &GpuContext,
         nsamples: usize,
         n: usize,
-        gptaq: bool,
+        method: Method,
         capture: bool,
     ) -> Result<Self, PipelineError> {
+        let gptaq = matches!(method, Method::Gptaq { .. });
         Ok(Self {
             n,
             nsamples,
-            h: ctx.zeros("H", n * n)?,
+            h: if method != Method::Rtn || capture {
+                Some(ctx.zeros("H", n * n)?)
+            } else {
+                None
+            },
             d: if gptaq || capture {
                 Some(ctx.zeros("D", n * n)?)
             } else {
@@ -686,11 +645,13 @@ impl Stats {
         x_q: &GpuBuffer<f32>,
         x_fp: &GpuBuffer<f32>,
         tokens: usize,
-        nsamples: f32,
     ) -> Result<(), PipelineError> {
+        let Some(h) = &self.h else {
+            return Ok(());
+        };
         let n = self.n;
-        let alpha = 2.0 / nsamples;
-        ops::syrk_xtx(rec, tokens, n, alpha, MatView::new(x_q, n), 1.0, &self.h)?;
+        let alpha = 2.0 / self.nsamples as f32;
+        ops::syrk_xtx(rec, tokens, n, alpha, MatView::new(x_q, n), 1.0, h)?;
         if let Some(d) = &self.d {
             ops::axpby(rec, tokens * n, 1.0, x_fp, -1.0, x_q, &work.diff)?;
             ops::gemm_atb(
@@ -709,6 +670,35 @@ impl Stats {
         }
         Ok(())
     }
+}
+
+/// Records the metrics of every module in `accs` for batch `b` (both streams' inputs of the
+/// modules, the quantized layer's `Q` and the FP layer's `W`).
+#[allow(clippy::too_many_arguments)]
+fn record_metrics(
+    rec: &mut Recorder<'_>,
+    accs: &[(ModuleKind, MetricAccumulator)],
+    work: &Work,
+    b: usize,
+    t: usize,
+    x_q: &GpuBuffer<f32>,
+    x_fp: &GpuBuffer<f32>,
+    q: &GpuLayer,
+    fp: &GpuLayer,
+) -> Result<(), PipelineError> {
+    for (m, acc) in accs {
+        acc.record(
+            rec,
+            &work.metric,
+            b,
+            t,
+            x_q,
+            x_fp,
+            q.linear(*m),
+            fp.linear(*m),
+        )?;
+    }
+    Ok(())
 }
 
 fn metric_accs(
@@ -809,7 +799,7 @@ fn solve(
             cols,
             nsamples: stats.nsamples,
             w: lin.weight.clone(),
-            h: ctx.read(&stats.h)?,
+            h: read(&stats.h)?,
             d: read(&stats.d)?,
             e: read(&stats.e)?,
         })));
@@ -820,10 +810,9 @@ fn solve(
         message,
     };
     let qc = &cfg.quant;
-    let result = if qc.method == Method::Rtn {
-        crate::quant::quantizer::rtn_quantize(&lin.weight, rows, cols, qc)
-            .map_err(|e| module_err(e.to_string()))?
-    } else {
+    let result = if qc.method != Method::Rtn
+        && let Some(stats_h) = &stats.h
+    {
         match cfg.solver {
             Solver::Gpu => {
                 let s = crate::quant::gpu::quantize_gpu(
@@ -831,7 +820,7 @@ fn solve(
                     &lin.weight,
                     rows,
                     cols,
-                    &stats.h,
+                    stats_h,
                     stats.d.as_ref(),
                     qc,
                 )
@@ -844,7 +833,7 @@ fn solve(
                 return Ok(s.result);
             }
             Solver::CpuReference => {
-                let h = ctx.read(&stats.h)?;
+                let h = ctx.read(stats_h)?;
                 let d = match &stats.d {
                     Some(d) => Some(ctx.read(d)?),
                     None => None,
@@ -860,6 +849,10 @@ fn solve(
                 .map_err(|e| module_err(e.to_string()))?
             }
         }
+    } else {
+        // RTN needs no statistics (Stats::new allocates none for it).
+        crate::quant::quantizer::rtn_quantize(&lin.weight, rows, cols, qc)
+            .map_err(|e| module_err(e.to_string()))?
     };
     layers.q.set_linear(ctx, m, &result.q)?;
     secs.insert(m, t.elapsed().as_secs_f64());

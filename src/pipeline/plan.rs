@@ -39,7 +39,7 @@ pub struct PlanError {
 const F32: u64 = 4;
 
 /// Bytes of scratch activations per token (both streams included when `fp_stream`).
-fn scratch_per_token(c: &ModelConfig, fp_stream: bool) -> u64 {
+pub(crate) fn scratch_per_token(c: &ModelConfig, fp_stream: bool) -> u64 {
     let (h, i, qd, kvd) = (
         c.hidden_size as u64,
         c.intermediate_size as u64,

@@ -110,13 +110,7 @@ struct SweepParams {
 }
 
 fn u32_of(what: &str, v: usize) -> Result<u32, QuantGpuError> {
-    u32::try_from(v).map_err(|_| {
-        QuantGpuError::Gpu(GpuError::TooLarge {
-            what: what.to_string(),
-            bytes: v as u64 * 4,
-            limit: u64::from(u32::MAX),
-        })
-    })
+    Ok(crate::gpu::ops::u32_of(what, v)?)
 }
 
 /// Checks what the reference's `check_config` checks (it is private there), plus GPU limits.
