@@ -35,7 +35,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use super::quantizer::{QuantizerSpec, find_group_params, rtn_quantize_f64};
+use super::quantizer::{QuantizerSpec, rtn_quantize_f64};
 use super::reference::{self, inverse_hessian_factor_f64};
 use super::{Fallback, Method, QuantConfig, QuantError, QuantResult};
 use crate::gpu::kernels::groups_1d;
@@ -240,55 +240,18 @@ pub fn quantize_gpu(
         return Ok(GpuSolve { result: res, q });
     }
 
-    // IST step 2: per-row params from the whole ORIGINAL rows (before dead zeroing).
-    let row_params = cfg
-        .group_size
-        .is_none()
-        .then(|| find_group_params(&w64, rows, n, 0, n, &spec));
-    // Dead columns.
-    let mut wm = w64.clone();
-    let mut hm = h64.clone();
-    let dead: Vec<bool> = (0..n).map(|j| hm[j * n + j] == 0.0).collect();
-    for j in (0..n).filter(|&j| dead[j]) {
-        hm[j * n + j] = 1.0;
-        for r in 0..rows {
-            wm[r * n + j] = 0.0;
-        }
-    }
-    // Static groups: original column groups, after dead zeroing, before permutation.
-    let static_groups = match cfg.group_size {
-        Some(gs) if cfg.static_groups => Some(
-            (0..n.div_ceil(gs))
-                .map(|g| find_group_params(&wm, rows, n, g * gs, (g + 1) * gs, &spec))
-                .collect::<Vec<_>>(),
-        ),
-        _ => None,
-    };
-    // Act-order: stable descending sort of diag(H) (ties keep ascending index, like the reference).
-    let perm: Option<Vec<usize>> = cfg.act_order.then(|| {
-        let mut p: Vec<usize> = (0..n).collect();
-        p.sort_by(|&a, &b| hm[b * n + b].total_cmp(&hm[a * n + a]));
-        p
-    });
+    // Steps 2–5 exactly as the reference (one shared implementation).
+    let reference::Prepared {
+        row_params,
+        dead,
+        static_groups,
+        perm,
+        w: wprep,
+        h: hp,
+    } = reference::prepare(&w64, &h64, rows, n, cfg, &spec);
     let order: Vec<usize> = perm.clone().unwrap_or_else(|| (0..n).collect());
-    let mut wp = vec![0.0_f32; n_el];
-    for r in 0..rows {
-        for (k, &j) in order.iter().enumerate() {
-            wp[r * n + k] = wm[r * n + j] as f32;
-        }
-    }
-    let hp: Vec<f64> = match &perm {
-        Some(p) => {
-            let mut out = vec![0.0_f64; nn];
-            for (a, &pa) in p.iter().enumerate() {
-                for (b, &pb) in p.iter().enumerate() {
-                    out[a * n + b] = hm[pa * n + pb];
-                }
-            }
-            out
-        }
-        None => hm,
-    };
+    let wp: Vec<f32> = wprep.iter().map(|&v| v as f32).collect();
+    drop(wprep);
     let factor = match inverse_hessian_factor_f64(&hp, n, cfg.damp_percent, cfg.damp_auto_increment)
     {
         Ok(f) => f,

@@ -17,8 +17,8 @@
 //! - Non-finite W, H or D are rejected up front ([`QuantError::NonFinite`]).
 
 use super::quantizer::{
-    QuantizerSpec, RowParams, check_matrix, dequantize, find_group_params, quantize_code,
-    rtn_quantize_f64,
+    GroupParams, QuantizerSpec, RowParams, check_matrix, dequantize, find_group_params,
+    quantize_code, rtn_quantize_f64,
 };
 use super::{Fallback, Method, QuantConfig, QuantError, QuantResult};
 
@@ -303,54 +303,26 @@ pub fn quantize_f64(
         _ => None,
     };
 
-    let mut wm = w.to_vec();
-    let mut hm = h.to_vec();
-
-    // Step 2 of IST: per-row params on the whole (original) rows; used only when gs == None.
-    let row_params = match cfg.group_size {
-        None => Some(find_group_params(&wm, rows, n, 0, n, &spec)),
-        Some(_) => None,
-    };
-
-    // Step 3: dead columns.
-    let dead: Vec<bool> = (0..n).map(|j| hm[j * n + j] == 0.0).collect();
-    for j in (0..n).filter(|&j| dead[j]) {
-        hm[j * n + j] = 1.0;
-        for r in 0..rows {
-            wm[r * n + j] = 0.0;
-        }
-    }
-    let mut dm: Option<Vec<f64>> = d.map(|d| {
+    let Prepared {
+        row_params,
+        dead,
+        static_groups,
+        perm,
+        w: wm,
+        h: hm,
+    } = prepare(w, h, rows, n, cfg, &spec);
+    let dm: Option<Vec<f64>> = d.map(|d| {
         let mut dm = d.to_vec();
         for a in 0..n {
             for j in (0..n).filter(|&j| dead[j]) {
                 dm[a * n + j] = 0.0;
             }
         }
-        dm
+        match &perm {
+            Some(p) => permute_sym(&dm, n, p),
+            None => dm,
+        }
     });
-
-    // Step 4: static groups (original column groups, after dead zeroing, before permutation).
-    let static_groups = match cfg.group_size {
-        Some(gs) if cfg.static_groups => Some(
-            (0..n.div_ceil(gs))
-                .map(|g| find_group_params(&wm, rows, n, g * gs, (g + 1) * gs, &spec))
-                .collect::<Vec<_>>(),
-        ),
-        _ => None,
-    };
-
-    // Step 5: act-order. Stable sort: ties keep ascending original index.
-    let perm: Option<Vec<usize>> = cfg.act_order.then(|| {
-        let mut p: Vec<usize> = (0..n).collect();
-        p.sort_by(|&a, &b| hm[b * n + b].total_cmp(&hm[a * n + a]));
-        p
-    });
-    if let Some(p) = &perm {
-        wm = permute_cols(&wm, rows, n, p);
-        hm = permute_sym(&hm, n, p);
-        dm = dm.map(|dm| permute_sym(&dm, n, p));
-    }
 
     // Steps 6–7: damping and U.
     let factor = match inverse_hessian_factor_f64(&hm, n, cfg.damp_percent, cfg.damp_auto_increment)
@@ -478,6 +450,75 @@ pub fn gptaq_p(d: &[f64], u: &[f64], n: usize, alpha: f64) -> Option<Vec<f64>> {
         }
     }
     Some(p)
+}
+
+/// Steps 2–5 of the reference before the factorisation, shared by the f64 solve and the GPU
+/// solve's host preparation (`quant::gpu`), so both make identical decisions.
+pub(crate) struct Prepared {
+    /// Per-row params of the whole original rows (group size −1 only; IST step 2).
+    pub row_params: Option<GroupParams>,
+    /// Columns with `H_jj = 0`.
+    pub dead: Vec<bool>,
+    /// Params of the original column groups (static groups), after dead zeroing.
+    pub static_groups: Option<Vec<GroupParams>>,
+    /// Act-order permutation (stable descending `diag(H)`), if any.
+    pub perm: Option<Vec<usize>>,
+    /// W with dead columns zeroed, in processing order.
+    pub w: Vec<f64>,
+    /// H with dead diagonals set to 1, in processing order.
+    pub h: Vec<f64>,
+}
+
+pub(crate) fn prepare(
+    w: &[f64],
+    h: &[f64],
+    rows: usize,
+    n: usize,
+    cfg: &QuantConfig,
+    spec: &QuantizerSpec,
+) -> Prepared {
+    let mut wm = w.to_vec();
+    let mut hm = h.to_vec();
+    // Step 2 of IST: per-row params on the whole (original) rows; used only when gs == None.
+    let row_params = cfg
+        .group_size
+        .is_none()
+        .then(|| find_group_params(&wm, rows, n, 0, n, spec));
+    // Step 3: dead columns.
+    let dead: Vec<bool> = (0..n).map(|j| hm[j * n + j] == 0.0).collect();
+    for j in (0..n).filter(|&j| dead[j]) {
+        hm[j * n + j] = 1.0;
+        for r in 0..rows {
+            wm[r * n + j] = 0.0;
+        }
+    }
+    // Step 4: static groups (original column groups, after dead zeroing, before permutation).
+    let static_groups = match cfg.group_size {
+        Some(gs) if cfg.static_groups => Some(
+            (0..n.div_ceil(gs))
+                .map(|g| find_group_params(&wm, rows, n, g * gs, (g + 1) * gs, spec))
+                .collect::<Vec<_>>(),
+        ),
+        _ => None,
+    };
+    // Step 5: act-order. Stable sort: ties keep ascending original index.
+    let perm: Option<Vec<usize>> = cfg.act_order.then(|| {
+        let mut p: Vec<usize> = (0..n).collect();
+        p.sort_by(|&a, &b| hm[b * n + b].total_cmp(&hm[a * n + a]));
+        p
+    });
+    if let Some(p) = &perm {
+        wm = permute_cols(&wm, rows, n, p);
+        hm = permute_sym(&hm, n, p);
+    }
+    Prepared {
+        row_params,
+        dead,
+        static_groups,
+        perm,
+        w: wm,
+        h: hm,
+    }
 }
 
 fn permute_cols(w: &[f64], rows: usize, n: usize, perm: &[usize]) -> Vec<f64> {
