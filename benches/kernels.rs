@@ -5,14 +5,18 @@
 //! finishes; on a real GPU use e.g. `GPTAQ_BENCH_SIZES=1024,4096`). The rank-k update uses T = 4·n
 //! tokens. The adapter is chosen by `GPTAQ_BACKEND` / `GPTAQ_ADAPTER`.
 //!
-//! `quant_solve` times the whole GPU GPTQ / GPTAQ solve (`quant::gpu::quantize_gpu`: H readback,
-//! f64 host factorisation, P, the blocked sweep, readback) for square r = n problems at the same
-//! sizes, 4-bit sym, gs = 128, B = 128 (the configuration of algorithm.md §2.6).
+//! GEMM is timed with both tiles (`gemm.wgsl`'s `gemm_large` and `gemm_small`). `inverse_factor`
+//! times the f32 GPU factor `U` of `quant::factor` (blocked Cholesky + doubling inverse) at the
+//! same sizes. `quant_solve` times the whole GPU GPTQ / GPTAQ solve (`quant::gpu::quantize_gpu`:
+//! diag readback, GPU factor, P, the blocked sweep, readback of codes / params / Q) for the
+//! `r×n` shapes of `GPTAQ_BENCH_SOLVE` (default "256x256,512x512"; issue 10's targets are
+//! "4096x4096,4096x14336"), 4-bit sym, gs = 128, B = 128 (algorithm.md §2.6).
 #![allow(clippy::expect_used)]
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use gptaq_studio::gpu::ops::{self, MatView};
+use gptaq_studio::gpu::ops::{self, GemmTile, MatView};
 use gptaq_studio::gpu::{GpuContext, GpuOptions};
+use gptaq_studio::quant::factor::upper_inverse_factor_gpu;
 use gptaq_studio::quant::gpu::quantize_gpu;
 use gptaq_studio::quant::{Method, QuantConfig};
 
@@ -46,25 +50,29 @@ fn bench_kernels(c: &mut Criterion) {
         let b = ctx.upload("b", &data(n * n)).expect("upload b");
         let out = ctx.zeros::<f32>("c", n * n).expect("alloc c");
         g.throughput(Throughput::Elements((2 * n * n * n) as u64));
-        g.bench_function(format!("{n}x{n}x{n} A·Bᵀ"), |bch| {
-            bch.iter(|| {
-                let mut rec = ctx.recorder();
-                ops::gemm(
-                    &mut rec,
-                    n,
-                    n,
-                    n,
-                    1.0,
-                    MatView::new(&a, n),
-                    MatView::new(&b, n).t(),
-                    0.0,
-                    MatView::new(&out, n),
-                )
-                .expect("gemm");
-                rec.submit();
-                ctx.sync().expect("sync");
-            })
-        });
+        for tile in [GemmTile::Large, GemmTile::Small] {
+            g.bench_function(format!("{n}x{n}x{n} A·Bᵀ {tile:?}"), |bch| {
+                bch.iter(|| {
+                    let mut rec = ctx.recorder();
+                    ops::gemm_tiled(
+                        &mut rec,
+                        tile,
+                        false,
+                        n,
+                        n,
+                        n,
+                        1.0,
+                        MatView::new(&a, n),
+                        MatView::new(&b, n).t(),
+                        0.0,
+                        MatView::new(&out, n),
+                    )
+                    .expect("gemm");
+                    rec.submit();
+                    ctx.sync().expect("sync");
+                })
+            });
+        }
     }
     g.finish();
     let mut g = c.benchmark_group("hessian_syrk");
@@ -85,25 +93,35 @@ fn bench_kernels(c: &mut Criterion) {
         });
     }
     g.finish();
-    let mut g = c.benchmark_group("quant_solve");
+    let mut g = c.benchmark_group("inverse_factor");
     g.sample_size(10);
     for n in sizes() {
-        // H = 2/T·XᵀX + I with T = 2n (well conditioned), D a small multiple of H.
-        let t = 2 * n;
-        let x = ctx.upload("x", &data(t * n)).expect("upload x");
-        let h = ctx.zeros::<f32>("h", n * n).expect("alloc h");
-        let eye: Vec<f32> = (0..n * n)
-            .map(|i| if i / n == i % n { 1.0 } else { 0.0 })
-            .collect();
-        ctx.write(&h, 0, &eye);
-        let mut rec = ctx.recorder();
-        ops::syrk_xtx(&mut rec, t, n, 2.0 / t as f32, MatView::new(&x, n), 1.0, &h).expect("syrk");
-        rec.submit();
+        let h = spd(&ctx, n, 2 * n);
+        let order: Vec<usize> = (0..n).collect();
+        let hd = ctx.read(&h).expect("read h");
+        let diag: Vec<f64> = (0..n).map(|j| f64::from(hd[j * n + j])).collect();
+        // Cholesky ≈ n³/3 and the triangular inverse ≈ n³/3 flops (full-GEMM convention: ×2).
+        g.throughput(Throughput::Elements((2 * n * n * n / 3 * 2) as u64));
+        g.bench_function(format!("U of {n}x{n}"), |bch| {
+            bch.iter(|| {
+                let f = upper_inverse_factor_gpu(&ctx, &h, &order, &diag, 0.01, 0.0025)
+                    .expect("gpu")
+                    .expect("spd");
+                ctx.sync().expect("sync");
+                f
+            })
+        });
+    }
+    g.finish();
+    let mut g = c.benchmark_group("quant_solve");
+    g.sample_size(10);
+    for (r, n) in solve_shapes() {
+        let h = spd(&ctx, n, 2 * n);
         let d = ctx.zeros::<f32>("d", n * n).expect("alloc d");
         let mut rec = ctx.recorder();
         ops::axpby(&mut rec, n * n, 0.05, &h, 0.0, &h, &d).expect("axpby");
         rec.submit();
-        let w: Vec<f32> = data(n * n).iter().map(|v| v * 0.37 + 0.01).collect();
+        let w: Vec<f32> = data(r * n).iter().map(|v| v * 0.37 + 0.01).collect();
         for (name, method) in [
             ("gptq", Method::Gptq),
             ("gptaq", Method::Gptaq { alpha: 0.25 }),
@@ -112,12 +130,39 @@ fn bench_kernels(c: &mut Criterion) {
                 method,
                 ..QuantConfig::default()
             };
-            g.bench_function(format!("{name} {n}x{n}"), |bch| {
-                bch.iter(|| quantize_gpu(&ctx, &w, n, n, &h, Some(&d), &cfg).expect("solve"))
+            g.bench_function(format!("{name} {r}x{n}"), |bch| {
+                bch.iter(|| quantize_gpu(&ctx, &w, r, n, &h, Some(&d), &cfg).expect("solve"))
             });
         }
     }
     g.finish();
+}
+
+/// `r×n` shapes of the solve bench (`GPTAQ_BENCH_SOLVE`).
+fn solve_shapes() -> Vec<(usize, usize)> {
+    let parse = |s: &str| -> Option<(usize, usize)> {
+        let (r, n) = s.trim().split_once('x')?;
+        Some((r.parse().ok()?, n.parse().ok()?))
+    };
+    std::env::var("GPTAQ_BENCH_SOLVE")
+        .ok()
+        .map(|s| s.split(',').filter_map(parse).collect())
+        .filter(|v: &Vec<(usize, usize)>| !v.is_empty())
+        .unwrap_or_else(|| vec![(256, 256), (512, 512)])
+}
+
+/// `H = 2/T·XᵀX + I` on the GPU (well conditioned), T tokens of deterministic pseudo-random data.
+fn spd(ctx: &GpuContext, n: usize, t: usize) -> gptaq_studio::gpu::GpuBuffer<f32> {
+    let x = ctx.upload("x", &data(t * n)).expect("upload x");
+    let h = ctx.zeros::<f32>("h", n * n).expect("alloc h");
+    let eye: Vec<f32> = (0..n * n)
+        .map(|i| if i / n == i % n { 1.0 } else { 0.0 })
+        .collect();
+    ctx.write(&h, 0, &eye);
+    let mut rec = ctx.recorder();
+    ops::syrk_xtx(&mut rec, t, n, 2.0 / t as f32, MatView::new(&x, n), 1.0, &h).expect("syrk");
+    rec.submit();
+    h
 }
 
 criterion_group!(benches, bench_kernels);

@@ -5,12 +5,26 @@
 // C is row-major M×N at off_c + m·ldc + n.
 //
 // Forms used by the project: Y = X·Wᵀ (linear layers, TRANS_B), H += XᵀX (Hessians, TRANS_A with
-// UPPER_ONLY, mirrored afterwards by `mirror_upper`), W -= E·U (GPTQ lazy block update).
+// UPPER_ONLY, mirrored afterwards by `mirror_upper`), W -= E·U (GPTQ lazy block update), the
+// blocked Cholesky's panel and trailing updates (quant/factor.rs).
 //
-// Tiling: a 64×64 output tile per 16×16 workgroup, each invocation accumulating a 4×4 register
-// block (rows ty+16i, columns tx+16j so neighbouring invocations touch neighbouring addresses),
-// K consumed in slices of 16 staged through workgroup memory. Every load is bounds-checked, so
-// any M, N, K (including 1 and primes) is valid.
+// Two entry points with the same bindings, chosen per shape by the launcher (gpu/ops.rs):
+// - `gemm_large`: a 128×128 output tile per 16×16 workgroup, each invocation an 8×8 register block
+//   (rows ty·4+{0..3} and 64+ty·4+{0..3}, likewise columns, so its shared-memory reads are four
+//   vec4 loads per k step for 64 FMAs);
+// - `gemm_small`: a 64×64 tile, 4×4 per invocation (two vec4 loads per 16 FMAs), for shapes with
+//   too few 128×128 tiles to fill the GPU.
+// K advances in slices of 8 staged through workgroup memory; the next slice's global loads are
+// issued into registers before the current slice is consumed (software prefetch), so global latency
+// overlaps the FMAs.
+//
+// Why the accumulators are named variables and every k step is written out: naga emits WGSL loops
+// as generic SPIR-V loops, and a function-local array indexed by a loop counter is not reliably
+// promoted to registers by drivers (NVIDIA's put it in local memory: the earlier loop-indexed
+// version of this kernel ran at 0.4 TFLOP/s on an H200). Only workgroup arrays are indexed
+// dynamically here.
+//
+// Every global load is bounds-checked, so any M, N, K (including 1 and primes) is valid.
 
 struct Params {
     m: u32,
@@ -37,12 +51,11 @@ override TRANS_B: bool = false;
 // Only compute tiles on or above the diagonal (symmetric rank-k update; M == N).
 override UPPER_ONLY: bool = false;
 
-const TM: u32 = 64u;
-const TN: u32 = 64u;
-const TK: u32 = 16u;
+const BK: u32 = 8u;
 
-var<workgroup> sa: array<f32, 1024>; // [TK][TM]
-var<workgroup> sb: array<f32, 1024>; // [TK][TN]
+// [BK][128] as vec4 (large) — the small kernel uses the first [BK][64] of them.
+var<workgroup> sa: array<vec4<f32>, 256>;
+var<workgroup> sb: array<vec4<f32>, 256>;
 
 fn load_a(row: u32, kk: u32) -> f32 {
     if (row >= p.m || kk >= p.k) {
@@ -64,86 +77,190 @@ fn load_b(kk: u32, col: u32) -> f32 {
     return b[p.off_b + kk * p.ldb + col];
 }
 
+// Position (mn, k) inside a [TILE × BK] slice of element `e`: consecutive invocations walk the
+// contiguous dimension of the stored matrix (k when not transposed for A / transposed for B).
+fn slot(e: u32, tile: u32, k_contiguous: bool) -> vec2<u32> {
+    if (k_contiguous) {
+        return vec2<u32>(e / BK, e % BK);
+    }
+    return vec2<u32>(e % tile, e / tile);
+}
+
+fn store_c(row: u32, col: u32, v: f32) {
+    if (row >= p.m || col >= p.n) {
+        return;
+    }
+    if (UPPER_ONLY && row > col) {
+        return;
+    }
+    let ci = p.off_c + row * p.ldc + col;
+    var out = p.alpha * v;
+    // beta == 0 must not read C: it may hold garbage (NaN) from an earlier use.
+    if (p.beta != 0.0) {
+        out = out + p.beta * c[ci];
+    }
+    c[ci] = out;
+}
+
+fn store_row4(row: u32, col: u32, v: vec4<f32>) {
+    store_c(row, col, v.x);
+    store_c(row, col + 1u, v.y);
+    store_c(row, col + 2u, v.z);
+    store_c(row, col + 3u, v.w);
+}
+
 @compute @workgroup_size(16, 16, 1)
-fn gemm(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
-    let row0 = wg.y * TM;
-    let col0 = wg.x * TN;
+fn gemm_large(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    let row0 = wg.y * 128u;
+    let col0 = wg.x * 128u;
     // Whole-workgroup early exit (uniform), before any barrier.
-    if (UPPER_ONLY && row0 > col0 + TN - 1u) {
+    if (UPPER_ONLY && row0 > col0 + 127u) {
         return;
     }
     let tx = lid.x;
     let ty = lid.y;
     let tid = ty * 16u + tx;
-    var acc: array<array<f32, 4>, 4>;
-    for (var i = 0u; i < 4u; i++) {
-        for (var j = 0u; j < 4u; j++) {
-            acc[i][j] = 0.0;
-        }
-    }
-    let ktiles = (p.k + TK - 1u) / TK;
+    // This invocation's four A and four B elements of every [128 × BK] slice.
+    let sa0 = slot(tid, 128u, !TRANS_A);
+    let sa1 = slot(tid + 256u, 128u, !TRANS_A);
+    let sa2 = slot(tid + 512u, 128u, !TRANS_A);
+    let sa3 = slot(tid + 768u, 128u, !TRANS_A);
+    let sb0 = slot(tid, 128u, TRANS_B);
+    let sb1 = slot(tid + 256u, 128u, TRANS_B);
+    let sb2 = slot(tid + 512u, 128u, TRANS_B);
+    let sb3 = slot(tid + 768u, 128u, TRANS_B);
+
+    var c00 = vec4<f32>(0.0);
+    var c01 = vec4<f32>(0.0);
+    var c10 = vec4<f32>(0.0);
+    var c11 = vec4<f32>(0.0);
+    var c20 = vec4<f32>(0.0);
+    var c21 = vec4<f32>(0.0);
+    var c30 = vec4<f32>(0.0);
+    var c31 = vec4<f32>(0.0);
+    var c40 = vec4<f32>(0.0);
+    var c41 = vec4<f32>(0.0);
+    var c50 = vec4<f32>(0.0);
+    var c51 = vec4<f32>(0.0);
+    var c60 = vec4<f32>(0.0);
+    var c61 = vec4<f32>(0.0);
+    var c70 = vec4<f32>(0.0);
+    var c71 = vec4<f32>(0.0);
+
+    // Prefetch of slice 0.
+    var ra = vec4<f32>(load_a(row0 + sa0.x, sa0.y), load_a(row0 + sa1.x, sa1.y),
+                       load_a(row0 + sa2.x, sa2.y), load_a(row0 + sa3.x, sa3.y));
+    var rb = vec4<f32>(load_b(sb0.y, col0 + sb0.x), load_b(sb1.y, col0 + sb1.x),
+                       load_b(sb2.y, col0 + sb2.x), load_b(sb3.y, col0 + sb3.x));
+    let ktiles = (p.k + BK - 1u) / BK;
     for (var t = 0u; t < ktiles; t++) {
-        let k0 = t * TK;
-        for (var l = 0u; l < 4u; l++) {
-            let idx = tid + l * 256u;
-            // A tile: consecutive invocations walk the contiguous dimension of the stored matrix.
-            var am: u32;
-            var ak: u32;
-            if (TRANS_A) {
-                am = idx % TM;
-                ak = idx / TM;
-            } else {
-                ak = idx % TK;
-                am = idx / TK;
-            }
-            sa[ak * TM + am] = load_a(row0 + am, k0 + ak);
-            var bn: u32;
-            var bk: u32;
-            if (TRANS_B) {
-                bk = idx % TK;
-                bn = idx / TK;
-            } else {
-                bn = idx % TN;
-                bk = idx / TN;
-            }
-            sb[bk * TN + bn] = load_b(k0 + bk, col0 + bn);
-        }
+        sa[sa0.y * 32u + sa0.x / 4u][sa0.x % 4u] = ra.x;
+        sa[sa1.y * 32u + sa1.x / 4u][sa1.x % 4u] = ra.y;
+        sa[sa2.y * 32u + sa2.x / 4u][sa2.x % 4u] = ra.z;
+        sa[sa3.y * 32u + sa3.x / 4u][sa3.x % 4u] = ra.w;
+        sb[sb0.y * 32u + sb0.x / 4u][sb0.x % 4u] = rb.x;
+        sb[sb1.y * 32u + sb1.x / 4u][sb1.x % 4u] = rb.y;
+        sb[sb2.y * 32u + sb2.x / 4u][sb2.x % 4u] = rb.z;
+        sb[sb3.y * 32u + sb3.x / 4u][sb3.x % 4u] = rb.w;
         workgroupBarrier();
-        for (var kk = 0u; kk < TK; kk++) {
-            var av: array<f32, 4>;
-            var bv: array<f32, 4>;
-            for (var i = 0u; i < 4u; i++) {
-                av[i] = sa[kk * TM + ty + 16u * i];
-                bv[i] = sb[kk * TN + tx + 16u * i];
-            }
-            for (var i = 0u; i < 4u; i++) {
-                for (var j = 0u; j < 4u; j++) {
-                    acc[i][j] = fma(av[i], bv[j], acc[i][j]);
-                }
-            }
+        // Next slice's loads are in flight while this one is consumed (out of range → 0).
+        let k1 = (t + 1u) * BK;
+        ra = vec4<f32>(load_a(row0 + sa0.x, k1 + sa0.y), load_a(row0 + sa1.x, k1 + sa1.y),
+                       load_a(row0 + sa2.x, k1 + sa2.y), load_a(row0 + sa3.x, k1 + sa3.y));
+        rb = vec4<f32>(load_b(k1 + sb0.y, col0 + sb0.x), load_b(k1 + sb1.y, col0 + sb1.x),
+                       load_b(k1 + sb2.y, col0 + sb2.x), load_b(k1 + sb3.y, col0 + sb3.x));
+        for (var kk = 0u; kk < BK; kk++) {
+            let a0 = sa[kk * 32u + ty];
+            let a1 = sa[kk * 32u + 16u + ty];
+            let b0 = sb[kk * 32u + tx];
+            let b1 = sb[kk * 32u + 16u + tx];
+            c00 = fma(vec4<f32>(a0.x), b0, c00);
+            c01 = fma(vec4<f32>(a0.x), b1, c01);
+            c10 = fma(vec4<f32>(a0.y), b0, c10);
+            c11 = fma(vec4<f32>(a0.y), b1, c11);
+            c20 = fma(vec4<f32>(a0.z), b0, c20);
+            c21 = fma(vec4<f32>(a0.z), b1, c21);
+            c30 = fma(vec4<f32>(a0.w), b0, c30);
+            c31 = fma(vec4<f32>(a0.w), b1, c31);
+            c40 = fma(vec4<f32>(a1.x), b0, c40);
+            c41 = fma(vec4<f32>(a1.x), b1, c41);
+            c50 = fma(vec4<f32>(a1.y), b0, c50);
+            c51 = fma(vec4<f32>(a1.y), b1, c51);
+            c60 = fma(vec4<f32>(a1.z), b0, c60);
+            c61 = fma(vec4<f32>(a1.z), b1, c61);
+            c70 = fma(vec4<f32>(a1.w), b0, c70);
+            c71 = fma(vec4<f32>(a1.w), b1, c71);
         }
         workgroupBarrier();
     }
-    for (var i = 0u; i < 4u; i++) {
-        let row = row0 + ty + 16u * i;
-        if (row >= p.m) {
-            continue;
-        }
-        for (var j = 0u; j < 4u; j++) {
-            let col = col0 + tx + 16u * j;
-            if (col >= p.n) {
-                continue;
-            }
-            if (UPPER_ONLY && row > col) {
-                continue;
-            }
-            let ci = p.off_c + row * p.ldc + col;
-            var v = p.alpha * acc[i][j];
-            // beta == 0 must not read C: it may hold garbage (NaN) from an earlier use.
-            if (p.beta != 0.0) {
-                v = v + p.beta * c[ci];
-            }
-            c[ci] = v;
-        }
+    let r0 = row0 + ty * 4u;
+    let r1 = row0 + 64u + ty * 4u;
+    let q0 = col0 + tx * 4u;
+    let q1 = col0 + 64u + tx * 4u;
+    store_row4(r0, q0, c00);
+    store_row4(r0, q1, c01);
+    store_row4(r0 + 1u, q0, c10);
+    store_row4(r0 + 1u, q1, c11);
+    store_row4(r0 + 2u, q0, c20);
+    store_row4(r0 + 2u, q1, c21);
+    store_row4(r0 + 3u, q0, c30);
+    store_row4(r0 + 3u, q1, c31);
+    store_row4(r1, q0, c40);
+    store_row4(r1, q1, c41);
+    store_row4(r1 + 1u, q0, c50);
+    store_row4(r1 + 1u, q1, c51);
+    store_row4(r1 + 2u, q0, c60);
+    store_row4(r1 + 2u, q1, c61);
+    store_row4(r1 + 3u, q0, c70);
+    store_row4(r1 + 3u, q1, c71);
+}
+
+@compute @workgroup_size(16, 16, 1)
+fn gemm_small(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    let row0 = wg.y * 64u;
+    let col0 = wg.x * 64u;
+    if (UPPER_ONLY && row0 > col0 + 63u) {
+        return;
     }
+    let tx = lid.x;
+    let ty = lid.y;
+    let tid = ty * 16u + tx;
+    let sa0 = slot(tid, 64u, !TRANS_A);
+    let sa1 = slot(tid + 256u, 64u, !TRANS_A);
+    let sb0 = slot(tid, 64u, TRANS_B);
+    let sb1 = slot(tid + 256u, 64u, TRANS_B);
+
+    var c0 = vec4<f32>(0.0);
+    var c1 = vec4<f32>(0.0);
+    var c2 = vec4<f32>(0.0);
+    var c3 = vec4<f32>(0.0);
+
+    var ra = vec2<f32>(load_a(row0 + sa0.x, sa0.y), load_a(row0 + sa1.x, sa1.y));
+    var rb = vec2<f32>(load_b(sb0.y, col0 + sb0.x), load_b(sb1.y, col0 + sb1.x));
+    let ktiles = (p.k + BK - 1u) / BK;
+    for (var t = 0u; t < ktiles; t++) {
+        sa[sa0.y * 16u + sa0.x / 4u][sa0.x % 4u] = ra.x;
+        sa[sa1.y * 16u + sa1.x / 4u][sa1.x % 4u] = ra.y;
+        sb[sb0.y * 16u + sb0.x / 4u][sb0.x % 4u] = rb.x;
+        sb[sb1.y * 16u + sb1.x / 4u][sb1.x % 4u] = rb.y;
+        workgroupBarrier();
+        let k1 = (t + 1u) * BK;
+        ra = vec2<f32>(load_a(row0 + sa0.x, k1 + sa0.y), load_a(row0 + sa1.x, k1 + sa1.y));
+        rb = vec2<f32>(load_b(k1 + sb0.y, col0 + sb0.x), load_b(k1 + sb1.y, col0 + sb1.x));
+        for (var kk = 0u; kk < BK; kk++) {
+            let av = sa[kk * 16u + ty];
+            let bv = sb[kk * 16u + tx];
+            c0 = fma(vec4<f32>(av.x), bv, c0);
+            c1 = fma(vec4<f32>(av.y), bv, c1);
+            c2 = fma(vec4<f32>(av.z), bv, c2);
+            c3 = fma(vec4<f32>(av.w), bv, c3);
+        }
+        workgroupBarrier();
+    }
+    let r = row0 + ty * 4u;
+    let q = col0 + tx * 4u;
+    store_row4(r, q, c0);
+    store_row4(r + 1u, q, c1);
+    store_row4(r + 2u, q, c2);
+    store_row4(r + 3u, q, c3);
 }

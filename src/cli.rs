@@ -128,8 +128,11 @@ pub struct LabArgs {
 #[derive(Args, Debug, Clone)]
 pub struct EvalArgs {
     /// Model directory (FP checkpoint, or a GPTQ checkpoint with quantize_config.json).
-    #[arg(long)]
-    pub model: PathBuf,
+    #[arg(required_unless_present = "model_flag", conflicts_with = "model_flag")]
+    pub model: Option<PathBuf>,
+    /// The same as the positional MODEL (kept because earlier scripts pass `--model DIR`).
+    #[arg(long = "model", id = "model_flag", hide = true)]
+    pub model_flag: Option<PathBuf>,
     /// Text to evaluate on: .txt, .jsonl, .parquet (documents joined with "\n\n") or
     /// pre-tokenized .safetensors.
     #[arg(long)]
@@ -585,15 +588,20 @@ fn run_eval(
 }
 
 fn eval_cmd(gpu: &GpuArgs, args: &EvalArgs) -> anyhow::Result<()> {
-    let source = open_any_model(&args.model)?;
-    let windows = eval_windows_for(&args.model, &args.text, args.seqlen, args.max_windows)?;
+    let model = args
+        .model
+        .as_ref()
+        .or(args.model_flag.as_ref())
+        .context("a model directory is required")?;
+    let source = open_any_model(model)?;
+    let windows = eval_windows_for(model, &args.text, args.seqlen, args.max_windows)?;
     let ctx = GpuContext::new(&gpu.options()).context("opening the GPU")?;
     eprintln!("device: {} ({})", ctx.summary.name, ctx.summary.backend);
-    eprintln!("model: {} [{}]", args.model.display(), source.describe());
+    eprintln!("model: {} [{}]", model.display(), source.describe());
     let r = run_eval(&ctx, source.as_ref(), &windows, "model")?;
     if args.json {
         let v = serde_json::json!({
-            "model": args.model, "text": args.text, "weights": source.describe(), "device": ctx.summary.name, "result": r,
+            "model": model, "text": args.text, "weights": source.describe(), "device": ctx.summary.name, "result": r,
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {

@@ -6,7 +6,7 @@
 mod common;
 
 use common::{assert_close, rand_vec, rng};
-use gptaq_studio::gpu::ops::{self, MatView};
+use gptaq_studio::gpu::ops::{self, GemmTile, MatView};
 use gptaq_studio::gpu::{GpuContext, test_context};
 
 /// f64 reference of C = alpha·op(A)·op(B) + beta·C with the same storage conventions as the shader.
@@ -40,7 +40,17 @@ fn gemm_ref(
     out
 }
 
-fn run_gemm(ctx: &GpuContext, m: usize, n: usize, k: usize, ta: bool, tb: bool, seed: u64) {
+#[allow(clippy::too_many_arguments)]
+fn run_gemm(
+    ctx: &GpuContext,
+    tile: GemmTile,
+    m: usize,
+    n: usize,
+    k: usize,
+    ta: bool,
+    tb: bool,
+    seed: u64,
+) {
     let mut r = rng(seed);
     let (alpha, beta) = (0.75f32, if seed.is_multiple_of(2) { 0.0 } else { -0.5 });
     let a = rand_vec(&mut r, m * k);
@@ -70,13 +80,26 @@ fn run_gemm(ctx: &GpuContext, m: usize, n: usize, k: usize, ta: bool, tb: bool, 
     av.trans = ta;
     let mut bv = MatView::new(&gb, ldb);
     bv.trans = tb;
-    ops::gemm(&mut rec, m, n, k, alpha, av, bv, beta, MatView::new(&gc, n)).unwrap();
+    ops::gemm_tiled(
+        &mut rec,
+        tile,
+        false,
+        m,
+        n,
+        k,
+        alpha,
+        av,
+        bv,
+        beta,
+        MatView::new(&gc, n),
+    )
+    .unwrap();
     rec.submit();
     let got = ctx.read(&gc).unwrap();
     // f32 accumulation of k products of values in [-1, 1): error grows like sqrt(k)·eps.
     let atol = 1e-5 * (k as f64).sqrt().max(1.0);
     assert_close(
-        &format!("gemm m={m} n={n} k={k} transA={ta} transB={tb} beta={beta}"),
+        &format!("gemm {tile:?} m={m} n={n} k={k} transA={ta} transB={tb} beta={beta}"),
         &got,
         &expected,
         atol,
@@ -96,13 +119,17 @@ fn gemm_matches_f64_reference_on_awkward_shapes() {
         (97, 131, 61),
         (128, 3, 200),
         (2, 130, 1),
+        (129, 257, 9),
+        (131, 127, 8),
     ];
     let mut seed = 0;
-    for &(m, n, k) in &shapes {
-        for ta in [false, true] {
-            for tb in [false, true] {
-                seed += 1;
-                run_gemm(&ctx, m, n, k, ta, tb, seed);
+    for tile in [GemmTile::Small, GemmTile::Large] {
+        for &(m, n, k) in &shapes {
+            for ta in [false, true] {
+                for tb in [false, true] {
+                    seed += 1;
+                    run_gemm(&ctx, tile, m, n, k, ta, tb, seed);
+                }
             }
         }
     }
@@ -155,6 +182,54 @@ fn gemm_on_sub_matrix_views_with_offsets() {
         1e-5,
         1e-5,
     );
+}
+
+#[test]
+fn gemm_upper_updates_only_the_upper_triangle_of_a_view() {
+    let Some(ctx) = test_context() else { return };
+    // C view: n×n block at (2, 3) of a (n+4)×(n+5) matrix; C −= A·Aᵀ on row ≤ col only.
+    for tile in [GemmTile::Small, GemmTile::Large] {
+        for &(n, k) in &[(1usize, 1usize), (67, 5), (131, 37)] {
+            let mut r = rng(7000 + n as u64 + k as u64);
+            let (cm, cn) = (n + 4, n + 5);
+            let a = rand_vec(&mut r, n * k);
+            let c = rand_vec(&mut r, cm * cn);
+            let mut expected: Vec<f64> = c.iter().map(|&v| f64::from(v)).collect();
+            for i in 0..n {
+                for j in i..n {
+                    let s: f64 = (0..k)
+                        .map(|l| f64::from(a[i * k + l]) * f64::from(a[j * k + l]))
+                        .sum();
+                    expected[(2 + i) * cn + 3 + j] -= s;
+                }
+            }
+            let (ga, gc) = (ctx.upload("a", &a).unwrap(), ctx.upload("c", &c).unwrap());
+            let mut rec = ctx.recorder();
+            ops::gemm_tiled(
+                &mut rec,
+                tile,
+                true,
+                n,
+                n,
+                k,
+                -1.0,
+                MatView::new(&ga, k),
+                MatView::new(&ga, k).t(),
+                1.0,
+                MatView::new(&gc, cn).at(2 * cn + 3),
+            )
+            .unwrap();
+            rec.submit();
+            let got = ctx.read(&gc).unwrap();
+            assert_close(
+                &format!("gemm_upper {tile:?} n={n} k={k} (lower triangle and outside untouched)"),
+                &got,
+                &expected,
+                1e-5 * (k as f64).sqrt(),
+                1e-5,
+            );
+        }
+    }
 }
 
 #[test]

@@ -18,6 +18,8 @@
 
 use std::time::Instant;
 
+mod common;
+
 use gptaq_studio::gpu::{GpuContext, test_context};
 use gptaq_studio::quant::gpu::quantize_gpu;
 use gptaq_studio::quant::reference::quantize_reference;
@@ -431,4 +433,79 @@ fn rtn_method_is_rejected_with_a_clear_error() {
         &cfg(GPTQ, 4, None, true, false, false, 128, false),
     );
     assert!(err.is_err());
+}
+
+/// The f32 GPU factor (quant/factor.rs) against the f64 reference, on sizes around the 32-column
+/// panel and the doubling inverse's levels, with a permuted processing order and damping retries.
+#[test]
+fn inverse_factor_matches_f64_reference_on_awkward_sizes() {
+    use gptaq_studio::quant::factor::upper_inverse_factor_gpu;
+    use gptaq_studio::quant::reference::inverse_hessian_factor_f64;
+    let Some(ctx) = test_context() else { return };
+    for (seed, &n) in [1usize, 2, 31, 32, 33, 64, 65, 97, 130, 257]
+        .iter()
+        .enumerate()
+    {
+        let p = problem(1, n, 3 * n, 100 + seed as u64, &[]);
+        // A processing order that reverses odd positions' halves: not the identity, not sorted.
+        let mut order: Vec<usize> = (0..n).collect();
+        order.sort_by_key(|&j| ((j * 7919) % n.max(1), j));
+        let hp: Vec<f64> = (0..n * n)
+            .map(|i| f64::from(p.h[order[i / n] * n + order[i % n]]))
+            .collect();
+        let diag: Vec<f64> = (0..n).map(|k| hp[k * n + k]).collect();
+        let exp = inverse_hessian_factor_f64(&hp, n, 0.01, 0.0025).unwrap();
+        let gh = ctx.upload("h", &p.h).unwrap();
+        let got = upper_inverse_factor_gpu(&ctx, &gh, &order, &diag, 0.01, 0.0025)
+            .unwrap()
+            .unwrap_or_else(|e| panic!("n={n}: GPU factor failed: {e}"));
+        assert_eq!(
+            (got.fallback.clone(), got.damp_percent),
+            (exp.fallback.clone(), exp.damp_percent),
+            "n={n}: damping decisions differ"
+        );
+        let u = ctx.read(&got.value).unwrap();
+        let scale = exp.u.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+        // f32 factorisation of a damped H: round-off grows with n and the condition number.
+        common::assert_close(
+            &format!("U n={n} (max |U| {scale:.3e})"),
+            &u,
+            &exp.u,
+            2e-4 * scale,
+            2e-3,
+        );
+    }
+}
+
+/// A matrix that is SPD only after more damping: both factors retry the same schedule.
+#[test]
+fn inverse_factor_retries_damping_like_reference() {
+    use gptaq_studio::quant::Fallback;
+    use gptaq_studio::quant::factor::upper_inverse_factor_gpu;
+    use gptaq_studio::quant::reference::inverse_hessian_factor_f64;
+    let Some(ctx) = test_context() else { return };
+    let n = 40;
+    // Fewer tokens than columns: H is singular, so H − 0.02·mean·I has eigenvalues at −0.02·mean.
+    let p = problem(1, n, n / 2, 77, &[]);
+    let mean = (0..n).map(|j| f64::from(p.h[j * n + j])).sum::<f64>() / n as f64;
+    // H − 0.02·mean·I: indefinite; 1% damping is not enough, 1% + 2·0.5% … is.
+    let h: Vec<f32> = (0..n * n)
+        .map(|i| p.h[i] - if i / n == i % n { (0.02 * mean) as f32 } else { 0.0 })
+        .collect();
+    let h64: Vec<f64> = h.iter().map(|&v| f64::from(v)).collect();
+    let order: Vec<usize> = (0..n).collect();
+    let diag: Vec<f64> = (0..n).map(|j| h64[j * n + j]).collect();
+    let exp = inverse_hessian_factor_f64(&h64, n, 0.01, 0.005).unwrap();
+    assert_eq!(exp.fallback, Some(Fallback::IncreasedDamping));
+    let gh = ctx.upload("h", &h).unwrap();
+    let got = upper_inverse_factor_gpu(&ctx, &gh, &order, &diag, 0.01, 0.005)
+        .unwrap()
+        .unwrap_or_else(|e| panic!("GPU factor failed: {e}"));
+    assert_eq!(got.fallback, exp.fallback);
+    assert!(
+        (got.damp_percent - exp.damp_percent).abs() < 1e-12,
+        "damp_percent: got {} expected {}",
+        got.damp_percent,
+        exp.damp_percent
+    );
 }

@@ -6,7 +6,7 @@
 # collects the numbers at the end):
 #   devices           gptaq-studio devices --json
 #   fp_ppl_py_512     FP perplexity, hf_perplexity.py (expect 118.82; fp_ppl_py_256 at the end: 102.78)
-#   fp_ppl_rust       gptaq-studio eval --model MODEL --text wiki.test.raw --seqlen 512
+#   fp_ppl_rust       gptaq-studio eval MODEL --text wiki.test.raw --seqlen 512
 #   torch_bench       torch_reference.py --bench (solve 4096x4096, 4096x14336; accumulation)
 #   kernels_bench     .device-carry/kernels-bench --bench (if carried)
 #   (end) torch_layer_bench  torch_reference.py --bench-layer: GPTQ/GPTAQ reference driver on one
@@ -108,7 +108,7 @@ if have_bin; then step devices 60 "$BIN" devices --json; fi
 
 # --- FP perplexity -----------------------------------------------------------------------------
 step fp_ppl_py_512 90 $PY tools/hf_perplexity.py --model "$MODEL" --text "$WIKI" --seqlen 512 "${MW[@]}" --out "$OUT/fp_ppl_py_512.json"
-if have_bin; then step fp_ppl_rust 120 "$BIN" eval --model "$MODEL" --text "$WIKI" --seqlen 512; fi
+if have_bin; then step fp_ppl_rust 120 "$BIN" eval "$MODEL" --text "$WIKI" --seqlen 512; fi
 
 # --- timing baselines ------------------------------------------------------------------------------
 step torch_bench 180 $PY tools/torch_reference.py --bench "$BENCH_SHAPES" --tokens "$BENCH_TOKENS" --out "$OUT/torch_bench.json"
@@ -124,10 +124,10 @@ have_bin || echo "[skip] no binary at $BIN: Rust steps skipped"
 for b in $BITS_LIST; do for m in $METHODS; do
   if have_bin; then
     d=$WORK/rust_${m}_w${b}
-    step "rust_${m}_w${b}" 150 "$BIN" quantize --model "$MODEL" --calib "$RUST_CALIB" --nsamples "$NSAMPLES" --seqlen "$SEQLEN" \
+    step "rust_${m}_w${b}" 150 "$BIN" quantize "$MODEL" --calib "$RUST_CALIB" --nsamples "$NSAMPLES" --seqlen "$SEQLEN" \
       --method "$m" --bits "$b" --group-size "$GS" --out "$d" --force --report "$OUT/rust_${m}_w${b}.json"
     if [ -d "$d" ] || [ "$DRY_RUN" = 1 ]; then
-      step "rust_${m}_w${b}_eval" 90 "$BIN" eval --model "$d" --text "$WIKI" --seqlen "$SEQLEN"
+      step "rust_${m}_w${b}_eval" 90 "$BIN" eval "$d" --text "$WIKI" --seqlen "$SEQLEN"
       step "rust_${m}_w${b}_hfgptq" 90 $PY tools/hf_perplexity.py --gptq "$d" --text "$WIKI" --seqlen "$SEQLEN" "${MW[@]}" --native --out "$OUT/rust_${m}_w${b}_hfgptq.json"
     fi
   fi

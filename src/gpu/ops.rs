@@ -78,6 +78,41 @@ pub fn u32_of(what: &str, v: usize) -> Result<u32, GpuError> {
     })
 }
 
+/// Output tile of the GEMM kernels (`gemm.wgsl`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GemmTile {
+    /// 128×128 per workgroup, 8×8 per invocation: the fast kernel once there are enough tiles.
+    Large,
+    /// 64×64 per workgroup, 4×4 per invocation: more workgroups for small outputs.
+    Small,
+}
+
+/// Large tiles once the output has at least this many of them: a workgroup per SM / compute unit
+/// of a big GPU (132 on an H100/H200), below which the 4× more numerous small tiles keep more of
+/// the GPU busy. `GPTAQ_GEMM_TILE=large|small` forces one kernel (benchmarks, tests).
+const LARGE_TILE_MIN_TILES: usize = 128;
+
+fn forced_tile() -> Option<GemmTile> {
+    static FORCED: std::sync::OnceLock<Option<GemmTile>> = std::sync::OnceLock::new();
+    *FORCED.get_or_init(|| match std::env::var("GPTAQ_GEMM_TILE").ok().as_deref() {
+        Some("large") => Some(GemmTile::Large),
+        Some("small") => Some(GemmTile::Small),
+        _ => None,
+    })
+}
+
+/// The kernel [`gemm`] uses for an M×N output.
+pub fn gemm_tile(m: usize, n: usize) -> GemmTile {
+    if let Some(t) = forced_tile() {
+        return t;
+    }
+    if m.div_ceil(128) * n.div_ceil(128) >= LARGE_TILE_MIN_TILES {
+        GemmTile::Large
+    } else {
+        GemmTile::Small
+    }
+}
+
 /// Records `C = alpha·op(A)·op(B) + beta·C` with op(A) M×K, op(B) K×N, C M×N (row-major, leading
 /// dimension `c.ld`). `c.trans` must be false.
 #[allow(clippy::too_many_arguments)]
@@ -92,7 +127,42 @@ pub fn gemm(
     beta: f32,
     c: MatView<'_>,
 ) -> Result<(), GpuError> {
-    gemm_impl(rec, m, n, k, alpha, a, b, beta, c, false)
+    gemm_impl(rec, m, n, k, alpha, a, b, beta, c, false, None)
+}
+
+/// [`gemm`] restricted to the upper triangle of a square C (`m == n`, elements `row ≤ col` of the
+/// C view): symmetric updates such as the blocked Cholesky's trailing update, at about half the
+/// flops.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_upper(
+    rec: &mut Recorder<'_>,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    a: MatView<'_>,
+    b: MatView<'_>,
+    beta: f32,
+    c: MatView<'_>,
+) -> Result<(), GpuError> {
+    gemm_impl(rec, n, n, k, alpha, a, b, beta, c, true, None)
+}
+
+/// [`gemm`] / [`gemm_upper`] with the kernel forced (tests and benchmarks of both tiles).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_tiled(
+    rec: &mut Recorder<'_>,
+    tile: GemmTile,
+    upper_only: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    a: MatView<'_>,
+    b: MatView<'_>,
+    beta: f32,
+    c: MatView<'_>,
+) -> Result<(), GpuError> {
+    gemm_impl(rec, m, n, k, alpha, a, b, beta, c, upper_only, Some(tile))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -107,6 +177,7 @@ fn gemm_impl(
     beta: f32,
     c: MatView<'_>,
     upper_only: bool,
+    tile: Option<GemmTile>,
 ) -> Result<(), GpuError> {
     if m == 0 || n == 0 {
         return Ok(());
@@ -141,17 +212,27 @@ fn gemm_impl(
         ("TRANS_B", f64::from(u8::from(b.trans))),
         ("UPPER_ONLY", f64::from(u8::from(upper_only))),
     ];
-    let groups = [n.div_ceil(64) as u32, m.div_ceil(64) as u32, 1];
+    if upper_only && m != n {
+        return Err(GpuError::Validation(format!(
+            "upper-triangle gemm needs a square C, got {m}x{n}"
+        )));
+    }
+    let tile = tile.unwrap_or_else(|| gemm_tile(m, n));
+    let (entry, side) = match tile {
+        GemmTile::Large => ("gemm_large", 128),
+        GemmTile::Small => ("gemm_small", 64),
+    };
+    let groups = [n.div_ceil(side) as u32, m.div_ceil(side) as u32, 1];
     if groups[0] > 65535 || groups[1] > 65535 {
         return Err(GpuError::TooLarge {
             what: format!("gemm {m}x{n} grid"),
             bytes: (m * n * 4) as u64,
-            limit: 65535 * 64,
+            limit: 65535 * side as u64,
         });
     }
     rec.dispatch(
         &GEMM,
-        "gemm",
+        entry,
         &constants,
         &params,
         &[a.buf.binding(), b.buf.binding(), c.buf.binding()],
@@ -172,7 +253,7 @@ pub fn syrk_xtx(
     c: &GpuBuffer<f32>,
 ) -> Result<(), GpuError> {
     let xt = MatView { trans: true, ..x };
-    gemm_impl(rec, n, n, t, alpha, xt, x, beta, MatView::new(c, n), true)?;
+    gemm_impl(rec, n, n, t, alpha, xt, x, beta, MatView::new(c, n), true, None)?;
     mirror_upper(rec, c, n)
 }
 

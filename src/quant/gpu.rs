@@ -36,7 +36,8 @@
 use bytemuck::{Pod, Zeroable};
 
 use super::quantizer::{QuantizerSpec, rtn_quantize_f64};
-use super::reference::{self, inverse_hessian_factor_f64};
+use super::factor;
+use super::reference;
 use super::{Fallback, Method, QuantConfig, QuantError, QuantResult};
 use crate::gpu::kernels::groups_1d;
 use crate::gpu::ops::{self, MatView};
@@ -180,6 +181,13 @@ fn rtn_fallback(
     Ok(GpuSolve { result: res, q })
 }
 
+/// The whole H on the host in f64, checked finite (only for the rare RTN-fallback paths).
+fn read_h64(ctx: &GpuContext, h: &GpuBuffer<f32>, nn: usize) -> Result<Vec<f64>, QuantGpuError> {
+    let h32 = ctx.read(h)?;
+    super::quantizer::check_matrix("H", &h32, nn)?;
+    Ok(h32.iter().map(|&v| f64::from(v)).collect())
+}
+
 /// GPTQ / GPTAQ solve of one module on the GPU. Same inputs and semantics as
 /// [`reference::quantize_reference`] (see there and the module docs for the f32 deviations), except
 /// that `h` (`[cols, cols]`) and `d` (`[cols, cols]`, GPTAQ only) are GPU buffers. Neither is
@@ -228,37 +236,56 @@ pub fn quantize_gpu(
     }
     u32_of("rows·cols", n_el)?;
 
-    // Step 1: host preparation in f64 (module docs).
-    let h32 = ctx.read(h)?;
-    super::quantizer::check_matrix("H", &h32, nn)?;
+    // Step 1: host preparation in f64 from diag(H) only (module docs).
+    let h_diag32 = factor::hessian_diag(ctx, h, n)?;
+    if let Some((index, &value)) = h_diag32.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+        return Err(QuantError::NonFinite {
+            what: "H (diagonal)",
+            index: index * n + index,
+            value: f64::from(value),
+        }
+        .into());
+    }
     let w64: Vec<f64> = w.iter().map(|&v| f64::from(v)).collect();
-    let h64: Vec<f64> = h32.iter().map(|&v| f64::from(v)).collect();
     if n == 0 || rows == 0 {
         // Nothing to solve: the reference's result (RTN of an empty matrix) on the CPU.
+        let h64 = read_h64(ctx, h, nn)?;
         let res = reference::quantize_f64(&w64, rows, cols, &h64, None, cfg)?;
         let q = ctx.upload("quant q", &res.q)?;
         return Ok(GpuSolve { result: res, q });
     }
+    let h_diag: Vec<f64> = h_diag32.iter().map(|&v| f64::from(v)).collect();
 
     // Steps 2–5 exactly as the reference (one shared implementation).
+    let prepared = reference::prepare(&w64, &h_diag, rows, n, cfg, &spec);
+    let order: Vec<usize> = prepared.perm.clone().unwrap_or_else(|| (0..n).collect());
+    let factor = match factor::upper_inverse_factor_gpu(
+        ctx,
+        h,
+        &order,
+        &prepared.diag,
+        cfg.damp_percent,
+        cfg.damp_auto_increment,
+    )? {
+        Ok(f) => f,
+        Err(e) => {
+            // Rare path: the whole H is needed for the RTN proxy loss (and a non-finite H is an
+            // input error, as in the reference).
+            let h64 = read_h64(ctx, h, nn)?;
+            return rtn_fallback(ctx, &w64, rows, cols, &h64, cfg, e.to_string());
+        }
+    };
     let reference::Prepared {
         row_params,
         dead,
         static_groups,
         perm,
         w: wprep,
-        h: hp,
-    } = reference::prepare(&w64, &h64, rows, n, cfg, &spec);
-    let order: Vec<usize> = perm.clone().unwrap_or_else(|| (0..n).collect());
+        diag: _,
+    } = prepared;
     let wp: Vec<f32> = wprep.iter().map(|&v| v as f32).collect();
     drop(wprep);
-    let factor = match inverse_hessian_factor_f64(&hp, n, cfg.damp_percent, cfg.damp_auto_increment)
-    {
-        Ok(f) => f,
-        Err(e) => return rtn_fallback(ctx, &w64, rows, cols, &h64, cfg, e.to_string()),
-    };
-    drop(hp);
-    let u32v: Vec<f32> = factor.u.iter().map(|&v| v as f32).collect();
+    let gu = factor.value;
 
     // Group bookkeeping: table of (scale, zero) per [group][row] and the group of every processing
     // column. gs = −1: one group; static: perm[k]/gs; dynamic: k/gs, filled by the sweep.
@@ -301,8 +328,6 @@ pub fn quantize_gpu(
     // Uploads.
     let gw = ctx.upload("quant W", &wp)?;
     drop(wp);
-    let gu = ctx.upload("quant U", &u32v)?;
-    drop(u32v);
     let gmeta = ctx.upload("quant meta", &meta_finish)?;
     let gptab = ctx.upload("quant params", &ptab)?;
     let gcodes = ctx.zeros::<u32>("quant codes", n_el)?;
@@ -492,6 +517,7 @@ pub fn quantize_gpu(
     let loss_rows = ctx.read(&gloss)?;
     let proxy_loss_sum: f64 = loss_rows.iter().map(|&v| f64::from(v)).sum();
     if !proxy_loss_sum.is_finite() {
+        let h64 = read_h64(ctx, h, nn)?;
         return rtn_fallback(
             ctx,
             &w64,

@@ -9,6 +9,7 @@
 //!   reference, algorithm.md §3.3 "optional improvement"): the sweep's error feedback then uses exactly
 //!   the deployed scale, and an exported checkpoint dequantizes bit-for-bit to the solver's `Q`.
 
+pub mod factor;
 pub mod gpu;
 pub mod metrics;
 pub mod quantizer;

@@ -109,12 +109,95 @@ pub fn upper_inverse_factor(h: &[f64], n: usize) -> Option<Vec<f64>> {
     u.iter().all(|v| v.is_finite()).then_some(u)
 }
 
-/// GPTQModel-style damped factorisation (§1.5): `H + damp_percent·mean(diag H)·I`, retrying with
-/// `damp_percent += damp_auto_increment` while it stays in (0, 1); then up to
+/// A factorisation obtained by [`damped_factorisation`], and how.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Damped<T> {
+    pub value: T,
+    /// Absolute damping added to the diagonal.
+    pub damp: f64,
+    /// Relative damping actually used.
+    pub damp_percent: f64,
+    /// `None` if the first damping worked, `IncreasedDamping` after retries, `DiagonalFloor` if a
+    /// floor was needed.
+    pub fallback: Option<Fallback>,
+}
+
+/// GPTQModel's damping schedule (§1.5), independent of how a factorisation is attempted (f64 on
+/// the CPU here, f32 on the GPU in `quant::factor`), so both make the same decisions.
+/// `attempt(d)` factors the matrix whose diagonal is replaced by `d` (off-diagonal unchanged) and
+/// returns `None` if it is not numerically SPD. Attempts: `d = diag + damp_percent·mean(diag)`,
+/// retrying with `damp_percent += damp_auto_increment` while it stays in (0, 1); then up to
 /// [`MAX_FLOOR_ATTEMPTS`] diagonal floors `diag ← max(diag + f, f)`, `f = 1e-6·max|diag|·10^(k−1)`,
 /// each followed by the same damping loop (restarting at `damp_percent`, mean recomputed from the
-/// floored diagonal). `h` (`n × n`, row-major, lower triangle read) is not modified. Dead-column
-/// handling and permutation are the caller's business.
+/// floored diagonal). The outer `Err` is the attempt's own error (e.g. a GPU failure); the inner
+/// one is [`QuantError::NotPositiveDefinite`] when no attempt succeeded.
+pub fn damped_factorisation<T, E>(
+    diag: &[f64],
+    damp_percent: f64,
+    damp_auto_increment: f64,
+    mut attempt: impl FnMut(&[f64]) -> Result<Option<T>, E>,
+) -> Result<Result<Damped<T>, QuantError>, E> {
+    let n = diag.len();
+    let mut last_pct = damp_percent;
+    let mut damping_loop = |dg: &[f64]| -> Result<Option<(T, f64, f64, bool)>, E> {
+        let mean = if n == 0 {
+            0.0
+        } else {
+            dg.iter().sum::<f64>() / n as f64
+        };
+        let mut pct = damp_percent;
+        let mut retried = false;
+        let mut damped = vec![0.0_f64; n];
+        loop {
+            last_pct = pct;
+            let damp = pct * mean;
+            for (x, &d) in damped.iter_mut().zip(dg) {
+                *x = d + damp;
+            }
+            if let Some(v) = attempt(&damped)? {
+                return Ok(Some((v, damp, pct, retried)));
+            }
+            if damp_auto_increment <= 0.0 {
+                return Ok(None);
+            }
+            pct += damp_auto_increment;
+            retried = true;
+            if !(pct > 0.0 && pct < 1.0) {
+                return Ok(None);
+            }
+        }
+    };
+    if let Some((value, damp, pct, retried)) = damping_loop(diag)? {
+        return Ok(Ok(Damped {
+            value,
+            damp,
+            damp_percent: pct,
+            fallback: retried.then_some(Fallback::IncreasedDamping),
+        }));
+    }
+    let max_abs = diag.iter().fold(0.0_f64, |m, v| m.max(v.abs()));
+    for k in 0..MAX_FLOOR_ATTEMPTS {
+        let f = FLOOR_BASE_RELATIVE * max_abs * 10f64.powi(k as i32);
+        let floored: Vec<f64> = diag.iter().map(|&d| (d + f).max(f)).collect();
+        if let Some((value, damp, pct, _)) = damping_loop(&floored)? {
+            return Ok(Ok(Damped {
+                value,
+                damp,
+                damp_percent: pct,
+                fallback: Some(Fallback::DiagonalFloor),
+            }));
+        }
+    }
+    Ok(Err(QuantError::NotPositiveDefinite {
+        n,
+        last_damp_percent: last_pct,
+        floor_attempts: MAX_FLOOR_ATTEMPTS,
+    }))
+}
+
+/// GPTQModel-style damped factorisation (§1.5) in f64: [`damped_factorisation`] with
+/// [`upper_inverse_factor`] as the attempt. `h` (`n × n`, row-major, lower triangle read) is not
+/// modified. Dead-column handling and permutation are the caller's business.
 ///
 /// Errors: wrong length, non-finite `h` or damping settings, or no attempt succeeded
 /// ([`QuantError::NotPositiveDefinite`]).
@@ -127,62 +210,22 @@ pub fn inverse_hessian_factor_f64(
     check_matrix("H", h, n * n)?;
     check_damping(damp_percent, damp_auto_increment)?;
     let diag: Vec<f64> = (0..n).map(|j| h[j * n + j]).collect();
-    let mut last_pct = damp_percent;
-
-    let mut damping_loop = |hb: &mut Vec<f64>, dg: &[f64]| -> Option<(Vec<f64>, f64, f64, bool)> {
-        let mean = if n == 0 {
-            0.0
-        } else {
-            dg.iter().sum::<f64>() / n as f64
-        };
-        let mut pct = damp_percent;
-        let mut retried = false;
-        loop {
-            last_pct = pct;
-            let damp = pct * mean;
-            for j in 0..n {
-                hb[j * n + j] = dg[j] + damp;
-            }
-            if let Some(u) = upper_inverse_factor(hb, n) {
-                return Some((u, damp, pct, retried));
-            }
-            if damp_auto_increment <= 0.0 {
-                return None;
-            }
-            pct += damp_auto_increment;
-            retried = true;
-            if !(pct > 0.0 && pct < 1.0) {
-                return None;
-            }
-        }
-    };
-
     let mut hb = h.to_vec();
-    if let Some((u, damp, pct, retried)) = damping_loop(&mut hb, &diag) {
-        return Ok(InverseHessianFactor {
-            u,
-            damp,
-            damp_percent: pct,
-            fallback: retried.then_some(Fallback::IncreasedDamping),
-        });
-    }
-    let max_abs = diag.iter().fold(0.0_f64, |m, v| m.max(v.abs()));
-    for k in 0..MAX_FLOOR_ATTEMPTS {
-        let f = FLOOR_BASE_RELATIVE * max_abs * 10f64.powi(k as i32);
-        let floored: Vec<f64> = diag.iter().map(|&d| (d + f).max(f)).collect();
-        if let Some((u, damp, pct, _)) = damping_loop(&mut hb, &floored) {
-            return Ok(InverseHessianFactor {
-                u,
-                damp,
-                damp_percent: pct,
-                fallback: Some(Fallback::DiagonalFloor),
-            });
+    let outcome = damped_factorisation(&diag, damp_percent, damp_auto_increment, |d| {
+        for (j, &v) in d.iter().enumerate() {
+            hb[j * n + j] = v;
         }
-    }
-    Err(QuantError::NotPositiveDefinite {
-        n,
-        last_damp_percent: last_pct,
-        floor_attempts: MAX_FLOOR_ATTEMPTS,
+        Ok::<_, std::convert::Infallible>(upper_inverse_factor(&hb, n))
+    });
+    let damped = match outcome {
+        Ok(r) => r?,
+        Err(never) => match never {},
+    };
+    Ok(InverseHessianFactor {
+        u: damped.value,
+        damp: damped.damp,
+        damp_percent: damped.damp_percent,
+        fallback: damped.fallback,
     })
 }
 
@@ -303,14 +346,17 @@ pub fn quantize_f64(
         _ => None,
     };
 
+    let h_diag: Vec<f64> = (0..n).map(|j| h[j * n + j]).collect();
+    let prepared = prepare(w, &h_diag, rows, n, cfg, &spec);
+    let hm = prepared.permuted_h(h, n);
     let Prepared {
         row_params,
         dead,
         static_groups,
         perm,
         w: wm,
-        h: hm,
-    } = prepare(w, h, rows, n, cfg, &spec);
+        diag: _,
+    } = prepared;
     let dm: Option<Vec<f64>> = d.map(|d| {
         let mut dm = d.to_vec();
         for a in 0..n {
@@ -465,29 +511,45 @@ pub(crate) struct Prepared {
     pub perm: Option<Vec<usize>>,
     /// W with dead columns zeroed, in processing order.
     pub w: Vec<f64>,
-    /// H with dead diagonals set to 1, in processing order.
-    pub h: Vec<f64>,
+    /// diag(H) with dead diagonals set to 1, in processing order. Only the diagonal is needed for
+    /// these decisions, so the GPU solve never reads the whole H back.
+    pub diag: Vec<f64>,
 }
 
+impl Prepared {
+    /// The full H of the solve: `h` with dead diagonals set to 1, permuted to processing order.
+    pub(crate) fn permuted_h(&self, h: &[f64], n: usize) -> Vec<f64> {
+        let mut hm = h.to_vec();
+        for j in (0..n).filter(|&j| self.dead[j]) {
+            hm[j * n + j] = 1.0;
+        }
+        match &self.perm {
+            Some(p) => permute_sym(&hm, n, p),
+            None => hm,
+        }
+    }
+}
+
+/// `h_diag` is diag(H) in the original column order.
 pub(crate) fn prepare(
     w: &[f64],
-    h: &[f64],
+    h_diag: &[f64],
     rows: usize,
     n: usize,
     cfg: &QuantConfig,
     spec: &QuantizerSpec,
 ) -> Prepared {
     let mut wm = w.to_vec();
-    let mut hm = h.to_vec();
+    let mut diag = h_diag.to_vec();
     // Step 2 of IST: per-row params on the whole (original) rows; used only when gs == None.
     let row_params = cfg
         .group_size
         .is_none()
         .then(|| find_group_params(&wm, rows, n, 0, n, spec));
     // Step 3: dead columns.
-    let dead: Vec<bool> = (0..n).map(|j| hm[j * n + j] == 0.0).collect();
+    let dead: Vec<bool> = diag.iter().map(|&d| d == 0.0).collect();
     for j in (0..n).filter(|&j| dead[j]) {
-        hm[j * n + j] = 1.0;
+        diag[j] = 1.0;
         for r in 0..rows {
             wm[r * n + j] = 0.0;
         }
@@ -504,12 +566,12 @@ pub(crate) fn prepare(
     // Step 5: act-order. Stable sort: ties keep ascending original index.
     let perm: Option<Vec<usize>> = cfg.act_order.then(|| {
         let mut p: Vec<usize> = (0..n).collect();
-        p.sort_by(|&a, &b| hm[b * n + b].total_cmp(&hm[a * n + a]));
+        p.sort_by(|&a, &b| diag[b].total_cmp(&diag[a]));
         p
     });
     if let Some(p) = &perm {
         wm = permute_cols(&wm, rows, n, p);
-        hm = permute_sym(&hm, n, p);
+        diag = p.iter().map(|&j| diag[j]).collect();
     }
     Prepared {
         row_params,
@@ -517,7 +579,7 @@ pub(crate) fn prepare(
         static_groups,
         perm,
         w: wm,
-        h: hm,
+        diag,
     }
 }
 

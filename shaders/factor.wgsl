@@ -1,0 +1,92 @@
+// The inverse-Hessian factor U (H⁻¹ = UᵀU, U upper) on the GPU in f32, by algorithm.md §6.4:
+// with J the index reversal, J·H·J = L·Lᵀ  ⇒  U = J·L⁻¹·J. One blocked Cholesky and one blocked
+// triangular inverse; the GEMM-shaped parts run through gemm.wgsl (quant/factor.rs drives them).
+//
+// The 32×32 diagonal blocks of the Cholesky (and their inverses) are `potrf.wgsl`.
+//
+// Buffers (n×n row-major, separate so that no dispatch binds one buffer twice with a writable
+// binding, which WebGPU forbids):
+//   K  the matrix to factor, only its upper triangle (row ≤ col) is read and updated;
+//   L  the Cholesky factor, lower triangle;
+//   X  L⁻¹, lower triangle (diagonal 32×32 blocks written here, the rest by the doubling GEMMs).
+//
+// Entry points:
+//   diag_of      d[i] = H[i, i]                          (the host decides damping from it)
+//   prep         K = J·(H[o][:, o] with diagonal dg)·J   (o = processing order, dg = damped diagonal
+//                                                         with dead columns set to 1, §1.2 steps 3–6)
+//   copy_block   dst[block] = src[block]                 (the doubling inverse's staging copy)
+//   reverse_u    U[a, b] = X[n−1−a, n−1−b] for a ≤ b, 0 below
+
+struct Params {
+    n: u32,
+    j0: u32,
+    rows: u32,
+    cols: u32,
+    off: u32,
+    _p0: u32,
+    _p1: u32,
+    _p2: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+
+// ---- diag_of / prep ----------------------------------------------------------------------------
+@group(0) @binding(1) var<storage, read> src: array<f32>;
+@group(0) @binding(2) var<storage, read_write> dst: array<f32>;
+// prep only: the processing order o and the damped diagonal dg.
+@group(0) @binding(3) var<storage, read> order: array<u32>;
+@group(0) @binding(4) var<storage, read> dg: array<f32>;
+
+@compute @workgroup_size(256)
+fn diag_of(@builtin(global_invocation_id) g: vec3<u32>) {
+    let i = g.x;
+    if (i < p.n) {
+        dst[i] = src[i * p.n + i];
+    }
+}
+
+// K[i, j] = H[o[n−1−i], o[n−1−j]] off the diagonal, dg[n−1−i] on it (only i ≤ j is needed; the
+// whole matrix is written so that no stale value survives from an earlier use of the buffer).
+@compute @workgroup_size(16, 16)
+fn prep(@builtin(global_invocation_id) g: vec3<u32>) {
+    let i = g.y;
+    let j = g.x;
+    let n = p.n;
+    if (i >= n || j >= n) {
+        return;
+    }
+    let ri = n - 1u - i;
+    let rj = n - 1u - j;
+    if (i == j) {
+        dst[i * n + j] = dg[ri];
+    } else {
+        dst[i * n + j] = src[order[ri] * n + order[rj]];
+    }
+}
+
+// ---- copy_block / reverse_u ------------------------------------------------------------------
+// copy_block: dst[off + r·n + c] = src[off + r·n + c] for r < rows, c < cols (a dense block).
+@compute @workgroup_size(16, 16)
+fn copy_block(@builtin(global_invocation_id) g: vec3<u32>) {
+    let r = g.y;
+    let c = g.x;
+    if (r < p.rows && c < p.cols) {
+        let i = p.off + r * p.n + c;
+        dst[i] = src[i];
+    }
+}
+
+@compute @workgroup_size(16, 16)
+fn reverse_u(@builtin(global_invocation_id) g: vec3<u32>) {
+    let a = g.y;
+    let b = g.x;
+    let n = p.n;
+    if (a >= n || b >= n) {
+        return;
+    }
+    var v = 0.0;
+    if (a <= b) {
+        v = src[(n - 1u - a) * n + (n - 1u - b)];
+    }
+    dst[a * n + b] = v;
+}

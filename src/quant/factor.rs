@@ -1,0 +1,280 @@
+//! The inverse-Hessian factor `U` (`H⁻¹ = UᵀU`, upper) on the GPU in f32 — algorithm.md §6.4:
+//! with `J` the index reversal, `J·H·J = L·Lᵀ` ⇒ `U = J·L⁻¹·J`, one Cholesky and one triangular
+//! inverse, no explicit `H⁻¹`. The reference (IST GPTQ, GPTQModel) factors in fp32 as well; the
+//! damping schedule and its retries are the f64 reference's own
+//! ([`reference::damped_factorisation`]), so both solvers take the same decisions except where f32
+//! round-off decides whether a borderline matrix is SPD.
+//!
+//! Per attempt (one damped diagonal):
+//! 1. `prep` (factor.wgsl): `K = J·(H[o][:, o] with the damped diagonal)·J`, `o` the processing
+//!    order — the permutation, dead columns and damping never touch the caller's `H`.
+//! 2. Blocked right-looking Cholesky, panels of 32 columns: `potrf.wgsl` factors the diagonal
+//!    block in workgroup memory (and inverts it), the panel is `L₂₁ = K₂₁·L₁₁⁻ᵀ` (a GEMM with the
+//!    block inverse) and the trailing update `K₂₂ −= L₂₁·L₂₁ᵀ` touches only the upper triangle
+//!    (`gemm_upper`, half the flops). A failed pivot sets a flag; the host reads the two-word flag
+//!    once per attempt — the only readback of the factorisation.
+//!
+//! After a successful attempt, `L⁻¹` by recursive doubling: the 32×32 diagonal inverses come from
+//! step 2; for block sizes `b = 32, 64, …` every pair `[A 0; C B]` of neighbouring diagonal blocks
+//! gets its off-diagonal block `−B⁻¹·C·A⁻¹` from two GEMMs (about n³/3 flops in all). Finally
+//! `reverse_u` writes `U[a, b] = L⁻¹[n−1−a, n−1−b]`.
+//!
+//! Memory: three n×n f32 buffers (K, L, L⁻¹) while factoring; `U` is returned in K's buffer.
+
+use bytemuck::{Pod, Zeroable};
+
+use super::reference::{self, Damped};
+use super::QuantError;
+use crate::gpu::kernels::Recorder;
+use crate::gpu::ops::{self, MatView, u32_of};
+use crate::gpu::{GpuBuffer, GpuContext, GpuError};
+
+crate::wgsl_shader!(FACTOR, "factor");
+crate::wgsl_shader!(POTRF, "potrf");
+
+/// Columns per Cholesky panel (`NB` in potrf.wgsl).
+const NB: usize = 32;
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct FactorParams {
+    n: u32,
+    j0: u32,
+    rows: u32,
+    cols: u32,
+    off: u32,
+    _p: [u32; 3],
+}
+
+impl FactorParams {
+    fn new(n: u32) -> Self {
+        Self {
+            n,
+            j0: 0,
+            rows: 0,
+            cols: 0,
+            off: 0,
+            _p: [0; 3],
+        }
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct PotrfParams {
+    n: u32,
+    j0: u32,
+    _p: [u32; 2],
+}
+
+/// diag(H) of an n×n GPU matrix (one n-float readback).
+pub fn hessian_diag(
+    ctx: &GpuContext,
+    h: &GpuBuffer<f32>,
+    n: usize,
+) -> Result<Vec<f32>, GpuError> {
+    let out = ctx.zeros::<f32>("H diagonal", n.max(1))?;
+    let mut rec = ctx.recorder();
+    rec.dispatch(
+        &FACTOR,
+        "diag_of",
+        &[],
+        &FactorParams::new(u32_of("n", n)?),
+        &[h.binding(), out.binding()],
+        [u32_of("diag workgroups", n.div_ceil(256))?, 1, 1],
+    )?;
+    rec.submit();
+    let mut d = ctx.read(&out)?;
+    d.truncate(n);
+    Ok(d)
+}
+
+/// `U` of the damped, permuted `H` on the GPU (module docs). `order[k]` is the original column at
+/// processing position `k`; `diag` is diag(H) in processing order with dead columns set to 1
+/// (`reference::Prepared::diag`). The caller's `h` is not modified.
+///
+/// Returns the outer `Err` for GPU failures, the inner `Err` ([`QuantError::NotPositiveDefinite`])
+/// when no damping made the matrix factorable in f32.
+pub fn upper_inverse_factor_gpu(
+    ctx: &GpuContext,
+    h: &GpuBuffer<f32>,
+    order: &[usize],
+    diag: &[f64],
+    damp_percent: f64,
+    damp_auto_increment: f64,
+) -> Result<Result<Damped<GpuBuffer<f32>>, QuantError>, GpuError> {
+    let n = diag.len();
+    let n32 = u32_of("n", n)?;
+    u32_of("n·n", n * n)?;
+    let order32: Vec<u32> = order
+        .iter()
+        .map(|&j| u32_of("column index", j))
+        .collect::<Result<_, _>>()?;
+    let gorder = ctx.upload("factor order", &order32)?;
+    let k = ctx.zeros::<f32>("factor K", n * n)?;
+    let l = ctx.zeros::<f32>("factor L", n * n)?;
+    let x = ctx.zeros::<f32>("factor L^-1", n * n)?;
+    let status = ctx.zeros::<u32>("factor status", 2)?;
+    let g2 = u32_of("factor workgroups", n.div_ceil(16))?;
+
+    let attempt = |damped: &[f64]| -> Result<Option<()>, GpuError> {
+        let dg: Vec<f32> = damped.iter().map(|&v| v as f32).collect();
+        let gdg = ctx.upload("factor damped diagonal", &dg)?;
+        ctx.write(&status, 0, &[0u32, 0]);
+        let mut rec = ctx.recorder();
+        rec.dispatch(
+            &FACTOR,
+            "prep",
+            &[],
+            &FactorParams::new(n32),
+            &[h.binding(), k.binding(), gorder.binding(), gdg.binding()],
+            [g2, g2, 1],
+        )?;
+        cholesky(ctx, &mut rec, n, &k, &l, &x, &status)?;
+        let st = ctx.read(&status)?;
+        Ok((st.first() == Some(&0)).then_some(()))
+    };
+    let outcome = reference::damped_factorisation(diag, damp_percent, damp_auto_increment, attempt)?;
+    let damped = match outcome {
+        Ok(d) => d,
+        Err(e) => return Ok(Err(e)),
+    };
+    // L⁻¹ by recursive doubling, then U = J·L⁻¹·J into K's (now free) buffer.
+    let mut rec = ctx.recorder();
+    let mut b = NB;
+    while b < n {
+        for s in (0..n).step_by(2 * b) {
+            if s + b >= n {
+                continue;
+            }
+            let (ba, bb) = (b, b.min(n - s - b));
+            // Tᵀ = A⁻ᵀ·Cᵀ (A⁻¹ = X[s.., s..], C = L[s+b.., s..]) into K at rows s.., cols s+b...
+            ops::gemm(
+                &mut rec,
+                ba,
+                bb,
+                ba,
+                1.0,
+                MatView::new(&x, n).at(s * n + s).t(),
+                MatView::new(&l, n).at((s + b) * n + s).t(),
+                0.0,
+                MatView::new(&k, n).at(s * n + s + b),
+            )?;
+            // −B⁻¹·T (B⁻¹ = X[s+b.., s+b..]) over C's place in L (C is no longer needed) ...
+            ops::gemm(
+                &mut rec,
+                bb,
+                ba,
+                bb,
+                -1.0,
+                MatView::new(&x, n).at((s + b) * n + s + b),
+                MatView::new(&k, n).at(s * n + s + b).t(),
+                0.0,
+                MatView::new(&l, n).at((s + b) * n + s),
+            )?;
+            // ... and into X (a GEMM cannot write X while reading it: WebGPU forbids binding one
+            // buffer as read-only and writable storage in the same dispatch).
+            let off = (s + b) * n + s;
+            rec.dispatch(
+                &FACTOR,
+                "copy_block",
+                &[],
+                &FactorParams {
+                    rows: bb as u32,
+                    cols: ba as u32,
+                    off: u32_of("block offset", off)?,
+                    ..FactorParams::new(n32)
+                },
+                &[l.binding(), x.binding()],
+                [
+                    u32_of("copy workgroups", ba.div_ceil(16))?,
+                    u32_of("copy workgroups", bb.div_ceil(16))?,
+                    1,
+                ],
+            )?;
+            if rec.dispatches() >= 256 {
+                rec.submit();
+                rec = ctx.recorder();
+            }
+        }
+        b *= 2;
+    }
+    rec.dispatch(
+        &FACTOR,
+        "reverse_u",
+        &[],
+        &FactorParams::new(n32),
+        &[x.binding(), k.binding()],
+        [g2, g2, 1],
+    )?;
+    rec.submit();
+    Ok(Ok(Damped {
+        value: k,
+        damp: damped.damp,
+        damp_percent: damped.damp_percent,
+        fallback: damped.fallback,
+    }))
+}
+
+/// Records the blocked Cholesky of K's upper triangle into L (lower) with the diagonal blocks'
+/// inverses in X, and submits it.
+fn cholesky<'c>(
+    ctx: &'c GpuContext,
+    rec: &mut Recorder<'c>,
+    n: usize,
+    k: &GpuBuffer<f32>,
+    l: &GpuBuffer<f32>,
+    x: &GpuBuffer<f32>,
+    status: &GpuBuffer<u32>,
+) -> Result<(), GpuError> {
+    let n32 = u32_of("n", n)?;
+    for j0 in (0..n).step_by(NB) {
+        let r = &mut *rec;
+        r.dispatch(
+            &POTRF,
+            "potrf_block",
+            &[],
+            &PotrfParams {
+                n: n32,
+                j0: j0 as u32,
+                _p: [0; 2],
+            },
+            &[k.binding(), l.binding(), x.binding(), status.binding()],
+            [1, 1, 1],
+        )?;
+        let j1 = j0 + NB;
+        if j1 < n {
+            let rest = n - j1;
+            // L₂₁ = K₂₁·L₁₁⁻ᵀ: K₂₁[i, c] is K[j0+c, j1+i] (upper storage), L₁₁⁻¹ sits in X.
+            ops::gemm(
+                r,
+                rest,
+                NB,
+                NB,
+                1.0,
+                MatView::new(k, n).at(j0 * n + j1).t(),
+                MatView::new(x, n).at(j0 * n + j0).t(),
+                0.0,
+                MatView::new(l, n).at(j1 * n + j0),
+            )?;
+            // K₂₂ −= L₂₁·L₂₁ᵀ on the upper triangle.
+            ops::gemm_upper(
+                r,
+                rest,
+                NB,
+                -1.0,
+                MatView::new(l, n).at(j1 * n + j0),
+                MatView::new(l, n).at(j1 * n + j0).t(),
+                1.0,
+                MatView::new(k, n).at(j1 * n + j1),
+            )?;
+        }
+        // Bound the recorded-but-unsubmitted work on huge matrices.
+        if r.dispatches() >= 256 {
+            std::mem::replace(r, ctx.recorder()).submit();
+        }
+    }
+    let last = std::mem::replace(rec, ctx.recorder());
+    last.submit();
+    Ok(())
+}

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Assemble .device-carry/ for the GPU machine within its 64 MiB limit (see tools/README.md).
+#
+# Why not only ../shared/device/prepare.sh: the release binaries carry debug info (180 MB), so they
+# are stripped and xz-compressed here (≈ 8 + 3 MB); and the NVIDIA Vulkan ICD (libGLX_nvidia.so.0)
+# needs glvnd's libGLdispatch — without libglvnd0 the loader fails with "Could not get
+# 'vkCreateInstance' via 'vk_icdGetInstanceProcAddr'" (seen on the H200 on 2026-11-29), so the glvnd
+# packages downloaded into .gl/ (the device README's recipe) travel as well.
+# Usage: bash tools/device_pack.sh [DATA_ITEM ...]   (default: tiny-llama-15m, wikitext-2-raw-v1, c4)
+set -euo pipefail
+root=$(git rev-parse --show-toplevel)
+cd "$root"
+shared=$root/../shared
+grep -qx '/.device-carry/' .git/info/exclude 2>/dev/null || echo '/.device-carry/' >> .git/info/exclude
+rm -rf .device-carry && mkdir -p .device-carry/debs .device-carry/data/corpora
+cp "$shared"/device/debs/*.deb .device-carry/debs/
+if ls .gl/*.deb > /dev/null 2>&1; then cp .gl/*.deb .device-carry/debs/; else
+  echo "warning: no .gl/*.deb (glvnd); the NVIDIA Vulkan ICD may not load" >&2; fi
+cp "$shared"/device/setup.sh .device-carry/setup.sh
+strip -o .device-carry/gptaq-studio target/release/gptaq-studio
+kb=$(ls -t target/release/deps/kernels-* 2>/dev/null | grep -v '\.d$' | head -n1 || true)
+[ -n "$kb" ] && strip -o .device-carry/kernels-bench "$kb"
+xz -T0 -6 .device-carry/gptaq-studio ${kb:+.device-carry/kernels-bench}
+items=("$@")
+[ ${#items[@]} -eq 0 ] && items=(tiny-llama-15m corpora/wikitext-2-raw-v1 corpora/c4)
+for d in "${items[@]}"; do cp -r "$shared/data/$d" ".device-carry/data/$d"; done
+du -sh .device-carry
