@@ -24,7 +24,6 @@ struct Params {
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;
 
 const WG: u32 = 64u;
-const MAX_SLOTS: u32 = 4u;
 const NEG: f32 = -3.0e38;
 
 var<workgroup> qs: array<f32, 256>;
@@ -80,7 +79,12 @@ fn attention(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg:
 
     var m = NEG;
     var l = 0.0;
-    var acc = array<f32, 4>(0.0, 0.0, 0.0, 0.0);
+    // Four named accumulators (dims lid, lid+64, lid+128, lid+192) rather than a loop-indexed
+    // local array, which drivers may keep in local memory (see gemm.wgsl).
+    var acc0 = 0.0;
+    var acc1 = 0.0;
+    var acc2 = 0.0;
+    var acc3 = 0.0;
     for (var kb = start; kb <= t; kb += WG) {
         let j = kb + lid;
         var s = NEG;
@@ -101,23 +105,33 @@ fn attention(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg:
         let corr = exp(m - m_new);
         l = l * corr + reduce_sum(lid, pj);
         let count = min(WG, t + 1u - kb);
-        for (var slot = 0u; slot < MAX_SLOTS; slot += 1u) {
-            let d = lid + slot * WG;
-            if (d < p.hd) {
-                var a = acc[slot] * corr;
-                for (var jj = 0u; jj < count; jj += 1u) {
-                    a += probs[jj] * v[(kb + jj) * kvd + kvh * p.hd + d];
-                }
-                acc[slot] = a;
-            }
-        }
+        acc0 = acc_v(acc0 * corr, lid, kb, count, kvd, kvh);
+        acc1 = acc_v(acc1 * corr, lid + WG, kb, count, kvd, kvh);
+        acc2 = acc_v(acc2 * corr, lid + 2u * WG, kb, count, kvd, kvh);
+        acc3 = acc_v(acc3 * corr, lid + 3u * WG, kb, count, kvd, kvh);
         m = m_new;
         workgroupBarrier();
     }
-    for (var slot = 0u; slot < MAX_SLOTS; slot += 1u) {
-        let d = lid + slot * WG;
-        if (d < p.hd) {
-            out[t * qd + h * p.hd + d] = acc[slot] / l;
-        }
+    store_out(t, h, qd, lid, acc0 / l);
+    store_out(t, h, qd, lid + WG, acc1 / l);
+    store_out(t, h, qd, lid + 2u * WG, acc2 / l);
+    store_out(t, h, qd, lid + 3u * WG, acc3 / l);
+}
+
+// a + Σ_jj probs[jj]·v[kb + jj, d] over this chunk's `count` keys (dims beyond hd: unchanged).
+fn acc_v(a0: f32, d: u32, kb: u32, count: u32, kvd: u32, kvh: u32) -> f32 {
+    if (d >= p.hd) {
+        return a0;
+    }
+    var a = a0;
+    for (var jj = 0u; jj < count; jj += 1u) {
+        a += probs[jj] * v[(kb + jj) * kvd + kvh * p.hd + d];
+    }
+    return a;
+}
+
+fn store_out(t: u32, h: u32, qd: u32, d: u32, val: f32) {
+    if (d < p.hd) {
+        out[t * qd + h * p.hd + d] = val;
     }
 }

@@ -64,10 +64,12 @@ fn layer_weight_bytes(c: &ModelConfig) -> u64 {
     (h * qd + 2 * h * kvd + qd * h + 3 * h * i) * F32
 }
 
-/// H, D and the solver's temporaries (damped copy, U, P) for the widest input.
+/// H, D and the solver's temporaries for the widest input: while factoring, the GPU factor holds
+/// K (later U), L and L⁻¹ next to H (and D); GPTAQ's P then needs D permuted and D·Uᵀ next to H, D
+/// and U (quant/factor.rs, quant/gpu.rs). Five n×n matrices with the FP stream, four without.
 fn stats_bytes(c: &ModelConfig, fp_stream: bool) -> u64 {
     let n = c.hidden_size.max(c.intermediate_size).max(c.q_dim()) as u64;
-    let mats = if fp_stream { 5 } else { 3 };
+    let mats = if fp_stream { 5 } else { 4 };
     mats * n * n * F32
 }
 
