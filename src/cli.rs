@@ -706,17 +706,17 @@ fn lab_cmd(gpu: &GpuArgs, a: &LabArgs) -> anyhow::Result<()> {
         crate::lab::save(&captured, path)?;
         eprintln!("capture saved to {}", path.display());
     }
-    let gptq = crate::lab::solve(&captured, &base)?;
-    let gptaq = crate::lab::solve(
-        &captured,
-        &QuantConfig {
-            method: Method::Gptaq {
-                alpha: a.quant.alpha,
-            },
-            ..base.clone()
+    // One Lab for all solves: H is factored once, each α only re-runs the sweep.
+    let mut lab = crate::lab::Lab::new(captured);
+    let gptq = lab.solve(&base)?;
+    let gptaq = lab.solve(&QuantConfig {
+        method: Method::Gptaq {
+            alpha: a.quant.alpha,
         },
-    )?;
-    let sweep = crate::lab::alpha_sweep(&captured, &base, &a.alphas)?;
+        ..base.clone()
+    })?;
+    let sweep = lab.alpha_sweep(&base, &a.alphas)?;
+    let captured = lab.capture();
     if a.json {
         let v = serde_json::json!({
             "layer": captured.layer, "module": captured.module.short_name(), "rows": captured.rows, "cols": captured.cols,

@@ -257,6 +257,8 @@ pub fn quantize_gpu(
         Ok(f) => f,
         Err(e) => return rtn_fallback(ctx, &w64, rows, cols, &h64, cfg, e.to_string()),
     };
+    // diag(H) before damping, processing order, dead columns as 1 (QuantResult::h_diag).
+    let h_diag: Vec<f32> = (0..n).map(|k| hp[k * n + k] as f32).collect();
     drop(hp);
     let u32v: Vec<f32> = factor.u.iter().map(|&v| v as f32).collect();
 
@@ -537,6 +539,8 @@ pub fn quantize_gpu(
             g_idx,
             perm,
             proxy_loss_sum,
+            column_loss: Vec::new(),
+            h_diag,
             damp: factor.damp,
             damp_percent: factor.damp_percent,
             fallback: factor.fallback,
