@@ -279,6 +279,10 @@ pub struct QuantizeArgs {
     /// Evaluate only the first N windows.
     #[arg(long)]
     pub eval_windows: Option<usize>,
+    /// With --eval: skip the FP model's perplexity (it does not depend on the quantization
+    /// settings, so batch runs measure it once).
+    #[arg(long, requires = "eval")]
+    pub no_fp_eval: bool,
 }
 
 impl QuantizeArgs {
@@ -521,15 +525,20 @@ fn quantize(gpu: &GpuArgs, args: &QuantizeArgs) -> anyhow::Result<()> {
             .as_deref()
             .context("--eval needs a model directory (not --demo)")?;
         let windows = eval_windows_for(dir, text, args.eval_seqlen, args.eval_windows)?;
-        let fp = run_eval(&ctx, inputs.source.as_ref(), &windows, "FP")?;
+        let fp = if args.no_fp_eval {
+            None
+        } else {
+            Some(run_eval(&ctx, inputs.source.as_ref(), &windows, "FP")?)
+        };
         let overlay = crate::eval::Overlay {
             base: inputs.source.as_ref(),
             modules: &q.modules,
         };
         let qp = run_eval(&ctx, &overlay, &windows, r.method.as_str())?;
+        let fp_text = fp.map_or_else(String::new, |fp| format!("FP {:.4}  ", fp.ppl));
         println!(
-            "perplexity ({} windows × {}): FP {:.3}  {} {:.3}",
-            fp.windows, fp.seqlen, fp.ppl, r.method, qp.ppl
+            "perplexity ({} windows × {}): {fp_text}{} {:.4}",
+            qp.windows, qp.seqlen, r.method, qp.ppl
         );
     }
     Ok(())
@@ -714,17 +723,17 @@ fn lab_cmd(gpu: &GpuArgs, a: &LabArgs) -> anyhow::Result<()> {
         crate::lab::save(&captured, path)?;
         eprintln!("capture saved to {}", path.display());
     }
-    let gptq = crate::lab::solve(&captured, &base)?;
-    let gptaq = crate::lab::solve(
-        &captured,
-        &QuantConfig {
-            method: Method::Gptaq {
-                alpha: a.quant.alpha,
-            },
-            ..base.clone()
+    // One Lab for all solves: H is factored once, each α only re-runs the sweep.
+    let mut lab = crate::lab::Lab::new(captured);
+    let gptq = lab.solve(&base)?;
+    let gptaq = lab.solve(&QuantConfig {
+        method: Method::Gptaq {
+            alpha: a.quant.alpha,
         },
-    )?;
-    let sweep = crate::lab::alpha_sweep(&captured, &base, &a.alphas)?;
+        ..base.clone()
+    })?;
+    let sweep = lab.alpha_sweep(&base, &a.alphas)?;
+    let captured = lab.capture();
     if a.json {
         let v = serde_json::json!({
             "layer": captured.layer, "module": captured.module.short_name(), "rows": captured.rows, "cols": captured.cols,

@@ -5,12 +5,16 @@
 use egui::accesskit::Role;
 use egui_kittest::Harness;
 use egui_kittest::kittest::Queryable;
+use rand::{Rng, SeedableRng};
 
 use gptaq_studio::app::StudioApp;
 use gptaq_studio::app::state::{RunSlot, Session};
 use gptaq_studio::app::worker::{Command, WorkerEvent, inspect_model};
+use gptaq_studio::lab::step::Stage;
 use gptaq_studio::model::ModuleKind;
-use gptaq_studio::pipeline::{Event, LayerReport, MemoryPlan, ModelInput, ModuleReport};
+use gptaq_studio::pipeline::{
+    CapturedModule, Event, LayerReport, MemoryPlan, ModelInput, ModuleReport,
+};
 
 fn harness(app: StudioApp) -> Harness<'static, StudioApp> {
     Harness::builder()
@@ -162,6 +166,76 @@ fn events_fill_table_and_row_opens_detail() {
     assert!(h.state().outbox.is_empty());
 }
 
+/// The detail panel's diag(H) spectrum and per-column proxy loss come from the solver's result;
+/// when the GPU solver left the per-column loss out, the panel says why.
+#[test]
+fn detail_shows_spectrum_and_column_loss() {
+    use gptaq_studio::app::detail::{SolveInfo, module_detail};
+    use gptaq_studio::quant::{Method, QuantConfig, reference};
+    let mut app = StudioApp::headless();
+    app.state.session = Some(Session::live(false));
+    feed_run(&mut app, RunSlot::Single, 2, 1e-3);
+    app.state.apply(WorkerEvent::SessionEnded);
+    let mut h = harness(app);
+    h.run();
+    h.get_all_by_label("o_proj").next().expect("row").click();
+    // The panel shows a spinner until the pictures arrive: step, don't settle.
+    h.run_steps(2);
+    assert!(matches!(
+        h.state().outbox.last(),
+        Some(Command::ModuleDetail { layer: 0, .. })
+    ));
+    let cap = synthetic_capture(16, 40);
+    let cfg = QuantConfig {
+        method: Method::Gptq,
+        bits: 3,
+        act_order: true,
+        ..QuantConfig::default()
+    };
+    let mut q = reference::quantize_reference(&cap.w, 16, 40, &cap.h, None, &cfg).expect("solve");
+    assert_eq!((q.column_loss.len(), q.h_diag.len()), (40, 40));
+    let info = |solver| SolveInfo {
+        method: Method::Gptq,
+        solver,
+        maxq: 7,
+        act_order: true,
+        nsamples: 3,
+    };
+    let cpu = module_detail(
+        RunSlot::Single,
+        0,
+        "o_proj",
+        &cap.w,
+        &q,
+        &info(gptaq_studio::pipeline::Solver::CpuReference),
+    )
+    .expect("detail");
+    assert!(cpu.h_spectrum.windows(2).all(|p| p[0] >= p[1]));
+    h.state_mut()
+        .state
+        .apply(WorkerEvent::Detail(Ok(Box::new(cpu))));
+    h.run();
+    h.get_by_label_contains("act-order is on: the two lines coincide");
+    h.get_by_label_contains("per sequence, largest");
+    // A result without per-column losses: explained instead of plotted.
+    q.column_loss.clear();
+    let gpu = module_detail(
+        RunSlot::Single,
+        0,
+        "o_proj",
+        &cap.w,
+        &q,
+        &info(gptaq_studio::pipeline::Solver::Gpu),
+    )
+    .expect("detail");
+    h.state_mut()
+        .state
+        .apply(WorkerEvent::Detail(Ok(Box::new(gpu))));
+    h.run();
+    h.get_by_label_contains("did not record a per-column proxy loss");
+    assert!(h.query_by_label_contains("per sequence, largest").is_none());
+}
+
 #[test]
 fn side_by_side_overlay_toggles() {
     let mut app = StudioApp::headless();
@@ -206,15 +280,6 @@ fn demo_run_to_completion_on_gpu() {
     };
     drop(_probe);
     let mut h = live_harness(1500.0);
-    let step_until =
-        |h: &mut Harness<'static, StudioApp>, what: &str, f: &dyn Fn(&StudioApp) -> bool| {
-            let t0 = std::time::Instant::now();
-            while !f(h.state()) {
-                assert!(t0.elapsed().as_secs() < 300, "timed out waiting for {what}");
-                std::thread::sleep(std::time::Duration::from_millis(20));
-                h.step();
-            }
-        };
     h.step();
     h.get_by_label("Demo").click();
     h.step();
@@ -260,7 +325,13 @@ fn demo_run_to_completion_on_gpu() {
     h.step();
     h.get_by_label_contains("|W-Q|");
 
-    // Layer lab on the finished session: capture layer 1 o_proj, GPTQ beside GPTAQ, α sweep.
+    // The GPU solver reads the per-column proxy loss back (one reduction per block): it is plotted.
+    h.get_by_label_contains("proxy loss per column");
+    h.get_by_label_contains("per sequence, largest");
+    h.get_by_label_contains("diag(H): sorted descending");
+
+    // Layer lab on the finished session: capture layer 1 o_proj; the settings re-solve GPTQ beside
+    // GPTAQ by themselves, with the α sweep.
     h.get_by_label("Layer lab").click();
     h.step();
     {
@@ -269,27 +340,218 @@ fn demo_run_to_completion_on_gpu() {
         lab.module = ModuleKind::O;
     }
     h.step();
-    h.get_by_label("Capture & solve").click();
+    h.get_by_label("Capture").click();
     h.step();
-    step_until(&mut h, "the lab outcome", &|a| !a.state.lab.busy);
-    let o = h
+    step_until(&mut h, "the lab study", &|a| {
+        a.state.lab.study.is_some() && a.state.lab.solving.is_none()
+    });
+    let s = h
         .state()
         .state
         .lab
-        .outcome
+        .study
         .clone()
         .unwrap_or_else(|| panic!("lab failed: {:?}", h.state().state.messages));
-    assert_eq!((o.layer, o.module, o.sweep.len()), (1, ModuleKind::O, 11));
+    let cap = h.state().state.lab.capture.clone().expect("capture info");
+    assert_eq!(
+        (cap.layer, cap.module, s.sweep.len()),
+        (1, ModuleKind::O, 11)
+    );
     assert!(
-        (o.sweep[0].1.output_error - o.gptq.output_error).abs() < 1e-12,
+        (s.sweep[0].1.output_error - s.gptq.metrics.output_error).abs() < 1e-12,
         "α = 0 must be GPTQ"
     );
     assert!(
-        o.gptq.asym_error > 0.0,
+        s.gptq.metrics.asym_error > 0.0,
         "layer 1 inherits error from layer 0"
     );
     h.step();
     h.get_by_label_contains("GPTAQ changes the output error");
+}
+
+/// Steps a live harness until `f` holds (the worker answers asynchronously).
+fn step_until(h: &mut Harness<'static, StudioApp>, what: &str, f: &dyn Fn(&StudioApp) -> bool) {
+    let t0 = std::time::Instant::now();
+    while !f(h.state()) {
+        assert!(
+            t0.elapsed().as_secs() < 300,
+            "timed out waiting for {what}; messages: {:?}",
+            h.state().state.messages
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        h.step();
+    }
+}
+
+/// A small capture from random activations (`H = 2/N X_q^T X_q`, `D = 2/N dX^T X_q`,
+/// `E = 2/N dX^T dX`, dX = X_fp - X_q), the way the pipeline accumulates them.
+fn synthetic_capture(rows: usize, cols: usize) -> CapturedModule {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(42);
+    let t = 3 * cols;
+    let xq: Vec<f64> = (0..t * cols)
+        .map(|i| rng.random_range(-1.0..1.0) * (1.0 + (i % cols % 5) as f64))
+        .collect();
+    let xf: Vec<f64> = xq
+        .iter()
+        .map(|x| x + 0.2 * rng.random_range(-1.0..1.0))
+        .collect();
+    let dx: Vec<f64> = xf.iter().zip(&xq).map(|(a, b)| a - b).collect();
+    let gram = |a: &[f64], b: &[f64]| -> Vec<f32> {
+        let mut g = vec![0.0f32; cols * cols];
+        for i in 0..cols {
+            for j in 0..cols {
+                let s: f64 = (0..t).map(|k| a[k * cols + i] * b[k * cols + j]).sum();
+                g[i * cols + j] = (2.0 / 3.0 * s) as f32;
+            }
+        }
+        g
+    };
+    CapturedModule {
+        layer: 5,
+        module: ModuleKind::Down,
+        rows,
+        cols,
+        nsamples: 3,
+        w: (0..rows * cols)
+            .map(|_| rng.random_range(-0.3f32..0.3))
+            .collect(),
+        h: gram(&xq, &xq),
+        d: gram(&dx, &xq),
+        e: gram(&dx, &dx),
+    }
+}
+
+/// The lab without a run: open a capture file from the start screen, drag α (re-solve on the
+/// worker), step a column and a block, run to the end (same errors as the one-shot solve), then
+/// save the capture and load it back (same results: lessons reproduce).
+#[test]
+fn lab_capture_file_alpha_steps_save_load() {
+    let Some(probe) = gptaq_studio::gpu::test_context() else {
+        return;
+    };
+    drop(probe);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("lesson.safetensors");
+    gptaq_studio::lab::save(&synthetic_capture(24, 80), &path).expect("save capture");
+    let mut h = live_harness(1500.0);
+    h.step();
+    h.get_by_role_and_label(Role::TextInput, "or path:")
+        .set_text_value_accesskit(&path.display().to_string());
+    h.step();
+    h.get_by_label("Load capture").click();
+    h.step();
+    step_until(&mut h, "the first study", &|a| {
+        a.state.lab.study.is_some() && a.state.lab.solving.is_none()
+    });
+    assert!(h.state().state.lab.standalone, "a capture opens the lab");
+    let first = h.state().state.lab.study.clone().expect("study");
+    assert_eq!(first.alpha, 0.25);
+    assert_eq!(
+        (first.gptq.column_loss.len(), first.p_row_norms.len()),
+        (80, 80)
+    );
+    h.step();
+    h.get_by_label_contains("[24 x 80], 3 calibration sequences");
+    h.get_by_label_contains("GPTAQ changes the output error");
+
+    // Drag alpha: the worker re-solves GPTAQ at the new alpha (the alpha sweep is unchanged).
+    h.get_by_role_and_label(Role::Slider, "alpha")
+        .set_value_accesskit(0.9);
+    h.step();
+    assert_eq!(h.state().state.lab.settings.alpha, 0.9);
+    step_until(&mut h, "the re-solve at alpha 0.9", &|a| {
+        a.state.lab.study.as_ref().is_some_and(|s| s.alpha == 0.9) && a.state.lab.solving.is_none()
+    });
+    let moved = h.state().state.lab.study.clone().expect("study");
+    assert_eq!(
+        moved.gptq.metrics, first.gptq.metrics,
+        "GPTQ does not depend on alpha"
+    );
+    assert_ne!(moved.gptaq.metrics, first.gptaq.metrics);
+    let at_09 = moved.sweep[9].1;
+    assert!(
+        (at_09.output_error - moved.gptaq.metrics.output_error).abs() < 1e-12,
+        "the sweep point at 0.9 is the GPTAQ solve"
+    );
+
+    // Step mode: a column, a block (its cross-block update), the rest.
+    h.get_by_label("Step mode").click();
+    h.step();
+    h.get_by_label_contains("modules up to 4096 input columns");
+    h.get_by_label("Start stepping").click();
+    h.step();
+    step_until(&mut h, "the step start", &|a| {
+        !a.state.lab.stepping && a.state.lab.step.is_some()
+    });
+    let stage = |h: &Harness<'static, StudioApp>| {
+        let s = h.state().state.lab.step.clone().expect("step snapshot");
+        (s.stage, s.done_columns, s.block)
+    };
+    assert_eq!(stage(&h), (Stage::Start, 0, (0, 80)));
+    // Block size 128 covers the whole 80-column module: use 32 to see blocks.
+    h.get_by_role_and_label(Role::SpinButton, "block size")
+        .set_value_accesskit(32.0);
+    h.step();
+    h.get_by_label("Reset").click();
+    h.step();
+    step_until(&mut h, "the reset", &|a| !a.state.lab.stepping);
+    assert_eq!(stage(&h), (Stage::Start, 0, (0, 32)));
+    h.get_by_label("Next column").click();
+    h.step();
+    step_until(&mut h, "a column step", &|a| !a.state.lab.stepping);
+    assert_eq!(stage(&h), (Stage::Column, 1, (0, 32)));
+    h.step();
+    h.get_by_label_contains("stage: in-block OBS update");
+    h.get_by_label("Next block").click();
+    h.step();
+    step_until(&mut h, "a block step", &|a| !a.state.lab.stepping);
+    assert_eq!(stage(&h), (Stage::BlockUpdate, 32, (32, 64)));
+    h.step();
+    h.get_by_label_contains("stage: cross-block lazy batch update");
+    h.get_by_label("Run to end").click();
+    h.step();
+    step_until(&mut h, "the end of the sweep", &|a| !a.state.lab.stepping);
+    let done = h.state().state.lab.step.clone().expect("snapshot");
+    assert_eq!((done.stage, done.done_columns), (Stage::Done, 80));
+    // The stepped GPTAQ solve (alpha 0.9, block 32) equals the compare page's one-shot solve.
+    step_until(&mut h, "the re-solve at block size 32", &|a| {
+        a.state.lab.solving.is_none() && !a.state.lab.outdated()
+    });
+    let oneshot = h.state().state.lab.study.clone().expect("study");
+    assert_eq!(oneshot.config.block_size, 32);
+    assert_eq!(done.final_metrics, Some(oneshot.gptaq.metrics));
+    h.step();
+    h.get_by_label_contains("stage: done");
+
+    // Save the capture elsewhere and load it back: the same settings give the same study.
+    let copy = dir.path().join("shared-lesson.safetensors");
+    h.get_by_role_and_label(Role::TextInput, "or path:")
+        .set_text_value_accesskit(&copy.display().to_string());
+    h.step();
+    h.get_by_label("Save capture").click();
+    h.step();
+    step_until(&mut h, "the saved capture", &|a| {
+        a.state
+            .messages
+            .iter()
+            .any(|m| m.text.contains("capture saved"))
+    });
+    assert!(copy.is_file());
+    let id = h.state().state.lab.capture.as_ref().map(|c| c.id);
+    h.get_by_label("Load capture").click();
+    h.step();
+    step_until(&mut h, "the reloaded study", &|a| {
+        a.state.lab.capture.as_ref().map(|c| c.id) != id
+            && a.state.lab.study.is_some()
+            && a.state.lab.solving.is_none()
+    });
+    let back = h.state().state.lab.study.clone().expect("study");
+    assert_eq!(back.gptaq.metrics, oneshot.gptaq.metrics);
+    assert_eq!(back.gptq.metrics, oneshot.gptq.metrics);
+    assert!(
+        h.state().state.lab.step.is_none(),
+        "a new capture resets the step mode"
+    );
 }
 
 /// GPTQ and GPTAQ on the same prepared windows: both runs finish and both tables fill.

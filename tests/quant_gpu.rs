@@ -215,6 +215,47 @@ fn compare(name: &str, got: &QuantResult, exp: &QuantResult, maxq: u32) -> usize
         got.proxy_loss_sum,
         exp.proxy_loss_sum
     );
+    // Per-column terms (processing order) and diag(H): the same quantities the detail view plots.
+    assert_eq!(got.h_diag.len(), exp.h_diag.len(), "{name}: h_diag length");
+    for (k, (g, e)) in got.h_diag.iter().zip(&exp.h_diag).enumerate() {
+        assert!(
+            (g - e).abs() <= 1e-6 * e.abs(),
+            "{name}: h_diag[{k}] got {g} expected {e}"
+        );
+    }
+    assert_eq!(
+        got.column_loss.len(),
+        exp.column_loss.len(),
+        "{name}: column_loss length"
+    );
+    // A column with a differing code legitimately has a different loss term: skip those.
+    let mut differs = vec![false; cols];
+    for i in 0..n_el {
+        if got.codes[i] != exp.codes[i] {
+            let j = i % cols;
+            let k = exp
+                .perm
+                .as_ref()
+                .map_or(j, |p| p.iter().position(|&x| x == j).unwrap());
+            differs[k] = true;
+        }
+    }
+    let floor = 1e-6 * exp.proxy_loss_sum.abs() / cols.max(1) as f64 + 1e-12;
+    for (k, (g, e)) in got.column_loss.iter().zip(&exp.column_loss).enumerate() {
+        if differs[k] {
+            continue;
+        }
+        assert!(
+            (g - e).abs() <= LOSS_RTOL * e.abs() + floor,
+            "{name}: column_loss[{k}] (processing order) got {g:e} expected {e:e}"
+        );
+    }
+    let col_sum: f64 = got.column_loss.iter().sum();
+    assert!(
+        (col_sum - got.proxy_loss_sum).abs() <= 1e-4 * got.proxy_loss_sum.abs() + 1e-9,
+        "{name}: Σ column_loss {col_sum:e} != proxy_loss_sum {:e}",
+        got.proxy_loss_sum
+    );
     mismatches
 }
 
@@ -490,7 +531,14 @@ fn inverse_factor_retries_damping_like_reference() {
     let mean = (0..n).map(|j| f64::from(p.h[j * n + j])).sum::<f64>() / n as f64;
     // H − 0.02·mean·I: indefinite; 1% damping is not enough, 1% + 2·0.5% … is.
     let h: Vec<f32> = (0..n * n)
-        .map(|i| p.h[i] - if i / n == i % n { (0.02 * mean) as f32 } else { 0.0 })
+        .map(|i| {
+            p.h[i]
+                - if i / n == i % n {
+                    (0.02 * mean) as f32
+                } else {
+                    0.0
+                }
+        })
         .collect();
     let h64: Vec<f64> = h.iter().map(|&v| f64::from(v)).collect();
     let order: Vec<usize> = (0..n).collect();

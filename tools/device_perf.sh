@@ -1,14 +1,23 @@
 #!/usr/bin/env bash
-# Speed and memory batch for the GPU machine (issue 10), everything side by side in one call:
-#   kbench       the Rust kernel benches (GEMM both tiles, Hessian syrk, GPU factor U, whole solve)
-#   torch_bench  tools/torch_reference.py --bench: the PyTorch reference solve + accumulation
+# One batch for the GPU machine (issues 5, 6, 10), everything side by side in one call, in order of
+# value, inside a total time budget (BUDGET_S, default 540 s; every step gets min(its limit, what is
+# left), so the call always returns with the logs of whatever finished):
+#   q_<m>_w<b>   quality: gptaq-studio quantize tiny-llama-15m on NSAMPLES × SEQLEN C4 windows
+#                (tools/make_calib_ids.py, seed 0 — the windows tools/torch_reference.py uses), sym
+#                g128, --eval on the whole WikiText-2 test at SEQLEN (in memory, --no-fp-eval), export
+#                to a directory; q_<first>_hf: transformers' perplexity of that export
+#                (tools/hf_perplexity.py --gptq, the independent dequantizer)
 #   l8b_<m>      gptaq-studio quantize on a random Llama-3-8B-shaped layer (tools/make_random_llama.py),
 #                128 × 2048 tokens, 4-bit sym g128, f16 host streams, 8 GiB plan; nvidia-smi samples
 #                the GPU memory every 100 ms alongside (smi_<m>.log, MiB)
-#   torch_layer  tools/torch_reference.py --bench-layer on the same shape (reference loops)
-# Usage on the GPU machine (after `bash tools/device_pack.sh` here):
-#   source .device-carry/setup.sh && OUT=$OUT bash tools/device_perf.sh
-# Knobs: SIZES (kernel sizes, "1024,4096"), SOLVE ("4096x4096,4096x14336"), LAYERS (1), SKIP (steps).
+#   kbench       the Rust kernel benches (GEMM both tiles, Hessian syrk, GPU factor U, whole solve)
+#   torch_bench / torch_layer  the PyTorch reference (solve + accumulation / one layer's loops);
+#                skipped by default (SKIP) when the same card's numbers are already in BENCHMARKS.md
+# Usage on the GPU machine (after `cargo build --release && cargo bench --no-run` and
+# `bash tools/device_pack.sh` here):
+#   source .device-carry/setup.sh && OUT=$OUT WORK=/tmp/perf bash tools/device_perf.sh
+# Knobs: QUALITY ("gptq:3 gptaq:3"), NSAMPLES (128), SEQLEN (512), L8B ("gptaq gptq"), LAYERS (1),
+# SIZES (kernel sizes, "4096"), SOLVE ("4096x4096"), SKIP (step names), BUDGET_S.
 set -u
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -17,30 +26,65 @@ mkdir -p "$D"
 B=.device-carry/gptaq-studio
 K=.device-carry/kernels-bench
 for f in $B $K; do [ -f "$f.xz" ] && xz -d -f "$f.xz"; [ -f "$f" ] && chmod +x "$f"; done
-SIZES=${SIZES:-1024,4096}
-SOLVE=${SOLVE:-4096x4096,4096x14336}
-SKIP=${SKIP:-}
+DATA=${GPTAQ_TEST_DATA:-$ROOT/.device-carry/data}
+MODEL=$DATA/tiny-llama-15m
+WIKI=$DATA/corpora/wikitext-2-raw-v1/wiki.test.raw
+C4=$DATA/corpora/c4/c4_validation_2k.jsonl
+QUALITY=${QUALITY:-gptq:3 gptaq:3}
+NSAMPLES=${NSAMPLES:-128}
+SEQLEN=${SEQLEN:-512}
+L8B=${L8B:-gptaq gptq}
+SIZES=${SIZES:-4096}
+SOLVE=${SOLVE:-4096x4096}
+SKIP=${SKIP:-torch_bench torch_layer}
+BUDGET_S=${BUDGET_S:-540}
+START=$(date +%s)
 skip() { case " $SKIP " in *" $1 "*) return 0 ;; esac; return 1; }
-t() { local name=$1 lim=$2; shift 2; skip "$name" && return 0; local t0; t0=$(date +%s.%N)
+# t NAME LIMIT CMD...: run with min(LIMIT, budget left) seconds; log to $D/NAME.log; rc + seconds to steps.txt
+t() { local name=$1 lim=$2; shift 2; skip "$name" && return 0
+  local left=$(( BUDGET_S - ($(date +%s) - START) )); [ "$left" -lt "$lim" ] && lim=$left
+  if [ "$lim" -lt 5 ]; then echo "$name skipped (budget)" | tee -a "$D/steps.txt"; return 0; fi
+  local t0; t0=$(date +%s.%N)
   timeout -k 5 "$lim" "$@" > "$D/$name.log" 2>&1; local rc=$?
-  echo "$name rc=$rc $(awk "BEGIN{printf \"%.1f\", $(date +%s.%N)-$t0}")s" | tee -a "$D/steps.txt"; }
+  echo "$name rc=$rc $(awk "BEGIN{printf \"%.1f\", $(date +%s.%N)-$t0}")s (limit $lim)" | tee -a "$D/steps.txt"; }
 nvidia-smi > "$D/nvidia-smi.txt" 2>&1
 "$B" devices > "$D/devices.txt" 2>&1
-t kbench 260 env GPTAQ_BENCH_SIZES="$SIZES" GPTAQ_BENCH_SOLVE="$SOLVE" "$K" --bench --warm-up-time 1 --measurement-time 2
-grep -E "^[a-z_]+/|time:|thrpt:" "$D/kbench.log" | head -60
-t torch_bench 150 python3 tools/torch_reference.py --bench "$SOLVE" --out "$D/torch_bench.json"
+
+# --- quality on a real checkpoint (same windows as the PyTorch reference rows in BENCHMARKS.md) ---
+t calib_ids 60 python3 tools/make_calib_ids.py --tokenizer "$MODEL" --calib "$C4" --nsamples "$NSAMPLES" \
+  --seqlen "$SEQLEN" --seed 0 --out "$D/calib_ids.safetensors"
+first=1
+for mb in $QUALITY; do
+  m=${mb%%:*}; b=${mb##*:}
+  t "q_${m}_w${b}" 120 "$B" quantize "$MODEL" --calib "$D/calib_ids.safetensors" --nsamples "$NSAMPLES" \
+    --seqlen "$SEQLEN" --method "$m" --bits "$b" --group-size 128 --out "$D/q_${m}_w${b}" --force \
+    --report "$D/q_${m}_w${b}.json" --eval "$WIKI" --eval-seqlen "$SEQLEN" --no-fp-eval
+  grep -E "^perplexity|peak|modules in" "$D/q_${m}_w${b}.log" | tail -3
+  if [ $first = 1 ] && [ -d "$D/q_${m}_w${b}" ]; then
+    t "q_${m}_w${b}_hf" 90 python3 tools/hf_perplexity.py --gptq "$D/q_${m}_w${b}" --text "$WIKI" \
+      --seqlen "$SEQLEN" --native --out "$D/q_${m}_w${b}_hf.json"
+    tail -2 "$D/q_${m}_w${b}_hf.log"
+  fi
+  first=0
+done
+
+# --- Llama-3-8B-shaped layer: time split and peak GPU memory under an 8 GiB plan ---------------
 t gen 120 python3 tools/make_random_llama.py --preset llama3-8b --layers "${LAYERS:-1}" --out /tmp/l8b \
   --calib-out /tmp/l8b-calib.safetensors --nsamples 128 --seqlen 2048
-for m in gptq gptaq; do
+for m in $L8B; do
   nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$D/smi_$m.log" 2>&1 &
   smi=$!
-  t "l8b_$m" 240 "$B" quantize /tmp/l8b --calib /tmp/l8b-calib.safetensors --nsamples 128 --seqlen 2048 \
+  t "l8b_$m" 200 "$B" quantize /tmp/l8b --calib /tmp/l8b-calib.safetensors --nsamples 128 --seqlen 2048 \
     --method "$m" --bits 4 --group-size 128 --gpu-memory 8 --stream-dtype f16 --report "$D/l8b_$m.json"
   kill $smi 2>/dev/null
   echo "l8b_$m nvidia-smi peak MiB: $(sort -n "$D/smi_$m.log" | tail -1)" | tee -a "$D/steps.txt"
-  tail -3 "$D/l8b_$m.log"
+  tail -4 "$D/l8b_$m.log"
 done
+
+# --- kernels ----------------------------------------------------------------------------------
+t kbench 150 env GPTAQ_BENCH_SIZES="$SIZES" GPTAQ_BENCH_SOLVE="$SOLVE" "$K" --bench --warm-up-time 1 --measurement-time 2
+grep -E "^[a-z_]+/|time:|thrpt:" "$D/kbench.log" | head -60
+t torch_bench 150 python3 tools/torch_reference.py --bench "$SOLVE" --out "$D/torch_bench.json"
 t torch_layer 230 python3 tools/torch_reference.py --bench-layer 4096,14336,32,8 --nsamples 128 --seqlen 2048 \
   --out "$D/torch_layer.json"
-tail -5 "$D/torch_layer.log"
 cat "$D/steps.txt"

@@ -1,8 +1,11 @@
 //! The module detail pictures, computed on the worker from the original weights and the solver's
 //! result it keeps: downsampled |W| and |W-Q| heatmaps, the weights' histogram on the quantization
-//! grid, and the per-column error along the processing order.
+//! grid, the per-column error along the processing order, diag(H) (sorted: the spectrum; and along
+//! the processing order) and GPTQ's per-column proxy loss along the processing order.
 
-use crate::quant::QuantResult;
+use crate::lab::heatmap::Heatmap;
+use crate::pipeline::Solver;
+use crate::quant::{Fallback, Method, QuantResult};
 
 use super::state::{ModuleDetail, RunSlot};
 
@@ -22,35 +25,41 @@ pub enum DetailError {
     },
 }
 
-/// Mean of `f(i)` over blocks of a `rows × cols` matrix reduced to at most `HEAT_MAX` per side.
-fn block_means(rows: usize, cols: usize, f: impl Fn(usize) -> f32) -> (usize, usize, Vec<f32>) {
-    let hr = rows.clamp(1, HEAT_MAX);
-    let hc = cols.clamp(1, HEAT_MAX);
-    let mut sum = vec![0f64; hr * hc];
-    let mut cnt = vec![0u32; hr * hc];
-    for r in 0..rows {
-        let br = r * hr / rows.max(1);
-        for c in 0..cols {
-            let bc = c * hc / cols.max(1);
-            let k = br * hc + bc;
-            if let (Some(s), Some(n)) = (sum.get_mut(k), cnt.get_mut(k)) {
-                *s += f64::from(f(r * cols + c));
-                *n += 1;
-            }
+/// How the module was solved: what the pictures need besides the weights, and what explains a
+/// missing picture.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SolveInfo {
+    pub method: Method,
+    pub solver: Solver,
+    pub maxq: u32,
+    pub act_order: bool,
+    /// Calibration sequences (the proxy loss is reported per sequence).
+    pub nsamples: usize,
+}
+
+/// Why `column_loss` is empty (ASCII: shown in the GUI).
+fn column_loss_missing(q: &QuantResult, info: &SolveInfo) -> String {
+    match (&q.fallback, info.method, info.solver) {
+        (_, Method::Rtn, _) => {
+            "RTN rounds every weight on its own: there is no per-column proxy loss.".into()
         }
+        (Some(Fallback::Rtn { reason }), _, _) => {
+            format!("This module fell back to RTN ({reason}): there is no per-column proxy loss.")
+        }
+        _ => "The solver did not record a per-column proxy loss.".into(),
     }
-    let out = sum
-        .iter()
-        .zip(&cnt)
-        .map(|(s, n)| {
-            if *n == 0 {
-                0.0
-            } else {
-                (*s / f64::from(*n)) as f32
-            }
-        })
-        .collect();
-    (hr, hc, out)
+}
+
+/// Why `h_diag` is empty (ASCII).
+fn h_diag_missing(q: &QuantResult, info: &SolveInfo) -> String {
+    match (&q.fallback, info.method) {
+        (_, Method::Rtn) => "RTN runs without calibration statistics: there is no Hessian.".into(),
+        (Some(Fallback::Rtn { .. }), _) => {
+            "This module fell back to RTN on the GPU solver, which does not report diag(H) then."
+                .into()
+        }
+        _ => "The solver did not report diag(H).".into(),
+    }
 }
 
 /// Computes the detail pictures of one module. `w` is the original `[rows, cols]` weight.
@@ -60,8 +69,7 @@ pub fn module_detail(
     module: &str,
     w: &[f32],
     q: &QuantResult,
-    maxq: u32,
-    act_order: bool,
+    info: &SolveInfo,
 ) -> Result<ModuleDetail, DetailError> {
     let (rows, cols) = (q.rows, q.cols);
     if w.len() != rows * cols || q.q.len() != rows * cols {
@@ -72,11 +80,13 @@ pub fn module_detail(
         });
     }
     let at = |v: &[f32], i: usize| v.get(i).copied().unwrap_or(0.0);
-    let (heat_rows, heat_cols, weight_heat) = block_means(rows, cols, |i| at(w, i).abs());
-    let (_, _, error_heat) = block_means(rows, cols, |i| (at(w, i) - at(&q.q, i)).abs());
+    let weight_heat = Heatmap::block_means(rows, cols, HEAT_MAX, HEAT_MAX, |i| at(w, i).abs());
+    let error_heat = Heatmap::block_means(rows, cols, HEAT_MAX, HEAT_MAX, |i| {
+        (at(w, i) - at(&q.q, i)).abs()
+    });
 
     // Positions on the grid: w/scale + zero, per the group of each column.
-    let maxq = maxq.max(1);
+    let maxq = info.maxq.max(1);
     let hist_lo = -1.0;
     let hist_hi = f64::from(maxq) + 1.0;
     let bins = ((maxq as usize + 2) * HIST_BINS_PER_STEP).min(HIST_MAX_BINS);
@@ -115,12 +125,30 @@ pub fn module_detail(
         })
         .collect();
 
+    let h_diag = if q.h_diag.is_empty() {
+        Err(h_diag_missing(q, info))
+    } else {
+        Ok(q.h_diag.clone())
+    };
+    let h_spectrum = h_diag.as_ref().map_or_else(
+        |_| Vec::new(),
+        |d| {
+            let mut s = d.clone();
+            s.sort_by(|a, b| b.total_cmp(a));
+            s
+        },
+    );
+    let per_n = 1.0 / info.nsamples.max(1) as f64;
+    let column_loss = if q.column_loss.is_empty() {
+        Err(column_loss_missing(q, info))
+    } else {
+        Ok(q.column_loss.iter().map(|l| l * per_n).collect())
+    };
+
     Ok(ModuleDetail {
         slot,
         layer,
         module: module.to_string(),
-        heat_rows,
-        heat_cols,
         weight_heat,
         error_heat,
         hist,
@@ -128,7 +156,10 @@ pub fn module_detail(
         hist_hi,
         maxq,
         column_error,
-        act_order,
+        act_order: info.act_order,
+        h_diag,
+        h_spectrum,
+        column_loss,
     })
 }
 
@@ -158,6 +189,8 @@ mod tests {
                 g_idx: vec![0; cols],
                 perm: None,
                 proxy_loss_sum: 0.0,
+                column_loss: Vec::new(),
+                h_diag: Vec::new(),
                 damp: 0.0,
                 damp_percent: 0.01,
                 fallback: None,
@@ -165,18 +198,51 @@ mod tests {
         )
     }
 
+    fn info(solver: Solver) -> SolveInfo {
+        SolveInfo {
+            method: Method::Gptq,
+            solver,
+            maxq: 15,
+            act_order: false,
+            nsamples: 4,
+        }
+    }
+
     #[test]
     fn detail_shapes_and_histogram() -> Result<(), Box<dyn std::error::Error>> {
         let (w, q) = result(200, 100);
-        let d = module_detail(RunSlot::Single, 3, "q_proj", &w, &q, 15, false)?;
-        assert_eq!((d.heat_rows, d.heat_cols), (64, 64));
-        assert_eq!(d.weight_heat.len(), 64 * 64);
+        let d = module_detail(RunSlot::Single, 3, "q_proj", &w, &q, &info(Solver::Gpu))?;
+        assert_eq!((d.weight_heat.rows, d.weight_heat.cols), (64, 64));
+        assert_eq!(d.weight_heat.values.len(), 64 * 64);
         assert_eq!(d.hist.iter().map(|x| *x as usize).sum::<usize>(), 200 * 100);
         assert_eq!(d.maxq, 15);
         assert_eq!(d.column_error.len(), 100);
-        assert!(d.error_heat.iter().all(|e| *e < 0.02));
-        let small = module_detail(RunSlot::Single, 0, "k", &w[..10], &q, 15, false);
+        assert!(d.error_heat.values.iter().all(|e| *e < 0.02));
+        // This hand-made result records neither series: the reasons say so.
+        assert!(matches!(&d.column_loss, Err(m) if m.contains("did not record")));
+        assert!(d.h_diag.is_err() && d.h_spectrum.is_empty());
+        let small = module_detail(RunSlot::Single, 0, "k", &w[..10], &q, &info(Solver::Gpu));
         assert!(small.is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn spectrum_and_column_loss_from_the_result() -> Result<(), Box<dyn std::error::Error>> {
+        let (w, mut q) = result(4, 3);
+        q.h_diag = vec![2.0, 8.0, 1.0];
+        q.column_loss = vec![4.0, 2.0, 0.0];
+        let d = module_detail(
+            RunSlot::Single,
+            0,
+            "o_proj",
+            &w,
+            &q,
+            &info(Solver::CpuReference),
+        )?;
+        assert_eq!(d.h_diag, Ok(vec![2.0, 8.0, 1.0]));
+        assert_eq!(d.h_spectrum, vec![8.0, 2.0, 1.0]);
+        // Per calibration sequence, like the table's proxy loss.
+        assert_eq!(d.column_loss, Ok(vec![1.0, 0.5, 0.0]));
         Ok(())
     }
 }

@@ -10,6 +10,7 @@
 //! draws. The same two entry points drive the eframe window and the `egui_kittest` tests.
 
 pub mod detail;
+pub mod lab;
 pub mod state;
 pub mod views;
 pub mod worker;
@@ -17,9 +18,9 @@ pub mod worker;
 use std::path::{Path, PathBuf};
 
 use crate::gpu::{AdapterSummary, GpuOptions};
-use crate::model::ModuleKind;
 use crate::pipeline::{CalibInput, ModelInput};
 
+use lab::LabState;
 use state::{EvalRow, ModelInfo, ModuleDetail, RunSlot, Selection, Session, Settings, TableSort};
 use worker::{Command, WorkerEvent, WorkerHandle};
 
@@ -34,28 +35,6 @@ pub enum Tab {
     Model,
     Results,
     Lab,
-}
-
-/// Layer-lab controls and the last outcome.
-#[derive(Clone, Debug)]
-pub struct LabState {
-    pub layer: usize,
-    pub module: ModuleKind,
-    pub alpha: f64,
-    pub busy: bool,
-    pub outcome: Option<Box<worker::LabOutcome>>,
-}
-
-impl Default for LabState {
-    fn default() -> Self {
-        Self {
-            layer: 0,
-            module: ModuleKind::Down,
-            alpha: 0.25,
-            busy: false,
-            outcome: None,
-        }
-    }
 }
 
 /// How loud a message is.
@@ -346,13 +325,10 @@ impl AppState {
                 self.tab = Tab::Results;
             }
             WorkerEvent::Exported(p) => self.info(format!("checkpoint written to {}", p.display())),
-            WorkerEvent::LabDone(r) => {
-                self.lab.busy = false;
-                match r {
-                    Ok(o) => self.lab.outcome = Some(o),
-                    Err(e) => self.error(format!("layer lab: {e}")),
-                }
-            }
+            ev @ (WorkerEvent::LabCaptured(_)
+            | WorkerEvent::LabSaved(_)
+            | WorkerEvent::LabSolved { .. }
+            | WorkerEvent::LabStepped { .. }) => self.apply_lab(ev),
             WorkerEvent::Error(m) => self.error(m),
         }
     }

@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
+use crate::lab::heatmap::Heatmap;
 use crate::model::inspect::ModelSummary;
 use crate::model::{ModelConfig, ModuleKind};
 use crate::pipeline::plan::{self, PlanInput};
@@ -956,13 +957,10 @@ pub struct ModuleDetail {
     pub slot: RunSlot,
     pub layer: usize,
     pub module: String,
-    /// Heatmap grid size (rows × cols cells, each the mean over a block of the matrix).
-    pub heat_rows: usize,
-    pub heat_cols: usize,
-    /// Mean |W| per block, row-major.
-    pub weight_heat: Vec<f32>,
-    /// Mean |W-Q| per block, row-major.
-    pub error_heat: Vec<f32>,
+    /// Mean |W| per block.
+    pub weight_heat: Heatmap,
+    /// Mean |W-Q| per block.
+    pub error_heat: Heatmap,
     /// Histogram of w/scale + zero (the weight in units of its group's quantization step).
     pub hist: Vec<u32>,
     pub hist_lo: f64,
@@ -971,6 +969,13 @@ pub struct ModuleDetail {
     /// ||w_j-q_j||²/||w_j||² per column, in processing order (act-order permutation if any).
     pub column_error: Vec<f32>,
     pub act_order: bool,
+    /// diag(H) before damping in processing order (`QuantResult::h_diag`), or why it is missing.
+    pub h_diag: Result<Vec<f32>, String>,
+    /// diag(H) sorted descending (the spectrum); empty when `h_diag` is missing.
+    pub h_spectrum: Vec<f32>,
+    /// GPTQ's proxy loss per column in processing order, per calibration sequence
+    /// (`QuantResult::column_loss / N`), or why it is missing.
+    pub column_loss: Result<Vec<f64>, String>,
 }
 
 /// A selected table row.

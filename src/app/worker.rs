@@ -3,7 +3,8 @@
 //! The UI thread never waits on it.
 //!
 //! Eval (FP vs fake-quantized perplexity) and export (GPTQ checkpoint) of a finished run go
-//! through [`Worker::eval_or_export`]; the layer lab through `Worker::lab`.
+//! through [`Worker::eval_or_export`]; the layer lab through `Worker::lab` (it holds one
+//! [`crate::lab::Lab`]: the capture and what its re-solves reuse).
 
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
@@ -20,7 +21,7 @@ use crate::model::{ModuleKind, WeightSource};
 use crate::pipeline::{self, Event, Inputs, Job, ModelInput, PipelineError, QuantizedModel};
 use crate::quant::Method;
 
-use super::detail::module_detail;
+use super::detail::{SolveInfo, module_detail};
 use super::state::{EvalRow, ModelInfo, ModuleDetail, RunSlot, SavedReport};
 
 /// UI → worker.
@@ -62,13 +63,27 @@ pub enum Command {
         slot: RunSlot,
     },
     /// Layer lab: capture `(layer, module)` from the session's model and calibration windows (the
-    /// earlier modules quantized with the session job's method) and compare GPTQ with GPTAQ on it.
-    Lab {
+    /// earlier modules quantized with the session job's method). Answered by `LabCaptured`.
+    LabCapture {
         layer: usize,
         module: ModuleKind,
-        /// Bits, groups, damping… of the re-solve (the method field is ignored).
+    },
+    /// Layer lab: load a capture saved by `lab::save` (no session needed). Answered by
+    /// `LabCaptured`.
+    LabOpen(PathBuf),
+    /// Layer lab: write the held capture (W, H, D, E as safetensors). Answered by `LabSaved`.
+    LabSave(PathBuf),
+    /// Layer lab: GPTQ beside GPTAQ at `alpha` on capture `capture` (`quant`'s method is ignored).
+    /// Answered by `LabSolved`.
+    LabSolve {
+        capture: u64,
         quant: Box<crate::quant::QuantConfig>,
         alpha: f64,
+    },
+    /// Layer lab step mode on capture `capture`. Answered by `LabStepped`.
+    LabStep {
+        capture: u64,
+        action: LabStepAction,
     },
     Shutdown,
 }
@@ -102,7 +117,17 @@ pub enum WorkerEvent {
     ReportSaved(PathBuf),
     EvalDone(Vec<EvalRow>),
     Exported(PathBuf),
-    LabDone(Result<Box<LabOutcome>, String>),
+    LabCaptured(Result<LabCaptureInfo, String>),
+    LabSaved(Result<PathBuf, String>),
+    /// `capture` names the capture the answer is about (stale answers are ignored).
+    LabSolved {
+        capture: u64,
+        result: Result<Box<crate::lab::LabStudy>, String>,
+    },
+    LabStepped {
+        capture: u64,
+        result: Result<Box<crate::lab::step::StepSnapshot>, String>,
+    },
     Error(String),
 }
 
@@ -124,7 +149,8 @@ impl WorkerHandle {
             opts,
             ctx: None,
             held: None,
-            lab_capture: None,
+            lab: None,
+            lab_ids: 0,
             sink: Sink {
                 tx: ev_tx,
                 repaint: Box::new(repaint),
@@ -193,24 +219,32 @@ struct Held {
     results: Vec<(RunSlot, Method, QuantizedModel)>,
 }
 
-/// What the layer lab shows for one captured module.
+/// What the step mode should do.
 #[derive(Clone, Debug)]
-pub struct LabOutcome {
+pub enum LabStepAction {
+    /// (Re)start with these settings (method included).
+    Start(Box<crate::quant::QuantConfig>),
+    Step(crate::lab::step::StepRequest),
+}
+
+/// The capture the worker's lab holds.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LabCaptureInfo {
+    /// Changes with every capture or load (answers about older ones are stale).
+    pub id: u64,
     pub layer: usize,
     pub module: ModuleKind,
     pub rows: usize,
     pub cols: usize,
     pub nsamples: usize,
-    pub alpha: f64,
-    pub gptq: crate::lab::LabMetrics,
-    pub gptaq: crate::lab::LabMetrics,
-    /// (α, metrics) for α from 0 (GPTQ) to 1.
-    pub sweep: Vec<(f64, crate::lab::LabMetrics)>,
-    pub secs: f64,
+    /// Where it came from: the session's model or a file.
+    pub source: String,
 }
 
 struct Worker {
-    lab_capture: Option<crate::pipeline::CapturedModule>,
+    /// The layer lab's capture and caches, with the capture's id.
+    lab: Option<(u64, crate::lab::Lab)>,
+    lab_ids: u64,
     opts: GpuOptions,
     ctx: Option<GpuContext>,
     held: Option<Held>,
@@ -313,14 +347,48 @@ impl Worker {
                 let e = self.eval_or_export(cmd);
                 self.sink.send(e);
             }
-            Command::Lab {
-                layer,
-                module,
+            Command::LabCapture { layer, module } => {
+                let r = self.lab_capture(layer, module);
+                self.sink.send(WorkerEvent::LabCaptured(r));
+            }
+            Command::LabOpen(path) => {
+                let r = crate::lab::load(&path)
+                    .map_err(|e| e.to_string())
+                    .map(|c| self.hold_capture(c, path.display().to_string()));
+                self.sink.send(WorkerEvent::LabCaptured(r));
+            }
+            Command::LabSave(path) => {
+                let r = match &self.lab {
+                    Some((_, lab)) => crate::lab::save(lab.capture(), &path)
+                        .map(|()| path)
+                        .map_err(|e| e.to_string()),
+                    None => Err("no capture to save: capture a module or open one first".into()),
+                };
+                self.sink.send(WorkerEvent::LabSaved(r));
+            }
+            Command::LabSolve {
+                capture,
                 quant,
                 alpha,
             } => {
-                let r = self.lab(layer, module, &quant, alpha).map(Box::new);
-                self.sink.send(WorkerEvent::LabDone(r));
+                let result = self
+                    .lab_for(capture)
+                    .and_then(|lab| lab.study(&quant, alpha).map_err(|e| e.to_string()))
+                    .map(Box::new);
+                self.sink.send(WorkerEvent::LabSolved { capture, result });
+            }
+            Command::LabStep { capture, action } => {
+                let result = self
+                    .lab_for(capture)
+                    .and_then(|lab| {
+                        match action {
+                            LabStepAction::Start(cfg) => lab.step_start(&cfg),
+                            LabStepAction::Step(req) => lab.step(req),
+                        }
+                        .map_err(|e| e.to_string())
+                    })
+                    .map(Box::new);
+                self.sink.send(WorkerEvent::LabStepped { capture, result });
             }
             Command::Shutdown => {}
         }
@@ -383,7 +451,6 @@ impl Worker {
             // Reopened on the next run.
             self.ctx = None;
         }
-        self.lab_capture = None;
         self.held = Some(Held {
             job,
             inputs,
@@ -402,7 +469,7 @@ impl Worker {
             .held
             .as_ref()
             .ok_or("module pictures need the run's weights: run the quantization in this session (a loaded report has only the numbers)")?;
-        let (_, _, q) = held
+        let (_, method, q) = held
             .results
             .iter()
             .find(|(s, _, _)| *s == slot)
@@ -412,78 +479,82 @@ impl Worker {
             .get(&(layer, kind))
             .ok_or_else(|| format!("layer {layer} {} was not quantized", kind.short_name()))?;
         let lw = held.inputs.source.layer(layer).map_err(|e| e.to_string())?;
+        let nsamples = q
+            .report
+            .modules
+            .iter()
+            .find(|m| m.layer == layer && m.module == kind.short_name())
+            .map_or(held.job.config.nsamples, |m| m.nsamples);
+        let info = SolveInfo {
+            method: *method,
+            solver: held.job.config.solver,
+            maxq: held.job.config.quant.maxq(),
+            act_order: held.job.config.quant.act_order,
+            nsamples,
+        };
         module_detail(
             slot,
             layer,
             kind.short_name(),
             &lw.linear(kind).weight,
             r,
-            held.job.config.quant.maxq(),
-            held.job.config.quant.act_order,
+            &info,
         )
         .map_err(|e| e.to_string())
     }
 
-    /// Captures (or reuses the cached capture of) one module and re-solves it both ways.
-    fn lab(
-        &mut self,
-        layer: usize,
-        module: ModuleKind,
-        quant: &crate::quant::QuantConfig,
-        alpha: f64,
-    ) -> Result<LabOutcome, String> {
-        let t = std::time::Instant::now();
-        let cached = self
-            .lab_capture
-            .as_ref()
-            .is_some_and(|c| c.layer == layer && c.module == module);
-        if !cached {
-            let held = self.held.as_ref().ok_or(
-                "run a quantization first: the lab captures from its model and calibration windows",
-            )?;
-            let ctx = self.ctx.as_ref().ok_or("no GPU device is open")?;
-            let mut cfg = held.job.config.clone();
-            cfg.metrics = true;
-            let cap = pipeline::capture(
-                ctx,
-                &held.inputs,
-                &cfg,
-                layer,
-                module,
-                &mut |_| {},
-                &self.cancel,
-            )
-            .map_err(|e| e.to_string())?;
-            self.lab_capture = Some(cap);
-        }
-        let cap = self.lab_capture.as_ref().ok_or("capture missing")?;
-        let base = crate::quant::QuantConfig {
-            method: Method::Gptq,
-            ..quant.clone()
-        };
-        let gptq = crate::lab::solve(cap, &base).map_err(|e| e.to_string())?;
-        let gptaq = crate::lab::solve(
-            cap,
-            &crate::quant::QuantConfig {
-                method: Method::Gptaq { alpha },
-                ..base.clone()
-            },
-        )
-        .map_err(|e| e.to_string())?;
-        let alphas: Vec<f64> = (0..=10).map(|i| f64::from(i) / 10.0).collect();
-        let sweep = crate::lab::alpha_sweep(cap, &base, &alphas).map_err(|e| e.to_string())?;
-        Ok(LabOutcome {
+    /// Captures one module from the last session's model and windows.
+    fn lab_capture(&mut self, layer: usize, module: ModuleKind) -> Result<LabCaptureInfo, String> {
+        let held = self.held.as_ref().ok_or(
+            "run a quantization first: the lab captures from its model and calibration windows",
+        )?;
+        let ctx = self.ctx.as_ref().ok_or("no GPU device is open")?;
+        let mut cfg = held.job.config.clone();
+        cfg.metrics = true;
+        let cap = pipeline::capture(
+            ctx,
+            &held.inputs,
+            &cfg,
             layer,
             module,
+            &mut |_| {},
+            &self.cancel,
+        )
+        .map_err(|e| e.to_string())?;
+        let source = format!(
+            "{} ({})",
+            held.inputs.model_name,
+            held.job.config.quant.method.name()
+        );
+        Ok(self.hold_capture(cap, source))
+    }
+
+    /// Makes `cap` the lab's capture (a fresh id: answers about the previous one become stale).
+    fn hold_capture(
+        &mut self,
+        cap: crate::pipeline::CapturedModule,
+        source: String,
+    ) -> LabCaptureInfo {
+        self.lab_ids += 1;
+        let info = LabCaptureInfo {
+            id: self.lab_ids,
+            layer: cap.layer,
+            module: cap.module,
             rows: cap.rows,
             cols: cap.cols,
             nsamples: cap.nsamples,
-            alpha,
-            gptq: gptq.metrics,
-            gptaq: gptaq.metrics,
-            sweep,
-            secs: t.elapsed().as_secs_f64(),
-        })
+            source,
+        };
+        self.lab = Some((self.lab_ids, crate::lab::Lab::new(cap)));
+        info
+    }
+
+    fn lab_for(&mut self, capture: u64) -> Result<&mut crate::lab::Lab, String> {
+        match &mut self.lab {
+            Some((id, lab)) if *id == capture => Ok(lab),
+            Some(_) => Err("the lab holds another capture now".into()),
+            None => Err("no capture: capture a module or open one first".into()),
+        }
     }
 
     /// Evaluation and export of a finished run. `Eval`: perplexity of the FP model and of the run's

@@ -253,7 +253,19 @@ pub fn syrk_xtx(
     c: &GpuBuffer<f32>,
 ) -> Result<(), GpuError> {
     let xt = MatView { trans: true, ..x };
-    gemm_impl(rec, n, n, t, alpha, xt, x, beta, MatView::new(c, n), true, None)?;
+    gemm_impl(
+        rec,
+        n,
+        n,
+        t,
+        alpha,
+        xt,
+        x,
+        beta,
+        MatView::new(c, n),
+        true,
+        None,
+    )?;
     mirror_upper(rec, c, n)
 }
 

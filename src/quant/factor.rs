@@ -23,8 +23,8 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use super::reference::{self, Damped};
 use super::QuantError;
+use super::reference::{self, Damped};
 use crate::gpu::kernels::Recorder;
 use crate::gpu::ops::{self, MatView, u32_of};
 use crate::gpu::{GpuBuffer, GpuContext, GpuError};
@@ -68,11 +68,7 @@ struct PotrfParams {
 }
 
 /// diag(H) of an n×n GPU matrix (one n-float readback).
-pub fn hessian_diag(
-    ctx: &GpuContext,
-    h: &GpuBuffer<f32>,
-    n: usize,
-) -> Result<Vec<f32>, GpuError> {
+pub fn hessian_diag(ctx: &GpuContext, h: &GpuBuffer<f32>, n: usize) -> Result<Vec<f32>, GpuError> {
     let out = ctx.zeros::<f32>("H diagonal", n.max(1))?;
     let mut rec = ctx.recorder();
     rec.dispatch(
@@ -134,7 +130,8 @@ pub fn upper_inverse_factor_gpu(
         let st = ctx.read(&status)?;
         Ok((st.first() == Some(&0)).then_some(()))
     };
-    let outcome = reference::damped_factorisation(diag, damp_percent, damp_auto_increment, attempt)?;
+    let outcome =
+        reference::damped_factorisation(diag, damp_percent, damp_auto_increment, attempt)?;
     let damped = match outcome {
         Ok(d) => d,
         Err(e) => return Ok(Err(e)),

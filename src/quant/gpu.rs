@@ -35,8 +35,8 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use super::quantizer::{QuantizerSpec, rtn_quantize_f64};
 use super::factor;
+use super::quantizer::{QuantizerSpec, rtn_quantize_f64};
 use super::reference;
 use super::{Fallback, Method, QuantConfig, QuantError, QuantResult};
 use crate::gpu::kernels::groups_1d;
@@ -47,6 +47,7 @@ crate::wgsl_shader!(QUANT_GATHER, "quant_gather");
 crate::wgsl_shader!(QUANT_MASK, "quant_mask");
 crate::wgsl_shader!(QUANT_SWEEP, "quant_sweep");
 crate::wgsl_shader!(QUANT_FINISH, "quant_finish");
+crate::wgsl_shader!(QUANT_COLLOSS, "quant_colloss");
 
 /// Invocations per sweep workgroup (`WG` in `quant_sweep.wgsl`).
 const SWEEP_WG: usize = 128;
@@ -89,6 +90,15 @@ struct FinishParams {
     rows: u32,
     n: u32,
     _p: [u32; 2],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct ColLossParams {
+    rows: u32,
+    i1: u32,
+    cnt: u32,
+    lde: u32,
 }
 
 #[repr(C)]
@@ -281,8 +291,10 @@ pub fn quantize_gpu(
         static_groups,
         perm,
         w: wprep,
-        diag: _,
+        diag: prep_diag,
     } = prepared;
+    // diag(H) before damping, processing order, dead columns as 1 (QuantResult::h_diag).
+    let solve_h_diag: Vec<f32> = prep_diag.iter().map(|&v| v as f32).collect();
     let wp: Vec<f32> = wprep.iter().map(|&v| v as f32).collect();
     drop(wprep);
     let gu = factor.value;
@@ -332,6 +344,7 @@ pub fn quantize_gpu(
     let gptab = ctx.upload("quant params", &ptab)?;
     let gcodes = ctx.zeros::<u32>("quant codes", n_el)?;
     let gloss = ctx.zeros::<f32>("quant loss", rows)?;
+    let gcolloss = ctx.zeros::<f32>("quant column loss", n)?;
     let bs = cfg.block_size.min(n);
     let lde = 2 * bs;
     let gerr = ctx.zeros::<f32>("quant err", rows * lde)?;
@@ -457,6 +470,20 @@ pub fn quantize_gpu(
             ],
             wgs,
         )?;
+        // The block's per-column proxy loss (QuantResult::column_loss), from its errors.
+        rec.dispatch(
+            &QUANT_COLLOSS,
+            "column_loss",
+            &[],
+            &ColLossParams {
+                rows: sp.rows,
+                i1: sp.i1,
+                cnt: sp.cnt,
+                lde: sp.lde,
+            },
+            &[gerr.binding(), gcolloss.binding()],
+            groups_1d(sp.cnt),
+        )?;
         if i2 < n {
             // W[:, i2:] −= Err1·U[i1:i2, i2:]
             ops::gemm(
@@ -515,6 +542,7 @@ pub fn quantize_gpu(
     rec.submit();
 
     let loss_rows = ctx.read(&gloss)?;
+    let column_loss: Vec<f64> = ctx.read(&gcolloss)?.iter().map(|&v| f64::from(v)).collect();
     let proxy_loss_sum: f64 = loss_rows.iter().map(|&v| f64::from(v)).sum();
     if !proxy_loss_sum.is_finite() {
         let h64 = read_h64(ctx, h, nn)?;
@@ -563,6 +591,8 @@ pub fn quantize_gpu(
             g_idx,
             perm,
             proxy_loss_sum,
+            column_loss,
+            h_diag: solve_h_diag,
             damp: factor.damp,
             damp_percent: factor.damp_percent,
             fallback: factor.fallback,

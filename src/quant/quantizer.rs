@@ -332,6 +332,8 @@ pub fn rtn_quantize_f64(
         g_idx: (0..cols).map(|j| (j / gs) as u32).collect(),
         perm: None,
         proxy_loss_sum: 0.0,
+        column_loss: Vec::new(),
+        h_diag: Vec::new(),
         damp: 0.0,
         damp_percent: 0.0,
         fallback: None,

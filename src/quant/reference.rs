@@ -16,6 +16,8 @@
 //!   round-to-nearest of the *original* W ([`Fallback::Rtn`]) instead of raising.
 //! - Non-finite W, H or D are rejected up front ([`QuantError::NonFinite`]).
 
+use std::sync::Arc;
+
 use super::quantizer::{
     GroupParams, QuantizerSpec, RowParams, check_matrix, dequantize, find_group_params,
     quantize_code, rtn_quantize_f64,
@@ -264,7 +266,21 @@ fn half_quadratic_form(w: &[f64], q: &[f32], rows: usize, cols: usize, h: &[f64]
     super::metrics::quadratic_form_trace(&delta, rows, cols, h).map_or(f64::NAN, |v| 0.5 * v)
 }
 
+/// `diag(H)` as the solve sees it before damping: dead diagonals (`H_jj = 0`) read as 1 (§1.2
+/// step 3), in the order of `perm` (original order when `None`); see [`QuantResult::h_diag`].
+fn solver_h_diag(h: &[f64], n: usize, perm: Option<&[usize]>) -> Vec<f32> {
+    (0..n)
+        .map(|k| {
+            let j = perm.and_then(|p| p.get(k).copied()).unwrap_or(k);
+            let v = h.get(j * n + j).copied().unwrap_or(0.0);
+            (if v == 0.0 { 1.0 } else { v }) as f32
+        })
+        .collect()
+}
+
 /// RTN of the original W, with the proxy loss `½·tr(ΔW H ΔWᵀ)` on the caller's (undamped) H.
+/// `column_loss` stays empty (RTN has no sequential solve whose per-column terms it could report);
+/// `h_diag` is filled in original column order.
 fn rtn_with_h(
     w: &[f64],
     rows: usize,
@@ -277,6 +293,7 @@ fn rtn_with_h(
     let loss = half_quadratic_form(w, &res.q, rows, cols, h);
     // An indefinite H (the fallback case) can make the quadratic form negative: clamp at 0.
     res.proxy_loss_sum = if loss.is_finite() { loss.max(0.0) } else { 0.0 };
+    res.h_diag = solver_h_diag(h, cols, None);
     res.fallback = fallback;
     Ok(res)
 }
@@ -297,25 +314,28 @@ fn rtn_with_h(
 ///    D permuted (`H[perm][:, perm]`).
 /// 5. `U` by [`inverse_hessian_factor_f64`] on the permuted H (damping, retries, floors). Failure
 ///    → RTN of the original W with `Fallback::Rtn`.
-/// 6. GPTAQ: `P = (alpha·triu₁(D·Uᵀ))·U`.
-/// 7. Blocked sweep with `cfg.block_size`, exactly the IST loop: dynamic group params at processing
-///    position `k` with `k % gs == 0` come from `W[:, k..k+gs]` — the matrix that only has the
-///    cross-block updates, **not** the in-block updates held in `W1` (the reference quirk inherited
-///    by AutoGPTQ/GPTQModel; results depend on the block size when a group starts mid-block). Static
-///    groups use `groups[perm[k] / gs]`. In-block: `W1[:, i:] −= e⊗U1[i, i:]` (GPTAQ: `−= e⊗U1[i, i:]
-///    − w⊗P1[i, i:]`, `w` the pre-quantization column). Cross-block: `W[:, i2:] −= Err1·U[i1:i2, i2:]`
-///    (GPTAQ: `− W1·P[i1:i2, i2:]`, W1 = the block after its loop ≈ its quantized values).
+/// 6. GPTAQ: `P = alpha·(triu₁(D·Uᵀ)·U)` ([`gptaq_p`]).
+/// 7. Blocked sweep with `cfg.block_size` ([`SweepState`]), exactly the IST loop: dynamic group
+///    params at processing position `k` with `k % gs == 0` come from `W[:, k..k+gs]` — the matrix
+///    that only has the cross-block updates, **not** the in-block updates held in `W1` (the
+///    reference quirk inherited by AutoGPTQ/GPTQModel; results depend on the block size when a group
+///    starts mid-block). Static groups use `groups[perm[k] / gs]`. In-block: `W1[:, i:] −=
+///    e⊗U1[i, i:]` (GPTAQ: `−= e⊗U1[i, i:] − w⊗P1[i, i:]`, `w` the pre-quantization column).
+///    Cross-block: `W[:, i2:] −= Err1·U[i1:i2, i2:]` (GPTAQ: `− W1·P[i1:i2, i2:]`, W1 = the block
+///    after its loop ≈ its quantized values).
 ///
 /// Outputs in original column order: `q`, `codes`; `scales`/`zeros` `[num_groups, rows]` with group
 /// `g` the `g`-th group formed (processing order for act-order with dynamic groups, original order
 /// for static groups); `g_idx[j] = invperm[j] / gs` for act-order + dynamic groups, else `j / gs`;
 /// `perm = Some(perm)` iff act-order; `proxy_loss_sum = Σ (w−q)²/(2·U_kk²)` (for GPTQ this equals
 /// `½·tr(ΔW H_damped ΔWᵀ)`; for GPTAQ it is the same per-column expression, *not* the GPTAQ
-/// objective); `damp`, `damp_percent`, `fallback` from step 5.
+/// objective) and its per-column terms `column_loss` (processing order); `h_diag` = `diag(H)` after
+/// step 2, before damping, in processing order; `damp`, `damp_percent`, `fallback` from step 5.
 ///
 /// `Method::Rtn`: [`rtn_quantize_f64`] of W (H and D only used for `proxy_loss_sum =
 /// ½·tr(ΔW H ΔWᵀ)` with the undamped H, clamped at 0). The RTN fallback reports the same quantity
-/// (H may be indefinite there, hence the clamp), `damp = damp_percent = 0`.
+/// (H may be indefinite there, hence the clamp), `damp = damp_percent = 0`. Both leave
+/// `column_loss` empty and give `h_diag` in original order.
 ///
 /// Errors: shape mismatch, non-finite W/H/D, invalid config (bits ∉ 1..=8, block_size 0,
 /// group_size 0, negative or non-finite damping, non-finite alpha). Never returns non-finite values.
@@ -327,6 +347,38 @@ pub fn quantize_f64(
     d: Option<&[f64]>,
     cfg: &QuantConfig,
 ) -> Result<QuantResult, QuantError> {
+    match start_sweep(w, rows, cols, h, d, cfg, None, false)? {
+        SweepStart::Finished(res) => Ok(*res),
+        SweepStart::Sweep(mut sweep) => {
+            sweep.run();
+            sweep.into_result(w, h)
+        }
+    }
+}
+
+/// How a solve begins: RTN (the method itself, an empty module, or a Hessian that cannot be
+/// factored) needs no sweep.
+pub(crate) enum SweepStart {
+    Finished(Box<QuantResult>),
+    Sweep(Box<SweepState>),
+}
+
+/// Steps 1–6 of [`quantize_f64`] (checks, preparation, factorisation, `P`), leaving the sweep
+/// (step 7) to the caller: [`SweepState::run`] for a one-shot solve, or its single steps (the layer
+/// lab's step mode). `cache`: reuse the factorisation of an earlier call on the SAME `h` and `d`
+/// (see [`FactorCache`]); `None` computes it for this call only. `record`: keep the prepared W and
+/// every column's pre-quantization values ([`SweepState::recorded`]).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn start_sweep(
+    w: &[f64],
+    rows: usize,
+    cols: usize,
+    h: &[f64],
+    d: Option<&[f64]>,
+    cfg: &QuantConfig,
+    cache: Option<&mut FactorCache>,
+    record: bool,
+) -> Result<SweepStart, QuantError> {
     let spec = check_config(cfg)?;
     let n = cols;
     let n_el = rows
@@ -338,124 +390,37 @@ pub fn quantize_f64(
         check_matrix("D", d, n * n)?;
     }
     if cfg.method == Method::Rtn || n == 0 {
-        return rtn_with_h(w, rows, cols, h, cfg, None);
+        return rtn_with_h(w, rows, cols, h, cfg, None).map(|r| SweepStart::Finished(Box::new(r)));
     }
     let alpha = cfg.method.alpha();
     let d = match cfg.method {
         Method::Gptaq { .. } => d,
         _ => None,
     };
+    let diag: Vec<f64> = (0..n).map(|j| h[j * n + j]).collect();
+    let prepared = prepare(w, &diag, rows, n, cfg, &spec);
+    let h_diag: Vec<f32> = prepared.diag.iter().map(|&v| v as f32).collect();
 
-    let h_diag: Vec<f64> = (0..n).map(|j| h[j * n + j]).collect();
-    let prepared = prepare(w, &h_diag, rows, n, cfg, &spec);
-    let hm = prepared.permuted_h(h, n);
-    let Prepared {
-        row_params,
-        dead,
-        static_groups,
-        perm,
-        w: wm,
-        diag: _,
-    } = prepared;
-    let dm: Option<Vec<f64>> = d.map(|d| {
-        let mut dm = d.to_vec();
-        for a in 0..n {
-            for j in (0..n).filter(|&j| dead[j]) {
-                dm[a * n + j] = 0.0;
-            }
-        }
-        match &perm {
-            Some(p) => permute_sym(&dm, n, p),
-            None => dm,
-        }
-    });
-
-    // Steps 6–7: damping and U.
-    let factor = match inverse_hessian_factor_f64(&hm, n, cfg.damp_percent, cfg.damp_auto_increment)
-    {
-        Ok(f) => f,
+    // Steps 5–6: U (damping, retries) and P, from the cache when its key matches.
+    let keep = cache.is_some();
+    let mut local = FactorCache::default();
+    let cache = match cache {
+        Some(c) => c,
+        None => &mut local,
+    };
+    let entry = cache.entry(&prepared, h, n, cfg);
+    let factor = match &entry.factor {
+        Ok(f) => Arc::clone(f),
         Err(e) => {
-            return rtn_with_h(
-                w,
-                rows,
-                cols,
-                h,
-                cfg,
-                Some(Fallback::Rtn {
-                    reason: e.to_string(),
-                }),
-            );
+            let reason = e.to_string();
+            return rtn_with_h(w, rows, cols, h, cfg, Some(Fallback::Rtn { reason }))
+                .map(|r| SweepStart::Finished(Box::new(r)));
         }
     };
-    let u = &factor.u;
-    let p_mat = dm.and_then(|dm| gptaq_p(&dm, u, n, alpha));
-
-    // Step 8: the blocked sweep.
-    let sweep = Sweep {
-        rows,
-        n,
-        spec: &spec,
-        cfg,
-        u,
-        p: p_mat.as_deref(),
-        perm: perm.as_deref(),
-        row_params: row_params.as_ref(),
-        static_groups: static_groups.as_deref(),
-    };
-    let Some(out) = sweep.run(wm) else {
-        return rtn_with_h(
-            w,
-            rows,
-            cols,
-            h,
-            cfg,
-            Some(Fallback::Rtn {
-                reason: "non-finite values during the GPTQ sweep".into(),
-            }),
-        );
-    };
-
-    // Back to original column order: processing position k holds original column perm[k].
-    let mut q = vec![0.0_f32; n_el];
-    let mut codes = vec![0_u8; n_el];
-    for r in 0..rows {
-        for k in 0..n {
-            let j = perm.as_ref().map_or(k, |p| p[k]);
-            q[r * n + j] = out.q[r * n + k] as f32;
-            codes[r * n + j] = out.codes[r * n + k];
-        }
-    }
-    let groups = out.groups;
-    let (scales, zeros): (Vec<f32>, Vec<u32>) = groups
-        .iter()
-        .flat_map(|g| g.scale.iter().zip(&g.zero))
-        .map(|(&s, &z)| (s as f32, z))
-        .unzip();
-    let gs = cfg.group_len(n);
-    let g_idx: Vec<u32> = match (&perm, cfg.group_size, cfg.static_groups) {
-        (Some(p), Some(_), false) => {
-            let mut inv = vec![0_usize; n];
-            for (k, &j) in p.iter().enumerate() {
-                inv[j] = k;
-            }
-            inv.iter().map(|&k| (k / gs) as u32).collect()
-        }
-        _ => (0..n).map(|j| (j / gs) as u32).collect(),
-    };
-    Ok(QuantResult {
-        rows,
-        cols,
-        q,
-        codes,
-        scales,
-        zeros,
-        g_idx,
-        perm,
-        proxy_loss_sum: out.loss,
-        damp: factor.damp,
-        damp_percent: factor.damp_percent,
-        fallback: factor.fallback,
-    })
+    let p = d.map(|d| entry.p(d, &prepared.dead, n, alpha, keep));
+    Ok(SweepStart::Sweep(Box::new(SweepState::new(
+        prepared, rows, n, spec, cfg, factor, p, h_diag, record,
+    ))))
 }
 
 /// [`quantize_f64`] on f32 inputs (widened exactly to f64).
@@ -472,17 +437,26 @@ pub fn quantize_reference(
     quantize_f64(&widen(w), rows, cols, &widen(h), d64.as_deref(), cfg)
 }
 
-/// `P = (alpha·triu₁(D·Uᵀ))·U` (strictly upper). `U` is upper, so `(D·Uᵀ)[a][b] = Σ_{c≥b}
-/// D[a][c]·U[b][c]` and `P[a][e] = Σ_{a<b≤e} T[a][b]·U[b][e]`. `None` on a length mismatch.
+/// `P = alpha·(triu₁(D·Uᵀ)·U)` (strictly upper; algorithm.md §2.2 writes the same product as
+/// `(alpha·triu₁(D·Uᵀ))·U`). The layer lab reuses the unscaled product for every α, so the
+/// reference scales last too: a solve at α is then bit-identical however it was started. `None` on
+/// a length mismatch.
 pub fn gptaq_p(d: &[f64], u: &[f64], n: usize, alpha: f64) -> Option<Vec<f64>> {
+    let mut p = gptaq_p_unit(d, u, n)?;
+    p.iter_mut().for_each(|v| *v *= alpha);
+    Some(p)
+}
+
+/// `triu₁(D·Uᵀ)·U` (P at α = 1). `U` is upper, so `T[a][b] = (D·Uᵀ)[a][b] = Σ_{c≥b} D[a][c]·U[b][c]`
+/// and `P[a][e] = Σ_{a<b≤e} T[a][b]·U[b][e]`. `None` on a length mismatch.
+fn gptaq_p_unit(d: &[f64], u: &[f64], n: usize) -> Option<Vec<f64>> {
     if d.len() != n * n || u.len() != n * n {
         return None;
     }
     let mut t = vec![0.0_f64; n * n];
     for a in 0..n {
         for b in a + 1..n {
-            let s: f64 = (b..n).map(|c| d[a * n + c] * u[b * n + c]).sum();
-            t[a * n + b] = alpha * s;
+            t[a * n + b] = (b..n).map(|c| d[a * n + c] * u[b * n + c]).sum();
         }
     }
     let mut p = vec![0.0_f64; n * n];
@@ -603,149 +577,511 @@ fn permute_sym(m: &[f64], n: usize, perm: &[usize]) -> Vec<f64> {
     out
 }
 
-struct Sweep<'a> {
+/// One-entry cache of the O(n³) part of a solve — `U` (§1.2 steps 6–7) and GPTAQ's unscaled `P`
+/// (§2.2) — which depends only on H, D, act-order and damping, not on bits, groups, block size or
+/// α. Valid for ONE `(H, D)` pair: its owner must not use it with other statistics (the layer lab
+/// keeps one per capture). A key mismatch (act-order, damping or the permutation) refactors.
+#[derive(Debug, Default)]
+pub(crate) struct FactorCache {
+    entry: Option<FactorEntry>,
+}
+
+#[derive(Debug)]
+struct FactorEntry {
+    act_order: bool,
+    damp_percent: f64,
+    damp_auto_increment: f64,
+    perm: Option<Vec<usize>>,
+    /// The factor of the prepared (dead-handled, permuted) H, or why there is none.
+    factor: Result<Arc<InverseHessianFactor>, QuantError>,
+    /// `triu₁(D·Uᵀ)·U` in processing order, computed on first GPTAQ use.
+    p_unit: Option<Vec<f64>>,
+}
+
+impl FactorCache {
+    /// `h`: the caller's H (original order); the solve's H is derived from it only on a miss.
+    fn entry(
+        &mut self,
+        prepared: &Prepared,
+        h: &[f64],
+        n: usize,
+        cfg: &QuantConfig,
+    ) -> &mut FactorEntry {
+        let hit = self.entry.as_ref().is_some_and(|e| {
+            e.act_order == cfg.act_order
+                && e.damp_percent.to_bits() == cfg.damp_percent.to_bits()
+                && e.damp_auto_increment.to_bits() == cfg.damp_auto_increment.to_bits()
+                && e.perm == prepared.perm
+        });
+        if !hit {
+            self.entry = None;
+        }
+        self.entry.get_or_insert_with(|| FactorEntry {
+            act_order: cfg.act_order,
+            damp_percent: cfg.damp_percent,
+            damp_auto_increment: cfg.damp_auto_increment,
+            perm: prepared.perm.clone(),
+            factor: inverse_hessian_factor_f64(
+                &prepared.permuted_h(h, n),
+                n,
+                cfg.damp_percent,
+                cfg.damp_auto_increment,
+            )
+            .map(Arc::new),
+            p_unit: None,
+        })
+    }
+}
+
+impl FactorEntry {
+    /// `P = alpha·p_unit` for the caller's `d` (dead columns zeroed and permuted like H, step 2/4).
+    /// `keep`: leave the unscaled product in the cache (else it is scaled in place and handed out).
+    fn p(&mut self, d: &[f64], dead: &[bool], n: usize, alpha: f64, keep: bool) -> Vec<f64> {
+        let unit = match self.p_unit.take() {
+            Some(unit) => unit,
+            None => {
+                let mut dm = d.to_vec();
+                for a in 0..n {
+                    for j in (0..n).filter(|&j| dead[j]) {
+                        dm[a * n + j] = 0.0;
+                    }
+                }
+                if let Some(p) = &self.perm {
+                    dm = permute_sym(&dm, n, p);
+                }
+                let u = match &self.factor {
+                    Ok(f) => f.u.as_slice(),
+                    Err(_) => &[],
+                };
+                // Lengths match by construction (n×n each); an empty P would only come from a
+                // missing factor, which the caller has already turned into the RTN fallback.
+                gptaq_p_unit(&dm, u, n).unwrap_or_default()
+            }
+        };
+        if keep {
+            let p = unit.iter().map(|v| alpha * v).collect();
+            self.p_unit = Some(unit);
+            p
+        } else {
+            let mut p = unit;
+            p.iter_mut().for_each(|v| *v *= alpha);
+            p
+        }
+    }
+}
+
+/// What the sweep does next (or did, see [`SweepState::step`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SweepAction {
+    /// Quantize processing column `k` of the block `[i1, i2)` and apply the in-block updates.
+    Column { k: usize, i1: usize, i2: usize },
+    /// The block `[i1, i2)` is quantized: apply its deferred updates to columns `i2..n` (the lazy
+    /// batch GEMM).
+    BlockUpdate { i1: usize, i2: usize },
+    /// Every column is quantized (or a non-finite value stopped the sweep).
+    Done,
+}
+
+/// The pictures' raw material, kept when a sweep is started with `record`.
+#[derive(Clone, Debug)]
+pub(crate) struct SweepRecord {
+    /// W after preparation (dead columns zeroed, processing order), `[rows, n]`.
+    pub start: Vec<f64>,
+    /// Each column's value at the moment it was quantized (after every update it received),
+    /// processing order, `[rows, n]`; 0 for columns not quantized yet.
+    pub pre: Vec<f64>,
+}
+
+/// The blocked sweep of §1.2 step 8 (and §2.2) as an explicit state machine over processing
+/// columns, so that the one-shot solve ([`SweepState::run`]) and the layer lab's step mode execute
+/// the very same arithmetic in the very same order. Position: the block `[i1, i2)` with its next
+/// column `i1 + i`; `i == cnt` means the block is quantized and its cross-block update is due.
+pub(crate) struct SweepState {
     rows: usize,
     n: usize,
-    spec: &'a QuantizerSpec,
-    cfg: &'a QuantConfig,
-    u: &'a [f64],
-    p: Option<&'a [f64]>,
-    perm: Option<&'a [usize]>,
-    row_params: Option<&'a super::quantizer::GroupParams>,
-    static_groups: Option<&'a [super::quantizer::GroupParams]>,
-}
-
-struct SweepOut {
-    /// Processing order, `[rows, n]`.
+    /// Block size (`cfg.block_size`, at most `n`: the stride of `w1`/`err1`).
+    bs: usize,
+    spec: QuantizerSpec,
+    cfg: QuantConfig,
+    factor: Arc<InverseHessianFactor>,
+    /// GPTAQ's `P` (α applied), processing order.
+    p: Option<Vec<f64>>,
+    perm: Option<Vec<usize>>,
+    row_params: Option<GroupParams>,
+    static_groups: Option<Vec<GroupParams>>,
+    h_diag: Vec<f32>,
+    /// W with the cross-block updates applied so far (processing order).
+    w: Vec<f64>,
+    /// The current block's columns with their in-block updates, `[rows, bs]`.
+    w1: Vec<f64>,
+    /// The current block's scaled errors `e = (w − q)/U_kk`, `[rows, bs]`.
+    err1: Vec<f64>,
+    acc_u: Vec<f64>,
+    acc_p: Vec<f64>,
     q: Vec<f64>,
     codes: Vec<u8>,
-    /// In output order (see `quantize_f64`).
-    groups: Vec<super::quantizer::GroupParams>,
     loss: f64,
+    column_loss: Vec<f64>,
+    dyn_groups: Vec<GroupParams>,
+    cur: Vec<RowParams>,
+    i1: usize,
+    i: usize,
+    failed: bool,
+    record: Option<SweepRecord>,
 }
 
-impl Sweep<'_> {
-    /// The IST blocked loop on `w` (processing order). `None` if a non-finite value shows up.
-    fn run(&self, mut w: Vec<f64>) -> Option<SweepOut> {
-        let (rows, n, u) = (self.rows, self.n, self.u);
-        let bs = self.cfg.block_size;
-        let maxq = self.spec.maxq;
-        let mut q = vec![0.0_f64; rows * n];
-        let mut codes = vec![0_u8; rows * n];
-        let mut loss = 0.0_f64;
-        let mut dyn_groups: Vec<super::quantizer::GroupParams> = Vec::new();
-        let mut cur: Vec<RowParams> = match self.row_params {
+impl SweepState {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        prepared: Prepared,
+        rows: usize,
+        n: usize,
+        spec: QuantizerSpec,
+        cfg: &QuantConfig,
+        factor: Arc<InverseHessianFactor>,
+        p: Option<Vec<f64>>,
+        h_diag: Vec<f32>,
+        record: bool,
+    ) -> Self {
+        let Prepared {
+            row_params,
+            static_groups,
+            perm,
+            w,
+            ..
+        } = prepared;
+        let bs = cfg.block_size.min(n).max(1);
+        let cur: Vec<RowParams> = match &row_params {
             Some(g) => (0..rows).filter_map(|r| g.row(r)).collect(),
             None => Vec::new(),
         };
-        let mut w1 = vec![0.0_f64; rows * bs];
-        let mut err1 = vec![0.0_f64; rows * bs];
-        let mut acc_u = vec![0.0_f64; n];
-        let mut acc_p = vec![0.0_f64; n];
+        let record = record.then(|| SweepRecord {
+            start: w.clone(),
+            pre: vec![0.0; rows * n],
+        });
+        let mut s = Self {
+            rows,
+            n,
+            bs,
+            spec,
+            cfg: cfg.clone(),
+            factor,
+            p,
+            perm,
+            row_params,
+            static_groups,
+            h_diag,
+            w,
+            w1: vec![0.0; rows * bs],
+            err1: vec![0.0; rows * bs],
+            acc_u: vec![0.0; n],
+            acc_p: vec![0.0; n],
+            q: vec![0.0; rows * n],
+            codes: vec![0; rows * n],
+            loss: 0.0,
+            column_loss: vec![0.0; n],
+            dyn_groups: Vec::new(),
+            cur,
+            i1: 0,
+            i: 0,
+            failed: false,
+            record,
+        };
+        s.load_block();
+        s
+    }
 
-        for i1 in (0..n).step_by(bs) {
-            let i2 = (i1 + bs).min(n);
-            let cnt = i2 - i1;
-            for r in 0..rows {
-                w1[r * bs..r * bs + cnt].copy_from_slice(&w[r * n + i1..r * n + i2]);
+    fn i2(&self) -> usize {
+        (self.i1 + self.bs).min(self.n)
+    }
+
+    /// Copies the current block of W into W1 (the start of an IST block iteration).
+    fn load_block(&mut self) {
+        let (i1, i2, n, bs) = (self.i1, self.i2(), self.n, self.bs);
+        let cnt = i2 - i1;
+        for r in 0..self.rows {
+            self.w1[r * bs..r * bs + cnt].copy_from_slice(&self.w[r * n + i1..r * n + i2]);
+        }
+    }
+
+    /// What [`SweepState::step`] would do now.
+    pub fn next_action(&self) -> SweepAction {
+        let (i1, i2) = (self.i1, self.i2());
+        if self.failed || i1 >= self.n {
+            SweepAction::Done
+        } else if self.i < i2 - i1 {
+            SweepAction::Column {
+                k: i1 + self.i,
+                i1,
+                i2,
             }
-            for i in 0..cnt {
-                let k = i1 + i;
-                if let Some(gs) = self.cfg.group_size {
-                    let params = match self.static_groups {
-                        None if k % gs == 0 => {
-                            // Reads W (cross-block updates only), not W1: the reference quirk.
-                            let g = find_group_params(&w, rows, n, k, k + gs, self.spec);
-                            dyn_groups.push(g);
-                            dyn_groups.last()
-                        }
-                        None => None,
-                        Some(groups) => {
-                            let kk = self.perm.map_or(k, |p| p[k]);
-                            groups.get(kk / gs)
-                        }
-                    };
-                    if let Some(g) = params {
-                        cur = (0..rows).filter_map(|r| g.row(r)).collect();
+        } else if i2 < self.n {
+            SweepAction::BlockUpdate { i1, i2 }
+        } else {
+            SweepAction::Done
+        }
+    }
+
+    /// Performs the next action and returns it.
+    pub fn step(&mut self) -> SweepAction {
+        let a = self.next_action();
+        match a {
+            SweepAction::Column { .. } => self.quantize_column(),
+            SweepAction::BlockUpdate { .. } => self.update_later_blocks(),
+            SweepAction::Done => {}
+        }
+        a
+    }
+
+    /// The whole sweep (IST's two nested loops).
+    pub fn run(&mut self) {
+        while self.step() != SweepAction::Done {}
+    }
+
+    /// IST's inner loop body for processing column `k = i1 + i`: group parameters, quantization,
+    /// the proxy loss term, and the in-block rank-1 update of `W1[:, i:]` (GPTAQ: plus its P term).
+    fn quantize_column(&mut self) {
+        let (rows, n, bs) = (self.rows, self.n, self.bs);
+        let (i1, i2, i) = (self.i1, self.i2(), self.i);
+        let cnt = i2 - i1;
+        let k = i1 + i;
+        if let Some(gs) = self.cfg.group_size {
+            let params = match &self.static_groups {
+                None if k % gs == 0 => {
+                    // Reads W (cross-block updates only), not W1: the reference quirk.
+                    let g = find_group_params(&self.w, rows, n, k, k + gs, &self.spec);
+                    self.dyn_groups.push(g);
+                    self.dyn_groups.last()
+                }
+                None => None,
+                Some(groups) => {
+                    let kk = self.perm.as_ref().map_or(k, |p| p[k]);
+                    groups.get(kk / gs)
+                }
+            };
+            if let Some(g) = params {
+                self.cur = (0..rows).filter_map(|r| g.row(r)).collect();
+            }
+        }
+        let maxq = self.spec.maxq;
+        let u = &self.factor.u;
+        let dkk = u[k * n + k];
+        let urow = &u[k * n + i1..k * n + i2];
+        let prow = self.p.as_ref().map(|p| &p[k * n + i1..k * n + i2]);
+        let mut col_loss = 0.0_f64;
+        for r in 0..rows {
+            let Some(&params) = self.cur.get(r) else {
+                self.failed = true;
+                return;
+            };
+            let wv = self.w1[r * bs + i];
+            if !wv.is_finite() {
+                self.failed = true;
+                return;
+            }
+            let code = quantize_code(wv, params, maxq);
+            let qv = dequantize(code, params);
+            self.q[r * n + k] = qv;
+            self.codes[r * n + k] = code as u8;
+            let l = (wv - qv) * (wv - qv) / (dkk * dkk) / 2.0;
+            self.loss += l;
+            col_loss += l;
+            if let Some(rec) = &mut self.record {
+                rec.pre[r * n + k] = wv;
+            }
+            let e = (wv - qv) / dkk;
+            let w1row = &mut self.w1[r * bs..r * bs + cnt];
+            match prow {
+                None => {
+                    for j in i..cnt {
+                        w1row[j] -= e * urow[j];
                     }
                 }
-                let dkk = u[k * n + k];
-                let urow = &u[k * n + i1..k * n + i2];
-                let prow = self.p.map(|p| &p[k * n + i1..k * n + i2]);
-                for r in 0..rows {
-                    let params = *cur.get(r)?;
-                    let wv = w1[r * bs + i];
-                    if !wv.is_finite() {
-                        return None;
+                Some(prow) => {
+                    for j in i..cnt {
+                        w1row[j] -= e * urow[j] - wv * prow[j];
                     }
-                    let code = quantize_code(wv, params, maxq);
-                    let qv = dequantize(code, params);
-                    q[r * n + k] = qv;
-                    codes[r * n + k] = code as u8;
-                    loss += (wv - qv) * (wv - qv) / (dkk * dkk) / 2.0;
-                    let e = (wv - qv) / dkk;
-                    let w1row = &mut w1[r * bs..r * bs + cnt];
-                    match prow {
-                        None => {
-                            for j in i..cnt {
-                                w1row[j] -= e * urow[j];
-                            }
-                        }
-                        Some(prow) => {
-                            for j in i..cnt {
-                                w1row[j] -= e * urow[j] - wv * prow[j];
-                            }
-                        }
-                    }
-                    err1[r * bs + i] = e;
                 }
             }
-            // Lazy batch update of all later columns.
-            if i2 < n {
-                for r in 0..rows {
-                    acc_u[i2..].fill(0.0);
-                    acc_p[i2..].fill(0.0);
-                    for t in 0..cnt {
-                        let e = err1[r * bs + t];
-                        let urow = &u[(i1 + t) * n..(i1 + t + 1) * n];
-                        for c in i2..n {
-                            acc_u[c] += e * urow[c];
-                        }
-                        if let Some(p) = self.p {
-                            let wq = w1[r * bs + t];
-                            let prow = &p[(i1 + t) * n..(i1 + t + 1) * n];
-                            for c in i2..n {
-                                acc_p[c] += wq * prow[c];
-                            }
-                        }
+            self.err1[r * bs + i] = e;
+        }
+        self.column_loss[k] = col_loss;
+        self.i += 1;
+    }
+
+    /// IST's lazy batch update after a block: `W[:, i2:] −= Err1·U[i1:i2, i2:]` (GPTAQ: `+=
+    /// W1·P[i1:i2, i2:]`), then the next block is loaded.
+    fn update_later_blocks(&mut self) {
+        let (rows, n, bs) = (self.rows, self.n, self.bs);
+        let (i1, i2) = (self.i1, self.i2());
+        let cnt = i2 - i1;
+        let u = &self.factor.u;
+        // Element-wise the same operations, in the same order, as IST's `Err1·U[i1:i2, i2:]`
+        // accumulated row by row (what keeps the stepped and the one-shot solve bit-identical).
+        for r in 0..rows {
+            let (acc_u, acc_p) = (&mut self.acc_u[i2..], &mut self.acc_p[i2..]);
+            acc_u.fill(0.0);
+            acc_p.fill(0.0);
+            for t in 0..cnt {
+                let e = self.err1[r * bs + t];
+                let urow = &u[(i1 + t) * n + i2..(i1 + t + 1) * n];
+                for (a, &uc) in acc_u.iter_mut().zip(urow) {
+                    *a += e * uc;
+                }
+                if let Some(p) = &self.p {
+                    let wq = self.w1[r * bs + t];
+                    let prow = &p[(i1 + t) * n + i2..(i1 + t + 1) * n];
+                    for (a, &pc) in acc_p.iter_mut().zip(prow) {
+                        *a += wq * pc;
                     }
-                    let wrow = &mut w[r * n..(r + 1) * n];
-                    if self.p.is_some() {
-                        for c in i2..n {
-                            wrow[c] -= acc_u[c] - acc_p[c];
-                        }
-                    } else {
-                        for c in i2..n {
-                            wrow[c] -= acc_u[c];
-                        }
-                    }
+                }
+            }
+            let wrow = &mut self.w[r * n + i2..(r + 1) * n];
+            if self.p.is_some() {
+                for ((x, &au), &ap) in wrow.iter_mut().zip(acc_u.iter()).zip(acc_p.iter()) {
+                    *x -= au - ap;
+                }
+            } else {
+                for (x, &au) in wrow.iter_mut().zip(acc_u.iter()) {
+                    *x -= au;
                 }
             }
         }
-        if !loss.is_finite() {
-            return None;
+        self.i1 = i2;
+        self.i = 0;
+        self.load_block();
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+    pub fn cols(&self) -> usize {
+        self.n
+    }
+    pub fn block_size(&self) -> usize {
+        self.bs
+    }
+    /// `U` (processing order, `n × n`).
+    pub fn u(&self) -> &[f64] {
+        &self.factor.u
+    }
+    /// GPTAQ's `P` with α applied (processing order, `n × n`).
+    pub fn p(&self) -> Option<&[f64]> {
+        self.p.as_deref()
+    }
+    pub fn perm(&self) -> Option<&[usize]> {
+        self.perm.as_deref()
+    }
+    /// Absolute damping added to the diagonal.
+    pub fn damp(&self) -> f64 {
+        self.factor.damp
+    }
+    /// `diag(H)` before damping, processing order.
+    pub fn h_diag(&self) -> &[f32] {
+        &self.h_diag
+    }
+    /// Σ of the proxy loss terms so far.
+    pub fn proxy_loss_sum(&self) -> f64 {
+        self.loss
+    }
+    /// Per-column proxy loss so far (processing order; 0 for columns not quantized yet).
+    pub fn column_loss(&self) -> &[f64] {
+        &self.column_loss
+    }
+    /// Fake-quantized values so far (processing order; 0 for columns not quantized yet).
+    pub fn q(&self) -> &[f64] {
+        &self.q
+    }
+    pub fn recorded(&self) -> Option<&SweepRecord> {
+        self.record.as_ref()
+    }
+    /// The current block's scaled errors and its W1, both `[rows, block_size]` (stride
+    /// `block_size`, the first `i2 − i1` columns used).
+    pub fn block_buffers(&self) -> (&[f64], &[f64]) {
+        (&self.err1, &self.w1)
+    }
+
+    /// Every weight as the sweep holds it now, processing order `[rows, n]`: `q` for quantized
+    /// columns, the in-block values of the current block's other columns, and W (with the
+    /// cross-block updates so far) beyond the block.
+    pub fn current_weights(&self) -> Vec<f64> {
+        let (rows, n, bs) = (self.rows, self.n, self.bs);
+        let (i1, i2) = (self.i1, self.i2());
+        let done = i1 + self.i;
+        let mut out = self.w.clone();
+        for r in 0..rows {
+            out[r * n..r * n + done].copy_from_slice(&self.q[r * n..r * n + done]);
+            for c in done..i2 {
+                out[r * n + c] = self.w1[r * bs + c - i1];
+            }
+        }
+        out
+    }
+
+    /// The solve's result in original column order (`quantize_f64`'s outputs), or the RTN fallback
+    /// of the caller's `w` / `h` (the arrays the sweep was started from) when a non-finite value
+    /// stopped the sweep or it was not run to the end.
+    pub fn into_result(self, w: &[f64], h: &[f64]) -> Result<QuantResult, QuantError> {
+        let (rows, n) = (self.rows, self.n);
+        let reason = if self.failed || !self.loss.is_finite() {
+            Some("non-finite values during the GPTQ sweep")
+        } else if self.next_action() != SweepAction::Done {
+            Some("the sweep was stopped before its last column")
+        } else {
+            None
+        };
+        if let Some(reason) = reason {
+            let reason = reason.to_string();
+            return rtn_with_h(w, rows, n, h, &self.cfg, Some(Fallback::Rtn { reason }));
+        }
+        // Back to original column order: processing position k holds original column perm[k].
+        let n_el = rows * n;
+        let mut q = vec![0.0_f32; n_el];
+        let mut codes = vec![0_u8; n_el];
+        for r in 0..rows {
+            for k in 0..n {
+                let j = self.perm.as_ref().map_or(k, |p| p[k]);
+                q[r * n + j] = self.q[r * n + k] as f32;
+                codes[r * n + j] = self.codes[r * n + k];
+            }
         }
         let groups = match (self.cfg.group_size, self.static_groups, self.row_params) {
-            (Some(_), Some(s), _) => s.to_vec(),
-            (Some(_), None, _) => dyn_groups,
-            (None, _, Some(rp)) => vec![rp.clone()],
+            (Some(_), Some(s), _) => s,
+            (Some(_), None, _) => self.dyn_groups,
+            (None, _, Some(rp)) => vec![rp],
             (None, _, None) => Vec::new(),
         };
-        Some(SweepOut {
+        let (scales, zeros): (Vec<f32>, Vec<u32>) = groups
+            .iter()
+            .flat_map(|g| g.scale.iter().zip(&g.zero))
+            .map(|(&s, &z)| (s as f32, z))
+            .unzip();
+        let gs = self.cfg.group_len(n);
+        let g_idx: Vec<u32> = match (&self.perm, self.cfg.group_size, self.cfg.static_groups) {
+            (Some(p), Some(_), false) => {
+                let mut inv = vec![0_usize; n];
+                for (k, &j) in p.iter().enumerate() {
+                    inv[j] = k;
+                }
+                inv.iter().map(|&k| (k / gs) as u32).collect()
+            }
+            _ => (0..n).map(|j| (j / gs) as u32).collect(),
+        };
+        Ok(QuantResult {
+            rows,
+            cols: n,
             q,
             codes,
-            groups,
-            loss,
+            scales,
+            zeros,
+            g_idx,
+            perm: self.perm,
+            proxy_loss_sum: self.loss,
+            column_loss: self.column_loss,
+            h_diag: self.h_diag,
+            damp: self.factor.damp,
+            damp_percent: self.factor.damp_percent,
+            fallback: self.factor.fallback.clone(),
         })
     }
 }

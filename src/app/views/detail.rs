@@ -1,13 +1,13 @@
 //! The module detail panel: the row's numbers (both runs in a comparison), and the worker's
 //! pictures: |W| and |W-Q| heatmaps, the weights on the quantization grid, the per-column error
-//! along the processing order.
+//! along the processing order, the diag(H) spectrum and GPTQ's per-column proxy loss.
 
-use egui::{RichText, Sense, Vec2};
-use egui_plot::{Bar, BarChart, Line, Plot, PlotPoints, VLine};
+use egui::{RichText, Vec2};
+use egui_plot::{Bar, BarChart, Legend, Line, LineStyle, Plot, PlotPoints, VLine};
 
 use super::super::AppState;
 use super::super::state::{ModuleDetail, Origin, RunSlot};
-use super::{fmt_sci, palette, ramp};
+use super::{fmt_sci, heatmap_ui, log10_points, palette};
 
 pub fn detail_ui(ui: &mut egui::Ui, st: &mut AppState) {
     let Some(sel) = st.selected.clone() else {
@@ -84,43 +84,14 @@ pub fn detail_ui(ui: &mut egui::Ui, st: &mut AppState) {
             });
         }
     }
-    ui.add_space(4.0);
-    ui.small(
-        "diag(H) spectrum and per-column proxy loss are not recorded by the pipeline yet \
-         (they need the Hessian, which stays on the GPU).",
-    );
-}
-
-fn heatmap_ui(ui: &mut egui::Ui, title: &str, rows: usize, cols: usize, v: &[f32]) {
-    ui.vertical(|ui| {
-        let max = v.iter().copied().fold(0f32, f32::max);
-        ui.label(format!("{title} (max {max:.3e})"));
-        let side = 190.0f32;
-        let (rect, resp) = ui.allocate_exact_size(Vec2::splat(side), Sense::hover());
-        let (cw, ch) = (side / cols.max(1) as f32, side / rows.max(1) as f32);
-        let painter = ui.painter_at(rect);
-        for r in 0..rows {
-            for c in 0..cols {
-                let x = v.get(r * cols + c).copied().unwrap_or(0.0);
-                let t = if max > 0.0 { x / max } else { 0.0 };
-                let min = rect.min + Vec2::new(c as f32 * cw, r as f32 * ch);
-                painter.rect_filled(
-                    egui::Rect::from_min_size(min, Vec2::new(cw + 0.5, ch + 0.5)),
-                    0.0,
-                    ramp(t.sqrt()),
-                );
-            }
-        }
-        resp.on_hover_text(format!(
-            "{title}: rows = output features, columns = input features, {rows}×{cols} blocks (mean per block, colour ~ sqrt value)"
-        ));
-    });
 }
 
 fn pictures_ui(ui: &mut egui::Ui, d: &ModuleDetail) {
+    let side = Vec2::splat(190.0);
+    let hover = "rows = output features, columns = input features";
     ui.horizontal(|ui| {
-        heatmap_ui(ui, "|W|", d.heat_rows, d.heat_cols, &d.weight_heat);
-        heatmap_ui(ui, "|W-Q|", d.heat_rows, d.heat_cols, &d.error_heat);
+        heatmap_ui(ui, "|W|", &d.weight_heat, side, None, &[], hover);
+        heatmap_ui(ui, "|W-Q|", &d.error_heat, side, None, &[], hover);
     });
     ui.label("weights on the quantization grid (w/scale + zero; lines = grid points)");
     let n = d.hist.len().max(1);
@@ -163,5 +134,113 @@ fn pictures_ui(ui: &mut egui::Ui, d: &ModuleDetail) {
         .allow_scroll(false)
         .show(ui, |p| {
             p.line(Line::new("column error", PlotPoints::from(pts)).color(palette::KINDS[3]));
+        });
+    spectrum_ui(ui, d);
+    column_loss_ui(ui, d);
+}
+
+/// diag(H) sorted (the spectrum) and along the processing order, on a log axis: with act-order
+/// the two coincide, which is why act-order processes the large-diagonal columns first.
+fn spectrum_ui(ui: &mut egui::Ui, d: &ModuleDetail) {
+    ui.label("diag(H): sorted descending (spectrum) and along the processing order (log10)");
+    let diag = match &d.h_diag {
+        Ok(v) => v,
+        Err(why) => {
+            ui.label(RichText::new(why).italics());
+            return;
+        }
+    };
+    let sorted = log10_points(
+        d.h_spectrum
+            .iter()
+            .enumerate()
+            .map(|(i, v)| [i as f64, f64::from(*v)]),
+    );
+    let along = log10_points(
+        diag.iter()
+            .enumerate()
+            .map(|(i, v)| [i as f64, f64::from(*v)]),
+    );
+    let (hi, lo) = (
+        d.h_spectrum.first().copied().unwrap_or(0.0),
+        d.h_spectrum.last().copied().unwrap_or(0.0),
+    );
+    ui.small(format!(
+        "largest {hi:.3e}, smallest {lo:.3e}: a column with a large H_jj carries much input energy, \
+         so its rounding error costs most; act-order quantizes those first while many columns are \
+         still free to absorb the error{}",
+        if d.act_order {
+            " (act-order is on: the two lines coincide)"
+        } else {
+            " (act-order is off: columns go in their original order)"
+        }
+    ));
+    Plot::new(format!("hdiag_{:?}_{}_{}", d.slot, d.layer, d.module))
+        .height(160.0)
+        .legend(Legend::default())
+        .allow_scroll(false)
+        .x_axis_label("rank / processing position")
+        .y_axis_formatter(|m, _| format!("1e{:.1}", m.value))
+        .show(ui, |p| {
+            p.line(
+                Line::new("diag(H) sorted", PlotPoints::from(sorted))
+                    .color(palette::KINDS[0])
+                    .width(2.0),
+            );
+            p.line(
+                Line::new("diag(H) in processing order", PlotPoints::from(along))
+                    .color(palette::KINDS[1])
+                    .style(LineStyle::dashed_loose()),
+            );
+        });
+}
+
+/// GPTQ's proxy loss per column along the processing order, with its cumulative share.
+fn column_loss_ui(ui: &mut egui::Ui, d: &ModuleDetail) {
+    ui.label("proxy loss per column (w-q)^2/(2 U_jj^2) along the processing order");
+    let loss = match &d.column_loss {
+        Ok(v) => v,
+        Err(why) => {
+            ui.label(RichText::new(why).italics());
+            return;
+        }
+    };
+    let total: f64 = loss.iter().sum();
+    let (peak_at, peak) = loss
+        .iter()
+        .copied()
+        .enumerate()
+        .fold((0, 0.0f64), |a, (i, v)| if v > a.1 { (i, v) } else { a });
+    ui.small(format!(
+        "total {total:.4e} per sequence, largest {peak:.3e} at position {peak_at}; \
+         lines: each column / the largest, and the running sum / the total"
+    ));
+    let scale = if peak > 0.0 { peak } else { 1.0 };
+    let per: Vec<[f64; 2]> = loss
+        .iter()
+        .enumerate()
+        .map(|(i, v)| [i as f64, v / scale])
+        .collect();
+    let mut run = 0.0;
+    let cumulative: Vec<[f64; 2]> = loss
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            run += v;
+            [i as f64, if total > 0.0 { run / total } else { 0.0 }]
+        })
+        .collect();
+    Plot::new(format!("colloss_{:?}_{}_{}", d.slot, d.layer, d.module))
+        .height(160.0)
+        .legend(Legend::default())
+        .allow_scroll(false)
+        .x_axis_label("processing position")
+        .show(ui, |p| {
+            p.line(Line::new("per column / max", PlotPoints::from(per)).color(palette::KINDS[3]));
+            p.line(
+                Line::new("cumulative / total", PlotPoints::from(cumulative))
+                    .color(palette::KINDS[2])
+                    .width(2.0),
+            );
         });
 }

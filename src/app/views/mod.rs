@@ -11,11 +11,12 @@ mod start;
 
 use std::path::PathBuf;
 
-use egui::{Color32, RichText};
+use egui::{Color32, RichText, Sense, Vec2};
 
 use super::state::Grade;
 use super::worker::Command;
 use super::{AppState, Level};
+use crate::lab::heatmap::Heatmap;
 
 /// What a click asked for; the app turns these into worker commands or path handling.
 pub enum UiAction {
@@ -79,6 +80,56 @@ pub fn ramp(t: f32) -> Color32 {
     Color32::from_rgb(mix(a.r(), b.r()), mix(a.g(), b.g()), mix(a.b(), b.b()))
 }
 
+/// Draws a heatmap of block means (colour ~ sqrt(value / scale), `scale` = its own maximum unless
+/// given, e.g. shared by two maps that should be compared) with a title line, vertical marker
+/// lines at matrix columns (`markers`), and `hover` as the tooltip.
+pub fn heatmap_ui(
+    ui: &mut egui::Ui,
+    title: &str,
+    map: &Heatmap,
+    size: Vec2,
+    scale: Option<f32>,
+    markers: &[(usize, Color32)],
+    hover: &str,
+) {
+    ui.vertical(|ui| {
+        let max = scale.unwrap_or_else(|| map.max());
+        ui.label(format!("{title} (max {:.2e})", map.max()));
+        let (rect, resp) = ui.allocate_exact_size(size, Sense::hover());
+        let painter = ui.painter_at(rect);
+        let (rows, cols) = (map.rows.max(1), map.cols.max(1));
+        let (cw, ch) = (size.x / cols as f32, size.y / rows as f32);
+        for r in 0..map.rows {
+            for c in 0..map.cols {
+                let x = map.values.get(r * map.cols + c).copied().unwrap_or(0.0);
+                let t = if max > 0.0 { x / max } else { 0.0 };
+                let min = rect.min + Vec2::new(c as f32 * cw, r as f32 * ch);
+                painter.rect_filled(
+                    egui::Rect::from_min_size(min, Vec2::new(cw + 0.5, ch + 0.5)),
+                    0.0,
+                    ramp(t.sqrt()),
+                );
+            }
+        }
+        for &(col, color) in markers {
+            let x = rect.left() + col as f32 / map.src_cols.max(1) as f32 * size.x;
+            painter.vline(x, rect.y_range(), egui::Stroke::new(1.5, color));
+        }
+        resp.on_hover_text(format!(
+            "{hover} ({} x {} matrix shown as {} x {} blocks, mean per block)",
+            map.src_rows, map.src_cols, map.rows, map.cols
+        ));
+    });
+}
+
+/// `log10` of the positive, finite points (for plots on a log y axis).
+pub fn log10_points(pts: impl IntoIterator<Item = [f64; 2]>) -> Vec<[f64; 2]> {
+    pts.into_iter()
+        .filter(|p| p[1] > 0.0 && p[1].is_finite())
+        .map(|p| [p[0], p[1].log10()])
+        .collect()
+}
+
 pub fn fmt_sci(v: Option<f64>) -> String {
     v.map_or_else(|| "–".into(), |x| format!("{x:.3e}"))
 }
@@ -128,6 +179,8 @@ pub fn root_ui(ui: &mut egui::Ui, st: &mut AppState, out: &mut Vec<UiAction>) {
     egui::CentralPanel::default().show(ui, |ui| {
         if st.session.is_some() {
             run::session_ui(ui, st, out);
+        } else if st.lab.standalone {
+            lab::standalone_lab_ui(ui, st, out);
         } else {
             start::start_screen_ui(ui, st, out);
         }

@@ -97,6 +97,11 @@ pub fn start_screen_ui(ui: &mut egui::Ui, st: &mut AppState, out: &mut Vec<UiAct
                  synthetic model being quantized layer by layer. Drop a folder, a calibration file or \
                  a saved report (.json) anywhere on the window.",
             );
+            ui.add_space(4.0);
+            ui.horizontal_wrapped(|ui| {
+                ui.label("Or open a layer-lab capture (one module's W, H, D, E) to study GPTQ vs GPTAQ on it:");
+                super::lab::capture_file_ui(ui, st, out, false);
+            });
             ui.add_space(8.0);
             model_overview_ui(ui, st, out);
         });

@@ -1,0 +1,734 @@
+//! Layer lab (compute side): re-solve one captured module ([`CapturedModule`]) with any settings and
+//! measure it exactly, without re-running the model.
+//!
+//! With ΔX = X_fp − X_q, ΔW = W − Q and the captured `H = 2/N·X_qᵀX_q`, `D = 2/N·ΔXᵀX_q`,
+//! `E = 2/N·ΔXᵀΔX`, the three relative errors of the pipeline (`pipeline::events::ModuleReport`)
+//! are ratios of traces (the N/2 cancels):
+//! - quantization error `tr(ΔW H ΔWᵀ) / tr(W F Wᵀ)`,
+//! - asymmetry error `tr(W E Wᵀ) / tr(W F Wᵀ)`,
+//! - output error `tr(ΔW H ΔWᵀ + W E Wᵀ + 2·ΔW Dᵀ Wᵀ) / tr(W F Wᵀ)`,
+//!
+//! where `F = H + D + Dᵀ + E = 2/N·X_fpᵀX_fp`. GPTQ minimises the first term only; GPTAQ's
+//! objective (paper eq. 7) is `‖Q X_qᵀ − W X_fpᵀ‖²`, i.e. the output error, which it reaches through
+//! the P term (`P = α·triu₁(D·Uᵀ)·U`, algorithm.md §2.2); α = 0 is GPTQ.
+//!
+//! [`Lab`] holds one capture and what re-solves share (the factorisation of H, GPTAQ's unscaled P,
+//! the Q-independent error terms), so moving α or the bits only re-runs the sweep;
+//! [`Lab::study`] adds the lab's per-column traces and pictures, and [`step`] the step mode. Every
+//! solve is the f64 reference's own sweep ([`reference::quantize_f64`]), bit for bit.
+
+pub mod heatmap;
+pub mod step;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Instant;
+
+use crate::model::ModuleKind;
+use crate::pipeline::CapturedModule;
+use crate::quant::reference::{self, FactorCache, SweepRecord, SweepStart, SweepState};
+use crate::quant::{Method, QuantConfig, QuantError, QuantResult};
+
+use heatmap::Heatmap;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LabError {
+    #[error(transparent)]
+    Quant(#[from] QuantError),
+    #[error("{path}: {message}")]
+    File { path: String, message: String },
+    #[error(
+        "the step mode takes modules up to {max_cols} input columns and {max_weights} weights; this one is {rows} x {cols}",
+        max_cols = step::STEP_MAX_COLS,
+        max_weights = step::STEP_MAX_WEIGHTS
+    )]
+    StepTooLarge { rows: usize, cols: usize },
+    #[error("nothing to step: {0}")]
+    NoSweep(String),
+    #[error("the step mode has not been started")]
+    NoStepper,
+}
+
+fn file_err(path: &Path, message: impl Into<String>) -> LabError {
+    LabError::File {
+        path: path.display().to_string(),
+        message: message.into(),
+    }
+}
+
+/// The errors of one solution, on the captured calibration tokens.
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LabMetrics {
+    pub quant_error: f64,
+    pub asym_error: f64,
+    pub output_error: f64,
+    /// GPTQ proxy loss Σ(w−q)²/(2U_jj²) / N.
+    pub proxy_loss: f64,
+}
+
+/// One re-solve.
+#[derive(Clone, Debug)]
+pub struct LabSolve {
+    pub config: QuantConfig,
+    pub result: QuantResult,
+    pub metrics: LabMetrics,
+    pub secs: f64,
+}
+
+/// `A·M` for `A` `[rows, n]` (f64) and `M` `[n, n]` (f32, widened), row-major.
+fn mul(a: &[f64], m: &[f32], rows: usize, n: usize) -> Vec<f64> {
+    let mut out = vec![0.0f64; rows * n];
+    for (ar, or) in a.chunks_exact(n.max(1)).zip(out.chunks_exact_mut(n.max(1))) {
+        for (i, &ai) in ar.iter().enumerate() {
+            if ai == 0.0 {
+                continue;
+            }
+            for (x, &mij) in or.iter_mut().zip(&m[i * n..(i + 1) * n]) {
+                *x += ai * f64::from(mij);
+            }
+        }
+    }
+    out
+}
+
+/// `A·Mᵀ` for `A` `[rows, n]` and `M` `[n, n]`, row-major.
+fn mul_t(a: &[f64], m: &[f32], rows: usize, n: usize) -> Vec<f64> {
+    let mut out = vec![0.0f64; rows * n];
+    for (ar, or) in a.chunks_exact(n.max(1)).zip(out.chunks_exact_mut(n.max(1))) {
+        for (j, x) in or.iter_mut().enumerate() {
+            *x = ar
+                .iter()
+                .zip(&m[j * n..(j + 1) * n])
+                .map(|(p, &q)| p * f64::from(q))
+                .sum();
+        }
+    }
+    out
+}
+
+/// `Σ_r Σ_j A_rj·B_rj` (= `tr(A Bᵀ)`), summed row by row.
+fn frob_dot(a: &[f64], b: &[f64], n: usize) -> f64 {
+    a.chunks_exact(n.max(1))
+        .zip(b.chunks_exact(n.max(1)))
+        .map(|(x, y)| x.iter().zip(y).map(|(p, q)| p * q).sum::<f64>())
+        .sum()
+}
+
+/// The parts of the error formulas (module docs) that do not depend on `Q`: `W·D`, `W·E`, the
+/// inherited `tr(W E Wᵀ)` and the denominator `tr(W F Wᵀ)`. Computed once per capture, so one
+/// solution costs one more `[rows, n]·[n, n]` product (`ΔW·H`).
+struct FixedTerms {
+    wd: Vec<f64>,
+    we: Vec<f64>,
+    asym: f64,
+    denom: f64,
+}
+
+impl FixedTerms {
+    fn new(c: &CapturedModule, w: &[f64]) -> Self {
+        let n = c.cols;
+        let wh = mul(w, &c.h, c.rows, n);
+        let wd = mul(w, &c.d, c.rows, n);
+        let we = mul(w, &c.e, c.rows, n);
+        let asym = frob_dot(w, &we, n);
+        // tr(W (H + D + Dᵀ + E) Wᵀ), with tr(W Dᵀ Wᵀ) = tr(W D Wᵀ).
+        let denom = frob_dot(w, &wh, n) + 2.0 * frob_dot(w, &wd, n) + asym;
+        Self {
+            wd,
+            we,
+            asym,
+            denom,
+        }
+    }
+
+    fn rel(&self, x: f64) -> f64 {
+        if self.denom > 0.0 {
+            x / self.denom
+        } else {
+            0.0
+        }
+    }
+
+    /// The errors of `q` (original order) and `ΔW·H` for the caller's further use.
+    fn metrics(
+        &self,
+        c: &CapturedModule,
+        w: &[f64],
+        q: &[f32],
+        proxy_loss_sum: f64,
+    ) -> (LabMetrics, Vec<f64>, Vec<f64>) {
+        let n = c.cols;
+        let dw: Vec<f64> = w.iter().zip(q).map(|(&a, &b)| a - f64::from(b)).collect();
+        let dwh = mul(&dw, &c.h, c.rows, n);
+        let quant = frob_dot(&dw, &dwh, n);
+        // tr(ΔW Dᵀ Wᵀ) = tr(W D ΔWᵀ).
+        let cross = frob_dot(&dw, &self.wd, n);
+        let m = LabMetrics {
+            quant_error: self.rel(quant),
+            asym_error: self.rel(self.asym),
+            output_error: self.rel((quant + self.asym + 2.0 * cross).max(0.0)),
+            proxy_loss: proxy_loss_sum / c.nsamples.max(1) as f64,
+        };
+        (m, dw, dwh)
+    }
+
+    /// Each input column's share of the output error, relative, in original column order. The
+    /// output residual is `R = ΔW X_qᵀ + W ΔXᵀ = Σ_j R_j` with `R_j` the part caused by input
+    /// feature j (its weight error seen through X_q, its input error seen through W), so
+    /// `‖R‖² = Σ_j ⟨R, R_j⟩` and, in the captured Grams (`D = 2/N·ΔXᵀX_q`, `E = 2/N·ΔXᵀΔX`),
+    /// `⟨R, R_j⟩ ∝ Σ_r ΔW_rj·(ΔW H + W D)_rj + W_rj·(ΔW Dᵀ + W E)_rj`. The shares sum to the
+    /// output error (before its clamp at 0); a share can be negative (the column cancels part of
+    /// the others' residual).
+    fn column_output(&self, c: &CapturedModule, w: &[f64], dw: &[f64], dwh: &[f64]) -> Vec<f64> {
+        let n = c.cols;
+        let dwdt = mul_t(dw, &c.d, c.rows, n);
+        let mut col = vec![0.0f64; n];
+        for r in 0..c.rows {
+            let o = r * n;
+            for (j, x) in col.iter_mut().enumerate() {
+                let i = o + j;
+                *x += dw[i] * (dwh[i] + self.wd[i]) + w[i] * (dwdt[i] + self.we[i]);
+            }
+        }
+        col.iter().map(|&x| self.rel(x)).collect()
+    }
+}
+
+fn widen(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&x| f64::from(x)).collect()
+}
+
+/// Exact relative errors of `q` for the captured module (see the module docs).
+pub fn metrics(c: &CapturedModule, q: &[f32], proxy_loss_sum: f64) -> LabMetrics {
+    let w = widen(&c.w);
+    FixedTerms::new(c, &w).metrics(c, &w, q, proxy_loss_sum).0
+}
+
+/// Re-solves the captured module with `cfg` (the f64 reference solver: exact, and fast enough for
+/// modules up to ~1k wide; the GPU solve takes over for wider ones when available).
+pub fn solve(c: &CapturedModule, cfg: &QuantConfig) -> Result<LabSolve, LabError> {
+    Lab::new(c.clone()).solve(cfg)
+}
+
+/// GPTAQ at each α (α = 0 is GPTQ), other settings from `base`.
+pub fn alpha_sweep(
+    c: &CapturedModule,
+    base: &QuantConfig,
+    alphas: &[f64],
+) -> Result<Vec<(f64, LabMetrics)>, LabError> {
+    Lab::new(c.clone()).alpha_sweep(base, alphas)
+}
+
+/// The α values of the lab's "output error vs α" curve.
+pub fn sweep_alphas() -> Vec<f64> {
+    (0..=10).map(|i| f64::from(i) / 10.0).collect()
+}
+
+/// Largest heatmap side of the lab's solution pictures (cells).
+const STUDY_HEAT: usize = 64;
+
+/// One method's solution of the captured module with the lab's pictures; every per-column vector
+/// is in that solve's PROCESSING order (`LabStudy::perm`; original order for an RTN fallback).
+#[derive(Clone, Debug)]
+pub struct SideStudy {
+    pub method: Method,
+    pub metrics: LabMetrics,
+    pub fallback: Option<crate::quant::Fallback>,
+    /// The proxy loss each column adds once the OBS update has moved the later columns,
+    /// `Σ_r (w−q)²/(2·U_kk²) / N` (`QuantResult::column_loss`). Empty for an RTN fallback.
+    pub column_loss: Vec<f64>,
+    /// What rounding the same values would add with no compensation of the later columns,
+    /// `Σ_r (w−q)²·H̃_kk/2 / N` (H̃ the damped H). `H̃_kk ≥ 1/U_kk²`, so the gap to `column_loss` is
+    /// what the OBS update removes downstream. Empty for an RTN fallback.
+    pub column_loss_uncompensated: Vec<f64>,
+    /// Each column's share of the relative output error (they sum to `metrics.output_error`).
+    pub column_output: Vec<f64>,
+    /// Mean |Q| per block.
+    pub heat_q: Heatmap,
+    /// Mean |W − Q| per block.
+    pub heat_err: Heatmap,
+    /// Mean |w_pre − w| per block: how far the OBS (and GPTAQ) updates moved each weight before it
+    /// was quantized. Empty for an RTN fallback.
+    pub heat_comp: Heatmap,
+    pub secs: f64,
+}
+
+/// GPTQ beside GPTAQ on the captured module, with the α sweep.
+#[derive(Clone, Debug)]
+pub struct LabStudy {
+    /// The settings of both solves (method GPTQ; GPTAQ uses `alpha`).
+    pub config: QuantConfig,
+    pub alpha: f64,
+    pub gptq: SideStudy,
+    pub gptaq: SideStudy,
+    /// Processing order (act-order permutation) of the solves, `None` = original order.
+    pub perm: Option<Vec<usize>>,
+    /// `diag(H)` before damping, processing order.
+    pub h_diag: Vec<f32>,
+    /// `‖P[k, :]‖` per processing column at `alpha` (GPTAQ's correction per input feature). Empty
+    /// when GPTAQ fell back to RTN.
+    pub p_row_norms: Vec<f64>,
+    /// Mean |W| per block (dead columns zeroed), processing order.
+    pub heat_w: Heatmap,
+    /// `(α, metrics)` for [`sweep_alphas`].
+    pub sweep: Vec<(f64, LabMetrics)>,
+    pub secs: f64,
+}
+
+/// A captured module and everything the lab reuses between re-solves: its widened arrays, the
+/// Q-independent error terms, the factorisation of H (and GPTAQ's unscaled P), the α sweep of the
+/// last settings, and the step mode's sweep. Changing bits, groups, block size or α re-runs only
+/// the O(rows·n²) sweep; act-order or damping refactor H.
+pub struct Lab {
+    capture: CapturedModule,
+    w: Vec<f64>,
+    h: Vec<f64>,
+    d: Vec<f64>,
+    fixed: Option<FixedTerms>,
+    factors: FactorCache,
+    sweep: Option<(QuantConfig, Vec<(f64, LabMetrics)>)>,
+    stepper: Option<step::Stepper>,
+}
+
+impl Lab {
+    pub fn new(capture: CapturedModule) -> Self {
+        Self {
+            w: widen(&capture.w),
+            h: widen(&capture.h),
+            d: widen(&capture.d),
+            capture,
+            fixed: None,
+            factors: FactorCache::default(),
+            sweep: None,
+            stepper: None,
+        }
+    }
+
+    pub fn capture(&self) -> &CapturedModule {
+        &self.capture
+    }
+
+    /// The sweep of `cfg` set up (factorisation from the cache), not run yet.
+    fn start(&mut self, cfg: &QuantConfig, record: bool) -> Result<SweepStart, LabError> {
+        let c = &self.capture;
+        let d = matches!(cfg.method, Method::Gptaq { .. }).then_some(self.d.as_slice());
+        Ok(reference::start_sweep(
+            &self.w,
+            c.rows,
+            c.cols,
+            &self.h,
+            d,
+            cfg,
+            Some(&mut self.factors),
+            record,
+        )?)
+    }
+
+    /// [`reference::quantize_reference`] of the capture with `cfg` (bit-identical: the same sweep
+    /// on the same factorisation), and its errors.
+    pub fn solve(&mut self, cfg: &QuantConfig) -> Result<LabSolve, LabError> {
+        let t = Instant::now();
+        let result = match self.start(cfg, false)? {
+            SweepStart::Finished(r) => *r,
+            SweepStart::Sweep(mut s) => {
+                s.run();
+                s.into_result(&self.w, &self.h)?
+            }
+        };
+        let fixed = self
+            .fixed
+            .get_or_insert_with(|| FixedTerms::new(&self.capture, &self.w));
+        let metrics = fixed
+            .metrics(&self.capture, &self.w, &result.q, result.proxy_loss_sum)
+            .0;
+        Ok(LabSolve {
+            config: cfg.clone(),
+            result,
+            metrics,
+            secs: t.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// GPTAQ at each α (α = 0 is GPTQ), other settings from `base`.
+    pub fn alpha_sweep(
+        &mut self,
+        base: &QuantConfig,
+        alphas: &[f64],
+    ) -> Result<Vec<(f64, LabMetrics)>, LabError> {
+        alphas
+            .iter()
+            .map(|&alpha| {
+                let cfg = QuantConfig {
+                    method: Method::Gptaq { alpha },
+                    ..base.clone()
+                };
+                Ok((alpha, self.solve(&cfg)?.metrics))
+            })
+            .collect()
+    }
+
+    /// GPTQ and GPTAQ at `alpha` with `base`'s other settings (its method is ignored), with the
+    /// per-column traces, the pictures, P's row norms and the α sweep (recomputed only when `base`
+    /// changed since the last call).
+    pub fn study(&mut self, base: &QuantConfig, alpha: f64) -> Result<LabStudy, LabError> {
+        let t = Instant::now();
+        let base = QuantConfig {
+            method: Method::Gptq,
+            ..base.clone()
+        };
+        let (gptq, gptq_extra) = self.side(&base)?;
+        let gptaq_cfg = QuantConfig {
+            method: Method::Gptaq { alpha },
+            ..base.clone()
+        };
+        let (gptaq, gptaq_extra) = self.side(&gptaq_cfg)?;
+        let sweep = match &self.sweep {
+            Some((cfg, s)) if *cfg == base => s.clone(),
+            _ => {
+                let s = self.alpha_sweep(&base, &sweep_alphas())?;
+                self.sweep = Some((base.clone(), s.clone()));
+                s
+            }
+        };
+        // P's norms only exist for a GPTAQ sweep; GPTQ's extras stand in if GPTAQ fell back.
+        let c = &self.capture;
+        let extra = gptaq_extra.or(gptq_extra).unwrap_or_else(|| SideExtra {
+            perm: None,
+            h_diag: reference_h_diag(&self.h, c.cols),
+            p_row_norms: Vec::new(),
+            heat_w: Heatmap::mean_abs(&self.w, c.rows, c.cols, STUDY_HEAT, STUDY_HEAT),
+        });
+        Ok(LabStudy {
+            config: base,
+            alpha,
+            gptq,
+            gptaq,
+            perm: extra.perm,
+            h_diag: extra.h_diag,
+            p_row_norms: extra.p_row_norms,
+            heat_w: extra.heat_w,
+            sweep,
+            secs: t.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// One solve with its recorded sweep turned into the lab's traces and pictures, and the
+    /// solve-independent pictures (processing order, diag(H), P's row norms) when the sweep ran.
+    fn side(&mut self, cfg: &QuantConfig) -> Result<(SideStudy, Option<SideExtra>), LabError> {
+        let t = Instant::now();
+        let (rows, n, nsamples) = (self.capture.rows, self.capture.cols, self.capture.nsamples);
+        let per_n = 1.0 / nsamples.max(1) as f64;
+        let (result, traces) = match self.start(cfg, true)? {
+            SweepStart::Finished(r) => (*r, None),
+            SweepStart::Sweep(mut s) => {
+                s.run();
+                let traces = s.recorded().map(|rec| recorded_pictures(&s, rec, per_n));
+                (s.into_result(&self.w, &self.h)?, traces)
+            }
+        };
+        let fixed = self
+            .fixed
+            .get_or_insert_with(|| FixedTerms::new(&self.capture, &self.w));
+        let (metrics, dw, dwh) =
+            fixed.metrics(&self.capture, &self.w, &result.q, result.proxy_loss_sum);
+        let column_output_orig = fixed.column_output(&self.capture, &self.w, &dw, &dwh);
+        // Traces and pictures in the solve's processing order.
+        let order: Vec<usize> = result.perm.clone().unwrap_or_else(|| (0..n).collect());
+        let column_output = order
+            .iter()
+            .map(|&j| column_output_orig.get(j).copied().unwrap_or(0.0))
+            .collect();
+        let at = |i: usize| {
+            let (r, k) = (i / n.max(1), i % n.max(1));
+            r * n + order.get(k).copied().unwrap_or(k)
+        };
+        let qv = |j: usize| f64::from(result.q.get(j).copied().unwrap_or(0.0));
+        let heat_q =
+            Heatmap::block_means(rows, n, STUDY_HEAT, STUDY_HEAT, |i| qv(at(i)).abs() as f32);
+        let heat_err = Heatmap::block_means(rows, n, STUDY_HEAT, STUDY_HEAT, |i| {
+            let j = at(i);
+            (self.w.get(j).copied().unwrap_or(0.0) - qv(j)).abs() as f32
+        });
+        let (column_loss_uncompensated, heat_comp, extra) = match traces {
+            Some((u, h, ex)) => (u, h, Some(ex)),
+            None => (Vec::new(), Heatmap::default(), None),
+        };
+        let side = SideStudy {
+            method: cfg.method,
+            metrics,
+            fallback: result.fallback.clone(),
+            column_loss: result.column_loss.iter().map(|l| l * per_n).collect(),
+            column_loss_uncompensated,
+            column_output,
+            heat_q,
+            heat_err,
+            heat_comp,
+            secs: t.elapsed().as_secs_f64(),
+        };
+        Ok((side, extra))
+    }
+}
+
+/// From a finished recorded sweep: the uncompensated per-column loss (`SideStudy`), the
+/// compensation heatmap and the solve-independent pictures.
+fn recorded_pictures(
+    s: &SweepState,
+    rec: &SweepRecord,
+    per_n: f64,
+) -> (Vec<f64>, Heatmap, SideExtra) {
+    let (rows, n) = (s.rows(), s.cols());
+    let (damp, hd, q, pre) = (s.damp(), s.h_diag(), s.q(), &rec.pre);
+    let uncompensated: Vec<f64> = (0..n)
+        .map(|k| {
+            let hkk = f64::from(hd.get(k).copied().unwrap_or(0.0)) + damp;
+            let s2: f64 = (0..rows)
+                .map(|r| (pre[r * n + k] - q[r * n + k]).powi(2))
+                .sum();
+            s2 * hkk / 2.0 * per_n
+        })
+        .collect();
+    let moved: Vec<f64> = pre.iter().zip(&rec.start).map(|(a, b)| a - b).collect();
+    let heat_comp = Heatmap::mean_abs(&moved, rows, n, STUDY_HEAT, STUDY_HEAT);
+    let p_row_norms = s
+        .p()
+        .map(|p| {
+            p.chunks_exact(n.max(1))
+                .map(|row| row.iter().map(|v| v * v).sum::<f64>().sqrt())
+                .collect()
+        })
+        .unwrap_or_default();
+    let extra = SideExtra {
+        perm: s.perm().map(<[usize]>::to_vec),
+        h_diag: hd.to_vec(),
+        p_row_norms,
+        heat_w: Heatmap::mean_abs(&rec.start, rows, n, STUDY_HEAT, STUDY_HEAT),
+    };
+    (uncompensated, heat_comp, extra)
+}
+
+/// The solve-independent pictures a recorded sweep provides.
+struct SideExtra {
+    perm: Option<Vec<usize>>,
+    h_diag: Vec<f32>,
+    p_row_norms: Vec<f64>,
+    heat_w: Heatmap,
+}
+
+/// `diag(H)` in original order with dead columns read as 1 (what an RTN fallback reports).
+fn reference_h_diag(h: &[f64], n: usize) -> Vec<f32> {
+    (0..n)
+        .map(|j| {
+            let v = h.get(j * n + j).copied().unwrap_or(0.0);
+            (if v == 0.0 { 1.0 } else { v }) as f32
+        })
+        .collect()
+}
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// Writes a capture as safetensors (`w`, `h`, `d`, `e` f32 + metadata), atomically.
+pub fn save(c: &CapturedModule, path: &Path) -> Result<(), LabError> {
+    let n = c.cols;
+    let bufs = [
+        ("w", vec![c.rows, n], f32_bytes(&c.w)),
+        ("h", vec![n, n], f32_bytes(&c.h)),
+        ("d", vec![n, n], f32_bytes(&c.d)),
+        ("e", vec![n, n], f32_bytes(&c.e)),
+    ];
+    let mut views = Vec::new();
+    for (name, shape, bytes) in &bufs {
+        let v = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
+            .map_err(|e| file_err(path, e.to_string()))?;
+        views.push((*name, v));
+    }
+    let meta: HashMap<String, String> = [
+        (
+            "format".to_string(),
+            "gptaq-studio-lab-capture-v1".to_string(),
+        ),
+        ("layer".to_string(), c.layer.to_string()),
+        ("module".to_string(), c.module.short_name().to_string()),
+        ("nsamples".to_string(), c.nsamples.to_string()),
+    ]
+    .into();
+    let bytes =
+        safetensors::serialize(views, Some(meta)).map_err(|e| file_err(path, e.to_string()))?;
+    let tmp = path.with_extension("tmp-write");
+    std::fs::write(&tmp, bytes).map_err(|e| file_err(&tmp, e.to_string()))?;
+    std::fs::rename(&tmp, path).map_err(|e| file_err(path, e.to_string()))
+}
+
+/// Reads a capture written by [`save`], validating every shape.
+pub fn load(path: &Path) -> Result<CapturedModule, LabError> {
+    let bytes = std::fs::read(path).map_err(|e| file_err(path, e.to_string()))?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| file_err(path, format!("not a safetensors file: {e}")))?;
+    let meta = header.metadata().clone().unwrap_or_default();
+    if meta.get("format").map(String::as_str) != Some("gptaq-studio-lab-capture-v1") {
+        return Err(file_err(
+            path,
+            "not a gptaq-studio layer-lab capture (metadata `format` missing)",
+        ));
+    }
+    let st =
+        safetensors::SafeTensors::deserialize(&bytes).map_err(|e| file_err(path, e.to_string()))?;
+    let get = |name: &str| -> Result<(Vec<usize>, Vec<f32>), LabError> {
+        let t = st
+            .tensor(name)
+            .map_err(|e| file_err(path, format!("tensor `{name}`: {e}")))?;
+        if t.dtype() != safetensors::Dtype::F32 {
+            return Err(file_err(
+                path,
+                format!("tensor `{name}` is {:?}, expected F32", t.dtype()),
+            ));
+        }
+        let v = t
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        Ok((t.shape().to_vec(), v))
+    };
+    let (ws, w) = get("w")?;
+    let [rows, cols] = ws[..] else {
+        return Err(file_err(
+            path,
+            format!("tensor `w` has shape {ws:?}, expected 2-D"),
+        ));
+    };
+    let mut sq = Vec::new();
+    for name in ["h", "d", "e"] {
+        let (s, v) = get(name)?;
+        if s != [cols, cols] {
+            return Err(file_err(
+                path,
+                format!("tensor `{name}` has shape {s:?}, expected [{cols}, {cols}]"),
+            ));
+        }
+        if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+            return Err(file_err(
+                path,
+                format!("tensor `{name}` has a non-finite value at {i}"),
+            ));
+        }
+        sq.push(v);
+    }
+    let parse = |k: &str| -> Result<usize, LabError> {
+        meta.get(k)
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| file_err(path, format!("metadata `{k}` missing or not a number")))
+    };
+    let module = meta
+        .get("module")
+        .and_then(|m| ModuleKind::from_short_name(m))
+        .ok_or_else(|| file_err(path, "metadata `module` missing or unknown"))?;
+    let e = sq.pop().unwrap_or_default();
+    let d = sq.pop().unwrap_or_default();
+    let h = sq.pop().unwrap_or_default();
+    Ok(CapturedModule {
+        layer: parse("layer")?,
+        module,
+        rows,
+        cols,
+        nsamples: parse("nsamples")?,
+        w,
+        h,
+        d,
+        e,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::step::tests::capture;
+    use super::*;
+    use crate::quant::metrics::module_errors_from_gram;
+
+    type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+    fn close(a: f64, b: f64, rel: f64) -> bool {
+        (a - b).abs() <= rel * a.abs().max(b.abs()).max(1e-300)
+    }
+
+    /// The lab's error terms equal the Gram-matrix formulas of `quant::metrics` (with H, D, E as
+    /// the Grams), and the per-column traces add up to what they decompose.
+    #[test]
+    fn study_traces_add_up() -> TestResult {
+        let cap = capture(10, 48, 11, 5);
+        let mut lab = Lab::new(cap.clone());
+        let base = QuantConfig {
+            bits: 3,
+            group_size: Some(16),
+            block_size: 16,
+            act_order: true,
+            ..QuantConfig::default()
+        };
+        let study = lab.study(&base, 0.5)?;
+        let (w, f) = (widen(&cap.w), |v: &[f32]| widen(v));
+        for side in [&study.gptq, &study.gptaq] {
+            let solved = lab.solve(&QuantConfig {
+                method: side.method,
+                ..base.clone()
+            })?;
+            let q = widen(&solved.result.q);
+            let want = module_errors_from_gram(&w, &q, 10, 48, &f(&cap.h), &f(&cap.d), &f(&cap.e))?;
+            let m = side.metrics;
+            assert!(
+                close(m.quant_error, want.quant_error, 1e-9),
+                "{m:?} {want:?}"
+            );
+            assert!(close(m.asym_error, want.asym_error, 1e-9), "{m:?} {want:?}");
+            assert!(
+                close(m.output_error, want.output_error, 1e-9),
+                "{m:?} {want:?}"
+            );
+            let out: f64 = side.column_output.iter().sum();
+            assert!(
+                close(out, m.output_error, 1e-9),
+                "{out} vs {}",
+                m.output_error
+            );
+            let proxy: f64 = side.column_loss.iter().sum();
+            assert!(
+                close(proxy, m.proxy_loss, 1e-9),
+                "{proxy} vs {}",
+                m.proxy_loss
+            );
+            // No compensation can only cost more than the OBS-compensated rounding.
+            for (k, (a, b)) in side
+                .column_loss
+                .iter()
+                .zip(&side.column_loss_uncompensated)
+                .enumerate()
+            {
+                assert!(*b >= a * (1.0 - 1e-12), "column {k}: {b} < {a}");
+            }
+            assert_eq!((side.heat_comp.rows, side.heat_comp.cols), (10, 48));
+        }
+        assert_eq!(study.sweep.len(), sweep_alphas().len());
+        assert!(close(
+            study.sweep[0].1.output_error,
+            study.gptq.metrics.output_error,
+            1e-12
+        ));
+        assert!(close(
+            study.sweep[5].1.output_error,
+            study.gptaq.metrics.output_error,
+            1e-12
+        ));
+        // act-order: diag(H) descending along the processing order; P has n row norms, the last 0.
+        assert!(study.h_diag.windows(2).all(|p| p[0] >= p[1]));
+        assert_eq!(study.perm.as_ref().map(Vec::len), Some(48));
+        assert_eq!(study.p_row_norms.len(), 48);
+        assert_eq!(study.p_row_norms.last().copied(), Some(0.0));
+        assert!(study.p_row_norms.iter().any(|v| *v > 0.0));
+        // P scales with alpha.
+        let doubled = lab.study(&base, 1.0)?;
+        for (a, b) in study.p_row_norms.iter().zip(&doubled.p_row_norms) {
+            assert!(close(2.0 * a, *b, 1e-12), "{a} {b}");
+        }
+        Ok(())
+    }
+}
