@@ -343,6 +343,64 @@ fn elementwise_and_reductions() {
     }
 }
 
+/// Column sums of x∘y (the layer lab's Frobenius products and per-column shares) against an f64
+/// reference, on shapes with 1, primes, non-multiples of the 256-wide workgroup and of the 64-row
+/// chunk, more rows than the 16-chunk cap; also written at an offset into a shared partials buffer.
+#[test]
+fn col_dot_matches_f64_column_sums() {
+    let Some(ctx) = test_context() else { return };
+    for &(rows, n) in &[
+        (1usize, 1usize),
+        (1, 257),
+        (7, 1),
+        (63, 5),
+        (65, 131),
+        (97, 256),
+        (131, 300),
+        (1031, 3),
+    ] {
+        let mut r = rng(5000 + (rows * 1000 + n) as u64);
+        let x = rand_vec(&mut r, rows * n);
+        let y = rand_vec(&mut r, rows * n);
+        let (gx, gy) = (ctx.upload("x", &x).unwrap(), ctx.upload("y", &y).unwrap());
+        let mut want = vec![0.0f64; n];
+        for row in 0..rows {
+            for (j, w) in want.iter_mut().enumerate() {
+                *w += f64::from(x[row * n + j]) * f64::from(y[row * n + j]);
+            }
+        }
+        let got = ops::col_dot(&ctx, rows, n, &gx, &gy).unwrap();
+        let atol = 1e-5 * (rows as f64).sqrt().max(1.0);
+        for (j, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                (g - w).abs() <= atol,
+                "col_dot rows={rows} n={n}: column {j}: got {g}, expected {w} (atol {atol:e})"
+            );
+        }
+        assert_eq!(got.len(), n, "col_dot rows={rows} n={n}: length");
+        // At an offset: the elements before it stay untouched.
+        let len = ops::col_dot_partials_len(rows, n);
+        let parts = ctx.upload("parts", &vec![7.0f32; 3 + len]).unwrap();
+        let mut rec = ctx.recorder();
+        ops::col_dot_partials(&mut rec, rows, n, &gx, &gy, &parts, 3).unwrap();
+        rec.submit();
+        let back = ctx.read(&parts).unwrap();
+        assert_eq!(&back[..3], &[7.0; 3], "col_dot rows={rows} n={n}: prefix overwritten");
+        let sums = ops::col_dot_sums(&back[3..], rows, n);
+        for (j, (g, w)) in sums.iter().zip(&want).enumerate() {
+            assert!(
+                (g - w).abs() <= atol,
+                "col_dot at offset 3, rows={rows} n={n}: column {j}: got {g}, expected {w}"
+            );
+        }
+    }
+    // A too-small output buffer is an error, not a silent clamp.
+    let x = ctx.upload("x", &[1.0f32; 12]).unwrap();
+    let small = ctx.zeros::<f32>("small", 2).unwrap();
+    let mut rec = ctx.recorder();
+    assert!(ops::col_dot_partials(&mut rec, 3, 4, &x, &x, &small, 0).is_err());
+}
+
 #[test]
 fn pipeline_cache_reuses_pipelines() {
     let Some(ctx) = test_context() else { return };

@@ -9,6 +9,7 @@ use super::{GpuBuffer, GpuContext, GpuError};
 crate::wgsl_shader!(GEMM, "gemm");
 crate::wgsl_shader!(ELEMENTWISE, "elementwise");
 crate::wgsl_shader!(MIRROR, "mirror");
+crate::wgsl_shader!(COL_DOT, "col_dot");
 
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable)]
@@ -423,4 +424,104 @@ pub fn sq_diff_sum(
     sq_diff_partials(&mut rec, n, x, beta, y, &parts, 0)?;
     rec.submit();
     Ok(ctx.read(&parts)?.iter().map(|&v| f64::from(v)).sum())
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct ColDotParams {
+    rows: u32,
+    n: u32,
+    rchunk: u32,
+    out_off: u32,
+}
+
+/// Most row chunks of [`col_dot_partials`]: with n ≥ a few hundred columns this already gives
+/// thousands of invocations, and it bounds the partials read back to `16·n`.
+const COL_DOT_MAX_CHUNKS: usize = 16;
+/// Fewest rows per chunk (short f32 sums matter less than enough work per invocation).
+const COL_DOT_MIN_ROWS: usize = 64;
+
+/// Row chunks `(count, rows per chunk)` of [`col_dot_partials`] for `rows` rows.
+pub fn col_dot_chunks(rows: usize) -> (usize, usize) {
+    let count = rows.div_ceil(COL_DOT_MIN_ROWS).clamp(1, COL_DOT_MAX_CHUNKS);
+    (count, rows.div_ceil(count).max(1))
+}
+
+/// Number of partial sums [`col_dot_partials`] writes for a `[rows, n]` pair.
+pub fn col_dot_partials_len(rows: usize, n: usize) -> usize {
+    col_dot_chunks(rows).0 * n
+}
+
+/// Records the row-chunk partials of the column sums of `x∘y` (`x`, `y` row-major `[rows, n]`)
+/// into `out[out_offset ..][.. col_dot_partials_len(rows, n)]`, chunk-major: partial `c` of
+/// column `j` at `out_offset + c·n + j`. [`col_dot_sums`] adds them up on the host.
+pub fn col_dot_partials(
+    rec: &mut Recorder<'_>,
+    rows: usize,
+    n: usize,
+    x: &GpuBuffer<f32>,
+    y: &GpuBuffer<f32>,
+    out: &GpuBuffer<f32>,
+    out_offset: usize,
+) -> Result<(), GpuError> {
+    if n == 0 {
+        return Ok(());
+    }
+    let n_el = rows * n;
+    check_len("col_dot x", x, n_el)?;
+    check_len("col_dot y", y, n_el)?;
+    let len = col_dot_partials_len(rows, n);
+    check_len("col_dot out", out, out_offset + len)?;
+    u32_of("col_dot rows·n", n_el)?;
+    u32_of("col_dot output end", out_offset + len)?;
+    let (count, rchunk) = col_dot_chunks(rows);
+    let params = ColDotParams {
+        rows: u32_of("col_dot rows", rows)?,
+        n: u32_of("col_dot n", n)?,
+        rchunk: u32_of("col_dot chunk", rchunk)?,
+        out_off: u32_of("col_dot offset", out_offset)?,
+    };
+    let groups_x = u32_of("col_dot workgroups", n.div_ceil(256))?;
+    if groups_x > 65535 {
+        return Err(GpuError::TooLarge {
+            what: format!("col_dot over {n} columns"),
+            bytes: n as u64 * 4,
+            limit: 65535 * 256 * 4,
+        });
+    }
+    rec.dispatch(
+        &COL_DOT,
+        "col_dot_partial",
+        &[],
+        &params,
+        &[x.binding(), y.binding(), out.binding()],
+        [groups_x, count as u32, 1],
+    )
+}
+
+/// The column sums (f64) from partials read back from `col_dot_partials(.., out_offset)`:
+/// `partials` starts at that offset.
+pub fn col_dot_sums(partials: &[f32], rows: usize, n: usize) -> Vec<f64> {
+    let mut sums = vec![0.0f64; n];
+    for chunk in partials[..col_dot_partials_len(rows, n).min(partials.len())].chunks(n.max(1)) {
+        for (s, &v) in sums.iter_mut().zip(chunk) {
+            *s += f64::from(v);
+        }
+    }
+    sums
+}
+
+/// Convenience: the column sums of `x∘y` for `[rows, n]` matrices, read back as f64.
+pub fn col_dot(
+    ctx: &GpuContext,
+    rows: usize,
+    n: usize,
+    x: &GpuBuffer<f32>,
+    y: &GpuBuffer<f32>,
+) -> Result<Vec<f64>, GpuError> {
+    let parts = ctx.zeros::<f32>("col_dot partials", col_dot_partials_len(rows, n))?;
+    let mut rec = ctx.recorder();
+    col_dot_partials(&mut rec, rows, n, x, y, &parts, 0)?;
+    rec.submit();
+    Ok(col_dot_sums(&ctx.read(&parts)?, rows, n))
 }
