@@ -22,6 +22,7 @@ use crate::forward::{self, GpuLayer, LayerScratch, Rope};
 use crate::gpu::kernels::groups_1d;
 use crate::gpu::ops::{self, MatView};
 use crate::gpu::{GpuBuffer, GpuContext, GpuError};
+use crate::model::prefetch::LayerPrefetch;
 use crate::model::weights::WeightError;
 use crate::model::{LayerWeights, ModelConfig, ModuleKind, WeightSource};
 use crate::pipeline::StreamDType;
@@ -161,22 +162,27 @@ pub fn perplexity(
     let scratch = LayerScratch::new(ctx, &cfg, max_tokens)?;
     let work = ctx.zeros::<f32>("eval work h", max_tokens * h)?;
     let nl = cfg.num_layers;
-    for layer in 0..nl {
-        if cancel.load(Ordering::Relaxed) {
-            return Err(EvalError::Cancelled);
+    // Layer i + 1 is read (and converted / dequantized) on a second thread while layer i runs.
+    std::thread::scope(|scope| -> Result<(), EvalError> {
+        let mut prefetch = LayerPrefetch::new(scope, source);
+        for layer in 0..nl {
+            if cancel.load(Ordering::Relaxed) {
+                return Err(EvalError::Cancelled);
+            }
+            let lw = prefetch.layer(layer)?;
+            let gl = GpuLayer::upload(ctx, &cfg, &lw)?;
+            drop(lw);
+            for (b, r) in batches.iter().enumerate() {
+                let mut rec = stream.load(ctx.recorder(), b, &work);
+                forward::forward_layer(&mut rec, &gl, &rope, &work, &scratch, r.len(), seqlen)?;
+                rec = stream.store(rec, b, &work)?;
+                rec.submit();
+            }
+            ctx.sync()?;
+            progress(layer + 1, nl + 1);
         }
-        let lw = source.layer(layer)?;
-        let gl = GpuLayer::upload(ctx, &cfg, &lw)?;
-        drop(lw);
-        for (b, r) in batches.iter().enumerate() {
-            let mut rec = stream.load(ctx.recorder(), b, &work);
-            forward::forward_layer(&mut rec, &gl, &rope, &work, &scratch, r.len(), seqlen)?;
-            rec = stream.store(rec, b, &work)?;
-            rec.submit();
-        }
-        ctx.sync()?;
-        progress(layer + 1, nl + 1);
-    }
+        Ok(())
+    })?;
 
     // Head: final norm, lm_head in row chunks, streaming log-sum-exp.
     let vocab = cfg.vocab_size;

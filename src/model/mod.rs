@@ -5,6 +5,7 @@
 
 pub mod config;
 pub mod inspect;
+pub mod prefetch;
 pub mod synthetic;
 pub mod tokenizer;
 pub mod weights;

@@ -26,6 +26,7 @@ use std::time::Instant;
 use crate::forward::{self, GpuLayer, LayerScratch, Rope};
 use crate::gpu::ops::{self, MatView};
 use crate::gpu::{GpuBuffer, GpuContext, Recorder};
+use crate::model::prefetch::LayerPrefetch;
 use crate::model::{LayerWeights, ModelConfig, ModuleKind, WeightSource};
 use crate::quant::{Fallback, Method, QuantConfig, QuantResult};
 
@@ -226,319 +227,326 @@ pub fn quantize(
     let mut layer_reports = Vec::new();
     let mut warnings = Vec::new();
 
-    for layer in 0..mc.num_layers {
-        check_cancel(cancel)?;
-        let t_layer = Instant::now();
-        emit(Event::LayerStarted { layer });
-        let lw: LayerWeights = prep
-            .source
-            .layer(layer)
-            .map_err(|e| PipelineError::Input(e.to_string()))?;
-        let mut layers = Layers {
-            q: GpuLayer::upload(ctx, &mc, &lw)?,
-            fp: if fp_stream {
-                Some(GpuLayer::upload(ctx, &mc, &lw)?)
+    // The next layer's host weights are read on a second thread while this one computes
+    // (model::prefetch); the scope joins that thread on every exit path.
+    let source = prep.source;
+    std::thread::scope(|scope| -> Result<(), PipelineError> {
+        let mut prefetch = LayerPrefetch::new(scope, source);
+        for layer in 0..mc.num_layers {
+            check_cancel(cancel)?;
+            let t_layer = Instant::now();
+            emit(Event::LayerStarted { layer });
+            let lw: LayerWeights = prefetch
+                .layer(layer)
+                .map_err(|e| PipelineError::Input(e.to_string()))?;
+            let mut layers = Layers {
+                q: GpuLayer::upload(ctx, &mc, &lw)?,
+                fp: if fp_stream {
+                    Some(GpuLayer::upload(ctx, &mc, &lw)?)
+                } else {
+                    None
+                },
+            };
+            let mut secs: BTreeMap<ModuleKind, f64> = BTreeMap::new();
+            let mut pending: Vec<(ModuleKind, ModuleReport)> = Vec::new();
+
+            // ---- stage A: statistics of q/k/v
+            let mut stats = Stats::new(
+                ctx,
+                nseq,
+                h,
+                qc.method,
+                capturing(cfg, layer, &[ModuleKind::Q, ModuleKind::K, ModuleKind::V]),
+            )?;
+            for b in 0..nb {
+                check_cancel(cancel)?;
+                let t = tok(b);
+                let mut rec = ctx.recorder();
+                rec = hq.load(rec, b, &work.h_q);
+                if let Some(s) = &hfp {
+                    rec = s.load(rec, b, &work.h_fp);
+                }
+                forward::input_norm(&mut rec, &layers.q, &work.h_q, &work.s_q, t)?;
+                if let Some(fp) = &layers.fp {
+                    forward::input_norm(&mut rec, fp, &work.h_fp, &work.s_fp, t)?;
+                }
+                stats.accumulate(&mut rec, &work, work.s_q.x1(), work.s_fp.x1(), t)?;
+                rec.submit();
+            }
+            for m in [ModuleKind::Q, ModuleKind::K, ModuleKind::V] {
+                let r = solve(ctx, cfg, &lw, &mut layers, m, &stats, layer, &mut secs)?;
+                pending.push((m, report_stub(layer, m, &r, nseq, secs[&m])));
+                results.insert((layer, m), r);
+            }
+            drop(stats);
+
+            // ---- stage B: attention with quantized q/k/v → statistics of o, metrics of q/k/v
+            let mut aq = Stream::new(ctx, "a_q", &attn_lens, placement)?;
+            let mut afp = if fp_stream {
+                Some(Stream::new(ctx, "a_fp", &attn_lens, placement)?)
             } else {
                 None
-            },
-        };
-        let mut secs: BTreeMap<ModuleKind, f64> = BTreeMap::new();
-        let mut pending: Vec<(ModuleKind, ModuleReport)> = Vec::new();
-
-        // ---- stage A: statistics of q/k/v
-        let mut stats = Stats::new(
-            ctx,
-            nseq,
-            h,
-            qc.method,
-            capturing(cfg, layer, &[ModuleKind::Q, ModuleKind::K, ModuleKind::V]),
-        )?;
-        for b in 0..nb {
-            check_cancel(cancel)?;
-            let t = tok(b);
-            let mut rec = ctx.recorder();
-            rec = hq.load(rec, b, &work.h_q);
-            if let Some(s) = &hfp {
-                rec = s.load(rec, b, &work.h_fp);
-            }
-            forward::input_norm(&mut rec, &layers.q, &work.h_q, &work.s_q, t)?;
-            if let Some(fp) = &layers.fp {
-                forward::input_norm(&mut rec, fp, &work.h_fp, &work.s_fp, t)?;
-            }
-            stats.accumulate(&mut rec, &work, work.s_q.x1(), work.s_fp.x1(), t)?;
-            rec.submit();
-        }
-        for m in [ModuleKind::Q, ModuleKind::K, ModuleKind::V] {
-            let r = solve(ctx, cfg, &lw, &mut layers, m, &stats, layer, &mut secs)?;
-            pending.push((m, report_stub(layer, m, &r, nseq, secs[&m])));
-            results.insert((layer, m), r);
-        }
-        drop(stats);
-
-        // ---- stage B: attention with quantized q/k/v → statistics of o, metrics of q/k/v
-        let mut aq = Stream::new(ctx, "a_q", &attn_lens, placement)?;
-        let mut afp = if fp_stream {
-            Some(Stream::new(ctx, "a_fp", &attn_lens, placement)?)
-        } else {
-            None
-        };
-        let mut stats = Stats::new(
-            ctx,
-            nseq,
-            mc.q_dim(),
-            qc.method,
-            capturing(cfg, layer, &[ModuleKind::O]),
-        )?;
-        let qkv_metrics = metric_accs(
-            ctx,
-            &mc,
-            fp_stream,
-            nb,
-            max_tokens,
-            &[ModuleKind::Q, ModuleKind::K, ModuleKind::V],
-        )?;
-        for b in 0..nb {
-            check_cancel(cancel)?;
-            let t = tok(b);
-            let mut rec = ctx.recorder();
-            rec = hq.load(rec, b, &work.h_q);
-            if let Some(s) = &hfp {
-                rec = s.load(rec, b, &work.h_fp);
-            }
-            forward::input_norm(&mut rec, &layers.q, &work.h_q, &work.s_q, t)?;
-            forward::attention(
-                &mut rec,
-                &layers.q,
-                &rope,
-                &work.s_q,
-                batches[b].len(),
-                seqlen,
+            };
+            let mut stats = Stats::new(
+                ctx,
+                nseq,
+                mc.q_dim(),
+                qc.method,
+                capturing(cfg, layer, &[ModuleKind::O]),
             )?;
-            if let Some(fp) = &layers.fp {
-                forward::input_norm(&mut rec, fp, &work.h_fp, &work.s_fp, t)?;
-                forward::attention(&mut rec, fp, &rope, &work.s_fp, batches[b].len(), seqlen)?;
-                record_metrics(
+            let qkv_metrics = metric_accs(
+                ctx,
+                &mc,
+                fp_stream,
+                nb,
+                max_tokens,
+                &[ModuleKind::Q, ModuleKind::K, ModuleKind::V],
+            )?;
+            for b in 0..nb {
+                check_cancel(cancel)?;
+                let t = tok(b);
+                let mut rec = ctx.recorder();
+                rec = hq.load(rec, b, &work.h_q);
+                if let Some(s) = &hfp {
+                    rec = s.load(rec, b, &work.h_fp);
+                }
+                forward::input_norm(&mut rec, &layers.q, &work.h_q, &work.s_q, t)?;
+                forward::attention(
                     &mut rec,
-                    &qkv_metrics,
-                    &work,
-                    b,
-                    t,
-                    work.s_q.x1(),
-                    work.s_fp.x1(),
                     &layers.q,
-                    fp,
+                    &rope,
+                    &work.s_q,
+                    batches[b].len(),
+                    seqlen,
                 )?;
+                if let Some(fp) = &layers.fp {
+                    forward::input_norm(&mut rec, fp, &work.h_fp, &work.s_fp, t)?;
+                    forward::attention(&mut rec, fp, &rope, &work.s_fp, batches[b].len(), seqlen)?;
+                    record_metrics(
+                        &mut rec,
+                        &qkv_metrics,
+                        &work,
+                        b,
+                        t,
+                        work.s_q.x1(),
+                        work.s_fp.x1(),
+                        &layers.q,
+                        fp,
+                    )?;
+                }
+                stats.accumulate(&mut rec, &work, work.s_q.attn(), work.s_fp.attn(), t)?;
+                rec = aq.store(rec, b, work.s_q.attn())?;
+                if let Some(s) = afp.as_mut() {
+                    rec = s.store(rec, b, work.s_fp.attn())?;
+                }
+                rec.submit();
             }
-            stats.accumulate(&mut rec, &work, work.s_q.attn(), work.s_fp.attn(), t)?;
-            rec = aq.store(rec, b, work.s_q.attn())?;
-            if let Some(s) = afp.as_mut() {
-                rec = s.store(rec, b, work.s_fp.attn())?;
-            }
-            rec.submit();
-        }
-        finish_metrics(ctx, &qkv_metrics, &mut pending, &mut module_reports, emit)?;
-        let r = solve(
-            ctx,
-            cfg,
-            &lw,
-            &mut layers,
-            ModuleKind::O,
-            &stats,
-            layer,
-            &mut secs,
-        )?;
-        pending.push((
-            ModuleKind::O,
-            report_stub(layer, ModuleKind::O, &r, nseq, secs[&ModuleKind::O]),
-        ));
-        results.insert((layer, ModuleKind::O), r);
-        drop(stats);
+            finish_metrics(ctx, &qkv_metrics, &mut pending, &mut module_reports, emit)?;
+            let r = solve(
+                ctx,
+                cfg,
+                &lw,
+                &mut layers,
+                ModuleKind::O,
+                &stats,
+                layer,
+                &mut secs,
+            )?;
+            pending.push((
+                ModuleKind::O,
+                report_stub(layer, ModuleKind::O, &r, nseq, secs[&ModuleKind::O]),
+            ));
+            results.insert((layer, ModuleKind::O), r);
+            drop(stats);
 
-        // ---- stage C: h ← h + o(a) → statistics of gate/up, metrics of o
-        let mut stats = Stats::new(
-            ctx,
-            nseq,
-            h,
-            qc.method,
-            capturing(cfg, layer, &[ModuleKind::Gate, ModuleKind::Up]),
-        )?;
-        let o_metrics = metric_accs(ctx, &mc, fp_stream, nb, max_tokens, &[ModuleKind::O])?;
-        for b in 0..nb {
-            check_cancel(cancel)?;
-            let t = tok(b);
-            let mut rec = ctx.recorder();
-            rec = hq.load(rec, b, &work.h_q);
-            rec = aq.load(rec, b, &work.a_q);
-            forward::o_residual(&mut rec, &layers.q, &work.a_q, &work.h_q, &work.s_q, t)?;
-            forward::post_norm(&mut rec, &layers.q, &work.h_q, &work.s_q, t)?;
-            if let (Some(fp), Some(s), Some(a)) = (&layers.fp, &hfp, &afp) {
-                rec = s.load(rec, b, &work.h_fp);
-                rec = a.load(rec, b, &work.a_fp);
-                forward::o_residual(&mut rec, fp, &work.a_fp, &work.h_fp, &work.s_fp, t)?;
-                forward::post_norm(&mut rec, fp, &work.h_fp, &work.s_fp, t)?;
-                record_metrics(
-                    &mut rec, &o_metrics, &work, b, t, &work.a_q, &work.a_fp, &layers.q, fp,
-                )?;
+            // ---- stage C: h ← h + o(a) → statistics of gate/up, metrics of o
+            let mut stats = Stats::new(
+                ctx,
+                nseq,
+                h,
+                qc.method,
+                capturing(cfg, layer, &[ModuleKind::Gate, ModuleKind::Up]),
+            )?;
+            let o_metrics = metric_accs(ctx, &mc, fp_stream, nb, max_tokens, &[ModuleKind::O])?;
+            for b in 0..nb {
+                check_cancel(cancel)?;
+                let t = tok(b);
+                let mut rec = ctx.recorder();
+                rec = hq.load(rec, b, &work.h_q);
+                rec = aq.load(rec, b, &work.a_q);
+                forward::o_residual(&mut rec, &layers.q, &work.a_q, &work.h_q, &work.s_q, t)?;
+                forward::post_norm(&mut rec, &layers.q, &work.h_q, &work.s_q, t)?;
+                if let (Some(fp), Some(s), Some(a)) = (&layers.fp, &hfp, &afp) {
+                    rec = s.load(rec, b, &work.h_fp);
+                    rec = a.load(rec, b, &work.a_fp);
+                    forward::o_residual(&mut rec, fp, &work.a_fp, &work.h_fp, &work.s_fp, t)?;
+                    forward::post_norm(&mut rec, fp, &work.h_fp, &work.s_fp, t)?;
+                    record_metrics(
+                        &mut rec, &o_metrics, &work, b, t, &work.a_q, &work.a_fp, &layers.q, fp,
+                    )?;
+                }
+                stats.accumulate(&mut rec, &work, work.s_q.x2(), work.s_fp.x2(), t)?;
+                rec = hq.store(rec, b, &work.h_q)?;
+                if let Some(s) = hfp.as_mut() {
+                    rec = s.store(rec, b, &work.h_fp)?;
+                }
+                rec.submit();
             }
-            stats.accumulate(&mut rec, &work, work.s_q.x2(), work.s_fp.x2(), t)?;
-            rec = hq.store(rec, b, &work.h_q)?;
-            if let Some(s) = hfp.as_mut() {
-                rec = s.store(rec, b, &work.h_fp)?;
+            drop((aq, afp));
+            finish_metrics(ctx, &o_metrics, &mut pending, &mut module_reports, emit)?;
+            for m in [ModuleKind::Gate, ModuleKind::Up] {
+                let r = solve(ctx, cfg, &lw, &mut layers, m, &stats, layer, &mut secs)?;
+                pending.push((m, report_stub(layer, m, &r, nseq, secs[&m])));
+                results.insert((layer, m), r);
             }
-            rec.submit();
-        }
-        drop((aq, afp));
-        finish_metrics(ctx, &o_metrics, &mut pending, &mut module_reports, emit)?;
-        for m in [ModuleKind::Gate, ModuleKind::Up] {
-            let r = solve(ctx, cfg, &lw, &mut layers, m, &stats, layer, &mut secs)?;
-            pending.push((m, report_stub(layer, m, &r, nseq, secs[&m])));
-            results.insert((layer, m), r);
-        }
-        drop(stats);
+            drop(stats);
 
-        // ---- stage D: act = silu(gate)·up → statistics of down, metrics of gate/up
-        let mut stats = Stats::new(
-            ctx,
-            nseq,
-            mc.intermediate_size,
-            qc.method,
-            capturing(cfg, layer, &[ModuleKind::Down]),
-        )?;
-        let gu_metrics = metric_accs(
-            ctx,
-            &mc,
-            fp_stream,
-            nb,
-            max_tokens,
-            &[ModuleKind::Gate, ModuleKind::Up],
-        )?;
-        for b in 0..nb {
-            check_cancel(cancel)?;
-            let t = tok(b);
-            let mut rec = ctx.recorder();
-            rec = hq.load(rec, b, &work.h_q);
-            forward::post_norm(&mut rec, &layers.q, &work.h_q, &work.s_q, t)?;
-            forward::mlp_act(&mut rec, &layers.q, &work.s_q, t)?;
-            if let (Some(fp), Some(s)) = (&layers.fp, &hfp) {
-                rec = s.load(rec, b, &work.h_fp);
-                forward::post_norm(&mut rec, fp, &work.h_fp, &work.s_fp, t)?;
-                forward::mlp_act(&mut rec, fp, &work.s_fp, t)?;
-                record_metrics(
-                    &mut rec,
-                    &gu_metrics,
-                    &work,
-                    b,
-                    t,
-                    work.s_q.x2(),
-                    work.s_fp.x2(),
-                    &layers.q,
-                    fp,
-                )?;
+            // ---- stage D: act = silu(gate)·up → statistics of down, metrics of gate/up
+            let mut stats = Stats::new(
+                ctx,
+                nseq,
+                mc.intermediate_size,
+                qc.method,
+                capturing(cfg, layer, &[ModuleKind::Down]),
+            )?;
+            let gu_metrics = metric_accs(
+                ctx,
+                &mc,
+                fp_stream,
+                nb,
+                max_tokens,
+                &[ModuleKind::Gate, ModuleKind::Up],
+            )?;
+            for b in 0..nb {
+                check_cancel(cancel)?;
+                let t = tok(b);
+                let mut rec = ctx.recorder();
+                rec = hq.load(rec, b, &work.h_q);
+                forward::post_norm(&mut rec, &layers.q, &work.h_q, &work.s_q, t)?;
+                forward::mlp_act(&mut rec, &layers.q, &work.s_q, t)?;
+                if let (Some(fp), Some(s)) = (&layers.fp, &hfp) {
+                    rec = s.load(rec, b, &work.h_fp);
+                    forward::post_norm(&mut rec, fp, &work.h_fp, &work.s_fp, t)?;
+                    forward::mlp_act(&mut rec, fp, &work.s_fp, t)?;
+                    record_metrics(
+                        &mut rec,
+                        &gu_metrics,
+                        &work,
+                        b,
+                        t,
+                        work.s_q.x2(),
+                        work.s_fp.x2(),
+                        &layers.q,
+                        fp,
+                    )?;
+                }
+                stats.accumulate(&mut rec, &work, work.s_q.act(), work.s_fp.act(), t)?;
+                rec.submit();
             }
-            stats.accumulate(&mut rec, &work, work.s_q.act(), work.s_fp.act(), t)?;
-            rec.submit();
-        }
-        finish_metrics(ctx, &gu_metrics, &mut pending, &mut module_reports, emit)?;
-        let r = solve(
-            ctx,
-            cfg,
-            &lw,
-            &mut layers,
-            ModuleKind::Down,
-            &stats,
-            layer,
-            &mut secs,
-        )?;
-        pending.push((
-            ModuleKind::Down,
-            report_stub(layer, ModuleKind::Down, &r, nseq, secs[&ModuleKind::Down]),
-        ));
-        results.insert((layer, ModuleKind::Down), r);
-        drop(stats);
+            finish_metrics(ctx, &gu_metrics, &mut pending, &mut module_reports, emit)?;
+            let r = solve(
+                ctx,
+                cfg,
+                &lw,
+                &mut layers,
+                ModuleKind::Down,
+                &stats,
+                layer,
+                &mut secs,
+            )?;
+            pending.push((
+                ModuleKind::Down,
+                report_stub(layer, ModuleKind::Down, &r, nseq, secs[&ModuleKind::Down]),
+            ));
+            results.insert((layer, ModuleKind::Down), r);
+            drop(stats);
 
-        // ---- stage E: h ← h + down(act) for both streams; metrics of down; hidden deviation
-        let down_metrics = metric_accs(ctx, &mc, fp_stream, nb, max_tokens, &[ModuleKind::Down])?;
-        let hp = ops::sq_partials_len(max_tokens * h);
-        for b in 0..nb {
-            check_cancel(cancel)?;
-            let t = tok(b);
-            let mut rec = ctx.recorder();
-            rec = hq.load(rec, b, &work.h_q);
-            forward::post_norm(&mut rec, &layers.q, &work.h_q, &work.s_q, t)?;
-            forward::mlp_act(&mut rec, &layers.q, &work.s_q, t)?;
-            forward::down_residual(&mut rec, &layers.q, &work.h_q, &work.s_q, t)?;
-            if let (Some(fp), Some(s)) = (&layers.fp, &hfp) {
-                rec = s.load(rec, b, &work.h_fp);
-                forward::post_norm(&mut rec, fp, &work.h_fp, &work.s_fp, t)?;
-                forward::mlp_act(&mut rec, fp, &work.s_fp, t)?;
-                forward::down_residual(&mut rec, fp, &work.h_fp, &work.s_fp, t)?;
-                record_metrics(
-                    &mut rec,
-                    &down_metrics,
-                    &work,
-                    b,
-                    t,
-                    work.s_q.act(),
-                    work.s_fp.act(),
-                    &layers.q,
-                    fp,
-                )?;
-                ops::sq_diff_partials(
-                    &mut rec,
-                    t * h,
-                    &work.h_q,
-                    1.0,
-                    &work.h_fp,
-                    &work.hidden_parts,
-                    b * hp,
-                )?;
-                ops::sq_diff_partials(
-                    &mut rec,
-                    t * h,
-                    &work.h_fp,
-                    0.0,
-                    &work.h_fp,
-                    &work.hidden_parts,
-                    (nb + b) * hp,
-                )?;
+            // ---- stage E: h ← h + down(act) for both streams; metrics of down; hidden deviation
+            let down_metrics =
+                metric_accs(ctx, &mc, fp_stream, nb, max_tokens, &[ModuleKind::Down])?;
+            let hp = ops::sq_partials_len(max_tokens * h);
+            for b in 0..nb {
+                check_cancel(cancel)?;
+                let t = tok(b);
+                let mut rec = ctx.recorder();
+                rec = hq.load(rec, b, &work.h_q);
+                forward::post_norm(&mut rec, &layers.q, &work.h_q, &work.s_q, t)?;
+                forward::mlp_act(&mut rec, &layers.q, &work.s_q, t)?;
+                forward::down_residual(&mut rec, &layers.q, &work.h_q, &work.s_q, t)?;
+                if let (Some(fp), Some(s)) = (&layers.fp, &hfp) {
+                    rec = s.load(rec, b, &work.h_fp);
+                    forward::post_norm(&mut rec, fp, &work.h_fp, &work.s_fp, t)?;
+                    forward::mlp_act(&mut rec, fp, &work.s_fp, t)?;
+                    forward::down_residual(&mut rec, fp, &work.h_fp, &work.s_fp, t)?;
+                    record_metrics(
+                        &mut rec,
+                        &down_metrics,
+                        &work,
+                        b,
+                        t,
+                        work.s_q.act(),
+                        work.s_fp.act(),
+                        &layers.q,
+                        fp,
+                    )?;
+                    ops::sq_diff_partials(
+                        &mut rec,
+                        t * h,
+                        &work.h_q,
+                        1.0,
+                        &work.h_fp,
+                        &work.hidden_parts,
+                        b * hp,
+                    )?;
+                    ops::sq_diff_partials(
+                        &mut rec,
+                        t * h,
+                        &work.h_fp,
+                        0.0,
+                        &work.h_fp,
+                        &work.hidden_parts,
+                        (nb + b) * hp,
+                    )?;
+                }
+                rec = hq.store(rec, b, &work.h_q)?;
+                if let Some(s) = hfp.as_mut() {
+                    rec = s.store(rec, b, &work.h_fp)?;
+                }
+                rec.submit();
             }
-            rec = hq.store(rec, b, &work.h_q)?;
-            if let Some(s) = hfp.as_mut() {
-                rec = s.store(rec, b, &work.h_fp)?;
+            finish_metrics(ctx, &down_metrics, &mut pending, &mut module_reports, emit)?;
+            let hidden_rel_error = if fp_stream {
+                let parts = ctx.read(&work.hidden_parts)?;
+                let span = nb * hp;
+                let num: f64 = parts[..span].iter().map(|&v| f64::from(v)).sum();
+                let den: f64 = parts[span..2 * span].iter().map(|&v| f64::from(v)).sum();
+                Some(if den > 0.0 { (num / den).sqrt() } else { 0.0 })
+            } else {
+                None
+            };
+            // Without an FP stream no metrics were computed: emit those modules now.
+            for (_, rep) in pending.drain(..) {
+                emit(Event::ModuleDone(rep.clone()));
+                module_reports.push(rep);
             }
-            rec.submit();
-        }
-        finish_metrics(ctx, &down_metrics, &mut pending, &mut module_reports, emit)?;
-        let hidden_rel_error = if fp_stream {
-            let parts = ctx.read(&work.hidden_parts)?;
-            let span = nb * hp;
-            let num: f64 = parts[..span].iter().map(|&v| f64::from(v)).sum();
-            let den: f64 = parts[span..2 * span].iter().map(|&v| f64::from(v)).sum();
-            Some(if den > 0.0 { (num / den).sqrt() } else { 0.0 })
-        } else {
-            None
-        };
-        // Without an FP stream no metrics were computed: emit those modules now.
-        for (_, rep) in pending.drain(..) {
-            emit(Event::ModuleDone(rep.clone()));
-            module_reports.push(rep);
-        }
-        for rep in module_reports.iter().filter(|r| r.layer == layer) {
-            if let Some(f) = &rep.fallback {
-                let w = format!("layer {layer} {}: {f}", rep.module);
-                emit(Event::Warning(w.clone()));
-                warnings.push(w);
+            for rep in module_reports.iter().filter(|r| r.layer == layer) {
+                if let Some(f) = &rep.fallback {
+                    let w = format!("layer {layer} {}: {f}", rep.module);
+                    emit(Event::Warning(w.clone()));
+                    warnings.push(w);
+                }
             }
+            ctx.sync()?;
+            let lr = LayerReport {
+                layer,
+                hidden_rel_error,
+                secs: t_layer.elapsed().as_secs_f64(),
+            };
+            emit(Event::LayerDone(lr.clone()));
+            layer_reports.push(lr);
         }
-        ctx.sync()?;
-        let lr = LayerReport {
-            layer,
-            hidden_rel_error,
-            secs: t_layer.elapsed().as_secs_f64(),
-        };
-        emit(Event::LayerDone(lr.clone()));
-        layer_reports.push(lr);
-    }
+        Ok(())
+    })?;
     let (_, peak) = ctx.memory();
     let report = RunReport {
         model: prep.model_name.clone(),
