@@ -33,11 +33,12 @@ C4=$DATA/corpora/c4/c4_validation_2k.jsonl
 QUALITY=${QUALITY:-gptq:3 gptaq:3}
 NSAMPLES=${NSAMPLES:-128}
 SEQLEN=${SEQLEN:-512}
-L8B=${L8B:-gptaq gptq}
+L8B=${L8B-gptaq gptq}
 SIZES=${SIZES:-4096}
 SOLVE=${SOLVE:-4096x4096}
 SKIP=${SKIP:-torch_bench torch_layer}
 BUDGET_S=${BUDGET_S:-540}
+EW=(); [ -n "${EVAL_WINDOWS:-}" ] && EW=(--eval-windows "$EVAL_WINDOWS")   # local smoke tests only
 START=$(date +%s)
 skip() { case " $SKIP " in *" $1 "*) return 0 ;; esac; return 1; }
 # t NAME LIMIT CMD...: run with min(LIMIT, budget left) seconds; log to $D/NAME.log; rc + seconds to steps.txt
@@ -58,15 +59,19 @@ for mb in $QUALITY; do
   m=${mb%%:*}; b=${mb##*:}
   t "q_${m}_w${b}" 120 "$B" quantize "$MODEL" --calib "$D/calib_ids.safetensors" --nsamples "$NSAMPLES" \
     --seqlen "$SEQLEN" --method "$m" --bits "$b" --group-size 128 --out "$D/q_${m}_w${b}" --force \
-    --report "$D/q_${m}_w${b}.json" --eval "$WIKI" --eval-seqlen "$SEQLEN" --no-fp-eval
+    --report "$D/q_${m}_w${b}.json" --eval "$WIKI" --eval-seqlen "$SEQLEN" "${EW[@]}" --no-fp-eval
   grep -E "^perplexity|peak|modules in" "$D/q_${m}_w${b}.log" | tail -3
   if [ $first = 1 ] && [ -d "$D/q_${m}_w${b}" ]; then
     t "q_${m}_w${b}_hf" 90 python3 tools/hf_perplexity.py --gptq "$D/q_${m}_w${b}" --text "$WIKI" \
-      --seqlen "$SEQLEN" --native --out "$D/q_${m}_w${b}_hf.json"
+      --seqlen "$SEQLEN" ${EVAL_WINDOWS:+--max-windows $EVAL_WINDOWS} --native --out "$D/q_${m}_w${b}_hf.json"
     tail -2 "$D/q_${m}_w${b}_hf.log"
   fi
   first=0
 done
+
+# --- kernels ----------------------------------------------------------------------------------
+t kbench 100 env GPTAQ_BENCH_SIZES="$SIZES" GPTAQ_BENCH_SOLVE="$SOLVE" "$K" --bench --warm-up-time 1 --measurement-time 2
+grep -E "^[a-z_]+/|time:|thrpt:" "$D/kbench.log" | head -60
 
 # --- Llama-3-8B-shaped layer: time split and peak GPU memory under an 8 GiB plan ---------------
 t gen 120 python3 tools/make_random_llama.py --preset llama3-8b --layers "${LAYERS:-1}" --out /tmp/l8b \
@@ -81,9 +86,6 @@ for m in $L8B; do
   tail -4 "$D/l8b_$m.log"
 done
 
-# --- kernels ----------------------------------------------------------------------------------
-t kbench 150 env GPTAQ_BENCH_SIZES="$SIZES" GPTAQ_BENCH_SOLVE="$SOLVE" "$K" --bench --warm-up-time 1 --measurement-time 2
-grep -E "^[a-z_]+/|time:|thrpt:" "$D/kbench.log" | head -60
 t torch_bench 150 python3 tools/torch_reference.py --bench "$SOLVE" --out "$D/torch_bench.json"
 t torch_layer 230 python3 tools/torch_reference.py --bench-layer 4096,14336,32,8 --nsamples 128 --seqlen 2048 \
   --out "$D/torch_layer.json"
