@@ -70,6 +70,31 @@ fn layer_matches_reference_on_awkward_shapes() {
     check_layer("mha-prime", config(36, 50, 3, 3, 12), 1, 131, 3);
     check_layer("hd128", config(256, 96, 2, 1, 128), 2, 13, 4);
     check_layer("hd256", config(256, 64, 2, 2, 256), 1, 70, 5);
+    // Several query blocks (BQ 16) and key chunks (BK 12) per sequence at hd 128, GQA 2.
+    check_layer("hd128-blocks", config(256, 96, 2, 1, 128), 2, 37, 10);
+}
+
+/// The attention kernel's tiles fit its fixed workgroup arrays for every supported head dim, and
+/// every invocation has at most 8 outputs (the kernel's eight accumulators).
+#[test]
+fn attention_tiles_fit_the_kernel() {
+    for hd in (2..=gptaq_studio::forward::MAX_HEAD_DIM).step_by(2) {
+        let (bq, bk) = gptaq_studio::forward::attention_tiles(hd);
+        assert!(bq >= 1 && bk >= 1, "hd {hd}: tiles ({bq}, {bk})");
+        assert!(bq <= 16, "hd {hd}: bq {bq} > 16 (row statistics arrays)");
+        assert!(bq * hd <= 2048, "hd {hd}: q tile {bq}×{hd} > 2048");
+        assert!(bk * hd <= 1536, "hd {hd}: K/V chunk {bk}×{hd} > 1536");
+        assert!(
+            bq * bk <= 256,
+            "hd {hd}: score tile {bq}×{bk} > 256 invocations"
+        );
+        assert!(
+            bq * hd <= 8 * 256,
+            "hd {hd}: more than 8 outputs per invocation"
+        );
+    }
+    assert_eq!(gptaq_studio::forward::attention_tiles(128), (16, 12));
+    assert_eq!(gptaq_studio::forward::attention_tiles(256), (8, 6));
 }
 
 #[test]

@@ -23,7 +23,7 @@ crate::wgsl_shader!(ROPE, "rope");
 crate::wgsl_shader!(ATTENTION, "attention");
 crate::wgsl_shader!(FORWARD_EW, "forward_ew");
 
-/// The attention kernel keeps up to 4 output dims per thread of a 64-wide workgroup.
+/// The attention kernel's q tile holds BQ·hd ≤ 2048 values with BQ ≥ 8 (`attention_tiles`).
 pub const MAX_HEAD_DIM: usize = 256;
 
 use crate::gpu::ops::u32_of;
@@ -465,13 +465,27 @@ struct RopeParams {
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable)]
 struct AttnParams {
-    rows: u32,
     heads: u32,
     kv_heads: u32,
     hd: u32,
     seqlen: u32,
     scale: f32,
-    _pad: [u32; 2],
+    bq: u32,
+    bk: u32,
+    nqb: u32,
+    groups: u32,
+    _pad: [u32; 3],
+}
+
+/// Tile sizes of `attention.wgsl` for head dim `hd` (≤ [`MAX_HEAD_DIM`]): `(BQ, BK)` query rows
+/// per workgroup and keys per chunk, as large as its fixed workgroup arrays allow (q tile
+/// BQ·hd ≤ 2048, K/V chunk BK·hd ≤ 1536, score tile BQ·BK ≤ 256, BQ ≤ 16). Larger BQ means fewer
+/// global reads of K and V per query row.
+pub fn attention_tiles(hd: usize) -> (usize, usize) {
+    let hd = hd.max(1);
+    let bq = (2048 / hd).clamp(1, 16);
+    let bk = (1536 / hd).min(256 / bq).clamp(1, 16);
+    (bq, bk)
 }
 
 /// q/k/v projections of `s.x1`, (q/k norm and) RoPE, causal attention → `s.attn`
@@ -521,14 +535,19 @@ pub fn attention(
             groups_1d(params.rows),
         )?;
     }
+    let (bq, bk) = attention_tiles(d.head_dim);
+    let nqb = seqlen.div_ceil(bq);
     let params = AttnParams {
-        rows: u32_of("attention rows", t * d.heads)?,
         heads: d.heads as u32,
         kv_heads: d.kv_heads as u32,
         hd: d.head_dim as u32,
         seqlen: seqlen as u32,
         scale: 1.0 / (d.head_dim as f32).sqrt(),
-        _pad: [0; 2],
+        bq: bq as u32,
+        bk: bk as u32,
+        nqb: u32_of("attention query blocks", nqb)?,
+        groups: u32_of("attention workgroups", nseq * nqb * d.heads)?,
+        _pad: [0; 3],
     };
     rec.dispatch(
         &ATTENTION,
@@ -541,7 +560,7 @@ pub fn attention(
             s.v.binding(),
             s.attn.binding(),
         ],
-        groups_1d(params.rows),
+        groups_1d(params.groups),
     )
 }
 
