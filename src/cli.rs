@@ -80,7 +80,8 @@ pub enum Command {
     /// protocol: the text tokenized once without BOS, non-overlapping windows, exp(mean NLL).
     Eval(EvalArgs),
     /// Layer lab: capture one module's statistics from a real run (or load a saved capture) and
-    /// compare GPTQ with GPTAQ on it, including an α sweep.
+    /// compare GPTQ with GPTAQ on it, including an α sweep. Modules wider than 512 columns or
+    /// with more than 262144 weights are re-solved on the GPU, smaller ones on the f64 reference.
     Lab(Box<LabArgs>),
     /// Open the desktop application (the default when no command is given).
     Gui,
@@ -121,8 +122,19 @@ pub struct LabArgs {
     /// α values of the sweep (comma-separated).
     #[arg(long, value_delimiter = ',', default_values_t = vec![0.0, 0.1, 0.25, 0.5, 0.75, 1.0])]
     pub alphas: Vec<f64>,
+    /// Where the re-solves run: auto = the GPU for modules wider than 512 columns or with more
+    /// than 262144 weights, else the exact f64 CPU reference.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub solver: LabSolverArg,
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LabSolverArg {
+    Auto,
+    Gpu,
+    Cpu,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -663,6 +675,8 @@ fn lab_cmd(gpu: &GpuArgs, a: &LabArgs) -> anyhow::Result<()> {
     let module = crate::model::ModuleKind::from_short_name(&a.module)
         .with_context(|| format!("unknown module `{}` (q_proj … down_proj)", a.module))?;
     let base = a.quant.config(MethodArg::Gptq)?;
+    // The capture run's context, kept for the GPU re-solves of a large module.
+    let mut ctx: Option<GpuContext> = None;
     let captured = if let Some(path) = &a.load {
         crate::lab::load(path)?
     } else {
@@ -694,7 +708,7 @@ fn lab_cmd(gpu: &GpuArgs, a: &LabArgs) -> anyhow::Result<()> {
                 ..PipelineConfig::default()
             },
         };
-        let ctx = GpuContext::new(&gpu.options()).context("opening the GPU")?;
+        let gpu_ctx = ctx.insert(GpuContext::new(&gpu.options()).context("opening the GPU")?);
         let inputs = pipeline::prepare(&job).context("preparing the capture")?;
         eprintln!(
             "capturing layer {} {} ({})",
@@ -709,7 +723,7 @@ fn lab_cmd(gpu: &GpuArgs, a: &LabArgs) -> anyhow::Result<()> {
             }
         };
         pipeline::capture(
-            &ctx,
+            gpu_ctx,
             &inputs,
             &job.config,
             a.layer,
@@ -723,21 +737,49 @@ fn lab_cmd(gpu: &GpuArgs, a: &LabArgs) -> anyhow::Result<()> {
         crate::lab::save(&captured, path)?;
         eprintln!("capture saved to {}", path.display());
     }
-    // One Lab for all solves: H is factored once, each α only re-runs the sweep.
+    // Large modules are re-solved on the GPU (lab module docs, "GPU path"); a loaded capture
+    // opens a device only then, and falls back to the f64 reference without one.
+    let wants_gpu = match a.solver {
+        LabSolverArg::Auto => crate::lab::prefers_gpu(captured.rows, captured.cols),
+        LabSolverArg::Gpu => true,
+        LabSolverArg::Cpu => false,
+    };
+    if ctx.is_none() && wants_gpu {
+        match GpuContext::new(&gpu.options()) {
+            Ok(c) => ctx = Some(c),
+            Err(e) if a.solver == LabSolverArg::Auto => eprintln!(
+                "note: no GPU for the re-solves ({e}); using the f64 CPU reference (slow at this size)"
+            ),
+            Err(e) => return Err(e).context("opening the GPU for --solver gpu"),
+        }
+    }
+    // One Lab for all solves: the reference factors H once and each α only re-runs the sweep;
+    // the GPU path uploads the capture once.
     let mut lab = crate::lab::Lab::new(captured);
-    let gptq = lab.solve(&base)?;
-    let gptaq = lab.solve(&QuantConfig {
-        method: Method::Gptaq {
-            alpha: a.quant.alpha,
+    let backend = match (a.solver, ctx.as_ref()) {
+        (LabSolverArg::Auto, c) => lab.backend(c),
+        (LabSolverArg::Gpu, Some(c)) => crate::lab::Backend::Gpu(c),
+        _ => crate::lab::Backend::Reference,
+    };
+    let t_solves = std::time::Instant::now();
+    let gptq = lab.solve_on(backend, &base)?;
+    let gptaq = lab.solve_on(
+        backend,
+        &QuantConfig {
+            method: Method::Gptaq {
+                alpha: a.quant.alpha,
+            },
+            ..base.clone()
         },
-        ..base.clone()
-    })?;
-    let sweep = lab.alpha_sweep(&base, &a.alphas)?;
+    )?;
+    let sweep = lab.alpha_sweep_on(backend, &base, &a.alphas)?;
+    let solves_secs = t_solves.elapsed().as_secs_f64();
+    let solver = backend.solver();
     let captured = lab.capture();
     if a.json {
         let v = serde_json::json!({
             "layer": captured.layer, "module": captured.module.short_name(), "rows": captured.rows, "cols": captured.cols,
-            "nsamples": captured.nsamples, "gptq": gptq.metrics, "gptaq": gptaq.metrics, "alpha": a.quant.alpha,
+            "nsamples": captured.nsamples, "solver": solver, "solves_secs": solves_secs, "gptq": gptq.metrics, "gptaq": gptaq.metrics, "alpha": a.quant.alpha,
             "alpha_sweep": sweep.iter().map(|(al, m)| serde_json::json!({"alpha": al, "metrics": m})).collect::<Vec<_>>(),
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
@@ -752,6 +794,11 @@ fn lab_cmd(gpu: &GpuArgs, a: &LabArgs) -> anyhow::Result<()> {
         captured.nsamples,
         a.quant.bits,
         a.quant.group_size
+    );
+    println!(
+        "solver: {} ({} solves in {solves_secs:.2} s)",
+        solver.describe(),
+        2 + sweep.len()
     );
     println!(
         "{:<16} {:>12} {:>12} {:>12} {:>12} {:>8}",

@@ -4,7 +4,9 @@
 //!
 //! Eval (FP vs fake-quantized perplexity) and export (GPTQ checkpoint) of a finished run go
 //! through [`Worker::eval_or_export`]; the layer lab through `Worker::lab` (it holds one
-//! [`crate::lab::Lab`]: the capture and what its re-solves reuse).
+//! [`crate::lab::Lab`]: the capture and what its re-solves reuse). Lab studies of large modules
+//! run on the worker's GPU context (`lab::Backend::choose`), smaller ones on the exact f64
+//! reference; the lab's GPU buffers are released before a run and when the device changes.
 
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
@@ -252,6 +254,18 @@ struct Worker {
     cancel: Arc<AtomicBool>,
 }
 
+/// The worker's lab if it holds capture `capture`.
+fn lab_for(
+    lab: &mut Option<(u64, crate::lab::Lab)>,
+    capture: u64,
+) -> Result<&mut crate::lab::Lab, String> {
+    match lab {
+        Some((id, lab)) if *id == capture => Ok(lab),
+        Some(_) => Err("the lab holds another capture now".into()),
+        None => Err("no capture: capture a module or open one first".into()),
+    }
+}
+
 /// Reads a model's summary and config (CPU only: safetensors headers and config.json).
 pub fn inspect_model(input: &ModelInput) -> Result<ModelInfo, String> {
     match input {
@@ -324,6 +338,10 @@ impl Worker {
                 .send(WorkerEvent::Adapters(list_adapters(&self.opts))),
             Command::SelectAdapter(opts) => {
                 self.opts = opts;
+                // The lab's GPU buffers belong to the old device.
+                if let Some((_, lab)) = &mut self.lab {
+                    lab.release_gpu();
+                }
                 self.ctx = None;
                 self.open_device();
             }
@@ -371,15 +389,19 @@ impl Worker {
                 quant,
                 alpha,
             } => {
-                let result = self
-                    .lab_for(capture)
-                    .and_then(|lab| lab.study(&quant, alpha).map_err(|e| e.to_string()))
+                // Large modules on the GPU when the worker has one (lab module docs, "GPU path").
+                let ctx = self.ctx.as_ref();
+                let result = lab_for(&mut self.lab, capture)
+                    .and_then(|lab| {
+                        let backend = lab.backend(ctx);
+                        lab.study_on(backend, &quant, alpha)
+                            .map_err(|e| e.to_string())
+                    })
                     .map(Box::new);
                 self.sink.send(WorkerEvent::LabSolved { capture, result });
             }
             Command::LabStep { capture, action } => {
-                let result = self
-                    .lab_for(capture)
+                let result = lab_for(&mut self.lab, capture)
                     .and_then(|lab| {
                         match action {
                             LabStepAction::Start(cfg) => lab.step_start(&cfg),
@@ -397,6 +419,10 @@ impl Worker {
     fn start(&mut self, job: Job, compare: Option<f64>) {
         self.cancel.store(false, Ordering::Relaxed);
         self.held = None;
+        // The run needs the GPU memory more than the lab's cached capture (re-uploaded on demand).
+        if let Some((_, lab)) = &mut self.lab {
+            lab.release_gpu();
+        }
         self.open_device();
         let Some(ctx) = self.ctx.as_ref() else {
             self.sink.send(WorkerEvent::SessionFailed(
@@ -449,6 +475,9 @@ impl Worker {
         }
         if lost {
             // Reopened on the next run.
+            if let Some((_, lab)) = &mut self.lab {
+                lab.release_gpu();
+            }
             self.ctx = None;
         }
         self.held = Some(Held {
@@ -547,14 +576,6 @@ impl Worker {
         };
         self.lab = Some((self.lab_ids, crate::lab::Lab::new(cap)));
         info
-    }
-
-    fn lab_for(&mut self, capture: u64) -> Result<&mut crate::lab::Lab, String> {
-        match &mut self.lab {
-            Some((id, lab)) if *id == capture => Ok(lab),
-            Some(_) => Err("the lab holds another capture now".into()),
-            None => Err("no capture: capture a module or open one first".into()),
-        }
     }
 
     /// Evaluation and export of a finished run. `Eval`: perplexity of the FP model and of the run's

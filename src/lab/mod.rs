@@ -17,6 +17,7 @@
 //! [`Lab::study`] adds the lab's per-column traces and pictures, and [`step`] the step mode. Every
 //! solve is the f64 reference's own sweep ([`reference::quantize_f64`]), bit for bit.
 
+mod gpu;
 pub mod heatmap;
 pub mod step;
 
@@ -24,6 +25,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::Instant;
 
+use crate::gpu::GpuContext;
 use crate::model::ModuleKind;
 use crate::pipeline::CapturedModule;
 use crate::quant::reference::{self, FactorCache, SweepRecord, SweepStart, SweepState};
@@ -35,6 +37,10 @@ use heatmap::Heatmap;
 pub enum LabError {
     #[error(transparent)]
     Quant(#[from] QuantError),
+    #[error(transparent)]
+    Gpu(#[from] crate::gpu::GpuError),
+    #[error(transparent)]
+    QuantGpu(#[from] crate::quant::gpu::QuantGpuError),
     #[error("{path}: {message}")]
     File { path: String, message: String },
     #[error(
@@ -73,6 +79,81 @@ pub struct LabSolve {
     pub result: QuantResult,
     pub metrics: LabMetrics,
     pub secs: f64,
+}
+
+/// Which solver produced a lab result.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum LabSolver {
+    /// The f64 CPU reference sweep, errors in f64 (exact; every picture).
+    Reference,
+    /// `quant::gpu::quantize_gpu` (f32) with the errors on the GPU (module docs, "GPU path").
+    Gpu,
+}
+
+impl LabSolver {
+    /// How the UI and the CLI name it.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::Reference => "f64 CPU reference",
+            Self::Gpu => "GPU (f32)",
+        }
+    }
+}
+
+/// Modules with more input columns than this are re-solved on the GPU when a context is available
+/// (module docs, "GPU path").
+pub const GPU_MIN_COLS: usize = 512;
+/// Modules with more weights than this (`rows·cols`) are re-solved on the GPU when a context is
+/// available.
+pub const GPU_MIN_WEIGHTS: usize = 1 << 18;
+
+/// Whether the lab's policy prefers the GPU for a `rows × cols` module (module docs).
+pub fn prefers_gpu(rows: usize, cols: usize) -> bool {
+    cols > GPU_MIN_COLS || rows.saturating_mul(cols) > GPU_MIN_WEIGHTS
+}
+
+/// Where the lab solves: the f64 reference, or the GPU through the caller's context (the lab
+/// never owns one: the worker and the CLI do).
+#[derive(Clone, Copy)]
+pub enum Backend<'a> {
+    Reference,
+    Gpu(&'a GpuContext),
+}
+
+impl<'a> Backend<'a> {
+    /// The lab's policy: the GPU when `ctx` is given and [`prefers_gpu`] says so, else the exact
+    /// f64 reference.
+    pub fn choose(ctx: Option<&'a GpuContext>, rows: usize, cols: usize) -> Self {
+        match ctx {
+            Some(ctx) if prefers_gpu(rows, cols) => Self::Gpu(ctx),
+            _ => Self::Reference,
+        }
+    }
+
+    pub fn solver(self) -> LabSolver {
+        match self {
+            Self::Reference => LabSolver::Reference,
+            Self::Gpu(_) => LabSolver::Gpu,
+        }
+    }
+}
+
+/// The relative errors from the traces (module docs), whichever solver computed them.
+fn lab_metrics(
+    quant: f64,
+    cross: f64,
+    asym: f64,
+    denom: f64,
+    proxy_loss_sum: f64,
+    nsamples: usize,
+) -> LabMetrics {
+    let rel = |x: f64| if denom > 0.0 { x / denom } else { 0.0 };
+    LabMetrics {
+        quant_error: rel(quant),
+        asym_error: rel(asym),
+        output_error: rel((quant + asym + 2.0 * cross).max(0.0)),
+        proxy_loss: proxy_loss_sum / nsamples.max(1) as f64,
+    }
 }
 
 /// `A·M` for `A` `[rows, n]` (f64) and `M` `[n, n]` (f32, widened), row-major.
@@ -163,12 +244,14 @@ impl FixedTerms {
         let quant = frob_dot(&dw, &dwh, n);
         // tr(ΔW Dᵀ Wᵀ) = tr(W D ΔWᵀ).
         let cross = frob_dot(&dw, &self.wd, n);
-        let m = LabMetrics {
-            quant_error: self.rel(quant),
-            asym_error: self.rel(self.asym),
-            output_error: self.rel((quant + self.asym + 2.0 * cross).max(0.0)),
-            proxy_loss: proxy_loss_sum / c.nsamples.max(1) as f64,
-        };
+        let m = lab_metrics(
+            quant,
+            cross,
+            self.asym,
+            self.denom,
+            proxy_loss_sum,
+            c.nsamples,
+        );
         (m, dw, dwh)
     }
 
@@ -272,13 +355,17 @@ pub struct LabStudy {
     pub heat_w: Heatmap,
     /// `(α, metrics)` for [`sweep_alphas`].
     pub sweep: Vec<(f64, LabMetrics)>,
+    /// Which solver produced every number of this study.
+    pub solver: LabSolver,
     pub secs: f64,
 }
 
 /// A captured module and everything the lab reuses between re-solves: its widened arrays, the
 /// Q-independent error terms, the factorisation of H (and GPTAQ's unscaled P), the α sweep of the
-/// last settings, and the step mode's sweep. Changing bits, groups, block size or α re-runs only
-/// the O(rows·n²) sweep; act-order or damping refactor H.
+/// last settings, the step mode's sweep, and — once the GPU path ran — the capture's matrices and
+/// fixed terms on the GPU. Changing bits, groups, block size or α re-runs only the O(rows·n²)
+/// sweep on the reference path; act-order or damping refactor H. The GPU path factors H on the GPU
+/// at every solve (cheap there).
 pub struct Lab {
     capture: CapturedModule,
     w: Vec<f64>,
@@ -286,8 +373,26 @@ pub struct Lab {
     d: Vec<f64>,
     fixed: Option<FixedTerms>,
     factors: FactorCache,
-    sweep: Option<(QuantConfig, Vec<(f64, LabMetrics)>)>,
+    sweep: Option<SweepCache>,
     stepper: Option<step::Stepper>,
+    gpu: Option<gpu::GpuTerms>,
+}
+
+/// The α sweep of the last study: its settings, its solver and the points.
+type SweepCache = (QuantConfig, LabSolver, Vec<(f64, LabMetrics)>);
+
+/// One solve measured, whichever solver ran it; `detail` asks for the study's extras.
+struct Measured {
+    result: QuantResult,
+    metrics: LabMetrics,
+    /// Relative output share per column, ORIGINAL order (empty without `detail`).
+    column_output: Vec<f64>,
+    /// `SideStudy::column_loss_uncompensated` (empty without `detail` or when unavailable).
+    uncompensated: Vec<f64>,
+    /// `SideStudy::heat_comp` (empty unless the reference path recorded its sweep).
+    heat_comp: Heatmap,
+    /// The solve-independent pictures (`None` for an RTN fallback or without `detail`).
+    extra: Option<SideExtra>,
 }
 
 impl Lab {
@@ -301,11 +406,23 @@ impl Lab {
             factors: FactorCache::default(),
             sweep: None,
             stepper: None,
+            gpu: None,
         }
     }
 
     pub fn capture(&self) -> &CapturedModule {
         &self.capture
+    }
+
+    /// [`Backend::choose`] for this capture.
+    pub fn backend<'a>(&self, ctx: Option<&'a GpuContext>) -> Backend<'a> {
+        Backend::choose(ctx, self.capture.rows, self.capture.cols)
+    }
+
+    /// Frees the capture's GPU buffers (the worker calls this before a run needs the memory); the
+    /// next GPU solve uploads them again.
+    pub fn release_gpu(&mut self) {
+        self.gpu = None;
     }
 
     /// The sweep of `cfg` set up (factorisation from the cache), not run yet.
@@ -324,34 +441,166 @@ impl Lab {
         )?)
     }
 
-    /// [`reference::quantize_reference`] of the capture with `cfg` (bit-identical: the same sweep
-    /// on the same factorisation), and its errors.
-    pub fn solve(&mut self, cfg: &QuantConfig) -> Result<LabSolve, LabError> {
-        let t = Instant::now();
-        let result = match self.start(cfg, false)? {
-            SweepStart::Finished(r) => *r,
+    /// One solve on `backend` and its errors; with `detail` also the per-column traces and the
+    /// pictures the solver can provide.
+    fn measure(
+        &mut self,
+        backend: Backend<'_>,
+        cfg: &QuantConfig,
+        detail: bool,
+    ) -> Result<Measured, LabError> {
+        match backend {
+            Backend::Reference => self.measure_reference(cfg, detail),
+            Backend::Gpu(ctx) => self.measure_gpu(ctx, cfg, detail),
+        }
+    }
+
+    fn measure_reference(&mut self, cfg: &QuantConfig, detail: bool) -> Result<Measured, LabError> {
+        let per_n = 1.0 / self.capture.nsamples.max(1) as f64;
+        let (result, traces) = match self.start(cfg, detail)? {
+            SweepStart::Finished(r) => (*r, None),
             SweepStart::Sweep(mut s) => {
                 s.run();
-                s.into_result(&self.w, &self.h)?
+                let traces = s.recorded().map(|rec| recorded_pictures(&s, rec, per_n));
+                (s.into_result(&self.w, &self.h)?, traces)
             }
         };
         let fixed = self
             .fixed
             .get_or_insert_with(|| FixedTerms::new(&self.capture, &self.w));
-        let metrics = fixed
-            .metrics(&self.capture, &self.w, &result.q, result.proxy_loss_sum)
-            .0;
-        Ok(LabSolve {
-            config: cfg.clone(),
+        let (metrics, dw, dwh) =
+            fixed.metrics(&self.capture, &self.w, &result.q, result.proxy_loss_sum);
+        let column_output = if detail {
+            fixed.column_output(&self.capture, &self.w, &dw, &dwh)
+        } else {
+            Vec::new()
+        };
+        let (uncompensated, heat_comp, extra) = match traces {
+            Some((u, h, ex)) => (u, h, Some(ex)),
+            None => (Vec::new(), Heatmap::default(), None),
+        };
+        Ok(Measured {
             result,
             metrics,
+            column_output,
+            uncompensated,
+            heat_comp,
+            extra,
+        })
+    }
+
+    fn measure_gpu(
+        &mut self,
+        ctx: &GpuContext,
+        cfg: &QuantConfig,
+        detail: bool,
+    ) -> Result<Measured, LabError> {
+        let c = &self.capture;
+        let terms = match &mut self.gpu {
+            Some(t) if t.is_on(ctx) => t,
+            slot => {
+                // Free the old device's buffers before allocating on the new one.
+                *slot = None;
+                slot.insert(gpu::GpuTerms::new(ctx, c)?)
+            }
+        };
+        let solve = crate::quant::gpu::quantize_gpu(
+            ctx,
+            &c.w,
+            c.rows,
+            c.cols,
+            &terms.h,
+            Some(&terms.d),
+            cfg,
+        )?;
+        let m = terms.measure(ctx, &solve.q, detail)?;
+        let result = solve.result;
+        let metrics = lab_metrics(
+            m.quant,
+            m.cross,
+            terms.asym,
+            terms.denom,
+            result.proxy_loss_sum,
+            c.nsamples,
+        );
+        let rel = |x: f64| {
+            if terms.denom > 0.0 {
+                x / terms.denom
+            } else {
+                0.0
+            }
+        };
+        let column_output = m.columns.iter().map(|&x| rel(x)).collect();
+        let solved = detail && result.fallback.is_none();
+        // column_loss_k = Σ_r (w−q)²/(2U_kk²), so the uncompensated Σ_r (w−q)²·H̃_kk/2 is
+        // column_loss_k·U_kk²·H̃_kk, H̃ the damped H (h_diag is the undamped diagonal).
+        let per_n = 1.0 / c.nsamples.max(1) as f64;
+        let uncompensated = if solved && solve.u_diag.len() == c.cols {
+            result
+                .column_loss
+                .iter()
+                .zip(&solve.u_diag)
+                .zip(&result.h_diag)
+                .map(|((&l, &u), &hd)| {
+                    let u2 = f64::from(u) * f64::from(u);
+                    l * u2 * (f64::from(hd) + result.damp) * per_n
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let extra = solved.then(|| SideExtra {
+            perm: result.perm.clone(),
+            h_diag: result.h_diag.clone(),
+            // P stays inside the GPU solve (module docs).
+            p_row_norms: Vec::new(),
+            heat_w: processing_heat_w(c, result.perm.as_deref()),
+        });
+        Ok(Measured {
+            result,
+            metrics,
+            column_output,
+            uncompensated,
+            heat_comp: Heatmap::default(),
+            extra,
+        })
+    }
+
+    /// [`reference::quantize_reference`] of the capture with `cfg` (bit-identical: the same sweep
+    /// on the same factorisation), and its errors.
+    pub fn solve(&mut self, cfg: &QuantConfig) -> Result<LabSolve, LabError> {
+        self.solve_on(Backend::Reference, cfg)
+    }
+
+    /// One re-solve with `cfg` on `backend`, and its errors.
+    pub fn solve_on(
+        &mut self,
+        backend: Backend<'_>,
+        cfg: &QuantConfig,
+    ) -> Result<LabSolve, LabError> {
+        let t = Instant::now();
+        let m = self.measure(backend, cfg, false)?;
+        Ok(LabSolve {
+            config: cfg.clone(),
+            result: m.result,
+            metrics: m.metrics,
             secs: t.elapsed().as_secs_f64(),
         })
     }
 
-    /// GPTAQ at each α (α = 0 is GPTQ), other settings from `base`.
+    /// GPTAQ at each α (α = 0 is GPTQ), other settings from `base`, on the f64 reference.
     pub fn alpha_sweep(
         &mut self,
+        base: &QuantConfig,
+        alphas: &[f64],
+    ) -> Result<Vec<(f64, LabMetrics)>, LabError> {
+        self.alpha_sweep_on(Backend::Reference, base, alphas)
+    }
+
+    /// GPTAQ at each α (α = 0 is GPTQ), other settings from `base`, on `backend`.
+    pub fn alpha_sweep_on(
+        &mut self,
+        backend: Backend<'_>,
         base: &QuantConfig,
         alphas: &[f64],
     ) -> Result<Vec<(f64, LabMetrics)>, LabError> {
@@ -362,31 +611,43 @@ impl Lab {
                     method: Method::Gptaq { alpha },
                     ..base.clone()
                 };
-                Ok((alpha, self.solve(&cfg)?.metrics))
+                Ok((alpha, self.solve_on(backend, &cfg)?.metrics))
             })
             .collect()
     }
 
+    /// [`Lab::study_on`] with the f64 reference.
+    pub fn study(&mut self, base: &QuantConfig, alpha: f64) -> Result<LabStudy, LabError> {
+        self.study_on(Backend::Reference, base, alpha)
+    }
+
     /// GPTQ and GPTAQ at `alpha` with `base`'s other settings (its method is ignored), with the
     /// per-column traces, the pictures, P's row norms and the α sweep (recomputed only when `base`
-    /// changed since the last call).
-    pub fn study(&mut self, base: &QuantConfig, alpha: f64) -> Result<LabStudy, LabError> {
+    /// or the solver changed since the last call), all on `backend` (what the GPU path leaves
+    /// empty: module docs).
+    pub fn study_on(
+        &mut self,
+        backend: Backend<'_>,
+        base: &QuantConfig,
+        alpha: f64,
+    ) -> Result<LabStudy, LabError> {
         let t = Instant::now();
+        let solver = backend.solver();
         let base = QuantConfig {
             method: Method::Gptq,
             ..base.clone()
         };
-        let (gptq, gptq_extra) = self.side(&base)?;
+        let (gptq, gptq_extra) = self.side(backend, &base)?;
         let gptaq_cfg = QuantConfig {
             method: Method::Gptaq { alpha },
             ..base.clone()
         };
-        let (gptaq, gptaq_extra) = self.side(&gptaq_cfg)?;
+        let (gptaq, gptaq_extra) = self.side(backend, &gptaq_cfg)?;
         let sweep = match &self.sweep {
-            Some((cfg, s)) if *cfg == base => s.clone(),
+            Some((cfg, by, s)) if *cfg == base && *by == solver => s.clone(),
             _ => {
-                let s = self.alpha_sweep(&base, &sweep_alphas())?;
-                self.sweep = Some((base.clone(), s.clone()));
+                let s = self.alpha_sweep_on(backend, &base, &sweep_alphas())?;
+                self.sweep = Some((base.clone(), solver, s.clone()));
                 s
             }
         };
@@ -408,30 +669,29 @@ impl Lab {
             p_row_norms: extra.p_row_norms,
             heat_w: extra.heat_w,
             sweep,
+            solver,
             secs: t.elapsed().as_secs_f64(),
         })
     }
 
-    /// One solve with its recorded sweep turned into the lab's traces and pictures, and the
-    /// solve-independent pictures (processing order, diag(H), P's row norms) when the sweep ran.
-    fn side(&mut self, cfg: &QuantConfig) -> Result<(SideStudy, Option<SideExtra>), LabError> {
+    /// One solve turned into the lab's traces and pictures, with the solve-independent pictures
+    /// (processing order, diag(H), P's row norms) when the solver provides them.
+    fn side(
+        &mut self,
+        backend: Backend<'_>,
+        cfg: &QuantConfig,
+    ) -> Result<(SideStudy, Option<SideExtra>), LabError> {
         let t = Instant::now();
         let (rows, n, nsamples) = (self.capture.rows, self.capture.cols, self.capture.nsamples);
         let per_n = 1.0 / nsamples.max(1) as f64;
-        let (result, traces) = match self.start(cfg, true)? {
-            SweepStart::Finished(r) => (*r, None),
-            SweepStart::Sweep(mut s) => {
-                s.run();
-                let traces = s.recorded().map(|rec| recorded_pictures(&s, rec, per_n));
-                (s.into_result(&self.w, &self.h)?, traces)
-            }
-        };
-        let fixed = self
-            .fixed
-            .get_or_insert_with(|| FixedTerms::new(&self.capture, &self.w));
-        let (metrics, dw, dwh) =
-            fixed.metrics(&self.capture, &self.w, &result.q, result.proxy_loss_sum);
-        let column_output_orig = fixed.column_output(&self.capture, &self.w, &dw, &dwh);
+        let Measured {
+            result,
+            metrics,
+            column_output: column_output_orig,
+            uncompensated,
+            heat_comp,
+            extra,
+        } = self.measure(backend, cfg, true)?;
         // Traces and pictures in the solve's processing order.
         let order: Vec<usize> = result.perm.clone().unwrap_or_else(|| (0..n).collect());
         let column_output = order
@@ -449,16 +709,12 @@ impl Lab {
             let j = at(i);
             (self.w.get(j).copied().unwrap_or(0.0) - qv(j)).abs() as f32
         });
-        let (column_loss_uncompensated, heat_comp, extra) = match traces {
-            Some((u, h, ex)) => (u, h, Some(ex)),
-            None => (Vec::new(), Heatmap::default(), None),
-        };
         let side = SideStudy {
             method: cfg.method,
             metrics,
             fallback: result.fallback.clone(),
             column_loss: result.column_loss.iter().map(|l| l * per_n).collect(),
-            column_loss_uncompensated,
+            column_loss_uncompensated: uncompensated,
             column_output,
             heat_q,
             heat_err,
@@ -467,6 +723,24 @@ impl Lab {
         };
         Ok((side, extra))
     }
+}
+
+/// Mean |W| per block in processing order with dead columns (`H_jj = 0`) zeroed: what the
+/// reference's recorded sweep starts from, for the GPU path (which records nothing).
+fn processing_heat_w(c: &CapturedModule, perm: Option<&[usize]>) -> Heatmap {
+    let n = c.cols;
+    let dead: Vec<bool> = (0..n)
+        .map(|j| c.h.get(j * n + j).copied().unwrap_or(0.0) == 0.0)
+        .collect();
+    let col = |k: usize| perm.and_then(|p| p.get(k).copied()).unwrap_or(k);
+    Heatmap::block_means(c.rows, n, STUDY_HEAT, STUDY_HEAT, |i| {
+        let (r, j) = (i / n.max(1), col(i % n.max(1)));
+        if dead.get(j).copied().unwrap_or(false) {
+            0.0
+        } else {
+            c.w.get(r * n + j).copied().unwrap_or(0.0).abs()
+        }
+    })
 }
 
 /// From a finished recorded sweep: the uncompensated per-column loss (`SideStudy`), the
@@ -728,6 +1002,235 @@ mod tests {
         let doubled = lab.study(&base, 1.0)?;
         for (a, b) in study.p_row_norms.iter().zip(&doubled.p_row_norms) {
             assert!(close(2.0 * a, *b, 1e-12), "{a} {b}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn gpu_policy_thresholds() {
+        assert!(
+            !prefers_gpu(512, 512),
+            "512 x 512 = 2^18 weights stays on the reference"
+        );
+        assert!(prefers_gpu(8, 513), "wider than GPU_MIN_COLS");
+        assert!(prefers_gpu(1025, 256), "more than GPU_MIN_WEIGHTS");
+        assert!(matches!(
+            Backend::choose(None, 4096, 4096),
+            Backend::Reference
+        ));
+    }
+
+    fn rel_close(what: &str, got: f64, want: f64, rel: f64) {
+        assert!(
+            got.is_finite() && close(got, want, rel),
+            "{what}: got {got}, expected {want} (relative tolerance {rel:e}, off by {:.3e})",
+            (got - want).abs() / want.abs().max(1e-300)
+        );
+    }
+
+    /// Relative tolerance of the GPU path's errors against the f64 formulas for the SAME Q: f32
+    /// ΔW, f32 GEMMs over ≤ a few hundred terms and f32 partial sums of ≤ 64 rows.
+    const GPU_METRICS_RTOL: f64 = 1e-4;
+
+    /// The GPU path's errors and per-column output shares equal the f64 path's for the Q the GPU
+    /// solved, on awkward sizes (prime columns, a dead column, rows not a multiple of anything).
+    #[test]
+    fn gpu_metrics_match_f64_for_the_same_q() -> TestResult {
+        let Some(ctx) = crate::gpu::test_context() else {
+            return Ok(());
+        };
+        for (rows, cols, cfg) in [
+            (
+                37,
+                131,
+                QuantConfig {
+                    bits: 3,
+                    group_size: Some(32),
+                    block_size: 32,
+                    act_order: true,
+                    method: Method::Gptaq { alpha: 0.5 },
+                    ..QuantConfig::default()
+                },
+            ),
+            (
+                1,
+                67,
+                QuantConfig {
+                    bits: 4,
+                    method: Method::Gptq,
+                    ..QuantConfig::default()
+                },
+            ),
+        ] {
+            let cap = capture(rows, cols, 31 + cols as u64, 5);
+            let mut lab = Lab::new(cap.clone());
+            let m = lab.measure(Backend::Gpu(&ctx), &cfg, true)?;
+            let w = widen(&cap.w);
+            let fixed = FixedTerms::new(&cap, &w);
+            let (want, dw, dwh) = fixed.metrics(&cap, &w, &m.result.q, m.result.proxy_loss_sum);
+            let shape = format!("{rows}x{cols} {:?}", cfg.method);
+            let got = m.metrics;
+            rel_close(
+                &format!("{shape} quant"),
+                got.quant_error,
+                want.quant_error,
+                GPU_METRICS_RTOL,
+            );
+            rel_close(
+                &format!("{shape} asym"),
+                got.asym_error,
+                want.asym_error,
+                GPU_METRICS_RTOL,
+            );
+            rel_close(
+                &format!("{shape} output"),
+                got.output_error,
+                want.output_error,
+                GPU_METRICS_RTOL,
+            );
+            assert_eq!(
+                got.proxy_loss, want.proxy_loss,
+                "{shape}: same proxy loss input"
+            );
+            let cols_want = fixed.column_output(&cap, &w, &dw, &dwh);
+            assert_eq!(m.column_output.len(), cols, "{shape}: column shares");
+            let scale = cols_want.iter().map(|v| v.abs()).fold(0.0, f64::max);
+            for (j, (g, e)) in m.column_output.iter().zip(&cols_want).enumerate() {
+                assert!(
+                    (g - e).abs() <= GPU_METRICS_RTOL * scale,
+                    "{shape}: column {j} output share: got {g}, expected {e} (tolerance {:.3e})",
+                    GPU_METRICS_RTOL * scale
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// A whole study on the GPU path against the f64 reference's: the same errors within
+    /// `STUDY_RTOL` (codes can differ on f32/f64 near-ties, so errors are compared, not codes),
+    /// the same processing order and diag(H), an 11-point finite α sweep whose ends are the two
+    /// solves, traces that add up, and the uncompensated loss at or above the compensated one.
+    #[test]
+    fn gpu_study_matches_reference_study() -> TestResult {
+        /// A near-tie flip changes one code and, through the error feedback, a few more of its row.
+        const STUDY_RTOL: f64 = 2e-3;
+        let Some(ctx) = crate::gpu::test_context() else {
+            return Ok(());
+        };
+        let (rows, cols) = (29, 97);
+        let cap = capture(rows, cols, 77, 3);
+        let base = QuantConfig {
+            bits: 3,
+            group_size: Some(32),
+            block_size: 32,
+            act_order: true,
+            ..QuantConfig::default()
+        };
+        let mut lab = Lab::new(cap);
+        let cpu = lab.study(&base, 0.5)?;
+        let gpu = lab.study_on(Backend::Gpu(&ctx), &base, 0.5)?;
+        assert_eq!(
+            (cpu.solver, gpu.solver),
+            (LabSolver::Reference, LabSolver::Gpu)
+        );
+        assert_eq!(gpu.perm, cpu.perm, "processing order");
+        assert_eq!(gpu.h_diag, cpu.h_diag, "diag(H) in processing order");
+        assert_eq!(gpu.sweep.len(), sweep_alphas().len());
+        for (name, g, c) in [
+            ("GPTQ", &gpu.gptq, &cpu.gptq),
+            ("GPTAQ", &gpu.gptaq, &cpu.gptaq),
+        ] {
+            let (gm, cm) = (g.metrics, c.metrics);
+            rel_close(
+                &format!("{name} quant"),
+                gm.quant_error,
+                cm.quant_error,
+                STUDY_RTOL,
+            );
+            rel_close(
+                &format!("{name} asym"),
+                gm.asym_error,
+                cm.asym_error,
+                GPU_METRICS_RTOL,
+            );
+            rel_close(
+                &format!("{name} output"),
+                gm.output_error,
+                cm.output_error,
+                STUDY_RTOL,
+            );
+            rel_close(
+                &format!("{name} proxy"),
+                gm.proxy_loss,
+                cm.proxy_loss,
+                STUDY_RTOL,
+            );
+            let proxy: f64 = g.column_loss.iter().sum();
+            rel_close(&format!("{name} Σ column loss"), proxy, gm.proxy_loss, 1e-4);
+            let out: f64 = g.column_output.iter().sum();
+            rel_close(
+                &format!("{name} Σ column output"),
+                out,
+                gm.output_error,
+                1e-4,
+            );
+            assert_eq!(g.column_loss_uncompensated.len(), cols, "{name}");
+            for (k, (a, b)) in g
+                .column_loss
+                .iter()
+                .zip(&g.column_loss_uncompensated)
+                .enumerate()
+            {
+                assert!(
+                    *b >= a * (1.0 - 1e-4),
+                    "{name} column {k}: uncompensated {b} < {a}"
+                );
+            }
+            let (gu, cu) = (
+                g.column_loss_uncompensated.iter().sum::<f64>(),
+                c.column_loss_uncompensated.iter().sum::<f64>(),
+            );
+            rel_close(&format!("{name} Σ uncompensated"), gu, cu, 1e-2);
+            assert!(
+                g.heat_comp.is_empty(),
+                "{name}: no recorded sweep on the GPU"
+            );
+            assert_eq!(
+                (g.heat_q.rows, g.heat_q.cols, g.heat_err.cols),
+                (c.heat_q.rows, c.heat_q.cols, c.heat_err.cols),
+                "{name}: heatmap shapes"
+            );
+        }
+        for ((a, g), (_, c)) in gpu.sweep.iter().zip(&cpu.sweep) {
+            assert!(
+                g.output_error.is_finite() && g.quant_error.is_finite(),
+                "α = {a}: {g:?}"
+            );
+            rel_close(
+                &format!("sweep α = {a} output"),
+                g.output_error,
+                c.output_error,
+                STUDY_RTOL,
+            );
+        }
+        rel_close(
+            "sweep α = 0 is GPTQ",
+            gpu.sweep[0].1.output_error,
+            gpu.gptq.metrics.output_error,
+            1e-12,
+        );
+        rel_close(
+            "sweep α = 0.5 is the GPTAQ side",
+            gpu.sweep[5].1.output_error,
+            gpu.gptaq.metrics.output_error,
+            1e-12,
+        );
+        assert!(gpu.p_row_norms.is_empty(), "P stays on the GPU");
+        for (i, (g, c)) in gpu.heat_w.values.iter().zip(&cpu.heat_w.values).enumerate() {
+            assert!(
+                (g - c).abs() <= 1e-6 * c.abs().max(1.0),
+                "heat_w cell {i}: {g} vs {c}"
+            );
         }
         Ok(())
     }

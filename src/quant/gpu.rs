@@ -63,6 +63,10 @@ pub struct GpuSolve {
     pub result: QuantResult,
     /// Fake-quantized `Q` `[rows, cols]` on the GPU, original column order (equal to `result.q`).
     pub q: GpuBuffer<f32>,
+    /// `U_kk`, the diagonal of the inverse-Hessian factor, processing order (what turns
+    /// `result.column_loss` back into the rounding errors: the layer lab's uncompensated loss).
+    /// Empty for an RTN fallback (no factor).
+    pub u_diag: Vec<f32>,
 }
 
 /// Why the GPU solve refused or failed.
@@ -188,7 +192,11 @@ fn rtn_fallback(
     res.proxy_loss_sum = if loss.is_finite() { loss.max(0.0) } else { 0.0 };
     res.fallback = Some(Fallback::Rtn { reason });
     let q = ctx.upload("quant q", &res.q)?;
-    Ok(GpuSolve { result: res, q })
+    Ok(GpuSolve {
+        result: res,
+        q,
+        u_diag: Vec::new(),
+    })
 }
 
 /// The whole H on the host in f64, checked finite (only for the rare RTN-fallback paths).
@@ -262,7 +270,11 @@ pub fn quantize_gpu(
         let h64 = read_h64(ctx, h, nn)?;
         let res = reference::quantize_f64(&w64, rows, cols, &h64, None, cfg)?;
         let q = ctx.upload("quant q", &res.q)?;
-        return Ok(GpuSolve { result: res, q });
+        return Ok(GpuSolve {
+            result: res,
+            q,
+            u_diag: Vec::new(),
+        });
     }
     let h_diag: Vec<f64> = h_diag32.iter().map(|&v| f64::from(v)).collect();
 
@@ -557,6 +569,8 @@ pub fn quantize_gpu(
         );
     }
     let codes_p = ctx.read(&gcodes)?;
+    // n floats: cheap next to the codes, and only U's diagonal is meaningful outside the solve.
+    let u_diag = factor::hessian_diag(ctx, &gu, n)?;
     let ptab = ctx.read(&gptab)?;
     let q = ctx.read(&gq)?;
 
@@ -598,5 +612,6 @@ pub fn quantize_gpu(
             fallback: factor.fallback,
         },
         q: gq,
+        u_diag,
     })
 }

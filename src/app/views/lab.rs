@@ -1,8 +1,10 @@
 //! Layer lab view: one captured module, its own quantizer settings (every change re-solves on the
 //! worker), GPTQ beside GPTAQ (errors as numbers and bars, per-column traces, heatmaps, P's row
 //! norms, diag(H), output error vs α) and the step mode. Captures come from the session or from a
-//! file; they can be saved for sharing. All strings are ASCII: egui's default font lacks most maths
-//! glyphs.
+//! file; they can be saved for sharing. Large modules are solved on the worker's GPU (f32), which
+//! leaves the compensation heatmaps and P's row norms to the f64 reference of smaller modules: the
+//! view names the solver and says why a picture is missing. All strings are ASCII: egui's default
+//! font lacks most maths glyphs.
 
 use egui::{Color32, RichText, Vec2};
 use egui_plot::{Bar, BarChart, Legend, Line, LineStyle, Plot, PlotPoints, VLine};
@@ -12,7 +14,7 @@ use super::super::lab::{LabPage, StepMethod};
 use super::super::worker::Command;
 use super::{UiAction, heatmap_ui, log10_points, palette};
 use crate::lab::step::{STEP_MAX_COLS, STEP_MAX_WEIGHTS, Stage, StepRequest, StepSnapshot};
-use crate::lab::{LabStudy, SideStudy};
+use crate::lab::{GPU_MIN_COLS, GPU_MIN_WEIGHTS, LabSolver, LabStudy, SideStudy};
 use crate::model::ModuleKind;
 use crate::quant::reference::SweepAction;
 
@@ -325,8 +327,35 @@ fn numbers_ui(ui: &mut egui::Ui, s: &LabStudy) {
                 ui.colored_label(palette::POOR, format!("{name}: fallback {f:?}"));
             }
         }
-        ui.small(format!("solved in {:.2} s on the worker (f64 CPU reference)", s.secs));
+        ui.small(solver_text(s)).on_hover_text(format!(
+            "Modules wider than {GPU_MIN_COLS} columns or with more than {GPU_MIN_WEIGHTS} weights \
+             are solved on the GPU in f32 (errors computed on the GPU, summed in f64); smaller ones \
+             on the f64 CPU reference, exactly."
+        ));
     });
+}
+
+/// Which solver produced the numbers, and how long the study took.
+fn solver_text(s: &LabStudy) -> String {
+    let how = match s.solver {
+        LabSolver::Reference => "exact",
+        LabSolver::Gpu => "f32 solve, errors to ~1e-4 relative",
+    };
+    format!(
+        "solved in {:.2} s on the worker: {} ({how}; GPTQ, GPTAQ and {} alpha points)",
+        s.secs,
+        s.solver.describe(),
+        s.sweep.len()
+    )
+}
+
+/// Why a study lacks a picture the f64 reference records (its recorded sweep / its P).
+fn gpu_missing(s: &LabStudy, what: &str) -> String {
+    format!(
+        "({what}: only with the f64 CPU reference, i.e. modules up to {GPU_MIN_COLS} columns and \
+         {GPU_MIN_WEIGHTS} weights; the {} solve does not record it)",
+        s.solver.describe()
+    )
 }
 
 /// Why GPTAQ helps here, or why it does not: the inherited asymmetry error bounds what its P term
@@ -530,7 +559,12 @@ fn heatmaps_ui(ui: &mut egui::Ui, s: &LabStudy) {
         ui.end_row();
         ui.label("");
         for (name, side) in [("GPTQ", &s.gptq), ("GPTAQ", &s.gptaq)] {
-            if side.heat_comp.is_empty() {
+            if side.heat_comp.is_empty() && s.solver == LabSolver::Gpu {
+                ui.label(format!(
+                    "{name} compensation {}",
+                    gpu_missing(s, "w_pre - w")
+                ));
+            } else if side.heat_comp.is_empty() {
                 ui.label(format!("{name}: no compensation (RTN fallback)"));
             } else {
                 heatmap_ui(
@@ -557,7 +591,9 @@ fn p_and_diag_ui(ui: &mut egui::Ui, s: &LabStudy) {
                 "row norms of P = alpha triu1(D U^T) U at alpha = {:.2}",
                 s.alpha
             ));
-            if s.p_row_norms.is_empty() {
+            if s.p_row_norms.is_empty() && s.solver == LabSolver::Gpu && s.gptaq.fallback.is_none() {
+                ui.label(gpu_missing(s, "P stays on the GPU"));
+            } else if s.p_row_norms.is_empty() {
                 ui.label("(no P: GPTAQ fell back to RTN)");
             } else {
                 Plot::new("lab_p_norms")
