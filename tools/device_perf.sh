@@ -17,7 +17,8 @@
 # `bash tools/device_pack.sh` here):
 #   source .device-carry/setup.sh && OUT=$OUT WORK=/tmp/perf bash tools/device_perf.sh
 # Knobs: QUALITY ("gptq:3 gptaq:3"), NSAMPLES (128), SEQLEN (512), L8B ("gptaq gptq"), LAYERS (1),
-# SIZES (kernel sizes, "4096"), SOLVE ("4096x4096"), SKIP (step names), BUDGET_S.
+# SIZES (kernel sizes, "4096"), SOLVE ("4096x4096"), SCALING (presets, e.g. "h1024 h2048 h4096"),
+# SCALING_NSAMPLES (128), SCALING_GIB (60), SKIP (step names), BUDGET_S.
 set -u
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -84,6 +85,22 @@ for m in $L8B; do
   kill $smi 2>/dev/null
   echo "l8b_$m nvidia-smi peak MiB: $(sort -n "$D/smi_$m.log" | tail -1)" | tee -a "$D/steps.txt"
   tail -4 "$D/l8b_$m.log"
+done
+
+# --- scaling table (issue 10): time per layer and peak memory over width, GPTQ and GPTAQ ----------
+# SCALING="h1024 h2048" etc. (presets of make_random_llama.py); empty by default (budget).
+for sp in ${SCALING:-}; do
+  t "gen_$sp" 120 python3 tools/make_random_llama.py --preset "$sp" --layers 1 --out "/tmp/$sp" \
+    --calib-out "/tmp/$sp-calib.safetensors" --nsamples "${SCALING_NSAMPLES:-128}" --seqlen 2048
+  for m in gptq gptaq; do
+    nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$D/smi_${sp}_$m.log" 2>&1 &
+    smi=$!
+    t "scale_${sp}_$m" 200 "$B" quantize "/tmp/$sp" --calib "/tmp/$sp-calib.safetensors" \
+      --nsamples "${SCALING_NSAMPLES:-128}" --seqlen 2048 --method "$m" --bits 4 --group-size 128 \
+      --gpu-memory "${SCALING_GIB:-60}" --stream-dtype f16 --report "$D/scale_${sp}_$m.json"
+    kill $smi 2>/dev/null
+    echo "scale_${sp}_$m nvidia-smi peak MiB: $(sort -n "$D/smi_${sp}_$m.log" | tail -1)" | tee -a "$D/steps.txt"
+  done
 done
 
 t torch_bench 150 python3 tools/torch_reference.py --bench "$SOLVE" --out "$D/torch_bench.json"

@@ -19,6 +19,11 @@ PRESETS = {
     "llama3-8b": dict(hidden=4096, intermediate=14336, heads=32, kv_heads=8, rope_theta=500000.0),
     "tiny": dict(hidden=256, intermediate=640, heads=4, kv_heads=2, rope_theta=10000.0),
 }
+# Issue 10's scaling table: Llama-3 proportions (intermediate 3.5×hidden, head dim 128, 4 query
+# heads per KV head; h8192 is Llama-3-70B's layer shape).
+for _h in (1024, 2048, 4096, 8192):
+    PRESETS[f"h{_h}"] = dict(hidden=_h, intermediate=_h * 7 // 2, heads=_h // 128,
+                              kv_heads=max(1, min(8, _h // 512)), rope_theta=500000.0)
 
 
 def main(argv=None):
