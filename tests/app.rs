@@ -421,6 +421,58 @@ fn synthetic_capture(rows: usize, cols: usize) -> CapturedModule {
     }
 }
 
+/// A study from the lab's GPU path: the view names the solver and explains the pictures only the
+/// f64 reference records (compensation heatmaps, P's row norms) instead of claiming an RTN fallback.
+#[test]
+fn lab_gpu_study_names_its_solver() {
+    use gptaq_studio::app::worker::LabCaptureInfo;
+    use gptaq_studio::lab::{Backend, Lab, LabSolver};
+    use gptaq_studio::quant::QuantConfig;
+    let Some(ctx) = gptaq_studio::gpu::test_context() else {
+        return;
+    };
+    let cap = synthetic_capture(24, 80);
+    let study = Lab::new(cap.clone())
+        .study_on(Backend::Gpu(&ctx), &QuantConfig::default(), 0.25)
+        .expect("GPU study");
+    assert_eq!(study.solver, LabSolver::Gpu);
+    assert!(study.p_row_norms.is_empty() && study.gptaq.heat_comp.is_empty());
+    let mut app = StudioApp::headless();
+    app.state.apply(WorkerEvent::LabCaptured(Ok(LabCaptureInfo {
+        id: 1,
+        layer: cap.layer,
+        module: cap.module,
+        rows: cap.rows,
+        cols: cap.cols,
+        nsamples: cap.nsamples,
+        source: "test".into(),
+    })));
+    app.state.apply(WorkerEvent::LabSolved {
+        capture: 1,
+        result: Ok(Box::new(study)),
+    });
+    let mut h = Harness::builder()
+        .with_size([1500.0, 4000.0])
+        .build_ui_state(
+            |ui, app: &mut StudioApp| {
+                let ctx = ui.ctx().clone();
+                app.logic(&ctx);
+                app.ui(ui);
+            },
+            app,
+        );
+    // The lab asks the (absent) worker for a solve of its own settings and shows a spinner: step.
+    h.run_steps(3);
+    h.get_by_label_contains("on the worker: GPU (f32)");
+    h.get_by_label_contains("(P stays on the GPU: only with the f64 CPU reference");
+    assert_eq!(
+        h.query_all_by_label_contains("only with the f64 CPU reference")
+            .count(),
+        3,
+        "P's row norms and both compensation heatmaps are explained"
+    );
+}
+
 /// The lab without a run: open a capture file from the start screen, drag α (re-solve on the
 /// worker), step a column and a block, run to the end (same errors as the one-shot solve), then
 /// save the capture and load it back (same results: lessons reproduce).

@@ -385,7 +385,11 @@ fn col_dot_matches_f64_column_sums() {
         ops::col_dot_partials(&mut rec, rows, n, &gx, &gy, &parts, 3).unwrap();
         rec.submit();
         let back = ctx.read(&parts).unwrap();
-        assert_eq!(&back[..3], &[7.0; 3], "col_dot rows={rows} n={n}: prefix overwritten");
+        assert_eq!(
+            &back[..3],
+            &[7.0; 3],
+            "col_dot rows={rows} n={n}: prefix overwritten"
+        );
         let sums = ops::col_dot_sums(&back[3..], rows, n);
         for (j, (g, w)) in sums.iter().zip(&want).enumerate() {
             assert!(

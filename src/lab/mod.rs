@@ -14,8 +14,40 @@
 //!
 //! [`Lab`] holds one capture and what re-solves share (the factorisation of H, GPTAQ's unscaled P,
 //! the Q-independent error terms), so moving α or the bits only re-runs the sweep;
-//! [`Lab::study`] adds the lab's per-column traces and pictures, and [`step`] the step mode. Every
-//! solve is the f64 reference's own sweep ([`reference::quantize_f64`]), bit for bit.
+//! [`Lab::study`] adds the lab's per-column traces and pictures, and [`step`] the step mode.
+//!
+//! # Two solvers, one study
+//!
+//! [`Lab::solve_on`], [`Lab::alpha_sweep_on`] and [`Lab::study_on`] take a [`Backend`]; what a
+//! study contains is decided in one place (`Lab::study_on` / `Lab::side`), only the solve and the
+//! error terms differ (`Lab::measure`):
+//!
+//! - **f64 reference** ([`Backend::Reference`], [`Lab::solve`], [`Lab::study`]): every solve is the
+//!   f64 reference's own sweep ([`reference::quantize_f64`]) on a cached factorisation, bit for
+//!   bit, and the errors are f64 products (`FixedTerms`, O(rows·n²) per solution). Its recorded
+//!   sweep also gives the compensation heatmap (`SideStudy::heat_comp`) and P's row norms. The step
+//!   mode always runs here.
+//! - **GPU path** ([`Backend::Gpu`], borrowing the caller's [`GpuContext`]; the lab never owns
+//!   one): W, H, D and W·D are uploaded once per capture and device (`gpu::GpuTerms`; E only for
+//!   the once-per-capture W·E), and with them `tr(W E Wᵀ)`, `tr(W F Wᵀ)` and the Q-independent
+//!   part of the column shares. Each solve is [`crate::quant::gpu::quantize_gpu`] (f32; it factors
+//!   H on the GPU every call) whose Q stays on the GPU: `ΔW = W − Q` (axpby), `ΔW·H` (one GEMM),
+//!   `quant = Σ ΔW∘(ΔW·H)` and `cross = Σ ΔW∘(W·D)` as column sums of elementwise products
+//!   (`gpu::ops::col_dot_partials`, partials added in f64 on the host); a study's per-column output
+//!   shares add one GEMM (`ΔW·Dᵀ`). Only scalars, `16·n`-float partials, n-vectors and the Q the
+//!   solve already reads back cross the bus. `column_loss` comes from the solve, the uncompensated
+//!   loss from it as `column_loss_k·U_kk²·H̃_kk` (`GpuSolve::u_diag`, H̃ damped).
+//!   Exactness: the errors of a given Q match the f64 formulas to ~1e-6 relative (tests use 1e-4);
+//!   Q itself is the f32 solve's, whose codes can differ from the reference's at f32/f64 near-ties
+//!   (`quant::gpu` docs), so a study's errors match the reference's to ~1e-6 typically (tests
+//!   allow 2e-3). Not available here: `heat_comp` and `p_row_norms` (empty; the view says why).
+//!
+//! When: [`Backend::choose`] (the worker and `gptaq-studio lab`) takes the GPU when a context
+//! exists and the module has more than [`GPU_MIN_COLS`] = 512 input columns or more than
+//! [`GPU_MIN_WEIGHTS`] = 2¹⁸ weights. Below that the f64 reference is both fast (a 256×256 study,
+//! 13 solves, takes 0.15 s on the 2-core dev box) and exact with every picture; above it the
+//! reference's O(rows·n²) sweeps and products and its O(n³) f64 factorisation grow to tens of
+//! seconds per study at n = 4096, where a GPU solve takes well under a second per solve.
 
 mod gpu;
 pub mod heatmap;
@@ -287,8 +319,8 @@ pub fn metrics(c: &CapturedModule, q: &[f32], proxy_loss_sum: f64) -> LabMetrics
     FixedTerms::new(c, &w).metrics(c, &w, q, proxy_loss_sum).0
 }
 
-/// Re-solves the captured module with `cfg` (the f64 reference solver: exact, and fast enough for
-/// modules up to ~1k wide; the GPU solve takes over for wider ones when available).
+/// Re-solves the captured module with `cfg` on the f64 reference solver (exact; [`Lab::solve_on`]
+/// with a [`Backend`] for the GPU path).
 pub fn solve(c: &CapturedModule, cfg: &QuantConfig) -> Result<LabSolve, LabError> {
     Lab::new(c.clone()).solve(cfg)
 }
@@ -1230,6 +1262,48 @@ mod tests {
             assert!(
                 (g - c).abs() <= 1e-6 * c.abs().max(1.0),
                 "heat_w cell {i}: {g} vs {c}"
+            );
+        }
+        Ok(())
+    }
+
+    /// Timing of one study (GPTQ + GPTAQ + the 11-point α sweep) on both paths, not a check:
+    /// `cargo test --release --lib lab::tests::study_timing -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "timing report, run by hand"]
+    fn study_timing() -> TestResult {
+        let Some(ctx) = crate::gpu::test_context() else {
+            return Ok(());
+        };
+        let base = QuantConfig {
+            bits: 4,
+            group_size: Some(128),
+            ..QuantConfig::default()
+        };
+        for (rows, cols) in [(256, 256), (512, 512)] {
+            let mut lab = Lab::new(capture(rows, cols, 1, 0));
+            let t = Instant::now();
+            lab.study(&base, 0.25)?;
+            let cpu_secs = t.elapsed().as_secs_f64();
+            // The first GPU study also uploads the capture and builds the pipelines.
+            let t = Instant::now();
+            lab.study_on(Backend::Gpu(&ctx), &base, 0.25)?;
+            let first = t.elapsed().as_secs_f64();
+            let next = QuantConfig {
+                bits: 3,
+                ..base.clone()
+            };
+            let t = Instant::now();
+            let gpu = lab.study_on(Backend::Gpu(&ctx), &next, 0.25)?;
+            let again = t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            let cpu = lab.study(&next, 0.25)?;
+            let cpu_again = t.elapsed().as_secs_f64();
+            eprintln!(
+                "{rows}x{cols} study (13 solves): reference {cpu_secs:.2} s (H factor cached: \
+                 {cpu_again:.2} s), GPU first {first:.2} s, GPU next {again:.2} s on {}; W3 GPTAQ \
+                 output error reference {:.6e}, GPU {:.6e}",
+                ctx.summary.name, cpu.gptaq.metrics.output_error, gpu.gptaq.metrics.output_error
             );
         }
         Ok(())
