@@ -736,7 +736,9 @@ fn screenshot_lab_tiny_llama_down_proj() {
     h.state_mut()
         .state
         .choose_calib(dir.join("corpora/c4/c4_validation_2k.jsonl"));
-    step_until(&mut h, "the model summary", &|a| a.state.model_info().is_some());
+    step_until(&mut h, "the model summary", &|a| {
+        a.state.model_info().is_some()
+    });
     {
         let s = &mut h.state_mut().state.settings;
         s.nsamples = 8;
@@ -777,8 +779,7 @@ fn screenshot_lab_tiny_llama_down_proj() {
     h.state_mut().state.lab.settings.alpha = 1.0;
     h.step();
     step_until(&mut h, "the α = 1 study", &|a| {
-        a.state.lab.solving.is_none()
-            && a.state.lab.study.as_ref().is_some_and(|s| s.alpha == 1.0)
+        a.state.lab.solving.is_none() && a.state.lab.study.as_ref().is_some_and(|s| s.alpha == 1.0)
     });
     let s = h.state().state.lab.study.clone().expect("study");
     let (first, last) = (s.sweep[0].1.output_error, s.sweep[10].1.output_error);
@@ -786,7 +787,10 @@ fn screenshot_lab_tiny_llama_down_proj() {
         "layer 5 down_proj: output error α=0 {first:.6e}, α=1 {last:.6e}; GPTQ quant {:.6e} asym {:.6e}",
         s.gptq.metrics.quant_error, s.gptq.metrics.asym_error
     );
-    assert!(last < first, "output error did not fall from α = 0 ({first}) to α = 1 ({last})");
+    assert!(
+        last < first,
+        "output error did not fall from α = 0 ({first}) to α = 1 ({last})"
+    );
     h.run_steps(5);
     let img = h.render().expect("render");
     img.save(concat!(env!("CARGO_MANIFEST_DIR"), "/assets/lab.png"))

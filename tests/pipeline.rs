@@ -336,28 +336,65 @@ fn gpu_solver_matches_cpu_reference_solver_end_to_end() {
         let cpu = pipeline::run_prepared(&ctx, &inputs, &j.config, &mut |_| {}, &c).unwrap();
         j.config.solver = Solver::Gpu;
         let gpu = pipeline::run_prepared(&ctx, &inputs, &j.config, &mut |_| {}, &c).unwrap();
-        // Identical inputs (layers 0 and 1) must give identical codes up to rare f32/f64 ties.
-        // After that a single flipped tie changes the next layers' inputs, and with 128
-        // calibration tokens against 384-wide modules (rank-deficient H) the solutions then drift
-        // apart chaotically, so later layers are compared by their errors only.
-        let (mut differing, mut total) = (0usize, 0usize);
-        for (key, rc) in cpu.modules.iter().filter(|(k, _)| k.0 <= 1) {
-            let rg = &gpu.modules[key];
-            total += rc.codes.len();
-            differing += rc
-                .codes
-                .iter()
-                .zip(&rg.codes)
-                .filter(|(a, b)| a != b)
-                .count();
+        // A module's codes are comparable only while its input is identical in both runs: its
+        // statistics are then identical and the two solvers may differ only by rare f32/f64
+        // round-off ties. Inputs stay identical until some earlier true-sequential group
+        // ([q,k,v] → [o] → [gate,up] → [down], layer by layer) has a differing code; after that
+        // the inputs differ, and with 128 calibration tokens against 384-wide modules (rank-
+        // deficient H) the solutions drift apart chaotically, so those modules are compared by
+        // their errors only. (GPTAQ's f32 P and sweep flip a few ties in most runs.)
+        let groups: [&[ModuleKind]; 4] = [
+            &[ModuleKind::Q, ModuleKind::K, ModuleKind::V],
+            &[ModuleKind::O],
+            &[ModuleKind::Gate, ModuleKind::Up],
+            &[ModuleKind::Down],
+        ];
+        let layers = cpu.report.layers.len();
+        let mut identical_inputs = true;
+        let mut same_input: std::collections::HashSet<(usize, ModuleKind)> = Default::default();
+        let mut compared = 0usize;
+        'layers: for layer in 0..layers {
+            for group in groups {
+                if !identical_inputs {
+                    break 'layers;
+                }
+                let mut group_differs = false;
+                for &kind in group {
+                    let (rc, rg) = (&cpu.modules[&(layer, kind)], &gpu.modules[&(layer, kind)]);
+                    let differing = rc
+                        .codes
+                        .iter()
+                        .zip(&rg.codes)
+                        .filter(|(a, b)| a != b)
+                        .count();
+                    assert!(
+                        differing * 1000 <= rc.codes.len(),
+                        "{method:?} layer {layer} {kind:?}: {differing} of {} codes differ between \
+                         the GPU and CPU solvers on identical inputs",
+                        rc.codes.len()
+                    );
+                    group_differs |= differing > 0;
+                    same_input.insert((layer, kind));
+                    compared += 1;
+                }
+                identical_inputs = !group_differs;
+            }
         }
+        // At least layer 0's q/k/v (the embeddings' input) is always comparable.
         assert!(
-            differing * 1000 <= total,
-            "{method:?}: {differing} of {total} codes of layers 0-1 differ between the GPU and CPU solvers"
+            compared >= 3,
+            "{method:?}: only {compared} modules compared"
         );
         for (a, b) in cpu.report.modules.iter().zip(&gpu.report.modules) {
             let (x, y) = (a.output_error.unwrap(), b.output_error.unwrap());
-            let tol = if a.layer <= 1 { 0.01 } else { 1.0 };
+            let kind = ModuleKind::from_short_name(&a.module).unwrap();
+            // Same input: 3e-4 seen (2026-12-04). Diverged: up to 0.23 seen (GPTAQ, layer 1
+            // down_proj), the spread of equally good solutions of a rank-deficient problem.
+            let tol = if same_input.contains(&(a.layer, kind)) {
+                0.01
+            } else {
+                0.5
+            };
             assert!(
                 (x - y).abs() <= tol * x.max(1e-9),
                 "{method:?} layer {} {}: output error cpu {x} gpu {y}",
