@@ -6,7 +6,10 @@
 # needs glvnd's libGLdispatch — without libglvnd0 the loader fails with "Could not get
 # 'vkCreateInstance' via 'vk_icdGetInstanceProcAddr'" (seen on the H200 on 2026-11-29), so the glvnd
 # packages downloaded into .gl/ (the device README's recipe) travel as well.
-# Usage: bash tools/device_pack.sh [DATA_ITEM ...]   (default: tiny-llama-15m, wikitext-2-raw-v1, c4)
+# Usage: bash tools/device_pack.sh [DATA_ITEM ...]   (default: tiny-llama-15m, stories260K,
+#        wikitext-2-raw-v1, c4). Test binaries (`cargo test --release --no-run`) named in PACK_TESTS
+#        (default "gpu_kernels quant_gpu forward") travel too, so the GPU tests run on the real GPU
+#        (tools/device_perf.sh runs them first); PACK_TESTS="" leaves them out.
 set -euo pipefail
 root=$(git rev-parse --show-toplevel)
 cd "$root"
@@ -20,8 +23,14 @@ cp "$shared"/device/setup.sh .device-carry/setup.sh
 strip -o .device-carry/gptaq-studio target/release/gptaq-studio
 kb=$(ls -t target/release/deps/kernels-* 2>/dev/null | grep -v '\.d$' | head -n1 || true)
 [ -n "$kb" ] && strip -o .device-carry/kernels-bench "$kb"
-xz -T0 -6 .device-carry/gptaq-studio ${kb:+.device-carry/kernels-bench}
+tests=()
+for t in ${PACK_TESTS-gpu_kernels quant_gpu forward}; do
+  tb=$(ls -t target/release/deps/"$t"-* 2>/dev/null | grep -v '\.d$' | head -n1 || true)
+  if [ -n "$tb" ]; then strip -o ".device-carry/test-$t" "$tb"; tests+=(".device-carry/test-$t"); else
+    echo "warning: no test binary for $t (run cargo test --release --no-run)" >&2; fi
+done
+xz -T0 -6 .device-carry/gptaq-studio ${kb:+.device-carry/kernels-bench} "${tests[@]}"
 items=("$@")
-[ ${#items[@]} -eq 0 ] && items=(tiny-llama-15m corpora/wikitext-2-raw-v1 corpora/c4)
+[ ${#items[@]} -eq 0 ] && items=(tiny-llama-15m stories260K corpora/wikitext-2-raw-v1 corpora/c4)
 for d in "${items[@]}"; do cp -r "$shared/data/$d" ".device-carry/data/$d"; done
 du -sh .device-carry

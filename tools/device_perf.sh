@@ -2,6 +2,7 @@
 # One batch for the GPU machine (issues 5, 6, 10), everything side by side in one call, in order of
 # value, inside a total time budget (BUDGET_S, default 540 s; every step gets min(its limit, what is
 # left), so the call always returns with the logs of whatever finished):
+#   test_<name> the carried GPU test binaries (tools/device_pack.sh PACK_TESTS) on the real GPU
 #   q_<m>_w<b>   quality: gptaq-studio quantize tiny-llama-15m on NSAMPLES × SEQLEN C4 windows
 #                (tools/make_calib_ids.py, seed 0 — the windows tools/torch_reference.py uses), sym
 #                g128, --eval on the whole WikiText-2 test at SEQLEN (in memory, --no-fp-eval), export
@@ -26,12 +27,14 @@ D=${WORK:-/tmp/perf}
 mkdir -p "$D"
 B=.device-carry/gptaq-studio
 K=.device-carry/kernels-bench
-for f in $B $K; do [ -f "$f.xz" ] && xz -d -f "$f.xz"; [ -f "$f" ] && chmod +x "$f"; done
+for f in $B $K .device-carry/test-*; do
+  case $f in *.xz) xz -d -f "$f"; f=${f%.xz} ;; *) [ -f "$f.xz" ] && xz -d -f "$f.xz" ;; esac
+  [ -f "$f" ] && chmod +x "$f"; done
 DATA=${GPTAQ_TEST_DATA:-$ROOT/.device-carry/data}
 MODEL=$DATA/tiny-llama-15m
 WIKI=$DATA/corpora/wikitext-2-raw-v1/wiki.test.raw
 C4=$DATA/corpora/c4/c4_validation_2k.jsonl
-QUALITY=${QUALITY:-gptq:3 gptaq:3}
+QUALITY=${QUALITY-gptq:3 gptaq:3}
 NSAMPLES=${NSAMPLES:-128}
 SEQLEN=${SEQLEN:-512}
 L8B=${L8B-gptaq gptq}
@@ -51,6 +54,15 @@ t() { local name=$1 lim=$2; shift 2; skip "$name" && return 0
   echo "$name rc=$rc $(awk "BEGIN{printf \"%.1f\", $(date +%s.%N)-$t0}")s (limit $lim)" | tee -a "$D/steps.txt"; }
 nvidia-smi > "$D/nvidia-smi.txt" 2>&1
 "$B" devices > "$D/devices.txt" 2>&1
+
+# --- the GPU test suites on the real GPU (carried test binaries; CI=true: no adapter = failure) ---
+for tb in .device-carry/test-*; do
+  case $tb in *.xz) continue ;; esac
+  [ -x "$tb" ] || continue
+  n=${tb##*/test-}
+  t "test_$n" 120 env CI=true "$tb" --test-threads 1
+  grep -E "^test result|FAILED|panicked" "$D/test_$n.log" | head -5
+done
 
 # --- quality on a real checkpoint (same windows as the PyTorch reference rows in BENCHMARKS.md) ---
 t calib_ids 60 python3 tools/make_calib_ids.py --tokenizer "$MODEL" --calib "$C4" --nsamples "$NSAMPLES" \
