@@ -658,71 +658,9 @@ fn side_by_side_demo_run_on_gpu() {
     assert!(session.saved_report().is_some());
 }
 
-/// Renders the app after a real side-by-side GPTQ vs GPTAQ W3 g128 run on tiny-llama-15m and saves
-/// it as `assets/screenshot.png` (README). Slow on lavapipe, so run on demand:
-/// `GPTAQ_TEST_DATA=../shared/data cargo test --release --test app -- --ignored screenshot`.
-#[test]
-#[ignore = "regenerates the committed assets/screenshot.png (about 3 min on lavapipe); the same UI paths run in the other tests"]
-fn screenshot_tiny_llama_side_by_side() {
-    let Some(dir) = std::env::var_os("GPTAQ_TEST_DATA").map(std::path::PathBuf::from) else {
-        panic!("set GPTAQ_TEST_DATA");
-    };
-    let mut h = live_harness(1600.0);
-    h.step();
-    let cmd = h
-        .state_mut()
-        .state
-        .choose_model_dir(dir.join("tiny-llama-15m"));
-    h.state_mut().send(cmd);
-    h.state_mut()
-        .state
-        .choose_calib(dir.join("corpora/c4/c4_validation_2k.jsonl"));
-    let t0 = std::time::Instant::now();
-    while h.state().state.model_info().is_none() {
-        assert!(t0.elapsed().as_secs() < 120, "no model summary");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-        h.step();
-    }
-    {
-        let s = &mut h.state_mut().state.settings;
-        s.nsamples = 8;
-        s.seqlen = 128;
-        s.bits = 3;
-        s.group_size = 128;
-        s.method = gptaq_studio::app::state::MethodChoice::SideBySide;
-    }
-    h.step();
-    h.get_by_label("Start").click();
-    h.step();
-    while h
-        .state()
-        .state
-        .session
-        .as_ref()
-        .is_none_or(|s| s.is_active())
-    {
-        assert!(t0.elapsed().as_secs() < 3000, "comparison did not finish");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-        h.step();
-    }
-    h.get_by_label("Plots").click();
-    h.run_steps(5);
-    let img = h.render().expect("render");
-    img.save(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/assets/screenshot.png"
-    ))
-    .expect("save png");
-}
-
-/// Renders the layer lab on tiny-llama-15m layer 5 `mlp.down_proj` after a real GPTAQ W3 g128 run
-/// (8 × 128 C4 windows) with α = 1, and saves it as `assets/lab.png` (README). Also checks the
-/// issue's lesson on real data: the output error at α = 1 is below GPTQ's (α = 0). Slow on
-/// lavapipe, so run on demand:
-/// `GPTAQ_TEST_DATA=../shared/data cargo test --release --test app -- --ignored screenshot_lab`.
-#[test]
-#[ignore = "regenerates the committed assets/lab.png (several minutes on lavapipe)"]
-fn screenshot_lab_tiny_llama_down_proj() {
+/// The screenshots' run: tiny-llama-15m from `$GPTAQ_TEST_DATA`, calibrated on 8 × 128 C4
+/// windows, W3 g128 with `method`, driven through the UI to the end of the run.
+fn tiny_llama_run(method: gptaq_studio::app::state::MethodChoice) -> Harness<'static, StudioApp> {
     let Some(dir) = std::env::var_os("GPTAQ_TEST_DATA").map(std::path::PathBuf::from) else {
         panic!("set GPTAQ_TEST_DATA");
     };
@@ -745,7 +683,7 @@ fn screenshot_lab_tiny_llama_down_proj() {
         s.seqlen = 128;
         s.bits = 3;
         s.group_size = 128;
-        s.method = gptaq_studio::app::state::MethodChoice::Gptaq;
+        s.method = method;
     }
     h.step();
     h.get_by_label("Start").click();
@@ -758,10 +696,39 @@ fn screenshot_lab_tiny_llama_down_proj() {
         .as_ref()
         .is_none_or(|s| s.is_active())
     {
-        assert!(t0.elapsed().as_secs() < 3000, "run did not finish");
+        assert!(t0.elapsed().as_secs() < 3000, "the run did not finish");
         std::thread::sleep(std::time::Duration::from_millis(50));
         h.step();
     }
+    h
+}
+
+/// Renders the app after a real side-by-side GPTQ vs GPTAQ W3 g128 run on tiny-llama-15m and saves
+/// it as `assets/screenshot.png` (README). Slow on lavapipe, so run on demand:
+/// `GPTAQ_TEST_DATA=../shared/data cargo test --release --test app -- --ignored screenshot`.
+#[test]
+#[ignore = "regenerates the committed assets/screenshot.png (about 3 min on lavapipe); the same UI paths run in the other tests"]
+fn screenshot_tiny_llama_side_by_side() {
+    let mut h = tiny_llama_run(gptaq_studio::app::state::MethodChoice::SideBySide);
+    h.get_by_label("Plots").click();
+    h.run_steps(5);
+    let img = h.render().expect("render");
+    img.save(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/assets/screenshot.png"
+    ))
+    .expect("save png");
+}
+
+/// Renders the layer lab on tiny-llama-15m layer 5 `mlp.down_proj` after a real GPTAQ W3 g128 run
+/// (8 × 128 C4 windows) with α = 1, and saves it as `assets/lab.png` (README). Also checks the
+/// issue's lesson on real data: the output error at α = 1 is below GPTQ's (α = 0). Slow on
+/// lavapipe, so run on demand:
+/// `GPTAQ_TEST_DATA=../shared/data cargo test --release --test app -- --ignored screenshot_lab`.
+#[test]
+#[ignore = "regenerates the committed assets/lab.png (several minutes on lavapipe)"]
+fn screenshot_lab_tiny_llama_down_proj() {
+    let mut h = tiny_llama_run(gptaq_studio::app::state::MethodChoice::Gptaq);
     h.get_by_label("Layer lab").click();
     h.step();
     {
