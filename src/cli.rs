@@ -413,6 +413,16 @@ fn inspect(dir: &Path, nsamples: usize, seqlen: usize, json: bool) -> anyhow::Re
     Ok(())
 }
 
+/// A line above the progress bar, or on stderr when the bar is hidden (stderr is not a terminal:
+/// logs, scripts, CI), where indicatif's own `println` prints nothing.
+fn say(bar: &ProgressBar, line: impl AsRef<str>) {
+    if bar.is_hidden() {
+        eprintln!("{}", line.as_ref());
+    } else {
+        bar.println(line);
+    }
+}
+
 fn fmt_opt(v: Option<f64>) -> String {
     v.map_or_else(|| "-".into(), |x| format!("{x:.3e}"))
 }
@@ -456,37 +466,43 @@ fn quantize(gpu: &GpuArgs, args: &QuantizeArgs) -> anyhow::Result<()> {
         } => {
             bar.set_length((layers * modules_per_layer) as u64);
             for line in &plan.breakdown {
-                bar.println(format!("plan: {line}"));
+                say(&bar, format!("plan: {line}"));
             }
-            bar.println(header.clone());
+            say(&bar, header.clone());
         }
         Event::Status(s) => bar.set_message(s),
         Event::LayerStarted { layer } => bar.set_message(format!("layer {layer}")),
         Event::ModuleDone(m) => {
             bar.inc(1);
-            bar.println(format!(
-                "{:>5} {:<10} {:>11} {:>10.3e} {:>10} {:>10} {:>10} {:>7.4} {:>7.2}  {}",
-                m.layer,
-                m.module,
-                format!("{}x{}", m.rows, m.cols),
-                m.proxy_loss,
-                fmt_opt(m.quant_error),
-                fmt_opt(m.asym_error),
-                fmt_opt(m.output_error),
-                m.damp,
-                m.secs,
-                m.fallback.as_deref().unwrap_or("")
-            ));
+            say(
+                &bar,
+                format!(
+                    "{:>5} {:<10} {:>11} {:>10.3e} {:>10} {:>10} {:>10} {:>7.4} {:>7.2}  {}",
+                    m.layer,
+                    m.module,
+                    format!("{}x{}", m.rows, m.cols),
+                    m.proxy_loss,
+                    fmt_opt(m.quant_error),
+                    fmt_opt(m.asym_error),
+                    fmt_opt(m.output_error),
+                    m.damp,
+                    m.secs,
+                    m.fallback.as_deref().unwrap_or("")
+                ),
+            );
         }
         Event::LayerDone(l) => {
             if let Some(e) = l.hidden_rel_error {
-                bar.println(format!(
-                    "layer {} done in {:.2}s: ‖h_q−h_fp‖/‖h_fp‖ = {e:.4}",
-                    l.layer, l.secs
-                ));
+                say(
+                    &bar,
+                    format!(
+                        "layer {} done in {:.2}s: ‖h_q−h_fp‖/‖h_fp‖ = {e:.4}",
+                        l.layer, l.secs
+                    ),
+                );
             }
         }
-        Event::Warning(w) => bar.println(format!("warning: {w}")),
+        Event::Warning(w) => say(&bar, format!("warning: {w}")),
         Event::Finished(_) | Event::Failed(_) | Event::Cancelled => {}
     };
     let cancel = AtomicBool::new(false);
