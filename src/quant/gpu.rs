@@ -2,17 +2,16 @@
 //! [`super::reference::quantize_f64`] up to f32 round-off.
 //!
 //! Pipeline of [`quantize_gpu`]:
-//! 1. **Preparation on the host, in f64** (§1.2 steps 2–7): `H` is read back once; per-row params
-//!    (gs = −1), dead columns, static groups, the act-order permutation (stable descending sort, as
-//!    the reference), damping with GPTQModel's retries and diagonal floors (§1.5) and the inverse
-//!    factor `U` all go through the reference's own functions
-//!    ([`super::reference::inverse_hessian_factor_f64`], [`super::quantizer::find_group_params`]).
-//!    This guarantees identical damping / fallback decisions and costs one n×n readback plus an
-//!    O(n³) f64 factorisation (§6.4 allows the CPU route; a GPU f32 Cholesky is future work).
-//!    `U` is uploaded as f32. The caller's `H` and `D` buffers are never modified (§6.2).
-//!    Cost warning: the reference's naive f64 routines took 0.6 s + 2.2 s (Cholesky + triangular
-//!    inverse) at n = 1024 and 6 s + 31 s at n = 2048 on the 2-core dev box (the inverse walks
-//!    columns, cache-hostile), so n ≥ 4096 needs a faster host factor or the GPU f32 one.
+//! 1. **Preparation** (§1.2 steps 2–7): only `diag(H)` is read back (`factor::hessian_diag`).
+//!    Per-row params (gs = −1), dead columns, static groups and the act-order permutation (stable
+//!    descending sort) come from the reference's own `reference::prepare` on the host, in
+//!    f64; the inverse factor `U` is computed on the GPU in f32 by
+//!    [`factor::upper_inverse_factor_gpu`] (blocked Cholesky of the permuted, damped H and a
+//!    triangular inverse, §6.4), driven by the reference's damping schedule
+//!    ([`super::reference::damped_factorisation`]: GPTQModel's retries and diagonal floors, §1.5),
+//!    so damping / fallback decisions are made by the same code as in the f64 reference. The
+//!    whole H comes back only on the rare RTN-fallback paths (its proxy loss needs it). The
+//!    caller's `H` and `D` buffers are never modified (§6.2).
 //! 2. **GPTAQ `P` on the GPU** (§2.2): `D` is permuted and its dead columns zeroed by a gather
 //!    kernel (`quant_gather.wgsl`), then `T = D·Uᵀ` (GEMM), `T ← α·triu₁(T)` (`quant_mask.wgsl`),
 //!    `P = T·U` (GEMM).
@@ -21,10 +20,15 @@
 //!    (stale-W quirk included), the in-block OBS update and GPTAQ's in-block term; then the lazy
 //!    cross-block update `W[:, i2:] −= Err1·U[i1:i2, i2:]` and, for GPTAQ,
 //!    `W[:, i2:] += W1·P[i1:i2, i2:]` run as two GEMMs.
-//! 4. `quant_finish.wgsl` writes `Q` in the original column order on the GPU; codes, parameters and
-//!    the per-row proxy losses are read back to build the [`QuantResult`].
+//!    After each block's sweep, `quant_colloss.wgsl` reduces its scaled errors to the per-column
+//!    proxy loss (`QuantResult::column_loss`).
+//! 4. `quant_finish.wgsl` writes `Q` in the original column order on the GPU; codes, parameters,
+//!    the per-row and per-column proxy losses and `diag(U)` are read back to build the
+//!    [`QuantResult`] (and [`GpuSolve::u_diag`]).
 //!
 //! Deviations from the f64 reference (all f32 round-off, documented for the tests):
+//! - `U` is an f32 factorisation (the reference's is f64): a damping retry can in principle be
+//!   decided differently when H is within f32 round-off of indefinite.
 //! - Updates and `x/scale` are computed in f32, so a code can differ from the reference's where
 //!   `x/scale` lies within round-off of a `.5` tie; through the error feedback such a flip can
 //!   change a few later codes of the same row. Dynamic group parameters are computed from f32
