@@ -130,8 +130,8 @@ pub struct QuantResult {
     /// Per column in PROCESSING order (the order of `perm`, original order when `None`): GPTQ's
     /// proxy loss contribution `Σ_rows (w−q)²/(2·U_jj²)` of that column, `w` its value when it was
     /// quantized — the terms whose sum is `proxy_loss_sum` (up to summation order). Empty = not
-    /// available: RTN (the method or the fallback) has no sequential solve to attribute, and the
-    /// GPU solve does not read these terms back yet.
+    /// available: RTN (the method or the fallback) has no sequential solve to attribute. The GPU
+    /// solve sums them in f32 per block (`quant_colloss.wgsl`).
     pub column_loss: Vec<f64>,
     /// `diag(H)` in PROCESSING order, before damping, with dead columns (`H_jj = 0`) read as 1 the
     /// way the reference sets them (algorithm.md §1.2 step 3). RTN results give it in original
