@@ -26,14 +26,28 @@ pub struct PlanInput<'a> {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error(
-    "the run does not fit in the GPU memory budget: it needs at least {need_mib} MiB ({detail}) but the budget is \
-     {budget_mib} MiB; raise --gpu-memory or use fewer / shorter calibration sequences"
-)]
-pub struct PlanError {
-    pub need_mib: u64,
-    pub budget_mib: u64,
-    pub detail: String,
+pub enum PlanError {
+    #[error(
+        "the run does not fit in the GPU memory budget: it needs at least {need_mib} MiB ({detail}) but the budget is \
+         {budget_mib} MiB; raise --gpu-memory or use fewer / shorter calibration sequences"
+    )]
+    Budget {
+        need_mib: u64,
+        budget_mib: u64,
+        detail: String,
+    },
+    /// One matrix the solve keeps in a single buffer is larger than the adapter's largest storage
+    /// binding (e.g. the 28672² Hessian of a Llama-3-70B MLP: 3.1 GiB against 2 GiB on most
+    /// Vulkan drivers). Refused before any work, instead of failing at that layer's allocation.
+    #[error(
+        "{what} needs one {need_mib} MiB buffer but this adapter binds at most {limit_mib} MiB per \
+         buffer; models this wide are not supported on this adapter"
+    )]
+    Binding {
+        what: String,
+        need_mib: u64,
+        limit_mib: u64,
+    },
 }
 
 const F32: u64 = 4;
@@ -95,8 +109,26 @@ pub fn plan(input: &PlanInput<'_>) -> Result<MemoryPlan, PlanError> {
     let budget = input.gpu_budget_bytes;
     let per_token = scratch_per_token(c, input.fp_stream);
     let seq_scratch = per_token * input.seqlen as u64;
+    // The solve keeps H (n×n) and the widest module's W in single buffers (quant::gpu).
+    let n = c.hidden_size.max(c.intermediate_size).max(c.q_dim()) as u64;
+    let widest_w = (c.hidden_size as u64) * (c.intermediate_size as u64).max(c.q_dim() as u64);
+    for (what, bytes) in [
+        (
+            format!("the {n}×{n} Hessian of the widest input"),
+            n * n * F32,
+        ),
+        ("the widest module's weight".to_string(), widest_w * F32),
+    ] {
+        if bytes > input.max_buffer_bytes {
+            return Err(PlanError::Binding {
+                what,
+                need_mib: bytes.div_ceil(1 << 20),
+                limit_mib: input.max_buffer_bytes >> 20,
+            });
+        }
+    }
     if fixed + seq_scratch > budget {
-        return Err(PlanError {
+        return Err(PlanError::Budget {
             need_mib: (fixed + seq_scratch) >> 20,
             budget_mib: budget >> 20,
             detail: format!(
@@ -246,9 +278,47 @@ mod tests {
             Ok(p) => return Err(format!("a 4 GiB budget was accepted: {:?}", p.breakdown).into()),
             Err(e) => e,
         };
-        assert_eq!(e.budget_mib, 4096);
-        assert!(e.need_mib > 4096, "need {} MiB", e.need_mib);
+        match &e {
+            PlanError::Budget {
+                need_mib,
+                budget_mib,
+                ..
+            } => {
+                assert_eq!(*budget_mib, 4096);
+                assert!(*need_mib > 4096, "need {need_mib} MiB");
+            }
+            other => return Err(format!("expected a budget error, got {other}").into()),
+        }
         assert!(e.to_string().contains("Hessian statistics"), "{e}");
+        Ok(())
+    }
+
+    /// A Llama-3-70B-shaped layer (intermediate 28672): its Hessian (3,136 MiB) exceeds a 2 GiB
+    /// binding, so the run is refused up front, however large the budget.
+    #[test]
+    fn hessian_larger_than_one_binding_is_refused() -> Result<(), Box<dyn std::error::Error>> {
+        let c = ModelConfig::from_json_str(
+            r#"{"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+                "hidden_size": 8192, "intermediate_size": 28672, "num_attention_heads": 64,
+                "num_key_value_heads": 8, "num_hidden_layers": 80, "vocab_size": 128256,
+                "rms_norm_eps": 1e-5, "rope_theta": 500000.0}"#,
+        )?;
+        let mut i = input(&c, 120, StreamDType::F16);
+        i.max_buffer_bytes = 2 << 30;
+        match plan(&i) {
+            Err(PlanError::Binding {
+                need_mib,
+                limit_mib,
+                what,
+            }) => {
+                assert_eq!((need_mib, limit_mib), (3136, 2048), "{what}");
+                assert!(what.contains("28672×28672 Hessian"), "{what}");
+            }
+            other => return Err(format!("expected a binding error, got {other:?}").into()),
+        }
+        // On an adapter that binds 4 GiB per buffer the same shape plans.
+        i.max_buffer_bytes = 4 << 30;
+        assert!(plan(&i).is_ok());
         Ok(())
     }
 }
