@@ -83,6 +83,16 @@ pub enum Command {
     /// compare GPTQ with GPTAQ on it, including an α sweep. Modules wider than 512 columns or
     /// with more than 262144 weights are re-solved on the GPU, smaller ones on the f64 reference.
     Lab(Box<LabArgs>),
+    /// Time both GEMM kernels over a grid of shapes on this adapter and cache the faster choice
+    /// per shape (later runs on this adapter read it; see `src/gpu/tune.rs`).
+    Tune {
+        /// Timed runs per kernel and shape (best of).
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+        /// Write the table here instead of the cache directory (then it is not used by runs).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Open the desktop application (the default when no command is given).
     Gui,
 }
@@ -365,7 +375,55 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Quantize(args)) => quantize(&cli.gpu, &args),
         Some(Command::Eval(args)) => eval_cmd(&cli.gpu, &args),
         Some(Command::Lab(args)) => lab_cmd(&cli.gpu, &args),
+        Some(Command::Tune { reps, out }) => tune_cmd(&cli.gpu, reps, out.as_deref()),
     }
+}
+
+fn tune_cmd(gpu: &GpuArgs, reps: usize, out: Option<&Path>) -> anyhow::Result<()> {
+    use crate::gpu::tune;
+    let ctx = GpuContext::new(&gpu.options()).context("opening the GPU")?;
+    eprintln!("device: {} ({})", ctx.summary.name, ctx.summary.backend);
+    let path = match out {
+        Some(p) => p.to_path_buf(),
+        None => tune::table_path(
+            &tune::cache_dir().context("no cache directory: set GPTAQ_CACHE_DIR or HOME")?,
+            &ctx.summary,
+        ),
+    };
+    let shapes = tune::default_shapes(ctx.summary.device_type == "Cpu");
+    println!(
+        "{:>6} {:>6} {:>6} {:>11} {:>11} {:>9}  choice",
+        "M", "N", "K", "large ms", "small ms", "GFLOP/s"
+    );
+    let table = tune::measure(&ctx, &shapes, reps, &mut |e| {
+        let best = e.large_ms.min(e.small_ms);
+        let gflops = 2.0 * (e.m * e.n * e.k) as f64 / (best * 1e-3) / 1e9;
+        println!(
+            "{:>6} {:>6} {:>6} {:>11.3} {:>11.3} {:>9.1}  {:?}",
+            e.m,
+            e.n,
+            e.k,
+            e.large_ms,
+            e.small_ms,
+            gflops,
+            e.best()
+        );
+    })
+    .context("timing the GEMM kernels")?;
+    let rule_agrees = table
+        .entries
+        .iter()
+        .filter(|e| crate::gpu::ops::gemm_tile(e.m, e.n) == e.best())
+        .count();
+    table
+        .save(&path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    println!(
+        "{} shapes; the size rule picks the faster kernel for {rule_agrees} of them; table: {}",
+        table.entries.len(),
+        path.display()
+    );
+    Ok(())
 }
 
 fn inspect(dir: &Path, nsamples: usize, seqlen: usize, json: bool) -> anyhow::Result<()> {

@@ -427,3 +427,92 @@ fn pipeline_cache_reuses_pipelines() {
     );
     assert_eq!(ctx.read(&out).unwrap(), vec![1.0, 4.0]);
 }
+
+/// The tuning path end to end on this adapter: both kernels are timed on a small grid, the table
+/// round-trips through a file, a context given the table follows it for nearby shapes (and falls
+/// back to the size rule far away), and a GEMM recorded through that choice is still correct.
+#[test]
+fn gemm_tuning_table_drives_the_kernel_choice() {
+    use gptaq_studio::gpu::tune::{self, GemmTable, TuneEntry};
+    let Some(ctx) = test_context() else { return };
+    if std::env::var_os("GPTAQ_GEMM_TILE").is_some() {
+        eprintln!("note: GPTAQ_GEMM_TILE forces the kernel; the table is not consulted");
+        return;
+    }
+    let shapes = [(33, 65, 17), (130, 129, 64)];
+    let measured = tune::measure(&ctx, &shapes, 1, &mut |_| {}).unwrap();
+    assert_eq!(measured.entries.len(), 2);
+    for e in &measured.entries {
+        assert!(
+            e.large_ms.is_finite()
+                && e.large_ms > 0.0
+                && e.small_ms.is_finite()
+                && e.small_ms > 0.0,
+            "{e:?}"
+        );
+    }
+    assert!(measured.matches(&ctx.summary));
+    let dir = tempfile::tempdir().unwrap();
+    let path = tune::table_path(dir.path(), &ctx.summary);
+    measured.save(&path).unwrap();
+    assert_eq!(GemmTable::load(&path).unwrap().as_ref(), Some(&measured));
+
+    // A table that contradicts the size rule at 512×512×128 (the rule picks Small there).
+    assert_eq!(ops::gemm_tile(512, 512), GemmTile::Small);
+    let forced = GemmTable {
+        entries: vec![TuneEntry {
+            m: 512,
+            n: 512,
+            k: 128,
+            large_ms: 1.0,
+            small_ms: 2.0,
+        }],
+        ..measured
+    };
+    ctx.set_gemm_table(Some(forced));
+    assert_eq!(ops::gemm_tile_for(&ctx, 500, 520, 100), GemmTile::Large);
+    assert_eq!(ops::gemm_tile_for(&ctx, 3, 5, 7), ops::gemm_tile(3, 5));
+    // Correct results through the table's choice (shape near the entry, awkward sizes).
+    let (m, n, k) = (257, 509, 131);
+    let mut r = rng(77);
+    let (a, b) = (rand_vec(&mut r, m * k), rand_vec(&mut r, k * n));
+    let expected = gemm_ref(
+        m,
+        n,
+        k,
+        1.0,
+        &a,
+        k,
+        false,
+        &b,
+        n,
+        false,
+        0.0,
+        &vec![0.0; m * n],
+    );
+    let (ga, gb) = (ctx.upload("a", &a).unwrap(), ctx.upload("b", &b).unwrap());
+    let gc = ctx.zeros::<f32>("c", m * n).unwrap();
+    let mut rec = ctx.recorder();
+    ops::gemm(
+        &mut rec,
+        m,
+        n,
+        k,
+        1.0,
+        MatView::new(&ga, k),
+        MatView::new(&gb, n),
+        0.0,
+        MatView::new(&gc, n),
+    )
+    .unwrap();
+    rec.submit();
+    assert_close(
+        &format!("gemm via the tuning table m={m} n={n} k={k}"),
+        &ctx.read(&gc).unwrap(),
+        &expected,
+        1e-5 * (k as f64).sqrt(),
+        1e-5,
+    );
+    ctx.set_gemm_table(None);
+    assert_eq!(ops::gemm_tile_for(&ctx, 500, 520, 100), GemmTile::Small);
+}

@@ -3,6 +3,7 @@
 # value, inside a total time budget (BUDGET_S, default 540 s; every step gets min(its limit, what is
 # left), so the call always returns with the logs of whatever finished):
 #   test_<name> the carried GPU test binaries (tools/device_pack.sh PACK_TESTS) on the real GPU
+#   tune         gptaq-studio tune: both GEMM kernels over a shape grid; the table is used below
 #   q_<m>_w<b>   quality: gptaq-studio quantize tiny-llama-15m on NSAMPLES × SEQLEN C4 windows
 #                (tools/make_calib_ids.py, seed 0 — the windows tools/torch_reference.py uses), sym
 #                g128, --eval on the whole WikiText-2 test at SEQLEN (in memory, --no-fp-eval), export
@@ -63,6 +64,10 @@ for tb in .device-carry/test-*; do
   t "test_$n" 120 env CI=true "$tb" --test-threads 1
   grep -E "^test result|FAILED|panicked" "$D/test_$n.log" | head -5
 done
+
+# --- GEMM tuning table for this adapter (later steps use it; the table comes back in $D) ---------
+t tune 90 env GPTAQ_CACHE_DIR="$D/cache" "$B" tune
+export GPTAQ_CACHE_DIR="$D/cache"
 
 # --- quality on a real checkpoint (same windows as the PyTorch reference rows in BENCHMARKS.md) ---
 t calib_ids 60 python3 tools/make_calib_ids.py --tokenizer "$MODEL" --calib "$C4" --nsamples "$NSAMPLES" \

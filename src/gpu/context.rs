@@ -216,6 +216,8 @@ pub struct GpuContext {
     sink: Arc<Mutex<ErrorSink>>,
     /// Bytes currently allocated through [`GpuContext`] buffer helpers, and the high-water mark.
     pub(crate) mem: super::buffer::MemCounter,
+    /// The GEMM tuning table ([`super::tune`]): `None` until the first GEMM asks for it.
+    gemm_table: Mutex<Option<Option<Arc<super::tune::GemmTable>>>>,
 }
 
 impl GpuContext {
@@ -304,7 +306,26 @@ impl GpuContext {
             kernels: KernelCache::default(),
             sink,
             mem: Default::default(),
+            gemm_table: Mutex::new(None),
         })
+    }
+
+    /// The GEMM tuning table of this adapter (loaded from the cache directory on first use; see
+    /// [`super::tune`]), if there is a valid one.
+    pub fn gemm_table(&self) -> Option<Arc<super::tune::GemmTable>> {
+        let Ok(mut slot) = self.gemm_table.lock() else {
+            return None;
+        };
+        slot.get_or_insert_with(|| super::tune::load_for(&self.summary).map(Arc::new))
+            .clone()
+    }
+
+    /// Replaces the tuning table for this context (after `gptaq-studio tune`, and in tests);
+    /// `None` = the size rule.
+    pub fn set_gemm_table(&self, table: Option<super::tune::GemmTable>) {
+        if let Ok(mut slot) = self.gemm_table.lock() {
+            *slot = Some(table.map(Arc::new));
+        }
     }
 
     /// Turns errors recorded since the last call into a [`GpuError`].

@@ -6,6 +6,7 @@ pub mod buffer;
 pub mod context;
 pub mod kernels;
 pub mod ops;
+pub mod tune;
 
 pub use buffer::GpuBuffer;
 pub use context::{AdapterSummary, BackendChoice, GpuContext, GpuError, GpuOptions, list_adapters};

@@ -102,16 +102,25 @@ fn forced_tile() -> Option<GemmTile> {
     })
 }
 
-/// The kernel [`gemm`] uses for an M×N output.
+/// The size rule: the kernel for an M×N output when no measurement says otherwise.
 pub fn gemm_tile(m: usize, n: usize) -> GemmTile {
-    if let Some(t) = forced_tile() {
-        return t;
-    }
     if m.div_ceil(128) * n.div_ceil(128) >= LARGE_TILE_MIN_TILES {
         GemmTile::Large
     } else {
         GemmTile::Small
     }
+}
+
+/// The kernel [`gemm`] uses on `ctx` for op(A) M×K · op(B) K×N: `GPTAQ_GEMM_TILE` if set, else
+/// the adapter's tuning table (`gptaq-studio tune`, [`super::tune`]) when it has a nearby shape,
+/// else the size rule [`gemm_tile`].
+pub fn gemm_tile_for(ctx: &GpuContext, m: usize, n: usize, k: usize) -> GemmTile {
+    if let Some(t) = forced_tile() {
+        return t;
+    }
+    ctx.gemm_table()
+        .and_then(|t| t.lookup(m, n, k))
+        .unwrap_or_else(|| gemm_tile(m, n))
 }
 
 /// Records `C = alpha·op(A)·op(B) + beta·C` with op(A) M×K, op(B) K×N, C M×N (row-major, leading
@@ -218,7 +227,7 @@ fn gemm_impl(
             "upper-triangle gemm needs a square C, got {m}x{n}"
         )));
     }
-    let tile = tile.unwrap_or_else(|| gemm_tile(m, n));
+    let tile = tile.unwrap_or_else(|| gemm_tile_for(rec.ctx(), m, n, k));
     let (entry, side) = match tile {
         GemmTile::Large => ("gemm_large", 128),
         GemmTile::Small => ("gemm_small", 64),
