@@ -763,3 +763,81 @@ fn screenshot_lab_tiny_llama_down_proj() {
     img.save(concat!(env!("CARGO_MANIFEST_DIR"), "/assets/lab.png"))
         .expect("save png");
 }
+
+/// Results tab after a real demo run on the GPU: "Evaluate perplexity" on a pre-tokenized text
+/// (the demo model has no tokenizer) fills the FP vs quantized table, and "Export checkpoint"
+/// writes a GPTQ directory the export reader opens — no terminal involved (issue 8's "evaluate
+/// and export"). The file dialogs are bypassed by setting the chosen paths in the state.
+#[test]
+fn demo_eval_and_export_from_the_results_tab() {
+    let Some(_probe) = gptaq_studio::gpu::test_context() else {
+        return;
+    };
+    drop(_probe);
+    let dir = tempfile::tempdir().expect("tempdir");
+    // 3 windows of the run's sequence length (16), ids inside the demo vocabulary (512).
+    let ids: Vec<u8> = (0..48i64)
+        .flat_map(|i| ((i * 37 + 11) % 512).to_le_bytes())
+        .collect();
+    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::I64, vec![3, 16], &ids)
+        .expect("tensor");
+    let text = dir.path().join("eval_ids.safetensors");
+    safetensors::serialize_to_file([("input_ids", view)], None, &text).expect("write ids");
+    let out = dir.path().join("export");
+
+    let mut h = live_harness(1500.0);
+    h.step();
+    h.get_by_label("Demo").click();
+    h.step();
+    step_until(&mut h, "the model summary", &|a| {
+        a.state.model_info().is_some()
+    });
+    {
+        let s = &mut h.state_mut().state.settings;
+        s.nsamples = 2;
+        s.seqlen = 16;
+    }
+    h.step();
+    h.get_by_label("Start").click();
+    h.step();
+    step_until(&mut h, "the end of the run", &|a| {
+        a.state.session.as_ref().is_some_and(|s| !s.is_active())
+    });
+    h.get_by_label("Results").click();
+    h.step();
+    {
+        let st = &mut h.state_mut().state;
+        st.eval_text = Some(text.clone());
+        st.export_dir = Some(out.clone());
+    }
+    h.step();
+    h.get_by_label("Evaluate perplexity").click();
+    h.step();
+    step_until(&mut h, "the perplexities", &|a| {
+        !a.state.eval_rows.is_empty()
+    });
+    let rows = h.state().state.eval_rows.clone();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert!(rows[0].label.starts_with("FP (3 × 16)"), "{rows:?}");
+    for r in &rows {
+        assert!(r.perplexity.is_finite() && r.perplexity > 1.0, "{rows:?}");
+    }
+    h.step();
+    h.get_by_label_contains("FP (3 × 16)");
+
+    h.get_by_label("Export checkpoint").click();
+    h.step();
+    step_until(&mut h, "the export", &|a| {
+        a.state
+            .messages
+            .iter()
+            .any(|m| m.text.contains("checkpoint written to"))
+    });
+    assert!(out.join("quantize_config.json").is_file());
+    assert!(out.join("model.safetensors").is_file());
+    let model = gptaq_studio::export::GptqModel::open(&out).expect("the export reads back");
+    assert_eq!(
+        gptaq_studio::model::WeightSource::config(&model).num_layers,
+        4
+    );
+}
