@@ -534,3 +534,149 @@ pub fn col_dot(
     rec.submit();
     Ok(col_dot_sums(&ctx.read(&parts)?, rows, n))
 }
+
+crate::wgsl_shader!(CAST_F16, "cast_f16");
+crate::wgsl_shader!(GEMM_COOP, "gemm_coop");
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct CastParams {
+    rows: u32,
+    cols: u32,
+    ld: u32,
+    off: u32,
+    scale: f32,
+    _p: [u32; 3],
+}
+
+/// Records `out = f16(scale · x)` for the `rows × cols` view `x` (non-transposed), written densely
+/// (`rows × cols`, row-major): the operands of [`gemm_coop`]. Needs `SHADER_F16`.
+pub fn cast_f16(
+    rec: &mut Recorder<'_>,
+    rows: usize,
+    cols: usize,
+    x: MatView<'_>,
+    scale: f32,
+    out: &GpuBuffer<half::f16>,
+) -> Result<(), GpuError> {
+    let n_el = rows * cols;
+    if n_el == 0 {
+        return Ok(());
+    }
+    if !rec.ctx().features.contains(wgpu::Features::SHADER_F16) {
+        return Err(GpuError::Validation(
+            "cast_f16 needs the SHADER_F16 feature, which this adapter did not grant".into(),
+        ));
+    }
+    if x.trans {
+        return Err(GpuError::Validation(
+            "cast_f16 reads a non-transposed view".into(),
+        ));
+    }
+    check_len("cast_f16 x", x.buf, x.offset + (rows - 1) * x.ld + cols)?;
+    if out.len() < n_el {
+        return Err(GpuError::Validation(format!(
+            "cast_f16 out: {} elements, needs {n_el}",
+            out.len()
+        )));
+    }
+    let params = CastParams {
+        rows: u32_of("cast_f16 rows", rows)?,
+        cols: u32_of("cast_f16 cols", cols)?,
+        ld: u32_of("cast_f16 ld", x.ld)?,
+        off: u32_of("cast_f16 offset", x.offset)?,
+        scale,
+        _p: [0; 3],
+    };
+    rec.dispatch(
+        &CAST_F16,
+        "cast_f16",
+        &[],
+        &params,
+        &[x.buf.binding(), out.binding()],
+        groups_1d(u32_of("cast_f16 workgroups", n_el.div_ceil(256))?),
+    )
+}
+
+/// Whether [`gemm_coop`] can run here: f16 shaders and cooperative matrices granted.
+pub fn coop_available(ctx: &GpuContext) -> bool {
+    ctx.features.contains(wgpu::Features::SHADER_F16)
+        && ctx
+            .features
+            .contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX)
+}
+
+/// Whether [`gemm_coop`] takes an op(A) M×K · B K×N shape (its 32×32 blocks and 16-deep steps).
+pub fn coop_shape_ok(m: usize, n: usize, k: usize) -> bool {
+    m > 0 && n > 0 && m.is_multiple_of(32) && n.is_multiple_of(32) && k.is_multiple_of(16)
+}
+
+/// Records `C += op(A)·B` on tensor cores (`gemm_coop.wgsl`): A, B dense f16 row-major (A stored
+/// K×M when `trans_a`, else M×K; B K×N), C an f32 view. For shapes [`coop_shape_ok`] accepts, on
+/// adapters where [`coop_available`]; everything else is the caller's f32 [`gemm`]. Not used by
+/// the pipeline yet: it is wired in once measured on a GPU that grants the feature (issue 10).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_coop(
+    rec: &mut Recorder<'_>,
+    trans_a: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &GpuBuffer<half::f16>,
+    b: &GpuBuffer<half::f16>,
+    c: MatView<'_>,
+) -> Result<(), GpuError> {
+    if !coop_available(rec.ctx()) {
+        return Err(GpuError::Validation(
+            "tensor-core GEMM needs SHADER_F16 and EXPERIMENTAL_COOPERATIVE_MATRIX".into(),
+        ));
+    }
+    if !coop_shape_ok(m, n, k) || c.trans {
+        return Err(GpuError::Validation(format!(
+            "tensor-core GEMM takes M, N multiples of 32 and K of 16 (got {m}x{n}x{k})"
+        )));
+    }
+    for (what, buf, need) in [("A", a, m * k), ("B", b, k * n)] {
+        if buf.len() < need {
+            return Err(GpuError::Validation(format!(
+                "tensor-core GEMM {what}: {} elements, needs {need}",
+                buf.len()
+            )));
+        }
+    }
+    check_len("gemm_coop C", c.buf, c.offset + (m - 1) * c.ld + n)?;
+    let params = GemmParams {
+        m: u32_of("gemm M", m)?,
+        n: u32_of("gemm N", n)?,
+        k: u32_of("gemm K", k)?,
+        lda: u32_of("gemm lda", if trans_a { m } else { k })?,
+        ldb: u32_of("gemm ldb", n)?,
+        ldc: u32_of("gemm ldc", c.ld)?,
+        off_a: 0,
+        off_b: 0,
+        off_c: u32_of("gemm C offset", c.offset)?,
+        alpha: 1.0,
+        beta: 1.0,
+        _pad: 0,
+    };
+    let groups = [(n / 32) as u32, (m / 32) as u32, 1];
+    if groups[0] > 65535 || groups[1] > 65535 {
+        return Err(GpuError::TooLarge {
+            what: format!("tensor-core gemm {m}x{n} grid"),
+            bytes: (m * n * 4) as u64,
+            limit: 65535 * 32,
+        });
+    }
+    rec.dispatch(
+        &GEMM_COOP,
+        if trans_a {
+            "gemm_coop_tn"
+        } else {
+            "gemm_coop_nn"
+        },
+        &[],
+        &params,
+        &[a.binding(), b.binding(), c.buf.binding()],
+        groups,
+    )
+}
