@@ -9,6 +9,7 @@
 #                g128, --eval on the whole WikiText-2 test at SEQLEN (in memory, --no-fp-eval), export
 #                to a directory; q_<first>_hf: transformers' perplexity of that export
 #                (tools/hf_perplexity.py --gptq, the independent dequantizer)
+#   l8b_tc_<m>   the same with GPTAQ_TENSOR_CORES=1 (H/D from f16 operands on cooperative matrices)
 #   l8b_<m>      gptaq-studio quantize on a random Llama-3-8B-shaped layer (tools/make_random_llama.py),
 #                128 × 2048 tokens, 4-bit sym g128, f16 host streams, 8 GiB plan; nvidia-smi samples
 #                the GPU memory every 100 ms alongside (smi_<m>.log, MiB)
@@ -118,6 +119,15 @@ for sp in ${SCALING:-}; do
     kill $smi 2>/dev/null
     echo "scale_${sp}_$m nvidia-smi peak MiB: $(sort -n "$D/smi_${sp}_$m.log" | tail -1)" | tee -a "$D/steps.txt"
   done
+done
+
+# --- the same layer with the statistics on tensor cores (GPTAQ_TENSOR_CORES=1, experimental) ----
+# Compare its report's module errors and times with l8b_<m>.json: the f16-operand H/D/E path.
+for m in ${L8B_TC-gptaq}; do
+  t "l8b_tc_$m" 200 env GPTAQ_TENSOR_CORES=1 "$B" quantize /tmp/l8b --calib /tmp/l8b-calib.safetensors \
+    --nsamples 128 --seqlen 2048 --method "$m" --bits 4 --group-size 128 --gpu-memory 8 --stream-dtype f16 \
+    --report "$D/l8b_tc_$m.json"
+  grep -E "warning: GPTAQ_TENSOR|finished" "$D/l8b_tc_$m.log" | head -3
 done
 
 t torch_bench 150 python3 tools/torch_reference.py --bench "$SOLVE" --out "$D/torch_bench.json"

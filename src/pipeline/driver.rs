@@ -226,6 +226,16 @@ pub fn quantize(
     let mut module_reports = Vec::new();
     let mut layer_reports = Vec::new();
     let mut warnings = Vec::new();
+    if tensor_cores_requested() {
+        let w = if ops::coop_available(ctx) {
+            "GPTAQ_TENSOR_CORES=1: H, D (and E) are accumulated from f16 operands on tensor cores \
+             where the shapes fit (experimental)"
+        } else {
+            "GPTAQ_TENSOR_CORES=1 ignored: this adapter does not grant f16 cooperative matrices"
+        };
+        emit(Event::Warning(w.into()));
+        warnings.push(w.to_string());
+    }
 
     // The next layer's host weights are read on a second thread while this one computes
     // (model::prefetch); the scope joins that thread on every exit path.
@@ -659,6 +669,9 @@ impl Stats {
         };
         let n = self.n;
         let alpha = 2.0 / self.nsamples as f32;
+        if tensor_cores(rec.ctx(), n, tokens) {
+            return self.accumulate_tensor_cores(rec, work, x_q, x_fp, tokens, alpha);
+        }
         ops::syrk_xtx(rec, tokens, n, alpha, MatView::new(x_q, n), 1.0, h)?;
         if let Some(d) = &self.d {
             ops::axpby(rec, tokens * n, 1.0, x_fp, -1.0, x_q, &work.diff)?;
@@ -678,6 +691,51 @@ impl Stats {
         }
         Ok(())
     }
+
+    /// [`Stats::accumulate`] with f16 operands on tensor cores (experimental, see
+    /// [`tensor_cores`]): `x = f16(√α·X_q)`, `δ = f16(√α·(X_fp − X_q))`, then `H += xᵀx`,
+    /// `D += δᵀx`, `E += δᵀδ` — the same products as the f32 path, with α folded into the
+    /// operands (the cooperative-matrix kernel only accumulates) and the full square computed.
+    fn accumulate_tensor_cores(
+        &mut self,
+        rec: &mut Recorder<'_>,
+        work: &Work,
+        x_q: &GpuBuffer<f32>,
+        x_fp: &GpuBuffer<f32>,
+        tokens: usize,
+        alpha: f32,
+    ) -> Result<(), PipelineError> {
+        let n = self.n;
+        let ctx = rec.ctx();
+        let s = alpha.sqrt();
+        let x16 = ctx.zeros::<half::f16>("X_q f16", tokens * n)?;
+        ops::cast_f16(rec, tokens, n, MatView::new(x_q, n), s, &x16)?;
+        if let Some(h) = &self.h {
+            ops::gemm_coop(rec, true, n, n, tokens, &x16, &x16, MatView::new(h, n))?;
+        }
+        if let Some(d) = &self.d {
+            ops::axpby(rec, tokens * n, 1.0, x_fp, -1.0, x_q, &work.diff)?;
+            let d16 = ctx.zeros::<half::f16>("ΔX f16", tokens * n)?;
+            ops::cast_f16(rec, tokens, n, MatView::new(&work.diff, n), s, &d16)?;
+            ops::gemm_coop(rec, true, n, n, tokens, &d16, &x16, MatView::new(d, n))?;
+            if let Some(e) = &self.e {
+                ops::gemm_coop(rec, true, n, n, tokens, &d16, &d16, MatView::new(e, n))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether the statistics go through the tensor-core GEMM: only when asked for with
+/// `GPTAQ_TENSOR_CORES=1` (experimental until measured against the f32 path on a GPU that
+/// grants cooperative matrices: f16 operands round X to 11 significant bits and can overflow
+/// beyond 65504), the adapter grants the features and the shape fits the kernel's tiles.
+fn tensor_cores(ctx: &GpuContext, n: usize, tokens: usize) -> bool {
+    tensor_cores_requested() && ops::coop_available(ctx) && ops::coop_shape_ok(n, n, tokens)
+}
+
+fn tensor_cores_requested() -> bool {
+    std::env::var("GPTAQ_TENSOR_CORES").is_ok_and(|v| v == "1")
 }
 
 /// Records the metrics of every module in `accs` for batch `b` (both streams' inputs of the
