@@ -8,7 +8,7 @@ use egui_kittest::kittest::Queryable;
 use rand::{Rng, SeedableRng};
 
 use gptaq_studio::app::StudioApp;
-use gptaq_studio::app::state::{RunSlot, Session};
+use gptaq_studio::app::state::{RunSlot, Session, Settings};
 use gptaq_studio::app::worker::{Command, WorkerEvent, inspect_model};
 use gptaq_studio::lab::step::Stage;
 use gptaq_studio::model::ModuleKind;
@@ -273,12 +273,8 @@ fn worker_errors_are_visible() {
 
 /// The real thing: the worker thread opens the GPU, quantizes the demo model with tiny shapes and
 /// the table fills with every module of every layer.
-#[test]
-fn demo_run_to_completion_on_gpu() {
-    let Some(_probe) = gptaq_studio::gpu::test_context() else {
-        return;
-    };
-    drop(_probe);
+/// A live harness on the demo model, its summary answered by the worker.
+fn live_demo() -> Harness<'static, StudioApp> {
     let mut h = live_harness(1500.0);
     h.step();
     h.get_by_label("Demo").click();
@@ -286,20 +282,39 @@ fn demo_run_to_completion_on_gpu() {
     step_until(&mut h, "the model summary", &|a| {
         a.state.model_info().is_some()
     });
-    {
-        let s = &mut h.state_mut().state.settings;
-        s.nsamples = 2;
-        s.seqlen = 16;
-    }
+    h
+}
+
+/// Applies `settings`, presses Start and steps until the run (or comparison) has ended, for at
+/// most `secs` seconds.
+fn run_to_end(
+    h: &mut Harness<'static, StudioApp>,
+    secs: u64,
+    settings: impl FnOnce(&mut Settings),
+) {
+    settings(&mut h.state_mut().state.settings);
+    h.step();
+    h.get_by_label("Start").click();
+    h.step();
+    step_within(h, "the end of the run", secs, &|a| {
+        a.state.session.as_ref().is_some_and(|s| !s.is_active())
+    });
+}
+
+#[test]
+fn demo_run_to_completion_on_gpu() {
+    let Some(_probe) = gptaq_studio::gpu::test_context() else {
+        return;
+    };
+    drop(_probe);
+    let mut h = live_demo();
     assert!(matches!(
         h.state().state.model,
         Some(ModelInput::Demo { .. })
     ));
-    h.step();
-    h.get_by_label("Start").click();
-    h.step();
-    step_until(&mut h, "the end of the run", &|a| {
-        a.state.session.as_ref().is_some_and(|s| !s.is_active())
+    run_to_end(&mut h, 300, |s| {
+        s.nsamples = 2;
+        s.seqlen = 16;
     });
     let session = h.state().state.session.clone().expect("session");
     let run = session.run(RunSlot::Single).expect("run");
@@ -371,10 +386,20 @@ fn demo_run_to_completion_on_gpu() {
 
 /// Steps a live harness until `f` holds (the worker answers asynchronously).
 fn step_until(h: &mut Harness<'static, StudioApp>, what: &str, f: &dyn Fn(&StudioApp) -> bool) {
+    step_within(h, what, 300, f);
+}
+
+/// [`step_until`] with a time limit of `secs` (real-model runs on lavapipe take minutes).
+fn step_within(
+    h: &mut Harness<'static, StudioApp>,
+    what: &str,
+    secs: u64,
+    f: &dyn Fn(&StudioApp) -> bool,
+) {
     let t0 = std::time::Instant::now();
     while !f(h.state()) {
         assert!(
-            t0.elapsed().as_secs() < 300,
+            t0.elapsed().as_secs() < secs,
             "timed out waiting for {what}; messages: {:?}",
             h.state().state.messages
         );
@@ -613,35 +638,12 @@ fn side_by_side_demo_run_on_gpu() {
         return;
     };
     drop(probe);
-    let mut h = live_harness(1500.0);
-    h.step();
-    h.get_by_label("Demo").click();
-    let t0 = std::time::Instant::now();
-    while h.state().state.model_info().is_none() {
-        assert!(t0.elapsed().as_secs() < 120, "no model summary");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-        h.step();
-    }
-    {
-        let s = &mut h.state_mut().state.settings;
+    let mut h = live_demo();
+    run_to_end(&mut h, 300, |s| {
         s.nsamples = 2;
         s.seqlen = 16;
         s.method = gptaq_studio::app::state::MethodChoice::SideBySide;
-    }
-    h.step();
-    h.get_by_label("Start").click();
-    h.step();
-    while h
-        .state()
-        .state
-        .session
-        .as_ref()
-        .is_none_or(|s| s.is_active())
-    {
-        assert!(t0.elapsed().as_secs() < 300, "comparison did not finish");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-        h.step();
-    }
+    });
     let session = h.state().state.session.clone().expect("session");
     assert_eq!(
         session.phase,
@@ -677,29 +679,13 @@ fn tiny_llama_run(method: gptaq_studio::app::state::MethodChoice) -> Harness<'st
     step_until(&mut h, "the model summary", &|a| {
         a.state.model_info().is_some()
     });
-    {
-        let s = &mut h.state_mut().state.settings;
+    run_to_end(&mut h, 3000, |s| {
         s.nsamples = 8;
         s.seqlen = 128;
         s.bits = 3;
         s.group_size = 128;
         s.method = method;
-    }
-    h.step();
-    h.get_by_label("Start").click();
-    h.step();
-    let t0 = std::time::Instant::now();
-    while h
-        .state()
-        .state
-        .session
-        .as_ref()
-        .is_none_or(|s| s.is_active())
-    {
-        assert!(t0.elapsed().as_secs() < 3000, "the run did not finish");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-        h.step();
-    }
+    });
     h
 }
 
@@ -785,23 +771,10 @@ fn demo_eval_and_export_from_the_results_tab() {
     safetensors::serialize_to_file([("input_ids", view)], None, &text).expect("write ids");
     let out = dir.path().join("export");
 
-    let mut h = live_harness(1500.0);
-    h.step();
-    h.get_by_label("Demo").click();
-    h.step();
-    step_until(&mut h, "the model summary", &|a| {
-        a.state.model_info().is_some()
-    });
-    {
-        let s = &mut h.state_mut().state.settings;
+    let mut h = live_demo();
+    run_to_end(&mut h, 300, |s| {
         s.nsamples = 2;
         s.seqlen = 16;
-    }
-    h.step();
-    h.get_by_label("Start").click();
-    h.step();
-    step_until(&mut h, "the end of the run", &|a| {
-        a.state.session.as_ref().is_some_and(|s| !s.is_active())
     });
     h.get_by_label("Results").click();
     h.step();
