@@ -76,6 +76,9 @@ struct Stats {
     /// `E = 2/N·(X_fp − X_q)ᵀ(X_fp − X_q)`, only for a layer-lab capture: with H and D it gives
     /// every error metric of the module exactly from n×n matrices (see `pipeline::CapturedModule`).
     e: Option<GpuBuffer<f32>>,
+    /// f16 operands of the tensor-core path (`X_q`, `X_fp − X_q`), allocated on its first batch
+    /// and reused by the later ones (grown only if a batch is larger).
+    f16: Option<(GpuBuffer<half::f16>, GpuBuffer<half::f16>)>,
 }
 
 /// Whether the configured capture targets one of `mods` in `layer`.
@@ -651,6 +654,7 @@ impl Stats {
             } else {
                 None
             },
+            f16: None,
         })
     }
 
@@ -708,18 +712,25 @@ impl Stats {
         let n = self.n;
         let ctx = rec.ctx();
         let s = alpha.sqrt();
-        let x16 = ctx.zeros::<half::f16>("X_q f16", tokens * n)?;
-        ops::cast_f16(rec, tokens, n, MatView::new(x_q, n), s, &x16)?;
+        if self.f16.as_ref().is_none_or(|(x, _)| x.len() < tokens * n) {
+            self.f16 = Some((
+                ctx.zeros::<half::f16>("X_q f16", tokens * n)?,
+                ctx.zeros::<half::f16>("ΔX f16", tokens * n)?,
+            ));
+        }
+        let Some((x16, d16)) = &self.f16 else {
+            return Ok(());
+        };
+        ops::cast_f16(rec, tokens, n, MatView::new(x_q, n), s, x16)?;
         if let Some(h) = &self.h {
-            ops::gemm_coop(rec, true, n, n, tokens, &x16, &x16, MatView::new(h, n))?;
+            ops::gemm_coop(rec, true, n, n, tokens, x16, x16, MatView::new(h, n))?;
         }
         if let Some(d) = &self.d {
             ops::axpby(rec, tokens * n, 1.0, x_fp, -1.0, x_q, &work.diff)?;
-            let d16 = ctx.zeros::<half::f16>("ΔX f16", tokens * n)?;
-            ops::cast_f16(rec, tokens, n, MatView::new(&work.diff, n), s, &d16)?;
-            ops::gemm_coop(rec, true, n, n, tokens, &d16, &x16, MatView::new(d, n))?;
+            ops::cast_f16(rec, tokens, n, MatView::new(&work.diff, n), s, d16)?;
+            ops::gemm_coop(rec, true, n, n, tokens, d16, x16, MatView::new(d, n))?;
             if let Some(e) = &self.e {
-                ops::gemm_coop(rec, true, n, n, tokens, &d16, &d16, MatView::new(e, n))?;
+                ops::gemm_coop(rec, true, n, n, tokens, d16, d16, MatView::new(e, n))?;
             }
         }
         Ok(())
@@ -729,7 +740,9 @@ impl Stats {
 /// Whether the statistics go through the tensor-core GEMM: only when asked for with
 /// `GPTAQ_TENSOR_CORES=1` (experimental until measured against the f32 path on a GPU that
 /// grants cooperative matrices: f16 operands round X to 11 significant bits and can overflow
-/// beyond 65504), the adapter grants the features and the shape fits the kernel's tiles.
+/// beyond 65504), the adapter grants the features and the shape fits the kernel's tiles. Its two
+/// f16 operand buffers (2·tokens·n·2 bytes, 112 MiB for a 2048-token batch at n = 14336) are not
+/// in the memory plan yet.
 fn tensor_cores(ctx: &GpuContext, n: usize, tokens: usize) -> bool {
     tensor_cores_requested() && ops::coop_available(ctx) && ops::coop_shape_ok(n, n, tokens)
 }
