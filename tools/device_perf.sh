@@ -12,7 +12,7 @@
 #   l8b_tc_<m>   the same with GPTAQ_TENSOR_CORES=1 (H/D from f16 operands on cooperative matrices)
 #   l8b_<m>      gptaq-studio quantize on a random Llama-3-8B-shaped layer (tools/make_random_llama.py),
 #                128 × 2048 tokens, 4-bit sym g128, f16 host streams, 8 GiB plan; nvidia-smi samples
-#                the GPU memory every 100 ms alongside (smi_<m>.log, MiB)
+#                the GPU memory every 100 ms alongside (smi_l8b_<m>.log, MiB)
 #   kbench       the Rust kernel benches (GEMM both tiles, Hessian syrk, GPU factor U, whole solve)
 #   torch_bench / torch_layer  the PyTorch reference (solve + accumulation / one layer's loops);
 #                skipped by default (SKIP) when the same card's numbers are already in BENCHMARKS.md
@@ -54,6 +54,14 @@ t() { local name=$1 lim=$2; shift 2; skip "$name" && return 0
   local t0; t0=$(date +%s.%N)
   timeout -k 5 "$lim" "$@" > "$D/$name.log" 2>&1; local rc=$?
   echo "$name rc=$rc $(awk "BEGIN{printf \"%.1f\", $(date +%s.%N)-$t0}")s (limit $lim)" | tee -a "$D/steps.txt"; }
+# tm NAME LIMIT CMD...: t with nvidia-smi sampling the GPU memory every 100 ms alongside
+# (smi_NAME.log), its peak appended to steps.txt.
+tm() { local name=$1; skip "$name" && return 0
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$D/smi_$name.log" 2>&1 &
+  local smi=$!
+  t "$@"
+  kill $smi 2>/dev/null
+  echo "$name nvidia-smi peak MiB: $(sort -n "$D/smi_$name.log" | tail -1)" | tee -a "$D/steps.txt"; }
 nvidia-smi > "$D/nvidia-smi.txt" 2>&1
 "$B" devices > "$D/devices.txt" 2>&1
 
@@ -96,12 +104,8 @@ grep -E "^[a-z_]+/|time:|thrpt:" "$D/kbench.log" | head -60
 t gen 120 python3 tools/make_random_llama.py --preset llama3-8b --layers "${LAYERS:-1}" --out /tmp/l8b \
   --calib-out /tmp/l8b-calib.safetensors --nsamples 128 --seqlen 2048
 for m in $L8B; do
-  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$D/smi_$m.log" 2>&1 &
-  smi=$!
-  t "l8b_$m" 200 "$B" quantize /tmp/l8b --calib /tmp/l8b-calib.safetensors --nsamples 128 --seqlen 2048 \
+  tm "l8b_$m" 200 "$B" quantize /tmp/l8b --calib /tmp/l8b-calib.safetensors --nsamples 128 --seqlen 2048 \
     --method "$m" --bits 4 --group-size 128 --gpu-memory 8 --stream-dtype f16 --report "$D/l8b_$m.json"
-  kill $smi 2>/dev/null
-  echo "l8b_$m nvidia-smi peak MiB: $(sort -n "$D/smi_$m.log" | tail -1)" | tee -a "$D/steps.txt"
   tail -4 "$D/l8b_$m.log"
 done
 
@@ -111,20 +115,16 @@ for sp in ${SCALING:-}; do
   t "gen_$sp" 120 python3 tools/make_random_llama.py --preset "$sp" --layers 1 --out "/tmp/$sp" \
     --calib-out "/tmp/$sp-calib.safetensors" --nsamples "${SCALING_NSAMPLES:-128}" --seqlen 2048
   for m in gptq gptaq; do
-    nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$D/smi_${sp}_$m.log" 2>&1 &
-    smi=$!
-    t "scale_${sp}_$m" 200 "$B" quantize "/tmp/$sp" --calib "/tmp/$sp-calib.safetensors" \
+    tm "scale_${sp}_$m" 200 "$B" quantize "/tmp/$sp" --calib "/tmp/$sp-calib.safetensors" \
       --nsamples "${SCALING_NSAMPLES:-128}" --seqlen 2048 --method "$m" --bits 4 --group-size 128 \
       --gpu-memory "${SCALING_GIB:-60}" --stream-dtype f16 --report "$D/scale_${sp}_$m.json"
-    kill $smi 2>/dev/null
-    echo "scale_${sp}_$m nvidia-smi peak MiB: $(sort -n "$D/smi_${sp}_$m.log" | tail -1)" | tee -a "$D/steps.txt"
   done
 done
 
 # --- the same layer with the statistics on tensor cores (GPTAQ_TENSOR_CORES=1, experimental) ----
 # Compare its report's module errors and times with l8b_<m>.json: the f16-operand H/D/E path.
 for m in ${L8B_TC-gptaq}; do
-  t "l8b_tc_$m" 200 env GPTAQ_TENSOR_CORES=1 "$B" quantize /tmp/l8b --calib /tmp/l8b-calib.safetensors \
+  tm "l8b_tc_$m" 200 env GPTAQ_TENSOR_CORES=1 "$B" quantize /tmp/l8b --calib /tmp/l8b-calib.safetensors \
     --nsamples 128 --seqlen 2048 --method "$m" --bits 4 --group-size 128 --gpu-memory 8 --stream-dtype f16 \
     --report "$D/l8b_tc_$m.json"
   grep -E "warning: GPTAQ_TENSOR|finished" "$D/l8b_tc_$m.log" | head -3
