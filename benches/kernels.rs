@@ -80,7 +80,7 @@ fn bench_kernels(c: &mut Criterion) {
     for n in sizes() {
         let t = 4 * n;
         let x = ctx.upload("x", &data(t * n)).expect("upload x");
-        let h = ctx.zeros::<f32>("h", n * n).expect("alloc h");
+        let h = ctx.matrix_zeros("h", n, n, 32).expect("alloc h");
         // Reported in full-GEMM-equivalent flops (2·T·n²), the convention of the speed targets.
         g.throughput(Throughput::Elements((2 * t * n * n) as u64));
         g.bench_function(format!("n={n} T={t} XᵀX"), |bch| {
@@ -98,13 +98,13 @@ fn bench_kernels(c: &mut Criterion) {
     for n in sizes() {
         let h = spd(&ctx, n, 2 * n);
         let order: Vec<usize> = (0..n).collect();
-        let hd = ctx.read(&h).expect("read h");
+        let hd = ctx.read_matrix(&h).expect("read h");
         let diag: Vec<f64> = (0..n).map(|j| f64::from(hd[j * n + j])).collect();
         // Cholesky ≈ n³/3 and the triangular inverse ≈ n³/3 flops (full-GEMM convention: ×2).
         g.throughput(Throughput::Elements((2 * n * n * n / 3 * 2) as u64));
         g.bench_function(format!("U of {n}x{n}"), |bch| {
             bch.iter(|| {
-                let f = upper_inverse_factor_gpu(&ctx, &h, &order, &diag, 0.01, 0.0025)
+                let f = upper_inverse_factor_gpu(&ctx, &h, &order, &diag, 0.01, 0.0025, 128)
                     .expect("gpu")
                     .expect("spd");
                 ctx.sync().expect("sync");
@@ -117,10 +117,13 @@ fn bench_kernels(c: &mut Criterion) {
     g.sample_size(10);
     for (r, n) in solve_shapes() {
         let h = spd(&ctx, n, 2 * n);
-        let d = ctx.zeros::<f32>("d", n * n).expect("alloc d");
-        let mut rec = ctx.recorder();
-        ops::axpby(&mut rec, n * n, 0.05, &h, 0.0, &h, &d).expect("axpby");
-        rec.submit();
+        let d: Vec<f32> = ctx
+            .read_matrix(&h)
+            .expect("read h")
+            .iter()
+            .map(|v| 0.05 * v)
+            .collect();
+        let d = ctx.matrix_upload("d", &d, n, n, 32).expect("upload d");
         let w: Vec<f32> = data(r * n).iter().map(|v| v * 0.37 + 0.01).collect();
         for (name, method) in [
             ("gptq", Method::Gptq),
@@ -152,13 +155,12 @@ fn solve_shapes() -> Vec<(usize, usize)> {
 }
 
 /// `H = 2/T·XᵀX + I` on the GPU (well conditioned), T tokens of deterministic pseudo-random data.
-fn spd(ctx: &GpuContext, n: usize, t: usize) -> gptaq_studio::gpu::GpuBuffer<f32> {
+fn spd(ctx: &GpuContext, n: usize, t: usize) -> gptaq_studio::gpu::GpuMatrix {
     let x = ctx.upload("x", &data(t * n)).expect("upload x");
-    let h = ctx.zeros::<f32>("h", n * n).expect("alloc h");
     let eye: Vec<f32> = (0..n * n)
         .map(|i| if i / n == i % n { 1.0 } else { 0.0 })
         .collect();
-    ctx.write(&h, 0, &eye);
+    let h = ctx.matrix_upload("h", &eye, n, n, 32).expect("upload h");
     let mut rec = ctx.recorder();
     ops::syrk_xtx(&mut rec, t, n, 2.0 / t as f32, MatView::new(&x, n), 1.0, &h).expect("syrk");
     rec.submit();

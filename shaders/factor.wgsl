@@ -4,14 +4,18 @@
 //
 // The 32×32 diagonal blocks of the Cholesky (and their inverses) are `potrf.wgsl`.
 //
-// Buffers (n×n row-major, separate so that no dispatch binds one buffer twice with a writable
-// binding, which WebGPU forbids):
+// Matrices (n×n row-major, separate so that no dispatch binds one buffer twice with a writable
+// binding, which WebGPU forbids), each stored in row panels (gpu/matrix.rs): a launch binds one
+// panel of the destination (global rows dst_r0 .. dst_r0 + dst_rows) and, for the gathers whose
+// source row can lie anywhere (prep, reverse_u), one panel of the source (src_r0 .. src_r0 +
+// src_rows); an element is written by the launch whose source panel holds its source row, so the
+// host runs every (destination, source) pair once. With one panel all offsets are 0.
 //   K  the matrix to factor, only its upper triangle (row ≤ col) is read and updated;
 //   L  the Cholesky factor, lower triangle;
 //   X  L⁻¹, lower triangle (diagonal 32×32 blocks written here, the rest by the doubling GEMMs).
 //
 // Entry points:
-//   diag_of      d[i] = H[i, i]                          (the host decides damping from it)
+//   diag_of      d[i] = H[i, i] for the rows of one panel  (the host decides damping from it)
 //   prep         K = J·(H[o][:, o] with diagonal dg)·J   (o = processing order, dg = damped diagonal
 //                                                         with dead columns set to 1, §1.2 steps 3–6)
 //   copy_block   dst[block] = src[block]                 (the doubling inverse's staging copy)
@@ -23,6 +27,10 @@ struct Params {
     rows: u32,
     cols: u32,
     off: u32,
+    dst_r0: u32,
+    dst_rows: u32,
+    src_r0: u32,
+    src_rows: u32,
     _p0: u32,
     _p1: u32,
     _p2: u32,
@@ -40,8 +48,8 @@ struct Params {
 @compute @workgroup_size(256)
 fn diag_of(@builtin(global_invocation_id) g: vec3<u32>) {
     let i = g.x;
-    if (i < p.n) {
-        dst[i] = src[i * p.n + i];
+    if (i < p.dst_rows) {
+        dst[p.dst_r0 + i] = src[i * p.n + p.dst_r0 + i];
     }
 }
 
@@ -52,20 +60,26 @@ fn prep(@builtin(global_invocation_id) g: vec3<u32>) {
     let i = g.y;
     let j = g.x;
     let n = p.n;
-    if (i >= n || j >= n) {
+    if (i >= p.dst_rows || j >= n) {
         return;
     }
-    let ri = n - 1u - i;
+    let ri = n - 1u - (p.dst_r0 + i);
     let rj = n - 1u - j;
-    if (i == j) {
+    // The source row order[ri] decides which launch writes (i, j) — the diagonal included.
+    let sr = order[ri];
+    if (sr < p.src_r0 || sr >= p.src_r0 + p.src_rows) {
+        return;
+    }
+    if (p.dst_r0 + i == j) {
         dst[i * n + j] = dg[ri];
     } else {
-        dst[i * n + j] = src[order[ri] * n + order[rj]];
+        dst[i * n + j] = src[(sr - p.src_r0) * n + order[rj]];
     }
 }
 
 // ---- copy_block / reverse_u ------------------------------------------------------------------
-// copy_block: dst[off + r·n + c] = src[off + r·n + c] for r < rows, c < cols (a dense block).
+// copy_block: dst[off + r·n + c] = src[off + r·n + c] for r < rows, c < cols (a dense block inside
+// one panel; src and dst have the same panel layout, so `off` is the same local offset in both).
 @compute @workgroup_size(16, 16)
 fn copy_block(@builtin(global_invocation_id) g: vec3<u32>) {
     let r = g.y;
@@ -78,15 +92,21 @@ fn copy_block(@builtin(global_invocation_id) g: vec3<u32>) {
 
 @compute @workgroup_size(16, 16)
 fn reverse_u(@builtin(global_invocation_id) g: vec3<u32>) {
-    let a = g.y;
+    let i = g.y;
     let b = g.x;
     let n = p.n;
-    if (a >= n || b >= n) {
+    if (i >= p.dst_rows || b >= n) {
+        return;
+    }
+    let a = p.dst_r0 + i;
+    // Source row n−1−a decides which launch writes (a, b), the zeros below the diagonal included.
+    let sr = n - 1u - a;
+    if (sr < p.src_r0 || sr >= p.src_r0 + p.src_rows) {
         return;
     }
     var v = 0.0;
     if (a <= b) {
-        v = src[(n - 1u - a) * n + (n - 1u - b)];
+        v = src[(sr - p.src_r0) * n + (n - 1u - b)];
     }
-    dst[a * n + b] = v;
+    dst[i * n + b] = v;
 }

@@ -38,7 +38,10 @@ struct Params {
     off_c: u32,
     alpha: f32,
     beta: f32,
-    _pad: u32,
+    // UPPER_ONLY: element (row, col) of this view is computed iff row <= col + diag — the view's
+    // offset from the diagonal of the symmetric matrix it is a block of (0 for a square view on
+    // the diagonal; launches over row panels pass the panel's shift, gpu/matrix.rs).
+    diag: i32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -48,7 +51,7 @@ struct Params {
 
 override TRANS_A: bool = false;
 override TRANS_B: bool = false;
-// Only compute tiles on or above the diagonal (symmetric rank-k update; M == N).
+// Only compute elements on or above the (shifted) diagonal: symmetric rank-k updates.
 override UPPER_ONLY: bool = false;
 
 const BK: u32 = 8u;
@@ -90,7 +93,7 @@ fn store_c(row: u32, col: u32, v: f32) {
     if (row >= p.m || col >= p.n) {
         return;
     }
-    if (UPPER_ONLY && row > col) {
+    if (UPPER_ONLY && i32(row) > i32(col) + p.diag) {
         return;
     }
     let ci = p.off_c + row * p.ldc + col;
@@ -114,7 +117,7 @@ fn gemm_large(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id
     let row0 = wg.y * 128u;
     let col0 = wg.x * 128u;
     // Whole-workgroup early exit (uniform), before any barrier.
-    if (UPPER_ONLY && row0 > col0 + 127u) {
+    if (UPPER_ONLY && i32(row0) > i32(col0) + 127 + p.diag) {
         return;
     }
     let tx = lid.x;
@@ -219,7 +222,7 @@ fn gemm_large(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id
 fn gemm_small(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
     let row0 = wg.y * 64u;
     let col0 = wg.x * 64u;
-    if (UPPER_ONLY && row0 > col0 + 63u) {
+    if (UPPER_ONLY && i32(row0) > i32(col0) + 63 + p.diag) {
         return;
     }
     let tx = lid.x;

@@ -5,7 +5,9 @@
 struct Params {
     n: u32,
     j0: u32,
-    _p0: u32,
+    // First global row of the bound panels of K, L and X (same layout; the 32 rows from j0 lie in
+    // one panel because panels are multiples of 32 rows, gpu/matrix.rs).
+    r0: u32,
     _p1: u32,
 }
 
@@ -34,7 +36,7 @@ fn potrf_block(@builtin(local_invocation_index) tid: u32) {
         let c = e % NB;
         var v = select(0.0, 1.0, r == c);
         if (r < nb && c < nb) {
-            v = kmat[(j0 + min(r, c)) * n + j0 + max(r, c)];
+            v = kmat[(j0 - p.r0 + min(r, c)) * n + j0 + max(r, c)];
         }
         blk[e] = v;
     }
@@ -91,8 +93,8 @@ fn potrf_block(@builtin(local_invocation_index) tid: u32) {
         let r = e / NB;
         let c = e % NB;
         if (r < nb && c < nb && r >= c) {
-            lmat[(j0 + r) * n + j0 + c] = blk[e];
-            xmat[(j0 + r) * n + j0 + c] = inv[e];
+            lmat[(j0 - p.r0 + r) * n + j0 + c] = blk[e];
+            xmat[(j0 - p.r0 + r) * n + j0 + c] = inv[e];
         }
     }
 }

@@ -4,9 +4,17 @@
 //             = d[perm[a], perm[b]]     otherwise
 // `colmap` holds perm[0..n] followed by the dead flags[0..n] (1 = dead). Without act-order perm is the
 // identity. The input D is never modified (q/k/v share one D, algorithm.md §6.2).
+//
+// Both matrices are stored in row panels (gpu/matrix.rs): a launch binds one panel of `out`
+// (global rows dst_r0 .. dst_r0 + dst_rows) and one of `d` (src_r0 .. src_r0 + src_rows) and writes
+// the elements whose source row perm[a] lies in that source panel; the host runs every pair.
 
 struct Params {
     n: u32,
+    dst_r0: u32,
+    dst_rows: u32,
+    src_r0: u32,
+    src_rows: u32,
     _p0: u32,
     _p1: u32,
     _p2: u32,
@@ -20,15 +28,18 @@ struct Params {
 @compute @workgroup_size(16, 16, 1)
 fn gather_sym(@builtin(global_invocation_id) gid: vec3<u32>) {
     let b = gid.x;
-    let a = gid.y;
-    if (a >= p.n || b >= p.n) {
+    let i = gid.y;
+    if (i >= p.dst_rows || b >= p.n) {
         return;
     }
-    let pa = colmap[a];
+    let pa = colmap[p.dst_r0 + i];
+    if (pa < p.src_r0 || pa >= p.src_r0 + p.src_rows) {
+        return;
+    }
     let pb = colmap[b];
     var v = 0.0;
     if (colmap[p.n + pb] == 0u) {
-        v = d[pa * p.n + pb];
+        v = d[(pa - p.src_r0) * p.n + pb];
     }
-    out[a * p.n + b] = v;
+    out[i * p.n + b] = v;
 }

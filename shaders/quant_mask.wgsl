@@ -1,11 +1,12 @@
 // GPTAQ: T ← alpha · triu₁(T) in place (strictly upper part scaled, diagonal and below zeroed), the
-// middle step of P = alpha·triu₁(D·Uᵀ)·U (algorithm.md §2.2).
+// middle step of P = alpha·triu₁(D·Uᵀ)·U (algorithm.md §2.2). One launch per row panel of T
+// (gpu/matrix.rs): the bound panel holds global rows r0 .. r0 + rows.
 
 struct Params {
     n: u32,
     alpha: f32,
-    _p0: u32,
-    _p1: u32,
+    r0: u32,
+    rows: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -14,12 +15,12 @@ struct Params {
 @compute @workgroup_size(16, 16, 1)
 fn triu1_scale(@builtin(global_invocation_id) gid: vec3<u32>) {
     let b = gid.x;
-    let a = gid.y;
-    if (a >= p.n || b >= p.n) {
+    let r = gid.y;
+    if (r >= p.rows || b >= p.n) {
         return;
     }
-    let i = a * p.n + b;
-    if (b > a) {
+    let i = r * p.n + b;
+    if (b > p.r0 + r) {
         t[i] = p.alpha * t[i];
     } else {
         t[i] = 0.0;

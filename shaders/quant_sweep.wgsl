@@ -34,7 +34,9 @@ struct Params {
     gptaq: u32,
     lde: u32,
     woff: u32,
-    _p0: u32,
+    // First global row of the bound panels of U and P (gpu/matrix.rs; the block's rows
+    // i1 .. i1 + cnt lie in that one panel because panels are multiples of the block size).
+    urow0: u32,
     _p1: u32,
     _p2: u32,
 }
@@ -213,7 +215,7 @@ fn sweep_block(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nw
             let wv = w1[t * cnt + i];
             let code = clamp(round(wv / prm.x) + prm.y, 0.0, f32(p.maxq));
             let q = prm.x * (code - prm.y);
-            let d = u[k * n + k];
+            let d = u[(k - p.urow0) * n + k];
             let diff = wv - q;
             lacc += diff * diff / (d * d) / 2.0;
             let e = diff / d;
@@ -224,9 +226,9 @@ fn sweep_block(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nw
         }
         workgroupBarrier();
         for (var j = i + t; j < cnt; j += WG) {
-            let uij = u[k * n + i1 + j];
+            let uij = u[(k - p.urow0) * n + i1 + j];
             if (p.gptaq != 0u) {
-                let pij = pm[k * n + i1 + j];
+                let pij = pm[(k - p.urow0) * n + i1 + j];
                 for (var rr = 0u; rr < rc; rr++) {
                     w1[rr * cnt + j] -= es[rr] * uij - ws[rr] * pij;
                 }

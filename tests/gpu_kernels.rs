@@ -6,8 +6,8 @@
 mod common;
 
 use common::{assert_close, rand_vec, rng};
-use gptaq_studio::gpu::ops::{self, GemmTile, MatView};
-use gptaq_studio::gpu::{GpuContext, test_context};
+use gptaq_studio::gpu::ops::{self, GemmTile, MatView, Operand};
+use gptaq_studio::gpu::{GpuContext, GpuMatrix, test_context};
 
 /// f64 reference of C = alpha·op(A)·op(B) + beta·C with the same storage conventions as the shader.
 #[allow(clippy::too_many_arguments)]
@@ -232,12 +232,26 @@ fn gemm_upper_updates_only_the_upper_triangle_of_a_view() {
     }
 }
 
+/// `XᵀX` into C stored whole and in row panels (`panel_rows` rows each, capped through the
+/// context as on an adapter with small bindings): upper-triangle launches per panel with the
+/// diagonal shift, then the same-panel and cross-panel mirrors.
 #[test]
 fn syrk_accumulates_xtx_symmetric() {
     let Some(ctx) = test_context() else { return };
-    for (seed, &(t, n)) in [(1usize, 1usize), (5, 3), (70, 65), (33, 130), (200, 97)]
-        .iter()
-        .enumerate()
+    for (seed, &(t, n, panel_rows)) in [
+        (1usize, 1usize, 0usize),
+        (5, 3, 0),
+        (5, 3, 1),
+        (70, 65, 0),
+        (70, 65, 17),
+        (33, 130, 0),
+        (33, 130, 64),
+        (33, 130, 129),
+        (200, 97, 0),
+        (200, 97, 31),
+    ]
+    .iter()
+    .enumerate()
     {
         let mut r = rng(1000 + seed as u64);
         let x = rand_vec(&mut r, t * n);
@@ -259,13 +273,17 @@ fn syrk_accumulates_xtx_symmetric() {
             }
         }
         let gx = ctx.upload("x", &x).unwrap();
-        let gc = ctx.upload("c", &c_sym).unwrap();
+        ctx.set_panel_cap((panel_rows > 0).then_some((panel_rows * n * 4) as u64));
+        let gc = ctx.matrix_upload("c", &c_sym, n, n, 1).unwrap();
+        ctx.set_panel_cap(None);
+        let want_panels = if panel_rows > 0 { n.div_ceil(panel_rows) } else { 1 };
+        assert_eq!(gc.panels().len(), want_panels, "syrk n={n} panel rows {panel_rows}");
         let mut rec = ctx.recorder();
         ops::syrk_xtx(&mut rec, t, n, 2.0, MatView::new(&gx, n), 1.0, &gc).unwrap();
         rec.submit();
-        let got = ctx.read(&gc).unwrap();
+        let got = ctx.read_matrix(&gc).unwrap();
         assert_close(
-            &format!("syrk T={t} n={n}"),
+            &format!("syrk T={t} n={n} panels of {panel_rows} rows"),
             &got,
             &expected,
             1e-4 * (t as f64).sqrt(),
@@ -276,10 +294,119 @@ fn syrk_accumulates_xtx_symmetric() {
                 assert_eq!(
                     got[i * n + j],
                     got[j * n + i],
-                    "syrk T={t} n={n}: not symmetric at ({i},{j})"
+                    "syrk T={t} n={n} panels of {panel_rows} rows: not symmetric at ({i},{j})"
                 );
             }
         }
+    }
+}
+
+/// A matrix operand as the test stores it: a plain buffer, or row panels of `panel_rows` rows.
+enum Stored {
+    Buf(gptaq_studio::gpu::GpuBuffer<f32>),
+    Mat(GpuMatrix),
+}
+
+impl Stored {
+    fn new(ctx: &GpuContext, data: &[f32], rows: usize, cols: usize, panel_rows: usize) -> Self {
+        if panel_rows == 0 {
+            return Stored::Buf(ctx.upload("operand", data).unwrap());
+        }
+        ctx.set_panel_cap(Some((panel_rows * cols * 4) as u64));
+        let m = ctx.matrix_upload("operand", data, rows, cols, 1).unwrap();
+        ctx.set_panel_cap(None);
+        assert_eq!(m.panels().len(), rows.div_ceil(panel_rows.min(rows)));
+        Stored::Mat(m)
+    }
+    /// The operand whose element (0, 0) is the stored (r0, c0), `ld` = stored columns.
+    fn op(&self, r0: usize, c0: usize, ld: usize, trans: bool) -> Operand<'_> {
+        let o: Operand<'_> = match self {
+            Stored::Buf(b) => MatView::new(b, ld).at(r0 * ld + c0).into(),
+            Stored::Mat(m) => m.op(r0, c0),
+        };
+        if trans { o.t() } else { o }
+    }
+    fn read(&self, ctx: &GpuContext) -> Vec<f32> {
+        match self {
+            Stored::Buf(b) => ctx.read(b).unwrap(),
+            Stored::Mat(m) => ctx.read_matrix(m).unwrap(),
+        }
+    }
+}
+
+/// `gemm_mat` / `gemm_mat_upper` with any operand in row panels (1 row, primes, multiples of the
+/// tile), on blocks that start inside a panel, both transposes: every element against f64, and
+/// everything outside the written block (or below the diagonal) untouched.
+#[test]
+fn gemm_over_row_panels_matches_f64() {
+    let Some(ctx) = test_context() else { return };
+    // (m, n, k, panel rows of A, B, C (0 = one plain buffer), ta, tb, upper)
+    let cases: &[(usize, usize, usize, [usize; 3], bool, bool, bool)] = &[
+        (1, 1, 1, [1, 1, 1], false, false, false),
+        (37, 29, 53, [7, 0, 5], false, false, false),
+        (37, 29, 53, [0, 11, 0], false, true, false),
+        (37, 29, 53, [13, 17, 0], true, false, false),
+        (37, 29, 53, [13, 17, 19], true, true, false),
+        (130, 130, 70, [0, 0, 64], true, false, true),
+        (97, 97, 33, [31, 31, 31], false, true, true),
+        (97, 97, 33, [1, 0, 3], true, false, true),
+        (200, 65, 129, [128, 64, 128], false, false, false),
+    ];
+    for (seed, &(m, n, k, pr, ta, tb, upper)) in cases.iter().enumerate() {
+        let mut r = rng(7000 + seed as u64);
+        // Operands live inside larger stored matrices at offsets (1, 2) so blocks start mid-panel.
+        let (oa, ob, oc) = ((1usize, 2usize), (2usize, 1usize), (3usize, 1usize));
+        let (ar, ac) = if ta { (k, m) } else { (m, k) };
+        let (br, bc) = if tb { (n, k) } else { (k, n) };
+        let (a_rows, a_cols) = (ar + oa.0 + 1, ac + oa.1 + 2);
+        let (b_rows, b_cols) = (br + ob.0 + 2, bc + ob.1 + 1);
+        let (c_rows, c_cols) = (m + oc.0 + 1, n + oc.1 + 3);
+        let a = rand_vec(&mut r, a_rows * a_cols);
+        let b = rand_vec(&mut r, b_rows * b_cols);
+        let c = rand_vec(&mut r, c_rows * c_cols);
+        let (alpha, beta) = (0.5f32, if seed % 2 == 0 { 0.0 } else { 1.5 });
+        let sa = Stored::new(&ctx, &a, a_rows, a_cols, pr[0]);
+        let sb = Stored::new(&ctx, &b, b_rows, b_cols, pr[1]);
+        let sc = Stored::new(&ctx, &c, c_rows, c_cols, pr[2]);
+        let mut rec = ctx.recorder();
+        let (opa, opb, opc) = (
+            sa.op(oa.0, oa.1, a_cols, ta),
+            sb.op(ob.0, ob.1, b_cols, tb),
+            sc.op(oc.0, oc.1, c_cols, false),
+        );
+        if upper {
+            ops::gemm_mat_upper(&mut rec, n, k, alpha, opa, opb, beta, opc).unwrap();
+        } else {
+            ops::gemm_mat(&mut rec, m, n, k, alpha, opa, opb, beta, opc).unwrap();
+        }
+        rec.submit();
+        let got = sc.read(&ctx);
+        let mut expected: Vec<f64> = c.iter().map(|&v| f64::from(v)).collect();
+        for i in 0..m {
+            for j in 0..n {
+                if upper && i > j {
+                    continue;
+                }
+                let mut s = 0.0f64;
+                for l in 0..k {
+                    let av = if ta { a[(oa.0 + l) * a_cols + oa.1 + i] } else { a[(oa.0 + i) * a_cols + oa.1 + l] };
+                    let bv = if tb { b[(ob.0 + j) * b_cols + ob.1 + l] } else { b[(ob.0 + l) * b_cols + ob.1 + j] };
+                    s += f64::from(av) * f64::from(bv);
+                }
+                let ci = (oc.0 + i) * c_cols + oc.1 + j;
+                expected[ci] = f64::from(alpha) * s + f64::from(beta) * f64::from(c[ci]);
+            }
+        }
+        assert_close(
+            &format!(
+                "gemm_mat {m}x{n}x{k} panels A/B/C {pr:?} ta={ta} tb={tb} upper={upper} \
+                 (stored C {c_rows}x{c_cols}, block at {oc:?})"
+            ),
+            &got,
+            &expected,
+            1e-5 * (k as f64).sqrt(),
+            1e-5,
+        );
     }
 }
 

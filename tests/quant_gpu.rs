@@ -122,13 +122,14 @@ fn cfg(
 }
 
 fn run_gpu(ctx: &GpuContext, p: &Problem, c: &QuantConfig) -> QuantResult {
-    let gh = ctx.upload("h", &p.h).unwrap();
-    let gd = ctx.upload("d", &p.d).unwrap();
+    let n = p.cols;
+    let gh = ctx.matrix_upload("h", &p.h, n, n, 1).unwrap();
+    let gd = ctx.matrix_upload("d", &p.d, n, n, 1).unwrap();
     let solve = quantize_gpu(ctx, &p.w, p.rows, p.cols, &gh, Some(&gd), c)
         .unwrap_or_else(|e| panic!("GPU solve {}×{} {c:?}: {e}", p.rows, p.cols));
     // H and D must not be modified.
-    assert_eq!(ctx.read(&gh).unwrap(), p.h, "H was modified");
-    assert_eq!(ctx.read(&gd).unwrap(), p.d, "D was modified");
+    assert_eq!(ctx.read_matrix(&gh).unwrap(), p.h, "H was modified");
+    assert_eq!(ctx.read_matrix(&gd).unwrap(), p.d, "D was modified");
     let q = ctx.read(&solve.q).unwrap();
     assert_eq!(q, solve.result.q, "GPU q buffer differs from result.q");
     solve.result
@@ -385,6 +386,50 @@ fn largest_shape() {
     );
 }
 
+/// The whole solve with H and D in row panels of 100 rows and U, P, T in panels of whole blocks
+/// (as on an adapter whose storage bindings hold fewer than n rows): the same acceptance as the
+/// single-buffer solve, over dead columns, act-order, groups, static groups and GPTAQ. A block
+/// larger than a panel is refused with a message naming the matrix.
+#[test]
+fn solve_in_row_panels_matches_reference() {
+    let Some(ctx) = test_context() else { return };
+    let (rows, n) = (40, 320);
+    let p = problem(rows, n, 360, 11, &[3, 250]);
+    ctx.set_panel_cap(Some((100 * n * 4) as u64));
+    check(
+        &ctx,
+        "gptaq.25 4b sym gs-1 bs32 act, H/D panels 100, U/P panels 96",
+        &p,
+        &cfg(gptaq(0.25), 4, None, true, true, false, 32, false),
+    );
+    check(
+        &ctx,
+        "gptq 3b asym gs80 bs64, H panels 100, U panels 64",
+        &p,
+        &cfg(GPTQ, 3, Some(80), false, false, false, 64, false),
+    );
+    check(
+        &ctx,
+        "gptaq1 4b sym gs64 static act bs64, panels",
+        &p,
+        &cfg(gptaq(1.0), 4, Some(64), true, true, true, 64, false),
+    );
+    let gh = ctx.matrix_upload("h", &p.h, n, n, 1).unwrap();
+    let err = quantize_gpu(
+        &ctx,
+        &p.w,
+        rows,
+        n,
+        &gh,
+        None,
+        &cfg(GPTQ, 4, None, true, false, false, 128, false),
+    )
+    .err()
+    .expect("a 128-row block cannot fit a 100-row panel");
+    ctx.set_panel_cap(None);
+    assert!(err.to_string().contains("factor K"), "{err}");
+}
+
 #[test]
 fn mse_grid_and_group_larger_than_block() {
     let Some(ctx) = test_context() else { return };
@@ -457,7 +502,7 @@ fn indefinite_hessian_falls_back_to_rtn_like_reference() {
 fn rtn_method_is_rejected_with_a_clear_error() {
     let Some(ctx) = test_context() else { return };
     let p = problem(2, 4, 8, 10, &[]);
-    let gh = ctx.upload("h", &p.h).unwrap();
+    let gh = ctx.matrix_upload("h", &p.h, 4, 4, 1).unwrap();
     let c = cfg(Method::Rtn, 4, None, true, false, false, 128, false);
     let err = quantize_gpu(&ctx, &p.w, 2, 4, &gh, None, &c)
         .err()
@@ -483,10 +528,29 @@ fn inverse_factor_matches_f64_reference_on_awkward_sizes() {
     use gptaq_studio::quant::factor::upper_inverse_factor_gpu;
     use gptaq_studio::quant::reference::inverse_hessian_factor_f64;
     let Some(ctx) = test_context() else { return };
-    for (seed, &n) in [1usize, 2, 31, 32, 33, 64, 65, 97, 130, 257]
-        .iter()
-        .enumerate()
+    // (n, panel cap in rows: 0 = whole matrices; else H in panels of that many rows and K, L, L⁻¹,
+    // U in panels of its multiple of 32 — different layouts, so the gathers cross panels).
+    for (seed, &(n, cap_rows)) in [
+        (1usize, 0usize),
+        (2, 0),
+        (31, 0),
+        (32, 0),
+        (33, 0),
+        (33, 32),
+        (64, 0),
+        (65, 0),
+        (65, 40),
+        (97, 0),
+        (97, 33),
+        (130, 0),
+        (130, 64),
+        (257, 0),
+        (257, 100),
+    ]
+    .iter()
+    .enumerate()
     {
+        ctx.set_panel_cap((cap_rows > 0).then_some((cap_rows * n * 4) as u64));
         let p = problem(1, n, 3 * n, 100 + seed as u64, &[]);
         // A processing order that reverses odd positions' halves: not the identity, not sorted.
         let mut order: Vec<usize> = (0..n).collect();
@@ -496,8 +560,8 @@ fn inverse_factor_matches_f64_reference_on_awkward_sizes() {
             .collect();
         let diag: Vec<f64> = (0..n).map(|k| hp[k * n + k]).collect();
         let exp = inverse_hessian_factor_f64(&hp, n, 0.01, 0.0025).unwrap();
-        let gh = ctx.upload("h", &p.h).unwrap();
-        let got = upper_inverse_factor_gpu(&ctx, &gh, &order, &diag, 0.01, 0.0025)
+        let gh = ctx.matrix_upload("h", &p.h, n, n, 1).unwrap();
+        let got = upper_inverse_factor_gpu(&ctx, &gh, &order, &diag, 0.01, 0.0025, 1)
             .unwrap()
             .unwrap_or_else(|e| panic!("n={n}: GPU factor failed: {e}"));
         assert_eq!(
@@ -505,11 +569,16 @@ fn inverse_factor_matches_f64_reference_on_awkward_sizes() {
             (exp.fallback.clone(), exp.damp_percent),
             "n={n}: damping decisions differ"
         );
-        let u = ctx.read(&got.value).unwrap();
+        ctx.set_panel_cap(None);
+        if cap_rows > 0 {
+            assert!(gh.panels().len() > 1, "n={n}: H not split");
+            assert_eq!(got.value.panel_rows(), cap_rows / 32 * 32, "n={n}: U panel rows");
+        }
+        let u = ctx.read_matrix(&got.value).unwrap();
         let scale = exp.u.iter().fold(0.0f64, |m, v| m.max(v.abs()));
         // f32 factorisation of a damped H: round-off grows with n and the condition number.
         common::assert_close(
-            &format!("U n={n} (max |U| {scale:.3e})"),
+            &format!("U n={n} panels of {cap_rows} rows (max |U| {scale:.3e})"),
             &u,
             &exp.u,
             2e-4 * scale,
@@ -545,8 +614,8 @@ fn inverse_factor_retries_damping_like_reference() {
     let diag: Vec<f64> = (0..n).map(|j| h64[j * n + j]).collect();
     let exp = inverse_hessian_factor_f64(&h64, n, 0.01, 0.005).unwrap();
     assert_eq!(exp.fallback, Some(Fallback::IncreasedDamping));
-    let gh = ctx.upload("h", &h).unwrap();
-    let got = upper_inverse_factor_gpu(&ctx, &gh, &order, &diag, 0.01, 0.005)
+    let gh = ctx.matrix_upload("h", &h, n, n, 1).unwrap();
+    let got = upper_inverse_factor_gpu(&ctx, &gh, &order, &diag, 0.01, 0.005, 1)
         .unwrap()
         .unwrap_or_else(|e| panic!("GPU factor failed: {e}"));
     assert_eq!(got.fallback, exp.fallback);

@@ -218,6 +218,10 @@ pub struct GpuContext {
     pub(crate) mem: super::buffer::MemCounter,
     /// The GEMM tuning table ([`super::tune`]): `None` until the first GEMM asks for it.
     gemm_table: Mutex<Option<Option<Arc<super::tune::GemmTable>>>>,
+    /// Cap on the bytes of one [`super::GpuMatrix`] panel below the binding limit (0 = none):
+    /// `GPTAQ_PANEL_BYTES`, or [`GpuContext::set_panel_cap`]. Lets tests and diagnostics run the
+    /// multi-panel paths with small matrices; it never raises the adapter's limit.
+    panel_cap: std::sync::atomic::AtomicU64,
 }
 
 impl GpuContext {
@@ -307,6 +311,12 @@ impl GpuContext {
             sink,
             mem: Default::default(),
             gemm_table: Mutex::new(None),
+            panel_cap: std::sync::atomic::AtomicU64::new(
+                std::env::var("GPTAQ_PANEL_BYTES")
+                    .ok()
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0),
+            ),
         })
     }
 
@@ -359,6 +369,22 @@ impl GpuContext {
         self.limits
             .max_storage_buffer_binding_size
             .min(self.limits.max_buffer_size)
+    }
+
+    /// Largest bytes of one panel of a [`super::GpuMatrix`]: the binding limit, or less when capped
+    /// ([`GpuContext::set_panel_cap`]).
+    pub fn panel_bytes(&self) -> u64 {
+        let limit = self.max_binding_bytes();
+        match self.panel_cap.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => limit,
+            cap => cap.min(limit),
+        }
+    }
+
+    /// Caps the panel size of matrices created from now on (`None` = the binding limit).
+    pub fn set_panel_cap(&self, bytes: Option<u64>) {
+        self.panel_cap
+            .store(bytes.unwrap_or(0), std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Bytes currently allocated by this context's buffers and the peak since creation (or since

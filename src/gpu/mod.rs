@@ -1,16 +1,19 @@
-//! GPU compute through wgpu: adapter selection ([`context`]), typed buffers ([`buffer`]), the
-//! shader registry and pipeline cache ([`kernels`]) and the general-purpose kernels ([`ops`]).
+//! GPU compute through wgpu: adapter selection ([`context`]), typed buffers ([`buffer`]), matrices
+//! larger than one binding ([`matrix`]), the shader registry and pipeline cache ([`kernels`]) and
+//! the general-purpose kernels ([`ops`]).
 //! Nothing in here knows about models or quantization.
 
 pub mod buffer;
 pub mod context;
 pub mod kernels;
+pub mod matrix;
 pub mod ops;
 pub mod tune;
 
 pub use buffer::GpuBuffer;
 pub use context::{AdapterSummary, BackendChoice, GpuContext, GpuError, GpuOptions, list_adapters};
 pub use kernels::Recorder;
+pub use matrix::GpuMatrix;
 
 /// For tests and benches: a context from the environment (`GPTAQ_BACKEND`, `GPTAQ_ADAPTER`), or
 /// `None` with a note when no adapter exists. Under `CI=true` a missing adapter is an error

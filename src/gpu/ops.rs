@@ -4,7 +4,7 @@
 use bytemuck::{Pod, Zeroable};
 
 use super::kernels::{Recorder, groups_1d};
-use super::{GpuBuffer, GpuContext, GpuError};
+use super::{GpuBuffer, GpuContext, GpuError, GpuMatrix};
 
 crate::wgsl_shader!(GEMM, "gemm");
 crate::wgsl_shader!(ELEMENTWISE, "elementwise");
@@ -25,7 +25,8 @@ struct GemmParams {
     off_c: u32,
     alpha: f32,
     beta: f32,
-    _pad: u32,
+    /// Upper-triangle launches: the view's shift from the diagonal (`gemm.wgsl`).
+    diag: i32,
 }
 
 /// A row-major matrix view inside a buffer: element (r, c) at `offset + r·ld + c`.
@@ -137,7 +138,7 @@ pub fn gemm(
     beta: f32,
     c: MatView<'_>,
 ) -> Result<(), GpuError> {
-    gemm_impl(rec, m, n, k, alpha, a, b, beta, c, false, None)
+    gemm_impl(rec, m, n, k, alpha, a, b, beta, c, None, None)
 }
 
 /// [`gemm`] restricted to the upper triangle of a square C (`m == n`, elements `row ≤ col` of the
@@ -154,7 +155,7 @@ pub fn gemm_upper(
     beta: f32,
     c: MatView<'_>,
 ) -> Result<(), GpuError> {
-    gemm_impl(rec, n, n, k, alpha, a, b, beta, c, true, None)
+    gemm_impl(rec, n, n, k, alpha, a, b, beta, c, Some(0), None)
 }
 
 /// [`gemm`] / [`gemm_upper`] with the kernel forced (tests and benchmarks of both tiles).
@@ -172,7 +173,13 @@ pub fn gemm_tiled(
     beta: f32,
     c: MatView<'_>,
 ) -> Result<(), GpuError> {
-    gemm_impl(rec, m, n, k, alpha, a, b, beta, c, upper_only, Some(tile))
+    if upper_only && m != n {
+        return Err(GpuError::Validation(format!(
+            "upper-triangle gemm needs a square C, got {m}x{n}"
+        )));
+    }
+    let diag = upper_only.then_some(0);
+    gemm_impl(rec, m, n, k, alpha, a, b, beta, c, diag, Some(tile))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -186,7 +193,7 @@ fn gemm_impl(
     b: MatView<'_>,
     beta: f32,
     c: MatView<'_>,
-    upper_only: bool,
+    upper: Option<i32>,
     tile: Option<GemmTile>,
 ) -> Result<(), GpuError> {
     if m == 0 || n == 0 {
@@ -215,18 +222,13 @@ fn gemm_impl(
         off_c: u32_of("gemm C offset", c.offset)?,
         alpha,
         beta,
-        _pad: 0,
+        diag: upper.unwrap_or(0),
     };
     let constants = [
         ("TRANS_A", f64::from(u8::from(a.trans))),
         ("TRANS_B", f64::from(u8::from(b.trans))),
-        ("UPPER_ONLY", f64::from(u8::from(upper_only))),
+        ("UPPER_ONLY", f64::from(u8::from(upper.is_some()))),
     ];
-    if upper_only && m != n {
-        return Err(GpuError::Validation(format!(
-            "upper-triangle gemm needs a square C, got {m}x{n}"
-        )));
-    }
     let tile = tile.unwrap_or_else(|| gemm_tile_for(rec.ctx(), m, n, k));
     let (entry, side) = match tile {
         GemmTile::Large => ("gemm_large", 128),
@@ -250,9 +252,212 @@ fn gemm_impl(
     )
 }
 
+/// An operand of [`gemm_mat`]: a view into one buffer, or a block of a [`GpuMatrix`] that may
+/// span several panels (split by the launcher, gpu/matrix.rs).
+#[derive(Clone, Copy)]
+pub enum Operand<'a> {
+    View(MatView<'a>),
+    /// The block whose element (0, 0) is the matrix's (`row`, `col`); `trans` as in [`MatView`].
+    Panels {
+        mat: &'a GpuMatrix,
+        row: usize,
+        col: usize,
+        trans: bool,
+    },
+}
+
+impl<'a> From<MatView<'a>> for Operand<'a> {
+    fn from(v: MatView<'a>) -> Self {
+        Operand::View(v)
+    }
+}
+
+impl GpuMatrix {
+    /// The block of this matrix starting at (`row`, `col`), as a GEMM operand.
+    pub fn op(&self, row: usize, col: usize) -> Operand<'_> {
+        Operand::Panels {
+            mat: self,
+            row,
+            col,
+            trans: false,
+        }
+    }
+}
+
+impl<'a> Operand<'a> {
+    /// The transposed operand.
+    pub fn t(self) -> Self {
+        match self {
+            Operand::View(v) => Operand::View(v.t()),
+            Operand::Panels {
+                mat,
+                row,
+                col,
+                trans,
+            } => Operand::Panels {
+                mat,
+                row,
+                col,
+                trans: !trans,
+            },
+        }
+    }
+
+    fn trans(&self) -> bool {
+        match self {
+            Operand::View(v) => v.trans,
+            Operand::Panels { trans, .. } => *trans,
+        }
+    }
+
+    /// Adds to `out` the offsets, among the first `len` stored rows, where a panel begins.
+    fn panel_cuts(&self, len: usize, out: &mut Vec<usize>) {
+        if let Operand::Panels { mat, row, .. } = *self {
+            let pr = mat.panel_rows().max(1);
+            let mut b = (row / pr + 1) * pr;
+            while b < row + len {
+                out.push(b - row);
+                b += pr;
+            }
+        }
+    }
+
+    /// The single-buffer view at logical (`r`, `c`) of op(self) (stored (c, r) when transposed);
+    /// callers have split at panel boundaries, so the view stays inside one panel.
+    fn at_logical(&self, r: usize, c: usize) -> MatView<'a> {
+        let (sr, sc) = if self.trans() { (c, r) } else { (r, c) };
+        match *self {
+            Operand::View(v) => MatView {
+                offset: v.offset + sr * v.ld + sc,
+                ..v
+            },
+            Operand::Panels {
+                mat,
+                row,
+                col,
+                trans,
+            } => {
+                let v = mat.view(row + sr, col + sc);
+                if trans { v.t() } else { v }
+            }
+        }
+    }
+}
+
+fn sorted_cuts(mut cuts: Vec<usize>) -> Vec<usize> {
+    cuts.sort_unstable();
+    cuts.dedup();
+    cuts
+}
+
+/// [`gemm`] over operands that may be panelled matrices: `C = alpha·op(A)·op(B) + beta·C`, split
+/// into one launch per combination of panels (M by the panels of C and of an untransposed A, N by
+/// those of a transposed B, K by those of a transposed A and an untransposed B; the K slices after
+/// the first accumulate with beta = 1). With single-panel operands this is exactly one [`gemm`].
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_mat(
+    rec: &mut Recorder<'_>,
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    a: Operand<'_>,
+    b: Operand<'_>,
+    beta: f32,
+    c: Operand<'_>,
+) -> Result<(), GpuError> {
+    gemm_split(rec, m, n, k, alpha, a, b, beta, c, false)
+}
+
+/// [`gemm_mat`] restricted to the upper triangle of the square n×n C block (like [`gemm_upper`]).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_mat_upper(
+    rec: &mut Recorder<'_>,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    a: Operand<'_>,
+    b: Operand<'_>,
+    beta: f32,
+    c: Operand<'_>,
+) -> Result<(), GpuError> {
+    gemm_split(rec, n, n, k, alpha, a, b, beta, c, true)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn gemm_split(
+    rec: &mut Recorder<'_>,
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    a: Operand<'_>,
+    b: Operand<'_>,
+    beta: f32,
+    c: Operand<'_>,
+    upper: bool,
+) -> Result<(), GpuError> {
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if c.trans() {
+        return Err(GpuError::Validation("gemm: C cannot be transposed".into()));
+    }
+    let (mut mc, mut nc, mut kc) = (vec![0, m], vec![0, n], vec![0, k]);
+    c.panel_cuts(m, &mut mc);
+    if a.trans() {
+        a.panel_cuts(k, &mut kc);
+    } else {
+        a.panel_cuts(m, &mut mc);
+    }
+    if b.trans() {
+        b.panel_cuts(n, &mut nc);
+    } else {
+        b.panel_cuts(k, &mut kc);
+    }
+    let (mc, nc, kc) = (sorted_cuts(mc), sorted_cuts(nc), sorted_cuts(kc));
+    for mw in mc.windows(2) {
+        let (m0, m1) = (mw[0], mw[1]);
+        for nw in nc.windows(2) {
+            let (mut n0, n1) = (nw[0], nw[1]);
+            let diag = if upper {
+                // Rows m0.. only need columns ≥ m0; a block wholly below the diagonal is skipped.
+                if m0 >= n1 {
+                    continue;
+                }
+                n0 = n0.max(m0);
+                Some(i32::try_from(n0 - m0).map_err(|_| GpuError::TooLarge {
+                    what: "gemm diagonal shift".into(),
+                    bytes: (n0 - m0) as u64 * 4,
+                    limit: i32::MAX as u64,
+                })?)
+            } else {
+                None
+            };
+            for (i, kw) in kc.windows(2).enumerate() {
+                let (k0, k1) = (kw[0], kw[1]);
+                gemm_impl(
+                    rec,
+                    m1 - m0,
+                    n1 - n0,
+                    k1 - k0,
+                    alpha,
+                    a.at_logical(m0, k0),
+                    b.at_logical(k0, n0),
+                    if i == 0 { beta } else { 1.0 },
+                    c.at_logical(m0, n0),
+                    diag,
+                    None,
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Symmetric rank-k update `C = alpha·XᵀX + beta·C` for `X` of shape T×n (row-major, leading
-/// dimension `x.ld`, `x.trans` false) and `C` n×n. Only tiles on or above the diagonal are computed
-/// (about half the flops of a full GEMM); the lower triangle is filled by mirroring.
+/// dimension `x.ld`, `x.trans` false) and `C` n×n. Only elements on or above the diagonal are
+/// computed (about half the flops of a full GEMM); the lower triangle is filled by mirroring.
 pub fn syrk_xtx(
     rec: &mut Recorder<'_>,
     t: usize,
@@ -260,23 +465,11 @@ pub fn syrk_xtx(
     alpha: f32,
     x: MatView<'_>,
     beta: f32,
-    c: &GpuBuffer<f32>,
+    c: &GpuMatrix,
 ) -> Result<(), GpuError> {
-    let xt = MatView { trans: true, ..x };
-    gemm_impl(
-        rec,
-        n,
-        n,
-        t,
-        alpha,
-        xt,
-        x,
-        beta,
-        MatView::new(c, n),
-        true,
-        None,
-    )?;
-    mirror_upper(rec, c, n)
+    check_square("syrk C", c, n)?;
+    gemm_mat_upper(rec, n, t, alpha, x.t().into(), x.into(), beta, c.op(0, 0))?;
+    mirror_upper(rec, c)
 }
 
 /// `C = alpha·AᵀB + beta·C` for A (T×n) and B (T×n): the cross term of GPTAQ's `D` statistic.
@@ -289,32 +482,73 @@ pub fn gemm_atb(
     a: MatView<'_>,
     b: MatView<'_>,
     beta: f32,
-    c: &GpuBuffer<f32>,
+    c: &GpuMatrix,
 ) -> Result<(), GpuError> {
-    gemm(rec, n, n, t, alpha, a.t(), b, beta, MatView::new(c, n))
+    check_square("gemm_atb C", c, n)?;
+    gemm_mat(rec, n, n, t, alpha, a.t().into(), b.into(), beta, c.op(0, 0))
+}
+
+fn check_square(what: &str, c: &GpuMatrix, n: usize) -> Result<(), GpuError> {
+    if c.rows() != n || c.cols() != n {
+        return Err(GpuError::Validation(format!(
+            "{what}: expected {n}×{n}, the matrix is {}×{}",
+            c.rows(),
+            c.cols()
+        )));
+    }
+    Ok(())
 }
 
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable)]
 struct MirrorParams {
     n: u32,
+    dst_r0: u32,
+    dst_rows: u32,
+    src_r0: u32,
+    src_rows: u32,
     _pad: [u32; 3],
 }
 
-/// Copies the upper triangle of an n×n matrix onto its lower triangle.
-pub fn mirror_upper(rec: &mut Recorder<'_>, c: &GpuBuffer<f32>, n: usize) -> Result<(), GpuError> {
-    let g = n.div_ceil(16) as u32;
-    rec.dispatch(
-        &MIRROR,
-        "mirror_upper",
-        &[],
-        &MirrorParams {
-            n: u32_of("mirror n", n)?,
-            _pad: [0; 3],
-        },
-        &[c.binding()],
-        [g, g, 1],
-    )
+/// Copies the upper triangle of a square matrix onto its lower triangle: per panel, the part
+/// whose source lies in the same panel, then one launch per earlier panel (`mirror.wgsl`).
+pub fn mirror_upper(rec: &mut Recorder<'_>, c: &GpuMatrix) -> Result<(), GpuError> {
+    let n = c.rows();
+    check_square("mirror", c, n)?;
+    let n32 = u32_of("mirror n", n)?;
+    for (pd, dst) in c.panels().iter().enumerate() {
+        let dr = c.panel_range(pd);
+        for ps in 0..=pd {
+            let sr = c.panel_range(ps);
+            let params = MirrorParams {
+                n: n32,
+                dst_r0: u32_of("mirror row", dr.start)?,
+                dst_rows: u32_of("mirror rows", dr.len())?,
+                src_r0: u32_of("mirror row", sr.start)?,
+                src_rows: u32_of("mirror rows", sr.len())?,
+                _pad: [0; 3],
+            };
+            let groups = [
+                u32_of("mirror workgroups", sr.len().div_ceil(16))?,
+                u32_of("mirror workgroups", dr.len().div_ceil(16))?,
+                1,
+            ];
+            if ps == pd {
+                rec.dispatch(&MIRROR, "mirror_upper", &[], &params, &[dst.binding()], groups)?;
+            } else {
+                let src = &c.panels()[ps];
+                rec.dispatch(
+                    &MIRROR,
+                    "mirror_cross",
+                    &[],
+                    &params,
+                    &[dst.binding(), src.binding()],
+                    groups,
+                )?;
+            }
+        }
+    }
+    Ok(())
 }
 
 #[repr(C)]
@@ -657,7 +891,7 @@ pub fn gemm_coop(
         off_c: u32_of("gemm C offset", c.offset)?,
         alpha: 1.0,
         beta: 1.0,
-        _pad: 0,
+        diag: 0,
     };
     let groups = [(n / 32) as u32, (m / 32) as u32, 1];
     if groups[0] > 65535 || groups[1] > 65535 {

@@ -8,7 +8,7 @@
 //! `chunks·n` partial sums come back, added on the host in f64.
 
 use crate::gpu::ops::{self, MatView};
-use crate::gpu::{GpuBuffer, GpuContext, GpuError};
+use crate::gpu::{GpuBuffer, GpuContext, GpuError, GpuMatrix};
 use crate::pipeline::CapturedModule;
 
 /// One capture's matrices and Q-independent terms on one device.
@@ -19,8 +19,9 @@ pub(super) struct GpuTerms {
     rows: usize,
     n: usize,
     pub(super) w: GpuBuffer<f32>,
-    pub(super) h: GpuBuffer<f32>,
-    pub(super) d: GpuBuffer<f32>,
+    /// n×n, in row panels when larger than one storage binding (gpu/matrix.rs).
+    pub(super) h: GpuMatrix,
+    pub(super) d: GpuMatrix,
     wd: GpuBuffer<f32>,
     /// `tr(W E Wᵀ)`.
     pub(super) asym: f64,
@@ -46,30 +47,30 @@ impl GpuTerms {
         let (rows, n) = (c.rows, c.cols);
         let n_el = rows * n;
         let w = ctx.upload("lab W", &c.w)?;
-        let h = ctx.upload("lab H", &c.h)?;
-        let d = ctx.upload("lab D", &c.d)?;
+        let h = ctx.matrix_upload("lab H", &c.h, n, n, 32)?;
+        let d = ctx.matrix_upload("lab D", &c.d, n, n, 32)?;
         let wd = ctx.zeros::<f32>("lab W·D", n_el)?;
         let mut asym = 0.0;
         let mut denom = 0.0;
         let mut wwe = vec![0.0; n];
         if n_el > 0 {
-            let e = ctx.upload("lab E", &c.e)?;
+            let e = ctx.matrix_upload("lab E", &c.e, n, n, 32)?;
             let wh = ctx.zeros::<f32>("lab W·H", n_el)?;
             let we = ctx.zeros::<f32>("lab W·E", n_el)?;
             let len = ops::col_dot_partials_len(rows, n);
             let parts = ctx.zeros::<f32>("lab fixed partials", 3 * len)?;
             let mut rec = ctx.recorder();
             for (m, out) in [(&h, &wh), (&d, &wd), (&e, &we)] {
-                ops::gemm(
+                ops::gemm_mat(
                     &mut rec,
                     rows,
                     n,
                     n,
                     1.0,
-                    MatView::new(&w, n),
-                    MatView::new(m, n),
+                    MatView::new(&w, n).into(),
+                    m.op(0, 0),
                     0.0,
-                    MatView::new(out, n),
+                    MatView::new(out, n).into(),
                 )?;
             }
             for (k, y) in [&wh, &wd, &we].into_iter().enumerate() {
@@ -132,31 +133,31 @@ impl GpuTerms {
         let parts = ctx.zeros::<f32>("lab partials", slots * len)?;
         let mut rec = ctx.recorder();
         ops::axpby(&mut rec, n_el, 1.0, &self.w, -1.0, q, &dw)?;
-        ops::gemm(
+        ops::gemm_mat(
             &mut rec,
             rows,
             n,
             n,
             1.0,
-            MatView::new(&dw, n),
-            MatView::new(&self.h, n),
+            MatView::new(&dw, n).into(),
+            self.h.op(0, 0),
             0.0,
-            MatView::new(&t, n),
+            MatView::new(&t, n).into(),
         )?;
         ops::col_dot_partials(&mut rec, rows, n, &dw, &t, &parts, 0)?;
         ops::col_dot_partials(&mut rec, rows, n, &dw, &self.wd, &parts, len)?;
         if columns {
             // ΔW·Dᵀ reuses T (ΔW·H's partials are recorded before it).
-            ops::gemm(
+            ops::gemm_mat(
                 &mut rec,
                 rows,
                 n,
                 n,
                 1.0,
-                MatView::new(&dw, n),
-                MatView::new(&self.d, n).t(),
+                MatView::new(&dw, n).into(),
+                self.d.op(0, 0).t(),
                 0.0,
-                MatView::new(&t, n),
+                MatView::new(&t, n).into(),
             )?;
             ops::col_dot_partials(&mut rec, rows, n, &self.w, &t, &parts, 2 * len)?;
         }

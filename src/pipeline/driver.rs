@@ -25,7 +25,7 @@ use std::time::Instant;
 
 use crate::forward::{self, GpuLayer, LayerScratch, Rope};
 use crate::gpu::ops::{self, MatView};
-use crate::gpu::{GpuBuffer, GpuContext, Recorder};
+use crate::gpu::{GpuBuffer, GpuContext, GpuMatrix, Recorder};
 use crate::model::prefetch::LayerPrefetch;
 use crate::model::{LayerWeights, ModelConfig, ModuleKind, WeightSource};
 use crate::quant::{Fallback, Method, QuantConfig, QuantResult};
@@ -71,11 +71,12 @@ struct Stats {
     n: usize,
     nsamples: usize,
     /// `None` for RTN (no statistics needed).
-    h: Option<GpuBuffer<f32>>,
-    d: Option<GpuBuffer<f32>>,
+    /// n×n, in row panels when larger than one storage binding (gpu/matrix.rs).
+    h: Option<GpuMatrix>,
+    d: Option<GpuMatrix>,
     /// `E = 2/N·(X_fp − X_q)ᵀ(X_fp − X_q)`, only for a layer-lab capture: with H and D it gives
     /// every error metric of the module exactly from n×n matrices (see `pipeline::CapturedModule`).
-    e: Option<GpuBuffer<f32>>,
+    e: Option<GpuMatrix>,
     /// f16 operands of the tensor-core path (`X_q`, `X_fp − X_q`), allocated on its first batch
     /// and reused by the later ones (grown only if a batch is larger).
     f16: Option<(GpuBuffer<half::f16>, GpuBuffer<half::f16>)>,
@@ -625,6 +626,10 @@ fn validate_config(mc: &ModelConfig, qc: &QuantConfig) -> Result<(), PipelineErr
     Ok(())
 }
 
+/// Row alignment of the statistics' panels: none is needed by their users (the solve gathers H
+/// and D into its own layout), 32 keeps the panel boundaries on GEMM-friendly rows.
+const STATS_ALIGN: usize = 32;
+
 impl Stats {
     /// Buffers for what `method` (and a capture) needs: nothing for RTN, H for GPTQ, H and D for
     /// GPTAQ, H, D and E for a capture.
@@ -640,17 +645,17 @@ impl Stats {
             n,
             nsamples,
             h: if method != Method::Rtn || capture {
-                Some(ctx.zeros("H", n * n)?)
+                Some(ctx.matrix_zeros("H", n, n, STATS_ALIGN)?)
             } else {
                 None
             },
             d: if gptaq || capture {
-                Some(ctx.zeros("D", n * n)?)
+                Some(ctx.matrix_zeros("D", n, n, STATS_ALIGN)?)
             } else {
                 None
             },
             e: if capture {
-                Some(ctx.zeros("E", n * n)?)
+                Some(ctx.matrix_zeros("E", n, n, STATS_ALIGN)?)
             } else {
                 None
             },
@@ -673,7 +678,8 @@ impl Stats {
         };
         let n = self.n;
         let alpha = 2.0 / self.nsamples as f32;
-        if tensor_cores(rec.ctx(), n, tokens) {
+        // The cooperative-matrix kernel writes one binding: only for single-panel statistics.
+        if tensor_cores(rec.ctx(), n, tokens) && h.single().is_some() {
             return self.accumulate_tensor_cores(rec, work, x_q, x_fp, tokens, alpha);
         }
         ops::syrk_xtx(rec, tokens, n, alpha, MatView::new(x_q, n), 1.0, h)?;
@@ -722,15 +728,22 @@ impl Stats {
             return Ok(());
         };
         ops::cast_f16(rec, tokens, n, MatView::new(x_q, n), s, x16)?;
+        fn one(m: &GpuMatrix) -> Result<&GpuBuffer<f32>, PipelineError> {
+            m.single().ok_or_else(|| {
+                PipelineError::Gpu(crate::gpu::GpuError::Validation(
+                    "tensor-core statistics need single-panel matrices".into(),
+                ))
+            })
+        }
         if let Some(h) = &self.h {
-            ops::gemm_coop(rec, true, n, n, tokens, x16, x16, MatView::new(h, n))?;
+            ops::gemm_coop(rec, true, n, n, tokens, x16, x16, MatView::new(one(h)?, n))?;
         }
         if let Some(d) = &self.d {
             ops::axpby(rec, tokens * n, 1.0, x_fp, -1.0, x_q, &work.diff)?;
             ops::cast_f16(rec, tokens, n, MatView::new(&work.diff, n), s, d16)?;
-            ops::gemm_coop(rec, true, n, n, tokens, d16, x16, MatView::new(d, n))?;
+            ops::gemm_coop(rec, true, n, n, tokens, d16, x16, MatView::new(one(d)?, n))?;
             if let Some(e) = &self.e {
-                ops::gemm_coop(rec, true, n, n, tokens, d16, d16, MatView::new(e, n))?;
+                ops::gemm_coop(rec, true, n, n, tokens, d16, d16, MatView::new(one(e)?, n))?;
             }
         }
         Ok(())
@@ -865,9 +878,9 @@ fn solve(
     let lin = lw.linear(m);
     let (rows, cols) = (lin.out_features, lin.in_features);
     if cfg.capture == Some((layer, m)) {
-        let read = |b: &Option<GpuBuffer<f32>>| -> Result<Vec<f32>, PipelineError> {
+        let read = |b: &Option<GpuMatrix>| -> Result<Vec<f32>, PipelineError> {
             match b {
-                Some(b) => Ok(ctx.read(b)?),
+                Some(b) => Ok(ctx.read_matrix(b)?),
                 None => Ok(vec![0.0; cols * cols]),
             }
         };
@@ -912,9 +925,9 @@ fn solve(
                 return Ok(s.result);
             }
             Solver::CpuReference => {
-                let h = ctx.read(stats_h)?;
+                let h = ctx.read_matrix(stats_h)?;
                 let d = match &stats.d {
-                    Some(d) => Some(ctx.read(d)?),
+                    Some(d) => Some(ctx.read_matrix(d)?),
                     None => None,
                 };
                 crate::quant::reference::quantize_reference(

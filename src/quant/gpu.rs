@@ -44,8 +44,8 @@ use super::quantizer::{QuantizerSpec, rtn_quantize_f64};
 use super::reference;
 use super::{Fallback, Method, QuantConfig, QuantError, QuantResult};
 use crate::gpu::kernels::groups_1d;
-use crate::gpu::ops::{self, MatView};
-use crate::gpu::{GpuBuffer, GpuContext, GpuError};
+use crate::gpu::ops::{self, MatView, Operand};
+use crate::gpu::{GpuBuffer, GpuContext, GpuError, GpuMatrix};
 
 crate::wgsl_shader!(QUANT_GATHER, "quant_gather");
 crate::wgsl_shader!(QUANT_MASK, "quant_mask");
@@ -89,7 +89,19 @@ pub enum QuantGpuError {
 struct NParams {
     n: u32,
     alpha: f32,
-    _p: [u32; 2],
+    r0: u32,
+    rows: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct GatherParams {
+    n: u32,
+    dst_r0: u32,
+    dst_rows: u32,
+    src_r0: u32,
+    src_rows: u32,
+    _p: [u32; 3],
 }
 
 #[repr(C)]
@@ -125,7 +137,8 @@ struct SweepParams {
     gptaq: u32,
     lde: u32,
     woff: u32,
-    _p: [u32; 3],
+    urow0: u32,
+    _p: [u32; 2],
 }
 
 fn u32_of(what: &str, v: usize) -> Result<u32, QuantGpuError> {
@@ -204,16 +217,17 @@ fn rtn_fallback(
 }
 
 /// The whole H on the host in f64, checked finite (only for the rare RTN-fallback paths).
-fn read_h64(ctx: &GpuContext, h: &GpuBuffer<f32>, nn: usize) -> Result<Vec<f64>, QuantGpuError> {
-    let h32 = ctx.read(h)?;
+fn read_h64(ctx: &GpuContext, h: &GpuMatrix, nn: usize) -> Result<Vec<f64>, QuantGpuError> {
+    let h32 = ctx.read_matrix(h)?;
     super::quantizer::check_matrix("H", &h32, nn)?;
     Ok(h32.iter().map(|&v| f64::from(v)).collect())
 }
 
 /// GPTQ / GPTAQ solve of one module on the GPU. Same inputs and semantics as
 /// [`reference::quantize_reference`] (see there and the module docs for the f32 deviations), except
-/// that `h` (`[cols, cols]`) and `d` (`[cols, cols]`, GPTAQ only) are GPU buffers. Neither is
-/// modified. `d = None` with `Method::Gptaq` is GPTQ (like the reference).
+/// that `h` (`[cols, cols]`) and `d` (`[cols, cols]`, GPTAQ only) are GPU matrices (any panel
+/// layout, gpu/matrix.rs). Neither is modified. `d = None` with `Method::Gptaq` is GPTQ (like the
+/// reference).
 ///
 /// Errors: `Method::Rtn` (not a solve), shape mismatch, non-finite `w`/`h`, invalid config,
 /// block size beyond the kernel's workgroup memory, GPU failures. A Hessian that cannot be factored
@@ -223,8 +237,8 @@ pub fn quantize_gpu(
     w: &[f32],
     rows: usize,
     cols: usize,
-    h: &GpuBuffer<f32>,
-    d: Option<&GpuBuffer<f32>>,
+    h: &GpuMatrix,
+    d: Option<&GpuMatrix>,
     cfg: &QuantConfig,
 ) -> Result<GpuSolve, QuantGpuError> {
     let spec = check_config(cfg, cols)?;
@@ -234,7 +248,7 @@ pub fn quantize_gpu(
         .ok_or_else(|| QuantError::InvalidConfig(format!("rows·cols overflows: {rows}×{cols}")))?;
     super::quantizer::check_matrix("W", w, n_el)?;
     let nn = n * n;
-    if h.len() != nn {
+    if h.len() != nn || h.rows() != n {
         return Err(QuantError::ShapeMismatch {
             what: "H",
             expected: nn,
@@ -247,7 +261,7 @@ pub fn quantize_gpu(
         _ => None,
     };
     if let Some(d) = d
-        && d.len() != nn
+        && (d.len() != nn || d.rows() != n)
     {
         return Err(QuantError::ShapeMismatch {
             what: "D",
@@ -285,6 +299,8 @@ pub fn quantize_gpu(
     // Steps 2–5 exactly as the reference (one shared implementation).
     let prepared = reference::prepare(&w64, &h_diag, rows, n, cfg, &spec);
     let order: Vec<usize> = prepared.perm.clone().unwrap_or_else(|| (0..n).collect());
+    // U (and P) in panels of whole blocks: a block's rows of U and P are then in one panel.
+    let bs = cfg.block_size.min(n);
     let factor = match factor::upper_inverse_factor_gpu(
         ctx,
         h,
@@ -292,6 +308,7 @@ pub fn quantize_gpu(
         &prepared.diag,
         cfg.damp_percent,
         cfg.damp_auto_increment,
+        bs,
     )? {
         Ok(f) => f,
         Err(e) => {
@@ -361,7 +378,6 @@ pub fn quantize_gpu(
     let gcodes = ctx.zeros::<u32>("quant codes", n_el)?;
     let gloss = ctx.zeros::<f32>("quant loss", rows)?;
     let gcolloss = ctx.zeros::<f32>("quant column loss", n)?;
-    let bs = cfg.block_size.min(n);
     let lde = 2 * bs;
     let gerr = ctx.zeros::<f32>("quant err", rows * lde)?;
 
@@ -370,58 +386,83 @@ pub fn quantize_gpu(
 
     // Step 2: GPTAQ P (§2.2).
     let alpha = cfg.method.alpha();
-    let gp: Option<GpuBuffer<f32>> = match d {
+    let gp: Option<GpuMatrix> = match d {
         Some(d) => {
             let mut meta = order.iter().map(|&j| j as u32).collect::<Vec<u32>>();
             meta.extend(dead.iter().map(|&x| u32::from(x)));
             let gmeta_d = ctx.upload("quant perm/dead", &meta)?;
-            let dp = ctx.zeros::<f32>("quant D perm", nn)?;
-            let t = ctx.zeros::<f32>("quant T", nn)?;
-            let g2 = n.div_ceil(16) as u32;
-            let np = NParams {
-                n: n32,
-                alpha: alpha as f32,
-                _p: [0; 2],
-            };
-            rec.dispatch(
-                &QUANT_GATHER,
-                "gather_sym",
-                &[],
-                &np,
-                &[d.binding(), gmeta_d.binding(), dp.binding()],
-                [g2, g2, 1],
-            )?;
+            // Dp (then P) and T share U's panel layout (same shape and alignment).
+            let dp = ctx.matrix_zeros("quant D perm", n, n, gu.panel_rows())?;
+            let t = ctx.matrix_zeros("quant T", n, n, gu.panel_rows())?;
+            if dp.panel_rows() != gu.panel_rows() || t.panel_rows() != gu.panel_rows() {
+                return Err(QuantGpuError::Gpu(GpuError::Validation(format!(
+                    "P / T panels of {} / {} rows differ from U's {}",
+                    dp.panel_rows(),
+                    t.panel_rows(),
+                    gu.panel_rows()
+                ))));
+            }
+            let gx = n.div_ceil(16) as u32;
+            for (pd, dpp) in dp.panels().iter().enumerate() {
+                let dr = dp.panel_range(pd);
+                for (ps, dsp) in d.panels().iter().enumerate() {
+                    let sr = d.panel_range(ps);
+                    rec.dispatch(
+                        &QUANT_GATHER,
+                        "gather_sym",
+                        &[],
+                        &GatherParams {
+                            n: n32,
+                            dst_r0: u32_of("panel row", dr.start)?,
+                            dst_rows: u32_of("panel rows", dr.len())?,
+                            src_r0: u32_of("panel row", sr.start)?,
+                            src_rows: u32_of("panel rows", sr.len())?,
+                            _p: [0; 3],
+                        },
+                        &[dsp.binding(), gmeta_d.binding(), dpp.binding()],
+                        [gx, u32_of("gather workgroups", dr.len().div_ceil(16))?, 1],
+                    )?;
+                }
+            }
             // T = Dp·Uᵀ.
-            ops::gemm(
+            ops::gemm_mat(
                 &mut rec,
                 n,
                 n,
                 n,
                 1.0,
-                MatView::new(&dp, n),
-                MatView::new(&gu, n).t(),
+                dp.op(0, 0),
+                gu.op(0, 0).t(),
                 0.0,
-                MatView::new(&t, n),
+                t.op(0, 0),
             )?;
-            rec.dispatch(
-                &QUANT_MASK,
-                "triu1_scale",
-                &[],
-                &np,
-                &[t.binding()],
-                [g2, g2, 1],
-            )?;
-            // P = T·U, into the no longer needed Dp buffer.
-            ops::gemm(
+            for (pt, tp) in t.panels().iter().enumerate() {
+                let r = t.panel_range(pt);
+                rec.dispatch(
+                    &QUANT_MASK,
+                    "triu1_scale",
+                    &[],
+                    &NParams {
+                        n: n32,
+                        alpha: alpha as f32,
+                        r0: u32_of("panel row", r.start)?,
+                        rows: u32_of("panel rows", r.len())?,
+                    },
+                    &[tp.binding()],
+                    [gx, u32_of("mask workgroups", r.len().div_ceil(16))?, 1],
+                )?;
+            }
+            // P = T·U, into the no longer needed Dp storage.
+            ops::gemm_mat(
                 &mut rec,
                 n,
                 n,
                 n,
                 1.0,
-                MatView::new(&t, n),
-                MatView::new(&gu, n),
+                t.op(0, 0),
+                gu.op(0, 0),
                 0.0,
-                MatView::new(&dp, n),
+                dp.op(0, 0),
             )?;
             // Keep the recorded work alive until submission (buffers are reference counted by
             // wgpu, but submit now so T and the metadata can be freed early).
@@ -435,13 +476,9 @@ pub fn quantize_gpu(
     };
     let gptaq = gp.is_some();
     // Bound but unused by GPTQ (bindings are fixed per pipeline).
-    let dummy;
-    let gp_ref: &GpuBuffer<f32> = match &gp {
-        Some(b) => b,
-        None => {
-            dummy = ctx.zeros::<f32>("quant P (unused)", 4)?;
-            &dummy
-        }
+    let dummy = match gp {
+        Some(_) => None,
+        None => Some(ctx.zeros::<f32>("quant P (unused)", 4)?),
     };
 
     // Step 3: the blocked sweep.
@@ -453,6 +490,15 @@ pub fn quantize_gpu(
     for i1 in (0..n).step_by(bs) {
         let i2 = (i1 + bs).min(n);
         let cnt = i2 - i1;
+        // The panel of U (and P, same layout) holding this block's rows.
+        let (up, urow) = gu.locate(i1);
+        let pp = match (&gp, &dummy) {
+            (Some(p), _) => p.locate(i1).0,
+            (None, Some(d)) => d,
+            (None, None) => {
+                return Err(GpuError::Validation("sweep: neither P nor its placeholder".into()).into());
+            }
+        };
         let sp = SweepParams {
             rows: u32_of("rows", rows)?,
             n: n32,
@@ -467,7 +513,8 @@ pub fn quantize_gpu(
             gptaq: u32::from(gptaq),
             lde: lde as u32,
             woff: bs as u32,
-            _p: [0; 3],
+            urow0: u32_of("panel row", i1 - urow)?,
+            _p: [0; 2],
         };
         rec.dispatch(
             &QUANT_SWEEP,
@@ -476,8 +523,8 @@ pub fn quantize_gpu(
             &sp,
             &[
                 gw.binding(),
-                gu.binding(),
-                gp_ref.binding(),
+                up.binding(),
+                pp.binding(),
                 gmeta.binding(),
                 gptab.binding(),
                 gcodes.binding(),
@@ -502,30 +549,30 @@ pub fn quantize_gpu(
         )?;
         if i2 < n {
             // W[:, i2:] −= Err1·U[i1:i2, i2:]
-            ops::gemm(
+            ops::gemm_mat(
                 &mut rec,
                 rows,
                 n - i2,
                 cnt,
                 -1.0,
-                MatView::new(&gerr, lde),
-                MatView::new(&gu, n).at(i1 * n + i2),
+                MatView::new(&gerr, lde).into(),
+                gu.op(i1, i2),
                 1.0,
-                MatView::new(&gw, n).at(i2),
+                MatView::new(&gw, n).at(i2).into(),
             )?;
-            if gptaq {
+            if let Some(gp) = &gp {
                 // GPTAQ cross-block term: W[:, i2:] += W1·P[i1:i2, i2:] (W1 = the block's final
                 // values, §2.2).
-                ops::gemm(
+                ops::gemm_mat(
                     &mut rec,
                     rows,
                     n - i2,
                     cnt,
                     1.0,
-                    MatView::new(&gerr, lde).at(bs),
-                    MatView::new(gp_ref, n).at(i1 * n + i2),
+                    Operand::View(MatView::new(&gerr, lde).at(bs)),
+                    gp.op(i1, i2),
                     1.0,
-                    MatView::new(&gw, n).at(i2),
+                    MatView::new(&gw, n).at(i2).into(),
                 )?;
             }
         }
