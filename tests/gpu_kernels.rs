@@ -276,8 +276,16 @@ fn syrk_accumulates_xtx_symmetric() {
         ctx.set_panel_cap((panel_rows > 0).then_some((panel_rows * n * 4) as u64));
         let gc = ctx.matrix_upload("c", &c_sym, n, n, 1).unwrap();
         ctx.set_panel_cap(None);
-        let want_panels = if panel_rows > 0 { n.div_ceil(panel_rows) } else { 1 };
-        assert_eq!(gc.panels().len(), want_panels, "syrk n={n} panel rows {panel_rows}");
+        let want_panels = if panel_rows > 0 {
+            n.div_ceil(panel_rows)
+        } else {
+            1
+        };
+        assert_eq!(
+            gc.panels().len(),
+            want_panels,
+            "syrk n={n} panel rows {panel_rows}"
+        );
         let mut rec = ctx.recorder();
         ops::syrk_xtx(&mut rec, t, n, 2.0, MatView::new(&gx, n), 1.0, &gc).unwrap();
         rec.submit();
@@ -341,7 +349,8 @@ impl Stored {
 fn gemm_over_row_panels_matches_f64() {
     let Some(ctx) = test_context() else { return };
     // (m, n, k, panel rows of A, B, C (0 = one plain buffer), ta, tb, upper)
-    let cases: &[(usize, usize, usize, [usize; 3], bool, bool, bool)] = &[
+    type Case = (usize, usize, usize, [usize; 3], bool, bool, bool);
+    let cases: &[Case] = &[
         (1, 1, 1, [1, 1, 1], false, false, false),
         (37, 29, 53, [7, 0, 5], false, false, false),
         (37, 29, 53, [0, 11, 0], false, true, false),
@@ -389,8 +398,16 @@ fn gemm_over_row_panels_matches_f64() {
                 }
                 let mut s = 0.0f64;
                 for l in 0..k {
-                    let av = if ta { a[(oa.0 + l) * a_cols + oa.1 + i] } else { a[(oa.0 + i) * a_cols + oa.1 + l] };
-                    let bv = if tb { b[(ob.0 + j) * b_cols + ob.1 + l] } else { b[(ob.0 + l) * b_cols + ob.1 + j] };
+                    let av = if ta {
+                        a[(oa.0 + l) * a_cols + oa.1 + i]
+                    } else {
+                        a[(oa.0 + i) * a_cols + oa.1 + l]
+                    };
+                    let bv = if tb {
+                        b[(ob.0 + j) * b_cols + ob.1 + l]
+                    } else {
+                        b[(ob.0 + l) * b_cols + ob.1 + j]
+                    };
                     s += f64::from(av) * f64::from(bv);
                 }
                 let ci = (oc.0 + i) * c_cols + oc.1 + j;

@@ -572,7 +572,11 @@ fn inverse_factor_matches_f64_reference_on_awkward_sizes() {
         ctx.set_panel_cap(None);
         if cap_rows > 0 {
             assert!(gh.panels().len() > 1, "n={n}: H not split");
-            assert_eq!(got.value.panel_rows(), cap_rows / 32 * 32, "n={n}: U panel rows");
+            assert_eq!(
+                got.value.panel_rows(),
+                cap_rows / 32 * 32,
+                "n={n}: U panel rows"
+            );
         }
         let u = ctx.read_matrix(&got.value).unwrap();
         let scale = exp.u.iter().fold(0.0f64, |m, v| m.max(v.abs()));
@@ -624,5 +628,105 @@ fn inverse_factor_retries_damping_like_reference() {
         "damp_percent: got {} expected {}",
         got.damp_percent,
         exp.damp_percent
+    );
+}
+
+/// A Hessian larger than this adapter's storage binding (5,824² against lavapipe's 128 MiB;
+/// adapters that bind more than 256 MiB are capped to 64 MiB panels, n = 4,128, so the test stays
+/// affordable): accumulated by the rank-k update into row panels, factored, and checked
+/// through a probe vector, `Uᵀ·U·(H + λI)·v = v` (matrix–vector products, O(n²)).
+#[test]
+fn factor_of_a_hessian_beyond_one_binding() {
+    use gptaq_studio::gpu::ops::{self, MatView};
+    use gptaq_studio::quant::factor::{hessian_diag, upper_inverse_factor_gpu};
+    let Some(ctx) = test_context() else { return };
+    let mut limit = ctx.max_binding_bytes();
+    if limit > 256 << 20 {
+        limit = 64 << 20;
+        ctx.set_panel_cap(Some(limit));
+    }
+    // The smallest multiple of 32 whose n² f32 exceed the limit.
+    let n = (((limit / 4) as f64).sqrt() as usize / 32 + 1) * 32;
+    assert!((n * n * 4) as u64 > limit);
+    let t = 64;
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    let x: Vec<f32> = (0..t * n).map(|_| gauss(&mut rng) as f32).collect();
+    let eye: Vec<f32> = (0..n * n)
+        .map(|i| if i / n == i % n { 1.0 } else { 0.0 })
+        .collect();
+    let h = ctx.matrix_upload("H", &eye, n, n, 32).unwrap();
+    drop(eye);
+    assert!(h.panels().len() > 1, "n={n}: H fits one binding");
+    let gx = ctx.upload("X", &x).unwrap();
+    let mut rec = ctx.recorder();
+    // H = XᵀX/T + I: eigenvalues in [1, ≈ n/T + 1], so κ ≈ 100.
+    ops::syrk_xtx(
+        &mut rec,
+        t,
+        n,
+        1.0 / t as f32,
+        MatView::new(&gx, n),
+        1.0,
+        &h,
+    )
+    .unwrap();
+    rec.submit();
+    let diag: Vec<f64> = hessian_diag(&ctx, &h, n)
+        .unwrap()
+        .iter()
+        .map(|&v| f64::from(v))
+        .collect();
+    let t0 = Instant::now();
+    let order: Vec<usize> = (0..n).collect();
+    let f = upper_inverse_factor_gpu(&ctx, &h, &order, &diag, 0.01, 0.0025, 128)
+        .unwrap()
+        .unwrap_or_else(|e| panic!("n={n}: factor failed: {e}"));
+    ctx.sync().unwrap();
+    let secs = t0.elapsed().as_secs_f64();
+    ctx.set_panel_cap(None);
+    let v: Vec<f32> = (0..n).map(|_| gauss(&mut rng) as f32).collect();
+    let matvec = |m: &gptaq_studio::gpu::GpuMatrix, trans: bool, v: &[f32]| -> Vec<f32> {
+        let gv = ctx.upload("v", v).unwrap();
+        let out = ctx.zeros::<f32>("Mv", n).unwrap();
+        let mut rec = ctx.recorder();
+        let a = if trans { m.op(0, 0).t() } else { m.op(0, 0) };
+        ops::gemm_mat(
+            &mut rec,
+            n,
+            1,
+            n,
+            1.0,
+            a,
+            MatView::new(&gv, 1).into(),
+            0.0,
+            MatView::new(&out, 1).into(),
+        )
+        .unwrap();
+        rec.submit();
+        ctx.read(&out).unwrap()
+    };
+    // (H + λI)·v, in f64 for the λ part.
+    let hv: Vec<f32> = matvec(&h, false, &v)
+        .iter()
+        .zip(&v)
+        .map(|(&a, &b)| (f64::from(a) + f.damp * f64::from(b)) as f32)
+        .collect();
+    let w = matvec(&f.value, true, &matvec(&f.value, false, &hv));
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (&a, &b) in w.iter().zip(&v) {
+        num += (f64::from(a) - f64::from(b)).powi(2);
+        den += f64::from(b).powi(2);
+    }
+    let rel = (num / den).sqrt();
+    eprintln!(
+        "n={n} ({} MiB, {} panels of {} rows; binding {} MiB): factor {secs:.1} s, ‖UᵀU(H+λI)v − v‖/‖v‖ = {rel:.2e}",
+        (n * n * 4) >> 20,
+        f.value.panels().len(),
+        f.value.panel_rows(),
+        limit >> 20
+    );
+    assert!(
+        rel < 1e-4,
+        "n={n}: UᵀU(H+λI)v differs from v by {rel:e} (relative)"
     );
 }

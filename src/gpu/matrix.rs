@@ -197,7 +197,11 @@ impl GpuContext {
     }
 
     /// Rows `rows` of `m` back on the host (row-major). Blocks until the GPU is done.
-    pub fn read_matrix_rows(&self, m: &GpuMatrix, rows: Range<usize>) -> Result<Vec<f32>, GpuError> {
+    pub fn read_matrix_rows(
+        &self,
+        m: &GpuMatrix,
+        rows: Range<usize>,
+    ) -> Result<Vec<f32>, GpuError> {
         let mut out = Vec::with_capacity(rows.len() * m.cols);
         for (p, r) in m.segments(rows) {
             let local = r.start - m.panel_range(p).start;

@@ -485,7 +485,17 @@ pub fn gemm_atb(
     c: &GpuMatrix,
 ) -> Result<(), GpuError> {
     check_square("gemm_atb C", c, n)?;
-    gemm_mat(rec, n, n, t, alpha, a.t().into(), b.into(), beta, c.op(0, 0))
+    gemm_mat(
+        rec,
+        n,
+        n,
+        t,
+        alpha,
+        a.t().into(),
+        b.into(),
+        beta,
+        c.op(0, 0),
+    )
 }
 
 fn check_square(what: &str, c: &GpuMatrix, n: usize) -> Result<(), GpuError> {
@@ -534,7 +544,14 @@ pub fn mirror_upper(rec: &mut Recorder<'_>, c: &GpuMatrix) -> Result<(), GpuErro
                 1,
             ];
             if ps == pd {
-                rec.dispatch(&MIRROR, "mirror_upper", &[], &params, &[dst.binding()], groups)?;
+                rec.dispatch(
+                    &MIRROR,
+                    "mirror_upper",
+                    &[],
+                    &params,
+                    &[dst.binding()],
+                    groups,
+                )?;
             } else {
                 let src = &c.panels()[ps];
                 rec.dispatch(

@@ -26,6 +26,11 @@
 //!    the per-row and per-column proxy losses and `diag(U)` are read back to build the
 //!    [`QuantResult`] (and [`GpuSolve::u_diag`]).
 //!
+//! `H`, `D`, `U`, `P` and `T` are [`GpuMatrix`] row panels (gpu/matrix.rs): a single buffer when
+//! n² floats fit one storage binding, otherwise panels — `U` and `P` of whole blocks, so each
+//! block's rows are read through one binding by the sweep and the cross-block GEMMs; the gathers
+//! run once per (destination, source) panel pair and the GEMMs split at panel boundaries.
+//!
 //! Deviations from the f64 reference (all f32 round-off, documented for the tests):
 //! - `U` is an f32 factorisation (the reference's is f64): a damping retry can in principle be
 //!   decided differently when H is within f32 round-off of indefinite.
@@ -496,7 +501,9 @@ pub fn quantize_gpu(
             (Some(p), _) => p.locate(i1).0,
             (None, Some(d)) => d,
             (None, None) => {
-                return Err(GpuError::Validation("sweep: neither P nor its placeholder".into()).into());
+                return Err(
+                    GpuError::Validation("sweep: neither P nor its placeholder".into()).into(),
+                );
             }
         };
         let sp = SweepParams {
