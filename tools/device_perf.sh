@@ -110,7 +110,10 @@ for m in $L8B; do
 done
 
 # --- scaling table (issue 10): time per layer and peak memory over width, GPTQ and GPTAQ ----------
-# SCALING="h1024 h2048" etc. (presets of make_random_llama.py); empty by default (budget).
+# SCALING="h1024 h2048" etc. (presets of make_random_llama.py); empty by default (budget). h8192 is
+# Llama-3-70B's layer: its 28672² Hessian (3.1 GiB) exceeds NVIDIA's 2 GiB storage binding, so it
+# also measures the row-panel path (src/gpu/matrix.rs) at full size (≈22 GiB of n×n matrices for
+# GPTAQ: give it SCALING_GIB ≥ 40).
 for sp in ${SCALING:-}; do
   t "gen_$sp" 120 python3 tools/make_random_llama.py --preset "$sp" --layers 1 --out "/tmp/$sp" \
     --calib-out "/tmp/$sp-calib.safetensors" --nsamples "${SCALING_NSAMPLES:-128}" --seqlen 2048

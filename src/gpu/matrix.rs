@@ -88,10 +88,6 @@ impl GpuMatrix {
             _ => None,
         }
     }
-    /// Bytes of all panels.
-    pub fn bytes(&self) -> u64 {
-        self.panels.iter().map(GpuBuffer::bytes).sum()
-    }
 }
 
 /// Rows per panel for a `rows × cols` f32 matrix: the largest multiple of `align` whose panel fits
@@ -194,29 +190,6 @@ impl GpuContext {
             out.extend(self.read(p)?);
         }
         Ok(out)
-    }
-
-    /// Rows `rows` of `m` back on the host (row-major). Blocks until the GPU is done.
-    pub fn read_matrix_rows(
-        &self,
-        m: &GpuMatrix,
-        rows: Range<usize>,
-    ) -> Result<Vec<f32>, GpuError> {
-        let mut out = Vec::with_capacity(rows.len() * m.cols);
-        for (p, r) in m.segments(rows) {
-            let local = r.start - m.panel_range(p).start;
-            out.extend(self.read_range(&m.panels[p], local * m.cols, r.len() * m.cols)?);
-        }
-        Ok(out)
-    }
-
-    /// Sets every element of `m` to zero (queued, like [`GpuContext::write`]).
-    pub fn clear_matrix(&self, m: &GpuMatrix) {
-        let mut enc = self.device.create_command_encoder(&Default::default());
-        for p in &m.panels {
-            enc.clear_buffer(p.raw(), 0, None);
-        }
-        self.queue.submit([enc.finish()]);
     }
 }
 
