@@ -14,8 +14,10 @@
 //   3. all invocations update W1[:, j] for j ≥ i (strided over columns):
 //        GPTQ:  W1[:, j] −= e·U[k, i1+j]
 //        GPTAQ: W1[:, j] −= e·U[k, i1+j] − w·P[k, i1+j]   (w = pre-quantization value, §2.2)
-// At the end the errors e (ebuf[:, 0..cnt]) and, for GPTAQ, the final W1 (ebuf[:, woff..woff+cnt],
-// ≈ the quantized values, §2.2 "Subtlety") are left for the host's cross-block GEMMs.
+// At the end the errors e (ebuf[:, 0..cnt]) and, for GPTAQ, the NEGATED final W1
+// (ebuf[:, woff..woff+cnt], ≈ the quantized values, §2.2 "Subtlety") are left for the host's
+// cross-block GEMM: W[:, i2:] −= [e | −W1]·[U; P][block rows, i2:] is then one GEMM with K doubled
+// (−e·U + W1·P, the GPTQ and GPTAQ terms together; quant/gpu.rs).
 //
 // Scales are rounded to f16 when computed (quant/mod.rs deviation), with an exact
 // round-to-nearest-even f32 → f16 emulation (no f16 shader feature needed).
@@ -250,7 +252,7 @@ fn sweep_block(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nw
             let j = idx % cnt;
             let r = row0 + rr;
             if (r < p.rows) {
-                ebuf[r * p.lde + p.woff + j] = w1[rr * cnt + j];
+                ebuf[r * p.lde + p.woff + j] = -w1[rr * cnt + j];
             }
         }
     }

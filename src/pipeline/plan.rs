@@ -89,7 +89,8 @@ fn stats_bytes(c: &ModelConfig, fp_stream: bool) -> u64 {
 }
 
 /// The GPU solve's per-module buffers for the largest module (rows·cols): the working W (f32),
-/// the integer codes (u32) and the final Q (f32) (quant/gpu.rs); its per-block error buffer is
+/// the integer codes (u32) and the final Q (f32), plus GPTAQ's `[U; P]` block-row staging
+/// (2·128 × n at the default block size) (quant/gpu.rs); its per-block error buffer is
 /// rows·2·block_size, negligible next to these.
 fn solver_bytes(c: &ModelConfig) -> u64 {
     let (h, i, qd) = (
@@ -97,7 +98,8 @@ fn solver_bytes(c: &ModelConfig) -> u64 {
         c.intermediate_size as u64,
         c.q_dim() as u64,
     );
-    3 * (h * i).max(h * qd) * F32
+    let n = h.max(i).max(qd);
+    (3 * (h * i).max(h * qd) + 2 * 128 * n) * F32
 }
 
 pub fn plan(input: &PlanInput<'_>) -> Result<MemoryPlan, PlanError> {

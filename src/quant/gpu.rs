@@ -18,8 +18,11 @@
 //! 3. **Blocked sweep on the GPU** (§1.2 step 8, §6.3): per block one `quant_sweep.wgsl` dispatch
 //!    (workgroup per row chunk) does the per-column quantization, group parameters at group starts
 //!    (stale-W quirk included), the in-block OBS update and GPTAQ's in-block term; then the lazy
-//!    cross-block update `W[:, i2:] −= Err1·U[i1:i2, i2:]` and, for GPTAQ,
-//!    `W[:, i2:] += W1·P[i1:i2, i2:]` run as two GEMMs.
+//!    cross-block update `W[:, i2:] −= Err1·U[i1:i2, i2:]` as one GEMM — for GPTAQ fused with
+//!    `W[:, i2:] += W1·P[i1:i2, i2:]` into one GEMM with K doubled: the block's rows of U and P
+//!    are copied one above the other into a `2·bs × n` staging matrix and the sweep leaves
+//!    `[Err1 | −W1]` side by side, so `W[:, i2:] −= [Err1 | −W1]·[U; P]` (a last, partial block
+//!    has a gap between its two halves and takes the two-GEMM form).
 //!    After each block's sweep, `quant_colloss.wgsl` reduces its scaled errors to the per-column
 //!    proxy loss (`QuantResult::column_loss`).
 //! 4. `quant_finish.wgsl` writes `Q` in the original column order on the GPU; codes, parameters,
@@ -480,6 +483,11 @@ pub fn quantize_gpu(
         None => None,
     };
     let gptaq = gp.is_some();
+    // GPTAQ's fused cross-block GEMM reads the block's U rows and P rows from one binding.
+    let stage = match gp {
+        Some(_) if n > bs => Some(ctx.zeros::<f32>("quant [U; P] block rows", 2 * bs * n)?),
+        _ => None,
+    };
     // Bound but unused by GPTQ (bindings are fixed per pipeline).
     let dummy = match gp {
         Some(_) => None,
@@ -554,7 +562,24 @@ pub fn quantize_gpu(
             &[gerr.binding(), gcolloss.binding()],
             groups_1d(sp.cnt),
         )?;
-        if i2 < n {
+        if let (Some(gp), Some(stage), true) = (&gp, &stage, i2 < n && cnt == bs) {
+            // W[:, i2:] −= [Err1 | −W1]·[U[i1:i2, i2:]; P[i1:i2, i2:]] (GPTQ term and GPTAQ
+            // cross-block term, §2.2, in one GEMM with K = 2·bs).
+            let (pp, prow) = gp.locate(i1);
+            rec.copy(up, urow * n, stage, 0, bs * n);
+            rec.copy(pp, prow * n, stage, bs * n, bs * n);
+            ops::gemm(
+                &mut rec,
+                rows,
+                n - i2,
+                2 * bs,
+                -1.0,
+                MatView::new(&gerr, lde),
+                MatView::new(stage, n).at(i2),
+                1.0,
+                MatView::new(&gw, n).at(i2),
+            )?;
+        } else if i2 < n {
             // W[:, i2:] −= Err1·U[i1:i2, i2:]
             ops::gemm_mat(
                 &mut rec,
@@ -569,13 +594,13 @@ pub fn quantize_gpu(
             )?;
             if let Some(gp) = &gp {
                 // GPTAQ cross-block term: W[:, i2:] += W1·P[i1:i2, i2:] (W1 = the block's final
-                // values, §2.2).
+                // values, §2.2; the sweep left −W1).
                 ops::gemm_mat(
                     &mut rec,
                     rows,
                     n - i2,
                     cnt,
-                    1.0,
+                    -1.0,
                     Operand::View(MatView::new(&gerr, lde).at(bs)),
                     gp.op(i1, i2),
                     1.0,
