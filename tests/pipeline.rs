@@ -404,3 +404,63 @@ fn gpu_solver_matches_cpu_reference_solver_end_to_end() {
         }
     }
 }
+
+/// RTN reads no activations: without metrics the driver skips the calibration forward, and the
+/// result is the same quantization as with metrics (codes, scales, zeros, Q) — only the error
+/// columns and the hidden deviation are absent.
+#[test]
+fn rtn_without_metrics_quantizes_the_same() {
+    let Some(dir) = common::test_data_dir() else {
+        return;
+    };
+    let Some(ctx) = test_context() else { return };
+    let quant = QuantConfig {
+        method: Method::Rtn,
+        bits: 3,
+        group_size: Some(4),
+        ..QuantConfig::default()
+    };
+    let mut runs = Vec::new();
+    for metrics in [true, false] {
+        let mut j = job(
+            ModelInput::Dir(dir.join("stories260K")),
+            CalibInput::File(dir.join("corpora/tinystories/train_head_197k.txt")),
+            quant.clone(),
+            4,
+            64,
+        );
+        j.config.metrics = metrics;
+        let inputs = pipeline::prepare(&j).unwrap();
+        let mut done = 0;
+        let q = pipeline::run_prepared(
+            &ctx,
+            &inputs,
+            &j.config,
+            &mut |e| done += usize::from(matches!(e, Event::ModuleDone(_))),
+            &AtomicBool::new(false),
+        )
+        .unwrap();
+        assert_eq!(done, 35, "metrics={metrics}: one ModuleDone per module");
+        runs.push(q);
+    }
+    let (with, without) = (&runs[0], &runs[1]);
+    assert_eq!(with.modules.len(), without.modules.len());
+    for (key, a) in &with.modules {
+        let b = &without.modules[key];
+        assert_eq!(
+            (&a.codes, &a.scales, &a.zeros, &a.q),
+            (&b.codes, &b.scales, &b.zeros, &b.q),
+            "{key:?}: RTN differs without metrics"
+        );
+    }
+    assert!(with.report.modules.iter().all(|m| m.output_error.is_some()));
+    assert!(without.report.modules.iter().all(|m| m.output_error.is_none()));
+    assert!(
+        without
+            .report
+            .layers
+            .iter()
+            .all(|l| l.hidden_rel_error.is_none())
+    );
+    assert_eq!(without.report.layers.len(), 5);
+}

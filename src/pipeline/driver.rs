@@ -253,6 +253,37 @@ pub fn quantize(
             let lw: LayerWeights = prefetch
                 .layer(layer)
                 .map_err(|e| PipelineError::Input(e.to_string()))?;
+            if !fp_stream && qc.method == Method::Rtn {
+                // RTN without metrics reads no activations: the calibration forward would be
+                // wasted work (on lavapipe it dominated: minutes per layer at 128 × 512 tokens).
+                for m in ModuleKind::ALL {
+                    let t = Instant::now();
+                    let lin = lw.linear(m);
+                    let r = crate::quant::quantizer::rtn_quantize(
+                        &lin.weight,
+                        lin.out_features,
+                        lin.in_features,
+                        qc,
+                    )
+                    .map_err(|e| PipelineError::Module {
+                        layer,
+                        module: m.short_name().into(),
+                        message: e.to_string(),
+                    })?;
+                    let rep = report_stub(layer, m, &r, nseq, t.elapsed().as_secs_f64());
+                    emit(Event::ModuleDone(rep.clone()));
+                    module_reports.push(rep);
+                    results.insert((layer, m), r);
+                }
+                let lr = LayerReport {
+                    layer,
+                    hidden_rel_error: None,
+                    secs: t_layer.elapsed().as_secs_f64(),
+                };
+                emit(Event::LayerDone(lr.clone()));
+                layer_reports.push(lr);
+                continue;
+            }
             let mut layers = Layers {
                 q: GpuLayer::upload(ctx, &mc, &lw)?,
                 fp: if fp_stream {
