@@ -454,7 +454,13 @@ fn rtn_without_metrics_quantizes_the_same() {
         );
     }
     assert!(with.report.modules.iter().all(|m| m.output_error.is_some()));
-    assert!(without.report.modules.iter().all(|m| m.output_error.is_none()));
+    assert!(
+        without
+            .report
+            .modules
+            .iter()
+            .all(|m| m.output_error.is_none())
+    );
     assert!(
         without
             .report

@@ -81,6 +81,19 @@ impl GpuMatrix {
             (s < e).then_some((p, s..e))
         })
     }
+    /// Every (destination panel of `self`, source panel of `src`) pair, for gathers whose source
+    /// row can lie in any panel: the kernel writes the elements whose source row is in the pair's
+    /// source panel, so running all pairs writes every element once.
+    pub fn panel_pairs<'a>(&'a self, src: &'a GpuMatrix) -> impl Iterator<Item = PanelPair<'a>> {
+        (0..self.panels.len()).flat_map(move |pd| {
+            (0..src.panels.len()).map(move |ps| PanelPair {
+                dst: &self.panels[pd],
+                dst_rows: self.panel_range(pd),
+                src: &src.panels[ps],
+                src_rows: src.panel_range(ps),
+            })
+        })
+    }
     /// The only buffer when the matrix is a single panel (the tensor-core path needs one binding).
     pub fn single(&self) -> Option<&GpuBuffer<f32>> {
         match self.panels.as_slice() {
@@ -88,6 +101,16 @@ impl GpuMatrix {
             _ => None,
         }
     }
+}
+
+/// One launch of a panel-pair gather ([`GpuMatrix::panel_pairs`]).
+pub struct PanelPair<'a> {
+    pub dst: &'a GpuBuffer<f32>,
+    /// Global rows of the destination panel.
+    pub dst_rows: Range<usize>,
+    pub src: &'a GpuBuffer<f32>,
+    /// Global rows of the source panel.
+    pub src_rows: Range<usize>,
 }
 
 /// Rows per panel for a `rows × cols` f32 matrix: the largest multiple of `align` whose panel fits

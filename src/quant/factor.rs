@@ -168,18 +168,24 @@ pub fn upper_inverse_factor_gpu(
         let gdg = ctx.upload("factor damped diagonal", &dg)?;
         ctx.write(&status, 0, &[0u32, 0]);
         let mut rec = ctx.recorder();
-        for (pd, kp) in k.panels().iter().enumerate() {
-            let dr = k.panel_range(pd);
-            for (ps, hp) in h.panels().iter().enumerate() {
-                rec.dispatch(
-                    &FACTOR,
-                    "prep",
-                    &[],
-                    &FactorParams::new(n32).panels(&dr, &h.panel_range(ps))?,
-                    &[hp.binding(), kp.binding(), gorder.binding(), gdg.binding()],
-                    [gx, u32_of("factor workgroups", dr.len().div_ceil(16))?, 1],
-                )?;
-            }
+        for pp in k.panel_pairs(h) {
+            rec.dispatch(
+                &FACTOR,
+                "prep",
+                &[],
+                &FactorParams::new(n32).panels(&pp.dst_rows, &pp.src_rows)?,
+                &[
+                    pp.src.binding(),
+                    pp.dst.binding(),
+                    gorder.binding(),
+                    gdg.binding(),
+                ],
+                [
+                    gx,
+                    u32_of("factor workgroups", pp.dst_rows.len().div_ceil(16))?,
+                    1,
+                ],
+            )?;
         }
         cholesky(ctx, &mut rec, n, &k, &l, &x, &status)?;
         let st = ctx.read(&status)?;
@@ -254,18 +260,19 @@ pub fn upper_inverse_factor_gpu(
         }
         b *= 2;
     }
-    for (pd, kp) in k.panels().iter().enumerate() {
-        let dr = k.panel_range(pd);
-        for (ps, xp) in x.panels().iter().enumerate() {
-            rec.dispatch(
-                &FACTOR,
-                "reverse_u",
-                &[],
-                &FactorParams::new(n32).panels(&dr, &x.panel_range(ps))?,
-                &[xp.binding(), kp.binding()],
-                [gx, u32_of("factor workgroups", dr.len().div_ceil(16))?, 1],
-            )?;
-        }
+    for pp in k.panel_pairs(&x) {
+        rec.dispatch(
+            &FACTOR,
+            "reverse_u",
+            &[],
+            &FactorParams::new(n32).panels(&pp.dst_rows, &pp.src_rows)?,
+            &[pp.src.binding(), pp.dst.binding()],
+            [
+                gx,
+                u32_of("factor workgroups", pp.dst_rows.len().div_ceil(16))?,
+                1,
+            ],
+        )?;
     }
     rec.submit();
     Ok(Ok(Damped {

@@ -411,26 +411,23 @@ pub fn quantize_gpu(
                 ))));
             }
             let gx = n.div_ceil(16) as u32;
-            for (pd, dpp) in dp.panels().iter().enumerate() {
-                let dr = dp.panel_range(pd);
-                for (ps, dsp) in d.panels().iter().enumerate() {
-                    let sr = d.panel_range(ps);
-                    rec.dispatch(
-                        &QUANT_GATHER,
-                        "gather_sym",
-                        &[],
-                        &GatherParams {
-                            n: n32,
-                            dst_r0: u32_of("panel row", dr.start)?,
-                            dst_rows: u32_of("panel rows", dr.len())?,
-                            src_r0: u32_of("panel row", sr.start)?,
-                            src_rows: u32_of("panel rows", sr.len())?,
-                            _p: [0; 3],
-                        },
-                        &[dsp.binding(), gmeta_d.binding(), dpp.binding()],
-                        [gx, u32_of("gather workgroups", dr.len().div_ceil(16))?, 1],
-                    )?;
-                }
+            for pp in dp.panel_pairs(d) {
+                let (dr, sr) = (&pp.dst_rows, &pp.src_rows);
+                rec.dispatch(
+                    &QUANT_GATHER,
+                    "gather_sym",
+                    &[],
+                    &GatherParams {
+                        n: n32,
+                        dst_r0: u32_of("panel row", dr.start)?,
+                        dst_rows: u32_of("panel rows", dr.len())?,
+                        src_r0: u32_of("panel row", sr.start)?,
+                        src_rows: u32_of("panel rows", sr.len())?,
+                        _p: [0; 3],
+                    },
+                    &[pp.src.binding(), gmeta_d.binding(), pp.dst.binding()],
+                    [gx, u32_of("gather workgroups", dr.len().div_ceil(16))?, 1],
+                )?;
             }
             // T = Dp·Uᵀ.
             ops::gemm_mat(
