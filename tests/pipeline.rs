@@ -409,7 +409,7 @@ fn gpu_solver_matches_cpu_reference_solver_end_to_end() {
 /// result is the same quantization as with metrics (codes, scales, zeros, Q) — only the error
 /// columns and the hidden deviation are absent.
 #[test]
-fn rtn_without_metrics_quantizes_the_same() {
+fn rtn_without_metrics_skips_the_forward_and_quantizes_the_same() {
     let Some(dir) = common::test_data_dir() else {
         return;
     };
@@ -469,4 +469,7 @@ fn rtn_without_metrics_quantizes_the_same() {
             .all(|l| l.hidden_rel_error.is_none())
     );
     assert_eq!(without.report.layers.len(), 5);
+    // The direct path: no forward, so nothing planned on the GPU (with metrics: weights, streams).
+    assert_eq!(without.report.plan.gpu_bytes_estimate, 0);
+    assert!(with.report.plan.gpu_bytes_estimate > 0);
 }

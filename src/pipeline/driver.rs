@@ -30,7 +30,7 @@ use crate::model::prefetch::LayerPrefetch;
 use crate::model::{LayerWeights, ModelConfig, ModuleKind, WeightSource};
 use crate::quant::{Fallback, Method, QuantConfig, QuantResult};
 
-use super::events::{Event, LayerReport, ModuleReport, RunReport};
+use super::events::{Event, LayerReport, MemoryPlan, ModuleReport, RunReport};
 use super::metrics::{MetricAccumulator, MetricScratch};
 use super::plan::{self, PlanInput};
 use super::stream::{Placement, Stream};
@@ -131,6 +131,9 @@ pub fn quantize(
         )));
     }
     validate_config(&mc, qc)?;
+    if !fp_stream && qc.method == Method::Rtn {
+        return quantize_rtn_direct(ctx, prep, cfg, emit, cancel);
+    }
 
     let plan = plan::plan(&PlanInput {
         config: &mc,
@@ -253,37 +256,6 @@ pub fn quantize(
             let lw: LayerWeights = prefetch
                 .layer(layer)
                 .map_err(|e| PipelineError::Input(e.to_string()))?;
-            if !fp_stream && qc.method == Method::Rtn {
-                // RTN without metrics reads no activations: the calibration forward would be
-                // wasted work (on lavapipe it dominated: minutes per layer at 128 × 512 tokens).
-                for m in ModuleKind::ALL {
-                    let t = Instant::now();
-                    let lin = lw.linear(m);
-                    let r = crate::quant::quantizer::rtn_quantize(
-                        &lin.weight,
-                        lin.out_features,
-                        lin.in_features,
-                        qc,
-                    )
-                    .map_err(|e| PipelineError::Module {
-                        layer,
-                        module: m.short_name().into(),
-                        message: e.to_string(),
-                    })?;
-                    let rep = report_stub(layer, m, &r, nseq, t.elapsed().as_secs_f64());
-                    emit(Event::ModuleDone(rep.clone()));
-                    module_reports.push(rep);
-                    results.insert((layer, m), r);
-                }
-                let lr = LayerReport {
-                    layer,
-                    hidden_rel_error: None,
-                    secs: t_layer.elapsed().as_secs_f64(),
-                };
-                emit(Event::LayerDone(lr.clone()));
-                layer_reports.push(lr);
-                continue;
-            }
             let mut layers = Layers {
                 q: GpuLayer::upload(ctx, &mc, &lw)?,
                 fp: if fp_stream {
@@ -612,6 +584,111 @@ pub fn quantize(
     Ok(QuantizedModel {
         modules: results,
         report,
+    })
+}
+
+/// RTN without metrics: it reads no activations, so there is no calibration forward, no
+/// statistics and no GPU work — each module is rounded on the host as its layer is read (on
+/// lavapipe the forward this skips took minutes per layer at 128 × 512 tokens). Same events and
+/// report as [`quantize`] without an FP stream (no errors, no hidden deviation).
+fn quantize_rtn_direct(
+    ctx: &GpuContext,
+    prep: &Prepared<'_>,
+    cfg: &PipelineConfig,
+    emit: &mut dyn FnMut(Event),
+    cancel: &AtomicBool,
+) -> Result<QuantizedModel, PipelineError> {
+    let t0 = Instant::now();
+    let mc = prep.source.config().clone();
+    let qc = &cfg.quant;
+    let nseq = prep.windows.len();
+    let plan = MemoryPlan {
+        batch_sequences: 0,
+        streams_on_gpu: false,
+        stream_dtype: "none".into(),
+        gpu_bytes_estimate: 0,
+        host_bytes_estimate: 0,
+        gpu_budget_bytes: cfg.gpu_budget_bytes,
+        breakdown: vec![
+            "RTN without metrics: no calibration forward and no statistics; weights are rounded \
+             on the host, layer by layer"
+                .into(),
+        ],
+    };
+    emit(Event::Started {
+        model: prep.model_name.clone(),
+        method: qc.method.name().into(),
+        layers: mc.num_layers,
+        modules_per_layer: ModuleKind::ALL.len(),
+        plan: plan.clone(),
+    });
+    ctx.reset_peak();
+    let mut results = BTreeMap::new();
+    let mut module_reports = Vec::new();
+    let mut layer_reports = Vec::new();
+    let mut warnings = Vec::new();
+    std::thread::scope(|scope| -> Result<(), PipelineError> {
+        let mut prefetch = LayerPrefetch::new(scope, prep.source);
+        for layer in 0..mc.num_layers {
+            check_cancel(cancel)?;
+            let t_layer = Instant::now();
+            emit(Event::LayerStarted { layer });
+            let lw: LayerWeights = prefetch
+                .layer(layer)
+                .map_err(|e| PipelineError::Input(e.to_string()))?;
+            for m in ModuleKind::ALL {
+                let t = Instant::now();
+                let lin = lw.linear(m);
+                let r = crate::quant::quantizer::rtn_quantize(
+                    &lin.weight,
+                    lin.out_features,
+                    lin.in_features,
+                    qc,
+                )
+                .map_err(|e| PipelineError::Module {
+                    layer,
+                    module: m.short_name().into(),
+                    message: e.to_string(),
+                })?;
+                let rep = report_stub(layer, m, &r, nseq, t.elapsed().as_secs_f64());
+                if let Some(f) = &rep.fallback {
+                    let w = format!("layer {layer} {}: {f}", rep.module);
+                    emit(Event::Warning(w.clone()));
+                    warnings.push(w);
+                }
+                emit(Event::ModuleDone(rep.clone()));
+                module_reports.push(rep);
+                results.insert((layer, m), r);
+            }
+            let lr = LayerReport {
+                layer,
+                hidden_rel_error: None,
+                secs: t_layer.elapsed().as_secs_f64(),
+            };
+            emit(Event::LayerDone(lr.clone()));
+            layer_reports.push(lr);
+        }
+        Ok(())
+    })?;
+    let (_, peak) = ctx.memory();
+    Ok(QuantizedModel {
+        modules: results,
+        report: RunReport {
+            model: prep.model_name.clone(),
+            method: qc.method.name().into(),
+            config: qc.clone(),
+            device: prep.device.clone(),
+            calibration: prep.calibration.clone(),
+            nsamples: nseq,
+            seqlen: cfg.seqlen,
+            seed: cfg.seed,
+            plan,
+            modules: module_reports,
+            layers: layer_reports,
+            peak_gpu_bytes: peak,
+            secs: t0.elapsed().as_secs_f64(),
+            warnings,
+        },
     })
 }
 
