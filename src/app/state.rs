@@ -380,6 +380,11 @@ impl Settings {
 
     /// The memory plan the pipeline will make for these settings.
     pub fn plan(&self, c: &ModelConfig, max_buffer_bytes: u64) -> Result<MemoryPlan, String> {
+        if self.method == MethodChoice::Rtn && !self.fp_stream() {
+            return Ok(plan::rtn_direct(
+                (self.gpu_memory_gib.max(0.0) * (1u64 << 30) as f64) as u64,
+            ));
+        }
         plan::plan(&PlanInput {
             config: c,
             nsamples: self.nsamples.max(1),

@@ -30,7 +30,7 @@ use crate::model::prefetch::LayerPrefetch;
 use crate::model::{LayerWeights, ModelConfig, ModuleKind, WeightSource};
 use crate::quant::{Fallback, Method, QuantConfig, QuantResult};
 
-use super::events::{Event, LayerReport, MemoryPlan, ModuleReport, RunReport};
+use super::events::{Event, LayerReport, ModuleReport, RunReport};
 use super::metrics::{MetricAccumulator, MetricScratch};
 use super::plan::{self, PlanInput};
 use super::stream::{Placement, Stream};
@@ -602,19 +602,7 @@ fn quantize_rtn_direct(
     let mc = prep.source.config().clone();
     let qc = &cfg.quant;
     let nseq = prep.windows.len();
-    let plan = MemoryPlan {
-        batch_sequences: 0,
-        streams_on_gpu: false,
-        stream_dtype: "none".into(),
-        gpu_bytes_estimate: 0,
-        host_bytes_estimate: 0,
-        gpu_budget_bytes: cfg.gpu_budget_bytes,
-        breakdown: vec![
-            "RTN without metrics: no calibration forward and no statistics; weights are rounded \
-             on the host, layer by layer"
-                .into(),
-        ],
-    };
+    let plan = plan::rtn_direct(cfg.gpu_budget_bytes);
     emit(Event::Started {
         model: prep.model_name.clone(),
         method: qc.method.name().into(),

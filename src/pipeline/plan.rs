@@ -102,6 +102,24 @@ fn solver_bytes(c: &ModelConfig) -> u64 {
     (3 * (h * i).max(h * qd) + 2 * 128 * n) * F32
 }
 
+/// The plan of RTN without metrics: it reads no activations, so the driver runs no calibration
+/// forward, keeps no statistics and does no GPU work (`driver::quantize_rtn_direct`).
+pub fn rtn_direct(gpu_budget_bytes: u64) -> MemoryPlan {
+    MemoryPlan {
+        batch_sequences: 0,
+        streams_on_gpu: false,
+        stream_dtype: "none".into(),
+        gpu_bytes_estimate: 0,
+        host_bytes_estimate: 0,
+        gpu_budget_bytes,
+        breakdown: vec![
+            "RTN without metrics: no calibration forward and no statistics; weights are rounded \
+             on the host, layer by layer"
+                .into(),
+        ],
+    }
+}
+
 pub fn plan(input: &PlanInput<'_>) -> Result<MemoryPlan, PlanError> {
     let c = input.config;
     let streams = if input.fp_stream { 2 } else { 1 };
