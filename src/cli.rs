@@ -349,6 +349,13 @@ impl QuantizeArgs {
 }
 
 pub fn main() -> ExitCode {
+    // Rust ignores SIGPIPE, so printing into a closed pipe (`gptaq-studio devices | head`) would
+    // panic in `println!`; with the default action the process ends quietly like other tools.
+    #[cfg(unix)]
+    // SAFETY: called once at start-up before any thread exists; SIG_DFL is a valid disposition.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let _ = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
         .try_init();
     let cli = Cli::parse();

@@ -140,6 +140,18 @@ impl std::fmt::Display for AdapterSummary {
             self.max_storage_buffer_binding_size >> 20,
             self.max_compute_workgroup_storage_size >> 10,
             self.max_compute_invocations_per_workgroup
+        )?;
+        // What the binding means for the solve: the widest n×n f32 matrix in one buffer; wider
+        // ones are stored in row panels (gpu/matrix.rs), while each weight must fit one binding.
+        let binding = self
+            .max_storage_buffer_binding_size
+            .min(self.max_buffer_size);
+        writeln!(
+            f,
+            "  n×n f32 matrices up to n = {} in one binding (wider Hessians split into row panels); \
+             weights up to {} M parameters per module",
+            ((binding / 4) as f64).sqrt() as u64,
+            binding / 4 / 1_000_000
         )
     }
 }
