@@ -30,7 +30,7 @@ use crate::model::prefetch::LayerPrefetch;
 use crate::model::{LayerWeights, ModelConfig, ModuleKind, WeightSource};
 use crate::quant::{Fallback, Method, QuantConfig, QuantResult};
 
-use super::events::{Event, LayerReport, ModuleReport, RunReport};
+use super::events::{Event, LayerReport, MemoryPlan, ModuleReport, RunReport};
 use super::metrics::{MetricAccumulator, MetricScratch};
 use super::plan::{self, PlanInput};
 use super::stream::{Placement, Stream};
@@ -145,13 +145,7 @@ pub fn quantize(
         host_dtype: cfg.stream_dtype,
         force_host: cfg.force_host_streams,
     })?;
-    emit(Event::Started {
-        model: prep.model_name.clone(),
-        method: qc.method.name().into(),
-        layers: mc.num_layers,
-        modules_per_layer: ModuleKind::ALL.len(),
-        plan: plan.clone(),
-    });
+    emit_started(emit, prep, qc, &plan);
     ctx.reset_peak();
 
     let bs = plan.batch_sequences.max(1);
@@ -564,27 +558,62 @@ pub fn quantize(
         }
         Ok(())
     })?;
-    let (_, peak) = ctx.memory();
-    let report = RunReport {
+    Ok(QuantizedModel {
+        modules: results,
+        report: run_report(
+            ctx,
+            prep,
+            cfg,
+            plan,
+            (module_reports, layer_reports, warnings),
+            t0,
+        ),
+    })
+}
+
+/// The run-started event (plan included) of both drivers.
+fn emit_started(
+    emit: &mut dyn FnMut(Event),
+    prep: &Prepared<'_>,
+    qc: &QuantConfig,
+    plan: &MemoryPlan,
+) {
+    emit(Event::Started {
         model: prep.model_name.clone(),
         method: qc.method.name().into(),
-        config: qc.clone(),
+        layers: prep.source.config().num_layers,
+        modules_per_layer: ModuleKind::ALL.len(),
+        plan: plan.clone(),
+    });
+}
+
+/// The run report of both drivers: modules, layers and warnings as collected, peak GPU memory
+/// since the run started.
+fn run_report(
+    ctx: &GpuContext,
+    prep: &Prepared<'_>,
+    cfg: &PipelineConfig,
+    plan: MemoryPlan,
+    (modules, layers, warnings): (Vec<ModuleReport>, Vec<LayerReport>, Vec<String>),
+    t0: Instant,
+) -> RunReport {
+    let (_, peak) = ctx.memory();
+    RunReport {
+        model: prep.model_name.clone(),
+        method: cfg.quant.method.name().into(),
+        config: cfg.quant.clone(),
         device: prep.device.clone(),
         calibration: prep.calibration.clone(),
-        nsamples: nseq,
-        seqlen,
+        nsamples: prep.windows.len(),
+        seqlen: cfg.seqlen,
         seed: cfg.seed,
         plan,
-        modules: module_reports,
-        layers: layer_reports,
+        modules,
+        layers,
         peak_gpu_bytes: peak,
         secs: t0.elapsed().as_secs_f64(),
         warnings,
-    };
-    Ok(QuantizedModel {
-        modules: results,
-        report,
-    })
+    }
 }
 
 /// RTN without metrics: it reads no activations, so there is no calibration forward, no
@@ -603,13 +632,7 @@ fn quantize_rtn_direct(
     let qc = &cfg.quant;
     let nseq = prep.windows.len();
     let plan = plan::rtn_direct(cfg.gpu_budget_bytes);
-    emit(Event::Started {
-        model: prep.model_name.clone(),
-        method: qc.method.name().into(),
-        layers: mc.num_layers,
-        modules_per_layer: ModuleKind::ALL.len(),
-        plan: plan.clone(),
-    });
+    emit_started(emit, prep, qc, &plan);
     ctx.reset_peak();
     let mut results = BTreeMap::new();
     let mut module_reports = Vec::new();
@@ -658,25 +681,16 @@ fn quantize_rtn_direct(
         }
         Ok(())
     })?;
-    let (_, peak) = ctx.memory();
     Ok(QuantizedModel {
         modules: results,
-        report: RunReport {
-            model: prep.model_name.clone(),
-            method: qc.method.name().into(),
-            config: qc.clone(),
-            device: prep.device.clone(),
-            calibration: prep.calibration.clone(),
-            nsamples: nseq,
-            seqlen: cfg.seqlen,
-            seed: cfg.seed,
+        report: run_report(
+            ctx,
+            prep,
+            cfg,
             plan,
-            modules: module_reports,
-            layers: layer_reports,
-            peak_gpu_bytes: peak,
-            secs: t0.elapsed().as_secs_f64(),
-            warnings,
-        },
+            (module_reports, layer_reports, warnings),
+            t0,
+        ),
     })
 }
 
