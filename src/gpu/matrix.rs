@@ -1,7 +1,8 @@
 //! Matrices larger than one storage binding, stored as row panels.
 //!
 //! A shader sees a storage buffer through one binding, and adapters cap a binding's size: 2 GiB on
-//! NVIDIA's Vulkan driver, 128 MiB on Mesa's lavapipe. The n×n f32 matrices of the solve outgrow
+//! NVIDIA's Vulkan driver and on DX12 (wgpu 30), 128 MiB on Mesa's lavapipe; Metal binds up to its
+//! largest buffer. The n×n f32 matrices of the solve outgrow
 //! that first — a Llama-3-70B MLP's 28672² Hessian is 3.1 GiB, a Llama-3-8B one's 14336² is
 //! 784 MiB (over lavapipe's limit). A [`GpuMatrix`] therefore keeps `rows × cols` row-major as
 //! consecutive panels of `panel_rows` rows, each panel its own buffer within the binding limit;
