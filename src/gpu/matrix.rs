@@ -104,6 +104,30 @@ impl GpuMatrix {
     }
 }
 
+/// The panel-pair fields of a kernel's parameters (`dst_r0, dst_rows, src_r0, src_rows` in the
+/// WGSL structs of mirror, factor and quant_gather): global first row and row count of the
+/// destination and the source panel.
+#[repr(C)]
+#[derive(Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct PanelRows {
+    pub dst_r0: u32,
+    pub dst_rows: u32,
+    pub src_r0: u32,
+    pub src_rows: u32,
+}
+
+impl PanelRows {
+    pub fn new(dst: &Range<usize>, src: &Range<usize>) -> Result<Self, GpuError> {
+        let u = |what: &str, v: usize| super::ops::u32_of(what, v);
+        Ok(Self {
+            dst_r0: u("panel row", dst.start)?,
+            dst_rows: u("panel rows", dst.len())?,
+            src_r0: u("panel row", src.start)?,
+            src_rows: u("panel rows", src.len())?,
+        })
+    }
+}
+
 /// One launch of a panel-pair gather ([`GpuMatrix::panel_pairs`]).
 pub struct PanelPair<'a> {
     pub dst: &'a GpuBuffer<f32>,

@@ -513,10 +513,7 @@ fn check_square(what: &str, c: &GpuMatrix, n: usize) -> Result<(), GpuError> {
 #[derive(Clone, Copy, Pod, Zeroable)]
 struct MirrorParams {
     n: u32,
-    dst_r0: u32,
-    dst_rows: u32,
-    src_r0: u32,
-    src_rows: u32,
+    rows: super::matrix::PanelRows,
     _pad: [u32; 3],
 }
 
@@ -532,10 +529,7 @@ pub fn mirror_upper(rec: &mut Recorder<'_>, c: &GpuMatrix) -> Result<(), GpuErro
             let sr = c.panel_range(ps);
             let params = MirrorParams {
                 n: n32,
-                dst_r0: u32_of("mirror row", dr.start)?,
-                dst_rows: u32_of("mirror rows", dr.len())?,
-                src_r0: u32_of("mirror row", sr.start)?,
-                src_rows: u32_of("mirror rows", sr.len())?,
+                rows: super::matrix::PanelRows::new(&dr, &sr)?,
                 _pad: [0; 3],
             };
             let groups = [

@@ -30,6 +30,7 @@ use bytemuck::{Pod, Zeroable};
 use super::QuantError;
 use super::reference::{self, Damped};
 use crate::gpu::kernels::Recorder;
+use crate::gpu::matrix::PanelRows;
 use crate::gpu::ops::{self, u32_of};
 use crate::gpu::{GpuBuffer, GpuContext, GpuError, GpuMatrix};
 
@@ -47,10 +48,7 @@ struct FactorParams {
     rows: u32,
     cols: u32,
     off: u32,
-    dst_r0: u32,
-    dst_rows: u32,
-    src_r0: u32,
-    src_rows: u32,
+    panel: PanelRows,
     _p: [u32; 3],
 }
 
@@ -62,10 +60,7 @@ impl FactorParams {
             rows: 0,
             cols: 0,
             off: 0,
-            dst_r0: 0,
-            dst_rows: 0,
-            src_r0: 0,
-            src_rows: 0,
+            panel: PanelRows::default(),
             _p: [0; 3],
         }
     }
@@ -77,10 +72,7 @@ impl FactorParams {
         src: &std::ops::Range<usize>,
     ) -> Result<Self, GpuError> {
         Ok(Self {
-            dst_r0: u32_of("panel row", dst.start)?,
-            dst_rows: u32_of("panel rows", dst.len())?,
-            src_r0: u32_of("panel row", src.start)?,
-            src_rows: u32_of("panel rows", src.len())?,
+            panel: PanelRows::new(dst, src)?,
             ..self
         })
     }

@@ -105,10 +105,7 @@ struct NParams {
 #[derive(Clone, Copy, Pod, Zeroable)]
 struct GatherParams {
     n: u32,
-    dst_r0: u32,
-    dst_rows: u32,
-    src_r0: u32,
-    src_rows: u32,
+    rows: crate::gpu::matrix::PanelRows,
     _p: [u32; 3],
 }
 
@@ -412,21 +409,21 @@ pub fn quantize_gpu(
             }
             let gx = n.div_ceil(16) as u32;
             for pp in dp.panel_pairs(d) {
-                let (dr, sr) = (&pp.dst_rows, &pp.src_rows);
                 rec.dispatch(
                     &QUANT_GATHER,
                     "gather_sym",
                     &[],
                     &GatherParams {
                         n: n32,
-                        dst_r0: u32_of("panel row", dr.start)?,
-                        dst_rows: u32_of("panel rows", dr.len())?,
-                        src_r0: u32_of("panel row", sr.start)?,
-                        src_rows: u32_of("panel rows", sr.len())?,
+                        rows: crate::gpu::matrix::PanelRows::new(&pp.dst_rows, &pp.src_rows)?,
                         _p: [0; 3],
                     },
                     &[pp.src.binding(), gmeta_d.binding(), pp.dst.binding()],
-                    [gx, u32_of("gather workgroups", dr.len().div_ceil(16))?, 1],
+                    [
+                        gx,
+                        u32_of("gather workgroups", pp.dst_rows.len().div_ceil(16))?,
+                        1,
+                    ],
                 )?;
             }
             // T = Dp·Uᵀ.
