@@ -229,14 +229,19 @@ fn sweep_block(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nw
         workgroupBarrier();
         for (var j = i + t; j < cnt; j += WG) {
             let uij = u[(k - p.urow0) * n + i1 + j];
+            // Explicit fma in both branches, GPTQ's term first: compilers contract `a -= b·c`
+            // on their own, and NVIDIA's Vulkan driver did so differently for the GPTQ and the
+            // GPTAQ expression, so GPTAQ with α = 0 (P = 0) drifted from GPTQ in the last bit of
+            // w (tests/quant_gpu.rs gptaq_alpha_zero_equals_gptq_on_gpu, H200). With fma(ws, 0,
+            // x) = x the two branches are now the same arithmetic when P = 0.
             if (p.gptaq != 0u) {
                 let pij = pm[(k - p.urow0) * n + i1 + j];
                 for (var rr = 0u; rr < rc; rr++) {
-                    w1[rr * cnt + j] -= es[rr] * uij - ws[rr] * pij;
+                    w1[rr * cnt + j] = fma(ws[rr], pij, fma(-es[rr], uij, w1[rr * cnt + j]));
                 }
             } else {
                 for (var rr = 0u; rr < rc; rr++) {
-                    w1[rr * cnt + j] -= es[rr] * uij;
+                    w1[rr * cnt + j] = fma(-es[rr], uij, w1[rr * cnt + j]);
                 }
             }
         }

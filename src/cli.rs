@@ -566,6 +566,14 @@ fn quantize(gpu: &GpuArgs, args: &QuantizeArgs) -> anyhow::Result<()> {
                     ),
                 );
             }
+            if !l.phases.is_empty() {
+                let parts: Vec<String> = l
+                    .phases
+                    .iter()
+                    .map(|(p, s)| format!("{p} {s:.2}s"))
+                    .collect();
+                say(&bar, format!("layer {} phases: {}", l.layer, parts.join(", ")));
+            }
         }
         Event::Warning(w) => say(&bar, format!("warning: {w}")),
         Event::Finished(_) | Event::Failed(_) | Event::Cancelled => {}

@@ -98,6 +98,7 @@ fn feed_run(app: &mut StudioApp, slot: RunSlot, layers: usize, scale: f64) {
             layer: l,
             hidden_rel_error: Some(0.01 * (l + 1) as f64),
             secs: 0.05,
+            phases: Vec::new(),
         }));
     }
 }

@@ -1049,6 +1049,7 @@ pub(crate) mod tests {
                 layer: l,
                 hidden_rel_error: Some(0.01 * (l + 1) as f64),
                 secs: 0.1,
+                phases: Vec::new(),
             }));
         }
         v

@@ -33,6 +33,7 @@ use crate::quant::{Fallback, Method, QuantConfig, QuantResult};
 use super::events::{Event, LayerReport, MemoryPlan, ModuleReport, RunReport};
 use super::metrics::{MetricAccumulator, MetricScratch};
 use super::plan::{self, PlanInput};
+use super::profile::Profile;
 use super::stream::{Placement, Stream};
 use super::{PipelineConfig, PipelineError, QuantizedModel, Solver};
 
@@ -243,9 +244,11 @@ pub fn quantize(
     let source = prep.source;
     std::thread::scope(|scope| -> Result<(), PipelineError> {
         let mut prefetch = LayerPrefetch::new(scope, source);
+        let mut prof = Profile::from_env();
         for layer in 0..mc.num_layers {
             check_cancel(cancel)?;
             let t_layer = Instant::now();
+            prof.restart();
             emit(Event::LayerStarted { layer });
             let lw: LayerWeights = prefetch
                 .layer(layer)
@@ -258,6 +261,7 @@ pub fn quantize(
                     None
                 },
             };
+            prof.sync(ctx, "weights")?;
             let mut secs: BTreeMap<ModuleKind, f64> = BTreeMap::new();
             let mut pending: Vec<(ModuleKind, ModuleReport)> = Vec::new();
 
@@ -277,11 +281,14 @@ pub fn quantize(
                 if let Some(s) = &hfp {
                     rec = s.load(rec, b, &work.h_fp);
                 }
+                rec = prof.lap(rec, "load")?;
                 forward::input_norm(&mut rec, &layers.q, &work.h_q, &work.s_q, t)?;
                 if let Some(fp) = &layers.fp {
                     forward::input_norm(&mut rec, fp, &work.h_fp, &work.s_fp, t)?;
                 }
+                rec = prof.lap(rec, "forward")?;
                 stats.accumulate(&mut rec, &work, work.s_q.x1(), work.s_fp.x1(), t)?;
+                rec = prof.lap(rec, "stats")?;
                 rec.submit();
             }
             for m in [ModuleKind::Q, ModuleKind::K, ModuleKind::V] {
@@ -289,6 +296,7 @@ pub fn quantize(
                 pending.push((m, report_stub(layer, m, &r, nseq, secs[&m])));
                 results.insert((layer, m), r);
             }
+            prof.sync(ctx, "solve")?;
             drop(stats);
 
             // ---- stage B: attention with quantized q/k/v → statistics of o, metrics of q/k/v
@@ -321,6 +329,7 @@ pub fn quantize(
                 if let Some(s) = &hfp {
                     rec = s.load(rec, b, &work.h_fp);
                 }
+                rec = prof.lap(rec, "load")?;
                 forward::input_norm(&mut rec, &layers.q, &work.h_q, &work.s_q, t)?;
                 forward::attention(
                     &mut rec,
@@ -330,9 +339,11 @@ pub fn quantize(
                     batches[b].len(),
                     seqlen,
                 )?;
+                rec = prof.lap(rec, "attention")?;
                 if let Some(fp) = &layers.fp {
                     forward::input_norm(&mut rec, fp, &work.h_fp, &work.s_fp, t)?;
                     forward::attention(&mut rec, fp, &rope, &work.s_fp, batches[b].len(), seqlen)?;
+                    rec = prof.lap(rec, "attention")?;
                     record_metrics(
                         &mut rec,
                         &qkv_metrics,
@@ -345,14 +356,18 @@ pub fn quantize(
                         fp,
                     )?;
                 }
+                rec = prof.lap(rec, "metrics")?;
                 stats.accumulate(&mut rec, &work, work.s_q.attn(), work.s_fp.attn(), t)?;
+                rec = prof.lap(rec, "stats")?;
                 rec = aq.store(rec, b, work.s_q.attn())?;
                 if let Some(s) = afp.as_mut() {
                     rec = s.store(rec, b, work.s_fp.attn())?;
                 }
+                rec = prof.lap(rec, "store")?;
                 rec.submit();
             }
             finish_metrics(ctx, &qkv_metrics, &mut pending, &mut module_reports, emit)?;
+            prof.sync(ctx, "metrics")?;
             let r = solve(
                 ctx,
                 cfg,
@@ -368,6 +383,7 @@ pub fn quantize(
                 report_stub(layer, ModuleKind::O, &r, nseq, secs[&ModuleKind::O]),
             ));
             results.insert((layer, ModuleKind::O), r);
+            prof.sync(ctx, "solve")?;
             drop(stats);
 
             // ---- stage C: h ← h + o(a) → statistics of gate/up, metrics of o
@@ -385,31 +401,40 @@ pub fn quantize(
                 let mut rec = ctx.recorder();
                 rec = hq.load(rec, b, &work.h_q);
                 rec = aq.load(rec, b, &work.a_q);
+                rec = prof.lap(rec, "load")?;
                 forward::o_residual(&mut rec, &layers.q, &work.a_q, &work.h_q, &work.s_q, t)?;
                 forward::post_norm(&mut rec, &layers.q, &work.h_q, &work.s_q, t)?;
+                rec = prof.lap(rec, "forward")?;
                 if let (Some(fp), Some(s), Some(a)) = (&layers.fp, &hfp, &afp) {
                     rec = s.load(rec, b, &work.h_fp);
                     rec = a.load(rec, b, &work.a_fp);
+                    rec = prof.lap(rec, "load")?;
                     forward::o_residual(&mut rec, fp, &work.a_fp, &work.h_fp, &work.s_fp, t)?;
                     forward::post_norm(&mut rec, fp, &work.h_fp, &work.s_fp, t)?;
+                    rec = prof.lap(rec, "forward")?;
                     record_metrics(
                         &mut rec, &o_metrics, &work, b, t, &work.a_q, &work.a_fp, &layers.q, fp,
                     )?;
+                    rec = prof.lap(rec, "metrics")?;
                 }
                 stats.accumulate(&mut rec, &work, work.s_q.x2(), work.s_fp.x2(), t)?;
+                rec = prof.lap(rec, "stats")?;
                 rec = hq.store(rec, b, &work.h_q)?;
                 if let Some(s) = hfp.as_mut() {
                     rec = s.store(rec, b, &work.h_fp)?;
                 }
+                rec = prof.lap(rec, "store")?;
                 rec.submit();
             }
             drop((aq, afp));
             finish_metrics(ctx, &o_metrics, &mut pending, &mut module_reports, emit)?;
+            prof.sync(ctx, "metrics")?;
             for m in [ModuleKind::Gate, ModuleKind::Up] {
                 let r = solve(ctx, cfg, &lw, &mut layers, m, &stats, layer, &mut secs)?;
                 pending.push((m, report_stub(layer, m, &r, nseq, secs[&m])));
                 results.insert((layer, m), r);
             }
+            prof.sync(ctx, "solve")?;
             drop(stats);
 
             // ---- stage D: act = silu(gate)·up → statistics of down, metrics of gate/up
@@ -433,12 +458,16 @@ pub fn quantize(
                 let t = tok(b);
                 let mut rec = ctx.recorder();
                 rec = hq.load(rec, b, &work.h_q);
+                rec = prof.lap(rec, "load")?;
                 forward::post_norm(&mut rec, &layers.q, &work.h_q, &work.s_q, t)?;
                 forward::mlp_act(&mut rec, &layers.q, &work.s_q, t)?;
+                rec = prof.lap(rec, "forward")?;
                 if let (Some(fp), Some(s)) = (&layers.fp, &hfp) {
                     rec = s.load(rec, b, &work.h_fp);
+                    rec = prof.lap(rec, "load")?;
                     forward::post_norm(&mut rec, fp, &work.h_fp, &work.s_fp, t)?;
                     forward::mlp_act(&mut rec, fp, &work.s_fp, t)?;
+                    rec = prof.lap(rec, "forward")?;
                     record_metrics(
                         &mut rec,
                         &gu_metrics,
@@ -451,10 +480,13 @@ pub fn quantize(
                         fp,
                     )?;
                 }
+                rec = prof.lap(rec, "metrics")?;
                 stats.accumulate(&mut rec, &work, work.s_q.act(), work.s_fp.act(), t)?;
+                rec = prof.lap(rec, "stats")?;
                 rec.submit();
             }
             finish_metrics(ctx, &gu_metrics, &mut pending, &mut module_reports, emit)?;
+            prof.sync(ctx, "metrics")?;
             let r = solve(
                 ctx,
                 cfg,
@@ -470,6 +502,7 @@ pub fn quantize(
                 report_stub(layer, ModuleKind::Down, &r, nseq, secs[&ModuleKind::Down]),
             ));
             results.insert((layer, ModuleKind::Down), r);
+            prof.sync(ctx, "solve")?;
             drop(stats);
 
             // ---- stage E: h ← h + down(act) for both streams; metrics of down; hidden deviation
@@ -481,14 +514,18 @@ pub fn quantize(
                 let t = tok(b);
                 let mut rec = ctx.recorder();
                 rec = hq.load(rec, b, &work.h_q);
+                rec = prof.lap(rec, "load")?;
                 forward::post_norm(&mut rec, &layers.q, &work.h_q, &work.s_q, t)?;
                 forward::mlp_act(&mut rec, &layers.q, &work.s_q, t)?;
                 forward::down_residual(&mut rec, &layers.q, &work.h_q, &work.s_q, t)?;
+                rec = prof.lap(rec, "forward")?;
                 if let (Some(fp), Some(s)) = (&layers.fp, &hfp) {
                     rec = s.load(rec, b, &work.h_fp);
+                    rec = prof.lap(rec, "load")?;
                     forward::post_norm(&mut rec, fp, &work.h_fp, &work.s_fp, t)?;
                     forward::mlp_act(&mut rec, fp, &work.s_fp, t)?;
                     forward::down_residual(&mut rec, fp, &work.h_fp, &work.s_fp, t)?;
+                    rec = prof.lap(rec, "forward")?;
                     record_metrics(
                         &mut rec,
                         &down_metrics,
@@ -518,14 +555,17 @@ pub fn quantize(
                         &work.hidden_parts,
                         (nb + b) * hp,
                     )?;
+                    rec = prof.lap(rec, "metrics")?;
                 }
                 rec = hq.store(rec, b, &work.h_q)?;
                 if let Some(s) = hfp.as_mut() {
                     rec = s.store(rec, b, &work.h_fp)?;
                 }
+                rec = prof.lap(rec, "store")?;
                 rec.submit();
             }
             finish_metrics(ctx, &down_metrics, &mut pending, &mut module_reports, emit)?;
+            prof.sync(ctx, "metrics")?;
             let hidden_rel_error = if fp_stream {
                 let parts = ctx.read(&work.hidden_parts)?;
                 let span = nb * hp;
@@ -548,10 +588,12 @@ pub fn quantize(
                 }
             }
             ctx.sync()?;
+            prof.sync(ctx, "other")?;
             let lr = LayerReport {
                 layer,
                 hidden_rel_error,
                 secs: t_layer.elapsed().as_secs_f64(),
+                phases: prof.take(),
             };
             emit(Event::LayerDone(lr.clone()));
             layer_reports.push(lr);
@@ -675,6 +717,7 @@ fn quantize_rtn_direct(
                 layer,
                 hidden_rel_error: None,
                 secs: t_layer.elapsed().as_secs_f64(),
+                phases: Vec::new(),
             };
             emit(Event::LayerDone(lr.clone()));
             layer_reports.push(lr);

@@ -67,6 +67,10 @@ pub struct LayerReport {
     /// ‖h_q − h_fp‖ / ‖h_fp‖ of the layer's output hidden state on the calibration tokens.
     pub hidden_rel_error: Option<f64>,
     pub secs: f64,
+    /// Seconds per driver phase (load, forward, attention, metrics, stats, store, solve, …), only
+    /// with `GPTAQ_PROFILE=1` (see `pipeline::profile`); empty otherwise.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub phases: Vec<(String, f64)>,
 }
 
 /// The run report written by `--report` and saved / loaded by the GUI.
