@@ -173,7 +173,7 @@ pub fn perplexity(
             let gl = GpuLayer::upload(ctx, &cfg, &lw)?;
             drop(lw);
             for (b, r) in batches.iter().enumerate() {
-                let mut rec = stream.load(ctx.recorder(), b, &work);
+                let mut rec = stream.load(ctx.recorder(), b, &work)?;
                 forward::forward_layer(&mut rec, &gl, &rope, &work, &scratch, r.len(), seqlen)?;
                 rec = stream.store(rec, b, &work)?;
                 rec.submit();
@@ -183,6 +183,15 @@ pub fn perplexity(
         }
         Ok(())
     })?;
+
+    // One flag read for the whole run (f16 host streams only; see Stream::overflowed): the result
+    // has no warnings list, so the log carries it.
+    if stream.overflowed(ctx)? {
+        log::warn!(
+            "eval: hidden states beyond f16's range (±65504) were clamped in the f16 host stream; \
+             the perplexity is of the clamped model; evaluate with f32 streams (stream_dtype)"
+        );
+    }
 
     // Head: final norm, lm_head in row chunks, streaming log-sum-exp.
     let vocab = cfg.vocab_size;
@@ -216,7 +225,7 @@ pub fn perplexity(
             .flat_map(|w| w[1..].iter().copied().chain(std::iter::once(u32::MAX)))
             .collect();
         ctx.write(&targets_buf, 0, &targets);
-        let mut rec = stream.load(ctx.recorder(), b, &work);
+        let mut rec = stream.load(ctx.recorder(), b, &work)?;
         forward::rmsnorm(&mut rec, t, cfg.rms_norm_eps as f32, &work, &fnorm, &xn)?;
         for (ci, c) in chunks.iter().enumerate() {
             let w = c.len();

@@ -755,3 +755,301 @@ fn coop_gemm_matches_f64_where_granted() {
         }
     }
 }
+
+/// `pack_f16` then `unpack_f16` of `x` on the GPU: (packed words, unpacked values, flag).
+fn f16_round_trip(ctx: &GpuContext, x: &[f32]) -> (Vec<u32>, Vec<f32>, u32) {
+    let len = x.len();
+    let gx = ctx.upload("x", x).unwrap();
+    let words = ctx.zeros::<u32>("words", ops::f16_words(len)).unwrap();
+    let flag = ctx.zeros::<u32>("flag", 1).unwrap();
+    let out = ctx.zeros::<f32>("out", len).unwrap();
+    let mut rec = ctx.recorder();
+    ops::pack_f16(&mut rec, &gx, len, &words, &flag).unwrap();
+    ops::unpack_f16(&mut rec, &words, len, &out).unwrap();
+    rec.submit();
+    (
+        ctx.read(&words).unwrap(),
+        ctx.read(&out).unwrap(),
+        ctx.read(&flag).unwrap()[0],
+    )
+}
+
+/// The f16 bits `half` gives `v` (round to nearest, ties to even) — the reference for the shader.
+fn rne_bits(v: f32) -> u16 {
+    half::f16::from_f32(v).to_bits()
+}
+
+/// Asserts the packed words and the unpacked values of `x` are exactly `half`'s round-to-nearest-
+/// even (bit for bit, signed zeros and f16 subnormals included), naming the case, length, index,
+/// input, got and expected. Exact rather than "within one f16 step": `f16_pack.wgsl` rounds with
+/// integer bit arithmetic (not pack2x16float, whose rounding WGSL leaves to the implementation),
+/// so it is the same on every adapter, and the streams' host path (`half`, for the embeddings)
+/// must give the same bits.
+fn assert_f16_exact(case: &str, x: &[f32], words: &[u32], back: &[f32]) {
+    let len = x.len();
+    assert_eq!(words.len(), len.div_ceil(2), "{case}: words for len {len}");
+    for (i, &v) in x.iter().enumerate() {
+        let want = rne_bits(v);
+        let got = (words[i / 2] >> (16 * (i % 2))) as u16;
+        assert_eq!(
+            got,
+            want,
+            "{case}: len {len}, index {i}: input {v:e} ({:#010x}) packed to f16 bits {got:#06x}, \
+             expected {want:#06x} (round to nearest even)",
+            v.to_bits()
+        );
+        let want_f = half::f16::from_bits(want).to_f32();
+        assert_eq!(
+            back[i].to_bits(),
+            want_f.to_bits(),
+            "{case}: len {len}, index {i}: input {v:e} unpacked to {:e}, expected {want_f:e}",
+            back[i]
+        );
+    }
+    if len % 2 == 1 {
+        assert_eq!(
+            words[len / 2] >> 16,
+            0,
+            "{case}: len {len}: the odd tail's high half must be 0"
+        );
+    }
+}
+
+/// Round trip through `f16_pack.wgsl` on awkward lengths (1, 2, odd, around the 256-word
+/// workgroup, 131,075 elements = 257 workgroups), random values in ±1e4 mixed with f16 rounding
+/// ties (both parities), f16 subnormals and their ties, values that round to 0 and ±0.
+#[test]
+fn f16_pack_unpack_round_trips_bit_exact() {
+    let Some(ctx) = test_context() else { return };
+    let ulp1 = 2f32.powi(-10); // one f16 step at [1, 2)
+    let sub = 2f32.powi(-24); // smallest f16 subnormal
+    let specials = [
+        0.0f32,
+        -0.0,
+        1.0 + 0.5 * ulp1,    // tie: rounds down to the even 1.0
+        1.0 + 1.5 * ulp1,    // tie: rounds up to the even 1 + 2·ulp
+        -(1.0 + 0.5 * ulp1), // negative tie
+        1000.0 + 0.25,       // tie at an f16 step of 0.5
+        sub,
+        -sub,
+        3.0 * sub,
+        0.5 * sub,      // tie between 0 and the smallest subnormal: rounds to +0
+        1.5 * sub,      // tie: rounds to 2·sub
+        2.5 * sub,      // tie: rounds to 2·sub
+        0.25 * sub,     // rounds to 0
+        -0.25 * sub,    // rounds to -0
+        2f32.powi(-14), // smallest normal f16
+        2f32.powi(-14) - sub,
+        65504.0,
+        -65504.0,
+        1e4,
+        -1e4,
+        std::f32::consts::PI,
+    ];
+    for (k, &len) in [1usize, 2, 3, 255, 256, 257, 1000, 65537 * 2 + 1]
+        .iter()
+        .enumerate()
+    {
+        let mut r = rng(4000 + k as u64);
+        let mut x: Vec<f32> = rand_vec(&mut r, len).iter().map(|v| v * 1e4).collect();
+        // Specials at the front and, for long vectors, in the last (odd-tail) word too.
+        for (d, s) in x.iter_mut().zip(&specials) {
+            *d = *s;
+        }
+        if len > 2 * specials.len() {
+            let n = specials.len();
+            x[len - n..].copy_from_slice(&specials);
+        }
+        let (words, back, flag) = f16_round_trip(&ctx, &x);
+        assert_f16_exact("random ±1e4 + ties/subnormals", &x, &words, &back);
+        assert_eq!(flag, 0, "len {len}: in-range values set the overflow flag");
+    }
+}
+
+/// Random f32 bit patterns of every exponent up to 65504 (f32 subnormals, values far below f16's
+/// subnormals, every f16 binade), both signs: the bit-arithmetic rounding equals `half`'s.
+#[test]
+fn f16_pack_rounds_random_f32_bit_patterns_like_half() {
+    use rand::Rng;
+    let Some(ctx) = test_context() else { return };
+    let mut r = rng(4242);
+    let x: Vec<f32> = (0..200_001)
+        .map(|_| {
+            let mag = r.random_range(0u32..=0x477f_e000);
+            f32::from_bits(mag | if r.random::<bool>() { 0x8000_0000 } else { 0 })
+        })
+        .collect();
+    let (words, back, flag) = f16_round_trip(&ctx, &x);
+    assert_f16_exact("random f32 bit patterns", &x, &words, &back);
+    assert_eq!(flag, 0, "in-range bit patterns set the overflow flag");
+}
+
+/// Every finite f16 packs to itself and every midpoint between neighbouring finite f16 values
+/// rounds to the even one, exhaustively; and `unpack_f16` widens every finite f16 bit pattern
+/// exactly.
+#[test]
+fn f16_pack_is_exact_on_every_f16_and_every_tie() {
+    let Some(ctx) = test_context() else { return };
+    // Non-negative finite f16 in order: 0x0000..=0x7bff; the sign bit mirrors them.
+    let pos: Vec<f32> = (0u16..=0x7bff)
+        .map(|b| half::f16::from_bits(b).to_f32())
+        .collect();
+    let mut x: Vec<f32> = pos.iter().flat_map(|&v| [v, -v]).collect();
+    let (words, back, flag) = f16_round_trip(&ctx, &x);
+    assert_f16_exact("every finite f16", &x, &words, &back);
+    assert_eq!(flag, 0, "finite f16 values set the overflow flag");
+    // Midpoints (exact in f32): ties to even.
+    x = pos
+        .windows(2)
+        .flat_map(|w| {
+            let m = ((f64::from(w[0]) + f64::from(w[1])) / 2.0) as f32;
+            [m, -m]
+        })
+        .collect();
+    let (words, back, flag) = f16_round_trip(&ctx, &x);
+    assert_f16_exact("f16 midpoints", &x, &words, &back);
+    assert_eq!(flag, 0, "midpoints below 65504 set the overflow flag");
+    // unpack_f16 alone on all 65,536 bit patterns (inf and NaN included, which pack never writes
+    // except 0x7e00): equal to `half`'s widening, NaN as NaN.
+    let all: Vec<u32> = (0u32..0x8000)
+        .map(|w| (2 * w) | ((2 * w + 1) << 16))
+        .collect();
+    let gw = ctx.upload("all f16", &all).unwrap();
+    let out = ctx.zeros::<f32>("widened", 0x10000).unwrap();
+    let mut rec = ctx.recorder();
+    ops::unpack_f16(&mut rec, &gw, 0x10000, &out).unwrap();
+    rec.submit();
+    let got = ctx.read(&out).unwrap();
+    for (bits, g) in got.iter().enumerate() {
+        let want = half::f16::from_bits(bits as u16).to_f32();
+        assert!(
+            if want.is_nan() {
+                g.is_nan()
+            } else {
+                g.to_bits() == want.to_bits()
+            },
+            "unpack_f16 of f16 bits {bits:#06x}: got {g:e} ({:#010x}), expected {want:e} ({:#010x})",
+            g.to_bits(),
+            want.to_bits()
+        );
+    }
+}
+
+/// Values f16 cannot hold: |x| > 65504 and ±inf are clamped to ±65504 and NaN becomes 0x7e00, and
+/// each sets the flag; 65504 itself and in-range values do not. The flag is only ever raised by
+/// the kernel (pipeline::stream reads and clears it).
+#[test]
+fn f16_pack_clamps_and_flags_out_of_range_values() {
+    let Some(ctx) = test_context() else { return };
+    let max = half::f16::MAX.to_bits();
+    let min = half::f16::MIN.to_bits();
+    let cases: [(f32, u16); 8] = [
+        (65505.0, max),
+        (65519.0, max), // would round to 65504 anyway: still beyond the rule's ±65504
+        (1e5, max),
+        (-1e5, min),
+        (f32::MAX, max),
+        (f32::INFINITY, max),
+        (f32::NEG_INFINITY, min),
+        (f32::NAN, 0x7e00),
+    ];
+    for (k, &(bad, want)) in cases.iter().enumerate() {
+        // The bad value at an even and at an odd position, in a small and a multi-group vector.
+        for (len, pos) in [(2usize, 0usize), (3, 1), (3, 2), (1001, 777), (1001, 1000)] {
+            let mut x: Vec<f32> = rand_vec(&mut rng(k as u64), len);
+            x[pos] = bad;
+            let (words, back, flag) = f16_round_trip(&ctx, &x);
+            assert_eq!(
+                flag, 1,
+                "case {k}: {bad:e} at index {pos} of {len}: overflow flag not set"
+            );
+            let got = (words[pos / 2] >> (16 * (pos % 2))) as u16;
+            assert_eq!(
+                got, want,
+                "case {k}: {bad:e} at index {pos} of {len}: packed {got:#06x}, expected {want:#06x}"
+            );
+            if bad.is_nan() {
+                assert!(
+                    back[pos].is_nan(),
+                    "NaN at {pos} of {len} unpacked to {}",
+                    back[pos]
+                );
+            }
+            // Its neighbours are untouched by the clamping.
+            for i in (0..len).filter(|&i| i != pos && i / 2 == pos / 2) {
+                let g = (words[i / 2] >> (16 * (i % 2))) as u16;
+                assert_eq!(
+                    g,
+                    rne_bits(x[i]),
+                    "case {k}: neighbour {i} of the bad value at {pos} (len {len}): {:e}",
+                    x[i]
+                );
+            }
+        }
+    }
+    // Exactly ±65504 is in range.
+    let (_, back, flag) = f16_round_trip(&ctx, &[65504.0, -65504.0, 0.0]);
+    assert_eq!(flag, 0, "±65504 set the overflow flag");
+    assert_eq!(back, vec![65504.0, -65504.0, 0.0]);
+}
+
+/// Too-small buffers are refused up front (WGSL would silently drop the out-of-bounds accesses).
+#[test]
+fn f16_pack_launchers_validate_lengths() {
+    let Some(ctx) = test_context() else { return };
+    let x = ctx.zeros::<f32>("x", 5).unwrap();
+    let words = ctx.zeros::<u32>("words", 2).unwrap(); // 5 elements need 3
+    let flag = ctx.zeros::<u32>("flag", 1).unwrap();
+    let mut rec = ctx.recorder();
+    for (what, r) in [
+        ("pack", ops::pack_f16(&mut rec, &x, 5, &words, &flag)),
+        ("unpack", ops::unpack_f16(&mut rec, &words, 5, &x)),
+        ("pack x", ops::pack_f16(&mut rec, &x, 6, &words, &flag)),
+    ] {
+        match r {
+            Err(gptaq_studio::gpu::GpuError::Validation(m)) => {
+                assert!(m.contains("needs") || m.contains("need"), "{what}: {m}")
+            }
+            other => panic!("{what}: expected a validation error, got {other:?}"),
+        }
+    }
+    let big = ctx.zeros::<u32>("words", 3).unwrap();
+    assert!(ops::pack_f16(&mut rec, &x, 5, &big, &flag).is_ok());
+    assert!(ops::unpack_f16(&mut rec, &big, 5, &x).is_ok());
+}
+
+/// A dispatch beyond 65,535 workgroups in x (`groups_1d` goes 2-D): 65,536 workgroups of 256
+/// words, 33,553,922 elements (128 MiB of f32, just under wgpu's default 128 MiB binding). Values
+/// are small integers (exact in f16) that vary with the index, so a kernel that ignored the
+/// workgroup's y index would leave the last words zero or write the wrong ones. Skipped (with a
+/// note) on adapters that cannot bind that much.
+#[test]
+fn f16_pack_unpack_beyond_65535_workgroups() {
+    let Some(ctx) = test_context() else { return };
+    let words = 65535 * 256 + 1; // one word past what a 1-D dispatch can reach
+    let len = 2 * words; // even: the last word holds two real elements
+    if (len * 4) as u64 > ctx.max_binding_bytes() {
+        eprintln!(
+            "note: adapter binds < {} bytes; 2-D f16_pack not exercised",
+            len * 4
+        );
+        return;
+    }
+    let x: Vec<f32> = (0..len).map(|i| ((i * 7) % 2039) as f32 - 1019.0).collect();
+    let (packed, back, flag) = f16_round_trip(&ctx, &x);
+    assert_eq!(
+        flag, 0,
+        "2-D dispatch: in-range values set the overflow flag"
+    );
+    assert_eq!(packed.len(), words);
+    if let Some(i) = (0..len).find(|&i| back[i] != x[i]) {
+        panic!(
+            "2-D dispatch (len {len}, {} workgroups): first mismatch at index {i} (word {}): got {}, \
+             expected {}",
+            words.div_ceil(256),
+            i / 2,
+            back[i],
+            x[i]
+        );
+    }
+}

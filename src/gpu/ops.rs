@@ -843,6 +843,104 @@ pub fn cast_f16(
     )
 }
 
+crate::wgsl_shader!(F16_PACK, "f16_pack");
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct F16PackParams {
+    len: u32,
+    _p: [u32; 3],
+}
+
+/// Words that hold `len` packed halves (two per `u32`).
+pub fn f16_words(len: usize) -> usize {
+    len.div_ceil(2)
+}
+
+fn check_words(what: &str, words: &GpuBuffer<u32>, len: usize) -> Result<(), GpuError> {
+    let needed = f16_words(len);
+    if words.len() < needed {
+        return Err(GpuError::Validation(format!(
+            "{what}: the word buffer holds {} u32, {len} packed f16 need {needed}",
+            words.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Records `words ← f16(x[..len])` (`f16_pack.wgsl`), two halves per word, element `2w` in the low
+/// 16 bits of word `w` (the odd tail's high half is 0): the GPU side of the f16 host streams
+/// (`pipeline::stream`), so that 2 bytes per element cross the host link instead of 4 and no CPU
+/// converts them. The conversion is integer bit arithmetic (not `pack2x16float`, which wgpu grants
+/// only with `SHADER_F16_IN_F32`, absent e.g. on Mesa without `SHADER_F16`), so it runs on every
+/// adapter and rounds to nearest, ties to even, f16 subnormals kept: the same bits as the `half`
+/// crate.
+///
+/// Values f16 cannot hold are clamped to ±65504 (NaN becomes the f16 NaN `0x7e00`) and set
+/// `flag[0]` to 1 (it is only ever OR-ed, never cleared here): the caller reads and resets it to
+/// report the overflow.
+pub fn pack_f16(
+    rec: &mut Recorder<'_>,
+    x: &GpuBuffer<f32>,
+    len: usize,
+    words: &GpuBuffer<u32>,
+    flag: &GpuBuffer<u32>,
+) -> Result<(), GpuError> {
+    if len == 0 {
+        return Ok(());
+    }
+    check_len("pack_f16 x", x, len)?;
+    check_words("pack_f16 words", words, len)?;
+    if flag.is_empty() {
+        return Err(GpuError::Validation(
+            "pack_f16 flag: needs a buffer of at least one u32".into(),
+        ));
+    }
+    let params = F16PackParams {
+        len: u32_of("pack_f16 len", len)?,
+        _p: [0; 3],
+    };
+    rec.dispatch(
+        &F16_PACK,
+        "pack_f16",
+        &[],
+        &params,
+        &[x.binding(), words.binding(), flag.binding()],
+        groups_1d(u32_of("pack_f16 workgroups", f16_words(len).div_ceil(256))?),
+    )
+}
+
+/// Records `out[..len] ← f32(words)`, the inverse layout of [`pack_f16`] (exact: every f16 is an
+/// f32; integer bit arithmetic like [`pack_f16`], so it runs on every adapter). Only `out[..len]`
+/// is written.
+pub fn unpack_f16(
+    rec: &mut Recorder<'_>,
+    words: &GpuBuffer<u32>,
+    len: usize,
+    out: &GpuBuffer<f32>,
+) -> Result<(), GpuError> {
+    if len == 0 {
+        return Ok(());
+    }
+    check_words("unpack_f16 words", words, len)?;
+    check_len("unpack_f16 out", out, len)?;
+    let params = F16PackParams {
+        len: u32_of("unpack_f16 len", len)?,
+        _p: [0; 3],
+    };
+    rec.dispatch(
+        &F16_PACK,
+        "unpack_f16",
+        &[],
+        &params,
+        &[out.binding(), words.binding()],
+        groups_1d(u32_of(
+            "unpack_f16 workgroups",
+            f16_words(len).div_ceil(256),
+        )?),
+    )
+}
+
 /// Whether [`gemm_coop`] can run here: f16 shaders and cooperative matrices granted.
 pub fn coop_available(ctx: &GpuContext) -> bool {
     ctx.features.contains(wgpu::Features::SHADER_F16)

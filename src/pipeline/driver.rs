@@ -277,9 +277,9 @@ pub fn quantize(
                 check_cancel(cancel)?;
                 let t = tok(b);
                 let mut rec = ctx.recorder();
-                rec = hq.load(rec, b, &work.h_q);
+                rec = hq.load(rec, b, &work.h_q)?;
                 if let Some(s) = &hfp {
-                    rec = s.load(rec, b, &work.h_fp);
+                    rec = s.load(rec, b, &work.h_fp)?;
                 }
                 rec = prof.lap(rec, "load")?;
                 forward::input_norm(&mut rec, &layers.q, &work.h_q, &work.s_q, t)?;
@@ -325,9 +325,9 @@ pub fn quantize(
                 check_cancel(cancel)?;
                 let t = tok(b);
                 let mut rec = ctx.recorder();
-                rec = hq.load(rec, b, &work.h_q);
+                rec = hq.load(rec, b, &work.h_q)?;
                 if let Some(s) = &hfp {
-                    rec = s.load(rec, b, &work.h_fp);
+                    rec = s.load(rec, b, &work.h_fp)?;
                 }
                 rec = prof.lap(rec, "load")?;
                 forward::input_norm(&mut rec, &layers.q, &work.h_q, &work.s_q, t)?;
@@ -399,15 +399,15 @@ pub fn quantize(
                 check_cancel(cancel)?;
                 let t = tok(b);
                 let mut rec = ctx.recorder();
-                rec = hq.load(rec, b, &work.h_q);
-                rec = aq.load(rec, b, &work.a_q);
+                rec = hq.load(rec, b, &work.h_q)?;
+                rec = aq.load(rec, b, &work.a_q)?;
                 rec = prof.lap(rec, "load")?;
                 forward::o_residual(&mut rec, &layers.q, &work.a_q, &work.h_q, &work.s_q, t)?;
                 forward::post_norm(&mut rec, &layers.q, &work.h_q, &work.s_q, t)?;
                 rec = prof.lap(rec, "forward")?;
                 if let (Some(fp), Some(s), Some(a)) = (&layers.fp, &hfp, &afp) {
-                    rec = s.load(rec, b, &work.h_fp);
-                    rec = a.load(rec, b, &work.a_fp);
+                    rec = s.load(rec, b, &work.h_fp)?;
+                    rec = a.load(rec, b, &work.a_fp)?;
                     rec = prof.lap(rec, "load")?;
                     forward::o_residual(&mut rec, fp, &work.a_fp, &work.h_fp, &work.s_fp, t)?;
                     forward::post_norm(&mut rec, fp, &work.h_fp, &work.s_fp, t)?;
@@ -425,6 +425,21 @@ pub fn quantize(
                 }
                 rec = prof.lap(rec, "store")?;
                 rec.submit();
+            }
+            // The attention streams end here: report f16 overflow in them before they go.
+            // Both flags are read (no short-circuit) so that each is cleared.
+            let a_over = [Some(&aq), afp.as_ref()]
+                .into_iter()
+                .flatten()
+                .map(|s| s.overflowed(ctx))
+                .collect::<Result<Vec<bool>, _>>()?;
+            if a_over.contains(&true) {
+                let w = format!(
+                    "layer {layer}: attention outputs beyond f16's range (±65504) were clamped in \
+                     the f16 host streams; use --stream-dtype f32"
+                );
+                emit(Event::Warning(w.clone()));
+                warnings.push(w);
             }
             drop((aq, afp));
             finish_metrics(ctx, &o_metrics, &mut pending, &mut module_reports, emit)?;
@@ -457,13 +472,13 @@ pub fn quantize(
                 check_cancel(cancel)?;
                 let t = tok(b);
                 let mut rec = ctx.recorder();
-                rec = hq.load(rec, b, &work.h_q);
+                rec = hq.load(rec, b, &work.h_q)?;
                 rec = prof.lap(rec, "load")?;
                 forward::post_norm(&mut rec, &layers.q, &work.h_q, &work.s_q, t)?;
                 forward::mlp_act(&mut rec, &layers.q, &work.s_q, t)?;
                 rec = prof.lap(rec, "forward")?;
                 if let (Some(fp), Some(s)) = (&layers.fp, &hfp) {
-                    rec = s.load(rec, b, &work.h_fp);
+                    rec = s.load(rec, b, &work.h_fp)?;
                     rec = prof.lap(rec, "load")?;
                     forward::post_norm(&mut rec, fp, &work.h_fp, &work.s_fp, t)?;
                     forward::mlp_act(&mut rec, fp, &work.s_fp, t)?;
@@ -513,14 +528,14 @@ pub fn quantize(
                 check_cancel(cancel)?;
                 let t = tok(b);
                 let mut rec = ctx.recorder();
-                rec = hq.load(rec, b, &work.h_q);
+                rec = hq.load(rec, b, &work.h_q)?;
                 rec = prof.lap(rec, "load")?;
                 forward::post_norm(&mut rec, &layers.q, &work.h_q, &work.s_q, t)?;
                 forward::mlp_act(&mut rec, &layers.q, &work.s_q, t)?;
                 forward::down_residual(&mut rec, &layers.q, &work.h_q, &work.s_q, t)?;
                 rec = prof.lap(rec, "forward")?;
                 if let (Some(fp), Some(s)) = (&layers.fp, &hfp) {
-                    rec = s.load(rec, b, &work.h_fp);
+                    rec = s.load(rec, b, &work.h_fp)?;
                     rec = prof.lap(rec, "load")?;
                     forward::post_norm(&mut rec, fp, &work.h_fp, &work.s_fp, t)?;
                     forward::mlp_act(&mut rec, fp, &work.s_fp, t)?;
@@ -575,6 +590,21 @@ pub fn quantize(
             } else {
                 None
             };
+            // One flag read per stream and layer (f16 host streams only; see Stream::overflowed).
+            // Both flags are read (no short-circuit) so that each is cleared.
+            let h_over = [Some(&hq), hfp.as_ref()]
+                .into_iter()
+                .flatten()
+                .map(|s| s.overflowed(ctx))
+                .collect::<Result<Vec<bool>, _>>()?;
+            if h_over.contains(&true) {
+                let w = format!(
+                    "layer {layer}: hidden states beyond f16's range (±65504) were clamped in the \
+                     f16 host streams; use --stream-dtype f32"
+                );
+                emit(Event::Warning(w.clone()));
+                warnings.push(w);
+            }
             // Without an FP stream no metrics were computed: emit those modules now.
             for (_, rep) in pending.drain(..) {
                 emit(Event::ModuleDone(rep.clone()));

@@ -62,7 +62,11 @@ pub(crate) fn scratch_per_token(c: &ModelConfig, fp_stream: bool) -> u64 {
         c.kv_dim() as u64,
     );
     // working hidden, normed input, q, k, v, attention output, gate, up, act, module-output temp
-    let per_stream = (3 * h + 2 * qd + 2 * kvd + 3 * i + h.max(i)) * F32;
+    let per_stream = (3 * h + 2 * qd + 2 * kvd + 3 * i + h.max(i)) * F32
+        // f16 host streams: the packed staging buffers of the hidden and attention-output streams
+        // (2 bytes per element, pipeline/stream.rs). Counted whatever the placement: the plan
+        // decides the placement from these numbers, and it is ~5% of the rest for an 8B model.
+        + (h + qd) * 2;
     // metrics: Y_q, Y_fp, Y_w for the widest module output
     let metrics = 3 * h.max(i).max(qd) * F32;
     per_stream * if fp_stream { 2 } else { 1 } + metrics

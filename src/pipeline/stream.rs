@@ -6,10 +6,17 @@
 //! copies recorded in the same command stream; for host batches they are an upload and a blocking
 //! readback, the price of not holding 128×2048 hidden states of an 8B model (4 GiB f32 per stream)
 //! on the device.
+//!
+//! f16 host batches are kept packed, two halves per `u32` word (element `2w` in the low 16 bits of
+//! word `w`), and converted on the GPU (`f16_pack.wgsl`) through one staging buffer per stream: the
+//! host link then carries 2 bytes per element instead of 4, and no CPU loop converts them (every
+//! batch of every stream crosses the link twice per stage, so for a large model this traffic can
+//! dominate a layer). Values beyond f16's range are clamped and flagged on the GPU;
+//! [`Stream::overflowed`] reports them.
 
 use half::f16;
 
-use crate::gpu::{GpuBuffer, GpuContext, GpuError, Recorder};
+use crate::gpu::{GpuBuffer, GpuContext, GpuError, Recorder, ops};
 
 /// Element type of host-spilled streams.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -37,7 +44,16 @@ impl StreamDType {
 enum Chunk {
     Gpu(GpuBuffer<f32>),
     HostF32(Vec<f32>),
-    HostF16(Vec<f16>),
+    /// Packed halves, [`ops::f16_words`]`(len)` words (the layout of [`ops::pack_f16`]).
+    HostF16(Vec<u32>),
+}
+
+/// The GPU side of an f16 host stream: packed words in transit and the overflow flag.
+struct F16Staging {
+    /// Words of the largest batch.
+    words: GpuBuffer<u32>,
+    /// `flag[0] != 0` once a stored value was beyond f16's range (see `f16_pack.wgsl`).
+    flag: GpuBuffer<u32>,
 }
 
 /// One activation tensor per batch.
@@ -45,6 +61,8 @@ pub struct Stream {
     chunks: Vec<Chunk>,
     /// Elements per batch (the last batch may hold fewer valid elements; see `lens`).
     lens: Vec<usize>,
+    /// Only for `Placement::Host(StreamDType::F16)`.
+    staging: Option<F16Staging>,
 }
 
 /// Where a stream's batches are kept.
@@ -67,12 +85,23 @@ impl Stream {
             chunks.push(match placement {
                 Placement::Gpu => Chunk::Gpu(ctx.zeros::<f32>(what, len)?),
                 Placement::Host(StreamDType::F32) => Chunk::HostF32(vec![0.0; len]),
-                Placement::Host(StreamDType::F16) => Chunk::HostF16(vec![f16::ZERO; len]),
+                // f16 zero is all-zero bits.
+                Placement::Host(StreamDType::F16) => Chunk::HostF16(vec![0; ops::f16_words(len)]),
             });
         }
+        let staging = if placement == Placement::Host(StreamDType::F16) {
+            let max_len = lens.iter().copied().max().unwrap_or(0);
+            Some(F16Staging {
+                words: ctx.zeros(&format!("{what} f16 staging"), ops::f16_words(max_len))?,
+                flag: ctx.zeros(&format!("{what} f16 overflow flag"), 1)?,
+            })
+        } else {
+            None
+        };
         Ok(Self {
             chunks,
             lens: lens.to_vec(),
+            staging,
         })
     }
 
@@ -89,37 +118,73 @@ impl Stream {
         match self.chunks.get_mut(b) {
             Some(Chunk::Gpu(buf)) => ctx.write(buf, 0, data),
             Some(Chunk::HostF32(v)) => v.copy_from_slice(data),
+            // The CPU's f32 → f16 (`half`, round to nearest even) into the layout pack_f16 writes,
+            // with the GPU's out-of-range rule, so both report alike.
             Some(Chunk::HostF16(v)) => {
-                for (d, s) in v.iter_mut().zip(data) {
-                    *d = f16::from_f32(*s);
+                if pack_host(data, v)
+                    && let Some(st) = &self.staging
+                {
+                    ctx.write(&st.flag, 0, &[1u32]);
                 }
             }
             None => {}
         }
     }
 
+    /// Whether a value beyond f16's range (or NaN) was stored since the last call, and clears the
+    /// flag: such values were clamped to ±65504 (NaN kept as NaN) in the f16 host copy, so the
+    /// caller should tell the user (`--stream-dtype f32` keeps them). Always `false` for other
+    /// placements. A 4-byte blocking read: call it once per layer, not per batch.
+    pub fn overflowed(&self, ctx: &GpuContext) -> Result<bool, GpuError> {
+        let Some(st) = &self.staging else {
+            return Ok(false);
+        };
+        let flag = ctx.read(&st.flag)?;
+        let hit = flag.first().is_some_and(|&f| f != 0);
+        if hit {
+            ctx.write(&st.flag, 0, &[0u32]);
+        }
+        Ok(hit)
+    }
+
     /// Copies batch `b` into `work`. GPU batches are copied inside `rec`; host batches go through
     /// `queue.write_buffer`, which executes before the *next* submission, so anything already
     /// recorded is submitted first (it may still read `work`) and a fresh recorder is returned.
-    pub fn load<'c>(&self, mut rec: Recorder<'c>, b: usize, work: &GpuBuffer<f32>) -> Recorder<'c> {
+    /// f16 host batches are unpacked on the GPU (`work` is written by a dispatch in the returned
+    /// recorder).
+    pub fn load<'c>(
+        &self,
+        mut rec: Recorder<'c>,
+        b: usize,
+        work: &GpuBuffer<f32>,
+    ) -> Result<Recorder<'c>, GpuError> {
         let ctx = rec.ctx();
         match self.chunks.get(b) {
             Some(Chunk::Gpu(buf)) => {
                 rec.copy(buf, 0, work, 0, self.lens[b]);
-                rec
+                Ok(rec)
             }
             Some(Chunk::HostF32(v)) => {
                 rec.submit();
                 ctx.write(work, 0, v);
-                ctx.recorder()
+                Ok(ctx.recorder())
             }
+            // The packed words go to the staging buffer the same way (the write is ordered before
+            // the next submission, after anything recorded so far); the unpack into `work` is
+            // recorded in the fresh recorder, so it runs after the write.
             Some(Chunk::HostF16(v)) => {
                 rec.submit();
-                let wide: Vec<f32> = v.iter().map(|x| x.to_f32()).collect();
-                ctx.write(work, 0, &wide);
-                ctx.recorder()
+                let Some(st) = &self.staging else {
+                    return Err(GpuError::Validation(
+                        "f16 host stream without its staging buffer".into(),
+                    ));
+                };
+                ctx.write(&st.words, 0, v);
+                let mut rec = ctx.recorder();
+                ops::unpack_f16(&mut rec, &st.words, self.lens[b], work)?;
+                Ok(rec)
             }
-            None => rec,
+            None => Ok(rec),
         }
     }
 
@@ -143,15 +208,206 @@ impl Stream {
                 *v = ctx.read_range(work, 0, len)?;
                 Ok(ctx.recorder())
             }
+            // Packed on the GPU after everything recorded in `rec`; only the words come back.
             Some(Chunk::HostF16(v)) => {
+                let Some(st) = &self.staging else {
+                    return Err(GpuError::Validation(
+                        "f16 host stream without its staging buffer".into(),
+                    ));
+                };
+                ops::pack_f16(&mut rec, work, len, &st.words, &st.flag)?;
                 rec.submit();
-                let data = ctx.read_range(work, 0, len)?;
-                for (d, s) in v.iter_mut().zip(&data) {
-                    *d = f16::from_f32(*s);
-                }
+                *v = ctx.read_range(&st.words, 0, ops::f16_words(len))?;
                 Ok(ctx.recorder())
             }
             None => Ok(rec),
         }
+    }
+}
+
+/// `data` rounded to f16 (round to nearest even) and packed as [`ops::pack_f16`] packs: element
+/// `2w` in the low 16 bits of `out[w]`, the odd tail's high half 0; values beyond ±65504 clamped
+/// and NaN as `0x7e00`, as the shader does. Returns whether any value was out of range or NaN.
+fn pack_host(data: &[f32], out: &mut [u32]) -> bool {
+    let mut over = false;
+    let mut half_bits = |x: f32| -> u32 {
+        if x.is_nan() {
+            over = true;
+            0x7e00
+        } else if x.abs() > 65504.0 {
+            over = true;
+            u32::from(if x > 0.0 { f16::MAX } else { f16::MIN }.to_bits())
+        } else {
+            u32::from(f16::from_f32(x).to_bits())
+        }
+    };
+    for (w, pair) in out.iter_mut().zip(data.chunks(2)) {
+        let lo = half_bits(pair[0]);
+        let hi = pair.get(1).map_or(0, |&x| half_bits(x));
+        *w = lo | (hi << 16);
+    }
+    over
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+    /// Deterministic values in ±`scale` (no RNG needed): a sawtooth with irrational-ish steps, so
+    /// neighbouring elements differ and most values are not f16-exact.
+    fn values(len: usize, seed: usize, scale: f32) -> Vec<f32> {
+        (0..len)
+            .map(|i| {
+                let t = ((i + 31 * seed) as f32 * 0.618_034).fract();
+                (2.0 * t - 1.0) * scale
+            })
+            .collect()
+    }
+
+    fn rounded(x: &[f32]) -> Vec<f32> {
+        x.iter().map(|&v| f16::from_f32(v).to_f32()).collect()
+    }
+
+    /// `load` of batch `b` into `work` (after filling `work` with a sentinel), read back whole.
+    fn load_all(ctx: &GpuContext, s: &Stream, b: usize, work: &GpuBuffer<f32>) -> Vec<f32> {
+        ctx.write(work, 0, &vec![7.0f32; work.len()]);
+        let rec = s.load(ctx.recorder(), b, work).expect("load");
+        rec.submit();
+        ctx.read(work).expect("read")
+    }
+
+    fn assert_bits(what: &str, got: &[f32], want: &[f32]) {
+        assert_eq!(got.len(), want.len(), "{what}: length");
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert_eq!(
+                g.to_bits(),
+                w.to_bits(),
+                "{what}: index {i} of {}: got {g:e}, expected {w:e}",
+                got.len()
+            );
+        }
+    }
+
+    /// A host-f16 stream: `set_host` + `load` gives the f16-rounded (nearest-even) input, `store`
+    /// of a GPU buffer + `load` round-trips it, only the batch's `len` elements of `work` are
+    /// written (odd lengths: the packed tail), the host words have the layout `pack_host` writes,
+    /// and batches do not disturb each other. GPU and host-f32 placements round-trip exactly.
+    #[test]
+    fn f16_host_stream_loads_and_stores_f16_rounded_values() -> TestResult {
+        let Some(ctx) = crate::gpu::test_context() else {
+            return Ok(());
+        };
+        let lens = [1001usize, 6, 7];
+        let max = 1001;
+        let work = ctx.zeros::<f32>("work", max)?;
+        for placement in [
+            Placement::Host(StreamDType::F16),
+            Placement::Host(StreamDType::F32),
+            Placement::Gpu,
+        ] {
+            let f16 = placement == Placement::Host(StreamDType::F16);
+            let expect = |x: &[f32]| if f16 { rounded(x) } else { x.to_vec() };
+            let mut s = Stream::new(&ctx, "test", &lens, placement)?;
+            // set_host → load
+            let embs: Vec<Vec<f32>> = lens
+                .iter()
+                .enumerate()
+                .map(|(b, &l)| values(l, b, 3.0))
+                .collect();
+            for (b, e) in embs.iter().enumerate() {
+                s.set_host(&ctx, b, e);
+            }
+            for (b, e) in embs.iter().enumerate() {
+                let got = load_all(&ctx, &s, b, &work);
+                let what = format!("{placement:?} set_host→load batch {b} (len {})", e.len());
+                assert_bits(&what, &got[..e.len()], &expect(e));
+                assert!(
+                    got[e.len()..].iter().all(|&v| v == 7.0),
+                    "{what}: wrote past the batch's {} elements",
+                    e.len()
+                );
+            }
+            // store (from a GPU buffer) → load, batch 1 and 2 only
+            for b in [1usize, 2] {
+                let l = lens[b];
+                let v = values(l, 10 + b, 1e4);
+                ctx.write(&work, 0, &v);
+                let rec = s.store(ctx.recorder(), b, &work)?;
+                rec.submit();
+                if let Some(Chunk::HostF16(words)) = s.chunks.get(b) {
+                    let mut want = vec![0u32; ops::f16_words(l)];
+                    pack_host(&v, &mut want);
+                    assert_eq!(words, &want, "batch {b}: GPU-packed words ≠ host packing");
+                }
+                let got = load_all(&ctx, &s, b, &work);
+                assert_bits(
+                    &format!("{placement:?} store→load batch {b} (len {l})"),
+                    &got[..l],
+                    &expect(&v),
+                );
+            }
+            // Batch 0 is untouched by the other batches' stores (the staging buffer is shared).
+            let got = load_all(&ctx, &s, 0, &work);
+            assert_bits(
+                &format!("{placement:?} batch 0 after storing 1 and 2"),
+                &got[..lens[0]],
+                &expect(&embs[0]),
+            );
+            assert!(
+                !s.overflowed(&ctx)?,
+                "{placement:?}: in-range values flagged"
+            );
+        }
+        Ok(())
+    }
+
+    /// Storing a value beyond f16's range sets the flag once (it is cleared by the read), the host
+    /// copy holds ±65504; `set_host` follows the same rule; other placements never overflow.
+    #[test]
+    fn f16_host_stream_reports_overflow_and_resets() -> TestResult {
+        let Some(ctx) = crate::gpu::test_context() else {
+            return Ok(());
+        };
+        let len = 513;
+        let work = ctx.zeros::<f32>("work", len)?;
+        let mut s = Stream::new(&ctx, "test", &[len, len], Placement::Host(StreamDType::F16))?;
+        assert!(!s.overflowed(&ctx)?, "a fresh stream reports overflow");
+        let mut v = values(len, 3, 100.0);
+        v[300] = 1e5;
+        v[301] = -1e5;
+        ctx.write(&work, 0, &v);
+        let rec = s.store(ctx.recorder(), 1, &work)?;
+        rec.submit();
+        assert!(s.overflowed(&ctx)?, "storing 1e5 was not reported");
+        assert!(!s.overflowed(&ctx)?, "the flag was not reset by the read");
+        let got = load_all(&ctx, &s, 1, &work);
+        let mut want = rounded(&v);
+        want[300] = 65504.0;
+        want[301] = -65504.0;
+        assert_bits("clamped store→load", &got[..len], &want);
+        // In-range stores after the reset stay quiet.
+        ctx.write(&work, 0, &values(len, 4, 100.0));
+        let rec = s.store(ctx.recorder(), 0, &work)?;
+        rec.submit();
+        assert!(!s.overflowed(&ctx)?, "in-range store reported overflow");
+        // The host path (embeddings) follows the same rule.
+        s.set_host(&ctx, 0, &v);
+        assert!(s.overflowed(&ctx)?, "set_host of 1e5 was not reported");
+        assert!(
+            !s.overflowed(&ctx)?,
+            "the flag was not reset after set_host"
+        );
+        let got = load_all(&ctx, &s, 0, &work);
+        assert_bits("clamped set_host→load", &got[..len], &want);
+        for placement in [Placement::Gpu, Placement::Host(StreamDType::F32)] {
+            let mut s = Stream::new(&ctx, "test", &[len], placement)?;
+            s.set_host(&ctx, 0, &v);
+            let rec = s.store(ctx.recorder(), 0, &work)?;
+            rec.submit();
+            assert!(!s.overflowed(&ctx)?, "{placement:?} reported f16 overflow");
+        }
+        Ok(())
     }
 }
