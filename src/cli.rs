@@ -572,7 +572,10 @@ fn quantize(gpu: &GpuArgs, args: &QuantizeArgs) -> anyhow::Result<()> {
                     .iter()
                     .map(|(p, s)| format!("{p} {s:.2}s"))
                     .collect();
-                say(&bar, format!("layer {} phases: {}", l.layer, parts.join(", ")));
+                say(
+                    &bar,
+                    format!("layer {} phases: {}", l.layer, parts.join(", ")),
+                );
             }
         }
         Event::Warning(w) => say(&bar, format!("warning: {w}")),

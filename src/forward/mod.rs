@@ -328,6 +328,22 @@ impl LayerScratch {
     pub fn act(&self) -> &GpuBuffer<f32> {
         &self.act
     }
+    /// The output of a module that the forward leaves in this scratch, valid only in a window of
+    /// the stage sequence: q/k/v (`s.q`, `s.k`, `s.v`) between [`qkv_proj`] and [`rope_attend`]
+    /// (RoPE rewrites q and k in place), gate (`s.act`) and up between [`gate_up_proj`] and
+    /// [`silu_mul`] (SwiGLU overwrites the gate output with `act`). `None` for o and down, whose
+    /// outputs the fused forward adds straight into `h` ([`linear_into`] puts them elsewhere).
+    /// Bias included where the module has one.
+    pub fn module_output(&self, m: ModuleKind) -> Option<&GpuBuffer<f32>> {
+        match m {
+            ModuleKind::Q => Some(&self.q),
+            ModuleKind::K => Some(&self.k),
+            ModuleKind::V => Some(&self.v),
+            ModuleKind::Gate => Some(&self.act),
+            ModuleKind::Up => Some(&self.up),
+            ModuleKind::O | ModuleKind::Down => None,
+        }
+    }
     pub fn max_tokens(&self) -> usize {
         self.max_tokens
     }
@@ -438,6 +454,41 @@ pub fn bias_add(
     )
 }
 
+/// `y = x·Wᵀ (+ b)` for module `m` over `t` tokens, into a buffer of the caller's (the driver
+/// keeps o's and down's outputs apart from `h` to measure them before the residual add).
+pub fn linear_into(
+    rec: &mut Recorder<'_>,
+    l: &GpuLayer,
+    m: ModuleKind,
+    t: usize,
+    x: &GpuBuffer<f32>,
+    y: &GpuBuffer<f32>,
+) -> Result<(), GpuError> {
+    // `ops::gemm` checks both buffers against the shapes.
+    linear(rec, l, m, t, x, y, false)
+}
+
+/// `h[..n] += y[..n]`: the residual add of a module output computed by [`linear_into`]. It is
+/// `bias_add` with the broadcast row as long as the whole array (`i % n = i`), so no extra entry
+/// point is needed. Without a bias the sum rounds once, as the GEMM's `beta = 1` epilogue of the
+/// fused [`o_residual`] / [`down_residual`] does (`1·acc + 1·h`), so both paths give the same `h`
+/// bit for bit (with one, the bias is added before instead of after `h`).
+pub fn residual_add(
+    rec: &mut Recorder<'_>,
+    n: usize,
+    y: &GpuBuffer<f32>,
+    h: &GpuBuffer<f32>,
+) -> Result<(), GpuError> {
+    if y.len() < n || h.len() < n {
+        return Err(GpuError::Validation(format!(
+            "residual add of {n} elements: buffers hold {} and {}",
+            y.len(),
+            h.len()
+        )));
+    }
+    bias_add(rec, 1, n, y, h)
+}
+
 /// `input_layernorm`: `s.x1 = norm₁(h)` for `t` tokens.
 pub fn input_norm(
     rec: &mut Recorder<'_>,
@@ -489,7 +540,7 @@ pub fn attention_tiles(hd: usize) -> (usize, usize) {
 }
 
 /// q/k/v projections of `s.x1`, (q/k norm and) RoPE, causal attention → `s.attn`
-/// for `nseq` packed sequences of `seqlen` tokens.
+/// for `nseq` packed sequences of `seqlen` tokens: [`qkv_proj`] then [`rope_attend`].
 pub fn attention(
     rec: &mut Recorder<'_>,
     l: &GpuLayer,
@@ -500,16 +551,49 @@ pub fn attention(
 ) -> Result<(), GpuError> {
     let t = nseq * seqlen;
     s.check(t)?;
+    check_rope(rope, seqlen)?;
+    qkv_proj(rec, l, s, t)?;
+    rope_attend(rec, l, rope, s, nseq, seqlen)
+}
+
+fn check_rope(rope: &Rope, seqlen: usize) -> Result<(), GpuError> {
     if seqlen > rope.max_pos {
         return Err(GpuError::Validation(format!(
             "sequence length {seqlen} exceeds the RoPE table ({} positions)",
             rope.max_pos
         )));
     }
-    let d = l.dims;
+    Ok(())
+}
+
+/// `s.q, s.k, s.v = x1·W_{q,k,v}ᵀ (+ b)` for `t` tokens: the q/k/v module outputs, which the
+/// driver measures before [`rope_attend`] rewrites q and k.
+pub fn qkv_proj(
+    rec: &mut Recorder<'_>,
+    l: &GpuLayer,
+    s: &LayerScratch,
+    t: usize,
+) -> Result<(), GpuError> {
+    s.check(t)?;
     linear(rec, l, ModuleKind::Q, t, &s.x1, &s.q, false)?;
     linear(rec, l, ModuleKind::K, t, &s.x1, &s.k, false)?;
-    linear(rec, l, ModuleKind::V, t, &s.x1, &s.v, false)?;
+    linear(rec, l, ModuleKind::V, t, &s.x1, &s.v, false)
+}
+
+/// The rest of [`attention`] after [`qkv_proj`]: (q/k norm and) RoPE in place on `s.q`, `s.k`,
+/// then causal attention → `s.attn`.
+pub fn rope_attend(
+    rec: &mut Recorder<'_>,
+    l: &GpuLayer,
+    rope: &Rope,
+    s: &LayerScratch,
+    nseq: usize,
+    seqlen: usize,
+) -> Result<(), GpuError> {
+    let t = nseq * seqlen;
+    s.check(t)?;
+    check_rope(rope, seqlen)?;
+    let d = l.dims;
     for (buf, heads, norm) in [(&s.q, d.heads, &l.q_norm), (&s.k, d.kv_heads, &l.k_norm)] {
         let params = RopeParams {
             rows: u32_of("rope rows", t * heads)?,
@@ -589,8 +673,20 @@ pub fn post_norm(
     rmsnorm(rec, t, l.dims.eps, h, &l.post_norm, &s.x2)
 }
 
-/// `s.act = silu(gate(x2))·up(x2)`.
+/// `s.act = silu(gate(x2))·up(x2)`: [`gate_up_proj`] then [`silu_mul`].
 pub fn mlp_act(
+    rec: &mut Recorder<'_>,
+    l: &GpuLayer,
+    s: &LayerScratch,
+    t: usize,
+) -> Result<(), GpuError> {
+    gate_up_proj(rec, l, s, t)?;
+    silu_mul(rec, l, s, t)
+}
+
+/// The gate and up module outputs of `s.x2`: gate into `s.act` (SwiGLU then works in place, no
+/// separate gate buffer), up into `s.up`.
+pub fn gate_up_proj(
     rec: &mut Recorder<'_>,
     l: &GpuLayer,
     s: &LayerScratch,
@@ -598,7 +694,17 @@ pub fn mlp_act(
 ) -> Result<(), GpuError> {
     s.check(t)?;
     linear(rec, l, ModuleKind::Gate, t, &s.x2, &s.act, false)?;
-    linear(rec, l, ModuleKind::Up, t, &s.x2, &s.up, false)?;
+    linear(rec, l, ModuleKind::Up, t, &s.x2, &s.up, false)
+}
+
+/// SwiGLU after [`gate_up_proj`]: `s.act = silu(s.act)·s.up`.
+pub fn silu_mul(
+    rec: &mut Recorder<'_>,
+    l: &GpuLayer,
+    s: &LayerScratch,
+    t: usize,
+) -> Result<(), GpuError> {
+    s.check(t)?;
     let n = u32_of("swiglu", t * l.dims.intermediate)?;
     let params = EwParams {
         n,

@@ -18,6 +18,13 @@
 //! accumulated on the fly from the two current inputs instead of caching every FP module input
 //! (the official GPTAQ code caches them on the GPU: ~13 GiB for an 8B model). Stage E recomputes
 //! `act` rather than storing `[tokens, intermediate]` per stream, trading two GEMMs for memory.
+//!
+//! The metrics reuse those products: a module's outputs in the two streams are its metrics'
+//! `Y_q = X_q·Qᵀ` and `Y_fp = X_fp·Wᵀ` (pipeline::metrics), so only `Y_w = X_q·Wᵀ` costs a GEMM
+//! of its own (on a Llama-3-8B layer that removes ~1.8 of ~6 TFLOP per 2048-token sequence).
+//! They are measured before the forward changes them: q/k/v before RoPE (in place), gate before
+//! SwiGLU (in place), o and down formed in the metric scratch's `Y_q`/`Y_fp` buffers and then added
+//! to `h`. Modules with a bias keep the three-GEMM path: the metrics are defined without it.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -330,33 +337,31 @@ pub fn quantize(
                     rec = s.load(rec, b, &work.h_fp)?;
                 }
                 rec = prof.lap(rec, "load")?;
+                let nseq_b = batches[b].len();
                 forward::input_norm(&mut rec, &layers.q, &work.h_q, &work.s_q, t)?;
-                forward::attention(
-                    &mut rec,
-                    &layers.q,
-                    &rope,
-                    &work.s_q,
-                    batches[b].len(),
-                    seqlen,
-                )?;
-                rec = prof.lap(rec, "attention")?;
                 if let Some(fp) = &layers.fp {
+                    forward::qkv_proj(&mut rec, &layers.q, &work.s_q, t)?;
                     forward::input_norm(&mut rec, fp, &work.h_fp, &work.s_fp, t)?;
-                    forward::attention(&mut rec, fp, &rope, &work.s_fp, batches[b].len(), seqlen)?;
-                    rec = prof.lap(rec, "attention")?;
+                    forward::qkv_proj(&mut rec, fp, &work.s_fp, t)?;
+                    rec = prof.lap(rec, "forward")?;
+                    // The projections are the metrics' Y_q and Y_fp: measured here, before RoPE
+                    // rewrites q and k in place.
                     record_metrics(
                         &mut rec,
                         &qkv_metrics,
                         &work,
-                        b,
-                        t,
-                        work.s_q.x1(),
-                        work.s_fp.x1(),
-                        &layers.q,
-                        fp,
+                        (b, t),
+                        (work.s_q.x1(), work.s_fp.x1()),
+                        (&layers.q, fp),
+                        |m| Some((work.s_q.module_output(m)?, work.s_fp.module_output(m)?)),
                     )?;
+                    rec = prof.lap(rec, "metrics")?;
+                    forward::rope_attend(&mut rec, &layers.q, &rope, &work.s_q, nseq_b, seqlen)?;
+                    forward::rope_attend(&mut rec, fp, &rope, &work.s_fp, nseq_b, seqlen)?;
+                } else {
+                    forward::attention(&mut rec, &layers.q, &rope, &work.s_q, nseq_b, seqlen)?;
                 }
-                rec = prof.lap(rec, "metrics")?;
+                rec = prof.lap(rec, "attention")?;
                 stats.accumulate(&mut rec, &work, work.s_q.attn(), work.s_fp.attn(), t)?;
                 rec = prof.lap(rec, "stats")?;
                 rec = aq.store(rec, b, work.s_q.attn())?;
@@ -402,20 +407,34 @@ pub fn quantize(
                 rec = hq.load(rec, b, &work.h_q)?;
                 rec = aq.load(rec, b, &work.a_q)?;
                 rec = prof.lap(rec, "load")?;
-                forward::o_residual(&mut rec, &layers.q, &work.a_q, &work.h_q, &work.s_q, t)?;
-                forward::post_norm(&mut rec, &layers.q, &work.h_q, &work.s_q, t)?;
-                rec = prof.lap(rec, "forward")?;
                 if let (Some(fp), Some(s), Some(a)) = (&layers.fp, &hfp, &afp) {
                     rec = s.load(rec, b, &work.h_fp)?;
                     rec = a.load(rec, b, &work.a_fp)?;
                     rec = prof.lap(rec, "load")?;
-                    forward::o_residual(&mut rec, fp, &work.a_fp, &work.h_fp, &work.s_fp, t)?;
-                    forward::post_norm(&mut rec, fp, &work.h_fp, &work.s_fp, t)?;
+                    // o's outputs pass through the metric scratch so the metrics can reuse them.
+                    let (yq, yfp) = (work.metric.y_q(), work.metric.y_fp());
+                    for (l, a, hs, s, y) in [
+                        (&layers.q, &work.a_q, &work.h_q, &work.s_q, yq),
+                        (fp, &work.a_fp, &work.h_fp, &work.s_fp, yfp),
+                    ] {
+                        add_output(&mut rec, l, ModuleKind::O, t, a, hs, s, Some(y))?;
+                        forward::post_norm(&mut rec, l, hs, s, t)?;
+                    }
                     rec = prof.lap(rec, "forward")?;
                     record_metrics(
-                        &mut rec, &o_metrics, &work, b, t, &work.a_q, &work.a_fp, &layers.q, fp,
+                        &mut rec,
+                        &o_metrics,
+                        &work,
+                        (b, t),
+                        (&work.a_q, &work.a_fp),
+                        (&layers.q, fp),
+                        |_| Some((yq, yfp)),
                     )?;
                     rec = prof.lap(rec, "metrics")?;
+                } else {
+                    forward::o_residual(&mut rec, &layers.q, &work.a_q, &work.h_q, &work.s_q, t)?;
+                    forward::post_norm(&mut rec, &layers.q, &work.h_q, &work.s_q, t)?;
+                    rec = prof.lap(rec, "forward")?;
                 }
                 stats.accumulate(&mut rec, &work, work.s_q.x2(), work.s_fp.x2(), t)?;
                 rec = prof.lap(rec, "stats")?;
@@ -475,27 +494,31 @@ pub fn quantize(
                 rec = hq.load(rec, b, &work.h_q)?;
                 rec = prof.lap(rec, "load")?;
                 forward::post_norm(&mut rec, &layers.q, &work.h_q, &work.s_q, t)?;
-                forward::mlp_act(&mut rec, &layers.q, &work.s_q, t)?;
-                rec = prof.lap(rec, "forward")?;
                 if let (Some(fp), Some(s)) = (&layers.fp, &hfp) {
+                    forward::gate_up_proj(&mut rec, &layers.q, &work.s_q, t)?;
                     rec = s.load(rec, b, &work.h_fp)?;
                     rec = prof.lap(rec, "load")?;
                     forward::post_norm(&mut rec, fp, &work.h_fp, &work.s_fp, t)?;
-                    forward::mlp_act(&mut rec, fp, &work.s_fp, t)?;
+                    forward::gate_up_proj(&mut rec, fp, &work.s_fp, t)?;
                     rec = prof.lap(rec, "forward")?;
+                    // The raw gate and up outputs are the metrics' Y_q and Y_fp: measured before
+                    // SwiGLU overwrites the gate output with act.
                     record_metrics(
                         &mut rec,
                         &gu_metrics,
                         &work,
-                        b,
-                        t,
-                        work.s_q.x2(),
-                        work.s_fp.x2(),
-                        &layers.q,
-                        fp,
+                        (b, t),
+                        (work.s_q.x2(), work.s_fp.x2()),
+                        (&layers.q, fp),
+                        |m| Some((work.s_q.module_output(m)?, work.s_fp.module_output(m)?)),
                     )?;
+                    rec = prof.lap(rec, "metrics")?;
+                    forward::silu_mul(&mut rec, &layers.q, &work.s_q, t)?;
+                    forward::silu_mul(&mut rec, fp, &work.s_fp, t)?;
+                } else {
+                    forward::mlp_act(&mut rec, &layers.q, &work.s_q, t)?;
                 }
-                rec = prof.lap(rec, "metrics")?;
+                rec = prof.lap(rec, "forward")?;
                 stats.accumulate(&mut rec, &work, work.s_q.act(), work.s_fp.act(), t)?;
                 rec = prof.lap(rec, "stats")?;
                 rec.submit();
@@ -532,25 +555,40 @@ pub fn quantize(
                 rec = prof.lap(rec, "load")?;
                 forward::post_norm(&mut rec, &layers.q, &work.h_q, &work.s_q, t)?;
                 forward::mlp_act(&mut rec, &layers.q, &work.s_q, t)?;
-                forward::down_residual(&mut rec, &layers.q, &work.h_q, &work.s_q, t)?;
+                // With metrics, down's outputs pass through the metric scratch so that the metrics
+                // can reuse them.
+                let (down, act_q) = (ModuleKind::Down, work.s_q.act());
+                let (yq, yfp) = (work.metric.y_q(), work.metric.y_fp());
+                let keep = layers.fp.is_some().then_some(yq);
+                add_output(
+                    &mut rec, &layers.q, down, t, act_q, &work.h_q, &work.s_q, keep,
+                )?;
                 rec = prof.lap(rec, "forward")?;
                 if let (Some(fp), Some(s)) = (&layers.fp, &hfp) {
                     rec = s.load(rec, b, &work.h_fp)?;
                     rec = prof.lap(rec, "load")?;
                     forward::post_norm(&mut rec, fp, &work.h_fp, &work.s_fp, t)?;
                     forward::mlp_act(&mut rec, fp, &work.s_fp, t)?;
-                    forward::down_residual(&mut rec, fp, &work.h_fp, &work.s_fp, t)?;
+                    let act_fp = work.s_fp.act();
+                    add_output(
+                        &mut rec,
+                        fp,
+                        down,
+                        t,
+                        act_fp,
+                        &work.h_fp,
+                        &work.s_fp,
+                        Some(yfp),
+                    )?;
                     rec = prof.lap(rec, "forward")?;
                     record_metrics(
                         &mut rec,
                         &down_metrics,
                         &work,
-                        b,
-                        t,
-                        work.s_q.act(),
-                        work.s_fp.act(),
-                        &layers.q,
-                        fp,
+                        (b, t),
+                        (act_q, act_fp),
+                        (&layers.q, fp),
+                        |_| Some((yq, yfp)),
                     )?;
                     ops::sq_diff_partials(
                         &mut rec,
@@ -947,31 +985,61 @@ fn tensor_cores_requested() -> bool {
     std::env::var("GPTAQ_TENSOR_CORES").is_ok_and(|v| v == "1")
 }
 
-/// Records the metrics of every module in `accs` for batch `b` (both streams' inputs of the
-/// modules, the quantized layer's `Q` and the FP layer's `W`).
-#[allow(clippy::too_many_arguments)]
-fn record_metrics(
+/// Records the metrics of every module in `accs` for batch `(b, tokens)`, from both streams'
+/// inputs `x` of the modules and, where `outputs(m)` has them, both streams' outputs of module
+/// `m` as the forward passes computed them (`(Y_q, Y_fp)`): those are reused and only `Y_w` is
+/// formed; modules without usable outputs get all three products from the inputs.
+fn record_metrics<'a>(
     rec: &mut Recorder<'_>,
     accs: &[(ModuleKind, MetricAccumulator)],
     work: &Work,
-    b: usize,
-    t: usize,
-    x_q: &GpuBuffer<f32>,
-    x_fp: &GpuBuffer<f32>,
-    q: &GpuLayer,
-    fp: &GpuLayer,
+    (b, t): (usize, usize),
+    (x_q, x_fp): (&GpuBuffer<f32>, &GpuBuffer<f32>),
+    (q, fp): (&GpuLayer, &GpuLayer),
+    outputs: impl Fn(ModuleKind) -> Option<(&'a GpuBuffer<f32>, &'a GpuBuffer<f32>)>,
 ) -> Result<(), PipelineError> {
     for (m, acc) in accs {
-        acc.record(
-            rec,
-            &work.metric,
-            b,
-            t,
-            x_q,
-            x_fp,
-            q.linear(*m),
-            fp.linear(*m),
-        )?;
+        let (q_m, w_m) = (q.linear(*m), fp.linear(*m));
+        match outputs(*m).filter(|_| output_is_product(fp, *m)) {
+            Some((y_q, y_fp)) => {
+                acc.record_outputs(rec, &work.metric, b, t, x_q, y_q, y_fp, w_m)?
+            }
+            None => acc.record(rec, &work.metric, b, t, x_q, x_fp, q_m, w_m)?,
+        }
+    }
+    Ok(())
+}
+
+/// Whether module `m`'s forward output is the metrics' product `X·Wᵀ` and can be reused. Not with
+/// a bias (Qwen2's q/k/v, `mlp_bias`, Llama's `attention_bias` on o): the forward adds it, but the
+/// metrics are defined on `X·Wᵀ` alone (the normaliser ‖Y_fp‖² excludes it), so such a module's
+/// metrics form all three products from the inputs (`MetricAccumulator::record`). Both streams
+/// share the bias (it is never quantized), so one layer's answer holds for both.
+fn output_is_product(l: &GpuLayer, m: ModuleKind) -> bool {
+    l.bias(m).is_none()
+}
+
+/// `h += m(x)` for o or down on one stream (`x` is `s.act` for down). Given `y` (metrics on) and a
+/// module whose output the metrics reuse, the output is formed in `y` and then added, so it stays
+/// there for [`record_metrics`]; otherwise the fused GEMM accumulates it straight into `h`.
+#[allow(clippy::too_many_arguments)]
+fn add_output(
+    rec: &mut Recorder<'_>,
+    l: &GpuLayer,
+    m: ModuleKind,
+    t: usize,
+    x: &GpuBuffer<f32>,
+    h: &GpuBuffer<f32>,
+    s: &LayerScratch,
+    y: Option<&GpuBuffer<f32>>,
+) -> Result<(), PipelineError> {
+    match y {
+        Some(y) if output_is_product(l, m) => {
+            forward::linear_into(rec, l, m, t, x, y)?;
+            forward::residual_add(rec, t * l.dims().hidden, y, h)?;
+        }
+        _ if m == ModuleKind::O => forward::o_residual(rec, l, x, h, s, t)?,
+        _ => forward::down_residual(rec, l, h, s, t)?,
     }
     Ok(())
 }

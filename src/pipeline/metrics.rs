@@ -6,11 +6,16 @@
 //! `‖Y_w − Y_q‖²` (quantization), `‖Y_fp − Y_w‖²` (asymmetry), `‖Y_q − Y_fp‖²` (output) and
 //! `‖Y_fp‖²` (normaliser); see [`super::events::ModuleReport`] for the definitions. Partial sums
 //! stay on the GPU (one slot range per batch) and are read back once per stage.
+//!
+//! `Y_q` and `Y_fp` are the module outputs the two streams' forward passes compute anyway, so the
+//! driver passes them in ([`MetricAccumulator::record_outputs`]) and only `Y_w` is an extra GEMM;
+//! [`MetricAccumulator::record`] forms all three products from the inputs, for modules whose
+//! forward output is not `X·Wᵀ` alone (a bias) and must not be reused.
 
 use crate::gpu::ops::{self, MatView};
 use crate::gpu::{GpuBuffer, GpuContext, GpuError, Recorder};
 
-/// Scratch outputs shared by all modules of a layer.
+/// Scratch outputs shared by all modules of a layer, each `max_tokens × max_rows`.
 pub struct MetricScratch {
     yq: GpuBuffer<f32>,
     yfp: GpuBuffer<f32>,
@@ -25,6 +30,19 @@ impl MetricScratch {
             yfp: ctx.zeros("metric Y_fp", n)?,
             yw: ctx.zeros("metric Y_w", n)?,
         })
+    }
+
+    /// The `Y_q` buffer, free for the caller between metric recordings: the driver computes o's
+    /// and down's quantized-stream outputs here before the residual add, and passes it back to
+    /// [`MetricAccumulator::record_outputs`] (which writes only `Y_w`). [`MetricAccumulator::record`]
+    /// overwrites it.
+    pub fn y_q(&self) -> &GpuBuffer<f32> {
+        &self.yq
+    }
+
+    /// The `Y_fp` buffer, free for the caller as [`Self::y_q`] is (the FP stream's outputs).
+    pub fn y_fp(&self) -> &GpuBuffer<f32> {
+        &self.yfp
     }
 }
 
@@ -93,6 +111,38 @@ impl MetricAccumulator {
             0.0,
             y(&scratch.yfp),
         )?;
+        self.record_outputs(rec, scratch, b, tokens, x_q, &scratch.yq, &scratch.yfp, w)
+    }
+
+    /// As [`Self::record`], with the module outputs given: `y_q = X_q·Qᵀ` and `y_fp = X_fp·Wᵀ`
+    /// (`tokens × rows`, row-major, without bias), as the streams' forward passes computed them.
+    /// Only `Y_w = X_q·Wᵀ` is formed here (into the scratch's own `Y_w`, so `y_q` / `y_fp` may be
+    /// the scratch's [`MetricScratch::y_q`] / [`MetricScratch::y_fp`]); this saves two of the
+    /// three `2·tokens·rows·cols`-flop GEMMs per module and batch.
+    #[allow(clippy::too_many_arguments)]
+    pub fn record_outputs(
+        &self,
+        rec: &mut Recorder<'_>,
+        scratch: &MetricScratch,
+        b: usize,
+        tokens: usize,
+        x_q: &GpuBuffer<f32>,
+        y_q: &GpuBuffer<f32>,
+        y_fp: &GpuBuffer<f32>,
+        w: &GpuBuffer<f32>,
+    ) -> Result<(), GpuError> {
+        let (r, c) = (self.rows, self.cols);
+        let n = tokens * r;
+        // The reductions take no shapes: a short output buffer would be read out of bounds
+        // (clamped by the shader's robust access, i.e. silently wrong).
+        for (what, buf) in [("Y_q", y_q), ("Y_fp", y_fp)] {
+            if buf.len() < n {
+                return Err(GpuError::Validation(format!(
+                    "metric {what}: {} elements, expected at least {tokens}×{r}",
+                    buf.len()
+                )));
+            }
+        }
         ops::gemm(
             rec,
             tokens,
@@ -102,22 +152,14 @@ impl MetricAccumulator {
             MatView::new(x_q, c),
             MatView::new(w, c).t(),
             0.0,
-            y(&scratch.yw),
+            MatView::new(&scratch.yw, r),
         )?;
-        let n = tokens * r;
+        let yw = &scratch.yw;
         let slot = |k: usize| (k * self.batches + b) * self.per_sum;
-        ops::sq_diff_partials(rec, n, &scratch.yw, 1.0, &scratch.yq, &self.parts, slot(0))?;
-        ops::sq_diff_partials(rec, n, &scratch.yfp, 1.0, &scratch.yw, &self.parts, slot(1))?;
-        ops::sq_diff_partials(rec, n, &scratch.yq, 1.0, &scratch.yfp, &self.parts, slot(2))?;
-        ops::sq_diff_partials(
-            rec,
-            n,
-            &scratch.yfp,
-            0.0,
-            &scratch.yfp,
-            &self.parts,
-            slot(3),
-        )?;
+        ops::sq_diff_partials(rec, n, yw, 1.0, y_q, &self.parts, slot(0))?;
+        ops::sq_diff_partials(rec, n, y_fp, 1.0, yw, &self.parts, slot(1))?;
+        ops::sq_diff_partials(rec, n, y_q, 1.0, y_fp, &self.parts, slot(2))?;
+        ops::sq_diff_partials(rec, n, y_fp, 0.0, y_fp, &self.parts, slot(3))?;
         Ok(())
     }
 
