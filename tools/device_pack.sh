@@ -7,7 +7,8 @@
 # 'vkCreateInstance' via 'vk_icdGetInstanceProcAddr'" (seen on the H200 on 2026-11-29), so the glvnd
 # packages downloaded into .gl/ (the device README's recipe) travel as well.
 # Usage: bash tools/device_pack.sh [DATA_ITEM ...]   (default: tiny-llama-15m, stories260K,
-#        wikitext-2-raw-v1, c4). Test binaries (`cargo test --release --no-run`) named in PACK_TESTS
+#        wikitext-2-raw-v1, c4, tinystories — the pipeline tests calibrate on the latter).
+#        Test binaries (`cargo test --release --no-run`) named in PACK_TESTS
 #        (default "gpu_kernels quant_gpu forward") travel too, so the GPU tests run on the real GPU
 #        (tools/device_perf.sh runs them first); PACK_TESTS="" leaves them out.
 set -euo pipefail
@@ -31,6 +32,6 @@ for t in ${PACK_TESTS-gpu_kernels quant_gpu forward}; do
 done
 xz -T0 -6 .device-carry/gptaq-studio ${kb:+.device-carry/kernels-bench} "${tests[@]}"
 items=("$@")
-[ ${#items[@]} -eq 0 ] && items=(tiny-llama-15m stories260K corpora/wikitext-2-raw-v1 corpora/c4)
+[ ${#items[@]} -eq 0 ] && items=(tiny-llama-15m stories260K corpora/wikitext-2-raw-v1 corpora/c4 corpora/tinystories)
 for d in "${items[@]}"; do cp -r "$shared/data/$d" ".device-carry/data/$d"; done
 du -sh .device-carry
