@@ -110,9 +110,10 @@ impl GpuContext {
             // and the device has been maintained; until then its memory stays allocated although
             // the counter below already subtracted it. Without this wait the solve of a 14336-wide
             // module allocated its n×n matrices while the factor's three dropped ones were still
-            // held: 12.4 GiB in nvidia-smi against 7.4 GiB counted (H200, 2026-12-05). Waiting
-            // here costs nothing measurable (large buffers are allocated per stage or per solve,
-            // never per batch) and keeps the reported peak the real one.
+            // held: 12,393 MiB in nvidia-smi against 7,393 MiB counted (H200, 2026-12-05). With it
+            // the same run peaked at 9,458 MiB against 7,425 MiB (the rest is not explained yet).
+            // The wait is cheap: large buffers are allocated per stage or per solve, never per
+            // batch.
             self.device
                 .poll(wgpu::PollType::wait_indefinitely())
                 .map_err(|e| GpuError::DeviceLost(e.to_string()))?;
