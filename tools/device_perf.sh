@@ -13,6 +13,7 @@
 #   l8b_<m>      gptaq-studio quantize on a random Llama-3-8B-shaped layer (tools/make_random_llama.py),
 #                128 × 2048 tokens, 4-bit sym g128, f16 host streams, 8 GiB plan; nvidia-smi samples
 #                the GPU memory every 100 ms alongside (smi_l8b_<m>.log, MiB)
+#   prof_<m>     the same layer with GPTAQ_PROFILE=1 on 16 sequences: seconds per phase
 #   kbench       the Rust kernel benches (GEMM both tiles, Hessian syrk, GPU factor U, whole solve)
 #   torch_bench / torch_layer  the PyTorch reference (solve + accumulation / one layer's loops);
 #                skipped by default (SKIP) when the same card's numbers are already in BENCHMARKS.md
@@ -20,7 +21,7 @@
 # `bash tools/device_pack.sh` here):
 #   source .device-carry/setup.sh && OUT=$OUT WORK=/tmp/perf bash tools/device_perf.sh
 # Knobs: QUALITY ("gptq:3 gptaq:3"), NSAMPLES (128), SEQLEN (512), L8B ("gptaq gptq"), LAYERS (1),
-# SIZES (kernel sizes, "4096"), SOLVE ("4096x4096"), SCALING (presets, e.g. "h1024 h2048 h4096"),
+# SIZES (kernel sizes, "4096"), SOLVE ("4096x4096,4096x14336"), SCALING (presets, e.g. "h1024 h2048 h4096"),
 # SCALING_NSAMPLES (128), SCALING_GIB (60), SKIP (step names), BUDGET_S.
 set -u
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -41,7 +42,7 @@ NSAMPLES=${NSAMPLES:-128}
 SEQLEN=${SEQLEN:-512}
 L8B=${L8B-gptaq gptq}
 SIZES=${SIZES:-4096}
-SOLVE=${SOLVE:-4096x4096}
+SOLVE=${SOLVE:-4096x4096,4096x14336}
 SKIP=${SKIP:-torch_bench torch_layer}
 BUDGET_S=${BUDGET_S:-540}
 EW=(); [ -n "${EVAL_WINDOWS:-}" ] && EW=(--eval-windows "$EVAL_WINDOWS")   # local smoke tests only
@@ -97,12 +98,20 @@ for mb in $QUALITY; do
 done
 
 # --- kernels ----------------------------------------------------------------------------------
-t kbench 100 env GPTAQ_BENCH_SIZES="$SIZES" GPTAQ_BENCH_SOLVE="$SOLVE" "$K" --bench --warm-up-time 1 --measurement-time 2
+t kbench 150 env GPTAQ_BENCH_SIZES="$SIZES" GPTAQ_BENCH_SOLVE="$SOLVE" "$K" --bench --warm-up-time 1 --measurement-time 2
 grep -E "^[a-z_]+/|time:|thrpt:" "$D/kbench.log" | head -60
 
 # --- Llama-3-8B-shaped layer: time split and peak GPU memory under an 8 GiB plan ---------------
 t gen 120 python3 tools/make_random_llama.py --preset llama3-8b --layers "${LAYERS:-1}" --out /tmp/l8b \
   --calib-out /tmp/l8b-calib.safetensors --nsamples 128 --seqlen 2048
+# Where a layer's time goes (GPTAQ_PROFILE=1: phases synchronised, so slower than the plain run;
+# 16 sequences are enough, the per-sequence phases scale linearly).
+for m in $L8B; do
+  t "prof_$m" 90 env GPTAQ_PROFILE=1 "$B" quantize /tmp/l8b --calib /tmp/l8b-calib.safetensors --nsamples 16 \
+    --seqlen 2048 --method "$m" --bits 4 --group-size 128 --gpu-memory 8 --stream-dtype f16 \
+    --report "$D/prof_$m.json"
+  grep -E "phases" "$D/prof_$m.log"
+done
 for m in $L8B; do
   tm "l8b_$m" 200 "$B" quantize /tmp/l8b --calib /tmp/l8b-calib.safetensors --nsamples 128 --seqlen 2048 \
     --method "$m" --bits 4 --group-size 128 --gpu-memory 8 --stream-dtype f16 --report "$D/l8b_$m.json"
