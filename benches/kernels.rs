@@ -10,7 +10,8 @@
 //! same sizes. `quant_solve` times the whole GPU GPTQ / GPTAQ solve (`quant::gpu::quantize_gpu`:
 //! diag readback, GPU factor, P, the blocked sweep, readback of codes / params / Q) for the
 //! `r×n` shapes of `GPTAQ_BENCH_SOLVE` (default "256x256,512x512"; issue 10's targets are
-//! "4096x4096,4096x14336"), 4-bit sym, gs = 128, B = 128 (algorithm.md §2.6).
+//! "4096x4096,4096x14336"), 4-bit sym, gs = 128, B = 128 (algorithm.md §2.6). With
+//! `GPTAQ_PROFILE=1` one synchronised solve per shape first prints its seconds per phase.
 #![allow(clippy::expect_used)]
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
@@ -133,6 +134,17 @@ fn bench_kernels(c: &mut Criterion) {
                 method,
                 ..QuantConfig::default()
             };
+            if std::env::var("GPTAQ_PROFILE").is_ok_and(|v| v == "1") {
+                // One synchronised solve first: where its time goes (the timed ones below are
+                // then also synchronised, so read their medians only without GPTAQ_PROFILE).
+                let s = quantize_gpu(&ctx, &w, r, n, &h, Some(&d), &cfg).expect("solve");
+                let parts: Vec<String> = s
+                    .phases
+                    .iter()
+                    .map(|(p, t)| format!("{p} {t:.4}s"))
+                    .collect();
+                eprintln!("quant_solve {name} {r}x{n} phases: {}", parts.join(", "));
+            }
             g.bench_function(format!("{name} {r}x{n}"), |bch| {
                 bch.iter(|| quantize_gpu(&ctx, &w, r, n, &h, Some(&d), &cfg).expect("solve"))
             });

@@ -8,6 +8,7 @@ pub mod context;
 pub mod kernels;
 pub mod matrix;
 pub mod ops;
+pub(crate) mod profile;
 pub mod tune;
 
 pub use buffer::GpuBuffer;

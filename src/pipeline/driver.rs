@@ -32,6 +32,7 @@ use std::time::Instant;
 
 use crate::forward::{self, GpuLayer, LayerScratch, Rope};
 use crate::gpu::ops::{self, MatView};
+use crate::gpu::profile::Profile;
 use crate::gpu::{GpuBuffer, GpuContext, GpuMatrix, Recorder};
 use crate::model::prefetch::LayerPrefetch;
 use crate::model::{LayerWeights, ModelConfig, ModuleKind, WeightSource};
@@ -40,7 +41,6 @@ use crate::quant::{Fallback, Method, QuantConfig, QuantResult};
 use super::events::{Event, LayerReport, MemoryPlan, ModuleReport, RunReport};
 use super::metrics::{MetricAccumulator, MetricScratch};
 use super::plan::{self, PlanInput};
-use super::profile::Profile;
 use super::stream::{Placement, Stream};
 use super::{PipelineConfig, PipelineError, QuantizedModel, Solver};
 
@@ -299,7 +299,17 @@ pub fn quantize(
                 rec.submit();
             }
             for m in [ModuleKind::Q, ModuleKind::K, ModuleKind::V] {
-                let r = solve(ctx, cfg, &lw, &mut layers, m, &stats, layer, &mut secs)?;
+                let r = solve(
+                    ctx,
+                    cfg,
+                    &lw,
+                    &mut layers,
+                    m,
+                    &stats,
+                    layer,
+                    &mut secs,
+                    &mut prof,
+                )?;
                 pending.push((m, report_stub(layer, m, &r, nseq, secs[&m])));
                 results.insert((layer, m), r);
             }
@@ -382,6 +392,7 @@ pub fn quantize(
                 &stats,
                 layer,
                 &mut secs,
+                &mut prof,
             )?;
             pending.push((
                 ModuleKind::O,
@@ -464,7 +475,17 @@ pub fn quantize(
             finish_metrics(ctx, &o_metrics, &mut pending, &mut module_reports, emit)?;
             prof.sync(ctx, "metrics")?;
             for m in [ModuleKind::Gate, ModuleKind::Up] {
-                let r = solve(ctx, cfg, &lw, &mut layers, m, &stats, layer, &mut secs)?;
+                let r = solve(
+                    ctx,
+                    cfg,
+                    &lw,
+                    &mut layers,
+                    m,
+                    &stats,
+                    layer,
+                    &mut secs,
+                    &mut prof,
+                )?;
                 pending.push((m, report_stub(layer, m, &r, nseq, secs[&m])));
                 results.insert((layer, m), r);
             }
@@ -534,6 +555,7 @@ pub fn quantize(
                 &stats,
                 layer,
                 &mut secs,
+                &mut prof,
             )?;
             pending.push((
                 ModuleKind::Down,
@@ -1124,6 +1146,7 @@ fn solve(
     stats: &Stats,
     layer: usize,
     secs: &mut BTreeMap<ModuleKind, f64>,
+    prof: &mut Profile,
 ) -> Result<QuantResult, PipelineError> {
     let t = Instant::now();
     let lin = lw.linear(m);
@@ -1168,6 +1191,9 @@ fn solve(
                     qc,
                 )
                 .map_err(|e| module_err(e.to_string()))?;
+                for (phase, secs) in &s.phases {
+                    prof.detail(&format!("solve/{phase}"), *secs);
+                }
                 // Q goes straight from the solve's buffer into the quantized-stream layer.
                 let mut rec = ctx.recorder();
                 layers.q.set_linear_gpu(&mut rec, m, &s.q)?;

@@ -9,7 +9,6 @@ pub mod driver;
 pub mod events;
 pub mod metrics;
 pub mod plan;
-mod profile;
 pub mod stream;
 
 use std::collections::BTreeMap;

@@ -45,6 +45,7 @@
 //!   sweep show up as a non-finite proxy loss and trigger the reference's RTN fallback.
 //! - The proxy loss is accumulated per row in f32 and summed on the host in f64.
 
+use crate::gpu::profile::Profile;
 use bytemuck::{Pod, Zeroable};
 
 use super::factor;
@@ -79,6 +80,9 @@ pub struct GpuSolve {
     /// `result.column_loss` back into the rounding errors: the layer lab's uncompensated loss).
     /// Empty for an RTN fallback (no factor).
     pub u_diag: Vec<f32>,
+    /// Seconds per phase of this solve (prepare, factor, upload, p, sweep, update, finish,
+    /// readback, host), only with `GPTAQ_PROFILE=1` (`gpu::profile`); empty otherwise.
+    pub phases: Vec<(String, f64)>,
 }
 
 /// Why the GPU solve refused or failed.
@@ -218,6 +222,7 @@ fn rtn_fallback(
         result: res,
         q,
         u_diag: Vec::new(),
+        phases: Vec::new(),
     })
 }
 
@@ -277,6 +282,8 @@ pub fn quantize_gpu(
     }
     u32_of("rows·cols", n_el)?;
 
+    // With GPTAQ_PROFILE=1 every phase boundary below waits for the GPU (gpu::profile).
+    let mut prof = Profile::from_env();
     // Step 1: host preparation in f64 from diag(H) only (module docs).
     let h_diag32 = factor::hessian_diag(ctx, h, n)?;
     if let Some((index, &value)) = h_diag32.iter().enumerate().find(|(_, v)| !v.is_finite()) {
@@ -297,6 +304,7 @@ pub fn quantize_gpu(
             result: res,
             q,
             u_diag: Vec::new(),
+            phases: Vec::new(),
         });
     }
     let h_diag: Vec<f64> = h_diag32.iter().map(|&v| f64::from(v)).collect();
@@ -306,6 +314,7 @@ pub fn quantize_gpu(
     let order: Vec<usize> = prepared.perm.clone().unwrap_or_else(|| (0..n).collect());
     // U (and P) in panels of whole blocks: a block's rows of U and P are then in one panel.
     let bs = cfg.block_size.min(n);
+    prof.sync(ctx, "prepare")?;
     let factor = match factor::upper_inverse_factor_gpu(
         ctx,
         h,
@@ -336,6 +345,7 @@ pub fn quantize_gpu(
     let wp: Vec<f32> = wprep.iter().map(|&v| v as f32).collect();
     drop(wprep);
     let gu = factor.value;
+    prof.sync(ctx, "factor")?;
 
     // Group bookkeeping: table of (scale, zero) per [group][row] and the group of every processing
     // column. gs = −1: one group; static: perm[k]/gs; dynamic: k/gs, filled by the sweep.
@@ -387,7 +397,7 @@ pub fn quantize_gpu(
     let gerr = ctx.zeros::<f32>("quant err", rows * lde)?;
 
     let n32 = u32_of("cols", n)?;
-    let mut rec = ctx.recorder();
+    let mut rec = prof.lap(ctx.recorder(), "upload")?;
 
     // Step 2: GPTAQ P (§2.2).
     let alpha = cfg.method.alpha();
@@ -476,6 +486,7 @@ pub fn quantize_gpu(
         }
         None => None,
     };
+    rec = prof.lap(rec, "p")?;
     let gptaq = gp.is_some();
     // GPTAQ's fused cross-block GEMM reads the block's U rows and P rows from one binding.
     let stage = match gp {
@@ -556,6 +567,7 @@ pub fn quantize_gpu(
             &[gerr.binding(), gcolloss.binding()],
             groups_1d(sp.cnt),
         )?;
+        rec = prof.lap(rec, "sweep")?;
         if let (Some(gp), Some(stage), true) = (&gp, &stage, i2 < n && cnt == bs) {
             // W[:, i2:] −= [Err1 | −W1]·[U[i1:i2, i2:]; P[i1:i2, i2:]] (GPTQ term and GPTAQ
             // cross-block term, §2.2, in one GEMM with K = 2·bs).
@@ -602,6 +614,7 @@ pub fn quantize_gpu(
                 )?;
             }
         }
+        rec = prof.lap(rec, "update")?;
         // Bound the number of recorded-but-unsubmitted dispatches on huge problems.
         if rec.dispatches() >= 256 {
             rec.submit();
@@ -628,6 +641,7 @@ pub fn quantize_gpu(
         ],
         groups_1d(u32_of("finish workgroups", n_el.div_ceil(256))?),
     )?;
+    let rec = prof.lap(rec, "finish")?;
     rec.submit();
 
     let loss_rows = ctx.read(&gloss)?;
@@ -650,6 +664,7 @@ pub fn quantize_gpu(
     let u_diag = factor::hessian_diag(ctx, &gu, n)?;
     let ptab = ctx.read(&gptab)?;
     let q = ctx.read(&gq)?;
+    prof.sync(ctx, "readback")?;
 
     let mut codes = vec![0_u8; n_el];
     for r in 0..rows {
@@ -690,5 +705,9 @@ pub fn quantize_gpu(
         },
         q: gq,
         u_diag,
+        phases: {
+            prof.sync(ctx, "host")?;
+            prof.take()
+        },
     })
 }

@@ -1,4 +1,5 @@
-//! Where a layer's time goes: wall seconds per driver phase (`GPTAQ_PROFILE=1`).
+//! Where the time goes: wall seconds per phase of the pipeline driver and of the GPU solve
+//! (`GPTAQ_PROFILE=1`).
 //!
 //! The driver records each calibration batch into one command stream and submits it without
 //! waiting, so a host timer around a phase measures nothing. With profiling on, every phase
@@ -8,7 +9,7 @@
 
 use std::time::Instant;
 
-use crate::gpu::{GpuContext, GpuError, Recorder};
+use super::{GpuContext, GpuError, Recorder};
 
 pub(crate) struct Profile {
     enabled: bool,
@@ -66,6 +67,19 @@ impl Profile {
         Ok(())
     }
 
+    /// Adds `secs` measured elsewhere (a solve's own phases, reported inside the driver's
+    /// "solve") under `phase`, without moving the boundary: such details are parts of another
+    /// phase, not additional time. Nothing is recorded without profiling.
+    pub(crate) fn detail(&mut self, phase: &str, secs: f64) {
+        if !self.enabled {
+            return;
+        }
+        match self.phases.iter_mut().find(|(p, _)| p == phase) {
+            Some((_, s)) => *s += secs,
+            None => self.phases.push((phase.to_string(), secs)),
+        }
+    }
+
     /// Starts timing from now (the time since the last boundary is not charged to any phase).
     pub(crate) fn restart(&mut self) {
         self.mark = Instant::now();
@@ -95,5 +109,11 @@ mod tests {
         );
         assert!(got.iter().all(|(_, s)| *s >= 0.0), "{got:?}");
         assert!(p.take().is_empty(), "take empties");
+        p.detail("d", 1.5);
+        p.detail("d", 0.5);
+        assert_eq!(p.take(), vec![("d".to_string(), 2.0)], "details sum");
+        let mut off = Profile::new(false);
+        off.detail("d", 1.0);
+        assert!(off.take().is_empty(), "no details without profiling");
     }
 }
