@@ -226,6 +226,41 @@ fn rtn_fallback(
     })
 }
 
+/// `reference::prepare`'s W in f32: dead columns zeroed, columns in processing order.
+fn prepare_w_f32(
+    w: &[f32],
+    rows: usize,
+    n: usize,
+    dead: &[bool],
+    perm: Option<&[usize]>,
+) -> Vec<f32> {
+    let mut out = match perm {
+        Some(p) => {
+            let mut o = vec![0.0_f32; rows * n];
+            for (orow, irow) in o.chunks_exact_mut(n).zip(w.chunks_exact(n)) {
+                for (d, &j) in orow.iter_mut().zip(p) {
+                    *d = irow[j];
+                }
+            }
+            o
+        }
+        None => w.to_vec(),
+    };
+    // Dead columns in processing order.
+    let dead_k: Vec<usize> = match perm {
+        Some(p) => (0..n).filter(|&k| dead[p[k]]).collect(),
+        None => (0..n).filter(|&k| dead[k]).collect(),
+    };
+    if !dead_k.is_empty() {
+        for row in out.chunks_exact_mut(n) {
+            for &k in &dead_k {
+                row[k] = 0.0;
+            }
+        }
+    }
+    out
+}
+
 /// The whole H on the host in f64, checked finite (only for the rare RTN-fallback paths).
 fn read_h64(ctx: &GpuContext, h: &GpuMatrix, nn: usize) -> Result<Vec<f64>, QuantGpuError> {
     let h32 = ctx.read_matrix(h)?;
@@ -294,11 +329,15 @@ pub fn quantize_gpu(
         }
         .into());
     }
-    let w64: Vec<f64> = w.iter().map(|&v| f64::from(v)).collect();
+    // W in f64 only where the host needs it (the reference's decisions on whole rows or static
+    // groups, the RTN fallbacks): on a 4096 × 14336 module the f64 copies and the way back cost
+    // about half a second of host time per solve (a lavapipe run of 4096 × 1024 measured 35 ms of
+    // "prepare", almost all of it these copies).
+    let w64 = || -> Vec<f64> { w.iter().map(|&v| f64::from(v)).collect() };
     if n == 0 || rows == 0 {
         // Nothing to solve: the reference's result (RTN of an empty matrix) on the CPU.
         let h64 = read_h64(ctx, h, nn)?;
-        let res = reference::quantize_f64(&w64, rows, cols, &h64, None, cfg)?;
+        let res = reference::quantize_f64(&w64(), rows, cols, &h64, None, cfg)?;
         let q = ctx.upload("quant q", &res.q)?;
         return Ok(GpuSolve {
             result: res,
@@ -310,7 +349,15 @@ pub fn quantize_gpu(
     let h_diag: Vec<f64> = h_diag32.iter().map(|&v| f64::from(v)).collect();
 
     // Steps 2–5 exactly as the reference (one shared implementation).
-    let prepared = reference::prepare(&w64, &h_diag, rows, n, cfg, &spec);
+    // The reference reads W only for per-row params (no groups) and static groups; otherwise it
+    // gets no rows, and W's own preparation (dead columns zeroed, act-order permutation) is done
+    // below in f32 — the same values the f64 round trip gives, since f32 → f64 → f32 is exact.
+    let host_w = cfg.group_size.is_none() || cfg.static_groups;
+    let prepared = if host_w {
+        reference::prepare(&w64(), &h_diag, rows, n, cfg, &spec)
+    } else {
+        reference::prepare(&[], &h_diag, 0, n, cfg, &spec)
+    };
     let order: Vec<usize> = prepared.perm.clone().unwrap_or_else(|| (0..n).collect());
     // U (and P) in panels of whole blocks: a block's rows of U and P are then in one panel.
     let bs = cfg.block_size.min(n);
@@ -329,7 +376,7 @@ pub fn quantize_gpu(
             // Rare path: the whole H is needed for the RTN proxy loss (and a non-finite H is an
             // input error, as in the reference).
             let h64 = read_h64(ctx, h, nn)?;
-            return rtn_fallback(ctx, &w64, rows, cols, &h64, cfg, e.to_string());
+            return rtn_fallback(ctx, &w64(), rows, cols, &h64, cfg, e.to_string());
         }
     };
     let reference::Prepared {
@@ -342,7 +389,11 @@ pub fn quantize_gpu(
     } = prepared;
     // diag(H) before damping, processing order, dead columns as 1 (QuantResult::h_diag).
     let solve_h_diag: Vec<f32> = prep_diag.iter().map(|&v| v as f32).collect();
-    let wp: Vec<f32> = wprep.iter().map(|&v| v as f32).collect();
+    let wp: Vec<f32> = if host_w {
+        wprep.iter().map(|&v| v as f32).collect()
+    } else {
+        prepare_w_f32(w, rows, n, &dead, perm.as_deref())
+    };
     drop(wprep);
     let gu = factor.value;
     prof.sync(ctx, "factor")?;
@@ -651,7 +702,7 @@ pub fn quantize_gpu(
         let h64 = read_h64(ctx, h, nn)?;
         return rtn_fallback(
             ctx,
-            &w64,
+            &w64(),
             rows,
             cols,
             &h64,
