@@ -269,7 +269,6 @@ pub fn quantize(
                 },
             };
             prof.sync(ctx, "weights")?;
-            let mut secs: BTreeMap<ModuleKind, f64> = BTreeMap::new();
             let mut pending: Vec<(ModuleKind, ModuleReport)> = Vec::new();
 
             // ---- stage A: statistics of q/k/v
@@ -298,22 +297,18 @@ pub fn quantize(
                 rec = prof.lap(rec, "stats")?;
                 rec.submit();
             }
-            for m in [ModuleKind::Q, ModuleKind::K, ModuleKind::V] {
-                let r = solve(
-                    ctx,
-                    cfg,
-                    &lw,
-                    &mut layers,
-                    m,
-                    &stats,
-                    layer,
-                    &mut secs,
-                    &mut prof,
-                )?;
-                pending.push((m, report_stub(layer, m, &r, nseq, secs[&m])));
-                results.insert((layer, m), r);
-            }
-            prof.sync(ctx, "solve")?;
+            solve_group(
+                ctx,
+                cfg,
+                &lw,
+                &mut layers,
+                &[ModuleKind::Q, ModuleKind::K, ModuleKind::V],
+                &stats,
+                layer,
+                &mut prof,
+                &mut pending,
+                &mut results,
+            )?;
             drop(stats);
 
             // ---- stage B: attention with quantized q/k/v → statistics of o, metrics of q/k/v
@@ -383,23 +378,18 @@ pub fn quantize(
             }
             finish_metrics(ctx, &qkv_metrics, &mut pending, &mut module_reports, emit)?;
             prof.sync(ctx, "metrics")?;
-            let r = solve(
+            solve_group(
                 ctx,
                 cfg,
                 &lw,
                 &mut layers,
-                ModuleKind::O,
+                &[ModuleKind::O],
                 &stats,
                 layer,
-                &mut secs,
                 &mut prof,
+                &mut pending,
+                &mut results,
             )?;
-            pending.push((
-                ModuleKind::O,
-                report_stub(layer, ModuleKind::O, &r, nseq, secs[&ModuleKind::O]),
-            ));
-            results.insert((layer, ModuleKind::O), r);
-            prof.sync(ctx, "solve")?;
             drop(stats);
 
             // ---- stage C: h ← h + o(a) → statistics of gate/up, metrics of o
@@ -457,39 +447,28 @@ pub fn quantize(
                 rec.submit();
             }
             // The attention streams end here: report f16 overflow in them before they go.
-            // Both flags are read (no short-circuit) so that each is cleared.
-            let a_over = [Some(&aq), afp.as_ref()]
-                .into_iter()
-                .flatten()
-                .map(|s| s.overflowed(ctx))
-                .collect::<Result<Vec<bool>, _>>()?;
-            if a_over.contains(&true) {
-                let w = format!(
-                    "layer {layer}: attention outputs beyond f16's range (±65504) were clamped in \
-                     the f16 host streams; use --stream-dtype f32"
-                );
-                emit(Event::Warning(w.clone()));
-                warnings.push(w);
-            }
+            warn_f16_overflow(
+                ctx,
+                [Some(&aq), afp.as_ref()],
+                &format!("layer {layer}: attention outputs"),
+                emit,
+                &mut warnings,
+            )?;
             drop((aq, afp));
             finish_metrics(ctx, &o_metrics, &mut pending, &mut module_reports, emit)?;
             prof.sync(ctx, "metrics")?;
-            for m in [ModuleKind::Gate, ModuleKind::Up] {
-                let r = solve(
-                    ctx,
-                    cfg,
-                    &lw,
-                    &mut layers,
-                    m,
-                    &stats,
-                    layer,
-                    &mut secs,
-                    &mut prof,
-                )?;
-                pending.push((m, report_stub(layer, m, &r, nseq, secs[&m])));
-                results.insert((layer, m), r);
-            }
-            prof.sync(ctx, "solve")?;
+            solve_group(
+                ctx,
+                cfg,
+                &lw,
+                &mut layers,
+                &[ModuleKind::Gate, ModuleKind::Up],
+                &stats,
+                layer,
+                &mut prof,
+                &mut pending,
+                &mut results,
+            )?;
             drop(stats);
 
             // ---- stage D: act = silu(gate)·up → statistics of down, metrics of gate/up
@@ -546,23 +525,18 @@ pub fn quantize(
             }
             finish_metrics(ctx, &gu_metrics, &mut pending, &mut module_reports, emit)?;
             prof.sync(ctx, "metrics")?;
-            let r = solve(
+            solve_group(
                 ctx,
                 cfg,
                 &lw,
                 &mut layers,
-                ModuleKind::Down,
+                &[ModuleKind::Down],
                 &stats,
                 layer,
-                &mut secs,
                 &mut prof,
+                &mut pending,
+                &mut results,
             )?;
-            pending.push((
-                ModuleKind::Down,
-                report_stub(layer, ModuleKind::Down, &r, nseq, secs[&ModuleKind::Down]),
-            ));
-            results.insert((layer, ModuleKind::Down), r);
-            prof.sync(ctx, "solve")?;
             drop(stats);
 
             // ---- stage E: h ← h + down(act) for both streams; metrics of down; hidden deviation
@@ -650,21 +624,13 @@ pub fn quantize(
             } else {
                 None
             };
-            // One flag read per stream and layer (f16 host streams only; see Stream::overflowed).
-            // Both flags are read (no short-circuit) so that each is cleared.
-            let h_over = [Some(&hq), hfp.as_ref()]
-                .into_iter()
-                .flatten()
-                .map(|s| s.overflowed(ctx))
-                .collect::<Result<Vec<bool>, _>>()?;
-            if h_over.contains(&true) {
-                let w = format!(
-                    "layer {layer}: hidden states beyond f16's range (±65504) were clamped in the \
-                     f16 host streams; use --stream-dtype f32"
-                );
-                emit(Event::Warning(w.clone()));
-                warnings.push(w);
-            }
+            warn_f16_overflow(
+                ctx,
+                [Some(&hq), hfp.as_ref()],
+                &format!("layer {layer}: hidden states"),
+                emit,
+                &mut warnings,
+            )?;
             // Without an FP stream no metrics were computed: emit those modules now.
             for (_, rep) in pending.drain(..) {
                 emit(Event::ModuleDone(rep.clone()));
@@ -701,6 +667,32 @@ pub fn quantize(
             t0,
         ),
     })
+}
+
+/// Warns once when a value of `what` went beyond f16's range in the f16 host copy of either
+/// stream (clamped there; see `Stream::overflowed`). One 4-byte flag read per stream, made for
+/// both streams (no short-circuit) so that each flag is cleared.
+fn warn_f16_overflow(
+    ctx: &GpuContext,
+    streams: [Option<&Stream>; 2],
+    what: &str,
+    emit: &mut dyn FnMut(Event),
+    warnings: &mut Vec<String>,
+) -> Result<(), PipelineError> {
+    let over = streams
+        .into_iter()
+        .flatten()
+        .map(|s| s.overflowed(ctx))
+        .collect::<Result<Vec<bool>, _>>()?;
+    if over.contains(&true) {
+        let w = format!(
+            "{what} beyond f16's range (±65504) were clamped in the f16 host streams; use \
+             --stream-dtype f32"
+        );
+        emit(Event::Warning(w.clone()));
+        warnings.push(w);
+    }
+    Ok(())
 }
 
 /// The run-started event (plan included) of both drivers.
@@ -1135,6 +1127,32 @@ fn report_stub(
     }
 }
 
+/// Solves the modules of one true-sequential group in order ([`solve`]) and files each result
+/// with its report stub (the metrics are added once the next stage has measured them).
+#[allow(clippy::too_many_arguments)]
+fn solve_group(
+    ctx: &GpuContext,
+    cfg: &PipelineConfig,
+    lw: &LayerWeights,
+    layers: &mut Layers,
+    mods: &[ModuleKind],
+    stats: &Stats,
+    layer: usize,
+    prof: &mut Profile,
+    pending: &mut Vec<(ModuleKind, ModuleReport)>,
+    results: &mut BTreeMap<(usize, ModuleKind), QuantResult>,
+) -> Result<(), PipelineError> {
+    for &m in mods {
+        let t = Instant::now();
+        let r = solve(ctx, cfg, lw, layers, m, stats, layer, prof)?;
+        let secs = t.elapsed().as_secs_f64();
+        pending.push((m, report_stub(layer, m, &r, stats.nsamples, secs)));
+        results.insert((layer, m), r);
+    }
+    prof.sync(ctx, "solve")?;
+    Ok(())
+}
+
 /// Solves one module from the group statistics and installs `Q` in the quantized-stream layer.
 #[allow(clippy::too_many_arguments)]
 fn solve(
@@ -1145,10 +1163,8 @@ fn solve(
     m: ModuleKind,
     stats: &Stats,
     layer: usize,
-    secs: &mut BTreeMap<ModuleKind, f64>,
     prof: &mut Profile,
 ) -> Result<QuantResult, PipelineError> {
-    let t = Instant::now();
     let lin = lw.linear(m);
     let (rows, cols) = (lin.out_features, lin.in_features);
     if cfg.capture == Some((layer, m)) {
@@ -1198,7 +1214,6 @@ fn solve(
                 let mut rec = ctx.recorder();
                 layers.q.set_linear_gpu(&mut rec, m, &s.q)?;
                 rec.submit();
-                secs.insert(m, t.elapsed().as_secs_f64());
                 return Ok(s.result);
             }
             Solver::CpuReference => {
@@ -1224,6 +1239,5 @@ fn solve(
             .map_err(|e| module_err(e.to_string()))?
     };
     layers.q.set_linear(ctx, m, &result.q)?;
-    secs.insert(m, t.elapsed().as_secs_f64());
     Ok(result)
 }

@@ -271,11 +271,16 @@ mod tests {
     }
 
     /// `load` of batch `b` into `work` (after filling `work` with a sentinel), read back whole.
-    fn load_all(ctx: &GpuContext, s: &Stream, b: usize, work: &GpuBuffer<f32>) -> Vec<f32> {
+    fn load_all(
+        ctx: &GpuContext,
+        s: &Stream,
+        b: usize,
+        work: &GpuBuffer<f32>,
+    ) -> Result<Vec<f32>, GpuError> {
         ctx.write(work, 0, &vec![7.0f32; work.len()]);
-        let rec = s.load(ctx.recorder(), b, work).expect("load");
+        let rec = s.load(ctx.recorder(), b, work)?;
         rec.submit();
-        ctx.read(work).expect("read")
+        ctx.read(work)
     }
 
     fn assert_bits(what: &str, got: &[f32], want: &[f32]) {
@@ -320,7 +325,7 @@ mod tests {
                 s.set_host(&ctx, b, e);
             }
             for (b, e) in embs.iter().enumerate() {
-                let got = load_all(&ctx, &s, b, &work);
+                let got = load_all(&ctx, &s, b, &work)?;
                 let what = format!("{placement:?} set_host→load batch {b} (len {})", e.len());
                 assert_bits(&what, &got[..e.len()], &expect(e));
                 assert!(
@@ -341,7 +346,7 @@ mod tests {
                     pack_host(&v, &mut want);
                     assert_eq!(words, &want, "batch {b}: GPU-packed words ≠ host packing");
                 }
-                let got = load_all(&ctx, &s, b, &work);
+                let got = load_all(&ctx, &s, b, &work)?;
                 assert_bits(
                     &format!("{placement:?} store→load batch {b} (len {l})"),
                     &got[..l],
@@ -349,7 +354,7 @@ mod tests {
                 );
             }
             // Batch 0 is untouched by the other batches' stores (the staging buffer is shared).
-            let got = load_all(&ctx, &s, 0, &work);
+            let got = load_all(&ctx, &s, 0, &work)?;
             assert_bits(
                 &format!("{placement:?} batch 0 after storing 1 and 2"),
                 &got[..lens[0]],
@@ -382,7 +387,7 @@ mod tests {
         rec.submit();
         assert!(s.overflowed(&ctx)?, "storing 1e5 was not reported");
         assert!(!s.overflowed(&ctx)?, "the flag was not reset by the read");
-        let got = load_all(&ctx, &s, 1, &work);
+        let got = load_all(&ctx, &s, 1, &work)?;
         let mut want = rounded(&v);
         want[300] = 65504.0;
         want[301] = -65504.0;
@@ -399,7 +404,7 @@ mod tests {
             !s.overflowed(&ctx)?,
             "the flag was not reset after set_host"
         );
-        let got = load_all(&ctx, &s, 0, &work);
+        let got = load_all(&ctx, &s, 0, &work)?;
         assert_bits("clamped set_host→load", &got[..len], &want);
         for placement in [Placement::Gpu, Placement::Host(StreamDType::F32)] {
             let mut s = Stream::new(&ctx, "test", &[len], placement)?;

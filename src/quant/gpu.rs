@@ -235,15 +235,7 @@ fn prepare_w_f32(
     perm: Option<&[usize]>,
 ) -> Vec<f32> {
     let mut out = match perm {
-        Some(p) => {
-            let mut o = vec![0.0_f32; rows * n];
-            for (orow, irow) in o.chunks_exact_mut(n).zip(w.chunks_exact(n)) {
-                for (d, &j) in orow.iter_mut().zip(p) {
-                    *d = irow[j];
-                }
-            }
-            o
-        }
+        Some(p) => reference::permute_cols(w, rows, n, p),
         None => w.to_vec(),
     };
     // Dead columns in processing order.

@@ -557,8 +557,15 @@ pub(crate) fn prepare(
     }
 }
 
-fn permute_cols(w: &[f64], rows: usize, n: usize, perm: &[usize]) -> Vec<f64> {
-    let mut out = vec![0.0_f64; rows * n];
+/// `w` (`rows × n`) with its columns in the order `perm` (column k of the result is column
+/// `perm[k]` of `w`); f64 here, f32 in the GPU solve's preparation of W.
+pub(crate) fn permute_cols<T: Copy + Default>(
+    w: &[T],
+    rows: usize,
+    n: usize,
+    perm: &[usize],
+) -> Vec<T> {
+    let mut out = vec![T::default(); rows * n];
     for r in 0..rows {
         for (k, &j) in perm.iter().enumerate() {
             out[r * n + k] = w[r * n + j];
