@@ -13,8 +13,9 @@
 //!    whole H comes back only on the rare RTN-fallback paths (its proxy loss needs it). The
 //!    caller's `H` and `D` buffers are never modified (§6.2).
 //! 2. **GPTAQ `P` on the GPU** (§2.2): `D` is permuted and its dead columns zeroed by a gather
-//!    kernel (`quant_gather.wgsl`), then `T = D·Uᵀ` (GEMM), `T ← α·triu₁(T)` (`quant_mask.wgsl`),
-//!    `P = T·U` (GEMM).
+//!    kernel (`quant_gather.wgsl`), then `T = D·Uᵀ`, `T ← α·triu₁(T)` (`quant_mask.wgsl`),
+//!    `P = T·U` — GEMMs over column blocks that skip what the triangles of `U` and `T` make zero
+//!    ([`gptaq_p_blocked`]: about 0.6·n³ multiply-adds instead of the dense 2·n³).
 //! 3. **Blocked sweep on the GPU** (§1.2 step 8, §6.3): per block one `quant_sweep.wgsl` dispatch
 //!    (workgroup per row chunk) does the per-column quantization, group parameters at group starts
 //!    (stale-W quirk included), the in-block OBS update and GPTAQ's in-block term; then the lazy
@@ -253,6 +254,99 @@ fn prepare_w_f32(
     out
 }
 
+/// Column blocks `[j0, j1)` of [`gptaq_p_blocked`]: 16 of them (the last may be shorter), each a
+/// multiple of 32 columns. Sixteen keeps the work skipped by the block granularity near 1/16 of
+/// the total while every GEMM stays large enough to fill a GPU at the widths that matter.
+fn tri_blocks(n: usize) -> impl Iterator<Item = (usize, usize)> {
+    let b = n.div_ceil(16).next_multiple_of(32).max(32);
+    (0..n).step_by(b).map(move |j0| (j0, (j0 + b).min(n)))
+}
+
+/// GPTAQ's `P = triu₁(α·Dp·Uᵀ)·U` (algorithm.md §2.2) into `dp`'s storage, from the permuted `D`
+/// in `dp`, the upper factor `U` and a zeroed scratch `t` (all n×n, same panel layout).
+///
+/// Dense, the two products cost 2·n³ multiply-adds — at the 4096 × 14336 down_proj shape about a
+/// quarter of the whole GPTAQ solve (11.8 TFLOP). The triangles make most of it zero (the f64
+/// reference `reference::gptaq_p` sums only the non-zero terms too):
+/// - `T[i, j] = Σ_c Dp[i, c]·U[j, c]` has `U[j, c] = 0` for `c < j`, and only `i < j` survives
+///   the mask: a column block `J = [j0, j1)` needs rows `0..j1` and `c ≥ j0`.
+/// - `P[i, j] = Σ_m T[i, m]·U[m, j]` is non-zero only for `i < m ≤ j`: block `J` needs rows
+///   `0..j1` and `m < j1`.
+///
+/// Over 16 column blocks that is ≈ 0.6·n³ multiply-adds (T ≈ n³/6, P ≈ n³/3, plus the blocks'
+/// granularity), 3.4× less than dense. The skipped terms are products with exact zeros, so the
+/// result is the dense one up to f32 summation order. All of `T` is computed before `P`
+/// overwrites `dp` (T's later blocks read `Dp[:, c ≥ j0]`). The rows of `dp` no block writes
+/// (`i ≥ j1` in block `J`) still hold `D`; a final mask pass zeroes them and the diagonal, so `P`
+/// is exactly strictly upper, as the dense product of the two triangles is.
+fn gptaq_p_blocked(
+    rec: &mut crate::gpu::kernels::Recorder<'_>,
+    n: usize,
+    u: &GpuMatrix,
+    dp: &GpuMatrix,
+    t: &GpuMatrix,
+    alpha: f32,
+) -> Result<(), QuantGpuError> {
+    for (j0, j1) in tri_blocks(n) {
+        // T[0..j1, J] = Dp[0..j1, j0..n]·U[J, j0..n]ᵀ
+        ops::gemm_mat(
+            rec,
+            j1,
+            j1 - j0,
+            n - j0,
+            1.0,
+            dp.op(0, j0),
+            u.op(j0, j0).t(),
+            0.0,
+            t.op(0, j0),
+        )?;
+    }
+    triu1_scale(rec, n, t, alpha)?;
+    for (j0, j1) in tri_blocks(n) {
+        // P[0..j1, J] = T[0..j1, 0..j1]·U[0..j1, J]
+        ops::gemm_mat(
+            rec,
+            j1,
+            j1 - j0,
+            j1,
+            1.0,
+            t.op(0, 0),
+            u.op(0, j0),
+            0.0,
+            dp.op(0, j0),
+        )?;
+    }
+    triu1_scale(rec, n, dp, 1.0)
+}
+
+/// `m ← alpha·triu₁(m)` in place (`quant_mask.wgsl`), one launch per row panel.
+fn triu1_scale(
+    rec: &mut crate::gpu::kernels::Recorder<'_>,
+    n: usize,
+    m: &GpuMatrix,
+    alpha: f32,
+) -> Result<(), QuantGpuError> {
+    let n32 = u32_of("cols", n)?;
+    let gx = u32_of("mask workgroups", n.div_ceil(16))?;
+    for (pt, tp) in m.panels().iter().enumerate() {
+        let r = m.panel_range(pt);
+        rec.dispatch(
+            &QUANT_MASK,
+            "triu1_scale",
+            &[],
+            &NParams {
+                n: n32,
+                alpha,
+                r0: u32_of("panel row", r.start)?,
+                rows: u32_of("panel rows", r.len())?,
+            },
+            &[tp.binding()],
+            [gx, u32_of("mask workgroups", r.len().div_ceil(16))?, 1],
+        )?;
+    }
+    Ok(())
+}
+
 /// The whole H on the host in f64, checked finite (only for the rare RTN-fallback paths).
 fn read_h64(ctx: &GpuContext, h: &GpuMatrix, nn: usize) -> Result<Vec<f64>, QuantGpuError> {
     let h32 = ctx.read_matrix(h)?;
@@ -479,46 +573,7 @@ pub fn quantize_gpu(
                     ],
                 )?;
             }
-            // T = Dp·Uᵀ.
-            ops::gemm_mat(
-                &mut rec,
-                n,
-                n,
-                n,
-                1.0,
-                dp.op(0, 0),
-                gu.op(0, 0).t(),
-                0.0,
-                t.op(0, 0),
-            )?;
-            for (pt, tp) in t.panels().iter().enumerate() {
-                let r = t.panel_range(pt);
-                rec.dispatch(
-                    &QUANT_MASK,
-                    "triu1_scale",
-                    &[],
-                    &NParams {
-                        n: n32,
-                        alpha: alpha as f32,
-                        r0: u32_of("panel row", r.start)?,
-                        rows: u32_of("panel rows", r.len())?,
-                    },
-                    &[tp.binding()],
-                    [gx, u32_of("mask workgroups", r.len().div_ceil(16))?, 1],
-                )?;
-            }
-            // P = T·U, into the no longer needed Dp storage.
-            ops::gemm_mat(
-                &mut rec,
-                n,
-                n,
-                n,
-                1.0,
-                t.op(0, 0),
-                gu.op(0, 0),
-                0.0,
-                dp.op(0, 0),
-            )?;
+            gptaq_p_blocked(&mut rec, n, &gu, &dp, &t, alpha as f32)?;
             // Keep the recorded work alive until submission (buffers are reference counted by
             // wgpu, but submit now so T and the metadata can be freed early).
             rec.submit();
