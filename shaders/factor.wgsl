@@ -10,16 +10,19 @@
 // source row can lie anywhere (prep, reverse_u), one panel of the source (src_r0 .. src_r0 +
 // src_rows); an element is written by the launch whose source panel holds its source row, so the
 // host runs every (destination, source) pair once. With one panel all offsets are 0.
-//   K  the matrix to factor, only its upper triangle (row ≤ col) is read and updated;
-//   L  the Cholesky factor, lower triangle;
-//   X  L⁻¹, lower triangle (diagonal 32×32 blocks written here, the rest by the doubling GEMMs).
+//   K  the matrix to factor, only its upper triangle (row ≤ col) is read and updated; scratch
+//      of the triangular inverse afterwards, and finally U;
+//   M  strictly below its 32×32 diagonal blocks the Cholesky factor L, on them the blocks'
+//      inverses; the doubling inverse then turns M into L⁻¹ in place (quant/factor.rs).
+// GEMM results bound for M go through a small contiguous scratch buffer and `copy_in`: a GEMM
+// cannot write M while it reads M.
 //
 // Entry points:
 //   diag_of      d[i] = H[i, i] for the rows of one panel  (the host decides damping from it)
 //   prep         K = J·(H[o][:, o] with diagonal dg)·J   (o = processing order, dg = damped diagonal
 //                                                         with dead columns set to 1, §1.2 steps 3–6)
-//   copy_block   dst[block] = src[block]                 (the doubling inverse's staging copy)
-//   reverse_u    U[a, b] = X[n−1−a, n−1−b] for a ≤ b, 0 below
+//   copy_in      dst[block] = scratch                    (a GEMM result from scratch into M)
+//   reverse_u    U[a, b] = M[n−1−a, n−1−b] for a ≤ b, 0 below
 
 struct Params {
     n: u32,
@@ -31,7 +34,7 @@ struct Params {
     dst_rows: u32,
     src_r0: u32,
     src_rows: u32,
-    _p0: u32,
+    src_off: u32,
     _p1: u32,
     _p2: u32,
 }
@@ -77,16 +80,15 @@ fn prep(@builtin(global_invocation_id) g: vec3<u32>) {
     }
 }
 
-// ---- copy_block / reverse_u ------------------------------------------------------------------
-// copy_block: dst[off + r·n + c] = src[off + r·n + c] for r < rows, c < cols (a dense block inside
-// one panel; src and dst have the same panel layout, so `off` is the same local offset in both).
+// ---- copy_in / reverse_u ---------------------------------------------------------------------
+// copy_in: dst[off + r·n + c] = src[src_off + r·cols + c] for r < rows, c < cols: a dense block
+// from a contiguous scratch buffer (leading dimension `cols`) into one panel of an n-column matrix.
 @compute @workgroup_size(16, 16)
-fn copy_block(@builtin(global_invocation_id) g: vec3<u32>) {
+fn copy_in(@builtin(global_invocation_id) g: vec3<u32>) {
     let r = g.y;
     let c = g.x;
     if (r < p.rows && c < p.cols) {
-        let i = p.off + r * p.n + c;
-        dst[i] = src[i];
+        dst[p.off + r * p.n + c] = src[p.src_off + r * p.cols + c];
     }
 }
 

@@ -1,11 +1,14 @@
 // One 32×32 diagonal block of the blocked Cholesky of quant/factor.rs (algorithm.md §6.4): the
 // block's Cholesky factor in workgroup memory, its inverse, and a failure flag. The panel solve and
 // the trailing update that follow it are GEMMs (gemm.wgsl); see factor.wgsl for the buffers.
+// Only the inverse L₁₁⁻¹ is written (into M's diagonal block): the panel solve needs nothing
+// else, and the triangular inverse that follows starts from exactly these diagonal inverses, so
+// the factor itself never has to be stored (one n×n matrix less, quant/factor.rs).
 
 struct Params {
     n: u32,
     j0: u32,
-    // First global row of the bound panels of K, L and X (same layout; the 32 rows from j0 lie in
+    // First global row of the bound panels of K and M (same layout; the 32 rows from j0 lie in
     // one panel because panels are multiples of 32 rows, gpu/matrix.rs).
     r0: u32,
     _p1: u32,
@@ -13,10 +16,9 @@ struct Params {
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> kmat: array<f32>;
-@group(0) @binding(2) var<storage, read_write> lmat: array<f32>;
-@group(0) @binding(3) var<storage, read_write> xmat: array<f32>;
+@group(0) @binding(2) var<storage, read_write> mmat: array<f32>;
 // status[0]: 1 if a pivot was not strictly positive and finite; status[1]: first such column + 1.
-@group(0) @binding(4) var<storage, read_write> status: array<u32>;
+@group(0) @binding(3) var<storage, read_write> status: array<u32>;
 
 const NB: u32 = 32u;
 var<workgroup> blk: array<f32, 1024>;
@@ -93,8 +95,7 @@ fn potrf_block(@builtin(local_invocation_index) tid: u32) {
         let r = e / NB;
         let c = e % NB;
         if (r < nb && c < nb && r >= c) {
-            lmat[(j0 - p.r0 + r) * n + j0 + c] = blk[e];
-            xmat[(j0 - p.r0 + r) * n + j0 + c] = inv[e];
+            mmat[(j0 - p.r0 + r) * n + j0 + c] = inv[e];
         }
     }
 }

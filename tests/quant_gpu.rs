@@ -528,8 +528,8 @@ fn inverse_factor_matches_f64_reference_on_awkward_sizes() {
     use gptaq_studio::quant::factor::upper_inverse_factor_gpu;
     use gptaq_studio::quant::reference::inverse_hessian_factor_f64;
     let Some(ctx) = test_context() else { return };
-    // (n, panel cap in rows: 0 = whole matrices; else H in panels of that many rows and K, L, L⁻¹,
-    // U in panels of its multiple of 32 — different layouts, so the gathers cross panels).
+    // (n, panel cap in rows: 0 = whole matrices; else H in panels of that many rows and K, M and U
+    // in panels of its multiple of 32 — different layouts, so the gathers cross panels).
     for (seed, &(n, cap_rows)) in [
         (1usize, 0usize),
         (2, 0),
@@ -546,6 +546,10 @@ fn inverse_factor_matches_f64_reference_on_awkward_sizes() {
         (130, 64),
         (257, 0),
         (257, 100),
+        // The doubling inverse's last level splits −B⁻¹·T into row chunks (b = 512, 188 rows
+        // of B, at most 175 per chunk), also across panels.
+        (700, 0),
+        (700, 96),
     ]
     .iter()
     .enumerate()

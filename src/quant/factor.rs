@@ -9,21 +9,29 @@
 //! 1. `prep` (factor.wgsl): `K = J·(H[o][:, o] with the damped diagonal)·J`, `o` the processing
 //!    order — the permutation, dead columns and damping never touch the caller's `H`.
 //! 2. Blocked right-looking Cholesky, panels of 32 columns: `potrf.wgsl` factors the diagonal
-//!    block in workgroup memory (and inverts it), the panel is `L₂₁ = K₂₁·L₁₁⁻ᵀ` (a GEMM with the
-//!    block inverse) and the trailing update `K₂₂ −= L₂₁·L₂₁ᵀ` touches only the upper triangle
-//!    (`gemm_upper`, half the flops). A failed pivot sets a flag; the host reads the two-word flag
-//!    once per attempt — the only readback of the factorisation.
+//!    block in workgroup memory and writes only its inverse `L₁₁⁻¹` (into M's diagonal block), the
+//!    panel is `L₂₁ = K₂₁·L₁₁⁻ᵀ` (a GEMM with the block inverse, into a scratch buffer), the trailing
+//!    update `K₂₂ −= L₂₁·L₂₁ᵀ` touches only the upper triangle (`gemm_upper`, half the flops), and
+//!    `L₂₁` is copied below the diagonal block of M. A failed pivot sets a flag; the host reads the
+//!    two-word flag once per attempt — the only readback of the factorisation.
 //!
-//! After a successful attempt, `L⁻¹` by recursive doubling: the 32×32 diagonal inverses come from
-//! step 2; for block sizes `b = 32, 64, …` every pair `[A 0; C B]` of neighbouring diagonal blocks
-//! gets its off-diagonal block `−B⁻¹·C·A⁻¹` from two GEMMs (about n³/3 flops in all). Finally
-//! `reverse_u` writes `U[a, b] = L⁻¹[n−1−a, n−1−b]`.
+//! After a successful attempt, `L⁻¹` by recursive doubling, in place in M: for block sizes
+//! `b = 32, 64, …` every pair `[A 0; C B]` of neighbouring diagonal blocks (M holds `A⁻¹`, `B⁻¹`
+//! and `C`) gets its off-diagonal block `−B⁻¹·(C·A⁻¹)`: `(C·A⁻¹)ᵀ` into K (free scratch by now),
+//! then `−B⁻¹·(C·A⁻¹)` in chunks of 128–256 rows through the scratch buffer over `C` — a chunk of
+//! rows of the lower-triangular `B⁻¹` needs only its columns up to the chunk's end, which halves
+//! that GEMM. About n³/4 multiply-adds in all. Finally `reverse_u` writes
+//! `U[a, b] = L⁻¹[n−1−a, n−1−b]` into K.
 //!
-//! Memory: three n×n f32 matrices (K, L, L⁻¹) while factoring; `U` is returned in K's storage.
-//! All of them are [`GpuMatrix`] row panels (gpu/matrix.rs), so `n` is not bounded by one storage
-//! binding: GEMMs split at panel boundaries (`ops::gemm_mat`), the 32-row Cholesky blocks never
-//! straddle a panel (panels are multiples of 32 rows), and the two gathers (`prep`, `reverse_u`)
-//! run once per (destination panel, source panel) pair.
+//! Memory: two n×n f32 matrices (K, M) and a 128·n scratch while factoring; `U` is returned in
+//! K's storage. (A factor kept in its own matrix would be a third n×n buffer: 784 MiB at
+//! n = 14336, the down_proj input of an 8B model, on top of H and D.) GEMMs never write M
+//! directly, because WebGPU forbids binding one buffer writable and read-only in one dispatch:
+//! their results bound for M go through the scratch and `copy_in`. All n×n matrices are
+//! [`GpuMatrix`] row panels (gpu/matrix.rs), so `n` is not bounded by one storage binding: GEMMs
+//! split at panel boundaries (`ops::gemm_mat`), the 32-row Cholesky blocks never straddle a panel
+//! (panels are multiples of 32 rows), copies run per panel segment, and the two gathers (`prep`,
+//! `reverse_u`) run once per (destination panel, source panel) pair.
 
 use bytemuck::{Pod, Zeroable};
 
@@ -31,7 +39,7 @@ use super::QuantError;
 use super::reference::{self, Damped};
 use crate::gpu::kernels::Recorder;
 use crate::gpu::matrix::PanelRows;
-use crate::gpu::ops::{self, u32_of};
+use crate::gpu::ops::{self, MatView, u32_of};
 use crate::gpu::{GpuBuffer, GpuContext, GpuError, GpuMatrix};
 
 crate::wgsl_shader!(FACTOR, "factor");
@@ -39,6 +47,14 @@ crate::wgsl_shader!(POTRF, "potrf");
 
 /// Columns per Cholesky panel (`NB` in potrf.wgsl).
 const NB: usize = 32;
+/// Most rows per chunk of the doubling inverse's `−B⁻¹·T`: smaller chunks skip more of `B⁻¹`'s
+/// zero upper triangle, larger ones need fewer launches. A chunk is also bounded by the scratch
+/// (`chunk · |A| ≤ SCRATCH_ROWS · n`, so at least 128 rows).
+const INV_CHUNK: usize = 256;
+/// The scratch holds `SCRATCH_ROWS · n` floats: one 128-row panel of an n×n matrix, which the
+/// planner already requires to fit one binding (pipeline/plan.rs), and more than the Cholesky's
+/// `(n − 32) × 32` panel.
+const SCRATCH_ROWS: usize = 128;
 
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable)]
@@ -49,7 +65,8 @@ struct FactorParams {
     cols: u32,
     off: u32,
     panel: PanelRows,
-    _p: [u32; 3],
+    src_off: u32,
+    _p: [u32; 2],
 }
 
 impl FactorParams {
@@ -61,7 +78,8 @@ impl FactorParams {
             cols: 0,
             off: 0,
             panel: PanelRows::default(),
-            _p: [0; 3],
+            src_off: 0,
+            _p: [0; 2],
         }
     }
 
@@ -150,8 +168,8 @@ pub fn upper_inverse_factor_gpu(
     let align = lcm(NB, align.max(1));
     let gorder = ctx.upload("factor order", &order32)?;
     let k = ctx.matrix_zeros("factor K", n, n, align)?;
-    let l = ctx.matrix_zeros("factor L", n, n, align)?;
-    let x = ctx.matrix_zeros("factor L^-1", n, n, align)?;
+    let m = ctx.matrix_zeros("factor L | L^-1", n, n, align)?;
+    let tmp = ctx.zeros::<f32>("factor scratch", SCRATCH_ROWS * n.max(1))?;
     let status = ctx.zeros::<u32>("factor status", 2)?;
     let gx = u32_of("factor workgroups", n.div_ceil(16))?;
 
@@ -179,7 +197,7 @@ pub fn upper_inverse_factor_gpu(
                 ],
             )?;
         }
-        cholesky(ctx, &mut rec, n, &k, &l, &x, &status)?;
+        cholesky(ctx, &mut rec, n, &k, &m, &tmp, &status)?;
         let st = ctx.read(&status)?;
         Ok((st.first() == Some(&0)).then_some(()))
     };
@@ -189,7 +207,7 @@ pub fn upper_inverse_factor_gpu(
         Ok(d) => d,
         Err(e) => return Ok(Err(e)),
     };
-    // L⁻¹ by recursive doubling, then U = J·L⁻¹·J into K's (now free) storage.
+    // L⁻¹ by recursive doubling in M, then U = J·L⁻¹·J into K's (now free) storage.
     let mut rec = ctx.recorder();
     let mut b = NB;
     while b < n {
@@ -198,52 +216,35 @@ pub fn upper_inverse_factor_gpu(
                 continue;
             }
             let (ba, bb) = (b, b.min(n - s - b));
-            // Tᵀ = A⁻ᵀ·Cᵀ (A⁻¹ = X[s.., s..], C = L[s+b.., s..]) into K at rows s.., cols s+b...
+            // Tᵀ = A⁻ᵀ·Cᵀ (A⁻¹ = M[s.., s..], C = M[s+b.., s..]) into K at rows s.., cols s+b...
             ops::gemm_mat(
                 &mut rec,
                 ba,
                 bb,
                 ba,
                 1.0,
-                x.op(s, s).t(),
-                l.op(s + b, s).t(),
+                m.op(s, s).t(),
+                m.op(s + b, s).t(),
                 0.0,
                 k.op(s, s + b),
             )?;
-            // −B⁻¹·T (B⁻¹ = X[s+b.., s+b..]) over C's place in L (C is no longer needed) ...
-            ops::gemm_mat(
-                &mut rec,
-                bb,
-                ba,
-                bb,
-                -1.0,
-                x.op(s + b, s + b),
-                k.op(s, s + b).t(),
-                0.0,
-                l.op(s + b, s),
-            )?;
-            // ... and into X (a GEMM cannot write X while reading it: WebGPU forbids binding one
-            // buffer as read-only and writable storage in the same dispatch). L and X share one
-            // panel layout, so each panel's part of the block is one copy.
-            for (p, rows) in l.segments(s + b..s + b + bb) {
-                let off = (rows.start - l.panel_range(p).start) * n + s;
-                rec.dispatch(
-                    &FACTOR,
-                    "copy_block",
-                    &[],
-                    &FactorParams {
-                        rows: u32_of("block rows", rows.len())?,
-                        cols: u32_of("block cols", ba)?,
-                        off: u32_of("block offset", off)?,
-                        ..FactorParams::new(n32)
-                    },
-                    &[l.panels()[p].binding(), x.panels()[p].binding()],
-                    [
-                        u32_of("copy workgroups", ba.div_ceil(16))?,
-                        u32_of("copy workgroups", rows.len().div_ceil(16))?,
-                        1,
-                    ],
+            // −B⁻¹·T (B⁻¹ = M[s+b.., s+b..], lower triangular: rows r0..r1 need its columns
+            // 0..r1 only) over C's place in M, through the scratch (C is no longer needed).
+            let chunk = (tmp.len() / ba).clamp(1, INV_CHUNK);
+            for r0 in (0..bb).step_by(chunk) {
+                let r1 = (r0 + chunk).min(bb);
+                ops::gemm_mat(
+                    &mut rec,
+                    r1 - r0,
+                    ba,
+                    r1,
+                    -1.0,
+                    m.op(s + b + r0, s + b),
+                    k.op(s, s + b).t(),
+                    0.0,
+                    MatView::new(&tmp, ba).into(),
                 )?;
+                copy_in(&mut rec, &tmp, &m, s + b + r0..s + b + r1, s, ba)?;
             }
             if rec.dispatches() >= 256 {
                 rec.submit();
@@ -252,7 +253,7 @@ pub fn upper_inverse_factor_gpu(
         }
         b *= 2;
     }
-    for pp in k.panel_pairs(&x) {
+    for pp in k.panel_pairs(&m) {
         rec.dispatch(
             &FACTOR,
             "reverse_u",
@@ -282,15 +283,66 @@ fn lcm(a: usize, b: usize) -> usize {
     a / gcd(a, b) * b
 }
 
-/// Records the blocked Cholesky of K's upper triangle into L (lower) with the diagonal blocks'
-/// inverses in X, and submits it.
+/// Records `dst[rows, c0 .. c0 + cols] = scratch` (`factor.wgsl` `copy_in`): a `rows.len() × cols`
+/// block stored contiguously at the start of `src` (leading dimension `cols`), copied into the
+/// n-column matrix `dst` panel segment by panel segment. The GEMMs whose results belong in a
+/// matrix they also read write to the scratch first (module docs).
+pub(crate) fn copy_in(
+    rec: &mut Recorder<'_>,
+    src: &GpuBuffer<f32>,
+    dst: &GpuMatrix,
+    rows: std::ops::Range<usize>,
+    c0: usize,
+    cols: usize,
+) -> Result<(), GpuError> {
+    let n = dst.cols();
+    if rows.is_empty() || cols == 0 {
+        return Ok(());
+    }
+    if c0 + cols > n || rows.end > dst.rows() || src.len() < rows.len() * cols {
+        return Err(GpuError::Validation(format!(
+            "copy of a {}×{cols} block to rows {rows:?}, columns {c0}.. of a {}×{n} matrix from \
+             {} scratch floats",
+            rows.len(),
+            dst.rows(),
+            src.len()
+        )));
+    }
+    let n32 = u32_of("n", n)?;
+    for (p, seg) in dst.segments(rows.clone()) {
+        let off = (seg.start - dst.panel_range(p).start) * n + c0;
+        rec.dispatch(
+            &FACTOR,
+            "copy_in",
+            &[],
+            &FactorParams {
+                rows: u32_of("copy rows", seg.len())?,
+                cols: u32_of("copy cols", cols)?,
+                off: u32_of("copy offset", off)?,
+                src_off: u32_of("copy source offset", (seg.start - rows.start) * cols)?,
+                ..FactorParams::new(n32)
+            },
+            &[src.binding(), dst.panels()[p].binding()],
+            [
+                u32_of("copy workgroups", cols.div_ceil(16))?,
+                u32_of("copy workgroups", seg.len().div_ceil(16))?,
+                1,
+            ],
+        )?;
+    }
+    Ok(())
+}
+
+/// Records the blocked Cholesky of K's upper triangle into M (the factor below the 32×32 diagonal
+/// blocks, the blocks' inverses on them; module docs), and submits it. `tmp` holds at least
+/// `32·n` floats.
 fn cholesky<'c>(
     ctx: &'c GpuContext,
     rec: &mut Recorder<'c>,
     n: usize,
     k: &GpuMatrix,
-    l: &GpuMatrix,
-    x: &GpuMatrix,
+    m: &GpuMatrix,
+    tmp: &GpuBuffer<f32>,
     status: &GpuBuffer<u32>,
 ) -> Result<(), GpuError> {
     let n32 = u32_of("n", n)?;
@@ -309,8 +361,7 @@ fn cholesky<'c>(
             },
             &[
                 k.panels()[p].binding(),
-                l.panels()[p].binding(),
-                x.panels()[p].binding(),
+                m.panels()[p].binding(),
                 status.binding(),
             ],
             [1, 1, 1],
@@ -318,7 +369,8 @@ fn cholesky<'c>(
         let j1 = j0 + NB;
         if j1 < n {
             let rest = n - j1;
-            // L₂₁ = K₂₁·L₁₁⁻ᵀ: K₂₁[i, c] is K[j0+c, j1+i] (upper storage), L₁₁⁻¹ sits in X.
+            let l21 = MatView::new(tmp, NB);
+            // L₂₁ = K₂₁·L₁₁⁻ᵀ: K₂₁[i, c] is K[j0+c, j1+i] (upper storage), L₁₁⁻¹ sits in M.
             ops::gemm_mat(
                 r,
                 rest,
@@ -326,21 +378,13 @@ fn cholesky<'c>(
                 NB,
                 1.0,
                 k.op(j0, j1).t(),
-                x.op(j0, j0).t(),
+                m.op(j0, j0).t(),
                 0.0,
-                l.op(j1, j0),
+                l21.into(),
             )?;
             // K₂₂ −= L₂₁·L₂₁ᵀ on the upper triangle.
-            ops::gemm_mat_upper(
-                r,
-                rest,
-                NB,
-                -1.0,
-                l.op(j1, j0),
-                l.op(j1, j0).t(),
-                1.0,
-                k.op(j1, j1),
-            )?;
+            ops::gemm_mat_upper(r, rest, NB, -1.0, l21.into(), l21.t().into(), 1.0, k.op(j1, j1))?;
+            copy_in(r, tmp, m, j1..n, j0, NB)?;
         }
         // Bound the recorded-but-unsubmitted work on huge matrices.
         if r.dispatches() >= 256 {
