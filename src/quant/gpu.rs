@@ -14,8 +14,9 @@
 //!    caller's `H` and `D` buffers are never modified (§6.2).
 //! 2. **GPTAQ `P` on the GPU** (§2.2): `D` is permuted and its dead columns zeroed by a gather
 //!    kernel (`quant_gather.wgsl`), then `T = D·Uᵀ`, `T ← α·triu₁(T)` (`quant_mask.wgsl`),
-//!    `P = T·U` — GEMMs over column blocks that skip what the triangles of `U` and `T` make zero
-//!    ([`gptaq_p_blocked`]: about 0.6·n³ multiply-adds instead of the dense 2·n³).
+//!    `P = T·U` — GEMMs over column blocks that skip what the triangles of `U` and `T` make zero,
+//!    in place of the permuted `D` ([`gptaq_p_blocked`]: about 0.6·n³ multiply-adds instead of the
+//!    dense 2·n³, and no second n×n matrix).
 //! 3. **Blocked sweep on the GPU** (§1.2 step 8, §6.3): per block one `quant_sweep.wgsl` dispatch
 //!    (workgroup per row chunk) does the per-column quantization, group parameters at group starts
 //!    (stale-W quirk included), the in-block OBS update and GPTAQ's in-block term; then the lazy
@@ -30,10 +31,11 @@
 //!    the per-row and per-column proxy losses and `diag(U)` are read back to build the
 //!    [`QuantResult`] (and [`GpuSolve::u_diag`]).
 //!
-//! `H`, `D`, `U`, `P` and `T` are [`GpuMatrix`] row panels (gpu/matrix.rs): a single buffer when
-//! n² floats fit one storage binding, otherwise panels — `U` and `P` of whole blocks, so each
-//! block's rows are read through one binding by the sweep and the cross-block GEMMs; the gathers
-//! run once per (destination, source) panel pair and the GEMMs split at panel boundaries.
+//! `H`, `D`, `U` and `P` (in the permuted `D`'s storage) are [`GpuMatrix`] row panels
+//! (gpu/matrix.rs): a single buffer when n² floats fit one storage binding, otherwise panels —
+//! `U` and `P` of whole blocks, so each block's rows are read through one binding by the sweep
+//! and the cross-block GEMMs; the gathers run once per (destination, source) panel pair and the
+//! GEMMs split at panel boundaries.
 //!
 //! Deviations from the f64 reference (all f32 round-off, documented for the tests):
 //! - `U` is an f32 factorisation (the reference's is f64): a damping retry can in principle be
@@ -254,16 +256,22 @@ fn prepare_w_f32(
     out
 }
 
-/// Column blocks `[j0, j1)` of [`gptaq_p_blocked`]: 16 of them (the last may be shorter), each a
-/// multiple of 32 columns. Sixteen keeps the work skipped by the block granularity near 1/16 of
-/// the total while every GEMM stays large enough to fill a GPU at the widths that matter.
-fn tri_blocks(n: usize) -> impl Iterator<Item = (usize, usize)> {
-    let b = n.div_ceil(16).next_multiple_of(32).max(32);
-    (0..n).step_by(b).map(move |j0| (j0, (j0 + b).min(n)))
+/// Width of the column blocks of [`gptaq_p_blocked`]: a sixteenth of `n` (a multiple of 32),
+/// so the work skipped by the block granularity stays near 1/16 of the total while every GEMM
+/// stays large enough to fill a GPU at the widths that matter; narrower when the `n × width`
+/// scratch would not fit one binding of `max_bytes`.
+fn tri_block_cols(n: usize, max_bytes: u64) -> usize {
+    let fit = (max_bytes / 4 / n.max(1) as u64) as usize / 32 * 32;
+    n.div_ceil(16).next_multiple_of(32).min(fit).max(32)
 }
 
-/// GPTAQ's `P = triu₁(α·Dp·Uᵀ)·U` (algorithm.md §2.2) into `dp`'s storage, from the permuted `D`
-/// in `dp`, the upper factor `U` and a zeroed scratch `t` (all n×n, same panel layout).
+/// Column blocks `[j0, j1)` of width `b` (the last may be narrower).
+fn tri_blocks(n: usize, b: usize) -> impl DoubleEndedIterator<Item = (usize, usize)> {
+    (0..n).step_by(b.max(1)).map(move |j0| (j0, (j0 + b).min(n)))
+}
+
+/// GPTAQ's `P = triu₁(α·Dp·Uᵀ)·U` (algorithm.md §2.2) in place of the permuted `D` in `dp`, from
+/// the upper factor `U` (same shape and panel layout) and a scratch of at least `n · b` floats.
 ///
 /// Dense, the two products cost 2·n³ multiply-adds — at the 4096 × 14336 down_proj shape about a
 /// quarter of the whole GPTAQ solve (11.8 TFLOP). The triangles make most of it zero (the f64
@@ -275,20 +283,33 @@ fn tri_blocks(n: usize) -> impl Iterator<Item = (usize, usize)> {
 ///
 /// Over 16 column blocks that is ≈ 0.6·n³ multiply-adds (T ≈ n³/6, P ≈ n³/3, plus the blocks'
 /// granularity), 3.4× less than dense. The skipped terms are products with exact zeros, so the
-/// result is the dense one up to f32 summation order. All of `T` is computed before `P`
-/// overwrites `dp` (T's later blocks read `Dp[:, c ≥ j0]`). The rows of `dp` no block writes
-/// (`i ≥ j1` in block `J`) still hold `D`; a final mask pass zeroes them and the diagonal, so `P`
-/// is exactly strictly upper, as the dense product of the two triangles is.
+/// result is the dense one up to f32 summation order.
+///
+/// Memory: no second n×n matrix. `T` overwrites `Dp` block by block in ascending order (block
+/// `J` reads `Dp[:, c ≥ j0]`, which no earlier block has overwritten), `P` overwrites `T` in
+/// descending order (block `J` reads `T[:, m < j1]`, which no later block has overwritten); each
+/// block goes through the scratch because a GEMM cannot write the matrix it reads (WebGPU). The
+/// rows no block writes (`i ≥ j1` in block `J`) lie below the diagonal; the masks zero them, so
+/// `P` is exactly strictly upper, as the dense product of the two triangles is.
 fn gptaq_p_blocked(
     rec: &mut crate::gpu::kernels::Recorder<'_>,
     n: usize,
     u: &GpuMatrix,
     dp: &GpuMatrix,
-    t: &GpuMatrix,
+    scratch: &GpuBuffer<f32>,
+    b: usize,
     alpha: f32,
 ) -> Result<(), QuantGpuError> {
-    for (j0, j1) in tri_blocks(n) {
+    if scratch.len() < n * b {
+        return Err(GpuError::Validation(format!(
+            "GPTAQ P: scratch of {} floats for {n} × {b} blocks",
+            scratch.len()
+        ))
+        .into());
+    }
+    for (j0, j1) in tri_blocks(n, b) {
         // T[0..j1, J] = Dp[0..j1, j0..n]·U[J, j0..n]ᵀ
+        let blk = MatView::new(scratch, j1 - j0);
         ops::gemm_mat(
             rec,
             j1,
@@ -298,23 +319,26 @@ fn gptaq_p_blocked(
             dp.op(0, j0),
             u.op(j0, j0).t(),
             0.0,
-            t.op(0, j0),
+            blk.into(),
         )?;
+        factor::copy_in(rec, scratch, dp, 0..j1, j0, j1 - j0)?;
     }
-    triu1_scale(rec, n, t, alpha)?;
-    for (j0, j1) in tri_blocks(n) {
+    triu1_scale(rec, n, dp, alpha)?;
+    for (j0, j1) in tri_blocks(n, b).rev() {
         // P[0..j1, J] = T[0..j1, 0..j1]·U[0..j1, J]
+        let blk = MatView::new(scratch, j1 - j0);
         ops::gemm_mat(
             rec,
             j1,
             j1 - j0,
             j1,
             1.0,
-            t.op(0, 0),
+            dp.op(0, 0),
             u.op(0, j0),
             0.0,
-            dp.op(0, j0),
+            blk.into(),
         )?;
+        factor::copy_in(rec, scratch, dp, 0..j1, j0, j1 - j0)?;
     }
     triu1_scale(rec, n, dp, 1.0)
 }
@@ -543,17 +567,17 @@ pub fn quantize_gpu(
             let mut meta = order.iter().map(|&j| j as u32).collect::<Vec<u32>>();
             meta.extend(dead.iter().map(|&x| u32::from(x)));
             let gmeta_d = ctx.upload("quant perm/dead", &meta)?;
-            // Dp (then P) and T share U's panel layout (same shape and alignment).
+            // Dp (then T, then P) shares U's panel layout (same shape and alignment).
             let dp = ctx.matrix_zeros("quant D perm", n, n, gu.panel_rows())?;
-            let t = ctx.matrix_zeros("quant T", n, n, gu.panel_rows())?;
-            if dp.panel_rows() != gu.panel_rows() || t.panel_rows() != gu.panel_rows() {
+            if dp.panel_rows() != gu.panel_rows() {
                 return Err(QuantGpuError::Gpu(GpuError::Validation(format!(
-                    "P / T panels of {} / {} rows differ from U's {}",
+                    "P panels of {} rows differ from U's {}",
                     dp.panel_rows(),
-                    t.panel_rows(),
                     gu.panel_rows()
                 ))));
             }
+            let pb = tri_block_cols(n, ctx.panel_bytes());
+            let scratch = ctx.zeros::<f32>("quant P block", n * pb)?;
             let gx = n.div_ceil(16) as u32;
             for pp in dp.panel_pairs(d) {
                 rec.dispatch(
@@ -573,12 +597,12 @@ pub fn quantize_gpu(
                     ],
                 )?;
             }
-            gptaq_p_blocked(&mut rec, n, &gu, &dp, &t, alpha as f32)?;
+            gptaq_p_blocked(&mut rec, n, &gu, &dp, &scratch, pb, alpha as f32)?;
             // Keep the recorded work alive until submission (buffers are reference counted by
-            // wgpu, but submit now so T and the metadata can be freed early).
+            // wgpu, but submit now so the scratch and the metadata can be freed early).
             rec.submit();
             rec = ctx.recorder();
-            drop(t);
+            drop(scratch);
             drop(gmeta_d);
             Some(dp)
         }
