@@ -444,6 +444,7 @@ fn inspect(dir: &Path, nsamples: usize, seqlen: usize, json: bool) -> anyhow::Re
         nsamples,
         seqlen,
         fp_stream: true,
+        statistics: 2,
         gpu_budget_bytes: 8 << 30,
         max_buffer_bytes: 2 << 30,
         host_dtype: StreamDType::F16,

@@ -96,7 +96,7 @@ fn batch_sequences(
     max_binding: u64,
 ) -> usize {
     // The pipeline planner's activation estimate for one stream (a slight over-estimate here).
-    let per_token = crate::pipeline::plan::scratch_per_token(cfg, false);
+    let per_token = crate::pipeline::plan::scratch_per_token(cfg, false, false);
     let target = if opts.batch_tokens > 0 {
         opts.batch_tokens as u64
     } else {

@@ -903,3 +903,67 @@ fn metrics_from_forward_outputs_match_host_reference() {
         eprintln!("{name}: worst relative deviation {worst:e}");
     }
 }
+
+/// The measured GPU peak of a run stays within the memory plan, on a model whose widest input
+/// (768) makes the solve's n×n matrices the peak: the plan counts the statistics plus two n×n
+/// factor matrices (K and M, then U and P in the permuted D) and the released activations as two
+/// separate stages. The factor, GPTAQ's P and the activations each used to hold one more n×n-sized
+/// buffer at that moment; any of those coming back pushes the peak above the plan.
+#[test]
+fn measured_peak_stays_within_the_memory_plan() {
+    use gptaq_studio::calib::CalibSet;
+    use gptaq_studio::pipeline::Inputs;
+    let Some(ctx) = test_context() else { return };
+    let mut c = SyntheticModel::demo_config();
+    c.hidden_size = 32;
+    c.intermediate_size = 768;
+    c.num_layers = 1;
+    c.num_heads = 2;
+    c.num_kv_heads = 1;
+    c.head_dim = 16;
+    c.vocab_size = 64;
+    let (nsamples, seqlen) = (2, 16);
+    for (method, metrics) in [(Method::Gptaq { alpha: 0.25 }, true), (Method::Gptq, false)] {
+        let inputs = Inputs {
+            source: Box::new(SyntheticModel::with_config(c.clone(), 11)),
+            model_name: "wide synthetic".into(),
+            calib: CalibSet::synthetic(c.vocab_size, nsamples, seqlen, 3),
+        };
+        let config = PipelineConfig {
+            quant: QuantConfig {
+                method,
+                bits: 4,
+                group_size: Some(32),
+                ..QuantConfig::default()
+            },
+            nsamples,
+            seqlen,
+            solver: Solver::Gpu,
+            metrics,
+            ..PipelineConfig::default()
+        };
+        let q =
+            pipeline::run_prepared(&ctx, &inputs, &config, &mut |_| {}, &AtomicBool::new(false))
+                .unwrap();
+        let (peak, plan) = (q.report.peak_gpu_bytes, &q.report.plan);
+        let n2 = 768 * 768 * 4;
+        let mats = if metrics { 4 } else { 3 };
+        eprintln!(
+            "{method:?}: peak {peak} B, plan {} B, {mats} n×n = {} B",
+            plan.gpu_bytes_estimate,
+            mats * n2
+        );
+        assert!(
+            peak <= plan.gpu_bytes_estimate,
+            "{method:?}: measured peak {peak} B above the plan's {} B: {:?}",
+            plan.gpu_bytes_estimate,
+            plan.breakdown
+        );
+        // The solve really held the statistics and both factor matrices at once: the plan is
+        // not met by a run that skipped the solve.
+        assert!(
+            peak >= mats * n2,
+            "{method:?}: peak {peak} B below {mats} n×n matrices"
+        );
+    }
+}

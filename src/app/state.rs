@@ -390,6 +390,11 @@ impl Settings {
             nsamples: self.nsamples.max(1),
             seqlen: self.seqlen.max(1),
             fp_stream: self.fp_stream(),
+            statistics: if matches!(self.method, MethodChoice::Gptaq | MethodChoice::SideBySide) {
+                2
+            } else {
+                1
+            },
             gpu_budget_bytes: (self.gpu_memory_gib.max(0.0) * (1u64 << 30) as f64) as u64,
             max_buffer_bytes,
             host_dtype: StreamDType::F32,

@@ -90,6 +90,18 @@ struct Stats {
     f16: Option<(GpuBuffer<half::f16>, GpuBuffer<half::f16>)>,
 }
 
+/// The per-batch activations in `slot`, allocated by `make` if they were released.
+fn ensure_work<'a>(
+    slot: &'a mut Option<Work>,
+    make: &dyn Fn() -> Result<Work, PipelineError>,
+) -> Result<&'a Work, PipelineError> {
+    let work = match slot.take() {
+        Some(w) => w,
+        None => make()?,
+    };
+    Ok(slot.insert(work))
+}
+
 /// Whether the configured capture targets one of `mods` in `layer`.
 fn capturing(cfg: &PipelineConfig, layer: usize, mods: &[ModuleKind]) -> bool {
     cfg.capture
@@ -148,6 +160,13 @@ pub fn quantize(
         nsamples: nseq,
         seqlen,
         fp_stream,
+        statistics: if cfg.capture.is_some() {
+            3
+        } else if gptaq {
+            2
+        } else {
+            1
+        },
         gpu_budget_bytes: cfg.gpu_budget_bytes,
         max_buffer_bytes: ctx.max_binding_bytes(),
         host_dtype: cfg.stream_dtype,
@@ -198,38 +217,45 @@ pub fn quantize(
 
     let rope = Rope::new(ctx, &mc, seqlen)?;
     let widest = h.max(mc.intermediate_size).max(mc.q_dim());
-    let work = Work {
-        h_q: ctx.zeros("work h_q", max_tokens * h)?,
-        h_fp: ctx.zeros("work h_fp", if fp_stream { max_tokens * h } else { 1 })?,
-        a_q: ctx.zeros("work a_q", max_tokens * mc.q_dim())?,
-        a_fp: ctx.zeros(
-            "work a_fp",
-            if fp_stream {
-                max_tokens * mc.q_dim()
-            } else {
-                1
-            },
-        )?,
-        s_q: LayerScratch::new(ctx, &mc, max_tokens)?,
-        s_fp: LayerScratch::new(ctx, &mc, if fp_stream { max_tokens } else { 1 })?,
-        diff: ctx.zeros(
-            "work diff",
-            if gptaq || cfg.capture.is_some() {
-                max_tokens * widest
-            } else {
-                1
-            },
-        )?,
-        metric: MetricScratch::new(
-            ctx,
-            if fp_stream { max_tokens } else { 1 },
-            if fp_stream { widest } else { 1 },
-        )?,
-        hidden_parts: ctx.zeros(
-            "hidden partials",
-            2 * nb * ops::sq_partials_len(max_tokens * h),
-        )?,
+    // The per-batch activations: released while a group is solved, whose n×n temporaries need
+    // the room (Llama-3-8B, one 2048-token sequence, both streams: ≈1.7 GiB of activations, more
+    // than the down_proj factor's two 14336² matrices), and allocated again for the next stage.
+    // The memory plan counts the two stages apart (pipeline/plan.rs).
+    let make_work = || -> Result<Work, PipelineError> {
+        Ok(Work {
+            h_q: ctx.zeros("work h_q", max_tokens * h)?,
+            h_fp: ctx.zeros("work h_fp", if fp_stream { max_tokens * h } else { 1 })?,
+            a_q: ctx.zeros("work a_q", max_tokens * mc.q_dim())?,
+            a_fp: ctx.zeros(
+                "work a_fp",
+                if fp_stream {
+                    max_tokens * mc.q_dim()
+                } else {
+                    1
+                },
+            )?,
+            s_q: LayerScratch::new(ctx, &mc, max_tokens)?,
+            s_fp: LayerScratch::new(ctx, &mc, if fp_stream { max_tokens } else { 1 })?,
+            diff: ctx.zeros(
+                "work diff",
+                if gptaq || cfg.capture.is_some() {
+                    max_tokens * widest
+                } else {
+                    1
+                },
+            )?,
+            metric: MetricScratch::new(
+                ctx,
+                if fp_stream { max_tokens } else { 1 },
+                if fp_stream { widest } else { 1 },
+            )?,
+            hidden_parts: ctx.zeros(
+                "hidden partials",
+                2 * nb * ops::sq_partials_len(max_tokens * h),
+            )?,
+        })
     };
+    let mut work_slot: Option<Work> = None;
 
     let mut results: BTreeMap<(usize, ModuleKind), QuantResult> = BTreeMap::new();
     let mut module_reports = Vec::new();
@@ -272,6 +298,7 @@ pub fn quantize(
             let mut pending: Vec<(ModuleKind, ModuleReport)> = Vec::new();
 
             // ---- stage A: statistics of q/k/v
+            let work = ensure_work(&mut work_slot, &make_work)?;
             let mut stats = Stats::new(
                 ctx,
                 nseq,
@@ -297,13 +324,14 @@ pub fn quantize(
                 rec = prof.lap(rec, "stats")?;
                 rec.submit();
             }
+            work_slot = None;
             solve_group(
                 ctx,
                 cfg,
                 &lw,
                 &mut layers,
                 &[ModuleKind::Q, ModuleKind::K, ModuleKind::V],
-                &stats,
+                &mut stats,
                 layer,
                 &mut prof,
                 &mut pending,
@@ -312,6 +340,7 @@ pub fn quantize(
             drop(stats);
 
             // ---- stage B: attention with quantized q/k/v → statistics of o, metrics of q/k/v
+            let work = ensure_work(&mut work_slot, &make_work)?;
             let mut aq = Stream::new(ctx, "a_q", &attn_lens, placement)?;
             let mut afp = if fp_stream {
                 Some(Stream::new(ctx, "a_fp", &attn_lens, placement)?)
@@ -378,13 +407,14 @@ pub fn quantize(
             }
             finish_metrics(ctx, &qkv_metrics, &mut pending, &mut module_reports, emit)?;
             prof.sync(ctx, "metrics")?;
+            work_slot = None;
             solve_group(
                 ctx,
                 cfg,
                 &lw,
                 &mut layers,
                 &[ModuleKind::O],
-                &stats,
+                &mut stats,
                 layer,
                 &mut prof,
                 &mut pending,
@@ -393,6 +423,7 @@ pub fn quantize(
             drop(stats);
 
             // ---- stage C: h ← h + o(a) → statistics of gate/up, metrics of o
+            let work = ensure_work(&mut work_slot, &make_work)?;
             let mut stats = Stats::new(
                 ctx,
                 nseq,
@@ -457,13 +488,14 @@ pub fn quantize(
             drop((aq, afp));
             finish_metrics(ctx, &o_metrics, &mut pending, &mut module_reports, emit)?;
             prof.sync(ctx, "metrics")?;
+            work_slot = None;
             solve_group(
                 ctx,
                 cfg,
                 &lw,
                 &mut layers,
                 &[ModuleKind::Gate, ModuleKind::Up],
-                &stats,
+                &mut stats,
                 layer,
                 &mut prof,
                 &mut pending,
@@ -472,6 +504,7 @@ pub fn quantize(
             drop(stats);
 
             // ---- stage D: act = silu(gate)·up → statistics of down, metrics of gate/up
+            let work = ensure_work(&mut work_slot, &make_work)?;
             let mut stats = Stats::new(
                 ctx,
                 nseq,
@@ -525,13 +558,14 @@ pub fn quantize(
             }
             finish_metrics(ctx, &gu_metrics, &mut pending, &mut module_reports, emit)?;
             prof.sync(ctx, "metrics")?;
+            work_slot = None;
             solve_group(
                 ctx,
                 cfg,
                 &lw,
                 &mut layers,
                 &[ModuleKind::Down],
-                &stats,
+                &mut stats,
                 layer,
                 &mut prof,
                 &mut pending,
@@ -540,6 +574,7 @@ pub fn quantize(
             drop(stats);
 
             // ---- stage E: h ← h + down(act) for both streams; metrics of down; hidden deviation
+            let work = ensure_work(&mut work_slot, &make_work)?;
             let down_metrics =
                 metric_accs(ctx, &mc, fp_stream, nb, max_tokens, &[ModuleKind::Down])?;
             let hp = ops::sq_partials_len(max_tokens * h);
@@ -1136,12 +1171,14 @@ fn solve_group(
     lw: &LayerWeights,
     layers: &mut Layers,
     mods: &[ModuleKind],
-    stats: &Stats,
+    stats: &mut Stats,
     layer: usize,
     prof: &mut Profile,
     pending: &mut Vec<(ModuleKind, ModuleReport)>,
     results: &mut BTreeMap<(usize, ModuleKind), QuantResult>,
 ) -> Result<(), PipelineError> {
+    // The tensor-core path's f16 operands are accumulation scratch: not kept through the solve.
+    stats.f16 = None;
     for &m in mods {
         let t = Instant::now();
         let r = solve(ctx, cfg, lw, layers, m, stats, layer, prof)?;

@@ -15,6 +15,9 @@ pub struct PlanInput<'a> {
     pub seqlen: usize,
     /// A second (full-precision) stream runs in lock-step (GPTAQ, or metrics requested).
     pub fp_stream: bool,
+    /// n×n statistics accumulated per group: 1 (H: GPTQ), 2 (H and D: GPTAQ), 3 (H, D and E:
+    /// a layer-lab capture).
+    pub statistics: usize,
     /// GPU memory the run may use.
     pub gpu_budget_bytes: u64,
     /// Largest single buffer the adapter allows.
@@ -53,8 +56,9 @@ pub enum PlanError {
 
 const F32: u64 = 4;
 
-/// Bytes of scratch activations per token (both streams included when `fp_stream`).
-pub(crate) fn scratch_per_token(c: &ModelConfig, fp_stream: bool) -> u64 {
+/// Bytes of scratch activations per token (both streams included when `fp_stream`; GPTAQ's
+/// `X_fp − X_q` of the widest input with `asymmetry`).
+pub(crate) fn scratch_per_token(c: &ModelConfig, fp_stream: bool, asymmetry: bool) -> u64 {
     let (h, i, qd, kvd) = (
         c.hidden_size as u64,
         c.intermediate_size as u64,
@@ -69,7 +73,8 @@ pub(crate) fn scratch_per_token(c: &ModelConfig, fp_stream: bool) -> u64 {
         + (h + qd) * 2;
     // metrics: Y_q, Y_fp, Y_w for the widest module output
     let metrics = 3 * h.max(i).max(qd) * F32;
-    per_stream * if fp_stream { 2 } else { 1 } + metrics
+    let diff = if asymmetry { h.max(i).max(qd) * F32 } else { 0 };
+    per_stream * if fp_stream { 2 } else { 1 } + metrics + diff
 }
 
 /// One layer's linear weights in f32.
@@ -83,13 +88,25 @@ fn layer_weight_bytes(c: &ModelConfig) -> u64 {
     (h * qd + 2 * h * kvd + qd * h + 3 * h * i) * F32
 }
 
-/// H, D and the solver's temporaries for the widest input: while factoring, the GPU factor holds
-/// K (later U), L and L⁻¹ next to H (and D); GPTAQ's P then needs D permuted and D·Uᵀ next to H, D
-/// and U (quant/factor.rs, quant/gpu.rs). Five n×n matrices with the FP stream, four without.
-fn stats_bytes(c: &ModelConfig, fp_stream: bool) -> u64 {
+/// Bytes of one n×n f32 matrix of the widest input.
+fn nxn_bytes(c: &ModelConfig) -> u64 {
     let n = c.hidden_size.max(c.intermediate_size).max(c.q_dim()) as u64;
-    let mats = if fp_stream { 5 } else { 4 };
-    mats * n * n * F32
+    n * n * F32
+}
+
+/// The solve's n×n-sized temporaries next to the statistics (quant/factor.rs, quant/gpu.rs):
+/// while factoring K (later U) and M (L, then L⁻¹) plus a 128-row scratch; GPTAQ's P then lives
+/// in the permuted D next to U, with an n × n/16 block scratch. Two n×n matrices and the larger
+/// scratch.
+fn solve_temp_bytes(c: &ModelConfig, asymmetry: bool, max_buffer_bytes: u64) -> u64 {
+    let n = c.hidden_size.max(c.intermediate_size).max(c.q_dim());
+    let factor_scratch = (crate::quant::factor::SCRATCH_ROWS * n) as u64 * F32;
+    let p_scratch = if asymmetry {
+        (crate::quant::gpu::tri_block_cols(n, max_buffer_bytes) * n) as u64 * F32
+    } else {
+        0
+    };
+    2 * nxn_bytes(c) + factor_scratch.max(p_scratch)
 }
 
 /// The GPU solve's per-module buffers for the largest module (rows·cols): the working W (f32),
@@ -124,15 +141,22 @@ pub fn rtn_direct(gpu_budget_bytes: u64) -> MemoryPlan {
     }
 }
 
+/// The plan. The per-batch activations are released while a group is solved
+/// (pipeline/driver.rs), so the peak is the larger of two stages, each next to the layer weights
+/// (and the streams, when they are on the GPU): accumulating (statistics + one batch of
+/// activations) and solving (statistics + the solve's temporaries + its per-module buffers).
 pub fn plan(input: &PlanInput<'_>) -> Result<MemoryPlan, PlanError> {
     let c = input.config;
     let streams = if input.fp_stream { 2 } else { 1 };
     let weights =
         layer_weight_bytes(c) * if input.fp_stream { 2 } else { 1 } + layer_weight_bytes(c) / 7 * 2;
-    let stats = stats_bytes(c, input.fp_stream) + solver_bytes(c);
-    let fixed = weights + stats;
+    let statistics = input.statistics.max(1) as u64 * nxn_bytes(c);
+    // A capture's E is not needed by the solve, but it is alive while the group solves.
+    let solve = statistics
+        + solve_temp_bytes(c, input.statistics >= 2, input.max_buffer_bytes)
+        + solver_bytes(c);
     let budget = input.gpu_budget_bytes;
-    let per_token = scratch_per_token(c, input.fp_stream);
+    let per_token = scratch_per_token(c, input.fp_stream, input.statistics >= 2);
     let seq_scratch = per_token * input.seqlen as u64;
     // The widest module's W lives in one buffer (forward pass, solve); the n×n H, D, U and P are
     // row panels of whole 128-column blocks (gpu/matrix.rs), so one such panel must fit.
@@ -153,15 +177,19 @@ pub fn plan(input: &PlanInput<'_>) -> Result<MemoryPlan, PlanError> {
             });
         }
     }
-    if fixed + seq_scratch > budget {
+    let need = weights + (statistics + seq_scratch).max(solve);
+    if need > budget {
         return Err(PlanError::Budget {
-            need_mib: (fixed + seq_scratch) >> 20,
+            need_mib: need >> 20,
             budget_mib: budget >> 20,
             detail: format!(
-                "layer weights {} MiB, Hessian statistics {} MiB, activations for one sequence {} MiB",
+                "layer weights {} MiB, then the larger of accumulating (statistics {} MiB + \
+                 activations for one sequence {} MiB) and solving (statistics, factor and solver \
+                 buffers {} MiB)",
                 weights >> 20,
-                stats >> 20,
-                seq_scratch >> 20
+                statistics >> 20,
+                seq_scratch >> 20,
+                solve >> 20
             ),
         });
     }
@@ -173,16 +201,16 @@ pub fn plan(input: &PlanInput<'_>) -> Result<MemoryPlan, PlanError> {
         c.hidden_size.max(c.intermediate_size).max(c.q_dim()) as u64 * input.seqlen as u64 * F32;
     let max_by_buffer = (input.max_buffer_bytes / widest_per_seq.max(1)).max(1) as usize;
 
-    let streams_on_gpu = !input.force_host && fixed + all_streams + seq_scratch <= budget;
-    let room = budget - fixed - if streams_on_gpu { all_streams } else { 0 };
+    let streams_on_gpu = !input.force_host && need + all_streams <= budget;
+    let fixed = weights + if streams_on_gpu { all_streams } else { 0 };
+    let room = budget - fixed - statistics;
     let by_memory = (room / seq_scratch.max(1)).max(1) as usize;
     // Batches beyond 16 sequences bring no speed (GEMMs are already large) but cost memory.
     let batch = by_memory
         .min(max_by_buffer)
         .min(input.nsamples.max(1))
         .min(16);
-    let gpu_total =
-        fixed + seq_scratch * batch as u64 + if streams_on_gpu { all_streams } else { 0 };
+    let gpu_total = fixed + (statistics + seq_scratch * batch as u64).max(solve);
     let host_dtype = input.host_dtype;
     let host = if streams_on_gpu {
         0
@@ -212,13 +240,16 @@ pub fn plan(input: &PlanInput<'_>) -> Result<MemoryPlan, PlanError> {
                 mib(weights)
             ),
             format!(
-                "Hessian statistics and solver buffers (widest module): {}",
-                mib(stats)
-            ),
-            format!(
-                "activations for {batch} sequence(s) of {} tokens: {}",
+                "accumulating: statistics of the widest input {} + activations for {batch} \
+                 sequence(s) of {} tokens {}",
+                mib(statistics),
                 input.seqlen,
                 mib(seq_scratch * batch as u64)
+            ),
+            format!(
+                "solving (activations released): statistics, factor and solver buffers of the \
+                 widest module {}",
+                mib(solve)
             ),
             format!(
                 "{} stream(s) of {} × {} tokens: {} on the {}",
@@ -261,6 +292,7 @@ mod tests {
             nsamples: 128,
             seqlen: 2048,
             fp_stream: true,
+            statistics: 2,
             gpu_budget_bytes: budget_gib << 30,
             max_buffer_bytes: 4 << 30,
             host_dtype: dtype,
@@ -290,13 +322,24 @@ mod tests {
         );
         // Two streams of 128 × 2048 × (hidden + attention output) in f16 on the host.
         assert_eq!(p.host_bytes_estimate, 2 * 128 * 2048 * (4096 + 4096) * 2);
-        // The n×n statistics of the widest input (14336) alone are 5 × 784 MiB.
-        let stats = stats_bytes(&c, true);
-        assert_eq!(stats, 5 * 14336 * 14336 * 4);
+        // Solving down_proj (n = 14336): H and D, the factor's two n×n matrices (K/U and M, then
+        // U and P in D's permuted copy) and P's 14336 × 896 block scratch — 4 × 784 + 49 MiB.
+        let n = 14336u64;
+        assert_eq!(
+            solve_temp_bytes(&c, true, 4 << 30),
+            2 * n * n * 4 + n * 896 * 4
+        );
+        assert_eq!(nxn_bytes(&c), n * n * 4);
+        assert!(
+            p.breakdown.iter().any(|l| l.contains("solving")),
+            "{:?}",
+            p.breakdown
+        );
         Ok(())
     }
 
-    /// Below the fixed part (weights + statistics + one sequence) the run is refused, with numbers.
+    /// Below the fixed part (weights, then statistics and the solve's buffers) the run is refused,
+    /// with numbers.
     #[test]
     fn too_small_a_budget_is_refused_with_numbers() -> Result<(), Box<dyn std::error::Error>> {
         let c = llama3_8b()?;
@@ -315,7 +358,9 @@ mod tests {
             }
             other => return Err(format!("expected a budget error, got {other}").into()),
         }
-        assert!(e.to_string().contains("Hessian statistics"), "{e}");
+        for part in ["layer weights", "accumulating", "solving"] {
+            assert!(e.to_string().contains(part), "{part}: {e}");
+        }
         Ok(())
     }
 

@@ -54,7 +54,7 @@ const INV_CHUNK: usize = 256;
 /// The scratch holds `SCRATCH_ROWS · n` floats: one 128-row panel of an n×n matrix, which the
 /// planner already requires to fit one binding (pipeline/plan.rs), and more than the Cholesky's
 /// `(n − 32) × 32` panel.
-const SCRATCH_ROWS: usize = 128;
+pub(crate) const SCRATCH_ROWS: usize = 128;
 
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable)]
@@ -383,7 +383,16 @@ fn cholesky<'c>(
                 l21.into(),
             )?;
             // K₂₂ −= L₂₁·L₂₁ᵀ on the upper triangle.
-            ops::gemm_mat_upper(r, rest, NB, -1.0, l21.into(), l21.t().into(), 1.0, k.op(j1, j1))?;
+            ops::gemm_mat_upper(
+                r,
+                rest,
+                NB,
+                -1.0,
+                l21.into(),
+                l21.t().into(),
+                1.0,
+                k.op(j1, j1),
+            )?;
             copy_in(r, tmp, m, j1..n, j0, NB)?;
         }
         // Bound the recorded-but-unsubmitted work on huge matrices.

@@ -260,14 +260,16 @@ fn prepare_w_f32(
 /// so the work skipped by the block granularity stays near 1/16 of the total while every GEMM
 /// stays large enough to fill a GPU at the widths that matter; narrower when the `n × width`
 /// scratch would not fit one binding of `max_bytes`.
-fn tri_block_cols(n: usize, max_bytes: u64) -> usize {
+pub(crate) fn tri_block_cols(n: usize, max_bytes: u64) -> usize {
     let fit = (max_bytes / 4 / n.max(1) as u64) as usize / 32 * 32;
     n.div_ceil(16).next_multiple_of(32).min(fit).max(32)
 }
 
 /// Column blocks `[j0, j1)` of width `b` (the last may be narrower).
 fn tri_blocks(n: usize, b: usize) -> impl DoubleEndedIterator<Item = (usize, usize)> {
-    (0..n).step_by(b.max(1)).map(move |j0| (j0, (j0 + b).min(n)))
+    (0..n)
+        .step_by(b.max(1))
+        .map(move |j0| (j0, (j0 + b).min(n)))
 }
 
 /// GPTAQ's `P = triu₁(α·Dp·Uᵀ)·U` (algorithm.md §2.2) in place of the permuted `D` in `dp`, from
