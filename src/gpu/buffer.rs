@@ -43,6 +43,18 @@ impl MemCounter {
     }
 }
 
+/// A readback in flight ([`GpuContext::read_async`]): the host-readable copy, the submission that
+/// fills it, and the mapping's completion.
+pub struct PendingRead<T: Pod> {
+    staging: wgpu::Buffer,
+    submission: wgpu::SubmissionIndex,
+    mapped: std::sync::mpsc::Receiver<Result<(), wgpu::BufferAsyncError>>,
+    /// Bytes between the 4-byte aligned copy's start and the first element.
+    skip: usize,
+    len: usize,
+    _t: PhantomData<T>,
+}
+
 /// A storage buffer holding `len` elements of `T`.
 pub struct GpuBuffer<T: Pod> {
     pub(crate) buffer: wgpu::Buffer,
@@ -204,46 +216,97 @@ impl GpuContext {
         start: usize,
         len: usize,
     ) -> Result<Vec<T>, GpuError> {
-        let elem = std::mem::size_of::<T>() as u64;
         if len == 0 {
             return Ok(Vec::new());
         }
+        let pending = self.read_async(self.recorder(), src, start, len)?;
+        let mut out = Vec::new();
+        self.finish_read(pending, &mut out)?;
+        Ok(out)
+    }
+
+    /// Starts a readback of `src[start .. start + len]` without waiting: the copy into a
+    /// host-readable buffer is recorded at the end of `rec`, `rec` is submitted and the mapping
+    /// requested. [`GpuContext::finish_read`] later waits for exactly that submission — work
+    /// submitted after it keeps the GPU busy meanwhile, which is the point (pipeline/stream.rs).
+    pub fn read_async<T: Pod>(
+        &self,
+        mut rec: super::Recorder<'_>,
+        src: &GpuBuffer<T>,
+        start: usize,
+        len: usize,
+    ) -> Result<PendingRead<T>, GpuError> {
+        let elem = std::mem::size_of::<T>() as u64;
         let off = start as u64 * elem;
         let bytes = len as u64 * elem;
+        if start.checked_add(len).is_none_or(|end| end > src.len()) {
+            return Err(GpuError::Validation(format!(
+                "readback of elements {start}..{} from a buffer of {}",
+                start.saturating_add(len),
+                src.len()
+            )));
+        }
         // copy_buffer_to_buffer needs 4-byte aligned offsets and sizes.
         let aligned_off = off / 4 * 4;
         let aligned_end = (off + bytes).div_ceil(4) * 4;
-        let size = aligned_end - aligned_off;
+        let size = (aligned_end - aligned_off).max(4);
         let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("readback"),
             size,
             usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
-        let mut enc = self.device.create_command_encoder(&Default::default());
-        enc.copy_buffer_to_buffer(&src.buffer, aligned_off, &staging, 0, size);
-        self.queue.submit([enc.finish()]);
-        let (tx, rx) = std::sync::mpsc::channel();
+        if len > 0 {
+            rec.copy_to_raw(src, aligned_off, &staging, aligned_end - aligned_off);
+        }
+        let submission = rec.submit();
+        let (tx, mapped) = std::sync::mpsc::channel();
         staging.map_async(wgpu::MapMode::Read, .., move |r| {
             let _ = tx.send(r);
         });
-        self.sync()?;
-        match rx.recv() {
+        Ok(PendingRead {
+            staging,
+            submission,
+            mapped,
+            skip: (off - aligned_off) as usize,
+            len,
+            _t: PhantomData,
+        })
+    }
+
+    /// Waits for the submission of `pending` (not for later ones) and copies its data into `out`
+    /// (resized to the read's length, reusing its allocation).
+    pub fn finish_read<T: Pod>(
+        &self,
+        pending: PendingRead<T>,
+        out: &mut Vec<T>,
+    ) -> Result<(), GpuError> {
+        self.device
+            .poll(wgpu::PollType::Wait {
+                submission_index: Some(pending.submission.clone()),
+                timeout: None,
+            })
+            .map_err(|e| GpuError::DeviceLost(e.to_string()))?;
+        self.check()?;
+        match pending.mapped.recv() {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(GpuError::Readback(e.to_string())),
             Err(e) => return Err(GpuError::Readback(e.to_string())),
         }
-        let view = staging
-            .get_mapped_range(..)
-            .map_err(|e| GpuError::Readback(e.to_string()))?;
-        let skip = (off - aligned_off) as usize;
-        let slice = &view[skip..skip + bytes as usize];
-        // The mapped range is only 4-byte aligned in general; copy through an aligned Vec.
-        let mut out: Vec<T> = vec![T::zeroed(); len];
-        bytemuck::cast_slice_mut::<T, u8>(&mut out).copy_from_slice(slice);
-        drop(view);
-        staging.unmap();
-        Ok(out)
+        let bytes = pending.len * std::mem::size_of::<T>();
+        {
+            let view = pending
+                .staging
+                .get_mapped_range(..)
+                .map_err(|e| GpuError::Readback(e.to_string()))?;
+            let slice = &view[pending.skip..pending.skip + bytes];
+            // The mapped range is only 4-byte aligned in general; copy through an aligned Vec.
+            out.clear();
+            out.resize(pending.len, T::zeroed());
+            bytemuck::cast_slice_mut::<T, u8>(out).copy_from_slice(slice);
+        }
+        pending.staging.unmap();
+        Ok(())
     }
 
     /// Reads the whole buffer back. Blocks until the GPU is done.

@@ -267,8 +267,21 @@ impl<'c> Recorder<'c> {
         self.dispatches
     }
 
-    /// Submits everything recorded so far (does not wait).
-    pub fn submit(self) {
-        self.ctx.queue.submit([self.encoder.finish()]);
+    /// Submits everything recorded so far (does not wait); the index lets a caller wait for
+    /// exactly this submission.
+    pub fn submit(self) -> wgpu::SubmissionIndex {
+        self.ctx.queue.submit([self.encoder.finish()])
+    }
+
+    /// Records a copy of `bytes` bytes from `src` at `src_off` into a raw (host-mappable) buffer.
+    pub(crate) fn copy_to_raw<T: Pod>(
+        &mut self,
+        src: &super::GpuBuffer<T>,
+        src_off: u64,
+        dst: &wgpu::Buffer,
+        bytes: u64,
+    ) {
+        self.encoder
+            .copy_buffer_to_buffer(src.raw(), src_off, dst, 0, bytes);
     }
 }

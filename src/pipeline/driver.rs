@@ -311,7 +311,7 @@ pub fn quantize(
                 let t = tok(b);
                 let mut rec = ctx.recorder();
                 rec = hq.load(rec, b, &work.h_q)?;
-                if let Some(s) = &hfp {
+                if let Some(s) = hfp.as_mut() {
                     rec = s.load(rec, b, &work.h_fp)?;
                 }
                 rec = prof.lap(rec, "load")?;
@@ -367,7 +367,7 @@ pub fn quantize(
                 let t = tok(b);
                 let mut rec = ctx.recorder();
                 rec = hq.load(rec, b, &work.h_q)?;
-                if let Some(s) = &hfp {
+                if let Some(s) = hfp.as_mut() {
                     rec = s.load(rec, b, &work.h_fp)?;
                 }
                 rec = prof.lap(rec, "load")?;
@@ -439,7 +439,7 @@ pub fn quantize(
                 rec = hq.load(rec, b, &work.h_q)?;
                 rec = aq.load(rec, b, &work.a_q)?;
                 rec = prof.lap(rec, "load")?;
-                if let (Some(fp), Some(s), Some(a)) = (&layers.fp, &hfp, &afp) {
+                if let (Some(fp), Some(s), Some(a)) = (&layers.fp, hfp.as_mut(), afp.as_mut()) {
                     rec = s.load(rec, b, &work.h_fp)?;
                     rec = a.load(rec, b, &work.a_fp)?;
                     rec = prof.lap(rec, "load")?;
@@ -527,7 +527,7 @@ pub fn quantize(
                 rec = hq.load(rec, b, &work.h_q)?;
                 rec = prof.lap(rec, "load")?;
                 forward::post_norm(&mut rec, &layers.q, &work.h_q, &work.s_q, t)?;
-                if let (Some(fp), Some(s)) = (&layers.fp, &hfp) {
+                if let (Some(fp), Some(s)) = (&layers.fp, hfp.as_mut()) {
                     forward::gate_up_proj(&mut rec, &layers.q, &work.s_q, t)?;
                     rec = s.load(rec, b, &work.h_fp)?;
                     rec = prof.lap(rec, "load")?;
@@ -595,7 +595,7 @@ pub fn quantize(
                     &mut rec, &layers.q, down, t, act_q, &work.h_q, &work.s_q, keep,
                 )?;
                 rec = prof.lap(rec, "forward")?;
-                if let (Some(fp), Some(s)) = (&layers.fp, &hfp) {
+                if let (Some(fp), Some(s)) = (&layers.fp, hfp.as_mut()) {
                     rec = s.load(rec, b, &work.h_fp)?;
                     rec = prof.lap(rec, "load")?;
                     forward::post_norm(&mut rec, fp, &work.h_fp, &work.s_fp, t)?;

@@ -3,9 +3,15 @@
 //!
 //! The driver always computes on a working GPU buffer: [`Stream::load`] fills it from the batch's
 //! storage and [`Stream::store`] writes it back. For GPU-resident batches both are device-side
-//! copies recorded in the same command stream; for host batches they are an upload and a blocking
+//! copies recorded in the same command stream; for host batches they are an upload and a
 //! readback, the price of not holding 128×2048 hidden states of an 8B model (4 GiB f32 per stream)
 //! on the device.
+//!
+//! Host stores do not wait: the readback is submitted with the batch's work and completed later —
+//! when the batch is loaded again, when a store of it is issued again, or once more than
+//! [`MAX_PENDING_STORES`] are in flight (the oldest first). The GPU then runs the next batch while
+//! the previous one's data crosses the link and is copied out, instead of idling through every
+//! store (an 8B layer stores six 16 MiB batches per calibration sequence).
 //!
 //! f16 host batches are kept packed, two halves per `u32` word (element `2w` in the low 16 bits of
 //! word `w`), and converted on the GPU (`f16_pack.wgsl`) through one staging buffer per stream: the
@@ -14,9 +20,31 @@
 //! dominate a layer). Values beyond f16's range are clamped and flagged on the GPU;
 //! [`Stream::overflowed`] reports them.
 
+use std::collections::VecDeque;
+
 use half::f16;
 
-use crate::gpu::{GpuBuffer, GpuContext, GpuError, Recorder, ops};
+use crate::gpu::{GpuBuffer, GpuContext, GpuError, PendingRead, Recorder, ops};
+
+/// Host stores in flight per stream before the oldest is waited for: two keep the GPU one batch
+/// ahead of the copies, at two staging buffers of host memory (32 MiB for an 8B model's f16
+/// hidden state of one sequence).
+pub const MAX_PENDING_STORES: usize = 2;
+
+/// A host batch's store in flight: the batch and its readback.
+enum PendingStore {
+    F32(usize, PendingRead<f32>),
+    /// Packed f16 words.
+    F16(usize, PendingRead<u32>),
+}
+
+impl PendingStore {
+    fn batch(&self) -> usize {
+        match self {
+            PendingStore::F32(b, _) | PendingStore::F16(b, _) => *b,
+        }
+    }
+}
 
 /// Element type of host-spilled streams.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -63,6 +91,8 @@ pub struct Stream {
     lens: Vec<usize>,
     /// Only for `Placement::Host(StreamDType::F16)`.
     staging: Option<F16Staging>,
+    /// Host stores whose readback is still in flight, oldest first.
+    pending: VecDeque<PendingStore>,
 }
 
 /// Where a stream's batches are kept.
@@ -102,7 +132,50 @@ impl Stream {
             chunks,
             lens: lens.to_vec(),
             staging,
+            pending: VecDeque::new(),
         })
+    }
+
+    /// Waits for one store's readback and puts the data into its batch.
+    fn complete(&mut self, ctx: &GpuContext, p: PendingStore) -> Result<(), GpuError> {
+        match (p, &mut self.chunks) {
+            (PendingStore::F32(b, r), chunks) => match chunks.get_mut(b) {
+                Some(Chunk::HostF32(v)) => ctx.finish_read(r, v),
+                _ => Err(GpuError::Validation(format!(
+                    "f32 store pending for batch {b}, which is not an f32 host batch"
+                ))),
+            },
+            (PendingStore::F16(b, r), chunks) => match chunks.get_mut(b) {
+                Some(Chunk::HostF16(v)) => ctx.finish_read(r, v),
+                _ => Err(GpuError::Validation(format!(
+                    "f16 store pending for batch {b}, which is not an f16 host batch"
+                ))),
+            },
+        }
+    }
+
+    /// Completes the newest pending store of batch `b`, if any, and everything older: stores
+    /// complete in the order they were issued, so a batch stored twice ends with the newer data.
+    fn complete_batch(&mut self, ctx: &GpuContext, b: usize) -> Result<(), GpuError> {
+        if let Some(pos) = self.pending.iter().rposition(|p| p.batch() == b) {
+            for p in self.pending.drain(..=pos).collect::<Vec<_>>() {
+                self.complete(ctx, p)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Completes every pending store (the host copies are then current).
+    pub fn flush(&mut self, ctx: &GpuContext) -> Result<(), GpuError> {
+        while let Some(p) = self.pending.pop_front() {
+            self.complete(ctx, p)?;
+        }
+        Ok(())
+    }
+
+    /// Stores in flight (tests).
+    pub fn pending_stores(&self) -> usize {
+        self.pending.len()
     }
 
     pub fn batches(&self) -> usize {
@@ -113,8 +186,10 @@ impl Stream {
         self.lens.get(b).copied().unwrap_or(0)
     }
 
-    /// Sets batch `b` from host data (used once, for the embeddings).
+    /// Sets batch `b` from host data (used once, for the embeddings). A store of `b` still in
+    /// flight is abandoned: this data replaces it.
     pub fn set_host(&mut self, ctx: &GpuContext, b: usize, data: &[f32]) {
+        self.pending.retain(|p| p.batch() != b);
         match self.chunks.get_mut(b) {
             Some(Chunk::Gpu(buf)) => ctx.write(buf, 0, data),
             Some(Chunk::HostF32(v)) => v.copy_from_slice(data),
@@ -151,14 +226,15 @@ impl Stream {
     /// `queue.write_buffer`, which executes before the *next* submission, so anything already
     /// recorded is submitted first (it may still read `work`) and a fresh recorder is returned.
     /// f16 host batches are unpacked on the GPU (`work` is written by a dispatch in the returned
-    /// recorder).
+    /// recorder). A store of `b` still in flight is completed first.
     pub fn load<'c>(
-        &self,
+        &mut self,
         mut rec: Recorder<'c>,
         b: usize,
         work: &GpuBuffer<f32>,
     ) -> Result<Recorder<'c>, GpuError> {
         let ctx = rec.ctx();
+        self.complete_batch(ctx, b)?;
         match self.chunks.get(b) {
             Some(Chunk::Gpu(buf)) => {
                 rec.copy(buf, 0, work, 0, self.lens[b]);
@@ -188,8 +264,8 @@ impl Stream {
         }
     }
 
-    /// Stores `work` as batch `b`. For host batches this submits `rec`'s pending work and blocks on
-    /// the readback, so the caller gets a fresh recorder back.
+    /// Stores `work` as batch `b`. For host batches this submits `rec`'s pending work with the
+    /// readback and returns a fresh recorder; the readback completes later (module docs).
     pub fn store<'c>(
         &mut self,
         mut rec: Recorder<'c>,
@@ -197,31 +273,32 @@ impl Stream {
         work: &GpuBuffer<f32>,
     ) -> Result<Recorder<'c>, GpuError> {
         let ctx = rec.ctx();
-        let len = self.lens[b];
-        match self.chunks.get_mut(b) {
+        let len = self.lens.get(b).copied().unwrap_or(0);
+        let pending = match self.chunks.get_mut(b) {
             Some(Chunk::Gpu(buf)) => {
                 rec.copy(work, 0, buf, 0, len);
-                Ok(rec)
+                return Ok(rec);
             }
-            Some(Chunk::HostF32(v)) => {
-                rec.submit();
-                *v = ctx.read_range(work, 0, len)?;
-                Ok(ctx.recorder())
-            }
+            Some(Chunk::HostF32(_)) => PendingStore::F32(b, ctx.read_async(rec, work, 0, len)?),
             // Packed on the GPU after everything recorded in `rec`; only the words come back.
-            Some(Chunk::HostF16(v)) => {
+            Some(Chunk::HostF16(_)) => {
                 let Some(st) = &self.staging else {
                     return Err(GpuError::Validation(
                         "f16 host stream without its staging buffer".into(),
                     ));
                 };
                 ops::pack_f16(&mut rec, work, len, &st.words, &st.flag)?;
-                rec.submit();
-                *v = ctx.read_range(&st.words, 0, ops::f16_words(len))?;
-                Ok(ctx.recorder())
+                PendingStore::F16(b, ctx.read_async(rec, &st.words, 0, ops::f16_words(len))?)
             }
-            None => Ok(rec),
+            None => return Ok(rec),
+        };
+        self.pending.push_back(pending);
+        while self.pending.len() > MAX_PENDING_STORES {
+            if let Some(p) = self.pending.pop_front() {
+                self.complete(ctx, p)?;
+            }
         }
+        Ok(ctx.recorder())
     }
 }
 
@@ -273,7 +350,7 @@ mod tests {
     /// `load` of batch `b` into `work` (after filling `work` with a sentinel), read back whole.
     fn load_all(
         ctx: &GpuContext,
-        s: &Stream,
+        s: &mut Stream,
         b: usize,
         work: &GpuBuffer<f32>,
     ) -> Result<Vec<f32>, GpuError> {
@@ -325,7 +402,7 @@ mod tests {
                 s.set_host(&ctx, b, e);
             }
             for (b, e) in embs.iter().enumerate() {
-                let got = load_all(&ctx, &s, b, &work)?;
+                let got = load_all(&ctx, &mut s, b, &work)?;
                 let what = format!("{placement:?} set_host→load batch {b} (len {})", e.len());
                 assert_bits(&what, &got[..e.len()], &expect(e));
                 assert!(
@@ -341,12 +418,13 @@ mod tests {
                 ctx.write(&work, 0, &v);
                 let rec = s.store(ctx.recorder(), b, &work)?;
                 rec.submit();
+                s.flush(&ctx)?;
                 if let Some(Chunk::HostF16(words)) = s.chunks.get(b) {
                     let mut want = vec![0u32; ops::f16_words(l)];
                     pack_host(&v, &mut want);
                     assert_eq!(words, &want, "batch {b}: GPU-packed words ≠ host packing");
                 }
-                let got = load_all(&ctx, &s, b, &work)?;
+                let got = load_all(&ctx, &mut s, b, &work)?;
                 assert_bits(
                     &format!("{placement:?} store→load batch {b} (len {l})"),
                     &got[..l],
@@ -354,7 +432,7 @@ mod tests {
                 );
             }
             // Batch 0 is untouched by the other batches' stores (the staging buffer is shared).
-            let got = load_all(&ctx, &s, 0, &work)?;
+            let got = load_all(&ctx, &mut s, 0, &work)?;
             assert_bits(
                 &format!("{placement:?} batch 0 after storing 1 and 2"),
                 &got[..lens[0]],
@@ -364,6 +442,70 @@ mod tests {
                 !s.overflowed(&ctx)?,
                 "{placement:?}: in-range values flagged"
             );
+        }
+        Ok(())
+    }
+
+    /// Host stores stay in flight (at most `MAX_PENDING_STORES`) while `work` is overwritten for
+    /// the next batch, and every batch still loads what was stored for it; a second store of a
+    /// batch whose first store is still in flight wins; `flush` completes the rest. GPU placement
+    /// stores nothing in flight.
+    #[test]
+    fn host_stores_in_flight_land_in_their_batches() -> TestResult {
+        let Some(ctx) = crate::gpu::test_context() else {
+            return Ok(());
+        };
+        let lens = [257usize, 257, 257, 257, 100];
+        let work = ctx.zeros::<f32>("work", 257)?;
+        for placement in [
+            Placement::Host(StreamDType::F16),
+            Placement::Host(StreamDType::F32),
+            Placement::Gpu,
+        ] {
+            let f16 = placement == Placement::Host(StreamDType::F16);
+            let expect = |x: &[f32]| if f16 { rounded(x) } else { x.to_vec() };
+            let mut s = Stream::new(&ctx, "test", &lens, placement)?;
+            let data: Vec<Vec<f32>> = lens
+                .iter()
+                .enumerate()
+                .map(|(b, &l)| values(l, 40 + b, 2.0))
+                .collect();
+            for (b, v) in data.iter().enumerate() {
+                // The next batch's data replaces `work` right after the store is submitted.
+                ctx.write(&work, 0, v);
+                s.store(ctx.recorder(), b, &work)?.submit();
+                assert!(
+                    s.pending_stores() <= MAX_PENDING_STORES,
+                    "{placement:?}: {} stores in flight",
+                    s.pending_stores()
+                );
+            }
+            let in_flight = s.pending_stores();
+            assert_eq!(
+                in_flight,
+                if placement == Placement::Gpu {
+                    0
+                } else {
+                    MAX_PENDING_STORES
+                },
+                "{placement:?}: stores in flight after five"
+            );
+            // The last batch is stored again with other data while its first store is in flight.
+            let last = lens.len() - 1;
+            let again = values(lens[last], 99, 2.0);
+            ctx.write(&work, 0, &again);
+            s.store(ctx.recorder(), last, &work)?.submit();
+            for (b, v) in data.iter().enumerate() {
+                let want = if b == last { expect(&again) } else { expect(v) };
+                let got = load_all(&ctx, &mut s, b, &work)?;
+                assert_bits(
+                    &format!("{placement:?} batch {b} after stores in flight"),
+                    &got[..lens[b]],
+                    &want,
+                );
+            }
+            s.flush(&ctx)?;
+            assert_eq!(s.pending_stores(), 0, "{placement:?}: flush left stores");
         }
         Ok(())
     }
@@ -387,7 +529,7 @@ mod tests {
         rec.submit();
         assert!(s.overflowed(&ctx)?, "storing 1e5 was not reported");
         assert!(!s.overflowed(&ctx)?, "the flag was not reset by the read");
-        let got = load_all(&ctx, &s, 1, &work)?;
+        let got = load_all(&ctx, &mut s, 1, &work)?;
         let mut want = rounded(&v);
         want[300] = 65504.0;
         want[301] = -65504.0;
@@ -404,7 +546,7 @@ mod tests {
             !s.overflowed(&ctx)?,
             "the flag was not reset after set_host"
         );
-        let got = load_all(&ctx, &s, 0, &work)?;
+        let got = load_all(&ctx, &mut s, 0, &work)?;
         assert_bits("clamped set_host→load", &got[..len], &want);
         for placement in [Placement::Gpu, Placement::Host(StreamDType::F32)] {
             let mut s = Stream::new(&ctx, "test", &[len], placement)?;
