@@ -97,6 +97,149 @@ fn attention_tiles_fit_the_kernel() {
     assert_eq!(gptaq_studio::forward::attention_tiles(256), (8, 6));
 }
 
+/// One causal GQA attention dispatch ([`forward::attend`]) on random q/k/v against the f64
+/// reference, element by element, within `2e-5·rms(expected) + 1e-5`.
+fn check_attend(hd: usize, seqlen: usize, nseq: usize, heads: usize, kv_heads: usize, seed: u64) {
+    use rand::{Rng, SeedableRng};
+    let Some(ctx) = test_context() else { return };
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let t = nseq * seqlen;
+    // q ~ U(-6, 6), k ~ U(-1, 1): scaled scores with a standard deviation of about 2, so the
+    // softmax is peaked and its running maximum moves from chunk to chunk (exercises the
+    // online-softmax rescaling); a rising offset on some dims of k makes later keys win more
+    // often in some heads.
+    let q: Vec<f32> = (0..t * heads * hd)
+        .map(|_| rng.random_range(-6.0f32..6.0))
+        .collect();
+    let k: Vec<f32> = (0..t * kv_heads * hd)
+        .map(|i| {
+            let pos = (i / (kv_heads * hd)) % seqlen;
+            let ramp = if i % 3 == 0 { 0.01 * pos as f32 } else { 0.0 };
+            rng.random_range(-1.0f32..1.0) + ramp
+        })
+        .collect();
+    let v: Vec<f32> = (0..t * kv_heads * hd)
+        .map(|_| rng.random_range(-1.0f32..1.0))
+        .collect();
+    let f64s = |x: &[f32]| x.iter().map(|&a| f64::from(a)).collect::<Vec<f64>>();
+    let expected =
+        cpu::causal_attention(&f64s(&q), &f64s(&k), &f64s(&v), heads, kv_heads, hd, seqlen);
+    let qb = ctx.upload("q", &q).unwrap();
+    let kb = ctx.upload("k", &k).unwrap();
+    let vb = ctx.upload("v", &v).unwrap();
+    // NaN-filled output: an element the kernel forgets to write fails the comparison.
+    let ob = ctx.upload("out", &vec![f32::NAN; t * heads * hd]).unwrap();
+    let shape = forward::AttnShape {
+        heads,
+        kv_heads,
+        head_dim: hd,
+        nseq,
+        seqlen,
+    };
+    let mut rec = ctx.recorder();
+    forward::attend(&mut rec, &qb, &kb, &vb, &ob, shape).unwrap();
+    rec.submit();
+    let got = ctx.read(&ob).unwrap();
+    let rms = (expected.iter().map(|x| x * x).sum::<f64>() / expected.len() as f64).sqrt();
+    let tol = 2e-5 * rms + 1e-5;
+    let qd = heads * hd;
+    let mut bad = 0;
+    let mut first = None;
+    for (i, (&g, &e)) in got.iter().zip(&expected).enumerate() {
+        #[allow(clippy::neg_cmp_op_on_partial_ord)] // NaN must count as out of tolerance
+        if !((f64::from(g) - e).abs() <= tol) {
+            bad += 1;
+            first.get_or_insert((i, g, e));
+        }
+    }
+    if let Some((i, g, e)) = first {
+        let (tok, head, d) = (i / qd, i % qd / hd, i % hd);
+        panic!(
+            "attention hd {hd} seqlen {seqlen} nseq {nseq} heads {heads}/{kv_heads}: {bad} of {} \
+             elements off by more than {tol:.3e}; first at sequence {} position {} head {head} \
+             dim {d} (flat {i}): got {g}, expected {e}",
+            got.len(),
+            tok / seqlen,
+            tok % seqlen
+        );
+    }
+}
+
+/// The attention kernel alone against the f64 reference: every tiled head dim class (tiny, not a
+/// multiple of 4 or 16, one and several output groups), seqlen 1 and primes spanning several
+/// query blocks and key chunks, one and three sequences, MHA and GQA (group sizes 2 and 8).
+#[test]
+fn attention_kernel_matches_reference() {
+    // (hd, seqlen, nseq, heads, kv_heads)
+    let cases = [
+        (2, 131, 1, 4, 2),
+        (2, 1, 3, 3, 3),
+        (8, 67, 3, 8, 1),
+        (8, 2, 1, 1, 1),
+        (12, 33, 3, 4, 2),
+        (12, 131, 1, 3, 3),
+        (64, 7, 3, 8, 1),
+        (64, 131, 1, 4, 2),
+        (64, 1, 1, 3, 3),
+        (128, 67, 1, 4, 2),
+        (128, 33, 3, 1, 1),
+        (128, 2, 3, 8, 1),
+        (256, 131, 1, 3, 3),
+        (256, 7, 3, 4, 2),
+        (256, 67, 3, 8, 1),
+    ];
+    for (i, &(hd, seqlen, nseq, heads, kv)) in cases.iter().enumerate() {
+        check_attend(hd, seqlen, nseq, heads, kv, 100 + i as u64);
+    }
+}
+
+/// Shapes the kernel cannot run are errors, not wrong answers.
+#[test]
+fn attend_rejects_bad_shapes() {
+    let Some(ctx) = test_context() else { return };
+    let buf = ctx.zeros::<f32>("x", 4 * 8 * 64).unwrap();
+    let shape = forward::AttnShape {
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 64,
+        nseq: 1,
+        seqlen: 8,
+    };
+    for (what, bad) in [
+        (
+            "odd head dim",
+            forward::AttnShape {
+                head_dim: 7,
+                ..shape
+            },
+        ),
+        (
+            "head dim > 256",
+            forward::AttnShape {
+                head_dim: 258,
+                ..shape
+            },
+        ),
+        (
+            "heads not a multiple",
+            forward::AttnShape {
+                kv_heads: 3,
+                ..shape
+            },
+        ),
+        (
+            "buffers too short",
+            forward::AttnShape { seqlen: 9, ..shape },
+        ),
+    ] {
+        let mut rec = ctx.recorder();
+        assert!(
+            forward::attend(&mut rec, &buf, &buf, &buf, &buf, bad).is_err(),
+            "{what}: accepted"
+        );
+    }
+}
+
 #[test]
 fn layer_variants_bias_qknorm_rope_scaling() {
     let mut qwen2 = config(48, 80, 4, 2, 12);

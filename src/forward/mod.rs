@@ -617,18 +617,92 @@ pub fn rope_attend(
             groups_1d(params.rows),
         )?;
     }
-    let (bq, bk) = attention_tiles(d.head_dim);
+    attend(
+        rec,
+        &s.q,
+        &s.k,
+        &s.v,
+        &s.attn,
+        AttnShape {
+            heads: d.heads,
+            kv_heads: d.kv_heads,
+            head_dim: d.head_dim,
+            nseq,
+            seqlen,
+        },
+    )
+}
+
+/// Shape of one causal attention dispatch ([`attend`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttnShape {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub nseq: usize,
+    pub seqlen: usize,
+}
+
+/// Causal grouped-query attention alone (`attention.wgsl`), no RoPE: `out = softmax(q·kᵀ/√hd)·v`
+/// per head over each sequence's earlier positions, with q, out `[tokens, heads·hd]` and k, v
+/// `[tokens, kv_heads·hd]`, `tokens = nseq·seqlen` packed back to back; query head h reads kv
+/// head `h / (heads / kv_heads)`. [`rope_attend`] runs it after RoPE; the tests and benches call
+/// it directly.
+pub fn attend(
+    rec: &mut Recorder<'_>,
+    q: &GpuBuffer<f32>,
+    k: &GpuBuffer<f32>,
+    v: &GpuBuffer<f32>,
+    out: &GpuBuffer<f32>,
+    shape: AttnShape,
+) -> Result<(), GpuError> {
+    let AttnShape {
+        heads,
+        kv_heads,
+        head_dim: hd,
+        nseq,
+        seqlen,
+    } = shape;
+    if hd == 0 || !hd.is_multiple_of(2) || hd > MAX_HEAD_DIM {
+        return Err(GpuError::Validation(format!(
+            "head_dim {hd} is not supported by the attention kernel (even, 2..={MAX_HEAD_DIM})"
+        )));
+    }
+    if heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
+        return Err(GpuError::Validation(format!(
+            "{heads} attention heads are not a positive multiple of {kv_heads} kv heads"
+        )));
+    }
+    let t = nseq * seqlen;
+    for (what, buf, width) in [
+        ("q", q, heads),
+        ("k", k, kv_heads),
+        ("v", v, kv_heads),
+        ("out", out, heads),
+    ] {
+        if buf.len() < t * width * hd {
+            return Err(GpuError::Validation(format!(
+                "attention {what}: {} elements, {t} tokens × {width} heads × {hd} need {}",
+                buf.len(),
+                t * width * hd
+            )));
+        }
+    }
+    if t == 0 {
+        return Ok(());
+    }
+    let (bq, bk) = attention_tiles(hd);
     let nqb = seqlen.div_ceil(bq);
     let params = AttnParams {
-        heads: d.heads as u32,
-        kv_heads: d.kv_heads as u32,
-        hd: d.head_dim as u32,
-        seqlen: seqlen as u32,
-        scale: 1.0 / (d.head_dim as f32).sqrt(),
+        heads: u32_of("attention heads", heads)?,
+        kv_heads: u32_of("attention kv heads", kv_heads)?,
+        hd: hd as u32,
+        seqlen: u32_of("attention sequence length", seqlen)?,
+        scale: 1.0 / (hd as f32).sqrt(),
         bq: bq as u32,
         bk: bk as u32,
         nqb: u32_of("attention query blocks", nqb)?,
-        groups: u32_of("attention workgroups", nseq * nqb * d.heads)?,
+        groups: u32_of("attention workgroups", nseq * nqb * heads)?,
         _pad: [0; 3],
     };
     rec.dispatch(
@@ -636,12 +710,7 @@ pub fn rope_attend(
         "attention",
         &[],
         &params,
-        &[
-            s.q.binding(),
-            s.k.binding(),
-            s.v.binding(),
-            s.attn.binding(),
-        ],
+        &[q.binding(), k.binding(), v.binding(), out.binding()],
         groups_1d(params.groups),
     )
 }
