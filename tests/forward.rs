@@ -70,31 +70,82 @@ fn layer_matches_reference_on_awkward_shapes() {
     check_layer("mha-prime", config(36, 50, 3, 3, 12), 1, 131, 3);
     check_layer("hd128", config(256, 96, 2, 1, 128), 2, 13, 4);
     check_layer("hd256", config(256, 64, 2, 2, 256), 1, 70, 5);
-    // Several query blocks (BQ 16) and key chunks (BK 12) per sequence at hd 128, GQA 2.
-    check_layer("hd128-blocks", config(256, 96, 2, 1, 128), 2, 37, 10);
+    // Several query blocks (BQ 64) and key chunks (BK 32) per sequence at hd 128, GQA 2.
+    check_layer("hd128-blocks", config(256, 96, 2, 1, 128), 2, 131, 10);
 }
 
-/// The attention kernel's tiles fit its fixed workgroup arrays for every supported head dim, and
-/// every invocation has at most 8 outputs (the kernel's eight accumulators).
+/// The attention kernel's tiles fit its fixed workgroup arrays and named accumulators for every
+/// supported head dim (the numbers are those of `attention.wgsl`'s header).
 #[test]
 fn attention_tiles_fit_the_kernel() {
-    for hd in (2..=gptaq_studio::forward::MAX_HEAD_DIM).step_by(2) {
-        let (bq, bk) = gptaq_studio::forward::attention_tiles(hd);
-        assert!(bq >= 1 && bk >= 1, "hd {hd}: tiles ({bq}, {bk})");
-        assert!(bq <= 16, "hd {hd}: bq {bq} > 16 (row statistics arrays)");
-        assert!(bq * hd <= 2048, "hd {hd}: q tile {bq}×{hd} > 2048");
-        assert!(bk * hd <= 1536, "hd {hd}: K/V chunk {bk}×{hd} > 1536");
+    use gptaq_studio::forward::{ATTN_BK, ATTN_BQ, AttnTiles, MAX_HEAD_DIM, attention_tiles};
+    // 256 invocations: 16 row bands of 4 rows × 16 key pairs (scores) / dim quads (outputs).
+    assert_eq!((ATTN_BQ, ATTN_BK), (64, 32));
+    for hd in (2..=MAX_HEAD_DIM).step_by(2) {
+        let AttnTiles { ds, ks, nv } = attention_tiles(hd);
+        let hdp = hd.next_multiple_of(4);
+        // Q / K slices: [ds][17] vec4 / vec2 in `stage` (272 vec4) and `kt` (272 vec2), staged by
+        // invocations tid < 16·ds; the slices cover hd with less than one slice of padding.
+        assert!((1..=16).contains(&ds), "hd {hd}: ds {ds}");
+        assert!(ds * 17 <= 272, "hd {hd}: Q/K slice {ds}×17 > 272");
+        let slices = hd.div_ceil(ds);
         assert!(
-            bq * bk <= 256,
-            "hd {hd}: score tile {bq}×{bk} > 256 invocations"
+            slices * ds >= hd && (slices - 1) * ds < hd,
+            "hd {hd}: ds {ds}"
         );
+        assert_eq!(
+            slices,
+            hd.div_ceil(16),
+            "hd {hd}: ds {ds} takes extra slices"
+        );
+        // V slices: ks keys × hdp dims, one vec4 per invocation (≤ 256), and the idle lanes'
+        // reads up to ks·hdp/4 + 16 stay inside `stage`; ks divides the 32-key chunk (P rows).
+        assert!(ks.is_power_of_two() && ks <= ATTN_BK, "hd {hd}: ks {ks}");
         assert!(
-            bq * hd <= 8 * 256,
-            "hd {hd}: more than 8 outputs per invocation"
+            ks * hdp <= 1024,
+            "hd {hd}: V slice {ks}×{hdp} > 1024 floats"
         );
+        assert!(ks * hdp / 4 + 16 <= 272, "hd {hd}: V reads past `stage`");
+        assert!(
+            ks == ATTN_BK || 2 * ks * hdp > 1024,
+            "hd {hd}: ks {ks} not maximal"
+        );
+        // Output tile: dims 64·g + 4·tx..+3, g < nv ≤ 4 (sixteen named vec4 accumulators).
+        assert!((1..=4).contains(&nv), "hd {hd}: nv {nv}");
+        assert!(nv * 64 >= hdp && (nv - 1) * 64 < hd, "hd {hd}: nv {nv}");
     }
-    assert_eq!(gptaq_studio::forward::attention_tiles(128), (16, 12));
-    assert_eq!(gptaq_studio::forward::attention_tiles(256), (8, 6));
+    assert_eq!(
+        attention_tiles(128),
+        AttnTiles {
+            ds: 16,
+            ks: 8,
+            nv: 2
+        }
+    );
+    assert_eq!(
+        attention_tiles(256),
+        AttnTiles {
+            ds: 16,
+            ks: 4,
+            nv: 4
+        }
+    );
+    assert_eq!(
+        attention_tiles(2),
+        AttnTiles {
+            ds: 2,
+            ks: 32,
+            nv: 1
+        }
+    );
+    assert_eq!(
+        attention_tiles(20),
+        AttnTiles {
+            ds: 10,
+            ks: 32,
+            nv: 1
+        }
+    );
 }
 
 /// One causal GQA attention dispatch ([`forward::attend`]) on random q/k/v against the f64

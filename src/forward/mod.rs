@@ -23,7 +23,8 @@ crate::wgsl_shader!(ROPE, "rope");
 crate::wgsl_shader!(ATTENTION, "attention");
 crate::wgsl_shader!(FORWARD_EW, "forward_ew");
 
-/// The attention kernel's q tile holds BQ·hd ≤ 2048 values with BQ ≥ 8 (`attention_tiles`).
+/// The largest head dim of the attention kernel: its output tile is at most 4 groups of 64 dims per
+/// invocation (`attention_tiles`).
 pub const MAX_HEAD_DIM: usize = 256;
 
 use crate::gpu::ops::u32_of;
@@ -521,22 +522,45 @@ struct AttnParams {
     hd: u32,
     seqlen: u32,
     scale: f32,
-    bq: u32,
-    bk: u32,
     nqb: u32,
     groups: u32,
-    _pad: [u32; 3],
+    _pad: u32,
 }
 
-/// Tile sizes of `attention.wgsl` for head dim `hd` (≤ [`MAX_HEAD_DIM`]): `(BQ, BK)` query rows
-/// per workgroup and keys per chunk, as large as its fixed workgroup arrays allow (q tile
-/// BQ·hd ≤ 2048, K/V chunk BK·hd ≤ 1536, score tile BQ·BK ≤ 256, BQ ≤ 16). Larger BQ means fewer
-/// global reads of K and V per query row.
-pub fn attention_tiles(hd: usize) -> (usize, usize) {
+/// Query rows per workgroup of `attention.wgsl` (its `BQ`).
+pub const ATTN_BQ: usize = 64;
+/// Keys per streamed K/V chunk of `attention.wgsl` (its `BK`).
+pub const ATTN_BK: usize = 32;
+
+/// Head-dim dependent tiles of `attention.wgsl` (its override constants): see the shader's header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttnTiles {
+    /// Head dims per staged Q/K slice of the score phase (`DS`, 1..=16).
+    pub ds: usize,
+    /// Keys per staged V slice (`KS`: a power of two dividing [`ATTN_BK`], `KS·roundup4(hd) ≤
+    /// 1024`).
+    pub ks: usize,
+    /// Output dim groups of 64 per invocation (`NV`, 1..=4).
+    pub nv: usize,
+}
+
+/// Tiles of `attention.wgsl` for head dim `hd` (even, ≤ [`MAX_HEAD_DIM`]). The score phase walks
+/// hd in `ceil(hd / 16)` equal slices of at most 16 dims (no slice mostly padding, e.g. hd 20 is
+/// 2 × 10, not 16 + 4); a V slice is as many keys as fit 1024 floats (one vec4 per invocation);
+/// each invocation's output dims are `64·g + 4·tx..+3` for `g < ceil(hd / 64)`.
+pub fn attention_tiles(hd: usize) -> AttnTiles {
     let hd = hd.max(1);
-    let bq = (2048 / hd).clamp(1, 16);
-    let bk = (1536 / hd).min(256 / bq).clamp(1, 16);
-    (bq, bk)
+    let ds = hd.div_ceil(hd.div_ceil(16));
+    let hdp = hd.next_multiple_of(4);
+    let mut ks = ATTN_BK;
+    while ks > 1 && ks * hdp > 1024 {
+        ks /= 2;
+    }
+    AttnTiles {
+        ds,
+        ks,
+        nv: hd.div_ceil(64),
+    }
 }
 
 /// q/k/v projections of `s.x1`, (q/k norm and) RoPE, causal attention → `s.attn`
@@ -691,24 +715,26 @@ pub fn attend(
     if t == 0 {
         return Ok(());
     }
-    let (bq, bk) = attention_tiles(hd);
-    let nqb = seqlen.div_ceil(bq);
+    let tiles = attention_tiles(hd);
+    let nqb = seqlen.div_ceil(ATTN_BQ);
     let params = AttnParams {
         heads: u32_of("attention heads", heads)?,
         kv_heads: u32_of("attention kv heads", kv_heads)?,
         hd: hd as u32,
         seqlen: u32_of("attention sequence length", seqlen)?,
         scale: 1.0 / (hd as f32).sqrt(),
-        bq: bq as u32,
-        bk: bk as u32,
         nqb: u32_of("attention query blocks", nqb)?,
         groups: u32_of("attention workgroups", nseq * nqb * heads)?,
-        _pad: [0; 3],
+        _pad: 0,
     };
     rec.dispatch(
         &ATTENTION,
         "attention",
-        &[],
+        &[
+            ("DS", tiles.ds as f64),
+            ("KS", tiles.ks as f64),
+            ("NV", tiles.nv as f64),
+        ],
         &params,
         &[q.binding(), k.binding(), v.binding(), out.binding()],
         groups_1d(params.groups),
