@@ -244,6 +244,54 @@ fn attention_kernel_matches_reference() {
     }
 }
 
+/// The kernel is deterministic: the pipeline's solver comparison relies on bit-identical module
+/// inputs between two runs of the same forward (a race would show up here as differing bits).
+#[test]
+fn attention_is_deterministic() {
+    let Some(ctx) = test_context() else { return };
+    for (hd, seqlen, nseq, heads, kv) in [(64, 131, 2, 4, 2), (16, 70, 1, 6, 3), (128, 67, 1, 2, 1)]
+    {
+        let t = nseq * seqlen;
+        let data = |n: usize, m: usize| -> Vec<f32> {
+            (0..n)
+                .map(|i| ((i * m) % 1009) as f32 / 250.0 - 2.0)
+                .collect()
+        };
+        let q = ctx.upload("q", &data(t * heads * hd, 7919)).unwrap();
+        let k = ctx.upload("k", &data(t * kv * hd, 104_729)).unwrap();
+        let v = ctx.upload("v", &data(t * kv * hd, 1_299_709)).unwrap();
+        let shape = forward::AttnShape {
+            heads,
+            kv_heads: kv,
+            head_dim: hd,
+            nseq,
+            seqlen,
+        };
+        let mut first: Option<Vec<f32>> = None;
+        for run in 0..4 {
+            let out = ctx.zeros::<f32>("out", t * heads * hd).unwrap();
+            let mut rec = ctx.recorder();
+            forward::attend(&mut rec, &q, &k, &v, &out, shape).unwrap();
+            rec.submit();
+            let got = ctx.read(&out).unwrap();
+            match &first {
+                None => first = Some(got),
+                Some(f) => {
+                    let diff = f
+                        .iter()
+                        .zip(&got)
+                        .position(|(a, b)| a.to_bits() != b.to_bits());
+                    assert!(
+                        diff.is_none(),
+                        "hd {hd} seqlen {seqlen} nseq {nseq} heads {heads}/{kv}: run {run} differs \
+                         from run 0 at {diff:?}"
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// Shapes the kernel cannot run are errors, not wrong answers.
 #[test]
 fn attend_rejects_bad_shapes() {
