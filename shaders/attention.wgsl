@@ -32,6 +32,10 @@
 // (32 / KS slices): 26 at hd = 128 for 64·32·128·2 = 524288 FMAs (the previous one-score-per-
 // invocation kernel: 4 per 16·12·128·2 = 49152 FMAs).
 //
+// Why 64 × 32: P is the largest array and must hold the whole chunk for the P·V phase; 64 keys
+// would make it 64·68 floats = 17 KiB alone. Fewer than 64 rows would mean fewer output rows per
+// staged V value (per key, one V vec4 feeds 4 rows × 4 dims) and more K/V passes per query row.
+//
 // Tile sizes from the host (forward::attention_tiles, checked for every even hd in 2..=256 by
 // tests/forward.rs): DS = ceil(hd / ceil(hd / 16)) ≤ 16, KS = the largest power of two ≤ 32 with
 // KS·roundup4(hd) ≤ 1024 (so a V slice is ≤ 256 vec4: one per invocation), NV = ceil(hd / 64).
@@ -45,9 +49,9 @@
 //   pt:    544 vec4 = 8704 B   P [32 keys][17] (4 rows per vec4);
 //   total 15232 B ≤ 16384 B.
 //
-// Per invocation per chunk: 8 scores (8·hd FMAs), 8 exps, and 16·NV·32 FMAs of P·V (4096 + 4096
-// at hd = 128). Registers: 4·NV output vec4 (≤ 64 floats), 2 score vec4, m and l, three prefetch
-// registers.
+// Per invocation per chunk: 8 scores (8·hd FMAs), 12 exp2 (8 probabilities, 4 rescale factors),
+// and 16·NV·32 FMAs of P·V: 1024 + 1024 at hd = 128 (× 256 invocations = the 524288 above).
+// Registers: 4·NV output vec4 (≤ 64 floats), 2 score vec4, m and l, three prefetch registers.
 //
 // Why named accumulators and unrolled row/group steps: a function-local array indexed by a loop
 // counter is not reliably promoted to registers by drivers (see gemm.wgsl); only workgroup arrays
@@ -57,7 +61,7 @@
 // Masking: a score (row i, key j) counts iff i < nrows (the block's valid rows) and key position
 // ≤ query position; masked scores are −3e38 before the max and their probabilities exactly 0.
 // Keys past the block's last position and dims ≥ hd are loaded as 0, so staged padding adds
-// nothing (and never NaN·0). Rows of a padding row keep m = −3e38, l = 0 and are never stored.
+// nothing (and never NaN·0). A padding row keeps m = −3e38 and l = 0 and is never stored.
 
 struct Params {
     heads: u32,
