@@ -12,9 +12,14 @@
 //! `r×n` shapes of `GPTAQ_BENCH_SOLVE` (default "256x256,512x512"; issue 10's targets are
 //! "4096x4096,4096x14336"), 4-bit sym, gs = 128, B = 128 (algorithm.md §2.6). With
 //! `GPTAQ_PROFILE=1` one synchronised solve per shape first prints its seconds per phase.
+//! `attention` times the causal GQA attention kernel alone (`forward::attend`, `attention.wgsl`)
+//! at the shape `GPTAQ_BENCH_ATTN` = "heads:kv_heads:head_dim:seqlen:nseq" (default
+//! "8:2:64:256:1" for lavapipe; Llama-3-8B is "32:8:128:2048:1"), in causal flops
+//! (2·2·heads·hd·seqlen·(seqlen+1)/2·nseq: q·kᵀ and p·v over the unmasked half).
 #![allow(clippy::expect_used)]
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use gptaq_studio::forward::{self, AttnShape};
 use gptaq_studio::gpu::ops::{self, GemmTile, MatView};
 use gptaq_studio::gpu::{GpuContext, GpuOptions};
 use gptaq_studio::quant::factor::upper_inverse_factor_gpu;
@@ -151,6 +156,69 @@ fn bench_kernels(c: &mut Criterion) {
         }
     }
     g.finish();
+    let mut g = c.benchmark_group("attention");
+    g.sample_size(10);
+    let a = attn_shape();
+    let t = a.nseq * a.seqlen;
+    let q = ctx
+        .upload("q", &data(t * a.heads * a.head_dim))
+        .expect("upload q");
+    let k = ctx
+        .upload("k", &data(t * a.kv_heads * a.head_dim))
+        .expect("upload k");
+    let v = ctx
+        .upload("v", &data(t * a.kv_heads * a.head_dim))
+        .expect("upload v");
+    let out = ctx
+        .zeros::<f32>("out", t * a.heads * a.head_dim)
+        .expect("alloc out");
+    let flops = 2 * 2 * a.heads * a.head_dim * a.seqlen * (a.seqlen + 1) / 2 * a.nseq;
+    g.throughput(Throughput::Elements(flops as u64));
+    g.bench_function(
+        format!(
+            "heads {}/{} hd {} seqlen {} nseq {}",
+            a.heads, a.kv_heads, a.head_dim, a.seqlen, a.nseq
+        ),
+        |bch| {
+            bch.iter(|| {
+                let mut rec = ctx.recorder();
+                forward::attend(&mut rec, &q, &k, &v, &out, a).expect("attend");
+                rec.submit();
+                ctx.sync().expect("sync");
+            })
+        },
+    );
+    g.finish();
+}
+
+/// The attention bench's shape (`GPTAQ_BENCH_ATTN` = "heads:kv_heads:head_dim:seqlen:nseq").
+fn attn_shape() -> AttnShape {
+    let parse = |s: &str| -> Option<AttnShape> {
+        let f: Vec<usize> = s
+            .split(':')
+            .map(|x| x.trim().parse().ok())
+            .collect::<Option<_>>()?;
+        let [heads, kv_heads, head_dim, seqlen, nseq] = f[..] else {
+            return None;
+        };
+        Some(AttnShape {
+            heads,
+            kv_heads,
+            head_dim,
+            nseq,
+            seqlen,
+        })
+    };
+    std::env::var("GPTAQ_BENCH_ATTN")
+        .ok()
+        .and_then(|s| parse(&s))
+        .unwrap_or(AttnShape {
+            heads: 8,
+            kv_heads: 2,
+            head_dim: 64,
+            nseq: 1,
+            seqlen: 256,
+        })
 }
 
 /// `r×n` shapes of the solve bench (`GPTAQ_BENCH_SOLVE`).

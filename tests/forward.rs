@@ -70,31 +70,273 @@ fn layer_matches_reference_on_awkward_shapes() {
     check_layer("mha-prime", config(36, 50, 3, 3, 12), 1, 131, 3);
     check_layer("hd128", config(256, 96, 2, 1, 128), 2, 13, 4);
     check_layer("hd256", config(256, 64, 2, 2, 256), 1, 70, 5);
-    // Several query blocks (BQ 16) and key chunks (BK 12) per sequence at hd 128, GQA 2.
-    check_layer("hd128-blocks", config(256, 96, 2, 1, 128), 2, 37, 10);
+    // Several query blocks (BQ 64) and key chunks (BK 32) per sequence at hd 128, GQA 2.
+    check_layer("hd128-blocks", config(256, 96, 2, 1, 128), 2, 131, 10);
 }
 
-/// The attention kernel's tiles fit its fixed workgroup arrays for every supported head dim, and
-/// every invocation has at most 8 outputs (the kernel's eight accumulators).
+/// The attention kernel's tiles fit its fixed workgroup arrays and named accumulators for every
+/// supported head dim (the numbers are those of `attention.wgsl`'s header).
 #[test]
 fn attention_tiles_fit_the_kernel() {
-    for hd in (2..=gptaq_studio::forward::MAX_HEAD_DIM).step_by(2) {
-        let (bq, bk) = gptaq_studio::forward::attention_tiles(hd);
-        assert!(bq >= 1 && bk >= 1, "hd {hd}: tiles ({bq}, {bk})");
-        assert!(bq <= 16, "hd {hd}: bq {bq} > 16 (row statistics arrays)");
-        assert!(bq * hd <= 2048, "hd {hd}: q tile {bq}×{hd} > 2048");
-        assert!(bk * hd <= 1536, "hd {hd}: K/V chunk {bk}×{hd} > 1536");
+    use gptaq_studio::forward::{ATTN_BK, ATTN_BQ, AttnTiles, MAX_HEAD_DIM, attention_tiles};
+    // 256 invocations: 16 row bands of 4 rows × 16 key pairs (scores) / dim quads (outputs).
+    assert_eq!((ATTN_BQ, ATTN_BK), (64, 32));
+    for hd in (2..=MAX_HEAD_DIM).step_by(2) {
+        let AttnTiles { ds, ks, nv } = attention_tiles(hd);
+        let hdp = hd.next_multiple_of(4);
+        // Q / K slices: [ds][17] vec4 / vec2 in `stage` (272 vec4) and `kt` (272 vec2), staged by
+        // invocations tid < 16·ds; the slices cover hd with less than one slice of padding.
+        assert!((1..=16).contains(&ds), "hd {hd}: ds {ds}");
+        assert!(ds * 17 <= 272, "hd {hd}: Q/K slice {ds}×17 > 272");
+        let slices = hd.div_ceil(ds);
         assert!(
-            bq * bk <= 256,
-            "hd {hd}: score tile {bq}×{bk} > 256 invocations"
+            slices * ds >= hd && (slices - 1) * ds < hd,
+            "hd {hd}: ds {ds}"
         );
+        assert_eq!(
+            slices,
+            hd.div_ceil(16),
+            "hd {hd}: ds {ds} takes extra slices"
+        );
+        // V slices: ks keys × hdp dims, one vec4 per invocation (≤ 256), and the idle lanes'
+        // reads up to ks·hdp/4 + 16 stay inside `stage`; ks divides the 32-key chunk (P rows).
+        assert!(ks.is_power_of_two() && ks <= ATTN_BK, "hd {hd}: ks {ks}");
         assert!(
-            bq * hd <= 8 * 256,
-            "hd {hd}: more than 8 outputs per invocation"
+            ks * hdp <= 1024,
+            "hd {hd}: V slice {ks}×{hdp} > 1024 floats"
+        );
+        assert!(ks * hdp / 4 + 16 <= 272, "hd {hd}: V reads past `stage`");
+        assert!(
+            ks == ATTN_BK || 2 * ks * hdp > 1024,
+            "hd {hd}: ks {ks} not maximal"
+        );
+        // Output tile: dims 64·g + 4·tx..+3, g < nv ≤ 4 (sixteen named vec4 accumulators).
+        assert!((1..=4).contains(&nv), "hd {hd}: nv {nv}");
+        assert!(nv * 64 >= hdp && (nv - 1) * 64 < hd, "hd {hd}: nv {nv}");
+    }
+    assert_eq!(
+        attention_tiles(128),
+        AttnTiles {
+            ds: 16,
+            ks: 8,
+            nv: 2
+        }
+    );
+    assert_eq!(
+        attention_tiles(256),
+        AttnTiles {
+            ds: 16,
+            ks: 4,
+            nv: 4
+        }
+    );
+    assert_eq!(
+        attention_tiles(2),
+        AttnTiles {
+            ds: 2,
+            ks: 32,
+            nv: 1
+        }
+    );
+    assert_eq!(
+        attention_tiles(20),
+        AttnTiles {
+            ds: 10,
+            ks: 32,
+            nv: 1
+        }
+    );
+}
+
+/// One causal GQA attention dispatch ([`forward::attend`]) on random q/k/v against the f64
+/// reference, element by element, within `2e-5·rms(expected) + 1e-5`.
+fn check_attend(hd: usize, seqlen: usize, nseq: usize, heads: usize, kv_heads: usize, seed: u64) {
+    use rand::{Rng, SeedableRng};
+    let Some(ctx) = test_context() else { return };
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let t = nseq * seqlen;
+    // q ~ U(-6, 6), k ~ U(-1, 1): scaled scores with a standard deviation of about 2, so the
+    // softmax is peaked and its running maximum moves from chunk to chunk (exercises the
+    // online-softmax rescaling); a rising offset on some dims of k makes later keys win more
+    // often in some heads.
+    let q: Vec<f32> = (0..t * heads * hd)
+        .map(|_| rng.random_range(-6.0f32..6.0))
+        .collect();
+    let k: Vec<f32> = (0..t * kv_heads * hd)
+        .map(|i| {
+            let pos = (i / (kv_heads * hd)) % seqlen;
+            let ramp = if i % 3 == 0 { 0.01 * pos as f32 } else { 0.0 };
+            rng.random_range(-1.0f32..1.0) + ramp
+        })
+        .collect();
+    let v: Vec<f32> = (0..t * kv_heads * hd)
+        .map(|_| rng.random_range(-1.0f32..1.0))
+        .collect();
+    let f64s = |x: &[f32]| x.iter().map(|&a| f64::from(a)).collect::<Vec<f64>>();
+    let expected =
+        cpu::causal_attention(&f64s(&q), &f64s(&k), &f64s(&v), heads, kv_heads, hd, seqlen);
+    let qb = ctx.upload("q", &q).unwrap();
+    let kb = ctx.upload("k", &k).unwrap();
+    let vb = ctx.upload("v", &v).unwrap();
+    // NaN-filled output: an element the kernel forgets to write fails the comparison.
+    let ob = ctx.upload("out", &vec![f32::NAN; t * heads * hd]).unwrap();
+    let shape = forward::AttnShape {
+        heads,
+        kv_heads,
+        head_dim: hd,
+        nseq,
+        seqlen,
+    };
+    let mut rec = ctx.recorder();
+    forward::attend(&mut rec, &qb, &kb, &vb, &ob, shape).unwrap();
+    rec.submit();
+    let got = ctx.read(&ob).unwrap();
+    let rms = (expected.iter().map(|x| x * x).sum::<f64>() / expected.len() as f64).sqrt();
+    let tol = 2e-5 * rms + 1e-5;
+    let qd = heads * hd;
+    let mut bad = 0;
+    let mut first = None;
+    for (i, (&g, &e)) in got.iter().zip(&expected).enumerate() {
+        #[allow(clippy::neg_cmp_op_on_partial_ord)] // NaN must count as out of tolerance
+        if !((f64::from(g) - e).abs() <= tol) {
+            bad += 1;
+            first.get_or_insert((i, g, e));
+        }
+    }
+    if let Some((i, g, e)) = first {
+        let (tok, head, d) = (i / qd, i % qd / hd, i % hd);
+        panic!(
+            "attention hd {hd} seqlen {seqlen} nseq {nseq} heads {heads}/{kv_heads}: {bad} of {} \
+             elements off by more than {tol:.3e}; first at sequence {} position {} head {head} \
+             dim {d} (flat {i}): got {g}, expected {e}",
+            got.len(),
+            tok / seqlen,
+            tok % seqlen
         );
     }
-    assert_eq!(gptaq_studio::forward::attention_tiles(128), (16, 12));
-    assert_eq!(gptaq_studio::forward::attention_tiles(256), (8, 6));
+}
+
+/// The attention kernel alone against the f64 reference: every tiled head dim class (tiny, not a
+/// multiple of 4 or 16, one and several output groups), seqlen 1 and primes spanning several
+/// query blocks and key chunks, one and three sequences, MHA and GQA (group sizes 2 and 8).
+#[test]
+fn attention_kernel_matches_reference() {
+    // (hd, seqlen, nseq, heads, kv_heads)
+    let cases = [
+        (2, 131, 1, 4, 2),
+        (2, 1, 3, 3, 3),
+        (8, 67, 3, 8, 1),
+        (8, 2, 1, 1, 1),
+        (12, 33, 3, 4, 2),
+        (12, 131, 1, 3, 3),
+        (64, 7, 3, 8, 1),
+        (64, 131, 1, 4, 2),
+        (64, 1, 1, 3, 3),
+        (128, 67, 1, 4, 2),
+        (128, 33, 3, 1, 1),
+        (128, 2, 3, 8, 1),
+        (256, 131, 1, 3, 3),
+        (256, 7, 3, 4, 2),
+        (256, 67, 3, 8, 1),
+    ];
+    for (i, &(hd, seqlen, nseq, heads, kv)) in cases.iter().enumerate() {
+        check_attend(hd, seqlen, nseq, heads, kv, 100 + i as u64);
+    }
+}
+
+/// The kernel is deterministic: the pipeline's solver comparison relies on bit-identical module
+/// inputs between two runs of the same forward (a race would show up here as differing bits).
+#[test]
+fn attention_is_deterministic() {
+    let Some(ctx) = test_context() else { return };
+    for (hd, seqlen, nseq, heads, kv) in [(64, 131, 2, 4, 2), (16, 70, 1, 6, 3), (128, 67, 1, 2, 1)]
+    {
+        let t = nseq * seqlen;
+        let data = |n: usize, m: usize| -> Vec<f32> {
+            (0..n)
+                .map(|i| ((i * m) % 1009) as f32 / 250.0 - 2.0)
+                .collect()
+        };
+        let q = ctx.upload("q", &data(t * heads * hd, 7919)).unwrap();
+        let k = ctx.upload("k", &data(t * kv * hd, 104_729)).unwrap();
+        let v = ctx.upload("v", &data(t * kv * hd, 1_299_709)).unwrap();
+        let shape = forward::AttnShape {
+            heads,
+            kv_heads: kv,
+            head_dim: hd,
+            nseq,
+            seqlen,
+        };
+        let mut first: Option<Vec<f32>> = None;
+        for run in 0..4 {
+            let out = ctx.zeros::<f32>("out", t * heads * hd).unwrap();
+            let mut rec = ctx.recorder();
+            forward::attend(&mut rec, &q, &k, &v, &out, shape).unwrap();
+            rec.submit();
+            let got = ctx.read(&out).unwrap();
+            match &first {
+                None => first = Some(got),
+                Some(f) => {
+                    let diff = f
+                        .iter()
+                        .zip(&got)
+                        .position(|(a, b)| a.to_bits() != b.to_bits());
+                    assert!(
+                        diff.is_none(),
+                        "hd {hd} seqlen {seqlen} nseq {nseq} heads {heads}/{kv}: run {run} differs \
+                         from run 0 at {diff:?}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Shapes the kernel cannot run are errors, not wrong answers.
+#[test]
+fn attend_rejects_bad_shapes() {
+    let Some(ctx) = test_context() else { return };
+    let buf = ctx.zeros::<f32>("x", 4 * 8 * 64).unwrap();
+    let shape = forward::AttnShape {
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 64,
+        nseq: 1,
+        seqlen: 8,
+    };
+    for (what, bad) in [
+        (
+            "odd head dim",
+            forward::AttnShape {
+                head_dim: 7,
+                ..shape
+            },
+        ),
+        (
+            "head dim > 256",
+            forward::AttnShape {
+                head_dim: 258,
+                ..shape
+            },
+        ),
+        (
+            "heads not a multiple",
+            forward::AttnShape {
+                kv_heads: 3,
+                ..shape
+            },
+        ),
+        (
+            "buffers too short",
+            forward::AttnShape { seqlen: 9, ..shape },
+        ),
+    ] {
+        let mut rec = ctx.recorder();
+        assert!(
+            forward::attend(&mut rec, &buf, &buf, &buf, &buf, bad).is_err(),
+            "{what}: accepted"
+        );
+    }
 }
 
 #[test]

@@ -14,14 +14,15 @@
 #                128 × 2048 tokens, 4-bit sym g128, f16 host streams, 8 GiB plan; nvidia-smi samples
 #                the GPU memory every 100 ms alongside (smi_l8b_<m>.log, MiB)
 #   prof_<m>     the same layer with GPTAQ_PROFILE=1 on 16 sequences: seconds per phase
-#   kbench       the Rust kernel benches (GEMM both tiles, Hessian syrk, GPU factor U, whole solve)
+#   kbench       the Rust kernel benches (GEMM both tiles, Hessian syrk, GPU factor U, whole solve,
+#                causal attention at ATTN = heads:kv_heads:hd:seqlen:nseq, Llama-3-8B by default)
 #   torch_bench / torch_layer  the PyTorch reference (solve + accumulation / one layer's loops);
 #                skipped by default (SKIP) when the same card's numbers are already in BENCHMARKS.md
 # Usage on the GPU machine (after `cargo build --release && cargo bench --no-run` and
 # `bash tools/device_pack.sh` here):
 #   source .device-carry/setup.sh && OUT=$OUT WORK=/tmp/perf bash tools/device_perf.sh
 # Knobs: QUALITY ("gptq:3 gptaq:3"), NSAMPLES (128), SEQLEN (512), L8B ("gptaq gptq"), LAYERS (1),
-# SIZES (kernel sizes, "4096"), SOLVE ("4096x4096,4096x14336"), SCALING (presets, e.g. "h1024 h2048 h4096"),
+# SIZES (kernel sizes, "4096"), SOLVE ("4096x4096,4096x14336"), ATTN ("32:8:128:2048:1"), SCALING (presets, e.g. "h1024 h2048 h4096"),
 # SCALING_NSAMPLES (128), SCALING_GIB (60), SKIP (step names), BUDGET_S.
 set -u
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -98,7 +99,7 @@ for mb in $QUALITY; do
 done
 
 # --- kernels ----------------------------------------------------------------------------------
-t kbench 150 env GPTAQ_BENCH_SIZES="$SIZES" GPTAQ_BENCH_SOLVE="$SOLVE" "$K" --bench --warm-up-time 1 --measurement-time 2
+t kbench 150 env GPTAQ_BENCH_SIZES="$SIZES" GPTAQ_BENCH_SOLVE="$SOLVE" GPTAQ_BENCH_ATTN="${ATTN:-32:8:128:2048:1}" "$K" --bench --warm-up-time 1 --measurement-time 2
 grep -E "^[a-z_]+/|time:|thrpt:" "$D/kbench.log" | head -60
 
 # --- Llama-3-8B-shaped layer: time split and peak GPU memory under an 8 GiB plan ---------------

@@ -102,13 +102,42 @@ pub fn layer_forward(
         lw.k_norm.as_deref(),
         eps,
     );
-    let (qd, kvd, hd) = (d.q_dim(), d.kv_dim(), d.head_dim);
-    let group = d.heads / d.kv_heads;
+    let attn = causal_attention(&q, &k, &v, d.heads, d.kv_heads, d.head_dim, seqlen);
+    let o = linear(&attn, &lw.o, t);
+    h.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
+    let mut x2 = vec![0.0; t * d.hidden];
+    rmsnorm(h, &lw.post_norm, eps, &mut x2);
+    let g = linear(&x2, &lw.gate, t);
+    let u = linear(&x2, &lw.up, t);
+    let act: Vec<f64> = g
+        .iter()
+        .zip(&u)
+        .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+        .collect();
+    let dn = linear(&act, &lw.down, t);
+    h.iter_mut().zip(&dn).for_each(|(a, b)| *a += b);
+}
+
+/// Causal grouped-query attention of packed sequences of `seqlen` tokens: q `[t, heads·hd]`,
+/// k, v `[t, kv_heads·hd]` → `[t, heads·hd]`, query head h reading kv head `h / (heads /
+/// kv_heads)`, scores scaled by `1/√hd`, softmax over the positions `0..=pos` of its own sequence.
+pub fn causal_attention(
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+    heads: usize,
+    kv_heads: usize,
+    hd: usize,
+    seqlen: usize,
+) -> Vec<f64> {
+    let (qd, kvd) = (heads * hd, kv_heads * hd);
+    let t = q.len() / qd;
+    let group = heads / kv_heads;
     let scale = 1.0 / (hd as f64).sqrt();
     let mut attn = vec![0.0; t * qd];
     for tok in 0..t {
         let start = tok - tok % seqlen;
-        for head in 0..d.heads {
+        for head in 0..heads {
             let kvh = head / group;
             let qr = &q[tok * qd + head * hd..][..hd];
             let scores: Vec<f64> = (start..=tok)
@@ -132,19 +161,7 @@ pub fn layer_forward(
             }
         }
     }
-    let o = linear(&attn, &lw.o, t);
-    h.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
-    let mut x2 = vec![0.0; t * d.hidden];
-    rmsnorm(h, &lw.post_norm, eps, &mut x2);
-    let g = linear(&x2, &lw.gate, t);
-    let u = linear(&x2, &lw.up, t);
-    let act: Vec<f64> = g
-        .iter()
-        .zip(&u)
-        .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
-        .collect();
-    let dn = linear(&act, &lw.down, t);
-    h.iter_mut().zip(&dn).for_each(|(a, b)| *a += b);
+    attn
 }
 
 /// Full-model logits `[ids.len(), vocab]` of one sequence, in f64.

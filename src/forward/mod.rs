@@ -23,7 +23,8 @@ crate::wgsl_shader!(ROPE, "rope");
 crate::wgsl_shader!(ATTENTION, "attention");
 crate::wgsl_shader!(FORWARD_EW, "forward_ew");
 
-/// The attention kernel's q tile holds BQ·hd ≤ 2048 values with BQ ≥ 8 (`attention_tiles`).
+/// The largest head dim of the attention kernel: its output tile is at most 4 groups of 64 dims per
+/// invocation (`attention_tiles`).
 pub const MAX_HEAD_DIM: usize = 256;
 
 use crate::gpu::ops::u32_of;
@@ -521,22 +522,45 @@ struct AttnParams {
     hd: u32,
     seqlen: u32,
     scale: f32,
-    bq: u32,
-    bk: u32,
     nqb: u32,
     groups: u32,
-    _pad: [u32; 3],
+    _pad: u32,
 }
 
-/// Tile sizes of `attention.wgsl` for head dim `hd` (≤ [`MAX_HEAD_DIM`]): `(BQ, BK)` query rows
-/// per workgroup and keys per chunk, as large as its fixed workgroup arrays allow (q tile
-/// BQ·hd ≤ 2048, K/V chunk BK·hd ≤ 1536, score tile BQ·BK ≤ 256, BQ ≤ 16). Larger BQ means fewer
-/// global reads of K and V per query row.
-pub fn attention_tiles(hd: usize) -> (usize, usize) {
+/// Query rows per workgroup of `attention.wgsl` (its `BQ`).
+pub const ATTN_BQ: usize = 64;
+/// Keys per streamed K/V chunk of `attention.wgsl` (its `BK`).
+pub const ATTN_BK: usize = 32;
+
+/// Head-dim dependent tiles of `attention.wgsl` (its override constants): see the shader's header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttnTiles {
+    /// Head dims per staged Q/K slice of the score phase (`DS`, 1..=16).
+    pub ds: usize,
+    /// Keys per staged V slice (`KS`: a power of two dividing [`ATTN_BK`], `KS·roundup4(hd) ≤
+    /// 1024`).
+    pub ks: usize,
+    /// Output dim groups of 64 per invocation (`NV`, 1..=4).
+    pub nv: usize,
+}
+
+/// Tiles of `attention.wgsl` for head dim `hd` (even, ≤ [`MAX_HEAD_DIM`]). The score phase walks
+/// hd in `ceil(hd / 16)` equal slices of at most 16 dims (no slice mostly padding, e.g. hd 20 is
+/// 2 × 10, not 16 + 4); a V slice is as many keys as fit 1024 floats (one vec4 per invocation);
+/// each invocation's output dims are `64·g + 4·tx..+3` for `g < ceil(hd / 64)`.
+pub fn attention_tiles(hd: usize) -> AttnTiles {
     let hd = hd.max(1);
-    let bq = (2048 / hd).clamp(1, 16);
-    let bk = (1536 / hd).min(256 / bq).clamp(1, 16);
-    (bq, bk)
+    let ds = hd.div_ceil(hd.div_ceil(16));
+    let hdp = hd.next_multiple_of(4);
+    let mut ks = ATTN_BK;
+    while ks > 1 && ks * hdp > 1024 {
+        ks /= 2;
+    }
+    AttnTiles {
+        ds,
+        ks,
+        nv: hd.div_ceil(64),
+    }
 }
 
 /// q/k/v projections of `s.x1`, (q/k norm and) RoPE, causal attention → `s.attn`
@@ -617,31 +641,102 @@ pub fn rope_attend(
             groups_1d(params.rows),
         )?;
     }
-    let (bq, bk) = attention_tiles(d.head_dim);
-    let nqb = seqlen.div_ceil(bq);
+    attend(
+        rec,
+        &s.q,
+        &s.k,
+        &s.v,
+        &s.attn,
+        AttnShape {
+            heads: d.heads,
+            kv_heads: d.kv_heads,
+            head_dim: d.head_dim,
+            nseq,
+            seqlen,
+        },
+    )
+}
+
+/// Shape of one causal attention dispatch ([`attend`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttnShape {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub nseq: usize,
+    pub seqlen: usize,
+}
+
+/// Causal grouped-query attention alone (`attention.wgsl`), no RoPE: `out = softmax(q·kᵀ/√hd)·v`
+/// per head over each sequence's earlier positions, with q, out `[tokens, heads·hd]` and k, v
+/// `[tokens, kv_heads·hd]`, `tokens = nseq·seqlen` packed back to back; query head h reads kv
+/// head `h / (heads / kv_heads)`. [`rope_attend`] runs it after RoPE; the tests and benches call
+/// it directly.
+pub fn attend(
+    rec: &mut Recorder<'_>,
+    q: &GpuBuffer<f32>,
+    k: &GpuBuffer<f32>,
+    v: &GpuBuffer<f32>,
+    out: &GpuBuffer<f32>,
+    shape: AttnShape,
+) -> Result<(), GpuError> {
+    let AttnShape {
+        heads,
+        kv_heads,
+        head_dim: hd,
+        nseq,
+        seqlen,
+    } = shape;
+    if hd == 0 || !hd.is_multiple_of(2) || hd > MAX_HEAD_DIM {
+        return Err(GpuError::Validation(format!(
+            "head_dim {hd} is not supported by the attention kernel (even, 2..={MAX_HEAD_DIM})"
+        )));
+    }
+    if heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
+        return Err(GpuError::Validation(format!(
+            "{heads} attention heads are not a positive multiple of {kv_heads} kv heads"
+        )));
+    }
+    let t = nseq * seqlen;
+    for (what, buf, width) in [
+        ("q", q, heads),
+        ("k", k, kv_heads),
+        ("v", v, kv_heads),
+        ("out", out, heads),
+    ] {
+        if buf.len() < t * width * hd {
+            return Err(GpuError::Validation(format!(
+                "attention {what}: {} elements, {t} tokens × {width} heads × {hd} need {}",
+                buf.len(),
+                t * width * hd
+            )));
+        }
+    }
+    if t == 0 {
+        return Ok(());
+    }
+    let tiles = attention_tiles(hd);
+    let nqb = seqlen.div_ceil(ATTN_BQ);
     let params = AttnParams {
-        heads: d.heads as u32,
-        kv_heads: d.kv_heads as u32,
-        hd: d.head_dim as u32,
-        seqlen: seqlen as u32,
-        scale: 1.0 / (d.head_dim as f32).sqrt(),
-        bq: bq as u32,
-        bk: bk as u32,
+        heads: u32_of("attention heads", heads)?,
+        kv_heads: u32_of("attention kv heads", kv_heads)?,
+        hd: hd as u32,
+        seqlen: u32_of("attention sequence length", seqlen)?,
+        scale: 1.0 / (hd as f32).sqrt(),
         nqb: u32_of("attention query blocks", nqb)?,
-        groups: u32_of("attention workgroups", nseq * nqb * d.heads)?,
-        _pad: [0; 3],
+        groups: u32_of("attention workgroups", nseq * nqb * heads)?,
+        _pad: 0,
     };
     rec.dispatch(
         &ATTENTION,
         "attention",
-        &[],
-        &params,
         &[
-            s.q.binding(),
-            s.k.binding(),
-            s.v.binding(),
-            s.attn.binding(),
+            ("DS", tiles.ds as f64),
+            ("KS", tiles.ks as f64),
+            ("NV", tiles.nv as f64),
         ],
+        &params,
+        &[q.binding(), k.binding(), v.binding(), out.binding()],
         groups_1d(params.groups),
     )
 }
