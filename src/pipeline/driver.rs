@@ -286,14 +286,17 @@ pub fn quantize(
             let lw: LayerWeights = prefetch
                 .layer(layer)
                 .map_err(|e| PipelineError::Input(e.to_string()))?;
-            let mut layers = Layers {
-                q: GpuLayer::upload(ctx, &mc, &lw)?,
-                fp: if fp_stream {
-                    Some(GpuLayer::upload(ctx, &mc, &lw)?)
-                } else {
-                    None
-                },
+            let q = GpuLayer::upload(ctx, &mc, &lw)?;
+            // The FP stream's copy is made on the GPU, not uploaded a second time.
+            let fp = if fp_stream {
+                let mut rec = ctx.recorder();
+                let fp = q.duplicate(&mut rec)?;
+                rec.submit();
+                Some(fp)
+            } else {
+                None
             };
+            let mut layers = Layers { q, fp };
             prof.sync(ctx, "weights")?;
             let mut pending: Vec<(ModuleKind, ModuleReport)> = Vec::new();
 
