@@ -11,6 +11,13 @@
 //      processing-column → group map in `colmap[n + k]`.
 //   2. invocation t < rchunk quantizes row t: code = clamp(round(w/s) + z, 0, maxq) (WGSL round is
 //      half-to-even like torch.round), q = s·(code − z), e = (w − q)/U_kk, loss += (w − q)²/U_kk²/2.
+//      Codes (≤ maxq ≤ 255) are stored as bytes, 4 per u32 word, little-endian by column: the code
+//      of processing column k is bits 8·(k % 4) .. 8·(k % 4) + 7 of word `row·nw + k/4`, with
+//      nw = ceil(n/4) words per row (rows start on a word boundary). The row's invocation builds
+//      the word in a register and stores it when complete (k % 4 == 3) or at the block's last
+//      column; a block starting inside a word first reloads the bytes the previous block's
+//      dispatch stored there (dispatches in one queue are ordered; one invocation owns a row, so
+//      no atomics).
 //   3. all invocations update W1[:, j] for j ≥ i (strided over columns):
 //        GPTQ:  W1[:, j] −= e·U[k, i1+j]
 //        GPTAQ: W1[:, j] −= e·U[k, i1+j] − w·P[k, i1+j]   (w = pre-quantization value, §2.2)
@@ -166,6 +173,13 @@ fn sweep_block(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nw
     let row_live = t < rc && my_row < p.rows;
     var prm = vec2<f32>(1.0, 0.0);
     var lacc = 0.0;
+    // The row's codes word being filled: at a block start inside a word, the bytes of the columns
+    // before i1 stored by the previous block (only those: the bytes from i1 on are this block's).
+    let nw = (n + 3u) / 4u;
+    var cword = 0u;
+    if (row_live && (i1 % 4u) != 0u) {
+        cword = codes[my_row * nw + i1 / 4u] & ((1u << (8u * (i1 % 4u))) - 1u);
+    }
     // A dynamic group that started in an earlier block: its params are already in the table.
     if (row_live && p.dynamic_groups != 0u && (i1 % p.gs) != 0u) {
         let g = i1 / p.gs;
@@ -221,7 +235,12 @@ fn sweep_block(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nw
             let diff = wv - q;
             lacc += diff * diff / (d * d) / 2.0;
             let e = diff / d;
-            codes[my_row * n + k] = u32(code);
+            cword |= u32(code) << (8u * (k % 4u));
+            // Word complete, or the block's last column (which is also where column n − 1 lies).
+            if ((k % 4u) == 3u || i + 1u == cnt) {
+                codes[my_row * nw + k / 4u] = cword;
+                cword = 0u;
+            }
             ebuf[my_row * p.lde + i] = e;
             es[t] = e;
             ws[t] = wv;

@@ -328,6 +328,20 @@ fn odd_shapes_groups_and_act_order() {
         &p,
         &cfg(gptaq(1.0), 4, Some(32), true, false, false, 128, false),
     );
+    // Blocks of 5 over 37 columns: most blocks start and end inside a 4-code word of the packed
+    // codes (quant_sweep.wgsl), and the rows' last word is partial.
+    check(
+        &ctx,
+        "13x37 gptaq.25 3b asym gs-1 bs5 act",
+        &p,
+        &cfg(gptaq(0.25), 3, None, false, true, false, 5, false),
+    );
+    check(
+        &ctx,
+        "13x37 gptq 8b sym gs8 bs5",
+        &p,
+        &cfg(GPTQ, 8, Some(8), true, false, false, 5, false),
+    );
     let p = problem(64, 128, 256, 4, &[]);
     check(
         &ctx,

@@ -323,7 +323,7 @@ pub fn quantize(
                     forward::input_norm(&mut rec, fp, &work.h_fp, &work.s_fp, t)?;
                 }
                 rec = prof.lap(rec, "forward")?;
-                stats.accumulate(&mut rec, &work, work.s_q.x1(), work.s_fp.x1(), t)?;
+                stats.accumulate(&mut rec, work, work.s_q.x1(), work.s_fp.x1(), t)?;
                 rec = prof.lap(rec, "stats")?;
                 rec.submit();
             }
@@ -386,7 +386,7 @@ pub fn quantize(
                     record_metrics(
                         &mut rec,
                         &qkv_metrics,
-                        &work,
+                        work,
                         (b, t),
                         (work.s_q.x1(), work.s_fp.x1()),
                         (&layers.q, fp),
@@ -399,7 +399,7 @@ pub fn quantize(
                     forward::attention(&mut rec, &layers.q, &rope, &work.s_q, nseq_b, seqlen)?;
                 }
                 rec = prof.lap(rec, "attention")?;
-                stats.accumulate(&mut rec, &work, work.s_q.attn(), work.s_fp.attn(), t)?;
+                stats.accumulate(&mut rec, work, work.s_q.attn(), work.s_fp.attn(), t)?;
                 rec = prof.lap(rec, "stats")?;
                 rec = aq.store(rec, b, work.s_q.attn())?;
                 if let Some(s) = afp.as_mut() {
@@ -459,7 +459,7 @@ pub fn quantize(
                     record_metrics(
                         &mut rec,
                         &o_metrics,
-                        &work,
+                        work,
                         (b, t),
                         (&work.a_q, &work.a_fp),
                         (&layers.q, fp),
@@ -471,7 +471,7 @@ pub fn quantize(
                     forward::post_norm(&mut rec, &layers.q, &work.h_q, &work.s_q, t)?;
                     rec = prof.lap(rec, "forward")?;
                 }
-                stats.accumulate(&mut rec, &work, work.s_q.x2(), work.s_fp.x2(), t)?;
+                stats.accumulate(&mut rec, work, work.s_q.x2(), work.s_fp.x2(), t)?;
                 rec = prof.lap(rec, "stats")?;
                 rec = hq.store(rec, b, &work.h_q)?;
                 if let Some(s) = hfp.as_mut() {
@@ -542,7 +542,7 @@ pub fn quantize(
                     record_metrics(
                         &mut rec,
                         &gu_metrics,
-                        &work,
+                        work,
                         (b, t),
                         (work.s_q.x2(), work.s_fp.x2()),
                         (&layers.q, fp),
@@ -555,7 +555,7 @@ pub fn quantize(
                     forward::mlp_act(&mut rec, &layers.q, &work.s_q, t)?;
                 }
                 rec = prof.lap(rec, "forward")?;
-                stats.accumulate(&mut rec, &work, work.s_q.act(), work.s_fp.act(), t)?;
+                stats.accumulate(&mut rec, work, work.s_q.act(), work.s_fp.act(), t)?;
                 rec = prof.lap(rec, "stats")?;
                 rec.submit();
             }
@@ -618,7 +618,7 @@ pub fn quantize(
                     record_metrics(
                         &mut rec,
                         &down_metrics,
-                        &work,
+                        work,
                         (b, t),
                         (act_q, act_fp),
                         (&layers.q, fp),

@@ -116,7 +116,8 @@ fn solve_temp_bytes(c: &ModelConfig, asymmetry: bool, max_buffer_bytes: u64) -> 
 }
 
 /// The GPU solve's per-module buffers for the largest module (rows·cols): the working W (f32),
-/// the integer codes (u32) and the final Q (f32), plus GPTAQ's `[U; P]` block-row staging
+/// the integer codes (1 byte each, 4 per u32 word, rows padded to whole words:
+/// rows·⌈cols/4⌉·4 bytes) and the final Q (f32), plus GPTAQ's `[U; P]` block-row staging
 /// (2·128 × n at the default block size) (quant/gpu.rs); its per-block error buffer is
 /// rows·2·block_size, negligible next to these.
 fn solver_bytes(c: &ModelConfig) -> u64 {
@@ -126,7 +127,13 @@ fn solver_bytes(c: &ModelConfig) -> u64 {
         c.q_dim() as u64,
     );
     let n = h.max(i).max(qd);
-    (3 * (h * i).max(h * qd) + 2 * 128 * n) * F32
+    // Modules as rows × cols: gate/up i × h, down h × i, q qd × h, o h × qd (k, v are smaller).
+    let codes = [(i, h), (h, i), (qd, h), (h, qd)]
+        .iter()
+        .map(|&(r, c)| r * c.div_ceil(4) * 4)
+        .max()
+        .unwrap_or(0);
+    (2 * (h * i).max(h * qd) + 2 * 128 * n) * F32 + codes
 }
 
 /// The plan of RTN without metrics: it reads no activations, so the driver runs no calibration
@@ -350,6 +357,11 @@ mod tests {
             2 * n * n * 4 + n * 896 * 4
         );
         assert_eq!(nxn_bytes(&c), n * n * 4);
+        // down_proj's W and Q in f32, its codes one byte each (56 MiB, not 224), [U; P] staging.
+        assert_eq!(
+            solver_bytes(&c),
+            2 * 4096 * n * 4 + 4096 * n + 2 * 128 * n * 4
+        );
         assert!(
             p.breakdown.iter().any(|l| l.contains("solving")),
             "{:?}",
