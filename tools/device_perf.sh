@@ -14,6 +14,7 @@
 #                128 × 2048 tokens, 4-bit sym g128, f16 host streams, 8 GiB plan; nvidia-smi samples
 #                the GPU memory every 100 ms alongside (smi_l8b_<m>.log, MiB)
 #   prof_<m>     the same layer with GPTAQ_PROFILE=1 on 16 sequences: seconds per phase
+#   l8b_perfhint_<m>  l8b_<m> with GPTAQ_MEMORY_HINTS=performance (wgpu's large allocator blocks)
 #   kbench       the Rust kernel benches (GEMM both tiles, Hessian syrk, GPU factor U, whole solve,
 #                causal attention at ATTN = heads:kv_heads:hd:seqlen:nseq, Llama-3-8B by default)
 #   torch_bench / torch_layer  the PyTorch reference (solve + accumulation / one layer's loops);
@@ -21,7 +22,8 @@
 # Usage on the GPU machine (after `cargo build --release && cargo bench --no-run` and
 # `bash tools/device_pack.sh` here):
 #   source .device-carry/setup.sh && OUT=$OUT WORK=/tmp/perf bash tools/device_perf.sh
-# Knobs: QUALITY ("gptq:3 gptaq:3"), NSAMPLES (128), SEQLEN (512), L8B ("gptaq gptq"), LAYERS (1),
+# Knobs: QUALITY ("gptq:3 gptaq:3"), NSAMPLES (128), SEQLEN (512), L8B ("gptaq gptq"), L8B_HINTS
+# ("gptaq"), LAYERS (1),
 # SIZES (kernel sizes, "4096"), SOLVE ("4096x4096,4096x14336"), ATTN ("32:8:128:2048:1"), SCALING (presets, e.g. "h1024 h2048 h4096"),
 # SCALING_NSAMPLES (128), SCALING_GIB (60), SKIP (step names), BUDGET_S.
 set -u
@@ -117,6 +119,15 @@ for m in $L8B; do
   tm "l8b_$m" 200 "$B" quantize /tmp/l8b --calib /tmp/l8b-calib.safetensors --nsamples 128 --seqlen 2048 \
     --method "$m" --bits 4 --group-size 128 --gpu-memory 8 --stream-dtype f16 --report "$D/l8b_$m.json"
   tail -4 "$D/l8b_$m.log"
+done
+
+# The same run with wgpu's default allocator blocks (GPTAQ_MEMORY_HINTS=performance; the app uses
+# small blocks since 2026-12-05): how much of nvidia-smi's excess over the app's count they explain.
+for m in ${L8B_HINTS-gptaq}; do
+  tm "l8b_perfhint_$m" 200 env GPTAQ_MEMORY_HINTS=performance "$B" quantize /tmp/l8b \
+    --calib /tmp/l8b-calib.safetensors --nsamples 128 --seqlen 2048 --method "$m" --bits 4 \
+    --group-size 128 --gpu-memory 8 --stream-dtype f16 --report "$D/l8b_perfhint_$m.json"
+  tail -4 "$D/l8b_perfhint_$m.log"
 done
 
 # --- scaling table (issue 10): time per layer and peak memory over width, GPTQ and GPTAQ ----------

@@ -103,6 +103,19 @@ pub enum GpuError {
     Readback(String),
 }
 
+/// The allocator's block sizes. Default `MemoryUsage` (wgpu-hal: 8–64 MiB blocks, so every buffer
+/// above 64 MiB — all the n×n statistics, weights and activations of a large model — gets its own
+/// allocation, returned to the driver when dropped, and the blocks that small buffers share stay
+/// small): this tool's point is fitting a model in a given card, and on the H200 nvidia-smi showed
+/// up to 2 GiB above our own buffers with `Performance` (128–256 MiB blocks, BENCHMARKS.md).
+/// `GPTAQ_MEMORY_HINTS=performance` restores wgpu's default, to compare.
+fn memory_hints() -> wgpu::MemoryHints {
+    match std::env::var("GPTAQ_MEMORY_HINTS").as_deref() {
+        Ok("performance") => wgpu::MemoryHints::Performance,
+        _ => wgpu::MemoryHints::MemoryUsage,
+    }
+}
+
 /// What the adapter granted, for `devices`, reports and the GUI.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct AdapterSummary {
@@ -284,7 +297,7 @@ impl GpuContext {
             required_features: required,
             required_limits: limits.clone(),
             experimental_features: experimental,
-            memory_hints: wgpu::MemoryHints::Performance,
+            memory_hints: memory_hints(),
             trace: wgpu::Trace::Off,
         };
         let (device, queue) = pollster::block_on(adapter.request_device(&desc)).map_err(|e| {
