@@ -388,6 +388,14 @@ mod tests {
             } => {
                 assert_eq!(*budget_mib, 4096);
                 assert!(*need_mib > 4096, "need {need_mib} MiB");
+                // The budget the refusal names is enough (its reserve included), a bit less is not.
+                let mut i = input(&c, 0, StreamDType::F16);
+                i.gpu_budget_bytes = (*need_mib + 1) << 20;
+                if let Err(e) = plan(&i) {
+                    return Err(format!("the named {need_mib} MiB (+1) was refused: {e}").into());
+                }
+                i.gpu_budget_bytes = (*need_mib - 16) << 20;
+                assert!(plan(&i).is_err(), "{} MiB already fits", *need_mib - 16);
             }
             other => return Err(format!("expected a budget error, got {other}").into()),
         }

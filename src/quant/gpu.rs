@@ -854,3 +854,40 @@ pub fn quantize_gpu(
         },
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{tri_block_cols, tri_blocks};
+
+    /// The blocks of GPTAQ's P tile `0..n` exactly, in order, 32-column multiples except the last,
+    /// sixteen or fewer, and the `n × width` scratch fits the binding limit it was given.
+    #[test]
+    fn p_blocks_tile_the_columns_within_the_binding() {
+        for n in [1usize, 31, 32, 33, 100, 511, 4096, 14336, 28672] {
+            for max_bytes in [u64::MAX, 2 << 30, 64 << 20] {
+                let b = tri_block_cols(n, max_bytes);
+                assert!(b >= 32 && b.is_multiple_of(32), "n {n}: width {b}");
+                let fits = (n * b * 4) as u64 <= max_bytes || b == 32;
+                assert!(fits, "n {n}: {n} × {b} floats exceed {max_bytes} bytes");
+                let blocks: Vec<(usize, usize)> = tri_blocks(n, b).collect();
+                assert!(
+                    blocks.len() <= 16 || b < n.div_ceil(16),
+                    "n {n}: {} blocks",
+                    blocks.len()
+                );
+                let mut next = 0;
+                for &(j0, j1) in &blocks {
+                    assert_eq!(j0, next, "n {n}: block starts at {j0}, expected {next}");
+                    assert!(
+                        j1 > j0 && j1 - j0 <= b,
+                        "n {n}: block {j0}..{j1} of width {b}"
+                    );
+                    next = j1;
+                }
+                assert_eq!(next, n, "n {n}: blocks end at {next}");
+                let rev: Vec<(usize, usize)> = tri_blocks(n, b).rev().collect();
+                assert!(rev.iter().rev().eq(blocks.iter()), "n {n}: reversed order");
+            }
+        }
+    }
+}
