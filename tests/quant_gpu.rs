@@ -748,3 +748,65 @@ fn factor_of_a_hessian_beyond_one_binding() {
         "n={n}: UᵀU(H+λI)v differs from v by {rel:e} (relative)"
     );
 }
+
+/// A W already on the GPU (the pipeline's layer weights) gives bit for bit the solve of the host
+/// W: the device copy replaces the upload only where the preparation leaves W alone (no act-order,
+/// no dead column), and act-order / dead columns still take the host path with the same result.
+/// The GPU copy is only read; a W of the wrong length is an error.
+#[test]
+fn resident_w_solves_exactly_like_the_host_w() {
+    use gptaq_studio::quant::gpu::quantize_gpu_resident;
+    let Some(ctx) = test_context() else { return };
+    let gptaq = Method::Gptaq { alpha: 0.25 };
+    for (what, p, c) in [
+        (
+            "gptaq g16",
+            problem(21, 67, 90, 40, &[]),
+            cfg(gptaq, 3, Some(16), true, false, false, 32, false),
+        ),
+        (
+            "gptq act-order",
+            problem(9, 40, 60, 41, &[]),
+            cfg(GPTQ, 4, Some(8), true, true, false, 16, false),
+        ),
+        (
+            "gptaq dead columns",
+            problem(7, 33, 50, 42, &[3, 20]),
+            cfg(gptaq, 4, None, false, false, false, 8, false),
+        ),
+    ] {
+        let n = p.cols;
+        let gh = ctx.matrix_upload("h", &p.h, n, n, 1).unwrap();
+        let gd = ctx.matrix_upload("d", &p.d, n, n, 1).unwrap();
+        let gw = ctx.upload("w", &p.w).unwrap();
+        let host = quantize_gpu(&ctx, &p.w, p.rows, n, &gh, Some(&gd), &c).unwrap();
+        let res =
+            quantize_gpu_resident(&ctx, &p.w, Some(&gw), p.rows, n, &gh, Some(&gd), &c).unwrap();
+        let (a, b) = (&host.result, &res.result);
+        assert_eq!(a.codes, b.codes, "{what}: codes");
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&a.q), bits(&b.q), "{what}: q");
+        assert_eq!(bits(&a.scales), bits(&b.scales), "{what}: scales");
+        assert_eq!(a.zeros, b.zeros, "{what}: zeros");
+        assert_eq!(
+            a.proxy_loss_sum.to_bits(),
+            b.proxy_loss_sum.to_bits(),
+            "{what}: proxy loss {} vs {}",
+            a.proxy_loss_sum,
+            b.proxy_loss_sum
+        );
+        assert_eq!(
+            ctx.read(&gw).unwrap(),
+            p.w,
+            "{what}: the resident W was modified"
+        );
+    }
+    let p = problem(4, 8, 16, 43, &[]);
+    let gh = ctx.matrix_upload("h", &p.h, 8, 8, 1).unwrap();
+    let short = ctx.upload("w", &p.w[..20]).unwrap();
+    let c = cfg(GPTQ, 4, None, true, false, false, 128, false);
+    let err = quantize_gpu_resident(&ctx, &p.w, Some(&short), 4, 8, &gh, None, &c)
+        .err()
+        .expect("a 20-element W on the GPU for a 4×8 module must be refused");
+    assert!(err.to_string().contains("W on the GPU"), "{err}");
+}

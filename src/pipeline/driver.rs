@@ -1237,9 +1237,12 @@ fn solve(
     {
         match cfg.solver {
             Solver::Gpu => {
-                let s = crate::quant::gpu::quantize_gpu(
+                // The quantized-stream layer still holds this module's original W (it becomes Q
+                // right below): the solve copies it on the GPU instead of uploading it again.
+                let s = crate::quant::gpu::quantize_gpu_resident(
                     ctx,
                     &lin.weight,
+                    Some(layers.q.linear(m)),
                     rows,
                     cols,
                     stats_h,
