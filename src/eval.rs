@@ -380,7 +380,7 @@ impl WeightSource for Overlay<'_> {
         let mut lw = self.base.layer(index)?;
         for m in ModuleKind::ALL {
             if let Some(r) = self.modules.get(&(index, m)) {
-                lw.linear_mut(m).weight.clone_from(&r.q);
+                lw.linear_mut(m).weight = r.weights().into_owned();
             }
         }
         Ok(lw)

@@ -323,7 +323,7 @@ fn round_trip(
             assert_bits_eq(
                 &format!("layer {layer} {}", m.short_name()),
                 &got.linear(m).weight,
-                &r.q,
+                &r.weights(),
             );
             match (&got.linear(m).bias, &want.linear(m).bias) {
                 (Some(a), Some(b)) => assert_bits_eq("bias", a, &f16_round(b)),
@@ -499,7 +499,7 @@ fn export_tied_embeddings_bias_sharding_and_side_files() {
     // Reads back bit-exactly (tied lm_head = f16 embedding, biases f16).
     let g = GptqModel::open(&out).unwrap();
     let lw = g.layer(1).unwrap();
-    assert_bits_eq("k", &lw.k.weight, &q.modules[&(1, ModuleKind::K)].q);
+    assert_bits_eq("k", &lw.k.weight, &q.modules[&(1, ModuleKind::K)].weights());
     assert_bits_eq(
         "k bias",
         lw.k.bias.as_ref().unwrap(),
@@ -542,7 +542,7 @@ fn demo_model_exports_with_generated_config() {
     assert_bits_eq(
         "down",
         &g.layer(3).unwrap().down.weight,
-        &q.modules[&(3, ModuleKind::Down)].q,
+        &q.modules[&(3, ModuleKind::Down)].weights(),
     );
 }
 
@@ -933,7 +933,7 @@ fn dump_for_python_check() {
             .map(|((l, m), r)| {
                 (
                     format!("model.layers.{l}.{}.weight", m.hf_name()),
-                    r.q.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                    r.weights().iter().flat_map(|x| x.to_le_bytes()).collect(),
                     vec![r.rows, r.cols],
                 )
             })

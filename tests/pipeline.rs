@@ -184,12 +184,12 @@ fn lab_capture_metrics_equal_pipeline_metrics() {
         // Re-solving the capture with the run's settings gives the run's Q, and the trace formulas
         // give the errors the pipeline measured from the activations.
         let lab = gptaq_studio::lab::solve(&cap, &quant).unwrap();
-        let q_run = &full.modules[&(layer, m)].q;
+        let q_run = full.modules[&(layer, m)].weights();
         let maxdiff = lab
             .result
             .q
             .iter()
-            .zip(q_run)
+            .zip(q_run.iter())
             .map(|(a, b)| (a - b).abs())
             .fold(0.0f32, f32::max);
         assert!(
@@ -386,7 +386,7 @@ fn gpu_solver_matches_cpu_reference_solver_end_to_end() {
                     // group's statistics (on the H200, layer 0's down_proj then flipped 98 of
                     // 49,152 near-tie codes of its rank-deficient problem). So only bit-identical
                     // Q keeps the next group comparable code by code.
-                    group_differs |= differing > 0 || rc.q != rg.q;
+                    group_differs |= differing > 0 || rc.weights() != rg.weights();
                     same_input.insert((layer, kind));
                     compared += 1;
                 }
@@ -461,8 +461,8 @@ fn rtn_without_metrics_skips_the_forward_and_quantizes_the_same() {
     for (key, a) in &with.modules {
         let b = &without.modules[key];
         assert_eq!(
-            (&a.codes, &a.scales, &a.zeros, &a.q),
-            (&b.codes, &b.scales, &b.zeros, &b.q),
+            (&a.codes, &a.scales, &a.zeros, a.weights()),
+            (&b.codes, &b.scales, &b.zeros, b.weights()),
             "{key:?}: RTN differs without metrics"
         );
     }
@@ -544,8 +544,8 @@ fn host_f16_streams_track_gpu_streams() {
     for (key, a) in &gpu.modules {
         let b = &host32.modules[key];
         assert_eq!(
-            (&a.codes, &a.q),
-            (&b.codes, &b.q),
+            (&a.codes, a.weights()),
+            (&b.codes, b.weights()),
             "{key:?}: host f32 streams changed the quantization"
         );
     }

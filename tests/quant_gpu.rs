@@ -752,7 +752,8 @@ fn factor_of_a_hessian_beyond_one_binding() {
 /// A W already on the GPU (the pipeline's layer weights) gives bit for bit the solve of the host
 /// W: the device copy replaces the upload only where the preparation leaves W alone (no act-order,
 /// no dead column), and act-order / dead columns still take the host path with the same result.
-/// The GPU copy is only read; a W of the wrong length is an error.
+/// The GPU copy is only read; a W of the wrong length is an error. The resident solve keeps Q on
+/// the GPU only (`result.q` empty, `weights()` rebuilds it).
 #[test]
 fn resident_w_solves_exactly_like_the_host_w() {
     use gptaq_studio::quant::gpu::quantize_gpu_resident;
@@ -785,7 +786,15 @@ fn resident_w_solves_exactly_like_the_host_w() {
         let (a, b) = (&host.result, &res.result);
         assert_eq!(a.codes, b.codes, "{what}: codes");
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-        assert_eq!(bits(&a.q), bits(&b.q), "{what}: q");
+        // The resident solve leaves result.q out; its Q rebuilt from the codes is the same, and
+        // so is the GPU's own Q.
+        assert!(b.q.is_empty(), "{what}: the resident solve filled q");
+        assert_eq!(bits(&a.q), bits(&b.weights()), "{what}: q");
+        assert_eq!(
+            bits(&a.q),
+            bits(&ctx.read(&res.q).unwrap()),
+            "{what}: GPU q"
+        );
         assert_eq!(bits(&a.scales), bits(&b.scales), "{what}: scales");
         assert_eq!(a.zeros, b.zeros, "{what}: zeros");
         assert_eq!(

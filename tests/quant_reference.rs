@@ -374,6 +374,19 @@ fn check_invariants(res: &QuantResult, c: &QuantConfig, ctx: &str) {
     assert_eq!(res.scales.len(), ng * rows, "{ctx}: scales len");
     assert_eq!(res.zeros.len(), ng * rows, "{ctx}: zeros len");
     assert_eq!(res.g_idx.len(), cols, "{ctx}: g_idx len");
+    // Q rebuilt from codes, scales, zeros and g_idx is q bit for bit (what the pipeline keeps
+    // instead of q, and what a GPTQ loader computes).
+    let deq = res.dequantize();
+    assert_eq!(deq.len(), res.q.len(), "{ctx}: dequantized length");
+    if let Some(i) = (0..deq.len()).find(|&i| deq[i].to_bits() != res.q[i].to_bits()) {
+        panic!(
+            "{ctx}: dequantize differs at row {} col {}: got {}, q {}",
+            i / cols.max(1),
+            i % cols.max(1),
+            deq[i],
+            res.q[i]
+        );
+    }
     assert!(
         res.proxy_loss_sum.is_finite() && res.proxy_loss_sum >= 0.0,
         "{ctx}: loss {}",

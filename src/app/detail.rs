@@ -72,17 +72,19 @@ pub fn module_detail(
     info: &SolveInfo,
 ) -> Result<ModuleDetail, DetailError> {
     let (rows, cols) = (q.rows, q.cols);
-    if w.len() != rows * cols || q.q.len() != rows * cols {
+    // The pipeline keeps only the codes on the host: Q rebuilt from them (exactly).
+    let qw = q.weights();
+    if w.len() != rows * cols || qw.len() != rows * cols {
         return Err(DetailError::Shape {
             rows,
             cols,
-            got: w.len().min(q.q.len()),
+            got: w.len().min(qw.len()),
         });
     }
     let at = |v: &[f32], i: usize| v.get(i).copied().unwrap_or(0.0);
     let weight_heat = Heatmap::block_means(rows, cols, HEAT_MAX, HEAT_MAX, |i| at(w, i).abs());
     let error_heat = Heatmap::block_means(rows, cols, HEAT_MAX, HEAT_MAX, |i| {
-        (at(w, i) - at(&q.q, i)).abs()
+        (at(w, i) - at(&qw, i)).abs()
     });
 
     // Positions on the grid: w/scale + zero, per the group of each column.
@@ -117,7 +119,7 @@ pub fn module_detail(
             let (mut e, mut n) = (0f64, 0f64);
             for r in 0..rows {
                 let wv = f64::from(at(w, r * cols + c));
-                let d = wv - f64::from(at(&q.q, r * cols + c));
+                let d = wv - f64::from(at(&qw, r * cols + c));
                 e += d * d;
                 n += wv * wv;
             }

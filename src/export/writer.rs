@@ -479,9 +479,15 @@ fn validate_modules(
                 ));
             }
             let groups = qcfg.num_groups(cols);
+            // `q` may be absent (the pipeline keeps only the codes; QuantResult::weights).
+            let q_len = if r.q.is_empty() {
+                rows * cols
+            } else {
+                r.q.len()
+            };
             let lens = [
                 ("codes", r.codes.len(), rows * cols),
-                ("q", r.q.len(), rows * cols),
+                ("q", q_len, rows * cols),
                 ("scales", r.scales.len(), groups * rows),
                 ("zeros", r.zeros.len(), groups * rows),
                 ("g_idx", r.g_idx.len(), cols),
@@ -568,7 +574,7 @@ fn validate_modules(
             let deq = dequant_packed(r, bits).map_err(|e| module_err(layer, m, e.to_string()))?;
             let bad = deq
                 .iter()
-                .zip(&r.q)
+                .zip(r.weights().iter())
                 .filter(|(a, b)| a.to_bits() != b.to_bits() && **a != **b)
                 .count();
             if bad > 0 {

@@ -1282,5 +1282,8 @@ fn solve(
             .map_err(|e| module_err(e.to_string()))?
     };
     layers.q.set_linear(ctx, m, &result.q)?;
+    // Like the GPU solve's results, only the codes stay on the host (QuantResult::weights).
+    let mut result = result;
+    result.q = Vec::new();
     Ok(result)
 }

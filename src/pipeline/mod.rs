@@ -102,6 +102,8 @@ pub struct Job {
 
 /// The result of a finished run: everything export and evaluation need.
 pub struct QuantizedModel {
+    /// Codes, scales, zeros and losses per module; `q` is left empty (an 8B model's f32 Q would
+    /// be 28 GB of host memory): [`QuantResult::weights`] rebuilds a module's Q exactly.
     pub modules: BTreeMap<(usize, ModuleKind), QuantResult>,
     pub report: RunReport,
 }

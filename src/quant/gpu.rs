@@ -81,9 +81,11 @@ const SWEEP_MAX_ROWS: usize = 64;
 
 /// Result of [`quantize_gpu`].
 pub struct GpuSolve {
-    /// Same semantics as the reference, ORIGINAL column order.
+    /// Same semantics as the reference, ORIGINAL column order (`result.q` empty from
+    /// [`quantize_gpu_resident`]: [`QuantResult::weights`] rebuilds it).
     pub result: QuantResult,
-    /// Fake-quantized `Q` `[rows, cols]` on the GPU, original column order (equal to `result.q`).
+    /// Fake-quantized `Q` `[rows, cols]` on the GPU, original column order (equal to
+    /// `result.weights()`).
     pub q: GpuBuffer<f32>,
     /// `U_kk`, the diagonal of the inverse-Hessian factor, processing order (what turns
     /// `result.column_loss` back into the rounding errors: the layer lab's uncompensated loss).
@@ -407,7 +409,7 @@ pub fn quantize_gpu(
     d: Option<&GpuMatrix>,
     cfg: &QuantConfig,
 ) -> Result<GpuSolve, QuantGpuError> {
-    quantize_gpu_resident(ctx, w, None, rows, cols, h, d, cfg)
+    solve(ctx, w, None, rows, cols, h, d, cfg, true)
 }
 
 /// [`quantize_gpu`] when `W` is also on the GPU already (`w_gpu`, the same values as `w`; the
@@ -416,6 +418,10 @@ pub fn quantize_gpu(
 /// model a module's W is up to 235 MB, and the solves of a layer moved 0.8 GiB over the host link
 /// this way, through the driver's write-combined staging. `w` is still read on the host (the
 /// finiteness check, act-order's permutation, the RTN fallbacks).
+///
+/// Unlike [`quantize_gpu`], `result.q` is left empty (RTN fallbacks aside): Q is in
+/// [`GpuSolve::q`] on the GPU, and [`QuantResult::weights`] rebuilds it exactly from the codes, so
+/// the pipeline neither reads rows·cols floats back per module nor keeps them on the host.
 #[allow(clippy::too_many_arguments)]
 pub fn quantize_gpu_resident(
     ctx: &GpuContext,
@@ -426,6 +432,23 @@ pub fn quantize_gpu_resident(
     h: &GpuMatrix,
     d: Option<&GpuMatrix>,
     cfg: &QuantConfig,
+) -> Result<GpuSolve, QuantGpuError> {
+    solve(ctx, w, w_gpu, rows, cols, h, d, cfg, false)
+}
+
+/// Both entry points; `host_q`: fill `result.q` (from the codes on the host, exactly the GPU's
+/// `finish_q`, which the tests compare).
+#[allow(clippy::too_many_arguments)]
+fn solve(
+    ctx: &GpuContext,
+    w: &[f32],
+    w_gpu: Option<&GpuBuffer<f32>>,
+    rows: usize,
+    cols: usize,
+    h: &GpuMatrix,
+    d: Option<&GpuMatrix>,
+    cfg: &QuantConfig,
+    host_q: bool,
 ) -> Result<GpuSolve, QuantGpuError> {
     let spec = check_config(cfg, cols)?;
     let n = cols;
@@ -837,7 +860,6 @@ pub fn quantize_gpu_resident(
     // n floats: cheap next to the codes, and only U's diagonal is meaningful outside the solve.
     let u_diag = factor::hessian_diag(ctx, &gu, n)?;
     let ptab = ctx.read(&gptab)?;
-    let q = ctx.read(&gq)?;
     prof.sync(ctx, "readback")?;
 
     // Unpack the words (little-endian bytes = processing columns, module docs) into original
@@ -868,23 +890,27 @@ pub fn quantize_gpu_resident(
     } else {
         (0..n).map(|j| (j / gs) as u32).collect()
     };
+    let mut result = QuantResult {
+        rows,
+        cols,
+        q: Vec::new(),
+        codes,
+        scales,
+        zeros,
+        g_idx,
+        perm,
+        proxy_loss_sum,
+        column_loss,
+        h_diag: solve_h_diag,
+        damp: factor.damp,
+        damp_percent: factor.damp_percent,
+        fallback: factor.fallback,
+    };
+    if host_q {
+        result.q = result.dequantize();
+    }
     Ok(GpuSolve {
-        result: QuantResult {
-            rows,
-            cols,
-            q,
-            codes,
-            scales,
-            zeros,
-            g_idx,
-            perm,
-            proxy_loss_sum,
-            column_loss,
-            h_diag: solve_h_diag,
-            damp: factor.damp,
-            damp_percent: factor.damp_percent,
-            fallback: factor.fallback,
-        },
+        result,
         q: gq,
         u_diag,
         phases: {

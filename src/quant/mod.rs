@@ -112,7 +112,10 @@ pub enum Fallback {
 pub struct QuantResult {
     pub rows: usize,
     pub cols: usize,
-    /// Fake-quantized weights `scale·(code − zero)`, row-major `[rows, cols]`.
+    /// Fake-quantized weights `scale·(code − zero)`, row-major `[rows, cols]`, or empty when the
+    /// producer left them out (the pipeline keeps Q on the GPU and only the codes on the host:
+    /// f32 weights of a whole 8B model would be 28 GB of host memory). [`QuantResult::weights`]
+    /// gives Q either way.
     pub q: Vec<f32>,
     /// Integer codes in `[0, maxq]`, row-major `[rows, cols]`.
     pub codes: Vec<u8>,
@@ -142,6 +145,46 @@ pub struct QuantResult {
     /// Relative damping actually used (`damp / mean(diag H)`).
     pub damp_percent: f64,
     pub fallback: Option<Fallback>,
+}
+
+impl QuantResult {
+    /// `scale·(code − zero)` from the codes, scales, zeros and `g_idx`, row-major `[rows, cols]`:
+    /// exactly `q` (scales are f16 values and |code − zero| ≤ 255, so the f32 product is exact, as
+    /// the solvers' own is; the export writer checks the packed checkpoint against it). Empty if
+    /// the parts do not have their documented lengths.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let (rows, cols) = (self.rows, self.cols);
+        let groups = self
+            .g_idx
+            .iter()
+            .map(|&g| g as usize + 1)
+            .max()
+            .unwrap_or(0);
+        if self.codes.len() != rows * cols
+            || self.g_idx.len() != cols
+            || self.scales.len() < groups * rows
+            || self.zeros.len() < groups * rows
+        {
+            return Vec::new();
+        }
+        let mut q = Vec::with_capacity(rows * cols);
+        for (r, codes) in self.codes.chunks_exact(cols.max(1)).enumerate().take(rows) {
+            q.extend(codes.iter().zip(&self.g_idx).map(|(&c, &g)| {
+                let i = g as usize * rows + r;
+                self.scales[i] * (f32::from(c) - self.zeros[i] as f32)
+            }));
+        }
+        q
+    }
+
+    /// Q, `[rows, cols]`: `q` when present, else [`QuantResult::dequantize`].
+    pub fn weights(&self) -> std::borrow::Cow<'_, [f32]> {
+        if self.q.len() == self.rows * self.cols {
+            std::borrow::Cow::Borrowed(&self.q)
+        } else {
+            std::borrow::Cow::Owned(self.dequantize())
+        }
+    }
 }
 
 /// Why the CPU reference (or the quantizer) refused its input. Cholesky failure is *not* an error
