@@ -781,8 +781,8 @@ fn resident_w_solves_exactly_like_the_host_w() {
         let gd = ctx.matrix_upload("d", &p.d, n, n, 1).unwrap();
         let gw = ctx.upload("w", &p.w).unwrap();
         let host = quantize_gpu(&ctx, &p.w, p.rows, n, &gh, Some(&gd), &c).unwrap();
-        let res =
-            quantize_gpu_resident(&ctx, &p.w, Some(&gw), p.rows, n, &gh, Some(&gd), &c).unwrap();
+        let res = quantize_gpu_resident(&ctx, &p.w, Some(&gw), p.rows, n, &gh, Some(&gd), &c, None)
+            .unwrap();
         let (a, b) = (&host.result, &res.result);
         assert_eq!(a.codes, b.codes, "{what}: codes");
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
@@ -814,8 +814,116 @@ fn resident_w_solves_exactly_like_the_host_w() {
     let gh = ctx.matrix_upload("h", &p.h, 8, 8, 1).unwrap();
     let short = ctx.upload("w", &p.w[..20]).unwrap();
     let c = cfg(GPTQ, 4, None, true, false, false, 128, false);
-    let err = quantize_gpu_resident(&ctx, &p.w, Some(&short), 4, 8, &gh, None, &c)
+    let err = quantize_gpu_resident(&ctx, &p.w, Some(&short), 4, 8, &gh, None, &c, None)
         .err()
         .expect("a 20-element W on the GPU for a 4×8 module must be refused");
     assert!(err.to_string().contains("W on the GPU"), "{err}");
+}
+
+/// Modules of one group (the same H and D, as q/k/v or gate/up) solved through a shared
+/// `SharedFactor` get bit for bit the results of separate solves, with the factor and P computed
+/// once: GPTAQ with act-order, GPTQ, and an indefinite H whose RTN fallback is shared too. A
+/// different H is not mistaken for the cached one.
+#[test]
+fn group_modules_share_factor_and_p_bit_for_bit() {
+    use gptaq_studio::quant::gpu::{SharedFactor, quantize_gpu_resident};
+    let Some(ctx) = test_context() else { return };
+    let gptaq = Method::Gptaq { alpha: 0.25 };
+    let base = problem(1, 48, 80, 50, &[5]);
+    let mut neg = base.h.clone();
+    neg.iter_mut().for_each(|v| *v = -*v);
+    for (what, h, c, rtn) in [
+        (
+            "gptaq act-order",
+            base.h.clone(),
+            cfg(gptaq, 3, Some(16), true, true, false, 16, false),
+            false,
+        ),
+        (
+            "gptq",
+            base.h.clone(),
+            cfg(GPTQ, 4, Some(8), false, false, false, 32, false),
+            false,
+        ),
+        (
+            "indefinite H",
+            neg,
+            cfg(GPTQ, 4, Some(8), true, false, false, 32, false),
+            true,
+        ),
+    ] {
+        let n = base.cols;
+        let gh = ctx.matrix_upload("h", &h, n, n, 1).unwrap();
+        let gd = ctx.matrix_upload("d", &base.d, n, n, 1).unwrap();
+        let mut shared = SharedFactor::default();
+        // Three modules of 17, 5 and 9 rows (q/k/v-like), their own W each.
+        for (i, rows) in [17usize, 5, 9].into_iter().enumerate() {
+            let w = problem(rows, n, 8, 60 + i as u64, &[]).w;
+            let alone = quantize_gpu_resident(&ctx, &w, None, rows, n, &gh, Some(&gd), &c, None)
+                .unwrap()
+                .result;
+            let with = quantize_gpu_resident(
+                &ctx,
+                &w,
+                None,
+                rows,
+                n,
+                &gh,
+                Some(&gd),
+                &c,
+                Some(&mut shared),
+            )
+            .unwrap()
+            .result;
+            let ctx_s = format!("{what}, module {i} ({rows} rows)");
+            assert_eq!(alone.codes, with.codes, "{ctx_s}: codes");
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&alone.weights()), bits(&with.weights()), "{ctx_s}: Q");
+            assert_eq!(bits(&alone.scales), bits(&with.scales), "{ctx_s}: scales");
+            assert_eq!(
+                alone.proxy_loss_sum.to_bits(),
+                with.proxy_loss_sum.to_bits(),
+                "{ctx_s}: proxy loss"
+            );
+            assert_eq!(alone.damp.to_bits(), with.damp.to_bits(), "{ctx_s}: damp");
+            assert_eq!(alone.fallback, with.fallback, "{ctx_s}: fallback");
+            assert_eq!(
+                matches!(
+                    with.fallback,
+                    Some(gptaq_studio::quant::Fallback::Rtn { .. })
+                ),
+                rtn,
+                "{ctx_s}: RTN fallback {:?}",
+                with.fallback
+            );
+            assert_eq!(shared.hits(), i, "{ctx_s}: reuses");
+        }
+        // Another H (a copy at another address) is solved afresh, not from the cache.
+        let gh2 = ctx.matrix_upload("h2", &h, n, n, 1).unwrap();
+        let w = problem(3, n, 8, 70, &[]).w;
+        quantize_gpu_resident(&ctx, &w, None, 3, n, &gh2, Some(&gd), &c, Some(&mut shared))
+            .unwrap();
+        assert_eq!(
+            shared.hits(),
+            2,
+            "{what}: a different H was served from the cache"
+        );
+        // The cache now holds H2's entry. H2 with another D: a new P for GPTAQ (no reuse);
+        // GPTQ ignores D, so that is a reuse.
+        let gd2 = ctx.matrix_upload("d2", &base.d, n, n, 1).unwrap();
+        quantize_gpu_resident(
+            &ctx,
+            &w,
+            None,
+            3,
+            n,
+            &gh2,
+            Some(&gd2),
+            &c,
+            Some(&mut shared),
+        )
+        .unwrap();
+        let reuse = usize::from(!matches!(c.method, Method::Gptaq { .. }));
+        assert_eq!(shared.hits(), 2 + reuse, "{what}: another D");
+    }
 }

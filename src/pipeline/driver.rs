@@ -1182,9 +1182,11 @@ fn solve_group(
 ) -> Result<(), PipelineError> {
     // The tensor-core path's f16 operands are accumulation scratch: not kept through the solve.
     stats.f16 = None;
+    // The group's modules share H and D: one factorisation and one P for all of them.
+    let mut shared = crate::quant::gpu::SharedFactor::default();
     for &m in mods {
         let t = Instant::now();
-        let r = solve(ctx, cfg, lw, layers, m, stats, layer, prof)?;
+        let r = solve(ctx, cfg, lw, layers, m, stats, layer, prof, &mut shared)?;
         let secs = t.elapsed().as_secs_f64();
         pending.push((m, report_stub(layer, m, &r, stats.nsamples, secs)));
         results.insert((layer, m), r);
@@ -1204,6 +1206,7 @@ fn solve(
     stats: &Stats,
     layer: usize,
     prof: &mut Profile,
+    shared: &mut crate::quant::gpu::SharedFactor,
 ) -> Result<QuantResult, PipelineError> {
     let lin = lw.linear(m);
     let (rows, cols) = (lin.out_features, lin.in_features);
@@ -1248,6 +1251,7 @@ fn solve(
                     stats_h,
                     stats.d.as_ref(),
                     qc,
+                    Some(shared),
                 )
                 .map_err(|e| module_err(e.to_string()))?;
                 for (phase, secs) in &s.phases {

@@ -11,7 +11,8 @@
 //!    ([`super::reference::damped_factorisation`]: GPTQModel's retries and diagonal floors, §1.5),
 //!    so damping / fallback decisions are made by the same code as in the f64 reference. The
 //!    whole H comes back only on the rare RTN-fallback paths (its proxy loss needs it). The
-//!    caller's `H` and `D` buffers are never modified (§6.2).
+//!    caller's `H` and `D` buffers are never modified (§6.2). Modules solved from the same `H` and
+//!    `D` (q/k/v, gate/up) can share diag(H), `U` and `P` through a [`SharedFactor`].
 //! 2. **GPTAQ `P` on the GPU** (§2.2): `D` is permuted and its dead columns zeroed by a gather
 //!    kernel (`quant_gather.wgsl`), then `T = D·Uᵀ`, `T ← α·triu₁(T)` (`quant_mask.wgsl`),
 //!    `P = T·U` — GEMMs over column blocks that skip what the triangles of `U` and `T` make zero,
@@ -55,11 +56,13 @@
 //! - The proxy loss is accumulated per row in f32 and summed on the host in f64.
 
 use crate::gpu::profile::Profile;
+use std::sync::Arc;
+
 use bytemuck::{Pod, Zeroable};
 
 use super::factor;
 use super::quantizer::{QuantizerSpec, rtn_quantize_f64};
-use super::reference;
+use super::reference::{self, Damped};
 use super::{Fallback, Method, QuantConfig, QuantError, QuantResult};
 use crate::gpu::kernels::groups_1d;
 use crate::gpu::ops::{self, MatView, Operand};
@@ -391,6 +394,40 @@ fn read_h64(ctx: &GpuContext, h: &GpuMatrix, nn: usize) -> Result<Vec<f64>, Quan
     Ok(h32.iter().map(|&v| f64::from(v)).collect())
 }
 
+/// What the modules of one true-sequential group share when they are solved one after another
+/// from the same `H` and `D` with the same config (q/k/v; gate/up): diag(H), the inverse factor
+/// `U` (or its failure) and GPTAQ's `P`. The first solve computes them, the later ones reuse them:
+/// the same computation on the same inputs, so the results are bit for bit those of separate
+/// solves (tests/quant_gpu.rs), without a factorisation and a P per module. Only for one group:
+/// entries are recognised by the addresses of `H` and `D`, which must stay alive and unchanged
+/// while the cache is.
+#[derive(Default)]
+pub struct SharedFactor {
+    entry: Option<SharedEntry>,
+    hits: usize,
+}
+
+#[derive(Clone)]
+struct SharedEntry {
+    h: usize,
+    d: usize,
+    h_diag32: Vec<f32>,
+    /// `Err`: no damping made H factorable (every module falls back to RTN with this reason).
+    factor: Result<Arc<Damped<GpuMatrix>>, String>,
+    p: Option<Arc<GpuMatrix>>,
+}
+
+impl SharedFactor {
+    /// Solves that reused an entry.
+    pub fn hits(&self) -> usize {
+        self.hits
+    }
+}
+
+fn addr(m: &GpuMatrix) -> usize {
+    std::ptr::from_ref(m) as usize
+}
+
 /// GPTQ / GPTAQ solve of one module on the GPU. Same inputs and semantics as
 /// [`reference::quantize_reference`] (see there and the module docs for the f32 deviations), except
 /// that `h` (`[cols, cols]`) and `d` (`[cols, cols]`, GPTAQ only) are GPU matrices (any panel
@@ -409,7 +446,7 @@ pub fn quantize_gpu(
     d: Option<&GpuMatrix>,
     cfg: &QuantConfig,
 ) -> Result<GpuSolve, QuantGpuError> {
-    solve(ctx, w, None, rows, cols, h, d, cfg, true)
+    solve(ctx, w, None, rows, cols, h, d, cfg, None, true)
 }
 
 /// [`quantize_gpu`] when `W` is also on the GPU already (`w_gpu`, the same values as `w`; the
@@ -422,6 +459,9 @@ pub fn quantize_gpu(
 /// Unlike [`quantize_gpu`], `result.q` is left empty (RTN fallbacks aside): Q is in
 /// [`GpuSolve::q`] on the GPU, and [`QuantResult::weights`] rebuilds it exactly from the codes, so
 /// the pipeline neither reads rows·cols floats back per module nor keeps them on the host.
+///
+/// `shared`: the group's [`SharedFactor`], filled by the first module's solve and reused by the
+/// next ones with the same `h`, `d` and config.
 #[allow(clippy::too_many_arguments)]
 pub fn quantize_gpu_resident(
     ctx: &GpuContext,
@@ -432,8 +472,9 @@ pub fn quantize_gpu_resident(
     h: &GpuMatrix,
     d: Option<&GpuMatrix>,
     cfg: &QuantConfig,
+    shared: Option<&mut SharedFactor>,
 ) -> Result<GpuSolve, QuantGpuError> {
-    solve(ctx, w, w_gpu, rows, cols, h, d, cfg, false)
+    solve(ctx, w, w_gpu, rows, cols, h, d, cfg, shared, false)
 }
 
 /// Both entry points; `host_q`: fill `result.q` (from the codes on the host, exactly the GPU's
@@ -448,6 +489,7 @@ fn solve(
     h: &GpuMatrix,
     d: Option<&GpuMatrix>,
     cfg: &QuantConfig,
+    mut shared: Option<&mut SharedFactor>,
     host_q: bool,
 ) -> Result<GpuSolve, QuantGpuError> {
     let spec = check_config(cfg, cols)?;
@@ -494,7 +536,19 @@ fn solve(
     // With GPTAQ_PROFILE=1 every phase boundary below waits for the GPU (gpu::profile).
     let mut prof = Profile::from_env();
     // Step 1: host preparation in f64 from diag(H) only (module docs).
-    let h_diag32 = factor::hessian_diag(ctx, h, n)?;
+    // A group's earlier solve from the same H and D (SharedFactor).
+    let cached: Option<SharedEntry> = shared.as_deref_mut().and_then(|s| {
+        let e = s.entry.as_ref()?;
+        if e.h != addr(h) || e.d != d.map_or(0, addr) {
+            return None;
+        }
+        s.hits += 1;
+        Some(e.clone())
+    });
+    let h_diag32 = match &cached {
+        Some(c) => c.h_diag32.clone(),
+        None => factor::hessian_diag(ctx, h, n)?,
+    };
     if let Some((index, &value)) = h_diag32.iter().enumerate().find(|(_, v)| !v.is_finite()) {
         return Err(QuantError::NonFinite {
             what: "H (diagonal)",
@@ -536,21 +590,38 @@ fn solve(
     // U (and P) in panels of whole blocks: a block's rows of U and P are then in one panel.
     let bs = cfg.block_size.min(n);
     prof.sync(ctx, "prepare")?;
-    let factor = match factor::upper_inverse_factor_gpu(
-        ctx,
-        h,
-        &order,
-        &prepared.diag,
-        cfg.damp_percent,
-        cfg.damp_auto_increment,
-        bs,
-    )? {
+    let computed = match cached.as_ref().map(|c| c.factor.clone()) {
+        Some(f) => f,
+        None => factor::upper_inverse_factor_gpu(
+            ctx,
+            h,
+            &order,
+            &prepared.diag,
+            cfg.damp_percent,
+            cfg.damp_auto_increment,
+            bs,
+        )?
+        .map(Arc::new)
+        .map_err(|e| e.to_string()),
+    };
+    let factor = match computed {
         Ok(f) => f,
-        Err(e) => {
+        Err(reason) => {
+            if cached.is_none()
+                && let Some(s) = shared.as_deref_mut()
+            {
+                s.entry = Some(SharedEntry {
+                    h: addr(h),
+                    d: d.map_or(0, addr),
+                    h_diag32: h_diag32.clone(),
+                    factor: Err(reason.clone()),
+                    p: None,
+                });
+            }
             // Rare path: the whole H is needed for the RTN proxy loss (and a non-finite H is an
             // input error, as in the reference).
             let h64 = read_h64(ctx, h, nn)?;
-            return rtn_fallback(ctx, &w64(), rows, cols, &h64, cfg, e.to_string());
+            return rtn_fallback(ctx, &w64(), rows, cols, &h64, cfg, reason);
         }
     };
     let reference::Prepared {
@@ -569,7 +640,7 @@ fn solve(
         prepare_w_f32(w, rows, n, &dead, perm.as_deref())
     };
     drop(wprep);
-    let gu = factor.value;
+    let gu = &factor.value;
     prof.sync(ctx, "factor")?;
 
     // Group bookkeeping: table of (scale, zero) per [group][row] and the group of every processing
@@ -637,8 +708,10 @@ fn solve(
 
     // Step 2: GPTAQ P (§2.2).
     let alpha = cfg.method.alpha();
-    let gp: Option<GpuMatrix> = match d {
-        Some(d) => {
+    let cached_p = cached.as_ref().and_then(|c| c.p.clone());
+    let gp: Option<Arc<GpuMatrix>> = match (d, cached_p) {
+        (Some(_), Some(p)) => Some(p),
+        (Some(d), None) => {
             let mut meta = order.iter().map(|&j| j as u32).collect::<Vec<u32>>();
             meta.extend(dead.iter().map(|&x| u32::from(x)));
             let gmeta_d = ctx.upload("quant perm/dead", &meta)?;
@@ -672,17 +745,28 @@ fn solve(
                     ],
                 )?;
             }
-            gptaq_p_blocked(&mut rec, n, &gu, &dp, &scratch, pb, alpha as f32)?;
+            gptaq_p_blocked(&mut rec, n, gu, &dp, &scratch, pb, alpha as f32)?;
             // Keep the recorded work alive until submission (buffers are reference counted by
             // wgpu, but submit now so the scratch and the metadata can be freed early).
             rec.submit();
             rec = ctx.recorder();
             drop(scratch);
             drop(gmeta_d);
-            Some(dp)
+            Some(Arc::new(dp))
         }
-        None => None,
+        (None, _) => None,
     };
+    if cached.is_none()
+        && let Some(s) = shared
+    {
+        s.entry = Some(SharedEntry {
+            h: addr(h),
+            d: d.map_or(0, addr),
+            h_diag32: h_diag32.clone(),
+            factor: Ok(factor.clone()),
+            p: gp.clone(),
+        });
+    }
     rec = prof.lap(rec, "p")?;
     let gptaq = gp.is_some();
     // GPTAQ's fused cross-block GEMM reads the block's U rows and P rows from one binding.
@@ -858,7 +942,7 @@ fn solve(
     }
     let mut codes_p = ctx.read(&gcodes)?;
     // n floats: cheap next to the codes, and only U's diagonal is meaningful outside the solve.
-    let u_diag = factor::hessian_diag(ctx, &gu, n)?;
+    let u_diag = factor::hessian_diag(ctx, gu, n)?;
     let ptab = ctx.read(&gptab)?;
     prof.sync(ctx, "readback")?;
 
@@ -904,7 +988,7 @@ fn solve(
         h_diag: solve_h_diag,
         damp: factor.damp,
         damp_percent: factor.damp_percent,
-        fallback: factor.fallback,
+        fallback: factor.fallback.clone(),
     };
     if host_q {
         result.q = result.dequantize();
