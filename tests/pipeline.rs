@@ -967,3 +967,66 @@ fn measured_peak_stays_within_the_memory_plan() {
         );
     }
 }
+
+/// Host streams with several batches (20 sequences: batches of 16 and 4), whose stores stay in
+/// flight while the next batch computes and complete when a later stage loads them: the run
+/// quantizes exactly as with the streams on the GPU, f32 host storage being lossless.
+#[test]
+fn host_stream_stores_in_flight_across_batches_change_nothing() {
+    use gptaq_studio::calib::CalibSet;
+    use gptaq_studio::pipeline::Inputs;
+    let Some(ctx) = test_context() else { return };
+    let mut c = SyntheticModel::demo_config();
+    c.num_layers = 2;
+    c.hidden_size = 64;
+    c.intermediate_size = 96;
+    c.vocab_size = 64;
+    let (nsamples, seqlen) = (20, 8);
+    let mut runs = Vec::new();
+    for host in [false, true] {
+        let inputs = Inputs {
+            source: Box::new(SyntheticModel::with_config(c.clone(), 5)),
+            model_name: "synthetic".into(),
+            calib: CalibSet::synthetic(c.vocab_size, nsamples, seqlen, 9),
+        };
+        let config = PipelineConfig {
+            quant: QuantConfig {
+                method: Method::Gptaq { alpha: 0.25 },
+                bits: 3,
+                group_size: Some(32),
+                ..QuantConfig::default()
+            },
+            nsamples,
+            seqlen,
+            solver: Solver::Gpu,
+            metrics: true,
+            force_host_streams: host,
+            ..PipelineConfig::default()
+        };
+        let q =
+            pipeline::run_prepared(&ctx, &inputs, &config, &mut |_| {}, &AtomicBool::new(false))
+                .unwrap();
+        assert_eq!(q.report.plan.streams_on_gpu, !host, "placement");
+        assert_eq!(q.report.plan.batch_sequences, 16, "two batches expected");
+        runs.push(q);
+    }
+    let (gpu, host) = (&runs[0], &runs[1]);
+    assert_eq!(gpu.modules.len(), 14);
+    for (key, a) in &gpu.modules {
+        let b = &host.modules[key];
+        assert_eq!(
+            (&a.codes, a.weights()),
+            (&b.codes, b.weights()),
+            "{key:?}: host streams with stores in flight changed the quantization"
+        );
+    }
+    for (a, b) in gpu.report.modules.iter().zip(&host.report.modules) {
+        assert_eq!(
+            (a.quant_error, a.output_error),
+            (b.quant_error, b.output_error),
+            "layer {} {}: metrics",
+            a.layer,
+            a.module
+        );
+    }
+}
