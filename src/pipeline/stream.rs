@@ -8,10 +8,11 @@
 //! on the device.
 //!
 //! Host stores do not wait: the readback is submitted with the batch's work and completed later —
-//! when the batch is loaded again, when a store of it is issued again, or once more than
-//! [`MAX_PENDING_STORES`] are in flight (the oldest first). The GPU then runs the next batch while
-//! the previous one's data crosses the link and is copied out, instead of idling through every
-//! store (an 8B layer stores six 16 MiB batches per calibration sequence).
+//! when the batch is loaded again, or once more than [`MAX_PENDING_STORES`] are in flight. Stores
+//! complete in the order they were issued, so a batch stored twice keeps the newer data. The GPU
+//! then runs the next batch while the previous one's data crosses the link and is copied out,
+//! instead of idling through every store (an 8B layer stores six 16 MiB batches per calibration
+//! sequence).
 //!
 //! f16 host batches are kept packed, two halves per `u32` word (element `2w` in the low 16 bits of
 //! word `w`), and converted on the GPU (`f16_pack.wgsl`) through one staging buffer per stream: the
@@ -138,14 +139,14 @@ impl Stream {
 
     /// Waits for one store's readback and puts the data into its batch.
     fn complete(&mut self, ctx: &GpuContext, p: PendingStore) -> Result<(), GpuError> {
-        match (p, &mut self.chunks) {
-            (PendingStore::F32(b, r), chunks) => match chunks.get_mut(b) {
+        match p {
+            PendingStore::F32(b, r) => match self.chunks.get_mut(b) {
                 Some(Chunk::HostF32(v)) => ctx.finish_read(r, v),
                 _ => Err(GpuError::Validation(format!(
                     "f32 store pending for batch {b}, which is not an f32 host batch"
                 ))),
             },
-            (PendingStore::F16(b, r), chunks) => match chunks.get_mut(b) {
+            PendingStore::F16(b, r) => match self.chunks.get_mut(b) {
                 Some(Chunk::HostF16(v)) => ctx.finish_read(r, v),
                 _ => Err(GpuError::Validation(format!(
                     "f16 store pending for batch {b}, which is not an f16 host batch"
