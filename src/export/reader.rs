@@ -306,28 +306,8 @@ fn i32s(data: &[u8]) -> Vec<i32> {
         .collect()
 }
 
-/// `W[o, i] = scales[g, o] · (codes[o, i] − zeros[g, o])` with `g = g_idx[i]`, row-major
-/// `[rows, cols]`. Callers guarantee the lengths (`codes` `[rows, cols]`, `zeros`/`scales`
-/// `[G, rows]`, every `g_idx < G`).
-pub fn dequantize(
-    codes: &[u8],
-    zeros: &[u32],
-    scales: &[f32],
-    g_idx: &[u32],
-    rows: usize,
-    cols: usize,
-) -> Vec<f32> {
-    let mut w = vec![0f32; rows * cols];
-    for o in 0..rows {
-        for (i, &g) in g_idx.iter().enumerate().take(cols) {
-            let g = g as usize;
-            let k = g * rows + o;
-            let d = f32::from(codes[o * cols + i]) - zeros[k] as f32;
-            w[o * cols + i] = scales[k] * d;
-        }
-    }
-    w
-}
+/// The dequantization of a GPTQ checkpoint's decoded tensors: the quantizer's own.
+pub use crate::quant::quantizer::dequantize_matrix as dequantize;
 
 /// Reads the quantization settings: `config.json["quantization_config"]` (what transformers and
 /// vLLM read first), else `quantize_config.json` (AutoGPTQ/GPTQModel; vLLM's fallback).

@@ -167,14 +167,14 @@ impl QuantResult {
         {
             return Vec::new();
         }
-        let mut q = Vec::with_capacity(rows * cols);
-        for (r, codes) in self.codes.chunks_exact(cols.max(1)).enumerate().take(rows) {
-            q.extend(codes.iter().zip(&self.g_idx).map(|(&c, &g)| {
-                let i = g as usize * rows + r;
-                self.scales[i] * (f32::from(c) - self.zeros[i] as f32)
-            }));
-        }
-        q
+        quantizer::dequantize_matrix(
+            &self.codes,
+            &self.zeros,
+            &self.scales,
+            &self.g_idx,
+            rows,
+            cols,
+        )
     }
 
     /// Q, `[rows, cols]`: `q` when present, else [`QuantResult::dequantize`].

@@ -151,6 +151,27 @@ pub fn dequantize_f32(code: u32, scale: f32, zero: u32) -> f32 {
     scale * (code as f32 - zero as f32)
 }
 
+/// `W[o, i] = scales[g, o] · (codes[o, i] − zeros[g, o])` with `g = g_idx[i]`, row-major
+/// `[rows, cols]` (the GPTQ checkpoint layout: `zeros`/`scales` `[G, rows]`). Callers guarantee the
+/// lengths (`codes` `[rows, cols]`, every `g_idx < G`).
+pub fn dequantize_matrix(
+    codes: &[u8],
+    zeros: &[u32],
+    scales: &[f32],
+    g_idx: &[u32],
+    rows: usize,
+    cols: usize,
+) -> Vec<f32> {
+    let mut w = Vec::with_capacity(rows * cols);
+    for (o, row) in codes.chunks_exact(cols.max(1)).take(rows).enumerate() {
+        w.extend(row.iter().zip(g_idx).map(|(&c, &g)| {
+            let k = g as usize * rows + o;
+            dequantize_f32(u32::from(c), scales[k], zeros[k])
+        }));
+    }
+    w
+}
+
 /// `dequant(quant(x))`.
 pub fn fake_quantize(x: f64, p: RowParams, maxq: u32) -> f64 {
     dequantize(quantize_code(x, p, maxq), p)
