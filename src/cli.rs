@@ -276,6 +276,10 @@ pub struct QuantizeArgs {
     /// Skip the FP stream for GPTQ/RTN (no quant/asym/output errors; GPTAQ always needs it).
     #[arg(long)]
     pub no_metrics: bool,
+    /// Measure the metrics from X·Wᵀ products on every calibration token (one more GEMM per
+    /// module and batch) instead of taking the quantization and cross terms from GPTAQ's H and D.
+    #[arg(long, conflicts_with = "no_metrics")]
+    pub metric_products: bool,
     /// Write the run report (JSON) here.
     #[arg(long)]
     pub report: Option<PathBuf>,
@@ -342,6 +346,7 @@ impl QuantizeArgs {
                     SolverArg::Gpu => Solver::Gpu,
                     SolverArg::Cpu => Solver::CpuReference,
                 },
+                metric_products: self.metric_products,
                 capture: None,
             },
         })

@@ -39,7 +39,7 @@ use crate::model::{LayerWeights, ModelConfig, ModuleKind, WeightSource};
 use crate::quant::{Fallback, Method, QuantConfig, QuantResult};
 
 use super::events::{Event, LayerReport, MemoryPlan, ModuleReport, RunReport};
-use super::metrics::{MetricAccumulator, MetricScratch};
+use super::metrics::{MetricAccumulator, MetricScratch, Moments};
 use super::plan::{self, PlanInput};
 use super::stream::{Placement, Stream};
 use super::{PipelineConfig, PipelineError, QuantizedModel, Solver};
@@ -88,6 +88,20 @@ struct Stats {
     /// f16 operands of the tensor-core path (`X_q`, `X_fp − X_q`), allocated on its first batch
     /// and reused by the later ones (grown only if a batch is larger).
     f16: Option<(GpuBuffer<half::f16>, GpuBuffer<half::f16>)>,
+    /// Per-batch partial sums of `‖X_fp − X_q‖²` (with `D`): whether the two streams' inputs
+    /// were bit for bit equal, which makes the metrics' asymmetry exactly 0 ([`Moments`]).
+    dx: Option<GpuBuffer<f32>>,
+    /// Partials per batch in `dx`.
+    dx_len: usize,
+}
+
+/// A solved module waiting for its metrics (measured in the next stage).
+struct Pending {
+    module: ModuleKind,
+    report: ModuleReport,
+    /// The quantization and cross terms from the group statistics, when the metrics use them
+    /// (`pipeline::metrics` module docs).
+    moments: Option<Moments>,
 }
 
 /// The per-batch activations in `slot`, allocated by `make` if they were released.
@@ -298,7 +312,7 @@ pub fn quantize(
             };
             let mut layers = Layers { q, fp };
             prof.sync(ctx, "weights")?;
-            let mut pending: Vec<(ModuleKind, ModuleReport)> = Vec::new();
+            let mut pending: Vec<Pending> = Vec::new();
 
             // ---- stage A: statistics of q/k/v
             let work = ensure_work(&mut work_slot, &make_work)?;
@@ -308,6 +322,7 @@ pub fn quantize(
                 h,
                 qc.method,
                 capturing(cfg, layer, &[ModuleKind::Q, ModuleKind::K, ModuleKind::V]),
+                (nb, max_tokens),
             )?;
             for b in 0..nb {
                 check_cancel(cancel)?;
@@ -323,7 +338,7 @@ pub fn quantize(
                     forward::input_norm(&mut rec, fp, &work.h_fp, &work.s_fp, t)?;
                 }
                 rec = prof.lap(rec, "forward")?;
-                stats.accumulate(&mut rec, work, work.s_q.x1(), work.s_fp.x1(), t)?;
+                stats.accumulate(&mut rec, work, work.s_q.x1(), work.s_fp.x1(), (b, t))?;
                 rec = prof.lap(rec, "stats")?;
                 rec.submit();
             }
@@ -356,6 +371,7 @@ pub fn quantize(
                 mc.q_dim(),
                 qc.method,
                 capturing(cfg, layer, &[ModuleKind::O]),
+                (nb, max_tokens),
             )?;
             let qkv_metrics = metric_accs(
                 ctx,
@@ -364,6 +380,7 @@ pub fn quantize(
                 nb,
                 max_tokens,
                 &[ModuleKind::Q, ModuleKind::K, ModuleKind::V],
+                &pending,
             )?;
             for b in 0..nb {
                 check_cancel(cancel)?;
@@ -399,7 +416,7 @@ pub fn quantize(
                     forward::attention(&mut rec, &layers.q, &rope, &work.s_q, nseq_b, seqlen)?;
                 }
                 rec = prof.lap(rec, "attention")?;
-                stats.accumulate(&mut rec, work, work.s_q.attn(), work.s_fp.attn(), t)?;
+                stats.accumulate(&mut rec, work, work.s_q.attn(), work.s_fp.attn(), (b, t))?;
                 rec = prof.lap(rec, "stats")?;
                 rec = aq.store(rec, b, work.s_q.attn())?;
                 if let Some(s) = afp.as_mut() {
@@ -433,8 +450,17 @@ pub fn quantize(
                 h,
                 qc.method,
                 capturing(cfg, layer, &[ModuleKind::Gate, ModuleKind::Up]),
+                (nb, max_tokens),
             )?;
-            let o_metrics = metric_accs(ctx, &mc, fp_stream, nb, max_tokens, &[ModuleKind::O])?;
+            let o_metrics = metric_accs(
+                ctx,
+                &mc,
+                fp_stream,
+                nb,
+                max_tokens,
+                &[ModuleKind::O],
+                &pending,
+            )?;
             for b in 0..nb {
                 check_cancel(cancel)?;
                 let t = tok(b);
@@ -471,7 +497,7 @@ pub fn quantize(
                     forward::post_norm(&mut rec, &layers.q, &work.h_q, &work.s_q, t)?;
                     rec = prof.lap(rec, "forward")?;
                 }
-                stats.accumulate(&mut rec, work, work.s_q.x2(), work.s_fp.x2(), t)?;
+                stats.accumulate(&mut rec, work, work.s_q.x2(), work.s_fp.x2(), (b, t))?;
                 rec = prof.lap(rec, "stats")?;
                 rec = hq.store(rec, b, &work.h_q)?;
                 if let Some(s) = hfp.as_mut() {
@@ -514,6 +540,7 @@ pub fn quantize(
                 mc.intermediate_size,
                 qc.method,
                 capturing(cfg, layer, &[ModuleKind::Down]),
+                (nb, max_tokens),
             )?;
             let gu_metrics = metric_accs(
                 ctx,
@@ -522,6 +549,7 @@ pub fn quantize(
                 nb,
                 max_tokens,
                 &[ModuleKind::Gate, ModuleKind::Up],
+                &pending,
             )?;
             for b in 0..nb {
                 check_cancel(cancel)?;
@@ -555,7 +583,7 @@ pub fn quantize(
                     forward::mlp_act(&mut rec, &layers.q, &work.s_q, t)?;
                 }
                 rec = prof.lap(rec, "forward")?;
-                stats.accumulate(&mut rec, work, work.s_q.act(), work.s_fp.act(), t)?;
+                stats.accumulate(&mut rec, work, work.s_q.act(), work.s_fp.act(), (b, t))?;
                 rec = prof.lap(rec, "stats")?;
                 rec.submit();
             }
@@ -578,8 +606,15 @@ pub fn quantize(
 
             // ---- stage E: h ← h + down(act) for both streams; metrics of down; hidden deviation
             let work = ensure_work(&mut work_slot, &make_work)?;
-            let down_metrics =
-                metric_accs(ctx, &mc, fp_stream, nb, max_tokens, &[ModuleKind::Down])?;
+            let down_metrics = metric_accs(
+                ctx,
+                &mc,
+                fp_stream,
+                nb,
+                max_tokens,
+                &[ModuleKind::Down],
+                &pending,
+            )?;
             let hp = ops::sq_partials_len(max_tokens * h);
             for b in 0..nb {
                 check_cancel(cancel)?;
@@ -670,9 +705,9 @@ pub fn quantize(
                 &mut warnings,
             )?;
             // Without an FP stream no metrics were computed: emit those modules now.
-            for (_, rep) in pending.drain(..) {
-                emit(Event::ModuleDone(rep.clone()));
-                module_reports.push(rep);
+            for p in pending.drain(..) {
+                emit(Event::ModuleDone(p.report.clone()));
+                module_reports.push(p.report);
             }
             for rep in module_reports.iter().filter(|r| r.layer == layer) {
                 if let Some(f) = &rep.fallback {
@@ -912,8 +947,10 @@ impl Stats {
         n: usize,
         method: Method,
         capture: bool,
+        (batches, max_tokens): (usize, usize),
     ) -> Result<Self, PipelineError> {
         let gptaq = matches!(method, Method::Gptaq { .. });
+        let dx_len = ops::sq_partials_len(max_tokens * n);
         Ok(Self {
             n,
             nsamples,
@@ -933,7 +970,35 @@ impl Stats {
                 None
             },
             f16: None,
+            dx: if gptaq || capture {
+                Some(ctx.zeros("ΔX partials", batches * dx_len)?)
+            } else {
+                None
+            },
+            dx_len,
         })
+    }
+
+    /// Records the partial sums of `‖X_fp − X_q‖²` of batch `b` from `diff` (`tokens·n` values).
+    fn record_dx(
+        &self,
+        rec: &mut Recorder<'_>,
+        diff: &GpuBuffer<f32>,
+        (b, tokens): (usize, usize),
+    ) -> Result<(), PipelineError> {
+        if let Some(dx) = &self.dx {
+            ops::sq_diff_partials(rec, tokens * self.n, diff, 0.0, diff, dx, b * self.dx_len)?;
+        }
+        Ok(())
+    }
+
+    /// Whether the two streams' inputs were bit for bit equal on every token (all `‖X_fp − X_q‖²`
+    /// partials exactly 0); false without `D`.
+    fn same_inputs(&self, ctx: &GpuContext) -> Result<bool, PipelineError> {
+        match &self.dx {
+            Some(dx) => Ok(ctx.read(dx)?.iter().all(|&v| v == 0.0)),
+            None => Ok(false),
+        }
     }
 
     /// `H += 2/N·X_qᵀX_q`, `D += 2/N·(X_fp − X_q)ᵀX_q` (algorithm.md §2.1; N counts sequences, as
@@ -944,7 +1009,7 @@ impl Stats {
         work: &Work,
         x_q: &GpuBuffer<f32>,
         x_fp: &GpuBuffer<f32>,
-        tokens: usize,
+        (b, tokens): (usize, usize),
     ) -> Result<(), PipelineError> {
         let Some(h) = &self.h else {
             return Ok(());
@@ -953,11 +1018,12 @@ impl Stats {
         let alpha = 2.0 / self.nsamples as f32;
         // The cooperative-matrix kernel writes one binding: only for single-panel statistics.
         if tensor_cores(rec.ctx(), n, tokens) && h.single().is_some() {
-            return self.accumulate_tensor_cores(rec, work, x_q, x_fp, tokens, alpha);
+            return self.accumulate_tensor_cores(rec, work, x_q, x_fp, (b, tokens), alpha);
         }
         ops::syrk_xtx(rec, tokens, n, alpha, MatView::new(x_q, n), 1.0, h)?;
         if let Some(d) = &self.d {
             ops::axpby(rec, tokens * n, 1.0, x_fp, -1.0, x_q, &work.diff)?;
+            self.record_dx(rec, &work.diff, (b, tokens))?;
             ops::gemm_atb(
                 rec,
                 tokens,
@@ -985,7 +1051,7 @@ impl Stats {
         work: &Work,
         x_q: &GpuBuffer<f32>,
         x_fp: &GpuBuffer<f32>,
-        tokens: usize,
+        (b, tokens): (usize, usize),
         alpha: f32,
     ) -> Result<(), PipelineError> {
         let n = self.n;
@@ -1013,6 +1079,7 @@ impl Stats {
         }
         if let Some(d) = &self.d {
             ops::axpby(rec, tokens * n, 1.0, x_fp, -1.0, x_q, &work.diff)?;
+            self.record_dx(rec, &work.diff, (b, tokens))?;
             ops::cast_f16(rec, tokens, n, MatView::new(&work.diff, n), s, d16)?;
             ops::gemm_coop(rec, true, n, n, tokens, d16, x16, MatView::new(one(d)?, n))?;
             if let Some(e) = &self.e {
@@ -1096,6 +1163,8 @@ fn add_output(
     Ok(())
 }
 
+/// The metric accumulators of `mods`, from moments where their solve left [`Moments`] in
+/// `pending`.
 fn metric_accs(
     ctx: &GpuContext,
     mc: &ModelConfig,
@@ -1103,6 +1172,7 @@ fn metric_accs(
     nb: usize,
     max_tokens: usize,
     mods: &[ModuleKind],
+    pending: &[Pending],
 ) -> Result<Vec<(ModuleKind, MetricAccumulator)>, PipelineError> {
     if !fp_stream {
         return Ok(Vec::new());
@@ -1110,7 +1180,9 @@ fn metric_accs(
     mods.iter()
         .map(|&m| {
             let (rows, cols) = mc.linear_shape(m);
-            Ok((m, MetricAccumulator::new(ctx, nb, max_tokens, rows, cols)?))
+            let from_moments = pending.iter().any(|p| p.module == m && p.moments.is_some());
+            let acc = MetricAccumulator::new(ctx, nb, max_tokens, rows, cols, from_moments)?;
+            Ok((m, acc))
         })
         .collect()
 }
@@ -1119,14 +1191,15 @@ fn metric_accs(
 fn finish_metrics(
     ctx: &GpuContext,
     accs: &[(ModuleKind, MetricAccumulator)],
-    pending: &mut Vec<(ModuleKind, ModuleReport)>,
+    pending: &mut Vec<Pending>,
     done: &mut Vec<ModuleReport>,
     emit: &mut dyn FnMut(Event),
 ) -> Result<(), PipelineError> {
     for (m, acc) in accs {
-        let (qe, ae, oe) = acc.finish(ctx)?;
-        if let Some(pos) = pending.iter().position(|(k, _)| k == m) {
-            let (_, mut rep) = pending.remove(pos);
+        if let Some(pos) = pending.iter().position(|p| p.module == *m) {
+            let p = pending.remove(pos);
+            let (qe, ae, oe) = acc.finish(ctx, p.moments.as_ref())?;
+            let mut rep = p.report;
             rep.quant_error = Some(qe);
             rep.asym_error = Some(ae);
             rep.output_error = Some(oe);
@@ -1177,7 +1250,7 @@ fn solve_group(
     stats: &mut Stats,
     layer: usize,
     prof: &mut Profile,
-    pending: &mut Vec<(ModuleKind, ModuleReport)>,
+    pending: &mut Vec<Pending>,
     results: &mut BTreeMap<(usize, ModuleKind), QuantResult>,
 ) -> Result<(), PipelineError> {
     // The tensor-core path's f16 operands are accumulation scratch: not kept through the solve.
@@ -1188,10 +1261,42 @@ fn solve_group(
         let t = Instant::now();
         let r = solve(ctx, cfg, lw, layers, m, stats, layer, prof, &mut shared)?;
         let secs = t.elapsed().as_secs_f64();
-        pending.push((m, report_stub(layer, m, &r, stats.nsamples, secs)));
+        pending.push(Pending {
+            module: m,
+            report: report_stub(layer, m, &r, stats.nsamples, secs),
+            moments: None,
+        });
         results.insert((layer, m), r);
     }
+    // U and P are not needed by the metrics: freed before their temporaries are made.
+    drop(shared);
     prof.sync(ctx, "solve")?;
+    // The metrics' quantization and cross terms from H and D while they are alive (metrics.rs).
+    if let (Some(h), Some(d), Some(fp), false) =
+        (&stats.h, &stats.d, &layers.fp, cfg.metric_products)
+    {
+        let same_inputs = stats.same_inputs(ctx)?;
+        for p in pending.iter_mut().filter(|p| mods.contains(&p.module)) {
+            let m = p.module;
+            // With a bias the forward outputs are not X·Wᵀ: such a module measures products.
+            if !output_is_product(fp, m) {
+                continue;
+            }
+            let (rows, cols) = (p.report.rows, p.report.cols);
+            p.moments = Some(super::metrics::moments(
+                ctx,
+                fp.linear(m),
+                layers.q.linear(m),
+                rows,
+                cols,
+                h,
+                d,
+                stats.nsamples,
+                same_inputs,
+            )?);
+        }
+        prof.sync(ctx, "metrics")?;
+    }
     Ok(())
 }
 

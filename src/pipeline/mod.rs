@@ -70,6 +70,11 @@ pub struct PipelineConfig {
     /// Keep streams on the host even when they fit on the GPU.
     pub force_host_streams: bool,
     pub solver: Solver,
+    /// Measure every module's metrics from `X·Wᵀ` products on the calibration tokens
+    /// (`Y_w` per batch: one more GEMM per module and batch) even where the group statistics
+    /// give the quantization and cross terms (GPTAQ's `H` and `D`; pipeline::metrics).
+    #[serde(default)]
+    pub metric_products: bool,
     /// Stop at this (layer, module) and return its statistics instead of solving it (layer lab).
     #[serde(skip)]
     pub capture: Option<(usize, ModuleKind)>,
@@ -87,6 +92,7 @@ impl Default for PipelineConfig {
             gpu_budget_bytes: 8 << 30,
             force_host_streams: false,
             solver: Solver::Gpu,
+            metric_products: false,
             capture: None,
         }
     }

@@ -136,6 +136,29 @@ fn solver_bytes(c: &ModelConfig) -> u64 {
     (2 * (h * i).max(h * qd) + 2 * 128 * n) * F32 + codes
 }
 
+/// The temporaries of the metrics' moments (pipeline::metrics::moments) for the largest module:
+/// three row-chunk buffers and the column partials. They exist after a group's solve, when U, P
+/// and the solver's working buffers are gone but H and D are not.
+fn moment_bytes(c: &ModelConfig) -> u64 {
+    let (h, i, qd) = (
+        c.hidden_size as u64,
+        c.intermediate_size as u64,
+        c.q_dim() as u64,
+    );
+    let chunk = super::metrics::MOMENT_CHUNK_FLOATS as u64;
+    [(i, h), (h, i), (qd, h), (h, qd)]
+        .iter()
+        .map(|&(rows, n)| {
+            let rc = (chunk / n.max(1)).clamp(1, rows.max(1));
+            let chunks = rows.div_ceil(rc);
+            let partials =
+                2 * chunks * crate::gpu::ops::col_dot_partials_len(rc as usize, n as usize) as u64;
+            (3 * rc * n + partials) * F32
+        })
+        .max()
+        .unwrap_or(0)
+}
+
 /// The plan of RTN without metrics: it reads no activations, so the driver runs no calibration
 /// forward, keeps no statistics and does no GPU work (`driver::quantize_rtn_direct`).
 pub fn rtn_direct(gpu_budget_bytes: u64) -> MemoryPlan {
@@ -166,8 +189,12 @@ pub fn plan(input: &PlanInput<'_>) -> Result<MemoryPlan, PlanError> {
     let statistics = input.statistics.max(1) as u64 * nxn_bytes(c);
     // A capture's E is not needed by the solve, but it is alive while the group solves.
     let solve = statistics
-        + solve_temp_bytes(c, input.statistics >= 2, input.max_buffer_bytes)
-        + solver_bytes(c);
+        + (solve_temp_bytes(c, input.statistics >= 2, input.max_buffer_bytes) + solver_bytes(c))
+            .max(if input.statistics >= 2 && input.fp_stream {
+                moment_bytes(c)
+            } else {
+                0
+            });
     let budget = input.gpu_budget_bytes;
     let reserve = (budget / 4).min(DRIVER_RESERVE_MAX);
     let usable = budget - reserve;
