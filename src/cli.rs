@@ -450,6 +450,7 @@ fn inspect(dir: &Path, nsamples: usize, seqlen: usize, json: bool) -> anyhow::Re
         seqlen,
         fp_stream: true,
         statistics: 2,
+        metric_moments: true,
         gpu_budget_bytes: 8 << 30,
         max_buffer_bytes: 2 << 30,
         host_dtype: StreamDType::F16,

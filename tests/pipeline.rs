@@ -807,17 +807,23 @@ fn reference_metrics(
 /// of q and k after RoPE differ from those before, plain RoPE being a rotation would not) and on a
 /// Qwen2-like variant with q/k/v and MLP biases (q/k/v, gate, up, down on the three-GEMM path, o
 /// reusing). 18 windows make two batches (16 + 2), so batch slots and a short last batch are
-/// covered too. Run twice: with GPTAQ's default, the bias-free modules form no `Y_w` at all and
-/// take the quantization and cross terms from H and D (the first layer's q/k/v, whose inputs are
-/// equal in both streams, must still show an asymmetry of exactly 0 — the stories260K test
-/// checks that bit for bit); with `metric_products`, every module forms its products.
+/// covered too. Run three times: GPTAQ, whose bias-free modules form no `Y_w` at all and take the
+/// quantization and cross terms from H and D (the first layer's q/k/v, whose inputs are equal in
+/// both streams, must still show an asymmetry of exactly 0 — the stories260K test checks that
+/// bit for bit); GPTAQ with `metric_products`, every module forming its products; GPTQ, which
+/// accumulates a D for its metrics where that is cheaper than the products.
 #[test]
 fn metrics_from_forward_outputs_match_host_reference() {
     let Some(ctx) = test_context() else { return };
-    // Both ways of measuring: GPTAQ's default takes the quantization and cross terms of the
-    // bias-free modules from H and D (pipeline::metrics, "From the statistics"); the products
-    // form Y_w on every token.
-    for products in [false, true] {
+    // Both ways of measuring: by default the bias-free modules take the quantization and cross
+    // terms from H and D (pipeline::metrics, "From the statistics": all of them with GPTAQ;
+    // with GPTQ q/k/v and gate/up, whose extra D is cheaper than their products, while o and
+    // down form Y_w); with `metric_products` every module forms Y_w.
+    for (method, products) in [
+        (Method::Gptaq { alpha: 0.25 }, false),
+        (Method::Gptaq { alpha: 0.25 }, true),
+        (Method::Gptq, false),
+    ] {
         let qk_norm = {
             let mut c = SyntheticModel::demo_config();
             c.qk_norm = true;
@@ -841,7 +847,7 @@ fn metrics_from_forward_outputs_match_host_reference() {
                 calib: CalibSet::synthetic(vocab, nsamples, seqlen, 0),
             };
             let quant = QuantConfig {
-                method: Method::Gptaq { alpha: 0.25 },
+                method,
                 bits: 3,
                 ..QuantConfig::default()
             };
@@ -910,7 +916,9 @@ fn metrics_from_forward_outputs_match_host_reference() {
                     }
                 }
             }
-            eprintln!("{name} (products: {products}): worst relative deviation {worst:e}");
+            eprintln!(
+                "{name} ({method:?}, products: {products}): worst relative deviation {worst:e}"
+            );
         }
     }
 }

@@ -395,6 +395,7 @@ impl Settings {
             } else {
                 1
             },
+            metric_moments: true,
             gpu_budget_bytes: (self.gpu_memory_gib.max(0.0) * (1u64 << 30) as f64) as u64,
             max_buffer_bytes,
             host_dtype: StreamDType::F32,

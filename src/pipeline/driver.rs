@@ -169,6 +169,14 @@ pub fn quantize(
         return quantize_rtn_direct(ctx, prep, cfg, emit, cancel);
     }
 
+    // Metrics from the statistics where that pays (pipeline::metrics): GPTAQ's H and D always,
+    // GPTQ's H and an extra D in the groups where D is cheaper than the Y_w products.
+    let metric_moments = fp_stream && !cfg.metric_products && qc.method != Method::Rtn;
+    let metric_d = |mods: &[ModuleKind]| -> bool {
+        let n = mc.linear_shape(mods[0]).1;
+        let rows = mods.iter().map(|&m| mc.linear_shape(m).0).sum();
+        metric_moments && plan::metric_d_pays(n, rows)
+    };
     let plan = plan::plan(&PlanInput {
         config: &mc,
         nsamples: nseq,
@@ -181,6 +189,7 @@ pub fn quantize(
         } else {
             1
         },
+        metric_moments,
         gpu_budget_bytes: cfg.gpu_budget_bytes,
         max_buffer_bytes: ctx.max_binding_bytes(),
         host_dtype: cfg.stream_dtype,
@@ -230,6 +239,11 @@ pub fn quantize(
     }
 
     let rope = Rope::new(ctx, &mc, seqlen)?;
+    const QKV: [ModuleKind; 3] = [ModuleKind::Q, ModuleKind::K, ModuleKind::V];
+    const GATE_UP: [ModuleKind; 2] = [ModuleKind::Gate, ModuleKind::Up];
+    let any_metric_d = [&QKV[..], &[ModuleKind::O], &GATE_UP, &[ModuleKind::Down]]
+        .iter()
+        .any(|g| metric_d(g));
     let widest = h.max(mc.intermediate_size).max(mc.q_dim());
     // The per-batch activations: released while a group is solved, whose n×n temporaries need
     // the room (Llama-3-8B, one 2048-token sequence, both streams: ≈1.7 GiB of activations, more
@@ -252,7 +266,7 @@ pub fn quantize(
             s_fp: LayerScratch::new(ctx, &mc, if fp_stream { max_tokens } else { 1 })?,
             diff: ctx.zeros(
                 "work diff",
-                if gptaq || cfg.capture.is_some() {
+                if gptaq || cfg.capture.is_some() || any_metric_d {
                     max_tokens * widest
                 } else {
                     1
@@ -322,6 +336,7 @@ pub fn quantize(
                 h,
                 qc.method,
                 capturing(cfg, layer, &[ModuleKind::Q, ModuleKind::K, ModuleKind::V]),
+                metric_d(&[ModuleKind::Q, ModuleKind::K, ModuleKind::V]),
                 (nb, max_tokens),
             )?;
             for b in 0..nb {
@@ -371,6 +386,7 @@ pub fn quantize(
                 mc.q_dim(),
                 qc.method,
                 capturing(cfg, layer, &[ModuleKind::O]),
+                metric_d(&[ModuleKind::O]),
                 (nb, max_tokens),
             )?;
             let qkv_metrics = metric_accs(
@@ -450,6 +466,7 @@ pub fn quantize(
                 h,
                 qc.method,
                 capturing(cfg, layer, &[ModuleKind::Gate, ModuleKind::Up]),
+                metric_d(&[ModuleKind::Gate, ModuleKind::Up]),
                 (nb, max_tokens),
             )?;
             let o_metrics = metric_accs(
@@ -540,6 +557,7 @@ pub fn quantize(
                 mc.intermediate_size,
                 qc.method,
                 capturing(cfg, layer, &[ModuleKind::Down]),
+                metric_d(&[ModuleKind::Down]),
                 (nb, max_tokens),
             )?;
             let gu_metrics = metric_accs(
@@ -939,17 +957,20 @@ fn validate_config(mc: &ModelConfig, qc: &QuantConfig) -> Result<(), PipelineErr
 const STATS_ALIGN: usize = 32;
 
 impl Stats {
-    /// Buffers for what `method` (and a capture) needs: nothing for RTN, H for GPTQ, H and D for
-    /// GPTAQ, H, D and E for a capture.
+    /// Buffers for what `method` (and a capture) needs: nothing for RTN, H for GPTQ (and D with
+    /// `metric_d`: only for the metrics, plan::metric_d_pays), H and D for GPTAQ, H, D and E for
+    /// a capture.
     fn new(
         ctx: &GpuContext,
         nsamples: usize,
         n: usize,
         method: Method,
         capture: bool,
+        metric_d: bool,
         (batches, max_tokens): (usize, usize),
     ) -> Result<Self, PipelineError> {
-        let gptaq = matches!(method, Method::Gptaq { .. });
+        // D for the solve (GPTAQ), the capture, or only the metrics (GPTQ, `metric_d`).
+        let with_d = matches!(method, Method::Gptaq { .. }) || (metric_d && method != Method::Rtn);
         let dx_len = ops::sq_partials_len(max_tokens * n);
         Ok(Self {
             n,
@@ -959,7 +980,7 @@ impl Stats {
             } else {
                 None
             },
-            d: if gptaq || capture {
+            d: if with_d || capture {
                 Some(ctx.matrix_zeros("D", n, n, STATS_ALIGN)?)
             } else {
                 None
@@ -970,7 +991,7 @@ impl Stats {
                 None
             },
             f16: None,
-            dx: if gptaq || capture {
+            dx: if with_d || capture {
                 Some(ctx.zeros("ΔX partials", batches * dx_len)?)
             } else {
                 None
@@ -1370,9 +1391,10 @@ fn solve(
             }
             Solver::CpuReference => {
                 let h = ctx.read_matrix(stats_h)?;
-                let d = match &stats.d {
-                    Some(d) => Some(ctx.read_matrix(d)?),
-                    None => None,
+                // GPTQ's D (kept for its metrics only) is not the solve's.
+                let d = match (&stats.d, qc.method) {
+                    (Some(d), Method::Gptaq { .. }) => Some(ctx.read_matrix(d)?),
+                    _ => None,
                 };
                 crate::quant::reference::quantize_reference(
                     &lin.weight,

@@ -18,6 +18,10 @@ pub struct PlanInput<'a> {
     /// n×n statistics accumulated per group: 1 (H: GPTQ), 2 (H and D: GPTAQ), 3 (H, D and E:
     /// a layer-lab capture).
     pub statistics: usize,
+    /// The metrics take their quantization and cross terms from the statistics where that pays
+    /// (pipeline::metrics): with one statistic (GPTQ), the groups for which [`metric_d_pays`]
+    /// then accumulate a `D` as well. Only with `fp_stream`.
+    pub metric_moments: bool,
     /// GPU memory the run may use.
     pub gpu_budget_bytes: u64,
     /// Largest single buffer the adapter allows.
@@ -81,6 +85,31 @@ pub(crate) fn scratch_per_token(c: &ModelConfig, fp_stream: bool, asymmetry: boo
     let metrics = 3 * h.max(i).max(qd) * F32;
     let diff = if asymmetry { h.max(i).max(qd) * F32 } else { 0 };
     per_stream * if fp_stream { 2 } else { 1 } + metrics + diff
+}
+
+/// The true-sequential groups of a layer as (input width n, output rows of all its modules):
+/// q/k/v, o, gate/up, down.
+pub(crate) fn groups(c: &ModelConfig) -> [(usize, usize); 4] {
+    let (h, i, qd, kvd) = (c.hidden_size, c.intermediate_size, c.q_dim(), c.kv_dim());
+    [(h, qd + 2 * kvd), (qd, h), (h, 2 * i), (i, h)]
+}
+
+/// Whether a GPTQ group's metrics should come from the statistics: its `D` costs `2·T·n²` flops
+/// to accumulate, the `Y_w` products it replaces `2·T·n·rows` (rows summed over the group's
+/// modules). On Llama-3-8B that is q/k/v (4096 < 6144) and gate/up (4096 < 28672), not o (a tie)
+/// and not down (14336 > 4096). GPTAQ accumulates `D` anyway and always uses it.
+pub fn metric_d_pays(n: usize, rows: usize) -> bool {
+    n < rows
+}
+
+/// Statistics per group (H, D, E) as the driver allocates them (driver::Stats::new).
+fn group_statistics(input: &PlanInput<'_>, n: usize, rows: usize) -> usize {
+    let s = input.statistics.max(1);
+    if s == 1 && input.fp_stream && input.metric_moments && metric_d_pays(n, rows) {
+        2
+    } else {
+        s
+    }
 }
 
 /// One layer's linear weights in f32.
@@ -186,11 +215,19 @@ pub fn plan(input: &PlanInput<'_>) -> Result<MemoryPlan, PlanError> {
     let streams = if input.fp_stream { 2 } else { 1 };
     let weights =
         layer_weight_bytes(c) * if input.fp_stream { 2 } else { 1 } + layer_weight_bytes(c) / 7 * 2;
-    let statistics = input.statistics.max(1) as u64 * nxn_bytes(c);
+    // The largest group's statistics (GPTQ with metrics may keep a D in its narrower groups).
+    let statistics = groups(c)
+        .iter()
+        .map(|&(n, rows)| group_statistics(input, n, rows) as u64 * (n as u64).pow(2) * F32)
+        .max()
+        .unwrap_or(0);
+    let with_d = groups(c)
+        .iter()
+        .any(|&(n, rows)| group_statistics(input, n, rows) >= 2);
     // A capture's E is not needed by the solve, but it is alive while the group solves.
     let solve = statistics
         + (solve_temp_bytes(c, input.statistics >= 2, input.max_buffer_bytes) + solver_bytes(c))
-            .max(if input.statistics >= 2 && input.fp_stream {
+            .max(if with_d && input.fp_stream && input.metric_moments {
                 moment_bytes(c)
             } else {
                 0
@@ -198,7 +235,7 @@ pub fn plan(input: &PlanInput<'_>) -> Result<MemoryPlan, PlanError> {
     let budget = input.gpu_budget_bytes;
     let reserve = (budget / 4).min(DRIVER_RESERVE_MAX);
     let usable = budget - reserve;
-    let per_token = scratch_per_token(c, input.fp_stream, input.statistics >= 2);
+    let per_token = scratch_per_token(c, input.fp_stream, with_d);
     let seq_scratch = per_token * input.seqlen as u64;
     // The widest module's W lives in one buffer (forward pass, solve); the n×n H, D, U and P are
     // row panels of whole 128-column blocks (gpu/matrix.rs), so one such panel must fit.
@@ -345,6 +382,7 @@ mod tests {
             seqlen: 2048,
             fp_stream: true,
             statistics: 2,
+            metric_moments: true,
             gpu_budget_bytes: budget_gib << 30,
             max_buffer_bytes: 4 << 30,
             host_dtype: dtype,
