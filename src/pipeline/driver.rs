@@ -25,6 +25,10 @@
 //! They are measured before the forward changes them: q/k/v before RoPE (in place), gate before
 //! SwiGLU (in place), o and down formed in the metric scratch's `Y_q`/`Y_fp` buffers and then added
 //! to `h`. Modules with a bias keep the three-GEMM path: the metrics are defined without it.
+//! Where the group has `D` (GPTAQ; GPTQ where plan::metric_d_pays), not even `Y_w` is formed: after
+//! the group's solve, each module's quantization and cross terms come from `H` and `D`
+//! (pipeline::metrics, "From the statistics"), and the next stage records only `‖Y_q − Y_fp‖²` and
+//! `‖Y_fp‖²`.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -12,8 +12,9 @@
 //! [`MetricAccumulator::record`] forms all three products from the inputs, for modules whose
 //! forward output is not `X·Wᵀ` alone (a bias) and must not be reused.
 //!
-//! **From the statistics** ([`Moments`]): where the group's `H = 2/N·X_qᵀX_q` and GPTAQ's
-//! `D = 2/N·(X_fp − X_q)ᵀX_q` exist anyway, `Y_w` is not formed at all. With `ΔW = W − Q`,
+//! **From the statistics** ([`Moments`]): where the group has `H = 2/N·X_qᵀX_q` and
+//! `D = 2/N·(X_fp − X_q)ᵀX_q` (GPTAQ's own; GPTQ accumulates one for its metrics where that costs
+//! fewer flops than the products, plan::metric_d_pays), `Y_w` is not formed at all. With `ΔW = W − Q`,
 //! `A = Y_q − Y_w = −X_q·ΔWᵀ` and `B = Y_w − Y_fp = −(X_fp − X_q)·Wᵀ`:
 //! - quantization `‖A‖² = N/2·tr(ΔW H ΔWᵀ)`,
 //! - the cross term `⟨A, B⟩ = N/2·tr(ΔW Dᵀ Wᵀ) = N/2·⟨ΔW, W·D⟩`,

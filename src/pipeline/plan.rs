@@ -436,6 +436,39 @@ mod tests {
         Ok(())
     }
 
+    /// GPTQ with metrics keeps a D for the metrics exactly in the groups where it costs fewer
+    /// flops than the products it replaces (q/k/v and gate/up on Llama-3-8B), none without
+    /// metrics or with `metric_moments` off; the plan's statistics stay down_proj's one 14336²
+    /// H, and the X_fp − X_q scratch is counted.
+    #[test]
+    fn gptq_metrics_keep_d_where_it_pays() -> Result<(), Box<dyn std::error::Error>> {
+        let c = llama3_8b()?;
+        let mut i = input(&c, 8, StreamDType::F16);
+        i.statistics = 1;
+        let counts = |i: &PlanInput<'_>| groups(&c).map(|(n, rows)| group_statistics(i, n, rows));
+        assert_eq!(counts(&i), [2, 1, 2, 1]);
+        let p = plan(&i)?;
+        let solving = 14336u64 * 14336 * 4;
+        assert!(
+            p.breakdown.iter().any(|l| l.contains(&format!(
+                "statistics of the widest input {:.1} MiB",
+                solving as f64 / (1u64 << 20) as f64
+            ))),
+            "{:?}",
+            p.breakdown
+        );
+        assert_eq!(
+            scratch_per_token(&c, true, true) - scratch_per_token(&c, true, false),
+            14336 * 4
+        );
+        i.metric_moments = false;
+        assert_eq!(counts(&i), [1, 1, 1, 1]);
+        i.metric_moments = true;
+        i.fp_stream = false;
+        assert_eq!(counts(&i), [1, 1, 1, 1]);
+        Ok(())
+    }
+
     /// Below the fixed part (weights, then statistics and the solve's buffers) the run is refused,
     /// with numbers.
     #[test]
