@@ -347,6 +347,7 @@ impl QuantizeArgs {
                     SolverArg::Cpu => Solver::CpuReference,
                 },
                 metric_products: self.metric_products,
+                recompute_act: false,
                 capture: None,
             },
         })
@@ -455,6 +456,7 @@ fn inspect(dir: &Path, nsamples: usize, seqlen: usize, json: bool) -> anyhow::Re
         max_buffer_bytes: 2 << 30,
         host_dtype: StreamDType::F16,
         force_host: false,
+        recompute_act: false,
     });
     if json {
         let plan_json = match &plan {

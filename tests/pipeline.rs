@@ -1049,3 +1049,101 @@ fn host_stream_stores_in_flight_across_batches_change_nothing() {
         );
     }
 }
+
+/// Keeping the MLP activations from stage D to stage E (MemoryPlan::act_streams, streams on the
+/// GPU) instead of recomputing gate/up there changes nothing: the same bits flow into down_proj's
+/// outputs, so codes, scales, every metric and the hidden-state deviation are identical, for
+/// GPTAQ (two streams) and for GPTQ without metrics (one stream). Two batches (20 windows) cover
+/// the per-batch slots; host streams (no room planned for act) keep recomputing.
+#[test]
+fn kept_mlp_activations_equal_recomputed_ones() {
+    let Some(ctx) = test_context() else { return };
+    for (method, metrics) in [(Method::Gptaq { alpha: 0.25 }, true), (Method::Gptq, false)] {
+        let quant = QuantConfig {
+            method,
+            bits: 3,
+            ..QuantConfig::default()
+        };
+        let mut runs = Vec::new();
+        for recompute in [false, true] {
+            let mut j = job(
+                ModelInput::Demo { seed: 9 },
+                CalibInput::Synthetic,
+                quant.clone(),
+                20,
+                16,
+            );
+            j.config.solver = Solver::Gpu;
+            j.config.metrics = metrics;
+            j.config.recompute_act = recompute;
+            let inputs = pipeline::prepare(&j).unwrap();
+            let q = pipeline::run_prepared(
+                &ctx,
+                &inputs,
+                &j.config,
+                &mut |_| {},
+                &AtomicBool::new(false),
+            )
+            .unwrap();
+            let plan = &q.report.plan;
+            assert!(plan.streams_on_gpu, "{method:?}: {:?}", plan.breakdown);
+            assert!(plan.batch_sequences < 20, "{method:?}: one batch only");
+            assert_eq!(
+                plan.act_streams, !recompute,
+                "{method:?}: {:?}",
+                plan.breakdown
+            );
+            runs.push(q);
+        }
+        let (kept, recomputed) = (&runs[0], &runs[1]);
+        for (key, a) in &kept.modules {
+            let b = &recomputed.modules[key];
+            let first = a.codes.iter().zip(&b.codes).position(|(x, y)| x != y);
+            assert!(
+                first.is_none() && a.codes.len() == b.codes.len(),
+                "{method:?} {key:?}: kept act changes code {first:?} of {}",
+                a.codes.len()
+            );
+            assert!(
+                a.scales == b.scales && a.zeros == b.zeros,
+                "{method:?} {key:?}: kept act changes the scales or zeros"
+            );
+        }
+        for (a, b) in kept.report.modules.iter().zip(&recomputed.report.modules) {
+            assert_eq!(
+                (a.quant_error, a.asym_error, a.output_error, a.proxy_loss),
+                (b.quant_error, b.asym_error, b.output_error, b.proxy_loss),
+                "{method:?} layer {} {}",
+                a.layer,
+                a.module
+            );
+        }
+        for (a, b) in kept.report.layers.iter().zip(&recomputed.report.layers) {
+            assert_eq!(
+                a.hidden_rel_error, b.hidden_rel_error,
+                "{method:?} layer {}",
+                a.layer
+            );
+        }
+        // Without room on the GPU for the streams there is no act stream either.
+        let mut j = job(
+            ModelInput::Demo { seed: 9 },
+            CalibInput::Synthetic,
+            quant.clone(),
+            4,
+            16,
+        );
+        j.config.force_host_streams = true;
+        j.config.metrics = metrics;
+        let inputs = pipeline::prepare(&j).unwrap();
+        let q = pipeline::run_prepared(
+            &ctx,
+            &inputs,
+            &j.config,
+            &mut |_| {},
+            &AtomicBool::new(false),
+        )
+        .unwrap();
+        assert!(!q.report.plan.act_streams && !q.report.plan.streams_on_gpu);
+    }
+}

@@ -198,6 +198,7 @@ pub fn quantize(
         max_buffer_bytes: ctx.max_binding_bytes(),
         host_dtype: cfg.stream_dtype,
         force_host: cfg.force_host_streams,
+        recompute_act: cfg.recompute_act,
     })?;
     emit_started(emit, prep, qc, &plan);
     ctx.reset_peak();
@@ -218,6 +219,7 @@ pub fn quantize(
     };
     let hidden_lens: Vec<usize> = (0..nb).map(|b| tok(b) * h).collect();
     let attn_lens: Vec<usize> = (0..nb).map(|b| tok(b) * mc.q_dim()).collect();
+    let act_lens: Vec<usize> = (0..nb).map(|b| tok(b) * mc.intermediate_size).collect();
 
     emit(Event::Status("embedding calibration windows".into()));
     let mut hq = Stream::new(ctx, "h_q", &hidden_lens, placement)?;
@@ -555,6 +557,16 @@ pub fn quantize(
 
             // ---- stage D: act = silu(gate)·up → statistics of down, metrics of gate/up
             let work = ensure_work(&mut work_slot, &make_work)?;
+            // act kept for stage E where the plan has room on the GPU (MemoryPlan::act_streams).
+            let act_stream = |name: &str, on: bool| -> Result<Option<Stream>, PipelineError> {
+                Ok(if plan.act_streams && on {
+                    Some(Stream::new(ctx, name, &act_lens, Placement::Gpu)?)
+                } else {
+                    None
+                })
+            };
+            let (mut actq, mut actfp) =
+                (act_stream("act_q", true)?, act_stream("act_fp", fp_stream)?);
             let mut stats = Stats::new(
                 ctx,
                 nseq,
@@ -607,6 +619,13 @@ pub fn quantize(
                 rec = prof.lap(rec, "forward")?;
                 stats.accumulate(&mut rec, work, work.s_q.act(), work.s_fp.act(), (b, t))?;
                 rec = prof.lap(rec, "stats")?;
+                if let Some(s) = actq.as_mut() {
+                    rec = s.store(rec, b, work.s_q.act())?;
+                }
+                if let Some(s) = actfp.as_mut() {
+                    rec = s.store(rec, b, work.s_fp.act())?;
+                }
+                rec = prof.lap(rec, "store")?;
                 rec.submit();
             }
             finish_metrics(ctx, &gu_metrics, &mut pending, &mut module_reports, emit)?;
@@ -643,9 +662,14 @@ pub fn quantize(
                 let t = tok(b);
                 let mut rec = ctx.recorder();
                 rec = hq.load(rec, b, &work.h_q)?;
+                if let Some(s) = actq.as_mut() {
+                    rec = s.load(rec, b, work.s_q.act())?;
+                }
                 rec = prof.lap(rec, "load")?;
-                forward::post_norm(&mut rec, &layers.q, &work.h_q, &work.s_q, t)?;
-                forward::mlp_act(&mut rec, &layers.q, &work.s_q, t)?;
+                if actq.is_none() {
+                    forward::post_norm(&mut rec, &layers.q, &work.h_q, &work.s_q, t)?;
+                    forward::mlp_act(&mut rec, &layers.q, &work.s_q, t)?;
+                }
                 // With metrics, down's outputs pass through the metric scratch so that the metrics
                 // can reuse them.
                 let (down, act_q) = (ModuleKind::Down, work.s_q.act());
@@ -657,9 +681,14 @@ pub fn quantize(
                 rec = prof.lap(rec, "forward")?;
                 if let (Some(fp), Some(s)) = (&layers.fp, hfp.as_mut()) {
                     rec = s.load(rec, b, &work.h_fp)?;
+                    if let Some(a) = actfp.as_mut() {
+                        rec = a.load(rec, b, work.s_fp.act())?;
+                    }
                     rec = prof.lap(rec, "load")?;
-                    forward::post_norm(&mut rec, fp, &work.h_fp, &work.s_fp, t)?;
-                    forward::mlp_act(&mut rec, fp, &work.s_fp, t)?;
+                    if actfp.is_none() {
+                        forward::post_norm(&mut rec, fp, &work.h_fp, &work.s_fp, t)?;
+                        forward::mlp_act(&mut rec, fp, &work.s_fp, t)?;
+                    }
                     let act_fp = work.s_fp.act();
                     add_output(
                         &mut rec,
@@ -708,6 +737,7 @@ pub fn quantize(
                 rec = prof.lap(rec, "store")?;
                 rec.submit();
             }
+            drop((actq, actfp));
             finish_metrics(ctx, &down_metrics, &mut pending, &mut module_reports, emit)?;
             prof.sync(ctx, "metrics")?;
             let hidden_rel_error = if fp_stream {

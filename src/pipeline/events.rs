@@ -15,6 +15,12 @@ pub struct MemoryPlan {
     pub batch_sequences: usize,
     /// Hidden-state streams kept on the GPU (true) or spilled to host RAM (false).
     pub streams_on_gpu: bool,
+    /// The MLP activations `act = silu(gate)·up` are kept per batch on the GPU from the stage that
+    /// computes them to the one that feeds them to down_proj, instead of being recomputed there
+    /// (two `tokens × hidden × intermediate` GEMMs per stream and batch). Only with the streams
+    /// on the GPU and room for them.
+    #[serde(default)]
+    pub act_streams: bool,
     /// Host stream element type when spilled ("f32" or "f16").
     pub stream_dtype: String,
     /// Estimated peak GPU bytes: layer weights (FP + quantized copies), statistics, activations.

@@ -75,6 +75,11 @@ pub struct PipelineConfig {
     /// give the quantization and cross terms (GPTAQ's `H` and `D`; pipeline::metrics).
     #[serde(default)]
     pub metric_products: bool,
+    /// Recompute the MLP activations for down_proj's outputs instead of keeping them from the
+    /// stage that computed them, even where the plan has room (MemoryPlan::act_streams): for
+    /// tests and memory experiments.
+    #[serde(default)]
+    pub recompute_act: bool,
     /// Stop at this (layer, module) and return its statistics instead of solving it (layer lab).
     #[serde(skip)]
     pub capture: Option<(usize, ModuleKind)>,
@@ -93,6 +98,7 @@ impl Default for PipelineConfig {
             force_host_streams: false,
             solver: Solver::Gpu,
             metric_products: false,
+            recompute_act: false,
             capture: None,
         }
     }

@@ -30,6 +30,8 @@ pub struct PlanInput<'a> {
     pub host_dtype: StreamDType,
     /// Force streams to the host even when they would fit (for testing the spill path).
     pub force_host: bool,
+    /// Never keep the MLP activations (`MemoryPlan::act_streams`): the last stage recomputes them.
+    pub recompute_act: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -194,6 +196,7 @@ pub fn rtn_direct(gpu_budget_bytes: u64) -> MemoryPlan {
     MemoryPlan {
         batch_sequences: 0,
         streams_on_gpu: false,
+        act_streams: false,
         stream_dtype: "none".into(),
         gpu_bytes_estimate: 0,
         host_bytes_estimate: 0,
@@ -279,22 +282,42 @@ pub fn plan(input: &PlanInput<'_>) -> Result<MemoryPlan, PlanError> {
         });
     }
     // Stream payload per sequence: hidden state plus the stored attention output, per stream.
-    let stream_per_seq = (c.hidden_size + c.q_dim()) as u64 * input.seqlen as u64 * F32 * streams;
+    let per_seq = |width: usize| width as u64 * input.seqlen as u64 * F32 * streams;
+    let stream_per_seq = per_seq(c.hidden_size + c.q_dim());
     let all_streams = stream_per_seq * input.nsamples as u64;
+    // With the MLP activations kept, the hidden states live next to the larger of the attention
+    // outputs (stages B–C) and the activations (stages D–E).
+    let with_act = (per_seq(c.hidden_size) + per_seq(c.q_dim()).max(per_seq(c.intermediate_size)))
+        * input.nsamples as u64;
     // Widest single buffer per sequence (the intermediate activations) bounds the batch size too.
     let widest_per_seq =
         c.hidden_size.max(c.intermediate_size).max(c.q_dim()) as u64 * input.seqlen as u64 * F32;
     let max_by_buffer = (input.max_buffer_bytes / widest_per_seq.max(1)).max(1) as usize;
 
     let streams_on_gpu = !input.force_host && need + all_streams <= usable;
-    let fixed = weights + if streams_on_gpu { all_streams } else { 0 };
-    let room = usable - fixed - statistics;
-    let by_memory = (room / seq_scratch.max(1)).max(1) as usize;
-    // Batches beyond 16 sequences bring no speed (GEMMs are already large) but cost memory.
-    let batch = by_memory
-        .min(max_by_buffer)
-        .min(input.nsamples.max(1))
-        .min(16);
+    // Keeping act saves two of a layer's seven GEMMs per stream, as long as it fits as the streams
+    // do (a spill to the host would move 2·intermediate values per token over the link instead)
+    // and costs no batch size (smaller batches would give back what the GEMMs saved).
+    let batch_for = |fixed: u64| -> usize {
+        let room = usable.saturating_sub(fixed + statistics);
+        let by_memory = (room / seq_scratch.max(1)).max(1) as usize;
+        // Batches beyond 16 sequences bring no speed (GEMMs are already large) but cost memory.
+        by_memory
+            .min(max_by_buffer)
+            .min(input.nsamples.max(1))
+            .min(16)
+    };
+    let act_streams = streams_on_gpu
+        && !input.recompute_act
+        && need + with_act <= usable
+        && batch_for(weights + with_act) >= batch_for(weights + all_streams);
+    let fixed = weights
+        + match (streams_on_gpu, act_streams) {
+            (true, true) => with_act,
+            (true, false) => all_streams,
+            (false, _) => 0,
+        };
+    let batch = batch_for(fixed);
     let gpu_total = fixed + (statistics + seq_scratch * batch as u64).max(solve);
     let host_dtype = input.host_dtype;
     let host = if streams_on_gpu {
@@ -306,6 +329,7 @@ pub fn plan(input: &PlanInput<'_>) -> Result<MemoryPlan, PlanError> {
     Ok(MemoryPlan {
         batch_sequences: batch,
         streams_on_gpu,
+        act_streams,
         stream_dtype: if streams_on_gpu {
             "f32".into()
         } else {
@@ -341,12 +365,12 @@ pub fn plan(input: &PlanInput<'_>) -> Result<MemoryPlan, PlanError> {
                 mib(solve)
             ),
             format!(
-                "{} stream(s) of {} × {} tokens: {} on the {}",
+                "{} stream(s) of {} × {} tokens: {} on the {}{}",
                 streams,
                 input.nsamples,
                 input.seqlen,
                 if streams_on_gpu {
-                    mib(all_streams)
+                    mib(fixed - weights)
                 } else {
                     mib(host)
                 },
@@ -354,6 +378,11 @@ pub fn plan(input: &PlanInput<'_>) -> Result<MemoryPlan, PlanError> {
                     "GPU".to_string()
                 } else {
                     format!("host ({})", host_dtype.name())
+                },
+                if act_streams {
+                    " (MLP activations kept from stage D to E, not recomputed)"
+                } else {
+                    ""
                 }
             ),
         ],
@@ -387,6 +416,7 @@ mod tests {
             max_buffer_bytes: 4 << 30,
             host_dtype: dtype,
             force_host: false,
+            recompute_act: false,
         }
     }
 
@@ -466,6 +496,41 @@ mod tests {
         i.metric_moments = true;
         i.fp_stream = false;
         assert_eq!(counts(&i), [1, 1, 1, 1]);
+        Ok(())
+    }
+
+    /// The MLP activations are kept only with the streams on the GPU and room for them next to
+    /// the hidden states: Llama-3-8B GPTAQ with 128 × 2048 tokens keeps 2 × 15 GiB of f32 `act` at
+    /// 120 GiB, not at 40 GiB (where the hidden-state and attention streams still fit) nor at
+    /// 60 GiB (where it would shrink the batches), never at 8 GiB (host streams), and never when
+    /// told to recompute.
+    #[test]
+    fn act_streams_only_with_room_on_the_gpu() -> Result<(), Box<dyn std::error::Error>> {
+        let c = llama3_8b()?;
+        let p = plan(&input(&c, 120, StreamDType::F16))?;
+        assert!(p.streams_on_gpu && p.act_streams, "{:?}", p.breakdown);
+        // Hidden states plus the larger of the attention outputs and act, both streams, f32.
+        let kept: u64 = 2 * 128 * 2048 * (4096 + 14336) * 4;
+        let line = format!("{:.1} MiB on the GPU", kept as f64 / (1u64 << 20) as f64);
+        assert!(
+            p.breakdown.iter().any(|l| l.contains(&line)) && p.gpu_bytes_estimate > kept,
+            "want {line}: {:?}",
+            p.breakdown
+        );
+        let p = plan(&input(&c, 40, StreamDType::F16))?;
+        assert!(p.streams_on_gpu && !p.act_streams, "{:?}", p.breakdown);
+        // At 60 GiB act would fit, but only with 10 instead of 16 sequences per batch.
+        let p = plan(&input(&c, 60, StreamDType::F16))?;
+        assert!(
+            p.streams_on_gpu && !p.act_streams && p.batch_sequences == 16,
+            "{:?}",
+            p.breakdown
+        );
+        assert!(!plan(&input(&c, 8, StreamDType::F16))?.act_streams);
+        let mut i = input(&c, 120, StreamDType::F16);
+        i.recompute_act = true;
+        let p = plan(&i)?;
+        assert!(p.streams_on_gpu && !p.act_streams, "{:?}", p.breakdown);
         Ok(())
     }
 
