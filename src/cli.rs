@@ -280,6 +280,10 @@ pub struct QuantizeArgs {
     /// module and batch) instead of taking the quantization and cross terms from GPTAQ's H and D.
     #[arg(long, conflicts_with = "no_metrics")]
     pub metric_products: bool,
+    /// Recompute gate/up for down_proj's outputs instead of keeping the MLP activations on the
+    /// GPU between the two stages that need them (kept by default when the memory plan has room).
+    #[arg(long)]
+    pub recompute_act: bool,
     /// Write the run report (JSON) here.
     #[arg(long)]
     pub report: Option<PathBuf>,
@@ -347,7 +351,7 @@ impl QuantizeArgs {
                     SolverArg::Cpu => Solver::CpuReference,
                 },
                 metric_products: self.metric_products,
-                recompute_act: false,
+                recompute_act: self.recompute_act,
                 capture: None,
             },
         })

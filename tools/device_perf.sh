@@ -15,6 +15,9 @@
 #                the GPU memory every 100 ms alongside (smi_l8b_<m>.log, MiB)
 #   prof_<m>     the same layer with GPTAQ_PROFILE=1 on 16 sequences: seconds per phase
 #   l8b_perfhint_<m>  l8b_<m> with GPTAQ_MEMORY_HINTS=performance (wgpu's large allocator blocks)
+#   l8b_gpu_<m>[_nm]  l8b_<m> with the streams on the GPU (--gpu-memory L8B_GPU_GIB, 70): no host
+#                transfers, MLP activations kept between stages; _nm: --no-metrics (GPTQ as the
+#                reference runs it)
 #   kbench       the Rust kernel benches (GEMM both tiles, Hessian syrk, GPU factor U, whole solve,
 #                causal attention at ATTN = heads:kv_heads:hd:seqlen:nseq, Llama-3-8B by default)
 #   torch_bench / torch_layer  the PyTorch reference (solve + accumulation / one layer's loops);
@@ -23,7 +26,7 @@
 # `bash tools/device_pack.sh` here):
 #   source .device-carry/setup.sh && OUT=$OUT WORK=/tmp/perf bash tools/device_perf.sh
 # Knobs: QUALITY ("gptq:3 gptaq:3"), NSAMPLES (128), SEQLEN (512), L8B ("gptaq gptq"), L8B_HINTS
-# ("gptaq"), LAYERS (1),
+# ("gptaq"), L8B_GPU ("gptq:nm gptaq"), L8B_GPU_GIB (70), LAYERS (1),
 # SIZES (kernel sizes, "4096"), SOLVE ("4096x4096,4096x14336"), ATTN ("32:8:128:2048:1"), SCALING (presets, e.g. "h1024 h2048 h4096"),
 # SCALING_NSAMPLES (128), SCALING_GIB (60), SKIP (step names), BUDGET_S.
 set -u
@@ -128,6 +131,18 @@ for m in ${L8B_HINTS-gptaq}; do
     --calib /tmp/l8b-calib.safetensors --nsamples 128 --seqlen 2048 --method "$m" --bits 4 \
     --group-size 128 --gpu-memory 8 --stream-dtype f16 --report "$D/l8b_perfhint_$m.json"
   tail -4 "$D/l8b_perfhint_$m.log"
+done
+
+# --- the same layer with the streams on the GPU (issue 10's speed target: the PyTorch reference
+# keeps its activations on the GPU too, 19.3 GiB for GPTAQ): no host transfers, the MLP activations
+# kept from stage D to E (MemoryPlan::act_streams). Entries are METHOD[:nm] (nm: --no-metrics).
+for spec in ${L8B_GPU-gptq:nm gptaq}; do
+  m=${spec%%:*}; extra=(); name="l8b_gpu_$m"
+  [ "$spec" != "$m" ] && [ "${spec#*:}" = nm ] && { extra=(--no-metrics); name="l8b_gpu_${m}_nm"; }
+  tm "$name" 200 "$B" quantize /tmp/l8b --calib /tmp/l8b-calib.safetensors --nsamples 128 \
+    --seqlen 2048 --method "$m" --bits 4 --group-size 128 --gpu-memory "${L8B_GPU_GIB:-70}" \
+    "${extra[@]}" --report "$D/$name.json"
+  tail -4 "$D/$name.log"
 done
 
 # --- scaling table (issue 10): time per layer and peak memory over width, GPTQ and GPTAQ ----------
