@@ -280,10 +280,12 @@ pub struct QuantizeArgs {
     /// module and batch) instead of taking the quantization and cross terms from GPTAQ's H and D.
     #[arg(long, conflicts_with = "no_metrics")]
     pub metric_products: bool,
-    /// Recompute gate/up for down_proj's outputs instead of keeping the MLP activations on the
-    /// GPU between the two stages that need them (kept by default when the memory plan has room).
+    /// Spend no spare GPU memory on speed: recompute gate/up for down_proj's outputs instead of
+    /// keeping the MLP activations between the two stages that need them, and upload each layer's
+    /// weights when it starts instead of during the previous layer (both are done by default when
+    /// the memory plan has room for them).
     #[arg(long)]
-    pub recompute_act: bool,
+    pub lean_memory: bool,
     /// Write the run report (JSON) here.
     #[arg(long)]
     pub report: Option<PathBuf>,
@@ -351,7 +353,7 @@ impl QuantizeArgs {
                     SolverArg::Cpu => Solver::CpuReference,
                 },
                 metric_products: self.metric_products,
-                recompute_act: self.recompute_act,
+                lean_memory: self.lean_memory,
                 capture: None,
             },
         })
@@ -460,7 +462,7 @@ fn inspect(dir: &Path, nsamples: usize, seqlen: usize, json: bool) -> anyhow::Re
         max_buffer_bytes: 2 << 30,
         host_dtype: StreamDType::F16,
         force_host: false,
-        recompute_act: false,
+        lean_memory: false,
     });
     if json {
         let plan_json = match &plan {

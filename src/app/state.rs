@@ -400,7 +400,7 @@ impl Settings {
             max_buffer_bytes,
             host_dtype: StreamDType::F32,
             force_host: false,
-            recompute_act: false,
+            lean_memory: false,
         })
         .map_err(|e| e.to_string())
     }

@@ -198,7 +198,7 @@ pub fn quantize(
         max_buffer_bytes: ctx.max_binding_bytes(),
         host_dtype: cfg.stream_dtype,
         force_host: cfg.force_host_streams,
-        recompute_act: cfg.recompute_act,
+        lean_memory: cfg.lean_memory,
     })?;
     emit_started(emit, prep, qc, &plan);
     ctx.reset_peak();
@@ -307,20 +307,30 @@ pub fn quantize(
     }
 
     // The next layer's host weights are read on a second thread while this one computes
-    // (model::prefetch); the scope joins that thread on every exit path.
+    // (model::prefetch), and uploaded there too when the plan has room (MemoryPlan::weights_ahead):
+    // the GPU then does not wait at each layer start for the host copy of ~0.9 GB (8B). The scope
+    // joins that thread on every exit path.
     let source = prep.source;
+    let weights_ahead = plan.weights_ahead;
+    let upload_ahead =
+        |_: usize, lw: &LayerWeights| -> Option<Result<GpuLayer, crate::gpu::GpuError>> {
+            weights_ahead.then(|| GpuLayer::upload(ctx, &mc, lw))
+        };
     std::thread::scope(|scope| -> Result<(), PipelineError> {
-        let mut prefetch = LayerPrefetch::new(scope, source);
+        let mut prefetch = LayerPrefetch::with(scope, source, &upload_ahead);
         let mut prof = Profile::from_env();
         for layer in 0..mc.num_layers {
             check_cancel(cancel)?;
             let t_layer = Instant::now();
             prof.restart();
             emit(Event::LayerStarted { layer });
-            let lw: LayerWeights = prefetch
-                .layer(layer)
+            let (lw, ahead): (LayerWeights, _) = prefetch
+                .layer_with(layer)
                 .map_err(|e| PipelineError::Input(e.to_string()))?;
-            let q = GpuLayer::upload(ctx, &mc, &lw)?;
+            let q = match ahead {
+                Some(uploaded) => uploaded?,
+                None => GpuLayer::upload(ctx, &mc, &lw)?,
+            };
             // The FP stream's copy is made on the GPU, not uploaded a second time.
             let fp = if fp_stream {
                 let mut rec = ctx.recorder();

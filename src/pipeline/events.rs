@@ -21,6 +21,11 @@ pub struct MemoryPlan {
     /// on the GPU and room for them.
     #[serde(default)]
     pub act_streams: bool,
+    /// The next layer's weights are uploaded on the prefetch thread while this layer computes
+    /// (one more layer of f32 weights on the GPU), so the GPU does not wait for the upload at the
+    /// start of each layer. Only with room for them.
+    #[serde(default)]
+    pub weights_ahead: bool,
     /// Host stream element type when spilled ("f32" or "f16").
     pub stream_dtype: String,
     /// Estimated peak GPU bytes: layer weights (FP + quantized copies), statistics, activations.

@@ -75,11 +75,13 @@ pub struct PipelineConfig {
     /// give the quantization and cross terms (GPTAQ's `H` and `D`; pipeline::metrics).
     #[serde(default)]
     pub metric_products: bool,
-    /// Recompute the MLP activations for down_proj's outputs instead of keeping them from the
-    /// stage that computed them, even where the plan has room (MemoryPlan::act_streams): for
-    /// tests and memory experiments.
+    /// Spend no spare GPU memory on speed, even where the plan has room: recompute the MLP
+    /// activations for down_proj's outputs instead of keeping them from the stage that computed
+    /// them (MemoryPlan::act_streams), and upload each layer's weights when it starts instead of
+    /// while the previous layer computes (MemoryPlan::weights_ahead). For memory experiments and
+    /// the tests that compare both ways.
     #[serde(default)]
-    pub recompute_act: bool,
+    pub lean_memory: bool,
     /// Stop at this (layer, module) and return its statistics instead of solving it (layer lab).
     #[serde(skip)]
     pub capture: Option<(usize, ModuleKind)>,
@@ -98,7 +100,7 @@ impl Default for PipelineConfig {
             force_host_streams: false,
             solver: Solver::Gpu,
             metric_products: false,
-            recompute_act: false,
+            lean_memory: false,
             capture: None,
         }
     }

@@ -30,8 +30,8 @@ pub struct PlanInput<'a> {
     pub host_dtype: StreamDType,
     /// Force streams to the host even when they would fit (for testing the spill path).
     pub force_host: bool,
-    /// Never keep the MLP activations (`MemoryPlan::act_streams`): the last stage recomputes them.
-    pub recompute_act: bool,
+    /// Spend no spare memory on speed: no `MemoryPlan::act_streams`, no `MemoryPlan::weights_ahead`.
+    pub lean_memory: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -197,6 +197,7 @@ pub fn rtn_direct(gpu_budget_bytes: u64) -> MemoryPlan {
         batch_sequences: 0,
         streams_on_gpu: false,
         act_streams: false,
+        weights_ahead: false,
         stream_dtype: "none".into(),
         gpu_bytes_estimate: 0,
         host_bytes_estimate: 0,
@@ -308,15 +309,21 @@ pub fn plan(input: &PlanInput<'_>) -> Result<MemoryPlan, PlanError> {
             .min(16)
     };
     let act_streams = streams_on_gpu
-        && !input.recompute_act
+        && !input.lean_memory
         && need + with_act <= usable
         && batch_for(weights + with_act) >= batch_for(weights + all_streams);
-    let fixed = weights
-        + match (streams_on_gpu, act_streams) {
-            (true, true) => with_act,
-            (true, false) => all_streams,
-            (false, _) => 0,
-        };
+    let streams_fixed = match (streams_on_gpu, act_streams) {
+        (true, true) => with_act,
+        (true, false) => all_streams,
+        (false, _) => 0,
+    };
+    // Then, with what is left, the next layer's weights uploaded while this one computes: one
+    // more layer of f32 weights (the FP stream's copy is still made on the GPU at layer start).
+    let ahead = layer_weight_bytes(c);
+    let weights_ahead = !input.lean_memory
+        && need + streams_fixed + ahead <= usable
+        && batch_for(weights + streams_fixed + ahead) >= batch_for(weights + streams_fixed);
+    let fixed = weights + streams_fixed + if weights_ahead { ahead } else { 0 };
     let batch = batch_for(fixed);
     let gpu_total = fixed + (statistics + seq_scratch * batch as u64).max(solve);
     let host_dtype = input.host_dtype;
@@ -330,6 +337,7 @@ pub fn plan(input: &PlanInput<'_>) -> Result<MemoryPlan, PlanError> {
         batch_sequences: batch,
         streams_on_gpu,
         act_streams,
+        weights_ahead,
         stream_dtype: if streams_on_gpu {
             "f32".into()
         } else {
@@ -344,13 +352,18 @@ pub fn plan(input: &PlanInput<'_>) -> Result<MemoryPlan, PlanError> {
                 mib(reserve)
             ),
             format!(
-                "layer weights (f32{}): {}",
+                "layer weights (f32{}{}): {}",
                 if input.fp_stream {
                     ", FP + quantized copies"
                 } else {
                     ""
                 },
-                mib(weights)
+                if weights_ahead {
+                    ", and the next layer's uploaded ahead"
+                } else {
+                    ""
+                },
+                mib(weights + if weights_ahead { ahead } else { 0 })
             ),
             format!(
                 "accumulating: statistics of the widest input {} + activations for {batch} \
@@ -370,7 +383,7 @@ pub fn plan(input: &PlanInput<'_>) -> Result<MemoryPlan, PlanError> {
                 input.nsamples,
                 input.seqlen,
                 if streams_on_gpu {
-                    mib(fixed - weights)
+                    mib(streams_fixed)
                 } else {
                     mib(host)
                 },
@@ -416,7 +429,7 @@ mod tests {
             max_buffer_bytes: 4 << 30,
             host_dtype: dtype,
             force_host: false,
-            recompute_act: false,
+            lean_memory: false,
         }
     }
 
@@ -500,7 +513,7 @@ mod tests {
     }
 
     /// The MLP activations are kept only with the streams on the GPU and room for them next to
-    /// the hidden states: Llama-3-8B GPTAQ with 128 × 2048 tokens keeps 2 × 15 GiB of f32 `act` at
+    /// the hidden states (the next layer's weights uploaded ahead likewise only with room): Llama-3-8B GPTAQ with 128 × 2048 tokens keeps 2 × 15 GiB of f32 `act` at
     /// 120 GiB, not at 40 GiB (where the hidden-state and attention streams still fit) nor at
     /// 60 GiB (where it would shrink the batches), never at 8 GiB (host streams), and never when
     /// told to recompute.
@@ -508,7 +521,11 @@ mod tests {
     fn act_streams_only_with_room_on_the_gpu() -> Result<(), Box<dyn std::error::Error>> {
         let c = llama3_8b()?;
         let p = plan(&input(&c, 120, StreamDType::F16))?;
-        assert!(p.streams_on_gpu && p.act_streams, "{:?}", p.breakdown);
+        assert!(
+            p.streams_on_gpu && p.act_streams && p.weights_ahead,
+            "{:?}",
+            p.breakdown
+        );
         // Hidden states plus the larger of the attention outputs and act, both streams, f32.
         let kept: u64 = 2 * 128 * 2048 * (4096 + 14336) * 4;
         let line = format!("{:.1} MiB on the GPU", kept as f64 / (1u64 << 20) as f64);
@@ -526,11 +543,17 @@ mod tests {
             "{:?}",
             p.breakdown
         );
-        assert!(!plan(&input(&c, 8, StreamDType::F16))?.act_streams);
+        // 8 GiB: host streams, and no room for a second layer of weights (5.47 + 0.85 GiB > 6).
+        let p = plan(&input(&c, 8, StreamDType::F16))?;
+        assert!(!p.act_streams && !p.weights_ahead, "{:?}", p.breakdown);
         let mut i = input(&c, 120, StreamDType::F16);
-        i.recompute_act = true;
+        i.lean_memory = true;
         let p = plan(&i)?;
-        assert!(p.streams_on_gpu && !p.act_streams, "{:?}", p.breakdown);
+        assert!(
+            p.streams_on_gpu && !p.act_streams && !p.weights_ahead,
+            "{:?}",
+            p.breakdown
+        );
         Ok(())
     }
 
