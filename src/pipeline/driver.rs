@@ -99,6 +99,10 @@ struct Stats {
     dx_len: usize,
 }
 
+/// The next layer's weights, read and uploaded on a scoped thread during the last stage.
+type NextLayer<'scope> =
+    std::thread::ScopedJoinHandle<'scope, Result<(LayerWeights, GpuLayer), PipelineError>>;
+
 /// A solved module waiting for its metrics (measured in the next stage).
 struct Pending {
     module: ModuleKind,
@@ -307,29 +311,33 @@ pub fn quantize(
     }
 
     // The next layer's host weights are read on a second thread while this one computes
-    // (model::prefetch), and uploaded there too when the plan has room (MemoryPlan::weights_ahead):
-    // the GPU then does not wait at each layer start for the host copy of ~0.9 GB (8B). The scope
-    // joins that thread on every exit path.
+    // (model::prefetch), and uploaded on a third during this layer's last stage when the plan
+    // allows (MemoryPlan::weights_ahead): the GPU then does not wait at each layer start for the
+    // host copy of ~0.9 GB (8B). The scope joins those threads on every exit path.
     let source = prep.source;
-    let weights_ahead = plan.weights_ahead;
-    let upload_ahead =
-        |_: usize, lw: &LayerWeights| -> Option<Result<GpuLayer, crate::gpu::GpuError>> {
-            weights_ahead.then(|| GpuLayer::upload(ctx, &mc, lw))
-        };
+    let mcr = &mc;
     std::thread::scope(|scope| -> Result<(), PipelineError> {
-        let mut prefetch = LayerPrefetch::with(scope, source, &upload_ahead);
+        let mut prefetch = LayerPrefetch::new(scope, source);
+        let mut next: Option<NextLayer<'_>> = None;
         let mut prof = Profile::from_env();
         for layer in 0..mc.num_layers {
             check_cancel(cancel)?;
             let t_layer = Instant::now();
             prof.restart();
             emit(Event::LayerStarted { layer });
-            let (lw, ahead): (LayerWeights, _) = prefetch
-                .layer_with(layer)
-                .map_err(|e| PipelineError::Input(e.to_string()))?;
-            let q = match ahead {
-                Some(uploaded) => uploaded?,
-                None => GpuLayer::upload(ctx, &mc, &lw)?,
+            let (lw, q) = match next.take() {
+                Some(handle) => handle.join().unwrap_or_else(|_| {
+                    Err(PipelineError::Input(format!(
+                        "the thread uploading layer {layer} panicked"
+                    )))
+                })?,
+                None => {
+                    let lw: LayerWeights = prefetch
+                        .layer(layer)
+                        .map_err(|e| PipelineError::Input(e.to_string()))?;
+                    let q = GpuLayer::upload(ctx, &mc, &lw)?;
+                    (lw, q)
+                }
             };
             // The FP stream's copy is made on the GPU, not uploaded a second time.
             let fp = if fp_stream {
@@ -656,6 +664,18 @@ pub fn quantize(
             drop(stats);
 
             // ---- stage E: h ← h + down(act) for both streams; metrics of down; hidden deviation
+            // The next layer is read (if the prefetch has not finished) and uploaded meanwhile:
+            // this layer's statistics and solve buffers are gone, so it fits within the plan.
+            if plan.weights_ahead && layer + 1 < mc.num_layers {
+                drop(lw);
+                let lw_next = prefetch
+                    .layer(layer + 1)
+                    .map_err(|e| PipelineError::Input(e.to_string()))?;
+                next = Some(scope.spawn(move || {
+                    let q = GpuLayer::upload(ctx, mcr, &lw_next)?;
+                    Ok((lw_next, q))
+                }));
+            }
             let work = ensure_work(&mut work_slot, &make_work)?;
             let down_metrics = metric_accs(
                 ctx,

@@ -21,9 +21,10 @@ pub struct MemoryPlan {
     /// on the GPU and room for them.
     #[serde(default)]
     pub act_streams: bool,
-    /// The next layer's weights are uploaded on the prefetch thread while this layer computes
-    /// (one more layer of f32 weights on the GPU), so the GPU does not wait for the upload at the
-    /// start of each layer. Only with room for them.
+    /// The next layer's weights are uploaded on a second thread during this layer's last stage
+    /// (down_proj's outputs), so the GPU does not wait for the upload at the start of each layer.
+    /// Only where one more layer of f32 weights there stays within the plan's peak (the
+    /// statistics and solve buffers of the earlier stages are gone by then).
     #[serde(default)]
     pub weights_ahead: bool,
     /// Host stream element type when spilled ("f32" or "f16").

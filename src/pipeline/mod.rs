@@ -78,7 +78,7 @@ pub struct PipelineConfig {
     /// Spend no spare GPU memory on speed, even where the plan has room: recompute the MLP
     /// activations for down_proj's outputs instead of keeping them from the stage that computed
     /// them (MemoryPlan::act_streams), and upload each layer's weights when it starts instead of
-    /// while the previous layer computes (MemoryPlan::weights_ahead). For memory experiments and
+    /// during the previous layer's last stage (MemoryPlan::weights_ahead). For memory experiments and
     /// the tests that compare both ways.
     #[serde(default)]
     pub lean_memory: bool,

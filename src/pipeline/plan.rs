@@ -317,15 +317,17 @@ pub fn plan(input: &PlanInput<'_>) -> Result<MemoryPlan, PlanError> {
         (true, false) => all_streams,
         (false, _) => 0,
     };
-    // Then, with what is left, the next layer's weights uploaded while this one computes: one
-    // more layer of f32 weights (the FP stream's copy is still made on the GPU at layer start).
-    let ahead = layer_weight_bytes(c);
-    let weights_ahead = !input.lean_memory
-        && need + streams_fixed + ahead <= usable
-        && batch_for(weights + streams_fixed + ahead) >= batch_for(weights + streams_fixed);
-    let fixed = weights + streams_fixed + if weights_ahead { ahead } else { 0 };
+    let fixed = weights + streams_fixed;
     let batch = batch_for(fixed);
     let gpu_total = fixed + (statistics + seq_scratch * batch as u64).max(solve);
+    // The next layer's weights are uploaded during this layer's last stage (down_proj's outputs),
+    // when its statistics and solve buffers are gone: one more layer of f32 weights next to the
+    // weights, streams and one batch of activations. Only where that stays within the peak the
+    // plan already has (the statistics or the solve need more), so it costs no memory.
+    let ahead = layer_weight_bytes(c);
+    let weights_ahead = !input.lean_memory
+        && c.num_layers > 1
+        && fixed + seq_scratch * batch as u64 + ahead <= gpu_total;
     let host_dtype = input.host_dtype;
     let host = if streams_on_gpu {
         0
@@ -359,11 +361,11 @@ pub fn plan(input: &PlanInput<'_>) -> Result<MemoryPlan, PlanError> {
                     ""
                 },
                 if weights_ahead {
-                    ", and the next layer's uploaded ahead"
+                    "; the next layer's are uploaded during the last stage, within the peak below"
                 } else {
                     ""
                 },
-                mib(weights + if weights_ahead { ahead } else { 0 })
+                mib(weights)
             ),
             format!(
                 "accumulating: statistics of the widest input {} + activations for {batch} \
@@ -513,7 +515,8 @@ mod tests {
     }
 
     /// The MLP activations are kept only with the streams on the GPU and room for them next to
-    /// the hidden states (the next layer's weights uploaded ahead likewise only with room): Llama-3-8B GPTAQ with 128 × 2048 tokens keeps 2 × 15 GiB of f32 `act` at
+    /// the hidden states (the next layer's weights are uploaded ahead within the plan's peak, at
+    /// 8 GiB too): Llama-3-8B GPTAQ with 128 × 2048 tokens keeps 2 × 15 GiB of f32 `act` at
     /// 120 GiB, not at 40 GiB (where the hidden-state and attention streams still fit) nor at
     /// 60 GiB (where it would shrink the batches), never at 8 GiB (host streams), and never when
     /// told to recompute.
@@ -543,9 +546,11 @@ mod tests {
             "{:?}",
             p.breakdown
         );
-        // 8 GiB: host streams, and no room for a second layer of weights (5.47 + 0.85 GiB > 6).
+        // 8 GiB: host streams; the next layer's weights (0.85 GiB) fit next to one sequence of
+        // activations in the last stage, within the 5.47 GiB that solving down_proj needs.
         let p = plan(&input(&c, 8, StreamDType::F16))?;
-        assert!(!p.act_streams && !p.weights_ahead, "{:?}", p.breakdown);
+        assert!(!p.act_streams && p.weights_ahead, "{:?}", p.breakdown);
+        assert!(p.gpu_bytes_estimate <= 6 << 30, "{:?}", p.breakdown);
         let mut i = input(&c, 120, StreamDType::F16);
         i.lean_memory = true;
         let p = plan(&i)?;
