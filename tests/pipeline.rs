@@ -18,6 +18,19 @@ use gptaq_studio::pipeline::{
 };
 use gptaq_studio::quant::{Method, QuantConfig};
 
+/// Prepares and runs `j` without events or cancellation.
+fn run_job(ctx: &gptaq_studio::gpu::GpuContext, j: &Job) -> pipeline::QuantizedModel {
+    let inputs = pipeline::prepare(j).unwrap();
+    pipeline::run_prepared(
+        ctx,
+        &inputs,
+        &j.config,
+        &mut |_| {},
+        &AtomicBool::new(false),
+    )
+    .unwrap()
+}
+
 fn job(
     model: ModelInput,
     calib: CalibInput,
@@ -522,15 +535,7 @@ fn host_f16_streams_track_gpu_streams() {
         j.config.solver = Solver::Gpu;
         j.config.force_host_streams = host;
         j.config.stream_dtype = dtype;
-        let inputs = pipeline::prepare(&j).unwrap();
-        let q = pipeline::run_prepared(
-            &ctx,
-            &inputs,
-            &j.config,
-            &mut |_| {},
-            &AtomicBool::new(false),
-        )
-        .unwrap();
+        let q = run_job(&ctx, &j);
         assert_eq!(q.report.plan.streams_on_gpu, !host, "{dtype:?}: placement");
         assert_eq!(q.report.plan.stream_dtype, dtype.name(), "plan dtype");
         assert!(
@@ -1081,15 +1086,7 @@ fn spare_memory_for_speed_changes_no_result() {
             j.config.solver = Solver::Gpu;
             j.config.metrics = metrics;
             j.config.lean_memory = lean;
-            let inputs = pipeline::prepare(&j).unwrap();
-            let q = pipeline::run_prepared(
-                &ctx,
-                &inputs,
-                &j.config,
-                &mut |_| {},
-                &AtomicBool::new(false),
-            )
-            .unwrap();
+            let q = run_job(&ctx, &j);
             let plan = &q.report.plan;
             assert!(plan.streams_on_gpu, "{method:?}: {:?}", plan.breakdown);
             assert!(plan.batch_sequences < 20, "{method:?}: one batch only");
@@ -1150,15 +1147,7 @@ fn spare_memory_for_speed_changes_no_result() {
         );
         j.config.force_host_streams = true;
         j.config.metrics = metrics;
-        let inputs = pipeline::prepare(&j).unwrap();
-        let q = pipeline::run_prepared(
-            &ctx,
-            &inputs,
-            &j.config,
-            &mut |_| {},
-            &AtomicBool::new(false),
-        )
-        .unwrap();
+        let q = run_job(&ctx, &j);
         assert!(!q.report.plan.act_streams && !q.report.plan.streams_on_gpu);
     }
 }
