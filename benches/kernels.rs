@@ -56,7 +56,7 @@ fn bench_kernels(c: &mut Criterion) {
         let b = ctx.upload("b", &data(n * n)).expect("upload b");
         let out = ctx.zeros::<f32>("c", n * n).expect("alloc c");
         g.throughput(Throughput::Elements((2 * n * n * n) as u64));
-        for tile in [GemmTile::Large, GemmTile::Small] {
+        for tile in GemmTile::ALL {
             g.bench_function(format!("{n}x{n}x{n} A·Bᵀ {tile:?}"), |bch| {
                 bch.iter(|| {
                     let mut rec = ctx.recorder();

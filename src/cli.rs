@@ -411,21 +411,21 @@ fn tune_cmd(gpu: &GpuArgs, reps: usize, out: Option<&Path>) -> anyhow::Result<()
     };
     let shapes = tune::default_shapes(ctx.summary.device_type == "Cpu");
     println!(
-        "{:>6} {:>6} {:>6} {:>11} {:>11} {:>9}  choice",
-        "M", "N", "K", "large ms", "small ms", "GFLOP/s"
+        "{:>6} {:>6} {:>6} {:>11} {:>11} {:>11} {:>9}  choice",
+        "M", "N", "K", "large ms", "small ms", "large-db ms", "GFLOP/s"
     );
     let table = tune::measure(&ctx, &shapes, reps, &mut |e| {
-        let best = e.large_ms.min(e.small_ms);
-        let gflops = 2.0 * (e.m * e.n * e.k) as f64 / (best * 1e-3) / 1e9;
+        let gflops = 2.0 * (e.m * e.n * e.k) as f64 / (e.best_ms() * 1e-3) / 1e9;
         println!(
-            "{:>6} {:>6} {:>6} {:>11.3} {:>11.3} {:>9.1}  {:?}",
+            "{:>6} {:>6} {:>6} {:>11.3} {:>11.3} {:>11.3} {:>9.1}  {}",
             e.m,
             e.n,
             e.k,
             e.large_ms,
             e.small_ms,
+            e.large_db_ms.unwrap_or(f64::NAN),
             gflops,
-            e.best()
+            e.best().name()
         );
     })
     .context("timing the GEMM kernels")?;

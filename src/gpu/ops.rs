@@ -87,19 +87,35 @@ pub enum GemmTile {
     Large,
     /// 64×64 per workgroup, 4×4 per invocation: more workgroups for small outputs.
     Small,
+    /// [`GemmTile::Large`] with double-buffered workgroup memory (one barrier per k slice instead
+    /// of two, 16 KiB): a candidate the tuning table can choose; the size rule never does.
+    LargeDb,
+}
+
+impl GemmTile {
+    /// Every kernel, in the order `tune` times them.
+    pub const ALL: [GemmTile; 3] = [GemmTile::Large, GemmTile::Small, GemmTile::LargeDb];
+
+    /// The kernel's name in `GPTAQ_GEMM_TILE` and in the tuning output.
+    pub fn name(self) -> &'static str {
+        match self {
+            GemmTile::Large => "large",
+            GemmTile::Small => "small",
+            GemmTile::LargeDb => "large-db",
+        }
+    }
 }
 
 /// Large tiles once the output has at least this many of them: a workgroup per SM / compute unit
 /// of a big GPU (132 on an H100/H200), below which the 4× more numerous small tiles keep more of
-/// the GPU busy. `GPTAQ_GEMM_TILE=large|small` forces one kernel (benchmarks, tests).
+/// the GPU busy. `GPTAQ_GEMM_TILE=large|small|large-db` forces one kernel (benchmarks, tests).
 const LARGE_TILE_MIN_TILES: usize = 128;
 
 fn forced_tile() -> Option<GemmTile> {
     static FORCED: std::sync::OnceLock<Option<GemmTile>> = std::sync::OnceLock::new();
     *FORCED.get_or_init(|| match std::env::var("GPTAQ_GEMM_TILE").ok().as_deref() {
-        Some("large") => Some(GemmTile::Large),
-        Some("small") => Some(GemmTile::Small),
-        _ => None,
+        Some(name) => GemmTile::ALL.into_iter().find(|t| t.name() == name),
+        None => None,
     })
 }
 
@@ -233,6 +249,7 @@ fn gemm_impl(
     let (entry, side) = match tile {
         GemmTile::Large => ("gemm_large", 128),
         GemmTile::Small => ("gemm_small", 64),
+        GemmTile::LargeDb => ("gemm_large_db", 128),
     };
     let groups = [n.div_ceil(side) as u32, m.div_ceil(side) as u32, 1];
     if groups[0] > 65535 || groups[1] > 65535 {

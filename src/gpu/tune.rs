@@ -1,13 +1,13 @@
 //! Which GEMM kernel to use for a shape, measured on this adapter (issue 10: "choose kernels per
 //! shape, a small autotune table, cached").
 //!
-//! `gptaq-studio tune` times both GEMM kernels ([`GemmTile::Large`] 128×128 tiles, [`GemmTile::Small`]
-//! 64×64) over a grid of shapes and writes a [`GemmTable`] to the cache directory, one file per
+//! `gptaq-studio tune` times the GEMM kernels ([`GemmTile::Large`] 128×128 tiles, [`GemmTile::Small`]
+//! 64×64, [`GemmTile::LargeDb`] 128×128 with double-buffered workgroup memory) over a grid of shapes and writes a [`GemmTable`] to the cache directory, one file per
 //! adapter and driver. A context loads that file on its first GEMM; [`GemmTable::lookup`] then
 //! answers with the faster kernel of the nearest measured shape (distance in log₂ of M, N and K).
 //! Runs never benchmark by themselves: kernel choice stays deterministic within a run and the
 //! table only changes when the user tunes again. Without a table (or with `GPTAQ_GEMM_TABLE=off`)
-//! the size rule of `ops::gemm_tile` decides; `GPTAQ_GEMM_TILE=large|small` overrides both.
+//! the size rule of `ops::gemm_tile` decides; `GPTAQ_GEMM_TILE=large|small|large-db` overrides both.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -24,15 +24,37 @@ pub struct TuneEntry {
     /// Best of the timed runs, milliseconds.
     pub large_ms: f64,
     pub small_ms: f64,
+    /// [`GemmTile::LargeDb`]; absent from tables written before that kernel existed.
+    #[serde(default)]
+    pub large_db_ms: Option<f64>,
 }
 
 impl TuneEntry {
-    pub fn best(&self) -> GemmTile {
-        if self.large_ms <= self.small_ms {
-            GemmTile::Large
-        } else {
-            GemmTile::Small
+    /// Milliseconds of `tile` (`None`: not measured).
+    pub fn ms(&self, tile: GemmTile) -> Option<f64> {
+        match tile {
+            GemmTile::Large => Some(self.large_ms),
+            GemmTile::Small => Some(self.small_ms),
+            GemmTile::LargeDb => self.large_db_ms,
         }
+    }
+
+    /// The fastest measured kernel (the first of [`GemmTile::ALL`] on a tie).
+    pub fn best(&self) -> GemmTile {
+        let mut best = (GemmTile::Large, self.large_ms);
+        for tile in GemmTile::ALL {
+            if let Some(ms) = self.ms(tile)
+                && ms < best.1
+            {
+                best = (tile, ms);
+            }
+        }
+        best.0
+    }
+
+    /// Milliseconds of [`Self::best`].
+    pub fn best_ms(&self) -> f64 {
+        self.ms(self.best()).unwrap_or(self.large_ms)
     }
 }
 
@@ -180,7 +202,7 @@ pub fn default_shapes(cpu_adapter: bool) -> Vec<(usize, usize, usize)> {
     v
 }
 
-/// Times both kernels on every shape: one untimed run, then the best of `reps` timed runs (each
+/// Times every kernel on every shape: one untimed run, then the best of `reps` timed runs (each
 /// submitted alone and waited for, so the times include the launch as a real GEMM's do).
 pub fn measure(
     ctx: &GpuContext,
@@ -224,14 +246,13 @@ pub fn measure(
             }
             Ok(best)
         };
-        let large_ms = time(GemmTile::Large)?;
-        let small_ms = time(GemmTile::Small)?;
         let e = TuneEntry {
             m,
             n,
             k,
-            large_ms,
-            small_ms,
+            large_ms: time(GemmTile::Large)?,
+            small_ms: time(GemmTile::Small)?,
+            large_db_ms: Some(time(GemmTile::LargeDb)?),
         };
         progress(&e);
         entries.push(e);
@@ -254,7 +275,27 @@ mod tests {
             k,
             large_ms,
             small_ms,
+            large_db_ms: None,
         }
+    }
+
+    /// The double-buffered kernel wins only where it was measured faster; tables written before
+    /// it existed (no `large_db_ms`) still load and choose between the other two.
+    #[test]
+    fn best_of_three_and_old_tables() -> Result<(), Box<dyn std::error::Error>> {
+        let mut e = entry(1, 1, 1, 2.0, 3.0);
+        assert_eq!((e.best(), e.best_ms()), (GemmTile::Large, 2.0));
+        e.large_db_ms = Some(1.5);
+        assert_eq!((e.best(), e.best_ms()), (GemmTile::LargeDb, 1.5));
+        e.small_ms = 1.0;
+        assert_eq!((e.best(), e.best_ms()), (GemmTile::Small, 1.0));
+        e.large_db_ms = Some(2.0);
+        e.small_ms = 3.0;
+        assert_eq!(e.best(), GemmTile::Large, "a tie goes to the first kernel");
+        let old: TuneEntry =
+            serde_json::from_str(r#"{"m":8,"n":8,"k":8,"large_ms":2.0,"small_ms":1.0}"#)?;
+        assert_eq!((old.large_db_ms, old.best()), (None, GemmTile::Small));
+        Ok(())
     }
 
     fn table() -> GemmTable {
