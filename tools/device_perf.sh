@@ -22,6 +22,8 @@
 #                causal attention at ATTN = heads:kv_heads:hd:seqlen:nseq, Llama-3-8B by default)
 #   torch_bench / torch_layer  the PyTorch reference (solve + accumulation / one layer's loops);
 #                skipped by default (SKIP) when the same card's numbers are already in BENCHMARKS.md
+# At the end tools/perf_summary.py prints one markdown table of every quantize report (s/layer,
+# app and nvidia-smi peaks, the plan's choices), the profile phases and the kernel medians.
 # Usage on the GPU machine (after `cargo build --release && cargo bench --no-run` and
 # `bash tools/device_pack.sh` here):
 #   source .device-carry/setup.sh && OUT=$OUT WORK=/tmp/perf bash tools/device_perf.sh
@@ -173,3 +175,5 @@ t torch_bench 150 python3 tools/torch_reference.py --bench "$SOLVE" --out "$D/to
 t torch_layer 230 python3 tools/torch_reference.py --bench-layer 4096,14336,32,8 --nsamples 128 --seqlen 2048 \
   --out "$D/torch_layer.json"
 cat "$D/steps.txt"
+# The numbers for BENCHMARKS.md in the returned output's tail (tools/perf_summary.py).
+python3 tools/perf_summary.py "$D" || true
