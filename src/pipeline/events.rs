@@ -23,8 +23,8 @@ pub struct MemoryPlan {
     pub act_streams: bool,
     /// The next layer's weights are uploaded on a second thread during this layer's last stage
     /// (down_proj's outputs), so the GPU does not wait for the upload at the start of each layer.
-    /// Only where one more layer of f32 weights there stays within the plan's peak (the
-    /// statistics and solve buffers of the earlier stages are gone by then).
+    /// Only where one more layer of f32 weights fits there: usually within the plan's peak (the
+    /// statistics and solve buffers of the earlier stages are gone by then), else on top of it.
     #[serde(default)]
     pub weights_ahead: bool,
     /// Host stream element type when spilled ("f32" or "f16").

@@ -319,15 +319,20 @@ pub fn plan(input: &PlanInput<'_>) -> Result<MemoryPlan, PlanError> {
     };
     let fixed = weights + streams_fixed;
     let batch = batch_for(fixed);
-    let gpu_total = fixed + (statistics + seq_scratch * batch as u64).max(solve);
+    let peak = fixed + (statistics + seq_scratch * batch as u64).max(solve);
     // The next layer's weights are uploaded during this layer's last stage (down_proj's outputs),
     // when its statistics and solve buffers are gone: one more layer of f32 weights next to the
-    // weights, streams and one batch of activations. Only where that stays within the peak the
-    // plan already has (the statistics or the solve need more), so it costs no memory.
+    // weights, streams and one batch of activations. Where that stays within the peak the plan
+    // already has (the statistics or the solve need more) it costs no memory; otherwise it needs
+    // room beyond that peak, which the estimate then includes.
     let ahead = layer_weight_bytes(c);
-    let weights_ahead = !input.lean_memory
-        && c.num_layers > 1
-        && fixed + seq_scratch * batch as u64 + ahead <= gpu_total;
+    let last_stage = fixed + seq_scratch * batch as u64 + ahead;
+    let weights_ahead = !input.lean_memory && c.num_layers > 1 && last_stage <= usable;
+    let gpu_total = if weights_ahead {
+        peak.max(last_stage)
+    } else {
+        peak
+    };
     let host_dtype = input.host_dtype;
     let host = if streams_on_gpu {
         0
@@ -361,7 +366,7 @@ pub fn plan(input: &PlanInput<'_>) -> Result<MemoryPlan, PlanError> {
                     ""
                 },
                 if weights_ahead {
-                    "; the next layer's are uploaded during the last stage, within the peak below"
+                    "; the next layer's are uploaded during the last stage (in the estimate)"
                 } else {
                     ""
                 },
@@ -539,6 +544,13 @@ mod tests {
         );
         let p = plan(&input(&c, 40, StreamDType::F16))?;
         assert!(p.streams_on_gpu && !p.act_streams, "{:?}", p.breakdown);
+        // GPTQ without metrics at 70 GiB (one stream, 16 sequences per batch): the last stage
+        // holds more than the statistics it replaces, so the next layer's weights are counted
+        // on top of the peak.
+        let mut i = input(&c, 70, StreamDType::F16);
+        (i.fp_stream, i.statistics) = (false, 1);
+        let p = plan(&i)?;
+        assert!(p.act_streams && p.weights_ahead, "{:?}", p.breakdown);
         // At 60 GiB act would fit, but only with 10 instead of 16 sequences per batch.
         let p = plan(&input(&c, 60, StreamDType::F16))?;
         assert!(
