@@ -1151,3 +1151,99 @@ fn spare_memory_for_speed_changes_no_result() {
         assert!(!q.report.plan.act_streams && !q.report.plan.streams_on_gpu);
     }
 }
+
+/// Packed f16 streams on the GPU (`Placement::GpuF16`, planned when f16 streams are requested
+/// and only their f16 size fits) hold exactly what f16 host streams hold: the same packing and
+/// unpacking kernels run on every store and load, only the words stay on the GPU. So a GPTAQ run
+/// with metrics quantizes bit for bit like the host-f16 run. The budget is the smallest (in 4 KiB
+/// steps) at which the plan chooses the packed GPU streams for this job.
+#[test]
+fn packed_f16_gpu_streams_equal_f16_host_streams() {
+    use gptaq_studio::pipeline::StreamDType;
+    use gptaq_studio::pipeline::plan::{self, PlanInput};
+    let Some(ctx) = test_context() else { return };
+    let quant = QuantConfig {
+        method: Method::Gptaq { alpha: 0.25 },
+        bits: 3,
+        ..QuantConfig::default()
+    };
+    let base = {
+        let mut j = job(
+            ModelInput::Demo { seed: 4 },
+            CalibInput::Synthetic,
+            quant,
+            20,
+            16,
+        );
+        j.config.solver = Solver::Gpu;
+        j.config.stream_dtype = StreamDType::F16;
+        j
+    };
+    let inputs = pipeline::prepare(&base).unwrap();
+    let mc = inputs.source.config().clone();
+    // The window between the f32 and the f16 streams' sizes is a few hundred KiB here. The
+    // host-f16 run at that budget must batch the sequences alike (the statistics' summation
+    // order follows the batches), so the budget is one where both plans agree on the batch.
+    let plan_at = |b: u64, force_host: bool| {
+        plan::plan(&PlanInput {
+            config: &mc,
+            nsamples: 20,
+            seqlen: 16,
+            fp_stream: true,
+            statistics: 2,
+            metric_moments: true,
+            gpu_budget_bytes: b,
+            max_buffer_bytes: ctx.max_binding_bytes(),
+            host_dtype: StreamDType::F16,
+            force_host,
+            lean_memory: false,
+        })
+        .ok()
+    };
+    let budget = (1u64..16384)
+        .map(|kib4| kib4 << 12)
+        .find(|&b| match (plan_at(b, false), plan_at(b, true)) {
+            (Some(g), Some(h)) => {
+                g.streams_on_gpu
+                    && g.stream_dtype == "f16"
+                    && g.batch_sequences == h.batch_sequences
+            }
+            _ => false,
+        })
+        .expect("a budget that places packed f16 streams on the GPU");
+    let mut runs = Vec::new();
+    for host in [false, true] {
+        let mut j = base.clone();
+        j.config.gpu_budget_bytes = budget;
+        j.config.force_host_streams = host;
+        let q = run_job(&ctx, &j);
+        let plan = &q.report.plan;
+        assert_eq!(
+            (plan.streams_on_gpu, plan.stream_dtype.as_str()),
+            (!host, "f16"),
+            "host {host}: {:?}",
+            plan.breakdown
+        );
+        runs.push(q);
+    }
+    let (gpu, host) = (&runs[0], &runs[1]);
+    for (key, a) in &gpu.modules {
+        let b = &host.modules[key];
+        assert!(
+            a.codes == b.codes && a.scales == b.scales && a.zeros == b.zeros,
+            "{key:?}: packed GPU streams quantize differently from host f16 streams"
+        );
+    }
+    for (a, b) in gpu.report.modules.iter().zip(&host.report.modules) {
+        assert_eq!(
+            (a.quant_error, a.asym_error, a.output_error),
+            (b.quant_error, b.asym_error, b.output_error),
+            "layer {} {}",
+            a.layer,
+            a.module
+        );
+    }
+    for (a, b) in gpu.report.layers.iter().zip(&host.report.layers) {
+        assert_eq!(a.hidden_rel_error, b.hidden_rel_error, "layer {}", a.layer);
+    }
+}

@@ -295,7 +295,14 @@ pub fn plan(input: &PlanInput<'_>) -> Result<MemoryPlan, PlanError> {
         c.hidden_size.max(c.intermediate_size).max(c.q_dim()) as u64 * input.seqlen as u64 * F32;
     let max_by_buffer = (input.max_buffer_bytes / widest_per_seq.max(1)).max(1) as usize;
 
-    let streams_on_gpu = !input.force_host && need + all_streams <= usable;
+    // f32 streams on the GPU when they fit; with f16 requested, else packed f16 on the GPU (half
+    // the bytes, the values host f16 streams would give, no host-link traffic); else the host.
+    let f32_on_gpu = !input.force_host && need + all_streams <= usable;
+    let f16_on_gpu = !f32_on_gpu
+        && !input.force_host
+        && input.host_dtype == StreamDType::F16
+        && need + all_streams / 2 <= usable;
+    let streams_on_gpu = f32_on_gpu || f16_on_gpu;
     // Keeping act saves two of a layer's seven GEMMs per stream, as long as it fits as the streams
     // do (a spill to the host would move 2·intermediate values per token over the link instead)
     // and costs no batch size (smaller batches would give back what the GEMMs saved).
@@ -308,14 +315,15 @@ pub fn plan(input: &PlanInput<'_>) -> Result<MemoryPlan, PlanError> {
             .min(input.nsamples.max(1))
             .min(16)
     };
-    let act_streams = streams_on_gpu
+    let act_streams = f32_on_gpu
         && !input.lean_memory
         && need + with_act <= usable
         && batch_for(weights + with_act) >= batch_for(weights + all_streams);
-    let streams_fixed = match (streams_on_gpu, act_streams) {
-        (true, true) => with_act,
-        (true, false) => all_streams,
-        (false, _) => 0,
+    let streams_fixed = match (f32_on_gpu, f16_on_gpu, act_streams) {
+        (true, _, true) => with_act,
+        (true, _, false) => all_streams,
+        (false, true, _) => all_streams / 2,
+        (false, false, _) => 0,
     };
     let fixed = weights + streams_fixed;
     let batch = batch_for(fixed);
@@ -345,7 +353,7 @@ pub fn plan(input: &PlanInput<'_>) -> Result<MemoryPlan, PlanError> {
         streams_on_gpu,
         act_streams,
         weights_ahead,
-        stream_dtype: if streams_on_gpu {
+        stream_dtype: if f32_on_gpu {
             "f32".into()
         } else {
             host_dtype.name().into()
@@ -394,10 +402,10 @@ pub fn plan(input: &PlanInput<'_>) -> Result<MemoryPlan, PlanError> {
                 } else {
                     mib(host)
                 },
-                if streams_on_gpu {
-                    "GPU".to_string()
-                } else {
-                    format!("host ({})", host_dtype.name())
+                match (f32_on_gpu, f16_on_gpu) {
+                    (true, _) => "GPU".to_string(),
+                    (false, true) => "GPU (packed f16)".to_string(),
+                    (false, false) => format!("host ({})", host_dtype.name()),
                 },
                 if act_streams {
                     " (MLP activations kept from stage D to E, not recomputed)"
@@ -571,6 +579,56 @@ mod tests {
             "{:?}",
             p.breakdown
         );
+        Ok(())
+    }
+
+    /// With f16 streams requested, streams that do not fit the GPU in f32 but do in f16 stay on
+    /// the GPU, packed: Llama-3-8B GPTAQ at 128 × 2048 on a 16 GiB card (2 × 8 GiB of f16 hidden
+    /// and attention streams would not fit, 2 × 4 GiB of f16 do, next to ≈ 5.5 GiB), not with f32
+    /// requested, not at 8 GiB; at 24 GiB the f32 streams fit and are preferred (no rounding).
+    #[test]
+    fn f16_streams_stay_on_a_16_gib_gpu() -> Result<(), Box<dyn std::error::Error>> {
+        let c = llama3_8b()?;
+        let p = plan(&input(&c, 16, StreamDType::F16))?;
+        assert!(
+            p.streams_on_gpu && p.stream_dtype == "f16",
+            "{:?}",
+            p.breakdown
+        );
+        assert_eq!(p.host_bytes_estimate, 0);
+        assert!(!p.act_streams, "act is kept only with f32 streams");
+        let packed: u64 = 2 * 128 * 2048 * (4096 + 4096) * 2;
+        let line = format!(
+            "{:.1} MiB on the GPU (packed f16)",
+            packed as f64 / (1u64 << 20) as f64
+        );
+        assert!(
+            p.breakdown.iter().any(|l| l.contains(&line)),
+            "want {line}: {:?}",
+            p.breakdown
+        );
+        assert!(p.gpu_bytes_estimate <= 14 << 30, "{:?}", p.breakdown);
+        let p = plan(&input(&c, 16, StreamDType::F32))?;
+        assert!(
+            !p.streams_on_gpu && p.stream_dtype == "f32",
+            "{:?}",
+            p.breakdown
+        );
+        let p = plan(&input(&c, 8, StreamDType::F16))?;
+        assert!(
+            !p.streams_on_gpu && p.stream_dtype == "f16",
+            "{:?}",
+            p.breakdown
+        );
+        let p = plan(&input(&c, 24, StreamDType::F16))?;
+        assert!(
+            p.streams_on_gpu && p.stream_dtype == "f32",
+            "{:?}",
+            p.breakdown
+        );
+        let mut i = input(&c, 16, StreamDType::F16);
+        i.force_host = true;
+        assert!(!plan(&i)?.streams_on_gpu);
         Ok(())
     }
 

@@ -1,5 +1,6 @@
 //! Activation streams: per-batch `[tokens, width]` f32 tensors that live on the GPU when the memory
-//! plan allows and spill to host RAM (f32 or f16) otherwise.
+//! plan allows (as f32, or packed as f16 when f16 streams were asked for and only that size fits:
+//! [`Placement::GpuF16`]) and spill to host RAM (f32 or f16) otherwise.
 //!
 //! The driver always computes on a working GPU buffer: [`Stream::load`] fills it from the batch's
 //! storage and [`Stream::store`] writes it back. For GPU-resident batches both are device-side
@@ -72,15 +73,18 @@ impl StreamDType {
 
 enum Chunk {
     Gpu(GpuBuffer<f32>),
+    /// Packed halves on the GPU, [`ops::f16_words`]`(len)` words (the layout of [`ops::pack_f16`]).
+    GpuF16(GpuBuffer<u32>),
     HostF32(Vec<f32>),
     /// Packed halves, [`ops::f16_words`]`(len)` words (the layout of [`ops::pack_f16`]).
     HostF16(Vec<u32>),
 }
 
-/// The GPU side of an f16 host stream: packed words in transit and the overflow flag.
+/// The GPU side of an f16 stream: the overflow flag, and for host batches the packed words in
+/// transit.
 struct F16Staging {
-    /// Words of the largest batch.
-    words: GpuBuffer<u32>,
+    /// Words of the largest batch (host batches only; GPU batches are packed in place).
+    words: Option<GpuBuffer<u32>>,
     /// `flag[0] != 0` once a stored value was beyond f16's range (see `f16_pack.wgsl`).
     flag: GpuBuffer<u32>,
 }
@@ -90,7 +94,7 @@ pub struct Stream {
     chunks: Vec<Chunk>,
     /// Elements per batch (the last batch may hold fewer valid elements; see `lens`).
     lens: Vec<usize>,
-    /// Only for `Placement::Host(StreamDType::F16)`.
+    /// Only for `Placement::Host(StreamDType::F16)` and `Placement::GpuF16`.
     staging: Option<F16Staging>,
     /// Host stores whose readback is still in flight, oldest first.
     pending: VecDeque<PendingStore>,
@@ -100,7 +104,17 @@ pub struct Stream {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Placement {
     Gpu,
+    /// On the GPU as packed f16 (half of `Gpu`'s memory), converted by `f16_pack.wgsl` on every
+    /// load and store: the values `Host(F16)` gives, without crossing the host link.
+    GpuF16,
     Host(StreamDType),
+}
+
+impl Placement {
+    /// Whether batches are kept as f16 (rounded on every store).
+    pub fn is_f16(self) -> bool {
+        matches!(self, Placement::GpuF16 | Placement::Host(StreamDType::F16))
+    }
 }
 
 impl Stream {
@@ -115,15 +129,22 @@ impl Stream {
         for &len in lens {
             chunks.push(match placement {
                 Placement::Gpu => Chunk::Gpu(ctx.zeros::<f32>(what, len)?),
+                // f16 zero is all-zero bits.
+                Placement::GpuF16 => Chunk::GpuF16(ctx.zeros::<u32>(what, ops::f16_words(len))?),
                 Placement::Host(StreamDType::F32) => Chunk::HostF32(vec![0.0; len]),
                 // f16 zero is all-zero bits.
                 Placement::Host(StreamDType::F16) => Chunk::HostF16(vec![0; ops::f16_words(len)]),
             });
         }
-        let staging = if placement == Placement::Host(StreamDType::F16) {
+        let staging = if placement.is_f16() {
             let max_len = lens.iter().copied().max().unwrap_or(0);
             Some(F16Staging {
-                words: ctx.zeros(&format!("{what} f16 staging"), ops::f16_words(max_len))?,
+                words: match placement {
+                    Placement::Host(_) => {
+                        Some(ctx.zeros(&format!("{what} f16 staging"), ops::f16_words(max_len))?)
+                    }
+                    _ => None,
+                },
                 flag: ctx.zeros(&format!("{what} f16 overflow flag"), 1)?,
             })
         } else {
@@ -203,6 +224,15 @@ impl Stream {
                     ctx.write(&st.flag, 0, &[1u32]);
                 }
             }
+            Some(Chunk::GpuF16(buf)) => {
+                let mut words = vec![0u32; ops::f16_words(data.len())];
+                if pack_host(data, &mut words)
+                    && let Some(st) = &self.staging
+                {
+                    ctx.write(&st.flag, 0, &[1u32]);
+                }
+                ctx.write(buf, 0, &words);
+            }
             None => {}
         }
     }
@@ -241,6 +271,10 @@ impl Stream {
                 rec.copy(buf, 0, work, 0, self.lens[b]);
                 Ok(rec)
             }
+            Some(Chunk::GpuF16(buf)) => {
+                ops::unpack_f16(&mut rec, buf, self.lens[b], work)?;
+                Ok(rec)
+            }
             Some(Chunk::HostF32(v)) => {
                 rec.submit();
                 ctx.write(work, 0, v);
@@ -251,14 +285,14 @@ impl Stream {
             // recorded in the fresh recorder, so it runs after the write.
             Some(Chunk::HostF16(v)) => {
                 rec.submit();
-                let Some(st) = &self.staging else {
+                let Some(words) = self.staging.as_ref().and_then(|st| st.words.as_ref()) else {
                     return Err(GpuError::Validation(
                         "f16 host stream without its staging buffer".into(),
                     ));
                 };
-                ctx.write(&st.words, 0, v);
+                ctx.write(words, 0, v);
                 let mut rec = ctx.recorder();
-                ops::unpack_f16(&mut rec, &st.words, self.lens[b], work)?;
+                ops::unpack_f16(&mut rec, words, self.lens[b], work)?;
                 Ok(rec)
             }
             None => Ok(rec),
@@ -280,16 +314,29 @@ impl Stream {
                 rec.copy(work, 0, buf, 0, len);
                 return Ok(rec);
             }
+            Some(Chunk::GpuF16(buf)) => {
+                let Some(st) = &self.staging else {
+                    return Err(GpuError::Validation(
+                        "f16 GPU stream without its overflow flag".into(),
+                    ));
+                };
+                ops::pack_f16(&mut rec, work, len, buf, &st.flag)?;
+                return Ok(rec);
+            }
             Some(Chunk::HostF32(_)) => PendingStore::F32(b, ctx.read_async(rec, work, 0, len)?),
             // Packed on the GPU after everything recorded in `rec`; only the words come back.
             Some(Chunk::HostF16(_)) => {
-                let Some(st) = &self.staging else {
+                let Some((words, flag)) = self
+                    .staging
+                    .as_ref()
+                    .and_then(|st| Some((st.words.as_ref()?, &st.flag)))
+                else {
                     return Err(GpuError::Validation(
                         "f16 host stream without its staging buffer".into(),
                     ));
                 };
-                ops::pack_f16(&mut rec, work, len, &st.words, &st.flag)?;
-                PendingStore::F16(b, ctx.read_async(rec, &st.words, 0, ops::f16_words(len))?)
+                ops::pack_f16(&mut rec, work, len, words, flag)?;
+                PendingStore::F16(b, ctx.read_async(rec, words, 0, ops::f16_words(len))?)
             }
             None => return Ok(rec),
         };
@@ -387,10 +434,11 @@ mod tests {
         let work = ctx.zeros::<f32>("work", max)?;
         for placement in [
             Placement::Host(StreamDType::F16),
+            Placement::GpuF16,
             Placement::Host(StreamDType::F32),
             Placement::Gpu,
         ] {
-            let f16 = placement == Placement::Host(StreamDType::F16);
+            let f16 = placement.is_f16();
             let expect = |x: &[f32]| if f16 { rounded(x) } else { x.to_vec() };
             let mut s = Stream::new(&ctx, "test", &lens, placement)?;
             // set_host → load
@@ -420,10 +468,18 @@ mod tests {
                 let rec = s.store(ctx.recorder(), b, &work)?;
                 rec.submit();
                 s.flush(&ctx)?;
-                if let Some(Chunk::HostF16(words)) = s.chunks.get(b) {
+                let words = match s.chunks.get(b) {
+                    Some(Chunk::HostF16(words)) => Some(words.clone()),
+                    Some(Chunk::GpuF16(buf)) => Some(ctx.read(buf)?),
+                    _ => None,
+                };
+                if let Some(words) = words {
                     let mut want = vec![0u32; ops::f16_words(l)];
                     pack_host(&v, &mut want);
-                    assert_eq!(words, &want, "batch {b}: GPU-packed words ≠ host packing");
+                    assert_eq!(
+                        words, want,
+                        "{placement:?} batch {b}: GPU-packed words ≠ host packing"
+                    );
                 }
                 let got = load_all(&ctx, &mut s, b, &work)?;
                 assert_bits(
@@ -462,8 +518,9 @@ mod tests {
             Placement::Host(StreamDType::F16),
             Placement::Host(StreamDType::F32),
             Placement::Gpu,
+            Placement::GpuF16,
         ] {
-            let f16 = placement == Placement::Host(StreamDType::F16);
+            let f16 = placement.is_f16();
             let expect = |x: &[f32]| if f16 { rounded(x) } else { x.to_vec() };
             let mut s = Stream::new(&ctx, "test", &lens, placement)?;
             let data: Vec<Vec<f32>> = lens
@@ -484,7 +541,7 @@ mod tests {
             let in_flight = s.pending_stores();
             assert_eq!(
                 in_flight,
-                if placement == Placement::Gpu {
+                if matches!(placement, Placement::Gpu | Placement::GpuF16) {
                     0
                 } else {
                     MAX_PENDING_STORES
@@ -520,35 +577,39 @@ mod tests {
         };
         let len = 513;
         let work = ctx.zeros::<f32>("work", len)?;
-        let mut s = Stream::new(&ctx, "test", &[len, len], Placement::Host(StreamDType::F16))?;
-        assert!(!s.overflowed(&ctx)?, "a fresh stream reports overflow");
+        for placement in [Placement::Host(StreamDType::F16), Placement::GpuF16] {
+            let mut s = Stream::new(&ctx, "test", &[len, len], placement)?;
+            assert!(!s.overflowed(&ctx)?, "a fresh stream reports overflow");
+            let mut v = values(len, 3, 100.0);
+            v[300] = 1e5;
+            v[301] = -1e5;
+            ctx.write(&work, 0, &v);
+            let rec = s.store(ctx.recorder(), 1, &work)?;
+            rec.submit();
+            assert!(s.overflowed(&ctx)?, "storing 1e5 was not reported");
+            assert!(!s.overflowed(&ctx)?, "the flag was not reset by the read");
+            let got = load_all(&ctx, &mut s, 1, &work)?;
+            let mut want = rounded(&v);
+            want[300] = 65504.0;
+            want[301] = -65504.0;
+            assert_bits("clamped store→load", &got[..len], &want);
+            // In-range stores after the reset stay quiet.
+            ctx.write(&work, 0, &values(len, 4, 100.0));
+            let rec = s.store(ctx.recorder(), 0, &work)?;
+            rec.submit();
+            assert!(!s.overflowed(&ctx)?, "in-range store reported overflow");
+            // The host path (embeddings) follows the same rule.
+            s.set_host(&ctx, 0, &v);
+            assert!(s.overflowed(&ctx)?, "set_host of 1e5 was not reported");
+            assert!(
+                !s.overflowed(&ctx)?,
+                "the flag was not reset after set_host"
+            );
+            let got = load_all(&ctx, &mut s, 0, &work)?;
+            assert_bits("clamped set_host→load", &got[..len], &want);
+        }
         let mut v = values(len, 3, 100.0);
         v[300] = 1e5;
-        v[301] = -1e5;
-        ctx.write(&work, 0, &v);
-        let rec = s.store(ctx.recorder(), 1, &work)?;
-        rec.submit();
-        assert!(s.overflowed(&ctx)?, "storing 1e5 was not reported");
-        assert!(!s.overflowed(&ctx)?, "the flag was not reset by the read");
-        let got = load_all(&ctx, &mut s, 1, &work)?;
-        let mut want = rounded(&v);
-        want[300] = 65504.0;
-        want[301] = -65504.0;
-        assert_bits("clamped store→load", &got[..len], &want);
-        // In-range stores after the reset stay quiet.
-        ctx.write(&work, 0, &values(len, 4, 100.0));
-        let rec = s.store(ctx.recorder(), 0, &work)?;
-        rec.submit();
-        assert!(!s.overflowed(&ctx)?, "in-range store reported overflow");
-        // The host path (embeddings) follows the same rule.
-        s.set_host(&ctx, 0, &v);
-        assert!(s.overflowed(&ctx)?, "set_host of 1e5 was not reported");
-        assert!(
-            !s.overflowed(&ctx)?,
-            "the flag was not reset after set_host"
-        );
-        let got = load_all(&ctx, &mut s, 0, &work)?;
-        assert_bits("clamped set_host→load", &got[..len], &want);
         for placement in [Placement::Gpu, Placement::Host(StreamDType::F32)] {
             let mut s = Stream::new(&ctx, "test", &[len], placement)?;
             s.set_host(&ctx, 0, &v);
