@@ -568,8 +568,9 @@ mod tests {
         Ok(())
     }
 
-    /// Storing a value beyond f16's range sets the flag once (it is cleared by the read), the host
-    /// copy holds ±65504; `set_host` follows the same rule; other placements never overflow.
+    /// Storing a value beyond f16's range sets the flag once (it is cleared by the read), the f16
+    /// copy (host or packed on the GPU) holds ±65504; `set_host` follows the same rule; f32
+    /// placements never overflow.
     #[test]
     fn f16_host_stream_reports_overflow_and_resets() -> TestResult {
         let Some(ctx) = crate::gpu::test_context() else {
@@ -579,34 +580,57 @@ mod tests {
         let work = ctx.zeros::<f32>("work", len)?;
         for placement in [Placement::Host(StreamDType::F16), Placement::GpuF16] {
             let mut s = Stream::new(&ctx, "test", &[len, len], placement)?;
-            assert!(!s.overflowed(&ctx)?, "a fresh stream reports overflow");
+            assert!(
+                !s.overflowed(&ctx)?,
+                "{placement:?}: a fresh stream reports overflow"
+            );
             let mut v = values(len, 3, 100.0);
             v[300] = 1e5;
             v[301] = -1e5;
             ctx.write(&work, 0, &v);
             let rec = s.store(ctx.recorder(), 1, &work)?;
             rec.submit();
-            assert!(s.overflowed(&ctx)?, "storing 1e5 was not reported");
-            assert!(!s.overflowed(&ctx)?, "the flag was not reset by the read");
+            assert!(
+                s.overflowed(&ctx)?,
+                "{placement:?}: storing 1e5 was not reported"
+            );
+            assert!(
+                !s.overflowed(&ctx)?,
+                "{placement:?}: the flag was not reset by the read"
+            );
             let got = load_all(&ctx, &mut s, 1, &work)?;
             let mut want = rounded(&v);
             want[300] = 65504.0;
             want[301] = -65504.0;
-            assert_bits("clamped store→load", &got[..len], &want);
+            assert_bits(
+                &format!("{placement:?} clamped store→load"),
+                &got[..len],
+                &want,
+            );
             // In-range stores after the reset stay quiet.
             ctx.write(&work, 0, &values(len, 4, 100.0));
             let rec = s.store(ctx.recorder(), 0, &work)?;
             rec.submit();
-            assert!(!s.overflowed(&ctx)?, "in-range store reported overflow");
-            // The host path (embeddings) follows the same rule.
-            s.set_host(&ctx, 0, &v);
-            assert!(s.overflowed(&ctx)?, "set_host of 1e5 was not reported");
             assert!(
                 !s.overflowed(&ctx)?,
-                "the flag was not reset after set_host"
+                "{placement:?}: in-range store reported overflow"
+            );
+            // The host path (embeddings) follows the same rule.
+            s.set_host(&ctx, 0, &v);
+            assert!(
+                s.overflowed(&ctx)?,
+                "{placement:?}: set_host of 1e5 was not reported"
+            );
+            assert!(
+                !s.overflowed(&ctx)?,
+                "{placement:?}: the flag was not reset after set_host"
             );
             let got = load_all(&ctx, &mut s, 0, &work)?;
-            assert_bits("clamped set_host→load", &got[..len], &want);
+            assert_bits(
+                &format!("{placement:?} clamped set_host→load"),
+                &got[..len],
+                &want,
+            );
         }
         let mut v = values(len, 3, 100.0);
         v[300] = 1e5;
