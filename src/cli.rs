@@ -277,13 +277,14 @@ pub struct QuantizeArgs {
     #[arg(long)]
     pub no_metrics: bool,
     /// Measure the metrics from X·Wᵀ products on every calibration token (one more GEMM per
-    /// module and batch) instead of taking the quantization and cross terms from GPTAQ's H and D.
+    /// module and batch) instead of taking the quantization and cross terms from the group's H
+    /// and D (GPTAQ's own, or one GPTQ accumulates where that is cheaper than the products).
     #[arg(long, conflicts_with = "no_metrics")]
     pub metric_products: bool,
     /// Spend no spare GPU memory on speed: recompute gate/up for down_proj's outputs instead of
     /// keeping the MLP activations between the two stages that need them, and upload each layer's
-    /// weights when it starts instead of during the previous layer (both are done by default when
-    /// the memory plan has room for them).
+    /// weights when it starts instead of during the previous layer's last stage (both are done by
+    /// default when the memory plan has room for them).
     #[arg(long)]
     pub lean_memory: bool,
     /// Write the run report (JSON) here.
