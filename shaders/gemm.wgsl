@@ -11,13 +11,13 @@
 // Two entry points with the same bindings, chosen per shape by the launcher (gpu/ops.rs):
 // - `gemm_large`: a 128×128 output tile per 16×16 workgroup, each invocation an 8×8 register block
 //   (rows ty·4+{0..3} and 64+ty·4+{0..3}, likewise columns, so its shared-memory reads are four
-//   vec4 loads per k step for 64 FMAs);
+//   vec4 loads per k step for 64 FMAs); by default one workgroup buffer per operand (8 KiB), or,
 // - `gemm_small`: a 64×64 tile, 4×4 per invocation (two vec4 loads per 16 FMAs), for shapes with
-//   too few 128×128 tiles to fill the GPU;
-// - `gemm_large_db`: `gemm_large` with two workgroup buffers per operand (16 KiB in all, the
-//   portable limit): slice t+1 is written into one while slice t is read from the other, so one
-//   barrier per slice instead of two. A candidate for `gptaq-studio tune` (ops::GemmTile::LargeDb):
-//   the size rule keeps `gemm_large` until a GPU measurement says otherwise.
+//   too few 128×128 tiles to fill the GPU.
+//   with DOUBLE_BUFFER, two workgroup buffers per operand (16 KiB in all, the portable limit):
+//   slice t+1 is written into one while slice t is read from the other, so one barrier per slice
+//   instead of two. That variant is a candidate for `gptaq-studio tune` (ops::GemmTile::LargeDb);
+//   the size rule keeps the single-buffered one until a GPU measurement says otherwise.
 // K advances in slices of 8 staged through workgroup memory; the next slice's global loads are
 // issued into registers before the current slice is consumed (software prefetch), so global latency
 // overlaps the FMAs.
@@ -60,13 +60,15 @@ override UPPER_ONLY: bool = false;
 
 const BK: u32 = 8u;
 
-// [BK][128] as vec4 (large) — the small kernel uses the first [BK][64] of them.
-var<workgroup> sa: array<vec4<f32>, 256>;
-var<workgroup> sb: array<vec4<f32>, 256>;
+// gemm_small's [BK][64] slices as vec4.
+var<workgroup> sa: array<vec4<f32>, 128>;
+var<workgroup> sb: array<vec4<f32>, 128>;
 
-// The double-buffered kernel's [2][BK][128] slices (buffer `t % 2` at offset (t % 2)·256).
-var<workgroup> da: array<vec4<f32>, 512>;
-var<workgroup> db: array<vec4<f32>, 512>;
+// gemm_large's slices: [BK][128] as vec4, twice with DOUBLE_BUFFER (buffer `t % 2` at offset
+// (t % 2)·256), sized by the override so the single-buffered kernel keeps its 8 KiB.
+override DOUBLE_BUFFER: bool = false;
+var<workgroup> la: array<vec4<f32>, select(256u, 512u, DOUBLE_BUFFER)>;
+var<workgroup> lb: array<vec4<f32>, select(256u, 512u, DOUBLE_BUFFER)>;
 
 fn load_a(row: u32, kk: u32) -> f32 {
     if (row >= p.m || kk >= p.k) {
@@ -120,6 +122,21 @@ fn store_row4(row: u32, col: u32, v: vec4<f32>) {
     store_c(row, col + 3u, v.w);
 }
 
+// Writes this invocation's four A and four B elements of a slice into gemm_large's buffer at
+// `off` (0, or 256 for the second of DOUBLE_BUFFER's).
+fn store_large(off: u32, sa0: vec2<u32>, sa1: vec2<u32>, sa2: vec2<u32>, sa3: vec2<u32>,
+               sb0: vec2<u32>, sb1: vec2<u32>, sb2: vec2<u32>, sb3: vec2<u32>,
+               ra: vec4<f32>, rb: vec4<f32>) {
+    la[off + sa0.y * 32u + sa0.x / 4u][sa0.x % 4u] = ra.x;
+    la[off + sa1.y * 32u + sa1.x / 4u][sa1.x % 4u] = ra.y;
+    la[off + sa2.y * 32u + sa2.x / 4u][sa2.x % 4u] = ra.z;
+    la[off + sa3.y * 32u + sa3.x / 4u][sa3.x % 4u] = ra.w;
+    lb[off + sb0.y * 32u + sb0.x / 4u][sb0.x % 4u] = rb.x;
+    lb[off + sb1.y * 32u + sb1.x / 4u][sb1.x % 4u] = rb.y;
+    lb[off + sb2.y * 32u + sb2.x / 4u][sb2.x % 4u] = rb.z;
+    lb[off + sb3.y * 32u + sb3.x / 4u][sb3.x % 4u] = rb.w;
+}
+
 @compute @workgroup_size(16, 16, 1)
 fn gemm_large(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
     let row0 = wg.y * 128u;
@@ -158,33 +175,36 @@ fn gemm_large(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id
     var c70 = vec4<f32>(0.0);
     var c71 = vec4<f32>(0.0);
 
-    // Prefetch of slice 0.
+    // Slice 0 into buffer 0; afterwards, per slice t: the global loads of slice t + 1 are issued
+    // into registers (in flight while slice t is consumed; out of range → 0), slice t is read from
+    // buffer `cur`, the registers are written into buffer `nxt`, then a barrier. Single-buffered,
+    // `nxt` is `cur`, so a second barrier first waits until every invocation has read it. Double-
+    // buffered, the one barrier also separates each read of a buffer (slice t) from its next write
+    // (slice t + 2, after the following iteration's barrier).
     var ra = vec4<f32>(load_a(row0 + sa0.x, sa0.y), load_a(row0 + sa1.x, sa1.y),
                        load_a(row0 + sa2.x, sa2.y), load_a(row0 + sa3.x, sa3.y));
     var rb = vec4<f32>(load_b(sb0.y, col0 + sb0.x), load_b(sb1.y, col0 + sb1.x),
                        load_b(sb2.y, col0 + sb2.x), load_b(sb3.y, col0 + sb3.x));
+    store_large(0u, sa0, sa1, sa2, sa3, sb0, sb1, sb2, sb3, ra, rb);
+    workgroupBarrier();
     let ktiles = (p.k + BK - 1u) / BK;
     for (var t = 0u; t < ktiles; t++) {
-        sa[sa0.y * 32u + sa0.x / 4u][sa0.x % 4u] = ra.x;
-        sa[sa1.y * 32u + sa1.x / 4u][sa1.x % 4u] = ra.y;
-        sa[sa2.y * 32u + sa2.x / 4u][sa2.x % 4u] = ra.z;
-        sa[sa3.y * 32u + sa3.x / 4u][sa3.x % 4u] = ra.w;
-        sb[sb0.y * 32u + sb0.x / 4u][sb0.x % 4u] = rb.x;
-        sb[sb1.y * 32u + sb1.x / 4u][sb1.x % 4u] = rb.y;
-        sb[sb2.y * 32u + sb2.x / 4u][sb2.x % 4u] = rb.z;
-        sb[sb3.y * 32u + sb3.x / 4u][sb3.x % 4u] = rb.w;
-        workgroupBarrier();
-        // Next slice's loads are in flight while this one is consumed (out of range → 0).
+        var cur = 0u;
+        var nxt = 0u;
+        if (DOUBLE_BUFFER) {
+            cur = (t % 2u) * 256u;
+            nxt = 256u - cur;
+        }
         let k1 = (t + 1u) * BK;
         ra = vec4<f32>(load_a(row0 + sa0.x, k1 + sa0.y), load_a(row0 + sa1.x, k1 + sa1.y),
                        load_a(row0 + sa2.x, k1 + sa2.y), load_a(row0 + sa3.x, k1 + sa3.y));
         rb = vec4<f32>(load_b(k1 + sb0.y, col0 + sb0.x), load_b(k1 + sb1.y, col0 + sb1.x),
                        load_b(k1 + sb2.y, col0 + sb2.x), load_b(k1 + sb3.y, col0 + sb3.x));
         for (var kk = 0u; kk < BK; kk++) {
-            let a0 = sa[kk * 32u + ty];
-            let a1 = sa[kk * 32u + 16u + ty];
-            let b0 = sb[kk * 32u + tx];
-            let b1 = sb[kk * 32u + 16u + tx];
+            let a0 = la[cur + kk * 32u + ty];
+            let a1 = la[cur + kk * 32u + 16u + ty];
+            let b0 = lb[cur + kk * 32u + tx];
+            let b1 = lb[cur + kk * 32u + 16u + tx];
             c00 = fma(vec4<f32>(a0.x), b0, c00);
             c01 = fma(vec4<f32>(a0.x), b1, c01);
             c10 = fma(vec4<f32>(a0.y), b0, c10);
@@ -202,6 +222,10 @@ fn gemm_large(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id
             c70 = fma(vec4<f32>(a1.w), b0, c70);
             c71 = fma(vec4<f32>(a1.w), b1, c71);
         }
+        if (!DOUBLE_BUFFER) {
+            workgroupBarrier();
+        }
+        store_large(nxt, sa0, sa1, sa2, sa3, sb0, sb1, sb2, sb3, ra, rb);
         workgroupBarrier();
     }
     let r0 = row0 + ty * 4u;
@@ -274,124 +298,4 @@ fn gemm_small(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id
     store_row4(r + 1u, q, c1);
     store_row4(r + 2u, q, c2);
     store_row4(r + 3u, q, c3);
-}
-
-// `gemm_large` with double-buffered workgroup slices. Per slice t: the global loads of slice t + 1
-// are issued into registers, slice t is consumed from buffer t % 2, the registers are written into
-// buffer (t + 1) % 2, then one barrier. That barrier also separates every read of a buffer (slice
-// t) from its next write (slice t + 2, after the following iteration's barrier), so no second one
-// is needed.
-@compute @workgroup_size(16, 16, 1)
-fn gemm_large_db(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
-    let row0 = wg.y * 128u;
-    let col0 = wg.x * 128u;
-    if (UPPER_ONLY && i32(row0) > i32(col0) + 127 + p.diag) {
-        return;
-    }
-    let tx = lid.x;
-    let ty = lid.y;
-    let tid = ty * 16u + tx;
-    let sa0 = slot(tid, 128u, !TRANS_A);
-    let sa1 = slot(tid + 256u, 128u, !TRANS_A);
-    let sa2 = slot(tid + 512u, 128u, !TRANS_A);
-    let sa3 = slot(tid + 768u, 128u, !TRANS_A);
-    let sb0 = slot(tid, 128u, TRANS_B);
-    let sb1 = slot(tid + 256u, 128u, TRANS_B);
-    let sb2 = slot(tid + 512u, 128u, TRANS_B);
-    let sb3 = slot(tid + 768u, 128u, TRANS_B);
-
-    var c00 = vec4<f32>(0.0);
-    var c01 = vec4<f32>(0.0);
-    var c10 = vec4<f32>(0.0);
-    var c11 = vec4<f32>(0.0);
-    var c20 = vec4<f32>(0.0);
-    var c21 = vec4<f32>(0.0);
-    var c30 = vec4<f32>(0.0);
-    var c31 = vec4<f32>(0.0);
-    var c40 = vec4<f32>(0.0);
-    var c41 = vec4<f32>(0.0);
-    var c50 = vec4<f32>(0.0);
-    var c51 = vec4<f32>(0.0);
-    var c60 = vec4<f32>(0.0);
-    var c61 = vec4<f32>(0.0);
-    var c70 = vec4<f32>(0.0);
-    var c71 = vec4<f32>(0.0);
-
-    // Slice 0 into buffer 0.
-    var ra = vec4<f32>(load_a(row0 + sa0.x, sa0.y), load_a(row0 + sa1.x, sa1.y),
-                       load_a(row0 + sa2.x, sa2.y), load_a(row0 + sa3.x, sa3.y));
-    var rb = vec4<f32>(load_b(sb0.y, col0 + sb0.x), load_b(sb1.y, col0 + sb1.x),
-                       load_b(sb2.y, col0 + sb2.x), load_b(sb3.y, col0 + sb3.x));
-    da[sa0.y * 32u + sa0.x / 4u][sa0.x % 4u] = ra.x;
-    da[sa1.y * 32u + sa1.x / 4u][sa1.x % 4u] = ra.y;
-    da[sa2.y * 32u + sa2.x / 4u][sa2.x % 4u] = ra.z;
-    da[sa3.y * 32u + sa3.x / 4u][sa3.x % 4u] = ra.w;
-    db[sb0.y * 32u + sb0.x / 4u][sb0.x % 4u] = rb.x;
-    db[sb1.y * 32u + sb1.x / 4u][sb1.x % 4u] = rb.y;
-    db[sb2.y * 32u + sb2.x / 4u][sb2.x % 4u] = rb.z;
-    db[sb3.y * 32u + sb3.x / 4u][sb3.x % 4u] = rb.w;
-    workgroupBarrier();
-    let ktiles = (p.k + BK - 1u) / BK;
-    for (var t = 0u; t < ktiles; t++) {
-        let cur = (t % 2u) * 256u;
-        let nxt = 256u - cur;
-        // Next slice's loads are in flight while this one is consumed (out of range → 0; the
-        // last iteration's are written into the idle buffer and never read).
-        let k1 = (t + 1u) * BK;
-        ra = vec4<f32>(load_a(row0 + sa0.x, k1 + sa0.y), load_a(row0 + sa1.x, k1 + sa1.y),
-                       load_a(row0 + sa2.x, k1 + sa2.y), load_a(row0 + sa3.x, k1 + sa3.y));
-        rb = vec4<f32>(load_b(k1 + sb0.y, col0 + sb0.x), load_b(k1 + sb1.y, col0 + sb1.x),
-                       load_b(k1 + sb2.y, col0 + sb2.x), load_b(k1 + sb3.y, col0 + sb3.x));
-        for (var kk = 0u; kk < BK; kk++) {
-            let a0 = da[cur + kk * 32u + ty];
-            let a1 = da[cur + kk * 32u + 16u + ty];
-            let b0 = db[cur + kk * 32u + tx];
-            let b1 = db[cur + kk * 32u + 16u + tx];
-            c00 = fma(vec4<f32>(a0.x), b0, c00);
-            c01 = fma(vec4<f32>(a0.x), b1, c01);
-            c10 = fma(vec4<f32>(a0.y), b0, c10);
-            c11 = fma(vec4<f32>(a0.y), b1, c11);
-            c20 = fma(vec4<f32>(a0.z), b0, c20);
-            c21 = fma(vec4<f32>(a0.z), b1, c21);
-            c30 = fma(vec4<f32>(a0.w), b0, c30);
-            c31 = fma(vec4<f32>(a0.w), b1, c31);
-            c40 = fma(vec4<f32>(a1.x), b0, c40);
-            c41 = fma(vec4<f32>(a1.x), b1, c41);
-            c50 = fma(vec4<f32>(a1.y), b0, c50);
-            c51 = fma(vec4<f32>(a1.y), b1, c51);
-            c60 = fma(vec4<f32>(a1.z), b0, c60);
-            c61 = fma(vec4<f32>(a1.z), b1, c61);
-            c70 = fma(vec4<f32>(a1.w), b0, c70);
-            c71 = fma(vec4<f32>(a1.w), b1, c71);
-        }
-        da[nxt + sa0.y * 32u + sa0.x / 4u][sa0.x % 4u] = ra.x;
-        da[nxt + sa1.y * 32u + sa1.x / 4u][sa1.x % 4u] = ra.y;
-        da[nxt + sa2.y * 32u + sa2.x / 4u][sa2.x % 4u] = ra.z;
-        da[nxt + sa3.y * 32u + sa3.x / 4u][sa3.x % 4u] = ra.w;
-        db[nxt + sb0.y * 32u + sb0.x / 4u][sb0.x % 4u] = rb.x;
-        db[nxt + sb1.y * 32u + sb1.x / 4u][sb1.x % 4u] = rb.y;
-        db[nxt + sb2.y * 32u + sb2.x / 4u][sb2.x % 4u] = rb.z;
-        db[nxt + sb3.y * 32u + sb3.x / 4u][sb3.x % 4u] = rb.w;
-        workgroupBarrier();
-    }
-    let r0 = row0 + ty * 4u;
-    let r1 = row0 + 64u + ty * 4u;
-    let q0 = col0 + tx * 4u;
-    let q1 = col0 + 64u + tx * 4u;
-    store_row4(r0, q0, c00);
-    store_row4(r0, q1, c01);
-    store_row4(r0 + 1u, q0, c10);
-    store_row4(r0 + 1u, q1, c11);
-    store_row4(r0 + 2u, q0, c20);
-    store_row4(r0 + 2u, q1, c21);
-    store_row4(r0 + 3u, q0, c30);
-    store_row4(r0 + 3u, q1, c31);
-    store_row4(r1, q0, c40);
-    store_row4(r1, q1, c41);
-    store_row4(r1 + 1u, q0, c50);
-    store_row4(r1 + 1u, q1, c51);
-    store_row4(r1 + 2u, q0, c60);
-    store_row4(r1 + 2u, q1, c61);
-    store_row4(r1 + 3u, q0, c70);
-    store_row4(r1 + 3u, q1, c71);
 }

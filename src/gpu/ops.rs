@@ -240,17 +240,20 @@ fn gemm_impl(
         beta,
         diag: upper.unwrap_or(0),
     };
+    let tile = tile.unwrap_or_else(|| gemm_tile_for(rec.ctx(), m, n, k));
+    let (entry, side) = match tile {
+        GemmTile::Large | GemmTile::LargeDb => ("gemm_large", 128),
+        GemmTile::Small => ("gemm_small", 64),
+    };
     let constants = [
         ("TRANS_A", f64::from(u8::from(a.trans))),
         ("TRANS_B", f64::from(u8::from(b.trans))),
         ("UPPER_ONLY", f64::from(u8::from(upper.is_some()))),
+        (
+            "DOUBLE_BUFFER",
+            f64::from(u8::from(tile == GemmTile::LargeDb)),
+        ),
     ];
-    let tile = tile.unwrap_or_else(|| gemm_tile_for(rec.ctx(), m, n, k));
-    let (entry, side) = match tile {
-        GemmTile::Large => ("gemm_large", 128),
-        GemmTile::Small => ("gemm_small", 64),
-        GemmTile::LargeDb => ("gemm_large_db", 128),
-    };
     let groups = [n.div_ceil(side) as u32, m.div_ceil(side) as u32, 1];
     if groups[0] > 65535 || groups[1] > 65535 {
         return Err(GpuError::TooLarge {
