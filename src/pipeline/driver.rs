@@ -216,11 +216,7 @@ pub fn quantize(
     let h = mc.hidden_size;
     let tok = |b: usize| batches[b].len() * seqlen;
     let max_tokens = bs * seqlen;
-    let placement = match (plan.streams_on_gpu, plan.stream_dtype.as_str()) {
-        (true, "f16") => Placement::GpuF16,
-        (true, _) => Placement::Gpu,
-        (false, _) => Placement::Host(cfg.stream_dtype),
-    };
+    let placement = plan::placement(&plan, cfg.stream_dtype);
     let hidden_lens: Vec<usize> = (0..nb).map(|b| tok(b) * h).collect();
     let attn_lens: Vec<usize> = (0..nb).map(|b| tok(b) * mc.q_dim()).collect();
     let act_lens: Vec<usize> = (0..nb).map(|b| tok(b) * mc.intermediate_size).collect();

@@ -5,7 +5,7 @@
 use crate::model::ModelConfig;
 
 use super::events::MemoryPlan;
-use super::stream::StreamDType;
+use super::stream::{Placement, StreamDType};
 
 /// What the planner needs to know about the run.
 #[derive(Clone, Debug)]
@@ -188,6 +188,16 @@ fn moment_bytes(c: &ModelConfig) -> u64 {
         })
         .max()
         .unwrap_or(0)
+}
+
+/// Where [`plan`] put the streams (its `streams_on_gpu` and `stream_dtype`, written below), for
+/// a run whose host streams would be `host_dtype`.
+pub(crate) fn placement(p: &MemoryPlan, host_dtype: StreamDType) -> Placement {
+    match (p.streams_on_gpu, p.stream_dtype.as_str()) {
+        (true, "f16") => Placement::GpuF16,
+        (true, _) => Placement::Gpu,
+        (false, _) => Placement::Host(host_dtype),
+    }
 }
 
 /// The plan of RTN without metrics: it reads no activations, so the driver runs no calibration
@@ -595,6 +605,7 @@ mod tests {
             "{:?}",
             p.breakdown
         );
+        assert_eq!(placement(&p, StreamDType::F16), Placement::GpuF16);
         assert_eq!(p.host_bytes_estimate, 0);
         assert!(!p.act_streams, "act is kept only with f32 streams");
         let packed: u64 = 2 * 128 * 2048 * (4096 + 4096) * 2;
@@ -620,12 +631,17 @@ mod tests {
             "{:?}",
             p.breakdown
         );
+        assert_eq!(
+            placement(&p, StreamDType::F16),
+            Placement::Host(StreamDType::F16)
+        );
         let p = plan(&input(&c, 24, StreamDType::F16))?;
         assert!(
             p.streams_on_gpu && p.stream_dtype == "f32",
             "{:?}",
             p.breakdown
         );
+        assert_eq!(placement(&p, StreamDType::F16), Placement::Gpu);
         let mut i = input(&c, 16, StreamDType::F16);
         i.force_host = true;
         assert!(!plan(&i)?.streams_on_gpu);
