@@ -5,7 +5,9 @@
 //! finishes; on a real GPU use e.g. `GPTAQ_BENCH_SIZES=1024,4096`). The rank-k update uses T = 4·n
 //! tokens. The adapter is chosen by `GPTAQ_BACKEND` / `GPTAQ_ADAPTER`.
 //!
-//! GEMM is timed with both tiles (`gemm.wgsl`'s `gemm_large` and `gemm_small`). `inverse_factor`
+//! GEMM is timed with every f32 tile (`gemm.wgsl`'s `gemm_large`, its double-buffered variant and
+//! `gemm_small`) and, where the adapter grants cooperative matrices, `gemm_coop` (f16 operands, f32
+//! accumulation) in each operand layout (`CoopOp`), the tensor-core candidates for the forward. `inverse_factor`
 //! times the f32 GPU factor `U` of `quant::factor` (blocked Cholesky + doubling inverse) at the
 //! same sizes. `quant_solve` times the whole GPU GPTQ / GPTAQ solve (`quant::gpu::quantize_gpu`:
 //! diag readback, GPU factor, P, the blocked sweep, readback of codes / params / Q) for the
@@ -20,7 +22,7 @@
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use gptaq_studio::forward::{self, AttnShape};
-use gptaq_studio::gpu::ops::{self, GemmTile, MatView};
+use gptaq_studio::gpu::ops::{self, CoopOp, GemmTile, MatView};
 use gptaq_studio::gpu::{GpuContext, GpuOptions};
 use gptaq_studio::quant::factor::upper_inverse_factor_gpu;
 use gptaq_studio::quant::gpu::quantize_gpu;
@@ -81,6 +83,43 @@ fn bench_kernels(c: &mut Criterion) {
         }
     }
     g.finish();
+    if ops::coop_available(&ctx) {
+        let mut g = c.benchmark_group("gemm_coop");
+        g.sample_size(10);
+        for n in sizes() {
+            let h: Vec<half::f16> = data(n * n).into_iter().map(half::f16::from_f32).collect();
+            let a = ctx.upload("a16", &h).expect("upload a");
+            let b = ctx.upload("b16", &h).expect("upload b");
+            let out = ctx.zeros::<f32>("c", n * n).expect("alloc c");
+            g.throughput(Throughput::Elements((2 * n * n * n) as u64));
+            for op in CoopOp::ALL {
+                if !ops::coop_shape_ok_for(op, n, n, n) {
+                    continue;
+                }
+                g.bench_function(format!("{n}x{n}x{n} {op:?}"), |bch| {
+                    bch.iter(|| {
+                        let mut rec = ctx.recorder();
+                        ops::gemm_coop(
+                            &mut rec,
+                            op,
+                            n,
+                            n,
+                            n,
+                            (&a, 0),
+                            (&b, 0),
+                            MatView::new(&out, n),
+                        )
+                        .expect("gemm_coop");
+                        rec.submit();
+                        ctx.sync().expect("sync");
+                    })
+                });
+            }
+        }
+        g.finish();
+    } else {
+        eprintln!("adapter without cooperative matrices: gemm_coop not benched");
+    }
     let mut g = c.benchmark_group("hessian_syrk");
     g.sample_size(10);
     for n in sizes() {

@@ -287,6 +287,12 @@ pub struct QuantizeArgs {
     /// default when the memory plan has room for them).
     #[arg(long)]
     pub lean_memory: bool,
+    /// Run the calibration forward's linears and the Hessian statistics on tensor cores (f16
+    /// operands, f32 accumulation, like the reference's half-precision forward) where the adapter
+    /// grants f16 cooperative matrices; ignored with a warning elsewhere. Same as
+    /// GPTAQ_TENSOR_CORES=1.
+    #[arg(long)]
+    pub tensor_cores: bool,
     /// Write the run report (JSON) here.
     #[arg(long)]
     pub report: Option<PathBuf>,
@@ -355,6 +361,7 @@ impl QuantizeArgs {
                 },
                 metric_products: self.metric_products,
                 lean_memory: self.lean_memory,
+                tensor_cores: self.tensor_cores,
                 capture: None,
             },
         })
@@ -464,6 +471,7 @@ fn inspect(dir: &Path, nsamples: usize, seqlen: usize, json: bool) -> anyhow::Re
         host_dtype: StreamDType::F16,
         force_host: false,
         lean_memory: false,
+        tensor_cores: false,
     });
     if json {
         let plan_json = match &plan {

@@ -74,6 +74,88 @@ fn layer_matches_reference_on_awkward_shapes() {
     check_layer("hd128-blocks", config(256, 96, 2, 1, 128), 2, 131, 10);
 }
 
+/// The tensor-core linears (`GpuLayer::enable_tensor_cores`: f16 operands, f32 accumulation)
+/// against the f64 reference, where the adapter grants cooperative matrices (the GPU machine; on
+/// lavapipe enabling them must report false and change nothing). 200 tokens with 64-token f16
+/// chunks: three whole chunks and eight rows left for the f32 GEMM; the second config's gate/up
+/// (200 rows) and down (K = 200) do not tile and stay f32 next to tiled q/k/v/o.
+#[test]
+fn tensor_core_layer_matches_reference_where_granted() {
+    let Some(ctx) = test_context() else { return };
+    for (name, cfg) in [
+        ("tiled", config(256, 192, 4, 2, 64)),
+        ("partly tiled", config(256, 200, 4, 2, 64)),
+    ] {
+        let (nseq, seqlen) = (2, 100);
+        let model = SyntheticModel::with_config(cfg.clone(), 11);
+        let lw = model.layer(0).unwrap();
+        let t = nseq * seqlen;
+        let ids: Vec<u32> = (0..t)
+            .map(|i| ((i * 31 + 7) % cfg.vocab_size) as u32)
+            .collect();
+        let h0 = model.embed(&ids).unwrap();
+        let mut expected: Vec<f64> = h0.iter().map(|&v| f64::from(v)).collect();
+        cpu::layer_forward(&cfg, &lw, &mut expected, nseq, seqlen);
+        let mut gl = GpuLayer::upload(&ctx, &cfg, &lw).unwrap();
+        let mut rec = ctx.recorder();
+        let on = gl.enable_tensor_cores(&mut rec, 64).unwrap();
+        rec.submit();
+        use gptaq_studio::model::ModuleKind;
+        if !gptaq_studio::gpu::ops::coop_available(&ctx) {
+            eprintln!(
+                "note: adapter without cooperative matrices; tensor-core forward not exercised"
+            );
+            assert!(!on && ModuleKind::ALL.iter().all(|&m| !gl.tensor_cores(m)));
+            return;
+        }
+        let tiled: Vec<bool> = ModuleKind::ALL
+            .iter()
+            .map(|&m| gl.tensor_cores(m))
+            .collect();
+        let want_tiled = cfg.intermediate_size % 32 == 0;
+        for (m, &on) in ModuleKind::ALL.iter().zip(&tiled) {
+            let expect =
+                !matches!(m, ModuleKind::Gate | ModuleKind::Up | ModuleKind::Down) || want_tiled;
+            assert_eq!(on, expect, "{name}: {m:?} on tensor cores");
+        }
+        // The duplicate (the FP stream's copy) carries the f16 weights along.
+        let mut rec = ctx.recorder();
+        let dup = gl.duplicate(&mut rec).unwrap();
+        rec.submit();
+        let rope = Rope::new(&ctx, &cfg, seqlen).unwrap();
+        let s = LayerScratch::new(&ctx, &cfg, t).unwrap();
+        // Compared on the layer's update (output − input), which the residual would dwarf.
+        let want: Vec<f64> = expected
+            .iter()
+            .zip(&h0)
+            .map(|(e, &x)| e - f64::from(x))
+            .collect();
+        let rms = (want.iter().map(|v| v * v).sum::<f64>() / want.len() as f64).sqrt();
+        for (which, layer) in [("uploaded", &gl), ("duplicate", &dup)] {
+            let h = ctx.upload("h", &h0).unwrap();
+            let mut rec = ctx.recorder();
+            forward::forward_layer(&mut rec, layer, &rope, &h, &s, nseq, seqlen).unwrap();
+            rec.submit();
+            let got: Vec<f32> = ctx
+                .read(&h)
+                .unwrap()
+                .iter()
+                .zip(&h0)
+                .map(|(g, x)| g - x)
+                .collect();
+            // f16 operands: about 2^-11 relative per operand, so 1e-2 of the update's RMS (the
+            // f32 path meets 2e-5); a chunk or the f32 tail left out is off by O(1).
+            common::assert_close(
+                &format!("tensor-core layer {name} ({which}) update, nseq {nseq} seqlen {seqlen}"),
+                &got,
+                &want,
+                1e-2 * rms,
+                1e-2,
+            );
+        }
+    }
+}
+
 /// The attention kernel's tiles fit its fixed workgroup arrays and named accumulators for every
 /// supported head dim (the numbers are those of `attention.wgsl`'s header).
 #[test]

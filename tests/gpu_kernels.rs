@@ -6,7 +6,7 @@
 mod common;
 
 use common::{assert_close, rand_vec, rng};
-use gptaq_studio::gpu::ops::{self, GemmTile, MatView, Operand};
+use gptaq_studio::gpu::ops::{self, CoopOp, GemmTile, MatView, Operand};
 use gptaq_studio::gpu::{GpuContext, GpuMatrix, test_context};
 
 /// f64 reference of C = alpha·op(A)·op(B) + beta·C with the same storage conventions as the shader.
@@ -724,29 +724,59 @@ fn coop_gemm_matches_f64_where_granted() {
         assert!(ops::coop_shape_ok(64, 96, 48) && !ops::coop_shape_ok(48, 96, 48));
         return;
     }
-    for &(m, n, k) in &[(32usize, 32usize, 16usize), (64, 96, 48), (96, 64, 272)] {
-        for trans_a in [false, true] {
-            let mut r = rng((m * 7 + n * 3 + k) as u64 + u64::from(trans_a));
+    let shapes = [
+        (32usize, 32usize, 16usize),
+        (64, 96, 48),
+        (96, 64, 272),
+        (128, 64, 16),
+    ];
+    let mut ran = 0;
+    for &(m, n, k) in &shapes {
+        for op in CoopOp::ALL {
+            if !ops::coop_shape_ok_for(op, m, n, k) {
+                continue;
+            }
+            ran += 1;
+            let mut r = rng((m * 7 + n * 3 + k) as u64 + op as u64);
             let to16 = |v: Vec<f32>| -> Vec<half::f16> {
                 v.into_iter().map(half::f16::from_f32).collect()
             };
-            let a16 = to16(rand_vec(&mut r, m * k));
-            let b16 = to16(rand_vec(&mut r, k * n));
+            // Operands start at an offset into their buffers (the forward reads one batch of a
+            // larger activation buffer this way).
+            let (off_a, off_b) = (16 * (k % 3), 32);
+            let a16 = to16(rand_vec(&mut r, off_a + m * k));
+            let b16 = to16(rand_vec(&mut r, off_b + k * n));
             let c0 = rand_vec(&mut r, m * n);
-            let a32: Vec<f32> = a16.iter().map(|v| v.to_f32()).collect();
-            let b32: Vec<f32> = b16.iter().map(|v| v.to_f32()).collect();
-            let lda = if trans_a { m } else { k };
-            let expected = gemm_ref(m, n, k, 1.0, &a32, lda, trans_a, &b32, n, false, 1.0, &c0);
+            let a32: Vec<f32> = a16[off_a..].iter().map(|v| v.to_f32()).collect();
+            let b32: Vec<f32> = b16[off_b..].iter().map(|v| v.to_f32()).collect();
+            let (trans_a, lda, trans_b, ldb) = match op {
+                CoopOp::Nn => (false, k, false, n),
+                CoopOp::Tn => (true, m, false, n),
+                CoopOp::Nt | CoopOp::Nt64 => (false, k, true, k),
+            };
+            let expected = gemm_ref(
+                m, n, k, 1.0, &a32, lda, trans_a, &b32, ldb, trans_b, 1.0, &c0,
+            );
             let (ga, gb) = (
                 ctx.upload("a16", &a16).unwrap(),
                 ctx.upload("b16", &b16).unwrap(),
             );
             let gc = ctx.upload("c", &c0).unwrap();
             let mut rec = ctx.recorder();
-            ops::gemm_coop(&mut rec, trans_a, m, n, k, &ga, &gb, MatView::new(&gc, n)).unwrap();
+            ops::gemm_coop(
+                &mut rec,
+                op,
+                m,
+                n,
+                k,
+                (&ga, off_a),
+                (&gb, off_b),
+                MatView::new(&gc, n),
+            )
+            .unwrap();
             rec.submit();
             assert_close(
-                &format!("tensor-core gemm m={m} n={n} k={k} transA={trans_a}"),
+                &format!("tensor-core gemm {op:?} m={m} n={n} k={k}"),
                 &ctx.read(&gc).unwrap(),
                 &expected,
                 1e-4 * (k as f64).sqrt(),
@@ -754,6 +784,8 @@ fn coop_gemm_matches_f64_where_granted() {
             );
         }
     }
+    // Three 32×32 layouts on all four shapes, the 64×64 kernel on the one that tiles by 64.
+    assert_eq!(ran, 13, "tensor-core cases run");
 }
 
 /// `pack_f16` then `unpack_f16` of `x` on the GPU: (packed words, unpacked values, flag).
@@ -1052,4 +1084,41 @@ fn f16_pack_unpack_beyond_65535_workgroups() {
             x[i]
         );
     }
+}
+
+/// `Recorder::clear` zeroes exactly the range asked for (the tensor-core forward clears a module
+/// output before accumulating into it) and refuses ranges beyond the buffer or off 4-byte words.
+#[test]
+fn recorder_clear_zeroes_exactly_its_range() {
+    let Some(ctx) = test_context() else { return };
+    let len = 37;
+    let x: Vec<f32> = (0..len).map(|i| i as f32 + 1.0).collect();
+    let buf = ctx.upload("x", &x).unwrap();
+    let mut rec = ctx.recorder();
+    rec.clear(&buf, 5, 17).unwrap();
+    assert!(
+        rec.clear(&buf, 30, 8).is_err(),
+        "range past the end accepted"
+    );
+    rec.submit();
+    let got = ctx.read(&buf).unwrap();
+    for (i, (&g, &v)) in got.iter().zip(&x).enumerate() {
+        let want = if (5..22).contains(&i) { 0.0 } else { v };
+        assert_eq!(
+            g, want,
+            "clear(5, 17) of {len}: index {i}: got {g}, expected {want}"
+        );
+    }
+    let h = ctx.zeros::<half::f16>("h", 8).unwrap();
+    let mut rec = ctx.recorder();
+    assert!(
+        rec.clear(&h, 1, 2).is_err(),
+        "f16 range off a word accepted"
+    );
+    assert!(
+        rec.clear(&h, 2, 3).is_err(),
+        "f16 length off a word accepted"
+    );
+    rec.clear(&h, 2, 4).unwrap();
+    rec.submit();
 }

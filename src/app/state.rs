@@ -401,6 +401,7 @@ impl Settings {
             host_dtype: StreamDType::F32,
             force_host: false,
             lean_memory: false,
+            tensor_cores: false,
         })
         .map_err(|e| e.to_string())
     }

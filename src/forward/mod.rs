@@ -14,7 +14,7 @@ pub mod cpu;
 use bytemuck::{Pod, Zeroable};
 
 use crate::gpu::kernels::groups_1d;
-use crate::gpu::ops::{self, MatView};
+use crate::gpu::ops::{self, CoopOp, MatView};
 use crate::gpu::{GpuBuffer, GpuContext, GpuError, Recorder};
 use crate::model::{LayerWeights, ModelConfig, ModuleKind, RopeScaling};
 
@@ -156,6 +156,21 @@ pub fn rope_tables(cfg: &ModelConfig, max_pos: usize) -> (Vec<f32>, Vec<f32>) {
     (cos, sin)
 }
 
+/// Activation rows cast to f16 at a time by the tensor-core forward: bounds its f16 scratch
+/// (4096 × 14336 × 2 B = 112 MiB for Llama-3-8B's down_proj input) whatever the batch, while each
+/// chunk is still a GEMM large enough to fill the GPU. A multiple of every `CoopOp` block.
+pub const TC_CHUNK_TOKENS: usize = 4096;
+
+/// The tensor-core forward's f16 operands ([`GpuLayer::enable_tensor_cores`]).
+struct TensorCores {
+    /// Per module (`ModuleKind as usize`): the f16 copy of its weight, `None` where the shape does
+    /// not tile into the cooperative-matrix blocks (that module keeps the f32 GEMM).
+    w16: Vec<Option<GpuBuffer<half::f16>>>,
+    /// One chunk of at most `chunk` activation rows of the widest input, in f16.
+    x16: GpuBuffer<half::f16>,
+    chunk: usize,
+}
+
 /// One decoder layer's weights on the GPU.
 pub struct GpuLayer {
     dims: LayerDims,
@@ -168,6 +183,8 @@ pub struct GpuLayer {
     biases: Vec<Option<GpuBuffer<f32>>>,
     /// Bound where a kernel's optional input is absent.
     dummy: GpuBuffer<f32>,
+    /// f16 weights for the tensor-core linears; `None`: every linear is the f32 GEMM.
+    tc: Option<TensorCores>,
 }
 
 impl GpuLayer {
@@ -229,7 +246,83 @@ impl GpuLayer {
             linears,
             biases,
             dummy: ctx.zeros("dummy", 1)?,
+            tc: None,
         })
+    }
+
+    /// Runs this layer's linears on tensor cores from here on (`gemm_coop.wgsl`, f16 operands,
+    /// f32 accumulation), for batches of up to `max_tokens` tokens: each module whose shape tiles
+    /// into the cooperative-matrix blocks (rows a multiple of 32, input width of 16) gets an f16
+    /// copy of its weight, and the activations are cast to f16 chunk by chunk as they are read.
+    /// Rows of a batch beyond the last whole block, and modules that do not tile, keep the f32
+    /// GEMM. f16 rounds the operands to 11 significant bits, like the reference's half-precision
+    /// forward; values beyond ±65504 would become infinite, which the pipeline's finite checks
+    /// on the statistics catch. Returns whether any module runs on tensor cores (never where the
+    /// adapter does not grant cooperative matrices).
+    pub fn enable_tensor_cores(
+        &mut self,
+        rec: &mut Recorder<'_>,
+        max_tokens: usize,
+    ) -> Result<bool, GpuError> {
+        let ctx = rec.ctx();
+        if !ops::coop_available(ctx) {
+            return Ok(false);
+        }
+        let mut w16 = Vec::with_capacity(self.linears.len());
+        let mut widest = 0;
+        for m in ModuleKind::ALL {
+            let (rows, cols) = self.dims.linear_shape(m);
+            if !ops::coop_shape_ok_for(CoopOp::Nt, 32, rows, cols) {
+                w16.push(None);
+                continue;
+            }
+            let buf = ctx.zeros::<half::f16>(m.hf_name(), rows * cols)?;
+            ops::cast_f16(
+                rec,
+                rows,
+                cols,
+                MatView::new(self.linear(m), cols),
+                1.0,
+                &buf,
+            )?;
+            w16.push(Some(buf));
+            widest = widest.max(cols);
+        }
+        if widest == 0 {
+            return Ok(false);
+        }
+        let chunk = max_tokens.clamp(1, TC_CHUNK_TOKENS).next_multiple_of(64);
+        self.tc = Some(TensorCores {
+            w16,
+            x16: ctx.zeros::<half::f16>("activations f16", chunk * widest)?,
+            chunk,
+        });
+        Ok(true)
+    }
+
+    /// Whether module `m` runs on tensor cores ([`GpuLayer::enable_tensor_cores`]).
+    pub fn tensor_cores(&self, m: ModuleKind) -> bool {
+        self.w16(m).is_some()
+    }
+
+    fn w16(&self, m: ModuleKind) -> Option<&GpuBuffer<half::f16>> {
+        self.tc.as_ref().and_then(|tc| tc.w16[m as usize].as_ref())
+    }
+
+    /// Re-derives module `m`'s f16 weight from its f32 one after a replacement.
+    fn refresh_w16(&self, rec: &mut Recorder<'_>, m: ModuleKind) -> Result<(), GpuError> {
+        if let Some(w16) = self.w16(m) {
+            let (rows, cols) = self.dims.linear_shape(m);
+            ops::cast_f16(
+                rec,
+                rows,
+                cols,
+                MatView::new(self.linear(m), cols),
+                1.0,
+                w16,
+            )?;
+        }
+        Ok(())
     }
 
     /// Replaces a module's weights (the pipeline installs each quantized `Q` here).
@@ -248,6 +341,11 @@ impl GpuLayer {
             )));
         }
         ctx.write(&self.linears[m as usize], 0, w);
+        if self.w16(m).is_some() {
+            let mut rec = ctx.recorder();
+            self.refresh_w16(&mut rec, m)?;
+            rec.submit();
+        }
         Ok(())
     }
 
@@ -279,6 +377,27 @@ impl GpuLayer {
             linears,
             biases,
             dummy: ctx.zeros("dummy", 1)?,
+            tc: match &self.tc {
+                None => None,
+                Some(tc) => {
+                    let mut w16 = Vec::with_capacity(tc.w16.len());
+                    for w in &tc.w16 {
+                        w16.push(match w {
+                            Some(w) => {
+                                let d = ctx.zeros::<half::f16>("weight f16", w.len())?;
+                                rec.copy(w, 0, &d, 0, w.len());
+                                Some(d)
+                            }
+                            None => None,
+                        });
+                    }
+                    Some(TensorCores {
+                        w16,
+                        x16: ctx.zeros::<half::f16>("activations f16", tc.x16.len())?,
+                        chunk: tc.chunk,
+                    })
+                }
+            },
         })
     }
 
@@ -299,7 +418,7 @@ impl GpuLayer {
             )));
         }
         rec.copy(w, 0, dst, 0, dst.len());
-        Ok(())
+        self.refresh_w16(rec, m)
     }
 
     pub fn linear(&self, m: ModuleKind) -> &GpuBuffer<f32> {
@@ -445,17 +564,58 @@ fn linear(
 ) -> Result<(), GpuError> {
     let (rows, cols) = layer.dims.linear_shape(m);
     let w = layer.linear(m);
-    ops::gemm(
-        rec,
-        t,
-        rows,
-        cols,
-        1.0,
-        MatView::new(x, cols),
-        MatView::new(w, cols).t(),
-        if accumulate { 1.0 } else { 0.0 },
-        MatView::new(y, rows),
-    )?;
+    let beta = if accumulate { 1.0 } else { 0.0 };
+    // Tensor cores for the rows that fill whole blocks, chunk by chunk; the f32 GEMM for the rest.
+    let mut done = 0;
+    if let (Some(tc), Some(w16)) = (&layer.tc, layer.w16(m)) {
+        let op = if rows.is_multiple_of(64) {
+            CoopOp::Nt64
+        } else {
+            CoopOp::Nt
+        };
+        let main = t / op.block() * op.block();
+        if main > 0 {
+            // The cooperative kernel accumulates into C.
+            if !accumulate {
+                rec.clear(y, 0, main * rows)?;
+            }
+            for c0 in (0..main).step_by(tc.chunk) {
+                let len = (main - c0).min(tc.chunk);
+                ops::cast_f16(
+                    rec,
+                    len,
+                    cols,
+                    MatView::new(x, cols).at(c0 * cols),
+                    1.0,
+                    &tc.x16,
+                )?;
+                ops::gemm_coop(
+                    rec,
+                    op,
+                    len,
+                    rows,
+                    cols,
+                    (&tc.x16, 0),
+                    (w16, 0),
+                    MatView::new(y, rows).at(c0 * rows),
+                )?;
+            }
+            done = main;
+        }
+    }
+    if done < t {
+        ops::gemm(
+            rec,
+            t - done,
+            rows,
+            cols,
+            1.0,
+            MatView::new(x, cols).at(done * cols),
+            MatView::new(w, cols).t(),
+            beta,
+            MatView::new(y, rows).at(done * rows),
+        )?;
+    }
     if let Some(b) = layer.bias(m) {
         bias_add(rec, t, rows, b, y)?;
     }

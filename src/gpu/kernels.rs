@@ -263,6 +263,29 @@ impl<'c> Recorder<'c> {
         );
     }
 
+    /// Zeroes `len` elements of `buf` from element `off` inside the same batch. wgpu clears whole
+    /// 4-byte words, so both ends must fall on one.
+    pub fn clear<T: Pod>(
+        &mut self,
+        buf: &super::GpuBuffer<T>,
+        off: usize,
+        len: usize,
+    ) -> Result<(), GpuError> {
+        let e = std::mem::size_of::<T>() as u64;
+        let (start, bytes) = (off as u64 * e, len as u64 * e);
+        if len == 0 {
+            return Ok(());
+        }
+        if off + len > buf.len() || start % 4 != 0 || bytes % 4 != 0 {
+            return Err(GpuError::Validation(format!(
+                "clear of {len} elements at {off} in a buffer of {}: out of range or not whole words",
+                buf.len()
+            )));
+        }
+        self.encoder.clear_buffer(buf.raw(), start, Some(bytes));
+        Ok(())
+    }
+
     pub fn dispatches(&self) -> usize {
         self.dispatches
     }

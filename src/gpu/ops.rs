@@ -969,24 +969,74 @@ pub fn coop_available(ctx: &GpuContext) -> bool {
             .contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX)
 }
 
-/// Whether [`gemm_coop`] takes an op(A) M×K · B K×N shape (its 32×32 blocks and 16-deep steps).
-pub fn coop_shape_ok(m: usize, n: usize, k: usize) -> bool {
-    m > 0 && n > 0 && m.is_multiple_of(32) && n.is_multiple_of(32) && k.is_multiple_of(16)
+/// Operand layouts of the tensor-core GEMM (`C += op(A)·op(B)`, A and B dense f16 row-major).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CoopOp {
+    /// A stored M×K, B stored K×N.
+    Nn,
+    /// A stored K×M (op(A) = Aᵀ: the Hessian's Xᵀ·X reads X itself), B stored K×N.
+    Tn,
+    /// A stored M×K, B stored N×K (op(B) = Bᵀ: a linear layer's `X·Wᵀ` reads W as it is).
+    Nt,
+    /// [`CoopOp::Nt`] with a 64×64 block per subgroup (M and N multiples of 64).
+    Nt64,
 }
 
-/// Records `C += op(A)·B` on tensor cores (`gemm_coop.wgsl`): A, B dense f16 row-major (A stored
-/// K×M when `trans_a`, else M×K; B K×N), C an f32 view. For shapes [`coop_shape_ok`] accepts, on
-/// adapters where [`coop_available`]; everything else is the caller's f32 [`gemm`]. Not used by
-/// the pipeline yet: it is wired in once measured on a GPU that grants the feature (issue 10).
+impl CoopOp {
+    pub const ALL: [CoopOp; 4] = [CoopOp::Nn, CoopOp::Tn, CoopOp::Nt, CoopOp::Nt64];
+
+    /// The square block one subgroup computes.
+    pub fn block(self) -> usize {
+        match self {
+            CoopOp::Nt64 => 64,
+            _ => 32,
+        }
+    }
+
+    fn entry(self) -> &'static str {
+        match self {
+            CoopOp::Nn => "gemm_coop_nn",
+            CoopOp::Tn => "gemm_coop_tn",
+            CoopOp::Nt => "gemm_coop_nt",
+            CoopOp::Nt64 => "gemm_coop_nt64",
+        }
+    }
+
+    /// Row strides of the stored A and B.
+    fn strides(self, m: usize, n: usize, k: usize) -> (usize, usize) {
+        match self {
+            CoopOp::Nn => (k, n),
+            CoopOp::Tn => (m, n),
+            CoopOp::Nt | CoopOp::Nt64 => (k, k),
+        }
+    }
+}
+
+/// Whether [`gemm_coop`] takes an op(A) M×K · op(B) K×N shape with 32×32 blocks (M and N
+/// multiples of 32, K of 16).
+pub fn coop_shape_ok(m: usize, n: usize, k: usize) -> bool {
+    coop_shape_ok_for(CoopOp::Nn, m, n, k)
+}
+
+/// Whether `op`'s blocks and 16-deep steps tile an M×N×K product exactly.
+pub fn coop_shape_ok_for(op: CoopOp, m: usize, n: usize, k: usize) -> bool {
+    let b = op.block();
+    m > 0 && n > 0 && k > 0 && m.is_multiple_of(b) && n.is_multiple_of(b) && k.is_multiple_of(16)
+}
+
+/// Records `C += op(A)·op(B)` on tensor cores (`gemm_coop.wgsl`): A, B dense f16 row-major in the
+/// layout `op` names, read from element offsets `off_a` / `off_b`; C an f32 view. For shapes
+/// [`coop_shape_ok_for`] accepts, on adapters where [`coop_available`]; everything else is the
+/// caller's f32 [`gemm`].
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_coop(
     rec: &mut Recorder<'_>,
-    trans_a: bool,
+    op: CoopOp,
     m: usize,
     n: usize,
     k: usize,
-    a: &GpuBuffer<half::f16>,
-    b: &GpuBuffer<half::f16>,
+    a: (&GpuBuffer<half::f16>, usize),
+    b: (&GpuBuffer<half::f16>, usize),
     c: MatView<'_>,
 ) -> Result<(), GpuError> {
     if !coop_available(rec.ctx()) {
@@ -994,12 +1044,14 @@ pub fn gemm_coop(
             "tensor-core GEMM needs SHADER_F16 and EXPERIMENTAL_COOPERATIVE_MATRIX".into(),
         ));
     }
-    if !coop_shape_ok(m, n, k) || c.trans {
+    let blk = op.block();
+    if !coop_shape_ok_for(op, m, n, k) || c.trans {
         return Err(GpuError::Validation(format!(
-            "tensor-core GEMM takes M, N multiples of 32 and K of 16 (got {m}x{n}x{k})"
+            "tensor-core GEMM {op:?} takes M, N multiples of {blk} and K of 16 (got {m}x{n}x{k})"
         )));
     }
-    for (what, buf, need) in [("A", a, m * k), ("B", b, k * n)] {
+    let ((a, off_a), (b, off_b)) = (a, b);
+    for (what, buf, need) in [("A", a, off_a + m * k), ("B", b, off_b + k * n)] {
         if buf.len() < need {
             return Err(GpuError::Validation(format!(
                 "tensor-core GEMM {what}: {} elements, needs {need}",
@@ -1008,35 +1060,32 @@ pub fn gemm_coop(
         }
     }
     check_len("gemm_coop C", c.buf, c.offset + (m - 1) * c.ld + n)?;
+    let (lda, ldb) = op.strides(m, n, k);
     let params = GemmParams {
         m: u32_of("gemm M", m)?,
         n: u32_of("gemm N", n)?,
         k: u32_of("gemm K", k)?,
-        lda: u32_of("gemm lda", if trans_a { m } else { k })?,
-        ldb: u32_of("gemm ldb", n)?,
+        lda: u32_of("gemm lda", lda)?,
+        ldb: u32_of("gemm ldb", ldb)?,
         ldc: u32_of("gemm ldc", c.ld)?,
-        off_a: 0,
-        off_b: 0,
+        off_a: u32_of("gemm A offset", off_a)?,
+        off_b: u32_of("gemm B offset", off_b)?,
         off_c: u32_of("gemm C offset", c.offset)?,
         alpha: 1.0,
         beta: 1.0,
         diag: 0,
     };
-    let groups = [(n / 32) as u32, (m / 32) as u32, 1];
+    let groups = [(n / blk) as u32, (m / blk) as u32, 1];
     if groups[0] > 65535 || groups[1] > 65535 {
         return Err(GpuError::TooLarge {
             what: format!("tensor-core gemm {m}x{n} grid"),
             bytes: (m * n * 4) as u64,
-            limit: 65535 * 32,
+            limit: 65535 * blk as u64,
         });
     }
     rec.dispatch(
         &GEMM_COOP,
-        if trans_a {
-            "gemm_coop_tn"
-        } else {
-            "gemm_coop_nn"
-        },
+        op.entry(),
         &[],
         &params,
         &[a.binding(), b.binding(), c.buf.binding()],

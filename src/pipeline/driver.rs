@@ -35,7 +35,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use crate::forward::{self, GpuLayer, LayerScratch, Rope};
-use crate::gpu::ops::{self, MatView};
+use crate::gpu::ops::{self, CoopOp, MatView};
 use crate::gpu::profile::Profile;
 use crate::gpu::{GpuBuffer, GpuContext, GpuMatrix, Recorder};
 use crate::model::prefetch::LayerPrefetch;
@@ -76,6 +76,8 @@ struct Work {
     diff: GpuBuffer<f32>,
     metric: MetricScratch,
     hidden_parts: GpuBuffer<f32>,
+    /// Tensor cores asked for and granted (the statistics' f16 path, [`tensor_cores`]).
+    tc: bool,
 }
 
 /// Statistics of one true-sequential group.
@@ -185,6 +187,9 @@ pub fn quantize(
         let rows = mods.iter().map(|&m| mc.linear_shape(m).0).sum();
         metric_moments && plan::metric_d_pays(n, rows)
     };
+    // Tensor cores where asked for (config or GPTAQ_TENSOR_CORES=1) and granted.
+    let tc_asked = cfg.tensor_cores || tensor_cores_requested();
+    let use_tc = tc_asked && ops::coop_available(ctx);
     let plan = plan::plan(&PlanInput {
         config: &mc,
         nsamples: nseq,
@@ -203,6 +208,7 @@ pub fn quantize(
         host_dtype: cfg.stream_dtype,
         force_host: cfg.force_host_streams,
         lean_memory: cfg.lean_memory,
+        tensor_cores: use_tc,
     })?;
     emit_started(emit, prep, qc, &plan);
     ctx.reset_peak();
@@ -257,6 +263,7 @@ pub fn quantize(
     // The memory plan counts the two stages apart (pipeline/plan.rs).
     let make_work = || -> Result<Work, PipelineError> {
         Ok(Work {
+            tc: use_tc,
             h_q: ctx.zeros("work h_q", max_tokens * h)?,
             h_fp: ctx.zeros("work h_fp", if fp_stream { max_tokens * h } else { 1 })?,
             a_q: ctx.zeros("work a_q", max_tokens * mc.q_dim())?,
@@ -295,12 +302,12 @@ pub fn quantize(
     let mut module_reports = Vec::new();
     let mut layer_reports = Vec::new();
     let mut warnings = Vec::new();
-    if tensor_cores_requested() {
-        let w = if ops::coop_available(ctx) {
-            "GPTAQ_TENSOR_CORES=1: H, D (and E) are accumulated from f16 operands on tensor cores \
-             where the shapes fit (experimental)"
+    if tc_asked {
+        let w = if use_tc {
+            "tensor cores: the calibration forward's linears and H, D (and E) run on f16 operands \
+             with f32 accumulation where the shapes tile (experimental)"
         } else {
-            "GPTAQ_TENSOR_CORES=1 ignored: this adapter does not grant f16 cooperative matrices"
+            "tensor cores ignored: this adapter does not grant f16 cooperative matrices"
         };
         emit(Event::Warning(w.into()));
         warnings.push(w.to_string());
@@ -331,7 +338,7 @@ pub fn quantize(
                     let lw: LayerWeights = prefetch
                         .layer(layer)
                         .map_err(|e| PipelineError::Input(e.to_string()))?;
-                    let q = GpuLayer::upload(ctx, &mc, &lw)?;
+                    let q = upload_layer(ctx, &mc, &lw, use_tc, max_tokens)?;
                     (lw, q)
                 }
             };
@@ -668,7 +675,7 @@ pub fn quantize(
                     .layer(layer + 1)
                     .map_err(|e| PipelineError::Input(e.to_string()))?;
                 next = Some(scope.spawn(move || {
-                    let q = GpuLayer::upload(ctx, mcr, &lw_next)?;
+                    let q = upload_layer(ctx, mcr, &lw_next, use_tc, max_tokens)?;
                     Ok((lw_next, q))
                 }));
             }
@@ -1098,7 +1105,7 @@ impl Stats {
         let n = self.n;
         let alpha = 2.0 / self.nsamples as f32;
         // The cooperative-matrix kernel writes one binding: only for single-panel statistics.
-        if tensor_cores(rec.ctx(), n, tokens) && h.single().is_some() {
+        if tensor_cores(rec.ctx(), work.tc, n, tokens) && h.single().is_some() {
             return self.accumulate_tensor_cores(rec, work, x_q, x_fp, (b, tokens), alpha);
         }
         ops::syrk_xtx(rec, tokens, n, alpha, MatView::new(x_q, n), 1.0, h)?;
@@ -1156,29 +1163,72 @@ impl Stats {
             })
         }
         if let Some(h) = &self.h {
-            ops::gemm_coop(rec, true, n, n, tokens, x16, x16, MatView::new(one(h)?, n))?;
+            ops::gemm_coop(
+                rec,
+                CoopOp::Tn,
+                n,
+                n,
+                tokens,
+                (x16, 0),
+                (x16, 0),
+                MatView::new(one(h)?, n),
+            )?;
         }
         if let Some(d) = &self.d {
             ops::axpby(rec, tokens * n, 1.0, x_fp, -1.0, x_q, &work.diff)?;
             self.record_dx(rec, &work.diff, (b, tokens))?;
             ops::cast_f16(rec, tokens, n, MatView::new(&work.diff, n), s, d16)?;
-            ops::gemm_coop(rec, true, n, n, tokens, d16, x16, MatView::new(one(d)?, n))?;
+            ops::gemm_coop(
+                rec,
+                CoopOp::Tn,
+                n,
+                n,
+                tokens,
+                (d16, 0),
+                (x16, 0),
+                MatView::new(one(d)?, n),
+            )?;
             if let Some(e) = &self.e {
-                ops::gemm_coop(rec, true, n, n, tokens, d16, d16, MatView::new(one(e)?, n))?;
+                ops::gemm_coop(
+                    rec,
+                    CoopOp::Tn,
+                    n,
+                    n,
+                    tokens,
+                    (d16, 0),
+                    (d16, 0),
+                    MatView::new(one(e)?, n),
+                )?;
             }
         }
         Ok(())
     }
 }
 
-/// Whether the statistics go through the tensor-core GEMM: only when asked for with
-/// `GPTAQ_TENSOR_CORES=1` (experimental until measured against the f32 path on a GPU that
-/// grants cooperative matrices: f16 operands round X to 11 significant bits and can overflow
-/// beyond 65504), the adapter grants the features and the shape fits the kernel's tiles. Its two
-/// f16 operand buffers (2·tokens·n·2 bytes, 112 MiB for a 2048-token batch at n = 14336) are not
-/// in the memory plan yet.
-fn tensor_cores(ctx: &GpuContext, n: usize, tokens: usize) -> bool {
-    tensor_cores_requested() && ops::coop_available(ctx) && ops::coop_shape_ok(n, n, tokens)
+/// A layer's weights on the GPU, with its f16 copies for the tensor-core forward when `tc`.
+fn upload_layer(
+    ctx: &GpuContext,
+    mc: &ModelConfig,
+    lw: &LayerWeights,
+    tc: bool,
+    max_tokens: usize,
+) -> Result<GpuLayer, PipelineError> {
+    let mut q = GpuLayer::upload(ctx, mc, lw)?;
+    if tc {
+        let mut rec = ctx.recorder();
+        q.enable_tensor_cores(&mut rec, max_tokens)?;
+        rec.submit();
+    }
+    Ok(q)
+}
+
+/// Whether the statistics go through the tensor-core GEMM: when asked for ([`upload_layer`]'s
+/// `tc`, `PipelineConfig::tensor_cores` or `GPTAQ_TENSOR_CORES=1`; f16 operands round X to 11
+/// significant bits and can overflow beyond 65504), the adapter grants the features and the
+/// shape fits the kernel's tiles. Its two f16 operand buffers (2·tokens·n·2 bytes) are in the
+/// memory plan's per-token scratch.
+fn tensor_cores(ctx: &GpuContext, asked: bool, n: usize, tokens: usize) -> bool {
+    asked && ops::coop_available(ctx) && ops::coop_shape_ok(n, n, tokens)
 }
 
 fn tensor_cores_requested() -> bool {

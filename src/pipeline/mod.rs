@@ -82,6 +82,12 @@ pub struct PipelineConfig {
     /// the tests that compare both ways.
     #[serde(default)]
     pub lean_memory: bool,
+    /// Run the linears of the calibration forward and the statistics on tensor cores where the
+    /// adapter grants f16 cooperative matrices (`forward::GpuLayer::enable_tensor_cores`,
+    /// `gemm_coop.wgsl`): f16 operands, f32 accumulation, as the reference's half-precision
+    /// forward. Ignored, with a warning, elsewhere. Also set by `GPTAQ_TENSOR_CORES=1`.
+    #[serde(default)]
+    pub tensor_cores: bool,
     /// Stop at this (layer, module) and return its statistics instead of solving it (layer lab).
     #[serde(skip)]
     pub capture: Option<(usize, ModuleKind)>,
@@ -101,6 +107,7 @@ impl Default for PipelineConfig {
             solver: Solver::Gpu,
             metric_products: false,
             lean_memory: false,
+            tensor_cores: false,
             capture: None,
         }
     }

@@ -32,6 +32,10 @@ pub struct PlanInput<'a> {
     pub force_host: bool,
     /// Spend no spare memory on speed: no `MemoryPlan::act_streams`, no `MemoryPlan::weights_ahead`.
     pub lean_memory: bool,
+    /// The linears and statistics run on tensor cores (the adapter grants them and the run asked
+    /// for them): f16 copies of each stream's weights, one f16 activation chunk per stream, and
+    /// the statistics' f16 operands per token.
+    pub tensor_cores: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -123,6 +127,15 @@ fn layer_weight_bytes(c: &ModelConfig) -> u64 {
         c.kv_dim() as u64,
     );
     (h * qd + 2 * h * kvd + qd * h + 3 * h * i) * F32
+}
+
+/// The tensor-core forward's memory per stream next to the f32 weights
+/// (`forward::GpuLayer::enable_tensor_cores`): an f16 copy of every weight and one f16 chunk of
+/// `TC_CHUNK_TOKENS` activation rows of the widest input (an upper bound: smaller batches get a
+/// smaller chunk).
+fn tensor_core_weight_bytes(c: &ModelConfig) -> u64 {
+    let widest = c.hidden_size.max(c.intermediate_size).max(c.q_dim()) as u64;
+    layer_weight_bytes(c) / 2 + crate::forward::TC_CHUNK_TOKENS as u64 * widest * 2
 }
 
 /// Bytes of one n×n f32 matrix of the widest input.
@@ -227,8 +240,15 @@ pub fn rtn_direct(gpu_budget_bytes: u64) -> MemoryPlan {
 pub fn plan(input: &PlanInput<'_>) -> Result<MemoryPlan, PlanError> {
     let c = input.config;
     let streams = if input.fp_stream { 2 } else { 1 };
-    let weights =
-        layer_weight_bytes(c) * if input.fp_stream { 2 } else { 1 } + layer_weight_bytes(c) / 7 * 2;
+    // With tensor cores each stream's layer also holds its f16 copy (and the next layer's upload
+    // makes one too).
+    let stream_weights = layer_weight_bytes(c)
+        + if input.tensor_cores {
+            tensor_core_weight_bytes(c)
+        } else {
+            0
+        };
+    let weights = stream_weights * streams + layer_weight_bytes(c) / 7 * 2;
     // The largest group's statistics (GPTQ with metrics may keep a D in its narrower groups).
     let statistics = groups(c)
         .iter()
@@ -249,7 +269,14 @@ pub fn plan(input: &PlanInput<'_>) -> Result<MemoryPlan, PlanError> {
     let budget = input.gpu_budget_bytes;
     let reserve = (budget / 4).min(DRIVER_RESERVE_MAX);
     let usable = budget - reserve;
-    let per_token = scratch_per_token(c, input.fp_stream, with_d);
+    // The tensor-core statistics cast X_q and X_fp − X_q to f16 for the whole batch
+    // (driver::Stats::accumulate_tensor_cores): 2 × 2 bytes per token and input feature.
+    let per_token = scratch_per_token(c, input.fp_stream, with_d)
+        + if input.tensor_cores {
+            4 * c.hidden_size.max(c.intermediate_size).max(c.q_dim()) as u64
+        } else {
+            0
+        };
     let seq_scratch = per_token * input.seqlen as u64;
     // The widest module's W lives in one buffer (forward pass, solve); the n×n H, D, U and P are
     // row panels of whole 128-column blocks (gpu/matrix.rs), so one such panel must fit.
@@ -343,7 +370,7 @@ pub fn plan(input: &PlanInput<'_>) -> Result<MemoryPlan, PlanError> {
     // weights, streams and one batch of activations. Where that stays within the peak the plan
     // already has (the statistics or the solve need more) it costs no memory; otherwise it needs
     // room beyond that peak, which the estimate then includes.
-    let ahead = layer_weight_bytes(c);
+    let ahead = stream_weights;
     let last_stage = fixed + seq_scratch * batch as u64 + ahead;
     let weights_ahead = !input.lean_memory && c.num_layers > 1 && last_stage <= usable;
     let gpu_total = if weights_ahead {
@@ -377,9 +404,14 @@ pub fn plan(input: &PlanInput<'_>) -> Result<MemoryPlan, PlanError> {
                 mib(reserve)
             ),
             format!(
-                "layer weights (f32{}{}): {}",
+                "layer weights (f32{}{}{}): {}",
                 if input.fp_stream {
                     ", FP + quantized copies"
+                } else {
+                    ""
+                },
+                if input.tensor_cores {
+                    ", each with its f16 copy and activation chunk for tensor cores"
                 } else {
                     ""
                 },
@@ -455,6 +487,7 @@ mod tests {
             host_dtype: dtype,
             force_host: false,
             lean_memory: false,
+            tensor_cores: false,
         }
     }
 
