@@ -15,9 +15,9 @@
 #                the GPU memory every 100 ms alongside (smi_l8b_<m>.log, MiB)
 #   prof_<m>     the same layer with GPTAQ_PROFILE=1 on 16 sequences: seconds per phase
 #   l8b_perfhint_<m>  l8b_<m> with GPTAQ_MEMORY_HINTS=performance (wgpu's large allocator blocks)
-#   l8b_gpu_<m>[_nm]  l8b_<m> with the streams on the GPU (--gpu-memory L8B_GPU_GIB, 70): no host
-#                transfers, MLP activations kept between stages; _nm: --no-metrics (GPTQ as the
-#                reference runs it)
+#   l8b_gpu_<m>[_nm][_tc]  l8b_<m> with the streams on the GPU (--gpu-memory L8B_GPU_GIB, 70): no
+#                host transfers, MLP activations kept between stages; _nm: --no-metrics (GPTQ as the
+#                reference runs it); _tc: --tensor-cores
 #   kbench       the Rust kernel benches (GEMM both tiles, Hessian syrk, GPU factor U, whole solve,
 #                causal attention at ATTN = heads:kv_heads:hd:seqlen:nseq, Llama-3-8B by default)
 #   torch_bench / torch_layer  the PyTorch reference (solve + accumulation / one layer's loops);
@@ -29,7 +29,8 @@
 #   source .device-carry/setup.sh && OUT=$OUT WORK=/tmp/perf bash tools/device_perf.sh
 # Knobs: QUALITY ("gptq:3 gptaq:3"), NSAMPLES (128), SEQLEN (512), L8B ("gptaq gptq"), L8B_HINTS
 # ("gptaq"), L8B_GPU ("gptq:nm gptaq"), L8B_GPU_GIB (70), LAYERS (1),
-# SIZES (kernel sizes, "4096"), SOLVE ("4096x4096,4096x14336"), ATTN ("32:8:128:2048:1"), SCALING (presets, e.g. "h1024 h2048 h4096"),
+# TEST_FILTER / TEST_LIMIT (test-name filters and seconds per test binary), KBENCH_FILTER (criterion
+# filter), SIZES (kernel sizes, "4096"), SOLVE ("4096x4096,4096x14336"), ATTN ("32:8:128:2048:1"), SCALING (presets, e.g. "h1024 h2048 h4096"),
 # SCALING_NSAMPLES (128), SCALING_GIB (60), SKIP (step names), BUDGET_S.
 set -u
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -79,7 +80,7 @@ for tb in .device-carry/test-*; do
   case $tb in *.xz) continue ;; esac
   [ -x "$tb" ] || continue
   n=${tb##*/test-}
-  t "test_$n" 120 env CI=true "$tb" --test-threads 1
+  t "test_$n" "${TEST_LIMIT:-120}" env CI=true "$tb" --test-threads 1 ${TEST_FILTER:-}
   grep -E "^test result|FAILED|panicked" "$D/test_$n.log" | head -5
 done
 
@@ -106,10 +107,12 @@ for mb in $QUALITY; do
 done
 
 # --- kernels ----------------------------------------------------------------------------------
-t kbench 150 env GPTAQ_BENCH_SIZES="$SIZES" GPTAQ_BENCH_SOLVE="$SOLVE" GPTAQ_BENCH_ATTN="${ATTN:-32:8:128:2048:1}" "$K" --bench --warm-up-time 1 --measurement-time 2
+t kbench 150 env GPTAQ_BENCH_SIZES="$SIZES" GPTAQ_BENCH_SOLVE="$SOLVE" GPTAQ_BENCH_ATTN="${ATTN:-32:8:128:2048:1}" "$K" --bench --warm-up-time 1 --measurement-time 2 ${KBENCH_FILTER:-}
 grep -E "^[a-z_]+/|time:|thrpt:" "$D/kbench.log" | head -60
 
 # --- Llama-3-8B-shaped layer: time split and peak GPU memory under an 8 GiB plan ---------------
+# (kept when a warm machine already has it from an earlier call)
+[ -f /tmp/l8b/config.json ] && [ -f /tmp/l8b-calib.safetensors ] && SKIP="$SKIP gen"
 t gen 120 python3 tools/make_random_llama.py --preset llama3-8b --layers "${LAYERS:-1}" --out /tmp/l8b \
   --calib-out /tmp/l8b-calib.safetensors --nsamples 128 --seqlen 2048
 # Where a layer's time goes (GPTAQ_PROFILE=1: phases synchronised, so slower than the plain run;
@@ -138,9 +141,12 @@ done
 # --- the same layer with the streams on the GPU (issue 10's speed target: the PyTorch reference
 # keeps its activations on the GPU too, 19.3 GiB for GPTAQ): no host transfers, the MLP activations
 # kept from stage D to E (MemoryPlan::act_streams). Entries are METHOD[:nm] (nm: --no-metrics).
+# Entries are METHOD[:nm][:tc]: nm --no-metrics, tc --tensor-cores (forward linears and statistics
+# on f16 cooperative matrices).
 for spec in ${L8B_GPU-gptq:nm gptaq}; do
   m=${spec%%:*}; extra=(); name="l8b_gpu_$m"
-  [ "$spec" != "$m" ] && [ "${spec#*:}" = nm ] && { extra=(--no-metrics); name="l8b_gpu_${m}_nm"; }
+  case ":$spec:" in *:nm:*) extra+=(--no-metrics); name="${name}_nm" ;; esac
+  case ":$spec:" in *:tc:*) extra+=(--tensor-cores); name="${name}_tc" ;; esac
   tm "$name" 200 "$B" quantize /tmp/l8b --calib /tmp/l8b-calib.safetensors --nsamples 128 \
     --seqlen 2048 --method "$m" --bits 4 --group-size 128 --gpu-memory "${L8B_GPU_GIB:-70}" \
     "${extra[@]}" --report "$D/$name.json"
