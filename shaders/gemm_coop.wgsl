@@ -1,5 +1,7 @@
 // Tensor-core GEMM through wgpu's cooperative matrices (optional fast path, issue 10):
-//   C[M×N] += op(A)[M×K] · B[K×N],   A and B f16, C f32 (f32 accumulation),
+//   C[M×N] += op(A)[M×K] · op(B)[K×N],   A and B f16, C f32 (f32 accumulation),
+// with any row strides (lda, ldb, ldc) and, over workgroup z, a batch of such products at fixed
+// element strides (sa, sb, sc),
 // where op(A) = A (row-major, lda) or Aᵀ with A stored K×M (TRANS_A; the Hessian's Xᵀ·X reads X
 // itself; entry gemm_coop_tn, else gemm_coop_nn). One workgroup = one subgroup of 32 invocations computes a 32×32 block of C as four
 // 16×16 accumulator tiles, reusing each loaded A and B fragment twice. M and N must be multiples
@@ -24,9 +26,16 @@ struct Params {
     off_a: u32,
     off_b: u32,
     off_c: u32,
+    // Batch strides (elements) of A, B and C: workgroup z computes batch entry z, whose A starts
+    // (z / ga)·sa after off_a and whose B starts (z / gb)·sb after off_b (attention: z is the
+    // query head, and gb query heads share one key/value head); 0 for a single product.
+    sa: u32,
+    sb: u32,
+    sc: u32,
+    ga: u32,
+    gb: u32,
     _p0: u32,
     _p1: u32,
-    _p2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -45,11 +54,11 @@ fn gemm_coop_nn(@builtin(workgroup_id) wg: vec3<u32>) {
     let ldb = p.ldb;
     let ldc = p.ldc;
     let kdim = p.k;
-    let oa = p.off_a;
-    let ob = p.off_b;
+    let oa = p.off_a + (wg.z / p.ga) * p.sa;
+    let ob = p.off_b + (wg.z / p.gb) * p.sb;
     let i0 = wg.y * 32u;
     let j0 = wg.x * 32u;
-    let c00i = p.off_c + i0 * ldc + j0;
+    let c00i = p.off_c + wg.z * p.sc + i0 * ldc + j0;
     let c01i = c00i + 16u;
     let c10i = c00i + 16u * ldc;
     let c11i = c10i + 16u;
@@ -84,11 +93,11 @@ fn gemm_coop_tn(@builtin(workgroup_id) wg: vec3<u32>) {
     let ldb = p.ldb;
     let ldc = p.ldc;
     let kdim = p.k;
-    let oa = p.off_a;
-    let ob = p.off_b;
+    let oa = p.off_a + (wg.z / p.ga) * p.sa;
+    let ob = p.off_b + (wg.z / p.gb) * p.sb;
     let i0 = wg.y * 32u;
     let j0 = wg.x * 32u;
-    let c00i = p.off_c + i0 * ldc + j0;
+    let c00i = p.off_c + wg.z * p.sc + i0 * ldc + j0;
     let c01i = c00i + 16u;
     let c10i = c00i + 16u * ldc;
     let c11i = c10i + 16u;
@@ -124,11 +133,11 @@ fn gemm_coop_nt(@builtin(workgroup_id) wg: vec3<u32>) {
     let ldb = p.ldb;
     let ldc = p.ldc;
     let kdim = p.k;
-    let oa = p.off_a;
-    let ob = p.off_b;
+    let oa = p.off_a + (wg.z / p.ga) * p.sa;
+    let ob = p.off_b + (wg.z / p.gb) * p.sb;
     let i0 = wg.y * 32u;
     let j0 = wg.x * 32u;
-    let c00i = p.off_c + i0 * ldc + j0;
+    let c00i = p.off_c + wg.z * p.sc + i0 * ldc + j0;
     let c01i = c00i + 16u;
     let c10i = c00i + 16u * ldc;
     let c11i = c10i + 16u;
@@ -166,11 +175,11 @@ fn gemm_coop_nt64(@builtin(workgroup_id) wg: vec3<u32>) {
     let ldb = p.ldb;
     let ldc = p.ldc;
     let kdim = p.k;
-    let oa = p.off_a;
-    let ob = p.off_b;
+    let oa = p.off_a + (wg.z / p.ga) * p.sa;
+    let ob = p.off_b + (wg.z / p.gb) * p.sb;
     let i0 = wg.y * 64u;
     let j0 = wg.x * 64u;
-    let r0 = p.off_c + i0 * ldc + j0;
+    let r0 = p.off_c + wg.z * p.sc + i0 * ldc + j0;
     let r1 = r0 + 16u * ldc;
     let r2 = r1 + 16u * ldc;
     let r3 = r2 + 16u * ldc;

@@ -788,6 +788,76 @@ fn coop_gemm_matches_f64_where_granted() {
     assert_eq!(ran, 13, "tensor-core cases run");
 }
 
+/// The batched tensor-core GEMM with the strides attention uses: four A's as column slices of
+/// one wider matrix (ld = 4·K, batch stride K, like the query heads), two B's each shared by two
+/// consecutive entries (group 2, like a key/value head shared by its query heads), and the four
+/// C's as column slices of one output (ldc = 4·N, stride N), for the Nt (Q·Kᵀ) and Nn (P·V)
+/// layouts, against f64. GPU machine only, like the test above.
+#[test]
+fn coop_gemm_batched_strided_matches_f64_where_granted() {
+    let Some(ctx) = test_context() else { return };
+    if !ops::coop_available(&ctx) {
+        eprintln!(
+            "note: adapter without cooperative matrices; batched tensor-core GEMM not exercised"
+        );
+        return;
+    }
+    let (m, n, k, batch) = (64usize, 32usize, 48usize, 4usize);
+    for op in [CoopOp::Nt, CoopOp::Nn] {
+        let mut r = rng(77 + op as u64);
+        let to16 =
+            |v: Vec<f32>| -> Vec<half::f16> { v.into_iter().map(half::f16::from_f32).collect() };
+        // A: m × (batch·k) row-major; two B's back to back, each stored n×k (Nt) or k×n (Nn).
+        let a16 = to16(rand_vec(&mut r, m * batch * k));
+        let b16 = to16(rand_vec(&mut r, 2 * k * n));
+        let c0 = rand_vec(&mut r, m * batch * n);
+        let a32: Vec<f32> = a16.iter().map(|v| v.to_f32()).collect();
+        let b32: Vec<f32> = b16.iter().map(|v| v.to_f32()).collect();
+        let (trans_b, ldb) = match op {
+            CoopOp::Nt => (true, k),
+            _ => (false, n),
+        };
+        let (ga, gb, gc) = (
+            ctx.upload("a16", &a16).unwrap(),
+            ctx.upload("b16", &b16).unwrap(),
+            ctx.upload("c", &c0).unwrap(),
+        );
+        let mut rec = ctx.recorder();
+        ops::gemm_coop_batched(
+            &mut rec,
+            op,
+            (m, n, k),
+            batch,
+            ops::CoopOperand::new(&ga, 0, batch * k).batched(k, 1),
+            ops::CoopOperand::new(&gb, 0, ldb).batched(k * n, 2),
+            (MatView::new(&gc, batch * n), n),
+        )
+        .unwrap();
+        rec.submit();
+        let got = ctx.read(&gc).unwrap();
+        for z in 0..batch {
+            let az: Vec<f32> = (0..m)
+                .flat_map(|i| a32[i * batch * k + z * k..i * batch * k + (z + 1) * k].to_vec())
+                .collect();
+            let cz: Vec<f32> = (0..m)
+                .flat_map(|i| c0[i * batch * n + z * n..i * batch * n + (z + 1) * n].to_vec())
+                .collect();
+            let bz = &b32[(z / 2) * k * n..(z / 2 + 1) * k * n];
+            let want = gemm_ref(m, n, k, 1.0, &az, k, false, bz, ldb, trans_b, 1.0, &cz);
+            let gz: Vec<f32> = (0..m)
+                .flat_map(|i| got[i * batch * n + z * n..i * batch * n + (z + 1) * n].to_vec())
+                .collect();
+            assert_close(
+                &format!("batched tensor-core gemm {op:?} m={m} n={n} k={k} entry {z} of {batch}"),
+                &gz,
+                &want,
+                1e-4 * (k as f64).sqrt(),
+                1e-4,
+            );
+        }
+    }
+}
+
 /// `pack_f16` then `unpack_f16` of `x` on the GPU: (packed words, unpacked values, flag).
 fn f16_round_trip(ctx: &GpuContext, x: &[f32]) -> (Vec<u32>, Vec<f32>, u32) {
     let len = x.len();

@@ -1024,6 +1024,59 @@ pub fn coop_shape_ok_for(op: CoopOp, m: usize, n: usize, k: usize) -> bool {
     m > 0 && n > 0 && k > 0 && m.is_multiple_of(b) && n.is_multiple_of(b) && k.is_multiple_of(16)
 }
 
+/// One f16 operand of [`gemm_coop_batched`]: stored row-major from element `off` of `buf`, rows
+/// `ld` elements apart; batch entry z reads the one starting `(z / group)·stride` elements later
+/// (`group` > 1: that many consecutive entries share an operand, as the query heads of one
+/// key/value head share its K and V).
+#[derive(Clone, Copy)]
+pub struct CoopOperand<'a> {
+    pub buf: &'a GpuBuffer<half::f16>,
+    pub off: usize,
+    pub ld: usize,
+    pub stride: usize,
+    pub group: usize,
+}
+
+impl<'a> CoopOperand<'a> {
+    /// A single operand (batch stride 0) with rows `ld` apart.
+    pub fn new(buf: &'a GpuBuffer<half::f16>, off: usize, ld: usize) -> Self {
+        Self {
+            buf,
+            off,
+            ld,
+            stride: 0,
+            group: 1,
+        }
+    }
+
+    /// Batch entries `stride` elements apart, `group` consecutive entries per operand.
+    pub fn batched(mut self, stride: usize, group: usize) -> Self {
+        self.stride = stride;
+        self.group = group;
+        self
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct CoopParams {
+    m: u32,
+    n: u32,
+    k: u32,
+    lda: u32,
+    ldb: u32,
+    ldc: u32,
+    off_a: u32,
+    off_b: u32,
+    off_c: u32,
+    sa: u32,
+    sb: u32,
+    sc: u32,
+    ga: u32,
+    gb: u32,
+    _p: [u32; 2],
+}
+
 /// Records `C += op(A)·op(B)` on tensor cores (`gemm_coop.wgsl`): A, B dense f16 row-major in the
 /// layout `op` names, read from element offsets `off_a` / `off_b`; C an f32 view. For shapes
 /// [`coop_shape_ok_for`] accepts, on adapters where [`coop_available`]; everything else is the
@@ -1039,46 +1092,84 @@ pub fn gemm_coop(
     b: (&GpuBuffer<half::f16>, usize),
     c: MatView<'_>,
 ) -> Result<(), GpuError> {
+    let (lda, ldb) = op.strides(m, n, k);
+    let (a, b) = (
+        CoopOperand::new(a.0, a.1, lda),
+        CoopOperand::new(b.0, b.1, ldb),
+    );
+    gemm_coop_batched(rec, op, (m, n, k), 1, a, b, (c, 0))
+}
+
+/// [`gemm_coop`] over `batch` products at once (workgroup z), each operand with its own row and
+/// batch strides: `C_z += op(A_z)·op(B_z)` with `X_z` starting `z·stride` elements after `X`'s
+/// first. Attention's heads are such a batch: per key/value head, the query heads of its group
+/// read strided column slices of one activation matrix.
+pub fn gemm_coop_batched(
+    rec: &mut Recorder<'_>,
+    op: CoopOp,
+    (m, n, k): (usize, usize, usize),
+    batch: usize,
+    a: CoopOperand<'_>,
+    b: CoopOperand<'_>,
+    (c, c_stride): (MatView<'_>, usize),
+) -> Result<(), GpuError> {
     if !coop_available(rec.ctx()) {
         return Err(GpuError::Validation(
             "tensor-core GEMM needs SHADER_F16 and EXPERIMENTAL_COOPERATIVE_MATRIX".into(),
         ));
     }
     let blk = op.block();
-    if !coop_shape_ok_for(op, m, n, k) || c.trans {
+    if !coop_shape_ok_for(op, m, n, k) || c.trans || batch == 0 {
         return Err(GpuError::Validation(format!(
-            "tensor-core GEMM {op:?} takes M, N multiples of {blk} and K of 16 (got {m}x{n}x{k})"
+            "tensor-core GEMM {op:?} takes M, N multiples of {blk} and K of 16 (got {m}x{n}x{k}, \
+             batch {batch})"
         )));
     }
-    let ((a, off_a), (b, off_b)) = (a, b);
-    for (what, buf, need) in [("A", a, off_a + m * k), ("B", b, off_b + k * n)] {
-        if buf.len() < need {
+    // Stored (rows, cols) of A and B.
+    let (sa, sb) = match op {
+        CoopOp::Nn => ((m, k), (k, n)),
+        CoopOp::Tn => ((k, m), (k, n)),
+        CoopOp::Nt | CoopOp::Nt64 => ((m, k), (n, k)),
+    };
+    for (what, x, (rows, cols)) in [("A", &a, sa), ("B", &b, sb)] {
+        let need = x.off + (batch - 1) / x.group.max(1) * x.stride + (rows - 1) * x.ld + cols;
+        if x.ld < cols || x.group == 0 || x.buf.len() < need {
             return Err(GpuError::Validation(format!(
-                "tensor-core GEMM {what}: {} elements, needs {need}",
-                buf.len()
+                "tensor-core GEMM {what} ({rows}×{cols}, ld {}, offset {}, batch {batch} × {}): \
+                 {} elements, needs {need}",
+                x.ld,
+                x.off,
+                x.stride,
+                x.buf.len()
             )));
         }
     }
-    check_len("gemm_coop C", c.buf, c.offset + (m - 1) * c.ld + n)?;
-    let (lda, ldb) = op.strides(m, n, k);
-    let params = GemmParams {
+    check_len(
+        "gemm_coop C",
+        c.buf,
+        c.offset + (batch - 1) * c_stride + (m - 1) * c.ld + n,
+    )?;
+    let params = CoopParams {
         m: u32_of("gemm M", m)?,
         n: u32_of("gemm N", n)?,
         k: u32_of("gemm K", k)?,
-        lda: u32_of("gemm lda", lda)?,
-        ldb: u32_of("gemm ldb", ldb)?,
+        lda: u32_of("gemm lda", a.ld)?,
+        ldb: u32_of("gemm ldb", b.ld)?,
         ldc: u32_of("gemm ldc", c.ld)?,
-        off_a: u32_of("gemm A offset", off_a)?,
-        off_b: u32_of("gemm B offset", off_b)?,
+        off_a: u32_of("gemm A offset", a.off)?,
+        off_b: u32_of("gemm B offset", b.off)?,
         off_c: u32_of("gemm C offset", c.offset)?,
-        alpha: 1.0,
-        beta: 1.0,
-        diag: 0,
+        sa: u32_of("gemm A batch stride", a.stride)?,
+        sb: u32_of("gemm B batch stride", b.stride)?,
+        sc: u32_of("gemm C batch stride", c_stride)?,
+        ga: u32_of("gemm A batch group", a.group)?,
+        gb: u32_of("gemm B batch group", b.group)?,
+        _p: [0; 2],
     };
-    let groups = [(n / blk) as u32, (m / blk) as u32, 1];
-    if groups[0] > 65535 || groups[1] > 65535 {
+    let groups = [(n / blk) as u32, (m / blk) as u32, batch as u32];
+    if groups.iter().any(|&g| g > 65535) || batch > 65535 {
         return Err(GpuError::TooLarge {
-            what: format!("tensor-core gemm {m}x{n} grid"),
+            what: format!("tensor-core gemm {m}x{n} batch {batch} grid"),
             bytes: (m * n * 4) as u64,
             limit: 65535 * blk as u64,
         });
@@ -1088,7 +1179,7 @@ pub fn gemm_coop(
         op.entry(),
         &[],
         &params,
-        &[a.binding(), b.binding(), c.buf.binding()],
+        &[a.buf.binding(), b.buf.binding(), c.buf.binding()],
         groups,
     )
 }
