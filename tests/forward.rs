@@ -98,7 +98,7 @@ fn tensor_core_layer_matches_reference_where_granted() {
         cpu::layer_forward(&cfg, &lw, &mut expected, nseq, seqlen);
         let mut gl = GpuLayer::upload(&ctx, &cfg, &lw).unwrap();
         let mut rec = ctx.recorder();
-        let on = gl.enable_tensor_cores(&mut rec, 64).unwrap();
+        let on = gl.enable_tensor_cores(&mut rec, 64, seqlen).unwrap();
         rec.submit();
         use gptaq_studio::model::ModuleKind;
         if !gptaq_studio::gpu::ops::coop_available(&ctx) {
@@ -296,6 +296,146 @@ fn check_attend(hd: usize, seqlen: usize, nseq: usize, heads: usize, kv_heads: u
             tok % seqlen
         );
     }
+}
+
+/// A host stand-in for `ops::gemm_coop_batched` with the same contract (f16 operands, C += op(A)
+/// op(B) per batch entry, the same checks): submits what `rec` holds, reads the operands back,
+/// multiplies in f64 and writes C. Lets `attend_tc_with`'s offsets and strides be checked on
+/// adapters without cooperative matrices (lavapipe); the GPU machine runs the real kernel.
+#[allow(clippy::too_many_arguments)]
+fn host_coop_gemm(
+    rec: &mut gptaq_studio::gpu::Recorder<'_>,
+    op: gptaq_studio::gpu::ops::CoopOp,
+    (m, n, k): (usize, usize, usize),
+    batch: usize,
+    a: gptaq_studio::gpu::ops::CoopOperand<'_>,
+    b: gptaq_studio::gpu::ops::CoopOperand<'_>,
+    (c, cs): (gptaq_studio::gpu::ops::MatView<'_>, usize),
+) -> Result<(), gptaq_studio::gpu::GpuError> {
+    use gptaq_studio::gpu::ops::{self, CoopOp};
+    ops::check_coop_batched(op, (m, n, k), batch, &a, &b, (&c, cs))?;
+    let ctx = rec.ctx();
+    std::mem::replace(rec, ctx.recorder()).submit();
+    let (av, bv, mut cv) = (ctx.read(a.buf)?, ctx.read(b.buf)?, ctx.read(c.buf)?);
+    for z in 0..batch {
+        let (ao, bo) = (
+            a.off + z / a.group * a.stride,
+            b.off + z / b.group * b.stride,
+        );
+        let co = c.offset + z * cs;
+        for i in 0..m {
+            for j in 0..n {
+                let mut acc = 0.0f64;
+                for l in 0..k {
+                    let x = match op {
+                        CoopOp::Tn => av[ao + l * a.ld + i],
+                        _ => av[ao + i * a.ld + l],
+                    };
+                    let y = match op {
+                        CoopOp::Nt | CoopOp::Nt64 => bv[bo + j * b.ld + l],
+                        _ => bv[bo + l * b.ld + j],
+                    };
+                    acc += f64::from(x.to_f32()) * f64::from(y.to_f32());
+                }
+                let e = &mut cv[co + i * c.ld + j];
+                *e = (f64::from(*e) + acc) as f32;
+            }
+        }
+    }
+    ctx.write(c.buf, 0, &cv);
+    Ok(())
+}
+
+/// The tensor-core attention (`forward::attend_tc`) against the f64 reference, on random q/k/v
+/// like `check_attend`. With cooperative matrices the real kernels run; without, the chunking,
+/// the per-head strides, the key/value groups and the causal softmax (a real shader) are checked
+/// through `host_coop_gemm`. f16 operands and probabilities: 1e-2 of the output's RMS (a chunk,
+/// head or sequence read from the wrong place is off by O(1)).
+fn check_attend_tc(
+    hd: usize,
+    seqlen: usize,
+    nseq: usize,
+    heads: usize,
+    kv_heads: usize,
+    seed: u64,
+) {
+    use rand::{Rng, SeedableRng};
+    let Some(ctx) = test_context() else { return };
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let t = nseq * seqlen;
+    let mut uniform =
+        |n: usize, r: f32| -> Vec<f32> { (0..n).map(|_| rng.random_range(-r..r)).collect() };
+    let (q, k, v) = (
+        uniform(t * heads * hd, 3.0),
+        uniform(t * kv_heads * hd, 1.0),
+        uniform(t * kv_heads * hd, 1.0),
+    );
+    let f64s = |x: &[f32]| x.iter().map(|&a| f64::from(a)).collect::<Vec<f64>>();
+    let expected =
+        cpu::causal_attention(&f64s(&q), &f64s(&k), &f64s(&v), heads, kv_heads, hd, seqlen);
+    let dims = forward::LayerDims::of(&config(heads * hd, 64, heads, kv_heads, hd));
+    let sc = forward::AttnTc::new(&ctx, &dims, seqlen)
+        .unwrap()
+        .expect("shape tiles");
+    let (qb, kb, vb) = (
+        ctx.upload("q", &q).unwrap(),
+        ctx.upload("k", &k).unwrap(),
+        ctx.upload("v", &v).unwrap(),
+    );
+    let ob = ctx.upload("out", &vec![f32::NAN; t * heads * hd]).unwrap();
+    let shape = forward::AttnShape {
+        heads,
+        kv_heads,
+        head_dim: hd,
+        nseq,
+        seqlen,
+    };
+    let real = gptaq_studio::gpu::ops::coop_available(&ctx);
+    // Twice through the same scratch: the second call must not see the first's scores.
+    for round in 0..2 {
+        let mut rec = ctx.recorder();
+        if real {
+            forward::attend_tc(&mut rec, &qb, &kb, &vb, &ob, shape, &sc).unwrap();
+        } else {
+            forward::attend_tc_with(
+                &mut rec,
+                &qb,
+                &kb,
+                &vb,
+                &ob,
+                shape,
+                &sc,
+                &mut host_coop_gemm,
+            )
+            .unwrap();
+        }
+        rec.submit();
+        let got = ctx.read(&ob).unwrap();
+        let rms = (expected.iter().map(|x| x * x).sum::<f64>() / expected.len() as f64).sqrt();
+        common::assert_close(
+            &format!(
+                "tensor-core attention ({}) round {round}: hd {hd} seqlen {seqlen} nseq {nseq} heads {heads}/{kv_heads}",
+                if real {
+                    "cooperative matrices"
+                } else {
+                    "host GEMM stand-in"
+                }
+            ),
+            &got,
+            &expected,
+            1e-2 * rms,
+            1e-2,
+        );
+    }
+}
+
+/// `attend_tc` over chunk sizes 256 (two chunks), 128 and 64 (three chunks), GQA groups of 2 and
+/// 4 and MHA, one and two sequences.
+#[test]
+fn tensor_core_attention_matches_reference() {
+    check_attend_tc(32, 512, 2, 4, 2, 1);
+    check_attend_tc(64, 192, 1, 3, 3, 2);
+    check_attend_tc(32, 128, 2, 4, 1, 3);
 }
 
 /// The attention kernel alone against the f64 reference: every tiled head dim class (tiny, not a

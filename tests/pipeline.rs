@@ -1249,8 +1249,8 @@ fn packed_f16_gpu_streams_equal_f16_host_streams() {
     }
 }
 
-/// `PipelineConfig::tensor_cores` on tiny-llama-15m (every module tiles; 100-token sequences
-/// leave rows for the f32 tail). Where the adapter grants cooperative matrices (the GPU machine)
+/// `PipelineConfig::tensor_cores` on tiny-llama-15m (every module and the attention tile at 128
+/// tokens per sequence; tests/forward.rs covers the f32 tail of untiled rows). Where the adapter grants cooperative matrices (the GPU machine)
 /// the f16 forward and statistics must quantize like the f32 run: every module's errors and
 /// each layer's hidden deviation within 10 % (f16 rounds each operand by ≤ 2⁻¹¹; a chunk left
 /// out or a stale f16 weight after Q is installed changes them by far more). Elsewhere (lavapipe)
@@ -1273,7 +1273,7 @@ fn tensor_cores_quantize_like_f32() {
                 ..QuantConfig::default()
             },
             2,
-            100,
+            128,
         );
         j.config.solver = Solver::Gpu;
         j.config.tensor_cores = tc;

@@ -14,7 +14,9 @@ pub mod cpu;
 use bytemuck::{Pod, Zeroable};
 
 use crate::gpu::kernels::groups_1d;
-use crate::gpu::ops::{self, CoopOp, MatView};
+use std::sync::Arc;
+
+use crate::gpu::ops::{self, CoopOp, CoopOperand, MatView};
 use crate::gpu::{GpuBuffer, GpuContext, GpuError, Recorder};
 use crate::model::{LayerWeights, ModelConfig, ModuleKind, RopeScaling};
 
@@ -22,6 +24,7 @@ crate::wgsl_shader!(RMSNORM, "rmsnorm");
 crate::wgsl_shader!(ROPE, "rope");
 crate::wgsl_shader!(ATTENTION, "attention");
 crate::wgsl_shader!(FORWARD_EW, "forward_ew");
+crate::wgsl_shader!(ATTN_SOFTMAX, "attn_softmax");
 
 /// The largest head dim of the attention kernel: its output tile is at most 4 groups of 64 dims per
 /// invocation (`attention_tiles`).
@@ -166,9 +169,12 @@ struct TensorCores {
     /// Per module (`ModuleKind as usize`): the f16 copy of its weight, `None` where the shape does
     /// not tile into the cooperative-matrix blocks (that module keeps the f32 GEMM).
     w16: Vec<Option<GpuBuffer<half::f16>>>,
-    /// One chunk of at most `chunk` activation rows of the widest input, in f16.
-    x16: GpuBuffer<half::f16>,
+    /// One chunk of at most `chunk` activation rows of the widest input, in f16. Shared with the
+    /// layer's duplicate (the other stream): GPU work is ordered, so one scratch serves both.
+    x16: Arc<GpuBuffer<half::f16>>,
     chunk: usize,
+    /// The tensor-core attention's scratch, where the shapes allow it (shared like `x16`).
+    attn: Option<Arc<AttnTc>>,
 }
 
 /// One decoder layer's weights on the GPU.
@@ -255,7 +261,8 @@ impl GpuLayer {
     /// into the cooperative-matrix blocks (rows a multiple of 32, input width of 16) gets an f16
     /// copy of its weight, and the activations are cast to f16 chunk by chunk as they are read.
     /// Rows of a batch beyond the last whole block, and modules that do not tile, keep the f32
-    /// GEMM. f16 rounds the operands to 11 significant bits, like the reference's half-precision
+    /// GEMM. Attention over sequences of `seqlen` tokens runs on tensor cores too where its
+    /// shapes tile ([`AttnTc::chunk`]). f16 rounds the operands to 11 significant bits, like the reference's half-precision
     /// forward; values beyond ±65504 would become infinite, which the pipeline's finite checks
     /// on the statistics catch. Returns whether any module runs on tensor cores (never where the
     /// adapter does not grant cooperative matrices).
@@ -263,6 +270,7 @@ impl GpuLayer {
         &mut self,
         rec: &mut Recorder<'_>,
         max_tokens: usize,
+        seqlen: usize,
     ) -> Result<bool, GpuError> {
         let ctx = rec.ctx();
         if !ops::coop_available(ctx) {
@@ -294,8 +302,9 @@ impl GpuLayer {
         let chunk = max_tokens.clamp(1, TC_CHUNK_TOKENS).next_multiple_of(64);
         self.tc = Some(TensorCores {
             w16,
-            x16: ctx.zeros::<half::f16>("activations f16", chunk * widest)?,
+            x16: Arc::new(ctx.zeros::<half::f16>("activations f16", chunk * widest)?),
             chunk,
+            attn: AttnTc::new(ctx, &self.dims, seqlen)?.map(Arc::new),
         });
         Ok(true)
     }
@@ -393,8 +402,9 @@ impl GpuLayer {
                     }
                     Some(TensorCores {
                         w16,
-                        x16: ctx.zeros::<half::f16>("activations f16", tc.x16.len())?,
+                        x16: tc.x16.clone(),
                         chunk: tc.chunk,
+                        attn: tc.attn.clone(),
                     })
                 }
             },
@@ -832,20 +842,17 @@ pub fn rope_attend(
             groups_1d(params.rows),
         )?;
     }
-    attend(
-        rec,
-        &s.q,
-        &s.k,
-        &s.v,
-        &s.attn,
-        AttnShape {
-            heads: d.heads,
-            kv_heads: d.kv_heads,
-            head_dim: d.head_dim,
-            nseq,
-            seqlen,
-        },
-    )
+    let shape = AttnShape {
+        heads: d.heads,
+        kv_heads: d.kv_heads,
+        head_dim: d.head_dim,
+        nseq,
+        seqlen,
+    };
+    match l.tc.as_ref().and_then(|tc| tc.attn.as_deref()) {
+        Some(a) if a.seqlen == seqlen => attend_tc(rec, &s.q, &s.k, &s.v, &s.attn, shape, a),
+        _ => attend(rec, &s.q, &s.k, &s.v, &s.attn, shape),
+    }
 }
 
 /// Shape of one causal attention dispatch ([`attend`]).
@@ -856,6 +863,233 @@ pub struct AttnShape {
     pub head_dim: usize,
     pub nseq: usize,
     pub seqlen: usize,
+}
+
+/// A batched f16 GEMM with the contract of [`ops::gemm_coop_batched`] (which [`attend_tc`]
+/// passes); the tests pass a host emulation to check [`attend_tc_with`]'s strides and offsets on
+/// adapters without cooperative matrices.
+pub type BatchedGemm<'f> = dyn FnMut(
+        &mut Recorder<'_>,
+        CoopOp,
+        (usize, usize, usize),
+        usize,
+        CoopOperand<'_>,
+        CoopOperand<'_>,
+        (MatView<'_>, usize),
+    ) -> Result<(), GpuError>
+    + 'f;
+
+/// Scratch of the tensor-core attention ([`attend_tc`]) for sequences of `seqlen` tokens: one
+/// sequence's q, k, v in f16, and the scores `S` (f32) and probabilities `P` (f16) of one query
+/// chunk for every head.
+pub struct AttnTc {
+    q16: GpuBuffer<half::f16>,
+    k16: GpuBuffer<half::f16>,
+    v16: GpuBuffer<half::f16>,
+    s: GpuBuffer<f32>,
+    p: GpuBuffer<half::f16>,
+    seqlen: usize,
+    qc: usize,
+}
+
+impl AttnTc {
+    /// Query rows per chunk for sequences of `seqlen` tokens, or `None` where the tensor-core
+    /// attention does not apply: the query chunks and their key ranges must tile into 64-wide
+    /// blocks (seqlen a multiple of 64), the head dim into the P·V product's 32-wide blocks, and
+    /// the heads into whole groups per key/value head. Chunks of 256 queries: the scores of
+    /// all heads for one chunk are `heads·256·seqlen` floats (64 MiB for Llama-3-8B at 2048), and a
+    /// chunk's keys stop at its last query, which skips most of the causal mask's zeros.
+    pub fn chunk(d: &LayerDims, seqlen: usize) -> Option<usize> {
+        let tiles = d.head_dim.is_multiple_of(32)
+            && d.kv_heads > 0
+            && d.heads.is_multiple_of(d.kv_heads)
+            && seqlen > 0
+            && seqlen.is_multiple_of(64);
+        if !tiles {
+            return None;
+        }
+        [256, 128, 64]
+            .into_iter()
+            .find(|c| seqlen.is_multiple_of(*c))
+    }
+
+    /// GPU bytes of the scratch (0 where [`AttnTc::chunk`] does not apply).
+    pub fn bytes(d: &LayerDims, seqlen: usize) -> u64 {
+        match Self::chunk(d, seqlen) {
+            None => 0,
+            Some(qc) => {
+                let (l, h) = (seqlen as u64, d.heads as u64);
+                l * (d.q_dim() as u64 + 2 * d.kv_dim() as u64) * 2 + h * qc as u64 * l * (4 + 2)
+            }
+        }
+    }
+
+    /// The scratch, or `None` where [`AttnTc::chunk`] does not apply.
+    pub fn new(ctx: &GpuContext, d: &LayerDims, seqlen: usize) -> Result<Option<Self>, GpuError> {
+        let Some(qc) = Self::chunk(d, seqlen) else {
+            return Ok(None);
+        };
+        let scores = d.heads * qc * seqlen;
+        Ok(Some(Self {
+            q16: ctx.zeros("attention q f16", seqlen * d.q_dim())?,
+            k16: ctx.zeros("attention k f16", seqlen * d.kv_dim())?,
+            v16: ctx.zeros("attention v f16", seqlen * d.kv_dim())?,
+            // Zero at the start; attn_softmax re-zeroes what each chunk's GEMM accumulated.
+            s: ctx.zeros("attention scores", scores)?,
+            p: ctx.zeros("attention probabilities f16", scores)?,
+            seqlen,
+            qc,
+        }))
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct SoftmaxParams {
+    rows: u32,
+    keys: u32,
+    ld: u32,
+    q0: u32,
+    zstride: u32,
+    _pad: [u32; 3],
+}
+
+/// `attn_softmax.wgsl` over `rows` query rows (positions `q0..`) and `keys` keys of `heads` score
+/// blocks of `rows × ld` floats in `s`, into `p` (same layout, f16); `s` is left zeroed there.
+#[allow(clippy::too_many_arguments)]
+fn attn_softmax(
+    rec: &mut Recorder<'_>,
+    s: &GpuBuffer<f32>,
+    p: &GpuBuffer<half::f16>,
+    rows: usize,
+    keys: usize,
+    ld: usize,
+    q0: usize,
+    heads: usize,
+) -> Result<(), GpuError> {
+    let need = heads * rows * ld;
+    if keys > ld || s.len() < need || p.len() < need || rows > 65535 || heads > 65535 {
+        return Err(GpuError::Validation(format!(
+            "attention softmax of {heads} × {rows} rows × {keys} keys (ld {ld}): scores hold {}, \
+             probabilities {}, need {need}",
+            s.len(),
+            p.len()
+        )));
+    }
+    let params = SoftmaxParams {
+        rows: u32_of("softmax rows", rows)?,
+        keys: u32_of("softmax keys", keys)?,
+        ld: u32_of("softmax ld", ld)?,
+        q0: u32_of("softmax q0", q0)?,
+        zstride: u32_of("softmax head stride", rows * ld)?,
+        _pad: [0; 3],
+    };
+    rec.dispatch(
+        &ATTN_SOFTMAX,
+        "attn_softmax",
+        &[],
+        &params,
+        &[s.binding(), p.binding()],
+        [params.rows, heads as u32, 1],
+    )
+}
+
+/// Causal grouped-query attention on tensor cores, with the result of [`attend`] (same layouts):
+/// per sequence, q (scaled by 1/√hd), k and v are cast to f16; then per chunk of `qc` queries,
+/// for all heads in one batched GEMM each, `S = Q·Kᵀ` over the keys up to the chunk's last
+/// query, the causal softmax ([`attn_softmax`]: f32 scores, f16 probabilities), and
+/// `O += P·V`. f16 operands and probabilities, f32 accumulation and softmax, as the reference's
+/// half-precision attention (which also rounds P to f16 before P·V).
+pub fn attend_tc(
+    rec: &mut Recorder<'_>,
+    q: &GpuBuffer<f32>,
+    k: &GpuBuffer<f32>,
+    v: &GpuBuffer<f32>,
+    out: &GpuBuffer<f32>,
+    shape: AttnShape,
+    sc: &AttnTc,
+) -> Result<(), GpuError> {
+    attend_tc_with(rec, q, k, v, out, shape, sc, &mut ops::gemm_coop_batched)
+}
+
+/// [`attend_tc`] with the batched GEMM passed in (module-level [`BatchedGemm`]).
+#[allow(clippy::too_many_arguments)]
+pub fn attend_tc_with(
+    rec: &mut Recorder<'_>,
+    q: &GpuBuffer<f32>,
+    k: &GpuBuffer<f32>,
+    v: &GpuBuffer<f32>,
+    out: &GpuBuffer<f32>,
+    shape: AttnShape,
+    sc: &AttnTc,
+    gemm: &mut BatchedGemm<'_>,
+) -> Result<(), GpuError> {
+    let AttnShape {
+        heads,
+        kv_heads,
+        head_dim: hd,
+        nseq,
+        seqlen: l,
+    } = shape;
+    if l != sc.seqlen || kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
+        return Err(GpuError::Validation(format!(
+            "tensor-core attention scratch is for {} tokens per sequence, got {l} ({heads} heads, \
+             {kv_heads} key/value heads)",
+            sc.seqlen
+        )));
+    }
+    let (qd, kd, g, qc) = (heads * hd, kv_heads * hd, heads / kv_heads, sc.qc);
+    if sc.q16.len() < l * qd || sc.k16.len() < l * kd || sc.s.len() < heads * qc * l {
+        return Err(GpuError::Validation(format!(
+            "tensor-core attention scratch too small for {heads} heads of {hd} dims"
+        )));
+    }
+    let scale = 1.0 / (hd as f32).sqrt();
+    for seq in 0..nseq {
+        let row0 = seq * l;
+        ops::cast_f16(
+            rec,
+            l,
+            qd,
+            MatView::new(q, qd).at(row0 * qd),
+            scale,
+            &sc.q16,
+        )?;
+        ops::cast_f16(rec, l, kd, MatView::new(k, kd).at(row0 * kd), 1.0, &sc.k16)?;
+        ops::cast_f16(rec, l, kd, MatView::new(v, kd).at(row0 * kd), 1.0, &sc.v16)?;
+        // P·V accumulates into the output.
+        rec.clear(out, row0 * qd, l * qd)?;
+        for q0 in (0..l).step_by(qc) {
+            let keys = q0 + qc;
+            // S_z = Q_z[q0 .. q0 + qc] · K_{z/g}[.. keys]ᵀ: head z's queries are columns z·hd..
+            // of q16, its key/value head's keys columns (z/g)·hd.. of k16.
+            gemm(
+                rec,
+                if keys.is_multiple_of(64) && qc.is_multiple_of(64) {
+                    CoopOp::Nt64
+                } else {
+                    CoopOp::Nt
+                },
+                (qc, keys, hd),
+                heads,
+                CoopOperand::new(&sc.q16, q0 * qd, qd).batched(hd, 1),
+                CoopOperand::new(&sc.k16, 0, kd).batched(hd, g),
+                (MatView::new(&sc.s, l), qc * l),
+            )?;
+            attn_softmax(rec, &sc.s, &sc.p, qc, keys, l, q0, heads)?;
+            // O_z[q0 .. q0 + qc] += P_z · V_{z/g}[.. keys], into columns z·hd.. of the output.
+            gemm(
+                rec,
+                CoopOp::Nn,
+                (qc, hd, keys),
+                heads,
+                CoopOperand::new(&sc.p, 0, l).batched(qc * l, 1),
+                CoopOperand::new(&sc.v16, 0, kd).batched(hd, g),
+                (MatView::new(out, qd).at((row0 + q0) * qd), hd),
+            )?;
+        }
+    }
+    Ok(())
 }
 
 /// Causal grouped-query attention alone (`attention.wgsl`), no RoPE: `out = softmax(q·kᵀ/√hd)·v`

@@ -1100,6 +1100,52 @@ pub fn gemm_coop(
     gemm_coop_batched(rec, op, (m, n, k), 1, a, b, (c, 0))
 }
 
+/// The shape and extent checks of [`gemm_coop_batched`] (everything but the adapter's features):
+/// exact block tiling, strides at least a row, every batch entry inside its buffer. Public so that
+/// a stand-in for the kernel (the tests' host emulation) refuses exactly what the kernel refuses.
+pub fn check_coop_batched(
+    op: CoopOp,
+    (m, n, k): (usize, usize, usize),
+    batch: usize,
+    a: &CoopOperand<'_>,
+    b: &CoopOperand<'_>,
+    (c, c_stride): (&MatView<'_>, usize),
+) -> Result<(), GpuError> {
+    let blk = op.block();
+    if !coop_shape_ok_for(op, m, n, k) || c.trans || c.ld < n || batch == 0 {
+        return Err(GpuError::Validation(format!(
+            "tensor-core GEMM {op:?} takes M, N multiples of {blk} and K of 16, ldc ≥ N (got \
+             {m}x{n}x{k}, ldc {}, batch {batch})",
+            c.ld
+        )));
+    }
+    // Stored (rows, cols) of A and B.
+    let (sa, sb) = match op {
+        CoopOp::Nn => ((m, k), (k, n)),
+        CoopOp::Tn => ((k, m), (k, n)),
+        CoopOp::Nt | CoopOp::Nt64 => ((m, k), (n, k)),
+    };
+    for (what, x, (rows, cols)) in [("A", a, sa), ("B", b, sb)] {
+        let need = x.off + (batch - 1) / x.group.max(1) * x.stride + (rows - 1) * x.ld + cols;
+        if x.ld < cols || x.group == 0 || x.buf.len() < need {
+            return Err(GpuError::Validation(format!(
+                "tensor-core GEMM {what} ({rows}×{cols}, ld {}, offset {}, batch {batch} × {}): \
+                 {} elements, needs {need}",
+                x.ld,
+                x.off,
+                x.stride,
+                x.buf.len()
+            )));
+        }
+    }
+    check_len(
+        "gemm_coop C",
+        c.buf,
+        c.offset + (batch - 1) * c_stride + (m - 1) * c.ld + n,
+    )?;
+    Ok(())
+}
+
 /// [`gemm_coop`] over `batch` products at once (workgroup z), each operand with its own row and
 /// batch strides: `C_z += op(A_z)·op(B_z)` with `X_z` starting `z·stride` elements after `X`'s
 /// first. Attention's heads are such a batch: per key/value head, the query heads of its group
@@ -1118,37 +1164,8 @@ pub fn gemm_coop_batched(
             "tensor-core GEMM needs SHADER_F16 and EXPERIMENTAL_COOPERATIVE_MATRIX".into(),
         ));
     }
+    check_coop_batched(op, (m, n, k), batch, &a, &b, (&c, c_stride))?;
     let blk = op.block();
-    if !coop_shape_ok_for(op, m, n, k) || c.trans || batch == 0 {
-        return Err(GpuError::Validation(format!(
-            "tensor-core GEMM {op:?} takes M, N multiples of {blk} and K of 16 (got {m}x{n}x{k}, \
-             batch {batch})"
-        )));
-    }
-    // Stored (rows, cols) of A and B.
-    let (sa, sb) = match op {
-        CoopOp::Nn => ((m, k), (k, n)),
-        CoopOp::Tn => ((k, m), (k, n)),
-        CoopOp::Nt | CoopOp::Nt64 => ((m, k), (n, k)),
-    };
-    for (what, x, (rows, cols)) in [("A", &a, sa), ("B", &b, sb)] {
-        let need = x.off + (batch - 1) / x.group.max(1) * x.stride + (rows - 1) * x.ld + cols;
-        if x.ld < cols || x.group == 0 || x.buf.len() < need {
-            return Err(GpuError::Validation(format!(
-                "tensor-core GEMM {what} ({rows}×{cols}, ld {}, offset {}, batch {batch} × {}): \
-                 {} elements, needs {need}",
-                x.ld,
-                x.off,
-                x.stride,
-                x.buf.len()
-            )));
-        }
-    }
-    check_len(
-        "gemm_coop C",
-        c.buf,
-        c.offset + (batch - 1) * c_stride + (m - 1) * c.ld + n,
-    )?;
     let params = CoopParams {
         m: u32_of("gemm M", m)?,
         n: u32_of("gemm N", n)?,

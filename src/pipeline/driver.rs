@@ -189,8 +189,8 @@ pub fn quantize(
     };
     // Tensor cores where asked for (config or GPTAQ_TENSOR_CORES=1) and granted.
     let tc_asked = cfg.tensor_cores || tensor_cores_requested();
-    let use_tc = tc_asked && ops::coop_available(ctx);
-    let plan = plan::plan(&PlanInput {
+    let mut use_tc = tc_asked && ops::coop_available(ctx);
+    let mut plan_input = PlanInput {
         config: &mc,
         nsamples: nseq,
         seqlen,
@@ -209,7 +209,19 @@ pub fn quantize(
         force_host: cfg.force_host_streams,
         lean_memory: cfg.lean_memory,
         tensor_cores: use_tc,
-    })?;
+    };
+    // Tensor cores are a speed option: where their f16 copies do not fit the budget, the run goes
+    // on with the f32 kernels instead of failing (warned below).
+    let mut tc_refused = None;
+    let plan = match plan::plan(&plan_input) {
+        Err(e @ plan::PlanError::Budget { .. }) if use_tc => {
+            use_tc = false;
+            plan_input.tensor_cores = false;
+            tc_refused = Some(e.to_string());
+            plan::plan(&plan_input)?
+        }
+        other => other?,
+    };
     emit_started(emit, prep, qc, &plan);
     ctx.reset_peak();
 
@@ -303,14 +315,21 @@ pub fn quantize(
     let mut layer_reports = Vec::new();
     let mut warnings = Vec::new();
     if tc_asked {
-        let w = if use_tc {
-            "tensor cores: the calibration forward's linears and H, D (and E) run on f16 operands \
-             with f32 accumulation where the shapes tile (experimental)"
-        } else {
-            "tensor cores ignored: this adapter does not grant f16 cooperative matrices"
+        let w = match (&tc_refused, use_tc) {
+            (Some(e), _) => format!(
+                "tensor cores not used: their f16 weight copies and scratch do not fit the memory \
+                 budget ({e}); the f32 kernels run instead"
+            ),
+            (None, true) => "tensor cores: the calibration forward's linears and attention and H, \
+                 D (and E) run on f16 operands with f32 accumulation where the shapes tile \
+                 (experimental)"
+                .into(),
+            (None, false) => {
+                "tensor cores ignored: this adapter does not grant f16 cooperative matrices".into()
+            }
         };
-        emit(Event::Warning(w.into()));
-        warnings.push(w.to_string());
+        emit(Event::Warning(w.clone()));
+        warnings.push(w);
     }
 
     // The next layer's host weights are read on a second thread while this one computes
@@ -338,7 +357,7 @@ pub fn quantize(
                     let lw: LayerWeights = prefetch
                         .layer(layer)
                         .map_err(|e| PipelineError::Input(e.to_string()))?;
-                    let q = upload_layer(ctx, &mc, &lw, use_tc, max_tokens)?;
+                    let q = upload_layer(ctx, &mc, &lw, use_tc, (max_tokens, seqlen))?;
                     (lw, q)
                 }
             };
@@ -675,7 +694,7 @@ pub fn quantize(
                     .layer(layer + 1)
                     .map_err(|e| PipelineError::Input(e.to_string()))?;
                 next = Some(scope.spawn(move || {
-                    let q = upload_layer(ctx, mcr, &lw_next, use_tc, max_tokens)?;
+                    let q = upload_layer(ctx, mcr, &lw_next, use_tc, (max_tokens, seqlen))?;
                     Ok((lw_next, q))
                 }));
             }
@@ -1211,12 +1230,12 @@ fn upload_layer(
     mc: &ModelConfig,
     lw: &LayerWeights,
     tc: bool,
-    max_tokens: usize,
+    (max_tokens, seqlen): (usize, usize),
 ) -> Result<GpuLayer, PipelineError> {
     let mut q = GpuLayer::upload(ctx, mc, lw)?;
     if tc {
         let mut rec = ctx.recorder();
-        q.enable_tensor_cores(&mut rec, max_tokens)?;
+        q.enable_tensor_cores(&mut rec, max_tokens, seqlen)?;
         rec.submit();
     }
     Ok(q)

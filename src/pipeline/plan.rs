@@ -129,13 +129,15 @@ fn layer_weight_bytes(c: &ModelConfig) -> u64 {
     (h * qd + 2 * h * kvd + qd * h + 3 * h * i) * F32
 }
 
-/// The tensor-core forward's memory per stream next to the f32 weights
-/// (`forward::GpuLayer::enable_tensor_cores`): an f16 copy of every weight and one f16 chunk of
-/// `TC_CHUNK_TOKENS` activation rows of the widest input (an upper bound: smaller batches get a
-/// smaller chunk).
-fn tensor_core_weight_bytes(c: &ModelConfig) -> u64 {
+/// The tensor-core forward's scratch, shared by a layer's two streams
+/// (`forward::GpuLayer::enable_tensor_cores`): one f16 chunk of `TC_CHUNK_TOKENS` activation rows
+/// of the widest input (an upper bound: smaller batches get a smaller chunk) and the attention's
+/// f16 q/k/v, scores and probabilities of one query chunk (`forward::AttnTc::bytes`). Each
+/// stream's f16 weight copies come on top (half of `layer_weight_bytes`).
+fn tensor_core_scratch_bytes(c: &ModelConfig, seqlen: usize) -> u64 {
     let widest = c.hidden_size.max(c.intermediate_size).max(c.q_dim()) as u64;
-    layer_weight_bytes(c) / 2 + crate::forward::TC_CHUNK_TOKENS as u64 * widest * 2
+    crate::forward::TC_CHUNK_TOKENS as u64 * widest * 2
+        + crate::forward::AttnTc::bytes(&crate::forward::LayerDims::of(c), seqlen)
 }
 
 /// Bytes of one n×n f32 matrix of the widest input.
@@ -240,15 +242,18 @@ pub fn rtn_direct(gpu_budget_bytes: u64) -> MemoryPlan {
 pub fn plan(input: &PlanInput<'_>) -> Result<MemoryPlan, PlanError> {
     let c = input.config;
     let streams = if input.fp_stream { 2 } else { 1 };
-    // With tensor cores each stream's layer also holds its f16 copy (and the next layer's upload
-    // makes one too).
-    let stream_weights = layer_weight_bytes(c)
-        + if input.tensor_cores {
-            tensor_core_weight_bytes(c)
-        } else {
-            0
-        };
-    let weights = stream_weights * streams + layer_weight_bytes(c) / 7 * 2;
+    // With tensor cores each stream's layer also holds its f16 copy, next to one scratch for both
+    // (the next layer's upload makes both again).
+    let (f16_weights, tc_scratch) = if input.tensor_cores {
+        (
+            layer_weight_bytes(c) / 2,
+            tensor_core_scratch_bytes(c, input.seqlen),
+        )
+    } else {
+        (0, 0)
+    };
+    let stream_weights = layer_weight_bytes(c) + f16_weights;
+    let weights = stream_weights * streams + tc_scratch + layer_weight_bytes(c) / 7 * 2;
     // The largest group's statistics (GPTQ with metrics may keep a D in its narrower groups).
     let statistics = groups(c)
         .iter()
@@ -370,7 +375,7 @@ pub fn plan(input: &PlanInput<'_>) -> Result<MemoryPlan, PlanError> {
     // weights, streams and one batch of activations. Where that stays within the peak the plan
     // already has (the statistics or the solve need more) it costs no memory; otherwise it needs
     // room beyond that peak, which the estimate then includes.
-    let ahead = stream_weights;
+    let ahead = stream_weights + tc_scratch;
     let last_stage = fixed + seq_scratch * batch as u64 + ahead;
     let weights_ahead = !input.lean_memory && c.num_layers > 1 && last_stage <= usable;
     let gpu_total = if weights_ahead {
@@ -678,6 +683,56 @@ mod tests {
         let mut i = input(&c, 16, StreamDType::F16);
         i.force_host = true;
         assert!(!plan(&i)?.streams_on_gpu);
+        Ok(())
+    }
+
+    /// Tensor cores cost each stream an f16 copy of its weights and the two streams one shared
+    /// scratch: the Llama-3-8B GPTAQ plan at 12 GiB keeps its batch and placement, its estimate
+    /// higher by exactly those bytes (the layer upload ahead included); at 8 GiB it does not fit.
+    #[test]
+    fn tensor_cores_add_f16_weights_and_one_scratch() -> Result<(), Box<dyn std::error::Error>> {
+        let c = llama3_8b()?;
+        let base = plan(&input(&c, 12, StreamDType::F16))?;
+        let mut i = input(&c, 12, StreamDType::F16);
+        i.tensor_cores = true;
+        let tc = plan(&i)?;
+        // At 8 GiB the f16 copies do not fit next to everything else (the driver then runs the
+        // f32 forward, with a warning).
+        let mut i8 = input(&c, 8, StreamDType::F16);
+        i8.tensor_cores = true;
+        assert!(plan(&i8).is_err());
+        assert_eq!(
+            tc.batch_sequences, base.batch_sequences,
+            "{:?}",
+            tc.breakdown
+        );
+        assert_eq!(
+            (tc.weights_ahead, tc.streams_on_gpu),
+            (base.weights_ahead, base.streams_on_gpu)
+        );
+        let f16_weights = layer_weight_bytes(&c) / 2;
+        // 4096 rows × 14336 f16 + (2048 × (4096 + 2·1024) f16 + 32 heads × 256 × 2048 × (4 + 2) B).
+        let scratch = 4096 * 14336 * 2 + 2048 * 6144 * 2 + 32 * 256 * 2048 * 6;
+        assert_eq!(tensor_core_scratch_bytes(&c, 2048), scratch);
+        // The statistics' f16 operands: X_q and X_fp − X_q of the batch at the widest input.
+        let operands = 4 * 14336 * 2048 * tc.batch_sequences as u64;
+        let extra = tc.gpu_bytes_estimate - base.gpu_bytes_estimate;
+        // The peak: accumulating (both streams' f16 weights, the scratch and the operands more),
+        // solving (no operands) or uploading the next layer (one more f16 copy and scratch).
+        let fixed = 2 * f16_weights + scratch;
+        assert!(
+            [
+                fixed + operands,
+                fixed,
+                fixed + f16_weights + scratch + operands
+            ]
+            .contains(&extra),
+            "extra {extra} B; f16 weights {f16_weights} B, scratch {scratch} B, operands \
+             {operands} B: {:?}",
+            tc.breakdown
+        );
+        assert!(tc.gpu_bytes_estimate <= 10 << 30, "{:?}", tc.breakdown);
+        assert!(tc.breakdown.iter().any(|l| l.contains("f16 copy")));
         Ok(())
     }
 

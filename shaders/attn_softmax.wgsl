@@ -1,0 +1,75 @@
+// Causal softmax between the two tensor-core GEMMs of attention (forward::attend_tc):
+//   P[z][r][j] = f16( exp(S[z][r][j] − max_r) / Σ_j' exp(S[z][r][j'] − max_r) )  for j ≤ q0 + r,
+//   P[z][r][j] = 0                                                              for q0 + r < j < keys,
+// over the rows r < rows of one query chunk (query positions q0 + r of the sequence) and the
+// keys j < keys that chunk can see, for every head z. S (f32, scores already scaled by 1/√hd:
+// the scale is folded into the f16 queries) is the accumulator of the cooperative-matrix GEMM,
+// which adds into it, so each row is zeroed here once read: the next chunk's GEMM starts from
+// zeros without a separate clear. Row base: z·zstride + r·ld, for S and P alike.
+// One workgroup per (row, head): 256 invocations stride over the keys, reduce the row's maximum
+// and sum in workgroup memory (exp is recomputed in the last pass instead of kept).
+
+enable f16;
+
+struct Params {
+    rows: u32,
+    keys: u32,
+    ld: u32,
+    q0: u32,
+    zstride: u32,
+    _p0: u32,
+    _p1: u32,
+    _p2: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read_write> s: array<f32>;
+@group(0) @binding(2) var<storage, read_write> pm: array<f16>;
+
+const WG: u32 = 256u;
+var<workgroup> red: array<f32, 256>;
+
+@compute @workgroup_size(256)
+fn attn_softmax(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    let r = wg.x;
+    let z = wg.y;
+    let t = lid.x;
+    let base = z * p.zstride + r * p.ld;
+    // Causal: query position q0 + r sees keys 0 ..= q0 + r.
+    let visible = min(p.q0 + r + 1u, p.keys);
+    var mx = -3.0e38;
+    for (var j = t; j < visible; j += WG) {
+        mx = max(mx, s[base + j]);
+    }
+    red[t] = mx;
+    workgroupBarrier();
+    for (var off = WG / 2u; off > 0u; off >>= 1u) {
+        if (t < off) {
+            red[t] = max(red[t], red[t + off]);
+        }
+        workgroupBarrier();
+    }
+    let m = red[0];
+    workgroupBarrier();
+    var sum = 0.0;
+    for (var j = t; j < visible; j += WG) {
+        sum += exp(s[base + j] - m);
+    }
+    red[t] = sum;
+    workgroupBarrier();
+    for (var off = WG / 2u; off > 0u; off >>= 1u) {
+        if (t < off) {
+            red[t] = red[t] + red[t + off];
+        }
+        workgroupBarrier();
+    }
+    let inv = 1.0 / red[0];
+    for (var j = t; j < p.keys; j += WG) {
+        var v = 0.0;
+        if (j < visible) {
+            v = exp(s[base + j] - m) * inv;
+        }
+        pm[base + j] = f16(v);
+        s[base + j] = 0.0;
+    }
+}
