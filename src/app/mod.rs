@@ -163,6 +163,17 @@ impl AppState {
         }
     }
 
+    /// Whether the device grants the tensor-core kernels (f16 cooperative matrices); false until a
+    /// device is known.
+    pub fn tensor_cores_granted(&self) -> bool {
+        match &self.device {
+            Some(Ok(d)) => ["SHADER_F16", "EXPERIMENTAL_COOPERATIVE_MATRIX"]
+                .iter()
+                .all(|f| d.features.iter().any(|g| g == f)),
+            _ => false,
+        }
+    }
+
     /// Selects the demo model (synthetic calibration, demo-sized settings).
     pub fn choose_demo(&mut self) -> Command {
         let input = ModelInput::Demo {

@@ -105,6 +105,10 @@ pub struct Settings {
     pub metrics: bool,
     pub gpu_memory_gib: f64,
     pub cpu_solver: bool,
+    /// Forward and statistics on tensor cores where the GPU grants them
+    /// (`PipelineConfig::tensor_cores`).
+    #[serde(default)]
+    pub tensor_cores: bool,
 }
 
 impl Default for Settings {
@@ -126,6 +130,7 @@ impl Default for Settings {
             metrics: true,
             gpu_memory_gib: 8.0,
             cpu_solver: false,
+            tensor_cores: false,
         }
     }
 }
@@ -219,6 +224,7 @@ impl Settings {
             } else {
                 Solver::Gpu
             },
+            tensor_cores: self.tensor_cores,
             ..PipelineConfig::default()
         }
     }
@@ -378,14 +384,20 @@ impl Settings {
         })
     }
 
-    /// The memory plan the pipeline will make for these settings.
-    pub fn plan(&self, c: &ModelConfig, max_buffer_bytes: u64) -> Result<MemoryPlan, String> {
+    /// The memory plan the pipeline will make for these settings on a device with
+    /// `max_buffer_bytes` per buffer that grants tensor cores or not.
+    pub fn plan(
+        &self,
+        c: &ModelConfig,
+        max_buffer_bytes: u64,
+        tensor_cores_granted: bool,
+    ) -> Result<MemoryPlan, String> {
         if self.method == MethodChoice::Rtn && !self.fp_stream() {
             return Ok(plan::rtn_direct(
                 (self.gpu_memory_gib.max(0.0) * (1u64 << 30) as f64) as u64,
             ));
         }
-        plan::plan(&PlanInput {
+        let input = |tensor_cores| PlanInput {
             config: c,
             nsamples: self.nsamples.max(1),
             seqlen: self.seqlen.max(1),
@@ -401,8 +413,14 @@ impl Settings {
             host_dtype: StreamDType::F32,
             force_host: false,
             lean_memory: false,
-            tensor_cores: false,
-        })
+            tensor_cores,
+        };
+        let tc = self.tensor_cores && tensor_cores_granted;
+        match plan::plan(&input(tc)) {
+            // The driver then runs the f32 kernels (pipeline/driver.rs), and so does this plan.
+            Err(plan::PlanError::Budget { .. }) if tc => plan::plan(&input(false)),
+            other => other,
+        }
         .map_err(|e| e.to_string())
     }
 }
@@ -1199,7 +1217,22 @@ pub(crate) mod tests {
             Err(issues) => panic!("demo settings must validate: {issues:?}"),
         };
         assert_eq!(ok.calib, CalibInput::Synthetic);
-        assert!(Settings::demo().plan(&c, 1 << 30).is_ok());
+        assert!(Settings::demo().plan(&c, 1 << 30, false).is_ok());
+        let tc = Settings {
+            tensor_cores: true,
+            ..Settings::demo()
+        };
+        // Tensor cores add the f16 copies to the plan only where the device grants them.
+        let estimate =
+            |s: &Settings, granted| s.plan(&c, 1 << 30, granted).map(|p| p.gpu_bytes_estimate);
+        match (
+            estimate(&tc, true),
+            estimate(&tc, false),
+            estimate(&Settings::demo(), false),
+        ) {
+            (Ok(on), Ok(off), Ok(base)) => assert!(on > off && off == base, "{on} {off} {base}"),
+            other => panic!("demo plans: {other:?}"),
+        }
         let dir = ModelInput::Dir("m".into());
         assert!(
             Settings::demo()

@@ -200,7 +200,11 @@ pub fn model_overview_ui(ui: &mut egui::Ui, st: &mut AppState, out: &mut Vec<UiA
                 });
             ui.add_space(8.0);
             ui.heading("Memory plan");
-            match st.settings.plan(&info.config, st.max_buffer_bytes()) {
+            match st.settings.plan(
+                &info.config,
+                st.max_buffer_bytes(),
+                st.tensor_cores_granted(),
+            ) {
                 Ok(p) => {
                     for line in &p.breakdown {
                         ui.label(format!("- {line}"));
