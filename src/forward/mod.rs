@@ -309,6 +309,11 @@ impl GpuLayer {
         Ok(true)
     }
 
+    /// Whether [`GpuLayer::enable_tensor_cores`] put any of this layer's work on tensor cores.
+    pub fn uses_tensor_cores(&self) -> bool {
+        self.tc.is_some()
+    }
+
     /// Whether module `m` runs on tensor cores ([`GpuLayer::enable_tensor_cores`]).
     pub fn tensor_cores(&self, m: ModuleKind) -> bool {
         self.w16(m).is_some()

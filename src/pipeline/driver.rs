@@ -1484,10 +1484,19 @@ fn solve(
             e: read(&stats.e)?,
         })));
     }
+    // f16 operands overflow beyond ±65504 to infinities, which reach H's diagonal first.
+    let tc = layers.q.uses_tensor_cores();
     let module_err = |message: String| PipelineError::Module {
         layer,
         module: m.short_name().into(),
-        message,
+        message: if tc && message.contains("non-finite") {
+            format!(
+                "{message} (tensor cores were on: an activation beyond f16's range, ±65504, gives \
+                 this; run without --tensor-cores)"
+            )
+        } else {
+            message
+        },
     };
     let qc = &cfg.quant;
     let result = if qc.method != Method::Rtn
