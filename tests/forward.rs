@@ -27,18 +27,30 @@ fn config(hidden: usize, inter: usize, heads: usize, kv: usize, hd: usize) -> Mo
     c
 }
 
-/// One layer on the GPU vs f64, relative to the output's RMS.
-fn check_layer(name: &str, cfg: ModelConfig, nseq: usize, seqlen: usize, seed: u64) {
-    let Some(ctx) = test_context() else { return };
+/// Layer 0 of a synthetic model with `cfg`, the embeddings of `nseq × seqlen` fixed tokens, and
+/// the f64 reference output of the layer on them.
+fn layer_case(
+    cfg: &ModelConfig,
+    nseq: usize,
+    seqlen: usize,
+    seed: u64,
+) -> (gptaq_studio::model::LayerWeights, Vec<f32>, Vec<f64>) {
     let model = SyntheticModel::with_config(cfg.clone(), seed);
     let lw = model.layer(0).unwrap();
-    let t = nseq * seqlen;
-    let ids: Vec<u32> = (0..t)
+    let ids: Vec<u32> = (0..nseq * seqlen)
         .map(|i| ((i * 31 + 7) % cfg.vocab_size) as u32)
         .collect();
     let h0 = model.embed(&ids).unwrap();
     let mut expected: Vec<f64> = h0.iter().map(|&v| f64::from(v)).collect();
-    cpu::layer_forward(&cfg, &lw, &mut expected, nseq, seqlen);
+    cpu::layer_forward(cfg, &lw, &mut expected, nseq, seqlen);
+    (lw, h0, expected)
+}
+
+/// One layer on the GPU vs f64, relative to the output's RMS.
+fn check_layer(name: &str, cfg: ModelConfig, nseq: usize, seqlen: usize, seed: u64) {
+    let Some(ctx) = test_context() else { return };
+    let t = nseq * seqlen;
+    let (lw, h0, expected) = layer_case(&cfg, nseq, seqlen, seed);
 
     let gl = GpuLayer::upload(&ctx, &cfg, &lw).unwrap();
     let rope = Rope::new(&ctx, &cfg, seqlen).unwrap();
@@ -76,26 +88,21 @@ fn layer_matches_reference_on_awkward_shapes() {
 
 /// The tensor-core linears (`GpuLayer::enable_tensor_cores`: f16 operands, f32 accumulation)
 /// against the f64 reference, where the adapter grants cooperative matrices (the GPU machine; on
-/// lavapipe enabling them must report false and change nothing). 200 tokens with 64-token f16
-/// chunks: three whole chunks and eight rows left for the f32 GEMM; the second config's gate/up
-/// (200 rows) and down (K = 200) do not tile and stay f32 next to tiled q/k/v/o.
+/// lavapipe enabling them must report false and change nothing). 2 × 100 tokens with 64-token f16
+/// chunks: three whole chunks and eight rows left for the f32 GEMM, attention on the f32 kernel;
+/// the second config's gate/up (200 rows) and down (K = 200) do not tile and stay f32 next to
+/// tiled q/k/v/o; 2 × 128 tokens put the attention on tensor cores too (`forward::attend_tc`).
 #[test]
 fn tensor_core_layer_matches_reference_where_granted() {
     let Some(ctx) = test_context() else { return };
-    for (name, cfg) in [
-        ("tiled", config(256, 192, 4, 2, 64)),
-        ("partly tiled", config(256, 200, 4, 2, 64)),
+    for (name, cfg, seqlen) in [
+        ("tiled", config(256, 192, 4, 2, 64), 100),
+        ("partly tiled", config(256, 200, 4, 2, 64), 100),
+        ("tiled with attention", config(256, 192, 4, 2, 64), 128),
     ] {
-        let (nseq, seqlen) = (2, 100);
-        let model = SyntheticModel::with_config(cfg.clone(), 11);
-        let lw = model.layer(0).unwrap();
+        let nseq = 2;
         let t = nseq * seqlen;
-        let ids: Vec<u32> = (0..t)
-            .map(|i| ((i * 31 + 7) % cfg.vocab_size) as u32)
-            .collect();
-        let h0 = model.embed(&ids).unwrap();
-        let mut expected: Vec<f64> = h0.iter().map(|&v| f64::from(v)).collect();
-        cpu::layer_forward(&cfg, &lw, &mut expected, nseq, seqlen);
+        let (lw, h0, expected) = layer_case(&cfg, nseq, seqlen, 11);
         let mut gl = GpuLayer::upload(&ctx, &cfg, &lw).unwrap();
         let mut rec = ctx.recorder();
         let on = gl.enable_tensor_cores(&mut rec, 64, seqlen).unwrap();
