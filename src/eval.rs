@@ -52,6 +52,13 @@ pub struct EvalOptions {
     pub stream_dtype: StreamDType,
     /// Tokens per GPU batch (activations scale with it); 0 = automatic.
     pub batch_tokens: usize,
+    /// Upload layer i + 1 on a second thread while layer i runs: the GPU does not wait for each
+    /// layer's weights, at the cost of one more layer's weights on the GPU.
+    pub weights_ahead: bool,
+    /// Linears and attention on tensor cores (`forward::GpuLayer::enable_tensor_cores`) where the
+    /// adapter grants them: the perplexity of the model run in f16 operands (as transformers runs
+    /// an f16 checkpoint), not of the f32 forward. Ignored elsewhere.
+    pub tensor_cores: bool,
 }
 
 impl Default for EvalOptions {
@@ -60,6 +67,8 @@ impl Default for EvalOptions {
             stream_budget_bytes: 2 << 30,
             stream_dtype: StreamDType::F32,
             batch_tokens: 0,
+            weights_ahead: true,
+            tensor_cores: false,
         }
     }
 }
@@ -162,21 +171,42 @@ pub fn perplexity(
     let scratch = LayerScratch::new(ctx, &cfg, max_tokens)?;
     let work = ctx.zeros::<f32>("eval work h", max_tokens * h)?;
     let nl = cfg.num_layers;
-    // Layer i + 1 is read (and converted / dequantized) on a second thread while layer i runs.
+    // Layer i + 1 is read (and converted / dequantized) on a second thread while layer i runs,
+    // and with `weights_ahead` uploaded on a third once layer i's first batch is queued.
+    let cfgr = &cfg;
+    let upload = move |lw: &LayerWeights| -> Result<GpuLayer, EvalError> {
+        let mut gl = GpuLayer::upload(ctx, cfgr, lw)?;
+        if opts.tensor_cores {
+            let mut rec = ctx.recorder();
+            gl.enable_tensor_cores(&mut rec, max_tokens, seqlen)?;
+            rec.submit();
+        }
+        Ok(gl)
+    };
     std::thread::scope(|scope| -> Result<(), EvalError> {
         let mut prefetch = LayerPrefetch::new(scope, source);
+        let mut next: Option<std::thread::ScopedJoinHandle<'_, Result<GpuLayer, EvalError>>> = None;
         for layer in 0..nl {
             if cancel.load(Ordering::Relaxed) {
                 return Err(EvalError::Cancelled);
             }
-            let lw = prefetch.layer(layer)?;
-            let gl = GpuLayer::upload(ctx, &cfg, &lw)?;
-            drop(lw);
+            let gl = match next.take() {
+                Some(handle) => handle.join().unwrap_or_else(|_| {
+                    Err(EvalError::Input(format!(
+                        "the thread uploading layer {layer} panicked"
+                    )))
+                })?,
+                None => upload(&prefetch.layer(layer)?)?,
+            };
             for (b, r) in batches.iter().enumerate() {
                 let mut rec = stream.load(ctx.recorder(), b, &work)?;
                 forward::forward_layer(&mut rec, &gl, &rope, &work, &scratch, r.len(), seqlen)?;
                 rec = stream.store(rec, b, &work)?;
                 rec.submit();
+                if b == 0 && opts.weights_ahead && layer + 1 < nl {
+                    let lw = prefetch.layer(layer + 1)?;
+                    next = Some(scope.spawn(move || upload(&lw)));
+                }
             }
             ctx.sync()?;
             progress(layer + 1, nl + 1);

@@ -725,6 +725,28 @@ fn perplexity_matches_cpu_reference() {
         "mean NLL got {} expected {expected}",
         got.mean_nll
     );
+    // Each layer uploaded when it starts instead of during the previous one: bit for bit the same.
+    let opts = EvalOptions {
+        batch_tokens: 40,
+        weights_ahead: false,
+        ..Default::default()
+    };
+    let at_start = eval::perplexity(
+        &ctx,
+        &model,
+        &windows,
+        &opts,
+        &mut |_, _| {},
+        &AtomicBool::new(false),
+    )
+    .unwrap();
+    assert_eq!(
+        at_start.mean_nll.to_bits(),
+        got.mean_nll.to_bits(),
+        "weights uploaded ahead {} vs at each layer's start {}",
+        got.mean_nll,
+        at_start.mean_nll
+    );
     // Host-spilled stream gives the same answer.
     let opts = EvalOptions {
         stream_budget_bytes: 0,
@@ -752,6 +774,7 @@ fn perplexity_matches_cpu_reference() {
         stream_budget_bytes: 0,
         stream_dtype: gptaq_studio::pipeline::StreamDType::F16,
         batch_tokens: 40,
+        ..Default::default()
     };
     let half = eval::perplexity(
         &ctx,
