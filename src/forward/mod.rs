@@ -11,11 +11,11 @@
 
 pub mod cpu;
 
+use std::sync::Arc;
+
 use bytemuck::{Pod, Zeroable};
 
 use crate::gpu::kernels::groups_1d;
-use std::sync::Arc;
-
 use crate::gpu::ops::{self, CoopOp, CoopOperand, MatView};
 use crate::gpu::{GpuBuffer, GpuContext, GpuError, Recorder};
 use crate::model::{LayerWeights, ModelConfig, ModuleKind, RopeScaling};
@@ -262,10 +262,10 @@ impl GpuLayer {
     /// copy of its weight, and the activations are cast to f16 chunk by chunk as they are read.
     /// Rows of a batch beyond the last whole block, and modules that do not tile, keep the f32
     /// GEMM. Attention over sequences of `seqlen` tokens runs on tensor cores too where its
-    /// shapes tile ([`AttnTc::chunk`]). f16 rounds the operands to 11 significant bits, like the reference's half-precision
-    /// forward; values beyond ±65504 would become infinite, which the pipeline's finite checks
-    /// on the statistics catch. Returns whether any module runs on tensor cores (never where the
-    /// adapter does not grant cooperative matrices).
+    /// shapes tile ([`AttnTc::chunk`]). f16 rounds the operands to 11 significant bits, like the
+    /// reference's half-precision forward; values beyond ±65504 become infinite, which the
+    /// pipeline's finite check of H's diagonal reports. Returns whether any module runs on tensor
+    /// cores (never where the adapter does not grant cooperative matrices).
     pub fn enable_tensor_cores(
         &mut self,
         rec: &mut Recorder<'_>,
