@@ -30,7 +30,7 @@
 # Knobs: QUALITY ("gptq:3 gptaq:3"), NSAMPLES (128), SEQLEN (512), L8B ("gptaq gptq"), L8B_HINTS
 # ("gptaq"), L8B_GPU ("gptq:nm gptaq"), L8B_GPU_GIB (70), LAYERS (1),
 # TEST_FILTER / TEST_LIMIT (test-name filters and seconds per test binary), KBENCH_FILTER (criterion
-# filter), SIZES (kernel sizes, "4096"), SOLVE ("4096x4096,4096x14336"), ATTN ("32:8:128:2048:1"), SCALING (presets, e.g. "h1024 h2048 h4096"),
+# filter), KBENCH_PROFILE (non-empty: GPTAQ_PROFILE=1 for the kernel benches only, the solve's phases), SIZES (kernel sizes, "4096"), SOLVE ("4096x4096,4096x14336"), ATTN ("32:8:128:2048:1"), SCALING (presets, e.g. "h1024 h2048 h4096"),
 # SCALING_NSAMPLES (128), SCALING_GIB (60), SKIP (step names), BUDGET_S.
 set -u
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -107,7 +107,7 @@ for mb in $QUALITY; do
 done
 
 # --- kernels ----------------------------------------------------------------------------------
-t kbench 150 env GPTAQ_BENCH_SIZES="$SIZES" GPTAQ_BENCH_SOLVE="$SOLVE" GPTAQ_BENCH_ATTN="${ATTN:-32:8:128:2048:1}" "$K" --bench --warm-up-time 1 --measurement-time 2 ${KBENCH_FILTER:-}
+t kbench 150 env ${KBENCH_PROFILE:+GPTAQ_PROFILE=1} GPTAQ_BENCH_SIZES="$SIZES" GPTAQ_BENCH_SOLVE="$SOLVE" GPTAQ_BENCH_ATTN="${ATTN:-32:8:128:2048:1}" "$K" --bench --warm-up-time 1 --measurement-time 2 ${KBENCH_FILTER:-}
 grep -E "^[a-z_]+/|time:|thrpt:" "$D/kbench.log" | head -60
 
 # --- Llama-3-8B-shaped layer: time split and peak GPU memory under an 8 GiB plan ---------------
