@@ -14,7 +14,8 @@
 //! `r×n` shapes of `GPTAQ_BENCH_SOLVE` (default "256x256,512x512"; issue 10's targets are
 //! "4096x4096,4096x14336"), 4-bit sym, gs = 128, B = 128 (algorithm.md §2.6). With
 //! `GPTAQ_PROFILE=1` one synchronised solve per shape first prints its seconds per phase.
-//! `attention` times the causal GQA attention kernel alone (`forward::attend`, `attention.wgsl`)
+//! `attention` times the causal GQA attention kernel alone (`forward::attend`, `attention.wgsl`,
+//! and where granted the tensor-core `forward::attend_tc`)
 //! at the shape `GPTAQ_BENCH_ATTN` = "heads:kv_heads:head_dim:seqlen:nseq" (default
 //! "8:2:64:256:1" for lavapipe; Llama-3-8B is "32:8:128:2048:1"), in causal flops
 //! (2·2·heads·hd·seqlen·(seqlen+1)/2·nseq: q·kᵀ and p·v over the unmasked half).
@@ -227,6 +228,27 @@ fn bench_kernels(c: &mut Criterion) {
             })
         },
     );
+    // The tensor-core attention at the same shape, in the same causal flops (it computes about
+    // half again as many: each 256-query chunk's keys run to its last query).
+    match forward::AttnTc::new(&ctx, &a) {
+        Ok(Some(sc)) if ops::coop_available(&ctx) => {
+            g.bench_function(
+                format!(
+                    "tensor cores heads {}/{} hd {} seqlen {} nseq {}",
+                    a.heads, a.kv_heads, a.head_dim, a.seqlen, a.nseq
+                ),
+                |bch| {
+                    bch.iter(|| {
+                        let mut rec = ctx.recorder();
+                        forward::attend_tc(&mut rec, &q, &k, &v, &out, a, &sc).expect("attend_tc");
+                        rec.submit();
+                        ctx.sync().expect("sync");
+                    })
+                },
+            );
+        }
+        _ => eprintln!("tensor-core attention not benched (no cooperative matrices or shape)"),
+    }
     g.finish();
 }
 

@@ -380,8 +380,14 @@ fn check_attend_tc(
     let f64s = |x: &[f32]| x.iter().map(|&a| f64::from(a)).collect::<Vec<f64>>();
     let expected =
         cpu::causal_attention(&f64s(&q), &f64s(&k), &f64s(&v), heads, kv_heads, hd, seqlen);
-    let dims = forward::LayerDims::of(&config(heads * hd, 64, heads, kv_heads, hd));
-    let sc = forward::AttnTc::new(&ctx, &dims, seqlen)
+    let shape = forward::AttnShape {
+        heads,
+        kv_heads,
+        head_dim: hd,
+        nseq,
+        seqlen,
+    };
+    let sc = forward::AttnTc::new(&ctx, &shape)
         .unwrap()
         .expect("shape tiles");
     let (qb, kb, vb) = (
@@ -390,13 +396,6 @@ fn check_attend_tc(
         ctx.upload("v", &v).unwrap(),
     );
     let ob = ctx.upload("out", &vec![f32::NAN; t * heads * hd]).unwrap();
-    let shape = forward::AttnShape {
-        heads,
-        kv_heads,
-        head_dim: hd,
-        nseq,
-        seqlen,
-    };
     let real = gptaq_studio::gpu::ops::coop_available(&ctx);
     // Twice through the same scratch: the second call must not see the first's scores.
     for round in 0..2 {

@@ -304,7 +304,7 @@ impl GpuLayer {
             w16,
             x16: Arc::new(ctx.zeros::<half::f16>("activations f16", chunk * widest)?),
             chunk,
-            attn: AttnTc::new(ctx, &self.dims, seqlen)?.map(Arc::new),
+            attn: AttnTc::new(ctx, &self.dims.attn_shape(1, seqlen))?.map(Arc::new),
         });
         Ok(true)
     }
@@ -847,13 +847,7 @@ pub fn rope_attend(
             groups_1d(params.rows),
         )?;
     }
-    let shape = AttnShape {
-        heads: d.heads,
-        kv_heads: d.kv_heads,
-        head_dim: d.head_dim,
-        nseq,
-        seqlen,
-    };
+    let shape = d.attn_shape(nseq, seqlen);
     match l.tc.as_ref().and_then(|tc| tc.attn.as_deref()) {
         Some(a) if a.seqlen == seqlen => attend_tc(rec, &s.q, &s.k, &s.v, &s.attn, shape, a),
         _ => attend(rec, &s.q, &s.k, &s.v, &s.attn, shape),
@@ -902,49 +896,68 @@ impl AttnTc {
     /// attention does not apply: the query chunks and their key ranges must tile into 64-wide
     /// blocks (seqlen a multiple of 64), the head dim into the P·V product's 32-wide blocks, and
     /// the heads into whole groups per key/value head. Chunks of 256 queries: the scores of
-    /// all heads for one chunk are `heads·256·seqlen` floats (64 MiB for Llama-3-8B at 2048), and a
-    /// chunk's keys stop at its last query, which skips most of the causal mask's zeros.
-    pub fn chunk(d: &LayerDims, seqlen: usize) -> Option<usize> {
-        let tiles = d.head_dim.is_multiple_of(32)
-            && d.kv_heads > 0
-            && d.heads.is_multiple_of(d.kv_heads)
-            && seqlen > 0
-            && seqlen.is_multiple_of(64);
+    /// all heads for one chunk are `heads·256·seqlen` floats (64 MiB for Llama-3-8B at 2048), and
+    /// a chunk's keys stop at its last query, which skips most of the causal mask's zeros.
+    /// (`shape.nseq` does not matter: the scratch serves one sequence at a time.)
+    pub fn chunk(shape: &AttnShape) -> Option<usize> {
+        let tiles = shape.head_dim.is_multiple_of(32)
+            && shape.kv_heads > 0
+            && shape.heads.is_multiple_of(shape.kv_heads)
+            && shape.seqlen > 0
+            && shape.seqlen.is_multiple_of(64);
         if !tiles {
             return None;
         }
         [256, 128, 64]
             .into_iter()
-            .find(|c| seqlen.is_multiple_of(*c))
+            .find(|c| shape.seqlen.is_multiple_of(*c))
     }
 
     /// GPU bytes of the scratch (0 where [`AttnTc::chunk`] does not apply).
-    pub fn bytes(d: &LayerDims, seqlen: usize) -> u64 {
-        match Self::chunk(d, seqlen) {
+    pub fn bytes(shape: &AttnShape) -> u64 {
+        match Self::chunk(shape) {
             None => 0,
             Some(qc) => {
-                let (l, h) = (seqlen as u64, d.heads as u64);
-                l * (d.q_dim() as u64 + 2 * d.kv_dim() as u64) * 2 + h * qc as u64 * l * (4 + 2)
+                let (l, h, hd) = (
+                    shape.seqlen as u64,
+                    shape.heads as u64,
+                    shape.head_dim as u64,
+                );
+                l * (h + 2 * shape.kv_heads as u64) * hd * 2 + h * qc as u64 * l * (4 + 2)
             }
         }
     }
 
     /// The scratch, or `None` where [`AttnTc::chunk`] does not apply.
-    pub fn new(ctx: &GpuContext, d: &LayerDims, seqlen: usize) -> Result<Option<Self>, GpuError> {
-        let Some(qc) = Self::chunk(d, seqlen) else {
+    pub fn new(ctx: &GpuContext, shape: &AttnShape) -> Result<Option<Self>, GpuError> {
+        let Some(qc) = Self::chunk(shape) else {
             return Ok(None);
         };
-        let scores = d.heads * qc * seqlen;
+        let (l, hd) = (shape.seqlen, shape.head_dim);
+        let scores = shape.heads * qc * l;
         Ok(Some(Self {
-            q16: ctx.zeros("attention q f16", seqlen * d.q_dim())?,
-            k16: ctx.zeros("attention k f16", seqlen * d.kv_dim())?,
-            v16: ctx.zeros("attention v f16", seqlen * d.kv_dim())?,
+            q16: ctx.zeros("attention q f16", l * shape.heads * hd)?,
+            k16: ctx.zeros("attention k f16", l * shape.kv_heads * hd)?,
+            v16: ctx.zeros("attention v f16", l * shape.kv_heads * hd)?,
             // Zero at the start; attn_softmax re-zeroes what each chunk's GEMM accumulated.
             s: ctx.zeros("attention scores", scores)?,
             p: ctx.zeros("attention probabilities f16", scores)?,
-            seqlen,
+            seqlen: l,
             qc,
         }))
+    }
+}
+
+impl LayerDims {
+    /// The attention shape of `nseq` sequences of `seqlen` tokens through this layer.
+    pub fn attn_shape(&self, nseq: usize, seqlen: usize) -> AttnShape {
+        AttnShape {
+            heads: self.heads,
+            kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
+            nseq,
+            seqlen,
+        }
     }
 }
 

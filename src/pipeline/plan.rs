@@ -137,7 +137,7 @@ fn layer_weight_bytes(c: &ModelConfig) -> u64 {
 fn tensor_core_scratch_bytes(c: &ModelConfig, seqlen: usize) -> u64 {
     let widest = c.hidden_size.max(c.intermediate_size).max(c.q_dim()) as u64;
     crate::forward::TC_CHUNK_TOKENS as u64 * widest * 2
-        + crate::forward::AttnTc::bytes(&crate::forward::LayerDims::of(c), seqlen)
+        + crate::forward::AttnTc::bytes(&crate::forward::LayerDims::of(c).attn_shape(1, seqlen))
 }
 
 /// Bytes of one n×n f32 matrix of the widest input.
