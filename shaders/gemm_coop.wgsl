@@ -1,14 +1,16 @@
 // Tensor-core GEMM through wgpu's cooperative matrices (optional fast path, issue 10):
 //   C[M×N] += op(A)[M×K] · op(B)[K×N],   A and B f16, C f32 (f32 accumulation),
 // with any row strides (lda, ldb, ldc) and, over workgroup z, a batch of such products at fixed
-// element strides (sa, sb, sc),
-// where op(A) = A (row-major, lda) or Aᵀ with A stored K×M (TRANS_A; the Hessian's Xᵀ·X reads X
-// itself; entry gemm_coop_tn, else gemm_coop_nn). One workgroup = one subgroup of 32 invocations computes a 32×32 block of C as four
-// 16×16 accumulator tiles, reusing each loaded A and B fragment twice. M and N must be multiples
-// of 32 and K of 16 (the host checks; other shapes use the f32 kernels). Scaling happens when the
-// f16 operands are made (cast_f16.wgsl), so this kernel only accumulates. The grid is exactly
-// (N/32, M/32): cooperative operations need uniform control flow, and naga's analysis counts any
-// early `return` against it, so there is no bounds check or triangle skipping in here (a
+// element strides (sa, sb, sc; see Params), with entries for the operand layouts (ops::CoopOp): gemm_coop_nn (A M×K, B K×N), gemm_coop_tn
+// (A stored K×M: the Hessian's Xᵀ·X reads X itself), gemm_coop_nt (B stored N×K: a linear layer's
+// X·Wᵀ reads W as it is) and gemm_coop_nt64. One workgroup = one subgroup of 32 invocations
+// computes a 32×32 block of C as four 16×16 accumulator tiles, reusing each loaded A and B
+// fragment twice (nt64: a 64×64 block, sixteen tiles, each fragment used four times). M and N
+// must be multiples of the block and K of 16 (the host checks; other shapes use the f32
+// kernels). Scaling happens when the f16 operands are made (cast_f16.wgsl), so this kernel only
+// accumulates (callers clear C first for a plain product). The grid is exactly (N/block,
+// M/block, batch): cooperative operations need uniform control flow, and naga's analysis counts
+// any early `return` against it, so there is no bounds check or triangle skipping in here (a
 // symmetric update computes the full square: twice the flops, still far fewer cycles than f32).
 // Needs SHADER_F16 and EXPERIMENTAL_COOPERATIVE_MATRIX with 16×16 f16×f16→f32; SPIR-V and MSL 2.3
 // only (tests/shaders.rs). The f32 kernels in gemm.wgsl are the fallback everywhere else.
