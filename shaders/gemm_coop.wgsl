@@ -1,9 +1,9 @@
 // Tensor-core GEMM through wgpu's cooperative matrices (optional fast path, issue 10):
 //   C[M×N] += op(A)[M×K] · op(B)[K×N],   A and B f16, C f32 (f32 accumulation),
 // with any row strides (lda, ldb, ldc) and, over workgroup z, a batch of such products at fixed
-// element strides (sa, sb, sc; see Params), with entries for the operand layouts (ops::CoopOp): gemm_coop_nn (A M×K, B K×N), gemm_coop_tn
-// (A stored K×M: the Hessian's Xᵀ·X reads X itself), gemm_coop_nt (B stored N×K: a linear layer's
-// X·Wᵀ reads W as it is) and gemm_coop_nt64. One workgroup = one subgroup of 32 invocations
+// element strides (sa, sb, sc; see Params), with entries for the operand layouts (ops::CoopOp):
+// gemm_coop_nn (A M×K, B K×N), gemm_coop_tn (A stored K×M: the Hessian's Xᵀ·X reads X itself),
+// gemm_coop_nt (B stored N×K: a linear layer's X·Wᵀ reads W as it is) and gemm_coop_nt64. One workgroup = one subgroup of 32 invocations
 // computes a 32×32 block of C as four 16×16 accumulator tiles, reusing each loaded A and B
 // fragment twice (nt64: a 64×64 block, sixteen tiles, each fragment used four times). M and N
 // must be multiples of the block and K of 16 (the host checks; other shapes use the f32
