@@ -32,9 +32,9 @@ pub struct PlanInput<'a> {
     pub force_host: bool,
     /// Spend no spare memory on speed: no `MemoryPlan::act_streams`, no `MemoryPlan::weights_ahead`.
     pub lean_memory: bool,
-    /// The linears and statistics run on tensor cores (the adapter grants them and the run asked
-    /// for them): f16 copies of each stream's weights, one f16 activation chunk per stream, and
-    /// the statistics' f16 operands per token.
+    /// The linears, attention and statistics run on tensor cores (the adapter grants them and the
+    /// run asked for them): f16 copies of each stream's weights, one scratch the streams share (an
+    /// f16 activation chunk and the attention's), and the statistics' f16 operands per token.
     pub tensor_cores: bool,
 }
 
@@ -416,7 +416,7 @@ pub fn plan(input: &PlanInput<'_>) -> Result<MemoryPlan, PlanError> {
                     ""
                 },
                 if input.tensor_cores {
-                    ", each with its f16 copy and activation chunk for tensor cores"
+                    ", each with its f16 copy, and one tensor-core scratch for both"
                 } else {
                     ""
                 },
