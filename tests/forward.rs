@@ -704,20 +704,23 @@ fn perplexity_matches_cpu_reference() {
         })
         .collect();
     let expected = cpu::mean_nll(&model, &windows).unwrap();
+    let run = |opts: &EvalOptions| {
+        eval::perplexity(
+            &ctx,
+            &model,
+            &windows,
+            opts,
+            &mut |_, _| {},
+            &AtomicBool::new(false),
+        )
+        .unwrap()
+    };
     // Small batches force several batches and vocabulary chunks.
     let opts = EvalOptions {
         batch_tokens: 40,
         ..Default::default()
     };
-    let got = eval::perplexity(
-        &ctx,
-        &model,
-        &windows,
-        &opts,
-        &mut |_, _| {},
-        &AtomicBool::new(false),
-    )
-    .unwrap();
+    let got = run(&opts);
     assert_eq!(got.predictions, 3 * 36);
     assert!(
         (got.mean_nll - expected).abs() < 1e-4 * expected.max(1.0),
@@ -730,15 +733,7 @@ fn perplexity_matches_cpu_reference() {
         weights_ahead: false,
         ..Default::default()
     };
-    let at_start = eval::perplexity(
-        &ctx,
-        &model,
-        &windows,
-        &opts,
-        &mut |_, _| {},
-        &AtomicBool::new(false),
-    )
-    .unwrap();
+    let at_start = run(&opts);
     assert_eq!(
         at_start.mean_nll.to_bits(),
         got.mean_nll.to_bits(),
@@ -752,15 +747,7 @@ fn perplexity_matches_cpu_reference() {
         batch_tokens: 40,
         ..Default::default()
     };
-    let spilled = eval::perplexity(
-        &ctx,
-        &model,
-        &windows,
-        &opts,
-        &mut |_, _| {},
-        &AtomicBool::new(false),
-    )
-    .unwrap();
+    let spilled = run(&opts);
     assert!(
         (spilled.mean_nll - got.mean_nll).abs() < 1e-6,
         "spilled {} vs {}",
@@ -775,15 +762,7 @@ fn perplexity_matches_cpu_reference() {
         batch_tokens: 40,
         ..Default::default()
     };
-    let half = eval::perplexity(
-        &ctx,
-        &model,
-        &windows,
-        &opts,
-        &mut |_, _| {},
-        &AtomicBool::new(false),
-    )
-    .unwrap();
+    let half = run(&opts);
     assert!(
         (half.mean_nll - got.mean_nll).abs() < 1e-3 * got.mean_nll.max(1.0),
         "f16 host stream {} vs f32 {}",
