@@ -721,7 +721,11 @@ fn coop_gemm_matches_f64_where_granted() {
     let Some(ctx) = test_context() else { return };
     if !ops::coop_available(&ctx) {
         eprintln!("note: adapter without cooperative matrices; tensor-core GEMM not exercised");
-        assert!(ops::coop_shape_ok(64, 96, 48) && !ops::coop_shape_ok(48, 96, 48));
+        assert!(
+            ops::coop_shape_ok_for(CoopOp::Nn, 64, 96, 48)
+                && !ops::coop_shape_ok_for(CoopOp::Nn, 48, 96, 48)
+                && !ops::coop_shape_ok_for(CoopOp::Nt64, 64, 96, 48)
+        );
         return;
     }
     let shapes = [

@@ -415,13 +415,10 @@ impl Settings {
             lean_memory: false,
             tensor_cores,
         };
-        let tc = self.tensor_cores && tensor_cores_granted;
-        match plan::plan(&input(tc)) {
-            // The driver then runs the f32 kernels (pipeline/driver.rs), and so does this plan.
-            Err(plan::PlanError::Budget { .. }) if tc => plan::plan(&input(false)),
-            other => other,
-        }
-        .map_err(|e| e.to_string())
+        // Where the f16 copies do not fit, the driver runs the f32 kernels, and so does this plan.
+        plan::plan_or_without_tensor_cores(&input(self.tensor_cores && tensor_cores_granted))
+            .map(|(p, _)| p)
+            .map_err(|e| e.to_string())
     }
 }
 

@@ -1012,12 +1012,6 @@ impl CoopOp {
     }
 }
 
-/// Whether [`gemm_coop`] takes an op(A) M×K · op(B) K×N shape with 32×32 blocks (M and N
-/// multiples of 32, K of 16).
-pub fn coop_shape_ok(m: usize, n: usize, k: usize) -> bool {
-    coop_shape_ok_for(CoopOp::Nn, m, n, k)
-}
-
 /// Whether `op`'s blocks and 16-deep steps tile an M×N×K product exactly.
 pub fn coop_shape_ok_for(op: CoopOp, m: usize, n: usize, k: usize) -> bool {
     let b = op.block();

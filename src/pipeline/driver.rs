@@ -189,8 +189,7 @@ pub fn quantize(
     };
     // Tensor cores where asked for (config or GPTAQ_TENSOR_CORES=1) and granted.
     let tc_asked = cfg.tensor_cores || tensor_cores_requested();
-    let mut use_tc = tc_asked && ops::coop_available(ctx);
-    let mut plan_input = PlanInput {
+    let plan_input = PlanInput {
         config: &mc,
         nsamples: nseq,
         seqlen,
@@ -208,20 +207,12 @@ pub fn quantize(
         host_dtype: cfg.stream_dtype,
         force_host: cfg.force_host_streams,
         lean_memory: cfg.lean_memory,
-        tensor_cores: use_tc,
+        tensor_cores: tc_asked && ops::coop_available(ctx),
     };
     // Tensor cores are a speed option: where their f16 copies do not fit the budget, the run goes
     // on with the f32 kernels instead of failing (warned below).
-    let mut tc_refused = None;
-    let plan = match plan::plan(&plan_input) {
-        Err(e @ plan::PlanError::Budget { .. }) if use_tc => {
-            use_tc = false;
-            plan_input.tensor_cores = false;
-            tc_refused = Some(e.to_string());
-            plan::plan(&plan_input)?
-        }
-        other => other?,
-    };
+    let (plan, tc_refused) = plan::plan_or_without_tensor_cores(&plan_input)?;
+    let use_tc = plan_input.tensor_cores && tc_refused.is_none();
     emit_started(emit, prep, qc, &plan);
     ctx.reset_peak();
 
@@ -1247,7 +1238,7 @@ fn upload_layer(
 /// shape fits the kernel's tiles. Its two f16 operand buffers (2·tokens·n·2 bytes) are in the
 /// memory plan's per-token scratch.
 fn tensor_cores(ctx: &GpuContext, asked: bool, n: usize, tokens: usize) -> bool {
-    asked && ops::coop_available(ctx) && ops::coop_shape_ok(n, n, tokens)
+    asked && ops::coop_available(ctx) && ops::coop_shape_ok_for(CoopOp::Tn, n, n, tokens)
 }
 
 fn tensor_cores_requested() -> bool {

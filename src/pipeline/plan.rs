@@ -235,6 +235,25 @@ pub fn rtn_direct(gpu_budget_bytes: u64) -> MemoryPlan {
     }
 }
 
+/// [`plan`], where tensor cores are a speed option rather than a requirement: when their f16
+/// copies and scratch do not fit the budget, the plan without them, together with the refusal
+/// (the driver then runs the f32 kernels and warns; the app shows that plan). `None` when
+/// `input.tensor_cores` is off or they fit.
+pub fn plan_or_without_tensor_cores(
+    input: &PlanInput<'_>,
+) -> Result<(MemoryPlan, Option<PlanError>), PlanError> {
+    match plan(input) {
+        Err(e @ PlanError::Budget { .. }) if input.tensor_cores => {
+            let without = PlanInput {
+                tensor_cores: false,
+                ..*input
+            };
+            Ok((plan(&without)?, Some(e)))
+        }
+        other => other.map(|p| (p, None)),
+    }
+}
+
 /// The plan. The per-batch activations are released while a group is solved
 /// (pipeline/driver.rs), so the peak is the larger of two stages, each next to the layer weights
 /// (and the streams, when they are on the GPU): accumulating (statistics + one batch of
@@ -701,6 +720,22 @@ mod tests {
         let mut i8 = input(&c, 8, StreamDType::F16);
         i8.tensor_cores = true;
         assert!(plan(&i8).is_err());
+        let (fallback, refused) = plan_or_without_tensor_cores(&i8)?;
+        assert!(matches!(refused, Some(PlanError::Budget { .. })));
+        let f32_plan = plan(&input(&c, 8, StreamDType::F16))?;
+        assert_eq!(
+            (
+                fallback.gpu_bytes_estimate,
+                fallback.batch_sequences,
+                fallback.breakdown
+            ),
+            (
+                f32_plan.gpu_bytes_estimate,
+                f32_plan.batch_sequences,
+                f32_plan.breakdown
+            )
+        );
+        assert!(plan_or_without_tensor_cores(&i)?.1.is_none());
         assert_eq!(
             tc.batch_sequences, base.batch_sequences,
             "{:?}",
