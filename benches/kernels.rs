@@ -94,7 +94,7 @@ fn bench_kernels(c: &mut Criterion) {
             let out = ctx.zeros::<f32>("c", n * n).expect("alloc c");
             g.throughput(Throughput::Elements((2 * n * n * n) as u64));
             for op in CoopOp::ALL {
-                if !ops::coop_shape_ok_for(op, n, n, n) {
+                if !op.available(&ctx) || !ops::coop_shape_ok_for(op, n, n, n) {
                     continue;
                 }
                 g.bench_function(format!("{n}x{n}x{n} {op:?}"), |bch| {

@@ -319,7 +319,7 @@ fn host_coop_gemm(
     b: gptaq_studio::gpu::ops::CoopOperand<'_>,
     (c, cs): (gptaq_studio::gpu::ops::MatView<'_>, usize),
 ) -> Result<(), gptaq_studio::gpu::GpuError> {
-    use gptaq_studio::gpu::ops::{self, CoopOp};
+    use gptaq_studio::gpu::ops;
     ops::check_coop_batched(op, (m, n, k), batch, &a, &b, (&c, cs))?;
     let ctx = rec.ctx();
     std::mem::replace(rec, ctx.recorder()).submit();
@@ -334,13 +334,16 @@ fn host_coop_gemm(
             for j in 0..n {
                 let mut acc = 0.0f64;
                 for l in 0..k {
-                    let x = match op {
-                        CoopOp::Tn => av[ao + l * a.ld + i],
-                        _ => av[ao + i * a.ld + l],
+                    let (ta, tb) = op.transposes();
+                    let x = if ta {
+                        av[ao + l * a.ld + i]
+                    } else {
+                        av[ao + i * a.ld + l]
                     };
-                    let y = match op {
-                        CoopOp::Nt | CoopOp::Nt64 => bv[bo + j * b.ld + l],
-                        _ => bv[bo + l * b.ld + j],
+                    let y = if tb {
+                        bv[bo + j * b.ld + l]
+                    } else {
+                        bv[bo + l * b.ld + j]
                     };
                     acc += f64::from(x.to_f32()) * f64::from(y.to_f32());
                 }

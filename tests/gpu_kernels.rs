@@ -725,19 +725,31 @@ fn coop_gemm_matches_f64_where_granted() {
             ops::coop_shape_ok_for(CoopOp::Nn, 64, 96, 48)
                 && !ops::coop_shape_ok_for(CoopOp::Nn, 48, 96, 48)
                 && !ops::coop_shape_ok_for(CoopOp::Nt64, 64, 96, 48)
+                && ops::coop_shape_ok_for(CoopOp::Nt128, 128, 256, 96)
+                && !ops::coop_shape_ok_for(CoopOp::Tn128, 128, 256, 48)
+                && !ops::coop_shape_ok_for(CoopOp::Tn128Upper, 128, 256, 64)
+                && !ops::coop_staged_available(&ctx)
         );
         return;
     }
+    let staged = ops::coop_staged_available(&ctx);
+    eprintln!("staged tensor-core kernels available: {staged}");
+    // 128-multiples for the staged kernels: one 32-deep step (no prefetch), several (prefetch of
+    // every next step), a grid of 2×3 workgroups.
     let shapes = [
         (32usize, 32usize, 16usize),
         (64, 96, 48),
         (96, 64, 272),
         (128, 64, 16),
+        (128, 128, 32),
+        (256, 384, 96),
+        (384, 128, 544),
+        (256, 256, 64),
     ];
     let mut ran = 0;
     for &(m, n, k) in &shapes {
         for op in CoopOp::ALL {
-            if !ops::coop_shape_ok_for(op, m, n, k) {
+            if !ops::coop_shape_ok_for(op, m, n, k) || (op.staged() && !staged) {
                 continue;
             }
             ran += 1;
@@ -753,14 +765,20 @@ fn coop_gemm_matches_f64_where_granted() {
             let c0 = rand_vec(&mut r, m * n);
             let a32: Vec<f32> = a16[off_a..].iter().map(|v| v.to_f32()).collect();
             let b32: Vec<f32> = b16[off_b..].iter().map(|v| v.to_f32()).collect();
-            let (trans_a, lda, trans_b, ldb) = match op {
-                CoopOp::Nn => (false, k, false, n),
-                CoopOp::Tn => (true, m, false, n),
-                CoopOp::Nt | CoopOp::Nt64 => (false, k, true, k),
-            };
-            let expected = gemm_ref(
+            let (trans_a, trans_b) = op.transposes();
+            let lda = if trans_a { m } else { k };
+            let ldb = if trans_b { k } else { n };
+            let mut expected = gemm_ref(
                 m, n, k, 1.0, &a32, lda, trans_a, &b32, ldb, trans_b, 1.0, &c0,
             );
+            if op == CoopOp::Tn128Upper {
+                // Blocks below the diagonal are left as they were.
+                for (i, e) in expected.iter_mut().enumerate() {
+                    if i / n / 128 > i % n / 128 {
+                        *e = f64::from(c0[i]);
+                    }
+                }
+            }
             let (ga, gb) = (
                 ctx.upload("a16", &a16).unwrap(),
                 ctx.upload("b16", &b16).unwrap(),
@@ -788,15 +806,21 @@ fn coop_gemm_matches_f64_where_granted() {
             );
         }
     }
-    // Three 32×32 layouts on all four shapes, the 64×64 kernel on the one that tiles by 64.
-    assert_eq!(ran, 13, "tensor-core cases run");
+    // The three 32×32 layouts on all eight shapes, the 64×64 kernel on the five that tile by 64,
+    // and where granted the two staged kernels on the four that tile by 128 × 128 × 32 and the
+    // upper-triangle one on the two square ones among them.
+    assert_eq!(
+        ran,
+        29 + if staged { 10 } else { 0 },
+        "tensor-core cases run"
+    );
 }
 
 /// The batched tensor-core GEMM with the strides attention uses: four A's as column slices of
 /// one wider matrix (ld = 4·K, batch stride K, like the query heads), two B's each shared by two
 /// consecutive entries (group 2, like a key/value head shared by its query heads), and the four
 /// C's as column slices of one output (ldc = 4·N, stride N), for the Nt (Q·Kᵀ) and Nn (P·V)
-/// layouts, against f64. GPU machine only, like the test above.
+/// layouts and the staged Nt128 where granted, against f64. GPU machine only, like the test above.
 #[test]
 fn coop_gemm_batched_strided_matches_f64_where_granted() {
     let Some(ctx) = test_context() else { return };
@@ -806,8 +830,16 @@ fn coop_gemm_batched_strided_matches_f64_where_granted() {
         );
         return;
     }
-    let (m, n, k, batch) = (64usize, 32usize, 48usize, 4usize);
-    for op in [CoopOp::Nt, CoopOp::Nn] {
+    let batch = 4usize;
+    let staged = ops::coop_staged_available(&ctx);
+    for (op, m, n, k) in [
+        (CoopOp::Nt, 64usize, 32usize, 48usize),
+        (CoopOp::Nn, 64, 32, 48),
+        (CoopOp::Nt128, 128, 128, 64),
+    ] {
+        if op.staged() && !staged {
+            continue;
+        }
         let mut r = rng(77 + op as u64);
         let to16 =
             |v: Vec<f32>| -> Vec<half::f16> { v.into_iter().map(half::f16::from_f32).collect() };
@@ -817,10 +849,8 @@ fn coop_gemm_batched_strided_matches_f64_where_granted() {
         let c0 = rand_vec(&mut r, m * batch * n);
         let a32: Vec<f32> = a16.iter().map(|v| v.to_f32()).collect();
         let b32: Vec<f32> = b16.iter().map(|v| v.to_f32()).collect();
-        let (trans_b, ldb) = match op {
-            CoopOp::Nt => (true, k),
-            _ => (false, n),
-        };
+        let trans_b = op.transposes().1;
+        let ldb = if trans_b { k } else { n };
         let (ga, gb, gc) = (
             ctx.upload("a16", &a16).unwrap(),
             ctx.upload("b16", &b16).unwrap(),
@@ -1195,4 +1225,62 @@ fn recorder_clear_zeroes_exactly_its_range() {
     );
     rec.clear(&h, 2, 4).unwrap();
     rec.submit();
+}
+
+/// The buffer pool (`GpuContext::set_pool_limit`): a freed buffer is kept, counted as allocated,
+/// and handed out again cleared; one freed while a recorder that used it is still open is not
+/// reused before that recorder is submitted (else its clear would run before the recorded copy
+/// that reads it); nothing is pooled beyond the limit; a limit of 0 frees everything.
+#[test]
+fn buffer_pool_reuses_cleared_buffers_within_its_limit() {
+    let Some(ctx) = test_context() else { return };
+    let n = 1usize << 19; // 2 MiB of f32, above the pool's 1 MiB minimum
+    let bytes = (n * 4) as u64;
+    let base = ctx.memory().0;
+    ctx.set_pool_limit(base + 3 * bytes);
+
+    let a = ctx.upload("a", &vec![1.0f32; n]).unwrap();
+    drop(a);
+    assert_eq!(ctx.pooled_bytes(), bytes, "a freed buffer is pooled");
+    assert_eq!(ctx.memory().0, base + bytes, "a pooled buffer still counts");
+    let b = ctx.zeros::<f32>("b", n).unwrap();
+    assert_eq!(ctx.pooled_bytes(), 0, "zeros of the same size reuses it");
+    assert_eq!(ctx.memory().0, base + bytes);
+    let got = ctx.read(&b).unwrap();
+    if let Some(i) = got.iter().position(|&v| v != 0.0) {
+        panic!("reused buffer not cleared: index {i} of {n}: got {}, expected 0", got[i]);
+    }
+
+    // Freed while a recorder that copies from it is open: quarantined until the submit.
+    let c = ctx.upload("c", &vec![2.0f32; n]).unwrap();
+    let mut rec = ctx.recorder();
+    rec.copy(&c, 0, &b, 0, n);
+    drop(c);
+    assert_eq!(ctx.pooled_bytes(), bytes, "c is held back, not freed");
+    let d = ctx.zeros::<f32>("d", n).unwrap();
+    assert_eq!(ctx.pooled_bytes(), bytes, "d must not take the quarantined buffer");
+    rec.submit();
+    let (got_b, got_d) = (ctx.read(&b).unwrap(), ctx.read(&d).unwrap());
+    for (what, got, want) in [("b (copy of c)", &got_b, 2.0), ("d", &got_d, 0.0)] {
+        if let Some(i) = got.iter().position(|&v| v != want) {
+            panic!("{what}: index {i} of {n}: got {}, expected {want}", got[i]);
+        }
+    }
+    // After the submit c's buffer is free for reuse.
+    let e = ctx.zeros::<f32>("e", n).unwrap();
+    assert_eq!(ctx.pooled_bytes(), 0, "c's buffer reused after the submit");
+
+    // Limit: b, d, e are live (3 buffers = the limit's headroom); freeing one more than fits.
+    let f = ctx.zeros::<f32>("f", n).unwrap();
+    assert_eq!(ctx.memory().0, base + 4 * bytes);
+    drop(f);
+    assert_eq!(ctx.pooled_bytes(), 0, "over the limit: freed, not pooled");
+    assert_eq!(ctx.memory().0, base + 3 * bytes);
+    drop(e);
+    assert_eq!(ctx.pooled_bytes(), bytes);
+    ctx.set_pool_limit(0);
+    assert_eq!(ctx.pooled_bytes(), 0, "limit 0 empties the pool");
+    assert_eq!(ctx.memory().0, base + 2 * bytes);
+    drop((b, d));
+    assert_eq!(ctx.memory().0, base);
 }

@@ -299,7 +299,7 @@ impl GpuLayer {
         if widest == 0 {
             return Ok(false);
         }
-        let chunk = max_tokens.clamp(1, TC_CHUNK_TOKENS).next_multiple_of(64);
+        let chunk = max_tokens.clamp(1, TC_CHUNK_TOKENS).next_multiple_of(128);
         self.tc = Some(TensorCores {
             w16,
             x16: Arc::new(ctx.zeros::<half::f16>("activations f16", chunk * widest)?),
@@ -577,37 +577,90 @@ fn linear(
     y: &GpuBuffer<f32>,
     accumulate: bool,
 ) -> Result<(), GpuError> {
+    linears(rec, layer, &[(m, y)], t, x, accumulate)
+}
+
+/// Row ranges `(kernel, first row, rows)` of a `t`-row product with module `m` that run on tensor
+/// cores: the fastest kernel whose blocks tile the module (the staged 128×128 one where granted,
+/// then 64×64, 32×32) takes the rows that fill its blocks, the next kernel the rows after those;
+/// the rows past the last range go to the f32 GEMM. Empty without tensor cores for `m`.
+fn tc_ranges(
+    ctx: &GpuContext,
+    layer: &GpuLayer,
+    m: ModuleKind,
+    t: usize,
+) -> Vec<(CoopOp, usize, usize)> {
+    let mut ranges = Vec::new();
+    if layer.w16(m).is_none() {
+        return ranges;
+    }
     let (rows, cols) = layer.dims.linear_shape(m);
-    let w = layer.linear(m);
-    let beta = if accumulate { 1.0 } else { 0.0 };
-    // Tensor cores for the rows that fill whole blocks, chunk by chunk; the f32 GEMM for the rest.
     let mut done = 0;
-    if let (Some(tc), Some(w16)) = (&layer.tc, layer.w16(m)) {
-        let op = if rows.is_multiple_of(64) {
-            CoopOp::Nt64
-        } else {
-            CoopOp::Nt
-        };
-        let main = t / op.block() * op.block();
-        if main > 0 {
-            // The cooperative kernel accumulates into C.
-            if !accumulate {
-                rec.clear(y, 0, main * rows)?;
+    for op in CoopOp::NT {
+        let blk = op.block();
+        let main = (t - done) / blk * blk;
+        if main > 0 && op.available(ctx) && ops::coop_shape_ok_for(op, blk, rows, cols) {
+            ranges.push((op, done, main));
+            done += main;
+        }
+    }
+    ranges
+}
+
+/// [`linear`] for modules that read the same input `x` (q/k/v, gate/up): on tensor cores each
+/// chunk of `x` is cast to f16 once for all of them where their row ranges agree ([`tc_ranges`]:
+/// always, when their widths tile alike), instead of once per module.
+fn linears(
+    rec: &mut Recorder<'_>,
+    layer: &GpuLayer,
+    mods: &[(ModuleKind, &GpuBuffer<f32>)],
+    t: usize,
+    x: &GpuBuffer<f32>,
+    accumulate: bool,
+) -> Result<(), GpuError> {
+    let ctx = rec.ctx();
+    let ranges: Vec<_> = mods
+        .iter()
+        .map(|&(m, _)| tc_ranges(ctx, layer, m, t))
+        .collect();
+    if mods.len() > 1 && ranges.iter().any(|r| *r != ranges[0]) {
+        for &(m, y) in mods {
+            linears(rec, layer, &[(m, y)], t, x, accumulate)?;
+        }
+        return Ok(());
+    }
+    let ranges: &[(CoopOp, usize, usize)] = ranges.first().map_or(&[], |r| r.as_slice());
+    let cols = mods
+        .first()
+        .map_or(0, |&(m, _)| layer.dims.linear_shape(m).1);
+    for (tc, &(op, r0, len)) in ranges.iter().filter_map(|r| Some((layer.tc.as_ref()?, r))) {
+        // The cooperative kernels accumulate into C.
+        if !accumulate {
+            for &(m, y) in mods {
+                let rows = layer.dims.linear_shape(m).0;
+                rec.clear(y, r0 * rows, len * rows)?;
             }
-            for c0 in (0..main).step_by(tc.chunk) {
-                let len = (main - c0).min(tc.chunk);
-                ops::cast_f16(
-                    rec,
-                    len,
-                    cols,
-                    MatView::new(x, cols).at(c0 * cols),
-                    1.0,
-                    &tc.x16,
-                )?;
+        }
+        // `tc.chunk` is a multiple of every block, so each chunk tiles.
+        for c0 in (r0..r0 + len).step_by(tc.chunk) {
+            let n = (r0 + len - c0).min(tc.chunk);
+            ops::cast_f16(
+                rec,
+                n,
+                cols,
+                MatView::new(x, cols).at(c0 * cols),
+                1.0,
+                &tc.x16,
+            )?;
+            for &(m, y) in mods {
+                let (rows, w16) = (layer.dims.linear_shape(m).0, layer.w16(m));
+                let w16 = w16.ok_or_else(|| {
+                    GpuError::Validation(format!("{m:?}: tensor-core range without f16 weight"))
+                })?;
                 ops::gemm_coop(
                     rec,
                     op,
-                    len,
+                    n,
                     rows,
                     cols,
                     (&tc.x16, 0),
@@ -615,24 +668,29 @@ fn linear(
                     MatView::new(y, rows).at(c0 * rows),
                 )?;
             }
-            done = main;
         }
     }
-    if done < t {
-        ops::gemm(
-            rec,
-            t - done,
-            rows,
-            cols,
-            1.0,
-            MatView::new(x, cols).at(done * cols),
-            MatView::new(w, cols).t(),
-            beta,
-            MatView::new(y, rows).at(done * rows),
-        )?;
-    }
-    if let Some(b) = layer.bias(m) {
-        bias_add(rec, t, rows, b, y)?;
+    // The rows no tensor-core kernel covers, and the biases, per module.
+    let done = ranges.last().map_or(0, |&(_, r0, len)| r0 + len);
+    let beta = if accumulate { 1.0 } else { 0.0 };
+    for &(m, y) in mods {
+        let (rows, cols) = layer.dims.linear_shape(m);
+        if done < t {
+            ops::gemm(
+                rec,
+                t - done,
+                rows,
+                cols,
+                1.0,
+                MatView::new(x, cols).at(done * cols),
+                MatView::new(layer.linear(m), cols).t(),
+                beta,
+                MatView::new(y, rows).at(done * rows),
+            )?;
+        }
+        if let Some(b) = layer.bias(m) {
+            bias_add(rec, t, rows, b, y)?;
+        }
     }
     Ok(())
 }
@@ -803,9 +861,18 @@ pub fn qkv_proj(
     t: usize,
 ) -> Result<(), GpuError> {
     s.check(t)?;
-    linear(rec, l, ModuleKind::Q, t, &s.x1, &s.q, false)?;
-    linear(rec, l, ModuleKind::K, t, &s.x1, &s.k, false)?;
-    linear(rec, l, ModuleKind::V, t, &s.x1, &s.v, false)
+    linears(
+        rec,
+        l,
+        &[
+            (ModuleKind::Q, &s.q),
+            (ModuleKind::K, &s.k),
+            (ModuleKind::V, &s.v),
+        ],
+        t,
+        &s.x1,
+        false,
+    )
 }
 
 /// The rest of [`attention`] after [`qkv_proj`]: (q/k norm and) RoPE in place on `s.q`, `s.k`,
@@ -1063,6 +1130,15 @@ pub fn attend_tc_with(
         )));
     }
     let scale = 1.0 / (hd as f32).sqrt();
+    // Q·Kᵀ's kernel for a chunk with `keys` keys: the staged one where granted and the chunk tiles
+    // by 128 (its operands are aligned: offsets and strides are multiples of hd, itself of 32).
+    let staged = ops::coop_staged_available(rec.ctx());
+    let qk_op = |keys: usize| {
+        [CoopOp::Nt128, CoopOp::Nt64, CoopOp::Nt]
+            .into_iter()
+            .find(|&op| (!op.staged() || staged) && ops::coop_shape_ok_for(op, qc, keys, hd))
+            .unwrap_or(CoopOp::Nt)
+    };
     for seq in 0..nseq {
         let row0 = seq * l;
         ops::cast_f16(
@@ -1083,11 +1159,7 @@ pub fn attend_tc_with(
             // of q16, its key/value head's keys columns (z/g)·hd.. of k16.
             gemm(
                 rec,
-                if keys.is_multiple_of(64) && qc.is_multiple_of(64) {
-                    CoopOp::Nt64
-                } else {
-                    CoopOp::Nt
-                },
+                qk_op(keys),
                 (qc, keys, hd),
                 heads,
                 CoopOperand::new(&sc.q16, q0 * qd, qd).batched(hd, 1),
@@ -1229,8 +1301,14 @@ pub fn gate_up_proj(
     t: usize,
 ) -> Result<(), GpuError> {
     s.check(t)?;
-    linear(rec, l, ModuleKind::Gate, t, &s.x2, &s.act, false)?;
-    linear(rec, l, ModuleKind::Up, t, &s.x2, &s.up, false)
+    linears(
+        rec,
+        l,
+        &[(ModuleKind::Gate, &s.act), (ModuleKind::Up, &s.up)],
+        t,
+        &s.x2,
+        false,
+    )
 }
 
 /// SwiGLU after [`gate_up_proj`]: `s.act = silu(s.act)·s.up`.

@@ -4,8 +4,8 @@
 //! shows, never for values a hot loop needs on the next iteration.
 
 use std::marker::PhantomData;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use bytemuck::Pod;
 use wgpu::util::DeviceExt;
@@ -16,30 +16,163 @@ use super::context::{GpuContext, GpuError};
 /// `alloc_scoped`).
 const RECLAIM_BEFORE_BYTES: u64 = 64 << 20;
 
+/// Freed buffers from this size on may be kept for reuse ([`GpuContext::set_pool_limit`]).
+const POOL_MIN_BYTES: u64 = 1 << 20;
+
 /// Live and peak bytes allocated through the context (an application-level count of our own
-/// buffers; drivers add their own overhead on top).
+/// buffers; drivers add their own overhead on top), and the pool of freed buffers kept for reuse.
+/// Pooled buffers still hold device memory, so they stay in the count.
 #[derive(Default, Clone)]
 pub(crate) struct MemCounter {
-    inner: Arc<(AtomicU64, AtomicU64)>,
+    inner: Arc<MemInner>,
+}
+
+#[derive(Default)]
+struct MemInner {
+    now: AtomicU64,
+    peak: AtomicU64,
+    /// Recorders open (created, neither submitted nor dropped) on any thread.
+    open: AtomicUsize,
+    pool: Mutex<Pool>,
+}
+
+/// A caching allocator's free list, as PyTorch keeps one: allocating a buffer of several hundred
+/// MiB costs the driver milliseconds to tens of milliseconds, and the pipeline allocates the same
+/// sizes again for every stage and layer (its per-stage "setup" phase took 1.2 s of an 8B GPTQ
+/// layer on the H100). Reuse is by exact size, because kernels bind whole buffers.
+///
+/// A buffer dropped while any recorder is open may still be used by commands recorded there and
+/// not yet submitted; it waits in `quarantine` until no recorder is open, so that a reused buffer's
+/// clear (its own submission) is queued after every earlier use. Commands already submitted are
+/// ordered before it by the queue.
+#[derive(Default)]
+struct Pool {
+    /// Live plus pooled bytes may not exceed this when a buffer is pooled; 0 keeps nothing.
+    limit: u64,
+    free: Vec<wgpu::Buffer>,
+    quarantine: Vec<wgpu::Buffer>,
+}
+
+impl Pool {
+    /// Drops the largest pooled buffers until `need` more bytes fit under `limit` with `now`
+    /// live-plus-pooled bytes (everything when `limit` is 0); returns the bytes released.
+    fn trim(&mut self, now: u64, need: u64) -> u64 {
+        let mut freed = 0;
+        let target = self.limit;
+        for list in [&mut self.quarantine, &mut self.free] {
+            list.sort_by_key(|b| b.size());
+            while (target == 0 || now - freed + need > target)
+                && let Some(b) = list.pop()
+            {
+                freed += b.size();
+            }
+        }
+        freed
+    }
 }
 
 impl MemCounter {
     fn add(&self, bytes: u64) {
-        let now = self.inner.0.fetch_add(bytes, Ordering::Relaxed) + bytes;
-        self.inner.1.fetch_max(now, Ordering::Relaxed);
+        let now = self.inner.now.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        self.inner.peak.fetch_max(now, Ordering::Relaxed);
     }
     fn sub(&self, bytes: u64) {
-        self.inner.0.fetch_sub(bytes, Ordering::Relaxed);
+        self.inner.now.fetch_sub(bytes, Ordering::Relaxed);
     }
     pub(crate) fn get(&self) -> (u64, u64) {
         (
-            self.inner.0.load(Ordering::Relaxed),
-            self.inner.1.load(Ordering::Relaxed),
+            self.inner.now.load(Ordering::Relaxed),
+            self.inner.peak.load(Ordering::Relaxed),
         )
     }
     pub(crate) fn reset_peak(&self) {
-        let now = self.inner.0.load(Ordering::Relaxed);
-        self.inner.1.store(now, Ordering::Relaxed);
+        let now = self.inner.now.load(Ordering::Relaxed);
+        self.inner.peak.store(now, Ordering::Relaxed);
+    }
+
+    /// A recorder was opened; the guard closes it when dropped.
+    pub(crate) fn open_recorder(&self) -> RecorderGuard {
+        self.inner.open.fetch_add(1, Ordering::SeqCst);
+        RecorderGuard { mem: self.clone() }
+    }
+
+    /// A dropped buffer: pooled when pooling is on, it is large enough and the pool stays within
+    /// its limit; released otherwise.
+    fn release(&self, buf: &wgpu::Buffer) {
+        let size = buf.size();
+        if size >= POOL_MIN_BYTES
+            && buf.usage() == USAGE
+            && let Ok(mut pool) = self.inner.pool.lock()
+            && pool.limit > 0
+            && self.inner.now.load(Ordering::Relaxed) <= pool.limit
+        {
+            if self.inner.open.load(Ordering::SeqCst) == 0 {
+                pool.free.push(buf.clone());
+            } else {
+                pool.quarantine.push(buf.clone());
+            }
+            return;
+        }
+        self.sub(size);
+    }
+
+    /// A pooled buffer of exactly `size` bytes, if one is free (it stays in the count).
+    fn take(&self, size: u64) -> Option<wgpu::Buffer> {
+        let mut pool = self.inner.pool.lock().ok()?;
+        let i = pool.free.iter().position(|b| b.size() == size)?;
+        Some(pool.free.swap_remove(i))
+    }
+
+    /// Makes room for `need` new bytes under the pool's limit by dropping pooled buffers (all of
+    /// them with `need == u64::MAX`, e.g. after an out-of-memory error).
+    fn trim(&self, need: u64) {
+        let Ok(mut pool) = self.inner.pool.lock() else {
+            return;
+        };
+        let freed = if need == u64::MAX {
+            let limit = std::mem::replace(&mut pool.limit, 0);
+            let freed = pool.trim(0, 0);
+            pool.limit = limit;
+            freed
+        } else if pool.limit == 0 {
+            pool.trim(0, 0)
+        } else {
+            pool.trim(self.inner.now.load(Ordering::Relaxed), need)
+        };
+        self.sub(freed);
+    }
+
+    fn set_pool_limit(&self, bytes: u64) {
+        if let Ok(mut pool) = self.inner.pool.lock() {
+            pool.limit = bytes;
+        }
+        self.trim(0);
+    }
+
+    /// Bytes held by pooled buffers.
+    pub(crate) fn pooled(&self) -> u64 {
+        self.inner.pool.lock().map_or(0, |p| {
+            p.free.iter().chain(&p.quarantine).map(|b| b.size()).sum()
+        })
+    }
+}
+
+/// Held by an open [`super::Recorder`]: when the last one closes, buffers dropped meanwhile become
+/// reusable (see [`Pool`]).
+pub(crate) struct RecorderGuard {
+    mem: MemCounter,
+}
+
+impl Drop for RecorderGuard {
+    fn drop(&mut self) {
+        let inner = &self.mem.inner;
+        if inner.open.fetch_sub(1, Ordering::SeqCst) == 1
+            && let Ok(mut pool) = inner.pool.lock()
+            && inner.open.load(Ordering::SeqCst) == 0
+        {
+            let q = std::mem::take(&mut pool.quarantine);
+            pool.free.extend(q);
+        }
     }
 }
 
@@ -65,7 +198,7 @@ pub struct GpuBuffer<T: Pod> {
 
 impl<T: Pod> Drop for GpuBuffer<T> {
     fn drop(&mut self) {
-        self.mem.sub(self.buffer.size());
+        self.mem.release(&self.buffer);
     }
 }
 
@@ -110,13 +243,15 @@ impl GpuContext {
         Ok(())
     }
 
-    fn alloc_scoped<F: FnOnce() -> wgpu::Buffer>(
+    fn alloc_scoped<F: Fn() -> wgpu::Buffer>(
         &self,
         what: &str,
         bytes: u64,
         f: F,
     ) -> Result<wgpu::Buffer, GpuError> {
         self.check_size(what, bytes)?;
+        // Pooled buffers give way to new ones beyond the pool's limit.
+        self.mem.trim(bytes);
         if bytes >= RECLAIM_BEFORE_BYTES {
             // A dropped wgpu buffer is only freed once the submissions that use it have finished
             // and the device has been maintained; until then its memory stays allocated although
@@ -131,21 +266,68 @@ impl GpuContext {
                 .map_err(|e| GpuError::DeviceLost(e.to_string()))?;
         }
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
-        let buffer = f();
+        let mut buffer = f();
         if let Some(err) = pollster::block_on(scope.pop()) {
-            log::error!("allocating {what}: {err}");
-            return Err(GpuError::OutOfMemory {
-                what: what.to_string(),
-                bytes,
-            });
+            // Pooled buffers are the first thing to give back; one more try without them.
+            if self.mem.pooled() == 0 {
+                log::error!("allocating {what}: {err}");
+                return Err(GpuError::OutOfMemory {
+                    what: what.to_string(),
+                    bytes,
+                });
+            }
+            self.mem.trim(u64::MAX);
+            self.device
+                .poll(wgpu::PollType::wait_indefinitely())
+                .map_err(|e| GpuError::DeviceLost(e.to_string()))?;
+            let scope = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+            buffer = f();
+            if let Some(err) = pollster::block_on(scope.pop()) {
+                log::error!("allocating {what} after emptying the buffer pool: {err}");
+                return Err(GpuError::OutOfMemory {
+                    what: what.to_string(),
+                    bytes,
+                });
+            }
         }
         self.mem.add(buffer.size());
         Ok(buffer)
     }
 
+    /// Keeps freed buffers of 1 MiB and more for reuse while live plus pooled bytes stay within
+    /// `bytes` (0, the default, keeps none and frees what is pooled). The pipeline sets its memory
+    /// plan's estimate here, so reuse never takes the run beyond what the plan promised; pooled
+    /// buffers count as allocated in [`GpuContext::memory`], as they hold device memory.
+    pub fn set_pool_limit(&self, bytes: u64) {
+        self.mem.set_pool_limit(bytes);
+    }
+
+    /// Bytes held by pooled buffers ([`GpuContext::set_pool_limit`]).
+    pub fn pooled_bytes(&self) -> u64 {
+        self.mem.pooled()
+    }
+
+    /// A pooled buffer of exactly `bytes` bytes, if any.
+    fn reuse(&self, what: &str, bytes: u64) -> Result<Option<wgpu::Buffer>, GpuError> {
+        self.check_size(what, bytes)?;
+        Ok(self.mem.take(bytes))
+    }
+
     /// A zero-initialised buffer of `len` elements.
     pub fn zeros<T: Pod>(&self, what: &str, len: usize) -> Result<GpuBuffer<T>, GpuError> {
         let bytes = padded_size((len * std::mem::size_of::<T>()) as u64);
+        if let Some(buffer) = self.reuse(what, bytes)? {
+            // Its own submission: queued after every use by its previous owner (see `Pool`).
+            let mut enc = self.device.create_command_encoder(&Default::default());
+            enc.clear_buffer(&buffer, 0, None);
+            self.queue.submit([enc.finish()]);
+            return Ok(GpuBuffer {
+                buffer,
+                len,
+                mem: self.mem.clone(),
+                _t: PhantomData,
+            });
+        }
         let buffer = self.alloc_scoped(what, bytes, || {
             self.device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some(what),
@@ -166,6 +348,18 @@ impl GpuContext {
     pub fn upload<T: Pod>(&self, what: &str, data: &[T]) -> Result<GpuBuffer<T>, GpuError> {
         let raw: &[u8] = bytemuck::cast_slice(data);
         let bytes = padded_size(raw.len() as u64);
+        if let Some(buffer) = self.reuse(what, bytes)? {
+            // Written before the next submission, after every use by its previous owner.
+            let mut padded = raw.to_vec();
+            padded.resize(bytes as usize, 0);
+            self.queue.write_buffer(&buffer, 0, &padded);
+            return Ok(GpuBuffer {
+                buffer,
+                len: data.len(),
+                mem: self.mem.clone(),
+                _t: PhantomData,
+            });
+        }
         let buffer = self.alloc_scoped(what, bytes, || {
             if raw.len() as u64 == bytes {
                 self.device

@@ -128,6 +128,9 @@ pub struct AdapterSummary {
     pub max_storage_buffer_binding_size: u64,
     pub max_compute_workgroup_storage_size: u32,
     pub max_compute_invocations_per_workgroup: u32,
+    /// The adapter's subgroup sizes (min, max): the staged tensor-core GEMM needs exactly 32.
+    #[serde(default)]
+    pub subgroup_sizes: (u32, u32),
 }
 
 impl std::fmt::Display for AdapterSummary {
@@ -148,11 +151,13 @@ impl std::fmt::Display for AdapterSummary {
         )?;
         writeln!(
             f,
-            "  max buffer {} MiB, max storage binding {} MiB, workgroup memory {} KiB, {} invocations/workgroup",
+            "  max buffer {} MiB, max storage binding {} MiB, workgroup memory {} KiB, {} invocations/workgroup, subgroups of {}–{}",
             self.max_buffer_size >> 20,
             self.max_storage_buffer_binding_size >> 20,
             self.max_compute_workgroup_storage_size >> 10,
-            self.max_compute_invocations_per_workgroup
+            self.max_compute_invocations_per_workgroup,
+            self.subgroup_sizes.0,
+            self.subgroup_sizes.1
         )?;
         // What the binding means for the solve: the widest n×n f32 matrix in one buffer; wider
         // ones are stored in row panels (gpu/matrix.rs), while each weight must fit one binding.
@@ -204,6 +209,10 @@ fn summarize(
         max_storage_buffer_binding_size: limits.max_storage_buffer_binding_size,
         max_compute_workgroup_storage_size: limits.max_compute_workgroup_storage_size,
         max_compute_invocations_per_workgroup: limits.max_compute_invocations_per_workgroup,
+        subgroup_sizes: (
+            adapter_info.subgroup_min_size,
+            adapter_info.subgroup_max_size,
+        ),
     }
 }
 

@@ -153,6 +153,7 @@ impl GpuContext {
                 .device
                 .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None }),
             dispatches: 0,
+            _open: self.mem.open_recorder(),
         }
     }
 }
@@ -174,6 +175,9 @@ pub struct Recorder<'c> {
     ctx: &'c GpuContext,
     encoder: wgpu::CommandEncoder,
     dispatches: usize,
+    /// Open until submitted or dropped: buffers freed meanwhile are not reused before (see
+    /// `gpu::buffer`'s pool).
+    _open: super::buffer::RecorderGuard,
 }
 
 impl<'c> Recorder<'c> {

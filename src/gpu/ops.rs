@@ -802,6 +802,7 @@ pub fn col_dot(
 
 crate::wgsl_shader!(CAST_F16, "cast_f16");
 crate::wgsl_shader!(GEMM_COOP, "gemm_coop");
+crate::wgsl_shader!(GEMM_STAGED_COOP, "gemm_staged_coop");
 
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable)]
@@ -969,6 +970,20 @@ pub fn coop_available(ctx: &GpuContext) -> bool {
             .contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX)
 }
 
+/// Whether the staged tensor-core kernels ([`CoopOp::Nt128`], [`CoopOp::Tn128`],
+/// `gemm_staged_coop.wgsl`) can run here: [`coop_available`], subgroups granted and always 32 wide
+/// (the kernel's 128 invocations must be four subgroups; NVIDIA, AMD RDNA in wave32-only drivers),
+/// 20 KiB of workgroup memory and 128 invocations per workgroup. `GPTAQ_COOP_STAGED=0` turns them
+/// off (the unstaged kernels are then chosen), for side-by-side timing.
+pub fn coop_staged_available(ctx: &GpuContext) -> bool {
+    coop_available(ctx)
+        && ctx.features.contains(wgpu::Features::SUBGROUP)
+        && ctx.summary.subgroup_sizes == (32, 32)
+        && ctx.limits.max_compute_workgroup_storage_size >= 20 * 1024
+        && ctx.limits.max_compute_invocations_per_workgroup >= 128
+        && std::env::var("GPTAQ_COOP_STAGED").map_or(true, |v| v != "0")
+}
+
 /// Operand layouts of the tensor-core GEMM (`C += op(A)·op(B)`, A and B dense f16 row-major).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CoopOp {
@@ -980,17 +995,49 @@ pub enum CoopOp {
     Nt,
     /// [`CoopOp::Nt`] with a 64×64 block per subgroup (M and N multiples of 64).
     Nt64,
+    /// [`CoopOp::Nt`] staged through workgroup memory: 128×128 blocks of four subgroups, K in
+    /// steps of 32, 8-half aligned operands ([`coop_staged_available`]).
+    Nt128,
+    /// [`CoopOp::Tn`] staged like [`CoopOp::Nt128`].
+    Tn128,
+    /// [`CoopOp::Tn128`] on the blocks of a square C on and above the diagonal only: symmetric
+    /// products (`Xᵀ·X`) at half the work. C's blocks below the diagonal are left as they were,
+    /// and the diagonal blocks are computed whole; [`mirror_upper`] completes C.
+    Tn128Upper,
 }
 
 impl CoopOp {
-    pub const ALL: [CoopOp; 4] = [CoopOp::Nn, CoopOp::Tn, CoopOp::Nt, CoopOp::Nt64];
+    pub const ALL: [CoopOp; 7] = [
+        CoopOp::Nn,
+        CoopOp::Tn,
+        CoopOp::Nt,
+        CoopOp::Nt64,
+        CoopOp::Nt128,
+        CoopOp::Tn128,
+        CoopOp::Tn128Upper,
+    ];
+    /// The `X·Wᵀ` kernels, fastest first (for [`coop_pick`]).
+    pub const NT: [CoopOp; 3] = [CoopOp::Nt128, CoopOp::Nt64, CoopOp::Nt];
+    /// The `Xᵀ·Y` kernels, fastest first.
+    pub const TN: [CoopOp; 2] = [CoopOp::Tn128, CoopOp::Tn];
 
-    /// The square block one subgroup computes.
+    /// The square block of C one workgroup computes.
     pub fn block(self) -> usize {
         match self {
+            CoopOp::Nt128 | CoopOp::Tn128 | CoopOp::Tn128Upper => 128,
             CoopOp::Nt64 => 64,
             _ => 32,
         }
+    }
+
+    /// K must be a multiple of this.
+    pub fn k_step(self) -> usize {
+        if self.staged() { 32 } else { 16 }
+    }
+
+    /// Whether this is a staged kernel (`gemm_staged_coop.wgsl`, [`coop_staged_available`]).
+    pub fn staged(self) -> bool {
+        matches!(self, CoopOp::Nt128 | CoopOp::Tn128 | CoopOp::Tn128Upper)
     }
 
     fn entry(self) -> &'static str {
@@ -999,23 +1046,65 @@ impl CoopOp {
             CoopOp::Tn => "gemm_coop_tn",
             CoopOp::Nt => "gemm_coop_nt",
             CoopOp::Nt64 => "gemm_coop_nt64",
+            CoopOp::Nt128 => "gemm_coop_nt128",
+            CoopOp::Tn128 => "gemm_coop_tn128",
+            CoopOp::Tn128Upper => "gemm_coop_tn128_upper",
         }
     }
 
-    /// Row strides of the stored A and B.
-    fn strides(self, m: usize, n: usize, k: usize) -> (usize, usize) {
+    /// Whether A is stored K×M (transposed) and B N×K (transposed).
+    pub fn transposes(self) -> (bool, bool) {
         match self {
-            CoopOp::Nn => (k, n),
-            CoopOp::Tn => (m, n),
-            CoopOp::Nt | CoopOp::Nt64 => (k, k),
+            CoopOp::Nn => (false, false),
+            CoopOp::Tn | CoopOp::Tn128 | CoopOp::Tn128Upper => (true, false),
+            CoopOp::Nt | CoopOp::Nt64 | CoopOp::Nt128 => (false, true),
+        }
+    }
+
+    /// Row strides of the stored A and B when dense.
+    fn strides(self, m: usize, n: usize, k: usize) -> (usize, usize) {
+        let (ta, tb) = self.transposes();
+        (if ta { m } else { k }, if tb { k } else { n })
+    }
+
+    /// Whether this kernel can run on `ctx` at all.
+    pub fn available(self, ctx: &GpuContext) -> bool {
+        if self.staged() {
+            coop_staged_available(ctx)
+        } else {
+            coop_available(ctx)
         }
     }
 }
 
-/// Whether `op`'s blocks and 16-deep steps tile an M×N×K product exactly.
+/// Whether `op`'s blocks and K steps tile an M×N×K product exactly (the staged kernels also need
+/// 8-half aligned operands: [`check_coop_batched`]; [`CoopOp::Tn128Upper`] a square C).
 pub fn coop_shape_ok_for(op: CoopOp, m: usize, n: usize, k: usize) -> bool {
     let b = op.block();
-    m > 0 && n > 0 && k > 0 && m.is_multiple_of(b) && n.is_multiple_of(b) && k.is_multiple_of(16)
+    (op != CoopOp::Tn128Upper || m == n)
+        && m > 0
+        && n > 0
+        && k > 0
+        && m.is_multiple_of(b)
+        && n.is_multiple_of(b)
+        && k.is_multiple_of(op.k_step())
+}
+
+/// The first of `candidates` (fastest first, e.g. [`CoopOp::NT`]) that runs on `ctx` and whose
+/// tiles cover the M×N×K product with these operands ([`check_coop_batched`]), or `None`.
+pub fn coop_pick(
+    ctx: &GpuContext,
+    candidates: &[CoopOp],
+    (m, n, k): (usize, usize, usize),
+    batch: usize,
+    a: &CoopOperand<'_>,
+    b: &CoopOperand<'_>,
+    c: (&MatView<'_>, usize),
+) -> Option<CoopOp> {
+    candidates
+        .iter()
+        .copied()
+        .find(|&op| op.available(ctx) && check_coop_batched(op, (m, n, k), batch, a, b, c).is_ok())
 }
 
 /// One f16 operand of [`gemm_coop_batched`]: stored row-major from element `off` of `buf`, rows
@@ -1105,21 +1194,27 @@ pub fn check_coop_batched(
     b: &CoopOperand<'_>,
     (c, c_stride): (&MatView<'_>, usize),
 ) -> Result<(), GpuError> {
-    let blk = op.block();
+    let (blk, ks) = (op.block(), op.k_step());
     if !coop_shape_ok_for(op, m, n, k) || c.trans || c.ld < n || batch == 0 {
         return Err(GpuError::Validation(format!(
-            "tensor-core GEMM {op:?} takes M, N multiples of {blk} and K of 16, ldc ≥ N (got \
+            "tensor-core GEMM {op:?} takes M, N multiples of {blk} and K of {ks}, ldc ≥ N (got \
              {m}x{n}x{k}, ldc {}, batch {batch})",
             c.ld
         )));
     }
     // Stored (rows, cols) of A and B.
-    let (sa, sb) = match op {
-        CoopOp::Nn => ((m, k), (k, n)),
-        CoopOp::Tn => ((k, m), (k, n)),
-        CoopOp::Nt | CoopOp::Nt64 => ((m, k), (n, k)),
-    };
+    let (ta, tb) = op.transposes();
+    let sa = if ta { (k, m) } else { (m, k) };
+    let sb = if tb { (n, k) } else { (k, n) };
     for (what, x, (rows, cols)) in [("A", a, sa), ("B", b, sb)] {
+        // The staged kernels read 8 halves (16 bytes) at a time.
+        if op.staged() && [x.off, x.ld, x.stride].iter().any(|v| !v.is_multiple_of(8)) {
+            return Err(GpuError::Validation(format!(
+                "staged tensor-core GEMM {what}: offset {}, row stride {} and batch stride {} \
+                 must be multiples of 8",
+                x.off, x.ld, x.stride
+            )));
+        }
         let need = x.off + (batch - 1) / x.group.max(1) * x.stride + (rows - 1) * x.ld + cols;
         if x.ld < cols || x.group == 0 || x.buf.len() < need {
             return Err(GpuError::Validation(format!(
@@ -1153,10 +1248,15 @@ pub fn gemm_coop_batched(
     b: CoopOperand<'_>,
     (c, c_stride): (MatView<'_>, usize),
 ) -> Result<(), GpuError> {
-    if !coop_available(rec.ctx()) {
-        return Err(GpuError::Validation(
-            "tensor-core GEMM needs SHADER_F16 and EXPERIMENTAL_COOPERATIVE_MATRIX".into(),
-        ));
+    if !op.available(rec.ctx()) {
+        return Err(GpuError::Validation(format!(
+            "tensor-core GEMM {op:?} needs SHADER_F16 and EXPERIMENTAL_COOPERATIVE_MATRIX{}",
+            if op.staged() {
+                ", subgroups of 32 and 20 KiB of workgroup memory"
+            } else {
+                ""
+            }
+        )));
     }
     check_coop_batched(op, (m, n, k), batch, &a, &b, (&c, c_stride))?;
     let blk = op.block();
@@ -1177,7 +1277,13 @@ pub fn gemm_coop_batched(
         gb: u32_of("gemm B batch group", b.group)?,
         _p: [0; 2],
     };
-    let groups = [(n / blk) as u32, (m / blk) as u32, batch as u32];
+    let groups = if op == CoopOp::Tn128Upper {
+        let nb = n / blk;
+        let tri = u32::try_from(nb * (nb + 1) / 2).unwrap_or(u32::MAX);
+        [tri, 1, batch as u32]
+    } else {
+        [(n / blk) as u32, (m / blk) as u32, batch as u32]
+    };
     if groups.iter().any(|&g| g > 65535) || batch > 65535 {
         return Err(GpuError::TooLarge {
             what: format!("tensor-core gemm {m}x{n} batch {batch} grid"),
@@ -1186,7 +1292,11 @@ pub fn gemm_coop_batched(
         });
     }
     rec.dispatch(
-        &GEMM_COOP,
+        if op.staged() {
+            &GEMM_STAGED_COOP
+        } else {
+            &GEMM_COOP
+        },
         op.entry(),
         &[],
         &params,

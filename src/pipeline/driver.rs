@@ -214,6 +214,16 @@ pub fn quantize(
     let (plan, tc_refused) = plan::plan_or_without_tensor_cores(&plan_input)?;
     let use_tc = plan_input.tensor_cores && tc_refused.is_none();
     emit_started(emit, prep, qc, &plan);
+    // Reuse freed buffers within the plan's estimate (gpu::buffer's pool): every stage and layer
+    // allocates the same sizes again. `GPTAQ_POOL=0` turns it off, for side-by-side timing.
+    let _pool = PoolScope::new(
+        ctx,
+        if std::env::var("GPTAQ_POOL").is_ok_and(|v| v == "0") {
+            0
+        } else {
+            plan.gpu_bytes_estimate
+        },
+    );
     ctx.reset_peak();
 
     let bs = plan.batch_sequences.max(1);
@@ -376,6 +386,9 @@ pub fn quantize(
                 metric_d(&[ModuleKind::Q, ModuleKind::K, ModuleKind::V]),
                 (nb, max_tokens),
             )?;
+            // Charges this stage's allocations (streams, statistics, metric sums) to "setup"; the
+            // first batch's "load" used to absorb them.
+            prof.sync(ctx, "setup")?;
             for b in 0..nb {
                 check_cancel(cancel)?;
                 let t = tok(b);
@@ -435,6 +448,7 @@ pub fn quantize(
                 &[ModuleKind::Q, ModuleKind::K, ModuleKind::V],
                 &pending,
             )?;
+            prof.sync(ctx, "setup")?;
             for b in 0..nb {
                 check_cancel(cancel)?;
                 let t = tok(b);
@@ -515,6 +529,7 @@ pub fn quantize(
                 &[ModuleKind::O],
                 &pending,
             )?;
+            prof.sync(ctx, "setup")?;
             for b in 0..nb {
                 check_cancel(cancel)?;
                 let t = tok(b);
@@ -616,6 +631,7 @@ pub fn quantize(
                 &[ModuleKind::Gate, ModuleKind::Up],
                 &pending,
             )?;
+            prof.sync(ctx, "setup")?;
             for b in 0..nb {
                 check_cancel(cancel)?;
                 let t = tok(b);
@@ -700,6 +716,7 @@ pub fn quantize(
                 &pending,
             )?;
             let hp = ops::sq_partials_len(max_tokens * h);
+            prof.sync(ctx, "setup")?;
             for b in 0..nb {
                 check_cancel(cancel)?;
                 let t = tok(b);
@@ -1165,6 +1182,16 @@ impl Stats {
             return Ok(());
         };
         ops::cast_f16(rec, tokens, n, MatView::new(x_q, n), s, x16)?;
+        // The staged kernel where granted and n tiles by 128 (tokens by 32); else the 32×32 one,
+        // which `tensor_cores` checked. The symmetric H and E then take only the blocks on and
+        // above the diagonal (half the work) and are mirrored, as the f32 path's syrk does.
+        let staged =
+            ops::coop_staged_available(ctx) && ops::coop_shape_ok_for(CoopOp::Tn128, n, n, tokens);
+        let (op, sym_op) = if staged {
+            (CoopOp::Tn128, CoopOp::Tn128Upper)
+        } else {
+            (CoopOp::Tn, CoopOp::Tn)
+        };
         fn one(m: &GpuMatrix) -> Result<&GpuBuffer<f32>, PipelineError> {
             m.single().ok_or_else(|| {
                 PipelineError::Gpu(crate::gpu::GpuError::Validation(
@@ -1172,17 +1199,27 @@ impl Stats {
                 ))
             })
         }
-        if let Some(h) = &self.h {
+        let symmetric = |rec: &mut Recorder<'_>,
+                         a: &GpuBuffer<half::f16>,
+                         m: &GpuMatrix|
+         -> Result<(), PipelineError> {
             ops::gemm_coop(
                 rec,
-                CoopOp::Tn,
+                sym_op,
                 n,
                 n,
                 tokens,
-                (x16, 0),
-                (x16, 0),
-                MatView::new(one(h)?, n),
+                (a, 0),
+                (a, 0),
+                MatView::new(one(m)?, n),
             )?;
+            if staged {
+                ops::mirror_upper(rec, m)?;
+            }
+            Ok(())
+        };
+        if let Some(h) = &self.h {
+            symmetric(rec, x16, h)?;
         }
         if let Some(d) = &self.d {
             ops::axpby(rec, tokens * n, 1.0, x_fp, -1.0, x_q, &work.diff)?;
@@ -1190,7 +1227,7 @@ impl Stats {
             ops::cast_f16(rec, tokens, n, MatView::new(&work.diff, n), s, d16)?;
             ops::gemm_coop(
                 rec,
-                CoopOp::Tn,
+                op,
                 n,
                 n,
                 tokens,
@@ -1199,19 +1236,29 @@ impl Stats {
                 MatView::new(one(d)?, n),
             )?;
             if let Some(e) = &self.e {
-                ops::gemm_coop(
-                    rec,
-                    CoopOp::Tn,
-                    n,
-                    n,
-                    tokens,
-                    (d16, 0),
-                    (d16, 0),
-                    MatView::new(one(e)?, n),
-                )?;
+                symmetric(rec, d16, e)?;
             }
         }
         Ok(())
+    }
+}
+
+/// Sets the context's buffer pool limit for a run and empties the pool when the run ends, however
+/// it ends.
+struct PoolScope<'a> {
+    ctx: &'a GpuContext,
+}
+
+impl<'a> PoolScope<'a> {
+    fn new(ctx: &'a GpuContext, limit: u64) -> Self {
+        ctx.set_pool_limit(limit);
+        Self { ctx }
+    }
+}
+
+impl Drop for PoolScope<'_> {
+    fn drop(&mut self) {
+        self.ctx.set_pool_limit(0);
     }
 }
 
