@@ -858,4 +858,23 @@ fn duplicated_layer_is_an_independent_identical_copy() {
         a,
         "zeroing the duplicate's down_proj changed nothing"
     );
+    // Releasing the attention weights (as the pipeline does before the MLP stages) leaves the
+    // MLP usable and makes a forward through attention an error naming the module.
+    use gptaq_studio::model::ModuleKind;
+    let mut rec = ctx.recorder();
+    let mut rel = orig.duplicate(&mut rec).unwrap();
+    rec.submit();
+    let before = ctx.memory().0;
+    rel.release(&ctx, &[ModuleKind::Q, ModuleKind::O]).unwrap();
+    assert!(rel.released(ModuleKind::Q) && !rel.released(ModuleKind::K));
+    assert!(ctx.memory().0 < before, "release freed nothing");
+    let h = ctx.upload("h", &h0).unwrap();
+    let mut rec = ctx.recorder();
+    let err = forward::forward_layer(&mut rec, &rel, &rope, &h, &s, nseq, seqlen)
+        .expect_err("forward through released q_proj");
+    assert!(err.to_string().contains("q_proj"), "{err}");
+    let mut rec = ctx.recorder();
+    forward::mlp_act(&mut rec, &rel, &s, t).expect("gate/up still run");
+    forward::down_residual(&mut rec, &rel, &h, &s, t).expect("down still runs");
+    rec.submit();
 }

@@ -1248,7 +1248,10 @@ fn buffer_pool_reuses_cleared_buffers_within_its_limit() {
     assert_eq!(ctx.memory().0, base + bytes);
     let got = ctx.read(&b).unwrap();
     if let Some(i) = got.iter().position(|&v| v != 0.0) {
-        panic!("reused buffer not cleared: index {i} of {n}: got {}, expected 0", got[i]);
+        panic!(
+            "reused buffer not cleared: index {i} of {n}: got {}, expected 0",
+            got[i]
+        );
     }
 
     // Freed while a recorder that copies from it is open: quarantined until the submit.
@@ -1258,7 +1261,11 @@ fn buffer_pool_reuses_cleared_buffers_within_its_limit() {
     drop(c);
     assert_eq!(ctx.pooled_bytes(), bytes, "c is held back, not freed");
     let d = ctx.zeros::<f32>("d", n).unwrap();
-    assert_eq!(ctx.pooled_bytes(), bytes, "d must not take the quarantined buffer");
+    assert_eq!(
+        ctx.pooled_bytes(),
+        bytes,
+        "d must not take the quarantined buffer"
+    );
     rec.submit();
     let (got_b, got_d) = (ctx.read(&b).unwrap(), ctx.read(&d).unwrap());
     for (what, got, want) in [("b (copy of c)", &got_b, 2.0), ("d", &got_d, 0.0)] {

@@ -440,6 +440,26 @@ impl GpuLayer {
         &self.linears[m as usize]
     }
 
+    /// Frees the weights (and f16 copies) of `mods` for the rest of this layer's life: the
+    /// pipeline no longer needs q/k/v/o once it reaches the MLP, and freeing them lowers the peak,
+    /// which lies in down_proj's statistics and solve. A later forward through a released module
+    /// is an error, not a silent zero.
+    pub fn release(&mut self, ctx: &GpuContext, mods: &[ModuleKind]) -> Result<(), GpuError> {
+        for &m in mods {
+            self.linears[m as usize] = ctx.zeros(m.hf_name(), 0)?;
+            if let Some(tc) = self.tc.as_mut() {
+                tc.w16[m as usize] = None;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether [`GpuLayer::release`] freed module `m`'s weights.
+    pub fn released(&self, m: ModuleKind) -> bool {
+        let (rows, cols) = self.dims.linear_shape(m);
+        self.linears[m as usize].len() != rows * cols
+    }
+
     pub fn bias(&self, m: ModuleKind) -> Option<&GpuBuffer<f32>> {
         self.biases[m as usize].as_ref()
     }
@@ -619,6 +639,12 @@ fn linears(
     accumulate: bool,
 ) -> Result<(), GpuError> {
     let ctx = rec.ctx();
+    if let Some(&(m, _)) = mods.iter().find(|&&(m, _)| layer.released(m)) {
+        return Err(GpuError::Validation(format!(
+            "{}: forward through a module whose weights were released",
+            m.hf_name()
+        )));
+    }
     let ranges: Vec<_> = mods
         .iter()
         .map(|&(m, _)| tc_ranges(ctx, layer, m, t))

@@ -215,10 +215,12 @@ pub fn quantize(
     let use_tc = plan_input.tensor_cores && tc_refused.is_none();
     emit_started(emit, prep, qc, &plan);
     // Reuse freed buffers within the plan's estimate (gpu::buffer's pool): every stage and layer
-    // allocates the same sizes again. `GPTAQ_POOL=0` turns it off, for side-by-side timing.
+    // allocates the same sizes again. Only with the streams on the GPU, the speed configuration:
+    // a memory-bound plan (host streams) keeps nothing it does not use. `GPTAQ_POOL=0` turns it
+    // off, for side-by-side timing.
     let _pool = PoolScope::new(
         ctx,
-        if std::env::var("GPTAQ_POOL").is_ok_and(|v| v == "0") {
+        if !plan.streams_on_gpu || std::env::var("GPTAQ_POOL").is_ok_and(|v| v == "0") {
             0
         } else {
             plan.gpu_bytes_estimate
@@ -602,6 +604,13 @@ pub fn quantize(
             drop(stats);
 
             // ---- stage D: act = silu(gate)·up → statistics of down, metrics of gate/up
+            // Attention's weights are done with (their metrics were measured in stages B and C):
+            // freed before down_proj's statistics and solve, where the layer's peak lies.
+            let attn_mods = [ModuleKind::Q, ModuleKind::K, ModuleKind::V, ModuleKind::O];
+            layers.q.release(ctx, &attn_mods)?;
+            if let Some(fp) = layers.fp.as_mut() {
+                fp.release(ctx, &attn_mods)?;
+            }
             let work = ensure_work(&mut work_slot, &make_work)?;
             // act kept for stage E where the plan has room on the GPU (MemoryPlan::act_streams).
             let act_stream = |name: &str, on: bool| -> Result<Option<Stream>, PipelineError> {
@@ -678,6 +687,14 @@ pub fn quantize(
             finish_metrics(ctx, &gu_metrics, &mut pending, &mut module_reports, emit)?;
             prof.sync(ctx, "metrics")?;
             work_slot = None;
+            // With act kept, stage E does not run gate/up again: they go before down's solve too.
+            if actq.is_some() {
+                let mlp_in = [ModuleKind::Gate, ModuleKind::Up];
+                layers.q.release(ctx, &mlp_in)?;
+                if let Some(fp) = layers.fp.as_mut() {
+                    fp.release(ctx, &mlp_in)?;
+                }
+            }
             solve_group(
                 ctx,
                 cfg,
