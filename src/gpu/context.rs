@@ -258,6 +258,21 @@ pub struct GpuContext {
     panel_cap: std::sync::atomic::AtomicU64,
 }
 
+impl Drop for GpuContext {
+    /// Frees what this context still holds (pooled buffers, pipelines) and waits for the GPU, so
+    /// that wgpu's deferred destruction runs before the device goes: resources waiting in the
+    /// device's tracker keep it alive otherwise (gfx-rs/wgpu#3498 describes the same), and on the
+    /// H100 a test process that created contexts one after another found no adapter after about
+    /// ten of them (2026-12-05, session 20).
+    fn drop(&mut self) {
+        self.set_pool_limit(0);
+        self.kernels.clear();
+        if let Err(e) = self.device.poll(wgpu::PollType::wait_indefinitely()) {
+            log::warn!("waiting for the GPU before releasing the device: {e}");
+        }
+    }
+}
+
 impl GpuContext {
     pub fn new(opts: &GpuOptions) -> Result<Self, GpuError> {
         let inst = instance(opts.backend);

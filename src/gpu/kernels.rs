@@ -57,6 +57,16 @@ impl KernelCache {
     pub(crate) fn len(&self) -> usize {
         self.pipelines.read().map(|p| p.len()).unwrap_or(0)
     }
+
+    /// Drops every compiled pipeline and module.
+    pub(crate) fn clear(&self) {
+        if let Ok(mut p) = self.pipelines.write() {
+            p.clear();
+        }
+        if let Ok(mut m) = self.modules.write() {
+            m.clear();
+        }
+    }
 }
 
 impl GpuContext {

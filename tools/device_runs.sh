@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Named quantize runs on the GPU machine, each with nvidia-smi sampling the memory every 100 ms and
+# its report kept; a lighter companion of tools/device_perf.sh for A/B comparisons in one call.
+# Usage there (after `cargo build --release` and `bash tools/device_pack.sh` here; run from the
+# repository root with `source .device-carry/setup.sh` done):
+#   TBINS="forward gpu_kernels" TESTS="coop" \
+#   RUNS="tc::--gpu-memory,70,--method,gptq,--no-metrics,--tensor-cores nopool:GPTAQ_POOL=0:--gpu-memory,70,--method,gptq" \
+#   KB="gemm_coop" OUT=$OUT bash tools/device_runs.sh
+# RUNS entries are NAME:ENV1=a,ENV2=b:ARG,ARG,... on /tmp/l8b2 (a random Llama-3-8B-shaped model
+# of two layers, tools/make_random_llama.py, 128 × 2048 calibration tokens, 4-bit g128); TBINS
+# the carried test binaries to run (TESTS: libtest filters, TLIM seconds each); KB a kernel-bench
+# filter (KBENV: environment for it); LIM seconds per run. Results land in $OUT/p.
+set -u
+cd .device-carry; for f in *.xz; do xz -d -f $f; done; chmod +x gptaq-studio kernels-bench test-*; cd ..
+export GPTAQ_TEST_DATA=$PWD/.device-carry/data
+D=$OUT/p; mkdir -p $D; B=.device-carry/gptaq-studio
+for t in ${TBINS:-gpu_kernels forward pipeline}; do
+  CI=true timeout ${TLIM:-150} .device-carry/test-$t --test-threads 1 ${TESTS:-} > $D/test_$t.log 2>&1
+  echo "test_$t: $(grep -E 'test result' $D/test_$t.log)"; grep -E "FAILED|panicked" -A3 $D/test_$t.log | head -8
+done
+[ -f /tmp/l8b2/config.json ] || python3 tools/make_random_llama.py --preset llama3-8b --layers 2 --out /tmp/l8b2 \
+  --calib-out /tmp/l8b-calib.safetensors --nsamples 128 --seqlen 2048 > $D/gen.log 2>&1
+Q="quantize /tmp/l8b2 --calib /tmp/l8b-calib.safetensors --nsamples 128 --seqlen 2048 --bits 4 --group-size 128"
+run() { local name=$1; shift
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > $D/smi_$name.log 2>&1 & local s=$!
+  local t0=$(date +%s.%N); timeout ${LIM:-150} "$@" --report $D/$name.json > $D/$name.log 2>&1; local rc=$?; kill $s
+  echo "== $name rc=$rc $(awk "BEGIN{printf \"%.1f\", $(date +%s.%N)-$t0}")s smi_peak=$(sort -n $D/smi_$name.log | tail -1)"
+  grep -E "phases|done in|finished|warning|rror" $D/$name.log | cut -c1-420; }
+for spec in ${RUNS:-}; do
+  IFS=: read -r name envs args <<< "$spec"
+  run $name env ${envs//,/ } $B $Q ${args//,/ }
+done
+if [ -n "${KB:-}" ]; then
+  env ${KBENV:-} GPTAQ_BENCH_SIZES=4096 timeout 150 .device-carry/kernels-bench --bench --warm-up-time 1 --measurement-time 2 "$KB" > $D/kb.log 2>&1
+  grep -E "phases|^[a-z_]+/.*|time:" $D/kb.log | grep -v Benchmarking | cut -c1-300
+fi
