@@ -10,7 +10,7 @@ use std::sync::atomic::AtomicBool;
 
 use gptaq_studio::eval::{self, EvalOptions};
 use gptaq_studio::forward::{self, GpuLayer, LayerScratch, Rope, cpu};
-use gptaq_studio::gpu::test_context;
+use gptaq_studio::gpu::{GpuContext, test_context};
 use gptaq_studio::model::synthetic::SyntheticModel;
 use gptaq_studio::model::weights::SafetensorsModel;
 use gptaq_studio::model::{ModelConfig, RopeScaling, WeightSource};
@@ -47,8 +47,14 @@ fn layer_case(
 }
 
 /// One layer on the GPU vs f64, relative to the output's RMS.
-fn check_layer(name: &str, cfg: ModelConfig, nseq: usize, seqlen: usize, seed: u64) {
-    let Some(ctx) = test_context() else { return };
+fn check_layer(
+    ctx: &GpuContext,
+    name: &str,
+    cfg: ModelConfig,
+    nseq: usize,
+    seqlen: usize,
+    seed: u64,
+) {
     let t = nseq * seqlen;
     let (lw, h0, expected) = layer_case(&cfg, nseq, seqlen, seed);
 
@@ -75,15 +81,18 @@ fn check_layer(name: &str, cfg: ModelConfig, nseq: usize, seqlen: usize, seed: u
 
 #[test]
 fn layer_matches_reference_on_awkward_shapes() {
+    // One context for all cases: NVIDIA's driver runs out of devices after a few dozen in one
+    // test process.
+    let Some(ctx) = test_context() else { return };
     // (name, config, nseq, seqlen): GQA 8/4 with hd 8 and intermediate 172 (stories260K-like);
     // seqlen 1, primes, more than one 64-key chunk; MHA; hd 128 and 256 (several dims per thread).
-    check_layer("gqa-hd8", config(64, 172, 8, 4, 8), 2, 67, 1);
-    check_layer("seqlen1", config(64, 172, 8, 4, 8), 3, 1, 2);
-    check_layer("mha-prime", config(36, 50, 3, 3, 12), 1, 131, 3);
-    check_layer("hd128", config(256, 96, 2, 1, 128), 2, 13, 4);
-    check_layer("hd256", config(256, 64, 2, 2, 256), 1, 70, 5);
+    check_layer(&ctx, "gqa-hd8", config(64, 172, 8, 4, 8), 2, 67, 1);
+    check_layer(&ctx, "seqlen1", config(64, 172, 8, 4, 8), 3, 1, 2);
+    check_layer(&ctx, "mha-prime", config(36, 50, 3, 3, 12), 1, 131, 3);
+    check_layer(&ctx, "hd128", config(256, 96, 2, 1, 128), 2, 13, 4);
+    check_layer(&ctx, "hd256", config(256, 64, 2, 2, 256), 1, 70, 5);
     // Several query blocks (BQ 64) and key chunks (BK 32) per sequence at hd 128, GQA 2.
-    check_layer("hd128-blocks", config(256, 96, 2, 1, 128), 2, 131, 10);
+    check_layer(&ctx, "hd128-blocks", config(256, 96, 2, 1, 128), 2, 131, 10);
 }
 
 /// The tensor-core linears (`GpuLayer::enable_tensor_cores`: f16 operands, f32 accumulation)
@@ -239,9 +248,16 @@ fn attention_tiles_fit_the_kernel() {
 
 /// One causal GQA attention dispatch ([`forward::attend`]) on random q/k/v against the f64
 /// reference, element by element, within `2e-5·rms(expected) + 1e-5`.
-fn check_attend(hd: usize, seqlen: usize, nseq: usize, heads: usize, kv_heads: usize, seed: u64) {
+fn check_attend(
+    ctx: &GpuContext,
+    hd: usize,
+    seqlen: usize,
+    nseq: usize,
+    heads: usize,
+    kv_heads: usize,
+    seed: u64,
+) {
     use rand::{Rng, SeedableRng};
-    let Some(ctx) = test_context() else { return };
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let t = nseq * seqlen;
     // q ~ U(-6, 6), k ~ U(-1, 1): scaled scores with a standard deviation of about 2, so the
@@ -362,6 +378,7 @@ fn host_coop_gemm(
 /// through `host_coop_gemm`. f16 operands and probabilities: 1e-2 of the output's RMS (a chunk,
 /// head or sequence read from the wrong place is off by O(1)).
 fn check_attend_tc(
+    ctx: &GpuContext,
     hd: usize,
     seqlen: usize,
     nseq: usize,
@@ -370,7 +387,6 @@ fn check_attend_tc(
     seed: u64,
 ) {
     use rand::{Rng, SeedableRng};
-    let Some(ctx) = test_context() else { return };
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let t = nseq * seqlen;
     let mut uniform =
@@ -442,9 +458,10 @@ fn check_attend_tc(
 /// 4 and MHA, one and two sequences.
 #[test]
 fn tensor_core_attention_matches_reference() {
-    check_attend_tc(32, 512, 2, 4, 2, 1);
-    check_attend_tc(64, 192, 1, 3, 3, 2);
-    check_attend_tc(32, 128, 2, 4, 1, 3);
+    let Some(ctx) = test_context() else { return };
+    check_attend_tc(&ctx, 32, 512, 2, 4, 2, 1);
+    check_attend_tc(&ctx, 64, 192, 1, 3, 3, 2);
+    check_attend_tc(&ctx, 32, 128, 2, 4, 1, 3);
 }
 
 /// The attention kernel alone against the f64 reference: every tiled head dim class (tiny, not a
@@ -452,6 +469,7 @@ fn tensor_core_attention_matches_reference() {
 /// query blocks and key chunks, one and three sequences, MHA and GQA (group sizes 2 and 8).
 #[test]
 fn attention_kernel_matches_reference() {
+    let Some(ctx) = test_context() else { return };
     // (hd, seqlen, nseq, heads, kv_heads)
     let cases = [
         (2, 131, 1, 4, 2),
@@ -471,7 +489,7 @@ fn attention_kernel_matches_reference() {
         (256, 67, 3, 8, 1),
     ];
     for (i, &(hd, seqlen, nseq, heads, kv)) in cases.iter().enumerate() {
-        check_attend(hd, seqlen, nseq, heads, kv, 100 + i as u64);
+        check_attend(&ctx, hd, seqlen, nseq, heads, kv, 100 + i as u64);
     }
 }
 
@@ -572,15 +590,16 @@ fn attend_rejects_bad_shapes() {
 
 #[test]
 fn layer_variants_bias_qknorm_rope_scaling() {
+    let Some(ctx) = test_context() else { return };
     let mut qwen2 = config(48, 80, 4, 2, 12);
     qwen2.attention_bias = true;
-    check_layer("qwen2-bias", qwen2, 2, 19, 6);
+    check_layer(&ctx, "qwen2-bias", qwen2, 2, 19, 6);
     let mut qwen3 = config(64, 96, 4, 2, 16);
     qwen3.qk_norm = true;
-    check_layer("qwen3-qknorm", qwen3, 1, 33, 7);
+    check_layer(&ctx, "qwen3-qknorm", qwen3, 1, 33, 7);
     let mut mlpb = config(32, 64, 2, 1, 16);
     mlpb.mlp_bias = true;
-    check_layer("mlp-bias", mlpb, 2, 5, 8);
+    check_layer(&ctx, "mlp-bias", mlpb, 2, 5, 8);
     let mut l3 = config(64, 128, 4, 2, 16);
     l3.rope_theta = 500000.0;
     l3.rope_scaling = RopeScaling::Llama3 {
@@ -589,7 +608,7 @@ fn layer_variants_bias_qknorm_rope_scaling() {
         high_freq_factor: 4.0,
         original_max_position_embeddings: 64.0,
     };
-    check_layer("llama3-rope", l3, 1, 100, 9);
+    check_layer(&ctx, "llama3-rope", l3, 1, 100, 9);
 }
 
 #[test]
