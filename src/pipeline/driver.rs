@@ -614,8 +614,13 @@ pub fn quantize(
             let work = ensure_work(&mut work_slot, &make_work)?;
             // act kept for stage E where the plan has room on the GPU (MemoryPlan::act_streams).
             let act_stream = |name: &str, on: bool| -> Result<Option<Stream>, PipelineError> {
+                let placement = if plan.act_f16 {
+                    Placement::GpuF16
+                } else {
+                    Placement::Gpu
+                };
                 Ok(if plan.act_streams && on {
-                    Some(Stream::new(ctx, name, &act_lens, Placement::Gpu)?)
+                    Some(Stream::new(ctx, name, &act_lens, placement)?)
                 } else {
                     None
                 })
@@ -813,6 +818,15 @@ pub fn quantize(
                 }
                 rec = prof.lap(rec, "store")?;
                 rec.submit();
+            }
+            if plan.act_f16 {
+                warn_f16_overflow(
+                    ctx,
+                    [actq.as_ref(), actfp.as_ref()],
+                    &format!("layer {layer}: MLP activations"),
+                    emit,
+                    &mut warnings,
+                )?;
             }
             drop((actq, actfp));
             finish_metrics(ctx, &down_metrics, &mut pending, &mut module_reports, emit)?;

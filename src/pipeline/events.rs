@@ -21,6 +21,10 @@ pub struct MemoryPlan {
     /// on the GPU and room for them.
     #[serde(default)]
     pub act_streams: bool,
+    /// The kept activations are packed f16 on the GPU (half the bytes). Only with tensor cores,
+    /// whose down_proj GEMM reads its input as f16 anyway, so nothing is lost to the packing.
+    #[serde(default)]
+    pub act_f16: bool,
     /// The next layer's weights are uploaded on a second thread during this layer's last stage
     /// (down_proj's outputs), so the GPU does not wait for the upload at the start of each layer.
     /// Only where one more layer of f32 weights fits there: usually within the plan's peak (the

@@ -222,6 +222,7 @@ pub fn rtn_direct(gpu_budget_bytes: u64) -> MemoryPlan {
         batch_sequences: 0,
         streams_on_gpu: false,
         act_streams: false,
+        act_f16: false,
         weights_ahead: false,
         stream_dtype: "none".into(),
         gpu_bytes_estimate: 0,
@@ -376,10 +377,25 @@ pub fn plan(input: &PlanInput<'_>) -> Result<MemoryPlan, PlanError> {
             .min(input.nsamples.max(1))
             .min(16)
     };
-    let act_streams = f32_on_gpu
-        && !input.lean_memory
-        && need + with_act <= usable
-        && batch_for(weights + with_act) >= batch_for(weights + all_streams);
+    let keep_act = |with_act: u64| {
+        f32_on_gpu
+            && !input.lean_memory
+            && need + with_act <= usable
+            && batch_for(weights + with_act) >= batch_for(weights + all_streams)
+    };
+    // With tensor cores the down_proj GEMM casts act to f16 as it reads it, so act kept as packed
+    // f16 (half the bytes) gives it the same values: tried where f32 act does not fit (GPTAQ's
+    // two streams of Llama-3-8B activations are 30 GiB in f32 at 128 × 2048 tokens).
+    let with_act16 = (per_seq(c.hidden_size)
+        + per_seq(c.q_dim()).max(per_seq(c.intermediate_size) / 2))
+        * input.nsamples as u64;
+    let (act_streams, act_f16, with_act) = if keep_act(with_act) {
+        (true, false, with_act)
+    } else if input.tensor_cores && keep_act(with_act16) {
+        (true, true, with_act16)
+    } else {
+        (false, false, with_act)
+    };
     let streams_fixed = match (f32_on_gpu, f16_on_gpu, act_streams) {
         (true, _, true) => with_act,
         (true, _, false) => all_streams,
@@ -413,6 +429,7 @@ pub fn plan(input: &PlanInput<'_>) -> Result<MemoryPlan, PlanError> {
         batch_sequences: batch,
         streams_on_gpu,
         act_streams,
+        act_f16,
         weights_ahead,
         stream_dtype: if f32_on_gpu {
             "f32".into()
@@ -473,10 +490,12 @@ pub fn plan(input: &PlanInput<'_>) -> Result<MemoryPlan, PlanError> {
                     (false, true) => "GPU (packed f16)".to_string(),
                     (false, false) => format!("host ({})", host_dtype.name()),
                 },
-                if act_streams {
-                    " (MLP activations kept from stage D to E, not recomputed)"
-                } else {
-                    ""
+                match (act_streams, act_f16) {
+                    (true, false) => " (MLP activations kept from stage D to E, not recomputed)",
+                    (true, true) => {
+                        " (MLP activations kept from stage D to E as packed f16, not recomputed)"
+                    }
+                    _ => "",
                 }
             ),
         ],
@@ -646,6 +665,38 @@ mod tests {
             "{:?}",
             p.breakdown
         );
+        Ok(())
+    }
+
+    /// With tensor cores, act that does not fit in f32 is kept as packed f16: Llama-3-8B GPTAQ at
+    /// 70 GiB keeps 2 × 15 GiB of f32 act without tensor cores, but with them (their f16 weight
+    /// copies and statistics operands take the room; the H100 run of session 20 recomputed act)
+    /// only 2 × 7.5 GiB of f16 act fit, with the same batch; where f32 act fits next to the
+    /// tensor cores' buffers (120 GiB) it stays f32.
+    #[test]
+    fn act_kept_as_f16_only_with_tensor_cores() -> Result<(), Box<dyn std::error::Error>> {
+        let c = llama3_8b()?;
+        let mut i = input(&c, 70, StreamDType::F16);
+        let p = plan(&i)?;
+        assert!(p.act_streams && !p.act_f16, "{:?}", p.breakdown);
+        i.tensor_cores = true;
+        let tc = plan(&i)?;
+        assert!(tc.act_streams && tc.act_f16, "{:?}", tc.breakdown);
+        assert_eq!(tc.batch_sequences, 16, "{:?}", tc.breakdown);
+        // Hidden states plus the larger of the attention outputs (f32) and act (f16), 2 streams.
+        let kept: u64 = 2 * 128 * 2048 * (4096 + 14336 / 2) * 4;
+        let line = format!("{:.1} MiB on the GPU", kept as f64 / (1u64 << 20) as f64);
+        assert!(
+            tc.breakdown
+                .iter()
+                .any(|l| l.contains(&line) && l.contains("packed f16")),
+            "want {line}: {:?}",
+            tc.breakdown
+        );
+        let mut i = input(&c, 120, StreamDType::F16);
+        i.tensor_cores = true;
+        let p = plan(&i)?;
+        assert!(p.act_streams && !p.act_f16, "{:?}", p.breakdown);
         Ok(())
     }
 
