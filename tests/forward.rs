@@ -58,9 +58,9 @@ fn check_layer(
     let t = nseq * seqlen;
     let (lw, h0, expected) = layer_case(&cfg, nseq, seqlen, seed);
 
-    let gl = GpuLayer::upload(&ctx, &cfg, &lw).unwrap();
-    let rope = Rope::new(&ctx, &cfg, seqlen).unwrap();
-    let s = LayerScratch::new(&ctx, &cfg, t).unwrap();
+    let gl = GpuLayer::upload(ctx, &cfg, &lw).unwrap();
+    let rope = Rope::new(ctx, &cfg, seqlen).unwrap();
+    let s = LayerScratch::new(ctx, &cfg, t).unwrap();
     let h = ctx.upload("h", &h0).unwrap();
     let mut rec = ctx.recorder();
     forward::forward_layer(&mut rec, &gl, &rope, &h, &s, nseq, seqlen).unwrap();
@@ -406,7 +406,7 @@ fn check_attend_tc(
         nseq,
         seqlen,
     };
-    let sc = forward::AttnTc::new(&ctx, &shape)
+    let sc = forward::AttnTc::new(ctx, &shape)
         .unwrap()
         .expect("shape tiles");
     let (qb, kb, vb) = (
@@ -415,7 +415,7 @@ fn check_attend_tc(
         ctx.upload("v", &v).unwrap(),
     );
     let ob = ctx.upload("out", &vec![f32::NAN; t * heads * hd]).unwrap();
-    let real = gptaq_studio::gpu::ops::coop_available(&ctx);
+    let real = gptaq_studio::gpu::ops::coop_available(ctx);
     // Twice through the same scratch: the second call must not see the first's scores.
     for round in 0..2 {
         let mut rec = ctx.recorder();
