@@ -1290,4 +1290,28 @@ fn buffer_pool_reuses_cleared_buffers_within_its_limit() {
     assert_eq!(ctx.memory().0, base + 2 * bytes);
     drop((b, d));
     assert_eq!(ctx.memory().0, base);
+
+    // An upload into a reused buffer whose data ends in half a word (an odd number of halves).
+    ctx.set_pool_limit(base + 2 * bytes);
+    let m = (1usize << 20) + 1;
+    let first: Vec<half::f16> = (0..m)
+        .map(|i| half::f16::from_f32((i % 7) as f32))
+        .collect();
+    drop(ctx.upload("h1", &first).unwrap());
+    let pooled = ctx.pooled_bytes();
+    assert!(pooled > 0, "the f16 buffer is pooled");
+    let second: Vec<half::f16> = (0..m)
+        .map(|i| half::f16::from_f32(-((i % 5) as f32) - 1.0))
+        .collect();
+    let h2 = ctx.upload("h2", &second).unwrap();
+    assert_eq!(ctx.pooled_bytes(), 0, "the upload reused it");
+    let got = ctx.read(&h2).unwrap();
+    if let Some(i) = (0..m).find(|&i| got[i] != second[i]) {
+        panic!(
+            "upload into a reused buffer: index {i} of {m}: got {}, expected {}",
+            got[i], second[i]
+        );
+    }
+    drop(h2);
+    ctx.set_pool_limit(0);
 }

@@ -349,10 +349,18 @@ impl GpuContext {
         let raw: &[u8] = bytemuck::cast_slice(data);
         let bytes = padded_size(raw.len() as u64);
         if let Some(buffer) = self.reuse(what, bytes)? {
-            // Written before the next submission, after every use by its previous owner.
-            let mut padded = raw.to_vec();
-            padded.resize(bytes as usize, 0);
-            self.queue.write_buffer(&buffer, 0, &padded);
+            // Written before the next submission, after every use by its previous owner. Writes
+            // take whole 4-byte words: the data's last partial word and the padding (zeros, as a
+            // new buffer has) go separately, so the bulk is not copied once more.
+            let aligned = raw.len() / 4 * 4;
+            if aligned > 0 {
+                self.queue.write_buffer(&buffer, 0, &raw[..aligned]);
+            }
+            if (aligned as u64) < bytes {
+                let mut last = raw[aligned..].to_vec();
+                last.resize(bytes as usize - aligned, 0);
+                self.queue.write_buffer(&buffer, aligned as u64, &last);
+            }
             return Ok(GpuBuffer {
                 buffer,
                 len: data.len(),
