@@ -295,8 +295,9 @@ pub struct QuantizeArgs {
     /// Run the calibration forward's linears and attention and the Hessian statistics on tensor
     /// cores (f16 operands, f32 accumulation, like the reference's half-precision forward) where
     /// the adapter grants f16 cooperative matrices; ignored with a warning elsewhere, and the f32
-    /// kernels run where the f16 copies do not fit --gpu-memory. Experimental: on an H100 it made
-    /// an 8B GPTAQ layer 20 % faster and GPTQ no faster. Same as GPTAQ_TENSOR_CORES=1.
+    /// kernels run where the f16 copies do not fit --gpu-memory. On an H100 an 8B GPTQ layer took
+    /// 3.8 s with it and 7.9 s without (BENCHMARKS.md, session 20). Same as
+    /// GPTAQ_TENSOR_CORES=1.
     #[arg(long)]
     pub tensor_cores: bool,
     /// Write the run report (JSON) here.
