@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use bytemuck::{Pod, Zeroable};
 
-use crate::forward::{self, GpuLayer, LayerScratch, Rope};
+use crate::forward::{self, GpuLayer, LayerScratch, Rope, TcScratch};
 use crate::gpu::kernels::groups_1d;
 use crate::gpu::ops::{self, MatView};
 use crate::gpu::{GpuBuffer, GpuContext, GpuError};
@@ -174,18 +174,21 @@ pub fn perplexity(
     // Layer i + 1 is read (and converted / dequantized) on a second thread while layer i runs,
     // and with `weights_ahead` uploaded on a third once layer i's first batch is queued.
     let cfgr = &cfg;
-    let upload = move |lw: &LayerWeights| -> Result<GpuLayer, EvalError> {
-        let mut gl = GpuLayer::upload(ctx, cfgr, lw)?;
-        if opts.tensor_cores {
-            let mut rec = ctx.recorder();
-            gl.enable_tensor_cores(&mut rec, max_tokens, seqlen)?;
-            rec.submit();
-        }
-        Ok(gl)
-    };
+    // Every layer shares the first one's tensor-core scratch (`shared`).
+    let upload =
+        move |lw: &LayerWeights, shared: Option<TcScratch>| -> Result<GpuLayer, EvalError> {
+            let mut gl = GpuLayer::upload(ctx, cfgr, lw)?;
+            if opts.tensor_cores {
+                let mut rec = ctx.recorder();
+                gl.enable_tensor_cores_with(&mut rec, max_tokens, seqlen, shared)?;
+                rec.submit();
+            }
+            Ok(gl)
+        };
     std::thread::scope(|scope| -> Result<(), EvalError> {
         let mut prefetch = LayerPrefetch::new(scope, source);
         let mut next: Option<std::thread::ScopedJoinHandle<'_, Result<GpuLayer, EvalError>>> = None;
+        let mut shared: Option<TcScratch> = None;
         for layer in 0..nl {
             if cancel.load(Ordering::Relaxed) {
                 return Err(EvalError::Cancelled);
@@ -196,8 +199,9 @@ pub fn perplexity(
                         "the thread uploading layer {layer} panicked"
                     )))
                 })?,
-                None => upload(&prefetch.layer(layer)?)?,
+                None => upload(&prefetch.layer(layer)?, shared.clone())?,
             };
+            shared = gl.tc_scratch();
             for (b, r) in batches.iter().enumerate() {
                 let mut rec = stream.load(ctx.recorder(), b, &work)?;
                 forward::forward_layer(&mut rec, &gl, &rope, &work, &scratch, r.len(), seqlen)?;
@@ -205,7 +209,8 @@ pub fn perplexity(
                 rec.submit();
                 if b == 0 && opts.weights_ahead && layer + 1 < nl {
                     let lw = prefetch.layer(layer + 1)?;
-                    next = Some(scope.spawn(move || upload(&lw)));
+                    let sh = gl.tc_scratch();
+                    next = Some(scope.spawn(move || upload(&lw, sh)));
                 }
             }
             ctx.sync()?;

@@ -138,6 +138,23 @@ fn tensor_core_layer_matches_reference_where_granted() {
         let mut rec = ctx.recorder();
         let dup = gl.duplicate(&mut rec).unwrap();
         rec.submit();
+        // A layer sharing this one's scratch (the next layer's upload) allocates only its f16
+        // weights: less than one enabled on its own.
+        let grown = |shared| {
+            let mut other = GpuLayer::upload(&ctx, &cfg, &lw).unwrap();
+            let before = ctx.memory().0;
+            let mut rec = ctx.recorder();
+            other
+                .enable_tensor_cores_with(&mut rec, 64, seqlen, shared)
+                .unwrap();
+            rec.submit();
+            ctx.memory().0 - before
+        };
+        let (own, with_shared) = (grown(None), grown(gl.tc_scratch()));
+        assert!(
+            with_shared < own,
+            "{name}: sharing the scratch grew memory by {with_shared} B, alone {own} B"
+        );
         let rope = Rope::new(&ctx, &cfg, seqlen).unwrap();
         let s = LayerScratch::new(&ctx, &cfg, t).unwrap();
         // Compared on the layer's update (output − input), which the residual would dwarf.

@@ -175,6 +175,20 @@ struct TensorCores {
     chunk: usize,
     /// The tensor-core attention's scratch, where the shapes allow it (shared like `x16`).
     attn: Option<Arc<AttnTc>>,
+    /// The sequence length `attn` was made for.
+    seqlen: usize,
+}
+
+/// A layer's tensor-core scratch (the f16 activation chunk and the attention scratch), to be
+/// shared with the next layer of the same shape ([`GpuLayer::enable_tensor_cores_with`]): GPU
+/// work is ordered, so one scratch serves every layer, and a layer uploaded ahead needs none of
+/// its own.
+#[derive(Clone)]
+pub struct TcScratch {
+    x16: Arc<GpuBuffer<half::f16>>,
+    chunk: usize,
+    attn: Option<Arc<AttnTc>>,
+    seqlen: usize,
 }
 
 /// One decoder layer's weights on the GPU.
@@ -272,6 +286,18 @@ impl GpuLayer {
         max_tokens: usize,
         seqlen: usize,
     ) -> Result<bool, GpuError> {
+        self.enable_tensor_cores_with(rec, max_tokens, seqlen, None)
+    }
+
+    /// [`GpuLayer::enable_tensor_cores`] reusing another layer's scratch ([`GpuLayer::tc_scratch`])
+    /// where it was made for the same chunk, width and sequence length (else new scratch).
+    pub fn enable_tensor_cores_with(
+        &mut self,
+        rec: &mut Recorder<'_>,
+        max_tokens: usize,
+        seqlen: usize,
+        shared: Option<TcScratch>,
+    ) -> Result<bool, GpuError> {
         let ctx = rec.ctx();
         if !ops::coop_available(ctx) {
             return Ok(false);
@@ -300,13 +326,33 @@ impl GpuLayer {
             return Ok(false);
         }
         let chunk = max_tokens.clamp(1, TC_CHUNK_TOKENS).next_multiple_of(128);
+        let shared = shared
+            .filter(|s| s.chunk == chunk && s.seqlen == seqlen && s.x16.len() == chunk * widest);
+        let (x16, attn) = match shared {
+            Some(s) => (s.x16, s.attn),
+            None => (
+                Arc::new(ctx.zeros::<half::f16>("activations f16", chunk * widest)?),
+                AttnTc::new(ctx, &self.dims.attn_shape(1, seqlen))?.map(Arc::new),
+            ),
+        };
         self.tc = Some(TensorCores {
             w16,
-            x16: Arc::new(ctx.zeros::<half::f16>("activations f16", chunk * widest)?),
+            x16,
             chunk,
-            attn: AttnTc::new(ctx, &self.dims.attn_shape(1, seqlen))?.map(Arc::new),
+            attn,
+            seqlen,
         });
         Ok(true)
+    }
+
+    /// This layer's tensor-core scratch, for the next layer to share.
+    pub fn tc_scratch(&self) -> Option<TcScratch> {
+        self.tc.as_ref().map(|tc| TcScratch {
+            x16: tc.x16.clone(),
+            chunk: tc.chunk,
+            attn: tc.attn.clone(),
+            seqlen: tc.seqlen,
+        })
     }
 
     /// Whether [`GpuLayer::enable_tensor_cores`] put any of this layer's work on tensor cores.
@@ -410,6 +456,7 @@ impl GpuLayer {
                         x16: tc.x16.clone(),
                         chunk: tc.chunk,
                         attn: tc.attn.clone(),
+                        seqlen: tc.seqlen,
                     })
                 }
             },
@@ -1160,7 +1207,7 @@ pub fn attend_tc_with(
     // by 128 (its operands are aligned: offsets and strides are multiples of hd, itself of 32).
     let staged = ops::coop_staged_available(rec.ctx());
     let qk_op = |keys: usize| {
-        [CoopOp::Nt128, CoopOp::Nt64, CoopOp::Nt]
+        CoopOp::NT
             .into_iter()
             .find(|&op| (!op.staged() || staged) && ops::coop_shape_ok_for(op, qc, keys, hd))
             .unwrap_or(CoopOp::Nt)

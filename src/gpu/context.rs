@@ -259,11 +259,11 @@ pub struct GpuContext {
 }
 
 impl Drop for GpuContext {
-    /// Frees what this context still holds (pooled buffers, pipelines) and waits for the GPU, so
-    /// that wgpu's deferred destruction runs before the device goes: resources waiting in the
-    /// device's tracker keep it alive otherwise (gfx-rs/wgpu#3498 describes the same), and on the
-    /// H100 a test process that created contexts one after another found no adapter after about
-    /// ten of them (2026-12-05, session 20).
+    /// Frees what this context still holds and waits for the GPU, so that wgpu's deferred
+    /// destruction runs before the device goes (gfx-rs/wgpu#3498). The pool is emptied here, not
+    /// left to the last `GpuBuffer`: a buffer outliving the context would otherwise keep every
+    /// pooled buffer, and with them the device, alive. (This did not cure the H100's "no
+    /// adapter" after a few dozen contexts in one test process; BENCHMARKS.md, session 20.)
     fn drop(&mut self) {
         self.set_pool_limit(0);
         self.kernels.clear();

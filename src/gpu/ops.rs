@@ -981,7 +981,13 @@ pub fn coop_staged_available(ctx: &GpuContext) -> bool {
         && ctx.summary.subgroup_sizes == (32, 32)
         && ctx.limits.max_compute_workgroup_storage_size >= 20 * 1024
         && ctx.limits.max_compute_invocations_per_workgroup >= 128
-        && std::env::var("GPTAQ_COOP_STAGED").map_or(true, |v| v != "0")
+        && !staged_off()
+}
+
+/// `GPTAQ_COOP_STAGED=0`, read once: the kernel choice asks per dispatch.
+fn staged_off() -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OFF.get_or_init(|| std::env::var("GPTAQ_COOP_STAGED").is_ok_and(|v| v == "0"))
 }
 
 /// Operand layouts of the tensor-core GEMM (`C += op(A)·op(B)`, A and B dense f16 row-major).
@@ -1016,10 +1022,9 @@ impl CoopOp {
         CoopOp::Tn128,
         CoopOp::Tn128Upper,
     ];
-    /// The `X·Wᵀ` kernels, fastest first (for [`coop_pick`]).
+    /// The `X·Wᵀ` kernels, fastest first (the forward's linears and attention's `Q·Kᵀ` take the
+    /// first that runs here and tiles the product).
     pub const NT: [CoopOp; 3] = [CoopOp::Nt128, CoopOp::Nt64, CoopOp::Nt];
-    /// The `Xᵀ·Y` kernels, fastest first.
-    pub const TN: [CoopOp; 2] = [CoopOp::Tn128, CoopOp::Tn];
 
     /// The square block of C one workgroup computes.
     pub fn block(self) -> usize {
@@ -1088,23 +1093,6 @@ pub fn coop_shape_ok_for(op: CoopOp, m: usize, n: usize, k: usize) -> bool {
         && m.is_multiple_of(b)
         && n.is_multiple_of(b)
         && k.is_multiple_of(op.k_step())
-}
-
-/// The first of `candidates` (fastest first, e.g. [`CoopOp::NT`]) that runs on `ctx` and whose
-/// tiles cover the M×N×K product with these operands ([`check_coop_batched`]), or `None`.
-pub fn coop_pick(
-    ctx: &GpuContext,
-    candidates: &[CoopOp],
-    (m, n, k): (usize, usize, usize),
-    batch: usize,
-    a: &CoopOperand<'_>,
-    b: &CoopOperand<'_>,
-    c: (&MatView<'_>, usize),
-) -> Option<CoopOp> {
-    candidates
-        .iter()
-        .copied()
-        .find(|&op| op.available(ctx) && check_coop_batched(op, (m, n, k), batch, a, b, c).is_ok())
 }
 
 /// One f16 operand of [`gemm_coop_batched`]: stored row-major from element `off` of `buf`, rows

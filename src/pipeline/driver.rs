@@ -34,7 +34,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use crate::forward::{self, GpuLayer, LayerScratch, Rope};
+use crate::forward::{self, GpuLayer, LayerScratch, Rope, TcScratch};
 use crate::gpu::ops::{self, CoopOp, MatView};
 use crate::gpu::profile::Profile;
 use crate::gpu::{GpuBuffer, GpuContext, GpuMatrix, Recorder};
@@ -344,6 +344,8 @@ pub fn quantize(
     std::thread::scope(|scope| -> Result<(), PipelineError> {
         let mut prefetch = LayerPrefetch::new(scope, source);
         let mut next: Option<NextLayer<'_>> = None;
+        // The tensor-core scratch of the layer before, shared by every layer.
+        let mut tc_shared: Option<TcScratch> = None;
         let mut prof = Profile::from_env();
         for layer in 0..mc.num_layers {
             check_cancel(cancel)?;
@@ -360,7 +362,14 @@ pub fn quantize(
                     let lw: LayerWeights = prefetch
                         .layer(layer)
                         .map_err(|e| PipelineError::Input(e.to_string()))?;
-                    let q = upload_layer(ctx, &mc, &lw, use_tc, (max_tokens, seqlen))?;
+                    let q = upload_layer(
+                        ctx,
+                        &mc,
+                        &lw,
+                        use_tc,
+                        (max_tokens, seqlen),
+                        tc_shared.clone(),
+                    )?;
                     (lw, q)
                 }
             };
@@ -374,6 +383,7 @@ pub fn quantize(
                 None
             };
             let mut layers = Layers { q, fp };
+            tc_shared = layers.q.tc_scratch();
             prof.sync(ctx, "weights")?;
             let mut pending: Vec<Pending> = Vec::new();
 
@@ -722,8 +732,9 @@ pub fn quantize(
                 let lw_next = prefetch
                     .layer(layer + 1)
                     .map_err(|e| PipelineError::Input(e.to_string()))?;
+                let shared = layers.q.tc_scratch();
                 next = Some(scope.spawn(move || {
-                    let q = upload_layer(ctx, mcr, &lw_next, use_tc, (max_tokens, seqlen))?;
+                    let q = upload_layer(ctx, mcr, &lw_next, use_tc, (max_tokens, seqlen), shared)?;
                     Ok((lw_next, q))
                 }));
             }
@@ -1293,18 +1304,20 @@ impl Drop for PoolScope<'_> {
     }
 }
 
-/// A layer's weights on the GPU, with its f16 copies for the tensor-core forward when `tc`.
+/// A layer's weights on the GPU, with its f16 copies for the tensor-core forward when `tc`, and
+/// the tensor-core scratch of an earlier layer (`shared`) where it has one.
 fn upload_layer(
     ctx: &GpuContext,
     mc: &ModelConfig,
     lw: &LayerWeights,
     tc: bool,
     (max_tokens, seqlen): (usize, usize),
+    shared: Option<TcScratch>,
 ) -> Result<GpuLayer, PipelineError> {
     let mut q = GpuLayer::upload(ctx, mc, lw)?;
     if tc {
         let mut rec = ctx.recorder();
-        q.enable_tensor_cores(&mut rec, max_tokens, seqlen)?;
+        q.enable_tensor_cores_with(&mut rec, max_tokens, seqlen, shared)?;
         rec.submit();
     }
     Ok(q)

@@ -263,7 +263,7 @@ pub fn plan(input: &PlanInput<'_>) -> Result<MemoryPlan, PlanError> {
     let c = input.config;
     let streams = if input.fp_stream { 2 } else { 1 };
     // With tensor cores each stream's layer also holds its f16 copy, next to one scratch for both
-    // (the next layer's upload makes both again).
+    // streams and every layer (the next layer's upload makes only its f16 copy).
     let (f16_weights, tc_scratch) = if input.tensor_cores {
         (
             layer_weight_bytes(c) / 2,
@@ -349,9 +349,13 @@ pub fn plan(input: &PlanInput<'_>) -> Result<MemoryPlan, PlanError> {
     let stream_per_seq = per_seq(c.hidden_size + c.q_dim());
     let all_streams = stream_per_seq * input.nsamples as u64;
     // With the MLP activations kept, the hidden states live next to the larger of the attention
-    // outputs (stages B–C) and the activations (stages D–E).
-    let with_act = (per_seq(c.hidden_size) + per_seq(c.q_dim()).max(per_seq(c.intermediate_size)))
-        * input.nsamples as u64;
+    // outputs (stages B–C) and the activations (stages D–E), these `act_div` times smaller than
+    // f32 (2: packed f16).
+    let with_act_at = |act_div: u64| {
+        (per_seq(c.hidden_size) + per_seq(c.q_dim()).max(per_seq(c.intermediate_size) / act_div))
+            * input.nsamples as u64
+    };
+    let with_act = with_act_at(1);
     // Widest single buffer per sequence (the intermediate activations) bounds the batch size too.
     let widest_per_seq =
         c.hidden_size.max(c.intermediate_size).max(c.q_dim()) as u64 * input.seqlen as u64 * F32;
@@ -386,9 +390,7 @@ pub fn plan(input: &PlanInput<'_>) -> Result<MemoryPlan, PlanError> {
     // With tensor cores the down_proj GEMM casts act to f16 as it reads it, so act kept as packed
     // f16 (half the bytes) gives it the same values: tried where f32 act does not fit (GPTAQ's
     // two streams of Llama-3-8B activations are 30 GiB in f32 at 128 × 2048 tokens).
-    let with_act16 = (per_seq(c.hidden_size)
-        + per_seq(c.q_dim()).max(per_seq(c.intermediate_size) / 2))
-        * input.nsamples as u64;
+    let with_act16 = with_act_at(2);
     let (act_streams, act_f16, with_act) = if keep_act(with_act) {
         (true, false, with_act)
     } else if input.tensor_cores && keep_act(with_act16) {
@@ -410,7 +412,7 @@ pub fn plan(input: &PlanInput<'_>) -> Result<MemoryPlan, PlanError> {
     // weights, streams and one batch of activations. Where that stays within the peak the plan
     // already has (the statistics or the solve need more) it costs no memory; otherwise it needs
     // room beyond that peak, which the estimate then includes.
-    let ahead = stream_weights + tc_scratch;
+    let ahead = stream_weights;
     let last_stage = fixed + seq_scratch * batch as u64 + ahead;
     let weights_ahead = !input.lean_memory && c.num_layers > 1 && last_stage <= usable;
     let gpu_total = if weights_ahead {
@@ -804,15 +806,11 @@ mod tests {
         let operands = 4 * 14336 * 2048 * tc.batch_sequences as u64;
         let extra = tc.gpu_bytes_estimate - base.gpu_bytes_estimate;
         // The peak: accumulating (both streams' f16 weights, the scratch and the operands more),
-        // solving (no operands) or uploading the next layer (one more f16 copy and scratch).
+        // solving (no operands) or uploading the next layer (one more f16 copy; the scratch is
+        // shared).
         let fixed = 2 * f16_weights + scratch;
         assert!(
-            [
-                fixed + operands,
-                fixed,
-                fixed + f16_weights + scratch + operands
-            ]
-            .contains(&extra),
+            [fixed + operands, fixed, fixed + f16_weights + operands].contains(&extra),
             "extra {extra} B; f16 weights {f16_weights} B, scratch {scratch} B, operands \
              {operands} B: {:?}",
             tc.breakdown
