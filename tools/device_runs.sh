@@ -9,7 +9,8 @@
 # RUNS entries are NAME:ENV1=a,ENV2=b:ARG,ARG,... on /tmp/l8b2 (a random Llama-3-8B-shaped model
 # of two layers, tools/make_random_llama.py, 128 × 2048 calibration tokens, 4-bit g128); TBINS
 # the carried test binaries to run (TESTS: libtest filters, TLIM seconds each); KB a kernel-bench
-# filter (KBENV: environment for it); LIM seconds per run. Results land in $OUT/p.
+# filter (KBENV: environment for it); LIM seconds per run; SCALE the scaling table (below). Results
+# land in $OUT/p.
 set -u
 cd .device-carry; for f in *.xz; do xz -d -f $f; done; chmod +x gptaq-studio kernels-bench test-*; cd ..
 export GPTAQ_TEST_DATA=$PWD/.device-carry/data
@@ -28,7 +29,21 @@ run() { local name=$1; shift
   grep -E "phases|done in|finished|warning|rror" $D/$name.log | cut -c1-420; }
 for spec in ${RUNS:-}; do
   IFS=: read -r name envs args <<< "$spec"
-  run $name env ${envs//,/ } $B $Q ${args//,/ }
+  q=$Q; case ",$args," in *,--nsamples,*) q=${Q/--nsamples 128/} ;; esac   # a run's own --nsamples
+  run $name env ${envs//,/ } $B $q ${args//,/ }
+done
+# Issue 10's scaling table: SCALE="h1024 h2048 …" (make_random_llama.py presets, one layer each,
+# SCALE_NS sequences of 2048 tokens, default 128) quantized with every SCALE_RUNS entry
+# (NAME:ENVS:ARGS as RUNS, default GPTQ and GPTAQ, --no-metrics --tensor-cores, 70 GiB).
+for sp in ${SCALE:-}; do
+  ns=${SCALE_NS:-128}
+  [ -f /tmp/$sp/config.json ] || python3 tools/make_random_llama.py --preset $sp --layers 1 --out /tmp/$sp \
+    --calib-out /tmp/$sp-calib.safetensors --nsamples $ns --seqlen 2048 > $D/gen_$sp.log 2>&1
+  for spec in ${SCALE_RUNS:-gptq::--method,gptq gptaq::--method,gptaq}; do
+    IFS=: read -r name envs args <<< "$spec"
+    run ${sp}_$name env ${envs//,/ } $B quantize /tmp/$sp --calib /tmp/$sp-calib.safetensors --nsamples $ns \
+      --seqlen 2048 --bits 4 --group-size 128 --gpu-memory 70 --no-metrics --tensor-cores ${args//,/ }
+  done
 done
 if [ -n "${KB:-}" ]; then
   env ${KBENV:-} GPTAQ_BENCH_SIZES=4096 timeout 150 .device-carry/kernels-bench --bench --warm-up-time 1 --measurement-time 2 "$KB" > $D/kb.log 2>&1
