@@ -278,7 +278,9 @@ pub struct QuantizeArgs {
     pub seqlen: Option<usize>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Skip the FP stream for GPTQ/RTN (no quant/asym/output errors; GPTAQ always needs it).
+    /// Skip the error metrics (quant/asym/output errors): GPTQ and RTN then run no FP stream at
+    /// all; GPTAQ still runs it (its solve needs D) but skips the metrics' products and moments
+    /// (on an 8B layer about 0.4 s of 7.7 s on the H100).
     #[arg(long)]
     pub no_metrics: bool,
     /// Measure the metrics from X·Wᵀ products on every calibration token (one more GEMM per

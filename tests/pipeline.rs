@@ -500,6 +500,82 @@ fn rtn_without_metrics_skips_the_forward_and_quantizes_the_same() {
     assert!(with.report.plan.gpu_bytes_estimate > 0);
 }
 
+/// GPTAQ without metrics (`--no-metrics`): the FP stream still runs (the solve needs D), only the
+/// measurements are skipped. The solve sees the same H and D up to the order of one addition (o's
+/// and down's outputs are added to the residual by the fused GEMM instead of through the metric
+/// scratch), so the codes agree almost everywhere and the hidden-state deviation matches.
+#[test]
+fn gptaq_without_metrics_skips_only_the_measurements() {
+    let Some(dir) = common::test_data_dir() else {
+        return;
+    };
+    let Some(ctx) = test_context() else { return };
+    let quant = QuantConfig {
+        method: Method::Gptaq { alpha: 0.25 },
+        bits: 3,
+        group_size: Some(4),
+        ..QuantConfig::default()
+    };
+    let mut runs = Vec::new();
+    for metrics in [true, false] {
+        let mut j = job(
+            ModelInput::Dir(dir.join("stories260K")),
+            CalibInput::File(dir.join("corpora/tinystories/train_head_197k.txt")),
+            quant.clone(),
+            4,
+            64,
+        );
+        j.config.metrics = metrics;
+        j.config.solver = Solver::Gpu;
+        let inputs = pipeline::prepare(&j).unwrap();
+        let mut done = 0;
+        let q = pipeline::run_prepared(
+            &ctx,
+            &inputs,
+            &j.config,
+            &mut |e| done += usize::from(matches!(e, Event::ModuleDone(_))),
+            &AtomicBool::new(false),
+        )
+        .unwrap();
+        assert_eq!(done, 35, "metrics={metrics}: one ModuleDone per module");
+        runs.push(q);
+    }
+    let (with, without) = (&runs[0], &runs[1]);
+    assert!(
+        with.report
+            .modules
+            .iter()
+            .all(|m| m.output_error.is_some() && m.quant_error.is_some() && m.asym_error.is_some())
+    );
+    assert!(
+        without
+            .report
+            .modules
+            .iter()
+            .all(|m| m.output_error.is_none() && m.quant_error.is_none() && m.asym_error.is_none())
+    );
+    let (mut same, mut total) = (0usize, 0usize);
+    for (key, a) in &with.modules {
+        let b = &without.modules[key];
+        assert_eq!(a.codes.len(), b.codes.len(), "{key:?}: code count");
+        same += a.codes.iter().zip(&b.codes).filter(|(x, y)| x == y).count();
+        total += a.codes.len();
+    }
+    let agree = same as f64 / total as f64;
+    assert!(
+        agree > 0.99,
+        "codes agree on only {agree:.4} of {total} without metrics"
+    );
+    for (a, b) in with.report.layers.iter().zip(&without.report.layers) {
+        let (x, y) = (a.hidden_rel_error.unwrap(), b.hidden_rel_error.unwrap());
+        assert!(
+            (x - y).abs() <= 1e-3 * x.abs().max(1e-6),
+            "layer {}: ‖h_q−h_fp‖/‖h_fp‖ {y} without metrics, {x} with",
+            a.layer
+        );
+    }
+}
+
 /// Host-spilled streams against GPU-resident ones (GPTAQ on stories260K with metrics, so four
 /// streams: h_q, h_fp, a_q, a_fp): host f32 is the same computation (exact copies), so the
 /// quantization is identical; host f16 (packed and converted on the GPU, pipeline/stream.rs)

@@ -101,7 +101,7 @@ pub struct Settings {
     pub seqlen: usize,
     pub seed: u64,
     pub mse: bool,
-    /// Run the FP stream for GPTQ/RTN too (GPTAQ always does).
+    /// Measure the error metrics (runs the FP stream for GPTQ/RTN too; GPTAQ runs it anyway).
     pub metrics: bool,
     pub gpu_memory_gib: f64,
     pub cpu_solver: bool,

@@ -156,6 +156,9 @@ pub fn quantize(
     let gptaq = matches!(qc.method, Method::Gptaq { .. });
     // A capture (layer lab) needs D and E, hence the FP stream, whatever the method.
     let fp_stream = gptaq || cfg.metrics || cfg.capture.is_some();
+    // The error metrics are measured only when asked for (or for a capture); GPTAQ without them
+    // still runs its FP stream (the solve needs D) but skips the metrics' products and moments.
+    let metrics = cfg.metrics || cfg.capture.is_some();
     let nseq = prep.windows.len();
     let seqlen = cfg.seqlen;
     if nseq == 0 {
@@ -181,7 +184,7 @@ pub fn quantize(
 
     // Metrics from the statistics where that pays (pipeline::metrics): GPTAQ's H and D always,
     // GPTQ's H and an extra D in the groups where D is cheaper than the Y_w products.
-    let metric_moments = fp_stream && !cfg.metric_products && qc.method != Method::Rtn;
+    let metric_moments = metrics && !cfg.metric_products && qc.method != Method::Rtn;
     let metric_d = |mods: &[ModuleKind]| -> bool {
         let n = mc.linear_shape(mods[0]).1;
         let rows = mods.iter().map(|&m| mc.linear_shape(m).0).sum();
@@ -454,7 +457,7 @@ pub fn quantize(
             let qkv_metrics = metric_accs(
                 ctx,
                 &mc,
-                fp_stream,
+                metrics,
                 nb,
                 max_tokens,
                 &[ModuleKind::Q, ModuleKind::K, ModuleKind::V],
@@ -535,7 +538,7 @@ pub fn quantize(
             let o_metrics = metric_accs(
                 ctx,
                 &mc,
-                fp_stream,
+                metrics,
                 nb,
                 max_tokens,
                 &[ModuleKind::O],
@@ -559,7 +562,16 @@ pub fn quantize(
                         (&layers.q, &work.a_q, &work.h_q, &work.s_q, yq),
                         (fp, &work.a_fp, &work.h_fp, &work.s_fp, yfp),
                     ] {
-                        add_output(&mut rec, l, ModuleKind::O, t, a, hs, s, Some(y))?;
+                        add_output(
+                            &mut rec,
+                            l,
+                            ModuleKind::O,
+                            t,
+                            a,
+                            hs,
+                            s,
+                            metrics.then_some(y),
+                        )?;
                         forward::post_norm(&mut rec, l, hs, s, t)?;
                     }
                     rec = prof.lap(rec, "forward")?;
@@ -649,7 +661,7 @@ pub fn quantize(
             let gu_metrics = metric_accs(
                 ctx,
                 &mc,
-                fp_stream,
+                metrics,
                 nb,
                 max_tokens,
                 &[ModuleKind::Gate, ModuleKind::Up],
@@ -665,6 +677,7 @@ pub fn quantize(
                 forward::post_norm(&mut rec, &layers.q, &work.h_q, &work.s_q, t)?;
                 if let (Some(fp), Some(s)) = (&layers.fp, hfp.as_mut()) {
                     forward::gate_up_proj(&mut rec, &layers.q, &work.s_q, t)?;
+                    rec = prof.lap(rec, "forward")?;
                     rec = s.load(rec, b, &work.h_fp)?;
                     rec = prof.lap(rec, "load")?;
                     forward::post_norm(&mut rec, fp, &work.h_fp, &work.s_fp, t)?;
@@ -742,7 +755,7 @@ pub fn quantize(
             let down_metrics = metric_accs(
                 ctx,
                 &mc,
-                fp_stream,
+                metrics,
                 nb,
                 max_tokens,
                 &[ModuleKind::Down],
@@ -767,7 +780,7 @@ pub fn quantize(
                 // can reuse them.
                 let (down, act_q) = (ModuleKind::Down, work.s_q.act());
                 let (yq, yfp) = (work.metric.y_q(), work.metric.y_fp());
-                let keep = layers.fp.is_some().then_some(yq);
+                let keep = (metrics && layers.fp.is_some()).then_some(yq);
                 add_output(
                     &mut rec, &layers.q, down, t, act_q, &work.h_q, &work.s_q, keep,
                 )?;
@@ -1400,13 +1413,13 @@ fn add_output(
 fn metric_accs(
     ctx: &GpuContext,
     mc: &ModelConfig,
-    fp_stream: bool,
+    metrics: bool,
     nb: usize,
     max_tokens: usize,
     mods: &[ModuleKind],
     pending: &[Pending],
 ) -> Result<Vec<(ModuleKind, MetricAccumulator)>, PipelineError> {
-    if !fp_stream {
+    if !metrics {
         return Ok(Vec::new());
     }
     mods.iter()
@@ -1504,8 +1517,9 @@ fn solve_group(
     drop(shared);
     prof.sync(ctx, "solve")?;
     // The metrics' quantization and cross terms from H and D while they are alive (metrics.rs).
-    if let (Some(h), Some(d), Some(fp), false) =
-        (&stats.h, &stats.d, &layers.fp, cfg.metric_products)
+    let metrics = cfg.metrics || cfg.capture.is_some();
+    if let (Some(h), Some(d), Some(fp), true, false) =
+        (&stats.h, &stats.d, &layers.fp, metrics, cfg.metric_products)
     {
         let same_inputs = stats.same_inputs(ctx)?;
         for p in pending.iter_mut().filter(|p| mods.contains(&p.module)) {

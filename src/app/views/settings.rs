@@ -177,7 +177,7 @@ pub fn settings_ui(ui: &mut egui::Ui, st: &mut AppState, out: &mut Vec<UiAction>
                 ui.end_row();
                 ui.label("");
                 ui.checkbox(&mut s.metrics, "Error metrics")
-                    .on_hover_text("Run the full-precision stream for GPTQ/RTN too, to report quant/asym/output errors (GPTAQ always does)");
+                    .on_hover_text("Measure the quant/asym/output errors: GPTQ/RTN then run the full-precision stream too (GPTAQ always runs it; unchecked, it only skips the measurements)");
                 ui.end_row();
                 ui.label("");
                 ui.checkbox(&mut s.cpu_solver, "CPU reference solver")
