@@ -351,6 +351,11 @@ fn gpu_solver_matches_cpu_reference_solver_end_to_end() {
         let cpu = pipeline::run_prepared(&ctx, &inputs, &j.config, &mut |_| {}, &c).unwrap();
         j.config.solver = Solver::Gpu;
         let gpu = pipeline::run_prepared(&ctx, &inputs, &j.config, &mut |_| {}, &c).unwrap();
+        // Every module's codes came back (the GPU solve's are finished after the next stage is
+        // queued, the last group's at the end of the run).
+        for (key, r) in cpu.modules.iter().chain(&gpu.modules) {
+            assert_eq!(r.codes.len(), r.rows * r.cols, "{method:?} {key:?}: codes");
+        }
         // A module's codes are comparable only while its input is identical in both runs: its
         // statistics are then identical and the two solvers may differ only by rare f32/f64
         // round-off ties. Inputs stay identical until some earlier true-sequential group

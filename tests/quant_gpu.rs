@@ -753,7 +753,8 @@ fn factor_of_a_hessian_beyond_one_binding() {
 /// W: the device copy replaces the upload only where the preparation leaves W alone (no act-order,
 /// no dead column), and act-order / dead columns still take the host path with the same result.
 /// The GPU copy is only read; a W of the wrong length is an error. The resident solve keeps Q on
-/// the GPU only (`result.q` empty, `weights()` rebuilds it).
+/// the GPU only (`result.q` empty, `weights()` rebuilds it) and hands its codes back as
+/// `PendingCodes`, identical once finished (act-order's permutation included).
 #[test]
 fn resident_w_solves_exactly_like_the_host_w() {
     use gptaq_studio::quant::gpu::quantize_gpu_resident;
@@ -781,8 +782,16 @@ fn resident_w_solves_exactly_like_the_host_w() {
         let gd = ctx.matrix_upload("d", &p.d, n, n, 1).unwrap();
         let gw = ctx.upload("w", &p.w).unwrap();
         let host = quantize_gpu(&ctx, &p.w, p.rows, n, &gh, Some(&gd), &c).unwrap();
-        let res = quantize_gpu_resident(&ctx, &p.w, Some(&gw), p.rows, n, &gh, Some(&gd), &c, None)
-            .unwrap();
+        let mut res =
+            quantize_gpu_resident(&ctx, &p.w, Some(&gw), p.rows, n, &gh, Some(&gd), &c, None)
+                .unwrap();
+        // The codes come back later (PendingCodes): empty until finished.
+        assert!(res.result.codes.is_empty(), "{what}: codes before finish");
+        let pending = res
+            .codes
+            .take()
+            .expect("the resident solve defers its codes");
+        pending.finish(&ctx, &mut res.result).unwrap();
         let (a, b) = (&host.result, &res.result);
         assert_eq!(a.codes, b.codes, "{what}: codes");
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();

@@ -32,12 +32,13 @@ for spec in ${RUNS:-}; do
   q=$Q; case ",$args," in *,--nsamples,*) q=${Q/--nsamples 128/} ;; esac   # a run's own --nsamples
   run $name env ${envs//,/ } $B $q ${args//,/ }
 done
-# Issue 10's scaling table: SCALE="h1024 h2048 …" (make_random_llama.py presets, one layer each,
+# Issue 10's scaling table: SCALE="h1024 h2048 …" (make_random_llama.py presets, SCALE_LAYERS layers
+# each, default 2: layer 0 pays the weight upload and the first-use pipeline compilation;
 # SCALE_NS sequences of 2048 tokens, default 128) quantized with every SCALE_RUNS entry
 # (NAME:ENVS:ARGS as RUNS, default GPTQ and GPTAQ, --no-metrics --tensor-cores, 70 GiB).
 for sp in ${SCALE:-}; do
   ns=${SCALE_NS:-128}
-  [ -f /tmp/$sp/config.json ] || python3 tools/make_random_llama.py --preset $sp --layers 1 --out /tmp/$sp \
+  [ -f /tmp/$sp/config.json ] || python3 tools/make_random_llama.py --preset $sp --layers ${SCALE_LAYERS:-2} --out /tmp/$sp \
     --calib-out /tmp/$sp-calib.safetensors --nsamples $ns --seqlen 2048 > $D/gen_$sp.log 2>&1
   for spec in ${SCALE_RUNS:-gptq::--method,gptq gptaq::--method,gptaq}; do
     IFS=: read -r name envs args <<< "$spec"

@@ -40,6 +40,7 @@ use crate::gpu::profile::Profile;
 use crate::gpu::{GpuBuffer, GpuContext, GpuMatrix, Recorder};
 use crate::model::prefetch::LayerPrefetch;
 use crate::model::{LayerWeights, ModelConfig, ModuleKind, WeightSource};
+use crate::quant::gpu::PendingCodes;
 use crate::quant::{Fallback, Method, QuantConfig, QuantResult};
 
 use super::events::{Event, LayerReport, MemoryPlan, ModuleReport, RunReport};
@@ -316,7 +317,7 @@ pub fn quantize(
     };
     let mut work_slot: Option<Work> = None;
 
-    let mut results: BTreeMap<(usize, ModuleKind), QuantResult> = BTreeMap::new();
+    let mut results = Results::default();
     let mut module_reports = Vec::new();
     let mut layer_reports = Vec::new();
     let mut warnings = Vec::new();
@@ -896,8 +897,9 @@ pub fn quantize(
         }
         Ok(())
     })?;
+    results.finish_codes(ctx)?;
     Ok(QuantizedModel {
-        modules: results,
+        modules: results.done,
         report: run_report(
             ctx,
             prep,
@@ -1496,22 +1498,28 @@ fn solve_group(
     layer: usize,
     prof: &mut Profile,
     pending: &mut Vec<Pending>,
-    results: &mut BTreeMap<(usize, ModuleKind), QuantResult>,
+    results: &mut Results,
 ) -> Result<(), PipelineError> {
+    // The previous group's codes: their copies had the stage just recorded to overlap with.
+    results.finish_codes(ctx)?;
+    prof.sync(ctx, "codes")?;
     // The tensor-core path's f16 operands are accumulation scratch: not kept through the solve.
     stats.f16 = None;
     // The group's modules share H and D: one factorisation and one P for all of them.
     let mut shared = crate::quant::gpu::SharedFactor::default();
     for &m in mods {
         let t = Instant::now();
-        let r = solve(ctx, cfg, lw, layers, m, stats, layer, prof, &mut shared)?;
+        let (r, codes) = solve(ctx, cfg, lw, layers, m, stats, layer, prof, &mut shared)?;
         let secs = t.elapsed().as_secs_f64();
         pending.push(Pending {
             module: m,
             report: report_stub(layer, m, &r, stats.nsamples, secs),
             moments: None,
         });
-        results.insert((layer, m), r);
+        results.done.insert((layer, m), r);
+        if let Some(c) = codes {
+            results.codes.push(((layer, m), c));
+        }
     }
     // U and P are not needed by the metrics: freed before their temporaries are made.
     drop(shared);
@@ -1558,7 +1566,7 @@ fn solve(
     layer: usize,
     prof: &mut Profile,
     shared: &mut crate::quant::gpu::SharedFactor,
-) -> Result<QuantResult, PipelineError> {
+) -> Result<(QuantResult, Option<PendingCodes>), PipelineError> {
     let lin = lw.linear(m);
     let (rows, cols) = (lin.out_features, lin.in_features);
     if cfg.capture == Some((layer, m)) {
@@ -1621,7 +1629,7 @@ fn solve(
                 let mut rec = ctx.recorder();
                 layers.q.set_linear_gpu(&mut rec, m, &s.q)?;
                 rec.submit();
-                return Ok(s.result);
+                return Ok((s.result, s.codes));
             }
             Solver::CpuReference => {
                 let h = ctx.read_matrix(stats_h)?;
@@ -1650,5 +1658,26 @@ fn solve(
     // Like the GPU solve's results, only the codes stay on the host (QuantResult::weights).
     let mut result = result;
     result.q = Vec::new();
-    Ok(result)
+    Ok((result, None))
+}
+
+/// The solved modules, some of whose codes may still be on their way back from the GPU
+/// ([`PendingCodes`]: finished when the next group is solved, after the stage between has been
+/// queued, and at the end of the run).
+#[derive(Default)]
+struct Results {
+    done: BTreeMap<(usize, ModuleKind), QuantResult>,
+    codes: Vec<((usize, ModuleKind), PendingCodes)>,
+}
+
+impl Results {
+    fn finish_codes(&mut self, ctx: &GpuContext) -> Result<(), PipelineError> {
+        for (key, c) in self.codes.drain(..) {
+            let r = self.done.get_mut(&key).ok_or_else(|| {
+                PipelineError::Input(format!("codes of an unknown module {key:?}"))
+            })?;
+            c.finish(ctx, r)?;
+        }
+        Ok(())
+    }
 }

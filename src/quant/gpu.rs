@@ -97,6 +97,56 @@ pub struct GpuSolve {
     /// Seconds per phase of this solve (prepare, factor, upload, p, sweep, update, finish,
     /// readback, host), only with `GPTAQ_PROFILE=1` (`gpu::profile`); empty otherwise.
     pub phases: Vec<(String, f64)>,
+    /// From [`quantize_gpu_resident`]: the integer codes, still on their way to the host
+    /// (`result.codes` is empty until [`PendingCodes::finish`] fills it). `None` when they are in
+    /// `result` already ([`quantize_gpu`], RTN fallbacks).
+    pub codes: Option<PendingCodes>,
+}
+
+/// A solve's integer codes being copied back (the only large readback of a solve: one byte per
+/// weight, 58 MB for a Llama-3-8B down_proj). Waiting for it and unpacking it took about 0.4 s of an
+/// 8B layer's 1.5 s of solving on the H100 (BENCHMARKS.md, session 21) with the GPU idle; the
+/// pipeline finishes it later, once the next stage's work is queued, so the copy and the unpacking
+/// overlap that work.
+pub struct PendingCodes {
+    read: crate::gpu::PendingRead<u32>,
+    rows: usize,
+    n: usize,
+    /// Processing order (act-order); `None`: the identity.
+    order: Option<Vec<usize>>,
+}
+
+impl PendingCodes {
+    /// Waits for the copy and writes the codes, original column order, into `result.codes`.
+    pub fn finish(self, ctx: &GpuContext, result: &mut QuantResult) -> Result<(), GpuError> {
+        let mut words = Vec::new();
+        ctx.finish_read(self.read, &mut words)?;
+        result.codes = unpack_codes(&mut words, self.rows, self.n, self.order.as_deref());
+        Ok(())
+    }
+}
+
+/// The sweep's code words (little-endian bytes = processing columns, 4 per word, each row padded
+/// to whole words; module docs) as one byte per weight in original column order. `to_le` is the
+/// identity on little-endian hosts; the byte view of a row is then its processing-order codes
+/// followed by up to 3 bytes of padding.
+fn unpack_codes(words: &mut [u32], rows: usize, n: usize, order: Option<&[usize]>) -> Vec<u8> {
+    words.iter_mut().for_each(|w| *w = w.to_le());
+    let code_bytes: &[u8] = bytemuck::cast_slice(words);
+    let mut codes = vec![0_u8; rows * n];
+    if n == 0 {
+        return codes;
+    }
+    for (dst, src) in codes
+        .chunks_exact_mut(n)
+        .zip(code_bytes.chunks_exact(4 * n.div_ceil(4)))
+    {
+        match order {
+            None => dst.copy_from_slice(&src[..n]),
+            Some(order) => order.iter().zip(src).for_each(|(&j, &b)| dst[j] = b),
+        }
+    }
+    codes
 }
 
 /// Why the GPU solve refused or failed.
@@ -237,6 +287,7 @@ fn rtn_fallback(
         q,
         u_diag: Vec::new(),
         phases: Vec::new(),
+        codes: None,
     })
 }
 
@@ -572,6 +623,7 @@ fn solve(
             q,
             u_diag: Vec::new(),
             phases: Vec::new(),
+            codes: None,
         });
     }
     let h_diag: Vec<f64> = h_diag32.iter().map(|&v| f64::from(v)).collect();
@@ -940,27 +992,17 @@ fn solve(
             "non-finite values during the GPTQ sweep".into(),
         );
     }
-    let mut codes_p = ctx.read(&gcodes)?;
+    // The codes: started here, finished below (quantize_gpu) or by the caller (PendingCodes).
+    let pending_codes = PendingCodes {
+        read: ctx.read_async(ctx.recorder(), &gcodes, 0, gcodes.len())?,
+        rows,
+        n,
+        order: perm.as_ref().map(|_| order.clone()),
+    };
     // n floats: cheap next to the codes, and only U's diagonal is meaningful outside the solve.
     let u_diag = factor::hessian_diag(ctx, gu, n)?;
     let ptab = ctx.read(&gptab)?;
     prof.sync(ctx, "readback")?;
-
-    // Unpack the words (little-endian bytes = processing columns, module docs) into original
-    // column order. `to_le` is the identity on little-endian hosts; the byte view of a row is then
-    // its processing-order codes followed by up to 3 bytes of padding.
-    codes_p.iter_mut().for_each(|w| *w = w.to_le());
-    let code_bytes: &[u8] = bytemuck::cast_slice(&codes_p);
-    let mut codes = vec![0_u8; n_el];
-    for (dst, src) in codes
-        .chunks_exact_mut(n)
-        .zip(code_bytes.chunks_exact(4 * code_words))
-    {
-        match perm.as_deref() {
-            None => dst.copy_from_slice(&src[..n]),
-            Some(_) => order.iter().zip(src).for_each(|(&j, &b)| dst[j] = b),
-        }
-    }
     let mut scales = Vec::with_capacity(num_groups * rows);
     let mut zeros = Vec::with_capacity(num_groups * rows);
     for g in 0..num_groups {
@@ -978,7 +1020,7 @@ fn solve(
         rows,
         cols,
         q: Vec::new(),
-        codes,
+        codes: Vec::new(),
         scales,
         zeros,
         g_idx,
@@ -990,13 +1032,18 @@ fn solve(
         damp_percent: factor.damp_percent,
         fallback: factor.fallback.clone(),
     };
-    if host_q {
+    let codes = if host_q {
+        pending_codes.finish(ctx, &mut result)?;
         result.q = result.dequantize();
-    }
+        None
+    } else {
+        Some(pending_codes)
+    };
     Ok(GpuSolve {
         result,
         q: gq,
         u_diag,
+        codes,
         phases: {
             prof.sync(ctx, "host")?;
             prof.take()
