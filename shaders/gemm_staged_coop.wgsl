@@ -6,10 +6,20 @@
 // fragment is fetched once per subgroup that needs it and each fetch's latency stalls the tensor
 // cores (they reached 28–54 TFLOP/s at 4096³ on the H100, BENCHMARKS.md session 19). Here a
 // workgroup of four subgroups computes a 128×128 block of C: per 32-deep step the workgroup copies
-// A's 128×32 and B's 32×128 tiles into workgroup memory once, with 16-byte coalesced loads, and
-// each subgroup computes its 64×64 quarter (sixteen 16×16 accumulators, each fragment used four
-// times) from there. The next step's tiles are loaded into registers while the tensor cores work
-// on the current one (software pipelining), so global latency overlaps the multiply-adds.
+// A's 128×32 and B's 32×128 tiles into workgroup memory once, with coalesced loads, and each
+// subgroup computes its 64×64 quarter (sixteen 16×16 accumulators, each fragment used four times)
+// from there. The next step's tiles are loaded into registers while the tensor cores work on the
+// current one (software pipelining), so global latency overlaps the multiply-adds.
+//
+// Staging: every invocation loads 32-bit words (two halves) and stores them as two halves. WGSL
+// can only store a half at a time into the f16 array the fragment loads read; a first version
+// loaded 16 bytes (eight halves) per invocation, and its eight scalar stores per load hit only 8 of
+// the 32 banks per instruction (16-byte units start on every fourth bank): with the staging removed
+// the kernel ran 2.3× faster (1.63 → 0.71 ms at 4096³ on the H100, BENCHMARKS.md session 21),
+// while removing the fragment loads instead saved only 0.18 ms. With one word per invocation, 32
+// consecutive invocations store into 32 different banks (up to one row boundary per instruction),
+// and each invocation's addresses are one base plus constant steps: Nt128 went from 1.72 to
+// 1.15 ms, Tn128 from 1.45 to 1.05 ms (same calls, session 21).
 //
 // Layout in workgroup memory, padded so that consecutive rows start in different banks (and stay
 // 16-byte aligned, which NVIDIA's fragment loads need):
@@ -19,8 +29,8 @@
 //          rows 136 halves apart; op(A) is read column-major, op(B) row-major.
 //
 // Requirements (ops::check_coop_batched and ops::coop_staged_available): M and N multiples of 128,
-// K of 32; every offset, row stride and batch stride of A and B a multiple of 8 halves (A and B are
-// read 8 halves per load); subgroups of exactly 32 invocations (so the 128
+// K of 32; every offset, row stride and batch stride of A and B even (A and B are read two halves
+// per load); subgroups of exactly 32 invocations (so the 128
 // invocations are four subgroups, told apart by subgroup_id); 20 KiB of workgroup memory. The grid
 // is exactly (N/128, M/128, batch); no early return, so every cooperative operation stays in
 // uniform control flow. As in gemm_coop.wgsl every cooperative load's index and stride is a `let`
@@ -49,59 +59,23 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-// The f16 operands, 8 halves (16 bytes) per element: a 2×4 matrix is the one 16-byte f16 type,
-// and naga has no bitcast from u32 to vec2<f16>.
-@group(0) @binding(1) var<storage, read> a: array<mat2x4<f16>>;
-@group(0) @binding(2) var<storage, read> b: array<mat2x4<f16>>;
+// The f16 operands, read two halves (one 32-bit word) per load: see "Staging" above.
+@group(0) @binding(1) var<storage, read> a: array<vec2<f16>>;
+@group(0) @binding(2) var<storage, read> b: array<vec2<f16>>;
 @group(0) @binding(3) var<storage, read_write> c: array<f32>;
 
 // One 128×32 (nt128) or 32×128 (tn128) tile of each operand: 4096 halves, plus padding.
 var<workgroup> ta: array<f16, 5120>;
 var<workgroup> tb: array<f16, 5120>;
 
-// Element q (0..512) of a tile in 8-half units. Rows layout (nt128): 128 rows of 4 units, row r of
-// the tile is the stored row `base/…` + r. K-major layout (tn128): 32 rows of 16 units.
-fn a_rows(base: u32, ld: u32, q: u32) -> mat2x4<f16> {
-    return a[(base + (q >> 2u) * ld + (q & 3u) * 8u) >> 3u];
+// Two consecutive halves into workgroup memory at s.
+fn put_a(s: u32, v: vec2<f16>) {
+    ta[s] = v.x;
+    ta[s + 1u] = v.y;
 }
-fn b_rows(base: u32, ld: u32, q: u32) -> mat2x4<f16> {
-    return b[(base + (q >> 2u) * ld + (q & 3u) * 8u) >> 3u];
-}
-fn a_kmajor(base: u32, ld: u32, q: u32) -> mat2x4<f16> {
-    return a[(base + (q >> 4u) * ld + (q & 15u) * 8u) >> 3u];
-}
-fn b_kmajor(base: u32, ld: u32, q: u32) -> mat2x4<f16> {
-    return b[(base + (q >> 4u) * ld + (q & 15u) * 8u) >> 3u];
-}
-
-// Workgroup-memory positions of unit q in the two layouts.
-fn at_rows(q: u32) -> u32 {
-    return (q >> 2u) * 40u + (q & 3u) * 8u;
-}
-fn at_kmajor(q: u32) -> u32 {
-    return (q >> 4u) * 136u + (q & 15u) * 8u;
-}
-
-// Eight consecutive halves into workgroup memory at s.
-fn put_a(s: u32, v: mat2x4<f16>) {
-    ta[s] = v[0].x;
-    ta[s + 1u] = v[0].y;
-    ta[s + 2u] = v[0].z;
-    ta[s + 3u] = v[0].w;
-    ta[s + 4u] = v[1].x;
-    ta[s + 5u] = v[1].y;
-    ta[s + 6u] = v[1].z;
-    ta[s + 7u] = v[1].w;
-}
-fn put_b(s: u32, v: mat2x4<f16>) {
-    tb[s] = v[0].x;
-    tb[s + 1u] = v[0].y;
-    tb[s + 2u] = v[0].z;
-    tb[s + 3u] = v[0].w;
-    tb[s + 4u] = v[1].x;
-    tb[s + 5u] = v[1].y;
-    tb[s + 6u] = v[1].z;
-    tb[s + 7u] = v[1].w;
+fn put_b(s: u32, v: vec2<f16>) {
+    tb[s] = v.x;
+    tb[s + 1u] = v.y;
 }
 
 // op(A) = A stored M×K, op(B) = Bᵀ with B stored N×K (a linear layer's X·Wᵀ).
@@ -158,19 +132,47 @@ fn gemm_coop_nt128(
     var c31 = coopLoadT<coop_mat16x16<f32, C>>(&c[c31i], ldc);
     var c32 = coopLoadT<coop_mat16x16<f32, C>>(&c[c32i], ldc);
     var c33 = coopLoadT<coop_mat16x16<f32, C>>(&c[c33i], ldc);
-    // This invocation's four units of each tile (q = lid + 128·u).
-    let q0 = lid;
-    let q1 = lid + 128u;
-    let q2 = lid + 256u;
-    let q3 = lid + 384u;
-    var ra0 = a_rows(oa, lda, q0);
-    var ra1 = a_rows(oa, lda, q1);
-    var ra2 = a_rows(oa, lda, q2);
-    var ra3 = a_rows(oa, lda, q3);
-    var rb0 = b_rows(ob, ldb, q0);
-    var rb1 = b_rows(ob, ldb, q1);
-    var rb2 = b_rows(ob, ldb, q2);
-    var rb3 = b_rows(ob, ldb, q3);
+    // This invocation's sixteen words of each tile: word lid + 128·u is in the tile's row
+    // (lid >> 4) + 8u at halves 2·(lid & 15) and the next, so in a[] and b[] (words) consecutive
+    // ones are 8 rows = 4·ld words apart, in workgroup memory 8 rows = 320 halves. Offsets and
+    // strides are even (ops::check_coop_batched): the halving is exact.
+    let wa = (oa + (lid >> 4u) * lda + (lid & 15u) * 2u) >> 1u;
+    let wb = (ob + (lid >> 4u) * ldb + (lid & 15u) * 2u) >> 1u;
+    let ua = 4u * lda;
+    let ub = 4u * ldb;
+    let sw = (lid >> 4u) * 40u + (lid & 15u) * 2u;
+    var ra0 = a[wa];
+    var ra1 = a[wa + 1u * ua];
+    var ra2 = a[wa + 2u * ua];
+    var ra3 = a[wa + 3u * ua];
+    var ra4 = a[wa + 4u * ua];
+    var ra5 = a[wa + 5u * ua];
+    var ra6 = a[wa + 6u * ua];
+    var ra7 = a[wa + 7u * ua];
+    var ra8 = a[wa + 8u * ua];
+    var ra9 = a[wa + 9u * ua];
+    var ra10 = a[wa + 10u * ua];
+    var ra11 = a[wa + 11u * ua];
+    var ra12 = a[wa + 12u * ua];
+    var ra13 = a[wa + 13u * ua];
+    var ra14 = a[wa + 14u * ua];
+    var ra15 = a[wa + 15u * ua];
+    var rb0 = b[wb];
+    var rb1 = b[wb + 1u * ub];
+    var rb2 = b[wb + 2u * ub];
+    var rb3 = b[wb + 3u * ub];
+    var rb4 = b[wb + 4u * ub];
+    var rb5 = b[wb + 5u * ub];
+    var rb6 = b[wb + 6u * ub];
+    var rb7 = b[wb + 7u * ub];
+    var rb8 = b[wb + 8u * ub];
+    var rb9 = b[wb + 9u * ub];
+    var rb10 = b[wb + 10u * ub];
+    var rb11 = b[wb + 11u * ub];
+    var rb12 = b[wb + 12u * ub];
+    var rb13 = b[wb + 13u * ub];
+    var rb14 = b[wb + 14u * ub];
+    var rb15 = b[wb + 15u * ub];
     // This subgroup's fragment rows in the tiles.
     let fa = wy * 64u * 40u;
     let fb = wx * 64u * 40u;
@@ -178,27 +180,76 @@ fn gemm_coop_nt128(
     for (var kk = 0u; kk < kdim; kk += 32u) {
         // Everyone is done reading the previous tiles.
         workgroupBarrier();
-        put_a(at_rows(q0), ra0);
-        put_a(at_rows(q1), ra1);
-        put_a(at_rows(q2), ra2);
-        put_a(at_rows(q3), ra3);
-        put_b(at_rows(q0), rb0);
-        put_b(at_rows(q1), rb1);
-        put_b(at_rows(q2), rb2);
-        put_b(at_rows(q3), rb3);
+        put_a(sw, ra0);
+        put_a(sw + 320u, ra1);
+        put_a(sw + 640u, ra2);
+        put_a(sw + 960u, ra3);
+        put_a(sw + 1280u, ra4);
+        put_a(sw + 1600u, ra5);
+        put_a(sw + 1920u, ra6);
+        put_a(sw + 2240u, ra7);
+        put_a(sw + 2560u, ra8);
+        put_a(sw + 2880u, ra9);
+        put_a(sw + 3200u, ra10);
+        put_a(sw + 3520u, ra11);
+        put_a(sw + 3840u, ra12);
+        put_a(sw + 4160u, ra13);
+        put_a(sw + 4480u, ra14);
+        put_a(sw + 4800u, ra15);
+        put_b(sw, rb0);
+        put_b(sw + 320u, rb1);
+        put_b(sw + 640u, rb2);
+        put_b(sw + 960u, rb3);
+        put_b(sw + 1280u, rb4);
+        put_b(sw + 1600u, rb5);
+        put_b(sw + 1920u, rb6);
+        put_b(sw + 2240u, rb7);
+        put_b(sw + 2560u, rb8);
+        put_b(sw + 2880u, rb9);
+        put_b(sw + 3200u, rb10);
+        put_b(sw + 3520u, rb11);
+        put_b(sw + 3840u, rb12);
+        put_b(sw + 4160u, rb13);
+        put_b(sw + 4480u, rb14);
+        put_b(sw + 4800u, rb15);
         workgroupBarrier();
         // The next step's tiles, in flight while the tensor cores work on these.
         if (kk + 32u < kdim) {
-            let na = oa + kk + 32u;
-            let nb = ob + kk + 32u;
-            ra0 = a_rows(na, lda, q0);
-            ra1 = a_rows(na, lda, q1);
-            ra2 = a_rows(na, lda, q2);
-            ra3 = a_rows(na, lda, q3);
-            rb0 = b_rows(nb, ldb, q0);
-            rb1 = b_rows(nb, ldb, q1);
-            rb2 = b_rows(nb, ldb, q2);
-            rb3 = b_rows(nb, ldb, q3);
+            // The next 32 columns: 16 words on.
+            let na = wa + ((kk + 32u) >> 1u);
+            let nb = wb + ((kk + 32u) >> 1u);
+            ra0 = a[na];
+            ra1 = a[na + 1u * ua];
+            ra2 = a[na + 2u * ua];
+            ra3 = a[na + 3u * ua];
+            ra4 = a[na + 4u * ua];
+            ra5 = a[na + 5u * ua];
+            ra6 = a[na + 6u * ua];
+            ra7 = a[na + 7u * ua];
+            ra8 = a[na + 8u * ua];
+            ra9 = a[na + 9u * ua];
+            ra10 = a[na + 10u * ua];
+            ra11 = a[na + 11u * ua];
+            ra12 = a[na + 12u * ua];
+            ra13 = a[na + 13u * ua];
+            ra14 = a[na + 14u * ua];
+            ra15 = a[na + 15u * ua];
+            rb0 = b[nb];
+            rb1 = b[nb + 1u * ub];
+            rb2 = b[nb + 2u * ub];
+            rb3 = b[nb + 3u * ub];
+            rb4 = b[nb + 4u * ub];
+            rb5 = b[nb + 5u * ub];
+            rb6 = b[nb + 6u * ub];
+            rb7 = b[nb + 7u * ub];
+            rb8 = b[nb + 8u * ub];
+            rb9 = b[nb + 9u * ub];
+            rb10 = b[nb + 10u * ub];
+            rb11 = b[nb + 11u * ub];
+            rb12 = b[nb + 12u * ub];
+            rb13 = b[nb + 13u * ub];
+            rb14 = b[nb + 14u * ub];
+            rb15 = b[nb + 15u * ub];
         }
         for (var ks = 0u; ks < 32u; ks += 16u) {
             let xa0 = fa + ks;
@@ -303,44 +354,120 @@ fn tn128_block(bi: u32, bj: u32, z: u32, lid: u32, sg: u32) {
     var c31 = coopLoadT<coop_mat16x16<f32, C>>(&c[c31i], ldc);
     var c32 = coopLoadT<coop_mat16x16<f32, C>>(&c[c32i], ldc);
     var c33 = coopLoadT<coop_mat16x16<f32, C>>(&c[c33i], ldc);
-    let q0 = lid;
-    let q1 = lid + 128u;
-    let q2 = lid + 256u;
-    let q3 = lid + 384u;
-    var ra0 = a_kmajor(oa, lda, q0);
-    var ra1 = a_kmajor(oa, lda, q1);
-    var ra2 = a_kmajor(oa, lda, q2);
-    var ra3 = a_kmajor(oa, lda, q3);
-    var rb0 = b_kmajor(ob, ldb, q0);
-    var rb1 = b_kmajor(ob, ldb, q1);
-    var rb2 = b_kmajor(ob, ldb, q2);
-    var rb3 = b_kmajor(ob, ldb, q3);
+    // Word lid + 128·u of a K-major tile is in its row (lid >> 6) + 2u at halves 2·(lid & 63):
+    // consecutive ones are 2 rows = ld words apart in a[] and b[], 272 halves in workgroup memory.
+    let wa = (oa + (lid >> 6u) * lda + (lid & 63u) * 2u) >> 1u;
+    let wb = (ob + (lid >> 6u) * ldb + (lid & 63u) * 2u) >> 1u;
+    let ua = lda;
+    let ub = ldb;
+    let sw = (lid >> 6u) * 136u + (lid & 63u) * 2u;
+    var ra0 = a[wa];
+    var ra1 = a[wa + 1u * ua];
+    var ra2 = a[wa + 2u * ua];
+    var ra3 = a[wa + 3u * ua];
+    var ra4 = a[wa + 4u * ua];
+    var ra5 = a[wa + 5u * ua];
+    var ra6 = a[wa + 6u * ua];
+    var ra7 = a[wa + 7u * ua];
+    var ra8 = a[wa + 8u * ua];
+    var ra9 = a[wa + 9u * ua];
+    var ra10 = a[wa + 10u * ua];
+    var ra11 = a[wa + 11u * ua];
+    var ra12 = a[wa + 12u * ua];
+    var ra13 = a[wa + 13u * ua];
+    var ra14 = a[wa + 14u * ua];
+    var ra15 = a[wa + 15u * ua];
+    var rb0 = b[wb];
+    var rb1 = b[wb + 1u * ub];
+    var rb2 = b[wb + 2u * ub];
+    var rb3 = b[wb + 3u * ub];
+    var rb4 = b[wb + 4u * ub];
+    var rb5 = b[wb + 5u * ub];
+    var rb6 = b[wb + 6u * ub];
+    var rb7 = b[wb + 7u * ub];
+    var rb8 = b[wb + 8u * ub];
+    var rb9 = b[wb + 9u * ub];
+    var rb10 = b[wb + 10u * ub];
+    var rb11 = b[wb + 11u * ub];
+    var rb12 = b[wb + 12u * ub];
+    var rb13 = b[wb + 13u * ub];
+    var rb14 = b[wb + 14u * ub];
+    var rb15 = b[wb + 15u * ub];
     // This subgroup's fragment columns in the tiles.
     let fa = wy * 64u;
     let fb = wx * 64u;
     let lds = 136u;
     for (var kk = 0u; kk < kdim; kk += 32u) {
         workgroupBarrier();
-        put_a(at_kmajor(q0), ra0);
-        put_a(at_kmajor(q1), ra1);
-        put_a(at_kmajor(q2), ra2);
-        put_a(at_kmajor(q3), ra3);
-        put_b(at_kmajor(q0), rb0);
-        put_b(at_kmajor(q1), rb1);
-        put_b(at_kmajor(q2), rb2);
-        put_b(at_kmajor(q3), rb3);
+        put_a(sw, ra0);
+        put_a(sw + 272u, ra1);
+        put_a(sw + 544u, ra2);
+        put_a(sw + 816u, ra3);
+        put_a(sw + 1088u, ra4);
+        put_a(sw + 1360u, ra5);
+        put_a(sw + 1632u, ra6);
+        put_a(sw + 1904u, ra7);
+        put_a(sw + 2176u, ra8);
+        put_a(sw + 2448u, ra9);
+        put_a(sw + 2720u, ra10);
+        put_a(sw + 2992u, ra11);
+        put_a(sw + 3264u, ra12);
+        put_a(sw + 3536u, ra13);
+        put_a(sw + 3808u, ra14);
+        put_a(sw + 4080u, ra15);
+        put_b(sw, rb0);
+        put_b(sw + 272u, rb1);
+        put_b(sw + 544u, rb2);
+        put_b(sw + 816u, rb3);
+        put_b(sw + 1088u, rb4);
+        put_b(sw + 1360u, rb5);
+        put_b(sw + 1632u, rb6);
+        put_b(sw + 1904u, rb7);
+        put_b(sw + 2176u, rb8);
+        put_b(sw + 2448u, rb9);
+        put_b(sw + 2720u, rb10);
+        put_b(sw + 2992u, rb11);
+        put_b(sw + 3264u, rb12);
+        put_b(sw + 3536u, rb13);
+        put_b(sw + 3808u, rb14);
+        put_b(sw + 4080u, rb15);
         workgroupBarrier();
         if (kk + 32u < kdim) {
-            let na = oa + (kk + 32u) * lda;
-            let nb = ob + (kk + 32u) * ldb;
-            ra0 = a_kmajor(na, lda, q0);
-            ra1 = a_kmajor(na, lda, q1);
-            ra2 = a_kmajor(na, lda, q2);
-            ra3 = a_kmajor(na, lda, q3);
-            rb0 = b_kmajor(nb, ldb, q0);
-            rb1 = b_kmajor(nb, ldb, q1);
-            rb2 = b_kmajor(nb, ldb, q2);
-            rb3 = b_kmajor(nb, ldb, q3);
+            // The next 32 rows: 16·ld words on.
+            let na = wa + (((kk + 32u) * lda) >> 1u);
+            let nb = wb + (((kk + 32u) * ldb) >> 1u);
+            ra0 = a[na];
+            ra1 = a[na + 1u * ua];
+            ra2 = a[na + 2u * ua];
+            ra3 = a[na + 3u * ua];
+            ra4 = a[na + 4u * ua];
+            ra5 = a[na + 5u * ua];
+            ra6 = a[na + 6u * ua];
+            ra7 = a[na + 7u * ua];
+            ra8 = a[na + 8u * ua];
+            ra9 = a[na + 9u * ua];
+            ra10 = a[na + 10u * ua];
+            ra11 = a[na + 11u * ua];
+            ra12 = a[na + 12u * ua];
+            ra13 = a[na + 13u * ua];
+            ra14 = a[na + 14u * ua];
+            ra15 = a[na + 15u * ua];
+            rb0 = b[nb];
+            rb1 = b[nb + 1u * ub];
+            rb2 = b[nb + 2u * ub];
+            rb3 = b[nb + 3u * ub];
+            rb4 = b[nb + 4u * ub];
+            rb5 = b[nb + 5u * ub];
+            rb6 = b[nb + 6u * ub];
+            rb7 = b[nb + 7u * ub];
+            rb8 = b[nb + 8u * ub];
+            rb9 = b[nb + 9u * ub];
+            rb10 = b[nb + 10u * ub];
+            rb11 = b[nb + 11u * ub];
+            rb12 = b[nb + 12u * ub];
+            rb13 = b[nb + 13u * ub];
+            rb14 = b[nb + 14u * ub];
+            rb15 = b[nb + 15u * ub];
         }
         for (var ks = 0u; ks < 32u; ks += 16u) {
             // op(A)[r][s] = A[k + s][i + r]: column-major from the K-major tile; op(B) row-major.

@@ -868,6 +868,20 @@ fn coop_gemm_batched_strided_matches_f64_where_granted() {
         )
         .unwrap();
         rec.submit();
+        if op.staged() {
+            // The staged kernels load whole 32-bit words: an odd offset is refused, not misread.
+            let mut rec = ctx.recorder();
+            let odd = ops::gemm_coop_batched(
+                &mut rec,
+                op,
+                (m, n, k),
+                1,
+                ops::CoopOperand::new(&ga, 1, batch * k),
+                ops::CoopOperand::new(&gb, 0, ldb),
+                (MatView::new(&gc, batch * n), n),
+            );
+            assert!(odd.is_err(), "{op:?}: odd offset of A accepted");
+        }
         let got = ctx.read(&gc).unwrap();
         for z in 0..batch {
             let az: Vec<f32> = (0..m)

@@ -1195,11 +1195,11 @@ pub fn check_coop_batched(
     let sa = if ta { (k, m) } else { (m, k) };
     let sb = if tb { (n, k) } else { (k, n) };
     for (what, x, (rows, cols)) in [("A", a, sa), ("B", b, sb)] {
-        // The staged kernels read 8 halves (16 bytes) at a time.
-        if op.staged() && [x.off, x.ld, x.stride].iter().any(|v| !v.is_multiple_of(8)) {
+        // The staged kernels read 2 halves (one 32-bit word) at a time.
+        if op.staged() && [x.off, x.ld, x.stride].iter().any(|v| !v.is_multiple_of(2)) {
             return Err(GpuError::Validation(format!(
                 "staged tensor-core GEMM {what}: offset {}, row stride {} and batch stride {} \
-                 must be multiples of 8",
+                 must be even",
                 x.off, x.ld, x.stride
             )));
         }
