@@ -298,8 +298,8 @@ pub struct QuantizeArgs {
     /// cores (f16 operands, f32 accumulation, like the reference's half-precision forward) where
     /// the adapter grants f16 cooperative matrices; ignored with a warning elsewhere, and the f32
     /// kernels run where the f16 copies do not fit --gpu-memory. On an H100 an 8B GPTQ layer took
-    /// 3.8 s with it and 7.9 s without (BENCHMARKS.md, session 20). Same as
-    /// GPTAQ_TENSOR_CORES=1.
+    /// 3.8 s with it and 7.9 s without (BENCHMARKS.md, session 20), 2.7 s with it after session
+    /// 21's kernel fix. Same as GPTAQ_TENSOR_CORES=1.
     #[arg(long)]
     pub tensor_cores: bool,
     /// Write the run report (JSON) here.
