@@ -439,6 +439,42 @@ fn gpu_solver_matches_cpu_reference_solver_end_to_end() {
 /// RTN reads no activations: without metrics the driver skips the calibration forward, and the
 /// result is the same quantization as with metrics (codes, scales, zeros, Q) — only the error
 /// columns and the hidden deviation are absent.
+/// stories260K on 4 × 64 tokens with `quant` and `solver`, with metrics and without (in that
+/// order), each emitting one ModuleDone per module.
+fn with_and_without_metrics(
+    ctx: &gptaq_studio::gpu::GpuContext,
+    dir: &std::path::Path,
+    quant: &QuantConfig,
+    solver: Solver,
+) -> Vec<pipeline::QuantizedModel> {
+    [true, false]
+        .into_iter()
+        .map(|metrics| {
+            let mut j = job(
+                ModelInput::Dir(dir.join("stories260K")),
+                CalibInput::File(dir.join("corpora/tinystories/train_head_197k.txt")),
+                quant.clone(),
+                4,
+                64,
+            );
+            j.config.metrics = metrics;
+            j.config.solver = solver;
+            let inputs = pipeline::prepare(&j).unwrap();
+            let mut done = 0;
+            let q = pipeline::run_prepared(
+                ctx,
+                &inputs,
+                &j.config,
+                &mut |e| done += usize::from(matches!(e, Event::ModuleDone(_))),
+                &AtomicBool::new(false),
+            )
+            .unwrap();
+            assert_eq!(done, 35, "metrics={metrics}: one ModuleDone per module");
+            q
+        })
+        .collect()
+}
+
 #[test]
 fn rtn_without_metrics_skips_the_forward_and_quantizes_the_same() {
     let Some(dir) = common::test_data_dir() else {
@@ -451,29 +487,7 @@ fn rtn_without_metrics_skips_the_forward_and_quantizes_the_same() {
         group_size: Some(4),
         ..QuantConfig::default()
     };
-    let mut runs = Vec::new();
-    for metrics in [true, false] {
-        let mut j = job(
-            ModelInput::Dir(dir.join("stories260K")),
-            CalibInput::File(dir.join("corpora/tinystories/train_head_197k.txt")),
-            quant.clone(),
-            4,
-            64,
-        );
-        j.config.metrics = metrics;
-        let inputs = pipeline::prepare(&j).unwrap();
-        let mut done = 0;
-        let q = pipeline::run_prepared(
-            &ctx,
-            &inputs,
-            &j.config,
-            &mut |e| done += usize::from(matches!(e, Event::ModuleDone(_))),
-            &AtomicBool::new(false),
-        )
-        .unwrap();
-        assert_eq!(done, 35, "metrics={metrics}: one ModuleDone per module");
-        runs.push(q);
-    }
+    let runs = with_and_without_metrics(&ctx, &dir, &quant, Solver::CpuReference);
     let (with, without) = (&runs[0], &runs[1]);
     assert_eq!(with.modules.len(), without.modules.len());
     for (key, a) in &with.modules {
@@ -521,30 +535,7 @@ fn gptaq_without_metrics_skips_only_the_measurements() {
         group_size: Some(4),
         ..QuantConfig::default()
     };
-    let mut runs = Vec::new();
-    for metrics in [true, false] {
-        let mut j = job(
-            ModelInput::Dir(dir.join("stories260K")),
-            CalibInput::File(dir.join("corpora/tinystories/train_head_197k.txt")),
-            quant.clone(),
-            4,
-            64,
-        );
-        j.config.metrics = metrics;
-        j.config.solver = Solver::Gpu;
-        let inputs = pipeline::prepare(&j).unwrap();
-        let mut done = 0;
-        let q = pipeline::run_prepared(
-            &ctx,
-            &inputs,
-            &j.config,
-            &mut |e| done += usize::from(matches!(e, Event::ModuleDone(_))),
-            &AtomicBool::new(false),
-        )
-        .unwrap();
-        assert_eq!(done, 35, "metrics={metrics}: one ModuleDone per module");
-        runs.push(q);
-    }
+    let runs = with_and_without_metrics(&ctx, &dir, &quant, Solver::Gpu);
     let (with, without) = (&runs[0], &runs[1]);
     assert!(
         with.report
