@@ -897,9 +897,8 @@ pub fn quantize(
         }
         Ok(())
     })?;
-    results.finish_codes(ctx)?;
     Ok(QuantizedModel {
-        modules: results.done,
+        modules: results.finish(ctx)?,
         report: run_report(
             ctx,
             prep,
@@ -1516,10 +1515,7 @@ fn solve_group(
             report: report_stub(layer, m, &r, stats.nsamples, secs),
             moments: None,
         });
-        results.done.insert((layer, m), r);
-        if let Some(c) = codes {
-            results.codes.push(((layer, m), c));
-        }
+        results.insert((layer, m), r, codes);
     }
     // U and P are not needed by the metrics: freed before their temporaries are made.
     drop(shared);
@@ -1665,19 +1661,28 @@ fn solve(
 /// ([`PendingCodes`]: finished when the next group is solved, after the stage between has been
 /// queued, and at the end of the run).
 #[derive(Default)]
-struct Results {
-    done: BTreeMap<(usize, ModuleKind), QuantResult>,
-    codes: Vec<((usize, ModuleKind), PendingCodes)>,
-}
+struct Results(BTreeMap<(usize, ModuleKind), (QuantResult, Option<PendingCodes>)>);
 
 impl Results {
+    fn insert(&mut self, key: (usize, ModuleKind), r: QuantResult, codes: Option<PendingCodes>) {
+        self.0.insert(key, (r, codes));
+    }
+
     fn finish_codes(&mut self, ctx: &GpuContext) -> Result<(), PipelineError> {
-        for (key, c) in self.codes.drain(..) {
-            let r = self.done.get_mut(&key).ok_or_else(|| {
-                PipelineError::Input(format!("codes of an unknown module {key:?}"))
-            })?;
-            c.finish(ctx, r)?;
+        for (r, codes) in self.0.values_mut() {
+            if let Some(c) = codes.take() {
+                c.finish(ctx, r)?;
+            }
         }
         Ok(())
+    }
+
+    /// Every module's result, its codes finished.
+    fn finish(
+        mut self,
+        ctx: &GpuContext,
+    ) -> Result<BTreeMap<(usize, ModuleKind), QuantResult>, PipelineError> {
+        self.finish_codes(ctx)?;
+        Ok(self.0.into_iter().map(|(k, (r, _))| (k, r)).collect())
     }
 }
