@@ -440,7 +440,8 @@ fn gpu_solver_matches_cpu_reference_solver_end_to_end() {
 /// result is the same quantization as with metrics (codes, scales, zeros, Q) — only the error
 /// columns and the hidden deviation are absent.
 /// stories260K on 4 × 64 tokens with `quant` and `solver`, with metrics and without (in that
-/// order), each emitting one ModuleDone per module.
+/// order), each emitting one ModuleDone per module, and every module reported before the next
+/// group is solved (with metrics once the next stage has measured them, without right away).
 fn with_and_without_metrics(
     ctx: &gptaq_studio::gpu::GpuContext,
     dir: &std::path::Path,
@@ -460,12 +461,20 @@ fn with_and_without_metrics(
             j.config.metrics = metrics;
             j.config.solver = solver;
             let inputs = pipeline::prepare(&j).unwrap();
-            let mut done = 0;
+            let (mut done, mut solved) = (0, 0);
             let q = pipeline::run_prepared(
                 ctx,
                 &inputs,
                 &j.config,
-                &mut |e| done += usize::from(matches!(e, Event::ModuleDone(_))),
+                &mut |e| match e {
+                    Event::ModuleDone(_) => done += 1,
+                    // "layer L: solving q, k, v": every earlier group is reported by now.
+                    Event::Status(s) if s.contains(": solving ") => {
+                        assert_eq!(done, solved, "metrics={metrics}: reported before {s:?}");
+                        solved += s.split(", ").count();
+                    }
+                    _ => {}
+                },
                 &AtomicBool::new(false),
             )
             .unwrap();

@@ -435,6 +435,8 @@ pub fn quantize(
                 &mut prof,
                 &mut pending,
                 &mut results,
+                &mut module_reports,
+                emit,
             )?;
             drop(stats);
 
@@ -522,6 +524,8 @@ pub fn quantize(
                 &mut prof,
                 &mut pending,
                 &mut results,
+                &mut module_reports,
+                emit,
             )?;
             drop(stats);
 
@@ -623,6 +627,8 @@ pub fn quantize(
                 &mut prof,
                 &mut pending,
                 &mut results,
+                &mut module_reports,
+                emit,
             )?;
             drop(stats);
 
@@ -735,6 +741,8 @@ pub fn quantize(
                 &mut prof,
                 &mut pending,
                 &mut results,
+                &mut module_reports,
+                emit,
             )?;
             drop(stats);
 
@@ -872,7 +880,8 @@ pub fn quantize(
                 emit,
                 &mut warnings,
             )?;
-            // Without an FP stream no metrics were computed: emit those modules now.
+            // Anything not reported yet (nothing: modules without metrics are reported when
+            // solved, the others when their metrics are finished).
             for p in pending.drain(..) {
                 emit(Event::ModuleDone(p.report.clone()));
                 module_reports.push(p.report);
@@ -1485,7 +1494,9 @@ fn report_stub(
 }
 
 /// Solves the modules of one true-sequential group in order ([`solve`]) and files each result
-/// with its report stub (the metrics are added once the next stage has measured them).
+/// with its report stub: pending, when the metrics are added once the next stage has measured
+/// them; without metrics reported (`ModuleDone`) and moved to `done` right away, so a view sees
+/// each group as soon as it is solved, not at the end of the layer.
 #[allow(clippy::too_many_arguments)]
 fn solve_group(
     ctx: &GpuContext,
@@ -1498,7 +1509,14 @@ fn solve_group(
     prof: &mut Profile,
     pending: &mut Vec<Pending>,
     results: &mut Results,
+    done: &mut Vec<ModuleReport>,
+    emit: &mut dyn FnMut(Event),
 ) -> Result<(), PipelineError> {
+    let names: Vec<&str> = mods.iter().map(|m| m.short_name()).collect();
+    emit(Event::Status(format!(
+        "layer {layer}: solving {}",
+        names.join(", ")
+    )));
     // The previous group's codes: their copies had the stage just recorded to overlap with.
     results.finish_codes(ctx)?;
     prof.sync(ctx, "codes")?;
@@ -1546,6 +1564,12 @@ fn solve_group(
             )?);
         }
         prof.sync(ctx, "metrics")?;
+    }
+    if !metrics {
+        for p in pending.drain(..) {
+            emit(Event::ModuleDone(p.report.clone()));
+            done.push(p.report);
+        }
     }
     Ok(())
 }
