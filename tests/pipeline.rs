@@ -439,6 +439,19 @@ fn gpu_solver_matches_cpu_reference_solver_end_to_end() {
 /// RTN reads no activations: without metrics the driver skips the calibration forward, and the
 /// result is the same quantization as with metrics (codes, scales, zeros, Q) — only the error
 /// columns and the hidden deviation are absent.
+/// The fraction of codes two runs of the same model agree on, over all modules, and the number of
+/// codes (every module's code count must match).
+fn code_agreement(a: &pipeline::QuantizedModel, b: &pipeline::QuantizedModel) -> (f64, usize) {
+    let (mut same, mut total) = (0usize, 0usize);
+    for (key, x) in &a.modules {
+        let y = &b.modules[key];
+        assert_eq!(x.codes.len(), y.codes.len(), "{key:?}: code count");
+        same += x.codes.iter().zip(&y.codes).filter(|(p, q)| p == q).count();
+        total += x.codes.len();
+    }
+    (same as f64 / total.max(1) as f64, total)
+}
+
 /// stories260K on 4 × 64 tokens with `quant` and `solver`, with metrics and without (in that
 /// order), each emitting one ModuleDone per module, and every module reported before the next
 /// group is solved (with metrics once the next stage has measured them, without right away).
@@ -559,14 +572,7 @@ fn gptaq_without_metrics_skips_only_the_measurements() {
             .iter()
             .all(|m| m.output_error.is_none() && m.quant_error.is_none() && m.asym_error.is_none())
     );
-    let (mut same, mut total) = (0usize, 0usize);
-    for (key, a) in &with.modules {
-        let b = &without.modules[key];
-        assert_eq!(a.codes.len(), b.codes.len(), "{key:?}: code count");
-        same += a.codes.iter().zip(&b.codes).filter(|(x, y)| x == y).count();
-        total += a.codes.len();
-    }
-    let agree = same as f64 / total as f64;
+    let (agree, total) = code_agreement(with, without);
     assert!(
         agree > 0.99,
         "codes agree on only {agree:.4} of {total} without metrics"
@@ -639,14 +645,7 @@ fn host_f16_streams_track_gpu_streams() {
     // flipped code along its row, so codes differ more than that suggests (88% equal on lavapipe
     // when this was written), but the hidden deviation from the FP model stays within a few
     // percent of the f32 run's (within 1% when written).
-    let (mut same, mut total) = (0usize, 0usize);
-    for (key, a) in &gpu.modules {
-        let b = &host16.modules[key];
-        assert_eq!(a.codes.len(), b.codes.len(), "{key:?}: code count");
-        same += a.codes.iter().zip(&b.codes).filter(|(x, y)| x == y).count();
-        total += a.codes.len();
-    }
-    let frac = same as f64 / total as f64;
+    let (frac, total) = code_agreement(gpu, host16);
     assert!(
         frac > 0.8,
         "host f16 streams: only {frac:.4} of {total} codes equal the f32 run's"
