@@ -9,8 +9,8 @@
 # RUNS entries are NAME:ENV1=a,ENV2=b:ARG,ARG,... on /tmp/l8b2 (a random Llama-3-8B-shaped model
 # of two layers, tools/make_random_llama.py, 128 × 2048 calibration tokens, 4-bit g128); TBINS
 # the carried test binaries to run (TESTS: libtest filters, TLIM seconds each); KB a kernel-bench
-# filter (KBENV: environment for it); LIM seconds per run; SCALE the scaling table (below). Results
-# land in $OUT/p.
+# filter (KBENV: environment for it); LIM seconds per run; SCALE the scaling table and TORCH_LAYER
+# the PyTorch reference layer (both below). Results land in $OUT/p.
 set -u
 cd .device-carry; for f in *.xz; do xz -d -f $f; done; chmod +x gptaq-studio kernels-bench test-*; cd ..
 export GPTAQ_TEST_DATA=$PWD/.device-carry/data
@@ -46,6 +46,13 @@ for sp in ${SCALE:-}; do
       --seqlen 2048 --bits 4 --group-size 128 --gpu-memory 70 --no-metrics --tensor-cores ${args//,/ }
   done
 done
+# The PyTorch reference loops on the same card in the same call (issue 10): TORCH_LAYER="4096,14336,32,8"
+# (hidden, intermediate, heads, kv heads; tools/torch_reference.py --bench-layer), 128 × 2048 tokens.
+if [ -n "${TORCH_LAYER:-}" ]; then
+  timeout ${TORCH_LIM:-230} python3 tools/torch_reference.py --bench-layer "$TORCH_LAYER" --nsamples 128 --seqlen 2048 \
+    --out $D/torch_layer.json > $D/torch_layer.log 2>&1
+  echo "== torch_layer rc=$?"; grep -E "bench-layer\] (gptq|gptaq):|Error" $D/torch_layer.log | tail -3
+fi
 if [ -n "${KB:-}" ]; then
   env ${KBENV:-} GPTAQ_BENCH_SIZES=4096 timeout 150 .device-carry/kernels-bench --bench --warm-up-time 1 --measurement-time 2 "$KB" > $D/kb.log 2>&1
   grep -E "phases|^[a-z_]+/.*|time:" $D/kb.log | grep -v Benchmarking | cut -c1-300
