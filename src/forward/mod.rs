@@ -169,25 +169,22 @@ struct TensorCores {
     /// Per module (`ModuleKind as usize`): the f16 copy of its weight, `None` where the shape does
     /// not tile into the cooperative-matrix blocks (that module keeps the f32 GEMM).
     w16: Vec<Option<GpuBuffer<half::f16>>>,
-    /// One chunk of at most `chunk` activation rows of the widest input, in f16. Shared with the
-    /// layer's duplicate (the other stream): GPU work is ordered, so one scratch serves both.
-    x16: Arc<GpuBuffer<half::f16>>,
-    chunk: usize,
-    /// The tensor-core attention's scratch, where the shapes allow it (shared like `x16`).
-    attn: Option<Arc<AttnTc>>,
-    /// The sequence length `attn` was made for.
-    seqlen: usize,
+    /// Shared with the layer's duplicate (the other stream) and the next layers.
+    scratch: TcScratch,
 }
 
 /// A layer's tensor-core scratch (the f16 activation chunk and the attention scratch), to be
-/// shared with the next layer of the same shape ([`GpuLayer::enable_tensor_cores_with`]): GPU
-/// work is ordered, so one scratch serves every layer, and a layer uploaded ahead needs none of
-/// its own.
+/// shared with the layer's duplicate and the next layers of the same shape
+/// ([`GpuLayer::enable_tensor_cores_with`]): GPU work is ordered, so one scratch serves every
+/// layer, and a layer uploaded ahead needs none of its own.
 #[derive(Clone)]
 pub struct TcScratch {
+    /// One chunk of at most `chunk` activation rows of the widest input, in f16.
     x16: Arc<GpuBuffer<half::f16>>,
     chunk: usize,
+    /// The tensor-core attention's scratch, where the shapes allow it.
     attn: Option<Arc<AttnTc>>,
+    /// The sequence length `attn` was made for.
     seqlen: usize,
 }
 
@@ -328,31 +325,22 @@ impl GpuLayer {
         let chunk = max_tokens.clamp(1, TC_CHUNK_TOKENS).next_multiple_of(128);
         let shared = shared
             .filter(|s| s.chunk == chunk && s.seqlen == seqlen && s.x16.len() == chunk * widest);
-        let (x16, attn) = match shared {
-            Some(s) => (s.x16, s.attn),
-            None => (
-                Arc::new(ctx.zeros::<half::f16>("activations f16", chunk * widest)?),
-                AttnTc::new(ctx, &self.dims.attn_shape(1, seqlen))?.map(Arc::new),
-            ),
+        let scratch = match shared {
+            Some(s) => s,
+            None => TcScratch {
+                x16: Arc::new(ctx.zeros::<half::f16>("activations f16", chunk * widest)?),
+                chunk,
+                attn: AttnTc::new(ctx, &self.dims.attn_shape(1, seqlen))?.map(Arc::new),
+                seqlen,
+            },
         };
-        self.tc = Some(TensorCores {
-            w16,
-            x16,
-            chunk,
-            attn,
-            seqlen,
-        });
+        self.tc = Some(TensorCores { w16, scratch });
         Ok(true)
     }
 
     /// This layer's tensor-core scratch, for the next layer to share.
     pub fn tc_scratch(&self) -> Option<TcScratch> {
-        self.tc.as_ref().map(|tc| TcScratch {
-            x16: tc.x16.clone(),
-            chunk: tc.chunk,
-            attn: tc.attn.clone(),
-            seqlen: tc.seqlen,
-        })
+        self.tc.as_ref().map(|tc| tc.scratch.clone())
     }
 
     /// Whether [`GpuLayer::enable_tensor_cores`] put any of this layer's work on tensor cores.
@@ -453,10 +441,7 @@ impl GpuLayer {
                     }
                     Some(TensorCores {
                         w16,
-                        x16: tc.x16.clone(),
-                        chunk: tc.chunk,
-                        attn: tc.attn.clone(),
-                        seqlen: tc.seqlen,
+                        scratch: tc.scratch.clone(),
                     })
                 }
             },
@@ -706,7 +691,10 @@ fn linears(
     let cols = mods
         .first()
         .map_or(0, |&(m, _)| layer.dims.linear_shape(m).1);
-    for (tc, &(op, r0, len)) in ranges.iter().filter_map(|r| Some((layer.tc.as_ref()?, r))) {
+    for (tc, &(op, r0, len)) in ranges
+        .iter()
+        .filter_map(|r| Some((&layer.tc.as_ref()?.scratch, r)))
+    {
         // The cooperative kernels accumulate into C.
         if !accumulate {
             for &(m, y) in mods {
@@ -988,7 +976,7 @@ pub fn rope_attend(
         )?;
     }
     let shape = d.attn_shape(nseq, seqlen);
-    match l.tc.as_ref().and_then(|tc| tc.attn.as_deref()) {
+    match l.tc.as_ref().and_then(|tc| tc.scratch.attn.as_deref()) {
         Some(a) if a.seqlen == seqlen => attend_tc(rec, &s.q, &s.k, &s.v, &s.attn, shape, a),
         _ => attend(rec, &s.q, &s.k, &s.v, &s.attn, shape),
     }
@@ -1205,11 +1193,11 @@ pub fn attend_tc_with(
     let scale = 1.0 / (hd as f32).sqrt();
     // Q·Kᵀ's kernel for a chunk with `keys` keys: the staged one where granted and the chunk tiles
     // by 128 (its operands are aligned: offsets and strides are multiples of hd, itself of 32).
-    let staged = ops::coop_staged_available(rec.ctx());
+    let ctx = rec.ctx();
     let qk_op = |keys: usize| {
         CoopOp::NT
             .into_iter()
-            .find(|&op| (!op.staged() || staged) && ops::coop_shape_ok_for(op, qc, keys, hd))
+            .find(|&op| op.available(ctx) && ops::coop_shape_ok_for(op, qc, keys, hd))
             .unwrap_or(CoopOp::Nt)
     };
     for seq in 0..nseq {

@@ -1002,7 +1002,7 @@ pub enum CoopOp {
     /// [`CoopOp::Nt`] with a 64×64 block per subgroup (M and N multiples of 64).
     Nt64,
     /// [`CoopOp::Nt`] staged through workgroup memory: 128×128 blocks of four subgroups, K in
-    /// steps of 32, 8-half aligned operands ([`coop_staged_available`]).
+    /// steps of 32, operands at even offsets and strides ([`coop_staged_available`]).
     Nt128,
     /// [`CoopOp::Tn`] staged like [`CoopOp::Nt128`].
     Tn128,
@@ -1083,7 +1083,7 @@ impl CoopOp {
 }
 
 /// Whether `op`'s blocks and K steps tile an M×N×K product exactly (the staged kernels also need
-/// 8-half aligned operands: [`check_coop_batched`]; [`CoopOp::Tn128Upper`] a square C).
+/// even offsets and strides: [`check_coop_batched`]; [`CoopOp::Tn128Upper`] a square C).
 pub fn coop_shape_ok_for(op: CoopOp, m: usize, n: usize, k: usize) -> bool {
     let b = op.block();
     (op != CoopOp::Tn128Upper || m == n)

@@ -66,6 +66,17 @@ struct Layers {
     fp: Option<GpuLayer>,
 }
 
+impl Layers {
+    /// Frees `mods`' weights in both streams ([`GpuLayer::release`]).
+    fn release(&mut self, ctx: &GpuContext, mods: &[ModuleKind]) -> Result<(), PipelineError> {
+        self.q.release(ctx, mods)?;
+        if let Some(fp) = self.fp.as_mut() {
+            fp.release(ctx, mods)?;
+        }
+        Ok(())
+    }
+}
+
 struct Work {
     h_q: GpuBuffer<f32>,
     h_fp: GpuBuffer<f32>,
@@ -155,11 +166,10 @@ pub fn quantize(
     let mc = prep.source.config().clone();
     let qc = &cfg.quant;
     let gptaq = matches!(qc.method, Method::Gptaq { .. });
-    // A capture (layer lab) needs D and E, hence the FP stream, whatever the method.
-    let fp_stream = gptaq || cfg.metrics || cfg.capture.is_some();
-    // The error metrics are measured only when asked for (or for a capture); GPTAQ without them
-    // still runs its FP stream (the solve needs D) but skips the metrics' products and moments.
-    let metrics = cfg.metrics || cfg.capture.is_some();
+    // The metrics (and a layer-lab capture, which needs D and E) need the FP stream; GPTAQ runs it
+    // in any case (its solve needs D) and without metrics only skips their products and moments.
+    let metrics = cfg.measures_metrics();
+    let fp_stream = gptaq || metrics;
     let nseq = prep.windows.len();
     let seqlen = cfg.seqlen;
     if nseq == 0 {
@@ -635,11 +645,10 @@ pub fn quantize(
             // ---- stage D: act = silu(gate)·up → statistics of down, metrics of gate/up
             // Attention's weights are done with (their metrics were measured in stages B and C):
             // freed before down_proj's statistics and solve, where the layer's peak lies.
-            let attn_mods = [ModuleKind::Q, ModuleKind::K, ModuleKind::V, ModuleKind::O];
-            layers.q.release(ctx, &attn_mods)?;
-            if let Some(fp) = layers.fp.as_mut() {
-                fp.release(ctx, &attn_mods)?;
-            }
+            layers.release(
+                ctx,
+                &[ModuleKind::Q, ModuleKind::K, ModuleKind::V, ModuleKind::O],
+            )?;
             let work = ensure_work(&mut work_slot, &make_work)?;
             // act kept for stage E where the plan has room on the GPU (MemoryPlan::act_streams).
             let act_stream = |name: &str, on: bool| -> Result<Option<Stream>, PipelineError> {
@@ -724,11 +733,7 @@ pub fn quantize(
             work_slot = None;
             // With act kept, stage E does not run gate/up again: they go before down's solve too.
             if actq.is_some() {
-                let mlp_in = [ModuleKind::Gate, ModuleKind::Up];
-                layers.q.release(ctx, &mlp_in)?;
-                if let Some(fp) = layers.fp.as_mut() {
-                    fp.release(ctx, &mlp_in)?;
-                }
+                layers.release(ctx, &[ModuleKind::Gate, ModuleKind::Up])?;
             }
             solve_group(
                 ctx,
@@ -1539,7 +1544,7 @@ fn solve_group(
     drop(shared);
     prof.sync(ctx, "solve")?;
     // The metrics' quantization and cross terms from H and D while they are alive (metrics.rs).
-    let metrics = cfg.metrics || cfg.capture.is_some();
+    let metrics = cfg.measures_metrics();
     if let (Some(h), Some(d), Some(fp), true, false) =
         (&stats.h, &stats.d, &layers.fp, metrics, cfg.metric_products)
     {

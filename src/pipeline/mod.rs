@@ -61,7 +61,8 @@ pub struct PipelineConfig {
     pub nsamples: usize,
     pub seqlen: usize,
     pub seed: u64,
-    /// Run the FP stream for GPTQ/RTN too, to report quantization / asymmetry / output errors.
+    /// Measure the quantization / asymmetry / output errors (GPTQ and RTN then run the FP stream
+    /// too; GPTAQ runs it anyway and without metrics only skips the measurements).
     pub metrics: bool,
     /// Element type of host-spilled streams.
     pub stream_dtype: StreamDType,
@@ -110,6 +111,14 @@ impl Default for PipelineConfig {
             tensor_cores: false,
             capture: None,
         }
+    }
+}
+
+impl PipelineConfig {
+    /// Whether the run measures the error metrics: when asked for, and always for a layer-lab
+    /// capture.
+    pub(crate) fn measures_metrics(&self) -> bool {
+        self.metrics || self.capture.is_some()
     }
 }
 
