@@ -19,6 +19,15 @@
 //! at the shape `GPTAQ_BENCH_ATTN` = "heads:kv_heads:head_dim:seqlen:nseq" (default
 //! "8:2:64:256:1" for lavapipe; Llama-3-8B is "32:8:128:2048:1"), in causal flops
 //! (2·2·heads·hd·seqlen·(seqlen+1)/2·nseq: q·kᵀ and p·v over the unmasked half).
+//!
+//! `wgsl_lab` (only with `GPTAQ_BENCH_WGSL_DIR`) is a kernel lab for the GPU machine, which has no
+//! Rust toolchain: every `.wgsl` file in that directory is loaded at run time, and each of its
+//! lines `// lab: ENTRY OP BM BN` names an entry point with `gemm_staged_coop.wgsl`'s parameters
+//! and bindings computing `C = op(A)·op(B)` (OP `nt` or `tn`) in BM×BN blocks, grid (N/BN, M/BM).
+//! Each is first checked against the shipped `Nt128` / `Tn128` on the same operands (it prints
+//! the largest difference and where; a mismatch is reported and the variant not timed), then
+//! timed at every `GPTAQ_BENCH_SIZES` n. Variant kernels are tried this way before one replaces
+//! a shipped kernel (BENCHMARKS.md, session 22).
 #![allow(clippy::expect_used)]
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
@@ -52,6 +61,9 @@ fn bench_kernels(c: &mut Criterion) {
         }
     };
     eprintln!("adapter: {}", ctx.summary.name);
+    if let Ok(dir) = std::env::var("GPTAQ_BENCH_WGSL_DIR") {
+        wgsl_lab(c, &ctx, &dir);
+    }
     let mut g = c.benchmark_group("gemm_f32");
     g.sample_size(10);
     for n in sizes() {
@@ -306,6 +318,190 @@ fn spd(ctx: &GpuContext, n: usize, t: usize) -> gptaq_studio::gpu::GpuMatrix {
     ops::syrk_xtx(&mut rec, t, n, 2.0 / t as f32, MatView::new(&x, n), 1.0, &h).expect("syrk");
     rec.submit();
     h
+}
+
+/// `gemm_staged_coop.wgsl`'s parameter block (ops::CoopParams is private to the crate).
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct LabParams {
+    m: u32,
+    n: u32,
+    k: u32,
+    lda: u32,
+    ldb: u32,
+    ldc: u32,
+    zero: [u32; 3],
+    batch: [u32; 3],
+    group: [u32; 2],
+    pad: [u32; 2],
+}
+
+/// One `// lab:` line of a variant file.
+struct LabEntry {
+    shader: gptaq_studio::gpu::kernels::Shader,
+    entry: &'static str,
+    op: CoopOp,
+    bm: usize,
+    bn: usize,
+}
+
+/// The variants of `dir` (see the module docs). Sources and names are leaked: the pipeline cache
+/// keys on `&'static str`, and a bench run loads each file once.
+fn lab_entries(dir: &str) -> Vec<LabEntry> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("GPTAQ_BENCH_WGSL_DIR {dir}: {e}"))
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "wgsl"))
+        .collect();
+    files.sort();
+    let mut out = Vec::new();
+    for path in files {
+        let source = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let name: &'static str = path.display().to_string().leak();
+        let source: &'static str = source.leak();
+        for line in source.lines() {
+            let Some(spec) = line.strip_prefix("// lab:") else {
+                continue;
+            };
+            let f: Vec<&'static str> = spec.split_whitespace().collect();
+            let parsed = match f[..] {
+                [entry, op, bm, bn] => {
+                    let op = match op {
+                        "nt" => Some(CoopOp::Nt128),
+                        "tn" => Some(CoopOp::Tn128),
+                        _ => None,
+                    };
+                    op.zip(bm.parse().ok()).zip(bn.parse().ok()).map(|((op, bm), bn)| LabEntry {
+                        shader: gptaq_studio::gpu::kernels::Shader { name, source },
+                        entry,
+                        op,
+                        bm,
+                        bn,
+                    })
+                }
+                _ => None,
+            };
+            match parsed {
+                Some(e) => out.push(e),
+                None => eprintln!("{name}: cannot read lab line {line:?} (ENTRY nt|tn BM BN)"),
+            }
+        }
+    }
+    out
+}
+
+fn lab_dispatch(
+    rec: &mut gptaq_studio::gpu::kernels::Recorder<'_>,
+    e: &LabEntry,
+    n: usize,
+    a: &gptaq_studio::gpu::GpuBuffer<half::f16>,
+    b: &gptaq_studio::gpu::GpuBuffer<half::f16>,
+    c: &gptaq_studio::gpu::GpuBuffer<f32>,
+) -> Result<(), gptaq_studio::gpu::GpuError> {
+    let n32 = n as u32;
+    let params = LabParams {
+        m: n32,
+        n: n32,
+        k: n32,
+        lda: n32,
+        ldb: n32,
+        ldc: n32,
+        zero: [0; 3],
+        batch: [0; 3],
+        group: [1, 1],
+        pad: [0; 2],
+    };
+    rec.dispatch(
+        &e.shader,
+        e.entry,
+        &[],
+        &params,
+        &[a.binding(), b.binding(), c.binding()],
+        [(n / e.bn) as u32, (n / e.bm) as u32, 1],
+    )
+}
+
+fn wgsl_lab(c: &mut Criterion, ctx: &GpuContext, dir: &str) {
+    if !CoopOp::Nt128.available(ctx) || !CoopOp::Tn128.available(ctx) {
+        eprintln!("wgsl_lab: the adapter runs no staged tensor-core GEMM to compare with; skipped");
+        return;
+    }
+    let entries = lab_entries(dir);
+    let mut g = c.benchmark_group("wgsl_lab");
+    g.sample_size(10);
+    for n in sizes() {
+        // Different operands, so a variant that swaps or transposes one shows.
+        let ha: Vec<half::f16> = data(n * n).into_iter().map(half::f16::from_f32).collect();
+        let hb: Vec<half::f16> = (0..n * n)
+            .map(|i| half::f16::from_f32(((i * 104_729) % 997) as f32 / 997.0 - 0.5))
+            .collect();
+        let a = ctx.upload("lab a", &ha).expect("upload a");
+        let b = ctx.upload("lab b", &hb).expect("upload b");
+        let out = ctx.zeros::<f32>("lab c", n * n).expect("alloc c");
+        g.throughput(Throughput::Elements((2 * n * n * n) as u64));
+        let mut reference = std::collections::HashMap::new();
+        for e in &entries {
+            if n % e.bm != 0 || n % e.bn != 0 || n % 64 != 0 {
+                eprintln!("lab {}: n = {n} does not tile", e.entry);
+                continue;
+            }
+            if !reference.contains_key(&e.op) {
+                let mut rec = ctx.recorder();
+                rec.clear(&out, 0, n * n).expect("clear");
+                ops::gemm_coop(&mut rec, e.op, n, n, n, (&a, 0), (&b, 0), MatView::new(&out, n))
+                    .expect("reference gemm");
+                rec.submit();
+                reference.insert(e.op, ctx.read(&out).expect("read reference"));
+            }
+            let want = &reference[&e.op];
+            let mut rec = ctx.recorder();
+            rec.clear(&out, 0, n * n).expect("clear");
+            if let Err(err) = lab_dispatch(&mut rec, e, n, &a, &b, &out) {
+                eprintln!("lab {} ({}): {err}", e.entry, e.shader.name);
+                continue;
+            }
+            rec.submit();
+            let got = match ctx.read(&out) {
+                Ok(v) => v,
+                Err(err) => {
+                    eprintln!("lab {}: {err}", e.entry);
+                    continue;
+                }
+            };
+            let scale = want.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-30);
+            let (at, diff) = got
+                .iter()
+                .zip(want)
+                .map(|(x, y)| (x - y).abs())
+                .enumerate()
+                .fold((0, 0f32), |m, (i, d)| if d > m.1 || d.is_nan() { (i, d) } else { m });
+            let ok = diff <= 1e-3 * scale;
+            eprintln!(
+                "lab {} {:?} n={n}: max |Δ| {diff:.3e} (max |C| {scale:.3e}) at ({}, {}): got {} \
+                 expected {}{}",
+                e.entry,
+                e.op,
+                at / n,
+                at % n,
+                got[at],
+                want[at],
+                if ok { "" } else { "  MISMATCH, not timed" }
+            );
+            if !ok {
+                continue;
+            }
+            g.bench_function(format!("{n}x{n}x{n} {}", e.entry), |bch| {
+                bch.iter(|| {
+                    let mut rec = ctx.recorder();
+                    lab_dispatch(&mut rec, e, n, &a, &b, &out).expect("lab dispatch");
+                    rec.submit();
+                    ctx.sync().expect("sync");
+                })
+            });
+        }
+    }
+    g.finish();
 }
 
 criterion_group!(benches, bench_kernels);

@@ -620,10 +620,12 @@ fn quantize(gpu: &GpuArgs, args: &QuantizeArgs) -> anyhow::Result<()> {
     let q = result.context("quantization failed")?;
     let r = &q.report;
     eprintln!(
-        "finished: {} modules in {:.1}s, peak GPU memory {:.1} MiB",
+        "finished: {} modules in {:.1}s, peak GPU memory {:.1} MiB ({:.1} MiB with the buffers \
+         kept for reuse)",
         r.modules.len(),
         r.secs,
-        r.peak_gpu_bytes as f64 / (1u64 << 20) as f64
+        r.peak_gpu_bytes as f64 / (1u64 << 20) as f64,
+        r.peak_reserved_bytes as f64 / (1u64 << 20) as f64
     );
     if let Some(path) = &args.report {
         let json = serde_json::to_string_pretty(r)?;

@@ -240,6 +240,7 @@ fn report(cfg: &QuantConfig) -> RunReport {
         modules: Vec::new(),
         layers: Vec::new(),
         peak_gpu_bytes: 0,
+        peak_reserved_bytes: 0,
         secs: 0.0,
         warnings: Vec::new(),
     }

@@ -1252,14 +1252,18 @@ fn buffer_pool_reuses_cleared_buffers_within_its_limit() {
     let bytes = (n * 4) as u64;
     let base = ctx.memory().0;
     ctx.set_pool_limit(base + 3 * bytes);
+    ctx.reset_peak();
+    let live = ctx.allocated().0;
 
     let a = ctx.upload("a", &vec![1.0f32; n]).unwrap();
     drop(a);
     assert_eq!(ctx.pooled_bytes(), bytes, "a freed buffer is pooled");
     assert_eq!(ctx.memory().0, base + bytes, "a pooled buffer still counts");
+    assert_eq!(ctx.allocated().0, live, "but not as live");
     let b = ctx.zeros::<f32>("b", n).unwrap();
     assert_eq!(ctx.pooled_bytes(), 0, "zeros of the same size reuses it");
     assert_eq!(ctx.memory().0, base + bytes);
+    assert_eq!(ctx.allocated(), (live + bytes, live + bytes), "reused: live again");
     let got = ctx.read(&b).unwrap();
     if let Some(i) = got.iter().position(|&v| v != 0.0) {
         panic!(
@@ -1299,6 +1303,9 @@ fn buffer_pool_reuses_cleared_buffers_within_its_limit() {
     assert_eq!(ctx.memory().0, base + 3 * bytes);
     drop(e);
     assert_eq!(ctx.pooled_bytes(), bytes);
+    // Peaks: f made four buffers live; reserved counted the quarantined c beside b and d.
+    assert_eq!(ctx.allocated(), (live + 2 * bytes, live + 4 * bytes));
+    assert_eq!(ctx.memory(), (base + 3 * bytes, base + 4 * bytes));
     ctx.set_pool_limit(0);
     assert_eq!(ctx.pooled_bytes(), 0, "limit 0 empties the pool");
     assert_eq!(ctx.memory().0, base + 2 * bytes);

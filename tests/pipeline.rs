@@ -1052,6 +1052,13 @@ fn measured_peak_stays_within_the_memory_plan() {
             pipeline::run_prepared(&ctx, &inputs, &config, &mut |_| {}, &AtomicBool::new(false))
                 .unwrap();
         let (peak, plan) = (q.report.peak_gpu_bytes, &q.report.plan);
+        // With the pool: what the device held for us stays within the budget's usable part.
+        let reserved = q.report.peak_reserved_bytes;
+        let usable = pipeline::plan::usable_budget(plan.gpu_budget_bytes);
+        assert!(
+            peak <= reserved && reserved <= usable.max(plan.gpu_bytes_estimate),
+            "{method:?}: live peak {peak} B, with the pool {reserved} B, usable budget {usable} B"
+        );
         assert!(plan.weights_ahead, "{method:?}: {:?}", plan.breakdown);
         let n2 = 768 * 768 * 4;
         let mats = if metrics { 4 } else { 3 };

@@ -1123,6 +1123,7 @@ pub(crate) mod tests {
             modules: vec![module(0, ModuleKind::Q, 1e-3)],
             layers: vec![],
             peak_gpu_bytes: 0,
+            peak_reserved_bytes: 0,
             secs: 1.0,
             warnings: vec![],
         };

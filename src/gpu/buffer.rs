@@ -29,8 +29,13 @@ pub(crate) struct MemCounter {
 
 #[derive(Default)]
 struct MemInner {
+    /// Live plus pooled bytes (what the device holds for us) and its peak.
     now: AtomicU64,
     peak: AtomicU64,
+    /// Bytes of pooled buffers (changed only under `pool`'s lock), and the peak of live bytes
+    /// (`now − pooled`): PyTorch's "allocated" beside `peak`'s "reserved".
+    pooled: AtomicU64,
+    peak_live: AtomicU64,
     /// Recorders open (created, neither submitted nor dropped) on any thread.
     open: AtomicUsize,
     pool: Mutex<Pool>,
@@ -75,19 +80,34 @@ impl MemCounter {
     fn add(&self, bytes: u64) {
         let now = self.inner.now.fetch_add(bytes, Ordering::Relaxed) + bytes;
         self.inner.peak.fetch_max(now, Ordering::Relaxed);
+        self.note_live();
     }
     fn sub(&self, bytes: u64) {
         self.inner.now.fetch_sub(bytes, Ordering::Relaxed);
     }
+    /// Live bytes now.
+    fn live(&self) -> u64 {
+        let inner = &self.inner;
+        (inner.now.load(Ordering::Relaxed)).saturating_sub(inner.pooled.load(Ordering::Relaxed))
+    }
+    fn note_live(&self) {
+        self.inner.peak_live.fetch_max(self.live(), Ordering::Relaxed);
+    }
+    /// Live plus pooled bytes now and their peak.
     pub(crate) fn get(&self) -> (u64, u64) {
         (
             self.inner.now.load(Ordering::Relaxed),
             self.inner.peak.load(Ordering::Relaxed),
         )
     }
+    /// Live bytes (pooled buffers left out) now and their peak.
+    pub(crate) fn get_live(&self) -> (u64, u64) {
+        (self.live(), self.inner.peak_live.load(Ordering::Relaxed))
+    }
     pub(crate) fn reset_peak(&self) {
         let now = self.inner.now.load(Ordering::Relaxed);
         self.inner.peak.store(now, Ordering::Relaxed);
+        self.inner.peak_live.store(self.live(), Ordering::Relaxed);
     }
 
     /// A recorder was opened; the guard closes it when dropped.
@@ -111,6 +131,7 @@ impl MemCounter {
             } else {
                 pool.quarantine.push(buf.clone());
             }
+            self.inner.pooled.fetch_add(size, Ordering::Relaxed);
             return;
         }
         self.sub(size);
@@ -120,7 +141,10 @@ impl MemCounter {
     fn take(&self, size: u64) -> Option<wgpu::Buffer> {
         let mut pool = self.inner.pool.lock().ok()?;
         let i = pool.free.iter().position(|b| b.size() == size)?;
-        Some(pool.free.swap_remove(i))
+        let b = pool.free.swap_remove(i);
+        self.inner.pooled.fetch_sub(size, Ordering::Relaxed);
+        self.note_live();
+        Some(b)
     }
 
     /// Makes room for `need` new bytes under the pool's limit by dropping pooled buffers (all of
@@ -139,6 +163,7 @@ impl MemCounter {
         } else {
             pool.trim(self.inner.now.load(Ordering::Relaxed), need)
         };
+        self.inner.pooled.fetch_sub(freed, Ordering::Relaxed);
         self.sub(freed);
     }
 

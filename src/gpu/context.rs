@@ -436,10 +436,17 @@ impl GpuContext {
             .store(bytes.unwrap_or(0), std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// Bytes currently allocated by this context's buffers and the peak since creation (or since
+    /// Bytes currently allocated by this context's buffers, pooled ones included (they hold device
+    /// memory; [`GpuContext::set_pool_limit`]), and the peak since creation (or since
     /// [`GpuContext::reset_peak`]).
     pub fn memory(&self) -> (u64, u64) {
         self.mem.get()
+    }
+
+    /// [`GpuContext::memory`] without the buffers the pool keeps for reuse: what live buffers
+    /// hold now and their peak (PyTorch's "allocated" beside `memory`'s "reserved").
+    pub fn allocated(&self) -> (u64, u64) {
+        self.mem.get_live()
     }
 
     pub fn reset_peak(&self) {

@@ -991,7 +991,7 @@ fn staged_off() -> bool {
 }
 
 /// Operand layouts of the tensor-core GEMM (`C += op(A)·op(B)`, A and B dense f16 row-major).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum CoopOp {
     /// A stored M×K, B stored K×N.
     Nn,

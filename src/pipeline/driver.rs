@@ -228,16 +228,21 @@ pub fn quantize(
     let (plan, tc_refused) = plan::plan_or_without_tensor_cores(&plan_input)?;
     let use_tc = plan_input.tensor_cores && tc_refused.is_none();
     emit_started(emit, prep, qc, &plan);
-    // Reuse freed buffers within the plan's estimate (gpu::buffer's pool): every stage and layer
-    // allocates the same sizes again. Only with the streams on the GPU, the speed configuration:
-    // a memory-bound plan (host streams) keeps nothing it does not use. `GPTAQ_POOL=0` turns it
-    // off, for side-by-side timing.
+    // Reuse freed buffers (gpu::buffer's pool): every stage and layer allocates the same sizes
+    // again. Only with the streams on the GPU, the speed configuration: a memory-bound plan (host
+    // streams) keeps nothing it does not use. The pool may fill the budget's usable part, not
+    // only the plan's estimate: with the estimate as its limit, GPTAQ's solves (whose buffers
+    // the estimate counts instead of the stage's, not beside them) trimmed the stage's batch
+    // buffers every time, and every stage allocated them again (0.37 s of an 8B layer's 7.4 s
+    // on the H100, BENCHMARKS.md session 21). The report tells live bytes (bounded by the
+    // estimate) from pooled ones. `GPTAQ_POOL=0` turns it off, for side-by-side timing.
     let _pool = PoolScope::new(
         ctx,
         if !plan.streams_on_gpu || std::env::var("GPTAQ_POOL").is_ok_and(|v| v == "0") {
             0
         } else {
             plan.gpu_bytes_estimate
+                .max(plan::usable_budget(plan.gpu_budget_bytes))
         },
     );
     ctx.reset_peak();
@@ -976,7 +981,8 @@ fn run_report(
     (modules, layers, warnings): (Vec<ModuleReport>, Vec<LayerReport>, Vec<String>),
     t0: Instant,
 ) -> RunReport {
-    let (_, peak) = ctx.memory();
+    let (_, peak_reserved) = ctx.memory();
+    let (_, peak) = ctx.allocated();
     RunReport {
         model: prep.model_name.clone(),
         method: cfg.quant.method.name().into(),
@@ -990,6 +996,7 @@ fn run_report(
         modules,
         layers,
         peak_gpu_bytes: peak,
+        peak_reserved_bytes: peak_reserved,
         secs: t0.elapsed().as_secs_f64(),
         warnings,
     }

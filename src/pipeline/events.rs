@@ -103,7 +103,13 @@ pub struct RunReport {
     pub plan: MemoryPlan,
     pub modules: Vec<ModuleReport>,
     pub layers: Vec<LayerReport>,
+    /// Peak bytes of our live GPU buffers (what the plan's estimate bounds).
     pub peak_gpu_bytes: u64,
+    /// Peak bytes with the freed buffers the pool keeps for reuse (what the device held for us;
+    /// bounded by the budget less the driver's reserve, `plan::usable_budget`). nvidia-smi shows
+    /// this plus the driver's own overhead.
+    #[serde(default)]
+    pub peak_reserved_bytes: u64,
     pub secs: f64,
     pub warnings: Vec<String>,
 }

@@ -72,6 +72,13 @@ const F32: u64 = 4;
 /// (BENCHMARKS.md, 2026-12-05). A quarter of the budget, at most this.
 const DRIVER_RESERVE_MAX: u64 = 2 << 30;
 
+/// The part of a `budget` our own buffers may hold: the rest is kept for the driver
+/// ([`DRIVER_RESERVE_MAX`]). Plans fit in it, and the driver's buffer pool keeps freed buffers
+/// for reuse up to it.
+pub fn usable_budget(budget: u64) -> u64 {
+    budget - (budget / 4).min(DRIVER_RESERVE_MAX)
+}
+
 /// Bytes of scratch activations per token (both streams included when `fp_stream`; GPTAQ's
 /// `X_fp − X_q` of the widest input with `asymmetry`).
 pub(crate) fn scratch_per_token(c: &ModelConfig, fp_stream: bool, asymmetry: bool) -> u64 {
@@ -292,8 +299,8 @@ pub fn plan(input: &PlanInput<'_>) -> Result<MemoryPlan, PlanError> {
                 0
             });
     let budget = input.gpu_budget_bytes;
-    let reserve = (budget / 4).min(DRIVER_RESERVE_MAX);
-    let usable = budget - reserve;
+    let usable = usable_budget(budget);
+    let reserve = budget - usable;
     // The tensor-core statistics cast X_q and X_fp − X_q to f16 for the whole batch
     // (driver::Stats::accumulate_tensor_cores): 2 × 2 bytes per token and input feature.
     let per_token = scratch_per_token(c, input.fp_stream, with_d)
