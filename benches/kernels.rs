@@ -241,25 +241,31 @@ fn bench_kernels(c: &mut Criterion) {
         },
     );
     // The tensor-core attention at the same shape, in the same causal flops (it computes about
-    // half again as many: each 256-query chunk's keys run to its last query).
-    match forward::AttnTc::new(&ctx, &a) {
-        Ok(Some(sc)) if ops::coop_available(&ctx) => {
-            g.bench_function(
-                format!(
-                    "tensor cores heads {}/{} hd {} seqlen {} nseq {}",
-                    a.heads, a.kv_heads, a.head_dim, a.seqlen, a.nseq
-                ),
-                |bch| {
-                    bch.iter(|| {
-                        let mut rec = ctx.recorder();
-                        forward::attend_tc(&mut rec, &q, &k, &v, &out, a, &sc).expect("attend_tc");
-                        rec.submit();
-                        ctx.sync().expect("sync");
-                    })
-                },
-            );
+    // half again as many: each 256-query chunk's keys run to its last query), one sequence at a
+    // time and all `nseq` at once (nested batches).
+    let mut seqs_tried = vec![1, a.nseq.max(1)];
+    seqs_tried.dedup();
+    for seqs in seqs_tried {
+        match forward::AttnTc::new(&ctx, &AttnShape { nseq: seqs, ..a }) {
+            Ok(Some(sc)) if ops::coop_available(&ctx) => {
+                g.bench_function(
+                    format!(
+                        "tensor cores heads {}/{} hd {} seqlen {} nseq {} ({seqs} at a time)",
+                        a.heads, a.kv_heads, a.head_dim, a.seqlen, a.nseq
+                    ),
+                    |bch| {
+                        bch.iter(|| {
+                            let mut rec = ctx.recorder();
+                            forward::attend_tc(&mut rec, &q, &k, &v, &out, a, &sc)
+                                .expect("attend_tc");
+                            rec.submit();
+                            ctx.sync().expect("sync");
+                        })
+                    },
+                );
+            }
+            _ => eprintln!("tensor-core attention not benched (no cooperative matrices or shape)"),
         }
-        _ => eprintln!("tensor-core attention not benched (no cooperative matrices or shape)"),
     }
     g.finish();
 }

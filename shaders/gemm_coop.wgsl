@@ -36,6 +36,13 @@ struct Params {
     sc: u32,
     ga: u32,
     gb: u32,
+    // Nested batches (attention over several sequences, each with its heads): workgroup z is
+    // entry z % zi of outer entry z / zi, whose A, B and C start xa, xb and xc further on. A flat
+    // batch has zi ≥ the batch size, so z / zi = 0.
+    zi: u32,
+    xa: u32,
+    xb: u32,
+    xc: u32,
     _p0: u32,
     _p1: u32,
 }
@@ -44,6 +51,17 @@ struct Params {
 @group(0) @binding(1) var<storage, read> a: array<f16>;
 @group(0) @binding(2) var<storage, read> b: array<f16>;
 @group(0) @binding(3) var<storage, read_write> c: array<f32>;
+
+// Where batch entry z's A, B and C start (see Params).
+fn batch_a(z: u32) -> u32 {
+    return p.off_a + (z / p.zi) * p.xa + ((z % p.zi) / p.ga) * p.sa;
+}
+fn batch_b(z: u32) -> u32 {
+    return p.off_b + (z / p.zi) * p.xb + ((z % p.zi) / p.gb) * p.sb;
+}
+fn batch_c(z: u32) -> u32 {
+    return p.off_c + (z / p.zi) * p.xc + (z % p.zi) * p.sc;
+}
 
 // Two entry points instead of an override branch, and every stride and index computed into a
 // `let` first: naga 30's SPIR-V writer panics ("Expression is not cached") when a cooperative
@@ -56,11 +74,11 @@ fn gemm_coop_nn(@builtin(workgroup_id) wg: vec3<u32>) {
     let ldb = p.ldb;
     let ldc = p.ldc;
     let kdim = p.k;
-    let oa = p.off_a + (wg.z / p.ga) * p.sa;
-    let ob = p.off_b + (wg.z / p.gb) * p.sb;
+    let oa = batch_a(wg.z);
+    let ob = batch_b(wg.z);
     let i0 = wg.y * 32u;
     let j0 = wg.x * 32u;
-    let c00i = p.off_c + wg.z * p.sc + i0 * ldc + j0;
+    let c00i = batch_c(wg.z) + i0 * ldc + j0;
     let c01i = c00i + 16u;
     let c10i = c00i + 16u * ldc;
     let c11i = c10i + 16u;
@@ -95,11 +113,11 @@ fn gemm_coop_tn(@builtin(workgroup_id) wg: vec3<u32>) {
     let ldb = p.ldb;
     let ldc = p.ldc;
     let kdim = p.k;
-    let oa = p.off_a + (wg.z / p.ga) * p.sa;
-    let ob = p.off_b + (wg.z / p.gb) * p.sb;
+    let oa = batch_a(wg.z);
+    let ob = batch_b(wg.z);
     let i0 = wg.y * 32u;
     let j0 = wg.x * 32u;
-    let c00i = p.off_c + wg.z * p.sc + i0 * ldc + j0;
+    let c00i = batch_c(wg.z) + i0 * ldc + j0;
     let c01i = c00i + 16u;
     let c10i = c00i + 16u * ldc;
     let c11i = c10i + 16u;
@@ -135,11 +153,11 @@ fn gemm_coop_nt(@builtin(workgroup_id) wg: vec3<u32>) {
     let ldb = p.ldb;
     let ldc = p.ldc;
     let kdim = p.k;
-    let oa = p.off_a + (wg.z / p.ga) * p.sa;
-    let ob = p.off_b + (wg.z / p.gb) * p.sb;
+    let oa = batch_a(wg.z);
+    let ob = batch_b(wg.z);
     let i0 = wg.y * 32u;
     let j0 = wg.x * 32u;
-    let c00i = p.off_c + wg.z * p.sc + i0 * ldc + j0;
+    let c00i = batch_c(wg.z) + i0 * ldc + j0;
     let c01i = c00i + 16u;
     let c10i = c00i + 16u * ldc;
     let c11i = c10i + 16u;
@@ -177,11 +195,11 @@ fn gemm_coop_nt64(@builtin(workgroup_id) wg: vec3<u32>) {
     let ldb = p.ldb;
     let ldc = p.ldc;
     let kdim = p.k;
-    let oa = p.off_a + (wg.z / p.ga) * p.sa;
-    let ob = p.off_b + (wg.z / p.gb) * p.sb;
+    let oa = batch_a(wg.z);
+    let ob = batch_b(wg.z);
     let i0 = wg.y * 64u;
     let j0 = wg.x * 64u;
-    let r0 = p.off_c + wg.z * p.sc + i0 * ldc + j0;
+    let r0 = batch_c(wg.z) + i0 * ldc + j0;
     let r1 = r0 + 16u * ldc;
     let r2 = r1 + 16u * ldc;
     let r3 = r2 + 16u * ldc;

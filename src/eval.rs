@@ -180,7 +180,9 @@ pub fn perplexity(
             let mut gl = GpuLayer::upload(ctx, cfgr, lw)?;
             if opts.tensor_cores {
                 let mut rec = ctx.recorder();
-                gl.enable_tensor_cores_with(&mut rec, max_tokens, seqlen, shared)?;
+                // One sequence at a time: the evaluation keeps its scratch small (see
+                // `batch_tokens`), and its forward is not where a run's time goes.
+                gl.enable_tensor_cores_with(&mut rec, max_tokens, (seqlen, 1), shared)?;
                 rec.submit();
             }
             Ok(gl)

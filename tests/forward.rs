@@ -145,7 +145,7 @@ fn tensor_core_layer_matches_reference_where_granted() {
             let before = ctx.memory().0;
             let mut rec = ctx.recorder();
             other
-                .enable_tensor_cores_with(&mut rec, 64, seqlen, shared)
+                .enable_tensor_cores_with(&mut rec, 64, (seqlen, 1), shared)
                 .unwrap();
             rec.submit();
             ctx.memory().0 - before
@@ -347,22 +347,24 @@ fn host_coop_gemm(
     rec: &mut gptaq_studio::gpu::Recorder<'_>,
     op: gptaq_studio::gpu::ops::CoopOp,
     (m, n, k): (usize, usize, usize),
-    batch: usize,
+    batch: gptaq_studio::gpu::ops::CoopBatch,
     a: gptaq_studio::gpu::ops::CoopOperand<'_>,
     b: gptaq_studio::gpu::ops::CoopOperand<'_>,
-    (c, cs): (gptaq_studio::gpu::ops::MatView<'_>, usize),
+    c: gptaq_studio::gpu::ops::MatView<'_>,
 ) -> Result<(), gptaq_studio::gpu::GpuError> {
     use gptaq_studio::gpu::ops;
-    ops::check_coop_batched(op, (m, n, k), batch, &a, &b, (&c, cs))?;
+    ops::check_coop_batched(op, (m, n, k), &batch, &a, &b, &c)?;
     let ctx = rec.ctx();
     std::mem::replace(rec, ctx.recorder()).submit();
     let (av, bv, mut cv) = (ctx.read(a.buf)?, ctx.read(b.buf)?, ctx.read(c.buf)?);
-    for z in 0..batch {
+    for z in 0..batch.count() {
+        // Outer entry o, inner entry i (ops::CoopBatch).
+        let (o, i) = (z / batch.inner, z % batch.inner);
         let (ao, bo) = (
-            a.off + z / a.group * a.stride,
-            b.off + z / b.group * b.stride,
+            a.off + o * a.outer + i / a.group * a.stride,
+            b.off + o * b.outer + i / b.group * b.stride,
         );
-        let co = c.offset + z * cs;
+        let co = c.offset + o * batch.c_outer + i * batch.c_stride;
         for i in 0..m {
             for j in 0..n {
                 let mut acc = 0.0f64;
@@ -401,7 +403,7 @@ fn check_attend_tc(
     nseq: usize,
     heads: usize,
     kv_heads: usize,
-    seed: u64,
+    (seed, seqs): (u64, usize),
 ) {
     use rand::{Rng, SeedableRng};
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
@@ -423,9 +425,11 @@ fn check_attend_tc(
         nseq,
         seqlen,
     };
-    let sc = forward::AttnTc::new(ctx, &shape)
+    // Scratch for `seqs` sequences at a time: passes of seqs, the last one possibly shorter.
+    let sc = forward::AttnTc::new(ctx, &forward::AttnShape { nseq: seqs, ..shape })
         .unwrap()
         .expect("shape tiles");
+    assert_eq!(sc.sequences(), seqs);
     let (qb, kb, vb) = (
         ctx.upload("q", &q).unwrap(),
         ctx.upload("k", &k).unwrap(),
@@ -456,7 +460,8 @@ fn check_attend_tc(
         let rms = (expected.iter().map(|x| x * x).sum::<f64>() / expected.len() as f64).sqrt();
         common::assert_close(
             &format!(
-                "tensor-core attention ({}) round {round}: hd {hd} seqlen {seqlen} nseq {nseq} heads {heads}/{kv_heads}",
+                "tensor-core attention ({}) round {round}: hd {hd} seqlen {seqlen} nseq {nseq} \
+                 ({seqs} at a time) heads {heads}/{kv_heads}",
                 if real {
                     "cooperative matrices"
                 } else {
@@ -472,13 +477,16 @@ fn check_attend_tc(
 }
 
 /// `attend_tc` over chunk sizes 256 (two chunks), 128 and 64 (three chunks), GQA groups of 2 and
-/// 4 and MHA, one and two sequences.
+/// 4 and MHA, one to three sequences, taken one, two (three sequences: a pass of two and one of
+/// one) or all at a time (the nested batches' sequence strides).
 #[test]
 fn tensor_core_attention_matches_reference() {
     let Some(ctx) = test_context() else { return };
-    check_attend_tc(&ctx, 32, 512, 2, 4, 2, 1);
-    check_attend_tc(&ctx, 64, 192, 1, 3, 3, 2);
-    check_attend_tc(&ctx, 32, 128, 2, 4, 1, 3);
+    check_attend_tc(&ctx, 32, 512, 2, 4, 2, (1, 1));
+    check_attend_tc(&ctx, 32, 512, 2, 4, 2, (1, 2));
+    check_attend_tc(&ctx, 64, 192, 1, 3, 3, (2, 1));
+    check_attend_tc(&ctx, 32, 128, 2, 4, 1, (3, 2));
+    check_attend_tc(&ctx, 32, 128, 3, 4, 2, (4, 2));
 }
 
 /// The attention kernel alone against the f64 reference: every tiled head dim class (tiny, not a

@@ -807,11 +807,11 @@ fn coop_gemm_matches_f64_where_granted() {
         }
     }
     // The three 32×32 layouts on all eight shapes, the 64×64 kernel on the five that tile by 64,
-    // and where granted the two staged kernels on the four that tile by 128 × 128 × 32 and the
+    // and where granted the three staged kernels on the four that tile by 128 × 128 × 32 and the
     // upper-triangle one on the two square ones among them.
     assert_eq!(
         ran,
-        29 + if staged { 10 } else { 0 },
+        29 + if staged { 14 } else { 0 },
         "tensor-core cases run"
     );
 }
@@ -820,7 +820,9 @@ fn coop_gemm_matches_f64_where_granted() {
 /// one wider matrix (ld = 4·K, batch stride K, like the query heads), two B's each shared by two
 /// consecutive entries (group 2, like a key/value head shared by its query heads), and the four
 /// C's as column slices of one output (ldc = 4·N, stride N), for the Nt (Q·Kᵀ) and Nn (P·V)
-/// layouts and the staged Nt128 where granted, against f64. GPU machine only, like the test above.
+/// layouts and the staged Nt128 and Nn128 where granted, against f64. Each twice: as a flat
+/// batch of four, and nested as two outer entries (sequences) of two (heads), which reaches the
+/// same products through the outer strides. GPU machine only, like the test above.
 #[test]
 fn coop_gemm_batched_strided_matches_f64_where_granted() {
     let Some(ctx) = test_context() else { return };
@@ -832,11 +834,15 @@ fn coop_gemm_batched_strided_matches_f64_where_granted() {
     }
     let batch = 4usize;
     let staged = ops::coop_staged_available(&ctx);
-    for (op, m, n, k) in [
+    for ((op, m, n, k), nested) in [
         (CoopOp::Nt, 64usize, 32usize, 48usize),
         (CoopOp::Nn, 64, 32, 48),
         (CoopOp::Nt128, 128, 128, 64),
-    ] {
+        (CoopOp::Nn128, 128, 128, 64),
+    ]
+    .into_iter()
+    .flat_map(|c| [(c, false), (c, true)])
+    {
         if op.staged() && !staged {
             continue;
         }
@@ -857,14 +863,32 @@ fn coop_gemm_batched_strided_matches_f64_where_granted() {
             ctx.upload("c", &c0).unwrap(),
         );
         let mut rec = ctx.recorder();
+        let (spec, a_op, b_op) = if nested {
+            // Entry o·2 + i: A's slice 2o + i, B o (its two heads share it), C's slice 2o + i.
+            (
+                ops::CoopBatch::nested(2, 2, n, 2 * n),
+                ops::CoopOperand::new(&ga, 0, batch * k)
+                    .batched(k, 1)
+                    .outer(2 * k),
+                ops::CoopOperand::new(&gb, 0, ldb)
+                    .batched(k * n, 2)
+                    .outer(k * n),
+            )
+        } else {
+            (
+                ops::CoopBatch::flat(batch, n),
+                ops::CoopOperand::new(&ga, 0, batch * k).batched(k, 1),
+                ops::CoopOperand::new(&gb, 0, ldb).batched(k * n, 2),
+            )
+        };
         ops::gemm_coop_batched(
             &mut rec,
             op,
             (m, n, k),
-            batch,
-            ops::CoopOperand::new(&ga, 0, batch * k).batched(k, 1),
-            ops::CoopOperand::new(&gb, 0, ldb).batched(k * n, 2),
-            (MatView::new(&gc, batch * n), n),
+            spec,
+            a_op,
+            b_op,
+            MatView::new(&gc, batch * n),
         )
         .unwrap();
         rec.submit();
@@ -875,10 +899,10 @@ fn coop_gemm_batched_strided_matches_f64_where_granted() {
                 &mut rec,
                 op,
                 (m, n, k),
-                1,
+                ops::CoopBatch::flat(1, n),
                 ops::CoopOperand::new(&ga, 1, batch * k),
                 ops::CoopOperand::new(&gb, 0, ldb),
-                (MatView::new(&gc, batch * n), n),
+                MatView::new(&gc, batch * n),
             );
             assert!(odd.is_err(), "{op:?}: odd offset of A accepted");
         }
@@ -896,13 +920,75 @@ fn coop_gemm_batched_strided_matches_f64_where_granted() {
                 .flat_map(|i| got[i * batch * n + z * n..i * batch * n + (z + 1) * n].to_vec())
                 .collect();
             assert_close(
-                &format!("batched tensor-core gemm {op:?} m={m} n={n} k={k} entry {z} of {batch}"),
+                &format!(
+                    "batched tensor-core gemm {op:?} m={m} n={n} k={k} entry {z} of {batch} \
+                     (nested: {nested})"
+                ),
                 &gz,
                 &want,
                 1e-4 * (k as f64).sqrt(),
                 1e-4,
             );
         }
+    }
+}
+
+/// The extent checks of a nested batch (`ops::check_coop_batched`, which the kernels rely on: they
+/// do no bounds checks): the last outer entry of A, B or C one element past its buffer is refused,
+/// an exact fit accepted, and an odd outer stride refused by the staged kernels. Runs everywhere
+/// (no kernel is dispatched).
+#[test]
+fn nested_coop_batches_are_checked_to_their_last_entry() {
+    let Some(ctx) = test_context() else { return };
+    // 3 outer × 4 inner entries of 32×32×32 Nt products: A's entries k apart within an outer
+    // entry and 4·k·… between; B shared by pairs (group 2); C's 32×32 blocks.
+    let (m, n, k, outer, inner) = (32usize, 32usize, 32usize, 3usize, 4usize);
+    let a_need = (outer - 1) * (inner * k * m) + (inner - 1) * k + (m - 1) * inner * k + k;
+    let b_need = (outer - 1) * (2 * n * k) + (n - 1) * k + k + n * k;
+    let c_need = (outer - 1) * (inner * m * n) + (inner - 1) * m * n + (m - 1) * n + n;
+    let batch = ops::CoopBatch::nested(outer, inner, m * n, inner * m * n);
+    let check = |op: CoopOp, extra: [usize; 3], a_outer: usize| {
+        let a = ctx.zeros::<half::f16>("a", a_need - extra[0]).unwrap();
+        let b = ctx.zeros::<half::f16>("b", b_need - extra[1]).unwrap();
+        let c = ctx.zeros::<f32>("c", c_need - extra[2]).unwrap();
+        ops::check_coop_batched(
+            op,
+            (m, n, k),
+            &batch,
+            &ops::CoopOperand::new(&a, 0, inner * k)
+                .batched(k, 1)
+                .outer(a_outer),
+            &ops::CoopOperand::new(&b, 0, k).batched(n * k, 2).outer(2 * n * k),
+            &MatView::new(&c, n),
+        )
+    };
+    let a_outer = inner * k * m;
+    check(CoopOp::Nt, [0; 3], a_outer).unwrap();
+    for (i, what) in ["A", "B", "C"].iter().enumerate() {
+        let mut short = [0; 3];
+        short[i] = 1;
+        assert!(
+            check(CoopOp::Nt, short, a_outer).is_err(),
+            "{what} one element short of its last nested entry accepted"
+        );
+    }
+    // The staged kernels read 32-bit words: an odd outer stride is refused there, as odd offsets
+    // and strides are.
+    let (a, b, c) = (
+        ctx.zeros::<half::f16>("a", 3 * 128 * 32).unwrap(),
+        ctx.zeros::<half::f16>("b", 128 * 32).unwrap(),
+        ctx.zeros::<f32>("c", 2 * 128 * 128).unwrap(),
+    );
+    for (a_outer, ok) in [(128 * 32, true), (128 * 32 + 1, false)] {
+        let got = ops::check_coop_batched(
+            CoopOp::Nt128,
+            (128, 128, 32),
+            &ops::CoopBatch::nested(2, 1, 0, 128 * 128),
+            &ops::CoopOperand::new(&a, 0, 32).outer(a_outer),
+            &ops::CoopOperand::new(&b, 0, 32),
+            &MatView::new(&c, 128),
+        );
+        assert_eq!(got.is_ok(), ok, "Nt128, A's outer stride {a_outer}: {got:?}");
     }
 }
 

@@ -159,6 +159,13 @@ pub fn rope_tables(cfg: &ModelConfig, max_pos: usize) -> (Vec<f32>, Vec<f32>) {
     (cos, sin)
 }
 
+/// Sequences of `seqlen` tokens the tensor-core attention takes at once for batches of up to
+/// `max_tokens` tokens, where memory is not the question ([`ATTN_SEQS`] at most; the pipeline's
+/// memory plan may choose fewer).
+pub fn attention_sequences(max_tokens: usize, seqlen: usize) -> usize {
+    (max_tokens / seqlen.max(1)).clamp(1, ATTN_SEQS)
+}
+
 /// Activation rows cast to f16 at a time by the tensor-core forward: bounds its f16 scratch
 /// (4096 × 14336 × 2 B = 112 MiB for Llama-3-8B's down_proj input) whatever the batch, while each
 /// chunk is still a GEMM large enough to fill the GPU. A multiple of every `CoopOp` block.
@@ -273,7 +280,8 @@ impl GpuLayer {
     /// copy of its weight, and the activations are cast to f16 chunk by chunk as they are read.
     /// Rows of a batch beyond the last whole block, and modules that do not tile, keep the f32
     /// GEMM. Attention over sequences of `seqlen` tokens runs on tensor cores too where its
-    /// shapes tile ([`AttnTc::chunk`]). f16 rounds the operands to 11 significant bits, like the
+    /// shapes tile ([`AttnTc::chunk`]), over as many of a batch's sequences at once as
+    /// [`attention_sequences`] gives. f16 rounds the operands to 11 significant bits, like the
     /// reference's half-precision forward; values beyond ±65504 become infinite, which the
     /// pipeline's finite check of H's diagonal reports. Returns whether any module runs on tensor
     /// cores (never where the adapter does not grant cooperative matrices).
@@ -283,16 +291,19 @@ impl GpuLayer {
         max_tokens: usize,
         seqlen: usize,
     ) -> Result<bool, GpuError> {
-        self.enable_tensor_cores_with(rec, max_tokens, seqlen, None)
+        let seqs = attention_sequences(max_tokens, seqlen);
+        self.enable_tensor_cores_with(rec, max_tokens, (seqlen, seqs), None)
     }
 
-    /// [`GpuLayer::enable_tensor_cores`] reusing another layer's scratch ([`GpuLayer::tc_scratch`])
-    /// where it was made for the same chunk, width and sequence length (else new scratch).
+    /// [`GpuLayer::enable_tensor_cores`] with the attention over `attn_seqs` sequences at a time
+    /// (the memory plan's `attention_sequences`), reusing another layer's scratch
+    /// ([`GpuLayer::tc_scratch`]) where it was made for the same chunk, width, sequence length
+    /// and sequence count (else new scratch).
     pub fn enable_tensor_cores_with(
         &mut self,
         rec: &mut Recorder<'_>,
         max_tokens: usize,
-        seqlen: usize,
+        (seqlen, attn_seqs): (usize, usize),
         shared: Option<TcScratch>,
     ) -> Result<bool, GpuError> {
         let ctx = rec.ctx();
@@ -323,14 +334,19 @@ impl GpuLayer {
             return Ok(false);
         }
         let chunk = max_tokens.clamp(1, TC_CHUNK_TOKENS).next_multiple_of(128);
-        let shared = shared
-            .filter(|s| s.chunk == chunk && s.seqlen == seqlen && s.x16.len() == chunk * widest);
+        let attn_seqs = attn_seqs.max(1);
+        let shared = shared.filter(|s| {
+            s.chunk == chunk
+                && s.seqlen == seqlen
+                && s.x16.len() == chunk * widest
+                && s.attn.as_ref().is_none_or(|a| a.seqs == attn_seqs)
+        });
         let scratch = match shared {
             Some(s) => s,
             None => TcScratch {
                 x16: Arc::new(ctx.zeros::<half::f16>("activations f16", chunk * widest)?),
                 chunk,
-                attn: AttnTc::new(ctx, &self.dims.attn_shape(1, seqlen))?.map(Arc::new),
+                attn: AttnTc::new(ctx, &self.dims.attn_shape(attn_seqs, seqlen))?.map(Arc::new),
                 seqlen,
             },
         };
@@ -999,16 +1015,22 @@ pub type BatchedGemm<'f> = dyn FnMut(
         &mut Recorder<'_>,
         CoopOp,
         (usize, usize, usize),
-        usize,
+        ops::CoopBatch,
         CoopOperand<'_>,
         CoopOperand<'_>,
-        (MatView<'_>, usize),
+        MatView<'_>,
     ) -> Result<(), GpuError>
     + 'f;
 
-/// Scratch of the tensor-core attention ([`attend_tc`]) for sequences of `seqlen` tokens: one
-/// sequence's q, k, v in f16, and the scores `S` (f32) and probabilities `P` (f16) of one query
-/// chunk for every head.
+/// Sequences the tensor-core attention processes at once where memory allows
+/// ([`AttnTc::new`]): each of its GEMMs is one dispatch for all of them. With one sequence at a
+/// time, Llama-3-8B's `P·V` (256 queries × 128 dims per head) was 64 workgroups for 132 SMs, and
+/// a layer's attention took 28 dispatches per sequence.
+pub const ATTN_SEQS: usize = 4;
+
+/// Scratch of the tensor-core attention ([`attend_tc`]) for `seqs` sequences of `seqlen` tokens
+/// at a time: their q, k, v in f16, and the scores `S` (f32) and probabilities `P` (f16) of one
+/// query chunk for every head of every sequence.
 pub struct AttnTc {
     q16: GpuBuffer<half::f16>,
     k16: GpuBuffer<half::f16>,
@@ -1017,6 +1039,7 @@ pub struct AttnTc {
     p: GpuBuffer<half::f16>,
     seqlen: usize,
     qc: usize,
+    seqs: usize,
 }
 
 impl AttnTc {
@@ -1026,7 +1049,7 @@ impl AttnTc {
     /// the heads into whole groups per key/value head. Chunks of 256 queries: the scores of
     /// all heads for one chunk are `heads·256·seqlen` floats (64 MiB for Llama-3-8B at 2048), and
     /// a chunk's keys stop at its last query, which skips most of the causal mask's zeros.
-    /// (`shape.nseq` does not matter: the scratch serves one sequence at a time.)
+    /// (`shape.nseq` does not matter here.)
     pub fn chunk(shape: &AttnShape) -> Option<usize> {
         let tiles = shape.head_dim.is_multiple_of(32)
             && shape.kv_heads > 0
@@ -1041,7 +1064,8 @@ impl AttnTc {
             .find(|c| shape.seqlen.is_multiple_of(*c))
     }
 
-    /// GPU bytes of the scratch (0 where [`AttnTc::chunk`] does not apply).
+    /// GPU bytes of the scratch for `shape.nseq` sequences at a time (0 where [`AttnTc::chunk`]
+    /// does not apply).
     pub fn bytes(shape: &AttnShape) -> u64 {
         match Self::chunk(shape) {
             None => 0,
@@ -1051,28 +1075,37 @@ impl AttnTc {
                     shape.heads as u64,
                     shape.head_dim as u64,
                 );
-                l * (h + 2 * shape.kv_heads as u64) * hd * 2 + h * qc as u64 * l * (4 + 2)
+                let per_seq =
+                    l * (h + 2 * shape.kv_heads as u64) * hd * 2 + h * qc as u64 * l * (4 + 2);
+                per_seq * shape.nseq.max(1) as u64
             }
         }
     }
 
-    /// The scratch, or `None` where [`AttnTc::chunk`] does not apply.
+    /// The scratch for `shape.nseq` sequences at a time, or `None` where [`AttnTc::chunk`] does
+    /// not apply.
     pub fn new(ctx: &GpuContext, shape: &AttnShape) -> Result<Option<Self>, GpuError> {
         let Some(qc) = Self::chunk(shape) else {
             return Ok(None);
         };
-        let (l, hd) = (shape.seqlen, shape.head_dim);
-        let scores = shape.heads * qc * l;
+        let (l, hd, seqs) = (shape.seqlen, shape.head_dim, shape.nseq.max(1));
+        let scores = seqs * shape.heads * qc * l;
         Ok(Some(Self {
-            q16: ctx.zeros("attention q f16", l * shape.heads * hd)?,
-            k16: ctx.zeros("attention k f16", l * shape.kv_heads * hd)?,
-            v16: ctx.zeros("attention v f16", l * shape.kv_heads * hd)?,
+            q16: ctx.zeros("attention q f16", seqs * l * shape.heads * hd)?,
+            k16: ctx.zeros("attention k f16", seqs * l * shape.kv_heads * hd)?,
+            v16: ctx.zeros("attention v f16", seqs * l * shape.kv_heads * hd)?,
             // Zero at the start; attn_softmax re-zeroes what each chunk's GEMM accumulated.
             s: ctx.zeros("attention scores", scores)?,
             p: ctx.zeros("attention probabilities f16", scores)?,
             seqlen: l,
             qc,
+            seqs,
         }))
+    }
+
+    /// Sequences processed at once.
+    pub fn sequences(&self) -> usize {
+        self.seqs
     }
 }
 
@@ -1141,8 +1174,9 @@ fn attn_softmax(
 }
 
 /// Causal grouped-query attention on tensor cores, with the result of [`attend`] (same layouts):
-/// per sequence, q (scaled by 1/√hd), k and v are cast to f16; then per chunk of `qc` queries,
-/// for all heads in one batched GEMM each, `S = Q·Kᵀ` over the keys up to the chunk's last
+/// per pass of up to [`AttnTc::sequences`] sequences, q (scaled by 1/√hd), k and v are cast to
+/// f16; then per chunk of `qc` queries, for all heads of all the pass's sequences in one nested
+/// batched GEMM each ([`ops::CoopBatch`]), `S = Q·Kᵀ` over the keys up to the chunk's last
 /// query, the causal softmax ([`attn_softmax`]: f32 scores, f16 probabilities), and
 /// `O += P·V`. f16 operands and probabilities, f32 accumulation and softmax, as the reference's
 /// half-precision attention (which also rounds P to f16 before P·V).
@@ -1185,58 +1219,72 @@ pub fn attend_tc_with(
         )));
     }
     let (qd, kd, g, qc) = (heads * hd, kv_heads * hd, heads / kv_heads, sc.qc);
-    if sc.q16.len() < l * qd || sc.k16.len() < l * kd || sc.s.len() < heads * qc * l {
+    let seqs = sc.seqs;
+    if sc.q16.len() < seqs * l * qd
+        || sc.k16.len() < seqs * l * kd
+        || sc.s.len() < seqs * heads * qc * l
+    {
         return Err(GpuError::Validation(format!(
-            "tensor-core attention scratch too small for {heads} heads of {hd} dims"
+            "tensor-core attention scratch too small for {seqs} sequences of {heads} heads of \
+             {hd} dims"
         )));
     }
     let scale = 1.0 / (hd as f32).sqrt();
     // Q·Kᵀ's kernel for a chunk with `keys` keys: the staged one where granted and the chunk tiles
-    // by 128 (its operands are aligned: offsets and strides are multiples of hd, itself of 32).
+    // by 128 (its operands are aligned: offsets and strides are multiples of hd, itself of 32);
+    // P·V's likewise.
     let ctx = rec.ctx();
-    let qk_op = |keys: usize| {
-        CoopOp::NT
-            .into_iter()
-            .find(|&op| op.available(ctx) && ops::coop_shape_ok_for(op, qc, keys, hd))
-            .unwrap_or(CoopOp::Nt)
+    let pick = |ops: &[CoopOp], (m, n, k): (usize, usize, usize), fallback: CoopOp| {
+        ops.iter()
+            .copied()
+            .find(|&op| op.available(ctx) && ops::coop_shape_ok_for(op, m, n, k))
+            .unwrap_or(fallback)
     };
-    for seq in 0..nseq {
-        let row0 = seq * l;
+    for s0 in (0..nseq).step_by(seqs) {
+        let ns = seqs.min(nseq - s0);
+        let row0 = s0 * l;
+        // The pass's sequences are consecutive rows: one cast each.
         ops::cast_f16(
             rec,
-            l,
+            ns * l,
             qd,
             MatView::new(q, qd).at(row0 * qd),
             scale,
             &sc.q16,
         )?;
-        ops::cast_f16(rec, l, kd, MatView::new(k, kd).at(row0 * kd), 1.0, &sc.k16)?;
-        ops::cast_f16(rec, l, kd, MatView::new(v, kd).at(row0 * kd), 1.0, &sc.v16)?;
+        ops::cast_f16(rec, ns * l, kd, MatView::new(k, kd).at(row0 * kd), 1.0, &sc.k16)?;
+        ops::cast_f16(rec, ns * l, kd, MatView::new(v, kd).at(row0 * kd), 1.0, &sc.v16)?;
         // P·V accumulates into the output.
-        rec.clear(out, row0 * qd, l * qd)?;
+        rec.clear(out, row0 * qd, ns * l * qd)?;
         for q0 in (0..l).step_by(qc) {
             let keys = q0 + qc;
-            // S_z = Q_z[q0 .. q0 + qc] · K_{z/g}[.. keys]ᵀ: head z's queries are columns z·hd..
-            // of q16, its key/value head's keys columns (z/g)·hd.. of k16.
+            // Entry (sequence o, head z): S_oz = Q_oz[q0 .. q0 + qc] · K_o,z/g[.. keys]ᵀ, with
+            // head z's queries in columns z·hd.. of sequence o's rows of q16, its key/value
+            // head's keys in columns (z/g)·hd.. of k16; S_oz is block o·heads + z of s.
             gemm(
                 rec,
-                qk_op(keys),
+                pick(&CoopOp::NT, (qc, keys, hd), CoopOp::Nt),
                 (qc, keys, hd),
-                heads,
-                CoopOperand::new(&sc.q16, q0 * qd, qd).batched(hd, 1),
-                CoopOperand::new(&sc.k16, 0, kd).batched(hd, g),
-                (MatView::new(&sc.s, l), qc * l),
+                ops::CoopBatch::nested(ns, heads, qc * l, heads * qc * l),
+                CoopOperand::new(&sc.q16, q0 * qd, qd)
+                    .batched(hd, 1)
+                    .outer(l * qd),
+                CoopOperand::new(&sc.k16, 0, kd).batched(hd, g).outer(l * kd),
+                MatView::new(&sc.s, l),
             )?;
-            attn_softmax(rec, &sc.s, &sc.p, qc, keys, l, q0, heads)?;
-            // O_z[q0 .. q0 + qc] += P_z · V_{z/g}[.. keys], into columns z·hd.. of the output.
+            attn_softmax(rec, &sc.s, &sc.p, qc, keys, l, q0, ns * heads)?;
+            // O_oz[q0 .. q0 + qc] += P_oz · V_o,z/g[.. keys], into columns z·hd.. of sequence
+            // o's output rows.
             gemm(
                 rec,
-                CoopOp::Nn,
+                pick(&CoopOp::NN, (qc, hd, keys), CoopOp::Nn),
                 (qc, hd, keys),
-                heads,
-                CoopOperand::new(&sc.p, 0, l).batched(qc * l, 1),
-                CoopOperand::new(&sc.v16, 0, kd).batched(hd, g),
-                (MatView::new(out, qd).at((row0 + q0) * qd), hd),
+                ops::CoopBatch::nested(ns, heads, hd, l * qd),
+                CoopOperand::new(&sc.p, 0, l)
+                    .batched(qc * l, 1)
+                    .outer(heads * qc * l),
+                CoopOperand::new(&sc.v16, 0, kd).batched(hd, g).outer(l * kd),
+                MatView::new(out, qd).at((row0 + q0) * qd),
             )?;
         }
     }

@@ -1006,6 +1006,8 @@ pub enum CoopOp {
     Nt128,
     /// [`CoopOp::Tn`] staged like [`CoopOp::Nt128`].
     Tn128,
+    /// [`CoopOp::Nn`] staged like [`CoopOp::Nt128`] (attention's `P·V`).
+    Nn128,
     /// [`CoopOp::Tn128`] on the blocks of a square C on and above the diagonal only: symmetric
     /// products (`Xᵀ·X`) at half the work. C's blocks below the diagonal are left as they were,
     /// and the diagonal blocks are computed whole; [`mirror_upper`] completes C.
@@ -1013,7 +1015,7 @@ pub enum CoopOp {
 }
 
 impl CoopOp {
-    pub const ALL: [CoopOp; 7] = [
+    pub const ALL: [CoopOp; 8] = [
         CoopOp::Nn,
         CoopOp::Tn,
         CoopOp::Nt,
@@ -1021,15 +1023,18 @@ impl CoopOp {
         CoopOp::Nt128,
         CoopOp::Tn128,
         CoopOp::Tn128Upper,
+        CoopOp::Nn128,
     ];
     /// The `X·Wᵀ` kernels, fastest first (the forward's linears and attention's `Q·Kᵀ` take the
     /// first that runs here and tiles the product).
     pub const NT: [CoopOp; 3] = [CoopOp::Nt128, CoopOp::Nt64, CoopOp::Nt];
+    /// The `A·B` kernels (attention's `P·V`), fastest first.
+    pub const NN: [CoopOp; 2] = [CoopOp::Nn128, CoopOp::Nn];
 
     /// The square block of C one workgroup computes.
     pub fn block(self) -> usize {
         match self {
-            CoopOp::Nt128 | CoopOp::Tn128 | CoopOp::Tn128Upper => 128,
+            CoopOp::Nt128 | CoopOp::Tn128 | CoopOp::Tn128Upper | CoopOp::Nn128 => 128,
             CoopOp::Nt64 => 64,
             _ => 32,
         }
@@ -1042,7 +1047,10 @@ impl CoopOp {
 
     /// Whether this is a staged kernel (`gemm_staged_coop.wgsl`, [`coop_staged_available`]).
     pub fn staged(self) -> bool {
-        matches!(self, CoopOp::Nt128 | CoopOp::Tn128 | CoopOp::Tn128Upper)
+        matches!(
+            self,
+            CoopOp::Nt128 | CoopOp::Tn128 | CoopOp::Tn128Upper | CoopOp::Nn128
+        )
     }
 
     fn entry(self) -> &'static str {
@@ -1054,13 +1062,14 @@ impl CoopOp {
             CoopOp::Nt128 => "gemm_coop_nt128",
             CoopOp::Tn128 => "gemm_coop_tn128",
             CoopOp::Tn128Upper => "gemm_coop_tn128_upper",
+            CoopOp::Nn128 => "gemm_coop_nn128",
         }
     }
 
     /// Whether A is stored K×M (transposed) and B N×K (transposed).
     pub fn transposes(self) -> (bool, bool) {
         match self {
-            CoopOp::Nn => (false, false),
+            CoopOp::Nn | CoopOp::Nn128 => (false, false),
             CoopOp::Tn | CoopOp::Tn128 | CoopOp::Tn128Upper => (true, false),
             CoopOp::Nt | CoopOp::Nt64 | CoopOp::Nt128 => (false, true),
         }
@@ -1096,9 +1105,10 @@ pub fn coop_shape_ok_for(op: CoopOp, m: usize, n: usize, k: usize) -> bool {
 }
 
 /// One f16 operand of [`gemm_coop_batched`]: stored row-major from element `off` of `buf`, rows
-/// `ld` elements apart; batch entry z reads the one starting `(z / group)·stride` elements later
-/// (`group` > 1: that many consecutive entries share an operand, as the query heads of one
-/// key/value head share its K and V).
+/// `ld` elements apart; inner batch entry z reads the one starting `(z / group)·stride` elements
+/// later (`group` > 1: that many consecutive entries share an operand, as the query heads of one
+/// key/value head share its K and V), and outer entry o ([`CoopBatch`]) `o·outer` elements later
+/// again (the next sequence).
 #[derive(Clone, Copy)]
 pub struct CoopOperand<'a> {
     pub buf: &'a GpuBuffer<half::f16>,
@@ -1106,6 +1116,7 @@ pub struct CoopOperand<'a> {
     pub ld: usize,
     pub stride: usize,
     pub group: usize,
+    pub outer: usize,
 }
 
 impl<'a> CoopOperand<'a> {
@@ -1117,6 +1128,7 @@ impl<'a> CoopOperand<'a> {
             ld,
             stride: 0,
             group: 1,
+            outer: 0,
         }
     }
 
@@ -1125,6 +1137,51 @@ impl<'a> CoopOperand<'a> {
         self.stride = stride;
         self.group = group;
         self
+    }
+
+    /// Outer batch entries `stride` elements apart.
+    pub fn outer(mut self, stride: usize) -> Self {
+        self.outer = stride;
+        self
+    }
+}
+
+/// The products of one [`gemm_coop_batched`] dispatch: `outer × inner` of them (workgroup
+/// z = o·inner + i), with C's entries `c_stride` elements apart within an outer entry and
+/// `c_outer` apart between them. Attention batches the heads (inner) of several sequences
+/// (outer); everything else is flat (one outer entry).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CoopBatch {
+    pub outer: usize,
+    pub inner: usize,
+    pub c_stride: usize,
+    pub c_outer: usize,
+}
+
+impl CoopBatch {
+    /// `count` products, C's `c_stride` elements apart.
+    pub fn flat(count: usize, c_stride: usize) -> Self {
+        Self {
+            outer: 1,
+            inner: count,
+            c_stride,
+            c_outer: 0,
+        }
+    }
+
+    /// `outer` groups of `inner` products.
+    pub fn nested(outer: usize, inner: usize, c_stride: usize, c_outer: usize) -> Self {
+        Self {
+            outer,
+            inner,
+            c_stride,
+            c_outer,
+        }
+    }
+
+    /// All products.
+    pub fn count(&self) -> usize {
+        self.outer * self.inner
     }
 }
 
@@ -1145,6 +1202,10 @@ struct CoopParams {
     sc: u32,
     ga: u32,
     gb: u32,
+    zi: u32,
+    xa: u32,
+    xb: u32,
+    xc: u32,
     _p: [u32; 2],
 }
 
@@ -1168,7 +1229,7 @@ pub fn gemm_coop(
         CoopOperand::new(a.0, a.1, lda),
         CoopOperand::new(b.0, b.1, ldb),
     );
-    gemm_coop_batched(rec, op, (m, n, k), 1, a, b, (c, 0))
+    gemm_coop_batched(rec, op, (m, n, k), CoopBatch::flat(1, 0), a, b, c)
 }
 
 /// The shape and extent checks of [`gemm_coop_batched`] (everything but the adapter's features):
@@ -1177,16 +1238,16 @@ pub fn gemm_coop(
 pub fn check_coop_batched(
     op: CoopOp,
     (m, n, k): (usize, usize, usize),
-    batch: usize,
+    batch: &CoopBatch,
     a: &CoopOperand<'_>,
     b: &CoopOperand<'_>,
-    (c, c_stride): (&MatView<'_>, usize),
+    c: &MatView<'_>,
 ) -> Result<(), GpuError> {
     let (blk, ks) = (op.block(), op.k_step());
-    if !coop_shape_ok_for(op, m, n, k) || c.trans || c.ld < n || batch == 0 {
+    if !coop_shape_ok_for(op, m, n, k) || c.trans || c.ld < n || batch.count() == 0 {
         return Err(GpuError::Validation(format!(
             "tensor-core GEMM {op:?} takes M, N multiples of {blk} and K of {ks}, ldc ≥ N (got \
-             {m}x{n}x{k}, ldc {}, batch {batch})",
+             {m}x{n}x{k}, ldc {}, batch {batch:?})",
             c.ld
         )));
     }
@@ -1196,20 +1257,32 @@ pub fn check_coop_batched(
     let sb = if tb { (n, k) } else { (k, n) };
     for (what, x, (rows, cols)) in [("A", a, sa), ("B", b, sb)] {
         // The staged kernels read 2 halves (one 32-bit word) at a time.
-        if op.staged() && [x.off, x.ld, x.stride].iter().any(|v| !v.is_multiple_of(2)) {
+        if op.staged()
+            && [x.off, x.ld, x.stride, x.outer]
+                .iter()
+                .any(|v| !v.is_multiple_of(2))
+        {
             return Err(GpuError::Validation(format!(
-                "staged tensor-core GEMM {what}: offset {}, row stride {} and batch stride {} \
-                 must be even",
-                x.off, x.ld, x.stride
+                "staged tensor-core GEMM {what}: offset {}, row stride {} and batch strides {} / \
+                 {} must be even",
+                x.off, x.ld, x.stride, x.outer
             )));
         }
-        let need = x.off + (batch - 1) / x.group.max(1) * x.stride + (rows - 1) * x.ld + cols;
+        // Offsets grow with both batch indices: the last entry reaches furthest.
+        let need = x.off
+            + (batch.outer - 1) * x.outer
+            + (batch.inner - 1) / x.group.max(1) * x.stride
+            + (rows - 1) * x.ld
+            + cols;
         if x.ld < cols || x.group == 0 || x.buf.len() < need {
             return Err(GpuError::Validation(format!(
-                "tensor-core GEMM {what} ({rows}×{cols}, ld {}, offset {}, batch {batch} × {}): \
-                 {} elements, needs {need}",
+                "tensor-core GEMM {what} ({rows}×{cols}, ld {}, offset {}, batch {} × {} of {} \
+                 × {}): {} elements, needs {need}",
                 x.ld,
                 x.off,
+                batch.outer,
+                x.outer,
+                batch.inner,
                 x.stride,
                 x.buf.len()
             )));
@@ -1218,7 +1291,11 @@ pub fn check_coop_batched(
     check_len(
         "gemm_coop C",
         c.buf,
-        c.offset + (batch - 1) * c_stride + (m - 1) * c.ld + n,
+        c.offset
+            + (batch.outer - 1) * batch.c_outer
+            + (batch.inner - 1) * batch.c_stride
+            + (m - 1) * c.ld
+            + n,
     )?;
     Ok(())
 }
@@ -1231,10 +1308,10 @@ pub fn gemm_coop_batched(
     rec: &mut Recorder<'_>,
     op: CoopOp,
     (m, n, k): (usize, usize, usize),
-    batch: usize,
+    batch: CoopBatch,
     a: CoopOperand<'_>,
     b: CoopOperand<'_>,
-    (c, c_stride): (MatView<'_>, usize),
+    c: MatView<'_>,
 ) -> Result<(), GpuError> {
     if !op.available(rec.ctx()) {
         return Err(GpuError::Validation(format!(
@@ -1246,7 +1323,8 @@ pub fn gemm_coop_batched(
             }
         )));
     }
-    check_coop_batched(op, (m, n, k), batch, &a, &b, (&c, c_stride))?;
+    check_coop_batched(op, (m, n, k), &batch, &a, &b, &c)?;
+    let count = batch.count();
     let blk = op.block();
     let params = CoopParams {
         m: u32_of("gemm M", m)?,
@@ -1260,21 +1338,25 @@ pub fn gemm_coop_batched(
         off_c: u32_of("gemm C offset", c.offset)?,
         sa: u32_of("gemm A batch stride", a.stride)?,
         sb: u32_of("gemm B batch stride", b.stride)?,
-        sc: u32_of("gemm C batch stride", c_stride)?,
+        sc: u32_of("gemm C batch stride", batch.c_stride)?,
         ga: u32_of("gemm A batch group", a.group)?,
         gb: u32_of("gemm B batch group", b.group)?,
+        zi: u32_of("gemm inner batch", batch.inner)?,
+        xa: u32_of("gemm A outer batch stride", a.outer)?,
+        xb: u32_of("gemm B outer batch stride", b.outer)?,
+        xc: u32_of("gemm C outer batch stride", batch.c_outer)?,
         _p: [0; 2],
     };
     let groups = if op == CoopOp::Tn128Upper {
         let nb = n / blk;
         let tri = u32::try_from(nb * (nb + 1) / 2).unwrap_or(u32::MAX);
-        [tri, 1, batch as u32]
+        [tri, 1, count as u32]
     } else {
-        [(n / blk) as u32, (m / blk) as u32, batch as u32]
+        [(n / blk) as u32, (m / blk) as u32, count as u32]
     };
-    if groups.iter().any(|&g| g > 65535) || batch > 65535 {
+    if groups.iter().any(|&g| g > 65535) || count > 65535 {
         return Err(GpuError::TooLarge {
-            what: format!("tensor-core gemm {m}x{n} batch {batch} grid"),
+            what: format!("tensor-core gemm {m}x{n} batch {count} grid"),
             bytes: (m * n * 4) as u64,
             limit: 65535 * blk as u64,
         });

@@ -256,6 +256,7 @@ pub fn quantize(
     let h = mc.hidden_size;
     let tok = |b: usize| batches[b].len() * seqlen;
     let max_tokens = bs * seqlen;
+    let attn_seqs = plan.attention_sequences.max(1);
     let placement = plan::placement(&plan, cfg.stream_dtype);
     let hidden_lens: Vec<usize> = (0..nb).map(|b| tok(b) * h).collect();
     let attn_lens: Vec<usize> = (0..nb).map(|b| tok(b) * mc.q_dim()).collect();
@@ -386,7 +387,7 @@ pub fn quantize(
                         &mc,
                         &lw,
                         use_tc,
-                        (max_tokens, seqlen),
+                        (max_tokens, seqlen, attn_seqs),
                         tc_shared.clone(),
                     )?;
                     (lw, q)
@@ -766,7 +767,7 @@ pub fn quantize(
                     .map_err(|e| PipelineError::Input(e.to_string()))?;
                 let shared = layers.q.tc_scratch();
                 next = Some(scope.spawn(move || {
-                    let q = upload_layer(ctx, mcr, &lw_next, use_tc, (max_tokens, seqlen), shared)?;
+                    let q = upload_layer(ctx, mcr, &lw_next, use_tc, (max_tokens, seqlen, attn_seqs), shared)?;
                     Ok((lw_next, q))
                 }));
             }
@@ -1346,13 +1347,13 @@ fn upload_layer(
     mc: &ModelConfig,
     lw: &LayerWeights,
     tc: bool,
-    (max_tokens, seqlen): (usize, usize),
+    (max_tokens, seqlen, attn_seqs): (usize, usize, usize),
     shared: Option<TcScratch>,
 ) -> Result<GpuLayer, PipelineError> {
     let mut q = GpuLayer::upload(ctx, mc, lw)?;
     if tc {
         let mut rec = ctx.recorder();
-        q.enable_tensor_cores_with(&mut rec, max_tokens, seqlen, shared)?;
+        q.enable_tensor_cores_with(&mut rec, max_tokens, (seqlen, attn_seqs), shared)?;
         rec.submit();
     }
     Ok(q)

@@ -8,6 +8,10 @@ use serde::{Deserialize, Serialize};
 use crate::model::ModuleKind;
 use crate::quant::QuantConfig;
 
+fn one() -> usize {
+    1
+}
+
 /// The memory plan decided before a run starts.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct MemoryPlan {
@@ -31,6 +35,10 @@ pub struct MemoryPlan {
     /// statistics and solve buffers of the earlier stages are gone by then), else on top of it.
     #[serde(default)]
     pub weights_ahead: bool,
+    /// Sequences the tensor-core attention processes at once (`forward::AttnTc`); 1 without
+    /// tensor cores.
+    #[serde(default = "one")]
+    pub attention_sequences: usize,
     /// Host stream element type when spilled ("f32" or "f16").
     pub stream_dtype: String,
     /// Estimated peak GPU bytes: layer weights (FP + quantized copies), statistics, activations.

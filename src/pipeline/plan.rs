@@ -139,12 +139,17 @@ fn layer_weight_bytes(c: &ModelConfig) -> u64 {
 /// The tensor-core forward's scratch, shared by a layer's two streams
 /// (`forward::GpuLayer::enable_tensor_cores`): one f16 chunk of `TC_CHUNK_TOKENS` activation rows
 /// of the widest input (an upper bound: smaller batches get a smaller chunk) and the attention's
-/// f16 q/k/v, scores and probabilities of one query chunk (`forward::AttnTc::bytes`). Each
-/// stream's f16 weight copies come on top (half of `layer_weight_bytes`).
-fn tensor_core_scratch_bytes(c: &ModelConfig, seqlen: usize) -> u64 {
+/// f16 q/k/v, scores and probabilities of one query chunk of `attn_seqs` sequences
+/// (`forward::AttnTc::bytes`). Each stream's f16 weight copies come on top (half of
+/// `layer_weight_bytes`).
+fn tensor_core_scratch_bytes(c: &ModelConfig, seqlen: usize, attn_seqs: usize) -> u64 {
     let widest = c.hidden_size.max(c.intermediate_size).max(c.q_dim()) as u64;
-    crate::forward::TC_CHUNK_TOKENS as u64 * widest * 2
-        + crate::forward::AttnTc::bytes(&crate::forward::LayerDims::of(c).attn_shape(1, seqlen))
+    crate::forward::TC_CHUNK_TOKENS as u64 * widest * 2 + attention_scratch_bytes(c, seqlen, attn_seqs)
+}
+
+/// The tensor-core attention's scratch for `seqs` sequences at a time.
+fn attention_scratch_bytes(c: &ModelConfig, seqlen: usize, seqs: usize) -> u64 {
+    crate::forward::AttnTc::bytes(&crate::forward::LayerDims::of(c).attn_shape(seqs, seqlen))
 }
 
 /// Bytes of one n×n f32 matrix of the widest input.
@@ -231,6 +236,7 @@ pub fn rtn_direct(gpu_budget_bytes: u64) -> MemoryPlan {
         act_streams: false,
         act_f16: false,
         weights_ahead: false,
+        attention_sequences: 1,
         stream_dtype: "none".into(),
         gpu_bytes_estimate: 0,
         host_bytes_estimate: 0,
@@ -274,7 +280,7 @@ pub fn plan(input: &PlanInput<'_>) -> Result<MemoryPlan, PlanError> {
     let (f16_weights, tc_scratch) = if input.tensor_cores {
         (
             layer_weight_bytes(c) / 2,
-            tensor_core_scratch_bytes(c, input.seqlen),
+            tensor_core_scratch_bytes(c, input.seqlen, 1),
         )
     } else {
         (0, 0)
@@ -413,6 +419,28 @@ pub fn plan(input: &PlanInput<'_>) -> Result<MemoryPlan, PlanError> {
     };
     let fixed = weights + streams_fixed;
     let batch = batch_for(fixed);
+    // The tensor-core attention takes several of the batch's sequences at once
+    // (forward::ATTN_SEQS) where their scratch fits next to everything else; the batch size
+    // comes first.
+    let attn_seq_bytes = if input.tensor_cores {
+        attention_scratch_bytes(c, input.seqlen, 1)
+    } else {
+        0
+    };
+    let attention_sequences = if attn_seq_bytes == 0 {
+        1
+    } else {
+        (1..=crate::forward::ATTN_SEQS.min(batch))
+            .rev()
+            .find(|&s| {
+                fixed + (s as u64 - 1) * attn_seq_bytes
+                    + (statistics + seq_scratch * batch as u64).max(solve)
+                    <= usable
+            })
+            .unwrap_or(1)
+    };
+    let weights = weights + (attention_sequences as u64 - 1) * attn_seq_bytes;
+    let fixed = weights + streams_fixed;
     let peak = fixed + (statistics + seq_scratch * batch as u64).max(solve);
     // The next layer's weights are uploaded during this layer's last stage (down_proj's outputs),
     // when its statistics and solve buffers are gone: one more layer of f32 weights next to the
@@ -440,6 +468,7 @@ pub fn plan(input: &PlanInput<'_>) -> Result<MemoryPlan, PlanError> {
         act_streams,
         act_f16,
         weights_ahead,
+        attention_sequences,
         stream_dtype: if f32_on_gpu {
             "f32".into()
         } else {
@@ -461,9 +490,12 @@ pub fn plan(input: &PlanInput<'_>) -> Result<MemoryPlan, PlanError> {
                     ""
                 },
                 if input.tensor_cores {
-                    ", each with its f16 copy, and one tensor-core scratch for both"
+                    format!(
+                        ", each with its f16 copy, and one tensor-core scratch for both \
+                         (attention over {attention_sequences} sequence(s) at a time)"
+                    )
                 } else {
-                    ""
+                    String::new()
                 },
                 if weights_ahead {
                     "; the next layer's are uploaded during the last stage (in the estimate)"
@@ -692,6 +724,14 @@ mod tests {
         let tc = plan(&i)?;
         assert!(tc.act_streams && tc.act_f16, "{:?}", tc.breakdown);
         assert_eq!(tc.batch_sequences, 16, "{:?}", tc.breakdown);
+        // Room to spare: the attention takes the most sequences at once (not without tensor
+        // cores, where it has no scratch).
+        assert_eq!(
+            (tc.attention_sequences, p.attention_sequences),
+            (crate::forward::ATTN_SEQS, 1),
+            "{:?}",
+            tc.breakdown
+        );
         // Hidden states plus the larger of the attention outputs (f32) and act (f16), 2 streams.
         let kept: u64 = 2 * 128 * 2048 * (4096 + 14336 / 2) * 4;
         let line = format!("{:.1} MiB on the GPU", kept as f64 / (1u64 << 20) as f64);
@@ -806,9 +846,15 @@ mod tests {
             (base.weights_ahead, base.streams_on_gpu)
         );
         let f16_weights = layer_weight_bytes(&c) / 2;
-        // 4096 rows × 14336 f16 + (2048 × (4096 + 2·1024) f16 + 32 heads × 256 × 2048 × (4 + 2) B).
-        let scratch = 4096 * 14336 * 2 + 2048 * 6144 * 2 + 32 * 256 * 2048 * 6;
-        assert_eq!(tensor_core_scratch_bytes(&c, 2048), scratch);
+        // 4096 rows × 14336 f16 + (2048 × (4096 + 2·1024) f16 + 32 heads × 256 × 2048 × (4 + 2) B)
+        // per sequence the attention takes at once.
+        let attn_seqs = tc.attention_sequences as u64;
+        assert!((1..=crate::forward::ATTN_SEQS as u64).contains(&attn_seqs));
+        let scratch = 4096 * 14336 * 2 + attn_seqs * (2048 * 6144 * 2 + 32 * 256 * 2048 * 6);
+        assert_eq!(
+            tensor_core_scratch_bytes(&c, 2048, tc.attention_sequences),
+            scratch
+        );
         // The statistics' f16 operands: X_q and X_fp − X_q of the batch at the widest input.
         let operands = 4 * 14336 * 2048 * tc.batch_sequences as u64;
         let extra = tc.gpu_bytes_estimate - base.gpu_bytes_estimate;
