@@ -14,6 +14,9 @@
 //! `r×n` shapes of `GPTAQ_BENCH_SOLVE` (default "256x256,512x512"; issue 10's targets are
 //! "4096x4096,4096x14336"), 4-bit sym, gs = 128, B = 128 (algorithm.md §2.6). With
 //! `GPTAQ_PROFILE=1` one synchronised solve per shape first prints its seconds per phase.
+//! `hessian_coop` (where cooperative matrices are granted) times the statistics' tensor-core
+//! products at the pipeline's shape: an n-wide input over `GPTAQ_BENCH_TOKENS` tokens (default
+//! 4·n), `Tn128Upper` (H) and `Tn128` (GPTAQ's D).
 //! `attention` times the causal GQA attention kernel alone (`forward::attend`, `attention.wgsl`,
 //! and where granted the tensor-core `forward::attend_tc`)
 //! at the shape `GPTAQ_BENCH_ATTN` = "heads:kv_heads:head_dim:seqlen:nseq" (default
@@ -133,6 +136,48 @@ fn bench_kernels(c: &mut Criterion) {
     } else {
         eprintln!("adapter without cooperative matrices: gemm_coop not benched");
     }
+    if ops::coop_available(&ctx) {
+        // The statistics' products at the pipeline's shape (driver::Stats): one batch of
+        // `GPTAQ_BENCH_TOKENS` tokens (default 4·n; the 8B speed plan's batch is 16 × 2048 =
+        // 32768) of an n-wide input, H's Xᵀ·X on and above the diagonal, D's full δᵀ·X; in
+        // full-GEMM-equivalent flops 2·n²·T, as issue 10's Hessian target counts them.
+        let mut g = c.benchmark_group("hessian_coop");
+        g.sample_size(10);
+        for n in sizes() {
+            let t = std::env::var("GPTAQ_BENCH_TOKENS")
+                .ok()
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(4 * n);
+            let h: Vec<half::f16> = data(t * n).into_iter().map(half::f16::from_f32).collect();
+            let x = ctx.upload("x16", &h).expect("upload x");
+            let out = ctx.zeros::<f32>("h", n * n).expect("alloc h");
+            g.throughput(Throughput::Elements((2 * n * n * t) as u64));
+            for op in [CoopOp::Tn128Upper, CoopOp::Tn128] {
+                if !op.available(&ctx) || !ops::coop_shape_ok_for(op, n, n, t) {
+                    continue;
+                }
+                g.bench_function(format!("n={n} T={t} {op:?}"), |bch| {
+                    bch.iter(|| {
+                        let mut rec = ctx.recorder();
+                        ops::gemm_coop(
+                            &mut rec,
+                            op,
+                            n,
+                            n,
+                            t,
+                            (&x, 0),
+                            (&x, 0),
+                            MatView::new(&out, n),
+                        )
+                        .expect("gemm_coop");
+                        rec.submit();
+                        ctx.sync().expect("sync");
+                    })
+                });
+            }
+        }
+        g.finish();
+    }
     let mut g = c.benchmark_group("hessian_syrk");
     g.sample_size(10);
     for n in sizes() {
@@ -242,8 +287,8 @@ fn bench_kernels(c: &mut Criterion) {
     );
     // The tensor-core attention at the same shape, in the same causal flops (it computes about
     // half again as many: each 256-query chunk's keys run to its last query), one sequence at a
-    // time and all `nseq` at once (nested batches).
-    let mut seqs_tried = vec![1, a.nseq.max(1)];
+    // time, forward::ATTN_SEQS (the pipeline's most) and all `nseq` at once (nested batches).
+    let mut seqs_tried = vec![1, forward::ATTN_SEQS.min(a.nseq.max(1)), a.nseq.max(1)];
     seqs_tried.dedup();
     for seqs in seqs_tried {
         match forward::AttnTc::new(&ctx, &AttnShape { nseq: seqs, ..a }) {
@@ -362,8 +407,8 @@ fn lab_entries(dir: &str) -> Vec<LabEntry> {
     files.sort();
     let mut out = Vec::new();
     for path in files {
-        let source = std::fs::read_to_string(&path)
-            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let source =
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         let name: &'static str = path.display().to_string().leak();
         let source: &'static str = source.leak();
         for line in source.lines() {
@@ -378,13 +423,15 @@ fn lab_entries(dir: &str) -> Vec<LabEntry> {
                         "tn" => Some(CoopOp::Tn128),
                         _ => None,
                     };
-                    op.zip(bm.parse().ok()).zip(bn.parse().ok()).map(|((op, bm), bn)| LabEntry {
-                        shader: gptaq_studio::gpu::kernels::Shader { name, source },
-                        entry,
-                        op,
-                        bm,
-                        bn,
-                    })
+                    op.zip(bm.parse().ok())
+                        .zip(bn.parse().ok())
+                        .map(|((op, bm), bn)| LabEntry {
+                            shader: gptaq_studio::gpu::kernels::Shader { name, source },
+                            entry,
+                            op,
+                            bm,
+                            bn,
+                        })
                 }
                 _ => None,
             };
@@ -452,15 +499,23 @@ fn wgsl_lab(c: &mut Criterion, ctx: &GpuContext, dir: &str) {
                 eprintln!("lab {}: n = {n} does not tile", e.entry);
                 continue;
             }
-            if !reference.contains_key(&e.op) {
+            let want: &[f32] = reference.entry(e.op).or_insert_with(|| {
                 let mut rec = ctx.recorder();
                 rec.clear(&out, 0, n * n).expect("clear");
-                ops::gemm_coop(&mut rec, e.op, n, n, n, (&a, 0), (&b, 0), MatView::new(&out, n))
-                    .expect("reference gemm");
+                ops::gemm_coop(
+                    &mut rec,
+                    e.op,
+                    n,
+                    n,
+                    n,
+                    (&a, 0),
+                    (&b, 0),
+                    MatView::new(&out, n),
+                )
+                .expect("reference gemm");
                 rec.submit();
-                reference.insert(e.op, ctx.read(&out).expect("read reference"));
-            }
-            let want = &reference[&e.op];
+                ctx.read(&out).expect("read reference")
+            });
             let mut rec = ctx.recorder();
             rec.clear(&out, 0, n * n).expect("clear");
             if let Err(err) = lab_dispatch(&mut rec, e, n, &a, &b, &out) {
@@ -481,7 +536,10 @@ fn wgsl_lab(c: &mut Criterion, ctx: &GpuContext, dir: &str) {
                 .zip(want)
                 .map(|(x, y)| (x - y).abs())
                 .enumerate()
-                .fold((0, 0f32), |m, (i, d)| if d > m.1 || d.is_nan() { (i, d) } else { m });
+                .fold(
+                    (0, 0f32),
+                    |m, (i, d)| if d > m.1 || d.is_nan() { (i, d) } else { m },
+                );
             let ok = diff <= 1e-3 * scale;
             eprintln!(
                 "lab {} {:?} n={n}: max |Δ| {diff:.3e} (max |C| {scale:.3e}) at ({}, {}): got {} \

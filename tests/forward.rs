@@ -426,9 +426,15 @@ fn check_attend_tc(
         seqlen,
     };
     // Scratch for `seqs` sequences at a time: passes of seqs, the last one possibly shorter.
-    let sc = forward::AttnTc::new(ctx, &forward::AttnShape { nseq: seqs, ..shape })
-        .unwrap()
-        .expect("shape tiles");
+    let sc = forward::AttnTc::new(
+        ctx,
+        &forward::AttnShape {
+            nseq: seqs,
+            ..shape
+        },
+    )
+    .unwrap()
+    .expect("shape tiles");
     assert_eq!(sc.sequences(), seqs);
     let (qb, kb, vb) = (
         ctx.upload("q", &q).unwrap(),

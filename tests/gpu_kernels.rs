@@ -958,7 +958,9 @@ fn nested_coop_batches_are_checked_to_their_last_entry() {
             &ops::CoopOperand::new(&a, 0, inner * k)
                 .batched(k, 1)
                 .outer(a_outer),
-            &ops::CoopOperand::new(&b, 0, k).batched(n * k, 2).outer(2 * n * k),
+            &ops::CoopOperand::new(&b, 0, k)
+                .batched(n * k, 2)
+                .outer(2 * n * k),
             &MatView::new(&c, n),
         )
     };
@@ -988,7 +990,11 @@ fn nested_coop_batches_are_checked_to_their_last_entry() {
             &ops::CoopOperand::new(&b, 0, 32),
             &MatView::new(&c, 128),
         );
-        assert_eq!(got.is_ok(), ok, "Nt128, A's outer stride {a_outer}: {got:?}");
+        assert_eq!(
+            got.is_ok(),
+            ok,
+            "Nt128, A's outer stride {a_outer}: {got:?}"
+        );
     }
 }
 
@@ -1349,7 +1355,11 @@ fn buffer_pool_reuses_cleared_buffers_within_its_limit() {
     let b = ctx.zeros::<f32>("b", n).unwrap();
     assert_eq!(ctx.pooled_bytes(), 0, "zeros of the same size reuses it");
     assert_eq!(ctx.memory().0, base + bytes);
-    assert_eq!(ctx.allocated(), (live + bytes, live + bytes), "reused: live again");
+    assert_eq!(
+        ctx.allocated(),
+        (live + bytes, live + bytes),
+        "reused: live again"
+    );
     let got = ctx.read(&b).unwrap();
     if let Some(i) = got.iter().position(|&v| v != 0.0) {
         panic!(

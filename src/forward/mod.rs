@@ -1252,8 +1252,22 @@ pub fn attend_tc_with(
             scale,
             &sc.q16,
         )?;
-        ops::cast_f16(rec, ns * l, kd, MatView::new(k, kd).at(row0 * kd), 1.0, &sc.k16)?;
-        ops::cast_f16(rec, ns * l, kd, MatView::new(v, kd).at(row0 * kd), 1.0, &sc.v16)?;
+        ops::cast_f16(
+            rec,
+            ns * l,
+            kd,
+            MatView::new(k, kd).at(row0 * kd),
+            1.0,
+            &sc.k16,
+        )?;
+        ops::cast_f16(
+            rec,
+            ns * l,
+            kd,
+            MatView::new(v, kd).at(row0 * kd),
+            1.0,
+            &sc.v16,
+        )?;
         // P·V accumulates into the output.
         rec.clear(out, row0 * qd, ns * l * qd)?;
         for q0 in (0..l).step_by(qc) {
@@ -1269,7 +1283,9 @@ pub fn attend_tc_with(
                 CoopOperand::new(&sc.q16, q0 * qd, qd)
                     .batched(hd, 1)
                     .outer(l * qd),
-                CoopOperand::new(&sc.k16, 0, kd).batched(hd, g).outer(l * kd),
+                CoopOperand::new(&sc.k16, 0, kd)
+                    .batched(hd, g)
+                    .outer(l * kd),
                 MatView::new(&sc.s, l),
             )?;
             attn_softmax(rec, &sc.s, &sc.p, qc, keys, l, q0, ns * heads)?;
@@ -1283,7 +1299,9 @@ pub fn attend_tc_with(
                 CoopOperand::new(&sc.p, 0, l)
                     .batched(qc * l, 1)
                     .outer(heads * qc * l),
-                CoopOperand::new(&sc.v16, 0, kd).batched(hd, g).outer(l * kd),
+                CoopOperand::new(&sc.v16, 0, kd)
+                    .batched(hd, g)
+                    .outer(l * kd),
                 MatView::new(out, qd).at((row0 + q0) * qd),
             )?;
         }

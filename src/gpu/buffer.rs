@@ -91,7 +91,9 @@ impl MemCounter {
         (inner.now.load(Ordering::Relaxed)).saturating_sub(inner.pooled.load(Ordering::Relaxed))
     }
     fn note_live(&self) {
-        self.inner.peak_live.fetch_max(self.live(), Ordering::Relaxed);
+        self.inner
+            .peak_live
+            .fetch_max(self.live(), Ordering::Relaxed);
     }
     /// Live plus pooled bytes now and their peak.
     pub(crate) fn get(&self) -> (u64, u64) {

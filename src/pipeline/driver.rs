@@ -767,7 +767,14 @@ pub fn quantize(
                     .map_err(|e| PipelineError::Input(e.to_string()))?;
                 let shared = layers.q.tc_scratch();
                 next = Some(scope.spawn(move || {
-                    let q = upload_layer(ctx, mcr, &lw_next, use_tc, (max_tokens, seqlen, attn_seqs), shared)?;
+                    let q = upload_layer(
+                        ctx,
+                        mcr,
+                        &lw_next,
+                        use_tc,
+                        (max_tokens, seqlen, attn_seqs),
+                        shared,
+                    )?;
                     Ok((lw_next, q))
                 }));
             }

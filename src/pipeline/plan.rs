@@ -144,7 +144,8 @@ fn layer_weight_bytes(c: &ModelConfig) -> u64 {
 /// `layer_weight_bytes`).
 fn tensor_core_scratch_bytes(c: &ModelConfig, seqlen: usize, attn_seqs: usize) -> u64 {
     let widest = c.hidden_size.max(c.intermediate_size).max(c.q_dim()) as u64;
-    crate::forward::TC_CHUNK_TOKENS as u64 * widest * 2 + attention_scratch_bytes(c, seqlen, attn_seqs)
+    crate::forward::TC_CHUNK_TOKENS as u64 * widest * 2
+        + attention_scratch_bytes(c, seqlen, attn_seqs)
 }
 
 /// The tensor-core attention's scratch for `seqs` sequences at a time.
@@ -433,7 +434,8 @@ pub fn plan(input: &PlanInput<'_>) -> Result<MemoryPlan, PlanError> {
         (1..=crate::forward::ATTN_SEQS.min(batch))
             .rev()
             .find(|&s| {
-                fixed + (s as u64 - 1) * attn_seq_bytes
+                fixed
+                    + (s as u64 - 1) * attn_seq_bytes
                     + (statistics + seq_scratch * batch as u64).max(solve)
                     <= usable
             })
