@@ -1025,8 +1025,10 @@ pub type BatchedGemm<'f> = dyn FnMut(
 /// Sequences the tensor-core attention processes at once where memory allows
 /// ([`AttnTc::new`]): each of its GEMMs is one dispatch for all of them. With one sequence at a
 /// time, Llama-3-8B's `P·V` (256 queries × 128 dims per head) was 64 workgroups for 132 SMs, and
-/// a layer's attention took 28 dispatches per sequence.
-pub const ATTN_SEQS: usize = 4;
+/// a layer's attention took 28 dispatches per sequence. Eight sequences of Llama-3-8B's heads
+/// took 30.2 ms one at a time, 12.0 ms four and 10.0 ms eight at a time (H100, BENCHMARKS.md
+/// session 22); the scratch is about 120 MiB per sequence there.
+pub const ATTN_SEQS: usize = 8;
 
 /// Scratch of the tensor-core attention ([`attend_tc`]) for `seqs` sequences of `seqlen` tokens
 /// at a time: their q, k, v in f16, and the scores `S` (f32) and probabilities `P` (f16) of one

@@ -345,14 +345,14 @@ fn tri_blocks(n: usize, b: usize) -> impl DoubleEndedIterator<Item = (usize, usi
 /// reference `reference::gptaq_p` sums only the non-zero terms too):
 /// - `T[i, j] = Σ_c Dp[i, c]·U[j, c]` has `U[j, c] = 0` for `c < j`, and only `i < j` survives
 ///   the mask: a column block `J = [j0, j1)` needs rows `0..j1` and `c ≥ j0`.
-/// - `P[i, j] = Σ_m T[i, m]·U[m, j]` is non-zero only for `i < m ≤ j`: block `(I, J)` of rows
-///   `I = [i0, i1)` (`i0 < j1`) needs `i0 ≤ m < j1`.
+/// - `P[i, j] = Σ_m T[i, m]·U[m, j]` is non-zero only for `i < m ≤ j`: block `J` needs rows
+///   `0..j1` and `m < j1`.
 ///
-/// Over 16 blocks a side that is ≈ n³/3 multiply-adds (T ≈ n³/6, P ≈ n³/6, plus the blocks'
-/// granularity), 6× less than dense; P's row blocks halve its part (whole columns of rows `0..j1`
-/// took n³/3, and 0.165 s of a 4096 × 14336 GPTAQ solve's P on the H100, BENCHMARKS.md session
-/// 20). The skipped terms are products with exact zeros, so the result is the dense one up to f32
-/// summation order.
+/// Over 16 column blocks that is ≈ 0.6·n³ multiply-adds (T ≈ n³/6, P ≈ n³/3, plus the blocks'
+/// granularity), 3.4× less than dense. The skipped terms are products with exact zeros, so the
+/// result is the dense one up to f32 summation order. (Blocking P's rows too, `(I, J)` needing
+/// only `i0 ≤ m < j1`, halves its multiply-adds but made it slower: 0.165 → 0.20 s at 4096 ×
+/// 14336 on the H100, its 136 smaller GEMMs filling the GPU worse; BENCHMARKS.md session 22.)
 ///
 /// Memory: no second n×n matrix. `T` overwrites `Dp` block by block in ascending order (block
 /// `J` reads `Dp[:, c ≥ j0]`, which no earlier block has overwritten), `P` overwrites `T` in
@@ -394,24 +394,20 @@ fn gptaq_p_blocked(
     }
     triu1_scale(rec, n, dp, alpha)?;
     for (j0, j1) in tri_blocks(n, b).rev() {
-        // P[I, J] = T[I, i0..j1]·U[i0..j1, J] for the row blocks I up to J, into the scratch's
-        // rows I; then all of P[0..j1, J] at once. Each reads only its own rows of T, which no
-        // other row block of J overwrites.
-        let w = j1 - j0;
-        for (i0, i1) in tri_blocks(j1, b) {
-            ops::gemm_mat(
-                rec,
-                i1 - i0,
-                w,
-                j1 - i0,
-                1.0,
-                dp.op(i0, i0),
-                u.op(i0, j0),
-                0.0,
-                MatView::new(scratch, w).at(i0 * w).into(),
-            )?;
-        }
-        factor::copy_in(rec, scratch, dp, 0..j1, j0, w)?;
+        // P[0..j1, J] = T[0..j1, 0..j1]·U[0..j1, J]
+        let blk = MatView::new(scratch, j1 - j0);
+        ops::gemm_mat(
+            rec,
+            j1,
+            j1 - j0,
+            j1,
+            1.0,
+            dp.op(0, 0),
+            u.op(0, j0),
+            0.0,
+            blk.into(),
+        )?;
+        factor::copy_in(rec, scratch, dp, 0..j1, j0, j1 - j0)?;
     }
     triu1_scale(rec, n, dp, 1.0)
 }
