@@ -280,7 +280,7 @@ pub struct QuantizeArgs {
     pub seed: u64,
     /// Skip the error metrics (quant/asym/output errors): GPTQ and RTN then run no FP stream at
     /// all; GPTAQ still runs it (its solve needs D) but skips the metrics' products and moments
-    /// (an 8B GPTAQ layer took 5.4 s without them and 6.4 s with them on an H100, session 21).
+    /// (an 8B GPTAQ layer took 4.15 s without them and 4.77 s with them on an H100, session 22).
     #[arg(long)]
     pub no_metrics: bool,
     /// Measure the metrics from X·Wᵀ products on every calibration token (one more GEMM per
@@ -298,8 +298,8 @@ pub struct QuantizeArgs {
     /// cores (f16 operands, f32 accumulation, like the reference's half-precision forward) where
     /// the adapter grants f16 cooperative matrices; ignored with a warning elsewhere, and the f32
     /// kernels run where the f16 copies do not fit --gpu-memory. On an H100 an 8B GPTQ layer took
-    /// 3.8 s with it and 7.9 s without (BENCHMARKS.md, session 20), 2.7 s with it after session
-    /// 21's kernel fix. Same as GPTAQ_TENSOR_CORES=1.
+    /// 3.8 s with it and 7.9 s without (BENCHMARKS.md, session 20), 2.16 s with it after the
+    /// kernel work of sessions 21–22. Same as GPTAQ_TENSOR_CORES=1.
     #[arg(long)]
     pub tensor_cores: bool,
     /// Write the run report (JSON) here.
