@@ -384,6 +384,8 @@ struct LabParams {
     zero: [u32; 3],
     batch: [u32; 3],
     group: [u32; 2],
+    /// Nested batches (one flat entry): inner count, outer strides.
+    nested: [u32; 4],
     pad: [u32; 2],
 }
 
@@ -463,6 +465,7 @@ fn lab_dispatch(
         zero: [0; 3],
         batch: [0; 3],
         group: [1, 1],
+        nested: [1, 0, 0, 0],
         pad: [0; 2],
     };
     rec.dispatch(

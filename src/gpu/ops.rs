@@ -1059,11 +1059,23 @@ impl CoopOp {
             CoopOp::Tn => "gemm_coop_tn",
             CoopOp::Nt => "gemm_coop_nt",
             CoopOp::Nt64 => "gemm_coop_nt64",
-            CoopOp::Nt128 => "gemm_coop_nt128",
-            CoopOp::Tn128 => "gemm_coop_tn128",
-            CoopOp::Tn128Upper => "gemm_coop_tn128_upper",
-            CoopOp::Nn128 => "gemm_coop_nn128",
+            // One staged kernel for every layout, specialised by `staged_constants`.
+            CoopOp::Nt128 | CoopOp::Tn128 | CoopOp::Nn128 => "gemm_coop_128",
+            CoopOp::Tn128Upper => "gemm_coop_128_upper",
         }
+    }
+
+    /// The staged kernel's override constants for this layout (`A_T`, `B_T` in
+    /// `gemm_staged_coop.wgsl`); none for the unstaged kernels.
+    fn staged_constants(self) -> Vec<(&'static str, f64)> {
+        if !self.staged() {
+            return Vec::new();
+        }
+        let (ta, tb) = self.transposes();
+        vec![
+            ("A_T", f64::from(u8::from(ta))),
+            ("B_T", f64::from(u8::from(tb))),
+        ]
     }
 
     /// Whether A is stored K×M (transposed) and B N×K (transposed).
@@ -1368,7 +1380,7 @@ pub fn gemm_coop_batched(
             &GEMM_COOP
         },
         op.entry(),
-        &[],
+        &op.staged_constants(),
         &params,
         &[a.buf.binding(), b.buf.binding(), c.buf.binding()],
         groups,
