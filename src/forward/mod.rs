@@ -334,7 +334,13 @@ impl GpuLayer {
             return Ok(false);
         }
         let chunk = max_tokens.clamp(1, TC_CHUNK_TOKENS).next_multiple_of(128);
-        let attn_seqs = attn_seqs.max(1);
+        // No more sequences than one storage binding holds the scores of (the plan asks for
+        // that many already; this guards other callers).
+        let attn_seqs = AttnTc::sequences_within(
+            &self.dims.attn_shape(1, seqlen),
+            attn_seqs,
+            ctx.max_binding_bytes(),
+        );
         let shared = shared.filter(|s| {
             s.chunk == chunk
                 && s.seqlen == seqlen
@@ -1082,6 +1088,32 @@ impl AttnTc {
                 per_seq * shape.nseq.max(1) as u64
             }
         }
+    }
+
+    /// Bytes of the scratch's largest buffer for `shape.nseq` sequences at a time (the scores,
+    /// or the f16 queries where queries outnumber the chunk's scores), which one storage binding
+    /// must hold; 0 where [`AttnTc::chunk`] does not apply.
+    pub fn largest_buffer_bytes(shape: &AttnShape) -> u64 {
+        match Self::chunk(shape) {
+            None => 0,
+            Some(qc) => {
+                let (seqs, l, h) = (
+                    shape.nseq.max(1) as u64,
+                    shape.seqlen as u64,
+                    shape.heads as u64,
+                );
+                seqs * (h * qc as u64 * l * 4).max(l * h * shape.head_dim as u64 * 2)
+            }
+        }
+    }
+
+    /// The most sequences, at most `want`, whose scratch buffers each fit in `max_binding` bytes
+    /// (at least 1).
+    pub fn sequences_within(shape: &AttnShape, want: usize, max_binding: u64) -> usize {
+        (1..=want.max(1))
+            .rev()
+            .find(|&n| Self::largest_buffer_bytes(&AttnShape { nseq: n, ..*shape }) <= max_binding)
+            .unwrap_or(1)
     }
 
     /// The scratch for `shape.nseq` sequences at a time, or `None` where [`AttnTc::chunk`] does

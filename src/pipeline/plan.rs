@@ -431,7 +431,13 @@ pub fn plan(input: &PlanInput<'_>) -> Result<MemoryPlan, PlanError> {
     let attention_sequences = if attn_seq_bytes == 0 {
         1
     } else {
-        (1..=crate::forward::ATTN_SEQS.min(batch))
+        // Also no more than one storage binding holds the scores of.
+        let by_binding = crate::forward::AttnTc::sequences_within(
+            &crate::forward::LayerDims::of(c).attn_shape(1, input.seqlen),
+            crate::forward::ATTN_SEQS,
+            input.max_buffer_bytes,
+        );
+        (1..=by_binding.min(batch))
             .rev()
             .find(|&s| {
                 fixed
@@ -727,12 +733,28 @@ mod tests {
         assert!(tc.act_streams && tc.act_f16, "{:?}", tc.breakdown);
         assert_eq!(tc.batch_sequences, 16, "{:?}", tc.breakdown);
         // Room to spare: the attention takes the most sequences at once (not without tensor
-        // cores, where it has no scratch).
+        // cores, where it has no scratch)...
         assert_eq!(
             (tc.attention_sequences, p.attention_sequences),
             (crate::forward::ATTN_SEQS, 1),
             "{:?}",
             tc.breakdown
+        );
+        // ... and never more than the batch has, nor more than one storage binding holds the
+        // scores of: 32 heads × 256 queries × 2048 keys × 4 B = 64 MiB per sequence.
+        let shape = crate::forward::LayerDims::of(&c).attn_shape(1, 2048);
+        let within = |mib: u64| crate::forward::AttnTc::sequences_within(&shape, 8, mib << 20);
+        assert_eq!(
+            [within(4096), within(240), within(64), within(10)],
+            [8, 3, 1, 1]
+        );
+        i.max_buffer_bytes = 240 << 20;
+        let narrow = plan(&i)?;
+        assert_eq!(
+            (narrow.batch_sequences, narrow.attention_sequences),
+            (2, 2),
+            "{:?}",
+            narrow.breakdown
         );
         // Hidden states plus the larger of the attention outputs (f32) and act (f16), 2 streams.
         let kept: u64 = 2 * 128 * 2048 * (4096 + 14336 / 2) * 4;
