@@ -55,43 +55,26 @@ fn every_shader_translates_to_spirv_msl_hlsl() {
                 continue;
             }
         };
-        // Backends need concrete override values: use each override's default.
-        let (module, info) = match naga::back::pipeline_constants::process_overrides(
-            &module,
-            &info,
-            None,
-            &Default::default(),
-        ) {
-            Ok(x) => x,
-            Err(e) => {
-                failures.push(format!("{name}: overrides: {e}"));
-                continue;
-            }
-        };
-        if let Err(e) = spv::write_vec(&module, &info, &spv::Options::default(), None) {
-            failures.push(format!("{name}: SPIR-V: {e}"));
-        }
-        let is_coop = name.ends_with("_coop.wgsl");
-        let msl_opts = msl::Options {
-            lang_version: if is_coop { (2, 3) } else { (2, 1) },
-            ..Default::default()
-        };
-        if let Err(e) =
-            msl::write_string(&module, &info, &msl_opts, &msl::PipelineOptions::default())
+        // Backends need concrete override values: each override's default, and for the staged
+        // tensor-core kernel every operand layout ops::CoopOp specialises it to (A_T, B_T).
+        let sets: Vec<(String, naga::back::PipelineConstants)> = if name == "gemm_staged_coop.wgsl"
         {
-            failures.push(format!("{name}: MSL: {e}"));
-        }
-        if !is_coop {
-            let hlsl_opts = hlsl::Options {
-                shader_model: hlsl::ShaderModel::V6_2,
-                ..Default::default()
-            };
-            let pipeline = hlsl::PipelineOptions::default();
-            let mut out = String::new();
-            let mut w = hlsl::Writer::new(&mut out, &hlsl_opts, &pipeline);
-            if let Err(e) = w.write(&module, &info, None) {
-                failures.push(format!("{name}: HLSL: {e}"));
-            }
+            [(0.0, 1.0), (1.0, 0.0), (0.0, 0.0)]
+                .into_iter()
+                .map(|(ta, tb)| {
+                    (
+                        format!("{name} (A_T {ta}, B_T {tb})"),
+                        [("A_T".to_string(), ta), ("B_T".to_string(), tb)]
+                            .into_iter()
+                            .collect(),
+                    )
+                })
+                .collect()
+        } else {
+            vec![(name.clone(), Default::default())]
+        };
+        for (label, constants) in &sets {
+            translate(label, &name, &module, &info, constants, &mut failures);
         }
     }
     assert!(
@@ -100,4 +83,48 @@ fn every_shader_translates_to_spirv_msl_hlsl() {
         failures.join("\n")
     );
     eprintln!("{} shaders translated to SPIR-V, MSL and HLSL", files.len());
+}
+
+/// Specialises `module` with `constants` and translates it to SPIR-V, MSL (2.3 for the
+/// cooperative-matrix files, 2.1 otherwise) and, except for those, HLSL; failures go to `failures`
+/// under `label`.
+fn translate(
+    label: &str,
+    name: &str,
+    module: &naga::Module,
+    info: &naga::valid::ModuleInfo,
+    constants: &naga::back::PipelineConstants,
+    failures: &mut Vec<String>,
+) {
+    let (module, info) =
+        match naga::back::pipeline_constants::process_overrides(module, info, None, constants) {
+            Ok(x) => x,
+            Err(e) => {
+                failures.push(format!("{label}: overrides: {e}"));
+                return;
+            }
+        };
+    if let Err(e) = spv::write_vec(&module, &info, &spv::Options::default(), None) {
+        failures.push(format!("{label}: SPIR-V: {e}"));
+    }
+    let is_coop = name.ends_with("_coop.wgsl");
+    let msl_opts = msl::Options {
+        lang_version: if is_coop { (2, 3) } else { (2, 1) },
+        ..Default::default()
+    };
+    if let Err(e) = msl::write_string(&module, &info, &msl_opts, &msl::PipelineOptions::default()) {
+        failures.push(format!("{label}: MSL: {e}"));
+    }
+    if !is_coop {
+        let hlsl_opts = hlsl::Options {
+            shader_model: hlsl::ShaderModel::V6_2,
+            ..Default::default()
+        };
+        let pipeline = hlsl::PipelineOptions::default();
+        let mut out = String::new();
+        let mut w = hlsl::Writer::new(&mut out, &hlsl_opts, &pipeline);
+        if let Err(e) = w.write(&module, &info, None) {
+            failures.push(format!("{label}: HLSL: {e}"));
+        }
+    }
 }

@@ -8,14 +8,15 @@
 #   KB="gemm_coop" OUT=$OUT bash tools/device_runs.sh
 # RUNS entries are NAME:ENV1=a,ENV2=b:ARG,ARG,... on /tmp/l8b2 (a random Llama-3-8B-shaped model
 # of two layers, tools/make_random_llama.py, 128 × 2048 calibration tokens, 4-bit g128); TBINS
-# the carried test binaries to run (TESTS: libtest filters, TLIM seconds each); KB a kernel-bench
+# the carried test binaries to run (default gpu_kernels forward pipeline; TBINS="" runs none;
+# TESTS: libtest filters, TLIM seconds each); KB a kernel-bench
 # filter (KBENV: environment for it); LIM seconds per run; SCALE the scaling table and TORCH_LAYER
 # the PyTorch reference layer (both below). Results land in $OUT/p.
 set -u
-cd .device-carry; for f in *.xz; do xz -d -f $f; done; chmod +x gptaq-studio kernels-bench test-*; cd ..
+cd .device-carry; for f in *.xz; do xz -d -f $f; done; chmod +x gptaq-studio kernels-bench test-* 2> /dev/null; cd ..
 export GPTAQ_TEST_DATA=$PWD/.device-carry/data
 D=$OUT/p; mkdir -p $D; B=.device-carry/gptaq-studio
-for t in ${TBINS:-gpu_kernels forward pipeline}; do
+for t in ${TBINS-gpu_kernels forward pipeline}; do
   CI=true timeout ${TLIM:-150} .device-carry/test-$t --test-threads 1 ${TESTS:-} > $D/test_$t.log 2>&1
   echo "test_$t: $(grep -E 'test result' $D/test_$t.log)"; grep -E "FAILED|panicked" -A3 $D/test_$t.log | head -8
 done
