@@ -1312,10 +1312,12 @@ pub fn check_coop_batched(
     Ok(())
 }
 
-/// [`gemm_coop`] over `batch` products at once (workgroup z), each operand with its own row and
-/// batch strides: `C_z += op(A_z)·op(B_z)` with `X_z` starting `z·stride` elements after `X`'s
-/// first. Attention's heads are such a batch: per key/value head, the query heads of its group
-/// read strided column slices of one activation matrix.
+/// [`gemm_coop`] over the products of `batch` at once (workgroup z = o·inner + i), each operand
+/// with its own row and batch strides: `C_z += op(A_z)·op(B_z)`, with `A_z` starting
+/// `o·outer + (i / group)·stride` elements after A's first ([`CoopOperand`]), likewise `B_z`, and
+/// `C_z` `o·c_outer + i·c_stride` after C's ([`CoopBatch`]). Attention's heads are such a batch:
+/// per key/value head, the query heads of its group read strided column slices of one activation
+/// matrix, and the sequences of a pass are the outer entries.
 pub fn gemm_coop_batched(
     rec: &mut Recorder<'_>,
     op: CoopOp,
