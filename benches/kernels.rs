@@ -29,7 +29,8 @@
 //! and bindings computing `C = op(A)·op(B)` (OP `nt` or `tn`) in BM×BN blocks, grid (N/BN, M/BM).
 //! Each is first checked against the shipped `Nt128` / `Tn128` on the same operands (it prints
 //! the largest difference and where; a mismatch is reported and the variant not timed), then
-//! timed at every `GPTAQ_BENCH_SIZES` n. Variant kernels are tried this way before one replaces
+//! timed at every `GPTAQ_BENCH_SIZES` n (n³), or at the M×N×K shapes of
+//! `GPTAQ_BENCH_WGSL_SHAPES` ("4096x14336x4096,…"). Variant kernels are tried this way before one replaces
 //! a shipped kernel (BENCHMARKS.md, session 22).
 #![allow(clippy::expect_used)]
 
@@ -449,19 +450,21 @@ fn lab_entries(dir: &str) -> Vec<LabEntry> {
 fn lab_dispatch(
     rec: &mut gptaq_studio::gpu::kernels::Recorder<'_>,
     e: &LabEntry,
-    n: usize,
+    (m, n, k): (usize, usize, usize),
     a: &gptaq_studio::gpu::GpuBuffer<half::f16>,
     b: &gptaq_studio::gpu::GpuBuffer<half::f16>,
     c: &gptaq_studio::gpu::GpuBuffer<f32>,
 ) -> Result<(), gptaq_studio::gpu::GpuError> {
-    let n32 = n as u32;
+    // Dense operands in the layout the entry's OP names (as ops::gemm_coop lays them out).
+    let (ta, tb) = e.op.transposes();
+    let u = |v: usize| v as u32;
     let params = LabParams {
-        m: n32,
-        n: n32,
-        k: n32,
-        lda: n32,
-        ldb: n32,
-        ldc: n32,
+        m: u(m),
+        n: u(n),
+        k: u(k),
+        lda: u(if ta { m } else { k }),
+        ldb: u(if tb { k } else { n }),
+        ldc: u(n),
         zero: [0; 3],
         batch: [0; 3],
         group: [1, 1],
@@ -474,8 +477,27 @@ fn lab_dispatch(
         &[],
         &params,
         &[a.binding(), b.binding(), c.binding()],
-        [(n / e.bn) as u32, (n / e.bm) as u32, 1],
+        [(n / e.bn) as u32, (m / e.bm) as u32, 1],
     )
+}
+
+/// The lab's shapes: `GPTAQ_BENCH_WGSL_SHAPES` ("MxNxK,…", e.g. a forward chunk's
+/// "4096x14336x4096"), else n³ for every `GPTAQ_BENCH_SIZES` n.
+fn lab_shapes() -> Vec<(usize, usize, usize)> {
+    let parse = |s: &str| -> Option<(usize, usize, usize)> {
+        let f: Vec<usize> = s
+            .trim()
+            .split('x')
+            .map(|x| x.parse().ok())
+            .collect::<Option<_>>()?;
+        let [m, n, k] = f[..] else { return None };
+        Some((m, n, k))
+    };
+    std::env::var("GPTAQ_BENCH_WGSL_SHAPES")
+        .ok()
+        .map(|s| s.split(',').filter_map(parse).collect())
+        .filter(|v: &Vec<_>| !v.is_empty())
+        .unwrap_or_else(|| sizes().into_iter().map(|n| (n, n, n)).collect())
 }
 
 fn wgsl_lab(c: &mut Criterion, ctx: &GpuContext, dir: &str) {
@@ -486,31 +508,32 @@ fn wgsl_lab(c: &mut Criterion, ctx: &GpuContext, dir: &str) {
     let entries = lab_entries(dir);
     let mut g = c.benchmark_group("wgsl_lab");
     g.sample_size(10);
-    for n in sizes() {
-        // Different operands, so a variant that swaps or transposes one shows.
-        let ha: Vec<half::f16> = data(n * n).into_iter().map(half::f16::from_f32).collect();
-        let hb: Vec<half::f16> = (0..n * n)
+    for (m, n, k) in lab_shapes() {
+        // Different operands, so a variant that swaps or transposes one shows. A holds M·K
+        // halves and B N·K in either layout.
+        let ha: Vec<half::f16> = data(m * k).into_iter().map(half::f16::from_f32).collect();
+        let hb: Vec<half::f16> = (0..n * k)
             .map(|i| half::f16::from_f32(((i * 104_729) % 997) as f32 / 997.0 - 0.5))
             .collect();
         let a = ctx.upload("lab a", &ha).expect("upload a");
         let b = ctx.upload("lab b", &hb).expect("upload b");
-        let out = ctx.zeros::<f32>("lab c", n * n).expect("alloc c");
-        g.throughput(Throughput::Elements((2 * n * n * n) as u64));
+        let out = ctx.zeros::<f32>("lab c", m * n).expect("alloc c");
+        g.throughput(Throughput::Elements((2 * m * n * k) as u64));
         let mut reference = std::collections::HashMap::new();
         for e in &entries {
-            if n % e.bm != 0 || n % e.bn != 0 || n % 64 != 0 {
-                eprintln!("lab {}: n = {n} does not tile", e.entry);
+            if m % e.bm != 0 || n % e.bn != 0 || !ops::coop_shape_ok_for(e.op, m, n, k) {
+                eprintln!("lab {}: {m}x{n}x{k} does not tile", e.entry);
                 continue;
             }
             let want: &[f32] = reference.entry(e.op).or_insert_with(|| {
                 let mut rec = ctx.recorder();
-                rec.clear(&out, 0, n * n).expect("clear");
+                rec.clear(&out, 0, m * n).expect("clear");
                 ops::gemm_coop(
                     &mut rec,
                     e.op,
+                    m,
                     n,
-                    n,
-                    n,
+                    k,
                     (&a, 0),
                     (&b, 0),
                     MatView::new(&out, n),
@@ -520,8 +543,8 @@ fn wgsl_lab(c: &mut Criterion, ctx: &GpuContext, dir: &str) {
                 ctx.read(&out).expect("read reference")
             });
             let mut rec = ctx.recorder();
-            rec.clear(&out, 0, n * n).expect("clear");
-            if let Err(err) = lab_dispatch(&mut rec, e, n, &a, &b, &out) {
+            rec.clear(&out, 0, m * n).expect("clear");
+            if let Err(err) = lab_dispatch(&mut rec, e, (m, n, k), &a, &b, &out) {
                 eprintln!("lab {} ({}): {err}", e.entry, e.shader.name);
                 continue;
             }
@@ -533,7 +556,7 @@ fn wgsl_lab(c: &mut Criterion, ctx: &GpuContext, dir: &str) {
                     continue;
                 }
             };
-            let scale = want.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-30);
+            let scale = want.iter().fold(0f32, |mx, x| mx.max(x.abs())).max(1e-30);
             let (at, diff) = got
                 .iter()
                 .zip(want)
@@ -541,12 +564,14 @@ fn wgsl_lab(c: &mut Criterion, ctx: &GpuContext, dir: &str) {
                 .enumerate()
                 .fold(
                     (0, 0f32),
-                    |m, (i, d)| if d > m.1 || d.is_nan() { (i, d) } else { m },
+                    |mx, (i, d)| {
+                        if d > mx.1 || d.is_nan() { (i, d) } else { mx }
+                    },
                 );
             let ok = diff <= 1e-3 * scale;
             eprintln!(
-                "lab {} {:?} n={n}: max |Δ| {diff:.3e} (max |C| {scale:.3e}) at ({}, {}): got {} \
-                 expected {}{}",
+                "lab {} {:?} {m}x{n}x{k}: max |Δ| {diff:.3e} (max |C| {scale:.3e}) at ({}, {}): got \
+                 {} expected {}{}",
                 e.entry,
                 e.op,
                 at / n,
@@ -558,10 +583,10 @@ fn wgsl_lab(c: &mut Criterion, ctx: &GpuContext, dir: &str) {
             if !ok {
                 continue;
             }
-            g.bench_function(format!("{n}x{n}x{n} {}", e.entry), |bch| {
+            g.bench_function(format!("{m}x{n}x{k} {}", e.entry), |bch| {
                 bch.iter(|| {
                     let mut rec = ctx.recorder();
-                    lab_dispatch(&mut rec, e, n, &a, &b, &out).expect("lab dispatch");
+                    lab_dispatch(&mut rec, e, (m, n, k), &a, &b, &out).expect("lab dispatch");
                     rec.submit();
                     ctx.sync().expect("sync");
                 })
