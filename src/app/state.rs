@@ -508,6 +508,7 @@ impl RunData {
 
     /// Reopens a saved report: the same tables and curves, no recomputation.
     pub fn from_report(slot: RunSlot, r: RunReport) -> Self {
+        let status = format!("loaded from a report: {}", finished_status(&r));
         Self {
             slot,
             model: r.model.clone(),
@@ -521,7 +522,7 @@ impl RunData {
             modules: r.modules.clone(),
             layer_reports: r.layers.clone(),
             current_layer: None,
-            status: "loaded from a report".into(),
+            status,
             warnings: r.warnings.clone(),
             outcome: Outcome::Finished,
             report: Some(r),
@@ -556,7 +557,7 @@ impl RunData {
             Event::Warning(w) => self.warnings.push(w),
             Event::Finished(r) => {
                 self.outcome = Outcome::Finished;
-                self.status = format!("finished in {:.1} s", r.secs);
+                self.status = finished_status(&r);
                 self.report = Some(*r);
             }
             Event::Failed(msg) => {
@@ -1028,6 +1029,27 @@ pub struct EvalRow {
     pub perplexity: f64,
 }
 
+/// A finished run's status line: its time and what it held on the GPU (the live peak, which the
+/// memory plan bounds; the peak with the freed buffers kept for reuse, which nvidia-smi sees; the
+/// plan's estimate). Reports saved before these were measured show the time only.
+fn finished_status(r: &RunReport) -> String {
+    use crate::model::inspect::format_bytes;
+    let mut line = format!("finished in {:.1} s", r.secs);
+    if r.peak_gpu_bytes > 0 {
+        line += &format!("; peak GPU memory {}", format_bytes(r.peak_gpu_bytes));
+        if r.peak_reserved_bytes > r.peak_gpu_bytes {
+            line += &format!(
+                " ({} with the buffers kept for reuse)",
+                format_bytes(r.peak_reserved_bytes)
+            );
+        }
+        if r.plan.gpu_bytes_estimate > 0 {
+            line += &format!(", plan {}", format_bytes(r.plan.gpu_bytes_estimate));
+        }
+    }
+    line
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -1128,7 +1150,20 @@ pub(crate) mod tests {
             warnings: vec![],
         };
         s.apply(RunSlot::Gptq, Event::Finished(Box::new(report("gptq"))));
-        s.apply(RunSlot::Gptaq, Event::Finished(Box::new(report("gptaq"))));
+        let mut measured = report("gptaq");
+        measured.peak_gpu_bytes = 3 << 30;
+        measured.peak_reserved_bytes = 5 << 30;
+        measured.plan.gpu_bytes_estimate = 4 << 30;
+        s.apply(RunSlot::Gptaq, Event::Finished(Box::new(measured)));
+        // The status tells the time and, where measured, the memory.
+        assert_eq!(
+            (s.runs[0].status.as_str(), s.runs[1].status.as_str()),
+            (
+                "finished in 1.0 s",
+                "finished in 1.0 s; peak GPU memory 3.0 GiB (5.0 GiB with the buffers kept for \
+                 reuse), plan 4.0 GiB"
+            )
+        );
         s.end();
         assert_eq!(s.phase, Phase::Finished);
         let Some(saved) = s.saved_report() else {
