@@ -48,11 +48,12 @@
 //
 // Requirements (ops::check_coop_batched and ops::coop_staged_available): M and N multiples of 128,
 // K of 32; every offset, row stride and batch stride of A and B even (A and B are read two halves
-// per load); subgroups of exactly 32 invocations (so the 128
-// invocations are four subgroups, told apart by subgroup_id); 20 KiB of workgroup memory. The grid
-// is exactly (N/128, M/128, batch); no early return, so every cooperative operation stays in
-// uniform control flow. As in gemm_coop.wgsl every cooperative load's index and stride is a `let`
-// (naga 30's SPIR-V writer needs them cached).
+// per load); subgroups of exactly 32 invocations (so the 128 invocations are four subgroups, told
+// apart by subgroup_id); 20 KiB of workgroup memory. The grid is exactly (N/128, M/128, batch) and
+// nothing branches on the workgroup or the invocation (the only branches and early returns test
+// the override constants), so every cooperative operation stays in uniform control flow. As in
+// gemm_coop.wgsl every cooperative load's index and stride is a `let` (naga 30's SPIR-V writer
+// needs them cached).
 
 enable f16;
 enable wgpu_cooperative_matrix;
