@@ -49,9 +49,10 @@
 // Requirements (ops::check_coop_batched and ops::coop_staged_available): M and N multiples of 128,
 // K of 32; every offset, row stride and batch stride of A and B even (A and B are read two halves
 // per load); subgroups of exactly 32 invocations (so the 128 invocations are four subgroups, told
-// apart by subgroup_id); 20 KiB of workgroup memory. The grid is exactly (N/128, M/128, batch) and
-// nothing branches on the workgroup or the invocation (the only branches and early returns test
-// the override constants), so every cooperative operation stays in uniform control flow. As in
+// apart by subgroup_id); 20 KiB of workgroup memory. The grid is exactly (N/128, M/128, batch), and
+// no branch depends on the invocation (frag_a and frag_b branch and return early on the override
+// constants, the upper entry's block index on the workgroup), so every cooperative operation and
+// barrier stays in uniform control flow. As in
 // gemm_coop.wgsl every cooperative load's index and stride is a `let` (naga 30's SPIR-V writer
 // needs them cached).
 
