@@ -372,24 +372,6 @@ fn spd(ctx: &GpuContext, n: usize, t: usize) -> gptaq_studio::gpu::GpuMatrix {
     h
 }
 
-/// `gemm_staged_coop.wgsl`'s parameter block (ops::CoopParams is private to the crate).
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct LabParams {
-    m: u32,
-    n: u32,
-    k: u32,
-    lda: u32,
-    ldb: u32,
-    ldc: u32,
-    zero: [u32; 3],
-    batch: [u32; 3],
-    group: [u32; 2],
-    /// Nested batches (one flat entry): inner count, outer strides.
-    nested: [u32; 4],
-    pad: [u32; 2],
-}
-
 /// One `// lab:` line of a variant file.
 struct LabEntry {
     shader: gptaq_studio::gpu::kernels::Shader,
@@ -457,20 +439,10 @@ fn lab_dispatch(
 ) -> Result<(), gptaq_studio::gpu::GpuError> {
     // Dense operands in the layout the entry's OP names (as ops::gemm_coop lays them out).
     let (ta, tb) = e.op.transposes();
-    let u = |v: usize| v as u32;
-    let params = LabParams {
-        m: u(m),
-        n: u(n),
-        k: u(k),
-        lda: u(if ta { m } else { k }),
-        ldb: u(if tb { k } else { n }),
-        ldc: u(n),
-        zero: [0; 3],
-        batch: [0; 3],
-        group: [1, 1],
-        nested: [1, 0, 0, 0],
-        pad: [0; 2],
-    };
+    let params = ops::CoopParams::dense(
+        (m, n, k),
+        (if ta { m } else { k }, if tb { k } else { n }, n),
+    )?;
     rec.dispatch(
         &e.shader,
         e.entry,

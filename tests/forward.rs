@@ -9,7 +9,7 @@ mod common;
 use std::sync::atomic::AtomicBool;
 
 use gptaq_studio::eval::{self, EvalOptions};
-use gptaq_studio::forward::{self, GpuLayer, LayerScratch, Rope, cpu};
+use gptaq_studio::forward::{self, AttnShape, GpuLayer, LayerScratch, Rope, cpu};
 use gptaq_studio::gpu::{GpuContext, test_context};
 use gptaq_studio::model::synthetic::SyntheticModel;
 use gptaq_studio::model::weights::SafetensorsModel;
@@ -263,18 +263,29 @@ fn attention_tiles_fit_the_kernel() {
     );
 }
 
+/// The attention shape of `nseq` sequences of `seqlen` tokens, `heads` query heads of `hd` dims
+/// and `kv_heads` key/value heads.
+fn attn_shape(hd: usize, seqlen: usize, nseq: usize, heads: usize, kv_heads: usize) -> AttnShape {
+    AttnShape {
+        heads,
+        kv_heads,
+        head_dim: hd,
+        nseq,
+        seqlen,
+    }
+}
+
 /// One causal GQA attention dispatch ([`forward::attend`]) on random q/k/v against the f64
 /// reference, element by element, within `2e-5·rms(expected) + 1e-5`.
-fn check_attend(
-    ctx: &GpuContext,
-    hd: usize,
-    seqlen: usize,
-    nseq: usize,
-    heads: usize,
-    kv_heads: usize,
-    seed: u64,
-) {
+fn check_attend(ctx: &GpuContext, shape: AttnShape, seed: u64) {
     use rand::{Rng, SeedableRng};
+    let AttnShape {
+        heads,
+        kv_heads,
+        head_dim: hd,
+        nseq,
+        seqlen,
+    } = shape;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let t = nseq * seqlen;
     // q ~ U(-6, 6), k ~ U(-1, 1): scaled scores with a standard deviation of about 2, so the
@@ -302,13 +313,6 @@ fn check_attend(
     let vb = ctx.upload("v", &v).unwrap();
     // NaN-filled output: an element the kernel forgets to write fails the comparison.
     let ob = ctx.upload("out", &vec![f32::NAN; t * heads * hd]).unwrap();
-    let shape = forward::AttnShape {
-        heads,
-        kv_heads,
-        head_dim: hd,
-        nseq,
-        seqlen,
-    };
     let mut rec = ctx.recorder();
     forward::attend(&mut rec, &qb, &kb, &vb, &ob, shape).unwrap();
     rec.submit();
@@ -396,15 +400,14 @@ fn host_coop_gemm(
 /// the per-head strides, the key/value groups and the causal softmax (a real shader) are checked
 /// through `host_coop_gemm`. f16 operands and probabilities: 1e-2 of the output's RMS (a chunk,
 /// head or sequence read from the wrong place is off by O(1)).
-fn check_attend_tc(
-    ctx: &GpuContext,
-    hd: usize,
-    seqlen: usize,
-    nseq: usize,
-    heads: usize,
-    kv_heads: usize,
-    (seed, seqs): (u64, usize),
-) {
+fn check_attend_tc(ctx: &GpuContext, shape: AttnShape, (seed, seqs): (u64, usize)) {
+    let AttnShape {
+        heads,
+        kv_heads,
+        head_dim: hd,
+        nseq,
+        seqlen,
+    } = shape;
     use rand::{Rng, SeedableRng};
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let t = nseq * seqlen;
@@ -418,17 +421,10 @@ fn check_attend_tc(
     let f64s = |x: &[f32]| x.iter().map(|&a| f64::from(a)).collect::<Vec<f64>>();
     let expected =
         cpu::causal_attention(&f64s(&q), &f64s(&k), &f64s(&v), heads, kv_heads, hd, seqlen);
-    let shape = forward::AttnShape {
-        heads,
-        kv_heads,
-        head_dim: hd,
-        nseq,
-        seqlen,
-    };
     // Scratch for `seqs` sequences at a time: passes of seqs, the last one possibly shorter.
     let sc = forward::AttnTc::new(
         ctx,
-        &forward::AttnShape {
+        &AttnShape {
             nseq: seqs,
             ..shape
         },
@@ -488,11 +484,11 @@ fn check_attend_tc(
 #[test]
 fn tensor_core_attention_matches_reference() {
     let Some(ctx) = test_context() else { return };
-    check_attend_tc(&ctx, 32, 512, 2, 4, 2, (1, 1));
-    check_attend_tc(&ctx, 32, 512, 2, 4, 2, (1, 2));
-    check_attend_tc(&ctx, 64, 192, 1, 3, 3, (2, 1));
-    check_attend_tc(&ctx, 32, 128, 2, 4, 1, (3, 2));
-    check_attend_tc(&ctx, 32, 128, 3, 4, 2, (4, 2));
+    check_attend_tc(&ctx, attn_shape(32, 512, 2, 4, 2), (1, 1));
+    check_attend_tc(&ctx, attn_shape(32, 512, 2, 4, 2), (1, 2));
+    check_attend_tc(&ctx, attn_shape(64, 192, 1, 3, 3), (2, 1));
+    check_attend_tc(&ctx, attn_shape(32, 128, 2, 4, 1), (3, 2));
+    check_attend_tc(&ctx, attn_shape(32, 128, 3, 4, 2), (4, 2));
 }
 
 /// The attention kernel alone against the f64 reference: every tiled head dim class (tiny, not a
@@ -520,7 +516,11 @@ fn attention_kernel_matches_reference() {
         (256, 67, 3, 8, 1),
     ];
     for (i, &(hd, seqlen, nseq, heads, kv)) in cases.iter().enumerate() {
-        check_attend(&ctx, hd, seqlen, nseq, heads, kv, 100 + i as u64);
+        check_attend(
+            &ctx,
+            attn_shape(hd, seqlen, nseq, heads, kv),
+            100 + i as u64,
+        );
     }
 }
 
@@ -540,13 +540,7 @@ fn attention_is_deterministic() {
         let q = ctx.upload("q", &data(t * heads * hd, 7919)).unwrap();
         let k = ctx.upload("k", &data(t * kv * hd, 104_729)).unwrap();
         let v = ctx.upload("v", &data(t * kv * hd, 1_299_709)).unwrap();
-        let shape = forward::AttnShape {
-            heads,
-            kv_heads: kv,
-            head_dim: hd,
-            nseq,
-            seqlen,
-        };
+        let shape = attn_shape(hd, seqlen, nseq, heads, kv);
         let mut first: Option<Vec<f32>> = None;
         for run in 0..4 {
             let out = ctx.zeros::<f32>("out", t * heads * hd).unwrap();
@@ -577,39 +571,30 @@ fn attention_is_deterministic() {
 fn attend_rejects_bad_shapes() {
     let Some(ctx) = test_context() else { return };
     let buf = ctx.zeros::<f32>("x", 4 * 8 * 64).unwrap();
-    let shape = forward::AttnShape {
-        heads: 4,
-        kv_heads: 2,
-        head_dim: 64,
-        nseq: 1,
-        seqlen: 8,
-    };
+    let shape = attn_shape(64, 8, 1, 4, 2);
     for (what, bad) in [
         (
             "odd head dim",
-            forward::AttnShape {
+            AttnShape {
                 head_dim: 7,
                 ..shape
             },
         ),
         (
             "head dim > 256",
-            forward::AttnShape {
+            AttnShape {
                 head_dim: 258,
                 ..shape
             },
         ),
         (
             "heads not a multiple",
-            forward::AttnShape {
+            AttnShape {
                 kv_heads: 3,
                 ..shape
             },
         ),
-        (
-            "buffers too short",
-            forward::AttnShape { seqlen: 9, ..shape },
-        ),
+        ("buffers too short", AttnShape { seqlen: 9, ..shape }),
     ] {
         let mut rec = ctx.recorder();
         assert!(

@@ -452,6 +452,16 @@ fn code_agreement(a: &pipeline::QuantizedModel, b: &pipeline::QuantizedModel) ->
     (same as f64 / total.max(1) as f64, total)
 }
 
+/// W3 with groups of 4 (4 divides both of stories260K's in-feature widths, 64 and 172).
+fn w3_g4(method: Method) -> QuantConfig {
+    QuantConfig {
+        method,
+        bits: 3,
+        group_size: Some(4),
+        ..QuantConfig::default()
+    }
+}
+
 /// stories260K on 4 × 64 tokens with `quant` and `solver`, with metrics and without (in that
 /// order), each emitting one ModuleDone per module, and every module reported before the next
 /// group is solved (with metrics once the next stage has measured them, without right away).
@@ -503,12 +513,7 @@ fn rtn_without_metrics_skips_the_forward_and_quantizes_the_same() {
         return;
     };
     let Some(ctx) = test_context() else { return };
-    let quant = QuantConfig {
-        method: Method::Rtn,
-        bits: 3,
-        group_size: Some(4),
-        ..QuantConfig::default()
-    };
+    let quant = w3_g4(Method::Rtn);
     let runs = with_and_without_metrics(&ctx, &dir, &quant, Solver::CpuReference);
     let (with, without) = (&runs[0], &runs[1]);
     assert_eq!(with.modules.len(), without.modules.len());
@@ -551,12 +556,7 @@ fn gptaq_without_metrics_skips_only_the_measurements() {
         return;
     };
     let Some(ctx) = test_context() else { return };
-    let quant = QuantConfig {
-        method: Method::Gptaq { alpha: 0.25 },
-        bits: 3,
-        group_size: Some(4),
-        ..QuantConfig::default()
-    };
+    let quant = w3_g4(Method::Gptaq { alpha: 0.25 });
     let runs = with_and_without_metrics(&ctx, &dir, &quant, Solver::Gpu);
     let (with, without) = (&runs[0], &runs[1]);
     assert!(
@@ -599,12 +599,7 @@ fn host_f16_streams_track_gpu_streams() {
         return;
     };
     let Some(ctx) = test_context() else { return };
-    let quant = QuantConfig {
-        method: Method::Gptaq { alpha: 0.25 },
-        bits: 3,
-        group_size: Some(4),
-        ..QuantConfig::default()
-    };
+    let quant = w3_g4(Method::Gptaq { alpha: 0.25 });
     let mut runs = Vec::new();
     for (host, dtype) in [
         (false, StreamDType::F32),

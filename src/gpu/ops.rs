@@ -1197,9 +1197,11 @@ impl CoopBatch {
     }
 }
 
+/// The coop kernels' parameter block (`Params` in `gemm_coop.wgsl` and `gemm_staged_coop.wgsl`).
+/// Public for the kernel lab (`benches/kernels.rs`), which dispatches variant kernels with it.
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable)]
-struct CoopParams {
+pub struct CoopParams {
     m: u32,
     n: u32,
     k: u32,
@@ -1219,6 +1221,28 @@ struct CoopParams {
     xb: u32,
     xc: u32,
     _p: [u32; 2],
+}
+
+impl CoopParams {
+    /// One dense product `C[M×N] += op(A)·op(B)` from element 0 of each buffer, with row strides
+    /// `lda`, `ldb`, `ldc` (no batch).
+    pub fn dense(
+        (m, n, k): (usize, usize, usize),
+        (lda, ldb, ldc): (usize, usize, usize),
+    ) -> Result<Self, GpuError> {
+        Ok(Self {
+            m: u32_of("gemm M", m)?,
+            n: u32_of("gemm N", n)?,
+            k: u32_of("gemm K", k)?,
+            lda: u32_of("gemm lda", lda)?,
+            ldb: u32_of("gemm ldb", ldb)?,
+            ldc: u32_of("gemm ldc", ldc)?,
+            ga: 1,
+            gb: 1,
+            zi: 1,
+            ..Self::zeroed()
+        })
+    }
 }
 
 /// Records `C += op(A)·op(B)` on tensor cores (`gemm_coop.wgsl`): A, B dense f16 row-major in the
@@ -1341,12 +1365,6 @@ pub fn gemm_coop_batched(
     let count = batch.count();
     let blk = op.block();
     let params = CoopParams {
-        m: u32_of("gemm M", m)?,
-        n: u32_of("gemm N", n)?,
-        k: u32_of("gemm K", k)?,
-        lda: u32_of("gemm lda", a.ld)?,
-        ldb: u32_of("gemm ldb", b.ld)?,
-        ldc: u32_of("gemm ldc", c.ld)?,
         off_a: u32_of("gemm A offset", a.off)?,
         off_b: u32_of("gemm B offset", b.off)?,
         off_c: u32_of("gemm C offset", c.offset)?,
@@ -1359,7 +1377,7 @@ pub fn gemm_coop_batched(
         xa: u32_of("gemm A outer batch stride", a.outer)?,
         xb: u32_of("gemm B outer batch stride", b.outer)?,
         xc: u32_of("gemm C outer batch stride", batch.c_outer)?,
-        _p: [0; 2],
+        ..CoopParams::dense((m, n, k), (a.ld, b.ld, c.ld))?
     };
     let groups = if op == CoopOp::Tn128Upper {
         let nb = n / blk;

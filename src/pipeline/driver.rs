@@ -905,8 +905,9 @@ pub fn quantize(
                 emit,
                 &mut warnings,
             )?;
-            // Anything not reported yet (nothing: modules without metrics are reported when
-            // solved, the others when their metrics are finished).
+            // Every module is reported by now (without metrics when solved, with them when its
+            // metrics are finished); this keeps a view from missing one should a stage ever leave
+            // a module pending.
             for p in pending.drain(..) {
                 emit(Event::ModuleDone(p.report.clone()));
                 module_reports.push(p.report);

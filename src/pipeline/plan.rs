@@ -139,13 +139,12 @@ fn layer_weight_bytes(c: &ModelConfig) -> u64 {
 /// The tensor-core forward's scratch, shared by a layer's two streams
 /// (`forward::GpuLayer::enable_tensor_cores`): one f16 chunk of `TC_CHUNK_TOKENS` activation rows
 /// of the widest input (an upper bound: smaller batches get a smaller chunk) and the attention's
-/// f16 q/k/v, scores and probabilities of one query chunk of `attn_seqs` sequences
-/// (`forward::AttnTc::bytes`). Each stream's f16 weight copies come on top (half of
-/// `layer_weight_bytes`).
-fn tensor_core_scratch_bytes(c: &ModelConfig, seqlen: usize, attn_seqs: usize) -> u64 {
+/// f16 q/k/v, scores and probabilities of one query chunk of one sequence
+/// (`forward::AttnTc::bytes`; the plan adds the further sequences the attention takes at once).
+/// Each stream's f16 weight copies come on top (half of `layer_weight_bytes`).
+fn tensor_core_scratch_bytes(c: &ModelConfig, seqlen: usize) -> u64 {
     let widest = c.hidden_size.max(c.intermediate_size).max(c.q_dim()) as u64;
-    crate::forward::TC_CHUNK_TOKENS as u64 * widest * 2
-        + attention_scratch_bytes(c, seqlen, attn_seqs)
+    crate::forward::TC_CHUNK_TOKENS as u64 * widest * 2 + attention_scratch_bytes(c, seqlen, 1)
 }
 
 /// The tensor-core attention's scratch for `seqs` sequences at a time.
@@ -281,7 +280,7 @@ pub fn plan(input: &PlanInput<'_>) -> Result<MemoryPlan, PlanError> {
     let (f16_weights, tc_scratch) = if input.tensor_cores {
         (
             layer_weight_bytes(c) / 2,
-            tensor_core_scratch_bytes(c, input.seqlen, 1),
+            tensor_core_scratch_bytes(c, input.seqlen),
         )
     } else {
         (0, 0)
@@ -876,7 +875,8 @@ mod tests {
         assert!((1..=crate::forward::ATTN_SEQS as u64).contains(&attn_seqs));
         let scratch = 4096 * 14336 * 2 + attn_seqs * (2048 * 6144 * 2 + 32 * 256 * 2048 * 6);
         assert_eq!(
-            tensor_core_scratch_bytes(&c, 2048, tc.attention_sequences),
+            tensor_core_scratch_bytes(&c, 2048)
+                + (attn_seqs - 1) * attention_scratch_bytes(&c, 2048, 1),
             scratch
         );
         // The statistics' f16 operands: X_q and X_fp − X_q of the batch at the widest input.
