@@ -30,8 +30,11 @@
 //! Each is first checked against the shipped `Nt128` / `Tn128` on the same operands (it prints
 //! the largest difference and where; a mismatch is reported and the variant not timed), then
 //! timed at every `GPTAQ_BENCH_SIZES` n (n³), or at the M×N×K shapes of
-//! `GPTAQ_BENCH_WGSL_SHAPES` ("4096x14336x4096,…"). Variant kernels are tried this way before one replaces
-//! a shipped kernel (BENCHMARKS.md, session 22).
+//! `GPTAQ_BENCH_WGSL_SHAPES` ("4096x14336x4096,…"). Lines `// lab32: ENTRY OP TILE` (OP `nn`, `nt`
+//! or `tn`) name f32 variants with `gemm.wgsl`'s parameters, bindings and `TRANS_A` / `TRANS_B`
+//! overrides, computing TILE×TILE blocks with bounds checks (any shape); they are checked against
+//! the shipped `gemm_large` in the same layout (to 1e-5 of the largest |C|). Variant kernels are
+//! tried this way before one replaces a shipped kernel (BENCHMARKS.md, sessions 22 and 23).
 #![allow(clippy::expect_used)]
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
@@ -372,13 +375,64 @@ fn spd(ctx: &GpuContext, n: usize, t: usize) -> gptaq_studio::gpu::GpuMatrix {
     h
 }
 
-/// One `// lab:` line of a variant file.
+/// What a lab variant computes, and the shipped kernel it is checked and timed against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum LabKind {
+    /// `// lab:` — `gemm_staged_coop.wgsl`'s parameters and bindings (f16 A, B; f32 C).
+    Coop(CoopOp),
+    /// `// lab32:` — `gemm.wgsl`'s parameters and bindings (f32), `C = op(A)·op(B)` with the
+    /// transposes given to the variant as its `TRANS_A` / `TRANS_B` overrides.
+    F32 { ta: bool, tb: bool },
+}
+
+/// One `// lab:` or `// lab32:` line of a variant file.
 struct LabEntry {
     shader: gptaq_studio::gpu::kernels::Shader,
     entry: &'static str,
-    op: CoopOp,
+    kind: LabKind,
     bm: usize,
     bn: usize,
+}
+
+/// Parses `ENTRY OP BM BN` (coop) or `ENTRY OP TILE` (f32) after the line's tag.
+fn lab_line(
+    shader: gptaq_studio::gpu::kernels::Shader,
+    f32_kernel: bool,
+    spec: &'static str,
+) -> Option<LabEntry> {
+    let f: Vec<&'static str> = spec.split_whitespace().collect();
+    let (entry, op, bm, bn) = match (f32_kernel, &f[..]) {
+        (false, [entry, op, bm, bn]) => (*entry, *op, bm.parse().ok()?, bn.parse().ok()?),
+        (true, [entry, op, tile]) => {
+            let t = tile.parse().ok()?;
+            (*entry, *op, t, t)
+        }
+        _ => return None,
+    };
+    let kind = match (f32_kernel, op) {
+        (false, "nt") => LabKind::Coop(CoopOp::Nt128),
+        (false, "tn") => LabKind::Coop(CoopOp::Tn128),
+        (true, "nn") => LabKind::F32 {
+            ta: false,
+            tb: false,
+        },
+        (true, "nt") => LabKind::F32 {
+            ta: false,
+            tb: true,
+        },
+        (true, "tn") => LabKind::F32 {
+            ta: true,
+            tb: false,
+        },
+        _ => return None,
+    };
+    Some(LabEntry {
+        shader,
+        entry,
+        kind,
+        bm,
+        bn,
+    })
 }
 
 /// The variants of `dir` (see the module docs). Sources and names are leaked: the pipeline cache
@@ -397,60 +451,132 @@ fn lab_entries(dir: &str) -> Vec<LabEntry> {
         let name: &'static str = path.display().to_string().leak();
         let source: &'static str = source.leak();
         for line in source.lines() {
-            let Some(spec) = line.strip_prefix("// lab:") else {
+            let shader = gptaq_studio::gpu::kernels::Shader { name, source };
+            let parsed = if let Some(spec) = line.strip_prefix("// lab32:") {
+                lab_line(shader, true, spec)
+            } else if let Some(spec) = line.strip_prefix("// lab:") {
+                lab_line(shader, false, spec)
+            } else {
                 continue;
-            };
-            let f: Vec<&'static str> = spec.split_whitespace().collect();
-            let parsed = match f[..] {
-                [entry, op, bm, bn] => {
-                    let op = match op {
-                        "nt" => Some(CoopOp::Nt128),
-                        "tn" => Some(CoopOp::Tn128),
-                        _ => None,
-                    };
-                    op.zip(bm.parse().ok())
-                        .zip(bn.parse().ok())
-                        .map(|((op, bm), bn)| LabEntry {
-                            shader: gptaq_studio::gpu::kernels::Shader { name, source },
-                            entry,
-                            op,
-                            bm,
-                            bn,
-                        })
-                }
-                _ => None,
             };
             match parsed {
                 Some(e) => out.push(e),
-                None => eprintln!("{name}: cannot read lab line {line:?} (ENTRY nt|tn BM BN)"),
+                None => eprintln!(
+                    "{name}: cannot read lab line {line:?} (lab: ENTRY nt|tn BM BN, or lab32: \
+                     ENTRY nn|nt|tn TILE)"
+                ),
             }
         }
     }
     out
 }
 
+/// The lab's operands for one shape: A holds M·K and B N·K elements in either layout, different
+/// data so that a variant that swaps or transposes one shows.
+enum LabOperands {
+    F16(
+        gptaq_studio::gpu::GpuBuffer<half::f16>,
+        gptaq_studio::gpu::GpuBuffer<half::f16>,
+    ),
+    F32(
+        gptaq_studio::gpu::GpuBuffer<f32>,
+        gptaq_studio::gpu::GpuBuffer<f32>,
+    ),
+}
+
+impl LabOperands {
+    fn new(ctx: &GpuContext, f16: bool, (m, n, k): (usize, usize, usize)) -> Self {
+        let a = data(m * k);
+        let b: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 104_729) % 997) as f32 / 997.0 - 0.5)
+            .collect();
+        let h =
+            |v: Vec<f32>| -> Vec<half::f16> { v.into_iter().map(half::f16::from_f32).collect() };
+        if f16 {
+            LabOperands::F16(
+                ctx.upload("lab a", &h(a)).expect("upload a"),
+                ctx.upload("lab b", &h(b)).expect("upload b"),
+            )
+        } else {
+            LabOperands::F32(
+                ctx.upload("lab a", &a).expect("upload a"),
+                ctx.upload("lab b", &b).expect("upload b"),
+            )
+        }
+    }
+}
+
+/// Records the shipped kernel a variant of `kind` is compared with, into `c` (cleared first).
+fn lab_reference(
+    rec: &mut gptaq_studio::gpu::kernels::Recorder<'_>,
+    kind: LabKind,
+    (m, n, k): (usize, usize, usize),
+    ops_ab: &LabOperands,
+    c: &gptaq_studio::gpu::GpuBuffer<f32>,
+) -> Result<(), gptaq_studio::gpu::GpuError> {
+    rec.clear(c, 0, m * n)?;
+    match (kind, ops_ab) {
+        (LabKind::Coop(op), LabOperands::F16(a, b)) => {
+            ops::gemm_coop(rec, op, m, n, k, (a, 0), (b, 0), MatView::new(c, n))
+        }
+        (LabKind::F32 { ta, tb }, LabOperands::F32(a, b)) => {
+            let va = MatView::new(a, if ta { m } else { k });
+            let vb = MatView::new(b, if tb { k } else { n });
+            ops::gemm_tiled(
+                rec,
+                GemmTile::Large,
+                false,
+                m,
+                n,
+                k,
+                1.0,
+                if ta { va.t() } else { va },
+                if tb { vb.t() } else { vb },
+                0.0,
+                MatView::new(c, n),
+            )
+        }
+        _ => Err(gptaq_studio::gpu::GpuError::Validation(
+            "lab operands of the wrong type".into(),
+        )),
+    }
+}
+
 fn lab_dispatch(
     rec: &mut gptaq_studio::gpu::kernels::Recorder<'_>,
     e: &LabEntry,
     (m, n, k): (usize, usize, usize),
-    a: &gptaq_studio::gpu::GpuBuffer<half::f16>,
-    b: &gptaq_studio::gpu::GpuBuffer<half::f16>,
+    ops_ab: &LabOperands,
     c: &gptaq_studio::gpu::GpuBuffer<f32>,
 ) -> Result<(), gptaq_studio::gpu::GpuError> {
-    // Dense operands in the layout the entry's OP names (as ops::gemm_coop lays them out).
-    let (ta, tb) = e.op.transposes();
-    let params = ops::CoopParams::dense(
-        (m, n, k),
-        (if ta { m } else { k }, if tb { k } else { n }, n),
-    )?;
-    rec.dispatch(
-        &e.shader,
-        e.entry,
-        &[],
-        &params,
-        &[a.binding(), b.binding(), c.binding()],
-        [(n / e.bn) as u32, (m / e.bm) as u32, 1],
-    )
+    let (ta, tb) = match e.kind {
+        LabKind::Coop(op) => op.transposes(),
+        LabKind::F32 { ta, tb } => (ta, tb),
+    };
+    // Dense operands in the layout the entry's OP names (as ops::gemm_coop / gemm lay them out).
+    let ld = (if ta { m } else { k }, if tb { k } else { n }, n);
+    let groups = [n.div_ceil(e.bn) as u32, m.div_ceil(e.bm) as u32, 1];
+    match ops_ab {
+        LabOperands::F16(a, b) => rec.dispatch(
+            &e.shader,
+            e.entry,
+            &[],
+            &ops::CoopParams::dense((m, n, k), ld)?,
+            &[a.binding(), b.binding(), c.binding()],
+            groups,
+        ),
+        LabOperands::F32(a, b) => rec.dispatch(
+            &e.shader,
+            e.entry,
+            &[
+                ("TRANS_A", f64::from(u8::from(ta))),
+                ("TRANS_B", f64::from(u8::from(tb))),
+            ],
+            &ops::GemmParams::dense((m, n, k), ld)?,
+            &[a.binding(), b.binding(), c.binding()],
+            groups,
+        ),
+    }
 }
 
 /// The lab's shapes: `GPTAQ_BENCH_WGSL_SHAPES` ("MxNxK,…", e.g. a forward chunk's
@@ -473,50 +599,47 @@ fn lab_shapes() -> Vec<(usize, usize, usize)> {
 }
 
 fn wgsl_lab(c: &mut Criterion, ctx: &GpuContext, dir: &str) {
-    if !CoopOp::Nt128.available(ctx) || !CoopOp::Tn128.available(ctx) {
-        eprintln!("wgsl_lab: the adapter runs no staged tensor-core GEMM to compare with; skipped");
-        return;
-    }
-    let entries = lab_entries(dir);
+    let coop = CoopOp::Nt128.available(ctx) && CoopOp::Tn128.available(ctx);
+    let entries: Vec<LabEntry> = lab_entries(dir)
+        .into_iter()
+        .filter(|e| {
+            let keep = coop || !matches!(e.kind, LabKind::Coop(_));
+            if !keep {
+                eprintln!(
+                    "lab {}: the adapter runs no staged tensor-core GEMM to compare with; skipped",
+                    e.entry
+                );
+            }
+            keep
+        })
+        .collect();
     let mut g = c.benchmark_group("wgsl_lab");
     g.sample_size(10);
     for (m, n, k) in lab_shapes() {
-        // Different operands, so a variant that swaps or transposes one shows. A holds M·K
-        // halves and B N·K in either layout.
-        let ha: Vec<half::f16> = data(m * k).into_iter().map(half::f16::from_f32).collect();
-        let hb: Vec<half::f16> = (0..n * k)
-            .map(|i| half::f16::from_f32(((i * 104_729) % 997) as f32 / 997.0 - 0.5))
-            .collect();
-        let a = ctx.upload("lab a", &ha).expect("upload a");
-        let b = ctx.upload("lab b", &hb).expect("upload b");
+        let mut operands: [Option<LabOperands>; 2] = [None, None];
         let out = ctx.zeros::<f32>("lab c", m * n).expect("alloc c");
         g.throughput(Throughput::Elements((2 * m * n * k) as u64));
         let mut reference = std::collections::HashMap::new();
         for e in &entries {
-            if m % e.bm != 0 || n % e.bn != 0 || !ops::coop_shape_ok_for(e.op, m, n, k) {
+            // Coop kernels have no bounds checks: their shapes must tile. f32 ones take any.
+            if let LabKind::Coop(op) = e.kind
+                && (m % e.bm != 0 || n % e.bn != 0 || !ops::coop_shape_ok_for(op, m, n, k))
+            {
                 eprintln!("lab {}: {m}x{n}x{k} does not tile", e.entry);
                 continue;
             }
-            let want: &[f32] = reference.entry(e.op).or_insert_with(|| {
+            let f16 = matches!(e.kind, LabKind::Coop(_));
+            let ab: &LabOperands = operands[usize::from(f16)]
+                .get_or_insert_with(|| LabOperands::new(ctx, f16, (m, n, k)));
+            let want: &[f32] = reference.entry(e.kind).or_insert_with(|| {
                 let mut rec = ctx.recorder();
-                rec.clear(&out, 0, m * n).expect("clear");
-                ops::gemm_coop(
-                    &mut rec,
-                    e.op,
-                    m,
-                    n,
-                    k,
-                    (&a, 0),
-                    (&b, 0),
-                    MatView::new(&out, n),
-                )
-                .expect("reference gemm");
+                lab_reference(&mut rec, e.kind, (m, n, k), ab, &out).expect("reference gemm");
                 rec.submit();
                 ctx.read(&out).expect("read reference")
             });
             let mut rec = ctx.recorder();
             rec.clear(&out, 0, m * n).expect("clear");
-            if let Err(err) = lab_dispatch(&mut rec, e, (m, n, k), &a, &b, &out) {
+            if let Err(err) = lab_dispatch(&mut rec, e, (m, n, k), ab, &out) {
                 eprintln!("lab {} ({}): {err}", e.entry, e.shader.name);
                 continue;
             }
@@ -540,12 +663,15 @@ fn wgsl_lab(c: &mut Criterion, ctx: &GpuContext, dir: &str) {
                         if d > mx.1 || d.is_nan() { (i, d) } else { mx }
                     },
                 );
-            let ok = diff <= 1e-3 * scale;
+            // f16 variants may sum in another order over f16 products; f32 ones over K terms.
+            let tol = if f16 { 1e-3 } else { 1e-5 };
+            let ok = diff <= tol * scale;
             eprintln!(
-                "lab {} {:?} {m}x{n}x{k}: max |Δ| {diff:.3e} (max |C| {scale:.3e}) at ({}, {}): got \
-                 {} expected {}{}",
+                "lab {} {} {:?} {m}x{n}x{k}: max |Δ| {diff:.3e} (max |C| {scale:.3e}) at ({}, {}): \
+                 got {} expected {}{}",
+                e.shader.name,
                 e.entry,
-                e.op,
+                e.kind,
                 at / n,
                 at % n,
                 got[at],
@@ -555,14 +681,21 @@ fn wgsl_lab(c: &mut Criterion, ctx: &GpuContext, dir: &str) {
             if !ok {
                 continue;
             }
-            g.bench_function(format!("{m}x{n}x{k} {}", e.entry), |bch| {
-                bch.iter(|| {
-                    let mut rec = ctx.recorder();
-                    lab_dispatch(&mut rec, e, (m, n, k), &a, &b, &out).expect("lab dispatch");
-                    rec.submit();
-                    ctx.sync().expect("sync");
-                })
-            });
+            // Files may reuse entry names: the file's stem keeps the ids distinct.
+            let stem = std::path::Path::new(e.shader.name)
+                .file_stem()
+                .map_or_else(String::new, |s| s.to_string_lossy().into_owned());
+            g.bench_function(
+                format!("{m}x{n}x{k} {stem} {} {:?}", e.entry, e.kind),
+                |bch| {
+                    bch.iter(|| {
+                        let mut rec = ctx.recorder();
+                        lab_dispatch(&mut rec, e, (m, n, k), ab, &out).expect("lab dispatch");
+                        rec.submit();
+                        ctx.sync().expect("sync");
+                    })
+                },
+            );
         }
     }
     g.finish();

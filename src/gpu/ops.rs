@@ -11,22 +11,44 @@ crate::wgsl_shader!(ELEMENTWISE, "elementwise");
 crate::wgsl_shader!(MIRROR, "mirror");
 crate::wgsl_shader!(COL_DOT, "col_dot");
 
+/// The uniform block of the f32 GEMM kernels (`gemm.wgsl`'s `Params`). Public so that the kernel
+/// lab (benches/kernels.rs) dispatches variant kernels with exactly what the shipped ones get.
 #[repr(C)]
-#[derive(Clone, Copy, Pod, Zeroable)]
-struct GemmParams {
-    m: u32,
-    n: u32,
-    k: u32,
-    lda: u32,
-    ldb: u32,
-    ldc: u32,
-    off_a: u32,
-    off_b: u32,
-    off_c: u32,
-    alpha: f32,
-    beta: f32,
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+pub struct GemmParams {
+    pub m: u32,
+    pub n: u32,
+    pub k: u32,
+    pub lda: u32,
+    pub ldb: u32,
+    pub ldc: u32,
+    pub off_a: u32,
+    pub off_b: u32,
+    pub off_c: u32,
+    pub alpha: f32,
+    pub beta: f32,
     /// Upper-triangle launches: the view's shift from the diagonal (`gemm.wgsl`).
-    diag: i32,
+    pub diag: i32,
+}
+
+impl GemmParams {
+    /// `C = op(A)·op(B)` (alpha 1, beta 0) over dense operands from element 0 of each buffer, with
+    /// row strides `lda`, `ldb`, `ldc`.
+    pub fn dense(
+        (m, n, k): (usize, usize, usize),
+        (lda, ldb, ldc): (usize, usize, usize),
+    ) -> Result<Self, GpuError> {
+        Ok(Self {
+            m: u32_of("gemm M", m)?,
+            n: u32_of("gemm N", n)?,
+            k: u32_of("gemm K", k)?,
+            lda: u32_of("gemm lda", lda)?,
+            ldb: u32_of("gemm ldb", ldb)?,
+            ldc: u32_of("gemm ldc", ldc)?,
+            alpha: 1.0,
+            ..Self::zeroed()
+        })
+    }
 }
 
 /// A row-major matrix view inside a buffer: element (r, c) at `offset + r·ld + c`.
