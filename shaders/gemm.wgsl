@@ -28,7 +28,9 @@
 // version of this kernel ran at 0.4 TFLOP/s on an H200). Only workgroup arrays are indexed
 // dynamically here.
 //
-// Every global load is bounds-checked, so any M, N, K (including 1 and primes) is valid.
+// Every global load is bounds-checked, so any M, N, K (including 1 and primes) is valid. Operands
+// with known zero triangles (GPTAQ's triu₁(D·Uᵀ)·U, quant/gpu.rs) declare them in `tri`; each
+// output tile then sums only over the k range where both operands can be non-zero (`k_range`).
 
 struct Params {
     m: u32,
@@ -46,6 +48,15 @@ struct Params {
     // offset from the diagonal of the symmetric matrix it is a block of (0 for a square view on
     // the diagonal; launches over row panels pass the panel's shift, gpu/matrix.rs).
     diag: i32,
+    // Known zero triangles of the operands (ops::KSkip), in this launch's coordinates; `tri` bit
+    // 0: op(A)[i, k] = 0 for k < i + a_up; bit 1: op(A)[i, k] = 0 for k > i + a_lo; bit 2:
+    // op(B)[k, j] = 0 for k > j + b_up; bit 3: op(B)[k, j] = 0 for k < j + b_lo. Each output tile
+    // sums only over the k where both can be non-zero (`k_range`).
+    tri: u32,
+    a_up: i32,
+    a_lo: i32,
+    b_up: i32,
+    b_lo: i32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -70,8 +81,44 @@ override DOUBLE_BUFFER: bool = false;
 var<workgroup> la: array<vec4<f32>, select(256u, 512u, DOUBLE_BUFFER)>;
 var<workgroup> lb: array<vec4<f32>, select(256u, 512u, DOUBLE_BUFFER)>;
 
+// The k range of this workgroup's output tile: loads outside [k_beg, k_end) read as zero.
+var<private> k_beg: u32;
+var<private> k_end: u32;
+
+// The k range [x, y) of the output tile with rows row0 .. row0 + tile and columns col0 .. col0 +
+// tile: the products outside it involve an entry the caller declared zero (`p.tri`), so summing
+// exactly over it leaves every sum bit for bit the dense one. Sets k_beg / k_end and returns
+// (first slice start, y): the start is x rounded down to a multiple of 4 (16 B) so that
+// k-contiguous loads stay aligned (the loads below x read as zero). Computed from the workgroup id
+// and uniforms only, so the k loops and their barriers stay in uniform control flow (the loop
+// bounds come from the returned value, not from the private copies).
+fn k_range(row0: u32, col0: u32, tile: u32) -> vec2<u32> {
+    var lo = 0;
+    var hi = i32(p.k);
+    let r = i32(row0);
+    let c = i32(col0);
+    let t = i32(tile);
+    if ((p.tri & 1u) != 0u) {
+        lo = max(lo, r + p.a_up);
+    }
+    if ((p.tri & 2u) != 0u) {
+        hi = min(hi, r + t + p.a_lo);
+    }
+    if ((p.tri & 4u) != 0u) {
+        hi = min(hi, c + t + p.b_up);
+    }
+    if ((p.tri & 8u) != 0u) {
+        lo = max(lo, c + p.b_lo);
+    }
+    lo = min(lo, i32(p.k));
+    let end = u32(max(hi, lo));
+    k_beg = u32(lo);
+    k_end = end;
+    return vec2<u32>(u32(lo & ~3), end);
+}
+
 fn load_a(row: u32, kk: u32) -> f32 {
-    if (row >= p.m || kk >= p.k) {
+    if (row >= p.m || kk < k_beg || kk >= k_end) {
         return 0.0;
     }
     if (TRANS_A) {
@@ -81,7 +128,7 @@ fn load_a(row: u32, kk: u32) -> f32 {
 }
 
 fn load_b(kk: u32, col: u32) -> f32 {
-    if (kk >= p.k || col >= p.n) {
+    if (kk < k_beg || kk >= k_end || col >= p.n) {
         return 0.0;
     }
     if (TRANS_B) {
@@ -181,13 +228,15 @@ fn gemm_large(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id
     // `nxt` is `cur`, so a second barrier first waits until every invocation has read it. Double-
     // buffered, the one barrier also separates each read of a buffer (slice t) from its next write
     // (slice t + 2, after the following iteration's barrier).
-    var ra = vec4<f32>(load_a(row0 + sa0.x, sa0.y), load_a(row0 + sa1.x, sa1.y),
-                       load_a(row0 + sa2.x, sa2.y), load_a(row0 + sa3.x, sa3.y));
-    var rb = vec4<f32>(load_b(sb0.y, col0 + sb0.x), load_b(sb1.y, col0 + sb1.x),
-                       load_b(sb2.y, col0 + sb2.x), load_b(sb3.y, col0 + sb3.x));
+    let kr = k_range(row0, col0, 128u);
+    let k0 = kr.x;
+    var ra = vec4<f32>(load_a(row0 + sa0.x, k0 + sa0.y), load_a(row0 + sa1.x, k0 + sa1.y),
+                       load_a(row0 + sa2.x, k0 + sa2.y), load_a(row0 + sa3.x, k0 + sa3.y));
+    var rb = vec4<f32>(load_b(k0 + sb0.y, col0 + sb0.x), load_b(k0 + sb1.y, col0 + sb1.x),
+                       load_b(k0 + sb2.y, col0 + sb2.x), load_b(k0 + sb3.y, col0 + sb3.x));
     store_large(0u, sa0, sa1, sa2, sa3, sb0, sb1, sb2, sb3, ra, rb);
     workgroupBarrier();
-    let ktiles = (p.k + BK - 1u) / BK;
+    let ktiles = (kr.y - k0 + BK - 1u) / BK;
     for (var t = 0u; t < ktiles; t++) {
         var cur = 0u;
         var nxt = 0u;
@@ -195,7 +244,7 @@ fn gemm_large(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id
             cur = (t % 2u) * 256u;
             nxt = 256u - cur;
         }
-        let k1 = (t + 1u) * BK;
+        let k1 = k0 + (t + 1u) * BK;
         ra = vec4<f32>(load_a(row0 + sa0.x, k1 + sa0.y), load_a(row0 + sa1.x, k1 + sa1.y),
                        load_a(row0 + sa2.x, k1 + sa2.y), load_a(row0 + sa3.x, k1 + sa3.y));
         rb = vec4<f32>(load_b(k1 + sb0.y, col0 + sb0.x), load_b(k1 + sb1.y, col0 + sb1.x),
@@ -270,16 +319,18 @@ fn gemm_small(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id
     var c2 = vec4<f32>(0.0);
     var c3 = vec4<f32>(0.0);
 
-    var ra = vec2<f32>(load_a(row0 + sa0.x, sa0.y), load_a(row0 + sa1.x, sa1.y));
-    var rb = vec2<f32>(load_b(sb0.y, col0 + sb0.x), load_b(sb1.y, col0 + sb1.x));
-    let ktiles = (p.k + BK - 1u) / BK;
+    let kr = k_range(row0, col0, 64u);
+    let k0 = kr.x;
+    var ra = vec2<f32>(load_a(row0 + sa0.x, k0 + sa0.y), load_a(row0 + sa1.x, k0 + sa1.y));
+    var rb = vec2<f32>(load_b(k0 + sb0.y, col0 + sb0.x), load_b(k0 + sb1.y, col0 + sb1.x));
+    let ktiles = (kr.y - k0 + BK - 1u) / BK;
     for (var t = 0u; t < ktiles; t++) {
         sa[sa0.y * 16u + sa0.x / 4u][sa0.x % 4u] = ra.x;
         sa[sa1.y * 16u + sa1.x / 4u][sa1.x % 4u] = ra.y;
         sb[sb0.y * 16u + sb0.x / 4u][sb0.x % 4u] = rb.x;
         sb[sb1.y * 16u + sb1.x / 4u][sb1.x % 4u] = rb.y;
         workgroupBarrier();
-        let k1 = (t + 1u) * BK;
+        let k1 = k0 + (t + 1u) * BK;
         ra = vec2<f32>(load_a(row0 + sa0.x, k1 + sa0.y), load_a(row0 + sa1.x, k1 + sa1.y));
         rb = vec2<f32>(load_b(k1 + sb0.y, col0 + sb0.x), load_b(k1 + sb1.y, col0 + sb1.x));
         for (var kk = 0u; kk < BK; kk++) {

@@ -427,6 +427,277 @@ fn gemm_over_row_panels_matches_f64() {
     }
 }
 
+/// `gemm_mat_skip` ([`ops::KSkip`]): each output tile sums over the union of its elements' k
+/// ranges, so on masked operands (the declared triangles exact zeros) it is bit for bit the dense
+/// `gemm_mat` and matches f64. Where no tile of either size (128, 64) can read a declared-zero
+/// entry, the test stores garbage there instead, which any too-wide k range would pull into a sum
+/// (single-buffer cases; panel launches tile from their own origin). Shapes span several tiles,
+/// primes, both transposes, operands in row panels and blocks starting mid-panel; shifts include
+/// negative ones and ones beyond the matrix.
+#[test]
+fn gemm_skipping_zero_triangles_is_exact() {
+    let Some(ctx) = test_context() else { return };
+    type Skip = (Option<i64>, Option<i64>, Option<i64>, Option<i64>);
+    // (m, n, k, panel rows of A, B, C, ta, tb, (a_upper, a_lower, b_upper, b_lower))
+    type Case = (usize, usize, usize, [usize; 3], bool, bool, Skip);
+    let cases: &[Case] = &[
+        // GPTAQ's P: strictly upper A, upper B shifted by the block's first column.
+        (
+            300,
+            131,
+            300,
+            [0, 0, 0],
+            false,
+            false,
+            (Some(1), None, Some(150), None),
+        ),
+        (
+            300,
+            131,
+            300,
+            [37, 64, 0],
+            false,
+            false,
+            (Some(1), None, Some(150), None),
+        ),
+        // GPTAQ's T: B = Uᵀ, lower.
+        (
+            261,
+            140,
+            257,
+            [0, 0, 0],
+            false,
+            true,
+            (None, None, None, Some(0)),
+        ),
+        (
+            261,
+            140,
+            257,
+            [29, 41, 53],
+            false,
+            true,
+            (None, None, None, Some(0)),
+        ),
+        // The other two sides, transposed storage, negative and out-of-range shifts.
+        (
+            199,
+            211,
+            263,
+            [0, 0, 0],
+            true,
+            false,
+            (Some(-40), Some(70), None, None),
+        ),
+        (
+            199,
+            211,
+            263,
+            [0, 0, 0],
+            true,
+            true,
+            (None, None, Some(-3), Some(-90)),
+        ),
+        (
+            77,
+            66,
+            55,
+            [0, 0, 0],
+            false,
+            false,
+            (Some(500), None, None, None),
+        ),
+        (
+            77,
+            66,
+            55,
+            [0, 0, 0],
+            false,
+            false,
+            (None, Some(-500), Some(-1000), Some(-7)),
+        ),
+        (
+            1,
+            1,
+            1,
+            [0, 0, 0],
+            false,
+            false,
+            (Some(0), Some(0), Some(0), Some(0)),
+        ),
+        (
+            130,
+            129,
+            140,
+            [0, 0, 17],
+            true,
+            true,
+            (Some(3), Some(90), Some(40), Some(-20)),
+        ),
+    ];
+    for (seed, &(m, n, k, pr, ta, tb, (au, al, bu, bl))) in cases.iter().enumerate() {
+        let skip = ops::KSkip {
+            a_upper: au,
+            a_lower: al,
+            b_upper: bu,
+            b_lower: bl,
+        };
+        let mut r = rng(9100 + seed as u64);
+        // op(A)[i, l] / op(B)[l, j] are zero by declaration where these say so.
+        let a_zero = |i: usize, l: usize| {
+            let (i, l) = (i as i64, l as i64);
+            au.is_some_and(|s| l < i + s) || al.is_some_and(|s| l > i + s)
+        };
+        let b_zero = |l: usize, j: usize| {
+            let (l, j) = (l as i64, j as i64);
+            bu.is_some_and(|s| l > j + s) || bl.is_some_and(|s| l < j + s)
+        };
+        // Operands inside larger stored matrices at offsets, so blocks start mid-panel.
+        let (oa, ob, oc) = ((2usize, 1usize), (1usize, 3usize), (1usize, 2usize));
+        let (ar, ac) = if ta { (k, m) } else { (m, k) };
+        let (br, bc) = if tb { (n, k) } else { (k, n) };
+        let (a_rows, a_cols) = (ar + oa.0 + 1, ac + oa.1 + 1);
+        let (b_rows, b_cols) = (br + ob.0 + 1, bc + ob.1 + 2);
+        let (c_rows, c_cols) = (m + oc.0, n + oc.1 + 1);
+        let a_at = |i: usize, l: usize| {
+            if ta {
+                (oa.0 + l) * a_cols + oa.1 + i
+            } else {
+                (oa.0 + i) * a_cols + oa.1 + l
+            }
+        };
+        let b_at = |l: usize, j: usize| {
+            if tb {
+                (ob.0 + j) * b_cols + ob.1 + l
+            } else {
+                (ob.0 + l) * b_cols + ob.1 + j
+            }
+        };
+        // The k range [lo, hi) an output tile of side t at (row0, col0) sums over, as gemm.wgsl's
+        // k_range computes it.
+        let tile_range = |t: usize, row0: usize, col0: usize| -> (usize, usize) {
+            let (r0, c0, t, kk) = (row0 as i64, col0 as i64, t as i64, k as i64);
+            let mut lo = 0i64;
+            let mut hi = kk;
+            if let Some(s) = au {
+                lo = lo.max(r0 + s);
+            }
+            if let Some(s) = al {
+                hi = hi.min(r0 + t + s);
+            }
+            if let Some(s) = bu {
+                hi = hi.min(c0 + t + s);
+            }
+            if let Some(s) = bl {
+                lo = lo.max(c0 + s);
+            }
+            let lo = lo.min(kk);
+            (lo as usize, hi.max(lo) as usize)
+        };
+        // Whether any tile of either size reads op(A)[i, l] / op(B)[l, j].
+        let read_a = |i: usize, l: usize| {
+            [64, 128].iter().any(|&t| {
+                (0..n).step_by(t).any(|c0| {
+                    (tile_range(t, i / t * t, c0).0..tile_range(t, i / t * t, c0).1).contains(&l)
+                })
+            })
+        };
+        let read_b = |l: usize, j: usize| {
+            [64, 128].iter().any(|&t| {
+                (0..m).step_by(t).any(|r0| {
+                    (tile_range(t, r0, j / t * t).0..tile_range(t, r0, j / t * t).1).contains(&l)
+                })
+            })
+        };
+        let (mut a, mut b) = (
+            rand_vec(&mut r, a_rows * a_cols),
+            rand_vec(&mut r, b_rows * b_cols),
+        );
+        let c = rand_vec(&mut r, c_rows * c_cols);
+        // Masked operands (declared zeros exact) and the garbage variant (declared zeros that no
+        // tile reads keep their random values).
+        let (mut garbage_a, mut garbage_b) = (a.clone(), b.clone());
+        let (mut unread_a, mut unread_b) = (0usize, 0usize);
+        for i in 0..m {
+            for l in 0..k {
+                if a_zero(i, l) {
+                    a[a_at(i, l)] = 0.0;
+                    if read_a(i, l) {
+                        garbage_a[a_at(i, l)] = 0.0;
+                    } else {
+                        unread_a += 1;
+                    }
+                }
+            }
+        }
+        for l in 0..k {
+            for j in 0..n {
+                if b_zero(l, j) {
+                    b[b_at(l, j)] = 0.0;
+                    if read_b(l, j) {
+                        garbage_b[b_at(l, j)] = 0.0;
+                    } else {
+                        unread_b += 1;
+                    }
+                }
+            }
+        }
+        let (alpha, beta) = (1.25f32, if seed % 2 == 0 { 0.0 } else { -0.5 });
+        let mut expected: Vec<f64> = c.iter().map(|&v| f64::from(v)).collect();
+        for i in 0..m {
+            for j in 0..n {
+                let s: f64 = (0..k)
+                    .map(|l| f64::from(a[a_at(i, l)]) * f64::from(b[b_at(l, j)]))
+                    .sum();
+                let ci = (oc.0 + i) * c_cols + oc.1 + j;
+                expected[ci] = f64::from(alpha) * s + f64::from(beta) * f64::from(c[ci]);
+            }
+        }
+        let case = format!(
+            "gemm_mat_skip {m}x{n}x{k} panels A/B/C {pr:?} ta={ta} tb={tb} {skip:?} beta={beta}"
+        );
+        let run = |av: &[f32], bv: &[f32], skipping: bool| -> Vec<f32> {
+            let sa = Stored::new(&ctx, av, a_rows, a_cols, pr[0]);
+            let sb = Stored::new(&ctx, bv, b_rows, b_cols, pr[1]);
+            let sc = Stored::new(&ctx, &c, c_rows, c_cols, pr[2]);
+            let mut rec = ctx.recorder();
+            let (opa, opb, opc) = (
+                sa.op(oa.0, oa.1, a_cols, ta),
+                sb.op(ob.0, ob.1, b_cols, tb),
+                sc.op(oc.0, oc.1, c_cols, false),
+            );
+            if skipping {
+                ops::gemm_mat_skip(&mut rec, m, n, k, alpha, opa, opb, beta, opc, skip).unwrap();
+            } else {
+                ops::gemm_mat(&mut rec, m, n, k, alpha, opa, opb, beta, opc).unwrap();
+            }
+            rec.submit();
+            sc.read(&ctx)
+        };
+        if pr == [0, 0, 0] {
+            let got = run(&garbage_a, &garbage_b, true);
+            assert_close(
+                &format!("{case}, garbage in {unread_a} + {unread_b} unread zeros of A + B"),
+                &got,
+                &expected,
+                1e-5 * (k as f64).sqrt(),
+                1e-5,
+            );
+        }
+        // Masked operands: the same bits as the dense GEMM.
+        let skipped = run(&a, &b, true);
+        let dense = run(&a, &b, false);
+        for (idx, (x, y)) in skipped.iter().zip(&dense).enumerate() {
+            assert!(
+                x.to_bits() == y.to_bits(),
+                "{case}: element ({}, {}) of the stored C: skipping gives {x:e}, dense {y:e}",
+                idx / c_cols,
+                idx % c_cols
+            );
+        }
+    }
+}
+
 #[test]
 fn elementwise_and_reductions() {
     let Some(ctx) = test_context() else { return };

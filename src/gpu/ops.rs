@@ -29,6 +29,65 @@ pub struct GemmParams {
     pub beta: f32,
     /// Upper-triangle launches: the view's shift from the diagonal (`gemm.wgsl`).
     pub diag: i32,
+    /// [`KSkip`] in the launch's own coordinates: bit 0 `a_upper`, bit 1 `a_lower`, bit 2
+    /// `b_upper`, bit 3 `b_lower` present, with their shifts.
+    pub tri: u32,
+    pub a_up: i32,
+    pub a_lo: i32,
+    pub b_up: i32,
+    pub b_lo: i32,
+}
+
+/// Zero triangles of a GEMM's operands, which the f32 kernels skip: each output tile sums only
+/// over the `k` range where both operands can be non-zero (`gemm.wgsl`'s `k_range`). The caller
+/// guarantees that every entry on the named side is an exact zero (a masked triangle, the zero
+/// half of a triangular factor); the result is then bit for bit the dense product's, since a
+/// product with an exact zero leaves an f32 sum unchanged. Shifts are in the coordinates of the
+/// whole product (`op(A)` rows `i`, `op(B)` columns `j`, `k` from 0); [`gemm_mat_skip`] moves
+/// them into each panel launch's coordinates.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KSkip {
+    /// `op(A)[i, k] == 0` for `k < i + s` (upper triangular; `s = 1`: strictly upper).
+    pub a_upper: Option<i64>,
+    /// `op(A)[i, k] == 0` for `k > i + s` (lower triangular).
+    pub a_lower: Option<i64>,
+    /// `op(B)[k, j] == 0` for `k > j + s` (upper triangular).
+    pub b_upper: Option<i64>,
+    /// `op(B)[k, j] == 0` for `k < j + s` (lower triangular, e.g. `Uᵀ` of an upper `U`).
+    pub b_lower: Option<i64>,
+}
+
+impl KSkip {
+    /// The same zeros for the launch covering rows from `m0`, columns from `n0` and `k` from `k0`
+    /// of the whole product (a panel launch): the A shifts move by `m0 − k0`, the B shifts by
+    /// `n0 − k0`.
+    fn moved(&self, m0: usize, n0: usize, k0: usize) -> Self {
+        let by = |s: Option<i64>, o: usize| s.map(|s| s + o as i64 - k0 as i64);
+        Self {
+            a_upper: by(self.a_upper, m0),
+            a_lower: by(self.a_lower, m0),
+            b_upper: by(self.b_upper, n0),
+            b_lower: by(self.b_lower, n0),
+        }
+    }
+
+    /// `gemm.wgsl`'s `(tri, a_up, a_lo, b_up, b_lo)`. Shifts are clamped to ±2³⁰: beyond that a
+    /// bound lies outside every grid and K the kernels accept, so the clamp changes nothing.
+    fn packed(&self) -> (u32, i32, i32, i32, i32) {
+        const LIM: i64 = 1 << 30;
+        let shift = |s: Option<i64>| s.unwrap_or(0).clamp(-LIM, LIM) as i32;
+        let flags = u32::from(self.a_upper.is_some())
+            | u32::from(self.a_lower.is_some()) << 1
+            | u32::from(self.b_upper.is_some()) << 2
+            | u32::from(self.b_lower.is_some()) << 3;
+        (
+            flags,
+            shift(self.a_upper),
+            shift(self.a_lower),
+            shift(self.b_upper),
+            shift(self.b_lower),
+        )
+    }
 }
 
 impl GemmParams {
@@ -176,7 +235,20 @@ pub fn gemm(
     beta: f32,
     c: MatView<'_>,
 ) -> Result<(), GpuError> {
-    gemm_impl(rec, m, n, k, alpha, a, b, beta, c, None, None)
+    gemm_impl(
+        rec,
+        m,
+        n,
+        k,
+        alpha,
+        a,
+        b,
+        beta,
+        c,
+        None,
+        None,
+        KSkip::default(),
+    )
 }
 
 /// [`gemm`] restricted to the upper triangle of a square C (`m == n`, elements `row ≤ col` of the
@@ -193,7 +265,20 @@ pub fn gemm_upper(
     beta: f32,
     c: MatView<'_>,
 ) -> Result<(), GpuError> {
-    gemm_impl(rec, n, n, k, alpha, a, b, beta, c, Some(0), None)
+    gemm_impl(
+        rec,
+        n,
+        n,
+        k,
+        alpha,
+        a,
+        b,
+        beta,
+        c,
+        Some(0),
+        None,
+        KSkip::default(),
+    )
 }
 
 /// [`gemm`] / [`gemm_upper`] with the kernel forced (tests and benchmarks of both tiles).
@@ -217,7 +302,20 @@ pub fn gemm_tiled(
         )));
     }
     let diag = upper_only.then_some(0);
-    gemm_impl(rec, m, n, k, alpha, a, b, beta, c, diag, Some(tile))
+    gemm_impl(
+        rec,
+        m,
+        n,
+        k,
+        alpha,
+        a,
+        b,
+        beta,
+        c,
+        diag,
+        Some(tile),
+        KSkip::default(),
+    )
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -233,6 +331,7 @@ fn gemm_impl(
     c: MatView<'_>,
     upper: Option<i32>,
     tile: Option<GemmTile>,
+    skip: KSkip,
 ) -> Result<(), GpuError> {
     if m == 0 || n == 0 {
         return Ok(());
@@ -248,6 +347,7 @@ fn gemm_impl(
         check_len("gemm B", b.buf, extent(&b, k, n))?;
     }
     check_len("gemm C", c.buf, c.offset + (m - 1) * c.ld + n)?;
+    let (tri, a_up, a_lo, b_up, b_lo) = skip.packed();
     let params = GemmParams {
         m: u32_of("gemm M", m)?,
         n: u32_of("gemm N", n)?,
@@ -261,6 +361,11 @@ fn gemm_impl(
         alpha,
         beta,
         diag: upper.unwrap_or(0),
+        tri,
+        a_up,
+        a_lo,
+        b_up,
+        b_lo,
     };
     let tile = tile.unwrap_or_else(|| gemm_tile_for(rec.ctx(), m, n, k));
     let (entry, side) = match tile {
@@ -408,7 +513,26 @@ pub fn gemm_mat(
     beta: f32,
     c: Operand<'_>,
 ) -> Result<(), GpuError> {
-    gemm_split(rec, m, n, k, alpha, a, b, beta, c, false)
+    gemm_split(rec, m, n, k, alpha, a, b, beta, c, false, KSkip::default())
+}
+
+/// [`gemm_mat`] over operands with known zero triangles ([`KSkip`]): per output tile only the
+/// `k` range where both can be non-zero is summed, e.g. GPTAQ's `triu₁(T)·U` at about a third of
+/// the dense multiply-adds (quant/gpu.rs).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_mat_skip(
+    rec: &mut Recorder<'_>,
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    a: Operand<'_>,
+    b: Operand<'_>,
+    beta: f32,
+    c: Operand<'_>,
+    skip: KSkip,
+) -> Result<(), GpuError> {
+    gemm_split(rec, m, n, k, alpha, a, b, beta, c, false, skip)
 }
 
 /// [`gemm_mat`] restricted to the upper triangle of the square n×n C block (like [`gemm_upper`]).
@@ -423,7 +547,7 @@ pub fn gemm_mat_upper(
     beta: f32,
     c: Operand<'_>,
 ) -> Result<(), GpuError> {
-    gemm_split(rec, n, n, k, alpha, a, b, beta, c, true)
+    gemm_split(rec, n, n, k, alpha, a, b, beta, c, true, KSkip::default())
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -438,6 +562,7 @@ fn gemm_split(
     beta: f32,
     c: Operand<'_>,
     upper: bool,
+    skip: KSkip,
 ) -> Result<(), GpuError> {
     if m == 0 || n == 0 {
         return Ok(());
@@ -490,6 +615,7 @@ fn gemm_split(
                     c.at_logical(m0, n0),
                     diag,
                     None,
+                    skip.moved(m0, n0, k0),
                 )?;
             }
         }
@@ -1427,4 +1553,52 @@ pub fn gemm_coop_batched(
         &[a.buf.binding(), b.buf.binding(), c.buf.binding()],
         groups,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::KSkip;
+
+    /// Whether op(A)[i, l] / op(B)[l, j] are declared zero, in the coordinates the shifts are in.
+    fn zero_a(s: &KSkip, i: i64, l: i64) -> bool {
+        s.a_upper.is_some_and(|v| l < i + v) || s.a_lower.is_some_and(|v| l > i + v)
+    }
+    fn zero_b(s: &KSkip, l: i64, j: i64) -> bool {
+        s.b_upper.is_some_and(|v| l > j + v) || s.b_lower.is_some_and(|v| l < j + v)
+    }
+
+    /// A panel launch covering rows from m0, columns from n0 and k from k0 declares exactly the
+    /// zeros of the whole product, in its own coordinates.
+    #[test]
+    fn moved_skip_declares_the_same_zeros_in_launch_coordinates() {
+        let shifts = [None, Some(-5), Some(0), Some(1), Some(7)];
+        for (t, &(m0, n0, k0)) in [(0, 0, 0), (3, 0, 5), (0, 6, 2), (4, 9, 0), (7, 2, 11)]
+            .iter()
+            .enumerate()
+        {
+            let whole = KSkip {
+                a_upper: shifts[t % 5],
+                a_lower: shifts[(t + 2) % 5],
+                b_upper: shifts[(t + 1) % 5],
+                b_lower: shifts[(t + 3) % 5],
+            };
+            let local = whole.moved(m0, n0, k0);
+            for i in 0..12i64 {
+                for l in 0..12i64 {
+                    let g = (i + m0 as i64, l + k0 as i64);
+                    assert_eq!(
+                        zero_a(&local, i, l),
+                        zero_a(&whole, g.0, g.1),
+                        "A ({i}, {l}) of the launch at ({m0}, {n0}, {k0}), {whole:?} → {local:?}"
+                    );
+                    let g = (l + k0 as i64, i + n0 as i64);
+                    assert_eq!(
+                        zero_b(&local, l, i),
+                        zero_b(&whole, g.0, g.1),
+                        "B ({l}, {i}) of the launch at ({m0}, {n0}, {k0}), {whole:?} → {local:?}"
+                    );
+                }
+            }
+        }
+    }
 }

@@ -16,8 +16,8 @@
 //! 2. **GPTAQ `P` on the GPU** (§2.2): `D` is permuted and its dead columns zeroed by a gather
 //!    kernel (`quant_gather.wgsl`), then `T = D·Uᵀ`, `T ← α·triu₁(T)` (`quant_mask.wgsl`),
 //!    `P = T·U` — GEMMs over column blocks that skip what the triangles of `U` and `T` make zero,
-//!    in place of the permuted `D` ([`gptaq_p_blocked`]: about 0.6·n³ multiply-adds instead of the
-//!    dense 2·n³, and no second n×n matrix).
+//!    per block and per output tile, in place of the permuted `D` ([`gptaq_p_blocked`]: about
+//!    0.35·n³ multiply-adds instead of the dense 2·n³, and no second n×n matrix).
 //! 3. **Blocked sweep on the GPU** (§1.2 step 8, §6.3): per block one `quant_sweep.wgsl` dispatch
 //!    (workgroup per row chunk) does the per-column quantization, group parameters at group starts
 //!    (stale-W quirk included), the in-block OBS update and GPTAQ's in-block term; then the lazy
@@ -348,11 +348,15 @@ fn tri_blocks(n: usize, b: usize) -> impl DoubleEndedIterator<Item = (usize, usi
 /// - `P[i, j] = Σ_m T[i, m]·U[m, j]` is non-zero only for `i < m ≤ j`: block `J` needs rows
 ///   `0..j1` and `m < j1`.
 ///
-/// Over 16 column blocks that is ≈ 0.6·n³ multiply-adds (T ≈ n³/6, P ≈ n³/3, plus the blocks'
-/// granularity), 3.4× less than dense. The skipped terms are products with exact zeros, so the
-/// result is the dense one up to f32 summation order. (Blocking P's rows too, `(I, J)` needing
-/// only `i0 ≤ m < j1`, halves its multiply-adds but made it slower: 0.165 → 0.20 s at 4096 ×
-/// 14336 on the H100, its 136 smaller GEMMs filling the GPU worse; BENCHMARKS.md session 22.)
+/// Within a block the GEMMs skip more per 128×128 output tile ([`ops::KSkip`]): T's tile of
+/// columns `j ≥ c0` sums only over `c ≥ c0`, and P's tile of rows `i ≥ r0` and columns `j < c1`
+/// only over `r0 < m < c1`. Over 16 column blocks that is ≈ 0.35·n³ multiply-adds (T ≈ 0.18·n³,
+/// P ≈ n³/6 plus tile granularity), 5.7× less than dense; the blocks alone (session 22) gave
+/// 0.56·n³. The skipped terms are products with exact zeros, so the result is bit for bit the
+/// dense GEMMs' (tests/gpu_kernels.rs checks the skipping GEMM against the dense one). (Blocking
+/// P's rows into separate GEMMs instead made it slower: 0.165 → 0.20 s at 4096 × 14336 on the
+/// H100, its 136 smaller GEMMs filling the GPU worse; BENCHMARKS.md session 22. The in-kernel skip
+/// keeps the 16 launches.)
 ///
 /// Memory: no second n×n matrix. `T` overwrites `Dp` block by block in ascending order (block
 /// `J` reads `Dp[:, c ≥ j0]`, which no earlier block has overwritten), `P` overwrites `T` in
@@ -377,9 +381,10 @@ fn gptaq_p_blocked(
         .into());
     }
     for (j0, j1) in tri_blocks(n, b) {
-        // T[0..j1, J] = Dp[0..j1, j0..n]·U[J, j0..n]ᵀ
+        // T[0..j1, J] = Dp[0..j1, j0..n]·U[J, j0..n]ᵀ; op(B)[c, j] = U[j0 + j, j0 + c] is zero
+        // for c < j (U upper).
         let blk = MatView::new(scratch, j1 - j0);
-        ops::gemm_mat(
+        ops::gemm_mat_skip(
             rec,
             j1,
             j1 - j0,
@@ -389,14 +394,19 @@ fn gptaq_p_blocked(
             u.op(j0, j0).t(),
             0.0,
             blk.into(),
+            ops::KSkip {
+                b_lower: Some(0),
+                ..Default::default()
+            },
         )?;
         factor::copy_in(rec, scratch, dp, 0..j1, j0, j1 - j0)?;
     }
     triu1_scale(rec, n, dp, alpha)?;
     for (j0, j1) in tri_blocks(n, b).rev() {
-        // P[0..j1, J] = T[0..j1, 0..j1]·U[0..j1, J]
+        // P[0..j1, J] = T[0..j1, 0..j1]·U[0..j1, J]: T[i, m] is zero for m ≤ i (masked) and
+        // U[m, j0 + j] for m > j0 + j, so an output tile sums only over i < m ≤ j.
         let blk = MatView::new(scratch, j1 - j0);
-        ops::gemm_mat(
+        ops::gemm_mat_skip(
             rec,
             j1,
             j1 - j0,
@@ -406,6 +416,11 @@ fn gptaq_p_blocked(
             u.op(0, j0),
             0.0,
             blk.into(),
+            ops::KSkip {
+                a_upper: Some(1),
+                b_upper: Some(j0 as i64),
+                ..Default::default()
+            },
         )?;
         factor::copy_in(rec, scratch, dp, 0..j1, j0, j1 - j0)?;
     }
@@ -1055,7 +1070,64 @@ fn solve(
 
 #[cfg(test)]
 mod tests {
-    use super::{tri_block_cols, tri_blocks};
+    use super::{gptaq_p_blocked, tri_block_cols, tri_blocks};
+
+    /// GPTAQ's P on the GPU against the f64 reference (`reference::gptaq_p`) with column blocks
+    /// wider than the GEMM tiles, so the per-tile k ranges (ops::KSkip) of both products are
+    /// exercised at every tile edge, in one buffer and in row panels, with garbage below U's
+    /// diagonal nowhere (U's lower triangle is exactly zero, as the factor leaves it).
+    #[test]
+    fn gptaq_p_matches_f64_with_blocks_spanning_tiles() {
+        let Some(ctx) = crate::gpu::test_context() else {
+            return;
+        };
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
+        };
+        // (n, block width, panel rows (0: one buffer), alpha)
+        for &(n, b, panel_rows, alpha) in &[
+            (300usize, 160usize, 0usize, 0.25f64),
+            (300, 96, 96, 1.0),
+            (257, 224, 64, 0.25),
+        ] {
+            let d: Vec<f64> = (0..n * n).map(|_| next()).collect();
+            let u: Vec<f64> = (0..n * n)
+                .map(|i| {
+                    let (r, c) = (i / n, i % n);
+                    match r.cmp(&c) {
+                        std::cmp::Ordering::Greater => 0.0,
+                        std::cmp::Ordering::Equal => 0.5 + next().abs(),
+                        std::cmp::Ordering::Less => next(),
+                    }
+                })
+                .collect();
+            let want = crate::quant::reference::gptaq_p(&d, &u, n, alpha).expect("reference P");
+            let f = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
+            ctx.set_panel_cap((panel_rows > 0).then_some((panel_rows * n * 4) as u64));
+            let gu = ctx.matrix_upload("U", &f(&u), n, n, 32).expect("upload U");
+            let gd = ctx.matrix_upload("D", &f(&d), n, n, 32).expect("upload D");
+            ctx.set_panel_cap(None);
+            let scratch = ctx.zeros::<f32>("P scratch", n * b).expect("scratch");
+            let mut rec = ctx.recorder();
+            gptaq_p_blocked(&mut rec, n, &gu, &gd, &scratch, b, alpha as f32).expect("P");
+            rec.submit();
+            let got = ctx.read_matrix(&gd).expect("read P");
+            let scale = want.iter().fold(0f64, |m, x| m.max(x.abs()));
+            for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (f64::from(g) - w).abs() <= 1e-5 * scale,
+                    "P n={n} block {b} panel rows {panel_rows} alpha {alpha}: ({}, {}) got {g} \
+                     expected {w} (max |P| {scale})",
+                    i / n,
+                    i % n
+                );
+            }
+        }
+    }
 
     /// The blocks of GPTAQ's P tile `0..n` exactly, in order, 32-column multiples except the last,
     /// sixteen or fewer, and the `n × width` scratch fits the binding limit it was given.
