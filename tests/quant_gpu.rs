@@ -488,6 +488,58 @@ fn gptaq_alpha_zero_equals_gptq_on_gpu() {
     }
 }
 
+/// GPTAQ's solve reads only D's strict upper triangle in processing order (the pipeline then
+/// accumulates only D's upper blocks, pipeline/driver.rs `d_upper`): without act-order, garbage
+/// on and below D's diagonal gives bit for bit the same result on the GPU and in the f64
+/// reference; with act-order the processing order is permuted, and the same garbage changes it
+/// (which is why the pipeline keeps the whole D there).
+#[test]
+fn gptaq_reads_only_the_strict_upper_triangle_of_d() {
+    let Some(ctx) = test_context() else { return };
+    let p = problem(40, 300, 400, 12, &[7]);
+    let mut rng = ChaCha8Rng::seed_from_u64(99);
+    let n = p.cols;
+    let mut d = p.d.clone();
+    for i in 0..n {
+        for j in 0..=i {
+            d[i * n + j] = (10.0 * gauss(&mut rng)) as f32;
+        }
+    }
+    let garbage = Problem {
+        rows: p.rows,
+        cols: n,
+        w: p.w.clone(),
+        h: p.h.clone(),
+        d,
+    };
+    for (gs, act, bs) in [
+        (Some(32), false, 128),
+        (None, false, 64),
+        (Some(32), true, 128),
+    ] {
+        let c = cfg(gptaq(0.25), 4, gs, true, act, false, bs, false);
+        let (a, b) = (run_gpu(&ctx, &p, &c), run_gpu(&ctx, &garbage, &c));
+        let ra = quantize_reference(&p.w, p.rows, p.cols, &p.h, Some(&p.d), &c).unwrap();
+        let rb = quantize_reference(&p.w, p.rows, p.cols, &p.h, Some(&garbage.d), &c).unwrap();
+        if act {
+            assert_ne!(
+                a.q, b.q,
+                "act-order: the GPU solve ignored D's lower triangle"
+            );
+            assert_ne!(
+                ra.q, rb.q,
+                "act-order: the reference ignored D's lower triangle"
+            );
+        } else {
+            assert_eq!(a.codes, b.codes, "gs {gs:?} bs {bs}: GPU codes");
+            assert_eq!(a.q, b.q, "gs {gs:?} bs {bs}: GPU q");
+            assert_eq!(a.scales, b.scales, "gs {gs:?} bs {bs}: GPU scales");
+            assert_eq!(ra.codes, rb.codes, "gs {gs:?} bs {bs}: reference codes");
+            assert_eq!(ra.q, rb.q, "gs {gs:?} bs {bs}: reference q");
+        }
+    }
+}
+
 #[test]
 fn indefinite_hessian_falls_back_to_rtn_like_reference() {
     let Some(ctx) = test_context() else { return };

@@ -111,6 +111,10 @@ struct Stats {
     dx: Option<GpuBuffer<f32>>,
     /// Partials per batch in `dx`.
     dx_len: usize,
+    /// Only D's blocks on and above the diagonal are accumulated (its lower blocks stay zero):
+    /// when GPTAQ's solve is D's only reader, which then reads only the strict upper triangle
+    /// (the run's `d_upper`, never for a capture).
+    d_upper: bool,
 }
 
 /// The next layer's weights, read and uploaded on a scoped thread during the last stage.
@@ -196,6 +200,11 @@ pub fn quantize(
     // Metrics from the statistics where that pays (pipeline::metrics): GPTAQ's H and D always,
     // GPTQ's H and an extra D in the groups where D is cheaper than the Y_w products.
     let metric_moments = metrics && !cfg.metric_products && qc.method != Method::Rtn;
+    // GPTAQ's solve reads only D's strict upper triangle in processing order (quant::gpu,
+    // `gptaq_p_blocked`; the f64 reference's `gptaq_p` likewise), which is the column order
+    // without act-order: then, unless the metrics' moments read D too, the statistics accumulate
+    // only D's blocks on and above the diagonal — half of D's product (Stats::accumulate).
+    let d_upper = matches!(qc.method, Method::Gptaq { .. }) && !qc.act_order && !metric_moments;
     let metric_d = |mods: &[ModuleKind]| -> bool {
         let n = mc.linear_shape(mods[0]).1;
         let rows = mods.iter().map(|&m| mc.linear_shape(m).0).sum();
@@ -423,6 +432,7 @@ pub fn quantize(
                 qc.method,
                 capturing(cfg, layer, &[ModuleKind::Q, ModuleKind::K, ModuleKind::V]),
                 metric_d(&[ModuleKind::Q, ModuleKind::K, ModuleKind::V]),
+                d_upper,
                 (nb, max_tokens),
             )?;
             // Charges this stage's allocations (streams, statistics, metric sums) to "setup"; the
@@ -478,6 +488,7 @@ pub fn quantize(
                 qc.method,
                 capturing(cfg, layer, &[ModuleKind::O]),
                 metric_d(&[ModuleKind::O]),
+                d_upper,
                 (nb, max_tokens),
             )?;
             let qkv_metrics = metric_accs(
@@ -561,6 +572,7 @@ pub fn quantize(
                 qc.method,
                 capturing(cfg, layer, &[ModuleKind::Gate, ModuleKind::Up]),
                 metric_d(&[ModuleKind::Gate, ModuleKind::Up]),
+                d_upper,
                 (nb, max_tokens),
             )?;
             let o_metrics = metric_accs(
@@ -685,6 +697,7 @@ pub fn quantize(
                 qc.method,
                 capturing(cfg, layer, &[ModuleKind::Down]),
                 metric_d(&[ModuleKind::Down]),
+                d_upper,
                 (nb, max_tokens),
             )?;
             let gu_metrics = metric_accs(
@@ -1145,8 +1158,9 @@ const STATS_ALIGN: usize = 32;
 
 impl Stats {
     /// Buffers for what `method` (and a capture) needs: nothing for RTN, H for GPTQ (and D with
-    /// `metric_d`: only for the metrics, plan::metric_d_pays), H and D for GPTAQ, H, D and E for
-    /// a capture.
+    /// `metric_d`: only for the metrics, plan::metric_d_pays), H and D for GPTAQ (D's upper
+    /// blocks only with `d_upper`), H, D and E for a capture.
+    #[allow(clippy::too_many_arguments)]
     fn new(
         ctx: &GpuContext,
         nsamples: usize,
@@ -1154,6 +1168,7 @@ impl Stats {
         method: Method,
         capture: bool,
         metric_d: bool,
+        d_upper: bool,
         (batches, max_tokens): (usize, usize),
     ) -> Result<Self, PipelineError> {
         // D for the solve (GPTAQ), the capture, or only the metrics (GPTQ, `metric_d`).
@@ -1184,6 +1199,7 @@ impl Stats {
                 None
             },
             dx_len,
+            d_upper: d_upper && !capture,
         })
     }
 
@@ -1232,16 +1248,21 @@ impl Stats {
         if let Some(d) = &self.d {
             ops::axpby(rec, tokens * n, 1.0, x_fp, -1.0, x_q, &work.diff)?;
             self.record_dx(rec, &work.diff, (b, tokens))?;
-            ops::gemm_atb(
-                rec,
-                tokens,
-                n,
-                alpha,
-                MatView::new(&work.diff, n),
-                MatView::new(x_q, n),
-                1.0,
-                d,
-            )?;
+            let (diff, xq) = (MatView::new(&work.diff, n), MatView::new(x_q, n));
+            if self.d_upper {
+                ops::gemm_mat_upper(
+                    rec,
+                    n,
+                    tokens,
+                    alpha,
+                    diff.t().into(),
+                    xq.into(),
+                    1.0,
+                    d.op(0, 0),
+                )?;
+            } else {
+                ops::gemm_atb(rec, tokens, n, alpha, diff, xq, 1.0, d)?;
+            }
             if let Some(e) = &self.e {
                 ops::syrk_xtx(rec, tokens, n, alpha, MatView::new(&work.diff, n), 1.0, e)?;
             }
@@ -1318,9 +1339,10 @@ impl Stats {
             ops::axpby(rec, tokens * n, 1.0, x_fp, -1.0, x_q, &work.diff)?;
             self.record_dx(rec, &work.diff, (b, tokens))?;
             ops::cast_f16(rec, tokens, n, MatView::new(&work.diff, n), s, d16)?;
+            // D's upper blocks only where the solve reads nothing else (`d_upper`), not mirrored.
             ops::gemm_coop(
                 rec,
-                op,
+                if self.d_upper { sym_op } else { op },
                 n,
                 n,
                 tokens,
