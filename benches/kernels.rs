@@ -32,7 +32,8 @@
 //! timed at every `GPTAQ_BENCH_SIZES` n (n³), or at the M×N×K shapes of
 //! `GPTAQ_BENCH_WGSL_SHAPES` ("4096x14336x4096,…"). Lines `// lab32: ENTRY OP TILE` (OP `nn`, `nt`
 //! or `tn`) name f32 variants with `gemm.wgsl`'s parameters, bindings and `TRANS_A` / `TRANS_B`
-//! overrides, computing TILE×TILE blocks with bounds checks (any shape); they are checked against
+//! overrides (and any `NAME=value` overrides after TILE), computing TILE×TILE blocks with bounds
+//! checks (any shape); they are checked against
 //! the shipped `gemm_large` in the same layout (to 1e-5 of the largest |C|). Variant kernels are
 //! tried this way before one replaces a shipped kernel (BENCHMARKS.md, sessions 22 and 23).
 #![allow(clippy::expect_used)]
@@ -392,18 +393,36 @@ struct LabEntry {
     kind: LabKind,
     bm: usize,
     bn: usize,
+    /// Further override constants of an f32 variant (`NAME=value` after its TILE).
+    overrides: Vec<(&'static str, f64)>,
 }
 
-/// Parses `ENTRY OP BM BN` (coop) or `ENTRY OP TILE` (f32) after the line's tag.
+impl LabEntry {
+    /// The entry point with its overrides, as the lab prints and names it.
+    fn label(&self) -> String {
+        let mut s = self.entry.to_string();
+        for (k, v) in &self.overrides {
+            s.push_str(&format!(" {k}={v}"));
+        }
+        s
+    }
+}
+
+/// Parses `ENTRY OP BM BN` (coop) or `ENTRY OP TILE [NAME=value …]` (f32) after the line's tag.
 fn lab_line(
     shader: gptaq_studio::gpu::kernels::Shader,
     f32_kernel: bool,
     spec: &'static str,
 ) -> Option<LabEntry> {
     let f: Vec<&'static str> = spec.split_whitespace().collect();
+    let mut overrides = Vec::new();
     let (entry, op, bm, bn) = match (f32_kernel, &f[..]) {
         (false, [entry, op, bm, bn]) => (*entry, *op, bm.parse().ok()?, bn.parse().ok()?),
-        (true, [entry, op, tile]) => {
+        (true, [entry, op, tile, rest @ ..]) => {
+            for kv in rest {
+                let (k, v) = kv.split_once('=')?;
+                overrides.push((k, v.parse().ok()?));
+            }
             let t = tile.parse().ok()?;
             (*entry, *op, t, t)
         }
@@ -432,6 +451,7 @@ fn lab_line(
         kind,
         bm,
         bn,
+        overrides,
     })
 }
 
@@ -571,7 +591,10 @@ fn lab_dispatch(
             &[
                 ("TRANS_A", f64::from(u8::from(ta))),
                 ("TRANS_B", f64::from(u8::from(tb))),
-            ],
+            ]
+            .into_iter()
+            .chain(e.overrides.iter().copied())
+            .collect::<Vec<_>>(),
             &ops::GemmParams::dense((m, n, k), ld)?,
             &[a.binding(), b.binding(), c.binding()],
             groups,
@@ -640,7 +663,7 @@ fn wgsl_lab(c: &mut Criterion, ctx: &GpuContext, dir: &str) {
             let mut rec = ctx.recorder();
             rec.clear(&out, 0, m * n).expect("clear");
             if let Err(err) = lab_dispatch(&mut rec, e, (m, n, k), ab, &out) {
-                eprintln!("lab {} ({}): {err}", e.entry, e.shader.name);
+                eprintln!("lab {} ({}): {err}", e.label(), e.shader.name);
                 continue;
             }
             rec.submit();
@@ -670,7 +693,7 @@ fn wgsl_lab(c: &mut Criterion, ctx: &GpuContext, dir: &str) {
                 "lab {} {} {:?} {m}x{n}x{k}: max |Δ| {diff:.3e} (max |C| {scale:.3e}) at ({}, {}): \
                  got {} expected {}{}",
                 e.shader.name,
-                e.entry,
+                e.label(),
                 e.kind,
                 at / n,
                 at % n,
@@ -686,7 +709,7 @@ fn wgsl_lab(c: &mut Criterion, ctx: &GpuContext, dir: &str) {
                 .file_stem()
                 .map_or_else(String::new, |s| s.to_string_lossy().into_owned());
             g.bench_function(
-                format!("{m}x{n}x{k} {stem} {} {:?}", e.entry, e.kind),
+                format!("{m}x{n}x{k} {stem} {} {:?}", e.label(), e.kind),
                 |bch| {
                     bch.iter(|| {
                         let mut rec = ctx.recorder();

@@ -128,3 +128,33 @@ fn translate(
         }
     }
 }
+
+/// The kernel lab's variant files (`benches/lab/`, loaded at run time by `benches/kernels.rs`)
+/// must still parse and validate, and name at least one entry to try, so that a device call does
+/// not spend its minutes on a file that rotted. (They are not translated: only the lab runs them.)
+#[test]
+fn lab_variants_parse_and_validate() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("benches/lab");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "wgsl"))
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "no lab variants in {}", dir.display());
+    for path in &files {
+        let name = path.display();
+        let source = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(
+            source
+                .lines()
+                .any(|l| l.starts_with("// lab:") || l.starts_with("// lab32:")),
+            "{name}: no `// lab:` or `// lab32:` line"
+        );
+        let module = naga::front::wgsl::parse_str(&source)
+            .unwrap_or_else(|e| panic!("{name}: parse: {}", e.emit_to_string(&source)));
+        Validator::new(ValidationFlags::all(), Capabilities::all())
+            .validate(&module)
+            .unwrap_or_else(|e| panic!("{name}: validate: {}", e.emit_to_string(&source)));
+    }
+}

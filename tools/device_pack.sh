@@ -34,4 +34,7 @@ xz -T0 -6 .device-carry/gptaq-studio ${kb:+.device-carry/kernels-bench} "${tests
 items=("$@")
 [ ${#items[@]} -eq 0 ] && items=(tiny-llama-15m stories260K corpora/wikitext-2-raw-v1 corpora/c4 corpora/tinystories)
 for d in "${items[@]}"; do cp -r "$shared/data/$d" ".device-carry/data/$d"; done
+# The kernel lab's variant files (benches/lab/, tools/README.md "Kernel lab"); more can be added
+# to .device-carry/lab/ after packing.
+mkdir -p .device-carry/lab && cp benches/lab/*.wgsl .device-carry/lab/
 du -sh .device-carry
