@@ -17,10 +17,11 @@
 //!
 //! After a successful attempt, `L⁻¹` by recursive doubling, in place in M: for block sizes
 //! `b = 32, 64, …` every pair `[A 0; C B]` of neighbouring diagonal blocks (M holds `A⁻¹`, `B⁻¹`
-//! and `C`) gets its off-diagonal block `−B⁻¹·(C·A⁻¹)`: `(C·A⁻¹)ᵀ` into K (free scratch by now),
-//! then `−B⁻¹·(C·A⁻¹)` in chunks of 128–256 rows through the scratch buffer over `C` — a chunk of
-//! rows of the lower-triangular `B⁻¹` needs only its columns up to the chunk's end, which halves
-//! that GEMM. About n³/4 multiply-adds in all. Finally `reverse_u` writes
+//! and `C`) gets its off-diagonal block `−B⁻¹·(C·A⁻¹)`: `(C·A⁻¹)ᵀ = A⁻ᵀ·Cᵀ` into K (free scratch
+//! by now; each output tile skips `A⁻ᵀ`'s zero lower triangle, `ops::KSkip`, which halves that
+//! GEMM), then `−B⁻¹·(C·A⁻¹)` in chunks of 128–256 rows through the scratch buffer over `C` — a
+//! chunk of rows of the lower-triangular `B⁻¹` needs only its columns up to the chunk's end,
+//! which halves that GEMM too. About n³/6 multiply-adds in all (n³/4 before session 23). Finally `reverse_u` writes
 //! `U[a, b] = L⁻¹[n−1−a, n−1−b]` into K.
 //!
 //! Memory: two n×n f32 matrices (K, M) and a 128·n scratch while factoring; `U` is returned in
@@ -217,7 +218,9 @@ pub fn upper_inverse_factor_gpu(
             }
             let (ba, bb) = (b, b.min(n - s - b));
             // Tᵀ = A⁻ᵀ·Cᵀ (A⁻¹ = M[s.., s..], C = M[s+b.., s..]) into K at rows s.., cols s+b...
-            ops::gemm_mat(
+            // A⁻ᵀ is upper triangular (M's upper triangle is never written, so exact zeros):
+            // each output tile skips the k below its first row (ops::KSkip), half the product.
+            ops::gemm_mat_skip(
                 &mut rec,
                 ba,
                 bb,
@@ -227,6 +230,10 @@ pub fn upper_inverse_factor_gpu(
                 m.op(s + b, s).t(),
                 0.0,
                 k.op(s, s + b),
+                ops::KSkip {
+                    a_upper: Some(0),
+                    ..Default::default()
+                },
             )?;
             // −B⁻¹·T (B⁻¹ = M[s+b.., s+b..], lower triangular: rows r0..r1 need its columns
             // 0..r1 only) over C's place in M, through the scratch (C is no longer needed).
