@@ -8,7 +8,12 @@ use naga::back::{hlsl, msl, spv};
 use naga::valid::{Capabilities, ValidationFlags, Validator};
 
 fn shader_files() -> Vec<PathBuf> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("shaders");
+    wgsl_files("shaders")
+}
+
+/// The `.wgsl` files of the crate's directory `sub`, sorted.
+fn wgsl_files(sub: &str) -> Vec<PathBuf> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(sub);
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -134,14 +139,8 @@ fn translate(
 /// not spend its minutes on a file that rotted. (They are not translated: only the lab runs them.)
 #[test]
 fn lab_variants_parse_and_validate() {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("benches/lab");
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "wgsl"))
-        .collect();
-    files.sort();
-    assert!(!files.is_empty(), "no lab variants in {}", dir.display());
+    let files = wgsl_files("benches/lab");
+    assert!(!files.is_empty(), "no lab variants in benches/lab");
     for path in &files {
         let name = path.display();
         let source = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{name}: {e}"));

@@ -21,8 +21,8 @@
 //! by now; each output tile skips `A⁻ᵀ`'s zero lower triangle, `ops::KSkip`, which halves that
 //! GEMM), then `−B⁻¹·(C·A⁻¹)` in chunks of 128–256 rows through the scratch buffer over `C` — a
 //! chunk of rows of the lower-triangular `B⁻¹` needs only its columns up to the chunk's end,
-//! which halves that GEMM too. About n³/6 multiply-adds in all (n³/4 before session 23). Finally `reverse_u` writes
-//! `U[a, b] = L⁻¹[n−1−a, n−1−b]` into K.
+//! which halves that GEMM too. About n³/6 multiply-adds in all (n³/4 before session 23).
+//! Finally `reverse_u` writes `U[a, b] = L⁻¹[n−1−a, n−1−b]` into K.
 //!
 //! Memory: two n×n f32 matrices (K, M) and a 128·n scratch while factoring; `U` is returned in
 //! K's storage. (A factor kept in its own matrix would be a third n×n buffer: 784 MiB at

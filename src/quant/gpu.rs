@@ -348,10 +348,10 @@ fn tri_blocks(n: usize, b: usize) -> impl DoubleEndedIterator<Item = (usize, usi
 /// - `P[i, j] = Σ_m T[i, m]·U[m, j]` is non-zero only for `i < m ≤ j`: block `J` needs rows
 ///   `0..j1` and `m < j1`.
 ///
-/// Within a block the GEMMs skip more per 128×128 output tile ([`ops::KSkip`]): T's tile of
+/// Within a block the GEMMs skip more per output tile ([`ops::KSkip`]): T's tile of
 /// columns `j ≥ c0` sums only over `c ≥ c0`, and P's tile of rows `i ≥ r0` and columns `j < c1`
 /// only over `r0 < m < c1`. Over 16 column blocks that is ≈ 0.35·n³ multiply-adds (T ≈ 0.18·n³,
-/// P ≈ n³/6 plus tile granularity), 5.7× less than dense; the blocks alone (session 22) gave
+/// P ≈ n³/6 plus tile granularity), 5.6× less than dense; the blocks alone (session 22) gave
 /// 0.56·n³. The skipped terms are products with exact zeros, so the result is bit for bit the
 /// dense GEMMs' (tests/gpu_kernels.rs checks the skipping GEMM against the dense one). (Blocking
 /// P's rows into separate GEMMs instead made it slower: 0.165 → 0.20 s at 4096 × 14336 on the
@@ -1074,8 +1074,8 @@ mod tests {
 
     /// GPTAQ's P on the GPU against the f64 reference (`reference::gptaq_p`) with column blocks
     /// wider than the GEMM tiles, so the per-tile k ranges (ops::KSkip) of both products are
-    /// exercised at every tile edge, in one buffer and in row panels, with garbage below U's
-    /// diagonal nowhere (U's lower triangle is exactly zero, as the factor leaves it).
+    /// exercised at every tile edge, in one buffer and in row panels. U's lower triangle is
+    /// exactly zero, as the factor leaves it.
     #[test]
     fn gptaq_p_matches_f64_with_blocks_spanning_tiles() {
         let Some(ctx) = crate::gpu::test_context() else {
