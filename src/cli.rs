@@ -279,8 +279,10 @@ pub struct QuantizeArgs {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Skip the error metrics (quant/asym/output errors): GPTQ and RTN then run no FP stream at
-    /// all; GPTAQ still runs it (its solve needs D) but skips the metrics' products and moments
-    /// (an 8B GPTAQ layer took 4.15 s without them and 4.77 s with them on an H100, session 22).
+    /// all; GPTAQ still runs it (its solve needs D) but skips the metrics' products and moments,
+    /// and without --act-order accumulates only D's upper half, the only part its solve reads
+    /// (an 8B GPTAQ layer took 4.15 s without metrics and 4.77 s with them on an H100, session
+    /// 22, before the upper half).
     #[arg(long)]
     pub no_metrics: bool,
     /// Measure the metrics from X·Wᵀ products on every calibration token (one more GEMM per
