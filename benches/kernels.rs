@@ -33,9 +33,9 @@
 //! `GPTAQ_BENCH_WGSL_SHAPES` ("4096x14336x4096,…"). Lines `// lab32: ENTRY OP TILE` (OP `nn`, `nt`
 //! or `tn`) name f32 variants with `gemm.wgsl`'s parameters, bindings and `TRANS_A` / `TRANS_B`
 //! overrides (and any `NAME=value` overrides after TILE), computing TILE×TILE blocks with bounds
-//! checks (any shape); they are checked against
-//! the shipped `gemm_large` in the same layout (to 1e-5 of the largest |C|). Variant kernels are
-//! tried this way before one replaces a shipped kernel (BENCHMARKS.md, sessions 22 and 23).
+//! checks (any shape); they are checked against the shipped `gemm_large` in the same layout (to
+//! 1e-5 of the largest |C|; `benches/lab/` holds such variants). Variant kernels are tried this
+//! way before one replaces a shipped kernel (BENCHMARKS.md, sessions 22 and 23).
 #![allow(clippy::expect_used)]
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
