@@ -34,7 +34,8 @@
 //! or `tn`) name f32 variants with `gemm.wgsl`'s parameters, bindings and `TRANS_A` / `TRANS_B`
 //! overrides (and any `NAME=value` overrides after TILE), computing TILE×TILE blocks with bounds
 //! checks (any shape); they are checked against the shipped `gemm_large` in the same layout (to
-//! 1e-5 of the largest |C|; `benches/lab/` holds such variants). Variant kernels are tried this
+//! 1e-5 of the largest |C|; `benches/lab/` holds such variants). A file with a `// lab-extends:
+//! NAME` line gets the shipped `shaders/NAME.wgsl` prepended. Variant kernels are tried this
 //! way before one replaces a shipped kernel (BENCHMARKS.md, sessions 22 and 23).
 #![allow(clippy::expect_used)]
 
@@ -469,7 +470,7 @@ fn lab_entries(dir: &str) -> Vec<LabEntry> {
         let source =
             std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         let name: &'static str = path.display().to_string().leak();
-        let source: &'static str = source.leak();
+        let source: &'static str = lab_source(name, source).leak();
         for line in source.lines() {
             let shader = gptaq_studio::gpu::kernels::Shader { name, source };
             let parsed = if let Some(spec) = line.strip_prefix("// lab32:") {
@@ -489,6 +490,28 @@ fn lab_entries(dir: &str) -> Vec<LabEntry> {
         }
     }
     out
+}
+
+/// A variant file's full source: a `// lab-extends: NAME` line prepends the shipped
+/// `shaders/NAME.wgsl` (as embedded in this binary), so a variant writes only its own entry
+/// points and reuses the shipped parameters, bindings and helpers (`tests/shaders.rs` validates
+/// the same concatenation).
+fn lab_source(name: &str, source: String) -> String {
+    let base = source
+        .lines()
+        .find_map(|l| l.strip_prefix("// lab-extends:"));
+    match base.map(str::trim) {
+        None => source,
+        Some(b) => {
+            let shipped = [&ops::GEMM, &ops::GEMM_COOP, &ops::GEMM_STAGED_COOP]
+                .into_iter()
+                .find(|s| s.name == b)
+                .unwrap_or_else(|| {
+                    panic!("{name}: lab-extends {b:?} names no shipped GEMM shader")
+                });
+            format!("{}\n{source}", shipped.source)
+        }
+    }
 }
 
 /// The lab's operands for one shape: A holds M·K and B N·K elements in either layout, different

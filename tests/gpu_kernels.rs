@@ -440,100 +440,21 @@ fn gemm_skipping_zero_triangles_is_exact() {
     type Skip = (Option<i64>, Option<i64>, Option<i64>, Option<i64>);
     // (m, n, k, panel rows of A, B, C, ta, tb, (a_upper, a_lower, b_upper, b_lower))
     type Case = (usize, usize, usize, [usize; 3], bool, bool, Skip);
+    #[rustfmt::skip]
     let cases: &[Case] = &[
         // GPTAQ's P: strictly upper A, upper B shifted by the block's first column.
-        (
-            300,
-            131,
-            300,
-            [0, 0, 0],
-            false,
-            false,
-            (Some(1), None, Some(150), None),
-        ),
-        (
-            300,
-            131,
-            300,
-            [37, 64, 0],
-            false,
-            false,
-            (Some(1), None, Some(150), None),
-        ),
+        (300, 131, 300, [0, 0, 0], false, false, (Some(1), None, Some(150), None)),
+        (300, 131, 300, [37, 64, 0], false, false, (Some(1), None, Some(150), None)),
         // GPTAQ's T: B = Uᵀ, lower.
-        (
-            261,
-            140,
-            257,
-            [0, 0, 0],
-            false,
-            true,
-            (None, None, None, Some(0)),
-        ),
-        (
-            261,
-            140,
-            257,
-            [29, 41, 53],
-            false,
-            true,
-            (None, None, None, Some(0)),
-        ),
+        (261, 140, 257, [0, 0, 0], false, true, (None, None, None, Some(0))),
+        (261, 140, 257, [29, 41, 53], false, true, (None, None, None, Some(0))),
         // The other two sides, transposed storage, negative and out-of-range shifts.
-        (
-            199,
-            211,
-            263,
-            [0, 0, 0],
-            true,
-            false,
-            (Some(-40), Some(70), None, None),
-        ),
-        (
-            199,
-            211,
-            263,
-            [0, 0, 0],
-            true,
-            true,
-            (None, None, Some(-3), Some(-90)),
-        ),
-        (
-            77,
-            66,
-            55,
-            [0, 0, 0],
-            false,
-            false,
-            (Some(500), None, None, None),
-        ),
-        (
-            77,
-            66,
-            55,
-            [0, 0, 0],
-            false,
-            false,
-            (None, Some(-500), Some(-1000), Some(-7)),
-        ),
-        (
-            1,
-            1,
-            1,
-            [0, 0, 0],
-            false,
-            false,
-            (Some(0), Some(0), Some(0), Some(0)),
-        ),
-        (
-            130,
-            129,
-            140,
-            [0, 0, 17],
-            true,
-            true,
-            (Some(3), Some(90), Some(40), Some(-20)),
-        ),
+        (199, 211, 263, [0, 0, 0], true, false, (Some(-40), Some(70), None, None)),
+        (199, 211, 263, [0, 0, 0], true, true, (None, None, Some(-3), Some(-90))),
+        (77, 66, 55, [0, 0, 0], false, false, (Some(500), None, None, None)),
+        (77, 66, 55, [0, 0, 0], false, false, (None, Some(-500), Some(-1000), Some(-7))),
+        (1, 1, 1, [0, 0, 0], false, false, (Some(0), Some(0), Some(0), Some(0))),
+        (130, 129, 140, [0, 0, 17], true, true, (Some(3), Some(90), Some(40), Some(-20))),
     ];
     for (seed, &(m, n, k, pr, ta, tb, (au, al, bu, bl))) in cases.iter().enumerate() {
         let skip = ops::KSkip {
@@ -573,42 +494,36 @@ fn gemm_skipping_zero_triangles_is_exact() {
                 (ob.0 + l) * b_cols + ob.1 + j
             }
         };
-        // The k range [lo, hi) an output tile of side t at (row0, col0) sums over, as gemm.wgsl's
-        // k_range computes it.
-        let tile_range = |t: usize, row0: usize, col0: usize| -> (usize, usize) {
-            let (r0, c0, t, kk) = (row0 as i64, col0 as i64, t as i64, k as i64);
-            let mut lo = 0i64;
-            let mut hi = kk;
-            if let Some(s) = au {
-                lo = lo.max(r0 + s);
-            }
-            if let Some(s) = al {
-                hi = hi.min(r0 + t + s);
-            }
-            if let Some(s) = bu {
-                hi = hi.min(c0 + t + s);
-            }
-            if let Some(s) = bl {
-                lo = lo.max(c0 + s);
-            }
-            let lo = lo.min(kk);
-            (lo as usize, hi.max(lo) as usize)
-        };
-        // Whether any tile of either size reads op(A)[i, l] / op(B)[l, j].
-        let read_a = |i: usize, l: usize| {
-            [64, 128].iter().any(|&t| {
-                (0..n).step_by(t).any(|c0| {
-                    (tile_range(t, i / t * t, c0).0..tile_range(t, i / t * t, c0).1).contains(&l)
+        // Whether some output tile of side 64 or 128 whose rows hold `i` (None: any row) and
+        // whose columns hold `j` (None: any column) sums over `l`, with the k range gemm.wgsl's
+        // k_range computes.
+        let read = |l: usize, i: Option<usize>, j: Option<usize>| {
+            [64usize, 128].iter().any(|&t| {
+                let starts = |at: Option<usize>, len: usize| -> Vec<i64> {
+                    at.map_or_else(
+                        || (0..len).step_by(t).map(|v| v as i64).collect(),
+                        |v| vec![(v / t * t) as i64],
+                    )
+                };
+                let (t, kk, l) = (t as i64, k as i64, l as i64);
+                starts(i, m).iter().any(|&r0| {
+                    starts(j, n).iter().any(|&c0| {
+                        let lo = [au.map(|s| r0 + s), bl.map(|s| c0 + s)]
+                            .into_iter()
+                            .flatten()
+                            .fold(0, i64::max)
+                            .min(kk);
+                        let hi = [al.map(|s| r0 + t + s), bu.map(|s| c0 + t + s)]
+                            .into_iter()
+                            .flatten()
+                            .fold(kk, i64::min);
+                        (lo..hi).contains(&l)
+                    })
                 })
             })
         };
-        let read_b = |l: usize, j: usize| {
-            [64, 128].iter().any(|&t| {
-                (0..m).step_by(t).any(|r0| {
-                    (tile_range(t, r0, j / t * t).0..tile_range(t, r0, j / t * t).1).contains(&l)
-                })
-            })
-        };
+        let read_a = |i: usize, l: usize| read(l, Some(i), None);
+        let read_b = |l: usize, j: usize| read(l, None, Some(j));
         let (mut a, mut b) = (
             rand_vec(&mut r, a_rows * a_cols),
             rand_vec(&mut r, b_rows * b_cols),

@@ -136,14 +136,28 @@ fn translate(
 
 /// The kernel lab's variant files (`benches/lab/`, loaded at run time by `benches/kernels.rs`)
 /// must still parse and validate, and name at least one entry to try, so that a device call does
-/// not spend its minutes on a file that rotted. (They are not translated: only the lab runs them.)
+/// not spend its minutes on a file that rotted — also after a change to the shipped shader a
+/// `// lab-extends: NAME` file is appended to (`shaders/NAME.wgsl`, as the lab prepends it). They
+/// are not translated: only the lab runs them.
 #[test]
 fn lab_variants_parse_and_validate() {
     let files = wgsl_files("benches/lab");
     assert!(!files.is_empty(), "no lab variants in benches/lab");
     for path in &files {
         let name = path.display();
-        let source = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let mut source = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{name}: {e}"));
+        if let Some(base) = source
+            .lines()
+            .find_map(|l| l.strip_prefix("// lab-extends:"))
+            .map(|b| b.trim().to_string())
+        {
+            let shipped = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("shaders")
+                .join(format!("{base}.wgsl"));
+            let base_src = std::fs::read_to_string(&shipped)
+                .unwrap_or_else(|e| panic!("{name}: lab-extends {}: {e}", shipped.display()));
+            source = format!("{base_src}\n{source}");
+        }
         assert!(
             source
                 .lines()

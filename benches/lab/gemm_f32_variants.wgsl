@@ -1,145 +1,21 @@
-// Kernel-lab variants of shaders/gemm.wgsl (benches/kernels.rs `wgsl_lab`, BENCHMARKS.md session
-// 23): candidates for the f32 GEMM, checked against the shipped gemm_large and timed on the GPU
-// machine before one replaces it. Not part of the product; the lab loads this file at run time.
+// lab-extends: gemm
+//
+// Kernel-lab variants of the f32 GEMM (benches/kernels.rs `wgsl_lab`, BENCHMARKS.md session 23),
+// checked against the shipped gemm_large and timed on the GPU machine before one replaces it. Not
+// part of the product. The lab prepends shaders/gemm.wgsl (the line above), so these entry points
+// use its parameters, bindings, overrides, loads, stores and k ranges, and add only what differs.
 //
 // Why: the shipped kernel stages k-contiguous operands (A of X·Wᵀ and T·U, both of Dp·Uᵀ) by
 // writing 8 consecutive k of one row from 8 invocations into workgroup rows 512 bytes apart, an
 // 8-way bank conflict on every staging store. Here:
-// - gemm_large / gemm_small: the vec4 index XOR-swizzled by k % 8 (conflict-free stores and
-//   reads); gemm_large also double-buffered through its DOUBLE_BUFFER override;
-// - gemm_large16: the swizzled kernel with 16-deep k slices (half the barriers per multiply-add);
-// - gemm_large4 / gemm_large4db: each invocation stages 4 consecutive rows (columns) of one k as
-//   one vec4 store, 2 stores per slice instead of 8; single / double buffered.
-// The uniform block is gemm.wgsl's before session 23's k ranges (a prefix of ops::GemmParams).
+// - gemm_large_swz / gemm_small_swz: the shipped kernels with the vec4 index XOR-swizzled by
+//   k % 8 (conflict-free stores and reads); gemm_large_swz also with DOUBLE_BUFFER;
+// - gemm_large16: swizzled, 16-deep k slices (half the barriers per multiply-add);
+// - gemm_large4: each invocation stages 4 consecutive rows (columns) of one k as one vec4 store,
+//   2 stores per slice instead of 8; single or double buffered (DOUBLE_BUFFER).
 
-// (shipped kernel's header follows)
-// Tiled f32 GEMM: C = alpha · op(A) · op(B) + beta · C  over sub-matrix views.
-//
-// op(A) is M×K: row-major A[m, k] at off_a + m·lda + k, or (TRANS_A) A stored K×M at off_a + k·lda + m.
-// op(B) is K×N: row-major B[k, n] at off_b + k·ldb + n, or (TRANS_B) B stored N×K at off_b + n·ldb + k.
-// C is row-major M×N at off_c + m·ldc + n.
-//
-// Forms used by the project: Y = X·Wᵀ (linear layers, TRANS_B), H += XᵀX (Hessians, TRANS_A with
-// UPPER_ONLY, mirrored afterwards by `mirror_upper`), W -= E·U (GPTQ lazy block update), the
-// blocked Cholesky's panel and trailing updates (quant/factor.rs).
-//
-// Two entry points with the same bindings, chosen per shape by the launcher (gpu/ops.rs):
-// - `gemm_large`: a 128×128 output tile per 16×16 workgroup, each invocation an 8×8 register block
-//   (rows ty·4+{0..3} and 64+ty·4+{0..3}, likewise columns, so its shared-memory reads are four
-//   vec4 loads per k step for 64 FMAs); by default one workgroup buffer per operand (8 KiB), or,
-// - `gemm_small`: a 64×64 tile, 4×4 per invocation (two vec4 loads per 16 FMAs), for shapes with
-//   too few 128×128 tiles to fill the GPU.
-//   with DOUBLE_BUFFER, two workgroup buffers per operand (16 KiB in all, the portable limit):
-//   slice t+1 is written into one while slice t is read from the other, so one barrier per slice
-//   instead of two. That variant is a candidate for `gptaq-studio tune` (ops::GemmTile::LargeDb);
-//   the size rule keeps the single-buffered one until a GPU measurement says otherwise.
-// K advances in slices of 8 staged through workgroup memory; the next slice's global loads are
-// issued into registers before the current slice is consumed (software prefetch), so global latency
-// overlaps the FMAs.
-//
-// Why the accumulators are named variables and every k step is written out: naga emits WGSL loops
-// as generic SPIR-V loops, and a function-local array indexed by a loop counter is not reliably
-// promoted to registers by drivers (NVIDIA's put it in local memory: the earlier loop-indexed
-// version of this kernel ran at 0.4 TFLOP/s on an H200). Only workgroup arrays are indexed
-// dynamically here.
-//
-// Every global load is bounds-checked, so any M, N, K (including 1 and primes) is valid.
-
-struct Params {
-    m: u32,
-    n: u32,
-    k: u32,
-    lda: u32,
-    ldb: u32,
-    ldc: u32,
-    off_a: u32,
-    off_b: u32,
-    off_c: u32,
-    alpha: f32,
-    beta: f32,
-    // UPPER_ONLY: element (row, col) of this view is computed iff row <= col + diag — the view's
-    // offset from the diagonal of the symmetric matrix it is a block of (0 for a square view on
-    // the diagonal; launches over row panels pass the panel's shift, gpu/matrix.rs).
-    diag: i32,
-}
-
-@group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> a: array<f32>;
-@group(0) @binding(2) var<storage, read> b: array<f32>;
-@group(0) @binding(3) var<storage, read_write> c: array<f32>;
-
-override TRANS_A: bool = false;
-override TRANS_B: bool = false;
-// Only compute elements on or above the (shifted) diagonal: symmetric rank-k updates.
-override UPPER_ONLY: bool = false;
-
-const BK: u32 = 8u;
-
-// gemm_small's [BK][64] slices as vec4.
-var<workgroup> sa: array<vec4<f32>, 128>;
-var<workgroup> sb: array<vec4<f32>, 128>;
-
-// gemm_large's slices: [BK][128] as vec4, twice with DOUBLE_BUFFER (buffer `t % 2` at offset
-// (t % 2)·256), sized by the override so the single-buffered kernel keeps its 8 KiB.
-override DOUBLE_BUFFER: bool = false;
-var<workgroup> la: array<vec4<f32>, select(256u, 512u, DOUBLE_BUFFER)>;
-var<workgroup> lb: array<vec4<f32>, select(256u, 512u, DOUBLE_BUFFER)>;
-
-fn load_a(row: u32, kk: u32) -> f32 {
-    if (row >= p.m || kk >= p.k) {
-        return 0.0;
-    }
-    if (TRANS_A) {
-        return a[p.off_a + kk * p.lda + row];
-    }
-    return a[p.off_a + row * p.lda + kk];
-}
-
-fn load_b(kk: u32, col: u32) -> f32 {
-    if (kk >= p.k || col >= p.n) {
-        return 0.0;
-    }
-    if (TRANS_B) {
-        return b[p.off_b + col * p.ldb + kk];
-    }
-    return b[p.off_b + kk * p.ldb + col];
-}
-
-// Position (mn, k) inside a [TILE × BK] slice of element `e`: consecutive invocations walk the
-// contiguous dimension of the stored matrix (k when not transposed for A / transposed for B).
-fn slot(e: u32, tile: u32, k_contiguous: bool) -> vec2<u32> {
-    if (k_contiguous) {
-        return vec2<u32>(e / BK, e % BK);
-    }
-    return vec2<u32>(e % tile, e / tile);
-}
-
-fn store_c(row: u32, col: u32, v: f32) {
-    if (row >= p.m || col >= p.n) {
-        return;
-    }
-    if (UPPER_ONLY && i32(row) > i32(col) + p.diag) {
-        return;
-    }
-    let ci = p.off_c + row * p.ldc + col;
-    var out = p.alpha * v;
-    // beta == 0 must not read C: it may hold garbage (NaN) from an earlier use.
-    if (p.beta != 0.0) {
-        out = out + p.beta * c[ci];
-    }
-    c[ci] = out;
-}
-
-fn store_row4(row: u32, col: u32, v: vec4<f32>) {
-    store_c(row, col, v.x);
-    store_c(row, col + 1u, v.y);
-    store_c(row, col + 2u, v.z);
-    store_c(row, col + 3u, v.w);
-}
-
-// Writes this invocation's four A and four B elements of a slice into gemm_large's buffer at
-// `off` (0, or 256 for the second of DOUBLE_BUFFER's).
-fn store_large(off: u32, sa0: vec2<u32>, sa1: vec2<u32>, sa2: vec2<u32>, sa3: vec2<u32>,
+// ---- gemm_large_swz ----
+fn store_swz(off: u32, sa0: vec2<u32>, sa1: vec2<u32>, sa2: vec2<u32>, sa3: vec2<u32>,
                sb0: vec2<u32>, sb1: vec2<u32>, sb2: vec2<u32>, sb3: vec2<u32>,
                ra: vec4<f32>, rb: vec4<f32>) {
     la[off + sa0.y * 32u + ((sa0.x / 4u) ^ (sa0.y & 7u))][sa0.x % 4u] = ra.x;
@@ -153,7 +29,7 @@ fn store_large(off: u32, sa0: vec2<u32>, sa1: vec2<u32>, sa2: vec2<u32>, sa3: ve
 }
 
 @compute @workgroup_size(16, 16, 1)
-fn gemm_large(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+fn gemm_large_swz(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
     let row0 = wg.y * 128u;
     let col0 = wg.x * 128u;
     // Whole-workgroup early exit (uniform), before any barrier.
@@ -196,13 +72,15 @@ fn gemm_large(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id
     // `nxt` is `cur`, so a second barrier first waits until every invocation has read it. Double-
     // buffered, the one barrier also separates each read of a buffer (slice t) from its next write
     // (slice t + 2, after the following iteration's barrier).
-    var ra = vec4<f32>(load_a(row0 + sa0.x, sa0.y), load_a(row0 + sa1.x, sa1.y),
-                       load_a(row0 + sa2.x, sa2.y), load_a(row0 + sa3.x, sa3.y));
-    var rb = vec4<f32>(load_b(sb0.y, col0 + sb0.x), load_b(sb1.y, col0 + sb1.x),
-                       load_b(sb2.y, col0 + sb2.x), load_b(sb3.y, col0 + sb3.x));
-    store_large(0u, sa0, sa1, sa2, sa3, sb0, sb1, sb2, sb3, ra, rb);
+    let kr = k_range(row0, col0, 128u);
+    let k0 = kr.x;
+    var ra = vec4<f32>(load_a(row0 + sa0.x, k0 + sa0.y), load_a(row0 + sa1.x, k0 + sa1.y),
+                       load_a(row0 + sa2.x, k0 + sa2.y), load_a(row0 + sa3.x, k0 + sa3.y));
+    var rb = vec4<f32>(load_b(k0 + sb0.y, col0 + sb0.x), load_b(k0 + sb1.y, col0 + sb1.x),
+                       load_b(k0 + sb2.y, col0 + sb2.x), load_b(k0 + sb3.y, col0 + sb3.x));
+    store_swz(0u, sa0, sa1, sa2, sa3, sb0, sb1, sb2, sb3, ra, rb);
     workgroupBarrier();
-    let ktiles = (p.k + BK - 1u) / BK;
+    let ktiles = (kr.y - k0 + BK - 1u) / BK;
     for (var t = 0u; t < ktiles; t++) {
         var cur = 0u;
         var nxt = 0u;
@@ -210,7 +88,7 @@ fn gemm_large(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id
             cur = (t % 2u) * 256u;
             nxt = 256u - cur;
         }
-        let k1 = (t + 1u) * BK;
+        let k1 = k0 + (t + 1u) * BK;
         ra = vec4<f32>(load_a(row0 + sa0.x, k1 + sa0.y), load_a(row0 + sa1.x, k1 + sa1.y),
                        load_a(row0 + sa2.x, k1 + sa2.y), load_a(row0 + sa3.x, k1 + sa3.y));
         rb = vec4<f32>(load_b(k1 + sb0.y, col0 + sb0.x), load_b(k1 + sb1.y, col0 + sb1.x),
@@ -240,7 +118,7 @@ fn gemm_large(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id
         if (!DOUBLE_BUFFER) {
             workgroupBarrier();
         }
-        store_large(nxt, sa0, sa1, sa2, sa3, sb0, sb1, sb2, sb3, ra, rb);
+        store_swz(nxt, sa0, sa1, sa2, sa3, sb0, sb1, sb2, sb3, ra, rb);
         workgroupBarrier();
     }
     let r0 = row0 + ty * 4u;
@@ -265,8 +143,9 @@ fn gemm_large(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id
     store_row4(r1 + 3u, q1, c71);
 }
 
+// ---- gemm_small_swz ----
 @compute @workgroup_size(16, 16, 1)
-fn gemm_small(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+fn gemm_small_swz(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
     let row0 = wg.y * 64u;
     let col0 = wg.x * 64u;
     if (UPPER_ONLY && i32(row0) > i32(col0) + 63 + p.diag) {
@@ -285,16 +164,18 @@ fn gemm_small(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id
     var c2 = vec4<f32>(0.0);
     var c3 = vec4<f32>(0.0);
 
-    var ra = vec2<f32>(load_a(row0 + sa0.x, sa0.y), load_a(row0 + sa1.x, sa1.y));
-    var rb = vec2<f32>(load_b(sb0.y, col0 + sb0.x), load_b(sb1.y, col0 + sb1.x));
-    let ktiles = (p.k + BK - 1u) / BK;
+    let kr = k_range(row0, col0, 64u);
+    let k0 = kr.x;
+    var ra = vec2<f32>(load_a(row0 + sa0.x, k0 + sa0.y), load_a(row0 + sa1.x, k0 + sa1.y));
+    var rb = vec2<f32>(load_b(k0 + sb0.y, col0 + sb0.x), load_b(k0 + sb1.y, col0 + sb1.x));
+    let ktiles = (kr.y - k0 + BK - 1u) / BK;
     for (var t = 0u; t < ktiles; t++) {
         sa[sa0.y * 16u + ((sa0.x / 4u) ^ (sa0.y & 7u))][sa0.x % 4u] = ra.x;
         sa[sa1.y * 16u + ((sa1.x / 4u) ^ (sa1.y & 7u))][sa1.x % 4u] = ra.y;
         sb[sb0.y * 16u + ((sb0.x / 4u) ^ (sb0.y & 7u))][sb0.x % 4u] = rb.x;
         sb[sb1.y * 16u + ((sb1.x / 4u) ^ (sb1.y & 7u))][sb1.x % 4u] = rb.y;
         workgroupBarrier();
-        let k1 = (t + 1u) * BK;
+        let k1 = k0 + (t + 1u) * BK;
         ra = vec2<f32>(load_a(row0 + sa0.x, k1 + sa0.y), load_a(row0 + sa1.x, k1 + sa1.y));
         rb = vec2<f32>(load_b(k1 + sb0.y, col0 + sb0.x), load_b(k1 + sb1.y, col0 + sb1.x));
         for (var kk = 0u; kk < BK; kk++) {
@@ -315,7 +196,7 @@ fn gemm_small(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id
     store_row4(r + 3u, q, c3);
 }
 
-// ---- BK = 16 variant of gemm_large (swizzled, single buffer, 16 KiB) ----
+// ---- gemm_large16 ----
 const BK16: u32 = 16u;
 var<workgroup> ma: array<vec4<f32>, 512>;
 var<workgroup> mb: array<vec4<f32>, 512>;
@@ -382,7 +263,8 @@ fn gemm_large16(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_
     var c70 = vec4<f32>(0.0);
     var c71 = vec4<f32>(0.0);
 
-    var k1 = 0u;
+    let kr = k_range(row0, col0, 128u);
+    var k1 = kr.x;
     var ra0 = vec4<f32>(load_a(row0 + s0.x, k1 + s0.y), load_a(row0 + s1.x, k1 + s1.y),
                         load_a(row0 + s2.x, k1 + s2.y), load_a(row0 + s3.x, k1 + s3.y));
     var ra1 = vec4<f32>(load_a(row0 + s4.x, k1 + s4.y), load_a(row0 + s5.x, k1 + s5.y),
@@ -391,7 +273,7 @@ fn gemm_large16(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_
                         load_b(k1 + u2.y, col0 + u2.x), load_b(k1 + u3.y, col0 + u3.x));
     var rb1 = vec4<f32>(load_b(k1 + u4.y, col0 + u4.x), load_b(k1 + u5.y, col0 + u5.x),
                         load_b(k1 + u6.y, col0 + u6.x), load_b(k1 + u7.y, col0 + u7.x));
-    let ktiles = (p.k + BK16 - 1u) / BK16;
+    let ktiles = (kr.y - kr.x + BK16 - 1u) / BK16;
     for (var t = 0u; t < ktiles; t++) {
         put16(s0, ra0.x, true);
         put16(s1, ra0.y, true);
@@ -410,7 +292,7 @@ fn gemm_large16(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_
         put16(u6, rb1.z, false);
         put16(u7, rb1.w, false);
         workgroupBarrier();
-        k1 = (t + 1u) * BK16;
+        k1 = kr.x + (t + 1u) * BK16;
         ra0 = vec4<f32>(load_a(row0 + s0.x, k1 + s0.y), load_a(row0 + s1.x, k1 + s1.y),
                         load_a(row0 + s2.x, k1 + s2.y), load_a(row0 + s3.x, k1 + s3.y));
         ra1 = vec4<f32>(load_a(row0 + s4.x, k1 + s4.y), load_a(row0 + s5.x, k1 + s5.y),
@@ -466,10 +348,9 @@ fn gemm_large16(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_
     store_row4(r1 + 3u, q1, c71);
 }
 
-// ---- gemm_large4: swizzled, each invocation stages 4 consecutive rows (A) / columns (B) of one k
-// as ONE vec4 store (2 shared stores per slice instead of 8) ----
-var<workgroup> xa: array<vec4<f32>, 256>;
-var<workgroup> xb: array<vec4<f32>, 256>;
+// ---- gemm_large4 ----
+var<workgroup> ya: array<vec4<f32>, select(256u, 512u, DOUBLE_BUFFER)>;
+var<workgroup> yb: array<vec4<f32>, select(256u, 512u, DOUBLE_BUFFER)>;
 
 // Group (q, k) of this invocation in a [128 × 8] slice: q = 4-row group (0..31), k (0..7).
 fn grp(tid: u32, k_contiguous: bool) -> vec2<u32> {
@@ -513,116 +394,26 @@ fn gemm_large4(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_i
     var c70 = vec4<f32>(0.0);
     var c71 = vec4<f32>(0.0);
 
-    var ka = ga.y;
-    var kb = gb.y;
+    let kr = k_range(row0, col0, 128u);
+    var ka = kr.x + ga.y;
+    var kb = kr.x + gb.y;
     var ra = vec4<f32>(load_a(ar, ka), load_a(ar + 1u, ka), load_a(ar + 2u, ka), load_a(ar + 3u, ka));
     var rb = vec4<f32>(load_b(kb, bc), load_b(kb, bc + 1u), load_b(kb, bc + 2u), load_b(kb, bc + 3u));
-    let ktiles = (p.k + BK - 1u) / BK;
-    for (var t = 0u; t < ktiles; t++) {
-        xa[ia] = ra;
-        xb[ib] = rb;
-        workgroupBarrier();
-        ka = (t + 1u) * BK + ga.y;
-        kb = (t + 1u) * BK + gb.y;
-        ra = vec4<f32>(load_a(ar, ka), load_a(ar + 1u, ka), load_a(ar + 2u, ka), load_a(ar + 3u, ka));
-        rb = vec4<f32>(load_b(kb, bc), load_b(kb, bc + 1u), load_b(kb, bc + 2u), load_b(kb, bc + 3u));
-        for (var kk = 0u; kk < BK; kk++) {
-            let a0 = xa[kk * 32u + (ty ^ kk)];
-            let a1 = xa[kk * 32u + 16u + (ty ^ kk)];
-            let b0 = xb[kk * 32u + (tx ^ kk)];
-            let b1 = xb[kk * 32u + 16u + (tx ^ kk)];
-            c00 = fma(vec4<f32>(a0.x), b0, c00);
-            c01 = fma(vec4<f32>(a0.x), b1, c01);
-            c10 = fma(vec4<f32>(a0.y), b0, c10);
-            c11 = fma(vec4<f32>(a0.y), b1, c11);
-            c20 = fma(vec4<f32>(a0.z), b0, c20);
-            c21 = fma(vec4<f32>(a0.z), b1, c21);
-            c30 = fma(vec4<f32>(a0.w), b0, c30);
-            c31 = fma(vec4<f32>(a0.w), b1, c31);
-            c40 = fma(vec4<f32>(a1.x), b0, c40);
-            c41 = fma(vec4<f32>(a1.x), b1, c41);
-            c50 = fma(vec4<f32>(a1.y), b0, c50);
-            c51 = fma(vec4<f32>(a1.y), b1, c51);
-            c60 = fma(vec4<f32>(a1.z), b0, c60);
-            c61 = fma(vec4<f32>(a1.z), b1, c61);
-            c70 = fma(vec4<f32>(a1.w), b0, c70);
-            c71 = fma(vec4<f32>(a1.w), b1, c71);
-        }
-        workgroupBarrier();
-    }
-    let r0 = row0 + ty * 4u;
-    let r1 = row0 + 64u + ty * 4u;
-    let q0 = col0 + tx * 4u;
-    let q1 = col0 + 64u + tx * 4u;
-    store_row4(r0, q0, c00);
-    store_row4(r0, q1, c01);
-    store_row4(r0 + 1u, q0, c10);
-    store_row4(r0 + 1u, q1, c11);
-    store_row4(r0 + 2u, q0, c20);
-    store_row4(r0 + 2u, q1, c21);
-    store_row4(r0 + 3u, q0, c30);
-    store_row4(r0 + 3u, q1, c31);
-    store_row4(r1, q0, c40);
-    store_row4(r1, q1, c41);
-    store_row4(r1 + 1u, q0, c50);
-    store_row4(r1 + 1u, q1, c51);
-    store_row4(r1 + 2u, q0, c60);
-    store_row4(r1 + 2u, q1, c61);
-    store_row4(r1 + 3u, q0, c70);
-    store_row4(r1 + 3u, q1, c71);
-}
-
-// ---- gemm_large4db: gemm_large4 with two workgroup buffers per operand (16 KiB) ----
-var<workgroup> ya: array<vec4<f32>, 512>;
-var<workgroup> yb: array<vec4<f32>, 512>;
-
-@compute @workgroup_size(16, 16, 1)
-fn gemm_large4db(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
-    let row0 = wg.y * 128u;
-    let col0 = wg.x * 128u;
-    if (UPPER_ONLY && i32(row0) > i32(col0) + 127 + p.diag) {
-        return;
-    }
-    let tx = lid.x;
-    let ty = lid.y;
-    let tid = ty * 16u + tx;
-    let ga = grp(tid, !TRANS_A);
-    let gb = grp(tid, TRANS_B);
-    let ar = row0 + ga.x * 4u;
-    let bc = col0 + gb.x * 4u;
-    let ia = ga.y * 32u + (ga.x ^ ga.y);
-    let ib = gb.y * 32u + (gb.x ^ gb.y);
-
-    var c00 = vec4<f32>(0.0);
-    var c01 = vec4<f32>(0.0);
-    var c10 = vec4<f32>(0.0);
-    var c11 = vec4<f32>(0.0);
-    var c20 = vec4<f32>(0.0);
-    var c21 = vec4<f32>(0.0);
-    var c30 = vec4<f32>(0.0);
-    var c31 = vec4<f32>(0.0);
-    var c40 = vec4<f32>(0.0);
-    var c41 = vec4<f32>(0.0);
-    var c50 = vec4<f32>(0.0);
-    var c51 = vec4<f32>(0.0);
-    var c60 = vec4<f32>(0.0);
-    var c61 = vec4<f32>(0.0);
-    var c70 = vec4<f32>(0.0);
-    var c71 = vec4<f32>(0.0);
-
-    var ka = ga.y;
-    var kb = gb.y;
-    var ra = vec4<f32>(load_a(ar, ka), load_a(ar + 1u, ka), load_a(ar + 2u, ka), load_a(ar + 3u, ka));
-    var rb = vec4<f32>(load_b(kb, bc), load_b(kb, bc + 1u), load_b(kb, bc + 2u), load_b(kb, bc + 3u));
-    let ktiles = (p.k + BK - 1u) / BK;
+    let ktiles = (kr.y - kr.x + BK - 1u) / BK;
     ya[ia] = ra;
     yb[ib] = rb;
     workgroupBarrier();
     for (var t = 0u; t < ktiles; t++) {
-        let cur = (t % 2u) * 256u;
-        let nxt = 256u - cur;
-        ka = (t + 1u) * BK + ga.y;
-        kb = (t + 1u) * BK + gb.y;
+        // As gemm_large: with DOUBLE_BUFFER slice t + 1 goes into the other half while slice t
+        // is read (one barrier), else into the same buffer after a second barrier.
+        var cur = 0u;
+        var nxt = 0u;
+        if (DOUBLE_BUFFER) {
+            cur = (t % 2u) * 256u;
+            nxt = 256u - cur;
+        }
+        ka = kr.x + (t + 1u) * BK + ga.y;
+        kb = kr.x + (t + 1u) * BK + gb.y;
         ra = vec4<f32>(load_a(ar, ka), load_a(ar + 1u, ka), load_a(ar + 2u, ka), load_a(ar + 3u, ka));
         rb = vec4<f32>(load_b(kb, bc), load_b(kb, bc + 1u), load_b(kb, bc + 2u), load_b(kb, bc + 3u));
         for (var kk = 0u; kk < BK; kk++) {
@@ -646,6 +437,9 @@ fn gemm_large4db(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation
             c61 = fma(vec4<f32>(a1.z), b1, c61);
             c70 = fma(vec4<f32>(a1.w), b0, c70);
             c71 = fma(vec4<f32>(a1.w), b1, c71);
+        }
+        if (!DOUBLE_BUFFER) {
+            workgroupBarrier();
         }
         ya[nxt + ia] = ra;
         yb[nxt + ib] = rb;
@@ -673,19 +467,19 @@ fn gemm_large4db(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation
     store_row4(r1 + 3u, q1, c71);
 }
 
-// lab32: gemm_large nt 128
-// lab32: gemm_large nn 128
-// lab32: gemm_large tn 128
-// lab32: gemm_large nt 128 DOUBLE_BUFFER=1
-// lab32: gemm_large nn 128 DOUBLE_BUFFER=1
-// lab32: gemm_small nt 64
-// lab32: gemm_small nn 64
+// lab32: gemm_large_swz nt 128
+// lab32: gemm_large_swz nn 128
+// lab32: gemm_large_swz tn 128
+// lab32: gemm_large_swz nt 128 DOUBLE_BUFFER=1
+// lab32: gemm_large_swz nn 128 DOUBLE_BUFFER=1
+// lab32: gemm_small_swz nt 64
+// lab32: gemm_small_swz nn 64
 // lab32: gemm_large16 nt 128
 // lab32: gemm_large16 nn 128
 // lab32: gemm_large16 tn 128
 // lab32: gemm_large4 nt 128
 // lab32: gemm_large4 nn 128
 // lab32: gemm_large4 tn 128
-// lab32: gemm_large4db nt 128
-// lab32: gemm_large4db nn 128
-// lab32: gemm_large4db tn 128
+// lab32: gemm_large4 nt 128 DOUBLE_BUFFER=1
+// lab32: gemm_large4 nn 128 DOUBLE_BUFFER=1
+// lab32: gemm_large4 tn 128 DOUBLE_BUFFER=1

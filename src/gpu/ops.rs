@@ -94,20 +94,37 @@ impl GemmParams {
     /// `C = op(A)·op(B)` (alpha 1, beta 0) over dense operands from element 0 of each buffer, with
     /// row strides `lda`, `ldb`, `ldc`.
     pub fn dense(
-        (m, n, k): (usize, usize, usize),
-        (lda, ldb, ldc): (usize, usize, usize),
+        shape: (usize, usize, usize),
+        lds: (usize, usize, usize),
     ) -> Result<Self, GpuError> {
+        let [m, n, k, lda, ldb, ldc] = dense_dims(shape, lds)?;
         Ok(Self {
-            m: u32_of("gemm M", m)?,
-            n: u32_of("gemm N", n)?,
-            k: u32_of("gemm K", k)?,
-            lda: u32_of("gemm lda", lda)?,
-            ldb: u32_of("gemm ldb", ldb)?,
-            ldc: u32_of("gemm ldc", ldc)?,
+            m,
+            n,
+            k,
+            lda,
+            ldb,
+            ldc,
             alpha: 1.0,
             ..Self::zeroed()
         })
     }
+}
+
+/// `[M, N, K, lda, ldb, ldc]` as the kernels' u32 parameters (the `dense` constructors of
+/// [`GemmParams`] and [`CoopParams`]).
+fn dense_dims(
+    (m, n, k): (usize, usize, usize),
+    (lda, ldb, ldc): (usize, usize, usize),
+) -> Result<[u32; 6], GpuError> {
+    Ok([
+        u32_of("gemm M", m)?,
+        u32_of("gemm N", n)?,
+        u32_of("gemm K", k)?,
+        u32_of("gemm lda", lda)?,
+        u32_of("gemm ldb", ldb)?,
+        u32_of("gemm ldc", ldc)?,
+    ])
 }
 
 /// A row-major matrix view inside a buffer: element (r, c) at `offset + r·ld + c`.
@@ -1375,16 +1392,17 @@ impl CoopParams {
     /// One dense product `C[M×N] += op(A)·op(B)` from element 0 of each buffer, with row strides
     /// `lda`, `ldb`, `ldc` (no batch).
     pub fn dense(
-        (m, n, k): (usize, usize, usize),
-        (lda, ldb, ldc): (usize, usize, usize),
+        shape: (usize, usize, usize),
+        lds: (usize, usize, usize),
     ) -> Result<Self, GpuError> {
+        let [m, n, k, lda, ldb, ldc] = dense_dims(shape, lds)?;
         Ok(Self {
-            m: u32_of("gemm M", m)?,
-            n: u32_of("gemm N", n)?,
-            k: u32_of("gemm K", k)?,
-            lda: u32_of("gemm lda", lda)?,
-            ldb: u32_of("gemm ldb", ldb)?,
-            ldc: u32_of("gemm ldc", ldc)?,
+            m,
+            n,
+            k,
+            lda,
+            ldb,
+            ldc,
             ga: 1,
             gb: 1,
             zi: 1,

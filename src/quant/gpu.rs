@@ -1077,9 +1077,9 @@ mod tests {
     /// exercised at every tile edge, in one buffer and in row panels. U's lower triangle is
     /// exactly zero, as the factor leaves it.
     #[test]
-    fn gptaq_p_matches_f64_with_blocks_spanning_tiles() {
+    fn gptaq_p_matches_f64_with_blocks_spanning_tiles() -> Result<(), Box<dyn std::error::Error>> {
         let Some(ctx) = crate::gpu::test_context() else {
-            return;
+            return Ok(());
         };
         let mut seed = 0x9e37_79b9_7f4a_7c15u64;
         let mut next = move || {
@@ -1105,17 +1105,19 @@ mod tests {
                     }
                 })
                 .collect();
-            let want = crate::quant::reference::gptaq_p(&d, &u, n, alpha).expect("reference P");
+            let want = crate::quant::reference::gptaq_p(&d, &u, n, alpha).ok_or("reference P")?;
             let f = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
             ctx.set_panel_cap((panel_rows > 0).then_some((panel_rows * n * 4) as u64));
-            let gu = ctx.matrix_upload("U", &f(&u), n, n, 32).expect("upload U");
-            let gd = ctx.matrix_upload("D", &f(&d), n, n, 32).expect("upload D");
+            let gu = ctx.matrix_upload("U", &f(&u), n, n, 32);
+            let gd = ctx.matrix_upload("D", &f(&d), n, n, 32);
+            // The cap is the context's: lifted before an upload error returns.
             ctx.set_panel_cap(None);
-            let scratch = ctx.zeros::<f32>("P scratch", n * b).expect("scratch");
+            let (gu, gd) = (gu?, gd?);
+            let scratch = ctx.zeros::<f32>("P scratch", n * b)?;
             let mut rec = ctx.recorder();
-            gptaq_p_blocked(&mut rec, n, &gu, &gd, &scratch, b, alpha as f32).expect("P");
+            gptaq_p_blocked(&mut rec, n, &gu, &gd, &scratch, b, alpha as f32)?;
             rec.submit();
-            let got = ctx.read_matrix(&gd).expect("read P");
+            let got = ctx.read_matrix(&gd)?;
             let scale = want.iter().fold(0f64, |m, x| m.max(x.abs()));
             for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
                 assert!(
@@ -1127,6 +1129,7 @@ mod tests {
                 );
             }
         }
+        Ok(())
     }
 
     /// The blocks of GPTAQ's P tile `0..n` exactly, in order, 32-column multiples except the last,
