@@ -13,6 +13,8 @@
 // - gemm_large16: swizzled, 16-deep k slices (half the barriers per multiply-add);
 // - gemm_large4: each invocation stages 4 consecutive rows (columns) of one k as one vec4 store,
 //   2 stores per slice instead of 8; single or double buffered (DOUBLE_BUFFER).
+// Each entry writes out its accumulators, multiply-adds and stores like the shipped kernel (named
+// variables, no helper over a local array: gemm.wgsl's header says why), so the timings compare.
 
 // ---- gemm_large_swz ----
 fn store_swz(off: u32, sa0: vec2<u32>, sa1: vec2<u32>, sa2: vec2<u32>, sa3: vec2<u32>,
