@@ -1,37 +1,39 @@
 // lab-extends: gemm
 //
-// Kernel-lab variants of the f32 GEMM (benches/kernels.rs `wgsl_lab`, BENCHMARKS.md session 23),
+// Kernel-lab variants of the f32 GEMM (benches/kernels.rs `wgsl_lab`, BENCHMARKS.md sessions 23–24),
 // checked against the shipped gemm_large and timed on the GPU machine before one replaces it. Not
 // part of the product. The lab prepends shaders/gemm.wgsl (the line above), so these entry points
 // use its parameters, bindings, overrides, loads, stores and k ranges, and add only what differs.
 //
-// Why: the shipped kernel stages k-contiguous operands (A of X·Wᵀ and T·U, both of Dp·Uᵀ) by
-// writing 8 consecutive k of one row from 8 invocations into workgroup rows 512 bytes apart, an
-// 8-way bank conflict on every staging store. Here:
-// - gemm_large_swz / gemm_small_swz: the shipped kernels with the vec4 index XOR-swizzled by
-//   k % 8 (conflict-free stores and reads); gemm_large_swz also with DOUBLE_BUFFER;
+// Why: before session 24 the shipped kernel staged k-contiguous operands (A of X·Wᵀ and T·U, both
+// of Dp·Uᵀ) by writing 8 consecutive k of one row from 8 invocations into workgroup rows 512 bytes
+// apart, an 8-way bank conflict on every staging store; it now XOR-swizzles the vec4 index by
+// k % 8 (gemm.wgsl `swz`). Here, beside the shipped entry points themselves (the baseline lines
+// at the end):
+// - gemm_large_plain / gemm_small_plain: the earlier, unswizzled layout (single and double
+//   buffered), to measure what the swizzle is worth on a GPU;
 // - gemm_large16: swizzled, 16-deep k slices (half the barriers per multiply-add);
 // - gemm_large4: each invocation stages 4 consecutive rows (columns) of one k as one vec4 store,
 //   2 stores per slice instead of 8; single or double buffered (DOUBLE_BUFFER).
 // Each entry writes out its accumulators, multiply-adds and stores like the shipped kernel (named
 // variables, no helper over a local array: gemm.wgsl's header says why), so the timings compare.
 
-// ---- gemm_large_swz ----
-fn store_swz(off: u32, sa0: vec2<u32>, sa1: vec2<u32>, sa2: vec2<u32>, sa3: vec2<u32>,
+// ---- gemm_large_plain ----
+fn store_plain(off: u32, sa0: vec2<u32>, sa1: vec2<u32>, sa2: vec2<u32>, sa3: vec2<u32>,
                sb0: vec2<u32>, sb1: vec2<u32>, sb2: vec2<u32>, sb3: vec2<u32>,
                ra: vec4<f32>, rb: vec4<f32>) {
-    la[off + sa0.y * 32u + ((sa0.x / 4u) ^ (sa0.y & 7u))][sa0.x % 4u] = ra.x;
-    la[off + sa1.y * 32u + ((sa1.x / 4u) ^ (sa1.y & 7u))][sa1.x % 4u] = ra.y;
-    la[off + sa2.y * 32u + ((sa2.x / 4u) ^ (sa2.y & 7u))][sa2.x % 4u] = ra.z;
-    la[off + sa3.y * 32u + ((sa3.x / 4u) ^ (sa3.y & 7u))][sa3.x % 4u] = ra.w;
-    lb[off + sb0.y * 32u + ((sb0.x / 4u) ^ (sb0.y & 7u))][sb0.x % 4u] = rb.x;
-    lb[off + sb1.y * 32u + ((sb1.x / 4u) ^ (sb1.y & 7u))][sb1.x % 4u] = rb.y;
-    lb[off + sb2.y * 32u + ((sb2.x / 4u) ^ (sb2.y & 7u))][sb2.x % 4u] = rb.z;
-    lb[off + sb3.y * 32u + ((sb3.x / 4u) ^ (sb3.y & 7u))][sb3.x % 4u] = rb.w;
+    la[off + sa0.y * 32u + sa0.x / 4u][sa0.x % 4u] = ra.x;
+    la[off + sa1.y * 32u + sa1.x / 4u][sa1.x % 4u] = ra.y;
+    la[off + sa2.y * 32u + sa2.x / 4u][sa2.x % 4u] = ra.z;
+    la[off + sa3.y * 32u + sa3.x / 4u][sa3.x % 4u] = ra.w;
+    lb[off + sb0.y * 32u + sb0.x / 4u][sb0.x % 4u] = rb.x;
+    lb[off + sb1.y * 32u + sb1.x / 4u][sb1.x % 4u] = rb.y;
+    lb[off + sb2.y * 32u + sb2.x / 4u][sb2.x % 4u] = rb.z;
+    lb[off + sb3.y * 32u + sb3.x / 4u][sb3.x % 4u] = rb.w;
 }
 
 @compute @workgroup_size(16, 16, 1)
-fn gemm_large_swz(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+fn gemm_large_plain(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
     let row0 = wg.y * 128u;
     let col0 = wg.x * 128u;
     // Whole-workgroup early exit (uniform), before any barrier.
@@ -80,7 +82,7 @@ fn gemm_large_swz(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocatio
                        load_a(row0 + sa2.x, k0 + sa2.y), load_a(row0 + sa3.x, k0 + sa3.y));
     var rb = vec4<f32>(load_b(k0 + sb0.y, col0 + sb0.x), load_b(k0 + sb1.y, col0 + sb1.x),
                        load_b(k0 + sb2.y, col0 + sb2.x), load_b(k0 + sb3.y, col0 + sb3.x));
-    store_swz(0u, sa0, sa1, sa2, sa3, sb0, sb1, sb2, sb3, ra, rb);
+    store_plain(0u, sa0, sa1, sa2, sa3, sb0, sb1, sb2, sb3, ra, rb);
     workgroupBarrier();
     let ktiles = (kr.y - k0 + BK - 1u) / BK;
     for (var t = 0u; t < ktiles; t++) {
@@ -96,10 +98,10 @@ fn gemm_large_swz(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocatio
         rb = vec4<f32>(load_b(k1 + sb0.y, col0 + sb0.x), load_b(k1 + sb1.y, col0 + sb1.x),
                        load_b(k1 + sb2.y, col0 + sb2.x), load_b(k1 + sb3.y, col0 + sb3.x));
         for (var kk = 0u; kk < BK; kk++) {
-            let a0 = la[cur + kk * 32u + (ty ^ kk)];
-            let a1 = la[cur + kk * 32u + 16u + (ty ^ kk)];
-            let b0 = lb[cur + kk * 32u + (tx ^ kk)];
-            let b1 = lb[cur + kk * 32u + 16u + (tx ^ kk)];
+            let a0 = la[cur + kk * 32u + ty];
+            let a1 = la[cur + kk * 32u + 16u + ty];
+            let b0 = lb[cur + kk * 32u + tx];
+            let b1 = lb[cur + kk * 32u + 16u + tx];
             c00 = fma(vec4<f32>(a0.x), b0, c00);
             c01 = fma(vec4<f32>(a0.x), b1, c01);
             c10 = fma(vec4<f32>(a0.y), b0, c10);
@@ -120,7 +122,7 @@ fn gemm_large_swz(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocatio
         if (!DOUBLE_BUFFER) {
             workgroupBarrier();
         }
-        store_swz(nxt, sa0, sa1, sa2, sa3, sb0, sb1, sb2, sb3, ra, rb);
+        store_plain(nxt, sa0, sa1, sa2, sa3, sb0, sb1, sb2, sb3, ra, rb);
         workgroupBarrier();
     }
     let r0 = row0 + ty * 4u;
@@ -145,9 +147,9 @@ fn gemm_large_swz(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocatio
     store_row4(r1 + 3u, q1, c71);
 }
 
-// ---- gemm_small_swz ----
+// ---- gemm_small_plain ----
 @compute @workgroup_size(16, 16, 1)
-fn gemm_small_swz(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+fn gemm_small_plain(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
     let row0 = wg.y * 64u;
     let col0 = wg.x * 64u;
     if (UPPER_ONLY && i32(row0) > i32(col0) + 63 + p.diag) {
@@ -172,17 +174,17 @@ fn gemm_small_swz(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocatio
     var rb = vec2<f32>(load_b(k0 + sb0.y, col0 + sb0.x), load_b(k0 + sb1.y, col0 + sb1.x));
     let ktiles = (kr.y - k0 + BK - 1u) / BK;
     for (var t = 0u; t < ktiles; t++) {
-        sa[sa0.y * 16u + ((sa0.x / 4u) ^ (sa0.y & 7u))][sa0.x % 4u] = ra.x;
-        sa[sa1.y * 16u + ((sa1.x / 4u) ^ (sa1.y & 7u))][sa1.x % 4u] = ra.y;
-        sb[sb0.y * 16u + ((sb0.x / 4u) ^ (sb0.y & 7u))][sb0.x % 4u] = rb.x;
-        sb[sb1.y * 16u + ((sb1.x / 4u) ^ (sb1.y & 7u))][sb1.x % 4u] = rb.y;
+        sa[sa0.y * 16u + sa0.x / 4u][sa0.x % 4u] = ra.x;
+        sa[sa1.y * 16u + sa1.x / 4u][sa1.x % 4u] = ra.y;
+        sb[sb0.y * 16u + sb0.x / 4u][sb0.x % 4u] = rb.x;
+        sb[sb1.y * 16u + sb1.x / 4u][sb1.x % 4u] = rb.y;
         workgroupBarrier();
         let k1 = k0 + (t + 1u) * BK;
         ra = vec2<f32>(load_a(row0 + sa0.x, k1 + sa0.y), load_a(row0 + sa1.x, k1 + sa1.y));
         rb = vec2<f32>(load_b(k1 + sb0.y, col0 + sb0.x), load_b(k1 + sb1.y, col0 + sb1.x));
         for (var kk = 0u; kk < BK; kk++) {
-            let av = sa[kk * 16u + (ty ^ kk)];
-            let bv = sb[kk * 16u + (tx ^ kk)];
+            let av = sa[kk * 16u + ty];
+            let bv = sb[kk * 16u + tx];
             c0 = fma(vec4<f32>(av.x), bv, c0);
             c1 = fma(vec4<f32>(av.y), bv, c1);
             c2 = fma(vec4<f32>(av.z), bv, c2);
@@ -469,13 +471,19 @@ fn gemm_large4(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_i
     store_row4(r1 + 3u, q1, c71);
 }
 
-// lab32: gemm_large_swz nt 128
-// lab32: gemm_large_swz nn 128
-// lab32: gemm_large_swz tn 128
-// lab32: gemm_large_swz nt 128 DOUBLE_BUFFER=1
-// lab32: gemm_large_swz nn 128 DOUBLE_BUFFER=1
-// lab32: gemm_small_swz nt 64
-// lab32: gemm_small_swz nn 64
+// The shipped kernels (the baseline).
+// lab32: gemm_large nt 128
+// lab32: gemm_large nn 128
+// lab32: gemm_large tn 128
+// lab32: gemm_large nn 128 DOUBLE_BUFFER=1
+// lab32: gemm_small nt 64
+// lab32: gemm_small nn 64
+// lab32: gemm_large_plain nt 128
+// lab32: gemm_large_plain nn 128
+// lab32: gemm_large_plain tn 128
+// lab32: gemm_large_plain nn 128 DOUBLE_BUFFER=1
+// lab32: gemm_small_plain nt 64
+// lab32: gemm_small_plain nn 64
 // lab32: gemm_large16 nt 128
 // lab32: gemm_large16 nn 128
 // lab32: gemm_large16 tn 128
