@@ -169,31 +169,34 @@ fn store_row4(row: u32, col: u32, v: vec4<f32>) {
     store_c(row, col + 3u, v.w);
 }
 
-// The vec4 slot of slice element (x, k) in a row of `gemm_large` / `gemm_small`'s staging: x / 4
-// XOR-swizzled by k % 8. Why: a k-contiguous operand (A of X·Wᵀ, both of P's D·Uᵀ) is staged by
-// 8 consecutive invocations writing 8 consecutive k of one x, i.e. 8 workgroup rows 512 (256)
-// bytes apart — without the swizzle all in one bank, an 8-way conflict on every staging store.
-// XOR by k % 8 puts them in 8 different vec4 slots (so 8 × 4 different banks); a k row is still a
-// permutation of its slots, so x-contiguous stores stay conflict-free, and the readers XOR their
-// vec4 index by the same k % 8 (`kk` < BK = 8). The kernel lab keeps the unswizzled layout as
-// `gemm_large_plain` for comparison (benches/lab, BENCHMARKS.md session 24).
-fn swz(x: u32, k: u32) -> u32 {
-    return (x / 4u) ^ (k & 7u);
+// The vec4 slot of slice element (x, k) in a row of `gemm_large` / `gemm_small`'s staging: x / 4,
+// XOR-swizzled by k % 8 where the operand is k-contiguous (`on`: A not transposed, B
+// transposed). Why: such an operand (A of X·Wᵀ, both of P's D·Uᵀ) is staged by 8 consecutive
+// invocations writing 8 consecutive k of one x, i.e. into 8 workgroup rows 512 (256) bytes apart —
+// without the swizzle all in one bank, an 8-way conflict on every staging store. XOR by k % 8
+// puts them in 8 different vec4 slots; the readers XOR their vec4 index by the same k % 8 (`kk` <
+// BK = 8). An x-contiguous operand has no conflict to remove, and there the XOR only cost time
+// (`on` is an override, so it folds away). Session 24's kernel lab on the H100 (BENCHMARKS.md):
+// at 4096³ A·Bᵀ 5.08 → 4.44 ms and A·B 4.73 → 4.42 ms with the swizzle, Aᵀ·B 4.31 → 4.38 ms with
+// it on both x-contiguous operands (hence `on`); `gemm_large_plain` in benches/lab keeps the
+// unswizzled layout for comparison.
+fn swz(x: u32, k: u32, on: bool) -> u32 {
+    return (x / 4u) ^ select(0u, k & 7u, on);
 }
 
 // Writes this invocation's four A and four B elements of a slice into gemm_large's buffer at
-// `off` (0, or 256 for the second of DOUBLE_BUFFER's), swizzled (`swz`).
+// `off` (0, or 256 for the second of DOUBLE_BUFFER's), swizzled where k-contiguous (`swz`).
 fn store_large(off: u32, sa0: vec2<u32>, sa1: vec2<u32>, sa2: vec2<u32>, sa3: vec2<u32>,
                sb0: vec2<u32>, sb1: vec2<u32>, sb2: vec2<u32>, sb3: vec2<u32>,
                ra: vec4<f32>, rb: vec4<f32>) {
-    la[off + sa0.y * 32u + swz(sa0.x, sa0.y)][sa0.x % 4u] = ra.x;
-    la[off + sa1.y * 32u + swz(sa1.x, sa1.y)][sa1.x % 4u] = ra.y;
-    la[off + sa2.y * 32u + swz(sa2.x, sa2.y)][sa2.x % 4u] = ra.z;
-    la[off + sa3.y * 32u + swz(sa3.x, sa3.y)][sa3.x % 4u] = ra.w;
-    lb[off + sb0.y * 32u + swz(sb0.x, sb0.y)][sb0.x % 4u] = rb.x;
-    lb[off + sb1.y * 32u + swz(sb1.x, sb1.y)][sb1.x % 4u] = rb.y;
-    lb[off + sb2.y * 32u + swz(sb2.x, sb2.y)][sb2.x % 4u] = rb.z;
-    lb[off + sb3.y * 32u + swz(sb3.x, sb3.y)][sb3.x % 4u] = rb.w;
+    la[off + sa0.y * 32u + swz(sa0.x, sa0.y, !TRANS_A)][sa0.x % 4u] = ra.x;
+    la[off + sa1.y * 32u + swz(sa1.x, sa1.y, !TRANS_A)][sa1.x % 4u] = ra.y;
+    la[off + sa2.y * 32u + swz(sa2.x, sa2.y, !TRANS_A)][sa2.x % 4u] = ra.z;
+    la[off + sa3.y * 32u + swz(sa3.x, sa3.y, !TRANS_A)][sa3.x % 4u] = ra.w;
+    lb[off + sb0.y * 32u + swz(sb0.x, sb0.y, TRANS_B)][sb0.x % 4u] = rb.x;
+    lb[off + sb1.y * 32u + swz(sb1.x, sb1.y, TRANS_B)][sb1.x % 4u] = rb.y;
+    lb[off + sb2.y * 32u + swz(sb2.x, sb2.y, TRANS_B)][sb2.x % 4u] = rb.z;
+    lb[off + sb3.y * 32u + swz(sb3.x, sb3.y, TRANS_B)][sb3.x % 4u] = rb.w;
 }
 
 @compute @workgroup_size(16, 16, 1)
@@ -262,10 +265,13 @@ fn gemm_large(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id
         rb = vec4<f32>(load_b(k1 + sb0.y, col0 + sb0.x), load_b(k1 + sb1.y, col0 + sb1.x),
                        load_b(k1 + sb2.y, col0 + sb2.x), load_b(k1 + sb3.y, col0 + sb3.x));
         for (var kk = 0u; kk < BK; kk++) {
-            let a0 = la[cur + kk * 32u + (ty ^ kk)];
-            let a1 = la[cur + kk * 32u + 16u + (ty ^ kk)];
-            let b0 = lb[cur + kk * 32u + (tx ^ kk)];
-            let b1 = lb[cur + kk * 32u + 16u + (tx ^ kk)];
+            // The readers' half of `swz`.
+            let xa = select(0u, kk, !TRANS_A);
+            let xb = select(0u, kk, TRANS_B);
+            let a0 = la[cur + kk * 32u + (ty ^ xa)];
+            let a1 = la[cur + kk * 32u + 16u + (ty ^ xa)];
+            let b0 = lb[cur + kk * 32u + (tx ^ xb)];
+            let b1 = lb[cur + kk * 32u + 16u + (tx ^ xb)];
             c00 = fma(vec4<f32>(a0.x), b0, c00);
             c01 = fma(vec4<f32>(a0.x), b1, c01);
             c10 = fma(vec4<f32>(a0.y), b0, c10);
@@ -337,17 +343,20 @@ fn gemm_small(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id
     var rb = vec2<f32>(load_b(k0 + sb0.y, col0 + sb0.x), load_b(k0 + sb1.y, col0 + sb1.x));
     let ktiles = (kr.y - k0 + BK - 1u) / BK;
     for (var t = 0u; t < ktiles; t++) {
-        sa[sa0.y * 16u + swz(sa0.x, sa0.y)][sa0.x % 4u] = ra.x;
-        sa[sa1.y * 16u + swz(sa1.x, sa1.y)][sa1.x % 4u] = ra.y;
-        sb[sb0.y * 16u + swz(sb0.x, sb0.y)][sb0.x % 4u] = rb.x;
-        sb[sb1.y * 16u + swz(sb1.x, sb1.y)][sb1.x % 4u] = rb.y;
+        sa[sa0.y * 16u + swz(sa0.x, sa0.y, !TRANS_A)][sa0.x % 4u] = ra.x;
+        sa[sa1.y * 16u + swz(sa1.x, sa1.y, !TRANS_A)][sa1.x % 4u] = ra.y;
+        sb[sb0.y * 16u + swz(sb0.x, sb0.y, TRANS_B)][sb0.x % 4u] = rb.x;
+        sb[sb1.y * 16u + swz(sb1.x, sb1.y, TRANS_B)][sb1.x % 4u] = rb.y;
         workgroupBarrier();
         let k1 = k0 + (t + 1u) * BK;
         ra = vec2<f32>(load_a(row0 + sa0.x, k1 + sa0.y), load_a(row0 + sa1.x, k1 + sa1.y));
         rb = vec2<f32>(load_b(k1 + sb0.y, col0 + sb0.x), load_b(k1 + sb1.y, col0 + sb1.x));
         for (var kk = 0u; kk < BK; kk++) {
-            let av = sa[kk * 16u + (ty ^ kk)];
-            let bv = sb[kk * 16u + (tx ^ kk)];
+            // The readers' half of `swz`.
+            let xa = select(0u, kk, !TRANS_A);
+            let xb = select(0u, kk, TRANS_B);
+            let av = sa[kk * 16u + (ty ^ xa)];
+            let bv = sb[kk * 16u + (tx ^ xb)];
             c0 = fma(vec4<f32>(av.x), bv, c0);
             c1 = fma(vec4<f32>(av.y), bv, c1);
             c2 = fma(vec4<f32>(av.z), bv, c2);

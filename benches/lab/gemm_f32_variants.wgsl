@@ -7,8 +7,8 @@
 //
 // Why: before session 24 the shipped kernel staged k-contiguous operands (A of X·Wᵀ and T·U, both
 // of Dp·Uᵀ) by writing 8 consecutive k of one row from 8 invocations into workgroup rows 512 bytes
-// apart, an 8-way bank conflict on every staging store; it now XOR-swizzles the vec4 index by
-// k % 8 (gemm.wgsl `swz`). Here, beside the shipped entry points themselves (the baseline lines
+// apart, an 8-way bank conflict on every staging store; it now XOR-swizzles the vec4 index of
+// k-contiguous operands by k % 8 (gemm.wgsl `swz`). Here, beside the shipped entry points themselves (the baseline lines
 // at the end):
 // - gemm_large_plain / gemm_small_plain: the earlier, unswizzled layout (single and double
 //   buffered), to measure what the swizzle is worth on a GPU;
