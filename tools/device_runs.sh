@@ -9,9 +9,11 @@
 # RUNS entries are NAME:ENV1=a,ENV2=b:ARG,ARG,... on /tmp/l8b2 (a random Llama-3-8B-shaped model
 # of two layers, tools/make_random_llama.py, 128 × 2048 calibration tokens, 4-bit g128); TBINS
 # the carried test binaries to run (default gpu_kernels forward pipeline; TBINS="" runs none;
-# TESTS: libtest filters, TLIM seconds each); KB a kernel-bench
-# filter (KBENV: environment for it); LIM seconds per run; SCALE the scaling table and TORCH_LAYER
-# the PyTorch reference layer (both below). Results land in $OUT/p.
+# TESTS: libtest filters, TLIM seconds each); KB a kernel-bench filter (KBENV: environment for
+# it; KBLIM its seconds, default 150 — the whole f32 lab file at three shapes needs more; with
+# GPTAQ_PROFILE=1 in KBENV the solve bench synchronises every phase of every timed solve, so take
+# medians without it); LIM seconds per run; SCALE the scaling table and TORCH_LAYER the PyTorch
+# reference layer (both below). Results land in $OUT/p.
 set -u
 cd .device-carry; for f in *.xz; do xz -d -f $f; done; chmod +x gptaq-studio kernels-bench test-* 2> /dev/null; cd ..
 export GPTAQ_TEST_DATA=$PWD/.device-carry/data
@@ -55,6 +57,6 @@ if [ -n "${TORCH_LAYER:-}" ]; then
   echo "== torch_layer rc=$?"; grep -E "bench-layer\] (gptq|gptaq):|Error" $D/torch_layer.log | tail -3
 fi
 if [ -n "${KB:-}" ]; then
-  env ${KBENV:-} GPTAQ_BENCH_SIZES=4096 timeout 150 .device-carry/kernels-bench --bench --warm-up-time 1 --measurement-time 2 "$KB" > $D/kb.log 2>&1
+  env ${KBENV:-} GPTAQ_BENCH_SIZES=4096 timeout ${KBLIM:-150} .device-carry/kernels-bench --bench --warm-up-time 1 --measurement-time 2 "$KB" > $D/kb.log 2>&1
   grep -E "phases|^[a-z_]+/.*|time:" $D/kb.log | grep -v Benchmarking | cut -c1-300
 fi
