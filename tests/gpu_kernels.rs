@@ -613,6 +613,107 @@ fn gemm_skipping_zero_triangles_is_exact() {
     }
 }
 
+/// `gemm_mat_skip_upper`: exactly the elements `row ≤ col + shift` of the C view are written, bit
+/// for bit as the plain GEMM writes them (and within f64 tolerance), every other stored element
+/// keeps its bits — for negative, zero, positive and out-of-range shifts, C (and the operands) in
+/// row panels with the view starting mid-panel, with and without declared zero triangles (GPTAQ's
+/// T: `Uᵀ` lower, shift `j0 − 1`).
+#[test]
+fn gemm_upper_shift_writes_exactly_the_shifted_triangle() {
+    let Some(ctx) = test_context() else { return };
+    // (m, n, k, panel rows of A, B, C, ta, tb, shift, B lower-triangular from k = j)
+    type Case = (usize, usize, usize, [usize; 3], bool, bool, i64, bool);
+    #[rustfmt::skip]
+    let cases: &[Case] = &[
+        (300, 131, 300, [0, 0, 0], false, true, 149, true),
+        (261, 140, 257, [29, 41, 53], false, true, -1, true),
+        (199, 211, 63, [0, 0, 17], true, false, 40, false),
+        (130, 300, 70, [0, 0, 64], false, false, -150, false),
+        (77, 66, 55, [0, 0, 0], false, false, -100, false),
+        (130, 129, 140, [0, 0, 0], true, true, 500, false),
+        (1, 1, 1, [0, 0, 0], false, false, 0, false),
+        (1, 1, 1, [0, 0, 0], false, false, -1, false),
+    ];
+    for (seed, &(m, n, k, pr, ta, tb, shift, lower_b)) in cases.iter().enumerate() {
+        let mut r = rng(9700 + seed as u64);
+        let (oc0, oc1) = (3usize, 2usize);
+        let (ar, ac) = if ta { (k, m) } else { (m, k) };
+        let (br, bc) = if tb { (n, k) } else { (k, n) };
+        let a = rand_vec(&mut r, ar * ac);
+        let mut b = rand_vec(&mut r, br * bc);
+        let b_at = |l: usize, j: usize| if tb { j * bc + l } else { l * bc + j };
+        if lower_b {
+            // op(B)[l, j] = 0 for l < j, as declared below.
+            for l in 0..k {
+                for j in (l + 1)..n {
+                    b[b_at(l, j)] = 0.0;
+                }
+            }
+        }
+        let skip = ops::KSkip {
+            b_lower: lower_b.then_some(0),
+            ..Default::default()
+        };
+        let (c_rows, c_cols) = (m + oc0 + 1, n + oc1 + 1);
+        let c = rand_vec(&mut r, c_rows * c_cols);
+        let (alpha, beta) = (0.75f32, if seed % 2 == 0 { 0.0 } else { 1.5 });
+        let case = format!(
+            "gemm_mat_skip_upper {m}x{n}x{k} panels A/B/C {pr:?} ta={ta} tb={tb} shift {shift} \
+             lower B {lower_b} beta={beta}"
+        );
+        let run = |upper: bool| -> Vec<f32> {
+            let sa = Stored::new(&ctx, &a, ar, ac, pr[0]);
+            let sb = Stored::new(&ctx, &b, br, bc, pr[1]);
+            let sc = Stored::new(&ctx, &c, c_rows, c_cols, pr[2]);
+            let mut rec = ctx.recorder();
+            let (opa, opb, opc) = (
+                sa.op(0, 0, ac, ta),
+                sb.op(0, 0, bc, tb),
+                sc.op(oc0, oc1, c_cols, false),
+            );
+            if upper {
+                ops::gemm_mat_skip_upper(
+                    &mut rec, m, n, k, alpha, opa, opb, beta, opc, skip, shift,
+                )
+                .unwrap();
+            } else {
+                ops::gemm_mat(&mut rec, m, n, k, alpha, opa, opb, beta, opc).unwrap();
+            }
+            rec.submit();
+            sc.read(&ctx)
+        };
+        let (got, dense) = (run(true), run(false));
+        let a_at = |i: usize, l: usize| if ta { l * ac + i } else { i * ac + l };
+        for (idx, &g) in got.iter().enumerate() {
+            let (sr, sc) = (idx / c_cols, idx % c_cols);
+            let inside = (oc0..oc0 + m).contains(&sr) && (oc1..oc1 + n).contains(&sc);
+            let (i, j) = (sr.wrapping_sub(oc0), sc.wrapping_sub(oc1));
+            if inside && (i as i64) <= j as i64 + shift {
+                assert!(
+                    g.to_bits() == dense[idx].to_bits(),
+                    "{case}: ({i}, {j}) got {g:e}, the plain GEMM {:e}",
+                    dense[idx]
+                );
+                let s: f64 = (0..k)
+                    .map(|l| f64::from(a[a_at(i, l)]) * f64::from(b[b_at(l, j)]))
+                    .sum();
+                let want = f64::from(alpha) * s + f64::from(beta) * f64::from(c[idx]);
+                assert!(
+                    (f64::from(g) - want).abs() <= 1e-5 * (1.0 + want.abs()) * (k as f64).sqrt(),
+                    "{case}: ({i}, {j}) got {g} expected {want}"
+                );
+            } else {
+                assert!(
+                    g.to_bits() == c[idx].to_bits(),
+                    "{case}: stored ({sr}, {sc}) (view ({i}, {j}) inside: {inside}) changed from \
+                     {} to {g}",
+                    c[idx]
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn elementwise_and_reductions() {
     let Some(ctx) = test_context() else { return };

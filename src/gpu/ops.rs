@@ -530,7 +530,7 @@ pub fn gemm_mat(
     beta: f32,
     c: Operand<'_>,
 ) -> Result<(), GpuError> {
-    gemm_split(rec, m, n, k, alpha, a, b, beta, c, false, KSkip::default())
+    gemm_split(rec, m, n, k, alpha, a, b, beta, c, None, KSkip::default())
 }
 
 /// [`gemm_mat`] over operands with known zero triangles ([`KSkip`]): per output tile only the
@@ -549,7 +549,28 @@ pub fn gemm_mat_skip(
     c: Operand<'_>,
     skip: KSkip,
 ) -> Result<(), GpuError> {
-    gemm_split(rec, m, n, k, alpha, a, b, beta, c, false, skip)
+    gemm_split(rec, m, n, k, alpha, a, b, beta, c, None, skip)
+}
+
+/// [`gemm_mat_skip`] computing only the elements `row ≤ col + shift` of the m×n C view (`shift`
+/// may be negative: `-1` is the strict upper triangle); the others are left as they were. Whole
+/// output tiles below that line are skipped, e.g. the rows of GPTAQ's `T` that its mask discards
+/// (quant/gpu.rs).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_mat_skip_upper(
+    rec: &mut Recorder<'_>,
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    a: Operand<'_>,
+    b: Operand<'_>,
+    beta: f32,
+    c: Operand<'_>,
+    skip: KSkip,
+    shift: i64,
+) -> Result<(), GpuError> {
+    gemm_split(rec, m, n, k, alpha, a, b, beta, c, Some(shift), skip)
 }
 
 /// [`gemm_mat`] restricted to the upper triangle of the square n×n C block (like [`gemm_upper`]).
@@ -564,7 +585,19 @@ pub fn gemm_mat_upper(
     beta: f32,
     c: Operand<'_>,
 ) -> Result<(), GpuError> {
-    gemm_split(rec, n, n, k, alpha, a, b, beta, c, true, KSkip::default())
+    gemm_split(
+        rec,
+        n,
+        n,
+        k,
+        alpha,
+        a,
+        b,
+        beta,
+        c,
+        Some(0),
+        KSkip::default(),
+    )
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -578,7 +611,7 @@ fn gemm_split(
     b: Operand<'_>,
     beta: f32,
     c: Operand<'_>,
-    upper: bool,
+    upper: Option<i64>,
     skip: KSkip,
 ) -> Result<(), GpuError> {
     if m == 0 || n == 0 {
@@ -604,15 +637,19 @@ fn gemm_split(
         let (m0, m1) = (mw[0], mw[1]);
         for nw in nc.windows(2) {
             let (mut n0, n1) = (nw[0], nw[1]);
-            let diag = if upper {
-                // Rows m0.. only need columns ≥ m0; a block wholly below the diagonal is skipped.
-                if m0 >= n1 {
+            let diag = if let Some(shift) = upper {
+                // Element (r, c) is computed iff r ≤ c + shift: rows m0.. only need columns
+                // ≥ m0 − shift, and a block wholly below that line is skipped.
+                let first_col = m0 as i64 - shift;
+                if first_col >= n1 as i64 {
                     continue;
                 }
-                n0 = n0.max(m0);
-                Some(i32::try_from(n0 - m0).map_err(|_| GpuError::TooLarge {
+                n0 = n0.max(usize::try_from(first_col).unwrap_or(0));
+                // In the launch's coordinates: local r ≤ local c + (n0 − m0 + shift).
+                let d = n0 as i64 - m0 as i64 + shift;
+                Some(i32::try_from(d).map_err(|_| GpuError::TooLarge {
                     what: "gemm diagonal shift".into(),
-                    bytes: (n0 - m0) as u64 * 4,
+                    bytes: d.unsigned_abs() * 4,
                     limit: i32::MAX as u64,
                 })?)
             } else {

@@ -321,13 +321,27 @@ fn prepare_w_f32<'w>(
     std::borrow::Cow::Owned(out)
 }
 
-/// Width of the column blocks of [`gptaq_p_blocked`]: a sixteenth of `n` (a multiple of 32),
-/// so the work skipped by the block granularity stays near 1/16 of the total while every GEMM
-/// stays large enough to fill a GPU at the widths that matter; narrower when the `n × width`
-/// scratch would not fit one binding of `max_bytes`.
+/// Width of the column blocks of [`gptaq_p_blocked`]: a sixteenth of `n` (a multiple of 32) —
+/// or an `n / GPTAQ_P_BLOCKS`-th, read once, for trying other counts on a GPU machine — narrower
+/// only where the `n × width` scratch would not fit one binding of `max_bytes`. With T's lower
+/// tiles skipped (`gemm_mat_skip_upper`) and the per-tile k ranges, the multiply-adds hardly
+/// depend on the block count (counted tile by tile with the launcher's tile rule: 0.349 / 0.352 /
+/// 0.363·n³ for 16 / 8 / 4 blocks at n = 4096, 0.342·n³ for all three at 14336), but every block
+/// costs two launches, each at least as long as its longest tile (k up to n): at n = 4096 sixteen
+/// blocks are 32 GEMMs of at most 256 small tiles, so fewer blocks may be faster on a GPU. On
+/// lavapipe four blocks were 10 % slower than sixteen at n = 1024 and 2048 (BENCHMARKS.md
+/// session 24), and no GPU measured them yet, so sixteen stays the default.
 pub(crate) fn tri_block_cols(n: usize, max_bytes: u64) -> usize {
+    static BLOCKS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let blocks = *BLOCKS.get_or_init(|| {
+        std::env::var("GPTAQ_P_BLOCKS")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .filter(|&b| b > 0)
+            .unwrap_or(16)
+    });
     let fit = (max_bytes / 4 / n.max(1) as u64) as usize / 32 * 32;
-    n.div_ceil(16).next_multiple_of(32).min(fit).max(32)
+    n.div_ceil(blocks).next_multiple_of(32).min(fit).max(32)
 }
 
 /// Column blocks `[j0, j1)` of width `b` (the last may be narrower).
@@ -350,19 +364,22 @@ fn tri_blocks(n: usize, b: usize) -> impl DoubleEndedIterator<Item = (usize, usi
 ///
 /// Within a block the GEMMs skip more per output tile ([`ops::KSkip`]): T's tile of
 /// columns `j ≥ c0` sums only over `c ≥ c0`, and P's tile of rows `i ≥ r0` and columns `j < c1`
-/// only over `r0 < m < c1`. Over 16 column blocks that is ≈ 0.35·n³ multiply-adds (T ≈ 0.18·n³,
-/// P ≈ n³/6 plus tile granularity), 5.6× less than dense; the blocks alone (session 22) gave
-/// 0.56·n³. The skipped terms are products with exact zeros, so the result is bit for bit the
-/// dense GEMMs' (tests/gpu_kernels.rs checks the skipping GEMM against the dense one). (Blocking
-/// P's rows into separate GEMMs instead made it slower: 0.165 → 0.20 s at 4096 × 14336 on the
-/// H100, its 136 smaller GEMMs filling the GPU worse; BENCHMARKS.md session 22. The in-kernel skip
-/// keeps the 16 launches.)
+/// only over `r0 < m < c1`; T's tiles wholly on or below its mask's line (`i ≥ j`) are not
+/// computed at all ([`ops::gemm_mat_skip_upper`]). That is ≈ 0.34–0.36·n³ multiply-adds
+/// (T ≈ n³/6, P ≈ n³/6, plus tile granularity), 5.6× less than dense and nearly independent of
+/// the block count ([`tri_block_cols`]); the blocks alone
+/// (session 22) gave 0.56·n³. The skipped terms are products with exact zeros, so the result is
+/// bit for bit the dense GEMMs' (tests/gpu_kernels.rs checks the skipping GEMM against the dense
+/// one). (Blocking P's rows into separate GEMMs instead made it slower: 0.165 → 0.20 s at
+/// 4096 × 14336 on the H100, its 136 smaller GEMMs filling the GPU worse; BENCHMARKS.md session
+/// 22. The in-kernel skips keep two launches per column block.)
 ///
 /// Memory: no second n×n matrix. `T` overwrites `Dp` block by block in ascending order (block
 /// `J` reads `Dp[:, c ≥ j0]`, which no earlier block has overwritten), `P` overwrites `T` in
 /// descending order (block `J` reads `T[:, m < j1]`, which no later block has overwritten); each
 /// block goes through the scratch because a GEMM cannot write the matrix it reads (WebGPU). The
-/// rows no block writes (`i ≥ j1` in block `J`) lie below the diagonal; the masks zero them, so
+/// rows no block writes (`i ≥ j1` in block `J`) and T's skipped entries (stale scratch, copied
+/// along with the block) lie on or below the diagonal; the masks overwrite them with zeros, so
 /// `P` is exactly strictly upper, as the dense product of the two triangles is.
 fn gptaq_p_blocked(
     rec: &mut crate::gpu::kernels::Recorder<'_>,
@@ -382,9 +399,11 @@ fn gptaq_p_blocked(
     }
     for (j0, j1) in tri_blocks(n, b) {
         // T[0..j1, J] = Dp[0..j1, j0..n]·U[J, j0..n]ᵀ; op(B)[c, j] = U[j0 + j, j0 + c] is zero
-        // for c < j (U upper).
+        // for c < j (U upper). Only rows i < j0 + j survive the mask: the tiles wholly on or
+        // below that line are skipped, and the entries left unwritten there (stale scratch) are
+        // zeroed by the mask (`triu1_scale` writes 0, never multiplies them).
         let blk = MatView::new(scratch, j1 - j0);
-        ops::gemm_mat_skip(
+        ops::gemm_mat_skip_upper(
             rec,
             j1,
             j1 - j0,
@@ -398,6 +417,7 @@ fn gptaq_p_blocked(
                 b_lower: Some(0),
                 ..Default::default()
             },
+            j0 as i64 - 1,
         )?;
         factor::copy_in(rec, scratch, dp, 0..j1, j0, j1 - j0)?;
     }
@@ -1113,7 +1133,9 @@ mod tests {
             // The cap is the context's: lifted before an upload error returns.
             ctx.set_panel_cap(None);
             let (gu, gd) = (gu?, gd?);
-            let scratch = ctx.zeros::<f32>("P scratch", n * b)?;
+            // NaN in the scratch: the entries T skips are copied along stale, and only the
+            // masks' zeros may remove them.
+            let scratch = ctx.upload("P scratch", &vec![f32::NAN; n * b])?;
             let mut rec = ctx.recorder();
             gptaq_p_blocked(&mut rec, n, &gu, &gd, &scratch, b, alpha as f32)?;
             rec.submit();
