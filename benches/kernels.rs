@@ -16,11 +16,10 @@
 //! dequantized on the host, which the pipeline never does (that `host` phase, with the codes'
 //! readback, took 0.26–0.38 s of a 4096 × 14336 solve on session 24's H100 host, the same for both
 //! methods, so it flattens their ratio). The `… codes` entries time what the pipeline pays per
-//! module instead
-//! (`quantize_gpu_resident`, then the codes to the host; Q stays on the GPU, as the PyTorch
-//! reference's does). With `GPTAQ_PROFILE=1` one synchronised solve per shape first prints its
-//! seconds per phase, and every timed solve is synchronised per phase too: take medians without
-//! it.
+//! module instead (`quantize_gpu_resident`, then the codes to the host; Q stays on the GPU, as
+//! the PyTorch reference's does). With `GPTAQ_PROFILE=1` one synchronised solve per shape first
+//! prints its seconds per phase, and every timed solve is synchronised per phase too: take
+//! medians without it.
 //! `hessian_coop` (where cooperative matrices are granted) times the statistics' tensor-core
 //! products at the pipeline's shape: an n-wide input over `GPTAQ_BENCH_TOKENS` tokens (default
 //! 4·n), `Tn128Upper` (H) and `Tn128` (GPTAQ's D).

@@ -170,16 +170,16 @@ fn store_row4(row: u32, col: u32, v: vec4<f32>) {
 }
 
 // The vec4 slot of slice element (x, k) in a row of `gemm_large` / `gemm_small`'s staging: x / 4,
-// XOR-swizzled by k % 8 where the operand is k-contiguous (`on`: A not transposed, B
-// transposed). Why: such an operand (A of X·Wᵀ, both of P's D·Uᵀ) is staged by 8 consecutive
+// XOR-swizzled by k % 8 where the operand is k-contiguous (`on`: A not transposed, B transposed).
+// Why: such an operand (both of X·Wᵀ and of P's D·Uᵀ, A of T·U) is staged by 8 consecutive
 // invocations writing 8 consecutive k of one x, i.e. into 8 workgroup rows 512 (256) bytes apart —
-// without the swizzle all in one bank, an 8-way conflict on every staging store. XOR by k % 8
-// puts them in 8 different vec4 slots; the readers XOR their vec4 index by the same k % 8 (`kk` <
-// BK = 8). An x-contiguous operand has no conflict to remove, and there the XOR only cost time
-// (`on` is an override, so it folds away). Session 24's kernel lab on the H100 (BENCHMARKS.md):
-// at 4096³ A·Bᵀ 5.08 → 4.44 ms and A·B 4.73 → 4.42 ms with the swizzle, Aᵀ·B 4.31 → 4.38 ms with
-// it on both x-contiguous operands (hence `on`); `gemm_large_plain` in benches/lab keeps the
-// unswizzled layout for comparison.
+// without the swizzle all in one bank, an 8-way conflict on every staging store. XOR by k % 8 puts
+// them in 8 different vec4 slots; the readers XOR their vec4 index by the same k % 8
+// (`kk` < BK = 8). An x-contiguous operand has no conflict to remove, and there the XOR only cost time (`on` is
+// an override, so it folds away). Session 24's kernel lab on the H100 (BENCHMARKS.md): at 4096³
+// A·Bᵀ 5.08 → 4.44 ms and A·B 4.73 → 4.42 ms with the swizzle, Aᵀ·B 4.31 → 4.38 ms with it on both
+// x-contiguous operands (hence `on`); `gemm_large_plain` in benches/lab keeps the unswizzled layout
+// for comparison.
 fn swz(x: u32, k: u32, on: bool) -> u32 {
     return (x / 4u) ^ select(0u, k & 7u, on);
 }

@@ -1,15 +1,16 @@
 // lab-extends: gemm
 //
-// Kernel-lab variants of the f32 GEMM (benches/kernels.rs `wgsl_lab`, BENCHMARKS.md sessions 23–24),
-// checked against the shipped gemm_large and timed on the GPU machine before one replaces it. Not
-// part of the product. The lab prepends shaders/gemm.wgsl (the line above), so these entry points
-// use its parameters, bindings, overrides, loads, stores and k ranges, and add only what differs.
+// Kernel-lab variants of the f32 GEMM (benches/kernels.rs `wgsl_lab`, BENCHMARKS.md sessions
+// 23–24), checked against the shipped gemm_large and timed on the GPU machine before one replaces
+// it. Not part of the product. The lab prepends shaders/gemm.wgsl (the line above), so these
+// entry points use its parameters, bindings, overrides, loads, stores and k ranges, and add only
+// what differs.
 //
-// Why: before session 24 the shipped kernel staged k-contiguous operands (A of X·Wᵀ and T·U, both
-// of Dp·Uᵀ) by writing 8 consecutive k of one row from 8 invocations into workgroup rows 512 bytes
-// apart, an 8-way bank conflict on every staging store; it now XOR-swizzles the vec4 index of
-// k-contiguous operands by k % 8 (gemm.wgsl `swz`). Here, beside the shipped entry points themselves (the baseline lines
-// at the end):
+// Why: before session 24 the shipped kernel staged k-contiguous operands (both of X·Wᵀ and of
+// Dp·Uᵀ, A of T·U) by writing 8 consecutive k of one row from 8 invocations into workgroup rows 512
+// bytes apart, an 8-way bank conflict on every staging store; it now XOR-swizzles the vec4 index of
+// k-contiguous operands by k % 8 (gemm.wgsl `swz`). Here, beside the shipped entry points
+// themselves (the baseline lines at the end):
 // - gemm_large_plain / gemm_small_plain: the earlier, unswizzled layout (single and double
 //   buffered), to measure what the swizzle is worth on a GPU;
 // - gemm_large16: swizzled, 16-deep k slices (half the barriers per multiply-add);

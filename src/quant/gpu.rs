@@ -329,8 +329,8 @@ fn prepare_w_f32<'w>(
 /// 0.363·n³ for 16 / 8 / 4 blocks at n = 4096, 0.342·n³ for all three at 14336), but every block
 /// costs two launches, each at least as long as its longest tile (k up to n): at n = 4096 sixteen
 /// blocks are 32 GEMMs of at most 256 small tiles, so fewer blocks may be faster on a GPU. On
-/// lavapipe four blocks were 10 % slower than sixteen at n = 1024 and 2048 (BENCHMARKS.md
-/// session 24), and no GPU measured them yet, so sixteen stays the default.
+/// lavapipe four blocks were slower than sixteen (P at n = 2048: 1.31 against 1.11 s;
+/// BENCHMARKS.md session 24), and no GPU measured them yet, so sixteen stays the default.
 pub(crate) fn tri_block_cols(n: usize, max_bytes: u64) -> usize {
     static BLOCKS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     let blocks = *BLOCKS.get_or_init(|| {
@@ -367,10 +367,9 @@ fn tri_blocks(n: usize, b: usize) -> impl DoubleEndedIterator<Item = (usize, usi
 /// only over `r0 < m < c1`; T's tiles wholly on or below its mask's line (`i ≥ j`) are not
 /// computed at all ([`ops::gemm_mat_skip_upper`]). That is ≈ 0.34–0.36·n³ multiply-adds
 /// (T ≈ n³/6, P ≈ n³/6, plus tile granularity), 5.6× less than dense and nearly independent of
-/// the block count ([`tri_block_cols`]); the blocks alone
-/// (session 22) gave 0.56·n³. The skipped terms are products with exact zeros, so the result is
-/// bit for bit the dense GEMMs' (tests/gpu_kernels.rs checks the skipping GEMM against the dense
-/// one). (Blocking P's rows into separate GEMMs instead made it slower: 0.165 → 0.20 s at
+/// the block count ([`tri_block_cols`]); the blocks alone (session 22) gave 0.56·n³. The skipped
+/// terms are products with exact zeros, so the result is bit for bit the dense GEMMs'
+/// (tests/gpu_kernels.rs checks the skipping GEMM against the dense one). (Blocking P's rows into separate GEMMs instead made it slower: 0.165 → 0.20 s at
 /// 4096 × 14336 on the H100, its 136 smaller GEMMs filling the GPU worse; BENCHMARKS.md session
 /// 22. The in-kernel skips keep two launches per column block.)
 ///
