@@ -12,8 +12,8 @@
 # TESTS: libtest filters, TLIM seconds each); KB a kernel-bench filter (KBENV: environment for
 # it; KBLIM its seconds, default 150 — the whole f32 lab file at three shapes needs more; with
 # GPTAQ_PROFILE=1 in KBENV the solve bench synchronises every phase of every timed solve, so take
-# medians without it); LIM seconds per run; SCALE the scaling table and TORCH_LAYER the PyTorch
-# reference layer (both below). Results land in $OUT/p.
+# medians without it); LIM seconds per run; SCALE the scaling table, TORCH_LAYER the PyTorch
+# reference layer and SOLVE the solve beside PyTorch's (all below). Results land in $OUT/p.
 set -u
 cd .device-carry; for f in *.xz; do xz -d -f $f; done; chmod +x gptaq-studio kernels-bench test-* 2> /dev/null; cd ..
 export GPTAQ_TEST_DATA=$PWD/.device-carry/data
@@ -59,4 +59,19 @@ fi
 if [ -n "${KB:-}" ]; then
   env ${KBENV:-} GPTAQ_BENCH_SIZES=4096 timeout ${KBLIM:-150} .device-carry/kernels-bench --bench --warm-up-time 1 --measurement-time 2 "$KB" > $D/kb.log 2>&1
   grep -E "phases|^[a-z_]+/.*|time:" $D/kb.log | grep -v Benchmarking | cut -c1-300
+fi
+# Issue 5's solve side by side: SOLVE="4096x4096,4096x14336" times `kernels-bench quant_solve`
+# (unprofiled: GPTAQ_PROFILE would synchronise every phase) once per SOLVE_PBLOCKS entry (GPTAQ's P
+# column blocks, GPTAQ_P_BLOCKS; default "16"), then tools/torch_reference.py --bench on the same
+# shapes. The `… codes` entries are the pipeline's solve (no Q on the host).
+if [ -n "${SOLVE:-}" ]; then
+  for pb in ${SOLVE_PBLOCKS:-16}; do
+    GPTAQ_P_BLOCKS=$pb GPTAQ_BENCH_SOLVE=$SOLVE timeout ${SOLVE_LIM:-150} .device-carry/kernels-bench --bench \
+      --warm-up-time 1 --measurement-time 3 quant_solve > $D/solve_p$pb.log 2>&1
+    echo "== solve GPTAQ_P_BLOCKS=$pb"
+    awk '/^quant_solve\//{id=$0; sub(/ +time:.*/, "", id)} /time:/{t=$0; sub(/.*time: +/, "", t); print id, t}' \
+      $D/solve_p$pb.log
+  done
+  timeout ${TORCH_LIM:-230} python3 tools/torch_reference.py --bench "$SOLVE" --out $D/torch_bench.json > $D/torch_bench.log 2>&1
+  echo "== torch_bench rc=$?"; grep -E "^\[bench\]" $D/torch_bench.log
 fi
