@@ -18,6 +18,12 @@ shared=$root/../shared
 grep -qx '/.device-carry/' .git/info/exclude 2>/dev/null || echo '/.device-carry/' >> .git/info/exclude
 rm -rf .device-carry && mkdir -p .device-carry/debs .device-carry/data/corpora
 cp "$shared"/device/debs/*.deb .device-carry/debs/
+# A fresh checkout has no .gl/ (it is ignored): fetch the glvnd packages once where apt can.
+if ! ls .gl/*.deb > /dev/null 2>&1 && command -v apt-get > /dev/null; then
+  grep -qx '/.gl/' .git/info/exclude 2>/dev/null || echo '/.gl/' >> .git/info/exclude
+  mkdir -p .gl && (cd .gl && apt-get download libegl1 libglvnd0 libopengl0 libgl1 libglx0 libgles2 \
+    > /dev/null 2>&1) || true
+fi
 if ls .gl/*.deb > /dev/null 2>&1; then cp .gl/*.deb .device-carry/debs/; else
   echo "warning: no .gl/*.deb (glvnd); the NVIDIA Vulkan ICD may not load" >&2; fi
 cp "$shared"/device/setup.sh .device-carry/setup.sh
