@@ -8,12 +8,17 @@
 //! Per attempt (one damped diagonal):
 //! 1. `prep` (factor.wgsl): `K = J·(H[o][:, o] with the damped diagonal)·J`, `o` the processing
 //!    order — the permutation, dead columns and damping never touch the caller's `H`.
-//! 2. Blocked right-looking Cholesky, panels of 32 columns: `potrf.wgsl` factors the diagonal
+//! 2. Blocked right-looking Cholesky in blocks of 32 columns: `potrf.wgsl` factors the diagonal
 //!    block in workgroup memory and writes only its inverse `L₁₁⁻¹` (into M's diagonal block), the
-//!    panel is `L₂₁ = K₂₁·L₁₁⁻ᵀ` (a GEMM with the block inverse, into a scratch buffer), the trailing
-//!    update `K₂₂ −= L₂₁·L₂₁ᵀ` touches only the upper triangle (`gemm_upper`, half the flops), and
-//!    `L₂₁` is copied below the diagonal block of M. A failed pivot sets a flag; the host reads the
-//!    two-word flag once per attempt — the only readback of the factorisation.
+//!    block column is `L₂₁ = K₂₁·L₁₁⁻ᵀ` (a GEMM with the block inverse, into a scratch buffer) and
+//!    is copied below the diagonal block of M. The update `K₂₂ −= L₂₁·L₂₁ᵀ` (upper triangle only,
+//!    half the flops) follows each block; with `GPTAQ_CHOL_PANEL=128` (an experiment, not the
+//!    default: `outer_panel` says why) it is split in two levels: within an outer panel of 128
+//!    columns each block updates only the panel's later rows (`gemm_mat_skip_upper`), and the
+//!    trailing matrix below the panel gets the panel's four blocks at once, `K −= L·Lᵀ` with
+//!    k = 128 read from M (`gemm_mat_upper`) — a quarter of the passes over it. A failed pivot
+//!    sets a flag; the host reads the two-word flag once per attempt — the only readback of the
+//!    factorisation.
 //!
 //! After a successful attempt, `L⁻¹` by recursive doubling, in place in M: for block sizes
 //! `b = 32, 64, …` every pair `[A 0; C B]` of neighbouring diagonal blocks (M holds `A⁻¹`, `B⁻¹`
@@ -46,8 +51,27 @@ use crate::gpu::{GpuBuffer, GpuContext, GpuError, GpuMatrix};
 crate::wgsl_shader!(FACTOR, "factor");
 crate::wgsl_shader!(POTRF, "potrf");
 
-/// Columns per Cholesky panel (`NB` in potrf.wgsl).
+/// Columns per Cholesky block (`NB` in potrf.wgsl).
 const NB: usize = 32;
+/// Columns per outer panel of the Cholesky (a multiple of `NB`): its `NB`-wide blocks update only
+/// the panel's own rows, and the trailing matrix is updated once per panel with `k` = the panel
+/// width. `NB` (the default) is the plain one-level algorithm, bit for bit as before;
+/// `GPTAQ_CHOL_PANEL=128` (read once) tries the two-level one on a GPU machine. Why it may pay:
+/// updating the whole trailing matrix after every 32 columns reads and writes it n/32 times (at
+/// n = 14336, 448 rank-32 updates moving ≈ 120 GB by count), with 128-column panels a quarter as
+/// often, in larger GEMMs; on lavapipe the whole factor at n = 2048 took 1.22 instead of 1.40 s.
+/// Why it is not the default: no GPU has timed it yet, and its f32 round-off is about twice the
+/// one-level algorithm's (max |ΔU| / max |U| against f64 3.2–3.6e-7 instead of 1.9–2.4e-7 at
+/// n = 300–1024; BENCHMARKS.md session 24).
+fn outer_panel() -> usize {
+    static OUTER: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *OUTER.get_or_init(|| {
+        std::env::var("GPTAQ_CHOL_PANEL")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .map_or(NB, |w| w.max(NB) / NB * NB)
+    })
+}
 /// Most rows per chunk of the doubling inverse's `−B⁻¹·T`: smaller chunks skip more of `B⁻¹`'s
 /// zero upper triangle, larger ones need fewer launches. A chunk is also bounded by the scratch
 /// (`chunk · |A| ≤ SCRATCH_ROWS · n`, so at least 128 rows).
@@ -152,6 +176,30 @@ pub fn upper_inverse_factor_gpu(
     damp_auto_increment: f64,
     align: usize,
 ) -> Result<Result<Damped<GpuMatrix>, QuantError>, GpuError> {
+    upper_inverse_factor_panels(
+        ctx,
+        h,
+        order,
+        diag,
+        damp_percent,
+        damp_auto_increment,
+        align,
+        outer_panel(),
+    )
+}
+
+/// [`upper_inverse_factor_gpu`] with the Cholesky's outer panel width (`outer_panel`) given.
+#[allow(clippy::too_many_arguments)]
+fn upper_inverse_factor_panels(
+    ctx: &GpuContext,
+    h: &GpuMatrix,
+    order: &[usize],
+    diag: &[f64],
+    damp_percent: f64,
+    damp_auto_increment: f64,
+    align: usize,
+    outer: usize,
+) -> Result<Result<Damped<GpuMatrix>, QuantError>, GpuError> {
     let n = diag.len();
     let n32 = u32_of("n", n)?;
     if h.rows() != n || h.cols() != n || order.len() != n {
@@ -198,7 +246,7 @@ pub fn upper_inverse_factor_gpu(
                 ],
             )?;
         }
-        cholesky(ctx, &mut rec, n, &k, &m, &tmp, &status)?;
+        cholesky(ctx, &mut rec, n, &k, &m, &tmp, &status, outer)?;
         let st = ctx.read(&status)?;
         Ok((st.first() == Some(&0)).then_some(()))
     };
@@ -341,8 +389,9 @@ pub(crate) fn copy_in(
 }
 
 /// Records the blocked Cholesky of K's upper triangle into M (the factor below the 32×32 diagonal
-/// blocks, the blocks' inverses on them; module docs), and submits it. `tmp` holds at least
-/// `32·n` floats.
+/// blocks, the blocks' inverses on them; module docs: 32-column blocks in `outer`-column panels),
+/// and submits it. `tmp` holds at least `32·n` floats.
+#[allow(clippy::too_many_arguments)]
 fn cholesky<'c>(
     ctx: &'c GpuContext,
     rec: &mut Recorder<'c>,
@@ -351,63 +400,169 @@ fn cholesky<'c>(
     m: &GpuMatrix,
     tmp: &GpuBuffer<f32>,
     status: &GpuBuffer<u32>,
+    outer: usize,
 ) -> Result<(), GpuError> {
     let n32 = u32_of("n", n)?;
-    for j0 in (0..n).step_by(NB) {
-        let r = &mut *rec;
-        let p = k.panel_of(j0);
-        r.dispatch(
-            &POTRF,
-            "potrf_block",
-            &[],
-            &PotrfParams {
-                n: n32,
-                j0: u32_of("j0", j0)?,
-                r0: u32_of("panel row", k.panel_range(p).start)?,
-                _p: 0,
-            },
-            &[
-                k.panels()[p].binding(),
-                m.panels()[p].binding(),
-                status.binding(),
-            ],
-            [1, 1, 1],
-        )?;
-        let j1 = j0 + NB;
-        if j1 < n {
-            let rest = n - j1;
-            let l21 = MatView::new(tmp, NB);
-            // L₂₁ = K₂₁·L₁₁⁻ᵀ: K₂₁[i, c] is K[j0+c, j1+i] (upper storage), L₁₁⁻¹ sits in M.
-            ops::gemm_mat(
-                r,
-                rest,
-                NB,
-                NB,
-                1.0,
-                k.op(j0, j1).t(),
-                m.op(j0, j0).t(),
-                0.0,
-                l21.into(),
+    let outer = outer.max(NB) / NB * NB;
+    for j in (0..n).step_by(outer) {
+        let jend = (j + outer).min(n);
+        for j0 in (j..jend).step_by(NB) {
+            let r = &mut *rec;
+            let p = k.panel_of(j0);
+            r.dispatch(
+                &POTRF,
+                "potrf_block",
+                &[],
+                &PotrfParams {
+                    n: n32,
+                    j0: u32_of("j0", j0)?,
+                    r0: u32_of("panel row", k.panel_range(p).start)?,
+                    _p: 0,
+                },
+                &[
+                    k.panels()[p].binding(),
+                    m.panels()[p].binding(),
+                    status.binding(),
+                ],
+                [1, 1, 1],
             )?;
-            // K₂₂ −= L₂₁·L₂₁ᵀ on the upper triangle.
-            ops::gemm_mat_upper(
-                r,
-                rest,
-                NB,
-                -1.0,
-                l21.into(),
-                l21.t().into(),
-                1.0,
-                k.op(j1, j1),
-            )?;
-            copy_in(r, tmp, m, j1..n, j0, NB)?;
+            let j1 = j0 + NB;
+            if j1 < n {
+                let rest = n - j1;
+                let l21 = MatView::new(tmp, NB);
+                // L₂₁ = K₂₁·L₁₁⁻ᵀ: K₂₁[i, c] is K[j0+c, j1+i] (upper storage), L₁₁⁻¹ sits in M.
+                ops::gemm_mat(
+                    r,
+                    rest,
+                    NB,
+                    NB,
+                    1.0,
+                    k.op(j0, j1).t(),
+                    m.op(j0, j0).t(),
+                    0.0,
+                    l21.into(),
+                )?;
+                if outer == NB {
+                    // One level: K₂₂ −= L₂₁·L₂₁ᵀ on the whole upper triangle.
+                    ops::gemm_mat_upper(
+                        r,
+                        rest,
+                        NB,
+                        -1.0,
+                        l21.into(),
+                        l21.t().into(),
+                        1.0,
+                        k.op(j1, j1),
+                    )?;
+                } else if j1 < jend {
+                    // Two levels: K₂₂ −= L₂₁·L₂₁ᵀ only on the rows the panel's later blocks read
+                    // (up to jend, every column to their right, upper triangle); the rows below
+                    // wait for the panel's one update.
+                    ops::gemm_mat_skip_upper(
+                        r,
+                        jend - j1,
+                        rest,
+                        NB,
+                        -1.0,
+                        l21.into(),
+                        l21.t().into(),
+                        1.0,
+                        k.op(j1, j1),
+                        ops::KSkip::default(),
+                        0,
+                    )?;
+                }
+                copy_in(r, tmp, m, j1..n, j0, NB)?;
+            }
+            // Bound the recorded-but-unsubmitted work on huge matrices.
+            if r.dispatches() >= 256 {
+                std::mem::replace(r, ctx.recorder()).submit();
+            }
         }
-        // Bound the recorded-but-unsubmitted work on huge matrices.
-        if r.dispatches() >= 256 {
-            std::mem::replace(r, ctx.recorder()).submit();
+        // Two levels: the panel's update of the trailing matrix, with k = the panel width at
+        // once. Its L columns are in M by now, below the diagonal blocks (`copy_in` above; M is
+        // not K, so a GEMM may read it).
+        if outer > NB && jend < n {
+            let lo = m.op(jend, j);
+            ops::gemm_mat_upper(
+                rec,
+                n - jend,
+                jend - j,
+                -1.0,
+                lo,
+                lo.t(),
+                1.0,
+                k.op(jend, jend),
+            )?;
         }
     }
     let last = std::mem::replace(rec, ctx.recorder());
     last.submit();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{NB, upper_inverse_factor_panels};
+
+    /// The Cholesky with outer panels (`GPTAQ_CHOL_PANEL`) against the f64 reference, with panels
+    /// wider than, equal to and not a power-of-two multiple of the 32-column blocks, sizes that end
+    /// mid-panel and matrices in row panels; the default (`NB`-wide panels) is the one-level
+    /// algorithm that tests/quant_gpu.rs checks.
+    #[test]
+    fn two_level_cholesky_matches_f64() -> Result<(), Box<dyn std::error::Error>> {
+        let Some(ctx) = crate::gpu::test_context() else {
+            return Ok(());
+        };
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
+        };
+        // (n, outer panel width, panel cap in rows (0: one buffer))
+        for &(n, outer, cap_rows) in &[
+            (257usize, 128usize, 0usize),
+            (300, 96, 64),
+            (130, 128, 0),
+            (200, NB, 0),
+        ] {
+            let t = 2 * n;
+            let x: Vec<f64> = (0..t * n).map(|_| next()).collect();
+            let mut h = vec![0f64; n * n];
+            for r in 0..t {
+                let row = &x[r * n..(r + 1) * n];
+                for i in 0..n {
+                    for j in 0..n {
+                        h[i * n + j] += 2.0 * row[i] * row[j] / t as f64;
+                    }
+                }
+            }
+            let diag: Vec<f64> = (0..n).map(|k| h[k * n + k]).collect();
+            let order: Vec<usize> = (0..n).collect();
+            let exp = crate::quant::reference::inverse_hessian_factor_f64(&h, n, 0.01, 0.0025)?;
+            let h32: Vec<f32> = h.iter().map(|&v| v as f32).collect();
+            ctx.set_panel_cap((cap_rows > 0).then_some((cap_rows * n * 4) as u64));
+            let gh = ctx.matrix_upload("h", &h32, n, n, 1);
+            let got = gh.and_then(|gh| {
+                upper_inverse_factor_panels(&ctx, &gh, &order, &diag, 0.01, 0.0025, 1, outer)
+            });
+            // The cap is the context's: lifted before an error returns.
+            ctx.set_panel_cap(None);
+            let got = got??;
+            let u = ctx.read_matrix(&got.value)?;
+            let scale = exp.u.iter().fold(0f64, |m, v| m.max(v.abs()));
+            for (i, (&g, &w)) in u.iter().zip(&exp.u).enumerate() {
+                assert!(
+                    (f64::from(g) - w).abs() <= 2e-5 * scale,
+                    "U n={n} outer {outer} panels of {cap_rows} rows: ({}, {}) got {g} expected \
+                     {w} (max |U| {scale})",
+                    i / n,
+                    i % n
+                );
+            }
+        }
+        Ok(())
+    }
 }
