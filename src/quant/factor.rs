@@ -514,13 +514,7 @@ mod tests {
         let Some(ctx) = crate::gpu::test_context() else {
             return Ok(());
         };
-        let mut seed = 0x2545_f491_4f6c_dd1du64;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            (seed >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
-        };
+        let mut next = crate::quant::test_uniform(0x2545_f491_4f6c_dd1du64);
         // (n, outer panel width, panel cap in rows (0: one buffer))
         for &(n, outer, cap_rows) in &[
             (257usize, 128usize, 0usize),

@@ -1100,13 +1100,7 @@ mod tests {
         let Some(ctx) = crate::gpu::test_context() else {
             return Ok(());
         };
-        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            (seed >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
-        };
+        let mut next = crate::quant::test_uniform(0x9e37_79b9_7f4a_7c15u64);
         // (n, block width, panel rows (0: one buffer), alpha)
         for &(n, b, panel_rows, alpha) in &[
             (300usize, 160usize, 0usize, 0.25f64),
