@@ -78,6 +78,8 @@ var<workgroup> sb: array<vec4<f32>, 128>;
 // gemm_large's slices: [BK][128] as vec4, twice with DOUBLE_BUFFER (buffer `t % 2` at offset
 // (t % 2)·256), sized by the override so the single-buffered kernel keeps its 8 KiB.
 override DOUBLE_BUFFER: bool = false;
+// The XOR mask of the staging swizzle (`swz`); 0 turns it off (kernel lab only).
+override SWIZZLE: u32 = 7u;
 var<workgroup> la: array<vec4<f32>, select(256u, 512u, DOUBLE_BUFFER)>;
 var<workgroup> lb: array<vec4<f32>, select(256u, 512u, DOUBLE_BUFFER)>;
 
@@ -175,13 +177,13 @@ fn store_row4(row: u32, col: u32, v: vec4<f32>) {
 // invocations writing 8 consecutive k of one x, i.e. into 8 workgroup rows 512 (256) bytes apart —
 // without the swizzle all in one bank, an 8-way conflict on every staging store. XOR by k % 8 puts
 // them in 8 different vec4 slots; the readers XOR their vec4 index by the same k % 8
-// (`kk` < BK = 8). An x-contiguous operand has no conflict to remove, and there the XOR only cost time (`on` is
-// an override, so it folds away). Session 24's kernel lab on the H100 (BENCHMARKS.md): at 4096³
+// (`kk` < BK = 8). An x-contiguous operand has no conflict to remove, and there the XOR only cost
+// time (`on` comes from overrides, so it folds away). Session 24's kernel lab on the H100 (BENCHMARKS.md): at 4096³
 // A·Bᵀ 5.08 → 4.44 ms and A·B 4.73 → 4.42 ms with the swizzle, Aᵀ·B 4.31 → 4.38 ms with it on both
-// x-contiguous operands (hence `on`); `gemm_large_plain` in benches/lab keeps the unswizzled layout
-// for comparison.
+// x-contiguous operands (hence `on`). `SWIZZLE = 0` (the mask applied to k) restores the
+// unswizzled layout for the kernel lab's comparison (benches/lab).
 fn swz(x: u32, k: u32, on: bool) -> u32 {
-    return (x / 4u) ^ select(0u, k & 7u, on);
+    return (x / 4u) ^ select(0u, k & SWIZZLE, on);
 }
 
 // Writes this invocation's four A and four B elements of a slice into gemm_large's buffer at
@@ -266,8 +268,8 @@ fn gemm_large(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id
                        load_b(k1 + sb2.y, col0 + sb2.x), load_b(k1 + sb3.y, col0 + sb3.x));
         for (var kk = 0u; kk < BK; kk++) {
             // The readers' half of `swz`.
-            let xa = select(0u, kk, !TRANS_A);
-            let xb = select(0u, kk, TRANS_B);
+            let xa = select(0u, kk & SWIZZLE, !TRANS_A);
+            let xb = select(0u, kk & SWIZZLE, TRANS_B);
             let a0 = la[cur + kk * 32u + (ty ^ xa)];
             let a1 = la[cur + kk * 32u + 16u + (ty ^ xa)];
             let b0 = lb[cur + kk * 32u + (tx ^ xb)];
@@ -353,8 +355,8 @@ fn gemm_small(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id
         rb = vec2<f32>(load_b(k1 + sb0.y, col0 + sb0.x), load_b(k1 + sb1.y, col0 + sb1.x));
         for (var kk = 0u; kk < BK; kk++) {
             // The readers' half of `swz`.
-            let xa = select(0u, kk, !TRANS_A);
-            let xb = select(0u, kk, TRANS_B);
+            let xa = select(0u, kk & SWIZZLE, !TRANS_A);
+            let xb = select(0u, kk & SWIZZLE, TRANS_B);
             let av = sa[kk * 16u + (ty ^ xa)];
             let bv = sb[kk * 16u + (tx ^ xb)];
             c0 = fma(vec4<f32>(av.x), bv, c0);

@@ -169,5 +169,30 @@ fn lab_variants_parse_and_validate() {
         Validator::new(ValidationFlags::all(), Capabilities::all())
             .validate(&module)
             .unwrap_or_else(|e| panic!("{name}: validate: {}", e.emit_to_string(&source)));
+        // Every lab line names an entry point of the module and only overrides it declares.
+        for line in source.lines() {
+            let Some(spec) = line
+                .strip_prefix("// lab32:")
+                .or_else(|| line.strip_prefix("// lab:"))
+            else {
+                continue;
+            };
+            let mut fields = spec.split_whitespace();
+            let entry = fields.next().unwrap_or_default();
+            assert!(
+                module.entry_points.iter().any(|e| e.name == entry),
+                "{name}: `{line}`: no entry point {entry}"
+            );
+            for kv in fields.filter(|f| f.contains('=')) {
+                let key = kv.split('=').next().unwrap_or_default();
+                assert!(
+                    module
+                        .overrides
+                        .iter()
+                        .any(|(_, o)| o.name.as_deref() == Some(key)),
+                    "{name}: `{line}`: no override {key}"
+                );
+            }
+        }
     }
 }
