@@ -582,7 +582,8 @@ fn gemm_skipping_zero_triangles_is_exact() {
                 sc.op(oc.0, oc.1, c_cols, false),
             );
             if skipping {
-                ops::gemm_mat_skip(&mut rec, m, n, k, alpha, opa, opb, beta, opc, skip).unwrap();
+                ops::gemm_mat_skip(&mut rec, m, n, k, alpha, opa, opb, beta, opc, skip, None)
+                    .unwrap();
             } else {
                 ops::gemm_mat(&mut rec, m, n, k, alpha, opa, opb, beta, opc).unwrap();
             }
@@ -613,7 +614,7 @@ fn gemm_skipping_zero_triangles_is_exact() {
     }
 }
 
-/// `gemm_mat_skip_upper`: exactly the elements `row ≤ col + shift` of the C view are written, bit
+/// `gemm_mat_skip` with `upper = Some(shift)`: exactly the elements `row ≤ col + shift` of the C view are written, bit
 /// for bit as the plain GEMM writes them (and within f64 tolerance), every other stored element
 /// keeps its bits — for negative, zero, positive and out-of-range shifts, C (and the operands) in
 /// row panels with the view starting mid-panel, with and without declared zero triangles (GPTAQ's
@@ -658,7 +659,7 @@ fn gemm_upper_shift_writes_exactly_the_shifted_triangle() {
         let c = rand_vec(&mut r, c_rows * c_cols);
         let (alpha, beta) = (0.75f32, if seed % 2 == 0 { 0.0 } else { 1.5 });
         let case = format!(
-            "gemm_mat_skip_upper {m}x{n}x{k} panels A/B/C {pr:?} ta={ta} tb={tb} shift {shift} \
+            "gemm_mat_skip upper {m}x{n}x{k} panels A/B/C {pr:?} ta={ta} tb={tb} shift {shift} \
              lower B {lower_b} beta={beta}"
         );
         let run = |upper: bool| -> Vec<f32> {
@@ -672,8 +673,18 @@ fn gemm_upper_shift_writes_exactly_the_shifted_triangle() {
                 sc.op(oc0, oc1, c_cols, false),
             );
             if upper {
-                ops::gemm_mat_skip_upper(
-                    &mut rec, m, n, k, alpha, opa, opb, beta, opc, skip, shift,
+                ops::gemm_mat_skip(
+                    &mut rec,
+                    m,
+                    n,
+                    k,
+                    alpha,
+                    opa,
+                    opb,
+                    beta,
+                    opc,
+                    skip,
+                    Some(shift),
                 )
                 .unwrap();
             } else {

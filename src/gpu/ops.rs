@@ -535,7 +535,10 @@ pub fn gemm_mat(
 
 /// [`gemm_mat`] over operands with known zero triangles ([`KSkip`]): per output tile only the
 /// `k` range where both can be non-zero is summed, e.g. GPTAQ's `triu₁(T)·U` at about a third of
-/// the dense multiply-adds (quant/gpu.rs).
+/// the dense multiply-adds (quant/gpu.rs). With `upper = Some(shift)` only the elements
+/// `row ≤ col + shift` of the m×n C view are computed (`-1`: the strict upper triangle) and the
+/// others are left as they were, whole output tiles below that line skipped — e.g. the rows of
+/// GPTAQ's `T` that its mask discards.
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_mat_skip(
     rec: &mut Recorder<'_>,
@@ -548,29 +551,9 @@ pub fn gemm_mat_skip(
     beta: f32,
     c: Operand<'_>,
     skip: KSkip,
+    upper: Option<i64>,
 ) -> Result<(), GpuError> {
-    gemm_split(rec, m, n, k, alpha, a, b, beta, c, None, skip)
-}
-
-/// [`gemm_mat_skip`] computing only the elements `row ≤ col + shift` of the m×n C view (`shift`
-/// may be negative: `-1` is the strict upper triangle); the others are left as they were. Whole
-/// output tiles below that line are skipped, e.g. the rows of GPTAQ's `T` that its mask discards
-/// (quant/gpu.rs).
-#[allow(clippy::too_many_arguments)]
-pub fn gemm_mat_skip_upper(
-    rec: &mut Recorder<'_>,
-    m: usize,
-    n: usize,
-    k: usize,
-    alpha: f32,
-    a: Operand<'_>,
-    b: Operand<'_>,
-    beta: f32,
-    c: Operand<'_>,
-    skip: KSkip,
-    shift: i64,
-) -> Result<(), GpuError> {
-    gemm_split(rec, m, n, k, alpha, a, b, beta, c, Some(shift), skip)
+    gemm_split(rec, m, n, k, alpha, a, b, beta, c, upper, skip)
 }
 
 /// [`gemm_mat`] restricted to the upper triangle of the square n×n C block (like [`gemm_upper`]).

@@ -14,7 +14,7 @@
 //!    is copied below the diagonal block of M. The update `K₂₂ −= L₂₁·L₂₁ᵀ` (upper triangle only,
 //!    half the flops) follows each block; with `GPTAQ_CHOL_PANEL=128` (an experiment, not the
 //!    default: `outer_panel` says why) it is split in two levels: within an outer panel of 128
-//!    columns each block updates only the panel's later rows (`gemm_mat_skip_upper`), and the
+//!    columns each block updates only the panel's later rows (`gemm_mat_skip` with `upper`), and the
 //!    trailing matrix below the panel gets the panel's four blocks at once, `K −= L·Lᵀ` with
 //!    k = 128 read from M (`gemm_mat_upper`) — a quarter of the passes over it. A failed pivot
 //!    sets a flag; the host reads the two-word flag once per attempt — the only readback of the
@@ -282,6 +282,7 @@ fn upper_inverse_factor_panels(
                     a_upper: Some(0),
                     ..Default::default()
                 },
+                None,
             )?;
             // −B⁻¹·T (B⁻¹ = M[s+b.., s+b..], lower triangular: rows r0..r1 need its columns
             // 0..r1 only) over C's place in M, through the scratch (C is no longer needed).
@@ -458,7 +459,7 @@ fn cholesky<'c>(
                     // Two levels: K₂₂ −= L₂₁·L₂₁ᵀ only on the rows the panel's later blocks read
                     // (up to jend, every column to their right, upper triangle); the rows below
                     // wait for the panel's one update.
-                    ops::gemm_mat_skip_upper(
+                    ops::gemm_mat_skip(
                         r,
                         jend - j1,
                         rest,
@@ -469,7 +470,7 @@ fn cholesky<'c>(
                         1.0,
                         k.op(j1, j1),
                         ops::KSkip::default(),
-                        0,
+                        Some(0),
                     )?;
                 }
                 copy_in(r, tmp, m, j1..n, j0, NB)?;

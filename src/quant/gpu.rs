@@ -324,7 +324,7 @@ fn prepare_w_f32<'w>(
 /// Width of the column blocks of [`gptaq_p_blocked`]: a sixteenth of `n` (a multiple of 32) —
 /// or an `n / GPTAQ_P_BLOCKS`-th, read once, for trying other counts on a GPU machine — narrower
 /// only where the `n × width` scratch would not fit one binding of `max_bytes`. With T's lower
-/// tiles skipped (`gemm_mat_skip_upper`) and the per-tile k ranges, the multiply-adds hardly
+/// tiles skipped (`gemm_mat_skip` with `upper`) and the per-tile k ranges, the multiply-adds hardly
 /// depend on the block count (counted tile by tile with the launcher's tile rule: 0.349 / 0.352 /
 /// 0.363·n³ for 16 / 8 / 4 blocks at n = 4096, 0.342·n³ for all three at 14336), but every block
 /// costs two launches, each at least as long as its longest tile (k up to n): at n = 4096 sixteen
@@ -365,7 +365,7 @@ fn tri_blocks(n: usize, b: usize) -> impl DoubleEndedIterator<Item = (usize, usi
 /// Within a block the GEMMs skip more per output tile ([`ops::KSkip`]): T's tile of
 /// columns `j ≥ c0` sums only over `c ≥ c0`, and P's tile of rows `i ≥ r0` and columns `j < c1`
 /// only over `r0 < m < c1`; T's tiles wholly on or below its mask's line (`i ≥ j`) are not
-/// computed at all ([`ops::gemm_mat_skip_upper`]). That is ≈ 0.34–0.36·n³ multiply-adds
+/// computed at all ([`ops::gemm_mat_skip`] with `upper`). That is ≈ 0.34–0.36·n³ multiply-adds
 /// (T ≈ n³/6, P ≈ n³/6, plus tile granularity), 5.6× less than dense and nearly independent of
 /// the block count ([`tri_block_cols`]); the blocks alone (session 22) gave 0.56·n³. The skipped
 /// terms are products with exact zeros, so the result is bit for bit the dense GEMMs'
@@ -402,7 +402,7 @@ fn gptaq_p_blocked(
         // below that line are skipped, and the entries left unwritten there (stale scratch) are
         // zeroed by the mask (`triu1_scale` writes 0, never multiplies them).
         let blk = MatView::new(scratch, j1 - j0);
-        ops::gemm_mat_skip_upper(
+        ops::gemm_mat_skip(
             rec,
             j1,
             j1 - j0,
@@ -416,7 +416,7 @@ fn gptaq_p_blocked(
                 b_lower: Some(0),
                 ..Default::default()
             },
-            j0 as i64 - 1,
+            Some(j0 as i64 - 1),
         )?;
         factor::copy_in(rec, scratch, dp, 0..j1, j0, j1 - j0)?;
     }
@@ -440,6 +440,7 @@ fn gptaq_p_blocked(
                 b_upper: Some(j0 as i64),
                 ..Default::default()
             },
+            None,
         )?;
         factor::copy_in(rec, scratch, dp, 0..j1, j0, j1 - j0)?;
     }
