@@ -160,13 +160,13 @@ fn nxn_bytes(c: &ModelConfig) -> u64 {
 
 /// The solve's n×n-sized temporaries next to the statistics (quant/factor.rs, quant/gpu.rs):
 /// while factoring K (later U) and M (L, then L⁻¹) plus a 128-row scratch; GPTAQ's P then lives
-/// in the permuted D next to U, with an n × n/16 block scratch. Two n×n matrices and the larger
-/// scratch.
+/// in the permuted D next to U, with a block scratch of n × n/16 floats or 64 MiB, whichever is
+/// larger (`quant::gpu::p_scratch_floats`). Two n×n matrices and the larger scratch.
 fn solve_temp_bytes(c: &ModelConfig, asymmetry: bool, max_buffer_bytes: u64) -> u64 {
     let n = c.hidden_size.max(c.intermediate_size).max(c.q_dim());
     let factor_scratch = (crate::quant::factor::SCRATCH_ROWS * n) as u64 * F32;
     let p_scratch = if asymmetry {
-        (crate::quant::gpu::tri_block_cols(n, max_buffer_bytes) * n) as u64 * F32
+        crate::quant::gpu::p_scratch_floats(n, max_buffer_bytes) as u64 * F32
     } else {
         0
     };
@@ -608,11 +608,12 @@ mod tests {
         // Two streams of 128 × 2048 × (hidden + attention output) in f16 on the host.
         assert_eq!(p.host_bytes_estimate, 2 * 128 * 2048 * (4096 + 4096) * 2);
         // Solving down_proj (n = 14336): H and D, the factor's two n×n matrices (K/U and M, then
-        // U and P in D's permuted copy) and P's 14336 × 896 block scratch — 4 × 784 + 49 MiB.
+        // U and P in D's permuted copy) and P's block scratch, its 64 MiB floor (more than
+        // 14336 × 896 floats) — 4 × 784 + 64 MiB.
         let n = 14336u64;
         assert_eq!(
             solve_temp_bytes(&c, true, 4 << 30),
-            2 * n * n * 4 + n * 896 * 4
+            2 * n * n * 4 + (64 << 20)
         );
         assert_eq!(nxn_bytes(&c), n * n * 4);
         // down_proj's W and Q in f32, its codes one byte each (56 MiB, not 224), [U; P] staging.

@@ -321,38 +321,81 @@ fn prepare_w_f32<'w>(
     std::borrow::Cow::Owned(out)
 }
 
-/// Width of the column blocks of [`gptaq_p_blocked`]: a sixteenth of `n` (a multiple of 32) —
-/// or an `n / GPTAQ_P_BLOCKS`-th, read once, for trying other counts on a GPU machine — narrower
-/// only where the `n × width` scratch would not fit one binding of `max_bytes`. With T's lower
-/// tiles skipped (`gemm_mat_skip` with `upper`) and the per-tile k ranges, the multiply-adds hardly
-/// depend on the block count (counted tile by tile with the launcher's tile rule: 0.349 / 0.352 /
-/// 0.363·n³ for 16 / 8 / 4 blocks at n = 4096, 0.342·n³ for all three at 14336), but every block
-/// costs two launches, each at least as long as its longest tile (k up to n): at n = 4096 sixteen
-/// blocks are 32 GEMMs of at most 256 small tiles, so fewer blocks may be faster on a GPU. On
-/// lavapipe four blocks were slower than sixteen (P at n = 2048: 1.31 against 1.11 s;
-/// BENCHMARKS.md session 24), and no GPU measured them yet, so sixteen stays the default.
-pub(crate) fn tri_block_cols(n: usize, max_bytes: u64) -> usize {
-    static BLOCKS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    let blocks = *BLOCKS.get_or_init(|| {
+/// Smallest scratch of GPTAQ's P in floats (64 MiB): at n ≤ 4096 the whole `n × n` matrix, so P
+/// is two launches; wider inputs get `n × n/16`, the plan's bound before (pipeline/plan.rs).
+const P_SCRATCH_MIN_FLOATS: usize = 1 << 24;
+
+/// Floats of the block scratch of [`gptaq_p_blocked`] for an `n`-column input: `n × ⌈n/16⌉₃₂`
+/// or [`P_SCRATCH_MIN_FLOATS`], whichever is larger, within one binding of `max_bytes` but never
+/// less than one 32-column block (`32 · n`). Monotone in `n`, so the widest input bounds the
+/// plan's solve memory.
+pub(crate) fn p_scratch_floats(n: usize, max_bytes: u64) -> usize {
+    let fit = usize::try_from(max_bytes / 4).unwrap_or(usize::MAX);
+    let want = n
+        .saturating_mul(n.div_ceil(16).next_multiple_of(32))
+        .max(P_SCRATCH_MIN_FLOATS);
+    want.min(fit).max(32 * n.max(1))
+}
+
+/// The column blocks `[j0, j1)` of [`gptaq_p_blocked`] for a scratch of `scratch` floats.
+///
+/// Block `J` needs `j1 × (j1 − j0)` floats (rows `0..j1` of its columns), so the early blocks can
+/// be much wider than the last for the same scratch: each block is the widest with
+/// `j1 · width ≤ scratch`, a multiple of 128 columns (of 32 below 128). Why: every block is two GEMM launches, each
+/// as long as its longest tile, and T's longest tiles are in the early blocks (k up to n − j0) —
+/// with equal widths the first blocks have only a few output tiles (rows `0..j1`) that each run the
+/// whole k range while most of the GPU idles. A greedy list-scheduling model of the two products
+/// (132 SMs, a tile's time ∝ its k range) gives 544 units at n = 4096 for the earlier sixteen
+/// equal blocks against 99 for the one block the 64 MiB scratch now allows (ideal 91), and 4,222
+/// against 3,815 at 14336 (eight blocks; ideal 3,643; widths rounded to 32 instead of 128 columns
+/// would cost 3,945, their diagonal tiles more work). The multiply-adds are the same either way;
+/// the results are bit for bit the same (the skipped terms are exact zeros).
+///
+/// `GPTAQ_P_BLOCKS=N` (read once) forces `N` equal blocks instead, for A/B runs on a GPU machine
+/// (still within the scratch).
+pub(crate) fn p_blocks(n: usize, scratch: usize) -> Vec<(usize, usize)> {
+    static FORCED: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    let forced = *FORCED.get_or_init(|| {
         std::env::var("GPTAQ_P_BLOCKS")
             .ok()
             .and_then(|v| v.parse::<usize>().ok())
             .filter(|&b| b > 0)
-            .unwrap_or(16)
     });
-    let fit = (max_bytes / 4 / n.max(1) as u64) as usize / 32 * 32;
-    n.div_ceil(blocks).next_multiple_of(32).min(fit).max(32)
+    p_blocks_with(n, scratch, forced)
 }
 
-/// Column blocks `[j0, j1)` of width `b` (the last may be narrower).
-fn tri_blocks(n: usize, b: usize) -> impl DoubleEndedIterator<Item = (usize, usize)> {
-    (0..n)
-        .step_by(b.max(1))
-        .map(move |j0| (j0, (j0 + b).min(n)))
+fn p_blocks_with(n: usize, scratch: usize, forced: Option<usize>) -> Vec<(usize, usize)> {
+    // Whole 128-column tiles where a block is that wide: the tiles then straddle the triangles'
+    // diagonals no more than the matrix's own tile grid does.
+    let fit = |w: usize| if w >= 128 { w / 128 * 128 } else { w / 32 * 32 };
+    let mut blocks = Vec::new();
+    let mut j0 = 0;
+    while j0 < n {
+        let w = match forced {
+            Some(count) => n
+                .div_ceil(count)
+                .next_multiple_of(32)
+                .min(scratch / n / 32 * 32),
+            // Largest w with (j0 + w)·w ≤ scratch.
+            None => {
+                let (j, s) = (j0 as f64, scratch as f64);
+                let mut w = fit((((j * j + 4.0 * s).sqrt() - j) / 2.0) as usize);
+                while w > 32 && (j0 + w) * w > scratch {
+                    w = fit(w - 1);
+                }
+                w
+            }
+        };
+        let j1 = (j0 + w.max(32)).min(n);
+        blocks.push((j0, j1));
+        j0 = j1;
+    }
+    blocks
 }
 
 /// GPTAQ's `P = triu₁(α·Dp·Uᵀ)·U` (algorithm.md §2.2) in place of the permuted `D` in `dp`, from
-/// the upper factor `U` (same shape and panel layout) and a scratch of at least `n · b` floats.
+/// the upper factor `U` (same shape and panel layout), column block by column block (`blocks`, in
+/// order, from [`p_blocks`]) through a scratch of at least `j1 · (j1 − j0)` floats for each.
 ///
 /// Dense, the two products cost 2·n³ multiply-adds — at the 4096 × 14336 down_proj shape about a
 /// quarter of the whole GPTAQ solve (11.8 TFLOP). The triangles make most of it zero (the f64
@@ -367,13 +410,14 @@ fn tri_blocks(n: usize, b: usize) -> impl DoubleEndedIterator<Item = (usize, usi
 /// only over `r0 < m < c1`; T's tiles wholly on or below its mask's line (`i ≥ j`) are not
 /// computed at all ([`ops::gemm_mat_skip`] with `upper`). That is ≈ 0.34–0.36·n³ multiply-adds
 /// (T ≈ n³/6, P ≈ n³/6, plus tile granularity), 5.6× less than dense and nearly independent of
-/// the block count ([`tri_block_cols`]); the blocks alone (session 22) gave 0.56·n³. The skipped
+/// the blocks ([`p_blocks`]); the blocks alone (session 22) gave 0.56·n³. The skipped
 /// terms are products with exact zeros, so the result is bit for bit the dense GEMMs'
 /// (tests/gpu_kernels.rs checks the skipping GEMM against the dense one). (Blocking P's rows into separate GEMMs instead made it slower: 0.165 → 0.20 s at
 /// 4096 × 14336 on the H100, its 136 smaller GEMMs filling the GPU worse; BENCHMARKS.md session
 /// 22. The in-kernel skips keep two launches per column block.)
 ///
-/// Memory: no second n×n matrix. `T` overwrites `Dp` block by block in ascending order (block
+/// Memory: a scratch, not a second n×n matrix (except where n × n is under the scratch's 64 MiB
+/// floor, [`p_scratch_floats`]). `T` overwrites `Dp` block by block in ascending order (block
 /// `J` reads `Dp[:, c ≥ j0]`, which no earlier block has overwritten), `P` overwrites `T` in
 /// descending order (block `J` reads `T[:, m < j1]`, which no later block has overwritten); each
 /// block goes through the scratch because a GEMM cannot write the matrix it reads (WebGPU). The
@@ -386,17 +430,24 @@ fn gptaq_p_blocked(
     u: &GpuMatrix,
     dp: &GpuMatrix,
     scratch: &GpuBuffer<f32>,
-    b: usize,
+    blocks: &[(usize, usize)],
     alpha: f32,
 ) -> Result<(), QuantGpuError> {
-    if scratch.len() < n * b {
-        return Err(GpuError::Validation(format!(
-            "GPTAQ P: scratch of {} floats for {n} × {b} blocks",
-            scratch.len()
-        ))
-        .into());
+    let mut next = 0;
+    for &(j0, j1) in blocks {
+        if j0 != next || j1 <= j0 || j1 > n || scratch.len() < j1 * (j1 - j0) {
+            return Err(GpuError::Validation(format!(
+                "GPTAQ P: block {j0}..{j1} of {n} columns after {next}, scratch of {} floats",
+                scratch.len()
+            ))
+            .into());
+        }
+        next = j1;
     }
-    for (j0, j1) in tri_blocks(n, b) {
+    if next != n {
+        return Err(GpuError::Validation(format!("GPTAQ P: blocks end at {next} of {n}")).into());
+    }
+    for &(j0, j1) in blocks {
         // T[0..j1, J] = Dp[0..j1, j0..n]·U[J, j0..n]ᵀ; op(B)[c, j] = U[j0 + j, j0 + c] is zero
         // for c < j (U upper). Only rows i < j0 + j survive the mask: the tiles wholly on or
         // below that line are skipped, and the entries left unwritten there (stale scratch) are
@@ -421,7 +472,7 @@ fn gptaq_p_blocked(
         factor::copy_in(rec, scratch, dp, 0..j1, j0, j1 - j0)?;
     }
     triu1_scale(rec, n, dp, alpha)?;
-    for (j0, j1) in tri_blocks(n, b).rev() {
+    for &(j0, j1) in blocks.iter().rev() {
         // P[0..j1, J] = T[0..j1, 0..j1]·U[0..j1, J]: T[i, m] is zero for m ≤ i (masked) and
         // U[m, j0 + j] for m > j0 + j, so an output tile sums only over i < m ≤ j.
         let blk = MatView::new(scratch, j1 - j0);
@@ -813,8 +864,9 @@ fn solve(
                     gu.panel_rows()
                 ))));
             }
-            let pb = tri_block_cols(n, ctx.panel_bytes());
-            let scratch = ctx.zeros::<f32>("quant P block", n * pb)?;
+            let scratch_len = p_scratch_floats(n, ctx.panel_bytes());
+            let blocks = p_blocks(n, scratch_len);
+            let scratch = ctx.zeros::<f32>("quant P block", scratch_len)?;
             let gx = n.div_ceil(16) as u32;
             for pp in dp.panel_pairs(d) {
                 rec.dispatch(
@@ -834,7 +886,7 @@ fn solve(
                     ],
                 )?;
             }
-            gptaq_p_blocked(&mut rec, n, gu, &dp, &scratch, pb, alpha as f32)?;
+            gptaq_p_blocked(&mut rec, n, gu, &dp, &scratch, &blocks, alpha as f32)?;
             // Keep the recorded work alive until submission (buffers are reference counted by
             // wgpu, but submit now so the scratch and the metadata can be freed early).
             rec.submit();
@@ -1090,7 +1142,7 @@ fn solve(
 
 #[cfg(test)]
 mod tests {
-    use super::{gptaq_p_blocked, tri_block_cols, tri_blocks};
+    use super::{gptaq_p_blocked, p_blocks_with, p_scratch_floats};
 
     /// GPTAQ's P on the GPU against the f64 reference (`reference::gptaq_p`) with column blocks
     /// wider than the GEMM tiles, so the per-tile k ranges (ops::KSkip) of both products are
@@ -1102,11 +1154,13 @@ mod tests {
             return Ok(());
         };
         let mut next = crate::quant::test_uniform(0x9e37_79b9_7f4a_7c15u64);
-        // (n, block width, panel rows (0: one buffer), alpha)
+        // (n, block width (0: p_blocks_with's), panel rows (0: one buffer), alpha)
         for &(n, b, panel_rows, alpha) in &[
             (300usize, 160usize, 0usize, 0.25f64),
             (300, 96, 96, 1.0),
             (257, 224, 64, 0.25),
+            (300, 0, 0, 1.0),
+            (257, 0, 96, 0.25),
         ] {
             let d: Vec<f64> = (0..n * n).map(|_| next()).collect();
             let u: Vec<f64> = (0..n * n)
@@ -1129,16 +1183,25 @@ mod tests {
             let (gu, gd) = (gu?, gd?);
             // NaN in the scratch: the entries T skips are copied along stale, and only the
             // masks' zeros may remove them.
-            let scratch = ctx.upload("P scratch", &vec![f32::NAN; n * b])?;
+            // b > 0: equal blocks of b columns; b = 0: the default widths for a scratch of
+            // n · 64 floats (wide first blocks, narrow last ones).
+            let (blocks, len) = if b > 0 {
+                let blocks: Vec<(usize, usize)> =
+                    (0..n).step_by(b).map(|j0| (j0, (j0 + b).min(n))).collect();
+                (blocks, n * b)
+            } else {
+                (p_blocks_with(n, n * 64, None), n * 64)
+            };
+            let scratch = ctx.upload("P scratch", &vec![f32::NAN; len])?;
             let mut rec = ctx.recorder();
-            gptaq_p_blocked(&mut rec, n, &gu, &gd, &scratch, b, alpha as f32)?;
+            gptaq_p_blocked(&mut rec, n, &gu, &gd, &scratch, &blocks, alpha as f32)?;
             rec.submit();
             let got = ctx.read_matrix(&gd)?;
             let scale = want.iter().fold(0f64, |m, x| m.max(x.abs()));
             for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
                 assert!(
                     (f64::from(g) - w).abs() <= 1e-5 * scale,
-                    "P n={n} block {b} panel rows {panel_rows} alpha {alpha}: ({}, {}) got {g} \
+                    "P n={n} blocks {blocks:?} panel rows {panel_rows} alpha {alpha}: ({}, {}) got {g} \
                      expected {w} (max |P| {scale})",
                     i / n,
                     i % n
@@ -1148,35 +1211,53 @@ mod tests {
         Ok(())
     }
 
-    /// The blocks of GPTAQ's P tile `0..n` exactly, in order, 32-column multiples except the last,
-    /// sixteen or fewer, and the `n × width` scratch fits the binding limit it was given.
+    /// The blocks of GPTAQ's P tile `0..n` exactly, in order, each within the scratch
+    /// (`j1 · width` floats) and a multiple of 32 wide except the last; the scratch fits the
+    /// binding limit it was given (or is the one 32-column block that must exist) and never
+    /// shrinks as n grows (the plan bounds it at the widest input); with the 64 MiB floor
+    /// n ≤ 4096 is one block.
     #[test]
-    fn p_blocks_tile_the_columns_within_the_binding() {
-        for n in [1usize, 31, 32, 33, 100, 511, 4096, 14336, 28672] {
-            for max_bytes in [u64::MAX, 2 << 30, 64 << 20] {
-                let b = tri_block_cols(n, max_bytes);
-                assert!(b >= 32 && b.is_multiple_of(32), "n {n}: width {b}");
-                let fits = (n * b * 4) as u64 <= max_bytes || b == 32;
-                assert!(fits, "n {n}: {n} × {b} floats exceed {max_bytes} bytes");
-                let blocks: Vec<(usize, usize)> = tri_blocks(n, b).collect();
+    fn p_blocks_tile_the_columns_within_the_scratch() {
+        let mut last = 0;
+        for n in [1usize, 31, 32, 33, 100, 511, 4096, 4097, 14336, 28672] {
+            for max_bytes in [u64::MAX, 2 << 30, 64 << 20, 1 << 20] {
+                let s = p_scratch_floats(n, max_bytes);
+                let fits = (s * 4) as u64 <= max_bytes || s == 32 * n;
                 assert!(
-                    blocks.len() <= 16 || b < n.div_ceil(16),
-                    "n {n}: {} blocks",
-                    blocks.len()
+                    fits,
+                    "n {n}: scratch of {s} floats exceeds {max_bytes} bytes"
                 );
-                let mut next = 0;
-                for &(j0, j1) in &blocks {
-                    assert_eq!(j0, next, "n {n}: block starts at {j0}, expected {next}");
+                if max_bytes == u64::MAX {
                     assert!(
-                        j1 > j0 && j1 - j0 <= b,
-                        "n {n}: block {j0}..{j1} of width {b}"
+                        s >= last,
+                        "n {n}: scratch {s} < {last} for a narrower input"
                     );
-                    next = j1;
+                    last = s;
                 }
-                assert_eq!(next, n, "n {n}: blocks end at {next}");
-                let rev: Vec<(usize, usize)> = tri_blocks(n, b).rev().collect();
-                assert!(rev.iter().rev().eq(blocks.iter()), "n {n}: reversed order");
+                for forced in [None, Some(16), Some(3), Some(1)] {
+                    let blocks = p_blocks_with(n, s, forced);
+                    let mut next = 0;
+                    for &(j0, j1) in &blocks {
+                        assert_eq!(j0, next, "n {n} {forced:?}: block at {j0}, expected {next}");
+                        let w = j1 - j0;
+                        assert!(
+                            j1 > j0 && j1 * w <= s && (w.is_multiple_of(32) || j1 == n),
+                            "n {n} {forced:?}: block {j0}..{j1} with a scratch of {s}"
+                        );
+                        next = j1;
+                    }
+                    assert_eq!(next, n, "n {n} {forced:?}: blocks end at {next}");
+                    if forced.is_none() && n <= 4096 && max_bytes == u64::MAX {
+                        assert_eq!(blocks.len(), 1, "n {n}: {blocks:?}");
+                    }
+                }
             }
         }
+        // The widths shrink towards the end: j1 · width stays within the scratch.
+        let b = p_blocks_with(14336, 14336 * 896, None);
+        assert_eq!(b.first(), Some(&(0, 3584)), "{b:?}");
+        assert_eq!(b.len(), 10, "{b:?}");
+        let b = p_blocks_with(14336, p_scratch_floats(14336, u64::MAX), None);
+        assert_eq!(b.len(), 8, "{b:?}");
     }
 }
