@@ -62,10 +62,11 @@ if [ -n "${KB:-}" ]; then
 fi
 # Issue 5's solve side by side: SOLVE="4096x4096,4096x14336" times `kernels-bench quant_solve`
 # (unprofiled: GPTAQ_PROFILE would synchronise every phase) once per SOLVE_PBLOCKS entry (GPTAQ's P
-# column blocks, GPTAQ_P_BLOCKS; default "16"), then tools/torch_reference.py --bench on the same
+# column blocks, GPTAQ_P_BLOCKS: N equal blocks, "auto" the default widths; default "auto"), then
+# tools/torch_reference.py --bench on the same
 # shapes. The `… codes` entries are the pipeline's solve (no Q on the host).
 if [ -n "${SOLVE:-}" ]; then
-  for pb in ${SOLVE_PBLOCKS:-16}; do
+  for pb in ${SOLVE_PBLOCKS:-auto}; do
     GPTAQ_P_BLOCKS=$pb GPTAQ_BENCH_SOLVE=$SOLVE timeout ${SOLVE_LIM:-150} .device-carry/kernels-bench --bench \
       --warm-up-time 1 --measurement-time 3 quant_solve > $D/solve_p$pb.log 2>&1
     echo "== solve GPTAQ_P_BLOCKS=$pb"
