@@ -69,6 +69,33 @@ impl KernelCache {
     }
 }
 
+/// wgpu's runtime checks for shader modules. By default wgpu's own, less the loop-bounding
+/// counter it wraps around every loop against infinite loops in untrusted shaders: naga puts it
+/// (a two-word counter, decremented and tested every iteration) into the f32 GEMM's innermost
+/// eight-step loop too, and without it NVIDIA's compiler makes that kernel faster — H200, session
+/// 25, `kernels-bench gemm_f32` at 4096³ A·Bᵀ: 128-tile 4.64 → 4.28 ms, 64-tile 7.55 → 5.44 ms
+/// (BENCHMARKS.md). Every loop in shaders/ is a `for` over a constant or uniform bound with a
+/// positive constant step (or a halving stride), so none is infinite, which is the condition wgpu
+/// states for dropping the counter. `GPTAQ_SHADER_CHECKS` (read once) overrides it for
+/// measurements: `default` → wgpu's checks, counters included; `nochecks` → also without the index
+/// clamps on workgroup and private arrays (and on buffers where the driver has no robust access of
+/// its own: not for production runs; 4.28 → 4.07 ms above).
+fn runtime_checks() -> wgpu::ShaderRuntimeChecks {
+    static CHECKS: std::sync::OnceLock<wgpu::ShaderRuntimeChecks> = std::sync::OnceLock::new();
+    *CHECKS.get_or_init(|| {
+        let mut checks = wgpu::ShaderRuntimeChecks::checked();
+        match std::env::var("GPTAQ_SHADER_CHECKS").as_deref() {
+            Ok("default") => {}
+            Ok("nochecks") => {
+                checks.force_loop_bounding = false;
+                checks.bounds_checks = false;
+            }
+            _ => checks.force_loop_bounding = false,
+        }
+        checks
+    })
+}
+
 impl GpuContext {
     fn module(&self, shader: &Shader) -> Result<Arc<wgpu::ShaderModule>, GpuError> {
         if let Ok(m) = self.kernels.modules.read()
@@ -85,12 +112,18 @@ impl GpuContext {
             return Ok(found.clone());
         }
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let module = self
-            .device
-            .create_shader_module(wgpu::ShaderModuleDescriptor {
-                label: Some(shader.name),
-                source: wgpu::ShaderSource::Wgsl(shader.source.into()),
-            });
+        let desc = wgpu::ShaderModuleDescriptor {
+            label: Some(shader.name),
+            source: wgpu::ShaderSource::Wgsl(shader.source.into()),
+        };
+        // SAFETY: `runtime_checks` drops the loop-bounding counters only (every loop in shaders/
+        // is finite, see there) unless `GPTAQ_SHADER_CHECKS=nochecks` asks for a measurement
+        // without the index clamps, which then relies on the host-side length checks of every
+        // launcher.
+        let module = unsafe {
+            self.device
+                .create_shader_module_trusted(desc, runtime_checks())
+        };
         if let Some(e) = pollster::block_on(scope.pop()) {
             return Err(GpuError::Validation(format!("shader {}: {e}", shader.name)));
         }

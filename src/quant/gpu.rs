@@ -321,13 +321,6 @@ fn prepare_w_f32<'w>(
     std::borrow::Cow::Owned(out)
 }
 
-/// `GPTAQ_SPLIT_UPDATE=1` (read once): GPTAQ's cross-block update as two GEMMs (`−E·U`, then
-/// `+W1·P`) instead of one with K doubled over a staged `[U; P]` (the default).
-fn split_update() -> bool {
-    static SPLIT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *SPLIT.get_or_init(|| std::env::var("GPTAQ_SPLIT_UPDATE").is_ok_and(|v| v == "1"))
-}
-
 /// Smallest scratch of GPTAQ's P in floats (64 MiB): at n ≤ 4096 the whole `n × n` matrix, so P
 /// is two launches; wider inputs get `n × n/16`, the plan's bound before (pipeline/plan.rs).
 const P_SCRATCH_MIN_FLOATS: usize = 1 << 24;
@@ -918,12 +911,10 @@ fn solve(
     rec = prof.lap(rec, "p")?;
     let gptaq = gp.is_some();
     // GPTAQ's fused cross-block GEMM reads the block's U rows and P rows from one binding
-    // (copied there per block); `GPTAQ_SPLIT_UPDATE=1` runs the two terms as two GEMMs instead,
-    // without the copies, for A/B runs on a GPU machine (same sums in another order).
+    // (copied there per block). Two GEMMs without the copies were no faster on an H200
+    // (session 25: 164.8 / 825.1 ms against 165.8–178.5 / 800.7–835.8 ms per solve).
     let stage = match gp {
-        Some(_) if n > bs && !split_update() => {
-            Some(ctx.zeros::<f32>("quant [U; P] block rows", 2 * bs * n)?)
-        }
+        Some(_) if n > bs => Some(ctx.zeros::<f32>("quant [U; P] block rows", 2 * bs * n)?),
         _ => None,
     };
     // Bound but unused by GPTQ (bindings are fixed per pipeline).
