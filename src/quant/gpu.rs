@@ -321,19 +321,20 @@ fn prepare_w_f32<'w>(
     std::borrow::Cow::Owned(out)
 }
 
-/// Smallest scratch of GPTAQ's P in floats (64 MiB): at n ≤ 4096 the whole `n × n` matrix, so P
-/// is two launches; wider inputs get `n × n/16`, the plan's bound before (pipeline/plan.rs).
+/// Floor of GPTAQ P's scratch in floats (64 MiB), or `n × n` where that is less: the whole matrix
+/// up to n = 4096, so P is then two launches; wider inputs get `n × n/16` or this, whichever is
+/// larger.
 const P_SCRATCH_MIN_FLOATS: usize = 1 << 24;
 
-/// Floats of the block scratch of [`gptaq_p_blocked`] for an `n`-column input: `n × ⌈n/16⌉₃₂`
-/// or [`P_SCRATCH_MIN_FLOATS`], whichever is larger, within one binding of `max_bytes` but never
-/// less than one 32-column block (`32 · n`). Monotone in `n`, so the widest input bounds the
-/// plan's solve memory.
+/// Floats of the block scratch of [`gptaq_p_blocked`] for an `n`-column input:
+/// `max(n × ⌈n/16⌉₃₂, min(n², 2²⁴))`, within one binding of `max_bytes` but never less than one
+/// 32-column block (`32 · n`). Monotone in `n`, so the widest input bounds the plan's solve
+/// memory; and a small model's plan is not burdened with the 64 MiB floor.
 pub(crate) fn p_scratch_floats(n: usize, max_bytes: u64) -> usize {
     let fit = usize::try_from(max_bytes / 4).unwrap_or(usize::MAX);
     let want = n
         .saturating_mul(n.div_ceil(16).next_multiple_of(32))
-        .max(P_SCRATCH_MIN_FLOATS);
+        .max(n.saturating_mul(n).min(P_SCRATCH_MIN_FLOATS));
     want.min(fit).max(32 * n.max(1))
 }
 
@@ -376,7 +377,8 @@ fn p_blocks_with(n: usize, scratch: usize, forced: Option<usize>) -> Vec<(usize,
                 .div_ceil(count)
                 .next_multiple_of(32)
                 .min(scratch / n / 32 * 32),
-            // Largest w with (j0 + w)·w ≤ scratch.
+            // The rest in one block where it fits, else the largest w with (j0 + w)·w ≤ scratch.
+            None if n * (n - j0) <= scratch => n - j0,
             None => {
                 let (j, s) = (j0 as f64, scratch as f64);
                 let mut w = fit((((j * j + 4.0 * s).sqrt() - j) / 2.0) as usize);
