@@ -63,8 +63,8 @@ fi
 # Issue 5's solve side by side: SOLVE="4096x4096,4096x14336" times `kernels-bench quant_solve`
 # (unprofiled: GPTAQ_PROFILE would synchronise every phase) once per SOLVE_PBLOCKS entry (GPTAQ's P
 # column blocks, GPTAQ_P_BLOCKS: N equal blocks, "auto" the default widths; default "auto"), then
-# tools/torch_reference.py --bench on the same
-# shapes. The `… codes` entries are the pipeline's solve (no Q on the host).
+# tools/torch_reference.py --bench on the same shapes. The `… codes` entries are the pipeline's
+# solve (W on the GPU, no Q on the host).
 if [ -n "${SOLVE:-}" ]; then
   for pb in ${SOLVE_PBLOCKS:-auto}; do
     GPTAQ_P_BLOCKS=$pb GPTAQ_BENCH_SOLVE=$SOLVE timeout ${SOLVE_LIM:-150} .device-carry/kernels-bench --bench \

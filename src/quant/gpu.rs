@@ -342,15 +342,17 @@ pub(crate) fn p_scratch_floats(n: usize, max_bytes: u64) -> usize {
 ///
 /// Block `J` needs `j1 × (j1 − j0)` floats (rows `0..j1` of its columns), so the early blocks can
 /// be much wider than the last for the same scratch: each block is the widest with
-/// `j1 · width ≤ scratch`, a multiple of 128 columns (of 32 below 128). Why: every block is two GEMM launches, each
-/// as long as its longest tile, and T's longest tiles are in the early blocks (k up to n − j0) —
-/// with equal widths the first blocks have only a few output tiles (rows `0..j1`) that each run the
-/// whole k range while most of the GPU idles. A greedy list-scheduling model of the two products
-/// (132 SMs, a tile's time ∝ its k range) gives 544 units at n = 4096 for the earlier sixteen
-/// equal blocks against 99 for the one block the 64 MiB scratch now allows (ideal 91), and 4,222
-/// against 3,815 at 14336 (eight blocks; ideal 3,643; widths rounded to 32 instead of 128 columns
-/// would cost 3,945, their diagonal tiles more work). The multiply-adds are the same either way;
-/// the results are bit for bit the same (the skipped terms are exact zeros).
+/// `j1 · width ≤ scratch`, a multiple of 128 columns (of 32 below 128), and the rest of the
+/// columns is one block where it fits. Why: every block is two GEMM launches, each as long as its
+/// longest tile, and T's longest tiles are in the early blocks (k up to n − j0) — with equal
+/// widths the first blocks have only a few output tiles (rows `0..j1`) that each run the whole k
+/// range while most of the GPU idles. A greedy list-scheduling model of the two products (132 SMs,
+/// a tile's time ∝ its k range) gives 544 units at n = 4096 for the earlier sixteen equal blocks
+/// against 99 for the one block the scratch now allows (ideal 91), and 4,222 against 3,815 at
+/// 14336 (eight blocks; ideal 3,643; widths rounded to 32 instead of 128 columns would cost
+/// 3,945, their diagonal tiles more work). Measured on an H200 (session 25, BENCHMARKS.md): P
+/// 20.8 → 10.2 ms at n = 4096, 108.9 → 95.2 ms at 14336. The multiply-adds are the same either
+/// way, and so are the results, bit for bit (the skipped terms are exact zeros).
 ///
 /// `GPTAQ_P_BLOCKS=N` (read once) forces `N` equal blocks instead, for A/B runs on a GPU machine
 /// (still within the scratch).
@@ -378,7 +380,7 @@ fn p_blocks_with(n: usize, scratch: usize, forced: Option<usize>) -> Vec<(usize,
                 .next_multiple_of(32)
                 .min(scratch / n / 32 * 32),
             // The rest in one block where it fits, else the largest w with (j0 + w)·w ≤ scratch.
-            None if n * (n - j0) <= scratch => n - j0,
+            None if n.saturating_mul(n - j0) <= scratch => n - j0,
             None => {
                 let (j, s) = (j0 as f64, scratch as f64);
                 let mut w = fit((((j * j + 4.0 * s).sqrt() - j) / 2.0) as usize);
@@ -414,9 +416,10 @@ fn p_blocks_with(n: usize, scratch: usize, forced: Option<usize>) -> Vec<(usize,
 /// (T ≈ n³/6, P ≈ n³/6, plus tile granularity), 5.6× less than dense and nearly independent of
 /// the blocks ([`p_blocks`]); the blocks alone (session 22) gave 0.56·n³. The skipped
 /// terms are products with exact zeros, so the result is bit for bit the dense GEMMs'
-/// (tests/gpu_kernels.rs checks the skipping GEMM against the dense one). (Blocking P's rows into separate GEMMs instead made it slower: 0.165 → 0.20 s at
-/// 4096 × 14336 on the H100, its 136 smaller GEMMs filling the GPU worse; BENCHMARKS.md session
-/// 22. The in-kernel skips keep two launches per column block.)
+/// (tests/gpu_kernels.rs checks the skipping GEMM against the dense one). (Blocking P's rows
+/// into separate GEMMs instead made it slower: 0.165 → 0.20 s at 4096 × 14336 on the H100, its
+/// 136 smaller GEMMs filling the GPU worse; BENCHMARKS.md session 22. The in-kernel skips keep
+/// two launches per column block.)
 ///
 /// Memory: a scratch, not a second n×n matrix (except where n × n is under the scratch's 64 MiB
 /// floor, [`p_scratch_floats`]). `T` overwrites `Dp` block by block in ascending order (block
