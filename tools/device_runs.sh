@@ -64,11 +64,13 @@ fi
 # (unprofiled: GPTAQ_PROFILE would synchronise every phase) once per SOLVE_PBLOCKS entry (GPTAQ's P
 # column blocks, GPTAQ_P_BLOCKS: N equal blocks, "auto" the default widths; default "auto"), then
 # tools/torch_reference.py --bench on the same shapes. The `… codes` entries are the pipeline's
-# solve (W on the GPU, no Q on the host).
+# solve (W on the GPU, no Q on the host); SOLVE_FILTER="quant_solve/.*codes" times only those.
+# CHOL="32 128": the factor's Cholesky panel (GPTAQ_CHOL_PANEL) A/B — one synchronised solve per
+# method, twice, at CHOL_SHAPE (default 4096x14336), printing its phases (read `factor`).
 if [ -n "${SOLVE:-}" ]; then
   for pb in ${SOLVE_PBLOCKS:-auto}; do
     GPTAQ_P_BLOCKS=$pb GPTAQ_BENCH_SOLVE=$SOLVE timeout ${SOLVE_LIM:-150} .device-carry/kernels-bench --bench \
-      --warm-up-time 1 --measurement-time 3 quant_solve > $D/solve_p$pb.log 2>&1
+      --warm-up-time 1 --measurement-time 3 "${SOLVE_FILTER:-quant_solve}" > $D/solve_p$pb.log 2>&1
     echo "== solve GPTAQ_P_BLOCKS=$pb"
     awk '/^quant_solve\//{id=$0; sub(/ +time:.*/, "", id)} /time:/{t=$0; sub(/.*time: +/, "", t); print id, t}' \
       $D/solve_p$pb.log
@@ -76,3 +78,9 @@ if [ -n "${SOLVE:-}" ]; then
   timeout ${TORCH_LIM:-230} python3 tools/torch_reference.py --bench "$SOLVE" --out $D/torch_bench.json > $D/torch_bench.log 2>&1
   echo "== torch_bench rc=$?"; grep -E "^\[bench\]" $D/torch_bench.log
 fi
+for cp in ${CHOL:-}; do
+  sh=${CHOL_SHAPE:-4096x14336}
+  GPTAQ_CHOL_PANEL=$cp GPTAQ_PROFILE=1 GPTAQ_BENCH_SOLVE=$sh,$sh timeout ${CHOL_LIM:-60} .device-carry/kernels-bench \
+    --bench "quant_solve/none" > $D/chol_$cp.log 2>&1
+  echo "== GPTAQ_CHOL_PANEL=$cp"; grep phases $D/chol_$cp.log | cut -c1-300
+done
