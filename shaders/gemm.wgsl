@@ -28,6 +28,16 @@
 // version of this kernel ran at 0.4 TFLOP/s on an H200). Only workgroup arrays are indexed
 // dynamically here.
 //
+// Index audit (gpu/ops.rs creates this module without wgpu's index clamps, `indices_audited`):
+// - global: `load_a` / `load_b` read only row < m, col < n, k_beg ≤ kk < k_end ≤ k, and `store_c`
+//   writes only row < m, col < n; the launcher checks that each view's extent (offset + (rows −
+//   1)·ld + cols, in its stored layout) fits its buffer before every launch (ops::gemm_impl).
+// - workgroup: staging slots are `off + y·32 + swz(x, y)` with y = k % 8 < 8, x < 128 so
+//   x / 4 < 32 and the XOR with k % 8 ≤ 7 stays < 32, off ∈ {0, 256} only with DOUBLE_BUFFER
+//   (512 slots, else 256); readers use `cur + kk·32 + {0, 16} + (t ^ x)` with kk < 8, t < 16 and
+//   x ≤ 7, so < 16; `gemm_small` likewise `y·16 + (x / 4 ^ ·) < 128` with x < 64. Component indices
+//   are `x % 4`. Changing a tile or slot formula means redoing this audit (or dropping the flag).
+//
 // Every global load is bounds-checked, so any M, N, K (including 1 and primes) is valid. Operands
 // with known zero triangles (GPTAQ's triu₁(D·Uᵀ)·U, quant/gpu.rs) declare them in `tri`; each
 // output tile then sums only over the k range where both operands can be non-zero (`k_range`).

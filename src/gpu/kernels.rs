@@ -21,12 +21,23 @@ use super::context::{GpuContext, GpuError};
 pub struct Shader {
     pub name: &'static str,
     pub source: &'static str,
+    /// Every array and buffer index in the shader is in range by construction, given the
+    /// launcher's length checks (audited where the shader says so): its module is created without
+    /// wgpu's index clamps ([`runtime_checks`]). Only for hot kernels whose clamps cost time.
+    pub indices_audited: bool,
 }
 
-/// Declares a [`Shader`] constant for `shaders/<file>.wgsl`.
+/// Declares a [`Shader`] constant for `shaders/<file>.wgsl`; with a third argument
+/// `indices_audited`, one whose indices are all in range by construction ([`Shader`]).
 #[macro_export]
 macro_rules! wgsl_shader {
     ($ident:ident, $file:literal) => {
+        $crate::wgsl_shader!(@make $ident, $file, false);
+    };
+    ($ident:ident, $file:literal, indices_audited) => {
+        $crate::wgsl_shader!(@make $ident, $file, true);
+    };
+    (@make $ident:ident, $file:literal, $audited:literal) => {
         pub const $ident: $crate::gpu::kernels::Shader = $crate::gpu::kernels::Shader {
             name: $file,
             source: include_str!(concat!(
@@ -35,6 +46,7 @@ macro_rules! wgsl_shader {
                 $file,
                 ".wgsl"
             )),
+            indices_audited: $audited,
         };
     };
 }
@@ -69,31 +81,46 @@ impl KernelCache {
     }
 }
 
-/// wgpu's runtime checks for shader modules. By default wgpu's own, less the loop-bounding
+/// wgpu's runtime checks for a shader module. By default wgpu's own, less the loop-bounding
 /// counter it wraps around every loop against infinite loops in untrusted shaders: naga puts it
 /// (a two-word counter, decremented and tested every iteration) into the f32 GEMM's innermost
 /// eight-step loop too, and without it NVIDIA's compiler makes that kernel faster — H200, session
 /// 25, `kernels-bench gemm_f32` at 4096³ A·Bᵀ: 128-tile 4.64 → 4.28 ms, 64-tile 7.55 → 5.44 ms
 /// (BENCHMARKS.md). Every loop in shaders/ is a `for` over a constant or uniform bound with a
 /// positive constant step (or a halving stride), so none is infinite, which is the condition wgpu
-/// states for dropping the counter. `GPTAQ_SHADER_CHECKS` (read once) overrides it for
-/// measurements: `default` → wgpu's checks, counters included; `nochecks` → also without the index
-/// clamps on workgroup and private arrays (and on buffers where the driver has no robust access of
-/// its own: not for production runs; 4.28 → 4.07 ms above).
-fn runtime_checks() -> wgpu::ShaderRuntimeChecks {
-    static CHECKS: std::sync::OnceLock<wgpu::ShaderRuntimeChecks> = std::sync::OnceLock::new();
-    *CHECKS.get_or_init(|| {
-        let mut checks = wgpu::ShaderRuntimeChecks::checked();
-        match std::env::var("GPTAQ_SHADER_CHECKS").as_deref() {
-            Ok("default") => {}
-            Ok("nochecks") => {
-                checks.force_loop_bounding = false;
-                checks.bounds_checks = false;
-            }
-            _ => checks.force_loop_bounding = false,
+/// states for dropping the counter. A shader marked [`Shader::indices_audited`] (the f32 GEMM)
+/// also goes without the index clamps naga puts on every dynamic index into workgroup arrays (four
+/// per eight-step of 64 FMAs there; without them 4.28 → 4.07 ms above).
+///
+/// `GPTAQ_SHADER_CHECKS` (read once) overrides it for measurements: `default` → wgpu's checks,
+/// counters and clamps included, for every shader; `nochecks` → no clamps in any shader (and none
+/// on buffers where the driver has no robust access of its own): not for production runs.
+fn runtime_checks(shader: &Shader) -> wgpu::ShaderRuntimeChecks {
+    #[derive(Clone, Copy)]
+    enum Mode {
+        Wgpu,
+        Default,
+        NoChecks,
+    }
+    static MODE: std::sync::OnceLock<Mode> = std::sync::OnceLock::new();
+    let mode = *MODE.get_or_init(|| match std::env::var("GPTAQ_SHADER_CHECKS").as_deref() {
+        Ok("default") => Mode::Wgpu,
+        Ok("nochecks") => Mode::NoChecks,
+        _ => Mode::Default,
+    });
+    let mut checks = wgpu::ShaderRuntimeChecks::checked();
+    match mode {
+        Mode::Wgpu => {}
+        Mode::Default => {
+            checks.force_loop_bounding = false;
+            checks.bounds_checks = !shader.indices_audited;
         }
-        checks
-    })
+        Mode::NoChecks => {
+            checks.force_loop_bounding = false;
+            checks.bounds_checks = false;
+        }
+    }
+    checks
 }
 
 impl GpuContext {
@@ -116,13 +143,14 @@ impl GpuContext {
             label: Some(shader.name),
             source: wgpu::ShaderSource::Wgsl(shader.source.into()),
         };
-        // SAFETY: `runtime_checks` drops the loop-bounding counters only (every loop in shaders/
-        // is finite, see there) unless `GPTAQ_SHADER_CHECKS=nochecks` asks for a measurement
-        // without the index clamps, which then relies on the host-side length checks of every
-        // launcher.
+        // SAFETY: `runtime_checks` drops the loop-bounding counters (every loop in shaders/ is
+        // finite, see there) and the index clamps only of shaders whose indices are in range by
+        // construction (`Shader::indices_audited`), unless `GPTAQ_SHADER_CHECKS=nochecks` asks for
+        // a measurement without any clamps, which then relies on the host-side length checks of
+        // every launcher.
         let module = unsafe {
             self.device
-                .create_shader_module_trusted(desc, runtime_checks())
+                .create_shader_module_trusted(desc, runtime_checks(shader))
         };
         if let Some(e) = pollster::block_on(scope.pop()) {
             return Err(GpuError::Validation(format!("shader {}: {e}", shader.name)));

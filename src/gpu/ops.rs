@@ -6,7 +6,8 @@ use bytemuck::{Pod, Zeroable};
 use super::kernels::{Recorder, groups_1d};
 use super::{GpuBuffer, GpuContext, GpuError, GpuMatrix};
 
-crate::wgsl_shader!(GEMM, "gemm");
+// Indices audited (gemm.wgsl's header): created without wgpu's index clamps (gpu/kernels.rs).
+crate::wgsl_shader!(GEMM, "gemm", indices_audited);
 crate::wgsl_shader!(ELEMENTWISE, "elementwise");
 crate::wgsl_shader!(MIRROR, "mirror");
 crate::wgsl_shader!(COL_DOT, "col_dot");
