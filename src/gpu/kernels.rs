@@ -98,20 +98,23 @@ impl KernelCache {
 fn runtime_checks(shader: &Shader) -> wgpu::ShaderRuntimeChecks {
     #[derive(Clone, Copy)]
     enum Mode {
-        Wgpu,
-        Default,
+        /// `GPTAQ_SHADER_CHECKS=default`: wgpu's own checks.
+        WgpuChecks,
+        /// Unset: no loop counters, no clamps in audited shaders.
+        Shipped,
+        /// `GPTAQ_SHADER_CHECKS=nochecks`: no loop counters, no clamps anywhere.
         NoChecks,
     }
     static MODE: std::sync::OnceLock<Mode> = std::sync::OnceLock::new();
     let mode = *MODE.get_or_init(|| match std::env::var("GPTAQ_SHADER_CHECKS").as_deref() {
-        Ok("default") => Mode::Wgpu,
+        Ok("default") => Mode::WgpuChecks,
         Ok("nochecks") => Mode::NoChecks,
-        _ => Mode::Default,
+        _ => Mode::Shipped,
     });
     let mut checks = wgpu::ShaderRuntimeChecks::checked();
     match mode {
-        Mode::Wgpu => {}
-        Mode::Default => {
+        Mode::WgpuChecks => {}
+        Mode::Shipped => {
             checks.force_loop_bounding = false;
             checks.bounds_checks = !shader.indices_audited;
         }
