@@ -614,11 +614,11 @@ fn gemm_skipping_zero_triangles_is_exact() {
     }
 }
 
-/// `gemm_mat_skip` with `upper = Some(shift)`: exactly the elements `row ≤ col + shift` of the C view are written, bit
-/// for bit as the plain GEMM writes them (and within f64 tolerance), every other stored element
-/// keeps its bits — for negative, zero, positive and out-of-range shifts, C (and the operands) in
-/// row panels with the view starting mid-panel, with and without declared zero triangles (GPTAQ's
-/// T: `Uᵀ` lower, shift `j0 − 1`).
+/// `gemm_mat_skip` with `upper = Some(shift)`: exactly the elements `row ≤ col + shift` of the C
+/// view are written, bit for bit as the plain GEMM writes them (and within f64 tolerance), every
+/// other stored element keeps its bits — for negative, zero, positive and out-of-range shifts, C
+/// (and the operands) in row panels with the view starting mid-panel, with and without declared
+/// zero triangles (GPTAQ's T: `Uᵀ` lower, shift `j0 − 1`).
 #[test]
 fn gemm_upper_shift_writes_exactly_the_shifted_triangle() {
     let Some(ctx) = test_context() else { return };

@@ -53,9 +53,9 @@ crate::wgsl_shader!(POTRF, "potrf");
 
 /// Columns per Cholesky block (`NB` in potrf.wgsl).
 const NB: usize = 32;
-/// Columns per outer panel of the Cholesky (a multiple of `NB`): its `NB`-wide blocks update only
-/// the panel's own rows, and the trailing matrix is updated once per panel with `k` = the panel
-/// width. `NB` (the default) is the plain one-level algorithm, bit for bit as before;
+/// Columns per outer panel of the Cholesky (rounded down to a multiple of `NB` by `cholesky`): its
+/// `NB`-wide blocks update only the panel's own rows, and the trailing matrix is updated once per
+/// panel with `k` = the panel width. `NB` (the default) is the plain one-level algorithm;
 /// `GPTAQ_CHOL_PANEL=128` (read once) tries the two-level one on a GPU machine. Why it may pay:
 /// updating the whole trailing matrix after every 32 columns reads and writes it n/32 times (at
 /// n = 14336, 448 rank-32 updates moving ≈ 120 GB by count), with 128-column panels a quarter as
@@ -69,7 +69,7 @@ fn outer_panel() -> usize {
         std::env::var("GPTAQ_CHOL_PANEL")
             .ok()
             .and_then(|v| v.parse::<usize>().ok())
-            .map_or(NB, |w| w.max(NB) / NB * NB)
+            .unwrap_or(NB)
     })
 }
 /// Most rows per chunk of the doubling inverse's `−B⁻¹·T`: smaller chunks skip more of `B⁻¹`'s
@@ -443,22 +443,10 @@ fn cholesky<'c>(
                     0.0,
                     l21.into(),
                 )?;
-                if outer == NB {
-                    // One level: K₂₂ −= L₂₁·L₂₁ᵀ on the whole upper triangle.
-                    ops::gemm_mat_upper(
-                        r,
-                        rest,
-                        NB,
-                        -1.0,
-                        l21.into(),
-                        l21.t().into(),
-                        1.0,
-                        k.op(j1, j1),
-                    )?;
-                } else if j1 < jend {
-                    // Two levels: K₂₂ −= L₂₁·L₂₁ᵀ only on the rows the panel's later blocks read
-                    // (up to jend, every column to their right, upper triangle); the rows below
-                    // wait for the panel's one update.
+                if j1 < jend {
+                    // Within the panel (two levels): K₂₂ −= L₂₁·L₂₁ᵀ only on the rows the
+                    // panel's later blocks read (up to jend, every column to their right, upper
+                    // triangle); the rows below wait for the panel's one update.
                     ops::gemm_mat_skip(
                         r,
                         jend - j1,
@@ -480,10 +468,11 @@ fn cholesky<'c>(
                 std::mem::replace(r, ctx.recorder()).submit();
             }
         }
-        // Two levels: the panel's update of the trailing matrix, with k = the panel width at
-        // once. Its L columns are in M by now, below the diagonal blocks (`copy_in` above; M is
-        // not K, so a GEMM may read it).
-        if outer > NB && jend < n {
+        // The panel's update of the trailing matrix, K −= L·Lᵀ with k = the panel width at once
+        // (with one-level panels, outer = NB, the plain rank-32 update after every block). Its L
+        // columns are in M by now, below the diagonal blocks (`copy_in` above; M is not K, so a
+        // GEMM may read it).
+        if jend < n {
             let lo = m.op(jend, j);
             ops::gemm_mat_upper(
                 rec,
@@ -504,6 +493,9 @@ fn cholesky<'c>(
 
 #[cfg(test)]
 mod tests {
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
     use super::{NB, upper_inverse_factor_panels};
 
     /// The Cholesky with outer panels (`GPTAQ_CHOL_PANEL`) against the f64 reference, with panels
@@ -515,7 +507,8 @@ mod tests {
         let Some(ctx) = crate::gpu::test_context() else {
             return Ok(());
         };
-        let mut next = crate::quant::test_uniform(0x2545_f491_4f6c_dd1du64);
+        let mut rng = ChaCha8Rng::seed_from_u64(0x2545_f491_4f6c_dd1du64);
+        let mut next = || rng.random_range(-1.0f64..1.0);
         // (n, outer panel width, panel cap in rows (0: one buffer))
         for &(n, outer, cap_rows) in &[
             (257usize, 128usize, 0usize),

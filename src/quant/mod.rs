@@ -215,15 +215,3 @@ pub enum QuantError {
         floor_attempts: usize,
     },
 }
-
-/// Uniform values in [−1, 1) from a xorshift64 generator: deterministic random matrices for the
-/// GPU-against-f64 unit tests of this module's submodules.
-#[cfg(test)]
-pub(crate) fn test_uniform(mut seed: u64) -> impl FnMut() -> f64 {
-    move || {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        (seed >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
-    }
-}
