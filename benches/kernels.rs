@@ -21,7 +21,8 @@
 //! host-to-GPU copy of W, 0.03 / 0.10 s per solve on session 25's H200 and the noisiest part of
 //! it, is not the solve's). With `GPTAQ_PROFILE=1` one synchronised solve per shape first
 //! prints its seconds per phase, and every timed solve is synchronised per phase too: take
-//! medians without it.
+//! medians without it. Both `inverse_factor` and `quant_solve` run with the buffer pool on, as the
+//! pipeline's solves do (`GPTAQ_BENCH_POOL_GIB`, default 32; 0 turns it off).
 //! `hessian_coop` (where cooperative matrices are granted) times the statistics' tensor-core
 //! products at the pipeline's shape: an n-wide input over `GPTAQ_BENCH_TOKENS` tokens (default
 //! 4·n), `Tn128Upper` (H) and `Tn128` (GPTAQ's D).
@@ -215,6 +216,10 @@ fn bench_kernels(c: &mut Criterion) {
         });
     }
     g.finish();
+    // The factor and the solves allocate their n×n work matrices per call; the pipeline draws
+    // them from its buffer pool (pipeline/driver.rs, `PoolScope`), as PyTorch's caching
+    // allocator does for the reference, so these groups time them the same way.
+    ctx.set_pool_limit(bench_pool_bytes());
     let mut g = c.benchmark_group("inverse_factor");
     g.sample_size(10);
     for n in sizes() {
@@ -284,6 +289,7 @@ fn bench_kernels(c: &mut Criterion) {
         }
     }
     g.finish();
+    ctx.set_pool_limit(0);
     let mut g = c.benchmark_group("attention");
     g.sample_size(10);
     let a = attn_shape();
@@ -377,6 +383,16 @@ fn attn_shape() -> AttnShape {
 }
 
 /// `r×n` shapes of the solve bench (`GPTAQ_BENCH_SOLVE`).
+/// The buffer pool's limit for `inverse_factor` and `quant_solve`: `GPTAQ_BENCH_POOL_GIB`
+/// (default 32; 0 allocates every buffer anew, as these benches did before session 26).
+fn bench_pool_bytes() -> u64 {
+    std::env::var("GPTAQ_BENCH_POOL_GIB")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(32)
+        << 30
+}
+
 fn solve_shapes() -> Vec<(usize, usize)> {
     let parse = |s: &str| -> Option<(usize, usize)> {
         let (r, n) = s.trim().split_once('x')?;

@@ -61,19 +61,20 @@ if [ -n "${KB:-}" ]; then
   grep -E "phases|^[a-z_]+/.*|time:" $D/kb.log | grep -v Benchmarking | cut -c1-300
 fi
 # Issue 5's solve side by side: SOLVE="4096x4096,4096x14336" times `kernels-bench quant_solve`
-# (unprofiled: GPTAQ_PROFILE would synchronise every phase) once per SOLVE_PBLOCKS entry (GPTAQ's P
-# column blocks, GPTAQ_P_BLOCKS: N equal blocks, "auto" the default widths; default "auto"), then
-# tools/torch_reference.py --bench on the same shapes. The `… codes` entries are the pipeline's
+# (unprofiled: GPTAQ_PROFILE would synchronise every phase) once per SOLVE_ENVS entry
+# (NAME:ENV1=a,ENV2=b, e.g. "base: nopool:GPTAQ_BENCH_POOL_GIB=0 chol128:GPTAQ_CHOL_PANEL=128
+# p4:GPTAQ_P_BLOCKS=4"; default "base:"), then tools/torch_reference.py --bench on the same shapes. The `… codes` entries are the pipeline's
 # solve (W on the GPU, no Q on the host); SOLVE_FILTER="quant_solve/.*codes" times only those.
 # CHOL="32 128": the factor's Cholesky panel (GPTAQ_CHOL_PANEL) A/B — one synchronised solve per
 # method, twice, at CHOL_SHAPE (default 4096x14336), printing its phases (read `factor`).
 if [ -n "${SOLVE:-}" ]; then
-  for pb in ${SOLVE_PBLOCKS:-auto}; do
-    GPTAQ_P_BLOCKS=$pb GPTAQ_BENCH_SOLVE=$SOLVE timeout ${SOLVE_LIM:-150} .device-carry/kernels-bench --bench \
-      --warm-up-time 1 --measurement-time 3 "${SOLVE_FILTER:-quant_solve}" > $D/solve_p$pb.log 2>&1
-    echo "== solve GPTAQ_P_BLOCKS=$pb"
+  for spec in ${SOLVE_ENVS:-base:}; do
+    IFS=: read -r name envs <<< "$spec"
+    env ${envs//,/ } GPTAQ_BENCH_SOLVE=$SOLVE timeout ${SOLVE_LIM:-150} .device-carry/kernels-bench --bench \
+      --warm-up-time 1 --measurement-time 3 "${SOLVE_FILTER:-quant_solve}" > $D/solve_$name.log 2>&1
+    echo "== solve $name ($envs)"
     awk '/^quant_solve\//{id=$0; sub(/ +time:.*/, "", id)} /time:/{t=$0; sub(/.*time: +/, "", t); print id, t}' \
-      $D/solve_p$pb.log
+      $D/solve_$name.log
   done
   timeout ${TORCH_LIM:-230} python3 tools/torch_reference.py --bench "$SOLVE" --out $D/torch_bench.json > $D/torch_bench.log 2>&1
   echo "== torch_bench rc=$?"; grep -E "^\[bench\]" $D/torch_bench.log
