@@ -402,6 +402,18 @@ impl GpuContext {
         Ok(())
     }
 
+    /// Blocks until the submission `index` (and those before it) has finished, then reports any
+    /// recorded error.
+    pub fn wait_for(&self, index: wgpu::SubmissionIndex) -> Result<(), GpuError> {
+        self.device
+            .poll(wgpu::PollType::Wait {
+                submission_index: Some(index),
+                timeout: None,
+            })
+            .map_err(|e| GpuError::DeviceLost(e.to_string()))?;
+        self.check()
+    }
+
     /// Blocks until all submitted work has finished, then reports any recorded error.
     pub fn sync(&self) -> Result<(), GpuError> {
         self.device

@@ -33,6 +33,17 @@ use crate::gpu::{GpuBuffer, GpuContext, GpuError, PendingRead, Recorder, ops};
 /// hidden state of one sequence).
 pub const MAX_PENDING_STORES: usize = 2;
 
+/// Host loads in flight per stream before the oldest is waited for. `queue.write_buffer` stages
+/// every load in a host-visible buffer of its own, freed only once the GPU has run the submission
+/// that copies it; where the adapter's host-visible memory is device memory (resizable BAR, as on
+/// the H100 / H200 servers) those buffers count in nvidia-smi though not in the memory plan. A
+/// pass with loads and no stores (the statistics) would otherwise queue every calibration
+/// sequence's upload ahead of the GPU: with `--gpu-memory 8` an 8B GPTAQ run peaked at 9,653 MiB
+/// in nvidia-smi with f32 host streams and 7,960 MiB with f16 ones, against 5,010–5,080 MiB of
+/// buffers (H200, BENCHMARKS.md session 26). Two keep the upload of the next batch overlapped with
+/// the current one's work.
+pub const MAX_PENDING_LOADS: usize = 2;
+
 /// A host batch's store in flight: the batch and its readback.
 enum PendingStore {
     F32(usize, PendingRead<f32>),
@@ -98,6 +109,8 @@ pub struct Stream {
     staging: Option<F16Staging>,
     /// Host stores whose readback is still in flight, oldest first.
     pending: VecDeque<PendingStore>,
+    /// The submissions carrying host loads still in flight, oldest first ([`MAX_PENDING_LOADS`]).
+    loads: VecDeque<wgpu::SubmissionIndex>,
 }
 
 /// Where a stream's batches are kept.
@@ -155,6 +168,7 @@ impl Stream {
             lens: lens.to_vec(),
             staging,
             pending: VecDeque::new(),
+            loads: VecDeque::new(),
         })
     }
 
@@ -185,6 +199,11 @@ impl Stream {
             }
         }
         Ok(())
+    }
+
+    /// Host loads in flight (tests).
+    pub fn pending_loads(&self) -> usize {
+        self.loads.len()
     }
 
     /// Completes every pending store (the host copies are then current).
@@ -278,6 +297,7 @@ impl Stream {
             Some(Chunk::HostF32(v)) => {
                 rec.submit();
                 ctx.write(work, 0, v);
+                bound_loads(&mut self.loads, ctx)?;
                 Ok(ctx.recorder())
             }
             // The packed words go to the staging buffer the same way (the write is ordered before
@@ -291,6 +311,7 @@ impl Stream {
                     ));
                 };
                 ctx.write(words, 0, v);
+                bound_loads(&mut self.loads, ctx)?;
                 let mut rec = ctx.recorder();
                 ops::unpack_f16(&mut rec, words, self.lens[b], work)?;
                 Ok(rec)
@@ -372,6 +393,22 @@ fn pack_host(data: &[f32], out: &mut [u32]) -> bool {
         *w = lo | (hi << 16);
     }
     over
+}
+
+/// Submits the host load just queued with `ctx.write` (in an otherwise empty submission: the
+/// write runs before it) and waits for the oldest of `loads` beyond [`MAX_PENDING_LOADS`], so that
+/// their staging memory is released.
+fn bound_loads(
+    loads: &mut VecDeque<wgpu::SubmissionIndex>,
+    ctx: &GpuContext,
+) -> Result<(), GpuError> {
+    loads.push_back(ctx.recorder().submit());
+    while loads.len() > MAX_PENDING_LOADS {
+        if let Some(index) = loads.pop_front() {
+            ctx.wait_for(index)?;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -562,6 +599,16 @@ mod tests {
                     &want,
                 );
             }
+            // Five host loads, of which at most MAX_PENDING_LOADS are left unwaited for.
+            assert_eq!(
+                s.pending_loads(),
+                if matches!(placement, Placement::Gpu | Placement::GpuF16) {
+                    0
+                } else {
+                    MAX_PENDING_LOADS
+                },
+                "{placement:?}: loads in flight after five"
+            );
             s.flush(&ctx)?;
             assert_eq!(s.pending_stores(), 0, "{placement:?}: flush left stores");
         }

@@ -12,11 +12,11 @@
 //!    block in workgroup memory and writes only its inverse `L₁₁⁻¹` (into M's diagonal block), the
 //!    block column is `L₂₁ = K₂₁·L₁₁⁻ᵀ` (a GEMM with the block inverse, into a scratch buffer) and
 //!    is copied below the diagonal block of M. The update `K₂₂ −= L₂₁·L₂₁ᵀ` (upper triangle only,
-//!    half the flops) follows each block; with `GPTAQ_CHOL_PANEL=128` (an experiment, not the
-//!    default: `outer_panel` says why) it is split in two levels: within an outer panel of 128
-//!    columns each block updates only the panel's later rows (`gemm_mat_skip` with `upper`), and the
-//!    trailing matrix below the panel gets the panel's four blocks at once, `K −= L·Lᵀ` with
-//!    k = 128 read from M (`gemm_mat_upper`) — a quarter of the passes over it. A failed pivot
+//!    half the flops) follows each block; from n = 8192 on (`outer_panel` says why, with the
+//!    measurements) it is split in two levels: within an outer panel of 128 columns each block
+//!    updates only the panel's later rows (`gemm_mat_skip` with `upper`), and the trailing matrix
+//!    below the panel gets the panel's four blocks at once, `K −= L·Lᵀ` with k = 128 read from M
+//!    (`gemm_mat_upper`) — a quarter of the passes over it. A failed pivot
 //!    sets a flag; the host reads the two-word flag once per attempt — the only readback of the
 //!    factorisation.
 //!
@@ -53,23 +53,33 @@ crate::wgsl_shader!(POTRF, "potrf");
 
 /// Columns per Cholesky block (`NB` in potrf.wgsl).
 const NB: usize = 32;
-/// Columns per outer panel of the Cholesky (rounded down to a multiple of `NB` by `cholesky`): its
-/// `NB`-wide blocks update only the panel's own rows, and the trailing matrix is updated once per
-/// panel with `k` = the panel width. `NB` (the default) is the plain one-level algorithm;
-/// `GPTAQ_CHOL_PANEL=128` (read once) tries the two-level one on a GPU machine. Why it may pay:
-/// updating the whole trailing matrix after every 32 columns reads and writes it n/32 times (at
-/// n = 14336, 448 rank-32 updates moving ≈ 120 GB by count), with 128-column panels a quarter as
-/// often, in larger GEMMs; on lavapipe the whole factor at n = 2048 took 1.22 instead of 1.40 s.
-/// Why it is not the default: no GPU has timed it yet, and its f32 round-off is about twice the
-/// one-level algorithm's (max |ΔU| / max |U| against f64 3.2–3.6e-7 instead of 1.9–2.4e-7 at
-/// n = 300–1024; BENCHMARKS.md session 24).
-fn outer_panel() -> usize {
-    static OUTER: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *OUTER.get_or_init(|| {
+/// Outer panel width of the two-level Cholesky, used from [`TWO_LEVEL_MIN_N`] columns on.
+const OUTER_PANEL: usize = 128;
+/// From this many columns on the Cholesky runs in two levels (`outer_panel`).
+const TWO_LEVEL_MIN_N: usize = 8192;
+/// Columns per outer panel of the Cholesky for an n×n matrix (rounded down to a multiple of `NB`
+/// by `cholesky`): its `NB`-wide blocks update only the panel's own rows, and the trailing matrix
+/// is updated once per panel with `k` = the panel width. `NB` is the plain one-level algorithm.
+/// Why two levels pay on large matrices: updating the whole trailing matrix after every 32
+/// columns reads and writes it n/32 times (at n = 14336, 448 rank-32 updates moving ≈ 120 GB by
+/// count), with 128-column panels a quarter as often, in larger GEMMs. Measured on an H200
+/// (BENCHMARKS.md, session 26): the 4096 × 14336 solve 456 → 426 ms (GPTQ) and 556 → 512 ms
+/// (GPTAQ), the 8B layer's factors 0.38 → 0.29 s; but at n = 4096 the solves took 95 → 103 and
+/// 98 → 117 ms (256-column panels: no better), hence one level below [`TWO_LEVEL_MIN_N`]. Its f32
+/// round-off is about 1.5× the one-level algorithm's (max |ΔU| / max |U| against f64 3.2–3.6e-7
+/// instead of 1.9–2.4e-7 at n = 300–1024; BENCHMARKS.md session 24), far inside the solve's
+/// tolerances. `GPTAQ_CHOL_PANEL=W` (read once) forces W for every size, for A/B runs.
+fn outer_panel(n: usize) -> usize {
+    static FORCED: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    let forced = *FORCED.get_or_init(|| {
         std::env::var("GPTAQ_CHOL_PANEL")
             .ok()
             .and_then(|v| v.parse::<usize>().ok())
-            .unwrap_or(NB)
+    });
+    forced.unwrap_or(if n >= TWO_LEVEL_MIN_N {
+        OUTER_PANEL
+    } else {
+        NB
     })
 }
 /// Most rows per chunk of the doubling inverse's `−B⁻¹·T`: smaller chunks skip more of `B⁻¹`'s
@@ -184,7 +194,7 @@ pub fn upper_inverse_factor_gpu(
         damp_percent,
         damp_auto_increment,
         align,
-        outer_panel(),
+        outer_panel(diag.len()),
     )
 }
 
