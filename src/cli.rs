@@ -629,6 +629,13 @@ fn quantize(gpu: &GpuArgs, args: &QuantizeArgs) -> anyhow::Result<()> {
         r.peak_gpu_bytes as f64 / (1u64 << 20) as f64,
         r.peak_reserved_bytes as f64 / (1u64 << 20) as f64
     );
+    if let (Some(alloc), Some(staging)) = (r.peak_allocator_bytes, r.peak_staging_bytes) {
+        eprintln!(
+            "wgpu's allocator held up to {:.1} MiB where sampled, {:.1} MiB of it upload staging",
+            alloc as f64 / (1u64 << 20) as f64,
+            staging as f64 / (1u64 << 20) as f64
+        );
+    }
     if let Some(path) = &args.report {
         let json = serde_json::to_string_pretty(r)?;
         std::fs::write(path, json)

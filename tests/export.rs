@@ -241,6 +241,8 @@ fn report(cfg: &QuantConfig) -> RunReport {
         layers: Vec::new(),
         peak_gpu_bytes: 0,
         peak_reserved_bytes: 0,
+        peak_allocator_bytes: None,
+        peak_staging_bytes: None,
         secs: 0.0,
         warnings: Vec::new(),
     }

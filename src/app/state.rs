@@ -1030,8 +1030,9 @@ pub struct EvalRow {
 }
 
 /// A finished run's status line: its time and what it held on the GPU (the live peak, which the
-/// memory plan bounds; the peak with the freed buffers kept for reuse, which nvidia-smi sees; the
-/// plan's estimate). Reports saved before these were measured show the time only.
+/// memory plan bounds; the peak with the freed buffers kept for reuse; wgpu's allocator where
+/// sampled higher, its upload staging included, which nvidia-smi sees too; the plan's estimate).
+/// Reports saved before these were measured show the time only.
 fn finished_status(r: &RunReport) -> String {
     use crate::model::inspect::format_bytes;
     let mut line = format!("finished in {:.1} s", r.secs);
@@ -1042,6 +1043,12 @@ fn finished_status(r: &RunReport) -> String {
                 " ({} with the buffers kept for reuse)",
                 format_bytes(r.peak_reserved_bytes)
             );
+        }
+        if let Some(a) = r.peak_allocator_bytes
+            && a > r.peak_reserved_bytes
+        {
+            // Upload staging and wgpu's own buffers, which nvidia-smi counts too.
+            line += &format!(", wgpu's allocator {}", format_bytes(a));
         }
         if r.plan.gpu_bytes_estimate > 0 {
             line += &format!(", plan {}", format_bytes(r.plan.gpu_bytes_estimate));
@@ -1146,6 +1153,8 @@ pub(crate) mod tests {
             layers: vec![],
             peak_gpu_bytes: 0,
             peak_reserved_bytes: 0,
+            peak_allocator_bytes: None,
+            peak_staging_bytes: None,
             secs: 1.0,
             warnings: vec![],
         };
@@ -1154,6 +1163,7 @@ pub(crate) mod tests {
         measured.peak_gpu_bytes = 3 << 30;
         measured.peak_reserved_bytes = 5 << 30;
         measured.plan.gpu_bytes_estimate = 4 << 30;
+        measured.peak_allocator_bytes = Some(6 << 30);
         s.apply(RunSlot::Gptaq, Event::Finished(Box::new(measured)));
         // The status tells the time and, where measured, the memory.
         assert_eq!(
@@ -1161,7 +1171,7 @@ pub(crate) mod tests {
             (
                 "finished in 1.0 s",
                 "finished in 1.0 s; peak GPU memory 3.0 GiB (5.0 GiB with the buffers kept for \
-                 reuse), plan 4.0 GiB"
+                 reuse), wgpu's allocator 6.0 GiB, plan 4.0 GiB"
             )
         );
         s.end();

@@ -16,6 +16,10 @@ use super::context::{GpuContext, GpuError};
 /// `alloc_scoped`).
 const RECLAIM_BEFORE_BYTES: u64 = 64 << 20;
 
+/// The label wgpu-core gives its upload staging buffers (`queue.write_buffer`, buffers created
+/// with data), as its allocator report names them.
+const WGPU_STAGING_LABEL: &str = "(wgpu internal) Staging";
+
 /// Freed buffers from this size on may be kept for reuse ([`GpuContext::set_pool_limit`]).
 const POOL_MIN_BYTES: u64 = 1 << 20;
 
@@ -36,6 +40,12 @@ struct MemInner {
     /// (`now − pooled`): PyTorch's "allocated" beside `peak`'s "reserved".
     pooled: AtomicU64,
     peak_live: AtomicU64,
+    /// The highest sampled bytes reserved by wgpu's own allocator (every buffer, wgpu's upload
+    /// staging included) and of its upload staging alone; `sampled` once any sample came back
+    /// (`GpuContext::sample_allocator`).
+    peak_allocator: AtomicU64,
+    peak_staging: AtomicU64,
+    sampled: std::sync::atomic::AtomicBool,
     /// Recorders open (created, neither submitted nor dropped) on any thread.
     open: AtomicUsize,
     pool: Mutex<Pool>,
@@ -110,6 +120,26 @@ impl MemCounter {
         let now = self.inner.now.load(Ordering::Relaxed);
         self.inner.peak.store(now, Ordering::Relaxed);
         self.inner.peak_live.store(self.live(), Ordering::Relaxed);
+        self.inner.peak_allocator.store(0, Ordering::Relaxed);
+        self.inner.peak_staging.store(0, Ordering::Relaxed);
+    }
+    fn note_allocator(&self, reserved: u64, staging: u64) {
+        self.inner
+            .peak_allocator
+            .fetch_max(reserved, Ordering::Relaxed);
+        self.inner
+            .peak_staging
+            .fetch_max(staging, Ordering::Relaxed);
+        self.inner.sampled.store(true, Ordering::Relaxed);
+    }
+    /// The sampled peaks of wgpu's allocator and of its upload staging, if any sample came back.
+    pub(crate) fn allocator_peak(&self) -> Option<(u64, u64)> {
+        self.inner.sampled.load(Ordering::Relaxed).then(|| {
+            (
+                self.inner.peak_allocator.load(Ordering::Relaxed),
+                self.inner.peak_staging.load(Ordering::Relaxed),
+            )
+        })
     }
 
     /// A recorder was opened; the guard closes it when dropped.
@@ -318,7 +348,45 @@ impl GpuContext {
             }
         }
         self.mem.add(buffer.size());
+        if bytes >= RECLAIM_BEFORE_BYTES {
+            // A large upload's staging copy is alive until the next submission: sample now.
+            self.sample_allocator();
+        }
         Ok(buffer)
+    }
+
+    /// Samples wgpu's own allocator (where the backend reports it: Vulkan, DX12): the bytes its
+    /// memory blocks reserve — every buffer, pooled ones, wgpu's internal ones and the host-visible
+    /// staging of `queue.write_buffer` and of buffers created with data — and the staging alone,
+    /// into the peaks of [`GpuContext::allocator_peak`]. Staging is what the application's count
+    /// misses: where host-visible memory is device memory (resizable BAR, as on the H100 / H200
+    /// servers) nvidia-smi counts it. Sampled after large allocations and on every host stream
+    /// load, so the peak is a lower bound of the true one. Costs one walk over the allocator's
+    /// allocations.
+    pub fn sample_allocator(&self) {
+        if let Some((reserved, staging)) = self.allocator_now() {
+            self.mem.note_allocator(reserved, staging);
+        }
+    }
+
+    /// Bytes reserved by wgpu's allocator now and those of its upload staging
+    /// ([`GpuContext::sample_allocator`]); `None` where the backend gives no report.
+    pub fn allocator_now(&self) -> Option<(u64, u64)> {
+        let report = self.device.generate_allocator_report()?;
+        let staging = report
+            .allocations
+            .iter()
+            .filter(|a| a.name == WGPU_STAGING_LABEL)
+            .map(|a| a.size)
+            .sum();
+        Some((report.total_reserved_bytes, staging))
+    }
+
+    /// The highest sampled bytes reserved by wgpu's allocator and of its upload staging since the
+    /// context was created or [`GpuContext::reset_peak`] ([`GpuContext::sample_allocator`]);
+    /// `None` where the backend gives no allocator report (Metal, GL) or nothing was sampled.
+    pub fn allocator_peak(&self) -> Option<(u64, u64)> {
+        self.mem.allocator_peak()
     }
 
     /// Keeps freed buffers of 1 MiB and more for reuse while live plus pooled bytes stay within

@@ -1012,6 +1012,8 @@ fn run_report(
 ) -> RunReport {
     let (_, peak_reserved) = ctx.memory();
     let (_, peak) = ctx.allocated();
+    ctx.sample_allocator();
+    let allocator = ctx.allocator_peak();
     RunReport {
         model: prep.model_name.clone(),
         method: cfg.quant.method.name().into(),
@@ -1026,6 +1028,8 @@ fn run_report(
         layers,
         peak_gpu_bytes: peak,
         peak_reserved_bytes: peak_reserved,
+        peak_allocator_bytes: allocator.map(|a| a.0),
+        peak_staging_bytes: allocator.map(|a| a.1),
         secs: t0.elapsed().as_secs_f64(),
         warnings,
     }

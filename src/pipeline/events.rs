@@ -118,6 +118,14 @@ pub struct RunReport {
     /// this plus the driver's own overhead.
     #[serde(default)]
     pub peak_reserved_bytes: u64,
+    /// The highest sampled bytes reserved by wgpu's own allocator (our buffers, wgpu's internal
+    /// ones and its upload staging; `GpuContext::sample_allocator`), where the backend reports
+    /// it: closer to nvidia-smi than `peak_reserved_bytes`, which misses the staging.
+    #[serde(default)]
+    pub peak_allocator_bytes: Option<u64>,
+    /// The highest sampled bytes of wgpu's upload staging alone.
+    #[serde(default)]
+    pub peak_staging_bytes: Option<u64>,
     pub secs: f64,
     pub warnings: Vec<String>,
 }
