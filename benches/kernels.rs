@@ -382,7 +382,6 @@ fn attn_shape() -> AttnShape {
         })
 }
 
-/// `r×n` shapes of the solve bench (`GPTAQ_BENCH_SOLVE`).
 /// The buffer pool's limit for `inverse_factor` and `quant_solve`: `GPTAQ_BENCH_POOL_GIB`
 /// (default 32; 0 allocates every buffer anew, as these benches did before session 26).
 fn bench_pool_bytes() -> u64 {
@@ -393,6 +392,7 @@ fn bench_pool_bytes() -> u64 {
         << 30
 }
 
+/// `r×n` shapes of the solve bench (`GPTAQ_BENCH_SOLVE`).
 fn solve_shapes() -> Vec<(usize, usize)> {
     let parse = |s: &str| -> Option<(usize, usize)> {
         let (r, n) = s.trim().split_once('x')?;

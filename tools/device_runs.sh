@@ -63,8 +63,9 @@ fi
 # Issue 5's solve side by side: SOLVE="4096x4096,4096x14336" times `kernels-bench quant_solve`
 # (unprofiled: GPTAQ_PROFILE would synchronise every phase) once per SOLVE_ENVS entry
 # (NAME:ENV1=a,ENV2=b, e.g. "base: nopool:GPTAQ_BENCH_POOL_GIB=0 chol128:GPTAQ_CHOL_PANEL=128
-# p4:GPTAQ_P_BLOCKS=4"; default "base:"), then tools/torch_reference.py --bench on the same shapes. The `… codes` entries are the pipeline's
-# solve (W on the GPU, no Q on the host); SOLVE_FILTER="quant_solve/.*codes" times only those.
+# p4:GPTAQ_P_BLOCKS=4"; default "base:"), then tools/torch_reference.py --bench on the same
+# shapes. The `… codes` entries are the pipeline's solve (W on the GPU, no Q on the host);
+# SOLVE_FILTER="quant_solve/.*codes" times only those.
 # CHOL="32 128": the factor's Cholesky panel (GPTAQ_CHOL_PANEL) A/B — one synchronised solve per
 # method, twice, at CHOL_SHAPE (default 4096x14336), printing its phases (read `factor`).
 if [ -n "${SOLVE:-}" ]; then

@@ -16,9 +16,8 @@
 //!    measurements) it is split in two levels: within an outer panel of 128 columns each block
 //!    updates only the panel's later rows (`gemm_mat_skip` with `upper`), and the trailing matrix
 //!    below the panel gets the panel's four blocks at once, `K −= L·Lᵀ` with k = 128 read from M
-//!    (`gemm_mat_upper`) — a quarter of the passes over it. A failed pivot
-//!    sets a flag; the host reads the two-word flag once per attempt — the only readback of the
-//!    factorisation.
+//!    (`gemm_mat_upper`) — a quarter of the passes over it. A failed pivot sets a flag; the host
+//!    reads the two-word flag once per attempt — the only readback of the factorisation.
 //!
 //! After a successful attempt, `L⁻¹` by recursive doubling, in place in M: for block sizes
 //! `b = 32, 64, …` every pair `[A 0; C B]` of neighbouring diagonal blocks (M holds `A⁻¹`, `B⁻¹`
@@ -508,10 +507,10 @@ mod tests {
 
     use super::{NB, upper_inverse_factor_panels};
 
-    /// The Cholesky with outer panels (`GPTAQ_CHOL_PANEL`) against the f64 reference, with panels
-    /// wider than, equal to and not a power-of-two multiple of the 32-column blocks, sizes that end
-    /// mid-panel and matrices in row panels; the default (`NB`-wide panels) is the one-level
-    /// algorithm that tests/quant_gpu.rs checks.
+    /// The Cholesky with outer panels (the default from n = 8192, `GPTAQ_CHOL_PANEL`) against the
+    /// f64 reference, with panels wider than, equal to and not a power-of-two multiple of the
+    /// 32-column blocks, sizes that end mid-panel and matrices in row panels; below n = 8192 the
+    /// default (`NB`-wide panels) is the one-level algorithm that tests/quant_gpu.rs checks.
     #[test]
     fn two_level_cholesky_matches_f64() -> Result<(), Box<dyn std::error::Error>> {
         let Some(ctx) = crate::gpu::test_context() else {
