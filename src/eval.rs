@@ -164,7 +164,7 @@ pub fn perplexity(
     let mut stream = Stream::new(ctx, "eval hidden", &lens, placement)?;
     for (b, r) in batches.iter().enumerate() {
         let ids: Vec<u32> = windows[r.clone()].iter().flatten().copied().collect();
-        stream.set_host(ctx, b, &source.embed(&ids)?);
+        stream.set_host(ctx, b, &source.embed(&ids)?)?;
     }
     let max_tokens = bs * seqlen;
     let rope = Rope::new(ctx, &cfg, seqlen)?;

@@ -288,9 +288,9 @@ pub fn quantize(
             .source
             .embed(&ids)
             .map_err(|e| PipelineError::Input(e.to_string()))?;
-        hq.set_host(ctx, b, &emb);
+        hq.set_host(ctx, b, &emb)?;
         if let Some(s) = hfp.as_mut() {
-            s.set_host(ctx, b, &emb);
+            s.set_host(ctx, b, &emb)?;
         }
     }
 

@@ -228,11 +228,16 @@ impl Stream {
     }
 
     /// Sets batch `b` from host data (used once, for the embeddings). A store of `b` still in
-    /// flight is abandoned: this data replaces it.
-    pub fn set_host(&mut self, ctx: &GpuContext, b: usize, data: &[f32]) {
+    /// flight is abandoned: this data replaces it. Writes to GPU batches count as loads in flight
+    /// ([`MAX_PENDING_LOADS`]): filling a GPU-resident stream of 128 × 2048 tokens of an 8B model
+    /// would otherwise stage all its 4 GiB at once before the first submission.
+    pub fn set_host(&mut self, ctx: &GpuContext, b: usize, data: &[f32]) -> Result<(), GpuError> {
         self.pending.retain(|p| p.batch() != b);
         match self.chunks.get_mut(b) {
-            Some(Chunk::Gpu(buf)) => ctx.write(buf, 0, data),
+            Some(Chunk::Gpu(buf)) => {
+                ctx.write(buf, 0, data);
+                bound_loads(&mut self.loads, ctx)?;
+            }
             Some(Chunk::HostF32(v)) => v.copy_from_slice(data),
             // The CPU's f32 → f16 (`half`, round to nearest even) into the layout pack_f16 writes,
             // with the GPU's out-of-range rule, so both report alike.
@@ -251,9 +256,11 @@ impl Stream {
                     ctx.write(&st.flag, 0, &[1u32]);
                 }
                 ctx.write(buf, 0, &words);
+                bound_loads(&mut self.loads, ctx)?;
             }
             None => {}
         }
+        Ok(())
     }
 
     /// Whether a value beyond f16's range (or NaN) was stored since the last call, and clears the
@@ -487,7 +494,7 @@ mod tests {
                 .map(|(b, &l)| values(l, b, 3.0))
                 .collect();
             for (b, e) in embs.iter().enumerate() {
-                s.set_host(&ctx, b, e);
+                s.set_host(&ctx, b, e)?;
             }
             for (b, e) in embs.iter().enumerate() {
                 let got = load_all(&ctx, &mut s, b, &work)?;
@@ -633,15 +640,11 @@ mod tests {
         let k = 384;
         let busy = ctx.upload("busy", &values(k * k, 7, 1.0))?;
         let busy_out = ctx.zeros::<f32>("busy out", k * k)?;
-        for dtype in [StreamDType::F32, StreamDType::F16] {
-            let mut s = Stream::new(&ctx, "test", &lens, Placement::Host(dtype))?;
-            for b in 0..lens.len() {
-                s.set_host(&ctx, b, &values(len, b, 2.0));
-            }
-            // Keep the GPU busy first, so that every load queues behind this work: on a GPU that
-            // runs submissions asynchronously, all eight uploads' staging would then be alive at
-            // once without the bound. (Lavapipe had freed each one by the next load even without
-            // it, so there only the count of loads in flight tells.)
+        // Keeps the GPU busy, so that the uploads recorded next queue behind this work: on a GPU
+        // that runs submissions asynchronously, all eight uploads' staging would then be alive at
+        // once without the bound. (Lavapipe had freed each one by the next upload even without
+        // it, so there only the count of uploads in flight tells.)
+        let busy_gpu = || -> Result<Recorder<'_>, GpuError> {
             let mut rec = ctx.recorder();
             ops::gemm(
                 &mut rec,
@@ -654,22 +657,52 @@ mod tests {
                 0.0,
                 ops::MatView::new(&busy_out, k),
             )?;
+            Ok(rec)
+        };
+        let check = |s: &Stream, what: String| {
+            assert!(s.pending_loads() <= MAX_PENDING_LOADS, "{what}");
+            if let Some((_, staging)) = ctx.allocator_now() {
+                assert!(
+                    staging <= MAX_PENDING_LOADS as u64 * batch_bytes,
+                    "{what}: {staging} bytes of upload staging alive, more than \
+                     {MAX_PENDING_LOADS} uploads of {batch_bytes}"
+                );
+            }
+        };
+        for dtype in [StreamDType::F32, StreamDType::F16] {
+            let mut s = Stream::new(&ctx, "test", &lens, Placement::Host(dtype))?;
+            for b in 0..lens.len() {
+                s.set_host(&ctx, b, &values(len, b, 2.0))?;
+            }
+            let mut rec = busy_gpu()?;
             for b in 0..lens.len() {
                 rec = s.load(rec, b, &work)?;
-                assert!(
-                    s.pending_loads() <= MAX_PENDING_LOADS,
-                    "{dtype:?} batch {b}"
-                );
-                if let Some((_, staging)) = ctx.allocator_now() {
-                    assert!(
-                        staging <= MAX_PENDING_LOADS as u64 * batch_bytes,
-                        "{dtype:?} after loading batch {b}: {staging} bytes of upload staging \
-                         alive, more than {MAX_PENDING_LOADS} loads of {batch_bytes}"
-                    );
-                }
+                check(&s, format!("{dtype:?} host stream after loading batch {b}"));
             }
             rec.submit();
             ctx.sync()?;
+        }
+        // Filling a GPU-resident stream from the host (the embeddings) is bounded the same way.
+        for placement in [Placement::Gpu, Placement::GpuF16] {
+            let mut s = Stream::new(&ctx, "test", &lens, placement)?;
+            busy_gpu()?.submit();
+            for b in 0..lens.len() {
+                s.set_host(&ctx, b, &values(len, b, 2.0))?;
+                check(&s, format!("{placement:?} stream after setting batch {b}"));
+            }
+            ctx.sync()?;
+            let got = load_all(&ctx, &mut s, 3, &work)?;
+            let want = values(len, 3, 2.0);
+            let want = if placement.is_f16() {
+                rounded(&want)
+            } else {
+                want
+            };
+            assert_bits(
+                &format!("{placement:?} batch 3 after set_host"),
+                &got,
+                &want,
+            );
         }
         if let Some((reserved, _)) = ctx.allocator_peak() {
             let (_, ours) = ctx.memory();
@@ -729,7 +762,7 @@ mod tests {
                 "{placement:?}: in-range store reported overflow"
             );
             // The host path (embeddings) follows the same rule.
-            s.set_host(&ctx, 0, &v);
+            s.set_host(&ctx, 0, &v)?;
             assert!(
                 s.overflowed(&ctx)?,
                 "{placement:?}: set_host of 1e5 was not reported"
@@ -749,7 +782,7 @@ mod tests {
         v[300] = 1e5;
         for placement in [Placement::Gpu, Placement::Host(StreamDType::F32)] {
             let mut s = Stream::new(&ctx, "test", &[len], placement)?;
-            s.set_host(&ctx, 0, &v);
+            s.set_host(&ctx, 0, &v)?;
             let rec = s.store(ctx.recorder(), 0, &work)?;
             rec.submit();
             assert!(!s.overflowed(&ctx)?, "{placement:?} reported f16 overflow");
