@@ -735,6 +735,20 @@ fn f16_stream_overflow_is_reported_per_layer() {
             &AtomicBool::new(false),
         )
         .unwrap();
+        // wgpu's allocator, sampled on every host load where the backend reports it: the upload
+        // staging alive at once stays within MAX_PENDING_LOADS (+ the one just queued) f32 batches
+        // per stream (both streams of GPTAQ), plus the per-dispatch parameter blocks.
+        if let (Some(alloc), Some(staging)) =
+            (q.report.peak_allocator_bytes, q.report.peak_staging_bytes)
+        {
+            let hidden = inputs.source.config().hidden_size as u64;
+            let batch = (q.report.plan.batch_sequences * j.config.seqlen) as u64 * hidden * 4;
+            let bound = 2 * (gptaq_studio::pipeline::stream::MAX_PENDING_LOADS as u64 + 1) * batch;
+            assert!(
+                staging <= bound + (1 << 20) && staging <= alloc,
+                "{dtype:?}: {staging} B of upload staging (bound {bound} B), allocator {alloc} B"
+            );
+        }
         let f16_warnings: Vec<&String> = q
             .report
             .warnings
