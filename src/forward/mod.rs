@@ -217,6 +217,18 @@ impl GpuLayer {
         cfg: &ModelConfig,
         lw: &LayerWeights,
     ) -> Result<Self, GpuError> {
+        Self::upload_with(ctx, cfg, lw, false)
+    }
+
+    /// [`GpuLayer::upload`], the linears' weights through [`GpuContext::upload_paced`] when
+    /// `paced` (bounded staging memory; blocks while the GPU works through what was queued
+    /// before).
+    pub fn upload_with(
+        ctx: &GpuContext,
+        cfg: &ModelConfig,
+        lw: &LayerWeights,
+        paced: bool,
+    ) -> Result<Self, GpuError> {
         let dims = LayerDims::of(cfg);
         dims.check()?;
         let mut linears = Vec::with_capacity(7);
@@ -231,7 +243,11 @@ impl GpuLayer {
                     lin.weight.len()
                 )));
             }
-            linears.push(ctx.upload(m.hf_name(), &lin.weight)?);
+            linears.push(if paced {
+                ctx.upload_paced(m.hf_name(), &lin.weight)?
+            } else {
+                ctx.upload(m.hf_name(), &lin.weight)?
+            });
             biases.push(match &lin.bias {
                 Some(b) if b.len() == rows => Some(ctx.upload("bias", b)?),
                 Some(b) => {

@@ -20,6 +20,10 @@ const RECLAIM_BEFORE_BYTES: u64 = 64 << 20;
 /// with data), as its allocator report names them.
 const WGPU_STAGING_LABEL: &str = "(wgpu internal) Staging";
 
+/// Chunk of a paced upload ([`GpuContext::upload_paced`]) and how many may be in flight.
+const PACED_CHUNK_BYTES: usize = 32 << 20;
+const PACED_IN_FLIGHT: usize = 2;
+
 /// Freed buffers from this size on may be kept for reuse ([`GpuContext::set_pool_limit`]).
 const POOL_MIN_BYTES: u64 = 1 << 20;
 
@@ -490,6 +494,46 @@ impl GpuContext {
         })
     }
 
+    /// [`GpuContext::upload`] for large data without its full-size staging copy: `upload` (like
+    /// `create_buffer_init` and `queue.write_buffer`) stages all of `data` in host-visible memory
+    /// until the GPU has copied it — device memory that nvidia-smi counts on resizable-BAR
+    /// machines, outside the memory plan (an 8B layer's next weights: ≈ 0.9 GB). This writes
+    /// 32 MiB chunks, each in a submission of its own, and waits for the oldest beyond two in
+    /// flight, so at most ≈ 96 MiB is staged at once. The waits follow the GPU through the work
+    /// queued before, so call it where blocking is harmless (the pipeline's upload thread, when
+    /// the budget is tight); small data goes through `upload`.
+    pub fn upload_paced<T: Pod>(&self, what: &str, data: &[T]) -> Result<GpuBuffer<T>, GpuError> {
+        self.upload_paced_with(what, data, PACED_CHUNK_BYTES)
+    }
+
+    pub(crate) fn upload_paced_with<T: Pod>(
+        &self,
+        what: &str,
+        data: &[T],
+        chunk_bytes: usize,
+    ) -> Result<GpuBuffer<T>, GpuError> {
+        let raw: &[u8] = bytemuck::cast_slice(data);
+        // Copies move whole 4-byte words.
+        let chunk_bytes = chunk_bytes.max(4) / 4 * 4;
+        if raw.len() <= chunk_bytes || !raw.len().is_multiple_of(4) {
+            return self.upload(what, data);
+        }
+        let buf = self.zeros::<T>(what, data.len())?;
+        let mut in_flight = std::collections::VecDeque::with_capacity(PACED_IN_FLIGHT + 1);
+        for (i, chunk) in raw.chunks(chunk_bytes).enumerate() {
+            self.queue
+                .write_buffer(&buf.buffer, (i * chunk_bytes) as u64, chunk);
+            in_flight.push_back(self.recorder().submit());
+            self.sample_allocator();
+            while in_flight.len() > PACED_IN_FLIGHT {
+                if let Some(index) = in_flight.pop_front() {
+                    self.wait_for(index)?;
+                }
+            }
+        }
+        Ok(buf)
+    }
+
     /// Overwrites the start of `dst` with `data` (queued; ordered before later submissions).
     pub fn write<T: Pod>(&self, dst: &GpuBuffer<T>, offset_elems: usize, data: &[T]) {
         let raw: &[u8] = bytemuck::cast_slice(data);
@@ -630,5 +674,62 @@ impl GpuContext {
             len as u64 * e,
         );
         self.queue.submit([enc.finish()]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// A paced upload equals the plain one bit for bit, with chunks that do not divide the data
+    /// (and data no larger than a chunk taking the plain path), and leaves at most
+    /// `PACED_IN_FLIGHT` chunks of staging alive where the backend reports it — also when the
+    /// uploads queue behind GPU work.
+    #[test]
+    fn paced_upload_equals_upload_with_bounded_staging() -> Result<(), Box<dyn std::error::Error>> {
+        let Some(ctx) = crate::gpu::test_context() else {
+            return Ok(());
+        };
+        let k = 256;
+        let busy = ctx.upload("busy", &vec![0.5f32; k * k])?;
+        let busy_out = ctx.zeros::<f32>("busy out", k * k)?;
+        for (len, chunk_bytes) in [
+            (40_001usize, 4096usize),
+            (1000, 4096),
+            (12_288, 4096),
+            (7, 8),
+        ] {
+            let data: Vec<f32> = (0..len).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
+            let mut rec = ctx.recorder();
+            crate::gpu::ops::gemm(
+                &mut rec,
+                k,
+                k,
+                k,
+                1.0,
+                crate::gpu::ops::MatView::new(&busy, k),
+                crate::gpu::ops::MatView::new(&busy, k),
+                0.0,
+                crate::gpu::ops::MatView::new(&busy_out, k),
+            )?;
+            rec.submit();
+            let paced = ctx.upload_paced_with("paced", &data, chunk_bytes)?;
+            if let Some((_, staging)) = ctx.allocator_now() {
+                // Parameter blocks of dispatches are staged too (256 bytes each).
+                let bound = (super::PACED_IN_FLIGHT * chunk_bytes + 4096) as u64;
+                assert!(
+                    len * 4 <= chunk_bytes || staging <= bound,
+                    "len {len}, chunks of {chunk_bytes} B: {staging} B staged, bound {bound} B"
+                );
+            }
+            let got = ctx.read(&paced)?;
+            assert_eq!(got.len(), len, "len {len}");
+            for (i, (g, w)) in got.iter().zip(&data).enumerate() {
+                assert_eq!(
+                    g.to_bits(),
+                    w.to_bits(),
+                    "len {len}, chunks of {chunk_bytes} B, index {i}: got {g}, expected {w}"
+                );
+            }
+        }
+        Ok(())
     }
 }

@@ -350,6 +350,10 @@ pub fn quantize(
         overlap_codes: plan.streams_on_gpu,
         ..Results::default()
     };
+    // Likewise its layer uploads are paced (`GpuContext::upload_paced`): whole-tensor uploads
+    // stage each weight matrix in host-visible memory, device memory on resizable-BAR machines
+    // that the plan does not count (≈ 0.9 GB for an 8B layer's next weights).
+    let paced_uploads = !plan.streams_on_gpu;
     let mut module_reports = Vec::new();
     let mut layer_reports = Vec::new();
     let mut warnings = Vec::new();
@@ -402,7 +406,7 @@ pub fn quantize(
                         ctx,
                         &mc,
                         &lw,
-                        use_tc,
+                        (use_tc, paced_uploads),
                         (max_tokens, seqlen, attn_seqs),
                         tc_shared.clone(),
                     )?;
@@ -791,7 +795,7 @@ pub fn quantize(
                         ctx,
                         mcr,
                         &lw_next,
-                        use_tc,
+                        (use_tc, paced_uploads),
                         (max_tokens, seqlen, attn_seqs),
                         shared,
                     )?;
@@ -1382,16 +1386,17 @@ impl Drop for PoolScope<'_> {
 }
 
 /// A layer's weights on the GPU, with its f16 copies for the tensor-core forward when `tc`, and
-/// the tensor-core scratch of an earlier layer (`shared`) where it has one.
+/// the tensor-core scratch of an earlier layer (`shared`) where it has one; the linears' weights
+/// through `GpuContext::upload_paced` when `paced`.
 fn upload_layer(
     ctx: &GpuContext,
     mc: &ModelConfig,
     lw: &LayerWeights,
-    tc: bool,
+    (tc, paced): (bool, bool),
     (max_tokens, seqlen, attn_seqs): (usize, usize, usize),
     shared: Option<TcScratch>,
 ) -> Result<GpuLayer, PipelineError> {
-    let mut q = GpuLayer::upload(ctx, mc, lw)?;
+    let mut q = GpuLayer::upload_with(ctx, mc, lw, paced)?;
     if tc {
         let mut rec = ctx.recorder();
         q.enable_tensor_cores_with(&mut rec, max_tokens, (seqlen, attn_seqs), shared)?;
