@@ -1,5 +1,5 @@
-// GPTAQ statistic D for the solve (algorithm.md §2.2): dead input columns zeroed and the act-order
-// permutation applied symmetrically, in one gather:
+// Gathers of the solve's inputs (quant/gpu.rs). `gather_sym`: GPTAQ's statistic D (algorithm.md
+// §2.2) with dead input columns zeroed and the act-order permutation applied symmetrically:
 //   out[a, b] = 0                       if column perm[b] is dead (diag(H) == 0)
 //             = d[perm[a], perm[b]]     otherwise
 // `colmap` holds perm[0..n] followed by the dead flags[0..n] (1 = dead). Without act-order perm is the
@@ -42,4 +42,25 @@ fn gather_sym(@builtin(global_invocation_id) gid: vec3<u32>) {
         v = d[(pa - p.src_r0) * p.n + pb];
     }
     out[i * p.n + b] = v;
+}
+
+// The solve's W from the caller's copy on the GPU, exactly as quant/gpu.rs `prepare_w_f32` does it
+// on the host: columns in processing order, dead ones zeroed,
+//   out[r, k] = 0               if column perm[k] is dead
+//             = w[r, perm[k]]   otherwise
+// for the rows × n matrix W in one buffer, bound as `d` (`dst_rows` = rows; the other row fields
+// are unused). `colmap` as above.
+@compute @workgroup_size(16, 16, 1)
+fn gather_cols(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let k = gid.x;
+    let r = gid.y;
+    if (r >= p.dst_rows || k >= p.n) {
+        return;
+    }
+    let j = colmap[k];
+    var v = 0.0;
+    if (colmap[p.n + j] == 0u) {
+        v = d[r * p.n + j];
+    }
+    out[r * p.n + k] = v;
 }

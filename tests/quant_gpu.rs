@@ -802,8 +802,9 @@ fn factor_of_a_hessian_beyond_one_binding() {
 }
 
 /// A W already on the GPU (the pipeline's layer weights) gives bit for bit the solve of the host
-/// W: the device copy replaces the upload only where the preparation leaves W alone (no act-order,
-/// no dead column), and act-order / dead columns still take the host path with the same result.
+/// W: a device copy replaces the upload where the preparation leaves W alone, a device gather
+/// (`gather_cols`) where act-order permutes or dead columns are zeroed (with groups), and the
+/// host path remains where the reference reads W in f64 (no groups, static groups).
 /// The GPU copy is only read; a W of the wrong length is an error. The resident solve keeps Q on
 /// the GPU only (`result.q` empty, `weights()` rebuilds it) and hands its codes back as
 /// `PendingCodes`, identical once finished (act-order's permutation included).
@@ -827,6 +828,16 @@ fn resident_w_solves_exactly_like_the_host_w() {
             "gptaq dead columns",
             problem(7, 33, 50, 42, &[3, 20]),
             cfg(gptaq, 4, None, false, false, false, 8, false),
+        ),
+        (
+            "gptaq act-order, dead columns, g8",
+            problem(19, 37, 50, 44, &[0, 5, 36]),
+            cfg(gptaq, 3, Some(8), false, true, false, 16, false),
+        ),
+        (
+            "gptq dead columns g16",
+            problem(17, 45, 60, 45, &[2, 44]),
+            cfg(GPTQ, 4, Some(16), true, false, false, 8, false),
         ),
     ] {
         let n = p.cols;

@@ -214,6 +214,10 @@ struct SweepParams {
     _p: [u32; 2],
 }
 
+/// WebGPU's default limit of workgroups per dispatch dimension (`gather_cols` launches a 2-D grid
+/// of 16 × 16 tiles).
+const MAX_WORKGROUPS_PER_DIM: usize = 65535;
+
 fn u32_of(what: &str, v: usize) -> Result<u32, QuantGpuError> {
     Ok(crate::gpu::ops::u32_of(what, v)?)
 }
@@ -779,10 +783,28 @@ fn solve(
     } = prepared;
     // diag(H) before damping, processing order, dead columns as 1 (QuantResult::h_diag).
     let solve_h_diag: Vec<f32> = prep_diag.iter().map(|&v| v as f32).collect();
-    let wp: std::borrow::Cow<'_, [f32]> = if host_w {
-        wprep.iter().map(|&v| v as f32).collect()
+    // The permutation (act-order) and the dead columns as one table: `perm[0..n]` then the dead
+    // flags `[0..n]` by original column (quant_gather.wgsl).
+    let perm_dead: Vec<u32> = order
+        .iter()
+        .map(|&j| j as u32)
+        .chain(dead.iter().map(|&x| u32::from(x)))
+        .collect();
+    // With W already on the GPU (the pipeline), act-order's permutation and the dead columns are
+    // applied there (`gather_cols`), the same data movement as `prepare_w_f32`: no host pass over
+    // W (≈ 59 M floats at down_proj) and no upload of a permuted copy, whose staging would be
+    // device memory at the solve's memory peak on resizable-BAR machines.
+    let gather_w = !host_w
+        && w_gpu.is_some()
+        && (perm.is_some() || dead.iter().any(|&x| x))
+        && rows.div_ceil(16) <= MAX_WORKGROUPS_PER_DIM
+        && n.div_ceil(16) <= MAX_WORKGROUPS_PER_DIM;
+    let wp: Option<std::borrow::Cow<'_, [f32]>> = if host_w {
+        Some(wprep.iter().map(|&v| v as f32).collect())
+    } else if gather_w {
+        None
     } else {
-        prepare_w_f32(w, rows, n, &dead, perm.as_deref())
+        Some(prepare_w_f32(w, rows, n, &dead, perm.as_deref()))
     };
     drop(wprep);
     let gu = &factor.value;
@@ -828,14 +850,42 @@ fn solve(
 
     // Uploads (W copied on the GPU when it is there already and unchanged by the preparation).
     let gw = match (w_gpu, &wp) {
-        (Some(src), std::borrow::Cow::Borrowed(_)) => {
+        (Some(src), Some(std::borrow::Cow::Borrowed(_))) => {
             let gw = ctx.zeros::<f32>("quant W", n_el)?;
             let mut rec = ctx.recorder();
             rec.copy(src, 0, &gw, 0, n_el);
             rec.submit();
             gw
         }
-        _ => ctx.upload("quant W", &wp)?,
+        (Some(src), None) => {
+            let gw = ctx.zeros::<f32>("quant W", n_el)?;
+            let gmeta_w = ctx.upload("quant perm/dead", &perm_dead)?;
+            let mut rec = ctx.recorder();
+            rec.dispatch(
+                &QUANT_GATHER,
+                "gather_cols",
+                &[],
+                &GatherParams {
+                    n: u32_of("cols", n)?,
+                    rows: crate::gpu::matrix::PanelRows::new(&(0..rows), &(0..rows))?,
+                    _p: [0; 3],
+                },
+                &[src.binding(), gmeta_w.binding(), gw.binding()],
+                [
+                    u32_of("gather workgroups", n.div_ceil(16))?,
+                    u32_of("gather workgroups", rows.div_ceil(16))?,
+                    1,
+                ],
+            )?;
+            rec.submit();
+            gw
+        }
+        (_, Some(wp)) => ctx.upload("quant W", wp)?,
+        (None, None) => {
+            return Err(
+                GpuError::Validation("solve: W neither on the GPU nor prepared".into()).into(),
+            );
+        }
     };
     drop(wp);
     let gmeta = ctx.upload("quant meta", &meta_finish)?;
@@ -857,9 +907,7 @@ fn solve(
     let gp: Option<Arc<GpuMatrix>> = match (d, cached_p) {
         (Some(_), Some(p)) => Some(p),
         (Some(d), None) => {
-            let mut meta = order.iter().map(|&j| j as u32).collect::<Vec<u32>>();
-            meta.extend(dead.iter().map(|&x| u32::from(x)));
-            let gmeta_d = ctx.upload("quant perm/dead", &meta)?;
+            let gmeta_d = ctx.upload("quant perm/dead", &perm_dead)?;
             // Dp (then T, then P) shares U's panel layout (same shape and alignment).
             let dp = ctx.matrix_zeros("quant D perm", n, n, gu.panel_rows())?;
             if dp.panel_rows() != gu.panel_rows() {
