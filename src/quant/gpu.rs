@@ -599,10 +599,13 @@ pub fn quantize_gpu(
 
 /// [`quantize_gpu`] when `W` is also on the GPU already (`w_gpu`, the same values as `w`; the
 /// pipeline's layer weights): the solve's working copy of W is then a device-side copy instead of
-/// an upload whenever the preparation leaves W as it is (no act-order, no dead column). On an 8B
-/// model a module's W is up to 235 MB, and the solves of a layer moved 0.8 GiB over the host link
-/// this way, through the driver's write-combined staging. `w` is still read on the host (the
-/// finiteness check, act-order's permutation, the RTN fallbacks).
+/// an upload whenever the preparation leaves W as it is (no act-order, no dead column), and a
+/// device-side gather (`gather_cols`) where act-order permutes it or dead columns are zeroed
+/// with groups on; only where the reference reads W itself (no groups, static groups) is the
+/// prepared copy uploaded. On an 8B model a module's W is up to 235 MB, and the solves of a
+/// layer moved 0.8 GiB over the host link this way, through the driver's write-combined staging.
+/// `w` is still read on the host (the finiteness check, the reference's per-row and static-group
+/// params, the RTN fallbacks).
 ///
 /// Unlike [`quantize_gpu`], `result.q` is left empty (RTN fallbacks aside): Q is in
 /// [`GpuSolve::q`] on the GPU, and [`QuantResult::weights`] rebuilds it exactly from the codes, so
@@ -728,7 +731,8 @@ fn solve(
     // Steps 2–5 exactly as the reference (one shared implementation).
     // The reference reads W only for per-row params (no groups) and static groups; otherwise it
     // gets no rows, and W's own preparation (dead columns zeroed, act-order permutation) is done
-    // below in f32 — the same values the f64 round trip gives, since f32 → f64 → f32 is exact.
+    // below in f32 (on the GPU where W is there already) — the same values the f64 round trip
+    // gives, since f32 → f64 → f32 is exact.
     let host_w = cfg.group_size.is_none() || cfg.static_groups;
     let prepared = if host_w {
         reference::prepare(&w64(), &h_diag, rows, n, cfg, &spec)
