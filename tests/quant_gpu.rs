@@ -803,8 +803,8 @@ fn factor_of_a_hessian_beyond_one_binding() {
 
 /// A W already on the GPU (the pipeline's layer weights) gives bit for bit the solve of the host
 /// W: a device copy replaces the upload where the preparation leaves W alone, a device gather
-/// (`gather_cols`) where act-order permutes or dead columns are zeroed (with groups), and the
-/// host path remains where the reference reads W in f64 (no groups, static groups).
+/// (`gather_cols`) where act-order permutes or dead columns are zeroed — with dynamic groups, per-
+/// row params and static groups alike (the last two still read W on the host for their params).
 /// The GPU copy is only read; a W of the wrong length is an error. The resident solve keeps Q on
 /// the GPU only (`result.q` empty, `weights()` rebuilds it) and hands its codes back as
 /// `PendingCodes`, identical once finished (act-order's permutation included).
@@ -838,6 +838,16 @@ fn resident_w_solves_exactly_like_the_host_w() {
             "gptq dead columns g16",
             problem(17, 45, 60, 45, &[2, 44]),
             cfg(GPTQ, 4, Some(16), true, false, false, 8, false),
+        ),
+        (
+            "gptq per-row params",
+            problem(11, 29, 40, 46, &[]),
+            cfg(GPTQ, 4, None, true, false, false, 8, false),
+        ),
+        (
+            "gptaq act-order, static groups",
+            problem(13, 40, 60, 47, &[7]),
+            cfg(gptaq, 4, Some(8), false, true, true, 16, false),
         ),
     ] {
         let n = p.cols;

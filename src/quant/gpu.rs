@@ -598,14 +598,12 @@ pub fn quantize_gpu(
 }
 
 /// [`quantize_gpu`] when `W` is also on the GPU already (`w_gpu`, the same values as `w`; the
-/// pipeline's layer weights): the solve's working copy of W is then a device-side copy instead of
-/// an upload whenever the preparation leaves W as it is (no act-order, no dead column), and a
-/// device-side gather (`gather_cols`) where act-order permutes it or dead columns are zeroed
-/// with groups on; only where the reference reads W itself (no groups, static groups) is the
-/// prepared copy uploaded. On an 8B model a module's W is up to 235 MB, and the solves of a
-/// layer moved 0.8 GiB over the host link this way, through the driver's write-combined staging.
-/// `w` is still read on the host (the finiteness check, the reference's per-row and static-group
-/// params, the RTN fallbacks).
+/// pipeline's layer weights): the solve's working copy of W is then made on the GPU instead of
+/// uploaded — a copy where the preparation leaves W as it is (no act-order, no dead column), a
+/// gather (`gather_cols`) where act-order permutes it or dead columns are zeroed. On an 8B model
+/// a module's W is up to 235 MB, and the solves of a layer moved 0.8 GiB over the host link
+/// before, through the driver's staging. `w` is still read on the host (the finiteness check,
+/// the reference's per-row and static-group params, the RTN fallbacks).
 ///
 /// Unlike [`quantize_gpu`], `result.q` is left empty (RTN fallbacks aside): Q is in
 /// [`GpuSolve::q`] on the GPU, and [`QuantResult::weights`] rebuilds it exactly from the codes, so
@@ -731,8 +729,8 @@ fn solve(
     // Steps 2–5 exactly as the reference (one shared implementation).
     // The reference reads W only for per-row params (no groups) and static groups; otherwise it
     // gets no rows, and W's own preparation (dead columns zeroed, act-order permutation) is done
-    // below in f32 (on the GPU where W is there already) — the same values the f64 round trip
-    // gives, since f32 → f64 → f32 is exact.
+    // below in f32 (on the GPU where W is there already, in every case) — the same values the
+    // f64 round trip gives, since f32 → f64 → f32 is exact.
     let host_w = cfg.group_size.is_none() || cfg.static_groups;
     let prepared = if host_w {
         reference::prepare(&w64(), &h_diag, rows, n, cfg, &spec)
@@ -794,19 +792,21 @@ fn solve(
         .map(|&j| j as u32)
         .chain(dead.iter().map(|&x| u32::from(x)))
         .collect();
-    // With W already on the GPU (the pipeline), act-order's permutation and the dead columns are
-    // applied there (`gather_cols`), the same data movement as `prepare_w_f32`: no host pass over
-    // W (≈ 59 M floats at down_proj) and no upload of a permuted copy, whose staging would be
+    // With W already on the GPU (the pipeline) the solve's copy is made there: a plain copy where
+    // the preparation leaves W as it is, else act-order's permutation and the dead columns are
+    // applied by a gather (`gather_cols`) — the same data movement as `prepare_w_f32` and as the
+    // reference's own preparation (`wprep`, whose f64 values are the f32 ones): no host pass over
+    // W (≈ 59 M floats at down_proj) and no upload of a prepared copy, whose staging would be
     // device memory at the solve's memory peak on resizable-BAR machines.
-    let gather_w = !host_w
-        && w_gpu.is_some()
-        && (perm.is_some() || dead.iter().any(|&x| x))
-        && rows.div_ceil(16) <= MAX_WORKGROUPS_PER_DIM
-        && n.div_ceil(16) <= MAX_WORKGROUPS_PER_DIM;
-    let wp: Option<std::borrow::Cow<'_, [f32]>> = if host_w {
-        Some(wprep.iter().map(|&v| v as f32).collect())
-    } else if gather_w {
+    let needs_prep = perm.is_some() || dead.iter().any(|&x| x);
+    let w_on_gpu = w_gpu.is_some()
+        && (!needs_prep
+            || (rows.div_ceil(16) <= MAX_WORKGROUPS_PER_DIM
+                && n.div_ceil(16) <= MAX_WORKGROUPS_PER_DIM));
+    let wp: Option<std::borrow::Cow<'_, [f32]>> = if w_on_gpu {
         None
+    } else if host_w {
+        Some(wprep.iter().map(|&v| v as f32).collect())
     } else {
         Some(prepare_w_f32(w, rows, n, &dead, perm.as_deref()))
     };
@@ -854,7 +854,7 @@ fn solve(
 
     // Uploads (W copied on the GPU when it is there already and unchanged by the preparation).
     let gw = match (w_gpu, &wp) {
-        (Some(src), Some(std::borrow::Cow::Borrowed(_))) => {
+        (Some(src), None) if !needs_prep => {
             let gw = ctx.zeros::<f32>("quant W", n_el)?;
             let mut rec = ctx.recorder();
             rec.copy(src, 0, &gw, 0, n_el);
