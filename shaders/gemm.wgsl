@@ -190,8 +190,8 @@ fn store_row4(row: u32, col: u32, v: vec4<f32>) {
 // (`kk` < BK = 8). An x-contiguous operand has no conflict to remove, and there the XOR only cost
 // time (`on` comes from overrides, so it folds away). Session 24's kernel lab on the H100
 // (BENCHMARKS.md): at 4096³ A·Bᵀ 5.08 → 4.44 ms and A·B 4.73 → 4.42 ms with the swizzle, Aᵀ·B
-// 4.31 → 4.38 ms with it on both x-contiguous operands (hence `on`). `SWIZZLE = 0` (the mask applied to k) restores the
-// unswizzled layout for the kernel lab's comparison (benches/lab).
+// 4.31 → 4.38 ms with it on both x-contiguous operands (hence `on`). `SWIZZLE = 0` (the mask
+// applied to k) restores the unswizzled layout for the kernel lab's comparison (benches/lab).
 fn swz(x: u32, k: u32, on: bool) -> u32 {
     return (x / 4u) ^ select(0u, k & SWIZZLE, on);
 }

@@ -49,18 +49,19 @@ fn gather_sym(@builtin(global_invocation_id) gid: vec3<u32>) {
 //   out[r, k] = 0               if column perm[k] is dead
 //             = w[r, perm[k]]   otherwise
 // for the rows × n matrix W in one buffer, bound as `d` (`dst_rows` = rows; the other row fields
-// are unused). `colmap` as above.
-@compute @workgroup_size(16, 16, 1)
-fn gather_cols(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let k = gid.x;
-    let r = gid.y;
-    if (r >= p.dst_rows || k >= p.n) {
+// are unused). `colmap` as above. One invocation per element, the workgroups folded into x and y
+// (gpu/kernels.rs `groups_1d`).
+@compute @workgroup_size(256)
+fn gather_cols(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    let i = (wg.x + wg.y * nwg.x) * 256u + lid.x;
+    if (i >= p.dst_rows * p.n) {
         return;
     }
-    let j = colmap[k];
+    let r = i / p.n;
+    let j = colmap[i % p.n];
     var v = 0.0;
     if (colmap[p.n + j] == 0u) {
         v = d[r * p.n + j];
     }
-    out[r * p.n + k] = v;
+    out[i] = v;
 }

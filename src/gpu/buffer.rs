@@ -24,6 +24,48 @@ const WGPU_STAGING_LABEL: &str = "(wgpu internal) Staging";
 const PACED_CHUNK_BYTES: usize = 32 << 20;
 const PACED_IN_FLIGHT: usize = 2;
 
+/// Host writes (`queue.write_buffer`, [`GpuContext::write`]) in flight, at most `max`.
+/// `write_buffer` stages each write in a host-visible buffer of its own, freed only once the GPU
+/// has run the submission that copies it — device memory that nvidia-smi counts on resizable-BAR
+/// machines (the H100 / H200 servers), outside the app's count and the memory plan. Without a
+/// bound, writes queued ahead of the GPU keep all their staging alive at once.
+pub struct WriteWindow {
+    max: usize,
+    pending: std::collections::VecDeque<wgpu::SubmissionIndex>,
+}
+
+impl WriteWindow {
+    pub fn new(max: usize) -> Self {
+        Self {
+            max,
+            pending: std::collections::VecDeque::with_capacity(max + 1),
+        }
+    }
+
+    /// Submits the writes queued so far (in an otherwise empty submission: they run before it),
+    /// samples the allocator while their staging is alive ([`GpuContext::sample_allocator`]) and
+    /// waits for the oldest beyond `max`, so that their staging is released.
+    pub fn submit(&mut self, ctx: &GpuContext) -> Result<(), GpuError> {
+        self.pending.push_back(ctx.recorder().submit());
+        ctx.sample_allocator();
+        while self.pending.len() > self.max {
+            if let Some(index) = self.pending.pop_front() {
+                ctx.wait_for(index)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Submissions with writes that may still be in flight.
+    pub fn len(&self) -> usize {
+        self.pending.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+}
+
 /// Freed buffers from this size on may be kept for reuse ([`GpuContext::set_pool_limit`]).
 const POOL_MIN_BYTES: u64 = 1 << 20;
 
@@ -45,11 +87,10 @@ struct MemInner {
     pooled: AtomicU64,
     peak_live: AtomicU64,
     /// The highest sampled bytes reserved by wgpu's own allocator (every buffer, wgpu's upload
-    /// staging included) and of its upload staging alone; `sampled` once any sample came back
+    /// staging included; 0 until a sample came back) and of its upload staging alone
     /// (`GpuContext::sample_allocator`).
     peak_allocator: AtomicU64,
     peak_staging: AtomicU64,
-    sampled: std::sync::atomic::AtomicBool,
     /// Recorders open (created, neither submitted nor dropped) on any thread.
     open: AtomicUsize,
     pool: Mutex<Pool>,
@@ -134,16 +175,12 @@ impl MemCounter {
         self.inner
             .peak_staging
             .fetch_max(staging, Ordering::Relaxed);
-        self.inner.sampled.store(true, Ordering::Relaxed);
     }
-    /// The sampled peaks of wgpu's allocator and of its upload staging, if any sample came back.
+    /// The sampled peaks of wgpu's allocator and of its upload staging, if any sample came back
+    /// (a sample always reserves something: the context holds buffers of its own).
     pub(crate) fn allocator_peak(&self) -> Option<(u64, u64)> {
-        self.inner.sampled.load(Ordering::Relaxed).then(|| {
-            (
-                self.inner.peak_allocator.load(Ordering::Relaxed),
-                self.inner.peak_staging.load(Ordering::Relaxed),
-            )
-        })
+        let reserved = self.inner.peak_allocator.load(Ordering::Relaxed);
+        (reserved > 0).then(|| (reserved, self.inner.peak_staging.load(Ordering::Relaxed)))
     }
 
     /// A recorder was opened; the guard closes it when dropped.
@@ -512,24 +549,16 @@ impl GpuContext {
         data: &[T],
         chunk_bytes: usize,
     ) -> Result<GpuBuffer<T>, GpuError> {
-        let raw: &[u8] = bytemuck::cast_slice(data);
-        // Copies move whole 4-byte words.
-        let chunk_bytes = chunk_bytes.max(4) / 4 * 4;
-        if raw.len() <= chunk_bytes || !raw.len().is_multiple_of(4) {
+        // Elements per chunk, a multiple of 4 so that every chunk starts on a 4-byte word.
+        let per = (chunk_bytes / std::mem::size_of::<T>().max(1)).max(4) / 4 * 4;
+        if data.len() <= per {
             return self.upload(what, data);
         }
         let buf = self.zeros::<T>(what, data.len())?;
-        let mut in_flight = std::collections::VecDeque::with_capacity(PACED_IN_FLIGHT + 1);
-        for (i, chunk) in raw.chunks(chunk_bytes).enumerate() {
-            self.queue
-                .write_buffer(&buf.buffer, (i * chunk_bytes) as u64, chunk);
-            in_flight.push_back(self.recorder().submit());
-            self.sample_allocator();
-            while in_flight.len() > PACED_IN_FLIGHT {
-                if let Some(index) = in_flight.pop_front() {
-                    self.wait_for(index)?;
-                }
-            }
+        let mut window = WriteWindow::new(PACED_IN_FLIGHT);
+        for (i, chunk) in data.chunks(per).enumerate() {
+            self.write(&buf, i * per, chunk);
+            window.submit(self)?;
         }
         Ok(buf)
     }

@@ -11,7 +11,7 @@ pub mod ops;
 pub(crate) mod profile;
 pub mod tune;
 
-pub use buffer::{GpuBuffer, PendingRead};
+pub use buffer::{GpuBuffer, PendingRead, WriteWindow};
 pub use context::{AdapterSummary, BackendChoice, GpuContext, GpuError, GpuOptions, list_adapters};
 pub use kernels::Recorder;
 pub use matrix::GpuMatrix;

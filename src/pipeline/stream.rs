@@ -26,22 +26,19 @@ use std::collections::VecDeque;
 
 use half::f16;
 
-use crate::gpu::{GpuBuffer, GpuContext, GpuError, PendingRead, Recorder, ops};
+use crate::gpu::{GpuBuffer, GpuContext, GpuError, PendingRead, Recorder, WriteWindow, ops};
 
 /// Host stores in flight per stream before the oldest is waited for: two keep the GPU one batch
 /// ahead of the copies, at two staging buffers of host memory (32 MiB for an 8B model's f16
 /// hidden state of one sequence).
 pub const MAX_PENDING_STORES: usize = 2;
 
-/// Host loads in flight per stream before the oldest is waited for. `queue.write_buffer` stages
-/// every load in a host-visible buffer of its own, freed only once the GPU has run the submission
-/// that copies it; where the adapter's host-visible memory is device memory (resizable BAR, as on
-/// the H100 / H200 servers) those buffers count in nvidia-smi though not in the memory plan. A
-/// pass with loads and no stores (the statistics) would otherwise queue every calibration
-/// sequence's upload ahead of the GPU: with `--gpu-memory 8` an 8B GPTAQ run peaked at 9,653 MiB
-/// in nvidia-smi with f32 host streams and 7,960 MiB with f16 ones, against 5,010–5,080 MiB of
-/// buffers (H200, BENCHMARKS.md session 26). Two keep the upload of the next batch overlapped with
-/// the current one's work.
+/// Host loads in flight per stream before the oldest is waited for ([`WriteWindow`]: each load's
+/// staging is device memory on resizable-BAR machines). A pass with loads and no stores (the
+/// statistics) would otherwise queue every calibration sequence's upload ahead of the GPU: with
+/// `--gpu-memory 8` an 8B GPTAQ run peaked at 9,653 MiB in nvidia-smi with f32 host streams and
+/// 7,960 MiB with f16 ones, against 5,010–5,080 MiB of buffers (H200, BENCHMARKS.md session 26).
+/// Two keep the upload of the next batch overlapped with the current one's work.
 pub const MAX_PENDING_LOADS: usize = 2;
 
 /// A host batch's store in flight: the batch and its readback.
@@ -109,8 +106,8 @@ pub struct Stream {
     staging: Option<F16Staging>,
     /// Host stores whose readback is still in flight, oldest first.
     pending: VecDeque<PendingStore>,
-    /// The submissions carrying host loads still in flight, oldest first ([`MAX_PENDING_LOADS`]).
-    loads: VecDeque<wgpu::SubmissionIndex>,
+    /// Host loads (and `set_host` writes to GPU batches) in flight ([`MAX_PENDING_LOADS`]).
+    loads: WriteWindow,
 }
 
 /// Where a stream's batches are kept.
@@ -168,7 +165,7 @@ impl Stream {
             lens: lens.to_vec(),
             staging,
             pending: VecDeque::new(),
-            loads: VecDeque::new(),
+            loads: WriteWindow::new(MAX_PENDING_LOADS),
         })
     }
 
@@ -236,7 +233,7 @@ impl Stream {
         match self.chunks.get_mut(b) {
             Some(Chunk::Gpu(buf)) => {
                 ctx.write(buf, 0, data);
-                bound_loads(&mut self.loads, ctx)?;
+                self.loads.submit(ctx)?;
             }
             Some(Chunk::HostF32(v)) => v.copy_from_slice(data),
             // The CPU's f32 → f16 (`half`, round to nearest even) into the layout pack_f16 writes,
@@ -256,7 +253,7 @@ impl Stream {
                     ctx.write(&st.flag, 0, &[1u32]);
                 }
                 ctx.write(buf, 0, &words);
-                bound_loads(&mut self.loads, ctx)?;
+                self.loads.submit(ctx)?;
             }
             None => {}
         }
@@ -304,7 +301,7 @@ impl Stream {
             Some(Chunk::HostF32(v)) => {
                 rec.submit();
                 ctx.write(work, 0, v);
-                bound_loads(&mut self.loads, ctx)?;
+                self.loads.submit(ctx)?;
                 Ok(ctx.recorder())
             }
             // The packed words go to the staging buffer the same way (the write is ordered before
@@ -318,7 +315,7 @@ impl Stream {
                     ));
                 };
                 ctx.write(words, 0, v);
-                bound_loads(&mut self.loads, ctx)?;
+                self.loads.submit(ctx)?;
                 let mut rec = ctx.recorder();
                 ops::unpack_f16(&mut rec, words, self.lens[b], work)?;
                 Ok(rec)
@@ -400,24 +397,6 @@ fn pack_host(data: &[f32], out: &mut [u32]) -> bool {
         *w = lo | (hi << 16);
     }
     over
-}
-
-/// Submits the host load just queued with `ctx.write` (in an otherwise empty submission: the
-/// write runs before it) and waits for the oldest of `loads` beyond [`MAX_PENDING_LOADS`], so that
-/// their staging memory is released.
-fn bound_loads(
-    loads: &mut VecDeque<wgpu::SubmissionIndex>,
-    ctx: &GpuContext,
-) -> Result<(), GpuError> {
-    loads.push_back(ctx.recorder().submit());
-    // The staging of every load in flight is alive here: the most this stream holds.
-    ctx.sample_allocator();
-    while loads.len() > MAX_PENDING_LOADS {
-        if let Some(index) = loads.pop_front() {
-            ctx.wait_for(index)?;
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -214,10 +214,6 @@ struct SweepParams {
     _p: [u32; 2],
 }
 
-/// WebGPU's default limit of workgroups per dispatch dimension (`gather_cols` launches a 2-D grid
-/// of 16 × 16 tiles).
-const MAX_WORKGROUPS_PER_DIM: usize = 65535;
-
 fn u32_of(what: &str, v: usize) -> Result<u32, QuantGpuError> {
     Ok(crate::gpu::ops::u32_of(what, v)?)
 }
@@ -785,13 +781,6 @@ fn solve(
     } = prepared;
     // diag(H) before damping, processing order, dead columns as 1 (QuantResult::h_diag).
     let solve_h_diag: Vec<f32> = prep_diag.iter().map(|&v| v as f32).collect();
-    // The permutation (act-order) and the dead columns as one table: `perm[0..n]` then the dead
-    // flags `[0..n]` by original column (quant_gather.wgsl).
-    let perm_dead: Vec<u32> = order
-        .iter()
-        .map(|&j| j as u32)
-        .chain(dead.iter().map(|&x| u32::from(x)))
-        .collect();
     // With W already on the GPU (the pipeline) the solve's copy is made there: a plain copy where
     // the preparation leaves W as it is, else act-order's permutation and the dead columns are
     // applied by a gather (`gather_cols`) — the same data movement as `prepare_w_f32` and as the
@@ -799,11 +788,7 @@ fn solve(
     // W (≈ 59 M floats at down_proj) and no upload of a prepared copy, whose staging would be
     // device memory at the solve's memory peak on resizable-BAR machines.
     let needs_prep = perm.is_some() || dead.iter().any(|&x| x);
-    let w_on_gpu = w_gpu.is_some()
-        && (!needs_prep
-            || (rows.div_ceil(16) <= MAX_WORKGROUPS_PER_DIM
-                && n.div_ceil(16) <= MAX_WORKGROUPS_PER_DIM));
-    let wp: Option<std::borrow::Cow<'_, [f32]>> = if w_on_gpu {
+    let wp: Option<std::borrow::Cow<'_, [f32]>> = if w_gpu.is_some() {
         None
     } else if host_w {
         Some(wprep.iter().map(|&v| v as f32).collect())
@@ -852,18 +837,31 @@ fn solve(
     let mut meta_finish = invperm.clone();
     meta_finish.extend_from_slice(&col_group);
 
+    // The permutation (act-order) and the dead columns as one table for the gathers of W and D
+    // (quant_gather.wgsl): `perm[0..n]` then the dead flags `[0..n]` by original column. Uploaded
+    // once, where either gather runs (a group's later solves reuse its P, so D is not gathered).
+    let cached_p = cached.as_ref().and_then(|c| c.p.clone());
+    let gperm_dead = if (w_gpu.is_some() && needs_prep) || (d.is_some() && cached_p.is_none()) {
+        let table: Vec<u32> = order
+            .iter()
+            .map(|&j| j as u32)
+            .chain(dead.iter().map(|&x| u32::from(x)))
+            .collect();
+        Some(ctx.upload("quant perm/dead", &table)?)
+    } else {
+        None
+    };
     // Uploads (W copied on the GPU when it is there already and unchanged by the preparation).
-    let gw = match (w_gpu, &wp) {
-        (Some(src), None) if !needs_prep => {
+    let gw = match (w_gpu, &wp, &gperm_dead) {
+        (Some(src), None, _) if !needs_prep => {
             let gw = ctx.zeros::<f32>("quant W", n_el)?;
             let mut rec = ctx.recorder();
             rec.copy(src, 0, &gw, 0, n_el);
             rec.submit();
             gw
         }
-        (Some(src), None) => {
+        (Some(src), None, Some(table)) => {
             let gw = ctx.zeros::<f32>("quant W", n_el)?;
-            let gmeta_w = ctx.upload("quant perm/dead", &perm_dead)?;
             let mut rec = ctx.recorder();
             rec.dispatch(
                 &QUANT_GATHER,
@@ -874,18 +872,14 @@ fn solve(
                     rows: crate::gpu::matrix::PanelRows::new(&(0..rows), &(0..rows))?,
                     _p: [0; 3],
                 },
-                &[src.binding(), gmeta_w.binding(), gw.binding()],
-                [
-                    u32_of("gather workgroups", n.div_ceil(16))?,
-                    u32_of("gather workgroups", rows.div_ceil(16))?,
-                    1,
-                ],
+                &[src.binding(), table.binding(), gw.binding()],
+                groups_1d(u32_of("gather workgroups", n_el.div_ceil(256))?),
             )?;
             rec.submit();
             gw
         }
-        (_, Some(wp)) => ctx.upload("quant W", wp)?,
-        (None, None) => {
+        (_, Some(wp), _) => ctx.upload("quant W", wp)?,
+        (_, None, _) => {
             return Err(
                 GpuError::Validation("solve: W neither on the GPU nor prepared".into()).into(),
             );
@@ -907,11 +901,9 @@ fn solve(
 
     // Step 2: GPTAQ P (§2.2).
     let alpha = cfg.method.alpha();
-    let cached_p = cached.as_ref().and_then(|c| c.p.clone());
-    let gp: Option<Arc<GpuMatrix>> = match (d, cached_p) {
-        (Some(_), Some(p)) => Some(p),
-        (Some(d), None) => {
-            let gmeta_d = ctx.upload("quant perm/dead", &perm_dead)?;
+    let gp: Option<Arc<GpuMatrix>> = match (d, cached_p, &gperm_dead) {
+        (Some(_), Some(p), _) => Some(p),
+        (Some(d), None, Some(gmeta_d)) => {
             // Dp (then T, then P) shares U's panel layout (same shape and alignment).
             let dp = ctx.matrix_zeros("quant D perm", n, n, gu.panel_rows())?;
             if dp.panel_rows() != gu.panel_rows() {
@@ -944,16 +936,19 @@ fn solve(
                 )?;
             }
             gptaq_p_blocked(&mut rec, n, gu, &dp, &scratch, &blocks, alpha as f32)?;
-            // Keep the recorded work alive until submission (buffers are reference counted by
-            // wgpu, but submit now so the scratch and the metadata can be freed early).
+            // Submit now, so that the scratch can be freed early (wgpu keeps recorded buffers
+            // alive until their commands have run).
             rec.submit();
             rec = ctx.recorder();
             drop(scratch);
-            drop(gmeta_d);
             Some(Arc::new(dp))
         }
-        (None, _) => None,
+        (Some(_), None, None) => {
+            return Err(GpuError::Validation("GPTAQ P: no perm/dead table for D".into()).into());
+        }
+        (None, _, _) => None,
     };
+    drop(gperm_dead);
     if cached.is_none()
         && let Some(s) = shared
     {
