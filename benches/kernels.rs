@@ -21,7 +21,9 @@
 //! host-to-GPU copy of W, 0.03 / 0.10 s per solve on session 25's H200 and the noisiest part of
 //! it, is not the solve's). With `GPTAQ_PROFILE=1` one synchronised solve per shape first
 //! prints its seconds per phase, and every timed solve is synchronised per phase too: take
-//! medians without it. Both `inverse_factor` and `quant_solve` run with the buffer pool on, as the
+//! medians without it. With `GPTAQ_KERNEL_TIMES=1` (`gpu::timing`) the `… codes` entries first
+//! print the GPU time per kernel and scope of one solve (mean of three, after a warm-up).
+//! Both `inverse_factor` and `quant_solve` run with the buffer pool on, as the
 //! pipeline's solves do (`GPTAQ_BENCH_POOL_GIB`, default 32; 0 turns it off).
 //! `hessian_coop` (where cooperative matrices are granted) times the statistics' tensor-core
 //! products at the pipeline's shape: an n-wide input over `GPTAQ_BENCH_TOKENS` tokens (default
@@ -275,17 +277,32 @@ fn bench_kernels(c: &mut Criterion) {
                 bch.iter(|| quantize_gpu(&ctx, &w, r, n, &h, Some(&d), &cfg).expect("solve"))
             });
             let gw = ctx.upload("w", &w).expect("upload w");
-            g.bench_function(format!("{name} {r}x{n} codes"), |bch| {
-                bch.iter(|| {
-                    let mut s =
-                        quantize_gpu_resident(&ctx, &w, Some(&gw), r, n, &h, Some(&d), &cfg, None)
-                            .expect("solve");
-                    if let Some(codes) = s.codes.take() {
-                        codes.finish(&ctx, &mut s.result).expect("codes");
-                    }
-                    s
-                })
-            });
+            let solve_codes = || {
+                let mut s =
+                    quantize_gpu_resident(&ctx, &w, Some(&gw), r, n, &h, Some(&d), &cfg, None)
+                        .expect("solve");
+                if let Some(codes) = s.codes.take() {
+                    codes.finish(&ctx, &mut s.result).expect("codes");
+                }
+                s
+            };
+            if ctx.kernel_timing() {
+                // GPTAQ_KERNEL_TIMES=1: GPU time per kernel of the pipeline's solve, averaged
+                // over three solves after a warm-up one (the timed ones below carry the queries'
+                // small cost too).
+                drop(solve_codes());
+                ctx.kernel_times(true).expect("kernel times");
+                for _ in 0..3 {
+                    drop(solve_codes());
+                }
+                let (times, lost) = ctx.kernel_times(true).expect("kernel times");
+                eprintln!(
+                    "quant_solve {name} {r}x{n} codes: GPU time per kernel, per solve (mean of 3; \
+                     {lost} passes lost)\n{}",
+                    gptaq_studio::gpu::format_kernel_times(&times, 3.0, 40)
+                );
+            }
+            g.bench_function(format!("{name} {r}x{n} codes"), |bch| bch.iter(solve_codes));
         }
     }
     g.finish();

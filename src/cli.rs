@@ -636,6 +636,12 @@ fn quantize(gpu: &GpuArgs, args: &QuantizeArgs) -> anyhow::Result<()> {
             staging as f64 / (1u64 << 20) as f64
         );
     }
+    if !r.kernel_times.is_empty() {
+        eprintln!(
+            "GPU time per kernel (GPTAQ_KERNEL_TIMES=1), all layers:\n{}",
+            crate::gpu::format_kernel_times(&r.kernel_times, 1.0, 30)
+        );
+    }
     if let Some(path) = &args.report {
         let json = serde_json::to_string_pretty(r)?;
         std::fs::write(path, json)

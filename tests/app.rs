@@ -99,6 +99,7 @@ fn feed_run(app: &mut StudioApp, slot: RunSlot, layers: usize, scale: f64) {
             hidden_rel_error: Some(0.01 * (l + 1) as f64),
             secs: 0.05,
             phases: Vec::new(),
+            kernel_times: Vec::new(),
         }));
     }
 }

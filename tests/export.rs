@@ -243,6 +243,7 @@ fn report(cfg: &QuantConfig) -> RunReport {
         peak_reserved_bytes: 0,
         peak_allocator_bytes: None,
         peak_staging_bytes: None,
+        kernel_times: Vec::new(),
         secs: 0.0,
         warnings: Vec::new(),
     }

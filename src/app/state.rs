@@ -1102,6 +1102,7 @@ pub(crate) mod tests {
                 hidden_rel_error: Some(0.01 * (l + 1) as f64),
                 secs: 0.1,
                 phases: Vec::new(),
+                kernel_times: Vec::new(),
             }));
         }
         v
@@ -1155,6 +1156,7 @@ pub(crate) mod tests {
             peak_reserved_bytes: 0,
             peak_allocator_bytes: None,
             peak_staging_bytes: None,
+            kernel_times: Vec::new(),
             secs: 1.0,
             warnings: vec![],
         };

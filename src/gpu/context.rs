@@ -256,6 +256,8 @@ pub struct GpuContext {
     /// `GPTAQ_PANEL_BYTES`, or [`GpuContext::set_panel_cap`]. Lets tests and diagnostics run the
     /// multi-panel paths with small matrices; it never raises the adapter's limit.
     panel_cap: std::sync::atomic::AtomicU64,
+    /// GPU time per kernel (`GPTAQ_KERNEL_TIMES=1`, [`super::timing`]).
+    pub(crate) timer: super::timing::KernelTimer,
 }
 
 impl Drop for GpuContext {
@@ -351,6 +353,7 @@ impl GpuContext {
         let features = device.features();
         let limits = device.limits();
         Ok(Self {
+            timer: super::timing::KernelTimer::new(features, &queue),
             summary: summarize(&info, features, &limits),
             device,
             queue,

@@ -227,6 +227,9 @@ impl GpuContext {
                 .device
                 .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None }),
             dispatches: 0,
+            timing: self
+                .kernel_timing()
+                .then(super::timing::RecorderTiming::default),
             _open: self.mem.open_recorder(),
         }
     }
@@ -249,6 +252,8 @@ pub struct Recorder<'c> {
     ctx: &'c GpuContext,
     encoder: wgpu::CommandEncoder,
     dispatches: usize,
+    /// Timestamp queries around every pass, with kernel timing on (`gpu::timing`).
+    timing: Option<super::timing::RecorderTiming>,
     /// Open until submitted or dropped: buffers freed meanwhile are not reused before (see
     /// `gpu::buffer`'s pool).
     _open: super::buffer::RecorderGuard,
@@ -305,11 +310,15 @@ impl<'c> Recorder<'c> {
                 layout: &layout,
                 entries: &entries,
             });
+        let timestamp_writes = match &mut self.timing {
+            Some(t) => Some(t.next(self.ctx, shader.name, entry)),
+            None => None,
+        };
         let mut pass = self
             .encoder
             .begin_compute_pass(&wgpu::ComputePassDescriptor {
                 label: Some(entry),
-                timestamp_writes: None,
+                timestamp_writes,
             });
         pass.set_pipeline(&pipeline);
         pass.set_bind_group(0, &bind_group, &[]);
@@ -370,8 +379,16 @@ impl<'c> Recorder<'c> {
 
     /// Submits everything recorded so far (does not wait); the index lets a caller wait for
     /// exactly this submission.
-    pub fn submit(self) -> wgpu::SubmissionIndex {
-        self.ctx.queue.submit([self.encoder.finish()])
+    pub fn submit(mut self) -> wgpu::SubmissionIndex {
+        let timed = self
+            .timing
+            .take()
+            .and_then(|t| t.resolve(self.ctx, &mut self.encoder));
+        let index = self.ctx.queue.submit([self.encoder.finish()]);
+        if let Some((read, keys)) = timed {
+            super::timing::after_submit(self.ctx, read, keys);
+        }
+        index
     }
 
     /// Records a copy of `bytes` bytes from `src` at `src_off` into a raw (host-mappable) buffer.

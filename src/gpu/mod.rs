@@ -9,12 +9,14 @@ pub mod kernels;
 pub mod matrix;
 pub mod ops;
 pub(crate) mod profile;
+pub mod timing;
 pub mod tune;
 
 pub use buffer::{GpuBuffer, PendingRead, WriteWindow};
 pub use context::{AdapterSummary, BackendChoice, GpuContext, GpuError, GpuOptions, list_adapters};
 pub use kernels::Recorder;
 pub use matrix::GpuMatrix;
+pub use timing::{KernelTime, format_kernel_times};
 
 /// For tests and benches: a context from the environment (`GPTAQ_BACKEND`, `GPTAQ_ADAPTER`), or
 /// `None` with a note when no adapter exists. Under `CI=true` a missing adapter is an error

@@ -391,6 +391,9 @@ pub fn quantize(
             check_cancel(cancel)?;
             let t_layer = Instant::now();
             prof.restart();
+            // GPTAQ_KERNEL_TIMES (gpu::timing): the layer's dispatches are "forward" unless the
+            // statistics, metrics, streams or solve below set their own scope.
+            let _scope = ctx.time_scope("forward");
             emit(Event::LayerStarted { layer });
             let (lw, q) = match next.take() {
                 Some(handle) => handle.join().unwrap_or_else(|_| {
@@ -943,6 +946,7 @@ pub fn quantize(
                 hidden_rel_error,
                 secs: t_layer.elapsed().as_secs_f64(),
                 phases: prof.take(),
+                kernel_times: layer_kernel_times(ctx)?,
             };
             emit(Event::LayerDone(lr.clone()));
             layer_reports.push(lr);
@@ -1018,6 +1022,7 @@ fn run_report(
     let (_, peak) = ctx.allocated();
     ctx.sample_allocator();
     let allocator = ctx.allocator_peak();
+    let kernel_times = crate::gpu::timing::merge(layers.iter().map(|l| l.kernel_times.as_slice()));
     RunReport {
         model: prep.model_name.clone(),
         method: cfg.quant.method.name().into(),
@@ -1034,9 +1039,23 @@ fn run_report(
         peak_reserved_bytes: peak_reserved,
         peak_allocator_bytes: allocator.map(|a| a.0),
         peak_staging_bytes: allocator.map(|a| a.1),
+        kernel_times,
         secs: t0.elapsed().as_secs_f64(),
         warnings,
     }
+}
+
+/// The kernel times since the last call (the layer's, called once per layer), emptied; nothing
+/// without `GPTAQ_KERNEL_TIMES=1`. The layer ends with a sync already, so this waits for nothing.
+fn layer_kernel_times(ctx: &GpuContext) -> Result<Vec<crate::gpu::KernelTime>, PipelineError> {
+    if !ctx.kernel_timing() {
+        return Ok(Vec::new());
+    }
+    let (times, lost) = ctx.kernel_times(true)?;
+    if lost > 0 {
+        log::warn!("kernel times: {lost} passes' timestamps could not be read");
+    }
+    Ok(times)
 }
 
 /// RTN without metrics: it reads no activations, so there is no calibration forward, no
@@ -1099,6 +1118,7 @@ fn quantize_rtn_direct(
                 hidden_rel_error: None,
                 secs: t_layer.elapsed().as_secs_f64(),
                 phases: Vec::new(),
+                kernel_times: Vec::new(),
             };
             emit(Event::LayerDone(lr.clone()));
             layer_reports.push(lr);
@@ -1246,6 +1266,7 @@ impl Stats {
         let Some(h) = &self.h else {
             return Ok(());
         };
+        let _scope = rec.ctx().time_scope("stats");
         let n = self.n;
         let alpha = 2.0 / self.nsamples as f32;
         // The cooperative-matrix kernel writes one binding: only for single-panel statistics.
@@ -1431,6 +1452,7 @@ fn record_metrics<'a>(
     (q, fp): (&GpuLayer, &GpuLayer),
     outputs: impl Fn(ModuleKind) -> Option<(&'a GpuBuffer<f32>, &'a GpuBuffer<f32>)>,
 ) -> Result<(), PipelineError> {
+    let _scope = rec.ctx().time_scope("metrics");
     for (m, acc) in accs {
         let (q_m, w_m) = (q.linear(*m), fp.linear(*m));
         match outputs(*m).filter(|_| output_is_product(fp, *m)) {
@@ -1576,6 +1598,7 @@ fn solve_group(
         "layer {layer}: solving {}",
         names.join(", ")
     )));
+    let _scope = ctx.time_scope("solve");
     // The previous group's codes: their copies had the stage just recorded to overlap with.
     results.finish_codes(ctx)?;
     prof.sync(ctx, "codes")?;

@@ -95,6 +95,10 @@ pub struct LayerReport {
     /// with `GPTAQ_PROFILE=1` (see `pipeline::profile`); empty otherwise.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub phases: Vec<(String, f64)>,
+    /// GPU seconds per (scope, kernel) of this layer, only with `GPTAQ_KERNEL_TIMES=1` (see
+    /// `gpu::timing`); empty otherwise.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kernel_times: Vec<crate::gpu::KernelTime>,
 }
 
 /// The run report written by `--report` and saved / loaded by the GUI.
@@ -126,6 +130,10 @@ pub struct RunReport {
     /// The highest sampled bytes of wgpu's upload staging alone.
     #[serde(default)]
     pub peak_staging_bytes: Option<u64>,
+    /// GPU seconds per (scope, kernel) over all layers, only with `GPTAQ_KERNEL_TIMES=1`
+    /// (`gpu::timing`; per layer in `layers`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kernel_times: Vec<crate::gpu::KernelTime>,
     pub secs: f64,
     pub warnings: Vec<String>,
 }

@@ -288,6 +288,7 @@ impl Stream {
         work: &GpuBuffer<f32>,
     ) -> Result<Recorder<'c>, GpuError> {
         let ctx = rec.ctx();
+        let _scope = ctx.time_scope("streams");
         self.complete_batch(ctx, b)?;
         match self.chunks.get(b) {
             Some(Chunk::Gpu(buf)) => {
@@ -333,6 +334,7 @@ impl Stream {
         work: &GpuBuffer<f32>,
     ) -> Result<Recorder<'c>, GpuError> {
         let ctx = rec.ctx();
+        let _scope = ctx.time_scope("streams");
         let len = self.lens.get(b).copied().unwrap_or(0);
         let pending = match self.chunks.get_mut(b) {
             Some(Chunk::Gpu(buf)) => {

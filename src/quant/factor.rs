@@ -231,6 +231,8 @@ fn upper_inverse_factor_panels(
     let status = ctx.zeros::<u32>("factor status", 2)?;
     let gx = u32_of("factor workgroups", n.div_ceil(16))?;
 
+    // Scopes of GPTAQ_KERNEL_TIMES (gpu::timing), inside the caller's.
+    let scope = ctx.time_scope("solve/factor/prep");
     let attempt = |damped: &[f64]| -> Result<Option<()>, GpuError> {
         let dg: Vec<f32> = damped.iter().map(|&v| v as f32).collect();
         let gdg = ctx.upload("factor damped diagonal", &dg)?;
@@ -255,7 +257,9 @@ fn upper_inverse_factor_panels(
                 ],
             )?;
         }
+        scope.set("solve/factor/cholesky");
         cholesky(ctx, &mut rec, n, &k, &m, &tmp, &status, outer)?;
+        scope.set("solve/factor/prep");
         let st = ctx.read(&status)?;
         Ok((st.first() == Some(&0)).then_some(()))
     };
@@ -266,6 +270,7 @@ fn upper_inverse_factor_panels(
         Err(e) => return Ok(Err(e)),
     };
     // L⁻¹ by recursive doubling in M, then U = J·L⁻¹·J into K's (now free) storage.
+    scope.set("solve/factor/inverse");
     let mut rec = ctx.recorder();
     let mut b = NB;
     while b < n {

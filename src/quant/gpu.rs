@@ -680,6 +680,8 @@ fn solve(
 
     // With GPTAQ_PROFILE=1 every phase boundary below waits for the GPU (gpu::profile).
     let mut prof = Profile::from_env();
+    // With GPTAQ_KERNEL_TIMES=1 the solve's dispatches are charged to these scopes (gpu::timing).
+    let scope = ctx.time_scope("solve/prepare");
     // Step 1: host preparation in f64 from diag(H) only (module docs).
     // A group's earlier solve from the same H and D (SharedFactor).
     let cached: Option<SharedEntry> = shared.as_deref_mut().and_then(|s| {
@@ -737,6 +739,7 @@ fn solve(
     // U (and P) in panels of whole blocks: a block's rows of U and P are then in one panel.
     let bs = cfg.block_size.min(n);
     prof.sync(ctx, "prepare")?;
+    scope.set("solve/factor");
     let computed = match cached.as_ref().map(|c| c.factor.clone()) {
         Some(f) => f,
         None => factor::upper_inverse_factor_gpu(
@@ -798,6 +801,7 @@ fn solve(
     drop(wprep);
     let gu = &factor.value;
     prof.sync(ctx, "factor")?;
+    scope.set("solve/w");
 
     // Group bookkeeping: table of (scale, zero) per [group][row] and the group of every processing
     // column. gs = −1: one group; static: perm[k]/gs; dynamic: k/gs, filled by the sweep.
@@ -898,6 +902,7 @@ fn solve(
 
     let n32 = u32_of("cols", n)?;
     let mut rec = prof.lap(ctx.recorder(), "upload")?;
+    scope.set("solve/p");
 
     // Step 2: GPTAQ P (§2.2).
     let alpha = cfg.method.alpha();
@@ -961,6 +966,7 @@ fn solve(
         });
     }
     rec = prof.lap(rec, "p")?;
+    scope.set("solve/blocks");
     let gptaq = gp.is_some();
     // GPTAQ's fused cross-block GEMM reads the block's U rows and P rows from one binding
     // (copied there per block). Two GEMMs without the copies were no faster on an H200
@@ -1099,6 +1105,7 @@ fn solve(
     }
 
     // Step 4: Q in original order.
+    scope.set("solve/finish");
     let gq = ctx.zeros::<f32>("quant q", n_el)?;
     rec.dispatch(
         &QUANT_FINISH,
