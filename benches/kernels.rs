@@ -84,6 +84,33 @@ fn bench_kernels(c: &mut Criterion) {
     if let Ok(dir) = std::env::var("GPTAQ_BENCH_WGSL_DIR") {
         wgsl_lab(c, &ctx, &dir);
     }
+    // What recording one dispatch costs the CPU (uniform buffer, bind group, pass), apart from
+    // the GPU: the factor and the solve record thousands of small ones (`GPTAQ_KERNEL_TIMES`
+    // shows their GPU time far below the solve's wall time). 1,000 tiny dispatches per
+    // iteration: recorded and dropped, and recorded, submitted and waited for.
+    let mut g = c.benchmark_group("dispatch");
+    g.sample_size(20);
+    g.throughput(Throughput::Elements(1000));
+    {
+        let x = ctx.upload("x", &data(64)).expect("upload x");
+        let y = ctx.upload("y", &data(64)).expect("upload y");
+        let out = ctx.zeros::<f32>("out", 64).expect("alloc out");
+        let record = || {
+            let mut rec = ctx.recorder();
+            for _ in 0..1000 {
+                ops::axpby(&mut rec, 64, 1.0, &x, 1.0, &y, &out).expect("axpby");
+            }
+            rec
+        };
+        g.bench_function("record 1000", |bch| bch.iter(|| drop(record())));
+        g.bench_function("record, submit, wait 1000", |bch| {
+            bch.iter(|| {
+                record().submit();
+                ctx.sync().expect("sync");
+            })
+        });
+    }
+    g.finish();
     let mut g = c.benchmark_group("gemm_f32");
     g.sample_size(10);
     for n in sizes() {

@@ -12,7 +12,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use bytemuck::Pod;
-use wgpu::util::DeviceExt;
 
 use super::context::{GpuContext, GpuError};
 
@@ -227,6 +226,7 @@ impl GpuContext {
                 .device
                 .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None }),
             dispatches: 0,
+            uniforms: UniformArena::default(),
             timing: self
                 .kernel_timing()
                 .then(super::timing::RecorderTiming::default),
@@ -246,12 +246,66 @@ pub fn groups_1d(n: u32) -> [u32; 3] {
     }
 }
 
+/// Bytes per uniform arena buffer: 256 dispatches' parameters at the usual 256-byte offset
+/// alignment.
+const ARENA_BYTES: u64 = 64 << 10;
+
+/// The recorder's dispatch parameters, packed into shared uniform buffers at the adapter's
+/// uniform offset alignment and written with one `Queue::write_buffer` per buffer at submit.
+/// Why: a buffer created and initialised per dispatch (`create_buffer_init`: an allocation, a
+/// mapped staging copy) was most of the ~25 µs of CPU each dispatch cost to record (lavapipe's
+/// host, `kernels-bench dispatch`), and the factor and the solve record thousands of small
+/// dispatches whose GPU time is a fraction of that (`GPTAQ_KERNEL_TIMES`, BENCHMARKS.md
+/// session 27). A buffer is used by one recorder only, so nothing is overwritten in flight.
+#[derive(Default)]
+struct UniformArena {
+    /// Filled buffers and their bytes, and the one being filled (last).
+    bufs: Vec<(wgpu::Buffer, Vec<u8>)>,
+}
+
+impl UniformArena {
+    /// Places `raw` (padded to 16 bytes: uniform structs are laid out in 16-byte units) and
+    /// returns its buffer, offset and size for a binding.
+    fn push(&mut self, ctx: &GpuContext, raw: &[u8]) -> (wgpu::Buffer, u64, std::num::NonZeroU64) {
+        let align = u64::from(ctx.limits.min_uniform_buffer_offset_alignment.max(16));
+        let size = (raw.len() as u64).div_ceil(16).max(1) * 16;
+        let fits = |b: &Vec<u8>| (b.len() as u64).div_ceil(align) * align + size <= ARENA_BYTES;
+        if !self.bufs.last().is_some_and(|(_, b)| fits(b)) {
+            let buf = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("params"),
+                size: ARENA_BYTES.max(size),
+                usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            });
+            self.bufs
+                .push((buf, Vec::with_capacity(ARENA_BYTES as usize)));
+        }
+        let last = self.bufs.len() - 1;
+        let (buf, bytes) = &mut self.bufs[last];
+        let offset = (bytes.len() as u64).div_ceil(align) * align;
+        bytes.resize(offset as usize, 0);
+        bytes.extend_from_slice(raw);
+        bytes.resize((offset + size) as usize, 0);
+        let size = std::num::NonZeroU64::new(size).unwrap_or(std::num::NonZeroU64::MIN);
+        (buf.clone(), offset, size)
+    }
+
+    /// Writes every buffer's parameters (before the submission that reads them).
+    fn write(&mut self, ctx: &GpuContext) {
+        for (buf, bytes) in self.bufs.drain(..) {
+            ctx.queue.write_buffer(&buf, 0, &bytes);
+        }
+    }
+}
+
 /// Records dispatches into one command encoder; [`Recorder::submit`] sends them to the queue.
 /// Nothing is read back here, so many dispatches can be queued without host round trips.
 pub struct Recorder<'c> {
     ctx: &'c GpuContext,
     encoder: wgpu::CommandEncoder,
     dispatches: usize,
+    /// Every dispatch's parameters, in a few shared uniform buffers.
+    uniforms: UniformArena,
     /// Timestamp queries around every pass, with kernel timing on (`gpu::timing`).
     timing: Option<super::timing::RecorderTiming>,
     /// Open until submitted or dropped: buffers freed meanwhile are not reused before (see
@@ -278,22 +332,15 @@ impl<'c> Recorder<'c> {
             return Ok(());
         }
         let pipeline = self.ctx.pipeline(shader, entry, constants)?;
-        let raw = bytemuck::bytes_of(params);
-        // Uniform structs are laid out in 16-byte units.
-        let mut padded = raw.to_vec();
-        padded.resize(raw.len().div_ceil(16).max(1) * 16, 0);
-        let ubuf = self
-            .ctx
-            .device
-            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: Some("params"),
-                contents: &padded,
-                usage: wgpu::BufferUsages::UNIFORM,
-            });
+        let (ubuf, offset, size) = self.uniforms.push(self.ctx, bytemuck::bytes_of(params));
         let mut entries = Vec::with_capacity(buffers.len() + 1);
         entries.push(wgpu::BindGroupEntry {
             binding: 0,
-            resource: ubuf.as_entire_binding(),
+            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                buffer: &ubuf,
+                offset,
+                size: Some(size),
+            }),
         });
         for (i, b) in buffers.iter().enumerate() {
             entries.push(wgpu::BindGroupEntry {
@@ -380,6 +427,9 @@ impl<'c> Recorder<'c> {
     /// Submits everything recorded so far (does not wait); the index lets a caller wait for
     /// exactly this submission.
     pub fn submit(mut self) -> wgpu::SubmissionIndex {
+        // The parameters reach their buffers before this submission's commands run
+        // (`Queue::write_buffer` is ordered before the next submit).
+        self.uniforms.write(self.ctx);
         let timed = self
             .timing
             .take()
