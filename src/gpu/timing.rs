@@ -10,11 +10,12 @@
 //! timer. Spans are summed per (scope, kernel): the kernel is `shader:entry`, the scope a label
 //! the code sets around a region ([`GpuContext::time_scope`], e.g. `solve/factor/cholesky`).
 //!
-//! What a span is: from the pass's first command to its last, as the driver places the two
-//! timestamps; where a pass waits for the previous one's writes, part of that wait can fall
-//! inside it. The sum over all kernels is therefore at most the GPU's busy time and close to it,
-//! and the gaps between passes (launch latency) are in no kernel's row — the difference between
-//! wall time and this sum is that overhead.
+//! What a span is: wgpu's Vulkan backend writes both timestamps at BOTTOM_OF_PIPE, so a pass's
+//! span runs from the completion of everything before it to its own completion — its launch
+//! latency and barrier wait included. Within a submission the spans therefore tile the GPU's
+//! time; what is left is the time between submissions, which the timer adds per scope as
+//! `(idle):before submission` (the GPU idle, waiting for the host, or running untimed copies,
+//! clears and writes). "All kernels" sums the kernels only.
 //!
 //! Off by default, and without TIMESTAMP_QUERY (a warning says so): the queries cost a little per
 //! pass and a resolve per submission.
@@ -32,6 +33,8 @@ const TS_BYTES: u64 = 8;
 
 /// The scope of dispatches recorded outside any [`GpuContext::time_scope`].
 pub const DEFAULT_SCOPE: &str = "other";
+/// The pseudo-shader of idle GPU time (`(idle):before submission`), not a kernel.
+pub const IDLE: &str = "(idle)";
 
 /// GPU seconds spent in one kernel within one scope.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -60,6 +63,8 @@ struct Inner {
     pending: Vec<Pending>,
     /// Passes whose timestamps could not be read (mapping failed) or were not ordered.
     lost: u64,
+    /// The last pass's end timestamp, for the idle time before the next submission.
+    last_end: Option<u64>,
 }
 
 /// The context's kernel timer (see the module docs).
@@ -115,7 +120,7 @@ impl KernelTimer {
                 inner.pending.push(p);
                 continue;
             }
-            let spans: Option<Vec<Option<f64>>> = p.buffer.get_mapped_range(..).ok().map(|view| {
+            let stamps: Option<Vec<(u64, u64)>> = p.buffer.get_mapped_range(..).ok().map(|view| {
                 view.chunks_exact(2 * TS_BYTES as usize)
                     .take(p.keys.len())
                     .map(|c| {
@@ -123,25 +128,40 @@ impl KernelTimer {
                         b.copy_from_slice(&c[..8]);
                         let begin = u64::from_le_bytes(b);
                         b.copy_from_slice(&c[8..16]);
-                        let end = u64::from_le_bytes(b);
-                        (end >= begin).then(|| (end - begin) as f64 * self.period_ns * 1e-9)
+                        (begin, u64::from_le_bytes(b))
                     })
                     .collect()
             });
             p.buffer.unmap();
-            let Some(spans) = spans else {
+            let Some(stamps) = stamps else {
                 inner.lost += p.keys.len() as u64;
                 continue;
             };
-            for (key, span) in p.keys.iter().zip(spans) {
-                match span {
-                    Some(s) => {
-                        let e = inner.totals.entry(*key).or_insert((0, 0.0));
-                        e.0 += 1;
-                        e.1 += s;
-                    }
-                    None => inner.lost += 1,
+            let secs = |ticks: u64| ticks as f64 * self.period_ns * 1e-9;
+            // The GPU's idle time (or untimed work: copies, clears, writes) between the previous
+            // timed submission's last pass and this one's first, charged to this one's scope:
+            // where it is large, the GPU waited for the host.
+            if let (Some(last), Some(&(first, _)), Some(key)) =
+                (inner.last_end, stamps.first(), p.keys.first())
+            {
+                if first > last {
+                    let e = inner
+                        .totals
+                        .entry((key.0, IDLE, "before submission"))
+                        .or_insert((0, 0.0));
+                    e.0 += 1;
+                    e.1 += secs(first - last);
                 }
+            }
+            for (key, &(begin, end)) in p.keys.iter().zip(&stamps) {
+                if end < begin {
+                    inner.lost += 1;
+                    continue;
+                }
+                let e = inner.totals.entry(*key).or_insert((0, 0.0));
+                e.0 += 1;
+                e.1 += secs(end - begin);
+                inner.last_end = Some(inner.last_end.map_or(end, |l| l.max(end)));
             }
         }
     }
@@ -359,7 +379,14 @@ pub fn merge<'a>(lists: impl IntoIterator<Item = &'a [KernelTime]>) -> Vec<Kerne
 pub fn format_kernel_times(times: &[KernelTime], per: f64, limit: usize) -> String {
     use std::fmt::Write as _;
     let per = if per > 0.0 { per } else { 1.0 };
-    let sum: f64 = times.iter().map(|t| t.seconds).sum();
+    let idle_kernel = format!("{IDLE}:before submission");
+    let is_idle = |t: &KernelTime| t.kernel == idle_kernel;
+    let sum: f64 = times
+        .iter()
+        .filter(|t| !is_idle(t))
+        .map(|t| t.seconds)
+        .sum();
+    let idle: f64 = times.iter().filter(|t| is_idle(t)).map(|t| t.seconds).sum();
     let mut s = String::new();
     let _ = writeln!(
         s,
@@ -394,7 +421,7 @@ pub fn format_kernel_times(times: &[KernelTime], per: f64, limit: usize) -> Stri
     }
     // Per scope: where a phase's GPU time goes, summed over its kernels.
     let mut scopes: Vec<(&str, u64, f64)> = Vec::new();
-    for t in times {
+    for t in times.iter().filter(|t| !is_idle(t)) {
         match scopes.iter_mut().find(|(sc, _, _)| *sc == t.scope) {
             Some(e) => {
                 e.1 += t.calls;
@@ -423,12 +450,19 @@ pub fn format_kernel_times(times: &[KernelTime], per: f64, limit: usize) -> Stri
         "",
         sum / per * 1e3
     );
+    let _ = writeln!(
+        s,
+        "{:<63} {:>9} {:>11.3}",
+        "GPU idle between timed submissions",
+        "",
+        idle / per * 1e3
+    );
     s
 }
 
 #[cfg(test)]
 mod tests {
-    use super::DEFAULT_SCOPE;
+    use super::{DEFAULT_SCOPE, IDLE};
     use crate::gpu::ops::{self, MatView};
 
     /// Every pass is counted once under the scope it was recorded in, across query sets (more
@@ -516,8 +550,18 @@ mod tests {
         assert_eq!(calls(DEFAULT_SCOPE, ew_key), 1, "{times:?}");
         assert_eq!(calls("test/small", gemm_key), 3, "{times:?}");
         assert_eq!(calls("test/big", gemm_key), 3, "{times:?}");
-        assert_eq!(times.len(), 5, "unexpected entries: {times:?}");
-        for t in &times {
+        // The second submission's wait for the first (if the GPU idled in between) is the only
+        // other entry.
+        let idle: Vec<_> = times
+            .iter()
+            .filter(|t| t.kernel.starts_with(IDLE))
+            .collect();
+        assert!(
+            idle.len() <= 1 && idle.iter().all(|t| t.scope == "test/big" && t.calls == 1),
+            "idle entries: {idle:?}"
+        );
+        assert_eq!(times.len() - idle.len(), 5, "unexpected entries: {times:?}");
+        for t in times.iter().filter(|t| !t.kernel.starts_with(IDLE)) {
             assert!(
                 t.seconds.is_finite() && t.seconds > 0.0,
                 "{} {}: {} s over {} calls",
