@@ -274,6 +274,12 @@ impl Drop for RecorderGuard {
     }
 }
 
+/// Readback staging sizes above this are rounded up to a multiple of it, and buffers of at
+/// least this size are kept for reuse ([`GpuContext::read_async`]).
+const READBACK_ROUND: u64 = 1 << 20;
+/// Host-readable staging bytes kept for reuse at most.
+const READBACK_KEEP: u64 = 512 << 20;
+
 /// A readback in flight ([`GpuContext::read_async`]): the host-readable copy, the submission that
 /// fills it, and the mapping's completion.
 pub struct PendingRead<T: Pod> {
@@ -620,12 +626,7 @@ impl GpuContext {
         let aligned_off = off / 4 * 4;
         let aligned_end = (off + bytes).div_ceil(4) * 4;
         let size = (aligned_end - aligned_off).max(4);
-        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("readback"),
-            size,
-            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
+        let staging = self.readback_staging(size);
         if len > 0 {
             rec.copy_to_raw(src, aligned_off, &staging, aligned_end - aligned_off);
         }
@@ -651,6 +652,23 @@ impl GpuContext {
         pending: PendingRead<T>,
         out: &mut Vec<T>,
     ) -> Result<(), GpuError> {
+        let len = pending.len;
+        self.finish_read_bytes(pending, |slice| {
+            // The mapped range is only 4-byte aligned in general; copy through an aligned Vec.
+            out.clear();
+            out.resize(len, T::zeroed());
+            bytemuck::cast_slice_mut::<T, u8>(out).copy_from_slice(slice);
+        })
+    }
+
+    /// Waits for the submission of `pending` and hands the read's bytes, as the GPU stored them
+    /// (little-endian), to `f` straight from the mapped staging buffer — for callers that
+    /// transform the data anyway and need no copy of it (the solve's codes).
+    pub fn finish_read_bytes<T: Pod, R>(
+        &self,
+        pending: PendingRead<T>,
+        f: impl FnOnce(&[u8]) -> R,
+    ) -> Result<R, GpuError> {
         self.device
             .poll(wgpu::PollType::Wait {
                 submission_index: Some(pending.submission.clone()),
@@ -664,19 +682,61 @@ impl GpuContext {
             Err(e) => return Err(GpuError::Readback(e.to_string())),
         }
         let bytes = pending.len * std::mem::size_of::<T>();
-        {
+        let out = {
             let view = pending
                 .staging
                 .get_mapped_range(..)
                 .map_err(|e| GpuError::Readback(e.to_string()))?;
-            let slice = &view[pending.skip..pending.skip + bytes];
-            // The mapped range is only 4-byte aligned in general; copy through an aligned Vec.
-            out.clear();
-            out.resize(pending.len, T::zeroed());
-            bytemuck::cast_slice_mut::<T, u8>(out).copy_from_slice(slice);
-        }
+            f(&view[pending.skip..pending.skip + bytes])
+        };
         pending.staging.unmap();
-        Ok(())
+        self.keep_readback_staging(pending.staging);
+        Ok(out)
+    }
+
+    /// A host-readable staging buffer of at least `size` bytes: a kept one of the same rounded
+    /// size, or a new one. Why keep them: each large readback (a solve's 58 MB of codes at an 8B
+    /// down_proj, a host stream's per-batch stores) otherwise allocated and mapped fresh
+    /// host-visible memory, and on the H100 the GPU idled ≈ 165 ms between two 4096 × 14336
+    /// solves while the host fetched and unpacked the first one's codes (`GPTAQ_KERNEL_TIMES`,
+    /// BENCHMARKS.md session 27).
+    fn readback_staging(&self, size: u64) -> wgpu::Buffer {
+        // Sizes above 1 MiB rounded up to whole MiB, so that repeated reads of similar size
+        // share buffers.
+        let size = if size > READBACK_ROUND {
+            size.div_ceil(READBACK_ROUND) * READBACK_ROUND
+        } else {
+            size
+        };
+        if size >= READBACK_ROUND {
+            if let Ok(mut kept) = self.readbacks.lock() {
+                if let Some(i) = kept.iter().position(|b| b.size() == size) {
+                    return kept.swap_remove(i);
+                }
+            }
+        }
+        self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("readback"),
+            size,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        })
+    }
+
+    /// Keeps an unmapped staging buffer of at least 1 MiB for reuse, the most recent first, up
+    /// to [`READBACK_KEEP`] bytes in all.
+    fn keep_readback_staging(&self, buf: wgpu::Buffer) {
+        if buf.size() < READBACK_ROUND {
+            return;
+        }
+        if let Ok(mut kept) = self.readbacks.lock() {
+            kept.insert(0, buf);
+            let mut total = 0;
+            kept.retain(|b| {
+                total += b.size();
+                total <= READBACK_KEEP
+            });
+        }
     }
 
     /// Reads the whole buffer back. Blocks until the GPU is done.
@@ -708,6 +768,44 @@ impl GpuContext {
 
 #[cfg(test)]
 mod tests {
+    /// Large readbacks reuse their staging buffer (one kept buffer after two reads of a similar
+    /// size) and return the right data each time, including a range read through
+    /// `finish_read_bytes`; small ones keep nothing.
+    #[test]
+    fn readback_staging_is_reused_and_reads_stay_exact() -> Result<(), Box<dyn std::error::Error>> {
+        let Some(ctx) = crate::gpu::test_context() else {
+            return Ok(());
+        };
+        let n = (3 << 20) / 4 + 5; // 3 MiB and a bit: rounded up to 4 MiB of staging
+        let a: Vec<u32> = (0..n as u32).map(|i| i.wrapping_mul(2_654_435_761)).collect();
+        let b: Vec<u32> = a.iter().map(|v| v ^ 0xdead_beef).collect();
+        let (ga, gb) = (ctx.upload("a", &a)?, ctx.upload("b", &b)?);
+        assert_eq!(ctx.read(&ga)?, a, "first read");
+        let kept = |ctx: &crate::gpu::GpuContext| {
+            ctx.readbacks
+                .lock()
+                .map(|k| k.iter().map(|b| b.size()).collect::<Vec<_>>())
+                .unwrap_or_default()
+        };
+        assert_eq!(kept(&ctx), vec![4 << 20], "after one read");
+        assert_eq!(ctx.read(&gb)?, b, "second read, reused staging");
+        assert_eq!(kept(&ctx), vec![4 << 20], "one buffer, reused");
+        // A range read of a similar size (same rounded size) through the byte view.
+        let p = ctx.read_async(ctx.recorder(), &ga, 1, n - 2)?;
+        let got: Vec<u32> = ctx.finish_read_bytes(p, |bytes| {
+            bytes
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect()
+        })?;
+        assert_eq!(got, a[1..n - 1], "range read through the byte view");
+        assert_eq!(kept(&ctx), vec![4 << 20], "still one buffer");
+        let small = ctx.upload("small", &[1u32, 2, 3])?;
+        assert_eq!(ctx.read(&small)?, vec![1, 2, 3]);
+        assert_eq!(kept(&ctx), vec![4 << 20], "small reads keep nothing");
+        Ok(())
+    }
+
     /// A paced upload equals the plain one bit for bit, with chunks that do not divide the data
     /// (and data no larger than a chunk taking the plain path), and leaves at most
     /// `PACED_IN_FLIGHT` chunks of staging alive where the backend reports it — also when the

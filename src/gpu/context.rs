@@ -258,6 +258,9 @@ pub struct GpuContext {
     panel_cap: std::sync::atomic::AtomicU64,
     /// GPU time per kernel (`GPTAQ_KERNEL_TIMES=1`, [`super::timing`]).
     pub(crate) timer: super::timing::KernelTimer,
+    /// Host-readable staging buffers of finished readbacks, kept for the next ones
+    /// (`GpuContext::read_async`).
+    pub(crate) readbacks: Mutex<Vec<wgpu::Buffer>>,
 }
 
 impl Drop for GpuContext {
@@ -268,6 +271,9 @@ impl Drop for GpuContext {
     /// adapter" after a few dozen contexts in one test process; BENCHMARKS.md, session 20.)
     fn drop(&mut self) {
         self.set_pool_limit(0);
+        if let Ok(mut r) = self.readbacks.lock() {
+            r.clear();
+        }
         self.kernels.clear();
         if let Err(e) = self.device.poll(wgpu::PollType::wait_indefinitely()) {
             log::warn!("waiting for the GPU before releasing the device: {e}");
@@ -354,6 +360,7 @@ impl GpuContext {
         let limits = device.limits();
         Ok(Self {
             timer: super::timing::KernelTimer::new(features, &queue),
+            readbacks: Mutex::new(Vec::new()),
             summary: summarize(&info, features, &limits),
             device,
             queue,
