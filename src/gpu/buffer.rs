@@ -708,12 +708,11 @@ impl GpuContext {
         } else {
             size
         };
-        if size >= READBACK_ROUND {
-            if let Ok(mut kept) = self.readbacks.lock() {
-                if let Some(i) = kept.iter().position(|b| b.size() == size) {
-                    return kept.swap_remove(i);
-                }
-            }
+        if size >= READBACK_ROUND
+            && let Ok(mut kept) = self.readbacks.lock()
+            && let Some(i) = kept.iter().position(|b| b.size() == size)
+        {
+            return kept.swap_remove(i);
         }
         self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("readback"),
