@@ -143,15 +143,14 @@ impl KernelTimer {
             // where it is large, the GPU waited for the host.
             if let (Some(last), Some(&(first, _)), Some(key)) =
                 (inner.last_end, stamps.first(), p.keys.first())
+                && first > last
             {
-                if first > last {
-                    let e = inner
-                        .totals
-                        .entry((key.0, IDLE, "before submission"))
-                        .or_insert((0, 0.0));
-                    e.0 += 1;
-                    e.1 += secs(first - last);
-                }
+                let e = inner
+                    .totals
+                    .entry((key.0, IDLE, "before submission"))
+                    .or_insert((0, 0.0));
+                e.0 += 1;
+                e.1 += secs(first - last);
             }
             for (key, &(begin, end)) in p.keys.iter().zip(&stamps) {
                 if end < begin {
