@@ -457,6 +457,7 @@ impl GpuContext {
 
     /// A zero-initialised buffer of `len` elements.
     pub fn zeros<T: Pod>(&self, what: &str, len: usize) -> Result<GpuBuffer<T>, GpuError> {
+        let _host = self.host_span("allocate");
         let bytes = padded_size((len * std::mem::size_of::<T>()) as u64);
         if let Some(buffer) = self.reuse(what, bytes)? {
             // Its own submission: queued after every use by its previous owner (see `Pool`).
@@ -488,6 +489,7 @@ impl GpuContext {
 
     /// A buffer initialised with `data`.
     pub fn upload<T: Pod>(&self, what: &str, data: &[T]) -> Result<GpuBuffer<T>, GpuError> {
+        let _host = self.host_span("upload");
         let raw: &[u8] = bytemuck::cast_slice(data);
         let bytes = padded_size(raw.len() as u64);
         if let Some(buffer) = self.reuse(what, bytes)? {
@@ -571,6 +573,7 @@ impl GpuContext {
 
     /// Overwrites the start of `dst` with `data` (queued; ordered before later submissions).
     pub fn write<T: Pod>(&self, dst: &GpuBuffer<T>, offset_elems: usize, data: &[T]) {
+        let _host = self.host_span("write");
         let raw: &[u8] = bytemuck::cast_slice(data);
         if raw.is_empty() {
             return;
@@ -669,12 +672,15 @@ impl GpuContext {
         pending: PendingRead<T>,
         f: impl FnOnce(&[u8]) -> R,
     ) -> Result<R, GpuError> {
+        let host = self.host_span("wait for a readback");
         self.device
             .poll(wgpu::PollType::Wait {
                 submission_index: Some(pending.submission.clone()),
                 timeout: None,
             })
             .map_err(|e| GpuError::DeviceLost(e.to_string()))?;
+        drop(host);
+        let _host = self.host_span("read back");
         self.check()?;
         match pending.mapped.recv() {
             Ok(Ok(())) => {}
@@ -776,7 +782,9 @@ mod tests {
             return Ok(());
         };
         let n = (3 << 20) / 4 + 5; // 3 MiB and a bit: rounded up to 4 MiB of staging
-        let a: Vec<u32> = (0..n as u32).map(|i| i.wrapping_mul(2_654_435_761)).collect();
+        let a: Vec<u32> = (0..n as u32)
+            .map(|i| i.wrapping_mul(2_654_435_761))
+            .collect();
         let b: Vec<u32> = a.iter().map(|v| v ^ 0xdead_beef).collect();
         let (ga, gb) = (ctx.upload("a", &a)?, ctx.upload("b", &b)?);
         assert_eq!(ctx.read(&ga)?, a, "first read");

@@ -415,6 +415,7 @@ impl GpuContext {
     /// Blocks until the submission `index` (and those before it) has finished, then reports any
     /// recorded error.
     pub fn wait_for(&self, index: wgpu::SubmissionIndex) -> Result<(), GpuError> {
+        let _host = self.host_span("wait");
         self.device
             .poll(wgpu::PollType::Wait {
                 submission_index: Some(index),
@@ -426,6 +427,7 @@ impl GpuContext {
 
     /// Blocks until all submitted work has finished, then reports any recorded error.
     pub fn sync(&self) -> Result<(), GpuError> {
+        let _host = self.host_span("wait");
         self.device
             .poll(wgpu::PollType::wait_indefinitely())
             .map_err(|e| GpuError::DeviceLost(e.to_string()))?;

@@ -331,6 +331,7 @@ impl<'c> Recorder<'c> {
         if workgroups.contains(&0) {
             return Ok(());
         }
+        let _host = self.ctx.host_span("record");
         let pipeline = self.ctx.pipeline(shader, entry, constants)?;
         let (ubuf, offset, size) = self.uniforms.push(self.ctx, bytemuck::bytes_of(params));
         let mut entries = Vec::with_capacity(buffers.len() + 1);
@@ -429,12 +430,14 @@ impl<'c> Recorder<'c> {
     pub fn submit(mut self) -> wgpu::SubmissionIndex {
         // The parameters reach their buffers before this submission's commands run
         // (`Queue::write_buffer` is ordered before the next submit).
+        let host = self.ctx.host_span("submit");
         self.uniforms.write(self.ctx);
         let timed = self
             .timing
             .take()
             .and_then(|t| t.resolve(self.ctx, &mut self.encoder));
         let index = self.ctx.queue.submit([self.encoder.finish()]);
+        drop(host);
         if let Some((read, keys)) = timed {
             super::timing::after_submit(self.ctx, read, keys);
         }

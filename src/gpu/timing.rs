@@ -35,6 +35,9 @@ const TS_BYTES: u64 = 8;
 pub const DEFAULT_SCOPE: &str = "other";
 /// The pseudo-shader of idle GPU time (`(idle):before submission`), not a kernel.
 pub const IDLE: &str = "(idle)";
+/// The pseudo-shader of host time spent in GPU calls (`(host):submit`, `(host):allocate`,
+/// `(host):wait`, …; [`GpuContext::host_span`]), not a kernel.
+pub const HOST: &str = "(host)";
 
 /// GPU seconds spent in one kernel within one scope.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -202,7 +205,10 @@ impl GpuContext {
             .map(|i| !i.pending.is_empty())
             .unwrap_or(false);
         if waiting {
-            self.sync()?;
+            // Not `sync`: its wait would be charged as host time (`host_span`).
+            self.device
+                .poll(wgpu::PollType::wait_indefinitely())
+                .map_err(|e| GpuError::DeviceLost(e.to_string()))?;
         }
         self.timer.harvest();
         let Ok(mut inner) = self.timer.inner.lock() else {
@@ -229,6 +235,42 @@ impl GpuContext {
             inner.lost = 0;
         }
         Ok((out, lost))
+    }
+}
+
+/// Host time in one GPU call, charged to the current scope on drop ([`GpuContext::host_span`]).
+pub struct HostSpan<'c> {
+    ctx: &'c GpuContext,
+    what: &'static str,
+    t0: Option<std::time::Instant>,
+}
+
+impl Drop for HostSpan<'_> {
+    fn drop(&mut self) {
+        let Some(t0) = self.t0 else {
+            return;
+        };
+        let dt = t0.elapsed().as_secs_f64();
+        if let Ok(mut i) = self.ctx.timer.inner.lock() {
+            let scope = i.scope.unwrap_or(DEFAULT_SCOPE);
+            let e = i.totals.entry((scope, HOST, self.what)).or_insert((0, 0.0));
+            e.0 += 1;
+            e.1 += dt;
+        }
+    }
+}
+
+impl GpuContext {
+    /// Times the host's call until the guard drops as `(host):what` in the current scope, with
+    /// kernel timing on (nothing otherwise). Why: the GPU's idle time between submissions says
+    /// *that* it waited for the host, these say on what — submitting, allocating, waiting for a
+    /// readback, writing buffers.
+    pub fn host_span(&self, what: &'static str) -> HostSpan<'_> {
+        HostSpan {
+            ctx: self,
+            what,
+            t0: self.kernel_timing().then(std::time::Instant::now),
+        }
     }
 }
 
@@ -373,54 +415,61 @@ pub fn merge<'a>(lists: impl IntoIterator<Item = &'a [KernelTime]>) -> Vec<Kerne
     out
 }
 
-/// A plain-text table of `times`: scope, kernel, calls, total and mean time, share of the sum;
-/// `per` divides the totals (e.g. the number of solves a bench ran; 1 for a run).
+/// Whether an entry is a pseudo-kernel (GPU idle time or host time), not a GPU kernel.
+pub fn is_pseudo(t: &KernelTime) -> bool {
+    t.kernel.starts_with('(')
+}
+
+/// A plain-text table of `times`: the kernels (scope, kernel, calls, total and mean time, share
+/// of the kernels' sum), the sums per scope, then the GPU's idle time between submissions and
+/// the host's time in GPU calls per scope; `per` divides the totals (e.g. the number of solves a
+/// bench ran; 1 for a run); `limit` bounds the kernel rows.
 pub fn format_kernel_times(times: &[KernelTime], per: f64, limit: usize) -> String {
     use std::fmt::Write as _;
     let per = if per > 0.0 { per } else { 1.0 };
-    let idle_kernel = format!("{IDLE}:before submission");
-    let is_idle = |t: &KernelTime| t.kernel == idle_kernel;
-    let sum: f64 = times
-        .iter()
-        .filter(|t| !is_idle(t))
-        .map(|t| t.seconds)
-        .sum();
-    let idle: f64 = times.iter().filter(|t| is_idle(t)).map(|t| t.seconds).sum();
+    let kernels: Vec<&KernelTime> = times.iter().filter(|t| !is_pseudo(t)).collect();
+    let pseudo: Vec<&KernelTime> = times.iter().filter(|t| is_pseudo(t)).collect();
+    let sum: f64 = kernels.iter().map(|t| t.seconds).sum();
+    let share = |secs: f64| if sum > 0.0 { 100.0 * secs / sum } else { 0.0 };
     let mut s = String::new();
     let _ = writeln!(
         s,
         "{:<28} {:<34} {:>9} {:>11} {:>10} {:>6}",
         "scope", "kernel", "calls", "total ms", "mean µs", "share"
     );
-    for t in times.iter().take(limit) {
+    let row = |s: &mut String, scope: &str, kernel: &str, calls: u64, secs: f64, mean: bool| {
+        let mean = if mean {
+            format!("{:.1}", secs / calls.max(1) as f64 * 1e6)
+        } else {
+            String::new()
+        };
         let _ = writeln!(
             s,
-            "{:<28} {:<34} {:>9.1} {:>11.3} {:>10.1} {:>5.1}%",
-            t.scope,
-            t.kernel,
-            t.calls as f64 / per,
-            t.seconds / per * 1e3,
-            t.seconds / t.calls.max(1) as f64 * 1e6,
-            if sum > 0.0 {
-                100.0 * t.seconds / sum
-            } else {
-                0.0
-            }
+            "{:<28} {:<34} {:>9.1} {:>11.3} {:>10} {:>5.1}%",
+            scope,
+            kernel,
+            calls as f64 / per,
+            secs / per * 1e3,
+            mean,
+            share(secs)
         );
+    };
+    for t in kernels.iter().take(limit) {
+        row(&mut s, &t.scope, &t.kernel, t.calls, t.seconds, true);
     }
-    if times.len() > limit {
-        let rest: f64 = times.iter().skip(limit).map(|t| t.seconds).sum();
+    if kernels.len() > limit {
+        let rest: f64 = kernels.iter().skip(limit).map(|t| t.seconds).sum();
         let _ = writeln!(
             s,
             "{:<63} {:>9} {:>11.3}",
-            format!("… {} more", times.len() - limit),
+            format!("… {} more", kernels.len() - limit),
             "",
             rest / per * 1e3
         );
     }
     // Per scope: where a phase's GPU time goes, summed over its kernels.
     let mut scopes: Vec<(&str, u64, f64)> = Vec::new();
-    for t in times.iter().filter(|t| !is_idle(t)) {
+    for t in &kernels {
         match scopes.iter_mut().find(|(sc, _, _)| *sc == t.scope) {
             Some(e) => {
                 e.1 += t.calls;
@@ -431,15 +480,13 @@ pub fn format_kernel_times(times: &[KernelTime], per: f64, limit: usize) -> Stri
     }
     scopes.sort_by(|a, b| b.2.total_cmp(&a.2));
     for (scope, calls, secs) in scopes {
-        let _ = writeln!(
-            s,
-            "{:<28} {:<34} {:>9.1} {:>11.3} {:>10} {:>5.1}%",
+        row(
+            &mut s,
             scope,
             "(all kernels of the scope)",
-            calls as f64 / per,
-            secs / per * 1e3,
-            "",
-            if sum > 0.0 { 100.0 * secs / sum } else { 0.0 }
+            calls,
+            secs,
+            false,
         );
     }
     let _ = writeln!(
@@ -449,19 +496,27 @@ pub fn format_kernel_times(times: &[KernelTime], per: f64, limit: usize) -> Stri
         "",
         sum / per * 1e3
     );
-    let _ = writeln!(
-        s,
-        "{:<63} {:>9} {:>11.3}",
-        "GPU idle between timed submissions",
-        "",
-        idle / per * 1e3
-    );
+    // GPU idle between submissions and host time in GPU calls (shares relative to the kernels).
+    for t in &pseudo {
+        row(&mut s, &t.scope, &t.kernel, t.calls, t.seconds, true);
+    }
+    for (label, prefix) in [
+        ("GPU idle between timed submissions", IDLE),
+        ("host time in GPU calls", HOST),
+    ] {
+        let total: f64 = pseudo
+            .iter()
+            .filter(|t| t.kernel.starts_with(prefix))
+            .map(|t| t.seconds)
+            .sum();
+        let _ = writeln!(s, "{:<63} {:>9} {:>11.3}", label, "", total / per * 1e3);
+    }
     s
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{DEFAULT_SCOPE, IDLE};
+    use super::{DEFAULT_SCOPE, HOST, IDLE};
     use crate::gpu::ops::{self, MatView};
 
     /// Every pass is counted once under the scope it was recorded in, across query sets (more
@@ -559,8 +614,19 @@ mod tests {
             idle.len() <= 1 && idle.iter().all(|t| t.scope == "test/big" && t.calls == 1),
             "idle entries: {idle:?}"
         );
-        assert_eq!(times.len() - idle.len(), 5, "unexpected entries: {times:?}");
-        for t in times.iter().filter(|t| !t.kernel.starts_with(IDLE)) {
+        let kernels: Vec<_> = times.iter().filter(|t| !super::is_pseudo(t)).collect();
+        assert_eq!(kernels.len(), 5, "unexpected entries: {times:?}");
+        // Host time: every dispatch's recording, in the scope it was recorded in.
+        let host = |scope: &str, what: &str| {
+            times
+                .iter()
+                .find(|t| t.scope == scope && t.kernel == format!("{HOST}:{what}"))
+                .map_or(0, |t| t.calls)
+        };
+        assert_eq!(host("test/many", "record"), n_many as u64, "{times:?}");
+        assert_eq!(host("test/big", "record"), 3, "{times:?}");
+        assert!(host("test/small", "submit") >= 1, "{times:?}");
+        for t in &kernels {
             assert!(
                 t.seconds.is_finite() && t.seconds > 0.0,
                 "{} {}: {} s over {} calls",

@@ -259,6 +259,12 @@ fn upper_inverse_factor_panels(
         }
         scope.set("solve/factor/cholesky");
         cholesky(ctx, &mut rec, n, &k, &m, &tmp, &status, outer)?;
+        // The inverse is recorded before the pivots' flag is read, so that the GPU goes on from
+        // the Cholesky to it without waiting for the host; on a failed attempt (rare: only
+        // matrices that need more damping) its result is discarded, and the next attempt
+        // overwrites K and M from H.
+        scope.set("solve/factor/inverse");
+        lower_inverse_to_u(ctx, n, &k, &m, &tmp)?;
         scope.set("solve/factor/prep");
         let st = ctx.read(&status)?;
         Ok((st.first() == Some(&0)).then_some(()))
@@ -269,8 +275,25 @@ fn upper_inverse_factor_panels(
         Ok(d) => d,
         Err(e) => return Ok(Err(e)),
     };
-    // L⁻¹ by recursive doubling in M, then U = J·L⁻¹·J into K's (now free) storage.
-    scope.set("solve/factor/inverse");
+    Ok(Ok(Damped {
+        value: k,
+        damp: damped.damp,
+        damp_percent: damped.damp_percent,
+        fallback: damped.fallback,
+    }))
+}
+
+/// Records and submits `L⁻¹` by recursive doubling in M (module docs), then `U = J·L⁻¹·J` into
+/// K's storage (free once the Cholesky is done).
+fn lower_inverse_to_u(
+    ctx: &GpuContext,
+    n: usize,
+    k: &GpuMatrix,
+    m: &GpuMatrix,
+    tmp: &GpuBuffer<f32>,
+) -> Result<(), GpuError> {
+    let n32 = u32_of("n", n)?;
+    let gx = u32_of("factor workgroups", n.div_ceil(16))?;
     let mut rec = ctx.recorder();
     let mut b = NB;
     while b < n {
@@ -312,9 +335,9 @@ fn upper_inverse_factor_panels(
                     m.op(s + b + r0, s + b),
                     k.op(s, s + b).t(),
                     0.0,
-                    MatView::new(&tmp, ba).into(),
+                    MatView::new(tmp, ba).into(),
                 )?;
-                copy_in(&mut rec, &tmp, &m, s + b + r0..s + b + r1, s, ba)?;
+                copy_in(&mut rec, tmp, m, s + b + r0..s + b + r1, s, ba)?;
             }
             if rec.dispatches() >= 256 {
                 rec.submit();
@@ -323,7 +346,7 @@ fn upper_inverse_factor_panels(
         }
         b *= 2;
     }
-    for pp in k.panel_pairs(&m) {
+    for pp in k.panel_pairs(m) {
         rec.dispatch(
             &FACTOR,
             "reverse_u",
@@ -338,12 +361,7 @@ fn upper_inverse_factor_panels(
         )?;
     }
     rec.submit();
-    Ok(Ok(Damped {
-        value: k,
-        damp: damped.damp,
-        damp_percent: damped.damp_percent,
-        fallback: damped.fallback,
-    }))
+    Ok(())
 }
 
 fn lcm(a: usize, b: usize) -> usize {
