@@ -19,7 +19,10 @@
 //! module instead (`quantize_gpu_resident` from W already on the GPU, then the codes to the
 //! host; Q stays on the GPU, as the PyTorch reference's does — its W is a GPU tensor too: the
 //! host-to-GPU copy of W, 0.03 / 0.10 s per solve on session 25's H200 and the noisiest part of
-//! it, is not the solve's). With `GPTAQ_PROFILE=1` one synchronised solve per shape first
+//! it, is not the solve's). The `… gpu` entries time the same solve up to the GPU's completion
+//! without the codes' host side (fetching and unpacking 58 MB at 4096 × 14336, ≈ 140 ms of the
+//! GPU waiting between two `… codes` solves on session 27's H100s), which the pipeline overlaps
+//! with its next stage. With `GPTAQ_PROFILE=1` one synchronised solve per shape first
 //! prints its seconds per phase, and every timed solve is synchronised per phase too: take
 //! medians without it. With `GPTAQ_KERNEL_TIMES=1` (`gpu::timing`) the `… codes` entries first
 //! print the GPU time per kernel and scope of one solve (mean of three, after a warm-up).
@@ -330,6 +333,18 @@ fn bench_kernels(c: &mut Criterion) {
                 );
             }
             g.bench_function(format!("{name} {r}x{n} codes"), |bch| bch.iter(solve_codes));
+            // The same solve up to the GPU's completion, the codes' host side left out (their
+            // copy still runs): what the GPU spends, as PyTorch's reference keeps its Q on the
+            // GPU; the pipeline overlaps the codes' fetching and unpacking with its next stage.
+            g.bench_function(format!("{name} {r}x{n} gpu"), |bch| {
+                bch.iter(|| {
+                    let s =
+                        quantize_gpu_resident(&ctx, &w, Some(&gw), r, n, &h, Some(&d), &cfg, None)
+                            .expect("solve");
+                    ctx.sync().expect("sync");
+                    s.result
+                })
+            });
         }
     }
     g.finish();
