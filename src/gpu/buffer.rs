@@ -610,42 +610,65 @@ impl GpuContext {
     /// submitted after it keeps the GPU busy meanwhile, which is the point (pipeline/stream.rs).
     pub fn read_async<T: Pod>(
         &self,
-        mut rec: super::Recorder<'_>,
+        rec: super::Recorder<'_>,
         src: &GpuBuffer<T>,
         start: usize,
         len: usize,
     ) -> Result<PendingRead<T>, GpuError> {
+        let mut reads = self.read_async_many(rec, &[(src, start, len)])?;
+        reads
+            .pop()
+            .ok_or_else(|| GpuError::Readback("no readback was started".into()))
+    }
+
+    /// [`Self::read_async`] of several ranges `(src, start, len)` in one submission: one wait
+    /// for all of them instead of one round trip each (the solve's losses, U's diagonal and its
+    /// scale / zero table).
+    pub fn read_async_many<T: Pod>(
+        &self,
+        mut rec: super::Recorder<'_>,
+        srcs: &[(&GpuBuffer<T>, usize, usize)],
+    ) -> Result<Vec<PendingRead<T>>, GpuError> {
         let elem = std::mem::size_of::<T>() as u64;
-        let off = start as u64 * elem;
-        let bytes = len as u64 * elem;
-        if start.checked_add(len).is_none_or(|end| end > src.len()) {
-            return Err(GpuError::Validation(format!(
-                "readback of elements {start}..{} from a buffer of {}",
-                start.saturating_add(len),
-                src.len()
-            )));
-        }
-        // copy_buffer_to_buffer needs 4-byte aligned offsets and sizes.
-        let aligned_off = off / 4 * 4;
-        let aligned_end = (off + bytes).div_ceil(4) * 4;
-        let size = (aligned_end - aligned_off).max(4);
-        let staging = self.readback_staging(size);
-        if len > 0 {
-            rec.copy_to_raw(src, aligned_off, &staging, aligned_end - aligned_off);
+        let mut staged = Vec::with_capacity(srcs.len());
+        for &(src, start, len) in srcs {
+            let off = start as u64 * elem;
+            let bytes = len as u64 * elem;
+            if start.checked_add(len).is_none_or(|end| end > src.len()) {
+                return Err(GpuError::Validation(format!(
+                    "readback of elements {start}..{} from a buffer of {}",
+                    start.saturating_add(len),
+                    src.len()
+                )));
+            }
+            // copy_buffer_to_buffer needs 4-byte aligned offsets and sizes.
+            let aligned_off = off / 4 * 4;
+            let aligned_end = (off + bytes).div_ceil(4) * 4;
+            let size = (aligned_end - aligned_off).max(4);
+            let staging = self.readback_staging(size);
+            if len > 0 {
+                rec.copy_to_raw(src, aligned_off, &staging, aligned_end - aligned_off);
+            }
+            staged.push((staging, (off - aligned_off) as usize, len));
         }
         let submission = rec.submit();
-        let (tx, mapped) = std::sync::mpsc::channel();
-        staging.map_async(wgpu::MapMode::Read, .., move |r| {
-            let _ = tx.send(r);
-        });
-        Ok(PendingRead {
-            staging,
-            submission,
-            mapped,
-            skip: (off - aligned_off) as usize,
-            len,
-            _t: PhantomData,
-        })
+        Ok(staged
+            .into_iter()
+            .map(|(staging, skip, len)| {
+                let (tx, mapped) = std::sync::mpsc::channel();
+                staging.map_async(wgpu::MapMode::Read, .., move |r| {
+                    let _ = tx.send(r);
+                });
+                PendingRead {
+                    staging,
+                    submission: submission.clone(),
+                    mapped,
+                    skip,
+                    len,
+                    _t: PhantomData,
+                }
+            })
+            .collect())
     }
 
     /// Waits for the submission of `pending` (not for later ones) and copies its data into `out`

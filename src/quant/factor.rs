@@ -141,15 +141,30 @@ struct PotrfParams {
 
 /// diag(H) of an n×n GPU matrix (one n-float readback).
 pub fn hessian_diag(ctx: &GpuContext, h: &GpuMatrix, n: usize) -> Result<Vec<f32>, GpuError> {
-    if h.rows() != n || h.cols() != n {
-        return Err(GpuError::Validation(format!(
-            "diagonal of a {n}×{n} matrix asked of a {}×{} one",
-            h.rows(),
-            h.cols()
-        )));
-    }
     let out = ctx.zeros::<f32>("H diagonal", n.max(1))?;
     let mut rec = ctx.recorder();
+    record_diag(&mut rec, h, n, &out)?;
+    rec.submit();
+    let mut d = ctx.read(&out)?;
+    d.truncate(n);
+    Ok(d)
+}
+
+/// Records `out[..n] = diag(h)` for an n×n GPU matrix.
+pub(crate) fn record_diag(
+    rec: &mut Recorder<'_>,
+    h: &GpuMatrix,
+    n: usize,
+    out: &GpuBuffer<f32>,
+) -> Result<(), GpuError> {
+    if h.rows() != n || h.cols() != n || out.len() < n {
+        return Err(GpuError::Validation(format!(
+            "diagonal of a {n}×{n} matrix asked of a {}×{} one, into {} floats",
+            h.rows(),
+            h.cols(),
+            out.len()
+        )));
+    }
     let n32 = u32_of("n", n)?;
     for (p, panel) in h.panels().iter().enumerate() {
         let r = h.panel_range(p);
@@ -162,10 +177,7 @@ pub fn hessian_diag(ctx: &GpuContext, h: &GpuMatrix, n: usize) -> Result<Vec<f32
             [u32_of("diag workgroups", r.len().div_ceil(256))?, 1, 1],
         )?;
     }
-    rec.submit();
-    let mut d = ctx.read(&out)?;
-    d.truncate(n);
-    Ok(d)
+    Ok(())
 }
 
 /// `U` of the damped, permuted `H` on the GPU (module docs). `order[k]` is the original column at

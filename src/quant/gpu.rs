@@ -1133,8 +1133,39 @@ fn solve(
     let rec = prof.lap(rec, "finish")?;
     rec.submit();
 
-    let loss_rows = ctx.read(&gloss)?;
-    let column_loss: Vec<f64> = ctx.read(&gcolloss)?.iter().map(|&v| f64::from(v)).collect();
+    // The small results in one submission and one wait (the losses, U's diagonal — n floats,
+    // and only U's diagonal is meaningful outside the solve — and the scale / zero table), then
+    // the codes, started here and finished below (quantize_gpu) or by the caller
+    // (PendingCodes).
+    let gudiag = ctx.zeros::<f32>("U diagonal", n.max(1))?;
+    let mut rec = ctx.recorder();
+    factor::record_diag(&mut rec, gu, n, &gudiag)?;
+    let small = ctx.read_async_many(
+        rec,
+        &[
+            (&gloss, 0, gloss.len()),
+            (&gcolloss, 0, gcolloss.len()),
+            (&gudiag, 0, n),
+            (&gptab, 0, gptab.len()),
+        ],
+    )?;
+    let pending_codes = PendingCodes {
+        read: ctx.read_async(ctx.recorder(), &gcodes, 0, gcodes.len())?,
+        rows,
+        n,
+        order: perm.as_ref().map(|_| order.clone()),
+    };
+    let mut small_reads = Vec::with_capacity(small.len());
+    for p in small {
+        let mut v = Vec::new();
+        ctx.finish_read(p, &mut v)?;
+        small_reads.push(v);
+    }
+    let [loss_rows, column_loss, u_diag, ptab]: [Vec<f32>; 4] =
+        small_reads.try_into().map_err(|_| {
+            GpuError::Readback("the solve's four small readbacks did not all return".into())
+        })?;
+    let column_loss: Vec<f64> = column_loss.iter().map(|&v| f64::from(v)).collect();
     let proxy_loss_sum: f64 = loss_rows.iter().map(|&v| f64::from(v)).sum();
     if !proxy_loss_sum.is_finite() {
         let h64 = read_h64(ctx, h, nn)?;
@@ -1148,16 +1179,6 @@ fn solve(
             "non-finite values during the GPTQ sweep".into(),
         );
     }
-    // The codes: started here, finished below (quantize_gpu) or by the caller (PendingCodes).
-    let pending_codes = PendingCodes {
-        read: ctx.read_async(ctx.recorder(), &gcodes, 0, gcodes.len())?,
-        rows,
-        n,
-        order: perm.as_ref().map(|_| order.clone()),
-    };
-    // n floats: cheap next to the codes, and only U's diagonal is meaningful outside the solve.
-    let u_diag = factor::hessian_diag(ctx, gu, n)?;
-    let ptab = ctx.read(&gptab)?;
     prof.sync(ctx, "readback")?;
     let mut scales = Vec::with_capacity(num_groups * rows);
     let mut zeros = Vec::with_capacity(num_groups * rows);
