@@ -31,6 +31,13 @@ const PASSES_PER_SET: usize = 512;
 /// Bytes of one resolved timestamp.
 const TS_BYTES: u64 = 8;
 
+thread_local! {
+    /// The current thread's scope ([`GpuContext::time_scope`]). Per thread, because threads
+    /// record concurrently: the layer upload thread's dispatches (pipeline/driver.rs) must not
+    /// take the main thread's label.
+    static SCOPE: std::cell::Cell<Option<&'static str>> = const { std::cell::Cell::new(None) };
+}
+
 /// The scope of dispatches recorded outside any [`GpuContext::time_scope`].
 pub const DEFAULT_SCOPE: &str = "other";
 /// The pseudo-shader of idle GPU time (`(idle):before submission`), not a kernel.
@@ -61,7 +68,6 @@ struct Pending {
 
 #[derive(Default)]
 struct Inner {
-    scope: Option<&'static str>,
     totals: HashMap<Key, (u64, f64)>,
     pending: Vec<Pending>,
     /// Passes whose timestamps could not be read (mapping failed) or were not ordered.
@@ -101,11 +107,7 @@ impl KernelTimer {
     }
 
     fn scope(&self) -> &'static str {
-        self.inner
-            .lock()
-            .ok()
-            .and_then(|i| i.scope)
-            .unwrap_or(DEFAULT_SCOPE)
+        SCOPE.with(|s| s.get()).unwrap_or(DEFAULT_SCOPE)
     }
 
     /// Adds the spans of every pending readback that the GPU has finished.
@@ -183,16 +185,14 @@ impl GpuContext {
         on
     }
 
-    /// Charges the dispatches recorded until the guard drops to `scope` (the previous scope comes
-    /// back then). Scopes do not nest by name: the innermost one is the label.
+    /// Charges the dispatches this thread records until the guard drops to `scope` (the previous
+    /// scope comes back then). Scopes do not nest by name: the innermost one is the label.
     pub fn time_scope(&self, scope: &'static str) -> ScopeGuard<'_> {
-        let prev = self
-            .timer
-            .inner
-            .lock()
-            .ok()
-            .and_then(|mut i| i.scope.replace(scope));
-        ScopeGuard { ctx: self, prev }
+        let prev = SCOPE.with(|s| s.replace(Some(scope)));
+        ScopeGuard {
+            prev,
+            _ctx: std::marker::PhantomData,
+        }
     }
 
     /// Waits for every timed submission and returns the sums so far, largest first; `reset`
@@ -251,8 +251,8 @@ impl Drop for HostSpan<'_> {
             return;
         };
         let dt = t0.elapsed().as_secs_f64();
+        let scope = self.ctx.timer.scope();
         if let Ok(mut i) = self.ctx.timer.inner.lock() {
-            let scope = i.scope.unwrap_or(DEFAULT_SCOPE);
             let e = i.totals.entry((scope, HOST, self.what)).or_insert((0, 0.0));
             e.0 += 1;
             e.1 += dt;
@@ -276,25 +276,22 @@ impl GpuContext {
 
 /// Restores the previous scope when dropped ([`GpuContext::time_scope`]).
 pub struct ScopeGuard<'c> {
-    ctx: &'c GpuContext,
     prev: Option<&'static str>,
+    /// Tied to the context (and, through the thread-local, to this thread: not `Send`).
+    _ctx: std::marker::PhantomData<(&'c GpuContext, *const ())>,
 }
 
 impl ScopeGuard<'_> {
     /// Relabels the guarded region from now on (the scope before the guard still comes back on
     /// drop; replacing the guard instead would restore this one's label).
     pub fn set(&self, scope: &'static str) {
-        if let Ok(mut i) = self.ctx.timer.inner.lock() {
-            i.scope = Some(scope);
-        }
+        SCOPE.with(|s| s.set(Some(scope)));
     }
 }
 
 impl Drop for ScopeGuard<'_> {
     fn drop(&mut self) {
-        if let Ok(mut i) = self.ctx.timer.inner.lock() {
-            i.scope = self.prev;
-        }
+        SCOPE.with(|s| s.set(self.prev));
     }
 }
 

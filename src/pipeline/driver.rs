@@ -405,6 +405,7 @@ pub fn quantize(
                     let lw: LayerWeights = prefetch
                         .layer(layer)
                         .map_err(|e| PipelineError::Input(e.to_string()))?;
+                    let _upload = ctx.time_scope("upload");
                     let q = upload_layer(
                         ctx,
                         &mc,
@@ -794,6 +795,7 @@ pub fn quantize(
                     .map_err(|e| PipelineError::Input(e.to_string()))?;
                 let shared = layers.q.tc_scratch();
                 next = Some(scope.spawn(move || {
+                    let _scope = ctx.time_scope("upload");
                     let q = upload_layer(
                         ctx,
                         mcr,
