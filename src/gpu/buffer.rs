@@ -726,9 +726,10 @@ impl GpuContext {
     /// A host-readable staging buffer of at least `size` bytes: a kept one of the same rounded
     /// size, or a new one. Why keep them: each large readback (a solve's 58 MB of codes at an 8B
     /// down_proj, a host stream's per-batch stores) otherwise allocated and mapped fresh
-    /// host-visible memory, and on the H100 the GPU idled ≈ 165 ms between two 4096 × 14336
-    /// solves while the host fetched and unpacked the first one's codes (`GPTAQ_KERNEL_TIMES`,
-    /// BENCHMARKS.md session 27).
+    /// host-visible memory. On the H100 the GPU idled 165.9 ms between two 4096 × 14336 solves
+    /// of the bench, mostly while the host fetched and unpacked the first one's codes; with the
+    /// staging kept and the codes unpacked from the mapped copy ([`Self::finish_read_bytes`]),
+    /// 141.7 ms (`GPTAQ_KERNEL_TIMES`, BENCHMARKS.md session 27).
     fn readback_staging(&self, size: u64) -> wgpu::Buffer {
         // Sizes above 1 MiB rounded up to whole MiB, so that repeated reads of similar size
         // share buffers.

@@ -254,9 +254,11 @@ const ARENA_BYTES: u64 = 64 << 10;
 /// uniform offset alignment and written with one `Queue::write_buffer` per buffer at submit.
 /// Why: a buffer created and initialised per dispatch (`create_buffer_init`: an allocation, a
 /// mapped staging copy) was most of the ~25 µs of CPU each dispatch cost to record (lavapipe's
-/// host, `kernels-bench dispatch`), and the factor and the solve record thousands of small
-/// dispatches whose GPU time is a fraction of that (`GPTAQ_KERNEL_TIMES`, BENCHMARKS.md
-/// session 27). A buffer is used by one recorder only, so nothing is overwritten in flight.
+/// host, `kernels-bench dispatch`: 25.1 → 1.7 ms per 1,000 dispatches), and the factor alone
+/// records ~3,300 small dispatches of 6–40 µs of GPU time each at n = 14336
+/// (`GPTAQ_KERNEL_TIMES`, BENCHMARKS.md session 27; on the H100's host the solve's wall time did
+/// not change measurably). A buffer is used by one recorder only, so nothing is overwritten in
+/// flight.
 #[derive(Default)]
 struct UniformArena {
     /// Filled buffers and their bytes, and the one being filled (last).

@@ -19,8 +19,9 @@
 //!    (`gemm_mat_upper`) — a quarter of the passes over it. A failed pivot sets a flag; the host
 //!    reads the two-word flag once per attempt — the only readback of the factorisation.
 //!
-//! After a successful attempt, `L⁻¹` by recursive doubling, in place in M: for block sizes
-//! `b = 32, 64, …` every pair `[A 0; C B]` of neighbouring diagonal blocks (M holds `A⁻¹`, `B⁻¹`
+//! Recorded right after each attempt's Cholesky, before its flag is read (so the GPU need not
+//! wait for the host between them; a failed attempt's result is discarded), `L⁻¹` by recursive
+//! doubling, in place in M: for block sizes `b = 32, 64, …` every pair `[A 0; C B]` of neighbouring diagonal blocks (M holds `A⁻¹`, `B⁻¹`
 //! and `C`) gets its off-diagonal block `−B⁻¹·(C·A⁻¹)`: `(C·A⁻¹)ᵀ = A⁻ᵀ·Cᵀ` into K (free scratch
 //! by now; each output tile skips `A⁻ᵀ`'s zero lower triangle, `ops::KSkip`, which halves that
 //! GEMM), then `−B⁻¹·(C·A⁻¹)` in chunks of 128–256 rows through the scratch buffer over `C` — a
