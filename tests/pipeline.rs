@@ -1429,3 +1429,79 @@ fn tensor_cores_quantize_like_f32() {
         );
     }
 }
+
+/// With kernel timing on, every layer's report carries GPU times for each stage of a GPTAQ
+/// layer — the forward, the statistics, the factor's Cholesky and inverse, P and the blocked
+/// sweep — and the run's table is their sum.
+#[test]
+fn kernel_times_cover_every_stage_of_a_gptaq_layer() {
+    let Some(ctx) = test_context() else { return };
+    if !ctx.set_kernel_timing(true) {
+        let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+        assert!(
+            !ci,
+            "CI=true but the adapter has no TIMESTAMP_QUERY (lavapipe has)"
+        );
+        return;
+    }
+    let mut j = job(
+        ModelInput::Demo { seed: 7 },
+        CalibInput::Synthetic,
+        QuantConfig {
+            method: Method::Gptaq { alpha: 0.25 },
+            ..QuantConfig::default()
+        },
+        2,
+        16,
+    );
+    j.config.solver = Solver::Gpu;
+    let inputs = pipeline::prepare(&j).unwrap();
+    let q = pipeline::run_prepared(
+        &ctx,
+        &inputs,
+        &j.config,
+        &mut |_| {},
+        &AtomicBool::new(false),
+    )
+    .unwrap();
+    assert!(!q.report.layers.is_empty());
+    for l in &q.report.layers {
+        let kernels: Vec<_> = l
+            .kernel_times
+            .iter()
+            .filter(|t| !gptaq_studio::gpu::timing::is_pseudo(t))
+            .collect();
+        for scope in [
+            "forward",
+            "stats",
+            "solve/factor/cholesky",
+            "solve/factor/inverse",
+            "solve/p",
+            "solve/blocks",
+        ] {
+            assert!(
+                kernels.iter().any(|t| t.scope == scope && t.calls > 0),
+                "layer {}: no kernel time in scope {scope}: {:?}",
+                l.layer,
+                l.kernel_times
+            );
+        }
+        for t in &kernels {
+            assert!(
+                t.seconds.is_finite() && t.seconds > 0.0,
+                "layer {} {} {}: {} s",
+                l.layer,
+                t.scope,
+                t.kernel,
+                t.seconds
+            );
+        }
+    }
+    let calls = |ts: &[gptaq_studio::gpu::KernelTime]| -> u64 { ts.iter().map(|t| t.calls).sum() };
+    let per_layer: u64 = q.report.layers.iter().map(|l| calls(&l.kernel_times)).sum();
+    assert_eq!(
+        calls(&q.report.kernel_times),
+        per_layer,
+        "run table ≠ sum of the layers'"
+    );
+}
