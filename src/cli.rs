@@ -379,6 +379,7 @@ impl QuantizeArgs {
                 metric_products: self.metric_products,
                 lean_memory: self.lean_memory,
                 tensor_cores: self.tensor_cores,
+                kernel_times: self.kernel_times,
                 capture: None,
             },
         })
@@ -549,9 +550,6 @@ fn quantize(gpu: &GpuArgs, args: &QuantizeArgs) -> anyhow::Result<()> {
     }
     let ctx = GpuContext::new(&gpu.options()).context("opening the GPU")?;
     eprintln!("device: {} ({})", ctx.summary.name, ctx.summary.backend);
-    if args.kernel_times && !ctx.set_kernel_timing(true) {
-        eprintln!("warning: --kernel-times: this adapter has no TIMESTAMP_QUERY; no kernel times");
-    }
     let inputs = pipeline::prepare(&job).context("preparing the run")?;
     eprintln!("model: {}", inputs.model_name);
     eprintln!("calibration: {}", inputs.calib.description);

@@ -645,6 +645,7 @@ fn side_by_side_demo_run_on_gpu() {
         s.nsamples = 2;
         s.seqlen = 16;
         s.method = gptaq_studio::app::state::MethodChoice::SideBySide;
+        s.kernel_times = true;
     });
     let session = h.state().state.session.clone().expect("session");
     assert_eq!(
@@ -660,6 +661,24 @@ fn side_by_side_demo_run_on_gpu() {
     assert_eq!(gptq.method, "gptq");
     assert_eq!(gptaq.method, "gptaq");
     assert!(session.saved_report().is_some());
+    // "Time GPU kernels": both reports carry the GPU times (lavapipe has timestamp queries), and
+    // Results shows them per run.
+    for run in [gptq, gptaq] {
+        let rep = run.report.as_ref().expect("report");
+        assert!(
+            rep.kernel_times
+                .iter()
+                .any(|t| t.scope == "solve/blocks" && t.calls > 0),
+            "{}: {:?}",
+            run.method,
+            rep.kernel_times
+        );
+    }
+    h.get_by_label("Results").click();
+    h.step();
+    h.get_by_label("GPU time");
+    h.get_by_label_contains("Slowest kernels (GPTQ");
+    h.get_by_label_contains("Slowest kernels (GPTAQ");
 }
 
 /// The screenshots' run: tiny-llama-15m from `$GPTAQ_TEST_DATA`, calibrated on 8 × 128 C4

@@ -109,6 +109,9 @@ pub struct Settings {
     /// (`PipelineConfig::tensor_cores`).
     #[serde(default)]
     pub tensor_cores: bool,
+    /// Time the run's GPU kernels (`PipelineConfig::kernel_times`): shown under Results.
+    #[serde(default)]
+    pub kernel_times: bool,
 }
 
 impl Default for Settings {
@@ -131,6 +134,7 @@ impl Default for Settings {
             gpu_memory_gib: 8.0,
             cpu_solver: false,
             tensor_cores: false,
+            kernel_times: false,
         }
     }
 }
@@ -225,6 +229,7 @@ impl Settings {
                 Solver::Gpu
             },
             tensor_cores: self.tensor_cores,
+            kernel_times: self.kernel_times,
             ..PipelineConfig::default()
         }
     }

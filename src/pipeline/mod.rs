@@ -89,6 +89,11 @@ pub struct PipelineConfig {
     /// forward. Ignored, with a warning, elsewhere. Also set by `GPTAQ_TENSOR_CORES=1`.
     #[serde(default)]
     pub tensor_cores: bool,
+    /// Time every GPU dispatch of this run (`gpu::timing`): GPU seconds per scope and kernel, the
+    /// GPU's idle time and the host's time in GPU calls, per layer and for the run in the report
+    /// (`LayerReport::kernel_times`). Also on for every run with `GPTAQ_KERNEL_TIMES=1`.
+    #[serde(default)]
+    pub kernel_times: bool,
     /// Stop at this (layer, module) and return its statistics instead of solving it (layer lab).
     #[serde(skip)]
     pub capture: Option<(usize, ModuleKind)>,
@@ -109,6 +114,7 @@ impl Default for PipelineConfig {
             metric_products: false,
             lean_memory: false,
             tensor_cores: false,
+            kernel_times: false,
             capture: None,
         }
     }
@@ -304,5 +310,14 @@ pub fn run_prepared(
         calibration: inputs.calib.description.clone(),
         device: format!("{} ({})", ctx.summary.name, ctx.summary.backend),
     };
-    driver::quantize(ctx, &prep, config, emit, cancel)
+    // Kernel timing for this run only (the context outlives it in the GUI's worker).
+    let timing_before = ctx.kernel_timing();
+    if config.kernel_times && !ctx.set_kernel_timing(true) {
+        emit(Event::Warning(
+            "kernel times: this adapter has no TIMESTAMP_QUERY, so the run is not timed".into(),
+        ));
+    }
+    let out = driver::quantize(ctx, &prep, config, emit, cancel);
+    ctx.set_kernel_timing(timing_before);
+    out
 }

@@ -51,6 +51,7 @@ pub fn results_ui(ui: &mut egui::Ui, st: &mut AppState, out: &mut Vec<UiAction>)
                 ui.end_row();
             }
         });
+    gpu_time_ui(ui, session);
     ui.add_space(8.0);
     let mut slot = if slots.len() > 1 {
         st.table_slot
@@ -144,5 +145,101 @@ pub fn results_ui(ui: &mut egui::Ui, st: &mut AppState, out: &mut Vec<UiAction>)
             palette::INFO,
             "Evaluation and export unlock when the run has finished.",
         );
+    }
+}
+
+/// Where each run's GPU time went, for runs timed with "Time GPU kernels" (`--kernel-times`,
+/// `gpu::timing`): GPU milliseconds per scope (the forward, the statistics, the factor, P, the
+/// sweep, …), the GPU's idle time between submissions and the host's time in GPU calls, and the
+/// kernels that took longest.
+fn gpu_time_ui(ui: &mut egui::Ui, session: &super::super::state::Session) {
+    use crate::gpu::timing::{HOST, IDLE, is_pseudo};
+    let timed: Vec<_> = session
+        .runs
+        .iter()
+        .filter_map(|r| {
+            let rep = r.report.as_ref()?;
+            (!rep.kernel_times.is_empty()).then_some((r, rep))
+        })
+        .collect();
+    if timed.is_empty() {
+        return;
+    }
+    ui.add_space(8.0);
+    ui.heading("GPU time");
+    for (r, rep) in timed {
+        let times = &rep.kernel_times;
+        let kernels: f64 = times
+            .iter()
+            .filter(|t| !is_pseudo(t))
+            .map(|t| t.seconds)
+            .sum();
+        let pseudo = |prefix: &str| -> f64 {
+            times
+                .iter()
+                .filter(|t| t.kernel.starts_with(prefix))
+                .map(|t| t.seconds)
+                .sum()
+        };
+        let mut scopes: Vec<(&str, f64)> = Vec::new();
+        for t in times.iter().filter(|t| !is_pseudo(t)) {
+            match scopes.iter_mut().find(|(s, _)| *s == t.scope) {
+                Some(e) => e.1 += t.seconds,
+                None => scopes.push((&t.scope, t.seconds)),
+            }
+        }
+        scopes.sort_by(|a, b| b.1.total_cmp(&a.1));
+        ui.label(format!(
+            "{} ({}): kernels {}, GPU idle between submissions {}, host in GPU calls {}, wall {}",
+            r.slot.label(),
+            r.method,
+            fmt_secs(kernels),
+            fmt_secs(pseudo(IDLE)),
+            fmt_secs(pseudo(HOST)),
+            fmt_secs(rep.secs)
+        ));
+        egui::Grid::new(("gpu_time_scopes", r.slot.label()))
+            .num_columns(3)
+            .striped(true)
+            .show(ui, |ui| {
+                for h in ["scope", "GPU ms", "share"] {
+                    ui.label(RichText::new(h).strong());
+                }
+                ui.end_row();
+                for (scope, secs) in &scopes {
+                    ui.label(*scope);
+                    ui.label(format!("{:.1}", secs * 1e3));
+                    ui.label(format!(
+                        "{:.1} %",
+                        if kernels > 0.0 {
+                            100.0 * secs / kernels
+                        } else {
+                            0.0
+                        }
+                    ));
+                    ui.end_row();
+                }
+            });
+        egui::CollapsingHeader::new(format!("Slowest kernels ({})", r.slot.label()))
+            .id_salt(("gpu_time_kernels", r.slot.label()))
+            .show(ui, |ui| {
+                egui::Grid::new(("gpu_time_kernel_grid", r.slot.label()))
+                    .num_columns(5)
+                    .striped(true)
+                    .show(ui, |ui| {
+                        for h in ["scope", "kernel", "calls", "GPU ms", "mean µs"] {
+                            ui.label(RichText::new(h).strong());
+                        }
+                        ui.end_row();
+                        for t in times.iter().filter(|t| !is_pseudo(t)).take(20) {
+                            ui.label(&t.scope);
+                            ui.label(&t.kernel);
+                            ui.label(t.calls.to_string());
+                            ui.label(format!("{:.1}", t.seconds * 1e3));
+                            ui.label(format!("{:.1}", t.seconds / t.calls.max(1) as f64 * 1e6));
+                            ui.end_row();
+                        }
+                    });
+            });
     }
 }

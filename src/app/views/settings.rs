@@ -187,6 +187,10 @@ pub fn settings_ui(ui: &mut egui::Ui, st: &mut AppState, out: &mut Vec<UiAction>
                 ui.checkbox(&mut s.tensor_cores, "Tensor cores (f16)")
                     .on_hover_text("Run the calibration forward and the Hessians on f16 operands with f32 accumulation where the GPU grants cooperative matrices (like the reference's half-precision forward; on an H100 an 8B GPTQ layer took 3.8 s with it and 7.9 s without, 2.16 s with it after later kernel work). Ignored elsewhere, and where the f16 copies do not fit the memory budget");
                 ui.end_row();
+                ui.label("");
+                ui.checkbox(&mut s.kernel_times, "Time GPU kernels")
+                    .on_hover_text("Time every GPU dispatch with timestamp queries: where the GPU time goes per stage and kernel, how long the GPU waited for the host (shown under Results, and in the saved report). Costs about 1 %; needs timestamp queries");
+                ui.end_row();
             });
     });
     for i in issues
