@@ -35,8 +35,10 @@ struct Params {
     src_r0: u32,
     src_rows: u32,
     src_off: u32,
-    _p1: u32,
-    _p2: u32,
+    // copy_in over a batch (z = global_invocation_id.z): the z-th block's destination and
+    // source start zdst·z and zsrc·z elements later (0 for one block).
+    zdst: u32,
+    zsrc: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -81,14 +83,15 @@ fn prep(@builtin(global_invocation_id) g: vec3<u32>) {
 }
 
 // ---- copy_in / reverse_u ---------------------------------------------------------------------
-// copy_in: dst[off + r·n + c] = src[src_off + r·cols + c] for r < rows, c < cols: a dense block
-// from a contiguous scratch buffer (leading dimension `cols`) into one panel of an n-column matrix.
+// copy_in: dst[off + z·zdst + r·n + c] = src[src_off + z·zsrc + r·cols + c] for r < rows,
+// c < cols: a dense block from a contiguous scratch buffer (leading dimension `cols`) into one
+// panel of an n-column matrix; a batch of such blocks along z.
 @compute @workgroup_size(16, 16)
 fn copy_in(@builtin(global_invocation_id) g: vec3<u32>) {
     let r = g.y;
     let c = g.x;
     if (r < p.rows && c < p.cols) {
-        dst[p.off + r * p.n + c] = src[p.src_off + r * p.cols + c];
+        dst[p.off + g.z * p.zdst + r * p.n + c] = src[p.src_off + g.z * p.zsrc + r * p.cols + c];
     }
 }
 

@@ -31,7 +31,8 @@
 // Index audit (gpu/ops.rs creates this module without wgpu's index clamps, `indices_audited`):
 // - global: `load_a` / `load_b` read only row < m, col < n, k_beg ≤ kk < k_end ≤ k, and `store_c`
 //   writes only row < m, col < n; the launcher checks that each view's extent (offset + (rows −
-//   1)·ld + cols, in its stored layout) fits its buffer before every launch (ops::gemm_impl).
+//   1)·ld + cols, in its stored layout), for a batched launch its last batch's (offset +
+//   (batches − 1)·stride added), fits its buffer before every launch (ops::gemm_impl).
 // - workgroup: staging slots are `off + y·32 + swz(x, y)` with y = k % 8 < 8, x < 128 so
 //   x / 4 < 32 and the XOR with k % 8 ≤ 7 stays < 32, off ∈ {0, 256} only with DOUBLE_BUFFER
 //   (512 slots, else 256); readers use `cur + kk·32 + {0, 16} + (t ^ x)` with kk < 8, t < 16 and
@@ -67,6 +68,11 @@ struct Params {
     a_lo: i32,
     b_up: i32,
     b_lo: i32,
+    // Batched launches (ops::gemm_batched): workgroup z computes the product of the operands at
+    // off_a + z·bat_a, off_b + z·bat_b into off_c + z·bat_c; all 0 for a single product.
+    bat_a: u32,
+    bat_b: u32,
+    bat_c: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -96,6 +102,16 @@ var<workgroup> lb: array<vec4<f32>, select(256u, 512u, DOUBLE_BUFFER)>;
 // The k range of this workgroup's output tile: loads outside [k_beg, k_end) read as zero.
 var<private> k_beg: u32;
 var<private> k_end: u32;
+// This workgroup's operand offsets: p.off_* plus its batch's (`set_batch`).
+var<private> oa: u32;
+var<private> ob: u32;
+var<private> oc: u32;
+
+fn set_batch(z: u32) {
+    oa = p.off_a + z * p.bat_a;
+    ob = p.off_b + z * p.bat_b;
+    oc = p.off_c + z * p.bat_c;
+}
 
 // The k range [x, y) of the output tile with rows row0 .. row0 + tile and columns col0 .. col0 +
 // tile: the products outside it involve an entry the caller declared zero (`p.tri`), so summing
@@ -134,9 +150,9 @@ fn load_a(row: u32, kk: u32) -> f32 {
         return 0.0;
     }
     if (TRANS_A) {
-        return a[p.off_a + kk * p.lda + row];
+        return a[oa + kk * p.lda + row];
     }
-    return a[p.off_a + row * p.lda + kk];
+    return a[oa + row * p.lda + kk];
 }
 
 fn load_b(kk: u32, col: u32) -> f32 {
@@ -144,9 +160,9 @@ fn load_b(kk: u32, col: u32) -> f32 {
         return 0.0;
     }
     if (TRANS_B) {
-        return b[p.off_b + col * p.ldb + kk];
+        return b[ob + col * p.ldb + kk];
     }
-    return b[p.off_b + kk * p.ldb + col];
+    return b[ob + kk * p.ldb + col];
 }
 
 // Position (mn, k) inside a [TILE × BK] slice of element `e`: consecutive invocations walk the
@@ -165,7 +181,7 @@ fn store_c(row: u32, col: u32, v: f32) {
     if (UPPER_ONLY && i32(row) > i32(col) + p.diag) {
         return;
     }
-    let ci = p.off_c + row * p.ldc + col;
+    let ci = oc + row * p.ldc + col;
     var out = p.alpha * v;
     // beta == 0 must not read C: it may hold garbage (NaN) from an earlier use.
     if (p.beta != 0.0) {
@@ -213,6 +229,7 @@ fn store_large(off: u32, sa0: vec2<u32>, sa1: vec2<u32>, sa2: vec2<u32>, sa3: ve
 
 @compute @workgroup_size(16, 16, 1)
 fn gemm_large(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    set_batch(wg.z);
     let row0 = wg.y * 128u;
     let col0 = wg.x * 128u;
     // Whole-workgroup early exit (uniform), before any barrier.
@@ -331,6 +348,7 @@ fn gemm_large(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id
 
 @compute @workgroup_size(16, 16, 1)
 fn gemm_small(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    set_batch(wg.z);
     let row0 = wg.y * 64u;
     let col0 = wg.x * 64u;
     if (UPPER_ONLY && i32(row0) > i32(col0) + 63 + p.diag) {

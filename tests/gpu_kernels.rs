@@ -1730,3 +1730,145 @@ fn buffer_pool_reuses_cleared_buffers_within_its_limit() {
     drop(h2);
     ctx.set_pool_limit(0);
 }
+
+/// `gemm_batched`: every product of a batch equals the f64 reference and, bit for bit, the same
+/// product launched alone — with gaps between the batch's views, transposed operands, a zero
+/// triangle declared (`KSkip`, as the factor's inverse does), both tiles' shapes, sizes of 1,
+/// primes and non-multiples of the tiles; C outside the views stays untouched.
+#[test]
+fn gemm_batched_equals_single_launches_bit_for_bit() {
+    let Some(ctx) = test_context() else { return };
+    // (batch, m, n, k, ta, tb, a_upper skip)
+    type Case = (usize, usize, usize, usize, bool, bool, Option<i64>);
+    #[rustfmt::skip]
+    let cases: &[Case] = &[
+        (1, 1, 1, 1, false, false, None),
+        (3, 37, 29, 41, true, true, Some(0)),
+        (5, 32, 32, 32, true, true, Some(0)),
+        (2, 130, 7, 129, false, true, None),
+        (4, 64, 64, 64, false, false, None),
+        (2, 200, 140, 131, true, false, Some(3)),
+    ];
+    for (seed, &(batch, m, n, k, ta, tb, au)) in cases.iter().enumerate() {
+        let mut r = rng(7300 + seed as u64);
+        let skip = ops::KSkip {
+            a_upper: au,
+            ..Default::default()
+        };
+        let (lda, ldb, ldc) = (
+            if ta { m } else { k } + 3,
+            if tb { k } else { n } + 5,
+            n + 2,
+        );
+        let (rows_a, rows_b) = (if ta { k } else { m }, if tb { n } else { k });
+        // Each view followed by a gap: strides larger than the views.
+        let (sa, sb, sc) = (rows_a * lda + 11, rows_b * ldb + 7, m * ldc + 13);
+        let mut a = rand_vec(&mut r, batch * sa);
+        // The declared zero triangle is really zero (op(A)[i, l] = 0 for l < i + s).
+        if let Some(s) = au {
+            for z in 0..batch {
+                for i in 0..m {
+                    for l in 0..k {
+                        if (l as i64) < i as i64 + s {
+                            let idx = if ta { l * lda + i } else { i * lda + l };
+                            a[z * sa + idx] = 0.0;
+                        }
+                    }
+                }
+            }
+        }
+        let b = rand_vec(&mut r, batch * sb);
+        let c0 = rand_vec(&mut r, batch * sc);
+        let (alpha, beta) = (-0.75f32, 0.5f32);
+        let ga = ctx.upload("a", &a).unwrap();
+        let gb = ctx.upload("b", &b).unwrap();
+        let batched = ctx.upload("c batched", &c0).unwrap();
+        let single = ctx.upload("c single", &c0).unwrap();
+        let view = |buf, ld, off, t| {
+            let mut v = MatView::new(buf, ld).at(off);
+            v.trans = t;
+            v
+        };
+        let mut rec = ctx.recorder();
+        ops::gemm_batched(
+            &mut rec,
+            batch,
+            (sa, sb, sc),
+            m,
+            n,
+            k,
+            alpha,
+            view(&ga, lda, 0, ta),
+            view(&gb, ldb, 0, tb),
+            beta,
+            MatView::new(&batched, ldc),
+            skip,
+        )
+        .unwrap();
+        for z in 0..batch {
+            ops::gemm_mat_skip(
+                &mut rec,
+                m,
+                n,
+                k,
+                alpha,
+                view(&ga, lda, z * sa, ta).into(),
+                view(&gb, ldb, z * sb, tb).into(),
+                beta,
+                MatView::new(&single, ldc).at(z * sc).into(),
+                skip,
+                None,
+            )
+            .unwrap();
+        }
+        rec.submit();
+        let (got, one) = (ctx.read(&batched).unwrap(), ctx.read(&single).unwrap());
+        let case = format!("batch {batch} m={m} n={n} k={k} ta={ta} tb={tb} skip {au:?}");
+        for (i, (&g, &o)) in got.iter().zip(&one).enumerate() {
+            assert!(
+                g.to_bits() == o.to_bits(),
+                "{case}: element {i} (batch {}, offset {}): batched {g} single {o}",
+                i / sc,
+                i % sc
+            );
+        }
+        for z in 0..batch {
+            let exp = gemm_ref(
+                m,
+                n,
+                k,
+                alpha.into(),
+                &a[z * sa..],
+                lda,
+                ta,
+                &b[z * sb..],
+                ldb,
+                tb,
+                0.0,
+                &vec![0.0; m * n],
+            );
+            for i in 0..m {
+                for j in 0..n {
+                    let e = exp[i * n + j] + f64::from(beta) * f64::from(c0[z * sc + i * ldc + j]);
+                    let g = f64::from(got[z * sc + i * ldc + j]);
+                    let tol = 1e-5 * (k as f64).sqrt().max(1.0) + 1e-5 * e.abs();
+                    assert!(
+                        (g - e).abs() <= tol,
+                        "{case}: batch {z} ({i}, {j}): got {g} expected {e}"
+                    );
+                }
+            }
+            // Outside the views (the gaps and the columns beyond n): untouched.
+            for idx in 0..sc {
+                let (i, j) = (idx / ldc, idx % ldc);
+                if i >= m || j >= n {
+                    assert_eq!(
+                        got[z * sc + idx].to_bits(),
+                        c0[z * sc + idx].to_bits(),
+                        "{case}: batch {z} element {idx} outside the view was written"
+                    );
+                }
+            }
+        }
+    }
+}

@@ -37,6 +37,11 @@ pub struct GemmParams {
     pub a_lo: i32,
     pub b_up: i32,
     pub b_lo: i32,
+    /// Batched launches ([`gemm_batched`]): per-batch element strides of A, B and C (0 for one
+    /// product).
+    pub bat_a: u32,
+    pub bat_b: u32,
+    pub bat_c: u32,
 }
 
 /// Zero triangles of a GEMM's operands, which the f32 kernels skip: each output tile sums only
@@ -336,6 +341,44 @@ pub fn gemm_tiled(
     )
 }
 
+/// `batch` products `C_z = alpha·op(A_z)·op(B_z) + beta·C_z` (z < `batch`) of the same shape in
+/// one launch, each operand's z-th view `strides.{0,1,2}·z` elements after the given one (A, B,
+/// C), with the same [`KSkip`] in each product's own coordinates: many small products (the
+/// factor's doubling inverse at its first levels: 224 pairs of 32×32 blocks at n = 14336) as
+/// one dispatch instead of one each. Each product is computed exactly as a single launch would
+/// compute it alone (same tile, same k order), so results are bit for bit the same.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_batched(
+    rec: &mut Recorder<'_>,
+    batch: usize,
+    strides: (usize, usize, usize),
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    a: MatView<'_>,
+    b: MatView<'_>,
+    beta: f32,
+    c: MatView<'_>,
+    skip: KSkip,
+) -> Result<(), GpuError> {
+    gemm_impl_batched(
+        rec,
+        m,
+        n,
+        k,
+        alpha,
+        a,
+        b,
+        beta,
+        c,
+        None,
+        None,
+        skip,
+        (batch, strides),
+    )
+}
+
 #[allow(clippy::too_many_arguments)]
 fn gemm_impl(
     rec: &mut Recorder<'_>,
@@ -351,20 +394,55 @@ fn gemm_impl(
     tile: Option<GemmTile>,
     skip: KSkip,
 ) -> Result<(), GpuError> {
-    if m == 0 || n == 0 {
+    gemm_impl_batched(
+        rec,
+        m,
+        n,
+        k,
+        alpha,
+        a,
+        b,
+        beta,
+        c,
+        upper,
+        tile,
+        skip,
+        (1, (0, 0, 0)),
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn gemm_impl_batched(
+    rec: &mut Recorder<'_>,
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    a: MatView<'_>,
+    b: MatView<'_>,
+    beta: f32,
+    c: MatView<'_>,
+    upper: Option<i32>,
+    tile: Option<GemmTile>,
+    skip: KSkip,
+    (batch, (sa, sb, sc)): (usize, (usize, usize, usize)),
+) -> Result<(), GpuError> {
+    if m == 0 || n == 0 || batch == 0 {
         return Ok(());
     }
     debug_assert!(!c.trans, "C cannot be transposed");
+    // The last batch's views must fit (the kernel reads and writes no others).
+    let last = batch - 1;
     if k > 0 {
         // Stored shapes: op(A) is M×K, so A is stored K×M when transposed (likewise B).
-        let extent = |v: &MatView<'_>, r: usize, c: usize| {
+        let extent = |v: &MatView<'_>, r: usize, c: usize, stride: usize| {
             let (sr, sc) = if v.trans { (c, r) } else { (r, c) };
-            v.offset + (sr - 1) * v.ld + sc
+            v.offset + last * stride + (sr - 1) * v.ld + sc
         };
-        check_len("gemm A", a.buf, extent(&a, m, k))?;
-        check_len("gemm B", b.buf, extent(&b, k, n))?;
+        check_len("gemm A", a.buf, extent(&a, m, k, sa))?;
+        check_len("gemm B", b.buf, extent(&b, k, n, sb))?;
     }
-    check_len("gemm C", c.buf, c.offset + (m - 1) * c.ld + n)?;
+    check_len("gemm C", c.buf, c.offset + last * sc + (m - 1) * c.ld + n)?;
     let (tri, a_up, a_lo, b_up, b_lo) = skip.packed();
     let params = GemmParams {
         m: u32_of("gemm M", m)?,
@@ -384,6 +462,9 @@ fn gemm_impl(
         a_lo,
         b_up,
         b_lo,
+        bat_a: u32_of("gemm A batch stride", sa)?,
+        bat_b: u32_of("gemm B batch stride", sb)?,
+        bat_c: u32_of("gemm C batch stride", sc)?,
     };
     let tile = tile.unwrap_or_else(|| gemm_tile_for(rec.ctx(), m, n, k));
     let (entry, side) = match tile {
@@ -399,8 +480,12 @@ fn gemm_impl(
             f64::from(u8::from(tile == GemmTile::LargeDb)),
         ),
     ];
-    let groups = [n.div_ceil(side) as u32, m.div_ceil(side) as u32, 1];
-    if groups[0] > 65535 || groups[1] > 65535 {
+    let groups = [
+        n.div_ceil(side) as u32,
+        m.div_ceil(side) as u32,
+        u32_of("gemm batch", batch)?,
+    ];
+    if groups[0] > 65535 || groups[1] > 65535 || groups[2] > 65535 {
         return Err(GpuError::TooLarge {
             what: format!("gemm {m}x{n} grid"),
             bytes: (m * n * 4) as u64,

@@ -101,7 +101,9 @@ struct FactorParams {
     off: u32,
     panel: PanelRows,
     src_off: u32,
-    _p: [u32; 2],
+    /// `copy_in`'s batch strides (destination, source), 0 for one block.
+    zdst: u32,
+    zsrc: u32,
 }
 
 impl FactorParams {
@@ -114,7 +116,8 @@ impl FactorParams {
             off: 0,
             panel: PanelRows::default(),
             src_off: 0,
-            _p: [0; 2],
+            zdst: 0,
+            zsrc: 0,
         }
     }
 
@@ -207,10 +210,13 @@ pub fn upper_inverse_factor_gpu(
         damp_auto_increment,
         align,
         outer_panel(diag.len()),
+        true,
     )
 }
 
-/// [`upper_inverse_factor_gpu`] with the Cholesky's outer panel width (`outer_panel`) given.
+/// [`upper_inverse_factor_gpu`] with the Cholesky's outer panel width (`outer_panel`) given, and
+/// whether the inverse's levels may be batched (`inverse_level_batched`; off only in tests, to
+/// compare).
 #[allow(clippy::too_many_arguments)]
 fn upper_inverse_factor_panels(
     ctx: &GpuContext,
@@ -221,6 +227,7 @@ fn upper_inverse_factor_panels(
     damp_auto_increment: f64,
     align: usize,
     outer: usize,
+    batch_inverse: bool,
 ) -> Result<Result<Damped<GpuMatrix>, QuantError>, GpuError> {
     let n = diag.len();
     let n32 = u32_of("n", n)?;
@@ -277,7 +284,7 @@ fn upper_inverse_factor_panels(
         // matrices that need more damping) its result is discarded, and the next attempt
         // overwrites K and M from H.
         scope.set("solve/factor/inverse");
-        lower_inverse_to_u(ctx, n, &k, &m, &tmp)?;
+        lower_inverse_to_u(ctx, n, &k, &m, &tmp, batch_inverse)?;
         scope.set("solve/factor/prep");
         let st = ctx.read(&status)?;
         Ok((st.first() == Some(&0)).then_some(()))
@@ -297,20 +304,30 @@ fn upper_inverse_factor_panels(
 }
 
 /// Records and submits `L⁻¹` by recursive doubling in M (module docs), then `U = J·L⁻¹·J` into
-/// K's storage (free once the Cholesky is done).
+/// K's storage (free once the Cholesky is done); `batched`: each level's full pairs in one launch
+/// per step where they fit (`inverse_level_batched`).
 fn lower_inverse_to_u(
     ctx: &GpuContext,
     n: usize,
     k: &GpuMatrix,
     m: &GpuMatrix,
     tmp: &GpuBuffer<f32>,
+    batched: bool,
 ) -> Result<(), GpuError> {
     let n32 = u32_of("n", n)?;
     let gx = u32_of("factor workgroups", n.div_ceil(16))?;
     let mut rec = ctx.recorder();
     let mut b = NB;
     while b < n {
-        for s in (0..n).step_by(2 * b) {
+        // The level's full pairs in one batched launch per step where they fit (one panel per
+        // matrix, all their −B⁻¹·T blocks in the scratch at once); the rest (a last partial
+        // pair, wide levels, matrices in several panels) one pair at a time below.
+        let first = if batched {
+            inverse_level_batched(&mut rec, n, b, k, m, tmp)?
+        } else {
+            0
+        };
+        for s in (first..n).step_by(2 * b) {
             if s + b >= n {
                 continue;
             }
@@ -375,6 +392,96 @@ fn lower_inverse_to_u(
     }
     rec.submit();
     Ok(())
+}
+
+/// One level `b` of the doubling inverse for all its full pairs at once (`ops::gemm_batched` and
+/// a batched `copy_in`): the same three steps as the per-pair loop of [`lower_inverse_to_u`],
+/// bit for bit, in three dispatches instead of three per pair — at n = 14336 the first levels
+/// are 224, 112, 56, … pairs of 32-, 64-, 128-wide blocks whose launches were ~1,000 small
+/// dispatches of 6–25 µs each (BENCHMARKS.md, session 27). Returns the first column of the
+/// pairs left to the per-pair loop (0 when nothing was batched).
+fn inverse_level_batched(
+    rec: &mut Recorder<'_>,
+    n: usize,
+    b: usize,
+    k: &GpuMatrix,
+    m: &GpuMatrix,
+    tmp: &GpuBuffer<f32>,
+) -> Result<usize, GpuError> {
+    let pairs = n / (2 * b);
+    let (Some(kp), Some(mp)) = (k.panels().first(), m.panels().first()) else {
+        return Ok(0);
+    };
+    // One panel each (views by plain offsets), at least two pairs, and the per-pair loop would
+    // take each pair's −B⁻¹·T in one chunk (b ≤ INV_CHUNK) that all fit the scratch together.
+    if k.panels().len() != 1
+        || m.panels().len() != 1
+        || pairs < 2
+        || b > INV_CHUNK
+        || pairs * b * b > tmp.len()
+    {
+        return Ok(0);
+    }
+    let diag = 2 * b * (n + 1); // from one pair's diagonal block to the next one's
+    let at = |buf, row: usize, col: usize| MatView::new(buf, n).at(row * n + col);
+    // Tᵀ = A⁻ᵀ·Cᵀ into K at rows s.., cols s+b.. (A⁻ᵀ's zero lower triangle skipped).
+    ops::gemm_batched(
+        rec,
+        pairs,
+        (diag, diag, diag),
+        b,
+        b,
+        b,
+        1.0,
+        at(mp, 0, 0).t(),
+        at(mp, b, 0).t(),
+        0.0,
+        at(kp, 0, b),
+        ops::KSkip {
+            a_upper: Some(0),
+            ..Default::default()
+        },
+    )?;
+    // −B⁻¹·T into the scratch, pair z's block at z·b² (ld b).
+    ops::gemm_batched(
+        rec,
+        pairs,
+        (diag, diag, b * b),
+        b,
+        b,
+        b,
+        -1.0,
+        at(mp, b, b),
+        at(kp, 0, b).t(),
+        0.0,
+        MatView::new(tmp, b),
+        ops::KSkip::default(),
+    )?;
+    // …over C's place in M (rows s+b.., cols s..).
+    let zdst = u32_of("copy batch stride", diag)?;
+    let zsrc = u32_of("copy batch stride", b * b)?;
+    let b32 = u32_of("copy size", b)?;
+    rec.dispatch(
+        &FACTOR,
+        "copy_in",
+        &[],
+        &FactorParams {
+            rows: b32,
+            cols: b32,
+            off: u32_of("copy offset", b * n)?,
+            src_off: 0,
+            zdst,
+            zsrc,
+            ..FactorParams::new(u32_of("n", n)?)
+        },
+        &[tmp.binding(), mp.binding()],
+        [
+            u32_of("copy workgroups", b.div_ceil(16))?,
+            u32_of("copy workgroups", b.div_ceil(16))?,
+            u32_of("copy batch", pairs)?,
+        ],
+    )?;
+    Ok(pairs * 2 * b)
 }
 
 fn lcm(a: usize, b: usize) -> usize {
@@ -543,6 +650,50 @@ mod tests {
 
     use super::{NB, upper_inverse_factor_panels};
 
+    /// The doubling inverse with its levels batched gives U bit for bit as one pair at a time
+    /// does, at sizes with and without a last partial pair and with levels too wide to batch.
+    #[test]
+    fn batched_inverse_levels_match_pair_by_pair_bit_for_bit()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let Some(ctx) = crate::gpu::test_context() else {
+            return Ok(());
+        };
+        let mut rng = ChaCha8Rng::seed_from_u64(0x9e37_79b9_7f4a_7c15u64);
+        for &n in &[64usize, 200, 300, 1100] {
+            let t = n + 17;
+            let x: Vec<f64> = (0..t * n).map(|_| rng.random_range(-1.0f64..1.0)).collect();
+            let mut h = vec![0f64; n * n];
+            for r in 0..t {
+                let row = &x[r * n..(r + 1) * n];
+                for i in 0..n {
+                    for j in 0..n {
+                        h[i * n + j] += 2.0 * row[i] * row[j] / t as f64;
+                    }
+                }
+            }
+            let diag: Vec<f64> = (0..n).map(|k| h[k * n + k]).collect();
+            let order: Vec<usize> = (0..n).collect();
+            let h32: Vec<f32> = h.iter().map(|&v| v as f32).collect();
+            let gh = ctx.matrix_upload("h", &h32, n, n, 1)?;
+            let mut us = Vec::new();
+            for batched in [true, false] {
+                let f = upper_inverse_factor_panels(
+                    &ctx, &gh, &order, &diag, 0.01, 0.0025, 1, NB, batched,
+                )??;
+                us.push(ctx.read_matrix(&f.value)?);
+            }
+            for (i, (a, b)) in us[0].iter().zip(&us[1]).enumerate() {
+                assert!(
+                    a.to_bits() == b.to_bits(),
+                    "n={n} U({}, {}): batched {a}, pair by pair {b}",
+                    i / n,
+                    i % n
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// The Cholesky with outer panels (the default from n = 8192, `GPTAQ_CHOL_PANEL`) against the
     /// f64 reference, with panels wider than, equal to and not a power-of-two multiple of the
     /// 32-column blocks, sizes that end mid-panel and matrices in row panels; below n = 8192 the
@@ -579,7 +730,7 @@ mod tests {
             ctx.set_panel_cap((cap_rows > 0).then_some((cap_rows * n * 4) as u64));
             let gh = ctx.matrix_upload("h", &h32, n, n, 1);
             let got = gh.and_then(|gh| {
-                upper_inverse_factor_panels(&ctx, &gh, &order, &diag, 0.01, 0.0025, 1, outer)
+                upper_inverse_factor_panels(&ctx, &gh, &order, &diag, 0.01, 0.0025, 1, outer, true)
             });
             // The cap is the context's: lifted before an error returns.
             ctx.set_panel_cap(None);
