@@ -271,6 +271,7 @@ pub fn gemm(
         None,
         None,
         KSkip::default(),
+        SINGLE,
     )
 }
 
@@ -301,6 +302,7 @@ pub fn gemm_upper(
         Some(0),
         None,
         KSkip::default(),
+        SINGLE,
     )
 }
 
@@ -338,6 +340,7 @@ pub fn gemm_tiled(
         diag,
         Some(tile),
         KSkip::default(),
+        SINGLE,
     )
 }
 
@@ -362,7 +365,7 @@ pub fn gemm_batched(
     c: MatView<'_>,
     skip: KSkip,
 ) -> Result<(), GpuError> {
-    gemm_impl_batched(
+    gemm_impl(
         rec,
         m,
         n,
@@ -379,40 +382,11 @@ pub fn gemm_batched(
     )
 }
 
-#[allow(clippy::too_many_arguments)]
-fn gemm_impl(
-    rec: &mut Recorder<'_>,
-    m: usize,
-    n: usize,
-    k: usize,
-    alpha: f32,
-    a: MatView<'_>,
-    b: MatView<'_>,
-    beta: f32,
-    c: MatView<'_>,
-    upper: Option<i32>,
-    tile: Option<GemmTile>,
-    skip: KSkip,
-) -> Result<(), GpuError> {
-    gemm_impl_batched(
-        rec,
-        m,
-        n,
-        k,
-        alpha,
-        a,
-        b,
-        beta,
-        c,
-        upper,
-        tile,
-        skip,
-        (1, (0, 0, 0)),
-    )
-}
+/// One product, for [`gemm_impl`]'s `batch`.
+const SINGLE: (usize, (usize, usize, usize)) = (1, (0, 0, 0));
 
 #[allow(clippy::too_many_arguments)]
-fn gemm_impl_batched(
+fn gemm_impl(
     rec: &mut Recorder<'_>,
     m: usize,
     n: usize,
@@ -739,6 +713,7 @@ fn gemm_split(
                     diag,
                     None,
                     skip.moved(m0, n0, k0),
+                    SINGLE,
                 )?;
             }
         }

@@ -650,6 +650,21 @@ mod tests {
 
     use super::{NB, upper_inverse_factor_panels};
 
+    /// `H = 2/t·XᵀX` (n×n, f64) of t random token rows drawn from `next`.
+    fn hessian_of_random_tokens(n: usize, t: usize, next: &mut dyn FnMut() -> f64) -> Vec<f64> {
+        let x: Vec<f64> = (0..t * n).map(|_| next()).collect();
+        let mut h = vec![0f64; n * n];
+        for r in 0..t {
+            let row = &x[r * n..(r + 1) * n];
+            for i in 0..n {
+                for j in 0..n {
+                    h[i * n + j] += 2.0 * row[i] * row[j] / t as f64;
+                }
+            }
+        }
+        h
+    }
+
     /// The doubling inverse with its levels batched gives U bit for bit as one pair at a time
     /// does, at sizes with and without a last partial pair and with levels too wide to batch.
     #[test]
@@ -660,17 +675,7 @@ mod tests {
         };
         let mut rng = ChaCha8Rng::seed_from_u64(0x9e37_79b9_7f4a_7c15u64);
         for &n in &[64usize, 200, 300, 1100] {
-            let t = n + 17;
-            let x: Vec<f64> = (0..t * n).map(|_| rng.random_range(-1.0f64..1.0)).collect();
-            let mut h = vec![0f64; n * n];
-            for r in 0..t {
-                let row = &x[r * n..(r + 1) * n];
-                for i in 0..n {
-                    for j in 0..n {
-                        h[i * n + j] += 2.0 * row[i] * row[j] / t as f64;
-                    }
-                }
-            }
+            let h = hessian_of_random_tokens(n, n + 17, &mut || rng.random_range(-1.0f64..1.0));
             let diag: Vec<f64> = (0..n).map(|k| h[k * n + k]).collect();
             let order: Vec<usize> = (0..n).collect();
             let h32: Vec<f32> = h.iter().map(|&v| v as f32).collect();
@@ -712,17 +717,7 @@ mod tests {
             (130, 128, 0),
             (200, NB, 0),
         ] {
-            let t = 2 * n;
-            let x: Vec<f64> = (0..t * n).map(|_| next()).collect();
-            let mut h = vec![0f64; n * n];
-            for r in 0..t {
-                let row = &x[r * n..(r + 1) * n];
-                for i in 0..n {
-                    for j in 0..n {
-                        h[i * n + j] += 2.0 * row[i] * row[j] / t as f64;
-                    }
-                }
-            }
+            let h = hessian_of_random_tokens(n, 2 * n, &mut next);
             let diag: Vec<f64> = (0..n).map(|k| h[k * n + k]).collect();
             let order: Vec<usize> = (0..n).collect();
             let exp = crate::quant::reference::inverse_hessian_factor_f64(&h, n, 0.01, 0.0025)?;
