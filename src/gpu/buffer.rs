@@ -461,9 +461,10 @@ impl GpuContext {
         let bytes = padded_size((len * std::mem::size_of::<T>()) as u64);
         if let Some(buffer) = self.reuse(what, bytes)? {
             // Its own submission: queued after every use by its previous owner (see `Pool`).
-            let mut enc = self.device.create_command_encoder(&Default::default());
-            enc.clear_buffer(&buffer, 0, None);
-            self.queue.submit([enc.finish()]);
+            // Through a recorder, so that GPTAQ_KERNEL_TIMES times the clear (`clear:zero fill`).
+            let mut rec = self.recorder();
+            rec.clear_raw(&buffer, 0, None);
+            rec.submit();
             return Ok(GpuBuffer {
                 buffer,
                 len,

@@ -175,11 +175,16 @@ impl std::fmt::Display for AdapterSummary {
 }
 
 /// The optional features we use when present.
-fn wanted_features() -> [(wgpu::Features, &'static str); 5] {
+fn wanted_features() -> [(wgpu::Features, &'static str); 6] {
     [
         (wgpu::Features::SHADER_F16, "SHADER_F16"),
         (wgpu::Features::SUBGROUP, "SUBGROUP"),
         (wgpu::Features::TIMESTAMP_QUERY, "TIMESTAMP_QUERY"),
+        // Timestamps around copies and clears (`gpu::timing`), which are not compute passes.
+        (
+            wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS,
+            "TIMESTAMP_QUERY_INSIDE_ENCODERS",
+        ),
         (
             wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX,
             "EXPERIMENTAL_COOPERATIVE_MATRIX",

@@ -391,12 +391,20 @@ impl<'c> Recorder<'c> {
         if len == 0 {
             return;
         }
-        self.encoder.copy_buffer_to_buffer(
-            src.raw(),
-            src_off as u64 * e,
-            dst.raw(),
-            dst_off as u64 * e,
-            len as u64 * e,
+        super::timing::RecorderTiming::around(
+            self.timing.as_mut(),
+            self.ctx,
+            &mut self.encoder,
+            ("copy", "buffer to buffer"),
+            |enc| {
+                enc.copy_buffer_to_buffer(
+                    src.raw(),
+                    src_off as u64 * e,
+                    dst.raw(),
+                    dst_off as u64 * e,
+                    len as u64 * e,
+                )
+            },
         );
     }
 
@@ -419,8 +427,19 @@ impl<'c> Recorder<'c> {
                 buf.len()
             )));
         }
-        self.encoder.clear_buffer(buf.raw(), start, Some(bytes));
+        self.clear_raw(buf.raw(), start, Some(bytes));
         Ok(())
+    }
+
+    /// Zeroes `bytes` bytes of a raw buffer from `start` (whole words; all of it with `None`).
+    pub(crate) fn clear_raw(&mut self, buf: &wgpu::Buffer, start: u64, bytes: Option<u64>) {
+        super::timing::RecorderTiming::around(
+            self.timing.as_mut(),
+            self.ctx,
+            &mut self.encoder,
+            ("clear", "zero fill"),
+            |enc| enc.clear_buffer(buf, start, bytes),
+        );
     }
 
     pub fn dispatches(&self) -> usize {
@@ -454,7 +473,12 @@ impl<'c> Recorder<'c> {
         dst: &wgpu::Buffer,
         bytes: u64,
     ) {
-        self.encoder
-            .copy_buffer_to_buffer(src.raw(), src_off, dst, 0, bytes);
+        super::timing::RecorderTiming::around(
+            self.timing.as_mut(),
+            self.ctx,
+            &mut self.encoder,
+            ("copy", "to readback"),
+            |enc| enc.copy_buffer_to_buffer(src.raw(), src_off, dst, 0, bytes),
+        );
     }
 }

@@ -7,7 +7,9 @@
 //! timestamp at its beginning and its end (`ComputePassTimestampWrites`, which needs only the
 //! TIMESTAMP_QUERY feature); at submit the recorder resolves them into a buffer and copies them
 //! to a mappable one, which is read once the GPU has finished it — the run never waits for the
-//! timer. Spans are summed per (scope, kernel): the kernel is `shader:entry`, the scope a label
+//! timer. Copies and clears recorded through a recorder (stream loads and stores, readbacks, the
+//! pool's zeroing of reused buffers) are timed too, as `copy:…` and `clear:zero fill`, where the
+//! device can write timestamps inside encoders (TIMESTAMP_QUERY_INSIDE_ENCODERS). Spans are summed per (scope, kernel): the kernel is `shader:entry`, the scope a label
 //! the code sets around a region ([`GpuContext::time_scope`], e.g. `solve/factor/cholesky`).
 //!
 //! What a span is: wgpu's Vulkan backend writes both timestamps at BOTTOM_OF_PIPE, so a pass's
@@ -303,13 +305,14 @@ pub(crate) struct RecorderTiming {
 }
 
 impl RecorderTiming {
-    /// The timestamp writes for the next pass, which runs `shader:entry` in the current scope.
-    pub(crate) fn next(
+    /// A query pair for the next timed command, which runs `shader:entry` in the current scope:
+    /// its set and first index (begin; end is the next one).
+    fn slot(
         &mut self,
         ctx: &GpuContext,
         shader: &'static str,
         entry: &'static str,
-    ) -> wgpu::ComputePassTimestampWrites<'_> {
+    ) -> (usize, u32) {
         let i = self.keys.len();
         if i / PASSES_PER_SET == self.sets.len() {
             self.sets
@@ -320,12 +323,45 @@ impl RecorderTiming {
                 }));
         }
         self.keys.push((ctx.timer.scope(), shader, entry));
-        let slot = (2 * (i % PASSES_PER_SET)) as u32;
+        (i / PASSES_PER_SET, (2 * (i % PASSES_PER_SET)) as u32)
+    }
+
+    /// The timestamp writes for the next pass, which runs `shader:entry` in the current scope.
+    pub(crate) fn next(
+        &mut self,
+        ctx: &GpuContext,
+        shader: &'static str,
+        entry: &'static str,
+    ) -> wgpu::ComputePassTimestampWrites<'_> {
+        let (set, slot) = self.slot(ctx, shader, entry);
         wgpu::ComputePassTimestampWrites {
-            query_set: &self.sets[i / PASSES_PER_SET],
+            query_set: &self.sets[set],
             beginning_of_pass_write_index: Some(slot),
             end_of_pass_write_index: Some(slot + 1),
         }
+    }
+
+    /// Records `op` (a copy or a clear: not a compute pass) between two timestamps as
+    /// `shader:entry`, where the device can write timestamps inside encoders
+    /// (TIMESTAMP_QUERY_INSIDE_ENCODERS); untimed otherwise.
+    pub(crate) fn around(
+        timing: Option<&mut Self>,
+        ctx: &GpuContext,
+        encoder: &mut wgpu::CommandEncoder,
+        (shader, entry): (&'static str, &'static str),
+        op: impl FnOnce(&mut wgpu::CommandEncoder),
+    ) {
+        let Some(t) = timing.filter(|_| {
+            ctx.features
+                .contains(wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS)
+        }) else {
+            op(encoder);
+            return;
+        };
+        let (set, slot) = t.slot(ctx, shader, entry);
+        encoder.write_timestamp(&t.sets[set], slot);
+        op(encoder);
+        encoder.write_timestamp(&t.sets[set], slot + 1);
     }
 
     /// Records the resolve of this recorder's queries and their copy to a mappable buffer at the
@@ -580,6 +616,9 @@ mod tests {
                     MatView::new(&cbig, 256),
                 )?;
             }
+            // A copy and a clear: timed where timestamps may be written inside encoders.
+            rec.copy(&x, 0, &out, 0, 64);
+            rec.clear(&out, 0, 64)?;
             drop(scope2);
             // Back in the outer guard's (relabelled) scope, then in none.
             ops::axpby(&mut rec, 64, 1.0, &x, 1.0, &y, &out)?;
@@ -612,7 +651,21 @@ mod tests {
             "idle entries: {idle:?}"
         );
         let kernels: Vec<_> = times.iter().filter(|t| !super::is_pseudo(t)).collect();
-        assert_eq!(kernels.len(), 5, "unexpected entries: {times:?}");
+        let inside = ctx
+            .features
+            .contains(wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS);
+        let want = if inside { 1 } else { 0 };
+        assert_eq!(
+            calls("test/big", "copy:buffer to buffer"),
+            want,
+            "{times:?}"
+        );
+        assert_eq!(calls("test/big", "clear:zero fill"), want, "{times:?}");
+        assert_eq!(
+            kernels.len(),
+            5 + 2 * want as usize,
+            "unexpected entries: {times:?}"
+        );
         // Host time: every dispatch's recording, in the scope it was recorded in.
         let host = |scope: &str, what: &str| {
             times
