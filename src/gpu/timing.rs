@@ -2,22 +2,25 @@
 //!
 //! Why beside [`super::profile`]: that one waits for the GPU at every phase boundary and charges
 //! wall time, so it tells which phase dominates, not which of the hundreds of dispatches inside
-//! it does (the factor alone records ~2,000 at n = 14336), and its waits take CPU/GPU overlap out
+//! it does (the factor alone records ~1,800 at n = 14336), and its waits take CPU/GPU overlap out
 //! of what it measures. Here every compute pass a [`super::Recorder`] records writes a GPU
 //! timestamp at its beginning and its end (`ComputePassTimestampWrites`, which needs only the
 //! TIMESTAMP_QUERY feature); at submit the recorder resolves them into a buffer and copies them
 //! to a mappable one, which is read once the GPU has finished it — the run never waits for the
 //! timer. Copies and clears recorded through a recorder (stream loads and stores, readbacks, the
 //! pool's zeroing of reused buffers) are timed too, as `copy:…` and `clear:zero fill`, where the
-//! device can write timestamps inside encoders (TIMESTAMP_QUERY_INSIDE_ENCODERS). Spans are summed per (scope, kernel): the kernel is `shader:entry`, the scope a label
-//! the code sets around a region ([`GpuContext::time_scope`], e.g. `solve/factor/cholesky`).
+//! device can write timestamps inside encoders (TIMESTAMP_QUERY_INSIDE_ENCODERS). Spans are
+//! summed per (scope, kernel): the kernel is `shader:entry`, the scope a label the code sets
+//! around a region ([`GpuContext::time_scope`], per thread; e.g. `solve/factor/cholesky`).
 //!
 //! What a span is: wgpu's Vulkan backend writes both timestamps at BOTTOM_OF_PIPE, so a pass's
 //! span runs from the completion of everything before it to its own completion — its launch
 //! latency and barrier wait included. Within a submission the spans therefore tile the GPU's
 //! time; what is left is the time between submissions, which the timer adds per scope as
-//! `(idle):before submission` (the GPU idle, waiting for the host, or running untimed copies,
-//! clears and writes). "All kernels" sums the kernels only.
+//! `(idle):before submission` (the GPU idle, waiting for the host, or running work recorded
+//! outside recorders: `Queue::write_buffer` uploads and the like). "All kernels" sums the timed
+//! kernels, copies and clears only; the host's own time in GPU calls is reported beside them
+//! ([`GpuContext::host_span`]).
 //!
 //! Off by default, and without TIMESTAMP_QUERY (a warning says so): the queries cost a little per
 //! pass and a resolve per submission.
@@ -145,9 +148,9 @@ impl KernelTimer {
                 continue;
             };
             let secs = |ticks: u64| ticks as f64 * self.period_ns * 1e-9;
-            // The GPU's idle time (or untimed work: copies, clears, writes) between the previous
-            // timed submission's last pass and this one's first, charged to this one's scope:
-            // where it is large, the GPU waited for the host.
+            // The GPU's idle time (or work outside recorders: queue writes and the like) between
+            // the previous timed submission's last command and this one's first, charged to this
+            // one's scope: where it is large, the GPU waited for the host.
             if let (Some(last), Some(&(first, _)), Some(key)) =
                 (inner.last_end, stamps.first(), p.keys.first())
                 && first > last
