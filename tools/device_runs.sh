@@ -29,7 +29,9 @@ run() { local name=$1; shift
   nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > $D/smi_$name.log 2>&1 & local s=$!
   local t0=$(date +%s.%N); timeout ${LIM:-150} "$@" --report $D/$name.json > $D/$name.log 2>&1; local rc=$?; kill $s
   echo "== $name rc=$rc $(awk "BEGIN{printf \"%.1f\", $(date +%s.%N)-$t0}")s smi_peak=$(sort -n $D/smi_$name.log | tail -1)"
-  grep -E "phases|done in|finished|warning|rror" $D/$name.log | cut -c1-420; }
+  grep -E "phases|done in|finished|warning|[Ee]rror" $D/$name.log | grep -v "^stats .*mirror" | cut -c1-420
+  # With GPTAQ_KERNEL_TIMES=1 / --kernel-times: the per-scope sums, idle and host totals.
+  grep -E "\(all kernels of the scope\)|^all kernels|GPU idle between|host time in GPU" $D/$name.log | cut -c1-120; }
 for spec in ${RUNS:-}; do
   IFS=: read -r name envs args <<< "$spec"
   q=$Q; case ",$args," in *,--nsamples,*) q=${Q/--nsamples 128/} ;; esac   # a run's own --nsamples
@@ -76,6 +78,8 @@ if [ -n "${SOLVE:-}" ]; then
     echo "== solve $name ($envs)"
     awk '/^quant_solve\//{id=$0; sub(/ +time:.*/, "", id)} /time:/{t=$0; sub(/.*time: +/, "", t); print id, t}' \
       $D/solve_$name.log
+    # GPTAQ_KERNEL_TIMES=1 in the entry's environment: each solve's table header and totals.
+    grep -E "GPU time per kernel|^all kernels|GPU idle between|host time in GPU" $D/solve_$name.log | cut -c1-120
   done
   timeout ${TORCH_LIM:-230} python3 tools/torch_reference.py --bench "$SOLVE" --out $D/torch_bench.json > $D/torch_bench.log 2>&1
   echo "== torch_bench rc=$?"; grep -E "^\[bench\]" $D/torch_bench.log
