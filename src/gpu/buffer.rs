@@ -458,34 +458,52 @@ impl GpuContext {
     /// A zero-initialised buffer of `len` elements.
     pub fn zeros<T: Pod>(&self, what: &str, len: usize) -> Result<GpuBuffer<T>, GpuError> {
         let _host = self.host_span("allocate");
-        let bytes = padded_size((len * std::mem::size_of::<T>()) as u64);
-        if let Some(buffer) = self.reuse(what, bytes)? {
+        let (buf, reused) = self.alloc(what, len)?;
+        if reused {
             // Its own submission: queued after every use by its previous owner (see `Pool`).
             // Through a recorder, so that GPTAQ_KERNEL_TIMES times the clear (`clear:zero fill`).
             let mut rec = self.recorder();
-            rec.clear_raw(&buffer, 0, None);
+            rec.clear_raw(&buf.buffer, 0, None);
             rec.submit();
-            return Ok(GpuBuffer {
+        }
+        Ok(buf)
+    }
+
+    /// A buffer of `len` elements that the caller overwrites entirely before anything reads it
+    /// (a copy, a gather, chunked uploads): a pooled buffer keeps its earlier contents instead of
+    /// being cleared first — that clear would be one more pass over, e.g., a 235 MB weight. (A
+    /// new buffer reads as zeros, as wgpu initialises it.)
+    pub fn scratch<T: Pod>(&self, what: &str, len: usize) -> Result<GpuBuffer<T>, GpuError> {
+        let _host = self.host_span("allocate");
+        Ok(self.alloc(what, len)?.0)
+    }
+
+    /// A pooled buffer for `len` elements (`true`) or a new one.
+    fn alloc<T: Pod>(&self, what: &str, len: usize) -> Result<(GpuBuffer<T>, bool), GpuError> {
+        let bytes = padded_size((len * std::mem::size_of::<T>()) as u64);
+        let (buffer, reused) = match self.reuse(what, bytes)? {
+            Some(buffer) => (buffer, true),
+            None => (
+                self.alloc_scoped(what, bytes, || {
+                    self.device.create_buffer(&wgpu::BufferDescriptor {
+                        label: Some(what),
+                        size: bytes,
+                        usage: USAGE,
+                        mapped_at_creation: false,
+                    })
+                })?,
+                false,
+            ),
+        };
+        Ok((
+            GpuBuffer {
                 buffer,
                 len,
                 mem: self.mem.clone(),
                 _t: PhantomData,
-            });
-        }
-        let buffer = self.alloc_scoped(what, bytes, || {
-            self.device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some(what),
-                size: bytes,
-                usage: USAGE,
-                mapped_at_creation: false,
-            })
-        })?;
-        Ok(GpuBuffer {
-            buffer,
-            len,
-            mem: self.mem.clone(),
-            _t: PhantomData,
-        })
+            },
+            reused,
+        ))
     }
 
     /// A buffer initialised with `data`.
@@ -563,7 +581,7 @@ impl GpuContext {
         if data.len() <= per {
             return self.upload(what, data);
         }
-        let buf = self.zeros::<T>(what, data.len())?;
+        let buf = self.scratch::<T>(what, data.len())?;
         let mut window = WriteWindow::new(PACED_IN_FLIGHT);
         for (i, chunk) in data.chunks(per).enumerate() {
             self.write(&buf, i * per, chunk);
@@ -839,9 +857,10 @@ mod tests {
     }
 
     /// A paced upload equals the plain one bit for bit, with chunks that do not divide the data
-    /// (and data no larger than a chunk taking the plain path), and leaves at most
-    /// `PACED_IN_FLIGHT` chunks of staging alive where the backend reports it — also when the
-    /// uploads queue behind GPU work.
+    /// (and data no larger than a chunk taking the plain path), also into a pooled buffer that
+    /// held other data (`scratch`: not cleared first), and leaves at most `PACED_IN_FLIGHT`
+    /// chunks of staging alive where the backend reports it — also when the uploads queue
+    /// behind GPU work.
     #[test]
     fn paced_upload_equals_upload_with_bounded_staging() -> Result<(), Box<dyn std::error::Error>> {
         let Some(ctx) = crate::gpu::test_context() else {
@@ -850,12 +869,16 @@ mod tests {
         let k = 256;
         let busy = ctx.upload("busy", &vec![0.5f32; k * k])?;
         let busy_out = ctx.zeros::<f32>("busy out", k * k)?;
+        // Freed buffers of 1 MiB and more are pooled: the 300,001-float case reuses the junk one.
+        ctx.set_pool_limit(1 << 30);
         for (len, chunk_bytes) in [
             (40_001usize, 4096usize),
             (1000, 4096),
             (12_288, 4096),
             (7, 8),
+            (300_001, 256 << 10),
         ] {
+            drop(ctx.upload("junk", &vec![f32::NAN; len])?);
             let data: Vec<f32> = (0..len).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
             let mut rec = ctx.recorder();
             crate::gpu::ops::gemm(
@@ -872,7 +895,7 @@ mod tests {
             rec.submit();
             let paced = ctx.upload_paced_with("paced", &data, chunk_bytes)?;
             if let Some((_, staging)) = ctx.allocator_now() {
-                // Parameter blocks of dispatches are staged too (256 bytes each).
+                // The busy GEMM's packed parameters are staged too (one small write).
                 let bound = (super::PACED_IN_FLIGHT * chunk_bytes + 4096) as u64;
                 assert!(
                     len * 4 <= chunk_bytes || staging <= bound,
@@ -889,6 +912,7 @@ mod tests {
                 );
             }
         }
+        ctx.set_pool_limit(0);
         Ok(())
     }
 }

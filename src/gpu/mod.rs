@@ -25,12 +25,28 @@ pub fn test_context() -> Option<GpuContext> {
     match GpuContext::new(&GpuOptions::from_env()) {
         Ok(ctx) => Some(ctx),
         Err(e) => {
-            let ci = std::env::var("CI")
-                .map(|v| v == "true" || v == "1")
-                .unwrap_or(false);
-            assert!(!ci, "CI=true but no GPU adapter: {e}");
+            assert!(!under_ci(), "CI=true but no GPU adapter: {e}");
             eprintln!("note: skipping GPU test, no adapter: {e}");
             None
         }
     }
+}
+
+/// For tests: turns kernel timing on ([`timing`]) and says whether it is on. Without the
+/// adapter's TIMESTAMP_QUERY a test is skipped with a note, except under `CI=true`, where it
+/// fails (CI's lavapipe has timestamps).
+pub fn test_kernel_timing(ctx: &GpuContext) -> bool {
+    let on = ctx.set_kernel_timing(true);
+    if !on {
+        assert!(
+            !under_ci(),
+            "CI=true but the adapter has no TIMESTAMP_QUERY"
+        );
+        eprintln!("note: skipping GPU timing test, no TIMESTAMP_QUERY");
+    }
+    on
+}
+
+fn under_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
 }

@@ -864,14 +864,14 @@ fn solve(
     // Uploads (W copied on the GPU when it is there already and unchanged by the preparation).
     let gw = match (w_gpu, &wp, &gperm_dead) {
         (Some(src), None, _) if !needs_prep => {
-            let gw = ctx.zeros::<f32>("quant W", n_el)?;
+            let gw = ctx.scratch::<f32>("quant W", n_el)?;
             let mut rec = ctx.recorder();
             rec.copy(src, 0, &gw, 0, n_el);
             rec.submit();
             gw
         }
         (Some(src), None, Some(table)) => {
-            let gw = ctx.zeros::<f32>("quant W", n_el)?;
+            let gw = ctx.scratch::<f32>("quant W", n_el)?;
             let mut rec = ctx.recorder();
             rec.dispatch(
                 &QUANT_GATHER,

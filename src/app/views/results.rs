@@ -153,7 +153,7 @@ pub fn results_ui(ui: &mut egui::Ui, st: &mut AppState, out: &mut Vec<UiAction>)
 /// sweep, …), the GPU's idle time between submissions and the host's time in GPU calls, and the
 /// kernels that took longest.
 fn gpu_time_ui(ui: &mut egui::Ui, session: &super::super::state::Session) {
-    use crate::gpu::timing::{HOST, IDLE, is_pseudo};
+    use crate::gpu::timing::{HOST, IDLE, is_pseudo, pseudo_total, scope_totals};
     let timed: Vec<_> = session
         .runs
         .iter()
@@ -174,28 +174,14 @@ fn gpu_time_ui(ui: &mut egui::Ui, session: &super::super::state::Session) {
             .filter(|t| !is_pseudo(t))
             .map(|t| t.seconds)
             .sum();
-        let pseudo = |prefix: &str| -> f64 {
-            times
-                .iter()
-                .filter(|t| t.kernel.starts_with(prefix))
-                .map(|t| t.seconds)
-                .sum()
-        };
-        let mut scopes: Vec<(&str, f64)> = Vec::new();
-        for t in times.iter().filter(|t| !is_pseudo(t)) {
-            match scopes.iter_mut().find(|(s, _)| *s == t.scope) {
-                Some(e) => e.1 += t.seconds,
-                None => scopes.push((&t.scope, t.seconds)),
-            }
-        }
-        scopes.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let scopes = scope_totals(times);
         ui.label(format!(
             "{} ({}): kernels {}, GPU idle between submissions {}, host in GPU calls {}, wall {}",
             r.slot.label(),
             r.method,
             fmt_secs(kernels),
-            fmt_secs(pseudo(IDLE)),
-            fmt_secs(pseudo(HOST)),
+            fmt_secs(pseudo_total(times, IDLE)),
+            fmt_secs(pseudo_total(times, HOST)),
             fmt_secs(rep.secs)
         ));
         egui::Grid::new(("gpu_time_scopes", r.slot.label()))
@@ -206,8 +192,8 @@ fn gpu_time_ui(ui: &mut egui::Ui, session: &super::super::state::Session) {
                     ui.label(RichText::new(h).strong());
                 }
                 ui.end_row();
-                for (scope, secs) in &scopes {
-                    ui.label(*scope);
+                for &(scope, _, secs) in &scopes {
+                    ui.label(scope);
                     ui.label(format!("{:.1}", secs * 1e3));
                     ui.label(format!(
                         "{:.1} %",
