@@ -23,8 +23,9 @@
 //        GPTAQ: W1[:, j] −= e·U[k, i1+j] − w·P[k, i1+j]   (w = pre-quantization value, §2.2)
 // At the end the errors e (ebuf[:, 0..cnt]) and, for GPTAQ, the NEGATED final W1
 // (ebuf[:, woff..woff+cnt], ≈ the quantized values, §2.2 "Subtlety") are left for the host's
-// cross-block GEMM: W[:, i2:] −= [e | −W1]·[U; P][block rows, i2:] is then one GEMM with K doubled
-// (−e·U + W1·P, the GPTQ and GPTAQ terms together; quant/gpu.rs).
+// cross-block update (quant/gpu.rs `Gptaq`): with the whole P, W[:, i2:] −= [e | −W1]·[U; P][block
+// rows, i2:] is one GEMM with K doubled (−e·U + W1·P, the GPTQ and GPTAQ terms together); in the
+// deferred form −W1 feeds the pending matrix G instead, and only P's diagonal blocks are read here.
 //
 // Scales are rounded to f16 when computed (quant/mod.rs deviation), with an exact
 // round-to-nearest-even f32 → f16 emulation (no f16 shader feature needed).
@@ -43,11 +44,18 @@ struct Params {
     gptaq: u32,
     lde: u32,
     woff: u32,
-    // First global row of the bound panels of U and P (gpu/matrix.rs; the block's rows
-    // i1 .. i1 + cnt lie in that one panel because panels are multiples of the block size).
+    // First global row of the bound panel of U (gpu/matrix.rs; the block's rows i1 .. i1 + cnt
+    // lie in that one panel because panels are multiples of the block size).
     urow0: u32,
+    // GPTAQ's in-block P[k, i1 + j] is pm[(k − prow0)·ldp + pcol0 + j]: the whole P's panel
+    // (prow0 = urow0, ldp = n, pcol0 = i1), or the stack of P's diagonal blocks that the deferred
+    // form keeps (prow0 = 0, ldp = block size, pcol0 = 0; quant/gpu.rs `Gptaq`).
+    prow0: u32,
+    ldp: u32,
+    pcol0: u32,
     _p1: u32,
     _p2: u32,
+    _p3: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -254,7 +262,7 @@ fn sweep_block(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nw
             // w (tests/quant_gpu.rs gptaq_alpha_zero_equals_gptq_on_gpu, H200). With fma(ws, 0,
             // x) = x the two branches are now the same arithmetic when P = 0.
             if (p.gptaq != 0u) {
-                let pij = pm[(k - p.urow0) * n + i1 + j];
+                let pij = pm[(k - p.prow0) * p.ldp + p.pcol0 + j];
                 for (var rr = 0u; rr < rc; rr++) {
                     w1[rr * cnt + j] = fma(ws[rr], pij, fma(-es[rr], uij, w1[rr * cnt + j]));
                 }

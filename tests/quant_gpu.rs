@@ -428,6 +428,12 @@ fn solve_in_row_panels_matches_reference() {
         &p,
         &cfg(gptaq(1.0), 4, Some(64), true, true, true, 64, false),
     );
+    check(
+        &ctx,
+        "gptaq.25 3b asym gs96 act bs64 (whole P), panels",
+        &p,
+        &cfg(gptaq(0.25), 3, Some(96), false, true, false, 64, false),
+    );
     let gh = ctx.matrix_upload("h", &p.h, n, n, 1).unwrap();
     let err = quantize_gpu(
         &ctx,
@@ -459,6 +465,14 @@ fn mse_grid_and_group_larger_than_block() {
         "24x96 gptaq.25 3b sym gs-1 bs32 mse",
         &p,
         &cfg(gptaq(0.25), 3, None, true, false, false, 32, true),
+    );
+    // Dynamic groups spanning three blocks: GPTAQ keeps the whole P here (quant::gpu's
+    // `PForm`: the stale-W group parameters read columns of later blocks).
+    check(
+        &ctx,
+        "24x96 gptaq1 4b asym gs48 bs16 (whole P)",
+        &p,
+        &cfg(gptaq(1.0), 4, Some(48), false, false, false, 16, false),
     );
 }
 

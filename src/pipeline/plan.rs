@@ -159,8 +159,8 @@ fn nxn_bytes(c: &ModelConfig) -> u64 {
 }
 
 /// The solve's n×n-sized temporaries next to the statistics (quant/factor.rs, quant/gpu.rs):
-/// while factoring K (later U) and M (L, then L⁻¹) plus a 128-row scratch; GPTAQ's P then lives
-/// in the permuted D next to U, with a block scratch of n × n/16 floats or min(n × n, 64 MiB),
+/// while factoring K (later U) and M (L, then L⁻¹) plus a 128-row scratch; GPTAQ's P (or, deferred,
+/// its first factor A) then lives in the permuted D next to U, with a block scratch of n × n/16 floats or min(n × n, 64 MiB),
 /// whichever is larger (`quant::gpu::p_scratch_floats`). Two n×n matrices and the larger scratch.
 fn solve_temp_bytes(c: &ModelConfig, asymmetry: bool, max_buffer_bytes: u64) -> u64 {
     let n = c.hidden_size.max(c.intermediate_size).max(c.q_dim());
@@ -175,10 +175,12 @@ fn solve_temp_bytes(c: &ModelConfig, asymmetry: bool, max_buffer_bytes: u64) -> 
 
 /// The GPU solve's per-module buffers for the largest module (rows·cols): the working W (f32),
 /// the integer codes (1 byte each, 4 per u32 word, rows padded to whole words:
-/// rows·⌈cols/4⌉·4 bytes) and the final Q (f32), plus GPTAQ's `[U; P]` block-row staging
-/// (2·128 × n at the default block size) (quant/gpu.rs); its per-block error buffer is
-/// rows·2·block_size, negligible next to these.
-fn solver_bytes(c: &ModelConfig) -> u64 {
+/// rows·⌈cols/4⌉·4 bytes) and the final Q (f32), plus with `asymmetry` GPTAQ's pending terms
+/// (rows·cols f32) and P's diagonal blocks (n × 128 at the default block size) — the deferred
+/// P (quant::gpu's `PForm`), more than the whole P's `[U; P]` staging (2·128 × n) that replaces
+/// them where a group spans blocks; the per-block error buffer is rows·2·block_size, negligible
+/// next to these.
+fn solver_bytes(c: &ModelConfig, asymmetry: bool) -> u64 {
     let (h, i, qd) = (
         c.hidden_size as u64,
         c.intermediate_size as u64,
@@ -191,7 +193,9 @@ fn solver_bytes(c: &ModelConfig) -> u64 {
         .map(|&(r, c)| r * c.div_ceil(4) * 4)
         .max()
         .unwrap_or(0);
-    (2 * (h * i).max(h * qd) + 2 * 128 * n) * F32 + codes
+    let largest = (h * i).max(h * qd);
+    let gptaq = if asymmetry { largest + 128 * n } else { 0 };
+    (2 * largest + gptaq) * F32 + codes
 }
 
 /// The temporaries of the metrics' moments (pipeline::metrics::moments) for the largest module:
@@ -298,12 +302,13 @@ pub fn plan(input: &PlanInput<'_>) -> Result<MemoryPlan, PlanError> {
         .any(|&(n, rows)| group_statistics(input, n, rows) >= 2);
     // A capture's E is not needed by the solve, but it is alive while the group solves.
     let solve = statistics
-        + (solve_temp_bytes(c, input.statistics >= 2, input.max_buffer_bytes) + solver_bytes(c))
-            .max(if with_d && input.fp_stream && input.metric_moments {
-                moment_bytes(c)
-            } else {
-                0
-            });
+        + (solve_temp_bytes(c, input.statistics >= 2, input.max_buffer_bytes)
+            + solver_bytes(c, input.statistics >= 2))
+        .max(if with_d && input.fp_stream && input.metric_moments {
+            moment_bytes(c)
+        } else {
+            0
+        });
     let budget = input.gpu_budget_bytes;
     let usable = usable_budget(budget);
     let reserve = budget - usable;
@@ -616,10 +621,12 @@ mod tests {
             2 * n * n * 4 + (64 << 20)
         );
         assert_eq!(nxn_bytes(&c), n * n * 4);
-        // down_proj's W and Q in f32, its codes one byte each (56 MiB, not 224), [U; P] staging.
+        // down_proj's W and Q in f32, its codes one byte each (56 MiB, not 224); GPTAQ's
+        // pending terms (another W) and P's diagonal blocks (n × 128).
+        assert_eq!(solver_bytes(&c, false), 2 * 4096 * n * 4 + 4096 * n);
         assert_eq!(
-            solver_bytes(&c),
-            2 * 4096 * n * 4 + 4096 * n + 2 * 128 * n * 4
+            solver_bytes(&c, true),
+            3 * 4096 * n * 4 + 4096 * n + 128 * n * 4
         );
         assert!(
             p.breakdown.iter().any(|l| l.contains("solving")),

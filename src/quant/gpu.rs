@@ -14,18 +14,23 @@
 //!    caller's `H` and `D` buffers are never modified (§6.2). Modules solved from the same `H` and
 //!    `D` (q/k/v, gate/up) can share diag(H), `U` and `P` through a [`SharedFactor`].
 //! 2. **GPTAQ `P` on the GPU** (§2.2): `D` is permuted and its dead columns zeroed by a gather
-//!    kernel (`quant_gather.wgsl`), then `T = D·Uᵀ`, `T ← α·triu₁(T)` (`quant_mask.wgsl`),
-//!    `P = T·U` — GEMMs over column blocks that skip what the triangles of `U` and `T` make zero,
-//!    per block and per output tile, in place of the permuted `D` ([`gptaq_p_blocked`]: about
-//!    0.35·n³ multiply-adds instead of the dense 2·n³, and no second n×n matrix).
+//!    kernel (`quant_gather.wgsl`), then `A = α·triu₁(D·Uᵀ)` (`quant_mask.wgsl` for the mask)
+//!    and, where the whole P is kept ([`PForm`]), `P = A·U` — GEMMs over column blocks that skip
+//!    what the triangles of `U` and `A` make zero, per block and per output tile, in place of the
+//!    permuted `D` ([`gptaq_p_blocked`]: about 0.35·n³ multiply-adds instead of the dense 2·n³,
+//!    and no second n×n matrix). By default only `A` and P's diagonal blocks are formed (half of
+//!    that) and the rest of P is applied through a pending matrix during the sweep
+//!    ([`PForm::Deferred`]).
 //! 3. **Blocked sweep on the GPU** (§1.2 step 8, §6.3): per block one `quant_sweep.wgsl` dispatch
 //!    (workgroup per row chunk) does the per-column quantization, group parameters at group starts
 //!    (stale-W quirk included), the in-block OBS update and GPTAQ's in-block term; then the lazy
-//!    cross-block update `W[:, i2:] −= Err1·U[i1:i2, i2:]` as one GEMM — for GPTAQ fused with
-//!    `W[:, i2:] += W1·P[i1:i2, i2:]` into one GEMM with K doubled: the block's rows of U and P
-//!    are copied one above the other into a `2·bs × n` staging matrix and the sweep leaves
-//!    `[Err1 | −W1]` side by side, so `W[:, i2:] −= [Err1 | −W1]·[U; P]` (a last, partial block
-//!    has a gap between its two halves and takes the two-GEMM form).
+//!    cross-block update `W[:, i2:] −= Err1·U[i1:i2, i2:]` as one GEMM. GPTAQ's cross-block term
+//!    `W[:, i2:] += W1·P[i1:i2, i2:]`: deferred, through the pending matrix ([`PForm`]: GEMMs
+//!    with K = block size for W and for the pending terms); with the whole P, fused into one GEMM
+//!    with K doubled: the block's rows of U and P are copied one above the other into a
+//!    `2·bs × n` staging matrix and the sweep leaves `[Err1 | −W1]` side by side, so
+//!    `W[:, i2:] −= [Err1 | −W1]·[U; P]` (a last, partial block has a gap between its two halves
+//!    and takes the two-GEMM form).
 //!    After each block's sweep, `quant_colloss.wgsl` reduces its scaled errors to the per-column
 //!    proxy loss (`QuantResult::column_loss`).
 //! 4. `quant_finish.wgsl` writes `Q` in the original column order on the GPU; codes, parameters,
@@ -73,6 +78,7 @@ crate::wgsl_shader!(QUANT_MASK, "quant_mask");
 crate::wgsl_shader!(QUANT_SWEEP, "quant_sweep");
 crate::wgsl_shader!(QUANT_FINISH, "quant_finish");
 crate::wgsl_shader!(QUANT_COLLOSS, "quant_colloss");
+crate::wgsl_shader!(QUANT_PENDING, "quant_pending");
 
 /// Invocations per sweep workgroup (`WG` in `quant_sweep.wgsl`).
 const SWEEP_WG: usize = 128;
@@ -217,7 +223,23 @@ struct SweepParams {
     lde: u32,
     woff: u32,
     urow0: u32,
-    _p: [u32; 2],
+    /// Where the sweep reads GPTAQ's in-block `P[k, i1 + j]`: `pm[(k − prow0)·ldp + pcol0 + j]`
+    /// (`quant_sweep.wgsl`).
+    prow0: u32,
+    ldp: u32,
+    pcol0: u32,
+    _p: [u32; 3],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct PendingParams {
+    rows: u32,
+    n: u32,
+    i1: u32,
+    cnt: u32,
+    lde: u32,
+    _p: [u32; 3],
 }
 
 fn u32_of(what: &str, v: usize) -> Result<u32, QuantGpuError> {
@@ -435,7 +457,23 @@ fn p_blocks_with(n: usize, scratch: usize, forced: Option<usize>) -> Vec<(usize,
 /// rows no block writes (`i ≥ j1` in block `J`) and T's skipped entries (stale scratch, copied
 /// along with the block) lie on or below the diagonal; the masks overwrite them with zeros, so
 /// `P` is exactly strictly upper, as the dense product of the two triangles is.
+#[cfg(test)]
 fn gptaq_p_blocked(
+    rec: &mut crate::gpu::kernels::Recorder<'_>,
+    n: usize,
+    u: &GpuMatrix,
+    dp: &GpuMatrix,
+    scratch: &GpuBuffer<f32>,
+    blocks: &[(usize, usize)],
+    alpha: f32,
+) -> Result<(), QuantGpuError> {
+    gptaq_a_blocked(rec, n, u, dp, scratch, blocks, alpha)?;
+    gptaq_p_from_a(rec, n, u, dp, scratch, blocks)
+}
+
+/// The first half of [`gptaq_p_blocked`]: `A = α·triu₁(Dp·Uᵀ)` in place of the permuted `D` in
+/// `dp` — all that the deferred form ([`PForm::Deferred`]) keeps besides P's diagonal blocks.
+fn gptaq_a_blocked(
     rec: &mut crate::gpu::kernels::Recorder<'_>,
     n: usize,
     u: &GpuMatrix,
@@ -482,7 +520,19 @@ fn gptaq_p_blocked(
         )?;
         factor::copy_in(rec, scratch, dp, 0..j1, j0, j1 - j0)?;
     }
-    triu1_scale(rec, n, dp, alpha)?;
+    triu1_scale(rec, n, dp, alpha)
+}
+
+/// The second half of [`gptaq_p_blocked`]: `P = A·U` in place of `A` (from
+/// [`gptaq_a_blocked`], with the same blocks and scratch).
+fn gptaq_p_from_a(
+    rec: &mut crate::gpu::kernels::Recorder<'_>,
+    n: usize,
+    u: &GpuMatrix,
+    dp: &GpuMatrix,
+    scratch: &GpuBuffer<f32>,
+    blocks: &[(usize, usize)],
+) -> Result<(), QuantGpuError> {
     for &(j0, j1) in blocks.iter().rev() {
         // P[0..j1, J] = T[0..j1, 0..j1]·U[0..j1, J]: T[i, m] is zero for m ≤ i (masked) and
         // U[m, j0 + j] for m > j0 + j, so an output tile sums only over i < m ≤ j.
@@ -507,6 +557,84 @@ fn gptaq_p_blocked(
         factor::copy_in(rec, scratch, dp, 0..j1, j0, j1 - j0)?;
     }
     triu1_scale(rec, n, dp, 1.0)
+}
+
+/// P's diagonal blocks for the deferred form ([`PForm::Deferred`]): for every sweep block
+/// `b = [i1, i2)`, `P[b, b] = A[b, b]·U[b, b]` (`P[i, j] = Σ_{i<m≤j} A[i, m]·U[m, j]` with i, j in
+/// the block keeps m in it, §2.2), stacked into `out` (`n × bs`, the block's rows at its own rows,
+/// columns `0..i2 − i1`). The full blocks of each row panel are one batched launch (their
+/// diagonal steps `bs·(n + 1)` apart in A and U, panels being whole blocks), the last partial
+/// block a launch of its own; each product sums only over `i < m ≤ j` (A strictly upper, U upper),
+/// so the stacked blocks are exactly strictly upper, like P.
+fn gptaq_p_diag(
+    rec: &mut crate::gpu::kernels::Recorder<'_>,
+    n: usize,
+    bs: usize,
+    u: &GpuMatrix,
+    a: &GpuMatrix,
+    out: &GpuBuffer<f32>,
+) -> Result<(), QuantGpuError> {
+    let skip = ops::KSkip {
+        a_upper: Some(1),
+        b_upper: Some(0),
+        ..Default::default()
+    };
+    if bs == 0 || out.len() < n * bs || a.panel_rows() != u.panel_rows() {
+        return Err(GpuError::Validation(format!(
+            "GPTAQ P diagonal blocks: block size {bs}, {} floats for n = {n}, panels of {} and {} rows",
+            out.len(),
+            a.panel_rows(),
+            u.panel_rows()
+        ))
+        .into());
+    }
+    let full_end = n / bs * bs;
+    for pt in 0..a.panels().len() {
+        let r = a.panel_range(pt);
+        let end = r.end.min(full_end);
+        if end <= r.start {
+            continue;
+        }
+        if !r.start.is_multiple_of(bs) {
+            return Err(GpuError::Validation(format!(
+                "GPTAQ P diagonal blocks: panel at row {} is not on a block boundary of {bs}",
+                r.start
+            ))
+            .into());
+        }
+        let step = bs * n + bs;
+        ops::gemm_batched(
+            rec,
+            (end - r.start) / bs,
+            (step, step, bs * bs),
+            bs,
+            bs,
+            bs,
+            1.0,
+            a.view(r.start, r.start),
+            u.view(r.start, r.start),
+            0.0,
+            MatView::new(out, bs).at(r.start * bs),
+            skip,
+        )?;
+    }
+    if full_end < n {
+        let cnt = n - full_end;
+        ops::gemm_mat_skip(
+            rec,
+            cnt,
+            cnt,
+            cnt,
+            1.0,
+            a.op(full_end, full_end),
+            u.op(full_end, full_end),
+            0.0,
+            MatView::new(out, bs).at(full_end * bs).into(),
+            skip,
+            None,
+        )?;
+    }
+    Ok(())
 }
 
 /// `m ← alpha·triu₁(m)` in place (`quant_mask.wgsl`), one launch per row panel.
@@ -544,6 +672,68 @@ fn read_h64(ctx: &GpuContext, h: &GpuMatrix, nn: usize) -> Result<Vec<f64>, Quan
     Ok(h32.iter().map(|&v| f64::from(v)).collect())
 }
 
+/// How GPTAQ's `P = α·triu₁(Dp·Uᵀ)·U` (algorithm.md §2.2) reaches the sweep.
+///
+/// Write `A = α·triu₁(Dp·Uᵀ)`, so `P[i, j] = Σ_{i<m≤j} A[i, m]·U[m, j]`. The reference adds
+/// `q_i·P[i, j]` to every later column `j` of a later block when block `b ∋ i` is done (the
+/// block's final values `q_i`; §2.2 "Subtlety"). Split by where the middle index `m` lies:
+/// - `m` in block `b` itself: `Σ_m (Q_b·triu₁(A[b, b]))[:, m]·U[m, j]` — the same shape as GPTQ's
+///   `Err_b·U[b, j]`, so it joins the errors of that update;
+/// - `m` in a later block `c`: `(Q_b·A[b, m])·U[m, j]` can wait until block `c` — the same as
+///   GPTQ's errors of column `m` — if `Q_b·A[b, m]` is kept meanwhile. The pending matrix
+///   `G[:, m] = Σ_{finished b} Q_b·A[b, m]` (rows × n) keeps it.
+///
+/// So per block `c = [i1, i2)` ([`PForm::Deferred`]): `W[:, c] += G[:, c]·U[c, c]` (U's upper
+/// triangle with its diagonal: every pending term whose `m` and `j` both lie in `c`) before the
+/// sweep — which then sees exactly the reference's W, so the stale-W group parameters read the
+/// same values — then the sweep with P's diagonal block `P[c, c] = A[c, c]·U[c, c]` (the in-block
+/// term with the pre-quantization values, unchanged), then `G[:, c] += Q_c·triu₁(A[c, c])`,
+/// `E = Err_c − G[:, c]` (`quant_pending.wgsl`), `W[:, i2:] −= E·U[c, i2:]` and
+/// `G[:, i2:] += Q_c·A[c, i2:]`. Every term of the reference appears once, before the column it
+/// lands on is quantized; only the order of the f32 sums differs.
+///
+/// What it saves: the second n×n product `P = A·U` (≈ n³/6 multiply-adds, half of P's cost; about
+/// 29 ms of a 4096 × 14336 solve on the H100, BENCHMARKS.md session 27), and the staging copies of
+/// P's rows, for one rows × n pending matrix (235 MB at down_proj) and the n × 128 diagonal
+/// blocks. The cross-block multiply-adds stay those of the fused `[Err | −W1]·[U; P]` GEMM (two
+/// GEMMs with K = block size instead of one with K doubled).
+///
+/// Where a dynamic group's columns span two blocks (the group size does not divide the block
+/// size), the group's stale-W parameters would read columns whose pending terms are not applied
+/// yet; those configurations keep the whole P ([`PForm::Whole`]), and so does
+/// `GPTAQ_P_FORM=whole` (read once; A/B runs on a GPU machine).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum PForm {
+    /// P materialized in the permuted D's storage; `W[:, i2:] −= [Err | −W1]·[U; P]`.
+    Whole,
+    /// Only `A` (in the permuted D's storage) and P's diagonal blocks; see the type's docs.
+    Deferred,
+}
+
+impl PForm {
+    /// The form for a solve with these groups (`dynamic`: groups found during the sweep, of `gs`
+    /// processing columns) and sweep blocks of `bs` columns.
+    fn choose(dynamic: bool, gs: usize, bs: usize) -> Self {
+        static WHOLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let forced = *WHOLE.get_or_init(|| {
+            std::env::var("GPTAQ_P_FORM").is_ok_and(|v| v.eq_ignore_ascii_case("whole"))
+        });
+        if forced || (dynamic && (gs == 0 || !bs.is_multiple_of(gs))) {
+            PForm::Whole
+        } else {
+            PForm::Deferred
+        }
+    }
+}
+
+/// GPTAQ's precomputed terms for one `(H, D)`: [`PForm`]'s matrix (P, or A) in the permuted D's
+/// storage, and for the deferred form P's diagonal blocks (`n × bs`).
+struct GptaqTerms {
+    form: PForm,
+    m: GpuMatrix,
+    diag: Option<GpuBuffer<f32>>,
+}
+
 /// What the modules of one true-sequential group share when they are solved one after another
 /// from the same `H` and `D` with the same config (q/k/v; gate/up): diag(H), the inverse factor
 /// `U` (or its failure) and GPTAQ's `P`. The first solve computes them, the later ones reuse them:
@@ -564,7 +754,7 @@ struct SharedEntry {
     h_diag32: Vec<f32>,
     /// `Err`: no damping made H factorable (every module falls back to RTN with this reason).
     factor: Result<Arc<Damped<GpuMatrix>>, String>,
-    p: Option<Arc<GpuMatrix>>,
+    p: Option<Arc<GptaqTerms>>,
 }
 
 impl SharedFactor {
@@ -596,7 +786,7 @@ pub fn quantize_gpu(
     d: Option<&GpuMatrix>,
     cfg: &QuantConfig,
 ) -> Result<GpuSolve, QuantGpuError> {
-    solve(ctx, w, None, rows, cols, h, d, cfg, None, true)
+    solve(ctx, w, None, rows, cols, h, d, cfg, None, true, None)
 }
 
 /// [`quantize_gpu`] when `W` is also on the GPU already (`w_gpu`, the same values as `w`; the
@@ -625,7 +815,7 @@ pub fn quantize_gpu_resident(
     cfg: &QuantConfig,
     shared: Option<&mut SharedFactor>,
 ) -> Result<GpuSolve, QuantGpuError> {
-    solve(ctx, w, w_gpu, rows, cols, h, d, cfg, shared, false)
+    solve(ctx, w, w_gpu, rows, cols, h, d, cfg, shared, false, None)
 }
 
 /// Both entry points; `host_q`: fill `result.q` (from the codes on the host, exactly the GPU's
@@ -642,6 +832,7 @@ fn solve(
     cfg: &QuantConfig,
     mut shared: Option<&mut SharedFactor>,
     host_q: bool,
+    p_form: Option<PForm>,
 ) -> Result<GpuSolve, QuantGpuError> {
     let spec = check_config(cfg, cols)?;
     let n = cols;
@@ -850,7 +1041,11 @@ fn solve(
     // The permutation (act-order) and the dead columns as one table for the gathers of W and D
     // (quant_gather.wgsl): `perm[0..n]` then the dead flags `[0..n]` by original column. Uploaded
     // once, where either gather runs (a group's later solves reuse its P, so D is not gathered).
-    let cached_p = cached.as_ref().and_then(|c| c.p.clone());
+    let form = p_form.unwrap_or_else(|| PForm::choose(dynamic, gs, bs));
+    let cached_p = cached
+        .as_ref()
+        .and_then(|c| c.p.clone())
+        .filter(|p| p.form == form);
     let gperm_dead = if (w_gpu.is_some() && needs_prep) || (d.is_some() && cached_p.is_none()) {
         let table: Vec<u32> = order
             .iter()
@@ -912,7 +1107,7 @@ fn solve(
 
     // Step 2: GPTAQ P (§2.2).
     let alpha = cfg.method.alpha();
-    let gp: Option<Arc<GpuMatrix>> = match (d, cached_p, &gperm_dead) {
+    let gp: Option<Arc<GptaqTerms>> = match (d, cached_p, &gperm_dead) {
         (Some(_), Some(p), _) => Some(p),
         (Some(d), None, Some(gmeta_d)) => {
             // Dp (then T, then P) shares U's panel layout (same shape and alignment).
@@ -946,13 +1141,24 @@ fn solve(
                     ],
                 )?;
             }
-            gptaq_p_blocked(&mut rec, n, gu, &dp, &scratch, &blocks, alpha as f32)?;
+            gptaq_a_blocked(&mut rec, n, gu, &dp, &scratch, &blocks, alpha as f32)?;
+            let diag = match form {
+                PForm::Whole => {
+                    gptaq_p_from_a(&mut rec, n, gu, &dp, &scratch, &blocks)?;
+                    None
+                }
+                PForm::Deferred => {
+                    let diag = ctx.zeros::<f32>("quant P diagonal blocks", n * bs)?;
+                    gptaq_p_diag(&mut rec, n, bs, gu, &dp, &diag)?;
+                    Some(diag)
+                }
+            };
             // Submit now, so that the scratch can be freed early (wgpu keeps recorded buffers
             // alive until their commands have run).
             rec.submit();
             rec = ctx.recorder();
             drop(scratch);
-            Some(Arc::new(dp))
+            Some(Arc::new(GptaqTerms { form, m: dp, diag }))
         }
         (Some(_), None, None) => {
             return Err(GpuError::Validation("GPTAQ P: no perm/dead table for D".into()).into());
@@ -974,11 +1180,20 @@ fn solve(
     rec = prof.lap(rec, "p")?;
     scope.set("solve/blocks");
     let gptaq = gp.is_some();
-    // GPTAQ's fused cross-block GEMM reads the block's U rows and P rows from one binding
+    // Whole P: the fused cross-block GEMM reads the block's U rows and P rows from one binding
     // (copied there per block). Two GEMMs without the copies were no faster on an H200
     // (session 25: 164.8 / 825.1 ms against 165.8–178.5 / 800.7–835.8 ms per solve).
-    let stage = match gp {
-        Some(_) if n > bs => Some(ctx.zeros::<f32>("quant [U; P] block rows", 2 * bs * n)?),
+    let stage = match gp.as_deref() {
+        Some(t) if t.form == PForm::Whole && n > bs => {
+            Some(ctx.scratch::<f32>("quant [U; P] block rows", 2 * bs * n)?)
+        }
+        _ => None,
+    };
+    // Deferred P: the pending matrix G (PForm), zero before the first block.
+    let pending = match gp.as_deref() {
+        Some(t) if t.form == PForm::Deferred && n > bs => {
+            Some(ctx.zeros::<f32>("quant GPTAQ pending terms", n_el)?)
+        }
         _ => None,
     };
     // Bound but unused by GPTQ (bindings are fixed per pipeline).
@@ -998,15 +1213,45 @@ fn solve(
         let cnt = i2 - i1;
         // The panel of U (and P, same layout) holding this block's rows.
         let (up, urow) = gu.locate(i1);
-        let pp = match (&gp, &dummy) {
-            (Some(p), _) => p.locate(i1).0,
-            (None, Some(d)) => d,
+        // Where the sweep reads the in-block P: (buffer, prow0, ldp, pcol0), quant_sweep.wgsl.
+        let (pp, prow0, ldp, pcol0) = match (gp.as_deref(), &dummy) {
+            (
+                Some(GptaqTerms {
+                    diag: Some(diag), ..
+                }),
+                _,
+            ) => (diag, 0, bs, 0),
+            (Some(t), _) => {
+                let (buf, prow) = t.m.locate(i1);
+                (buf, i1 - prow, n, i1)
+            }
+            (None, Some(d)) => (d, 0, 0, 0),
             (None, None) => {
                 return Err(
                     GpuError::Validation("sweep: neither P nor its placeholder".into()).into(),
                 );
             }
         };
+        if let (Some(g), true) = (&pending, i1 > 0) {
+            // Deferred P: W[:, c] += G[:, c]·U[c, c], U's upper triangle with its diagonal (the
+            // pending terms whose middle index and column both lie in this block, PForm).
+            ops::gemm_mat_skip(
+                &mut rec,
+                rows,
+                cnt,
+                cnt,
+                1.0,
+                MatView::new(g, n).at(i1).into(),
+                gu.op(i1, i1),
+                1.0,
+                MatView::new(&gw, n).at(i1).into(),
+                ops::KSkip {
+                    b_upper: Some(0),
+                    ..Default::default()
+                },
+                None,
+            )?;
+        }
         let sp = SweepParams {
             rows: u32_of("rows", rows)?,
             n: n32,
@@ -1022,7 +1267,10 @@ fn solve(
             lde: lde as u32,
             woff: bs as u32,
             urow0: u32_of("panel row", i1 - urow)?,
-            _p: [0; 2],
+            prow0: u32_of("P panel row", prow0)?,
+            ldp: u32_of("P row stride", ldp)?,
+            pcol0: u32_of("P column", pcol0)?,
+            _p: [0; 3],
         };
         rec.dispatch(
             &QUANT_SWEEP,
@@ -1056,7 +1304,66 @@ fn solve(
             groups_1d(sp.cnt),
         )?;
         rec = prof.lap(rec, "sweep")?;
-        if let (Some(gp), Some(stage), true) = (&gp, &stage, i2 < n && cnt == bs) {
+        if let (Some(t), Some(g), true) = (gp.as_deref(), &pending, i2 < n) {
+            // Deferred P (PForm): G[:, c] += Q_c·triu₁(A[c, c]) (the sweep left −Q_c = −W1),
+            // E = Err_c − G[:, c], W[:, i2:] −= E·U[c, i2:], G[:, i2:] += Q_c·A[c, i2:].
+            let neg_q = MatView::new(&gerr, lde).at(bs);
+            ops::gemm_mat_skip(
+                &mut rec,
+                rows,
+                cnt,
+                cnt,
+                -1.0,
+                neg_q.into(),
+                t.m.op(i1, i1),
+                1.0,
+                MatView::new(g, n).at(i1).into(),
+                ops::KSkip {
+                    b_upper: Some(-1),
+                    ..Default::default()
+                },
+                None,
+            )?;
+            let total = u32_of("pending elements", rows * cnt)?;
+            rec.dispatch(
+                &QUANT_PENDING,
+                "err_minus_pending",
+                &[],
+                &PendingParams {
+                    rows: sp.rows,
+                    n: n32,
+                    i1: sp.i1,
+                    cnt: sp.cnt,
+                    lde: sp.lde,
+                    _p: [0; 3],
+                },
+                &[g.binding(), gerr.binding()],
+                groups_1d(total.div_ceil(256)),
+            )?;
+            ops::gemm_mat(
+                &mut rec,
+                rows,
+                n - i2,
+                cnt,
+                -1.0,
+                MatView::new(&gerr, lde).into(),
+                gu.op(i1, i2),
+                1.0,
+                MatView::new(&gw, n).at(i2).into(),
+            )?;
+            ops::gemm_mat(
+                &mut rec,
+                rows,
+                n - i2,
+                cnt,
+                -1.0,
+                neg_q.into(),
+                t.m.op(i1, i2),
+                1.0,
+                MatView::new(g, n).at(i2).into(),
+            )?;
+        } else if let (Some(t), Some(stage), true) = (gp.as_deref(), &stage, i2 < n && cnt == bs) {
+            let gp = &t.m;
             // W[:, i2:] −= [Err1 | −W1]·[U[i1:i2, i2:]; P[i1:i2, i2:]] (GPTQ term and GPTAQ
             // cross-block term, §2.2, in one GEMM with K = 2·bs).
             let (pp, prow) = gp.locate(i1);
@@ -1086,7 +1393,7 @@ fn solve(
                 1.0,
                 MatView::new(&gw, n).at(i2).into(),
             )?;
-            if let Some(gp) = &gp {
+            if let Some(gp) = gp.as_deref().map(|t| &t.m) {
                 // GPTAQ cross-block term: W[:, i2:] += W1·P[i1:i2, i2:] (W1 = the block's final
                 // values, §2.2; the sweep left −W1).
                 ops::gemm_mat(
@@ -1233,7 +1540,185 @@ mod tests {
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
 
-    use super::{gptaq_p_blocked, p_blocks_with, p_scratch_floats};
+    use super::{
+        PForm, gptaq_a_blocked, gptaq_p_blocked, gptaq_p_diag, p_blocks_with, p_scratch_floats,
+        solve,
+    };
+    use crate::quant::{Method, QuantConfig};
+
+    /// A random upper-triangular `U` (positive diagonal) and a dense `D`, n × n, row-major.
+    fn random_u_d(rng: &mut ChaCha8Rng, n: usize) -> (Vec<f64>, Vec<f64>) {
+        let d: Vec<f64> = (0..n * n).map(|_| rng.random_range(-1.0f64..1.0)).collect();
+        let u: Vec<f64> = (0..n * n)
+            .map(|i| match (i / n).cmp(&(i % n)) {
+                std::cmp::Ordering::Greater => 0.0,
+                std::cmp::Ordering::Equal => 0.5 + rng.random_range(0.0f64..1.0),
+                std::cmp::Ordering::Less => rng.random_range(-1.0f64..1.0),
+            })
+            .collect();
+        (u, d)
+    }
+
+    /// The deferred form's diagonal blocks of P (`gptaq_p_diag`, after `gptaq_a_blocked`) equal
+    /// the f64 reference P's diagonal blocks, stacked `n × bs`, for full and partial last blocks,
+    /// in one buffer and in row panels of whole blocks (the batched launch per panel). The
+    /// stack starts as NaN: every element the sweep reads must be written.
+    #[test]
+    fn p_diagonal_blocks_match_f64() -> Result<(), Box<dyn std::error::Error>> {
+        let Some(ctx) = crate::gpu::test_context() else {
+            return Ok(());
+        };
+        let mut rng = ChaCha8Rng::seed_from_u64(0x5eed_d1a6);
+        // (n, block size, panel rows (0: one buffer), alpha)
+        for &(n, bs, panel_rows, alpha) in &[
+            (1usize, 1usize, 0usize, 1.0f64),
+            (37, 5, 0, 0.25),
+            (200, 64, 0, 1.0),
+            (131, 32, 64, 0.25),
+            (257, 128, 128, 1.0),
+        ] {
+            let (u, d) = random_u_d(&mut rng, n);
+            let want = crate::quant::reference::gptaq_p(&d, &u, n, alpha).ok_or("reference P")?;
+            let f = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
+            ctx.set_panel_cap((panel_rows > 0).then_some((panel_rows * n * 4) as u64));
+            let gu = ctx.matrix_upload("U", &f(&u), n, n, bs);
+            let gd = ctx.matrix_upload("D", &f(&d), n, n, bs);
+            ctx.set_panel_cap(None);
+            let (gu, gd) = (gu?, gd?);
+            let scratch_len = n * n;
+            let scratch = ctx.upload("A scratch", &vec![f32::NAN; scratch_len])?;
+            let diag = ctx.upload("P diagonal blocks", &vec![f32::NAN; n * bs])?;
+            let mut rec = ctx.recorder();
+            gptaq_a_blocked(&mut rec, n, &gu, &gd, &scratch, &[(0, n)], alpha as f32)?;
+            gptaq_p_diag(&mut rec, n, bs, &gu, &gd, &diag)?;
+            rec.submit();
+            let got = ctx.read(&diag)?;
+            let scale = want.iter().fold(1e-30f64, |m, x| m.max(x.abs()));
+            for i in 0..n {
+                let b0 = i / bs * bs;
+                for j in b0..(b0 + bs).min(n) {
+                    let g = f64::from(got[i * bs + (j - b0)]);
+                    let w = want[i * n + j];
+                    assert!(
+                        (g - w).abs() <= 1e-5 * scale,
+                        "P diagonal block n={n} bs={bs} panel rows {panel_rows}: ({i}, {j}) got \
+                         {g} expected {w} (max |P| {scale})"
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// GPTAQ with P deferred (`PForm::Deferred`) and with the whole P solve the same problems
+    /// alike: the same terms in another f32 summation order, so the codes agree except where a
+    /// value sits within round-off of a rounding boundary, and the weights and the proxy loss
+    /// agree to round-off. Over several blocks, act-order, groups dividing the block, static
+    /// groups and per-row parameters.
+    #[test]
+    fn deferred_p_solves_like_the_whole_p() -> Result<(), Box<dyn std::error::Error>> {
+        let Some(ctx) = crate::gpu::test_context() else {
+            return Ok(());
+        };
+        let mut rng = ChaCha8Rng::seed_from_u64(0xdefe_44ed);
+        // (rows, n, block, group, act-order, static groups, alpha)
+        for &(rows, n, bs, gs, act, stat, alpha) in &[
+            (
+                33usize,
+                200usize,
+                32usize,
+                Some(32usize),
+                false,
+                false,
+                0.25f64,
+            ),
+            (17, 131, 16, None, true, false, 1.0),
+            (24, 190, 64, Some(64), true, true, 1.0),
+        ] {
+            // H = 2/T·XᵀX + a ridge (well-conditioned), D = 2/T·δᵀX with δ a small deviation.
+            let t = 2 * n;
+            let x: Vec<f64> = (0..t * n).map(|_| rng.random_range(-1.0f64..1.0)).collect();
+            let dx: Vec<f64> = (0..t * n)
+                .map(|_| 0.1 * rng.random_range(-1.0f64..1.0))
+                .collect();
+            let mut h = vec![0f32; n * n];
+            let mut d = vec![0f32; n * n];
+            for i in 0..n {
+                for j in 0..n {
+                    let (mut sh, mut sd) = (0f64, 0f64);
+                    for k in 0..t {
+                        sh += x[k * n + i] * x[k * n + j];
+                        sd += dx[k * n + i] * x[k * n + j];
+                    }
+                    h[i * n + j] = (2.0 * sh / t as f64) as f32;
+                    d[i * n + j] = (2.0 * sd / t as f64) as f32;
+                }
+            }
+            let w: Vec<f32> = (0..rows * n)
+                .map(|_| rng.random_range(-1.0f32..1.0))
+                .collect();
+            let gh = ctx.matrix_upload("H", &h, n, n, 1)?;
+            let gd = ctx.matrix_upload("D", &d, n, n, 1)?;
+            let cfg = QuantConfig {
+                method: Method::Gptaq { alpha },
+                bits: 4,
+                group_size: gs,
+                sym: false,
+                act_order: act,
+                static_groups: stat,
+                damp_percent: 0.01,
+                damp_auto_increment: 0.01,
+                block_size: bs,
+                mse: false,
+            };
+            let run = |form| {
+                solve(
+                    &ctx,
+                    &w,
+                    None,
+                    rows,
+                    n,
+                    &gh,
+                    Some(&gd),
+                    &cfg,
+                    None,
+                    true,
+                    Some(form),
+                )
+            };
+            let whole = run(PForm::Whole)?.result;
+            let deferred = run(PForm::Deferred)?.result;
+            let name = format!("{rows}x{n} bs{bs} gs{gs:?} act {act} static {stat} alpha {alpha}");
+            let differ = whole
+                .codes
+                .iter()
+                .zip(&deferred.codes)
+                .filter(|(a, b)| a != b)
+                .count();
+            assert!(
+                differ * 200 <= rows * n,
+                "{name}: {differ} of {} codes differ between the whole and the deferred P",
+                rows * n
+            );
+            let num: f64 = whole
+                .q
+                .iter()
+                .zip(&deferred.q)
+                .map(|(&a, &b)| (f64::from(a) - f64::from(b)).powi(2))
+                .sum();
+            let den: f64 = whole.q.iter().map(|&a| f64::from(a).powi(2)).sum();
+            assert!(
+                num <= 1e-4 * den,
+                "{name}: ‖Q_whole − Q_deferred‖² = {num} against ‖Q_whole‖² = {den}"
+            );
+            let (a, b) = (whole.proxy_loss_sum, deferred.proxy_loss_sum);
+            assert!(
+                (a - b).abs() <= 1e-3 * a.abs().max(1e-12),
+                "{name}: proxy loss {a} (whole P) against {b} (deferred)"
+            );
+        }
+        Ok(())
+    }
 
     /// GPTAQ's P on the GPU against the f64 reference (`reference::gptaq_p`) with column blocks
     /// wider than the GEMM tiles, so the per-tile k ranges (ops::KSkip) of both products are
