@@ -12,12 +12,19 @@
 // - `gemm_large`: a 128×128 output tile per 16×16 workgroup, each invocation an 8×8 register block
 //   (rows ty·4+{0..3} and 64+ty·4+{0..3}, likewise columns, so its shared-memory reads are four
 //   vec4 loads per k step for 64 FMAs); by default one workgroup buffer per operand (8 KiB), or,
-// - `gemm_small`: a 64×64 tile, 4×4 per invocation (two vec4 loads per 16 FMAs), for shapes with
-//   too few 128×128 tiles to fill the GPU.
 //   with DOUBLE_BUFFER, two workgroup buffers per operand (16 KiB in all, the portable limit):
 //   slice t+1 is written into one while slice t is read from the other, so one barrier per slice
 //   instead of two. That variant is a candidate for `gptaq-studio tune` (ops::GemmTile::LargeDb);
 //   the size rule keeps the single-buffered one until a GPU measurement says otherwise.
+//   Each invocation loads its share of a slice as one vec4 per operand (four consecutive stored
+//   elements, through the vec4 bindings `a4` / `b4`) where the view's rows start on 16-byte
+//   boundaries, else element by element (`ld4_a` / `ld4_b`): session 28's kernel lab on an H100
+//   (BENCHMARKS.md) measured 4096³ 4.29 → 3.96 ms (A·Bᵀ), 4.27 → 3.86 (A·B), 4.08 → 3.83 (Aᵀ·B)
+//   and a 4096 × 1792 × 12544 product 8–10 % faster against the four scalar loads per operand
+//   before; at K = 128 (the sweep's updates) within ±5 %. The sums, their k order and the
+//   staging layout are unchanged, so results are bit for bit the same.
+// - `gemm_small`: a 64×64 tile, 4×4 per invocation (two vec4 loads per 16 FMAs), for shapes with
+//   too few 128×128 tiles to fill the GPU; scalar loads (`load_a` / `load_b`).
 // K advances in slices of 8 staged through workgroup memory; the next slice's global loads are
 // issued into registers before the current slice is consumed (software prefetch), so global latency
 // overlaps the FMAs.
@@ -29,12 +36,17 @@
 // dynamically here.
 //
 // Index audit (gpu/ops.rs creates this module without wgpu's index clamps, `indices_audited`):
-// - global: `load_a` / `load_b` read only row < m, col < n, k_beg ≤ kk < k_end ≤ k, and `store_c`
-//   writes only row < m, col < n; the launcher checks that each view's extent (offset + (rows −
-//   1)·ld + cols, in its stored layout), for a batched launch its last batch's (offset +
-//   (batches − 1)·stride added), fits its buffer before every launch (ops::gemm_impl).
-// - workgroup: staging slots are `off + y·32 + swz(x, y)` with y = k % 8 < 8, x < 128 so
-//   x / 4 < 32 and the XOR with k % 8 ≤ 7 stays < 32, off ∈ {0, 256} only with DOUBLE_BUFFER
+// - global: `load_a` / `load_b` (and `ld4_a` / `ld4_b` element by element) read only row < m,
+//   col < n, k_beg ≤ kk < k_end ≤ k; a whole vec4 only where all four of its elements pass the
+//   same checks (`scol + 4 ≤ lim`) and the view is aligned, so the vec4 is `base / 4` with base a
+//   multiple of 4; an element `i` read alone is component i % 4 of vec4 i / 4, inside the binding
+//   because buffers are whole 16-byte slots (gpu/buffer.rs `padded_size`). `store_c` writes only
+//   row < m, col < n. The launcher checks that each view's extent (offset + (rows − 1)·ld + cols,
+//   in its stored layout), for a batched launch its last batch's (offset + (batches − 1)·stride
+//   added), fits its buffer before every launch (ops::gemm_impl).
+// - workgroup: `gemm_large`'s staging slots are `off + y·32 + swz(x, y)` with y = k % 8 < 8,
+//   x < 128 so x / 4 < 32 and the XOR with k % 8 ≤ 7 stays < 32, or `off + y·32 + (tid % 32)`
+//   for an x-contiguous operand (y = tid / 32 < 8), off ∈ {0, 256} only with DOUBLE_BUFFER
 //   (512 slots, else 256); readers use `cur + kk·32 + {0, 16} + (t ^ x)` with kk < 8, t < 16 and
 //   x ≤ 7, so < 16; `gemm_small` likewise `y·16 + (x / 4 ^ ·) < 128` with x < 64. Component indices
 //   are `x % 4`. Changing a tile or slot formula means redoing this audit (or dropping the flag).
@@ -79,6 +91,11 @@ struct Params {
 @group(0) @binding(1) var<storage, read> a: array<f32>;
 @group(0) @binding(2) var<storage, read> b: array<f32>;
 @group(0) @binding(3) var<storage, read_write> c: array<f32>;
+// The same operands as vec4 (`gemm_large` reads them only this way, `gemm_small` only as f32; one
+// entry point never uses both names of a binding). Buffers are whole 16-byte slots
+// (gpu/buffer.rs `padded_size`), so every element lies in some vec4 of the binding.
+@group(0) @binding(1) var<storage, read> a4: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> b4: array<vec4<f32>>;
 
 override TRANS_A: bool = false;
 override TRANS_B: bool = false;
@@ -212,19 +229,118 @@ fn swz(x: u32, k: u32, on: bool) -> u32 {
     return (x / 4u) ^ select(0u, k & SWIZZLE, on);
 }
 
-// Writes this invocation's four A and four B elements of a slice into gemm_large's buffer at
-// `off` (0, or 256 for the second of DOUBLE_BUFFER's), swizzled where k-contiguous (`swz`).
-fn store_large(off: u32, sa0: vec2<u32>, sa1: vec2<u32>, sa2: vec2<u32>, sa3: vec2<u32>,
-               sb0: vec2<u32>, sb1: vec2<u32>, sb2: vec2<u32>, sb3: vec2<u32>,
-               ra: vec4<f32>, rb: vec4<f32>) {
-    la[off + sa0.y * 32u + swz(sa0.x, sa0.y, !TRANS_A)][sa0.x % 4u] = ra.x;
-    la[off + sa1.y * 32u + swz(sa1.x, sa1.y, !TRANS_A)][sa1.x % 4u] = ra.y;
-    la[off + sa2.y * 32u + swz(sa2.x, sa2.y, !TRANS_A)][sa2.x % 4u] = ra.z;
-    la[off + sa3.y * 32u + swz(sa3.x, sa3.y, !TRANS_A)][sa3.x % 4u] = ra.w;
-    lb[off + sb0.y * 32u + swz(sb0.x, sb0.y, TRANS_B)][sb0.x % 4u] = rb.x;
-    lb[off + sb1.y * 32u + swz(sb1.x, sb1.y, TRANS_B)][sb1.x % 4u] = rb.y;
-    lb[off + sb2.y * 32u + swz(sb2.x, sb2.y, TRANS_B)][sb2.x % 4u] = rb.z;
-    lb[off + sb3.y * 32u + swz(sb3.x, sb3.y, TRANS_B)][sb3.x % 4u] = rb.w;
+fn a_at(i: u32) -> f32 {
+    return a4[i / 4u][i % 4u];
+}
+
+fn b_at(i: u32) -> f32 {
+    return b4[i / 4u][i % 4u];
+}
+
+// Four consecutive elements of A's stored row `srow` from stored column `scol`; `lim` is the
+// first stored column not to read (exclusive, ≤ the row's valid extent), `lo` the first to read.
+// Out-of-range elements read as zero, like the shipped `load_a`.
+fn ld4_a(srow: u32, scol: u32, lo: u32, lim: u32, aligned: bool) -> vec4<f32> {
+    let base = oa + srow * p.lda + scol;
+    if (aligned && scol >= lo && scol + 4u <= lim) {
+        return a4[base / 4u];
+    }
+    // Written out (no loop-indexed vector components: drivers may put those in local memory).
+    var v = vec4<f32>(0.0);
+    if (scol >= lo && scol < lim) {
+        v.x = a_at(base);
+    }
+    if (scol + 1u >= lo && scol + 1u < lim) {
+        v.y = a_at(base + 1u);
+    }
+    if (scol + 2u >= lo && scol + 2u < lim) {
+        v.z = a_at(base + 2u);
+    }
+    if (scol + 3u >= lo && scol + 3u < lim) {
+        v.w = a_at(base + 3u);
+    }
+    return v;
+}
+
+fn ld4_b(srow: u32, scol: u32, lo: u32, lim: u32, aligned: bool) -> vec4<f32> {
+    let base = ob + srow * p.ldb + scol;
+    if (aligned && scol >= lo && scol + 4u <= lim) {
+        return b4[base / 4u];
+    }
+    var v = vec4<f32>(0.0);
+    if (scol >= lo && scol < lim) {
+        v.x = b_at(base);
+    }
+    if (scol + 1u >= lo && scol + 1u < lim) {
+        v.y = b_at(base + 1u);
+    }
+    if (scol + 2u >= lo && scol + 2u < lim) {
+        v.z = b_at(base + 2u);
+    }
+    if (scol + 3u >= lo && scol + 3u < lim) {
+        v.w = b_at(base + 3u);
+    }
+    return v;
+}
+
+// This invocation's share of slice k0 .. k0 + 8 of op(A): k-contiguous (A row-major M×K), row
+// tid / 2 and k0 + (tid % 2)·4 .. +4; x-contiguous (A stored K×M), k0 + tid / 32 and columns
+// (tid % 32)·4 .. +4 of the tile.
+fn fetch_a(row0: u32, k0: u32, tid: u32, aligned: bool) -> vec4<f32> {
+    if (!TRANS_A) {
+        let row = row0 + tid / 2u;
+        if (row >= p.m) {
+            return vec4<f32>(0.0);
+        }
+        return ld4_a(row, k0 + (tid % 2u) * 4u, k_beg, k_end, aligned);
+    }
+    let kk = k0 + tid / 32u;
+    if (kk < k_beg || kk >= k_end) {
+        return vec4<f32>(0.0);
+    }
+    return ld4_a(kk, row0 + (tid % 32u) * 4u, 0u, p.m, aligned);
+}
+
+// The same for op(B): k-contiguous (B stored N×K), column tid / 2; x-contiguous (B row-major
+// K×N), k0 + tid / 32 and columns (tid % 32)·4 .. +4.
+fn fetch_b(col0: u32, k0: u32, tid: u32, aligned: bool) -> vec4<f32> {
+    if (TRANS_B) {
+        let col = col0 + tid / 2u;
+        if (col >= p.n) {
+            return vec4<f32>(0.0);
+        }
+        return ld4_b(col, k0 + (tid % 2u) * 4u, k_beg, k_end, aligned);
+    }
+    let kk = k0 + tid / 32u;
+    if (kk < k_beg || kk >= k_end) {
+        return vec4<f32>(0.0);
+    }
+    return ld4_b(kk, col0 + (tid % 32u) * 4u, 0u, p.n, aligned);
+}
+
+// Stores the fetched vectors into buffer `off` in the shipped layout: [k][x / 4 (swizzled where
+// k-contiguous)][x % 4].
+fn stage_v4(off: u32, tid: u32, ra: vec4<f32>, rb: vec4<f32>) {
+    if (!TRANS_A) {
+        let x = tid / 2u;
+        let kq = (tid % 2u) * 4u;
+        la[off + kq * 32u + swz(x, kq, true)][x % 4u] = ra.x;
+        la[off + (kq + 1u) * 32u + swz(x, kq + 1u, true)][x % 4u] = ra.y;
+        la[off + (kq + 2u) * 32u + swz(x, kq + 2u, true)][x % 4u] = ra.z;
+        la[off + (kq + 3u) * 32u + swz(x, kq + 3u, true)][x % 4u] = ra.w;
+    } else {
+        la[off + (tid / 32u) * 32u + tid % 32u] = ra;
+    }
+    if (TRANS_B) {
+        let x = tid / 2u;
+        let kq = (tid % 2u) * 4u;
+        lb[off + kq * 32u + swz(x, kq, true)][x % 4u] = rb.x;
+        lb[off + (kq + 1u) * 32u + swz(x, kq + 1u, true)][x % 4u] = rb.y;
+        lb[off + (kq + 2u) * 32u + swz(x, kq + 2u, true)][x % 4u] = rb.z;
+        lb[off + (kq + 3u) * 32u + swz(x, kq + 3u, true)][x % 4u] = rb.w;
+    } else {
+        lb[off + (tid / 32u) * 32u + tid % 32u] = rb;
+    }
 }
 
 @compute @workgroup_size(16, 16, 1)
@@ -239,15 +355,10 @@ fn gemm_large(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id
     let tx = lid.x;
     let ty = lid.y;
     let tid = ty * 16u + tx;
-    // This invocation's four A and four B elements of every [128 × BK] slice.
-    let sa0 = slot(tid, 128u, !TRANS_A);
-    let sa1 = slot(tid + 256u, 128u, !TRANS_A);
-    let sa2 = slot(tid + 512u, 128u, !TRANS_A);
-    let sa3 = slot(tid + 768u, 128u, !TRANS_A);
-    let sb0 = slot(tid, 128u, TRANS_B);
-    let sb1 = slot(tid + 256u, 128u, TRANS_B);
-    let sb2 = slot(tid + 512u, 128u, TRANS_B);
-    let sb3 = slot(tid + 768u, 128u, TRANS_B);
+    // Whole vec4 loads where every stored row of the view starts on a 16-byte boundary
+    // (uniform: from the parameters and the batch only).
+    let aligned_a = ((p.off_a + wg.z * p.bat_a) % 4u) == 0u && (p.lda % 4u) == 0u;
+    let aligned_b = ((p.off_b + wg.z * p.bat_b) % 4u) == 0u && (p.ldb % 4u) == 0u;
 
     var c00 = vec4<f32>(0.0);
     var c01 = vec4<f32>(0.0);
@@ -274,11 +385,9 @@ fn gemm_large(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id
     // (slice t + 2, after the following iteration's barrier).
     let kr = k_range(row0, col0, 128u);
     let k0 = kr.x;
-    var ra = vec4<f32>(load_a(row0 + sa0.x, k0 + sa0.y), load_a(row0 + sa1.x, k0 + sa1.y),
-                       load_a(row0 + sa2.x, k0 + sa2.y), load_a(row0 + sa3.x, k0 + sa3.y));
-    var rb = vec4<f32>(load_b(k0 + sb0.y, col0 + sb0.x), load_b(k0 + sb1.y, col0 + sb1.x),
-                       load_b(k0 + sb2.y, col0 + sb2.x), load_b(k0 + sb3.y, col0 + sb3.x));
-    store_large(0u, sa0, sa1, sa2, sa3, sb0, sb1, sb2, sb3, ra, rb);
+    var ra = fetch_a(row0, k0, tid, aligned_a);
+    var rb = fetch_b(col0, k0, tid, aligned_b);
+    stage_v4(0u, tid, ra, rb);
     workgroupBarrier();
     let ktiles = (kr.y - k0 + BK - 1u) / BK;
     for (var t = 0u; t < ktiles; t++) {
@@ -289,10 +398,8 @@ fn gemm_large(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id
             nxt = 256u - cur;
         }
         let k1 = k0 + (t + 1u) * BK;
-        ra = vec4<f32>(load_a(row0 + sa0.x, k1 + sa0.y), load_a(row0 + sa1.x, k1 + sa1.y),
-                       load_a(row0 + sa2.x, k1 + sa2.y), load_a(row0 + sa3.x, k1 + sa3.y));
-        rb = vec4<f32>(load_b(k1 + sb0.y, col0 + sb0.x), load_b(k1 + sb1.y, col0 + sb1.x),
-                       load_b(k1 + sb2.y, col0 + sb2.x), load_b(k1 + sb3.y, col0 + sb3.x));
+        ra = fetch_a(row0, k1, tid, aligned_a);
+        rb = fetch_b(col0, k1, tid, aligned_b);
         for (var kk = 0u; kk < BK; kk++) {
             // The readers' half of `swz`.
             let xa = select(0u, kk & SWIZZLE, !TRANS_A);
@@ -321,7 +428,7 @@ fn gemm_large(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id
         if (!DOUBLE_BUFFER) {
             workgroupBarrier();
         }
-        store_large(nxt, sa0, sa1, sa2, sa3, sb0, sb1, sb2, sb3, ra, rb);
+        stage_v4(nxt, tid, ra, rb);
         workgroupBarrier();
     }
     let r0 = row0 + ty * 4u;

@@ -329,9 +329,12 @@ const USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
     .union(wgpu::BufferUsages::COPY_SRC)
     .union(wgpu::BufferUsages::COPY_DST);
 
-/// wgpu rejects zero-sized bindings; every buffer has at least one 16-byte slot.
+/// Whole 16-byte slots, at least one: wgpu rejects zero-sized bindings, and shaders that view an
+/// f32 buffer as `array<vec4<f32>>` (`gemm.wgsl`'s `a4` / `b4`) then find every element inside
+/// some vec4 of the binding (the binding limit is rounded down to match,
+/// `GpuContext::max_binding_bytes`).
 fn padded_size(bytes: u64) -> u64 {
-    bytes.max(16).div_ceil(4) * 4
+    bytes.max(16).div_ceil(16) * 16
 }
 
 impl GpuContext {

@@ -444,9 +444,12 @@ impl GpuContext {
     }
 
     pub fn max_binding_bytes(&self) -> u64 {
+        // Whole 16-byte slots, like every buffer (gpu/buffer.rs `padded_size`).
         self.limits
             .max_storage_buffer_binding_size
             .min(self.limits.max_buffer_size)
+            / 16
+            * 16
     }
 
     /// Largest bytes of one panel of a [`super::GpuMatrix`]: the binding limit, or less when capped
