@@ -1,7 +1,7 @@
 // GPTAQ's deferred cross-block term (quant/gpu.rs, `Gptaq::Deferred`): after a block's sweep and
 // the block's own share of the pending matrix G (G[:, blk] += Q1·triu₁(A[blk, blk])), the errors
 // that drive the lazy cross-block update become E = Err1 − G[:, blk]:
-//     ebuf[r, j] −= g[r, i1 + j]      for r < rows, j < cnt
+//     ebuf[r, eoff + j] −= g[r, i1 + j]      for r < rows, j < cnt
 // so that W[:, i2:] −= E·U[blk, i2:] applies GPTQ's term and every GPTAQ term whose middle index m
 // (P[i, j] = Σ_{i<m≤j} A[i, m]·U[m, j], algorithm.md §2.2) lies in this block, in one GEMM.
 // Runs after `column_loss`, which needs the pure errors.
@@ -12,7 +12,8 @@ struct Params {
     i1: u32,
     cnt: u32,
     lde: u32,
-    _p0: u32,
+    // The block's first error column in ebuf (its slot, quant/gpu.rs `lazy_blocks`).
+    eoff: u32,
     _p1: u32,
     _p2: u32,
 }
@@ -29,5 +30,5 @@ fn err_minus_pending(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num
     }
     let r = idx / p.cnt;
     let j = idx % p.cnt;
-    ebuf[r * p.lde + j] -= g[r * p.n + p.i1 + j];
+    ebuf[r * p.lde + p.eoff + j] -= g[r * p.n + p.i1 + j];
 }

@@ -21,7 +21,7 @@
 //   3. all invocations update W1[:, j] for j ≥ i (strided over columns):
 //        GPTQ:  W1[:, j] −= e·U[k, i1+j]
 //        GPTAQ: W1[:, j] −= e·U[k, i1+j] − w·P[k, i1+j]   (w = pre-quantization value, §2.2)
-// At the end the errors e (ebuf[:, 0..cnt]) and, for GPTAQ, the NEGATED final W1
+// At the end the errors e (ebuf[:, eoff..eoff+cnt]) and, for GPTAQ, the NEGATED final W1
 // (ebuf[:, woff..woff+cnt], ≈ the quantized values, §2.2 "Subtlety") are left for the host's
 // cross-block update (quant/gpu.rs `Gptaq`): with the whole P, W[:, i2:] −= [e | −W1]·[U; P][block
 // rows, i2:] is one GEMM with K doubled (−e·U + W1·P, the GPTQ and GPTAQ terms together); in the
@@ -53,9 +53,12 @@ struct Params {
     prow0: u32,
     ldp: u32,
     pcol0: u32,
+    // The block's errors go to ebuf[:, eoff .. eoff + cnt], its −W1 (GPTAQ) to
+    // ebuf[:, woff .. woff + cnt]: the slots of the blocks awaiting one cross-block update
+    // (quant/gpu.rs `lazy_blocks`).
+    eoff: u32,
     _p1: u32,
     _p2: u32,
-    _p3: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -249,7 +252,7 @@ fn sweep_block(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nw
                 codes[my_row * nw + k / 4u] = cword;
                 cword = 0u;
             }
-            ebuf[my_row * p.lde + i] = e;
+            ebuf[my_row * p.lde + p.eoff + i] = e;
             es[t] = e;
             ws[t] = wv;
         }

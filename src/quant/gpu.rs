@@ -204,6 +204,9 @@ struct ColLossParams {
     i1: u32,
     cnt: u32,
     lde: u32,
+    /// The block's first error column in the error buffer.
+    eoff: u32,
+    _p: [u32; 3],
 }
 
 #[repr(C)]
@@ -228,7 +231,9 @@ struct SweepParams {
     prow0: u32,
     ldp: u32,
     pcol0: u32,
-    _p: [u32; 3],
+    /// The block's first error column in the error buffer (its slot, `lazy_blocks`).
+    eoff: u32,
+    _p: [u32; 2],
 }
 
 #[repr(C)]
@@ -239,7 +244,8 @@ struct PendingParams {
     i1: u32,
     cnt: u32,
     lde: u32,
-    _p: [u32; 3],
+    eoff: u32,
+    _p: [u32; 2],
 }
 
 fn u32_of(what: &str, v: usize) -> Result<u32, QuantGpuError> {
@@ -718,13 +724,48 @@ impl PForm {
         let forced = *WHOLE.get_or_init(|| {
             std::env::var("GPTAQ_P_FORM").is_ok_and(|v| v.eq_ignore_ascii_case("whole"))
         });
-        if forced || (dynamic && (gs == 0 || !bs.is_multiple_of(gs))) {
+        if forced || group_spans_blocks(dynamic, gs, bs) {
             PForm::Whole
         } else {
             PForm::Deferred
         }
     }
 }
+
+/// Whether a dynamic group's columns can span two sweep blocks (the group size does not divide the
+/// block size): the stale-W group parameters then read columns of later blocks, which must hold
+/// every earlier block's update when they are read — no deferred P ([`PForm`]), no lazy
+/// updates across blocks ([`lazy_blocks`]).
+fn group_spans_blocks(dynamic: bool, gs: usize, bs: usize) -> bool {
+    dynamic && (gs == 0 || !bs.is_multiple_of(gs))
+}
+
+/// Blocks per cross-block update: two-level lazy updates. GPTQ's lazy batch updates apply a
+/// block's errors to all later columns once per block (`W[:, i2:] −= Err·U[block, i2:]`, K = the
+/// block size): each such GEMM reads and writes the whole rows × (n − i2) rest of W for only 128
+/// multiply-adds per element (at 4096 × 14336 on the H100 ≈ 0.33 ms per launch, of it ≈ 0.15 ms
+/// independent of K; BENCHMARKS.md session 28). Here the errors of `L` consecutive blocks are kept
+/// side by side and applied in one GEMM with K = L·block after the L-th; before each block's
+/// sweep a small catch-up GEMM applies the errors of the group's earlier blocks to this block's
+/// own columns only (K = up to (L − 1)·block, N = the block). Every column still receives every
+/// update before it is quantized — the same terms, summed in another f32 order. GPTAQ's pending
+/// matrix (the deferred P) is updated the same way. Where a dynamic group spans blocks
+/// ([`group_spans_blocks`]) and with the whole P (its fused `[Err | −W1]·[U; P]` GEMM), L = 1.
+/// `GPTAQ_LAZY_BLOCKS=L` (read once, ≥ 1) sets L for A/B runs; the default is [`LAZY_BLOCKS`].
+fn lazy_blocks() -> usize {
+    static FORCED: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    FORCED
+        .get_or_init(|| {
+            std::env::var("GPTAQ_LAZY_BLOCKS")
+                .ok()
+                .and_then(|v| v.parse::<usize>().ok())
+                .filter(|&l| l > 0)
+        })
+        .unwrap_or(LAZY_BLOCKS)
+}
+
+/// The default of [`lazy_blocks`].
+const LAZY_BLOCKS: usize = 4;
 
 /// GPTAQ's precomputed terms for one `(H, D)`: [`PForm`]'s matrix (P, or A) in the permuted D's
 /// storage, and for the deferred form P's diagonal blocks (`n × bs`).
@@ -1098,7 +1139,14 @@ fn solve(
     let gcodes = ctx.zeros::<u32>("quant codes", rows * code_words)?;
     let gloss = ctx.zeros::<f32>("quant loss", rows)?;
     let gcolloss = ctx.zeros::<f32>("quant column loss", n)?;
-    let lde = 2 * bs;
+    // Two-level lazy updates (`lazy_blocks`): the errors (and GPTAQ's −Q) of the `lazy` blocks
+    // since the last cross-block update, slot by slot: [E of slot 0 .. lazy | −Q of slot 0 ..].
+    let lazy = if (form == PForm::Whole && d.is_some()) || group_spans_blocks(dynamic, gs, bs) {
+        1
+    } else {
+        lazy_blocks()
+    };
+    let lde = lazy * bs * if d.is_some() { 2 } else { 1 };
     let gerr = ctx.zeros::<f32>("quant err", rows * lde)?;
 
     let n32 = u32_of("cols", n)?;
@@ -1232,6 +1280,39 @@ fn solve(
                 );
             }
         };
+        // This block's slot among the `lazy` blocks since the last cross-block update, and the
+        // first row (of U, A) of those blocks.
+        let slot = (i1 / bs) % lazy;
+        let first = i1 - slot * bs;
+        if slot > 0 {
+            // Catch-up (`lazy_blocks`): the updates that the earlier blocks since the last flush
+            // owe this block's columns, W[:, c] −= E·U[first..i1, c], and with the deferred P
+            // their pending terms, G[:, c] += Q·A[first..i1, c].
+            ops::gemm_mat(
+                &mut rec,
+                rows,
+                cnt,
+                i1 - first,
+                -1.0,
+                MatView::new(&gerr, lde).into(),
+                gu.op(first, i1),
+                1.0,
+                MatView::new(&gw, n).at(i1).into(),
+            )?;
+            if let (Some(t), Some(g)) = (gp.as_deref(), &pending) {
+                ops::gemm_mat(
+                    &mut rec,
+                    rows,
+                    cnt,
+                    i1 - first,
+                    -1.0,
+                    MatView::new(&gerr, lde).at(lazy * bs).into(),
+                    t.m.op(first, i1),
+                    1.0,
+                    MatView::new(g, n).at(i1).into(),
+                )?;
+            }
+        }
         if let (Some(g), true) = (&pending, i1 > 0) {
             // Deferred P: W[:, c] += G[:, c]·U[c, c], U's upper triangle with its diagonal (the
             // pending terms whose middle index and column both lie in this block, PForm).
@@ -1265,12 +1346,13 @@ fn solve(
             mse: u32::from(spec.mse),
             gptaq: u32::from(gptaq),
             lde: lde as u32,
-            woff: bs as u32,
+            woff: u32_of("error slot", (lazy + slot) * bs)?,
             urow0: u32_of("panel row", i1 - urow)?,
             prow0: u32_of("P panel row", prow0)?,
             ldp: u32_of("P row stride", ldp)?,
             pcol0: u32_of("P column", pcol0)?,
-            _p: [0; 3],
+            eoff: u32_of("error slot", slot * bs)?,
+            _p: [0; 2],
         };
         rec.dispatch(
             &QUANT_SWEEP,
@@ -1299,6 +1381,8 @@ fn solve(
                 i1: sp.i1,
                 cnt: sp.cnt,
                 lde: sp.lde,
+                eoff: sp.eoff,
+                _p: [0; 3],
             },
             &[gerr.binding(), gcolloss.binding()],
             groups_1d(sp.cnt),
@@ -1306,8 +1390,9 @@ fn solve(
         rec = prof.lap(rec, "sweep")?;
         if let (Some(t), Some(g), true) = (gp.as_deref(), &pending, i2 < n) {
             // Deferred P (PForm): G[:, c] += Q_c·triu₁(A[c, c]) (the sweep left −Q_c = −W1),
-            // E = Err_c − G[:, c], W[:, i2:] −= E·U[c, i2:], G[:, i2:] += Q_c·A[c, i2:].
-            let neg_q = MatView::new(&gerr, lde).at(bs);
+            // E = Err_c − G[:, c]; at the group's last block (`lazy_blocks`) W[:, i2:] −= E·U and
+            // G[:, i2:] += Q·A over the group's rows first..i2.
+            let neg_q = MatView::new(&gerr, lde).at((lazy + slot) * bs);
             ops::gemm_mat_skip(
                 &mut rec,
                 rows,
@@ -1335,33 +1420,36 @@ fn solve(
                     i1: sp.i1,
                     cnt: sp.cnt,
                     lde: sp.lde,
-                    _p: [0; 3],
+                    eoff: sp.eoff,
+                    _p: [0; 2],
                 },
                 &[g.binding(), gerr.binding()],
                 groups_1d(total.div_ceil(256)),
             )?;
-            ops::gemm_mat(
-                &mut rec,
-                rows,
-                n - i2,
-                cnt,
-                -1.0,
-                MatView::new(&gerr, lde).into(),
-                gu.op(i1, i2),
-                1.0,
-                MatView::new(&gw, n).at(i2).into(),
-            )?;
-            ops::gemm_mat(
-                &mut rec,
-                rows,
-                n - i2,
-                cnt,
-                -1.0,
-                neg_q.into(),
-                t.m.op(i1, i2),
-                1.0,
-                MatView::new(g, n).at(i2).into(),
-            )?;
+            if slot + 1 == lazy {
+                ops::gemm_mat(
+                    &mut rec,
+                    rows,
+                    n - i2,
+                    i2 - first,
+                    -1.0,
+                    MatView::new(&gerr, lde).into(),
+                    gu.op(first, i2),
+                    1.0,
+                    MatView::new(&gw, n).at(i2).into(),
+                )?;
+                ops::gemm_mat(
+                    &mut rec,
+                    rows,
+                    n - i2,
+                    i2 - first,
+                    -1.0,
+                    MatView::new(&gerr, lde).at(lazy * bs).into(),
+                    t.m.op(first, i2),
+                    1.0,
+                    MatView::new(g, n).at(i2).into(),
+                )?;
+            }
         } else if let (Some(t), Some(stage), true) = (gp.as_deref(), &stage, i2 < n && cnt == bs) {
             let gp = &t.m;
             // W[:, i2:] −= [Err1 | −W1]·[U[i1:i2, i2:]; P[i1:i2, i2:]] (GPTQ term and GPTAQ
@@ -1380,16 +1468,17 @@ fn solve(
                 1.0,
                 MatView::new(&gw, n).at(i2),
             )?;
-        } else if i2 < n {
-            // W[:, i2:] −= Err1·U[i1:i2, i2:]
+        } else if i2 < n && slot + 1 == lazy {
+            // W[:, i2:] −= Err·U[first..i2, i2:]: this block's errors and those of the blocks
+            // since the last such update (`lazy_blocks`; one block where lazy = 1).
             ops::gemm_mat(
                 &mut rec,
                 rows,
                 n - i2,
-                cnt,
+                i2 - first,
                 -1.0,
                 MatView::new(&gerr, lde).into(),
-                gu.op(i1, i2),
+                gu.op(first, i2),
                 1.0,
                 MatView::new(&gw, n).at(i2).into(),
             )?;
