@@ -21,9 +21,10 @@
 //   boundaries, else element by element (`ld4_a` / `ld4_b`): session 28's kernel lab on an H100
 //   (BENCHMARKS.md) measured 4096³ 4.29 → 3.96 ms (A·Bᵀ), 4.27 → 3.86 (A·B), 4.08 → 3.83 (Aᵀ·B)
 //   and a 4096 × 1792 × 12544 product 8–10 % faster against the four scalar loads per operand
-//   before, but 0–8 % slower at K = 128 (the sweep's updates), so the launcher turns them off
-//   below K = 256 (`VEC_LOADS`). The sums, their k order and the staging layout are unchanged,
-//   so results are bit for bit the same.
+//   before, 0–8 % slower at K = 128 (the sweep's updates); in the 4096 × 14336 solve the two
+//   balance (its GEMMs 1 ms slower in all, BENCHMARKS.md session 28; turning the vec4 loads off
+//   below K = 256 made the Cholesky's short-K GEMMs 10 % slower still, so they stay on). The
+//   sums, their k order and the staging layout are unchanged, so results are bit for bit the same.
 // - `gemm_small`: a 64×64 tile, 4×4 per invocation (two vec4 loads per 16 FMAs), for shapes with
 //   too few 128×128 tiles to fill the GPU; scalar loads (`load_a` / `load_b`).
 // K advances in slices of 8 staged through workgroup memory; the next slice's global loads are
@@ -112,9 +113,6 @@ var<workgroup> sb: array<vec4<f32>, 128>;
 // gemm_large's slices: [BK][128] as vec4, twice with DOUBLE_BUFFER (buffer `t % 2` at offset
 // (t % 2)·256), sized by the override so the single-buffered kernel keeps its 8 KiB.
 override DOUBLE_BUFFER: bool = false;
-// `gemm_large`'s vec4 staging loads where the views are aligned; false: element by element
-// always (the launcher's choice for short K, gpu/ops.rs `VEC_LOADS_MIN_K`). Same results.
-override VEC_LOADS: bool = true;
 // The XOR mask of the staging swizzle (`swz`); 0 turns it off (kernel lab only).
 override SWIZZLE: u32 = 7u;
 var<workgroup> la: array<vec4<f32>, select(256u, 512u, DOUBLE_BUFFER)>;
@@ -361,8 +359,8 @@ fn gemm_large(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id
     let tid = ty * 16u + tx;
     // Whole vec4 loads where every stored row of the view starts on a 16-byte boundary
     // (uniform: from the parameters and the batch only).
-    let aligned_a = VEC_LOADS && ((p.off_a + wg.z * p.bat_a) % 4u) == 0u && (p.lda % 4u) == 0u;
-    let aligned_b = VEC_LOADS && ((p.off_b + wg.z * p.bat_b) % 4u) == 0u && (p.ldb % 4u) == 0u;
+    let aligned_a = ((p.off_a + wg.z * p.bat_a) % 4u) == 0u && (p.lda % 4u) == 0u;
+    let aligned_b = ((p.off_b + wg.z * p.bat_b) % 4u) == 0u && (p.ldb % 4u) == 0u;
 
     var c00 = vec4<f32>(0.0);
     var c01 = vec4<f32>(0.0);

@@ -121,9 +121,8 @@ fn gemm_matches_f64_reference_on_awkward_shapes() {
         (2, 130, 1),
         (129, 257, 9),
         (131, 127, 8),
-        // Leading dimensions that are multiples of 4 with partial tiles and slices; from K = 256
-        // (ops::VEC_LOADS_MIN_K) the 128 kernel loads them as vec4, and K = 300 ends inside a
-        // slice.
+        // Leading dimensions that are multiples of 4 (the 128 kernel's vec4 loads) with partial
+        // tiles and slices; K = 36 and K = 300 end inside a slice.
         (132, 260, 36),
         (68, 132, 300),
     ];

@@ -382,12 +382,6 @@ pub fn gemm_batched(
     )
 }
 
-/// `gemm_large` stages its slices with vec4 loads (`gemm.wgsl`'s `VEC_LOADS`) from this K on. The
-/// H100 kernel lab (session 28, BENCHMARKS.md) measured them 8–10 % faster at K = 4096 and 12544
-/// but 0–8 % slower at K = 128 (the sweep's cross-block updates, the Cholesky's panels), where the
-/// few slices leave the loads' instruction savings little to save.
-const VEC_LOADS_MIN_K: usize = 256;
-
 /// One product, for [`gemm_impl`]'s `batch`.
 const SINGLE: (usize, (usize, usize, usize)) = (1, (0, 0, 0));
 
@@ -459,7 +453,6 @@ fn gemm_impl(
             "DOUBLE_BUFFER",
             f64::from(u8::from(tile == GemmTile::LargeDb)),
         ),
-        ("VEC_LOADS", f64::from(u8::from(k >= VEC_LOADS_MIN_K))),
     ];
     let groups = [
         n.div_ceil(side) as u32,

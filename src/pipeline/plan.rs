@@ -178,8 +178,9 @@ fn solve_temp_bytes(c: &ModelConfig, asymmetry: bool, max_buffer_bytes: u64) -> 
 /// rows·⌈cols/4⌉·4 bytes) and the final Q (f32), plus with `asymmetry` GPTAQ's pending terms
 /// (rows·cols f32) and P's diagonal blocks (n × 128 at the default block size) — the deferred
 /// P (quant::gpu's `PForm`), more than the whole P's `[U; P]` staging (2·128 × n) that replaces
-/// them where a group spans blocks; the per-block error buffer is rows·2·block_size, negligible
-/// next to these.
+/// them where a group spans blocks; and the error buffer of the blocks awaiting one cross-block
+/// update (`quant::gpu::lazy_blocks`): rows × L·128, twice with GPTAQ's −Q (59 MiB for
+/// gate/up's 14336 rows at L = 4).
 fn solver_bytes(c: &ModelConfig, asymmetry: bool) -> u64 {
     let (h, i, qd) = (
         c.hidden_size as u64,
@@ -195,7 +196,11 @@ fn solver_bytes(c: &ModelConfig, asymmetry: bool) -> u64 {
         .unwrap_or(0);
     let largest = (h * i).max(h * qd);
     let gptaq = if asymmetry { largest + 128 * n } else { 0 };
-    (2 * largest + gptaq) * F32 + codes
+    let errors = h.max(i).max(qd)
+        * crate::quant::gpu::lazy_blocks() as u64
+        * 128
+        * if asymmetry { 2 } else { 1 };
+    (2 * largest + gptaq + errors) * F32 + codes
 }
 
 /// The temporaries of the metrics' moments (pipeline::metrics::moments) for the largest module:
@@ -623,10 +628,15 @@ mod tests {
         assert_eq!(nxn_bytes(&c), n * n * 4);
         // down_proj's W and Q in f32, its codes one byte each (56 MiB, not 224); GPTAQ's
         // pending terms (another W) and P's diagonal blocks (n × 128).
-        assert_eq!(solver_bytes(&c, false), 2 * 4096 * n * 4 + 4096 * n);
+        // The errors of four blocks of 128 for gate/up's 14336 rows (with GPTAQ's −Q twice).
+        let lazy = crate::quant::gpu::lazy_blocks() as u64;
+        assert_eq!(
+            solver_bytes(&c, false),
+            2 * 4096 * n * 4 + 4096 * n + n * lazy * 128 * 4
+        );
         assert_eq!(
             solver_bytes(&c, true),
-            3 * 4096 * n * 4 + 4096 * n + 128 * n * 4
+            3 * 4096 * n * 4 + 4096 * n + 128 * n * 4 + 2 * n * lazy * 128 * 4
         );
         assert!(
             p.breakdown.iter().any(|l| l.contains("solving")),

@@ -752,7 +752,7 @@ fn group_spans_blocks(dynamic: bool, gs: usize, bs: usize) -> bool {
 /// matrix (the deferred P) is updated the same way. Where a dynamic group spans blocks
 /// ([`group_spans_blocks`]) and with the whole P (its fused `[Err | −W1]·[U; P]` GEMM), L = 1.
 /// `GPTAQ_LAZY_BLOCKS=L` (read once, ≥ 1) sets L for A/B runs; the default is [`LAZY_BLOCKS`].
-fn lazy_blocks() -> usize {
+pub(crate) fn lazy_blocks() -> usize {
     static FORCED: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
     FORCED
         .get_or_init(|| {
