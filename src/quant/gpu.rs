@@ -1256,6 +1256,41 @@ fn solve(
         .min(rows)
         .min(SWEEP_WG);
     let wgs = groups_1d(u32_of("sweep workgroups", rows.div_ceil(rchunk))?);
+    // The updates owed by the blocks whose errors sit in `gerr`'s first `k / bs` slots (rows
+    // `first .. first + k` of U and A) to the columns `c0 .. c0 + width`: W −= E·U and, with the
+    // deferred P, G += Q·A (the sweep left −Q in the second half of the slots).
+    let lazy_update = |rec: &mut crate::gpu::kernels::Recorder<'_>,
+                       first: usize,
+                       k: usize,
+                       c0: usize,
+                       width: usize|
+     -> Result<(), QuantGpuError> {
+        ops::gemm_mat(
+            rec,
+            rows,
+            width,
+            k,
+            -1.0,
+            MatView::new(&gerr, lde).into(),
+            gu.op(first, c0),
+            1.0,
+            MatView::new(&gw, n).at(c0).into(),
+        )?;
+        if let (Some(t), Some(g)) = (gp.as_deref(), &pending) {
+            ops::gemm_mat(
+                rec,
+                rows,
+                width,
+                k,
+                -1.0,
+                MatView::new(&gerr, lde).at(lazy * bs).into(),
+                t.m.op(first, c0),
+                1.0,
+                MatView::new(g, n).at(c0).into(),
+            )?;
+        }
+        Ok(())
+    };
     for i1 in (0..n).step_by(bs) {
         let i2 = (i1 + bs).min(n);
         let cnt = i2 - i1;
@@ -1288,30 +1323,7 @@ fn solve(
             // Catch-up (`lazy_blocks`): the updates that the earlier blocks since the last flush
             // owe this block's columns, W[:, c] −= E·U[first..i1, c], and with the deferred P
             // their pending terms, G[:, c] += Q·A[first..i1, c].
-            ops::gemm_mat(
-                &mut rec,
-                rows,
-                cnt,
-                i1 - first,
-                -1.0,
-                MatView::new(&gerr, lde).into(),
-                gu.op(first, i1),
-                1.0,
-                MatView::new(&gw, n).at(i1).into(),
-            )?;
-            if let (Some(t), Some(g)) = (gp.as_deref(), &pending) {
-                ops::gemm_mat(
-                    &mut rec,
-                    rows,
-                    cnt,
-                    i1 - first,
-                    -1.0,
-                    MatView::new(&gerr, lde).at(lazy * bs).into(),
-                    t.m.op(first, i1),
-                    1.0,
-                    MatView::new(g, n).at(i1).into(),
-                )?;
-            }
+            lazy_update(&mut rec, first, i1 - first, i1, cnt)?;
         }
         if let (Some(g), true) = (&pending, i1 > 0) {
             // Deferred P: W[:, c] += G[:, c]·U[c, c], U's upper triangle with its diagonal (the
@@ -1427,28 +1439,7 @@ fn solve(
                 groups_1d(total.div_ceil(256)),
             )?;
             if slot + 1 == lazy {
-                ops::gemm_mat(
-                    &mut rec,
-                    rows,
-                    n - i2,
-                    i2 - first,
-                    -1.0,
-                    MatView::new(&gerr, lde).into(),
-                    gu.op(first, i2),
-                    1.0,
-                    MatView::new(&gw, n).at(i2).into(),
-                )?;
-                ops::gemm_mat(
-                    &mut rec,
-                    rows,
-                    n - i2,
-                    i2 - first,
-                    -1.0,
-                    MatView::new(&gerr, lde).at(lazy * bs).into(),
-                    t.m.op(first, i2),
-                    1.0,
-                    MatView::new(g, n).at(i2).into(),
-                )?;
+                lazy_update(&mut rec, first, i2 - first, i2, n - i2)?;
             }
         } else if let (Some(t), Some(stage), true) = (gp.as_deref(), &stage, i2 < n && cnt == bs) {
             let gp = &t.m;
@@ -1470,18 +1461,9 @@ fn solve(
             )?;
         } else if i2 < n && slot + 1 == lazy {
             // W[:, i2:] −= Err·U[first..i2, i2:]: this block's errors and those of the blocks
-            // since the last such update (`lazy_blocks`; one block where lazy = 1).
-            ops::gemm_mat(
-                &mut rec,
-                rows,
-                n - i2,
-                i2 - first,
-                -1.0,
-                MatView::new(&gerr, lde).into(),
-                gu.op(first, i2),
-                1.0,
-                MatView::new(&gw, n).at(i2).into(),
-            )?;
+            // since the last such update (`lazy_blocks`; one block where lazy = 1). No pending
+            // matrix here (GPTQ, or the whole P).
+            lazy_update(&mut rec, first, i2 - first, i2, n - i2)?;
             if let Some(gp) = gp.as_deref().map(|t| &t.m) {
                 // GPTAQ cross-block term: W[:, i2:] += W1·P[i1:i2, i2:] (W1 = the block's final
                 // values, §2.2; the sweep left −W1).
