@@ -241,7 +241,7 @@ fn b_at(i: u32) -> f32 {
 
 // Four consecutive elements of A's stored row `srow` from stored column `scol`; `lim` is the
 // first stored column not to read (exclusive, ≤ the row's valid extent), `lo` the first to read.
-// Out-of-range elements read as zero, like the shipped `load_a`.
+// Out-of-range elements read as zero, like `load_a`.
 fn ld4_a(srow: u32, scol: u32, lo: u32, lim: u32, aligned: bool) -> vec4<f32> {
     let base = oa + srow * p.lda + scol;
     if (aligned && scol >= lo && scol + 4u <= lim) {
@@ -320,7 +320,7 @@ fn fetch_b(col0: u32, k0: u32, tid: u32, aligned: bool) -> vec4<f32> {
     return ld4_b(kk, col0 + (tid % 32u) * 4u, 0u, p.n, aligned);
 }
 
-// Stores the fetched vectors into buffer `off` in the shipped layout: [k][x / 4 (swizzled where
+// Stores the fetched vectors into buffer `off` in the staging layout: [k][x / 4 (swizzled where
 // k-contiguous)][x % 4].
 fn stage_v4(off: u32, tid: u32, ra: vec4<f32>, rb: vec4<f32>) {
     if (!TRANS_A) {

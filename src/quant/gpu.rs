@@ -24,9 +24,11 @@
 //! 3. **Blocked sweep on the GPU** (§1.2 step 8, §6.3): per block one `quant_sweep.wgsl` dispatch
 //!    (workgroup per row chunk) does the per-column quantization, group parameters at group starts
 //!    (stale-W quirk included), the in-block OBS update and GPTAQ's in-block term; then the lazy
-//!    cross-block update `W[:, i2:] −= Err1·U[i1:i2, i2:]` as one GEMM. GPTAQ's cross-block term
-//!    `W[:, i2:] += W1·P[i1:i2, i2:]`: deferred, through the pending matrix ([`PForm`]: GEMMs
-//!    with K = block size for W and for the pending terms); with the whole P, fused into one GEMM
+//!    cross-block update `W[:, i2:] −= Err1·U[i1:i2, i2:]` as one GEMM, by default once per four
+//!    blocks with their errors side by side and a small catch-up GEMM for each block's own
+//!    columns ([`lazy_blocks`]). GPTAQ's cross-block term `W[:, i2:] += W1·P[i1:i2, i2:]`:
+//!    deferred, through the pending matrix ([`PForm`]: a GEMM for W and one for the pending
+//!    terms, lazy in the same way); with the whole P, fused into one GEMM
 //!    with K doubled: the block's rows of U and P are copied one above the other into a
 //!    `2·bs × n` staging matrix and the sweep leaves `[Err1 | −W1]` side by side, so
 //!    `W[:, i2:] −= [Err1 | −W1]·[U; P]` (a last, partial block has a gap between its two halves
@@ -695,14 +697,16 @@ fn read_h64(ctx: &GpuContext, h: &GpuMatrix, nn: usize) -> Result<Vec<f64>, Quan
 /// same values — then the sweep with P's diagonal block `P[c, c] = A[c, c]·U[c, c]` (the in-block
 /// term with the pre-quantization values, unchanged), then `G[:, c] += Q_c·triu₁(A[c, c])`,
 /// `E = Err_c − G[:, c]` (`quant_pending.wgsl`), `W[:, i2:] −= E·U[c, i2:]` and
-/// `G[:, i2:] += Q_c·A[c, i2:]`. Every term of the reference appears once, before the column it
-/// lands on is quantized; only the order of the f32 sums differs.
+/// `G[:, i2:] += Q_c·A[c, i2:]` (these two for several blocks at once, [`lazy_blocks`]). Every
+/// term of the reference appears once, before the column it lands on is quantized; only the
+/// order of the f32 sums differs.
 ///
 /// What it saves: the second n×n product `P = A·U` (≈ n³/6 multiply-adds, half of P's cost; about
 /// 29 ms of a 4096 × 14336 solve on the H100, BENCHMARKS.md session 27), and the staging copies of
 /// P's rows, for one rows × n pending matrix (235 MB at down_proj) and the n × 128 diagonal
-/// blocks. The cross-block multiply-adds stay those of the fused `[Err | −W1]·[U; P]` GEMM (two
-/// GEMMs with K = block size instead of one with K doubled).
+/// blocks. The cross-block multiply-adds stay those of the fused `[Err | −W1]·[U; P]` GEMM (a
+/// GEMM for W and one for G instead of one with K doubled; measured, the pair cost 16 ms more
+/// per 4096 × 14336 solve than the fused GEMM until the lazy updates batched them).
 ///
 /// Where a dynamic group's columns span two blocks (the group size does not divide the block
 /// size), the group's stale-W parameters would read columns whose pending terms are not applied
