@@ -355,6 +355,14 @@ fn odd_shapes_groups_and_act_order() {
         &p,
         &cfg(GPTQ, 3, None, false, true, false, 32, false),
     );
+    // Eight blocks with groups inside them: the cross-block updates run once per four blocks
+    // with catch-ups in between (quant::gpu `lazy_blocks`).
+    check(
+        &ctx,
+        "64x128 gptq 4b asym gs16 bs16 act (lazy updates)",
+        &p,
+        &cfg(GPTQ, 4, Some(16), false, true, false, 16, false),
+    );
     check(
         &ctx,
         "64x128 gptaq1 8b sym gs16 bs128 act+static",
