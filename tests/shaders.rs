@@ -131,6 +131,59 @@ fn translate(
         if let Err(e) = w.write(&module, &info, None) {
             failures.push(format!("{label}: HLSL: {e}"));
         }
+        hlsl_per_entry_point(label, &module, &info, constants, &hlsl_opts, failures);
+    }
+}
+
+/// HLSL as wgpu's DX12 backend writes it: one entry point at a time, the module first reduced to
+/// what that entry point reaches (naga's `process_overrides` with the entry point). A file may
+/// declare two views of one binding (`gemm.wgsl`'s `a` and `a4`) as long as no entry point uses
+/// both (naga's validator rejects an entry point that does); the HLSL DX12 compiles must then
+/// hold one resource per register, which this checks on the text.
+fn hlsl_per_entry_point(
+    label: &str,
+    module: &naga::Module,
+    info: &naga::valid::ModuleInfo,
+    constants: &naga::back::PipelineConstants,
+    opts: &hlsl::Options,
+    failures: &mut Vec<String>,
+) {
+    for ep in &module.entry_points {
+        let reduced = naga::back::pipeline_constants::process_overrides(
+            module,
+            info,
+            Some((ep.stage, ep.name.as_str())),
+            constants,
+        );
+        let (m, i) = match reduced {
+            Ok(x) => x,
+            Err(e) => {
+                failures.push(format!("{label} {}: overrides: {e}", ep.name));
+                continue;
+            }
+        };
+        let pipeline = hlsl::PipelineOptions {
+            entry_point: Some((ep.stage, ep.name.clone())),
+        };
+        let mut out = String::new();
+        let mut w = hlsl::Writer::new(&mut out, opts, &pipeline);
+        if let Err(e) = w.write(&m, &i, None) {
+            failures.push(format!("{label} {}: HLSL: {e}", ep.name));
+            continue;
+        }
+        let mut seen = std::collections::HashSet::new();
+        for reg in out
+            .split("register(")
+            .skip(1)
+            .filter_map(|r| r.split(')').next())
+        {
+            if !seen.insert(reg.to_string()) {
+                failures.push(format!(
+                    "{label} {}: two resources at HLSL register({reg})",
+                    ep.name
+                ));
+            }
+        }
     }
 }
 
