@@ -159,9 +159,10 @@ fn nxn_bytes(c: &ModelConfig) -> u64 {
 }
 
 /// The solve's n×n-sized temporaries next to the statistics (quant/factor.rs, quant/gpu.rs):
-/// while factoring K (later U) and M (L, then L⁻¹) plus a 128-row scratch; GPTAQ's P (or, deferred,
-/// its first factor A) then lives in the permuted D next to U, with a block scratch of n × n/16 floats or min(n × n, 64 MiB),
-/// whichever is larger (`quant::gpu::p_scratch_floats`). Two n×n matrices and the larger scratch.
+/// while factoring K (later U) and M (L, then L⁻¹) plus a 128-row scratch; GPTAQ's P (or,
+/// deferred, its first factor A) then lives in the permuted D next to U, with a block scratch of
+/// n × n/16 floats or min(n × n, 64 MiB), whichever is larger (`quant::gpu::p_scratch_floats`).
+/// Two n×n matrices and the larger scratch.
 fn solve_temp_bytes(c: &ModelConfig, asymmetry: bool, max_buffer_bytes: u64) -> u64 {
     let n = c.hidden_size.max(c.intermediate_size).max(c.q_dim());
     let factor_scratch = (crate::quant::factor::SCRATCH_ROWS * n) as u64 * F32;
