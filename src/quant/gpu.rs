@@ -863,6 +863,383 @@ pub fn quantize_gpu_resident(
     solve(ctx, w, w_gpu, rows, cols, h, d, cfg, shared, false, None)
 }
 
+/// Step 2 of the module docs: D permuted (and its dead columns zeroed) into U's panel layout by
+/// `gather_sym` through the perm/dead table `gmeta_d`, then A = α·triu₁(Dp·Uᵀ) in its place,
+/// and either P = A·U there ([`PForm::Whole`]) or P's diagonal blocks beside it
+/// ([`PForm::Deferred`]). Submits `rec` (replacing it with a fresh recorder) so that the block
+/// scratch is freed before the sweep.
+#[allow(clippy::too_many_arguments)]
+fn gptaq_terms<'c>(
+    ctx: &'c GpuContext,
+    rec: &mut crate::gpu::kernels::Recorder<'c>,
+    (n, bs): (usize, usize),
+    gu: &GpuMatrix,
+    d: &GpuMatrix,
+    gmeta_d: &GpuBuffer<u32>,
+    form: PForm,
+    alpha: f32,
+) -> Result<GptaqTerms, QuantGpuError> {
+    let n32 = u32_of("cols", n)?;
+    // Dp (then T, then P) shares U's panel layout (same shape and alignment).
+    let dp = ctx.matrix_zeros("quant D perm", n, n, gu.panel_rows())?;
+    if dp.panel_rows() != gu.panel_rows() {
+        return Err(QuantGpuError::Gpu(GpuError::Validation(format!(
+            "P panels of {} rows differ from U's {}",
+            dp.panel_rows(),
+            gu.panel_rows()
+        ))));
+    }
+    let scratch_len = p_scratch_floats(n, ctx.panel_bytes());
+    let blocks = p_blocks(n, scratch_len);
+    let scratch = ctx.zeros::<f32>("quant P block", scratch_len)?;
+    let gx = n.div_ceil(16) as u32;
+    for pp in dp.panel_pairs(d) {
+        rec.dispatch(
+            &QUANT_GATHER,
+            "gather_sym",
+            &[],
+            &GatherParams {
+                n: n32,
+                rows: crate::gpu::matrix::PanelRows::new(&pp.dst_rows, &pp.src_rows)?,
+                _p: [0; 3],
+            },
+            &[pp.src.binding(), gmeta_d.binding(), pp.dst.binding()],
+            [
+                gx,
+                u32_of("gather workgroups", pp.dst_rows.len().div_ceil(16))?,
+                1,
+            ],
+        )?;
+    }
+    gptaq_a_blocked(rec, n, gu, &dp, &scratch, &blocks, alpha)?;
+    let diag = match form {
+        PForm::Whole => {
+            gptaq_p_from_a(rec, n, gu, &dp, &scratch, &blocks)?;
+            None
+        }
+        PForm::Deferred => {
+            let diag = ctx.zeros::<f32>("quant P diagonal blocks", n * bs)?;
+            gptaq_p_diag(rec, n, bs, gu, &dp, &diag)?;
+            Some(diag)
+        }
+    };
+    // Submit now, so that the scratch can be freed early (wgpu keeps recorded buffers
+    // alive until their commands have run).
+    std::mem::replace(rec, ctx.recorder()).submit();
+    drop(scratch);
+    Ok(GptaqTerms { form, m: dp, diag })
+}
+
+/// One solve's blocked sweep (step 3 of the module docs) and what it reads and writes: per block
+/// the lazy updates' catch-up ([`lazy_blocks`]), the deferred P's injection ([`PForm`]),
+/// `quant_sweep.wgsl`, the column losses, and the cross-block updates.
+struct Sweep<'a> {
+    ctx: &'a GpuContext,
+    rows: usize,
+    n: usize,
+    bs: usize,
+    /// Blocks per cross-block update ([`lazy_blocks`], 1 where it does not apply).
+    lazy: usize,
+    /// Row stride of `gerr`: `lazy` error slots, and as many −Q slots with GPTAQ.
+    lde: usize,
+    spec: &'a QuantizerSpec,
+    dynamic: bool,
+    gs: usize,
+    /// The working W (processing order).
+    gw: &'a GpuBuffer<f32>,
+    /// The inverse-Hessian factor U.
+    gu: &'a GpuMatrix,
+    /// GPTAQ's P or A and P's diagonal blocks ([`PForm`]); `None` for GPTQ.
+    gp: Option<&'a GptaqTerms>,
+    /// The deferred P's pending matrix G.
+    pending: Option<&'a GpuBuffer<f32>>,
+    /// The whole P's `[U; P]` block-row staging.
+    stage: Option<&'a GpuBuffer<f32>>,
+    /// Bound in P's place for GPTQ (bindings are fixed per pipeline).
+    dummy: Option<&'a GpuBuffer<f32>>,
+    gmeta: &'a GpuBuffer<u32>,
+    gptab: &'a GpuBuffer<f32>,
+    gcodes: &'a GpuBuffer<u32>,
+    gerr: &'a GpuBuffer<f32>,
+    gloss: &'a GpuBuffer<f32>,
+    gcolloss: &'a GpuBuffer<f32>,
+}
+
+impl<'a> Sweep<'a> {
+    /// Records every block's work into `rec` (submitting every 256 dispatches), returning the
+    /// recorder with the last blocks' work unsubmitted.
+    fn run(
+        &self,
+        mut rec: crate::gpu::kernels::Recorder<'a>,
+        prof: &mut Profile,
+    ) -> Result<crate::gpu::kernels::Recorder<'a>, QuantGpuError> {
+        let Sweep {
+            ctx,
+            rows,
+            n,
+            bs,
+            lazy,
+            lde,
+            spec,
+            dynamic,
+            gs,
+            gw,
+            gu,
+            gp,
+            pending,
+            stage,
+            dummy,
+            gmeta,
+            gptab,
+            gcodes,
+            gerr,
+            gloss,
+            gcolloss,
+        } = *self;
+        let n32 = u32_of("cols", n)?;
+        let gptaq = gp.is_some();
+        let rchunk = (SWEEP_W1_LEN / bs)
+            .clamp(1, SWEEP_MAX_ROWS)
+            .min(rows)
+            .min(SWEEP_WG);
+        let wgs = groups_1d(u32_of("sweep workgroups", rows.div_ceil(rchunk))?);
+        // The updates owed by the blocks whose errors sit in `gerr`'s first `k / bs` slots (rows
+        // `first .. first + k` of U and A) to the columns `c0 .. c0 + width`: W −= E·U and, with the
+        // deferred P, G += Q·A (the sweep left −Q in the second half of the slots).
+        let lazy_update = |rec: &mut crate::gpu::kernels::Recorder<'_>,
+                           first: usize,
+                           k: usize,
+                           c0: usize,
+                           width: usize|
+         -> Result<(), QuantGpuError> {
+            ops::gemm_mat(
+                rec,
+                rows,
+                width,
+                k,
+                -1.0,
+                MatView::new(gerr, lde).into(),
+                gu.op(first, c0),
+                1.0,
+                MatView::new(gw, n).at(c0).into(),
+            )?;
+            if let (Some(t), Some(g)) = (gp, pending) {
+                ops::gemm_mat(
+                    rec,
+                    rows,
+                    width,
+                    k,
+                    -1.0,
+                    MatView::new(gerr, lde).at(lazy * bs).into(),
+                    t.m.op(first, c0),
+                    1.0,
+                    MatView::new(g, n).at(c0).into(),
+                )?;
+            }
+            Ok(())
+        };
+        for i1 in (0..n).step_by(bs) {
+            let i2 = (i1 + bs).min(n);
+            let cnt = i2 - i1;
+            // The panel of U (and P, same layout) holding this block's rows.
+            let (up, urow) = gu.locate(i1);
+            // Where the sweep reads the in-block P: (buffer, prow0, ldp, pcol0), quant_sweep.wgsl.
+            let (pp, prow0, ldp, pcol0) = match (gp, dummy) {
+                (
+                    Some(GptaqTerms {
+                        diag: Some(diag), ..
+                    }),
+                    _,
+                ) => (diag, 0, bs, 0),
+                (Some(t), _) => {
+                    let (buf, prow) = t.m.locate(i1);
+                    (buf, i1 - prow, n, i1)
+                }
+                (None, Some(d)) => (d, 0, 0, 0),
+                (None, None) => {
+                    return Err(GpuError::Validation(
+                        "sweep: neither P nor its placeholder".into(),
+                    )
+                    .into());
+                }
+            };
+            // This block's slot among the `lazy` blocks since the last cross-block update, and the
+            // first row (of U, A) of those blocks.
+            let slot = (i1 / bs) % lazy;
+            let first = i1 - slot * bs;
+            if slot > 0 {
+                // Catch-up (`lazy_blocks`): the updates that the earlier blocks since the last flush
+                // owe this block's columns, W[:, c] −= E·U[first..i1, c], and with the deferred P
+                // their pending terms, G[:, c] += Q·A[first..i1, c].
+                lazy_update(&mut rec, first, i1 - first, i1, cnt)?;
+            }
+            if let (Some(g), true) = (pending, i1 > 0) {
+                // Deferred P: W[:, c] += G[:, c]·U[c, c], U's upper triangle with its diagonal (the
+                // pending terms whose middle index and column both lie in this block, PForm).
+                ops::gemm_mat_skip(
+                    &mut rec,
+                    rows,
+                    cnt,
+                    cnt,
+                    1.0,
+                    MatView::new(g, n).at(i1).into(),
+                    gu.op(i1, i1),
+                    1.0,
+                    MatView::new(gw, n).at(i1).into(),
+                    ops::KSkip {
+                        b_upper: Some(0),
+                        ..Default::default()
+                    },
+                    None,
+                )?;
+            }
+            let sp = SweepParams {
+                rows: u32_of("rows", rows)?,
+                n: n32,
+                i1: i1 as u32,
+                cnt: cnt as u32,
+                rchunk: rchunk as u32,
+                gs: if dynamic { gs as u32 } else { 0 },
+                dynamic_groups: u32::from(dynamic),
+                maxq: spec.maxq,
+                sym: u32::from(spec.sym),
+                mse: u32::from(spec.mse),
+                gptaq: u32::from(gptaq),
+                lde: lde as u32,
+                woff: u32_of("error slot", (lazy + slot) * bs)?,
+                urow0: u32_of("panel row", i1 - urow)?,
+                prow0: u32_of("P panel row", prow0)?,
+                ldp: u32_of("P row stride", ldp)?,
+                pcol0: u32_of("P column", pcol0)?,
+                eoff: u32_of("error slot", slot * bs)?,
+                _p: [0; 2],
+            };
+            rec.dispatch(
+                &QUANT_SWEEP,
+                "sweep_block",
+                &[],
+                &sp,
+                &[
+                    gw.binding(),
+                    up.binding(),
+                    pp.binding(),
+                    gmeta.binding(),
+                    gptab.binding(),
+                    gcodes.binding(),
+                    gerr.binding(),
+                    gloss.binding(),
+                ],
+                wgs,
+            )?;
+            // The block's per-column proxy loss (QuantResult::column_loss), from its errors.
+            rec.dispatch(
+                &QUANT_COLLOSS,
+                "column_loss",
+                &[],
+                &ColLossParams {
+                    rows: sp.rows,
+                    i1: sp.i1,
+                    cnt: sp.cnt,
+                    lde: sp.lde,
+                    eoff: sp.eoff,
+                    _p: [0; 3],
+                },
+                &[gerr.binding(), gcolloss.binding()],
+                groups_1d(sp.cnt),
+            )?;
+            rec = prof.lap(rec, "sweep")?;
+            if let (Some(t), Some(g), true) = (gp, pending, i2 < n) {
+                // Deferred P (PForm): G[:, c] += Q_c·triu₁(A[c, c]) (the sweep left −Q_c = −W1),
+                // E = Err_c − G[:, c]; at the group's last block (`lazy_blocks`) W[:, i2:] −= E·U and
+                // G[:, i2:] += Q·A over the group's rows first..i2.
+                let neg_q = MatView::new(gerr, lde).at((lazy + slot) * bs);
+                ops::gemm_mat_skip(
+                    &mut rec,
+                    rows,
+                    cnt,
+                    cnt,
+                    -1.0,
+                    neg_q.into(),
+                    t.m.op(i1, i1),
+                    1.0,
+                    MatView::new(g, n).at(i1).into(),
+                    ops::KSkip {
+                        b_upper: Some(-1),
+                        ..Default::default()
+                    },
+                    None,
+                )?;
+                let total = u32_of("pending elements", rows * cnt)?;
+                rec.dispatch(
+                    &QUANT_PENDING,
+                    "err_minus_pending",
+                    &[],
+                    &PendingParams {
+                        rows: sp.rows,
+                        n: n32,
+                        i1: sp.i1,
+                        cnt: sp.cnt,
+                        lde: sp.lde,
+                        eoff: sp.eoff,
+                        _p: [0; 2],
+                    },
+                    &[g.binding(), gerr.binding()],
+                    groups_1d(total.div_ceil(256)),
+                )?;
+                if slot + 1 == lazy {
+                    lazy_update(&mut rec, first, i2 - first, i2, n - i2)?;
+                }
+            } else if let (Some(t), Some(stage), true) = (gp, stage, i2 < n && cnt == bs) {
+                let gp = &t.m;
+                // W[:, i2:] −= [Err1 | −W1]·[U[i1:i2, i2:]; P[i1:i2, i2:]] (GPTQ term and GPTAQ
+                // cross-block term, §2.2, in one GEMM with K = 2·bs).
+                let (pp, prow) = gp.locate(i1);
+                rec.copy(up, urow * n, stage, 0, bs * n);
+                rec.copy(pp, prow * n, stage, bs * n, bs * n);
+                ops::gemm(
+                    &mut rec,
+                    rows,
+                    n - i2,
+                    2 * bs,
+                    -1.0,
+                    MatView::new(gerr, lde),
+                    MatView::new(stage, n).at(i2),
+                    1.0,
+                    MatView::new(gw, n).at(i2),
+                )?;
+            } else if i2 < n && slot + 1 == lazy {
+                // W[:, i2:] −= Err·U[first..i2, i2:]: this block's errors and those of the blocks
+                // since the last such update (`lazy_blocks`; one block where lazy = 1). No pending
+                // matrix here (GPTQ, or the whole P).
+                lazy_update(&mut rec, first, i2 - first, i2, n - i2)?;
+                if let Some(gp) = gp.map(|t| &t.m) {
+                    // GPTAQ cross-block term: W[:, i2:] += W1·P[i1:i2, i2:] (W1 = the block's final
+                    // values, §2.2; the sweep left −W1).
+                    ops::gemm_mat(
+                        &mut rec,
+                        rows,
+                        n - i2,
+                        cnt,
+                        -1.0,
+                        Operand::View(MatView::new(gerr, lde).at(bs)),
+                        gp.op(i1, i2),
+                        1.0,
+                        MatView::new(gw, n).at(i2).into(),
+                    )?;
+                }
+            }
+            rec = prof.lap(rec, "update")?;
+            // Bound the number of recorded-but-unsubmitted dispatches on huge problems.
+            if rec.dispatches() >= 256 {
+                rec.submit();
+                rec = ctx.recorder();
+            }
+        }
+
+        Ok(rec)
+    }
+}
+
 /// Both entry points; `host_q`: fill `result.q` (from the codes on the host, exactly the GPU's
 /// `finish_q`, which the tests compare).
 #[allow(clippy::too_many_arguments)]
@@ -1161,57 +1538,16 @@ fn solve(
     let alpha = cfg.method.alpha();
     let gp: Option<Arc<GptaqTerms>> = match (d, cached_p, &gperm_dead) {
         (Some(_), Some(p), _) => Some(p),
-        (Some(d), None, Some(gmeta_d)) => {
-            // Dp (then T, then P) shares U's panel layout (same shape and alignment).
-            let dp = ctx.matrix_zeros("quant D perm", n, n, gu.panel_rows())?;
-            if dp.panel_rows() != gu.panel_rows() {
-                return Err(QuantGpuError::Gpu(GpuError::Validation(format!(
-                    "P panels of {} rows differ from U's {}",
-                    dp.panel_rows(),
-                    gu.panel_rows()
-                ))));
-            }
-            let scratch_len = p_scratch_floats(n, ctx.panel_bytes());
-            let blocks = p_blocks(n, scratch_len);
-            let scratch = ctx.zeros::<f32>("quant P block", scratch_len)?;
-            let gx = n.div_ceil(16) as u32;
-            for pp in dp.panel_pairs(d) {
-                rec.dispatch(
-                    &QUANT_GATHER,
-                    "gather_sym",
-                    &[],
-                    &GatherParams {
-                        n: n32,
-                        rows: crate::gpu::matrix::PanelRows::new(&pp.dst_rows, &pp.src_rows)?,
-                        _p: [0; 3],
-                    },
-                    &[pp.src.binding(), gmeta_d.binding(), pp.dst.binding()],
-                    [
-                        gx,
-                        u32_of("gather workgroups", pp.dst_rows.len().div_ceil(16))?,
-                        1,
-                    ],
-                )?;
-            }
-            gptaq_a_blocked(&mut rec, n, gu, &dp, &scratch, &blocks, alpha as f32)?;
-            let diag = match form {
-                PForm::Whole => {
-                    gptaq_p_from_a(&mut rec, n, gu, &dp, &scratch, &blocks)?;
-                    None
-                }
-                PForm::Deferred => {
-                    let diag = ctx.zeros::<f32>("quant P diagonal blocks", n * bs)?;
-                    gptaq_p_diag(&mut rec, n, bs, gu, &dp, &diag)?;
-                    Some(diag)
-                }
-            };
-            // Submit now, so that the scratch can be freed early (wgpu keeps recorded buffers
-            // alive until their commands have run).
-            rec.submit();
-            rec = ctx.recorder();
-            drop(scratch);
-            Some(Arc::new(GptaqTerms { form, m: dp, diag }))
-        }
+        (Some(d), None, Some(gmeta_d)) => Some(Arc::new(gptaq_terms(
+            ctx,
+            &mut rec,
+            (n, bs),
+            gu,
+            d,
+            gmeta_d,
+            form,
+            alpha as f32,
+        )?)),
         (Some(_), None, None) => {
             return Err(GpuError::Validation("GPTAQ P: no perm/dead table for D".into()).into());
         }
@@ -1231,7 +1567,6 @@ fn solve(
     }
     rec = prof.lap(rec, "p")?;
     scope.set("solve/blocks");
-    let gptaq = gp.is_some();
     // Whole P: the fused cross-block GEMM reads the block's U rows and P rows from one binding
     // (copied there per block). Two GEMMs without the copies were no faster on an H200
     // (session 25: 164.8 / 825.1 ms against 165.8–178.5 / 800.7–835.8 ms per solve).
@@ -1255,242 +1590,30 @@ fn solve(
     };
 
     // Step 3: the blocked sweep.
-    let rchunk = (SWEEP_W1_LEN / bs)
-        .clamp(1, SWEEP_MAX_ROWS)
-        .min(rows)
-        .min(SWEEP_WG);
-    let wgs = groups_1d(u32_of("sweep workgroups", rows.div_ceil(rchunk))?);
-    // The updates owed by the blocks whose errors sit in `gerr`'s first `k / bs` slots (rows
-    // `first .. first + k` of U and A) to the columns `c0 .. c0 + width`: W −= E·U and, with the
-    // deferred P, G += Q·A (the sweep left −Q in the second half of the slots).
-    let lazy_update = |rec: &mut crate::gpu::kernels::Recorder<'_>,
-                       first: usize,
-                       k: usize,
-                       c0: usize,
-                       width: usize|
-     -> Result<(), QuantGpuError> {
-        ops::gemm_mat(
-            rec,
-            rows,
-            width,
-            k,
-            -1.0,
-            MatView::new(&gerr, lde).into(),
-            gu.op(first, c0),
-            1.0,
-            MatView::new(&gw, n).at(c0).into(),
-        )?;
-        if let (Some(t), Some(g)) = (gp.as_deref(), &pending) {
-            ops::gemm_mat(
-                rec,
-                rows,
-                width,
-                k,
-                -1.0,
-                MatView::new(&gerr, lde).at(lazy * bs).into(),
-                t.m.op(first, c0),
-                1.0,
-                MatView::new(g, n).at(c0).into(),
-            )?;
-        }
-        Ok(())
+    let sweep = Sweep {
+        ctx,
+        rows,
+        n,
+        bs,
+        lazy,
+        lde,
+        spec: &spec,
+        dynamic,
+        gs,
+        gw: &gw,
+        gu,
+        gp: gp.as_deref(),
+        pending: pending.as_ref(),
+        stage: stage.as_ref(),
+        dummy: dummy.as_ref(),
+        gmeta: &gmeta,
+        gptab: &gptab,
+        gcodes: &gcodes,
+        gerr: &gerr,
+        gloss: &gloss,
+        gcolloss: &gcolloss,
     };
-    for i1 in (0..n).step_by(bs) {
-        let i2 = (i1 + bs).min(n);
-        let cnt = i2 - i1;
-        // The panel of U (and P, same layout) holding this block's rows.
-        let (up, urow) = gu.locate(i1);
-        // Where the sweep reads the in-block P: (buffer, prow0, ldp, pcol0), quant_sweep.wgsl.
-        let (pp, prow0, ldp, pcol0) = match (gp.as_deref(), &dummy) {
-            (
-                Some(GptaqTerms {
-                    diag: Some(diag), ..
-                }),
-                _,
-            ) => (diag, 0, bs, 0),
-            (Some(t), _) => {
-                let (buf, prow) = t.m.locate(i1);
-                (buf, i1 - prow, n, i1)
-            }
-            (None, Some(d)) => (d, 0, 0, 0),
-            (None, None) => {
-                return Err(
-                    GpuError::Validation("sweep: neither P nor its placeholder".into()).into(),
-                );
-            }
-        };
-        // This block's slot among the `lazy` blocks since the last cross-block update, and the
-        // first row (of U, A) of those blocks.
-        let slot = (i1 / bs) % lazy;
-        let first = i1 - slot * bs;
-        if slot > 0 {
-            // Catch-up (`lazy_blocks`): the updates that the earlier blocks since the last flush
-            // owe this block's columns, W[:, c] −= E·U[first..i1, c], and with the deferred P
-            // their pending terms, G[:, c] += Q·A[first..i1, c].
-            lazy_update(&mut rec, first, i1 - first, i1, cnt)?;
-        }
-        if let (Some(g), true) = (&pending, i1 > 0) {
-            // Deferred P: W[:, c] += G[:, c]·U[c, c], U's upper triangle with its diagonal (the
-            // pending terms whose middle index and column both lie in this block, PForm).
-            ops::gemm_mat_skip(
-                &mut rec,
-                rows,
-                cnt,
-                cnt,
-                1.0,
-                MatView::new(g, n).at(i1).into(),
-                gu.op(i1, i1),
-                1.0,
-                MatView::new(&gw, n).at(i1).into(),
-                ops::KSkip {
-                    b_upper: Some(0),
-                    ..Default::default()
-                },
-                None,
-            )?;
-        }
-        let sp = SweepParams {
-            rows: u32_of("rows", rows)?,
-            n: n32,
-            i1: i1 as u32,
-            cnt: cnt as u32,
-            rchunk: rchunk as u32,
-            gs: if dynamic { gs as u32 } else { 0 },
-            dynamic_groups: u32::from(dynamic),
-            maxq: spec.maxq,
-            sym: u32::from(spec.sym),
-            mse: u32::from(spec.mse),
-            gptaq: u32::from(gptaq),
-            lde: lde as u32,
-            woff: u32_of("error slot", (lazy + slot) * bs)?,
-            urow0: u32_of("panel row", i1 - urow)?,
-            prow0: u32_of("P panel row", prow0)?,
-            ldp: u32_of("P row stride", ldp)?,
-            pcol0: u32_of("P column", pcol0)?,
-            eoff: u32_of("error slot", slot * bs)?,
-            _p: [0; 2],
-        };
-        rec.dispatch(
-            &QUANT_SWEEP,
-            "sweep_block",
-            &[],
-            &sp,
-            &[
-                gw.binding(),
-                up.binding(),
-                pp.binding(),
-                gmeta.binding(),
-                gptab.binding(),
-                gcodes.binding(),
-                gerr.binding(),
-                gloss.binding(),
-            ],
-            wgs,
-        )?;
-        // The block's per-column proxy loss (QuantResult::column_loss), from its errors.
-        rec.dispatch(
-            &QUANT_COLLOSS,
-            "column_loss",
-            &[],
-            &ColLossParams {
-                rows: sp.rows,
-                i1: sp.i1,
-                cnt: sp.cnt,
-                lde: sp.lde,
-                eoff: sp.eoff,
-                _p: [0; 3],
-            },
-            &[gerr.binding(), gcolloss.binding()],
-            groups_1d(sp.cnt),
-        )?;
-        rec = prof.lap(rec, "sweep")?;
-        if let (Some(t), Some(g), true) = (gp.as_deref(), &pending, i2 < n) {
-            // Deferred P (PForm): G[:, c] += Q_c·triu₁(A[c, c]) (the sweep left −Q_c = −W1),
-            // E = Err_c − G[:, c]; at the group's last block (`lazy_blocks`) W[:, i2:] −= E·U and
-            // G[:, i2:] += Q·A over the group's rows first..i2.
-            let neg_q = MatView::new(&gerr, lde).at((lazy + slot) * bs);
-            ops::gemm_mat_skip(
-                &mut rec,
-                rows,
-                cnt,
-                cnt,
-                -1.0,
-                neg_q.into(),
-                t.m.op(i1, i1),
-                1.0,
-                MatView::new(g, n).at(i1).into(),
-                ops::KSkip {
-                    b_upper: Some(-1),
-                    ..Default::default()
-                },
-                None,
-            )?;
-            let total = u32_of("pending elements", rows * cnt)?;
-            rec.dispatch(
-                &QUANT_PENDING,
-                "err_minus_pending",
-                &[],
-                &PendingParams {
-                    rows: sp.rows,
-                    n: n32,
-                    i1: sp.i1,
-                    cnt: sp.cnt,
-                    lde: sp.lde,
-                    eoff: sp.eoff,
-                    _p: [0; 2],
-                },
-                &[g.binding(), gerr.binding()],
-                groups_1d(total.div_ceil(256)),
-            )?;
-            if slot + 1 == lazy {
-                lazy_update(&mut rec, first, i2 - first, i2, n - i2)?;
-            }
-        } else if let (Some(t), Some(stage), true) = (gp.as_deref(), &stage, i2 < n && cnt == bs) {
-            let gp = &t.m;
-            // W[:, i2:] −= [Err1 | −W1]·[U[i1:i2, i2:]; P[i1:i2, i2:]] (GPTQ term and GPTAQ
-            // cross-block term, §2.2, in one GEMM with K = 2·bs).
-            let (pp, prow) = gp.locate(i1);
-            rec.copy(up, urow * n, stage, 0, bs * n);
-            rec.copy(pp, prow * n, stage, bs * n, bs * n);
-            ops::gemm(
-                &mut rec,
-                rows,
-                n - i2,
-                2 * bs,
-                -1.0,
-                MatView::new(&gerr, lde),
-                MatView::new(stage, n).at(i2),
-                1.0,
-                MatView::new(&gw, n).at(i2),
-            )?;
-        } else if i2 < n && slot + 1 == lazy {
-            // W[:, i2:] −= Err·U[first..i2, i2:]: this block's errors and those of the blocks
-            // since the last such update (`lazy_blocks`; one block where lazy = 1). No pending
-            // matrix here (GPTQ, or the whole P).
-            lazy_update(&mut rec, first, i2 - first, i2, n - i2)?;
-            if let Some(gp) = gp.as_deref().map(|t| &t.m) {
-                // GPTAQ cross-block term: W[:, i2:] += W1·P[i1:i2, i2:] (W1 = the block's final
-                // values, §2.2; the sweep left −W1).
-                ops::gemm_mat(
-                    &mut rec,
-                    rows,
-                    n - i2,
-                    cnt,
-                    -1.0,
-                    Operand::View(MatView::new(&gerr, lde).at(bs)),
-                    gp.op(i1, i2),
-                    1.0,
-                    MatView::new(&gw, n).at(i2).into(),
-                )?;
-            }
-        }
-        rec = prof.lap(rec, "update")?;
-        // Bound the number of recorded-but-unsubmitted dispatches on huge problems.
-        if rec.dispatches() >= 256 {
-            rec.submit();
-            rec = ctx.recorder();
-        }
-    }
+    let mut rec = sweep.run(rec, &mut prof)?;
 
     // Step 4: Q in original order.
     scope.set("solve/finish");
