@@ -774,9 +774,19 @@ const LAZY_BLOCKS: usize = 4;
 /// GPTAQ's precomputed terms for one `(H, D)`: [`PForm`]'s matrix (P, or A) in the permuted D's
 /// storage, and for the deferred form P's diagonal blocks (`n × bs`).
 struct GptaqTerms {
-    form: PForm,
     m: GpuMatrix,
     diag: Option<GpuBuffer<f32>>,
+}
+
+impl GptaqTerms {
+    /// Which form these terms are: only the deferred form keeps P's diagonal blocks.
+    fn form(&self) -> PForm {
+        if self.diag.is_some() {
+            PForm::Deferred
+        } else {
+            PForm::Whole
+        }
+    }
 }
 
 /// What the modules of one true-sequential group share when they are solved one after another
@@ -927,7 +937,7 @@ fn gptaq_terms<'c>(
     // alive until their commands have run).
     std::mem::replace(rec, ctx.recorder()).submit();
     drop(scratch);
-    Ok(GptaqTerms { form, m: dp, diag })
+    Ok(GptaqTerms { m: dp, diag })
 }
 
 /// One solve's blocked sweep (step 3 of the module docs) and what it reads and writes: per block
@@ -1467,7 +1477,7 @@ fn solve(
     let cached_p = cached
         .as_ref()
         .and_then(|c| c.p.clone())
-        .filter(|p| p.form == form);
+        .filter(|p| p.form() == form);
     let gperm_dead = if (w_gpu.is_some() && needs_prep) || (d.is_some() && cached_p.is_none()) {
         let table: Vec<u32> = order
             .iter()
@@ -1571,14 +1581,14 @@ fn solve(
     // (copied there per block). Two GEMMs without the copies were no faster on an H200
     // (session 25: 164.8 / 825.1 ms against 165.8–178.5 / 800.7–835.8 ms per solve).
     let stage = match gp.as_deref() {
-        Some(t) if t.form == PForm::Whole && n > bs => {
+        Some(t) if t.form() == PForm::Whole && n > bs => {
             Some(ctx.scratch::<f32>("quant [U; P] block rows", 2 * bs * n)?)
         }
         _ => None,
     };
     // Deferred P: the pending matrix G (PForm), zero before the first block.
     let pending = match gp.as_deref() {
-        Some(t) if t.form == PForm::Deferred && n > bs => {
+        Some(t) if t.form() == PForm::Deferred && n > bs => {
             Some(ctx.zeros::<f32>("quant GPTAQ pending terms", n_el)?)
         }
         _ => None,
