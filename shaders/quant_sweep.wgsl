@@ -18,7 +18,7 @@
 //      column; a block starting inside a word first reloads the bytes the previous block's
 //      dispatch stored there (dispatches in one queue are ordered; one invocation owns a row, so
 //      no atomics).
-//   3. all invocations update W1[:, j] for j ≥ i (strided over columns):
+//   3. all invocations update W1[:, j] for j ≥ i (invocation t the columns j ≡ t mod WG):
 //        GPTQ:  W1[:, j] −= e·U[k, i1+j]
 //        GPTAQ: W1[:, j] −= e·U[k, i1+j] − w·P[k, i1+j]   (w = pre-quantization value, §2.2)
 // At the end the errors e (ebuf[:, eoff..eoff+cnt]) and, for GPTAQ, the NEGATED final W1
@@ -26,6 +26,13 @@
 // cross-block update (quant/gpu.rs `Gptaq`): with the whole P, W[:, i2:] −= [e | −W1]·[U; P][block
 // rows, i2:] is one GEMM with K doubled (−e·U + W1·P, the GPTQ and GPTAQ terms together); in the
 // deferred form −W1 feeds the pending matrix G instead, and only P's diagonal blocks are read here.
+//
+// Latency: a step's work is small (one quantization per row, rchunk multiply-adds per column),
+// so its time is the two barriers and the global loads' latency. Each invocation therefore fetches
+// the next step's pivot U[k+1, k+1] and its first update column's U (and P) entries while the
+// current step runs, and the launcher (quant/gpu.rs `sweep_rows`) sizes rchunk so that there are
+// enough workgroups per multiprocessor to cover one another's barriers. Neither changes any
+// arithmetic: every element sees the same operations in the same order, whatever rchunk is.
 //
 // Scales are rounded to f16 when computed (quant/mod.rs deviation), with an exact
 // round-to-nearest-even f32 → f16 emulation (no f16 shader feature needed).
@@ -160,6 +167,14 @@ fn find_params(mn: f32, mx: f32, r: u32, c0: u32, c1: u32) -> vec2<f32> {
     return best;
 }
 
+// The first block column j ≥ i with j ≡ t (mod WG): invocation t's first update column at step i.
+fn first_col(t: u32, i: u32) -> u32 {
+    if (t >= i) {
+        return t;
+    }
+    return t + ((i - t + WG - 1u) / WG) * WG;
+}
+
 @compute @workgroup_size(128)
 fn sweep_block(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
     let t = lid.x;
@@ -196,10 +211,35 @@ fn sweep_block(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nw
         let g = i1 / p.gs;
         prm = vec2<f32>(ptab[(g * p.rows + my_row) * 2u], ptab[(g * p.rows + my_row) * 2u + 1u]);
     }
+    // The next step's U (and P) entries, fetched a step ahead (see "Latency" at the top): this
+    // invocation's first update column of step 0 and the first pivot U[i1, i1].
+    var u_nx = 0.0;
+    var p_nx = 0.0;
+    var d_nx = u[(i1 - p.urow0) * n + i1];
+    if (t < cnt) {
+        u_nx = u[(i1 - p.urow0) * n + i1 + t];
+        if (p.gptaq != 0u) {
+            p_nx = pm[(i1 - p.prow0) * p.ldp + p.pcol0 + t];
+        }
+    }
     workgroupBarrier();
 
     for (var i = 0u; i < cnt; i++) {
         let k = i1 + i;
+        let d = d_nx;
+        let u_cur = u_nx;
+        let p_cur = p_nx;
+        if (i + 1u < cnt) {
+            let kn = k + 1u;
+            d_nx = u[(kn - p.urow0) * n + kn];
+            let jn = first_col(t, i + 1u);
+            if (jn < cnt) {
+                u_nx = u[(kn - p.urow0) * n + i1 + jn];
+                if (p.gptaq != 0u) {
+                    p_nx = pm[(kn - p.prow0) * p.ldp + p.pcol0 + jn];
+                }
+            }
+        }
         if (p.dynamic_groups != 0u && (k % p.gs) == 0u) {
             // Per-row min/max over the group's columns: WG / rc invocations per row, then the
             // row's own invocation t (< rc) combines the partials.
@@ -242,7 +282,6 @@ fn sweep_block(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nw
             let wv = w1[t * cnt + i];
             let code = clamp(round(wv / prm.x) + prm.y, 0.0, f32(p.maxq));
             let q = prm.x * (code - prm.y);
-            let d = u[(k - p.urow0) * n + k];
             let diff = wv - q;
             lacc += diff * diff / (d * d) / 2.0;
             let e = diff / d;
@@ -257,15 +296,24 @@ fn sweep_block(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nw
             ws[t] = wv;
         }
         workgroupBarrier();
-        for (var j = i + t; j < cnt; j += WG) {
-            let uij = u[(k - p.urow0) * n + i1 + j];
+        // Invocation t updates the block columns j ≥ i with j ≡ t (mod WG): the same columns at
+        // every step, so that their first one's U and P entries could be fetched a step ahead.
+        let jf = first_col(t, i);
+        for (var j = jf; j < cnt; j += WG) {
+            var uij = u_cur;
+            if (j != jf) {
+                uij = u[(k - p.urow0) * n + i1 + j];
+            }
             // Explicit fma in both branches, GPTQ's term first: compilers contract `a -= b·c`
             // on their own, and NVIDIA's Vulkan driver did so differently for the GPTQ and the
             // GPTAQ expression, so GPTAQ with α = 0 (P = 0) drifted from GPTQ in the last bit of
             // w (tests/quant_gpu.rs gptaq_alpha_zero_equals_gptq_on_gpu, H200). With fma(ws, 0,
             // x) = x the two branches are now the same arithmetic when P = 0.
             if (p.gptaq != 0u) {
-                let pij = pm[(k - p.prow0) * p.ldp + p.pcol0 + j];
+                var pij = p_cur;
+                if (j != jf) {
+                    pij = pm[(k - p.prow0) * p.ldp + p.pcol0 + j];
+                }
                 for (var rr = 0u; rr < rc; rr++) {
                     w1[rr * cnt + j] = fma(ws[rr], pij, fma(-es[rr], uij, w1[rr * cnt + j]));
                 }

@@ -90,6 +90,36 @@ const SWEEP_W1_LEN: usize = 3584;
 /// Most rows per sweep workgroup (`MAXR`): one quantizing invocation per row, ≤ `SWEEP_WG`.
 const SWEEP_MAX_ROWS: usize = 64;
 
+/// Workgroups the sweep aims for (`sweep_rows`): about four per multiprocessor of a large GPU
+/// (an H100 has 132), so that while one waits at a barrier others run.
+const SWEEP_TARGET_WORKGROUPS: usize = 512;
+/// Fewest rows per sweep workgroup unless the workgroup memory allows fewer: below this each
+/// workgroup's 128 invocations do too little per barrier.
+const SWEEP_MIN_ROWS: usize = 4;
+
+/// Rows per sweep workgroup (`rchunk` of `quant_sweep.wgsl`) for `rows` rows and blocks of `bs`
+/// columns. A step of the sweep is two barriers around a few multiply-adds per invocation, so its
+/// time is latency; with as many rows per workgroup as its memory holds (28 at bs = 128) a
+/// 4096-row module had 147 workgroups, about one per multiprocessor of an H100, and nothing to
+/// hide the barriers behind. Fewer rows per workgroup give more workgroups (`rows / 512`, at
+/// least [`SWEEP_MIN_ROWS`]). Results do not depend on it (every row's arithmetic is its own).
+/// `GPTAQ_SWEEP_ROWS=N` forces N (within the memory bound) for A/B runs.
+fn sweep_rows(rows: usize, bs: usize) -> usize {
+    let want = std::env::var("GPTAQ_SWEEP_ROWS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&v| v > 0)
+        .unwrap_or_else(|| (rows / SWEEP_TARGET_WORKGROUPS).max(SWEEP_MIN_ROWS));
+    want.min(sweep_rows_max(bs)).min(rows.max(1))
+}
+
+/// The most rows per sweep workgroup that its memory holds with blocks of `bs` columns.
+fn sweep_rows_max(bs: usize) -> usize {
+    (SWEEP_W1_LEN / bs.max(1))
+        .clamp(1, SWEEP_MAX_ROWS)
+        .min(SWEEP_WG)
+}
+
 /// Result of [`quantize_gpu`].
 pub struct GpuSolve {
     /// Same semantics as the reference, ORIGINAL column order (`result.q` empty from
@@ -841,7 +871,11 @@ pub fn quantize_gpu(
     d: Option<&GpuMatrix>,
     cfg: &QuantConfig,
 ) -> Result<GpuSolve, QuantGpuError> {
-    solve(ctx, w, None, rows, cols, h, d, cfg, None, true, None)
+    let opts = SolveOptions {
+        host_q: true,
+        ..SolveOptions::default()
+    };
+    solve(ctx, w, None, rows, cols, h, d, cfg, None, opts)
 }
 
 /// [`quantize_gpu`] when `W` is also on the GPU already (`w_gpu`, the same values as `w`; the
@@ -870,7 +904,18 @@ pub fn quantize_gpu_resident(
     cfg: &QuantConfig,
     shared: Option<&mut SharedFactor>,
 ) -> Result<GpuSolve, QuantGpuError> {
-    solve(ctx, w, w_gpu, rows, cols, h, d, cfg, shared, false, None)
+    solve(
+        ctx,
+        w,
+        w_gpu,
+        rows,
+        cols,
+        h,
+        d,
+        cfg,
+        shared,
+        SolveOptions::default(),
+    )
 }
 
 /// Step 2 of the module docs: D permuted (and its dead columns zeroed) into U's panel layout by
@@ -948,6 +993,8 @@ struct Sweep<'a> {
     rows: usize,
     n: usize,
     bs: usize,
+    /// Rows per sweep workgroup ([`sweep_rows`]).
+    rchunk: usize,
     /// Blocks per cross-block update ([`lazy_blocks`], 1 where it does not apply).
     lazy: usize,
     /// Row stride of `gerr`: `lazy` error slots, and as many −Q slots with GPTAQ.
@@ -988,6 +1035,7 @@ impl<'a> Sweep<'a> {
             rows,
             n,
             bs,
+            rchunk,
             lazy,
             lde,
             spec,
@@ -1008,10 +1056,6 @@ impl<'a> Sweep<'a> {
         } = *self;
         let n32 = u32_of("cols", n)?;
         let gptaq = gp.is_some();
-        let rchunk = (SWEEP_W1_LEN / bs)
-            .clamp(1, SWEEP_MAX_ROWS)
-            .min(rows)
-            .min(SWEEP_WG);
         let wgs = groups_1d(u32_of("sweep workgroups", rows.div_ceil(rchunk))?);
         // The updates owed by the blocks whose errors sit in `gerr`'s first `k / bs` slots (rows
         // `first .. first + k` of U and A) to the columns `c0 .. c0 + width`: W −= E·U and, with the
@@ -1250,8 +1294,20 @@ impl<'a> Sweep<'a> {
     }
 }
 
-/// Both entry points; `host_q`: fill `result.q` (from the codes on the host, exactly the GPU's
-/// `finish_q`, which the tests compare).
+/// How [`solve`] runs, beside what it solves (the tests choose the forms the defaults pick by
+/// shape, to check that they agree).
+#[derive(Clone, Copy, Debug, Default)]
+struct SolveOptions {
+    /// Fill `result.q` (from the codes on the host, exactly the GPU's `finish_q`, which the
+    /// tests compare).
+    host_q: bool,
+    /// GPTAQ's [`PForm`] (`None`: [`PForm::choose`]).
+    p_form: Option<PForm>,
+    /// Rows per sweep workgroup (`None`: [`sweep_rows`]).
+    sweep_rows: Option<usize>,
+}
+
+/// Both entry points.
 #[allow(clippy::too_many_arguments)]
 fn solve(
     ctx: &GpuContext,
@@ -1263,9 +1319,13 @@ fn solve(
     d: Option<&GpuMatrix>,
     cfg: &QuantConfig,
     mut shared: Option<&mut SharedFactor>,
-    host_q: bool,
-    p_form: Option<PForm>,
+    opts: SolveOptions,
 ) -> Result<GpuSolve, QuantGpuError> {
+    let SolveOptions {
+        host_q,
+        p_form,
+        sweep_rows: rchunk,
+    } = opts;
     let spec = check_config(cfg, cols)?;
     let n = cols;
     let n_el = rows
@@ -1605,6 +1665,10 @@ fn solve(
         rows,
         n,
         bs,
+        rchunk: rchunk
+            .unwrap_or_else(|| sweep_rows(rows, bs))
+            .clamp(1, sweep_rows_max(bs))
+            .min(rows.max(1)),
         lazy,
         lde,
         spec: &spec,
@@ -1749,8 +1813,8 @@ mod tests {
     use rand_chacha::ChaCha8Rng;
 
     use super::{
-        PForm, gptaq_a_blocked, gptaq_p_blocked, gptaq_p_diag, p_blocks_with, p_scratch_floats,
-        solve,
+        PForm, SolveOptions, gptaq_a_blocked, gptaq_p_blocked, gptaq_p_diag, p_blocks_with,
+        p_scratch_floats, solve, sweep_rows, sweep_rows_max,
     };
     use crate::quant::{Method, QuantConfig};
 
@@ -1890,8 +1954,11 @@ mod tests {
                     Some(&gd),
                     &cfg,
                     None,
-                    true,
-                    Some(form),
+                    SolveOptions {
+                        host_q: true,
+                        p_form: Some(form),
+                        sweep_rows: None,
+                    },
                 )
             };
             let whole = run(PForm::Whole)?.result;
@@ -1924,6 +1991,124 @@ mod tests {
                 (a - b).abs() <= 1e-3 * a.abs().max(1e-12),
                 "{name}: proxy loss {a} (whole P) against {b} (deferred)"
             );
+        }
+        Ok(())
+    }
+
+    /// The sweep's rows per workgroup (`sweep_rows`) change how rows are spread over workgroups,
+    /// never a row's arithmetic: codes, Q and losses are the same bit for bit from one row per
+    /// workgroup to as many as its memory holds, with blocks wider than the workgroup (each
+    /// invocation then updates several columns, fetching all but the first when used), a
+    /// partial last block, dynamic groups and act-order, for GPTQ and GPTAQ.
+    #[test]
+    fn sweep_rows_per_workgroup_do_not_change_results() -> Result<(), Box<dyn std::error::Error>> {
+        let Some(ctx) = crate::gpu::test_context() else {
+            return Ok(());
+        };
+        let mut rng = ChaCha8Rng::seed_from_u64(0x5eed_0a75);
+        // (rows, n, block, group, act-order, method)
+        for &(rows, n, bs, gs, act, method) in &[
+            (
+                37usize,
+                300usize,
+                256usize,
+                Some(64usize),
+                false,
+                Method::Gptq,
+            ),
+            (37, 300, 256, Some(64), true, Method::Gptaq { alpha: 0.25 }),
+            (29, 131, 32, None, true, Method::Gptaq { alpha: 1.0 }),
+            (61, 160, 128, Some(32), false, Method::Gptaq { alpha: 0.25 }),
+        ] {
+            let t = 2 * n;
+            let x: Vec<f64> = (0..t * n).map(|_| rng.random_range(-1.0f64..1.0)).collect();
+            let dx: Vec<f64> = (0..t * n)
+                .map(|_| 0.1 * rng.random_range(-1.0f64..1.0))
+                .collect();
+            let mut h = vec![0f32; n * n];
+            let mut d = vec![0f32; n * n];
+            for i in 0..n {
+                for j in 0..n {
+                    let (mut sh, mut sd) = (0f64, 0f64);
+                    for k in 0..t {
+                        sh += x[k * n + i] * x[k * n + j];
+                        sd += dx[k * n + i] * x[k * n + j];
+                    }
+                    h[i * n + j] = (2.0 * sh / t as f64) as f32;
+                    d[i * n + j] = (2.0 * sd / t as f64) as f32;
+                }
+            }
+            let w: Vec<f32> = (0..rows * n)
+                .map(|_| rng.random_range(-1.0f32..1.0))
+                .collect();
+            let gh = ctx.matrix_upload("H", &h, n, n, 1)?;
+            let gd = ctx.matrix_upload("D", &d, n, n, 1)?;
+            let cfg = QuantConfig {
+                method,
+                bits: 3,
+                group_size: gs,
+                sym: false,
+                act_order: act,
+                static_groups: false,
+                damp_percent: 0.01,
+                damp_auto_increment: 0.01,
+                block_size: bs,
+                mse: false,
+            };
+            let gptaq = matches!(method, Method::Gptaq { .. });
+            let run = |r: usize| {
+                solve(
+                    &ctx,
+                    &w,
+                    None,
+                    rows,
+                    n,
+                    &gh,
+                    gptaq.then_some(&gd),
+                    &cfg,
+                    None,
+                    SolveOptions {
+                        host_q: true,
+                        p_form: None,
+                        sweep_rows: Some(r),
+                    },
+                )
+            };
+            let base = run(1)?.result;
+            for r in [2, 5, sweep_rows_max(bs), sweep_rows(rows, bs)] {
+                let other = run(r)?.result;
+                let name = format!(
+                    "{rows}x{n} bs{bs} gs{gs:?} act {act} {method:?}: {r} rows per workgroup \
+                     against 1"
+                );
+                if let Some(i) = (0..base.codes.len()).find(|&i| base.codes[i] != other.codes[i]) {
+                    panic!(
+                        "{name}: code {i} (row {}, col {}) got {}, expected {}",
+                        i / n,
+                        i % n,
+                        other.codes[i],
+                        base.codes[i]
+                    );
+                }
+                if let Some(i) =
+                    (0..base.q.len()).find(|&i| base.q[i].to_bits() != other.q[i].to_bits())
+                {
+                    panic!(
+                        "{name}: q[{i}] (row {}, col {}) got {}, expected {}",
+                        i / n,
+                        i % n,
+                        other.q[i],
+                        base.q[i]
+                    );
+                }
+                assert_eq!(
+                    base.proxy_loss_sum.to_bits(),
+                    other.proxy_loss_sum.to_bits(),
+                    "{name}: proxy loss got {}, expected {}",
+                    other.proxy_loss_sum,
+                    base.proxy_loss_sum
+                );
+            }
         }
         Ok(())
     }
