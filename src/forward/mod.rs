@@ -1520,8 +1520,21 @@ pub fn down_residual(
     s: &LayerScratch,
     t: usize,
 ) -> Result<(), GpuError> {
+    down_residual_from(rec, l, &s.act, h, s, t)
+}
+
+/// `h += down_proj(act)` with `act` in a buffer of its own (a kept activation stream's batch,
+/// used in place) instead of `s.act`.
+pub fn down_residual_from(
+    rec: &mut Recorder<'_>,
+    l: &GpuLayer,
+    act: &GpuBuffer<f32>,
+    h: &GpuBuffer<f32>,
+    s: &LayerScratch,
+    t: usize,
+) -> Result<(), GpuError> {
     s.check(t)?;
-    linear(rec, l, ModuleKind::Down, t, &s.act, h, true)
+    linear(rec, l, ModuleKind::Down, t, act, h, true)
 }
 
 /// A whole decoder layer in place on `h` (`nseq` sequences of `seqlen` tokens).

@@ -131,6 +131,11 @@ struct Pending {
 }
 
 /// The per-batch activations in `slot`, allocated by `make` if they were released.
+/// [`Stream::batch_or`] of an optional stream (`work` without one).
+fn batch_or<'a>(s: &'a Option<Stream>, b: usize, work: &'a GpuBuffer<f32>) -> &'a GpuBuffer<f32> {
+    s.as_ref().map_or(work, |s| s.batch_or(b, work))
+}
+
 fn ensure_work<'a>(
     slot: &'a mut Option<Work>,
     make: &dyn Fn() -> Result<Work, PipelineError>,
@@ -305,20 +310,18 @@ pub fn quantize(
     // the room (Llama-3-8B, one 2048-token sequence, both streams: ≈1.7 GiB of activations, more
     // than the down_proj factor's two 14336² matrices), and allocated again for the next stage.
     // The memory plan counts the two stages apart (pipeline/plan.rs).
+    // Where the hidden-state and attention streams are f32 buffers on the GPU, the kernels read
+    // and update their batches in place (`Stream::gpu_batch`) and these work copies are never
+    // used: one element each (the memory plan still counts them, an overestimate).
+    let staged = placement != Placement::Gpu;
     let make_work = || -> Result<Work, PipelineError> {
+        let size = |on: bool, len: usize| if on && staged { len } else { 1 };
         Ok(Work {
             tc: use_tc,
-            h_q: ctx.zeros("work h_q", max_tokens * h)?,
-            h_fp: ctx.zeros("work h_fp", if fp_stream { max_tokens * h } else { 1 })?,
-            a_q: ctx.zeros("work a_q", max_tokens * mc.q_dim())?,
-            a_fp: ctx.zeros(
-                "work a_fp",
-                if fp_stream {
-                    max_tokens * mc.q_dim()
-                } else {
-                    1
-                },
-            )?,
+            h_q: ctx.zeros("work h_q", size(true, max_tokens * h))?,
+            h_fp: ctx.zeros("work h_fp", size(fp_stream, max_tokens * h))?,
+            a_q: ctx.zeros("work a_q", size(true, max_tokens * mc.q_dim()))?,
+            a_fp: ctx.zeros("work a_fp", size(fp_stream, max_tokens * mc.q_dim()))?,
             s_q: LayerScratch::new(ctx, &mc, max_tokens)?,
             s_fp: LayerScratch::new(ctx, &mc, if fp_stream { max_tokens } else { 1 })?,
             diff: ctx.zeros(
@@ -450,14 +453,15 @@ pub fn quantize(
                 check_cancel(cancel)?;
                 let t = tok(b);
                 let mut rec = ctx.recorder();
-                rec = hq.load(rec, b, &work.h_q)?;
+                rec = hq.load_unless_in_place(rec, b, &work.h_q)?;
                 if let Some(s) = hfp.as_mut() {
-                    rec = s.load(rec, b, &work.h_fp)?;
+                    rec = s.load_unless_in_place(rec, b, &work.h_fp)?;
                 }
                 rec = prof.lap(rec, "load")?;
-                forward::input_norm(&mut rec, &layers.q, &work.h_q, &work.s_q, t)?;
+                let (h_q, h_fp) = (hq.batch_or(b, &work.h_q), batch_or(&hfp, b, &work.h_fp));
+                forward::input_norm(&mut rec, &layers.q, h_q, &work.s_q, t)?;
                 if let Some(fp) = &layers.fp {
-                    forward::input_norm(&mut rec, fp, &work.h_fp, &work.s_fp, t)?;
+                    forward::input_norm(&mut rec, fp, h_fp, &work.s_fp, t)?;
                 }
                 rec = prof.lap(rec, "forward")?;
                 stats.accumulate(&mut rec, work, work.s_q.x1(), work.s_fp.x1(), (b, t))?;
@@ -513,16 +517,17 @@ pub fn quantize(
                 check_cancel(cancel)?;
                 let t = tok(b);
                 let mut rec = ctx.recorder();
-                rec = hq.load(rec, b, &work.h_q)?;
+                rec = hq.load_unless_in_place(rec, b, &work.h_q)?;
                 if let Some(s) = hfp.as_mut() {
-                    rec = s.load(rec, b, &work.h_fp)?;
+                    rec = s.load_unless_in_place(rec, b, &work.h_fp)?;
                 }
                 rec = prof.lap(rec, "load")?;
+                let (h_q, h_fp) = (hq.batch_or(b, &work.h_q), batch_or(&hfp, b, &work.h_fp));
                 let nseq_b = batches[b].len();
-                forward::input_norm(&mut rec, &layers.q, &work.h_q, &work.s_q, t)?;
+                forward::input_norm(&mut rec, &layers.q, h_q, &work.s_q, t)?;
                 if let Some(fp) = &layers.fp {
                     forward::qkv_proj(&mut rec, &layers.q, &work.s_q, t)?;
-                    forward::input_norm(&mut rec, fp, &work.h_fp, &work.s_fp, t)?;
+                    forward::input_norm(&mut rec, fp, h_fp, &work.s_fp, t)?;
                     forward::qkv_proj(&mut rec, fp, &work.s_fp, t)?;
                     rec = prof.lap(rec, "forward")?;
                     // The projections are the metrics' Y_q and Y_fp: measured here, before RoPE
@@ -597,18 +602,21 @@ pub fn quantize(
                 check_cancel(cancel)?;
                 let t = tok(b);
                 let mut rec = ctx.recorder();
-                rec = hq.load(rec, b, &work.h_q)?;
-                rec = aq.load(rec, b, &work.a_q)?;
+                rec = hq.load_unless_in_place(rec, b, &work.h_q)?;
+                rec = aq.load_unless_in_place(rec, b, &work.a_q)?;
                 rec = prof.lap(rec, "load")?;
+                // h ← h + o(a) in the stream's own buffer where it is on the GPU in f32.
+                let (h_q, a_q) = (hq.batch_or(b, &work.h_q), aq.batch_or(b, &work.a_q));
                 if let (Some(fp), Some(s), Some(a)) = (&layers.fp, hfp.as_mut(), afp.as_mut()) {
-                    rec = s.load(rec, b, &work.h_fp)?;
-                    rec = a.load(rec, b, &work.a_fp)?;
+                    rec = s.load_unless_in_place(rec, b, &work.h_fp)?;
+                    rec = a.load_unless_in_place(rec, b, &work.a_fp)?;
                     rec = prof.lap(rec, "load")?;
+                    let (h_fp, a_fp) = (s.batch_or(b, &work.h_fp), a.batch_or(b, &work.a_fp));
                     // o's outputs pass through the metric scratch so the metrics can reuse them.
                     let (yq, yfp) = (work.metric.y_q(), work.metric.y_fp());
                     for (l, a, hs, s, y) in [
-                        (&layers.q, &work.a_q, &work.h_q, &work.s_q, yq),
-                        (fp, &work.a_fp, &work.h_fp, &work.s_fp, yfp),
+                        (&layers.q, a_q, h_q, &work.s_q, yq),
+                        (fp, a_fp, h_fp, &work.s_fp, yfp),
                     ] {
                         add_output(
                             &mut rec,
@@ -628,21 +636,21 @@ pub fn quantize(
                         &o_metrics,
                         work,
                         (b, t),
-                        (&work.a_q, &work.a_fp),
+                        (a_q, a_fp),
                         (&layers.q, fp),
                         |_| Some((yq, yfp)),
                     )?;
                     rec = prof.lap(rec, "metrics")?;
                 } else {
-                    forward::o_residual(&mut rec, &layers.q, &work.a_q, &work.h_q, &work.s_q, t)?;
-                    forward::post_norm(&mut rec, &layers.q, &work.h_q, &work.s_q, t)?;
+                    forward::o_residual(&mut rec, &layers.q, a_q, h_q, &work.s_q, t)?;
+                    forward::post_norm(&mut rec, &layers.q, h_q, &work.s_q, t)?;
                     rec = prof.lap(rec, "forward")?;
                 }
                 stats.accumulate(&mut rec, work, work.s_q.x2(), work.s_fp.x2(), (b, t))?;
                 rec = prof.lap(rec, "stats")?;
-                rec = hq.store(rec, b, &work.h_q)?;
+                rec = hq.store_unless_in_place(rec, b, &work.h_q)?;
                 if let Some(s) = hfp.as_mut() {
-                    rec = s.store(rec, b, &work.h_fp)?;
+                    rec = s.store_unless_in_place(rec, b, &work.h_fp)?;
                 }
                 rec = prof.lap(rec, "store")?;
                 rec.submit();
@@ -722,15 +730,15 @@ pub fn quantize(
                 check_cancel(cancel)?;
                 let t = tok(b);
                 let mut rec = ctx.recorder();
-                rec = hq.load(rec, b, &work.h_q)?;
+                rec = hq.load_unless_in_place(rec, b, &work.h_q)?;
                 rec = prof.lap(rec, "load")?;
-                forward::post_norm(&mut rec, &layers.q, &work.h_q, &work.s_q, t)?;
+                forward::post_norm(&mut rec, &layers.q, hq.batch_or(b, &work.h_q), &work.s_q, t)?;
                 if let (Some(fp), Some(s)) = (&layers.fp, hfp.as_mut()) {
                     forward::gate_up_proj(&mut rec, &layers.q, &work.s_q, t)?;
                     rec = prof.lap(rec, "forward")?;
-                    rec = s.load(rec, b, &work.h_fp)?;
+                    rec = s.load_unless_in_place(rec, b, &work.h_fp)?;
                     rec = prof.lap(rec, "load")?;
-                    forward::post_norm(&mut rec, fp, &work.h_fp, &work.s_fp, t)?;
+                    forward::post_norm(&mut rec, fp, s.batch_or(b, &work.h_fp), &work.s_fp, t)?;
                     forward::gate_up_proj(&mut rec, fp, &work.s_fp, t)?;
                     rec = prof.lap(rec, "forward")?;
                     // The raw gate and up outputs are the metrics' Y_q and Y_fp: measured before
@@ -823,45 +831,39 @@ pub fn quantize(
                 check_cancel(cancel)?;
                 let t = tok(b);
                 let mut rec = ctx.recorder();
-                rec = hq.load(rec, b, &work.h_q)?;
+                rec = hq.load_unless_in_place(rec, b, &work.h_q)?;
                 if let Some(s) = actq.as_mut() {
-                    rec = s.load(rec, b, work.s_q.act())?;
+                    rec = s.load_unless_in_place(rec, b, work.s_q.act())?;
                 }
                 rec = prof.lap(rec, "load")?;
+                // h ← h + down(act) in the stream's own buffer where it is on the GPU in f32, act
+                // read from its stream's buffer likewise.
+                let h_q = hq.batch_or(b, &work.h_q);
                 if actq.is_none() {
-                    forward::post_norm(&mut rec, &layers.q, &work.h_q, &work.s_q, t)?;
+                    forward::post_norm(&mut rec, &layers.q, h_q, &work.s_q, t)?;
                     forward::mlp_act(&mut rec, &layers.q, &work.s_q, t)?;
                 }
                 // With metrics, down's outputs pass through the metric scratch so that the metrics
                 // can reuse them.
-                let (down, act_q) = (ModuleKind::Down, work.s_q.act());
+                let down = ModuleKind::Down;
+                let act_q = batch_or(&actq, b, work.s_q.act());
                 let (yq, yfp) = (work.metric.y_q(), work.metric.y_fp());
                 let keep = (metrics && layers.fp.is_some()).then_some(yq);
-                add_output(
-                    &mut rec, &layers.q, down, t, act_q, &work.h_q, &work.s_q, keep,
-                )?;
+                add_output(&mut rec, &layers.q, down, t, act_q, h_q, &work.s_q, keep)?;
                 rec = prof.lap(rec, "forward")?;
                 if let (Some(fp), Some(s)) = (&layers.fp, hfp.as_mut()) {
-                    rec = s.load(rec, b, &work.h_fp)?;
+                    rec = s.load_unless_in_place(rec, b, &work.h_fp)?;
                     if let Some(a) = actfp.as_mut() {
-                        rec = a.load(rec, b, work.s_fp.act())?;
+                        rec = a.load_unless_in_place(rec, b, work.s_fp.act())?;
                     }
                     rec = prof.lap(rec, "load")?;
+                    let h_fp = s.batch_or(b, &work.h_fp);
                     if actfp.is_none() {
-                        forward::post_norm(&mut rec, fp, &work.h_fp, &work.s_fp, t)?;
+                        forward::post_norm(&mut rec, fp, h_fp, &work.s_fp, t)?;
                         forward::mlp_act(&mut rec, fp, &work.s_fp, t)?;
                     }
-                    let act_fp = work.s_fp.act();
-                    add_output(
-                        &mut rec,
-                        fp,
-                        down,
-                        t,
-                        act_fp,
-                        &work.h_fp,
-                        &work.s_fp,
-                        Some(yfp),
-                    )?;
+                    let act_fp = batch_or(&actfp, b, work.s_fp.act());
+                    add_output(&mut rec, fp, down, t, act_fp, h_fp, &work.s_fp, Some(yfp))?;
                     rec = prof.lap(rec, "forward")?;
                     record_metrics(
                         &mut rec,
@@ -875,26 +877,26 @@ pub fn quantize(
                     ops::sq_diff_partials(
                         &mut rec,
                         t * h,
-                        &work.h_q,
+                        h_q,
                         1.0,
-                        &work.h_fp,
+                        h_fp,
                         &work.hidden_parts,
                         b * hp,
                     )?;
                     ops::sq_diff_partials(
                         &mut rec,
                         t * h,
-                        &work.h_fp,
+                        h_fp,
                         0.0,
-                        &work.h_fp,
+                        h_fp,
                         &work.hidden_parts,
                         (nb + b) * hp,
                     )?;
                     rec = prof.lap(rec, "metrics")?;
                 }
-                rec = hq.store(rec, b, &work.h_q)?;
+                rec = hq.store_unless_in_place(rec, b, &work.h_q)?;
                 if let Some(s) = hfp.as_mut() {
-                    rec = s.store(rec, b, &work.h_fp)?;
+                    rec = s.store_unless_in_place(rec, b, &work.h_fp)?;
                 }
                 rec = prof.lap(rec, "store")?;
                 rec.submit();
@@ -1476,7 +1478,7 @@ fn output_is_product(l: &GpuLayer, m: ModuleKind) -> bool {
     l.bias(m).is_none()
 }
 
-/// `h += m(x)` for o or down on one stream (`x` is `s.act` for down). Given `y` (metrics on) and a
+/// `h += m(x)` for o or down on one stream (`x`: the attention output, or act). Given `y` (metrics on) and a
 /// module whose output the metrics reuse, the output is formed in `y` and then added, so it stays
 /// there for [`record_metrics`]; otherwise the fused GEMM accumulates it straight into `h`.
 #[allow(clippy::too_many_arguments)]
@@ -1496,7 +1498,7 @@ fn add_output(
             forward::residual_add(rec, t * l.dims().hidden, y, h)?;
         }
         _ if m == ModuleKind::O => forward::o_residual(rec, l, x, h, s, t)?,
-        _ => forward::down_residual(rec, l, h, s, t)?,
+        _ => forward::down_residual_from(rec, l, x, h, s, t)?,
     }
     Ok(())
 }

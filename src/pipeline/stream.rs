@@ -276,6 +276,50 @@ impl Stream {
         Ok(hit)
     }
 
+    /// Batch `b` itself where it is an f32 buffer on the GPU (`Placement::Gpu`): the kernels then
+    /// read it, and update it in place, without [`Self::load`]'s copy into a work buffer and
+    /// [`Self::store`]'s copy back. Those copies moved 4.3 GB per batch of 16 sequences of a
+    /// Llama-3-8B layer and took 0.16 s of its 1.9 s GPTQ layer on an H100 (BENCHMARKS.md session
+    /// 29). `None` for every other placement: load into a work buffer and store it back.
+    pub fn gpu_batch(&self, b: usize) -> Option<&GpuBuffer<f32>> {
+        match self.chunks.get(b) {
+            Some(Chunk::Gpu(buf)) => Some(buf),
+            _ => None,
+        }
+    }
+
+    /// The buffer holding batch `b` for the kernels: the stream's own ([`Self::gpu_batch`]) or
+    /// `work`, which [`Self::load_unless_in_place`] filled.
+    pub fn batch_or<'a>(&'a self, b: usize, work: &'a GpuBuffer<f32>) -> &'a GpuBuffer<f32> {
+        self.gpu_batch(b).unwrap_or(work)
+    }
+
+    /// [`Self::load`] unless the kernels use batch `b` in place ([`Self::gpu_batch`]).
+    pub fn load_unless_in_place<'c>(
+        &mut self,
+        rec: Recorder<'c>,
+        b: usize,
+        work: &GpuBuffer<f32>,
+    ) -> Result<Recorder<'c>, GpuError> {
+        if self.gpu_batch(b).is_some() {
+            return Ok(rec);
+        }
+        self.load(rec, b, work)
+    }
+
+    /// [`Self::store`] unless the kernels updated batch `b` in place ([`Self::gpu_batch`]).
+    pub fn store_unless_in_place<'c>(
+        &mut self,
+        rec: Recorder<'c>,
+        b: usize,
+        work: &GpuBuffer<f32>,
+    ) -> Result<Recorder<'c>, GpuError> {
+        if self.gpu_batch(b).is_some() {
+            return Ok(rec);
+        }
+        self.store(rec, b, work)
+    }
+
     /// Copies batch `b` into `work`. GPU batches are copied inside `rec`; host batches go through
     /// `queue.write_buffer`, which executes before the *next* submission, so anything already
     /// recorded is submitted first (it may still read `work`) and a fresh recorder is returned.
