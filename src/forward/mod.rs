@@ -936,9 +936,23 @@ pub fn attention(
     nseq: usize,
     seqlen: usize,
 ) -> Result<(), GpuError> {
+    attention_into(rec, l, rope, s, nseq, seqlen, &s.attn)
+}
+
+/// [`attention`] into `out` (a stored attention stream's batch, written in place) instead of
+/// `s.attn`.
+pub fn attention_into(
+    rec: &mut Recorder<'_>,
+    l: &GpuLayer,
+    rope: &Rope,
+    s: &LayerScratch,
+    nseq: usize,
+    seqlen: usize,
+    out: &GpuBuffer<f32>,
+) -> Result<(), GpuError> {
     // Both halves check their shapes; nothing recorded here is submitted if one fails.
     qkv_proj(rec, l, s, nseq * seqlen)?;
-    rope_attend(rec, l, rope, s, nseq, seqlen)
+    rope_attend_into(rec, l, rope, s, nseq, seqlen, out)
 }
 
 fn check_rope(rope: &Rope, seqlen: usize) -> Result<(), GpuError> {
@@ -984,6 +998,19 @@ pub fn rope_attend(
     nseq: usize,
     seqlen: usize,
 ) -> Result<(), GpuError> {
+    rope_attend_into(rec, l, rope, s, nseq, seqlen, &s.attn)
+}
+
+/// [`rope_attend`] into `out` instead of `s.attn`.
+pub fn rope_attend_into(
+    rec: &mut Recorder<'_>,
+    l: &GpuLayer,
+    rope: &Rope,
+    s: &LayerScratch,
+    nseq: usize,
+    seqlen: usize,
+    out: &GpuBuffer<f32>,
+) -> Result<(), GpuError> {
     let t = nseq * seqlen;
     s.check(t)?;
     check_rope(rope, seqlen)?;
@@ -1015,8 +1042,8 @@ pub fn rope_attend(
     }
     let shape = d.attn_shape(nseq, seqlen);
     match l.tc.as_ref().and_then(|tc| tc.scratch.attn.as_deref()) {
-        Some(a) if a.seqlen == seqlen => attend_tc(rec, &s.q, &s.k, &s.v, &s.attn, shape, a),
-        _ => attend(rec, &s.q, &s.k, &s.v, &s.attn, shape),
+        Some(a) if a.seqlen == seqlen => attend_tc(rec, &s.q, &s.k, &s.v, out, shape, a),
+        _ => attend(rec, &s.q, &s.k, &s.v, out, shape),
     }
 }
 
@@ -1465,8 +1492,19 @@ pub fn mlp_act(
     s: &LayerScratch,
     t: usize,
 ) -> Result<(), GpuError> {
-    gate_up_proj(rec, l, s, t)?;
-    silu_mul(rec, l, s, t)
+    mlp_act_into(rec, l, s, t, &s.act)
+}
+
+/// [`mlp_act`] into `act` (a kept activation stream's batch, written in place) instead of `s.act`.
+pub fn mlp_act_into(
+    rec: &mut Recorder<'_>,
+    l: &GpuLayer,
+    s: &LayerScratch,
+    t: usize,
+    act: &GpuBuffer<f32>,
+) -> Result<(), GpuError> {
+    gate_up_proj_into(rec, l, s, t, act)?;
+    silu_mul_into(rec, l, s, t, act)
 }
 
 /// The gate and up module outputs of `s.x2`: gate into `s.act` (SwiGLU then works in place, no
@@ -1477,11 +1515,22 @@ pub fn gate_up_proj(
     s: &LayerScratch,
     t: usize,
 ) -> Result<(), GpuError> {
+    gate_up_proj_into(rec, l, s, t, &s.act)
+}
+
+/// [`gate_up_proj`] with gate's output in `act` instead of `s.act`.
+pub fn gate_up_proj_into(
+    rec: &mut Recorder<'_>,
+    l: &GpuLayer,
+    s: &LayerScratch,
+    t: usize,
+    act: &GpuBuffer<f32>,
+) -> Result<(), GpuError> {
     s.check(t)?;
     linears(
         rec,
         l,
-        &[(ModuleKind::Gate, &s.act), (ModuleKind::Up, &s.up)],
+        &[(ModuleKind::Gate, act), (ModuleKind::Up, &s.up)],
         t,
         &s.x2,
         false,
@@ -1495,6 +1544,17 @@ pub fn silu_mul(
     s: &LayerScratch,
     t: usize,
 ) -> Result<(), GpuError> {
+    silu_mul_into(rec, l, s, t, &s.act)
+}
+
+/// SwiGLU after [`gate_up_proj_into`]: `act = silu(act)·s.up`.
+pub fn silu_mul_into(
+    rec: &mut Recorder<'_>,
+    l: &GpuLayer,
+    s: &LayerScratch,
+    t: usize,
+    act: &GpuBuffer<f32>,
+) -> Result<(), GpuError> {
     s.check(t)?;
     let n = u32_of("swiglu", t * l.dims.intermediate)?;
     let params = EwParams {
@@ -1507,7 +1567,7 @@ pub fn silu_mul(
         "silu_mul",
         &[],
         &params,
-        &[s.up.binding(), s.act.binding()],
+        &[s.up.binding(), act.binding()],
         groups_1d(n.div_ceil(256)),
     )
 }

@@ -523,6 +523,12 @@ pub fn quantize(
                 }
                 rec = prof.lap(rec, "load")?;
                 let (h_q, h_fp) = (hq.batch_or(b, &work.h_q), batch_or(&hfp, b, &work.h_fp));
+                // The attention outputs straight into their streams' batches where those are f32
+                // GPU buffers.
+                let (a_q, a_fp) = (
+                    aq.batch_or(b, work.s_q.attn()),
+                    batch_or(&afp, b, work.s_fp.attn()),
+                );
                 let nseq_b = batches[b].len();
                 forward::input_norm(&mut rec, &layers.q, h_q, &work.s_q, t)?;
                 if let Some(fp) = &layers.fp {
@@ -542,17 +548,19 @@ pub fn quantize(
                         |m| Some((work.s_q.module_output(m)?, work.s_fp.module_output(m)?)),
                     )?;
                     rec = prof.lap(rec, "metrics")?;
-                    forward::rope_attend(&mut rec, &layers.q, &rope, &work.s_q, nseq_b, seqlen)?;
-                    forward::rope_attend(&mut rec, fp, &rope, &work.s_fp, nseq_b, seqlen)?;
+                    let (sq, sfp) = (&work.s_q, &work.s_fp);
+                    forward::rope_attend_into(&mut rec, &layers.q, &rope, sq, nseq_b, seqlen, a_q)?;
+                    forward::rope_attend_into(&mut rec, fp, &rope, sfp, nseq_b, seqlen, a_fp)?;
                 } else {
-                    forward::attention(&mut rec, &layers.q, &rope, &work.s_q, nseq_b, seqlen)?;
+                    let sq = &work.s_q;
+                    forward::attention_into(&mut rec, &layers.q, &rope, sq, nseq_b, seqlen, a_q)?;
                 }
                 rec = prof.lap(rec, "attention")?;
-                stats.accumulate(&mut rec, work, work.s_q.attn(), work.s_fp.attn(), (b, t))?;
+                stats.accumulate(&mut rec, work, a_q, a_fp, (b, t))?;
                 rec = prof.lap(rec, "stats")?;
-                rec = aq.store(rec, b, work.s_q.attn())?;
+                rec = aq.store_unless_in_place(rec, b, work.s_q.attn())?;
                 if let Some(s) = afp.as_mut() {
-                    rec = s.store(rec, b, work.s_fp.attn())?;
+                    rec = s.store_unless_in_place(rec, b, work.s_fp.attn())?;
                 }
                 rec = prof.lap(rec, "store")?;
                 rec.submit();
@@ -733,13 +741,16 @@ pub fn quantize(
                 rec = hq.load_unless_in_place(rec, b, &work.h_q)?;
                 rec = prof.lap(rec, "load")?;
                 forward::post_norm(&mut rec, &layers.q, hq.batch_or(b, &work.h_q), &work.s_q, t)?;
+                // act straight into its kept stream's batch where that is an f32 GPU buffer.
+                let act_q = batch_or(&actq, b, work.s_q.act());
+                let act_fp = batch_or(&actfp, b, work.s_fp.act());
                 if let (Some(fp), Some(s)) = (&layers.fp, hfp.as_mut()) {
-                    forward::gate_up_proj(&mut rec, &layers.q, &work.s_q, t)?;
+                    forward::gate_up_proj_into(&mut rec, &layers.q, &work.s_q, t, act_q)?;
                     rec = prof.lap(rec, "forward")?;
                     rec = s.load_unless_in_place(rec, b, &work.h_fp)?;
                     rec = prof.lap(rec, "load")?;
                     forward::post_norm(&mut rec, fp, s.batch_or(b, &work.h_fp), &work.s_fp, t)?;
-                    forward::gate_up_proj(&mut rec, fp, &work.s_fp, t)?;
+                    forward::gate_up_proj_into(&mut rec, fp, &work.s_fp, t, act_fp)?;
                     rec = prof.lap(rec, "forward")?;
                     // The raw gate and up outputs are the metrics' Y_q and Y_fp: measured before
                     // SwiGLU overwrites the gate output with act.
@@ -750,22 +761,25 @@ pub fn quantize(
                         (b, t),
                         (work.s_q.x2(), work.s_fp.x2()),
                         (&layers.q, fp),
-                        |m| Some((work.s_q.module_output(m)?, work.s_fp.module_output(m)?)),
+                        |m| match m {
+                            ModuleKind::Gate => Some((act_q, act_fp)),
+                            _ => Some((work.s_q.module_output(m)?, work.s_fp.module_output(m)?)),
+                        },
                     )?;
                     rec = prof.lap(rec, "metrics")?;
-                    forward::silu_mul(&mut rec, &layers.q, &work.s_q, t)?;
-                    forward::silu_mul(&mut rec, fp, &work.s_fp, t)?;
+                    forward::silu_mul_into(&mut rec, &layers.q, &work.s_q, t, act_q)?;
+                    forward::silu_mul_into(&mut rec, fp, &work.s_fp, t, act_fp)?;
                 } else {
-                    forward::mlp_act(&mut rec, &layers.q, &work.s_q, t)?;
+                    forward::mlp_act_into(&mut rec, &layers.q, &work.s_q, t, act_q)?;
                 }
                 rec = prof.lap(rec, "forward")?;
-                stats.accumulate(&mut rec, work, work.s_q.act(), work.s_fp.act(), (b, t))?;
+                stats.accumulate(&mut rec, work, act_q, act_fp, (b, t))?;
                 rec = prof.lap(rec, "stats")?;
                 if let Some(s) = actq.as_mut() {
-                    rec = s.store(rec, b, work.s_q.act())?;
+                    rec = s.store_unless_in_place(rec, b, work.s_q.act())?;
                 }
                 if let Some(s) = actfp.as_mut() {
-                    rec = s.store(rec, b, work.s_fp.act())?;
+                    rec = s.store_unless_in_place(rec, b, work.s_fp.act())?;
                 }
                 rec = prof.lap(rec, "store")?;
                 rec.submit();
