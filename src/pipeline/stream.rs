@@ -278,9 +278,11 @@ impl Stream {
 
     /// Batch `b` itself where it is an f32 buffer on the GPU (`Placement::Gpu`): the kernels then
     /// read it, and update it in place, without [`Self::load`]'s copy into a work buffer and
-    /// [`Self::store`]'s copy back. Those copies moved 4.3 GB per batch of 16 sequences of a
-    /// Llama-3-8B layer and took 0.16 s of its 1.9 s GPTQ layer on an H100 (BENCHMARKS.md session
-    /// 29). `None` for every other placement: load into a work buffer and store it back.
+    /// [`Self::store`]'s copy back. Those copies (eleven per batch: the hidden state seven times,
+    /// the attention output and the MLP activations twice each) moved 8.6 GB per batch of 16
+    /// sequences of a Llama-3-8B layer and took 0.16 s of its 1.9 s GPTQ layer on an H100
+    /// (BENCHMARKS.md session 29). `None` for every other placement: load into a work buffer and
+    /// store it back.
     pub fn gpu_batch(&self, b: usize) -> Option<&GpuBuffer<f32>> {
         match self.chunks.get(b) {
             Some(Chunk::Gpu(buf)) => Some(buf),
