@@ -46,6 +46,13 @@
 // layout; on the H100 it passed the same tests and ran within 2–4 % of them, measured in
 // different calls whose spread is about 3 %: BENCHMARKS.md session 22.)
 //
+// ACCUMULATE (override, default true) chooses C += op(A)·op(B), each subgroup's sixteen
+// accumulators loaded from C, or C = op(A)·op(B) (ops::gemm_coop_overwrite), the accumulators
+// starting at zero (a declared coop_mat16x16 is zero-initialised) and C never read: the forward's
+// linear layers overwrite their outputs, which they had to clear first: the clear and the load
+// were two of the three passes over an f32 C that is larger than both f16 operands together
+// (gate_proj on 32768 tokens: C 1.9 GB, X and W 0.4 GB).
+//
 // Requirements (ops::check_coop_batched and ops::coop_staged_available): M and N multiples of 128,
 // K of 32; every offset, row stride and batch stride of A and B even (A and B are read two halves
 // per load); subgroups of exactly 32 invocations (so the 128 invocations are four subgroups, told
@@ -91,6 +98,8 @@ struct Params {
 // The operands' layouts (see the top of the file).
 override A_T: bool = false;
 override B_T: bool = true;
+// C += op(A)·op(B) (true) or C = op(A)·op(B) (false: C is neither read nor cleared first).
+override ACCUMULATE: bool = true;
 
 // Where batch entry z's A, B and C start (nested batches as in gemm_coop.wgsl).
 fn batch_a(z: u32) -> u32 {
@@ -174,22 +183,40 @@ fn block128(bi: u32, bj: u32, z: u32, lid: u32, sg: u32) {
     let c31i = r3 + 16u;
     let c32i = r3 + 32u;
     let c33i = r3 + 48u;
-    var c00 = coopLoadT<coop_mat16x16<f32, C>>(&c[c00i], ldc);
-    var c01 = coopLoadT<coop_mat16x16<f32, C>>(&c[c01i], ldc);
-    var c02 = coopLoadT<coop_mat16x16<f32, C>>(&c[c02i], ldc);
-    var c03 = coopLoadT<coop_mat16x16<f32, C>>(&c[c03i], ldc);
-    var c10 = coopLoadT<coop_mat16x16<f32, C>>(&c[c10i], ldc);
-    var c11 = coopLoadT<coop_mat16x16<f32, C>>(&c[c11i], ldc);
-    var c12 = coopLoadT<coop_mat16x16<f32, C>>(&c[c12i], ldc);
-    var c13 = coopLoadT<coop_mat16x16<f32, C>>(&c[c13i], ldc);
-    var c20 = coopLoadT<coop_mat16x16<f32, C>>(&c[c20i], ldc);
-    var c21 = coopLoadT<coop_mat16x16<f32, C>>(&c[c21i], ldc);
-    var c22 = coopLoadT<coop_mat16x16<f32, C>>(&c[c22i], ldc);
-    var c23 = coopLoadT<coop_mat16x16<f32, C>>(&c[c23i], ldc);
-    var c30 = coopLoadT<coop_mat16x16<f32, C>>(&c[c30i], ldc);
-    var c31 = coopLoadT<coop_mat16x16<f32, C>>(&c[c31i], ldc);
-    var c32 = coopLoadT<coop_mat16x16<f32, C>>(&c[c32i], ldc);
-    var c33 = coopLoadT<coop_mat16x16<f32, C>>(&c[c33i], ldc);
+    var c00: coop_mat16x16<f32, C>;
+    var c01: coop_mat16x16<f32, C>;
+    var c02: coop_mat16x16<f32, C>;
+    var c03: coop_mat16x16<f32, C>;
+    var c10: coop_mat16x16<f32, C>;
+    var c11: coop_mat16x16<f32, C>;
+    var c12: coop_mat16x16<f32, C>;
+    var c13: coop_mat16x16<f32, C>;
+    var c20: coop_mat16x16<f32, C>;
+    var c21: coop_mat16x16<f32, C>;
+    var c22: coop_mat16x16<f32, C>;
+    var c23: coop_mat16x16<f32, C>;
+    var c30: coop_mat16x16<f32, C>;
+    var c31: coop_mat16x16<f32, C>;
+    var c32: coop_mat16x16<f32, C>;
+    var c33: coop_mat16x16<f32, C>;
+    if (ACCUMULATE) {
+        c00 = coopLoadT<coop_mat16x16<f32, C>>(&c[c00i], ldc);
+        c01 = coopLoadT<coop_mat16x16<f32, C>>(&c[c01i], ldc);
+        c02 = coopLoadT<coop_mat16x16<f32, C>>(&c[c02i], ldc);
+        c03 = coopLoadT<coop_mat16x16<f32, C>>(&c[c03i], ldc);
+        c10 = coopLoadT<coop_mat16x16<f32, C>>(&c[c10i], ldc);
+        c11 = coopLoadT<coop_mat16x16<f32, C>>(&c[c11i], ldc);
+        c12 = coopLoadT<coop_mat16x16<f32, C>>(&c[c12i], ldc);
+        c13 = coopLoadT<coop_mat16x16<f32, C>>(&c[c13i], ldc);
+        c20 = coopLoadT<coop_mat16x16<f32, C>>(&c[c20i], ldc);
+        c21 = coopLoadT<coop_mat16x16<f32, C>>(&c[c21i], ldc);
+        c22 = coopLoadT<coop_mat16x16<f32, C>>(&c[c22i], ldc);
+        c23 = coopLoadT<coop_mat16x16<f32, C>>(&c[c23i], ldc);
+        c30 = coopLoadT<coop_mat16x16<f32, C>>(&c[c30i], ldc);
+        c31 = coopLoadT<coop_mat16x16<f32, C>>(&c[c31i], ldc);
+        c32 = coopLoadT<coop_mat16x16<f32, C>>(&c[c32i], ldc);
+        c33 = coopLoadT<coop_mat16x16<f32, C>>(&c[c33i], ldc);
+    }
     // This invocation's sixteen words of each tile, word lid + 128·u: K-contiguous, in tile row
     // (lid >> 4) + 8u at halves 2·(lid & 15) and the next, so consecutive ones are 8 rows = 4·ld
     // words apart in a[] / b[] and 320 halves in workgroup memory; K-major, in row (lid >> 6) + 2u

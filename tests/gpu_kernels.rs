@@ -1015,7 +1015,7 @@ fn cast_f16_rounds_to_a_neighbouring_f16() {
 }
 
 /// The tensor-core GEMM against an f64 reference of the same f16 operands, both operand layouts,
-/// accumulating into a non-zero C. Runs only where the adapter grants cooperative matrices (the
+/// accumulating into a non-zero C, and (but for the upper-triangle kernel) overwriting a C of NaNs. Runs only where the adapter grants cooperative matrices (the
 /// H100/H200 through Vulkan; not lavapipe, where it prints a note): `tools/device_pack.sh` carries
 /// this test binary to the GPU machine.
 #[test]
@@ -1103,6 +1103,46 @@ fn coop_gemm_matches_f64_where_granted() {
                 &format!("tensor-core gemm {op:?} m={m} n={n} k={k}"),
                 &ctx.read(&gc).unwrap(),
                 &expected,
+                1e-4 * (k as f64).sqrt(),
+                1e-4,
+            );
+            if op == CoopOp::Tn128Upper {
+                continue;
+            }
+            // C = op(A)·op(B) over a C of NaNs: the staged kernels must not read C, the others
+            // clear it first.
+            let overwritten = gemm_ref(
+                m,
+                n,
+                k,
+                1.0,
+                &a32,
+                lda,
+                trans_a,
+                &b32,
+                ldb,
+                trans_b,
+                0.0,
+                &vec![0.0; m * n],
+            );
+            let gc = ctx.upload("c", &vec![f32::NAN; m * n]).unwrap();
+            let mut rec = ctx.recorder();
+            ops::gemm_coop_overwrite(
+                &mut rec,
+                op,
+                m,
+                n,
+                k,
+                (&ga, off_a),
+                (&gb, off_b),
+                MatView::new(&gc, n),
+            )
+            .unwrap();
+            rec.submit();
+            assert_close(
+                &format!("tensor-core gemm {op:?} m={m} n={n} k={k}, C overwritten"),
+                &ctx.read(&gc).unwrap(),
+                &overwritten,
                 1e-4 * (k as f64).sqrt(),
                 1e-4,
             );

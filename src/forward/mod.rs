@@ -733,13 +733,6 @@ fn linears(
         .iter()
         .filter_map(|r| Some((&layer.tc.as_ref()?.scratch, r)))
     {
-        // The cooperative kernels accumulate into C.
-        if !accumulate {
-            for &(m, y) in mods {
-                let rows = layer.dims.linear_shape(m).0;
-                rec.clear(y, r0 * rows, len * rows)?;
-            }
-        }
         // `tc.chunk` is a multiple of every block, so each chunk tiles.
         for c0 in (r0..r0 + len).step_by(tc.chunk) {
             let n = (r0 + len - c0).min(tc.chunk);
@@ -756,7 +749,13 @@ fn linears(
                 let w16 = w16.ok_or_else(|| {
                     GpuError::Validation(format!("{m:?}: tensor-core range without f16 weight"))
                 })?;
-                ops::gemm_coop(
+                // The output rows of this chunk: overwritten, or added to (residual).
+                let gemm = if accumulate {
+                    ops::gemm_coop
+                } else {
+                    ops::gemm_coop_overwrite
+                };
+                gemm(
                     rec,
                     op,
                     n,

@@ -1312,8 +1312,9 @@ impl CoopOp {
     }
 
     /// The staged kernel's override constants for this layout (`A_T`, `B_T` in
-    /// `gemm_staged_coop.wgsl`); none for the unstaged kernels.
-    fn staged_constants(self) -> Vec<(&'static str, f64)> {
+    /// `gemm_staged_coop.wgsl`) and for adding to C or overwriting it (`ACCUMULATE`); none for
+    /// the unstaged kernels, which always add.
+    fn staged_constants(self, accumulate: bool) -> Vec<(&'static str, f64)> {
         if !self.staged() {
             return Vec::new();
         }
@@ -1321,6 +1322,7 @@ impl CoopOp {
         vec![
             ("A_T", f64::from(u8::from(ta))),
             ("B_T", f64::from(u8::from(tb))),
+            ("ACCUMULATE", f64::from(u8::from(accumulate))),
         ]
     }
 
@@ -1515,6 +1517,39 @@ pub fn gemm_coop(
     gemm_coop_batched(rec, op, (m, n, k), CoopBatch::flat(1, 0), a, b, c)
 }
 
+/// `C = op(A)·op(B)` on tensor cores: [`gemm_coop`] without adding to C's old values. The staged
+/// kernels start their accumulators at zero instead of loading C (so C is neither cleared first
+/// nor read: on the forward's linears that was 36 ms per Llama-3-8B GPTQ layer of clears alone
+/// on an H100, BENCHMARKS.md session 29); for the unstaged ones C's rows are cleared first.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_coop_overwrite(
+    rec: &mut Recorder<'_>,
+    op: CoopOp,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: (&GpuBuffer<half::f16>, usize),
+    b: (&GpuBuffer<half::f16>, usize),
+    c: MatView<'_>,
+) -> Result<(), GpuError> {
+    let (lda, ldb) = op.strides(m, n, k);
+    let (a, b) = (
+        CoopOperand::new(a.0, a.1, lda),
+        CoopOperand::new(b.0, b.1, ldb),
+    );
+    if !op.staged() {
+        check_coop_batched(op, (m, n, k), &CoopBatch::flat(1, 0), &a, &b, &c)?;
+        if c.ld == n {
+            rec.clear(c.buf, c.offset, m * n)?;
+        } else {
+            for i in 0..m {
+                rec.clear(c.buf, c.offset + i * c.ld, n)?;
+            }
+        }
+    }
+    gemm_coop_dispatch(rec, op, (m, n, k), CoopBatch::flat(1, 0), a, b, c, false)
+}
+
 /// The shape and extent checks of [`gemm_coop_batched`] (everything but the adapter's features):
 /// exact block tiling, strides at least a row, every batch entry inside its buffer. Public so that
 /// a stand-in for the kernel (the tests' host emulation) refuses exactly what the kernel refuses.
@@ -1592,11 +1627,27 @@ pub fn check_coop_batched(
 pub fn gemm_coop_batched(
     rec: &mut Recorder<'_>,
     op: CoopOp,
+    shape: (usize, usize, usize),
+    batch: CoopBatch,
+    a: CoopOperand<'_>,
+    b: CoopOperand<'_>,
+    c: MatView<'_>,
+) -> Result<(), GpuError> {
+    gemm_coop_dispatch(rec, op, shape, batch, a, b, c, true)
+}
+
+/// [`gemm_coop_batched`], adding to C or (staged kernels only; [`gemm_coop_overwrite`] clears C
+/// for the others) overwriting it.
+#[allow(clippy::too_many_arguments)]
+fn gemm_coop_dispatch(
+    rec: &mut Recorder<'_>,
+    op: CoopOp,
     (m, n, k): (usize, usize, usize),
     batch: CoopBatch,
     a: CoopOperand<'_>,
     b: CoopOperand<'_>,
     c: MatView<'_>,
+    accumulate: bool,
 ) -> Result<(), GpuError> {
     if !op.available(rec.ctx()) {
         return Err(GpuError::Validation(format!(
@@ -1647,7 +1698,7 @@ pub fn gemm_coop_batched(
             &GEMM_COOP
         },
         op.entry(),
-        &op.staged_constants(),
+        &op.staged_constants(accumulate),
         &params,
         &[a.buf.binding(), b.buf.binding(), c.buf.binding()],
         groups,
