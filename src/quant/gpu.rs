@@ -90,27 +90,22 @@ const SWEEP_W1_LEN: usize = 3584;
 /// Most rows per sweep workgroup (`MAXR`): one quantizing invocation per row, ≤ `SWEEP_WG`.
 const SWEEP_MAX_ROWS: usize = 64;
 
-/// Workgroups the sweep aims for (`sweep_rows`): about four per multiprocessor of a large GPU
-/// (an H100 has 132), so that while one waits at a barrier others run.
-const SWEEP_TARGET_WORKGROUPS: usize = 512;
-/// Fewest rows per sweep workgroup unless the workgroup memory allows fewer: below this each
-/// workgroup's 128 invocations do too little per barrier.
-const SWEEP_MIN_ROWS: usize = 4;
-
 /// Rows per sweep workgroup (`rchunk` of `quant_sweep.wgsl`) for `rows` rows and blocks of `bs`
-/// columns. A step of the sweep is two barriers around a few multiply-adds per invocation, so its
-/// time is latency; with as many rows per workgroup as its memory holds (28 at bs = 128) a
-/// 4096-row module had 147 workgroups, about one per multiprocessor of an H100, and nothing to
-/// hide the barriers behind. Fewer rows per workgroup give more workgroups (`rows / 512`, at
-/// least [`SWEEP_MIN_ROWS`]). Results do not depend on it (every row's arithmetic is its own).
-/// `GPTAQ_SWEEP_ROWS=N` forces N (within the memory bound) for A/B runs.
+/// columns: as many as the workgroup's memory holds (28 at bs = 128). Fewer rows per workgroup
+/// give more workgroups to hide each one's barriers behind (a 4096-row module has 147 of 28 rows,
+/// about one per multiprocessor of an H100), but each then reloads the block's U rows for fewer
+/// rows: with `rows / 512` rows per workgroup (at least 4) the 8B layer's sweeps took 194 ms of
+/// kernel time against 140 ms with 28 (H100, BENCHMARKS.md session 29). Results do not depend on
+/// it (every row's arithmetic is its own). `GPTAQ_SWEEP_ROWS=N` forces N (within the memory
+/// bound) for A/B runs.
 fn sweep_rows(rows: usize, bs: usize) -> usize {
-    let want = std::env::var("GPTAQ_SWEEP_ROWS")
+    std::env::var("GPTAQ_SWEEP_ROWS")
         .ok()
         .and_then(|v| v.parse::<usize>().ok())
         .filter(|&v| v > 0)
-        .unwrap_or_else(|| (rows / SWEEP_TARGET_WORKGROUPS).max(SWEEP_MIN_ROWS));
-    want.min(sweep_rows_max(bs)).min(rows.max(1))
+        .unwrap_or(usize::MAX)
+        .min(sweep_rows_max(bs))
+        .min(rows.max(1))
 }
 
 /// The most rows per sweep workgroup that its memory holds with blocks of `bs` columns.
