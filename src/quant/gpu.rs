@@ -988,8 +988,10 @@ struct Sweep<'a> {
     rows: usize,
     n: usize,
     bs: usize,
-    /// Rows per sweep workgroup ([`sweep_rows`]).
+    /// Rows per sweep workgroup ([`sweep_rows`]) of `sweep_block`.
     rchunk: usize,
+    /// The sweep's kernel ([`SweepKernel::choose`]).
+    sweep_kernel: SweepKernel,
     /// Blocks per cross-block update ([`lazy_blocks`], 1 where it does not apply).
     lazy: usize,
     /// Row stride of `gerr`: `lazy` error slots, and as many −Q slots with GPTAQ.
@@ -1031,6 +1033,7 @@ impl<'a> Sweep<'a> {
             n,
             bs,
             rchunk,
+            sweep_kernel,
             lazy,
             lde,
             spec,
@@ -1052,6 +1055,7 @@ impl<'a> Sweep<'a> {
         let n32 = u32_of("cols", n)?;
         let gptaq = gp.is_some();
         let wgs = groups_1d(u32_of("sweep workgroups", rows.div_ceil(rchunk))?);
+        let lane_wgs = groups_1d(u32_of("sweep workgroups", rows.div_ceil(SWEEP_LANE_ROWS))?);
         // The updates owed by the blocks whose errors sit in `gerr`'s first `k / bs` slots (rows
         // `first .. first + k` of U and A) to the columns `c0 .. c0 + width`: W −= E·U and, with the
         // deferred P, G += Q·A (the sweep left −Q in the second half of the slots).
@@ -1163,9 +1167,13 @@ impl<'a> Sweep<'a> {
                 eoff: u32_of("error slot", slot * bs)?,
                 _p: [0; 2],
             };
+            let (entry, groups) = match sweep_kernel {
+                SweepKernel::Rows => ("sweep_block", wgs),
+                SweepKernel::Lanes => ("sweep_lanes", lane_wgs),
+            };
             rec.dispatch(
                 &QUANT_SWEEP,
-                "sweep_block",
+                entry,
                 &[],
                 &sp,
                 &[
@@ -1178,7 +1186,7 @@ impl<'a> Sweep<'a> {
                     gerr.binding(),
                     gloss.binding(),
                 ],
-                wgs,
+                groups,
             )?;
             // The block's per-column proxy loss (QuantResult::column_loss), from its errors.
             rec.dispatch(
@@ -1300,6 +1308,40 @@ struct SolveOptions {
     p_form: Option<PForm>,
     /// Rows per sweep workgroup (`None`: [`sweep_rows`]).
     sweep_rows: Option<usize>,
+    /// The sweep's kernel (`None`: [`SweepKernel::choose`]; `sweep_lanes` only where it fits).
+    sweep_kernel: Option<SweepKernel>,
+}
+
+/// Rows per workgroup of `sweep_lanes` (`LR` in `quant_sweep.wgsl`).
+const SWEEP_LANE_ROWS: usize = 4;
+
+/// The two kernels of the blocked sweep (`quant_sweep.wgsl`), which give the same results bit for
+/// bit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum SweepKernel {
+    /// `sweep_block`: rows of a workgroup in workgroup memory, two barriers per column.
+    Rows,
+    /// `sweep_lanes`: four rows per 32-invocation workgroup in registers, each lane four of the
+    /// block's columns, one barrier per column; blocks of at most 128 columns, no MSE grid.
+    Lanes,
+}
+
+impl SweepKernel {
+    /// `sweep_lanes` unless `GPTAQ_SWEEP=rows` (read once; A/B runs on a GPU machine).
+    fn choose() -> Self {
+        static ROWS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        if *ROWS.get_or_init(|| std::env::var("GPTAQ_SWEEP").is_ok_and(|v| v == "rows")) {
+            SweepKernel::Rows
+        } else {
+            SweepKernel::Lanes
+        }
+    }
+
+    /// Whether `sweep_lanes` takes blocks of `bs` columns (each lane holds four of them) and the
+    /// quantizer (the MSE grid's per-row search stays in `sweep_block`).
+    fn lanes_fit(bs: usize, mse: bool) -> bool {
+        bs <= 4 * 32 && !mse
+    }
 }
 
 /// Both entry points.
@@ -1320,6 +1362,7 @@ fn solve(
         host_q,
         p_form,
         sweep_rows: rchunk,
+        sweep_kernel,
     } = opts;
     let spec = check_config(cfg, cols)?;
     let n = cols;
@@ -1664,6 +1707,12 @@ fn solve(
             .unwrap_or_else(|| sweep_rows(rows, bs))
             .clamp(1, sweep_rows_max(bs))
             .min(rows.max(1)),
+        sweep_kernel: match sweep_kernel {
+            Some(SweepKernel::Lanes) | None if SweepKernel::lanes_fit(bs, spec.mse) => {
+                sweep_kernel.unwrap_or_else(SweepKernel::choose)
+            }
+            _ => SweepKernel::Rows,
+        },
         lazy,
         lde,
         spec: &spec,
@@ -1808,8 +1857,8 @@ mod tests {
     use rand_chacha::ChaCha8Rng;
 
     use super::{
-        PForm, SolveOptions, gptaq_a_blocked, gptaq_p_blocked, gptaq_p_diag, p_blocks_with,
-        p_scratch_floats, solve, sweep_rows, sweep_rows_max,
+        PForm, SolveOptions, SweepKernel, gptaq_a_blocked, gptaq_p_blocked, gptaq_p_diag,
+        p_blocks_with, p_scratch_floats, solve, sweep_rows, sweep_rows_max,
     };
     use crate::quant::{Method, QuantConfig};
 
@@ -1952,7 +2001,7 @@ mod tests {
                     SolveOptions {
                         host_q: true,
                         p_form: Some(form),
-                        sweep_rows: None,
+                        ..SolveOptions::default()
                     },
                 )
             };
@@ -1990,30 +2039,38 @@ mod tests {
         Ok(())
     }
 
-    /// The sweep's rows per workgroup (`sweep_rows`) change how rows are spread over workgroups,
-    /// never a row's arithmetic: codes, Q and losses are the same bit for bit from one row per
-    /// workgroup to as many as its memory holds, with blocks wider than the workgroup (each
-    /// invocation then updates several columns, fetching all but the first when used), a
-    /// partial last block, dynamic groups and act-order, for GPTQ and GPTAQ.
+    /// The sweep's kernels and its rows per workgroup (`sweep_rows`) change how rows and columns
+    /// are spread over invocations, never a row's arithmetic: codes, Q and losses are the same bit
+    /// for bit from one row per `sweep_block` workgroup to as many as its memory holds and with
+    /// `sweep_lanes`, with blocks wider than the workgroup (`sweep_block`'s invocations then
+    /// update several columns, fetching all but the first when used; `sweep_lanes` does not take
+    /// them), blocks that start inside a codes word, a partial last block, rows not a multiple of
+    /// four, dynamic and static groups, per-row parameters and act-order, for GPTQ and GPTAQ.
     #[test]
-    fn sweep_rows_per_workgroup_do_not_change_results() -> Result<(), Box<dyn std::error::Error>> {
+    fn sweep_kernels_agree_bit_for_bit() -> Result<(), Box<dyn std::error::Error>> {
         let Some(ctx) = crate::gpu::test_context() else {
             return Ok(());
         };
         let mut rng = ChaCha8Rng::seed_from_u64(0x5eed_0a75);
-        // (rows, n, block, group, act-order, method)
-        for &(rows, n, bs, gs, act, method) in &[
+        let (gptq, gptaq) = (Method::Gptq, Method::Gptaq { alpha: 0.25 });
+        // (rows, n, block, group, act-order, static groups, method)
+        for &(rows, n, bs, gs, act, stat, method) in &[
             (
                 37usize,
                 300usize,
                 256usize,
                 Some(64usize),
                 false,
-                Method::Gptq,
+                false,
+                gptq,
             ),
-            (37, 300, 256, Some(64), true, Method::Gptaq { alpha: 0.25 }),
-            (29, 131, 32, None, true, Method::Gptaq { alpha: 1.0 }),
-            (61, 160, 128, Some(32), false, Method::Gptaq { alpha: 0.25 }),
+            (37, 300, 256, Some(64), true, false, gptaq),
+            (29, 131, 32, None, true, false, Method::Gptaq { alpha: 1.0 }),
+            (61, 160, 128, Some(32), false, false, gptaq),
+            (37, 300, 128, Some(64), true, false, gptaq),
+            (23, 97, 30, None, false, false, gptq),
+            (41, 256, 64, Some(32), true, true, gptaq),
+            (6, 129, 128, Some(128), false, false, gptq),
         ] {
             let t = 2 * n;
             let x: Vec<f64> = (0..t * n).map(|_| rng.random_range(-1.0f64..1.0)).collect();
@@ -2044,14 +2101,14 @@ mod tests {
                 group_size: gs,
                 sym: false,
                 act_order: act,
-                static_groups: false,
+                static_groups: stat,
                 damp_percent: 0.01,
                 damp_auto_increment: 0.01,
                 block_size: bs,
                 mse: false,
             };
-            let gptaq = matches!(method, Method::Gptaq { .. });
-            let run = |r: usize| {
+            let with_d = matches!(method, Method::Gptaq { .. });
+            let run = |r: usize, kernel: SweepKernel| {
                 solve(
                     &ctx,
                     &w,
@@ -2059,22 +2116,29 @@ mod tests {
                     rows,
                     n,
                     &gh,
-                    gptaq.then_some(&gd),
+                    with_d.then_some(&gd),
                     &cfg,
                     None,
                     SolveOptions {
                         host_q: true,
                         p_form: None,
                         sweep_rows: Some(r),
+                        sweep_kernel: Some(kernel),
                     },
                 )
             };
-            let base = run(1)?.result;
-            for r in [2, 5, sweep_rows_max(bs), sweep_rows(rows, bs)] {
-                let other = run(r)?.result;
+            let base = run(1, SweepKernel::Rows)?.result;
+            for (r, kernel) in [
+                (2, SweepKernel::Rows),
+                (5, SweepKernel::Rows),
+                (sweep_rows_max(bs), SweepKernel::Rows),
+                (sweep_rows(rows, bs), SweepKernel::Rows),
+                (1, SweepKernel::Lanes),
+            ] {
+                let other = run(r, kernel)?.result;
                 let name = format!(
-                    "{rows}x{n} bs{bs} gs{gs:?} act {act} {method:?}: {r} rows per workgroup \
-                     against 1"
+                    "{rows}x{n} bs{bs} gs{gs:?} act {act} static {stat} {method:?}: {kernel:?} \
+                     with {r} rows per workgroup against sweep_block with 1"
                 );
                 if let Some(i) = (0..base.codes.len()).find(|&i| base.codes[i] != other.codes[i]) {
                     panic!(
