@@ -9,8 +9,9 @@
 # Usage: bash tools/device_pack.sh [DATA_ITEM ...]   (default: tiny-llama-15m, stories260K,
 #        wikitext-2-raw-v1, c4, tinystories — the pipeline tests calibrate on the latter).
 #        Test binaries (`cargo test --release --no-run`) named in PACK_TESTS
-#        (default "gpu_kernels quant_gpu forward") travel too, so the GPU tests run on the real GPU
-#        (tools/device_perf.sh runs them first); PACK_TESTS="" leaves them out.
+#        (default "gpu_kernels quant_gpu forward"; "lib": the library's unit tests) travel too, so the
+#        GPU tests run on the real GPU (tools/device_perf.sh runs them first); PACK_TESTS="" leaves
+#        them out.
 set -euo pipefail
 root=$(git rev-parse --show-toplevel)
 cd "$root"
@@ -32,7 +33,14 @@ kb=$(ls -t target/release/deps/kernels-* 2>/dev/null | grep -v '\.d$' | head -n1
 [ -n "$kb" ] && strip -o .device-carry/kernels-bench "$kb"
 tests=()
 for t in ${PACK_TESTS-gpu_kernels quant_gpu forward}; do
-  tb=$(ls -t target/release/deps/"$t"-* 2>/dev/null | grep -v '\.d$' | head -n1 || true)
+  if [ "$t" = lib ]; then
+    # The library's own unit tests (src/**, e.g. quant::gpu's kernel agreement tests): the newest
+    # gptaq_studio-* harness that lists them (the binary's own harness has the same name).
+    tb=$(for f in $(ls -t target/release/deps/gptaq_studio-* 2>/dev/null | grep -v '\.d$'); do
+      "$f" --list 2> /dev/null | grep -q '^quant::gpu::tests::' && { echo "$f"; break; }; done || true)
+  else
+    tb=$(ls -t target/release/deps/"$t"-* 2>/dev/null | grep -v '\.d$' | head -n1 || true)
+  fi
   if [ -n "$tb" ]; then strip -o ".device-carry/test-$t" "$tb"; tests+=(".device-carry/test-$t"); else
     echo "warning: no test binary for $t (run cargo test --release --no-run)" >&2; fi
 done
