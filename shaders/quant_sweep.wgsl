@@ -341,24 +341,28 @@ fn sweep_block(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nw
     }
 }
 
-// ---- sweep_lanes: the same block on 32-invocation workgroups of four rows each (quant/gpu.rs
-// picks it for blocks of at most 128 columns without the MSE grid).
+// ---- sweep_lanes: the same block, without a barrier per column half (quant/gpu.rs picks it for
+// blocks of at most 128 columns without the MSE grid).
 //
 // sweep_block's steps are two workgroup barriers around a little work each (one quantization per
 // row, rchunk multiply-adds per invocation), and with 28 rows per workgroup a 4096-row module has
 // 147 workgroups, about one per multiprocessor of an H100: nothing hides the barriers. Here a
-// workgroup is 32 invocations (one subgroup on NVIDIA, where its barriers are cheap) for LR = 4
-// rows, and keeps the rows' block in registers instead of workgroup memory: lane l owns block
-// columns l, l + 32, l + 64 and l + 96, component c of the vec4 `w<r>` holding row r's column
-// 32·c + l. At step i the lane owning column i (lane i % 32, component i / 32) puts the rows'
-// values of that column in workgroup memory; after a barrier lane r < LR quantizes row r (the same
-// arithmetic as sweep_block) and puts the row's error next to its value; after a second barrier
-// every lane updates its own columns j ≥ i with one vec4 fma per row. (A first version had every
-// lane quantize all four rows with one barrier per step: 115–128 µs per 4096-row block on an H100
-// against sweep_block's 195, its time the four quantizations' divisions, which SIMT lanes do not
-// share; BENCHMARKS.md session 29.) The column slot alternates with the step's parity: a lane
-// writes slot i % 2 again only at step i + 2, after both barriers of step i + 1, which every lane
-// reaches only after reading step i's values. A module of r rows has r / 4 workgroups.
+// workgroup is 32 invocations (one subgroup on NVIDIA, where its barrier costs next to nothing)
+// for LR = 4 rows, and keeps the rows' block in registers instead of workgroup memory: lane l owns
+// block columns l, l + 32, l + 64 and l + 96, component c of the vec4 `w<r>` holding row r's
+// column 32·c + l. At step i the lane owning column i (lane i % 32, component i / 32) puts the
+// rows' values of that column in workgroup memory, one barrier, and every lane quantizes them
+// (the same arithmetic as sweep_block, repeated per lane) and updates its own columns j ≥ i with
+// one vec4 fma per row. The broadcast slot alternates with the step's parity, so one barrier per
+// step suffices: a lane writes slot i % 2 again only at step i + 2, after the barrier of step i + 1,
+// which every lane reaches only after reading step i's values. A module of r rows has r / 4
+// workgroups (1,024 at 4096 rows).
+//
+// Measured on the H100 (BENCHMARKS.md session 29): 115–128 µs per 4096-row block against
+// sweep_block's 195 µs. Every lane repeats the four rows' quantizations, which SIMT lanes do not
+// share; a version where lane r quantized row r and a second barrier per step passed the errors
+// on was 5–7 % slower (124–137 µs): the step is bound by its chain of latencies (barrier, the
+// divisions, the update feeding the next column), not by instructions.
 //
 // Every value sees exactly sweep_block's operations in the same order (the quantization, the
 // explicit fma's of the update, the loss sum per row, min/max for the groups, which are exact in
@@ -371,8 +375,6 @@ const LR: u32 = 4u;
 
 // The step's column, one value per row, in slot (step % 2)·LR + row.
 var<workgroup> bcol: array<f32, 8>;
-// The step's quantized column: row r's pre-quantization value at 2·r, its error at 2·r + 1.
-var<workgroup> bqe: array<f32, 8>;
 // Per-row partial min / max of a group's columns: [row·LANES + lane], max after LR·LANES.
 var<workgroup> bred: array<f32, 256>;
 
@@ -393,9 +395,6 @@ fn w_at(row: u32, j: u32) -> f32 {
         return w[row * p.n + p.i1 + j];
     }
     return 0.0;
-}
-fn w_row(row: u32, cols: vec4<u32>) -> vec4<f32> {
-    return vec4<f32>(w_at(row, cols.x), w_at(row, cols.y), w_at(row, cols.z), w_at(row, cols.w));
 }
 
 // U[k, i1 + j] and P[k, i1 + j] for this lane's four columns j = cols (0 outside the block).
@@ -429,7 +428,7 @@ fn ptab_at(g: u32, row: u32) -> vec2<f32> {
     return vec2<f32>(1.0, 0.0);
 }
 
-// This lane's min / max of `row`'s global W over [c0, c1), for row_params.
+// This lane's min / max of `row`'s global W over [c0, c1), then the row's over all lanes.
 fn lane_min_max(row: u32, r: u32, l: u32, c0: u32, c1: u32) {
     var mn = 0.0;
     var mx = 0.0;
@@ -443,6 +442,24 @@ fn lane_min_max(row: u32, r: u32, l: u32, c0: u32, c1: u32) {
     bred[r * LANES + l] = mn;
     bred[LR * LANES + r * LANES + l] = mx;
 }
+fn row_params(row: u32, r: u32, c0: u32, c1: u32) -> vec2<f32> {
+    var a = 0.0;
+    var b = 0.0;
+    for (var s = 0u; s < LANES; s++) {
+        a = min(a, bred[r * LANES + s]);
+        b = max(b, bred[LR * LANES + r * LANES + s]);
+    }
+    return find_params(a, b, row, c0, c1);
+}
+
+// One row's quantization of value x at pivot d with params prm, as sweep_block's: returns
+// (code, error e, loss term).
+fn quant_one(x: f32, prm: vec2<f32>, d: f32) -> vec3<f32> {
+    let code = clamp(round(x / prm.x) + prm.y, 0.0, f32(p.maxq));
+    let q = prm.x * (code - prm.y);
+    let diff = x - q;
+    return vec3<f32>(code, diff / d, diff * diff / (d * d) / 2.0);
+}
 
 @compute @workgroup_size(32)
 fn sweep_lanes(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
@@ -452,30 +469,38 @@ fn sweep_lanes(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nw
     let cnt = p.cnt;
     let row0 = (wg.x + wg.y * nwg.x) * LR;
     let rows = vec4<u32>(row0, row0 + 1u, row0 + 2u, row0 + 3u);
-    // The row this lane quantizes (lanes LR and up repeat the first LR's work and store nothing).
-    let rl = l % LR;
-    let my_row = row0 + rl;
-    let quantizes = l < LR && my_row < p.rows;
+    let live = rows < vec4<u32>(p.rows);
     let cols = vec4<u32>(l, l + 32u, l + 64u, l + 96u);
-    var w0 = w_row(rows.x, cols);
-    var w1r = w_row(rows.y, cols);
-    var w2 = w_row(rows.z, cols);
-    var w3 = w_row(rows.w, cols);
+    var w0 = vec4<f32>(w_at(rows.x, cols.x), w_at(rows.x, cols.y), w_at(rows.x, cols.z), w_at(rows.x, cols.w));
+    var w1r = vec4<f32>(w_at(rows.y, cols.x), w_at(rows.y, cols.y), w_at(rows.y, cols.z), w_at(rows.y, cols.w));
+    var w2 = vec4<f32>(w_at(rows.z, cols.x), w_at(rows.z, cols.y), w_at(rows.z, cols.z), w_at(rows.z, cols.w));
+    var w3 = vec4<f32>(w_at(rows.w, cols.x), w_at(rows.w, cols.y), w_at(rows.w, cols.z), w_at(rows.w, cols.w));
     // Errors of this lane's columns, stored at the end.
     var e0 = vec4<f32>(0.0);
     var e1 = vec4<f32>(0.0);
     var e2 = vec4<f32>(0.0);
     var e3 = vec4<f32>(0.0);
-    var lacc = 0.0;
-    var prm = vec2<f32>(1.0, 0.0);
-    // The row's codes word being filled (as sweep_block's).
+    var lacc = vec4<f32>(0.0);
+    var prm0 = vec2<f32>(1.0, 0.0);
+    var prm1 = vec2<f32>(1.0, 0.0);
+    var prm2 = vec2<f32>(1.0, 0.0);
+    var prm3 = vec2<f32>(1.0, 0.0);
+    // The rows' codes words being filled (as sweep_block's; lane 0 stores them).
     let nw = (n + 3u) / 4u;
-    var cword = 0u;
-    if (quantizes && (i1 % 4u) != 0u) {
-        cword = codes[my_row * nw + i1 / 4u] & ((1u << (8u * (i1 % 4u))) - 1u);
+    var cw = vec4<u32>(0u);
+    if ((i1 % 4u) != 0u) {
+        let keep = (1u << (8u * (i1 % 4u))) - 1u;
+        if (live.x) { cw.x = codes[rows.x * nw + i1 / 4u] & keep; }
+        if (live.y) { cw.y = codes[rows.y * nw + i1 / 4u] & keep; }
+        if (live.z) { cw.z = codes[rows.z * nw + i1 / 4u] & keep; }
+        if (live.w) { cw.w = codes[rows.w * nw + i1 / 4u] & keep; }
     }
     if (p.dynamic_groups != 0u && (i1 % p.gs) != 0u) {
-        prm = ptab_at(i1 / p.gs, my_row);
+        let g = i1 / p.gs;
+        prm0 = ptab_at(g, rows.x);
+        prm1 = ptab_at(g, rows.y);
+        prm2 = ptab_at(g, rows.z);
+        prm3 = ptab_at(g, rows.w);
     }
     // The first step's pivot and U / P entries; each step then fetches the next one's.
     var d_nx = u[(i1 - p.urow0) * n + i1];
@@ -493,30 +518,32 @@ fn sweep_lanes(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nw
             p_nx = p_row(k + 1u, cols);
         }
         if (p.dynamic_groups != 0u && (k % p.gs) == 0u) {
-            // Per-row min/max over the group's columns of the global W (sweep_block's stale-W
-            // reading), all lanes over all rows, then each lane its own row's.
             let c1 = min(k + p.gs, n);
             lane_min_max(rows.x, 0u, l, k, c1);
             lane_min_max(rows.y, 1u, l, k, c1);
             lane_min_max(rows.z, 2u, l, k, c1);
             lane_min_max(rows.w, 3u, l, k, c1);
             workgroupBarrier();
-            var a = 0.0;
-            var b = 0.0;
-            for (var s = 0u; s < LANES; s++) {
-                a = min(a, bred[rl * LANES + s]);
-                b = max(b, bred[LR * LANES + rl * LANES + s]);
+            prm0 = row_params(rows.x, 0u, k, c1);
+            prm1 = row_params(rows.y, 1u, k, c1);
+            prm2 = row_params(rows.z, 2u, k, c1);
+            prm3 = row_params(rows.w, 3u, k, c1);
+            let g = k / p.gs;
+            if (l == 0u) {
+                if (live.x) { ptab[(g * p.rows + rows.x) * 2u] = prm0.x; ptab[(g * p.rows + rows.x) * 2u + 1u] = prm0.y; }
+                if (live.y) { ptab[(g * p.rows + rows.y) * 2u] = prm1.x; ptab[(g * p.rows + rows.y) * 2u + 1u] = prm1.y; }
+                if (live.z) { ptab[(g * p.rows + rows.z) * 2u] = prm2.x; ptab[(g * p.rows + rows.z) * 2u + 1u] = prm2.y; }
+                if (live.w) { ptab[(g * p.rows + rows.w) * 2u] = prm3.x; ptab[(g * p.rows + rows.w) * 2u + 1u] = prm3.y; }
             }
-            prm = find_params(a, b, my_row, k, c1);
-            if (quantizes) {
-                let g = k / p.gs;
-                ptab[(g * p.rows + my_row) * 2u] = prm.x;
-                ptab[(g * p.rows + my_row) * 2u + 1u] = prm.y;
-            }
-            // bred is read again only at the next group start, after this step's barriers.
+            // bred is read above before any lane can write it again (the next group start comes
+            // after at least one more step barrier).
         }
         if (p.dynamic_groups == 0u) {
-            prm = ptab_at(colmap[n + k], my_row);
+            let g = colmap[n + k];
+            prm0 = ptab_at(g, rows.x);
+            prm1 = ptab_at(g, rows.y);
+            prm2 = ptab_at(g, rows.z);
+            prm3 = ptab_at(g, rows.w);
         }
         // Column i's values: lane i % 32 holds them in component i / 32.
         let s = i / LANES;
@@ -528,47 +555,48 @@ fn sweep_lanes(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nw
             bcol[par + 3u] = comp4(w3, s);
         }
         workgroupBarrier();
-        // Row rl's quantization, as sweep_block's.
-        let wv = bcol[par + rl];
-        let code = clamp(round(wv / prm.x) + prm.y, 0.0, f32(p.maxq));
-        let q = prm.x * (code - prm.y);
-        let diff = wv - q;
-        let e = diff / d;
-        if (quantizes) {
-            lacc += diff * diff / (d * d) / 2.0;
-            cword |= u32(code) << (8u * (k % 4u));
-            if ((k % 4u) == 3u || i + 1u == cnt) {
-                codes[my_row * nw + k / 4u] = cword;
-                cword = 0u;
+        let x = vec4<f32>(bcol[par], bcol[par + 1u], bcol[par + 2u], bcol[par + 3u]);
+        let q0 = quant_one(x.x, prm0, d);
+        let q1 = quant_one(x.y, prm1, d);
+        let q2 = quant_one(x.z, prm2, d);
+        let q3 = quant_one(x.w, prm3, d);
+        lacc += vec4<f32>(q0.z, q1.z, q2.z, q3.z);
+        let e = vec4<f32>(q0.y, q1.y, q2.y, q3.y);
+        cw |= vec4<u32>(u32(q0.x), u32(q1.x), u32(q2.x), u32(q3.x)) << vec4<u32>(8u * (k % 4u));
+        if ((k % 4u) == 3u || i + 1u == cnt) {
+            if (l == 0u) {
+                if (live.x) { codes[rows.x * nw + k / 4u] = cw.x; }
+                if (live.y) { codes[rows.y * nw + k / 4u] = cw.y; }
+                if (live.z) { codes[rows.z * nw + k / 4u] = cw.z; }
+                if (live.w) { codes[rows.w * nw + k / 4u] = cw.w; }
             }
-            bqe[2u * rl] = wv;
-            bqe[2u * rl + 1u] = e;
+            cw = vec4<u32>(0u);
         }
-        workgroupBarrier();
-        let x = vec4<f32>(bqe[0], bqe[2], bqe[4], bqe[6]);
-        let ev = vec4<f32>(bqe[1], bqe[3], bqe[5], bqe[7]);
         let own = l == i % LANES;
-        e0 = with4(e0, s, ev.x, own);
-        e1 = with4(e1, s, ev.y, own);
-        e2 = with4(e2, s, ev.z, own);
-        e3 = with4(e3, s, ev.w, own);
+        e0 = with4(e0, s, e.x, own);
+        e1 = with4(e1, s, e.y, own);
+        e2 = with4(e2, s, e.z, own);
+        e3 = with4(e3, s, e.w, own);
         // This lane's columns j ≥ i (of the block), as sweep_block's update.
         let upd = (cols >= vec4<u32>(i)) & (cols < vec4<u32>(cnt));
         if (p.gptaq != 0u) {
-            w0 = select(w0, fma(vec4<f32>(x.x), p4, fma(vec4<f32>(-ev.x), u4, w0)), upd);
-            w1r = select(w1r, fma(vec4<f32>(x.y), p4, fma(vec4<f32>(-ev.y), u4, w1r)), upd);
-            w2 = select(w2, fma(vec4<f32>(x.z), p4, fma(vec4<f32>(-ev.z), u4, w2)), upd);
-            w3 = select(w3, fma(vec4<f32>(x.w), p4, fma(vec4<f32>(-ev.w), u4, w3)), upd);
+            w0 = select(w0, fma(vec4<f32>(x.x), p4, fma(vec4<f32>(-e.x), u4, w0)), upd);
+            w1r = select(w1r, fma(vec4<f32>(x.y), p4, fma(vec4<f32>(-e.y), u4, w1r)), upd);
+            w2 = select(w2, fma(vec4<f32>(x.z), p4, fma(vec4<f32>(-e.z), u4, w2)), upd);
+            w3 = select(w3, fma(vec4<f32>(x.w), p4, fma(vec4<f32>(-e.w), u4, w3)), upd);
         } else {
-            w0 = select(w0, fma(vec4<f32>(-ev.x), u4, w0), upd);
-            w1r = select(w1r, fma(vec4<f32>(-ev.y), u4, w1r), upd);
-            w2 = select(w2, fma(vec4<f32>(-ev.z), u4, w2), upd);
-            w3 = select(w3, fma(vec4<f32>(-ev.w), u4, w3), upd);
+            w0 = select(w0, fma(vec4<f32>(-e.x), u4, w0), upd);
+            w1r = select(w1r, fma(vec4<f32>(-e.y), u4, w1r), upd);
+            w2 = select(w2, fma(vec4<f32>(-e.z), u4, w2), upd);
+            w3 = select(w3, fma(vec4<f32>(-e.w), u4, w3), upd);
         }
     }
 
-    if (quantizes) {
-        loss[my_row] += lacc;
+    if (l == 0u) {
+        if (live.x) { loss[rows.x] += lacc.x; }
+        if (live.y) { loss[rows.y] += lacc.y; }
+        if (live.z) { loss[rows.z] += lacc.z; }
+        if (live.w) { loss[rows.w] += lacc.w; }
     }
     store_lane_row(rows.x, cols, e0, w0);
     store_lane_row(rows.y, cols, e1, w1r);
