@@ -130,7 +130,9 @@ fn run_gpu(ctx: &GpuContext, p: &Problem, c: &QuantConfig) -> QuantResult {
     // H and D must not be modified.
     assert_eq!(ctx.read_matrix(&gh).unwrap(), p.h, "H was modified");
     assert_eq!(ctx.read_matrix(&gd).unwrap(), p.d, "D was modified");
-    let q = ctx.read(&solve.q).unwrap();
+    let q = ctx
+        .read(solve.q.as_ref().expect("quantize_gpu returns Q"))
+        .unwrap();
     assert_eq!(q, solve.result.q, "GPU q buffer differs from result.q");
     solve.result
 }
@@ -896,7 +898,7 @@ fn resident_w_solves_exactly_like_the_host_w() {
         assert_eq!(bits(&a.q), bits(&b.weights()), "{what}: q");
         assert_eq!(
             bits(&a.q),
-            bits(&ctx.read(&res.q).unwrap()),
+            bits(&ctx.read(res.q.as_ref().expect("Q on the GPU")).unwrap()),
             "{what}: GPU q"
         );
         assert_eq!(bits(&a.scales), bits(&b.scales), "{what}: scales");

@@ -545,7 +545,11 @@ impl Lab {
             Some(&terms.d),
             cfg,
         )?;
-        let m = terms.measure(ctx, &solve.q, detail)?;
+        // quantize_gpu always returns Q (only a caller of Solving::release_q can lose it).
+        let q = solve.q.as_ref().ok_or_else(|| {
+            crate::gpu::GpuError::Validation("the lab's solve returned no Q".into())
+        })?;
+        let m = terms.measure(ctx, q, detail)?;
         let result = solve.result;
         let metrics = lab_metrics(
             m.quant,

@@ -1624,10 +1624,30 @@ fn solve_group(
     stats.f16 = None;
     // The group's modules share H and D: one factorisation and one P for all of them.
     let mut shared = crate::quant::gpu::SharedFactor::default();
+    // Every module's GPU work first, then their results: waiting for one module's small results
+    // before recording the next left the GPU idle in between (crate::quant::gpu::Solving).
+    // `GPTAQ_SOLVE_OVERLAP=0` finishes each module before the next is submitted (A/B runs).
+    let overlap = std::env::var("GPTAQ_SOLVE_OVERLAP").map_or(true, |v| v != "0");
+    let mut solving = Vec::with_capacity(mods.len());
+    let mut finished = Vec::with_capacity(mods.len());
     for &m in mods {
         let t = Instant::now();
-        let (r, codes) = solve(ctx, cfg, lw, layers, m, stats, layer, prof, &mut shared)?;
+        let s = submit_module(ctx, cfg, lw, layers, m, stats, layer, &mut shared)?;
         let secs = t.elapsed().as_secs_f64();
+        if overlap {
+            solving.push((m, s, secs));
+        } else {
+            let t = Instant::now();
+            let done = finish_module(ctx, layers, m, s, layer, prof)?;
+            finished.push((m, done, secs + t.elapsed().as_secs_f64()));
+        }
+    }
+    for (m, s, submit_secs) in solving {
+        let t = Instant::now();
+        let done = finish_module(ctx, layers, m, s, layer, prof)?;
+        finished.push((m, done, submit_secs + t.elapsed().as_secs_f64()));
+    }
+    for (m, (r, codes), secs) in finished {
         pending.push(Pending {
             module: m,
             report: report_stub(layer, m, &r, stats.nsamples, secs),
@@ -1675,19 +1695,43 @@ fn solve_group(
     Ok(())
 }
 
-/// Solves one module from the group statistics and installs `Q` in the quantized-stream layer.
+/// A module's solve: in flight on the GPU, or done on the host (capture aside: RTN, the CPU
+/// reference solver).
+enum ModuleSolve<'a> {
+    Gpu(crate::quant::gpu::Solving<'a>),
+    Done(Box<QuantResult>),
+}
+
+/// The error of module `m` of `layer`, with a hint where tensor cores can explain non-finite
+/// values (f16 operands overflow beyond ±65504 to infinities, which reach H's diagonal first).
+fn module_error(layer: usize, m: ModuleKind, tc: bool, message: String) -> PipelineError {
+    PipelineError::Module {
+        layer,
+        module: m.short_name().into(),
+        message: if tc && message.contains("non-finite") {
+            format!(
+                "{message} (tensor cores were on: an activation beyond f16's range, ±65504, gives \
+                 this; run without --tensor-cores)"
+            )
+        } else {
+            message
+        },
+    }
+}
+
+/// Starts solving one module from the group statistics and installs its `Q` in the
+/// quantized-stream layer (a GPU solve's Q is final unless [`finish_module`] falls back to RTN).
 #[allow(clippy::too_many_arguments)]
-fn solve(
+fn submit_module<'a>(
     ctx: &GpuContext,
-    cfg: &PipelineConfig,
-    lw: &LayerWeights,
+    cfg: &'a PipelineConfig,
+    lw: &'a LayerWeights,
     layers: &mut Layers,
     m: ModuleKind,
-    stats: &Stats,
+    stats: &'a Stats,
     layer: usize,
-    prof: &mut Profile,
     shared: &mut crate::quant::gpu::SharedFactor,
-) -> Result<(QuantResult, Option<PendingCodes>), PipelineError> {
+) -> Result<ModuleSolve<'a>, PipelineError> {
     let lin = lw.linear(m);
     let (rows, cols) = (lin.out_features, lin.in_features);
     if cfg.capture == Some((layer, m)) {
@@ -1709,20 +1753,8 @@ fn solve(
             e: read(&stats.e)?,
         })));
     }
-    // f16 operands overflow beyond ±65504 to infinities, which reach H's diagonal first.
     let tc = layers.q.uses_tensor_cores();
-    let module_err = |message: String| PipelineError::Module {
-        layer,
-        module: m.short_name().into(),
-        message: if tc && message.contains("non-finite") {
-            format!(
-                "{message} (tensor cores were on: an activation beyond f16's range, ±65504, gives \
-                 this; run without --tensor-cores)"
-            )
-        } else {
-            message
-        },
-    };
+    let module_err = |message: String| module_error(layer, m, tc, message);
     let qc = &cfg.quant;
     let result = if qc.method != Method::Rtn
         && let Some(stats_h) = &stats.h
@@ -1731,7 +1763,7 @@ fn solve(
             Solver::Gpu => {
                 // The quantized-stream layer still holds this module's original W (it becomes Q
                 // right below): the solve copies it on the GPU instead of uploading it again.
-                let s = crate::quant::gpu::quantize_gpu_resident(
+                let s = crate::quant::gpu::submit_gpu_resident(
                     ctx,
                     &lin.weight,
                     Some(layers.q.linear(m)),
@@ -1743,14 +1775,16 @@ fn solve(
                     Some(shared),
                 )
                 .map_err(|e| module_err(e.to_string()))?;
-                for (phase, secs) in &s.phases {
-                    prof.detail(&format!("solve/{phase}"), *secs);
+                // Q goes straight from the solve's buffer into the quantized-stream layer, and the
+                // buffer is let go (the next module's solve runs before this one is finished).
+                let mut s = s;
+                if let Some(q) = s.q() {
+                    let mut rec = ctx.recorder();
+                    layers.q.set_linear_gpu(&mut rec, m, q)?;
+                    rec.submit();
                 }
-                // Q goes straight from the solve's buffer into the quantized-stream layer.
-                let mut rec = ctx.recorder();
-                layers.q.set_linear_gpu(&mut rec, m, &s.q)?;
-                rec.submit();
-                return Ok((s.result, s.codes));
+                s.release_q();
+                return Ok(ModuleSolve::Gpu(s));
             }
             Solver::CpuReference => {
                 let h = ctx.read_matrix(stats_h)?;
@@ -1779,7 +1813,38 @@ fn solve(
     // Like the GPU solve's results, only the codes stay on the host (QuantResult::weights).
     let mut result = result;
     result.q = Vec::new();
-    Ok((result, None))
+    Ok(ModuleSolve::Done(Box::new(result)))
+}
+
+/// Waits for a module's solve ([`submit_module`]): its result, and the codes still on their way
+/// back. Where the GPU sweep met non-finite values and fell back to RTN, the fallback's Q replaces
+/// the one installed at submission.
+fn finish_module(
+    ctx: &GpuContext,
+    layers: &mut Layers,
+    m: ModuleKind,
+    s: ModuleSolve<'_>,
+    layer: usize,
+    prof: &mut Profile,
+) -> Result<(QuantResult, Option<PendingCodes>), PipelineError> {
+    let solving = match s {
+        ModuleSolve::Done(r) => return Ok((*r, None)),
+        ModuleSolve::Gpu(s) => s,
+    };
+    let submitted = matches!(solving, crate::quant::gpu::Solving::Submitted(_));
+    let tc = layers.q.uses_tensor_cores();
+    let s = solving
+        .finish(ctx)
+        .map_err(|e| module_error(layer, m, tc, e.to_string()))?;
+    for (phase, secs) in &s.phases {
+        prof.detail(&format!("solve/{phase}"), *secs);
+    }
+    if let (true, Some(Fallback::Rtn { .. }), Some(q)) = (submitted, &s.result.fallback, &s.q) {
+        let mut rec = ctx.recorder();
+        layers.q.set_linear_gpu(&mut rec, m, q)?;
+        rec.submit();
+    }
+    Ok((s.result, s.codes))
 }
 
 /// The solved modules, some of whose codes may still be on their way back from the GPU

@@ -121,8 +121,8 @@ pub struct GpuSolve {
     /// [`quantize_gpu_resident`]: [`QuantResult::weights`] rebuilds it).
     pub result: QuantResult,
     /// Fake-quantized `Q` `[rows, cols]` on the GPU, original column order (equal to
-    /// `result.weights()`).
-    pub q: GpuBuffer<f32>,
+    /// `result.weights()`); `None` only where the caller released it ([`Solving::release_q`]).
+    pub q: Option<GpuBuffer<f32>>,
     /// `U_kk`, the diagonal of the inverse-Hessian factor, processing order (what turns
     /// `result.column_loss` back into the rounding errors: the layer lab's uncompensated loss).
     /// Empty for an RTN fallback (no factor).
@@ -345,7 +345,7 @@ fn rtn_fallback(
     let q = ctx.upload("quant q", &res.q)?;
     Ok(GpuSolve {
         result: res,
-        q,
+        q: Some(q),
         u_diag: Vec::new(),
         phases: Vec::new(),
         codes: None,
@@ -870,7 +870,7 @@ pub fn quantize_gpu(
         host_q: true,
         ..SolveOptions::default()
     };
-    solve(ctx, w, None, rows, cols, h, d, cfg, None, opts)
+    solve(ctx, w, None, rows, cols, h, d, cfg, None, opts)?.finish(ctx)
 }
 
 /// [`quantize_gpu`] when `W` is also on the GPU already (`w_gpu`, the same values as `w`; the
@@ -899,6 +899,25 @@ pub fn quantize_gpu_resident(
     cfg: &QuantConfig,
     shared: Option<&mut SharedFactor>,
 ) -> Result<GpuSolve, QuantGpuError> {
+    submit_gpu_resident(ctx, w, w_gpu, rows, cols, h, d, cfg, shared)?.finish(ctx)
+}
+
+/// [`quantize_gpu_resident`] up to the GPU's work being submitted: [`Solving::finish`] then waits
+/// for the results. Solving a group's modules one after another this way (all submitted, then all
+/// finished) keeps the GPU from draining between them. Q is on the GPU at once
+/// ([`Solving::q`]), final unless the finish falls back to RTN.
+#[allow(clippy::too_many_arguments)]
+pub fn submit_gpu_resident<'a>(
+    ctx: &GpuContext,
+    w: &'a [f32],
+    w_gpu: Option<&GpuBuffer<f32>>,
+    rows: usize,
+    cols: usize,
+    h: &'a GpuMatrix,
+    d: Option<&GpuMatrix>,
+    cfg: &'a QuantConfig,
+    shared: Option<&mut SharedFactor>,
+) -> Result<Solving<'a>, QuantGpuError> {
     solve(
         ctx,
         w,
@@ -1344,20 +1363,20 @@ impl SweepKernel {
     }
 }
 
-/// Both entry points.
+/// Both entry points: submits the solve ([`Solving::finish`] waits for its results).
 #[allow(clippy::too_many_arguments)]
-fn solve(
+fn solve<'a>(
     ctx: &GpuContext,
-    w: &[f32],
+    w: &'a [f32],
     w_gpu: Option<&GpuBuffer<f32>>,
     rows: usize,
     cols: usize,
-    h: &GpuMatrix,
+    h: &'a GpuMatrix,
     d: Option<&GpuMatrix>,
-    cfg: &QuantConfig,
+    cfg: &'a QuantConfig,
     mut shared: Option<&mut SharedFactor>,
     opts: SolveOptions,
-) -> Result<GpuSolve, QuantGpuError> {
+) -> Result<Solving<'a>, QuantGpuError> {
     let SolveOptions {
         host_q,
         p_form,
@@ -1441,13 +1460,13 @@ fn solve(
         let h64 = read_h64(ctx, h, nn)?;
         let res = reference::quantize_f64(&w64(), rows, cols, &h64, None, cfg)?;
         let q = ctx.upload("quant q", &res.q)?;
-        return Ok(GpuSolve {
+        return Ok(Solving::Done(Box::new(GpuSolve {
             result: res,
-            q,
+            q: Some(q),
             u_diag: Vec::new(),
             phases: Vec::new(),
             codes: None,
-        });
+        })));
     }
     let h_diag: Vec<f64> = h_diag32.iter().map(|&v| f64::from(v)).collect();
 
@@ -1498,7 +1517,8 @@ fn solve(
             // Rare path: the whole H is needed for the RTN proxy loss (and a non-finite H is an
             // input error, as in the reference).
             let h64 = read_h64(ctx, h, nn)?;
-            return rtn_fallback(ctx, &w64(), rows, cols, &h64, cfg, reason);
+            return rtn_fallback(ctx, &w64(), rows, cols, &h64, cfg, reason)
+                .map(|s| Solving::Done(Box::new(s)));
         }
     };
     let reference::Prepared {
@@ -1778,77 +1798,185 @@ fn solve(
         n,
         order: perm.as_ref().map(|_| order.clone()),
     };
-    let mut small_reads = Vec::with_capacity(small.len());
-    for p in small {
-        let mut v = Vec::new();
-        ctx.finish_read(p, &mut v)?;
-        small_reads.push(v);
-    }
-    let [loss_rows, column_loss, u_diag, ptab]: [Vec<f32>; 4] =
-        small_reads.try_into().map_err(|_| {
-            GpuError::Readback("the solve's four small readbacks did not all return".into())
-        })?;
-    let column_loss: Vec<f64> = column_loss.iter().map(|&v| f64::from(v)).collect();
-    let proxy_loss_sum: f64 = loss_rows.iter().map(|&v| f64::from(v)).sum();
-    if !proxy_loss_sum.is_finite() {
-        let h64 = read_h64(ctx, h, nn)?;
-        return rtn_fallback(
-            ctx,
-            &w64(),
-            rows,
-            cols,
-            &h64,
-            cfg,
-            "non-finite values during the GPTQ sweep".into(),
-        );
-    }
-    prof.sync(ctx, "readback")?;
-    let mut scales = Vec::with_capacity(num_groups * rows);
-    let mut zeros = Vec::with_capacity(num_groups * rows);
-    for g in 0..num_groups {
-        for r in 0..rows {
-            scales.push(ptab[(g * rows + r) * 2]);
-            zeros.push(ptab[(g * rows + r) * 2 + 1] as u32);
-        }
-    }
-    let g_idx: Vec<u32> = if dynamic {
-        invperm.iter().map(|&k| k / gs as u32).collect()
-    } else {
-        (0..n).map(|j| (j / gs) as u32).collect()
-    };
-    let mut result = QuantResult {
+    Ok(Solving::Submitted(Box::new(SubmittedSolve {
+        small,
+        codes: pending_codes,
+        q: Some(gq),
         rows,
         cols,
-        q: Vec::new(),
-        codes: Vec::new(),
-        scales,
-        zeros,
-        g_idx,
+        num_groups,
+        g_idx: if dynamic {
+            invperm.iter().map(|&k| k / gs as u32).collect()
+        } else {
+            (0..n).map(|j| (j / gs) as u32).collect()
+        },
         perm,
-        proxy_loss_sum,
-        column_loss,
         h_diag: solve_h_diag,
         damp: factor.damp,
         damp_percent: factor.damp_percent,
         fallback: factor.fallback.clone(),
-    };
-    let codes = if host_q {
-        pending_codes.finish(ctx, &mut result)?;
-        result.q = result.dequantize();
-        None
-    } else {
-        Some(pending_codes)
-    };
-    Ok(GpuSolve {
-        result,
-        q: gq,
-        u_diag,
-        codes,
-        phases: {
-            prof.sync(ctx, "host")?;
-            prof.take()
-        },
-    })
+        host_q,
+        prof,
+        w,
+        h,
+        cfg,
+    })))
+}
+
+/// A solve in progress ([`submit_gpu_resident`]): either done on the host already (the RTN and
+/// empty-matrix paths), or submitted to the GPU with its results on their way back.
+pub enum Solving<'a> {
+    Done(Box<GpuSolve>),
+    Submitted(Box<SubmittedSolve<'a>>),
+}
+
+impl Solving<'_> {
+    /// Q on the GPU, original column order: final unless [`Self::finish`] falls back to RTN
+    /// (non-finite values in the sweep), in which case the finished [`GpuSolve::q`] replaces it.
+    /// `None` once released.
+    pub fn q(&self) -> Option<&GpuBuffer<f32>> {
+        match self {
+            Solving::Done(s) => s.q.as_ref(),
+            Solving::Submitted(s) => s.q.as_ref(),
+        }
+    }
+
+    /// Drops a submitted solve's Q once the caller has recorded its copy of it (the copy keeps the
+    /// buffer alive on the GPU until it is made): a group's solves, all submitted before the first
+    /// is finished, then do not hold their Q's side by side (235 MB each for Llama-3-8B's gate and
+    /// up) beyond what the memory plan counts. The finished [`GpuSolve::q`] is then `None`, unless
+    /// the finish fell back to RTN (its Q is a new buffer).
+    pub fn release_q(&mut self) {
+        if let Solving::Submitted(s) = self {
+            s.q = None;
+        }
+    }
+
+    /// Waits for the solve's small results and builds its [`GpuSolve`] (codes left pending, as
+    /// [`quantize_gpu_resident`] leaves them, unless the solve was asked for Q on the host).
+    pub fn finish(self, ctx: &GpuContext) -> Result<GpuSolve, QuantGpuError> {
+        match self {
+            Solving::Done(s) => Ok(*s),
+            Solving::Submitted(s) => s.finish(ctx),
+        }
+    }
+}
+
+/// A solve whose GPU work is all recorded and submitted, its small results (the losses, U's
+/// diagonal, the scale / zero table) and its codes on their way back. Why a separate step: the
+/// pipeline submits every module of a group before it waits for the first one's results, so the
+/// GPU goes from one module's sweep to the next instead of draining while the host reads the
+/// results back and records the next module.
+pub struct SubmittedSolve<'a> {
+    small: Vec<crate::gpu::PendingRead<f32>>,
+    codes: PendingCodes,
+    q: Option<GpuBuffer<f32>>,
+    rows: usize,
+    cols: usize,
+    num_groups: usize,
+    g_idx: Vec<u32>,
+    perm: Option<Vec<usize>>,
+    h_diag: Vec<f32>,
+    damp: f64,
+    damp_percent: f64,
+    fallback: Option<Fallback>,
+    host_q: bool,
+    prof: Profile,
+    /// For the RTN fallback when the sweep met non-finite values.
+    w: &'a [f32],
+    h: &'a GpuMatrix,
+    cfg: &'a QuantConfig,
+}
+
+impl SubmittedSolve<'_> {
+    fn finish(self, ctx: &GpuContext) -> Result<GpuSolve, QuantGpuError> {
+        let SubmittedSolve {
+            small,
+            codes: pending_codes,
+            q: gq,
+            rows,
+            cols,
+            num_groups,
+            g_idx,
+            perm,
+            h_diag,
+            damp,
+            damp_percent,
+            fallback,
+            host_q,
+            mut prof,
+            w,
+            h,
+            cfg,
+        } = self;
+        let mut small_reads = Vec::with_capacity(small.len());
+        for p in small {
+            let mut v = Vec::new();
+            ctx.finish_read(p, &mut v)?;
+            small_reads.push(v);
+        }
+        let [loss_rows, column_loss, u_diag, ptab]: [Vec<f32>; 4] =
+            small_reads.try_into().map_err(|_| {
+                GpuError::Readback("the solve's four small readbacks did not all return".into())
+            })?;
+        let column_loss: Vec<f64> = column_loss.iter().map(|&v| f64::from(v)).collect();
+        let proxy_loss_sum: f64 = loss_rows.iter().map(|&v| f64::from(v)).sum();
+        if !proxy_loss_sum.is_finite() {
+            let h64 = read_h64(ctx, h, cols * cols)?;
+            let w64: Vec<f64> = w.iter().map(|&v| f64::from(v)).collect();
+            return rtn_fallback(
+                ctx,
+                &w64,
+                rows,
+                cols,
+                &h64,
+                cfg,
+                "non-finite values during the GPTQ sweep".into(),
+            );
+        }
+        prof.sync(ctx, "readback")?;
+        let mut scales = Vec::with_capacity(num_groups * rows);
+        let mut zeros = Vec::with_capacity(num_groups * rows);
+        for g in 0..num_groups {
+            for r in 0..rows {
+                scales.push(ptab[(g * rows + r) * 2]);
+                zeros.push(ptab[(g * rows + r) * 2 + 1] as u32);
+            }
+        }
+        let mut result = QuantResult {
+            rows,
+            cols,
+            q: Vec::new(),
+            codes: Vec::new(),
+            scales,
+            zeros,
+            g_idx,
+            perm,
+            proxy_loss_sum,
+            column_loss,
+            h_diag,
+            damp,
+            damp_percent,
+            fallback,
+        };
+        let codes = if host_q {
+            pending_codes.finish(ctx, &mut result)?;
+            result.q = result.dequantize();
+            None
+        } else {
+            Some(pending_codes)
+        };
+        Ok(GpuSolve {
+            result,
+            q: gq,
+            u_diag,
+            codes,
+            phases: {
+                prof.sync(ctx, "host")?;
+                prof.take()
+            },
+        })
+    }
 }
 
 #[cfg(test)]
@@ -2005,8 +2133,8 @@ mod tests {
                     },
                 )
             };
-            let whole = run(PForm::Whole)?.result;
-            let deferred = run(PForm::Deferred)?.result;
+            let whole = run(PForm::Whole)?.finish(&ctx)?.result;
+            let deferred = run(PForm::Deferred)?.finish(&ctx)?.result;
             let name = format!("{rows}x{n} bs{bs} gs{gs:?} act {act} static {stat} alpha {alpha}");
             let differ = whole
                 .codes
@@ -2127,7 +2255,7 @@ mod tests {
                     },
                 )
             };
-            let base = run(1, SweepKernel::Rows)?.result;
+            let base = run(1, SweepKernel::Rows)?.finish(&ctx)?.result;
             for (r, kernel) in [
                 (2, SweepKernel::Rows),
                 (5, SweepKernel::Rows),
@@ -2135,7 +2263,7 @@ mod tests {
                 (sweep_rows(rows, bs), SweepKernel::Rows),
                 (1, SweepKernel::Lanes),
             ] {
-                let other = run(r, kernel)?.result;
+                let other = run(r, kernel)?.finish(&ctx)?.result;
                 let name = format!(
                     "{rows}x{n} bs{bs} gs{gs:?} act {act} static {stat} {method:?}: {kernel:?} \
                      with {r} rows per workgroup against sweep_block with 1"
