@@ -1990,6 +1990,30 @@ mod tests {
     };
     use crate::quant::{Method, QuantConfig};
 
+    /// `H = 2/T·XᵀX` and `D = 2/T·δᵀX` (n × n, row-major, f32) of T = 2n random tokens X and a
+    /// small deviation δ of them: a well-conditioned GPTAQ problem.
+    fn hessian_and_d(n: usize, rng: &mut ChaCha8Rng) -> (Vec<f32>, Vec<f32>) {
+        let t = 2 * n;
+        let x: Vec<f64> = (0..t * n).map(|_| rng.random_range(-1.0f64..1.0)).collect();
+        let dx: Vec<f64> = (0..t * n)
+            .map(|_| 0.1 * rng.random_range(-1.0f64..1.0))
+            .collect();
+        let mut h = vec![0f32; n * n];
+        let mut d = vec![0f32; n * n];
+        for i in 0..n {
+            for j in 0..n {
+                let (mut sh, mut sd) = (0f64, 0f64);
+                for k in 0..t {
+                    sh += x[k * n + i] * x[k * n + j];
+                    sd += dx[k * n + i] * x[k * n + j];
+                }
+                h[i * n + j] = (2.0 * sh / t as f64) as f32;
+                d[i * n + j] = (2.0 * sd / t as f64) as f32;
+            }
+        }
+        (h, d)
+    }
+
     /// A random upper-triangular `U` (positive diagonal) and a dense `D`, n × n, row-major.
     fn random_u_d(rng: &mut ChaCha8Rng, n: usize) -> (Vec<f64>, Vec<f64>) {
         let d: Vec<f64> = (0..n * n).map(|_| rng.random_range(-1.0f64..1.0)).collect();
@@ -2079,25 +2103,7 @@ mod tests {
             (17, 131, 16, None, true, false, 1.0),
             (24, 190, 64, Some(64), true, true, 1.0),
         ] {
-            // H = 2/T·XᵀX + a ridge (well-conditioned), D = 2/T·δᵀX with δ a small deviation.
-            let t = 2 * n;
-            let x: Vec<f64> = (0..t * n).map(|_| rng.random_range(-1.0f64..1.0)).collect();
-            let dx: Vec<f64> = (0..t * n)
-                .map(|_| 0.1 * rng.random_range(-1.0f64..1.0))
-                .collect();
-            let mut h = vec![0f32; n * n];
-            let mut d = vec![0f32; n * n];
-            for i in 0..n {
-                for j in 0..n {
-                    let (mut sh, mut sd) = (0f64, 0f64);
-                    for k in 0..t {
-                        sh += x[k * n + i] * x[k * n + j];
-                        sd += dx[k * n + i] * x[k * n + j];
-                    }
-                    h[i * n + j] = (2.0 * sh / t as f64) as f32;
-                    d[i * n + j] = (2.0 * sd / t as f64) as f32;
-                }
-            }
+            let (h, d) = hessian_and_d(n, &mut rng);
             let w: Vec<f32> = (0..rows * n)
                 .map(|_| rng.random_range(-1.0f32..1.0))
                 .collect();
@@ -2200,24 +2206,7 @@ mod tests {
             (41, 256, 64, Some(32), true, true, gptaq),
             (6, 129, 128, Some(128), false, false, gptq),
         ] {
-            let t = 2 * n;
-            let x: Vec<f64> = (0..t * n).map(|_| rng.random_range(-1.0f64..1.0)).collect();
-            let dx: Vec<f64> = (0..t * n)
-                .map(|_| 0.1 * rng.random_range(-1.0f64..1.0))
-                .collect();
-            let mut h = vec![0f32; n * n];
-            let mut d = vec![0f32; n * n];
-            for i in 0..n {
-                for j in 0..n {
-                    let (mut sh, mut sd) = (0f64, 0f64);
-                    for k in 0..t {
-                        sh += x[k * n + i] * x[k * n + j];
-                        sd += dx[k * n + i] * x[k * n + j];
-                    }
-                    h[i * n + j] = (2.0 * sh / t as f64) as f32;
-                    d[i * n + j] = (2.0 * sd / t as f64) as f32;
-                }
-            }
+            let (h, d) = hessian_and_d(n, &mut rng);
             let w: Vec<f32> = (0..rows * n)
                 .map(|_| rng.random_range(-1.0f32..1.0))
                 .collect();
