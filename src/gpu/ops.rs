@@ -1518,9 +1518,10 @@ pub fn gemm_coop(
 }
 
 /// `C = op(A)·op(B)` on tensor cores: [`gemm_coop`] without adding to C's old values. The staged
-/// kernels start their accumulators at zero instead of loading C (so C is neither cleared first
-/// nor read: on the forward's linears that was 36 ms per Llama-3-8B GPTQ layer of clears alone
-/// on an H100, BENCHMARKS.md session 29); for the unstaged ones C's rows are cleared first.
+/// kernels start their accumulators at zero instead of loading C, so C is neither cleared first
+/// nor read (per Llama-3-8B GPTQ layer on an H100 the forward's clears went from 39 to 25 ms and
+/// its tensor-core GEMMs from 760 to 743 ms, BENCHMARKS.md session 29); for the unstaged ones C's
+/// rows are cleared first.
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_coop_overwrite(
     rec: &mut Recorder<'_>,

@@ -130,12 +130,12 @@ struct Pending {
     moments: Option<Moments>,
 }
 
-/// The per-batch activations in `slot`, allocated by `make` if they were released.
 /// [`Stream::batch_or`] of an optional stream (`work` without one).
 fn batch_or<'a>(s: &'a Option<Stream>, b: usize, work: &'a GpuBuffer<f32>) -> &'a GpuBuffer<f32> {
     s.as_ref().map_or(work, |s| s.batch_or(b, work))
 }
 
+/// The per-batch activations in `slot`, allocated by `make` if they were released.
 fn ensure_work<'a>(
     slot: &'a mut Option<Work>,
     make: &dyn Fn() -> Result<Work, PipelineError>,
