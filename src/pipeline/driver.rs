@@ -1626,8 +1626,12 @@ fn solve_group(
     let mut shared = crate::quant::gpu::SharedFactor::default();
     // Every module's GPU work first, then their results: waiting for one module's small results
     // before recording the next left the GPU idle in between (crate::quant::gpu::Solving).
-    // `GPTAQ_SOLVE_OVERLAP=0` finishes each module before the next is submitted (A/B runs).
-    let overlap = std::env::var("GPTAQ_SOLVE_OVERLAP").map_or(true, |v| v != "0");
+    // Not in a memory-bound plan (streams on the host, no buffer pool): there a module's solver
+    // buffers, dropped when it is submitted, are only destroyed once its GPU work is done, and the
+    // next module's would be allocated beside them, beyond the plan. `GPTAQ_SOLVE_OVERLAP=0`
+    // finishes each module before the next is submitted (A/B runs).
+    let overlap =
+        results.overlap_codes && std::env::var("GPTAQ_SOLVE_OVERLAP").map_or(true, |v| v != "0");
     let mut solving = Vec::with_capacity(mods.len());
     let mut finished = Vec::with_capacity(mods.len());
     for &m in mods {
