@@ -17,7 +17,12 @@
 //! the reference's four group forwards plus a final forward. `D = 2/N·(X_fp − X_q)ᵀX_q` is
 //! accumulated on the fly from the two current inputs instead of caching every FP module input
 //! (the official GPTAQ code caches them on the GPU: ~13 GiB for an 8B model). Stage E recomputes
-//! `act` rather than storing `[tokens, intermediate]` per stream, trading two GEMMs for memory.
+//! `act` rather than storing `[tokens, intermediate]` per stream, trading two GEMMs for memory,
+//! unless the plan has room to keep it from stage D (`MemoryPlan::act_streams`).
+//!
+//! Where a stream is f32 on the GPU, each stage reads and updates the stream's own batch buffers
+//! (`Stream::gpu_batch`: the residual adds in place, attention and SwiGLU writing straight into
+//! their streams); host and packed-f16 streams are loaded into work buffers and stored back.
 //!
 //! The metrics reuse those products: a module's outputs in the two streams are its metrics'
 //! `Y_q = X_q·Qᵀ` and `Y_fp = X_fp·Wᵀ` (pipeline::metrics), so only `Y_w = X_q·Wᵀ` costs a GEMM
