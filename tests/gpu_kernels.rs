@@ -1085,32 +1085,8 @@ fn coop_gemm_matches_f64_where_granted() {
                 ctx.upload("a16", &a16).unwrap(),
                 ctx.upload("b16", &b16).unwrap(),
             );
-            let gc = ctx.upload("c", &c0).unwrap();
-            let mut rec = ctx.recorder();
-            ops::gemm_coop(
-                &mut rec,
-                op,
-                m,
-                n,
-                k,
-                (&ga, off_a),
-                (&gb, off_b),
-                MatView::new(&gc, n),
-            )
-            .unwrap();
-            rec.submit();
-            assert_close(
-                &format!("tensor-core gemm {op:?} m={m} n={n} k={k}"),
-                &ctx.read(&gc).unwrap(),
-                &expected,
-                1e-4 * (k as f64).sqrt(),
-                1e-4,
-            );
-            if op == CoopOp::Tn128Upper {
-                continue;
-            }
-            // C = op(A)·op(B) over a C of NaNs: the staged kernels must not read C, the others
-            // clear it first.
+            // C += op(A)·op(B) over c0; then (but for the upper-triangle kernel) C = op(A)·op(B)
+            // over a C of NaNs: the staged kernels must not read C, the others clear it first.
             let overwritten = gemm_ref(
                 m,
                 n,
@@ -1125,27 +1101,43 @@ fn coop_gemm_matches_f64_where_granted() {
                 0.0,
                 &vec![0.0; m * n],
             );
-            let gc = ctx.upload("c", &vec![f32::NAN; m * n]).unwrap();
-            let mut rec = ctx.recorder();
-            ops::gemm_coop_overwrite(
-                &mut rec,
-                op,
-                m,
-                n,
-                k,
-                (&ga, off_a),
-                (&gb, off_b),
-                MatView::new(&gc, n),
-            )
-            .unwrap();
-            rec.submit();
-            assert_close(
-                &format!("tensor-core gemm {op:?} m={m} n={n} k={k}, C overwritten"),
-                &ctx.read(&gc).unwrap(),
-                &overwritten,
-                1e-4 * (k as f64).sqrt(),
-                1e-4,
-            );
+            let nans = vec![f32::NAN; m * n];
+            let modes: &[(&str, bool, &[f32], &[f64])] = if op == CoopOp::Tn128Upper {
+                &[("", true, &c0, &expected)]
+            } else {
+                &[
+                    ("", true, &c0, &expected),
+                    (", C overwritten", false, &nans, &overwritten),
+                ]
+            };
+            for &(what, accumulate, start, want) in modes {
+                let gc = ctx.upload("c", start).unwrap();
+                let mut rec = ctx.recorder();
+                let gemm = if accumulate {
+                    ops::gemm_coop
+                } else {
+                    ops::gemm_coop_overwrite
+                };
+                gemm(
+                    &mut rec,
+                    op,
+                    m,
+                    n,
+                    k,
+                    (&ga, off_a),
+                    (&gb, off_b),
+                    MatView::new(&gc, n),
+                )
+                .unwrap();
+                rec.submit();
+                assert_close(
+                    &format!("tensor-core gemm {op:?} m={m} n={n} k={k}{what}"),
+                    &ctx.read(&gc).unwrap(),
+                    want,
+                    1e-4 * (k as f64).sqrt(),
+                    1e-4,
+                );
+            }
         }
     }
     // The three 32×32 layouts on all eight shapes, the 64×64 kernel on the five that tile by 64,

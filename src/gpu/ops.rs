@@ -1509,12 +1509,7 @@ pub fn gemm_coop(
     b: (&GpuBuffer<half::f16>, usize),
     c: MatView<'_>,
 ) -> Result<(), GpuError> {
-    let (lda, ldb) = op.strides(m, n, k);
-    let (a, b) = (
-        CoopOperand::new(a.0, a.1, lda),
-        CoopOperand::new(b.0, b.1, ldb),
-    );
-    gemm_coop_batched(rec, op, (m, n, k), CoopBatch::flat(1, 0), a, b, c)
+    gemm_coop_single(rec, op, (m, n, k), a, b, c, true)
 }
 
 /// `C = op(A)·op(B)` on tensor cores: [`gemm_coop`] without adding to C's old values. The staged
@@ -1533,13 +1528,28 @@ pub fn gemm_coop_overwrite(
     b: (&GpuBuffer<half::f16>, usize),
     c: MatView<'_>,
 ) -> Result<(), GpuError> {
+    gemm_coop_single(rec, op, (m, n, k), a, b, c, false)
+}
+
+/// One dense product of [`gemm_coop`] / [`gemm_coop_overwrite`]: adding to C, or overwriting it.
+fn gemm_coop_single(
+    rec: &mut Recorder<'_>,
+    op: CoopOp,
+    (m, n, k): (usize, usize, usize),
+    a: (&GpuBuffer<half::f16>, usize),
+    b: (&GpuBuffer<half::f16>, usize),
+    c: MatView<'_>,
+    accumulate: bool,
+) -> Result<(), GpuError> {
     let (lda, ldb) = op.strides(m, n, k);
     let (a, b) = (
         CoopOperand::new(a.0, a.1, lda),
         CoopOperand::new(b.0, b.1, ldb),
     );
-    if !op.staged() {
-        check_coop_batched(op, (m, n, k), &CoopBatch::flat(1, 0), &a, &b, &c)?;
+    let batch = CoopBatch::flat(1, 0);
+    if !accumulate && !op.staged() {
+        // The unstaged kernels always add: C's rows are cleared for them.
+        check_coop_batched(op, (m, n, k), &batch, &a, &b, &c)?;
         if c.ld == n {
             rec.clear(c.buf, c.offset, m * n)?;
         } else {
@@ -1548,7 +1558,7 @@ pub fn gemm_coop_overwrite(
             }
         }
     }
-    gemm_coop_dispatch(rec, op, (m, n, k), CoopBatch::flat(1, 0), a, b, c, false)
+    gemm_coop_dispatch(rec, op, (m, n, k), batch, a, b, c, accumulate)
 }
 
 /// The shape and extent checks of [`gemm_coop_batched`] (everything but the adapter's features):

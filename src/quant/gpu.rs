@@ -96,12 +96,15 @@ const SWEEP_MAX_ROWS: usize = 64;
 /// about one per multiprocessor of an H100), but each then reloads the block's U rows for fewer
 /// rows: with `rows / 512` rows per workgroup (at least 4) the 8B layer's sweeps took 194 ms of
 /// kernel time against 140 ms with 28 (H100, BENCHMARKS.md session 29). Results do not depend on
-/// it (every row's arithmetic is its own). `GPTAQ_SWEEP_ROWS=N` forces N (within the memory
-/// bound) for A/B runs.
-fn sweep_rows(rows: usize, bs: usize) -> usize {
-    std::env::var("GPTAQ_SWEEP_ROWS")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
+/// it (every row's arithmetic is its own). `forced` (the tests), else `GPTAQ_SWEEP_ROWS=N` (A/B
+/// runs), sets the count within the memory bound.
+fn sweep_rows(rows: usize, bs: usize, forced: Option<usize>) -> usize {
+    forced
+        .or_else(|| {
+            std::env::var("GPTAQ_SWEEP_ROWS")
+                .ok()
+                .and_then(|v| v.parse::<usize>().ok())
+        })
         .filter(|&v| v > 0)
         .unwrap_or(usize::MAX)
         .min(sweep_rows_max(bs))
@@ -1009,7 +1012,7 @@ struct Sweep<'a> {
     bs: usize,
     /// Rows per sweep workgroup ([`sweep_rows`]) of `sweep_block`.
     rchunk: usize,
-    /// The sweep's kernel ([`SweepKernel::choose`]).
+    /// The sweep's kernel ([`SweepKernel::for_blocks`]).
     sweep_kernel: SweepKernel,
     /// Blocks per cross-block update ([`lazy_blocks`], 1 where it does not apply).
     lazy: usize,
@@ -1327,7 +1330,7 @@ struct SolveOptions {
     p_form: Option<PForm>,
     /// Rows per sweep workgroup (`None`: [`sweep_rows`]).
     sweep_rows: Option<usize>,
-    /// The sweep's kernel (`None`: [`SweepKernel::choose`]; `sweep_lanes` only where it fits).
+    /// The sweep's kernel (`None`: [`SweepKernel::for_blocks`]; `sweep_lanes` only where it fits).
     sweep_kernel: Option<SweepKernel>,
 }
 
@@ -1346,20 +1349,24 @@ pub(crate) enum SweepKernel {
 }
 
 impl SweepKernel {
-    /// `sweep_lanes` unless `GPTAQ_SWEEP=rows` (read once; A/B runs on a GPU machine).
-    fn choose() -> Self {
+    /// The kernel for blocks of `bs` columns: `wanted` (the tests), else `sweep_lanes` unless
+    /// `GPTAQ_SWEEP=rows` (read once; A/B runs), and `sweep_block` wherever `sweep_lanes` does not
+    /// fit: blocks wider than its 32 lanes × 4 columns, or the MSE grid (whose per-row search stays
+    /// in `sweep_block`).
+    fn for_blocks(wanted: Option<Self>, bs: usize, mse: bool) -> Self {
         static ROWS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        if *ROWS.get_or_init(|| std::env::var("GPTAQ_SWEEP").is_ok_and(|v| v == "rows")) {
+        let chosen = wanted.unwrap_or_else(|| {
+            if *ROWS.get_or_init(|| std::env::var("GPTAQ_SWEEP").is_ok_and(|v| v == "rows")) {
+                SweepKernel::Rows
+            } else {
+                SweepKernel::Lanes
+            }
+        });
+        if chosen == SweepKernel::Lanes && (bs > 4 * 32 || mse) {
             SweepKernel::Rows
         } else {
-            SweepKernel::Lanes
+            chosen
         }
-    }
-
-    /// Whether `sweep_lanes` takes blocks of `bs` columns (each lane holds four of them) and the
-    /// quantizer (the MSE grid's per-row search stays in `sweep_block`).
-    fn lanes_fit(bs: usize, mse: bool) -> bool {
-        bs <= 4 * 32 && !mse
     }
 }
 
@@ -1723,16 +1730,8 @@ fn solve<'a>(
         rows,
         n,
         bs,
-        rchunk: rchunk
-            .unwrap_or_else(|| sweep_rows(rows, bs))
-            .clamp(1, sweep_rows_max(bs))
-            .min(rows.max(1)),
-        sweep_kernel: match sweep_kernel {
-            Some(SweepKernel::Lanes) | None if SweepKernel::lanes_fit(bs, spec.mse) => {
-                sweep_kernel.unwrap_or_else(SweepKernel::choose)
-            }
-            _ => SweepKernel::Rows,
-        },
+        rchunk: sweep_rows(rows, bs, rchunk),
+        sweep_kernel: SweepKernel::for_blocks(sweep_kernel, bs, spec.mse),
         lazy,
         lde,
         spec: &spec,
@@ -2249,7 +2248,7 @@ mod tests {
                 (2, SweepKernel::Rows),
                 (5, SweepKernel::Rows),
                 (sweep_rows_max(bs), SweepKernel::Rows),
-                (sweep_rows(rows, bs), SweepKernel::Rows),
+                (sweep_rows(rows, bs, None), SweepKernel::Rows),
                 (1, SweepKernel::Lanes),
             ] {
                 let other = run(r, kernel)?.finish(&ctx)?.result;
