@@ -1154,6 +1154,108 @@ fn host_stream_stores_in_flight_across_batches_change_nothing() {
     }
 }
 
+/// Solves whose first damping fails: without damping and with 16 calibration tokens against
+/// 64- and 96-wide modules every Hessian is singular, so the first Cholesky attempt fails in f32.
+/// With the streams on the GPU the solves take that attempt speculatively, find it failed when
+/// they finish, solve again and replace the Q installed at submission
+/// (quant::gpu::submit_gpu_resident); with host streams they wait for each attempt. Both give the
+/// same codes, Q, damping and metrics, and every module reports the raised damping.
+#[test]
+fn failed_speculative_factors_change_no_result() {
+    use gptaq_studio::calib::CalibSet;
+    use gptaq_studio::pipeline::Inputs;
+    let Some(ctx) = test_context() else { return };
+    let mut c = SyntheticModel::demo_config();
+    c.num_layers = 2;
+    c.hidden_size = 64;
+    c.intermediate_size = 96;
+    c.vocab_size = 64;
+    let (nsamples, seqlen) = (2, 8);
+    for method in [Method::Gptq, Method::Gptaq { alpha: 0.25 }] {
+        let mut runs = Vec::new();
+        for host in [false, true] {
+            let inputs = Inputs {
+                source: Box::new(SyntheticModel::with_config(c.clone(), 5)),
+                model_name: "synthetic".into(),
+                calib: CalibSet::synthetic(c.vocab_size, nsamples, seqlen, 9),
+            };
+            let config = PipelineConfig {
+                quant: QuantConfig {
+                    method,
+                    bits: 3,
+                    group_size: Some(32),
+                    damp_percent: 0.0,
+                    damp_auto_increment: 0.01,
+                    ..QuantConfig::default()
+                },
+                nsamples,
+                seqlen,
+                solver: Solver::Gpu,
+                metrics: true,
+                force_host_streams: host,
+                ..PipelineConfig::default()
+            };
+            let q = pipeline::run_prepared(
+                &ctx,
+                &inputs,
+                &config,
+                &mut |_| {},
+                &AtomicBool::new(false),
+            )
+            .unwrap();
+            assert_eq!(q.report.plan.streams_on_gpu, !host, "placement");
+            runs.push(q);
+        }
+        let (gpu, host) = (&runs[0], &runs[1]);
+        assert_eq!(gpu.modules.len(), 14);
+        for (key, a) in &gpu.modules {
+            let b = &host.modules[key];
+            assert_eq!(
+                a.fallback,
+                Some(gptaq_studio::quant::Fallback::IncreasedDamping),
+                "{method:?} {key:?}: the first damping must fail here"
+            );
+            let first = a.codes.iter().zip(&b.codes).position(|(x, y)| x != y);
+            assert!(
+                first.is_none() && a.codes.len() == b.codes.len(),
+                "{method:?} {key:?}: a failed speculative factor changed code {first:?} of {}",
+                a.codes.len()
+            );
+            let (qa, qb) = (a.weights(), b.weights());
+            let first = qa
+                .iter()
+                .zip(qb.iter())
+                .position(|(x, y)| x.to_bits() != y.to_bits());
+            assert!(
+                first.is_none(),
+                "{method:?} {key:?}: Q differs at {first:?}"
+            );
+            assert_eq!(
+                a.damp_percent, b.damp_percent,
+                "{method:?} {key:?}: damping"
+            );
+        }
+        // The metrics are measured on the quantized stream, which runs through the installed Q:
+        // equal only if each solve's replacement Q was installed.
+        for (a, b) in gpu.report.modules.iter().zip(&host.report.modules) {
+            assert_eq!(
+                (a.quant_error, a.output_error, a.fallback.clone()),
+                (b.quant_error, b.output_error, b.fallback.clone()),
+                "{method:?} layer {} {}: metrics",
+                a.layer,
+                a.module
+            );
+        }
+        for (a, b) in gpu.report.layers.iter().zip(&host.report.layers) {
+            assert_eq!(
+                a.hidden_rel_error, b.hidden_rel_error,
+                "{method:?} layer {}",
+                a.layer
+            );
+        }
+    }
+}
+
 /// Spare GPU memory spent on speed changes nothing: keeping the MLP activations from stage D to
 /// stage E (MemoryPlan::act_streams, streams on the GPU) instead of recomputing gate/up there, and
 /// uploading each layer's weights on a second thread during the previous layer's last stage

@@ -1634,14 +1634,16 @@ fn solve_group(
     // Not in a memory-bound plan (streams on the host, no buffer pool): there a module's solver
     // buffers, dropped when it is submitted, are only destroyed once its GPU work is done, and the
     // next module's would be allocated beside them, beyond the plan. `GPTAQ_SOLVE_OVERLAP=0`
-    // finishes each module before the next is submitted (A/B runs).
+    // finishes each module before the next is submitted (A/B runs). The same condition lets the
+    // factor be taken speculatively (crate::quant::gpu::submit_gpu_resident): its buffers, too,
+    // outlive their host code until the GPU has used them.
     let overlap =
         results.overlap_codes && std::env::var("GPTAQ_SOLVE_OVERLAP").map_or(true, |v| v != "0");
     let mut solving = Vec::with_capacity(mods.len());
     let mut finished = Vec::with_capacity(mods.len());
     for &m in mods {
         let t = Instant::now();
-        let s = submit_module(ctx, cfg, lw, layers, m, stats, layer, &mut shared)?;
+        let s = submit_module(ctx, cfg, lw, layers, m, stats, layer, &mut shared, overlap)?;
         let secs = t.elapsed().as_secs_f64();
         if overlap {
             solving.push((m, s, secs));
@@ -1740,6 +1742,7 @@ fn submit_module<'a>(
     stats: &'a Stats,
     layer: usize,
     shared: &mut crate::quant::gpu::SharedFactor,
+    speculate: bool,
 ) -> Result<ModuleSolve<'a>, PipelineError> {
     let lin = lw.linear(m);
     let (rows, cols) = (lin.out_features, lin.in_features);
@@ -1782,6 +1785,7 @@ fn submit_module<'a>(
                     stats.d.as_ref(),
                     qc,
                     Some(shared),
+                    speculate,
                 )
                 .map_err(|e| module_err(e.to_string()))?;
                 // Q goes straight from the solve's buffer into the quantized-stream layer, and the
@@ -1826,8 +1830,9 @@ fn submit_module<'a>(
 }
 
 /// Waits for a module's solve ([`submit_module`]): its result, and the codes still on their way
-/// back. Where the GPU sweep met non-finite values and fell back to RTN, the fallback's Q replaces
-/// the one installed at submission.
+/// back. Where the finish replaced Q (the GPU sweep met non-finite values and fell back to RTN, or
+/// the speculative factor failed and the module was solved again), the new Q replaces the one
+/// installed at submission.
 fn finish_module(
     ctx: &GpuContext,
     layers: &mut Layers,
@@ -1848,7 +1853,9 @@ fn finish_module(
     for (phase, secs) in &s.phases {
         prof.detail(&format!("solve/{phase}"), *secs);
     }
-    if let (true, Some(Fallback::Rtn { .. }), Some(q)) = (submitted, &s.result.fallback, &s.q) {
+    // A submitted solve's Q was installed and released at submission; one that comes back is a
+    // replacement (an RTN fallback, or a solve again after a failed speculative factor).
+    if let (true, Some(q)) = (submitted, &s.q) {
         let mut rec = ctx.recorder();
         layers.q.set_linear_gpu(&mut rec, m, q)?;
         rec.submit();

@@ -46,7 +46,7 @@ use super::reference::{self, Damped};
 use crate::gpu::kernels::Recorder;
 use crate::gpu::matrix::PanelRows;
 use crate::gpu::ops::{self, MatView, u32_of};
-use crate::gpu::{GpuBuffer, GpuContext, GpuError, GpuMatrix};
+use crate::gpu::{GpuBuffer, GpuContext, GpuError, GpuMatrix, PendingRead};
 
 crate::wgsl_shader!(FACTOR, "factor");
 crate::wgsl_shader!(POTRF, "potrf");
@@ -211,12 +211,91 @@ pub fn upper_inverse_factor_gpu(
         align,
         outer_panel(diag.len()),
         true,
+        false,
     )
+    .map(|r| r.map(|(f, _)| f))
 }
 
-/// [`upper_inverse_factor_gpu`] with the Cholesky's outer panel width (`outer_panel`) given, and
+/// The first attempt of [`upper_inverse_factor_gpu`] (damping `damp_percent`), recorded and
+/// submitted but not waited for: the factor is returned as if its Cholesky succeeded, with the
+/// pivots' flag on its way back ([`FactorCheck`]). Why: reading the flag made the host wait for
+/// the whole factorisation before it could record the solve's sweep, and the GPU then waited for
+/// that recording (BENCHMARKS.md, session 30). A matrix that needs more damping than the first
+/// attempt's is rare; its caller finds out from the flag once the solve's results are read, and
+/// solves again with [`upper_inverse_factor_gpu`], which goes through the same schedule of
+/// dampings from the start and so takes the same decisions.
+///
+/// Memory: the factor's second n×n matrix and its scratch are dropped here while the GPU may still
+/// be using them, so their device memory is only released once the factorisation has run —
+/// alongside whatever the caller allocates next. Memory-bound callers should wait instead.
+#[allow(clippy::too_many_arguments)]
+pub fn upper_inverse_factor_speculative(
+    ctx: &GpuContext,
+    h: &GpuMatrix,
+    order: &[usize],
+    diag: &[f64],
+    damp_percent: f64,
+    damp_auto_increment: f64,
+    align: usize,
+) -> Result<Result<(Damped<GpuMatrix>, FactorCheck), QuantError>, GpuError> {
+    let got = upper_inverse_factor_panels(
+        ctx,
+        h,
+        order,
+        diag,
+        damp_percent,
+        damp_auto_increment,
+        align,
+        outer_panel(diag.len()),
+        true,
+        true,
+    )?;
+    Ok(match got {
+        Ok((factor, Some(check))) => Ok((factor, check)),
+        Ok((_, None)) => {
+            return Err(GpuError::Validation(
+                "speculative factor: no pivot flag was read back".into(),
+            ));
+        }
+        Err(e) => Err(e),
+    })
+}
+
+/// The pivots' flag of a speculative factorisation ([`upper_inverse_factor_speculative`]), read
+/// once by whichever of the solves sharing the factor finishes first.
+pub struct FactorCheck {
+    state: std::sync::Mutex<CheckState>,
+}
+
+enum CheckState {
+    Pending(PendingRead<u32>),
+    Known(bool),
+}
+
+impl FactorCheck {
+    /// Whether every pivot of the Cholesky was positive (waits for the flag the first time).
+    pub fn succeeded(&self, ctx: &GpuContext) -> Result<bool, GpuError> {
+        let mut state = self
+            .state
+            .lock()
+            .map_err(|_| GpuError::Readback("factor check: a reader panicked".into()))?;
+        let ok = match std::mem::replace(&mut *state, CheckState::Known(false)) {
+            CheckState::Known(ok) => ok,
+            CheckState::Pending(read) => {
+                let mut st = Vec::new();
+                ctx.finish_read(read, &mut st)?;
+                st.first() == Some(&0)
+            }
+        };
+        *state = CheckState::Known(ok);
+        Ok(ok)
+    }
+}
+
+/// [`upper_inverse_factor_gpu`] with the Cholesky's outer panel width (`outer_panel`) given,
 /// whether the inverse's levels may be batched (`inverse_level_batched`; off only in tests, to
-/// compare).
+/// compare), and whether the first attempt is taken as it is, its flag returned unread
+/// ([`upper_inverse_factor_speculative`]).
 #[allow(clippy::too_many_arguments)]
 fn upper_inverse_factor_panels(
     ctx: &GpuContext,
@@ -228,7 +307,8 @@ fn upper_inverse_factor_panels(
     align: usize,
     outer: usize,
     batch_inverse: bool,
-) -> Result<Result<Damped<GpuMatrix>, QuantError>, GpuError> {
+    speculate: bool,
+) -> Result<Result<(Damped<GpuMatrix>, Option<FactorCheck>), QuantError>, GpuError> {
     let n = diag.len();
     let n32 = u32_of("n", n)?;
     if h.rows() != n || h.cols() != n || order.len() != n {
@@ -253,6 +333,7 @@ fn upper_inverse_factor_panels(
 
     // Scopes of GPTAQ_KERNEL_TIMES (gpu::timing), inside the caller's.
     let scope = ctx.time_scope("solve/factor/prep");
+    let mut check = None;
     let attempt = |damped: &[f64]| -> Result<Option<()>, GpuError> {
         let dg: Vec<f32> = damped.iter().map(|&v| v as f32).collect();
         let gdg = ctx.upload("factor damped diagonal", &dg)?;
@@ -286,6 +367,13 @@ fn upper_inverse_factor_panels(
         scope.set("solve/factor/inverse");
         lower_inverse_to_u(ctx, n, &k, &m, &tmp, batch_inverse)?;
         scope.set("solve/factor/prep");
+        if speculate {
+            let read = ctx.read_async(ctx.recorder(), &status, 0, 2)?;
+            check = Some(FactorCheck {
+                state: std::sync::Mutex::new(CheckState::Pending(read)),
+            });
+            return Ok(Some(()));
+        }
         let st = ctx.read(&status)?;
         Ok((st.first() == Some(&0)).then_some(()))
     };
@@ -295,12 +383,15 @@ fn upper_inverse_factor_panels(
         Ok(d) => d,
         Err(e) => return Ok(Err(e)),
     };
-    Ok(Ok(Damped {
-        value: k,
-        damp: damped.damp,
-        damp_percent: damped.damp_percent,
-        fallback: damped.fallback,
-    }))
+    Ok(Ok((
+        Damped {
+            value: k,
+            damp: damped.damp,
+            damp_percent: damped.damp_percent,
+            fallback: damped.fallback,
+        },
+        check,
+    )))
 }
 
 /// Records and submits `L⁻¹` by recursive doubling in M (module docs), then `U = J·L⁻¹·J` into
@@ -682,8 +773,8 @@ mod tests {
             let gh = ctx.matrix_upload("h", &h32, n, n, 1)?;
             let mut us = Vec::new();
             for batched in [true, false] {
-                let f = upper_inverse_factor_panels(
-                    &ctx, &gh, &order, &diag, 0.01, 0.0025, 1, NB, batched,
+                let (f, _) = upper_inverse_factor_panels(
+                    &ctx, &gh, &order, &diag, 0.01, 0.0025, 1, NB, batched, false,
                 )??;
                 us.push(ctx.read_matrix(&f.value)?);
             }
@@ -725,11 +816,13 @@ mod tests {
             ctx.set_panel_cap((cap_rows > 0).then_some((cap_rows * n * 4) as u64));
             let gh = ctx.matrix_upload("h", &h32, n, n, 1);
             let got = gh.and_then(|gh| {
-                upper_inverse_factor_panels(&ctx, &gh, &order, &diag, 0.01, 0.0025, 1, outer, true)
+                upper_inverse_factor_panels(
+                    &ctx, &gh, &order, &diag, 0.01, 0.0025, 1, outer, true, false,
+                )
             });
             // The cap is the context's: lifted before an error returns.
             ctx.set_panel_cap(None);
-            let got = got??;
+            let (got, _) = got??;
             let u = ctx.read_matrix(&got.value)?;
             let scale = exp.u.iter().fold(0f64, |m, v| m.max(v.abs()));
             for (i, (&g, &w)) in u.iter().zip(&exp.u).enumerate() {

@@ -13,6 +13,12 @@
 //!    whole H comes back only on the rare RTN-fallback paths (its proxy loss needs it). The
 //!    caller's `H` and `D` buffers are never modified (§6.2). Modules solved from the same `H` and
 //!    `D` (q/k/v, gate/up) can share diag(H), `U` and `P` through a [`SharedFactor`].
+//!    Speculatively ([`SolveOptions::speculate`], the default except in memory-bound pipeline
+//!    plans) the first damping is taken without waiting for the Cholesky's pivots' flag
+//!    ([`factor::upper_inverse_factor_speculative`]): the host records the rest while the GPU
+//!    factors, and the flag is checked when the solve finishes; where it failed (H needed more
+//!    damping) the module is solved again with every attempt waited for, so the damping and
+//!    fallback decisions stay the reference's.
 //! 2. **GPTAQ `P` on the GPU** (§2.2): `D` is permuted and its dead columns zeroed by a gather
 //!    kernel (`quant_gather.wgsl`), then `A = α·triu₁(D·Uᵀ)` (`quant_mask.wgsl` for the mask)
 //!    and, where the whole P is kept ([`PForm`]), `P = A·U` — GEMMs over column blocks that skip
@@ -67,7 +73,7 @@ use std::sync::Arc;
 
 use bytemuck::{Pod, Zeroable};
 
-use super::factor;
+use super::factor::{self, FactorCheck};
 use super::quantizer::{QuantizerSpec, rtn_quantize_f64};
 use super::reference::{self, Damped};
 use super::{Fallback, Method, QuantConfig, QuantError, QuantResult};
@@ -837,6 +843,9 @@ struct SharedEntry {
     h_diag32: Vec<f32>,
     /// `Err`: no damping made H factorable (every module falls back to RTN with this reason).
     factor: Result<Arc<Damped<GpuMatrix>>, String>,
+    /// Where the factor was taken speculatively, its pivots' flag (each solve checks it when it
+    /// finishes: [`SubmittedSolve`]).
+    check: Option<Arc<FactorCheck>>,
     p: Option<Arc<GptaqTerms>>,
 }
 
@@ -871,6 +880,7 @@ pub fn quantize_gpu(
 ) -> Result<GpuSolve, QuantGpuError> {
     let opts = SolveOptions {
         host_q: true,
+        speculate: true,
         ..SolveOptions::default()
     };
     solve(ctx, w, None, rows, cols, h, d, cfg, None, opts)?.finish(ctx)
@@ -902,13 +912,20 @@ pub fn quantize_gpu_resident(
     cfg: &QuantConfig,
     shared: Option<&mut SharedFactor>,
 ) -> Result<GpuSolve, QuantGpuError> {
-    submit_gpu_resident(ctx, w, w_gpu, rows, cols, h, d, cfg, shared)?.finish(ctx)
+    submit_gpu_resident(ctx, w, w_gpu, rows, cols, h, d, cfg, shared, true)?.finish(ctx)
 }
 
 /// [`quantize_gpu_resident`] up to the GPU's work being submitted: [`Solving::finish`] then waits
 /// for the results. Solving a group's modules one after another this way (all submitted, then all
 /// finished) keeps the GPU from draining between them. Q is on the GPU at once
-/// ([`Solving::q`]), final unless the finish falls back to RTN.
+/// ([`Solving::q`]), final unless the finish replaces it (an RTN fallback, or a solve again where
+/// the speculative factor failed: [`GpuSolve::q`] is then the new Q).
+///
+/// `speculate`: the factor's first attempt is taken without waiting for its pivots' flag
+/// ([`factor::upper_inverse_factor_speculative`]), so the host records the sweep while the GPU
+/// factors. Its buffers then outlive the factor's host code until the GPU is done with them, so
+/// memory-bound callers (the pipeline's plans without the buffer pool) pass `false`.
+/// [`quantize_gpu`] and [`quantize_gpu_resident`] speculate.
 #[allow(clippy::too_many_arguments)]
 pub fn submit_gpu_resident<'a>(
     ctx: &GpuContext,
@@ -917,9 +934,10 @@ pub fn submit_gpu_resident<'a>(
     rows: usize,
     cols: usize,
     h: &'a GpuMatrix,
-    d: Option<&GpuMatrix>,
+    d: Option<&'a GpuMatrix>,
     cfg: &'a QuantConfig,
     shared: Option<&mut SharedFactor>,
+    speculate: bool,
 ) -> Result<Solving<'a>, QuantGpuError> {
     solve(
         ctx,
@@ -931,7 +949,10 @@ pub fn submit_gpu_resident<'a>(
         d,
         cfg,
         shared,
-        SolveOptions::default(),
+        SolveOptions {
+            speculate,
+            ..SolveOptions::default()
+        },
     )
 }
 
@@ -1332,6 +1353,16 @@ struct SolveOptions {
     sweep_rows: Option<usize>,
     /// The sweep's kernel (`None`: [`SweepKernel::for_blocks`]; `sweep_lanes` only where it fits).
     sweep_kernel: Option<SweepKernel>,
+    /// Take the factor's first attempt without waiting for its pivots' flag
+    /// ([`factor::upper_inverse_factor_speculative`]; off with `GPTAQ_SPECULATE=0`): checked when
+    /// the solve finishes, which solves again, waiting, where the first damping was not enough.
+    speculate: bool,
+}
+
+/// Whether a solve that may speculate ([`SolveOptions::speculate`]) does: not with
+/// `GPTAQ_SPECULATE=0` (A/B runs).
+fn speculation(wanted: bool) -> bool {
+    wanted && std::env::var("GPTAQ_SPECULATE").map_or(true, |v| v != "0")
 }
 
 /// Rows per workgroup of `sweep_lanes` (`LR` in `quant_sweep.wgsl`).
@@ -1379,7 +1410,7 @@ fn solve<'a>(
     rows: usize,
     cols: usize,
     h: &'a GpuMatrix,
-    d: Option<&GpuMatrix>,
+    d: Option<&'a GpuMatrix>,
     cfg: &'a QuantConfig,
     mut shared: Option<&mut SharedFactor>,
     opts: SolveOptions,
@@ -1389,6 +1420,7 @@ fn solve<'a>(
         p_form,
         sweep_rows: rchunk,
         sweep_kernel,
+        speculate,
     } = opts;
     let spec = check_config(cfg, cols)?;
     let n = cols;
@@ -1493,9 +1525,9 @@ fn solve<'a>(
     let bs = cfg.block_size.min(n);
     prof.sync(ctx, "prepare")?;
     scope.set("solve/factor");
-    let computed = match cached.as_ref().map(|c| c.factor.clone()) {
-        Some(f) => f,
-        None => factor::upper_inverse_factor_gpu(
+    let (computed, check) = match cached.as_ref() {
+        Some(c) => (c.factor.clone(), c.check.clone()),
+        None if speculation(speculate) => match factor::upper_inverse_factor_speculative(
             ctx,
             h,
             &order,
@@ -1503,9 +1535,24 @@ fn solve<'a>(
             cfg.damp_percent,
             cfg.damp_auto_increment,
             bs,
-        )?
-        .map(Arc::new)
-        .map_err(|e| e.to_string()),
+        )? {
+            Ok((f, c)) => (Ok(Arc::new(f)), Some(Arc::new(c))),
+            Err(e) => (Err(e.to_string()), None),
+        },
+        None => (
+            factor::upper_inverse_factor_gpu(
+                ctx,
+                h,
+                &order,
+                &prepared.diag,
+                cfg.damp_percent,
+                cfg.damp_auto_increment,
+                bs,
+            )?
+            .map(Arc::new)
+            .map_err(|e| e.to_string()),
+            None,
+        ),
     };
     let factor = match computed {
         Ok(f) => f,
@@ -1518,6 +1565,7 @@ fn solve<'a>(
                     d: d.map_or(0, addr),
                     h_diag32: h_diag32.clone(),
                     factor: Err(reason.clone()),
+                    check: None,
                     p: None,
                 });
             }
@@ -1697,6 +1745,7 @@ fn solve<'a>(
             d: d.map_or(0, addr),
             h_diag32: h_diag32.clone(),
             factor: Ok(factor.clone()),
+            check: check.clone(),
             p: gp.clone(),
         });
     }
@@ -1816,8 +1865,11 @@ fn solve<'a>(
         fallback: factor.fallback.clone(),
         host_q,
         prof,
+        check,
+        opts,
         w,
         h,
+        d,
         cfg,
     })))
 }
@@ -1830,9 +1882,9 @@ pub enum Solving<'a> {
 }
 
 impl Solving<'_> {
-    /// Q on the GPU, original column order: final unless [`Self::finish`] falls back to RTN
-    /// (non-finite values in the sweep), in which case the finished [`GpuSolve::q`] replaces it.
-    /// `None` once released.
+    /// Q on the GPU, original column order: final unless [`Self::finish`] replaces it — an RTN
+    /// fallback (non-finite values in the sweep) or a solve again (a failed speculative factor) —
+    /// in which case the finished [`GpuSolve::q`] is the new one. `None` once released.
     pub fn q(&self) -> Option<&GpuBuffer<f32>> {
         match self {
             Solving::Done(s) => s.q.as_ref(),
@@ -1844,7 +1896,7 @@ impl Solving<'_> {
     /// buffer alive on the GPU until it is made): a group's solves, all submitted before the first
     /// is finished, then do not hold their Q's side by side (235 MB each for Llama-3-8B's gate and
     /// up) beyond what the memory plan counts. The finished [`GpuSolve::q`] is then `None`, unless
-    /// the finish fell back to RTN (its Q is a new buffer).
+    /// the finish replaced Q (an RTN fallback, a solve again: a new buffer).
     pub fn release_q(&mut self) {
         if let Solving::Submitted(s) = self {
             s.q = None;
@@ -1881,9 +1933,14 @@ pub struct SubmittedSolve<'a> {
     fallback: Option<Fallback>,
     host_q: bool,
     prof: Profile,
-    /// For the RTN fallback when the sweep met non-finite values.
+    /// The speculative factor's pivots' flag (`None`: the factor was waited for).
+    check: Option<Arc<FactorCheck>>,
+    opts: SolveOptions,
+    /// For the RTN fallback when the sweep met non-finite values, and for solving again where the
+    /// speculative factor failed.
     w: &'a [f32],
     h: &'a GpuMatrix,
+    d: Option<&'a GpuMatrix>,
     cfg: &'a QuantConfig,
 }
 
@@ -1904,10 +1961,27 @@ impl SubmittedSolve<'_> {
             fallback,
             host_q,
             mut prof,
+            check,
+            opts,
             w,
             h,
+            d,
             cfg,
         } = self;
+        if let Some(check) = check
+            && !check.succeeded(ctx)?
+        {
+            // The first damping left H indefinite in f32, so this solve ran on a failed factor
+            // (its results are discarded with it). Solved again from the start, each attempt's
+            // flag waited for: the same schedule of dampings as the reference's, from the host's
+            // W (the GPU's copy may hold this solve's Q by now). Rare: H is singular or nearly.
+            drop((small, pending_codes, gq, check));
+            let again = SolveOptions {
+                speculate: false,
+                ..opts
+            };
+            return solve(ctx, w, None, rows, cols, h, d, cfg, None, again)?.finish(ctx);
+        }
         let mut small_reads = Vec::with_capacity(small.len());
         for p in small {
             let mut v = Vec::new();
@@ -2077,6 +2151,153 @@ mod tests {
         Ok(())
     }
 
+    /// A Hessian that the first damping leaves indefinite: the speculative factor fails, the
+    /// solve finds out when it finishes and solves again, waiting for each attempt. The results
+    /// equal, bit for bit, those of solves that wait from the start — the damping the schedule
+    /// settles on, its fallback, the codes, Q and the losses — for GPTQ and GPTAQ, and for a second
+    /// module that reuses the failed factor through a [`super::SharedFactor`], submitted before
+    /// the first is finished (as the pipeline does with q, k and v).
+    #[test]
+    fn failed_speculative_factor_solves_again() -> Result<(), Box<dyn std::error::Error>> {
+        use super::{SharedFactor, Solving};
+        use crate::quant::Fallback;
+        let Some(ctx) = crate::gpu::test_context() else {
+            return Ok(());
+        };
+        let mut rng = ChaCha8Rng::seed_from_u64(0x5bec_f00d);
+        let (rows, n, bs) = (7usize, 72usize, 32usize);
+        // 20 tokens against 72 columns: H is singular, and without damping its f32 Cholesky
+        // meets a pivot at round-off level, which the flag reports when it is not positive.
+        let t = 20;
+        let x: Vec<f64> = (0..t * n).map(|_| rng.random_range(-1.0f64..1.0)).collect();
+        let dx: Vec<f64> = (0..t * n)
+            .map(|_| 0.1 * rng.random_range(-1.0f64..1.0))
+            .collect();
+        let (mut h, mut d) = (vec![0f32; n * n], vec![0f32; n * n]);
+        for i in 0..n {
+            for j in 0..n {
+                let (mut sh, mut sd) = (0f64, 0f64);
+                for k in 0..t {
+                    sh += x[k * n + i] * x[k * n + j];
+                    sd += dx[k * n + i] * x[k * n + j];
+                }
+                h[i * n + j] = (2.0 * sh / t as f64) as f32;
+                d[i * n + j] = (2.0 * sd / t as f64) as f32;
+            }
+        }
+        let gh = ctx.matrix_upload("H", &h, n, n, 1)?;
+        let gd = ctx.matrix_upload("D", &d, n, n, 1)?;
+        let ws: Vec<Vec<f32>> = (0..2)
+            .map(|_| {
+                (0..rows * n)
+                    .map(|_| rng.random_range(-1.0f32..1.0))
+                    .collect()
+            })
+            .collect();
+        for method in [Method::Gptq, Method::Gptaq { alpha: 0.25 }] {
+            let cfg = QuantConfig {
+                method,
+                bits: 3,
+                group_size: Some(24),
+                damp_percent: 0.0,
+                damp_auto_increment: 0.01,
+                block_size: bs,
+                ..QuantConfig::default()
+            };
+            let opts = |speculate| SolveOptions {
+                host_q: true,
+                speculate,
+                ..SolveOptions::default()
+            };
+            let waited: Vec<_> = ws
+                .iter()
+                .map(|w| {
+                    solve(
+                        &ctx,
+                        w,
+                        None,
+                        rows,
+                        n,
+                        &gh,
+                        Some(&gd),
+                        &cfg,
+                        None,
+                        opts(false),
+                    )?
+                    .finish(&ctx)
+                })
+                .collect::<Result<_, _>>()?;
+            assert_eq!(
+                waited[0].result.fallback,
+                Some(Fallback::IncreasedDamping),
+                "{method:?}: the problem must need more damping than the first attempt's"
+            );
+            let mut shared = SharedFactor::default();
+            let submitted: Vec<Solving<'_>> = ws
+                .iter()
+                .map(|w| {
+                    solve(
+                        &ctx,
+                        w,
+                        None,
+                        rows,
+                        n,
+                        &gh,
+                        Some(&gd),
+                        &cfg,
+                        Some(&mut shared),
+                        opts(true),
+                    )
+                })
+                .collect::<Result<_, _>>()?;
+            assert_eq!(
+                shared.hits(),
+                1,
+                "{method:?}: the second module reuses the factor"
+            );
+            for (i, (s, want)) in submitted.into_iter().zip(&waited).enumerate() {
+                assert!(
+                    matches!(s, Solving::Submitted(_)),
+                    "{method:?} module {i}: submitted without waiting for the factor"
+                );
+                let got = s.finish(&ctx)?;
+                let (g, e) = (&got.result, &want.result);
+                assert_eq!(
+                    (
+                        g.fallback.clone(),
+                        g.damp_percent.to_bits(),
+                        g.damp.to_bits()
+                    ),
+                    (
+                        e.fallback.clone(),
+                        e.damp_percent.to_bits(),
+                        e.damp.to_bits()
+                    ),
+                    "{method:?} module {i}: damping"
+                );
+                let first = g.codes.iter().zip(&e.codes).position(|(a, b)| a != b);
+                assert!(
+                    first.is_none() && g.codes.len() == e.codes.len(),
+                    "{method:?} module {i} ({rows}×{n}): code {first:?} differs after solving again"
+                );
+                let qbits = |q: &[f32]| q.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                assert_eq!(qbits(&g.q), qbits(&e.q), "{method:?} module {i}: Q");
+                assert_eq!(
+                    g.proxy_loss_sum.to_bits(),
+                    e.proxy_loss_sum.to_bits(),
+                    "{method:?} module {i}: proxy loss {} against {}",
+                    g.proxy_loss_sum,
+                    e.proxy_loss_sum
+                );
+                assert!(
+                    got.q.is_some(),
+                    "{method:?} module {i}: the new Q on the GPU"
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// GPTAQ with P deferred (`PForm::Deferred`) and with the whole P solve the same problems
     /// alike: the same terms in another f32 summation order, so the codes agree except where a
     /// value sits within round-off of a rounding boundary, and the weights and the proxy loss
@@ -2240,6 +2461,7 @@ mod tests {
                         p_form: None,
                         sweep_rows: Some(r),
                         sweep_kernel: Some(kernel),
+                        speculate: false,
                     },
                 )
             };
