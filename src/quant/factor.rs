@@ -292,6 +292,9 @@ impl FactorCheck {
     }
 }
 
+/// A factor, and its unread pivots' flag where it was taken speculatively.
+type Factored = (Damped<GpuMatrix>, Option<FactorCheck>);
+
 /// [`upper_inverse_factor_gpu`] with the Cholesky's outer panel width (`outer_panel`) given,
 /// whether the inverse's levels may be batched (`inverse_level_batched`; off only in tests, to
 /// compare), and whether the first attempt is taken as it is, its flag returned unread
@@ -308,7 +311,7 @@ fn upper_inverse_factor_panels(
     outer: usize,
     batch_inverse: bool,
     speculate: bool,
-) -> Result<Result<(Damped<GpuMatrix>, Option<FactorCheck>), QuantError>, GpuError> {
+) -> Result<Result<Factored, QuantError>, GpuError> {
     let n = diag.len();
     let n32 = u32_of("n", n)?;
     if h.rows() != n || h.cols() != n || order.len() != n {
