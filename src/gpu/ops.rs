@@ -1049,6 +1049,19 @@ pub fn col_dot(
 crate::wgsl_shader!(CAST_F16, "cast_f16");
 crate::wgsl_shader!(GEMM_COOP, "gemm_coop");
 crate::wgsl_shader!(GEMM_STAGED_COOP, "gemm_staged_coop");
+crate::wgsl_shader!(GEMM_STAGED_W_COOP, "gemm_staged_w_coop");
+
+/// The staged tensor-core kernel: `gemm_staged_coop.wgsl`, or with `GPTAQ_COOP_STAGE=w` its
+/// twin that stores each staged word as one `vec2<f16>` (`gemm_staged_w_coop.wgsl`; same
+/// results bit for bit, for A/B runs).
+fn staged_shader() -> &'static crate::gpu::kernels::Shader {
+    static WORDS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if *WORDS.get_or_init(|| std::env::var("GPTAQ_COOP_STAGE").is_ok_and(|v| v == "w")) {
+        &GEMM_STAGED_W_COOP
+    } else {
+        &GEMM_STAGED_COOP
+    }
+}
 
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable)]
@@ -1704,7 +1717,7 @@ fn gemm_coop_dispatch(
     }
     rec.dispatch(
         if op.staged() {
-            &GEMM_STAGED_COOP
+            staged_shader()
         } else {
             &GEMM_COOP
         },

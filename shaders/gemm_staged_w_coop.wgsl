@@ -1,0 +1,468 @@
+// gemm_staged_coop.wgsl with the staged tiles stored as pairs of halves (vec2<f16>): each
+// invocation's 32-bit word goes into workgroup memory as one store instead of two half stores,
+// and the fragments are loaded through a vec2<f16> pointer (SPV_KHR_cooperative_matrix reads the
+// pointed-to memory as the matrix's component type; strides count vec2 elements: 20 and 68 for
+// the 40- and 136-half rows). Every fragment starts on an even half (row strides 40 and 136, tile
+// offsets 0, 16, 32, 48, depths 0 and 16), so the halving is exact, and the tiles hold the same
+// halves as gemm_staged_coop.wgsl's: the products are bit for bit the same. Chosen with
+// GPTAQ_COOP_STAGE=w (ops::staged_shader) for an A/B run on the GPU machine (BENCHMARKS.md,
+// session 30); the rest of this file is gemm_staged_coop.wgsl's (see there).
+// Tensor-core GEMM staged through workgroup memory (issue 10's fast path; the unstaged kernels
+// in gemm_coop.wgsl are the fallback): C[M×N] += op(A)[M×K] · op(B)[K×N], A and B f16, C f32,
+// the same contract, parameters and batching as gemm_coop.wgsl (see there and ops::CoopOp).
+//
+// Why: the unstaged kernels let every subgroup load its own fragments from global memory, so a
+// fragment is fetched once per subgroup that needs it and each fetch's latency stalls the tensor
+// cores (they reached 28–54 TFLOP/s at 4096³ on the H100, BENCHMARKS.md session 19). Here a
+// workgroup of four subgroups computes a 128×128 block of C: per 32-deep step the workgroup copies
+// A's 128×32 and B's 32×128 tiles into workgroup memory once, with coalesced loads, and each
+// subgroup computes its 64×64 quarter (sixteen 16×16 accumulators, each fragment used four times)
+// from there. The next step's tiles are loaded into registers while the tensor cores work on the
+// current one (software pipelining), so global latency overlaps the multiply-adds.
+//
+// Staging: every invocation loads 32-bit words (two halves) and stores them as two halves. WGSL
+// can only store a half at a time into the f16 array the fragment loads read; a first version
+// loaded 16 bytes (eight halves) per invocation, and its eight scalar stores per load hit only 8 of
+// the 32 banks per instruction (16-byte units start on every fourth bank): with the staging removed
+// the kernel ran 2.3× faster (1.63 → 0.71 ms at 4096³ on the H100, BENCHMARKS.md session 21),
+// while removing the fragment loads instead saved only 0.18 ms. With one word per invocation, 32
+// consecutive invocations store into 32 different banks (up to one row boundary per instruction),
+// and each invocation's addresses are one base plus constant steps: Nt128 went from 1.72 to
+// 1.15 ms, Tn128 from 1.45 to 1.05 ms (same calls, session 21). Written out without branches
+// (the prefetch of the last step reloads its own tiles, and the step's two 16-deep halves are
+// not a loop) they took 0.98 and 0.84 ms (session 22).
+//
+// Tried in the kernel lab (benches/kernels.rs `wgsl_lab`, session 22, 4096³ on the H100) and
+// slower than this kernel: double-buffered tiles with one barrier per step (1.96 ms; 40 KiB of
+// workgroup memory), staging through cooperative loads and stores (1.61 ms), no staging at all
+// (each subgroup prefetching its own fragments: 2.54 ms), 128×256 blocks of eight subgroups
+// (1.18 ms) and 64-deep steps (2.71 ms).
+//
+// One kernel for every operand layout, chosen per pipeline by the override constants A_T (A
+// stored K×M, op(A) = Aᵀ: the Hessian's Xᵀ·X reads X itself) and B_T (B stored N×K, op(B) = Bᵀ:
+// a linear layer's X·Wᵀ reads W as it is): ops::CoopOp's Nt128 (A_T false, B_T true), Tn128 and
+// Tn128Upper (true, false) and Nn128 (false, false; attention's P·V). An operand is staged one of
+// two ways, by whether its stored rows run along K:
+//   K-contiguous (A not transposed, B transposed): its 128 rows × 32 columns of K are stored as
+//          they are, rows 40 halves apart; the fragments are read row-major (A) or column-major
+//          (B, whose rows are op(B)'s columns);
+//   K-major (A transposed, B not): its 32 rows of K × 128 columns are stored as they are, rows
+//          136 halves apart; the fragments are read column-major (A) or row-major (B).
+// Both paddings make consecutive rows start in different banks and keep them 16-byte aligned,
+// which NVIDIA's fragment loads need. Every choice below between the two is a `select` or an `if`
+// on an override constant, fixed when the pipeline is made, so control flow stays uniform and each
+// pipeline compiles to a single-layout kernel. (It replaced three copies of itself, one per
+// layout; on the H100 it passed the same tests and ran within 2–4 % of them, measured in
+// different calls whose spread is about 3 %: BENCHMARKS.md session 22.)
+//
+// ACCUMULATE (override, default true) chooses C += op(A)·op(B), each subgroup's sixteen
+// accumulators loaded from C, or C = op(A)·op(B) (ops::gemm_coop_overwrite), the accumulators
+// starting at zero (a declared coop_mat16x16 is zero-initialised) and C never read: the forward's
+// linear layers overwrite their outputs, which they had to clear first: the clear and the load
+// were two of the three passes over an f32 C that is larger than both f16 operands together
+// (gate_proj on 32768 tokens: C 1.9 GB, X and W 0.4 GB).
+//
+// Requirements (ops::check_coop_batched and ops::coop_staged_available): M and N multiples of 128,
+// K of 32; every offset, row stride and batch stride of A and B even (A and B are read two halves
+// per load); subgroups of exactly 32 invocations (so the 128 invocations are four subgroups, told
+// apart by subgroup_id); 20 KiB of workgroup memory. The grid is exactly (N/128, M/128, batch), and
+// no branch depends on the invocation (frag_a and frag_b branch and return early on the override
+// constants, the upper entry's block index on the workgroup), so every cooperative operation and
+// barrier stays in uniform control flow. As in
+// gemm_coop.wgsl every cooperative load's index and stride is a `let` (naga 30's SPIR-V writer
+// needs them cached).
+
+enable f16;
+enable wgpu_cooperative_matrix;
+
+struct Params {
+    m: u32,
+    n: u32,
+    k: u32,
+    lda: u32,
+    ldb: u32,
+    ldc: u32,
+    off_a: u32,
+    off_b: u32,
+    off_c: u32,
+    sa: u32,
+    sb: u32,
+    sc: u32,
+    ga: u32,
+    gb: u32,
+    zi: u32,
+    xa: u32,
+    xb: u32,
+    xc: u32,
+    _p0: u32,
+    _p1: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+// The f16 operands, read two halves (one 32-bit word) per load: see "Staging" above.
+@group(0) @binding(1) var<storage, read> a: array<vec2<f16>>;
+@group(0) @binding(2) var<storage, read> b: array<vec2<f16>>;
+@group(0) @binding(3) var<storage, read_write> c: array<f32>;
+
+// The operands' layouts (see the top of the file).
+override A_T: bool = false;
+override B_T: bool = true;
+// C += op(A)·op(B) (true) or C = op(A)·op(B) (false: C is neither read nor cleared first).
+override ACCUMULATE: bool = true;
+
+// Where batch entry z's A, B and C start (nested batches as in gemm_coop.wgsl).
+fn batch_a(z: u32) -> u32 {
+    return p.off_a + (z / p.zi) * p.xa + ((z % p.zi) / p.ga) * p.sa;
+}
+fn batch_b(z: u32) -> u32 {
+    return p.off_b + (z / p.zi) * p.xb + ((z % p.zi) / p.gb) * p.sb;
+}
+fn batch_c(z: u32) -> u32 {
+    return p.off_c + (z / p.zi) * p.xc + (z % p.zi) * p.sc;
+}
+
+// One 128×32 (K-contiguous) or 32×128 (K-major) tile of each operand: 4096 halves, plus padding.
+var<workgroup> ta: array<vec2<f16>, 2560>;
+var<workgroup> tb: array<vec2<f16>, 2560>;
+
+// Two consecutive halves into workgroup memory at half s (even): one store.
+fn put_a(s: u32, v: vec2<f16>) {
+    ta[s >> 1u] = v;
+}
+fn put_b(s: u32, v: vec2<f16>) {
+    tb[s >> 1u] = v;
+}
+
+// op(A)'s fragment t (rows 16t.. of this subgroup's 64, which start at tile row or column f) at
+// depth ks of the staged tile.
+fn frag_a(f: u32, t: u32, ks: u32) -> coop_mat16x16<f16, A> {
+    if (A_T) {
+        let x = ks * 136u + f + 16u * t;
+        return coopLoad<coop_mat16x16<f16, A>>(&ta[x >> 1u], 68u);
+    }
+    let x = (f + 16u * t) * 40u + ks;
+    return coopLoadT<coop_mat16x16<f16, A>>(&ta[x >> 1u], 20u);
+}
+
+// op(B)'s fragment t (columns 16t.. of this subgroup's 64) at depth ks of the staged tile.
+fn frag_b(f: u32, t: u32, ks: u32) -> coop_mat16x16<f16, B> {
+    if (B_T) {
+        let x = (f + 16u * t) * 40u + ks;
+        return coopLoad<coop_mat16x16<f16, B>>(&tb[x >> 1u], 20u);
+    }
+    let x = ks * 136u + f + 16u * t;
+    return coopLoadT<coop_mat16x16<f16, B>>(&tb[x >> 1u], 68u);
+}
+
+// Block (bi, bj) of C (rows bi·128.., columns bj·128..) for batch entry z.
+fn block128(bi: u32, bj: u32, z: u32, lid: u32, sg: u32) {
+    let lda = p.lda;
+    let ldb = p.ldb;
+    let ldc = p.ldc;
+    let kdim = p.k;
+    // K-contiguous operands (A not transposed, B transposed): see the top of the file.
+    let kca = !A_T;
+    let kcb = B_T;
+    // The tiles' first stored elements: rows bi·128 of A (K-contiguous) or its columns, likewise B.
+    let oa = batch_a(z) + select(bi * 128u, bi * 128u * lda, kca);
+    let ob = batch_b(z) + select(bj * 128u, bj * 128u * ldb, kcb);
+    let wy = sg >> 1u;
+    let wx = sg & 1u;
+    let i0 = bi * 128u + wy * 64u;
+    let j0 = bj * 128u + wx * 64u;
+    let r0 = batch_c(z) + i0 * ldc + j0;
+    let r1 = r0 + 16u * ldc;
+    let r2 = r1 + 16u * ldc;
+    let r3 = r2 + 16u * ldc;
+    let c00i = r0;
+    let c01i = r0 + 16u;
+    let c02i = r0 + 32u;
+    let c03i = r0 + 48u;
+    let c10i = r1;
+    let c11i = r1 + 16u;
+    let c12i = r1 + 32u;
+    let c13i = r1 + 48u;
+    let c20i = r2;
+    let c21i = r2 + 16u;
+    let c22i = r2 + 32u;
+    let c23i = r2 + 48u;
+    let c30i = r3;
+    let c31i = r3 + 16u;
+    let c32i = r3 + 32u;
+    let c33i = r3 + 48u;
+    var c00: coop_mat16x16<f32, C>;
+    var c01: coop_mat16x16<f32, C>;
+    var c02: coop_mat16x16<f32, C>;
+    var c03: coop_mat16x16<f32, C>;
+    var c10: coop_mat16x16<f32, C>;
+    var c11: coop_mat16x16<f32, C>;
+    var c12: coop_mat16x16<f32, C>;
+    var c13: coop_mat16x16<f32, C>;
+    var c20: coop_mat16x16<f32, C>;
+    var c21: coop_mat16x16<f32, C>;
+    var c22: coop_mat16x16<f32, C>;
+    var c23: coop_mat16x16<f32, C>;
+    var c30: coop_mat16x16<f32, C>;
+    var c31: coop_mat16x16<f32, C>;
+    var c32: coop_mat16x16<f32, C>;
+    var c33: coop_mat16x16<f32, C>;
+    if (ACCUMULATE) {
+        c00 = coopLoadT<coop_mat16x16<f32, C>>(&c[c00i], ldc);
+        c01 = coopLoadT<coop_mat16x16<f32, C>>(&c[c01i], ldc);
+        c02 = coopLoadT<coop_mat16x16<f32, C>>(&c[c02i], ldc);
+        c03 = coopLoadT<coop_mat16x16<f32, C>>(&c[c03i], ldc);
+        c10 = coopLoadT<coop_mat16x16<f32, C>>(&c[c10i], ldc);
+        c11 = coopLoadT<coop_mat16x16<f32, C>>(&c[c11i], ldc);
+        c12 = coopLoadT<coop_mat16x16<f32, C>>(&c[c12i], ldc);
+        c13 = coopLoadT<coop_mat16x16<f32, C>>(&c[c13i], ldc);
+        c20 = coopLoadT<coop_mat16x16<f32, C>>(&c[c20i], ldc);
+        c21 = coopLoadT<coop_mat16x16<f32, C>>(&c[c21i], ldc);
+        c22 = coopLoadT<coop_mat16x16<f32, C>>(&c[c22i], ldc);
+        c23 = coopLoadT<coop_mat16x16<f32, C>>(&c[c23i], ldc);
+        c30 = coopLoadT<coop_mat16x16<f32, C>>(&c[c30i], ldc);
+        c31 = coopLoadT<coop_mat16x16<f32, C>>(&c[c31i], ldc);
+        c32 = coopLoadT<coop_mat16x16<f32, C>>(&c[c32i], ldc);
+        c33 = coopLoadT<coop_mat16x16<f32, C>>(&c[c33i], ldc);
+    }
+    // This invocation's sixteen words of each tile, word lid + 128·u: K-contiguous, in tile row
+    // (lid >> 4) + 8u at halves 2·(lid & 15) and the next, so consecutive ones are 8 rows = 4·ld
+    // words apart in a[] / b[] and 320 halves in workgroup memory; K-major, in row (lid >> 6) + 2u
+    // at halves 2·(lid & 63), ld words and 272 halves apart. Offsets and strides are even
+    // (ops::check_coop_batched): the halving is exact.
+    let wa = select(
+        (oa + (lid >> 6u) * lda + (lid & 63u) * 2u) >> 1u,
+        (oa + (lid >> 4u) * lda + (lid & 15u) * 2u) >> 1u,
+        kca,
+    );
+    let wb = select(
+        (ob + (lid >> 6u) * ldb + (lid & 63u) * 2u) >> 1u,
+        (ob + (lid >> 4u) * ldb + (lid & 15u) * 2u) >> 1u,
+        kcb,
+    );
+    let ua = select(lda, 4u * lda, kca);
+    let ub = select(ldb, 4u * ldb, kcb);
+    let sk = (lid >> 6u) * 136u + (lid & 63u) * 2u;
+    let sc = (lid >> 4u) * 40u + (lid & 15u) * 2u;
+    let swa = select(sk, sc, kca);
+    let swb = select(sk, sc, kcb);
+    let sua = select(272u, 320u, kca);
+    let sub = select(272u, 320u, kcb);
+    var ra0 = a[wa];
+    var ra1 = a[wa + 1u * ua];
+    var ra2 = a[wa + 2u * ua];
+    var ra3 = a[wa + 3u * ua];
+    var ra4 = a[wa + 4u * ua];
+    var ra5 = a[wa + 5u * ua];
+    var ra6 = a[wa + 6u * ua];
+    var ra7 = a[wa + 7u * ua];
+    var ra8 = a[wa + 8u * ua];
+    var ra9 = a[wa + 9u * ua];
+    var ra10 = a[wa + 10u * ua];
+    var ra11 = a[wa + 11u * ua];
+    var ra12 = a[wa + 12u * ua];
+    var ra13 = a[wa + 13u * ua];
+    var ra14 = a[wa + 14u * ua];
+    var ra15 = a[wa + 15u * ua];
+    var rb0 = b[wb];
+    var rb1 = b[wb + 1u * ub];
+    var rb2 = b[wb + 2u * ub];
+    var rb3 = b[wb + 3u * ub];
+    var rb4 = b[wb + 4u * ub];
+    var rb5 = b[wb + 5u * ub];
+    var rb6 = b[wb + 6u * ub];
+    var rb7 = b[wb + 7u * ub];
+    var rb8 = b[wb + 8u * ub];
+    var rb9 = b[wb + 9u * ub];
+    var rb10 = b[wb + 10u * ub];
+    var rb11 = b[wb + 11u * ub];
+    var rb12 = b[wb + 12u * ub];
+    var rb13 = b[wb + 13u * ub];
+    var rb14 = b[wb + 14u * ub];
+    var rb15 = b[wb + 15u * ub];
+    // This subgroup's rows of op(A) and columns of op(B) in the tiles.
+    let fa = wy * 64u;
+    let fb = wx * 64u;
+    for (var kk = 0u; kk < kdim; kk += 32u) {
+        // Everyone is done reading the previous tiles.
+        workgroupBarrier();
+        put_a(swa, ra0);
+        put_a(swa + 1u * sua, ra1);
+        put_a(swa + 2u * sua, ra2);
+        put_a(swa + 3u * sua, ra3);
+        put_a(swa + 4u * sua, ra4);
+        put_a(swa + 5u * sua, ra5);
+        put_a(swa + 6u * sua, ra6);
+        put_a(swa + 7u * sua, ra7);
+        put_a(swa + 8u * sua, ra8);
+        put_a(swa + 9u * sua, ra9);
+        put_a(swa + 10u * sua, ra10);
+        put_a(swa + 11u * sua, ra11);
+        put_a(swa + 12u * sua, ra12);
+        put_a(swa + 13u * sua, ra13);
+        put_a(swa + 14u * sua, ra14);
+        put_a(swa + 15u * sua, ra15);
+        put_b(swb, rb0);
+        put_b(swb + 1u * sub, rb1);
+        put_b(swb + 2u * sub, rb2);
+        put_b(swb + 3u * sub, rb3);
+        put_b(swb + 4u * sub, rb4);
+        put_b(swb + 5u * sub, rb5);
+        put_b(swb + 6u * sub, rb6);
+        put_b(swb + 7u * sub, rb7);
+        put_b(swb + 8u * sub, rb8);
+        put_b(swb + 9u * sub, rb9);
+        put_b(swb + 10u * sub, rb10);
+        put_b(swb + 11u * sub, rb11);
+        put_b(swb + 12u * sub, rb12);
+        put_b(swb + 13u * sub, rb13);
+        put_b(swb + 14u * sub, rb14);
+        put_b(swb + 15u * sub, rb15);
+        workgroupBarrier();
+        // The next step's tiles, in flight while the tensor cores work on these. The last step
+        // loads its own tiles again instead of branching (a uniform `if` around the loads cost
+        // 15 % at 4096³ on the H100, BENCHMARKS.md session 22). 32 columns of K on are 16 words
+        // (K-contiguous), 32 rows 16·ld words (K-major).
+        let kn = min(kk + 32u, kdim - 32u);
+        let na = wa + select((kn * lda) >> 1u, kn >> 1u, kca);
+        let nb = wb + select((kn * ldb) >> 1u, kn >> 1u, kcb);
+        ra0 = a[na];
+        ra1 = a[na + 1u * ua];
+        ra2 = a[na + 2u * ua];
+        ra3 = a[na + 3u * ua];
+        ra4 = a[na + 4u * ua];
+        ra5 = a[na + 5u * ua];
+        ra6 = a[na + 6u * ua];
+        ra7 = a[na + 7u * ua];
+        ra8 = a[na + 8u * ua];
+        ra9 = a[na + 9u * ua];
+        ra10 = a[na + 10u * ua];
+        ra11 = a[na + 11u * ua];
+        ra12 = a[na + 12u * ua];
+        ra13 = a[na + 13u * ua];
+        ra14 = a[na + 14u * ua];
+        ra15 = a[na + 15u * ua];
+        rb0 = b[nb];
+        rb1 = b[nb + 1u * ub];
+        rb2 = b[nb + 2u * ub];
+        rb3 = b[nb + 3u * ub];
+        rb4 = b[nb + 4u * ub];
+        rb5 = b[nb + 5u * ub];
+        rb6 = b[nb + 6u * ub];
+        rb7 = b[nb + 7u * ub];
+        rb8 = b[nb + 8u * ub];
+        rb9 = b[nb + 9u * ub];
+        rb10 = b[nb + 10u * ub];
+        rb11 = b[nb + 11u * ub];
+        rb12 = b[nb + 12u * ub];
+        rb13 = b[nb + 13u * ub];
+        rb14 = b[nb + 14u * ub];
+        rb15 = b[nb + 15u * ub];
+        // The step's two 16-deep halves, written out: as a two-pass loop the kernel ran slower
+        // (BENCHMARKS.md session 22).
+        {
+            let ks = 0u;
+            let a0 = frag_a(fa, 0u, ks);
+            let a1 = frag_a(fa, 1u, ks);
+            let a2 = frag_a(fa, 2u, ks);
+            let a3 = frag_a(fa, 3u, ks);
+            let b0 = frag_b(fb, 0u, ks);
+            let b1 = frag_b(fb, 1u, ks);
+            let b2 = frag_b(fb, 2u, ks);
+            let b3 = frag_b(fb, 3u, ks);
+            c00 = coopMultiplyAdd(a0, b0, c00);
+            c01 = coopMultiplyAdd(a0, b1, c01);
+            c02 = coopMultiplyAdd(a0, b2, c02);
+            c03 = coopMultiplyAdd(a0, b3, c03);
+            c10 = coopMultiplyAdd(a1, b0, c10);
+            c11 = coopMultiplyAdd(a1, b1, c11);
+            c12 = coopMultiplyAdd(a1, b2, c12);
+            c13 = coopMultiplyAdd(a1, b3, c13);
+            c20 = coopMultiplyAdd(a2, b0, c20);
+            c21 = coopMultiplyAdd(a2, b1, c21);
+            c22 = coopMultiplyAdd(a2, b2, c22);
+            c23 = coopMultiplyAdd(a2, b3, c23);
+            c30 = coopMultiplyAdd(a3, b0, c30);
+            c31 = coopMultiplyAdd(a3, b1, c31);
+            c32 = coopMultiplyAdd(a3, b2, c32);
+            c33 = coopMultiplyAdd(a3, b3, c33);
+        }
+        {
+            let ks = 16u;
+            let a0 = frag_a(fa, 0u, ks);
+            let a1 = frag_a(fa, 1u, ks);
+            let a2 = frag_a(fa, 2u, ks);
+            let a3 = frag_a(fa, 3u, ks);
+            let b0 = frag_b(fb, 0u, ks);
+            let b1 = frag_b(fb, 1u, ks);
+            let b2 = frag_b(fb, 2u, ks);
+            let b3 = frag_b(fb, 3u, ks);
+            c00 = coopMultiplyAdd(a0, b0, c00);
+            c01 = coopMultiplyAdd(a0, b1, c01);
+            c02 = coopMultiplyAdd(a0, b2, c02);
+            c03 = coopMultiplyAdd(a0, b3, c03);
+            c10 = coopMultiplyAdd(a1, b0, c10);
+            c11 = coopMultiplyAdd(a1, b1, c11);
+            c12 = coopMultiplyAdd(a1, b2, c12);
+            c13 = coopMultiplyAdd(a1, b3, c13);
+            c20 = coopMultiplyAdd(a2, b0, c20);
+            c21 = coopMultiplyAdd(a2, b1, c21);
+            c22 = coopMultiplyAdd(a2, b2, c22);
+            c23 = coopMultiplyAdd(a2, b3, c23);
+            c30 = coopMultiplyAdd(a3, b0, c30);
+            c31 = coopMultiplyAdd(a3, b1, c31);
+            c32 = coopMultiplyAdd(a3, b2, c32);
+            c33 = coopMultiplyAdd(a3, b3, c33);
+        }
+    }
+    coopStoreT(c00, &c[c00i], ldc);
+    coopStoreT(c01, &c[c01i], ldc);
+    coopStoreT(c02, &c[c02i], ldc);
+    coopStoreT(c03, &c[c03i], ldc);
+    coopStoreT(c10, &c[c10i], ldc);
+    coopStoreT(c11, &c[c11i], ldc);
+    coopStoreT(c12, &c[c12i], ldc);
+    coopStoreT(c13, &c[c13i], ldc);
+    coopStoreT(c20, &c[c20i], ldc);
+    coopStoreT(c21, &c[c21i], ldc);
+    coopStoreT(c22, &c[c22i], ldc);
+    coopStoreT(c23, &c[c23i], ldc);
+    coopStoreT(c30, &c[c30i], ldc);
+    coopStoreT(c31, &c[c31i], ldc);
+    coopStoreT(c32, &c[c32i], ldc);
+    coopStoreT(c33, &c[c33i], ldc);
+}
+
+// The full grid (N/128, M/128, batch): ops::CoopOp's Nt128, Tn128 and Nn128.
+@compute @workgroup_size(128)
+fn gemm_coop_128(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+    @builtin(subgroup_id) sg: u32,
+) {
+    block128(wg.y, wg.x, wg.z, lid, sg);
+}
+
+
+// gemm_coop_128 on the blocks of a square C on or above the diagonal only (bi ≤ bj): a
+// symmetric product such as the Hessian's Xᵀ·X at half the work; the caller mirrors the upper
+// triangle into the lower one (ops::mirror_upper). The grid is one row of bn·(bn + 1)/2
+// workgroups (bn = N/128), numbered column by column: t = bj·(bj + 1)/2 + bi. Everything here
+// derives from workgroup_id, so control flow stays uniform.
+@compute @workgroup_size(128)
+fn gemm_coop_128_upper(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+    @builtin(subgroup_id) sg: u32,
+) {
+    let t = wg.x;
+    // bj = ⌊(√(8t + 1) − 1)/2⌋, corrected by one either way for f32 rounding.
+    var bj = u32((sqrt(f32(8u * t + 1u)) - 1.0) * 0.5);
+    if ((bj + 1u) * (bj + 2u) / 2u <= t) {
+        bj += 1u;
+    }
+    if (bj * (bj + 1u) / 2u > t) {
+        bj -= 1u;
+    }
+    let bi = t - bj * (bj + 1u) / 2u;
+    block128(bi, bj, wg.z, lid, sg);
+}
