@@ -11,17 +11,24 @@
 // from there. The next step's tiles are loaded into registers while the tensor cores work on the
 // current one (software pipelining), so global latency overlaps the multiply-adds.
 //
-// Staging: every invocation loads 32-bit words (two halves) and stores them as two halves. WGSL
-// can only store a half at a time into the f16 array the fragment loads read; a first version
-// loaded 16 bytes (eight halves) per invocation, and its eight scalar stores per load hit only 8 of
-// the 32 banks per instruction (16-byte units start on every fourth bank): with the staging removed
-// the kernel ran 2.3× faster (1.63 → 0.71 ms at 4096³ on the H100, BENCHMARKS.md session 21),
-// while removing the fragment loads instead saved only 0.18 ms. With one word per invocation, 32
-// consecutive invocations store into 32 different banks (up to one row boundary per instruction),
-// and each invocation's addresses are one base plus constant steps: Nt128 went from 1.72 to
-// 1.15 ms, Tn128 from 1.45 to 1.05 ms (same calls, session 21). Written out without branches
-// (the prefetch of the last step reloads its own tiles, and the step's two 16-deep halves are
-// not a loop) they took 0.98 and 0.84 ms (session 22).
+// Staging: every invocation loads 8-byte vectors (four halves, `vec4<f16>`) and stores each as one
+// `vec4<f16>` into workgroup memory, from which the fragments are loaded through that vector type
+// (SPV_KHR_cooperative_matrix reads the pointed-to memory as the matrix's component type; the
+// strides count vectors: 10 and 34 for the 40- and 136-half rows). History, 4096³ on the H100:
+// a first version loaded 16 bytes per invocation and stored them as eight scalar halves, which hit
+// only 8 of the 32 banks per instruction (1.63 ms; with the staging removed 0.71 ms, session 21);
+// one 32-bit word per invocation stored as two halves ran Nt128 in 1.15 ms, Tn128 in 1.05 ms
+// (session 21), written out without branches (the prefetch of the last step reloads its own
+// tiles, and the step's two 16-deep halves are not a loop) 0.98 and 0.84 ms (session 22). WGSL
+// stores into an `array<f16>` one half at a time, so those kernels spent two store instructions
+// per word; staging through vector arrays (session 30's kernel lab, same operands, the same
+// products bit for bit) took Nt128 / Tn128 from 939 / 842 µs (halves) to 841 / 758 µs (words as
+// `vec2<f16>`) and **830 / 713 µs** (this kernel: four halves per load and store), and a forward
+// chunk's 4096 × 14336 × 4096 from 3.11 / 2.66 ms to 2.81 / 2.48 and **2.73 / 2.32 ms**.
+// Per 32-deep step an invocation moves eight vectors of each tile: K-contiguous, tile row
+// (lid >> 3) + 16u at halves 4·(lid & 7) (eight invocations per 64-byte row segment, rows 80 bytes
+// apart in workgroup memory); K-major, row (lid >> 5) + 4u at halves 4·(lid & 31) (a subgroup
+// stores one 256-byte row).
 //
 // Tried in the kernel lab (benches/kernels.rs `wgsl_lab`, session 22, 4096³ on the H100) and
 // slower than this kernel: double-buffered tiles with one barrier per step (1.96 ms; 40 KiB of
@@ -54,8 +61,8 @@
 // (gate_proj on 32768 tokens: C 1.9 GB, X and W 0.4 GB).
 //
 // Requirements (ops::check_coop_batched and ops::coop_staged_available): M and N multiples of 128,
-// K of 32; every offset, row stride and batch stride of A and B even (A and B are read two halves
-// per load); subgroups of exactly 32 invocations (so the 128 invocations are four subgroups, told
+// K of 32; every offset, row stride and batch stride of A and B a multiple of 4 (A and B are
+// read four halves, 8 bytes, per load); subgroups of exactly 32 invocations (so the 128 invocations are four subgroups, told
 // apart by subgroup_id); 20 KiB of workgroup memory. The grid is exactly (N/128, M/128, batch), and
 // no branch depends on the invocation (frag_a and frag_b branch and return early on the override
 // constants, the upper entry's block index on the workgroup), so every cooperative operation and
@@ -90,9 +97,9 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-// The f16 operands, read two halves (one 32-bit word) per load: see "Staging" above.
-@group(0) @binding(1) var<storage, read> a: array<vec2<f16>>;
-@group(0) @binding(2) var<storage, read> b: array<vec2<f16>>;
+// The f16 operands, read four halves (8 bytes) per load: see "Staging" above.
+@group(0) @binding(1) var<storage, read> a: array<vec4<f16>>;
+@group(0) @binding(2) var<storage, read> b: array<vec4<f16>>;
 @group(0) @binding(3) var<storage, read_write> c: array<f32>;
 
 // The operands' layouts (see the top of the file).
@@ -112,39 +119,31 @@ fn batch_c(z: u32) -> u32 {
     return p.off_c + (z / p.zi) * p.xc + (z % p.zi) * p.sc;
 }
 
-// One 128×32 (K-contiguous) or 32×128 (K-major) tile of each operand: 4096 halves, plus padding.
-var<workgroup> ta: array<f16, 5120>;
-var<workgroup> tb: array<f16, 5120>;
-
-// Two consecutive halves into workgroup memory at s.
-fn put_a(s: u32, v: vec2<f16>) {
-    ta[s] = v.x;
-    ta[s + 1u] = v.y;
-}
-fn put_b(s: u32, v: vec2<f16>) {
-    tb[s] = v.x;
-    tb[s + 1u] = v.y;
-}
+// One 128×32 (K-contiguous) or 32×128 (K-major) tile of each operand: 4096 halves, plus padding,
+// as vectors of four (rows of 10 or 34 vectors).
+var<workgroup> ta: array<vec4<f16>, 1280>;
+var<workgroup> tb: array<vec4<f16>, 1280>;
 
 // op(A)'s fragment t (rows 16t.. of this subgroup's 64, which start at tile row or column f) at
-// depth ks of the staged tile.
+// depth ks of the staged tile. Every fragment starts on a multiple of four halves (row strides 40
+// and 136, f + 16t and ks multiples of 16), so the vector index x / 4 is exact.
 fn frag_a(f: u32, t: u32, ks: u32) -> coop_mat16x16<f16, A> {
     if (A_T) {
         let x = ks * 136u + f + 16u * t;
-        return coopLoad<coop_mat16x16<f16, A>>(&ta[x], 136u);
+        return coopLoad<coop_mat16x16<f16, A>>(&ta[x >> 2u], 34u);
     }
     let x = (f + 16u * t) * 40u + ks;
-    return coopLoadT<coop_mat16x16<f16, A>>(&ta[x], 40u);
+    return coopLoadT<coop_mat16x16<f16, A>>(&ta[x >> 2u], 10u);
 }
 
 // op(B)'s fragment t (columns 16t.. of this subgroup's 64) at depth ks of the staged tile.
 fn frag_b(f: u32, t: u32, ks: u32) -> coop_mat16x16<f16, B> {
     if (B_T) {
         let x = (f + 16u * t) * 40u + ks;
-        return coopLoad<coop_mat16x16<f16, B>>(&tb[x], 40u);
+        return coopLoad<coop_mat16x16<f16, B>>(&tb[x >> 2u], 10u);
     }
     let x = ks * 136u + f + 16u * t;
-    return coopLoadT<coop_mat16x16<f16, B>>(&tb[x], 136u);
+    return coopLoadT<coop_mat16x16<f16, B>>(&tb[x >> 2u], 34u);
 }
 
 // Block (bi, bj) of C (rows bi·128.., columns bj·128..) for batch entry z.
@@ -217,29 +216,29 @@ fn block128(bi: u32, bj: u32, z: u32, lid: u32, sg: u32) {
         c32 = coopLoadT<coop_mat16x16<f32, C>>(&c[c32i], ldc);
         c33 = coopLoadT<coop_mat16x16<f32, C>>(&c[c33i], ldc);
     }
-    // This invocation's sixteen words of each tile, word lid + 128·u: K-contiguous, in tile row
-    // (lid >> 4) + 8u at halves 2·(lid & 15) and the next, so consecutive ones are 8 rows = 4·ld
-    // words apart in a[] / b[] and 320 halves in workgroup memory; K-major, in row (lid >> 6) + 2u
-    // at halves 2·(lid & 63), ld words and 272 halves apart. Offsets and strides are even
-    // (ops::check_coop_batched): the halving is exact.
+    // This invocation's eight vectors of each tile, vector lid + 128·u: K-contiguous, in tile row
+    // (lid >> 3) + 16u at halves 4·(lid & 7), consecutive ones 16 rows = 4·ld vectors apart in
+    // a[] / b[] and 160 vectors in workgroup memory; K-major, in row (lid >> 5) + 4u at halves
+    // 4·(lid & 31), ld vectors and 136 apart. Offsets and strides are multiples of 4
+    // (ops::check_coop_batched): the quartering is exact.
     let wa = select(
-        (oa + (lid >> 6u) * lda + (lid & 63u) * 2u) >> 1u,
-        (oa + (lid >> 4u) * lda + (lid & 15u) * 2u) >> 1u,
+        (oa + (lid >> 5u) * lda + (lid & 31u) * 4u) >> 2u,
+        (oa + (lid >> 3u) * lda + (lid & 7u) * 4u) >> 2u,
         kca,
     );
     let wb = select(
-        (ob + (lid >> 6u) * ldb + (lid & 63u) * 2u) >> 1u,
-        (ob + (lid >> 4u) * ldb + (lid & 15u) * 2u) >> 1u,
+        (ob + (lid >> 5u) * ldb + (lid & 31u) * 4u) >> 2u,
+        (ob + (lid >> 3u) * ldb + (lid & 7u) * 4u) >> 2u,
         kcb,
     );
     let ua = select(lda, 4u * lda, kca);
     let ub = select(ldb, 4u * ldb, kcb);
-    let sk = (lid >> 6u) * 136u + (lid & 63u) * 2u;
-    let sc = (lid >> 4u) * 40u + (lid & 15u) * 2u;
+    let sk = (lid >> 5u) * 34u + (lid & 31u);
+    let sc = (lid >> 3u) * 10u + (lid & 7u);
     let swa = select(sk, sc, kca);
     let swb = select(sk, sc, kcb);
-    let sua = select(272u, 320u, kca);
-    let sub = select(272u, 320u, kcb);
+    let sua = select(136u, 160u, kca);
+    let sub = select(136u, 160u, kcb);
     var ra0 = a[wa];
     var ra1 = a[wa + 1u * ua];
     var ra2 = a[wa + 2u * ua];
@@ -248,14 +247,6 @@ fn block128(bi: u32, bj: u32, z: u32, lid: u32, sg: u32) {
     var ra5 = a[wa + 5u * ua];
     var ra6 = a[wa + 6u * ua];
     var ra7 = a[wa + 7u * ua];
-    var ra8 = a[wa + 8u * ua];
-    var ra9 = a[wa + 9u * ua];
-    var ra10 = a[wa + 10u * ua];
-    var ra11 = a[wa + 11u * ua];
-    var ra12 = a[wa + 12u * ua];
-    var ra13 = a[wa + 13u * ua];
-    var ra14 = a[wa + 14u * ua];
-    var ra15 = a[wa + 15u * ua];
     var rb0 = b[wb];
     var rb1 = b[wb + 1u * ub];
     var rb2 = b[wb + 2u * ub];
@@ -264,60 +255,36 @@ fn block128(bi: u32, bj: u32, z: u32, lid: u32, sg: u32) {
     var rb5 = b[wb + 5u * ub];
     var rb6 = b[wb + 6u * ub];
     var rb7 = b[wb + 7u * ub];
-    var rb8 = b[wb + 8u * ub];
-    var rb9 = b[wb + 9u * ub];
-    var rb10 = b[wb + 10u * ub];
-    var rb11 = b[wb + 11u * ub];
-    var rb12 = b[wb + 12u * ub];
-    var rb13 = b[wb + 13u * ub];
-    var rb14 = b[wb + 14u * ub];
-    var rb15 = b[wb + 15u * ub];
     // This subgroup's rows of op(A) and columns of op(B) in the tiles.
     let fa = wy * 64u;
     let fb = wx * 64u;
     for (var kk = 0u; kk < kdim; kk += 32u) {
         // Everyone is done reading the previous tiles.
         workgroupBarrier();
-        put_a(swa, ra0);
-        put_a(swa + 1u * sua, ra1);
-        put_a(swa + 2u * sua, ra2);
-        put_a(swa + 3u * sua, ra3);
-        put_a(swa + 4u * sua, ra4);
-        put_a(swa + 5u * sua, ra5);
-        put_a(swa + 6u * sua, ra6);
-        put_a(swa + 7u * sua, ra7);
-        put_a(swa + 8u * sua, ra8);
-        put_a(swa + 9u * sua, ra9);
-        put_a(swa + 10u * sua, ra10);
-        put_a(swa + 11u * sua, ra11);
-        put_a(swa + 12u * sua, ra12);
-        put_a(swa + 13u * sua, ra13);
-        put_a(swa + 14u * sua, ra14);
-        put_a(swa + 15u * sua, ra15);
-        put_b(swb, rb0);
-        put_b(swb + 1u * sub, rb1);
-        put_b(swb + 2u * sub, rb2);
-        put_b(swb + 3u * sub, rb3);
-        put_b(swb + 4u * sub, rb4);
-        put_b(swb + 5u * sub, rb5);
-        put_b(swb + 6u * sub, rb6);
-        put_b(swb + 7u * sub, rb7);
-        put_b(swb + 8u * sub, rb8);
-        put_b(swb + 9u * sub, rb9);
-        put_b(swb + 10u * sub, rb10);
-        put_b(swb + 11u * sub, rb11);
-        put_b(swb + 12u * sub, rb12);
-        put_b(swb + 13u * sub, rb13);
-        put_b(swb + 14u * sub, rb14);
-        put_b(swb + 15u * sub, rb15);
+        ta[swa] = ra0;
+        ta[swa + 1u * sua] = ra1;
+        ta[swa + 2u * sua] = ra2;
+        ta[swa + 3u * sua] = ra3;
+        ta[swa + 4u * sua] = ra4;
+        ta[swa + 5u * sua] = ra5;
+        ta[swa + 6u * sua] = ra6;
+        ta[swa + 7u * sua] = ra7;
+        tb[swb] = rb0;
+        tb[swb + 1u * sub] = rb1;
+        tb[swb + 2u * sub] = rb2;
+        tb[swb + 3u * sub] = rb3;
+        tb[swb + 4u * sub] = rb4;
+        tb[swb + 5u * sub] = rb5;
+        tb[swb + 6u * sub] = rb6;
+        tb[swb + 7u * sub] = rb7;
         workgroupBarrier();
         // The next step's tiles, in flight while the tensor cores work on these. The last step
         // loads its own tiles again instead of branching (a uniform `if` around the loads cost
-        // 15 % at 4096³ on the H100, BENCHMARKS.md session 22). 32 columns of K on are 16 words
-        // (K-contiguous), 32 rows 16·ld words (K-major).
+        // 15 % at 4096³ on the H100, BENCHMARKS.md session 22). 32 columns of K on are 8 vectors
+        // (K-contiguous), 32 rows 8·ld vectors (K-major).
         let kn = min(kk + 32u, kdim - 32u);
-        let na = wa + select((kn * lda) >> 1u, kn >> 1u, kca);
-        let nb = wb + select((kn * ldb) >> 1u, kn >> 1u, kcb);
+        let na = wa + select((kn * lda) >> 2u, kn >> 2u, kca);
+        let nb = wb + select((kn * ldb) >> 2u, kn >> 2u, kcb);
         ra0 = a[na];
         ra1 = a[na + 1u * ua];
         ra2 = a[na + 2u * ua];
@@ -326,14 +293,6 @@ fn block128(bi: u32, bj: u32, z: u32, lid: u32, sg: u32) {
         ra5 = a[na + 5u * ua];
         ra6 = a[na + 6u * ua];
         ra7 = a[na + 7u * ua];
-        ra8 = a[na + 8u * ua];
-        ra9 = a[na + 9u * ua];
-        ra10 = a[na + 10u * ua];
-        ra11 = a[na + 11u * ua];
-        ra12 = a[na + 12u * ua];
-        ra13 = a[na + 13u * ua];
-        ra14 = a[na + 14u * ua];
-        ra15 = a[na + 15u * ua];
         rb0 = b[nb];
         rb1 = b[nb + 1u * ub];
         rb2 = b[nb + 2u * ub];
@@ -342,14 +301,6 @@ fn block128(bi: u32, bj: u32, z: u32, lid: u32, sg: u32) {
         rb5 = b[nb + 5u * ub];
         rb6 = b[nb + 6u * ub];
         rb7 = b[nb + 7u * ub];
-        rb8 = b[nb + 8u * ub];
-        rb9 = b[nb + 9u * ub];
-        rb10 = b[nb + 10u * ub];
-        rb11 = b[nb + 11u * ub];
-        rb12 = b[nb + 12u * ub];
-        rb13 = b[nb + 13u * ub];
-        rb14 = b[nb + 14u * ub];
-        rb15 = b[nb + 15u * ub];
         // The step's two 16-deep halves, written out: as a two-pass loop the kernel ran slower
         // (BENCHMARKS.md session 22).
         {

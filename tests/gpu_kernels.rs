@@ -1227,18 +1227,21 @@ fn coop_gemm_batched_strided_matches_f64_where_granted() {
         .unwrap();
         rec.submit();
         if op.staged() {
-            // The staged kernels load whole 32-bit words: an odd offset is refused, not misread.
-            let mut rec = ctx.recorder();
-            let odd = ops::gemm_coop_batched(
-                &mut rec,
-                op,
-                (m, n, k),
-                ops::CoopBatch::flat(1, n),
-                ops::CoopOperand::new(&ga, 1, batch * k),
-                ops::CoopOperand::new(&gb, 0, ldb),
-                MatView::new(&gc, batch * n),
-            );
-            assert!(odd.is_err(), "{op:?}: odd offset of A accepted");
+            // The staged kernels load four halves (8 bytes) at a time: an offset that is not a
+            // multiple of 4 is refused, not misread.
+            for off in [1, 2] {
+                let mut rec = ctx.recorder();
+                let got = ops::gemm_coop_batched(
+                    &mut rec,
+                    op,
+                    (m, n, k),
+                    ops::CoopBatch::flat(1, n),
+                    ops::CoopOperand::new(&ga, off, batch * k),
+                    ops::CoopOperand::new(&gb, 0, ldb),
+                    MatView::new(&gc, batch * n),
+                );
+                assert!(got.is_err(), "{op:?}: offset {off} of A accepted");
+            }
         }
         let got = ctx.read(&gc).unwrap();
         for z in 0..batch {
@@ -1269,7 +1272,8 @@ fn coop_gemm_batched_strided_matches_f64_where_granted() {
 
 /// The extent checks of a nested batch (`ops::check_coop_batched`, which the kernels rely on: they
 /// do no bounds checks): the last outer entry of A, B or C one element past its buffer is refused,
-/// an exact fit accepted, and an odd outer stride refused by the staged kernels. Runs everywhere
+/// an exact fit accepted, and outer strides that are not multiples of 4 refused by the staged
+/// kernels. Runs everywhere
 /// (no kernel is dispatched).
 #[test]
 fn nested_coop_batches_are_checked_to_their_last_entry() {
@@ -1308,14 +1312,18 @@ fn nested_coop_batches_are_checked_to_their_last_entry() {
             "{what} one element short of its last nested entry accepted"
         );
     }
-    // The staged kernels read 32-bit words: an odd outer stride is refused there, as odd offsets
-    // and strides are.
+    // The staged kernels read four halves at a time: an outer stride that is not a multiple of 4
+    // is refused there, as such offsets and strides are.
     let (a, b, c) = (
         ctx.zeros::<half::f16>("a", 3 * 128 * 32).unwrap(),
         ctx.zeros::<half::f16>("b", 128 * 32).unwrap(),
         ctx.zeros::<f32>("c", 2 * 128 * 128).unwrap(),
     );
-    for (a_outer, ok) in [(128 * 32, true), (128 * 32 + 1, false)] {
+    for (a_outer, ok) in [
+        (128 * 32, true),
+        (128 * 32 + 1, false),
+        (128 * 32 + 2, false),
+    ] {
         let got = ops::check_coop_batched(
             CoopOp::Nt128,
             (128, 128, 32),

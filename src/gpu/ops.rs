@@ -1051,9 +1051,9 @@ crate::wgsl_shader!(GEMM_COOP, "gemm_coop");
 crate::wgsl_shader!(GEMM_STAGED_COOP, "gemm_staged_coop");
 crate::wgsl_shader!(GEMM_STAGED_W_COOP, "gemm_staged_w_coop");
 
-/// The staged tensor-core kernel: `gemm_staged_coop.wgsl`, or with `GPTAQ_COOP_STAGE=w` its
-/// twin that stores each staged word as one `vec2<f16>` (`gemm_staged_w_coop.wgsl`; same
-/// results bit for bit, for A/B runs).
+/// The staged tensor-core kernel: `gemm_staged_coop.wgsl` (four halves per load and store), or
+/// with `GPTAQ_COOP_STAGE=w` its twin that moves two halves at a time (`gemm_staged_w_coop.wgsl`;
+/// the same results bit for bit, for A/B runs).
 fn staged_shader() -> &'static crate::gpu::kernels::Shader {
     static WORDS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     if *WORDS.get_or_init(|| std::env::var("GPTAQ_COOP_STAGE").is_ok_and(|v| v == "w")) {
@@ -1261,7 +1261,8 @@ pub enum CoopOp {
     /// [`CoopOp::Nt`] with a 64×64 block per subgroup (M and N multiples of 64).
     Nt64,
     /// [`CoopOp::Nt`] staged through workgroup memory: 128×128 blocks of four subgroups, K in
-    /// steps of 32, operands at even offsets and strides ([`coop_staged_available`]).
+    /// steps of 32, operands at offsets and strides that are multiples of 4
+    /// ([`coop_staged_available`]).
     Nt128,
     /// [`CoopOp::Tn`] staged like [`CoopOp::Nt128`].
     Tn128,
@@ -1365,7 +1366,8 @@ impl CoopOp {
 }
 
 /// Whether `op`'s blocks and K steps tile an M×N×K product exactly (the staged kernels also need
-/// even offsets and strides: [`check_coop_batched`]; [`CoopOp::Tn128Upper`] a square C).
+/// offsets and strides that are multiples of 4: [`check_coop_batched`]; [`CoopOp::Tn128Upper`] a
+/// square C).
 pub fn coop_shape_ok_for(op: CoopOp, m: usize, n: usize, k: usize) -> bool {
     let b = op.block();
     (op != CoopOp::Tn128Upper || m == n)
@@ -1598,15 +1600,15 @@ pub fn check_coop_batched(
     let sa = if ta { (k, m) } else { (m, k) };
     let sb = if tb { (n, k) } else { (k, n) };
     for (what, x, (rows, cols)) in [("A", a, sa), ("B", b, sb)] {
-        // The staged kernels read 2 halves (one 32-bit word) at a time.
+        // The staged kernels read 4 halves (8 bytes) at a time.
         if op.staged()
             && [x.off, x.ld, x.stride, x.outer]
                 .iter()
-                .any(|v| !v.is_multiple_of(2))
+                .any(|v| !v.is_multiple_of(4))
         {
             return Err(GpuError::Validation(format!(
                 "staged tensor-core GEMM {what}: offset {}, row stride {} and batch strides {} / \
-                 {} must be even",
+                 {} must be multiples of 4",
                 x.off, x.ld, x.stride, x.outer
             )));
         }
