@@ -62,22 +62,22 @@ fn every_shader_translates_to_spirv_msl_hlsl() {
         };
         // Backends need concrete override values: each override's default, and for the staged
         // tensor-core kernel every operand layout ops::CoopOp specialises it to (A_T, B_T).
-        let sets: Vec<(String, naga::back::PipelineConstants)> =
-            if name == "gemm_staged_coop.wgsl" || name == "gemm_staged_w_coop.wgsl" {
-                [(0.0, 1.0), (1.0, 0.0), (0.0, 0.0)]
-                    .into_iter()
-                    .map(|(ta, tb)| {
-                        (
-                            format!("{name} (A_T {ta}, B_T {tb})"),
-                            [("A_T".to_string(), ta), ("B_T".to_string(), tb)]
-                                .into_iter()
-                                .collect(),
-                        )
-                    })
-                    .collect()
-            } else {
-                vec![(name.clone(), Default::default())]
-            };
+        let sets: Vec<(String, naga::back::PipelineConstants)> = if name == "gemm_staged_coop.wgsl"
+        {
+            [(0.0, 1.0), (1.0, 0.0), (0.0, 0.0)]
+                .into_iter()
+                .map(|(ta, tb)| {
+                    (
+                        format!("{name} (A_T {ta}, B_T {tb})"),
+                        [("A_T".to_string(), ta), ("B_T".to_string(), tb)]
+                            .into_iter()
+                            .collect(),
+                    )
+                })
+                .collect()
+        } else {
+            vec![(name.clone(), Default::default())]
+        };
         for (label, constants) in &sets {
             translate(label, &name, &module, &info, constants, &mut failures);
         }

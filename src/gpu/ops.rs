@@ -1049,19 +1049,6 @@ pub fn col_dot(
 crate::wgsl_shader!(CAST_F16, "cast_f16");
 crate::wgsl_shader!(GEMM_COOP, "gemm_coop");
 crate::wgsl_shader!(GEMM_STAGED_COOP, "gemm_staged_coop");
-crate::wgsl_shader!(GEMM_STAGED_W_COOP, "gemm_staged_w_coop");
-
-/// The staged tensor-core kernel: `gemm_staged_coop.wgsl` (four halves per load and store), or
-/// with `GPTAQ_COOP_STAGE=w` its twin that moves two halves at a time (`gemm_staged_w_coop.wgsl`;
-/// the same results bit for bit, for A/B runs).
-fn staged_shader() -> &'static crate::gpu::kernels::Shader {
-    static WORDS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    if *WORDS.get_or_init(|| std::env::var("GPTAQ_COOP_STAGE").is_ok_and(|v| v == "w")) {
-        &GEMM_STAGED_W_COOP
-    } else {
-        &GEMM_STAGED_COOP
-    }
-}
 
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable)]
@@ -1719,7 +1706,7 @@ fn gemm_coop_dispatch(
     }
     rec.dispatch(
         if op.staged() {
-            staged_shader()
+            &GEMM_STAGED_COOP
         } else {
             &GEMM_COOP
         },
