@@ -17,7 +17,9 @@
 //!    updates only the panel's later rows (`gemm_mat_skip` with `upper`), and the trailing matrix
 //!    below the panel gets the panel's four blocks at once, `K −= L·Lᵀ` with k = 128 read from M
 //!    (`gemm_mat_upper`) — a quarter of the passes over it. A failed pivot sets a flag; the host
-//!    reads the two-word flag once per attempt — the only readback of the factorisation.
+//!    reads the two-word flag once per attempt — the only readback of the factorisation — or,
+//!    taken speculatively ([`upper_inverse_factor_speculative`]), only once the solve built on the
+//!    first attempt is finished.
 //!
 //! Recorded right after each attempt's Cholesky, before its flag is read (so the GPU need not
 //! wait for the host between them; a failed attempt's result is discarded), `L⁻¹` by recursive
