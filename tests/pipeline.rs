@@ -1091,50 +1091,65 @@ fn measured_peak_stays_within_the_memory_plan() {
     }
 }
 
-/// Host streams with several batches (20 sequences: batches of 16 and 4), whose stores stay in
-/// flight while the next batch computes and complete when a later stage loads them: the run
-/// quantizes exactly as with the streams on the GPU, f32 host storage being lossless.
-#[test]
-fn host_stream_stores_in_flight_across_batches_change_nothing() {
+/// The same quantization of a small two-layer synthetic model (hidden 64, intermediate 96, metrics
+/// on, GPU solver) with the streams on the GPU and on the host, in that order.
+fn gpu_and_host_stream_runs(
+    ctx: &gptaq_studio::gpu::GpuContext,
+    quant: QuantConfig,
+    nsamples: usize,
+    seqlen: usize,
+) -> Vec<pipeline::QuantizedModel> {
     use gptaq_studio::calib::CalibSet;
     use gptaq_studio::pipeline::Inputs;
-    let Some(ctx) = test_context() else { return };
     let mut c = SyntheticModel::demo_config();
     c.num_layers = 2;
     c.hidden_size = 64;
     c.intermediate_size = 96;
     c.vocab_size = 64;
-    let (nsamples, seqlen) = (20, 8);
-    let mut runs = Vec::new();
-    for host in [false, true] {
-        let inputs = Inputs {
-            source: Box::new(SyntheticModel::with_config(c.clone(), 5)),
-            model_name: "synthetic".into(),
-            calib: CalibSet::synthetic(c.vocab_size, nsamples, seqlen, 9),
-        };
-        let config = PipelineConfig {
-            quant: QuantConfig {
-                method: Method::Gptaq { alpha: 0.25 },
-                bits: 3,
-                group_size: Some(32),
-                ..QuantConfig::default()
-            },
-            nsamples,
-            seqlen,
-            solver: Solver::Gpu,
-            metrics: true,
-            force_host_streams: host,
-            ..PipelineConfig::default()
-        };
-        let q =
-            pipeline::run_prepared(&ctx, &inputs, &config, &mut |_| {}, &AtomicBool::new(false))
-                .unwrap();
-        assert_eq!(q.report.plan.streams_on_gpu, !host, "placement");
+    [false, true]
+        .into_iter()
+        .map(|host| {
+            let inputs = Inputs {
+                source: Box::new(SyntheticModel::with_config(c.clone(), 5)),
+                model_name: "synthetic".into(),
+                calib: CalibSet::synthetic(c.vocab_size, nsamples, seqlen, 9),
+            };
+            let config = PipelineConfig {
+                quant: quant.clone(),
+                nsamples,
+                seqlen,
+                solver: Solver::Gpu,
+                metrics: true,
+                force_host_streams: host,
+                ..PipelineConfig::default()
+            };
+            let q =
+                pipeline::run_prepared(ctx, &inputs, &config, &mut |_| {}, &AtomicBool::new(false))
+                    .unwrap();
+            assert_eq!(q.report.plan.streams_on_gpu, !host, "placement");
+            assert_eq!(q.modules.len(), 14);
+            q
+        })
+        .collect()
+}
+
+/// Host streams with several batches (20 sequences: batches of 16 and 4), whose stores stay in
+/// flight while the next batch computes and complete when a later stage loads them: the run
+/// quantizes exactly as with the streams on the GPU, f32 host storage being lossless.
+#[test]
+fn host_stream_stores_in_flight_across_batches_change_nothing() {
+    let Some(ctx) = test_context() else { return };
+    let quant = QuantConfig {
+        method: Method::Gptaq { alpha: 0.25 },
+        bits: 3,
+        group_size: Some(32),
+        ..QuantConfig::default()
+    };
+    let runs = gpu_and_host_stream_runs(&ctx, quant, 20, 8);
+    for q in &runs {
         assert_eq!(q.report.plan.batch_sequences, 16, "two batches expected");
-        runs.push(q);
     }
     let (gpu, host) = (&runs[0], &runs[1]);
-    assert_eq!(gpu.modules.len(), 14);
     for (key, a) in &gpu.modules {
         let b = &host.modules[key];
         assert_eq!(
@@ -1162,52 +1177,18 @@ fn host_stream_stores_in_flight_across_batches_change_nothing() {
 /// same codes, Q, damping and metrics, and every module reports the raised damping.
 #[test]
 fn failed_speculative_factors_change_no_result() {
-    use gptaq_studio::calib::CalibSet;
-    use gptaq_studio::pipeline::Inputs;
     let Some(ctx) = test_context() else { return };
-    let mut c = SyntheticModel::demo_config();
-    c.num_layers = 2;
-    c.hidden_size = 64;
-    c.intermediate_size = 96;
-    c.vocab_size = 64;
-    let (nsamples, seqlen) = (2, 8);
     for method in [Method::Gptq, Method::Gptaq { alpha: 0.25 }] {
-        let mut runs = Vec::new();
-        for host in [false, true] {
-            let inputs = Inputs {
-                source: Box::new(SyntheticModel::with_config(c.clone(), 5)),
-                model_name: "synthetic".into(),
-                calib: CalibSet::synthetic(c.vocab_size, nsamples, seqlen, 9),
-            };
-            let config = PipelineConfig {
-                quant: QuantConfig {
-                    method,
-                    bits: 3,
-                    group_size: Some(32),
-                    damp_percent: 0.0,
-                    damp_auto_increment: 0.01,
-                    ..QuantConfig::default()
-                },
-                nsamples,
-                seqlen,
-                solver: Solver::Gpu,
-                metrics: true,
-                force_host_streams: host,
-                ..PipelineConfig::default()
-            };
-            let q = pipeline::run_prepared(
-                &ctx,
-                &inputs,
-                &config,
-                &mut |_| {},
-                &AtomicBool::new(false),
-            )
-            .unwrap();
-            assert_eq!(q.report.plan.streams_on_gpu, !host, "placement");
-            runs.push(q);
-        }
+        let quant = QuantConfig {
+            method,
+            bits: 3,
+            group_size: Some(32),
+            damp_percent: 0.0,
+            damp_auto_increment: 0.01,
+            ..QuantConfig::default()
+        };
+        let runs = gpu_and_host_stream_runs(&ctx, quant, 2, 8);
         let (gpu, host) = (&runs[0], &runs[1]);
-        assert_eq!(gpu.modules.len(), 14);
         for (key, a) in &gpu.modules {
             let b = &host.modules[key];
             assert_eq!(

@@ -2204,28 +2204,28 @@ mod tests {
                 block_size: bs,
                 ..QuantConfig::default()
             };
-            let opts = |speculate| SolveOptions {
-                host_q: true,
-                speculate,
-                ..SolveOptions::default()
+            // Module i's solve, speculative or waiting, with or without the group's factor.
+            let run = |i: usize, shared: Option<&mut SharedFactor>, speculate: bool| {
+                let opts = SolveOptions {
+                    host_q: true,
+                    speculate,
+                    ..SolveOptions::default()
+                };
+                solve(
+                    &ctx,
+                    &ws[i],
+                    None,
+                    rows,
+                    n,
+                    &gh,
+                    Some(&gd),
+                    &cfg,
+                    shared,
+                    opts,
+                )
             };
-            let waited: Vec<_> = ws
-                .iter()
-                .map(|w| {
-                    solve(
-                        &ctx,
-                        w,
-                        None,
-                        rows,
-                        n,
-                        &gh,
-                        Some(&gd),
-                        &cfg,
-                        None,
-                        opts(false),
-                    )?
-                    .finish(&ctx)
-                })
+            let waited: Vec<_> = (0..ws.len())
+                .map(|i| run(i, None, false)?.finish(&ctx))
                 .collect::<Result<_, _>>()?;
             assert_eq!(
                 waited[0].result.fallback,
@@ -2233,22 +2233,8 @@ mod tests {
                 "{method:?}: the problem must need more damping than the first attempt's"
             );
             let mut shared = SharedFactor::default();
-            let submitted: Vec<Solving<'_>> = ws
-                .iter()
-                .map(|w| {
-                    solve(
-                        &ctx,
-                        w,
-                        None,
-                        rows,
-                        n,
-                        &gh,
-                        Some(&gd),
-                        &cfg,
-                        Some(&mut shared),
-                        opts(true),
-                    )
-                })
+            let submitted: Vec<Solving<'_>> = (0..ws.len())
+                .map(|i| run(i, Some(&mut shared), true))
                 .collect::<Result<_, _>>()?;
             assert_eq!(
                 shared.hits(),
