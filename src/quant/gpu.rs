@@ -2063,10 +2063,9 @@ mod tests {
     };
     use crate::quant::{Method, QuantConfig};
 
-    /// `H = 2/T·XᵀX` and `D = 2/T·δᵀX` (n × n, row-major, f32) of T = 2n random tokens X and a
-    /// small deviation δ of them: a well-conditioned GPTAQ problem.
-    fn hessian_and_d(n: usize, rng: &mut ChaCha8Rng) -> (Vec<f32>, Vec<f32>) {
-        let t = 2 * n;
+    /// `H = 2/T·XᵀX` and `D = 2/T·δᵀX` (n × n, row-major, f32) of T random tokens X and a small
+    /// deviation δ of them: with T = 2n a well-conditioned GPTAQ problem, with T < n a singular H.
+    fn hessian_and_d(n: usize, t: usize, rng: &mut ChaCha8Rng) -> (Vec<f32>, Vec<f32>) {
         let x: Vec<f64> = (0..t * n).map(|_| rng.random_range(-1.0f64..1.0)).collect();
         let dx: Vec<f64> = (0..t * n)
             .map(|_| 0.1 * rng.random_range(-1.0f64..1.0))
@@ -2168,23 +2167,7 @@ mod tests {
         let (rows, n, bs) = (7usize, 72usize, 32usize);
         // 20 tokens against 72 columns: H is singular, and without damping its f32 Cholesky
         // meets a pivot at round-off level, which the flag reports when it is not positive.
-        let t = 20;
-        let x: Vec<f64> = (0..t * n).map(|_| rng.random_range(-1.0f64..1.0)).collect();
-        let dx: Vec<f64> = (0..t * n)
-            .map(|_| 0.1 * rng.random_range(-1.0f64..1.0))
-            .collect();
-        let (mut h, mut d) = (vec![0f32; n * n], vec![0f32; n * n]);
-        for i in 0..n {
-            for j in 0..n {
-                let (mut sh, mut sd) = (0f64, 0f64);
-                for k in 0..t {
-                    sh += x[k * n + i] * x[k * n + j];
-                    sd += dx[k * n + i] * x[k * n + j];
-                }
-                h[i * n + j] = (2.0 * sh / t as f64) as f32;
-                d[i * n + j] = (2.0 * sd / t as f64) as f32;
-            }
-        }
+        let (h, d) = hessian_and_d(n, 20, &mut rng);
         let gh = ctx.matrix_upload("H", &h, n, n, 1)?;
         let gd = ctx.matrix_upload("D", &d, n, n, 1)?;
         let ws: Vec<Vec<f32>> = (0..2)
@@ -2309,7 +2292,7 @@ mod tests {
             (17, 131, 16, None, true, false, 1.0),
             (24, 190, 64, Some(64), true, true, 1.0),
         ] {
-            let (h, d) = hessian_and_d(n, &mut rng);
+            let (h, d) = hessian_and_d(n, 2 * n, &mut rng);
             let w: Vec<f32> = (0..rows * n)
                 .map(|_| rng.random_range(-1.0f32..1.0))
                 .collect();
@@ -2412,7 +2395,7 @@ mod tests {
             (41, 256, 64, Some(32), true, true, gptaq),
             (6, 129, 128, Some(128), false, false, gptq),
         ] {
-            let (h, d) = hessian_and_d(n, &mut rng);
+            let (h, d) = hessian_and_d(n, 2 * n, &mut rng);
             let w: Vec<f32> = (0..rows * n)
                 .map(|_| rng.random_range(-1.0f32..1.0))
                 .collect();
