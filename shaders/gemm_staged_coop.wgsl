@@ -23,8 +23,8 @@
 // stores into an `array<f16>` one half at a time, so those kernels spent two store instructions
 // per word; staging through vector arrays (session 30's kernel lab, same operands, the same
 // products bit for bit) took Nt128 / Tn128 from 939 / 842 µs (halves) to 841 / 758 µs (words as
-// `vec2<f16>`) and **830 / 713 µs** (this kernel: four halves per load and store), and a forward
-// chunk's 4096 × 14336 × 4096 from 3.11 / 2.66 ms to 2.81 / 2.48 and **2.73 / 2.32 ms**.
+// `vec2<f16>`) and 830 / 713 µs (this kernel: four halves per load and store), and a forward
+// chunk's 4096 × 14336 × 4096 from 3.11 / 2.66 ms to 2.81 / 2.48 and 2.73 / 2.32 ms.
 // Per 32-deep step an invocation moves eight vectors of each tile: K-contiguous, tile row
 // (lid >> 3) + 16u at halves 4·(lid & 7) (eight invocations per 64-byte row segment, rows 80 bytes
 // apart in workgroup memory); K-major, row (lid >> 5) + 4u at halves 4·(lid & 31) (a subgroup
@@ -62,11 +62,11 @@
 //
 // Requirements (ops::check_coop_batched and ops::coop_staged_available): M and N multiples of 128,
 // K of 32; every offset, row stride and batch stride of A and B a multiple of 4 (A and B are
-// read four halves, 8 bytes, per load); subgroups of exactly 32 invocations (so the 128 invocations are four subgroups, told
-// apart by subgroup_id); 20 KiB of workgroup memory. The grid is exactly (N/128, M/128, batch), and
-// no branch depends on the invocation (frag_a and frag_b branch and return early on the override
-// constants, the upper entry's block index on the workgroup), so every cooperative operation and
-// barrier stays in uniform control flow. As in
+// read four halves, 8 bytes, per load); subgroups of exactly 32 invocations (so the 128
+// invocations are four subgroups, told apart by subgroup_id); 20 KiB of workgroup memory. The
+// grid is exactly (N/128, M/128, batch), and no branch depends on the invocation (frag_a and
+// frag_b branch and return early on the override constants, the upper entry's block index on the
+// workgroup), so every cooperative operation and barrier stays in uniform control flow. As in
 // gemm_coop.wgsl every cooperative load's index and stride is a `let` (naga 30's SPIR-V writer
 // needs them cached).
 

@@ -1273,8 +1273,7 @@ fn coop_gemm_batched_strided_matches_f64_where_granted() {
 /// The extent checks of a nested batch (`ops::check_coop_batched`, which the kernels rely on: they
 /// do no bounds checks): the last outer entry of A, B or C one element past its buffer is refused,
 /// an exact fit accepted, and outer strides that are not multiples of 4 refused by the staged
-/// kernels. Runs everywhere
-/// (no kernel is dispatched).
+/// kernels. Runs everywhere (no kernel is dispatched).
 #[test]
 fn nested_coop_batches_are_checked_to_their_last_entry() {
     let Some(ctx) = test_context() else { return };
