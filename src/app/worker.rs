@@ -3,7 +3,7 @@
 //! The UI thread never waits on it.
 //!
 //! Eval (FP vs fake-quantized perplexity) and export (GPTQ checkpoint) of a finished run go
-//! through [`Worker::eval_or_export`]; the layer lab through `Worker::lab` (it holds one
+//! through `Worker::eval_or_export`; the layer lab through `Worker::lab` (it holds one
 //! [`crate::lab::Lab`]: the capture and what its re-solves reuse). Lab studies of large modules
 //! run on the worker's GPU context (`lab::Backend::choose`), smaller ones on the exact f64
 //! reference; the lab's GPU buffers are released before a run and when the device changes.

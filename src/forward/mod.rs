@@ -1253,7 +1253,7 @@ fn attn_softmax(
 /// per pass of up to [`AttnTc::sequences`] sequences, q (scaled by 1/√hd), k and v are cast to
 /// f16; then per chunk of `qc` queries, for all heads of all the pass's sequences in one nested
 /// batched GEMM each ([`ops::CoopBatch`]), `S = Q·Kᵀ` over the keys up to the chunk's last
-/// query, the causal softmax ([`attn_softmax`]: f32 scores, f16 probabilities), and
+/// query, the causal softmax (`attn_softmax`: f32 scores, f16 probabilities), and
 /// `O += P·V`. f16 operands and probabilities, f32 accumulation and softmax, as the reference's
 /// half-precision attention (which also rounds P to f16 before P·V).
 pub fn attend_tc(

@@ -22,7 +22,7 @@ pub struct Shader {
     pub source: &'static str,
     /// Every array and buffer index in the shader is in range by construction, given the
     /// launcher's length checks (audited where the shader says so): its module is created without
-    /// wgpu's index clamps ([`runtime_checks`]). Only for hot kernels whose clamps cost time.
+    /// wgpu's index clamps (`runtime_checks`). Only for hot kernels whose clamps cost time.
     pub indices_audited: bool,
 }
 

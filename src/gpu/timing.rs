@@ -1,6 +1,6 @@
 //! GPU time per kernel from timestamp queries (`GPTAQ_KERNEL_TIMES=1`).
 //!
-//! Why beside [`super::profile`]: that one waits for the GPU at every phase boundary and charges
+//! Why beside `gpu::profile`: that one waits for the GPU at every phase boundary and charges
 //! wall time, so it tells which phase dominates, not which of the hundreds of dispatches inside
 //! it does (the factor alone records ~1,800 at n = 14336), and its waits take CPU/GPU overlap out
 //! of what it measures. Here every compute pass a [`super::Recorder`] records writes a GPU

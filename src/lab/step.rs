@@ -2,7 +2,7 @@
 //! advanced one column or one block at a time, so the lazy-batch structure becomes visible: a
 //! column step quantizes one column and moves only the not-yet-quantized columns of its own block
 //! (the rank-1 OBS update, GPTAQ's in-block P term); the block step applies everything the block
-//! owes the later columns at once (one GEMM). The steps are [`SweepState`]'s own, the same code
+//! owes the later columns at once (one GEMM). The steps are `reference::SweepState`'s own, the same code
 //! that [`reference::quantize_f64`](crate::quant::reference::quantize_f64) runs, so a stepped solve
 //! ends bit for bit where the one-shot solve does (tested below).
 

@@ -13,7 +13,7 @@ pub mod weights;
 pub use config::{Architecture, ModelConfig, RopeScaling};
 
 /// The seven linear modules of a Llama-family decoder layer, in the order the pipeline quantizes
-/// them (true-sequential groups: [q,k,v] → [o] → [gate,up] → [down]; algorithm.md §1.4).
+/// them (true-sequential groups: `[q,k,v] → [o] → [gate,up] → [down]`; algorithm.md §1.4).
 #[derive(
     Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
 )]

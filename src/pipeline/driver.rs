@@ -2,7 +2,7 @@
 //!
 //! Two activation streams run in lock-step, layer by layer: the quantized-model stream `h_q` and
 //! (for GPTAQ, or whenever metrics are requested) the full-precision stream `h_fp`. Within a layer
-//! the true-sequential groups [q,k,v] → [o] → [gate,up] → [down] are processed in five stages, each
+//! the true-sequential groups `[q,k,v] → [o] → [gate,up] → [down]` are processed in five stages, each
 //! one pass over the calibration batches:
 //!
 //! | stage | computes per batch (both streams) | accumulates | then |

@@ -149,7 +149,7 @@ pub enum Event {
         modules_per_layer: usize,
         plan: MemoryPlan,
     },
-    /// Free-form status line ("capturing layer-0 inputs", "solving layer 3 [q,k,v]").
+    /// Free-form status line ("capturing layer-0 inputs", "solving layer 3 \[q,k,v\]").
     Status(String),
     LayerStarted {
         layer: usize,

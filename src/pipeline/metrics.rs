@@ -48,7 +48,7 @@ pub(crate) const MOMENT_CHUNK_FLOATS: usize = 4 << 20;
 
 /// [`Moments`] of the module with FP weights `w` and quantized weights `q` (`[rows, n]`, original
 /// column order, on the GPU) from its group's `h` and `d` (`n × n`, any panel layout), which were
-/// accumulated with `2/nsamples`. Row chunks of at most [`MOMENT_CHUNK_FLOATS`] keep the
+/// accumulated with `2/nsamples`. Row chunks of at most `MOMENT_CHUNK_FLOATS` keep the
 /// temporaries small (three chunk buffers and the partials) next to the statistics; the partial
 /// column sums come back once and are added in f64.
 #[allow(clippy::too_many_arguments)]

@@ -73,7 +73,7 @@ const F32: u64 = 4;
 const DRIVER_RESERVE_MAX: u64 = 2 << 30;
 
 /// The part of a `budget` our own buffers may hold: the rest is kept for the driver
-/// ([`DRIVER_RESERVE_MAX`]). Plans fit in it, and the driver's buffer pool keeps freed buffers
+/// (`DRIVER_RESERVE_MAX`). Plans fit in it, and the driver's buffer pool keeps freed buffers
 /// for reuse up to it.
 pub fn usable_budget(budget: u64) -> u64 {
     budget - (budget / 4).min(DRIVER_RESERVE_MAX)

@@ -13,7 +13,7 @@
 //!    whole H comes back only on the rare RTN-fallback paths (its proxy loss needs it). The
 //!    caller's `H` and `D` buffers are never modified (§6.2). Modules solved from the same `H` and
 //!    `D` (q/k/v, gate/up) can share diag(H), `U` and `P` through a [`SharedFactor`].
-//!    Speculatively ([`SolveOptions::speculate`], the default except in memory-bound pipeline
+//!    Speculatively (`SolveOptions::speculate`, the default except in memory-bound pipeline
 //!    plans) the first damping is taken without waiting for the Cholesky's pivots' flag
 //!    ([`factor::upper_inverse_factor_speculative`]): the host records the rest while the GPU
 //!    factors, and the flag is checked when the solve finishes; where it failed (H needed more
@@ -21,19 +21,19 @@
 //!    fallback decisions stay the reference's.
 //! 2. **GPTAQ `P` on the GPU** (§2.2): `D` is permuted and its dead columns zeroed by a gather
 //!    kernel (`quant_gather.wgsl`), then `A = α·triu₁(D·Uᵀ)` (`quant_mask.wgsl` for the mask)
-//!    and, where the whole P is kept ([`PForm`]), `P = A·U` — GEMMs over column blocks that skip
+//!    and, where the whole P is kept (`PForm`), `P = A·U` — GEMMs over column blocks that skip
 //!    what the triangles of `U` and `A` make zero, per block and per output tile, in place of the
-//!    permuted `D` ([`gptaq_p_blocked`]: about 0.35·n³ multiply-adds instead of the dense 2·n³,
+//!    permuted `D` (`gptaq_p_blocked`: about 0.35·n³ multiply-adds instead of the dense 2·n³,
 //!    and no second n×n matrix). By default only `A` and P's diagonal blocks are formed (half of
 //!    that) and the rest of P is applied through a pending matrix during the sweep
-//!    ([`PForm::Deferred`]).
+//!    (`PForm::Deferred`).
 //! 3. **Blocked sweep on the GPU** (§1.2 step 8, §6.3): per block one `quant_sweep.wgsl` dispatch
 //!    (workgroup per row chunk) does the per-column quantization, group parameters at group starts
 //!    (stale-W quirk included), the in-block OBS update and GPTAQ's in-block term; then the lazy
 //!    cross-block update `W[:, i2:] −= Err1·U[i1:i2, i2:]` as one GEMM, by default once per four
 //!    blocks with their errors side by side and a small catch-up GEMM for each block's own
-//!    columns ([`lazy_blocks`]). GPTAQ's cross-block term `W[:, i2:] += W1·P[i1:i2, i2:]`:
-//!    deferred, through the pending matrix ([`PForm`]: a GEMM for W and one for the pending
+//!    columns (`lazy_blocks`). GPTAQ's cross-block term `W[:, i2:] += W1·P[i1:i2, i2:]`:
+//!    deferred, through the pending matrix (`PForm`: a GEMM for W and one for the pending
 //!    terms, lazy in the same way); with the whole P, fused into one GEMM
 //!    with K doubled: the block's rows of U and P are copied one above the other into a
 //!    `2·bs × n` staging matrix and the sweep leaves `[Err1 | −W1]` side by side, so

@@ -315,7 +315,7 @@ fn rtn_with_h(
 /// 5. `U` by [`inverse_hessian_factor_f64`] on the permuted H (damping, retries, floors). Failure
 ///    → RTN of the original W with `Fallback::Rtn`.
 /// 6. GPTAQ: `P = alpha·(triu₁(D·Uᵀ)·U)` ([`gptaq_p`]).
-/// 7. Blocked sweep with `cfg.block_size` ([`SweepState`]), exactly the IST loop: dynamic group
+/// 7. Blocked sweep with `cfg.block_size` (`SweepState`), exactly the IST loop: dynamic group
 ///    params at processing position `k` with `k % gs == 0` come from `W[:, k..k+gs]` — the matrix
 ///    that only has the cross-block updates, **not** the in-block updates held in `W1` (the
 ///    reference quirk inherited by AutoGPTQ/GPTQModel; results depend on the block size when a group
@@ -677,7 +677,7 @@ impl FactorEntry {
     }
 }
 
-/// What the sweep does next (or did, see [`SweepState::step`]).
+/// What the sweep does next (or did, see `SweepState::step`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SweepAction {
     /// Quantize processing column `k` of the block `[i1, i2)` and apply the in-block updates.
