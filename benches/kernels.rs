@@ -165,12 +165,11 @@ fn bench_kernels(c: &mut Criterion) {
                         ops::gemm_coop(
                             &mut rec,
                             op,
-                            n,
-                            n,
-                            n,
+                            (n, n, n),
                             (&a, 0),
                             (&b, 0),
                             MatView::new(&out, n),
+                            true,
                         )
                         .expect("gemm_coop");
                         rec.submit();
@@ -209,12 +208,11 @@ fn bench_kernels(c: &mut Criterion) {
                         ops::gemm_coop(
                             &mut rec,
                             op,
-                            n,
-                            n,
-                            t,
+                            (n, n, t),
                             (&x, 0),
                             (&x, 0),
                             MatView::new(&out, n),
+                            true,
                         )
                         .expect("gemm_coop");
                         rec.submit();
@@ -666,7 +664,7 @@ fn lab_reference(
     rec.clear(c, 0, m * n)?;
     match (kind, ops_ab) {
         (LabKind::Coop(op), LabOperands::F16(a, b)) => {
-            ops::gemm_coop(rec, op, m, n, k, (a, 0), (b, 0), MatView::new(c, n))
+            ops::gemm_coop(rec, op, (m, n, k), (a, 0), (b, 0), MatView::new(c, n), true)
         }
         (LabKind::F32 { ta, tb }, LabOperands::F32(a, b)) => {
             let va = MatView::new(a, if ta { m } else { k });

@@ -909,7 +909,7 @@ fn duplicated_layer_is_an_independent_identical_copy() {
         .expect_err("forward through released q_proj");
     assert!(err.to_string().contains("q_proj"), "{err}");
     let mut rec = ctx.recorder();
-    forward::mlp_act(&mut rec, &rel, &s, t).expect("gate/up still run");
-    forward::down_residual(&mut rec, &rel, &h, &s, t).expect("down still runs");
+    forward::mlp_act(&mut rec, &rel, &s, t, s.act()).expect("gate/up still run");
+    forward::down_residual(&mut rec, &rel, s.act(), &h, &s, t).expect("down still runs");
     rec.submit();
 }

@@ -1113,20 +1113,14 @@ fn coop_gemm_matches_f64_where_granted() {
             for &(what, accumulate, start, want) in modes {
                 let gc = ctx.upload("c", start).unwrap();
                 let mut rec = ctx.recorder();
-                let gemm = if accumulate {
-                    ops::gemm_coop
-                } else {
-                    ops::gemm_coop_overwrite
-                };
-                gemm(
+                ops::gemm_coop(
                     &mut rec,
                     op,
-                    m,
-                    n,
-                    k,
+                    (m, n, k),
                     (&ga, off_a),
                     (&gb, off_b),
                     MatView::new(&gc, n),
+                    accumulate,
                 )
                 .unwrap();
                 rec.submit();

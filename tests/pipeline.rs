@@ -835,7 +835,7 @@ fn reference_metrics(
             rec.submit();
             x.push(read(s.x1()));
             let mut rec = ctx.recorder();
-            forward::attention(&mut rec, &l, &rope, s, nseq, seqlen).unwrap();
+            forward::attention(&mut rec, &l, &rope, s, nseq, seqlen, s.attn()).unwrap();
             rec.submit();
             x.push(read(s.attn()));
             let mut rec = ctx.recorder();
@@ -844,11 +844,11 @@ fn reference_metrics(
             rec.submit();
             x.push(read(s.x2()));
             let mut rec = ctx.recorder();
-            forward::mlp_act(&mut rec, &l, s, t).unwrap();
+            forward::mlp_act(&mut rec, &l, s, t, s.act()).unwrap();
             rec.submit();
             x.push(read(s.act()));
             let mut rec = ctx.recorder();
-            forward::down_residual(&mut rec, &l, h, s, t).unwrap();
+            forward::down_residual(&mut rec, &l, s.act(), h, s, t).unwrap();
             rec.submit();
             inputs.push(x);
             weights.push(lw);

@@ -750,20 +750,14 @@ fn linears(
                     GpuError::Validation(format!("{m:?}: tensor-core range without f16 weight"))
                 })?;
                 // The output rows of this chunk: overwritten, or added to (residual).
-                let gemm = if accumulate {
-                    ops::gemm_coop
-                } else {
-                    ops::gemm_coop_overwrite
-                };
-                gemm(
+                ops::gemm_coop(
                     rec,
                     op,
-                    n,
-                    rows,
-                    cols,
+                    (n, rows, cols),
                     (&tc.x16, 0),
                     (w16, 0),
                     MatView::new(y, rows).at(c0 * rows),
+                    accumulate,
                 )?;
             }
         }
@@ -925,22 +919,10 @@ pub fn attention_tiles(hd: usize) -> AttnTiles {
     }
 }
 
-/// q/k/v projections of `s.x1`, (q/k norm and) RoPE, causal attention → `s.attn`
-/// for `nseq` packed sequences of `seqlen` tokens: [`qkv_proj`] then [`rope_attend`].
+/// q/k/v projections of `s.x1`, (q/k norm and) RoPE, causal attention → `out` (`s.attn`, or a
+/// stored attention stream's batch, written in place) for `nseq` packed sequences of `seqlen`
+/// tokens: [`qkv_proj`] then [`rope_attend`].
 pub fn attention(
-    rec: &mut Recorder<'_>,
-    l: &GpuLayer,
-    rope: &Rope,
-    s: &LayerScratch,
-    nseq: usize,
-    seqlen: usize,
-) -> Result<(), GpuError> {
-    attention_into(rec, l, rope, s, nseq, seqlen, &s.attn)
-}
-
-/// [`attention`] into `out` (a stored attention stream's batch, written in place) instead of
-/// `s.attn`.
-pub fn attention_into(
     rec: &mut Recorder<'_>,
     l: &GpuLayer,
     rope: &Rope,
@@ -951,7 +933,7 @@ pub fn attention_into(
 ) -> Result<(), GpuError> {
     // Both halves check their shapes; nothing recorded here is submitted if one fails.
     qkv_proj(rec, l, s, nseq * seqlen)?;
-    rope_attend_into(rec, l, rope, s, nseq, seqlen, out)
+    rope_attend(rec, l, rope, s, nseq, seqlen, out)
 }
 
 fn check_rope(rope: &Rope, seqlen: usize) -> Result<(), GpuError> {
@@ -988,20 +970,8 @@ pub fn qkv_proj(
 }
 
 /// The rest of [`attention`] after [`qkv_proj`]: (q/k norm and) RoPE in place on `s.q`, `s.k`,
-/// then causal attention → `s.attn`.
+/// then causal attention → `out`.
 pub fn rope_attend(
-    rec: &mut Recorder<'_>,
-    l: &GpuLayer,
-    rope: &Rope,
-    s: &LayerScratch,
-    nseq: usize,
-    seqlen: usize,
-) -> Result<(), GpuError> {
-    rope_attend_into(rec, l, rope, s, nseq, seqlen, &s.attn)
-}
-
-/// [`rope_attend`] into `out` instead of `s.attn`.
-pub fn rope_attend_into(
     rec: &mut Recorder<'_>,
     l: &GpuLayer,
     rope: &Rope,
@@ -1484,41 +1454,22 @@ pub fn post_norm(
     rmsnorm(rec, t, l.dims.eps, h, &l.post_norm, &s.x2)
 }
 
-/// `s.act = silu(gate(x2))·up(x2)`: [`gate_up_proj`] then [`silu_mul`].
+/// `act = silu(gate(x2))·up(x2)` (`act`: `s.act`, or a kept activation stream's batch, written in
+/// place): [`gate_up_proj`] then [`silu_mul`].
 pub fn mlp_act(
-    rec: &mut Recorder<'_>,
-    l: &GpuLayer,
-    s: &LayerScratch,
-    t: usize,
-) -> Result<(), GpuError> {
-    mlp_act_into(rec, l, s, t, &s.act)
-}
-
-/// [`mlp_act`] into `act` (a kept activation stream's batch, written in place) instead of `s.act`.
-pub fn mlp_act_into(
     rec: &mut Recorder<'_>,
     l: &GpuLayer,
     s: &LayerScratch,
     t: usize,
     act: &GpuBuffer<f32>,
 ) -> Result<(), GpuError> {
-    gate_up_proj_into(rec, l, s, t, act)?;
-    silu_mul_into(rec, l, s, t, act)
+    gate_up_proj(rec, l, s, t, act)?;
+    silu_mul(rec, l, s, t, act)
 }
 
-/// The gate and up module outputs of `s.x2`: gate into `s.act` (SwiGLU then works in place, no
+/// The gate and up module outputs of `s.x2`: gate into `act` (SwiGLU then works in place, no
 /// separate gate buffer), up into `s.up`.
 pub fn gate_up_proj(
-    rec: &mut Recorder<'_>,
-    l: &GpuLayer,
-    s: &LayerScratch,
-    t: usize,
-) -> Result<(), GpuError> {
-    gate_up_proj_into(rec, l, s, t, &s.act)
-}
-
-/// [`gate_up_proj`] with gate's output in `act` instead of `s.act`.
-pub fn gate_up_proj_into(
     rec: &mut Recorder<'_>,
     l: &GpuLayer,
     s: &LayerScratch,
@@ -1536,18 +1487,8 @@ pub fn gate_up_proj_into(
     )
 }
 
-/// SwiGLU after [`gate_up_proj`]: `s.act = silu(s.act)·s.up`.
+/// SwiGLU after [`gate_up_proj`]: `act = silu(act)·s.up`.
 pub fn silu_mul(
-    rec: &mut Recorder<'_>,
-    l: &GpuLayer,
-    s: &LayerScratch,
-    t: usize,
-) -> Result<(), GpuError> {
-    silu_mul_into(rec, l, s, t, &s.act)
-}
-
-/// SwiGLU after [`gate_up_proj_into`]: `act = silu(act)·s.up`.
-pub fn silu_mul_into(
     rec: &mut Recorder<'_>,
     l: &GpuLayer,
     s: &LayerScratch,
@@ -1571,20 +1512,8 @@ pub fn silu_mul_into(
     )
 }
 
-/// `h += down_proj(s.act)`.
+/// `h += down_proj(act)` (`act`: `s.act`, or a kept activation stream's batch, used in place).
 pub fn down_residual(
-    rec: &mut Recorder<'_>,
-    l: &GpuLayer,
-    h: &GpuBuffer<f32>,
-    s: &LayerScratch,
-    t: usize,
-) -> Result<(), GpuError> {
-    down_residual_from(rec, l, &s.act, h, s, t)
-}
-
-/// `h += down_proj(act)` with `act` in a buffer of its own (a kept activation stream's batch,
-/// used in place) instead of `s.act`.
-pub fn down_residual_from(
     rec: &mut Recorder<'_>,
     l: &GpuLayer,
     act: &GpuBuffer<f32>,
@@ -1608,11 +1537,11 @@ pub fn forward_layer(
 ) -> Result<(), GpuError> {
     let t = nseq * seqlen;
     input_norm(rec, l, h, s, t)?;
-    attention(rec, l, rope, s, nseq, seqlen)?;
+    attention(rec, l, rope, s, nseq, seqlen, &s.attn)?;
     o_residual(rec, l, &s.attn, h, s, t)?;
     post_norm(rec, l, h, s, t)?;
-    mlp_act(rec, l, s, t)?;
-    down_residual(rec, l, h, s, t)
+    mlp_act(rec, l, s, t, &s.act)?;
+    down_residual(rec, l, &s.act, h, s, t)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1634,7 +1563,7 @@ pub fn run_to_module_input(
     if matches!(m, ModuleKind::Q | ModuleKind::K | ModuleKind::V) {
         return Ok(());
     }
-    attention(rec, l, rope, s, nseq, seqlen)?;
+    attention(rec, l, rope, s, nseq, seqlen, &s.attn)?;
     if m == ModuleKind::O {
         return Ok(());
     }
@@ -1643,5 +1572,5 @@ pub fn run_to_module_input(
     if matches!(m, ModuleKind::Gate | ModuleKind::Up) {
         return Ok(());
     }
-    mlp_act(rec, l, s, t)
+    mlp_act(rec, l, s, t, &s.act)
 }

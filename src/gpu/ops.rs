@@ -1496,45 +1496,14 @@ impl CoopParams {
     }
 }
 
-/// Records `C += op(A)·op(B)` on tensor cores (`gemm_coop.wgsl`): A, B dense f16 row-major in the
-/// layout `op` names, read from element offsets `off_a` / `off_b`; C an f32 view. For shapes
-/// [`coop_shape_ok_for`] accepts, on adapters where [`coop_available`]; everything else is the
-/// caller's f32 [`gemm`].
-#[allow(clippy::too_many_arguments)]
+/// Records `C += op(A)·op(B)` (`accumulate`) or `C = op(A)·op(B)` on tensor cores: A, B dense f16
+/// row-major in the layout `op` names, read from element offsets `off_a` / `off_b`; C an f32 view.
+/// For shapes [`coop_shape_ok_for`] accepts, on adapters where [`coop_available`]; everything else
+/// is the caller's f32 [`gemm`]. Overwriting, the staged kernels start their accumulators at zero
+/// instead of loading C, so C is neither cleared first nor read (per Llama-3-8B GPTQ layer on an
+/// H100 the forward's clears went from 39 to 25 ms and its tensor-core GEMMs from 760 to 743 ms,
+/// BENCHMARKS.md session 29); for the unstaged ones (which always add) C's rows are cleared first.
 pub fn gemm_coop(
-    rec: &mut Recorder<'_>,
-    op: CoopOp,
-    m: usize,
-    n: usize,
-    k: usize,
-    a: (&GpuBuffer<half::f16>, usize),
-    b: (&GpuBuffer<half::f16>, usize),
-    c: MatView<'_>,
-) -> Result<(), GpuError> {
-    gemm_coop_single(rec, op, (m, n, k), a, b, c, true)
-}
-
-/// `C = op(A)·op(B)` on tensor cores: [`gemm_coop`] without adding to C's old values. The staged
-/// kernels start their accumulators at zero instead of loading C, so C is neither cleared first
-/// nor read (per Llama-3-8B GPTQ layer on an H100 the forward's clears went from 39 to 25 ms and
-/// its tensor-core GEMMs from 760 to 743 ms, BENCHMARKS.md session 29); for the unstaged ones C's
-/// rows are cleared first.
-#[allow(clippy::too_many_arguments)]
-pub fn gemm_coop_overwrite(
-    rec: &mut Recorder<'_>,
-    op: CoopOp,
-    m: usize,
-    n: usize,
-    k: usize,
-    a: (&GpuBuffer<half::f16>, usize),
-    b: (&GpuBuffer<half::f16>, usize),
-    c: MatView<'_>,
-) -> Result<(), GpuError> {
-    gemm_coop_single(rec, op, (m, n, k), a, b, c, false)
-}
-
-/// One dense product of [`gemm_coop`] / [`gemm_coop_overwrite`]: adding to C, or overwriting it.
-fn gemm_coop_single(
     rec: &mut Recorder<'_>,
     op: CoopOp,
     (m, n, k): (usize, usize, usize),
@@ -1649,7 +1618,7 @@ pub fn gemm_coop_batched(
     gemm_coop_dispatch(rec, op, shape, batch, a, b, c, true)
 }
 
-/// [`gemm_coop_batched`], adding to C or (staged kernels only; [`gemm_coop_overwrite`] clears C
+/// [`gemm_coop_batched`], adding to C or (staged kernels only; [`gemm_coop`] clears C
 /// for the others) overwriting it.
 #[allow(clippy::too_many_arguments)]
 fn gemm_coop_dispatch(

@@ -554,11 +554,11 @@ pub fn quantize(
                     )?;
                     rec = prof.lap(rec, "metrics")?;
                     let (sq, sfp) = (&work.s_q, &work.s_fp);
-                    forward::rope_attend_into(&mut rec, &layers.q, &rope, sq, nseq_b, seqlen, a_q)?;
-                    forward::rope_attend_into(&mut rec, fp, &rope, sfp, nseq_b, seqlen, a_fp)?;
+                    forward::rope_attend(&mut rec, &layers.q, &rope, sq, nseq_b, seqlen, a_q)?;
+                    forward::rope_attend(&mut rec, fp, &rope, sfp, nseq_b, seqlen, a_fp)?;
                 } else {
                     let sq = &work.s_q;
-                    forward::attention_into(&mut rec, &layers.q, &rope, sq, nseq_b, seqlen, a_q)?;
+                    forward::attention(&mut rec, &layers.q, &rope, sq, nseq_b, seqlen, a_q)?;
                 }
                 rec = prof.lap(rec, "attention")?;
                 stats.accumulate(&mut rec, work, a_q, a_fp, (b, t))?;
@@ -750,12 +750,12 @@ pub fn quantize(
                 let act_q = batch_or(&actq, b, work.s_q.act());
                 let act_fp = batch_or(&actfp, b, work.s_fp.act());
                 if let (Some(fp), Some(s)) = (&layers.fp, hfp.as_mut()) {
-                    forward::gate_up_proj_into(&mut rec, &layers.q, &work.s_q, t, act_q)?;
+                    forward::gate_up_proj(&mut rec, &layers.q, &work.s_q, t, act_q)?;
                     rec = prof.lap(rec, "forward")?;
                     rec = s.load_unless_in_place(rec, b, &work.h_fp)?;
                     rec = prof.lap(rec, "load")?;
                     forward::post_norm(&mut rec, fp, s.batch_or(b, &work.h_fp), &work.s_fp, t)?;
-                    forward::gate_up_proj_into(&mut rec, fp, &work.s_fp, t, act_fp)?;
+                    forward::gate_up_proj(&mut rec, fp, &work.s_fp, t, act_fp)?;
                     rec = prof.lap(rec, "forward")?;
                     // The raw gate and up outputs are the metrics' Y_q and Y_fp: measured before
                     // SwiGLU overwrites the gate output with act.
@@ -772,10 +772,10 @@ pub fn quantize(
                         },
                     )?;
                     rec = prof.lap(rec, "metrics")?;
-                    forward::silu_mul_into(&mut rec, &layers.q, &work.s_q, t, act_q)?;
-                    forward::silu_mul_into(&mut rec, fp, &work.s_fp, t, act_fp)?;
+                    forward::silu_mul(&mut rec, &layers.q, &work.s_q, t, act_q)?;
+                    forward::silu_mul(&mut rec, fp, &work.s_fp, t, act_fp)?;
                 } else {
-                    forward::mlp_act_into(&mut rec, &layers.q, &work.s_q, t, act_q)?;
+                    forward::mlp_act(&mut rec, &layers.q, &work.s_q, t, act_q)?;
                 }
                 rec = prof.lap(rec, "forward")?;
                 stats.accumulate(&mut rec, work, act_q, act_fp, (b, t))?;
@@ -860,7 +860,7 @@ pub fn quantize(
                 let h_q = hq.batch_or(b, &work.h_q);
                 if actq.is_none() {
                     forward::post_norm(&mut rec, &layers.q, h_q, &work.s_q, t)?;
-                    forward::mlp_act(&mut rec, &layers.q, &work.s_q, t)?;
+                    forward::mlp_act(&mut rec, &layers.q, &work.s_q, t, work.s_q.act())?;
                 }
                 // With metrics, down's outputs pass through the metric scratch so that the metrics
                 // can reuse them.
@@ -879,7 +879,7 @@ pub fn quantize(
                     let h_fp = s.batch_or(b, &work.h_fp);
                     if actfp.is_none() {
                         forward::post_norm(&mut rec, fp, h_fp, &work.s_fp, t)?;
-                        forward::mlp_act(&mut rec, fp, &work.s_fp, t)?;
+                        forward::mlp_act(&mut rec, fp, &work.s_fp, t, work.s_fp.act())?;
                     }
                     let act_fp = batch_or(&actfp, b, work.s_fp.act());
                     add_output(&mut rec, fp, down, t, act_fp, h_fp, &work.s_fp, Some(yfp))?;
@@ -1372,12 +1372,11 @@ impl Stats {
             ops::gemm_coop(
                 rec,
                 sym_op,
-                n,
-                n,
-                tokens,
+                (n, n, tokens),
                 (a, 0),
                 (a, 0),
                 MatView::new(one(m)?, n),
+                true,
             )?;
             if staged {
                 ops::mirror_upper(rec, m)?;
@@ -1395,12 +1394,11 @@ impl Stats {
             ops::gemm_coop(
                 rec,
                 if self.d_upper { sym_op } else { op },
-                n,
-                n,
-                tokens,
+                (n, n, tokens),
                 (d16, 0),
                 (x16, 0),
                 MatView::new(one(d)?, n),
+                true,
             )?;
             if let Some(e) = &self.e {
                 symmetric(rec, d16, e)?;
@@ -1517,7 +1515,7 @@ fn add_output(
             forward::residual_add(rec, t * l.dims().hidden, y, h)?;
         }
         _ if m == ModuleKind::O => forward::o_residual(rec, l, x, h, s, t)?,
-        _ => forward::down_residual_from(rec, l, x, h, s, t)?,
+        _ => forward::down_residual(rec, l, x, h, s, t)?,
     }
     Ok(())
 }

@@ -230,7 +230,6 @@ pub fn upper_inverse_factor_gpu(
 /// Memory: the factor's second n×n matrix and its scratch are dropped here while the GPU may still
 /// be using them, so their device memory is only released once the factorisation has run —
 /// alongside whatever the caller allocates next. Memory-bound callers should wait instead.
-#[allow(clippy::too_many_arguments)]
 pub fn upper_inverse_factor_speculative(
     ctx: &GpuContext,
     h: &GpuMatrix,
@@ -239,8 +238,8 @@ pub fn upper_inverse_factor_speculative(
     damp_percent: f64,
     damp_auto_increment: f64,
     align: usize,
-) -> Result<Result<(Damped<GpuMatrix>, FactorCheck), QuantError>, GpuError> {
-    let got = upper_inverse_factor_panels(
+) -> Result<Result<Factored, QuantError>, GpuError> {
+    upper_inverse_factor_panels(
         ctx,
         h,
         order,
@@ -251,16 +250,7 @@ pub fn upper_inverse_factor_speculative(
         outer_panel(diag.len()),
         true,
         true,
-    )?;
-    Ok(match got {
-        Ok((factor, Some(check))) => Ok((factor, check)),
-        Ok((_, None)) => {
-            return Err(GpuError::Validation(
-                "speculative factor: no pivot flag was read back".into(),
-            ));
-        }
-        Err(e) => Err(e),
-    })
+    )
 }
 
 /// The pivots' flag of a speculative factorisation ([`upper_inverse_factor_speculative`]), read
@@ -294,8 +284,9 @@ impl FactorCheck {
     }
 }
 
-/// A factor, and its unread pivots' flag where it was taken speculatively.
-type Factored = (Damped<GpuMatrix>, Option<FactorCheck>);
+/// A factor, and its unread pivots' flag where it was taken speculatively (always `Some` from
+/// [`upper_inverse_factor_speculative`], `None` from [`upper_inverse_factor_gpu`]).
+pub type Factored = (Damped<GpuMatrix>, Option<FactorCheck>);
 
 /// [`upper_inverse_factor_gpu`] with the Cholesky's outer panel width (`outer_panel`) given,
 /// whether the inverse's levels may be batched (`inverse_level_batched`; off only in tests, to

@@ -1536,7 +1536,7 @@ fn solve<'a>(
             cfg.damp_auto_increment,
             bs,
         )? {
-            Ok((f, c)) => (Ok(Arc::new(f)), Some(Arc::new(c))),
+            Ok((f, c)) => (Ok(Arc::new(f)), c.map(Arc::new)),
             Err(e) => (Err(e.to_string()), None),
         },
         None => (
