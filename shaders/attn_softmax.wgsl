@@ -3,9 +3,10 @@
 //   P[z][r][j] = 0                                                              for q0 + r < j < keys,
 // over the rows r < rows of one query chunk (query positions q0 + r of the sequence) and the
 // keys j < keys that chunk can see, for every head z. S (f32, scores already scaled by 1/√hd:
-// the scale is folded into the f16 queries) is the accumulator of the cooperative-matrix GEMM,
-// which adds into it, so each row is zeroed here once read: the next chunk's GEMM starts from
-// zeros without a separate clear. Row base: z·zstride + r·ld, for S and P alike.
+// the scale is folded into the f16 queries) is the output of the cooperative-matrix GEMM. The
+// staged kernels overwrite it; where the forward uses an unstaged one, which adds into it, `zero`
+// is set and each row is zeroed here once read: the next chunk's GEMM starts from zeros without
+// a separate clear. Row base: z·zstride + r·ld, for S and P alike.
 // One workgroup per (row, head): 256 invocations stride over the keys, reduce the row's maximum
 // and sum in workgroup memory (exp is recomputed in the last pass instead of kept).
 
@@ -17,7 +18,8 @@ struct Params {
     ld: u32,
     q0: u32,
     zstride: u32,
-    _p0: u32,
+    // 1: zero the scores once read (see above).
+    zero: u32,
     _p1: u32,
     _p2: u32,
 }
@@ -70,6 +72,8 @@ fn attn_softmax(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_
             v = exp(s[base + j] - m) * inv;
         }
         pm[base + j] = f16(v);
-        s[base + j] = 0.0;
+        if (p.zero != 0u) {
+            s[base + j] = 0.0;
+        }
     }
 }

@@ -343,7 +343,8 @@ fn check_attend(ctx: &GpuContext, shape: AttnShape, seed: u64) {
 }
 
 /// A host stand-in for `ops::gemm_coop_batched` with the same contract (f16 operands, C += op(A)
-/// op(B) per batch entry, the same checks): submits what `rec` holds, reads the operands back,
+/// op(B) per batch entry, or C = op(A) op(B) for the staged kernels only; the same checks):
+/// submits what `rec` holds, reads the operands back,
 /// multiplies in f64 and writes C. Lets `attend_tc_with`'s offsets and strides be checked on
 /// adapters without cooperative matrices (lavapipe); the GPU machine runs the real kernel.
 #[allow(clippy::too_many_arguments)]
@@ -355,9 +356,15 @@ fn host_coop_gemm(
     a: gptaq_studio::gpu::ops::CoopOperand<'_>,
     b: gptaq_studio::gpu::ops::CoopOperand<'_>,
     c: gptaq_studio::gpu::ops::MatView<'_>,
+    accumulate: bool,
 ) -> Result<(), gptaq_studio::gpu::GpuError> {
     use gptaq_studio::gpu::ops;
     ops::check_coop_batched(op, (m, n, k), &batch, &a, &b, &c)?;
+    if !accumulate && !op.staged() {
+        return Err(gptaq_studio::gpu::GpuError::Validation(format!(
+            "{op:?} only adds"
+        )));
+    }
     let ctx = rec.ctx();
     std::mem::replace(rec, ctx.recorder()).submit();
     let (av, bv, mut cv) = (ctx.read(a.buf)?, ctx.read(b.buf)?, ctx.read(c.buf)?);
@@ -387,7 +394,11 @@ fn host_coop_gemm(
                     acc += f64::from(x.to_f32()) * f64::from(y.to_f32());
                 }
                 let e = &mut cv[co + i * c.ld + j];
-                *e = (f64::from(*e) + acc) as f32;
+                *e = if accumulate {
+                    (f64::from(*e) + acc) as f32
+                } else {
+                    acc as f32
+                };
             }
         }
     }

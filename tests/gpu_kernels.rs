@@ -34,7 +34,12 @@ fn gemm_ref(
                 let bv = if tb { b[j * ldb + l] } else { b[l * ldb + j] };
                 s += f64::from(av) * f64::from(bv);
             }
-            out[i * n + j] = alpha * s + beta * f64::from(c[i * n + j]);
+            // beta = 0 does not read C (it may hold NaNs), as the kernels' contract says.
+            out[i * n + j] = if beta == 0.0 {
+                alpha * s
+            } else {
+                alpha * s + beta * f64::from(c[i * n + j])
+            };
         }
     }
     out
@@ -975,9 +980,11 @@ fn gemm_tuning_table_drives_the_kernel_choice() {
     assert_eq!(ops::gemm_tile_for(&ctx, 500, 520, 100), GemmTile::Small);
 }
 
-/// f32 → f16 operand conversion (strided view, scale) on every adapter that grants SHADER_F16
-/// (lavapipe does): within one f16 rounding step of `half`'s round-to-nearest (WGSL leaves the
-/// choice between the two neighbours to the implementation).
+/// f32 → f16 operand conversion (strided view, scale), plain and of a difference `x − y`, on every
+/// adapter that grants SHADER_F16 (lavapipe does): within one f16 rounding step of `half`'s
+/// round-to-nearest (WGSL leaves the choice between the two neighbours to the implementation).
+/// Views whose columns, leading dimension and offset are multiples of 4 take the four-wide entry
+/// point, the others the scalar one (`ops::cast_f16`); both kinds are here, with 1 and primes.
 #[test]
 fn cast_f16_rounds_to_a_neighbouring_f16() {
     let Some(ctx) = test_context() else { return };
@@ -989,27 +996,43 @@ fn cast_f16_rounds_to_a_neighbouring_f16() {
         (1usize, 1usize, 1usize, 0usize),
         (7, 13, 17, 5),
         (33, 257, 257, 0),
+        (1, 4, 4, 0),
+        (5, 12, 16, 4),
+        (67, 260, 264, 8),
+        (3, 8, 10, 2),
     ] {
-        let mut r = rng((rows * 1000 + cols) as u64);
-        let x = rand_vec(&mut r, off + (rows - 1) * ld + cols);
-        let scale = 3.7f32;
-        let gx = ctx.upload("x", &x).unwrap();
-        let out = ctx.zeros::<half::f16>("x16", rows * cols).unwrap();
-        let mut rec = ctx.recorder();
-        let mut v = MatView::new(&gx, ld);
-        v.offset = off;
-        ops::cast_f16(&mut rec, rows, cols, v, scale, &out).unwrap();
-        rec.submit();
-        let got = ctx.read(&out).unwrap();
-        for (i, g) in got.iter().enumerate().take(rows * cols) {
-            let (row, col) = (i / cols, i % cols);
-            let want = x[off + row * ld + col] * scale;
-            let g = g.to_f32();
-            let ulp = half::f16::from_f32(want).to_f32().abs() * 2f32.powi(-10) + 6e-8;
-            assert!(
-                (g - want).abs() <= ulp,
-                "cast_f16 {rows}x{cols} ld {ld} off {off}: index ({row}, {col}): got {g}, expected {want} (±{ulp})"
-            );
+        for diff in [false, true] {
+            let mut r = rng((rows * 1000 + cols) as u64 + u64::from(diff));
+            let len = off + (rows - 1) * ld + cols;
+            let x = rand_vec(&mut r, len);
+            let y = rand_vec(&mut r, len);
+            let scale = 3.7f32;
+            let (gx, gy) = (ctx.upload("x", &x).unwrap(), ctx.upload("y", &y).unwrap());
+            let out = ctx
+                .upload("x16", &vec![half::f16::NAN; rows * cols])
+                .unwrap();
+            let mut rec = ctx.recorder();
+            let mut v = MatView::new(&gx, ld);
+            v.offset = off;
+            if diff {
+                ops::cast_f16_diff(&mut rec, rows, cols, v, &gy, scale, &out).unwrap();
+            } else {
+                ops::cast_f16(&mut rec, rows, cols, v, scale, &out).unwrap();
+            }
+            rec.submit();
+            let got = ctx.read(&out).unwrap();
+            for (i, g) in got.iter().enumerate().take(rows * cols) {
+                let (row, col) = (i / cols, i % cols);
+                let at = off + row * ld + col;
+                let want = if diff { x[at] - y[at] } else { x[at] } * scale;
+                let g = g.to_f32();
+                let ulp = half::f16::from_f32(want).to_f32().abs() * 2f32.powi(-10) + 6e-8;
+                assert!(
+                    (g - want).abs() <= ulp,
+                    "cast_f16 (diff {diff}) {rows}x{cols} ld {ld} off {off}: index ({row}, {col}): \
+                     got {g}, expected {want} (±{ulp})"
+                );
+            }
         }
     }
 }
@@ -1174,13 +1197,38 @@ fn coop_gemm_batched_strided_matches_f64_where_granted() {
         if op.staged() && !staged {
             continue;
         }
+        // The staged kernels also overwrite C (`accumulate` false), here a C of NaNs; the
+        // unstaged ones only add and refuse to overwrite.
+        for accumulate in [true, false] {
+            if !accumulate && !op.staged() {
+                let c = ctx.zeros::<f32>("c", m * batch * n).unwrap();
+                let a = ctx.zeros::<half::f16>("a", m * batch * k).unwrap();
+                let b = ctx.zeros::<half::f16>("b", 2 * k * n).unwrap();
+                let ldb = if op.transposes().1 { k } else { n };
+                let got = ops::gemm_coop_batched(
+                    &mut ctx.recorder(),
+                    op,
+                    (m, n, k),
+                    ops::CoopBatch::flat(batch, n),
+                    ops::CoopOperand::new(&a, 0, batch * k).batched(k, 1),
+                    ops::CoopOperand::new(&b, 0, ldb).batched(k * n, 2),
+                    MatView::new(&c, batch * n),
+                    false,
+                );
+                assert!(got.is_err(), "{op:?}: an overwriting unstaged GEMM was accepted");
+                continue;
+            }
         let mut r = rng(77 + op as u64);
         let to16 =
             |v: Vec<f32>| -> Vec<half::f16> { v.into_iter().map(half::f16::from_f32).collect() };
         // A: m × (batch·k) row-major; two B's back to back, each stored n×k (Nt) or k×n (Nn).
         let a16 = to16(rand_vec(&mut r, m * batch * k));
         let b16 = to16(rand_vec(&mut r, 2 * k * n));
-        let c0 = rand_vec(&mut r, m * batch * n);
+        let c0 = if accumulate {
+            rand_vec(&mut r, m * batch * n)
+        } else {
+            vec![f32::NAN; m * batch * n]
+        };
         let a32: Vec<f32> = a16.iter().map(|v| v.to_f32()).collect();
         let b32: Vec<f32> = b16.iter().map(|v| v.to_f32()).collect();
         let trans_b = op.transposes().1;
@@ -1217,6 +1265,7 @@ fn coop_gemm_batched_strided_matches_f64_where_granted() {
             a_op,
             b_op,
             MatView::new(&gc, batch * n),
+            accumulate,
         )
         .unwrap();
         rec.submit();
@@ -1233,6 +1282,7 @@ fn coop_gemm_batched_strided_matches_f64_where_granted() {
                     ops::CoopOperand::new(&ga, off, batch * k),
                     ops::CoopOperand::new(&gb, 0, ldb),
                     MatView::new(&gc, batch * n),
+                    true,
                 );
                 assert!(got.is_err(), "{op:?}: offset {off} of A accepted");
             }
@@ -1246,20 +1296,22 @@ fn coop_gemm_batched_strided_matches_f64_where_granted() {
                 .flat_map(|i| c0[i * batch * n + z * n..i * batch * n + (z + 1) * n].to_vec())
                 .collect();
             let bz = &b32[(z / 2) * k * n..(z / 2 + 1) * k * n];
-            let want = gemm_ref(m, n, k, 1.0, &az, k, false, bz, ldb, trans_b, 1.0, &cz);
+            let beta = if accumulate { 1.0 } else { 0.0 };
+            let want = gemm_ref(m, n, k, 1.0, &az, k, false, bz, ldb, trans_b, beta, &cz);
             let gz: Vec<f32> = (0..m)
                 .flat_map(|i| got[i * batch * n + z * n..i * batch * n + (z + 1) * n].to_vec())
                 .collect();
             assert_close(
                 &format!(
                     "batched tensor-core gemm {op:?} m={m} n={n} k={k} entry {z} of {batch} \
-                     (nested: {nested})"
+                     (nested: {nested}, accumulate: {accumulate})"
                 ),
                 &gz,
                 &want,
                 1e-4 * (k as f64).sqrt(),
                 1e-4,
             );
+        }
         }
     }
 }

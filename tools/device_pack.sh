@@ -37,7 +37,9 @@ for t in ${PACK_TESTS-gpu_kernels quant_gpu forward}; do
     # The library's own unit tests (src/**, e.g. quant::gpu's kernel agreement tests): the newest
     # gptaq_studio-* harness that lists them (the binary's own harness has the same name).
     tb=$(for f in $(ls -t target/release/deps/gptaq_studio-* 2>/dev/null | grep -v '\.d$'); do
-      "$f" --list 2> /dev/null | grep -q '^quant::gpu::tests::' && { echo "$f"; break; }; done || true)
+      # (Counting, not `grep -q`: an early exit would kill the lister with SIGPIPE, which
+      # pipefail turns into a miss.)
+      [ "$("$f" --list 2> /dev/null | grep -c '^quant::gpu::tests::')" -gt 0 ] && { echo "$f"; break; }; done || true)
   else
     tb=$(ls -t target/release/deps/"$t"-* 2>/dev/null | grep -v '\.d$' | head -n1 || true)
   fi

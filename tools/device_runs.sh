@@ -9,7 +9,8 @@
 # RUNS entries are NAME:ENV1=a,ENV2=b:ARG,ARG,... on /tmp/l8b2 (a random Llama-3-8B-shaped model
 # of two layers, tools/make_random_llama.py, 128 × 2048 calibration tokens, 4-bit g128); TBINS
 # the carried test binaries to run (default gpu_kernels forward pipeline; TBINS="" runs none;
-# TESTS: libtest filters, TLIM seconds each); KB a kernel-bench filter (KBENV: environment for
+# TESTS: libtest filters, TLIM seconds each, TENV their environment, e.g. GPTAQ_POISON_SCRATCH=1
+# for the NaN fill of reused scratch that debug builds do); KB a kernel-bench filter (KBENV: environment for
 # it; KBLIM its seconds, default 150 — the whole f32 lab file at three shapes needs more; with
 # GPTAQ_PROFILE=1 in KBENV the solve bench synchronises every phase of every timed solve, so take
 # medians without it); LIM seconds per run; SCALE the scaling table, TORCH_LAYER the PyTorch
@@ -19,7 +20,7 @@ cd .device-carry; for f in *.xz; do xz -d -f $f; done; chmod +x gptaq-studio ker
 export GPTAQ_TEST_DATA=$PWD/.device-carry/data
 D=$OUT/p; mkdir -p $D; B=.device-carry/gptaq-studio
 for t in ${TBINS-gpu_kernels forward pipeline}; do
-  CI=true timeout ${TLIM:-150} .device-carry/test-$t --test-threads 1 ${TESTS:-} > $D/test_$t.log 2>&1
+  env ${TENV:-} CI=true timeout ${TLIM:-150} .device-carry/test-$t --test-threads 1 ${TESTS:-} > $D/test_$t.log 2>&1
   echo "test_$t: $(grep -E 'test result' $D/test_$t.log)"; grep -E "FAILED|panicked" -A3 $D/test_$t.log | head -8
 done
 [ -z "${RUNS:-}" ] || [ -f /tmp/l8b2/config.json ] || python3 tools/make_random_llama.py --preset llama3-8b --layers 2 --out /tmp/l8b2 \

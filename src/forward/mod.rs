@@ -556,16 +556,20 @@ impl LayerScratch {
     pub fn new(ctx: &GpuContext, cfg: &ModelConfig, max_tokens: usize) -> Result<Self, GpuError> {
         let d = LayerDims::of(cfg);
         let t = max_tokens.max(1);
+        // Every stage writes its output for a batch's tokens before the next reads it, so
+        // pooled buffers need no clear (`GpuContext::scratch`; a layer's activations are
+        // allocated again per stage: at Llama-3-8B's 128 × 2048 tokens those clears were 21 ms of
+        // a GPTQ layer and 51 ms of a GPTAQ one on the H100, BENCHMARKS.md session 31).
         Ok(Self {
             max_tokens: t,
-            x1: ctx.zeros("x1", t * d.hidden)?,
-            q: ctx.zeros("q", t * d.q_dim())?,
-            k: ctx.zeros("k", t * d.kv_dim())?,
-            v: ctx.zeros("v", t * d.kv_dim())?,
-            attn: ctx.zeros("attn", t * d.q_dim())?,
-            x2: ctx.zeros("x2", t * d.hidden)?,
-            up: ctx.zeros("up", t * d.intermediate)?,
-            act: ctx.zeros("act", t * d.intermediate)?,
+            x1: ctx.scratch("x1", t * d.hidden)?,
+            q: ctx.scratch("q", t * d.q_dim())?,
+            k: ctx.scratch("k", t * d.kv_dim())?,
+            v: ctx.scratch("v", t * d.kv_dim())?,
+            attn: ctx.scratch("attn", t * d.q_dim())?,
+            x2: ctx.scratch("x2", t * d.hidden)?,
+            up: ctx.scratch("up", t * d.intermediate)?,
+            act: ctx.scratch("act", t * d.intermediate)?,
         })
     }
     /// `input_layernorm(h)`: the input of q/k/v.
@@ -1037,6 +1041,7 @@ pub type BatchedGemm<'f> = dyn FnMut(
         CoopOperand<'_>,
         CoopOperand<'_>,
         MatView<'_>,
+        bool,
     ) -> Result<(), GpuError>
     + 'f;
 
@@ -1176,11 +1181,13 @@ struct SoftmaxParams {
     ld: u32,
     q0: u32,
     zstride: u32,
-    _pad: [u32; 3],
+    zero: u32,
+    _pad: [u32; 2],
 }
 
 /// `attn_softmax.wgsl` over `rows` query rows (positions `q0..`) and `keys` keys of `heads` score
-/// blocks of `rows × ld` floats in `s`, into `p` (same layout, f16); `s` is left zeroed there.
+/// blocks of `rows × ld` floats in `s`, into `p` (same layout, f16); with `zero`, `s` is left
+/// zeroed there (for a next `Q·Kᵀ` that adds into it).
 #[allow(clippy::too_many_arguments)]
 fn attn_softmax(
     rec: &mut Recorder<'_>,
@@ -1191,6 +1198,7 @@ fn attn_softmax(
     ld: usize,
     q0: usize,
     heads: usize,
+    zero: bool,
 ) -> Result<(), GpuError> {
     let need = heads * rows * ld;
     if keys > ld || s.len() < need || p.len() < need || rows > 65535 || heads > 65535 {
@@ -1207,7 +1215,8 @@ fn attn_softmax(
         ld: u32_of("softmax ld", ld)?,
         q0: u32_of("softmax q0", q0)?,
         zstride: u32_of("softmax head stride", rows * ld)?,
-        _pad: [0; 3],
+        zero: u32::from(zero),
+        _pad: [0; 2],
     };
     rec.dispatch(
         &ATTN_SOFTMAX,
@@ -1224,8 +1233,14 @@ fn attn_softmax(
 /// f16; then per chunk of `qc` queries, for all heads of all the pass's sequences in one nested
 /// batched GEMM each ([`ops::CoopBatch`]), `S = Q·Kᵀ` over the keys up to the chunk's last
 /// query, the causal softmax (`attn_softmax`: f32 scores, f16 probabilities), and
-/// `O += P·V`. f16 operands and probabilities, f32 accumulation and softmax, as the reference's
-/// half-precision attention (which also rounds P to f16 before P·V).
+/// `O = P·V` for the chunk's rows. f16 operands and probabilities, f32 accumulation and softmax,
+/// as the reference's half-precision attention (which also rounds P to f16 before P·V).
+///
+/// Each chunk's scores and output rows are one product each, so the staged kernels overwrite
+/// them; where a chunk falls back to an unstaged kernel (which only adds), the scores are cleared
+/// at the start and re-zeroed by the softmax after each read, and the pass's output rows are
+/// cleared first (at 128 × 2048 tokens of Llama-3-8B those clears and zeroing writes were
+/// 0.5 GB per pass).
 pub fn attend_tc(
     rec: &mut Recorder<'_>,
     q: &GpuBuffer<f32>,
@@ -1286,6 +1301,25 @@ pub fn attend_tc_with(
             .find(|&op| op.available(ctx) && ops::coop_shape_ok_for(op, m, n, k))
             .unwrap_or(fallback)
     };
+    // Per chunk: Q·Kᵀ's and P·V's kernels.
+    let chunks: Vec<(usize, CoopOp, CoopOp)> = (0..l)
+        .step_by(qc)
+        .map(|q0| {
+            let keys = q0 + qc;
+            (
+                q0,
+                pick(&CoopOp::NT, (qc, keys, hd), CoopOp::Nt),
+                pick(&CoopOp::NN, (qc, hd, keys), CoopOp::Nn),
+            )
+        })
+        .collect();
+    // Whether every score product overwrites: else the scores must be zero wherever an adding
+    // one starts, whatever an earlier call through this scratch left there.
+    let qk_overwrite = chunks.iter().all(|c| c.1.staged());
+    if !qk_overwrite {
+        rec.clear(&sc.s, 0, sc.s.len())?;
+    }
+    let pv_overwrite = chunks.iter().all(|c| c.2.staged());
     for s0 in (0..nseq).step_by(seqs) {
         let ns = seqs.min(nseq - s0);
         let row0 = s0 * l;
@@ -1314,16 +1348,18 @@ pub fn attend_tc_with(
             1.0,
             &sc.v16,
         )?;
-        // P·V accumulates into the output.
-        rec.clear(out, row0 * qd, ns * l * qd)?;
-        for q0 in (0..l).step_by(qc) {
+        // An unstaged P·V adds into the output.
+        if !pv_overwrite {
+            rec.clear(out, row0 * qd, ns * l * qd)?;
+        }
+        for &(q0, qk_op, pv_op) in &chunks {
             let keys = q0 + qc;
             // Entry (sequence o, head z): S_oz = Q_oz[q0 .. q0 + qc] · K_o,z/g[.. keys]ᵀ, with
             // head z's queries in columns z·hd.. of sequence o's rows of q16, its key/value
             // head's keys in columns (z/g)·hd.. of k16; S_oz is block o·heads + z of s.
             gemm(
                 rec,
-                pick(&CoopOp::NT, (qc, keys, hd), CoopOp::Nt),
+                qk_op,
                 (qc, keys, hd),
                 ops::CoopBatch::nested(ns, heads, qc * l, heads * qc * l),
                 CoopOperand::new(&sc.q16, q0 * qd, qd)
@@ -1333,13 +1369,14 @@ pub fn attend_tc_with(
                     .batched(hd, g)
                     .outer(l * kd),
                 MatView::new(&sc.s, l),
+                !qk_op.staged(),
             )?;
-            attn_softmax(rec, &sc.s, &sc.p, qc, keys, l, q0, ns * heads)?;
-            // O_oz[q0 .. q0 + qc] += P_oz · V_o,z/g[.. keys], into columns z·hd.. of sequence
+            attn_softmax(rec, &sc.s, &sc.p, qc, keys, l, q0, ns * heads, !qk_overwrite)?;
+            // O_oz[q0 .. q0 + qc] = P_oz · V_o,z/g[.. keys], into columns z·hd.. of sequence
             // o's output rows.
             gemm(
                 rec,
-                pick(&CoopOp::NN, (qc, hd, keys), CoopOp::Nn),
+                pv_op,
                 (qc, hd, keys),
                 ops::CoopBatch::nested(ns, heads, hd, l * qd),
                 CoopOperand::new(&sc.p, 0, l)
@@ -1349,6 +1386,7 @@ pub fn attend_tc_with(
                     .batched(hd, g)
                     .outer(l * kd),
                 MatView::new(out, qd).at((row0 + q0) * qd),
+                !pv_op.staged(),
             )?;
         }
     }

@@ -12,6 +12,17 @@ use wgpu::util::DeviceExt;
 
 use super::context::{GpuContext, GpuError};
 
+/// Whether [`GpuContext::scratch`] fills reused buffers with NaN (see there): debug builds, unless
+/// `GPTAQ_POISON_SCRATCH` says otherwise.
+fn poison_scratch() -> bool {
+    static POISON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *POISON.get_or_init(|| match std::env::var("GPTAQ_POISON_SCRATCH").as_deref() {
+        Ok("1") => true,
+        Ok("0") => false,
+        _ => cfg!(debug_assertions),
+    })
+}
+
 /// Allocations from this size on first wait for the GPU and free what was dropped (see
 /// `alloc_scoped`).
 const RECLAIM_BEFORE_BYTES: u64 = 64 << 20;
@@ -66,8 +77,11 @@ impl WriteWindow {
     }
 }
 
-/// Freed buffers from this size on may be kept for reuse ([`GpuContext::set_pool_limit`]).
-const POOL_MIN_BYTES: u64 = 1 << 20;
+/// Freed buffers from this size on may be kept for reuse ([`GpuContext::set_pool_limit`]). Debug
+/// builds (the tests) pool far smaller buffers, so that the test models, whose activations are
+/// well under 1 MiB, go through reuse — and through [`GpuContext::scratch`]'s NaN fill — as the
+/// large models do.
+const POOL_MIN_BYTES: u64 = if cfg!(debug_assertions) { 4 << 10 } else { 1 << 20 };
 
 /// Live and peak bytes allocated through the context (an application-level count of our own
 /// buffers; drivers add their own overhead on top), and the pool of freed buffers kept for reuse.
@@ -472,13 +486,25 @@ impl GpuContext {
         Ok(buf)
     }
 
-    /// A buffer of `len` elements that the caller overwrites entirely before anything reads it
-    /// (a copy, a gather, chunked uploads): a pooled buffer keeps its earlier contents instead of
-    /// being cleared first — that clear would be one more pass over, e.g., a 235 MB weight. (A
-    /// new buffer reads as zeros, as wgpu initialises it.)
+    /// A buffer of `len` elements that the caller overwrites before anything reads it (a copy, a
+    /// gather, chunked uploads, a layer's activations): a pooled buffer keeps its earlier contents
+    /// instead of being cleared first — that clear would be one more pass over, e.g., a 235 MB
+    /// weight. (A new buffer reads as zeros, as wgpu initialises it.)
+    ///
+    /// So that a caller that reads before it writes is caught, debug builds (the tests) fill a
+    /// reused buffer with all-ones bytes — NaN as f32 and as f16 — instead of leaving the earlier
+    /// contents, which could be plausible numbers; `GPTAQ_POISON_SCRATCH=1` / `0` turns this on
+    /// or off in any build.
     pub fn scratch<T: Pod>(&self, what: &str, len: usize) -> Result<GpuBuffer<T>, GpuError> {
         let _host = self.host_span("allocate");
-        Ok(self.alloc(what, len)?.0)
+        let (buf, reused) = self.alloc::<T>(what, len)?;
+        if reused && poison_scratch() {
+            // Ordered like `upload`'s writes: before the next submission, after every use by the
+            // previous owner (`Pool`).
+            let bytes = buf.buffer.size() as usize;
+            self.queue.write_buffer(&buf.buffer, 0, &vec![0xFF; bytes]);
+        }
+        Ok(buf)
     }
 
     /// A pooled buffer for `len` elements (`true`) or a new one.

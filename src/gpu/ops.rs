@@ -1058,7 +1058,8 @@ struct CastParams {
     ld: u32,
     off: u32,
     scale: f32,
-    _p: [u32; 3],
+    sub: u32,
+    _p: [u32; 2],
 }
 
 /// Records `out = f16(scale · x)` for the `rows × cols` view `x` (non-transposed), written densely
@@ -1068,6 +1069,33 @@ pub fn cast_f16(
     rows: usize,
     cols: usize,
     x: MatView<'_>,
+    scale: f32,
+    out: &GpuBuffer<half::f16>,
+) -> Result<(), GpuError> {
+    cast_impl(rec, rows, cols, x, None, scale, out)
+}
+
+/// Records `out = f16(scale · (x − y))` with `y` read at the view `x`'s positions (same offset and
+/// leading dimension): GPTAQ's `ΔX = X_fp − X_q` as a tensor-core operand in one pass, the same
+/// halves as [`axpby`] into f32 followed by [`cast_f16`]. Needs `SHADER_F16`.
+pub fn cast_f16_diff(
+    rec: &mut Recorder<'_>,
+    rows: usize,
+    cols: usize,
+    x: MatView<'_>,
+    y: &GpuBuffer<f32>,
+    scale: f32,
+    out: &GpuBuffer<half::f16>,
+) -> Result<(), GpuError> {
+    cast_impl(rec, rows, cols, x, Some(y), scale, out)
+}
+
+fn cast_impl(
+    rec: &mut Recorder<'_>,
+    rows: usize,
+    cols: usize,
+    x: MatView<'_>,
+    y: Option<&GpuBuffer<f32>>,
     scale: f32,
     out: &GpuBuffer<half::f16>,
 ) -> Result<(), GpuError> {
@@ -1085,7 +1113,11 @@ pub fn cast_f16(
             "cast_f16 reads a non-transposed view".into(),
         ));
     }
-    check_len("cast_f16 x", x.buf, x.offset + (rows - 1) * x.ld + cols)?;
+    let extent = x.offset + (rows - 1) * x.ld + cols;
+    check_len("cast_f16 x", x.buf, extent)?;
+    if let Some(y) = y {
+        check_len("cast_f16 y", y, extent)?;
+    }
     if out.len() < n_el {
         return Err(GpuError::Validation(format!(
             "cast_f16 out: {} elements, needs {n_el}",
@@ -1098,15 +1130,28 @@ pub fn cast_f16(
         ld: u32_of("cast_f16 ld", x.ld)?,
         off: u32_of("cast_f16 offset", x.offset)?,
         scale,
-        _p: [0; 3],
+        sub: u32::from(y.is_some()),
+        _p: [0; 2],
+    };
+    // Four elements per invocation where every row starts on a 16-byte boundary and holds whole
+    // vectors (cast_f16.wgsl).
+    let x4 = [cols, x.ld, x.offset].iter().all(|v| v.is_multiple_of(4));
+    let (entry, per) = if x4 {
+        ("cast_f16_x4", 4)
+    } else {
+        ("cast_f16", 1)
     };
     rec.dispatch(
         &CAST_F16,
-        "cast_f16",
+        entry,
         &[],
         &params,
-        &[x.buf.binding(), out.binding()],
-        groups_1d(u32_of("cast_f16 workgroups", n_el.div_ceil(256))?),
+        &[
+            x.buf.binding(),
+            out.binding(),
+            y.unwrap_or(x.buf).binding(),
+        ],
+        groups_1d(u32_of("cast_f16 workgroups", (n_el / per).div_ceil(256))?),
     )
 }
 
@@ -1605,7 +1650,10 @@ pub fn check_coop_batched(
 /// `o·outer + (i / group)·stride` elements after A's first ([`CoopOperand`]), likewise `B_z`, and
 /// `C_z` `o·c_outer + i·c_stride` after C's ([`CoopBatch`]). Attention's heads are such a batch:
 /// per key/value head, the query heads of its group read strided column slices of one activation
-/// matrix, and the sequences of a pass are the outer entries.
+/// matrix, and the sequences of a pass are the outer entries. With `accumulate` false the staged
+/// kernels overwrite each `C_z` (`C_z = op(A_z)·op(B_z)`, C never read); the unstaged ones only
+/// add, and refuse it (the caller clears C for them).
+#[allow(clippy::too_many_arguments)]
 pub fn gemm_coop_batched(
     rec: &mut Recorder<'_>,
     op: CoopOp,
@@ -1614,8 +1662,14 @@ pub fn gemm_coop_batched(
     a: CoopOperand<'_>,
     b: CoopOperand<'_>,
     c: MatView<'_>,
+    accumulate: bool,
 ) -> Result<(), GpuError> {
-    gemm_coop_dispatch(rec, op, shape, batch, a, b, c, true)
+    if !accumulate && !op.staged() {
+        return Err(GpuError::Validation(format!(
+            "tensor-core GEMM {op:?} only adds into C: clear C and accumulate"
+        )));
+    }
+    gemm_coop_dispatch(rec, op, shape, batch, a, b, c, accumulate)
 }
 
 /// [`gemm_coop_batched`], adding to C or (staged kernels only; [`gemm_coop`] clears C

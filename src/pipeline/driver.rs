@@ -319,17 +319,19 @@ pub fn quantize(
     // and update their batches in place (`Stream::gpu_batch`) and these work copies are never
     // used: one element each (the memory plan still counts them, an overestimate).
     let staged = placement != Placement::Gpu;
+    // Scratch (`GpuContext::scratch`): pooled buffers are not cleared, as every batch's values
+    // are written before they are read; only the partial sums, read whole, start from zeros.
     let make_work = || -> Result<Work, PipelineError> {
         let size = |on: bool, len: usize| if on && staged { len } else { 1 };
         Ok(Work {
             tc: use_tc,
-            h_q: ctx.zeros("work h_q", size(true, max_tokens * h))?,
-            h_fp: ctx.zeros("work h_fp", size(fp_stream, max_tokens * h))?,
-            a_q: ctx.zeros("work a_q", size(true, max_tokens * mc.q_dim()))?,
-            a_fp: ctx.zeros("work a_fp", size(fp_stream, max_tokens * mc.q_dim()))?,
+            h_q: ctx.scratch("work h_q", size(true, max_tokens * h))?,
+            h_fp: ctx.scratch("work h_fp", size(fp_stream, max_tokens * h))?,
+            a_q: ctx.scratch("work a_q", size(true, max_tokens * mc.q_dim()))?,
+            a_fp: ctx.scratch("work a_fp", size(fp_stream, max_tokens * mc.q_dim()))?,
             s_q: LayerScratch::new(ctx, &mc, max_tokens)?,
             s_fp: LayerScratch::new(ctx, &mc, if fp_stream { max_tokens } else { 1 })?,
-            diff: ctx.zeros(
+            diff: ctx.scratch(
                 "work diff",
                 if gptaq || cfg.capture.is_some() || any_metric_d {
                     max_tokens * widest
@@ -1254,15 +1256,17 @@ impl Stats {
         })
     }
 
-    /// Records the partial sums of `‖X_fp − X_q‖²` of batch `b` from `diff` (`tokens·n` values).
+    /// Records the partial sums of `‖X_fp − X_q‖²` of batch `b` from the two streams' inputs
+    /// (`tokens·n` values each; the same sums as from an f32 `X_fp − X_q`: `1.0·x_q` is exact).
     fn record_dx(
         &self,
         rec: &mut Recorder<'_>,
-        diff: &GpuBuffer<f32>,
+        x_fp: &GpuBuffer<f32>,
+        x_q: &GpuBuffer<f32>,
         (b, tokens): (usize, usize),
     ) -> Result<(), PipelineError> {
         if let Some(dx) = &self.dx {
-            ops::sq_diff_partials(rec, tokens * self.n, diff, 0.0, diff, dx, b * self.dx_len)?;
+            ops::sq_diff_partials(rec, tokens * self.n, x_fp, 1.0, x_q, dx, b * self.dx_len)?;
         }
         Ok(())
     }
@@ -1294,12 +1298,12 @@ impl Stats {
         let alpha = 2.0 / self.nsamples as f32;
         // The cooperative-matrix kernel writes one binding: only for single-panel statistics.
         if tensor_cores(rec.ctx(), work.tc, n, tokens) && h.single().is_some() {
-            return self.accumulate_tensor_cores(rec, work, x_q, x_fp, (b, tokens), alpha);
+            return self.accumulate_tensor_cores(rec, x_q, x_fp, (b, tokens), alpha);
         }
         ops::syrk_xtx(rec, tokens, n, alpha, MatView::new(x_q, n), 1.0, h)?;
         if let Some(d) = &self.d {
             ops::axpby(rec, tokens * n, 1.0, x_fp, -1.0, x_q, &work.diff)?;
-            self.record_dx(rec, &work.diff, (b, tokens))?;
+            self.record_dx(rec, x_fp, x_q, (b, tokens))?;
             let (diff, xq) = (MatView::new(&work.diff, n), MatView::new(x_q, n));
             if self.d_upper {
                 ops::gemm_mat_upper(
@@ -1329,7 +1333,6 @@ impl Stats {
     fn accumulate_tensor_cores(
         &mut self,
         rec: &mut Recorder<'_>,
-        work: &Work,
         x_q: &GpuBuffer<f32>,
         x_fp: &GpuBuffer<f32>,
         (b, tokens): (usize, usize),
@@ -1387,9 +1390,9 @@ impl Stats {
             symmetric(rec, x16, h)?;
         }
         if let Some(d) = &self.d {
-            ops::axpby(rec, tokens * n, 1.0, x_fp, -1.0, x_q, &work.diff)?;
-            self.record_dx(rec, &work.diff, (b, tokens))?;
-            ops::cast_f16(rec, tokens, n, MatView::new(&work.diff, n), s, d16)?;
+            // δ straight from the two streams: no f32 ΔX is formed (`record_dx` reads them too).
+            self.record_dx(rec, x_fp, x_q, (b, tokens))?;
+            ops::cast_f16_diff(rec, tokens, n, MatView::new(x_fp, n), x_q, s, d16)?;
             // D's upper blocks only where the solve reads nothing else (`d_upper`), not mirrored.
             ops::gemm_coop(
                 rec,

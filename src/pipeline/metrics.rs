@@ -164,9 +164,10 @@ impl MetricScratch {
     pub fn new(ctx: &GpuContext, max_tokens: usize, max_rows: usize) -> Result<Self, GpuError> {
         let n = max_tokens * max_rows;
         Ok(Self {
-            yq: ctx.zeros("metric Y_q", n)?,
-            yfp: ctx.zeros("metric Y_fp", n)?,
-            yw: ctx.zeros("metric Y_w", n)?,
+            // Products written before they are read: no clear for pooled ones.
+            yq: ctx.scratch("metric Y_q", n)?,
+            yfp: ctx.scratch("metric Y_fp", n)?,
+            yw: ctx.scratch("metric Y_w", n)?,
         })
     }
 
