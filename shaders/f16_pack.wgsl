@@ -21,8 +21,13 @@
 // implementations assume floats are never NaN or infinite, which could fold a float comparison
 // such as x != x away. An odd `len` packs 0 into the last word's high half.
 //
-// Both entry points share one declaration set: x is the f32 side (pack's input, unpack's output),
+// The entry points share one declaration set: x is the f32 side (pack's input, unpack's output),
 // words the packed side, so a launcher passes [f32 buffer, words(, flag)] as bindings 1...
+// `pack_f16_x4` / `unpack_f16_x4` do four elements (two words) per invocation through vector
+// views of the same bindings, where len is a multiple of 4 (gpu/ops.rs picks them): 16-byte f32
+// and 8-byte word accesses instead of 4-byte ones, the same bits. The one-word entry points moved
+// an 8B model's activation streams at about a third of the H100's bandwidth (BENCHMARKS.md
+// session 31).
 
 struct Params {
     len: u32,
@@ -35,6 +40,9 @@ struct Params {
 @group(0) @binding(1) var<storage, read_write> x: array<f32>;
 @group(0) @binding(2) var<storage, read_write> words: array<u32>;
 @group(0) @binding(3) var<storage, read_write> flag: array<atomic<u32>>;
+// Vector views of bindings 1 and 2 for the four-element entry points.
+@group(0) @binding(1) var<storage, read_write> x4: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read_write> words2: array<vec2<u32>>;
 
 // 65504.0 as f32 bits: the largest finite f16.
 const F16_MAX_BITS: u32 = 0x477fe000u;
@@ -126,4 +134,29 @@ fn unpack_f16(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg
     if (i + 1u < p.len) {
         x[i + 1u] = from_f16(h >> 16u);
     }
+}
+
+// pack_f16 for len a multiple of 4: elements 4v..4v+3 into words 2v, 2v+1.
+@compute @workgroup_size(256)
+fn pack_f16_x4(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    let v = (wg.x + wg.y * nwg.x) * 256u + lid.x;
+    if (v >= p.len / 4u) {
+        return;
+    }
+    let a = x4[v];
+    if (out_of_range(a.x) || out_of_range(a.y) || out_of_range(a.z) || out_of_range(a.w)) {
+        atomicOr(&flag[0], 1u);
+    }
+    words2[v] = vec2<u32>(to_f16(a.x) | (to_f16(a.y) << 16u), to_f16(a.z) | (to_f16(a.w) << 16u));
+}
+
+// unpack_f16 for len a multiple of 4: words 2v, 2v+1 into elements 4v..4v+3.
+@compute @workgroup_size(256)
+fn unpack_f16_x4(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    let v = (wg.x + wg.y * nwg.x) * 256u + lid.x;
+    if (v >= p.len / 4u) {
+        return;
+    }
+    let h = words2[v];
+    x4[v] = vec4<f32>(from_f16(h.x & 0xffffu), from_f16(h.x >> 16u), from_f16(h.y & 0xffffu), from_f16(h.y >> 16u));
 }

@@ -1475,7 +1475,8 @@ fn f16_pack_unpack_round_trips_bit_exact() {
         -1e4,
         std::f32::consts::PI,
     ];
-    for (k, &len) in [1usize, 2, 3, 255, 256, 257, 1000, 65537 * 2 + 1]
+    // Multiples of 4 take the four-element entry points, the others the one-word ones.
+    for (k, &len) in [1usize, 2, 3, 4, 255, 256, 257, 1000, 1002, 65537 * 2 + 1]
         .iter()
         .enumerate()
     {
@@ -1583,8 +1584,19 @@ fn f16_pack_clamps_and_flags_out_of_range_values() {
         (f32::NAN, 0x7e00),
     ];
     for (k, &(bad, want)) in cases.iter().enumerate() {
-        // The bad value at an even and at an odd position, in a small and a multi-group vector.
-        for (len, pos) in [(2usize, 0usize), (3, 1), (3, 2), (1001, 777), (1001, 1000)] {
+        // The bad value at an even and at an odd position, in a small and a multi-group vector;
+        // lengths that are multiples of 4 take the four-element entry point (each lane of it).
+        for (len, pos) in [
+            (2usize, 0usize),
+            (3, 1),
+            (3, 2),
+            (1001, 777),
+            (1001, 1000),
+            (4, 0),
+            (4, 3),
+            (1004, 777),
+            (1004, 1002),
+        ] {
             let mut x: Vec<f32> = rand_vec(&mut rng(k as u64), len);
             x[pos] = bad;
             let (words, back, flag) = f16_round_trip(&ctx, &x);

@@ -16,7 +16,7 @@
 # medians without it); LIM seconds per run; SCALE the scaling table, TORCH_LAYER the PyTorch
 # reference layer and SOLVE the solve beside PyTorch's (all below). Results land in $OUT/p.
 set -u
-cd .device-carry; for f in *.xz; do xz -d -f $f; done; chmod +x gptaq-studio kernels-bench test-* 2> /dev/null; cd ..
+cd .device-carry; for f in *.xz; do xz -d -f $f; done; chmod +x gptaq-studio* kernels-bench test-* 2> /dev/null; cd ..
 export GPTAQ_TEST_DATA=$PWD/.device-carry/data
 D=$OUT/p; mkdir -p $D; B=.device-carry/gptaq-studio
 for t in ${TBINS-gpu_kernels forward pipeline}; do
@@ -36,7 +36,10 @@ run() { local name=$1; shift
 for spec in ${RUNS:-}; do
   IFS=: read -r name envs args <<< "$spec"
   q=$Q; case ",$args," in *,--nsamples,*) q=${Q/--nsamples 128/} ;; esac   # a run's own --nsamples
-  run $name env ${envs//,/ } $B $q ${args//,/ }
+  # A run named old_… takes .device-carry/gptaq-studio-old: an earlier build carried beside the
+  # current one for an A/B on the same card in the same call.
+  b=$B; case $name in old_*) b=$B-old ;; esac
+  run $name env ${envs//,/ } $b $q ${args//,/ }
 done
 # Issue 10's scaling table: SCALE="h1024 h2048 …" (make_random_llama.py presets, SCALE_LAYERS layers
 # each, default 2: layer 0 pays the weight upload and the first-use pipeline compilation;

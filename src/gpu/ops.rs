@@ -1212,13 +1212,14 @@ pub fn pack_f16(
         len: u32_of("pack_f16 len", len)?,
         _p: [0; 3],
     };
+    let (entry, per) = f16_pack_entry("pack_f16", len);
     rec.dispatch(
         &F16_PACK,
-        "pack_f16",
+        entry,
         &[],
         &params,
         &[x.binding(), words.binding(), flag.binding()],
-        groups_1d(u32_of("pack_f16 workgroups", f16_words(len).div_ceil(256))?),
+        groups_1d(u32_of("pack_f16 workgroups", len.div_ceil(per).div_ceil(256))?),
     )
 }
 
@@ -1240,17 +1241,25 @@ pub fn unpack_f16(
         len: u32_of("unpack_f16 len", len)?,
         _p: [0; 3],
     };
+    let (entry, per) = f16_pack_entry("unpack_f16", len);
     rec.dispatch(
         &F16_PACK,
-        "unpack_f16",
+        entry,
         &[],
         &params,
         &[out.binding(), words.binding()],
-        groups_1d(u32_of(
-            "unpack_f16 workgroups",
-            f16_words(len).div_ceil(256),
-        )?),
+        groups_1d(u32_of("unpack_f16 workgroups", len.div_ceil(per).div_ceil(256))?),
     )
+}
+
+/// `f16_pack.wgsl`'s entry point for `len` elements and the elements each invocation converts:
+/// four (`…_x4`) where `len` is a multiple of 4, else two (one word).
+fn f16_pack_entry(base: &'static str, len: usize) -> (&'static str, usize) {
+    match (base, len.is_multiple_of(4)) {
+        ("pack_f16", true) => ("pack_f16_x4", 4),
+        ("unpack_f16", true) => ("unpack_f16_x4", 4),
+        _ => (base, 2),
+    }
 }
 
 /// Whether [`gemm_coop`] can run here: f16 shaders and cooperative matrices granted.
