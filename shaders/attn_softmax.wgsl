@@ -7,8 +7,12 @@
 // staged kernels overwrite it; where the forward uses an unstaged one, which adds into it, `zero`
 // is set and each row is zeroed here once read: the next chunk's GEMM starts from zeros without
 // a separate clear. Row base: z·zstride + r·ld, for S and P alike.
-// One workgroup per (row, head): 256 invocations stride over the keys, reduce the row's maximum
-// and sum in workgroup memory (exp is recomputed in the last pass instead of kept).
+// One workgroup per (row, head): 256 invocations stride over the keys. Two passes over S: the
+// first keeps each invocation's running maximum m and sum l of exp(s − m) (rescaling l when m
+// grows, the "online softmax" of Milakov & Gimelshein 2018), and the workgroup combines the 256
+// (m, l) pairs in workgroup memory; the second writes P (exp recomputed instead of kept). The
+// three-pass form (maximum, sum, write) read S once more; with the zeroing gone that was 3 of the
+// 4 passes over an f32 S (BENCHMARKS.md session 31).
 
 enable f16;
 
@@ -29,7 +33,8 @@ struct Params {
 @group(0) @binding(2) var<storage, read_write> pm: array<f16>;
 
 const WG: u32 = 256u;
-var<workgroup> red: array<f32, 256>;
+var<workgroup> red_m: array<f32, 256>;
+var<workgroup> red_l: array<f32, 256>;
 
 @compute @workgroup_size(256)
 fn attn_softmax(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
@@ -39,37 +44,37 @@ fn attn_softmax(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_
     let base = z * p.zstride + r * p.ld;
     // Causal: query position q0 + r sees keys 0 ..= q0 + r.
     let visible = min(p.q0 + r + 1u, p.keys);
-    var mx = -3.0e38;
+    // −3e38 rather than −inf: exp(−3e38 − m) underflows to 0 for any finite m, and an invocation
+    // with no key (more invocations than visible keys) then adds l = 0 with a factor that is 0.
+    var m = -3.0e38;
+    var l = 0.0;
     for (var j = t; j < visible; j += WG) {
-        mx = max(mx, s[base + j]);
+        let v = s[base + j];
+        if (v > m) {
+            l = l * exp(m - v);
+            m = v;
+        }
+        l += exp(v - m);
     }
-    red[t] = mx;
+    red_m[t] = m;
+    red_l[t] = l;
     workgroupBarrier();
     for (var off = WG / 2u; off > 0u; off >>= 1u) {
         if (t < off) {
-            red[t] = max(red[t], red[t + off]);
+            let m1 = red_m[t];
+            let m2 = red_m[t + off];
+            let mx = max(m1, m2);
+            red_l[t] = red_l[t] * exp(m1 - mx) + red_l[t + off] * exp(m2 - mx);
+            red_m[t] = mx;
         }
         workgroupBarrier();
     }
-    let m = red[0];
-    workgroupBarrier();
-    var sum = 0.0;
-    for (var j = t; j < visible; j += WG) {
-        sum += exp(s[base + j] - m);
-    }
-    red[t] = sum;
-    workgroupBarrier();
-    for (var off = WG / 2u; off > 0u; off >>= 1u) {
-        if (t < off) {
-            red[t] = red[t] + red[t + off];
-        }
-        workgroupBarrier();
-    }
-    let inv = 1.0 / red[0];
+    let mx = red_m[0];
+    let inv = 1.0 / red_l[0];
     for (var j = t; j < p.keys; j += WG) {
         var v = 0.0;
         if (j < visible) {
-            v = exp(s[base + j] - m) * inv;
+            v = exp(s[base + j] - mx) * inv;
         }
         pm[base + j] = f16(v);
         if (p.zero != 0u) {
