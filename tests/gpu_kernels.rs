@@ -1215,103 +1215,107 @@ fn coop_gemm_batched_strided_matches_f64_where_granted() {
                     MatView::new(&c, batch * n),
                     false,
                 );
-                assert!(got.is_err(), "{op:?}: an overwriting unstaged GEMM was accepted");
+                assert!(
+                    got.is_err(),
+                    "{op:?}: an overwriting unstaged GEMM was accepted"
+                );
                 continue;
             }
-        let mut r = rng(77 + op as u64);
-        let to16 =
-            |v: Vec<f32>| -> Vec<half::f16> { v.into_iter().map(half::f16::from_f32).collect() };
-        // A: m × (batch·k) row-major; two B's back to back, each stored n×k (Nt) or k×n (Nn).
-        let a16 = to16(rand_vec(&mut r, m * batch * k));
-        let b16 = to16(rand_vec(&mut r, 2 * k * n));
-        let c0 = if accumulate {
-            rand_vec(&mut r, m * batch * n)
-        } else {
-            vec![f32::NAN; m * batch * n]
-        };
-        let a32: Vec<f32> = a16.iter().map(|v| v.to_f32()).collect();
-        let b32: Vec<f32> = b16.iter().map(|v| v.to_f32()).collect();
-        let trans_b = op.transposes().1;
-        let ldb = if trans_b { k } else { n };
-        let (ga, gb, gc) = (
-            ctx.upload("a16", &a16).unwrap(),
-            ctx.upload("b16", &b16).unwrap(),
-            ctx.upload("c", &c0).unwrap(),
-        );
-        let mut rec = ctx.recorder();
-        let (spec, a_op, b_op) = if nested {
-            // Entry o·2 + i: A's slice 2o + i, B o (its two heads share it), C's slice 2o + i.
-            (
-                ops::CoopBatch::nested(2, 2, n, 2 * n),
-                ops::CoopOperand::new(&ga, 0, batch * k)
-                    .batched(k, 1)
-                    .outer(2 * k),
-                ops::CoopOperand::new(&gb, 0, ldb)
-                    .batched(k * n, 2)
-                    .outer(k * n),
-            )
-        } else {
-            (
-                ops::CoopBatch::flat(batch, n),
-                ops::CoopOperand::new(&ga, 0, batch * k).batched(k, 1),
-                ops::CoopOperand::new(&gb, 0, ldb).batched(k * n, 2),
-            )
-        };
-        ops::gemm_coop_batched(
-            &mut rec,
-            op,
-            (m, n, k),
-            spec,
-            a_op,
-            b_op,
-            MatView::new(&gc, batch * n),
-            accumulate,
-        )
-        .unwrap();
-        rec.submit();
-        if op.staged() {
-            // The staged kernels load four halves (8 bytes) at a time: an offset that is not a
-            // multiple of 4 is refused, not misread.
-            for off in [1, 2] {
-                let mut rec = ctx.recorder();
-                let got = ops::gemm_coop_batched(
-                    &mut rec,
-                    op,
-                    (m, n, k),
-                    ops::CoopBatch::flat(1, n),
-                    ops::CoopOperand::new(&ga, off, batch * k),
-                    ops::CoopOperand::new(&gb, 0, ldb),
-                    MatView::new(&gc, batch * n),
-                    true,
-                );
-                assert!(got.is_err(), "{op:?}: offset {off} of A accepted");
-            }
-        }
-        let got = ctx.read(&gc).unwrap();
-        for z in 0..batch {
-            let az: Vec<f32> = (0..m)
-                .flat_map(|i| a32[i * batch * k + z * k..i * batch * k + (z + 1) * k].to_vec())
-                .collect();
-            let cz: Vec<f32> = (0..m)
-                .flat_map(|i| c0[i * batch * n + z * n..i * batch * n + (z + 1) * n].to_vec())
-                .collect();
-            let bz = &b32[(z / 2) * k * n..(z / 2 + 1) * k * n];
-            let beta = if accumulate { 1.0 } else { 0.0 };
-            let want = gemm_ref(m, n, k, 1.0, &az, k, false, bz, ldb, trans_b, beta, &cz);
-            let gz: Vec<f32> = (0..m)
-                .flat_map(|i| got[i * batch * n + z * n..i * batch * n + (z + 1) * n].to_vec())
-                .collect();
-            assert_close(
-                &format!(
-                    "batched tensor-core gemm {op:?} m={m} n={n} k={k} entry {z} of {batch} \
-                     (nested: {nested}, accumulate: {accumulate})"
-                ),
-                &gz,
-                &want,
-                1e-4 * (k as f64).sqrt(),
-                1e-4,
+            let mut r = rng(77 + op as u64);
+            let to16 = |v: Vec<f32>| -> Vec<half::f16> {
+                v.into_iter().map(half::f16::from_f32).collect()
+            };
+            // A: m × (batch·k) row-major; two B's back to back, each stored n×k (Nt) or k×n (Nn).
+            let a16 = to16(rand_vec(&mut r, m * batch * k));
+            let b16 = to16(rand_vec(&mut r, 2 * k * n));
+            let c0 = if accumulate {
+                rand_vec(&mut r, m * batch * n)
+            } else {
+                vec![f32::NAN; m * batch * n]
+            };
+            let a32: Vec<f32> = a16.iter().map(|v| v.to_f32()).collect();
+            let b32: Vec<f32> = b16.iter().map(|v| v.to_f32()).collect();
+            let trans_b = op.transposes().1;
+            let ldb = if trans_b { k } else { n };
+            let (ga, gb, gc) = (
+                ctx.upload("a16", &a16).unwrap(),
+                ctx.upload("b16", &b16).unwrap(),
+                ctx.upload("c", &c0).unwrap(),
             );
-        }
+            let mut rec = ctx.recorder();
+            let (spec, a_op, b_op) = if nested {
+                // Entry o·2 + i: A's slice 2o + i, B o (its two heads share it), C's slice 2o + i.
+                (
+                    ops::CoopBatch::nested(2, 2, n, 2 * n),
+                    ops::CoopOperand::new(&ga, 0, batch * k)
+                        .batched(k, 1)
+                        .outer(2 * k),
+                    ops::CoopOperand::new(&gb, 0, ldb)
+                        .batched(k * n, 2)
+                        .outer(k * n),
+                )
+            } else {
+                (
+                    ops::CoopBatch::flat(batch, n),
+                    ops::CoopOperand::new(&ga, 0, batch * k).batched(k, 1),
+                    ops::CoopOperand::new(&gb, 0, ldb).batched(k * n, 2),
+                )
+            };
+            ops::gemm_coop_batched(
+                &mut rec,
+                op,
+                (m, n, k),
+                spec,
+                a_op,
+                b_op,
+                MatView::new(&gc, batch * n),
+                accumulate,
+            )
+            .unwrap();
+            rec.submit();
+            if op.staged() {
+                // The staged kernels load four halves (8 bytes) at a time: an offset that is not a
+                // multiple of 4 is refused, not misread.
+                for off in [1, 2] {
+                    let mut rec = ctx.recorder();
+                    let got = ops::gemm_coop_batched(
+                        &mut rec,
+                        op,
+                        (m, n, k),
+                        ops::CoopBatch::flat(1, n),
+                        ops::CoopOperand::new(&ga, off, batch * k),
+                        ops::CoopOperand::new(&gb, 0, ldb),
+                        MatView::new(&gc, batch * n),
+                        true,
+                    );
+                    assert!(got.is_err(), "{op:?}: offset {off} of A accepted");
+                }
+            }
+            let got = ctx.read(&gc).unwrap();
+            for z in 0..batch {
+                let az: Vec<f32> = (0..m)
+                    .flat_map(|i| a32[i * batch * k + z * k..i * batch * k + (z + 1) * k].to_vec())
+                    .collect();
+                let cz: Vec<f32> = (0..m)
+                    .flat_map(|i| c0[i * batch * n + z * n..i * batch * n + (z + 1) * n].to_vec())
+                    .collect();
+                let bz = &b32[(z / 2) * k * n..(z / 2 + 1) * k * n];
+                let beta = if accumulate { 1.0 } else { 0.0 };
+                let want = gemm_ref(m, n, k, 1.0, &az, k, false, bz, ldb, trans_b, beta, &cz);
+                let gz: Vec<f32> = (0..m)
+                    .flat_map(|i| got[i * batch * n + z * n..i * batch * n + (z + 1) * n].to_vec())
+                    .collect();
+                assert_close(
+                    &format!(
+                        "batched tensor-core gemm {op:?} m={m} n={n} k={k} entry {z} of {batch} \
+                     (nested: {nested}, accumulate: {accumulate})"
+                    ),
+                    &gz,
+                    &want,
+                    1e-4 * (k as f64).sqrt(),
+                    1e-4,
+                );
+            }
         }
     }
 }

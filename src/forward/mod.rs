@@ -1371,7 +1371,17 @@ pub fn attend_tc_with(
                 MatView::new(&sc.s, l),
                 !qk_op.staged(),
             )?;
-            attn_softmax(rec, &sc.s, &sc.p, qc, keys, l, q0, ns * heads, !qk_overwrite)?;
+            attn_softmax(
+                rec,
+                &sc.s,
+                &sc.p,
+                qc,
+                keys,
+                l,
+                q0,
+                ns * heads,
+                !qk_overwrite,
+            )?;
             // O_oz[q0 .. q0 + qc] = P_oz · V_o,z/g[.. keys], into columns z·hd.. of sequence
             // o's output rows.
             gemm(

@@ -81,7 +81,11 @@ impl WriteWindow {
 /// builds (the tests) pool far smaller buffers, so that the test models, whose activations are
 /// well under 1 MiB, go through reuse — and through [`GpuContext::scratch`]'s NaN fill — as the
 /// large models do.
-const POOL_MIN_BYTES: u64 = if cfg!(debug_assertions) { 4 << 10 } else { 1 << 20 };
+const POOL_MIN_BYTES: u64 = if cfg!(debug_assertions) {
+    4 << 10
+} else {
+    1 << 20
+};
 
 /// Live and peak bytes allocated through the context (an application-level count of our own
 /// buffers; drivers add their own overhead on top), and the pool of freed buffers kept for reuse.

@@ -1146,11 +1146,7 @@ fn cast_impl(
         entry,
         &[],
         &params,
-        &[
-            x.buf.binding(),
-            out.binding(),
-            y.unwrap_or(x.buf).binding(),
-        ],
+        &[x.buf.binding(), out.binding(), y.unwrap_or(x.buf).binding()],
         groups_1d(u32_of("cast_f16 workgroups", (n_el / per).div_ceil(256))?),
     )
 }
@@ -1219,7 +1215,10 @@ pub fn pack_f16(
         &[],
         &params,
         &[x.binding(), words.binding(), flag.binding()],
-        groups_1d(u32_of("pack_f16 workgroups", len.div_ceil(per).div_ceil(256))?),
+        groups_1d(u32_of(
+            "pack_f16 workgroups",
+            len.div_ceil(per).div_ceil(256),
+        )?),
     )
 }
 
@@ -1248,7 +1247,10 @@ pub fn unpack_f16(
         &[],
         &params,
         &[out.binding(), words.binding()],
-        groups_1d(u32_of("unpack_f16 workgroups", len.div_ceil(per).div_ceil(256))?),
+        groups_1d(u32_of(
+            "unpack_f16 workgroups",
+            len.div_ceil(per).div_ceil(256),
+        )?),
     )
 }
 

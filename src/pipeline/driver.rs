@@ -494,9 +494,11 @@ pub fn quantize(
 
             // ---- stage B: attention with quantized q/k/v → statistics of o, metrics of q/k/v
             let work = ensure_work(&mut work_slot, &make_work)?;
-            let mut aq = Stream::new(ctx, "a_q", &attn_lens, placement)?;
+            let mut aq = Stream::written_before_read(ctx, "a_q", &attn_lens, placement)?;
             let mut afp = if fp_stream {
-                Some(Stream::new(ctx, "a_fp", &attn_lens, placement)?)
+                Some(Stream::written_before_read(
+                    ctx, "a_fp", &attn_lens, placement,
+                )?)
             } else {
                 None
             };
@@ -714,7 +716,9 @@ pub fn quantize(
                     Placement::Gpu
                 };
                 Ok(if plan.act_streams && on {
-                    Some(Stream::new(ctx, name, &act_lens, placement)?)
+                    Some(Stream::written_before_read(
+                        ctx, name, &act_lens, placement,
+                    )?)
                 } else {
                     None
                 })

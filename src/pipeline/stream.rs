@@ -135,12 +135,47 @@ impl Stream {
         lens: &[usize],
         placement: Placement,
     ) -> Result<Self, GpuError> {
+        Self::with_contents(ctx, what, lens, placement, true)
+    }
+
+    /// [`Stream::new`] for a stream whose every batch is stored before it is loaded (a layer's
+    /// attention outputs, its MLP activations): on the GPU its batches are
+    /// [`GpuContext::scratch`], so reused buffers are not cleared first (on an H100, 9–12 ms of
+    /// an 8B layer; BENCHMARKS.md session 31). On the host they are zeros as in `new`.
+    pub fn written_before_read(
+        ctx: &GpuContext,
+        what: &str,
+        lens: &[usize],
+        placement: Placement,
+    ) -> Result<Self, GpuError> {
+        Self::with_contents(ctx, what, lens, placement, false)
+    }
+
+    fn with_contents(
+        ctx: &GpuContext,
+        what: &str,
+        lens: &[usize],
+        placement: Placement,
+        zeroed: bool,
+    ) -> Result<Self, GpuError> {
+        fn gpu<T: bytemuck::Pod>(
+            ctx: &GpuContext,
+            what: &str,
+            len: usize,
+            zeroed: bool,
+        ) -> Result<GpuBuffer<T>, GpuError> {
+            if zeroed {
+                ctx.zeros(what, len)
+            } else {
+                ctx.scratch(what, len)
+            }
+        }
         let mut chunks = Vec::with_capacity(lens.len());
         for &len in lens {
             chunks.push(match placement {
-                Placement::Gpu => Chunk::Gpu(ctx.zeros::<f32>(what, len)?),
+                Placement::Gpu => Chunk::Gpu(gpu(ctx, what, len, zeroed)?),
                 // f16 zero is all-zero bits.
-                Placement::GpuF16 => Chunk::GpuF16(ctx.zeros::<u32>(what, ops::f16_words(len))?),
+                Placement::GpuF16 => Chunk::GpuF16(gpu(ctx, what, ops::f16_words(len), zeroed)?),
                 Placement::Host(StreamDType::F32) => Chunk::HostF32(vec![0.0; len]),
                 // f16 zero is all-zero bits.
                 Placement::Host(StreamDType::F16) => Chunk::HostF16(vec![0; ops::f16_words(len)]),
