@@ -889,6 +889,39 @@ mod tests {
         Ok(())
     }
 
+    /// A reused `scratch` buffer comes back with every bit set where [`super::poison_scratch`]
+    /// holds (debug builds: the tests), its earlier contents otherwise; a reused `zeros` buffer
+    /// comes back zeroed either way. A new scratch buffer reads as zeros (wgpu initialises it).
+    #[test]
+    fn reused_scratch_is_poisoned_in_debug_builds() -> Result<(), Box<dyn std::error::Error>> {
+        let Some(ctx) = crate::gpu::test_context() else {
+            return Ok(());
+        };
+        ctx.set_pool_limit(1 << 30);
+        let n = 3 << 20; // 12 MiB: pooled in every build
+        let fresh = ctx.scratch::<u32>("fresh", n)?;
+        assert!(ctx.read(&fresh)?.iter().all(|&v| v == 0), "a new buffer");
+        drop(fresh);
+        drop(ctx.upload("old contents", &vec![7u32; n])?);
+        let reused = ctx.scratch::<u32>("reused", n)?;
+        let want = if super::poison_scratch() { u32::MAX } else { 7 };
+        let got = ctx.read(&reused)?;
+        if let Some(i) = got.iter().position(|&v| v != want) {
+            panic!("reused scratch: element {i} of {n} is {:#x}, expected {want:#x}", got[i]);
+        }
+        drop(reused);
+        let zeroed = ctx.zeros::<u32>("zeros", n)?;
+        assert!(ctx.read(&zeroed)?.iter().all(|&v| v == 0), "a reused zeros buffer");
+        assert_eq!(
+            super::poison_scratch(),
+            cfg!(debug_assertions)
+                && !std::env::var("GPTAQ_POISON_SCRATCH").is_ok_and(|v| v == "0")
+                || std::env::var("GPTAQ_POISON_SCRATCH").is_ok_and(|v| v == "1"),
+            "debug builds poison unless GPTAQ_POISON_SCRATCH=0; GPTAQ_POISON_SCRATCH=1 always"
+        );
+        Ok(())
+    }
+
     /// A paced upload equals the plain one bit for bit, with chunks that do not divide the data
     /// (and data no larger than a chunk taking the plain path), also into a pooled buffer that
     /// held other data (`scratch`: not cleared first), and leaves at most `PACED_IN_FLIGHT`
