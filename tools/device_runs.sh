@@ -6,7 +6,8 @@
 #   TBINS="forward gpu_kernels" TESTS="coop" \
 #   RUNS="tc::--gpu-memory,70,--method,gptq,--no-metrics,--tensor-cores nopool:GPTAQ_POOL=0:--gpu-memory,70,--method,gptq" \
 #   KB="gemm_coop" OUT=$OUT bash tools/device_runs.sh
-# RUNS entries are NAME:ENV1=a,ENV2=b:ARG,ARG,... on /tmp/l8b2 (a random Llama-3-8B-shaped model
+# RUNS entries are NAME:ENV1=a,ENV2=b:ARG,ARG,... (a NAME starting old_ runs .device-carry/gptaq-studio-old,
+# an earlier build carried for an A/B) on /tmp/l8b2 (a random Llama-3-8B-shaped model
 # of two layers, tools/make_random_llama.py, 128 × 2048 calibration tokens, 4-bit g128); TBINS
 # the carried test binaries to run (default gpu_kernels forward pipeline; TBINS="" runs none;
 # TESTS: libtest filters, TLIM seconds each, TENV their environment, e.g. GPTAQ_POISON_SCRATCH=1
