@@ -907,11 +907,17 @@ mod tests {
         let want = if super::poison_scratch() { u32::MAX } else { 7 };
         let got = ctx.read(&reused)?;
         if let Some(i) = got.iter().position(|&v| v != want) {
-            panic!("reused scratch: element {i} of {n} is {:#x}, expected {want:#x}", got[i]);
+            panic!(
+                "reused scratch: element {i} of {n} is {:#x}, expected {want:#x}",
+                got[i]
+            );
         }
         drop(reused);
         let zeroed = ctx.zeros::<u32>("zeros", n)?;
-        assert!(ctx.read(&zeroed)?.iter().all(|&v| v == 0), "a reused zeros buffer");
+        assert!(
+            ctx.read(&zeroed)?.iter().all(|&v| v == 0),
+            "a reused zeros buffer"
+        );
         assert_eq!(
             super::poison_scratch(),
             cfg!(debug_assertions)
