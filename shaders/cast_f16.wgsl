@@ -14,9 +14,9 @@
 // element per invocation and takes any view; `cast_f16_x4` converts four consecutive elements
 // per invocation, one 16-byte load per input and one 8-byte store, where cols, ld and off are
 // multiples of 4 (every tensor-core operand: the staged kernels need that alignment anyway).
-// The cast is a pure bandwidth pass: one-element invocations issue 2-byte stores and twice the
-// instructions, and reached about half the card's bandwidth on the H100 (BENCHMARKS.md
-// session 31).
+// The cast is a pure bandwidth pass: one-element invocations issue 2-byte stores and four times
+// the instructions; they reached about a third of the H100's bandwidth, the four-wide ones about
+// three quarters (BENCHMARKS.md session 31).
 
 enable f16;
 

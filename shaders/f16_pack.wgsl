@@ -25,9 +25,9 @@
 // words the packed side, so a launcher passes [f32 buffer, words(, flag)] as bindings 1...
 // `pack_f16_x4` / `unpack_f16_x4` do four elements (two words) per invocation through vector
 // views of the same bindings, where len is a multiple of 4 (gpu/ops.rs picks them): 16-byte f32
-// and 8-byte word accesses instead of 4-byte ones, the same bits. The one-word entry points moved
-// an 8B model's activation streams at about a third of the H100's bandwidth (BENCHMARKS.md
-// session 31).
+// and 8-byte word accesses instead of 4-byte ones, the same bits. On an 8B model's activation
+// streams the one-word entry points moved about 2.0 TB/s on the H100, the four-element ones about
+// 2.7 TB/s (BENCHMARKS.md session 31).
 
 struct Params {
     len: u32,
