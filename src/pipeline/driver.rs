@@ -1627,9 +1627,6 @@ fn solve_group(
         names.join(", ")
     )));
     let _scope = ctx.time_scope("solve");
-    // The previous group's codes: their copies had the stage just recorded to overlap with.
-    results.finish_codes(ctx)?;
-    prof.sync(ctx, "codes")?;
     // The tensor-core path's f16 operands are accumulation scratch: not kept through the solve.
     stats.f16 = None;
     // The group's modules share H and D: one factorisation and one P for all of them.
@@ -1658,6 +1655,13 @@ fn solve_group(
             finished.push((m, done, secs + t.elapsed().as_secs_f64()));
         }
     }
+    // The previous group's codes: their copies had the stage since then to overlap with, and
+    // copying them out (about 0.1 s of host time per 8B layer) overlaps this group's solves too.
+    // Before the submissions above, the GPU ran dry while the host copied them: it had finished
+    // the statistics and waited for the Hessian's diagonal to be asked for (about 19 ms per 8B
+    // GPTQ layer on an H100, BENCHMARKS.md session 31).
+    results.finish_codes(ctx)?;
+    prof.sync(ctx, "codes")?;
     for (m, s, submit_secs) in solving {
         let t = Instant::now();
         let done = finish_module(ctx, layers, m, s, layer, prof)?;
