@@ -1656,10 +1656,10 @@ fn solve_group(
         }
     }
     // The previous group's codes: their copies had the stage since then to overlap with, and
-    // copying them out (about 0.1 s of host time per 8B layer) overlaps this group's solves too.
-    // Before the submissions above, the GPU ran dry while the host copied them: it had finished
-    // the statistics and waited for the Hessian's diagonal to be asked for (about 19 ms per 8B
-    // GPTQ layer on an H100, BENCHMARKS.md session 31).
+    // copying them out (about 0.1 s of host time per 8B layer) now overlaps this group's solves
+    // too. Done before the submissions above, the copy left the host late to ask for the
+    // Hessian's diagonal, most likely the cause of the GPU idle measured there (19 ms per 8B GPTQ
+    // layer on an H100; the gain of this order is not measured yet, BENCHMARKS.md session 31).
     results.finish_codes(ctx)?;
     prof.sync(ctx, "codes")?;
     for (m, s, submit_secs) in solving {
