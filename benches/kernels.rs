@@ -30,7 +30,9 @@
 //! pipeline's solves do (`GPTAQ_BENCH_POOL_GIB`, default 32; 0 turns it off).
 //! `hessian_coop` (where cooperative matrices are granted) times the statistics' tensor-core
 //! products at the pipeline's shape: an n-wide input over `GPTAQ_BENCH_TOKENS` tokens (default
-//! 4·n), `Tn128Upper` (H) and `Tn128` (GPTAQ's D).
+//! 4·n), `Tn128Upper` (H) and `Tn128` (GPTAQ's D). `cast_f16` times the f32 → f16 operand casts
+//! at the same shape, in bytes moved per second (four-wide, scalar, and GPTAQ's ΔX from two
+//! inputs).
 //! `attention` times the causal GQA attention kernel alone (`forward::attend`, `attention.wgsl`,
 //! and where granted the tensor-core `forward::attend_tc`)
 //! at the shape `GPTAQ_BENCH_ATTN` = "heads:kv_heads:head_dim:seqlen:nseq" (default
@@ -67,6 +69,14 @@ fn sizes() -> Vec<usize> {
         .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
         .filter(|v: &Vec<usize>| !v.is_empty())
         .unwrap_or_else(|| vec![256, 512])
+}
+
+/// Rows of the statistics' and casts' benches: `GPTAQ_BENCH_TOKENS`, default 4·n.
+fn bench_tokens(n: usize) -> usize {
+    std::env::var("GPTAQ_BENCH_TOKENS")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(4 * n)
 }
 
 fn data(len: usize) -> Vec<f32> {
@@ -190,10 +200,7 @@ fn bench_kernels(c: &mut Criterion) {
         let mut g = c.benchmark_group("hessian_coop");
         g.sample_size(10);
         for n in sizes() {
-            let t = std::env::var("GPTAQ_BENCH_TOKENS")
-                .ok()
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(4 * n);
+            let t = bench_tokens(n);
             let h: Vec<half::f16> = data(t * n).into_iter().map(half::f16::from_f32).collect();
             let x = ctx.upload("x16", &h).expect("upload x");
             let out = ctx.zeros::<f32>("h", n * n).expect("alloc h");
@@ -215,6 +222,39 @@ fn bench_kernels(c: &mut Criterion) {
                             true,
                         )
                         .expect("gemm_coop");
+                        rec.submit();
+                        ctx.sync().expect("sync");
+                    })
+                });
+            }
+        }
+        g.finish();
+    }
+    if ctx.has_f16() {
+        // The f32 → f16 operand casts (`ops::cast_f16`, `ops::cast_f16_diff`), a pure bandwidth
+        // pass, in bytes moved (criterion's elements/s = bytes/s): an n-wide input over
+        // `GPTAQ_BENCH_TOKENS` rows (default 4·n). `x4` is the four-wide entry point (aligned
+        // view), `x1` the scalar one (the same view at offset 1), `diff` GPTAQ's ΔX operand.
+        let mut g = c.benchmark_group("cast_f16");
+        g.sample_size(10);
+        for n in sizes() {
+            let t = bench_tokens(n);
+            let x = ctx.upload("x", &data(t * n + 4)).expect("upload x");
+            let y = ctx.upload("y", &data(t * n + 4)).expect("upload y");
+            let out = ctx.zeros::<half::f16>("x16", t * n).expect("alloc out");
+            for (name, off, diff) in [("x4", 0, false), ("x1", 1, false), ("diff x4", 0, true)] {
+                let bytes = t * n * if diff { 10 } else { 6 };
+                g.throughput(Throughput::Elements(bytes as u64));
+                g.bench_function(format!("{t}x{n} {name}"), |bch| {
+                    bch.iter(|| {
+                        let mut rec = ctx.recorder();
+                        let v = MatView::new(&x, n).at(off);
+                        if diff {
+                            ops::cast_f16_diff(&mut rec, t, n, v, &y, 0.5, &out)
+                        } else {
+                            ops::cast_f16(&mut rec, t, n, v, 0.5, &out)
+                        }
+                        .expect("cast_f16");
                         rec.submit();
                         ctx.sync().expect("sync");
                     })
