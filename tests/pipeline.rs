@@ -1091,6 +1091,53 @@ fn measured_peak_stays_within_the_memory_plan() {
     }
 }
 
+/// Asserts that two runs of the same job quantized bit for bit alike: per module the codes and Q
+/// (first difference named), the scales, zeros, damping and fallback, and per reported module and
+/// layer the errors, the proxy loss and the hidden deviation. `what` names the comparison.
+fn assert_same_runs(what: &str, a: &pipeline::QuantizedModel, b: &pipeline::QuantizedModel) {
+    assert_eq!(a.modules.len(), b.modules.len(), "{what}: module count");
+    for (key, x) in &a.modules {
+        let y = &b.modules[key];
+        let first = x.codes.iter().zip(&y.codes).position(|(p, q)| p != q);
+        assert!(
+            first.is_none() && x.codes.len() == y.codes.len(),
+            "{what} {key:?}: code {first:?} of {} differs",
+            x.codes.len()
+        );
+        let (qx, qy) = (x.weights(), y.weights());
+        let first = qx
+            .iter()
+            .zip(qy.iter())
+            .position(|(p, q)| p.to_bits() != q.to_bits());
+        assert!(first.is_none(), "{what} {key:?}: Q differs at {first:?}");
+        assert!(
+            x.scales == y.scales && x.zeros == y.zeros,
+            "{what} {key:?}: scales or zeros differ"
+        );
+        assert_eq!(
+            (x.damp_percent, &x.fallback),
+            (y.damp_percent, &y.fallback),
+            "{what} {key:?}: damping"
+        );
+    }
+    for (x, y) in a.report.modules.iter().zip(&b.report.modules) {
+        assert_eq!(
+            (x.quant_error, x.asym_error, x.output_error, x.proxy_loss),
+            (y.quant_error, y.asym_error, y.output_error, y.proxy_loss),
+            "{what} layer {} {}: metrics",
+            x.layer,
+            x.module
+        );
+    }
+    for (x, y) in a.report.layers.iter().zip(&b.report.layers) {
+        assert_eq!(
+            x.hidden_rel_error, y.hidden_rel_error,
+            "{what} layer {}: hidden deviation",
+            x.layer
+        );
+    }
+}
+
 /// The same quantization of a small two-layer synthetic model (hidden 64, intermediate 96, metrics
 /// on, GPU solver) with the streams on the GPU and on the host, in that order.
 fn gpu_and_host_stream_runs(
@@ -1149,24 +1196,7 @@ fn host_stream_stores_in_flight_across_batches_change_nothing() {
     for q in &runs {
         assert_eq!(q.report.plan.batch_sequences, 16, "two batches expected");
     }
-    let (gpu, host) = (&runs[0], &runs[1]);
-    for (key, a) in &gpu.modules {
-        let b = &host.modules[key];
-        assert_eq!(
-            (&a.codes, a.weights()),
-            (&b.codes, b.weights()),
-            "{key:?}: host streams with stores in flight changed the quantization"
-        );
-    }
-    for (a, b) in gpu.report.modules.iter().zip(&host.report.modules) {
-        assert_eq!(
-            (a.quant_error, a.output_error),
-            (b.quant_error, b.output_error),
-            "layer {} {}: metrics",
-            a.layer,
-            a.module
-        );
-    }
+    assert_same_runs("host streams with stores in flight", &runs[0], &runs[1]);
 }
 
 /// Solves whose first damping fails: without damping and with 16 calibration tokens against
@@ -1188,52 +1218,20 @@ fn failed_speculative_factors_change_no_result() {
             ..QuantConfig::default()
         };
         let runs = gpu_and_host_stream_runs(&ctx, quant, 2, 8);
-        let (gpu, host) = (&runs[0], &runs[1]);
-        for (key, a) in &gpu.modules {
-            let b = &host.modules[key];
+        for (key, a) in &runs[0].modules {
             assert_eq!(
                 a.fallback,
                 Some(gptaq_studio::quant::Fallback::IncreasedDamping),
                 "{method:?} {key:?}: the first damping must fail here"
             );
-            let first = a.codes.iter().zip(&b.codes).position(|(x, y)| x != y);
-            assert!(
-                first.is_none() && a.codes.len() == b.codes.len(),
-                "{method:?} {key:?}: a failed speculative factor changed code {first:?} of {}",
-                a.codes.len()
-            );
-            let (qa, qb) = (a.weights(), b.weights());
-            let first = qa
-                .iter()
-                .zip(qb.iter())
-                .position(|(x, y)| x.to_bits() != y.to_bits());
-            assert!(
-                first.is_none(),
-                "{method:?} {key:?}: Q differs at {first:?}"
-            );
-            assert_eq!(
-                a.damp_percent, b.damp_percent,
-                "{method:?} {key:?}: damping"
-            );
         }
         // The metrics are measured on the quantized stream, which runs through the installed Q:
         // equal only if each solve's replacement Q was installed.
-        for (a, b) in gpu.report.modules.iter().zip(&host.report.modules) {
-            assert_eq!(
-                (a.quant_error, a.output_error, a.fallback.clone()),
-                (b.quant_error, b.output_error, b.fallback.clone()),
-                "{method:?} layer {} {}: metrics",
-                a.layer,
-                a.module
-            );
-        }
-        for (a, b) in gpu.report.layers.iter().zip(&host.report.layers) {
-            assert_eq!(
-                a.hidden_rel_error, b.hidden_rel_error,
-                "{method:?} layer {}",
-                a.layer
-            );
-        }
+        assert_same_runs(
+            &format!("{method:?}, a failed speculative factor"),
+            &runs[0],
+            &runs[1],
+        );
     }
 }
 
@@ -1286,36 +1284,11 @@ fn spare_memory_for_speed_changes_no_result() {
             }
             runs.push(q);
         }
-        let (spent, lean) = (&runs[0], &runs[1]);
-        for (key, a) in &spent.modules {
-            let b = &lean.modules[key];
-            let first = a.codes.iter().zip(&b.codes).position(|(x, y)| x != y);
-            assert!(
-                first.is_none() && a.codes.len() == b.codes.len(),
-                "{method:?} {key:?}: spending spare memory changes code {first:?} of {}",
-                a.codes.len()
-            );
-            assert!(
-                a.scales == b.scales && a.zeros == b.zeros,
-                "{method:?} {key:?}: spending spare memory changes the scales or zeros"
-            );
-        }
-        for (a, b) in spent.report.modules.iter().zip(&lean.report.modules) {
-            assert_eq!(
-                (a.quant_error, a.asym_error, a.output_error, a.proxy_loss),
-                (b.quant_error, b.asym_error, b.output_error, b.proxy_loss),
-                "{method:?} layer {} {}",
-                a.layer,
-                a.module
-            );
-        }
-        for (a, b) in spent.report.layers.iter().zip(&lean.report.layers) {
-            assert_eq!(
-                a.hidden_rel_error, b.hidden_rel_error,
-                "{method:?} layer {}",
-                a.layer
-            );
-        }
+        assert_same_runs(
+            &format!("{method:?}, spare memory spent"),
+            &runs[0],
+            &runs[1],
+        );
         // Without room on the GPU for the streams there is no act stream either.
         let mut j = job(
             ModelInput::Demo { seed: 9 },
@@ -1416,26 +1389,11 @@ fn packed_f16_gpu_streams_equal_f16_host_streams() {
         );
         runs.push(q);
     }
-    let (gpu, host) = (&runs[0], &runs[1]);
-    for (key, a) in &gpu.modules {
-        let b = &host.modules[key];
-        assert!(
-            a.codes == b.codes && a.scales == b.scales && a.zeros == b.zeros,
-            "{key:?}: packed GPU streams quantize differently from host f16 streams"
-        );
-    }
-    for (a, b) in gpu.report.modules.iter().zip(&host.report.modules) {
-        assert_eq!(
-            (a.quant_error, a.asym_error, a.output_error),
-            (b.quant_error, b.asym_error, b.output_error),
-            "layer {} {}",
-            a.layer,
-            a.module
-        );
-    }
-    for (a, b) in gpu.report.layers.iter().zip(&host.report.layers) {
-        assert_eq!(a.hidden_rel_error, b.hidden_rel_error, "layer {}", a.layer);
-    }
+    assert_same_runs(
+        "packed GPU f16 streams against host f16 streams",
+        &runs[0],
+        &runs[1],
+    );
 }
 
 /// `PipelineConfig::tensor_cores` on tiny-llama-15m (every module and the attention tile at 128

@@ -1208,7 +1208,7 @@ pub fn pack_f16(
         len: u32_of("pack_f16 len", len)?,
         _p: [0; 3],
     };
-    let (entry, per) = f16_pack_entry("pack_f16", len);
+    let (entry, per) = f16_pack_entry(true, len);
     rec.dispatch(
         &F16_PACK,
         entry,
@@ -1240,7 +1240,7 @@ pub fn unpack_f16(
         len: u32_of("unpack_f16 len", len)?,
         _p: [0; 3],
     };
-    let (entry, per) = f16_pack_entry("unpack_f16", len);
+    let (entry, per) = f16_pack_entry(false, len);
     rec.dispatch(
         &F16_PACK,
         entry,
@@ -1254,13 +1254,14 @@ pub fn unpack_f16(
     )
 }
 
-/// `f16_pack.wgsl`'s entry point for `len` elements and the elements each invocation converts:
-/// four (`…_x4`) where `len` is a multiple of 4, else two (one word).
-fn f16_pack_entry(base: &'static str, len: usize) -> (&'static str, usize) {
-    match (base, len.is_multiple_of(4)) {
-        ("pack_f16", true) => ("pack_f16_x4", 4),
-        ("unpack_f16", true) => ("unpack_f16_x4", 4),
-        _ => (base, 2),
+/// `f16_pack.wgsl`'s entry point (`pack`: packing, else unpacking) for `len` elements and the
+/// elements each invocation converts: four (`…_x4`) where `len` is a multiple of 4, else two.
+fn f16_pack_entry(pack: bool, len: usize) -> (&'static str, usize) {
+    match (pack, len.is_multiple_of(4)) {
+        (true, true) => ("pack_f16_x4", 4),
+        (true, false) => ("pack_f16", 2),
+        (false, true) => ("unpack_f16_x4", 4),
+        (false, false) => ("unpack_f16", 2),
     }
 }
 

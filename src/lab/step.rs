@@ -451,26 +451,6 @@ pub(crate) mod tests {
         ]
     }
 
-    fn assert_same(a: &QuantResult, b: &QuantResult, what: &str) {
-        assert_eq!(a.q, b.q, "{what}: q");
-        assert_eq!(a.codes, b.codes, "{what}: codes");
-        assert_eq!(a.scales, b.scales, "{what}: scales");
-        assert_eq!(a.zeros, b.zeros, "{what}: zeros");
-        assert_eq!(a.g_idx, b.g_idx, "{what}: g_idx");
-        assert_eq!(a.perm, b.perm, "{what}: perm");
-        assert_eq!(
-            a.proxy_loss_sum.to_bits(),
-            b.proxy_loss_sum.to_bits(),
-            "{what}: proxy loss {} vs {}",
-            a.proxy_loss_sum,
-            b.proxy_loss_sum
-        );
-        assert_eq!(a.column_loss, b.column_loss, "{what}: column_loss");
-        assert_eq!(a.h_diag, b.h_diag, "{what}: h_diag");
-        assert_eq!(a.damp.to_bits(), b.damp.to_bits(), "{what}: damp");
-        assert_eq!(a.fallback, b.fallback, "{what}: fallback");
-    }
-
     /// Stepping a whole solve (columns, blocks, and the rest at once, in a pattern that crosses
     /// block boundaries mid-way) ends exactly where `quantize_f64` does, bit for bit.
     #[test]
@@ -500,10 +480,14 @@ pub(crate) mod tests {
             assert_eq!(last.stage, Stage::Done, "config {ci}");
             assert!(last.final_metrics.is_some());
             let got = lab.step_result().ok_or("no result after Done")?;
-            assert_same(got, &want, &format!("config {ci} stepped"));
+            crate::quant::assert_same_result(got, &want, &format!("config {ci} stepped"));
             // The lab's cached one-shot solve is the same too.
             let solved = lab.solve(cfg)?;
-            assert_same(&solved.result, &want, &format!("config {ci} cached solve"));
+            crate::quant::assert_same_result(
+                &solved.result,
+                &want,
+                &format!("config {ci} cached solve"),
+            );
         }
         Ok(())
     }

@@ -18,7 +18,7 @@
 //!    below the panel gets the panel's four blocks at once, `K −= L·Lᵀ` with k = 128 read from M
 //!    (`gemm_mat_upper`) — a quarter of the passes over it. A failed pivot sets a flag; the host
 //!    reads the two-word flag once per attempt — the only readback of the factorisation — or,
-//!    taken speculatively ([`upper_inverse_factor_speculative`]), only once the solve built on the
+//!    taken speculatively ([`upper_inverse_factor`]), only once the solve built on the
 //!    first attempt is finished.
 //!
 //! Recorded right after each attempt's Cholesky, before its flag is read (so the GPU need not
@@ -203,7 +203,7 @@ pub fn upper_inverse_factor_gpu(
     damp_auto_increment: f64,
     align: usize,
 ) -> Result<Result<Damped<GpuMatrix>, QuantError>, GpuError> {
-    upper_inverse_factor_panels(
+    upper_inverse_factor(
         ctx,
         h,
         order,
@@ -211,26 +211,25 @@ pub fn upper_inverse_factor_gpu(
         damp_percent,
         damp_auto_increment,
         align,
-        outer_panel(diag.len()),
-        true,
         false,
     )
     .map(|r| r.map(|(f, _)| f))
 }
 
-/// The first attempt of [`upper_inverse_factor_gpu`] (damping `damp_percent`), recorded and
-/// submitted but not waited for: the factor is returned as if its Cholesky succeeded, with the
-/// pivots' flag on its way back ([`FactorCheck`]). Why: reading the flag made the host wait for
-/// the whole factorisation before it could record the solve's sweep, and the GPU then waited for
-/// that recording (BENCHMARKS.md, session 30). A matrix that needs more damping than the first
-/// attempt's is rare; its caller finds out from the flag once the solve's results are read, and
-/// solves again with [`upper_inverse_factor_gpu`], which goes through the same schedule of
-/// dampings from the start and so takes the same decisions.
+/// [`upper_inverse_factor_gpu`], or with `speculate` its first attempt (damping `damp_percent`)
+/// recorded and submitted but not waited for: the factor is returned as if its Cholesky
+/// succeeded, with the pivots' flag on its way back ([`FactorCheck`]). Why: reading the flag made
+/// the host wait for the whole factorisation before it could record the solve's sweep, and the
+/// GPU then waited for that recording (BENCHMARKS.md, session 30). A matrix that needs more
+/// damping than the first attempt's is rare; its caller finds out from the flag once the solve's
+/// results are read, and solves again without speculating, which goes through the same schedule
+/// of dampings from the start and so takes the same decisions.
 ///
-/// Memory: the factor's second n×n matrix and its scratch are dropped here while the GPU may still
-/// be using them, so their device memory is only released once the factorisation has run —
-/// alongside whatever the caller allocates next. Memory-bound callers should wait instead.
-pub fn upper_inverse_factor_speculative(
+/// Memory, speculating: the factor's second n×n matrix and its scratch are dropped here while the
+/// GPU may still be using them, so their device memory is only released once the factorisation
+/// has run — alongside whatever the caller allocates next. Memory-bound callers should wait.
+#[allow(clippy::too_many_arguments)]
+pub fn upper_inverse_factor(
     ctx: &GpuContext,
     h: &GpuMatrix,
     order: &[usize],
@@ -238,6 +237,7 @@ pub fn upper_inverse_factor_speculative(
     damp_percent: f64,
     damp_auto_increment: f64,
     align: usize,
+    speculate: bool,
 ) -> Result<Result<Factored, QuantError>, GpuError> {
     upper_inverse_factor_panels(
         ctx,
@@ -249,11 +249,11 @@ pub fn upper_inverse_factor_speculative(
         align,
         outer_panel(diag.len()),
         true,
-        true,
+        speculate,
     )
 }
 
-/// The pivots' flag of a speculative factorisation ([`upper_inverse_factor_speculative`]), read
+/// The pivots' flag of a speculative factorisation ([`upper_inverse_factor`]), read
 /// once by whichever of the solves sharing the factor finishes first.
 pub struct FactorCheck {
     state: std::sync::Mutex<CheckState>,
@@ -284,14 +284,14 @@ impl FactorCheck {
     }
 }
 
-/// A factor, and its unread pivots' flag where it was taken speculatively (always `Some` from
-/// [`upper_inverse_factor_speculative`], `None` from [`upper_inverse_factor_gpu`]).
+/// A factor, and its unread pivots' flag where it was taken speculatively ([`upper_inverse_factor`]
+/// with `speculate`; `None` otherwise).
 pub type Factored = (Damped<GpuMatrix>, Option<FactorCheck>);
 
 /// [`upper_inverse_factor_gpu`] with the Cholesky's outer panel width (`outer_panel`) given,
 /// whether the inverse's levels may be batched (`inverse_level_batched`; off only in tests, to
 /// compare), and whether the first attempt is taken as it is, its flag returned unread
-/// ([`upper_inverse_factor_speculative`]).
+/// ([`upper_inverse_factor`]).
 #[allow(clippy::too_many_arguments)]
 fn upper_inverse_factor_panels(
     ctx: &GpuContext,

@@ -15,7 +15,7 @@
 //!    `D` (q/k/v, gate/up) can share diag(H), `U` and `P` through a [`SharedFactor`].
 //!    Speculatively (`SolveOptions::speculate`, the default except in memory-bound pipeline
 //!    plans) the first damping is taken without waiting for the Cholesky's pivots' flag
-//!    ([`factor::upper_inverse_factor_speculative`]): the host records the rest while the GPU
+//!    ([`factor::upper_inverse_factor`] with `speculate`): the host records the rest while the GPU
 //!    factors, and the flag is checked when the solve finishes; where it failed (H needed more
 //!    damping) the module is solved again with every attempt waited for, so the damping and
 //!    fallback decisions stay the reference's.
@@ -922,7 +922,7 @@ pub fn quantize_gpu_resident(
 /// the speculative factor failed: [`GpuSolve::q`] is then the new Q).
 ///
 /// `speculate`: the factor's first attempt is taken without waiting for its pivots' flag
-/// ([`factor::upper_inverse_factor_speculative`]), so the host records the sweep while the GPU
+/// ([`factor::upper_inverse_factor`] with `speculate`), so the host records the sweep while the GPU
 /// factors. Its buffers then outlive the factor's host code until the GPU is done with them, so
 /// memory-bound callers (the pipeline's plans without the buffer pool) pass `false`.
 /// [`quantize_gpu`] and [`quantize_gpu_resident`] speculate.
@@ -1354,7 +1354,7 @@ struct SolveOptions {
     /// The sweep's kernel (`None`: [`SweepKernel::for_blocks`]; `sweep_lanes` only where it fits).
     sweep_kernel: Option<SweepKernel>,
     /// Take the factor's first attempt without waiting for its pivots' flag
-    /// ([`factor::upper_inverse_factor_speculative`]; off with `GPTAQ_SPECULATE=0`): checked when
+    /// ([`factor::upper_inverse_factor`] with `speculate`; off with `GPTAQ_SPECULATE=0`): checked when
     /// the solve finishes, which solves again, waiting, where the first damping was not enough.
     speculate: bool,
 }
@@ -1527,7 +1527,7 @@ fn solve<'a>(
     scope.set("solve/factor");
     let (computed, check) = match cached.as_ref() {
         Some(c) => (c.factor.clone(), c.check.clone()),
-        None if speculation(speculate) => match factor::upper_inverse_factor_speculative(
+        None => match factor::upper_inverse_factor(
             ctx,
             h,
             &order,
@@ -1535,24 +1535,11 @@ fn solve<'a>(
             cfg.damp_percent,
             cfg.damp_auto_increment,
             bs,
+            speculation(speculate),
         )? {
             Ok((f, c)) => (Ok(Arc::new(f)), c.map(Arc::new)),
             Err(e) => (Err(e.to_string()), None),
         },
-        None => (
-            factor::upper_inverse_factor_gpu(
-                ctx,
-                h,
-                &order,
-                &prepared.diag,
-                cfg.damp_percent,
-                cfg.damp_auto_increment,
-                bs,
-            )?
-            .map(Arc::new)
-            .map_err(|e| e.to_string()),
-            None,
-        ),
     };
     let factor = match computed {
         Ok(f) => f,
@@ -2230,33 +2217,10 @@ mod tests {
                     "{method:?} module {i}: submitted without waiting for the factor"
                 );
                 let got = s.finish(&ctx)?;
-                let (g, e) = (&got.result, &want.result);
-                assert_eq!(
-                    (
-                        g.fallback.clone(),
-                        g.damp_percent.to_bits(),
-                        g.damp.to_bits()
-                    ),
-                    (
-                        e.fallback.clone(),
-                        e.damp_percent.to_bits(),
-                        e.damp.to_bits()
-                    ),
-                    "{method:?} module {i}: damping"
-                );
-                let first = g.codes.iter().zip(&e.codes).position(|(a, b)| a != b);
-                assert!(
-                    first.is_none() && g.codes.len() == e.codes.len(),
-                    "{method:?} module {i} ({rows}×{n}): code {first:?} differs after solving again"
-                );
-                let qbits = |q: &[f32]| q.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-                assert_eq!(qbits(&g.q), qbits(&e.q), "{method:?} module {i}: Q");
-                assert_eq!(
-                    g.proxy_loss_sum.to_bits(),
-                    e.proxy_loss_sum.to_bits(),
-                    "{method:?} module {i}: proxy loss {} against {}",
-                    g.proxy_loss_sum,
-                    e.proxy_loss_sum
+                crate::quant::assert_same_result(
+                    &got.result,
+                    &want.result,
+                    &format!("{method:?} module {i} ({rows}×{n}) after solving again"),
                 );
                 assert!(
                     got.q.is_some(),

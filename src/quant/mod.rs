@@ -190,6 +190,69 @@ impl QuantResult {
 /// Why the CPU reference (or the quantizer) refused its input. Cholesky failure is *not* an error
 /// of `quantize_f64` (it falls back to RTN, see [`Fallback::Rtn`]); it is one of
 /// [`reference::inverse_hessian_factor_f64`].
+/// For tests: asserts that `got` is `want` bit for bit — every field, floats by their bits —
+/// naming the field and, for the vectors, the first index that differs with both values.
+#[cfg(test)]
+pub(crate) fn assert_same_result(got: &QuantResult, want: &QuantResult, what: &str) {
+    use std::fmt::Debug;
+    fn same<T: PartialEq + Debug>(what: &str, field: &str, got: &[T], want: &[T]) {
+        assert_eq!(got.len(), want.len(), "{what}: {field}: length");
+        if let Some(i) = got.iter().zip(want).position(|(a, b)| a != b) {
+            panic!(
+                "{what}: {field}[{i}] is {:?}, expected {:?}",
+                got[i], want[i]
+            );
+        }
+    }
+    let bits32 = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let bits64 = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(
+        (got.rows, got.cols),
+        (want.rows, want.cols),
+        "{what}: shape"
+    );
+    same(what, "q (bits)", &bits32(&got.q), &bits32(&want.q));
+    same(what, "codes", &got.codes, &want.codes);
+    same(
+        what,
+        "scales (bits)",
+        &bits32(&got.scales),
+        &bits32(&want.scales),
+    );
+    same(what, "zeros", &got.zeros, &want.zeros);
+    same(what, "g_idx", &got.g_idx, &want.g_idx);
+    assert_eq!(got.perm, want.perm, "{what}: perm");
+    assert_eq!(
+        got.proxy_loss_sum.to_bits(),
+        want.proxy_loss_sum.to_bits(),
+        "{what}: proxy loss {} vs {}",
+        got.proxy_loss_sum,
+        want.proxy_loss_sum
+    );
+    same(
+        what,
+        "column_loss (bits)",
+        &bits64(&got.column_loss),
+        &bits64(&want.column_loss),
+    );
+    same(
+        what,
+        "h_diag (bits)",
+        &bits32(&got.h_diag),
+        &bits32(&want.h_diag),
+    );
+    assert_eq!(
+        (got.damp.to_bits(), got.damp_percent.to_bits()),
+        (want.damp.to_bits(), want.damp_percent.to_bits()),
+        "{what}: damping {} ({}) vs {} ({})",
+        got.damp,
+        got.damp_percent,
+        want.damp,
+        want.damp_percent
+    );
+    assert_eq!(got.fallback, want.fallback, "{what}: fallback");
+}
+
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
 pub enum QuantError {
     #[error("{what}: expected {expected} elements, got {got}")]
