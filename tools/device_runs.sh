@@ -86,8 +86,11 @@ if [ -n "${SOLVE:-}" ]; then
     # GPTAQ_KERNEL_TIMES=1 in the entry's environment: each solve's table header and totals.
     grep -E "GPU time per kernel|^all kernels|GPU idle between|host time in GPU" $D/solve_$name.log | cut -c1-120
   done
-  timeout ${TORCH_LIM:-230} python3 tools/torch_reference.py --bench "$SOLVE" --out $D/torch_bench.json > $D/torch_bench.log 2>&1
-  echo "== torch_bench rc=$?"; grep -E "^\[bench\]" $D/torch_bench.log
+  # SOLVE_TORCH=0: ours only (an A/B of our own variants; PyTorch's side was measured before).
+  if [ "${SOLVE_TORCH:-1}" != 0 ]; then
+    timeout ${TORCH_LIM:-230} python3 tools/torch_reference.py --bench "$SOLVE" --out $D/torch_bench.json > $D/torch_bench.log 2>&1
+    echo "== torch_bench rc=$?"; grep -E "^\[bench\]" $D/torch_bench.log
+  fi
 fi
 for cp in ${CHOL:-}; do
   sh=${CHOL_SHAPE:-4096x14336}

@@ -374,8 +374,9 @@ pub fn quantize(
                  budget ({e}); the f32 kernels run instead"
             ),
             (None, true) => "tensor cores: the calibration forward's linears and attention and H, \
-                 D (and E) run on f16 operands with f32 accumulation where the shapes tile \
-                 (experimental)"
+                 D (and E) run on f16 operands with f32 accumulation where the shapes tile, and \
+                 GPTAQ's A = α·triu₁(D·Uᵀ) on split-f16 operands (about f32's accuracy) where the \
+                 width is a multiple of 128 (experimental)"
                 .into(),
             (None, false) => {
                 "tensor cores ignored: this adapter does not grant f16 cooperative matrices".into()
@@ -1794,7 +1795,12 @@ fn submit_module<'a>(
                     stats.d.as_ref(),
                     qc,
                     Some(shared),
-                    speculate,
+                    crate::quant::gpu::SolveFlags {
+                        speculate,
+                        // GPTAQ's A on the tensor cores too: the plan with tensor cores counts
+                        // its f16 copies (plan::solve_temp_bytes).
+                        split_f16: tc,
+                    },
                 )
                 .map_err(|e| module_err(e.to_string()))?;
                 // Q goes straight from the solve's buffer into the quantized-stream layer, and the

@@ -86,7 +86,10 @@ pub struct PipelineConfig {
     /// Run the linears of the calibration forward and the statistics on tensor cores where the
     /// adapter grants f16 cooperative matrices (`forward::GpuLayer::enable_tensor_cores`,
     /// `gemm_coop.wgsl`): f16 operands, f32 accumulation, as the reference's half-precision
-    /// forward. Ignored, with a warning, elsewhere. Also set by `GPTAQ_TENSOR_CORES=1`.
+    /// forward. Ignored, with a warning, elsewhere. Also set by `GPTAQ_TENSOR_CORES=1`. GPTAQ's
+    /// solve then also computes its `A = α·triu₁(D·Uᵀ)` from split-f16 operands
+    /// (`quant::gpu::SolveFlags::split_f16`: each f32 operand as two halves, three products;
+    /// about f32's accuracy) where the width is a multiple of 128.
     #[serde(default)]
     pub tensor_cores: bool,
     /// Time every GPU dispatch of this run (`gpu::timing`): GPU seconds per scope and kernel, the

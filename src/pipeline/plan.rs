@@ -162,12 +162,19 @@ fn nxn_bytes(c: &ModelConfig) -> u64 {
 /// while factoring K (later U) and M (L, then L⁻¹) plus a 128-row scratch; GPTAQ's P (or,
 /// deferred, its first factor A) then lives in the permuted D next to U, with a block scratch of
 /// n × n/16 floats or min(n × n, 64 MiB), whichever is larger (`quant::gpu::p_scratch_floats`).
-/// Two n×n matrices and the larger scratch.
-fn solve_temp_bytes(c: &ModelConfig, asymmetry: bool, max_buffer_bytes: u64) -> u64 {
+/// Two n×n matrices and the larger scratch. With tensor cores (`split`), A is computed from
+/// split-f16 copies of the permuted D and U instead (`quant::gpu::SolveFlags::split_f16`): four
+/// n × n f16 matrices, as much as two f32 ones, in the block scratch's place (the whole P's
+/// second product allocates that scratch only once they are gone).
+fn solve_temp_bytes(c: &ModelConfig, asymmetry: bool, split: bool, max_buffer_bytes: u64) -> u64 {
     let n = c.hidden_size.max(c.intermediate_size).max(c.q_dim());
     let factor_scratch = (crate::quant::factor::SCRATCH_ROWS * n) as u64 * F32;
     let p_scratch = if asymmetry {
-        crate::quant::gpu::p_scratch_floats(n, max_buffer_bytes) as u64 * F32
+        (crate::quant::gpu::p_scratch_floats(n, max_buffer_bytes) as u64 * F32).max(if split {
+            2 * nxn_bytes(c)
+        } else {
+            0
+        })
     } else {
         0
     };
@@ -308,8 +315,12 @@ pub fn plan(input: &PlanInput<'_>) -> Result<MemoryPlan, PlanError> {
         .any(|&(n, rows)| group_statistics(input, n, rows) >= 2);
     // A capture's E is not needed by the solve, but it is alive while the group solves.
     let solve = statistics
-        + (solve_temp_bytes(c, input.statistics >= 2, input.max_buffer_bytes)
-            + solver_bytes(c, input.statistics >= 2))
+        + (solve_temp_bytes(
+            c,
+            input.statistics >= 2,
+            input.tensor_cores,
+            input.max_buffer_bytes,
+        ) + solver_bytes(c, input.statistics >= 2))
         .max(if with_d && input.fp_stream && input.metric_moments {
             moment_bytes(c)
         } else {
@@ -623,9 +634,11 @@ mod tests {
         // 14336 × 896 floats) — 4 × 784 + 64 MiB.
         let n = 14336u64;
         assert_eq!(
-            solve_temp_bytes(&c, true, 4 << 30),
+            solve_temp_bytes(&c, true, false, 4 << 30),
             2 * n * n * 4 + (64 << 20)
         );
+        // With tensor cores, A's four n × n f16 copies instead of the scratch.
+        assert_eq!(solve_temp_bytes(&c, true, true, 4 << 30), 4 * n * n * 4);
         assert_eq!(nxn_bytes(&c), n * n * 4);
         // down_proj's W and Q in f32, its codes one byte each (56 MiB, not 224); GPTAQ's
         // pending terms (another W) and P's diagonal blocks (n × 128).

@@ -87,6 +87,7 @@ crate::wgsl_shader!(QUANT_SWEEP, "quant_sweep");
 crate::wgsl_shader!(QUANT_FINISH, "quant_finish");
 crate::wgsl_shader!(QUANT_COLLOSS, "quant_colloss");
 crate::wgsl_shader!(QUANT_PENDING, "quant_pending");
+crate::wgsl_shader!(SPLIT_F16, "split_f16");
 
 /// Invocations per sweep workgroup (`WG` in `quant_sweep.wgsl`).
 const SWEEP_WG: usize = 128;
@@ -215,6 +216,19 @@ struct NParams {
     alpha: f32,
     r0: u32,
     rows: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct SplitParams {
+    rows: u32,
+    n: u32,
+    r0: u32,
+    dst: u32,
+    slot: u32,
+    tri: u32,
+    alpha: f32,
+    _p: u32,
 }
 
 #[repr(C)]
@@ -565,6 +579,212 @@ fn gptaq_a_blocked(
     triu1_scale(rec, n, dp, alpha)
 }
 
+/// Products of split operands that [`gptaq_a_split`] sums (`GPTAQ_SPLIT_F16`): 3 = `Dh·Uhᵀ +
+/// Dh·Ulᵀ + Dl·Uhᵀ`, about f32's accuracy (`split_f16.wgsl`); 2 drops `Dl·Uhᵀ` (D to f16's 11
+/// bits, as the tensor-core statistics already round the activations it sums); 1 keeps only
+/// `Dh·Uhᵀ` (both operands to 11 bits, TF32's precision). For A/B runs; the pipeline uses 3.
+pub(crate) const SPLIT_TERMS: usize = 3;
+
+/// Whether GPTAQ's `A = α·triu₁(Dp·Uᵀ)` at width `n` can run on the tensor cores
+/// ([`gptaq_a_split`]): the staged kernel is granted, `n` is a multiple of its 128-wide blocks,
+/// and one n × n f16 operand fits a binding.
+pub(crate) fn split_eligible(ctx: &GpuContext, n: usize) -> bool {
+    n > 0
+        && n.is_multiple_of(128)
+        && split_op(ctx).is_some()
+        && (n as u64).pow(2) * 2 <= ctx.max_binding_bytes()
+}
+
+/// The tensor-core kernel of [`gptaq_a_split`]: the staged `Nt128` where granted, else the
+/// first `X·Wᵀ` kernel that runs here (every block of a multiple of 128 tiles for all of them).
+/// The unstaged ones run where subgroups are not 32 wide (lavapipe: the tests' adapter).
+fn split_op(ctx: &GpuContext) -> Option<ops::CoopOp> {
+    ops::CoopOp::NT.into_iter().find(|op| op.available(ctx))
+}
+
+/// The split terms a solve uses: `wanted` (its [`SolveFlags::split_f16`]) unless
+/// `GPTAQ_SPLIT_F16=0` / `1` / `2` / `3` sets them (0: the f32 GEMMs; A/B runs and the error
+/// study of `split_a_error_study`).
+fn split_terms(wanted: bool) -> usize {
+    match std::env::var("GPTAQ_SPLIT_F16")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+    {
+        Some(t) => t.min(3),
+        None if wanted => SPLIT_TERMS,
+        None => 0,
+    }
+}
+
+/// Column-block width of [`gptaq_a_split`]: each block is one dense product over rows `0..j1`
+/// and K `j0..n`, so wider blocks compute more of the triangles' zeros (1.11·n³/6 multiply-adds
+/// per term at n = 14336 with 512, 1.22 with 1024) and narrower ones fill the GPU less (the
+/// first blocks have few output tiles over a long K).
+fn split_block(n: usize) -> usize {
+    if n >= 8192 { 512 } else { 256 }
+}
+
+/// [`gptaq_a_blocked`] on the tensor cores: `A = α·triu₁(Dp·Uᵀ)` in place of `Dp` from split-f16
+/// copies of `Dp` and `U` ([`split_operands`]; `terms` products of them summed with f32
+/// accumulation, see [`SPLIT_TERMS`]). Column block `J = [j0, j1)` is `Dp[0..j1, j0..n]·U[J,
+/// j0..n]ᵀ`, written straight into `Dp`'s columns `J` (the products read only the copies), one
+/// tensor-core product per term and row panel; the copies hold exact zeros outside the
+/// triangles that A reads, so the dense blocks add nothing from there, and [`split_unscale`]
+/// applies α·2^−(s₀+s₁) and the mask. Memory: four n × n f16 matrices (as much as two f32 ones)
+/// instead of the f32 path's block scratch. Needs [`split_eligible`].
+#[allow(clippy::too_many_arguments)]
+fn gptaq_a_split(
+    ctx: &GpuContext,
+    rec: &mut crate::gpu::kernels::Recorder<'_>,
+    n: usize,
+    u: &GpuMatrix,
+    dp: &GpuMatrix,
+    alpha: f32,
+    terms: usize,
+) -> Result<(), QuantGpuError> {
+    let op = split_op(ctx).filter(|_| split_eligible(ctx, n) && (1..=3).contains(&terms));
+    let Some(op) = op else {
+        return Err(GpuError::Validation(format!(
+            "GPTAQ A on the tensor cores: n = {n} ({terms} products) is not eligible"
+        ))
+        .into());
+    };
+    let sp = split_operands(ctx, rec, n, u, dp)?;
+    // The smaller products first, the leading one last.
+    let all = [(&sp.dl, &sp.uh), (&sp.dh, &sp.ul), (&sp.dh, &sp.uh)];
+    let products = &all[3 - terms..];
+    if !op.staged() {
+        // The unstaged kernels only add: every product then adds into zeros (the mask writes
+        // every entry of A, so clearing all of Dp costs one pass and nothing else).
+        for (pt, buf) in dp.panels().iter().enumerate() {
+            rec.clear(buf, 0, dp.panel_range(pt).len() * n)?;
+        }
+    }
+    let w = split_block(n);
+    for j0 in (0..n).step_by(w) {
+        let j1 = (j0 + w).min(n);
+        for (pt, buf) in dp.panels().iter().enumerate() {
+            let r = dp.panel_range(pt);
+            let (a, b) = (r.start, r.end.min(j1));
+            if b <= a {
+                continue;
+            }
+            for (i, &(x, y)) in products.iter().enumerate() {
+                ops::gemm_coop_batched(
+                    rec,
+                    op,
+                    (b - a, j1 - j0, n - j0),
+                    ops::CoopBatch::flat(1, 0),
+                    ops::CoopOperand::new(x, a * n + j0, n),
+                    ops::CoopOperand::new(y, j0 * n + j0, n),
+                    MatView::new(buf, n).at((a - r.start) * n + j0),
+                    i > 0 || !op.staged(),
+                )?;
+            }
+        }
+    }
+    split_unscale(rec, n, dp, &sp.maxima, alpha)
+}
+
+/// The split-f16 copies of [`gptaq_a_split`]'s operands (`split_f16.wgsl`): `Dp ≈ (dh + dl)·2^−s₀`
+/// with zeros on and below the diagonal, `U ≈ (uh + ul)·2^−s₁` with zeros below it, each n × n
+/// dense; `maxima` holds the two largest magnitudes the scales come from.
+struct SplitOperands {
+    dh: GpuBuffer<half::f16>,
+    dl: GpuBuffer<half::f16>,
+    uh: GpuBuffer<half::f16>,
+    ul: GpuBuffer<half::f16>,
+    maxima: GpuBuffer<u32>,
+}
+
+fn split_operands(
+    ctx: &GpuContext,
+    rec: &mut crate::gpu::kernels::Recorder<'_>,
+    n: usize,
+    u: &GpuMatrix,
+    dp: &GpuMatrix,
+) -> Result<SplitOperands, QuantGpuError> {
+    let n32 = u32_of("cols", n)?;
+    if !n.is_multiple_of(4) || u.rows() != n || u.cols() != n || dp.rows() != n || dp.cols() != n {
+        return Err(GpuError::Validation(format!(
+            "split operands: U {}×{} and D {}×{} for n = {n} (a multiple of 4)",
+            u.rows(),
+            u.cols(),
+            dp.rows(),
+            dp.cols()
+        ))
+        .into());
+    }
+    // Every element of the copies is written (the panels cover all rows).
+    let halves = |what: &str| ctx.scratch::<half::f16>(what, n * n);
+    let sp = SplitOperands {
+        dh: halves("split D hi")?,
+        dl: halves("split D lo")?,
+        uh: halves("split U hi")?,
+        ul: halves("split U lo")?,
+        maxima: ctx.zeros::<u32>("split maxima", 2)?,
+    };
+    let operands = [(dp, 0u32, 1u32, &sp.dh, &sp.dl), (u, 1, 0, &sp.uh, &sp.ul)];
+    // Both maxima are complete before either split reads them (passes run in order).
+    for entry in ["absmax", "split"] {
+        for &(m, slot, tri, hi, lo) in &operands {
+            for (pt, buf) in m.panels().iter().enumerate() {
+                let r = m.panel_range(pt);
+                let params = SplitParams {
+                    rows: u32_of("split rows", r.len())?,
+                    n: n32,
+                    r0: u32_of("split row", r.start)?,
+                    dst: u32_of("split offset", r.start * n)?,
+                    slot,
+                    tri,
+                    alpha: 0.0,
+                    _p: 0,
+                };
+                let groups =
+                    groups_1d(u32_of("split workgroups", (r.len() * n / 4).div_ceil(256))?);
+                let mut bindings = vec![buf.binding(), sp.maxima.binding()];
+                if entry == "split" {
+                    bindings.extend([hi.binding(), lo.binding()]);
+                }
+                rec.dispatch(&SPLIT_F16, entry, &[], &params, &bindings, groups)?;
+            }
+        }
+    }
+    Ok(sp)
+}
+
+/// `t ← α·2^−(s₀+s₁)·triu₁(t)` in place ([`split_operands`]' scales; `split_f16.wgsl`'s
+/// `unscale`), one launch per row panel.
+fn split_unscale(
+    rec: &mut crate::gpu::kernels::Recorder<'_>,
+    n: usize,
+    t: &GpuMatrix,
+    maxima: &GpuBuffer<u32>,
+    alpha: f32,
+) -> Result<(), QuantGpuError> {
+    for (pt, buf) in t.panels().iter().enumerate() {
+        let r = t.panel_range(pt);
+        rec.dispatch(
+            &SPLIT_F16,
+            "unscale",
+            &[],
+            &SplitParams {
+                rows: u32_of("split rows", r.len())?,
+                n: u32_of("cols", n)?,
+                r0: u32_of("split row", r.start)?,
+                dst: 0,
+                slot: 0,
+                tri: 1,
+                alpha,
+                _p: 0,
+            },
+            &[buf.binding(), maxima.binding()],
+            groups_1d(u32_of("split workgroups", (r.len() * n / 4).div_ceil(256))?),
+        )?;
+    }
+    Ok(())
+}
+
 /// The second half of [`gptaq_p_blocked`]: `P = A·U` in place of `A` (from
 /// [`gptaq_a_blocked`], with the same blocks and scratch).
 fn gptaq_p_from_a(
@@ -883,6 +1103,7 @@ pub fn quantize_gpu(
         speculate: true,
         ..SolveOptions::default()
     };
+    // `split_f16` stays off unless `GPTAQ_SPLIT_F16` asks (`split_terms`).
     solve(ctx, w, None, rows, cols, h, d, cfg, None, opts)?.finish(ctx)
 }
 
@@ -912,7 +1133,19 @@ pub fn quantize_gpu_resident(
     cfg: &QuantConfig,
     shared: Option<&mut SharedFactor>,
 ) -> Result<GpuSolve, QuantGpuError> {
-    submit_gpu_resident(ctx, w, w_gpu, rows, cols, h, d, cfg, shared, true)?.finish(ctx)
+    submit_gpu_resident(
+        ctx,
+        w,
+        w_gpu,
+        rows,
+        cols,
+        h,
+        d,
+        cfg,
+        shared,
+        SolveFlags::default(),
+    )?
+    .finish(ctx)
 }
 
 /// [`quantize_gpu_resident`] up to the GPU's work being submitted: [`Solving::finish`] then waits
@@ -921,11 +1154,7 @@ pub fn quantize_gpu_resident(
 /// ([`Solving::q`]), final unless the finish replaces it (an RTN fallback, or a solve again where
 /// the speculative factor failed: [`GpuSolve::q`] is then the new Q).
 ///
-/// `speculate`: the factor's first attempt is taken without waiting for its pivots' flag
-/// ([`factor::upper_inverse_factor`] with `speculate`), so the host records the sweep while the GPU
-/// factors. Its buffers then outlive the factor's host code until the GPU is done with them, so
-/// memory-bound callers (the pipeline's plans without the buffer pool) pass `false`.
-/// [`quantize_gpu`] and [`quantize_gpu_resident`] speculate.
+/// `flags`: how the solve runs ([`SolveFlags`]).
 #[allow(clippy::too_many_arguments)]
 pub fn submit_gpu_resident<'a>(
     ctx: &GpuContext,
@@ -937,7 +1166,7 @@ pub fn submit_gpu_resident<'a>(
     d: Option<&'a GpuMatrix>,
     cfg: &'a QuantConfig,
     shared: Option<&mut SharedFactor>,
-    speculate: bool,
+    flags: SolveFlags,
 ) -> Result<Solving<'a>, QuantGpuError> {
     solve(
         ctx,
@@ -950,10 +1179,37 @@ pub fn submit_gpu_resident<'a>(
         cfg,
         shared,
         SolveOptions {
-            speculate,
+            speculate: flags.speculate,
+            split_f16: flags.split_f16,
             ..SolveOptions::default()
         },
     )
+}
+
+/// How a pipeline solve runs, beside what it solves ([`submit_gpu_resident`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SolveFlags {
+    /// The factor's first attempt is taken without waiting for its pivots' flag
+    /// ([`factor::upper_inverse_factor`] with `speculate`), so the host records the sweep while
+    /// the GPU factors. Its buffers then outlive the factor's host code until the GPU is done
+    /// with them, so memory-bound callers (the pipeline's plans without the buffer pool) pass
+    /// `false`.
+    pub speculate: bool,
+    /// GPTAQ's `A = α·triu₁(Dp·Uᵀ)`, the largest product of its solve (n³/6 multiply-adds), on the
+    /// tensor cores from split-f16 operands (`split_f16.wgsl`, about f32's accuracy) where
+    /// [`split_eligible`]: the pipeline's tensor-core runs, whose plan counts its four n × n f16
+    /// copies. `GPTAQ_SPLIT_F16=0` turns it off, `=1`/`2`/`3` forces it with that many products.
+    pub split_f16: bool,
+}
+
+impl Default for SolveFlags {
+    /// What [`quantize_gpu`] and [`quantize_gpu_resident`] do: speculate, f32 products.
+    fn default() -> Self {
+        Self {
+            speculate: true,
+            split_f16: false,
+        }
+    }
 }
 
 /// Step 2 of the module docs: D permuted (and its dead columns zeroed) into U's panel layout by
@@ -971,8 +1227,10 @@ fn gptaq_terms<'c>(
     gmeta_d: &GpuBuffer<u32>,
     form: PForm,
     alpha: f32,
+    split: usize,
 ) -> Result<GptaqTerms, QuantGpuError> {
     let n32 = u32_of("cols", n)?;
+    let split = if split_eligible(ctx, n) { split } else { 0 };
     // Dp (then T, then P) shares U's panel layout (same shape and alignment).
     let dp = ctx.matrix_zeros("quant D perm", n, n, gu.panel_rows())?;
     if dp.panel_rows() != gu.panel_rows() {
@@ -984,7 +1242,13 @@ fn gptaq_terms<'c>(
     }
     let scratch_len = p_scratch_floats(n, ctx.panel_bytes());
     let blocks = p_blocks(n, scratch_len);
-    let scratch = ctx.zeros::<f32>("quant P block", scratch_len)?;
+    // The f32 path's block scratch; the split path needs none for A (the whole P's second product
+    // allocates it once A is done).
+    let mut scratch = if split > 0 {
+        None
+    } else {
+        Some(ctx.zeros::<f32>("quant P block", scratch_len)?)
+    };
     let gx = n.div_ceil(16) as u32;
     for pp in dp.panel_pairs(d) {
         rec.dispatch(
@@ -1004,10 +1268,23 @@ fn gptaq_terms<'c>(
             ],
         )?;
     }
-    gptaq_a_blocked(rec, n, gu, &dp, &scratch, &blocks, alpha)?;
+    match &scratch {
+        Some(s) => gptaq_a_blocked(rec, n, gu, &dp, s, &blocks, alpha)?,
+        None => gptaq_a_split(ctx, rec, n, gu, &dp, alpha, split)?,
+    }
     let diag = match form {
         PForm::Whole => {
-            gptaq_p_from_a(rec, n, gu, &dp, &scratch, &blocks)?;
+            let s = match scratch.take() {
+                Some(s) => s,
+                None => {
+                    // The split copies are gone once this runs (the plan counts them or the
+                    // scratch, not both).
+                    std::mem::replace(rec, ctx.recorder()).submit();
+                    ctx.zeros::<f32>("quant P block", scratch_len)?
+                }
+            };
+            gptaq_p_from_a(rec, n, gu, &dp, &s, &blocks)?;
+            scratch = Some(s);
             None
         }
         PForm::Deferred => {
@@ -1357,6 +1634,8 @@ struct SolveOptions {
     /// ([`factor::upper_inverse_factor`] with `speculate`; off with `GPTAQ_SPECULATE=0`): checked when
     /// the solve finishes, which solves again, waiting, where the first damping was not enough.
     speculate: bool,
+    /// GPTAQ's `A` on the tensor cores ([`SolveFlags::split_f16`]).
+    split_f16: bool,
 }
 
 /// Whether a solve that may speculate ([`SolveOptions::speculate`]) does: not with
@@ -1421,6 +1700,7 @@ fn solve<'a>(
         sweep_rows: rchunk,
         sweep_kernel,
         speculate,
+        split_f16,
     } = opts;
     let spec = check_config(cfg, cols)?;
     let n = cols;
@@ -1717,6 +1997,7 @@ fn solve<'a>(
             gmeta_d,
             form,
             alpha as f32,
+            split_terms(split_f16),
         )?)),
         (Some(_), None, None) => {
             return Err(GpuError::Validation("GPTAQ P: no perm/dead table for D".into()).into());
@@ -2045,8 +2326,9 @@ mod tests {
     use rand_chacha::ChaCha8Rng;
 
     use super::{
-        PForm, SolveOptions, SweepKernel, gptaq_a_blocked, gptaq_p_blocked, gptaq_p_diag,
-        p_blocks_with, p_scratch_floats, solve, sweep_rows, sweep_rows_max,
+        PForm, SolveOptions, SweepKernel, gptaq_a_blocked, gptaq_a_split, gptaq_p_blocked,
+        gptaq_p_diag, p_blocks, p_blocks_with, p_scratch_floats, solve, split_eligible,
+        split_operands, split_unscale, sweep_rows, sweep_rows_max,
     };
     use crate::quant::{Method, QuantConfig};
 
@@ -2133,6 +2415,448 @@ mod tests {
                     );
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// A test problem for GPTAQ's `A = α·triu₁(Dp·Uᵀ)`: U upper with a positive diagonal, Dp
+    /// dense, entries spread over 2^−12 .. 2^12 in magnitude (scaled per row of Dp and per
+    /// column of U, as outlier channels do), as f32; the f64 A from those f32 values, and the
+    /// componentwise bound `α·Σ_k |Dp_ik|·|U_jk|` of its round-off.
+    struct SplitProblem {
+        n: usize,
+        alpha: f64,
+        u: Vec<f32>,
+        d: Vec<f32>,
+        want: Vec<f64>,
+        bound: Vec<f64>,
+        /// The split's powers of two for Dp and U.
+        scales: (i32, i32),
+        /// Σ_{k≥j} |Dp_ik| at (i, j), and Σ_{k≥j} |U_jk| at j.
+        d_tail: Vec<f64>,
+        u_tail: Vec<f64>,
+    }
+
+    impl SplitProblem {
+        fn new(rng: &mut ChaCha8Rng, n: usize, alpha: f64) -> Self {
+            let spread = |r: &mut ChaCha8Rng| 2f64.powf(r.random_range(-12.0..12.0));
+            let rows: Vec<f64> = (0..n).map(|_| spread(rng)).collect();
+            let cols: Vec<f64> = (0..n).map(|_| spread(rng)).collect();
+            let mut d = vec![0f32; n * n];
+            let mut u = vec![0f32; n * n];
+            for i in 0..n {
+                for j in 0..n {
+                    d[i * n + j] = (rows[i] * rng.random_range(-1.0f64..1.0)) as f32;
+                    u[i * n + j] = match i.cmp(&j) {
+                        std::cmp::Ordering::Greater => 0.0,
+                        std::cmp::Ordering::Equal => (cols[j] * (0.5 + rng.random::<f64>())) as f32,
+                        std::cmp::Ordering::Less => {
+                            (cols[j] * rng.random_range(-1.0f64..1.0)) as f32
+                        }
+                    };
+                }
+            }
+            let mut want = vec![0f64; n * n];
+            let mut bound = vec![0f64; n * n];
+            let mut d_tail = vec![0f64; n * n];
+            let mut u_tail = vec![0f64; n];
+            for i in 0..n {
+                let mut acc = 0f64;
+                for k in (0..n).rev() {
+                    acc += f64::from(d[i * n + k].abs());
+                    d_tail[i * n + k] = acc;
+                }
+                u_tail[i] = (i..n).map(|k| f64::from(u[i * n + k].abs())).sum();
+            }
+            for i in 0..n {
+                for j in i + 1..n {
+                    let (mut s, mut b) = (0f64, 0f64);
+                    for k in j..n {
+                        let t = f64::from(d[i * n + k]) * f64::from(u[j * n + k]);
+                        s += t;
+                        b += t.abs();
+                    }
+                    want[i * n + j] = alpha * s;
+                    bound[i * n + j] = alpha * b;
+                }
+            }
+            // The split's powers of two for Dp and U: 15 − e for the largest kept magnitude
+            // f·2^e, f ∈ [0.5, 1) (`split_f16.wgsl`'s `scale_exp`).
+            let largest = |x: &[f32], first: usize| {
+                (0..n * n)
+                    .filter(|&e| e % n >= e / n + first)
+                    .fold(0f32, |m, e| m.max(x[e].abs()))
+            };
+            let s = |m: f32| 15 - (f64::from(m).log2().floor() as i32 + 1);
+            let scales = (s(largest(&d, 1)), s(largest(&u, 0)));
+            Self {
+                n,
+                alpha,
+                scales,
+                u,
+                d,
+                want,
+                bound,
+                d_tail,
+                u_tail,
+            }
+        }
+
+        /// Tolerance of the split A at (i, j), i < j: 2^−20 of the round-off bound (products of
+        /// two 22-bit splits and f32 sums) plus `per_k`·K of it (the sum's K = n − j terms,
+        /// 2^−23 for the tensor cores' accumulation, 0 for the host's f64), plus the split's
+        /// absolute floor: 2^−24 in scaled units per operand entry (twice `split_f16.wgsl`'s
+        /// 2^−25), times the other operand's entries.
+        fn tolerance(&self, i: usize, j: usize, per_k: f64) -> f64 {
+            let (s0, s1) = self.scales;
+            let n = self.n;
+            let b = self.bound[i * n + j];
+            (2f64.powi(-20) + per_k * (n - j) as f64) * b
+                + self.alpha
+                    * 2f64.powi(-24)
+                    * (2f64.powi(-s0) * self.u_tail[j] + 2f64.powi(-s1) * self.d_tail[i * n + j])
+        }
+
+        /// ‖got − want‖_F / ‖want‖_F, and the largest |got − want| / bound.
+        fn errors(&self, got: &[f32]) -> (f64, f64) {
+            let (mut num, mut den, mut worst) = (0f64, 0f64, 0f64);
+            for ((&g, &w), &b) in got.iter().zip(&self.want).zip(&self.bound) {
+                let e = f64::from(g) - w;
+                num += e * e;
+                den += w * w;
+                if b > 0.0 {
+                    worst = worst.max(e.abs() / b);
+                }
+            }
+            ((num / den.max(f64::MIN_POSITIVE)).sqrt(), worst)
+        }
+    }
+
+    /// The split-f16 copies (`split_operands`, `split_f16.wgsl`) on any adapter, with the
+    /// tensor-core products done on the host in f64 from the copies read back: every kept entry is
+    /// `(hi + lo)·2^−s` within 2^−22 of its magnitude (plus 2^−25 in scaled units), the scale puts
+    /// the largest kept magnitude in [2^14, 2^15), entries outside the triangles (NaN below Dp's
+    /// diagonal, 1e30 below U's) are exact zeros in both halves and left out of the maxima, and
+    /// `split_unscale` turns the three products into A to about f32's accuracy with exact zeros on
+    /// and below the diagonal. Sizes: one buffer, 128-row panels, and n = 100 (not a multiple of
+    /// the tensor-core blocks; the copies only need n a multiple of 4).
+    #[test]
+    fn split_operands_represent_and_unscale() -> Result<(), Box<dyn std::error::Error>> {
+        let Some(ctx) = crate::gpu::test_context() else {
+            return Ok(());
+        };
+        let mut rng = ChaCha8Rng::seed_from_u64(0x5b1f_0b5e);
+        for &(n, panel_rows, alpha) in
+            &[(128usize, 0usize, 1.0f64), (384, 128, 0.25), (100, 0, 0.25)]
+        {
+            let p = SplitProblem::new(&mut rng, n, alpha);
+            let (mut d, mut u) = (p.d.clone(), p.u.clone());
+            for i in 0..n {
+                for j in 0..i {
+                    d[i * n + j] = f32::NAN;
+                    u[i * n + j] = 1e30;
+                }
+                d[i * n + i] = f32::NAN;
+            }
+            ctx.set_panel_cap((panel_rows > 0).then_some((panel_rows * n * 4) as u64));
+            let gu = ctx.matrix_upload("U", &u, n, n, 4);
+            let gd = ctx.matrix_upload("D", &d, n, n, 4);
+            ctx.set_panel_cap(None);
+            let (gu, gd) = (gu?, gd?);
+            let mut rec = ctx.recorder();
+            let sp = split_operands(&ctx, &mut rec, n, &gu, &gd)?;
+            rec.submit();
+            let halves =
+                |b: &crate::gpu::GpuBuffer<half::f16>| -> Result<Vec<f64>, crate::gpu::GpuError> {
+                    Ok(ctx.read(b)?.iter().map(|h| f64::from(h.to_f32())).collect())
+                };
+            let maxima = ctx.read(&sp.maxima)?;
+            let mut scaled = Vec::new();
+            for (what, x, hi, lo, slot, first) in [
+                ("Dp", &p.d, halves(&sp.dh)?, halves(&sp.dl)?, 0, 1),
+                ("U", &p.u, halves(&sp.uh)?, halves(&sp.ul)?, 1, 0),
+            ] {
+                let kept = |i: usize, j: usize| j >= i + first;
+                let m = (0..n * n)
+                    .filter(|&e| kept(e / n, e % n))
+                    .fold(0f32, |m, e| m.max(x[e].abs()));
+                assert_eq!(
+                    f32::from_bits(maxima[slot]),
+                    m,
+                    "split n={n}: largest |{what}|"
+                );
+                let s = 15 - (f64::from(m).log2().floor() as i32 + 1);
+                let big = hi.iter().fold(0f64, |a, v| a.max(v.abs()));
+                assert!(
+                    (2f64.powi(14)..=2f64.powi(15)).contains(&big),
+                    "split n={n}: {what}'s largest hi {big} outside [2^14, 2^15] (scale 2^{s})"
+                );
+                for e in 0..n * n {
+                    let (i, j) = (e / n, e % n);
+                    let want = if kept(i, j) {
+                        f64::from(x[e]) * 2f64.powi(s)
+                    } else {
+                        0.0
+                    };
+                    let got = hi[e] + lo[e];
+                    let tol = 2f64.powi(-22) * want.abs() + 2f64.powi(-25);
+                    assert!(
+                        (got - want).abs() <= tol && (kept(i, j) || (hi[e] == 0.0 && lo[e] == 0.0)),
+                        "split n={n} panel rows {panel_rows}: {what} ({i}, {j}) hi {} + lo {} = \
+                         {got}, expected {want} (x {} · 2^{s}, tolerance {tol})",
+                        hi[e],
+                        lo[e],
+                        x[e]
+                    );
+                }
+                scaled.push((hi, lo, s));
+            }
+            // The three products, on the host, exactly as the kernels would sum them (in f64).
+            let (dh, dl, s0) = &scaled[0];
+            let (uh, ul, s1) = &scaled[1];
+            let mut t = vec![0f32; n * n];
+            for i in 0..n {
+                for j in 0..n {
+                    let mut acc = 0f64;
+                    for k in 0..n {
+                        let (a, b) = (i * n + k, j * n + k);
+                        acc += dh[a] * uh[b] + dh[a] * ul[b] + dl[a] * uh[b];
+                    }
+                    // Below the diagonal: stale values that the mask must replace.
+                    t[i * n + j] = if j > i { acc as f32 } else { f32::NAN };
+                }
+            }
+            ctx.set_panel_cap((panel_rows > 0).then_some((panel_rows * n * 4) as u64));
+            let gt = ctx.matrix_upload("T", &t, n, n, 4);
+            ctx.set_panel_cap(None);
+            let gt = gt?;
+            let mut rec = ctx.recorder();
+            split_unscale(&mut rec, n, &gt, &sp.maxima, alpha as f32)?;
+            rec.submit();
+            let got = ctx.read_matrix(&gt)?;
+            let (rel, worst) = p.errors(&got);
+            eprintln!(
+                "split n={n} (scales 2^{s0}, 2^{s1}), host products: relative error {rel:.3e}, \
+                 largest error / bound {worst:.3e}"
+            );
+            for i in 0..n {
+                for j in 0..n {
+                    let (g, w) = (f64::from(got[i * n + j]), p.want[i * n + j]);
+                    let tol = if j > i { p.tolerance(i, j, 0.0) } else { 0.0 };
+                    assert!(
+                        if j <= i {
+                            g == 0.0
+                        } else {
+                            (g - w).abs() <= tol
+                        },
+                        "split n={n} panel rows {panel_rows} alpha {alpha}, host products: \
+                         ({i}, {j}) got {g} expected {w} (tolerance {tol})"
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// GPTAQ's A from split-f16 operands on the tensor cores (`gptaq_a_split`, three products)
+    /// equals the f64 A to about f32's accuracy, over a 2^±12 spread of magnitudes, in one buffer
+    /// and in row panels of 128 rows, with NaN below Dp's diagonal and huge values below U's (the
+    /// split must keep them out of the products and the scales). With one or two products the
+    /// error is that of f16 operands (≈ 2^−12, or 2^−13 with U split): the threshold between
+    /// them is the test's teeth (a lost `lo` half, a wrong power of two or a block written twice
+    /// fails it). Entries on and below the diagonal are exact zeros. Prints every variant's errors,
+    /// the f32 path's beside them.
+    #[test]
+    fn split_a_matches_f64() -> Result<(), Box<dyn std::error::Error>> {
+        let Some(ctx) = crate::gpu::test_context() else {
+            return Ok(());
+        };
+        if !split_eligible(&ctx, 128) {
+            eprintln!("split A: no staged tensor-core GEMM on this adapter, not run");
+            return Ok(());
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(0x5b1f_f16a);
+        for &(n, panel_rows, alpha) in
+            &[(128usize, 0usize, 1.0f64), (384, 128, 0.25), (256, 0, 0.25)]
+        {
+            let p = SplitProblem::new(&mut rng, n, alpha);
+            let (mut d, mut u) = (p.d.clone(), p.u.clone());
+            for i in 0..n {
+                for j in 0..i {
+                    d[i * n + j] = f32::NAN;
+                    u[i * n + j] = 1e30;
+                }
+                d[i * n + i] = f32::NAN;
+            }
+            let mut rel = [0f64; 4];
+            for terms in 0..=3 {
+                ctx.set_panel_cap((panel_rows > 0).then_some((panel_rows * n * 4) as u64));
+                let gu = ctx.matrix_upload("U", if terms == 0 { &p.u } else { &u }, n, n, 128);
+                let gd = ctx.matrix_upload("D", if terms == 0 { &p.d } else { &d }, n, n, 128);
+                ctx.set_panel_cap(None);
+                let (gu, gd) = (gu?, gd?);
+                let mut rec = ctx.recorder();
+                if terms == 0 {
+                    let len = p_scratch_floats(n, ctx.panel_bytes());
+                    let scratch = ctx.zeros::<f32>("A scratch", len)?;
+                    gptaq_a_blocked(
+                        &mut rec,
+                        n,
+                        &gu,
+                        &gd,
+                        &scratch,
+                        &p_blocks(n, len),
+                        alpha as f32,
+                    )?;
+                } else {
+                    gptaq_a_split(&ctx, &mut rec, n, &gu, &gd, alpha as f32, terms)?;
+                }
+                rec.submit();
+                let got = ctx.read_matrix(&gd)?;
+                let (r, worst) = p.errors(&got);
+                rel[terms] = r;
+                eprintln!(
+                    "split A n={n} panel rows {panel_rows}: {} relative error {r:.3e}, largest \
+                     error / bound {worst:.3e}",
+                    if terms == 0 {
+                        "f32 GEMMs".to_string()
+                    } else {
+                        format!("{terms} products")
+                    }
+                );
+                if terms == 3 {
+                    for i in 0..n {
+                        for j in 0..n {
+                            let (g, w) = (f64::from(got[i * n + j]), p.want[i * n + j]);
+                            let tol = if j > i {
+                                p.tolerance(i, j, 2f64.powi(-23))
+                            } else {
+                                0.0
+                            };
+                            assert!(
+                                if j <= i {
+                                    g == 0.0
+                                } else {
+                                    (g - w).abs() <= tol
+                                },
+                                "split A n={n} panel rows {panel_rows} alpha {alpha}: ({i}, {j}) \
+                                 got {g} expected {w} (tolerance {tol})"
+                            );
+                        }
+                    }
+                }
+            }
+            assert!(
+                rel[3] <= 1e-5 && rel[1] > 4.0 * rel[3],
+                "split A n={n} panel rows {panel_rows}: relative error {:.3e} with three products \
+                 (≤ 1e-5 wanted), {:.3e} with one (f32 GEMMs: {:.3e})",
+                rel[3],
+                rel[1],
+                rel[0]
+            );
+        }
+        Ok(())
+    }
+
+    /// The split A's error and time at the solve's sizes, for the GPU machine (`cargo test --lib
+    /// --release split_a_error_study -- --ignored --nocapture` with `GPTAQ_SPLIT_STUDY_N`, e.g.
+    /// "4096,14336"; default 512): the f32 GEMMs and one, two and three split products on the
+    /// same random U and Dp (entries spread over 2^±6 per row of Dp and column of U), each
+    /// compared with f64 at 4,096 sampled entries above the diagonal: ‖error‖ / ‖A‖ over them and
+    /// the largest error / `α·Σ_k|Dp_ik||U_jk|`. Prints; asserts only that three products are
+    /// at least as accurate as one.
+    #[test]
+    #[ignore = "a study for the GPU machine: GPTAQ_SPLIT_STUDY_N=4096,14336"]
+    fn split_a_error_study() -> Result<(), Box<dyn std::error::Error>> {
+        let Some(ctx) = crate::gpu::test_context() else {
+            return Ok(());
+        };
+        let sizes: Vec<usize> = std::env::var("GPTAQ_SPLIT_STUDY_N")
+            .ok()
+            .map(|v| v.split(',').filter_map(|x| x.trim().parse().ok()).collect())
+            .unwrap_or_else(|| vec![512]);
+        let alpha = 0.25f64;
+        for n in sizes {
+            if !split_eligible(&ctx, n) {
+                eprintln!("split study n={n}: not eligible on this adapter");
+                continue;
+            }
+            let mut rng = ChaCha8Rng::seed_from_u64(n as u64);
+            let rows: Vec<f64> = (0..n)
+                .map(|_| 2f64.powf(rng.random_range(-6.0..6.0)))
+                .collect();
+            let cols: Vec<f64> = (0..n)
+                .map(|_| 2f64.powf(rng.random_range(-6.0..6.0)))
+                .collect();
+            let mut d = vec![0f32; n * n];
+            let mut u = vec![0f32; n * n];
+            for (e, (dv, uv)) in d.iter_mut().zip(u.iter_mut()).enumerate() {
+                let (i, j) = (e / n, e % n);
+                *dv = (rows[i] * rng.random_range(-1.0f64..1.0)) as f32;
+                *uv = match i.cmp(&j) {
+                    std::cmp::Ordering::Greater => 0.0,
+                    std::cmp::Ordering::Equal => (cols[j] * (0.5 + rng.random::<f64>())) as f32,
+                    std::cmp::Ordering::Less => (cols[j] * rng.random_range(-1.0f64..1.0)) as f32,
+                };
+            }
+            let samples: Vec<(usize, usize, f64, f64)> = (0..4096)
+                .map(|_| {
+                    let i = rng.random_range(0..n - 1);
+                    let j = rng.random_range(i + 1..n);
+                    let (mut s, mut b) = (0f64, 0f64);
+                    for k in j..n {
+                        let t = f64::from(d[i * n + k]) * f64::from(u[j * n + k]);
+                        s += t;
+                        b += t.abs();
+                    }
+                    (i, j, alpha * s, alpha * b)
+                })
+                .collect();
+            let mut rel = [0f64; 4];
+            for terms in 0..=3 {
+                let gu = ctx.matrix_upload("U", &u, n, n, 128)?;
+                let gd = ctx.matrix_upload("D", &d, n, n, 128)?;
+                let len = p_scratch_floats(n, ctx.panel_bytes());
+                let scratch = (terms == 0)
+                    .then(|| ctx.zeros::<f32>("A scratch", len))
+                    .transpose()?;
+                ctx.sync()?;
+                let t = std::time::Instant::now();
+                let mut rec = ctx.recorder();
+                match &scratch {
+                    Some(s) => {
+                        gptaq_a_blocked(&mut rec, n, &gu, &gd, s, &p_blocks(n, len), alpha as f32)?
+                    }
+                    None => gptaq_a_split(&ctx, &mut rec, n, &gu, &gd, alpha as f32, terms)?,
+                }
+                rec.submit();
+                ctx.sync()?;
+                let secs = t.elapsed().as_secs_f64();
+                let got = ctx.read_matrix(&gd)?;
+                let (mut num, mut den, mut worst) = (0f64, 0f64, 0f64);
+                for &(i, j, w, b) in &samples {
+                    let e = f64::from(got[i * n + j]) - w;
+                    num += e * e;
+                    den += w * w;
+                    worst = worst.max(e.abs() / b.max(f64::MIN_POSITIVE));
+                }
+                rel[terms] = (num / den).sqrt();
+                eprintln!(
+                    "split study n={n}: {:<11} {:>8.2} ms (first run, with the copies), relative \
+                     error {:.3e}, largest error / bound {worst:.3e}",
+                    if terms == 0 {
+                        "f32 GEMMs".to_string()
+                    } else {
+                        format!("{terms} products")
+                    },
+                    secs * 1e3,
+                    rel[terms]
+                );
+            }
+            assert!(
+                rel[3] <= rel[1],
+                "split study n={n}: three products less accurate than one"
+            );
         }
         Ok(())
     }
@@ -2326,6 +3050,103 @@ mod tests {
         Ok(())
     }
 
+    /// GPTAQ's A on the tensor cores (`SolveOptions::split_f16`, three split products) solves
+    /// like the f32 GEMMs, in both P forms, with act-order and groups: within the thresholds of
+    /// `deferred_p_solves_like_the_whole_p` (A differs by f32-sized round-off, which can flip
+    /// near-tie codes). Only where the split is eligible (the GPU machine); elsewhere both runs
+    /// would take the f32 path.
+    #[test]
+    fn split_a_solves_like_f32() -> Result<(), Box<dyn std::error::Error>> {
+        let Some(ctx) = crate::gpu::test_context() else {
+            return Ok(());
+        };
+        if !split_eligible(&ctx, 128) {
+            eprintln!("split A: no tensor-core GEMM on this adapter, not run");
+            return Ok(());
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(0x5b1f_50e5);
+        // (rows, n, block, group, act-order, P form)
+        for &(rows, n, bs, gs, act, form) in &[
+            (
+                33usize,
+                256usize,
+                128usize,
+                Some(128usize),
+                false,
+                PForm::Deferred,
+            ),
+            (40, 384, 64, Some(32), true, PForm::Deferred),
+            (24, 256, 128, Some(96), false, PForm::Whole),
+        ] {
+            let (h, d) = hessian_and_d(n, 2 * n, &mut rng);
+            let w: Vec<f32> = (0..rows * n)
+                .map(|_| rng.random_range(-1.0f32..1.0))
+                .collect();
+            let gh = ctx.matrix_upload("H", &h, n, n, 128)?;
+            let gd = ctx.matrix_upload("D", &d, n, n, 128)?;
+            let cfg = QuantConfig {
+                method: Method::Gptaq { alpha: 0.25 },
+                group_size: gs,
+                act_order: act,
+                block_size: bs,
+                ..QuantConfig::default()
+            };
+            let run = |split_f16| {
+                solve(
+                    &ctx,
+                    &w,
+                    None,
+                    rows,
+                    n,
+                    &gh,
+                    Some(&gd),
+                    &cfg,
+                    None,
+                    SolveOptions {
+                        host_q: true,
+                        p_form: Some(form),
+                        split_f16,
+                        ..SolveOptions::default()
+                    },
+                )
+            };
+            let f32_run = run(false)?.finish(&ctx)?.result;
+            let split = run(true)?.finish(&ctx)?.result;
+            let name = format!("{rows}x{n} bs{bs} gs{gs:?} act {act} {form:?}");
+            let differ = f32_run
+                .codes
+                .iter()
+                .zip(&split.codes)
+                .filter(|(a, b)| a != b)
+                .count();
+            let num: f64 = f32_run
+                .q
+                .iter()
+                .zip(&split.q)
+                .map(|(&a, &b)| (f64::from(a) - f64::from(b)).powi(2))
+                .sum();
+            let den: f64 = f32_run.q.iter().map(|&a| f64::from(a).powi(2)).sum();
+            let (a, b) = (f32_run.proxy_loss_sum, split.proxy_loss_sum);
+            eprintln!(
+                "split A solve {name}: {differ} of {} codes differ, ‖ΔQ‖²/‖Q‖² {:.3e}, proxy \
+                 loss {a} (f32) / {b} (split)",
+                rows * n,
+                num / den
+            );
+            assert!(
+                differ * 200 <= rows * n && num <= 1e-4 * den,
+                "{name}: {differ} of {} codes differ between the f32 and the split A, \
+                 ‖ΔQ‖² = {num} against ‖Q‖² = {den}",
+                rows * n
+            );
+            assert!(
+                (a - b).abs() <= 1e-3 * a.abs().max(1e-12),
+                "{name}: proxy loss {a} (f32 A) against {b} (split)"
+            );
+        }
+        Ok(())
+    }
+
     /// The sweep's kernels and its rows per workgroup (`sweep_rows`) change how rows and columns
     /// are spread over invocations, never a row's arithmetic: codes, Q and losses are the same bit
     /// for bit from one row per `sweep_block` workgroup to as many as its memory holds and with
@@ -2395,6 +3216,7 @@ mod tests {
                         sweep_rows: Some(r),
                         sweep_kernel: Some(kernel),
                         speculate: false,
+                        split_f16: false,
                     },
                 )
             };
