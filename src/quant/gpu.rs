@@ -2689,7 +2689,7 @@ mod tests {
                 d[i * n + i] = f32::NAN;
             }
             let mut rel = [0f64; 4];
-            for terms in 0..=3 {
+            for (terms, slot) in rel.iter_mut().enumerate() {
                 ctx.set_panel_cap((panel_rows > 0).then_some((panel_rows * n * 4) as u64));
                 let gu = ctx.matrix_upload("U", if terms == 0 { &p.u } else { &u }, n, n, 128);
                 let gd = ctx.matrix_upload("D", if terms == 0 { &p.d } else { &d }, n, n, 128);
@@ -2714,7 +2714,7 @@ mod tests {
                 rec.submit();
                 let got = ctx.read_matrix(&gd)?;
                 let (r, worst) = p.errors(&got);
-                rel[terms] = r;
+                *slot = r;
                 eprintln!(
                     "split A n={n} panel rows {panel_rows}: {} relative error {r:.3e}, largest \
                      error / bound {worst:.3e}",
@@ -2813,7 +2813,7 @@ mod tests {
                 })
                 .collect();
             let mut rel = [0f64; 4];
-            for terms in 0..=3 {
+            for (terms, slot) in rel.iter_mut().enumerate() {
                 let gu = ctx.matrix_upload("U", &u, n, n, 128)?;
                 let gd = ctx.matrix_upload("D", &d, n, n, 128)?;
                 let len = p_scratch_floats(n, ctx.panel_bytes());
@@ -2840,7 +2840,7 @@ mod tests {
                     den += w * w;
                     worst = worst.max(e.abs() / b.max(f64::MIN_POSITIVE));
                 }
-                rel[terms] = (num / den).sqrt();
+                *slot = (num / den).sqrt();
                 eprintln!(
                     "split study n={n}: {:<11} {:>8.2} ms (first run, with the copies), relative \
                      error {:.3e}, largest error / bound {worst:.3e}",
@@ -2850,7 +2850,7 @@ mod tests {
                         format!("{terms} products")
                     },
                     secs * 1e3,
-                    rel[terms]
+                    *slot
                 );
             }
             assert!(
