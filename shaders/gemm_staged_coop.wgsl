@@ -107,6 +107,9 @@ override A_T: bool = false;
 override B_T: bool = true;
 // C += op(A)·op(B) (true) or C = op(A)·op(B) (false: C is neither read nor cleared first).
 override ACCUMULATE: bool = true;
+// Block (bi, bj) sums K only from its first column bj·128 on (ops::CoopOp::Nt128UpperTail, with
+// the upper entry and M = N = K): op(B) upper triangular, as U is in GPTAQ's Dp·Uᵀ.
+override K_FROM_COL: bool = false;
 
 // Where batch entry z's A, B and C start (nested batches as in gemm_coop.wgsl).
 fn batch_a(z: u32) -> u32 {
@@ -151,13 +154,16 @@ fn block128(bi: u32, bj: u32, z: u32, lid: u32, sg: u32) {
     let lda = p.lda;
     let ldb = p.ldb;
     let ldc = p.ldc;
-    let kdim = p.k;
+    // K_FROM_COL: the block's K starts at its first column (a multiple of 128, below K there).
+    let kb = select(0u, bj * 128u, K_FROM_COL);
+    let kdim = p.k - kb;
     // K-contiguous operands (A not transposed, B transposed): see the top of the file.
     let kca = !A_T;
     let kcb = B_T;
-    // The tiles' first stored elements: rows bi·128 of A (K-contiguous) or its columns, likewise B.
-    let oa = batch_a(z) + select(bi * 128u, bi * 128u * lda, kca);
-    let ob = batch_b(z) + select(bj * 128u, bj * 128u * ldb, kcb);
+    // The tiles' first stored elements: rows bi·128 of A (K-contiguous) or its columns, likewise
+    // B, at depth kb.
+    let oa = batch_a(z) + select(bi * 128u, bi * 128u * lda, kca) + select(kb * lda, kb, kca);
+    let ob = batch_b(z) + select(bj * 128u, bj * 128u * ldb, kcb) + select(kb * ldb, kb, kcb);
     let wy = sg >> 1u;
     let wx = sg & 1u;
     let i0 = bi * 128u + wy * 64u;
@@ -389,7 +395,8 @@ fn gemm_coop_128(
 
 // gemm_coop_128 on the blocks of a square C on or above the diagonal only (bi ≤ bj): a
 // symmetric product such as the Hessian's Xᵀ·X at half the work; the caller mirrors the upper
-// triangle into the lower one (ops::mirror_upper). The grid is one row of bn·(bn + 1)/2
+// triangle into the lower one (ops::mirror_upper). With K_FROM_COL, the upper triangle of a
+// product with an upper-triangular op(B) (ops::CoopOp::Nt128UpperTail). The grid is one row of bn·(bn + 1)/2
 // workgroups (bn = N/128), numbered column by column: t = bj·(bj + 1)/2 + bi. Everything here
 // derives from workgroup_id, so control flow stays uniform.
 @compute @workgroup_size(128)

@@ -1038,7 +1038,8 @@ fn cast_f16_rounds_to_a_neighbouring_f16() {
 }
 
 /// The tensor-core GEMM against an f64 reference of the same f16 operands, both operand layouts,
-/// accumulating into a non-zero C, and (but for the upper-triangle kernel) overwriting a C of NaNs. Runs only where the adapter grants cooperative matrices (the
+/// accumulating into a non-zero C, and (but for the upper-triangle kernel) overwriting a C of NaNs
+/// (the upper tail overwrites a non-zero C, whose blocks below the diagonal it must keep). Runs only where the adapter grants cooperative matrices (the
 /// H100/H200 through Vulkan; not lavapipe, where it prints a note): `tools/device_pack.sh` carries
 /// this test binary to the GPU machine.
 #[test]
@@ -1070,6 +1071,7 @@ fn coop_gemm_matches_f64_where_granted() {
         (256, 384, 96),
         (384, 128, 544),
         (256, 256, 64),
+        (256, 256, 256),
     ];
     let mut ran = 0;
     for &(m, n, k) in &shapes {
@@ -1096,6 +1098,22 @@ fn coop_gemm_matches_f64_where_granted() {
             let mut expected = gemm_ref(
                 m, n, k, 1.0, &a32, lda, trans_a, &b32, ldb, trans_b, 1.0, &c0,
             );
+            // Nt128UpperTail: on the blocks on and above the diagonal, K only from the block's
+            // first column on (B taken as upper triangular); with `c` as C's start.
+            let tail = |c: &[f32], add: bool| -> Vec<f64> {
+                (0..m * n)
+                    .map(|e| {
+                        let (i, j) = (e / n, e % n);
+                        if i / 128 > j / 128 {
+                            return f64::from(c[e]);
+                        }
+                        let s: f64 = (j / 128 * 128..k)
+                            .map(|l| f64::from(a32[i * lda + l]) * f64::from(b32[j * ldb + l]))
+                            .sum();
+                        s + if add { f64::from(c[e]) } else { 0.0 }
+                    })
+                    .collect()
+            };
             if op == CoopOp::Tn128Upper {
                 // Blocks below the diagonal are left as they were.
                 for (i, e) in expected.iter_mut().enumerate() {
@@ -1103,6 +1121,9 @@ fn coop_gemm_matches_f64_where_granted() {
                         *e = f64::from(c0[i]);
                     }
                 }
+            }
+            if op == CoopOp::Nt128UpperTail {
+                expected = tail(&c0, true);
             }
             let (ga, gb) = (
                 ctx.upload("a16", &a16).unwrap(),
@@ -1125,8 +1146,15 @@ fn coop_gemm_matches_f64_where_granted() {
                 &vec![0.0; m * n],
             );
             let nans = vec![f32::NAN; m * n];
+            let tail_over = tail(&c0, false);
             let modes: &[(&str, bool, &[f32], &[f64])] = if op == CoopOp::Tn128Upper {
                 &[("", true, &c0, &expected)]
+            } else if op == CoopOp::Nt128UpperTail {
+                // Overwriting: the upper blocks' products replace C, the lower blocks keep it.
+                &[
+                    ("", true, &c0, &expected),
+                    (", C overwritten", false, &c0, &tail_over),
+                ]
             } else {
                 &[
                     ("", true, &c0, &expected),
@@ -1157,12 +1185,13 @@ fn coop_gemm_matches_f64_where_granted() {
             }
         }
     }
-    // The three 32×32 layouts on all eight shapes, the 64×64 kernel on the five that tile by 64,
-    // and where granted the three staged kernels on the four that tile by 128 × 128 × 32 and the
-    // upper-triangle one on the two square ones among them.
+    // The three 32×32 layouts on all nine shapes, the 64×64 kernel on the six that tile by 64,
+    // and where granted the three staged kernels on the five that tile by 128 × 128 × 32, the
+    // upper-triangle one on the three square ones among them and the upper tail on the one with
+    // K = N too.
     assert_eq!(
         ran,
-        29 + if staged { 14 } else { 0 },
+        33 + if staged { 19 } else { 0 },
         "tensor-core cases run"
     );
 }

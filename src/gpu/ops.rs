@@ -1316,10 +1316,17 @@ pub enum CoopOp {
     /// products (`Xᵀ·X`) at half the work. C's blocks below the diagonal are left as they were,
     /// and the diagonal blocks are computed whole; [`mirror_upper`] completes C.
     Tn128Upper,
+    /// [`CoopOp::Nt128`] on the blocks of a square C on and above the diagonal only, each
+    /// summing K only from its own first column on (M = N = K): the upper triangle of `A·Bᵀ`
+    /// where B is upper triangular (`B[j, k] = 0` for k < j), at a sixth of the dense work —
+    /// GPTAQ's `Dp·Uᵀ` (quant/gpu.rs `gptaq_a_split`). C's blocks below the diagonal are left as
+    /// they were; within a block the terms of K before its first column are left out, so B's
+    /// entries there are never read.
+    Nt128UpperTail,
 }
 
 impl CoopOp {
-    pub const ALL: [CoopOp; 8] = [
+    pub const ALL: [CoopOp; 9] = [
         CoopOp::Nn,
         CoopOp::Tn,
         CoopOp::Nt,
@@ -1328,6 +1335,7 @@ impl CoopOp {
         CoopOp::Tn128,
         CoopOp::Tn128Upper,
         CoopOp::Nn128,
+        CoopOp::Nt128UpperTail,
     ];
     /// The `X·Wᵀ` kernels, fastest first (the forward's linears and attention's `Q·Kᵀ` take the
     /// first that runs here and tiles the product).
@@ -1338,7 +1346,11 @@ impl CoopOp {
     /// The square block of C one workgroup computes.
     pub fn block(self) -> usize {
         match self {
-            CoopOp::Nt128 | CoopOp::Tn128 | CoopOp::Tn128Upper | CoopOp::Nn128 => 128,
+            CoopOp::Nt128
+            | CoopOp::Tn128
+            | CoopOp::Tn128Upper
+            | CoopOp::Nn128
+            | CoopOp::Nt128UpperTail => 128,
             CoopOp::Nt64 => 64,
             _ => 32,
         }
@@ -1353,7 +1365,11 @@ impl CoopOp {
     pub fn staged(self) -> bool {
         matches!(
             self,
-            CoopOp::Nt128 | CoopOp::Tn128 | CoopOp::Tn128Upper | CoopOp::Nn128
+            CoopOp::Nt128
+                | CoopOp::Tn128
+                | CoopOp::Tn128Upper
+                | CoopOp::Nn128
+                | CoopOp::Nt128UpperTail
         )
     }
 
@@ -1365,7 +1381,7 @@ impl CoopOp {
             CoopOp::Nt64 => "gemm_coop_nt64",
             // One staged kernel for every layout, specialised by `staged_constants`.
             CoopOp::Nt128 | CoopOp::Tn128 | CoopOp::Nn128 => "gemm_coop_128",
-            CoopOp::Tn128Upper => "gemm_coop_128_upper",
+            CoopOp::Tn128Upper | CoopOp::Nt128UpperTail => "gemm_coop_128_upper",
         }
     }
 
@@ -1377,11 +1393,15 @@ impl CoopOp {
             return Vec::new();
         }
         let (ta, tb) = self.transposes();
-        vec![
+        let mut c = vec![
             ("A_T", f64::from(u8::from(ta))),
             ("B_T", f64::from(u8::from(tb))),
             ("ACCUMULATE", f64::from(u8::from(accumulate))),
-        ]
+        ];
+        if self == CoopOp::Nt128UpperTail {
+            c.push(("K_FROM_COL", 1.0));
+        }
+        c
     }
 
     /// Whether A is stored K×M (transposed) and B N×K (transposed).
@@ -1389,7 +1409,7 @@ impl CoopOp {
         match self {
             CoopOp::Nn | CoopOp::Nn128 => (false, false),
             CoopOp::Tn | CoopOp::Tn128 | CoopOp::Tn128Upper => (true, false),
-            CoopOp::Nt | CoopOp::Nt64 | CoopOp::Nt128 => (false, true),
+            CoopOp::Nt | CoopOp::Nt64 | CoopOp::Nt128 | CoopOp::Nt128UpperTail => (false, true),
         }
     }
 
@@ -1411,10 +1431,11 @@ impl CoopOp {
 
 /// Whether `op`'s blocks and K steps tile an M×N×K product exactly (the staged kernels also need
 /// offsets and strides that are multiples of 4: [`check_coop_batched`]; [`CoopOp::Tn128Upper`] a
-/// square C).
+/// square C, [`CoopOp::Nt128UpperTail`] also K = N).
 pub fn coop_shape_ok_for(op: CoopOp, m: usize, n: usize, k: usize) -> bool {
     let b = op.block();
     (op != CoopOp::Tn128Upper || m == n)
+        && (op != CoopOp::Nt128UpperTail || (m == n && k == n))
         && m > 0
         && n > 0
         && k > 0
@@ -1725,7 +1746,7 @@ fn gemm_coop_dispatch(
         xc: u32_of("gemm C outer batch stride", batch.c_outer)?,
         ..CoopParams::dense((m, n, k), (a.ld, b.ld, c.ld))?
     };
-    let groups = if op == CoopOp::Tn128Upper {
+    let groups = if matches!(op, CoopOp::Tn128Upper | CoopOp::Nt128UpperTail) {
         let nb = n / blk;
         let tri = u32::try_from(nb * (nb + 1) / 2).unwrap_or(u32::MAX);
         [tri, 1, count as u32]

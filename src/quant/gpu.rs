@@ -626,11 +626,13 @@ fn split_block(n: usize) -> usize {
 
 /// [`gptaq_a_blocked`] on the tensor cores: `A = α·triu₁(Dp·Uᵀ)` in place of `Dp` from split-f16
 /// copies of `Dp` and `U` ([`split_operands`]; `terms` products of them summed with f32
-/// accumulation, see [`SPLIT_TERMS`]). Column block `J = [j0, j1)` is `Dp[0..j1, j0..n]·U[J,
-/// j0..n]ᵀ`, written straight into `Dp`'s columns `J` (the products read only the copies), one
-/// tensor-core product per term and row panel; the copies hold exact zeros outside the
-/// triangles that A reads, so the dense blocks add nothing from there, and [`split_unscale`]
-/// applies α·2^−(s₀+s₁) and the mask. Memory: four n × n f16 matrices (as much as two f32 ones)
+/// accumulation, see [`SPLIT_TERMS`]), written straight into `Dp` (the products read only the
+/// copies). Where `Dp` is one buffer and the staged kernels run, each product is one
+/// [`ops::CoopOp::Nt128UpperTail`] launch (the 128-blocks on and above the diagonal, K from each
+/// block's first column). Otherwise column block `J = [j0, j1)` is `Dp[0..j1, j0..n]·U[J,
+/// j0..n]ᵀ`, one dense product per term and row panel (1.1–1.4·n³/6 multiply-adds,
+/// [`split_block`]). The copies hold exact zeros outside the triangles that A reads, so the
+/// blocks add nothing from there, and [`split_unscale`] applies α·2^−(s₀+s₁) and the mask. Memory: four n × n f16 matrices (as much as two f32 ones)
 /// instead of the f32 path's block scratch. Needs [`split_eligible`].
 #[allow(clippy::too_many_arguments)]
 fn gptaq_a_split(
@@ -660,6 +662,24 @@ fn gptaq_a_split(
             rec.clear(buf, 0, dp.panel_range(pt).len() * n)?;
         }
     }
+    if let (true, Some(buf)) = (op.staged(), dp.single()) {
+        // One launch per product over all of A: the blocks on and above the diagonal, each
+        // summing K from its own first column on (U's zeros before it): ≈ n³/6 multiply-adds.
+        for (i, &(x, y)) in products.iter().enumerate() {
+            ops::gemm_coop_batched(
+                rec,
+                ops::CoopOp::Nt128UpperTail,
+                (n, n, n),
+                ops::CoopBatch::flat(1, 0),
+                ops::CoopOperand::new(x, 0, n),
+                ops::CoopOperand::new(y, 0, n),
+                MatView::new(buf, n),
+                i > 0,
+            )?;
+        }
+        return split_unscale(rec, n, dp, &sp.maxima, alpha);
+    }
+    // Row panels (or the unstaged kernels): column blocks of dense products.
     let w = split_block(n);
     for j0 in (0..n).step_by(w) {
         let j1 = (j0 + w).min(n);
