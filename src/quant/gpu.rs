@@ -67,6 +67,13 @@
 //! - Non-finite `D` is not checked up front (it stays on the GPU); non-finite values reaching the
 //!   sweep show up as a non-finite proxy loss and trigger the reference's RTN fallback.
 //! - The proxy loss is accumulated per row in f32 and summed on the host in f64.
+//! - With [`SolveFlags::split_f16`] (the pipeline's tensor-core runs) GPTAQ's `A = α·triu₁(Dp·Uᵀ)`
+//!   comes from split-f16 operands on the tensor cores (`split_f16.wgsl`, `gptaq_a_split`):
+//!   each f32 operand as two power-of-two-scaled halves (22 of f32's 24 bits), three products with
+//!   f32 accumulation. A differs from the f32 GEMMs' by round-off of the same order (the tests'
+//!   bound: 2^−20 of `α·Σ|Dp||U|` per entry plus 2^−23 per term of the sum), which can flip
+//!   near-tie codes like any other f32 round-off. The statistics of such runs are f16-rounded
+//!   already (their activations are cast to f16), far coarser than this.
 
 use crate::gpu::profile::Profile;
 use std::sync::Arc;
@@ -1216,8 +1223,9 @@ pub struct SolveFlags {
     /// `false`.
     pub speculate: bool,
     /// GPTAQ's `A = α·triu₁(Dp·Uᵀ)`, the largest product of its solve (n³/6 multiply-adds), on the
-    /// tensor cores from split-f16 operands (`split_f16.wgsl`, about f32's accuracy) where
-    /// [`split_eligible`]: the pipeline's tensor-core runs, whose plan counts its four n × n f16
+    /// tensor cores from split-f16 operands (`split_f16.wgsl`, about f32's accuracy) where the
+    /// width is a multiple of 128 and the staged or unstaged tensor-core kernels run: the
+    /// pipeline's tensor-core runs, whose plan counts its four n × n f16
     /// copies. `GPTAQ_SPLIT_F16=0` turns it off, `=1`/`2`/`3` forces it with that many products.
     pub split_f16: bool,
 }
