@@ -4,8 +4,12 @@
 // An f32 matrix X (one row panel of a GpuMatrix per launch: `rows` × `n`, dense, its first row
 // being global row `r0`) is scaled by a power of two 2^s, chosen from X's largest magnitude so
 // that |X·2^s| < 2^15 (f16's largest finite value is 65504), and written as two f16 matrices:
-//   hi = f16(X·2^s),   lo = f16(X·2^s − hi),   X·2^s = hi + lo + e,  |e| ≤ 2^−22·|X·2^s| (+2^−25)
-// (X·2^s − hi is exact in f32: hi is one of the two f16 values nearest X·2^s). A product then
+//   hi = X·2^s rounded to f16's precision,   lo = f16(X·2^s − hi),
+//   X·2^s = hi + lo + e,  |e| ≤ 2^−22·|X·2^s| (2^−21 if the conversion of lo truncates) + 2^−25
+// (X·2^s − hi is exact in f32: hi is X·2^s rounded to 11 significant bits). hi is rounded by
+// integer arithmetic on the bits (`split_hi`), not by converting to f16 and back: NVIDIA's Vulkan
+// compiler folds that round trip `f32(f16(v))` to `v`, which left lo = 0 (H100, session 32). A
+// product then
 // sums hi·hi′ + hi·lo′ + lo·hi′ with f32 accumulation (the dropped lo·lo′ is below 2^−22 of
 // each product) and is unscaled by 2^−(s+s′) — exact, a power of two. The scaling keeps lo out
 // of f16's subnormals except where |X·2^s| < 2^−3, i.e. below 2^−18 of the largest entry, whose
@@ -53,6 +57,16 @@ struct Params {
 @group(0) @binding(1) var<storage, read_write> t4: array<vec4<f32>>;
 
 var<workgroup> red: array<u32, 256>;
+
+// v rounded to the nearest f16 value (ties away from zero), as f32: from 2^−14 on, f16's normal
+// range, the 13 mantissa bits below f16's 10 are rounded off (adding half their range first
+// carries into the exponent where it should); below it, f16's subnormals are the multiples of
+// 2^−24. |v| < 2^15 here, so nothing reaches infinity.
+fn split_hi(v: vec4<f32>) -> vec4<f32> {
+    let normal = bitcast<vec4<f32>>((bitcast<vec4<u32>>(v) + vec4<u32>(0x1000u)) & vec4<u32>(0xffffe000u));
+    let tiny = round(v * 16777216.0) * (1.0 / 16777216.0);
+    return select(normal, tiny, abs(v) < vec4<f32>(6.103515625e-5));
+}
 
 // Flat vec4 index of this invocation (2-D grids: more than 65535 workgroups of 256).
 fn vec_index(wg: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
@@ -104,10 +118,11 @@ fn split(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec
     }
     let e = scale_exp(p.slot);
     let x = select(vec4<f32>(0.0), ldexp(x4[v], vec4<i32>(e)), kept(v));
-    let hi = vec4<f16>(x);
+    let hi = split_hi(x);
     let o = (p.dst >> 2u) + v;
-    hi4[o] = hi;
-    lo4[o] = vec4<f16>(x - vec4<f32>(hi));
+    // hi is exact in f16; x − hi is exact in f32 and rounded once here.
+    hi4[o] = vec4<f16>(hi);
+    lo4[o] = vec4<f16>(x - hi);
 }
 
 @compute @workgroup_size(256)

@@ -1122,9 +1122,12 @@ fn coop_gemm_matches_f64_where_granted() {
                     }
                 }
             }
-            if op == CoopOp::Nt128UpperTail {
+            let tail_over = if op == CoopOp::Nt128UpperTail {
                 expected = tail(&c0, true);
-            }
+                tail(&c0, false)
+            } else {
+                Vec::new()
+            };
             let (ga, gb) = (
                 ctx.upload("a16", &a16).unwrap(),
                 ctx.upload("b16", &b16).unwrap(),
@@ -1146,7 +1149,6 @@ fn coop_gemm_matches_f64_where_granted() {
                 &vec![0.0; m * n],
             );
             let nans = vec![f32::NAN; m * n];
-            let tail_over = tail(&c0, false);
             let modes: &[(&str, bool, &[f32], &[f64])] = if op == CoopOp::Tn128Upper {
                 &[("", true, &c0, &expected)]
             } else if op == CoopOp::Nt128UpperTail {
