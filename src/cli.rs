@@ -302,9 +302,9 @@ pub struct QuantizeArgs {
     /// kernels run where the f16 copies do not fit --gpu-memory. On an H100 an 8B GPTQ layer took
     /// 3.8 s with it and 7.9 s without (BENCHMARKS.md, session 20), 2.16 s with it after the
     /// kernel work of sessions 21–22. GPTAQ's solve then computes its A = α·triu₁(D·Uᵀ) from
-    /// split-f16 operands (two halves per f32 value, three products: about f32's accuracy) where
-    /// the width is a multiple of 128; GPTAQ_SPLIT_F16=0 keeps the f32 GEMMs. Same as
-    /// GPTAQ_TENSOR_CORES=1.
+    /// split-f16 operands (two halves per f32 value, three products: within a few times f32's
+    /// round-off) where the width is a multiple of 128; GPTAQ_SPLIT_F16=0 keeps the f32 GEMMs.
+    /// Same as GPTAQ_TENSOR_CORES=1.
     #[arg(long)]
     pub tensor_cores: bool,
     /// Time every GPU dispatch with timestamp queries and print the GPU time per scope and

@@ -375,7 +375,7 @@ pub fn quantize(
             ),
             (None, true) => "tensor cores: the calibration forward's linears and attention and H, \
                  D (and E) run on f16 operands with f32 accumulation where the shapes tile, and \
-                 GPTAQ's A = α·triu₁(D·Uᵀ) on split-f16 operands (about f32's accuracy) where the \
+                 GPTAQ's A = α·triu₁(D·Uᵀ) on split-f16 operands (near f32's accuracy) where the \
                  width is a multiple of 128 (experimental)"
                 .into(),
             (None, false) => {

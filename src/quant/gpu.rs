@@ -70,10 +70,12 @@
 //! - With [`SolveFlags::split_f16`] (the pipeline's tensor-core runs) GPTAQ's `A = α·triu₁(Dp·Uᵀ)`
 //!   comes from split-f16 operands on the tensor cores (`split_f16.wgsl`, `gptaq_a_split`):
 //!   each f32 operand as two power-of-two-scaled halves (22 of f32's 24 bits), three products with
-//!   f32 accumulation. A differs from the f32 GEMMs' by round-off of the same order (the tests'
-//!   bound: 2^−20 of `α·Σ|Dp||U|` per entry plus 2^−23 per term of the sum), which can flip
-//!   near-tie codes like any other f32 round-off. The statistics of such runs are f16-rounded
-//!   already (their activations are cast to f16), far coarser than this.
+//!   f32 accumulation. A's error is 3.5–6× the f32 GEMMs' (H100: 2.6·10⁻⁶ / 8.8·10⁻⁶ relative
+//!   at n = 4096 / 14336 against 0.75 / 1.5·10⁻⁶; it grows with K, the tensor cores'
+//!   accumulation truncating) and 35–115× below f16 operands' (BENCHMARKS.md session 32); the
+//!   tests bound it per entry (2^−19 of `α·Σ|Dp||U|` plus 2^−23 per term of the sum). Like any
+//!   round-off-level change it can flip near-tie codes. The statistics of such runs are
+//!   f16-rounded already (their activations are cast to f16), far coarser than this.
 
 use crate::gpu::profile::Profile;
 use std::sync::Arc;
@@ -587,7 +589,7 @@ fn gptaq_a_blocked(
 }
 
 /// Products of split operands that [`gptaq_a_split`] sums (`GPTAQ_SPLIT_F16`): 3 = `Dh·Uhᵀ +
-/// Dh·Ulᵀ + Dl·Uhᵀ`, about f32's accuracy (`split_f16.wgsl`); 2 drops `Dl·Uhᵀ` (D to f16's 11
+/// Dh·Ulᵀ + Dl·Uhᵀ`, within a few times f32's round-off (`split_f16.wgsl`); 2 drops `Dl·Uhᵀ` (D to f16's 11
 /// bits, as the tensor-core statistics already round the activations it sums); 1 keeps only
 /// `Dh·Uhᵀ` (both operands to 11 bits, TF32's precision). For A/B runs; the pipeline uses 3.
 pub(crate) const SPLIT_TERMS: usize = 3;
@@ -1223,9 +1225,9 @@ pub struct SolveFlags {
     /// `false`.
     pub speculate: bool,
     /// GPTAQ's `A = α·triu₁(Dp·Uᵀ)`, the largest product of its solve (n³/6 multiply-adds), on the
-    /// tensor cores from split-f16 operands (`split_f16.wgsl`, about f32's accuracy) where the
-    /// width is a multiple of 128 and the staged or unstaged tensor-core kernels run: the
-    /// pipeline's tensor-core runs, whose plan counts its four n × n f16
+    /// tensor cores from split-f16 operands (`split_f16.wgsl`, within a few times f32's
+    /// round-off) where the width is a multiple of 128 and the staged or unstaged tensor-core
+    /// kernels run: the pipeline's tensor-core runs, whose plan counts its four n × n f16
     /// copies. `GPTAQ_SPLIT_F16=0` turns it off, `=1`/`2`/`3` forces it with that many products.
     pub split_f16: bool,
 }
@@ -2581,7 +2583,7 @@ mod tests {
     /// `(hi + lo)·2^−s` within 2^−21 of its magnitude (plus 2^−24 in scaled units), the scale puts
     /// the largest kept magnitude in [2^14, 2^15), entries outside the triangles (NaN below Dp's
     /// diagonal, 1e30 below U's) are exact zeros in both halves and left out of the maxima, and
-    /// `split_unscale` turns the three products into A to about f32's accuracy with exact zeros on
+    /// `split_unscale` turns the three products into A to f32-level accuracy with exact zeros on
     /// and below the diagonal. Sizes: one buffer, 128-row panels, and n = 100 (not a multiple of
     /// the tensor-core blocks; the copies only need n a multiple of 4).
     #[test]
@@ -2698,10 +2700,11 @@ mod tests {
     }
 
     /// GPTAQ's A from split-f16 operands on the tensor cores (`gptaq_a_split`, three products)
-    /// equals the f64 A to about f32's accuracy, over a 2^±12 spread of magnitudes, in one buffer
-    /// and in row panels of 128 rows, with NaN below Dp's diagonal and huge values below U's (the
+    /// equals the f64 A to within a few times f32's round-off, over a 2^±12 spread of magnitudes,
+    /// in one buffer (one upper-tail launch per product) and in row panels of 128 rows (column
+    /// blocks of dense products), with NaN below Dp's diagonal and huge values below U's (the
     /// split must keep them out of the products and the scales). With one or two products the
-    /// error is that of f16 operands (≈ 2^−12, or 2^−13 with U split): the threshold between
+    /// error is that of f16 operands (≈ 2^−12; D's rounding dominates both): the threshold between
     /// them is the test's teeth (a lost `lo` half, a wrong power of two or a block written twice
     /// fails it). Entries on and below the diagonal are exact zeros. Prints every variant's errors,
     /// the f32 path's beside them.
