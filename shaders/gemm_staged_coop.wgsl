@@ -396,9 +396,9 @@ fn gemm_coop_128(
 // gemm_coop_128 on the blocks of a square C on or above the diagonal only (bi ≤ bj): a
 // symmetric product such as the Hessian's Xᵀ·X at half the work; the caller mirrors the upper
 // triangle into the lower one (ops::mirror_upper). With K_FROM_COL, the upper triangle of a
-// product with an upper-triangular op(B) (ops::CoopOp::Nt128UpperTail). The grid is one row of bn·(bn + 1)/2
-// workgroups (bn = N/128), numbered column by column: t = bj·(bj + 1)/2 + bi. Everything here
-// derives from workgroup_id, so control flow stays uniform.
+// product with an upper-triangular op(B) (ops::CoopOp::Nt128UpperTail). The grid is one row of
+// bn·(bn + 1)/2 workgroups (bn = N/128), numbered column by column: t = bj·(bj + 1)/2 + bi.
+// Everything here derives from workgroup_id, so control flow stays uniform.
 @compute @workgroup_size(128)
 fn gemm_coop_128_upper(
     @builtin(workgroup_id) wg: vec3<u32>,

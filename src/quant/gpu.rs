@@ -589,14 +589,16 @@ fn gptaq_a_blocked(
 }
 
 /// Products of split operands that [`gptaq_a_split`] sums (`GPTAQ_SPLIT_F16`): 3 = `Dh·Uhᵀ +
-/// Dh·Ulᵀ + Dl·Uhᵀ`, within a few times f32's round-off (`split_f16.wgsl`); 2 drops `Dl·Uhᵀ` (D to f16's 11
-/// bits, as the tensor-core statistics already round the activations it sums); 1 keeps only
-/// `Dh·Uhᵀ` (both operands to 11 bits, TF32's precision). For A/B runs; the pipeline uses 3.
+/// Dh·Ulᵀ + Dl·Uhᵀ`, within a few times f32's round-off (`split_f16.wgsl`); 2 drops `Dl·Uhᵀ`
+/// (D to f16's 11 bits, as the tensor-core statistics already round the activations it sums); 1
+/// keeps only `Dh·Uhᵀ` (both operands to 11 bits, TF32's precision). Two are no more accurate
+/// than one (D's rounding dominates; BENCHMARKS.md session 32). For A/B runs; the pipeline uses
+/// 3.
 pub(crate) const SPLIT_TERMS: usize = 3;
 
 /// Whether GPTAQ's `A = α·triu₁(Dp·Uᵀ)` at width `n` can run on the tensor cores
-/// ([`gptaq_a_split`]): the staged kernel is granted, `n` is a multiple of its 128-wide blocks,
-/// and one n × n f16 operand fits a binding.
+/// ([`gptaq_a_split`]): a tensor-core `X·Wᵀ` kernel runs here ([`split_op`]), `n` is a multiple
+/// of 128 (the staged kernels' blocks) and one n × n f16 operand fits a binding.
 pub(crate) fn split_eligible(ctx: &GpuContext, n: usize) -> bool {
     n > 0
         && n.is_multiple_of(128)
@@ -641,8 +643,9 @@ fn split_block(n: usize) -> usize {
 /// block's first column). Otherwise column block `J = [j0, j1)` is `Dp[0..j1, j0..n]·U[J,
 /// j0..n]ᵀ`, one dense product per term and row panel (1.1–1.4·n³/6 multiply-adds,
 /// [`split_block`]). The copies hold exact zeros outside the triangles that A reads, so the
-/// blocks add nothing from there, and [`split_unscale`] applies α·2^−(s₀+s₁) and the mask. Memory: four n × n f16 matrices (as much as two f32 ones)
-/// instead of the f32 path's block scratch. Needs [`split_eligible`].
+/// blocks add nothing from there, and [`split_unscale`] applies α·2^−(s₀+s₁) and the mask.
+/// Memory: four n × n f16 matrices (as much as two f32 ones) instead of the f32 path's block
+/// scratch. Needs [`split_eligible`].
 #[allow(clippy::too_many_arguments)]
 fn gptaq_a_split(
     ctx: &GpuContext,
