@@ -185,7 +185,7 @@ pub fn settings_ui(ui: &mut egui::Ui, st: &mut AppState, out: &mut Vec<UiAction>
                 ui.end_row();
                 ui.label("");
                 ui.checkbox(&mut s.tensor_cores, "Tensor cores (f16)")
-                    .on_hover_text("Run the calibration forward and the Hessians on f16 operands with f32 accumulation where the GPU grants cooperative matrices (like the reference's half-precision forward; on an H100 an 8B GPTQ layer took 3.8 s with it and 7.9 s without, 2.16 s with it after later kernel work). Ignored elsewhere, and where the f16 copies do not fit the memory budget");
+                    .on_hover_text("Run the calibration forward and the Hessians on f16 operands with f32 accumulation where the GPU grants cooperative matrices (like the reference's half-precision forward; on an H100 an 8B GPTQ layer took 3.8 s with it and 7.9 s without, 2.16 s with it after later kernel work). GPTAQ's solve then also computes its A = α·triu₁(D·Uᵀ) on the tensor cores from split-f16 operands (two halves per value: within a few times f32's round-off) where the width is a multiple of 128. Ignored elsewhere, and where the f16 copies do not fit the memory budget");
                 ui.end_row();
                 ui.label("");
                 ui.checkbox(&mut s.kernel_times, "Time GPU kernels")
