@@ -9,17 +9,18 @@
 // (X·2^s − hi is exact in f32: hi is X·2^s rounded to 11 significant bits). hi is rounded by
 // integer arithmetic on the bits (`split_hi`), not by converting to f16 and back: NVIDIA's Vulkan
 // compiler folds that round trip `f32(f16(v))` to `v`, which left lo = 0 (H100, session 32). A
-// product then
-// sums hi·hi′ + hi·lo′ + lo·hi′ with f32 accumulation (the dropped lo·lo′ is below 2^−22 of
-// each product) and is unscaled by 2^−(s+s′) — exact, a power of two. The scaling keeps lo out
+// product then sums hi·hi′ + hi·lo′ + lo·hi′ with f32 accumulation (the dropped lo·lo′ is below
+// 2^−22 of each product) and is unscaled by 2^−(s+s′) — exact, a power of two. (Measured on the
+// H100, the tensor cores' accumulation, not the split, limits the result: 8.8·10⁻⁶ relative at
+// K = 14336, BENCHMARKS.md session 32.) The scaling keeps lo out
 // of f16's subnormals except where |X·2^s| < 2^−3, i.e. below 2^−18 of the largest entry, whose
 // absolute error stays below 2^−25 in scaled units (2^−40 of the largest entry).
 //
 // The solve reads only triangles: U's upper triangle with its diagonal, Dp's strict upper
 // triangle (A's entry (i, j), i < j, sums Dp[i, k]·U[j, k] over k ≥ j > i). Entries outside
 // (`col < row + tri`) are written as zeros and left out of the maximum: they need not be zero,
-// or even finite, in X (the f32 GEMMs never read them either), and a product over the dense
-// blocks of `gptaq_a_split` multiplies them.
+// or even finite, in X (the f32 GEMMs never read them either), and the dense column blocks of
+// `gptaq_a_split` then multiply exact zeros there.
 //
 // Three entry points, all over the panel's vec4s (n is a multiple of 4: the split path needs
 // n a multiple of 128):
