@@ -187,9 +187,6 @@ impl QuantResult {
     }
 }
 
-/// Why the CPU reference (or the quantizer) refused its input. Cholesky failure is *not* an error
-/// of `quantize_f64` (it falls back to RTN, see [`Fallback::Rtn`]); it is one of
-/// [`reference::inverse_hessian_factor_f64`].
 /// For tests: asserts that `got` is `want` bit for bit — every field, floats by their bits —
 /// naming the field and, for the vectors, the first index that differs with both values.
 #[cfg(test)]
@@ -253,6 +250,9 @@ pub(crate) fn assert_same_result(got: &QuantResult, want: &QuantResult, what: &s
     assert_eq!(got.fallback, want.fallback, "{what}: fallback");
 }
 
+/// Why the CPU reference (or the quantizer) refused its input. Cholesky failure is *not* an error
+/// of `quantize_f64` (it falls back to RTN, see [`Fallback::Rtn`]); it is one of
+/// [`reference::inverse_hessian_factor_f64`].
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
 pub enum QuantError {
     #[error("{what}: expected {expected} elements, got {got}")]
