@@ -129,6 +129,8 @@ pub struct LabArgs {
     pub seqlen: Option<usize>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    #[command(flatten)]
+    pub run: RunArgs,
     /// α values of the sweep (comma-separated).
     #[arg(long, value_delimiter = ',', default_values_t = vec![0.0, 0.1, 0.25, 0.5, 0.75, 1.0])]
     pub alphas: Vec<f64>,
@@ -191,6 +193,54 @@ pub enum SolverArg {
 pub enum StreamArg {
     F32,
     F16,
+}
+
+/// How a run that executes the model uses the GPU: the memory plan's budget, where the activation
+/// streams live and whether the forward runs on tensor cores. Shared by `quantize` and `lab` (the
+/// lab's capture is a quantization run up to the captured module, with the same plan).
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    /// GPU memory budget in GiB for the memory plan.
+    #[arg(long, default_value_t = 8.0)]
+    pub gpu_memory: f64,
+    /// Element type of the activation streams: f16 keeps streams that do not fit the GPU in f32
+    /// but do in f16 on the GPU (packed), and halves what spills to host RAM otherwise.
+    #[arg(long, value_enum, default_value = "f32")]
+    pub stream_dtype: StreamArg,
+    /// Keep the activation streams in host RAM even if they fit on the GPU.
+    #[arg(long)]
+    pub host_streams: bool,
+    /// Spend no spare GPU memory on speed: recompute gate/up for down_proj's outputs instead of
+    /// keeping the MLP activations between the two stages that need them, and upload each layer's
+    /// weights when it starts instead of during the previous layer's last stage (both are done by
+    /// default when the memory plan has room for them).
+    #[arg(long)]
+    pub lean_memory: bool,
+    /// Run the calibration forward's linears and attention and the Hessian statistics on tensor
+    /// cores (f16 operands, f32 accumulation, like the reference's half-precision forward) where
+    /// the adapter grants f16 cooperative matrices; ignored with a warning elsewhere, and the f32
+    /// kernels run where the f16 copies do not fit --gpu-memory. On an H100 an 8B GPTQ layer took
+    /// 3.8 s with it and 7.9 s without (BENCHMARKS.md, session 20), 2.16 s with it after the
+    /// kernel work of sessions 21–22. GPTAQ's solve then computes its A = α·triu₁(D·Uᵀ) from
+    /// split-f16 operands (two halves per f32 value, three products: within a few times f32's
+    /// round-off) where the width is a multiple of 128; GPTAQ_SPLIT_F16=0 keeps the f32 GEMMs.
+    /// Same as GPTAQ_TENSOR_CORES=1.
+    #[arg(long)]
+    pub tensor_cores: bool,
+}
+
+impl RunArgs {
+    /// These settings in `cfg`.
+    fn apply(&self, cfg: &mut PipelineConfig) {
+        cfg.stream_dtype = match self.stream_dtype {
+            StreamArg::F32 => StreamDType::F32,
+            StreamArg::F16 => StreamDType::F16,
+        };
+        cfg.gpu_budget_bytes = (self.gpu_memory * (1u64 << 30) as f64) as u64;
+        cfg.force_host_streams = self.host_streams;
+        cfg.lean_memory = self.lean_memory;
+        cfg.tensor_cores = self.tensor_cores;
+    }
 }
 
 /// Quantizer settings shared by `quantize` and `lab`.
@@ -290,23 +340,6 @@ pub struct QuantizeArgs {
     /// and D (GPTAQ's own, or one GPTQ accumulates where that is cheaper than the products).
     #[arg(long, conflicts_with = "no_metrics")]
     pub metric_products: bool,
-    /// Spend no spare GPU memory on speed: recompute gate/up for down_proj's outputs instead of
-    /// keeping the MLP activations between the two stages that need them, and upload each layer's
-    /// weights when it starts instead of during the previous layer's last stage (both are done by
-    /// default when the memory plan has room for them).
-    #[arg(long)]
-    pub lean_memory: bool,
-    /// Run the calibration forward's linears and attention and the Hessian statistics on tensor
-    /// cores (f16 operands, f32 accumulation, like the reference's half-precision forward) where
-    /// the adapter grants f16 cooperative matrices; ignored with a warning elsewhere, and the f32
-    /// kernels run where the f16 copies do not fit --gpu-memory. On an H100 an 8B GPTQ layer took
-    /// 3.8 s with it and 7.9 s without (BENCHMARKS.md, session 20), 2.16 s with it after the
-    /// kernel work of sessions 21–22. GPTAQ's solve then computes its A = α·triu₁(D·Uᵀ) from
-    /// split-f16 operands (two halves per f32 value, three products: within a few times f32's
-    /// round-off) where the width is a multiple of 128; GPTAQ_SPLIT_F16=0 keeps the f32 GEMMs.
-    /// Same as GPTAQ_TENSOR_CORES=1.
-    #[arg(long)]
-    pub tensor_cores: bool,
     /// Time every GPU dispatch with timestamp queries and print the GPU time per scope and
     /// kernel, the GPU's idle time between submissions and the host's time in GPU calls at the
     /// end (also per layer in --report). Costs about 1 % of an 8B layer on an H100 (0–11 % of a
@@ -320,15 +353,8 @@ pub struct QuantizeArgs {
     /// Which solver implementation to use.
     #[arg(long, value_enum, default_value = "gpu")]
     pub solver: SolverArg,
-    /// GPU memory budget in GiB for the memory plan.
-    #[arg(long, default_value_t = 8.0)]
-    pub gpu_memory: f64,
-    /// Element type of activation streams spilled to host RAM.
-    #[arg(long, value_enum, default_value = "f32")]
-    pub stream_dtype: StreamArg,
-    /// Keep the activation streams in host RAM even if they fit on the GPU.
-    #[arg(long)]
-    pub host_streams: bool,
+    #[command(flatten)]
+    pub run: RunArgs,
     /// After quantizing, measure perplexity of the FP and the quantized model on this text
     /// (GPTQ protocol; see `eval`). Not available with --demo.
     #[arg(long)]
@@ -361,31 +387,26 @@ impl QuantizeArgs {
                 .context("--calib is required for a model directory")?;
             (ModelInput::Dir(model), CalibInput::File(calib))
         };
+        let mut config = PipelineConfig {
+            quant,
+            nsamples: self.nsamples.unwrap_or(if self.demo { 32 } else { 128 }),
+            seqlen: self.seqlen.unwrap_or(if self.demo { 128 } else { 2048 }),
+            seed: self.seed,
+            metrics: !self.no_metrics,
+            solver: match self.solver {
+                SolverArg::Gpu => Solver::Gpu,
+                SolverArg::Cpu => Solver::CpuReference,
+            },
+            metric_products: self.metric_products,
+            kernel_times: self.kernel_times,
+            capture: None,
+            ..PipelineConfig::default()
+        };
+        self.run.apply(&mut config);
         Ok(Job {
             model,
             calib,
-            config: PipelineConfig {
-                quant,
-                nsamples: self.nsamples.unwrap_or(if self.demo { 32 } else { 128 }),
-                seqlen: self.seqlen.unwrap_or(if self.demo { 128 } else { 2048 }),
-                seed: self.seed,
-                metrics: !self.no_metrics,
-                stream_dtype: match self.stream_dtype {
-                    StreamArg::F32 => StreamDType::F32,
-                    StreamArg::F16 => StreamDType::F16,
-                },
-                gpu_budget_bytes: (self.gpu_memory * (1u64 << 30) as f64) as u64,
-                force_host_streams: self.host_streams,
-                solver: match self.solver {
-                    SolverArg::Gpu => Solver::Gpu,
-                    SolverArg::Cpu => Solver::CpuReference,
-                },
-                metric_products: self.metric_products,
-                lean_memory: self.lean_memory,
-                tensor_cores: self.tensor_cores,
-                kernel_times: self.kernel_times,
-                capture: None,
-            },
+            config,
         })
     }
 }
@@ -839,6 +860,44 @@ fn devices(gpu: &GpuArgs, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+impl LabArgs {
+    /// The capture run of a model directory or the demo: the layers before the captured module
+    /// quantized with `--method`, with the error metrics on (the lab needs E and D). Not for
+    /// `--load`, which runs nothing.
+    pub fn job(&self) -> anyhow::Result<Job> {
+        let (model, calib) = if self.demo {
+            (ModelInput::Demo { seed: self.seed }, CalibInput::Synthetic)
+        } else {
+            let m = self
+                .model
+                .clone()
+                .context("a MODEL_DIR, --demo or --load is required")?;
+            (
+                ModelInput::Dir(m),
+                CalibInput::File(
+                    self.calib
+                        .clone()
+                        .context("--calib is required for a model directory")?,
+                ),
+            )
+        };
+        let mut config = PipelineConfig {
+            quant: self.quant.config(self.method)?,
+            nsamples: self.nsamples.unwrap_or(if self.demo { 32 } else { 128 }),
+            seqlen: self.seqlen.unwrap_or(if self.demo { 128 } else { 512 }),
+            seed: self.seed,
+            metrics: true,
+            ..PipelineConfig::default()
+        };
+        self.run.apply(&mut config);
+        Ok(Job {
+            model,
+            calib,
+            config,
+        })
+    }
+}
+
 fn lab_cmd(gpu: &GpuArgs, a: &LabArgs) -> anyhow::Result<()> {
     let module = crate::model::ModuleKind::from_short_name(&a.module)
         .with_context(|| format!("unknown module `{}` (q_proj … down_proj)", a.module))?;
@@ -848,34 +907,7 @@ fn lab_cmd(gpu: &GpuArgs, a: &LabArgs) -> anyhow::Result<()> {
     let captured = if let Some(path) = &a.load {
         crate::lab::load(path)?
     } else {
-        let (model, calib) = if a.demo {
-            (ModelInput::Demo { seed: a.seed }, CalibInput::Synthetic)
-        } else {
-            let m = a
-                .model
-                .clone()
-                .context("a MODEL_DIR, --demo or --load is required")?;
-            (
-                ModelInput::Dir(m),
-                CalibInput::File(
-                    a.calib
-                        .clone()
-                        .context("--calib is required for a model directory")?,
-                ),
-            )
-        };
-        let job = Job {
-            model,
-            calib,
-            config: PipelineConfig {
-                quant: a.quant.config(a.method)?,
-                nsamples: a.nsamples.unwrap_or(if a.demo { 32 } else { 128 }),
-                seqlen: a.seqlen.unwrap_or(if a.demo { 128 } else { 512 }),
-                seed: a.seed,
-                metrics: true,
-                ..PipelineConfig::default()
-            },
-        };
+        let job = a.job()?;
         let gpu_ctx = ctx.insert(GpuContext::new(&gpu.options()).context("opening the GPU")?);
         let inputs = pipeline::prepare(&job).context("preparing the capture")?;
         eprintln!(
@@ -990,4 +1022,90 @@ fn lab_cmd(gpu: &GpuArgs, a: &LabArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Command {
+        match Cli::try_parse_from(std::iter::once("gptaq-studio").chain(args.iter().copied())) {
+            Ok(Cli {
+                command: Some(c), ..
+            }) => c,
+            Ok(_) => panic!("{args:?}: parsed without a command"),
+            Err(e) => panic!("{args:?}: {e}"),
+        }
+    }
+
+    /// The plan's settings as a job carries them: (budget, stream dtype, host streams, lean,
+    /// tensor cores).
+    fn plan_of(job: &Job) -> (u64, StreamDType, bool, bool, bool) {
+        let c = &job.config;
+        (
+            c.gpu_budget_bytes,
+            c.stream_dtype,
+            c.force_host_streams,
+            c.lean_memory,
+            c.tensor_cores,
+        )
+    }
+
+    /// `lab` captures through the same memory plan as `quantize`, so it takes the same flags: an
+    /// 8B model's capture at 128 × 2048 tokens needs more than the default 8 GiB in f32 streams
+    /// (8,724 MiB on the GPU machine, session 33), and the plan's error tells the user to raise
+    /// --gpu-memory.
+    #[test]
+    fn lab_and_quantize_take_the_same_plan_flags() -> anyhow::Result<()> {
+        let flags = [
+            "--gpu-memory",
+            "12.5",
+            "--stream-dtype",
+            "f16",
+            "--host-streams",
+            "--lean-memory",
+            "--tensor-cores",
+        ];
+        let want = (
+            (12.5 * (1u64 << 30) as f64) as u64,
+            StreamDType::F16,
+            true,
+            true,
+            true,
+        );
+        let mut q = vec!["quantize", "model-dir", "--calib", "c.txt"];
+        q.extend(flags);
+        let Command::Quantize(qa) = parse(&q) else {
+            panic!("quantize parsed as another command");
+        };
+        assert_eq!(plan_of(&qa.job()?), want, "quantize");
+        let mut l = vec!["lab", "model-dir", "--calib", "c.txt", "--layer", "1"];
+        l.extend(flags);
+        let Command::Lab(la) = parse(&l) else {
+            panic!("lab parsed as another command");
+        };
+        let job = la.job()?;
+        assert_eq!(plan_of(&job), want, "lab");
+        assert!(job.config.metrics, "the lab's capture measures the metrics");
+        assert_eq!((job.config.nsamples, job.config.seqlen), (128, 512));
+
+        // Without the flags both take the pipeline's defaults.
+        let d = PipelineConfig::default();
+        let want_default = (
+            d.gpu_budget_bytes,
+            d.stream_dtype,
+            d.force_host_streams,
+            d.lean_memory,
+            d.tensor_cores,
+        );
+        let Command::Lab(la) = parse(&["lab", "--demo"]) else {
+            panic!("lab parsed as another command");
+        };
+        assert_eq!(plan_of(&la.job()?), want_default, "lab defaults");
+        let Command::Quantize(qa) = parse(&["quantize", "--demo"]) else {
+            panic!("quantize parsed as another command");
+        };
+        assert_eq!(plan_of(&qa.job()?), want_default, "quantize defaults");
+        Ok(())
+    }
 }
