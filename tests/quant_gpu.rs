@@ -929,7 +929,7 @@ fn resident_w_solves_exactly_like_the_host_w() {
 /// Modules of one group (the same H and D, as q/k/v or gate/up) solved through a shared
 /// `SharedFactor` get bit for bit the results of separate solves, with the factor and P computed
 /// once: GPTAQ with act-order, GPTQ, and an indefinite H whose RTN fallback is shared too. A
-/// different H is not mistaken for the cached one.
+/// different H is not mistaken for the cached one; another D reuses the factor but not GPTAQ's P.
 #[test]
 fn group_modules_share_factor_and_p_bit_for_bit() {
     use gptaq_studio::quant::gpu::{SharedFactor, quantize_gpu_resident};
@@ -1014,10 +1014,14 @@ fn group_modules_share_factor_and_p_bit_for_bit() {
             2,
             "{what}: a different H was served from the cache"
         );
-        // The cache now holds H2's entry. H2 with another D: a new P for GPTAQ (no reuse);
-        // GPTQ ignores D, so that is a reuse.
-        let gd2 = ctx.matrix_upload("d2", &base.d, n, n, 1).unwrap();
-        quantize_gpu_resident(
+        // The cache now holds H2's entry. H2 with another D (other values): the factor is reused,
+        // GPTAQ's P is not (a P from the first D would change the codes), GPTQ ignores D.
+        let d2: Vec<f32> = base.d.iter().map(|v| 3.0 * v).collect();
+        let gd2 = ctx.matrix_upload("d2", &d2, n, n, 1).unwrap();
+        let alone = quantize_gpu_resident(&ctx, &w, None, 3, n, &gh2, Some(&gd2), &c, None)
+            .unwrap()
+            .result;
+        let with = quantize_gpu_resident(
             &ctx,
             &w,
             None,
@@ -1028,8 +1032,14 @@ fn group_modules_share_factor_and_p_bit_for_bit() {
             &c,
             Some(&mut shared),
         )
-        .unwrap();
-        let reuse = usize::from(!matches!(c.method, Method::Gptaq { .. }));
-        assert_eq!(shared.hits(), 2 + reuse, "{what}: another D");
+        .unwrap()
+        .result;
+        assert_eq!(alone.codes, with.codes, "{what}: another D, codes");
+        assert_eq!(
+            alone.proxy_loss_sum.to_bits(),
+            with.proxy_loss_sum.to_bits(),
+            "{what}: another D, proxy loss"
+        );
+        assert_eq!(shared.hits(), 3, "{what}: another D reuses the factor");
     }
 }

@@ -45,13 +45,17 @@ done
 # The layer lab's GPU re-solves at 4096 wide and more: LAB="q_proj down_proj" runs `lab` on layer
 # LAB_LAYER (default 1) of /tmp/l8b2 for each module (capture with --gpu-memory 70 and LAB_ARGS, then
 # GPTQ, GPTAQ and the α sweep), printing its solves' seconds (`solves_secs` in lab_<module>.json).
+# LAB_OLD=1 runs each module with .device-carry/gptaq-studio-old too (lab_old_<module>.json).
 for m in ${LAB:-}; do
   [ -f /tmp/l8b2/config.json ] || python3 tools/make_random_llama.py --preset llama3-8b --layers 2 --out /tmp/l8b2 \
     --calib-out /tmp/l8b-calib.safetensors --nsamples 128 --seqlen 2048 > $D/gen.log 2>&1
-  t0=$(date +%s.%N)
-  timeout ${LIM:-150} $B lab /tmp/l8b2 --calib /tmp/l8b-calib.safetensors --nsamples ${LAB_NS:-128} --seqlen 2048 \
-    --layer ${LAB_LAYER:-1} --module $m --gpu-memory 70 ${LAB_ARGS:-} --json > $D/lab_$m.json 2> $D/lab_$m.log
-  echo "== lab $m rc=$? $(awk "BEGIN{printf \"%.1f\", $(date +%s.%N)-$t0}")s $(grep -oE '"(solver|solves_secs|rows|cols)": [^,]*' $D/lab_$m.json | tr '\n' ' ')"
+  for v in ${LAB_OLD:+old_ }new_; do
+    b=$B; [ $v = old_ ] && b=$B-old; f=lab_${v#new_}$m
+    t0=$(date +%s.%N)
+    timeout ${LIM:-150} $b lab /tmp/l8b2 --calib /tmp/l8b-calib.safetensors --nsamples ${LAB_NS:-128} --seqlen 2048 \
+      --layer ${LAB_LAYER:-1} --module $m --gpu-memory 70 ${LAB_ARGS:-} --json > $D/$f.json 2> $D/$f.log
+    echo "== $f rc=$? $(awk "BEGIN{printf \"%.1f\", $(date +%s.%N)-$t0}")s $(grep -oE '"(solver|solves_secs|rows|cols)": [^,]*' $D/$f.json | tr '\n' ' ')"
+  done
 done
 # Issue 10's scaling table: SCALE="h1024 h2048 …" (make_random_llama.py presets, SCALE_LAYERS layers
 # each, default 2: layer 0 pays the weight upload and the first-use pipeline compilation;

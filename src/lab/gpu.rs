@@ -29,6 +29,9 @@ pub(super) struct GpuTerms {
     pub(super) denom: f64,
     /// `Σ_r W∘(W·E)` per original column (the Q-independent part of the column shares).
     wwe: Vec<f64>,
+    /// The re-solves' inverse factor (and GPTAQ's P) of `h` (and `d`), kept while the settings
+    /// it depends on stay (`quant::gpu::quantize_gpu_shared`): dropped with `h` and `d`.
+    pub(super) shared: crate::quant::gpu::SharedFactor,
 }
 
 /// What [`GpuTerms::measure`] returns for one `Q`.
@@ -98,6 +101,7 @@ impl GpuTerms {
             asym,
             denom,
             wwe,
+            shared: Default::default(),
         })
     }
 

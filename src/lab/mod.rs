@@ -30,8 +30,10 @@
 //! - **GPU path** ([`Backend::Gpu`], borrowing the caller's [`GpuContext`]; the lab never owns
 //!   one): W, H, D and W·D are uploaded once per capture and device (`gpu::GpuTerms`; E only for
 //!   the once-per-capture W·E), and with them `tr(W E Wᵀ)`, `tr(W F Wᵀ)` and the Q-independent
-//!   part of the column shares. Each solve is [`crate::quant::gpu::quantize_gpu`] (f32; it factors
-//!   H on the GPU every call) whose Q stays on the GPU: `ΔW = W − Q` (axpby), `ΔW·H` (one GEMM),
+//!   part of the column shares. Each solve is [`crate::quant::gpu::quantize_gpu_shared`] (f32; it
+//!   factors H on the GPU when act-order, damping or block size changed since the capture's last
+//!   solve and reuses that factor otherwise, as it reuses GPTAQ's P for the same α) whose Q stays
+//!   on the GPU: `ΔW = W − Q` (axpby), `ΔW·H` (one GEMM),
 //!   `quant = Σ ΔW∘(ΔW·H)` and `cross = Σ ΔW∘(W·D)` as column sums of elementwise products
 //!   (`gpu::ops::col_dot_partials`, partials added in f64 on the host); a study's per-column output
 //!   shares add one GEMM (`ΔW·Dᵀ`). Only scalars, `16·n`-float partials, n-vectors and the Q the
@@ -537,7 +539,7 @@ impl Lab {
                 slot.insert(gpu::GpuTerms::new(ctx, c)?)
             }
         };
-        let solve = crate::quant::gpu::quantize_gpu(
+        let solve = crate::quant::gpu::quantize_gpu_shared(
             ctx,
             &c.w,
             c.rows,
@@ -545,6 +547,7 @@ impl Lab {
             &terms.h,
             Some(&terms.d),
             cfg,
+            &mut terms.shared,
         )?;
         // quantize_gpu always returns Q (only a caller of Solving::release_q can lose it).
         let q = solve.q.as_ref().ok_or_else(|| {
@@ -1269,6 +1272,96 @@ mod tests {
                 "heat_w cell {i}: {g} vs {c}"
             );
         }
+        Ok(())
+    }
+
+    /// The GPU re-solves of one capture share the factor (and GPTAQ's P) while the settings they
+    /// depend on stay (`quant::gpu::quantize_gpu_shared`): a run through settings that keep,
+    /// change and change back what the factor and P depend on gives every solve bit for bit what
+    /// a fresh lab (nothing shared) gives. A cache that ignored α would reuse a wrong P, one that
+    /// ignored damping or act-order a wrong factor.
+    #[test]
+    fn gpu_resolves_share_the_factor_and_match_fresh_solves() -> TestResult {
+        let Some(ctx) = crate::gpu::test_context() else {
+            return Ok(());
+        };
+        let (rows, cols) = (23, 160);
+        let cap = capture(rows, cols, 77, 3);
+        let base = QuantConfig {
+            bits: 4,
+            group_size: Some(32),
+            block_size: 32,
+            method: Method::Gptaq { alpha: 0.25 },
+            ..QuantConfig::default()
+        };
+        let gptaq = |alpha: f64| QuantConfig {
+            method: Method::Gptaq { alpha },
+            ..base.clone()
+        };
+        let steps = [
+            base.clone(),
+            gptaq(1.0),
+            QuantConfig {
+                method: Method::Gptq,
+                ..base.clone()
+            },
+            QuantConfig {
+                bits: 3,
+                ..gptaq(1.0)
+            },
+            QuantConfig {
+                damp_percent: 0.1,
+                ..gptaq(1.0)
+            },
+            QuantConfig {
+                act_order: true,
+                ..gptaq(1.0)
+            },
+            base.clone(),
+            gptaq(0.0),
+        ];
+        let mut shared = Lab::new(cap.clone());
+        for (i, cfg) in steps.iter().enumerate() {
+            let got = shared.solve_on(Backend::Gpu(&ctx), cfg)?;
+            let want = Lab::new(cap.clone()).solve_on(Backend::Gpu(&ctx), cfg)?;
+            let what = format!("step {i} ({cfg:?}), {rows}x{cols}");
+            let differ = got
+                .result
+                .codes
+                .iter()
+                .zip(&want.result.codes)
+                .filter(|(g, w)| g != w);
+            let first = got
+                .result
+                .codes
+                .iter()
+                .zip(&want.result.codes)
+                .position(|(g, w)| g != w);
+            assert!(
+                first.is_none() && got.result.codes.len() == want.result.codes.len(),
+                "{what}: {} of {} codes differ, the first at {first:?}",
+                differ.count(),
+                want.result.codes.len()
+            );
+            for (j, (g, w)) in got.result.q.iter().zip(&want.result.q).enumerate() {
+                assert_eq!(
+                    g.to_bits(),
+                    w.to_bits(),
+                    "{what}: Q[{j}] got {g}, expected {w}"
+                );
+            }
+            assert_eq!(
+                got.metrics.output_error.to_bits(),
+                want.metrics.output_error.to_bits(),
+                "{what}: output error got {}, expected {}",
+                got.metrics.output_error,
+                want.metrics.output_error
+            );
+        }
+        // One entry, the last factor: steps 1–3 and 7 reuse it; 4 and 5 change the damping and
+        // the order, and 6 returns to the first settings after those replaced its factor.
+        let hits = shared.gpu.as_ref().map_or(0, |t| t.shared.hits());
+        assert_eq!(hits, 4, "solves that reused a factor");
         Ok(())
     }
 

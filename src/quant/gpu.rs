@@ -1079,9 +1079,11 @@ impl GptaqTerms {
 /// from the same `H` and `D` with the same config (q/k/v; gate/up): diag(H), the inverse factor
 /// `U` (or its failure) and GPTAQ's `P`. The first solve computes them, the later ones reuse them:
 /// the same computation on the same inputs, so the results are bit for bit those of separate
-/// solves (tests/quant_gpu.rs), without a factorisation and a P per module. Only for one group:
-/// entries are recognised by the addresses of `H` and `D`, which must stay alive and unchanged
-/// while the cache is.
+/// solves (tests/quant_gpu.rs), without a factorisation and a P per module. The layer lab keeps
+/// one per capture: its re-solves reuse the factor while act-order, damping and block size stay
+/// ([`FactorKey`]; bits, groups, method and α do not change it) and P while α and D do. One
+/// entry: the factor is recognised by the address of `H` and P by that of `D`, which must stay
+/// alive and unchanged while the cache is.
 #[derive(Default)]
 pub struct SharedFactor {
     entry: Option<SharedEntry>,
@@ -1091,14 +1093,49 @@ pub struct SharedFactor {
 #[derive(Clone)]
 struct SharedEntry {
     h: usize,
-    d: usize,
+    /// The settings the factor was taken with.
+    key: FactorKey,
     h_diag32: Vec<f32>,
     /// `Err`: no damping made H factorable (every module falls back to RTN with this reason).
     factor: Result<Arc<Damped<GpuMatrix>>, String>,
     /// Where the factor was taken speculatively, its pivots' flag (each solve checks it when it
     /// finishes: [`SubmittedSolve`]).
     check: Option<Arc<FactorCheck>>,
-    p: Option<Arc<GptaqTerms>>,
+    /// GPTAQ's terms from this factor, and what else they were computed from.
+    p: Option<(PKey, Arc<GptaqTerms>)>,
+}
+
+/// What the inverse factor depends on besides H: the processing order (act-order), the damping
+/// and its retries, and the block size (U's panels hold whole blocks). A pipeline group's modules
+/// share one config; the layer lab's re-solves of one capture change bits, groups, method and α
+/// (which leave the factor as it is) as well as these (which do not).
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct FactorKey {
+    act_order: bool,
+    damp: f64,
+    damp_increment: f64,
+    bs: usize,
+}
+
+impl FactorKey {
+    fn of(cfg: &QuantConfig, bs: usize) -> Self {
+        Self {
+            act_order: cfg.act_order,
+            damp: cfg.damp_percent,
+            damp_increment: cfg.damp_auto_increment,
+            bs,
+        }
+    }
+}
+
+/// What GPTAQ's terms depend on besides the factor: D (by address), α, their form and the
+/// precision of A ([`split_terms`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct PKey {
+    d: usize,
+    alpha: f64,
+    form: PForm,
+    split_terms: usize,
 }
 
 impl SharedFactor {
@@ -1137,6 +1174,30 @@ pub fn quantize_gpu(
     };
     // `split_f16` stays off unless `GPTAQ_SPLIT_F16` asks (`split_terms`).
     solve(ctx, w, None, rows, cols, h, d, cfg, None, opts)?.finish(ctx)
+}
+
+/// [`quantize_gpu`] reusing what an earlier solve of the same `h` left in `shared`
+/// ([`SharedFactor`]: the inverse factor where act-order, damping and block size are the same, and
+/// GPTAQ's P where α and `d` are too), and leaving its own there for the next: the layer lab's
+/// re-solves of one capture (an α sweep factors H once). The results are those of
+/// [`quantize_gpu`] bit for bit.
+#[allow(clippy::too_many_arguments)]
+pub fn quantize_gpu_shared(
+    ctx: &GpuContext,
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    h: &GpuMatrix,
+    d: Option<&GpuMatrix>,
+    cfg: &QuantConfig,
+    shared: &mut SharedFactor,
+) -> Result<GpuSolve, QuantGpuError> {
+    let opts = SolveOptions {
+        host_q: true,
+        speculate: true,
+        ..SolveOptions::default()
+    };
+    solve(ctx, w, None, rows, cols, h, d, cfg, Some(shared), opts)?.finish(ctx)
 }
 
 /// [`quantize_gpu`] when `W` is also on the GPU already (`w_gpu`, the same values as `w`; the
@@ -1782,9 +1843,10 @@ fn solve<'a>(
     let scope = ctx.time_scope("solve/prepare");
     // Step 1: host preparation in f64 from diag(H) only (module docs).
     // A group's earlier solve from the same H and D (SharedFactor).
+    let key = FactorKey::of(cfg, cfg.block_size.min(n));
     let cached: Option<SharedEntry> = shared.as_deref_mut().and_then(|s| {
         let e = s.entry.as_ref()?;
-        if e.h != addr(h) || e.d != d.map_or(0, addr) {
+        if e.h != addr(h) || e.key != key {
             return None;
         }
         s.hits += 1;
@@ -1862,7 +1924,7 @@ fn solve<'a>(
             {
                 s.entry = Some(SharedEntry {
                     h: addr(h),
-                    d: d.map_or(0, addr),
+                    key,
                     h_diag32: h_diag32.clone(),
                     factor: Err(reason.clone()),
                     check: None,
@@ -1947,10 +2009,17 @@ fn solve<'a>(
     // (quant_gather.wgsl): `perm[0..n]` then the dead flags `[0..n]` by original column. Uploaded
     // once, where either gather runs (a group's later solves reuse its P, so D is not gathered).
     let form = p_form.unwrap_or_else(|| PForm::choose(dynamic, gs, bs));
+    let p_key = d.map(|d| PKey {
+        d: addr(d),
+        alpha: cfg.method.alpha(),
+        form,
+        split_terms: split_terms(split_f16),
+    });
     let cached_p = cached
         .as_ref()
         .and_then(|c| c.p.clone())
-        .filter(|p| p.form() == form);
+        .filter(|(k, p)| Some(*k) == p_key && p.form() == form)
+        .map(|(_, p)| p);
     let gperm_dead = if (w_gpu.is_some() && needs_prep) || (d.is_some() && cached_p.is_none()) {
         let table: Vec<u32> = order
             .iter()
@@ -2038,17 +2107,27 @@ fn solve<'a>(
         (None, _, _) => None,
     };
     drop(gperm_dead);
-    if cached.is_none()
-        && let Some(s) = shared
-    {
-        s.entry = Some(SharedEntry {
-            h: addr(h),
-            d: d.map_or(0, addr),
-            h_diag32: h_diag32.clone(),
-            factor: Ok(factor.clone()),
-            check: check.clone(),
-            p: gp.clone(),
-        });
+    if let Some(s) = shared {
+        let p = p_key.zip(gp.clone());
+        match (&cached, s.entry.as_mut()) {
+            (None, _) | (Some(_), None) => {
+                s.entry = Some(SharedEntry {
+                    h: addr(h),
+                    key,
+                    h_diag32: h_diag32.clone(),
+                    factor: Ok(factor.clone()),
+                    check: check.clone(),
+                    p,
+                });
+            }
+            // The factor came from the entry: keep it, with these GPTAQ terms where they are new
+            // (another D or α; GPTQ leaves the entry's as they are).
+            (Some(_), Some(e)) => {
+                if p.is_some() {
+                    e.p = p;
+                }
+            }
+        }
     }
     rec = prof.lap(rec, "p")?;
     scope.set("solve/blocks");
