@@ -1081,7 +1081,7 @@ impl GptaqTerms {
 /// the same computation on the same inputs, so the results are bit for bit those of separate
 /// solves (tests/quant_gpu.rs), without a factorisation and a P per module. The layer lab keeps
 /// one per capture: its re-solves reuse the factor while act-order, damping and block size stay
-/// ([`FactorKey`]; bits, groups, method and α do not change it) and P while α and D do. One
+/// (bits, groups, method and α do not change it) and P while α and D do. One
 /// entry: the factor is recognised by the address of `H` and P by that of `D`, which must stay
 /// alive and unchanged while the cache is.
 #[derive(Default)]
@@ -1167,13 +1167,28 @@ pub fn quantize_gpu(
     d: Option<&GpuMatrix>,
     cfg: &QuantConfig,
 ) -> Result<GpuSolve, QuantGpuError> {
+    solve_with_host_q(ctx, w, rows, cols, h, d, cfg, None)
+}
+
+/// [`quantize_gpu`] and [`quantize_gpu_shared`]: W from the host, Q back to it.
+#[allow(clippy::too_many_arguments)]
+fn solve_with_host_q(
+    ctx: &GpuContext,
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    h: &GpuMatrix,
+    d: Option<&GpuMatrix>,
+    cfg: &QuantConfig,
+    shared: Option<&mut SharedFactor>,
+) -> Result<GpuSolve, QuantGpuError> {
     let opts = SolveOptions {
         host_q: true,
         speculate: true,
         ..SolveOptions::default()
     };
     // `split_f16` stays off unless `GPTAQ_SPLIT_F16` asks (`split_terms`).
-    solve(ctx, w, None, rows, cols, h, d, cfg, None, opts)?.finish(ctx)
+    solve(ctx, w, None, rows, cols, h, d, cfg, shared, opts)?.finish(ctx)
 }
 
 /// [`quantize_gpu`] reusing what an earlier solve of the same `h` left in `shared`
@@ -1192,12 +1207,7 @@ pub fn quantize_gpu_shared(
     cfg: &QuantConfig,
     shared: &mut SharedFactor,
 ) -> Result<GpuSolve, QuantGpuError> {
-    let opts = SolveOptions {
-        host_q: true,
-        speculate: true,
-        ..SolveOptions::default()
-    };
-    solve(ctx, w, None, rows, cols, h, d, cfg, Some(shared), opts)?.finish(ctx)
+    solve_with_host_q(ctx, w, rows, cols, h, d, cfg, Some(shared))
 }
 
 /// [`quantize_gpu`] when `W` is also on the GPU already (`w_gpu`, the same values as `w`; the
