@@ -49,8 +49,8 @@
 //! [`GPU_MIN_WEIGHTS`] = 2¹⁸ weights. Below that the f64 reference is both fast (a 256×256 study,
 //! 13 solves, takes 0.15 s on the 2-core dev box) and exact with every picture; above it the
 //! reference's O(rows·n²) sweeps and products and its O(n³) f64 factorisation grow to tens of
-//! seconds per study at n = 4096, where a GPU solve takes 0.22 s with its errors (an 8B model's
-//! q_proj on an H100; 0.98 s for its 4096 × 14336 down_proj: BENCHMARKS.md session 33).
+//! seconds per study at n = 4096, where a GPU re-solve takes 0.17 s with its errors (an 8B
+//! model's q_proj on an H100; 0.76 s for its 4096 × 14336 down_proj: BENCHMARKS.md session 33).
 
 mod gpu;
 pub mod heatmap;
