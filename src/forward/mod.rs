@@ -215,9 +215,10 @@ pub struct GpuLayer {
 /// is its copy into freshly mapped staging memory, on the calling thread: on the GPU machine's host
 /// one thread moved an 8B layer's 0.9 GB of f32 weights at ≈ 8.7 GB/s (27 ms per MLP weight), and
 /// when the next layer's upload, which starts with the last stage, outlasted a GPTQ layer's short
-/// last stage, the GPU waited for it at the next layer's start: 57 ms per layer (BENCHMARKS.md,
-/// session 33). The copies are independent, so they run side by side; the buffers, and the order
-/// in which later submissions see them, are the same as one thread's.
+/// last stage, the GPU waited for it at the next layer's start: 39–57 ms per layer. The copies are
+/// independent, so they run side by side (the buffers, and the order in which later submissions
+/// see them, are the same as one thread's): the wait fell to 18 ms and the 8B GPTQ layer took 4 %
+/// less on the H100 (BENCHMARKS.md, session 33, call 2).
 fn upload_linears(ctx: &GpuContext, lw: &LayerWeights) -> Result<Vec<GpuBuffer<f32>>, GpuError> {
     std::thread::scope(|s| {
         let handles: Vec<_> = ModuleKind::ALL
