@@ -36,8 +36,11 @@
 //!   on the GPU: `ΔW = W − Q` (axpby), `ΔW·H` (one GEMM),
 //!   `quant = Σ ΔW∘(ΔW·H)` and `cross = Σ ΔW∘(W·D)` as column sums of elementwise products
 //!   (`gpu::ops::col_dot_partials`, partials added in f64 on the host); a study's per-column output
-//!   shares add one GEMM (`ΔW·Dᵀ`). Only scalars, `16·n`-float partials, n-vectors and the Q the
-//!   solve already reads back cross the bus. `column_loss` comes from the solve, the uncompensated
+//!   shares add one GEMM (`ΔW·Dᵀ`). Only scalars, `16·n`-float partials, n-vectors and the
+//!   solve's codes (a byte per weight) cross the bus: the solve takes W from the GPU copy, and
+//!   builds Q on the host only for a study's two sides, whose pictures need it (since session 33;
+//!   the α sweep's and `solve_on`'s results rebuild it from the codes,
+//!   [`QuantResult::weights`]). `column_loss` comes from the solve, the uncompensated
 //!   loss from it as `column_loss_k·U_kk²·H̃_kk` (`GpuSolve::u_diag`, H̃ damped).
 //!   Exactness: the errors of a given Q match the f64 formulas to ~1e-6 relative (tests use 1e-4);
 //!   Q itself is the f32 solve's, whose codes can differ from the reference's at f32/f64 near-ties
@@ -111,6 +114,8 @@ pub struct LabMetrics {
 #[derive(Clone, Debug)]
 pub struct LabSolve {
     pub config: QuantConfig,
+    /// From the GPU path without `result.q` (RTN fallbacks aside): [`QuantResult::weights`]
+    /// rebuilds Q from the codes exactly.
     pub result: QuantResult,
     pub metrics: LabMetrics,
     pub secs: f64,
@@ -539,17 +544,21 @@ impl Lab {
                 slot.insert(gpu::GpuTerms::new(ctx, c)?)
             }
         };
+        // W is on the GPU already; Q goes to the host only for a study's pictures (`detail`): the
+        // errors come from the GPU's Q.
         let solve = crate::quant::gpu::quantize_gpu_shared(
             ctx,
             &c.w,
+            Some(&terms.w),
             c.rows,
             c.cols,
             &terms.h,
             Some(&terms.d),
             cfg,
             &mut terms.shared,
+            detail,
         )?;
-        // quantize_gpu always returns Q (only a caller of Solving::release_q can lose it).
+        // The solve always returns Q on the GPU (only a caller of Solving::release_q can lose it).
         let q = solve.q.as_ref().ok_or_else(|| {
             crate::gpu::GpuError::Validation("the lab's solve returned no Q".into())
         })?;
@@ -1278,8 +1287,8 @@ mod tests {
     /// The GPU re-solves of one capture share the factor (and GPTAQ's P) while the settings they
     /// depend on stay (`quant::gpu::quantize_gpu_shared`): a run through settings that keep,
     /// change and change back what the factor and P depend on gives every solve bit for bit what
-    /// a fresh lab (nothing shared) gives. A cache that ignored α would reuse a wrong P, one that
-    /// ignored damping or act-order a wrong factor.
+    /// a fresh lab (nothing shared, Q built on the host) gives. A cache that ignored α would reuse
+    /// a wrong P, one that ignored damping or act-order a wrong factor.
     #[test]
     fn gpu_resolves_share_the_factor_and_match_fresh_solves() -> TestResult {
         let Some(ctx) = crate::gpu::test_context() else {
@@ -1323,7 +1332,9 @@ mod tests {
         let mut shared = Lab::new(cap.clone());
         for (i, cfg) in steps.iter().enumerate() {
             let got = shared.solve_on(Backend::Gpu(&ctx), cfg)?;
-            let want = Lab::new(cap.clone()).solve_on(Backend::Gpu(&ctx), cfg)?;
+            // A fresh lab, with Q built on the host as a study's sides have it (`detail`); the
+            // shared one's plain solve leaves Q on the GPU and its result rebuilds it from codes.
+            let want = Lab::new(cap.clone()).measure(Backend::Gpu(&ctx), cfg, true)?;
             let what = format!("step {i} ({cfg:?}), {rows}x{cols}");
             let differ = got
                 .result
@@ -1343,7 +1354,10 @@ mod tests {
                 differ.count(),
                 want.result.codes.len()
             );
-            for (j, (g, w)) in got.result.q.iter().zip(&want.result.q).enumerate() {
+            assert!(got.result.q.is_empty() && want.result.q.len() == rows * cols);
+            let (gq, wq) = (got.result.weights(), want.result.weights());
+            assert_eq!(gq.len(), rows * cols, "{what}: Q's length");
+            for (j, (g, w)) in gq.iter().zip(wq.iter()).enumerate() {
                 assert_eq!(
                     g.to_bits(),
                     w.to_bits(),

@@ -1167,47 +1167,61 @@ pub fn quantize_gpu(
     d: Option<&GpuMatrix>,
     cfg: &QuantConfig,
 ) -> Result<GpuSolve, QuantGpuError> {
-    solve_with_host_q(ctx, w, rows, cols, h, d, cfg, None)
+    solve_with_host_q(ctx, w, None, rows, cols, h, d, cfg, None, true)
 }
 
-/// [`quantize_gpu`] and [`quantize_gpu_shared`]: W from the host, Q back to it.
+/// [`quantize_gpu`] and [`quantize_gpu_shared`]: W from `w_gpu` where given, else from the host;
+/// `result.q` filled where `host_q`.
 #[allow(clippy::too_many_arguments)]
 fn solve_with_host_q(
     ctx: &GpuContext,
     w: &[f32],
+    w_gpu: Option<&GpuBuffer<f32>>,
     rows: usize,
     cols: usize,
     h: &GpuMatrix,
     d: Option<&GpuMatrix>,
     cfg: &QuantConfig,
     shared: Option<&mut SharedFactor>,
+    host_q: bool,
 ) -> Result<GpuSolve, QuantGpuError> {
     let opts = SolveOptions {
-        host_q: true,
+        host_q,
         speculate: true,
         ..SolveOptions::default()
     };
     // `split_f16` stays off unless `GPTAQ_SPLIT_F16` asks (`split_terms`).
-    solve(ctx, w, None, rows, cols, h, d, cfg, shared, opts)?.finish(ctx)
+    let mut s = solve(ctx, w, w_gpu, rows, cols, h, d, cfg, shared, opts)?.finish(ctx)?;
+    // Without host_q the codes are still on their way (the pipeline's overlap); here they are
+    // waited for, so `result.codes` is complete as quantize_gpu's.
+    if let Some(codes) = s.codes.take() {
+        codes.finish(ctx, &mut s.result)?;
+    }
+    Ok(s)
 }
 
 /// [`quantize_gpu`] reusing what an earlier solve of the same `h` left in `shared`
 /// ([`SharedFactor`]: the inverse factor where act-order, damping and block size are the same, and
 /// GPTAQ's P where α and `d` are too), and leaving its own there for the next: the layer lab's
-/// re-solves of one capture (an α sweep factors H once). The results are those of
-/// [`quantize_gpu`] bit for bit.
+/// re-solves of one capture (an α sweep factors H once). `w_gpu`: W on the GPU already (the same
+/// values as `w`; see [`quantize_gpu_resident`]). Without `host_q`, `result.q` is left empty (RTN
+/// fallbacks aside) and Q is only in [`GpuSolve::q`], as [`quantize_gpu_resident`] leaves it: a
+/// caller that needs only Q's errors saves building rows·cols floats on the host. The results are
+/// those of [`quantize_gpu`] bit for bit.
 #[allow(clippy::too_many_arguments)]
 pub fn quantize_gpu_shared(
     ctx: &GpuContext,
     w: &[f32],
+    w_gpu: Option<&GpuBuffer<f32>>,
     rows: usize,
     cols: usize,
     h: &GpuMatrix,
     d: Option<&GpuMatrix>,
     cfg: &QuantConfig,
     shared: &mut SharedFactor,
+    host_q: bool,
 ) -> Result<GpuSolve, QuantGpuError> {
-    solve_with_host_q(ctx, w, rows, cols, h, d, cfg, Some(shared))
+    solve_with_host_q(ctx, w, w_gpu, rows, cols, h, d, cfg, Some(shared), host_q)
 }
 
 /// [`quantize_gpu`] when `W` is also on the GPU already (`w_gpu`, the same values as `w`; the
