@@ -1167,13 +1167,13 @@ pub fn quantize_gpu(
     d: Option<&GpuMatrix>,
     cfg: &QuantConfig,
 ) -> Result<GpuSolve, QuantGpuError> {
-    solve_with_host_q(ctx, w, None, rows, cols, h, d, cfg, None, true)
+    solve_and_wait(ctx, w, None, rows, cols, h, d, cfg, None, true)
 }
 
-/// [`quantize_gpu`] and [`quantize_gpu_shared`]: W from `w_gpu` where given, else from the host;
-/// `result.q` filled where `host_q`.
+/// [`quantize_gpu`] and [`quantize_gpu_shared`]: one solve, waited for with its codes; W from
+/// `w_gpu` where given, else from the host; `result.q` filled where `host_q`.
 #[allow(clippy::too_many_arguments)]
-fn solve_with_host_q(
+fn solve_and_wait(
     ctx: &GpuContext,
     w: &[f32],
     w_gpu: Option<&GpuBuffer<f32>>,
@@ -1221,7 +1221,7 @@ pub fn quantize_gpu_shared(
     shared: &mut SharedFactor,
     host_q: bool,
 ) -> Result<GpuSolve, QuantGpuError> {
-    solve_with_host_q(ctx, w, w_gpu, rows, cols, h, d, cfg, Some(shared), host_q)
+    solve_and_wait(ctx, w, w_gpu, rows, cols, h, d, cfg, Some(shared), host_q)
 }
 
 /// [`quantize_gpu`] when `W` is also on the GPU already (`w_gpu`, the same values as `w`; the
