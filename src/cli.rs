@@ -371,22 +371,35 @@ pub struct QuantizeArgs {
     pub no_fp_eval: bool,
 }
 
+/// The model and calibration a run reads: the demo model on synthetic tokens, or a model
+/// directory with `--calib` (`no_model`: the error when neither is given).
+fn run_inputs(
+    demo: bool,
+    seed: u64,
+    model: &Option<PathBuf>,
+    calib: &Option<PathBuf>,
+    no_model: &str,
+) -> anyhow::Result<(ModelInput, CalibInput)> {
+    if demo {
+        return Ok((ModelInput::Demo { seed }, CalibInput::Synthetic));
+    }
+    let model = model.clone().context(no_model.to_string())?;
+    let calib = calib
+        .clone()
+        .context("--calib is required for a model directory")?;
+    Ok((ModelInput::Dir(model), CalibInput::File(calib)))
+}
+
 impl QuantizeArgs {
     pub fn job(&self) -> anyhow::Result<Job> {
         let quant = self.quant.config(self.method)?;
-        let (model, calib) = if self.demo {
-            (ModelInput::Demo { seed: self.seed }, CalibInput::Synthetic)
-        } else {
-            let model = self
-                .model
-                .clone()
-                .context("a MODEL_DIR (or --demo) is required")?;
-            let calib = self
-                .calib
-                .clone()
-                .context("--calib is required for a model directory")?;
-            (ModelInput::Dir(model), CalibInput::File(calib))
-        };
+        let (model, calib) = run_inputs(
+            self.demo,
+            self.seed,
+            &self.model,
+            &self.calib,
+            "a MODEL_DIR (or --demo) is required",
+        )?;
         let mut config = PipelineConfig {
             quant,
             nsamples: self.nsamples.unwrap_or(if self.demo { 32 } else { 128 }),
@@ -865,22 +878,13 @@ impl LabArgs {
     /// quantized with `--method`, with the error metrics on (the lab needs E and D). Not for
     /// `--load`, which runs nothing.
     pub fn job(&self) -> anyhow::Result<Job> {
-        let (model, calib) = if self.demo {
-            (ModelInput::Demo { seed: self.seed }, CalibInput::Synthetic)
-        } else {
-            let m = self
-                .model
-                .clone()
-                .context("a MODEL_DIR, --demo or --load is required")?;
-            (
-                ModelInput::Dir(m),
-                CalibInput::File(
-                    self.calib
-                        .clone()
-                        .context("--calib is required for a model directory")?,
-                ),
-            )
-        };
+        let (model, calib) = run_inputs(
+            self.demo,
+            self.seed,
+            &self.model,
+            &self.calib,
+            "a MODEL_DIR, --demo or --load is required",
+        )?;
         let mut config = PipelineConfig {
             quant: self.quant.config(self.method)?,
             nsamples: self.nsamples.unwrap_or(if self.demo { 32 } else { 128 }),

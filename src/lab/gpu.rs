@@ -30,7 +30,7 @@ pub(super) struct GpuTerms {
     /// `Σ_r W∘(W·E)` per original column (the Q-independent part of the column shares).
     wwe: Vec<f64>,
     /// The re-solves' inverse factor (and GPTAQ's P) of `h` (and `d`), kept while the settings
-    /// it depends on stay (`quant::gpu::quantize_gpu_shared`): dropped with `h` and `d`.
+    /// it depends on stay (`quant::gpu::SharedFactor`): dropped with `h` and `d`.
     pub(super) shared: crate::quant::gpu::SharedFactor,
 }
 

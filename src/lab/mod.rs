@@ -30,17 +30,17 @@
 //! - **GPU path** ([`Backend::Gpu`], borrowing the caller's [`GpuContext`]; the lab never owns
 //!   one): W, H, D and W·D are uploaded once per capture and device (`gpu::GpuTerms`; E only for
 //!   the once-per-capture W·E), and with them `tr(W E Wᵀ)`, `tr(W F Wᵀ)` and the Q-independent
-//!   part of the column shares. Each solve is [`crate::quant::gpu::quantize_gpu_shared`] (f32; it
-//!   factors H on the GPU when act-order, damping or block size changed since the capture's last
-//!   solve and reuses that factor otherwise, as it reuses GPTAQ's P for the same α) whose Q stays
-//!   on the GPU: `ΔW = W − Q` (axpby), `ΔW·H` (one GEMM),
+//!   part of the column shares. Each solve is the pipeline's
+//!   [`crate::quant::gpu::quantize_gpu_resident`] (f32; W from the GPU copy; it factors H when
+//!   act-order, damping or block size changed since the capture's last solve and reuses that
+//!   factor otherwise, as it reuses GPTAQ's P for the same α) whose Q stays on the GPU:
+//!   `ΔW = W − Q` (axpby), `ΔW·H` (one GEMM),
 //!   `quant = Σ ΔW∘(ΔW·H)` and `cross = Σ ΔW∘(W·D)` as column sums of elementwise products
 //!   (`gpu::ops::col_dot_partials`, partials added in f64 on the host); a study's per-column output
 //!   shares add one GEMM (`ΔW·Dᵀ`). Only scalars, `16·n`-float partials, n-vectors and the
-//!   solve's codes (a byte per weight) cross the bus: the solve takes W from the GPU copy, and
-//!   builds Q on the host only for a study's two sides, whose pictures need it (since session 33;
-//!   the α sweep's and `solve_on`'s results rebuild it from the codes,
-//!   [`QuantResult::weights`]). `column_loss` comes from the solve, the uncompensated
+//!   solve's codes (a byte per weight) cross the bus; Q is rebuilt from the codes on the host
+//!   ([`QuantResult::weights`]) only where a study's pictures need it. `column_loss` comes from
+//!   the solve, the uncompensated
 //!   loss from it as `column_loss_k·U_kk²·H̃_kk` (`GpuSolve::u_diag`, H̃ damped).
 //!   Exactness: the errors of a given Q match the f64 formulas to ~1e-6 relative (tests use 1e-4);
 //!   Q itself is the f32 solve's, whose codes can differ from the reference's at f32/f64 near-ties
@@ -544,9 +544,10 @@ impl Lab {
                 slot.insert(gpu::GpuTerms::new(ctx, c)?)
             }
         };
-        // W is on the GPU already; Q goes to the host only for a study's pictures (`detail`): the
-        // errors come from the GPU's Q.
-        let solve = crate::quant::gpu::quantize_gpu_shared(
+        // The pipeline's solve: W from the capture's GPU copy, the capture's factor (and P) shared
+        // between re-solves, Q left on the GPU (the errors come from there; the results rebuild
+        // it from the codes, `QuantResult::weights`).
+        let mut solve = crate::quant::gpu::quantize_gpu_resident(
             ctx,
             &c.w,
             Some(&terms.w),
@@ -555,9 +556,11 @@ impl Lab {
             &terms.h,
             Some(&terms.d),
             cfg,
-            &mut terms.shared,
-            detail,
+            Some(&mut terms.shared),
         )?;
+        if let Some(codes) = solve.codes.take() {
+            codes.finish(ctx, &mut solve.result)?;
+        }
         // The solve always returns Q on the GPU (only a caller of Solving::release_q can lose it).
         let q = solve.q.as_ref().ok_or_else(|| {
             crate::gpu::GpuError::Validation("the lab's solve returned no Q".into())
@@ -751,7 +754,8 @@ impl Lab {
             let (r, k) = (i / n.max(1), i % n.max(1));
             r * n + order.get(k).copied().unwrap_or(k)
         };
-        let qv = |j: usize| f64::from(result.q.get(j).copied().unwrap_or(0.0));
+        let qw = result.weights();
+        let qv = |j: usize| f64::from(qw.get(j).copied().unwrap_or(0.0));
         let heat_q =
             Heatmap::block_means(rows, n, STUDY_HEAT, STUDY_HEAT, |i| qv(at(i)).abs() as f32);
         let heat_err = Heatmap::block_means(rows, n, STUDY_HEAT, STUDY_HEAT, |i| {
@@ -1116,7 +1120,8 @@ mod tests {
             let m = lab.measure(Backend::Gpu(&ctx), &cfg, true)?;
             let w = widen(&cap.w);
             let fixed = FixedTerms::new(&cap, &w);
-            let (want, dw, dwh) = fixed.metrics(&cap, &w, &m.result.q, m.result.proxy_loss_sum);
+            let (want, dw, dwh) =
+                fixed.metrics(&cap, &w, &m.result.weights(), m.result.proxy_loss_sum);
             let shape = format!("{rows}x{cols} {:?}", cfg.method);
             let got = m.metrics;
             rel_close(
@@ -1285,10 +1290,10 @@ mod tests {
     }
 
     /// The GPU re-solves of one capture share the factor (and GPTAQ's P) while the settings they
-    /// depend on stay (`quant::gpu::quantize_gpu_shared`): a run through settings that keep,
-    /// change and change back what the factor and P depend on gives every solve bit for bit what
-    /// a fresh lab (nothing shared, Q built on the host) gives. A cache that ignored α would reuse
-    /// a wrong P, one that ignored damping or act-order a wrong factor.
+    /// depend on stay (`quant::gpu::SharedFactor`): a run through settings that keep, change and
+    /// change back what the factor and P depend on gives every solve bit for bit what a fresh lab
+    /// (nothing shared) gives. A cache that ignored α would reuse a wrong P, one that ignored
+    /// damping or act-order a wrong factor.
     #[test]
     fn gpu_resolves_share_the_factor_and_match_fresh_solves() -> TestResult {
         let Some(ctx) = crate::gpu::test_context() else {
@@ -1332,9 +1337,7 @@ mod tests {
         let mut shared = Lab::new(cap.clone());
         for (i, cfg) in steps.iter().enumerate() {
             let got = shared.solve_on(Backend::Gpu(&ctx), cfg)?;
-            // A fresh lab, with Q built on the host as a study's sides have it (`detail`); the
-            // shared one's plain solve leaves Q on the GPU and its result rebuilds it from codes.
-            let want = Lab::new(cap.clone()).measure(Backend::Gpu(&ctx), cfg, true)?;
+            let want = Lab::new(cap.clone()).solve_on(Backend::Gpu(&ctx), cfg)?;
             let what = format!("step {i} ({cfg:?}), {rows}x{cols}");
             let differ = got
                 .result
@@ -1354,7 +1357,6 @@ mod tests {
                 differ.count(),
                 want.result.codes.len()
             );
-            assert!(got.result.q.is_empty() && want.result.q.len() == rows * cols);
             let (gq, wq) = (got.result.weights(), want.result.weights());
             assert_eq!(gq.len(), rows * cols, "{what}: Q's length");
             for (j, (g, w)) in gq.iter().zip(wq.iter()).enumerate() {

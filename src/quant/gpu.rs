@@ -1128,13 +1128,12 @@ impl FactorKey {
     }
 }
 
-/// What GPTAQ's terms depend on besides the factor: D (by address), α, their form and the
-/// precision of A ([`split_terms`]).
+/// What GPTAQ's terms depend on besides the factor and their form ([`GptaqTerms::form`]): D (by
+/// address), α and the precision of A ([`split_terms`]).
 #[derive(Clone, Copy, Debug, PartialEq)]
 struct PKey {
     d: usize,
     alpha: f64,
-    form: PForm,
     split_terms: usize,
 }
 
@@ -1167,61 +1166,13 @@ pub fn quantize_gpu(
     d: Option<&GpuMatrix>,
     cfg: &QuantConfig,
 ) -> Result<GpuSolve, QuantGpuError> {
-    solve_and_wait(ctx, w, None, rows, cols, h, d, cfg, None, true)
-}
-
-/// [`quantize_gpu`] and [`quantize_gpu_shared`]: one solve, waited for with its codes; W from
-/// `w_gpu` where given, else from the host; `result.q` filled where `host_q`.
-#[allow(clippy::too_many_arguments)]
-fn solve_and_wait(
-    ctx: &GpuContext,
-    w: &[f32],
-    w_gpu: Option<&GpuBuffer<f32>>,
-    rows: usize,
-    cols: usize,
-    h: &GpuMatrix,
-    d: Option<&GpuMatrix>,
-    cfg: &QuantConfig,
-    shared: Option<&mut SharedFactor>,
-    host_q: bool,
-) -> Result<GpuSolve, QuantGpuError> {
     let opts = SolveOptions {
-        host_q,
+        host_q: true,
         speculate: true,
         ..SolveOptions::default()
     };
     // `split_f16` stays off unless `GPTAQ_SPLIT_F16` asks (`split_terms`).
-    let mut s = solve(ctx, w, w_gpu, rows, cols, h, d, cfg, shared, opts)?.finish(ctx)?;
-    // Without host_q the codes are still on their way (the pipeline's overlap); here they are
-    // waited for, so `result.codes` is complete as quantize_gpu's.
-    if let Some(codes) = s.codes.take() {
-        codes.finish(ctx, &mut s.result)?;
-    }
-    Ok(s)
-}
-
-/// [`quantize_gpu`] reusing what an earlier solve of the same `h` left in `shared`
-/// ([`SharedFactor`]: the inverse factor where act-order, damping and block size are the same, and
-/// GPTAQ's P where α and `d` are too), and leaving its own there for the next: the layer lab's
-/// re-solves of one capture (an α sweep factors H once). `w_gpu`: W on the GPU already (the same
-/// values as `w`; see [`quantize_gpu_resident`]). Without `host_q`, `result.q` is left empty (RTN
-/// fallbacks aside) and Q is only in [`GpuSolve::q`], as [`quantize_gpu_resident`] leaves it: a
-/// caller that needs only Q's errors saves building rows·cols floats on the host. The results are
-/// those of [`quantize_gpu`] bit for bit.
-#[allow(clippy::too_many_arguments)]
-pub fn quantize_gpu_shared(
-    ctx: &GpuContext,
-    w: &[f32],
-    w_gpu: Option<&GpuBuffer<f32>>,
-    rows: usize,
-    cols: usize,
-    h: &GpuMatrix,
-    d: Option<&GpuMatrix>,
-    cfg: &QuantConfig,
-    shared: &mut SharedFactor,
-    host_q: bool,
-) -> Result<GpuSolve, QuantGpuError> {
-    solve_and_wait(ctx, w, w_gpu, rows, cols, h, d, cfg, Some(shared), host_q)
+    solve(ctx, w, None, rows, cols, h, d, cfg, None, opts)?.finish(ctx)
 }
 
 /// [`quantize_gpu`] when `W` is also on the GPU already (`w_gpu`, the same values as `w`; the
@@ -1236,8 +1187,9 @@ pub fn quantize_gpu_shared(
 /// [`GpuSolve::q`] on the GPU, and [`QuantResult::weights`] rebuilds it exactly from the codes, so
 /// the pipeline neither reads rows·cols floats back per module nor keeps them on the host.
 ///
-/// `shared`: the group's [`SharedFactor`], filled by the first module's solve and reused by the
-/// next ones with the same `h`, `d` and config.
+/// `shared`: a [`SharedFactor`] (a pipeline group's, or the layer lab's for one capture), filled
+/// by a solve and reused by the next ones with the same `h` and factor settings (P: also `d`
+/// and α).
 #[allow(clippy::too_many_arguments)]
 pub fn quantize_gpu_resident(
     ctx: &GpuContext,
@@ -1866,8 +1818,10 @@ fn solve<'a>(
     // With GPTAQ_KERNEL_TIMES=1 the solve's dispatches are charged to these scopes (gpu::timing).
     let scope = ctx.time_scope("solve/prepare");
     // Step 1: host preparation in f64 from diag(H) only (module docs).
-    // A group's earlier solve from the same H and D (SharedFactor).
-    let key = FactorKey::of(cfg, cfg.block_size.min(n));
+    // U (and P) in panels of whole blocks: a block's rows of U and P are then in one panel.
+    let bs = cfg.block_size.min(n);
+    // An earlier solve's factor of the same H with the same settings (SharedFactor).
+    let key = FactorKey::of(cfg, bs);
     let cached: Option<SharedEntry> = shared.as_deref_mut().and_then(|s| {
         let e = s.entry.as_ref()?;
         if e.h != addr(h) || e.key != key {
@@ -1920,8 +1874,6 @@ fn solve<'a>(
         reference::prepare(&[], &h_diag, 0, n, cfg, &spec)
     };
     let order: Vec<usize> = prepared.perm.clone().unwrap_or_else(|| (0..n).collect());
-    // U (and P) in panels of whole blocks: a block's rows of U and P are then in one panel.
-    let bs = cfg.block_size.min(n);
     prof.sync(ctx, "prepare")?;
     scope.set("solve/factor");
     let (computed, check) = match cached.as_ref() {
@@ -2036,7 +1988,6 @@ fn solve<'a>(
     let p_key = d.map(|d| PKey {
         d: addr(d),
         alpha: cfg.method.alpha(),
-        form,
         split_terms: split_terms(split_f16),
     });
     let cached_p = cached
@@ -2133,8 +2084,15 @@ fn solve<'a>(
     drop(gperm_dead);
     if let Some(s) = shared {
         let p = p_key.zip(gp.clone());
-        match (&cached, s.entry.as_mut()) {
-            (None, _) | (Some(_), None) => {
+        match s.entry.as_mut().filter(|_| cached.is_some()) {
+            // The factor came from the entry: keep it, with these GPTAQ terms where they are new
+            // (another D or α; GPTQ leaves the entry's as they are).
+            Some(e) => {
+                if p.is_some() {
+                    e.p = p;
+                }
+            }
+            None => {
                 s.entry = Some(SharedEntry {
                     h: addr(h),
                     key,
@@ -2143,13 +2101,6 @@ fn solve<'a>(
                     check: check.clone(),
                     p,
                 });
-            }
-            // The factor came from the entry: keep it, with these GPTAQ terms where they are new
-            // (another D or α; GPTQ leaves the entry's as they are).
-            (Some(_), Some(e)) => {
-                if p.is_some() {
-                    e.p = p;
-                }
             }
         }
     }
