@@ -22,14 +22,25 @@
 // or even finite, in X (the f32 GEMMs never read them either), and the dense column blocks of
 // `gptaq_a_split` then multiply exact zeros there.
 //
-// Three entry points, all over the panel's vec4s (n is a multiple of 4: the split path needs
-// n a multiple of 128):
+// Three entry points for A, all over the panel's vec4s (n is a multiple of 4: the split path
+// needs n a multiple of 128):
 //   `absmax`    amax[slot] = max(amax[slot], bits of |x|) over the kept entries. Non-negative
 //               f32 values order like their bits, so an atomic u32 maximum is the f32 maximum.
 //   `split`     hi, lo at dense offset `dst` + the panel's element index (one n × n f16 matrix
 //               per operand across all panels).
 //   `unscale`   A's mask and scale in place: t ← α·2^−(s₀+s₁)·t strictly above the diagonal,
 //               0 on and below it (quant_mask.wgsl's `triu1_scale` with the split's scales).
+//
+// Two more, `absmax_view` and `split_pair`, split the operands of the deferred P's pending
+// flushes `G[:, i2:] += Q·A[first..i2, i2:]` (quant/flush.rs; algorithm.md §2.2 via quant/gpu.rs
+// `PForm`) for one tensor-core product with K tripled. There G is added to by the tensor
+// cores, which cannot scale their accumulators, so the two operands' powers of two cancel: Q is
+// scaled by 2^s and A by 2^−s, with s chosen so that their largest magnitudes meet halfway
+// (`pair_exp`). Both stay below 2^15 as long as max|Q|·max|A| < 2^28. Each entry's error is,
+// as above, at most 2^−22 (2^−21) of its scaled magnitude plus 2^−25 (scaled units).
+// With max|Q|·max|A| ≥ 2^−4 both scaled maxima are at least 2^−3 and that floor matters only for
+// entries far below the largest (as for A above); for smaller products it costs bits relative to
+// Q·A itself, which is then small against the errors it is added to (a nearly exact D).
 
 enable f16;
 
@@ -137,4 +148,84 @@ fn unscale(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: v
     let f = ldexp(p.alpha, -(scale_exp(0u) + scale_exp(1u)));
     // Strictly upper: col ≥ row + 1 (the `kept` test with tri = 1).
     t4[v] = select(vec4<f32>(0.0), f * t4[v], kept(v));
+}
+
+// The pending flush's operands (`absmax_view`, `split_pair`; quant/flush.rs `FlushSplit`).
+struct PairParams {
+    // The f32 view: `rows` × `cols` from element `src` of x4's buffer, rows `ld` apart (`cols`,
+    // `src` and `ld` multiples of 4).
+    rows: u32,
+    cols: u32,
+    src: u32,
+    ld: u32,
+    // `split_pair`: hi's first copy of view entry (r, c) at `dst + r·dld + c` of the f16 output,
+    // its second copy `hi2` elements later, lo `lo` elements later (all multiples of 4).
+    dst: u32,
+    dld: u32,
+    hi2: u32,
+    lo: u32,
+    // Q's maximum is amax[slot], A's amax[slot + 1]; `role` 0 scales by 2^s (Q), 1 by 2^−s (A).
+    slot: u32,
+    role: u32,
+    // ±1: the sweep leaves −Q, the product wants Q (negation is exact).
+    sign: f32,
+    _p: u32,
+}
+
+@group(0) @binding(0) var<uniform> pp: PairParams;
+
+// The view's vec4 `v` as an index into x4, or none past the view's end.
+fn view_vec(v: u32) -> u32 {
+    let per_row = pp.cols >> 2u;
+    return (pp.src >> 2u) + (v / per_row) * (pp.ld >> 2u) + v % per_row;
+}
+
+// Q's power of two s (A takes −s), from mQ < 2^eq and mA < 2^ea: ⌊(ea − eq)/2⌋ makes the scaled
+// bounds 2^(eq + s) = 2^⌊(eq + ea)/2⌋ and 2^(ea − s) = 2^⌈(eq + ea)/2⌉, at most 2^15 while
+// eq + ea ≤ 30 (max|Q|·max|A| < 2^28 ensures it); past that, Q's bound wins and A's products
+// overflow (never a real layer's weights and D; it would reach the sweep as a non-finite loss,
+// quant/gpu.rs' documented fallback). A zero maximum (exp 0) leaves the other operand's scale
+// near 2^(e/2): its products are all zero.
+fn pair_exp(slot: u32) -> i32 {
+    let eq = frexp(bitcast<f32>(atomicLoad(&amax[slot]))).exp;
+    let ea = frexp(bitcast<f32>(atomicLoad(&amax[slot + 1u]))).exp;
+    return min((ea - eq) >> 1u, 15 - eq);
+}
+
+@compute @workgroup_size(256)
+fn absmax_view(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    let v = vec_index(wg, nwg, lid.x);
+    var m = 0.0;
+    if (v < pp.rows * (pp.cols >> 2u)) {
+        let a = abs(x4[view_vec(v)]);
+        m = max(max(a.x, a.y), max(a.z, a.w));
+    }
+    red[lid.x] = bitcast<u32>(m);
+    workgroupBarrier();
+    for (var s = 128u; s > 0u; s = s >> 1u) {
+        if (lid.x < s) {
+            red[lid.x] = max(red[lid.x], red[lid.x + s]);
+        }
+        workgroupBarrier();
+    }
+    if (lid.x == 0u) {
+        atomicMax(&amax[pp.slot + pp.role], red[0]);
+    }
+}
+
+@compute @workgroup_size(256)
+fn split_pair(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    let v = vec_index(wg, nwg, lid.x);
+    let per_row = pp.cols >> 2u;
+    if (v >= pp.rows * per_row) {
+        return;
+    }
+    let s = pair_exp(pp.slot);
+    let e = select(s, -s, pp.role == 1u);
+    let x = pp.sign * ldexp(x4[view_vec(v)], vec4<i32>(e));
+    let hi = split_hi(x);
+    let o = ((pp.dst >> 2u) + (v / per_row) * (pp.dld >> 2u)) + v % per_row;
+    hi4[o] = vec4<f16>(hi);
+    hi4[o + (pp.hi2 >> 2u)] = vec4<f16>(hi);
+    hi4[o + (pp.lo >> 2u)] = vec4<f16>(x - hi);
 }

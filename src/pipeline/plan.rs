@@ -188,8 +188,10 @@ fn solve_temp_bytes(c: &ModelConfig, asymmetry: bool, split: bool, max_buffer_by
 /// P (quant::gpu's `PForm`), more than the whole P's `[U; P]` staging (2·128 × n) that replaces
 /// them where a group spans blocks; and the error buffer of the blocks awaiting one cross-block
 /// update (`quant::gpu::lazy_blocks`): rows × L·128, twice with GPTAQ's −Q (59 MiB for
-/// gate/up's 14336 rows at L = 4).
-fn solver_bytes(c: &ModelConfig, asymmetry: bool) -> u64 {
+/// gate/up's 14336 rows at L = 4). With tensor cores (`split`) the cross-block updates add their
+/// split-f16 operands (`quant::flush::FlushSplit`: 3·L·128 × (rows + cols) halves, 54 MiB for
+/// gate/up at L = 4).
+fn solver_bytes(c: &ModelConfig, asymmetry: bool, split: bool) -> u64 {
     let (h, i, qd) = (
         c.hidden_size as u64,
         c.intermediate_size as u64,
@@ -208,7 +210,17 @@ fn solver_bytes(c: &ModelConfig, asymmetry: bool) -> u64 {
         * crate::quant::gpu::lazy_blocks() as u64
         * 128
         * if asymmetry { 2 } else { 1 };
-    (2 * largest + gptaq + errors) * F32 + codes
+    let k = crate::quant::gpu::lazy_blocks() * 128;
+    let flush = if split {
+        [(i, h), (h, i), (qd, h), (h, qd)]
+            .iter()
+            .map(|&(r, c)| crate::quant::flush::FlushSplit::bytes(r as usize, c as usize, k))
+            .max()
+            .unwrap_or(0)
+    } else {
+        0
+    };
+    (2 * largest + gptaq + errors) * F32 + codes + flush
 }
 
 /// The temporaries of the metrics' moments (pipeline::metrics::moments) for the largest module:
@@ -320,7 +332,7 @@ pub fn plan(input: &PlanInput<'_>) -> Result<MemoryPlan, PlanError> {
             input.statistics >= 2,
             input.tensor_cores,
             input.max_buffer_bytes,
-        ) + solver_bytes(c, input.statistics >= 2))
+        ) + solver_bytes(c, input.statistics >= 2, input.tensor_cores))
         .max(if with_d && input.fp_stream && input.metric_moments {
             moment_bytes(c)
         } else {
@@ -645,13 +657,21 @@ mod tests {
         // The errors of four blocks of 128 for gate/up's 14336 rows (with GPTAQ's −Q twice).
         let lazy = crate::quant::gpu::lazy_blocks() as u64;
         assert_eq!(
-            solver_bytes(&c, false),
+            solver_bytes(&c, false, false),
             2 * 4096 * n * 4 + 4096 * n + n * lazy * 128 * 4
         );
         assert_eq!(
-            solver_bytes(&c, true),
+            solver_bytes(&c, true, false),
             3 * 4096 * n * 4 + 4096 * n + 128 * n * 4 + 2 * n * lazy * 128 * 4
         );
+        // With tensor cores, the flushes' halves for the widest pair of rows and columns
+        // (gate/up's 14336 rows beside their 4096 columns, or down's the other way round).
+        for gptaq in [false, true] {
+            assert_eq!(
+                solver_bytes(&c, gptaq, true) - solver_bytes(&c, gptaq, false),
+                3 * lazy * 128 * (14336 + 4096) * 2
+            );
+        }
         assert!(
             p.breakdown.iter().any(|l| l.contains("solving")),
             "{:?}",

@@ -75,7 +75,11 @@
 //!   accumulation truncating) and 35–115× below f16 operands' (BENCHMARKS.md session 32); the
 //!   tests bound it per entry (2^−19 of `α·Σ|Dp||U|` plus 2^−23 per term of the sum). Like any
 //!   round-off-level change it can flip near-tie codes. The statistics of such runs are
-//!   f16-rounded already (their activations are cast to f16), far coarser than this.
+//!   f16-rounded already (their activations are cast to f16), far coarser than this. The
+//!   cross-block updates `W[:, i2:] −= E·U` and the deferred P's pending flushes
+//!   `G[:, i2:] += Q·A` then take split operands too, GPTQ's included ([`super::flush`]: the
+//!   two operands scaled by 2^±s so that the tensor cores add straight into W or G), bounded the
+//!   same way.
 
 use crate::gpu::profile::Profile;
 use std::sync::Arc;
@@ -83,6 +87,7 @@ use std::sync::Arc;
 use bytemuck::{Pod, Zeroable};
 
 use super::factor::{self, FactorCheck};
+use super::flush;
 use super::quantizer::{QuantizerSpec, rtn_quantize_f64};
 use super::reference::{self, Damped};
 use super::{Fallback, Method, QuantConfig, QuantError, QuantResult};
@@ -1269,6 +1274,10 @@ pub struct SolveFlags {
     /// round-off) where the width is a multiple of 128 and the staged or unstaged tensor-core
     /// kernels run: the pipeline's tensor-core runs, whose plan counts its four n × n f16
     /// copies. `GPTAQ_SPLIT_F16=0` turns it off, `=1`/`2`/`3` forces it with that many products.
+    /// With it the cross-block updates `W −= E·U` (GPTQ's too) and the deferred P's pending
+    /// flushes `G += Q·A` run on the tensor cores from split operands as well
+    /// ([`super::flush`]; three products), where the rows and the width are multiples of the
+    /// kernel's block; `GPTAQ_SPLIT_UPDATE=0` / `GPTAQ_SPLIT_FLUSH=0` keep them f32.
     pub split_f16: bool,
 }
 
@@ -1397,6 +1406,8 @@ struct Sweep<'a> {
     gp: Option<&'a GptaqTerms>,
     /// The deferred P's pending matrix G.
     pending: Option<&'a GpuBuffer<f32>>,
+    /// G's flushes on the tensor cores ([`flush::FlushSplit`]; with `pending` only).
+    fsplit: Option<&'a flush::FlushSplit>,
     /// The whole P's `[U; P]` block-row staging.
     stage: Option<&'a GpuBuffer<f32>>,
     /// Bound in P's place for GPTQ (bindings are fixed per pipeline).
@@ -1433,6 +1444,7 @@ impl<'a> Sweep<'a> {
             gu,
             gp,
             pending,
+            fsplit,
             stage,
             dummy,
             gmeta,
@@ -1449,24 +1461,41 @@ impl<'a> Sweep<'a> {
         // The updates owed by the blocks whose errors sit in `gerr`'s first `k / bs` slots (rows
         // `first .. first + k` of U and A) to the columns `c0 .. c0 + width`: W −= E·U and, with the
         // deferred P, G += Q·A (the sweep left −Q in the second half of the slots).
+        // `split`: the flush of blocks first..c0 on the tensor cores (`flush::FlushSplit`), for
+        // W's update, G's or both as it says; the rest in f32 here.
         let lazy_update = |rec: &mut crate::gpu::kernels::Recorder<'_>,
                            first: usize,
                            k: usize,
                            c0: usize,
-                           width: usize|
+                           width: usize,
+                           split: Option<&flush::FlushSplit>|
          -> Result<(), QuantGpuError> {
-            ops::gemm_mat(
-                rec,
+            let f = c0 / (lazy * bs).max(1);
+            let slots = |src: usize| flush::View {
+                buf: gerr,
+                src,
+                ld: lde,
                 rows,
-                width,
-                k,
-                -1.0,
-                MatView::new(gerr, lde).into(),
-                gu.op(first, c0),
-                1.0,
-                MatView::new(gw, n).at(c0).into(),
-            )?;
-            if let (Some(t), Some(g)) = (gp, pending) {
+                cols: k,
+            };
+            match split.filter(|fs| fs.w) {
+                // Flush number f − 1: its products 2(f − 1) (W) and 2(f − 1) + 1 (G).
+                Some(fs) => fs.flush(rec, 2 * (f - 1), slots(0), gu, (first, c0), gw)?,
+                None => ops::gemm_mat(
+                    rec,
+                    rows,
+                    width,
+                    k,
+                    -1.0,
+                    MatView::new(gerr, lde).into(),
+                    gu.op(first, c0),
+                    1.0,
+                    MatView::new(gw, n).at(c0).into(),
+                )?,
+            }
+            if let (Some(t), Some(g), Some(fs)) = (gp, pending, split.filter(|fs| fs.g)) {
+                fs.flush(rec, 2 * (f - 1) + 1, slots(lazy * bs), &t.m, (first, c0), g)?;
+            } else if let (Some(t), Some(g)) = (gp, pending) {
                 ops::gemm_mat(
                     rec,
                     rows,
@@ -1514,7 +1543,7 @@ impl<'a> Sweep<'a> {
                 // Catch-up (`lazy_blocks`): the updates that the earlier blocks since the last flush
                 // owe this block's columns, W[:, c] −= E·U[first..i1, c], and with the deferred P
                 // their pending terms, G[:, c] += Q·A[first..i1, c].
-                lazy_update(&mut rec, first, i1 - first, i1, cnt)?;
+                lazy_update(&mut rec, first, i1 - first, i1, cnt, None)?;
             }
             if let (Some(g), true) = (pending, i1 > 0) {
                 // Deferred P: W[:, c] += G[:, c]·U[c, c], U's upper triangle with its diagonal (the
@@ -1634,7 +1663,7 @@ impl<'a> Sweep<'a> {
                     groups_1d(total.div_ceil(256)),
                 )?;
                 if slot + 1 == lazy {
-                    lazy_update(&mut rec, first, i2 - first, i2, n - i2)?;
+                    lazy_update(&mut rec, first, i2 - first, i2, n - i2, fsplit)?;
                 }
             } else if let (Some(t), Some(stage), true) = (gp, stage, i2 < n && cnt == bs) {
                 let gp = &t.m;
@@ -1658,7 +1687,7 @@ impl<'a> Sweep<'a> {
                 // W[:, i2:] −= Err·U[first..i2, i2:]: this block's errors and those of the blocks
                 // since the last such update (`lazy_blocks`; one block where lazy = 1). No pending
                 // matrix here (GPTQ, or the whole P).
-                lazy_update(&mut rec, first, i2 - first, i2, n - i2)?;
+                lazy_update(&mut rec, first, i2 - first, i2, n - i2, fsplit)?;
                 if let Some(gp) = gp.map(|t| &t.m) {
                     // GPTAQ cross-block term: W[:, i2:] += W1·P[i1:i2, i2:] (W1 = the block's final
                     // values, §2.2; the sweep left −W1).
@@ -2122,6 +2151,15 @@ fn solve<'a>(
         }
         _ => None,
     };
+    // The tensor-core runs' cross-block updates (`SolveOptions::split_f16` or `GPTAQ_SPLIT_F16`,
+    // like A; `flush` module docs): W's, and with the deferred P G's, one flush after every
+    // `lazy` blocks but the last. Not with the whole P (its fused `[Err | −W1]·[U; P]` GEMM).
+    let k = lazy * bs;
+    let fsplit = if split_terms(split_f16) > 0 && (gp.is_none() || pending.is_some()) && n > k {
+        flush::FlushSplit::new(ctx, (rows, n, k), (n - 1) / k, pending.is_some())?
+    } else {
+        None
+    };
     // Bound but unused by GPTQ (bindings are fixed per pipeline).
     let dummy = match gp {
         Some(_) => None,
@@ -2145,6 +2183,7 @@ fn solve<'a>(
         gu,
         gp: gp.as_deref(),
         pending: pending.as_ref(),
+        fsplit: fsplit.as_ref(),
         stage: stage.as_ref(),
         dummy: dummy.as_ref(),
         gmeta: &gmeta,
@@ -3170,10 +3209,12 @@ mod tests {
     /// GPTAQ's A on the tensor cores (`SolveOptions::split_f16`, three split products) solves
     /// like the f32 GEMMs, in both P forms, with act-order and groups: within the thresholds of
     /// `deferred_p_solves_like_the_whole_p` (A differs by f32-sized round-off, which can flip
-    /// near-tie codes). Only where the split is eligible (the GPU machine); elsewhere both runs
-    /// would take the f32 path.
+    /// near-tie codes). The two cases with rows a multiple of 128 also take the cross-block
+    /// updates (W's and the pending terms') on the tensor cores (`flush::FlushSplit`: two and
+    /// one flushes of four blocks), and are solved with GPTQ too (W's updates only). Only where
+    /// the split is eligible (the GPU machine); elsewhere both runs would take the f32 path.
     #[test]
-    fn split_a_solves_like_f32() -> Result<(), Box<dyn std::error::Error>> {
+    fn split_solves_like_f32() -> Result<(), Box<dyn std::error::Error>> {
         let Some(ctx) = crate::gpu::test_context() else {
             return Ok(());
         };
@@ -3194,7 +3235,16 @@ mod tests {
             ),
             (40, 384, 64, Some(32), true, PForm::Deferred),
             (24, 256, 128, Some(96), false, PForm::Whole),
+            (128, 1536, 128, Some(128), false, PForm::Deferred),
+            (256, 1024, 128, Some(128), true, PForm::Deferred),
         ] {
+            if rows % 128 == 0 {
+                assert!(
+                    super::flush::FlushSplit::kernel(&ctx, rows, n, super::lazy_blocks() * bs)
+                        .is_some(),
+                    "{rows}x{n}: the flushes should run on the tensor cores here"
+                );
+            }
             let (h, d) = hessian_and_d(n, 2 * n, &mut rng);
             let w: Vec<f32> = (0..rows * n)
                 .map(|_| rng.random_range(-1.0f32..1.0))
@@ -3229,6 +3279,30 @@ mod tests {
                 ("the f32 A", &f32_run),
                 ("the split A", &split),
             );
+            if rows % 128 == 0 {
+                let gptq = QuantConfig {
+                    method: Method::Gptq,
+                    ..cfg.clone()
+                };
+                let run = |split_f16| {
+                    solved(
+                        &ctx,
+                        (&w, rows, n),
+                        (&gh, None),
+                        &gptq,
+                        SolveOptions {
+                            host_q: true,
+                            split_f16,
+                            ..SolveOptions::default()
+                        },
+                    )
+                };
+                assert_round_off_apart(
+                    &format!("split GPTQ solve {rows}x{n} bs{bs} gs{gs:?} act {act}"),
+                    ("f32 updates", &run(false)?),
+                    ("split updates", &run(true)?),
+                );
+            }
         }
         Ok(())
     }

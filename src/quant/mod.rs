@@ -10,6 +10,7 @@
 //!   the deployed scale, and an exported checkpoint dequantizes bit-for-bit to the solver's `Q`.
 
 pub mod factor;
+pub(crate) mod flush;
 pub mod gpu;
 pub mod metrics;
 pub mod quantizer;
