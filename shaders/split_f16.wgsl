@@ -94,6 +94,22 @@ fn kept(v: u32) -> vec4<bool> {
     return vec4<bool>(c >= first, c + 1u >= first, c + 2u >= first, c + 3u >= first);
 }
 
+// amax[slot] = max(amax[slot], the workgroup's largest m) (non-negative m; called by all 256
+// invocations, in uniform control flow).
+fn max_into(slot: u32, m: f32, lid: u32) {
+    red[lid] = bitcast<u32>(m);
+    workgroupBarrier();
+    for (var s = 128u; s > 0u; s = s >> 1u) {
+        if (lid < s) {
+            red[lid] = max(red[lid], red[lid + s]);
+        }
+        workgroupBarrier();
+    }
+    if (lid == 0u) {
+        atomicMax(&amax[slot], red[0]);
+    }
+}
+
 // The power of two that brings the operand in `slot` below 2^15: 15 − e for a largest
 // magnitude m = f·2^e, f ∈ [0.5, 1). An all-zero operand (m = 0) gets 15; its products are 0.
 fn scale_exp(slot: u32) -> i32 {
@@ -109,17 +125,7 @@ fn absmax(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: ve
         let a = select(vec4<f32>(0.0), abs(x4[v]), kept(v));
         m = max(max(a.x, a.y), max(a.z, a.w));
     }
-    red[lid.x] = bitcast<u32>(m);
-    workgroupBarrier();
-    for (var s = 128u; s > 0u; s = s >> 1u) {
-        if (lid.x < s) {
-            red[lid.x] = max(red[lid.x], red[lid.x + s]);
-        }
-        workgroupBarrier();
-    }
-    if (lid.x == 0u) {
-        atomicMax(&amax[p.slot], red[0]);
-    }
+    max_into(p.slot, m, lid.x);
 }
 
 @compute @workgroup_size(256)
@@ -200,17 +206,7 @@ fn absmax_view(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nw
         let a = abs(x4[view_vec(v)]);
         m = max(max(a.x, a.y), max(a.z, a.w));
     }
-    red[lid.x] = bitcast<u32>(m);
-    workgroupBarrier();
-    for (var s = 128u; s > 0u; s = s >> 1u) {
-        if (lid.x < s) {
-            red[lid.x] = max(red[lid.x], red[lid.x + s]);
-        }
-        workgroupBarrier();
-    }
-    if (lid.x == 0u) {
-        atomicMax(&amax[pp.slot + pp.role], red[0]);
-    }
+    max_into(pp.slot + pp.role, m, lid.x);
 }
 
 @compute @workgroup_size(256)

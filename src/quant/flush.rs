@@ -334,6 +334,18 @@ mod tests {
             })
         }
 
+        /// The halves' floor at (r, j) of the product (j counted from c0) with Q scaled by
+        /// `scale` and A by its inverse: 2^−24 in scaled units per operand entry, times the other
+        /// operand's entry.
+        fn floor(&self, r: usize, j: usize, scale: f64) -> f64 {
+            (0..self.k)
+                .map(|kk| {
+                    let a = self.a[(self.first + kk) * self.n + self.c0 + j];
+                    2f64.powi(-24) * (a.abs() / scale + self.q[r * self.k + kk].abs() * scale)
+                })
+                .sum()
+        }
+
         /// The largest magnitudes of Q and of the rows and columns of A the flush reads.
         fn maxima(&self) -> (f32, f32) {
             let mq = self.q.iter().fold(0.0f64, |m, v| m.max(v.abs()));
@@ -510,14 +522,7 @@ mod tests {
                         .map(|kk| qh[r * 3 * k + kk] * ah[kk * n + c0 + j])
                         .sum();
                     let (want, terms) = p.product(r, j);
-                    let floor: f64 = (0..k)
-                        .map(|kk| {
-                            2f64.powi(-24)
-                                * (p.a[(first + kk) * n + c0 + j].abs() / scale
-                                    + p.q[r * k + kk].abs() * scale)
-                        })
-                        .sum();
-                    let tol = 2f64.powi(-19) * terms + floor;
+                    let tol = 2f64.powi(-19) * terms + p.floor(r, j, scale);
                     assert!(
                         (got - want).abs() <= tol,
                         "{name}: product ({r}, {}) = {got}, expected {want}, tolerance {tol}",
@@ -563,13 +568,7 @@ mod tests {
                 for r in 0..rows {
                     for j in 0..n - c0 {
                         let (v, terms) = p.product(r, j);
-                        let floor: f64 = (0..k)
-                            .map(|kk| {
-                                2f64.powi(-24)
-                                    * (p.a[(first + kk) * n + c0 + j].abs() / s
-                                        + p.q[r * k + kk].abs() * s)
-                            })
-                            .sum();
+                        let floor = p.floor(r, j, s);
                         let x = r * n + c0 + j;
                         want[x] += v;
                         tol[x] +=

@@ -1406,7 +1406,8 @@ struct Sweep<'a> {
     gp: Option<&'a GptaqTerms>,
     /// The deferred P's pending matrix G.
     pending: Option<&'a GpuBuffer<f32>>,
-    /// G's flushes on the tensor cores ([`flush::FlushSplit`]; with `pending` only).
+    /// The cross-block updates on the tensor cores ([`flush::FlushSplit`]: W's, and G's with
+    /// `pending`).
     fsplit: Option<&'a flush::FlushSplit>,
     /// The whole P's `[U; P]` block-row staging.
     stage: Option<&'a GpuBuffer<f32>>,
