@@ -89,8 +89,8 @@ pub struct PipelineConfig {
     /// forward. Ignored, with a warning, elsewhere. Also set by `GPTAQ_TENSOR_CORES=1`. GPTAQ's
     /// solve then also computes its `A = α·triu₁(D·Uᵀ)` from split-f16 operands
     /// (`quant::gpu::SolveFlags::split_f16`: each f32 operand as two halves, three products;
-    /// near f32's accuracy) where the width is a multiple of 128, and every solve its
-    /// cross-block updates (`quant::flush`) where rows and width are.
+    /// near f32's accuracy) where the width is a multiple of 128, and its pending flushes
+    /// (`quant::flush`) where rows and width are.
     #[serde(default)]
     pub tensor_cores: bool,
     /// Time every GPU dispatch of this run (`gpu::timing`): GPU seconds per scope and kernel, the

@@ -188,7 +188,7 @@ fn solve_temp_bytes(c: &ModelConfig, asymmetry: bool, split: bool, max_buffer_by
 /// P (quant::gpu's `PForm`), more than the whole P's `[U; P]` staging (2·128 × n) that replaces
 /// them where a group spans blocks; and the error buffer of the blocks awaiting one cross-block
 /// update (`quant::gpu::lazy_blocks`): rows × L·128, twice with GPTAQ's −Q (59 MiB for
-/// gate/up's 14336 rows at L = 4). With tensor cores (`split`) the cross-block updates add their
+/// gate/up's 14336 rows at L = 4). With tensor cores (`split`) GPTAQ's pending flushes add their
 /// split-f16 operands (`quant::flush::FlushSplit`: 3·L·128 × (rows + cols) halves, 54 MiB for
 /// gate/up at L = 4).
 fn solver_bytes(c: &ModelConfig, asymmetry: bool, split: bool) -> u64 {
@@ -211,7 +211,7 @@ fn solver_bytes(c: &ModelConfig, asymmetry: bool, split: bool) -> u64 {
         * 128
         * if asymmetry { 2 } else { 1 };
     let k = crate::quant::gpu::lazy_blocks() * 128;
-    let flush = if split {
+    let flush = if asymmetry && split {
         [(i, h), (h, i), (qd, h), (h, qd)]
             .iter()
             .map(|&(r, c)| crate::quant::flush::FlushSplit::bytes(r as usize, c as usize, k))
@@ -664,14 +664,16 @@ mod tests {
             solver_bytes(&c, true, false),
             3 * 4096 * n * 4 + 4096 * n + 128 * n * 4 + 2 * n * lazy * 128 * 4
         );
-        // With tensor cores, the flushes' halves for the widest pair of rows and columns
+        // With tensor cores, GPTAQ's flushes' halves for the widest pair of rows and columns
         // (gate/up's 14336 rows beside their 4096 columns, or down's the other way round).
-        for gptaq in [false, true] {
-            assert_eq!(
-                solver_bytes(&c, gptaq, true) - solver_bytes(&c, gptaq, false),
-                3 * lazy * 128 * (14336 + 4096) * 2
-            );
-        }
+        assert_eq!(
+            solver_bytes(&c, true, true) - solver_bytes(&c, true, false),
+            3 * lazy * 128 * (14336 + 4096) * 2
+        );
+        assert_eq!(
+            solver_bytes(&c, false, true),
+            solver_bytes(&c, false, false)
+        );
         assert!(
             p.breakdown.iter().any(|l| l.contains("solving")),
             "{:?}",

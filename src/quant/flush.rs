@@ -1,30 +1,33 @@
-//! The sweep's cross-block updates on the tensor cores, `C[:, c0..] −= X·Y[first.., c0..]` from
-//! split-f16 operands (quant/gpu.rs's module docs, step 3; algorithm.md §1.2, §2.2, §6.3).
+//! GPTAQ's pending flushes on the tensor cores, `G[:, c0..] += Q·A[first.., c0..]`, from
+//! split-f16 operands (quant/gpu.rs's module docs, step 3; algorithm.md §2.2).
 //!
-//! After every `L` sweep blocks ([`super::gpu::lazy_blocks`]) two products of K = L·block reach
-//! all later columns:
-//! - **W's update** `W[:, i2:] −= E·U[first..i2, i2:]`, GPTQ's lazy batch update (E: the blocks'
-//!   scaled errors; with GPTAQ's deferred P less their pending terms);
-//! - **G's flush** `G[:, i2:] += Q·A[first..i2, i2:]` (GPTAQ's deferred P, `PForm::Deferred`: the
-//!   blocks' final values Q, left negated by the sweep, times `A = α·triu₁(Dp·Uᵀ)`), which costs
-//!   as much as W's.
-//!
-//! In f32 each took about 24 ms of a 4096 × 14336 solve on an H100 (BENCHMARKS.md session 33);
-//! G's was the largest part of what GPTAQ adds to the solve. Here they run on the tensor cores at
-//! close to f32 accuracy, the way GPTAQ's A does (`split_f16.wgsl`): each operand as two f16
-//! halves, `X·2^s ≈ Xh + Xl` and `Y·2^−s ≈ Yh + Yl`, and one product with K tripled,
+//! With the deferred P (`PForm::Deferred`) the sweep keeps GPTAQ's pending terms in G (rows × n).
+//! After every `L` blocks ([`super::gpu::lazy_blocks`]) their final values Q (K = L·block
+//! columns, left negated by the sweep) times the matching rows of `A = α·triu₁(Dp·Uᵀ)` reach all
+//! later columns of G: as many multiply-adds as GPTQ's own lazy update `W −= E·U`, and in f32
+//! the largest part of what GPTAQ adds to the solve after A itself (23.9 ms of a 4096 × 14336
+//! solve on an H100, BENCHMARKS.md session 33). Here it runs on the tensor cores at close to f32
+//! accuracy, the way GPTAQ's A does (`split_f16.wgsl`): each operand as two f16 halves,
+//! `X·2^s ≈ Xh + Xl` and `Y·2^−s ≈ Yh + Yl` (X = −Q, Y = A), and one product with K tripled,
 //!
 //! ```text
 //! C −= X·Y:   C += [Xh | Xh | Xl] · [Yh; Yl; Yh]  with X negated in the halves
 //!                 (= Xh·Yh + Xh·Yl + Xl·Yh; Xl·Yl, below 2^−22, dropped)
 //! ```
 //!
-//! accumulated in f32 straight into C. The tensor cores cannot scale what they add, so the two
-//! powers of two cancel: s comes from both operands' largest magnitudes, on the GPU, per product
-//! (`split_f16.wgsl`'s `pair_exp`), and nothing is read back.
+//! accumulated in f32 straight into C = G. The tensor cores cannot scale what they add, so the
+//! two powers of two cancel: s comes from both operands' largest magnitudes, on the GPU, per
+//! flush (`split_f16.wgsl`'s `pair_exp`), and nothing is read back.
 //!
-//! Only these flushes change: the per-block catch-ups (K below L·block, N = one block) and the
-//! deferred P's in-block products stay f32 GEMMs.
+//! Accumulating into C has a cost in accuracy that the split does not: the tensor cores add each
+//! 16-deep step's products to C with truncation (measured on the H100, session 34: 4 ulps of G
+//! after 24 steps where the products were tiny), so the error is relative to C's own magnitude,
+//! up to about an ulp of C per step and biased towards zero. For G — GPTAQ's correction, small
+//! beside W, and reaching W only through U — that is far below the split A's own error. W's lazy
+//! update `W −= E·U` could take the same path (it saved 10 ms of GPTQ's 4096 × 14336 solve), but
+//! there the bias would shrink W itself, by up to ~10⁻⁴ over a wide module's flushes, before it
+//! is quantized: W's updates stay f32. So do the per-block catch-ups (K below L·block, N = one
+//! block) and the deferred P's in-block products.
 
 use super::gpu::SPLIT_F16;
 use crate::gpu::kernels::{Recorder, groups_1d};
@@ -66,34 +69,32 @@ pub(crate) struct FlushSplit {
     op: CoopOp,
     rows: usize,
     n: usize,
-    /// Columns of X per product (L·block).
+    /// Columns of X per flush (L·block).
     k: usize,
     /// `[Xh | Xh | Xl]`, rows × 3k.
     x: GpuBuffer<half::f16>,
-    /// `[Yh; Yl; Yh]`, 3k × n (columns from each product's `c0` on are written).
+    /// `[Yh; Yl; Yh]`, 3k × n (columns from each flush's `c0` on are written).
     y: GpuBuffer<half::f16>,
-    /// Two largest magnitudes (as f32 bits) per product: X's, then Y's rows'.
+    /// Two largest magnitudes (as f32 bits) per flush: X's, then Y's rows'.
     maxima: GpuBuffer<u32>,
-    /// Which updates take it: W's, G's ([`FlushSplit::new`]).
-    pub w: bool,
-    pub g: bool,
 }
 
-/// Whether `var` is set to 0, read once per variable: that update stays f32 (A/B runs).
-fn off(var: &'static str, cell: &'static std::sync::OnceLock<bool>) -> bool {
-    *cell.get_or_init(|| std::env::var(var).is_ok_and(|v| v.trim() == "0"))
+/// `GPTAQ_SPLIT_FLUSH=0`, read once: the flushes stay f32 GEMMs (A/B runs on a GPU machine).
+fn split_flush_off() -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OFF.get_or_init(|| std::env::var("GPTAQ_SPLIT_FLUSH").is_ok_and(|v| v.trim() == "0"))
 }
 
 impl FlushSplit {
-    /// Bytes of the operands for `rows` × `n` with `k` columns per product (the memory plan's).
+    /// Bytes of the operands for `rows` × `n` with `k` columns per flush (the memory plan's).
     pub(crate) fn bytes(rows: usize, n: usize, k: usize) -> u64 {
         3 * k as u64 * (rows + n) as u64 * 2
     }
 
-    /// The tensor-core kernel for products of `k` columns of a `rows` × `n` solve whose flushes
-    /// start at multiples of `k` — where one runs here, every product tiles it (rows, n and k
+    /// The tensor-core kernel for flushes of `k` columns of a `rows` × `n` solve, starting at
+    /// multiples of `k` — where one runs here, every flush's product tiles it (rows, n and k
     /// multiples of the kernel's block, K = 3k of its step) and the operands' offsets are whole
-    /// vectors; `None` otherwise (the updates then stay f32).
+    /// vectors; `None` otherwise (the flushes then stay f32).
     pub(crate) fn kernel(ctx: &GpuContext, rows: usize, n: usize, k: usize) -> Option<CoopOp> {
         CoopOp::NN.into_iter().find(|&op| {
             op.available(ctx)
@@ -102,37 +103,26 @@ impl FlushSplit {
         })
     }
 
-    /// The operands for `flushes` flushes of `k` columns each: W's update unless
-    /// `GPTAQ_SPLIT_UPDATE=0`, G's (`pending`: GPTAQ's deferred P) unless `GPTAQ_SPLIT_FLUSH=0`;
-    /// `None` where neither applies or no kernel does ([`FlushSplit::kernel`]).
+    /// The operands for `flushes` flushes of `k` columns each, or `None` where no kernel applies
+    /// ([`FlushSplit::kernel`]) or `GPTAQ_SPLIT_FLUSH=0`.
     pub(crate) fn new(
         ctx: &GpuContext,
         (rows, n, k): (usize, usize, usize),
         flushes: usize,
-        pending: bool,
     ) -> Result<Option<Self>, GpuError> {
-        static W_OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        static G_OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        let w = !off("GPTAQ_SPLIT_UPDATE", &W_OFF);
-        let g = pending && !off("GPTAQ_SPLIT_FLUSH", &G_OFF);
-        let Some(op) = Self::kernel(ctx, rows, n, k).filter(|_| w || g) else {
-            return Ok(None);
-        };
-        if flushes == 0 {
-            return Ok(None);
+        match Self::kernel(ctx, rows, n, k).filter(|_| !split_flush_off() && flushes > 0) {
+            Some(op) => Self::with_kernel(ctx, op, (rows, n, k), flushes).map(Some),
+            None => Ok(None),
         }
-        let mut fs = Self::with_kernel(ctx, op, (rows, n, k), 2 * flushes)?;
-        (fs.w, fs.g) = (w, g);
-        Ok(Some(fs))
     }
 
-    /// The operands for `products` products with kernel `op` (not checked against the adapter:
-    /// the tests split on any), for neither update until the caller says.
+    /// The operands for `flushes` flushes with kernel `op` (not checked against the adapter:
+    /// the tests split on any).
     fn with_kernel(
         ctx: &GpuContext,
         op: CoopOp,
         (rows, n, k): (usize, usize, usize),
-        products: usize,
+        flushes: usize,
     ) -> Result<Self, GpuError> {
         Ok(Self {
             op,
@@ -141,15 +131,12 @@ impl FlushSplit {
             k,
             x: ctx.scratch::<half::f16>("flush X halves", rows * 3 * k)?,
             y: ctx.scratch::<half::f16>("flush Y halves", 3 * k * n)?,
-            maxima: ctx.zeros::<u32>("flush maxima", 2 * products)?,
-            w: false,
-            g: false,
+            maxima: ctx.zeros::<u32>("flush maxima", 2 * flushes)?,
         })
     }
 
-    /// Records product `f` (its own two maxima; flush i's W update is 2i, its G flush 2i + 1):
-    /// `C[:, c0..n] −= X·Y[first..first + k, c0..n]` with X a `rows` × k view (the sweep's
-    /// error slots: E, or −Q) and Y's rows from `y` (n × n panels: U or A).
+    /// Records flush `f` (its own two maxima): `C[:, c0..n] −= X·Y[first..first + k, c0..n]` with
+    /// X a `rows` × k view (the sweep's −Q slots) and Y's rows from `y` (n × n panels: A), C = G.
     pub(crate) fn flush(
         &self,
         rec: &mut Recorder<'_>,
@@ -182,7 +169,7 @@ impl FlushSplit {
         )
     }
 
-    /// Product `f`'s halves: both maxima, then `[Xh | Xh | Xl]` (X negated) and `[Yh; Yl; Yh]`
+    /// Flush `f`'s halves: both maxima, then `[Xh | Xh | Xl]` (X negated) and `[Yh; Yl; Yh]`
     /// (columns c0..).
     fn halves(
         &self,
@@ -537,8 +524,10 @@ mod tests {
     /// A flush on the tensor cores (`FlushSplit::flush`; only where a kernel runs, the GPU
     /// machine): two consecutive flushes into one G, each `G[:, c0..] += Q·A[first.., c0..]` from
     /// its own maxima, against f64 within 2^−19 of the terms' magnitudes plus 2^−23 per term of
-    /// the sum (the tensor cores' accumulation), G's own rounding and the halves' floor; with
-    /// A = 0 G is unchanged bit for bit. A's rows across panels.
+    /// the sum, an ulp per 16-deep step of the larger of G and the terms (the tensor cores'
+    /// truncating accumulation into G: 4 ulps of G over 24 steps on the H100 where the products
+    /// are tiny, session 34), G's own rounding and the halves' floor; with A = 0 G is unchanged
+    /// bit for bit. A's rows across panels.
     #[test]
     fn split_flush_adds_q_times_a() -> Result<(), Box<dyn std::error::Error>> {
         let Some(ctx) = crate::gpu::test_context() else {
@@ -570,9 +559,13 @@ mod tests {
                         let (v, terms) = p.product(r, j);
                         let floor = p.floor(r, j, s);
                         let x = r * n + c0 + j;
+                        // The tensor cores' truncation per 16-deep step: up to an ulp of the
+                        // larger of G so far and the step's sum (module docs).
+                        let steps = (3 * k / 16) as f64;
+                        tol[x] += terms * (2f64.powi(-19) + (3 * k) as f64 * 2f64.powi(-23))
+                            + floor
+                            + steps * 2f64.powi(-23) * (want[x].abs() + terms);
                         want[x] += v;
-                        tol[x] +=
-                            terms * (2f64.powi(-19) + (3 * k) as f64 * 2f64.powi(-23)) + floor;
                     }
                 }
             }
