@@ -77,7 +77,7 @@
 //!   round-off-level change it can flip near-tie codes. The statistics of such runs are
 //!   f16-rounded already (their activations are cast to f16), far coarser than this. The
 //!   deferred P's pending flushes `G[:, i2:] += Q·A` then take split operands too
-//!   ([`super::flush`]: the two operands scaled by 2^±s so that the tensor cores add straight
+//!   (`quant::flush`: the two operands scaled by 2^±s so that the tensor cores add straight
 //!   into G, whose error is then relative to G itself; W's updates stay f32, see there).
 
 use crate::gpu::profile::Profile;
@@ -1274,7 +1274,7 @@ pub struct SolveFlags {
     /// kernels run: the pipeline's tensor-core runs, whose plan counts its four n × n f16
     /// copies. `GPTAQ_SPLIT_F16=0` turns it off, `=1`/`2`/`3` forces it with that many products.
     /// With it the deferred P's pending flushes `G += Q·A` run on the tensor cores from split
-    /// operands as well ([`super::flush`]; three products), where the rows and the width are
+    /// operands as well (`quant::flush`; three products), where the rows and the width are
     /// multiples of the kernel's block; `GPTAQ_SPLIT_FLUSH=0` keeps them f32.
     pub split_f16: bool,
 }
