@@ -180,7 +180,7 @@ struct PairParams {
 
 @group(0) @binding(0) var<uniform> pp: PairParams;
 
-// The view's vec4 `v` as an index into x4, or none past the view's end.
+// The view's vec4 `v` as an index into x4 (callers keep v below rows·cols/4).
 fn view_vec(v: u32) -> u32 {
     let per_row = pp.cols >> 2u;
     return (pp.src >> 2u) + (v / per_row) * (pp.ld >> 2u) + v % per_row;

@@ -26,8 +26,8 @@
 //! beside W, and reaching W only through U — that is far below the split A's own error. W's lazy
 //! update `W −= E·U` could take the same path (it saved 10 ms of GPTQ's 4096 × 14336 solve), but
 //! there the bias would shrink W itself, by up to 3·10⁻⁴ over a 14336-wide module's 27 flushes
-//! of 96 steps, before it is quantized: W's updates stay f32. So do the per-block catch-ups (K below L·block, N = one
-//! block) and the deferred P's in-block products.
+//! of 96 steps, before it is quantized: W's updates stay f32. So do the per-block catch-ups (K
+//! below L·block, N = one block) and the deferred P's in-block products.
 
 use super::gpu::SPLIT_F16;
 use crate::gpu::kernels::{Recorder, groups_1d};
@@ -184,6 +184,8 @@ impl FlushSplit {
         let whole = |v: usize| v.is_multiple_of(4);
         if x.rows != rows
             || x.cols != k
+            || x.ld < k
+            || x.src + rows.saturating_sub(1) * x.ld + k > x.buf.len()
             || y.cols() != n
             || first + k > y.rows()
             || 2 * f + 1 >= self.maxima.len()
