@@ -230,6 +230,16 @@ pub struct RunArgs {
 }
 
 impl RunArgs {
+    /// The job on `inputs` ([`run_inputs`]) with `config` and these settings.
+    fn job(&self, (model, calib): (ModelInput, CalibInput), mut config: PipelineConfig) -> Job {
+        self.apply(&mut config);
+        Job {
+            model,
+            calib,
+            config,
+        }
+    }
+
     /// These settings in `cfg`.
     fn apply(&self, cfg: &mut PipelineConfig) {
         cfg.stream_dtype = match self.stream_dtype {
@@ -371,6 +381,20 @@ pub struct QuantizeArgs {
     pub no_fp_eval: bool,
 }
 
+/// The calibration size a run reads: `nsamples` × `seqlen` where given, else 32 × 128 tokens for
+/// the demo and 128 × `seqlen_default` for a model.
+fn calib_size(
+    demo: bool,
+    nsamples: Option<usize>,
+    seqlen: Option<usize>,
+    seqlen_default: usize,
+) -> (usize, usize) {
+    (
+        nsamples.unwrap_or(if demo { 32 } else { 128 }),
+        seqlen.unwrap_or(if demo { 128 } else { seqlen_default }),
+    )
+}
+
 /// The model and calibration a run reads: the demo model on synthetic tokens, or a model
 /// directory with `--calib` (`no_model`: the error when neither is given).
 fn run_inputs(
@@ -392,18 +416,18 @@ fn run_inputs(
 
 impl QuantizeArgs {
     pub fn job(&self) -> anyhow::Result<Job> {
-        let quant = self.quant.config(self.method)?;
-        let (model, calib) = run_inputs(
+        let inputs = run_inputs(
             self.demo,
             self.seed,
             &self.model,
             &self.calib,
             "a MODEL_DIR (or --demo) is required",
         )?;
-        let mut config = PipelineConfig {
-            quant,
-            nsamples: self.nsamples.unwrap_or(if self.demo { 32 } else { 128 }),
-            seqlen: self.seqlen.unwrap_or(if self.demo { 128 } else { 2048 }),
+        let (nsamples, seqlen) = calib_size(self.demo, self.nsamples, self.seqlen, 2048);
+        let config = PipelineConfig {
+            quant: self.quant.config(self.method)?,
+            nsamples,
+            seqlen,
             seed: self.seed,
             metrics: !self.no_metrics,
             solver: match self.solver {
@@ -415,12 +439,7 @@ impl QuantizeArgs {
             capture: None,
             ..PipelineConfig::default()
         };
-        self.run.apply(&mut config);
-        Ok(Job {
-            model,
-            calib,
-            config,
-        })
+        Ok(self.run.job(inputs, config))
     }
 }
 
@@ -878,27 +897,23 @@ impl LabArgs {
     /// quantized with `--method`, with the error metrics on (the lab needs E and D). Not for
     /// `--load`, which runs nothing.
     pub fn job(&self) -> anyhow::Result<Job> {
-        let (model, calib) = run_inputs(
+        let inputs = run_inputs(
             self.demo,
             self.seed,
             &self.model,
             &self.calib,
             "a MODEL_DIR, --demo or --load is required",
         )?;
-        let mut config = PipelineConfig {
+        let (nsamples, seqlen) = calib_size(self.demo, self.nsamples, self.seqlen, 512);
+        let config = PipelineConfig {
             quant: self.quant.config(self.method)?,
-            nsamples: self.nsamples.unwrap_or(if self.demo { 32 } else { 128 }),
-            seqlen: self.seqlen.unwrap_or(if self.demo { 128 } else { 512 }),
+            nsamples,
+            seqlen,
             seed: self.seed,
             metrics: true,
             ..PipelineConfig::default()
         };
-        self.run.apply(&mut config);
-        Ok(Job {
-            model,
-            calib,
-            config,
-        })
+        Ok(self.run.job(inputs, config))
     }
 }
 

@@ -24,8 +24,12 @@ for t in ${TBINS-gpu_kernels forward pipeline}; do
   env ${TENV:-} CI=true timeout ${TLIM:-150} .device-carry/test-$t --test-threads 1 ${TESTS:-} > $D/test_$t.log 2>&1
   echo "test_$t: $(grep -E 'test result' $D/test_$t.log)"; grep -E "FAILED|panicked" -A3 $D/test_$t.log | head -8
 done
-[ -z "${RUNS:-}" ] || [ -f /tmp/l8b2/config.json ] || python3 tools/make_random_llama.py --preset llama3-8b --layers 2 --out /tmp/l8b2 \
-  --calib-out /tmp/l8b-calib.safetensors --nsamples 128 --seqlen 2048 > $D/gen.log 2>&1
+# The random two-layer 8B model and its calibration, made once for RUNS and LAB.
+l8b2() {
+  [ -f /tmp/l8b2/config.json ] || python3 tools/make_random_llama.py --preset llama3-8b --layers 2 --out /tmp/l8b2 \
+    --calib-out /tmp/l8b-calib.safetensors --nsamples 128 --seqlen 2048 > $D/gen.log 2>&1
+}
+[ -z "${RUNS:-}" ] || l8b2
 Q="quantize /tmp/l8b2 --calib /tmp/l8b-calib.safetensors --nsamples 128 --seqlen 2048 --bits 4 --group-size 128"
 run() { local name=$1; shift
   nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > $D/smi_$name.log 2>&1 & local s=$!
@@ -47,8 +51,7 @@ done
 # GPTQ, GPTAQ and the α sweep), printing its solves' seconds (`solves_secs` in lab_<module>.json).
 # LAB_OLD=1 runs each module with .device-carry/gptaq-studio-old too (lab_old_<module>.json).
 for m in ${LAB:-}; do
-  [ -f /tmp/l8b2/config.json ] || python3 tools/make_random_llama.py --preset llama3-8b --layers 2 --out /tmp/l8b2 \
-    --calib-out /tmp/l8b-calib.safetensors --nsamples 128 --seqlen 2048 > $D/gen.log 2>&1
+  l8b2
   for v in ${LAB_OLD:+old_ }new_; do
     b=$B; [ $v = old_ ] && b=$B-old; f=lab_${v#new_}$m
     t0=$(date +%s.%N)

@@ -50,6 +50,19 @@ macro_rules! wgsl_shader {
     };
 }
 
+/// Whether environment variable `$var` is set to `$value` (trimmed, ASCII case ignored), read
+/// once per use site: the A/B switches of GPU-machine runs (`GPTAQ_COOP_STAGED=0`,
+/// `GPTAQ_P_FORM=whole`, …), which the hot paths ask per dispatch or per solve.
+#[macro_export]
+macro_rules! env_is {
+    ($var:literal, $value:literal) => {{
+        static SET: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *SET.get_or_init(|| {
+            std::env::var($var).is_ok_and(|v| v.trim().eq_ignore_ascii_case($value))
+        })
+    }};
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct PipelineKey {
     shader: &'static str,

@@ -1289,8 +1289,7 @@ pub fn coop_staged_available(ctx: &GpuContext) -> bool {
 
 /// `GPTAQ_COOP_STAGED=0`, read once: the kernel choice asks per dispatch.
 fn staged_off() -> bool {
-    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *OFF.get_or_init(|| std::env::var("GPTAQ_COOP_STAGED").is_ok_and(|v| v == "0"))
+    crate::env_is!("GPTAQ_COOP_STAGED", "0")
 }
 
 /// Operand layouts of the tensor-core GEMM (`C += op(A)·op(B)`, A and B dense f16 row-major).

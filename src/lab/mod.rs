@@ -34,14 +34,14 @@
 //!   [`crate::quant::gpu::quantize_gpu_resident`] (f32; W from the GPU copy; it factors H when
 //!   act-order, damping or block size changed since the capture's last solve and reuses that
 //!   factor otherwise, as it reuses GPTAQ's P for the same α) whose Q stays on the GPU:
-//!   `ΔW = W − Q` (axpby), `ΔW·H` (one GEMM),
-//!   `quant = Σ ΔW∘(ΔW·H)` and `cross = Σ ΔW∘(W·D)` as column sums of elementwise products
-//!   (`gpu::ops::col_dot_partials`, partials added in f64 on the host); a study's per-column output
+//!   `ΔW = W − Q` (axpby), `ΔW·H` (one GEMM), `quant = Σ ΔW∘(ΔW·H)` and `cross = Σ ΔW∘(W·D)`
+//!   as column sums of elementwise products (`gpu::ops::col_dot_partials`, partials added in f64
+//!   on the host); a study's per-column output
 //!   shares add one GEMM (`ΔW·Dᵀ`). Only scalars, `16·n`-float partials, n-vectors and the
 //!   solve's codes (a byte per weight) cross the bus; Q is rebuilt from the codes on the host
 //!   ([`QuantResult::weights`]) only where a study's pictures need it. `column_loss` comes from
-//!   the solve, the uncompensated
-//!   loss from it as `column_loss_k·U_kk²·H̃_kk` (`GpuSolve::u_diag`, H̃ damped).
+//!   the solve, the uncompensated loss from it as `column_loss_k·U_kk²·H̃_kk`
+//!   (`GpuSolve::u_diag`, H̃ damped).
 //!   Exactness: the errors of a given Q match the f64 formulas to ~1e-6 relative (tests use 1e-4);
 //!   Q itself is the f32 solve's, whose codes can differ from the reference's at f32/f64 near-ties
 //!   (`quant::gpu` docs), so a study's errors match the reference's to ~1e-6 typically (tests
@@ -1339,23 +1339,17 @@ mod tests {
             let got = shared.solve_on(Backend::Gpu(&ctx), cfg)?;
             let want = Lab::new(cap.clone()).solve_on(Backend::Gpu(&ctx), cfg)?;
             let what = format!("step {i} ({cfg:?}), {rows}x{cols}");
-            let differ = got
-                .result
-                .codes
-                .iter()
-                .zip(&want.result.codes)
-                .filter(|(g, w)| g != w);
-            let first = got
-                .result
-                .codes
-                .iter()
-                .zip(&want.result.codes)
-                .position(|(g, w)| g != w);
+            let (gc, wc) = (&got.result.codes, &want.result.codes);
+            let differ: Vec<usize> = (0..gc.len().min(wc.len()))
+                .filter(|&j| gc[j] != wc[j])
+                .collect();
             assert!(
-                first.is_none() && got.result.codes.len() == want.result.codes.len(),
-                "{what}: {} of {} codes differ, the first at {first:?}",
-                differ.count(),
-                want.result.codes.len()
+                differ.is_empty() && gc.len() == wc.len(),
+                "{what}: {} of {} codes differ, the first at {:?} ({} codes got)",
+                differ.len(),
+                wc.len(),
+                differ.first(),
+                gc.len()
             );
             let (gq, wq) = (got.result.weights(), want.result.weights());
             assert_eq!(gq.len(), rows * cols, "{what}: Q's length");

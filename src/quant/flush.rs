@@ -79,12 +79,6 @@ pub(crate) struct FlushSplit {
     maxima: GpuBuffer<u32>,
 }
 
-/// `GPTAQ_SPLIT_FLUSH=0`, read once: the flushes stay f32 GEMMs (A/B runs on a GPU machine).
-fn split_flush_off() -> bool {
-    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *OFF.get_or_init(|| std::env::var("GPTAQ_SPLIT_FLUSH").is_ok_and(|v| v.trim() == "0"))
-}
-
 impl FlushSplit {
     /// Bytes of the operands for `rows` × `n` with `k` columns per flush (the memory plan's).
     pub(crate) fn bytes(rows: usize, n: usize, k: usize) -> u64 {
@@ -110,7 +104,9 @@ impl FlushSplit {
         (rows, n, k): (usize, usize, usize),
         flushes: usize,
     ) -> Result<Option<Self>, GpuError> {
-        match Self::kernel(ctx, rows, n, k).filter(|_| !split_flush_off() && flushes > 0) {
+        // `GPTAQ_SPLIT_FLUSH=0`: the f32 GEMMs (A/B runs on a GPU machine).
+        let off = crate::env_is!("GPTAQ_SPLIT_FLUSH", "0");
+        match Self::kernel(ctx, rows, n, k).filter(|_| !off && flushes > 0) {
             Some(op) => Self::with_kernel(ctx, op, (rows, n, k), flushes).map(Some),
             None => Ok(None),
         }

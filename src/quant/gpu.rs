@@ -1014,11 +1014,7 @@ impl PForm {
     /// The form for a solve with these groups (`dynamic`: groups found during the sweep, of `gs`
     /// processing columns) and sweep blocks of `bs` columns.
     fn choose(dynamic: bool, gs: usize, bs: usize) -> Self {
-        static WHOLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        let forced = *WHOLE.get_or_init(|| {
-            std::env::var("GPTAQ_P_FORM").is_ok_and(|v| v.eq_ignore_ascii_case("whole"))
-        });
-        if forced || group_spans_blocks(dynamic, gs, bs) {
+        if crate::env_is!("GPTAQ_P_FORM", "whole") || group_spans_blocks(dynamic, gs, bs) {
             PForm::Whole
         } else {
             PForm::Deferred
@@ -1487,8 +1483,7 @@ impl<'a> Sweep<'a> {
                     rows,
                     cols: k,
                 };
-                let f = c0 / (lazy * bs).max(1);
-                fs.flush(rec, f.saturating_sub(1), neg_q, &t.m, (first, c0), g)?;
+                fs.flush(rec, c0 / (lazy * bs) - 1, neg_q, &t.m, (first, c0), g)?;
             } else if let (Some(t), Some(g)) = (gp, pending) {
                 ops::gemm_mat(
                     rec,
@@ -1757,9 +1752,8 @@ impl SweepKernel {
     /// fit: blocks wider than its 32 lanes × 4 columns, or the MSE grid (whose per-row search stays
     /// in `sweep_block`).
     fn for_blocks(wanted: Option<Self>, bs: usize, mse: bool) -> Self {
-        static ROWS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         let chosen = wanted.unwrap_or_else(|| {
-            if *ROWS.get_or_init(|| std::env::var("GPTAQ_SWEEP").is_ok_and(|v| v == "rows")) {
+            if crate::env_is!("GPTAQ_SWEEP", "rows") {
                 SweepKernel::Rows
             } else {
                 SweepKernel::Lanes
