@@ -32,3 +32,26 @@ fn err_minus_pending(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num
     let j = idx % p.cnt;
     ebuf[r * p.lde + p.eoff + j] -= g[r * p.n + p.i1 + j];
 }
+
+// GPTAQ's A diagonal blocks for quant_sweep.wgsl's fused form (quant/gpu.rs `gptaq_a_diag`): for
+// global row r of A (bound as `g`, one row panel of `rows` rows starting at global row i1) and
+// j < cnt (the block size),
+//     ebuf[eoff + r·cnt + j] = A[r, b + j]   with b = the first column of r's block, 0 past n,
+// the same stack as P's diagonal blocks (n × block size, the block's rows at its own rows). One
+// invocation per element, the workgroups folded into x and y (gpu/kernels.rs `groups_1d`).
+@compute @workgroup_size(256)
+fn a_diag_blocks(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let idx = gid.x + gid.y * nwg.x * 256u;
+    if (idx >= p.rows * p.cnt) {
+        return;
+    }
+    let i = idx / p.cnt;
+    let j = idx % p.cnt;
+    let r = p.i1 + i;
+    let c = r / p.cnt * p.cnt + j;
+    var v = 0.0;
+    if (c < p.n) {
+        v = g[i * p.n + c];
+    }
+    ebuf[p.eoff + r * p.cnt + j] = v;
+}

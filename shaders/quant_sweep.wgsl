@@ -64,12 +64,23 @@ struct Params {
     // ebuf[:, woff .. woff + cnt]: the slots of the blocks awaiting one cross-block update
     // (quant/gpu.rs `lazy_blocks`).
     eoff: u32,
+    // sweep_lanes' fused deferred-P steps (quant/gpu.rs `Sweep::fused`; 0 elsewhere): bit 0 the
+    // block's share of the pending matrix before the sweep, bit 1 the block's pending errors after.
+    pend: u32,
+    // Where the block's pure errors go for the column loss (= eoff unless fused).
+    loff: u32,
+    // GPTAQ's A[k, i1 + j] (the deferred form's diagonal blocks) is pm[aoff + (k − prow0)·ldp +
+    // pcol0 + j], stacked after P's (fused only).
+    aoff: u32,
+    _p0: u32,
     _p1: u32,
     _p2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> w: array<f32>;
+// read_write: sweep_lanes' fused form stores the block's W with its pending share (bit 0 of
+// `pend`) where the group parameters read it; sweep_block only reads it.
+@group(0) @binding(1) var<storage, read_write> w: array<f32>;
 @group(0) @binding(2) var<storage, read> u: array<f32>;
 @group(0) @binding(3) var<storage, read> pm: array<f32>;
 @group(0) @binding(4) var<storage, read> colmap: array<u32>;
@@ -77,6 +88,11 @@ struct Params {
 @group(0) @binding(6) var<storage, read_write> codes: array<u32>;
 @group(0) @binding(7) var<storage, read_write> ebuf: array<f32>;
 @group(0) @binding(8) var<storage, read_write> loss: array<f32>;
+// GPTAQ's pending matrix G (rows × n), read by sweep_lanes' fused form only (another read-only
+// buffer is bound in its place otherwise). sweep_block does not use it: its eight storage bindings
+// are WebGPU's portable minimum, and quant/gpu.rs picks sweep_lanes only where the adapter allows
+// nine.
+@group(0) @binding(9) var<storage, read> g: array<f32>;
 
 const WG: u32 = 128u;
 // Workgroup memory: 3584 + 2·64 + 2·128 floats = 15.5 KiB (portable 16 KiB limit).
@@ -377,6 +393,9 @@ const LR: u32 = 4u;
 var<workgroup> bcol: array<f32, 8>;
 // Per-row partial min / max of a group's columns: [row·LANES + lane], max after LR·LANES.
 var<workgroup> bred: array<f32, 256>;
+// The fused form's (`pend`) broadcast of the four rows' G (before the sweep) or final W1 (after):
+// [row·128 + block column].
+var<workgroup> brow: array<f32, 512>;
 
 // Component s of v (s uniform, 0..3), without indexing a vector variable dynamically.
 fn comp4(v: vec4<f32>, s: u32) -> f32 {
@@ -418,6 +437,51 @@ fn p_row(k: u32, cols: vec4<u32>) -> vec4<f32> {
     if (cols.z < p.cnt) { r.z = pm[base + cols.z]; }
     if (cols.w < p.cnt) { r.w = pm[base + cols.w]; }
     return r;
+}
+
+// A[k, i1 + j] for this lane's four columns (the fused form's diagonal blocks of A, `aoff`).
+fn a_row(k: u32, cols: vec4<u32>) -> vec4<f32> {
+    let base = p.aoff + (k - p.prow0) * p.ldp + p.pcol0;
+    var r = vec4<f32>(0.0);
+    if (cols.x < p.cnt) { r.x = pm[base + cols.x]; }
+    if (cols.y < p.cnt) { r.y = pm[base + cols.y]; }
+    if (cols.z < p.cnt) { r.z = pm[base + cols.z]; }
+    if (cols.w < p.cnt) { r.w = pm[base + cols.w]; }
+    return r;
+}
+
+// G[row, i1 + j] for this lane's four columns (0 outside the rows or the block).
+fn g_row(row: u32, cols: vec4<u32>) -> vec4<f32> {
+    var r = vec4<f32>(0.0);
+    if (row < p.rows) {
+        let base = row * p.n + p.i1;
+        if (cols.x < p.cnt) { r.x = g[base + cols.x]; }
+        if (cols.y < p.cnt) { r.y = g[base + cols.y]; }
+        if (cols.z < p.cnt) { r.z = g[base + cols.z]; }
+        if (cols.w < p.cnt) { r.w = g[base + cols.w]; }
+    }
+    return r;
+}
+
+// Row r's (of the workgroup's four) values v of this lane's columns into `brow`.
+fn put_brow(r: u32, cols: vec4<u32>, v: vec4<f32>) {
+    if (cols.x < p.cnt) { brow[r * 128u + cols.x] = v.x; }
+    if (cols.y < p.cnt) { brow[r * 128u + cols.y] = v.y; }
+    if (cols.z < p.cnt) { brow[r * 128u + cols.z] = v.z; }
+    if (cols.w < p.cnt) { brow[r * 128u + cols.w] = v.w; }
+}
+
+// This lane's columns of `row`'s W back into the global W (the fused form's pending share, where
+// the group parameters read it).
+fn put_w(row: u32, cols: vec4<u32>, v: vec4<f32>) {
+    if (row >= p.rows) {
+        return;
+    }
+    let base = row * p.n + p.i1;
+    if (cols.x < p.cnt) { w[base + cols.x] = v.x; }
+    if (cols.y < p.cnt) { w[base + cols.y] = v.y; }
+    if (cols.z < p.cnt) { w[base + cols.z] = v.z; }
+    if (cols.w < p.cnt) { w[base + cols.w] = v.w; }
 }
 
 // Group parameters of `row` stored for group g, or (1, 0) outside the rows.
@@ -501,6 +565,41 @@ fn sweep_lanes(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nw
         prm1 = ptab_at(g, rows.y);
         prm2 = ptab_at(g, rows.z);
         prm3 = ptab_at(g, rows.w);
+    }
+    // Fused deferred P, before the sweep (bit 0 of `pend`; quant/gpu.rs `Sweep::fused`): the
+    // pending terms whose middle index and column both lie in this block,
+    //     W[:, blk] += G[:, blk]·U[blk, blk]      (U's upper triangle with its diagonal),
+    // each element summed over the block's rows k in order. The unfused form runs this as a GEMM
+    // before the sweep; its result must reach the global W too, where the group parameters read
+    // the block's stale W (algorithm.md §1.2 "Quirks": the global W holds every cross-block
+    // update, and these are cross-block terms of P, §2.2). The workgroup owns its rows, so a
+    // storage barrier orders those stores before its own reads.
+    if ((p.pend & 1u) != 0u) {
+        put_brow(0u, cols, g_row(rows.x, cols));
+        put_brow(1u, cols, g_row(rows.y, cols));
+        put_brow(2u, cols, g_row(rows.z, cols));
+        put_brow(3u, cols, g_row(rows.w, cols));
+        workgroupBarrier();
+        var a0 = vec4<f32>(0.0);
+        var a1 = vec4<f32>(0.0);
+        var a2 = vec4<f32>(0.0);
+        var a3 = vec4<f32>(0.0);
+        for (var k = 0u; k < cnt; k++) {
+            let u4 = select(vec4<f32>(0.0), u_row(i1 + k, cols), cols >= vec4<u32>(k));
+            a0 = fma(vec4<f32>(brow[k]), u4, a0);
+            a1 = fma(vec4<f32>(brow[128u + k]), u4, a1);
+            a2 = fma(vec4<f32>(brow[256u + k]), u4, a2);
+            a3 = fma(vec4<f32>(brow[384u + k]), u4, a3);
+        }
+        w0 += a0;
+        w1r += a1;
+        w2 += a2;
+        w3 += a3;
+        put_w(rows.x, cols, w0);
+        put_w(rows.y, cols, w1r);
+        put_w(rows.z, cols, w2);
+        put_w(rows.w, cols, w3);
+        storageBarrier();
     }
     // The first step's pivot and U / P entries; each step then fetches the next one's.
     var d_nx = u[(i1 - p.urow0) * n + i1];
@@ -598,21 +697,63 @@ fn sweep_lanes(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nw
         if (live.z) { loss[rows.z] += lacc.z; }
         if (live.w) { loss[rows.w] += lacc.w; }
     }
-    store_lane_row(rows.x, cols, e0, w0);
-    store_lane_row(rows.y, cols, e1, w1r);
-    store_lane_row(rows.z, cols, e2, w2);
-    store_lane_row(rows.w, cols, e3, w3);
+    // Fused deferred P, after the sweep (bit 1 of `pend`): the block's own pending terms and the
+    // errors that drive the cross-block updates,
+    //     E = Err − (G[:, blk] + W1·triu₁(A[blk, blk]))
+    // (W1 = the block's final values, ≈ Q, §2.2 "Subtlety"), each product summed over the
+    // block's rows k in order: the unfused form's GEMM `G[:, c] += Q_c·triu₁(A[c, c])` and
+    // quant_pending.wgsl's `err_minus_pending` in one. G's block columns are not needed again
+    // (later blocks read only their own), so G is not written. The pure errors go to `loff` for
+    // the column loss.
+    var x0 = e0;
+    var x1 = e1;
+    var x2 = e2;
+    var x3 = e3;
+    if ((p.pend & 2u) != 0u) {
+        put_brow(0u, cols, w0);
+        put_brow(1u, cols, w1r);
+        put_brow(2u, cols, w2);
+        put_brow(3u, cols, w3);
+        workgroupBarrier();
+        var t0 = vec4<f32>(0.0);
+        var t1 = vec4<f32>(0.0);
+        var t2 = vec4<f32>(0.0);
+        var t3 = vec4<f32>(0.0);
+        for (var k = 0u; k < cnt; k++) {
+            let a4 = select(vec4<f32>(0.0), a_row(i1 + k, cols), cols > vec4<u32>(k));
+            t0 = fma(vec4<f32>(brow[k]), a4, t0);
+            t1 = fma(vec4<f32>(brow[128u + k]), a4, t1);
+            t2 = fma(vec4<f32>(brow[256u + k]), a4, t2);
+            t3 = fma(vec4<f32>(brow[384u + k]), a4, t3);
+        }
+        x0 = e0 - (g_row(rows.x, cols) + t0);
+        x1 = e1 - (g_row(rows.y, cols) + t1);
+        x2 = e2 - (g_row(rows.z, cols) + t2);
+        x3 = e3 - (g_row(rows.w, cols) + t3);
+    }
+    store_lane_row(rows.x, cols, e0, x0, w0);
+    store_lane_row(rows.y, cols, e1, x1, w1r);
+    store_lane_row(rows.z, cols, e2, x2, w2);
+    store_lane_row(rows.w, cols, e3, x3, w3);
 }
 
-// This lane's columns of one row: the errors, and for GPTAQ the negated final W1.
-fn store_lane_row(row: u32, cols: vec4<u32>, e: vec4<f32>, wv: vec4<f32>) {
+// This lane's columns of one row: the errors x that the cross-block updates take (ebuf's `eoff`;
+// the pure errors e as well, at `loff`, where they differ), and for GPTAQ the negated final W1.
+fn store_lane_row(row: u32, cols: vec4<u32>, e: vec4<f32>, x: vec4<f32>, wv: vec4<f32>) {
     if (row >= p.rows) {
         return;
     }
     let eb = row * p.lde + p.eoff;
     let wb = row * p.lde + p.woff;
-    if (cols.x < p.cnt) { ebuf[eb + cols.x] = e.x; if (p.gptaq != 0u) { ebuf[wb + cols.x] = -wv.x; } }
-    if (cols.y < p.cnt) { ebuf[eb + cols.y] = e.y; if (p.gptaq != 0u) { ebuf[wb + cols.y] = -wv.y; } }
-    if (cols.z < p.cnt) { ebuf[eb + cols.z] = e.z; if (p.gptaq != 0u) { ebuf[wb + cols.z] = -wv.z; } }
-    if (cols.w < p.cnt) { ebuf[eb + cols.w] = e.w; if (p.gptaq != 0u) { ebuf[wb + cols.w] = -wv.w; } }
+    if (cols.x < p.cnt) { ebuf[eb + cols.x] = x.x; if (p.gptaq != 0u) { ebuf[wb + cols.x] = -wv.x; } }
+    if (cols.y < p.cnt) { ebuf[eb + cols.y] = x.y; if (p.gptaq != 0u) { ebuf[wb + cols.y] = -wv.y; } }
+    if (cols.z < p.cnt) { ebuf[eb + cols.z] = x.z; if (p.gptaq != 0u) { ebuf[wb + cols.z] = -wv.z; } }
+    if (cols.w < p.cnt) { ebuf[eb + cols.w] = x.w; if (p.gptaq != 0u) { ebuf[wb + cols.w] = -wv.w; } }
+    if (p.loff != p.eoff) {
+        let lb = row * p.lde + p.loff;
+        if (cols.x < p.cnt) { ebuf[lb + cols.x] = e.x; }
+        if (cols.y < p.cnt) { ebuf[lb + cols.y] = e.y; }
+        if (cols.z < p.cnt) { ebuf[lb + cols.z] = e.z; }
+        if (cols.w < p.cnt) { ebuf[lb + cols.w] = e.w; }
+    }
 }

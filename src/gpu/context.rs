@@ -131,6 +131,10 @@ pub struct AdapterSummary {
     /// The adapter's subgroup sizes (min, max): the staged tensor-core GEMM needs exactly 32.
     #[serde(default)]
     pub subgroup_sizes: (u32, u32),
+    /// Storage buffers one kernel may bind: the solve's fastest sweep needs nine (quant/gpu.rs
+    /// `SweepKernel`), one more than WebGPU's portable minimum.
+    #[serde(default)]
+    pub max_storage_buffers_per_stage: u32,
 }
 
 impl std::fmt::Display for AdapterSummary {
@@ -151,9 +155,10 @@ impl std::fmt::Display for AdapterSummary {
         )?;
         writeln!(
             f,
-            "  max buffer {} MiB, max storage binding {} MiB, workgroup memory {} KiB, {} invocations/workgroup, subgroups of {}–{}",
+            "  max buffer {} MiB, max storage binding {} MiB ({} per kernel), workgroup memory {} KiB, {} invocations/workgroup, subgroups of {}–{}",
             self.max_buffer_size >> 20,
             self.max_storage_buffer_binding_size >> 20,
+            self.max_storage_buffers_per_stage,
             self.max_compute_workgroup_storage_size >> 10,
             self.max_compute_invocations_per_workgroup,
             self.subgroup_sizes.0,
@@ -218,6 +223,7 @@ fn summarize(
             adapter_info.subgroup_min_size,
             adapter_info.subgroup_max_size,
         ),
+        max_storage_buffers_per_stage: limits.max_storage_buffers_per_shader_stage,
     }
 }
 

@@ -296,7 +296,14 @@ struct SweepParams {
     pcol0: u32,
     /// The block's first error column in the error buffer (its slot, `lazy_blocks`).
     eoff: u32,
-    _p: [u32; 2],
+    /// `sweep_lanes`' fused deferred-P steps ([`Sweep::fused`]): bit 0 the block's pending share
+    /// before the sweep, bit 1 its pending errors after.
+    pend: u32,
+    /// Where the block's pure errors go for the column loss (`eoff` unless fused).
+    loff: u32,
+    /// Where A's diagonal blocks start in the bound P (`gptaq_a_diag`; fused only).
+    aoff: u32,
+    _p: [u32; 3],
 }
 
 #[repr(C)]
@@ -935,6 +942,49 @@ fn gptaq_p_diag(
     Ok(())
 }
 
+/// A's diagonal blocks for the fused sweep ([`Sweep::fused`]): for every sweep block
+/// `b = [i1, i2)`, `A[b, b]` stacked into `out` from element `off` (`n × bs`, the block's rows at
+/// their own rows, columns `0..i2 − i1`, zero beyond), the same layout as P's
+/// ([`gptaq_p_diag`]), so that the sweep reads both through one binding. One launch per row panel
+/// of A (`quant_pending.wgsl`'s `a_diag_blocks`).
+fn gptaq_a_diag(
+    rec: &mut crate::gpu::kernels::Recorder<'_>,
+    n: usize,
+    bs: usize,
+    a: &GpuMatrix,
+    out: &GpuBuffer<f32>,
+    off: usize,
+) -> Result<(), QuantGpuError> {
+    if bs == 0 || out.len() < off + n * bs {
+        return Err(GpuError::Validation(format!(
+            "GPTAQ A diagonal blocks: block size {bs}, {} floats for n = {n} from {off}",
+            out.len()
+        ))
+        .into());
+    }
+    for pt in 0..a.panels().len() {
+        let r = a.panel_range(pt);
+        let total = u32_of("A diagonal elements", r.len() * bs)?;
+        rec.dispatch(
+            &QUANT_PENDING,
+            "a_diag_blocks",
+            &[],
+            &PendingParams {
+                rows: u32_of("rows", r.len())?,
+                n: u32_of("cols", n)?,
+                i1: u32_of("panel row", r.start)?,
+                cnt: u32_of("block size", bs)?,
+                lde: 0,
+                eoff: u32_of("A diagonal offset", off)?,
+                _p: [0; 2],
+            },
+            &[a.panels()[pt].binding(), out.binding()],
+            groups_1d(total.div_ceil(256)),
+        )?;
+    }
+    Ok(())
+}
+
 /// `m ← alpha·triu₁(m)` in place (`quant_mask.wgsl`), one launch per row panel.
 fn triu1_scale(
     rec: &mut crate::gpu::kernels::Recorder<'_>,
@@ -1058,7 +1108,7 @@ pub(crate) fn lazy_blocks() -> usize {
 const LAZY_BLOCKS: usize = 4;
 
 /// GPTAQ's precomputed terms for one `(H, D)`: [`PForm`]'s matrix (P, or A) in the permuted D's
-/// storage, and for the deferred form P's diagonal blocks (`n × bs`).
+/// storage, and for the deferred form P's diagonal blocks and A's below them (`2·n × bs`).
 struct GptaqTerms {
     m: GpuMatrix,
     diag: Option<GpuBuffer<f32>>,
@@ -1361,8 +1411,10 @@ fn gptaq_terms<'c>(
             None
         }
         PForm::Deferred => {
-            let diag = ctx.zeros::<f32>("quant P diagonal blocks", n * bs)?;
+            // P's diagonal blocks, then A's (the fused sweep's, `Sweep::fused`).
+            let diag = ctx.zeros::<f32>("quant P and A diagonal blocks", 2 * n * bs)?;
             gptaq_p_diag(rec, n, bs, gu, &dp, &diag)?;
+            gptaq_a_diag(rec, n, bs, &dp, &diag, n * bs)?;
             Some(diag)
         }
     };
@@ -1385,6 +1437,13 @@ struct Sweep<'a> {
     rchunk: usize,
     /// The sweep's kernel ([`SweepKernel::for_blocks`]).
     sweep_kernel: SweepKernel,
+    /// The deferred P's per-block steps inside `sweep_lanes` ([`fuse_pending`]): before each
+    /// block's sweep `W[:, c] += G[:, c]·U[c, c]`, after it `E = Err − (G[:, c] + Q·triu₁(A[c, c]))`
+    /// (two small GEMMs and `err_minus_pending` per block otherwise); the pure errors then go to
+    /// the error buffer's last slot, `loff`, for the column loss.
+    fused: bool,
+    /// The column loss's slot in `gerr` (the block's own error slot unless `fused`).
+    loff: Option<usize>,
     /// Blocks per cross-block update ([`lazy_blocks`], 1 where it does not apply).
     lazy: usize,
     /// Row stride of `gerr`: `lazy` error slots, and as many −Q slots with GPTAQ.
@@ -1429,6 +1488,8 @@ impl<'a> Sweep<'a> {
             bs,
             rchunk,
             sweep_kernel,
+            fused,
+            loff,
             lazy,
             lde,
             spec,
@@ -1534,7 +1595,7 @@ impl<'a> Sweep<'a> {
                 // their pending terms, G[:, c] += Q·A[first..i1, c].
                 lazy_update(&mut rec, first, i1 - first, i1, cnt, None)?;
             }
-            if let (Some(g), true) = (pending, i1 > 0) {
+            if let (Some(g), true, false) = (pending, i1 > 0, fused) {
                 // Deferred P: W[:, c] += G[:, c]·U[c, c], U's upper triangle with its diagonal (the
                 // pending terms whose middle index and column both lie in this block, PForm).
                 ops::gemm_mat_skip(
@@ -1573,29 +1634,37 @@ impl<'a> Sweep<'a> {
                 ldp: u32_of("P row stride", ldp)?,
                 pcol0: u32_of("P column", pcol0)?,
                 eoff: u32_of("error slot", slot * bs)?,
-                _p: [0; 2],
+                pend: if fused {
+                    u32::from(i1 > 0) | (u32::from(i2 < n) << 1)
+                } else {
+                    0
+                },
+                loff: u32_of("error slot", loff.unwrap_or(slot * bs))?,
+                aoff: if fused { u32_of("A diagonal offset", n * bs)? } else { 0 },
+                _p: [0; 3],
             };
+            let mut bindings = vec![
+                gw.binding(),
+                up.binding(),
+                pp.binding(),
+                gmeta.binding(),
+                gptab.binding(),
+                gcodes.binding(),
+                gerr.binding(),
+                gloss.binding(),
+            ];
             let (entry, groups) = match sweep_kernel {
                 SweepKernel::Rows => ("sweep_block", wgs),
-                SweepKernel::Lanes => ("sweep_lanes", lane_wgs),
+                SweepKernel::Lanes => {
+                    // G where fused; otherwise a read-only buffer bound already (unused).
+                    bindings.push(match (pending, fused) {
+                        (Some(g), true) => g.binding(),
+                        _ => up.binding(),
+                    });
+                    ("sweep_lanes", lane_wgs)
+                }
             };
-            rec.dispatch(
-                &QUANT_SWEEP,
-                entry,
-                &[],
-                &sp,
-                &[
-                    gw.binding(),
-                    up.binding(),
-                    pp.binding(),
-                    gmeta.binding(),
-                    gptab.binding(),
-                    gcodes.binding(),
-                    gerr.binding(),
-                    gloss.binding(),
-                ],
-                groups,
-            )?;
+            rec.dispatch(&QUANT_SWEEP, entry, &[], &sp, &bindings, groups)?;
             // The block's per-column proxy loss (QuantResult::column_loss), from its errors.
             rec.dispatch(
                 &QUANT_COLLOSS,
@@ -1606,14 +1675,19 @@ impl<'a> Sweep<'a> {
                     i1: sp.i1,
                     cnt: sp.cnt,
                     lde: sp.lde,
-                    eoff: sp.eoff,
+                    eoff: sp.loff,
                     _p: [0; 3],
                 },
                 &[gerr.binding(), gcolloss.binding()],
                 groups_1d(sp.cnt),
             )?;
             rec = prof.lap(rec, "sweep")?;
-            if let (Some(t), Some(g), true) = (gp, pending, i2 < n) {
+            if let (Some(_), true, true) = (pending, i2 < n, fused) {
+                // Deferred P, fused: the sweep left E; the group's updates as below.
+                if slot + 1 == lazy {
+                    lazy_update(&mut rec, first, i2 - first, i2, n - i2, fsplit)?;
+                }
+            } else if let (Some(t), Some(g), true) = (gp, pending, i2 < n) {
                 // Deferred P (PForm): G[:, c] += Q_c·triu₁(A[c, c]) (the sweep left −Q_c = −W1),
                 // E = Err_c − G[:, c]; at the group's last block (`lazy_blocks`) W[:, i2:] −= E·U and
                 // G[:, i2:] += Q·A over the group's rows first..i2.
@@ -1724,6 +1798,8 @@ struct SolveOptions {
     speculate: bool,
     /// GPTAQ's `A` on the tensor cores ([`SolveFlags::split_f16`]).
     split_f16: bool,
+    /// The deferred P's per-block steps inside the sweep (`None`: [`fuse_pending`]'s default).
+    fused: Option<bool>,
 }
 
 /// Whether a solve that may speculate ([`SolveOptions::speculate`]) does: not with
@@ -1749,9 +1825,11 @@ pub(crate) enum SweepKernel {
 impl SweepKernel {
     /// The kernel for blocks of `bs` columns: `wanted` (the tests), else `sweep_lanes` unless
     /// `GPTAQ_SWEEP=rows` (read once; A/B runs), and `sweep_block` wherever `sweep_lanes` does not
-    /// fit: blocks wider than its 32 lanes × 4 columns, or the MSE grid (whose per-row search stays
-    /// in `sweep_block`).
-    fn for_blocks(wanted: Option<Self>, bs: usize, mse: bool) -> Self {
+    /// fit: blocks wider than its 32 lanes × 4 columns, the MSE grid (whose per-row search stays
+    /// in `sweep_block`), or an adapter that binds fewer than the nine storage buffers of
+    /// `sweep_lanes` (the pending matrix of [`Sweep::fused`] beside `sweep_block`'s eight,
+    /// WebGPU's portable minimum; native Vulkan, Metal and DX12 adapters allow more).
+    fn for_blocks(ctx: &GpuContext, wanted: Option<Self>, bs: usize, mse: bool) -> Self {
         let chosen = wanted.unwrap_or_else(|| {
             if crate::env_is!("GPTAQ_SWEEP", "rows") {
                 SweepKernel::Rows
@@ -1759,12 +1837,22 @@ impl SweepKernel {
                 SweepKernel::Lanes
             }
         });
-        if chosen == SweepKernel::Lanes && (bs > 4 * 32 || mse) {
+        if chosen == SweepKernel::Lanes
+            && (bs > 4 * 32 || mse || ctx.limits.max_storage_buffers_per_shader_stage < 9)
+        {
             SweepKernel::Rows
         } else {
             chosen
         }
     }
+}
+
+/// Whether GPTAQ's deferred P runs its per-block steps inside the sweep ([`Sweep::fused`]): with
+/// `sweep_lanes`, the kernel that has them, unless `wanted` says otherwise (the tests) or
+/// `GPTAQ_FUSED_PENDING=0` (read once; A/B runs).
+fn fuse_pending(kernel: SweepKernel, wanted: Option<bool>) -> bool {
+    kernel == SweepKernel::Lanes
+        && wanted.unwrap_or_else(|| !crate::env_is!("GPTAQ_FUSED_PENDING", "0"))
 }
 
 /// Both entry points: submits the solve ([`Solving::finish`] waits for its results).
@@ -1788,6 +1876,7 @@ fn solve<'a>(
         sweep_kernel,
         speculate,
         split_f16,
+        fused,
     } = opts;
     let spec = check_config(cfg, cols)?;
     let n = cols;
@@ -2071,7 +2160,13 @@ fn solve<'a>(
     } else {
         lazy_blocks()
     };
-    let lde = lazy * bs * if d.is_some() { 2 } else { 1 };
+    let sweep_kernel = SweepKernel::for_blocks(ctx, sweep_kernel, bs, spec.mse);
+    // The deferred P's pending matrix exists where there is more than one block (below).
+    let fused = d.is_some() && form == PForm::Deferred && n > bs && fuse_pending(sweep_kernel, fused);
+    // Fused, the pure errors of the block being swept get a slot of their own after the others
+    // (`Sweep::loff`).
+    let loff = fused.then_some(lazy * bs * 2);
+    let lde = lazy * bs * if d.is_some() { 2 } else { 1 } + if fused { bs } else { 0 };
     let gerr = ctx.zeros::<f32>("quant err", rows * lde)?;
 
     let n32 = u32_of("cols", n)?;
@@ -2139,6 +2234,12 @@ fn solve<'a>(
         }
         _ => None,
     };
+    if fused && pending.is_none() {
+        return Err(GpuError::Validation(
+            "solve: the fused sweep needs the deferred P's pending matrix".into(),
+        )
+        .into());
+    }
     // The tensor-core runs' flushes of G (`SolveOptions::split_f16` or `GPTAQ_SPLIT_F16`, like
     // A; `flush` module docs): one after every `lazy` blocks but the last.
     let k = lazy * bs;
@@ -2159,7 +2260,9 @@ fn solve<'a>(
         n,
         bs,
         rchunk: sweep_rows(rows, bs, rchunk),
-        sweep_kernel: SweepKernel::for_blocks(sweep_kernel, bs, spec.mse),
+        sweep_kernel,
+        fused,
+        loff,
         lazy,
         lde,
         spec: &spec,
@@ -3142,6 +3245,79 @@ mod tests {
         Ok(())
     }
 
+    /// The deferred P's per-block steps inside `sweep_lanes` (`Sweep::fused`: `W[:, c] +=
+    /// G[:, c]·U[c, c]` before the block's sweep, `E = Err − (G[:, c] + Q·triu₁(A[c, c]))` after)
+    /// give the unfused form's results bit for bit: like the f32 GEMM kernels (`gemm.wgsl`), the
+    /// sweep sums each element over k in ascending order from zero with explicit fma's and adds
+    /// the sum to its target once (the GEMMs' skipped triangles and the sweep's masks add exact
+    /// zeros; their α = ±1 and β = 1 are exact), and `err_minus_pending` subtracts the same G.
+    /// Over partial last blocks, rows that are not a multiple of the kernel's four (one row
+    /// among them), dynamic groups smaller than and equal to the block (whose parameters read the
+    /// global W the fused step writes), per-row parameters, act-order with and without static
+    /// groups, and more blocks than one cross-block update takes (`lazy_blocks`), at α = 1, where
+    /// GPTAQ's terms are largest. The fused run must be the default where `sweep_lanes` runs.
+    #[test]
+    fn fused_pending_solves_like_gemms() -> Result<(), Box<dyn std::error::Error>> {
+        let Some(ctx) = crate::gpu::test_context() else {
+            return Ok(());
+        };
+        let mut rng = ChaCha8Rng::seed_from_u64(0xf05e_d9e7);
+        // (rows, n, block, group, act-order, static groups)
+        for &(rows, n, bs, gs, act, stat) in &[
+            (37usize, 300usize, 128usize, Some(64usize), false, false),
+            (61, 160, 128, Some(32), false, false),
+            (41, 256, 64, Some(32), true, true),
+            (1, 200, 64, None, false, false),
+            (18, 520, 64, Some(64), true, false),
+            (130, 640, 128, Some(128), false, false),
+        ] {
+            let (h, d) = hessian_and_d(n, 2 * n, &mut rng);
+            let w: Vec<f32> = (0..rows * n)
+                .map(|_| rng.random_range(-1.0f32..1.0))
+                .collect();
+            let gh = ctx.matrix_upload("H", &h, n, n, 1)?;
+            let gd = ctx.matrix_upload("D", &d, n, n, 1)?;
+            let cfg = QuantConfig {
+                method: Method::Gptaq { alpha: 1.0 },
+                bits: 4,
+                group_size: gs,
+                sym: false,
+                act_order: act,
+                static_groups: stat,
+                damp_percent: 0.01,
+                damp_auto_increment: 0.01,
+                block_size: bs,
+                mse: false,
+            };
+            let run = |fused| {
+                solved(
+                    &ctx,
+                    (&w, rows, n),
+                    (&gh, Some(&gd)),
+                    &cfg,
+                    SolveOptions {
+                        host_q: true,
+                        p_form: Some(PForm::Deferred),
+                        sweep_kernel: Some(SweepKernel::Lanes),
+                        fused,
+                        ..SolveOptions::default()
+                    },
+                )
+            };
+            let gemms = run(Some(false))?;
+            let fused = run(Some(true))?;
+            let name = format!(
+                "{rows}x{n} bs{bs} gs{gs:?} act {act} static {stat}: the fused sweep against the \
+                 GEMMs"
+            );
+            crate::quant::assert_same_result(&fused, &gemms, &name);
+            if ctx.limits.max_storage_buffers_per_shader_stage >= 9 {
+                crate::quant::assert_same_result(&run(None)?, &fused, &format!("{name}: default"));
+            }
+        }
+        Ok(())
+    }
+
     /// One test problem (`w`: rows × n, H, optional D) solved with `opts` from W on the host,
     /// without a shared factor, and finished: the tests that compare two ways of solving.
     fn solved(
@@ -3333,6 +3509,9 @@ mod tests {
                         sweep_kernel: Some(kernel),
                         speculate: false,
                         split_f16: false,
+                        // sweep_block has no fused form (`Sweep::fused`), which sums in
+                        // another order.
+                        fused: Some(false),
                     },
                 )
             };
