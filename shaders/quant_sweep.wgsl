@@ -23,7 +23,7 @@
 //        GPTAQ: W1[:, j] −= e·U[k, i1+j] − w·P[k, i1+j]   (w = pre-quantization value, §2.2)
 // At the end the errors e (ebuf[:, eoff..eoff+cnt]) and, for GPTAQ, the NEGATED final W1
 // (ebuf[:, woff..woff+cnt], ≈ the quantized values, §2.2 "Subtlety") are left for the host's
-// cross-block update (quant/gpu.rs `Gptaq`): with the whole P, W[:, i2:] −= [e | −W1]·[U; P][block
+// cross-block update (quant/gpu.rs `PForm`): with the whole P, W[:, i2:] −= [e | −W1]·[U; P][block
 // rows, i2:] is one GEMM with K doubled (−e·U + W1·P, the GPTQ and GPTAQ terms together); in the
 // deferred form −W1 feeds the pending matrix G instead, and only P's diagonal blocks are read here.
 //
@@ -56,7 +56,7 @@ struct Params {
     urow0: u32,
     // GPTAQ's in-block P[k, i1 + j] is pm[(k − prow0)·ldp + pcol0 + j]: the whole P's panel
     // (prow0 = urow0, ldp = n, pcol0 = i1), or the stack of P's diagonal blocks that the deferred
-    // form keeps (prow0 = 0, ldp = block size, pcol0 = 0; quant/gpu.rs `Gptaq`).
+    // form keeps (prow0 = 0, ldp = block size, pcol0 = 0; quant/gpu.rs `PForm`).
     prow0: u32,
     ldp: u32,
     pcol0: u32,
@@ -385,6 +385,16 @@ fn sweep_block(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nw
 // any order), so the results are the same bit for bit (tests: quant/gpu.rs
 // `sweep_kernels_agree_bit_for_bit`). The errors and −W1 are stored once at the end, each lane its
 // own columns (coalesced across lanes), instead of per step.
+//
+// GPTAQ's deferred P (`pend`, quant/gpu.rs `Sweep::fused`) adds a step before the loop and one
+// after it, the block's own share of the pending matrix G: both are triangular bs × bs products
+// per row, which the unfused form runs as two small GEMMs and `err_minus_pending` per block (three
+// launches, 26 µs each for the GEMMs at 4096 rows on an H100, BENCHMARKS.md session 33). Here the
+// rows' G (before) or final W1 (after) are broadcast through workgroup memory and each lane sums
+// its four columns over the block's rows in order, with the GEMMs' arithmetic (ascending k from
+// zero, explicit fma, added once), so the results are the unfused form's bit for bit (quant/gpu.rs
+// `fused_pending_solves_like_gemms`). This takes a ninth storage binding (G), beyond WebGPU's
+// portable eight, which sweep_block keeps to.
 
 const LANES: u32 = 32u;
 const LR: u32 = 4u;

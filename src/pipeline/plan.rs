@@ -184,10 +184,11 @@ fn solve_temp_bytes(c: &ModelConfig, asymmetry: bool, split: bool, max_buffer_by
 /// The GPU solve's per-module buffers for the largest module (rows·cols): the working W (f32),
 /// the integer codes (1 byte each, 4 per u32 word, rows padded to whole words:
 /// rows·⌈cols/4⌉·4 bytes) and the final Q (f32), plus with `asymmetry` GPTAQ's pending terms
-/// (rows·cols f32) and P's diagonal blocks (n × 128 at the default block size) — the deferred
-/// P (quant::gpu's `PForm`), more than the whole P's `[U; P]` staging (2·128 × n) that replaces
-/// them where a group spans blocks; and the error buffer of the blocks awaiting one cross-block
-/// update (`quant::gpu::lazy_blocks`): rows × L·128, twice with GPTAQ's −Q (59 MiB for
+/// (rows·cols f32) and P's and A's diagonal blocks (2 · n × 128 at the default block size) — the
+/// deferred P (quant::gpu's `PForm`), as much as the whole P's `[U; P]` staging (2·128 × n) that
+/// replaces them where a group spans blocks; and the error buffer of the blocks awaiting one
+/// cross-block update (`quant::gpu::lazy_blocks`): rows × L·128, twice with GPTAQ's −Q and one
+/// more block for the column loss of the fused sweep (quant::gpu's `Sweep::fused`; 66 MiB for
 /// gate/up's 14336 rows at L = 4). With tensor cores (`split`) GPTAQ's pending flushes add their
 /// split-f16 operands (`quant::flush::FlushSplit`: 3·L·128 × (rows + cols) halves, 54 MiB for
 /// gate/up at L = 4).
@@ -205,11 +206,14 @@ fn solver_bytes(c: &ModelConfig, asymmetry: bool, split: bool) -> u64 {
         .max()
         .unwrap_or(0);
     let largest = (h * i).max(h * qd);
-    let gptaq = if asymmetry { largest + 128 * n } else { 0 };
+    let gptaq = if asymmetry { largest + 2 * 128 * n } else { 0 };
+    let lazy = crate::quant::gpu::lazy_blocks() as u64;
     let errors = h.max(i).max(qd)
-        * crate::quant::gpu::lazy_blocks() as u64
-        * 128
-        * if asymmetry { 2 } else { 1 };
+        * if asymmetry {
+            2 * lazy * 128 + 128
+        } else {
+            lazy * 128
+        };
     let k = crate::quant::gpu::lazy_blocks() * 128;
     let flush = if asymmetry && split {
         [(i, h), (h, i), (qd, h), (h, qd)]
@@ -653,8 +657,9 @@ mod tests {
         assert_eq!(solve_temp_bytes(&c, true, true, 4 << 30), 4 * n * n * 4);
         assert_eq!(nxn_bytes(&c), n * n * 4);
         // down_proj's W and Q in f32, its codes one byte each (56 MiB, not 224); GPTAQ's
-        // pending terms (another W) and P's diagonal blocks (n × 128).
-        // The errors of four blocks of 128 for gate/up's 14336 rows (with GPTAQ's −Q twice).
+        // pending terms (another W) and P's and A's diagonal blocks (2 · n × 128).
+        // The errors of four blocks of 128 for gate/up's 14336 rows (with GPTAQ's −Q twice, and
+        // the fused sweep's column-loss block).
         let lazy = crate::quant::gpu::lazy_blocks() as u64;
         assert_eq!(
             solver_bytes(&c, false, false),
@@ -662,7 +667,7 @@ mod tests {
         );
         assert_eq!(
             solver_bytes(&c, true, false),
-            3 * 4096 * n * 4 + 4096 * n + 128 * n * 4 + 2 * n * lazy * 128 * 4
+            3 * 4096 * n * 4 + 4096 * n + 2 * 128 * n * 4 + n * (2 * lazy + 1) * 128 * 4
         );
         // With tensor cores, GPTAQ's flushes' halves for the widest pair of rows and columns
         // (gate/up's 14336 rows beside their 4096 columns, or down's the other way round).

@@ -34,7 +34,9 @@
 //!    blocks with their errors side by side and a small catch-up GEMM for each block's own
 //!    columns (`lazy_blocks`). GPTAQ's cross-block term `W[:, i2:] += W1·P[i1:i2, i2:]`:
 //!    deferred, through the pending matrix (`PForm`: a GEMM for W and one for the pending
-//!    terms, lazy in the same way); with the whole P, fused into one GEMM
+//!    terms, lazy in the same way; each block's own share of them, before and after its sweep,
+//!    inside `sweep_lanes` where it runs, `Sweep::fused`, else two small GEMMs and
+//!    `quant_pending.wgsl`); with the whole P, fused into one GEMM
 //!    with K doubled: the block's rows of U and P are copied one above the other into a
 //!    `2·bs × n` staging matrix and the sweep leaves `[Err1 | −W1]` side by side, so
 //!    `W[:, i2:] −= [Err1 | −W1]·[U; P]` (a last, partial block has a gap between its two halves
@@ -1640,7 +1642,11 @@ impl<'a> Sweep<'a> {
                     0
                 },
                 loff: u32_of("error slot", loff.unwrap_or(slot * bs))?,
-                aoff: if fused { u32_of("A diagonal offset", n * bs)? } else { 0 },
+                aoff: if fused {
+                    u32_of("A diagonal offset", n * bs)?
+                } else {
+                    0
+                },
                 _p: [0; 3],
             };
             let mut bindings = vec![
@@ -2162,7 +2168,8 @@ fn solve<'a>(
     };
     let sweep_kernel = SweepKernel::for_blocks(ctx, sweep_kernel, bs, spec.mse);
     // The deferred P's pending matrix exists where there is more than one block (below).
-    let fused = d.is_some() && form == PForm::Deferred && n > bs && fuse_pending(sweep_kernel, fused);
+    let fused =
+        d.is_some() && form == PForm::Deferred && n > bs && fuse_pending(sweep_kernel, fused);
     // Fused, the pure errors of the block being swept get a slot of their own after the others
     // (`Sweep::loff`).
     let loff = fused.then_some(lazy * bs * 2);
