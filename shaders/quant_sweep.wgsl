@@ -406,6 +406,10 @@ var<workgroup> bred: array<f32, 256>;
 // The fused form's (`pend`) broadcast of the four rows' G (before the sweep) or final W1 (after):
 // [row·128 + block column].
 var<workgroup> brow: array<f32, 512>;
+// The fused form's U (before) or A (after) diagonal block, CH of its rows at a time:
+// [row·128 + block column].
+const CH: u32 = 16u;
+var<workgroup> bmat: array<f32, 2048>;
 
 // Component s of v (s uniform, 0..3), without indexing a vector variable dynamically.
 fn comp4(v: vec4<f32>, s: u32) -> f32 {
@@ -470,6 +474,52 @@ fn g_row(row: u32, cols: vec4<u32>) -> vec4<f32> {
         if (cols.z < p.cnt) { r.z = g[base + cols.z]; }
         if (cols.w < p.cnt) { r.w = g[base + cols.w]; }
     }
+    return r;
+}
+
+// Rows k0 .. k0 + CH of the block's U (`from_a` false) or A diagonal block (`from_a`) into
+// `bmat`, this lane's columns, zero past the block. Four rows' loads are issued before any of
+// them is stored, so the fused steps wait for memory a few times per CH rows instead of once per
+// row (one row at a time, each step's loads a round trip to L2, they took 91 µs per 4096-row
+// block on an H100, BENCHMARKS.md session 35).
+fn stage_rows(k0: u32, cols: vec4<u32>, from_a: bool) {
+    for (var kk = 0u; kk < CH; kk += 4u) {
+        let v0 = mat_row(k0 + kk, cols, from_a);
+        let v1 = mat_row(k0 + kk + 1u, cols, from_a);
+        let v2 = mat_row(k0 + kk + 2u, cols, from_a);
+        let v3 = mat_row(k0 + kk + 3u, cols, from_a);
+        put_bmat(kk, cols, v0);
+        put_bmat(kk + 1u, cols, v1);
+        put_bmat(kk + 2u, cols, v2);
+        put_bmat(kk + 3u, cols, v3);
+    }
+}
+
+// Block row k of U or A at this lane's columns (0 past the block).
+fn mat_row(k: u32, cols: vec4<u32>, from_a: bool) -> vec4<f32> {
+    if (k >= p.cnt) {
+        return vec4<f32>(0.0);
+    }
+    if (from_a) {
+        return a_row(p.i1 + k, cols);
+    }
+    return u_row(p.i1 + k, cols);
+}
+
+fn put_bmat(kk: u32, cols: vec4<u32>, v: vec4<f32>) {
+    if (cols.x < p.cnt) { bmat[kk * 128u + cols.x] = v.x; }
+    if (cols.y < p.cnt) { bmat[kk * 128u + cols.y] = v.y; }
+    if (cols.z < p.cnt) { bmat[kk * 128u + cols.z] = v.z; }
+    if (cols.w < p.cnt) { bmat[kk * 128u + cols.w] = v.w; }
+}
+
+// Row kk of `bmat` at this lane's columns (0 past the block).
+fn bmat_row(kk: u32, cols: vec4<u32>) -> vec4<f32> {
+    var r = vec4<f32>(0.0);
+    if (cols.x < p.cnt) { r.x = bmat[kk * 128u + cols.x]; }
+    if (cols.y < p.cnt) { r.y = bmat[kk * 128u + cols.y]; }
+    if (cols.z < p.cnt) { r.z = bmat[kk * 128u + cols.z]; }
+    if (cols.w < p.cnt) { r.w = bmat[kk * 128u + cols.w]; }
     return r;
 }
 
@@ -594,12 +644,18 @@ fn sweep_lanes(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nw
         var a1 = vec4<f32>(0.0);
         var a2 = vec4<f32>(0.0);
         var a3 = vec4<f32>(0.0);
-        for (var k = 0u; k < cnt; k++) {
-            let u4 = select(vec4<f32>(0.0), u_row(i1 + k, cols), cols >= vec4<u32>(k));
-            a0 = fma(vec4<f32>(brow[k]), u4, a0);
-            a1 = fma(vec4<f32>(brow[128u + k]), u4, a1);
-            a2 = fma(vec4<f32>(brow[256u + k]), u4, a2);
-            a3 = fma(vec4<f32>(brow[384u + k]), u4, a3);
+        for (var k0 = 0u; k0 < cnt; k0 += CH) {
+            stage_rows(k0, cols, false);
+            workgroupBarrier();
+            for (var kk = 0u; kk < min(CH, cnt - k0); kk++) {
+                let k = k0 + kk;
+                let u4 = select(vec4<f32>(0.0), bmat_row(kk, cols), cols >= vec4<u32>(k));
+                a0 = fma(vec4<f32>(brow[k]), u4, a0);
+                a1 = fma(vec4<f32>(brow[128u + k]), u4, a1);
+                a2 = fma(vec4<f32>(brow[256u + k]), u4, a2);
+                a3 = fma(vec4<f32>(brow[384u + k]), u4, a3);
+            }
+            workgroupBarrier();
         }
         w0 += a0;
         w1r += a1;
@@ -729,12 +785,18 @@ fn sweep_lanes(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nw
         var t1 = vec4<f32>(0.0);
         var t2 = vec4<f32>(0.0);
         var t3 = vec4<f32>(0.0);
-        for (var k = 0u; k < cnt; k++) {
-            let a4 = select(vec4<f32>(0.0), a_row(i1 + k, cols), cols > vec4<u32>(k));
-            t0 = fma(vec4<f32>(brow[k]), a4, t0);
-            t1 = fma(vec4<f32>(brow[128u + k]), a4, t1);
-            t2 = fma(vec4<f32>(brow[256u + k]), a4, t2);
-            t3 = fma(vec4<f32>(brow[384u + k]), a4, t3);
+        for (var k0 = 0u; k0 < cnt; k0 += CH) {
+            stage_rows(k0, cols, true);
+            workgroupBarrier();
+            for (var kk = 0u; kk < min(CH, cnt - k0); kk++) {
+                let k = k0 + kk;
+                let a4 = select(vec4<f32>(0.0), bmat_row(kk, cols), cols > vec4<u32>(k));
+                t0 = fma(vec4<f32>(brow[k]), a4, t0);
+                t1 = fma(vec4<f32>(brow[128u + k]), a4, t1);
+                t2 = fma(vec4<f32>(brow[256u + k]), a4, t2);
+                t3 = fma(vec4<f32>(brow[384u + k]), a4, t3);
+            }
+            workgroupBarrier();
         }
         x0 = e0 - (g_row(rows.x, cols) + t0);
         x1 = e1 - (g_row(rows.y, cols) + t1);
