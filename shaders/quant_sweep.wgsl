@@ -444,18 +444,18 @@ fn p_row(k: u32, cols: vec4<u32>) -> vec4<f32> {
     if (p.gptaq == 0u) {
         return vec4<f32>(0.0);
     }
-    let base = (k - p.prow0) * p.ldp + p.pcol0;
-    var r = vec4<f32>(0.0);
-    if (cols.x < p.cnt) { r.x = pm[base + cols.x]; }
-    if (cols.y < p.cnt) { r.y = pm[base + cols.y]; }
-    if (cols.z < p.cnt) { r.z = pm[base + cols.z]; }
-    if (cols.w < p.cnt) { r.w = pm[base + cols.w]; }
-    return r;
+    return pm_at(k, cols, 0u);
 }
 
 // A[k, i1 + j] for this lane's four columns (the fused form's diagonal blocks of A, `aoff`).
 fn a_row(k: u32, cols: vec4<u32>) -> vec4<f32> {
-    let base = p.aoff + (k - p.prow0) * p.ldp + p.pcol0;
+    return pm_at(k, cols, p.aoff);
+}
+
+// Row k of the matrix stored in `pm` from element `off` (P's, or A's diagonal blocks) at this
+// lane's four columns (0 outside the block).
+fn pm_at(k: u32, cols: vec4<u32>, off: u32) -> vec4<f32> {
+    let base = off + (k - p.prow0) * p.ldp + p.pcol0;
     var r = vec4<f32>(0.0);
     if (cols.x < p.cnt) { r.x = pm[base + cols.x]; }
     if (cols.y < p.cnt) { r.y = pm[base + cols.y]; }

@@ -2577,6 +2577,47 @@ mod tests {
         (h, d)
     }
 
+    /// A random test problem, rows × n: W uniform in [−1, 1) and H, D of 2n tokens
+    /// ([`hessian_and_d`], drawn first), H and D on the GPU in panels of multiples of `align` rows.
+    #[allow(clippy::type_complexity)]
+    fn random_problem(
+        ctx: &crate::gpu::GpuContext,
+        rng: &mut ChaCha8Rng,
+        (rows, n): (usize, usize),
+        align: usize,
+    ) -> Result<(Vec<f32>, crate::gpu::GpuMatrix, crate::gpu::GpuMatrix), Box<dyn std::error::Error>>
+    {
+        let (h, d) = hessian_and_d(n, 2 * n, rng);
+        let w: Vec<f32> = (0..rows * n)
+            .map(|_| rng.random_range(-1.0f32..1.0))
+            .collect();
+        let gh = ctx.matrix_upload("H", &h, n, n, align)?;
+        let gd = ctx.matrix_upload("D", &d, n, n, align)?;
+        Ok((w, gh, gd))
+    }
+
+    /// The comparison tests' asymmetric config: `bits`, groups of `gs`, act-order and static
+    /// groups as given, blocks of `bs`, 1 % damping.
+    fn asym_config(
+        (method, bits): (Method, u32),
+        gs: Option<usize>,
+        (act, stat): (bool, bool),
+        bs: usize,
+    ) -> QuantConfig {
+        QuantConfig {
+            method,
+            bits,
+            group_size: gs,
+            sym: false,
+            act_order: act,
+            static_groups: stat,
+            damp_percent: 0.01,
+            damp_auto_increment: 0.01,
+            block_size: bs,
+            mse: false,
+        }
+    }
+
     /// A random upper-triangular `U` (positive diagonal) and a dense `D`, n × n, row-major.
     fn random_u_d(rng: &mut ChaCha8Rng, n: usize) -> (Vec<f64>, Vec<f64>) {
         let d: Vec<f64> = (0..n * n).map(|_| rng.random_range(-1.0f64..1.0)).collect();
@@ -3209,24 +3250,8 @@ mod tests {
             (17, 131, 16, None, true, false, 1.0),
             (24, 190, 64, Some(64), true, true, 1.0),
         ] {
-            let (h, d) = hessian_and_d(n, 2 * n, &mut rng);
-            let w: Vec<f32> = (0..rows * n)
-                .map(|_| rng.random_range(-1.0f32..1.0))
-                .collect();
-            let gh = ctx.matrix_upload("H", &h, n, n, 1)?;
-            let gd = ctx.matrix_upload("D", &d, n, n, 1)?;
-            let cfg = QuantConfig {
-                method: Method::Gptaq { alpha },
-                bits: 4,
-                group_size: gs,
-                sym: false,
-                act_order: act,
-                static_groups: stat,
-                damp_percent: 0.01,
-                damp_auto_increment: 0.01,
-                block_size: bs,
-                mse: false,
-            };
+            let (w, gh, gd) = random_problem(&ctx, &mut rng, (rows, n), 1)?;
+            let cfg = asym_config((Method::Gptaq { alpha }, 4), gs, (act, stat), bs);
             let run = |form| {
                 solved(
                     &ctx,
@@ -3278,24 +3303,8 @@ mod tests {
             (18, 520, 64, Some(64), true, false),
             (130, 640, 128, Some(128), false, false),
         ] {
-            let (h, d) = hessian_and_d(n, 2 * n, &mut rng);
-            let w: Vec<f32> = (0..rows * n)
-                .map(|_| rng.random_range(-1.0f32..1.0))
-                .collect();
-            let gh = ctx.matrix_upload("H", &h, n, n, 1)?;
-            let gd = ctx.matrix_upload("D", &d, n, n, 1)?;
-            let cfg = QuantConfig {
-                method: Method::Gptaq { alpha: 1.0 },
-                bits: 4,
-                group_size: gs,
-                sym: false,
-                act_order: act,
-                static_groups: stat,
-                damp_percent: 0.01,
-                damp_auto_increment: 0.01,
-                block_size: bs,
-                mse: false,
-            };
+            let (w, gh, gd) = random_problem(&ctx, &mut rng, (rows, n), 1)?;
+            let cfg = asym_config((Method::Gptaq { alpha: 1.0 }, 4), gs, (act, stat), bs);
             let run = |fused| {
                 solved(
                     &ctx,
@@ -3413,12 +3422,7 @@ mod tests {
                     "{rows}x{n}: the flushes should run on the tensor cores here"
                 );
             }
-            let (h, d) = hessian_and_d(n, 2 * n, &mut rng);
-            let w: Vec<f32> = (0..rows * n)
-                .map(|_| rng.random_range(-1.0f32..1.0))
-                .collect();
-            let gh = ctx.matrix_upload("H", &h, n, n, 128)?;
-            let gd = ctx.matrix_upload("D", &d, n, n, 128)?;
+            let (w, gh, gd) = random_problem(&ctx, &mut rng, (rows, n), 128)?;
             let cfg = QuantConfig {
                 method: Method::Gptaq { alpha: 0.25 },
                 group_size: gs,
@@ -3484,24 +3488,8 @@ mod tests {
             (41, 256, 64, Some(32), true, true, gptaq),
             (6, 129, 128, Some(128), false, false, gptq),
         ] {
-            let (h, d) = hessian_and_d(n, 2 * n, &mut rng);
-            let w: Vec<f32> = (0..rows * n)
-                .map(|_| rng.random_range(-1.0f32..1.0))
-                .collect();
-            let gh = ctx.matrix_upload("H", &h, n, n, 1)?;
-            let gd = ctx.matrix_upload("D", &d, n, n, 1)?;
-            let cfg = QuantConfig {
-                method,
-                bits: 3,
-                group_size: gs,
-                sym: false,
-                act_order: act,
-                static_groups: stat,
-                damp_percent: 0.01,
-                damp_auto_increment: 0.01,
-                block_size: bs,
-                mse: false,
-            };
+            let (w, gh, gd) = random_problem(&ctx, &mut rng, (rows, n), 1)?;
+            let cfg = asym_config((method, 3), gs, (act, stat), bs);
             let with_d = matches!(method, Method::Gptaq { .. });
             let run = |r: usize, kernel: SweepKernel| {
                 solved(
