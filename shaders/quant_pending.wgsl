@@ -1,5 +1,5 @@
 // GPTAQ's deferred cross-block term (quant/gpu.rs, `PForm::Deferred`), where the sweep does not
-// fuse it (quant_sweep.wgsl's `pend`: sweep_block, or GPTAQ_FUSED_PENDING=0): after a block's sweep and
+// fuse it (quant_sweep.wgsl's `pend`: by default, and always with sweep_block): after a block's sweep and
 // the block's own share of the pending matrix G (G[:, blk] += Q1·triu₁(A[blk, blk])), the errors
 // that drive the lazy cross-block update become E = Err1 − G[:, blk]:
 //     ebuf[r, eoff + j] −= g[r, i1 + j]      for r < rows, j < cnt

@@ -394,7 +394,11 @@ fn sweep_block(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nw
 // its four columns over the block's rows in order, with the GEMMs' arithmetic (ascending k from
 // zero, explicit fma, added once), so the results are the unfused form's bit for bit (quant/gpu.rs
 // `fused_pending_solves_like_gemms`). This takes a ninth storage binding (G), beyond WebGPU's
-// portable eight, which sweep_block keeps to.
+// portable eight, which sweep_block keeps to. The rows of U (before) or A (after) are staged
+// through workgroup memory CH at a time (`stage_rows`): read one per step from global memory,
+// the first form of these steps took 91 µs per 4096-row block on an H100 against the 5 µs their
+// multiply-adds need, more than the launches they replace (BENCHMARKS.md session 35). The form
+// here is opt-in (GPTAQ_FUSED_PENDING=1) until a GPU measurement shows it faster.
 
 const LANES: u32 = 32u;
 const LR: u32 = 4u;
