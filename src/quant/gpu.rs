@@ -1449,7 +1449,8 @@ struct Sweep<'a> {
     loff: Option<usize>,
     /// Blocks per cross-block update ([`lazy_blocks`], 1 where it does not apply).
     lazy: usize,
-    /// Row stride of `gerr`: `lazy` error slots, and as many −Q slots with GPTAQ.
+    /// Row stride of `gerr`: `lazy` error slots, and as many −Q slots with GPTAQ (then the
+    /// column loss's slot where `fused`).
     lde: usize,
     spec: &'a QuantizerSpec,
     dynamic: bool,
