@@ -395,7 +395,7 @@ fn sweep_block(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nw
 // zero, explicit fma, added once), so the results are the unfused form's bit for bit (quant/gpu.rs
 // `fused_pending_solves_like_gemms`). This takes a ninth storage binding (G), beyond WebGPU's
 // portable eight, which sweep_block keeps to. The rows of U (before) or A (after) are staged
-// through workgroup memory CH at a time (`stage_rows`): read one per step from global memory,
+// through workgroup memory CH at a time (`block_product`): read one per step from global memory,
 // the first form of these steps took 91 µs per 4096-row block on an H100 against the 5 µs their
 // multiply-adds need, more than the launches they replace (BENCHMARKS.md session 35). The form
 // here is opt-in (GPTAQ_FUSED_PENDING=1) until a GPU measurement shows it faster.
@@ -407,13 +407,11 @@ const LR: u32 = 4u;
 var<workgroup> bcol: array<f32, 8>;
 // Per-row partial min / max of a group's columns: [row·LANES + lane], max after LR·LANES.
 var<workgroup> bred: array<f32, 256>;
-// The fused form's (`pend`) broadcast of the four rows' G (before the sweep) or final W1 (after):
-// [row·128 + block column].
-var<workgroup> brow: array<f32, 512>;
-// The fused form's U (before) or A (after) diagonal block, CH of its rows at a time:
-// [row·128 + block column].
+// The fused form's (`pend`) rows of 128 block columns, [slot·128 + block column]: slots 0..4 the
+// workgroup's four rows' G (before the sweep) or final W1 (after), slots 4..4 + CH the block's U
+// (before) or A (after), CH of its rows at a time.
 const CH: u32 = 16u;
-var<workgroup> bmat: array<f32, 2048>;
+var<workgroup> bfu: array<f32, 2560>;
 
 // Component s of v (s uniform, 0..3), without indexing a vector variable dynamically.
 fn comp4(v: vec4<f32>, s: u32) -> f32 {
@@ -481,22 +479,47 @@ fn g_row(row: u32, cols: vec4<u32>) -> vec4<f32> {
     return r;
 }
 
-// Rows k0 .. k0 + CH of the block's U (`from_a` false) or A diagonal block (`from_a`) into
-// `bmat`, this lane's columns, zero past the block. Four rows' loads are issued before any of
-// them is stored, so the fused steps wait for memory a few times per CH rows instead of once per
-// row (one row at a time, each step's loads a round trip to L2, they took 91 µs per 4096-row
-// block on an H100, BENCHMARKS.md session 35).
-fn stage_rows(k0: u32, cols: vec4<u32>, from_a: bool) {
-    for (var kk = 0u; kk < CH; kk += 4u) {
-        let v0 = mat_row(k0 + kk, cols, from_a);
-        let v1 = mat_row(k0 + kk + 1u, cols, from_a);
-        let v2 = mat_row(k0 + kk + 2u, cols, from_a);
-        let v3 = mat_row(k0 + kk + 3u, cols, from_a);
-        put_bmat(kk, cols, v0);
-        put_bmat(kk + 1u, cols, v1);
-        put_bmat(kk + 2u, cols, v2);
-        put_bmat(kk + 3u, cols, v3);
+// The fused steps' product for the workgroup's four rows, this lane's columns j:
+//     Σ_k bfu[row r, k]·M[k, j]   over the block's rows k ≤ j (U, `from_a` false) or k < j (A)
+// summed in order from zero with explicit fma's (the f32 GEMMs' arithmetic, so that the fused
+// form gives the unfused one's results bit for bit). M's rows are staged CH at a time, four rows'
+// loads issued before any is stored: read one row per step from global memory, each a round trip
+// to L2, the first fused form took 91 µs per 4096-row block on an H100 (BENCHMARKS.md session 35).
+// Called in uniform control flow (its barriers).
+struct Rows4 {
+    r0: vec4<f32>,
+    r1: vec4<f32>,
+    r2: vec4<f32>,
+    r3: vec4<f32>,
+}
+fn block_product(cols: vec4<u32>, from_a: bool) -> Rows4 {
+    var acc = Rows4(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
+    let first = select(vec4<u32>(0u), vec4<u32>(1u), from_a);
+    for (var k0 = 0u; k0 < p.cnt; k0 += CH) {
+        for (var kk = 0u; kk < CH; kk += 4u) {
+            let v0 = mat_row(k0 + kk, cols, from_a);
+            let v1 = mat_row(k0 + kk + 1u, cols, from_a);
+            let v2 = mat_row(k0 + kk + 2u, cols, from_a);
+            let v3 = mat_row(k0 + kk + 3u, cols, from_a);
+            put_bfu(4u + kk, cols, v0);
+            put_bfu(5u + kk, cols, v1);
+            put_bfu(6u + kk, cols, v2);
+            put_bfu(7u + kk, cols, v3);
+        }
+        workgroupBarrier();
+        for (var kk = 0u; kk < min(CH, p.cnt - k0); kk++) {
+            let k = k0 + kk;
+            // U's upper triangle with its diagonal, A's without (A's diagonal is stored as zero
+            // already; the masks keep the sums independent of what lies below them).
+            let m4 = select(vec4<f32>(0.0), bfu_row(4u + kk, cols), cols >= vec4<u32>(k) + first);
+            acc.r0 = fma(vec4<f32>(bfu[k]), m4, acc.r0);
+            acc.r1 = fma(vec4<f32>(bfu[128u + k]), m4, acc.r1);
+            acc.r2 = fma(vec4<f32>(bfu[256u + k]), m4, acc.r2);
+            acc.r3 = fma(vec4<f32>(bfu[384u + k]), m4, acc.r3);
+        }
+        workgroupBarrier();
     }
+    return acc;
 }
 
 // Block row k of U or A at this lane's columns (0 past the block).
@@ -510,29 +533,22 @@ fn mat_row(k: u32, cols: vec4<u32>, from_a: bool) -> vec4<f32> {
     return u_row(p.i1 + k, cols);
 }
 
-fn put_bmat(kk: u32, cols: vec4<u32>, v: vec4<f32>) {
-    if (cols.x < p.cnt) { bmat[kk * 128u + cols.x] = v.x; }
-    if (cols.y < p.cnt) { bmat[kk * 128u + cols.y] = v.y; }
-    if (cols.z < p.cnt) { bmat[kk * 128u + cols.z] = v.z; }
-    if (cols.w < p.cnt) { bmat[kk * 128u + cols.w] = v.w; }
+// This lane's columns v into row `slot` of `bfu`.
+fn put_bfu(slot: u32, cols: vec4<u32>, v: vec4<f32>) {
+    if (cols.x < p.cnt) { bfu[slot * 128u + cols.x] = v.x; }
+    if (cols.y < p.cnt) { bfu[slot * 128u + cols.y] = v.y; }
+    if (cols.z < p.cnt) { bfu[slot * 128u + cols.z] = v.z; }
+    if (cols.w < p.cnt) { bfu[slot * 128u + cols.w] = v.w; }
 }
 
-// Row kk of `bmat` at this lane's columns (0 past the block).
-fn bmat_row(kk: u32, cols: vec4<u32>) -> vec4<f32> {
+// Row `slot` of `bfu` at this lane's columns (0 past the block).
+fn bfu_row(slot: u32, cols: vec4<u32>) -> vec4<f32> {
     var r = vec4<f32>(0.0);
-    if (cols.x < p.cnt) { r.x = bmat[kk * 128u + cols.x]; }
-    if (cols.y < p.cnt) { r.y = bmat[kk * 128u + cols.y]; }
-    if (cols.z < p.cnt) { r.z = bmat[kk * 128u + cols.z]; }
-    if (cols.w < p.cnt) { r.w = bmat[kk * 128u + cols.w]; }
+    if (cols.x < p.cnt) { r.x = bfu[slot * 128u + cols.x]; }
+    if (cols.y < p.cnt) { r.y = bfu[slot * 128u + cols.y]; }
+    if (cols.z < p.cnt) { r.z = bfu[slot * 128u + cols.z]; }
+    if (cols.w < p.cnt) { r.w = bfu[slot * 128u + cols.w]; }
     return r;
-}
-
-// Row r's (of the workgroup's four) values v of this lane's columns into `brow`.
-fn put_brow(r: u32, cols: vec4<u32>, v: vec4<f32>) {
-    if (cols.x < p.cnt) { brow[r * 128u + cols.x] = v.x; }
-    if (cols.y < p.cnt) { brow[r * 128u + cols.y] = v.y; }
-    if (cols.z < p.cnt) { brow[r * 128u + cols.z] = v.z; }
-    if (cols.w < p.cnt) { brow[r * 128u + cols.w] = v.w; }
 }
 
 // This lane's columns of `row`'s W back into the global W (the fused form's pending share, where
@@ -639,32 +655,15 @@ fn sweep_lanes(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nw
     // update, and these are cross-block terms of P, §2.2). The workgroup owns its rows, so a
     // storage barrier orders those stores before its own reads.
     if ((p.pend & 1u) != 0u) {
-        put_brow(0u, cols, g_row(rows.x, cols));
-        put_brow(1u, cols, g_row(rows.y, cols));
-        put_brow(2u, cols, g_row(rows.z, cols));
-        put_brow(3u, cols, g_row(rows.w, cols));
-        workgroupBarrier();
-        var a0 = vec4<f32>(0.0);
-        var a1 = vec4<f32>(0.0);
-        var a2 = vec4<f32>(0.0);
-        var a3 = vec4<f32>(0.0);
-        for (var k0 = 0u; k0 < cnt; k0 += CH) {
-            stage_rows(k0, cols, false);
-            workgroupBarrier();
-            for (var kk = 0u; kk < min(CH, cnt - k0); kk++) {
-                let k = k0 + kk;
-                let u4 = select(vec4<f32>(0.0), bmat_row(kk, cols), cols >= vec4<u32>(k));
-                a0 = fma(vec4<f32>(brow[k]), u4, a0);
-                a1 = fma(vec4<f32>(brow[128u + k]), u4, a1);
-                a2 = fma(vec4<f32>(brow[256u + k]), u4, a2);
-                a3 = fma(vec4<f32>(brow[384u + k]), u4, a3);
-            }
-            workgroupBarrier();
-        }
-        w0 += a0;
-        w1r += a1;
-        w2 += a2;
-        w3 += a3;
+        put_bfu(0u, cols, g_row(rows.x, cols));
+        put_bfu(1u, cols, g_row(rows.y, cols));
+        put_bfu(2u, cols, g_row(rows.z, cols));
+        put_bfu(3u, cols, g_row(rows.w, cols));
+        let a = block_product(cols, false);
+        w0 += a.r0;
+        w1r += a.r1;
+        w2 += a.r2;
+        w3 += a.r3;
         put_w(rows.x, cols, w0);
         put_w(rows.y, cols, w1r);
         put_w(rows.z, cols, w2);
@@ -780,32 +779,15 @@ fn sweep_lanes(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nw
     var x2 = e2;
     var x3 = e3;
     if ((p.pend & 2u) != 0u) {
-        put_brow(0u, cols, w0);
-        put_brow(1u, cols, w1r);
-        put_brow(2u, cols, w2);
-        put_brow(3u, cols, w3);
-        workgroupBarrier();
-        var t0 = vec4<f32>(0.0);
-        var t1 = vec4<f32>(0.0);
-        var t2 = vec4<f32>(0.0);
-        var t3 = vec4<f32>(0.0);
-        for (var k0 = 0u; k0 < cnt; k0 += CH) {
-            stage_rows(k0, cols, true);
-            workgroupBarrier();
-            for (var kk = 0u; kk < min(CH, cnt - k0); kk++) {
-                let k = k0 + kk;
-                let a4 = select(vec4<f32>(0.0), bmat_row(kk, cols), cols > vec4<u32>(k));
-                t0 = fma(vec4<f32>(brow[k]), a4, t0);
-                t1 = fma(vec4<f32>(brow[128u + k]), a4, t1);
-                t2 = fma(vec4<f32>(brow[256u + k]), a4, t2);
-                t3 = fma(vec4<f32>(brow[384u + k]), a4, t3);
-            }
-            workgroupBarrier();
-        }
-        x0 = e0 - (g_row(rows.x, cols) + t0);
-        x1 = e1 - (g_row(rows.y, cols) + t1);
-        x2 = e2 - (g_row(rows.z, cols) + t2);
-        x3 = e3 - (g_row(rows.w, cols) + t3);
+        put_bfu(0u, cols, w0);
+        put_bfu(1u, cols, w1r);
+        put_bfu(2u, cols, w2);
+        put_bfu(3u, cols, w3);
+        let t = block_product(cols, true);
+        x0 = e0 - (g_row(rows.x, cols) + t.r0);
+        x1 = e1 - (g_row(rows.y, cols) + t.r1);
+        x2 = e2 - (g_row(rows.z, cols) + t.r2);
+        x3 = e3 - (g_row(rows.w, cols) + t.r3);
     }
     store_lane_row(rows.x, cols, e0, x0, w0);
     store_lane_row(rows.y, cols, e1, x1, w1r);
