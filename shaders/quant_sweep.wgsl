@@ -394,11 +394,12 @@ fn sweep_block(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nw
 // its four columns over the block's rows in order, with the GEMMs' arithmetic (ascending k from
 // zero, explicit fma, added once), so the results are the unfused form's bit for bit (quant/gpu.rs
 // `fused_pending_solves_like_gemms`). This takes a ninth storage binding (G), beyond WebGPU's
-// portable eight, which sweep_block keeps to. The rows of U (before) or A (after) are staged
-// through workgroup memory CH at a time (`block_product`): read one per step from global memory,
-// the first form of these steps took 91 µs per 4096-row block on an H100 against the 5 µs their
-// multiply-adds need, more than the launches they replace (BENCHMARKS.md session 35). The form
-// here is opt-in (GPTAQ_FUSED_PENDING=1) until a GPU measurement shows it faster.
+// portable eight, which sweep_block keeps to. The rows of U (before) or A (after) are loaded
+// eight at a time (`block_product`). Measured on an H100 (BENCHMARKS.md sessions 35–36): one row
+// per step took 91 µs per 4096-row block against the 5 µs their multiply-adds need, more than the
+// launches they replace; staging 16 rows through 10 KiB of workgroup memory was slower still and
+// slowed the unfused sweep too (`brow`). The form here is opt-in (GPTAQ_FUSED_PENDING=1) until a
+// GPU measurement shows it faster.
 
 const LANES: u32 = 32u;
 const LR: u32 = 4u;
@@ -407,11 +408,13 @@ const LR: u32 = 4u;
 var<workgroup> bcol: array<f32, 8>;
 // Per-row partial min / max of a group's columns: [row·LANES + lane], max after LR·LANES.
 var<workgroup> bred: array<f32, 256>;
-// The fused form's (`pend`) rows of 128 block columns, [slot·128 + block column]: slots 0..4 the
-// workgroup's four rows' G (before the sweep) or final W1 (after), slots 4..4 + CH the block's U
-// (before) or A (after), CH of its rows at a time.
-const CH: u32 = 16u;
-var<workgroup> bfu: array<f32, 2560>;
+// The fused form's (`pend`) broadcast of the workgroup's four rows' G (before the sweep) or final
+// W1 (after): [row·128 + block column]. Kept at 2 KiB: with 10 KiB here (session 35's staged
+// form) the default, unfused sweep also slowed from 125 to 182 µs per 4096-row block on an H100
+// (BENCHMARKS.md session 36) — the workgroup memory an entry point declares is reserved whether
+// or not a launch uses it, and takes its share from the L1 cache that the sweep's U rows go
+// through.
+var<workgroup> brow: array<f32, 512>;
 
 // Component s of v (s uniform, 0..3), without indexing a vector variable dynamically.
 fn comp4(v: vec4<f32>, s: u32) -> f32 {
@@ -480,12 +483,12 @@ fn g_row(row: u32, cols: vec4<u32>) -> vec4<f32> {
 }
 
 // The fused steps' product for the workgroup's four rows, this lane's columns j:
-//     Σ_k bfu[row r, k]·M[k, j]   over the block's rows k ≤ j (U, `from_a` false) or k < j (A)
+//     Σ_k brow[row r, k]·M[k, j]   over the block's rows k ≤ j (U, `from_a` false) or k < j (A)
 // summed in order from zero with explicit fma's (the f32 GEMMs' arithmetic, so that the fused
-// form gives the unfused one's results bit for bit). M's rows are staged CH at a time, four rows'
-// loads issued before any is stored: read one row per step from global memory, each a round trip
-// to L2, the first fused form took 91 µs per 4096-row block on an H100 (BENCHMARKS.md session 35).
-// Called in uniform control flow (its barriers).
+// form gives the unfused one's results bit for bit). M's rows are loaded eight at a time, all
+// eight loads issued before the first is used: one row per step, each a round trip to L2 that
+// nothing hid, took 91 µs per 4096-row block on an H100 (BENCHMARKS.md session 35). Called in
+// uniform control flow (its barrier), after the rows' values are in `brow`.
 struct Rows4 {
     r0: vec4<f32>,
     r1: vec4<f32>,
@@ -493,33 +496,45 @@ struct Rows4 {
     r3: vec4<f32>,
 }
 fn block_product(cols: vec4<u32>, from_a: bool) -> Rows4 {
+    workgroupBarrier();
     var acc = Rows4(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
+    // U's upper triangle with its diagonal, A's without (A's diagonal is stored as zero already;
+    // the masks keep the sums independent of what lies below them).
     let first = select(vec4<u32>(0u), vec4<u32>(1u), from_a);
-    for (var k0 = 0u; k0 < p.cnt; k0 += CH) {
-        for (var kk = 0u; kk < CH; kk += 4u) {
-            let v0 = mat_row(k0 + kk, cols, from_a);
-            let v1 = mat_row(k0 + kk + 1u, cols, from_a);
-            let v2 = mat_row(k0 + kk + 2u, cols, from_a);
-            let v3 = mat_row(k0 + kk + 3u, cols, from_a);
-            put_bfu(4u + kk, cols, v0);
-            put_bfu(5u + kk, cols, v1);
-            put_bfu(6u + kk, cols, v2);
-            put_bfu(7u + kk, cols, v3);
-        }
-        workgroupBarrier();
-        for (var kk = 0u; kk < min(CH, p.cnt - k0); kk++) {
-            let k = k0 + kk;
-            // U's upper triangle with its diagonal, A's without (A's diagonal is stored as zero
-            // already; the masks keep the sums independent of what lies below them).
-            let m4 = select(vec4<f32>(0.0), bfu_row(4u + kk, cols), cols >= vec4<u32>(k) + first);
-            acc.r0 = fma(vec4<f32>(bfu[k]), m4, acc.r0);
-            acc.r1 = fma(vec4<f32>(bfu[128u + k]), m4, acc.r1);
-            acc.r2 = fma(vec4<f32>(bfu[256u + k]), m4, acc.r2);
-            acc.r3 = fma(vec4<f32>(bfu[384u + k]), m4, acc.r3);
-        }
-        workgroupBarrier();
+    for (var k0 = 0u; k0 < p.cnt; k0 += 8u) {
+        let m0 = mat_row(k0, cols, from_a);
+        let m1 = mat_row(k0 + 1u, cols, from_a);
+        let m2 = mat_row(k0 + 2u, cols, from_a);
+        let m3 = mat_row(k0 + 3u, cols, from_a);
+        let m4 = mat_row(k0 + 4u, cols, from_a);
+        let m5 = mat_row(k0 + 5u, cols, from_a);
+        let m6 = mat_row(k0 + 6u, cols, from_a);
+        let m7 = mat_row(k0 + 7u, cols, from_a);
+        acc = product_step(acc, k0, m0, cols, first);
+        acc = product_step(acc, k0 + 1u, m1, cols, first);
+        acc = product_step(acc, k0 + 2u, m2, cols, first);
+        acc = product_step(acc, k0 + 3u, m3, cols, first);
+        acc = product_step(acc, k0 + 4u, m4, cols, first);
+        acc = product_step(acc, k0 + 5u, m5, cols, first);
+        acc = product_step(acc, k0 + 6u, m6, cols, first);
+        acc = product_step(acc, k0 + 7u, m7, cols, first);
     }
     return acc;
+}
+
+// One k of `block_product`: row k of M (`mk`, masked to the triangle) times the four rows'
+// broadcast values, added to `acc` (nothing past the block).
+fn product_step(acc: Rows4, k: u32, mk: vec4<f32>, cols: vec4<u32>, first: vec4<u32>) -> Rows4 {
+    if (k >= p.cnt) {
+        return acc;
+    }
+    let m = select(vec4<f32>(0.0), mk, cols >= vec4<u32>(k) + first);
+    return Rows4(
+        fma(vec4<f32>(brow[k]), m, acc.r0),
+        fma(vec4<f32>(brow[128u + k]), m, acc.r1),
+        fma(vec4<f32>(brow[256u + k]), m, acc.r2),
+        fma(vec4<f32>(brow[384u + k]), m, acc.r3),
+    );
 }
 
 // Block row k of U or A at this lane's columns (0 past the block).
@@ -533,22 +548,12 @@ fn mat_row(k: u32, cols: vec4<u32>, from_a: bool) -> vec4<f32> {
     return u_row(p.i1 + k, cols);
 }
 
-// This lane's columns v into row `slot` of `bfu`.
-fn put_bfu(slot: u32, cols: vec4<u32>, v: vec4<f32>) {
-    if (cols.x < p.cnt) { bfu[slot * 128u + cols.x] = v.x; }
-    if (cols.y < p.cnt) { bfu[slot * 128u + cols.y] = v.y; }
-    if (cols.z < p.cnt) { bfu[slot * 128u + cols.z] = v.z; }
-    if (cols.w < p.cnt) { bfu[slot * 128u + cols.w] = v.w; }
-}
-
-// Row `slot` of `bfu` at this lane's columns (0 past the block).
-fn bfu_row(slot: u32, cols: vec4<u32>) -> vec4<f32> {
-    var r = vec4<f32>(0.0);
-    if (cols.x < p.cnt) { r.x = bfu[slot * 128u + cols.x]; }
-    if (cols.y < p.cnt) { r.y = bfu[slot * 128u + cols.y]; }
-    if (cols.z < p.cnt) { r.z = bfu[slot * 128u + cols.z]; }
-    if (cols.w < p.cnt) { r.w = bfu[slot * 128u + cols.w]; }
-    return r;
+// Row r's (of the workgroup's four) values v of this lane's columns into `brow`.
+fn put_brow(r: u32, cols: vec4<u32>, v: vec4<f32>) {
+    if (cols.x < p.cnt) { brow[r * 128u + cols.x] = v.x; }
+    if (cols.y < p.cnt) { brow[r * 128u + cols.y] = v.y; }
+    if (cols.z < p.cnt) { brow[r * 128u + cols.z] = v.z; }
+    if (cols.w < p.cnt) { brow[r * 128u + cols.w] = v.w; }
 }
 
 // This lane's columns of `row`'s W back into the global W (the fused form's pending share, where
@@ -655,10 +660,10 @@ fn sweep_lanes(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nw
     // update, and these are cross-block terms of P, §2.2). The workgroup owns its rows, so a
     // storage barrier orders those stores before its own reads.
     if ((p.pend & 1u) != 0u) {
-        put_bfu(0u, cols, g_row(rows.x, cols));
-        put_bfu(1u, cols, g_row(rows.y, cols));
-        put_bfu(2u, cols, g_row(rows.z, cols));
-        put_bfu(3u, cols, g_row(rows.w, cols));
+        put_brow(0u, cols, g_row(rows.x, cols));
+        put_brow(1u, cols, g_row(rows.y, cols));
+        put_brow(2u, cols, g_row(rows.z, cols));
+        put_brow(3u, cols, g_row(rows.w, cols));
         let a = block_product(cols, false);
         w0 += a.r0;
         w1r += a.r1;
@@ -779,10 +784,10 @@ fn sweep_lanes(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nw
     var x2 = e2;
     var x3 = e3;
     if ((p.pend & 2u) != 0u) {
-        put_bfu(0u, cols, w0);
-        put_bfu(1u, cols, w1r);
-        put_bfu(2u, cols, w2);
-        put_bfu(3u, cols, w3);
+        put_brow(0u, cols, w0);
+        put_brow(1u, cols, w1r);
+        put_brow(2u, cols, w2);
+        put_brow(3u, cols, w3);
         let t = block_product(cols, true);
         x0 = e0 - (g_row(rows.x, cols) + t.r0);
         x1 = e1 - (g_row(rows.y, cols) + t.r1);
