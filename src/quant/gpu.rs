@@ -1860,9 +1860,10 @@ impl SweepKernel {
 /// `sweep_lanes`, the kernel that has them, where `wanted` (the tests) or `GPTAQ_FUSED_PENDING=1`
 /// (read once; A/B runs) asks for it. Not by default: on an H100 the first fused form was no
 /// faster than the launches it replaces (4096 × 14336: GPTAQ 251.5–252.6 ms against
-/// 250.3–250.5, its sweep 125 → 216 µs per block against 5.7 ms of launches saved); the form
-/// here stages U's and A's rows through workgroup memory for that reason and has not been timed
-/// on a GPU yet (BENCHMARKS.md session 35). The results are the same bit for bit either way.
+/// 250.3–250.5, its sweep 125 → 216 µs per block against 5.7 ms of launches saved; BENCHMARKS.md
+/// session 35), and staging U's and A's rows through workgroup memory was slower still (316 µs,
+/// session 36). The form here loads eight rows at a time without the staging and has not been
+/// timed on a GPU yet. The results are the same bit for bit either way.
 fn fuse_pending(kernel: SweepKernel, wanted: Option<bool>) -> bool {
     kernel == SweepKernel::Lanes
         && wanted.unwrap_or_else(|| crate::env_is!("GPTAQ_FUSED_PENDING", "1"))
