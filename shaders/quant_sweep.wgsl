@@ -411,9 +411,9 @@ var<workgroup> bred: array<f32, 256>;
 // The fused form's (`pend`) broadcast of the workgroup's four rows' G (before the sweep) or final
 // W1 (after): [row·128 + block column]. Kept at 2 KiB: with 10 KiB here (session 35's staged
 // form) the default, unfused sweep also slowed from 125 to 182 µs per 4096-row block on an H100
-// (BENCHMARKS.md session 36) — the workgroup memory an entry point declares is reserved whether
-// or not a launch uses it, and takes its share from the L1 cache that the sweep's U rows go
-// through.
+// (BENCHMARKS.md session 36). The workgroup memory an entry point declares is reserved for every
+// workgroup whether or not a launch uses it; most likely it took its share from the L1 cache
+// that the sweep's U and P rows go through.
 var<workgroup> brow: array<f32, 512>;
 
 // Component s of v (s uniform, 0..3), without indexing a vector variable dynamically.
