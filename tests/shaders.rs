@@ -249,3 +249,58 @@ fn lab_variants_parse_and_validate() {
         }
     }
 }
+
+/// The workgroup memory that `entry` of `file` (under `shaders/`) declares, in bytes: every
+/// workgroup variable its call tree uses, each named with its size.
+fn workgroup_bytes(file: &str, entry: &str) -> (u32, Vec<String>) {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("shaders")
+        .join(file);
+    let source =
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let module = naga::front::wgsl::parse_str(&source)
+        .unwrap_or_else(|e| panic!("{file}: parse: {}", e.emit_to_string(&source)));
+    let info = Validator::new(ValidationFlags::all(), capabilities_for(file))
+        .validate(&module)
+        .unwrap_or_else(|e| panic!("{file}: validate: {}", e.emit_to_string(&source)));
+    let index = module
+        .entry_points
+        .iter()
+        .position(|e| e.name == entry)
+        .unwrap_or_else(|| panic!("{file}: no entry point {entry}"));
+    let mut layouter = naga::proc::Layouter::default();
+    layouter
+        .update(module.to_ctx())
+        .unwrap_or_else(|e| panic!("{file}: layout: {e}"));
+    let uses = info.get_entry_point(index);
+    let mut total = 0;
+    let mut names = Vec::new();
+    for (handle, var) in module.global_variables.iter() {
+        if var.space == naga::AddressSpace::WorkGroup && !uses[handle].is_empty() {
+            let size = layouter[var.ty].size;
+            total += size;
+            names.push(format!("{} ({size} B)", var.name.as_deref().unwrap_or("?")));
+        }
+    }
+    (total, names)
+}
+
+/// `sweep_lanes` runs 32 invocations per workgroup, eight workgroups per multiprocessor at 4096
+/// rows on an H100, and its steps are bound by latency: what its workgroups declare is reserved
+/// whether or not a launch uses it. With a 10 KiB staging array for its opt-in fused steps, its
+/// default (unfused) launches slowed from 125 to 182 µs per 4096-row block (BENCHMARKS.md
+/// session 36). This keeps the entry point's workgroup memory within 4 KiB (it declares 3,104 B:
+/// the step's broadcast, the group min / max and the fused steps' row broadcast).
+#[test]
+fn sweep_lanes_workgroup_memory_stays_small() {
+    let (bytes, vars) = workgroup_bytes("quant_sweep.wgsl", "sweep_lanes");
+    assert!(
+        bytes <= 4096,
+        "quant_sweep.wgsl sweep_lanes declares {bytes} bytes of workgroup memory (limit 4096): {}",
+        vars.join(", ")
+    );
+    assert!(
+        bytes > 0,
+        "quant_sweep.wgsl sweep_lanes: no workgroup memory found (the usage query is broken)"
+    );
+}
