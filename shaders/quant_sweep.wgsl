@@ -398,8 +398,9 @@ fn sweep_block(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nw
 // eight at a time (`block_product`). Measured on an H100 (BENCHMARKS.md sessions 35–36): one row
 // per step took 91 µs per 4096-row block against the 5 µs their multiply-adds need, more than the
 // launches they replace; staging 16 rows through 10 KiB of workgroup memory was slower still and
-// slowed the unfused sweep too (`brow`). The form here is opt-in (GPTAQ_FUSED_PENDING=1) until a
-// GPU measurement shows it faster.
+// slowed the unfused sweep too (`brow`). Eight rows' loads in flight: 151 µs per block against the
+// unfused 126 µs plus 52 µs of launches (H200, session 37), so this form is the default
+// (GPTAQ_FUSED_PENDING=0 turns it off).
 
 const LANES: u32 = 32u;
 const LR: u32 = 4u;

@@ -35,10 +35,9 @@
 //!    columns (`lazy_blocks`). GPTAQ's cross-block term `W[:, i2:] += W1·P[i1:i2, i2:]`:
 //!    deferred, through the pending matrix (`PForm`: a GEMM for W and one for the pending
 //!    terms, lazy in the same way; each block's own share of them, before and after its sweep,
-//!    as two small GEMMs and `quant_pending.wgsl`, or inside `sweep_lanes` with
-//!    `GPTAQ_FUSED_PENDING=1`, `Sweep::fused`, not yet timed on a GPU in its final form); with the
-//!    whole P, fused into one GEMM
-//!    with K doubled: the block's rows of U and P are copied one above the other into a
+//!    inside `sweep_lanes` (`Sweep::fused`), or where that kernel does not run or
+//!    `GPTAQ_FUSED_PENDING=0`, as two small GEMMs and `quant_pending.wgsl`); with the whole P,
+//!    fused into one GEMM with K doubled: the block's rows of U and P are copied one above the other into a
 //!    `2·bs × n` staging matrix and the sweep leaves `[Err1 | −W1]` side by side, so
 //!    `W[:, i2:] −= [Err1 | −W1]·[U; P]` (a last, partial block has a gap between its two halves
 //!    and takes the two-GEMM form).
@@ -1857,16 +1856,16 @@ impl SweepKernel {
 }
 
 /// Whether GPTAQ's deferred P runs its per-block steps inside the sweep ([`Sweep::fused`]): with
-/// `sweep_lanes`, the kernel that has them, where `wanted` (the tests) or `GPTAQ_FUSED_PENDING=1`
-/// (read once; A/B runs) asks for it. Not by default: on an H100 the first fused form was no
-/// faster than the launches it replaces (4096 × 14336: GPTAQ 251.5–252.6 ms against
-/// 250.3–250.5, its sweep 125 → 216 µs per block against 5.7 ms of launches saved; BENCHMARKS.md
-/// session 35), and staging U's and A's rows through workgroup memory was slower still (316 µs,
-/// session 36). The form here loads eight rows at a time without the staging and has not been
-/// timed on a GPU yet. The results are the same bit for bit either way.
+/// `sweep_lanes`, the kernel that has them, unless `wanted` (the tests) or `GPTAQ_FUSED_PENDING=0`
+/// (read once; A/B runs) says otherwise. The default since session 37: on an H200 the form here
+/// (U's or A's rows loaded eight at a time) took GPTAQ's 4096 × 14336 solve from 262.9–264.6 to
+/// 256.3–260.8 ms (its sweep 126 → 151 µs per block, against 5.8 ms of launches saved;
+/// BENCHMARKS.md session 37). Its first two forms were slower than the launches on an H100
+/// (one row per step: 216 µs per block, session 35; rows staged through 10 KiB of workgroup
+/// memory: 316 µs, session 36). The results are the same bit for bit either way.
 fn fuse_pending(kernel: SweepKernel, wanted: Option<bool>) -> bool {
     kernel == SweepKernel::Lanes
-        && wanted.unwrap_or_else(|| crate::env_is!("GPTAQ_FUSED_PENDING", "1"))
+        && wanted.unwrap_or_else(|| !crate::env_is!("GPTAQ_FUSED_PENDING", "0"))
 }
 
 /// Both entry points: submits the solve ([`Solving::finish`] waits for its results).
