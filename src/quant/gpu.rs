@@ -37,8 +37,8 @@
 //!    terms, lazy in the same way; each block's own share of them, before and after its sweep,
 //!    inside `sweep_lanes` (`Sweep::fused`), or where that kernel does not run or
 //!    `GPTAQ_FUSED_PENDING=0`, as two small GEMMs and `quant_pending.wgsl`); with the whole P,
-//!    fused into one GEMM with K doubled: the block's rows of U and P are copied one above the other into a
-//!    `2·bs × n` staging matrix and the sweep leaves `[Err1 | −W1]` side by side, so
+//!    fused into one GEMM with K doubled: the block's rows of U and P are copied one above the
+//!    other into a `2·bs × n` staging matrix and the sweep leaves `[Err1 | −W1]` side by side, so
 //!    `W[:, i2:] −= [Err1 | −W1]·[U; P]` (a last, partial block has a gap between its two halves
 //!    and takes the two-GEMM form).
 //!    After each block's sweep, `quant_colloss.wgsl` reduces its scaled errors to the per-column
@@ -1857,10 +1857,10 @@ impl SweepKernel {
 
 /// Whether GPTAQ's deferred P runs its per-block steps inside the sweep ([`Sweep::fused`]): with
 /// `sweep_lanes`, the kernel that has them, unless `wanted` (the tests) or `GPTAQ_FUSED_PENDING=0`
-/// (read once; A/B runs) says otherwise. The default since session 37: on an H200 the form here
-/// (U's or A's rows loaded eight at a time) took GPTAQ's 4096 × 14336 solve from 262.9–264.6 to
-/// 256.3–260.8 ms (its sweep 126 → 151 µs per block, against 5.8 ms of launches saved;
-/// BENCHMARKS.md session 37). Its first two forms were slower than the launches on an H100
+/// (read once; A/B runs) says otherwise. The default since session 37: the form here (U's or A's
+/// rows loaded eight at a time) takes GPTAQ's 4096 × 14336 solve from 251.3–253.5 to 246.1–246.8
+/// ms on an H100 (three interleaved pairs), its sweep 126 → 151 µs per block on an H200 against
+/// 5.8 ms of launches saved (BENCHMARKS.md session 37). Its first two forms were slower than the launches on an H100
 /// (one row per step: 216 µs per block, session 35; rows staged through 10 KiB of workgroup
 /// memory: 316 µs, session 36). The results are the same bit for bit either way.
 fn fuse_pending(kernel: SweepKernel, wanted: Option<bool>) -> bool {
