@@ -785,6 +785,10 @@ fn sweep_lanes(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nw
     var x2 = e2;
     var x3 = e3;
     if ((p.pend & 2u) != 0u) {
+        // The before-step's product read `brow`. The sweep loop's barriers already order those
+        // reads before these writes (a block has at least one column); this one makes the order
+        // explicit instead of depending on the loop (one barrier per block).
+        workgroupBarrier();
         put_brow(0u, cols, w0);
         put_brow(1u, cols, w1r);
         put_brow(2u, cols, w2);

@@ -289,8 +289,9 @@ fn workgroup_bytes(file: &str, entry: &str) -> (u32, Vec<String>) {
 /// rows on an H100, and its steps are bound by latency: what its workgroups declare is reserved
 /// whether or not a launch uses it. With a 10 KiB staging array for its fused steps (then
 /// opt-in), its unfused launches (GPTQ's, always) slowed from 125 to 182 µs per 4096-row block
-/// (BENCHMARKS.md session 36); without it, 114–115 µs (session 37). This keeps the entry point's workgroup memory within 4 KiB (it declares 3,104 B:
-/// the step's broadcast, the group min / max and the fused steps' row broadcast).
+/// (BENCHMARKS.md session 36); without it, 114–115 µs (session 37). This keeps the entry point's
+/// workgroup memory within 4 KiB (it declares 3,104 B: the step's broadcast, the group min / max
+/// and the fused steps' row broadcast).
 #[test]
 fn sweep_lanes_workgroup_memory_stays_small() {
     let (bytes, vars) = workgroup_bytes("quant_sweep.wgsl", "sweep_lanes");

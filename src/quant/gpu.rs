@@ -1860,9 +1860,9 @@ impl SweepKernel {
 /// (read once; A/B runs) says otherwise. The default since session 37: the form here (U's or A's
 /// rows loaded eight at a time) takes GPTAQ's 4096 × 14336 solve from 251.3–253.5 to 246.1–246.8
 /// ms on an H100 (three interleaved pairs), its sweep 126 → 151 µs per block on an H200 against
-/// 5.8 ms of launches saved (BENCHMARKS.md session 37). Its first two forms were slower than the launches on an H100
-/// (one row per step: 216 µs per block, session 35; rows staged through 10 KiB of workgroup
-/// memory: 316 µs, session 36). The results are the same bit for bit either way.
+/// 5.8 ms of launches saved (BENCHMARKS.md session 37). Its first two forms were slower than the
+/// launches on an H100 (one row per step: 216 µs per block, session 35; rows staged through 10
+/// KiB of workgroup memory: 316 µs, session 36). The results are the same bit for bit either way.
 fn fuse_pending(kernel: SweepKernel, wanted: Option<bool>) -> bool {
     kernel == SweepKernel::Lanes
         && wanted.unwrap_or_else(|| !crate::env_is!("GPTAQ_FUSED_PENDING", "0"))
