@@ -5,8 +5,9 @@
 //! finishes; on a real GPU use e.g. `GPTAQ_BENCH_SIZES=1024,4096`). The rank-k update uses T = 4·n
 //! tokens. The adapter is chosen by `GPTAQ_BACKEND` / `GPTAQ_ADAPTER`.
 //!
-//! GEMM is timed with every f32 tile (`gemm.wgsl`'s `gemm_large`, its double-buffered variant and
-//! `gemm_small`) and, where the adapter grants cooperative matrices, `gemm_coop` (f16 operands, f32
+//! GEMM is timed with every f32 tile (`gemm.wgsl`'s `gemm_large`, its double-buffered variant,
+//! `gemm_small` and `gemm_narrow`; `gemm_f32_block` at the solve's block-wide shapes of
+//! `GPTAQ_BENCH_BLOCK_GEMM`, 50 launches per submission) and, where the adapter grants cooperative matrices, `gemm_coop` (f16 operands, f32
 //! accumulation) in each operand layout (`CoopOp`), the tensor-core candidates for the forward. `inverse_factor`
 //! times the f32 GPU factor `U` of `quant::factor` (blocked Cholesky + doubling inverse) at the
 //! same sizes. `quant_solve` times the whole GPU GPTQ / GPTAQ solve (`quant::gpu::quantize_gpu`:
@@ -69,6 +70,33 @@ fn sizes() -> Vec<usize> {
         .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
         .filter(|v: &Vec<usize>| !v.is_empty())
         .unwrap_or_else(|| vec![256, 512])
+}
+
+/// `gemm_coop`'s M×N×K shapes: `GPTAQ_BENCH_COOP_SHAPES` ("MxNxK,…"; GPTAQ's pending flush at
+/// 4096 × 14336 is about "4096x7168x1536"), else n³ for every `GPTAQ_BENCH_SIZES` n.
+fn coop_shapes() -> Vec<(usize, usize, usize)> {
+    match std::env::var("GPTAQ_BENCH_COOP_SHAPES") {
+        Ok(spec) => parse_shapes(&spec),
+        Err(_) => sizes().into_iter().map(|n| (n, n, n)).collect(),
+    }
+}
+
+/// "MxNxK,…" as shapes (malformed entries are skipped).
+fn parse_shapes(spec: &str) -> Vec<(usize, usize, usize)> {
+    spec.split(',')
+        .filter_map(|s| {
+            let v: Vec<usize> = s.trim().split('x').filter_map(|x| x.parse().ok()).collect();
+            (v.len() == 3).then(|| (v[0], v[1], v[2]))
+        })
+        .collect()
+}
+
+/// `gemm_f32_block`'s shapes: `GPTAQ_BENCH_BLOCK_GEMM` ("MxNxK,…"; the 4096 × 14336 solve's
+/// catch-ups are "4096x128x128,4096x128x384,4096x128x896"), default "512x128x256" for lavapipe.
+fn block_gemm_shapes() -> Vec<(usize, usize, usize)> {
+    parse_shapes(
+        &std::env::var("GPTAQ_BENCH_BLOCK_GEMM").unwrap_or_else(|_| "512x128x256".into()),
+    )
 }
 
 /// Rows of the statistics' and casts' benches: `GPTAQ_BENCH_TOKENS`, default 4·n.
@@ -156,26 +184,67 @@ fn bench_kernels(c: &mut Criterion) {
         }
     }
     g.finish();
+    // The solve's per-block products (`quant::gpu`: rows × block outputs, K = 128 … 896): each
+    // tile at the M×N×K shapes of `GPTAQ_BENCH_BLOCK_GEMM`, REPS launches per submission, as the
+    // solve records them (a launch alone would time the submission and the wait).
+    let mut g = c.benchmark_group("gemm_f32_block");
+    g.sample_size(10);
+    const REPS: usize = 50;
+    for (m, n, k) in block_gemm_shapes() {
+        let a = ctx.upload("a", &data(m * k)).expect("upload a");
+        let b = ctx.upload("b", &data(k * n)).expect("upload b");
+        let out = ctx.zeros::<f32>("c", m * n).expect("alloc c");
+        g.throughput(Throughput::Elements((REPS * 2 * m * n * k) as u64));
+        for tile in [GemmTile::Small, GemmTile::Narrow, GemmTile::Large] {
+            g.bench_function(format!("{m}x{n}x{k} C−=A·B {tile:?}"), |bch| {
+                bch.iter(|| {
+                    let mut rec = ctx.recorder();
+                    for _ in 0..REPS {
+                        ops::gemm_tiled(
+                            &mut rec,
+                            tile,
+                            false,
+                            m,
+                            n,
+                            k,
+                            -1.0,
+                            MatView::new(&a, k),
+                            MatView::new(&b, n),
+                            1.0,
+                            MatView::new(&out, n),
+                        )
+                        .expect("gemm");
+                    }
+                    rec.submit();
+                    ctx.sync().expect("sync");
+                })
+            });
+        }
+    }
+    g.finish();
     if ops::coop_available(&ctx) {
         let mut g = c.benchmark_group("gemm_coop");
         g.sample_size(10);
-        for n in sizes() {
-            let h: Vec<half::f16> = data(n * n).into_iter().map(half::f16::from_f32).collect();
+        for (m, n, k) in coop_shapes() {
+            let h: Vec<half::f16> = data(m.max(n) * k)
+                .into_iter()
+                .map(half::f16::from_f32)
+                .collect();
             let a = ctx.upload("a16", &h).expect("upload a");
             let b = ctx.upload("b16", &h).expect("upload b");
-            let out = ctx.zeros::<f32>("c", n * n).expect("alloc c");
-            g.throughput(Throughput::Elements((2 * n * n * n) as u64));
+            let out = ctx.zeros::<f32>("c", m * n).expect("alloc c");
+            g.throughput(Throughput::Elements((2 * m * n * k) as u64));
             for op in CoopOp::ALL {
-                if !op.available(&ctx) || !ops::coop_shape_ok_for(op, n, n, n) {
+                if !op.available(&ctx) || !ops::coop_shape_ok_for(op, m, n, k) {
                     continue;
                 }
-                g.bench_function(format!("{n}x{n}x{n} {op:?}"), |bch| {
+                g.bench_function(format!("{m}x{n}x{k} {op:?}"), |bch| {
                     bch.iter(|| {
                         let mut rec = ctx.recorder();
                         ops::gemm_coop(
                             &mut rec,
                             op,
-                            (n, n, n),
+                            (m, n, k),
                             (&a, 0),
                             (&b, 0),
                             MatView::new(&out, n),

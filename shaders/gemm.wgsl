@@ -27,6 +27,13 @@
 //   sums, their k order and the staging layout are unchanged, so results are bit for bit the same.
 // - `gemm_small`: a 64×64 tile, 4×4 per invocation (two vec4 loads per 16 FMAs), for shapes with
 //   too few 128×128 tiles to fill the GPU; scalar loads (`load_a` / `load_b`).
+// - `gemm_narrow`: a 32×64 tile, 2×4 per invocation, k in slices of 32 (`NBK`) fetched as vec4
+//   where aligned, for tall outputs a block wide — the solve's per-block products (rows × 128,
+//   K = 128 … 896: GPTQ's lazy catch-ups, GPTAQ's pending terms). There `gemm_small` has one
+//   workgroup of 8 subgroups per SM and waits on its global loads every 8 k (an H100 measured
+//   38 µs for a 4096 × 128 × 256 update, 7 TFLOP/s; BENCHMARKS.md session 38); twice the
+//   workgroups and four times the k per barrier hide that latency. Same sums, same order: the
+//   same bits as `gemm_small` (tests/gpu_kernels.rs).
 // K advances in slices of 8 staged through workgroup memory; the next slice's global loads are
 // issued into registers before the current slice is consumed (software prefetch), so global latency
 // overlaps the FMAs.
@@ -51,7 +58,10 @@
 //   for an x-contiguous operand (y = tid / 32 < 8), off ∈ {0, 256} only with DOUBLE_BUFFER
 //   (512 slots, else 256); readers use `cur + kk·32 + {0, 16} + (t ^ x)` with kk < 8, t < 16 and
 //   x ≤ 7, so < 16; `gemm_small` likewise `y·16 + (x / 4 ^ ·) < 128` with x < 64. Component indices
-//   are `x % 4`. Changing a tile or slot formula means redoing this audit (or dropping the flag).
+//   are `x % 4`. `gemm_narrow`'s `na[k·33 + r]` has k < 32 and r < 32 (writers: k = (tid % 8)·4
+//   + j ≤ 31 with r = tid / 8 ≤ 31, or k = tid / 8 with r = (tid % 8)·4 + j ≤ 31; readers:
+//   kk < 32, ty·2 + 1 ≤ 31), so < 1056; `nb[k·16 + x]` has k < 32 and x < 16 (writers: e < 512,
+//   or (e % 8)·4 + j ≤ 31 with (e / 8) / 4 ≤ 15; readers kk < 32, tx < 16), so < 512. Changing a tile or slot formula means redoing this audit (or dropping the flag).
 //
 // Every global load is bounds-checked, so any M, N, K (including 1 and primes) is valid. Operands
 // with known zero triangles (GPTAQ's triu₁(D·Uᵀ)·U, quant/gpu.rs) declare them in `tri`; each
@@ -140,19 +150,23 @@ fn set_batch(z: u32) {
 // and uniforms only, so the k loops and their barriers stay in uniform control flow (the loop
 // bounds come from the returned value, not from the private copies).
 fn k_range(row0: u32, col0: u32, tile: u32) -> vec2<u32> {
+    return k_range_rc(row0, col0, tile, tile);
+}
+
+// `k_range` for a tile of `th` rows and `tw` columns (`gemm_narrow`'s 32 × 64).
+fn k_range_rc(row0: u32, col0: u32, th: u32, tw: u32) -> vec2<u32> {
     var lo = 0;
     var hi = i32(p.k);
     let r = i32(row0);
     let c = i32(col0);
-    let t = i32(tile);
     if ((p.tri & 1u) != 0u) {
         lo = max(lo, r + p.a_up);
     }
     if ((p.tri & 2u) != 0u) {
-        hi = min(hi, r + t + p.a_lo);
+        hi = min(hi, r + i32(th) + p.a_lo);
     }
     if ((p.tri & 4u) != 0u) {
-        hi = min(hi, c + t + p.b_up);
+        hi = min(hi, c + i32(tw) + p.b_up);
     }
     if ((p.tri & 8u) != 0u) {
         lo = max(lo, c + p.b_lo);
@@ -509,4 +523,135 @@ fn gemm_small(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id
     store_row4(r + 1u, q, c1);
     store_row4(r + 2u, q, c2);
     store_row4(r + 3u, q, c3);
+}
+
+// gemm_narrow's staging: a slice of NBK = 32 k of op(A)'s 32 tile rows as [k][row], each k's row
+// padded to 33 floats, and of op(B)'s 64 tile columns as [k][column / 4] (vec4). The padding: the
+// k-contiguous fill (`stage_narrow`, A not transposed) has the 32 invocations of a subgroup write
+// rows tid / 8 at k = (tid % 8)·4 + j, i.e. floats (k·33 + row) ≡ (k + row) mod 32 — 32 distinct
+// banks, where a 32-float row would put the 8 invocations of one row in one bank.
+const NBK: u32 = 32u;
+const NA_LD: u32 = 33u;
+var<workgroup> na: array<f32, 1056>;
+var<workgroup> nb: array<vec4<f32>, 512>;
+
+// This invocation's share of slice k0 .. k0 + 32 of op(A)'s tile rows row0 .. row0 + 32:
+// k-contiguous (A row-major M×K), row tid / 8 and k0 + (tid % 8)·4 .. +4; x-contiguous (A stored
+// K×M), k0 + tid / 8 and rows (tid % 8)·4 .. +4.
+fn fetch_na(row0: u32, k0: u32, tid: u32, aligned: bool) -> vec4<f32> {
+    if (!TRANS_A) {
+        let row = row0 + tid / 8u;
+        if (row >= p.m) {
+            return vec4<f32>(0.0);
+        }
+        return ld4_a(row, k0 + (tid % 8u) * 4u, k_beg, k_end, aligned);
+    }
+    let kk = k0 + tid / 8u;
+    if (kk < k_beg || kk >= k_end) {
+        return vec4<f32>(0.0);
+    }
+    return ld4_a(kk, row0 + (tid % 8u) * 4u, 0u, p.m, aligned);
+}
+
+// Element-share `e` (< 512; each invocation fetches e = tid and tid + 256) of the slice of op(B)'s
+// tile columns col0 .. col0 + 64: x-contiguous (B row-major K×N), k0 + e / 16 and columns
+// (e % 16)·4 .. +4; k-contiguous (B stored N×K), column e / 8 and k0 + (e % 8)·4 .. +4.
+fn fetch_nb(col0: u32, k0: u32, e: u32, aligned: bool) -> vec4<f32> {
+    if (TRANS_B) {
+        let col = col0 + e / 8u;
+        if (col >= p.n) {
+            return vec4<f32>(0.0);
+        }
+        return ld4_b(col, k0 + (e % 8u) * 4u, k_beg, k_end, aligned);
+    }
+    let kk = k0 + e / 16u;
+    if (kk < k_beg || kk >= k_end) {
+        return vec4<f32>(0.0);
+    }
+    return ld4_b(kk, col0 + (e % 16u) * 4u, 0u, p.n, aligned);
+}
+
+// Stores what `fetch_nb` fetched for share `e` into the [k][column / 4] staging. The k-contiguous
+// form (B transposed; the solve's products never are) writes components of vec4 slots 64 floats
+// apart, a bank conflict this kernel accepts.
+fn stage_nb(e: u32, v: vec4<f32>) {
+    if (TRANS_B) {
+        let col = e / 8u;
+        let kq = (e % 8u) * 4u;
+        nb[kq * 16u + col / 4u][col % 4u] = v.x;
+        nb[(kq + 1u) * 16u + col / 4u][col % 4u] = v.y;
+        nb[(kq + 2u) * 16u + col / 4u][col % 4u] = v.z;
+        nb[(kq + 3u) * 16u + col / 4u][col % 4u] = v.w;
+    } else {
+        nb[e] = v;
+    }
+}
+
+fn stage_narrow(tid: u32, ra: vec4<f32>, rb0: vec4<f32>, rb1: vec4<f32>) {
+    if (!TRANS_A) {
+        let r = tid / 8u;
+        let kq = (tid % 8u) * 4u;
+        na[kq * NA_LD + r] = ra.x;
+        na[(kq + 1u) * NA_LD + r] = ra.y;
+        na[(kq + 2u) * NA_LD + r] = ra.z;
+        na[(kq + 3u) * NA_LD + r] = ra.w;
+    } else {
+        let kk = tid / 8u;
+        let r = (tid % 8u) * 4u;
+        na[kk * NA_LD + r] = ra.x;
+        na[kk * NA_LD + r + 1u] = ra.y;
+        na[kk * NA_LD + r + 2u] = ra.z;
+        na[kk * NA_LD + r + 3u] = ra.w;
+    }
+    stage_nb(tid, rb0);
+    stage_nb(tid + 256u, rb1);
+}
+
+// A 32 × 64 output tile per 16×16 workgroup, rows ty·2 + {0, 1} and columns tx·4 .. +4 per
+// invocation (header). Each output element is `fma(a, b, c)` over k in the same order from the same
+// start as in `gemm_small`, so the two give the same bits.
+@compute @workgroup_size(16, 16, 1)
+fn gemm_narrow(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    set_batch(wg.z);
+    let row0 = wg.y * 32u;
+    let col0 = wg.x * 64u;
+    if (UPPER_ONLY && i32(row0) > i32(col0) + 63 + p.diag) {
+        return;
+    }
+    let tx = lid.x;
+    let ty = lid.y;
+    let tid = ty * 16u + tx;
+    let aligned_a = ((p.off_a + wg.z * p.bat_a) % 4u) == 0u && (p.lda % 4u) == 0u;
+    let aligned_b = ((p.off_b + wg.z * p.bat_b) % 4u) == 0u && (p.ldb % 4u) == 0u;
+
+    var c0 = vec4<f32>(0.0);
+    var c1 = vec4<f32>(0.0);
+
+    let kr = k_range_rc(row0, col0, 32u, 64u);
+    let k0 = kr.x;
+    var ra = fetch_na(row0, k0, tid, aligned_a);
+    var rb0 = fetch_nb(col0, k0, tid, aligned_b);
+    var rb1 = fetch_nb(col0, k0, tid + 256u, aligned_b);
+    let ktiles = (kr.y - k0 + NBK - 1u) / NBK;
+    for (var t = 0u; t < ktiles; t++) {
+        stage_narrow(tid, ra, rb0, rb1);
+        workgroupBarrier();
+        // The next slice's loads in flight while this one is consumed (out of range → 0).
+        let k1 = k0 + (t + 1u) * NBK;
+        ra = fetch_na(row0, k1, tid, aligned_a);
+        rb0 = fetch_nb(col0, k1, tid, aligned_b);
+        rb1 = fetch_nb(col0, k1, tid + 256u, aligned_b);
+        for (var kk = 0u; kk < NBK; kk++) {
+            let a0 = na[kk * NA_LD + ty * 2u];
+            let a1 = na[kk * NA_LD + ty * 2u + 1u];
+            let bv = nb[kk * 16u + tx];
+            c0 = fma(vec4<f32>(a0), bv, c0);
+            c1 = fma(vec4<f32>(a1), bv, c1);
+        }
+        workgroupBarrier();
+    }
+    let r = row0 + ty * 2u;
+    let q = col0 + tx * 4u;
+    store_row4(r, q, c0);
+    store_row4(r + 1u, q, c1);
 }

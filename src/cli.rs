@@ -494,19 +494,20 @@ fn tune_cmd(gpu: &GpuArgs, reps: usize, out: Option<&Path>) -> anyhow::Result<()
     };
     let shapes = tune::default_shapes(ctx.summary.device_type == "Cpu");
     println!(
-        "{:>6} {:>6} {:>6} {:>11} {:>11} {:>11} {:>9}  choice",
-        "M", "N", "K", "large ms", "small ms", "large-db ms", "GFLOP/s"
+        "{:>6} {:>6} {:>6} {:>11} {:>11} {:>11} {:>11} {:>9}  choice",
+        "M", "N", "K", "large ms", "small ms", "large-db ms", "narrow ms", "GFLOP/s"
     );
     let table = tune::measure(&ctx, &shapes, reps, &mut |e| {
         let gflops = 2.0 * (e.m * e.n * e.k) as f64 / (e.best_ms() * 1e-3) / 1e9;
         println!(
-            "{:>6} {:>6} {:>6} {:>11.3} {:>11.3} {:>11.3} {:>9.1}  {}",
+            "{:>6} {:>6} {:>6} {:>11.3} {:>11.3} {:>11.3} {:>11.3} {:>9.1}  {}",
             e.m,
             e.n,
             e.k,
             e.large_ms,
             e.small_ms,
             e.large_db_ms.unwrap_or(f64::NAN),
+            e.narrow_ms.unwrap_or(f64::NAN),
             gflops,
             e.best().name()
         );
@@ -515,7 +516,7 @@ fn tune_cmd(gpu: &GpuArgs, reps: usize, out: Option<&Path>) -> anyhow::Result<()
     let rule_agrees = table
         .entries
         .iter()
-        .filter(|e| crate::gpu::ops::gemm_tile(e.m, e.n) == e.best())
+        .filter(|e| crate::gpu::ops::gemm_tile_rule(e.m, e.n, e.k) == e.best())
         .count();
     table
         .save(&path)

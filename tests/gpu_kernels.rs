@@ -929,6 +929,7 @@ fn gemm_tuning_table_drives_the_kernel_choice() {
             large_ms: 1.0,
             small_ms: 2.0,
             large_db_ms: None,
+            narrow_ms: None,
         }],
         ..measured
     };
@@ -2007,4 +2008,159 @@ fn gemm_batched_equals_single_launches_bit_for_bit() {
             }
         }
     }
+}
+
+/// `gemm_narrow` (32×64 tiles, 32 k per barrier) sums what `gemm_small` sums in the same order, so
+/// the two write the same bits: over shapes of 1, primes, non-multiples of both tiles and of the
+/// 32-deep slice, the solve's block shape, both transposes, unaligned and aligned views, beta 0
+/// and not, the upper triangle with shifts, declared zero triangles (really zero, the other
+/// entries random) and batches with gaps between their views.
+#[test]
+fn gemm_narrow_equals_gemm_small_bit_for_bit() {
+    let Some(ctx) = test_context() else { return };
+    // (m, n, k, ta, tb, upper shift, a_upper, b_upper, batch)
+    type Case = (
+        usize,
+        usize,
+        usize,
+        bool,
+        bool,
+        Option<i32>,
+        Option<i64>,
+        Option<i64>,
+        usize,
+    );
+    #[rustfmt::skip]
+    let cases: &[Case] = &[
+        (1, 1, 1, false, false, None, None, None, 1),
+        (1, 7, 3, true, false, None, None, None, 1),
+        (31, 65, 33, false, true, None, None, None, 1),
+        (33, 63, 32, true, true, None, None, None, 2),
+        (97, 131, 61, false, false, None, None, None, 1),
+        (1031, 128, 130, false, false, None, None, None, 1),
+        (1024, 1, 67, false, true, None, None, None, 1),
+        (260, 132, 300, false, false, None, None, None, 3),
+        (68, 132, 36, true, false, None, None, None, 1),
+        (131, 131, 37, false, true, Some(0), None, None, 1),
+        (96, 96, 40, true, true, Some(-5), None, None, 2),
+        (200, 140, 131, false, false, None, Some(3), Some(70), 1),
+        (130, 129, 140, true, true, None, Some(-20), Some(40), 2),
+    ];
+    for (seed, &(m, n, k, ta, tb, upper, au, bu, batch)) in cases.iter().enumerate() {
+        let mut r = rng(7700 + seed as u64);
+        let skip = ops::KSkip {
+            a_upper: au,
+            b_upper: bu,
+            ..Default::default()
+        };
+        // Every other case has odd leading dimensions and views starting one element into their
+        // buffers (scalar loads); the rest start 4 elements in with leading dimensions that are
+        // multiples of 4 (whole vec4 loads where the kernel can).
+        let (pad, off) = if seed % 2 == 0 { (4, 4) } else { (3, 1) };
+        let lda = if ta { m } else { k }.next_multiple_of(4) + pad;
+        let ldb = if tb { k } else { n }.next_multiple_of(4) + pad;
+        let ldc = n + 2;
+        let (rows_a, rows_b) = (if ta { k } else { m }, if tb { n } else { k });
+        let (sa, sb, sc) = (rows_a * lda + 12, rows_b * ldb + 8, m * ldc + 13);
+        let mut a = rand_vec(&mut r, batch * sa);
+        let mut b = rand_vec(&mut r, batch * sb);
+        for z in 0..batch {
+            for i in 0..m {
+                for l in 0..k {
+                    if au.is_some_and(|s| (l as i64) < i as i64 + s) {
+                        a[z * sa + off + if ta { l * lda + i } else { i * lda + l }] = 0.0;
+                    }
+                }
+            }
+            for l in 0..k {
+                for j in 0..n {
+                    if bu.is_some_and(|s| l as i64 > j as i64 + s) {
+                        b[z * sb + off + if tb { j * ldb + l } else { l * ldb + j }] = 0.0;
+                    }
+                }
+            }
+        }
+        let c0 = rand_vec(&mut r, batch * sc);
+        let beta = if seed % 3 == 0 { 0.0 } else { 0.5 };
+        let ga = ctx.upload("a", &a).unwrap();
+        let gb = ctx.upload("b", &b).unwrap();
+        let view = |buf, ld, t| {
+            let mut v = MatView::new(buf, ld).at(off);
+            v.trans = t;
+            v
+        };
+        let run = |tile: GemmTile| -> Vec<f32> {
+            let gc = ctx.upload("c", &c0).unwrap();
+            let mut rec = ctx.recorder();
+            ops::gemm_forced(
+                &mut rec,
+                tile,
+                upper,
+                (m, n, k),
+                -0.75,
+                view(&ga, lda, ta),
+                view(&gb, ldb, tb),
+                beta,
+                MatView::new(&gc, ldc),
+                skip,
+                (batch, (sa, sb, sc)),
+            )
+            .unwrap();
+            rec.submit();
+            ctx.read(&gc).unwrap()
+        };
+        let (small, narrow) = (run(GemmTile::Small), run(GemmTile::Narrow));
+        let case = format!(
+            "m={m} n={n} k={k} ta={ta} tb={tb} upper {upper:?} skip {au:?}/{bu:?} batch {batch} \
+             lda {lda} ldb {ldb}"
+        );
+        if let Some(i) = (0..small.len()).find(|&i| small[i].to_bits() != narrow[i].to_bits()) {
+            panic!(
+                "{case}: element {i} (batch {}, row {}, column {}): narrow {} small {}",
+                i / sc,
+                (i % sc) / ldc,
+                (i % sc) % ldc,
+                narrow[i],
+                small[i]
+            );
+        }
+        // And the product is there: the first batch's first element against f64.
+        let exp = gemm_ref(
+            m,
+            n,
+            k,
+            -0.75,
+            &a[off..],
+            lda,
+            ta,
+            &b[off..],
+            ldb,
+            tb,
+            0.0,
+            &vec![0.0; m * n],
+        );
+        if upper.is_none_or(|d| d >= 0) {
+            let want = exp[0] + f64::from(beta) * f64::from(c0[0]);
+            assert!(
+                (f64::from(narrow[0]) - want).abs() <= 1e-4 * (k as f64).sqrt().max(1.0),
+                "{case}: element 0: narrow {} expected {want}",
+                narrow[0]
+            );
+        }
+    }
+}
+
+/// The size rule takes `gemm_narrow` for the solve's tall block-wide products only.
+#[test]
+fn size_rule_takes_narrow_for_block_wide_products() {
+    if std::env::var_os("GPTAQ_GEMM_NARROW").is_some() {
+        eprintln!("note: GPTAQ_GEMM_NARROW is set; the rule's default is not checked");
+        return;
+    }
+    assert_eq!(ops::gemm_tile_rule(4096, 128, 384), GemmTile::Narrow);
+    assert_eq!(ops::gemm_tile_rule(1024, 96, 32), GemmTile::Narrow);
+    assert_eq!(ops::gemm_tile_rule(4096, 128, 16), GemmTile::Small);
+    assert_eq!(ops::gemm_tile_rule(512, 128, 384), GemmTile::Small);
+    assert_eq!(ops::gemm_tile_rule(4096, 14336, 512), GemmTile::Large);
+    assert_eq!(ops::gemm_tile_rule(4096, 256, 384), GemmTile::Small);
 }

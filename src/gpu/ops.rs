@@ -194,11 +194,20 @@ pub enum GemmTile {
     /// [`GemmTile::Large`] with double-buffered workgroup memory (one barrier per k slice instead
     /// of two, 16 KiB): a candidate the tuning table can choose; the size rule never does.
     LargeDb,
+    /// 32×64 per workgroup, 2×4 per invocation, 32 k per barrier: tall outputs a block wide
+    /// (the solve's per-block products, [`narrow_fits`]). The same sums in the same order as
+    /// [`GemmTile::Small`], so the same bits.
+    Narrow,
 }
 
 impl GemmTile {
     /// Every kernel, in the order `tune` times them.
-    pub const ALL: [GemmTile; 3] = [GemmTile::Large, GemmTile::Small, GemmTile::LargeDb];
+    pub const ALL: [GemmTile; 4] = [
+        GemmTile::Large,
+        GemmTile::Small,
+        GemmTile::LargeDb,
+        GemmTile::Narrow,
+    ];
 
     /// The kernel's name in `GPTAQ_GEMM_TILE` and in the tuning output.
     pub fn name(self) -> &'static str {
@@ -206,13 +215,24 @@ impl GemmTile {
             GemmTile::Large => "large",
             GemmTile::Small => "small",
             GemmTile::LargeDb => "large-db",
+            GemmTile::Narrow => "narrow",
+        }
+    }
+
+    /// Rows and columns of the output tile one workgroup computes.
+    fn tile_shape(self) -> (usize, usize) {
+        match self {
+            GemmTile::Large | GemmTile::LargeDb => (128, 128),
+            GemmTile::Small => (64, 64),
+            GemmTile::Narrow => (32, 64),
         }
     }
 }
 
 /// Large tiles once the output has at least this many of them: a workgroup per SM / compute unit
 /// of a big GPU (132 on an H100/H200), below which the 4× more numerous small tiles keep more of
-/// the GPU busy. `GPTAQ_GEMM_TILE=large|small|large-db` forces one kernel (benchmarks, tests).
+/// the GPU busy. `GPTAQ_GEMM_TILE=large|small|large-db|narrow` forces one kernel (benchmarks,
+/// tests).
 const LARGE_TILE_MIN_TILES: usize = 128;
 
 fn forced_tile() -> Option<GemmTile> {
@@ -232,16 +252,36 @@ pub fn gemm_tile(m: usize, n: usize) -> GemmTile {
     }
 }
 
+/// Whether the size rule takes [`GemmTile::Narrow`] for an M×N output over K where it would take
+/// [`GemmTile::Small`]: outputs at most two 64-wide tiles across and at least 1024 rows tall, with
+/// K of at least one 32-deep slice — the solve's per-block products (rows × block, K = 128 …
+/// (L − 1)·128 for the catch-ups of `quant::gpu::lazy_blocks`), where the 64×64 tile leaves the
+/// GPU latency-bound (`gemm.wgsl`'s header). Other small shapes keep `gemm_small` until a GPU
+/// measurement says otherwise; the tuning table may pick either anywhere. `GPTAQ_GEMM_NARROW=0`
+/// turns the rule's use of it off (A/B runs).
+pub fn narrow_fits(m: usize, n: usize, k: usize) -> bool {
+    n <= 128 && m >= 1024 && k >= 32 && !crate::env_is!("GPTAQ_GEMM_NARROW", "0")
+}
+
+/// The size rule for op(A) M×K · op(B) K×N: [`gemm_tile`], with [`GemmTile::Narrow`] in place of
+/// [`GemmTile::Small`] where [`narrow_fits`].
+pub fn gemm_tile_rule(m: usize, n: usize, k: usize) -> GemmTile {
+    match gemm_tile(m, n) {
+        GemmTile::Small if narrow_fits(m, n, k) => GemmTile::Narrow,
+        t => t,
+    }
+}
+
 /// The kernel [`gemm`] uses on `ctx` for op(A) M×K · op(B) K×N: `GPTAQ_GEMM_TILE` if set, else
 /// the adapter's tuning table (`gptaq-studio tune`, [`super::tune`]) when it has a nearby shape,
-/// else the size rule [`gemm_tile`].
+/// else the size rule [`gemm_tile_rule`].
 pub fn gemm_tile_for(ctx: &GpuContext, m: usize, n: usize, k: usize) -> GemmTile {
     if let Some(t) = forced_tile() {
         return t;
     }
     ctx.gemm_table()
         .and_then(|t| t.lookup(m, n, k))
-        .unwrap_or_else(|| gemm_tile(m, n))
+        .unwrap_or_else(|| gemm_tile_rule(m, n, k))
 }
 
 /// Records `C = alpha·op(A)·op(B) + beta·C` with op(A) M×K, op(B) K×N, C M×N (row-major, leading
@@ -344,6 +384,40 @@ pub fn gemm_tiled(
     )
 }
 
+/// [`gemm_tiled`] with everything [`gemm_batched`] and [`gemm_mat_skip`] take besides: the
+/// upper-triangle shift `upper`, declared zero triangles and `batch` products `strides` apart
+/// (tests comparing the kernels bit for bit on every path).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_forced(
+    rec: &mut Recorder<'_>,
+    tile: GemmTile,
+    upper: Option<i32>,
+    (m, n, k): (usize, usize, usize),
+    alpha: f32,
+    a: MatView<'_>,
+    b: MatView<'_>,
+    beta: f32,
+    c: MatView<'_>,
+    skip: KSkip,
+    (batch, strides): (usize, (usize, usize, usize)),
+) -> Result<(), GpuError> {
+    gemm_impl(
+        rec,
+        m,
+        n,
+        k,
+        alpha,
+        a,
+        b,
+        beta,
+        c,
+        upper,
+        Some(tile),
+        skip,
+        (batch, strides),
+    )
+}
+
 /// `batch` products `C_z = alpha·op(A_z)·op(B_z) + beta·C_z` (z < `batch`) of the same shape in
 /// one launch, each operand's z-th view `strides.{0,1,2}·z` elements after the given one (A, B,
 /// C), with the same [`KSkip`] in each product's own coordinates: many small products (the
@@ -441,10 +515,12 @@ fn gemm_impl(
         bat_c: u32_of("gemm C batch stride", sc)?,
     };
     let tile = tile.unwrap_or_else(|| gemm_tile_for(rec.ctx(), m, n, k));
-    let (entry, side) = match tile {
-        GemmTile::Large | GemmTile::LargeDb => ("gemm_large", 128),
-        GemmTile::Small => ("gemm_small", 64),
+    let entry = match tile {
+        GemmTile::Large | GemmTile::LargeDb => "gemm_large",
+        GemmTile::Small => "gemm_small",
+        GemmTile::Narrow => "gemm_narrow",
     };
+    let (tile_rows, tile_cols) = tile.tile_shape();
     let constants = [
         ("TRANS_A", f64::from(u8::from(a.trans))),
         ("TRANS_B", f64::from(u8::from(b.trans))),
@@ -455,15 +531,15 @@ fn gemm_impl(
         ),
     ];
     let groups = [
-        n.div_ceil(side) as u32,
-        m.div_ceil(side) as u32,
+        n.div_ceil(tile_cols) as u32,
+        m.div_ceil(tile_rows) as u32,
         u32_of("gemm batch", batch)?,
     ];
     if groups[0] > 65535 || groups[1] > 65535 || groups[2] > 65535 {
         return Err(GpuError::TooLarge {
             what: format!("gemm {m}x{n} grid"),
             bytes: (m * n * 4) as u64,
-            limit: 65535 * side as u64,
+            limit: 65535 * tile_rows.min(tile_cols) as u64,
         });
     }
     rec.dispatch(

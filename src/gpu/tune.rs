@@ -2,12 +2,14 @@
 //! shape, a small autotune table, cached").
 //!
 //! `gptaq-studio tune` times the GEMM kernels ([`GemmTile::Large`] 128×128 tiles, [`GemmTile::Small`]
-//! 64×64, [`GemmTile::LargeDb`] 128×128 with double-buffered workgroup memory) over a grid of shapes and writes a [`GemmTable`] to the cache directory, one file per
-//! adapter and driver. A context loads that file on its first GEMM; [`GemmTable::lookup`] then
+//! 64×64, [`GemmTile::LargeDb`] 128×128 with double-buffered workgroup memory,
+//! [`GemmTile::Narrow`] 32×64) over a grid of shapes and writes a [`GemmTable`] to the cache
+//! directory, one file per adapter and driver. A context loads that file on its first GEMM; [`GemmTable::lookup`] then
 //! answers with the faster kernel of the nearest measured shape (distance in log₂ of M, N and K).
 //! Runs never benchmark by themselves: kernel choice stays deterministic within a run and the
 //! table only changes when the user tunes again. Without a table (or with `GPTAQ_GEMM_TABLE=off`)
-//! the size rule of `ops::gemm_tile` decides; `GPTAQ_GEMM_TILE=large|small|large-db` overrides both.
+//! the size rule of `ops::gemm_tile_rule` decides; `GPTAQ_GEMM_TILE=large|small|large-db|narrow`
+//! overrides both.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -27,6 +29,9 @@ pub struct TuneEntry {
     /// [`GemmTile::LargeDb`]; absent from tables written before that kernel existed.
     #[serde(default)]
     pub large_db_ms: Option<f64>,
+    /// [`GemmTile::Narrow`]; absent from tables written before that kernel existed.
+    #[serde(default)]
+    pub narrow_ms: Option<f64>,
 }
 
 impl TuneEntry {
@@ -36,6 +41,7 @@ impl TuneEntry {
             GemmTile::Large => Some(self.large_ms),
             GemmTile::Small => Some(self.small_ms),
             GemmTile::LargeDb => self.large_db_ms,
+            GemmTile::Narrow => self.narrow_ms,
         }
     }
 
@@ -253,6 +259,7 @@ pub fn measure(
             large_ms: time(GemmTile::Large)?,
             small_ms: time(GemmTile::Small)?,
             large_db_ms: Some(time(GemmTile::LargeDb)?),
+            narrow_ms: Some(time(GemmTile::Narrow)?),
         };
         progress(&e);
         entries.push(e);
@@ -276,6 +283,7 @@ mod tests {
             large_ms,
             small_ms,
             large_db_ms: None,
+            narrow_ms: None,
         }
     }
 
@@ -295,6 +303,9 @@ mod tests {
         let old: TuneEntry =
             serde_json::from_str(r#"{"m":8,"n":8,"k":8,"large_ms":2.0,"small_ms":1.0}"#)?;
         assert_eq!((old.large_db_ms, old.best()), (None, GemmTile::Small));
+        assert_eq!(old.narrow_ms, None);
+        e.narrow_ms = Some(1.9);
+        assert_eq!((e.best(), e.best_ms()), (GemmTile::Narrow, 1.9));
         Ok(())
     }
 
