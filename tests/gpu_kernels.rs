@@ -919,8 +919,8 @@ fn gemm_tuning_table_drives_the_kernel_choice() {
         );
     }
 
-    // A table that contradicts the size rule at 512×512×128 (the rule picks Small there).
-    assert_eq!(ops::gemm_tile(512, 512), GemmTile::Small);
+    // A table that contradicts the size rule at 512×512×128 (the rule picks Narrow there).
+    assert_eq!(ops::gemm_tile_rule(512, 512, 128), GemmTile::Narrow);
     let forced = GemmTable {
         entries: vec![TuneEntry {
             m: 512,
@@ -935,7 +935,10 @@ fn gemm_tuning_table_drives_the_kernel_choice() {
     };
     ctx.set_gemm_table(Some(forced));
     assert_eq!(ops::gemm_tile_for(&ctx, 500, 520, 100), GemmTile::Large);
-    assert_eq!(ops::gemm_tile_for(&ctx, 3, 5, 7), ops::gemm_tile(3, 5));
+    assert_eq!(
+        ops::gemm_tile_for(&ctx, 3, 5, 7),
+        ops::gemm_tile_rule(3, 5, 7)
+    );
     // Correct results through the table's choice (shape near the entry, awkward sizes).
     let (m, n, k) = (257, 509, 131);
     let mut r = rng(77);
@@ -978,7 +981,7 @@ fn gemm_tuning_table_drives_the_kernel_choice() {
         1e-5,
     );
     ctx.set_gemm_table(None);
-    assert_eq!(ops::gemm_tile_for(&ctx, 500, 520, 100), GemmTile::Small);
+    assert_eq!(ops::gemm_tile_for(&ctx, 500, 520, 100), GemmTile::Narrow);
 }
 
 /// f32 → f16 operand conversion (strided view, scale), plain and of a difference `x − y`, on every
@@ -2150,17 +2153,28 @@ fn gemm_narrow_equals_gemm_small_bit_for_bit() {
     }
 }
 
-/// The size rule takes `gemm_narrow` for the solve's tall block-wide products only.
+/// The size rule's kernels at the shapes measured on an H100 (`ops::narrow_fits`).
 #[test]
-fn size_rule_takes_narrow_for_block_wide_products() {
+fn size_rule_takes_narrow_where_gemm_small_cannot_fill_the_gpu() {
     if std::env::var_os("GPTAQ_GEMM_NARROW").is_some() {
         eprintln!("note: GPTAQ_GEMM_NARROW is set; the rule's default is not checked");
         return;
     }
-    assert_eq!(ops::gemm_tile_rule(4096, 128, 384), GemmTile::Narrow);
-    assert_eq!(ops::gemm_tile_rule(1024, 96, 32), GemmTile::Narrow);
-    assert_eq!(ops::gemm_tile_rule(4096, 128, 16), GemmTile::Small);
-    assert_eq!(ops::gemm_tile_rule(512, 128, 384), GemmTile::Small);
-    assert_eq!(ops::gemm_tile_rule(4096, 14336, 512), GemmTile::Large);
-    assert_eq!(ops::gemm_tile_rule(4096, 256, 384), GemmTile::Small);
+    for (m, n, k, want) in [
+        // The solve's catch-ups and the factor's 128-wide panels.
+        (4096, 128, 384, GemmTile::Narrow),
+        (14336, 128, 128, GemmTile::Narrow),
+        (1024, 96, 32, GemmTile::Narrow),
+        // The factor's small square blocks.
+        (256, 256, 256, GemmTile::Narrow),
+        (512, 512, 512, GemmTile::Narrow),
+        // 256 small tiles: gemm_small was faster there.
+        (1024, 1024, 1024, GemmTile::Small),
+        (4096, 256, 384, GemmTile::Small),
+        // Less than one slice of K.
+        (4096, 128, 16, GemmTile::Small),
+        (4096, 14336, 512, GemmTile::Large),
+    ] {
+        assert_eq!(ops::gemm_tile_rule(m, n, k), want, "{m}×{n}×{k}");
+    }
 }

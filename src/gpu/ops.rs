@@ -194,9 +194,10 @@ pub enum GemmTile {
     /// [`GemmTile::Large`] with double-buffered workgroup memory (one barrier per k slice instead
     /// of two, 16 KiB): a candidate the tuning table can choose; the size rule never does.
     LargeDb,
-    /// 32×64 per workgroup, 2×4 per invocation, 32 k per barrier: tall outputs a block wide
-    /// (the solve's per-block products, [`narrow_fits`]). The same sums in the same order as
-    /// [`GemmTile::Small`], so the same bits.
+    /// 32×64 per workgroup, 2×4 per invocation, 32 k per barrier: outputs too small or too
+    /// narrow for [`GemmTile::Small`] to fill the GPU (the solve's per-block products, the
+    /// factor's narrow panels and small blocks; [`narrow_fits`]). The same sums in the same order
+    /// as [`GemmTile::Small`], so the same bits.
     Narrow,
 }
 
@@ -253,14 +254,18 @@ pub fn gemm_tile(m: usize, n: usize) -> GemmTile {
 }
 
 /// Whether the size rule takes [`GemmTile::Narrow`] for an M×N output over K where it would take
-/// [`GemmTile::Small`]: outputs at most two 64-wide tiles across and at least 1024 rows tall, with
-/// K of at least one 32-deep slice — the solve's per-block products (rows × block, K = 128 …
-/// (L − 1)·128 for the catch-ups of `quant::gpu::lazy_blocks`), where the 64×64 tile leaves the
-/// GPU latency-bound (`gemm.wgsl`'s header). Other small shapes keep `gemm_small` until a GPU
-/// measurement says otherwise; the tuning table may pick either anywhere. `GPTAQ_GEMM_NARROW=0`
-/// turns the rule's use of it off (A/B runs).
+/// [`GemmTile::Small`]: K of at least one 32-deep slice, and an output at most 128 wide or with at
+/// most 128 of `gemm_small`'s 64×64 tiles (about one per SM of a big GPU) — where that kernel
+/// leaves the GPU latency-bound (`gemm.wgsl`'s header). Measured on an H100 (BENCHMARKS.md
+/// session 38, 50 launches per submission): 4096 × 128 × {128, 384, 896, 1920} 15–31 % faster,
+/// 256³ 22 % and 512³ 34 % faster, but 1024³ (256 small tiles) 14 % slower, so that stays
+/// `gemm_small`. In the 4096 × 14336 solve: the lazy catch-ups 38 → 24 µs each and the
+/// Cholesky's 128-wide panel products 11.7 → 10.0 µs. The tuning table may pick either anywhere;
+/// `GPTAQ_GEMM_NARROW=0` turns the rule's use of it off (A/B runs).
 pub fn narrow_fits(m: usize, n: usize, k: usize) -> bool {
-    n <= 128 && m >= 1024 && k >= 32 && !crate::env_is!("GPTAQ_GEMM_NARROW", "0")
+    k >= 32
+        && (n <= 128 || m.div_ceil(64) * n.div_ceil(64) <= 128)
+        && !crate::env_is!("GPTAQ_GEMM_NARROW", "0")
 }
 
 /// The size rule for op(A) M×K · op(B) K×N: [`gemm_tile`], with [`GemmTile::Narrow`] in place of
