@@ -94,9 +94,7 @@ fn parse_shapes(spec: &str) -> Vec<(usize, usize, usize)> {
 /// `gemm_f32_block`'s shapes: `GPTAQ_BENCH_BLOCK_GEMM` ("MxNxK,…"; the 4096 × 14336 solve's
 /// catch-ups are "4096x128x128,4096x128x384,4096x128x896"), default "512x128x256" for lavapipe.
 fn block_gemm_shapes() -> Vec<(usize, usize, usize)> {
-    parse_shapes(
-        &std::env::var("GPTAQ_BENCH_BLOCK_GEMM").unwrap_or_else(|_| "512x128x256".into()),
-    )
+    parse_shapes(&std::env::var("GPTAQ_BENCH_BLOCK_GEMM").unwrap_or_else(|_| "512x128x256".into()))
 }
 
 /// Rows of the statistics' and casts' benches: `GPTAQ_BENCH_TOKENS`, default 4·n.

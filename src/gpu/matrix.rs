@@ -173,6 +173,30 @@ impl GpuContext {
         cols: usize,
         align: usize,
     ) -> Result<GpuMatrix, GpuError> {
+        self.matrix_with(what, rows, cols, align, true)
+    }
+
+    /// [`Self::matrix_zeros`] without the zeros: panels from [`GpuContext::scratch`] (a pooled
+    /// buffer keeps what it held; debug builds fill reused ones with NaN), for a matrix whose
+    /// every element is written before it is read.
+    pub fn matrix_scratch(
+        &self,
+        what: &str,
+        rows: usize,
+        cols: usize,
+        align: usize,
+    ) -> Result<GpuMatrix, GpuError> {
+        self.matrix_with(what, rows, cols, align, false)
+    }
+
+    fn matrix_with(
+        &self,
+        what: &str,
+        rows: usize,
+        cols: usize,
+        align: usize,
+        zeroed: bool,
+    ) -> Result<GpuMatrix, GpuError> {
         let panel_rows = panel_rows_for(what, rows, cols, align, self.panel_bytes())?;
         let count = rows.div_ceil(panel_rows).max(1);
         let mut panels = Vec::with_capacity(count);
@@ -183,7 +207,11 @@ impl GpuContext {
             } else {
                 format!("{what} (panel {}/{count})", p + 1)
             };
-            panels.push(self.zeros::<f32>(&label, r * cols)?);
+            panels.push(if zeroed {
+                self.zeros::<f32>(&label, r * cols)?
+            } else {
+                self.scratch::<f32>(&label, r * cols)?
+            });
         }
         Ok(GpuMatrix {
             rows,
