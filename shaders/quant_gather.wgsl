@@ -44,48 +44,6 @@ fn gather_sym(@builtin(global_invocation_id) gid: vec3<u32>) {
     out[i * p.n + b] = v;
 }
 
-// `gather_sym` that also raises amax[0] to the largest |out[a, b]| strictly above the diagonal
-// (b > a in global rows): split_f16.wgsl's `absmax` of Dp (`tri` = 1), the same maximum of the
-// same values, without a pass over Dp of its own (quant/gpu.rs `gptaq_terms` on the split path:
-// 0.44 ms of a 14336-wide solve on an H100, BENCHMARKS.md session 38). The same elements as
-// `gather_sym` are written; the reduction needs every invocation, so nothing returns early.
-@group(0) @binding(4) var<storage, read_write> amax: array<atomic<u32>>;
-
-var<workgroup> red: array<u32, 256>;
-
-@compute @workgroup_size(16, 16, 1)
-fn gather_sym_max(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
-    let b = gid.x;
-    let i = gid.y;
-    var m = 0.0;
-    if (i < p.dst_rows && b < p.n) {
-        let pa = colmap[p.dst_r0 + i];
-        if (pa >= p.src_r0 && pa < p.src_r0 + p.src_rows) {
-            let pb = colmap[b];
-            var v = 0.0;
-            if (colmap[p.n + pb] == 0u) {
-                v = d[(pa - p.src_r0) * p.n + pb];
-            }
-            out[i * p.n + b] = v;
-            if (b > p.dst_r0 + i) {
-                m = abs(v);
-            }
-        }
-    }
-    // Non-negative f32 values order like their bits (split_f16.wgsl's `max_into`).
-    red[li] = bitcast<u32>(m);
-    workgroupBarrier();
-    for (var s = 128u; s > 0u; s = s >> 1u) {
-        if (li < s) {
-            red[li] = max(red[li], red[li + s]);
-        }
-        workgroupBarrier();
-    }
-    if (li == 0u) {
-        atomicMax(&amax[0], red[0]);
-    }
-}
-
 // The solve's W from the caller's copy on the GPU, exactly as quant/gpu.rs `prepare_w_f32` does it
 // on the host: columns in processing order, dead ones zeroed,
 //   out[r, k] = 0               if column perm[k] is dead

@@ -658,8 +658,7 @@ fn split_block(n: usize) -> usize {
 /// [`split_block`]). The copies hold exact zeros outside the triangles that A reads, so the
 /// blocks add nothing from there, and [`split_unscale`] applies α·2^−(s₀+s₁) and the mask.
 /// Memory: four n × n f16 matrices (as much as two f32 ones) instead of the f32 path's block
-/// scratch. Needs [`split_eligible`]. `dmax`: the scales' maxima with Dp's already in slot 0
-/// (`gather_sym_max`), else Dp gets a pass of its own.
+/// scratch. Needs [`split_eligible`].
 #[allow(clippy::too_many_arguments)]
 fn gptaq_a_split(
     ctx: &GpuContext,
@@ -669,7 +668,6 @@ fn gptaq_a_split(
     dp: &GpuMatrix,
     alpha: f32,
     terms: usize,
-    dmax: Option<GpuBuffer<u32>>,
 ) -> Result<(), QuantGpuError> {
     let op = split_op(ctx).filter(|_| split_eligible(ctx, n) && (1..=3).contains(&terms));
     let Some(op) = op else {
@@ -678,7 +676,7 @@ fn gptaq_a_split(
         ))
         .into());
     };
-    let sp = split_operands(ctx, rec, n, u, dp, dmax)?;
+    let sp = split_operands(ctx, rec, n, u, dp)?;
     // The smaller products first, the leading one last.
     let all = [(&sp.dl, &sp.uh), (&sp.dh, &sp.ul), (&sp.dh, &sp.uh)];
     let products = &all[3 - terms..];
@@ -744,14 +742,12 @@ struct SplitOperands {
     maxima: GpuBuffer<u32>,
 }
 
-/// `dmax`: the maxima buffer with Dp's largest magnitude already in slot 0 (`gptaq_a_split`).
 fn split_operands(
     ctx: &GpuContext,
     rec: &mut crate::gpu::kernels::Recorder<'_>,
     n: usize,
     u: &GpuMatrix,
     dp: &GpuMatrix,
-    dmax: Option<GpuBuffer<u32>>,
 ) -> Result<SplitOperands, QuantGpuError> {
     let n32 = u32_of("cols", n)?;
     if !n.is_multiple_of(4) || u.rows() != n || u.cols() != n || dp.rows() != n || dp.cols() != n {
@@ -766,24 +762,17 @@ fn split_operands(
     }
     // Every element of the copies is written (the panels cover all rows).
     let halves = |what: &str| ctx.scratch::<half::f16>(what, n * n);
-    let d_done = dmax.as_ref().is_some_and(|m| m.len() >= 2);
     let sp = SplitOperands {
         dh: halves("split D hi")?,
         dl: halves("split D lo")?,
         uh: halves("split U hi")?,
         ul: halves("split U lo")?,
-        maxima: match dmax {
-            Some(m) if d_done => m,
-            _ => ctx.zeros::<u32>("split maxima", 2)?,
-        },
+        maxima: ctx.zeros::<u32>("split maxima", 2)?,
     };
     let operands = [(dp, 0u32, 1u32, &sp.dh, &sp.dl), (u, 1, 0, &sp.uh, &sp.ul)];
     // Both maxima are complete before either split reads them (passes run in order).
     for entry in ["absmax", "split"] {
         for &(m, slot, tri, hi, lo) in &operands {
-            if entry == "absmax" && slot == 0 && d_done {
-                continue;
-            }
             for (pt, buf) in m.panels().iter().enumerate() {
                 let r = m.panel_range(pt);
                 let params = SplitParams {
@@ -1366,10 +1355,11 @@ fn gptaq_terms<'c>(
     alpha: f32,
     split: usize,
 ) -> Result<GptaqTerms, QuantGpuError> {
+    let n32 = u32_of("cols", n)?;
     let split = if split_eligible(ctx, n) { split } else { 0 };
     // Dp (then T, then P) shares U's panel layout (same shape and alignment). The gathers below
     // write every element (each once, from the source panel holding its row), so it is not
-    // cleared first (0.27 ms at n = 14336 on an H100).
+    // cleared first (0.26 ms at n = 14336 on an H100, BENCHMARKS.md session 38).
     let dp = ctx.matrix_scratch("quant D perm", n, n, gu.panel_rows())?;
     if dp.panel_rows() != gu.panel_rows() {
         return Err(QuantGpuError::Gpu(GpuError::Validation(format!(
@@ -1387,17 +1377,28 @@ fn gptaq_terms<'c>(
     } else {
         Some(ctx.zeros::<f32>("quant P block", scratch_len)?)
     };
-    // The split path's scales come from the largest magnitudes of Dp's strict upper triangle
-    // (slot 0) and of U (slot 1); the gather finds Dp's as it writes it (`gather_sym_max`).
-    let maxima = if split > 0 {
-        Some(ctx.zeros::<u32>("split maxima", 2)?)
-    } else {
-        None
-    };
-    gather_d(rec, n, d, gmeta_d, &dp, maxima.as_ref())?;
+    let gx = n.div_ceil(16) as u32;
+    for pp in dp.panel_pairs(d) {
+        rec.dispatch(
+            &QUANT_GATHER,
+            "gather_sym",
+            &[],
+            &GatherParams {
+                n: n32,
+                rows: crate::gpu::matrix::PanelRows::new(&pp.dst_rows, &pp.src_rows)?,
+                _p: [0; 3],
+            },
+            &[pp.src.binding(), gmeta_d.binding(), pp.dst.binding()],
+            [
+                gx,
+                u32_of("gather workgroups", pp.dst_rows.len().div_ceil(16))?,
+                1,
+            ],
+        )?;
+    }
     match &scratch {
         Some(s) => gptaq_a_blocked(rec, n, gu, &dp, s, &blocks, alpha)?,
-        None => gptaq_a_split(ctx, rec, n, gu, &dp, alpha, split, maxima)?,
+        None => gptaq_a_split(ctx, rec, n, gu, &dp, alpha, split)?,
     }
     let diag = match form {
         PForm::Whole => {
@@ -1427,48 +1428,6 @@ fn gptaq_terms<'c>(
     std::mem::replace(rec, ctx.recorder()).submit();
     drop(scratch);
     Ok(GptaqTerms { m: dp, diag })
-}
-
-/// `Dp` from `D` through the perm/dead table `gmeta_d` (`quant_gather.wgsl`'s `gather_sym`), every
-/// element written; with `maxima`, also its strict upper triangle's largest magnitude into slot 0
-/// (`gather_sym_max`, for [`gptaq_a_split`]).
-fn gather_d(
-    rec: &mut crate::gpu::kernels::Recorder<'_>,
-    n: usize,
-    d: &GpuMatrix,
-    gmeta_d: &GpuBuffer<u32>,
-    dp: &GpuMatrix,
-    maxima: Option<&GpuBuffer<u32>>,
-) -> Result<(), QuantGpuError> {
-    let n32 = u32_of("cols", n)?;
-    let gx = u32_of("gather workgroups", n.div_ceil(16))?;
-    for pp in dp.panel_pairs(d) {
-        let mut bindings = vec![pp.src.binding(), gmeta_d.binding(), pp.dst.binding()];
-        if let Some(m) = maxima {
-            bindings.push(m.binding());
-        }
-        rec.dispatch(
-            &QUANT_GATHER,
-            if maxima.is_some() {
-                "gather_sym_max"
-            } else {
-                "gather_sym"
-            },
-            &[],
-            &GatherParams {
-                n: n32,
-                rows: crate::gpu::matrix::PanelRows::new(&pp.dst_rows, &pp.src_rows)?,
-                _p: [0; 3],
-            },
-            &bindings,
-            [
-                gx,
-                u32_of("gather workgroups", pp.dst_rows.len().div_ceil(16))?,
-                1,
-            ],
-        )?;
-    }
-    Ok(())
 }
 
 /// One solve's blocked sweep (step 3 of the module docs) and what it reads and writes: per block
@@ -2598,9 +2557,9 @@ mod tests {
     use rand_chacha::ChaCha8Rng;
 
     use super::{
-        PForm, SolveOptions, SweepKernel, gather_d, gptaq_a_blocked, gptaq_a_split,
-        gptaq_p_blocked, gptaq_p_diag, p_blocks, p_blocks_with, p_scratch_floats, solve,
-        split_eligible, split_operands, split_unscale, sweep_rows, sweep_rows_max,
+        PForm, SolveOptions, SweepKernel, gptaq_a_blocked, gptaq_a_split, gptaq_p_blocked,
+        gptaq_p_diag, p_blocks, p_blocks_with, p_scratch_floats, solve, split_eligible,
+        split_operands, split_unscale, sweep_rows, sweep_rows_max,
     };
     use crate::quant::{Method, QuantConfig};
 
@@ -2861,79 +2820,6 @@ mod tests {
         }
     }
 
-    /// `gather_sym_max` writes what `gather_sym` writes, bit for bit, and finds the same largest
-    /// magnitude of Dp's strict upper triangle as `split_f16.wgsl`'s `absmax` pass over it: with
-    /// act-order's permutation, dead columns, n not a multiple of the 16-wide workgroups (but of
-    /// 4, as the split needs) and D and Dp in row panels (sources and destinations in different
-    /// panels).
-    #[test]
-    fn gather_with_maximum_matches_gather_and_absmax() -> Result<(), Box<dyn std::error::Error>> {
-        let Some(ctx) = crate::gpu::test_context() else {
-            return Ok(());
-        };
-        let mut rng = ChaCha8Rng::seed_from_u64(0x6a7e);
-        for &(n, panel_rows) in &[(100usize, 0usize), (132, 40), (260, 64)] {
-            let d: Vec<f32> = (0..n * n)
-                .map(|_| rng.random_range(-1.0f32..1.0) * 2f32.powi(rng.random_range(-8..8)))
-                .collect();
-            let mut perm: Vec<u32> = (0..n as u32).collect();
-            for i in (1..n).rev() {
-                perm.swap(i, rng.random_range(0..=i));
-            }
-            let dead: Vec<u32> = (0..n).map(|j| u32::from(j % 7 == 3)).collect();
-            // Magnitudes far above the rest on and below Dp's diagonal and in dead columns: a
-            // maximum that took any of them in would be 1e6 or more.
-            let mut d = d;
-            for i in 0..n {
-                for j in 0..n {
-                    let (r, c) = (perm[i] as usize, perm[j] as usize);
-                    if j <= i || dead[c] == 1 {
-                        d[r * n + c] = 1e6 * (1.0 + (i + j) as f32);
-                    }
-                }
-            }
-            let table: Vec<u32> = perm.iter().chain(&dead).copied().collect();
-            ctx.set_panel_cap((panel_rows > 0).then_some((panel_rows * n * 4) as u64));
-            let gd = ctx.matrix_upload("D", &d, n, n, 4);
-            let plain = ctx.matrix_zeros("Dp", n, n, 4);
-            let fused = ctx.matrix_scratch("Dp with maximum", n, n, 4);
-            ctx.set_panel_cap(None);
-            let (gd, plain, fused) = (gd?, plain?, fused?);
-            let gmeta = ctx.upload("perm/dead", &table)?;
-            let maxima = ctx.zeros::<u32>("maxima", 2)?;
-            let mut rec = ctx.recorder();
-            gather_d(&mut rec, n, &gd, &gmeta, &plain, None)?;
-            gather_d(&mut rec, n, &gd, &gmeta, &fused, Some(&maxima))?;
-            // The absmax pass over the plain gather (split_operands without a maximum given).
-            let sp = split_operands(&ctx, &mut rec, n, &plain, &plain, None)?;
-            rec.submit();
-            let (a, b) = (ctx.read_matrix(&plain)?, ctx.read_matrix(&fused)?);
-            if let Some(e) = (0..n * n).find(|&e| a[e].to_bits() != b[e].to_bits()) {
-                panic!(
-                    "n={n} panels of {panel_rows}: Dp[{}, {}]: gather_sym_max {} gather_sym {}",
-                    e / n,
-                    e % n,
-                    b[e],
-                    a[e]
-                );
-            }
-            let host = (0..n)
-                .flat_map(|i| (i + 1..n).map(move |j| (i, j)))
-                .filter(|&(_, j)| dead[perm[j] as usize] == 0)
-                .fold(0f32, |m, (i, j)| {
-                    m.max(d[perm[i] as usize * n + perm[j] as usize].abs())
-                });
-            let (got, pass) = (ctx.read(&maxima)?[0], ctx.read(&sp.maxima)?[0]);
-            assert_eq!(
-                (f32::from_bits(got), f32::from_bits(pass)),
-                (host, host),
-                "n={n} panels of {panel_rows}: largest |Dp| strictly above the diagonal \
-                 (gather_sym_max, absmax pass; expected the host's)"
-            );
-        }
-        Ok(())
-    }
-
     /// The split-f16 copies (`split_operands`, `split_f16.wgsl`) on any adapter, with the
     /// tensor-core products done on the host in f64 from the copies read back: every kept entry is
     /// `(hi + lo)·2^−s` within 2^−21 of its magnitude (plus 2^−24 in scaled units), the scale puts
@@ -2959,7 +2845,7 @@ mod tests {
             ctx.set_panel_cap(None);
             let (gu, gd) = (gu?, gd?);
             let mut rec = ctx.recorder();
-            let sp = split_operands(&ctx, &mut rec, n, &gu, &gd, None)?;
+            let sp = split_operands(&ctx, &mut rec, n, &gu, &gd)?;
             rec.submit();
             let halves =
                 |b: &crate::gpu::GpuBuffer<half::f16>| -> Result<Vec<f64>, crate::gpu::GpuError> {
@@ -3082,7 +2968,7 @@ mod tests {
         let mut rec = ctx.recorder();
         match &scratch {
             Some(s) => gptaq_a_blocked(&mut rec, n, &gu, &gd, s, &p_blocks(n, len), alpha)?,
-            None => gptaq_a_split(ctx, &mut rec, n, &gu, &gd, alpha, terms, None)?,
+            None => gptaq_a_split(ctx, &mut rec, n, &gu, &gd, alpha, terms)?,
         }
         rec.submit();
         ctx.sync()?;
