@@ -1107,7 +1107,10 @@ pub(crate) fn lazy_blocks() -> usize {
         .unwrap_or(LAZY_BLOCKS)
 }
 
-/// The default of [`lazy_blocks`].
+/// The default of [`lazy_blocks`]. On an H100 at 4096 × 14336 (BENCHMARKS.md session 38) L = 2
+/// made GPTAQ 7 ms slower; L = 8 halves the flushes and W's cross-block launches but doubles the
+/// catch-ups' K, and came out within 2 ms either way in wall time — not worth changing every
+/// result's f32 summation order.
 const LAZY_BLOCKS: usize = 4;
 
 /// GPTAQ's precomputed terms for one `(H, D)`: [`PForm`]'s matrix (P, or A) in the permuted D's
