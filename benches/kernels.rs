@@ -7,8 +7,9 @@
 //!
 //! GEMM is timed with every f32 tile (`gemm.wgsl`'s `gemm_large`, its double-buffered variant,
 //! `gemm_small` and `gemm_narrow`; `gemm_f32_block` at the solve's block-wide shapes of
-//! `GPTAQ_BENCH_BLOCK_GEMM`, 50 launches per submission) and, where the adapter grants cooperative matrices, `gemm_coop` (f16 operands, f32
-//! accumulation) in each operand layout (`CoopOp`), the tensor-core candidates for the forward. `inverse_factor`
+//! `GPTAQ_BENCH_BLOCK_GEMM`, 50 launches per submission) and, where the adapter grants
+//! cooperative matrices, `gemm_coop` (f16 operands, f32 accumulation; n³, or the shapes of
+//! `GPTAQ_BENCH_COOP_SHAPES`) in each operand layout (`CoopOp`), the tensor-core candidates for the forward. `inverse_factor`
 //! times the f32 GPU factor `U` of `quant::factor` (blocked Cholesky + doubling inverse) at the
 //! same sizes. `quant_solve` times the whole GPU GPTQ / GPTAQ solve (`quant::gpu::quantize_gpu`:
 //! diag readback, GPU factor, P, the blocked sweep, readback of codes / params / Q) for the
@@ -182,7 +183,7 @@ fn bench_kernels(c: &mut Criterion) {
         }
     }
     g.finish();
-    // The solve's per-block products (`quant::gpu`: rows × block outputs, K = 128 … 896): each
+    // The solve's per-block products (`quant::gpu`: rows × block outputs, K = 128 … 384): each
     // tile at the M×N×K shapes of `GPTAQ_BENCH_BLOCK_GEMM`, REPS launches per submission, as the
     // solve records them (a launch alone would time the submission and the wait).
     let mut g = c.benchmark_group("gemm_f32_block");

@@ -28,8 +28,9 @@
 // - `gemm_small`: a 64×64 tile, 4×4 per invocation (two vec4 loads per 16 FMAs), for shapes with
 //   too few 128×128 tiles to fill the GPU; scalar loads (`load_a` / `load_b`).
 // - `gemm_narrow`: a 32×64 tile, 2×4 per invocation, k in slices of 32 (`NBK`) fetched as vec4
-//   where aligned, for tall outputs a block wide — the solve's per-block products (rows × 128,
-//   K = 128 … 896: GPTQ's lazy catch-ups, GPTAQ's pending terms). There `gemm_small` has one
+//   where aligned, for outputs too narrow or too small for `gemm_small` to fill a GPU
+//   (ops::narrow_fits) — above all the solve's per-block products (rows × 128, K = 128 … 384:
+//   the lazy updates' catch-ups, GPTAQ's pending terms). There `gemm_small` has one
 //   workgroup of 8 subgroups per SM and waits on its global loads every 8 k (an H100 measured
 //   38 µs per 4096 × 128 catch-up of K = 128 … 384, 7 TFLOP/s); twice the workgroups and four
 //   times the k per barrier hide that latency: 24 µs (BENCHMARKS.md session 38). Same sums, same
@@ -61,7 +62,8 @@
 //   are `x % 4`. `gemm_narrow`'s `na[k·33 + r]` has k < 32 and r < 32 (writers: k = (tid % 8)·4
 //   + j ≤ 31 with r = tid / 8 ≤ 31, or k = tid / 8 with r = (tid % 8)·4 + j ≤ 31; readers:
 //   kk < 32, ty·2 + 1 ≤ 31), so < 1056; `nb[k·16 + x]` has k < 32 and x < 16 (writers: e < 512,
-//   or (e % 8)·4 + j ≤ 31 with (e / 8) / 4 ≤ 15; readers kk < 32, tx < 16), so < 512. Changing a tile or slot formula means redoing this audit (or dropping the flag).
+//   or (e % 8)·4 + j ≤ 31 with (e / 8) / 4 ≤ 15; readers kk < 32, tx < 16), so < 512. Changing a
+//   tile or slot formula means redoing this audit (or dropping the flag).
 //
 // Every global load is bounds-checked, so any M, N, K (including 1 and primes) is valid. Operands
 // with known zero triangles (GPTAQ's triu₁(D·Uᵀ)·U, quant/gpu.rs) declare them in `tri`; each

@@ -516,7 +516,7 @@ fn tune_cmd(gpu: &GpuArgs, reps: usize, out: Option<&Path>) -> anyhow::Result<()
     let rule_agrees = table
         .entries
         .iter()
-        .filter(|e| crate::gpu::ops::gemm_tile_rule(e.m, e.n, e.k) == e.best())
+        .filter(|e| crate::gpu::ops::size_rule_for(&ctx, e.m, e.n, e.k) == e.best())
         .count();
     table
         .save(&path)

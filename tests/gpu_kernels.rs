@@ -937,7 +937,7 @@ fn gemm_tuning_table_drives_the_kernel_choice() {
     assert_eq!(ops::gemm_tile_for(&ctx, 500, 520, 100), GemmTile::Large);
     assert_eq!(
         ops::gemm_tile_for(&ctx, 3, 5, 7),
-        ops::gemm_tile_rule(3, 5, 7)
+        ops::size_rule_for(&ctx, 3, 5, 7)
     );
     // Correct results through the table's choice (shape near the entry, awkward sizes).
     let (m, n, k) = (257, 509, 131);
@@ -981,7 +981,16 @@ fn gemm_tuning_table_drives_the_kernel_choice() {
         1e-5,
     );
     ctx.set_gemm_table(None);
-    assert_eq!(ops::gemm_tile_for(&ctx, 500, 520, 100), GemmTile::Narrow);
+    // The size rule without a table: gemm_narrow on GPUs, gemm_small on CPU adapters (and with
+    // GPTAQ_GEMM_NARROW=0).
+    let narrow_off = std::env::var("GPTAQ_GEMM_NARROW").is_ok_and(|v| v.trim() == "0");
+    let want = if ctx.summary.device_type == "Cpu" || narrow_off {
+        GemmTile::Small
+    } else {
+        GemmTile::Narrow
+    };
+    assert_eq!(ops::gemm_tile_for(&ctx, 500, 520, 100), want);
+    assert_eq!(ops::size_rule_for(&ctx, 500, 520, 100), want);
 }
 
 /// f32 → f16 operand conversion (strided view, scale), plain and of a difference `x − y`, on every

@@ -260,8 +260,9 @@ pub fn gemm_tile(m: usize, n: usize) -> GemmTile {
 /// session 38, 50 launches per submission): 4096 × 128 × {128, 384, 896, 1920} 15–31 % faster,
 /// 256³ 22 % and 512³ 34 % faster, but 1024³ (256 small tiles) 14 % slower, so that stays
 /// `gemm_small`. In the 4096 × 14336 solve: the lazy catch-ups 38 → 24 µs each and the
-/// Cholesky's 128-wide panel products 11.7 → 10.0 µs. The tuning table may pick either anywhere;
-/// `GPTAQ_GEMM_NARROW=0` turns the rule's use of it off (A/B runs).
+/// Cholesky's 128-wide panel products 11.7 → 10.0 µs. GPUs only ([`size_rule_for`]). The tuning
+/// table may pick either anywhere; `GPTAQ_GEMM_NARROW=0` turns the rule's use of it off (A/B
+/// runs).
 pub fn narrow_fits(m: usize, n: usize, k: usize) -> bool {
     k >= 32
         && (n <= 128 || m.div_ceil(64) * n.div_ceil(64) <= 128)
@@ -277,16 +278,28 @@ pub fn gemm_tile_rule(m: usize, n: usize, k: usize) -> GemmTile {
     }
 }
 
+/// The size rule on `ctx`: [`gemm_tile_rule`] on GPUs; on CPU adapters (lavapipe) [`gemm_tile`],
+/// without [`GemmTile::Narrow`]: there the latency it hides does not exist, and `tune` on
+/// llvmpipe measured it 1.2–2.3× slower than `gemm_small` wherever M ≥ 128 (a tiny-llama-15m
+/// GPTAQ quantization 84 s against 72 s; BENCHMARKS.md session 38).
+pub fn size_rule_for(ctx: &GpuContext, m: usize, n: usize, k: usize) -> GemmTile {
+    if ctx.summary.device_type == "Cpu" {
+        gemm_tile(m, n)
+    } else {
+        gemm_tile_rule(m, n, k)
+    }
+}
+
 /// The kernel [`gemm`] uses on `ctx` for op(A) M×K · op(B) K×N: `GPTAQ_GEMM_TILE` if set, else
 /// the adapter's tuning table (`gptaq-studio tune`, [`super::tune`]) when it has a nearby shape,
-/// else the size rule [`gemm_tile_rule`].
+/// else the size rule [`size_rule_for`].
 pub fn gemm_tile_for(ctx: &GpuContext, m: usize, n: usize, k: usize) -> GemmTile {
     if let Some(t) = forced_tile() {
         return t;
     }
     ctx.gemm_table()
         .and_then(|t| t.lookup(m, n, k))
-        .unwrap_or_else(|| gemm_tile_rule(m, n, k))
+        .unwrap_or_else(|| size_rule_for(ctx, m, n, k))
 }
 
 /// Records `C = alpha·op(A)·op(B) + beta·C` with op(A) M×K, op(B) K×N, C M×N (row-major, leading

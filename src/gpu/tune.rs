@@ -4,11 +4,12 @@
 //! `gptaq-studio tune` times the GEMM kernels ([`GemmTile::Large`] 128×128 tiles, [`GemmTile::Small`]
 //! 64×64, [`GemmTile::LargeDb`] 128×128 with double-buffered workgroup memory,
 //! [`GemmTile::Narrow`] 32×64) over a grid of shapes and writes a [`GemmTable`] to the cache
-//! directory, one file per adapter and driver. A context loads that file on its first GEMM; [`GemmTable::lookup`] then
-//! answers with the faster kernel of the nearest measured shape (distance in log₂ of M, N and K).
+//! directory, one file per adapter and driver. A context loads that file on its first GEMM;
+//! [`GemmTable::lookup`] then answers with the faster kernel of the nearest measured shape
+//! (distance in log₂ of M, N and K).
 //! Runs never benchmark by themselves: kernel choice stays deterministic within a run and the
 //! table only changes when the user tunes again. Without a table (or with `GPTAQ_GEMM_TABLE=off`)
-//! the size rule of `ops::gemm_tile_rule` decides; `GPTAQ_GEMM_TILE=large|small|large-db|narrow`
+//! the size rule of `ops::size_rule_for` decides; `GPTAQ_GEMM_TILE=large|small|large-db|narrow`
 //! overrides both.
 
 use std::path::{Path, PathBuf};
