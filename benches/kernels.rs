@@ -98,6 +98,58 @@ fn block_gemm_shapes() -> Vec<(usize, usize, usize)> {
     parse_shapes(&std::env::var("GPTAQ_BENCH_BLOCK_GEMM").unwrap_or_else(|_| "512x128x256".into()))
 }
 
+/// A group timing the f32 GEMM kernels `tiles` at `shapes` (M×N×K), `reps` launches per
+/// submission: `C = A·Bᵀ` (a linear layer's form), or with `update` the solve's `C −= A·B`.
+fn bench_gemm_f32(
+    c: &mut Criterion,
+    ctx: &GpuContext,
+    group: &str,
+    shapes: &[(usize, usize, usize)],
+    tiles: &[GemmTile],
+    update: bool,
+    reps: usize,
+) {
+    let mut g = c.benchmark_group(group);
+    g.sample_size(10);
+    for &(m, n, k) in shapes {
+        let a = ctx.upload("a", &data(m * k)).expect("upload a");
+        let b = ctx.upload("b", &data(k * n)).expect("upload b");
+        let out = ctx.zeros::<f32>("c", m * n).expect("alloc c");
+        g.throughput(Throughput::Elements((reps * 2 * m * n * k) as u64));
+        let (form, bv, alpha, beta) = if update {
+            ("C−=A·B", MatView::new(&b, n), -1.0, 1.0)
+        } else {
+            ("A·Bᵀ", MatView::new(&b, k).t(), 1.0, 0.0)
+        };
+        for &tile in tiles {
+            g.bench_function(format!("{m}x{n}x{k} {form} {tile:?}"), |bch| {
+                bch.iter(|| {
+                    let mut rec = ctx.recorder();
+                    for _ in 0..reps {
+                        ops::gemm_tiled(
+                            &mut rec,
+                            tile,
+                            false,
+                            m,
+                            n,
+                            k,
+                            alpha,
+                            MatView::new(&a, k),
+                            bv,
+                            beta,
+                            MatView::new(&out, n),
+                        )
+                        .expect("gemm");
+                    }
+                    rec.submit();
+                    ctx.sync().expect("sync");
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
 /// Rows of the statistics' and casts' benches: `GPTAQ_BENCH_TOKENS`, default 4·n.
 fn bench_tokens(n: usize) -> usize {
     std::env::var("GPTAQ_BENCH_TOKENS")
@@ -151,76 +203,20 @@ fn bench_kernels(c: &mut Criterion) {
         });
     }
     g.finish();
-    let mut g = c.benchmark_group("gemm_f32");
-    g.sample_size(10);
-    for n in sizes() {
-        let a = ctx.upload("a", &data(n * n)).expect("upload a");
-        let b = ctx.upload("b", &data(n * n)).expect("upload b");
-        let out = ctx.zeros::<f32>("c", n * n).expect("alloc c");
-        g.throughput(Throughput::Elements((2 * n * n * n) as u64));
-        for tile in GemmTile::ALL {
-            g.bench_function(format!("{n}x{n}x{n} A·Bᵀ {tile:?}"), |bch| {
-                bch.iter(|| {
-                    let mut rec = ctx.recorder();
-                    ops::gemm_tiled(
-                        &mut rec,
-                        tile,
-                        false,
-                        n,
-                        n,
-                        n,
-                        1.0,
-                        MatView::new(&a, n),
-                        MatView::new(&b, n).t(),
-                        0.0,
-                        MatView::new(&out, n),
-                    )
-                    .expect("gemm");
-                    rec.submit();
-                    ctx.sync().expect("sync");
-                })
-            });
-        }
-    }
-    g.finish();
+    let cubes: Vec<_> = sizes().into_iter().map(|n| (n, n, n)).collect();
+    bench_gemm_f32(c, &ctx, "gemm_f32", &cubes, &GemmTile::ALL, false, 1);
     // The solve's per-block products (`quant::gpu`: rows × block outputs, K = 128 … 384): each
-    // tile at the M×N×K shapes of `GPTAQ_BENCH_BLOCK_GEMM`, REPS launches per submission, as the
+    // tile at the M×N×K shapes of `GPTAQ_BENCH_BLOCK_GEMM`, 50 launches per submission, as the
     // solve records them (a launch alone would time the submission and the wait).
-    let mut g = c.benchmark_group("gemm_f32_block");
-    g.sample_size(10);
-    const REPS: usize = 50;
-    for (m, n, k) in block_gemm_shapes() {
-        let a = ctx.upload("a", &data(m * k)).expect("upload a");
-        let b = ctx.upload("b", &data(k * n)).expect("upload b");
-        let out = ctx.zeros::<f32>("c", m * n).expect("alloc c");
-        g.throughput(Throughput::Elements((REPS * 2 * m * n * k) as u64));
-        for tile in [GemmTile::Small, GemmTile::Narrow, GemmTile::Large] {
-            g.bench_function(format!("{m}x{n}x{k} C−=A·B {tile:?}"), |bch| {
-                bch.iter(|| {
-                    let mut rec = ctx.recorder();
-                    for _ in 0..REPS {
-                        ops::gemm_tiled(
-                            &mut rec,
-                            tile,
-                            false,
-                            m,
-                            n,
-                            k,
-                            -1.0,
-                            MatView::new(&a, k),
-                            MatView::new(&b, n),
-                            1.0,
-                            MatView::new(&out, n),
-                        )
-                        .expect("gemm");
-                    }
-                    rec.submit();
-                    ctx.sync().expect("sync");
-                })
-            });
-        }
-    }
-    g.finish();
+    bench_gemm_f32(
+        c,
+        &ctx,
+        "gemm_f32_block",
+        &block_gemm_shapes(),
+        &[GemmTile::Small, GemmTile::Narrow, GemmTile::Large],
+        true,
+        50,
+    );
     if ops::coop_available(&ctx) {
         let mut g = c.benchmark_group("gemm_coop");
         g.sample_size(10);

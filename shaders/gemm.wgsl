@@ -138,6 +138,15 @@ var<private> oa: u32;
 var<private> ob: u32;
 var<private> oc: u32;
 
+// Whether A's and B's views allow whole vec4 loads in batch z: every stored row starts on a
+// 16-byte boundary (uniform: from the parameters and the batch only).
+fn operands_aligned(z: u32) -> vec2<bool> {
+    return vec2<bool>(
+        ((p.off_a + z * p.bat_a) % 4u) == 0u && (p.lda % 4u) == 0u,
+        ((p.off_b + z * p.bat_b) % 4u) == 0u && (p.ldb % 4u) == 0u,
+    );
+}
+
 fn set_batch(z: u32) {
     oa = p.off_a + z * p.bat_a;
     ob = p.off_b + z * p.bat_b;
@@ -384,10 +393,9 @@ fn gemm_large(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id
     let tx = lid.x;
     let ty = lid.y;
     let tid = ty * 16u + tx;
-    // Whole vec4 loads where every stored row of the view starts on a 16-byte boundary
-    // (uniform: from the parameters and the batch only).
-    let aligned_a = ((p.off_a + wg.z * p.bat_a) % 4u) == 0u && (p.lda % 4u) == 0u;
-    let aligned_b = ((p.off_b + wg.z * p.bat_b) % 4u) == 0u && (p.ldb % 4u) == 0u;
+    let aligned = operands_aligned(wg.z);
+    let aligned_a = aligned.x;
+    let aligned_b = aligned.y;
 
     var c00 = vec4<f32>(0.0);
     var c01 = vec4<f32>(0.0);
@@ -609,8 +617,9 @@ fn gemm_narrow(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_i
     let tx = lid.x;
     let ty = lid.y;
     let tid = ty * 16u + tx;
-    let aligned_a = ((p.off_a + wg.z * p.bat_a) % 4u) == 0u && (p.lda % 4u) == 0u;
-    let aligned_b = ((p.off_b + wg.z * p.bat_b) % 4u) == 0u && (p.ldb % 4u) == 0u;
+    let aligned = operands_aligned(wg.z);
+    let aligned_a = aligned.x;
+    let aligned_b = aligned.y;
 
     var c0 = vec4<f32>(0.0);
     var c1 = vec4<f32>(0.0);

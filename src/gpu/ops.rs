@@ -384,19 +384,16 @@ pub fn gemm_tiled(
             "upper-triangle gemm needs a square C, got {m}x{n}"
         )));
     }
-    let diag = upper_only.then_some(0);
-    gemm_impl(
+    gemm_forced(
         rec,
-        m,
-        n,
-        k,
+        tile,
+        upper_only.then_some(0),
+        (m, n, k),
         alpha,
         a,
         b,
         beta,
         c,
-        diag,
-        Some(tile),
         KSkip::default(),
         SINGLE,
     )
