@@ -92,8 +92,9 @@ struct Params {
     xa: u32,
     xb: u32,
     xc: u32,
-    _p0: u32,
-    _p1: u32,
+    // SPLIT: where each operand's lo half starts, in elements after its hi half.
+    la: u32,
+    lb: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -110,6 +111,17 @@ override ACCUMULATE: bool = true;
 // Block (bi, bj) sums K only from its first column bj·128 on (ops::CoopOp::Nt128UpperTail, with
 // the upper entry and M = N = K): op(B) upper triangular, as U is in GPTAQ's Dp·Uᵀ.
 override K_FROM_COL: bool = false;
+// Split-f16 operands (ops::CoopOperand::split; split_f16.wgsl): each operand is a hi and a lo f16
+// matrix of the same layout, lo starting p.la (A) / p.lb (B) elements after hi, and C gets
+// op(Ah)·op(Bh) + op(Ah)·op(Bl) + op(Al)·op(Bh) — GPTAQ's A and its pending flushes, f32 products
+// on the tensor cores. Instead of three products (or one with K tripled), each step stages a
+// 16-deep slice of both halves of each operand where the plain kernel stages 32 of one: the
+// tiles' first 16 columns of K (K-contiguous) or rows (K-major) hold hi, the next 16 lo, so
+// frag_a / frag_b at depth 0 read hi and at 16 lo. A step then does 48 multiply-adds per
+// subgroup for the staging and 16 fragment loads that the plain kernel spends on 32: two thirds
+// of the plain kernels' barriers, global loads, stores and fragment loads per product, one launch
+// and one pass over C instead of three. K (the slice's depth) is a multiple of 16.
+override SPLIT: bool = false;
 
 // Where batch entry z's A, B and C start (nested batches as in gemm_coop.wgsl).
 fn batch_a(z: u32) -> u32 {
@@ -227,18 +239,27 @@ fn block128(bi: u32, bj: u32, z: u32, lid: u32, sg: u32) {
     // a[] / b[] and 160 vectors in workgroup memory; K-major, in row (lid >> 5) + 4u at halves
     // 4·(lid & 31), ld vectors and 136 apart. Offsets and strides are multiples of 4
     // (ops::check_coop_batched): the quartering is exact.
+    // SPLIT: K-contiguous, the lanes with (lid & 7) ≥ 4 load lo's columns 4·(lid & 3) instead of
+    // hi's 4·(lid & 7); K-major, vectors 4–7 (rows 16–31 of the tile) load lo's rows 0–15
+    // instead of hi's rows 16–31. `va` is vector 4's distance from vector 0.
+    let ka = select((lid & 7u) * 4u, (lid & 3u) * 4u + select(0u, p.la, (lid & 4u) != 0u), SPLIT);
+    let kb4 = select((lid & 7u) * 4u, (lid & 3u) * 4u + select(0u, p.lb, (lid & 4u) != 0u), SPLIT);
     let wa = select(
         (oa + (lid >> 5u) * lda + (lid & 31u) * 4u) >> 2u,
-        (oa + (lid >> 3u) * lda + (lid & 7u) * 4u) >> 2u,
+        (oa + (lid >> 3u) * lda + ka) >> 2u,
         kca,
     );
     let wb = select(
         (ob + (lid >> 5u) * ldb + (lid & 31u) * 4u) >> 2u,
-        (ob + (lid >> 3u) * ldb + (lid & 7u) * 4u) >> 2u,
+        (ob + (lid >> 3u) * ldb + kb4) >> 2u,
         kcb,
     );
     let ua = select(lda, 4u * lda, kca);
     let ub = select(ldb, 4u * ldb, kcb);
+    let va = select(4u * ua, p.la >> 2u, SPLIT && !kca);
+    let vb = select(4u * ub, p.lb >> 2u, SPLIT && !kcb);
+    // K per step: 32 of one matrix, or 16 of hi and lo each (SPLIT).
+    let kstep = select(32u, 16u, SPLIT);
     let sk = (lid >> 5u) * 34u + (lid & 31u);
     let sc = (lid >> 3u) * 10u + (lid & 7u);
     let swa = select(sk, sc, kca);
@@ -249,22 +270,22 @@ fn block128(bi: u32, bj: u32, z: u32, lid: u32, sg: u32) {
     var ra1 = a[wa + 1u * ua];
     var ra2 = a[wa + 2u * ua];
     var ra3 = a[wa + 3u * ua];
-    var ra4 = a[wa + 4u * ua];
-    var ra5 = a[wa + 5u * ua];
-    var ra6 = a[wa + 6u * ua];
-    var ra7 = a[wa + 7u * ua];
+    var ra4 = a[wa + va];
+    var ra5 = a[wa + va + 1u * ua];
+    var ra6 = a[wa + va + 2u * ua];
+    var ra7 = a[wa + va + 3u * ua];
     var rb0 = b[wb];
     var rb1 = b[wb + 1u * ub];
     var rb2 = b[wb + 2u * ub];
     var rb3 = b[wb + 3u * ub];
-    var rb4 = b[wb + 4u * ub];
-    var rb5 = b[wb + 5u * ub];
-    var rb6 = b[wb + 6u * ub];
-    var rb7 = b[wb + 7u * ub];
+    var rb4 = b[wb + vb];
+    var rb5 = b[wb + vb + 1u * ub];
+    var rb6 = b[wb + vb + 2u * ub];
+    var rb7 = b[wb + vb + 3u * ub];
     // This subgroup's rows of op(A) and columns of op(B) in the tiles.
     let fa = wy * 64u;
     let fb = wx * 64u;
-    for (var kk = 0u; kk < kdim; kk += 32u) {
+    for (var kk = 0u; kk < kdim; kk += kstep) {
         // Everyone is done reading the previous tiles.
         workgroupBarrier();
         ta[swa] = ra0;
@@ -286,82 +307,153 @@ fn block128(bi: u32, bj: u32, z: u32, lid: u32, sg: u32) {
         workgroupBarrier();
         // The next step's tiles, in flight while the tensor cores work on these. The last step
         // loads its own tiles again instead of branching (a uniform `if` around the loads cost
-        // 15 % at 4096³ on the H100, BENCHMARKS.md session 22). 32 columns of K on are 8 vectors
-        // (K-contiguous), 32 rows 8·ld vectors (K-major).
-        let kn = min(kk + 32u, kdim - 32u);
+        // 15 % at 4096³ on the H100, BENCHMARKS.md session 22). kn columns of K on are kn / 4
+        // vectors (K-contiguous), kn rows kn·ld / 4 vectors (K-major).
+        let kn = min(kk + kstep, kdim - kstep);
         let na = wa + select((kn * lda) >> 2u, kn >> 2u, kca);
         let nb = wb + select((kn * ldb) >> 2u, kn >> 2u, kcb);
         ra0 = a[na];
         ra1 = a[na + 1u * ua];
         ra2 = a[na + 2u * ua];
         ra3 = a[na + 3u * ua];
-        ra4 = a[na + 4u * ua];
-        ra5 = a[na + 5u * ua];
-        ra6 = a[na + 6u * ua];
-        ra7 = a[na + 7u * ua];
+        ra4 = a[na + va];
+        ra5 = a[na + va + 1u * ua];
+        ra6 = a[na + va + 2u * ua];
+        ra7 = a[na + va + 3u * ua];
         rb0 = b[nb];
         rb1 = b[nb + 1u * ub];
         rb2 = b[nb + 2u * ub];
         rb3 = b[nb + 3u * ub];
-        rb4 = b[nb + 4u * ub];
-        rb5 = b[nb + 5u * ub];
-        rb6 = b[nb + 6u * ub];
-        rb7 = b[nb + 7u * ub];
-        // The step's two 16-deep halves, written out: as a two-pass loop the kernel ran slower
-        // (BENCHMARKS.md session 22).
-        {
-            let ks = 0u;
-            let a0 = frag_a(fa, 0u, ks);
-            let a1 = frag_a(fa, 1u, ks);
-            let a2 = frag_a(fa, 2u, ks);
-            let a3 = frag_a(fa, 3u, ks);
-            let b0 = frag_b(fb, 0u, ks);
-            let b1 = frag_b(fb, 1u, ks);
-            let b2 = frag_b(fb, 2u, ks);
-            let b3 = frag_b(fb, 3u, ks);
-            c00 = coopMultiplyAdd(a0, b0, c00);
-            c01 = coopMultiplyAdd(a0, b1, c01);
-            c02 = coopMultiplyAdd(a0, b2, c02);
-            c03 = coopMultiplyAdd(a0, b3, c03);
-            c10 = coopMultiplyAdd(a1, b0, c10);
-            c11 = coopMultiplyAdd(a1, b1, c11);
-            c12 = coopMultiplyAdd(a1, b2, c12);
-            c13 = coopMultiplyAdd(a1, b3, c13);
-            c20 = coopMultiplyAdd(a2, b0, c20);
-            c21 = coopMultiplyAdd(a2, b1, c21);
-            c22 = coopMultiplyAdd(a2, b2, c22);
-            c23 = coopMultiplyAdd(a2, b3, c23);
-            c30 = coopMultiplyAdd(a3, b0, c30);
-            c31 = coopMultiplyAdd(a3, b1, c31);
-            c32 = coopMultiplyAdd(a3, b2, c32);
-            c33 = coopMultiplyAdd(a3, b3, c33);
-        }
-        {
-            let ks = 16u;
-            let a0 = frag_a(fa, 0u, ks);
-            let a1 = frag_a(fa, 1u, ks);
-            let a2 = frag_a(fa, 2u, ks);
-            let a3 = frag_a(fa, 3u, ks);
-            let b0 = frag_b(fb, 0u, ks);
-            let b1 = frag_b(fb, 1u, ks);
-            let b2 = frag_b(fb, 2u, ks);
-            let b3 = frag_b(fb, 3u, ks);
-            c00 = coopMultiplyAdd(a0, b0, c00);
-            c01 = coopMultiplyAdd(a0, b1, c01);
-            c02 = coopMultiplyAdd(a0, b2, c02);
-            c03 = coopMultiplyAdd(a0, b3, c03);
-            c10 = coopMultiplyAdd(a1, b0, c10);
-            c11 = coopMultiplyAdd(a1, b1, c11);
-            c12 = coopMultiplyAdd(a1, b2, c12);
-            c13 = coopMultiplyAdd(a1, b3, c13);
-            c20 = coopMultiplyAdd(a2, b0, c20);
-            c21 = coopMultiplyAdd(a2, b1, c21);
-            c22 = coopMultiplyAdd(a2, b2, c22);
-            c23 = coopMultiplyAdd(a2, b3, c23);
-            c30 = coopMultiplyAdd(a3, b0, c30);
-            c31 = coopMultiplyAdd(a3, b1, c31);
-            c32 = coopMultiplyAdd(a3, b2, c32);
-            c33 = coopMultiplyAdd(a3, b3, c33);
+        rb4 = b[nb + vb];
+        rb5 = b[nb + vb + 1u * ub];
+        rb6 = b[nb + vb + 2u * ub];
+        rb7 = b[nb + vb + 3u * ub];
+        if (SPLIT) {
+            // hi·hi, hi·lo, lo·hi of the 16-deep slice (split_f16.wgsl drops lo·lo, below 2^−22
+            // of each product), into the same accumulators.
+            {
+                let ah0 = frag_a(fa, 0u, 0u);
+                let ah1 = frag_a(fa, 1u, 0u);
+                let ah2 = frag_a(fa, 2u, 0u);
+                let ah3 = frag_a(fa, 3u, 0u);
+                let bh0 = frag_b(fb, 0u, 0u);
+                let bh1 = frag_b(fb, 1u, 0u);
+                let bh2 = frag_b(fb, 2u, 0u);
+                let bh3 = frag_b(fb, 3u, 0u);
+                c00 = coopMultiplyAdd(ah0, bh0, c00);
+                c01 = coopMultiplyAdd(ah0, bh1, c01);
+                c02 = coopMultiplyAdd(ah0, bh2, c02);
+                c03 = coopMultiplyAdd(ah0, bh3, c03);
+                c10 = coopMultiplyAdd(ah1, bh0, c10);
+                c11 = coopMultiplyAdd(ah1, bh1, c11);
+                c12 = coopMultiplyAdd(ah1, bh2, c12);
+                c13 = coopMultiplyAdd(ah1, bh3, c13);
+                c20 = coopMultiplyAdd(ah2, bh0, c20);
+                c21 = coopMultiplyAdd(ah2, bh1, c21);
+                c22 = coopMultiplyAdd(ah2, bh2, c22);
+                c23 = coopMultiplyAdd(ah2, bh3, c23);
+                c30 = coopMultiplyAdd(ah3, bh0, c30);
+                c31 = coopMultiplyAdd(ah3, bh1, c31);
+                c32 = coopMultiplyAdd(ah3, bh2, c32);
+                c33 = coopMultiplyAdd(ah3, bh3, c33);
+                let bl0 = frag_b(fb, 0u, 16u);
+                let bl1 = frag_b(fb, 1u, 16u);
+                let bl2 = frag_b(fb, 2u, 16u);
+                let bl3 = frag_b(fb, 3u, 16u);
+                c00 = coopMultiplyAdd(ah0, bl0, c00);
+                c01 = coopMultiplyAdd(ah0, bl1, c01);
+                c02 = coopMultiplyAdd(ah0, bl2, c02);
+                c03 = coopMultiplyAdd(ah0, bl3, c03);
+                c10 = coopMultiplyAdd(ah1, bl0, c10);
+                c11 = coopMultiplyAdd(ah1, bl1, c11);
+                c12 = coopMultiplyAdd(ah1, bl2, c12);
+                c13 = coopMultiplyAdd(ah1, bl3, c13);
+                c20 = coopMultiplyAdd(ah2, bl0, c20);
+                c21 = coopMultiplyAdd(ah2, bl1, c21);
+                c22 = coopMultiplyAdd(ah2, bl2, c22);
+                c23 = coopMultiplyAdd(ah2, bl3, c23);
+                c30 = coopMultiplyAdd(ah3, bl0, c30);
+                c31 = coopMultiplyAdd(ah3, bl1, c31);
+                c32 = coopMultiplyAdd(ah3, bl2, c32);
+                c33 = coopMultiplyAdd(ah3, bl3, c33);
+                let al0 = frag_a(fa, 0u, 16u);
+                let al1 = frag_a(fa, 1u, 16u);
+                let al2 = frag_a(fa, 2u, 16u);
+                let al3 = frag_a(fa, 3u, 16u);
+                c00 = coopMultiplyAdd(al0, bh0, c00);
+                c01 = coopMultiplyAdd(al0, bh1, c01);
+                c02 = coopMultiplyAdd(al0, bh2, c02);
+                c03 = coopMultiplyAdd(al0, bh3, c03);
+                c10 = coopMultiplyAdd(al1, bh0, c10);
+                c11 = coopMultiplyAdd(al1, bh1, c11);
+                c12 = coopMultiplyAdd(al1, bh2, c12);
+                c13 = coopMultiplyAdd(al1, bh3, c13);
+                c20 = coopMultiplyAdd(al2, bh0, c20);
+                c21 = coopMultiplyAdd(al2, bh1, c21);
+                c22 = coopMultiplyAdd(al2, bh2, c22);
+                c23 = coopMultiplyAdd(al2, bh3, c23);
+                c30 = coopMultiplyAdd(al3, bh0, c30);
+                c31 = coopMultiplyAdd(al3, bh1, c31);
+                c32 = coopMultiplyAdd(al3, bh2, c32);
+                c33 = coopMultiplyAdd(al3, bh3, c33);
+            }
+        } else {
+            // The step's two 16-deep halves, written out: as a two-pass loop the kernel ran slower
+            // (BENCHMARKS.md session 22).
+            {
+                let ks = 0u;
+                let a0 = frag_a(fa, 0u, ks);
+                let a1 = frag_a(fa, 1u, ks);
+                let a2 = frag_a(fa, 2u, ks);
+                let a3 = frag_a(fa, 3u, ks);
+                let b0 = frag_b(fb, 0u, ks);
+                let b1 = frag_b(fb, 1u, ks);
+                let b2 = frag_b(fb, 2u, ks);
+                let b3 = frag_b(fb, 3u, ks);
+                c00 = coopMultiplyAdd(a0, b0, c00);
+                c01 = coopMultiplyAdd(a0, b1, c01);
+                c02 = coopMultiplyAdd(a0, b2, c02);
+                c03 = coopMultiplyAdd(a0, b3, c03);
+                c10 = coopMultiplyAdd(a1, b0, c10);
+                c11 = coopMultiplyAdd(a1, b1, c11);
+                c12 = coopMultiplyAdd(a1, b2, c12);
+                c13 = coopMultiplyAdd(a1, b3, c13);
+                c20 = coopMultiplyAdd(a2, b0, c20);
+                c21 = coopMultiplyAdd(a2, b1, c21);
+                c22 = coopMultiplyAdd(a2, b2, c22);
+                c23 = coopMultiplyAdd(a2, b3, c23);
+                c30 = coopMultiplyAdd(a3, b0, c30);
+                c31 = coopMultiplyAdd(a3, b1, c31);
+                c32 = coopMultiplyAdd(a3, b2, c32);
+                c33 = coopMultiplyAdd(a3, b3, c33);
+            }
+            {
+                let ks = 16u;
+                let a0 = frag_a(fa, 0u, ks);
+                let a1 = frag_a(fa, 1u, ks);
+                let a2 = frag_a(fa, 2u, ks);
+                let a3 = frag_a(fa, 3u, ks);
+                let b0 = frag_b(fb, 0u, ks);
+                let b1 = frag_b(fb, 1u, ks);
+                let b2 = frag_b(fb, 2u, ks);
+                let b3 = frag_b(fb, 3u, ks);
+                c00 = coopMultiplyAdd(a0, b0, c00);
+                c01 = coopMultiplyAdd(a0, b1, c01);
+                c02 = coopMultiplyAdd(a0, b2, c02);
+                c03 = coopMultiplyAdd(a0, b3, c03);
+                c10 = coopMultiplyAdd(a1, b0, c10);
+                c11 = coopMultiplyAdd(a1, b1, c11);
+                c12 = coopMultiplyAdd(a1, b2, c12);
+                c13 = coopMultiplyAdd(a1, b3, c13);
+                c20 = coopMultiplyAdd(a2, b0, c20);
+                c21 = coopMultiplyAdd(a2, b1, c21);
+                c22 = coopMultiplyAdd(a2, b2, c22);
+                c23 = coopMultiplyAdd(a2, b3, c23);
+                c30 = coopMultiplyAdd(a3, b0, c30);
+                c31 = coopMultiplyAdd(a3, b1, c31);
+                c32 = coopMultiplyAdd(a3, b2, c32);
+                c33 = coopMultiplyAdd(a3, b3, c33);
+            }
         }
     }
     coopStoreT(c00, &c[c00i], ldc);

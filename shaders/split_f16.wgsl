@@ -27,7 +27,9 @@
 //   `absmax`    amax[slot] = max(amax[slot], bits of |x|) over the kept entries. Non-negative
 //               f32 values order like their bits, so an atomic u32 maximum is the f32 maximum.
 //   `split`     hi, lo at dense offset `dst` + the panel's element index (one n × n f16 matrix
-//               per operand across all panels).
+//               per operand across all panels), lo `lo` elements further into its binding (lo is
+//               hi's buffer, bound twice, where both halves share one: the staged tensor-core
+//               kernels read them in one product).
 //   `unscale`   A's mask and scale in place: t ← α·2^−(s₀+s₁)·t strictly above the diagonal,
 //               0 on and below it (quant_mask.wgsl's `triu1_scale` with the split's scales).
 //
@@ -57,7 +59,8 @@ struct Params {
     tri: u32,
     // `unscale`: α.
     alpha: f32,
-    _p: u32,
+    // `split`: lo's offset in its binding past hi's (a multiple of 4).
+    lo: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -140,7 +143,7 @@ fn split(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec
     let o = (p.dst >> 2u) + v;
     // hi is exact in f16; x − hi is exact in f32 and rounded once here.
     hi4[o] = vec4<f16>(hi);
-    lo4[o] = vec4<f16>(x - hi);
+    lo4[o + (p.lo >> 2u)] = vec4<f16>(x - hi);
 }
 
 @compute @workgroup_size(256)

@@ -1211,6 +1211,181 @@ fn coop_gemm_matches_f64_where_granted() {
     );
 }
 
+/// The staged tensor-core kernels with split-f16 operands (`CoopOperand::split`,
+/// `gemm_staged_coop.wgsl`'s `SPLIT`: `C += Ah·Bh + Ah·Bl + Al·Bh` in one launch, GPTAQ's A and
+/// its pending flushes) against f64, for every staged layout, adding to a non-zero C and
+/// overwriting it; each operand's hi half at an offset and its lo half at another in the same
+/// buffer. Shapes: one 16-deep step, several, a grid of several blocks, the upper-triangle
+/// kernels on square ones. Everywhere (lavapipe too): split operands are refused by the unstaged
+/// kernels, alone (one operand split) and at depths that are not multiples of 16.
+#[test]
+fn coop_split_gemm_matches_f64_where_granted() {
+    let Some(ctx) = test_context() else { return };
+    let h = |v: f32| half::f16::from_f32(v);
+    let one = ctx.upload("one", &vec![h(0.5); 128 * 128 * 2]).unwrap();
+    let c1 = ctx.upload("c1", &vec![0f32; 128 * 128]).unwrap();
+    // The checks the kernels rely on (`check_coop_batched`, adapter-independent).
+    let refused = |op: CoopOp, k: usize, a_lo: Option<usize>, b_lo: Option<usize>| {
+        let mut a = ops::CoopOperand::new(&one, 0, 128);
+        let mut b = ops::CoopOperand::new(&one, 0, 128);
+        a.lo = a_lo;
+        b.lo = b_lo;
+        let batch = ops::CoopBatch::flat(1, 0);
+        ops::check_coop_batched(op, (128, 128, k), &batch, &a, &b, &MatView::new(&c1, 128)).is_err()
+    };
+    for op in [CoopOp::Nt, CoopOp::Nn, CoopOp::Tn, CoopOp::Nt64] {
+        assert!(
+            refused(op, 64, Some(128 * 64), Some(128 * 64)),
+            "{op:?} accepted split operands"
+        );
+        assert!(!ops::coop_split_shape_ok_for(op, 128, 128, 64));
+    }
+    assert!(
+        refused(CoopOp::Nt128, 64, Some(128 * 64), None),
+        "a lone split A accepted"
+    );
+    assert!(
+        refused(CoopOp::Nt128, 64, None, Some(128 * 64)),
+        "a lone split B accepted"
+    );
+    assert!(
+        refused(CoopOp::Nt128, 24, Some(128 * 64), Some(128 * 64)),
+        "K = 24 accepted"
+    );
+    assert!(
+        refused(CoopOp::Nt128, 64, Some(128 * 64 + 2), Some(128 * 64)),
+        "a lo offset that is not a multiple of 4 accepted"
+    );
+    assert!(
+        refused(CoopOp::Nt128, 64, Some(128 * 192), Some(128 * 64)),
+        "a lo half past the buffer's end accepted"
+    );
+    assert!(ops::coop_split_shape_ok_for(CoopOp::Nt128, 128, 128, 48));
+    assert!(
+        !refused(CoopOp::Nt128, 64, Some(128 * 64), Some(128 * 64)),
+        "a valid split product refused"
+    );
+    if !ops::coop_staged_available(&ctx) {
+        eprintln!("note: no staged tensor-core kernels here; split products not exercised");
+        return;
+    }
+    let staged = [
+        CoopOp::Nt128,
+        CoopOp::Tn128,
+        CoopOp::Nn128,
+        CoopOp::Tn128Upper,
+        CoopOp::Nt128UpperTail,
+    ];
+    let shapes = [
+        (128usize, 128usize, 16usize),
+        (128, 256, 48),
+        (384, 128, 400),
+        (256, 256, 256),
+        (384, 384, 384),
+    ];
+    let mut ran = 0;
+    for &(m, n, k) in &shapes {
+        for op in staged {
+            if !ops::coop_split_shape_ok_for(op, m, n, k) {
+                continue;
+            }
+            ran += 1;
+            let mut r = rng((m * 5 + n * 11 + k) as u64 + op as u64);
+            let (trans_a, trans_b) = op.transposes();
+            let (sa, sb) = (m * k, k * n);
+            // hi from offset 8, lo after a gap (both multiples of 4), lo entries 2^−11 smaller.
+            let (off_a, off_b) = (8, 4 * (k % 5));
+            let (lo_a, lo_b) = (sa + 12, sb + 4);
+            let mut a16 = vec![h(f32::NAN); off_a + lo_a + sa];
+            let mut b16 = vec![h(f32::NAN); off_b + lo_b + sb];
+            let fill = |buf: &mut Vec<half::f16>,
+                        off: usize,
+                        lo: usize,
+                        len: usize,
+                        r: &mut rand_chacha::ChaCha8Rng| {
+                let hi = rand_vec(r, len);
+                let small = rand_vec(r, len);
+                for e in 0..len {
+                    buf[off + e] = h(hi[e]);
+                    buf[off + lo + e] = h(small[e] * 2f32.powi(-11));
+                }
+            };
+            fill(&mut a16, off_a, lo_a, sa, &mut r);
+            fill(&mut b16, off_b, lo_b, sb, &mut r);
+            let lda = if trans_a { m } else { k };
+            let ldb = if trans_b { k } else { n };
+            let at = |lo: usize, i: usize, l: usize| {
+                let e = if trans_a { l * lda + i } else { i * lda + l };
+                f64::from(a16[off_a + lo + e].to_f32())
+            };
+            let bt = |lo: usize, l: usize, j: usize| {
+                let e = if trans_b { j * ldb + l } else { l * ldb + j };
+                f64::from(b16[off_b + lo + e].to_f32())
+            };
+            let c0 = rand_vec(&mut r, m * n);
+            let upper = matches!(op, CoopOp::Tn128Upper | CoopOp::Nt128UpperTail);
+            let want = |add: bool| -> Vec<f64> {
+                (0..m * n)
+                    .map(|e| {
+                        let (i, j) = (e / n, e % n);
+                        if upper && i / 128 > j / 128 {
+                            return f64::from(c0[e]);
+                        }
+                        let k0 = if op == CoopOp::Nt128UpperTail {
+                            j / 128 * 128
+                        } else {
+                            0
+                        };
+                        let s: f64 = (k0..k)
+                            .map(|l| {
+                                at(0, i, l) * bt(0, l, j)
+                                    + at(0, i, l) * bt(lo_b, l, j)
+                                    + at(lo_a, i, l) * bt(0, l, j)
+                            })
+                            .sum();
+                        s + if add { f64::from(c0[e]) } else { 0.0 }
+                    })
+                    .collect()
+            };
+            let (ga, gb) = (
+                ctx.upload("a16", &a16).unwrap(),
+                ctx.upload("b16", &b16).unwrap(),
+            );
+            for accumulate in [true, false] {
+                if op == CoopOp::Tn128Upper && !accumulate {
+                    continue;
+                }
+                let gc = ctx.upload("c", &c0).unwrap();
+                let mut rec = ctx.recorder();
+                ops::gemm_coop_batched(
+                    &mut rec,
+                    op,
+                    (m, n, k),
+                    ops::CoopBatch::flat(1, 0),
+                    ops::CoopOperand::new(&ga, off_a, lda).split(lo_a),
+                    ops::CoopOperand::new(&gb, off_b, ldb).split(lo_b),
+                    MatView::new(&gc, n),
+                    accumulate,
+                )
+                .unwrap();
+                rec.submit();
+                assert_close(
+                    &format!(
+                        "split tensor-core gemm {op:?} m={m} n={n} k={k} accumulate {accumulate}"
+                    ),
+                    &ctx.read(&gc).unwrap(),
+                    &want(accumulate),
+                    1e-4 * (k as f64).sqrt(),
+                    1e-4,
+                );
+            }
+        }
+    }
+    // Nt128, Tn128 and Nn128 on all five shapes, the upper-triangle kernels on the three square
+    // ones, the upper tail where K = N as well (two of them).
+    assert_eq!(ran, 15 + 3 + 2, "split tensor-core cases run");
+}
+
 /// The batched tensor-core GEMM with the strides attention uses: four A's as column slices of
 /// one wider matrix (ld = 4·K, batch stride K, like the query heads), two B's each shared by two
 /// consecutive entries (group 2, like a key/value head shared by its query heads), and the four

@@ -1451,6 +1451,14 @@ impl CoopOp {
         if self.staged() { 32 } else { 16 }
     }
 
+    /// K (each half's depth) must be a multiple of this for the products of split operands
+    /// ([`CoopOperand::split`]): 16 on the staged kernels, which stage 16 of each half per step;
+    /// `None` for the unstaged ones, which take split operands as three products or one with K
+    /// tripled (quant/gpu.rs `gptaq_a_split`, quant/flush.rs).
+    pub fn split_k_step(self) -> Option<usize> {
+        self.staged().then_some(16)
+    }
+
     /// Whether this is a staged kernel (`gemm_staged_coop.wgsl`, [`coop_staged_available`]).
     pub fn staged(self) -> bool {
         matches!(
@@ -1478,7 +1486,7 @@ impl CoopOp {
     /// The staged kernel's override constants for this layout (`A_T`, `B_T` in
     /// `gemm_staged_coop.wgsl`) and for adding to C or overwriting it (`ACCUMULATE`); none for
     /// the unstaged kernels, which always add.
-    fn staged_constants(self, accumulate: bool) -> Vec<(&'static str, f64)> {
+    fn staged_constants(self, accumulate: bool, split: bool) -> Vec<(&'static str, f64)> {
         if !self.staged() {
             return Vec::new();
         }
@@ -1490,6 +1498,9 @@ impl CoopOp {
         ];
         if self == CoopOp::Nt128UpperTail {
             c.push(("K_FROM_COL", 1.0));
+        }
+        if split {
+            c.push(("SPLIT", 1.0));
         }
         c
     }
@@ -1523,6 +1534,18 @@ impl CoopOp {
 /// offsets and strides that are multiples of 4: [`check_coop_batched`]; [`CoopOp::Tn128Upper`] a
 /// square C, [`CoopOp::Nt128UpperTail`] also K = N).
 pub fn coop_shape_ok_for(op: CoopOp, m: usize, n: usize, k: usize) -> bool {
+    coop_tiles(op, (m, n, k), op.k_step())
+}
+
+/// [`coop_shape_ok_for`] for split operands ([`CoopOperand::split`]; K is each half's depth):
+/// staged kernels only, K a multiple of [`CoopOp::split_k_step`].
+pub fn coop_split_shape_ok_for(op: CoopOp, m: usize, n: usize, k: usize) -> bool {
+    op.split_k_step()
+        .is_some_and(|ks| coop_tiles(op, (m, n, k), ks))
+}
+
+/// Whether `op`'s blocks and K steps of `k_step` tile the product exactly.
+fn coop_tiles(op: CoopOp, (m, n, k): (usize, usize, usize), k_step: usize) -> bool {
     let b = op.block();
     (op != CoopOp::Tn128Upper || m == n)
         && (op != CoopOp::Nt128UpperTail || (m == n && k == n))
@@ -1531,7 +1554,7 @@ pub fn coop_shape_ok_for(op: CoopOp, m: usize, n: usize, k: usize) -> bool {
         && k > 0
         && m.is_multiple_of(b)
         && n.is_multiple_of(b)
-        && k.is_multiple_of(op.k_step())
+        && k.is_multiple_of(k_step)
 }
 
 /// One f16 operand of [`gemm_coop_batched`]: stored row-major from element `off` of `buf`, rows
@@ -1547,6 +1570,9 @@ pub struct CoopOperand<'a> {
     pub stride: usize,
     pub group: usize,
     pub outer: usize,
+    /// A split-f16 operand's lo half: the same layout, starting this many elements after the hi
+    /// half it is read with ([`CoopOperand::split`]).
+    pub lo: Option<usize>,
 }
 
 impl<'a> CoopOperand<'a> {
@@ -1559,7 +1585,17 @@ impl<'a> CoopOperand<'a> {
             stride: 0,
             group: 1,
             outer: 0,
+            lo: None,
         }
+    }
+
+    /// This operand as the hi half of a split-f16 pair (`split_f16.wgsl`) whose lo half starts
+    /// `lo` elements later in the same buffer. With both operands split, a staged kernel adds
+    /// `op(Ah)·op(Bh) + op(Ah)·op(Bl) + op(Al)·op(Bh)` to C in one launch
+    /// (`gemm_staged_coop.wgsl`'s `SPLIT`; [`CoopOp::split_k_step`]).
+    pub fn split(mut self, lo: usize) -> Self {
+        self.lo = Some(lo);
+        self
     }
 
     /// Batch entries `stride` elements apart, `group` consecutive entries per operand.
@@ -1638,7 +1674,9 @@ pub struct CoopParams {
     xa: u32,
     xb: u32,
     xc: u32,
-    _p: [u32; 2],
+    /// Split operands' lo halves, elements after their hi halves (`gemm_staged_coop.wgsl`).
+    la: u32,
+    lb: u32,
 }
 
 impl CoopParams {
@@ -1711,8 +1749,28 @@ pub fn check_coop_batched(
     b: &CoopOperand<'_>,
     c: &MatView<'_>,
 ) -> Result<(), GpuError> {
-    let (blk, ks) = (op.block(), op.k_step());
-    if !coop_shape_ok_for(op, m, n, k) || c.trans || c.ld < n || batch.count() == 0 {
+    let split = match (a.lo, b.lo) {
+        (None, None) => false,
+        (Some(_), Some(_)) => true,
+        _ => {
+            return Err(GpuError::Validation(format!(
+                "tensor-core GEMM {op:?}: split operands come in pairs (A lo {:?}, B lo {:?})",
+                a.lo, b.lo
+            )));
+        }
+    };
+    let blk = op.block();
+    let (ks, shape_ok) = if split {
+        let Some(ks) = op.split_k_step() else {
+            return Err(GpuError::Validation(format!(
+                "tensor-core GEMM {op:?} takes no split operands (staged kernels only)"
+            )));
+        };
+        (ks, coop_split_shape_ok_for(op, m, n, k))
+    } else {
+        (op.k_step(), coop_shape_ok_for(op, m, n, k))
+    };
+    if !shape_ok || c.trans || c.ld < n || batch.count() == 0 {
         return Err(GpuError::Validation(format!(
             "tensor-core GEMM {op:?} takes M, N multiples of {blk} and K of {ks}, ldc ≥ N (got \
              {m}x{n}x{k}, ldc {}, batch {batch:?})",
@@ -1725,19 +1783,22 @@ pub fn check_coop_batched(
     let sb = if tb { (n, k) } else { (k, n) };
     for (what, x, (rows, cols)) in [("A", a, sa), ("B", b, sb)] {
         // The staged kernels read 4 halves (8 bytes) at a time.
+        let lo = x.lo.unwrap_or(0);
         if op.staged()
-            && [x.off, x.ld, x.stride, x.outer]
+            && [x.off, x.ld, x.stride, x.outer, lo]
                 .iter()
                 .any(|v| !v.is_multiple_of(4))
         {
             return Err(GpuError::Validation(format!(
-                "staged tensor-core GEMM {what}: offset {}, row stride {} and batch strides {} / \
-                 {} must be multiples of 4",
+                "staged tensor-core GEMM {what}: offset {}, row stride {}, batch strides {} / {} \
+                 and lo offset {lo} must be multiples of 4",
                 x.off, x.ld, x.stride, x.outer
             )));
         }
-        // Offsets grow with both batch indices: the last entry reaches furthest.
+        // Offsets grow with both batch indices: the last entry reaches furthest (its lo half
+        // `lo` elements further still).
         let need = x.off
+            + lo
             + (batch.outer - 1) * x.outer
             + (batch.inner - 1) / x.group.max(1) * x.stride
             + (rows - 1) * x.ld
@@ -1834,6 +1895,8 @@ fn gemm_coop_dispatch(
         xa: u32_of("gemm A outer batch stride", a.outer)?,
         xb: u32_of("gemm B outer batch stride", b.outer)?,
         xc: u32_of("gemm C outer batch stride", batch.c_outer)?,
+        la: u32_of("gemm A lo offset", a.lo.unwrap_or(0))?,
+        lb: u32_of("gemm B lo offset", b.lo.unwrap_or(0))?,
         ..CoopParams::dense((m, n, k), (a.ld, b.ld, c.ld))?
     };
     let groups = if matches!(op, CoopOp::Tn128Upper | CoopOp::Nt128UpperTail) {
@@ -1857,7 +1920,7 @@ fn gemm_coop_dispatch(
             &GEMM_COOP
         },
         op.entry(),
-        &op.staged_constants(accumulate),
+        &op.staged_constants(accumulate, a.lo.is_some()),
         &params,
         &[a.buf.binding(), b.buf.binding(), c.buf.binding()],
         groups,

@@ -29,7 +29,7 @@
 //! of 96 steps, before it is quantized: W's updates stay f32. So do the per-block catch-ups (K
 //! below L·block, N = one block) and the deferred P's in-block products.
 
-use super::gpu::SPLIT_F16;
+use super::gpu::{SPLIT_F16, split_fused};
 use crate::gpu::kernels::{Recorder, groups_1d};
 use crate::gpu::ops::{self, CoopOp, CoopOperand, MatView, u32_of};
 use crate::gpu::{GpuBuffer, GpuContext, GpuError, GpuMatrix};
@@ -152,21 +152,33 @@ impl FlushSplit {
                 c.len()
             )));
         }
-        self.halves(rec, f, x, y, (first, c0))?;
+        // A staged kernel reads the halves as split operands: K = k, hi·hi + hi·lo + lo·hi in one
+        // pass (`gemm_staged_coop.wgsl`'s `SPLIT`), and the second copy of hi goes unread.
+        let fused = split_fused() && ops::coop_split_shape_ok_for(self.op, rows, width, k);
+        self.halves(rec, f, x, y, (first, c0), fused)?;
+        let (xo, yo) = (
+            CoopOperand::new(&self.x, 0, 3 * k),
+            CoopOperand::new(&self.y, c0, n),
+        );
+        let (kk, xo, yo) = if fused {
+            (k, xo.split(2 * k), yo.split(k * n))
+        } else {
+            (3 * k, xo, yo)
+        };
         ops::gemm_coop_batched(
             rec,
             self.op,
-            (rows, width, 3 * k),
+            (rows, width, kk),
             ops::CoopBatch::flat(1, 0),
-            CoopOperand::new(&self.x, 0, 3 * k),
-            CoopOperand::new(&self.y, c0, n),
+            xo,
+            yo,
             MatView::new(c, n).at(c0),
             true,
         )
     }
 
     /// Flush `f`'s halves: both maxima, then `[Xh | Xh | Xl]` (X negated) and `[Yh; Yl; Yh]`
-    /// (columns c0..).
+    /// (columns c0..); `fused`: the second copies of hi are not written (nothing reads them).
     fn halves(
         &self,
         rec: &mut Recorder<'_>,
@@ -174,6 +186,7 @@ impl FlushSplit {
         x: View<'_>,
         y: &GpuMatrix,
         (first, c0): (usize, usize),
+        fused: bool,
     ) -> Result<(), GpuError> {
         let (rows, n, k) = (self.rows, self.n, self.k);
         let width = n.saturating_sub(c0);
@@ -215,11 +228,13 @@ impl FlushSplit {
                 (r.start - first) * n + c0,
             ));
         }
-        // X (role 0, negated) then Y (role 1): hi twice and lo, laid out as the product reads them.
-        let x_part = [(x, 0usize, (3 * k, k, 2 * k), 0u32, -1.0f32)];
+        // X (role 0, negated) then Y (role 1): hi twice and lo, laid out as the product reads them
+        // (`fused`: hi's second copy at offset 0, i.e. the same store again, which costs nothing).
+        let (x_hi2, y_hi2) = if fused { (0, 0) } else { (k, 2 * k * n) };
+        let x_part = [(x, 0usize, (3 * k, x_hi2, 2 * k), 0u32, -1.0f32)];
         let y_part = y_views
             .iter()
-            .map(|&(v, dst)| (v, dst, (n, 2 * k * n, k * n), 1u32, 1.0f32));
+            .map(|&(v, dst)| (v, dst, (n, y_hi2, k * n), 1u32, 1.0f32));
         let parts: Vec<_> = x_part.into_iter().chain(y_part).collect();
         // Both maxima are complete before either operand is split (dispatches run in order).
         for entry in ["absmax_view", "split_pair"] {
@@ -425,7 +440,7 @@ mod tests {
             // Flush f of four: each uses its own maxima.
             let fs = FlushSplit::with_kernel(&ctx, CoopOp::Nn, (rows, n, k), 4)?;
             let mut rec = ctx.recorder();
-            fs.halves(&mut rec, f, neg_q(&p, &gerr), &ga, (first, c0))?;
+            fs.halves(&mut rec, f, neg_q(&p, &gerr), &ga, (first, c0), false)?;
             rec.submit();
             let maxima = ctx.read(&fs.maxima)?;
             let (mq, ma) = p.maxima();

@@ -243,7 +243,7 @@ struct SplitParams {
     slot: u32,
     tri: u32,
     alpha: f32,
-    _p: u32,
+    lo: u32,
 }
 
 #[repr(C)]
@@ -609,6 +609,15 @@ fn gptaq_a_blocked(
 /// 3.
 pub(crate) const SPLIT_TERMS: usize = 3;
 
+/// Whether the split products run as one launch each on the staged tensor-core kernels
+/// (`gemm_staged_coop.wgsl`'s `SPLIT`: GPTAQ's A where [`Halves::together`], and the pending
+/// flushes); `GPTAQ_SPLIT_FUSED=0` keeps three products (A) or one with K tripled (the flushes),
+/// for A/B runs. Both sum the same three products of the same halves; only the order of the f32
+/// additions differs.
+pub(crate) fn split_fused() -> bool {
+    !crate::env_is!("GPTAQ_SPLIT_FUSED", "0")
+}
+
 /// Whether GPTAQ's `A = α·triu₁(Dp·Uᵀ)` at width `n` can run on the tensor cores
 /// ([`gptaq_a_split`]): a tensor-core `X·Wᵀ` kernel runs here ([`split_op`]), `n` is a multiple
 /// of 128 (the staged kernels' blocks) and one n × n f16 operand fits a binding.
@@ -678,7 +687,11 @@ fn gptaq_a_split(
     };
     let sp = split_operands(ctx, rec, n, u, dp)?;
     // The smaller products first, the leading one last.
-    let all = [(&sp.dl, &sp.uh), (&sp.dh, &sp.ul), (&sp.dh, &sp.uh)];
+    let all = [
+        (sp.d.lo(), sp.u.hi()),
+        (sp.d.hi(), sp.u.lo()),
+        (sp.d.hi(), sp.u.hi()),
+    ];
     let products = &all[3 - terms..];
     if !op.staged() {
         // The unstaged kernels only add: every product then adds into zeros (the mask writes
@@ -690,17 +703,39 @@ fn gptaq_a_split(
     if let (true, Some(buf)) = (op.staged(), dp.single()) {
         // One launch per product over all of A: the blocks on and above the diagonal, each
         // summing K from its own first column on (U's zeros before it): ≈ n³/6 multiply-adds.
-        for (i, &(x, y)) in products.iter().enumerate() {
-            ops::gemm_coop_batched(
-                rec,
-                ops::CoopOp::Nt128UpperTail,
-                (n, n, n),
-                ops::CoopBatch::flat(1, 0),
-                ops::CoopOperand::new(x, 0, n),
-                ops::CoopOperand::new(y, 0, n),
-                MatView::new(buf, n),
-                i > 0,
-            )?;
+        let tail = ops::CoopOp::Nt128UpperTail;
+        let x = ops::CoopOperand::new(sp.d.hi().0, 0, n);
+        let y = ops::CoopOperand::new(sp.u.hi().0, 0, n);
+        match (sp.d.together(), sp.u.together()) {
+            // All three in one launch, where the halves share their buffers.
+            (Some(dl), Some(ul))
+                if terms == 3 && split_fused() && ops::coop_split_shape_ok_for(tail, n, n, n) =>
+            {
+                ops::gemm_coop_batched(
+                    rec,
+                    tail,
+                    (n, n, n),
+                    ops::CoopBatch::flat(1, 0),
+                    x.split(dl),
+                    y.split(ul),
+                    MatView::new(buf, n),
+                    false,
+                )?;
+            }
+            _ => {
+                for (i, &(x, y)) in products.iter().enumerate() {
+                    ops::gemm_coop_batched(
+                        rec,
+                        tail,
+                        (n, n, n),
+                        ops::CoopBatch::flat(1, 0),
+                        ops::CoopOperand::new(x.0, x.1, n),
+                        ops::CoopOperand::new(y.0, y.1, n),
+                        MatView::new(buf, n),
+                        i > 0,
+                    )?;
+                }
+            }
         }
         return split_unscale(rec, n, dp, &sp.maxima, alpha);
     }
@@ -720,8 +755,8 @@ fn gptaq_a_split(
                     op,
                     (b - a, j1 - j0, n - j0),
                     ops::CoopBatch::flat(1, 0),
-                    ops::CoopOperand::new(x, a * n + j0, n),
-                    ops::CoopOperand::new(y, j0 * n + j0, n),
+                    ops::CoopOperand::new(x.0, x.1 + a * n + j0, n),
+                    ops::CoopOperand::new(y.0, y.1 + j0 * n + j0, n),
                     MatView::new(buf, n).at((a - r.start) * n + j0),
                     i > 0 || !op.staged(),
                 )?;
@@ -735,11 +770,54 @@ fn gptaq_a_split(
 /// with zeros on and below the diagonal, `U ≈ (uh + ul)·2^−s₁` with zeros below it, each n × n
 /// dense; `maxima` holds the two largest magnitudes the scales come from.
 struct SplitOperands {
-    dh: GpuBuffer<half::f16>,
-    dl: GpuBuffer<half::f16>,
-    uh: GpuBuffer<half::f16>,
-    ul: GpuBuffer<half::f16>,
+    d: Halves,
+    u: Halves,
     maxima: GpuBuffer<u32>,
+}
+
+/// One operand's two n × n f16 halves: in one buffer, lo `n²` elements after hi, where that fits
+/// a binding (the staged tensor-core kernels then read both halves in one product,
+/// [`ops::CoopOperand::split`]), else in two.
+struct Halves {
+    hi: GpuBuffer<half::f16>,
+    lo: Option<GpuBuffer<half::f16>>,
+    nn: usize,
+}
+
+impl Halves {
+    fn new(ctx: &GpuContext, what: &str, n: usize) -> Result<Self, GpuError> {
+        let nn = n * n;
+        // Every element is written (the panels cover all rows).
+        Ok(if (2 * nn * 2) as u64 <= ctx.max_binding_bytes() {
+            Self {
+                hi: ctx.scratch::<half::f16>(&format!("split {what} hi, lo"), 2 * nn)?,
+                lo: None,
+                nn,
+            }
+        } else {
+            Self {
+                hi: ctx.scratch::<half::f16>(&format!("split {what} hi"), nn)?,
+                lo: Some(ctx.scratch::<half::f16>(&format!("split {what} lo"), nn)?),
+                nn,
+            }
+        })
+    }
+
+    fn hi(&self) -> (&GpuBuffer<half::f16>, usize) {
+        (&self.hi, 0)
+    }
+
+    fn lo(&self) -> (&GpuBuffer<half::f16>, usize) {
+        match &self.lo {
+            Some(b) => (b, 0),
+            None => (&self.hi, self.nn),
+        }
+    }
+
+    /// Both halves in one buffer: `Some(lo's offset)` (for [`ops::CoopOperand::split`]).
+    fn together(&self) -> Option<usize> {
+        self.lo.is_none().then_some(self.nn)
+    }
 }
 
 fn split_operands(
@@ -760,19 +838,16 @@ fn split_operands(
         ))
         .into());
     }
-    // Every element of the copies is written (the panels cover all rows).
-    let halves = |what: &str| ctx.scratch::<half::f16>(what, n * n);
     let sp = SplitOperands {
-        dh: halves("split D hi")?,
-        dl: halves("split D lo")?,
-        uh: halves("split U hi")?,
-        ul: halves("split U lo")?,
+        d: Halves::new(ctx, "D", n)?,
+        u: Halves::new(ctx, "U", n)?,
         maxima: ctx.zeros::<u32>("split maxima", 2)?,
     };
-    let operands = [(dp, 0u32, 1u32, &sp.dh, &sp.dl), (u, 1, 0, &sp.uh, &sp.ul)];
+    let operands = [(dp, 0u32, 1u32, &sp.d), (u, 1, 0, &sp.u)];
     // Both maxima are complete before either split reads them (passes run in order).
     for entry in ["absmax", "split"] {
-        for &(m, slot, tri, hi, lo) in &operands {
+        for &(m, slot, tri, halves) in &operands {
+            let (hi, lo) = (halves.hi().0, halves.lo());
             for (pt, buf) in m.panels().iter().enumerate() {
                 let r = m.panel_range(pt);
                 let params = SplitParams {
@@ -783,13 +858,14 @@ fn split_operands(
                     slot,
                     tri,
                     alpha: 0.0,
-                    _p: 0,
+                    lo: u32_of("split lo offset", lo.1)?,
                 };
                 let groups =
                     groups_1d(u32_of("split workgroups", (r.len() * n / 4).div_ceil(256))?);
                 let mut bindings = vec![buf.binding(), sp.maxima.binding()];
                 if entry == "split" {
-                    bindings.extend([hi.binding(), lo.binding()]);
+                    // One buffer for both halves: bound twice, written at disjoint offsets.
+                    bindings.extend([hi.binding(), lo.0.binding()]);
                 }
                 rec.dispatch(&SPLIT_F16, entry, &[], &params, &bindings, groups)?;
             }
@@ -821,7 +897,7 @@ fn split_unscale(
                 slot: 0,
                 tri: 1,
                 alpha,
-                _p: 0,
+                lo: 0,
             },
             &[buf.binding(), maxima.binding()],
             groups_1d(u32_of("split workgroups", (r.len() * n / 4).div_ceil(256))?),
@@ -2850,15 +2926,25 @@ mod tests {
             let mut rec = ctx.recorder();
             let sp = split_operands(&ctx, &mut rec, n, &gu, &gd)?;
             rec.submit();
-            let halves =
-                |b: &crate::gpu::GpuBuffer<half::f16>| -> Result<Vec<f64>, crate::gpu::GpuError> {
-                    Ok(ctx.read(b)?.iter().map(|h| f64::from(h.to_f32())).collect())
-                };
+            // One n × n half from wherever it lies (both in one buffer where it fits a binding).
+            let half = |(b, off): (&crate::gpu::GpuBuffer<half::f16>, usize)| -> Result<
+                Vec<f64>,
+                crate::gpu::GpuError,
+            > {
+                Ok(ctx.read(b)?[off..off + n * n]
+                    .iter()
+                    .map(|h| f64::from(h.to_f32()))
+                    .collect())
+            };
+            assert!(
+                sp.d.together().is_some() && sp.u.together().is_some(),
+                "split n={n}: the halves fit one binding here"
+            );
             let maxima = ctx.read(&sp.maxima)?;
             let mut scaled = Vec::new();
             for (what, x, hi, lo, slot, first) in [
-                ("Dp", &p.d, halves(&sp.dh)?, halves(&sp.dl)?, 0, 1),
-                ("U", &p.u, halves(&sp.uh)?, halves(&sp.ul)?, 1, 0),
+                ("Dp", &p.d, half(sp.d.hi())?, half(sp.d.lo())?, 0, 1),
+                ("U", &p.u, half(sp.u.hi())?, half(sp.u.lo())?, 1, 0),
             ] {
                 let kept = |i: usize, j: usize| j >= i + first;
                 let m = (0..n * n)
