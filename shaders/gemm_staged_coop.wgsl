@@ -61,8 +61,8 @@
 // (gate_proj on 32768 tokens: C 1.9 GB, X and W 0.4 GB).
 //
 // Requirements (ops::check_coop_batched and ops::coop_staged_available): M and N multiples of 128,
-// K of 32; every offset, row stride and batch stride of A and B a multiple of 4 (A and B are
-// read four halves, 8 bytes, per load); subgroups of exactly 32 invocations (so the 128
+// K of 32 (of 16 with SPLIT); every offset, row stride and batch stride of A and B, and the lo
+// halves' offsets la and lb, a multiple of 4 (A and B are read four halves, 8 bytes, per load); subgroups of exactly 32 invocations (so the 128
 // invocations are four subgroups, told apart by subgroup_id); 20 KiB of workgroup memory. The
 // grid is exactly (N/128, M/128, batch), and no branch depends on the invocation (frag_a and
 // frag_b branch and return early on the override constants, the upper entry's block index on the

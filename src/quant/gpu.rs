@@ -72,10 +72,15 @@
 //! - With [`SolveFlags::split_f16`] (the pipeline's tensor-core runs) GPTAQ's `A = α·triu₁(Dp·Uᵀ)`
 //!   comes from split-f16 operands on the tensor cores (`split_f16.wgsl`, `gptaq_a_split`):
 //!   each f32 operand as two power-of-two-scaled halves (22 of f32's 24 bits), three products with
-//!   f32 accumulation. A's error is 3.5–6× the f32 GEMMs' (H100: 2.6·10⁻⁶ / 8.8·10⁻⁶ relative
-//!   at n = 4096 / 14336 against 0.75 / 1.5·10⁻⁶; it grows with K, the tensor cores'
-//!   accumulation truncating) and 35–115× below f16 operands' (BENCHMARKS.md session 32); the
-//!   tests bound it per entry (2^−19 of `α·Σ|Dp||U|` plus 2^−23 per term of the sum). Like any
+//!   f32 accumulation — on the staged kernels in one launch that interleaves them per 16-deep
+//!   step (`gemm_staged_coop.wgsl`'s `SPLIT`; [`split_fused`]), elsewhere as three. A's error
+//!   grows with K, the tensor cores' accumulation truncating once per 16-deep product: as three
+//!   launches 3.5–6× the f32 GEMMs' (H100: 2.6·10⁻⁶ / 8.8·10⁻⁶ relative at n = 4096 / 14336
+//!   against 0.75 / 1.5·10⁻⁶, BENCHMARKS.md session 32), in one launch about 3× that (7.5·10⁻⁶ /
+//!   2.6·10⁻⁵, session 39: each accumulator now takes three truncations per step at its full
+//!   magnitude) — still 11–40× below f16 operands' (3·10⁻⁴), and below the f16 rounding that
+//!   the tensor-core statistics already put into D; the tests bound it per entry (2^−19 of
+//!   `α·Σ|Dp||U|` plus 2^−23 per term of the sum). Like any
 //!   round-off-level change it can flip near-tie codes. The statistics of such runs are
 //!   f16-rounded already (their activations are cast to f16), far coarser than this. The
 //!   deferred P's pending flushes `G[:, i2:] += Q·A` then take split operands too
@@ -777,7 +782,8 @@ struct SplitOperands {
 
 /// One operand's two n × n f16 halves: in one buffer, lo `n²` elements after hi, where that fits
 /// a binding (the staged tensor-core kernels then read both halves in one product,
-/// [`ops::CoopOperand::split`]), else in two.
+/// [`ops::CoopOperand::split`]), else in two. The limit is the panel size
+/// ([`GpuContext::panel_bytes`]: the binding limit, or the tests' smaller cap).
 struct Halves {
     hi: GpuBuffer<half::f16>,
     lo: Option<GpuBuffer<half::f16>>,
@@ -788,7 +794,7 @@ impl Halves {
     fn new(ctx: &GpuContext, what: &str, n: usize) -> Result<Self, GpuError> {
         let nn = n * n;
         // Every element is written (the panels cover all rows).
-        Ok(if (2 * nn * 2) as u64 <= ctx.max_binding_bytes() {
+        Ok(if (2 * nn * 2) as u64 <= ctx.panel_bytes() {
             Self {
                 hi: ctx.scratch::<half::f16>(&format!("split {what} hi, lo"), 2 * nn)?,
                 lo: None,
@@ -2921,10 +2927,12 @@ mod tests {
             ctx.set_panel_cap((panel_rows > 0).then_some((panel_rows * n * 4) as u64));
             let gu = ctx.matrix_upload("U", &u, n, n, 4);
             let gd = ctx.matrix_upload("D", &d, n, n, 4);
-            ctx.set_panel_cap(None);
             let (gu, gd) = (gu?, gd?);
             let mut rec = ctx.recorder();
-            let sp = split_operands(&ctx, &mut rec, n, &gu, &gd)?;
+            // Under the cap the halves get a buffer each, as past the binding limit.
+            let sp = split_operands(&ctx, &mut rec, n, &gu, &gd);
+            ctx.set_panel_cap(None);
+            let sp = sp?;
             rec.submit();
             // One n × n half from wherever it lies (both in one buffer where it fits a binding).
             let half = |(b, off): (&crate::gpu::GpuBuffer<half::f16>, usize)| -> Result<
@@ -2936,9 +2944,10 @@ mod tests {
                     .map(|h| f64::from(h.to_f32()))
                     .collect())
             };
-            assert!(
-                sp.d.together().is_some() && sp.u.together().is_some(),
-                "split n={n}: the halves fit one binding here"
+            assert_eq!(
+                (sp.d.together().is_some(), sp.u.together().is_some()),
+                (panel_rows == 0, panel_rows == 0),
+                "split n={n} panel rows {panel_rows}: both halves in one buffer"
             );
             let maxima = ctx.read(&sp.maxima)?;
             let mut scaled = Vec::new();
