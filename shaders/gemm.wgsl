@@ -310,50 +310,42 @@ fn ld4_b(srow: u32, scol: u32, lo: u32, lim: u32, aligned: bool) -> vec4<f32> {
     return v;
 }
 
-// Share `t` of a slice of op(A) starting at k0 for the tile rows from row0, one vec4 each:
-// k-contiguous (A row-major M×K), row t / kq and k0 + (t % kq)·4 .. +4 (kq vec4s per row);
-// x-contiguous (A stored K×M), k0 + t / xq and rows (t % xq)·4 .. +4 (xq vec4s per k). The
-// kernels pass constants (`gemm_large`: kq = 2, xq = 32 for its 8 × 128 slices; `gemm_narrow`:
-// kq = xq = 8 for 32 × 32), which the drivers fold after inlining.
-fn fetch_a_share(row0: u32, k0: u32, t: u32, aligned: bool, kq: u32, xq: u32) -> vec4<f32> {
+// This invocation's share of slice k0 .. k0 + 8 of op(A) (written out per kernel, like
+// `fetch_na` / `fetch_nb`: with the shares' divisors as parameters of one shared helper the H100
+// ran `gemm_large` 1.4–1.7 % slower at 4096³ in the nn and tn layouts, BENCHMARKS.md session
+// 39): k-contiguous (A row-major M×K), row
+// tid / 2 and k0 + (tid % 2)·4 .. +4; x-contiguous (A stored K×M), k0 + tid / 32 and columns
+// (tid % 32)·4 .. +4 of the tile.
+fn fetch_a(row0: u32, k0: u32, tid: u32, aligned: bool) -> vec4<f32> {
     if (!TRANS_A) {
-        let row = row0 + t / kq;
+        let row = row0 + tid / 2u;
         if (row >= p.m) {
             return vec4<f32>(0.0);
         }
-        return ld4_a(row, k0 + (t % kq) * 4u, k_beg, k_end, aligned);
+        return ld4_a(row, k0 + (tid % 2u) * 4u, k_beg, k_end, aligned);
     }
-    let kk = k0 + t / xq;
+    let kk = k0 + tid / 32u;
     if (kk < k_beg || kk >= k_end) {
         return vec4<f32>(0.0);
     }
-    return ld4_a(kk, row0 + (t % xq) * 4u, 0u, p.m, aligned);
+    return ld4_a(kk, row0 + (tid % 32u) * 4u, 0u, p.m, aligned);
 }
 
-// The same for op(B) and the tile columns from col0: k-contiguous (B stored N×K), column t / kq;
-// x-contiguous (B row-major K×N), k0 + t / xq and columns (t % xq)·4 .. +4.
-fn fetch_b_share(col0: u32, k0: u32, t: u32, aligned: bool, kq: u32, xq: u32) -> vec4<f32> {
+// The same for op(B): k-contiguous (B stored N×K), column tid / 2; x-contiguous (B row-major
+// K×N), k0 + tid / 32 and columns (tid % 32)·4 .. +4.
+fn fetch_b(col0: u32, k0: u32, tid: u32, aligned: bool) -> vec4<f32> {
     if (TRANS_B) {
-        let col = col0 + t / kq;
+        let col = col0 + tid / 2u;
         if (col >= p.n) {
             return vec4<f32>(0.0);
         }
-        return ld4_b(col, k0 + (t % kq) * 4u, k_beg, k_end, aligned);
+        return ld4_b(col, k0 + (tid % 2u) * 4u, k_beg, k_end, aligned);
     }
-    let kk = k0 + t / xq;
+    let kk = k0 + tid / 32u;
     if (kk < k_beg || kk >= k_end) {
         return vec4<f32>(0.0);
     }
-    return ld4_b(kk, col0 + (t % xq) * 4u, 0u, p.n, aligned);
-}
-
-// `gemm_large`'s shares of slice k0 .. k0 + 8 (128 × 8 of each operand, one vec4 per invocation).
-fn fetch_a(row0: u32, k0: u32, tid: u32, aligned: bool) -> vec4<f32> {
-    return fetch_a_share(row0, k0, tid, aligned, 2u, 32u);
-}
-
-fn fetch_b(col0: u32, k0: u32, tid: u32, aligned: bool) -> vec4<f32> {
-    return fetch_b_share(col0, k0, tid, aligned, 2u, 32u);
+    return ld4_b(kk, col0 + (tid % 32u) * 4u, 0u, p.n, aligned);
 }
 
 // Stores the fetched vectors into buffer `off` in the staging layout: [k][x / 4 (swizzled where
@@ -556,15 +548,40 @@ const NA_LD: u32 = 33u;
 var<workgroup> na: array<f32, 1056>;
 var<workgroup> nb: array<vec4<f32>, 512>;
 
-// `gemm_narrow`'s shares of slice k0 .. k0 + 32: op(A)'s 32 tile rows, one vec4 per invocation
-// (`fetch_a_share` with kq = xq = 8); op(B)'s 64 tile columns, two (shares e = tid and tid + 256:
-// k-contiguous column e / 8, x-contiguous k0 + e / 16 and columns (e % 16)·4 .. +4).
+// This invocation's share of slice k0 .. k0 + 32 of op(A)'s tile rows row0 .. row0 + 32:
+// k-contiguous (A row-major M×K), row tid / 8 and k0 + (tid % 8)·4 .. +4; x-contiguous (A stored
+// K×M), k0 + tid / 8 and rows (tid % 8)·4 .. +4.
 fn fetch_na(row0: u32, k0: u32, tid: u32, aligned: bool) -> vec4<f32> {
-    return fetch_a_share(row0, k0, tid, aligned, 8u, 8u);
+    if (!TRANS_A) {
+        let row = row0 + tid / 8u;
+        if (row >= p.m) {
+            return vec4<f32>(0.0);
+        }
+        return ld4_a(row, k0 + (tid % 8u) * 4u, k_beg, k_end, aligned);
+    }
+    let kk = k0 + tid / 8u;
+    if (kk < k_beg || kk >= k_end) {
+        return vec4<f32>(0.0);
+    }
+    return ld4_a(kk, row0 + (tid % 8u) * 4u, 0u, p.m, aligned);
 }
 
+// Element-share `e` (< 512; each invocation fetches e = tid and tid + 256) of the slice of op(B)'s
+// tile columns col0 .. col0 + 64: x-contiguous (B row-major K×N), k0 + e / 16 and columns
+// (e % 16)·4 .. +4; k-contiguous (B stored N×K), column e / 8 and k0 + (e % 8)·4 .. +4.
 fn fetch_nb(col0: u32, k0: u32, e: u32, aligned: bool) -> vec4<f32> {
-    return fetch_b_share(col0, k0, e, aligned, 8u, 16u);
+    if (TRANS_B) {
+        let col = col0 + e / 8u;
+        if (col >= p.n) {
+            return vec4<f32>(0.0);
+        }
+        return ld4_b(col, k0 + (e % 8u) * 4u, k_beg, k_end, aligned);
+    }
+    let kk = k0 + e / 16u;
+    if (kk < k_beg || kk >= k_end) {
+        return vec4<f32>(0.0);
+    }
+    return ld4_b(kk, col0 + (e % 16u) * 4u, 0u, p.n, aligned);
 }
 
 // Stores what `fetch_nb` fetched for share `e` into the [k][column / 4] staging. The k-contiguous
