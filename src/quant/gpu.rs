@@ -73,7 +73,7 @@
 //!   comes from split-f16 operands on the tensor cores (`split_f16.wgsl`, `gptaq_a_split`):
 //!   each f32 operand as two power-of-two-scaled halves (22 of f32's 24 bits), three products with
 //!   f32 accumulation — on the staged kernels in one launch that interleaves them per 16-deep
-//!   step (`gemm_staged_coop.wgsl`'s `SPLIT`; [`split_fused`]), elsewhere as three. A's error
+//!   step (`gemm_staged_coop.wgsl`'s `SPLIT`; `split_fused`), elsewhere as three. A's error
 //!   grows with K, the tensor cores' accumulation truncating once per 16-deep product: as three
 //!   launches 3.5–6× the f32 GEMMs' (H100: 2.6·10⁻⁶ / 8.8·10⁻⁶ relative at n = 4096 / 14336
 //!   against 0.75 / 1.5·10⁻⁶, BENCHMARKS.md session 32), in one launch about 3× that (7.5·10⁻⁶ /
