@@ -420,7 +420,8 @@ mod tests {
 
     /// The flush's halves (`split_pair`) on any adapter, the product done on the host in f64
     /// from the halves read back: the maxima are Q's and the read part of A's, and never see the
-    /// NaN around them; the two copies of each hi are equal; `(hi + lo)·2^∓s` is Q (from the
+    /// NaN around them; the two copies of each hi are equal (fused, flushes 1 and 3: the second
+    /// is never written); `(hi + lo)·2^∓s` is Q (from the
     /// sweep's −Q) and A within 2^−21 of each entry plus 2^−24 in scaled units; the scaled
     /// maxima are below 2^15 and (both nonzero) meet within a factor of 4; and
     /// `[Qh | Qh | Ql]·[Ah; Al; Ah]`, unscaled by nothing, is Q·A within 2^−19 of its terms'
@@ -443,12 +444,18 @@ mod tests {
             assert!(ga.panels().len() > 1, "A should span panels");
             // Flush f of four: each uses its own maxima.
             let fs = FlushSplit::with_kernel(&ctx, CoopOp::Nn, (rows, n, k), 4)?;
+            // Flushes 1 and 3 as the fused products read them: the second copies of hi are not
+            // written (a sentinel, above any scaled value, must survive there).
+            let fused = f % 2 == 1;
+            let sentinel = half::f16::from_f32(60000.0);
+            ctx.write(&fs.x, 0, &vec![sentinel; fs.x.len()]);
+            ctx.write(&fs.y, 0, &vec![sentinel; fs.y.len()]);
             let mut rec = ctx.recorder();
-            fs.halves(&mut rec, f, neg_q(&p, &gerr), &ga, (first, c0), false)?;
+            fs.halves(&mut rec, f, neg_q(&p, &gerr), &ga, (first, c0), fused)?;
             rec.submit();
             let maxima = ctx.read(&fs.maxima)?;
             let (mq, ma) = p.maxima();
-            let name = format!("flush {f}, magnitudes {mags:?}");
+            let name = format!("flush {f} (fused {fused}), magnitudes {mags:?}");
             assert_eq!(
                 (
                     f32::from_bits(maxima[2 * f]),
@@ -497,7 +504,15 @@ mod tests {
             }
             let mut top: [f64; 2] = [0.0; 2];
             for (what, at, v, hi, hi2, lo, sc) in entries {
-                assert_eq!(hi, hi2, "{name}: {what} {at:?}: the copies of hi differ");
+                if fused {
+                    assert_eq!(
+                        hi2,
+                        f64::from(sentinel.to_f32()),
+                        "{name}: {what} {at:?}: the unread copy of hi was written"
+                    );
+                } else {
+                    assert_eq!(hi, hi2, "{name}: {what} {at:?}: the copies of hi differ");
+                }
                 let x = v * sc;
                 let got = hi + lo;
                 let tol = 2f64.powi(-21) * x.abs() + 2f64.powi(-24);
@@ -519,12 +534,23 @@ mod tests {
                     "{name}: scaled maxima {top:?} do not meet halfway"
                 );
             }
-            // The product as the tensor cores form it, in f64.
+            // The product as the tensor cores form it, in f64: K tripled, or (fused) per k the
+            // three products of the halves where the split kernel reads them (hi at 0, Q's lo
+            // 2k columns on, A's lo k rows on).
             for r in 0..rows {
                 for j in 0..n - c0 {
-                    let got: f64 = (0..3 * k)
-                        .map(|kk| qh[r * 3 * k + kk] * ah[kk * n + c0 + j])
-                        .sum();
+                    let got: f64 = if fused {
+                        (0..k)
+                            .map(|kk| {
+                                let (q, a) = (r * 3 * k + kk, kk * n + c0 + j);
+                                qh[q] * ah[a] + qh[q] * ah[a + k * n] + qh[q + 2 * k] * ah[a]
+                            })
+                            .sum()
+                    } else {
+                        (0..3 * k)
+                            .map(|kk| qh[r * 3 * k + kk] * ah[kk * n + c0 + j])
+                            .sum()
+                    };
                     let (want, terms) = p.product(r, j);
                     let tol = 2f64.powi(-19) * terms + p.floor(r, j, scale);
                     assert!(
