@@ -1760,17 +1760,16 @@ pub fn check_coop_batched(
         }
     };
     let blk = op.block();
-    let (ks, shape_ok) = if split {
-        let Some(ks) = op.split_k_step() else {
+    let ks = match (split, op.split_k_step()) {
+        (false, _) => op.k_step(),
+        (true, Some(ks)) => ks,
+        (true, None) => {
             return Err(GpuError::Validation(format!(
                 "tensor-core GEMM {op:?} takes no split operands (staged kernels only)"
             )));
-        };
-        (ks, coop_split_shape_ok_for(op, m, n, k))
-    } else {
-        (op.k_step(), coop_shape_ok_for(op, m, n, k))
+        }
     };
-    if !shape_ok || c.trans || c.ld < n || batch.count() == 0 {
+    if !coop_tiles(op, (m, n, k), ks) || c.trans || c.ld < n || batch.count() == 0 {
         return Err(GpuError::Validation(format!(
             "tensor-core GEMM {op:?} takes M, N multiples of {blk} and K of {ks}, ldc ≥ N (got \
              {m}x{n}x{k}, ldc {}, batch {batch:?})",
