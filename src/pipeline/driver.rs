@@ -111,8 +111,9 @@ struct Stats {
     /// f16 operands of the tensor-core path (`X_q`, `X_fp − X_q`), allocated on its first batch
     /// and reused by the later ones (grown only if a batch is larger).
     f16: Option<(GpuBuffer<half::f16>, GpuBuffer<half::f16>)>,
-    /// Per-batch partial sums of `‖X_fp − X_q‖²` (with `D`): whether the two streams' inputs
-    /// were bit for bit equal, which makes the metrics' asymmetry exactly 0 ([`Moments`]).
+    /// Per-batch partial sums of `‖X_fp − X_q‖²` (with `D`, for the metrics' moments): whether
+    /// the two streams' inputs were bit for bit equal, which makes the metrics' asymmetry exactly
+    /// 0 ([`Moments`]).
     dx: Option<GpuBuffer<f32>>,
     /// Partials per batch in `dx`.
     dx_len: usize,
@@ -452,6 +453,7 @@ pub fn quantize(
                 capturing(cfg, layer, &[ModuleKind::Q, ModuleKind::K, ModuleKind::V]),
                 metric_d(&[ModuleKind::Q, ModuleKind::K, ModuleKind::V]),
                 d_upper,
+                metric_moments,
                 (nb, max_tokens),
             )?;
             // Charges this stage's allocations (streams, statistics, metric sums) to "setup"; the
@@ -511,6 +513,7 @@ pub fn quantize(
                 capturing(cfg, layer, &[ModuleKind::O]),
                 metric_d(&[ModuleKind::O]),
                 d_upper,
+                metric_moments,
                 (nb, max_tokens),
             )?;
             let qkv_metrics = metric_accs(
@@ -604,6 +607,7 @@ pub fn quantize(
                 capturing(cfg, layer, &[ModuleKind::Gate, ModuleKind::Up]),
                 metric_d(&[ModuleKind::Gate, ModuleKind::Up]),
                 d_upper,
+                metric_moments,
                 (nb, max_tokens),
             )?;
             let o_metrics = metric_accs(
@@ -734,6 +738,7 @@ pub fn quantize(
                 capturing(cfg, layer, &[ModuleKind::Down]),
                 metric_d(&[ModuleKind::Down]),
                 d_upper,
+                metric_moments,
                 (nb, max_tokens),
             )?;
             let gu_metrics = metric_accs(
@@ -1217,7 +1222,10 @@ const STATS_ALIGN: usize = 32;
 impl Stats {
     /// Buffers for what `method` (and a capture) needs: nothing for RTN, H for GPTQ (and D with
     /// `metric_d`: only for the metrics, plan::metric_d_pays), H and D for GPTAQ (D's upper
-    /// blocks only with `d_upper`), H, D and E for a capture.
+    /// blocks only with `d_upper`), H, D and E for a capture; `‖X_fp − X_q‖²`'s partials only
+    /// with `metric_moments`, the one reader of [`Stats::same_inputs`] (a `--no-metrics` GPTAQ
+    /// layer spent a pass over both streams of every module input on them: 18 ms per Llama-3-8B
+    /// layer on an H100, BENCHMARKS.md session 31).
     #[allow(clippy::too_many_arguments)]
     fn new(
         ctx: &GpuContext,
@@ -1227,6 +1235,7 @@ impl Stats {
         capture: bool,
         metric_d: bool,
         d_upper: bool,
+        metric_moments: bool,
         (batches, max_tokens): (usize, usize),
     ) -> Result<Self, PipelineError> {
         // D for the solve (GPTAQ), the capture, or only the metrics (GPTQ, `metric_d`).
@@ -1251,7 +1260,7 @@ impl Stats {
                 None
             },
             f16: None,
-            dx: if with_d || capture {
+            dx: if (with_d || capture) && metric_moments {
                 Some(ctx.zeros("ΔX partials", batches * dx_len)?)
             } else {
                 None
@@ -1277,7 +1286,7 @@ impl Stats {
     }
 
     /// Whether the two streams' inputs were bit for bit equal on every token (all `‖X_fp − X_q‖²`
-    /// partials exactly 0); false without `D`.
+    /// partials exactly 0); false without `D` or without the metrics' moments (never read then).
     fn same_inputs(&self, ctx: &GpuContext) -> Result<bool, PipelineError> {
         match &self.dx {
             Some(dx) => Ok(ctx.read(dx)?.iter().all(|&v| v == 0.0)),
