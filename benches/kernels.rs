@@ -43,8 +43,11 @@
 //!
 //! `wgsl_lab` (only with `GPTAQ_BENCH_WGSL_DIR`) is a kernel lab for the GPU machine, which has no
 //! Rust toolchain: every `.wgsl` file in that directory is loaded at run time, and each of its
-//! lines `// lab: ENTRY OP BM BN` names an entry point with `gemm_staged_coop.wgsl`'s parameters
-//! and bindings computing `C = op(A)·op(B)` (OP `nt` or `tn`) in BM×BN blocks, grid (N/BN, M/BM).
+//! lines `// lab: ENTRY OP BM BN [NAME=value …]` names an entry point with
+//! `gemm_staged_coop.wgsl`'s parameters and bindings computing `C = op(A)·op(B)` (OP `nt` or
+//! `tn`) in BM×BN blocks, grid (N/BN, M/BM); where the file declares the shipped kernel's `A_T`
+//! / `B_T` overrides (a `lab-extends: gemm_staged_coop` file) they are set from OP, so the
+//! shipped entry points and variants built on its `block128` run in either layout.
 //! Each is first checked against the shipped `Nt128` / `Tn128` on the same operands (it prints
 //! the largest difference and where; a mismatch is reported and the variant not timed), then
 //! timed at every `GPTAQ_BENCH_SIZES` n (n³), or at the M×N×K shapes of
@@ -596,7 +599,7 @@ struct LabEntry {
     kind: LabKind,
     bm: usize,
     bn: usize,
-    /// Further override constants of an f32 variant (`NAME=value` after its TILE).
+    /// Further override constants (`NAME=value` after the line's tile size).
     overrides: Vec<(&'static str, f64)>,
 }
 
@@ -611,7 +614,8 @@ impl LabEntry {
     }
 }
 
-/// Parses `ENTRY OP BM BN` (coop) or `ENTRY OP TILE [NAME=value …]` (f32) after the line's tag.
+/// Parses `ENTRY OP BM BN [NAME=value …]` (coop) or `ENTRY OP TILE [NAME=value …]` (f32) after
+/// the line's tag.
 fn lab_line(
     shader: gptaq_studio::gpu::kernels::Shader,
     f32_kernel: bool,
@@ -619,18 +623,20 @@ fn lab_line(
 ) -> Option<LabEntry> {
     let f: Vec<&'static str> = spec.split_whitespace().collect();
     let mut overrides = Vec::new();
-    let (entry, op, bm, bn) = match (f32_kernel, &f[..]) {
-        (false, [entry, op, bm, bn]) => (*entry, *op, bm.parse().ok()?, bn.parse().ok()?),
+    let (entry, op, bm, bn, rest) = match (f32_kernel, &f[..]) {
+        (false, [entry, op, bm, bn, rest @ ..]) => {
+            (*entry, *op, bm.parse().ok()?, bn.parse().ok()?, rest)
+        }
         (true, [entry, op, tile, rest @ ..]) => {
-            for kv in rest {
-                let (k, v) = kv.split_once('=')?;
-                overrides.push((k, v.parse().ok()?));
-            }
             let t = tile.parse().ok()?;
-            (*entry, *op, t, t)
+            (*entry, *op, t, t, rest)
         }
         _ => return None,
     };
+    for kv in rest {
+        let (k, v) = kv.split_once('=')?;
+        overrides.push((k, v.parse().ok()?));
+    }
     let kind = match (f32_kernel, op) {
         (false, "nt") => LabKind::Coop(CoopOp::Nt128),
         (false, "tn") => LabKind::Coop(CoopOp::Tn128),
@@ -808,10 +814,22 @@ fn lab_dispatch(
     let ld = (if ta { m } else { k }, if tb { k } else { n }, n);
     let groups = [n.div_ceil(e.bn) as u32, m.div_ceil(e.bm) as u32, 1];
     match ops_ab {
+        // Entry points of the shipped staged kernel (a `lab-extends: gemm_staged_coop` file)
+        // take their layout from its A_T / B_T overrides; self-contained variants have none.
         LabOperands::F16(a, b) => rec.dispatch(
             &e.shader,
             e.entry,
-            &[],
+            &e.shader
+                .source
+                .contains("override A_T")
+                .then_some([
+                    ("A_T", f64::from(u8::from(ta))),
+                    ("B_T", f64::from(u8::from(tb))),
+                ])
+                .into_iter()
+                .flatten()
+                .chain(e.overrides.iter().copied())
+                .collect::<Vec<_>>(),
             &ops::CoopParams::dense((m, n, k), ld)?,
             &[a.binding(), b.binding(), c.binding()],
             groups,
