@@ -123,6 +123,28 @@ override K_FROM_COL: bool = false;
 // and one pass over C instead of three. K (the slice's depth) is a multiple of 16.
 override SPLIT: bool = false;
 
+// Grouped rasterisation of gemm_coop_128's grid: consecutive workgroups walk down RASTER block
+// rows before moving one block column on (a last group of fewer rows likewise), instead of along
+// a whole block row, so the blocks in flight at one time share fewer of A's and B's panels: for a
+// forward GEMM of 32768 tokens × 14336 outputs (112 × 256 blocks, about 264 resident) a wave in
+// the grid's order reads 2 of A's 128-row panels and all 112 of B's, in groups of 8 rows 8 and 33
+// (ops::coop_raster, GPTAQ_COOP_RASTER). 0 or 1: the grid as it is (bi = y, bj = x).
+override RASTER: u32 = 0u;
+
+// Block (bi, bj) of workgroup wg in a grid of nw (see RASTER). Uniform: it derives from
+// workgroup_id and num_workgroups only.
+fn raster_block(wg: vec3<u32>, nw: vec3<u32>) -> vec2<u32> {
+    if (RASTER < 2u) {
+        return vec2<u32>(wg.y, wg.x);
+    }
+    let l = wg.y * nw.x + wg.x;
+    let per = RASTER * nw.x;
+    let first = (l / per) * RASTER;
+    let rows = min(RASTER, nw.y - first);
+    let r = l % per;
+    return vec2<u32>(first + r % rows, r / rows);
+}
+
 // Where batch entry z's A, B and C start (nested batches as in gemm_coop.wgsl).
 fn batch_a(z: u32) -> u32 {
     return p.off_a + (z / p.zi) * p.xa + ((z % p.zi) / p.ga) * p.sa;
@@ -478,10 +500,12 @@ fn block128(bi: u32, bj: u32, z: u32, lid: u32, sg: u32) {
 @compute @workgroup_size(128)
 fn gemm_coop_128(
     @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(num_workgroups) nw: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
     @builtin(subgroup_id) sg: u32,
 ) {
-    block128(wg.y, wg.x, wg.z, lid, sg);
+    let bl = raster_block(wg, nw);
+    block128(bl.x, bl.y, wg.z, lid, sg);
 }
 
 

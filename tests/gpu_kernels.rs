@@ -2362,3 +2362,76 @@ fn size_rule_takes_narrow_where_gemm_small_cannot_fill_the_gpu() {
         assert_eq!(ops::gemm_tile_rule(m, n, k), want, "{m}×{n}×{k}");
     }
 }
+
+/// The staged kernel's grouped rasterisation (`RASTER` in gemm_staged_coop.wgsl,
+/// `ops::coop_raster`) only reorders which workgroup takes which block: every block of C is
+/// written exactly once, with the same sums. Grids whose block rows are not a multiple of the
+/// group (a short last group), a single block row or column, and each operand layout; C starts as
+/// NaN and is overwritten, so a block left out shows. Needs the staged tensor-core kernels.
+#[test]
+fn coop_raster_keeps_products() {
+    let Some(ctx) = test_context() else { return };
+    if !ops::coop_staged_available(&ctx) {
+        eprintln!("note: no staged tensor-core kernels here; the grouped raster not exercised");
+        return;
+    }
+    let mut r = rng(0x7a57);
+    for (m, n, k) in [
+        (640usize, 384usize, 64usize),
+        (128, 896, 32),
+        (1152, 256, 96),
+        (256, 128, 32),
+    ] {
+        for (ta, tb) in [(false, true), (true, false), (false, false)] {
+            let h = |v: Vec<f32>| -> Vec<half::f16> {
+                v.into_iter().map(half::f16::from_f32).collect()
+            };
+            let a = ctx.upload("a", &h(rand_vec(&mut r, m * k))).unwrap();
+            let b = ctx.upload("b", &h(rand_vec(&mut r, n * k))).unwrap();
+            let ld = (if ta { m } else { k }, if tb { k } else { n }, n);
+            let run = |raster: u32| -> Vec<f32> {
+                let c = ctx.upload("c", &vec![f32::NAN; m * n]).unwrap();
+                let mut consts = vec![
+                    ("A_T", f64::from(u8::from(ta))),
+                    ("B_T", f64::from(u8::from(tb))),
+                    ("ACCUMULATE", 0.0),
+                ];
+                if raster > 0 {
+                    consts.push(("RASTER", f64::from(raster)));
+                }
+                let mut rec = ctx.recorder();
+                rec.dispatch(
+                    &ops::GEMM_STAGED_COOP,
+                    "gemm_coop_128",
+                    &consts,
+                    &ops::CoopParams::dense((m, n, k), ld).unwrap(),
+                    &[a.binding(), b.binding(), c.binding()],
+                    [(n / 128) as u32, (m / 128) as u32, 1],
+                )
+                .unwrap();
+                rec.submit();
+                ctx.read(&c).unwrap()
+            };
+            let want = run(0);
+            if let Some(i) = want.iter().position(|v| v.is_nan()) {
+                panic!(
+                    "{m}x{n}x{k} (A_T {ta}, B_T {tb}), grid order: C[{}, {}] never written",
+                    i / n,
+                    i % n
+                );
+            }
+            for raster in [2u32, 3, 4, 8, 16] {
+                let got = run(raster);
+                if let Some(i) = (0..m * n).find(|&i| got[i].to_bits() != want[i].to_bits()) {
+                    panic!(
+                        "{m}x{n}x{k} (A_T {ta}, B_T {tb}), RASTER {raster}: C[{}, {}] got {} expected {}",
+                        i / n,
+                        i % n,
+                        got[i],
+                        want[i]
+                    );
+                }
+            }
+        }
+    }
+}

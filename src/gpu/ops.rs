@@ -1383,6 +1383,21 @@ fn staged_off() -> bool {
     crate::env_is!("GPTAQ_COOP_STAGED", "0")
 }
 
+/// Block rows per group of the staged kernel's grouped rasterisation (`RASTER` in
+/// `gemm_staged_coop.wgsl`: the order in which the full grid's workgroups take their blocks, so
+/// that the blocks in flight share operand panels in L2; 0 or 1 keeps the grid's own order).
+/// `GPTAQ_COOP_RASTER=N` sets it, read once; the order changes no block's sums, so the products
+/// are the same bit for bit either way (`coop_raster_keeps_products` in tests/gpu_kernels.rs).
+pub fn coop_raster() -> u32 {
+    static ROWS: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *ROWS.get_or_init(|| {
+        std::env::var("GPTAQ_COOP_RASTER")
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    })
+}
+
 /// Operand layouts of the tensor-core GEMM (`C += op(A)·op(B)`, A and B dense f16 row-major).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum CoopOp {
@@ -1484,8 +1499,8 @@ impl CoopOp {
     }
 
     /// The staged kernel's override constants for this layout (`A_T`, `B_T` in
-    /// `gemm_staged_coop.wgsl`) and for adding to C or overwriting it (`ACCUMULATE`); none for
-    /// the unstaged kernels, which always add.
+    /// `gemm_staged_coop.wgsl`), for adding to C or overwriting it (`ACCUMULATE`) and for the
+    /// grid's order ([`coop_raster`]); none for the unstaged kernels, which always add.
     fn staged_constants(self, accumulate: bool, split: bool) -> Vec<(&'static str, f64)> {
         if !self.staged() {
             return Vec::new();
@@ -1498,6 +1513,11 @@ impl CoopOp {
         ];
         if self == CoopOp::Nt128UpperTail {
             c.push(("K_FROM_COL", 1.0));
+        }
+        // The full grid only: the upper entry numbers its triangle's blocks itself.
+        let raster = coop_raster();
+        if raster > 1 && self.entry() == "gemm_coop_128" {
+            c.push(("RASTER", f64::from(raster)));
         }
         if split {
             c.push(("SPLIT", 1.0));
