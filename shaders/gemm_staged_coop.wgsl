@@ -123,12 +123,15 @@ override K_FROM_COL: bool = false;
 // and one pass over C instead of three. K (the slice's depth) is a multiple of 16.
 override SPLIT: bool = false;
 
-// Grouped rasterisation of gemm_coop_128's grid: consecutive workgroups walk down RASTER block
-// rows before moving one block column on (a last group of fewer rows likewise), instead of along
-// a whole block row, so the blocks in flight at one time share fewer of A's and B's panels: for a
-// forward GEMM of 32768 tokens × 14336 outputs (112 × 256 blocks, about 264 resident) a wave in
-// the grid's order reads 2 of A's 128-row panels and all 112 of B's, in groups of 8 rows 8 and 33
-// (ops::coop_raster, GPTAQ_COOP_RASTER). 0 or 1: the grid as it is (bi = y, bj = x).
+// Grouped rasterisation of gemm_coop_128's grid (gemm_coop_128_upper's order is described
+// there): consecutive workgroups walk down RASTER block rows before moving one block column on (a
+// last group of fewer rows likewise), instead of along a whole block row, so the blocks in flight
+// at one time share fewer of A's and B's panels: for a forward GEMM of 32768 tokens × 14336
+// outputs (112 × 256 blocks, about 264 resident) a wave in the grid's order reads 2 of A's
+// 128-row panels and all 112 of B's, in groups of 8 rows 8 and 33. The H100 ran that GEMM in
+// 17.2 ms with 8 rows against 18.6 ms in the grid's order (4 rows 17.6, 16 rows 17.3; BENCHMARKS.md
+// session 40). Set by ops::coop_raster (GPTAQ_COOP_RASTER); 0 or 1: the grid as it is
+// (bi = y, bj = x).
 override RASTER: u32 = 0u;
 
 // Block (bi, bj) of workgroup wg in a grid of nw (see RASTER). Uniform: it derives from
@@ -137,10 +140,11 @@ fn raster_block(wg: vec3<u32>, nw: vec3<u32>) -> vec2<u32> {
     if (RASTER < 2u) {
         return vec2<u32>(wg.y, wg.x);
     }
+    let g = max(RASTER, 1u);
     let l = wg.y * nw.x + wg.x;
-    let per = RASTER * nw.x;
-    let first = (l / per) * RASTER;
-    let rows = min(RASTER, nw.y - first);
+    let per = g * nw.x;
+    let first = (l / per) * g;
+    let rows = min(g, nw.y - first);
     let r = l % per;
     return vec2<u32>(first + r % rows, r / rows);
 }
@@ -515,6 +519,14 @@ fn gemm_coop_128(
 // product with an upper-triangular op(B) (ops::CoopOp::Nt128UpperTail). The grid is one row of
 // bn·(bn + 1)/2 workgroups (bn = N/128), numbered column by column: t = bj·(bj + 1)/2 + bi.
 // Everything here derives from workgroup_id, so control flow stays uniform.
+//
+// With RASTER ≥ 2 dividing the block columns bn, the triangle is taken in chunks of RASTER block
+// columns, each chunk from the top in bands of RASTER rows (RASTER² blocks a band, the diagonal
+// band's triangle last): the blocks in flight then read a few bands' row panels and one chunk's
+// column panels, where the column order had them read all the rows above a few columns (the
+// Hessian of a 14336-wide input: 112 row panels of 8 MiB per 32768-token batch). A chunk starts
+// where the plain numbering's column RASTER·c does (both count the T(RASTER·c) blocks of the
+// columns before it), so only the order within a chunk changes.
 @compute @workgroup_size(128)
 fn gemm_coop_128_upper(
     @builtin(workgroup_id) wg: vec3<u32>,
@@ -522,14 +534,41 @@ fn gemm_coop_128_upper(
     @builtin(subgroup_id) sg: u32,
 ) {
     let t = wg.x;
-    // bj = ⌊(√(8t + 1) − 1)/2⌋, corrected by one either way for f32 rounding.
-    var bj = u32((sqrt(f32(8u * t + 1u)) - 1.0) * 0.5);
-    if ((bj + 1u) * (bj + 2u) / 2u <= t) {
-        bj += 1u;
+    let j = tri_col(t);
+    // At least 1: naga refuses a remainder by a constant 0 even on a path RASTER < 2 never takes.
+    let g = max(RASTER, 1u);
+    let bn = p.n / 128u;
+    if (g < 2u || bn % g != 0u) {
+        block128(t - tri(j), j, wg.z, lid, sg);
+        return;
     }
-    if (bj * (bj + 1u) / 2u > t) {
-        bj -= 1u;
+    let c0 = (j / g) * g;
+    let u = t - tri(c0);
+    let full = c0 * g;
+    if (u < full) {
+        let w = u % (g * g);
+        block128((u / (g * g)) * g + w % g, c0 + w / g, wg.z, lid, sg);
+    } else {
+        let v = u - full;
+        let lc = tri_col(v);
+        block128(c0 + v - tri(lc), c0 + lc, wg.z, lid, sg);
     }
-    let bi = t - bj * (bj + 1u) / 2u;
-    block128(bi, bj, wg.z, lid, sg);
+}
+
+// T(x) = x(x + 1)/2: the blocks on and above the diagonal of the first x block columns.
+fn tri(x: u32) -> u32 {
+    return x * (x + 1u) / 2u;
+}
+
+// The column j with T(j) ≤ t < T(j + 1): ⌊(√(8t + 1) − 1)/2⌋, corrected by one either way for
+// f32 rounding.
+fn tri_col(t: u32) -> u32 {
+    var j = u32((sqrt(f32(8u * t + 1u)) - 1.0) * 0.5);
+    if (tri(j + 1u) <= t) {
+        j += 1u;
+    }
+    if (tri(j) > t) {
+        j -= 1u;
+    }
+    return j;
 }

@@ -2365,9 +2365,11 @@ fn size_rule_takes_narrow_where_gemm_small_cannot_fill_the_gpu() {
 
 /// The staged kernel's grouped rasterisation (`RASTER` in gemm_staged_coop.wgsl,
 /// `ops::coop_raster`) only reorders which workgroup takes which block: every block of C is
-/// written exactly once, with the same sums. Grids whose block rows are not a multiple of the
-/// group (a short last group), a single block row or column, and each operand layout; C starts as
-/// NaN and is overwritten, so a block left out shows. Needs the staged tensor-core kernels.
+/// written exactly once, with the same sums. The full grid: block rows not a multiple of the
+/// group (a short last group), a single block row or column, each operand layout; the upper
+/// entry: triangles of 1 to 24 block columns, groups that divide them and one that mostly does
+/// not. C starts as NaN and is overwritten, so a block left out shows. Needs the staged
+/// tensor-core kernels.
 #[test]
 fn coop_raster_keeps_products() {
     let Some(ctx) = test_context() else { return };
@@ -2425,6 +2427,70 @@ fn coop_raster_keeps_products() {
                 if let Some(i) = (0..m * n).find(|&i| got[i].to_bits() != want[i].to_bits()) {
                     panic!(
                         "{m}x{n}x{k} (A_T {ta}, B_T {tb}), RASTER {raster}: C[{}, {}] got {} expected {}",
+                        i / n,
+                        i % n,
+                        got[i],
+                        want[i]
+                    );
+                }
+            }
+        }
+    }
+    // The upper entry (the Hessian's Tn128Upper and GPTAQ's Nt128UpperTail): its triangle in
+    // chunks of RASTER block columns where RASTER divides them (3 does only for 3 and 24 block
+    // columns; elsewhere the column order stays), blocks below the diagonal never written.
+    for bn in [1usize, 2, 3, 8, 16, 24] {
+        let n = 128 * bn;
+        for (ta, tb, from_col) in [(true, false, false), (false, true, true)] {
+            let k = if from_col { n } else { 64 };
+            let h = |v: Vec<f32>| -> Vec<half::f16> {
+                v.into_iter().map(half::f16::from_f32).collect()
+            };
+            let a = ctx.upload("a", &h(rand_vec(&mut r, n * k))).unwrap();
+            let b = ctx.upload("b", &h(rand_vec(&mut r, n * k))).unwrap();
+            let ld = (if ta { n } else { k }, if tb { k } else { n }, n);
+            let run = |raster: u32| -> Vec<f32> {
+                let c = ctx.upload("c", &vec![f32::NAN; n * n]).unwrap();
+                let mut consts = vec![
+                    ("A_T", f64::from(u8::from(ta))),
+                    ("B_T", f64::from(u8::from(tb))),
+                    ("ACCUMULATE", 0.0),
+                    ("K_FROM_COL", f64::from(u8::from(from_col))),
+                ];
+                if raster > 0 {
+                    consts.push(("RASTER", f64::from(raster)));
+                }
+                let mut rec = ctx.recorder();
+                rec.dispatch(
+                    &ops::GEMM_STAGED_COOP,
+                    "gemm_coop_128_upper",
+                    &consts,
+                    &ops::CoopParams::dense((n, n, k), ld).unwrap(),
+                    &[a.binding(), b.binding(), c.binding()],
+                    [(bn * (bn + 1) / 2) as u32, 1, 1],
+                )
+                .unwrap();
+                rec.submit();
+                ctx.read(&c).unwrap()
+            };
+            let want = run(0);
+            for i in 0..n * n {
+                let upper = (i / n) / 128 <= (i % n) / 128;
+                assert!(
+                    want[i].is_nan() != upper,
+                    "{n}x{n}x{k} upper (K_FROM_COL {from_col}), column order: C[{}, {}] = {} \
+                     (blocks on and above the diagonal are written, the others not)",
+                    i / n,
+                    i % n,
+                    want[i]
+                );
+            }
+            for raster in [2u32, 3, 4, 8] {
+                let got = run(raster);
+                if let Some(i) = (0..n * n).find(|&i| got[i].to_bits() != want[i].to_bits()) {
+                    panic!(
+                        "{n}x{n}x{k} upper (K_FROM_COL {from_col}), RASTER {raster}: C[{}, {}] \
+                         got {} expected {}",
                         i / n,
                         i % n,
                         got[i],

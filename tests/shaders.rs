@@ -61,17 +61,23 @@ fn every_shader_translates_to_spirv_msl_hlsl() {
             }
         };
         // Backends need concrete override values: each override's default, and for the staged
-        // tensor-core kernel every operand layout ops::CoopOp specialises it to (A_T, B_T).
+        // tensor-core kernel every operand layout ops::CoopOp specialises it to (A_T, B_T), in
+        // the grid's own order and grouped as ops::coop_raster sets it by default (RASTER).
         let sets: Vec<(String, naga::back::PipelineConstants)> = if name == "gemm_staged_coop.wgsl"
         {
             [(0.0, 1.0), (1.0, 0.0), (0.0, 0.0)]
                 .into_iter()
-                .map(|(ta, tb)| {
+                .flat_map(|(ta, tb)| [(ta, tb, 0.0), (ta, tb, 8.0)])
+                .map(|(ta, tb, raster)| {
                     (
-                        format!("{name} (A_T {ta}, B_T {tb})"),
-                        [("A_T".to_string(), ta), ("B_T".to_string(), tb)]
-                            .into_iter()
-                            .collect(),
+                        format!("{name} (A_T {ta}, B_T {tb}, RASTER {raster})"),
+                        [
+                            ("A_T".to_string(), ta),
+                            ("B_T".to_string(), tb),
+                            ("RASTER".to_string(), raster),
+                        ]
+                        .into_iter()
+                        .collect(),
                     )
                 })
                 .collect()

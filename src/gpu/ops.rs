@@ -1383,19 +1383,28 @@ fn staged_off() -> bool {
     crate::env_is!("GPTAQ_COOP_STAGED", "0")
 }
 
-/// Block rows per group of the staged kernel's grouped rasterisation (`RASTER` in
-/// `gemm_staged_coop.wgsl`: the order in which the full grid's workgroups take their blocks, so
-/// that the blocks in flight share operand panels in L2; 0 or 1 keeps the grid's own order).
-/// `GPTAQ_COOP_RASTER=N` sets it, read once; the order changes no block's sums, so the products
-/// are the same bit for bit either way (`coop_raster_keeps_products` in tests/gpu_kernels.rs).
+/// Block rows per group of the staged kernel's grouped rasterisation of its full grid (`RASTER`
+/// in `gemm_staged_coop.wgsl`: the order in which the workgroups take their blocks, so that the
+/// blocks in flight share operand panels in L2; 0 or 1 keeps the grid's own order; the upper
+/// entry's is [`coop_raster_upper`]). 8 by default: on an H100 a forward GEMM of 32768 × 14336 × 4096 took
+/// 17.2 ms against 18.6 ms in the grid's order (BENCHMARKS.md session 40). `GPTAQ_COOP_RASTER=N`
+/// sets it, read once; the order changes no block's sums, so the products are the same bit for
+/// bit either way (`coop_raster_keeps_products` in tests/gpu_kernels.rs).
 pub fn coop_raster() -> u32 {
     static ROWS: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
-    *ROWS.get_or_init(|| {
-        std::env::var("GPTAQ_COOP_RASTER")
-            .ok()
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0)
-    })
+    *ROWS.get_or_init(|| env_u32("GPTAQ_COOP_RASTER").unwrap_or(8))
+}
+
+/// [`coop_raster`] for the upper entry (the Hessian's and D's `Tn128Upper`, GPTAQ's
+/// `Nt128UpperTail`): block columns per chunk of its triangle. 0 (its column order) by default:
+/// not yet measured on a GPU. `GPTAQ_COOP_RASTER_UPPER=N` sets it, read once.
+pub fn coop_raster_upper() -> u32 {
+    static COLS: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *COLS.get_or_init(|| env_u32("GPTAQ_COOP_RASTER_UPPER").unwrap_or(0))
+}
+
+fn env_u32(var: &str) -> Option<u32> {
+    std::env::var(var).ok().and_then(|v| v.trim().parse().ok())
 }
 
 /// Operand layouts of the tensor-core GEMM (`C += op(A)·op(B)`, A and B dense f16 row-major).
@@ -1514,9 +1523,12 @@ impl CoopOp {
         if self == CoopOp::Nt128UpperTail {
             c.push(("K_FROM_COL", 1.0));
         }
-        // The full grid only: the upper entry numbers its triangle's blocks itself.
-        let raster = coop_raster();
-        if raster > 1 && self.entry() == "gemm_coop_128" {
+        let raster = if self.entry() == "gemm_coop_128" {
+            coop_raster()
+        } else {
+            coop_raster_upper()
+        };
+        if raster > 1 {
             c.push(("RASTER", f64::from(raster)));
         }
         if split {
