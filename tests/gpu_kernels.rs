@@ -2474,15 +2474,15 @@ fn coop_raster_keeps_products() {
                 ctx.read(&c).unwrap()
             };
             let want = run(0);
-            for i in 0..n * n {
+            for (i, w) in want.iter().enumerate() {
                 let upper = (i / n) / 128 <= (i % n) / 128;
                 assert!(
-                    want[i].is_nan() != upper,
+                    w.is_nan() != upper,
                     "{n}x{n}x{k} upper (K_FROM_COL {from_col}), column order: C[{}, {}] = {} \
                      (blocks on and above the diagonal are written, the others not)",
                     i / n,
                     i % n,
-                    want[i]
+                    w
                 );
             }
             for raster in [2u32, 3, 4, 8] {
