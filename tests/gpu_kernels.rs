@@ -2363,13 +2363,50 @@ fn size_rule_takes_narrow_where_gemm_small_cannot_fill_the_gpu() {
     }
 }
 
+/// One staged-kernel product for `coop_raster_keeps_products`: `entry` over `groups`, layouts
+/// (A_T, B_T), K_FROM_COL and RASTER (0: not set) as given, overwriting a C that starts as NaN.
+fn staged_into_nan(
+    ctx: &GpuContext,
+    entry: &'static str,
+    (ta, tb, from_col, raster): (bool, bool, bool, u32),
+    (m, n, k): (usize, usize, usize),
+    a: &gptaq_studio::gpu::GpuBuffer<half::f16>,
+    b: &gptaq_studio::gpu::GpuBuffer<half::f16>,
+    groups: [u32; 3],
+) -> Vec<f32> {
+    let c = ctx.upload("c", &vec![f32::NAN; m * n]).unwrap();
+    let flag = |v: bool| f64::from(u8::from(v));
+    let mut consts = vec![
+        ("A_T", flag(ta)),
+        ("B_T", flag(tb)),
+        ("ACCUMULATE", 0.0),
+        ("K_FROM_COL", flag(from_col)),
+    ];
+    if raster > 0 {
+        consts.push(("RASTER", f64::from(raster)));
+    }
+    let ld = (if ta { m } else { k }, if tb { k } else { n }, n);
+    let mut rec = ctx.recorder();
+    rec.dispatch(
+        &ops::GEMM_STAGED_COOP,
+        entry,
+        &consts,
+        &ops::CoopParams::dense((m, n, k), ld).unwrap(),
+        &[a.binding(), b.binding(), c.binding()],
+        groups,
+    )
+    .unwrap();
+    rec.submit();
+    ctx.read(&c).unwrap()
+}
+
 /// The staged kernel's grouped rasterisation (`RASTER` in gemm_staged_coop.wgsl,
-/// `ops::coop_raster`) only reorders which workgroup takes which block: every block of C is
-/// written exactly once, with the same sums. The full grid: block rows not a multiple of the
-/// group (a short last group), a single block row or column, each operand layout; the upper
-/// entry: triangles of 1 to 24 block columns, groups that divide them and one that mostly does
-/// not. C starts as NaN and is overwritten, so a block left out shows. Needs the staged
-/// tensor-core kernels.
+/// `ops::coop_raster`, `ops::coop_raster_upper`) only reorders which workgroup takes which block:
+/// every block of C is written exactly once, with the same sums. The full grid: block rows not a
+/// multiple of the group (a short last group), a single block row or column, each operand
+/// layout; the upper entry: triangles of 1 to 24 block columns, groups that divide them and one
+/// that mostly does not. C starts as NaN and is overwritten, so a block left out shows. Needs the
+/// staged tensor-core kernels.
 #[test]
 fn coop_raster_keeps_products() {
     let Some(ctx) = test_context() else { return };
@@ -2378,6 +2415,25 @@ fn coop_raster_keeps_products() {
         return;
     }
     let mut r = rng(0x7a57);
+    let mut f16s = |len: usize| {
+        let v: Vec<half::f16> = rand_vec(&mut r, len)
+            .into_iter()
+            .map(half::f16::from_f32)
+            .collect();
+        ctx.upload("operand", &v).unwrap()
+    };
+    // Bit-for-bit equality with the plain order, naming the first element that differs.
+    let same = |what: &str, got: &[f32], want: &[f32], n: usize| {
+        if let Some(i) = (0..want.len()).find(|&i| got[i].to_bits() != want[i].to_bits()) {
+            panic!(
+                "{what}: C[{}, {}] got {} expected {}",
+                i / n,
+                i % n,
+                got[i],
+                want[i]
+            );
+        }
+    };
     for (m, n, k) in [
         (640usize, 384usize, 64usize),
         (128, 896, 32),
@@ -2385,34 +2441,18 @@ fn coop_raster_keeps_products() {
         (256, 128, 32),
     ] {
         for (ta, tb) in [(false, true), (true, false), (false, false)] {
-            let h = |v: Vec<f32>| -> Vec<half::f16> {
-                v.into_iter().map(half::f16::from_f32).collect()
-            };
-            let a = ctx.upload("a", &h(rand_vec(&mut r, m * k))).unwrap();
-            let b = ctx.upload("b", &h(rand_vec(&mut r, n * k))).unwrap();
-            let ld = (if ta { m } else { k }, if tb { k } else { n }, n);
-            let run = |raster: u32| -> Vec<f32> {
-                let c = ctx.upload("c", &vec![f32::NAN; m * n]).unwrap();
-                let mut consts = vec![
-                    ("A_T", f64::from(u8::from(ta))),
-                    ("B_T", f64::from(u8::from(tb))),
-                    ("ACCUMULATE", 0.0),
-                ];
-                if raster > 0 {
-                    consts.push(("RASTER", f64::from(raster)));
-                }
-                let mut rec = ctx.recorder();
-                rec.dispatch(
-                    &ops::GEMM_STAGED_COOP,
+            let (a, b) = (f16s(m * k), f16s(n * k));
+            let groups = [(n / 128) as u32, (m / 128) as u32, 1];
+            let run = |raster| {
+                staged_into_nan(
+                    &ctx,
                     "gemm_coop_128",
-                    &consts,
-                    &ops::CoopParams::dense((m, n, k), ld).unwrap(),
-                    &[a.binding(), b.binding(), c.binding()],
-                    [(n / 128) as u32, (m / 128) as u32, 1],
+                    (ta, tb, false, raster),
+                    (m, n, k),
+                    &a,
+                    &b,
+                    groups,
                 )
-                .unwrap();
-                rec.submit();
-                ctx.read(&c).unwrap()
             };
             let want = run(0);
             if let Some(i) = want.iter().position(|v| v.is_nan()) {
@@ -2423,16 +2463,8 @@ fn coop_raster_keeps_products() {
                 );
             }
             for raster in [2u32, 3, 4, 8, 16] {
-                let got = run(raster);
-                if let Some(i) = (0..m * n).find(|&i| got[i].to_bits() != want[i].to_bits()) {
-                    panic!(
-                        "{m}x{n}x{k} (A_T {ta}, B_T {tb}), RASTER {raster}: C[{}, {}] got {} expected {}",
-                        i / n,
-                        i % n,
-                        got[i],
-                        want[i]
-                    );
-                }
+                let what = format!("{m}x{n}x{k} (A_T {ta}, B_T {tb}), RASTER {raster}");
+                same(&what, &run(raster), &want, n);
             }
         }
     }
@@ -2443,60 +2475,33 @@ fn coop_raster_keeps_products() {
         let n = 128 * bn;
         for (ta, tb, from_col) in [(true, false, false), (false, true, true)] {
             let k = if from_col { n } else { 64 };
-            let h = |v: Vec<f32>| -> Vec<half::f16> {
-                v.into_iter().map(half::f16::from_f32).collect()
-            };
-            let a = ctx.upload("a", &h(rand_vec(&mut r, n * k))).unwrap();
-            let b = ctx.upload("b", &h(rand_vec(&mut r, n * k))).unwrap();
-            let ld = (if ta { n } else { k }, if tb { k } else { n }, n);
-            let run = |raster: u32| -> Vec<f32> {
-                let c = ctx.upload("c", &vec![f32::NAN; n * n]).unwrap();
-                let mut consts = vec![
-                    ("A_T", f64::from(u8::from(ta))),
-                    ("B_T", f64::from(u8::from(tb))),
-                    ("ACCUMULATE", 0.0),
-                    ("K_FROM_COL", f64::from(u8::from(from_col))),
-                ];
-                if raster > 0 {
-                    consts.push(("RASTER", f64::from(raster)));
-                }
-                let mut rec = ctx.recorder();
-                rec.dispatch(
-                    &ops::GEMM_STAGED_COOP,
+            let (a, b) = (f16s(n * k), f16s(n * k));
+            let groups = [(bn * (bn + 1) / 2) as u32, 1, 1];
+            let run = |raster| {
+                staged_into_nan(
+                    &ctx,
                     "gemm_coop_128_upper",
-                    &consts,
-                    &ops::CoopParams::dense((n, n, k), ld).unwrap(),
-                    &[a.binding(), b.binding(), c.binding()],
-                    [(bn * (bn + 1) / 2) as u32, 1, 1],
+                    (ta, tb, from_col, raster),
+                    (n, n, k),
+                    &a,
+                    &b,
+                    groups,
                 )
-                .unwrap();
-                rec.submit();
-                ctx.read(&c).unwrap()
             };
             let want = run(0);
             for (i, w) in want.iter().enumerate() {
                 let upper = (i / n) / 128 <= (i % n) / 128;
                 assert!(
                     w.is_nan() != upper,
-                    "{n}x{n}x{k} upper (K_FROM_COL {from_col}), column order: C[{}, {}] = {} \
+                    "{n}x{n}x{k} upper (K_FROM_COL {from_col}), column order: C[{}, {}] = {w} \
                      (blocks on and above the diagonal are written, the others not)",
                     i / n,
-                    i % n,
-                    w
+                    i % n
                 );
             }
             for raster in [2u32, 3, 4, 8] {
-                let got = run(raster);
-                if let Some(i) = (0..n * n).find(|&i| got[i].to_bits() != want[i].to_bits()) {
-                    panic!(
-                        "{n}x{n}x{k} upper (K_FROM_COL {from_col}), RASTER {raster}: C[{}, {}] \
-                         got {} expected {}",
-                        i / n,
-                        i % n,
-                        got[i],
-                        want[i]
-                    );
-                }
+                let what = format!("{n}x{n}x{k} upper (K_FROM_COL {from_col}), RASTER {raster}");
+                same(&what, &run(raster), &want, n);
             }
         }
     }
