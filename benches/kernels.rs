@@ -32,7 +32,8 @@
 //! pipeline's solves do (`GPTAQ_BENCH_POOL_GIB`, default 32; 0 turns it off).
 //! `hessian_coop` (where cooperative matrices are granted) times the statistics' tensor-core
 //! products at the pipeline's shape: an n-wide input over `GPTAQ_BENCH_TOKENS` tokens (default
-//! 4·n), `Tn128Upper` (H) and `Tn128` (GPTAQ's D). `cast_f16` times the f32 → f16 operand casts
+//! 4·n), `Tn128Upper` (H) and `Tn128` (GPTAQ's D), each also with its blocks in the grid's own
+//! order and in groups of 8 and 16 (`RASTER=0|8|16`, the staged kernel dispatched directly). `cast_f16` times the f32 → f16 operand casts
 //! at the same shape, in bytes moved per second (four-wide, scalar, and GPTAQ's ΔX from two
 //! inputs).
 //! `attention` times the causal GQA attention kernel alone (`forward::attend`, `attention.wgsl`,
@@ -293,6 +294,38 @@ fn bench_kernels(c: &mut Criterion) {
                         ctx.sync().expect("sync");
                     })
                 });
+                // The same product in each block order (`RASTER`, ops::coop_raster /
+                // coop_raster_upper, which the pipeline reads once per process): an A/B in one
+                // run, the order set per pipeline here.
+                if !op.staged() {
+                    continue;
+                }
+                let (entry, groups) = if op == CoopOp::Tn128Upper {
+                    let bn = (n / 128) as u32;
+                    ("gemm_coop_128_upper", [bn * (bn + 1) / 2, 1, 1])
+                } else {
+                    ("gemm_coop_128", [(n / 128) as u32, (n / 128) as u32, 1])
+                };
+                let params = ops::CoopParams::dense((n, n, t), (n, n, n)).expect("params");
+                for raster in [0u32, 8, 16] {
+                    let consts = [("A_T", 1.0), ("B_T", 0.0), ("RASTER", f64::from(raster))];
+                    g.bench_function(format!("n={n} T={t} {op:?} RASTER={raster}"), |bch| {
+                        bch.iter(|| {
+                            let mut rec = ctx.recorder();
+                            rec.dispatch(
+                                &ops::GEMM_STAGED_COOP,
+                                entry,
+                                &consts,
+                                &params,
+                                &[x.binding(), x.binding(), out.binding()],
+                                groups,
+                            )
+                            .expect("dispatch");
+                            rec.submit();
+                            ctx.sync().expect("sync");
+                        })
+                    });
+                }
             }
         }
         g.finish();
