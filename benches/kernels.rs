@@ -33,9 +33,9 @@
 //! `hessian_coop` (where cooperative matrices are granted) times the statistics' tensor-core
 //! products at the pipeline's shape: an n-wide input over `GPTAQ_BENCH_TOKENS` tokens (default
 //! 4·n), `Tn128Upper` (H) and `Tn128` (GPTAQ's D), each also with its blocks in the grid's own
-//! order and in groups of 8 and 16 (`RASTER=0|8|16`, the staged kernel dispatched directly). `cast_f16` times the f32 → f16 operand casts
-//! at the same shape, in bytes moved per second (four-wide, scalar, and GPTAQ's ΔX from two
-//! inputs).
+//! order and in groups of 8 and 16 (`RASTER=0|8|16`, the staged kernel dispatched directly).
+//! `cast_f16` times the f32 → f16 operand casts at the same shape, in bytes moved per second
+//! (four-wide, scalar, and GPTAQ's ΔX from two inputs).
 //! `attention` times the causal GQA attention kernel alone (`forward::attend`, `attention.wgsl`,
 //! and where granted the tensor-core `forward::attend_tc`)
 //! at the shape `GPTAQ_BENCH_ATTN` = "heads:kv_heads:head_dim:seqlen:nseq" (default

@@ -2506,3 +2506,61 @@ fn coop_raster_keeps_products() {
         }
     }
 }
+
+/// `gemm_large`'s tile order (`RASTER` in gemm.wgsl, kernel lab only so far) only reorders which
+/// workgroup takes which tile: the same products bit for bit as the grid's own order, over shapes
+/// that do not tile (1, primes, a partial last row of tiles and a group that does not divide the
+/// tile rows) in each layout. Runs everywhere, lavapipe included.
+#[test]
+fn gemm_large_raster_keeps_products() {
+    let Some(ctx) = test_context() else { return };
+    let mut r = rng(0x7a58);
+    for (m, n, k) in [
+        (1usize, 1usize, 1usize),
+        (300, 257, 77),
+        (517, 129, 33),
+        (129, 1000, 17),
+    ] {
+        for (ta, tb) in [(false, false), (false, true), (true, false)] {
+            let a = ctx.upload("a", &rand_vec(&mut r, m * k)).unwrap();
+            let b = ctx.upload("b", &rand_vec(&mut r, n * k)).unwrap();
+            let ld = (if ta { m } else { k }, if tb { k } else { n }, n);
+            let groups = [n.div_ceil(128) as u32, m.div_ceil(128) as u32, 1];
+            let run = |raster: u32| -> Vec<f32> {
+                let c = ctx.zeros::<f32>("c", m * n).unwrap();
+                let flag = |v: bool| f64::from(u8::from(v));
+                let consts = [
+                    ("TRANS_A", flag(ta)),
+                    ("TRANS_B", flag(tb)),
+                    ("RASTER", f64::from(raster)),
+                ];
+                let mut rec = ctx.recorder();
+                rec.dispatch(
+                    &ops::GEMM,
+                    "gemm_large",
+                    &consts,
+                    &ops::GemmParams::dense((m, n, k), ld).unwrap(),
+                    &[a.binding(), b.binding(), c.binding()],
+                    groups,
+                )
+                .unwrap();
+                rec.submit();
+                ctx.read(&c).unwrap()
+            };
+            let want = run(0);
+            for raster in [2u32, 3, 8] {
+                let got = run(raster);
+                if let Some(i) = (0..m * n).find(|&i| got[i].to_bits() != want[i].to_bits()) {
+                    panic!(
+                        "{m}x{n}x{k} (TRANS_A {ta}, TRANS_B {tb}), RASTER {raster}: C[{}, {}] \
+                         got {} expected {}",
+                        i / n,
+                        i % n,
+                        got[i],
+                        want[i]
+                    );
+                }
+            }
+        }
+    }
+}

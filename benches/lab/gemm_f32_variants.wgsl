@@ -8,7 +8,10 @@
 // - the shipped kernels as they run (`gemm_large` on 128×128 tiles, `gemm_small` on 64×64);
 // - `SWIZZLE=0`: the unswizzled staging that shipped before session 24 (an 8-way bank conflict on
 //   every store of a k-contiguous operand; gemm.wgsl `swz`), to keep measuring what it is worth;
-// - `DOUBLE_BUFFER=1`: two staging buffers, one barrier per slice.
+// - `DOUBLE_BUFFER=1`: two staging buffers, one barrier per slice;
+// - `RASTER=8`: tiles taken in groups of 8 tile rows (gemm.wgsl `raster_tile`; the tensor-core
+//   kernel's grouped order, 7 % faster there at 32768 × 14336 × 4096, BENCHMARKS.md session 40);
+//   not yet timed for this kernel.
 //
 // New variants go in a file of their own that extends the shipped shader the same way and adds
 // only its new entry points. Session 23's (16-deep k slices, 4-row vec4 staging) were slower than
@@ -17,6 +20,9 @@
 // lab32: gemm_large nt 128
 // lab32: gemm_large nn 128
 // lab32: gemm_large tn 128
+// lab32: gemm_large nt 128 RASTER=8
+// lab32: gemm_large nn 128 RASTER=8
+// lab32: gemm_large tn 128 RASTER=8
 // lab32: gemm_large nn 128 DOUBLE_BUFFER=1
 // lab32: gemm_small nt 64
 // lab32: gemm_small nn 64

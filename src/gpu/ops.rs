@@ -1386,10 +1386,11 @@ fn staged_off() -> bool {
 /// Block rows per group of the staged kernel's grouped rasterisation of its full grid (`RASTER`
 /// in `gemm_staged_coop.wgsl`: the order in which the workgroups take their blocks, so that the
 /// blocks in flight share operand panels in L2; 0 or 1 keeps the grid's own order; the upper
-/// entry's is [`coop_raster_upper`]). 8 by default: on an H100 a forward GEMM of 32768 × 14336 × 4096 took
-/// 17.2 ms against 18.6 ms in the grid's order (BENCHMARKS.md session 40). `GPTAQ_COOP_RASTER=N`
-/// sets it, read once; the order changes no block's sums, so the products are the same bit for
-/// bit either way (`coop_raster_keeps_products` in tests/gpu_kernels.rs).
+/// entry's is [`coop_raster_upper`]). 8 by default: on an H100 a forward GEMM of
+/// 32768 × 14336 × 4096 took 17.2 ms against 18.6 ms in the grid's order (BENCHMARKS.md
+/// session 40). `GPTAQ_COOP_RASTER=N` sets it, read once; the order changes no block's sums, so
+/// the products are the same bit for bit either way (`coop_raster_keeps_products` in
+/// tests/gpu_kernels.rs).
 pub fn coop_raster() -> u32 {
     static ROWS: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
     *ROWS.get_or_init(|| env_u32("GPTAQ_COOP_RASTER").unwrap_or(8))
