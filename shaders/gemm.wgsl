@@ -136,7 +136,9 @@ override SWIZZLE: u32 = 7u;
 override RASTER: u32 = 0u;
 
 // Tile (row, column) of workgroup wg in a grid of nw (see RASTER): a permutation of the grid's
-// tiles, so every index derived from it stays inside the grid (the index audit above holds).
+// tiles, so every index derived from it stays inside the grid (the index audit above holds). The
+// same mapping as gemm_staged_coop.wgsl's `raster_block` (shader files include nothing, so each
+// has its copy; the tests check both orders against the grid's).
 fn raster_tile(wg: vec3<u32>, nw: vec3<u32>) -> vec2<u32> {
     if (RASTER < 2u) {
         return vec2<u32>(wg.y, wg.x);
