@@ -168,7 +168,8 @@ struct PairParams {
     src: u32,
     ld: u32,
     // `split_pair`: hi's first copy of view entry (r, c) at `dst + r·dld + c` of the f16 output,
-    // its second copy `hi2` elements later, lo `lo` elements later (all multiples of 4).
+    // its second copy `hi2` elements later (0: none, for the staged kernels' split products,
+    // which read hi once), lo `lo` elements later (all multiples of 4).
     dst: u32,
     dld: u32,
     hi2: u32,
@@ -225,6 +226,8 @@ fn split_pair(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg
     let hi = split_hi(x);
     let o = ((pp.dst >> 2u) + (v / per_row) * (pp.dld >> 2u)) + v % per_row;
     hi4[o] = vec4<f16>(hi);
-    hi4[o + (pp.hi2 >> 2u)] = vec4<f16>(hi);
+    if (pp.hi2 != 0u) {
+        hi4[o + (pp.hi2 >> 2u)] = vec4<f16>(hi);
+    }
     hi4[o + (pp.lo >> 2u)] = vec4<f16>(x - hi);
 }

@@ -233,7 +233,7 @@ impl FlushSplit {
             ));
         }
         // X (role 0, negated) then Y (role 1): hi twice and lo, laid out as the product reads them
-        // (`fused`: hi's second copy at offset 0, i.e. the same store again, which costs nothing).
+        // (`fused`: hi once, a second-copy offset of 0 meaning none).
         let (x_hi2, y_hi2) = if fused { (0, 0) } else { (k, 2 * k * n) };
         let x_part = [(x, 0usize, (3 * k, x_hi2, 2 * k), 0u32, -1.0f32)];
         let y_part = y_views
