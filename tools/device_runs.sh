@@ -82,7 +82,8 @@ if [ -n "${TORCH_LAYER:-}" ]; then
   echo "== torch_layer rc=$?"; grep -E "bench-layer\] (gptq|gptaq):|Error" $D/torch_layer.log | tail -3
 fi
 if [ -n "${KB:-}" ]; then
-  env ${KBENV:-} GPTAQ_BENCH_SIZES=4096 timeout ${KBLIM:-150} .device-carry/kernels-bench --bench --warm-up-time 1 --measurement-time 2 "$KB" > $D/kb.log 2>&1
+  # KBENV after the default size, so that its own GPTAQ_BENCH_SIZES wins (env takes the last).
+  env GPTAQ_BENCH_SIZES=4096 ${KBENV:-} timeout ${KBLIM:-150} .device-carry/kernels-bench --bench --warm-up-time 1 --measurement-time 2 "$KB" > $D/kb.log 2>&1
   grep -E "phases|^[a-z_]+/.*|time:" $D/kb.log | grep -v Benchmarking | cut -c1-300
 fi
 # Issue 5's solve side by side: SOLVE="4096x4096,4096x14336" times `kernels-bench quant_solve`
