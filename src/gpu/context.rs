@@ -135,6 +135,42 @@ pub struct AdapterSummary {
     /// `SweepKernel`), one more than WebGPU's portable minimum.
     #[serde(default)]
     pub max_storage_buffers_per_stage: u32,
+    /// The cooperative-matrix configurations the adapter offers, as `MxNxK a→c` (e.g.
+    /// `16x16x16 f16→f32`); the tensor-core kernels use one of them only
+    /// ([`KERNELS_COOP_CONFIG`]).
+    #[serde(default)]
+    pub coop_configs: Vec<String>,
+}
+
+/// The one cooperative-matrix configuration every tensor-core kernel is written for
+/// (`coop_mat16x16` with f16 A and B and an f32 accumulator in shaders/gemm_coop.wgsl and
+/// gemm_staged_coop.wgsl), as [`AdapterSummary::coop_configs`] names it.
+pub const KERNELS_COOP_CONFIG: &str = "16x16x16 f16→f32";
+
+/// How [`AdapterSummary::coop_configs`] names a configuration.
+fn coop_config_name(p: &wgpu::CooperativeMatrixProperties) -> String {
+    let ty = |t: wgpu::CooperativeScalarType| match t {
+        wgpu::CooperativeScalarType::F32 => "f32",
+        wgpu::CooperativeScalarType::F16 => "f16",
+        wgpu::CooperativeScalarType::I32 => "i32",
+        wgpu::CooperativeScalarType::U32 => "u32",
+    };
+    format!(
+        "{}x{}x{} {}→{}",
+        p.m_size,
+        p.n_size,
+        p.k_size,
+        ty(p.ab_type),
+        ty(p.cr_type)
+    )
+}
+
+/// Whether an adapter offering these configurations can run the tensor-core kernels. wgpu grants
+/// `EXPERIMENTAL_COOPERATIVE_MATRIX` where any configuration exists, but the shapes differ by
+/// vendor: Metal's simdgroup matrices are 8×8 only, and Intel's Vulkan drivers offer 8×16×16, so
+/// the feature alone would let a 16×16 kernel reach a driver that cannot compile it.
+pub fn coop_configs_fit_kernels(configs: &[String]) -> bool {
+    configs.iter().any(|c| c == KERNELS_COOP_CONFIG)
 }
 
 impl std::fmt::Display for AdapterSummary {
@@ -153,6 +189,18 @@ impl std::fmt::Display for AdapterSummary {
                 self.features.join(", ")
             }
         )?;
+        if !self.coop_configs.is_empty() {
+            writeln!(
+                f,
+                "  cooperative matrices: {} ({})",
+                self.coop_configs.join(", "),
+                if coop_configs_fit_kernels(&self.coop_configs) {
+                    "the tensor-core kernels' 16x16x16 f16→f32 is among them"
+                } else {
+                    "not the tensor-core kernels' 16x16x16 f16→f32: --tensor-cores runs the f32 kernels here"
+                }
+            )?;
+        }
         writeln!(
             f,
             "  max buffer {} MiB, max storage binding {} MiB ({} per kernel), workgroup memory {} KiB, {} invocations/workgroup, subgroups of {}–{}",
@@ -202,6 +250,7 @@ fn summarize(
     adapter_info: &wgpu::AdapterInfo,
     features: wgpu::Features,
     limits: &wgpu::Limits,
+    coop: &[wgpu::CooperativeMatrixProperties],
 ) -> AdapterSummary {
     AdapterSummary {
         name: adapter_info.name.clone(),
@@ -224,6 +273,7 @@ fn summarize(
             adapter_info.subgroup_max_size,
         ),
         max_storage_buffers_per_stage: limits.max_storage_buffers_per_shader_stage,
+        coop_configs: coop.iter().map(coop_config_name).collect(),
     }
 }
 
@@ -239,7 +289,14 @@ pub fn list_adapters(opts: &GpuOptions) -> Vec<AdapterSummary> {
     let adapters = pollster::block_on(inst.enumerate_adapters(opts.backend.backends()));
     adapters
         .iter()
-        .map(|a| summarize(&a.get_info(), a.features(), &a.limits()))
+        .map(|a| {
+            summarize(
+                &a.get_info(),
+                a.features(),
+                &a.limits(),
+                &a.cooperative_matrix_properties(),
+            )
+        })
         .collect()
 }
 
@@ -326,6 +383,22 @@ impl GpuContext {
                 required |= f;
             }
         }
+        // Cooperative matrices only where the kernels' configuration is offered
+        // (`coop_configs_fit_kernels`): elsewhere the tensor-core paths fall back to the f32
+        // kernels, as on adapters without the feature, instead of failing to compile.
+        let coop = adapter.cooperative_matrix_properties();
+        let coop_names: Vec<String> = coop.iter().map(coop_config_name).collect();
+        if required.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX)
+            && !coop_configs_fit_kernels(&coop_names)
+        {
+            log::info!(
+                "{}: cooperative matrices {} offered, not the kernels' {KERNELS_COOP_CONFIG}: \
+                 tensor-core paths use the f32 kernels",
+                info.name,
+                coop_names.join(", ")
+            );
+            required.remove(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX);
+        }
         // The adapter's own limits: these are the largest it can do, and what we need.
         let limits = adapter.limits();
         let experimental = if required.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX) {
@@ -372,7 +445,7 @@ impl GpuContext {
         Ok(Self {
             timer: super::timing::KernelTimer::new(features, &queue),
             readbacks: Mutex::new(Vec::new()),
-            summary: summarize(&info, features, &limits),
+            summary: summarize(&info, features, &limits, &coop),
             device,
             queue,
             features,
@@ -489,5 +562,81 @@ impl GpuContext {
 
     pub fn reset_peak(&self) {
         self.mem.reset_peak();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wgpu::CooperativeScalarType::{F16, F32, I32};
+
+    fn config(
+        (m, n, k): (u32, u32, u32),
+        ab: wgpu::CooperativeScalarType,
+        cr: wgpu::CooperativeScalarType,
+    ) -> String {
+        coop_config_name(&wgpu::CooperativeMatrixProperties {
+            m_size: m,
+            n_size: n,
+            k_size: k,
+            ab_type: ab,
+            cr_type: cr,
+            saturating_accumulation: false,
+        })
+    }
+
+    /// The configuration lists the drivers report (wgpu-hal's Metal list; an NVIDIA and an
+    /// Intel Vulkan list): the kernels' 16×16×16 f16→f32 must be offered as such, not merely
+    /// some cooperative matrix, nor the same shape with another accumulator.
+    #[test]
+    fn coop_kernels_need_their_own_configuration() {
+        assert_eq!(config((16, 16, 16), F16, F32), KERNELS_COOP_CONFIG);
+        let metal = [
+            config((8, 8, 8), F32, F32),
+            config((8, 8, 8), F16, F16),
+            config((8, 8, 8), F16, F32),
+        ];
+        let nvidia = [
+            config((16, 16, 16), F16, F16),
+            config((16, 8, 16), F16, F32),
+            config((16, 16, 16), F16, F32),
+            config((16, 16, 32), I32, I32),
+        ];
+        let intel = [config((8, 16, 16), F16, F32), config((8, 16, 16), F16, F16)];
+        let f16_acc = [config((16, 16, 16), F16, F16)];
+        assert!(!coop_configs_fit_kernels(&metal), "{metal:?}");
+        assert!(coop_configs_fit_kernels(&nvidia), "{nvidia:?}");
+        assert!(!coop_configs_fit_kernels(&intel), "{intel:?}");
+        assert!(!coop_configs_fit_kernels(&f16_acc), "{f16_acc:?}");
+        assert!(!coop_configs_fit_kernels(&[]));
+    }
+
+    /// `devices` says which configurations exist and whether the kernels can use them.
+    #[test]
+    fn summary_names_the_coop_configurations() {
+        let mut s = AdapterSummary {
+            name: "Apple M3".into(),
+            backend: "Metal".into(),
+            device_type: "IntegratedGpu".into(),
+            driver: String::new(),
+            features: vec!["EXPERIMENTAL_COOPERATIVE_MATRIX".into()],
+            max_buffer_size: 1 << 30,
+            max_storage_buffer_binding_size: 1 << 30,
+            max_compute_workgroup_storage_size: 32 << 10,
+            max_compute_invocations_per_workgroup: 1024,
+            subgroup_sizes: (32, 32),
+            max_storage_buffers_per_stage: 31,
+            coop_configs: vec![config((8, 8, 8), F16, F32)],
+        };
+        let text = s.to_string();
+        assert!(
+            text.contains("cooperative matrices: 8x8x8 f16→f32 (not the tensor-core kernels'"),
+            "{text}"
+        );
+        s.coop_configs.push(KERNELS_COOP_CONFIG.into());
+        let text = s.to_string();
+        assert!(text.contains("is among them"), "{text}");
+        s.coop_configs.clear();
+        assert!(!s.to_string().contains("cooperative matrices"));
     }
 }

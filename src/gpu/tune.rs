@@ -375,6 +375,7 @@ mod tests {
             max_compute_invocations_per_workgroup: 0,
             subgroup_sizes: (32, 32),
             max_storage_buffers_per_stage: 0,
+            coop_configs: vec![],
         };
         let p = table_path(Path::new("/c"), &s);
         let name = p.file_name().map(|n| n.to_string_lossy().into_owned());
