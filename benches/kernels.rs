@@ -295,8 +295,9 @@ fn bench_kernels(c: &mut Criterion) {
                     })
                 });
                 // The same product in each block order (`RASTER`, ops::coop_raster /
-                // coop_raster_upper, which the pipeline reads once per process): an A/B in one
-                // run, the order set per pipeline here.
+                // coop_raster_upper, which the pipeline picks by the width and reads
+                // `GPTAQ_COOP_RASTER*` once per process): an A/B in one run, the order set per
+                // pipeline here.
                 if !op.staged() {
                     continue;
                 }

@@ -130,8 +130,9 @@ override SWIZZLE: u32 = 7u;
 // The order in which gemm_large's workgroups take their 128×128 tiles (kernel lab only so far):
 // with RASTER ≥ 2 consecutive workgroups walk down RASTER tile rows before moving one tile column
 // on, as gemm_staged_coop.wgsl's RASTER does for the tensor-core kernel (7 % faster there on a
-// forward GEMM, BENCHMARKS.md session 40), so the tiles in flight share operand panels in L2; 0
-// or 1: the grid's own order. Every tile's sums are unchanged, so results are bit for bit the
+// forward GEMM, BENCHMARKS.md session 40), so the tiles in flight share operand panels in L2
+// (no gain for this kernel at 4096³ on the H100, session 41, so no launcher sets it); 0 or 1:
+// the grid's own order. Every tile's sums are unchanged, so results are bit for bit the
 // same (tests/gpu_kernels.rs `gemm_large_raster_keeps_products`).
 override RASTER: u32 = 0u;
 

@@ -526,7 +526,10 @@ fn gemm_coop_128(
 // column panels, where the column order had them read all the rows above a few columns (the
 // Hessian of a 14336-wide input: 112 row panels of 8 MiB per 32768-token batch). A chunk starts
 // where the plain numbering's column RASTER·c does (both count the T(RASTER·c) blocks of the
-// columns before it), so only the order within a chunk changes.
+// columns before it), so only the order within a chunk changes. On an H100 at 32768 tokens that
+// took the 14336-wide Hessian from 27.0 to 25.4 ms, left the 8192-wide one as it was and slowed
+// the 4096-wide one from 1.97 to 2.06 ms, so ops::coop_raster_upper sets RASTER 8 from 12288
+// columns on only (BENCHMARKS.md session 41).
 @compute @workgroup_size(128)
 fn gemm_coop_128_upper(
     @builtin(workgroup_id) wg: vec3<u32>,

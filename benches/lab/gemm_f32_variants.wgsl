@@ -11,7 +11,8 @@
 // - `DOUBLE_BUFFER=1`: two staging buffers, one barrier per slice;
 // - `RASTER=8`: tiles taken in groups of 8 tile rows (gemm.wgsl `raster_tile`; the tensor-core
 //   kernel's grouped order, 7 % faster there at 32768 × 14336 × 4096, BENCHMARKS.md session 40);
-//   not yet timed for this kernel.
+//   no gain for this kernel at 4096³ on the H100 (within ±0.7 %, session 41), so no launcher
+//   sets it.
 //
 // New variants go in a file of their own that extends the shipped shader the same way and adds
 // only its new entry points. Session 23's (16-deep k slices, 4-row vec4 staging) were slower than

@@ -1397,12 +1397,23 @@ pub fn coop_raster() -> u32 {
 }
 
 /// [`coop_raster`] for the upper entry (the Hessian's and D's `Tn128Upper`, GPTAQ's
-/// `Nt128UpperTail`): block columns per chunk of its triangle. 0 (its column order) by default:
-/// not yet measured on a GPU. `GPTAQ_COOP_RASTER_UPPER=N` sets it, read once.
-pub fn coop_raster_upper() -> u32 {
-    static COLS: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
-    *COLS.get_or_init(|| env_u32("GPTAQ_COOP_RASTER_UPPER").unwrap_or(0))
+/// `Nt128UpperTail`) of an n-wide C: block columns per chunk of its triangle, each chunk taken
+/// top-down in bands of as many block rows (0: the triangle's column order). By the width: 8 from
+/// [`COOP_RASTER_UPPER_MIN_N`] columns on, else 0. On H100s at 32768 tokens the chunks took
+/// n = 14336 from 27.0–27.5 to 25.4–26.0 ms (two hosts), left n = 8192 as it was (8.35 against
+/// 8.21 ms, within the spread) and slowed n = 4096 from 1.97 to 2.06 ms (BENCHMARKS.md session
+/// 41). `GPTAQ_COOP_RASTER_UPPER=N` sets it for every width, read once; the order changes no
+/// block's sums (`coop_raster_keeps_products`).
+pub fn coop_raster_upper(n: usize) -> u32 {
+    static COLS: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
+    COLS.get_or_init(|| env_u32("GPTAQ_COOP_RASTER_UPPER"))
+        .unwrap_or(if n >= COOP_RASTER_UPPER_MIN_N { 8 } else { 0 })
 }
+
+/// The narrowest C whose upper entry takes its triangle in chunks by default
+/// ([`coop_raster_upper`]): between 8192 (no gain) and 14336 (6 % faster) columns; the widths in
+/// between are unmeasured.
+pub const COOP_RASTER_UPPER_MIN_N: usize = 12288;
 
 fn env_u32(var: &str) -> Option<u32> {
     std::env::var(var).ok().and_then(|v| v.trim().parse().ok())
@@ -1510,8 +1521,9 @@ impl CoopOp {
 
     /// The staged kernel's override constants for this layout (`A_T`, `B_T` in
     /// `gemm_staged_coop.wgsl`), for adding to C or overwriting it (`ACCUMULATE`) and for the
-    /// grid's order ([`coop_raster`]); none for the unstaged kernels, which always add.
-    fn staged_constants(self, accumulate: bool, split: bool) -> Vec<(&'static str, f64)> {
+    /// grid's order ([`coop_raster`], [`coop_raster_upper`] of the n-wide C); none for the
+    /// unstaged kernels, which always add.
+    fn staged_constants(self, n: usize, accumulate: bool, split: bool) -> Vec<(&'static str, f64)> {
         if !self.staged() {
             return Vec::new();
         }
@@ -1527,7 +1539,7 @@ impl CoopOp {
         let raster = if self.entry() == "gemm_coop_128" {
             coop_raster()
         } else {
-            coop_raster_upper()
+            coop_raster_upper(n)
         };
         if raster > 1 {
             c.push(("RASTER", f64::from(raster)));
@@ -1952,7 +1964,7 @@ fn gemm_coop_dispatch(
             &GEMM_COOP
         },
         op.entry(),
-        &op.staged_constants(accumulate, a.lo.is_some()),
+        &op.staged_constants(n, accumulate, a.lo.is_some()),
         &params,
         &[a.buf.binding(), b.buf.binding(), c.buf.binding()],
         groups,
