@@ -273,6 +273,52 @@ fn worker_errors_are_visible() {
     h.get_by_label_contains("reading x.json: no such file");
 }
 
+/// The GPU panel says whether `--tensor-cores` can use the opened GPU, and why not: here a
+/// Metal-like adapter whose cooperative matrices are 8×8 only (the kernels need 16×16×16
+/// f16->f32), then one that offers the kernels' shape and grants it.
+#[test]
+fn gpu_panel_explains_the_tensor_cores() {
+    let summary = |configs: &[&str], coop: bool| gptaq_studio::gpu::AdapterSummary {
+        name: "Apple M3".into(),
+        backend: "Metal".into(),
+        device_type: "IntegratedGpu".into(),
+        driver: String::new(),
+        features: ["SHADER_F16", "SUBGROUP"]
+            .into_iter()
+            .chain(coop.then_some("EXPERIMENTAL_COOPERATIVE_MATRIX"))
+            .map(String::from)
+            .collect(),
+        max_buffer_size: 1 << 30,
+        max_storage_buffer_binding_size: 1 << 30,
+        max_compute_workgroup_storage_size: 32 << 10,
+        max_compute_invocations_per_workgroup: 1024,
+        subgroup_sizes: (32, 32),
+        max_storage_buffers_per_stage: 31,
+        coop_configs: configs.iter().map(|c| c.to_string()).collect(),
+    };
+    let mut app = StudioApp::headless();
+    app.state
+        .apply(WorkerEvent::Device(Ok(summary(&["8x8x8 f16->f32"], false))));
+    assert!(!app.state.tensor_cores_granted());
+    let mut h = harness(app);
+    h.run();
+    h.get_by_label_contains(
+        "tensor cores: not here (cooperative matrices 8x8x8 f16->f32 offered, not the kernels' \
+         16x16x16 f16->f32)",
+    );
+    h.state_mut().state.apply(WorkerEvent::Device(Ok(summary(
+        &["16x16x16 f16->f16", "16x16x16 f16->f32"],
+        true,
+    ))));
+    h.run();
+    h.get_by_label_contains("tensor cores: available (16x16x16 f16->f32 cooperative matrices)");
+    h.state_mut()
+        .state
+        .apply(WorkerEvent::Device(Ok(summary(&[], false))));
+    h.run();
+    h.get_by_label_contains("tensor cores: none here (no cooperative matrices)");
+}
+
 /// The real thing: the worker thread opens the GPU, quantizes the demo model with tiny shapes and
 /// the table fills with every module of every layer.
 /// A live harness on the demo model, its summary answered by the worker.

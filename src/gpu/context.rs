@@ -135,8 +135,8 @@ pub struct AdapterSummary {
     /// `SweepKernel`), one more than WebGPU's portable minimum.
     #[serde(default)]
     pub max_storage_buffers_per_stage: u32,
-    /// The cooperative-matrix configurations the adapter offers, as `MxNxK a→c` (e.g.
-    /// `16x16x16 f16→f32`); the tensor-core kernels use one of them only
+    /// The cooperative-matrix configurations the adapter offers, as `MxNxK a->c` (e.g.
+    /// `16x16x16 f16->f32`); the tensor-core kernels use one of them only
     /// ([`KERNELS_COOP_CONFIG`]).
     #[serde(default)]
     pub coop_configs: Vec<String>,
@@ -144,8 +144,9 @@ pub struct AdapterSummary {
 
 /// The one cooperative-matrix configuration every tensor-core kernel is written for
 /// (`coop_mat16x16` with f16 A and B and an f32 accumulator in shaders/gemm_coop.wgsl and
-/// gemm_staged_coop.wgsl), as [`AdapterSummary::coop_configs`] names it.
-pub const KERNELS_COOP_CONFIG: &str = "16x16x16 f16→f32";
+/// gemm_staged_coop.wgsl), as [`AdapterSummary::coop_configs`] names it (ASCII: the GUI's font
+/// has no arrow glyph).
+pub const KERNELS_COOP_CONFIG: &str = "16x16x16 f16->f32";
 
 /// How [`AdapterSummary::coop_configs`] names a configuration.
 fn coop_config_name(p: &wgpu::CooperativeMatrixProperties) -> String {
@@ -156,7 +157,7 @@ fn coop_config_name(p: &wgpu::CooperativeMatrixProperties) -> String {
         wgpu::CooperativeScalarType::U32 => "u32",
     };
     format!(
-        "{}x{}x{} {}→{}",
+        "{}x{}x{} {}->{}",
         p.m_size,
         p.n_size,
         p.k_size,
@@ -195,9 +196,12 @@ impl std::fmt::Display for AdapterSummary {
                 "  cooperative matrices: {} ({})",
                 self.coop_configs.join(", "),
                 if coop_configs_fit_kernels(&self.coop_configs) {
-                    "the tensor-core kernels' 16x16x16 f16→f32 is among them"
+                    format!("the tensor-core kernels' {KERNELS_COOP_CONFIG} is among them")
                 } else {
-                    "not the tensor-core kernels' 16x16x16 f16→f32: --tensor-cores runs the f32 kernels here"
+                    format!(
+                        "not the tensor-core kernels' {KERNELS_COOP_CONFIG}: --tensor-cores runs \
+                         the f32 kernels here"
+                    )
                 }
             )?;
         }
@@ -633,7 +637,7 @@ mod tests {
         };
         let text = s.to_string();
         assert!(
-            text.contains("cooperative matrices: 8x8x8 f16→f32 (not the tensor-core kernels'"),
+            text.contains("cooperative matrices: 8x8x8 f16->f32 (not the tensor-core kernels'"),
             "{text}"
         );
         s.coop_configs.push(KERNELS_COOP_CONFIG.into());

@@ -13,7 +13,10 @@ pub mod timing;
 pub mod tune;
 
 pub use buffer::{GpuBuffer, PendingRead, WriteWindow};
-pub use context::{AdapterSummary, BackendChoice, GpuContext, GpuError, GpuOptions, list_adapters};
+pub use context::{
+    AdapterSummary, BackendChoice, GpuContext, GpuError, GpuOptions, KERNELS_COOP_CONFIG,
+    list_adapters,
+};
 pub use kernels::Recorder;
 pub use matrix::GpuMatrix;
 pub use timing::{KernelTime, format_kernel_times};

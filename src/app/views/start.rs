@@ -254,6 +254,9 @@ fn adapter_ui(ui: &mut egui::Ui, st: &mut AppState, out: &mut Vec<UiAction>) {
             }
         }
     }
+    if let Some(note) = st.tensor_core_note() {
+        ui.label(note);
+    }
     if st.adapters.len() > 1 {
         let current = match &st.device {
             Some(Ok(d)) => d.name.clone(),
