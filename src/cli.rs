@@ -834,7 +834,10 @@ fn eval_cmd(gpu: &GpuArgs, args: &EvalArgs) -> anyhow::Result<()> {
     eprintln!("model: {} [{}]", model.display(), source.describe());
     if args.tensor_cores && !crate::gpu::ops::coop_available(&ctx) {
         eprintln!(
-            "warning: --tensor-cores ignored: this adapter does not grant f16 cooperative matrices"
+            "warning: --tensor-cores ignored: {}",
+            ctx.summary
+                .tensor_cores_unavailable()
+                .unwrap_or_else(|| "this adapter cannot run the tensor-core kernels".into())
         );
     }
     let opts = crate::eval::EvalOptions {

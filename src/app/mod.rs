@@ -166,42 +166,22 @@ impl AppState {
     /// Whether the device grants the tensor-core kernels (f16 cooperative matrices); false until a
     /// device is known.
     pub fn tensor_cores_granted(&self) -> bool {
-        match &self.device {
-            Some(Ok(d)) => ["SHADER_F16", "EXPERIMENTAL_COOPERATIVE_MATRIX"]
-                .iter()
-                .all(|f| d.features.iter().any(|g| g == f)),
-            _ => false,
-        }
+        matches!(&self.device, Some(Ok(d)) if d.tensor_cores_unavailable().is_none())
     }
 
-    /// What the opened GPU offers the tensor-core option, for the GPU panel: why `--tensor-cores`
-    /// runs the f32 kernels where it does (no cooperative matrices, or not in the kernels'
-    /// 16×16×16 f16→f32 shape, as on Metal); `None` until a device is known.
+    /// What the opened GPU offers the tensor-core option, for the GPU panel: available, or why
+    /// `--tensor-cores` runs the f32 kernels here (`AdapterSummary::tensor_cores_unavailable`);
+    /// `None` until a device is known.
     pub fn tensor_core_note(&self) -> Option<String> {
         let Some(Ok(d)) = &self.device else {
             return None;
         };
-        Some(if self.tensor_cores_granted() {
-            format!(
+        Some(match d.tensor_cores_unavailable() {
+            None => format!(
                 "tensor cores: available ({} cooperative matrices)",
                 crate::gpu::KERNELS_COOP_CONFIG
-            )
-        } else if d.coop_configs.is_empty() {
-            "tensor cores: none here (no cooperative matrices); the f32 kernels run".into()
-        } else if !d.features.iter().any(|f| f == "SHADER_F16") {
-            "tensor cores: not here (cooperative matrices without f16 shaders); the f32 kernels run"
-                .into()
-        } else if crate::gpu::context::coop_configs_fit_kernels(&d.coop_configs) {
-            "tensor cores: not here (the device did not grant cooperative matrices); the f32 \
-             kernels run"
-                .into()
-        } else {
-            format!(
-                "tensor cores: not here (cooperative matrices {} offered, not the kernels' {}); \
-                 the f32 kernels run",
-                d.coop_configs.join(", "),
-                crate::gpu::KERNELS_COOP_CONFIG
-            )
+            ),
+            Some(why) => format!("tensor cores: not here ({why}); the f32 kernels run"),
         })
     }
 

@@ -174,6 +174,32 @@ pub fn coop_configs_fit_kernels(configs: &[String]) -> bool {
     configs.iter().any(|c| c == KERNELS_COOP_CONFIG)
 }
 
+impl AdapterSummary {
+    /// Why the tensor-core kernels cannot run on this device, or `None` where they can (f16
+    /// shaders and cooperative matrices granted, which `GpuContext::new` requests only where the
+    /// kernels' [`KERNELS_COOP_CONFIG`] is offered). For the warnings of `--tensor-cores` and the
+    /// app's GPU panel, on a device's summary (an adapter's lists what it offers, not what a
+    /// device was granted).
+    pub fn tensor_cores_unavailable(&self) -> Option<String> {
+        let has = |f: &str| self.features.iter().any(|g| g == f);
+        if has("SHADER_F16") && has("EXPERIMENTAL_COOPERATIVE_MATRIX") {
+            return None;
+        }
+        Some(if self.coop_configs.is_empty() {
+            "no cooperative matrices".into()
+        } else if !coop_configs_fit_kernels(&self.coop_configs) {
+            format!(
+                "cooperative matrices {} offered, not the kernels' {KERNELS_COOP_CONFIG}",
+                self.coop_configs.join(", ")
+            )
+        } else if !has("SHADER_F16") {
+            "cooperative matrices without f16 shaders".into()
+        } else {
+            "the device did not grant cooperative matrices".into()
+        })
+    }
+}
+
 impl std::fmt::Display for AdapterSummary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(
@@ -645,5 +671,43 @@ mod tests {
         assert!(text.contains("is among them"), "{text}");
         s.coop_configs.clear();
         assert!(!s.to_string().contains("cooperative matrices"));
+    }
+
+    /// Why `--tensor-cores` falls back, by what the device was granted and offered.
+    #[test]
+    fn tensor_cores_say_why_not() {
+        let summary = |features: &[&str], configs: &[&str]| AdapterSummary {
+            name: "gpu".into(),
+            backend: "Vulkan".into(),
+            device_type: "DiscreteGpu".into(),
+            driver: String::new(),
+            features: features.iter().map(|f| f.to_string()).collect(),
+            max_buffer_size: 0,
+            max_storage_buffer_binding_size: 0,
+            max_compute_workgroup_storage_size: 0,
+            max_compute_invocations_per_workgroup: 0,
+            subgroup_sizes: (32, 32),
+            max_storage_buffers_per_stage: 0,
+            coop_configs: configs.iter().map(|c| c.to_string()).collect(),
+        };
+        let coop = "EXPERIMENTAL_COOPERATIVE_MATRIX";
+        let why = |f: &[&str], c: &[&str]| summary(f, c).tensor_cores_unavailable();
+        assert_eq!(why(&["SHADER_F16", coop], &[KERNELS_COOP_CONFIG]), None);
+        assert_eq!(
+            why(&["SHADER_F16"], &[]).as_deref(),
+            Some("no cooperative matrices")
+        );
+        assert_eq!(
+            why(&["SHADER_F16"], &["8x8x8 f16->f32"]).as_deref(),
+            Some("cooperative matrices 8x8x8 f16->f32 offered, not the kernels' 16x16x16 f16->f32")
+        );
+        assert_eq!(
+            why(&[coop], &[KERNELS_COOP_CONFIG]).as_deref(),
+            Some("cooperative matrices without f16 shaders")
+        );
+        assert_eq!(
+            why(&["SHADER_F16"], &[KERNELS_COOP_CONFIG]).as_deref(),
+            Some("the device did not grant cooperative matrices")
+        );
     }
 }

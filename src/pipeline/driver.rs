@@ -379,9 +379,12 @@ pub fn quantize(
                  GPTAQ's A = α·triu₁(D·Uᵀ) on split-f16 operands (near f32's accuracy) where the \
                  width is a multiple of 128 (experimental)"
                 .into(),
-            (None, false) => {
-                "tensor cores ignored: this adapter does not grant f16 cooperative matrices".into()
-            }
+            (None, false) => format!(
+                "tensor cores ignored: {}",
+                ctx.summary
+                    .tensor_cores_unavailable()
+                    .unwrap_or_else(|| "this adapter cannot run the tensor-core kernels".into())
+            ),
         };
         emit(Event::Warning(w.clone()));
         warnings.push(w);
