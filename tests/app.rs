@@ -273,9 +273,10 @@ fn worker_errors_are_visible() {
     h.get_by_label_contains("reading x.json: no such file");
 }
 
-/// The GPU panel says whether `--tensor-cores` can use the opened GPU, and why not: here a
-/// Metal-like adapter whose cooperative matrices are 8×8 only (the kernels need 16×16×16
-/// f16->f32), then one that offers the kernels' shape and grants it.
+/// The GPU panel (and the settings' checkbox) say whether `--tensor-cores` can use the opened
+/// GPU, and why not: here a Metal-like adapter whose cooperative matrices are 8×8 only (the
+/// kernels need 16×16×16 f16->f32), then one that offers the kernels' shape and grants it, then
+/// one without cooperative matrices.
 #[test]
 fn gpu_panel_explains_the_tensor_cores() {
     let summary = |configs: &[&str], coop: bool| gptaq_studio::gpu::AdapterSummary {
@@ -306,12 +307,15 @@ fn gpu_panel_explains_the_tensor_cores() {
         "tensor cores: not here (cooperative matrices 8x8x8 f16->f32 offered, not the kernels' \
          16x16x16 f16->f32)",
     );
+    // The settings' checkbox says so too (the option is ignored on this GPU).
+    h.get_by_label("Tensor cores (f16): not on this GPU");
     h.state_mut().state.apply(WorkerEvent::Device(Ok(summary(
         &["16x16x16 f16->f16", "16x16x16 f16->f32"],
         true,
     ))));
     h.run();
     h.get_by_label_contains("tensor cores: available (16x16x16 f16->f32 cooperative matrices)");
+    h.get_by_label("Tensor cores (f16)");
     h.state_mut()
         .state
         .apply(WorkerEvent::Device(Ok(summary(&[], false))));

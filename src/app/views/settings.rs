@@ -39,6 +39,12 @@ pub fn settings_ui(ui: &mut egui::Ui, st: &mut AppState, out: &mut Vec<UiAction>
     let issues = st
         .settings
         .validate(st.model.as_ref(), st.calib.as_ref(), config.as_ref());
+    // Why the opened GPU cannot run the tensor-core kernels, if it cannot (the option is then
+    // ignored; the GPU panel says the same).
+    let tc_unavailable = match &st.device {
+        Some(Ok(d)) => d.tensor_cores_unavailable(),
+        _ => None,
+    };
     let s = &mut st.settings;
     ui.add_enabled_ui(!busy, |ui| {
         egui::Grid::new("settings_grid")
@@ -184,8 +190,15 @@ pub fn settings_ui(ui: &mut egui::Ui, st: &mut AppState, out: &mut Vec<UiAction>
                     .on_hover_text("Solve each module with the f64 CPU reference (slow; for verification)");
                 ui.end_row();
                 ui.label("");
-                ui.checkbox(&mut s.tensor_cores, "Tensor cores (f16)")
-                    .on_hover_text("Run the calibration forward and the Hessians on f16 operands with f32 accumulation where the GPU grants cooperative matrices (like the reference's half-precision forward; on an H100 an 8B GPTQ layer took 3.8 s with it and 7.9 s without, 2.16 s with it after later kernel work). GPTAQ's solve then also computes its A = α·triu₁(D·Uᵀ) on the tensor cores from split-f16 operands (two halves per value: within a few times f32's round-off) where the width is a multiple of 128. Ignored elsewhere, and where the f16 copies do not fit the memory budget");
+                let tc_label = if tc_unavailable.is_some() {
+                    "Tensor cores (f16): not on this GPU"
+                } else {
+                    "Tensor cores (f16)"
+                };
+                let tc = ui.checkbox(&mut s.tensor_cores, tc_label).on_hover_text("Run the calibration forward and the Hessians on f16 operands with f32 accumulation where the GPU grants cooperative matrices (like the reference's half-precision forward; on an H100 an 8B GPTQ layer took 3.8 s with it and 7.9 s without, 2.16 s with it after later kernel work). GPTAQ's solve then also computes its A = α·triu₁(D·Uᵀ) on the tensor cores from split-f16 operands (two halves per value: within a few times f32's round-off) where the width is a multiple of 128. Ignored elsewhere, and where the f16 copies do not fit the memory budget");
+                if let Some(why) = &tc_unavailable {
+                    tc.on_hover_text(format!("Not on this GPU: {why}; the f32 kernels run."));
+                }
                 ui.end_row();
                 ui.label("");
                 ui.checkbox(&mut s.kernel_times, "Time GPU kernels")
