@@ -282,20 +282,13 @@ fn gpu_panel_explains_the_tensor_cores() {
     let summary = |configs: &[&str], coop: bool| gptaq_studio::gpu::AdapterSummary {
         name: "Apple M3".into(),
         backend: "Metal".into(),
-        device_type: "IntegratedGpu".into(),
-        driver: String::new(),
         features: ["SHADER_F16", "SUBGROUP"]
             .into_iter()
             .chain(coop.then_some("EXPERIMENTAL_COOPERATIVE_MATRIX"))
             .map(String::from)
             .collect(),
-        max_buffer_size: 1 << 30,
-        max_storage_buffer_binding_size: 1 << 30,
-        max_compute_workgroup_storage_size: 32 << 10,
-        max_compute_invocations_per_workgroup: 1024,
-        subgroup_sizes: (32, 32),
-        max_storage_buffers_per_stage: 31,
         coop_configs: configs.iter().map(|c| c.to_string()).collect(),
+        ..Default::default()
     };
     let mut app = StudioApp::headless();
     app.state

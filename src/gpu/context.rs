@@ -117,7 +117,7 @@ fn memory_hints() -> wgpu::MemoryHints {
 }
 
 /// What the adapter granted, for `devices`, reports and the GUI.
-#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct AdapterSummary {
     pub name: String,
     pub backend: String,
@@ -650,16 +650,9 @@ mod tests {
         let mut s = AdapterSummary {
             name: "Apple M3".into(),
             backend: "Metal".into(),
-            device_type: "IntegratedGpu".into(),
-            driver: String::new(),
             features: vec!["EXPERIMENTAL_COOPERATIVE_MATRIX".into()],
-            max_buffer_size: 1 << 30,
-            max_storage_buffer_binding_size: 1 << 30,
-            max_compute_workgroup_storage_size: 32 << 10,
-            max_compute_invocations_per_workgroup: 1024,
-            subgroup_sizes: (32, 32),
-            max_storage_buffers_per_stage: 31,
             coop_configs: vec![config((8, 8, 8), F16, F32)],
+            ..Default::default()
         };
         let text = s.to_string();
         assert!(
@@ -677,18 +670,9 @@ mod tests {
     #[test]
     fn tensor_cores_say_why_not() {
         let summary = |features: &[&str], configs: &[&str]| AdapterSummary {
-            name: "gpu".into(),
-            backend: "Vulkan".into(),
-            device_type: "DiscreteGpu".into(),
-            driver: String::new(),
             features: features.iter().map(|f| f.to_string()).collect(),
-            max_buffer_size: 0,
-            max_storage_buffer_binding_size: 0,
-            max_compute_workgroup_storage_size: 0,
-            max_compute_invocations_per_workgroup: 0,
-            subgroup_sizes: (32, 32),
-            max_storage_buffers_per_stage: 0,
             coop_configs: configs.iter().map(|c| c.to_string()).collect(),
+            ..Default::default()
         };
         let coop = "EXPERIMENTAL_COOPERATIVE_MATRIX";
         let why = |f: &[&str], c: &[&str]| summary(f, c).tensor_cores_unavailable();
