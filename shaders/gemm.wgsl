@@ -127,32 +127,6 @@ var<workgroup> sb: array<vec4<f32>, 128>;
 override DOUBLE_BUFFER: bool = false;
 // The XOR mask of the staging swizzle (`swz`); 0 turns it off (kernel lab only).
 override SWIZZLE: u32 = 7u;
-// The order in which gemm_large's workgroups take their 128×128 tiles (kernel lab only so far):
-// with RASTER ≥ 2 consecutive workgroups walk down RASTER tile rows before moving one tile column
-// on, as gemm_staged_coop.wgsl's RASTER does for the tensor-core kernel (7 % faster there on a
-// forward GEMM, BENCHMARKS.md session 40), so the tiles in flight share operand panels in L2
-// (no gain for this kernel at 4096³ on the H100, session 41, so no launcher sets it); 0 or 1:
-// the grid's own order. Every tile's sums are unchanged, so results are bit for bit the
-// same (tests/gpu_kernels.rs `gemm_large_raster_keeps_products`).
-override RASTER: u32 = 0u;
-
-// Tile (row, column) of workgroup wg in a grid of nw (see RASTER): a permutation of the grid's
-// tiles, so every index derived from it stays inside the grid (the index audit above holds). The
-// same mapping as gemm_staged_coop.wgsl's `raster_block` (shader files include nothing, so each
-// has its copy; the tests check both orders against the grid's).
-fn raster_tile(wg: vec3<u32>, nw: vec3<u32>) -> vec2<u32> {
-    if (RASTER < 2u) {
-        return vec2<u32>(wg.y, wg.x);
-    }
-    // At least 1: naga refuses a remainder by a constant 0 even on a path RASTER < 2 never takes.
-    let g = max(RASTER, 1u);
-    let l = wg.y * nw.x + wg.x;
-    let per = g * nw.x;
-    let first = (l / per) * g;
-    let rows = min(g, nw.y - first);
-    let r = l % per;
-    return vec2<u32>(first + r % rows, r / rows);
-}
 var<workgroup> la: array<vec4<f32>, select(256u, 512u, DOUBLE_BUFFER)>;
 var<workgroup> lb: array<vec4<f32>, select(256u, 512u, DOUBLE_BUFFER)>;
 
@@ -400,15 +374,10 @@ fn stage_v4(off: u32, tid: u32, ra: vec4<f32>, rb: vec4<f32>) {
 }
 
 @compute @workgroup_size(16, 16, 1)
-fn gemm_large(
-    @builtin(workgroup_id) wg: vec3<u32>,
-    @builtin(num_workgroups) nw: vec3<u32>,
-    @builtin(local_invocation_id) lid: vec3<u32>,
-) {
+fn gemm_large(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
     set_batch(wg.z);
-    let tile = raster_tile(wg, nw);
-    let row0 = tile.x * 128u;
-    let col0 = tile.y * 128u;
+    let row0 = wg.y * 128u;
+    let col0 = wg.x * 128u;
     // Whole-workgroup early exit (uniform), before any barrier.
     if (UPPER_ONLY && i32(row0) > i32(col0) + 127 + p.diag) {
         return;

@@ -8,22 +8,18 @@
 // - the shipped kernels as they run (`gemm_large` on 128×128 tiles, `gemm_small` on 64×64);
 // - `SWIZZLE=0`: the unswizzled staging that shipped before session 24 (an 8-way bank conflict on
 //   every store of a k-contiguous operand; gemm.wgsl `swz`), to keep measuring what it is worth;
-// - `DOUBLE_BUFFER=1`: two staging buffers, one barrier per slice;
-// - `RASTER=8`: tiles taken in groups of 8 tile rows (gemm.wgsl `raster_tile`; the tensor-core
-//   kernel's grouped order, 7 % faster there at 32768 × 14336 × 4096, BENCHMARKS.md session 40);
-//   no gain for this kernel at 4096³ on the H100 (within ±0.7 %, session 41), so no launcher
-//   sets it.
+// - `DOUBLE_BUFFER=1`: two staging buffers, one barrier per slice.
 //
 // New variants go in a file of their own that extends the shipped shader the same way and adds
 // only its new entry points. Session 23's (16-deep k slices, 4-row vec4 staging) were slower than
-// the swizzle in session 24's call 2 and were removed; BENCHMARKS.md has their numbers.
+// the swizzle in session 24's call 2 and were removed; BENCHMARKS.md has their numbers. So were
+// session 41's (tiles in groups of 8 tile rows, as the tensor-core kernel takes its blocks, and
+// subgroups over 4 × 8 or 8 × 4 thread blocks instead of 2 × 16): within 1.6 % of the shipped
+// kernel on an H100.
 
 // lab32: gemm_large nt 128
 // lab32: gemm_large nn 128
 // lab32: gemm_large tn 128
-// lab32: gemm_large nt 128 RASTER=8
-// lab32: gemm_large nn 128 RASTER=8
-// lab32: gemm_large tn 128 RASTER=8
 // lab32: gemm_large nn 128 DOUBLE_BUFFER=1
 // lab32: gemm_small nt 64
 // lab32: gemm_small nn 64
