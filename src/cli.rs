@@ -540,6 +540,7 @@ fn inspect(dir: &Path, nsamples: usize, seqlen: usize, json: bool) -> anyhow::Re
         nsamples,
         seqlen,
         fp_stream: true,
+        metrics: true,
         statistics: 2,
         metric_moments: true,
         gpu_budget_bytes: 8 << 30,

@@ -189,6 +189,78 @@ fn tensor_core_layer_matches_reference_where_granted() {
     }
 }
 
+/// `GpuLayer::release_f32` (the pipeline frees gate/up's f32 weights once solved in tensor-core
+/// runs, plan::gate_up_f32_released): the forward then reads their f16 copies only, so batches
+/// whose rows tile the tensor-core blocks (2 × 128 tokens) give the same output bit for bit as
+/// before, and a batch with rows left for the f32 GEMM (2 × 100: 8 rows) is refused instead of
+/// reading a freed weight; replacing a freed weight is refused too. Without f16 copies (lavapipe:
+/// no cooperative matrices) nothing is freed.
+#[test]
+fn freed_f32_weights_leave_the_tensor_core_forward_unchanged() {
+    use gptaq_studio::model::ModuleKind;
+    let Some(ctx) = test_context() else { return };
+    let cfg = config(256, 192, 4, 2, 64);
+    let gate_up = [ModuleKind::Gate, ModuleKind::Up];
+    for seqlen in [128, 100] {
+        let nseq = 2;
+        let t = nseq * seqlen;
+        let (lw, h0, _) = layer_case(&cfg, nseq, seqlen, 12);
+        let mut gl = GpuLayer::upload(&ctx, &cfg, &lw).unwrap();
+        let mut rec = ctx.recorder();
+        gl.enable_tensor_cores(&mut rec, t, seqlen).unwrap();
+        rec.submit();
+        if !gptaq_studio::gpu::ops::coop_available(&ctx) {
+            let e = gl.release_f32(&ctx, &gate_up).unwrap_err().to_string();
+            assert!(e.contains("no f16 copy"), "{e}");
+            assert!(gate_up.iter().all(|&m| !gl.f32_released(m)));
+            eprintln!(
+                "note: adapter without cooperative matrices; freed f32 weights not exercised"
+            );
+            return;
+        }
+        let rope = Rope::new(&ctx, &cfg, seqlen).unwrap();
+        let s = LayerScratch::new(&ctx, &cfg, t).unwrap();
+        let run = |layer: &GpuLayer| {
+            let h = ctx.upload("h", &h0).unwrap();
+            let mut rec = ctx.recorder();
+            let r = forward::forward_layer(&mut rec, layer, &rope, &h, &s, nseq, seqlen);
+            rec.submit();
+            r.map(|()| ctx.read(&h).unwrap())
+        };
+        let before = run(&gl).unwrap();
+        gl.release_f32(&ctx, &gate_up).unwrap();
+        assert!(
+            gate_up
+                .iter()
+                .all(|&m| gl.f32_released(m) && !gl.released(m))
+        );
+        assert!(gate_up.iter().all(|&m| gl.tensor_cores(m)));
+        let q = ctx
+            .upload("q", &lw.linear(ModuleKind::Gate).weight)
+            .unwrap();
+        let mut rec = ctx.recorder();
+        let e = gl
+            .set_linear_gpu(&mut rec, ModuleKind::Gate, &q)
+            .unwrap_err();
+        assert!(e.to_string().contains("was freed"), "{e}");
+        match (t % forward::TC_ROW_TILE, run(&gl)) {
+            (0, Ok(after)) => {
+                let diff = before
+                    .iter()
+                    .zip(&after)
+                    .position(|(a, b)| a.to_bits() != b.to_bits());
+                assert_eq!(
+                    diff, None,
+                    "seqlen {seqlen}: output changed after freeing f32 weights"
+                );
+            }
+            (0, Err(e)) => panic!("seqlen {seqlen}: tiled batch refused: {e}"),
+            (_, Ok(_)) => panic!("seqlen {seqlen}: {t} rows ran with freed f32 weights"),
+            (_, Err(e)) => assert!(e.to_string().contains("do not tile"), "{e}"),
+        }
+    }
+}
+
 /// The attention kernel's tiles fit its fixed workgroup arrays and named accumulators for every
 /// supported head dim (the numbers are those of `attention.wgsl`'s header).
 #[test]

@@ -1346,6 +1346,7 @@ fn packed_f16_gpu_streams_equal_f16_host_streams() {
                 nsamples,
                 seqlen: 16,
                 fp_stream: true,
+                metrics: true,
                 statistics: 2,
                 metric_moments: true,
                 gpu_budget_bytes: b,
@@ -1397,7 +1398,8 @@ fn packed_f16_gpu_streams_equal_f16_host_streams() {
 }
 
 /// `PipelineConfig::tensor_cores` on tiny-llama-15m (every module and the attention tile at 128
-/// tokens per sequence; tests/forward.rs covers the f32 tail of untiled rows). Where the adapter grants cooperative matrices (the GPU machine)
+/// tokens per sequence; tests/forward.rs covers the f32 tail of untiled rows). Where the adapter
+/// grants cooperative matrices (the GPU machine)
 /// the f16 forward and statistics must quantize like the f32 run: every module's errors and
 /// each layer's hidden deviation within 10 % (f16 rounds each operand by ≤ 2⁻¹¹; a chunk left
 /// out or a stale f16 weight after Q is installed changes them by far more). Elsewhere (lavapipe)
@@ -1455,6 +1457,14 @@ fn tensor_cores_quantize_like_f32() {
         return;
     }
     assert!(note.contains("f16 operands"), "warning: {note:?}");
+    // 128-token sequences tile the tensor-core blocks and GPTAQ's metrics come from H and D, so
+    // gate/up's f32 weights are freed once solved (plan::gate_up_f32_released): the errors below
+    // then also check that nothing read them afterwards.
+    assert!(
+        tc_run.report.plan.gate_up_f32_released && !f32_run.report.plan.gate_up_f32_released,
+        "{:?}",
+        tc_run.report.plan.breakdown
+    );
     let close = |what: String, a: Option<f64>, b: Option<f64>| {
         let (a, b) = (a.unwrap(), b.unwrap());
         assert!(

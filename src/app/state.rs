@@ -407,6 +407,7 @@ impl Settings {
             nsamples: self.nsamples.max(1),
             seqlen: self.seqlen.max(1),
             fp_stream: self.fp_stream(),
+            metrics: self.metrics,
             statistics: if matches!(self.method, MethodChoice::Gptaq | MethodChoice::SideBySide) {
                 2
             } else {

@@ -171,6 +171,18 @@ pub fn attention_sequences(max_tokens: usize, seqlen: usize) -> usize {
 /// chunk is still a GEMM large enough to fill the GPU. A multiple of every `CoopOp` block.
 pub const TC_CHUNK_TOKENS: usize = 4096;
 
+/// The smallest row block of the tensor-core linears (`CoopOp::Nt`'s): a batch of a multiple of
+/// this many tokens runs every row of a module with an f16 copy on the tensor cores
+/// ([`tc_ranges`] takes 128-, then 64-, then 32-row blocks), none on the f32 GEMM, so such a
+/// module's f32 weight is not read by the forward ([`GpuLayer::release_f32`]).
+pub const TC_ROW_TILE: usize = 32;
+
+/// Whether a `rows × cols` linear gets an f16 copy for the tensor-core forward
+/// ([`GpuLayer::enable_tensor_cores`]): its shape tiles `CoopOp::Nt`'s blocks.
+pub fn tc_weight_tiles(rows: usize, cols: usize) -> bool {
+    ops::coop_shape_ok_for(CoopOp::Nt, TC_ROW_TILE, rows, cols)
+}
+
 /// The tensor-core forward's f16 operands ([`GpuLayer::enable_tensor_cores`]).
 struct TensorCores {
     /// Per module (`ModuleKind as usize`): the f16 copy of its weight, `None` where the shape does
@@ -367,7 +379,7 @@ impl GpuLayer {
         let mut widest = 0;
         for m in ModuleKind::ALL {
             let (rows, cols) = self.dims.linear_shape(m);
-            if !ops::coop_shape_ok_for(CoopOp::Nt, 32, rows, cols) {
+            if !tc_weight_tiles(rows, cols) {
                 w16.push(None);
                 continue;
             }
@@ -463,6 +475,7 @@ impl GpuLayer {
                 w.len()
             )));
         }
+        self.check_f32_kept(m)?;
         ctx.write(&self.linears[m as usize], 0, w);
         if self.w16(m).is_some() {
             let mut rec = ctx.recorder();
@@ -530,6 +543,7 @@ impl GpuLayer {
         m: ModuleKind,
         w: &GpuBuffer<f32>,
     ) -> Result<(), GpuError> {
+        self.check_f32_kept(m)?;
         let dst = &self.linears[m as usize];
         if w.len() < dst.len() {
             return Err(GpuError::Validation(format!(
@@ -561,10 +575,46 @@ impl GpuLayer {
         Ok(())
     }
 
-    /// Whether [`GpuLayer::release`] freed module `m`'s weights.
-    pub fn released(&self, m: ModuleKind) -> bool {
+    /// Frees the f32 weights of `mods` and keeps their f16 copies: the forward through them then
+    /// runs on the tensor cores only, which takes batches of a multiple of [`TC_ROW_TILE`] tokens
+    /// (other batches are refused, not computed from a freed weight). The pipeline frees gate/up's
+    /// once they are solved where the memory plan says so (`MemoryPlan::gate_up_f32_released`):
+    /// nothing reads them there any more, and down_proj's statistics and solve need the room. A
+    /// module without an f16 copy is an error (the plan only frees modules that have one).
+    pub fn release_f32(&mut self, ctx: &GpuContext, mods: &[ModuleKind]) -> Result<(), GpuError> {
+        if let Some(&m) = mods.iter().find(|&&m| self.w16(m).is_none()) {
+            return Err(GpuError::Validation(format!(
+                "{}: its f32 weight cannot be freed, it has no f16 copy for the tensor cores",
+                m.hf_name()
+            )));
+        }
+        for &m in mods {
+            self.linears[m as usize] = ctx.zeros(m.hf_name(), 0)?;
+        }
+        Ok(())
+    }
+
+    /// Whether module `m`'s f32 weight was freed ([`GpuLayer::release`] or
+    /// [`GpuLayer::release_f32`]).
+    pub fn f32_released(&self, m: ModuleKind) -> bool {
         let (rows, cols) = self.dims.linear_shape(m);
         self.linears[m as usize].len() != rows * cols
+    }
+
+    /// Whether [`GpuLayer::release`] freed module `m`'s weights (f32 and f16).
+    pub fn released(&self, m: ModuleKind) -> bool {
+        self.f32_released(m) && self.w16(m).is_none()
+    }
+
+    /// An error where module `m`'s f32 weight was freed: it cannot be replaced or read.
+    fn check_f32_kept(&self, m: ModuleKind) -> Result<(), GpuError> {
+        if self.f32_released(m) {
+            return Err(GpuError::Validation(format!(
+                "{}: its f32 weight was freed",
+                m.hf_name()
+            )));
+        }
+        Ok(())
     }
 
     pub fn bias(&self, m: ModuleKind) -> Option<&GpuBuffer<f32>> {
@@ -809,6 +859,14 @@ fn linears(
     for &(m, y) in mods {
         let (rows, cols) = layer.dims.linear_shape(m);
         if done < t {
+            if layer.f32_released(m) {
+                return Err(GpuError::Validation(format!(
+                    "{}: {} of {t} rows do not tile the tensor-core blocks, and the f32 weight \
+                     they would need was freed",
+                    m.hf_name(),
+                    t - done
+                )));
+            }
             ops::gemm(
                 rec,
                 t - done,

@@ -69,6 +69,9 @@ struct Layers {
     q: GpuLayer,
     /// Original weights (the FP stream and the metrics' `W`); absent without an FP stream.
     fp: Option<GpuLayer>,
+    /// Tensor-core GPTAQ solves compute A from split-f16 copies (`MemoryPlan::split_f16`: where
+    /// those copies fit the budget).
+    split_f16: bool,
 }
 
 impl Layers {
@@ -77,6 +80,16 @@ impl Layers {
         self.q.release(ctx, mods)?;
         if let Some(fp) = self.fp.as_mut() {
             fp.release(ctx, mods)?;
+        }
+        Ok(())
+    }
+
+    /// Frees `mods`' f32 weights in both streams and keeps their f16 copies
+    /// ([`GpuLayer::release_f32`]).
+    fn release_f32(&mut self, ctx: &GpuContext, mods: &[ModuleKind]) -> Result<(), PipelineError> {
+        self.q.release_f32(ctx, mods)?;
+        if let Some(fp) = self.fp.as_mut() {
+            fp.release_f32(ctx, mods)?;
         }
         Ok(())
     }
@@ -228,6 +241,7 @@ pub fn quantize(
         nsamples: nseq,
         seqlen,
         fp_stream,
+        metrics,
         statistics: if cfg.capture.is_some() {
             3
         } else if gptaq {
@@ -374,11 +388,21 @@ pub fn quantize(
                 "tensor cores not used: their f16 weight copies and scratch do not fit the memory \
                  budget ({e}); the f32 kernels run instead"
             ),
-            (None, true) => "tensor cores: the calibration forward's linears and attention and H, \
-                 D (and E) run on f16 operands with f32 accumulation where the shapes tile, and \
-                 GPTAQ's A = α·triu₁(D·Uᵀ) on split-f16 operands (near f32's accuracy) where the \
-                 width is a multiple of 128 (experimental)"
-                .into(),
+            (None, true) => format!(
+                "tensor cores: the calibration forward's linears and attention and H, D (and E) \
+                 run on f16 operands with f32 accumulation where the shapes tile{} (experimental)",
+                match (gptaq, plan.split_f16) {
+                    (true, true) => {
+                        ", and GPTAQ's A = α·triu₁(D·Uᵀ) on split-f16 operands (near f32's \
+                         accuracy) where the width is a multiple of 128"
+                    }
+                    (true, false) => {
+                        "; GPTAQ's A = α·triu₁(D·Uᵀ) takes the f32 GEMMs: its split-f16 copies \
+                         do not fit the memory budget"
+                    }
+                    _ => "",
+                }
+            ),
             (None, false) => format!(
                 "tensor cores ignored: {}",
                 ctx.summary
@@ -441,7 +465,11 @@ pub fn quantize(
             } else {
                 None
             };
-            let mut layers = Layers { q, fp };
+            let mut layers = Layers {
+                q,
+                fp,
+                split_f16: plan.split_f16,
+            };
             tc_shared = layers.q.tc_scratch();
             prof.sync(ctx, "weights")?;
             let mut pending: Vec<Pending> = Vec::new();
@@ -707,6 +735,13 @@ pub fn quantize(
                 emit,
             )?;
             drop(stats);
+            // A tensor-core run's gate/up read only their f16 copies from here on (stage D's and
+            // E's forward; their metrics come from H and D, measured in the solve): their f32
+            // weights go before down_proj's statistics and solve, where the plan counts without
+            // them (plan::gate_up_f32_released).
+            if plan.gate_up_f32_released && use_tc {
+                layers.release_f32(ctx, &GATE_UP)?;
+            }
 
             // ---- stage D: act = silu(gate)·up → statistics of down, metrics of gate/up
             // Attention's weights are done with (their metrics were measured in stages B and C):
@@ -1495,6 +1530,16 @@ fn record_metrics<'a>(
 ) -> Result<(), PipelineError> {
     let _scope = rec.ctx().time_scope("metrics");
     for (m, acc) in accs {
+        // Only metrics from the statistics need no W: the plan frees f32 weights only then
+        // (plan::gate_up_f32_released).
+        if !acc.from_moments() && (q.f32_released(*m) || fp.f32_released(*m)) {
+            return Err(PipelineError::Gpu(crate::gpu::GpuError::Validation(
+                format!(
+                    "{}: its metrics need its f32 weights, which were freed",
+                    m.hf_name()
+                ),
+            )));
+        }
         let (q_m, w_m) = (q.linear(*m), fp.linear(*m));
         match outputs(*m).filter(|_| output_is_product(fp, *m)) {
             Some((y_q, y_fp)) => {
@@ -1811,7 +1856,7 @@ fn submit_module<'a>(
                         speculate,
                         // GPTAQ's A on the tensor cores too: the plan with tensor cores counts
                         // its f16 copies (plan::solve_temp_bytes).
-                        split_f16: tc,
+                        split_f16: tc && layers.split_f16,
                     },
                 )
                 .map_err(|e| module_err(e.to_string()))?;

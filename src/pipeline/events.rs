@@ -39,6 +39,17 @@ pub struct MemoryPlan {
     /// tensor cores.
     #[serde(default = "one")]
     pub attention_sequences: usize,
+    /// GPTAQ's `A = α·triu₁(D·Uᵀ)` runs on the tensor cores from split-f16 copies of D and U
+    /// (`quant::gpu::SolveFlags::split_f16`). Tensor-core GPTAQ runs only, where those four n × n
+    /// f16 copies fit the budget; otherwise A takes the f32 GEMMs and the rest of the run keeps
+    /// the tensor cores.
+    #[serde(default)]
+    pub split_f16: bool,
+    /// gate/up's f32 weights are freed in both streams once they are solved: a tensor-core run
+    /// whose forward reads their f16 copies only and whose metrics (if any) need no W
+    /// (`plan::gate_up_f32_released`). Lowers the peak of down_proj's statistics and solve.
+    #[serde(default)]
+    pub gate_up_f32_released: bool,
     /// Host stream element type when spilled ("f32" or "f16").
     pub stream_dtype: String,
     /// Estimated peak GPU bytes: layer weights (FP + quantized copies), statistics, activations.

@@ -2,7 +2,7 @@
 //! the device: how many sequences go through the GPU at once, and whether the activation streams
 //! stay on the GPU or spill to host RAM. A run that cannot fit is refused up front, with numbers.
 
-use crate::model::ModelConfig;
+use crate::model::{ModelConfig, ModuleKind};
 
 use super::events::MemoryPlan;
 use super::stream::{Placement, StreamDType};
@@ -15,6 +15,9 @@ pub struct PlanInput<'a> {
     pub seqlen: usize,
     /// A second (full-precision) stream runs in lock-step (GPTAQ, or metrics requested).
     pub fp_stream: bool,
+    /// The run measures error metrics (which read each module's W and Q after its solve, or its
+    /// outputs in the next stage; [`gate_up_f32_released`]).
+    pub metrics: bool,
     /// n×n statistics accumulated per group: 1 (H: GPTQ), 2 (H and D: GPTAQ), 3 (H, D and E:
     /// a layer-lab capture).
     pub statistics: usize,
@@ -100,11 +103,25 @@ pub(crate) fn scratch_per_token(c: &ModelConfig, fp_stream: bool, asymmetry: boo
     per_stream * if fp_stream { 2 } else { 1 } + metrics + diff
 }
 
+/// The true-sequential groups' modules, in the order the driver solves them: q/k/v (stage A),
+/// o (B), gate/up (C), down (D).
+const GROUP_MODULES: [&[ModuleKind]; 4] = [
+    &[ModuleKind::Q, ModuleKind::K, ModuleKind::V],
+    &[ModuleKind::O],
+    &[ModuleKind::Gate, ModuleKind::Up],
+    &[ModuleKind::Down],
+];
+
+/// A group's input width n and the output rows of all its modules.
+fn group_shape(c: &ModelConfig, mods: &[ModuleKind]) -> (usize, usize) {
+    let n = mods.first().map_or(0, |&m| c.linear_shape(m).1);
+    (n, mods.iter().map(|&m| c.linear_shape(m).0).sum())
+}
+
 /// The true-sequential groups of a layer as (input width n, output rows of all its modules):
 /// q/k/v, o, gate/up, down.
 pub(crate) fn groups(c: &ModelConfig) -> [(usize, usize); 4] {
-    let (h, i, qd, kvd) = (c.hidden_size, c.intermediate_size, c.q_dim(), c.kv_dim());
-    [(h, qd + 2 * kvd), (qd, h), (h, 2 * i), (i, h)]
+    GROUP_MODULES.map(|mods| group_shape(c, mods))
 }
 
 /// Whether a GPTQ group's metrics should come from the statistics: its `D` costs `2·T·n²` flops
@@ -152,63 +169,61 @@ fn attention_scratch_bytes(c: &ModelConfig, seqlen: usize, seqs: usize) -> u64 {
     crate::forward::AttnTc::bytes(&crate::forward::LayerDims::of(c).attn_shape(seqs, seqlen))
 }
 
-/// Bytes of one n×n f32 matrix of the widest input.
-fn nxn_bytes(c: &ModelConfig) -> u64 {
-    let n = c.hidden_size.max(c.intermediate_size).max(c.q_dim()) as u64;
-    n * n * F32
+/// Bytes of one n×n f32 matrix.
+fn nxn_bytes(n: usize) -> u64 {
+    (n as u64).pow(2) * F32
 }
 
-/// The solve's n×n-sized temporaries next to the statistics (quant/factor.rs, quant/gpu.rs):
-/// while factoring K (later U) and M (L, then L⁻¹) plus a 128-row scratch; GPTAQ's P (or,
-/// deferred, its first factor A) then lives in the permuted D next to U, with a block scratch of
-/// n × n/16 floats or min(n × n, 64 MiB), whichever is larger (`quant::gpu::p_scratch_floats`).
-/// Two n×n matrices and the larger scratch. With tensor cores (`split`), A is computed from
-/// split-f16 copies of the permuted D and U instead (`quant::gpu::SolveFlags::split_f16`): four
-/// n × n f16 matrices, as much as two f32 ones, in the block scratch's place (the whole P's
-/// second product allocates that scratch only once they are gone).
-fn solve_temp_bytes(c: &ModelConfig, asymmetry: bool, split: bool, max_buffer_bytes: u64) -> u64 {
-    let n = c.hidden_size.max(c.intermediate_size).max(c.q_dim());
+/// The solve's n×n-sized temporaries next to a group's statistics (n: its input width;
+/// quant/factor.rs, quant/gpu.rs): while factoring K (later U) and M (L, then L⁻¹) plus a 128-row
+/// scratch; GPTAQ's P (or, deferred, its first factor A) then lives in the permuted D next to U,
+/// with a block scratch of n × n/16 floats or min(n × n, 64 MiB), whichever is larger
+/// (`quant::gpu::p_scratch_floats`). Two n×n matrices and the larger scratch. With `split` (GPTAQ's
+/// A on the tensor cores, [`MemoryPlan::split_f16`]), A is computed from split-f16 copies of the
+/// permuted D and U instead (`quant::gpu::SolveFlags::split_f16`): four n × n f16 matrices, as much
+/// as two f32 ones, in the block scratch's place (the whole P's second product allocates that
+/// scratch only once they are gone).
+fn solve_temp_bytes(n: usize, asymmetry: bool, split: bool, max_buffer_bytes: u64) -> u64 {
     let factor_scratch = (crate::quant::factor::SCRATCH_ROWS * n) as u64 * F32;
     let p_scratch = if asymmetry {
         (crate::quant::gpu::p_scratch_floats(n, max_buffer_bytes) as u64 * F32).max(if split {
-            2 * nxn_bytes(c)
+            2 * nxn_bytes(n)
         } else {
             0
         })
     } else {
         0
     };
-    2 * nxn_bytes(c) + factor_scratch.max(p_scratch)
+    2 * nxn_bytes(n) + factor_scratch.max(p_scratch)
 }
 
-/// The GPU solve's per-module buffers for the largest module (rows·cols): the working W (f32),
-/// the integer codes (1 byte each, 4 per u32 word, rows padded to whole words:
+/// The GPU solve's per-module buffers for the largest of a group's modules `mods` (rows·cols): the
+/// working W (f32), the integer codes (1 byte each, 4 per u32 word, rows padded to whole words:
 /// rows·⌈cols/4⌉·4 bytes) and the final Q (f32), plus with `asymmetry` GPTAQ's pending terms
 /// (rows·cols f32) and P's and A's diagonal blocks (2 · n × 128 at the default block size) — the
 /// deferred P (quant::gpu's `PForm`), as much as the whole P's `[U; P]` staging (2·128 × n) that
 /// replaces them where a group spans blocks; and the error buffer of the blocks awaiting one
 /// cross-block update (`quant::gpu::lazy_blocks`): rows × L·128, twice with GPTAQ's −Q and one
 /// more block for the column loss of the fused sweep (quant::gpu's `Sweep::fused`; 66 MiB for
-/// gate/up's 14336 rows at L = 4). With tensor cores (`split`) GPTAQ's pending flushes add their
-/// split-f16 operands (`quant::flush::FlushSplit`: 3·L·128 × (rows + cols) halves, 54 MiB for
-/// gate/up at L = 4).
-fn solver_bytes(c: &ModelConfig, asymmetry: bool, split: bool) -> u64 {
-    let (h, i, qd) = (
-        c.hidden_size as u64,
-        c.intermediate_size as u64,
-        c.q_dim() as u64,
-    );
-    let n = h.max(i).max(qd);
-    // Modules as rows × cols: gate/up i × h, down h × i, q qd × h, o h × qd (k, v are smaller).
-    let codes = [(i, h), (h, i), (qd, h), (h, qd)]
+/// gate/up's 14336 rows at L = 4). With `split` GPTAQ's pending flushes add their split-f16
+/// operands (`quant::flush::FlushSplit`: 3·L·128 × (rows + cols) halves, 54 MiB for gate/up at
+/// L = 4).
+fn solver_bytes(c: &ModelConfig, mods: &[ModuleKind], asymmetry: bool, split: bool) -> u64 {
+    let shapes: Vec<(u64, u64)> = mods
         .iter()
-        .map(|&(r, c)| r * c.div_ceil(4) * 4)
-        .max()
-        .unwrap_or(0);
-    let largest = (h * i).max(h * qd);
+        .map(|&m| {
+            let (r, k) = c.linear_shape(m);
+            (r as u64, k as u64)
+        })
+        .collect();
+    let max_of = |f: &dyn Fn(u64, u64) -> u64| shapes.iter().map(|&(r, k)| f(r, k)).max();
+    let n = shapes.first().map_or(0, |s| s.1);
+    let codes = max_of(&|r, k| r * k.div_ceil(4) * 4).unwrap_or(0);
+    let largest = max_of(&|r, k| r * k).unwrap_or(0);
+    let rows = max_of(&|r, _| r).unwrap_or(0);
     let gptaq = if asymmetry { largest + 2 * 128 * n } else { 0 };
     let lazy = crate::quant::gpu::lazy_blocks() as u64;
-    let errors = h.max(i).max(qd)
+    let errors = rows
         * if asymmetry {
             2 * lazy * 128 + 128
         } else {
@@ -216,10 +231,7 @@ fn solver_bytes(c: &ModelConfig, asymmetry: bool, split: bool) -> u64 {
         };
     let k = crate::quant::gpu::lazy_blocks() * 128;
     let flush = if asymmetry && split {
-        [(i, h), (h, i), (qd, h), (h, qd)]
-            .iter()
-            .map(|&(r, c)| crate::quant::flush::FlushSplit::bytes(r as usize, c as usize, k))
-            .max()
+        max_of(&|r, c| crate::quant::flush::FlushSplit::bytes(r as usize, c as usize, k))
             .unwrap_or(0)
     } else {
         0
@@ -227,19 +239,15 @@ fn solver_bytes(c: &ModelConfig, asymmetry: bool, split: bool) -> u64 {
     (2 * largest + gptaq + errors) * F32 + codes + flush
 }
 
-/// The temporaries of the metrics' moments (pipeline::metrics::moments) for the largest module:
-/// three row-chunk buffers and the column partials. They exist after a group's solve, when U, P
-/// and the solver's working buffers are gone but H and D are not.
-fn moment_bytes(c: &ModelConfig) -> u64 {
-    let (h, i, qd) = (
-        c.hidden_size as u64,
-        c.intermediate_size as u64,
-        c.q_dim() as u64,
-    );
+/// The temporaries of the metrics' moments (pipeline::metrics::moments) for the largest of a
+/// group's modules: three row-chunk buffers and the column partials. They exist after a group's
+/// solve, when U, P and the solver's working buffers are gone but H and D are not.
+fn moment_bytes(c: &ModelConfig, mods: &[ModuleKind]) -> u64 {
     let chunk = super::metrics::MOMENT_CHUNK_FLOATS as u64;
-    [(i, h), (h, i), (qd, h), (h, qd)]
-        .iter()
-        .map(|&(rows, n)| {
+    mods.iter()
+        .map(|&m| {
+            let (rows, n) = c.linear_shape(m);
+            let (rows, n) = (rows as u64, n as u64);
             let rc = (chunk / n.max(1)).clamp(1, rows.max(1));
             let chunks = rows.div_ceil(rc);
             let partials =
@@ -270,6 +278,8 @@ pub fn rtn_direct(gpu_budget_bytes: u64) -> MemoryPlan {
         act_f16: false,
         weights_ahead: false,
         attention_sequences: 1,
+        split_f16: false,
+        gate_up_f32_released: false,
         stream_dtype: "none".into(),
         gpu_bytes_estimate: 0,
         host_bytes_estimate: 0,
@@ -302,46 +312,155 @@ pub fn plan_or_without_tensor_cores(
 }
 
 /// The plan. The per-batch activations are released while a group is solved
-/// (pipeline/driver.rs), so the peak is the larger of two stages, each next to the layer weights
-/// (and the streams, when they are on the GPU): accumulating (statistics + one batch of
-/// activations) and solving (statistics + the solve's temporaries + its per-module buffers).
+/// (pipeline/driver.rs), so a layer's peak is the largest, over its two stretches of stages
+/// ([`Stretch`]), of the larger of two moments, each next to the stretch's layer weights (and the
+/// streams, when they are on the GPU): accumulating (statistics + one batch of activations) and
+/// solving (statistics + the solve's temporaries + its per-module buffers).
+///
+/// With tensor cores, GPTAQ's A on split-f16 copies ([`MemoryPlan::split_f16`]) is a speed option
+/// inside the tensor-core plan: where its four n × n f16 copies do not fit, the plan computes A
+/// with the f32 GEMMs instead (12–16 ms more per 4096 × 14336 solve on an H100, BENCHMARKS.md
+/// session 32) and keeps the tensor-core forward and statistics, which save seconds per layer.
 pub fn plan(input: &PlanInput<'_>) -> Result<MemoryPlan, PlanError> {
+    if input.tensor_cores && input.statistics >= 2 {
+        match plan_with(input, true) {
+            Err(PlanError::Budget { .. }) => plan_with(input, false),
+            other => other,
+        }
+    } else {
+        plan_with(input, false)
+    }
+}
+
+/// Whether a tensor-core run frees gate/up's f32 weights in both streams as soon as they are
+/// solved (pipeline/driver.rs, before down_proj's statistics, where an 8B layer's peak lies):
+/// from then on their forward reads only the f16 copies, so the f32 ones (0.9 GiB for Llama-3-8B's
+/// two streams) would only sit there. That holds where
+/// - both modules have f16 copies ([`crate::forward::tc_weight_tiles`]) and every batch's rows
+///   tile the tensor-core kernels (whole sequences of a multiple of
+///   [`crate::forward::TC_ROW_TILE`] tokens), so no row falls back to the f32 GEMM;
+/// - nothing measures them from W afterwards: metrics off, or their metrics from H and D (their
+///   group has a D and no bias: pipeline::metrics, "From the statistics"), not `--metric-products`.
+pub(crate) fn gate_up_f32_released(input: &PlanInput<'_>) -> bool {
+    let c = input.config;
+    let mods = GROUP_MODULES[2];
+    let (n, rows) = group_shape(c, mods);
+    input.tensor_cores
+        && input.seqlen.is_multiple_of(crate::forward::TC_ROW_TILE)
+        && mods.iter().all(|&m| {
+            let (r, k) = c.linear_shape(m);
+            crate::forward::tc_weight_tiles(r, k)
+        })
+        && (!input.metrics
+            || (input.metric_moments && !c.mlp_bias && group_statistics(input, n, rows) >= 2))
+}
+
+/// What one stretch of a layer's stages holds besides the streams and the batch's activations:
+/// stages A–C (q/k/v, o, gate/up: every linear's weights, inputs of the hidden or attention width)
+/// and stages D–E (down_proj: the driver has freed q/k/v/o's weights, and in tensor-core runs
+/// perhaps gate/up's f32 ones, [`gate_up_f32_released`]; the input of the intermediate width).
+struct Stretch {
+    /// "stages A–C" or "stages D–E", for the breakdown.
+    name: &'static str,
+    weights: u64,
+    /// The largest group's statistics (GPTQ with metrics may keep a D in its narrower groups).
+    statistics: u64,
+    /// The largest group's statistics, solve temporaries and solver buffers (or its metrics'
+    /// moments, after the solve).
+    solve: u64,
+}
+
+impl Stretch {
+    fn of(
+        input: &PlanInput<'_>,
+        name: &'static str,
+        groups: &[&[ModuleKind]],
+        weights: u64,
+        split: bool,
+    ) -> Self {
+        let c = input.config;
+        let asymmetry = input.statistics >= 2;
+        let (mut statistics, mut solve) = (0, 0);
+        for &mods in groups {
+            let (n, rows) = group_shape(c, mods);
+            let s = group_statistics(input, n, rows) as u64;
+            let stats = s * nxn_bytes(n);
+            let temps = solve_temp_bytes(n, asymmetry, split, input.max_buffer_bytes)
+                + solver_bytes(c, mods, asymmetry, split);
+            // A capture's E is not needed by the solve, but it is alive while the group solves.
+            let moments = if s >= 2 && input.fp_stream && input.metric_moments {
+                moment_bytes(c, mods)
+            } else {
+                0
+            };
+            statistics = statistics.max(stats);
+            solve = solve.max(stats + temps.max(moments));
+        }
+        Self {
+            name,
+            weights,
+            statistics,
+            solve,
+        }
+    }
+
+    /// The stretch's peak next to `fixed` more bytes (streams, the attention's further sequences)
+    /// with activations of `batch_bytes`.
+    fn peak(&self, fixed: u64, batch_bytes: u64) -> u64 {
+        self.weights + fixed + (self.statistics + batch_bytes).max(self.solve)
+    }
+}
+
+/// The layer weights each [`Stretch`] holds: every stream's f32 weights (and f16 copies, with
+/// tensor cores), one tensor-core scratch, and a margin the planner has always kept (two sevenths
+/// of one layer's f32 weights); in stages D–E only the MLP's, less gate/up's f32 ones where
+/// [`gate_up_f32_released`].
+fn stretch_weights(input: &PlanInput<'_>) -> [u64; 2] {
+    let c = input.config;
+    let streams = if input.fp_stream { 2 } else { 1 };
+    let tc = input.tensor_cores;
+    let with_f16 = |f32_bytes: u64| f32_bytes + if tc { f32_bytes / 2 } else { 0 };
+    let scratch = if tc {
+        tensor_core_scratch_bytes(c, input.seqlen)
+    } else {
+        0
+    };
+    let margin = layer_weight_bytes(c) / 7 * 2;
+    let mlp = 3 * (c.hidden_size as u64) * (c.intermediate_size as u64) * F32;
+    let freed = if gate_up_f32_released(input) {
+        mlp / 3 * 2
+    } else {
+        0
+    };
+    [
+        with_f16(layer_weight_bytes(c)) * streams + scratch + margin,
+        (with_f16(mlp) - freed) * streams + scratch + margin,
+    ]
+}
+
+/// [`plan`] with or without GPTAQ's split-f16 A (`split`; only with tensor cores).
+fn plan_with(input: &PlanInput<'_>, split: bool) -> Result<MemoryPlan, PlanError> {
     let c = input.config;
     let streams = if input.fp_stream { 2 } else { 1 };
     // With tensor cores each stream's layer also holds its f16 copy, next to one scratch for both
-    // streams and every layer (the next layer's upload makes only its f16 copy).
-    let (f16_weights, tc_scratch) = if input.tensor_cores {
-        (
-            layer_weight_bytes(c) / 2,
-            tensor_core_scratch_bytes(c, input.seqlen),
-        )
+    // streams and every layer ([`stretch_weights`]; the next layer's upload makes only its f16
+    // copy).
+    let f16_weights = if input.tensor_cores {
+        layer_weight_bytes(c) / 2
     } else {
-        (0, 0)
+        0
     };
     let stream_weights = layer_weight_bytes(c) + f16_weights;
-    let weights = stream_weights * streams + tc_scratch + layer_weight_bytes(c) / 7 * 2;
-    // The largest group's statistics (GPTQ with metrics may keep a D in its narrower groups).
-    let statistics = groups(c)
-        .iter()
-        .map(|&(n, rows)| group_statistics(input, n, rows) as u64 * (n as u64).pow(2) * F32)
-        .max()
-        .unwrap_or(0);
+    let released = gate_up_f32_released(input);
+    let [early, late] = stretch_weights(input);
+    let stretches = [
+        Stretch::of(input, "stages A–C", &GROUP_MODULES[..3], early, split),
+        Stretch::of(input, "stages D–E", &GROUP_MODULES[3..], late, split),
+    ];
+    let statistics = stretches.iter().map(|s| s.statistics).max().unwrap_or(0);
     let with_d = groups(c)
         .iter()
         .any(|&(n, rows)| group_statistics(input, n, rows) >= 2);
-    // A capture's E is not needed by the solve, but it is alive while the group solves.
-    let solve = statistics
-        + (solve_temp_bytes(
-            c,
-            input.statistics >= 2,
-            input.tensor_cores,
-            input.max_buffer_bytes,
-        ) + solver_bytes(c, input.statistics >= 2, input.tensor_cores))
-        .max(if with_d && input.fp_stream && input.metric_moments {
-            moment_bytes(c)
-        } else {
-            0
-        });
     let budget = input.gpu_budget_bytes;
     let usable = usable_budget(budget);
     let reserve = budget - usable;
@@ -373,7 +492,16 @@ pub fn plan(input: &PlanInput<'_>) -> Result<MemoryPlan, PlanError> {
             });
         }
     }
-    let need = weights + (statistics + seq_scratch).max(solve);
+    // The stretch that needs the most with one sequence of activations.
+    let (need, binding) = stretches
+        .iter()
+        .map(|s| (s.peak(0, seq_scratch), s))
+        .max_by_key(|&(need, _)| need)
+        .ok_or_else(|| PlanError::Budget {
+            need_mib: 0,
+            budget_mib: budget >> 20,
+            detail: "no stages".into(),
+        })?;
     if need > usable {
         return Err(PlanError::Budget {
             // The budget at which `need` fits next to its reserve.
@@ -384,13 +512,14 @@ pub fn plan(input: &PlanInput<'_>) -> Result<MemoryPlan, PlanError> {
             } >> 20,
             budget_mib: budget >> 20,
             detail: format!(
-                "layer weights {} MiB, then the larger of accumulating (statistics {} MiB + \
+                "{}: layer weights {} MiB, then the larger of accumulating (statistics {} MiB + \
                  activations for one sequence {} MiB) and solving (statistics, factor and solver \
                  buffers {} MiB), with {} MiB of the budget kept for the driver",
-                weights >> 20,
-                statistics >> 20,
+                binding.name,
+                binding.weights >> 20,
+                binding.statistics >> 20,
                 seq_scratch >> 20,
-                solve >> 20,
+                binding.solve >> 20,
                 reserve >> 20
             ),
         });
@@ -423,9 +552,15 @@ pub fn plan(input: &PlanInput<'_>) -> Result<MemoryPlan, PlanError> {
     // Keeping act saves two of a layer's seven GEMMs per stream, as long as it fits as the streams
     // do (a spill to the host would move 2·intermediate values per token over the link instead)
     // and costs no batch size (smaller batches would give back what the GEMMs saved).
-    let batch_for = |fixed: u64| -> usize {
-        let room = usable.saturating_sub(fixed + statistics);
-        let by_memory = (room / seq_scratch.max(1)).max(1) as usize;
+    let batch_for = |streams_bytes: u64| -> usize {
+        let by_memory = stretches
+            .iter()
+            .map(|s| {
+                let room = usable.saturating_sub(s.weights + streams_bytes + s.statistics);
+                (room / seq_scratch.max(1)).max(1) as usize
+            })
+            .min()
+            .unwrap_or(1);
         // Batches beyond 16 sequences bring no speed (GEMMs are already large) but cost memory.
         by_memory
             .min(max_by_buffer)
@@ -436,7 +571,7 @@ pub fn plan(input: &PlanInput<'_>) -> Result<MemoryPlan, PlanError> {
         f32_on_gpu
             && !input.lean_memory
             && need + with_act <= usable
-            && batch_for(weights + with_act) >= batch_for(weights + all_streams)
+            && batch_for(with_act) >= batch_for(all_streams)
     };
     // With tensor cores the down_proj GEMM casts act to f16 as it reads it, so act kept as packed
     // f16 (half the bytes) gives it the same values: tried where f32 act does not fit (GPTAQ's
@@ -455,8 +590,8 @@ pub fn plan(input: &PlanInput<'_>) -> Result<MemoryPlan, PlanError> {
         (false, true, _) => all_streams / 2,
         (false, false, _) => 0,
     };
-    let fixed = weights + streams_fixed;
-    let batch = batch_for(fixed);
+    let batch = batch_for(streams_fixed);
+    let batch_bytes = seq_scratch * batch as u64;
     // The tensor-core attention takes several of the batch's sequences at once
     // (forward::ATTN_SEQS) where their scratch fits next to everything else; the batch size
     // comes first.
@@ -477,23 +612,26 @@ pub fn plan(input: &PlanInput<'_>) -> Result<MemoryPlan, PlanError> {
         (1..=by_binding.min(batch))
             .rev()
             .find(|&s| {
-                fixed
-                    + (s as u64 - 1) * attn_seq_bytes
-                    + (statistics + seq_scratch * batch as u64).max(solve)
-                    <= usable
+                stretches.iter().all(|st| {
+                    st.peak(streams_fixed + (s as u64 - 1) * attn_seq_bytes, batch_bytes) <= usable
+                })
             })
             .unwrap_or(1)
     };
-    let weights = weights + (attention_sequences as u64 - 1) * attn_seq_bytes;
-    let fixed = weights + streams_fixed;
-    let peak = fixed + (statistics + seq_scratch * batch as u64).max(solve);
+    let attn_more = (attention_sequences as u64 - 1) * attn_seq_bytes;
+    let fixed = streams_fixed + attn_more;
+    let peak = stretches
+        .iter()
+        .map(|s| s.peak(fixed, batch_bytes))
+        .max()
+        .unwrap_or(0);
     // The next layer's weights are uploaded during this layer's last stage (down_proj's outputs),
     // when its statistics and solve buffers are gone: one more layer of f32 weights next to the
     // weights, streams and one batch of activations. Where that stays within the peak the plan
     // already has (the statistics or the solve need more) it costs no memory; otherwise it needs
     // room beyond that peak, which the estimate then includes.
     let ahead = stream_weights;
-    let last_stage = fixed + seq_scratch * batch as u64 + ahead;
+    let last_stage = stretches[1].weights + fixed + batch_bytes + ahead;
     let weights_ahead = !input.lean_memory && c.num_layers > 1 && last_stage <= usable;
     let gpu_total = if weights_ahead {
         peak.max(last_stage)
@@ -507,6 +645,7 @@ pub fn plan(input: &PlanInput<'_>) -> Result<MemoryPlan, PlanError> {
         all_streams / F32 * host_dtype.bytes() as u64
     };
     let mib = |b: u64| format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64);
+    let split_f16 = split && input.tensor_cores && input.statistics >= 2;
     Ok(MemoryPlan {
         batch_sequences: batch,
         streams_on_gpu,
@@ -514,6 +653,8 @@ pub fn plan(input: &PlanInput<'_>) -> Result<MemoryPlan, PlanError> {
         act_f16,
         weights_ahead,
         attention_sequences,
+        split_f16,
+        gate_up_f32_released: released,
         stream_dtype: if f32_on_gpu {
             "f32".into()
         } else {
@@ -528,7 +669,7 @@ pub fn plan(input: &PlanInput<'_>) -> Result<MemoryPlan, PlanError> {
                 mib(reserve)
             ),
             format!(
-                "layer weights (f32{}{}{}): {}",
+                "layer weights (f32{}{}{}): {}; from down_proj's statistics on {} (q/k/v/o freed{})",
                 if input.fp_stream {
                     ", FP + quantized copies"
                 } else {
@@ -547,19 +688,33 @@ pub fn plan(input: &PlanInput<'_>) -> Result<MemoryPlan, PlanError> {
                 } else {
                     ""
                 },
-                mib(weights)
+                mib(stretches[0].weights + attn_more),
+                mib(stretches[1].weights + attn_more),
+                if released {
+                    ", and gate/up's f32 copies once solved: their forward reads the f16 ones"
+                } else {
+                    ""
+                }
             ),
             format!(
                 "accumulating: statistics of the widest input {} + activations for {batch} \
                  sequence(s) of {} tokens {}",
                 mib(statistics),
                 input.seqlen,
-                mib(seq_scratch * batch as u64)
+                mib(batch_bytes)
             ),
             format!(
                 "solving (activations released): statistics, factor and solver buffers of the \
-                 widest module {}",
-                mib(solve)
+                 widest module {}{}",
+                mib(stretches.iter().map(|s| s.solve).max().unwrap_or(0)),
+                match (input.tensor_cores && input.statistics >= 2, split_f16) {
+                    (true, true) => "; GPTAQ's A on the tensor cores from split-f16 copies",
+                    (true, false) => {
+                        "; GPTAQ's A with the f32 GEMMs (its split-f16 copies for the tensor \
+                         cores do not fit)"
+                    }
+                    _ => "",
+                }
             ),
             format!(
                 "{} stream(s) of {} × {} tokens: {} on the {}{}",
@@ -609,6 +764,7 @@ mod tests {
             nsamples: 128,
             seqlen: 2048,
             fp_stream: true,
+            metrics: true,
             statistics: 2,
             metric_moments: true,
             gpu_budget_bytes: budget_gib << 30,
@@ -650,35 +806,45 @@ mod tests {
         // 14336 × 896 floats) — 4 × 784 + 64 MiB.
         let n = 14336u64;
         assert_eq!(
-            solve_temp_bytes(&c, true, false, 4 << 30),
+            solve_temp_bytes(14336, true, false, 4 << 30),
             2 * n * n * 4 + (64 << 20)
         );
         // With tensor cores, A's four n × n f16 copies instead of the scratch.
-        assert_eq!(solve_temp_bytes(&c, true, true, 4 << 30), 4 * n * n * 4);
-        assert_eq!(nxn_bytes(&c), n * n * 4);
+        assert_eq!(solve_temp_bytes(14336, true, true, 4 << 30), 4 * n * n * 4);
+        assert_eq!(nxn_bytes(14336), n * n * 4);
         // down_proj's W and Q in f32, its codes one byte each (56 MiB, not 224); GPTAQ's
-        // pending terms (another W) and P's and A's diagonal blocks (2 · n × 128).
-        // The errors of four blocks of 128 for gate/up's 14336 rows (with GPTAQ's −Q twice, and
-        // the fused sweep's column-loss block).
+        // pending terms (another W) and P's and A's diagonal blocks (2 · n × 128); the errors of
+        // four blocks of 128 for its 4096 rows (with GPTAQ's −Q twice, and the fused sweep's
+        // column-loss block).
         let lazy = crate::quant::gpu::lazy_blocks() as u64;
+        let down = &[ModuleKind::Down][..];
         assert_eq!(
-            solver_bytes(&c, false, false),
-            2 * 4096 * n * 4 + 4096 * n + n * lazy * 128 * 4
+            solver_bytes(&c, down, false, false),
+            2 * 4096 * n * 4 + 4096 * n + 4096 * lazy * 128 * 4
         );
         assert_eq!(
-            solver_bytes(&c, true, false),
-            3 * 4096 * n * 4 + 4096 * n + 2 * 128 * n * 4 + n * (2 * lazy + 1) * 128 * 4
+            solver_bytes(&c, down, true, false),
+            3 * 4096 * n * 4 + 4096 * n + 2 * 128 * n * 4 + 4096 * (2 * lazy + 1) * 128 * 4
         );
-        // With tensor cores, GPTAQ's flushes' halves for the widest pair of rows and columns
-        // (gate/up's 14336 rows beside their 4096 columns, or down's the other way round).
+        // gate/up: the same sizes of W, Q and codes, P's blocks of their 4096-wide input, the
+        // errors of their 14336 rows.
+        let gate_up = &[ModuleKind::Gate, ModuleKind::Up][..];
         assert_eq!(
-            solver_bytes(&c, true, true) - solver_bytes(&c, true, false),
-            3 * lazy * 128 * (14336 + 4096) * 2
+            solver_bytes(&c, gate_up, true, false),
+            3 * 4096 * n * 4 + 4096 * n + 2 * 128 * 4096 * 4 + n * (2 * lazy + 1) * 128 * 4
         );
-        assert_eq!(
-            solver_bytes(&c, false, true),
-            solver_bytes(&c, false, false)
-        );
+        // With tensor cores, GPTAQ's flushes' halves for the module's rows and columns (14336
+        // beside 4096 either way round).
+        for mods in [down, gate_up] {
+            assert_eq!(
+                solver_bytes(&c, mods, true, true) - solver_bytes(&c, mods, true, false),
+                3 * lazy * 128 * (14336 + 4096) * 2
+            );
+            assert_eq!(
+                solver_bytes(&c, mods, false, true),
+                solver_bytes(&c, mods, false, false)
+            );
+        }
         assert!(
             p.breakdown.iter().any(|l| l.contains("solving")),
             "{:?}",
@@ -888,71 +1054,103 @@ mod tests {
     }
 
     /// Tensor cores cost each stream an f16 copy of its weights and the two streams one shared
-    /// scratch: the Llama-3-8B GPTAQ plan at 12 GiB keeps its batch and placement, its estimate
-    /// higher by exactly those bytes (the layer upload ahead included); at 8 GiB it does not fit.
+    /// scratch, and let gate/up's f32 weights go once they are solved; GPTAQ's split-f16 A costs
+    /// its solve four n × n f16 copies where they fit. The Llama-3-8B GPTAQ plan with 128 × 2048
+    /// tokens: at 8 GiB on tensor cores with A in f32, at 12 GiB with the split A too.
     #[test]
     fn tensor_cores_add_f16_weights_and_one_scratch() -> Result<(), Box<dyn std::error::Error>> {
         let c = llama3_8b()?;
-        let base = plan(&input(&c, 12, StreamDType::F16))?;
-        let mut i = input(&c, 12, StreamDType::F16);
-        i.tensor_cores = true;
-        let tc = plan(&i)?;
-        // At 8 GiB the f16 copies do not fit next to everything else (the driver then runs the
-        // f32 forward, with a warning).
-        let mut i8 = input(&c, 8, StreamDType::F16);
-        i8.tensor_cores = true;
-        assert!(plan(&i8).is_err());
-        let (fallback, refused) = plan_or_without_tensor_cores(&i8)?;
-        assert!(matches!(refused, Some(PlanError::Budget { .. })));
-        let f32_plan = plan(&input(&c, 8, StreamDType::F16))?;
+        let with_tc = |gib: u64| {
+            let mut i = input(&c, gib, StreamDType::F16);
+            i.tensor_cores = true;
+            i
+        };
+        let f16_weights = layer_weight_bytes(&c) / 2;
+        let mlp = 3 * 4096 * 14336 * 4;
+        // 4096 rows × 14336 f16 + 2048 × (4096 + 2·1024) f16 + 32 heads × 256 × 2048 × (4 + 2) B
+        // (the attention of one sequence).
+        let scratch = 4096 * 14336 * 2 + (2048 * 6144 * 2 + 32 * 256 * 2048 * 6);
+        assert_eq!(tensor_core_scratch_bytes(&c, 2048), scratch);
+        // Stages A–C: both streams' f16 copies and the scratch more; stages D–E: the MLP's
+        // weights, gate/up's in f16 only, down's in both.
+        let [early, late] = stretch_weights(&input(&c, 8, StreamDType::F16));
+        let [early_tc, late_tc] = stretch_weights(&with_tc(8));
+        assert_eq!(early_tc - early, 2 * f16_weights + scratch);
+        assert_eq!(late - layer_weight_bytes(&c) / 7 * 2, 2 * mlp);
         assert_eq!(
-            (
-                fallback.gpu_bytes_estimate,
-                fallback.batch_sequences,
-                fallback.breakdown
-            ),
-            (
-                f32_plan.gpu_bytes_estimate,
-                f32_plan.batch_sequences,
-                f32_plan.breakdown
-            )
+            late_tc - late,
+            scratch + 2 * (mlp / 2) - 2 * (mlp / 3 * 2),
+            "gate/up's f32 weights freed"
         );
-        assert!(plan_or_without_tensor_cores(&i)?.1.is_none());
-        assert_eq!(
-            tc.batch_sequences, base.batch_sequences,
+
+        // 8 GiB: the tensor-core plan fits with A from the f32 GEMMs.
+        let p8 = plan(&with_tc(8))?;
+        assert!(
+            p8.gate_up_f32_released && !p8.split_f16 && p8.batch_sequences == 1,
             "{:?}",
+            p8.breakdown
+        );
+        assert!(p8.gpu_bytes_estimate <= 6 << 30, "{:?}", p8.breakdown);
+        assert!(
+            p8.breakdown
+                .iter()
+                .any(|l| l.contains("A with the f32 GEMMs")),
+            "{:?}",
+            p8.breakdown
+        );
+        assert!(plan_or_without_tensor_cores(&with_tc(8))?.1.is_none());
+        // Where the metrics read W after the solve (--metric-products), gate/up keep their f32
+        // weights and the tensor cores do not fit 8 GiB: the driver then runs the f32 kernels
+        // with the f32 plan.
+        let mut products = with_tc(8);
+        products.metric_moments = false;
+        assert!(!gate_up_f32_released(&products));
+        let (fallback, refused) = plan_or_without_tensor_cores(&products)?;
+        assert!(matches!(refused, Some(PlanError::Budget { .. })));
+        let mut f32_products = input(&c, 8, StreamDType::F16);
+        f32_products.metric_moments = false;
+        let f32_plan = plan(&f32_products)?;
+        assert_eq!(
+            (fallback.gpu_bytes_estimate, fallback.breakdown),
+            (f32_plan.gpu_bytes_estimate, f32_plan.breakdown)
+        );
+        // Without metrics nothing reads W: freed. Sequences whose tokens do not tile the
+        // tensor-core blocks would need the f32 weights for their last rows: kept.
+        let mut no_metrics = products.clone();
+        no_metrics.metrics = false;
+        assert!(gate_up_f32_released(&no_metrics));
+        let mut ragged = with_tc(8);
+        ragged.seqlen = 2040;
+        assert!(!gate_up_f32_released(&ragged));
+        assert!(!gate_up_f32_released(&input(&c, 8, StreamDType::F16)));
+
+        // 12 GiB: the split A fits as well; the batch is at most the f32 plan's.
+        let base = plan(&input(&c, 12, StreamDType::F16))?;
+        let tc = plan(&with_tc(12))?;
+        assert!(
+            tc.split_f16 && tc.gate_up_f32_released,
+            "{:?}",
+            tc.breakdown
+        );
+        assert!(
+            (1..=base.batch_sequences).contains(&tc.batch_sequences),
+            "{} against {}: {:?}",
+            tc.batch_sequences,
+            base.batch_sequences,
             tc.breakdown
         );
         assert_eq!(
             (tc.weights_ahead, tc.streams_on_gpu),
             (base.weights_ahead, base.streams_on_gpu)
         );
-        let f16_weights = layer_weight_bytes(&c) / 2;
-        // 4096 rows × 14336 f16 + (2048 × (4096 + 2·1024) f16 + 32 heads × 256 × 2048 × (4 + 2) B)
-        // per sequence the attention takes at once.
-        let attn_seqs = tc.attention_sequences as u64;
-        assert!((1..=crate::forward::ATTN_SEQS as u64).contains(&attn_seqs));
-        let scratch = 4096 * 14336 * 2 + attn_seqs * (2048 * 6144 * 2 + 32 * 256 * 2048 * 6);
-        assert_eq!(
-            tensor_core_scratch_bytes(&c, 2048)
-                + (attn_seqs - 1) * attention_scratch_bytes(&c, 2048, 1),
-            scratch
-        );
-        // The statistics' f16 operands: X_q and X_fp − X_q of the batch at the widest input.
-        let operands = 4 * 14336 * 2048 * tc.batch_sequences as u64;
-        let extra = tc.gpu_bytes_estimate - base.gpu_bytes_estimate;
-        // The peak: accumulating (both streams' f16 weights, the scratch and the operands more),
-        // solving (no operands) or uploading the next layer (one more f16 copy; the scratch is
-        // shared).
-        let fixed = 2 * f16_weights + scratch;
-        assert!(
-            [fixed + operands, fixed, fixed + f16_weights + operands].contains(&extra),
-            "extra {extra} B; f16 weights {f16_weights} B, scratch {scratch} B, operands \
-             {operands} B: {:?}",
-            tc.breakdown
-        );
         assert!(tc.gpu_bytes_estimate <= 10 << 30, "{:?}", tc.breakdown);
         assert!(tc.breakdown.iter().any(|l| l.contains("f16 copy")));
+        // GPTQ has no A to split.
+        let mut gptq = with_tc(12);
+        gptq.statistics = 1;
+        gptq.fp_stream = false;
+        gptq.metrics = false;
+        assert!(!plan(&gptq)?.split_f16);
         Ok(())
     }
 
