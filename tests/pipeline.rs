@@ -1240,12 +1240,18 @@ fn failed_speculative_factors_change_no_result() {
 /// uploading each layer's weights on a second thread during the previous layer's last stage
 /// (MemoryPlan::weights_ahead), against `lean_memory`. The same bits flow everywhere, so codes,
 /// scales, every metric and the hidden-state deviation are identical, for GPTAQ (two streams) and
-/// for GPTQ without metrics (one stream). Two batches (20 windows) cover the per-batch slots; host
-/// streams (no room planned for act) keep recomputing.
+/// for GPTQ without metrics (one stream). GPTAQ without metrics and without act runs the FP
+/// stream's down_proj in stage D instead of recomputing its gate/up in stage E: the same bits
+/// too. Two batches (20 windows) cover the per-batch slots; host streams (no room planned for
+/// act) keep recomputing.
 #[test]
 fn spare_memory_for_speed_changes_no_result() {
     let Some(ctx) = test_context() else { return };
-    for (method, metrics) in [(Method::Gptaq { alpha: 0.25 }, true), (Method::Gptq, false)] {
+    for (method, metrics) in [
+        (Method::Gptaq { alpha: 0.25 }, true),
+        (Method::Gptaq { alpha: 0.25 }, false),
+        (Method::Gptq, false),
+    ] {
         let quant = QuantConfig {
             method,
             bits: 3,

@@ -768,6 +768,12 @@ pub fn quantize(
             };
             let (mut actq, mut actfp) =
                 (act_stream("act_q", true)?, act_stream("act_fp", fp_stream)?);
+            // The FP stream's down_proj does not depend on any quantization: where stage E would
+            // recompute the FP stream's act only to feed it (act not kept) and no metric needs its
+            // output beside the quantized one's (metrics off), it runs here on the act at hand,
+            // and stage E only reads h_fp for the hidden deviation: two of the FP stream's GEMMs
+            // (gate/up) per layer fewer, and the FP layer's MLP weights can go before down's solve.
+            let fp_down_in_d = fp_stream && actfp.is_none() && !metrics;
             let mut stats = Stats::new(
                 ctx,
                 nseq,
@@ -830,6 +836,23 @@ pub fn quantize(
                 rec = prof.lap(rec, "forward")?;
                 stats.accumulate(&mut rec, work, act_q, act_fp, (b, t))?;
                 rec = prof.lap(rec, "stats")?;
+                if let (Some(fp), Some(s), true) = (&layers.fp, hfp.as_mut(), fp_down_in_d) {
+                    // Through the metric scratch as in stage E, so the sums are those bits.
+                    let (h_fp, y) = (s.batch_or(b, &work.h_fp), Some(work.metric.y_fp()));
+                    add_output(
+                        &mut rec,
+                        fp,
+                        ModuleKind::Down,
+                        t,
+                        act_fp,
+                        h_fp,
+                        &work.s_fp,
+                        y,
+                    )?;
+                    rec = prof.lap(rec, "forward")?;
+                    rec = s.store_unless_in_place(rec, b, &work.h_fp)?;
+                    rec = prof.lap(rec, "store")?;
+                }
                 if let Some(s) = actq.as_mut() {
                     rec = s.store_unless_in_place(rec, b, work.s_q.act())?;
                 }
@@ -845,6 +868,10 @@ pub fn quantize(
             // With act kept, stage E does not run gate/up again: they go before down's solve too.
             if actq.is_some() {
                 layers.release(ctx, &[ModuleKind::Gate, ModuleKind::Up])?;
+            }
+            // Nor does the FP stream run its MLP again once its down_proj ran in stage D.
+            if let (true, Some(fp)) = (fp_down_in_d, layers.fp.as_mut()) {
+                fp.release(ctx, &[ModuleKind::Gate, ModuleKind::Up, ModuleKind::Down])?;
             }
             solve_group(
                 ctx,
@@ -927,22 +954,25 @@ pub fn quantize(
                     }
                     rec = prof.lap(rec, "load")?;
                     let h_fp = s.batch_or(b, &work.h_fp);
-                    if actfp.is_none() {
-                        forward::post_norm(&mut rec, fp, h_fp, &work.s_fp, t)?;
-                        forward::mlp_act(&mut rec, fp, &work.s_fp, t, work.s_fp.act())?;
+                    // Where stage D ran the FP stream's down_proj, h_fp is only read here.
+                    if !fp_down_in_d {
+                        if actfp.is_none() {
+                            forward::post_norm(&mut rec, fp, h_fp, &work.s_fp, t)?;
+                            forward::mlp_act(&mut rec, fp, &work.s_fp, t, work.s_fp.act())?;
+                        }
+                        let act_fp = batch_or(&actfp, b, work.s_fp.act());
+                        add_output(&mut rec, fp, down, t, act_fp, h_fp, &work.s_fp, Some(yfp))?;
+                        rec = prof.lap(rec, "forward")?;
+                        record_metrics(
+                            &mut rec,
+                            &down_metrics,
+                            work,
+                            (b, t),
+                            (act_q, act_fp),
+                            (&layers.q, fp),
+                            |_| Some((yq, yfp)),
+                        )?;
                     }
-                    let act_fp = batch_or(&actfp, b, work.s_fp.act());
-                    add_output(&mut rec, fp, down, t, act_fp, h_fp, &work.s_fp, Some(yfp))?;
-                    rec = prof.lap(rec, "forward")?;
-                    record_metrics(
-                        &mut rec,
-                        &down_metrics,
-                        work,
-                        (b, t),
-                        (act_q, act_fp),
-                        (&layers.q, fp),
-                        |_| Some((yq, yfp)),
-                    )?;
                     ops::sq_diff_partials(
                         &mut rec,
                         t * h,
@@ -964,7 +994,7 @@ pub fn quantize(
                     rec = prof.lap(rec, "metrics")?;
                 }
                 rec = hq.store_unless_in_place(rec, b, &work.h_q)?;
-                if let Some(s) = hfp.as_mut() {
+                if let (Some(s), false) = (hfp.as_mut(), fp_down_in_d) {
                     rec = s.store_unless_in_place(rec, b, &work.h_fp)?;
                 }
                 rec = prof.lap(rec, "store")?;
