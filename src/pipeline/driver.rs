@@ -18,7 +18,9 @@
 //! accumulated on the fly from the two current inputs instead of caching every FP module input
 //! (the official GPTAQ code caches them on the GPU: ~13 GiB for an 8B model). Stage E recomputes
 //! `act` rather than storing `[tokens, intermediate]` per stream, trading two GEMMs for memory,
-//! unless the plan has room to keep it from stage D (`MemoryPlan::act_streams`).
+//! unless the plan has room to keep it from stage D (`MemoryPlan::act_streams`); without metrics
+//! the FP stream's down_proj, which no quantization changes, runs in stage D on the act at hand
+//! instead, so only the quantized stream recomputes.
 //!
 //! Where a stream is f32 on the GPU, each stage reads and updates the stream's own batch buffers
 //! (`Stream::gpu_batch`: the residual adds in place, attention and SwiGLU writing straight into
