@@ -173,7 +173,7 @@ pub const TC_CHUNK_TOKENS: usize = 4096;
 
 /// The smallest row block of the tensor-core linears (`CoopOp::Nt`'s): a batch of a multiple of
 /// this many tokens runs every row of a module with an f16 copy on the tensor cores
-/// ([`tc_ranges`] takes 128-, then 64-, then 32-row blocks), none on the f32 GEMM, so such a
+/// (`tc_ranges` takes 128-, then 64-, then 32-row blocks), none on the f32 GEMM, so such a
 /// module's f32 weight is not read by the forward ([`GpuLayer::release_f32`]).
 pub const TC_ROW_TILE: usize = 32;
 

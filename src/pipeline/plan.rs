@@ -16,7 +16,7 @@ pub struct PlanInput<'a> {
     /// A second (full-precision) stream runs in lock-step (GPTAQ, or metrics requested).
     pub fp_stream: bool,
     /// The run measures error metrics (which read each module's W and Q after its solve, or its
-    /// outputs in the next stage; [`gate_up_f32_released`]).
+    /// outputs in the next stage; `gate_up_f32_released`).
     pub metrics: bool,
     /// n×n statistics accumulated per group: 1 (H: GPTQ), 2 (H and D: GPTAQ), 3 (H, D and E:
     /// a layer-lab capture).
@@ -313,7 +313,7 @@ pub fn plan_or_without_tensor_cores(
 
 /// The plan. The per-batch activations are released while a group is solved
 /// (pipeline/driver.rs), so a layer's peak is the largest, over its two stretches of stages
-/// ([`Stretch`]), of the larger of two moments, each next to the stretch's layer weights (and the
+/// (`Stretch`), of the larger of two moments, each next to the stretch's layer weights (and the
 /// streams, when they are on the GPU): accumulating (statistics + one batch of activations) and
 /// solving (statistics + the solve's temporaries + its per-module buffers).
 ///
