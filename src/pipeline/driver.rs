@@ -238,6 +238,7 @@ pub fn quantize(
     };
     // Tensor cores where asked for (config or GPTAQ_TENSOR_CORES=1) and granted.
     let tc_asked = cfg.tensor_cores || tensor_cores_requested();
+    let fp_down_early = std::env::var("GPTAQ_FP_DOWN_EARLY").map_or(true, |v| v != "0");
     let plan_input = PlanInput {
         config: &mc,
         nsamples: nseq,
@@ -775,7 +776,8 @@ pub fn quantize(
             // output beside the quantized one's (metrics off), it runs here on the act at hand,
             // and stage E only reads h_fp for the hidden deviation: two of the FP stream's GEMMs
             // (gate/up) per layer fewer, and the FP layer's MLP weights can go before down's solve.
-            let fp_down_in_d = fp_stream && actfp.is_none() && !metrics;
+            // `GPTAQ_FP_DOWN_EARLY=0` keeps it in stage E, for A/B runs.
+            let fp_down_in_d = fp_stream && actfp.is_none() && !metrics && fp_down_early;
             let mut stats = Stats::new(
                 ctx,
                 nseq,
