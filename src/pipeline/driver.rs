@@ -1564,9 +1564,10 @@ fn record_metrics<'a>(
 ) -> Result<(), PipelineError> {
     let _scope = rec.ctx().time_scope("metrics");
     for (m, acc) in accs {
-        // Only metrics from the statistics need no W: the plan frees f32 weights only then
-        // (plan::gate_up_f32_released).
-        if !acc.from_moments() && (q.f32_released(*m) || fp.f32_released(*m)) {
+        let outs = outputs(*m).filter(|_| output_is_product(fp, *m));
+        // Only metrics from the statistics on the forward's outputs need no W: the plan frees f32
+        // weights only then (plan::gate_up_f32_released).
+        if (outs.is_none() || !acc.from_moments()) && (q.f32_released(*m) || fp.f32_released(*m)) {
             return Err(PipelineError::Gpu(crate::gpu::GpuError::Validation(
                 format!(
                     "{}: its metrics need its f32 weights, which were freed",
@@ -1575,7 +1576,7 @@ fn record_metrics<'a>(
             )));
         }
         let (q_m, w_m) = (q.linear(*m), fp.linear(*m));
-        match outputs(*m).filter(|_| output_is_product(fp, *m)) {
+        match outs {
             Some((y_q, y_fp)) => {
                 acc.record_outputs(rec, &work.metric, b, t, x_q, y_q, y_fp, w_m)?
             }
