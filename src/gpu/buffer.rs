@@ -40,6 +40,29 @@ const PACED_IN_FLIGHT: usize = 2;
 /// has run the submission that copies it — device memory that nvidia-smi counts on resizable-BAR
 /// machines (the H100 / H200 servers), outside the app's count and the memory plan. Without a
 /// bound, writes queued ahead of the GPU keep all their staging alive at once.
+/// Writes from this size on are copied into their staging by several threads
+/// ([`GpuContext::write`]): below it a thread's start costs more than its share of the copy.
+pub const PARALLEL_WRITE_BYTES: usize = 4 << 20;
+
+/// Threads that copy a write of `bytes` into its staging: up to 8 (the host's cores allowing), at
+/// least 1 MiB each; 1 below [`PARALLEL_WRITE_BYTES`]. `GPTAQ_WRITE_THREADS=N` sets the most
+/// (1: every write on the calling thread, for A/B runs).
+pub fn write_threads(bytes: usize) -> usize {
+    static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let max = *MAX.get_or_init(|| {
+        std::env::var("GPTAQ_WRITE_THREADS")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(8)))
+            .max(1)
+    });
+    if bytes < PARALLEL_WRITE_BYTES {
+        1
+    } else {
+        max.min(bytes >> 20).max(1)
+    }
+}
+
 pub struct WriteWindow {
     max: usize,
     pending: std::collections::VecDeque<wgpu::SubmissionIndex>,
@@ -624,6 +647,8 @@ impl GpuContext {
     }
 
     /// Overwrites the start of `dst` with `data` (queued; ordered before later submissions).
+    /// Writes from [`PARALLEL_WRITE_BYTES`] on are copied into their staging by several threads
+    /// ([`write_threads`]).
     pub fn write<T: Pod>(&self, dst: &GpuBuffer<T>, offset_elems: usize, data: &[T]) {
         let _host = self.host_span("write");
         let raw: &[u8] = bytemuck::cast_slice(data);
@@ -631,7 +656,37 @@ impl GpuContext {
             return;
         }
         let off = (offset_elems * std::mem::size_of::<T>()) as u64;
-        if raw.len().is_multiple_of(4) {
+        let threads = write_threads(raw.len());
+        if raw.len().is_multiple_of(4) && threads > 1 {
+            // Large writes (a host stream's batch: 16 MiB for an 8B model's f16 hidden state of
+            // one sequence) copied into their staging by several threads. One thread filled it at
+            // about 3 GB/s on the GPU machine (a 32 MiB weight chunk took 10.4 ms; the staging is
+            // a fresh mapping each time, so the copy also takes its page faults), and the 8B GPTAQ
+            // layer with host streams left the GPU idle for 6.3 ms before each of its 14 stream
+            // submissions per sequence (BENCHMARKS.md session 42).
+            // One staging view per thread: wgpu's views are Send, the write-only slices inside
+            // them are not. Each view is queued when its thread drops it, before the scope ends
+            // and so before the next submission; the chunks are disjoint.
+            let chunk = raw.len().div_ceil(threads).next_multiple_of(4096);
+            let views: Option<Vec<_>> = raw
+                .chunks(chunk)
+                .enumerate()
+                .map(|(i, src)| {
+                    let at = off + (i * chunk) as u64;
+                    let size = wgpu::BufferSize::new(src.len() as u64)?;
+                    Some((self.queue.write_buffer_with(&dst.buffer, at, size)?, src))
+                })
+                .collect();
+            match views {
+                Some(views) => std::thread::scope(|scope| {
+                    for (mut view, src) in views {
+                        scope.spawn(move || view.copy_from_slice(src));
+                    }
+                }),
+                // Refused (out of bounds, say): the plain write reports it as it always has.
+                None => self.queue.write_buffer(&dst.buffer, off, raw),
+            }
+        } else if raw.len().is_multiple_of(4) {
             self.queue.write_buffer(&dst.buffer, off, raw);
         } else {
             let mut padded = raw.to_vec();
@@ -985,6 +1040,50 @@ mod tests {
             }
         }
         ctx.set_pool_limit(0);
+        Ok(())
+    }
+
+    /// Writes from `PARALLEL_WRITE_BYTES` on are split over several threads' staging views:
+    /// the buffer gets exactly the data at its offset, the elements before it stay, for sizes at
+    /// and just over the threshold, chunks that do not divide the data, and offsets that are not
+    /// a multiple of a chunk.
+    #[test]
+    fn large_writes_land_exactly() -> Result<(), Box<dyn std::error::Error>> {
+        let Some(ctx) = crate::gpu::test_context() else {
+            return Ok(());
+        };
+        use super::{PARALLEL_WRITE_BYTES, write_threads};
+        let floats = PARALLEL_WRITE_BYTES / 4;
+        assert_eq!(write_threads(PARALLEL_WRITE_BYTES - 4), 1);
+        if std::thread::available_parallelism().map_or(1, |n| n.get()) > 1
+            && std::env::var("GPTAQ_WRITE_THREADS").is_err()
+        {
+            assert!(write_threads(PARALLEL_WRITE_BYTES) > 1);
+        }
+        for (len, offset) in [
+            (floats, 0),
+            (floats + 1, 0),
+            (2 * floats + 3, 1001),
+            (floats, 7),
+        ] {
+            let buf = ctx.upload("target", &vec![f32::NAN; offset + len])?;
+            let data: Vec<f32> = (0..len)
+                .map(|i| (i as f32 * 0.013).cos() + i as f32)
+                .collect();
+            ctx.write(&buf, offset, &data);
+            let got = ctx.read(&buf)?;
+            assert!(
+                got[..offset].iter().all(|v| v.is_nan()),
+                "len {len}, offset {offset}"
+            );
+            for (i, (g, w)) in got[offset..].iter().zip(&data).enumerate() {
+                assert_eq!(
+                    g.to_bits(),
+                    w.to_bits(),
+                    "len {len}, offset {offset}, index {i}: got {g}, expected {w}"
+                );
+            }
+        }
         Ok(())
     }
 }
