@@ -44,16 +44,19 @@ const PACED_IN_FLIGHT: usize = 2;
 /// ([`GpuContext::write`]): below it a thread's start costs more than its share of the copy.
 pub const PARALLEL_WRITE_BYTES: usize = 4 << 20;
 
-/// Threads that copy a write of `bytes` into its staging: up to 8 (the host's cores allowing), at
-/// least 1 MiB each; 1 below [`PARALLEL_WRITE_BYTES`]. `GPTAQ_WRITE_THREADS=N` sets the most
-/// (1: every write on the calling thread, for A/B runs).
+/// Threads that copy a write of `bytes` into its staging: up to 8, at least 1 MiB each; 1 below
+/// [`PARALLEL_WRITE_BYTES`]. Eight even on a 2-core host: a fresh staging mapping's page faults,
+/// not the copy, bound a write, and they are taken in parallel — the kernels bench's
+/// `host_write` put 16 MiB into a buffer in 11.8 ms with one thread, 8.1 with two, 6.8 with four
+/// and 3.7 with eight on the 2-core development machine (lavapipe; BENCHMARKS.md session 42).
+/// `GPTAQ_WRITE_THREADS=N` sets the most (1: every write on the calling thread, for A/B runs).
 pub fn write_threads(bytes: usize) -> usize {
     static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     let max = *MAX.get_or_init(|| {
         std::env::var("GPTAQ_WRITE_THREADS")
             .ok()
             .and_then(|v| v.parse::<usize>().ok())
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(8)))
+            .unwrap_or(8)
             .max(1)
     });
     if bytes < PARALLEL_WRITE_BYTES {
@@ -650,20 +653,33 @@ impl GpuContext {
     /// Writes from [`PARALLEL_WRITE_BYTES`] on are copied into their staging by several threads
     /// ([`write_threads`]).
     pub fn write<T: Pod>(&self, dst: &GpuBuffer<T>, offset_elems: usize, data: &[T]) {
+        let threads = write_threads(std::mem::size_of_val(data));
+        self.write_with_threads(dst, offset_elems, data, threads);
+    }
+
+    /// [`GpuContext::write`] with its staging filled by `threads` threads (the kernels bench's
+    /// `host_write` compares counts).
+    pub fn write_with_threads<T: Pod>(
+        &self,
+        dst: &GpuBuffer<T>,
+        offset_elems: usize,
+        data: &[T],
+        threads: usize,
+    ) {
         let _host = self.host_span("write");
         let raw: &[u8] = bytemuck::cast_slice(data);
         if raw.is_empty() {
             return;
         }
         let off = (offset_elems * std::mem::size_of::<T>()) as u64;
-        let threads = write_threads(raw.len());
         if raw.len().is_multiple_of(4) && threads > 1 {
             // Large writes (a host stream's batch: 16 MiB for an 8B model's f16 hidden state of
             // one sequence) copied into their staging by several threads. One thread filled it at
             // about 3 GB/s on the GPU machine (a 32 MiB weight chunk took 10.4 ms; the staging is
             // a fresh mapping each time, so the copy also takes its page faults), and the 8B GPTAQ
             // layer with host streams left the GPU idle for 6.3 ms before each of its 14 stream
-            // submissions per sequence (BENCHMARKS.md session 42).
+            // submissions per sequence (BENCHMARKS.md session 42; the threaded copy is measured
+            // there on lavapipe only, see `write_threads`).
             // One staging view per thread: wgpu's views are Send, the write-only slices inside
             // them are not. Each view is queued when its thread drops it, before the scope ends
             // and so before the next submission; the chunks are disjoint.
@@ -1055,10 +1071,13 @@ mod tests {
         use super::{PARALLEL_WRITE_BYTES, write_threads};
         let floats = PARALLEL_WRITE_BYTES / 4;
         assert_eq!(write_threads(PARALLEL_WRITE_BYTES - 4), 1);
-        if std::thread::available_parallelism().map_or(1, |n| n.get()) > 1
-            && std::env::var("GPTAQ_WRITE_THREADS").is_err()
-        {
-            assert!(write_threads(PARALLEL_WRITE_BYTES) > 1);
+        if std::env::var("GPTAQ_WRITE_THREADS").is_err() {
+            assert_eq!(
+                write_threads(PARALLEL_WRITE_BYTES),
+                4,
+                "1 MiB per thread at least"
+            );
+            assert_eq!(write_threads(64 << 20), 8);
         }
         for (len, offset) in [
             (floats, 0),
