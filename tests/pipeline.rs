@@ -1242,8 +1242,9 @@ fn failed_speculative_factors_change_no_result() {
 /// scales, every metric and the hidden-state deviation are identical, for GPTAQ (two streams) and
 /// for GPTQ without metrics (one stream). GPTAQ without metrics and without act runs the FP
 /// stream's down_proj in stage D instead of recomputing its gate/up in stage E: the same bits
-/// too. Two batches (20 windows) cover the per-batch slots; host streams (no room planned for
-/// act) keep recomputing.
+/// too. Two batches (20 windows) cover the per-batch slots; f32 host streams (no room planned
+/// for act) keep recomputing and give the same bits again (the FP stream's stage-D output is
+/// stored to the host; leaving that store out fails here).
 #[test]
 fn spare_memory_for_speed_changes_no_result() {
     let Some(ctx) = test_context() else { return };
@@ -1295,18 +1296,26 @@ fn spare_memory_for_speed_changes_no_result() {
             &runs[0],
             &runs[1],
         );
-        // Without room on the GPU for the streams there is no act stream either.
+        // Without room on the GPU for the streams there is no act stream either, and f32 host
+        // streams carry the same bits (GPTAQ without metrics: the FP stream's down_proj in stage
+        // D, stored to the host there, against the kept act's stage E).
         let mut j = job(
             ModelInput::Demo { seed: 9 },
             CalibInput::Synthetic,
             quant.clone(),
-            4,
+            20,
             16,
         );
+        j.config.solver = Solver::Gpu;
         j.config.force_host_streams = true;
         j.config.metrics = metrics;
         let q = run_job(&ctx, &j);
         assert!(!q.report.plan.act_streams && !q.report.plan.streams_on_gpu);
+        assert_eq!(
+            q.report.plan.batch_sequences, runs[0].report.plan.batch_sequences,
+            "{method:?}"
+        );
+        assert_same_runs(&format!("{method:?}, host streams"), &runs[0], &q);
     }
 }
 
