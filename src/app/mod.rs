@@ -169,6 +169,16 @@ impl AppState {
         matches!(&self.device, Some(Ok(d)) if d.tensor_cores_unavailable().is_none())
     }
 
+    /// Why the opened GPU cannot run the tensor-core kernels (`AdapterSummary::
+    /// tensor_cores_unavailable`); `None` where it can or no device is known. The settings'
+    /// checkbox says so.
+    pub fn tensor_cores_unavailable(&self) -> Option<String> {
+        match &self.device {
+            Some(Ok(d)) => d.tensor_cores_unavailable(),
+            _ => None,
+        }
+    }
+
     /// What the opened GPU offers the tensor-core option, for the GPU panel: available, or why
     /// `--tensor-cores` runs the f32 kernels here (`AdapterSummary::tensor_cores_unavailable`);
     /// `None` until a device is known.

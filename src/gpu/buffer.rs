@@ -35,11 +35,6 @@ const WGPU_STAGING_LABEL: &str = "(wgpu internal) Staging";
 const PACED_CHUNK_BYTES: usize = 32 << 20;
 const PACED_IN_FLIGHT: usize = 2;
 
-/// Host writes (`queue.write_buffer`, [`GpuContext::write`]) in flight, at most `max`.
-/// `write_buffer` stages each write in a host-visible buffer of its own, freed only once the GPU
-/// has run the submission that copies it — device memory that nvidia-smi counts on resizable-BAR
-/// machines (the H100 / H200 servers), outside the app's count and the memory plan. Without a
-/// bound, writes queued ahead of the GPU keep all their staging alive at once.
 /// Writes from this size on are copied into their staging by several threads
 /// ([`GpuContext::write`]): below it a thread's start costs more than its share of the copy.
 pub const PARALLEL_WRITE_BYTES: usize = 4 << 20;
@@ -66,6 +61,11 @@ pub fn write_threads(bytes: usize) -> usize {
     }
 }
 
+/// Host writes (`queue.write_buffer`, [`GpuContext::write`]) in flight, at most `max`.
+/// `write_buffer` stages each write in a host-visible buffer of its own, freed only once the GPU
+/// has run the submission that copies it — device memory that nvidia-smi counts on resizable-BAR
+/// machines (the H100 / H200 servers), outside the app's count and the memory plan. Without a
+/// bound, writes queued ahead of the GPU keep all their staging alive at once.
 pub struct WriteWindow {
     max: usize,
     pending: std::collections::VecDeque<wgpu::SubmissionIndex>,

@@ -741,8 +741,9 @@ pub fn quantize(
             // A tensor-core run's gate/up read only their f16 copies from here on (stage D's and
             // E's forward; their metrics come from H and D, measured in the solve): their f32
             // weights go before down_proj's statistics and solve, where the plan counts without
-            // them (plan::gate_up_f32_released).
-            if plan.gate_up_f32_released && use_tc {
+            // them (plan::gate_up_f32_released; only ever set in a plan with tensor cores, which
+            // the run then uses).
+            if plan.gate_up_f32_released {
                 layers.release_f32(ctx, &GATE_UP)?;
             }
 

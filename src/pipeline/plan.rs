@@ -414,8 +414,8 @@ impl Stretch {
 /// The layer weights each [`Stretch`] holds: every stream's f32 weights (and f16 copies, with
 /// tensor cores), one tensor-core scratch, and a margin the planner has always kept (two sevenths
 /// of one layer's f32 weights); in stages D–E only the MLP's, less gate/up's f32 ones where
-/// [`gate_up_f32_released`].
-fn stretch_weights(input: &PlanInput<'_>) -> [u64; 2] {
+/// `released` ([`gate_up_f32_released`]).
+fn stretch_weights(input: &PlanInput<'_>, released: bool) -> [u64; 2] {
     let c = input.config;
     let streams = if input.fp_stream { 2 } else { 1 };
     let tc = input.tensor_cores;
@@ -427,11 +427,7 @@ fn stretch_weights(input: &PlanInput<'_>) -> [u64; 2] {
     };
     let margin = layer_weight_bytes(c) / 7 * 2;
     let mlp = 3 * (c.hidden_size as u64) * (c.intermediate_size as u64) * F32;
-    let freed = if gate_up_f32_released(input) {
-        mlp / 3 * 2
-    } else {
-        0
-    };
+    let freed = if released { mlp / 3 * 2 } else { 0 };
     [
         with_f16(layer_weight_bytes(c)) * streams + scratch + margin,
         (with_f16(mlp) - freed) * streams + scratch + margin,
@@ -452,7 +448,7 @@ fn plan_with(input: &PlanInput<'_>, split: bool) -> Result<MemoryPlan, PlanError
     };
     let stream_weights = layer_weight_bytes(c) + f16_weights;
     let released = gate_up_f32_released(input);
-    let [early, late] = stretch_weights(input);
+    let [early, late] = stretch_weights(input, released);
     let stretches = [
         Stretch::of(input, "stages A–C", &GROUP_MODULES[..3], early, split),
         Stretch::of(input, "stages D–E", &GROUP_MODULES[3..], late, split),
@@ -493,15 +489,11 @@ fn plan_with(input: &PlanInput<'_>, split: bool) -> Result<MemoryPlan, PlanError
         }
     }
     // The stretch that needs the most with one sequence of activations.
-    let (need, binding) = stretches
+    let binding = stretches
         .iter()
-        .map(|s| (s.peak(0, seq_scratch), s))
-        .max_by_key(|&(need, _)| need)
-        .ok_or_else(|| PlanError::Budget {
-            need_mib: 0,
-            budget_mib: budget >> 20,
-            detail: "no stages".into(),
-        })?;
+        .max_by_key(|s| s.peak(0, seq_scratch))
+        .unwrap_or(&stretches[0]);
+    let need = binding.peak(0, seq_scratch);
     if need > usable {
         return Err(PlanError::Budget {
             // The budget at which `need` fits next to its reserve.
@@ -1073,8 +1065,9 @@ mod tests {
         assert_eq!(tensor_core_scratch_bytes(&c, 2048), scratch);
         // Stages A–C: both streams' f16 copies and the scratch more; stages D–E: the MLP's
         // weights, gate/up's in f16 only, down's in both.
-        let [early, late] = stretch_weights(&input(&c, 8, StreamDType::F16));
-        let [early_tc, late_tc] = stretch_weights(&with_tc(8));
+        let base8 = input(&c, 8, StreamDType::F16);
+        let [early, late] = stretch_weights(&base8, gate_up_f32_released(&base8));
+        let [early_tc, late_tc] = stretch_weights(&with_tc(8), gate_up_f32_released(&with_tc(8)));
         assert_eq!(early_tc - early, 2 * f16_weights + scratch);
         assert_eq!(late - layer_weight_bytes(&c) / 7 * 2, 2 * mlp);
         assert_eq!(

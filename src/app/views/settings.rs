@@ -41,10 +41,7 @@ pub fn settings_ui(ui: &mut egui::Ui, st: &mut AppState, out: &mut Vec<UiAction>
         .validate(st.model.as_ref(), st.calib.as_ref(), config.as_ref());
     // Why the opened GPU cannot run the tensor-core kernels, if it cannot (the option is then
     // ignored; the GPU panel says the same).
-    let tc_unavailable = match &st.device {
-        Some(Ok(d)) => d.tensor_cores_unavailable(),
-        _ => None,
-    };
+    let tc_unavailable = st.tensor_cores_unavailable();
     let s = &mut st.settings;
     ui.add_enabled_ui(!busy, |ui| {
         egui::Grid::new("settings_grid")
