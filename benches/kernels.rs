@@ -36,8 +36,9 @@
 //! order and in groups of 8 and 16 (`RASTER=0|8|16`, the staged kernel dispatched directly).
 //! `cast_f16` times the f32 → f16 operand casts at the same shape, in bytes moved per second
 //! (four-wide, scalar, and GPTAQ's ΔX from two inputs). `host_write` times a host write of
-//! `GPTAQ_BENCH_WRITE_MIB` (default 16) into a GPU buffer with its staging filled by 1, 2, 4
-//! and 8 threads (`GpuContext::write_with_threads`), in bytes per second.
+//! `GPTAQ_BENCH_WRITE_MIB` (default 16) into a GPU buffer through the kept upload staging and
+//! through `queue.write_buffer`'s, filled by 1, 2, 4 and 8 threads
+//! (`GpuContext::write_with_threads`), in bytes per second.
 //! `attention` times the causal GQA attention kernel alone (`forward::attend`, `attention.wgsl`,
 //! and where granted the tensor-core `forward::attend_tc`)
 //! at the shape `GPTAQ_BENCH_ATTN` = "heads:kv_heads:head_dim:seqlen:nseq" (default
@@ -367,8 +368,9 @@ fn bench_kernels(c: &mut Criterion) {
         g.finish();
     }
     // Host writes into GPU buffers (`GpuContext::write_with_threads`: a host stream's batch is
-    // one, 16 MiB for an 8B model's f16 hidden state of one sequence), in bytes per second, with
-    // the staging filled by 1, 2, 4 and 8 threads; `GPTAQ_BENCH_WRITE_MIB` sets the size.
+    // one, 16 MiB for an 8B model's f16 hidden state of one sequence), in bytes per second,
+    // through the kept upload staging (`gpu::upload`) and through `queue.write_buffer`'s
+    // per-write staging, filled by 1, 2, 4 and 8 threads; `GPTAQ_BENCH_WRITE_MIB` sets the size.
     let mib: usize = std::env::var("GPTAQ_BENCH_WRITE_MIB")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -380,15 +382,23 @@ fn bench_kernels(c: &mut Criterion) {
         .zeros::<u32>("write target", src.len())
         .expect("alloc target");
     g.throughput(Throughput::Elements((mib << 20) as u64));
-    for threads in [1, 2, 4, 8] {
-        g.bench_function(format!("{mib} MiB, {threads} thread(s)"), |bch| {
-            bch.iter(|| {
-                ctx.write_with_threads(&dst, 0, &src, threads);
-                ctx.recorder().submit();
-                ctx.sync().expect("sync");
-            })
-        });
+    let ring = ctx.upload_ring();
+    for (kept, staging) in [(true, "kept staging"), (false, "write_buffer staging")] {
+        ctx.set_upload_ring(kept);
+        for threads in [1, 2, 4, 8] {
+            g.bench_function(
+                format!("{mib} MiB, {staging}, {threads} thread(s)"),
+                |bch| {
+                    bch.iter(|| {
+                        ctx.write_with_threads(&dst, 0, &src, threads);
+                        ctx.recorder().submit();
+                        ctx.sync().expect("sync");
+                    })
+                },
+            );
+        }
     }
+    ctx.set_upload_ring(ring);
     g.finish();
     let mut g = c.benchmark_group("hessian_syrk");
     g.sample_size(10);

@@ -470,7 +470,9 @@ impl GpuContext {
         let staging = report
             .allocations
             .iter()
-            .filter(|a| a.name == WGPU_STAGING_LABEL)
+            .filter(|a| {
+                a.name == WGPU_STAGING_LABEL || a.name == super::upload::UPLOAD_STAGING_LABEL
+            })
             .map(|a| a.size)
             .sum();
         Some((report.total_reserved_bytes, staging))
@@ -567,16 +569,32 @@ impl GpuContext {
 
     /// A buffer initialised with `data`.
     pub fn upload<T: Pod>(&self, what: &str, data: &[T]) -> Result<GpuBuffer<T>, GpuError> {
-        let _host = self.host_span("upload");
+        let host = self.host_span("upload");
         let raw: &[u8] = bytemuck::cast_slice(data);
         let bytes = padded_size(raw.len() as u64);
-        if let Some(buffer) = self.reuse(what, bytes)? {
-            // Written before the next submission, after every use by its previous owner. Writes
-            // take whole 4-byte words: the data's last partial word and the padding (zeros, as a
-            // new buffer has) go separately, so the bulk is not copied once more.
+        // Large data goes through the kept upload staging (`gpu::upload`) into a plain new
+        // buffer, instead of `create_buffer_init`'s staging of its full size made for this call.
+        let staged = raw.len() >= PARALLEL_WRITE_BYTES && self.upload_ring();
+        let target = match self.reuse(what, bytes)? {
+            Some(buffer) => Some(buffer),
+            None if staged => Some(self.alloc_scoped(what, bytes, || {
+                self.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some(what),
+                    size: bytes,
+                    usage: USAGE,
+                    mapped_at_creation: false,
+                })
+            })?),
+            None => None,
+        };
+        if let Some(buffer) = target {
+            drop(host);
+            // Written before the next submission, after every use by a pooled buffer's previous
+            // owner. Writes take whole 4-byte words: the data's last partial word and the padding
+            // (zeros, as a new buffer has) go separately, so the bulk is not copied once more.
             let aligned = raw.len() / 4 * 4;
             if aligned > 0 {
-                self.queue.write_buffer(&buffer, 0, &raw[..aligned]);
+                self.write_bytes(&buffer, 0, &raw[..aligned], write_threads(aligned));
             }
             if (aligned as u64) < bytes {
                 let mut last = raw[aligned..].to_vec();
@@ -649,9 +667,9 @@ impl GpuContext {
         Ok(buf)
     }
 
-    /// Overwrites the start of `dst` with `data` (queued; ordered before later submissions).
-    /// Writes from [`PARALLEL_WRITE_BYTES`] on are copied into their staging by several threads
-    /// ([`write_threads`]).
+    /// Overwrites `dst` from element `offset_elems` with `data` (queued; ordered before later
+    /// submissions). Writes from [`PARALLEL_WRITE_BYTES`] on go through kept upload staging
+    /// (`gpu::upload`), filled by several threads ([`write_threads`]).
     pub fn write<T: Pod>(&self, dst: &GpuBuffer<T>, offset_elems: usize, data: &[T]) {
         let threads = write_threads(std::mem::size_of_val(data));
         self.write_with_threads(dst, offset_elems, data, threads);
@@ -666,23 +684,34 @@ impl GpuContext {
         data: &[T],
         threads: usize,
     ) {
-        let _host = self.host_span("write");
-        let raw: &[u8] = bytemuck::cast_slice(data);
+        let off = (offset_elems * std::mem::size_of::<T>()) as u64;
+        self.write_bytes(&dst.buffer, off, bytemuck::cast_slice(data), threads);
+    }
+
+    /// Writes `raw` into `dst` at byte `off` (queued like `queue.write_buffer`: ordered before
+    /// later submissions). Writes from [`PARALLEL_WRITE_BYTES`] on go through the kept upload
+    /// staging (`gpu::upload`) unless it is off ([`GpuContext::set_upload_ring`]), else through
+    /// `queue.write_buffer`'s staging, filled by up to `threads` threads either way.
+    fn write_bytes(&self, dst: &wgpu::Buffer, off: u64, raw: &[u8], threads: usize) {
         if raw.is_empty() {
             return;
         }
-        let off = (offset_elems * std::mem::size_of::<T>()) as u64;
-        if raw.len().is_multiple_of(4) && threads > 1 {
-            // Large writes (a host stream's batch: 16 MiB for an 8B model's f16 hidden state of
-            // one sequence) copied into their staging by several threads. One thread filled it at
-            // about 3 GB/s on the GPU machine (a 32 MiB weight chunk took 10.4 ms; the staging is
-            // a fresh mapping each time, so the copy also takes its page faults), and the 8B GPTAQ
-            // layer with host streams left the GPU idle for 6.3 ms before each of its 14 stream
-            // submissions per sequence (BENCHMARKS.md session 42; the threaded copy is measured
-            // there on lavapipe only, see `write_threads`).
-            // One staging view per thread: wgpu's views are Send, the write-only slices inside
-            // them are not. Each view is queued when its thread drops it, before the scope ends
-            // and so before the next submission; the chunks are disjoint.
+        let large = raw.len() >= PARALLEL_WRITE_BYTES && raw.len().is_multiple_of(4);
+        // Out of bounds: the plain write reports it as it always has.
+        let fits = off
+            .checked_add(raw.len() as u64)
+            .is_some_and(|end| end <= dst.size());
+        if large && fits && self.upload_ring() {
+            // Its filling, submission and any wait are timed as host spans of their own.
+            self.write_through_ring(dst, off, raw, threads);
+            return;
+        }
+        let _host = self.host_span("write");
+        if large && threads > 1 {
+            // Without the kept staging: `queue.write_buffer`'s, one view per thread. wgpu's views
+            // are Send, the write-only slices inside them are not. Each view is queued when its
+            // thread drops it, before the scope ends and so before the next submission; the
+            // chunks are disjoint.
             let chunk = raw.len().div_ceil(threads).next_multiple_of(4096);
             let views: Option<Vec<_>> = raw
                 .chunks(chunk)
@@ -690,7 +719,7 @@ impl GpuContext {
                 .map(|(i, src)| {
                     let at = off + (i * chunk) as u64;
                     let size = wgpu::BufferSize::new(src.len() as u64)?;
-                    Some((self.queue.write_buffer_with(&dst.buffer, at, size)?, src))
+                    Some((self.queue.write_buffer_with(dst, at, size)?, src))
                 })
                 .collect();
             match views {
@@ -699,15 +728,14 @@ impl GpuContext {
                         scope.spawn(move || view.copy_from_slice(src));
                     }
                 }),
-                // Refused (out of bounds, say): the plain write reports it as it always has.
-                None => self.queue.write_buffer(&dst.buffer, off, raw),
+                None => self.queue.write_buffer(dst, off, raw),
             }
         } else if raw.len().is_multiple_of(4) {
-            self.queue.write_buffer(&dst.buffer, off, raw);
+            self.queue.write_buffer(dst, off, raw);
         } else {
             let mut padded = raw.to_vec();
             padded.resize(raw.len().div_ceil(4) * 4, 0);
-            self.queue.write_buffer(&dst.buffer, off, &padded);
+            self.queue.write_buffer(dst, off, &padded);
         }
     }
 
@@ -1059,10 +1087,12 @@ mod tests {
         Ok(())
     }
 
-    /// Writes from `PARALLEL_WRITE_BYTES` on are split over several threads' staging views:
-    /// the buffer gets exactly the data at its offset, the elements before it stay, for sizes at
-    /// and just over the threshold, chunks that do not divide the data, and offsets that are not
-    /// a multiple of a chunk.
+    /// Writes from `PARALLEL_WRITE_BYTES` on are split over several threads and slots of the
+    /// kept upload staging, or (ring off) over several threads' views of `queue.write_buffer`'s
+    /// staging: the buffer gets exactly the data at its offset, the elements before it stay, for
+    /// sizes at and just over the threshold, chunks and slots that do not divide the data, and
+    /// offsets that are not a multiple of either. (The large NaN uploads take the same two
+    /// paths.)
     #[test]
     fn large_writes_land_exactly() -> Result<(), Box<dyn std::error::Error>> {
         let Some(ctx) = crate::gpu::test_context() else {
@@ -1079,12 +1109,16 @@ mod tests {
             );
             assert_eq!(write_threads(64 << 20), 8);
         }
-        for (len, offset) in [
-            (floats, 0),
-            (floats + 1, 0),
-            (2 * floats + 3, 1001),
-            (floats, 7),
-        ] {
+        for (ring, len, offset) in [true, false].into_iter().flat_map(|ring| {
+            [
+                (floats, 0),
+                (floats + 1, 0),
+                (2 * floats + 3, 1001),
+                (floats, 7),
+            ]
+            .map(|(len, offset)| (ring, len, offset))
+        }) {
+            ctx.set_upload_ring(ring);
             let buf = ctx.upload("target", &vec![f32::NAN; offset + len])?;
             let data: Vec<f32> = (0..len)
                 .map(|i| (i as f32 * 0.013).cos() + i as f32)
@@ -1093,13 +1127,13 @@ mod tests {
             let got = ctx.read(&buf)?;
             assert!(
                 got[..offset].iter().all(|v| v.is_nan()),
-                "len {len}, offset {offset}"
+                "ring {ring}, len {len}, offset {offset}"
             );
             for (i, (g, w)) in got[offset..].iter().zip(&data).enumerate() {
                 assert_eq!(
                     g.to_bits(),
                     w.to_bits(),
-                    "len {len}, offset {offset}, index {i}: got {g}, expected {w}"
+                    "ring {ring}, len {len}, offset {offset}, index {i}: got {g}, expected {w}"
                 );
             }
         }

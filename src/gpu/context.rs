@@ -359,6 +359,9 @@ pub struct GpuContext {
     /// Host-readable staging buffers of finished readbacks, kept for the next ones
     /// (`GpuContext::read_async`).
     pub(crate) readbacks: Mutex<Vec<wgpu::Buffer>>,
+    /// Upload staging kept for large writes (`gpu::upload`), and whether writes use it.
+    pub(crate) uploads: Mutex<super::upload::UploadRing>,
+    pub(crate) upload_ring: std::sync::atomic::AtomicBool,
 }
 
 impl Drop for GpuContext {
@@ -371,6 +374,9 @@ impl Drop for GpuContext {
         self.set_pool_limit(0);
         if let Ok(mut r) = self.readbacks.lock() {
             r.clear();
+        }
+        if let Ok(mut u) = self.uploads.lock() {
+            u.clear();
         }
         self.kernels.clear();
         if let Err(e) = self.device.poll(wgpu::PollType::wait_indefinitely()) {
@@ -475,6 +481,8 @@ impl GpuContext {
         Ok(Self {
             timer: super::timing::KernelTimer::new(features, &queue),
             readbacks: Mutex::new(Vec::new()),
+            uploads: Mutex::new(Default::default()),
+            upload_ring: std::sync::atomic::AtomicBool::new(super::upload::ring_default()),
             summary: summarize(&info, features, &limits, &coop),
             device,
             queue,

@@ -478,6 +478,24 @@ impl<'c> Recorder<'c> {
         index
     }
 
+    /// Records a copy of `bytes` bytes from the start of a raw (host-written) staging buffer into
+    /// `dst` at byte `dst_off` ([`GpuContext::write`]'s kept upload staging, `gpu::upload`).
+    pub(crate) fn copy_from_raw(
+        &mut self,
+        src: &wgpu::Buffer,
+        dst: &wgpu::Buffer,
+        dst_off: u64,
+        bytes: u64,
+    ) {
+        super::timing::RecorderTiming::around(
+            self.timing.as_mut(),
+            self.ctx,
+            &mut self.encoder,
+            ("copy", "from upload staging"),
+            |enc| enc.copy_buffer_to_buffer(src, 0, dst, dst_off, bytes),
+        );
+    }
+
     /// Records a copy of `bytes` bytes from `src` at `src_off` into a raw (host-mappable) buffer.
     pub(crate) fn copy_to_raw<T: Pod>(
         &mut self,

@@ -11,6 +11,7 @@ pub mod ops;
 pub(crate) mod profile;
 pub mod timing;
 pub mod tune;
+pub(crate) mod upload;
 
 pub use buffer::{GpuBuffer, PendingRead, WriteWindow};
 pub use context::{
