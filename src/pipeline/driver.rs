@@ -238,7 +238,7 @@ pub fn quantize(
     };
     // Tensor cores where asked for (config or GPTAQ_TENSOR_CORES=1) and granted.
     let tc_asked = cfg.tensor_cores || tensor_cores_requested();
-    let fp_down_early = std::env::var("GPTAQ_FP_DOWN_EARLY").map_or(true, |v| v != "0");
+    let fp_down_early = plan::fp_down_early();
     let plan_input = PlanInput {
         config: &mc,
         nsamples: nseq,

@@ -363,6 +363,9 @@ struct Stretch {
     /// "stages A–C" or "stages D–E", for the breakdown.
     name: &'static str,
     weights: u64,
+    /// The weights left while its groups solve: fewer in stages D–E where the driver frees
+    /// weights no later stage reads before down_proj's solve ([`late_solve_weights`]).
+    solve_weights: u64,
     /// The largest group's statistics (GPTQ with metrics may keep a D in its narrower groups).
     statistics: u64,
     /// The largest group's statistics, solve temporaries and solver buffers (or its metrics'
@@ -399,15 +402,18 @@ impl Stretch {
         Self {
             name,
             weights,
+            solve_weights: weights,
             statistics,
             solve,
         }
     }
 
     /// The stretch's peak next to `fixed` more bytes (streams, the attention's further sequences)
-    /// with activations of `batch_bytes`.
+    /// with activations of `batch_bytes`: accumulating with all its weights, or solving with
+    /// those left then.
     fn peak(&self, fixed: u64, batch_bytes: u64) -> u64 {
-        self.weights + fixed + (self.statistics + batch_bytes).max(self.solve)
+        (self.weights + fixed + self.statistics + batch_bytes)
+            .max(self.solve_weights + fixed + self.solve)
     }
 }
 
@@ -434,6 +440,42 @@ fn stretch_weights(input: &PlanInput<'_>, released: bool) -> [u64; 2] {
     ]
 }
 
+/// Whether GPTAQ's FP stream runs its down_proj in stage D where it can (no metrics, act not
+/// kept; pipeline/driver.rs): the default; `GPTAQ_FP_DOWN_EARLY=0` keeps it in stage E, for A/B
+/// runs. Read by the driver and the plan alike, so that the plan credits what the run frees.
+pub(crate) fn fp_down_early() -> bool {
+    std::env::var("GPTAQ_FP_DOWN_EARLY").map_or(true, |v| v != "0")
+}
+
+/// Stage D–E's weights while down_proj solves, given whether the MLP activations are kept
+/// (`act_kept`). The driver frees before that solve what no later stage reads:
+/// - with act kept, stage E does not run gate/up again: both streams' gate/up go (f32 and f16);
+/// - otherwise, without metrics, GPTAQ's FP stream runs its down_proj in stage D
+///   ([`fp_down_early`]) and its whole MLP goes; the quantized stream keeps its MLP for stage E.
+///
+/// Stage E runs on what is left, next to the next layer's upload.
+fn late_solve_weights(input: &PlanInput<'_>, released: bool, act_kept: bool) -> u64 {
+    let c = input.config;
+    let streams = if input.fp_stream { 2 } else { 1 };
+    let tc = input.tensor_cores;
+    let with_f16 = |f32_bytes: u64| f32_bytes + if tc { f32_bytes / 2 } else { 0 };
+    let base = if tc {
+        tensor_core_scratch_bytes(c, input.seqlen)
+    } else {
+        0
+    } + layer_weight_bytes(c) / 7 * 2;
+    let mlp = 3 * (c.hidden_size as u64) * (c.intermediate_size as u64) * F32;
+    let freed = if released { mlp / 3 * 2 } else { 0 };
+    let per_stream = with_f16(mlp) - freed;
+    if act_kept {
+        base + with_f16(mlp / 3) * streams
+    } else if input.fp_stream && !input.metrics && fp_down_early() {
+        base + per_stream
+    } else {
+        base + per_stream * streams
+    }
+}
+
 /// [`plan`] with or without GPTAQ's split-f16 A (`split`; only with tensor cores).
 fn plan_with(input: &PlanInput<'_>, split: bool) -> Result<MemoryPlan, PlanError> {
     let c = input.config;
@@ -449,10 +491,13 @@ fn plan_with(input: &PlanInput<'_>, split: bool) -> Result<MemoryPlan, PlanError
     let stream_weights = layer_weight_bytes(c) + f16_weights;
     let released = gate_up_f32_released(input);
     let [early, late] = stretch_weights(input, released);
-    let stretches = [
+    let mut stretches = [
         Stretch::of(input, "stages A–C", &GROUP_MODULES[..3], early, split),
         Stretch::of(input, "stages D–E", &GROUP_MODULES[3..], late, split),
     ];
+    // Until the streams' placement says whether act is kept, the larger of the two cases.
+    stretches[1].solve_weights =
+        late_solve_weights(input, released, true).max(late_solve_weights(input, released, false));
     let statistics = stretches.iter().map(|s| s.statistics).max().unwrap_or(0);
     let with_d = groups(c)
         .iter()
@@ -504,11 +549,16 @@ fn plan_with(input: &PlanInput<'_>, split: bool) -> Result<MemoryPlan, PlanError
             } >> 20,
             budget_mib: budget >> 20,
             detail: format!(
-                "{}: layer weights {} MiB, then the larger of accumulating (statistics {} MiB + \
-                 activations for one sequence {} MiB) and solving (statistics, factor and solver \
-                 buffers {} MiB), with {} MiB of the budget kept for the driver",
+                "{}: layer weights {} MiB{}, then the larger of accumulating (statistics {} MiB \
+                 + activations for one sequence {} MiB) and solving (statistics, factor and \
+                 solver buffers {} MiB), with {} MiB of the budget kept for the driver",
                 binding.name,
                 binding.weights >> 20,
+                if binding.solve_weights < binding.weights {
+                    format!(" ({} MiB while solving)", binding.solve_weights >> 20)
+                } else {
+                    String::new()
+                },
                 binding.statistics >> 20,
                 seq_scratch >> 20,
                 binding.solve >> 20,
@@ -544,11 +594,13 @@ fn plan_with(input: &PlanInput<'_>, split: bool) -> Result<MemoryPlan, PlanError
     // Keeping act saves two of a layer's seven GEMMs per stream, as long as it fits as the streams
     // do (a spill to the host would move 2·intermediate values per token over the link instead)
     // and costs no batch size (smaller batches would give back what the GEMMs saved).
+    // Accumulating bounds the batch: each stretch's weights and statistics.
+    let accumulating = stretches.each_ref().map(|s| s.weights + s.statistics);
     let batch_for = |streams_bytes: u64| -> usize {
-        let by_memory = stretches
+        let by_memory = accumulating
             .iter()
-            .map(|s| {
-                let room = usable.saturating_sub(s.weights + streams_bytes + s.statistics);
+            .map(|held| {
+                let room = usable.saturating_sub(held + streams_bytes);
                 (room / seq_scratch.max(1)).max(1) as usize
             })
             .min()
@@ -576,6 +628,7 @@ fn plan_with(input: &PlanInput<'_>, split: bool) -> Result<MemoryPlan, PlanError
     } else {
         (false, false, with_act)
     };
+    stretches[1].solve_weights = late_solve_weights(input, released, act_streams);
     let streams_fixed = match (f32_on_gpu, f16_on_gpu, act_streams) {
         (true, _, true) => with_act,
         (true, _, false) => all_streams,
@@ -623,7 +676,7 @@ fn plan_with(input: &PlanInput<'_>, split: bool) -> Result<MemoryPlan, PlanError
     // already has (the statistics or the solve need more) it costs no memory; otherwise it needs
     // room beyond that peak, which the estimate then includes.
     let ahead = stream_weights;
-    let last_stage = stretches[1].weights + fixed + batch_bytes + ahead;
+    let last_stage = stretches[1].solve_weights + fixed + batch_bytes + ahead;
     let weights_ahead = !input.lean_memory && c.num_layers > 1 && last_stage <= usable;
     let gpu_total = if weights_ahead {
         peak.max(last_stage)
@@ -661,7 +714,8 @@ fn plan_with(input: &PlanInput<'_>, split: bool) -> Result<MemoryPlan, PlanError
                 mib(reserve)
             ),
             format!(
-                "layer weights (f32{}{}{}): {}; from down_proj's statistics on {} (q/k/v/o freed{})",
+                "layer weights (f32{}{}{}): {}; from down_proj's statistics on {} (q/k/v/o \
+                 freed{}){}",
                 if input.fp_stream {
                     ", FP + quantized copies"
                 } else {
@@ -686,6 +740,18 @@ fn plan_with(input: &PlanInput<'_>, split: bool) -> Result<MemoryPlan, PlanError
                     ", and gate/up's f32 copies once solved: their forward reads the f16 ones"
                 } else {
                     ""
+                },
+                match stretches[1].solve_weights {
+                    w if w == stretches[1].weights => String::new(),
+                    w => format!(
+                        "; from down_proj's solve on {} ({} freed: no later stage reads them)",
+                        mib(w + attn_more),
+                        if act_streams {
+                            "gate/up"
+                        } else {
+                            "the FP stream's MLP"
+                        }
+                    ),
                 }
             ),
             format!(
@@ -1042,6 +1108,80 @@ mod tests {
         let mut i = input(&c, 16, StreamDType::F16);
         i.force_host = true;
         assert!(!plan(&i)?.streams_on_gpu);
+        Ok(())
+    }
+
+    /// Weights no later stage reads are freed before down_proj's solve, and the plan counts
+    /// that: without metrics GPTAQ's FP stream runs its down_proj in stage D and its whole MLP
+    /// goes (with tensor cores: gate/up/down in f16 and down in f32, gate/up's f32 already
+    /// freed); with act kept both streams' gate/up go. GPTQ's one stream gets no such credit,
+    /// nor does GPTAQ with metrics. The Llama-3-8B tensor-core plan without metrics then needs
+    /// less than with them, and fits 7 GiB where the one with metrics does not.
+    #[test]
+    fn weights_freed_before_downs_solve_are_credited() -> Result<(), Box<dyn std::error::Error>> {
+        let c = llama3_8b()?;
+        let tc = |gib: u64, metrics: bool| {
+            let mut i = input(&c, gib, StreamDType::F16);
+            i.tensor_cores = true;
+            i.metrics = metrics;
+            i
+        };
+        let (with_m, without_m) = (tc(8, true), tc(8, false));
+        let released = gate_up_f32_released(&without_m);
+        assert!(released && gate_up_f32_released(&with_m));
+        let late = stretch_weights(&with_m, released)[1];
+        assert_eq!(stretch_weights(&without_m, released)[1], late);
+        let mlp: u64 = 3 * 4096 * 14336 * 4;
+        // One stream's MLP in stages D–E: f16 copies of all three, f32 down.
+        let fp_mlp = mlp / 2 + mlp / 3;
+        let base = tensor_core_scratch_bytes(&c, 2048) + layer_weight_bytes(&c) / 7 * 2;
+        assert_eq!(
+            late,
+            base + 2 * fp_mlp,
+            "stage D–E weights before the solve"
+        );
+        assert_eq!(
+            late_solve_weights(&with_m, released, false),
+            late,
+            "metrics on"
+        );
+        let credited = late_solve_weights(&without_m, released, false);
+        if fp_down_early() {
+            assert_eq!(credited, late - fp_mlp, "FP MLP freed");
+        } else {
+            assert_eq!(credited, late, "GPTAQ_FP_DOWN_EARLY=0");
+        }
+        // Act kept: down's weights only (f32 + f16), both streams.
+        assert_eq!(
+            late_solve_weights(&with_m, released, true),
+            base + 2 * (mlp / 3 + mlp / 6)
+        );
+        // GPTQ without metrics: one stream, nothing more to free.
+        let mut gptq = tc(8, false);
+        gptq.fp_stream = false;
+        gptq.statistics = 1;
+        assert_eq!(
+            late_solve_weights(&gptq, gate_up_f32_released(&gptq), false),
+            stretch_weights(&gptq, gate_up_f32_released(&gptq))[1]
+        );
+        if fp_down_early() {
+            let (pm, pn) = (plan(&with_m)?, plan(&without_m)?);
+            let saved = pm.gpu_bytes_estimate - pn.gpu_bytes_estimate;
+            assert!(
+                saved > 0 && saved <= fp_mlp,
+                "saved {saved} of {fp_mlp}: {:?}",
+                pn.breakdown
+            );
+            assert!(
+                pn.breakdown
+                    .iter()
+                    .any(|l| l.contains("the FP stream's MLP freed")),
+                "{:?}",
+                pn.breakdown
+            );
+            assert!(plan(&tc(7, false)).is_ok());
+            assert!(matches!(plan(&tc(7, true)), Err(PlanError::Budget { .. })));
+        }
         Ok(())
     }
 
