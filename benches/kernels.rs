@@ -398,6 +398,21 @@ fn bench_kernels(c: &mut Criterion) {
             );
         }
     }
+    // Back to back, as a host stream loads its batches: 8 writes, two in flight at most
+    // (`WriteWindow`, pipeline/stream.rs), then one wait; the threads `write` picks.
+    for (kept, staging) in [(true, "kept staging"), (false, "write_buffer staging")] {
+        ctx.set_upload_ring(kept);
+        g.bench_function(format!("8 × {mib} MiB in a row, {staging}"), |bch| {
+            bch.iter(|| {
+                let mut window = gptaq_studio::gpu::WriteWindow::new(2);
+                for _ in 0..8 {
+                    ctx.write(&dst, 0, &src);
+                    window.submit(&ctx).expect("submit");
+                }
+                ctx.sync().expect("sync");
+            })
+        });
+    }
     ctx.set_upload_ring(ring);
     g.finish();
     let mut g = c.benchmark_group("hessian_syrk");

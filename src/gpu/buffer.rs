@@ -40,10 +40,12 @@ const PACED_IN_FLIGHT: usize = 2;
 pub const PARALLEL_WRITE_BYTES: usize = 4 << 20;
 
 /// Threads that copy a write of `bytes` into its staging: up to 8, at least 1 MiB each; 1 below
-/// [`PARALLEL_WRITE_BYTES`]. Eight even on a 2-core host: a fresh staging mapping's page faults,
-/// not the copy, bound a write, and they are taken in parallel — the kernels bench's
-/// `host_write` put 16 MiB into a buffer in 11.8 ms with one thread, 8.1 with two, 6.8 with four
-/// and 3.7 with eight on the 2-core development machine (lavapipe; BENCHMARKS.md session 42).
+/// [`PARALLEL_WRITE_BYTES`]. Eight even on a 2-core host: on `queue.write_buffer`'s fresh staging
+/// the page faults of the new mapping, not the copy, bound a write, and they are taken in
+/// parallel — the kernels bench's `host_write` put 16 MiB into a buffer in 11.9 ms with one
+/// thread and 3.0 with eight on the 2-core development machine (lavapipe). The kept upload
+/// staging (`gpu::upload`, the default) has no such faults after its first use: 3.4 ms with one
+/// thread, 2.8 with eight there (BENCHMARKS.md sessions 42 and 43).
 /// `GPTAQ_WRITE_THREADS=N` sets the most (1: every write on the calling thread, for A/B runs).
 pub fn write_threads(bytes: usize) -> usize {
     static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
@@ -65,7 +67,9 @@ pub fn write_threads(bytes: usize) -> usize {
 /// `write_buffer` stages each write in a host-visible buffer of its own, freed only once the GPU
 /// has run the submission that copies it — device memory that nvidia-smi counts on resizable-BAR
 /// machines (the H100 / H200 servers), outside the app's count and the memory plan. Without a
-/// bound, writes queued ahead of the GPU keep all their staging alive at once.
+/// bound, writes queued ahead of the GPU keep all their staging alive at once. (Large writes now
+/// go through the kept upload staging, which has a bound of its own, `gpu::upload`; the window
+/// still keeps the host from running further ahead of the GPU than two loads per stream.)
 pub struct WriteWindow {
     max: usize,
     pending: std::collections::VecDeque<wgpu::SubmissionIndex>,
