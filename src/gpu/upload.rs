@@ -111,6 +111,15 @@ impl GpuContext {
         self.uploads.lock().map(|r| r.bytes()).unwrap_or(0)
     }
 
+    /// Frees the kept upload slots not in use (a pipeline run's end: a context kept between runs,
+    /// as the GUI's is, then holds none of this device memory while idle). Later writes map new
+    /// ones.
+    pub fn release_upload_staging(&self) {
+        if let Ok(mut ring) = self.uploads.lock() {
+            ring.clear();
+        }
+    }
+
     /// Slots alive at most (tests: a small cap makes writes wait for and reuse slots).
     #[cfg(test)]
     pub(crate) fn set_upload_slots_max(&self, max: usize) {
@@ -402,6 +411,12 @@ mod tests {
             "{live} slots alive, expected 3 or 4 (cap 4)"
         );
         assert!(ctx.upload_staging_bytes() <= (4 * SLOT_BYTES) as u64);
+        ctx.release_upload_staging();
+        assert_eq!(ctx.upload_staging_bytes(), 0);
+        // Writes after the release map new slots.
+        ctx.write(&target, 0, &all[0]);
+        assert_eq!(ctx.read(&target)?, all[0]);
+        assert_eq!(ctx.upload_ring_counts().2, 0);
         Ok(())
     }
 }

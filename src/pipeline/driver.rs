@@ -1498,8 +1498,8 @@ impl Stats {
     }
 }
 
-/// Sets the context's buffer pool limit for a run and empties the pool when the run ends, however
-/// it ends.
+/// Sets the context's buffer pool limit for a run and empties the pool, and frees the kept upload
+/// staging, when the run ends, however it ends.
 struct PoolScope<'a> {
     ctx: &'a GpuContext,
 }
@@ -1514,6 +1514,7 @@ impl<'a> PoolScope<'a> {
 impl Drop for PoolScope<'_> {
     fn drop(&mut self) {
         self.ctx.set_pool_limit(0);
+        self.ctx.release_upload_staging();
     }
 }
 
