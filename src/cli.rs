@@ -534,6 +534,7 @@ fn inspect(dir: &Path, nsamples: usize, seqlen: usize, json: bool) -> anyhow::Re
         ModelSummary::from_dir(dir).with_context(|| format!("inspecting {}", dir.display()))?;
     let config = crate::model::ModelConfig::from_file(dir.join("config.json"))?;
     let plans = inspect_plans(&config, nsamples, seqlen);
+    let budgets = smallest_budgets(&config, nsamples, seqlen);
     if json {
         let plan_json = |plan: &Result<pipeline::MemoryPlan, pipeline::plan::PlanError>| match plan
         {
@@ -544,10 +545,43 @@ fn inspect(dir: &Path, nsamples: usize, seqlen: usize, json: bool) -> anyhow::Re
             "model": summary,
             "quantization_plan": plan_json(&plans[0].1)?,
             "quantization_plan_tensor_cores": plan_json(&plans[1].1)?,
+            "smallest_gpu_memory": budgets,
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!("{summary}");
+        println!(
+            "\nSmallest --gpu-memory for {nsamples} × {seqlen} calibration tokens (f16 host \
+             streams where the GPU's are too small):"
+        );
+        println!(
+            "  {:<7} {:<14} {:>12} {:>14}",
+            "method", "kernels", "metrics on", "--no-metrics"
+        );
+        for pair in budgets.chunks(2) {
+            let cell = |b: &SmallestBudget| {
+                b.mib.map_or_else(
+                    || "-".into(),
+                    |mib| format!("{:.2} GiB", mib as f64 / 1024.0),
+                )
+            };
+            if let [on, off] = pair {
+                println!(
+                    "  {:<7} {:<14} {:>12} {:>14}",
+                    on.method,
+                    on.kernels,
+                    cell(on),
+                    cell(off)
+                );
+            }
+        }
+        if let Some(e) = budgets.iter().find_map(|b| b.error.as_ref()) {
+            println!("  -: {e}");
+        }
+        println!(
+            "  (tensor cores only where the GPU offers them; where their plan does not fit, \
+             quantize runs the f32 kernels)"
+        );
         for (what, plan) in &plans {
             println!(
                 "\nGPTAQ memory plan for {nsamples} × {seqlen} calibration tokens on an 8 GiB GPU, \
@@ -607,6 +641,62 @@ fn inspect_plans(
             plan(true),
         ),
     ]
+}
+
+/// One cell of `inspect`'s table of the smallest budgets.
+#[derive(Debug, serde::Serialize)]
+struct SmallestBudget {
+    method: &'static str,
+    kernels: &'static str,
+    metrics: bool,
+    /// The smallest `--gpu-memory` in MiB (`None` with `error`: no budget fits).
+    mib: Option<u64>,
+    error: Option<String>,
+}
+
+/// `inspect`'s smallest budgets (`pipeline::plan::smallest_budget_mib`) for GPTQ and GPTAQ, with
+/// the f32 kernels and with tensor cores, metrics on and off (in that order, pairs by metrics),
+/// with the run's defaults otherwise: f16 host streams where needed, metrics from the statistics.
+/// GPTQ with metrics runs an FP stream beside the quantized one, without them only the latter.
+fn smallest_budgets(
+    config: &crate::model::ModelConfig,
+    nsamples: usize,
+    seqlen: usize,
+) -> Vec<SmallestBudget> {
+    let mut out = Vec::new();
+    for (method, gptaq) in [("GPTQ", false), ("GPTAQ", true)] {
+        for (kernels, tensor_cores) in [("f32", false), ("tensor cores", true)] {
+            for metrics in [true, false] {
+                let input = pipeline::plan::PlanInput {
+                    config,
+                    nsamples,
+                    seqlen,
+                    fp_stream: gptaq || metrics,
+                    metrics,
+                    statistics: if gptaq { 2 } else { 1 },
+                    metric_moments: metrics,
+                    gpu_budget_bytes: 0,
+                    max_buffer_bytes: 2 << 30,
+                    host_dtype: StreamDType::F16,
+                    force_host: false,
+                    lean_memory: false,
+                    tensor_cores,
+                };
+                let (mib, error) = match pipeline::plan::smallest_budget_mib(&input) {
+                    Ok(mib) => (Some(mib), None),
+                    Err(e) => (None, Some(e.to_string())),
+                };
+                out.push(SmallestBudget {
+                    method,
+                    kernels,
+                    metrics,
+                    mib,
+                    error,
+                });
+            }
+        }
+    }
+    out
 }
 
 /// A line above the progress bar, or on stderr when the bar is hidden (stderr is not a terminal:
@@ -1122,6 +1212,64 @@ mod tests {
         assert!(!f32_plan.gate_up_f32_released && !f32_plan.split_f16);
         assert!(tc_plan.gate_up_f32_released && !tc_plan.split_f16);
         assert!(tc_plan.breakdown.iter().any(|l| l.contains("f16 copy")));
+        Ok(())
+    }
+
+    /// `inspect`'s smallest budgets for Llama-3-8B at 128 × 2048 tokens: each is the smallest
+    /// budget the plan accepts (one MiB less is refused), GPTAQ needs more than GPTQ, and without
+    /// metrics GPTQ needs less (one stream) and GPTAQ with tensor cores too (the FP stream's MLP
+    /// freed before down_proj's solve).
+    #[test]
+    fn inspect_names_the_smallest_budgets() -> anyhow::Result<()> {
+        let config = crate::model::ModelConfig::from_json_str(
+            r#"{"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+                "hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,
+                "num_key_value_heads": 8, "num_hidden_layers": 32, "vocab_size": 128256,
+                "rms_norm_eps": 1e-5, "rope_theta": 500000.0}"#,
+        )?;
+        let b = smallest_budgets(&config, 128, 2048);
+        assert_eq!(b.len(), 8);
+        let mib = |method: &str, kernels: &str, metrics: bool| -> anyhow::Result<u64> {
+            b.iter()
+                .find(|x| x.method == method && x.kernels == kernels && x.metrics == metrics)
+                .and_then(|x| x.mib)
+                .ok_or_else(|| anyhow::anyhow!("{method} {kernels} {metrics}: {b:?}"))
+        };
+        for x in &b {
+            eprintln!(
+                "{} {} metrics {}: {:?} MiB",
+                x.method, x.kernels, x.metrics, x.mib
+            );
+        }
+        for k in ["f32", "tensor cores"] {
+            assert!(mib("GPTQ", k, false)? < mib("GPTQ", k, true)?, "{k}");
+            assert!(mib("GPTQ", k, true)? <= mib("GPTAQ", k, true)?, "{k}");
+        }
+        if pipeline::plan::fp_down_early() {
+            assert!(mib("GPTAQ", "tensor cores", false)? < mib("GPTAQ", "tensor cores", true)?);
+        }
+        // Issue 10's card: GPTAQ fits 8 GiB either way.
+        assert!(mib("GPTAQ", "tensor cores", true)? <= 8 << 10);
+        assert!(mib("GPTAQ", "f32", true)? <= 8 << 10);
+        // Exact to the MiB.
+        let input = |mib: u64| pipeline::plan::PlanInput {
+            config: &config,
+            nsamples: 128,
+            seqlen: 2048,
+            fp_stream: true,
+            metrics: false,
+            statistics: 2,
+            metric_moments: false,
+            gpu_budget_bytes: mib << 20,
+            max_buffer_bytes: 2 << 30,
+            host_dtype: StreamDType::F16,
+            force_host: false,
+            lean_memory: false,
+            tensor_cores: true,
+        };
+        let least = mib("GPTAQ", "tensor cores", false)?;
+        assert!(pipeline::plan::plan(&input(least)).is_ok());
+        assert!(pipeline::plan::plan(&input(least - 1)).is_err());
         Ok(())
     }
 

@@ -311,6 +311,41 @@ pub fn plan_or_without_tensor_cores(
     }
 }
 
+/// The smallest budget, in MiB, at which `input`'s run fits (its own `gpu_budget_bytes` is
+/// ignored): `inspect`'s answer to "which card does this need". Whether a plan fits only grows
+/// with the budget (everything but the binding stretch adapts: streams spill, batches shrink), so
+/// this is the budget [`PlanError::Budget`] names, checked down to the MiB. Other refusals
+/// (a buffer beyond the adapter's binding limit) are returned as they are.
+pub fn smallest_budget_mib(input: &PlanInput<'_>) -> Result<u64, PlanError> {
+    let fits = |mib: u64| {
+        plan(&PlanInput {
+            gpu_budget_bytes: mib << 20,
+            ..*input
+        })
+    };
+    let named = match fits(0) {
+        Ok(_) => return Ok(0),
+        Err(PlanError::Budget { need_mib, .. }) => need_mib,
+        Err(e) => return Err(e),
+    };
+    // The named budget is rounded to whole MiB; search a little above and below it.
+    let (mut lo, mut hi) = (named.saturating_sub(16), named + 16);
+    fits(hi)?;
+    while fits(lo).is_ok() && lo > 0 {
+        lo = lo.saturating_sub(1024);
+    }
+    // fits(lo) fails (or lo is 0), fits(hi) holds.
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if fits(mid).is_ok() {
+            hi = mid;
+        } else {
+            lo = mid;
+        }
+    }
+    Ok(hi)
+}
+
 /// The plan. The per-batch activations are released while a group is solved
 /// (pipeline/driver.rs), so a layer's peak is the largest, over its two stretches of stages
 /// (`Stretch`), of the larger of two moments, each next to the stretch's layer weights (and the
