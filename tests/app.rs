@@ -112,6 +112,7 @@ fn demo_start_screen_renders() {
     open_demo(&mut h);
     h.get_by_label("Model summary");
     h.get_by_label("Memory plan");
+    h.get_by_label_contains("the smallest GPU memory budget for these settings:");
     h.get_by_label_contains("SYNTHETIC");
     // Demo settings are valid: Start is enabled and sends a Start command.
     h.get_by_label("Start").click();

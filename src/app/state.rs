@@ -402,7 +402,49 @@ impl Settings {
                 (self.gpu_memory_gib.max(0.0) * (1u64 << 30) as f64) as u64,
             ));
         }
-        let input = |tensor_cores| PlanInput {
+        let input = self.plan_input(
+            c,
+            max_buffer_bytes,
+            self.tensor_cores && tensor_cores_granted,
+        );
+        // Where the f16 copies do not fit, the driver runs the f32 kernels, and so does this plan.
+        plan::plan_or_without_tensor_cores(&input)
+            .map(|(p, _)| p)
+            .map_err(|e| e.to_string())
+    }
+
+    /// The smallest GPU memory budget, in bytes, at which these settings run (the f32 kernels
+    /// where the tensor cores' plan would need more: the driver falls back to them), and the
+    /// tensor cores' own where they are asked for and granted. `None` for RTN without metrics
+    /// (no calibration forward) or where no budget fits (the plan's error says why).
+    pub fn smallest_budget(
+        &self,
+        c: &ModelConfig,
+        max_buffer_bytes: u64,
+        tensor_cores_granted: bool,
+    ) -> Option<(u64, Option<u64>)> {
+        if self.method == MethodChoice::Rtn && !self.fp_stream() {
+            return None;
+        }
+        let least = |tc| {
+            plan::smallest_budget_mib(&self.plan_input(c, max_buffer_bytes, tc))
+                .ok()
+                .map(|mib| mib << 20)
+        };
+        let f32 = least(false)?;
+        let tc = (self.tensor_cores && tensor_cores_granted)
+            .then(|| least(true))
+            .flatten();
+        Some((tc.map_or(f32, |t| t.min(f32)), tc))
+    }
+
+    fn plan_input<'c>(
+        &self,
+        c: &'c ModelConfig,
+        max_buffer_bytes: u64,
+        tensor_cores: bool,
+    ) -> PlanInput<'c> {
+        PlanInput {
             config: c,
             nsamples: self.nsamples.max(1),
             seqlen: self.seqlen.max(1),
@@ -420,11 +462,7 @@ impl Settings {
             force_host: false,
             lean_memory: false,
             tensor_cores,
-        };
-        // Where the f16 copies do not fit, the driver runs the f32 kernels, and so does this plan.
-        plan::plan_or_without_tensor_cores(&input(self.tensor_cores && tensor_cores_granted))
-            .map(|(p, _)| p)
-            .map_err(|e| e.to_string())
+        }
     }
 }
 
@@ -1283,6 +1321,29 @@ pub(crate) mod tests {
         ) {
             (Ok(on), Ok(off), Ok(base)) => assert!(on > off && off == base, "{on} {off} {base}"),
             other => panic!("demo plans: {other:?}"),
+        }
+        // The smallest budget the view names is one the plan accepts, and a MiB less is not;
+        // with tensor cores granted their own is named too, and the run's is the smaller.
+        let at = |s: &Settings, bytes: u64| Settings {
+            gpu_memory_gib: bytes as f64 / (1u64 << 30) as f64,
+            ..s.clone()
+        };
+        let Some((least, None)) = Settings::demo().smallest_budget(&c, 1 << 30, false) else {
+            panic!("demo settings: no smallest budget");
+        };
+        assert!(
+            at(&Settings::demo(), least)
+                .plan(&c, 1 << 30, false)
+                .is_ok()
+        );
+        assert!(
+            at(&Settings::demo(), least - (1 << 20))
+                .plan(&c, 1 << 30, false)
+                .is_err()
+        );
+        match tc.smallest_budget(&c, 1 << 30, true) {
+            Some((run, Some(with_tc))) => assert!(run == least.min(with_tc) && with_tc > least),
+            other => panic!("tensor cores: {other:?}"),
         }
         let dir = ModelInput::Dir("m".into());
         assert!(

@@ -216,6 +216,23 @@ pub fn model_overview_ui(ui: &mut egui::Ui, st: &mut AppState, out: &mut Vec<UiA
                         format_bytes(p.host_bytes_estimate),
                         p.batch_sequences
                     ));
+                    if let Some((least, tc)) = st.settings.smallest_budget(
+                        &info.config,
+                        st.max_buffer_bytes(),
+                        st.tensor_cores_granted(),
+                    ) {
+                        ui.label(format!(
+                            "the smallest GPU memory budget for these settings: {}{}",
+                            format_bytes(least),
+                            match tc {
+                                Some(tc) if tc > least => format!(
+                                    " (the f32 kernels; with the tensor cores {})",
+                                    format_bytes(tc)
+                                ),
+                                _ => String::new(),
+                            }
+                        ));
+                    }
                 }
                 Err(e) => {
                     ui.colored_label(palette::ERROR, e);
