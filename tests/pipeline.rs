@@ -1428,6 +1428,97 @@ fn packed_f16_gpu_streams_equal_f16_host_streams() {
     );
 }
 
+/// Host streams whose leading batches stay on the GPU in the memory the plan has left
+/// (`MemoryPlan::resident_batches`: packed f16 beside f16 host batches, f32 beside f32 ones) hold
+/// exactly what all-host streams hold, so a GPTAQ run with metrics quantizes bit for bit like the
+/// `--host-streams` run, for both element types. The budget is the first (in 4 KiB steps) at
+/// which the plan keeps some but not all batches on the GPU with the batch size of the all-host
+/// plan (the statistics' summation order follows the batches).
+#[test]
+fn resident_host_batches_equal_host_streams() {
+    use gptaq_studio::pipeline::StreamDType;
+    use gptaq_studio::pipeline::plan::{self, PlanInput};
+    let Some(ctx) = test_context() else { return };
+    let quant = QuantConfig {
+        method: Method::Gptaq { alpha: 0.25 },
+        bits: 3,
+        ..QuantConfig::default()
+    };
+    let nsamples = 20;
+    for dtype in [StreamDType::F16, StreamDType::F32] {
+        let mut base = job(
+            ModelInput::Demo { seed: 4 },
+            CalibInput::Synthetic,
+            quant.clone(),
+            nsamples,
+            16,
+        );
+        base.config.solver = Solver::Gpu;
+        base.config.stream_dtype = dtype;
+        let inputs = pipeline::prepare(&base).unwrap();
+        let mc = inputs.source.config().clone();
+        let plan_at = |b: u64, force_host: bool| {
+            plan::plan(&PlanInput {
+                config: &mc,
+                nsamples,
+                seqlen: 16,
+                fp_stream: true,
+                metrics: true,
+                statistics: 2,
+                metric_moments: true,
+                gpu_budget_bytes: b,
+                max_buffer_bytes: ctx.max_binding_bytes(),
+                host_dtype: dtype,
+                force_host,
+                lean_memory: false,
+                tensor_cores: false,
+            })
+            .ok()
+        };
+        let budget = (1u64..16384)
+            .map(|kib4| kib4 << 12)
+            .find(|&b| match (plan_at(b, false), plan_at(b, true)) {
+                (Some(g), Some(h)) => {
+                    let nb = nsamples.div_ceil(g.batch_sequences);
+                    !g.streams_on_gpu
+                        && (1..nb).contains(&g.resident_batches)
+                        && g.batch_sequences == h.batch_sequences
+                }
+                _ => false,
+            })
+            .expect("a budget that keeps some host batches on the GPU");
+        let mut runs = Vec::new();
+        for host in [false, true] {
+            let mut j = base.clone();
+            j.config.gpu_budget_bytes = budget;
+            j.config.force_host_streams = host;
+            let q = run_job(&ctx, &j);
+            let plan = &q.report.plan;
+            assert!(!plan.streams_on_gpu, "{dtype:?}: {:?}", plan.breakdown);
+            assert_eq!(
+                plan.resident_batches > 0,
+                !host,
+                "{dtype:?} host {host}: {:?}",
+                plan.breakdown
+            );
+            // Within the plan, resident batches included.
+            assert!(
+                q.report.peak_gpu_bytes <= plan.gpu_bytes_estimate,
+                "{dtype:?} host {host}: peak {} B above the plan's {} B: {:?}",
+                q.report.peak_gpu_bytes,
+                plan.gpu_bytes_estimate,
+                plan.breakdown
+            );
+            runs.push(q);
+        }
+        assert_same_runs(
+            &format!("{dtype:?}: resident host batches against all-host streams"),
+            &runs[0],
+            &runs[1],
+        );
+    }
+}
+
 /// `PipelineConfig::tensor_cores` on tiny-llama-15m (every module and the attention tile at 128
 /// tokens per sequence; tests/forward.rs covers the f32 tail of untiled rows). Where the adapter
 /// grants cooperative matrices (the GPU machine)

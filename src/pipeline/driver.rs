@@ -336,7 +336,7 @@ pub fn quantize(
     // Where the hidden-state and attention streams are f32 buffers on the GPU, the kernels read
     // and update their batches in place (`Stream::gpu_batch`) and these work copies are never
     // used: one element each (the memory plan still counts them, an overestimate).
-    let staged = placement != Placement::Gpu;
+    let staged = placement.staged(nb);
     // Scratch (`GpuContext::scratch`): pooled buffers are not cleared, as every batch's values
     // are written before they are read; only the partial sums, read whole, start from zeros.
     let make_work = || -> Result<Work, PipelineError> {

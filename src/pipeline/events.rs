@@ -50,6 +50,13 @@ pub struct MemoryPlan {
     /// (`plan::gate_up_f32_released`). Lowers the peak of down_proj's statistics and solve.
     #[serde(default)]
     pub gate_up_f32_released: bool,
+    /// With the streams spilled to the host, the first this many batches of the hidden-state and
+    /// attention streams stay on the GPU (packed f16 beside f16 host batches, f32 beside f32
+    /// ones: the values the host would hold) in the memory the plan has to spare, so only the
+    /// other batches cross the host link (`pipeline::stream::Layout`). 0 with the streams on
+    /// the GPU, with `--host-streams` and with `--lean-memory`.
+    #[serde(default)]
+    pub resident_batches: usize,
     /// Host stream element type when spilled ("f32" or "f16").
     pub stream_dtype: String,
     /// Estimated peak GPU bytes: layer weights (FP + quantized copies), statistics, activations.

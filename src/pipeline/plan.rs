@@ -5,7 +5,7 @@
 use crate::model::{ModelConfig, ModuleKind};
 
 use super::events::MemoryPlan;
-use super::stream::{Placement, StreamDType};
+use super::stream::{Layout, Placement, StreamDType};
 
 /// What the planner needs to know about the run.
 #[derive(Clone, Debug)]
@@ -260,11 +260,18 @@ fn moment_bytes(c: &ModelConfig, mods: &[ModuleKind]) -> u64 {
 
 /// Where [`plan`] put the streams (its `streams_on_gpu` and `stream_dtype`, written below), for
 /// a run whose host streams would be `host_dtype`.
-pub(crate) fn placement(p: &MemoryPlan, host_dtype: StreamDType) -> Placement {
+pub(crate) fn placement(p: &MemoryPlan, host_dtype: StreamDType) -> Layout {
     match (p.streams_on_gpu, p.stream_dtype.as_str()) {
-        (true, "f16") => Placement::GpuF16,
-        (true, _) => Placement::Gpu,
-        (false, _) => Placement::Host(host_dtype),
+        (true, "f16") => Placement::GpuF16.into(),
+        (true, _) => Placement::Gpu.into(),
+        (false, _) => Layout {
+            first: match host_dtype {
+                StreamDType::F16 => Placement::GpuF16,
+                StreamDType::F32 => Placement::Gpu,
+            },
+            resident: p.resident_batches,
+            rest: Placement::Host(host_dtype),
+        },
     }
 }
 
@@ -280,6 +287,7 @@ pub fn rtn_direct(gpu_budget_bytes: u64) -> MemoryPlan {
         attention_sequences: 1,
         split_f16: false,
         gate_up_f32_released: false,
+        resident_batches: 0,
         stream_dtype: "none".into(),
         gpu_bytes_estimate: 0,
         host_bytes_estimate: 0,
@@ -719,10 +727,26 @@ fn plan_with(input: &PlanInput<'_>, split: bool) -> Result<MemoryPlan, PlanError
         peak
     };
     let host_dtype = input.host_dtype;
+    // Host streams: the leading batches that the memory left over holds stay on the GPU, in the
+    // host's element type (stream::Layout), so only the others cross the link — at 8 GiB an 8B
+    // GPTAQ plan has about 1 GiB left, a 12 GiB one about 5 GiB (the streams of 128 × 2048
+    // tokens are 8 GiB in f16). A speed use of spare memory: not with --lean-memory, and not
+    // with --host-streams, which asks for every batch on the host.
+    let host_per_seq = stream_per_seq / F32 * host_dtype.bytes() as u64;
+    let resident_batches = if streams_on_gpu || input.force_host || input.lean_memory {
+        0
+    } else {
+        let per_batch = host_per_seq * batch as u64;
+        let spare = usable.saturating_sub(gpu_total);
+        (spare / per_batch.max(1)).min(input.nsamples.div_ceil(batch) as u64) as usize
+    };
+    let resident_seqs = (resident_batches * batch).min(input.nsamples) as u64;
+    let resident_bytes = host_per_seq * (resident_batches * batch) as u64;
+    let gpu_total = gpu_total + resident_bytes;
     let host = if streams_on_gpu {
         0
     } else {
-        all_streams / F32 * host_dtype.bytes() as u64
+        host_per_seq * (input.nsamples as u64 - resident_seqs)
     };
     let mib = |b: u64| format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64);
     let split_f16 = split && input.tensor_cores && input.statistics >= 2;
@@ -735,6 +759,7 @@ fn plan_with(input: &PlanInput<'_>, split: bool) -> Result<MemoryPlan, PlanError
         attention_sequences,
         split_f16,
         gate_up_f32_released: released,
+        resident_batches,
         stream_dtype: if f32_on_gpu {
             "f32".into()
         } else {
@@ -822,6 +847,12 @@ fn plan_with(input: &PlanInput<'_>, split: bool) -> Result<MemoryPlan, PlanError
                 match (f32_on_gpu, f16_on_gpu) {
                     (true, _) => "GPU".to_string(),
                     (false, true) => "GPU (packed f16)".to_string(),
+                    (false, false) if resident_batches > 0 => format!(
+                        "host ({}), the other {resident_seqs} sequence(s) on the GPU in the \
+                         memory left ({}; the first {resident_batches} batch(es))",
+                        host_dtype.name(),
+                        mib(resident_bytes)
+                    ),
                     (false, false) => format!("host ({})", host_dtype.name()),
                 },
                 match (act_streams, act_f16) {
@@ -892,8 +923,14 @@ mod tests {
             p.gpu_bytes_estimate >> 20,
             p.breakdown
         );
-        // Two streams of 128 × 2048 × (hidden + attention output) in f16 on the host.
-        assert_eq!(p.host_bytes_estimate, 2 * 128 * 2048 * (4096 + 4096) * 2);
+        // Two streams of 128 × 2048 × (hidden + attention output) in f16 on the host, less the
+        // sequences kept on the GPU in the memory left (host_streams_keep_their_first_batches…).
+        let resident = p.resident_batches as u64;
+        assert!(resident > 0, "{:?}", p.breakdown);
+        assert_eq!(
+            p.host_bytes_estimate,
+            2 * (128 - resident) * 2048 * (4096 + 4096) * 2
+        );
         // Solving down_proj (n = 14336): H and D, the factor's two n×n matrices (K/U and M, then
         // U and P in D's permuted copy) and P's block scratch, its 64 MiB floor (more than
         // 14336 × 896 floats) — 4 × 784 + 64 MiB.
@@ -1103,7 +1140,7 @@ mod tests {
             "{:?}",
             p.breakdown
         );
-        assert_eq!(placement(&p, StreamDType::F16), Placement::GpuF16);
+        assert_eq!(placement(&p, StreamDType::F16), Placement::GpuF16.into());
         assert_eq!(p.host_bytes_estimate, 0);
         assert!(!p.act_streams, "act is kept only with f32 streams");
         let packed: u64 = 2 * 128 * 2048 * (4096 + 4096) * 2;
@@ -1130,7 +1167,7 @@ mod tests {
             p.breakdown
         );
         assert_eq!(
-            placement(&p, StreamDType::F16),
+            placement(&p, StreamDType::F16).rest,
             Placement::Host(StreamDType::F16)
         );
         let p = plan(&input(&c, 24, StreamDType::F16))?;
@@ -1139,10 +1176,75 @@ mod tests {
             "{:?}",
             p.breakdown
         );
-        assert_eq!(placement(&p, StreamDType::F16), Placement::Gpu);
+        assert_eq!(placement(&p, StreamDType::F16), Placement::Gpu.into());
         let mut i = input(&c, 16, StreamDType::F16);
         i.force_host = true;
         assert!(!plan(&i)?.streams_on_gpu);
+        Ok(())
+    }
+
+    /// Host streams keep their leading batches on the GPU in the memory the plan has left, in
+    /// the host's element type: Llama-3-8B GPTAQ at 8 GiB keeps some sequences' batches on the
+    /// GPU (packed f16 beside f16 host streams, f32 beside f32 ones), as many as fit, its
+    /// estimate within the usable budget and its host estimate that much smaller;
+    /// `--host-streams` and `--lean-memory` keep none.
+    #[test]
+    fn host_streams_keep_their_first_batches_on_the_gpu() -> Result<(), Box<dyn std::error::Error>>
+    {
+        let c = llama3_8b()?;
+        // Both streams' hidden state and attention output per sequence.
+        let per_seq_f32: u64 = 2 * 2048 * (4096 + 4096) * 4;
+        for (gib, dtype, first) in [
+            (8, StreamDType::F16, Placement::GpuF16),
+            (8, StreamDType::F32, Placement::Gpu),
+        ] {
+            let i = input(&c, gib, dtype);
+            let p = plan(&i)?;
+            assert!(!p.streams_on_gpu, "{gib} GiB {dtype:?}: {:?}", p.breakdown);
+            let per_seq = per_seq_f32 / 4 * dtype.bytes() as u64;
+            let seqs = (p.resident_batches * p.batch_sequences) as u64;
+            assert!(
+                seqs > 0 && seqs < 128,
+                "{gib} GiB {dtype:?}: {seqs} resident sequences: {:?}",
+                p.breakdown
+            );
+            assert_eq!(p.host_bytes_estimate, per_seq * (128 - seqs));
+            assert!(p.gpu_bytes_estimate <= usable_budget(i.gpu_budget_bytes));
+            // One batch more would not have fitted.
+            let without = PlanInput {
+                lean_memory: false,
+                force_host: true,
+                ..i
+            };
+            let base = plan(&without)?;
+            assert_eq!(base.resident_batches, 0);
+            assert_eq!(
+                base.gpu_bytes_estimate + seqs * per_seq,
+                p.gpu_bytes_estimate
+            );
+            assert!(
+                base.gpu_bytes_estimate + (seqs + p.batch_sequences as u64) * per_seq
+                    > usable_budget(i.gpu_budget_bytes),
+                "{gib} GiB {dtype:?}: room for another batch"
+            );
+            let layout = placement(&p, dtype);
+            assert_eq!(
+                (layout.first, layout.resident, layout.rest),
+                (first, p.resident_batches, Placement::Host(dtype))
+            );
+            assert!(
+                p.breakdown
+                    .iter()
+                    .any(|l| l.contains(&format!("the other {seqs} sequence(s) on the GPU"))),
+                "{:?}",
+                p.breakdown
+            );
+            let lean = PlanInput {
+                lean_memory: true,
+                ..i
+            };
+            assert_eq!(plan(&lean)?.resident_batches, 0);
+        }
         Ok(())
     }
 

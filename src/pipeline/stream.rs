@@ -127,15 +127,54 @@ impl Placement {
     }
 }
 
+/// Where each batch of a stream is kept: the first `resident` batches as `first`, the rest as
+/// `rest`. A plan whose streams spill to the host keeps as many leading batches on the GPU as its
+/// spare memory holds (`MemoryPlan::resident_batches`: `first` is `Placement::GpuF16` beside f16
+/// host batches, `Placement::Gpu` beside f32 ones, so every batch holds the values it would on
+/// the host), and only the rest cross the host link twice per stage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Layout {
+    pub first: Placement,
+    pub resident: usize,
+    pub rest: Placement,
+}
+
+impl Layout {
+    /// Batch `b`'s placement.
+    pub fn of(&self, b: usize) -> Placement {
+        if b < self.resident {
+            self.first
+        } else {
+            self.rest
+        }
+    }
+
+    /// Whether any of `batches` batches is other than an f32 GPU buffer, i.e. the kernels work on
+    /// copies of some batches (`Stream::load`) rather than on all of them in place.
+    pub fn staged(&self, batches: usize) -> bool {
+        (0..batches).any(|b| self.of(b) != Placement::Gpu)
+    }
+}
+
+impl From<Placement> for Layout {
+    fn from(p: Placement) -> Self {
+        Layout {
+            first: p,
+            resident: 0,
+            rest: p,
+        }
+    }
+}
+
 impl Stream {
     /// A stream of zeros with `lens[b]` elements in batch `b`.
     pub fn new(
         ctx: &GpuContext,
         what: &str,
         lens: &[usize],
-        placement: Placement,
+        placement: impl Into<Layout>,
     ) -> Result<Self, GpuError> {
-        Self::with_contents(ctx, what, lens, placement, true)
+        Self::with_contents(ctx, what, lens, placement.into(), true)
     }
 
     /// [`Stream::new`] for a stream whose every batch is stored before it is loaded (a layer's
@@ -146,16 +185,16 @@ impl Stream {
         ctx: &GpuContext,
         what: &str,
         lens: &[usize],
-        placement: Placement,
+        placement: impl Into<Layout>,
     ) -> Result<Self, GpuError> {
-        Self::with_contents(ctx, what, lens, placement, false)
+        Self::with_contents(ctx, what, lens, placement.into(), false)
     }
 
     fn with_contents(
         ctx: &GpuContext,
         what: &str,
         lens: &[usize],
-        placement: Placement,
+        layout: Layout,
         zeroed: bool,
     ) -> Result<Self, GpuError> {
         fn gpu<T: bytemuck::Pod>(
@@ -171,8 +210,8 @@ impl Stream {
             }
         }
         let mut chunks = Vec::with_capacity(lens.len());
-        for &len in lens {
-            chunks.push(match placement {
+        for (b, &len) in lens.iter().enumerate() {
+            chunks.push(match layout.of(b) {
                 Placement::Gpu => Chunk::Gpu(gpu(ctx, what, len, zeroed)?),
                 // f16 zero is all-zero bits.
                 Placement::GpuF16 => Chunk::GpuF16(gpu(ctx, what, ops::f16_words(len), zeroed)?),
@@ -181,14 +220,21 @@ impl Stream {
                 Placement::Host(StreamDType::F16) => Chunk::HostF16(vec![0; ops::f16_words(len)]),
             });
         }
-        let staging = if placement.is_f16() {
-            let max_len = lens.iter().copied().max().unwrap_or(0);
+        let f16 = (0..lens.len()).any(|b| layout.of(b).is_f16());
+        // The packed words of the largest f16 host batch, if any.
+        let host_f16_len = lens
+            .iter()
+            .enumerate()
+            .filter(|&(b, _)| layout.of(b) == Placement::Host(StreamDType::F16))
+            .map(|(_, &len)| len)
+            .max();
+        let staging = if f16 {
             Some(F16Staging {
-                words: match placement {
-                    Placement::Host(_) => {
-                        Some(ctx.zeros(&format!("{what} f16 staging"), ops::f16_words(max_len))?)
+                words: match host_f16_len {
+                    Some(len) => {
+                        Some(ctx.zeros(&format!("{what} f16 staging"), ops::f16_words(len))?)
                     }
-                    _ => None,
+                    None => None,
                 },
                 flag: ctx.zeros(&format!("{what} f16 overflow flag"), 1)?,
             })
@@ -540,13 +586,32 @@ mod tests {
         let lens = [1001usize, 6, 7];
         let max = 1001;
         let work = ctx.zeros::<f32>("work", max)?;
+        // Whole streams in each placement, and streams whose leading batches are on the GPU
+        // beside host ones (MemoryPlan::resident_batches).
+        let mixed = [
+            Layout {
+                first: Placement::GpuF16,
+                resident: 1,
+                rest: Placement::Host(StreamDType::F16),
+            },
+            Layout {
+                first: Placement::Gpu,
+                resident: 2,
+                rest: Placement::Host(StreamDType::F32),
+            },
+        ];
         for placement in [
             Placement::Host(StreamDType::F16),
             Placement::GpuF16,
             Placement::Host(StreamDType::F32),
             Placement::Gpu,
-        ] {
-            let f16 = placement.is_f16();
+        ]
+        .map(Layout::from)
+        .into_iter()
+        .chain(mixed)
+        {
+            let f16 = placement.first.is_f16();
+            assert_eq!(f16, placement.rest.is_f16());
             let expect = |x: &[f32]| if f16 { rounded(x) } else { x.to_vec() };
             let mut s = Stream::new(&ctx, "test", &lens, placement)?;
             // set_host → load
