@@ -1335,6 +1335,35 @@ fn spare_memory_for_speed_changes_no_result() {
     }
 }
 
+/// The memory plan of a GPTAQ run with metrics on `mc` (sequences of 16 tokens, f32 kernels) at
+/// `budget` bytes, with `dtype` host streams, forced to the host or not; `None` where it does not
+/// fit.
+fn gptaq_plan(
+    ctx: &gptaq_studio::gpu::GpuContext,
+    mc: &gptaq_studio::model::ModelConfig,
+    nsamples: usize,
+    dtype: gptaq_studio::pipeline::StreamDType,
+    budget: u64,
+    force_host: bool,
+) -> Option<pipeline::MemoryPlan> {
+    pipeline::plan::plan(&pipeline::plan::PlanInput {
+        config: mc,
+        nsamples,
+        seqlen: 16,
+        fp_stream: true,
+        metrics: true,
+        statistics: 2,
+        metric_moments: true,
+        gpu_budget_bytes: budget,
+        max_buffer_bytes: ctx.max_binding_bytes(),
+        host_dtype: dtype,
+        force_host,
+        lean_memory: false,
+        tensor_cores: false,
+    })
+    .ok()
+}
+
 /// Packed f16 streams on the GPU (`Placement::GpuF16`, planned when f16 streams are requested
 /// and only their f16 size fits) hold exactly what f16 host streams hold: the same packing and
 /// unpacking kernels run on every store and load, only the words stay on the GPU. So a GPTAQ run
@@ -1343,7 +1372,6 @@ fn spare_memory_for_speed_changes_no_result() {
 #[test]
 fn packed_f16_gpu_streams_equal_f16_host_streams() {
     use gptaq_studio::pipeline::StreamDType;
-    use gptaq_studio::pipeline::plan::{self, PlanInput};
     let Some(ctx) = test_context() else { return };
     let quant = QuantConfig {
         method: Method::Gptaq { alpha: 0.25 },
@@ -1372,22 +1400,7 @@ fn packed_f16_gpu_streams_equal_f16_host_streams() {
         let inputs = pipeline::prepare(&base).unwrap();
         let mc = inputs.source.config().clone();
         let plan_at = |b: u64, force_host: bool| {
-            plan::plan(&PlanInput {
-                config: &mc,
-                nsamples,
-                seqlen: 16,
-                fp_stream: true,
-                metrics: true,
-                statistics: 2,
-                metric_moments: true,
-                gpu_budget_bytes: b,
-                max_buffer_bytes: ctx.max_binding_bytes(),
-                host_dtype: StreamDType::F16,
-                force_host,
-                lean_memory: false,
-                tensor_cores: false,
-            })
-            .ok()
+            gptaq_plan(&ctx, &mc, nsamples, StreamDType::F16, b, force_host)
         };
         let budget = (1u64..16384).map(|kib4| kib4 << 12).find(|&b| {
             match (plan_at(b, false), plan_at(b, true)) {
@@ -1437,7 +1450,6 @@ fn packed_f16_gpu_streams_equal_f16_host_streams() {
 #[test]
 fn resident_host_batches_equal_host_streams() {
     use gptaq_studio::pipeline::StreamDType;
-    use gptaq_studio::pipeline::plan::{self, PlanInput};
     let Some(ctx) = test_context() else { return };
     let quant = QuantConfig {
         method: Method::Gptaq { alpha: 0.25 },
@@ -1457,24 +1469,8 @@ fn resident_host_batches_equal_host_streams() {
         base.config.stream_dtype = dtype;
         let inputs = pipeline::prepare(&base).unwrap();
         let mc = inputs.source.config().clone();
-        let plan_at = |b: u64, force_host: bool| {
-            plan::plan(&PlanInput {
-                config: &mc,
-                nsamples,
-                seqlen: 16,
-                fp_stream: true,
-                metrics: true,
-                statistics: 2,
-                metric_moments: true,
-                gpu_budget_bytes: b,
-                max_buffer_bytes: ctx.max_binding_bytes(),
-                host_dtype: dtype,
-                force_host,
-                lean_memory: false,
-                tensor_cores: false,
-            })
-            .ok()
-        };
+        let plan_at =
+            |b: u64, force_host: bool| gptaq_plan(&ctx, &mc, nsamples, dtype, b, force_host);
         let budget = (1u64..16384)
             .map(|kib4| kib4 << 12)
             .find(|&b| match (plan_at(b, false), plan_at(b, true)) {
