@@ -973,8 +973,18 @@ fn eval_cmd(gpu: &GpuArgs, args: &EvalArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!(
-            "perplexity {:.4} ({} windows × {})",
-            r.ppl, r.windows, r.seqlen
+            "perplexity {:.4} ({} windows × {}{})",
+            r.ppl,
+            r.windows,
+            r.seqlen,
+            if r.spilled_windows > 0 {
+                format!(
+                    "; {} of them with their hidden states on the host",
+                    r.spilled_windows
+                )
+            } else {
+                String::new()
+            }
         );
     }
     Ok(())

@@ -884,6 +884,38 @@ fn perplexity_matches_cpu_reference() {
         ..Default::default()
     };
     let half = run(&opts);
+    // A budget that holds the first of the three one-window batches: it stays on the GPU (in
+    // the host's element type) and the others spill, bit for bit the all-host answer, f32 and
+    // f16 alike.
+    let batch_bytes = 37 * model.config().hidden_size as u64;
+    for (dtype, all_host) in [
+        (gptaq_studio::pipeline::StreamDType::F32, &spilled),
+        (gptaq_studio::pipeline::StreamDType::F16, &half),
+    ] {
+        let opts = EvalOptions {
+            stream_budget_bytes: batch_bytes * dtype.bytes() as u64,
+            stream_dtype: dtype,
+            batch_tokens: 40,
+            ..Default::default()
+        };
+        let part = run(&opts);
+        assert_eq!(
+            (
+                part.spilled_windows,
+                all_host.spilled_windows,
+                got.spilled_windows
+            ),
+            (2, 3, 0),
+            "{dtype:?}: windows on the host"
+        );
+        assert_eq!(
+            part.mean_nll.to_bits(),
+            all_host.mean_nll.to_bits(),
+            "{dtype:?}: first batch on the GPU {} vs all on the host {}",
+            part.mean_nll,
+            all_host.mean_nll
+        );
+    }
     assert!(
         (half.mean_nll - got.mean_nll).abs() < 1e-3 * got.mean_nll.max(1.0),
         "f16 host stream {} vs f32 {}",
