@@ -178,14 +178,7 @@ pub fn perplexity(
             })
             .take_while(|&used| used <= opts.stream_budget_bytes)
             .count();
-        Layout {
-            first: match opts.stream_dtype {
-                StreamDType::F16 => Placement::GpuF16,
-                StreamDType::F32 => Placement::Gpu,
-            },
-            resident,
-            rest: Placement::Host(opts.stream_dtype),
-        }
+        Layout::spilled(opts.stream_dtype, resident)
     };
     let mut stream = Stream::new(ctx, "eval hidden", &lens, placement)?;
     for (b, r) in batches.iter().enumerate() {

@@ -639,14 +639,15 @@ impl GpuContext {
         })
     }
 
-    /// [`GpuContext::upload`] for large data without its full-size staging copy: `upload` (like
-    /// `create_buffer_init` and `queue.write_buffer`) stages all of `data` in host-visible memory
-    /// until the GPU has copied it — device memory that nvidia-smi counts on resizable-BAR
-    /// machines, outside the memory plan (an 8B layer's next weights: ≈ 0.9 GB). This writes
-    /// 32 MiB chunks, each in a submission of its own, and waits for the oldest beyond two in
-    /// flight, so at most ≈ 96 MiB is staged at once. The waits follow the GPU through the work
-    /// queued before, so call it where blocking is harmless (the pipeline's upload thread, when
-    /// the budget is tight); small data goes through `upload`.
+    /// [`GpuContext::upload`] for large data with little staging at once. Host-visible staging is
+    /// device memory that nvidia-smi counts on resizable-BAR machines, outside the memory plan
+    /// (an 8B layer's next weights: ≈ 0.9 GB). `upload` bounds it by the kept upload staging's
+    /// cap (256 MiB, `gpu::upload`; with `GPTAQ_UPLOAD_RING=0` it stages all of `data`, as
+    /// `create_buffer_init` does). This writes 32 MiB chunks, each in a submission of its own,
+    /// and waits for the oldest beyond two in flight, so at most ≈ 96 MiB is staged at once (and
+    /// the kept staging does not grow beyond that for it). The waits follow the GPU through the
+    /// work queued before, so call it where blocking is harmless (the pipeline's upload thread,
+    /// when the budget is tight); small data goes through `upload`.
     pub fn upload_paced<T: Pod>(&self, what: &str, data: &[T]) -> Result<GpuBuffer<T>, GpuError> {
         self.upload_paced_with(what, data, PACED_CHUNK_BYTES)
     }

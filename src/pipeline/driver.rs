@@ -238,7 +238,6 @@ pub fn quantize(
     };
     // Tensor cores where asked for (config or GPTAQ_TENSOR_CORES=1) and granted.
     let tc_asked = cfg.tensor_cores || tensor_cores_requested();
-    let fp_down_early = plan::fp_down_early();
     let plan_input = PlanInput {
         config: &mc,
         nsamples: nseq,
@@ -777,8 +776,16 @@ pub fn quantize(
             // output beside the quantized one's (metrics off), it runs here on the act at hand,
             // and stage E only reads h_fp for the hidden deviation: two of the FP stream's GEMMs
             // (gate/up) per layer fewer, and the FP layer's MLP weights can go before down's solve.
-            // `GPTAQ_FP_DOWN_EARLY=0` keeps it in stage E, for A/B runs.
-            let fp_down_in_d = fp_stream && actfp.is_none() && !metrics && fp_down_early;
+            // The plan decides (MemoryPlan::fp_down_in_d, whose freed weights its estimate
+            // counts); `GPTAQ_FP_DOWN_EARLY=0` keeps it in stage E, for A/B runs.
+            let fp_down_in_d = plan.fp_down_in_d;
+            if fp_down_in_d && (actfp.is_some() || metrics) {
+                return Err(PipelineError::Gpu(crate::gpu::GpuError::Validation(
+                    "the plan runs the FP stream's down_proj in stage D, which needs act not \
+                     kept and metrics off"
+                        .into(),
+                )));
+            }
             let mut stats = Stats::new(
                 ctx,
                 nseq,

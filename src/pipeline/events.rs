@@ -50,6 +50,11 @@ pub struct MemoryPlan {
     /// (`plan::gate_up_f32_released`). Lowers the peak of down_proj's statistics and solve.
     #[serde(default)]
     pub gate_up_f32_released: bool,
+    /// GPTAQ's FP stream runs its down_proj in stage D on the act at hand (no metrics, act not
+    /// kept) instead of recomputing its gate/up in stage E, and its MLP weights are freed before
+    /// down_proj's solve, which the estimate counts (`plan::fp_down_in_d`).
+    #[serde(default)]
+    pub fp_down_in_d: bool,
     /// With the streams spilled to the host, the first this many batches of the hidden-state and
     /// attention streams stay on the GPU (packed f16 beside f16 host batches, f32 beside f32
     /// ones: the values the host would hold) in the memory the plan has to spare, so only the

@@ -264,14 +264,7 @@ pub(crate) fn placement(p: &MemoryPlan, host_dtype: StreamDType) -> Layout {
     match (p.streams_on_gpu, p.stream_dtype.as_str()) {
         (true, "f16") => Placement::GpuF16.into(),
         (true, _) => Placement::Gpu.into(),
-        (false, _) => Layout {
-            first: match host_dtype {
-                StreamDType::F16 => Placement::GpuF16,
-                StreamDType::F32 => Placement::Gpu,
-            },
-            resident: p.resident_batches,
-            rest: Placement::Host(host_dtype),
-        },
+        (false, _) => Layout::spilled(host_dtype, p.resident_batches),
     }
 }
 
@@ -287,6 +280,7 @@ pub fn rtn_direct(gpu_budget_bytes: u64) -> MemoryPlan {
         attention_sequences: 1,
         split_f16: false,
         gate_up_f32_released: false,
+        fp_down_in_d: false,
         resident_batches: 0,
         stream_dtype: "none".into(),
         gpu_bytes_estimate: 0,
@@ -460,13 +454,22 @@ impl Stretch {
     }
 }
 
-/// The layer weights each [`Stretch`] holds: every stream's f32 weights (and f16 copies, with
-/// tensor cores), one tensor-core scratch, and a margin the planner has always kept (two sevenths
-/// of one layer's f32 weights); in stages D–E only the MLP's, less gate/up's f32 ones where
-/// `released` ([`gate_up_f32_released`]).
-fn stretch_weights(input: &PlanInput<'_>, released: bool) -> [u64; 2] {
+/// What a stretch's layer weights are made of ([`stretch_weights`], [`late_solve_weights`]).
+struct WeightParts {
+    streams: u64,
+    /// One tensor-core scratch (with tensor cores) and a margin the planner has always kept (two
+    /// sevenths of one layer's f32 weights).
+    base: u64,
+    /// One stream's layer, f16 copies included with tensor cores.
+    layer: u64,
+    /// One stream's MLP in stages D–E: less gate/up's f32 weights where `released`.
+    mlp: u64,
+    /// One stream's down_proj, f16 copy included.
+    down: u64,
+}
+
+fn weight_parts(input: &PlanInput<'_>, released: bool) -> WeightParts {
     let c = input.config;
-    let streams = if input.fp_stream { 2 } else { 1 };
     let tc = input.tensor_cores;
     let with_f16 = |f32_bytes: u64| f32_bytes + if tc { f32_bytes / 2 } else { 0 };
     let scratch = if tc {
@@ -474,20 +477,36 @@ fn stretch_weights(input: &PlanInput<'_>, released: bool) -> [u64; 2] {
     } else {
         0
     };
-    let margin = layer_weight_bytes(c) / 7 * 2;
     let mlp = 3 * (c.hidden_size as u64) * (c.intermediate_size as u64) * F32;
     let freed = if released { mlp / 3 * 2 } else { 0 };
-    [
-        with_f16(layer_weight_bytes(c)) * streams + scratch + margin,
-        (with_f16(mlp) - freed) * streams + scratch + margin,
-    ]
+    WeightParts {
+        streams: if input.fp_stream { 2 } else { 1 },
+        base: scratch + layer_weight_bytes(c) / 7 * 2,
+        layer: with_f16(layer_weight_bytes(c)),
+        mlp: with_f16(mlp) - freed,
+        down: with_f16(mlp / 3),
+    }
 }
 
-/// Whether GPTAQ's FP stream runs its down_proj in stage D where it can (no metrics, act not
-/// kept; pipeline/driver.rs): the default; `GPTAQ_FP_DOWN_EARLY=0` keeps it in stage E, for A/B
-/// runs. Read by the driver and the plan alike, so that the plan credits what the run frees.
+/// The layer weights each [`Stretch`] holds: every stream's f32 weights (and f16 copies, with
+/// tensor cores), one tensor-core scratch, and the planner's margin ([`WeightParts`]); in stages
+/// D–E only the MLP's, less gate/up's f32 ones where `released` ([`gate_up_f32_released`]).
+fn stretch_weights(input: &PlanInput<'_>, released: bool) -> [u64; 2] {
+    let w = weight_parts(input, released);
+    [w.base + w.layer * w.streams, w.base + w.mlp * w.streams]
+}
+
+/// Whether GPTAQ's FP stream may run its down_proj in stage D ([`fp_down_in_d`]): the default;
+/// `GPTAQ_FP_DOWN_EARLY=0` keeps it in stage E, for A/B runs.
 pub(crate) fn fp_down_early() -> bool {
     std::env::var("GPTAQ_FP_DOWN_EARLY").map_or(true, |v| v != "0")
+}
+
+/// Whether GPTAQ's FP stream runs its down_proj in stage D (`MemoryPlan::fp_down_in_d`): where
+/// act is not kept (stage E would recompute the FP stream's gate/up only to feed it) and no metric
+/// needs its output beside the quantized one's, and unless `GPTAQ_FP_DOWN_EARLY=0`.
+fn fp_down_in_d(input: &PlanInput<'_>, act_kept: bool) -> bool {
+    input.fp_stream && !act_kept && !input.metrics && fp_down_early()
 }
 
 /// Stage D–E's weights while down_proj solves, given whether the MLP activations are kept
@@ -498,24 +517,13 @@ pub(crate) fn fp_down_early() -> bool {
 ///
 /// Stage E runs on what is left, next to the next layer's upload.
 fn late_solve_weights(input: &PlanInput<'_>, released: bool, act_kept: bool) -> u64 {
-    let c = input.config;
-    let streams = if input.fp_stream { 2 } else { 1 };
-    let tc = input.tensor_cores;
-    let with_f16 = |f32_bytes: u64| f32_bytes + if tc { f32_bytes / 2 } else { 0 };
-    let base = if tc {
-        tensor_core_scratch_bytes(c, input.seqlen)
-    } else {
-        0
-    } + layer_weight_bytes(c) / 7 * 2;
-    let mlp = 3 * (c.hidden_size as u64) * (c.intermediate_size as u64) * F32;
-    let freed = if released { mlp / 3 * 2 } else { 0 };
-    let per_stream = with_f16(mlp) - freed;
+    let w = weight_parts(input, released);
     if act_kept {
-        base + with_f16(mlp / 3) * streams
-    } else if input.fp_stream && !input.metrics && fp_down_early() {
-        base + per_stream
+        w.base + w.down * w.streams
+    } else if fp_down_in_d(input, false) {
+        w.base + w.mlp
     } else {
-        base + per_stream * streams
+        w.base + w.mlp * w.streams
     }
 }
 
@@ -761,6 +769,7 @@ fn plan_with(input: &PlanInput<'_>, split: bool) -> Result<MemoryPlan, PlanError
         attention_sequences,
         split_f16,
         gate_up_f32_released: released,
+        fp_down_in_d: fp_down_in_d(input, act_streams),
         resident_batches,
         stream_dtype: if f32_on_gpu {
             "f32".into()
@@ -1305,6 +1314,7 @@ mod tests {
         );
         if fp_down_early() {
             let (pm, pn) = (plan(&with_m)?, plan(&without_m)?);
+            assert!(pn.fp_down_in_d && !pm.fp_down_in_d);
             let saved = pm.gpu_bytes_estimate - pn.gpu_bytes_estimate;
             assert!(
                 saved > 0 && saved <= fp_mlp,

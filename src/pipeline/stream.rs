@@ -140,6 +140,20 @@ pub struct Layout {
 }
 
 impl Layout {
+    /// Streams spilled to the host in `dtype` but for their first `resident` batches, which stay
+    /// on the GPU holding the values the host would: packed f16 beside f16 host batches, f32
+    /// beside f32 ones.
+    pub fn spilled(dtype: StreamDType, resident: usize) -> Self {
+        Layout {
+            first: match dtype {
+                StreamDType::F16 => Placement::GpuF16,
+                StreamDType::F32 => Placement::Gpu,
+            },
+            resident,
+            rest: Placement::Host(dtype),
+        }
+    }
+
     /// Batch `b`'s placement.
     pub fn of(&self, b: usize) -> Placement {
         if b < self.resident {
@@ -589,16 +603,8 @@ mod tests {
         // Whole streams in each placement, and streams whose leading batches are on the GPU
         // beside host ones (MemoryPlan::resident_batches).
         let mixed = [
-            Layout {
-                first: Placement::GpuF16,
-                resident: 1,
-                rest: Placement::Host(StreamDType::F16),
-            },
-            Layout {
-                first: Placement::Gpu,
-                resident: 2,
-                rest: Placement::Host(StreamDType::F32),
-            },
+            Layout::spilled(StreamDType::F16, 1),
+            Layout::spilled(StreamDType::F32, 2),
         ];
         for placement in [
             Placement::Host(StreamDType::F16),
