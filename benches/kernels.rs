@@ -381,7 +381,7 @@ fn bench_kernels(c: &mut Criterion) {
     let dst = ctx
         .zeros::<u32>("write target", src.len())
         .expect("alloc target");
-    g.throughput(Throughput::Elements((mib << 20) as u64));
+    g.throughput(Throughput::Bytes((mib << 20) as u64));
     let ring = ctx.upload_ring();
     for (kept, staging) in [(true, "kept staging"), (false, "write_buffer staging")] {
         ctx.set_upload_ring(kept);
@@ -400,6 +400,7 @@ fn bench_kernels(c: &mut Criterion) {
     }
     // Back to back, as a host stream loads its batches: 8 writes, two in flight at most
     // (`WriteWindow`, pipeline/stream.rs), then one wait; the threads `write` picks.
+    g.throughput(Throughput::Bytes(((8 * mib) << 20) as u64));
     for (kept, staging) in [(true, "kept staging"), (false, "write_buffer staging")] {
         ctx.set_upload_ring(kept);
         g.bench_function(format!("8 × {mib} MiB in a row, {staging}"), |bch| {

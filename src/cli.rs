@@ -618,21 +618,14 @@ fn inspect_plans(
     Result<pipeline::MemoryPlan, pipeline::plan::PlanError>,
 ); 2] {
     let plan = |tensor_cores| {
-        pipeline::plan::plan(&pipeline::plan::PlanInput {
+        pipeline::plan::plan(&inspect_input(
             config,
-            nsamples,
-            seqlen,
-            fp_stream: true,
-            metrics: true,
-            statistics: 2,
-            metric_moments: true,
-            gpu_budget_bytes: 8 << 30,
-            max_buffer_bytes: 2 << 30,
-            host_dtype: StreamDType::F16,
-            force_host: false,
-            lean_memory: false,
+            (nsamples, seqlen),
+            true,
+            true,
             tensor_cores,
-        })
+            8 << 30,
+        ))
     };
     [
         ("f32 kernels", plan(false)),
@@ -641,6 +634,35 @@ fn inspect_plans(
             plan(true),
         ),
     ]
+}
+
+/// The plan input of an `inspect` estimate: GPTQ or GPTAQ at `(nsamples, seqlen)` with the run's
+/// defaults otherwise (f16 host streams where needed, metrics from the statistics, a 2 GiB
+/// binding limit). GPTQ with metrics runs an FP stream beside the quantized one, without them only
+/// the latter.
+fn inspect_input(
+    config: &crate::model::ModelConfig,
+    (nsamples, seqlen): (usize, usize),
+    gptaq: bool,
+    metrics: bool,
+    tensor_cores: bool,
+    gpu_budget_bytes: u64,
+) -> pipeline::plan::PlanInput<'_> {
+    pipeline::plan::PlanInput {
+        config,
+        nsamples,
+        seqlen,
+        fp_stream: gptaq || metrics,
+        metrics,
+        statistics: if gptaq { 2 } else { 1 },
+        metric_moments: metrics,
+        gpu_budget_bytes,
+        max_buffer_bytes: 2 << 30,
+        host_dtype: StreamDType::F16,
+        force_host: false,
+        lean_memory: false,
+        tensor_cores,
+    }
 }
 
 /// One cell of `inspect`'s table of the smallest budgets.
@@ -655,9 +677,8 @@ struct SmallestBudget {
 }
 
 /// `inspect`'s smallest budgets (`pipeline::plan::smallest_budget_mib`) for GPTQ and GPTAQ, with
-/// the f32 kernels and with tensor cores, metrics on and off (in that order, pairs by metrics),
-/// with the run's defaults otherwise: f16 host streams where needed, metrics from the statistics.
-/// GPTQ with metrics runs an FP stream beside the quantized one, without them only the latter.
+/// the f32 kernels and with tensor cores, metrics on and off (in that order, pairs by metrics;
+/// [`inspect_input`]).
 fn smallest_budgets(
     config: &crate::model::ModelConfig,
     nsamples: usize,
@@ -667,21 +688,8 @@ fn smallest_budgets(
     for (method, gptaq) in [("GPTQ", false), ("GPTAQ", true)] {
         for (kernels, tensor_cores) in [("f32", false), ("tensor cores", true)] {
             for metrics in [true, false] {
-                let input = pipeline::plan::PlanInput {
-                    config,
-                    nsamples,
-                    seqlen,
-                    fp_stream: gptaq || metrics,
-                    metrics,
-                    statistics: if gptaq { 2 } else { 1 },
-                    metric_moments: metrics,
-                    gpu_budget_bytes: 0,
-                    max_buffer_bytes: 2 << 30,
-                    host_dtype: StreamDType::F16,
-                    force_host: false,
-                    lean_memory: false,
-                    tensor_cores,
-                };
+                let input =
+                    inspect_input(config, (nsamples, seqlen), gptaq, metrics, tensor_cores, 0);
                 let (mib, error) = match pipeline::plan::smallest_budget_mib(&input) {
                     Ok(mib) => (Some(mib), None),
                     Err(e) => (None, Some(e.to_string())),
