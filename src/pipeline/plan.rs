@@ -496,6 +496,18 @@ fn stretch_weights(input: &PlanInput<'_>, released: bool) -> [u64; 2] {
     [w.base + w.layer * w.streams, w.base + w.mlp * w.streams]
 }
 
+/// The most sequences per batch: 16 (larger batches bring no speed, their GEMMs are already
+/// large, but cost memory); `GPTAQ_MAX_BATCH=N` caps it lower for A/B runs of batch size against
+/// resident host batches (BENCHMARKS.md, session 44), where a smaller batch leaves the memory it
+/// would take to [`MemoryPlan::resident_batches`].
+pub(crate) fn max_batch() -> usize {
+    std::env::var("GPTAQ_MAX_BATCH")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&n| n >= 1)
+        .map_or(16, |n| n.min(16))
+}
+
 /// Whether GPTAQ's FP stream may run its down_proj in stage D ([`fp_down_in_d`]): the default;
 /// `GPTAQ_FP_DOWN_EARLY=0` keeps it in stage E, for A/B runs.
 pub(crate) fn fp_down_early() -> bool {
@@ -660,7 +672,7 @@ fn plan_with(input: &PlanInput<'_>, split: bool) -> Result<MemoryPlan, PlanError
         by_memory
             .min(max_by_buffer)
             .min(input.nsamples.max(1))
-            .min(16)
+            .min(max_batch())
     };
     let keep_act = |with_act: u64| {
         f32_on_gpu
