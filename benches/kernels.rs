@@ -38,7 +38,9 @@
 //! (four-wide, scalar, and GPTAQ's ΔX from two inputs). `host_write` times a host write of
 //! `GPTAQ_BENCH_WRITE_MIB` (default 16) into a GPU buffer through the kept upload staging and
 //! through `queue.write_buffer`'s, filled by 1, 2, 4 and 8 threads
-//! (`GpuContext::write_with_threads`), in bytes per second.
+//! (`GpuContext::write_with_threads`), in bytes per second; `host_read` the readback of that
+//! buffer into a host `Vec`, copied out of its staging by 1, 2, 4 and 8 threads
+//! (`GpuContext::finish_read_with_threads`), and with the `Vec` zero-filled first as before.
 //! `attention` times the causal GQA attention kernel alone (`forward::attend`, `attention.wgsl`,
 //! and where granted the tensor-core `forward::attend_tc`)
 //! at the shape `GPTAQ_BENCH_ATTN` = "heads:kv_heads:head_dim:seqlen:nseq" (default
@@ -415,6 +417,33 @@ fn bench_kernels(c: &mut Criterion) {
         });
     }
     ctx.set_upload_ring(ring);
+    g.finish();
+    // Readbacks of the same size into a host Vec, as a host stream stores its batches: copied out
+    // of the mapped staging by 1–8 threads into a Vec of the read's length (overwritten in
+    // place), and the copy before session 44 (the Vec cleared and zero-filled first, one thread).
+    let mut g = c.benchmark_group("host_read");
+    g.sample_size(10);
+    g.throughput(Throughput::Bytes((mib << 20) as u64));
+    let mut out: Vec<u32> = Vec::new();
+    for (threads, fill) in [(1, true), (1, false), (2, false), (4, false), (8, false)] {
+        let name = if fill {
+            format!("{mib} MiB, zero-filled Vec, {threads} thread(s)")
+        } else {
+            format!("{mib} MiB, {threads} thread(s)")
+        };
+        g.bench_function(name, |bch| {
+            bch.iter(|| {
+                if fill {
+                    out.clear();
+                }
+                let read = ctx
+                    .read_async(ctx.recorder(), &dst, 0, src.len())
+                    .expect("read");
+                ctx.finish_read_with_threads(read, &mut out, threads)
+                    .expect("finish read");
+            })
+        });
+    }
     g.finish();
     let mut g = c.benchmark_group("hessian_syrk");
     g.sample_size(10);

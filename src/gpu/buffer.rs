@@ -39,14 +39,16 @@ const PACED_IN_FLIGHT: usize = 2;
 /// ([`GpuContext::write`]): below it a thread's start costs more than its share of the copy.
 pub const PARALLEL_WRITE_BYTES: usize = 4 << 20;
 
-/// Threads that copy a write of `bytes` into its staging: up to 8, at least 1 MiB each; 1 below
+/// Threads that copy a write of `bytes` into its staging, or a readback of `bytes` out of its
+/// staging ([`GpuContext::finish_read`]): up to 8, at least 1 MiB each; 1 below
 /// [`PARALLEL_WRITE_BYTES`]. Eight even on a 2-core host: on `queue.write_buffer`'s fresh staging
 /// the page faults of the new mapping, not the copy, bound a write, and they are taken in
 /// parallel — the kernels bench's `host_write` put 16 MiB into a buffer in 11.9 ms with one
 /// thread and 3.0 with eight on the 2-core development machine (lavapipe). The kept upload
 /// staging (`gpu::upload`, the default) has no such faults after its first use: 3.4 ms with one
 /// thread, 2.8 with eight there (BENCHMARKS.md sessions 42 and 43).
-/// `GPTAQ_WRITE_THREADS=N` sets the most (1: every write on the calling thread, for A/B runs).
+/// `GPTAQ_WRITE_THREADS=N` sets the most (1: every write and read on the calling thread, for A/B
+/// runs).
 pub fn write_threads(bytes: usize) -> usize {
     static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     let max = *MAX.get_or_init(|| {
@@ -61,6 +63,34 @@ pub fn write_threads(bytes: usize) -> usize {
     } else {
         max.min(bytes >> 20).max(1)
     }
+}
+
+/// Threads that copy a readback of `bytes` out of its staging ([`GpuContext::finish_read`]):
+/// [`write_threads`], but no more than the host's cores. Unlike a write into fresh staging, whose
+/// page faults are taken in parallel however few the cores, a read copies from kept staging into
+/// a reused `Vec`: plain memory bandwidth, which threads beyond the cores only share (the
+/// kernels bench's `host_read` on the 2-core development machine: 2.1 ms for 16 MiB with two
+/// threads, 2.8 with eight; BENCHMARKS.md session 44).
+pub fn read_threads(bytes: usize) -> usize {
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let cores = *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    write_threads(bytes).min(cores).max(1)
+}
+
+/// Copies `src` into `dst` (equal lengths) in up to `threads` pieces of at least 1 MiB, each on
+/// a thread of its own: a readback's copy out of its mapped staging ([`GpuContext::finish_read`]).
+fn copy_bytes(dst: &mut [u8], src: &[u8], threads: usize) {
+    let threads = threads.clamp(1, (src.len() >> 20).max(1));
+    if threads == 1 {
+        dst.copy_from_slice(src);
+        return;
+    }
+    let chunk = src.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        for (d, s) in dst.chunks_mut(chunk).zip(src.chunks(chunk)) {
+            scope.spawn(move || d.copy_from_slice(s));
+        }
+    });
 }
 
 /// Host writes (`queue.write_buffer`, [`GpuContext::write`]) in flight, at most `max`.
@@ -834,12 +864,29 @@ impl GpuContext {
         pending: PendingRead<T>,
         out: &mut Vec<T>,
     ) -> Result<(), GpuError> {
+        let threads = read_threads(pending.len * std::mem::size_of::<T>());
+        self.finish_read_with_threads(pending, out, threads)
+    }
+
+    /// [`GpuContext::finish_read`] with the copy out of the staging spread over `threads`
+    /// threads (the kernels bench's `host_read` compares counts). A host stream's batch is read
+    /// into the same `Vec` at every store, so an `out` of the read's length is overwritten as it
+    /// is, without first filling it with zeros (a second pass over 16 MiB per f16 batch of an 8B
+    /// model, six such stores per sequence and layer).
+    pub fn finish_read_with_threads<T: Pod>(
+        &self,
+        pending: PendingRead<T>,
+        out: &mut Vec<T>,
+        threads: usize,
+    ) -> Result<(), GpuError> {
         let len = pending.len;
         self.finish_read_bytes(pending, |slice| {
             // The mapped range is only 4-byte aligned in general; copy through an aligned Vec.
-            out.clear();
-            out.resize(len, T::zeroed());
-            bytemuck::cast_slice_mut::<T, u8>(out).copy_from_slice(slice);
+            if out.len() != len {
+                out.clear();
+                out.resize(len, T::zeroed());
+            }
+            copy_bytes(bytemuck::cast_slice_mut::<T, u8>(out), slice, threads);
         })
     }
 
@@ -1140,6 +1187,42 @@ mod tests {
                     w.to_bits(),
                     "ring {ring}, len {len}, offset {offset}, index {i}: got {g}, expected {w}"
                 );
+            }
+        }
+        Ok(())
+    }
+
+    /// Large readbacks copied out by several threads land exactly: into a fresh `Vec`, into one
+    /// of the read's length holding other values (overwritten in place, no zero fill first), and
+    /// into a longer one (shortened), from offsets that are not 4-byte aligned, for 1, 3 and 8
+    /// threads over lengths whose pieces do not divide them.
+    #[test]
+    fn large_reads_land_exactly() -> Result<(), Box<dyn std::error::Error>> {
+        let Some(ctx) = crate::gpu::test_context() else {
+            return Ok(());
+        };
+        let n = (super::PARALLEL_WRITE_BYTES / 2) * 3 + 7;
+        let data: Vec<u16> = (0..n)
+            .map(|i| (i.wrapping_mul(2654435761) >> 7) as u16)
+            .collect();
+        let buf = ctx.upload("source", &data)?;
+        for (threads, start, len) in [(1, 0, n), (3, 1, n - 1), (8, 3, n - 5), (8, 0, n)] {
+            for prior in [0, len, len + 11] {
+                let mut out = vec![0xdead_u16; prior];
+                let read = ctx.read_async(ctx.recorder(), &buf, start, len)?;
+                ctx.finish_read_with_threads(read, &mut out, threads)?;
+                assert_eq!(
+                    out.len(),
+                    len,
+                    "threads {threads}, start {start}, prior {prior}"
+                );
+                for (i, (g, w)) in out.iter().zip(&data[start..start + len]).enumerate() {
+                    assert_eq!(
+                        g, w,
+                        "threads {threads}, start {start}, len {len}, prior length {prior}, \
+                         index {i}: got {g:#x}, expected {w:#x}"
+                    );
+                }
             }
         }
         Ok(())
