@@ -46,7 +46,8 @@ pub const PARALLEL_WRITE_BYTES: usize = 4 << 20;
 /// parallel — the kernels bench's `host_write` put 16 MiB into a buffer in 11.9 ms with one
 /// thread and 3.0 with eight on the 2-core development machine (lavapipe). The kept upload
 /// staging (`gpu::upload`, the default) has no such faults after its first use: 3.4 ms with one
-/// thread, 2.8 with eight there (BENCHMARKS.md sessions 42 and 43).
+/// thread, 2.8 with eight there; on the 16-core H100 host 1.40 and 0.90 ms (BENCHMARKS.md
+/// sessions 42–44).
 /// `GPTAQ_WRITE_THREADS=N` sets the most (1: every write and read on the calling thread, for A/B
 /// runs).
 pub fn write_threads(bytes: usize) -> usize {
@@ -69,8 +70,9 @@ pub fn write_threads(bytes: usize) -> usize {
 /// [`write_threads`], but no more than the host's cores. Unlike a write into fresh staging, whose
 /// page faults are taken in parallel however few the cores, a read copies from kept staging into
 /// a reused `Vec`: plain memory bandwidth, which threads beyond the cores only share (the
-/// kernels bench's `host_read` on the 2-core development machine: 2.1 ms for 16 MiB with two
-/// threads, 2.8 with eight; BENCHMARKS.md session 44).
+/// kernels bench's `host_read`, 16 MiB: 2.1 ms with two threads and 2.8 with eight on the 2-core
+/// development machine; on the 16-core H100 host 1.87 ms with one, 1.01 with eight, and 2.87
+/// with one into a zero-filled `Vec` as before; BENCHMARKS.md session 44).
 pub fn read_threads(bytes: usize) -> usize {
     static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     let cores = *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()));

@@ -750,10 +750,11 @@ fn plan_with(input: &PlanInput<'_>, split: bool) -> Result<MemoryPlan, PlanError
     // Host streams: the leading batches that the memory left over holds stay on the GPU, in the
     // host's element type (stream::Layout), so only the others cross the link — at 8 GiB an 8B
     // GPTAQ plan keeps 9–17 of its 128 sequences there (0.6–1.1 GiB; the streams of 128 × 2048
-    // tokens are 8 GiB in f16). The batch size is chosen first: whether fewer sequences per
-    // batch and more of them resident would be faster is not measured yet (BENCHMARKS.md session
-    // 43). A speed use of spare memory: not with --lean-memory, and not with --host-streams,
-    // which asks for every batch on the host.
+    // tokens are 8 GiB in f16). The batch size is chosen first: at 12 GiB one sequence per batch
+    // would keep 57 sequences resident instead of batch 3's 18, and the H100 ran both plans'
+    // 8B layer in 4.85 s (`GPTAQ_MAX_BATCH=1`, BENCHMARKS.md session 44), so the rule stays. A
+    // speed use of spare memory: not with --lean-memory, and not with --host-streams, which asks
+    // for every batch on the host.
     let host_per_seq = stream_per_seq / F32 * host_dtype.bytes() as u64;
     let resident_batches = if streams_on_gpu || input.force_host || input.lean_memory {
         0
