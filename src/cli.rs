@@ -1213,20 +1213,10 @@ mod tests {
         )
     }
 
-    /// A Llama-3-8B-shaped config (the shape issue 10 plans for).
-    fn llama3_8b_config() -> anyhow::Result<crate::model::ModelConfig> {
-        Ok(crate::model::ModelConfig::from_json_str(
-            r#"{"architectures": ["LlamaForCausalLM"], "model_type": "llama",
-                "hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,
-                "num_key_value_heads": 8, "num_hidden_layers": 32, "vocab_size": 128256,
-                "rms_norm_eps": 1e-5, "rope_theta": 500000.0}"#,
-        )?)
-    }
-
     /// `inspect` prints the 8 GiB GPTAQ plan with the f32 kernels and with tensor cores.
     #[test]
     fn inspect_shows_the_8_gib_plan_with_and_without_tensor_cores() -> anyhow::Result<()> {
-        let config = llama3_8b_config()?;
+        let config = crate::pipeline::plan::llama3_8b_config()?;
         let [(f32_what, f32_plan), (tc_what, tc_plan)] = inspect_plans(&config, 128, 2048);
         let (f32_plan, tc_plan) = (f32_plan?, tc_plan?);
         assert!(f32_what.contains("f32") && tc_what.contains("tensor cores"));
@@ -1244,7 +1234,7 @@ mod tests {
     /// freed before down_proj's solve).
     #[test]
     fn inspect_names_the_smallest_budgets() -> anyhow::Result<()> {
-        let config = llama3_8b_config()?;
+        let config = crate::pipeline::plan::llama3_8b_config()?;
         let b = smallest_budgets(&config, 128, 2048);
         assert_eq!(b.len(), 8);
         let mib = |method: &str, kernels: &str, metrics: bool| -> anyhow::Result<u64> {

@@ -1364,6 +1364,55 @@ fn gptaq_plan(
     .ok()
 }
 
+/// The demo GPTAQ W3 job of the stream-placement tests (`nsamples` sequences of 16 tokens, GPU
+/// solve, `dtype` streams) and the first budget, in 4 KiB steps, at which `pick(plan, all-host
+/// plan)` holds; `None` where no budget up to 64 MiB does.
+fn stream_job_where(
+    ctx: &gptaq_studio::gpu::GpuContext,
+    nsamples: usize,
+    dtype: gptaq_studio::pipeline::StreamDType,
+    pick: impl Fn(&pipeline::MemoryPlan, &pipeline::MemoryPlan) -> bool,
+) -> (Job, Option<u64>) {
+    let mut base = job(
+        ModelInput::Demo { seed: 4 },
+        CalibInput::Synthetic,
+        QuantConfig {
+            method: Method::Gptaq { alpha: 0.25 },
+            bits: 3,
+            ..QuantConfig::default()
+        },
+        nsamples,
+        16,
+    );
+    base.config.solver = Solver::Gpu;
+    base.config.stream_dtype = dtype;
+    let inputs = pipeline::prepare(&base).unwrap();
+    let mc = inputs.source.config().clone();
+    let plan_at = |b: u64, force_host: bool| gptaq_plan(ctx, &mc, nsamples, dtype, b, force_host);
+    let budget = (1u64..16384).map(|kib4| kib4 << 12).find(|&b| {
+        match (plan_at(b, false), plan_at(b, true)) {
+            (Some(placed), Some(host)) => pick(&placed, &host),
+            _ => false,
+        }
+    });
+    (base, budget)
+}
+
+/// `base` at `budget` run twice: with the plan's stream placement and with every batch on the
+/// host (`--host-streams`).
+fn placed_and_host_runs(
+    ctx: &gptaq_studio::gpu::GpuContext,
+    base: &Job,
+    budget: u64,
+) -> [pipeline::QuantizedModel; 2] {
+    [false, true].map(|host| {
+        let mut j = base.clone();
+        j.config.gpu_budget_bytes = budget;
+        j.config.force_host_streams = host;
+        run_job(ctx, &j)
+    })
+}
+
 /// Packed f16 streams on the GPU (`Placement::GpuF16`, planned when f16 streams are requested
 /// and only their f16 size fits) hold exactly what f16 host streams hold: the same packing and
 /// unpacking kernels run on every store and load, only the words stay on the GPU. So a GPTAQ run
@@ -1373,58 +1422,24 @@ fn gptaq_plan(
 fn packed_f16_gpu_streams_equal_f16_host_streams() {
     use gptaq_studio::pipeline::StreamDType;
     let Some(ctx) = test_context() else { return };
-    let quant = QuantConfig {
-        method: Method::Gptaq { alpha: 0.25 },
-        bits: 3,
-        ..QuantConfig::default()
-    };
     // The window between the f32 and the f16 streams' sizes is a few hundred KiB here. The
     // host-f16 run at that budget must batch the sequences alike (the statistics' summation
     // order follows the batches), so the budget is one where both plans agree on the batch; how
     // the window falls against the batch steps depends on the calibration size and on the
     // solve's buffers, so a few sizes are tried (the first with such a budget is used).
-    let mut found = None;
-    for nsamples in [20usize, 16, 24, 12, 8] {
-        let base = {
-            let mut j = job(
-                ModelInput::Demo { seed: 4 },
-                CalibInput::Synthetic,
-                quant.clone(),
-                nsamples,
-                16,
-            );
-            j.config.solver = Solver::Gpu;
-            j.config.stream_dtype = StreamDType::F16;
-            j
-        };
-        let inputs = pipeline::prepare(&base).unwrap();
-        let mc = inputs.source.config().clone();
-        let plan_at = |b: u64, force_host: bool| {
-            gptaq_plan(&ctx, &mc, nsamples, StreamDType::F16, b, force_host)
-        };
-        let budget = (1u64..16384).map(|kib4| kib4 << 12).find(|&b| {
-            match (plan_at(b, false), plan_at(b, true)) {
-                (Some(g), Some(h)) => {
-                    g.streams_on_gpu
-                        && g.stream_dtype == "f16"
-                        && g.batch_sequences == h.batch_sequences
-                }
-                _ => false,
-            }
-        });
-        if let Some(b) = budget {
-            found = Some((base, b));
-            break;
-        }
-    }
-    let (base, budget) =
-        found.expect("a calibration size and budget that place packed f16 streams on the GPU");
-    let mut runs = Vec::new();
-    for host in [false, true] {
-        let mut j = base.clone();
-        j.config.gpu_budget_bytes = budget;
-        j.config.force_host_streams = host;
-        let q = run_job(&ctx, &j);
+    let (base, budget) = [20usize, 16, 24, 12, 8]
+        .into_iter()
+        .find_map(|nsamples| {
+            let (base, budget) = stream_job_where(&ctx, nsamples, StreamDType::F16, |g, h| {
+                g.streams_on_gpu
+                    && g.stream_dtype == "f16"
+                    && g.batch_sequences == h.batch_sequences
+            });
+            Some((base, budget?))
+        })
+        .expect("a calibration size and budget that place packed f16 streams on the GPU");
+    let runs = placed_and_host_runs(&ctx, &base, budget);
+    for (q, host) in runs.iter().zip([false, true]) {
         let plan = &q.report.plan;
         assert_eq!(
             (plan.streams_on_gpu, plan.stream_dtype.as_str()),
@@ -1432,7 +1447,6 @@ fn packed_f16_gpu_streams_equal_f16_host_streams() {
             "host {host}: {:?}",
             plan.breakdown
         );
-        runs.push(q);
     }
     assert_same_runs(
         "packed GPU f16 streams against host f16 streams",
@@ -1451,44 +1465,17 @@ fn packed_f16_gpu_streams_equal_f16_host_streams() {
 fn resident_host_batches_equal_host_streams() {
     use gptaq_studio::pipeline::StreamDType;
     let Some(ctx) = test_context() else { return };
-    let quant = QuantConfig {
-        method: Method::Gptaq { alpha: 0.25 },
-        bits: 3,
-        ..QuantConfig::default()
-    };
     let nsamples = 20;
     for dtype in [StreamDType::F16, StreamDType::F32] {
-        let mut base = job(
-            ModelInput::Demo { seed: 4 },
-            CalibInput::Synthetic,
-            quant.clone(),
-            nsamples,
-            16,
-        );
-        base.config.solver = Solver::Gpu;
-        base.config.stream_dtype = dtype;
-        let inputs = pipeline::prepare(&base).unwrap();
-        let mc = inputs.source.config().clone();
-        let plan_at =
-            |b: u64, force_host: bool| gptaq_plan(&ctx, &mc, nsamples, dtype, b, force_host);
-        let budget = (1u64..16384)
-            .map(|kib4| kib4 << 12)
-            .find(|&b| match (plan_at(b, false), plan_at(b, true)) {
-                (Some(g), Some(h)) => {
-                    let nb = nsamples.div_ceil(g.batch_sequences);
-                    !g.streams_on_gpu
-                        && (1..nb).contains(&g.resident_batches)
-                        && g.batch_sequences == h.batch_sequences
-                }
-                _ => false,
-            })
-            .expect("a budget that keeps some host batches on the GPU");
-        let mut runs = Vec::new();
-        for host in [false, true] {
-            let mut j = base.clone();
-            j.config.gpu_budget_bytes = budget;
-            j.config.force_host_streams = host;
-            let q = run_job(&ctx, &j);
+        let (base, budget) = stream_job_where(&ctx, nsamples, dtype, |g, h| {
+            let nb = nsamples.div_ceil(g.batch_sequences);
+            !g.streams_on_gpu
+                && (1..nb).contains(&g.resident_batches)
+                && g.batch_sequences == h.batch_sequences
+        });
+        let budget = budget.expect("a budget that keeps some host batches on the GPU");
+        let runs = placed_and_host_runs(&ctx, &base, budget);
+        for (q, host) in runs.iter().zip([false, true]) {
             let plan = &q.report.plan;
             assert!(!plan.streams_on_gpu, "{dtype:?}: {:?}", plan.breakdown);
             assert_eq!(
@@ -1505,7 +1492,6 @@ fn resident_host_batches_equal_host_streams() {
                 plan.gpu_bytes_estimate,
                 plan.breakdown
             );
-            runs.push(q);
         }
         assert_same_runs(
             &format!("{dtype:?}: resident host batches against all-host streams"),

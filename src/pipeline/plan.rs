@@ -891,20 +891,22 @@ fn plan_with(input: &PlanInput<'_>, split: bool) -> Result<MemoryPlan, PlanError
     })
 }
 
+/// Llama-3-8B's shape (hidden 4096, intermediate 14336, 32 heads, 8 KV heads, 32 layers), the
+/// shape issue 10 plans for (the plan's and `inspect`'s tests).
+#[cfg(test)]
+pub(crate) fn llama3_8b_config() -> Result<ModelConfig, crate::model::config::ConfigError> {
+    ModelConfig::from_json_str(
+        r#"{"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            "hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,
+            "num_key_value_heads": 8, "num_hidden_layers": 32, "vocab_size": 128256,
+            "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "max_position_embeddings": 8192,
+            "tie_word_embeddings": false}"#,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Llama-3-8B's shape (hidden 4096, intermediate 14336, 32 heads, 8 KV heads, 32 layers).
-    fn llama3_8b() -> Result<ModelConfig, Box<dyn std::error::Error>> {
-        Ok(ModelConfig::from_json_str(
-            r#"{"architectures": ["LlamaForCausalLM"], "model_type": "llama",
-                "hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,
-                "num_key_value_heads": 8, "num_hidden_layers": 32, "vocab_size": 128256,
-                "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "max_position_embeddings": 8192,
-                "tie_word_embeddings": false}"#,
-        )?)
-    }
 
     fn input(c: &ModelConfig, budget_gib: u64, dtype: StreamDType) -> PlanInput<'_> {
         PlanInput {
@@ -931,7 +933,7 @@ mod tests {
     /// kept for the driver), not a measurement; BENCHMARKS.md records measured peaks.
     #[test]
     fn llama3_8b_gptaq_fits_8_gib_with_host_streams() -> Result<(), Box<dyn std::error::Error>> {
-        let c = llama3_8b()?;
+        let c = llama3_8b_config()?;
         let p = plan(&input(&c, 8, StreamDType::F16))?;
         assert!(
             !p.streams_on_gpu,
@@ -1013,7 +1015,7 @@ mod tests {
     /// H, and the X_fp − X_q scratch is counted.
     #[test]
     fn gptq_metrics_keep_d_where_it_pays() -> Result<(), Box<dyn std::error::Error>> {
-        let c = llama3_8b()?;
+        let c = llama3_8b_config()?;
         let mut i = input(&c, 8, StreamDType::F16);
         i.statistics = 1;
         let counts = |i: &PlanInput<'_>| groups(&c).map(|(n, rows)| group_statistics(i, n, rows));
@@ -1048,7 +1050,7 @@ mod tests {
     /// told to recompute.
     #[test]
     fn act_streams_only_with_room_on_the_gpu() -> Result<(), Box<dyn std::error::Error>> {
-        let c = llama3_8b()?;
+        let c = llama3_8b_config()?;
         let p = plan(&input(&c, 120, StreamDType::F16))?;
         assert!(
             p.streams_on_gpu && p.act_streams && p.weights_ahead,
@@ -1102,7 +1104,7 @@ mod tests {
     /// tensor cores' buffers (120 GiB) it stays f32.
     #[test]
     fn act_kept_as_f16_only_with_tensor_cores() -> Result<(), Box<dyn std::error::Error>> {
-        let c = llama3_8b()?;
+        let c = llama3_8b_config()?;
         let mut i = input(&c, 70, StreamDType::F16);
         let p = plan(&i)?;
         assert!(p.act_streams && !p.act_f16, "{:?}", p.breakdown);
@@ -1157,7 +1159,7 @@ mod tests {
     /// requested, not at 8 GiB; at 24 GiB the f32 streams fit and are preferred (no rounding).
     #[test]
     fn f16_streams_stay_on_a_16_gib_gpu() -> Result<(), Box<dyn std::error::Error>> {
-        let c = llama3_8b()?;
+        let c = llama3_8b_config()?;
         let p = plan(&input(&c, 16, StreamDType::F16))?;
         assert!(
             p.streams_on_gpu && p.stream_dtype == "f16",
@@ -1215,7 +1217,7 @@ mod tests {
     #[test]
     fn host_streams_keep_their_first_batches_on_the_gpu() -> Result<(), Box<dyn std::error::Error>>
     {
-        let c = llama3_8b()?;
+        let c = llama3_8b_config()?;
         // Both streams' hidden state and attention output per sequence.
         let per_seq_f32: u64 = 2 * 2048 * (4096 + 4096) * 4;
         for (gib, dtype, first) in [
@@ -1280,7 +1282,7 @@ mod tests {
     /// less than with them, and fits 7 GiB where the one with metrics does not.
     #[test]
     fn weights_freed_before_downs_solve_are_credited() -> Result<(), Box<dyn std::error::Error>> {
-        let c = llama3_8b()?;
+        let c = llama3_8b_config()?;
         let tc = |gib: u64, metrics: bool| {
             let mut i = input(&c, gib, StreamDType::F16);
             i.tensor_cores = true;
@@ -1353,7 +1355,7 @@ mod tests {
     /// tokens: at 8 GiB on tensor cores with A in f32, at 12 GiB with the split A too.
     #[test]
     fn tensor_cores_add_f16_weights_and_one_scratch() -> Result<(), Box<dyn std::error::Error>> {
-        let c = llama3_8b()?;
+        let c = llama3_8b_config()?;
         let with_tc = |gib: u64| {
             let mut i = input(&c, gib, StreamDType::F16);
             i.tensor_cores = true;
@@ -1453,7 +1455,7 @@ mod tests {
     /// with numbers.
     #[test]
     fn too_small_a_budget_is_refused_with_numbers() -> Result<(), Box<dyn std::error::Error>> {
-        let c = llama3_8b()?;
+        let c = llama3_8b_config()?;
         let e = match plan(&input(&c, 4, StreamDType::F16)) {
             Ok(p) => return Err(format!("a 4 GiB budget was accepted: {:?}", p.breakdown).into()),
             Err(e) => e,

@@ -244,12 +244,9 @@ impl Stream {
             .max();
         let staging = if f16 {
             Some(F16Staging {
-                words: match host_f16_len {
-                    Some(len) => {
-                        Some(ctx.zeros(&format!("{what} f16 staging"), ops::f16_words(len))?)
-                    }
-                    None => None,
-                },
+                words: host_f16_len
+                    .map(|len| ctx.zeros(&format!("{what} f16 staging"), ops::f16_words(len)))
+                    .transpose()?,
                 flag: ctx.zeros(&format!("{what} f16 overflow flag"), 1)?,
             })
         } else {
